@@ -1,0 +1,53 @@
+# Ambit — sidecarless mTLS for Kubernetes.
+# Every target that needs root says so; CI runs as root.
+
+GO        ?= go
+BIN       := bin
+GOFLAGS_BUILD := -trimpath -ldflags "-s -w"
+export CGO_ENABLED := 0
+
+.PHONY: all build deps test unit bench demo e2e fuzz clean lint image
+
+all: build
+
+build: $(BIN)/ambit-cni $(BIN)/ambit-agent
+
+$(BIN)/ambit-cni: FORCE
+	$(GO) build $(GOFLAGS_BUILD) -o $@ ./plugin
+
+$(BIN)/ambit-agent: FORCE
+	$(GO) build $(GOFLAGS_BUILD) -o $@ ./node-agent
+
+FORCE:
+
+# Debian packages and the reference CNI plugins the tests run against.
+deps:
+	@bash hack/deps.sh
+
+# The whole suite: unit, privileged integration in real network
+# namespaces, and the end-to-end suites. This is what CI runs.
+test: deps build
+	$(GO) vet ./...
+	$(GO) test -count=1 -timeout 45m ./...
+
+# Unit tests only (no root needed; privileged tests skip and say so).
+unit:
+	$(GO) test -count=1 -short ./...
+
+# Benchmarks and reports (never pass/fail on timing).
+bench: deps build
+	$(GO) test -run '^$$' -bench . -benchmem -count=1 -timeout 60m ./...
+
+# Short fuzzing of every parser (FUZZTIME per target).
+FUZZTIME ?= 10s
+fuzz:
+	@bash hack/fuzz.sh $(FUZZTIME)
+
+demo: deps build
+	@bash e2e/demo/demo.sh
+
+e2e: deps build
+	$(GO) test -count=1 -timeout 60m -v ./e2e/...
+
+clean:
+	rm -rf $(BIN)

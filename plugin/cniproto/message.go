@@ -1,0 +1,205 @@
+package cniproto
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/netip"
+	"strings"
+
+	"github.com/ambit-mesh/ambit/plugin/redirect"
+)
+
+// Version is the protocol version this build speaks. A peer speaking
+// another version is refused with an error naming both.
+const Version = 1
+
+// MaxMessageSize bounds every datagram in both directions.
+const MaxMessageSize = 64 << 10
+
+// Op is what the plugin asks for.
+type Op string
+
+const (
+	// OpAdd: a pod sandbox was created; decide and prepare enrollment.
+	// The request carries the netns fd.
+	OpAdd Op = "add"
+	// OpDel: the sandbox is going away; forget the pod. No fd.
+	OpDel Op = "del"
+	// OpCheck: is this pod still expected to be enrolled? Carries the fd.
+	OpCheck Op = "check"
+)
+
+// Pod identifies a sandbox as the runtime described it to the plugin.
+type Pod struct {
+	Namespace   string `json:"namespace"`
+	Name        string `json:"name"`
+	UID         string `json:"uid,omitempty"`
+	ContainerID string `json:"containerID"`
+	// Netns is the runtime's netns path, for logs and re-adoption; the
+	// agent trusts the fd, not this path.
+	Netns  string `json:"netns,omitempty"`
+	IfName string `json:"ifName,omitempty"`
+	// IPs are the pod addresses from prevResult, known before the API
+	// server has them.
+	IPs []netip.Prefix `json:"ips,omitempty"`
+}
+
+// Request is the plugin's single message.
+type Request struct {
+	Version int `json:"version"`
+	Op      Op  `json:"op"`
+	Pod     Pod `json:"pod"`
+}
+
+// Decision is the agent's verdict for a pod.
+type Decision string
+
+const (
+	// Enroll: install Response.Redirect in the netns, then succeed.
+	Enroll Decision = "enroll"
+	// Skip: leave the pod alone.
+	Skip Decision = "skip"
+)
+
+// Response is the agent's single reply.
+type Response struct {
+	Version  int      `json:"version"`
+	Decision Decision `json:"decision,omitempty"`
+	// Redirect is set when Decision is Enroll.
+	Redirect *redirect.Spec `json:"redirect,omitempty"`
+	// Error is set when the agent could not serve the request. It is
+	// written for the operator who reads it in kubelet's events.
+	Error string `json:"error,omitempty"`
+	// Retryable marks errors that may clear by themselves (certificate not
+	// yet issued, cache warming); the plugin reports them as CNI "try
+	// again later" (code 11).
+	Retryable bool `json:"retryable,omitempty"`
+}
+
+// Validate reports the first problem with a request.
+func (r *Request) Validate() error {
+	if r.Version != Version {
+		return fmt.Errorf("protocol version %d not supported (this side speaks %d): upgrade ambit-cni and ambit-agent together", r.Version, Version)
+	}
+	switch r.Op {
+	case OpAdd, OpCheck, OpDel:
+	case "":
+		return errors.New("request has no op")
+	default:
+		return fmt.Errorf("unknown op %q (want add, del or check)", r.Op)
+	}
+	if r.Pod.ContainerID == "" {
+		return errors.New("request pod.containerID is empty")
+	}
+	if err := checkName("pod.namespace", r.Pod.Namespace, 253); err != nil {
+		return err
+	}
+	if err := checkName("pod.name", r.Pod.Name, 253); err != nil {
+		return err
+	}
+	if len(r.Pod.UID) > 128 || len(r.Pod.ContainerID) > 256 || len(r.Pod.Netns) > 4096 || len(r.Pod.IfName) > 15 {
+		return errors.New("request pod field too long (uid ≤128, containerID ≤256, netns ≤4096, ifName ≤15)")
+	}
+	if len(r.Pod.IPs) > 16 {
+		return fmt.Errorf("request carries %d pod IPs, at most 16 are accepted", len(r.Pod.IPs))
+	}
+	for i, p := range r.Pod.IPs {
+		if !p.IsValid() {
+			return fmt.Errorf("request pod.ips[%d] is not a valid address", i)
+		}
+	}
+	return nil
+}
+
+// Validate reports the first problem with a response.
+func (r *Response) Validate() error {
+	if r.Version != Version {
+		return fmt.Errorf("agent speaks protocol version %d, ambit-cni speaks %d: upgrade both together", r.Version, Version)
+	}
+	if r.Error != "" {
+		return nil
+	}
+	switch r.Decision {
+	case Enroll:
+		if r.Redirect == nil {
+			return errors.New("agent answered enroll without redirect parameters")
+		}
+		if err := r.Redirect.Validate(); err != nil {
+			return fmt.Errorf("agent sent bad redirect parameters: %w", err)
+		}
+	case Skip:
+	case "":
+		return errors.New("agent answer has neither a decision nor an error")
+	default:
+		return fmt.Errorf("agent answered unknown decision %q", r.Decision)
+	}
+	return nil
+}
+
+func checkName(field, v string, max int) error {
+	if v == "" {
+		return fmt.Errorf("request %s is empty", field)
+	}
+	if len(v) > max {
+		return fmt.Errorf("request %s is longer than %d bytes", field, max)
+	}
+	if strings.ContainsAny(v, "/\x00\n") {
+		return fmt.Errorf("request %s %q contains '/', NUL or newline", field, v)
+	}
+	return nil
+}
+
+// DecodeRequest parses and validates one request datagram.
+func DecodeRequest(b []byte) (*Request, error) {
+	var r Request
+	if err := decodeStrict(b, &r); err != nil {
+		return nil, fmt.Errorf("malformed request: %w", err)
+	}
+	if err := r.Validate(); err != nil {
+		return nil, err
+	}
+	return &r, nil
+}
+
+// DecodeResponse parses and validates one response datagram.
+func DecodeResponse(b []byte) (*Response, error) {
+	var r Response
+	if err := decodeStrict(b, &r); err != nil {
+		return nil, fmt.Errorf("malformed agent response: %w", err)
+	}
+	if err := r.Validate(); err != nil {
+		return nil, err
+	}
+	return &r, nil
+}
+
+func decodeStrict(b []byte, v any) error {
+	if len(b) == 0 {
+		return errors.New("empty message")
+	}
+	if len(b) > MaxMessageSize {
+		return fmt.Errorf("message of %d bytes exceeds the %d byte limit", len(b), MaxMessageSize)
+	}
+	d := json.NewDecoder(bytes.NewReader(b))
+	d.DisallowUnknownFields()
+	if err := d.Decode(v); err != nil {
+		return err
+	}
+	if d.More() {
+		return errors.New("trailing data after the JSON object")
+	}
+	return nil
+}
+
+func encode(v any) ([]byte, error) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return nil, err
+	}
+	if len(b) > MaxMessageSize {
+		return nil, fmt.Errorf("message of %d bytes exceeds the %d byte limit", len(b), MaxMessageSize)
+	}
+	return b, nil
+}
