@@ -19,7 +19,9 @@ type Workload struct {
 	Namespace      string
 	Name           string
 	ServiceAccount string
-	IPs            []netip.Addr
+	// Labels are the pod's labels, for policy selectors. Read-only.
+	Labels map[string]string
+	IPs    []netip.Addr
 	// Identity is the SPIFFE ID, spiffe://<td>/ns/<ns>/sa/<sa>.
 	Identity string
 	// Meshed: the workload is enrolled, so its agent terminates HBONE on
