@@ -1,0 +1,251 @@
+package config
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"k8s.io/apimachinery/pkg/util/validation"
+	"sigs.k8s.io/yaml"
+)
+
+// Source names where the agent learns about pods and namespaces.
+const (
+	SourceKubernetes = "kubernetes"
+	SourceInventory  = "inventory"
+)
+
+// DefaultEnrollLabel is the label (on a namespace or a pod) that enrolls
+// pods; its value "ambient" opts in, "none" on a pod opts out.
+const DefaultEnrollLabel = "ambit.dev/dataplane-mode"
+
+// Duration is a time.Duration written as "10s", "1m30s" in the file.
+type Duration struct {
+	time.Duration
+	// bad keeps an unparsable value so Validate can name the field.
+	bad string
+}
+
+// MarshalJSON writes the Go duration syntax.
+func (d Duration) MarshalJSON() ([]byte, error) { return json.Marshal(d.String()) }
+
+// UnmarshalJSON accepts "10s" style strings.
+func (d *Duration) UnmarshalJSON(b []byte) error {
+	var s string
+	if err := json.Unmarshal(b, &s); err != nil {
+		return fmt.Errorf("want a duration string such as \"10s\": %w", err)
+	}
+	v, err := time.ParseDuration(s)
+	if err != nil {
+		d.bad = s
+		return nil
+	}
+	d.Duration, d.bad = v, ""
+	return nil
+}
+
+// Config is the whole agent configuration. JSON names are the file's keys.
+type Config struct {
+	// NodeName is this node; pods elsewhere are not ours. Default: $NODE_NAME,
+	// else the host name.
+	NodeName string `json:"nodeName,omitempty"`
+	// Source is "kubernetes" (client-go informers) or "inventory" (a static
+	// file). Default kubernetes when running in a cluster, inventory when
+	// InventoryFile is set.
+	Source string `json:"source,omitempty"`
+	// InventoryFile is the static inventory (Source inventory).
+	InventoryFile string `json:"inventoryFile,omitempty"`
+	// Kubeconfig for Source kubernetes outside a pod; empty = in-cluster.
+	Kubeconfig string `json:"kubeconfig,omitempty"`
+	// StateDir holds what survives an agent restart (pod records, the
+	// enrollment snapshot, local CA files in static mode).
+	StateDir string `json:"stateDir,omitempty"`
+	// Socket is the plugin ↔ agent unix socket.
+	Socket string `json:"socket,omitempty"`
+	// SnapshotFile is where the enrollment snapshot for the plugin is
+	// written (read by ambit-cni when the agent is down). Default
+	// <StateDir>/snapshot.json.
+	SnapshotFile string `json:"snapshotFile,omitempty"`
+	// HealthAddr serves /healthz, /readyz and /metrics ("" disables).
+	HealthAddr string `json:"healthAddr,omitempty"`
+	// ProcRoot is the host's /proc (mounted e.g. at /host/proc in a pod),
+	// used only by the netns discovery fallback.
+	ProcRoot string `json:"procRoot,omitempty"`
+
+	// EnrollLabel is the enrollment label key.
+	EnrollLabel string `json:"enrollLabel,omitempty"`
+	// ExcludedNamespaces are never enrolled, whatever their labels.
+	ExcludedNamespaces []string `json:"excludedNamespaces,omitempty"`
+	// TrustDomain of workload identities.
+	TrustDomain string `json:"trustDomain,omitempty"`
+	// IPv6 is "auto" (rules for IPv6 when the pod has an IPv6 address),
+	// "on" or "off".
+	IPv6 string `json:"ipv6,omitempty"`
+
+	// MaxConcurrentRequests bounds plugin requests handled at once.
+	MaxConcurrentRequests int `json:"maxConcurrentRequests,omitempty"`
+	// RequestTimeout bounds one plugin exchange; keep it below the plugin's
+	// own timeout so the plugin gets an answer, not a timeout.
+	RequestTimeout Duration `json:"requestTimeout,omitempty"`
+	// DrainTimeout bounds how long established connections may finish
+	// when a pod is unenrolled or the agent stops.
+	DrainTimeout Duration `json:"drainTimeout,omitempty"`
+	// AdoptConcurrency is how many pods are re-adopted in parallel at start.
+	AdoptConcurrency int `json:"adoptConcurrency,omitempty"`
+
+	// LogLevel is debug, info, warn or error; LogFormat text or json.
+	LogLevel  string `json:"logLevel,omitempty"`
+	LogFormat string `json:"logFormat,omitempty"`
+}
+
+// Default returns the configuration used when nothing is set.
+func Default() Config {
+	node := os.Getenv("NODE_NAME")
+	if node == "" {
+		node, _ = os.Hostname()
+	}
+	return Config{
+		NodeName:              node,
+		StateDir:              "/var/run/ambit",
+		Socket:                "/var/run/ambit/cni.sock",
+		HealthAddr:            ":15021",
+		ProcRoot:              "/proc",
+		EnrollLabel:           DefaultEnrollLabel,
+		ExcludedNamespaces:    []string{"kube-system"},
+		TrustDomain:           "cluster.local",
+		IPv6:                  "auto",
+		MaxConcurrentRequests: 64,
+		RequestTimeout:        Duration{Duration: 8 * time.Second},
+		DrainTimeout:          Duration{Duration: 30 * time.Second},
+		AdoptConcurrency:      16,
+		LogLevel:              "info",
+		LogFormat:             "text",
+	}
+}
+
+// Load reads path (YAML or JSON) over the defaults and validates the
+// result. An empty path returns the defaults. Unknown keys are errors: a
+// misspelt field must not silently keep its default.
+func Load(path string) (Config, error) {
+	c := Default()
+	if path == "" {
+		return c, c.finish()
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return c, fmt.Errorf("reading config: %w", err)
+	}
+	if err := Parse(b, &c); err != nil {
+		return c, fmt.Errorf("config %s: %w", path, err)
+	}
+	if err := c.finish(); err != nil {
+		return c, fmt.Errorf("config %s: %w", path, err)
+	}
+	return c, nil
+}
+
+// Parse decodes b over c without validating.
+func Parse(b []byte, c *Config) error {
+	if len(strings.TrimSpace(string(b))) == 0 {
+		return nil
+	}
+	if err := yaml.UnmarshalStrict(b, c); err != nil {
+		return err
+	}
+	return nil
+}
+
+// Finish fills derived defaults and validates; call after flags are applied.
+func (c *Config) Finish() error { return c.finish() }
+
+func (c *Config) finish() error {
+	if c.Source == "" {
+		if c.InventoryFile != "" {
+			c.Source = SourceInventory
+		} else {
+			c.Source = SourceKubernetes
+		}
+	}
+	if c.SnapshotFile == "" && c.StateDir != "" {
+		c.SnapshotFile = filepath.Join(c.StateDir, "snapshot.json")
+	}
+	return c.Validate()
+}
+
+// Validate reports the first bad field, by its file key.
+func (c *Config) Validate() error {
+	if c.NodeName == "" {
+		return errors.New("nodeName: empty (set it, or $NODE_NAME)")
+	}
+	switch c.Source {
+	case SourceKubernetes:
+	case SourceInventory:
+		if c.InventoryFile == "" {
+			return errors.New("inventoryFile: required when source is inventory")
+		}
+	default:
+		return fmt.Errorf("source: %q is neither kubernetes nor inventory", c.Source)
+	}
+	for _, f := range []struct{ name, path string }{{"stateDir", c.StateDir}, {"socket", c.Socket}, {"procRoot", c.ProcRoot}, {"snapshotFile", c.SnapshotFile}} {
+		if f.path == "" || !filepath.IsAbs(f.path) {
+			return fmt.Errorf("%s: %q must be an absolute path", f.name, f.path)
+		}
+	}
+	if len(c.Socket) > 107 {
+		return fmt.Errorf("socket: %q is longer than a unix socket path may be (107 bytes)", c.Socket)
+	}
+	if c.HealthAddr != "" {
+		if _, _, err := net.SplitHostPort(c.HealthAddr); err != nil {
+			return fmt.Errorf("healthAddr: %q: %v", c.HealthAddr, err)
+		}
+	}
+	if errs := validation.IsQualifiedName(c.EnrollLabel); len(errs) > 0 {
+		return fmt.Errorf("enrollLabel: %q is not a valid label key: %s", c.EnrollLabel, strings.Join(errs, "; "))
+	}
+	for i, ns := range c.ExcludedNamespaces {
+		if errs := validation.IsDNS1123Label(ns); len(errs) > 0 {
+			return fmt.Errorf("excludedNamespaces[%d]: %q is not a namespace name: %s", i, ns, strings.Join(errs, "; "))
+		}
+	}
+	if c.TrustDomain == "" || strings.ContainsAny(c.TrustDomain, "/:@ ") {
+		return fmt.Errorf("trustDomain: %q must be a non-empty DNS-like name", c.TrustDomain)
+	}
+	switch c.IPv6 {
+	case "auto", "on", "off":
+	default:
+		return fmt.Errorf("ipv6: %q is not auto, on or off", c.IPv6)
+	}
+	if c.MaxConcurrentRequests < 1 || c.MaxConcurrentRequests > 4096 {
+		return fmt.Errorf("maxConcurrentRequests: %d must be 1-4096", c.MaxConcurrentRequests)
+	}
+	for name, d := range map[string]Duration{"requestTimeout": c.RequestTimeout, "drainTimeout": c.DrainTimeout} {
+		if d.bad != "" {
+			return fmt.Errorf("%s: %q is not a duration such as \"10s\"", name, d.bad)
+		}
+	}
+	if c.RequestTimeout.Duration < 100*time.Millisecond || c.RequestTimeout.Duration > 5*time.Minute {
+		return fmt.Errorf("requestTimeout: %s must be between 100ms and 5m", c.RequestTimeout)
+	}
+	if c.DrainTimeout.Duration < 0 || c.DrainTimeout.Duration > time.Hour {
+		return fmt.Errorf("drainTimeout: %s must be between 0 and 1h", c.DrainTimeout)
+	}
+	if c.AdoptConcurrency < 1 || c.AdoptConcurrency > 256 {
+		return fmt.Errorf("adoptConcurrency: %d must be 1-256", c.AdoptConcurrency)
+	}
+	switch c.LogLevel {
+	case "debug", "info", "warn", "error":
+	default:
+		return fmt.Errorf("logLevel: %q is not debug, info, warn or error", c.LogLevel)
+	}
+	switch c.LogFormat {
+	case "text", "json":
+	default:
+		return fmt.Errorf("logFormat: %q is not text or json", c.LogFormat)
+	}
+	return nil
+}

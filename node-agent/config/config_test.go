@@ -1,0 +1,90 @@
+package config
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func write(t *testing.T, body string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "config.yaml")
+	if err := os.WriteFile(p, []byte(body), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func TestLoadDefaults(t *testing.T) {
+	c, err := Load(write(t, "nodeName: n1\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Socket != "/var/run/ambit/cni.sock" || c.EnrollLabel != DefaultEnrollLabel || c.Source != SourceKubernetes {
+		t.Fatalf("defaults not applied: %+v", c)
+	}
+	if c.SnapshotFile != "/var/run/ambit/snapshot.json" {
+		t.Fatalf("snapshotFile = %q", c.SnapshotFile)
+	}
+	if len(c.ExcludedNamespaces) != 1 || c.ExcludedNamespaces[0] != "kube-system" {
+		t.Fatalf("excluded = %v", c.ExcludedNamespaces)
+	}
+}
+
+func TestLoadYAMLAndJSON(t *testing.T) {
+	y := "nodeName: n1\ninventoryFile: /etc/ambit/inv.yaml\ndrainTimeout: 5s\nenrollLabel: istio.io/dataplane-mode\nexcludedNamespaces: [kube-system, infra]\n"
+	c, err := Load(write(t, y))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Source != SourceInventory || c.DrainTimeout.Duration != 5*time.Second || c.EnrollLabel != "istio.io/dataplane-mode" || len(c.ExcludedNamespaces) != 2 {
+		t.Fatalf("yaml not applied: %+v", c)
+	}
+	j := `{"nodeName":"n2","stateDir":"/tmp/x","socket":"/tmp/x/cni.sock","requestTimeout":"2s"}`
+	c, err = Load(write(t, j))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.NodeName != "n2" || c.RequestTimeout.Duration != 2*time.Second || c.SnapshotFile != "/tmp/x/snapshot.json" {
+		t.Fatalf("json not applied: %+v", c)
+	}
+}
+
+func TestErrorsNameTheField(t *testing.T) {
+	cases := map[string]string{
+		"nodeName: n\nsockett: /x\n":                      "sockett",
+		"nodeName: n\nsource: docker\n":                   "source",
+		"nodeName: n\nsource: inventory\n":                "inventoryFile",
+		"nodeName: n\nstateDir: relative\n":               "stateDir",
+		"nodeName: n\nenrollLabel: 'bad key!'\n":          "enrollLabel",
+		"nodeName: n\nexcludedNamespaces: [ok, Bad_NS]\n": "excludedNamespaces[1]",
+		"nodeName: n\nipv6: maybe\n":                      "ipv6",
+		"nodeName: n\nrequestTimeout: 1ms\n":              "requestTimeout",
+		"nodeName: n\ndrainTimeout: soon\n":               "drainTimeout",
+		"nodeName: n\nmaxConcurrentRequests: 0\n":         "maxConcurrentRequests",
+		"nodeName: n\nhealthAddr: nope\n":                 "healthAddr",
+		"nodeName: n\nlogLevel: loud\n":                   "logLevel",
+		"nodeName: n\ntrustDomain: 'a/b'\n":               "trustDomain",
+	}
+	for body, field := range cases {
+		_, err := Load(write(t, body))
+		if err == nil || !strings.Contains(err.Error(), field) {
+			t.Errorf("%q: error %v does not name %s", body, err, field)
+		}
+	}
+}
+
+func FuzzParse(f *testing.F) {
+	f.Add([]byte("nodeName: n1\ndrainTimeout: 5s\n"))
+	f.Add([]byte(`{"socket":"/x","excludedNamespaces":["a"]}`))
+	f.Add([]byte("- a\n- b"))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		c := Default()
+		if err := Parse(b, &c); err != nil {
+			return
+		}
+		_ = c.finish()
+	})
+}

@@ -1,0 +1,12 @@
+// Package enrollment decides whether a pod is enrolled in the mesh. The
+// decision is a pure function of the pod, its namespace and the policy, so
+// the CNI ADD path, live label changes and restart recovery all agree.
+//
+// Order of precedence (first match wins):
+//  1. hostNetwork pods: never (they share the node's namespace);
+//  2. terminal pods (Succeeded/Failed): never;
+//  3. excluded namespaces (default kube-system): never;
+//  4. the pod label: "none" opts out, "ambient" opts in;
+//  5. the namespace label: "ambient" opts in;
+//  6. otherwise: not enrolled.
+package enrollment

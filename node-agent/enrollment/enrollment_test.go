@@ -1,0 +1,62 @@
+package enrollment
+
+import (
+	"testing"
+
+	"github.com/ambit-mesh/ambit/node-agent/cluster"
+)
+
+func TestDecide(t *testing.T) {
+	const key = "ambit.dev/dataplane-mode"
+	p := NewPolicy(key, []string{"kube-system"})
+	amb := &cluster.Namespace{Name: "apps", Labels: map[string]string{key: "ambient"}}
+	plain := &cluster.Namespace{Name: "apps", Labels: map[string]string{"team": "x"}}
+	sys := &cluster.Namespace{Name: "kube-system", Labels: map[string]string{key: "ambient"}}
+	pod := func(ns string, labels map[string]string) cluster.Pod {
+		return cluster.Pod{Namespace: ns, Name: "p", Labels: labels}
+	}
+	cases := []struct {
+		name   string
+		pod    cluster.Pod
+		ns     *cluster.Namespace
+		enroll bool
+		reason string
+	}{
+		{"namespace ambient", pod("apps", nil), amb, true, ReasonNamespaceOptIn},
+		{"namespace plain", pod("apps", nil), plain, false, ReasonNotLabelled},
+		{"pod opts out of ambient namespace", pod("apps", map[string]string{key: "none"}), amb, false, ReasonPodOptOut},
+		{"pod opts in, plain namespace", pod("apps", map[string]string{key: "ambient"}), plain, true, ReasonPodOptIn},
+		{"pod opts in, unknown namespace", pod("apps", map[string]string{key: "ambient"}), nil, true, ReasonPodOptIn},
+		{"unknown namespace", pod("apps", nil), nil, false, ReasonUnknownNamespace},
+		{"excluded namespace even labelled", pod("kube-system", nil), sys, false, ReasonExcluded},
+		{"excluded namespace beats pod label", pod("kube-system", map[string]string{key: "ambient"}), sys, false, ReasonExcluded},
+		{"hostNetwork never", cluster.Pod{Namespace: "apps", HostNetwork: true, Labels: map[string]string{key: "ambient"}}, amb, false, ReasonHostNetwork},
+		{"terminal never", cluster.Pod{Namespace: "apps", Terminal: true}, amb, false, ReasonTerminal},
+		{"other label value ignored", pod("apps", map[string]string{key: "sidecar"}), amb, true, ReasonNamespaceOptIn},
+		{"other key ignored", pod("apps", map[string]string{"istio.io/dataplane-mode": "ambient"}), plain, false, ReasonNotLabelled},
+	}
+	for _, c := range cases {
+		d := p.Decide(c.pod, c.ns)
+		if d.Enroll != c.enroll || d.Reason != c.reason {
+			t.Errorf("%s: got %+v, want enroll=%v reason=%s", c.name, d, c.enroll, c.reason)
+		}
+	}
+}
+
+func TestConfigurableKey(t *testing.T) {
+	p := NewPolicy("istio.io/dataplane-mode", nil)
+	ns := &cluster.Namespace{Name: "a", Labels: map[string]string{"istio.io/dataplane-mode": "ambient"}}
+	if !p.Decide(cluster.Pod{Namespace: "a"}, ns).Enroll {
+		t.Fatal("namespace with the configured key not enrolled")
+	}
+	ns.Labels = map[string]string{"ambit.dev/dataplane-mode": "ambient"}
+	if p.Decide(cluster.Pod{Namespace: "a"}, ns).Enroll {
+		t.Fatal("default key honoured although another was configured")
+	}
+	if !p.NamespaceEnrolled(cluster.Namespace{Name: "a", Labels: map[string]string{"istio.io/dataplane-mode": "ambient"}}) {
+		t.Fatal("NamespaceEnrolled disagrees with Decide")
+	}
+	if p.Excluded("kube-system") {
+		t.Fatal("no exclusions configured, kube-system excluded")
+	}
+}
