@@ -1,0 +1,21 @@
+// Package podnet opens sockets inside a pod's network namespace.
+//
+// The node agent runs in the host network but serves every enrolled pod
+// from inside that pod's namespace: its listeners (15001, 15006, 15008)
+// and the connections it opens (to the app, to other pods, passthrough)
+// must be sockets of the pod's netns, so traffic keeps the pod's own IPs
+// and the pod's primary CNI and NetworkPolicy still apply.
+//
+// A socket belongs to the netns of the thread that created it, for its
+// whole life. So only socket() runs on a thread switched into the pod
+// (runtime.LockOSThread, setns, socket, setns back): everything after it,
+// binding, listening and especially connecting, runs on any thread and
+// waits in Go's poller, so a thousand concurrent dials never pin a
+// thousand OS threads. If switching back fails the thread is left locked
+// and its goroutine exits, so the Go runtime throws the tainted thread
+// away instead of reusing it in the wrong namespace.
+//
+// Every socket carries the agent's SO_MARK (default 0x539), which the
+// in-pod redirection skips, so the agent's own traffic is never captured
+// again.
+package podnet
