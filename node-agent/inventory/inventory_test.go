@@ -1,0 +1,231 @@
+package inventory
+
+import (
+	"context"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/ambit-mesh/ambit/node-agent/cluster"
+)
+
+const sample = `# demo inventory
+trustDomain: demo.local
+namespaces:
+  - name: apps
+    labels: {ambit.dev/dataplane-mode: ambient}
+  - name: legacy
+workloads:
+  - namespace: apps
+    name: client
+    serviceAccount: client
+    labels: {app: client}
+  - namespace: apps
+    name: server-*
+    serviceAccount: server
+    labels: {app: server}
+  - namespace: apps
+    name: remote
+    node: other-node
+    labels: {app: server}
+    ips: [10.9.0.7, "fd00::7"]
+services:
+  - namespace: apps
+    name: server
+    vips: [10.96.0.10]
+    ports:
+      - {name: http, port: 80, targetPort: 8080}
+    selector: {app: server}
+`
+
+func load(t *testing.T, body string) (*Source, string) {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "inventory.yaml")
+	if err := os.WriteFile(p, []byte(body), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s, err := Load(Options{Path: p, NodeName: "node-a", Meshed: func(p cluster.Pod, ns *cluster.Namespace) bool {
+		return ns != nil && ns.Labels["ambit.dev/dataplane-mode"] == "ambient"
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s, p
+}
+
+func TestViewAndDirectory(t *testing.T) {
+	s, _ := load(t, sample)
+	ctx := context.Background()
+	if err := s.WaitSynced(ctx); err != nil {
+		t.Fatal(err)
+	}
+	p, ok, _ := s.Pod(ctx, "apps", "server-7f9c")
+	if !ok || p.ServiceAccount != "server" || p.Labels["app"] != "server" || p.NodeName != "node-a" {
+		t.Fatalf("prefix workload: %+v %v", p, ok)
+	}
+	p, ok, _ = s.Pod(ctx, "legacy", "anything")
+	if !ok || p.ServiceAccount != "default" || len(p.Labels) != 0 {
+		t.Fatalf("unlisted pod in listed namespace: %+v %v", p, ok)
+	}
+	if _, ok, _ := s.Pod(ctx, "nowhere", "x"); ok {
+		t.Fatal("pod in an unlisted namespace found")
+	}
+	if ns, ok := s.Namespace("apps"); !ok || ns.Labels["ambit.dev/dataplane-mode"] != "ambient" {
+		t.Fatalf("namespace: %+v", ns)
+	}
+	// Remote workload with static IPs is in the directory, not local.
+	w, ok := s.WorkloadByIP(netip.MustParseAddr("fd00::7"))
+	if !ok || w.Name != "remote" || w.Identity != "spiffe://demo.local/ns/apps/sa/default" || !w.Meshed {
+		t.Fatalf("remote workload: %+v %v", w, ok)
+	}
+	for _, lp := range s.LocalPods() {
+		if lp.Name == "remote" {
+			t.Fatal("remote workload listed as local")
+		}
+	}
+	// Service has the remote endpoint with its target port.
+	eps, ok := s.ServiceEndpoints(netip.MustParseAddrPort("10.96.0.10:80"))
+	if !ok || len(eps) != 2 || eps[0] != netip.MustParseAddrPort("10.9.0.7:8080") {
+		t.Fatalf("endpoints: %v %v", eps, ok)
+	}
+	if _, ok := s.ServiceEndpoints(netip.MustParseAddrPort("10.96.0.10:81")); ok {
+		t.Fatal("unknown service port resolved")
+	}
+	// Learning a pod from CNI ADD puts it in the directory and the service.
+	s.Learn("apps", "server-abc", "uid-1", []netip.Addr{netip.MustParseAddr("10.1.0.5")})
+	w, ok = s.WorkloadByIP(netip.MustParseAddr("10.1.0.5"))
+	if !ok || w.Name != "server-abc" || w.UID != "uid-1" || w.Identity != "spiffe://demo.local/ns/apps/sa/server" || w.Labels["app"] != "server" {
+		t.Fatalf("learned workload: %+v %v", w, ok)
+	}
+	eps, _ = s.ServiceEndpoints(netip.MustParseAddrPort("10.96.0.10:80"))
+	if len(eps) != 3 {
+		t.Fatalf("learned pod not an endpoint: %v", eps)
+	}
+	found := false
+	for _, lp := range s.LocalPods() {
+		found = found || lp.Name == "server-abc"
+	}
+	if !found {
+		t.Fatal("learned pod not local")
+	}
+	// A late DEL of an older pod with the same name does not forget it.
+	s.Forget("apps", "server-abc", "uid-0")
+	if _, ok := s.WorkloadByIP(netip.MustParseAddr("10.1.0.5")); !ok {
+		t.Fatal("forgotten by a DEL for another UID")
+	}
+	s.Forget("apps", "server-abc", "uid-1")
+	if _, ok := s.WorkloadByIP(netip.MustParseAddr("10.1.0.5")); ok {
+		t.Fatal("still known after Forget")
+	}
+}
+
+func TestParseErrorsNameLineAndField(t *testing.T) {
+	cases := []struct{ body, want string }{
+		{"namespaces:\n  - name: a\n    lables: {}\n", "line 3: namespaces[0].lables: unknown field"},
+		{"namespaces:\n  - name: Bad_Name\n", "line 2: namespaces[0].name"},
+		{"namespaces:\n  - name: a\nworkloads:\n  - namespace: b\n    name: x\n", "line 4: workloads[0].namespace: namespace \"b\" is not listed"},
+		{"namespaces:\n  - name: a\nworkloads:\n  - namespace: a\n", "line 4: workloads[0].name: required"},
+		{"namespaces:\n  - name: a\nworkloads:\n  - namespace: a\n    name: x\n    ips: [10.0.0.300]\n", "line 6: workloads[0].ips[0]"},
+		{"namespaces:\n  - name: a\nworkloads:\n  - namespace: a\n    name: x\n    ips: [10.0.0.1]\n  - namespace: a\n    name: y\n    ips: [10.0.0.1]\n", "workloads[1].ips[0]: 10.0.0.1 already belongs to a/x"},
+		{"namespaces:\n  - name: a\nworkloads:\n  - namespace: a\n    name: x-*\n    ips: [10.0.0.1]\n", "cannot list IPs"},
+		{"namespaces:\n  - name: a\nworkloads:\n  - namespace: a\n    name: x*y\n", "workloads[0].name"},
+		{"namespaces:\n  - name: a\nworkloads:\n  - namespace: a\n    name: x\n    labels: {'bad key': v}\n", "line 6: workloads[0].labels.bad key"},
+		{"namespaces:\n  - name: a\nservices:\n  - namespace: a\n    name: s\n    vips: [10.96.0.1]\n    ports: [{port: 99999}]\n    selector: {app: a}\n", "services[0].ports[0].port"},
+		{"namespaces:\n  - name: a\nservices:\n  - namespace: a\n    name: s\n    vips: [10.96.0.1]\n    ports: [{port: 80}]\n", "services[0].selector: a selector is required"},
+		{"namespaces:\n  - name: a\nservices:\n  - namespace: a\n    name: s\n    vips: [10.96.0.1]\n    ports: [{port: 80, protocol: UDP}]\n    selector: {app: a}\n", "only TCP"},
+		{"namespaces: {a: b}\n", "line 1: namespaces: want a list"},
+		{"- just\n- a list\n", "inventory: want a mapping"},
+		{"trustDomain: 'x/y'\n", "trustDomain"},
+		{"namespaces:\n  - name: a\n  - name: a\n", "line 3: namespaces[1].name: namespace \"a\" listed twice"},
+		{"namespaces: [\n", "yaml"},
+	}
+	for _, c := range cases {
+		_, err := Parse([]byte(c.body))
+		if err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%q:\n got  %v\n want …%s…", c.body, err, c.want)
+		}
+	}
+	// JSON is accepted too.
+	if _, err := Parse([]byte(`{"namespaces":[{"name":"a","labels":{"x":"y"}}],"workloads":[{"namespace":"a","name":"p","ips":["10.0.0.1"]}]}`)); err != nil {
+		t.Fatalf("json: %v", err)
+	}
+}
+
+func TestLoadRejectsBrokenFile(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "inv.yaml")
+	os.WriteFile(p, []byte("namespaces:\n  - name: a\n    bogus: 1\n"), 0o600)
+	_, err := Load(Options{Path: p, NodeName: "n"})
+	if err == nil || !strings.Contains(err.Error(), p) || !strings.Contains(err.Error(), "line 3") {
+		t.Fatalf("err = %v", err)
+	}
+}
+
+func TestWatchReloadsAndKeepsLastGood(t *testing.T) {
+	s, path := load(t, sample)
+	var mu sync.Mutex
+	var events []cluster.Event
+	s.Subscribe(func(e cluster.Event) { mu.Lock(); events = append(events, e); mu.Unlock() })
+	reloads := make(chan error, 10)
+	s.opts.OnReload = func(err error) { reloads <- err }
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { s.Watch(ctx); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+
+	waitReload := func() error {
+		select {
+		case err := <-reloads:
+			return err
+		case <-time.After(10 * time.Second):
+			t.Fatal("no reload within 10s")
+			return nil
+		}
+	}
+	// Broken edit: reported, last good stays.
+	time.Sleep(50 * time.Millisecond) // let the watch start
+	os.WriteFile(path, []byte("namespaces:\n  - nam: apps\n"), 0o600)
+	if err := waitReload(); err == nil || !strings.Contains(err.Error(), "line 2") {
+		t.Fatalf("broken reload: %v", err)
+	}
+	if ns, ok := s.Namespace("apps"); !ok || ns.Labels["ambit.dev/dataplane-mode"] != "ambient" {
+		t.Fatal("last good inventory lost")
+	}
+	// Unlabel the namespace via atomic rename: a namespace event.
+	next := strings.Replace(sample, "labels: {ambit.dev/dataplane-mode: ambient}", "labels: {}", 1)
+	tmp := path + ".tmp"
+	os.WriteFile(tmp, []byte(next), 0o600)
+	os.Rename(tmp, path)
+	if err := waitReload(); err != nil {
+		t.Fatal(err)
+	}
+	if s.LastError() != nil {
+		t.Fatal("error kept after a good reload")
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	var nsEvent, resync bool
+	for _, e := range events {
+		nsEvent = nsEvent || e.Kind == cluster.NamespaceChanged && e.Namespace == "apps"
+		resync = resync || e.Kind == cluster.Resynced
+	}
+	if !nsEvent || !resync {
+		t.Fatalf("events %+v", events)
+	}
+	if w, _ := s.WorkloadByIP(netip.MustParseAddr("10.9.0.7")); w.Meshed {
+		t.Fatal("directory not rebuilt after reload")
+	}
+}
+
+func FuzzParse(f *testing.F) {
+	f.Add([]byte(sample))
+	f.Add([]byte(`{"namespaces":[{"name":"a"}]}`))
+	f.Add([]byte("workloads: [{namespace: a, name: '*'}]"))
+	f.Add([]byte("&a [*a]"))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		Parse(b)
+	})
+}

@@ -1,0 +1,538 @@
+package inventory
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"maps"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/fsnotify/fsnotify"
+
+	"github.com/ambit-mesh/ambit/node-agent/cluster"
+	"github.com/ambit-mesh/ambit/tunnel"
+)
+
+// Options configure a Source.
+type Options struct {
+	// Path of the inventory file.
+	Path string
+	// NodeName is this node: workloads without a node, or with this one,
+	// are local.
+	NodeName string
+	// TrustDomain for identities when the file does not set one.
+	TrustDomain string
+	// Meshed tells whether a workload is enrolled (for the directory's
+	// Workload.Meshed); nil means none is.
+	Meshed func(cluster.Pod, *cluster.Namespace) bool
+	// OnReload is told of every reload attempt (nil error = applied).
+	OnReload func(error)
+	Logger   *slog.Logger
+}
+
+// Source is the static inventory as a cluster.View.
+type Source struct {
+	opts Options
+	log  *slog.Logger
+
+	mu      sync.Mutex
+	file    *File
+	learned map[string]learned // namespace/name → what the CNI ADD told
+	subs    []func(cluster.Event)
+	lastErr error
+
+	idx    atomic.Pointer[index]
+	dirty  atomic.Bool
+	synced chan struct{}
+}
+
+type learned struct {
+	uid string
+	ips []netip.Addr
+}
+
+var (
+	_ cluster.View         = (*Source)(nil)
+	_ cluster.StatusWriter = (*Source)(nil)
+)
+
+// Load reads the file once; a broken file is an error here (at start an
+// operator wants to know), later reloads keep the last good content.
+func Load(opts Options) (*Source, error) {
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	if opts.TrustDomain == "" {
+		opts.TrustDomain = "cluster.local"
+	}
+	s := &Source{opts: opts, log: opts.Logger.With("source", "inventory"), learned: map[string]learned{}, synced: make(chan struct{})}
+	f, err := readFile(opts.Path)
+	if err != nil {
+		return nil, err
+	}
+	s.file = f
+	s.dirty.Store(true)
+	close(s.synced)
+	return s, nil
+}
+
+// Parse errors carry the file name in front of "line N: field: ...".
+func readFile(path string) (*File, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("inventory: %w", err)
+	}
+	f, err := Parse(b)
+	if err != nil {
+		return nil, fmt.Errorf("inventory %s: %w", path, err)
+	}
+	return f, nil
+}
+
+// LastError is the error of the last reload, nil when it applied.
+func (s *Source) LastError() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.lastErr
+}
+
+// SetMeshed installs the enrollment predicate for Workload.Meshed.
+func (s *Source) SetMeshed(fn func(cluster.Pod, *cluster.Namespace) bool) {
+	s.mu.Lock()
+	s.opts.Meshed = fn
+	s.mu.Unlock()
+	s.dirty.Store(true)
+}
+
+// Static marks this source as authoritative: a pod it does not know is not
+// part of the mesh (as opposed to "not yet in the cache").
+func (s *Source) Static() bool { return true }
+
+// Watch reloads the file on change until ctx ends. It watches the
+// directory, so editors' rename-into-place and ConfigMap symlink swaps are
+// seen.
+func (s *Source) Watch(ctx context.Context) error {
+	w, err := fsnotify.NewWatcher()
+	if err != nil {
+		return fmt.Errorf("inventory: watching %s: %w", s.opts.Path, err)
+	}
+	defer w.Close()
+	dir := filepath.Dir(s.opts.Path)
+	if err := w.Add(dir); err != nil {
+		return fmt.Errorf("inventory: watching %s: %w", dir, err)
+	}
+	var timer *time.Timer
+	fire := make(chan struct{}, 1)
+	for {
+		select {
+		case <-ctx.Done():
+			if timer != nil {
+				timer.Stop()
+			}
+			return nil
+		case ev, ok := <-w.Events:
+			if !ok {
+				return nil
+			}
+			base := filepath.Base(ev.Name)
+			if base != filepath.Base(s.opts.Path) && base != "..data" {
+				continue
+			}
+			// Debounce: editors write in several steps.
+			if timer == nil {
+				timer = time.AfterFunc(100*time.Millisecond, func() {
+					select {
+					case fire <- struct{}{}:
+					default:
+					}
+				})
+			} else {
+				timer.Reset(100 * time.Millisecond)
+			}
+		case err, ok := <-w.Errors:
+			if !ok {
+				return nil
+			}
+			s.log.Warn("inventory watch error", "err", err)
+		case <-fire:
+			s.Reload()
+		}
+	}
+}
+
+// Reload reads the file again and, if valid, applies it and emits events
+// for what changed. An invalid file is logged and reported through
+// OnReload; the previous content stays in force.
+func (s *Source) Reload() error {
+	f, err := readFile(s.opts.Path)
+	s.mu.Lock()
+	if err != nil {
+		s.lastErr = err
+		cb := s.opts.OnReload
+		s.mu.Unlock()
+		s.log.Error("inventory not reloaded, keeping the last good one", "err", err)
+		if cb != nil {
+			cb(err)
+		}
+		return err
+	}
+	before := s.localFingerprints()
+	oldNS := s.file.Namespaces
+	s.file = f
+	s.lastErr = nil
+	after := s.localFingerprints()
+	subs := slices.Clone(s.subs)
+	cb := s.opts.OnReload
+	s.mu.Unlock()
+	s.dirty.Store(true)
+
+	var evs []cluster.Event
+	for _, name := range sortedKeys(f.Namespaces) {
+		old, ok := oldNS[name]
+		if !ok || !maps.Equal(old, f.Namespaces[name]) {
+			evs = append(evs, cluster.Event{Kind: cluster.NamespaceChanged, Namespace: name})
+		}
+	}
+	for _, name := range sortedKeys(oldNS) {
+		if _, ok := f.Namespaces[name]; !ok {
+			evs = append(evs, cluster.Event{Kind: cluster.NamespaceChanged, Namespace: name})
+		}
+	}
+	for k, fp := range after {
+		if before[k] != fp {
+			evs = append(evs, cluster.Event{Kind: cluster.PodChanged, Namespace: fp.ns, Name: fp.name, UID: fp.uid})
+		}
+	}
+	for k, fp := range before {
+		if _, ok := after[k]; !ok {
+			evs = append(evs, cluster.Event{Kind: cluster.PodDeleted, Namespace: fp.ns, Name: fp.name, UID: fp.uid})
+		}
+	}
+	evs = append(evs, cluster.Event{Kind: cluster.Resynced})
+	s.log.Info("inventory reloaded", "namespaces", len(f.Namespaces), "workloads", len(f.Workloads), "services", len(f.Services), "events", len(evs))
+	for _, ev := range evs {
+		for _, fn := range subs {
+			fn(ev)
+		}
+	}
+	if cb != nil {
+		cb(nil)
+	}
+	return nil
+}
+
+type fingerprint struct {
+	ns, name, uid string
+	sum           string
+}
+
+func (s *Source) localFingerprints() map[string]fingerprint {
+	out := map[string]fingerprint{}
+	for _, p := range s.localPodsLocked() {
+		out[p.Namespace+"/"+p.Name] = fingerprint{p.Namespace, p.Name, p.UID, fmt.Sprint(p.ServiceAccount, p.HostNetwork, p.Labels, p.IPs)}
+	}
+	return out
+}
+
+// Learn records what the CNI ADD told about a pod (its UID and IPs), so the
+// directory can map the IPs to the workload.
+func (s *Source) Learn(namespace, name, uid string, ips []netip.Addr) {
+	s.mu.Lock()
+	s.learned[namespace+"/"+name] = learned{uid: uid, ips: slices.Clone(ips)}
+	s.mu.Unlock()
+	s.dirty.Store(true)
+}
+
+// Forget drops what Learn recorded (the pod was deleted). A later pod of
+// the same name with another UID is not forgotten by a late DEL.
+func (s *Source) Forget(namespace, name, uid string) {
+	s.mu.Lock()
+	k := namespace + "/" + name
+	if l, ok := s.learned[k]; ok && (uid == "" || l.uid == "" || l.uid == uid) {
+		delete(s.learned, k)
+	}
+	s.mu.Unlock()
+	s.dirty.Store(true)
+}
+
+// WaitSynced returns at once: the file was read by Load.
+func (s *Source) WaitSynced(ctx context.Context) error {
+	select {
+	case <-s.synced:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Pod finds a pod: a listed workload (exact name first, then the longest
+// matching prefix), or, in a listed namespace, an unlisted pod with no
+// labels and the default service account.
+func (s *Source) Pod(ctx context.Context, namespace, name string) (cluster.Pod, bool, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	p, ok := s.podLocked(namespace, name)
+	return p, ok, nil
+}
+
+func (s *Source) podLocked(namespace, name string) (cluster.Pod, bool) {
+	if _, ok := s.file.Namespaces[namespace]; !ok {
+		return cluster.Pod{}, false
+	}
+	var best *Workload
+	for i := range s.file.Workloads {
+		w := &s.file.Workloads[i]
+		if w.Namespace != namespace || !w.Matches(name) {
+			continue
+		}
+		if _, prefix := w.Prefix(); !prefix {
+			best = w
+			break
+		}
+		if best == nil || len(w.Name) > len(best.Name) {
+			best = w
+		}
+	}
+	var p cluster.Pod
+	if best != nil {
+		p = s.toPod(best, name)
+	} else {
+		p = cluster.Pod{Namespace: namespace, Name: name, ServiceAccount: "default", NodeName: s.opts.NodeName, Labels: map[string]string{}}
+	}
+	if l, ok := s.learned[namespace+"/"+name]; ok {
+		if p.UID == "" {
+			p.UID = l.uid
+		}
+		if len(l.ips) > 0 {
+			p.IPs = slices.Clone(l.ips)
+		}
+	}
+	return p, true
+}
+
+func (s *Source) toPod(w *Workload, name string) cluster.Pod {
+	node := w.Node
+	if node == "" {
+		node = s.opts.NodeName
+	}
+	return cluster.Pod{
+		Namespace:      w.Namespace,
+		Name:           name,
+		UID:            w.UID,
+		ServiceAccount: w.ServiceAccount,
+		NodeName:       node,
+		Labels:         maps.Clone(w.Labels),
+		Annotations:    map[string]string{},
+		IPs:            slices.Clone(w.IPs),
+		HostNetwork:    w.HostNetwork,
+	}
+}
+
+// Namespace returns a listed namespace.
+func (s *Source) Namespace(name string) (cluster.Namespace, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	l, ok := s.file.Namespaces[name]
+	if !ok {
+		return cluster.Namespace{}, false
+	}
+	return cluster.Namespace{Name: name, Labels: maps.Clone(l)}, true
+}
+
+// Namespaces lists every namespace (for the enrollment snapshot).
+func (s *Source) Namespaces() []cluster.Namespace {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]cluster.Namespace, 0, len(s.file.Namespaces))
+	for _, n := range sortedKeys(s.file.Namespaces) {
+		out = append(out, cluster.Namespace{Name: n, Labels: maps.Clone(s.file.Namespaces[n])})
+	}
+	return out
+}
+
+// LocalPods lists the listed (exact-name) workloads of this node and every
+// pod learned from a CNI ADD.
+func (s *Source) LocalPods() []cluster.Pod {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.localPodsLocked()
+}
+
+func (s *Source) localPodsLocked() []cluster.Pod {
+	seen := map[string]bool{}
+	var out []cluster.Pod
+	for i := range s.file.Workloads {
+		w := &s.file.Workloads[i]
+		if _, prefix := w.Prefix(); prefix || (w.Node != "" && w.Node != s.opts.NodeName) {
+			continue
+		}
+		p, _ := s.podLocked(w.Namespace, w.Name)
+		seen[w.Namespace+"/"+w.Name] = true
+		out = append(out, p)
+	}
+	for k := range s.learned {
+		if seen[k] {
+			continue
+		}
+		ns, name, _ := cut(k)
+		if p, ok := s.podLocked(ns, name); ok {
+			out = append(out, p)
+		}
+	}
+	slices.SortFunc(out, func(a, b cluster.Pod) int {
+		if c := compare(a.Namespace, b.Namespace); c != 0 {
+			return c
+		}
+		return compare(a.Name, b.Name)
+	})
+	return out
+}
+
+func cut(k string) (string, string, bool) {
+	for i := 0; i < len(k); i++ {
+		if k[i] == '/' {
+			return k[:i], k[i+1:], true
+		}
+	}
+	return k, "", false
+}
+
+func compare(a, b string) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
+
+// Subscribe registers fn for change events.
+func (s *Source) Subscribe(fn func(cluster.Event)) {
+	s.mu.Lock()
+	s.subs = append(s.subs, fn)
+	s.mu.Unlock()
+}
+
+// SetRedirection only logs: there is no API object to annotate.
+func (s *Source) SetRedirection(ctx context.Context, pod cluster.Pod, state string) error {
+	s.log.Debug("redirection status", "pod", pod.Namespace+"/"+pod.Name, "state", state)
+	return nil
+}
+
+// Warn only logs.
+func (s *Source) Warn(ctx context.Context, pod cluster.Pod, reason, message string) error {
+	s.log.Warn("pod event", "pod", pod.Namespace+"/"+pod.Name, "reason", reason, "message", message)
+	return nil
+}
+
+// index is the directory, rebuilt after any change and read lock-free.
+type index struct {
+	byIP map[netip.Addr]tunnel.Workload
+	svc  map[netip.AddrPort][]netip.AddrPort
+}
+
+func (s *Source) current() *index {
+	if !s.dirty.Load() {
+		if ix := s.idx.Load(); ix != nil {
+			return ix
+		}
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if ix := s.idx.Load(); ix != nil && !s.dirty.Load() {
+		return ix
+	}
+	s.dirty.Store(false)
+	ix := s.buildLocked()
+	s.idx.Store(ix)
+	return ix
+}
+
+func (s *Source) buildLocked() *index {
+	td := s.file.TrustDomain
+	if td == "" {
+		td = s.opts.TrustDomain
+	}
+	ix := &index{byIP: map[netip.Addr]tunnel.Workload{}, svc: map[netip.AddrPort][]netip.AddrPort{}}
+	var pods []cluster.Pod
+	for i := range s.file.Workloads {
+		w := &s.file.Workloads[i]
+		if _, prefix := w.Prefix(); prefix {
+			continue
+		}
+		p, _ := s.podLocked(w.Namespace, w.Name)
+		pods = append(pods, p)
+	}
+	for k := range s.learned {
+		ns, name, _ := cut(k)
+		if p, ok := s.podLocked(ns, name); ok && !slices.ContainsFunc(pods, func(q cluster.Pod) bool { return q.Namespace == ns && q.Name == name }) {
+			pods = append(pods, p)
+		}
+	}
+	for _, p := range pods {
+		if p.HostNetwork {
+			continue
+		}
+		var nsp *cluster.Namespace
+		if l, ok := s.file.Namespaces[p.Namespace]; ok {
+			nsp = &cluster.Namespace{Name: p.Namespace, Labels: l}
+		}
+		w := tunnel.Workload{
+			UID: p.UID, Namespace: p.Namespace, Name: p.Name, ServiceAccount: p.ServiceAccount,
+			Labels: p.Labels, IPs: p.IPs,
+			Identity: fmt.Sprintf("spiffe://%s/ns/%s/sa/%s", td, p.Namespace, p.ServiceAccount),
+			Meshed:   s.opts.Meshed != nil && s.opts.Meshed(p, nsp),
+		}
+		for _, ip := range p.IPs {
+			ix.byIP[ip] = w
+		}
+	}
+	for _, svc := range s.file.Services {
+		for _, sp := range svc.Ports {
+			var eps []netip.AddrPort
+			for _, p := range pods {
+				if p.Namespace != svc.Namespace || p.HostNetwork || !selects(svc.Selector, p.Labels) {
+					continue
+				}
+				for _, ip := range p.IPs {
+					eps = append(eps, netip.AddrPortFrom(ip, sp.TargetPort))
+				}
+			}
+			slices.SortFunc(eps, func(a, b netip.AddrPort) int { return a.Compare(b) })
+			for _, vip := range svc.VIPs {
+				ix.svc[netip.AddrPortFrom(vip, sp.Port)] = eps
+			}
+		}
+	}
+	return ix
+}
+
+func selects(sel, labels map[string]string) bool {
+	for k, v := range sel {
+		if labels[k] != v {
+			return false
+		}
+	}
+	return true
+}
+
+// WorkloadByIP implements tunnel.Directory.
+func (s *Source) WorkloadByIP(ip netip.Addr) (tunnel.Workload, bool) {
+	w, ok := s.current().byIP[ip.Unmap()]
+	return w, ok
+}
+
+// ServiceEndpoints implements tunnel.Directory. A service with no selected
+// workload is still a service (ok, no endpoints): the caller refuses the
+// connection rather than passing it through to a VIP nobody serves.
+func (s *Source) ServiceEndpoints(vip netip.AddrPort) ([]netip.AddrPort, bool) {
+	eps, ok := s.current().svc[netip.AddrPortFrom(vip.Addr().Unmap(), vip.Port())]
+	return slices.Clone(eps), ok
+}
