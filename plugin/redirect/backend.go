@@ -1,0 +1,273 @@
+package redirect
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os/exec"
+	"strings"
+	"sync"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+)
+
+// Backend names the rule engine.
+type Backend string
+
+const (
+	// Auto picks nftables when the kernel answers nf_tables requests in
+	// the pod netns, else iptables (variant detected on the host).
+	Auto Backend = "auto"
+	// Nftables: native nf_tables over netlink; no exec.
+	Nftables Backend = "nftables"
+	// Iptables detects the variant the host uses (legacy or nft).
+	Iptables       Backend = "iptables"
+	IptablesLegacy Backend = "iptables-legacy"
+	IptablesNft    Backend = "iptables-nft"
+)
+
+// ParseBackend accepts the names above ("" means auto).
+func ParseBackend(s string) (Backend, error) {
+	switch b := Backend(s); b {
+	case "":
+		return Auto, nil
+	case Auto, Nftables, Iptables, IptablesLegacy, IptablesNft:
+		return b, nil
+	}
+	return "", fmt.Errorf("unknown rule backend %q (want auto, nftables, iptables, iptables-legacy or iptables-nft)", s)
+}
+
+// concrete are the backends that hold state.
+var concrete = []Backend{Nftables, IptablesNft, IptablesLegacy}
+
+// Install applies spec inside netns atomically and idempotently and
+// returns the backend used. Whatever another backend of ours left in the
+// netns is removed, so switching backends never leaves two rule sets. On
+// error nothing of ours is left behind.
+func Install(netns ns.NetNS, backend Backend, spec Spec) (Backend, error) {
+	if err := spec.Validate(); err != nil {
+		return "", err
+	}
+	b, err := resolve(netns, backend)
+	if err != nil {
+		return "", err
+	}
+	err = installWith(netns, b, spec)
+	if err != nil {
+		if uerr := Uninstall(netns); uerr != nil {
+			err = fmt.Errorf("%w (and removing the partial state failed: %v)", err, uerr)
+		}
+		return "", fmt.Errorf("installing redirection with %s: %w", b, err)
+	}
+	return b, nil
+}
+
+func installWith(netns ns.NetNS, b Backend, spec Spec) error {
+	// Rules before routes: the routes only matter once marked packets
+	// exist, and without rules they are inert.
+	switch b {
+	case Nftables:
+		if err := nftInstall(netns, spec); err != nil {
+			return err
+		}
+	default:
+		if err := iptablesInstall(netns, b, spec); err != nil {
+			return err
+		}
+	}
+	for _, other := range concrete {
+		if other == b {
+			continue
+		}
+		if err := uninstallBackend(netns, other); err != nil {
+			return fmt.Errorf("removing older %s rules: %w", other, err)
+		}
+	}
+	return routesInstall(netns, spec)
+}
+
+func resolve(netns ns.NetNS, b Backend) (Backend, error) {
+	switch b {
+	case Nftables, IptablesLegacy, IptablesNft:
+		return b, nil
+	case Iptables:
+		v, why := DetectIptables()
+		slog.Debug("iptables variant chosen", "backend", v, "why", why)
+		return v, nil
+	case Auto, "":
+		if err := nftAvailable(netns); err == nil {
+			return Nftables, nil
+		} else {
+			// nf_tables absent: iptables-nft cannot work either.
+			slog.Info("nftables unavailable, using iptables-legacy", "why", err.Error())
+			return IptablesLegacy, nil
+		}
+	}
+	return "", fmt.Errorf("unknown rule backend %q", b)
+}
+
+func uninstallBackend(netns ns.NetNS, b Backend) error {
+	if b == Nftables {
+		return nftUninstall(netns)
+	}
+	ok, err := iptablesPresent(netns, b)
+	if err != nil || !ok {
+		return err
+	}
+	return iptablesUninstall(netns, b)
+}
+
+// Uninstall removes whatever any backend of ours installed in netns:
+// the nftables table, our iptables chains and jumps in either variant, and
+// the ip rules and routes tagged with our protocol. It is a no-op when
+// nothing is there and never touches others' rules.
+func Uninstall(netns ns.NetNS) error {
+	var errs []error
+	for _, b := range concrete {
+		if err := uninstallBackend(netns, b); err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", b, err))
+		}
+	}
+	if err := routesUninstall(netns); err != nil {
+		errs = append(errs, err)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("removing redirection from %s: %w", netns.Path(), err)
+	}
+	return nil
+}
+
+// Installed reports which backends of ours hold rules in netns.
+func Installed(netns ns.NetNS) ([]Backend, error) {
+	var found []Backend
+	c, err := nftConn(netns)
+	if err != nil {
+		return nil, err
+	}
+	if ok, err := nftPresent(c); err == nil && ok {
+		found = append(found, Nftables)
+	}
+	for _, b := range []Backend{IptablesNft, IptablesLegacy} {
+		ok, err := iptablesPresent(netns, b)
+		if err != nil {
+			return nil, fmt.Errorf("looking for %s rules: %w", b, err)
+		}
+		if ok {
+			found = append(found, b)
+		}
+	}
+	return found, nil
+}
+
+// Verify returns an error naming what is missing or different, nil when
+// the netns holds exactly spec's redirection (by whichever backend).
+func Verify(netns ns.NetNS, spec Spec) error {
+	if err := spec.Validate(); err != nil {
+		return err
+	}
+	found, err := Installed(netns)
+	if err != nil {
+		return err
+	}
+	var problems []string
+	switch len(found) {
+	case 0:
+		problems = append(problems, "no redirection rules installed")
+	case 1:
+		var err error
+		if found[0] == Nftables {
+			err = nftVerify(netns, spec)
+		} else {
+			err = iptablesVerify(netns, found[0], spec)
+		}
+		if err != nil {
+			problems = append(problems, err.Error())
+		}
+	default:
+		problems = append(problems, fmt.Sprintf("rules installed by several backends at once: %v", found))
+	}
+	problems = append(problems, routesVerify(netns, spec)...)
+	if len(problems) > 0 {
+		return fmt.Errorf("redirection in %s: %s", netns.Path(), strings.Join(problems, "; "))
+	}
+	return nil
+}
+
+var detectOnce struct {
+	sync.Once
+	b   Backend
+	why string
+}
+
+// DetectIptables picks the iptables variant the host uses, the way
+// Kubernetes' iptables-wrapper does: kubelet's hint chains decide first;
+// otherwise whichever variant holds more rules on the host wins, and a tie
+// goes to nft (the default of every current distribution). It runs in the
+// caller's network namespace (the host's) once per process; the answer
+// and its reason are returned for logging.
+func DetectIptables() (Backend, string) {
+	detectOnce.Do(func() {
+		detectOnce.b, detectOnce.why = detectIptables(runSave)
+	})
+	return detectOnce.b, detectOnce.why
+}
+
+func runSave(name string) ([]byte, bool) {
+	path, err := exec.LookPath(name)
+	if err != nil {
+		return nil, false
+	}
+	out, err := exec.Command(path).Output()
+	if err != nil {
+		return nil, false
+	}
+	return out, true
+}
+
+func detectIptables(save func(string) ([]byte, bool)) (Backend, string) {
+	type view struct {
+		ok    bool
+		rules int
+		hint  bool
+	}
+	look := func(v string) view {
+		var r view
+		for _, bin := range []string{"iptables-" + v + "-save", "ip6tables-" + v + "-save"} {
+			out, ok := save(bin)
+			if !ok {
+				continue
+			}
+			r.ok = true
+			sc := bufio.NewScanner(bytes.NewReader(out))
+			for sc.Scan() {
+				l := sc.Text()
+				if strings.HasPrefix(l, ":KUBE-IPTABLES-HINT") || strings.HasPrefix(l, ":KUBE-KUBELET-CANARY") {
+					r.hint = true
+				}
+				if strings.HasPrefix(l, "-") {
+					r.rules++
+				}
+			}
+		}
+		return r
+	}
+	legacy, nft := look("legacy"), look("nft")
+	switch {
+	case !legacy.ok && !nft.ok:
+		return IptablesNft, "neither iptables-legacy-save nor iptables-nft-save runs; assuming nft"
+	case !nft.ok:
+		return IptablesLegacy, "only the legacy variant is installed"
+	case !legacy.ok:
+		return IptablesNft, "only the nft variant is installed"
+	case nft.hint:
+		return IptablesNft, "kubelet's KUBE-IPTABLES-HINT/KUBE-KUBELET-CANARY chains are in iptables-nft"
+	case legacy.hint:
+		return IptablesLegacy, "kubelet's KUBE-IPTABLES-HINT/KUBE-KUBELET-CANARY chains are in iptables-legacy"
+	case legacy.rules > nft.rules:
+		return IptablesLegacy, fmt.Sprintf("the host has %d legacy rules and %d nft rules", legacy.rules, nft.rules)
+	default:
+		return IptablesNft, fmt.Sprintf("the host has %d nft rules and %d legacy rules", nft.rules, legacy.rules)
+	}
+}

@@ -1,0 +1,147 @@
+package redirect
+
+import (
+	"os/exec"
+	"strings"
+	"testing"
+
+	"github.com/ambit-mesh/ambit/internal/testenv"
+	"github.com/ambit-mesh/ambit/plugin/internal/nstest"
+	"github.com/containernetworking/plugins/pkg/ns"
+)
+
+var backends = []Backend{Nftables, IptablesNft, IptablesLegacy}
+
+func TestInstallVerifyUninstall(t *testing.T) {
+	testenv.RequireRoot(t)
+	for _, b := range backends {
+		t.Run(string(b), func(t *testing.T) {
+			n := nstest.New(t, "rd")
+			spec := DefaultSpec()
+			if err := Verify(n, spec); err == nil || !strings.Contains(err.Error(), "no redirection") {
+				t.Fatalf("Verify on an empty netns: %v, want 'no redirection'", err)
+			}
+			got, err := Install(n, b, spec)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got != b {
+				t.Fatalf("Install used %s, want %s", got, b)
+			}
+			if err := Verify(n, spec); err != nil {
+				t.Fatalf("Verify after Install: %v", err)
+			}
+			// Idempotent: a second Install leaves exactly the same state.
+			if _, err := Install(n, b, spec); err != nil {
+				t.Fatal(err)
+			}
+			if err := Verify(n, spec); err != nil {
+				t.Fatalf("Verify after a second Install: %v", err)
+			}
+			// A different spec is detected.
+			other := spec
+			other.InboundPort = 15016
+			if err := Verify(n, other); err == nil {
+				t.Fatal("Verify accepted rules installed for another inbound port")
+			}
+			if err := Uninstall(n); err != nil {
+				t.Fatal(err)
+			}
+			if found, err := Installed(n); err != nil || len(found) != 0 {
+				t.Fatalf("after Uninstall: %v %v", found, err)
+			}
+			if p := routesVerify(n, spec); len(p) != 2*2 {
+				t.Fatalf("after Uninstall, routes still present: %v", p)
+			}
+			if err := Uninstall(n); err != nil {
+				t.Fatalf("second Uninstall: %v", err)
+			}
+		})
+	}
+}
+
+// Switching backends leaves exactly one rule set.
+func TestInstallSwitchesBackend(t *testing.T) {
+	testenv.RequireRoot(t)
+	n := nstest.New(t, "rd")
+	spec := DefaultSpec()
+	if _, err := Install(n, IptablesNft, spec); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Install(n, Nftables, spec); err != nil {
+		t.Fatal(err)
+	}
+	found, err := Installed(n)
+	if err != nil || len(found) != 1 || found[0] != Nftables {
+		t.Fatalf("Installed = %v, %v; want [nftables]", found, err)
+	}
+	if err := Verify(n, spec); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Others' rules in the same netns survive our install and removal.
+func TestUninstallKeepsOthersRules(t *testing.T) {
+	testenv.RequireRoot(t)
+	n := nstest.New(t, "rd")
+	sh := func(args ...string) string {
+		t.Helper()
+		var out []byte
+		err := n.Do(func(ns.NetNS) error {
+			var err error
+			out, err = exec.Command(args[0], args[1:]...).CombinedOutput()
+			return err
+		})
+		if err != nil {
+			t.Fatalf("%v: %v: %s", args, err, out)
+		}
+		return string(out)
+	}
+	sh("nft", "add table inet theirs")
+	sh("iptables-nft", "-t", "nat", "-A", "OUTPUT", "-p", "udp", "-j", "ACCEPT")
+	sh("ip", "rule", "add", "fwmark", "0x111", "lookup", "100", "pref", "32000")
+	for _, b := range backends {
+		if _, err := Install(n, b, DefaultSpec()); err != nil {
+			t.Fatal(err)
+		}
+		if err := Uninstall(n); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if !strings.Contains(sh("nft", "list", "tables"), "inet theirs") {
+		t.Error("foreign nft table removed")
+	}
+	if !strings.Contains(sh("iptables-nft-save", "-t", "nat"), "-A OUTPUT -p udp -j ACCEPT") {
+		t.Error("foreign iptables rule removed")
+	}
+	if !strings.Contains(sh("ip", "rule"), "32000:") {
+		t.Error("foreign ip rule removed")
+	}
+}
+
+func TestCheckDetectsDeletedRule(t *testing.T) {
+	testenv.RequireRoot(t)
+	for _, b := range backends {
+		t.Run(string(b), func(t *testing.T) {
+			n := nstest.New(t, "rd")
+			spec := DefaultSpec()
+			if _, err := Install(n, b, spec); err != nil {
+				t.Fatal(err)
+			}
+			err := n.Do(func(ns.NetNS) error {
+				if b == Nftables {
+					return exec.Command("nft", "flush", "chain", "inet", TableName, "nat-output").Run()
+				}
+				return exec.Command(variantBinary(b, 4, ""), "-t", "nat", "-D", ChainOutput, "-d", "169.254.7.127/32", "-p", "tcp", "-j", "ACCEPT").Run()
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := Verify(n, spec); err == nil {
+				t.Fatal("Verify missed a deleted rule")
+			} else {
+				t.Logf("Verify: %v", err)
+			}
+		})
+	}
+}

@@ -1,0 +1,400 @@
+package redirect
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"strings"
+	"time"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/coreos/go-iptables/iptables"
+	"github.com/google/nftables"
+)
+
+// Our iptables chains, in the mangle and nat tables of each family. Only
+// these chains and the one jump to each from the built-in chain are ours.
+const (
+	ChainPrerouting = "AMBIT_PRERT"
+	ChainOutput     = "AMBIT_OUTPUT"
+)
+
+// iptablesTimeout bounds one iptables(-restore/-save) run; the xtables
+// lock is host-wide, so a stuck holder must not hang pod creation.
+const iptablesTimeout = 10 * time.Second
+
+type ipChain struct{ table, parent, chain string }
+
+var ipChains = map[hook]ipChain{
+	mangleIn:  {"mangle", "PREROUTING", ChainPrerouting},
+	mangleOut: {"mangle", "OUTPUT", ChainOutput},
+	natIn:     {"nat", "PREROUTING", ChainPrerouting},
+	natOut:    {"nat", "OUTPUT", ChainOutput},
+}
+
+// iptablesRule renders r in the exact form iptables-save prints, so Verify
+// can compare text: generic matches (-s -d -o -p) first, then extensions in
+// rule order, then the target.
+func iptablesRule(r rule) string {
+	var generic, ext []string
+	var src, dst, oif, proto string
+	not := func(neg bool) string {
+		if neg {
+			return "! "
+		}
+		return ""
+	}
+	for _, c := range r.conds {
+		switch c.kind {
+		case condTCP:
+			proto = "-p tcp"
+		case condSaddr:
+			src = not(c.neg) + "-s " + c.prefix.String()
+		case condDaddr:
+			dst = not(c.neg) + "-d " + c.prefix.String()
+		case condOifLo:
+			oif = not(c.neg) + "-o lo"
+		case condDport:
+			ext = append(ext, fmt.Sprintf("-m tcp %s--dport %d", not(c.neg), c.port))
+		case condMark:
+			ext = append(ext, fmt.Sprintf("-m mark %s--mark %#x/%#x", not(c.neg), c.value, c.mask))
+		case condCtMark:
+			ext = append(ext, fmt.Sprintf("-m connmark %s--mark %#x/%#x", not(c.neg), c.value, c.mask))
+		}
+	}
+	for _, g := range []string{src, dst, oif, proto} {
+		if g != "" {
+			generic = append(generic, g)
+		}
+	}
+	var target string
+	switch r.act.kind {
+	case actAccept:
+		target = "-j ACCEPT"
+	case actRedirect:
+		target = fmt.Sprintf("-j REDIRECT --to-ports %d", r.act.port)
+	case actSetCtMark:
+		target = fmt.Sprintf("-j CONNMARK --set-xmark %#x/%#x", r.act.value, r.act.mask)
+	case actRestoreMark:
+		target = "-j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff"
+	}
+	parts := append([]string{"-A", ipChains[r.hook].chain}, generic...)
+	parts = append(parts, ext...)
+	parts = append(parts, target)
+	return strings.Join(parts, " ")
+}
+
+func jumpRule(c ipChain) string { return "-A " + c.parent + " -j " + c.chain }
+
+// iptablesWant is the expected iptables-save content of our chains per
+// table, in order, without the jumps.
+func iptablesWant(s Spec, f family) map[string][]string {
+	m := map[string][]string{}
+	for _, r := range ruleSet(s) {
+		if r.fam == f {
+			t := ipChains[r.hook].table
+			m[t] = append(m[t], iptablesRule(r))
+		}
+	}
+	return m
+}
+
+// byChain splits rule lines ("-A CHAIN ...") by chain, keeping order;
+// iptables-save lists chains in its own order, rules within one in ours.
+func byChain(lines []string) map[string][]string {
+	m := map[string][]string{}
+	for _, l := range lines {
+		f := strings.Fields(l)
+		if len(f) > 1 {
+			m[f[1]] = append(m[f[1]], l)
+		}
+	}
+	return m
+}
+
+// iptablesPayload is the complete iptables-restore --noflush input for
+// family f. Declaring our chains flushes them, so re-applying replaces
+// rather than appends; the jumps are inserted only where absent (present
+// lists the jump rules already there; nil means none).
+func iptablesPayload(s Spec, f family, present map[string]bool) string {
+	var b strings.Builder
+	want := iptablesWant(s, f)
+	for _, table := range []string{"mangle", "nat"} {
+		fmt.Fprintf(&b, "*%s\n:%s - [0:0]\n:%s - [0:0]\n", table, ChainPrerouting, ChainOutput)
+		for _, h := range hooks {
+			c := ipChains[h]
+			if c.table == table && !present[table+" "+jumpRule(c)] {
+				fmt.Fprintf(&b, "-I %s 1 -j %s\n", c.parent, c.chain)
+			}
+		}
+		for _, l := range want[table] {
+			b.WriteString(l + "\n")
+		}
+		b.WriteString("COMMIT\n")
+	}
+	return b.String()
+}
+
+func variantBinary(b Backend, f family, tool string) string {
+	name := "iptables"
+	if f == 6 {
+		name = "ip6tables"
+	}
+	v := "legacy"
+	if b == IptablesNft {
+		v = "nft"
+	}
+	if tool == "" {
+		return name + "-" + v
+	}
+	return name + "-" + v + "-" + tool
+}
+
+func restoreCommand(b Backend, f family) string {
+	return variantBinary(b, f, "restore") + " --noflush"
+}
+
+func runIn(netns ns.NetNS, stdin string, name string, args ...string) ([]byte, error) {
+	path, err := exec.LookPath(name)
+	if err != nil {
+		return nil, fmt.Errorf("%s not found: install the iptables package or choose the nftables backend", name)
+	}
+	var out []byte
+	err = netns.Do(func(ns.NetNS) error {
+		ctx, cancel := context.WithTimeout(context.Background(), iptablesTimeout)
+		defer cancel()
+		cmd := exec.CommandContext(ctx, path, args...)
+		if stdin != "" {
+			cmd.Stdin = strings.NewReader(stdin)
+		}
+		var stderr bytes.Buffer
+		cmd.Stderr = &stderr
+		o, err := cmd.Output()
+		out = o
+		if err != nil {
+			return fmt.Errorf("%s %s: %v: %s", name, strings.Join(args, " "), err, strings.TrimSpace(stderr.String()))
+		}
+		return nil
+	})
+	return out, err
+}
+
+// saveLines returns "table line" for every rule line of iptables-save.
+func saveLines(out []byte) map[string]bool {
+	m := map[string]bool{}
+	table := ""
+	sc := bufio.NewScanner(bytes.NewReader(out))
+	for sc.Scan() {
+		l := sc.Text()
+		switch {
+		case strings.HasPrefix(l, "*"):
+			table = l[1:]
+		case strings.HasPrefix(l, "-A "):
+			m[table+" "+l] = true
+		}
+	}
+	return m
+}
+
+// ourSaveLines returns, per table, our chain rules in order plus a set of
+// jump lines.
+func ourSaveLines(out []byte) (rules map[string][]string, jumps map[string]int, chains map[string]bool) {
+	rules, jumps, chains = map[string][]string{}, map[string]int{}, map[string]bool{}
+	table := ""
+	sc := bufio.NewScanner(bytes.NewReader(out))
+	for sc.Scan() {
+		l := sc.Text()
+		switch {
+		case strings.HasPrefix(l, "*"):
+			table = l[1:]
+		case strings.HasPrefix(l, ":"+ChainPrerouting+" ") || strings.HasPrefix(l, ":"+ChainOutput+" "):
+			chains[table+" "+strings.Fields(l[1:])[0]] = true
+		case strings.HasPrefix(l, "-A "+ChainPrerouting+" ") || strings.HasPrefix(l, "-A "+ChainOutput+" "):
+			rules[table] = append(rules[table], l)
+		case strings.HasPrefix(l, "-A ") && (strings.HasSuffix(l, " -j "+ChainPrerouting) || strings.HasSuffix(l, " -j "+ChainOutput)):
+			jumps[table+" "+l]++
+		}
+	}
+	return
+}
+
+func iptablesInstall(netns ns.NetNS, b Backend, s Spec) error {
+	for _, f := range s.families() {
+		out, err := runIn(netns, "", variantBinary(b, f, "save"))
+		if err != nil {
+			return err
+		}
+		payload := iptablesPayload(s, f, saveLines(out))
+		if _, err := runIn(netns, payload, variantBinary(b, f, "restore"), "--noflush", "--wait"); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func iptablesVerify(netns ns.NetNS, b Backend, s Spec) error {
+	var problems []string
+	for _, f := range []family{4, 6} {
+		out, err := runIn(netns, "", variantBinary(b, f, "save"))
+		if err != nil {
+			return err
+		}
+		rules, jumps, chains := ourSaveLines(out)
+		enabled := (f == 4 && s.IPv4) || (f == 6 && s.IPv6)
+		if !enabled {
+			if len(rules)+len(jumps)+len(chains) > 0 {
+				problems = append(problems, fmt.Sprintf("IPv%d rules present although the spec disables IPv%d", f, f))
+			}
+			continue
+		}
+		want := iptablesWant(s, f)
+		for _, table := range []string{"mangle", "nat"} {
+			for _, h := range hooks {
+				c := ipChains[h]
+				if c.table != table {
+					continue
+				}
+				if n := jumps[table+" "+jumpRule(c)]; n != 1 {
+					problems = append(problems, fmt.Sprintf("IPv%d %s: %d jumps %s → %s (want 1)", f, table, n, c.parent, c.chain))
+				}
+			}
+			gotC, wantC := byChain(rules[table]), byChain(want[table])
+			for _, chain := range []string{ChainPrerouting, ChainOutput} {
+				got, w := gotC[chain], wantC[chain]
+				for i := range w {
+					if i >= len(got) {
+						problems = append(problems, fmt.Sprintf("IPv%d %s: missing %q", f, table, w[i]))
+					} else if got[i] != w[i] {
+						problems = append(problems, fmt.Sprintf("IPv%d %s: rule %d of %s is %q, want %q", f, table, i, chain, got[i], w[i]))
+					}
+				}
+				for i := len(w); i < len(got); i++ {
+					problems = append(problems, fmt.Sprintf("IPv%d %s: unexpected %q", f, table, got[i]))
+				}
+			}
+		}
+	}
+	if len(problems) > 0 {
+		return fmt.Errorf("%s rules differ: %s", b, strings.Join(problems, "; "))
+	}
+	return nil
+}
+
+// iptablesPresent reports whether variant b holds any chain of ours in
+// netns, as cheaply as possible: the nft variant is read over netlink,
+// the legacy one only when the kernel has legacy nat/mangle tables there.
+func iptablesPresent(netns ns.NetNS, b Backend) (bool, error) {
+	if b == IptablesNft {
+		c, err := nftConn(netns)
+		if err != nil {
+			return false, err
+		}
+		for _, fam := range []nftables.TableFamily{nftables.TableFamilyIPv4, nftables.TableFamilyIPv6} {
+			chains, err := c.ListChainsOfTableFamily(fam)
+			if err != nil {
+				return false, nil // no nf_tables, so no iptables-nft state
+			}
+			for _, ch := range chains {
+				if ch.Name == ChainPrerouting || ch.Name == ChainOutput {
+					return true, nil
+				}
+			}
+		}
+		return false, nil
+	}
+	var found bool
+	err := netns.Do(func(ns.NetNS) error {
+		for _, f := range []string{"ip_tables_names", "ip6_tables_names"} {
+			b, err := os.ReadFile("/proc/thread-self/net/" + f)
+			if err != nil {
+				continue // module not loaded: no legacy tables anywhere
+			}
+			for _, t := range strings.Fields(string(b)) {
+				if t == "nat" || t == "mangle" {
+					found = true
+				}
+			}
+		}
+		return nil
+	})
+	if err != nil || !found {
+		return false, err
+	}
+	for _, f := range []family{4, 6} {
+		if _, err := exec.LookPath(variantBinary(b, f, "save")); err != nil {
+			continue
+		}
+		out, err := runIn(netns, "", variantBinary(b, f, "save"))
+		if err != nil {
+			return false, err
+		}
+		_, jumps, chains := ourSaveLines(out)
+		if len(jumps)+len(chains) > 0 {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+// iptablesUninstall removes our jumps and chains for variant b through
+// go-iptables; rules of others in the same tables stay untouched.
+func iptablesUninstall(netns ns.NetNS, b Backend) error {
+	var errs []error
+	for _, f := range []family{4, 6} {
+		bin := variantBinary(b, f, "")
+		path, err := exec.LookPath(bin)
+		if err != nil {
+			continue
+		}
+		proto := iptables.ProtocolIPv4
+		if f == 6 {
+			proto = iptables.ProtocolIPv6
+		}
+		err = netns.Do(func(ns.NetNS) error {
+			ipt, err := iptables.New(iptables.Path(path), iptables.IPFamily(proto), iptables.Timeout(int(iptablesTimeout/time.Second)))
+			if err != nil {
+				return err
+			}
+			for _, h := range hooks {
+				c := ipChains[h]
+				ok, err := ipt.ChainExists(c.table, c.chain)
+				if err != nil || !ok {
+					continue
+				}
+				// Every jump to our chain, however many a buggy
+				// predecessor left behind.
+				for i := 0; i < 16; i++ {
+					exists, err := ipt.Exists(c.table, c.parent, "-j", c.chain)
+					if err != nil || !exists {
+						break
+					}
+					if err := ipt.Delete(c.table, c.parent, "-j", c.chain); err != nil {
+						return err
+					}
+				}
+			}
+			// Chains are shared by two hooks (PREROUTING/OUTPUT per
+			// table); delete each once, after all jumps are gone.
+			for _, table := range []string{"mangle", "nat"} {
+				for _, ch := range []string{ChainPrerouting, ChainOutput} {
+					ok, err := ipt.ChainExists(table, ch)
+					if err != nil || !ok {
+						continue
+					}
+					if err := ipt.ClearAndDeleteChain(table, ch); err != nil {
+						return err
+					}
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", bin, err))
+		}
+	}
+	return errors.Join(errs...)
+}
