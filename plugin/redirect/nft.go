@@ -31,7 +31,7 @@ type nftChain struct {
 }
 
 var nftChains = map[hook]nftChain{
-	mangleIn:  {"mangle-prerouting", nftables.ChainTypeFilter, nftables.ChainHookPrerouting, nftables.ChainPriorityMangle},
+	mangleIn: {"mangle-prerouting", nftables.ChainTypeFilter, nftables.ChainHookPrerouting, nftables.ChainPriorityMangle},
 	// A route chain: a mark set here makes the kernel re-route the
 	// packet, which is what sends the app's replies to the agent.
 	mangleOut: {"mangle-output", nftables.ChainTypeRoute, nftables.ChainHookOutput, nftables.ChainPriorityMangle},
