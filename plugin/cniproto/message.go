@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net/netip"
 	"strings"
 
@@ -28,8 +29,22 @@ const (
 	// OpDel: the sandbox is going away; forget the pod. No fd.
 	OpDel Op = "del"
 	// OpCheck: is this pod still expected to be enrolled? Carries the fd.
+	// The agent answers like OpAdd (decision and redirect), without
+	// changing anything; the plugin then verifies the rules in the netns.
 	OpCheck Op = "check"
+	// OpGC: CNI GC. Request.Valid lists every attachment the runtime
+	// still knows; the agent may forget pods not listed. No pod, no fd.
+	OpGC Op = "gc"
 )
+
+// MaxAttachments bounds Request.Valid (the datagram size bounds it too).
+const MaxAttachments = 4096
+
+// Attachment is one (container, interface) the runtime still uses.
+type Attachment struct {
+	ContainerID string `json:"containerID"`
+	IfName      string `json:"ifName,omitempty"`
+}
 
 // Pod identifies a sandbox as the runtime described it to the plugin.
 type Pod struct {
@@ -51,6 +66,8 @@ type Request struct {
 	Version int `json:"version"`
 	Op      Op  `json:"op"`
 	Pod     Pod `json:"pod"`
+	// Valid is set for OpGC only.
+	Valid []Attachment `json:"valid,omitempty"`
 }
 
 // Decision is the agent's verdict for a pod.
@@ -85,10 +102,15 @@ func (r *Request) Validate() error {
 	}
 	switch r.Op {
 	case OpAdd, OpCheck, OpDel:
+		if len(r.Valid) > 0 {
+			return fmt.Errorf("%s request carries a GC attachment list", r.Op)
+		}
+	case OpGC:
+		return r.validateGC()
 	case "":
 		return errors.New("request has no op")
 	default:
-		return fmt.Errorf("unknown op %q (want add, del or check)", r.Op)
+		return fmt.Errorf("unknown op %q (want add, del, check or gc)", r.Op)
 	}
 	if r.Pod.ContainerID == "" {
 		return errors.New("request pod.containerID is empty")
@@ -108,6 +130,21 @@ func (r *Request) Validate() error {
 	for i, p := range r.Pod.IPs {
 		if !p.IsValid() {
 			return fmt.Errorf("request pod.ips[%d] is not a valid address", i)
+		}
+	}
+	return nil
+}
+
+func (r *Request) validateGC() error {
+	if r.Pod.Namespace != "" || r.Pod.Name != "" || r.Pod.ContainerID != "" || len(r.Pod.IPs) > 0 {
+		return errors.New("gc request must not name a pod")
+	}
+	if len(r.Valid) > MaxAttachments {
+		return fmt.Errorf("gc request lists %d attachments, at most %d are accepted", len(r.Valid), MaxAttachments)
+	}
+	for i, a := range r.Valid {
+		if a.ContainerID == "" || len(a.ContainerID) > 256 || len(a.IfName) > 15 {
+			return fmt.Errorf("gc request valid[%d]: containerID must be 1-256 bytes and ifName at most 15", i)
 		}
 	}
 	return nil
@@ -175,12 +212,20 @@ func DecodeResponse(b []byte) (*Response, error) {
 	return &r, nil
 }
 
-func decodeStrict(b []byte, v any) error {
+func decodeStrict(b []byte, v any) error { return decodeStrictN(b, v, MaxMessageSize) }
+
+func newEncoder(w io.Writer) *json.Encoder {
+	e := json.NewEncoder(w)
+	e.SetIndent("", "  ")
+	return e
+}
+
+func decodeStrictN(b []byte, v any, max int) error {
 	if len(b) == 0 {
 		return errors.New("empty message")
 	}
-	if len(b) > MaxMessageSize {
-		return fmt.Errorf("message of %d bytes exceeds the %d byte limit", len(b), MaxMessageSize)
+	if len(b) > max {
+		return fmt.Errorf("message of %d bytes exceeds the %d byte limit", len(b), max)
 	}
 	d := json.NewDecoder(bytes.NewReader(b))
 	d.DisallowUnknownFields()

@@ -226,7 +226,7 @@ func (s *Server) serveConn(parent context.Context, conn *net.UnixConn, timeout t
 	if (req.Op == OpAdd || req.Op == OpCheck) && netns == nil {
 		return fail(fmt.Errorf("%s request for %s/%s carries no netns file descriptor", req.Op, req.Pod.Namespace, req.Pod.Name))
 	}
-	if req.Op == OpDel && netns != nil {
+	if (req.Op == OpDel || req.Op == OpGC) && netns != nil {
 		netns.Close()
 		netns = nil
 	}
