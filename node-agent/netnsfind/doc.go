@@ -1,0 +1,17 @@
+// Package netnsfind finds a pod's network namespace when the agent's own
+// record cannot be used (the runtime's netns path is gone or reused, or the
+// pod was labelled after its ADD was answered by an older agent). It is
+// the fallback, never the first choice, and it is careful in the ways
+// others were not:
+//
+//   - the host's network namespace (that of PID 1) and the agent's own are
+//     never candidates, whatever addresses they hold;
+//   - a namespace is a candidate only when it holds one of the pod's IPs
+//     (loopback and link-local addresses never count);
+//   - namespaces are deduplicated by inode, so a pod with twenty processes
+//     is one candidate;
+//   - when several distinct namespaces hold the IP (a foreign container on
+//     another bridge reusing the address), the one whose processes' cgroup
+//     names the pod UID wins; if none or several do, the answer is an
+//     error, never a guess.
+package netnsfind

@@ -1,0 +1,164 @@
+package state
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+)
+
+// Pod is the record of one pod sandbox the agent was told about at ADD.
+type Pod struct {
+	Namespace   string `json:"namespace"`
+	Name        string `json:"name"`
+	UID         string `json:"uid,omitempty"`
+	ContainerID string `json:"containerID"`
+	// Netns is the runtime's path of the namespace (a bind mount that
+	// lives as long as the sandbox), NetnsInode its inode when it was
+	// handed to us, so a reused path is detected.
+	Netns      string `json:"netns,omitempty"`
+	NetnsInode uint64 `json:"netnsInode,omitempty"`
+	// IPs are the pod's addresses; re-adoption checks the namespace
+	// still holds one of them.
+	IPs []netip.Addr `json:"ips,omitempty"`
+	// Enrolled: redirection and listeners were set up.
+	Enrolled bool `json:"enrolled"`
+	// Identity is the SPIFFE ID the pod is served as.
+	Identity string `json:"identity,omitempty"`
+	// IPv4/IPv6: the families its redirection was built for.
+	IPv4 bool `json:"ipv4,omitempty"`
+	IPv6 bool `json:"ipv6,omitempty"`
+	// Backend is the rule engine used, when the agent installed the rules
+	// itself (live enrollment); empty when the plugin did.
+	Backend string    `json:"backend,omitempty"`
+	Since   time.Time `json:"since"`
+}
+
+// Key names the record of a container ID.
+func Key(containerID string) string {
+	h := sha256.Sum256([]byte(containerID))
+	return hex.EncodeToString(h[:16])
+}
+
+// Store is the pods/ directory.
+type Store struct{ dir string }
+
+// Open creates <stateDir>/pods (0700) if needed.
+func Open(stateDir string) (*Store, error) {
+	dir := filepath.Join(stateDir, "pods")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("state: %w", err)
+	}
+	return &Store{dir: dir}, nil
+}
+
+// Dir is the directory of the records.
+func (s *Store) Dir() string { return s.dir }
+
+// Put writes a record atomically.
+func (s *Store) Put(p Pod) error {
+	if p.ContainerID == "" {
+		return errors.New("state: record without a container ID")
+	}
+	b, err := json.Marshal(p)
+	if err != nil {
+		return fmt.Errorf("state: %w", err)
+	}
+	return WriteFileAtomic(filepath.Join(s.dir, Key(p.ContainerID)+".json"), b, 0o600)
+}
+
+// Delete removes the record of containerID; a missing record is fine.
+func (s *Store) Delete(containerID string) error {
+	err := os.Remove(filepath.Join(s.dir, Key(containerID)+".json"))
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("state: %w", err)
+	}
+	return nil
+}
+
+// List reads every record. Unreadable records (a torn write from before
+// atomic renames, a hand edit) are returned as errors alongside the good
+// ones and removed, so one bad file never blocks re-adoption of the rest.
+func (s *Store) List() ([]Pod, []error) {
+	ents, err := os.ReadDir(s.dir)
+	if err != nil {
+		return nil, []error{fmt.Errorf("state: %w", err)}
+	}
+	var out []Pod
+	var errs []error
+	for _, e := range ents {
+		name := e.Name()
+		if strings.HasPrefix(name, ".") && strings.HasSuffix(name, ".tmp") {
+			os.Remove(filepath.Join(s.dir, name)) // interrupted write
+			continue
+		}
+		if !strings.HasSuffix(name, ".json") {
+			continue
+		}
+		path := filepath.Join(s.dir, name)
+		b, err := os.ReadFile(path)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("state: %w", err))
+			continue
+		}
+		var p Pod
+		if err := json.Unmarshal(b, &p); err != nil || p.ContainerID == "" || Key(p.ContainerID)+".json" != name {
+			if err == nil {
+				err = errors.New("record does not match its file name")
+			}
+			errs = append(errs, fmt.Errorf("state: %s: %v (removed)", path, err))
+			os.Remove(path)
+			continue
+		}
+		out = append(out, p)
+	}
+	return out, errs
+}
+
+// WriteFileAtomic writes b to path so readers see the old or the new
+// content, never a mix: a temp file in the same directory, fsync, rename,
+// fsync of the directory.
+func WriteFileAtomic(path string, b []byte, mode os.FileMode) error {
+	dir := filepath.Dir(path)
+	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".*.tmp")
+	if err != nil {
+		return err
+	}
+	tmp := f.Name()
+	ok := false
+	defer func() {
+		if !ok {
+			os.Remove(tmp)
+		}
+	}()
+	if _, err := f.Write(b); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Chmod(mode); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return err
+	}
+	ok = true
+	if d, err := os.Open(dir); err == nil {
+		d.Sync()
+		d.Close()
+	}
+	return nil
+}
