@@ -1,0 +1,307 @@
+package policy
+
+import (
+	"fmt"
+	"maps"
+	"slices"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/ambit-mesh/ambit/tunnel"
+)
+
+// compiledPolicy is an AuthorizationPolicy ready for evaluation.
+type compiledPolicy struct {
+	key       string // Verdict.Policy: "ns/name", "istio:ns/name"
+	namespace string
+	selector  map[string]string // nil: namespace-wide
+	action    Action
+	rules     []*rule
+	idx       int  // position in the snapshot, for combination keys
+	invalid   bool // a deny-all stand-in for a policy that failed validation
+	denials   prometheus.Counter
+}
+
+// compiledMode is an InboundMode ready for evaluation.
+type compiledMode struct {
+	key      string
+	selector map[string]string
+	mode     Mode // "" inherits
+	ports    map[uint16]Mode
+	denials  prometheus.Counter
+}
+
+func (m *compiledMode) resolve(port uint16) (Mode, bool) {
+	if md, ok := m.ports[port]; ok {
+		return md, true
+	}
+	return m.mode, m.mode != ""
+}
+
+// view is the merged rule sets that apply to one set of workloads.
+type view struct {
+	deny, allow ruleSet
+	hasAllow    bool
+}
+
+func buildView(pols []*compiledPolicy) *view {
+	v := &view{}
+	for _, p := range pols {
+		if p.action == Deny {
+			for _, r := range p.rules {
+				v.deny.add(r)
+			}
+			continue
+		}
+		v.hasAllow = true
+		for _, r := range p.rules {
+			v.allow.add(r)
+		}
+	}
+	return v
+}
+
+// wlState is everything Authorize needs for one workload.
+type wlState struct {
+	view  *view
+	modes [3]*compiledMode // workload, namespace, mesh (root namespace)
+}
+
+func (s *wlState) mode(port uint16) (Mode, *compiledMode) {
+	for _, m := range s.modes {
+		if m == nil {
+			continue
+		}
+		if md, ok := m.resolve(port); ok {
+			return md, m
+		}
+	}
+	return Permissive, nil
+}
+
+// selIndex finds selector policies by one of their labels.
+type selIndex map[string]map[string][]*compiledPolicy
+
+func (ix selIndex) add(p *compiledPolicy) {
+	k := slices.Min(slices.Collect(maps.Keys(p.selector)))
+	if ix[k] == nil {
+		ix[k] = map[string][]*compiledPolicy{}
+	}
+	ix[k][p.selector[k]] = append(ix[k][p.selector[k]], p)
+}
+
+func (ix selIndex) collect(labels map[string]string, out []*compiledPolicy) []*compiledPolicy {
+	if len(ix) == 0 {
+		return out
+	}
+	for k, v := range labels {
+		for _, p := range ix[k][v] {
+			if selects(p.selector, labels) {
+				out = append(out, p)
+			}
+		}
+	}
+	return out
+}
+
+func selects(sel, labels map[string]string) bool {
+	for k, v := range sel {
+		if lv, ok := labels[k]; !ok || lv != v {
+			return false
+		}
+	}
+	return true
+}
+
+// nsPolicies is what one namespace holds.
+type nsPolicies struct {
+	wide     []*compiledPolicy
+	sel      selIndex
+	modeWide *compiledMode
+	modeSel  []*compiledMode // oldest first
+	base     *wlState        // for workloads no selector picks
+	// selective: some selector (here or in the root namespace) may pick a
+	// workload, so the per-workload cache is consulted.
+	selective bool
+}
+
+type wlKey struct{ ns, name, uid string }
+
+type cacheEntry struct {
+	labels map[string]string
+	state  *wlState
+}
+
+const maxCache = 1 << 16
+
+// snapshot is an immutable compiled policy set plus its lazily filled
+// per-workload cache.
+type snapshot struct {
+	root   string
+	rootNS *nsPolicies // also the state of namespaces without policies
+	byNS   map[string]*nsPolicies
+	all    []*compiledPolicy
+	rules  int
+
+	mu     sync.RWMutex
+	cache  map[wlKey]*cacheEntry
+	combos map[string]*view
+}
+
+func (s *snapshot) ns(name string) *nsPolicies {
+	if n, ok := s.byNS[name]; ok {
+		return n
+	}
+	return s.rootNS
+}
+
+// state finds the compiled state for a destination workload. The common
+// path (cache hit, or no selector in scope) takes a read lock at most and
+// allocates nothing.
+func (s *snapshot) state(w *tunnel.Workload) *wlState {
+	n := s.ns(w.Namespace)
+	if !n.selective {
+		return n.base
+	}
+	key := wlKey{w.Namespace, w.Name, w.UID}
+	s.mu.RLock()
+	e := s.cache[key]
+	s.mu.RUnlock()
+	if e != nil && maps.Equal(e.labels, w.Labels) {
+		return e.state
+	}
+	st := s.resolve(n, w)
+	s.mu.Lock()
+	if len(s.cache) >= maxCache {
+		clear(s.cache)
+	}
+	s.cache[key] = &cacheEntry{labels: maps.Clone(w.Labels), state: st}
+	s.mu.Unlock()
+	return st
+}
+
+func (s *snapshot) resolve(n *nsPolicies, w *tunnel.Workload) *wlState {
+	var picked []*compiledPolicy
+	if n != s.rootNS {
+		picked = s.rootNS.sel.collect(w.Labels, picked)
+	}
+	picked = n.sel.collect(w.Labels, picked)
+	st := &wlState{view: n.base.view, modes: n.base.modes}
+	for _, m := range n.modeSel {
+		if selects(m.selector, w.Labels) {
+			st.modes[0] = m
+			break
+		}
+	}
+	if n == s.rootNS && w.Namespace != s.root {
+		// A namespace without policies of its own: root-namespace
+		// selector modes are not mesh-wide (as with Istio).
+		st.modes[0] = nil
+	}
+	if len(picked) == 0 {
+		return st
+	}
+	slices.SortFunc(picked, func(a, b *compiledPolicy) int { return a.idx - b.idx })
+	var b strings.Builder
+	for _, p := range picked {
+		b.WriteString(strconv.Itoa(p.idx))
+		b.WriteByte(',')
+	}
+	combo := b.String()
+	s.mu.Lock()
+	v := s.combos[combo]
+	s.mu.Unlock()
+	if v == nil {
+		all := append(slices.Clone(s.rootNS.wide), picked...)
+		if n != s.rootNS {
+			all = append(all, n.wide...)
+		}
+		v = buildView(all)
+		s.mu.Lock()
+		if len(s.combos) >= maxCache {
+			clear(s.combos)
+		}
+		s.combos[combo] = v
+		s.mu.Unlock()
+	}
+	st.view = v
+	return st
+}
+
+// compile builds a snapshot from validated objects. Policies are ordered
+// oldest first (then by name) so ties resolve the same way everywhere.
+func compile(root string, pols []*compiledPolicy, modes []*compiledMode, modeNS []string) *snapshot {
+	s := &snapshot{
+		root:   root,
+		byNS:   map[string]*nsPolicies{},
+		cache:  map[wlKey]*cacheEntry{},
+		combos: map[string]*view{},
+		all:    pols,
+	}
+	s.rootNS = &nsPolicies{sel: selIndex{}}
+	get := func(ns string) *nsPolicies {
+		if ns == root {
+			return s.rootNS
+		}
+		n := s.byNS[ns]
+		if n == nil {
+			n = &nsPolicies{sel: selIndex{}}
+			s.byNS[ns] = n
+		}
+		return n
+	}
+	for i, p := range pols {
+		p.idx = i
+		s.rules += len(p.rules)
+		n := get(p.namespace)
+		if len(p.selector) == 0 {
+			n.wide = append(n.wide, p)
+		} else {
+			n.sel.add(p)
+		}
+	}
+	for i, m := range modes {
+		n := get(modeNS[i])
+		if len(m.selector) == 0 {
+			if n.modeWide == nil {
+				n.modeWide = m
+			}
+		} else {
+			n.modeSel = append(n.modeSel, m)
+		}
+	}
+	rootSel := len(s.rootNS.sel) > 0
+	s.rootNS.base = &wlState{view: buildView(s.rootNS.wide), modes: [3]*compiledMode{nil, nil, s.rootNS.modeWide}}
+	s.rootNS.selective = rootSel || len(s.rootNS.modeSel) > 0
+	for _, n := range s.byNS {
+		n.base = &wlState{
+			view:  buildView(append(slices.Clone(s.rootNS.wide), n.wide...)),
+			modes: [3]*compiledMode{nil, n.modeWide, s.rootNS.modeWide},
+		}
+		n.selective = rootSel || len(n.sel) > 0 || len(n.modeSel) > 0
+	}
+	return s
+}
+
+func policyKey(prefix, ns, name string) string {
+	return fmt.Sprintf("%s%s/%s", prefix, ns, name)
+}
+
+// byAge orders objects oldest first, then by namespace and name.
+func byAge[T any](list []T, meta func(T) (int64, string, string)) {
+	sort.SliceStable(list, func(i, j int) bool {
+		ti, nsi, ni := meta(list[i])
+		tj, nsj, nj := meta(list[j])
+		if ti != tj {
+			return ti < tj
+		}
+		if nsi != nsj {
+			return nsi < nsj
+		}
+		return ni < nj
+	})
+}
