@@ -65,9 +65,15 @@ func Call(ctx context.Context, socket string, req *Request, netns *os.File) (*Re
 	return DecodeResponse(buf[:n])
 }
 
+// ctxErr makes a deadline recognisable (errors.Is context.DeadlineExceeded)
+// whether the context or the socket deadline noticed it first.
 func ctxErr(ctx context.Context, err error) error {
 	if ctx.Err() != nil {
 		return fmt.Errorf("%w (%v)", ctx.Err(), err)
+	}
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		return fmt.Errorf("%w (%v)", context.DeadlineExceeded, err)
 	}
 	return err
 }
