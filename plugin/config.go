@@ -1,0 +1,176 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"slices"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/ambit-mesh/ambit/plugin/cniproto"
+	"github.com/ambit-mesh/ambit/plugin/redirect"
+	"github.com/containernetworking/cni/pkg/types"
+	"github.com/containernetworking/cni/pkg/version"
+)
+
+// Defaults of the conflist entry; plugin/README.md documents each.
+const (
+	defaultLogFile      = "/var/log/ambit/cni.log"
+	defaultAgentTimeout = 15 * time.Second
+)
+
+var defaultExcluded = []string{"kube-system"}
+
+// Agent-down policies.
+const (
+	policySnapshot   = "snapshot"
+	policyFailClosed = "fail-closed"
+)
+
+// rawConfig is the conflist entry as written; pointers tell "absent"
+// from "empty" where that matters.
+type rawConfig struct {
+	types.PluginConf
+	AgentSocket        *string   `json:"agentSocket,omitempty"`
+	ExcludedNamespaces *[]string `json:"excludedNamespaces,omitempty"`
+	AgentTimeout       *string   `json:"agentTimeout,omitempty"`
+	LogLevel           *string   `json:"logLevel,omitempty"`
+	LogFile            *string   `json:"logFile,omitempty"`
+	RuleBackend        *string   `json:"ruleBackend,omitempty"`
+	AgentDownPolicy    *string   `json:"agentDownPolicy,omitempty"`
+	SnapshotFile       *string   `json:"snapshotFile,omitempty"`
+}
+
+// Config is the validated configuration with defaults applied.
+type Config struct {
+	types.PluginConf
+	AgentSocket        string
+	ExcludedNamespaces []string
+	AgentTimeout       time.Duration
+	LogLevel           slog.Level
+	LogFile            string // "" = no file
+	RuleBackend        redirect.Backend
+	AgentDownPolicy    string
+	SnapshotFile       string
+	// Unknown lists top-level keys neither CNI nor we define; they are
+	// logged, not fatal, so a runtime adding a key never breaks pods.
+	Unknown []string
+}
+
+var knownKeys = map[string]bool{
+	// CNI spec and common runtime keys.
+	"cniVersion": true, "cniVersions": true, "name": true, "type": true, "capabilities": true, "ipam": true,
+	"dns": true, "prevResult": true, "runtimeConfig": true, "args": true, "cni.dev/valid-attachments": true,
+	"disableCheck": true, "disableGC": true,
+	// Ours.
+	"agentSocket": true, "excludedNamespaces": true, "agentTimeout": true, "logLevel": true, "logFile": true,
+	"ruleBackend": true, "agentDownPolicy": true, "snapshotFile": true,
+}
+
+func configError(field, format string, a ...any) error {
+	return types.NewError(types.ErrInvalidNetworkConfig, fmt.Sprintf("ambit-cni config: %s: %s", field, fmt.Sprintf(format, a...)), "")
+}
+
+// parseConfig decodes and validates stdin. Every error names the field.
+func parseConfig(stdin []byte) (*Config, error) {
+	var raw rawConfig
+	if err := json.Unmarshal(stdin, &raw); err != nil {
+		return nil, types.NewError(types.ErrDecodingFailure, "ambit-cni config is not valid JSON: "+decodeErrorField(err), "")
+	}
+	var keys map[string]json.RawMessage
+	_ = json.Unmarshal(stdin, &keys)
+	c := &Config{PluginConf: raw.PluginConf}
+	for k := range keys {
+		if !knownKeys[k] {
+			c.Unknown = append(c.Unknown, k)
+		}
+	}
+	sort.Strings(c.Unknown)
+
+	if c.CNIVersion == "" {
+		return nil, configError("cniVersion", "missing")
+	}
+	if raw.Type != "" && raw.Type != "ambit-cni" {
+		return nil, configError("type", "is %q, want \"ambit-cni\"", raw.Type)
+	}
+	c.AgentSocket = cniproto.DefaultSocket
+	if raw.AgentSocket != nil {
+		if !strings.HasPrefix(*raw.AgentSocket, "/") || len(*raw.AgentSocket) > 107 {
+			return nil, configError("agentSocket", "%q must be an absolute path of at most 107 bytes", *raw.AgentSocket)
+		}
+		c.AgentSocket = *raw.AgentSocket
+	}
+	c.ExcludedNamespaces = defaultExcluded
+	if raw.ExcludedNamespaces != nil {
+		c.ExcludedNamespaces = *raw.ExcludedNamespaces
+		for i, ns := range c.ExcludedNamespaces {
+			if ns == "" || len(ns) > 63 || strings.ContainsAny(ns, "/ \t\n\x00") {
+				return nil, configError(fmt.Sprintf("excludedNamespaces[%d]", i), "%q is not a namespace name", ns)
+			}
+		}
+	}
+	c.AgentTimeout = defaultAgentTimeout
+	if raw.AgentTimeout != nil {
+		d, err := time.ParseDuration(*raw.AgentTimeout)
+		if err != nil || d < 100*time.Millisecond || d > 5*time.Minute {
+			return nil, configError("agentTimeout", "%q must be a duration between 100ms and 5m (e.g. \"15s\")", *raw.AgentTimeout)
+		}
+		c.AgentTimeout = d
+	}
+	c.LogLevel = slog.LevelInfo
+	if raw.LogLevel != nil {
+		if err := c.LogLevel.UnmarshalText([]byte(*raw.LogLevel)); err != nil || !slices.Contains([]string{"debug", "info", "warn", "error"}, strings.ToLower(*raw.LogLevel)) {
+			return nil, configError("logLevel", "%q must be debug, info, warn or error", *raw.LogLevel)
+		}
+	}
+	c.LogFile = defaultLogFile
+	if raw.LogFile != nil {
+		if *raw.LogFile != "" && !strings.HasPrefix(*raw.LogFile, "/") {
+			return nil, configError("logFile", "%q must be an absolute path, or \"\" to log to stderr only", *raw.LogFile)
+		}
+		c.LogFile = *raw.LogFile
+	}
+	c.RuleBackend = redirect.Auto
+	if raw.RuleBackend != nil {
+		b, err := redirect.ParseBackend(*raw.RuleBackend)
+		if err != nil {
+			return nil, configError("ruleBackend", "%v", err)
+		}
+		c.RuleBackend = b
+	}
+	c.AgentDownPolicy = policySnapshot
+	if raw.AgentDownPolicy != nil {
+		switch *raw.AgentDownPolicy {
+		case policySnapshot, policyFailClosed:
+			c.AgentDownPolicy = *raw.AgentDownPolicy
+		default:
+			return nil, configError("agentDownPolicy", "%q must be \"snapshot\" or \"fail-closed\"", *raw.AgentDownPolicy)
+		}
+	}
+	c.SnapshotFile = cniproto.DefaultSnapshotPath
+	if raw.SnapshotFile != nil {
+		if !strings.HasPrefix(*raw.SnapshotFile, "/") {
+			return nil, configError("snapshotFile", "%q must be an absolute path", *raw.SnapshotFile)
+		}
+		c.SnapshotFile = *raw.SnapshotFile
+	}
+	if len(raw.RawPrevResult) > 0 {
+		if err := version.ParsePrevResult(&c.PluginConf); err != nil {
+			return nil, configError("prevResult", "cannot be parsed for cniVersion %s: %v", c.CNIVersion, err)
+		}
+	}
+	return c, nil
+}
+
+// decodeErrorField turns encoding/json's messages into one naming the
+// offending field where it can.
+func decodeErrorField(err error) string {
+	if te, ok := err.(*json.UnmarshalTypeError); ok && te.Field != "" {
+		return fmt.Sprintf("field %s: expected %s, got a JSON %s", te.Field, te.Type, te.Value)
+	}
+	return err.Error()
+}
+
+func (c *Config) excluded(ns string) bool { return slices.Contains(c.ExcludedNamespaces, ns) }

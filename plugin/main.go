@@ -1,0 +1,372 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"time"
+
+	"github.com/ambit-mesh/ambit/plugin/cniproto"
+	"github.com/ambit-mesh/ambit/plugin/redirect"
+	"github.com/containernetworking/cni/pkg/skel"
+	"github.com/containernetworking/cni/pkg/types"
+	current "github.com/containernetworking/cni/pkg/types/100"
+	"github.com/containernetworking/cni/pkg/version"
+	"github.com/containernetworking/plugins/pkg/ns"
+)
+
+// Plugin-specific CNI error codes (the spec reserves 0-99).
+const (
+	// errAgentRefused: the agent answered with a (non-retryable) error.
+	errAgentRefused uint = 100
+	// errAgentProtocol: the agent's answer was malformed or the exchange
+	// broke mid-way.
+	errAgentProtocol uint = 101
+	// errRedirect: installing the redirection failed.
+	errRedirect uint = 102
+	// errCheck: CHECK found the redirection missing or different.
+	errCheck uint = 103
+)
+
+var supported = version.PluginSupports("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
+
+func main() {
+	skel.PluginMainFuncs(skel.CNIFuncs{
+		Add:    cmdAdd,
+		Del:    cmdDel,
+		Check:  cmdCheck,
+		GC:     cmdGC,
+		Status: cmdStatus,
+	}, supported, "ambit-cni: enrolls pods into the Ambit ambient mesh")
+}
+
+// run wraps one command: config, logger, CNI_ARGS, and a log line with
+// the outcome and duration.
+type run struct {
+	cfg   *Config
+	log   *slog.Logger
+	pod   podArgs
+	args  *skel.CmdArgs
+	start time.Time
+}
+
+func begin(cmd string, args *skel.CmdArgs) (*run, func(*error), error) {
+	cfg, err := parseConfig(args.StdinData)
+	if err != nil {
+		slog.New(slog.NewTextHandler(os.Stderr, nil)).Error("rejecting config", "cmd", cmd, "err", err)
+		return nil, nil, err
+	}
+	log, closeLog := newLogger(cfg)
+	log = log.With("cmd", cmd, "containerID", args.ContainerID)
+	if len(cfg.Unknown) > 0 {
+		log.Warn("ignoring unknown config keys (typo?)", "keys", cfg.Unknown)
+	}
+	pod, err := parseCNIArgs(args.Args)
+	if err != nil {
+		log.Error("rejecting CNI_ARGS", "err", err)
+		closeLog()
+		return nil, nil, err
+	}
+	if pod.fromKubelet {
+		log = log.With("pod", pod.Namespace+"/"+pod.Name)
+	}
+	r := &run{cfg: cfg, log: log, pod: pod, args: args, start: time.Now()}
+	end := func(errp *error) {
+		if *errp != nil {
+			log.Error("failed", "err", *errp, "took", time.Since(r.start))
+		} else {
+			log.Debug("done", "took", time.Since(r.start))
+		}
+		closeLog()
+	}
+	return r, end, nil
+}
+
+func (r *run) request(op cniproto.Op) *cniproto.Request {
+	return &cniproto.Request{Version: cniproto.Version, Op: op, Pod: cniproto.Pod{
+		Namespace: r.pod.Namespace, Name: r.pod.Name, UID: r.pod.UID,
+		ContainerID: r.args.ContainerID, Netns: r.args.Netns, IfName: r.args.IfName,
+		IPs: prevIPs(r.cfg.PrevResult),
+	}}
+}
+
+func prevIPs(res types.Result) []netip.Prefix {
+	if res == nil {
+		return nil
+	}
+	cur, err := current.NewResultFromResult(res)
+	if err != nil {
+		return nil
+	}
+	var out []netip.Prefix
+	for _, ip := range cur.IPs {
+		a, ok := netip.AddrFromSlice(ip.Address.IP)
+		if !ok {
+			continue
+		}
+		ones, _ := ip.Address.Mask.Size()
+		out = append(out, netip.PrefixFrom(a.Unmap(), ones))
+		if len(out) == 16 {
+			break
+		}
+	}
+	return out
+}
+
+// call talks to the agent and maps transport failures to CNI errors;
+// unavailable is reported separately because policy decides what it
+// means.
+func (r *run) call(req *cniproto.Request, netns *os.File) (resp *cniproto.Response, unavailable error, err error) {
+	ctx, cancel := context.WithTimeout(context.Background(), r.cfg.AgentTimeout)
+	defer cancel()
+	resp, err = cniproto.Call(ctx, r.cfg.AgentSocket, req, netns)
+	switch {
+	case err == nil:
+		return resp, nil, nil
+	case errors.Is(err, cniproto.ErrAgentUnavailable):
+		return nil, err, nil
+	case errors.Is(err, context.DeadlineExceeded):
+		return nil, nil, types.NewError(types.ErrTryAgainLater,
+			fmt.Sprintf("ambit-agent did not answer within %s (agentTimeout); kubelet will retry", r.cfg.AgentTimeout), err.Error())
+	default:
+		return nil, nil, types.NewError(errAgentProtocol, "exchange with ambit-agent failed: "+err.Error(), "")
+	}
+}
+
+// agentError turns an agent's error answer into a CNI error.
+func agentError(resp *cniproto.Response) error {
+	code := errAgentRefused
+	if resp.Retryable {
+		code = types.ErrTryAgainLater
+	}
+	return types.NewError(code, "ambit-agent: "+resp.Error, "")
+}
+
+// agentDown decides what an unreachable agent means for this pod; nil
+// lets the pod proceed unenrolled.
+func (r *run) agentDown(cause error) error {
+	who := r.pod.Namespace + "/" + r.pod.Name
+	if r.cfg.AgentDownPolicy == policyFailClosed {
+		return types.NewError(types.ErrTryAgainLater,
+			fmt.Sprintf("ambit-agent is down and agentDownPolicy is fail-closed: pod %s waits for it (is the ambit-agent pod running on this node?)", who), cause.Error())
+	}
+	snap, err := cniproto.ReadSnapshot(r.cfg.SnapshotFile)
+	if err != nil {
+		return types.NewError(types.ErrTryAgainLater,
+			fmt.Sprintf("ambit-agent is down and its enrollment snapshot is unusable (%v): failing closed for pod %s until the agent is back", err, who), cause.Error())
+	}
+	switch v := snap.Verdict(r.pod.Namespace); v {
+	case cniproto.MayEnroll:
+		return types.NewError(types.ErrTryAgainLater,
+			fmt.Sprintf("ambit-agent is down and pod %s needs it: namespace %s is enrolled in the mesh (or has opted-in pods); kubelet will retry once the agent is back", who, r.pod.Namespace), cause.Error())
+	default:
+		r.log.Warn("ambit-agent is down; starting pod unenrolled, as the enrollment snapshot says its namespace is not in the mesh",
+			"verdict", v.String(), "snapshotGenerated", snap.Generated, "cause", cause.Error())
+		return nil
+	}
+}
+
+// openNetns opens the runtime's netns path once as a file (sent to the
+// agent) and once as ns.NetNS (for the rules); both name the same
+// namespace, and the second open checks that it is one.
+func openNetns(path string) (*os.File, ns.NetNS, error) {
+	if path == "" {
+		return nil, nil, types.NewError(types.ErrInvalidNetNS, "CNI_NETNS is empty", "")
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, nil, types.NewError(types.ErrInvalidNetNS, fmt.Sprintf("cannot open the pod netns %s: %v", path, err), "")
+	}
+	n, err := ns.GetNS(fmt.Sprintf("/proc/self/fd/%d", f.Fd()))
+	if err != nil {
+		f.Close()
+		return nil, nil, types.NewError(types.ErrInvalidNetNS, fmt.Sprintf("%s is not a network namespace: %v", path, err), "")
+	}
+	return f, n, nil
+}
+
+func (r *run) printPrev() error {
+	return types.PrintResult(r.cfg.PrevResult, r.cfg.CNIVersion)
+}
+
+func cmdAdd(args *skel.CmdArgs) (err error) {
+	r, end, err := begin("ADD", args)
+	if err != nil {
+		return err
+	}
+	defer end(&err)
+	if r.cfg.PrevResult == nil {
+		return types.NewError(types.ErrInvalidNetworkConfig, "ambit-cni must be chained after the primary CNI plugin: ADD came without prevResult", "")
+	}
+	if !r.pod.fromKubelet {
+		r.log.Info("no Kubernetes pod identity in CNI_ARGS; leaving the container unenrolled")
+		return r.printPrev()
+	}
+	if r.cfg.excluded(r.pod.Namespace) {
+		r.log.Debug("namespace excluded; not enrolled")
+		return r.printPrev()
+	}
+	f, netns, err := openNetns(args.Netns)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	defer netns.Close()
+
+	resp, unavailable, err := r.call(r.request(cniproto.OpAdd), f)
+	if err != nil {
+		return err
+	}
+	if unavailable != nil {
+		if err := r.agentDown(unavailable); err != nil {
+			return err
+		}
+		return r.printPrev()
+	}
+	if resp.Error != "" {
+		return agentError(resp)
+	}
+	if resp.Decision == cniproto.Skip {
+		r.log.Debug("agent: not enrolled")
+		return r.printPrev()
+	}
+	backend, err := redirect.Install(netns, r.cfg.RuleBackend, *resp.Redirect)
+	if err != nil {
+		// Install left nothing behind; the agent prepared for a pod
+		// that will not start this way, so tell it (best effort).
+		if _, _, derr := r.call(r.request(cniproto.OpDel), nil); derr != nil {
+			r.log.Warn("telling the agent about the failed enrollment", "err", derr)
+		}
+		return types.NewError(errRedirect, fmt.Sprintf("installing the redirection for pod %s/%s: %v", r.pod.Namespace, r.pod.Name, err), "")
+	}
+	r.log.Info("enrolled", "backend", backend, "took", time.Since(r.start))
+	return r.printPrev()
+}
+
+func cmdDel(args *skel.CmdArgs) (err error) {
+	r, end, err := begin("DEL", args)
+	if err != nil {
+		return err
+	}
+	defer end(&err)
+	if !r.pod.fromKubelet || r.cfg.excluded(r.pod.Namespace) {
+		return nil
+	}
+	// The runtime may already have removed the netns; then the rules
+	// went with it.
+	if args.Netns != "" {
+		if netns, err := ns.GetNS(args.Netns); err == nil {
+			uerr := redirect.Uninstall(netns)
+			netns.Close()
+			if uerr != nil {
+				return types.NewError(types.ErrIOFailure, uerr.Error(), "")
+			}
+		} else {
+			r.log.Debug("netns already gone", "netns", args.Netns, "err", err)
+		}
+	}
+	resp, unavailable, err := r.call(r.request(cniproto.OpDel), nil)
+	switch {
+	case unavailable != nil:
+		// The agent forgets pods that vanished while it was down when
+		// it reconciles on start; DEL must not wedge teardown.
+		r.log.Warn("ambit-agent unreachable; it will notice the pod is gone when it is back", "err", unavailable)
+		return nil
+	case err != nil:
+		r.log.Warn("ambit-agent did not confirm the delete", "err", err)
+		return nil
+	case resp.Error != "":
+		return agentError(resp)
+	}
+	return nil
+}
+
+func cmdCheck(args *skel.CmdArgs) (err error) {
+	r, end, err := begin("CHECK", args)
+	if err != nil {
+		return err
+	}
+	defer end(&err)
+	if r.cfg.PrevResult == nil {
+		return types.NewError(types.ErrInvalidNetworkConfig, "ambit-cni must be chained after the primary CNI plugin: CHECK came without prevResult", "")
+	}
+	if !r.pod.fromKubelet || r.cfg.excluded(r.pod.Namespace) {
+		return nil
+	}
+	f, netns, err := openNetns(args.Netns)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	defer netns.Close()
+	resp, unavailable, err := r.call(r.request(cniproto.OpCheck), f)
+	if err != nil {
+		return err
+	}
+	if unavailable != nil {
+		return r.agentDown(unavailable)
+	}
+	if resp.Error != "" {
+		return agentError(resp)
+	}
+	if resp.Decision == cniproto.Skip {
+		found, err := redirect.Installed(netns)
+		if err != nil {
+			return types.NewError(types.ErrIOFailure, err.Error(), "")
+		}
+		if len(found) > 0 {
+			return types.NewError(errCheck, fmt.Sprintf("pod %s/%s is not enrolled but its netns holds %v redirection rules", r.pod.Namespace, r.pod.Name, found), "")
+		}
+		return nil
+	}
+	if err := redirect.Verify(netns, *resp.Redirect); err != nil {
+		return types.NewError(errCheck, err.Error(), "")
+	}
+	return nil
+}
+
+func cmdGC(args *skel.CmdArgs) (err error) {
+	r, end, err := begin("GC", args)
+	if err != nil {
+		return err
+	}
+	defer end(&err)
+	req := &cniproto.Request{Version: cniproto.Version, Op: cniproto.OpGC}
+	for _, a := range r.cfg.ValidAttachments {
+		req.Valid = append(req.Valid, cniproto.Attachment{ContainerID: a.ContainerID, IfName: a.IfName})
+	}
+	resp, unavailable, err := r.call(req, nil)
+	switch {
+	case unavailable != nil:
+		r.log.Info("ambit-agent unreachable; nothing to collect until it is back", "err", unavailable)
+		return nil
+	case err != nil:
+		return err
+	case resp.Error != "":
+		return agentError(resp)
+	}
+	return nil
+}
+
+// cmdStatus reports whether ADD can be served. With the snapshot policy
+// it can, agent or not (pods that need the agent fail individually), so
+// an agent outage never marks the node's network not-ready. With
+// fail-closed, a missing agent socket makes the plugin unavailable.
+func cmdStatus(args *skel.CmdArgs) (err error) {
+	r, end, err := begin("STATUS", args)
+	if err != nil {
+		return err
+	}
+	defer end(&err)
+	if r.cfg.AgentDownPolicy != policyFailClosed {
+		return nil
+	}
+	st, err := os.Stat(r.cfg.AgentSocket)
+	if err != nil || st.Mode()&os.ModeSocket == 0 {
+		return types.NewError(types.ErrPluginNotAvailable, fmt.Sprintf("ambit-agent socket %s is missing and agentDownPolicy is fail-closed", r.cfg.AgentSocket), "")
+	}
+	return nil
+}
