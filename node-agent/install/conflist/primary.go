@@ -1,0 +1,135 @@
+package conflist
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+)
+
+// Extensions are the file name endings runtimes load from the CNI config
+// directory (libcni's ConfFiles as containerd and CRI-O call it).
+var Extensions = []string{".conf", ".conflist", ".json"}
+
+// ErrNoPrimary means the directory holds no valid configuration yet: the
+// primary CNI has not written its file.
+var ErrNoPrimary = errors.New("no valid CNI configuration in the directory yet")
+
+// Primary is the file the runtime uses.
+type Primary struct {
+	Path string
+	// IsList is false for a single-plugin .conf/.json that must be
+	// converted before chaining.
+	IsList bool
+	Data   []byte
+	Info   os.FileInfo
+}
+
+// Skipped is a candidate that sorted before the primary but is not valid,
+// so the runtime passes over it too (CRI-O) or fails on it (containerd).
+type Skipped struct {
+	Path   string
+	Reason error
+}
+
+// IsCandidate reports whether a file name is one a runtime would load.
+func IsCandidate(name string) bool {
+	if strings.HasPrefix(name, ".") && strings.Contains(name, ".ambit-tmp-") {
+		return false
+	}
+	ext := filepath.Ext(name)
+	for _, e := range Extensions {
+		if ext == e {
+			return true
+		}
+	}
+	return false
+}
+
+// Candidates lists, sorted, the files of dir a runtime would consider.
+func Candidates(dir string) ([]string, error) {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, e := range ents {
+		if e.IsDir() || !IsCandidate(e.Name()) {
+			continue
+		}
+		p := filepath.Join(dir, e.Name())
+		if e.Type()&os.ModeSymlink != 0 {
+			// libcni follows links; a link to a directory is skipped.
+			if fi, err := os.Stat(p); err != nil || fi.IsDir() {
+				continue
+			}
+		}
+		out = append(out, p)
+	}
+	sort.Strings(out)
+	return out, nil
+}
+
+// FindPrimary returns the lexically first valid configuration in dir, and
+// the invalid ones it passed over on the way.
+func FindPrimary(dir string) (*Primary, []Skipped, error) {
+	files, err := Candidates(dir)
+	if err != nil {
+		return nil, nil, fmt.Errorf("listing CNI config directory: %w", err)
+	}
+	var skipped []Skipped
+	for _, f := range files {
+		b, fi, err := ReadFile(f)
+		if err != nil {
+			if errors.Is(err, os.ErrNotExist) {
+				continue // removed while we looked
+			}
+			skipped = append(skipped, Skipped{f, err})
+			continue
+		}
+		isList := strings.HasSuffix(f, ".conflist")
+		if isList {
+			_, err = ParseList(b)
+		} else {
+			_, err = ParseConf(b)
+		}
+		if err != nil {
+			skipped = append(skipped, Skipped{f, err})
+			continue
+		}
+		return &Primary{Path: f, IsList: isList, Data: b, Info: fi}, skipped, nil
+	}
+	return nil, skipped, ErrNoPrimary
+}
+
+// ReadFile reads a configuration file of at most MaxSize bytes.
+func ReadFile(path string) ([]byte, os.FileInfo, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, nil, err
+	}
+	if !fi.Mode().IsRegular() {
+		return nil, nil, fmt.Errorf("%s is not a regular file", path)
+	}
+	b, err := io.ReadAll(io.LimitReader(f, MaxSize+1))
+	if err != nil {
+		return nil, nil, err
+	}
+	if len(b) > MaxSize {
+		return nil, nil, fmt.Errorf("%s is larger than %d bytes", path, MaxSize)
+	}
+	return b, fi, nil
+}
+
+// ListName returns the .conflist name a converted .conf/.json gets.
+func ListName(confPath string) string {
+	return strings.TrimSuffix(confPath, filepath.Ext(confPath)) + ".conflist"
+}
