@@ -69,7 +69,7 @@ type Config struct {
 	Socket string `json:"socket,omitempty"`
 	// SnapshotFile is where the enrollment snapshot for the plugin is
 	// written (read by ambit-cni when the agent is down). Default
-	// <StateDir>/snapshot.json.
+	// <StateDir>/enrollment-snapshot.json, where the plugin looks.
 	SnapshotFile string `json:"snapshotFile,omitempty"`
 	// HealthAddr serves /healthz, /readyz and /metrics ("" disables).
 	HealthAddr string `json:"healthAddr,omitempty"`
@@ -83,6 +83,10 @@ type Config struct {
 	ExcludedNamespaces []string `json:"excludedNamespaces,omitempty"`
 	// TrustDomain of workload identities.
 	TrustDomain string `json:"trustDomain,omitempty"`
+	// RedirectBackend is the rule engine the agent uses when it installs
+	// redirection itself (live enrollment, repair): auto, nftables,
+	// iptables, iptables-legacy or iptables-nft.
+	RedirectBackend string `json:"redirectBackend,omitempty"`
 	// IPv6 is "auto" (rules for IPv6 when the pod has an IPv6 address),
 	// "on" or "off".
 	IPv6 string `json:"ipv6,omitempty"`
@@ -119,6 +123,7 @@ func Default() Config {
 		ExcludedNamespaces:    []string{"kube-system"},
 		TrustDomain:           "cluster.local",
 		IPv6:                  "auto",
+		RedirectBackend:       "auto",
 		MaxConcurrentRequests: 64,
 		RequestTimeout:        Duration{Duration: 8 * time.Second},
 		DrainTimeout:          Duration{Duration: 30 * time.Second},
@@ -172,7 +177,7 @@ func (c *Config) finish() error {
 		}
 	}
 	if c.SnapshotFile == "" && c.StateDir != "" {
-		c.SnapshotFile = filepath.Join(c.StateDir, "snapshot.json")
+		c.SnapshotFile = filepath.Join(c.StateDir, "enrollment-snapshot.json")
 	}
 	return c.Validate()
 }
@@ -214,6 +219,11 @@ func (c *Config) Validate() error {
 	}
 	if c.TrustDomain == "" || strings.ContainsAny(c.TrustDomain, "/:@ ") {
 		return fmt.Errorf("trustDomain: %q must be a non-empty DNS-like name", c.TrustDomain)
+	}
+	switch c.RedirectBackend {
+	case "auto", "nftables", "iptables", "iptables-legacy", "iptables-nft":
+	default:
+		return fmt.Errorf("redirectBackend: %q is not auto, nftables, iptables, iptables-legacy or iptables-nft", c.RedirectBackend)
 	}
 	switch c.IPv6 {
 	case "auto", "on", "off":

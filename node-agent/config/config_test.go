@@ -25,7 +25,7 @@ func TestLoadDefaults(t *testing.T) {
 	if c.Socket != "/var/run/ambit/cni.sock" || c.EnrollLabel != DefaultEnrollLabel || c.Source != SourceKubernetes {
 		t.Fatalf("defaults not applied: %+v", c)
 	}
-	if c.SnapshotFile != "/var/run/ambit/snapshot.json" {
+	if c.SnapshotFile != "/var/run/ambit/enrollment-snapshot.json" {
 		t.Fatalf("snapshotFile = %q", c.SnapshotFile)
 	}
 	if len(c.ExcludedNamespaces) != 1 || c.ExcludedNamespaces[0] != "kube-system" {
@@ -47,7 +47,7 @@ func TestLoadYAMLAndJSON(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c.NodeName != "n2" || c.RequestTimeout.Duration != 2*time.Second || c.SnapshotFile != "/tmp/x/snapshot.json" {
+	if c.NodeName != "n2" || c.RequestTimeout.Duration != 2*time.Second || c.SnapshotFile != "/tmp/x/enrollment-snapshot.json" {
 		t.Fatalf("json not applied: %+v", c)
 	}
 }
@@ -61,6 +61,7 @@ func TestErrorsNameTheField(t *testing.T) {
 		"nodeName: n\nenrollLabel: 'bad key!'\n":          "enrollLabel",
 		"nodeName: n\nexcludedNamespaces: [ok, Bad_NS]\n": "excludedNamespaces[1]",
 		"nodeName: n\nipv6: maybe\n":                      "ipv6",
+		"nodeName: n\nredirectBackend: pf\n":              "redirectBackend",
 		"nodeName: n\nrequestTimeout: 1ms\n":              "requestTimeout",
 		"nodeName: n\ndrainTimeout: soon\n":               "drainTimeout",
 		"nodeName: n\nmaxConcurrentRequests: 0\n":         "maxConcurrentRequests",

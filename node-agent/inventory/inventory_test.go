@@ -229,3 +229,23 @@ func FuzzParse(f *testing.F) {
 		Parse(b)
 	})
 }
+
+func TestSnapshotLists(t *testing.T) {
+	s, _ := load(t, sample+`  - namespace: apps
+    name: unused
+    selector: {app: nothing}
+    vips: [10.96.0.11]
+    ports: [{port: 80}]
+`)
+	if got := s.AmbientNamespaces(); len(got) != 1 || got[0] != "apps" {
+		t.Fatalf("ambient = %v", got)
+	}
+	s2, _ := load(t, `namespaces: [{name: legacy}, {name: other}]
+workloads:
+  - {namespace: legacy, name: x, labels: {ambit.dev/dataplane-mode: ambient}, node: elsewhere}
+  - {namespace: other, name: y}
+`)
+	if got := s2.OptInNamespaces(); len(got) != 1 || got[0] != "legacy" {
+		t.Fatalf("opt-in = %v", got)
+	}
+}

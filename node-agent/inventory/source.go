@@ -28,6 +28,9 @@ type Options struct {
 	NodeName string
 	// TrustDomain for identities when the file does not set one.
 	TrustDomain string
+	// EnrollLabel is the enrollment label key (for the snapshot lists);
+	// default ambit.dev/dataplane-mode.
+	EnrollLabel string
 	// Meshed tells whether a workload is enrolled (for the directory's
 	// Workload.Meshed); nil means none is.
 	Meshed func(cluster.Pod, *cluster.Namespace) bool
@@ -70,6 +73,9 @@ func Load(opts Options) (*Source, error) {
 	}
 	if opts.TrustDomain == "" {
 		opts.TrustDomain = "cluster.local"
+	}
+	if opts.EnrollLabel == "" {
+		opts.EnrollLabel = "ambit.dev/dataplane-mode"
 	}
 	s := &Source{opts: opts, log: opts.Logger.With("source", "inventory"), learned: map[string]learned{}, synced: make(chan struct{})}
 	f, err := readFile(opts.Path)
@@ -535,4 +541,37 @@ func (s *Source) WorkloadByIP(ip netip.Addr) (tunnel.Workload, bool) {
 func (s *Source) ServiceEndpoints(vip netip.AddrPort) ([]netip.AddrPort, bool) {
 	eps, ok := s.current().svc[netip.AddrPortFrom(vip.Addr().Unmap(), vip.Port())]
 	return slices.Clone(eps), ok
+}
+
+// AmbientNamespaces lists, sorted, the namespaces whose own label enrolls
+// their pods (for the enrollment snapshot).
+func (s *Source) AmbientNamespaces() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []string
+	for _, n := range sortedKeys(s.file.Namespaces) {
+		if s.file.Namespaces[n][s.opts.EnrollLabel] == "ambient" {
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
+// OptInNamespaces lists, sorted, the namespaces holding a workload (on any
+// node) that opts in by its own label: a new pod there may be enrolled.
+func (s *Source) OptInNamespaces() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	set := map[string]bool{}
+	for _, w := range s.file.Workloads {
+		if !w.HostNetwork && w.Labels[s.opts.EnrollLabel] == "ambient" {
+			set[w.Namespace] = true
+		}
+	}
+	out := make([]string, 0, len(set))
+	for n := range set {
+		out = append(out, n)
+	}
+	slices.Sort(out)
+	return out
 }

@@ -1,0 +1,151 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/ambit-mesh/ambit/node-agent/cluster"
+	"github.com/ambit-mesh/ambit/node-agent/state"
+)
+
+// adopt re-adopts every pod recorded by a previous agent: finds its netns
+// (recorded path verified by inode and pod IP, else the /proc scan), opens
+// its listeners beside the old agent's (SO_REUSEPORT), and verifies and
+// repairs its rules. Records of pods that are gone are dropped. It returns
+// the number of enrolled pods adopted.
+func (a *Agent) adopt(ctx context.Context) int {
+	recs, errs := a.store.List()
+	for _, err := range errs {
+		a.log.Warn("pod record unreadable", "err", err)
+	}
+	var n atomic.Int64
+	var scan lazyScan
+	sem := make(chan struct{}, a.cfg.AdoptConcurrency)
+	var wg sync.WaitGroup
+	for _, rec := range recs {
+		if ctx.Err() != nil {
+			break
+		}
+		sem <- struct{}{}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			if a.adoptOne(ctx, rec, &scan) {
+				n.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	return int(n.Load())
+}
+
+func (a *Agent) adoptOne(ctx context.Context, rec state.Pod, scan *lazyScan) bool {
+	start := time.Now()
+	unlock := a.lock(rec.Namespace, rec.Name)
+	defer unlock()
+	podName := rec.Namespace + "/" + rec.Name
+	f, rec, err := a.locate(rec, rec.IPs, rec.UID, scan)
+	if err != nil {
+		if errors.Is(err, errNotRunning) {
+			a.log.Info("recorded pod is gone, forgetting it", "pod", podName, "err", err)
+			a.store.Delete(rec.ContainerID)
+			return false
+		}
+		a.log.Warn("recorded pod's netns not found; keeping the record for the next pass", "pod", podName, "err", err)
+		return false
+	}
+	if l, ok := a.view.(Learner); ok && len(rec.IPs) > 0 {
+		l.Learn(rec.Namespace, rec.Name, rec.UID, rec.IPs)
+	}
+	p := &pod{rec: rec}
+	a.register(p)
+	if !rec.Enrolled {
+		f.Close()
+		a.store.Put(rec) // netns path may have been refreshed by the scan
+		return false
+	}
+	cctx, cancel := context.WithTimeout(ctx, a.cfg.RequestTimeout.Duration)
+	defer cancel()
+	cp, found, err := a.view.Pod(cctx, rec.Namespace, rec.Name)
+	if err != nil || !found {
+		// Keep serving what was enrolled until the API or a DEL says
+		// otherwise: failing closed beats dropping a pod's listeners.
+		cp = cluster.Pod{Namespace: rec.Namespace, Name: rec.Name, UID: rec.UID, ServiceAccount: saOf(rec.Identity), IPs: rec.IPs, NodeName: a.cfg.NodeName}
+	} else {
+		var nsp *cluster.Namespace
+		if n, ok := a.view.Namespace(rec.Namespace); ok {
+			nsp = &n
+		}
+		if d := a.policy.Decide(cp, nsp); !d.Enroll {
+			// Unlabelled while no agent ran.
+			p.netns = f
+			if err := a.rules.Uninstall(f); err != nil {
+				a.log.Warn("removing redirection of a pod unenrolled while the agent was away", "pod", podName, "err", err)
+			}
+			p.netns = nil
+			f.Close()
+			p.rec.Enrolled, p.rec.Backend = false, ""
+			a.store.Put(p.rec)
+			a.setStatus(cp, "", "", "")
+			a.log.Info("pod unenrolled while the agent was away", "pod", podName, "reason", d.Reason)
+			return false
+		}
+		if cp.UID == "" {
+			cp.UID = rec.UID
+		}
+		if len(cp.IPs) == 0 {
+			cp.IPs = rec.IPs
+		}
+	}
+	spec := a.spec
+	spec.IPv4, spec.IPv6 = rec.IPv4, rec.IPv6
+	if !spec.IPv4 && !spec.IPv6 {
+		spec = a.specFor(rec.IPs, f)
+	}
+	p.spec = spec
+	wl := a.workload(cp)
+	if wl.Identity != rec.Identity && rec.Identity != "" && cp.ServiceAccount == "" {
+		wl.Identity = rec.Identity
+	}
+	if a.certs != nil {
+		if err := a.certs.Prefetch(cctx, wl.Identity); err != nil {
+			a.log.Warn("certificate prefetch at adoption", "pod", podName, "err", err)
+		}
+	}
+	p.rec.Identity = wl.Identity
+	if err := a.serve(p, f, wl); err != nil {
+		f.Close()
+		a.m.failures.WithLabelValues(reasonOf(err)).Inc()
+		a.setStatus(cp, "failed", "AdoptionFailed", err.Error())
+		a.log.Error("re-adopting pod failed; its connections are refused until it is fixed", "pod", podName, "err", err)
+		return false
+	}
+	if err := a.rules.Verify(p.netns, spec); err != nil {
+		a.log.Warn("redirection differs from what it should be, repairing", "pod", podName, "problem", err)
+		backend, ierr := a.rules.Install(p.netns, spec)
+		if ierr != nil {
+			a.m.failures.WithLabelValues("redirect").Inc()
+			a.log.Error("repairing redirection failed", "pod", podName, "err", ierr)
+		} else {
+			a.m.repairs.Inc()
+			p.rec.Backend = backend
+		}
+	}
+	a.store.Put(p.rec)
+	a.m.adopted.Inc()
+	a.m.latency.WithLabelValues("adopt").Observe(time.Since(start).Seconds())
+	return true
+}
+
+// saOf extracts the service account from spiffe://td/ns/N/sa/S.
+func saOf(identity string) string {
+	if i := strings.LastIndex(identity, "/sa/"); i >= 0 {
+		return identity[i+4:]
+	}
+	return "default"
+}

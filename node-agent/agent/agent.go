@@ -1,0 +1,436 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/ambit-mesh/ambit/node-agent/cluster"
+	"github.com/ambit-mesh/ambit/node-agent/config"
+	"github.com/ambit-mesh/ambit/node-agent/enrollment"
+	"github.com/ambit-mesh/ambit/node-agent/health"
+	"github.com/ambit-mesh/ambit/node-agent/netnsfind"
+	"github.com/ambit-mesh/ambit/node-agent/state"
+	"github.com/ambit-mesh/ambit/plugin/cniproto"
+	"github.com/ambit-mesh/ambit/plugin/redirect"
+	"github.com/ambit-mesh/ambit/tunnel"
+	"github.com/ambit-mesh/ambit/tunnel/podnet"
+)
+
+// Options wire an Agent.
+type Options struct {
+	Config config.Config
+	View   cluster.View
+	// Status reports enrollment on the pod (annotation, events); nil = none.
+	Status cluster.StatusWriter
+	Tunnel Tunnel
+	// Rules installs redirection when the agent does it itself; default
+	// Rules{Backend: Config.RedirectBackend}.
+	Rules Redirector
+	// Certs prefetches certificates; nil = none.
+	Certs Prefetcher
+	// Spec is the base redirection; default redirect.DefaultSpec().
+	Spec       *redirect.Spec
+	Registerer prometheus.Registerer
+	// Health, if set, is marked ready once the agent adopted its pods.
+	Health *health.Server
+	Logger *slog.Logger
+}
+
+// Agent is the running node agent.
+type Agent struct {
+	cfg    config.Config
+	view   cluster.View
+	status cluster.StatusWriter
+	tun    Tunnel
+	rules  Redirector
+	certs  Prefetcher
+	spec   redirect.Spec
+	policy enrollment.Policy
+	store  *state.Store
+	m      *metrics
+	health *health.Server
+	log    *slog.Logger
+	static bool
+
+	locks [256]sync.Mutex // per namespace/name, striped
+
+	mu     sync.Mutex
+	byCID  map[string]*pod // container ID → pod
+	byName map[string]*pod // namespace/name → the latest sandbox
+	idUse  map[string]int  // identity → enrolled pods using it
+
+	closing sync.WaitGroup // drains in flight
+	queue   *queue
+	statusQ chan statusUpdate
+	ready   chan struct{}
+}
+
+// pod is one sandbox the agent knows about.
+type pod struct {
+	rec   state.Pod
+	spec  redirect.Spec
+	netns *os.File // held while enrolled
+	net   *podnet.Net
+	serve Serving
+}
+
+func (p *pod) enrolled() bool { return p.serve != nil }
+
+type statusUpdate struct {
+	pod    cluster.Pod
+	state  string
+	reason string
+	msg    string
+}
+
+// New checks the options and opens the state directory.
+func New(o Options) (*Agent, error) {
+	if o.View == nil || o.Tunnel == nil {
+		return nil, errors.New("agent: View and Tunnel are required")
+	}
+	if err := o.Config.Validate(); err != nil {
+		return nil, fmt.Errorf("agent: config: %w", err)
+	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	if o.Rules == nil {
+		b, err := redirect.ParseBackend(o.Config.RedirectBackend)
+		if err != nil {
+			return nil, err
+		}
+		o.Rules = Rules{Backend: b}
+	}
+	spec := redirect.DefaultSpec()
+	if o.Spec != nil {
+		spec = *o.Spec
+	}
+	if err := spec.Validate(); err != nil {
+		return nil, fmt.Errorf("agent: %w", err)
+	}
+	st, err := state.Open(o.Config.StateDir)
+	if err != nil {
+		return nil, err
+	}
+	a := &Agent{
+		cfg: o.Config, view: o.View, status: o.Status, tun: o.Tunnel, rules: o.Rules, certs: o.Certs,
+		spec:   spec,
+		policy: enrollment.NewPolicy(o.Config.EnrollLabel, o.Config.ExcludedNamespaces),
+		store:  st, m: newMetrics(o.Registerer), health: o.Health, log: o.Logger,
+		byCID: map[string]*pod{}, byName: map[string]*pod{}, idUse: map[string]int{},
+		queue: newQueue(), statusQ: make(chan statusUpdate, 4096), ready: make(chan struct{}),
+	}
+	if sv, ok := o.View.(staticView); ok && sv.Static() {
+		a.static = true
+	}
+	return a, nil
+}
+
+// Policy is the enrollment policy in force (for the view's Meshed hook).
+func (a *Agent) Policy() enrollment.Policy { return a.policy }
+
+// InventoryReloaded counts a rejected inventory reload (wire it to the
+// inventory's OnReload).
+func (a *Agent) InventoryReloaded(err error) {
+	if err != nil {
+		a.m.reloadErrors.Inc()
+		return
+	}
+	a.writeSnapshot()
+}
+
+// Ready is closed once the agent adopted its pods and serves the plugin.
+func (a *Agent) Ready() <-chan struct{} { return a.ready }
+
+// Run starts everything and blocks until ctx ends; then it stops serving
+// the plugin, closes every pod's listeners and drains established
+// connections up to drainTimeout, leaving rules and records in place for
+// the next agent.
+func (a *Agent) Run(ctx context.Context) error {
+	l, err := cniproto.Listen(a.cfg.Socket)
+	if err != nil {
+		return err
+	}
+	return a.RunListener(ctx, l)
+}
+
+// RunListener is Run on an already open plugin socket.
+func (a *Agent) RunListener(ctx context.Context, l *net.UnixListener) error {
+	defer l.Close()
+	if err := a.view.WaitSynced(ctx); err != nil {
+		return fmt.Errorf("agent: waiting for the cluster view: %w", err)
+	}
+	a.view.Subscribe(a.onEvent)
+
+	var wg sync.WaitGroup
+	srvCtx, stopSrv := context.WithCancel(context.Background())
+	defer stopSrv()
+	srv := &cniproto.Server{
+		Handler:       a.handle,
+		Timeout:       a.cfg.RequestTimeout.Duration,
+		MaxConcurrent: a.cfg.MaxConcurrentRequests,
+		OnError: func(err error) {
+			a.m.requests.WithLabelValues("unknown", "malformed").Inc()
+			a.log.Warn("plugin exchange failed", "err", err)
+		},
+	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		if err := srv.Serve(srvCtx, l); err != nil {
+			a.log.Error("plugin server stopped", "err", err)
+		}
+	}()
+	statusCtx, stopStatus := context.WithCancel(context.Background())
+	defer stopStatus()
+	wg.Add(1)
+	go func() { defer wg.Done(); a.statusLoop(statusCtx) }()
+
+	start := time.Now()
+	n := a.adopt(ctx)
+	a.m.adoptSeconds.Set(time.Since(start).Seconds())
+	a.writeSnapshot()
+	a.log.Info("agent ready", "adopted", n, "took", time.Since(start).Round(time.Millisecond), "socket", a.cfg.Socket)
+	close(a.ready)
+	if a.health != nil {
+		a.health.SetReady()
+	}
+	// Pods that should be enrolled but have no record (state lost, pods
+	// labelled while no agent ran) are found by a full reconcile.
+	a.queue.add(key{kind: keyAll})
+
+	wg.Add(1)
+	go func() { defer wg.Done(); a.reconcileLoop(ctx) }()
+	<-ctx.Done()
+
+	a.log.Info("agent stopping: closing listeners, draining connections", "drainTimeout", a.cfg.DrainTimeout.Duration)
+	if a.health != nil {
+		a.health.SetNotReady("stopping")
+	}
+	stopSrv()
+	a.queue.close()
+	wg.Wait()
+	a.shutdown()
+	stopStatus()
+	return nil
+}
+
+// shutdown closes every pod's listeners at once and drains, keeping rules
+// and records: the next agent re-adopts them.
+func (a *Agent) shutdown() {
+	a.mu.Lock()
+	pods := make([]*pod, 0, len(a.byCID))
+	for _, p := range a.byCID {
+		pods = append(pods, p)
+	}
+	a.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), a.cfg.DrainTimeout.Duration)
+	defer cancel()
+	var wg sync.WaitGroup
+	for _, p := range pods {
+		if !p.enrolled() {
+			continue
+		}
+		wg.Add(1)
+		go func() { defer wg.Done(); a.release(ctx, p) }()
+	}
+	wg.Wait()
+	a.closing.Wait()
+}
+
+func (a *Agent) lock(namespace, name string) func() {
+	h := fnv.New32a()
+	h.Write([]byte(namespace))
+	h.Write([]byte{'/'})
+	h.Write([]byte(name))
+	m := &a.locks[h.Sum32()%uint32(len(a.locks))]
+	m.Lock()
+	return m.Unlock
+}
+
+func (a *Agent) identity(p cluster.Pod) string {
+	return fmt.Sprintf("spiffe://%s/ns/%s/sa/%s", a.cfg.TrustDomain, p.Namespace, p.ServiceAccount)
+}
+
+// specFor decides the address families of a pod's redirection: the
+// families of its addresses (from the ADD, else found in the netns), both
+// when nothing is known; config ipv6 on/off forces IPv6.
+func (a *Agent) specFor(ips []netip.Addr, netns *os.File) redirect.Spec {
+	s := a.spec
+	if len(ips) == 0 && netns != nil {
+		ips, _ = netnsfind.Addrs(netns)
+	}
+	var v4, v6 bool
+	for _, ip := range ips {
+		if ip.Unmap().Is4() {
+			v4 = true
+		} else {
+			v6 = true
+		}
+	}
+	if !v4 && !v6 {
+		v4, v6 = true, true
+	}
+	switch a.cfg.IPv6 {
+	case "on":
+		v6 = true
+	case "off":
+		v6 = false
+		v4 = true
+	}
+	s.IPv4, s.IPv6 = v4, v6
+	return s
+}
+
+// serve opens the listeners in the pod's netns and starts the tunnel for
+// it; on error nothing is left open. The netns file stays the caller's
+// until success, when p owns it.
+func (a *Agent) serve(p *pod, f *os.File, wl tunnel.Workload) error {
+	n, err := podnet.Open(f, podnet.WithMark(a.spec.Mark))
+	if err != nil {
+		return &failure{"netns", err}
+	}
+	// Queued connections move to the new agent's listener when the old
+	// one closes (hand-over) instead of being reset.
+	if err := setMigrateReq(f); err != nil {
+		a.log.Debug("tcp_migrate_req not set", "pod", wl.Namespace+"/"+wl.Name, "err", err)
+	}
+	var lns []net.Listener
+	closeAll := func() {
+		for _, l := range lns {
+			l.Close()
+		}
+		n.Close()
+	}
+	for _, port := range []uint16{a.spec.OutboundPort, a.spec.InboundPort, a.spec.HBONEPort} {
+		l, err := n.Listen(port, podnet.ListenOptions{})
+		if err != nil {
+			closeAll()
+			return &failure{"listen", err}
+		}
+		lns = append(lns, l)
+	}
+	s, err := a.tun.Serve(tunnel.Pod{Workload: wl, Outbound: lns[0], Inbound: lns[1], HBONE: lns[2], Net: n})
+	if err != nil {
+		closeAll()
+		return &failure{"tunnel", err}
+	}
+	p.netns, p.net, p.serve = f, n, s
+	a.mu.Lock()
+	a.idUse[wl.Identity]++
+	a.mu.Unlock()
+	a.m.enrolled.Inc()
+	return nil
+}
+
+// release stops serving p: listeners closed, established connections
+// drained until ctx ends. Rules are not touched.
+func (a *Agent) release(ctx context.Context, p *pod) {
+	if !p.enrolled() {
+		return
+	}
+	s, n, f := p.serve, p.net, p.netns
+	p.serve, p.net, p.netns = nil, nil, nil
+	a.m.enrolled.Dec()
+	a.mu.Lock()
+	a.idUse[p.rec.Identity]--
+	unused := a.idUse[p.rec.Identity] <= 0
+	if unused {
+		delete(a.idUse, p.rec.Identity)
+	}
+	a.mu.Unlock()
+	if err := s.Close(ctx); err != nil && !errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, context.Canceled) {
+		a.log.Warn("closing pod listeners", "pod", p.rec.Namespace+"/"+p.rec.Name, "err", err)
+	}
+	n.Close()
+	f.Close()
+	if unused && a.certs != nil {
+		a.certs.Forget(p.rec.Identity)
+	}
+}
+
+// releaseAsync drains in the background (DEL, unenroll): the caller need
+// not wait for long-lived connections.
+func (a *Agent) releaseAsync(p *pod) {
+	if !p.enrolled() {
+		return
+	}
+	// Detach now so a new sandbox or a re-enroll does not see it.
+	cp := &pod{rec: p.rec, netns: p.netns, net: p.net, serve: p.serve}
+	p.serve, p.net, p.netns = nil, nil, nil
+	a.closing.Add(1)
+	go func() {
+		defer a.closing.Done()
+		ctx, cancel := context.WithTimeout(context.Background(), a.cfg.DrainTimeout.Duration)
+		defer cancel()
+		a.release(ctx, cp)
+	}()
+}
+
+func (a *Agent) workload(cp cluster.Pod) tunnel.Workload {
+	return tunnel.Workload{
+		UID: cp.UID, Namespace: cp.Namespace, Name: cp.Name, ServiceAccount: cp.ServiceAccount,
+		Labels: cp.Labels, IPs: slices.Clone(cp.IPs), Identity: a.identity(cp), Meshed: true,
+	}
+}
+
+// failure is an enrollment error with a metric reason.
+type failure struct {
+	reason string
+	err    error
+}
+
+func (f *failure) Error() string { return f.reason + ": " + f.err.Error() }
+func (f *failure) Unwrap() error { return f.err }
+
+func reasonOf(err error) string {
+	var f *failure
+	if errors.As(err, &f) {
+		return f.reason
+	}
+	return "other"
+}
+
+// setStatus queues an annotation update; the queue is bounded and the
+// writer slow (an API call), so updates never hold up the plugin.
+func (a *Agent) setStatus(cp cluster.Pod, st, reason, msg string) {
+	if a.status == nil {
+		return
+	}
+	select {
+	case a.statusQ <- statusUpdate{pod: cp, state: st, reason: reason, msg: msg}:
+	default:
+		a.m.statusDropped.Inc()
+	}
+}
+
+func (a *Agent) statusLoop(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case u := <-a.statusQ:
+			c, cancel := context.WithTimeout(ctx, 5*time.Second)
+			if u.state != "-" {
+				if err := a.status.SetRedirection(c, u.pod, u.state); err != nil {
+					a.log.Debug("setting redirection status", "pod", u.pod.Namespace+"/"+u.pod.Name, "err", err)
+				}
+			}
+			if u.reason != "" {
+				a.status.Warn(c, u.pod, u.reason, u.msg)
+			}
+			cancel()
+		}
+	}
+}

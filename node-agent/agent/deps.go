@@ -1,0 +1,108 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"os"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+
+	"github.com/ambit-mesh/ambit/plugin/redirect"
+	"github.com/ambit-mesh/ambit/tunnel"
+)
+
+// Tunnel serves enrolled pods; *tunnel.Proxy through ProxyTunnel.
+type Tunnel interface {
+	Serve(pod tunnel.Pod) (Serving, error)
+}
+
+// Serving is one pod being served.
+type Serving interface {
+	// Close stops accepting and drains established connections until
+	// ctx ends.
+	Close(ctx context.Context) error
+}
+
+// ProxyTunnel adapts *tunnel.Proxy to Tunnel.
+type ProxyTunnel struct{ Proxy *tunnel.Proxy }
+
+// Serve implements Tunnel.
+func (t ProxyTunnel) Serve(pod tunnel.Pod) (Serving, error) {
+	s, err := t.Proxy.Serve(pod)
+	if err != nil {
+		return nil, err
+	}
+	if s == nil {
+		return nil, fmt.Errorf("tunnel returned no serving handle")
+	}
+	return s, nil
+}
+
+// Redirector installs, verifies and removes in-pod redirection when the
+// agent does it itself (live enrollment, repair after restart). At ADD
+// the plugin installs the rules.
+type Redirector interface {
+	Install(netns *os.File, spec redirect.Spec) (backend string, err error)
+	Verify(netns *os.File, spec redirect.Spec) error
+	Uninstall(netns *os.File) error
+}
+
+// Rules is the Redirector backed by plugin/redirect.
+type Rules struct{ Backend redirect.Backend }
+
+func withNS(f *os.File, fn func(ns.NetNS) error) error {
+	n, err := ns.GetNS(fmt.Sprintf("/proc/self/fd/%d", f.Fd()))
+	if err != nil {
+		return err
+	}
+	defer n.Close()
+	return fn(n)
+}
+
+// Install implements Redirector.
+func (r Rules) Install(f *os.File, spec redirect.Spec) (string, error) {
+	var used redirect.Backend
+	err := withNS(f, func(n ns.NetNS) error {
+		b, err := redirect.Install(n, r.Backend, spec)
+		used = b
+		return err
+	})
+	return string(used), err
+}
+
+// Verify implements Redirector.
+func (r Rules) Verify(f *os.File, spec redirect.Spec) error {
+	return withNS(f, func(n ns.NetNS) error { return redirect.Verify(n, spec) })
+}
+
+// Uninstall implements Redirector.
+func (r Rules) Uninstall(f *os.File) error {
+	return withNS(f, func(n ns.NetNS) error { return redirect.Uninstall(n) })
+}
+
+// Prefetcher warms a workload certificate before the pod starts, so the
+// first connection does not wait for the CA, and forgets it when no local
+// pod uses the identity any more. Optional.
+type Prefetcher interface {
+	Prefetch(ctx context.Context, identity string) error
+	Forget(identity string)
+}
+
+// Learner is implemented by views that learn pod IPs from the CNI ADD
+// (the static inventory).
+type Learner interface {
+	Learn(namespace, name, uid string, ips []netip.Addr)
+	Forget(namespace, name, uid string)
+}
+
+// staticView marks a view that is authoritative: a pod it does not know is
+// not in the mesh, rather than "not in the cache yet".
+type staticView interface{ Static() bool }
+
+// snapshotLister is implemented by views that know which namespaces may
+// hold enrolled pods (both sources do).
+type snapshotLister interface {
+	AmbientNamespaces() []string
+	OptInNamespaces() []string
+}

@@ -1,0 +1,246 @@
+package agent
+
+import (
+	"context"
+	"net/netip"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/ambit-mesh/ambit/node-agent/cluster"
+	"github.com/ambit-mesh/ambit/node-agent/netnsfind"
+	"github.com/ambit-mesh/ambit/node-agent/state"
+	"github.com/ambit-mesh/ambit/plugin/cniproto"
+)
+
+// foundPrefix marks records of pods the agent found by itself (live
+// enrollment of a pod it never saw at ADD): their container ID is unknown
+// until DEL, which then matches by name.
+const foundPrefix = "found:"
+
+// handle serves one plugin request.
+func (a *Agent) handle(ctx context.Context, req *cniproto.Request, f *os.File) *cniproto.Response {
+	var resp *cniproto.Response
+	switch req.Op {
+	case cniproto.OpAdd:
+		resp = a.add(ctx, req, f, false)
+	case cniproto.OpCheck:
+		resp = a.add(ctx, req, f, true)
+	case cniproto.OpDel:
+		if f != nil {
+			f.Close()
+		}
+		resp = a.del(req)
+	case cniproto.OpGC:
+		if f != nil {
+			f.Close()
+		}
+		resp = a.gc(req)
+	default:
+		if f != nil {
+			f.Close()
+		}
+		resp = &cniproto.Response{Error: "unsupported op " + string(req.Op)}
+	}
+	result := string(resp.Decision)
+	if resp.Error != "" {
+		result = "error"
+	}
+	a.m.requests.WithLabelValues(string(req.Op), result).Inc()
+	return resp
+}
+
+func errResp(retry bool, format string, args ...any) *cniproto.Response {
+	return &cniproto.Response{Error: sprintf(format, args...), Retryable: retry}
+}
+
+func prefixAddrs(ps []netip.Prefix) []netip.Addr {
+	out := make([]netip.Addr, 0, len(ps))
+	for _, p := range ps {
+		out = append(out, p.Addr().Unmap())
+	}
+	return out
+}
+
+// add serves ADD and CHECK: decide, and if the pod is enrolled, serve it
+// (CHECK re-adopts a pod it does not serve, since it carries the fd).
+func (a *Agent) add(ctx context.Context, req *cniproto.Request, f *os.File, check bool) *cniproto.Response {
+	start := time.Now()
+	kept := false
+	defer func() {
+		if !kept && f != nil {
+			f.Close()
+		}
+	}()
+	rp := req.Pod
+	unlock := a.lock(rp.Namespace, rp.Name)
+	defer unlock()
+
+	ips := prefixAddrs(rp.IPs)
+	if l, ok := a.view.(Learner); ok && !check && len(ips) > 0 {
+		l.Learn(rp.Namespace, rp.Name, rp.UID, ips)
+	}
+	cp, found, err := a.view.Pod(ctx, rp.Namespace, rp.Name)
+	if err != nil {
+		a.m.failures.WithLabelValues("lookup").Inc()
+		return errResp(true, "ambit-agent: looking up pod %s/%s: %v", rp.Namespace, rp.Name, err)
+	}
+	if !found {
+		if a.static {
+			return &cniproto.Response{Decision: cniproto.Skip}
+		}
+		a.m.failures.WithLabelValues("unknown-pod").Inc()
+		return errResp(true, "ambit-agent: pod %s/%s is not known yet (cache warming or pod just created); retry", rp.Namespace, rp.Name)
+	}
+	if cp.UID == "" {
+		cp.UID = rp.UID
+	}
+	if len(cp.IPs) == 0 {
+		cp.IPs = ips
+	}
+	if len(ips) == 0 {
+		ips = cp.IPs
+	}
+	if cp.NodeName != "" && cp.NodeName != a.cfg.NodeName {
+		return errResp(false, "ambit-agent: pod %s/%s is scheduled on node %q, this agent serves %q", rp.Namespace, rp.Name, cp.NodeName, a.cfg.NodeName)
+	}
+	var nsp *cluster.Namespace
+	if n, ok := a.view.Namespace(rp.Namespace); ok {
+		nsp = &n
+	}
+	d := a.policy.Decide(cp, nsp)
+
+	a.mu.Lock()
+	existing := a.byCID[rp.ContainerID]
+	a.mu.Unlock()
+	if existing != nil && existing.enrolled() {
+		if d.Enroll && (check || sameNetns(existing, f)) {
+			// Repeated ADD of the same sandbox or CHECK: still served.
+			spec := existing.spec
+			return &cniproto.Response{Decision: cniproto.Enroll, Redirect: &spec}
+		}
+		a.releaseAsync(existing)
+	}
+	ino, _ := netnsfind.Inode(f)
+	p := &pod{rec: state.Pod{
+		Namespace: rp.Namespace, Name: rp.Name, UID: cp.UID, ContainerID: rp.ContainerID,
+		Netns: rp.Netns, NetnsInode: ino, IPs: ips, Since: time.Now().UTC(),
+	}}
+	if !d.Enroll {
+		// Remember where the pod lives so a later label enrolls it fast.
+		if err := a.store.Put(p.rec); err != nil {
+			a.log.Warn("persisting pod record", "pod", rp.Namespace+"/"+rp.Name, "err", err)
+		}
+		a.register(p)
+		a.log.Debug("pod not enrolled", "pod", rp.Namespace+"/"+rp.Name, "reason", d.Reason)
+		return &cniproto.Response{Decision: cniproto.Skip}
+	}
+	spec := a.specFor(ips, f)
+	wl := a.workload(cp)
+	p.spec = spec
+	p.rec.Identity, p.rec.IPv4, p.rec.IPv6 = wl.Identity, spec.IPv4, spec.IPv6
+	if a.certs != nil {
+		if err := a.certs.Prefetch(ctx, wl.Identity); err != nil {
+			a.m.failures.WithLabelValues("certificate").Inc()
+			a.setStatus(cp, "pending", "CertificateUnavailable", err.Error())
+			return errResp(true, "ambit-agent: certificate for %s not available yet: %v", wl.Identity, err)
+		}
+	}
+	if err := a.serve(p, f, wl); err != nil {
+		a.m.failures.WithLabelValues(reasonOf(err)).Inc()
+		a.setStatus(cp, "failed", "EnrollmentFailed", err.Error())
+		a.log.Warn("enrollment failed", "pod", rp.Namespace+"/"+rp.Name, "err", err)
+		return errResp(false, "ambit-agent: enrolling %s/%s: %v", rp.Namespace, rp.Name, err)
+	}
+	kept = true
+	p.rec.Enrolled = true
+	if err := a.store.Put(p.rec); err != nil {
+		// Served anyway; after a restart the full reconcile finds it.
+		a.log.Warn("persisting pod record", "pod", rp.Namespace+"/"+rp.Name, "err", err)
+	}
+	a.register(p)
+	a.m.latency.WithLabelValues("add").Observe(time.Since(start).Seconds())
+	a.setStatus(cp, "enabled", "", "")
+	a.log.Info("pod enrolled", "pod", rp.Namespace+"/"+rp.Name, "identity", wl.Identity, "reason", d.Reason, "ipv4", spec.IPv4, "ipv6", spec.IPv6, "took", time.Since(start).Round(time.Microsecond))
+	return &cniproto.Response{Decision: cniproto.Enroll, Redirect: &spec}
+}
+
+func sameNetns(p *pod, f *os.File) bool {
+	if f == nil || p.rec.NetnsInode == 0 {
+		return false
+	}
+	ino, err := netnsfind.Inode(f)
+	return err == nil && ino == p.rec.NetnsInode
+}
+
+func (a *Agent) register(p *pod) {
+	a.mu.Lock()
+	a.byCID[p.rec.ContainerID] = p
+	a.byName[p.rec.Namespace+"/"+p.rec.Name] = p
+	a.mu.Unlock()
+}
+
+// del forgets a sandbox: listeners closed and drained in the background,
+// record removed. Unknown sandboxes are fine (DEL is idempotent).
+func (a *Agent) del(req *cniproto.Request) *cniproto.Response {
+	rp := req.Pod
+	unlock := a.lock(rp.Namespace, rp.Name)
+	defer unlock()
+	key := rp.Namespace + "/" + rp.Name
+	a.mu.Lock()
+	p := a.byCID[rp.ContainerID]
+	if p == nil {
+		if q := a.byName[key]; q != nil && strings.HasPrefix(q.rec.ContainerID, foundPrefix) {
+			p = q
+		}
+	}
+	last := true
+	if p != nil {
+		delete(a.byCID, p.rec.ContainerID)
+		if a.byName[key] == p {
+			delete(a.byName, key)
+		} else if a.byName[key] != nil {
+			last = false // a newer sandbox of the same pod lives on
+		}
+	}
+	a.mu.Unlock()
+	if err := a.store.Delete(rp.ContainerID); err != nil {
+		a.log.Warn("removing pod record", "pod", key, "err", err)
+	}
+	if p != nil {
+		if p.rec.ContainerID != rp.ContainerID {
+			a.store.Delete(p.rec.ContainerID)
+		}
+		a.releaseAsync(p)
+		a.log.Info("pod deleted", "pod", key, "wasEnrolled", p.rec.Enrolled)
+	}
+	if l, ok := a.view.(Learner); ok && last {
+		l.Forget(rp.Namespace, rp.Name, rp.UID)
+	}
+	return &cniproto.Response{Decision: cniproto.Skip}
+}
+
+// gc forgets sandboxes the runtime no longer knows (CNI GC): a DEL that
+// never reached the agent must not keep a netns, listeners and a record
+// alive forever. Pods the agent found by itself are left to DEL.
+func (a *Agent) gc(req *cniproto.Request) *cniproto.Response {
+	valid := make(map[string]bool, len(req.Valid))
+	for _, at := range req.Valid {
+		valid[at.ContainerID] = true
+	}
+	a.mu.Lock()
+	var stale []state.Pod
+	for cid, p := range a.byCID {
+		if !valid[cid] && !strings.HasPrefix(cid, foundPrefix) {
+			stale = append(stale, p.rec)
+		}
+	}
+	a.mu.Unlock()
+	for _, r := range stale {
+		a.del(&cniproto.Request{Op: cniproto.OpDel, Pod: cniproto.Pod{Namespace: r.Namespace, Name: r.Name, UID: r.UID, ContainerID: r.ContainerID}})
+	}
+	if len(stale) > 0 {
+		a.log.Info("gc: forgot sandboxes the runtime no longer has", "count", len(stale))
+	}
+	return &cniproto.Response{Decision: cniproto.Skip}
+}

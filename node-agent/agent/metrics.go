@@ -1,0 +1,53 @@
+package agent
+
+import "github.com/prometheus/client_golang/prometheus"
+
+type metrics struct {
+	enrolled      prometheus.Gauge
+	latency       *prometheus.HistogramVec
+	failures      *prometheus.CounterVec
+	requests      *prometheus.CounterVec
+	repairs       prometheus.Counter
+	adopted       prometheus.Counter
+	adoptSeconds  prometheus.Gauge
+	reloadErrors  prometheus.Counter
+	statusDropped prometheus.Counter
+}
+
+func newMetrics(reg prometheus.Registerer) *metrics {
+	m := &metrics{
+		enrolled: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "ambit_agent_enrolled_pods", Help: "Pods currently enrolled and served by this agent.",
+		}),
+		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "ambit_agent_enrollment_duration_seconds",
+			Help:    "Time to enroll one pod (decision, certificate, listeners, tunnel), by path: add (CNI ADD), live (label change), adopt (restart).",
+			Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5},
+		}, []string{"path"}),
+		failures: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "ambit_agent_enrollment_failures_total", Help: "Enrollments that failed, by reason.",
+		}, []string{"reason"}),
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "ambit_agent_plugin_requests_total", Help: "Plugin requests, by op and result (enroll, skip, error, malformed).",
+		}, []string{"op", "result"}),
+		repairs: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "ambit_agent_redirect_repairs_total", Help: "In-pod redirections found missing or different and reinstalled.",
+		}),
+		adopted: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "ambit_agent_adopted_pods_total", Help: "Enrolled pods re-adopted after an agent start.",
+		}),
+		adoptSeconds: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "ambit_agent_adoption_seconds", Help: "How long re-adopting the enrolled pods took at the last start.",
+		}),
+		reloadErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "ambit_agent_inventory_reload_errors_total", Help: "Inventory reloads rejected (the last good inventory stays in force).",
+		}),
+		statusDropped: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "ambit_agent_status_updates_dropped_total", Help: "Pod status updates dropped because the queue was full.",
+		}),
+	}
+	if reg != nil {
+		reg.MustRegister(m.enrolled, m.latency, m.failures, m.requests, m.repairs, m.adopted, m.adoptSeconds, m.reloadErrors, m.statusDropped)
+	}
+	return m
+}

@@ -1,0 +1,399 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"net/netip"
+
+	"github.com/ambit-mesh/ambit/node-agent/cluster"
+	"github.com/ambit-mesh/ambit/node-agent/netnsfind"
+	"github.com/ambit-mesh/ambit/node-agent/state"
+	"github.com/ambit-mesh/ambit/plugin/cniproto"
+)
+
+type keyKind int
+
+const (
+	keyPod keyKind = iota
+	keyNamespace
+	keyAll
+)
+
+type key struct {
+	kind      keyKind
+	namespace string
+	name      string
+}
+
+// queue coalesces change events: a burst of events about one pod, or a
+// namespace flip touching hundreds, becomes one pass. Its size is bounded
+// by the number of distinct pods and namespaces.
+type queue struct {
+	mu       sync.Mutex
+	set      map[key]struct{}
+	snapshot bool
+	signal   chan struct{}
+	done     chan struct{}
+	once     sync.Once
+}
+
+func newQueue() *queue {
+	return &queue{set: map[key]struct{}{}, signal: make(chan struct{}, 1), done: make(chan struct{})}
+}
+
+func (q *queue) add(k key) {
+	q.mu.Lock()
+	q.set[k] = struct{}{}
+	q.mu.Unlock()
+	q.kick()
+}
+
+func (q *queue) wantSnapshot() {
+	q.mu.Lock()
+	q.snapshot = true
+	q.mu.Unlock()
+	q.kick()
+}
+
+func (q *queue) kick() {
+	select {
+	case q.signal <- struct{}{}:
+	default:
+	}
+}
+
+func (q *queue) close() { q.once.Do(func() { close(q.done) }) }
+
+func (q *queue) take() ([]key, bool) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	out := make([]key, 0, len(q.set))
+	for k := range q.set {
+		out = append(out, k)
+	}
+	clear(q.set)
+	snap := q.snapshot
+	q.snapshot = false
+	return out, snap
+}
+
+// onEvent is the view's callback: it must not block.
+func (a *Agent) onEvent(ev cluster.Event) {
+	switch ev.Kind {
+	case cluster.PodChanged, cluster.PodDeleted:
+		a.queue.add(key{kind: keyPod, namespace: ev.Namespace, name: ev.Name})
+	case cluster.NamespaceChanged:
+		a.queue.add(key{kind: keyNamespace, namespace: ev.Namespace})
+		a.queue.wantSnapshot()
+	case cluster.Resynced:
+		a.queue.add(key{kind: keyAll})
+		a.queue.wantSnapshot()
+	}
+}
+
+// Resync asks for a full reconcile (tests, SIGHUP).
+func (a *Agent) Resync() { a.queue.add(key{kind: keyAll}) }
+
+func (a *Agent) reconcileLoop(ctx context.Context) {
+	tick := time.NewTicker(time.Minute)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-a.queue.done:
+			return
+		case <-tick.C:
+			// Labels of pods on other nodes change the opt-in list
+			// without an event here.
+			a.writeSnapshot()
+			continue
+		case <-a.queue.signal:
+		}
+		keys, snap := a.queue.take()
+		if snap {
+			a.writeSnapshot()
+		}
+		a.reconcile(ctx, keys)
+	}
+}
+
+// reconcile expands keys to pods and brings each to its desired state,
+// a few at a time.
+func (a *Agent) reconcile(ctx context.Context, keys []key) {
+	type nn struct{ ns, name string }
+	want := map[nn]bool{}
+	var local []cluster.Pod
+	localOnce := func() []cluster.Pod {
+		if local == nil {
+			local = a.view.LocalPods()
+		}
+		return local
+	}
+	known := func(match func(p *pod) bool) {
+		a.mu.Lock()
+		for _, p := range a.byName {
+			if match(p) {
+				want[nn{p.rec.Namespace, p.rec.Name}] = true
+			}
+		}
+		a.mu.Unlock()
+	}
+	for _, k := range keys {
+		switch k.kind {
+		case keyPod:
+			want[nn{k.namespace, k.name}] = true
+		case keyNamespace:
+			for _, p := range localOnce() {
+				if p.Namespace == k.namespace {
+					want[nn{p.Namespace, p.Name}] = true
+				}
+			}
+			known(func(p *pod) bool { return p.rec.Namespace == k.namespace })
+		case keyAll:
+			for _, p := range localOnce() {
+				want[nn{p.Namespace, p.Name}] = true
+			}
+			known(func(*pod) bool { return true })
+		}
+	}
+	sem := make(chan struct{}, 4)
+	var wg sync.WaitGroup
+	var scan lazyScan
+	for k := range want {
+		if ctx.Err() != nil {
+			break
+		}
+		sem <- struct{}{}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			a.reconcilePod(ctx, k.ns, k.name, &scan)
+		}()
+	}
+	wg.Wait()
+}
+
+// lazyScan is one /proc scan shared by a reconcile pass, made only if a
+// pod's own record cannot locate its netns.
+type lazyScan struct {
+	once sync.Once
+	s    *netnsfind.Scan
+	err  error
+}
+
+func (l *lazyScan) get(proc string) (*netnsfind.Scan, error) {
+	l.once.Do(func() { l.s, l.err = netnsfind.Scanner{ProcRoot: proc}.Scan() })
+	return l.s, l.err
+}
+
+func (a *Agent) reconcilePod(ctx context.Context, namespace, name string, scan *lazyScan) {
+	unlock := a.lock(namespace, name)
+	defer unlock()
+	cctx, cancel := context.WithTimeout(ctx, a.cfg.RequestTimeout.Duration)
+	defer cancel()
+	cp, found, err := a.view.Pod(cctx, namespace, name)
+	if err != nil {
+		a.log.Warn("reconcile: looking up pod", "pod", namespace+"/"+name, "err", err)
+		return
+	}
+	a.mu.Lock()
+	p := a.byName[namespace+"/"+name]
+	a.mu.Unlock()
+	if !found {
+		if p != nil && p.enrolled() && !a.static {
+			// Deleted from the API: the sandbox goes too (DEL follows);
+			// stop serving now, rules vanish with the netns.
+			a.releaseAsync(p)
+		} else if p != nil && p.enrolled() {
+			a.unenrollLive(p, cluster.Pod{Namespace: namespace, Name: name})
+		}
+		return
+	}
+	if cp.NodeName != "" && cp.NodeName != a.cfg.NodeName {
+		return
+	}
+	var nsp *cluster.Namespace
+	if n, ok := a.view.Namespace(namespace); ok {
+		nsp = &n
+	}
+	d := a.policy.Decide(cp, nsp)
+	switch {
+	case d.Enroll && (p == nil || !p.enrolled()):
+		if err := a.enrollLive(ctx, cp, p, scan); err != nil {
+			if errors.Is(err, errNotRunning) {
+				a.log.Debug("live enrollment: pod not running here", "pod", namespace+"/"+name, "err", err)
+				return
+			}
+			a.m.failures.WithLabelValues(reasonOf(err)).Inc()
+			a.setStatus(cp, "failed", "EnrollmentFailed", err.Error())
+			a.log.Warn("live enrollment failed", "pod", namespace+"/"+name, "err", err)
+		}
+	case !d.Enroll && p != nil && p.enrolled():
+		a.unenrollLive(p, cp)
+	}
+}
+
+var errNotRunning = errors.New("no running sandbox found")
+
+// enrollLive enrolls a running pod: listeners first, then rules, so the
+// first redirected connection finds a listener.
+func (a *Agent) enrollLive(ctx context.Context, cp cluster.Pod, p *pod, scan *lazyScan) error {
+	start := time.Now()
+	ips := cp.IPs
+	if len(ips) == 0 && p != nil {
+		ips = p.rec.IPs
+	}
+	if len(ips) == 0 {
+		return fmt.Errorf("%w: pod has no IP yet", errNotRunning)
+	}
+	var rec state.Pod
+	if p != nil {
+		rec = p.rec
+	}
+	f, rec, err := a.locate(rec, ips, cp.UID, scan)
+	if err != nil {
+		return err
+	}
+	if p == nil {
+		rec.Namespace, rec.Name, rec.UID = cp.Namespace, cp.Name, cp.UID
+		rec.ContainerID = foundPrefix + cp.Namespace + "/" + cp.Name
+		rec.Since = time.Now().UTC()
+		p = &pod{}
+	}
+	rec.IPs = ips
+	spec := a.specFor(ips, f)
+	wl := a.workload(cp)
+	if a.certs != nil {
+		if err := a.certs.Prefetch(ctx, wl.Identity); err != nil {
+			f.Close()
+			return &failure{"certificate", err}
+		}
+	}
+	rec.Identity, rec.IPv4, rec.IPv6 = wl.Identity, spec.IPv4, spec.IPv6
+	p.rec, p.spec = rec, spec
+	if err := a.serve(p, f, wl); err != nil {
+		f.Close()
+		return err
+	}
+	backend, err := a.rules.Install(p.netns, spec)
+	if err != nil {
+		c, cancel := context.WithTimeout(context.Background(), time.Second)
+		a.release(c, p)
+		cancel()
+		return &failure{"redirect", err}
+	}
+	p.rec.Enrolled, p.rec.Backend = true, backend
+	if err := a.store.Put(p.rec); err != nil {
+		a.log.Warn("persisting pod record", "pod", cp.Namespace+"/"+cp.Name, "err", err)
+	}
+	a.register(p)
+	a.m.latency.WithLabelValues("live").Observe(time.Since(start).Seconds())
+	a.setStatus(cp, "enabled", "", "")
+	a.log.Info("running pod enrolled", "pod", cp.Namespace+"/"+cp.Name, "identity", wl.Identity, "backend", backend)
+	return nil
+}
+
+// unenrollLive removes the rules first (new connections go straight to the
+// app), then closes the listeners and drains established connections.
+func (a *Agent) unenrollLive(p *pod, cp cluster.Pod) {
+	if err := a.rules.Uninstall(p.netns); err != nil {
+		a.m.failures.WithLabelValues("redirect").Inc()
+		a.log.Error("removing redirection; closing listeners anyway (connections are refused, not leaked)", "pod", p.rec.Namespace+"/"+p.rec.Name, "err", err)
+	}
+	a.releaseAsync(p)
+	p.rec.Enrolled, p.rec.Backend = false, ""
+	if err := a.store.Put(p.rec); err != nil {
+		a.log.Warn("persisting pod record", "pod", p.rec.Namespace+"/"+p.rec.Name, "err", err)
+	}
+	if cp.Name != "" {
+		cp.UID = p.rec.UID
+		a.setStatus(cp, "", "", "")
+	}
+	a.log.Info("running pod unenrolled", "pod", p.rec.Namespace+"/"+p.rec.Name)
+}
+
+// locate opens a pod's netns: the recorded path when it is still the same
+// namespace (inode) and holds a pod IP, else the /proc scan.
+func (a *Agent) locate(rec state.Pod, ips []netip.Addr, uid string, scan *lazyScan) (*os.File, state.Pod, error) {
+	if rec.Netns != "" {
+		if f, err := os.Open(rec.Netns); err == nil {
+			ino, ierr := netnsfind.Inode(f)
+			ok, herr := netnsfind.HoldsAny(f, ips)
+			if ierr == nil && herr == nil && ok && (rec.NetnsInode == 0 || ino == rec.NetnsInode) {
+				rec.NetnsInode = ino
+				return f, rec, nil
+			}
+			f.Close()
+		}
+	}
+	sc, err := scan.get(a.cfg.ProcRoot)
+	if err != nil {
+		return nil, rec, &failure{"netns", err}
+	}
+	n, err := sc.Find(ips, uid)
+	if err != nil {
+		if errors.Is(err, netnsfind.ErrNotFound) {
+			return nil, rec, fmt.Errorf("%w: %v", errNotRunning, err)
+		}
+		return nil, rec, &failure{"netns", err}
+	}
+	f, err := os.Open(n.Path)
+	if err != nil {
+		return nil, rec, fmt.Errorf("%w: %v", errNotRunning, err)
+	}
+	if ino, err := netnsfind.Inode(f); err != nil || ino != n.Inode {
+		f.Close()
+		return nil, rec, &failure{"netns", fmt.Errorf("%s changed while it was opened", n.Path)}
+	}
+	rec.Netns, rec.NetnsInode = n.Path, n.Inode
+	return f, rec, nil
+}
+
+// writeSnapshot writes the enrollment snapshot the plugin reads while the
+// agent is away.
+func (a *Agent) writeSnapshot() {
+	s := &cniproto.Snapshot{
+		Version:            cniproto.SnapshotVersion,
+		Generated:          time.Now().UTC(),
+		LabelKey:           a.cfg.EnrollLabel,
+		ExcludedNamespaces: slices.Sorted(slices.Values(a.cfg.ExcludedNamespaces)),
+		AmbientNamespaces:  []string{},
+		OptInNamespaces:    []string{},
+	}
+	if sl, ok := a.view.(snapshotLister); ok {
+		s.AmbientNamespaces = append(s.AmbientNamespaces, sl.AmbientNamespaces()...)
+		s.OptInNamespaces = append(s.OptInNamespaces, sl.OptInNamespaces()...)
+	} else {
+		// A view without lists: fail closed for every namespace we know
+		// a local pod of that would be enrolled.
+		seen := map[string]bool{}
+		for _, p := range a.view.LocalPods() {
+			if seen[p.Namespace] {
+				continue
+			}
+			var nsp *cluster.Namespace
+			if n, ok := a.view.Namespace(p.Namespace); ok {
+				nsp = &n
+			}
+			if a.policy.Decide(p, nsp).Enroll {
+				seen[p.Namespace] = true
+				s.OptInNamespaces = append(s.OptInNamespaces, p.Namespace)
+			}
+		}
+		slices.Sort(s.OptInNamespaces)
+	}
+	if err := cniproto.WriteSnapshot(a.cfg.SnapshotFile, s); err != nil {
+		a.log.Error("writing enrollment snapshot", "path", a.cfg.SnapshotFile, "err", err)
+		return
+	}
+	a.log.Debug("enrollment snapshot written", "ambient", strings.Join(s.AmbientNamespaces, ","), "optIn", strings.Join(s.OptInNamespaces, ","))
+}
