@@ -383,6 +383,9 @@ func (e *Engine) Authorize(c tunnel.ConnInfo) tunnel.Verdict {
 			return v
 		}
 	}
+	if st.view.deny.size == 0 && !st.view.hasAllow {
+		return tunnel.Verdict{Allow: true, Reason: ReasonNoPolicy}
+	}
 	q := makeQuery(c.SrcIdentity, c.Plaintext, c.SrcIP, c.DstPort)
 	if r := st.view.deny.match(&q); r != nil {
 		v := tunnel.Verdict{Policy: r.pol.key, Reason: ReasonDeniedByPolicy}

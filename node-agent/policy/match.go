@@ -2,6 +2,7 @@ package policy
 
 import (
 	"net/netip"
+	"slices"
 	"strings"
 )
 
@@ -9,6 +10,7 @@ import (
 type query struct {
 	principal string // identity without "spiffe://"; "" for plaintext
 	namespace string // namespace from the identity; "" for plaintext
+	sa        string // service account (last segment after "/sa/")
 	ip        netip.Addr
 	port      uint16
 }
@@ -20,7 +22,18 @@ func makeQuery(identity string, plaintext bool, ip netip.Addr, port uint16) quer
 	}
 	q.principal = strings.TrimPrefix(identity, "spiffe://")
 	q.namespace = namespaceOf(q.principal)
+	q.sa = serviceAccountOf(q.principal)
 	return q
+}
+
+// serviceAccountOf returns X when principal ends with "/sa/X": exactly the
+// principals a "*/sa/X" pattern matches.
+func serviceAccountOf(principal string) string {
+	i := strings.LastIndexByte(principal, '/')
+	if i < 0 || !strings.HasSuffix(principal[:i], "/sa") {
+		return ""
+	}
+	return principal[i+1:]
 }
 
 // namespaceOf extracts <ns> from "<td>/ns/<ns>/sa/<sa>" without allocating.
@@ -189,6 +202,9 @@ func hasPort(list []uint16, port uint16) bool {
 type ruleSet struct {
 	byPrincipal map[string][]*rule
 	byNamespace map[string][]*rule
+	bySA        map[string][]*rule // suffix patterns "*/sa/X"
+	byBlock     map[netip.Prefix][]*rule
+	blockBits   []int // prefix lengths present in byBlock, longest first
 	byPort      map[uint16][]*rule
 	scan        []*rule
 	size        int
@@ -209,8 +225,32 @@ func (s *ruleSet) add(r *rule) {
 		s.fileNamespaces(keys, r)
 		return
 	}
+	if keys, ok := principalSAs(&r.principals); ok {
+		if s.bySA == nil {
+			s.bySA = map[string][]*rule{}
+		}
+		for _, k := range keys {
+			s.bySA[k] = append(s.bySA[k], r)
+		}
+		return
+	}
 	if keys, ok := exactKeys(&r.namespaces); ok {
 		s.fileNamespaces(keys, r)
+		return
+	}
+	if len(r.ipBlocks) > 0 {
+		if s.byBlock == nil {
+			s.byBlock = map[netip.Prefix][]*rule{}
+		}
+		for _, b := range r.ipBlocks {
+			if len(s.byBlock[b]) == 0 || s.byBlock[b][len(s.byBlock[b])-1] != r {
+				s.byBlock[b] = append(s.byBlock[b], r)
+			}
+			if !slices.Contains(s.blockBits, b.Bits()) {
+				s.blockBits = append(s.blockBits, b.Bits())
+				slices.SortFunc(s.blockBits, func(a, b int) int { return b - a })
+			}
+		}
 		return
 	}
 	if len(r.ports) > 0 {
@@ -292,6 +332,23 @@ func principalNamespaces(m *matcher) ([]string, bool) {
 	return out, true
 }
 
+// principalSAs: when every principal pattern is "*/sa/X", the rule is
+// filed by service account X.
+func principalSAs(m *matcher) ([]string, bool) {
+	if !m.set || len(m.exact) > 0 || m.big != nil {
+		return nil, false
+	}
+	var out []string
+	for _, p := range m.pats {
+		sa, ok := strings.CutPrefix(p.s, "/sa/")
+		if p.kind != matchSuffix || !ok || sa == "" || strings.Contains(sa, "/") {
+			return nil, false
+		}
+		out = append(out, sa)
+	}
+	return out, true
+}
+
 func (s *ruleSet) match(q *query) *rule {
 	if s.size == 0 {
 		return nil
@@ -305,6 +362,27 @@ func (s *ruleSet) match(q *query) *rule {
 	}
 	if q.namespace != "" {
 		for _, r := range s.byNamespace[q.namespace] {
+			if r.matches(q) {
+				return r
+			}
+		}
+	}
+	if q.sa != "" {
+		for _, r := range s.bySA[q.sa] {
+			if r.matches(q) {
+				return r
+			}
+		}
+	}
+	for _, bits := range s.blockBits {
+		if bits > q.ip.BitLen() {
+			continue
+		}
+		pfx, err := q.ip.Prefix(bits)
+		if err != nil {
+			continue
+		}
+		for _, r := range s.byBlock[pfx] {
 			if r.matches(q) {
 				return r
 			}
