@@ -169,21 +169,21 @@ func (r *run) agentDown(cause error) error {
 	}
 }
 
-// openNetns opens the runtime's netns path once as a file (sent to the
-// agent) and once as ns.NetNS (for the rules); both name the same
-// namespace, and the second open checks that it is one.
+// openNetns opens the runtime's netns path as ns.NetNS (which checks that
+// it is a network namespace; its path names the pod in messages) and as a
+// plain file to send to the agent.
 func openNetns(path string) (*os.File, ns.NetNS, error) {
 	if path == "" {
 		return nil, nil, types.NewError(types.ErrInvalidNetNS, "CNI_NETNS is empty", "")
 	}
+	n, err := ns.GetNS(path)
+	if err != nil {
+		return nil, nil, types.NewError(types.ErrInvalidNetNS, fmt.Sprintf("pod netns %s: %v", path, err), "")
+	}
 	f, err := os.Open(path)
 	if err != nil {
+		n.Close()
 		return nil, nil, types.NewError(types.ErrInvalidNetNS, fmt.Sprintf("cannot open the pod netns %s: %v", path, err), "")
-	}
-	n, err := ns.GetNS(fmt.Sprintf("/proc/self/fd/%d", f.Fd()))
-	if err != nil {
-		f.Close()
-		return nil, nil, types.NewError(types.ErrInvalidNetNS, fmt.Sprintf("%s is not a network namespace: %v", path, err), "")
 	}
 	return f, n, nil
 }

@@ -8,11 +8,11 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"sort"
 	"strings"
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
-	"github.com/coreos/go-iptables/iptables"
 	"github.com/google/nftables"
 )
 
@@ -340,61 +340,58 @@ func iptablesPresent(netns ns.NetNS, b Backend) (bool, error) {
 	return false, nil
 }
 
-// iptablesUninstall removes our jumps and chains for variant b through
-// go-iptables; rules of others in the same tables stay untouched.
+// iptablesUninstall removes our jumps and chains for variant b with one
+// iptables-restore --noflush payload per family (delete every jump to our
+// chains, flush and delete the chains), built from what iptables-save
+// shows: one exec pair instead of dozens of go-iptables calls, and atomic
+// per table. Rules of others in the same tables stay untouched.
 func iptablesUninstall(netns ns.NetNS, b Backend) error {
 	var errs []error
 	for _, f := range []family{4, 6} {
-		bin := variantBinary(b, f, "")
-		path, err := exec.LookPath(bin)
-		if err != nil {
+		if _, err := exec.LookPath(variantBinary(b, f, "restore")); err != nil {
 			continue
 		}
-		proto := iptables.ProtocolIPv4
-		if f == 6 {
-			proto = iptables.ProtocolIPv6
-		}
-		err = netns.Do(func(ns.NetNS) error {
-			ipt, err := iptables.New(iptables.Path(path), iptables.IPFamily(proto), iptables.Timeout(int(iptablesTimeout/time.Second)))
-			if err != nil {
-				return err
-			}
-			for _, h := range hooks {
-				c := ipChains[h]
-				ok, err := ipt.ChainExists(c.table, c.chain)
-				if err != nil || !ok {
-					continue
-				}
-				// Every jump to our chain, however many a buggy
-				// predecessor left behind.
-				for i := 0; i < 16; i++ {
-					exists, err := ipt.Exists(c.table, c.parent, "-j", c.chain)
-					if err != nil || !exists {
-						break
-					}
-					if err := ipt.Delete(c.table, c.parent, "-j", c.chain); err != nil {
-						return err
-					}
-				}
-			}
-			// Chains are shared by two hooks (PREROUTING/OUTPUT per
-			// table); delete each once, after all jumps are gone.
-			for _, table := range []string{"mangle", "nat"} {
-				for _, ch := range []string{ChainPrerouting, ChainOutput} {
-					ok, err := ipt.ChainExists(table, ch)
-					if err != nil || !ok {
-						continue
-					}
-					if err := ipt.ClearAndDeleteChain(table, ch); err != nil {
-						return err
-					}
-				}
-			}
-			return nil
-		})
+		out, err := runIn(netns, "", variantBinary(b, f, "save"))
 		if err != nil {
-			errs = append(errs, fmt.Errorf("%s: %w", bin, err))
+			errs = append(errs, err)
+			continue
+		}
+		payload := removalPayload(out)
+		if payload == "" {
+			continue
+		}
+		if _, err := runIn(netns, payload, variantBinary(b, f, "restore"), "--noflush", "--wait"); err != nil {
+			errs = append(errs, err)
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// removalPayload turns iptables-save output into the restore input that
+// removes our state; "" when there is none.
+func removalPayload(save []byte) string {
+	_, jumps, chains := ourSaveLines(save)
+	var b strings.Builder
+	for _, table := range []string{"mangle", "nat"} {
+		var lines []string
+		for j, n := range jumps {
+			t, rule, _ := strings.Cut(j, " ")
+			if t != table {
+				continue
+			}
+			for i := 0; i < n; i++ {
+				lines = append(lines, "-D"+strings.TrimPrefix(rule, "-A"))
+			}
+		}
+		sort.Strings(lines)
+		for _, ch := range []string{ChainPrerouting, ChainOutput} {
+			if chains[table+" "+ch] {
+				lines = append(lines, "-F "+ch, "-X "+ch)
+			}
+		}
+		if len(lines) > 0 {
+			fmt.Fprintf(&b, "*%s\n%s\nCOMMIT\n", table, strings.Join(lines, "\n"))
+		}
+	}
+	return b.String()
 }
