@@ -1,0 +1,1017 @@
+package hbone
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/tls"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/net/http2/hpack"
+)
+
+// Config tunes a connection. Zero fields take the defaults (ztunnel's).
+type Config struct {
+	// StreamWindow and ConnWindow are the receive windows we grant:
+	// how much the peer may send before we return credit.
+	StreamWindow uint32 // default 4 MiB
+	ConnWindow   uint32 // default 16 MiB
+	// MaxFrameSize is the largest frame we accept (default 1 MiB).
+	MaxFrameSize uint32
+	// SendFrameSize caps the DATA frames we send (default 64 KiB; also
+	// capped by the peer's MAX_FRAME_SIZE).
+	SendFrameSize int
+	// MaxConcurrentStreams a server accepts on one connection (default
+	// 200); a client never opens more than the peer allows.
+	MaxConcurrentStreams uint32
+	// MaxHeaderListSize bounds a decoded header block (default 64 KiB).
+	MaxHeaderListSize uint32
+	// PingInterval: a client pings a connection that received nothing
+	// for this long (default 10 s; negative disables); PingTimeout later
+	// without any frame it is closed (default 20 s).
+	PingInterval time.Duration
+	PingTimeout  time.Duration
+}
+
+func (c Config) withDefaults() Config {
+	if c.StreamWindow == 0 {
+		c.StreamWindow = 4 << 20
+	}
+	if c.ConnWindow == 0 {
+		c.ConnWindow = 16 << 20
+	}
+	if c.StreamWindow > maxWindow {
+		c.StreamWindow = maxWindow
+	}
+	if c.ConnWindow > maxWindow {
+		c.ConnWindow = maxWindow
+	}
+	if c.MaxFrameSize == 0 {
+		c.MaxFrameSize = 1 << 20
+	}
+	if c.MaxFrameSize < defaultMaxFrame {
+		c.MaxFrameSize = defaultMaxFrame
+	}
+	if c.MaxFrameSize > maxFrameSizeLimit {
+		c.MaxFrameSize = maxFrameSizeLimit
+	}
+	if c.SendFrameSize <= 0 {
+		c.SendFrameSize = 64 << 10
+	}
+	if c.MaxConcurrentStreams == 0 {
+		c.MaxConcurrentStreams = 200
+	}
+	if c.MaxHeaderListSize == 0 {
+		c.MaxHeaderListSize = 64 << 10
+	}
+	if c.PingInterval == 0 {
+		c.PingInterval = 10 * time.Second
+	}
+	if c.PingTimeout == 0 {
+		c.PingTimeout = 20 * time.Second
+	}
+	return c
+}
+
+// ErrConnClosed is returned for operations on a closed connection.
+var ErrConnClosed = errors.New("hbone: connection closed")
+
+// ErrNoCapacity means the connection takes no new stream now (at the
+// stream limit, or going away): open one elsewhere.
+var ErrNoCapacity = errors.New("hbone: connection has no capacity for a new stream")
+
+// Conn is one HTTP/2 connection carrying CONNECT streams.
+type Conn struct {
+	nc     net.Conn
+	cork   *corkConn // nil when not wrapping the socket under TLS
+	client bool
+	cfg    Config
+	br     *bufio.Reader
+
+	// Writing: wmu serialises whole frames (and hpack encoder state).
+	wmu    sync.Mutex
+	henc   *hpack.Encoder
+	hbuf   bytes.Buffer
+	nextID atomic.Uint32 // client: next stream id (assigned under wmu)
+
+	// Control frames queued by goroutines that must not block on the
+	// socket (the read loop above all), written by ctlLoop or by the next
+	// data writer, whichever comes first.
+	ctlMu  sync.Mutex
+	ctl    []byte
+	ctlSig chan struct{}
+
+	mu             sync.Mutex
+	cond           *sync.Cond // send windows, stream slots, close
+	streams        map[uint32]*Stream
+	connSendWin    int64
+	peerInitWin    int64
+	peerMaxFrame   uint32
+	peerMaxStreams uint32
+	reserved       int // streams open or being opened
+	goingAway      bool
+	closed         bool
+	closeErr       error
+	lastPeerStream uint32
+	idleSince      time.Time
+	onIdle         func(*Conn) // pool hook, called without locks
+
+	connRecvAvail atomic.Int64 // what the peer may still send on the connection
+	connUnacked   atomic.Int64 // consumed but not yet returned
+
+	frames   atomic.Uint64 // frames read, for keepalive
+	pingSent atomic.Int64  // unix nanos of an unanswered ping, 0 if none
+
+	handler func(*Stream)
+	done    chan struct{}
+
+	// read-loop only
+	hdec        *hpack.Decoder
+	hfields     []hpack.HeaderField
+	hsize       uint32
+	hbad        bool
+	contStream  uint32 // stream whose header block continues, 0 if none
+	contEnd     bool
+	hblock      []byte
+	scratch     []byte
+}
+
+func newConn(nc net.Conn, cork *corkConn, client bool, cfg Config) *Conn {
+	cfg = cfg.withDefaults()
+	c := &Conn{
+		nc:             nc,
+		cork:           cork,
+		client:         client,
+		cfg:            cfg,
+		br:             bufio.NewReaderSize(nc, 32<<10),
+		ctlSig:         make(chan struct{}, 1),
+		streams:        make(map[uint32]*Stream),
+		connSendWin:    65535,
+		peerInitWin:    65535,
+		peerMaxFrame:   defaultMaxFrame,
+		peerMaxStreams: 100,
+		done:           make(chan struct{}),
+		idleSince:      time.Now(),
+	}
+	c.nextID.Store(1)
+	c.cond = sync.NewCond(&c.mu)
+	c.henc = hpack.NewEncoder(&c.hbuf)
+	c.hdec = hpack.NewDecoder(4096, func(f hpack.HeaderField) {
+		c.hsize += f.Size()
+		if c.hsize > c.cfg.MaxHeaderListSize {
+			c.hbad = true
+			return
+		}
+		c.hfields = append(c.hfields, f)
+	})
+	c.hdec.SetMaxStringLength(int(cfg.MaxHeaderListSize))
+	c.connRecvAvail.Store(int64(cfg.ConnWindow))
+	return c
+}
+
+func (c *Conn) ourSettings() []byte {
+	ss := []setting{
+		{settingInitialWindowSize, c.cfg.StreamWindow},
+		{settingMaxFrameSize, c.cfg.MaxFrameSize},
+		{settingMaxHeaderListSize, c.cfg.MaxHeaderListSize},
+	}
+	if c.client {
+		ss = append(ss, setting{settingEnablePush, 0})
+	} else {
+		ss = append(ss, setting{settingMaxConcurrentStreams, c.cfg.MaxConcurrentStreams})
+	}
+	b := appendSettings(nil, ss...)
+	if c.cfg.ConnWindow > 65535 {
+		b = appendWindowUpdate(b, 0, c.cfg.ConnWindow-65535)
+	}
+	return b
+}
+
+// Client runs the TLS handshake on raw (the client side) and starts an
+// HTTP/2 connection over it. tlsCfg must offer ALPN "h2".
+func Client(ctx context.Context, raw net.Conn, tlsCfg *tls.Config, cfg Config) (*Conn, error) {
+	cork := &corkConn{Conn: raw}
+	tc := tls.Client(cork, tlsCfg)
+	if err := tc.HandshakeContext(ctx); err != nil {
+		raw.Close()
+		return nil, err
+	}
+	if p := tc.ConnectionState().NegotiatedProtocol; p != "h2" {
+		tc.Close()
+		return nil, fmt.Errorf("hbone: server negotiated ALPN %q, want h2", p)
+	}
+	return NewClientConn(tc, cork, cfg)
+}
+
+// NewClientConn starts the client side of HTTP/2 on an established
+// connection (normally TLS). cork may be nil.
+func NewClientConn(nc net.Conn, cork *corkConn, cfg Config) (*Conn, error) {
+	c := newConn(nc, cork, true, cfg)
+	pre := append([]byte(clientPreface), c.ourSettings()...)
+	if _, err := nc.Write(pre); err != nil {
+		nc.Close()
+		return nil, err
+	}
+	go c.ctlLoop()
+	go c.readLoop()
+	if c.cfg.PingInterval > 0 {
+		go c.keepalive()
+	}
+	return c, nil
+}
+
+// Server runs the TLS handshake on raw (the server side) and serves HTTP/2
+// CONNECT streams on it, calling handler in a new goroutine per stream,
+// until the connection ends. tls is the handshaken connection, for the
+// caller to inspect the peer before streams arrive: verify is called after
+// the handshake and before any stream; a non-nil error closes raw.
+func Server(ctx context.Context, raw net.Conn, tlsCfg *tls.Config, cfg Config, verify func(*tls.Conn) error, handler func(*Stream)) (*Conn, error) {
+	cork := &corkConn{Conn: raw}
+	tc := tls.Server(cork, tlsCfg)
+	if err := tc.HandshakeContext(ctx); err != nil {
+		raw.Close()
+		return nil, err
+	}
+	if p := tc.ConnectionState().NegotiatedProtocol; p != "h2" {
+		tc.Close()
+		return nil, fmt.Errorf("hbone: client negotiated ALPN %q, want h2", p)
+	}
+	if verify != nil {
+		if err := verify(tc); err != nil {
+			tc.Close()
+			return nil, err
+		}
+	}
+	return NewServerConn(tc, cork, cfg, handler)
+}
+
+// NewServerConn serves HTTP/2 on an established connection: it reads the
+// client preface and starts the read loop.
+func NewServerConn(nc net.Conn, cork *corkConn, cfg Config, handler func(*Stream)) (*Conn, error) {
+	c := newConn(nc, cork, false, cfg)
+	c.handler = handler
+	if _, err := nc.Write(c.ourSettings()); err != nil {
+		nc.Close()
+		return nil, err
+	}
+	pre := make([]byte, len(clientPreface))
+	if err := readFull(c.br, pre); err != nil {
+		nc.Close()
+		return nil, fmt.Errorf("hbone: reading client preface: %w", err)
+	}
+	if string(pre) != clientPreface {
+		nc.Close()
+		return nil, errors.New("hbone: bad client preface (not HTTP/2)")
+	}
+	go c.ctlLoop()
+	go c.readLoop()
+	return c, nil
+}
+
+// NetConn is the underlying (TLS) connection.
+func (c *Conn) NetConn() net.Conn { return c.nc }
+
+// Done is closed when the connection has ended.
+func (c *Conn) Done() <-chan struct{} { return c.done }
+
+// Err is why the connection ended (nil while it is alive).
+func (c *Conn) Err() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.closeErr
+}
+
+// ActiveStreams is the number of streams open or being opened.
+func (c *Conn) ActiveStreams() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.reserved
+}
+
+// IdleSince is when the last stream ended (zero time while streams are
+// open).
+func (c *Conn) IdleSince() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.reserved > 0 {
+		return time.Time{}
+	}
+	return c.idleSince
+}
+
+// Usable reports whether the connection can take new streams at all.
+func (c *Conn) Usable() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return !c.closed && !c.goingAway
+}
+
+// SetOnIdle registers fn, called when the last open stream ends.
+func (c *Conn) SetOnIdle(fn func(*Conn)) {
+	c.mu.Lock()
+	c.onIdle = fn
+	c.mu.Unlock()
+}
+
+// Close closes the connection at once; open streams fail.
+func (c *Conn) Close() error {
+	c.closeWith(ErrConnClosed, ErrCodeNo)
+	return nil
+}
+
+// Shutdown sends GOAWAY (no new streams), waits until the open streams
+// end or ctx does, then closes.
+func (c *Conn) Shutdown(ctx context.Context) error {
+	c.mu.Lock()
+	last := c.lastPeerStream
+	c.goingAway = true
+	c.mu.Unlock()
+	c.queueCtl(appendGoAway(nil, last, ErrCodeNo, ""))
+	c.mu.Lock()
+	stop := context.AfterFunc(ctx, func() {
+		c.mu.Lock()
+		c.cond.Broadcast()
+		c.mu.Unlock()
+	})
+	defer stop()
+	for c.reserved > 0 && !c.closed && ctx.Err() == nil {
+		c.cond.Wait()
+	}
+	c.mu.Unlock()
+	c.Close()
+	return ctx.Err()
+}
+
+func (c *Conn) closeWith(err error, code ErrCode) {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return
+	}
+	c.closed = true
+	c.closeErr = err
+	streams := make([]*Stream, 0, len(c.streams))
+	for _, s := range c.streams {
+		streams = append(streams, s)
+	}
+	last := c.lastPeerStream
+	c.cond.Broadcast()
+	c.mu.Unlock()
+	if code != ErrCodeNo || !errors.Is(err, ErrConnClosed) {
+		// Best effort GOAWAY with the reason, never blocking for long.
+		_ = c.nc.SetWriteDeadline(time.Now().Add(time.Second))
+		c.wmu.Lock()
+		_, _ = c.nc.Write(appendGoAway(nil, last, code, ""))
+		c.wmu.Unlock()
+	}
+	c.nc.Close()
+	for _, s := range streams {
+		s.connClosed(err)
+	}
+	close(c.done)
+}
+
+// queueCtl queues a control frame for the writer.
+func (c *Conn) queueCtl(b []byte) {
+	c.ctlMu.Lock()
+	c.ctl = append(c.ctl, b...)
+	c.ctlMu.Unlock()
+	select {
+	case c.ctlSig <- struct{}{}:
+	default:
+	}
+}
+
+// writeCtlLocked writes queued control frames; wmu held.
+func (c *Conn) writeCtlLocked() error {
+	c.ctlMu.Lock()
+	b := c.ctl
+	c.ctl = nil
+	c.ctlMu.Unlock()
+	if len(b) == 0 {
+		return nil
+	}
+	_, err := c.nc.Write(b)
+	return err
+}
+
+func (c *Conn) ctlLoop() {
+	for {
+		select {
+		case <-c.done:
+			return
+		case <-c.ctlSig:
+		}
+		c.wmu.Lock()
+		c.corkOn()
+		err := c.writeCtlLocked()
+		if ferr := c.corkOff(); err == nil {
+			err = ferr
+		}
+		c.wmu.Unlock()
+		if err != nil {
+			c.closeWith(fmt.Errorf("hbone: write: %w", err), ErrCodeNo)
+			return
+		}
+	}
+}
+
+func (c *Conn) corkOn() {
+	if c.cork != nil {
+		c.cork.cork()
+	}
+}
+
+func (c *Conn) corkOff() error {
+	if c.cork != nil {
+		return c.cork.flush()
+	}
+	return nil
+}
+
+// writeFrames writes b (whole frames) with any queued control frames
+// first, as one burst.
+func (c *Conn) writeFrames(b []byte) error {
+	c.wmu.Lock()
+	c.corkOn()
+	err := c.writeCtlLocked()
+	if err == nil {
+		_, err = c.nc.Write(b)
+	}
+	if ferr := c.corkOff(); err == nil {
+		err = ferr
+	}
+	c.wmu.Unlock()
+	if err != nil {
+		c.closeWith(fmt.Errorf("hbone: write: %w", err), ErrCodeNo)
+		return ErrConnClosed
+	}
+	return nil
+}
+
+// encodeHeadersLocked encodes fields as HEADERS (+CONTINUATION) frames
+// into dst; wmu held (hpack state follows write order).
+func (c *Conn) encodeHeadersLocked(dst []byte, id uint32, fields []hpack.HeaderField, endStream bool) []byte {
+	c.hbuf.Reset()
+	for _, f := range fields {
+		_ = c.henc.WriteField(f)
+	}
+	block := c.hbuf.Bytes()
+	c.mu.Lock()
+	max := int(c.peerMaxFrame)
+	c.mu.Unlock()
+	first := true
+	for {
+		n := min(len(block), max)
+		var flags uint8
+		typ := uint8(frameContinuation)
+		if first {
+			typ = frameHeaders
+			if endStream {
+				flags |= flagEndStream
+			}
+		}
+		if n == len(block) {
+			flags |= flagEndHeaders
+		}
+		dst = appendFrame(dst, typ, flags, id, block[:n])
+		block = block[n:]
+		first = false
+		if len(block) == 0 {
+			return dst
+		}
+	}
+}
+
+// OpenStream opens a CONNECT stream to authority with extra headers. It
+// does not wait for the response (see Stream.Response): bytes written
+// before it are sent optimistically, which saves a round trip.
+func (c *Conn) OpenStream(authority string, extra []hpack.HeaderField) (*Stream, error) {
+	if !c.client {
+		return nil, errors.New("hbone: OpenStream on a server connection")
+	}
+	c.mu.Lock()
+	switch {
+	case c.closed:
+		c.mu.Unlock()
+		return nil, ErrConnClosed
+	case c.goingAway || uint32(c.reserved) >= c.peerMaxStreams || c.nextID.Load() >= 1<<31-1:
+		c.mu.Unlock()
+		return nil, ErrNoCapacity
+	}
+	c.reserved++
+	c.mu.Unlock()
+	s := newStream(c)
+	fields := make([]hpack.HeaderField, 0, 2+len(extra))
+	fields = append(fields, hpack.HeaderField{Name: ":method", Value: "CONNECT"}, hpack.HeaderField{Name: ":authority", Value: authority})
+	fields = append(fields, extra...)
+
+	c.wmu.Lock()
+	id := c.nextID.Load()
+	c.nextID.Store(id + 2)
+	s.id = id
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		c.wmu.Unlock()
+		c.release(s)
+		return nil, ErrConnClosed
+	}
+	s.sendWin = c.peerInitWin
+	c.streams[id] = s
+	c.mu.Unlock()
+	frames := c.encodeHeadersLocked(nil, id, fields, false)
+	c.corkOn()
+	err := c.writeCtlLocked()
+	if err == nil {
+		_, err = c.nc.Write(frames)
+	}
+	if ferr := c.corkOff(); err == nil {
+		err = ferr
+	}
+	c.wmu.Unlock()
+	if err != nil {
+		c.closeWith(fmt.Errorf("hbone: write: %w", err), ErrCodeNo)
+		return nil, ErrConnClosed
+	}
+	return s, nil
+}
+
+// release forgets a finished stream.
+func (c *Conn) release(s *Stream) {
+	c.mu.Lock()
+	if s.released {
+		c.mu.Unlock()
+		return
+	}
+	s.released = true
+	if s.id != 0 && c.streams[s.id] == s {
+		delete(c.streams, s.id)
+	}
+	c.reserved--
+	var idle func(*Conn)
+	if c.reserved == 0 {
+		c.idleSince = time.Now()
+		idle = c.onIdle
+	}
+	c.cond.Broadcast()
+	c.mu.Unlock()
+	if idle != nil {
+		idle(c)
+	}
+}
+
+func (c *Conn) keepalive() {
+	t := time.NewTicker(c.cfg.PingInterval)
+	defer t.Stop()
+	last := c.frames.Load()
+	for {
+		select {
+		case <-c.done:
+			return
+		case <-t.C:
+		}
+		now := c.frames.Load()
+		if now != last {
+			last = now
+			c.pingSent.Store(0)
+			continue
+		}
+		sent := c.pingSent.Load()
+		if sent == 0 {
+			c.pingSent.Store(time.Now().UnixNano())
+			var p [8]byte
+			binary.BigEndian.PutUint64(p[:], uint64(time.Now().UnixNano()))
+			c.queueCtl(appendFrame(nil, framePing, 0, 0, p[:]))
+			continue
+		}
+		if time.Since(time.Unix(0, sent)) >= c.cfg.PingTimeout-c.cfg.PingInterval/2 {
+			c.closeWith(errors.New("hbone: keepalive timeout: peer answered no PING"), ErrCodeNo)
+			return
+		}
+	}
+}
+
+// returnConnWindow gives n bytes of connection window back to the peer
+// once enough has accumulated.
+func (c *Conn) returnConnWindow(n int64) {
+	if n <= 0 {
+		return
+	}
+	u := c.connUnacked.Add(n)
+	if u < int64(c.cfg.ConnWindow/4) {
+		return
+	}
+	if !c.connUnacked.CompareAndSwap(u, 0) {
+		return // someone else is returning it
+	}
+	c.connRecvAvail.Add(u)
+	c.queueCtl(appendWindowUpdate(nil, 0, uint32(u)))
+}
+
+// readLoop reads and dispatches frames until the connection fails.
+func (c *Conn) readLoop() {
+	err := c.readFrames()
+	code := ErrCodeNo
+	var ce connError
+	if errors.As(err, &ce) {
+		code = ce.Code
+	} else if errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) {
+		err = ErrConnClosed
+	}
+	c.closeWith(err, code)
+}
+
+func (c *Conn) readFrames() error {
+	var hb [frameHeaderLen]byte
+	settingsSeen := false
+	for {
+		if err := readFull(c.br, hb[:]); err != nil {
+			return err
+		}
+		h := parseFrameHeader(hb[:])
+		c.frames.Add(1)
+		if h.Length > c.cfg.MaxFrameSize {
+			return connError{ErrCodeFrameSize, fmt.Sprintf("frame of %d bytes exceeds %d", h.Length, c.cfg.MaxFrameSize)}
+		}
+		if !settingsSeen && h.Type != frameSettings {
+			return connError{ErrCodeProtocol, "first frame is not SETTINGS"}
+		}
+		settingsSeen = true
+		if c.contStream != 0 && h.Type != frameContinuation {
+			return connError{ErrCodeProtocol, "header block interrupted"}
+		}
+		if h.Type == frameData {
+			if err := c.readData(h); err != nil {
+				return err
+			}
+			continue
+		}
+		p, err := c.readPayload(h)
+		if err != nil {
+			return err
+		}
+		if err := c.handleFrame(h, p); err != nil {
+			return err
+		}
+	}
+}
+
+func (c *Conn) readPayload(h frameHeader) ([]byte, error) {
+	if cap(c.scratch) < int(h.Length) {
+		c.scratch = make([]byte, h.Length)
+	}
+	p := c.scratch[:h.Length]
+	if err := readFull(c.br, p); err != nil {
+		return nil, err
+	}
+	if cap(c.scratch) > 64<<10 {
+		c.scratch = nil // a rare big control frame: do not keep it
+	}
+	return p, nil
+}
+
+func (c *Conn) handleFrame(h frameHeader, p []byte) error {
+	switch h.Type {
+	case frameHeaders:
+		if h.StreamID == 0 {
+			return connError{ErrCodeProtocol, "HEADERS on stream 0"}
+		}
+		frag, err := headerBlockFragment(h, p)
+		if err != nil {
+			return err
+		}
+		c.contStream = h.StreamID
+		c.contEnd = h.Flags&flagEndStream != 0
+		c.hblock = append(c.hblock[:0], frag...)
+		if h.Flags&flagEndHeaders != 0 {
+			return c.endHeaders()
+		}
+		return c.checkBlock()
+	case frameContinuation:
+		if c.contStream == 0 || h.StreamID != c.contStream {
+			return connError{ErrCodeProtocol, "unexpected CONTINUATION"}
+		}
+		c.hblock = append(c.hblock, p...)
+		if h.Flags&flagEndHeaders != 0 {
+			return c.endHeaders()
+		}
+		return c.checkBlock()
+	case framePriority:
+		if h.StreamID == 0 {
+			return connError{ErrCodeProtocol, "PRIORITY on stream 0"}
+		}
+		if len(p) != 5 {
+			return connError{ErrCodeFrameSize, "PRIORITY length"}
+		}
+		return nil
+	case frameRSTStream:
+		if h.StreamID == 0 {
+			return connError{ErrCodeProtocol, "RST_STREAM on stream 0"}
+		}
+		if len(p) != 4 {
+			return connError{ErrCodeFrameSize, "RST_STREAM length"}
+		}
+		if s := c.stream(h.StreamID); s != nil {
+			s.remoteReset(ErrCode(binary.BigEndian.Uint32(p)))
+		}
+		return nil
+	case frameSettings:
+		ss, err := parseSettings(h, p)
+		if err != nil {
+			return err
+		}
+		if h.Flags&flagAck != 0 {
+			return nil
+		}
+		c.applySettings(ss)
+		c.queueCtl(appendFrame(nil, frameSettings, flagAck, 0, nil))
+		return nil
+	case framePushPromise:
+		return connError{ErrCodeProtocol, "PUSH_PROMISE not allowed"}
+	case framePing:
+		if h.StreamID != 0 {
+			return connError{ErrCodeProtocol, "PING on a stream"}
+		}
+		if len(p) != 8 {
+			return connError{ErrCodeFrameSize, "PING length"}
+		}
+		if h.Flags&flagAck == 0 {
+			c.queueCtl(appendFrame(nil, framePing, flagAck, 0, p))
+		} else {
+			c.pingSent.Store(0)
+		}
+		return nil
+	case frameGoAway:
+		if h.StreamID != 0 {
+			return connError{ErrCodeProtocol, "GOAWAY on a stream"}
+		}
+		if len(p) < 8 {
+			return connError{ErrCodeFrameSize, "GOAWAY length"}
+		}
+		c.goAway(binary.BigEndian.Uint32(p)&(1<<31-1), ErrCode(binary.BigEndian.Uint32(p[4:])))
+		return nil
+	case frameWindowUpdate:
+		if len(p) != 4 {
+			return connError{ErrCodeFrameSize, "WINDOW_UPDATE length"}
+		}
+		incr := int64(binary.BigEndian.Uint32(p) & (1<<31 - 1))
+		if incr == 0 {
+			if h.StreamID == 0 {
+				return connError{ErrCodeProtocol, "WINDOW_UPDATE of 0"}
+			}
+			if s := c.stream(h.StreamID); s != nil {
+				s.Reset(ErrCodeProtocol)
+			}
+			return nil
+		}
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		if h.StreamID == 0 {
+			c.connSendWin += incr
+			if c.connSendWin > maxWindow {
+				return connError{ErrCodeFlowControl, "connection window overflow"}
+			}
+		} else if s := c.streams[h.StreamID]; s != nil {
+			s.sendWin += incr
+			if s.sendWin > maxWindow {
+				go s.Reset(ErrCodeFlowControl)
+			}
+		}
+		c.cond.Broadcast()
+		return nil
+	default:
+		return nil // unknown frame types are ignored (RFC 9113 §4.1)
+	}
+}
+
+func (c *Conn) checkBlock() error {
+	if uint32(len(c.hblock)) > c.cfg.MaxHeaderListSize*2 {
+		return connError{ErrCodeEnhanceYourCalm, "header block too large"}
+	}
+	return nil
+}
+
+func (c *Conn) applySettings(ss []setting) {
+	for _, s := range ss {
+		if s.ID == settingHeaderTableSize {
+			// Our encoder keeps its table within what the peer allows.
+			// (wmu before mu: the order writers take them in.)
+			c.wmu.Lock()
+			c.henc.SetMaxDynamicTableSizeLimit(s.Val)
+			c.wmu.Unlock()
+		}
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, s := range ss {
+		switch s.ID {
+		case settingMaxConcurrentStreams:
+			c.peerMaxStreams = s.Val
+		case settingInitialWindowSize:
+			delta := int64(s.Val) - c.peerInitWin
+			c.peerInitWin = int64(s.Val)
+			for _, st := range c.streams {
+				st.sendWin += delta
+			}
+		case settingMaxFrameSize:
+			c.peerMaxFrame = s.Val
+		}
+	}
+	c.cond.Broadcast()
+}
+
+func (c *Conn) goAway(last uint32, code ErrCode) {
+	c.mu.Lock()
+	c.goingAway = true
+	var refused []*Stream
+	if c.client {
+		for id, s := range c.streams {
+			if id > last {
+				refused = append(refused, s)
+			}
+		}
+	}
+	c.cond.Broadcast()
+	c.mu.Unlock()
+	for _, s := range refused {
+		s.remoteReset(ErrCodeRefusedStream)
+	}
+}
+
+func (c *Conn) stream(id uint32) *Stream {
+	c.mu.Lock()
+	s := c.streams[id]
+	c.mu.Unlock()
+	return s
+}
+
+// endHeaders decodes a complete header block and acts on it.
+func (c *Conn) endHeaders() error {
+	id, end := c.contStream, c.contEnd
+	c.contStream = 0
+	c.hfields = c.hfields[:0]
+	c.hsize = 0
+	c.hbad = false
+	if _, err := c.hdec.Write(c.hblock); err != nil {
+		return connError{ErrCodeCompression, err.Error()}
+	}
+	if err := c.hdec.Close(); err != nil {
+		return connError{ErrCodeCompression, err.Error()}
+	}
+	if cap(c.hblock) > 64<<10 {
+		c.hblock = nil
+	}
+	if c.client {
+		return c.clientHeaders(id, end)
+	}
+	return c.serverHeaders(id, end)
+}
+
+func (c *Conn) clientHeaders(id uint32, end bool) error {
+	if id%2 == 0 {
+		return connError{ErrCodeProtocol, "server-initiated stream"}
+	}
+	s := c.stream(id)
+	if s == nil {
+		if id >= c.peekNextID() {
+			return connError{ErrCodeProtocol, "HEADERS on an idle stream"}
+		}
+		return nil // a stream we already forgot
+	}
+	if c.hbad {
+		s.Reset(ErrCodeProtocol)
+		return nil
+	}
+	s.gotHeaders(c.hfields, end)
+	return nil
+}
+
+func (c *Conn) peekNextID() uint32 { return c.nextID.Load() }
+
+func (c *Conn) serverHeaders(id uint32, end bool) error {
+	if id%2 == 0 {
+		return connError{ErrCodeProtocol, "even stream id from a client"}
+	}
+	c.mu.Lock()
+	if s := c.streams[id]; s != nil {
+		c.mu.Unlock()
+		// Trailers: only END_STREAM matters.
+		if !end {
+			return connError{ErrCodeProtocol, "second HEADERS without END_STREAM"}
+		}
+		s.gotHeaders(nil, true)
+		return nil
+	}
+	if id <= c.lastPeerStream {
+		c.mu.Unlock()
+		return connError{ErrCodeStreamClosed, "HEADERS on a closed stream"}
+	}
+	c.lastPeerStream = id
+	if c.goingAway || c.closed {
+		c.mu.Unlock()
+		c.queueCtl(appendRST(nil, id, ErrCodeRefusedStream))
+		return nil
+	}
+	if uint32(c.reserved) >= c.cfg.MaxConcurrentStreams {
+		c.mu.Unlock()
+		c.queueCtl(appendRST(nil, id, ErrCodeRefusedStream))
+		return nil
+	}
+	c.mu.Unlock()
+	if c.hbad {
+		c.queueCtl(appendRST(nil, id, ErrCodeProtocol))
+		return nil
+	}
+	req, err := parseRequest(c.hfields)
+	if err != nil {
+		c.queueCtl(appendRST(nil, id, ErrCodeProtocol))
+		return nil
+	}
+	s := newStream(c)
+	s.id = id
+	s.Request = req
+	c.mu.Lock()
+	c.reserved++
+	s.sendWin = c.peerInitWin
+	c.streams[id] = s
+	c.mu.Unlock()
+	if end {
+		s.gotHeaders(nil, true)
+	}
+	go c.handler(s)
+	return nil
+}
+
+// readData reads a DATA frame's payload straight into a pooled chunk
+// and queues it on its stream.
+func (c *Conn) readData(h frameHeader) error {
+	if h.StreamID == 0 {
+		return connError{ErrCodeProtocol, "DATA on stream 0"}
+	}
+	n := int64(h.Length)
+	if c.connRecvAvail.Add(-n) < 0 {
+		return connError{ErrCodeFlowControl, "peer exceeded the connection window"}
+	}
+	s := c.stream(h.StreamID)
+	if s == nil || !s.acceptsData() {
+		if s == nil && c.isIdleID(h.StreamID) {
+			return connError{ErrCodeProtocol, "DATA on an idle stream"}
+		}
+		if _, err := c.br.Discard(int(n)); err != nil {
+			return err
+		}
+		c.returnConnWindow(n)
+		if s != nil {
+			s.Reset(ErrCodeStreamClosed)
+		}
+		return nil
+	}
+	if n == 0 {
+		if h.Flags&flagEndStream != 0 {
+			s.pushData(nil, nil, true)
+		}
+		return nil
+	}
+	bp := getBuf(int(n))
+	if err := readFull(c.br, *bp); err != nil {
+		putBuf(bp)
+		return err
+	}
+	data, err := dataPayload(h, *bp)
+	if err != nil {
+		putBuf(bp)
+		return err
+	}
+	if pad := n - int64(len(data)); pad > 0 {
+		c.returnConnWindow(pad)
+	}
+	if !s.takeRecvWindow(n) {
+		putBuf(bp)
+		c.returnConnWindow(n)
+		s.Reset(ErrCodeFlowControl)
+		return nil
+	}
+	if len(data) == 0 {
+		putBuf(bp)
+		bp = nil
+	}
+	s.pushData(bp, data, h.Flags&flagEndStream != 0)
+	return nil
+}
+
+func (c *Conn) isIdleID(id uint32) bool {
+	if c.client {
+		return id%2 == 1 && id >= c.peekNextID()
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return id%2 == 1 && id > c.lastPeerStream
+}

@@ -1,0 +1,115 @@
+package hbone
+
+import (
+	"bytes"
+	"io"
+	"net"
+	"testing"
+	"time"
+
+	"golang.org/x/net/http2/hpack"
+)
+
+// FuzzParseRequest: any header list gives a request or an error, never a
+// panic, and an accepted CONNECT always has an authority and no path.
+func FuzzParseRequest(f *testing.F) {
+	f.Add(":method\x00CONNECT\x00:authority\x0010.0.0.1:80\x00baggage\x00a=b")
+	f.Add(":method\x00GET\x00:path\x00/\x00:scheme\x00https")
+	f.Add(":authority\x00x\x00:method\x00CONNECT\x00:path\x00/")
+	f.Add(":method\x00CONNECT\x00:authority\x00[fd00::1]:8080\x00Forwarded\x00for=x")
+	f.Fuzz(func(t *testing.T, s string) {
+		parts := bytes.Split([]byte(s), []byte{0})
+		var fields []hpack.HeaderField
+		for i := 0; i+1 < len(parts); i += 2 {
+			fields = append(fields, hpack.HeaderField{Name: string(parts[i]), Value: string(parts[i+1])})
+		}
+		r, err := parseRequest(fields)
+		if err != nil {
+			return
+		}
+		if r.Method == "CONNECT" && r.Protocol == "" && (r.Authority == "" || r.Path != "") {
+			t.Fatalf("accepted bad CONNECT %+v", r)
+		}
+	})
+}
+
+// fuzzConn feeds fixed bytes to a connection and swallows its writes.
+type fuzzConn struct {
+	r *bytes.Reader
+}
+
+func (c *fuzzConn) Read(p []byte) (int, error)       { return c.r.Read(p) }
+func (c *fuzzConn) Write(p []byte) (int, error)      { return len(p), nil }
+func (c *fuzzConn) Close() error                     { return nil }
+func (c *fuzzConn) LocalAddr() net.Addr              { return &net.TCPAddr{} }
+func (c *fuzzConn) RemoteAddr() net.Addr             { return &net.TCPAddr{} }
+func (c *fuzzConn) SetDeadline(time.Time) error      { return nil }
+func (c *fuzzConn) SetReadDeadline(time.Time) error  { return nil }
+func (c *fuzzConn) SetWriteDeadline(time.Time) error { return nil }
+
+func frameBytes(typ, flags uint8, id uint32, p []byte) []byte {
+	return appendFrame(nil, typ, flags, id, p)
+}
+
+// FuzzServerFrames runs the server's frame reader on arbitrary bytes
+// after a valid preface: it must end with an error, never panic or hang.
+func FuzzServerFrames(f *testing.F) {
+	var hb bytes.Buffer
+	enc := hpack.NewEncoder(&hb)
+	enc.WriteField(hpack.HeaderField{Name: ":method", Value: "CONNECT"})
+	enc.WriteField(hpack.HeaderField{Name: ":authority", Value: "10.0.0.1:80"})
+	settings := appendSettings(nil, setting{settingInitialWindowSize, 1 << 20})
+	seed := append([]byte{}, settings...)
+	seed = append(seed, frameBytes(frameHeaders, flagEndHeaders, 1, hb.Bytes())...)
+	seed = append(seed, frameBytes(frameData, 0, 1, []byte("hello"))...)
+	seed = append(seed, frameBytes(frameData, flagPadded|flagEndStream, 1, []byte{2, 'h', 'i', 0, 0})...)
+	seed = append(seed, appendWindowUpdate(nil, 1, 100)...)
+	seed = append(seed, frameBytes(framePing, 0, 0, make([]byte, 8))...)
+	seed = append(seed, appendRST(nil, 1, ErrCodeCancel)...)
+	seed = append(seed, appendGoAway(nil, 0, ErrCodeNo, "bye")...)
+	f.Add(seed)
+	f.Add(append(append([]byte{}, settings...), frameBytes(frameHeaders, 0, 1, hb.Bytes()[:3])...))
+	f.Add(append(append([]byte{}, settings...), frameBytes(frameData, 0, 3, []byte("x"))...))
+	f.Add([]byte{0, 0, 0, 4, 0, 0, 0, 0, 0})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		in := append([]byte(clientPreface), b...)
+		c, err := NewServerConn(&fuzzConn{r: bytes.NewReader(in)}, nil, Config{PingInterval: -1}, func(s *Stream) {
+			s.Respond(200, nil)
+			io.Copy(io.Discard, s)
+			s.Close()
+		})
+		if err != nil {
+			return
+		}
+		select {
+		case <-c.Done():
+		case <-time.After(10 * time.Second):
+			t.Fatal("server did not end at EOF")
+		}
+	})
+}
+
+// FuzzClientFrames: the client's reader on arbitrary server bytes.
+func FuzzClientFrames(f *testing.F) {
+	var hb bytes.Buffer
+	enc := hpack.NewEncoder(&hb)
+	enc.WriteField(hpack.HeaderField{Name: ":status", Value: "200"})
+	seed := appendSettings(nil, setting{settingMaxFrameSize, 1 << 20})
+	seed = append(seed, frameBytes(frameHeaders, flagEndHeaders, 1, hb.Bytes())...)
+	seed = append(seed, frameBytes(frameData, flagEndStream, 1, []byte("resp"))...)
+	f.Add(seed)
+	f.Fuzz(func(t *testing.T, b []byte) {
+		c, err := NewClientConn(&fuzzConn{r: bytes.NewReader(b)}, nil, Config{PingInterval: -1})
+		if err != nil {
+			return
+		}
+		if s, err := c.OpenStream("10.0.0.1:80", nil); err == nil {
+			go io.Copy(io.Discard, s)
+		}
+		select {
+		case <-c.Done():
+		case <-time.After(10 * time.Second):
+			t.Fatal("client did not end at EOF")
+		}
+	})
+}

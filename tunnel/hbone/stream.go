@@ -1,0 +1,618 @@
+package hbone
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"strconv"
+	"sync"
+	"syscall"
+
+	"golang.org/x/net/http2/hpack"
+	"golang.org/x/sys/unix"
+)
+
+type chunk struct {
+	bp   *[]byte // pooled backing buffer (nil for none)
+	data []byte
+}
+
+// Stream is one CONNECT stream: a bidirectional byte stream with
+// half-close (CloseWrite ↔ END_STREAM) and reset.
+type Stream struct {
+	c  *Conn
+	id uint32
+
+	// Request is the peer's request (server side).
+	Request *Request
+
+	// Client side: the response.
+	respOnce   sync.Once
+	resp       chan struct{}
+	status     int
+	respHeader []hpack.HeaderField
+
+	// Receive side.
+	rmu       sync.Mutex
+	rsig      chan struct{}
+	chunks    []chunk
+	buffered  int64
+	recvEnd   bool
+	recvErr   error
+	recvAvail int64
+	unacked   int64
+	abort     func() // set by Splice: unblock the app side at once
+
+	// Send side and lifecycle, under c.mu.
+	sendWin   int64
+	sentEnd   bool
+	remoteEnd bool
+	reset     bool
+	released  bool
+}
+
+func newStream(c *Conn) *Stream {
+	return &Stream{
+		c:         c,
+		resp:      make(chan struct{}),
+		rsig:      make(chan struct{}, 1),
+		recvAvail: int64(c.cfg.StreamWindow),
+	}
+}
+
+// ID is the HTTP/2 stream id.
+func (s *Stream) ID() uint32 { return s.id }
+
+// Conn is the connection carrying the stream.
+func (s *Stream) Conn() *Conn { return s.c }
+
+func (s *Stream) signal() {
+	select {
+	case s.rsig <- struct{}{}:
+	default:
+	}
+}
+
+func (s *Stream) acceptsData() bool {
+	s.rmu.Lock()
+	defer s.rmu.Unlock()
+	return !s.recvEnd && s.recvErr == nil
+}
+
+func (s *Stream) takeRecvWindow(n int64) bool {
+	s.rmu.Lock()
+	defer s.rmu.Unlock()
+	s.recvAvail -= n
+	return s.recvAvail >= 0
+}
+
+// Buffered is how many received bytes wait for the app.
+func (s *Stream) Buffered() int64 {
+	s.rmu.Lock()
+	defer s.rmu.Unlock()
+	return s.buffered
+}
+
+func (s *Stream) pushData(bp *[]byte, data []byte, end bool) {
+	s.rmu.Lock()
+	if s.recvErr != nil {
+		s.rmu.Unlock()
+		if bp != nil {
+			putBuf(bp)
+		}
+		s.c.returnConnWindow(int64(len(data)))
+		return
+	}
+	if len(data) > 0 {
+		s.chunks = append(s.chunks, chunk{bp, data})
+		s.buffered += int64(len(data))
+		bufferedBytes.Add(int64(len(data)))
+	}
+	if end {
+		s.recvEnd = true
+	}
+	s.rmu.Unlock()
+	s.signal()
+	if end {
+		s.markRemoteEnd()
+	}
+}
+
+func (s *Stream) markRemoteEnd() {
+	c := s.c
+	c.mu.Lock()
+	s.remoteEnd = true
+	done := s.sentEnd
+	c.mu.Unlock()
+	if done {
+		c.release(s)
+	}
+}
+
+func (s *Stream) gotHeaders(fields []hpack.HeaderField, end bool) {
+	if fields != nil && s.c.client {
+		s.respOnce.Do(func() {
+			s.respHeader = append([]hpack.HeaderField(nil), fields...)
+			for _, f := range fields {
+				if f.Name == ":status" {
+					s.status, _ = strconv.Atoi(f.Value)
+				}
+			}
+			close(s.resp)
+		})
+	}
+	if end {
+		s.pushData(nil, nil, true)
+	}
+}
+
+// Response waits for the response headers (client side) and returns the
+// status. A non-200 status is not an error here; the caller decides.
+func (s *Stream) Response(ctx context.Context) (int, []hpack.HeaderField, error) {
+	select {
+	case <-s.resp:
+	case <-ctx.Done():
+		return 0, nil, ctx.Err()
+	}
+	if s.status != 0 {
+		return s.status, s.respHeader, nil
+	}
+	// Closed without a response: the stream was reset or the connection
+	// died.
+	s.rmu.Lock()
+	err := s.recvErr
+	s.rmu.Unlock()
+	if err == nil {
+		err = StreamError{Code: ErrCodeCancel}
+	}
+	return 0, nil, err
+}
+
+// Respond sends the response headers (server side). Any status but 200
+// ends the stream.
+func (s *Stream) Respond(status int, extra []hpack.HeaderField) error {
+	fields := make([]hpack.HeaderField, 0, 1+len(extra))
+	fields = append(fields, hpack.HeaderField{Name: ":status", Value: strconv.Itoa(status)})
+	fields = append(fields, extra...)
+	end := status != 200
+	c := s.c
+	c.wmu.Lock()
+	frames := c.encodeHeadersLocked(nil, s.id, fields, end)
+	c.corkOn()
+	err := c.writeCtlLocked()
+	if err == nil {
+		_, err = c.nc.Write(frames)
+	}
+	if ferr := c.corkOff(); err == nil {
+		err = ferr
+	}
+	c.wmu.Unlock()
+	if err != nil {
+		c.closeWith(err, ErrCodeNo)
+		return ErrConnClosed
+	}
+	if end {
+		c.mu.Lock()
+		s.sentEnd = true
+		done := s.remoteEnd
+		c.mu.Unlock()
+		if done {
+			c.release(s)
+		} else {
+			// We will not read the rest of the request: tell the peer to
+			// stop (RFC 9113 §8.1) and forget the stream.
+			s.Reset(ErrCodeNo)
+		}
+	}
+	return nil
+}
+
+// reserve waits for send window and takes up to want bytes of it.
+func (s *Stream) reserve(want int) (int, error) {
+	c := s.c
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for {
+		switch {
+		case s.reset:
+			return 0, s.sendErrLocked()
+		case c.closed:
+			return 0, c.closeErr
+		case s.sentEnd:
+			return 0, errors.New("hbone: write after CloseWrite")
+		}
+		w := min(s.sendWin, c.connSendWin, int64(c.peerMaxFrame))
+		if w > 0 {
+			n := int(min(int64(want), w))
+			s.sendWin -= int64(n)
+			c.connSendWin -= int64(n)
+			return n, nil
+		}
+		c.cond.Wait()
+	}
+}
+
+func (s *Stream) sendErrLocked() error {
+	s.rmu.Lock()
+	defer s.rmu.Unlock()
+	if s.recvErr != nil {
+		return s.recvErr
+	}
+	return StreamError{Code: ErrCodeCancel}
+}
+
+// sendFrom sends buf[frameHeaderLen:frameHeaderLen+n] as DATA frames,
+// writing each frame header into the bytes just in front of its payload
+// (already sent or the headroom), so nothing is copied.
+func (s *Stream) sendFrom(buf []byte, n int) error {
+	off := 0
+	for off < n {
+		k, err := s.reserve(n - off)
+		if err != nil {
+			return err
+		}
+		putFrameHeader(buf[off:off+frameHeaderLen], frameHeader{Length: uint32(k), Type: frameData, StreamID: s.id})
+		if err := s.c.writeFrames(buf[off : off+frameHeaderLen+k]); err != nil {
+			return err
+		}
+		off += k
+	}
+	return nil
+}
+
+func (s *Stream) frameSize() int {
+	s.c.mu.Lock()
+	defer s.c.mu.Unlock()
+	return min(s.c.cfg.SendFrameSize, int(s.c.peerMaxFrame))
+}
+
+// Write sends p as DATA (copying it; Splice does not copy).
+func (s *Stream) Write(p []byte) (int, error) {
+	fs := s.frameSize()
+	written := 0
+	for len(p) > 0 {
+		n := min(len(p), fs)
+		bp := getBuf(frameHeaderLen + n)
+		copy((*bp)[frameHeaderLen:], p[:n])
+		err := s.sendFrom(*bp, n)
+		putBuf(bp)
+		if err != nil {
+			return written, err
+		}
+		written += n
+		p = p[n:]
+	}
+	return written, nil
+}
+
+// CloseWrite half-closes: END_STREAM, like a TCP FIN.
+func (s *Stream) CloseWrite() error {
+	c := s.c
+	c.mu.Lock()
+	if s.sentEnd || s.reset {
+		c.mu.Unlock()
+		return nil
+	}
+	c.mu.Unlock()
+	var b [frameHeaderLen]byte
+	putFrameHeader(b[:], frameHeader{Type: frameData, Flags: flagEndStream, StreamID: s.id})
+	if err := c.writeFrames(b[:]); err != nil {
+		return err
+	}
+	c.mu.Lock()
+	s.sentEnd = true
+	done := s.remoteEnd
+	c.mu.Unlock()
+	if done {
+		c.release(s)
+	}
+	return nil
+}
+
+// take waits for received data, the end of the stream or an error.
+func (s *Stream) take(ctx <-chan struct{}) ([]chunk, error) {
+	for {
+		s.rmu.Lock()
+		if len(s.chunks) > 0 {
+			ch := s.chunks
+			s.chunks = nil
+			s.rmu.Unlock()
+			return ch, nil
+		}
+		err := s.recvErr
+		if err == nil && s.recvEnd {
+			err = io.EOF
+		}
+		s.rmu.Unlock()
+		if err != nil {
+			return nil, err
+		}
+		select {
+		case <-s.rsig:
+		case <-ctx:
+			return nil, context.Canceled
+		}
+	}
+}
+
+// consumed recycles delivered chunks and returns their window to the
+// peer once a quarter of the window has been taken by the app.
+func (s *Stream) consumed(chs []chunk) {
+	var n int64
+	for _, ch := range chs {
+		n += int64(len(ch.data))
+		if ch.bp != nil {
+			putBuf(ch.bp)
+		}
+	}
+	s.credit(n)
+}
+
+func (s *Stream) credit(n int64) {
+	if n == 0 {
+		return
+	}
+	bufferedBytes.Add(-n)
+	s.c.returnConnWindow(n)
+	s.rmu.Lock()
+	s.buffered -= n
+	if s.recvEnd || s.recvErr != nil {
+		s.rmu.Unlock()
+		return
+	}
+	s.unacked += n
+	var u int64
+	if s.unacked >= int64(s.c.cfg.StreamWindow/4) {
+		u = s.unacked
+		s.unacked = 0
+		s.recvAvail += u
+	}
+	s.rmu.Unlock()
+	if u > 0 {
+		s.c.queueCtl(appendWindowUpdate(nil, s.id, uint32(u)))
+	}
+}
+
+// Read reads received bytes (copying; Splice writes chunks to the app
+// directly).
+func (s *Stream) Read(p []byte) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
+	}
+	for {
+		s.rmu.Lock()
+		if len(s.chunks) > 0 {
+			n := 0
+			var done []chunk
+			for n < len(p) && len(s.chunks) > 0 {
+				ch := &s.chunks[0]
+				k := copy(p[n:], ch.data)
+				n += k
+				ch.data = ch.data[k:]
+				if len(ch.data) == 0 {
+					done = append(done, chunk{bp: ch.bp})
+					s.chunks = s.chunks[1:]
+				}
+			}
+			s.rmu.Unlock()
+			for _, ch := range done {
+				if ch.bp != nil {
+					putBuf(ch.bp)
+				}
+			}
+			s.credit(int64(n))
+			return n, nil
+		}
+		err := s.recvErr
+		if err == nil && s.recvEnd {
+			err = io.EOF
+		}
+		s.rmu.Unlock()
+		if err != nil {
+			return 0, err
+		}
+		<-s.rsig
+	}
+}
+
+// Reset aborts the stream with RST_STREAM(code).
+func (s *Stream) Reset(code ErrCode) {
+	s.doReset(StreamError{Code: code}, true)
+}
+
+func (s *Stream) remoteReset(code ErrCode) {
+	s.doReset(StreamError{Code: code, Remote: true}, false)
+}
+
+func (s *Stream) connClosed(err error) {
+	s.doReset(err, false)
+}
+
+func (s *Stream) doReset(err error, send bool) {
+	c := s.c
+	c.mu.Lock()
+	if s.reset || (s.sentEnd && s.remoteEnd) {
+		c.mu.Unlock()
+		if !s.reset {
+			// Both sides finished: nothing to reset, but drop buffers.
+			s.dropBuffers(err)
+		}
+		return
+	}
+	s.reset = true
+	c.cond.Broadcast()
+	c.mu.Unlock()
+	if send && s.id != 0 {
+		c.queueCtl(appendRST(nil, s.id, err.(StreamError).Code))
+	}
+	s.dropBuffers(err)
+	s.respOnce.Do(func() { close(s.resp) })
+	c.release(s)
+}
+
+func (s *Stream) dropBuffers(err error) {
+	s.rmu.Lock()
+	chs := s.chunks
+	s.chunks = nil
+	if s.recvErr == nil && !(s.recvEnd && len(chs) == 0) {
+		s.recvErr = err
+	}
+	abort := s.abort
+	s.rmu.Unlock()
+	s.consumed(chs)
+	s.signal()
+	if abort != nil && s.recvErr != nil {
+		abort()
+	}
+}
+
+// Close ends the stream: a reset unless both directions already ended.
+func (s *Stream) Close() error {
+	s.Reset(ErrCodeCancel)
+	return nil
+}
+
+// SpliceResult is what Splice moved.
+type SpliceResult struct {
+	// ToApp and FromApp count payload bytes in each direction.
+	ToApp, FromApp int64
+	// Err is the first failure ("" for a clean close both ways).
+	Err error
+}
+
+// Splice joins the stream and a TCP connection until both directions have
+// ended, then closes app. A TCP FIN becomes END_STREAM and vice versa; a
+// reset on either side resets the other.
+func (s *Stream) Splice(app *net.TCPConn) SpliceResult {
+	var res SpliceResult
+	s.rmu.Lock()
+	s.abort = func() {
+		_ = app.SetLinger(0)
+		_ = app.Close()
+	}
+	pendingErr := s.recvErr
+	s.rmu.Unlock()
+	if pendingErr != nil {
+		_ = app.SetLinger(0)
+		app.Close()
+		res.Err = pendingErr
+		return res
+	}
+	drained := make(chan error, 1)
+	go func() {
+		n, err := s.drainTo(app)
+		res.ToApp = n
+		drained <- err
+	}()
+	n, perr := s.pumpFrom(app)
+	res.FromApp = n
+	if perr != nil {
+		s.Reset(ErrCodeCancel)
+		_ = app.SetLinger(0)
+		app.Close()
+	}
+	derr := <-drained
+	if derr != nil && perr == nil {
+		// The far side reset or failed; make sure the stream is gone.
+		s.Reset(ErrCodeCancel)
+	}
+	app.Close()
+	s.rmu.Lock()
+	s.abort = nil
+	s.rmu.Unlock()
+	switch {
+	case perr != nil:
+		res.Err = perr
+	case derr != nil:
+		res.Err = derr
+	}
+	return res
+}
+
+// pumpFrom moves app → stream until EOF (then END_STREAM) or an error.
+// It waits for readability before taking a buffer, so an idle
+// connection holds none.
+func (s *Stream) pumpFrom(app *net.TCPConn) (int64, error) {
+	rc, err := app.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	fs := s.frameSize()
+	var total int64
+	for {
+		var bp *[]byte
+		var n int
+		var rerr error
+		err := rc.Read(func(fd uintptr) bool {
+			bp = getBuf(frameHeaderLen + fs)
+			for {
+				n, rerr = unix.Read(int(fd), (*bp)[frameHeaderLen:])
+				if rerr != unix.EINTR {
+					break
+				}
+			}
+			if rerr == unix.EAGAIN {
+				putBuf(bp)
+				bp = nil
+				return false
+			}
+			return true
+		})
+		if err == nil {
+			err = rerr
+		}
+		if err != nil {
+			if bp != nil {
+				putBuf(bp)
+			}
+			if errors.Is(err, net.ErrClosed) {
+				// Closed under us by a reset from the far side.
+				return total, nil
+			}
+			return total, &net.OpError{Op: "read", Net: "tcp", Err: err}
+		}
+		if n <= 0 {
+			putBuf(bp)
+			return total, s.CloseWrite()
+		}
+		err = s.sendFrom(*bp, n)
+		putBuf(bp)
+		if err != nil {
+			return total, err
+		}
+		total += int64(n)
+	}
+}
+
+// drainTo moves stream → app with writev until END_STREAM (then a FIN to
+// the app) or a reset.
+func (s *Stream) drainTo(app *net.TCPConn) (int64, error) {
+	var total int64
+	bufs := make(net.Buffers, 0, 16)
+	for {
+		chs, err := s.take(s.c.done)
+		if err == io.EOF {
+			return total, app.CloseWrite()
+		}
+		if err != nil {
+			return total, err
+		}
+		bufs = bufs[:0]
+		var n int64
+		for _, ch := range chs {
+			bufs = append(bufs, ch.data)
+			n += int64(len(ch.data))
+		}
+		_, werr := bufs.WriteTo(app)
+		s.consumed(chs)
+		if werr != nil {
+			s.Reset(ErrCodeCancel)
+			if errors.Is(werr, syscall.EPIPE) || errors.Is(werr, syscall.ECONNRESET) {
+				return total, werr
+			}
+			return total, werr
+		}
+		total += n
+	}
+}
