@@ -12,8 +12,10 @@ import (
 // Limits, the same as the CRD schema's, so file mode and Kubernetes mode
 // refuse the same objects.
 const (
-	MaxRules      = 4096
+	MaxRules      = 1024
 	MaxListItems  = 1024
+	MaxIPBlocks   = 256 // the CRD checks each with CEL; this bounds the cost
+	MaxModePorts  = 256
 	MaxPatternLen = 512
 )
 
@@ -48,8 +50,8 @@ func ValidateInboundMode(m *InboundMode) field.ErrorList {
 	if m.Spec.Mode == "" && len(m.Spec.Ports) == 0 {
 		errs = append(errs, field.Required(spec.Child("mode"), "set mode, ports, or both"))
 	}
-	if len(m.Spec.Ports) > MaxListItems {
-		errs = append(errs, field.TooMany(spec.Child("ports"), len(m.Spec.Ports), MaxListItems))
+	if len(m.Spec.Ports) > MaxModePorts {
+		errs = append(errs, field.TooMany(spec.Child("ports"), len(m.Spec.Ports), MaxModePorts))
 	}
 	seen := map[int32]bool{}
 	for i, pm := range m.Spec.Ports {
@@ -150,8 +152,8 @@ func validatePatterns(list []string, p *field.Path) field.ErrorList {
 
 func validateBlocks(list []string, p *field.Path) field.ErrorList {
 	var errs field.ErrorList
-	if len(list) > MaxListItems {
-		errs = append(errs, field.TooMany(p, len(list), MaxListItems))
+	if len(list) > MaxIPBlocks {
+		errs = append(errs, field.TooMany(p, len(list), MaxIPBlocks))
 	}
 	for i, s := range list {
 		if _, err := parseBlock(s); err != nil {
