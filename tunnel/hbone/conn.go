@@ -31,6 +31,10 @@ type Config struct {
 	// MaxConcurrentStreams a server accepts on one connection (default
 	// 200); a client never opens more than the peer allows.
 	MaxConcurrentStreams uint32
+	// MaxStreamsPerConn is how many streams a client opens on one
+	// connection at most (default 100, ztunnel's); the peer's
+	// MAX_CONCURRENT_STREAMS may lower it.
+	MaxStreamsPerConn uint32
 	// MaxHeaderListSize bounds a decoded header block (default 64 KiB).
 	MaxHeaderListSize uint32
 	// PingInterval: a client pings a connection that received nothing
@@ -67,6 +71,9 @@ func (c Config) withDefaults() Config {
 	}
 	if c.MaxConcurrentStreams == 0 {
 		c.MaxConcurrentStreams = 200
+	}
+	if c.MaxStreamsPerConn == 0 {
+		c.MaxStreamsPerConn = 100
 	}
 	if c.MaxHeaderListSize == 0 {
 		c.MaxHeaderListSize = 64 << 10
@@ -133,14 +140,14 @@ type Conn struct {
 	done    chan struct{}
 
 	// read-loop only
-	hdec        *hpack.Decoder
-	hfields     []hpack.HeaderField
-	hsize       uint32
-	hbad        bool
-	contStream  uint32 // stream whose header block continues, 0 if none
-	contEnd     bool
-	hblock      []byte
-	scratch     []byte
+	hdec       *hpack.Decoder
+	hfields    []hpack.HeaderField
+	hsize      uint32
+	hbad       bool
+	contStream uint32 // stream whose header block continues, 0 if none
+	contEnd    bool
+	hblock     []byte
+	scratch    []byte
 }
 
 func newConn(nc net.Conn, cork *corkConn, client bool, cfg Config) *Conn {
@@ -502,7 +509,7 @@ func (c *Conn) OpenStream(authority string, extra []hpack.HeaderField) (*Stream,
 	case c.closed:
 		c.mu.Unlock()
 		return nil, ErrConnClosed
-	case c.goingAway || uint32(c.reserved) >= c.peerMaxStreams || c.nextID.Load() >= 1<<31-1:
+	case c.goingAway || uint32(c.reserved) >= min(c.peerMaxStreams, c.cfg.MaxStreamsPerConn) || c.nextID.Load() >= 1<<31-1:
 		c.mu.Unlock()
 		return nil, ErrNoCapacity
 	}

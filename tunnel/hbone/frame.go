@@ -112,7 +112,9 @@ type connError struct {
 	Msg  string
 }
 
-func (e connError) Error() string { return fmt.Sprintf("hbone: connection error %v: %s", e.Code, e.Msg) }
+func (e connError) Error() string {
+	return fmt.Sprintf("hbone: connection error %v: %s", e.Code, e.Msg)
+}
 
 // StreamError is a stream error: the stream was reset (by either side).
 type StreamError struct {
