@@ -1,0 +1,311 @@
+package install
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/fsnotify/fsnotify"
+
+	"github.com/ambit-mesh/ambit/node-agent/install/atomicfile"
+	"github.com/ambit-mesh/ambit/node-agent/install/conflist"
+)
+
+// Run installs ambit-cni on this node and keeps it installed until ctx
+// ends: it copies the binary, waits for cfg.Ready, chains our entry last
+// into the primary CNI config, and re-asserts both whenever a file event
+// (or the periodic resync) shows them gone or changed.
+//
+// Ending ctx leaves everything in place on purpose: a restarting or
+// upgrading agent must not open a window in which pods start without
+// redirection. Removing Ambit from the node is Uninstall's job.
+func Run(ctx context.Context, cfg Config) error {
+	c, err := cfg.withDefaults()
+	if err != nil {
+		return err
+	}
+	e, err := entryOf(c.Entry)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(c.CNIConfDir, 0o755); err != nil {
+		return fmt.Errorf("CNI config directory: %w", err)
+	}
+	if err := os.MkdirAll(c.CNIBinDir, 0o755); err != nil {
+		return fmt.Errorf("CNI bin directory: %w", err)
+	}
+	w, err := fsnotify.NewWatcher()
+	if err != nil {
+		return fmt.Errorf("watching CNI directories: %w", err)
+	}
+	defer w.Close()
+	for _, d := range []string{c.CNIConfDir, c.CNIBinDir} {
+		if err := w.Add(d); err != nil {
+			return fmt.Errorf("watching %s: %w", d, err)
+		}
+	}
+
+	in := &installer{cfg: c, entry: e, m: newMetrics(c.Registerer), log: c.Logger}
+	if changed, err := installBinary(c.PluginSource, c.CNIBinDir); err != nil {
+		return err
+	} else if changed {
+		in.log.Info("installed plugin binary", "path", filepath.Join(c.CNIBinDir, PluginType))
+	}
+
+	if c.Ready != nil {
+		in.log.Info("waiting for the agent to be ready before writing the CNI config")
+		select {
+		case <-c.Ready:
+		case <-ctx.Done():
+			return nil
+		}
+	}
+
+	// One reconciliation now, then on every (debounced) event, every
+	// Resync, and with backoff after a failure.
+	backoff := time.Duration(0)
+	timer := time.NewTimer(0)
+	defer timer.Stop()
+	resync := time.NewTicker(c.Resync)
+	defer resync.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case ev, ok := <-w.Events:
+			if !ok {
+				return errors.New("CNI directory watcher closed")
+			}
+			if strings.Contains(filepath.Base(ev.Name), atomicfile.TempMarker) {
+				continue
+			}
+			resetTimer(timer, c.Debounce)
+		case err, ok := <-w.Errors:
+			if !ok {
+				return errors.New("CNI directory watcher closed")
+			}
+			// Typically an event queue overflow: look at everything.
+			in.log.Warn("CNI directory watcher error; reconciling", "err", err)
+			resetTimer(timer, c.Debounce)
+		case <-resync.C:
+			resetTimer(timer, 0)
+		case <-timer.C:
+			if err := in.reconcile(); err != nil {
+				in.m.errors.Inc()
+				backoff = min(max(2*backoff, 200*time.Millisecond), 30*time.Second)
+				if errors.Is(err, atomicfile.ErrChanged) {
+					// Another writer was mid-change: look again soon.
+					in.log.Info("CNI config changed while we edited it; retrying", "err", err)
+					backoff = c.Debounce
+				} else {
+					in.log.Error("installing the CNI config failed; retrying", "err", err, "retry_in", backoff)
+				}
+				resetTimer(timer, backoff)
+				continue
+			}
+			backoff = 0
+		}
+	}
+}
+
+func resetTimer(t *time.Timer, d time.Duration) {
+	t.Stop()
+	select {
+	case <-t.C:
+	default:
+	}
+	t.Reset(d)
+}
+
+func entryOf(e Entry) (conflist.Entry, error) {
+	js, err := e.JSON()
+	if err != nil {
+		return conflist.Entry{}, err
+	}
+	return conflist.NewEntry(js)
+}
+
+type installer struct {
+	cfg   Config
+	entry conflist.Entry
+	m     *metrics
+	log   *slog.Logger
+
+	// written remembers the hash of what we last wrote to each file, to
+	// tell our own events from another writer's rewrite.
+	written map[string][32]byte
+	// rewrites are the times another writer removed our entry, within
+	// the fight window.
+	rewrites []time.Time
+	// lastSkipped avoids repeating the same warning every resync.
+	lastSkipped string
+	waiting     bool
+}
+
+// reconcile makes the node's state what it should be, once.
+func (in *installer) reconcile() error {
+	c := in.cfg
+	if changed, err := installBinary(c.PluginSource, c.CNIBinDir); err != nil {
+		return err
+	} else if changed {
+		in.log.Warn("plugin binary was missing or changed; reinstalled", "path", filepath.Join(c.CNIBinDir, PluginType))
+	}
+	p, skipped, err := conflist.FindPrimary(c.CNIConfDir)
+	in.warnSkipped(skipped)
+	if errors.Is(err, conflist.ErrNoPrimary) {
+		in.m.installed.Set(0)
+		if !in.waiting {
+			in.log.Info("no primary CNI config yet; waiting for the primary CNI to write one", "dir", c.CNIConfDir)
+			in.waiting = true
+		}
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	in.waiting = false
+	var path string
+	if p.IsList {
+		path, err = in.ensureList(p)
+	} else {
+		path, err = in.convert(p)
+	}
+	if err != nil {
+		in.m.installed.Set(0)
+		return err
+	}
+	in.m.installed.Set(1)
+	if c.OnInstalled != nil {
+		c.OnInstalled(path)
+	}
+	return nil
+}
+
+func (in *installer) ensureList(p *conflist.Primary) (string, error) {
+	out, changed, err := conflist.Ensure(p.Data, in.entry)
+	if err != nil {
+		return "", fmt.Errorf("%s: %w", p.Path, err)
+	}
+	if !changed {
+		in.remember(p.Path, p.Data)
+		return p.Path, nil
+	}
+	if err := atomicfile.Replace(p.Path, p.Data, out, atomicfile.Attrs(p.Info)); err != nil {
+		return "", err
+	}
+	in.noteRewrite(p.Path, p.Data)
+	in.remember(p.Path, out)
+	in.log.Info("chained ambit-cni into the primary CNI config", "path", p.Path)
+	return p.Path, nil
+}
+
+// convert turns the primary .conf/.json into a .conflist with our entry,
+// keeps the original bytes under BackupDir for uninstall, and removes the
+// original so the runtime picks the list.
+func (in *installer) convert(p *conflist.Primary) (string, error) {
+	listPath := conflist.ListName(p.Path)
+	backupDir := filepath.Join(in.cfg.CNIConfDir, BackupDir)
+	backup := filepath.Join(backupDir, filepath.Base(p.Path))
+	if _, err := os.Stat(listPath); err == nil {
+		// A list of that name that we did not make is someone
+		// else's; we will not overwrite it.
+		if _, err := os.Stat(backup); err != nil {
+			return "", fmt.Errorf("cannot convert %s: %s exists and was not written by ambit", p.Path, listPath)
+		}
+	}
+	lst, err := conflist.Convert(p.Data)
+	if err != nil {
+		return "", fmt.Errorf("%s: %w", p.Path, err)
+	}
+	out, _, err := conflist.Ensure(lst, in.entry)
+	if err != nil {
+		return "", fmt.Errorf("%s: %w", p.Path, err)
+	}
+	if err := os.MkdirAll(backupDir, 0o700); err != nil {
+		return "", err
+	}
+	attrs := atomicfile.Attrs(p.Info)
+	if err := atomicfile.Write(backup, p.Data, attrs); err != nil {
+		return "", fmt.Errorf("keeping the original %s: %w", p.Path, err)
+	}
+	if err := atomicfile.Write(listPath, out, attrs); err != nil {
+		return "", err
+	}
+	// Remove the .conf only if it is still what we converted; if the
+	// primary CNI rewrote it meanwhile, the next pass converts that.
+	cur, err := os.ReadFile(p.Path)
+	if err != nil || !bytes.Equal(cur, p.Data) {
+		return "", fmt.Errorf("%w: %s", atomicfile.ErrChanged, p.Path)
+	}
+	if err := atomicfile.Remove(p.Path); err != nil {
+		return "", err
+	}
+	in.noteRewrite(listPath, nil)
+	in.remember(listPath, out)
+	in.log.Info("converted the primary CNI config to a list and chained ambit-cni", "from", p.Path, "to", listPath, "original_kept_in", backup)
+	// The list must now be what the runtime picks.
+	np, _, err := conflist.FindPrimary(in.cfg.CNIConfDir)
+	if err != nil {
+		return "", err
+	}
+	if np.Path != listPath {
+		return "", fmt.Errorf("after converting %s the runtime would pick %s, not %s; rename the files so the primary network sorts first", p.Path, np.Path, listPath)
+	}
+	return listPath, nil
+}
+
+func (in *installer) remember(path string, b []byte) {
+	if in.written == nil {
+		in.written = map[string][32]byte{}
+	}
+	in.written[path] = sha256.Sum256(b)
+}
+
+// noteRewrite is called when we are about to (re)write path whose current
+// content was old (nil: a converted .conf reappeared). If we had already
+// installed into that file, someone else took our entry out: count it,
+// and warn when it keeps happening.
+func (in *installer) noteRewrite(path string, old []byte) {
+	if _, ours := in.written[path]; !ours {
+		return
+	}
+	in.m.reasserts.Inc()
+	now := time.Now()
+	keep := in.rewrites[:0]
+	for _, t := range in.rewrites {
+		if now.Sub(t) < in.cfg.FightWindow {
+			keep = append(keep, t)
+		}
+	}
+	in.rewrites = append(keep, now)
+	in.log.Info("another writer rewrote the primary CNI config without ambit-cni; re-asserted", "path", path)
+	if len(in.rewrites) >= in.cfg.FightThreshold {
+		in.m.fights.Inc()
+		in.log.Warn("fighting another writer over the primary CNI config: it keeps removing ambit-cni. "+
+			"Pods created between its write and ours are not enrolled at creation (the agent enrolls them live). "+
+			"Configure the other writer not to own the file exclusively (e.g. Cilium cni.exclusive=false)",
+			"path", path, "rewrites", len(in.rewrites), "window", in.cfg.FightWindow)
+		in.rewrites = in.rewrites[:0]
+	}
+}
+
+func (in *installer) warnSkipped(skipped []conflist.Skipped) {
+	var sb strings.Builder
+	for _, s := range skipped {
+		fmt.Fprintf(&sb, "%s: %v; ", s.Path, s.Reason)
+	}
+	if sb.String() == in.lastSkipped {
+		return
+	}
+	in.lastSkipped = sb.String()
+	for _, s := range skipped {
+		in.log.Warn("invalid CNI config sorts before the primary; CRI-O skips it but containerd fails on it", "path", s.Path, "err", s.Reason)
+	}
+}

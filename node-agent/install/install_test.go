@@ -1,0 +1,413 @@
+package install
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/ambit-mesh/ambit/node-agent/install/atomicfile"
+	"github.com/ambit-mesh/ambit/node-agent/install/conflist"
+)
+
+type node struct {
+	bin, conf, src string
+	reg            *prometheus.Registry
+	m              *metrics
+	log            *slog.Logger
+}
+
+func newNode(t *testing.T) *node {
+	t.Helper()
+	root := t.TempDir()
+	n := &node{bin: filepath.Join(root, "opt/cni/bin"), conf: filepath.Join(root, "etc/cni/net.d"), src: filepath.Join(root, "image/ambit-cni"), reg: prometheus.NewRegistry()}
+	for _, d := range []string{n.bin, n.conf, filepath.Dir(n.src)} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.WriteFile(n.src, []byte("#!/bin/sh\necho plugin v1\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	n.m = newMetrics(n.reg)
+	n.log = slog.New(slog.NewTextHandler(t.Output(), nil))
+	return n
+}
+
+func (n *node) config() Config {
+	return Config{CNIBinDir: n.bin, CNIConfDir: n.conf, PluginSource: n.src, Registerer: n.reg, Debounce: 10 * time.Millisecond, Resync: time.Hour, Logger: n.log}
+}
+
+// run starts Run in the background and returns a stop func that waits for
+// it to return.
+func run(t *testing.T, cfg Config) (stop func()) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- Run(ctx, cfg) }()
+	var once sync.Once
+	stop = func() {
+		once.Do(func() {
+			cancel()
+			if err := <-done; err != nil {
+				t.Errorf("Run: %v", err)
+			}
+		})
+	}
+	t.Cleanup(stop)
+	return stop
+}
+
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func hasEntry(path string) bool {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return false
+	}
+	l, err := conflist.ParseList(b)
+	return err == nil && l.Plugins[len(l.Plugins)-1].Type == PluginType && strings.Count(string(b), `"type":"ambit-cni"`)+strings.Count(string(b), `"type": "ambit-cni"`) == 1
+}
+
+func fixture(t *testing.T, name string) []byte {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join("conflist", "testdata", name))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// The binary is in place at once, the entry only after the agent is
+// ready: no pod may pass through the plugin before the agent can answer.
+func TestRunWaitsForReady(t *testing.T) {
+	n := newNode(t)
+	orig := fixture(t, "10-calico.conflist")
+	primary := filepath.Join(n.conf, "10-calico.conflist")
+	if err := os.WriteFile(primary, orig, 0o640); err != nil {
+		t.Fatal(err)
+	}
+	ready := make(chan struct{})
+	var installedAt atomic.Value
+	cfg := n.config()
+	cfg.Ready = ready
+	cfg.OnInstalled = func(p string) { installedAt.Store(p) }
+	run(t, cfg)
+
+	eventually(t, "plugin binary", func() bool {
+		b, err := os.ReadFile(filepath.Join(n.bin, PluginType))
+		return err == nil && bytes.Contains(b, []byte("plugin v1"))
+	})
+	// Events in the config dir must not make it act before Ready.
+	if err := os.WriteFile(filepath.Join(n.conf, "99-other.txt"), []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(50 * time.Millisecond) // > Debounce: a premature write would have happened
+	if b, _ := os.ReadFile(primary); !bytes.Equal(b, orig) {
+		t.Fatal("conflist written before the agent was ready")
+	}
+	if installedAt.Load() != nil {
+		t.Fatal("OnInstalled before ready")
+	}
+	close(ready)
+	eventually(t, "entry after ready", func() bool { return hasEntry(primary) })
+	eventually(t, "OnInstalled", func() bool { return installedAt.Load() == primary })
+	fi, err := os.Stat(primary)
+	if err != nil || fi.Mode().Perm() != 0o640 {
+		t.Fatalf("mode not kept: %v %v", fi.Mode(), err)
+	}
+	if got := testutil.ToFloat64(n.m.installed); got != 1 {
+		t.Fatalf("installed gauge = %v", got)
+	}
+	fi, _ = os.Stat(filepath.Join(n.bin, PluginType))
+	if fi.Mode().Perm() != 0o755 {
+		t.Fatalf("binary mode %v", fi.Mode())
+	}
+}
+
+// The primary CNI rewrites its file (as Calico and Cilium do on restart):
+// we put our entry back, count it, and warn when it keeps happening.
+func TestReassertAndFightDetection(t *testing.T) {
+	n := newNode(t)
+	orig := fixture(t, "10-flannel.conflist")
+	primary := filepath.Join(n.conf, "10-flannel.conflist")
+	if err := os.WriteFile(primary, orig, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cfg := n.config()
+	cfg.FightThreshold = 3
+	run(t, cfg)
+	eventually(t, "first install", func() bool { return hasEntry(primary) })
+	for i := 1; i <= 3; i++ {
+		if err := atomicfile.Write(primary, orig, atomicfile.Options{Mode: 0o644, UID: -1, GID: -1}); err != nil {
+			t.Fatal(err)
+		}
+		eventually(t, fmt.Sprintf("re-assert %d", i), func() bool { return hasEntry(primary) && testutil.ToFloat64(n.m.reasserts) == float64(i) })
+	}
+	if got := testutil.ToFloat64(n.m.fights); got != 1 {
+		t.Fatalf("fights = %v after 3 rewrites with threshold 3", got)
+	}
+	// A deleted binary comes back too.
+	if err := os.Remove(filepath.Join(n.bin, PluginType)); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "binary restored", func() bool { _, err := os.Stat(filepath.Join(n.bin, PluginType)); return err == nil })
+}
+
+// An upgrade ships a new plugin: the binary is replaced by rename (the
+// old inode stays intact for any exec in progress).
+func TestBinaryUpgradeIsAtomic(t *testing.T) {
+	n := newNode(t)
+	if _, err := installBinary(n.src, n.bin); err != nil {
+		t.Fatal(err)
+	}
+	dst := filepath.Join(n.bin, PluginType)
+	old, err := os.Open(dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer old.Close()
+	if changed, err := installBinary(n.src, n.bin); err != nil || changed {
+		t.Fatalf("identical binary rewritten: %v %v", changed, err)
+	}
+	if err := os.WriteFile(n.src, []byte("#!/bin/sh\necho plugin v2\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if changed, err := installBinary(n.src, n.bin); err != nil || !changed {
+		t.Fatalf("new binary not installed: %v %v", changed, err)
+	}
+	b, _ := os.ReadFile(dst)
+	if !bytes.Contains(b, []byte("v2")) {
+		t.Fatal("not upgraded")
+	}
+	ob := make([]byte, 64)
+	k, _ := old.ReadAt(ob, 0)
+	if !bytes.Contains(ob[:k], []byte("v1")) {
+		t.Fatal("the old inode was written to; an exec in progress could have seen a torn binary")
+	}
+}
+
+// A single-plugin .conf becomes a .conflist the runtime picks; uninstall
+// puts the .conf back byte for byte, with its mode.
+func TestConfConversionAndUninstall(t *testing.T) {
+	n := newNode(t)
+	orig := fixture(t, "10-bridge.conf")
+	conf := filepath.Join(n.conf, "10-bridge.conf")
+	if err := os.WriteFile(conf, orig, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	other := filepath.Join(n.conf, "99-loopback.conf")
+	lo := []byte(`{"cniVersion":"0.3.1","name":"lo","type":"loopback"}`)
+	if err := os.WriteFile(other, lo, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	stop := run(t, n.config())
+	list := filepath.Join(n.conf, "10-bridge.conflist")
+	eventually(t, "converted list", func() bool { return hasEntry(list) })
+	eventually(t, "the .conf stops being picked", func() bool {
+		p, _, err := conflist.FindPrimary(n.conf)
+		return err == nil && p.Path == list
+	})
+	if _, err := os.Stat(conf); !os.IsNotExist(err) {
+		t.Fatalf(".conf still there: %v", err)
+	}
+
+	// The primary CNI writes its .conf again (e.g. on restart): it sorts
+	// first, so we convert again.
+	if err := os.WriteFile(conf, orig, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "re-conversion", func() bool {
+		_, err := os.Stat(conf)
+		return os.IsNotExist(err) && hasEntry(list)
+	})
+	stop()
+
+	var unenrolled bool
+	cfg := n.config()
+	cfg.UnenrollAll = func(context.Context) error { unenrolled = true; return nil }
+	if err := Uninstall(context.Background(), cfg); err != nil {
+		t.Fatal(err)
+	}
+	got, err := os.ReadFile(conf)
+	if err != nil || !bytes.Equal(got, orig) {
+		t.Fatalf("original .conf not restored byte-identical: %v\n%s", err, got)
+	}
+	if fi, _ := os.Stat(conf); fi.Mode().Perm() != 0o600 {
+		t.Fatalf("restored mode %v", fi.Mode())
+	}
+	for _, gone := range []string{list, filepath.Join(n.conf, BackupDir), filepath.Join(n.bin, PluginType)} {
+		if _, err := os.Stat(gone); !os.IsNotExist(err) {
+			t.Errorf("%s still exists after uninstall", gone)
+		}
+	}
+	if b, _ := os.ReadFile(other); !bytes.Equal(b, lo) {
+		t.Error("an unrelated file was changed")
+	}
+	if !unenrolled {
+		t.Error("UnenrollAll not called")
+	}
+	// Again: nothing left to do, no error.
+	if err := Uninstall(context.Background(), n.config()); err != nil {
+		t.Fatalf("second uninstall: %v", err)
+	}
+}
+
+// Install then uninstall on every fixture leaves the directory as it was.
+func TestUninstallByteIdentical(t *testing.T) {
+	files, _ := filepath.Glob("conflist/testdata/*.conflist")
+	for _, f := range files {
+		t.Run(filepath.Base(f), func(t *testing.T) {
+			n := newNode(t)
+			orig := fixture(t, filepath.Base(f))
+			primary := filepath.Join(n.conf, filepath.Base(f))
+			if err := os.WriteFile(primary, orig, 0o604); err != nil {
+				t.Fatal(err)
+			}
+			stop := run(t, n.config())
+			eventually(t, "install", func() bool { return hasEntry(primary) })
+			stop()
+			if err := Uninstall(context.Background(), n.config()); err != nil {
+				t.Fatal(err)
+			}
+			got, _ := os.ReadFile(primary)
+			if !bytes.Equal(got, orig) {
+				t.Fatalf("not byte-identical after uninstall:\n%s", got)
+			}
+			fi, _ := os.Stat(primary)
+			if fi.Mode().Perm() != 0o604 {
+				t.Fatalf("mode %v", fi.Mode())
+			}
+			ents, _ := os.ReadDir(n.conf)
+			if len(ents) != 1 {
+				t.Fatalf("leftovers in net.d: %v", ents)
+			}
+		})
+	}
+}
+
+// Another writer rewrites the primary config (atomically, as a CNI
+// daemon does) again and again while we re-assert: a reader — the
+// runtime — never sees a torn or invalid file, and when the writer stops
+// our entry is there exactly once, last.
+func TestConcurrentWriterNoTornFile(t *testing.T) {
+	n := newNode(t)
+	orig := fixture(t, "10-calico.conflist")
+	primary := filepath.Join(n.conf, "10-calico.conflist")
+	if err := os.WriteFile(primary, orig, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cfg := n.config()
+	cfg.Debounce = time.Millisecond
+	run(t, cfg)
+	eventually(t, "install", func() bool { return hasEntry(primary) })
+
+	stopRead := make(chan struct{})
+	var reads, bad atomic.Int64
+	var firstBad atomic.Value
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			select {
+			case <-stopRead:
+				return
+			default:
+			}
+			b, err := os.ReadFile(primary)
+			if err != nil {
+				bad.Add(1)
+				firstBad.CompareAndSwap(nil, err.Error())
+				continue
+			}
+			reads.Add(1)
+			if _, err := conflist.ParseList(b); err != nil {
+				bad.Add(1)
+				firstBad.CompareAndSwap(nil, fmt.Sprintf("%v: %q", err, b))
+			}
+		}
+	}()
+	for i := 0; i < 100; i++ {
+		// Each rewrite differs (a changing field), like a CNI daemon
+		// updating its config.
+		b := bytes.Replace(orig, []byte(`"mtu": 0`), []byte(fmt.Sprintf(`"mtu": %d`, 1400+i)), 1)
+		if err := atomicfile.Write(primary, b, atomicfile.Options{Mode: 0o644, UID: -1, GID: -1}); err != nil {
+			t.Fatal(err)
+		}
+		if i%8 == 0 {
+			time.Sleep(2 * time.Millisecond)
+		}
+	}
+	eventually(t, "entry after the writer stopped", func() bool { return hasEntry(primary) })
+	close(stopRead)
+	wg.Wait()
+	if bad.Load() != 0 {
+		t.Fatalf("%d of %d reads saw a missing, torn or invalid file; first: %v", bad.Load(), reads.Load(), firstBad.Load())
+	}
+	b, _ := os.ReadFile(primary)
+	if !bytes.Contains(b, []byte(`"mtu": 1499`)) {
+		t.Fatalf("the other writer's last change was lost:\n%s", b)
+	}
+	if reads.Load() < 10 {
+		t.Fatalf("reader only managed %d reads", reads.Load())
+	}
+	t.Logf("%d reads, %d re-assertions, %d fights", reads.Load(), int(testutil.ToFloat64(n.m.reasserts)), int(testutil.ToFloat64(n.m.fights)))
+}
+
+// No primary config yet (a fresh node before the CNI daemon starts): the
+// installer waits and chains as soon as one appears.
+func TestWaitsForPrimary(t *testing.T) {
+	n := newNode(t)
+	run(t, n.config())
+	eventually(t, "binary", func() bool { _, err := os.Stat(filepath.Join(n.bin, PluginType)); return err == nil })
+	primary := filepath.Join(n.conf, "10-kindnet.conflist")
+	if err := atomicfile.Write(primary, fixture(t, "10-kindnet.conflist"), atomicfile.Options{Mode: 0o644, UID: -1, GID: -1}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "entry", func() bool { return hasEntry(primary) })
+}
+
+func TestConfigErrors(t *testing.T) {
+	for _, c := range []Config{
+		{CNIBinDir: "relative", PluginSource: "/x"},
+		{PluginSource: "/x", Entry: Entry{AgentSocket: "/" + strings.Repeat("a", 120)}},
+		{PluginSource: "/x", Entry: Entry{LogFile: "cni.log"}},
+	} {
+		if err := Run(context.Background(), c); err == nil {
+			t.Errorf("Run(%+v) accepted a bad config", c)
+		}
+	}
+	if err := Run(context.Background(), Config{CNIBinDir: t.TempDir(), CNIConfDir: t.TempDir(), PluginSource: "/nonexistent/ambit-cni"}); err == nil || !strings.Contains(err.Error(), "/nonexistent/ambit-cni") {
+		t.Errorf("missing plugin source: %v", err)
+	}
+}
+
+func TestEntryJSON(t *testing.T) {
+	b, err := Entry{Name: "ambit-cni", AgentSocket: "/var/run/ambit/cni.sock"}.JSON()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(b) != `{"type":"ambit-cni","name":"ambit-cni","agentSocket":"/var/run/ambit/cni.sock"}` {
+		t.Fatalf("entry = %s", b)
+	}
+}
