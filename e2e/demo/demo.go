@@ -22,7 +22,7 @@ type demo struct {
 	bin     string // directory with ambit-cni, ambit-agent, ambit-demo
 	work    string
 	node    *lab.Node
-	agent   *exec.Cmd
+	agent   *lab.Agent
 	apps    []*exec.Cmd
 	cleanup []func()
 	pods    map[string]*lab.Pod
@@ -73,26 +73,14 @@ func (d *demo) close() {
 			c.Wait()
 		}
 	}
-	if d.agent != nil && d.agent.Process != nil {
-		d.agent.Process.Signal(syscall.SIGTERM)
-		waitOrKill(d.agent, 5*time.Second)
+	if d.agent != nil {
+		d.agent.Stop(5 * time.Second)
 	}
 	if d.node != nil {
 		d.node.Close()
 	}
 	for i := len(d.cleanup) - 1; i >= 0; i-- {
 		d.cleanup[i]()
-	}
-}
-
-func waitOrKill(c *exec.Cmd, after time.Duration) {
-	ch := make(chan struct{})
-	go func() { c.Wait(); close(ch) }()
-	select {
-	case <-ch:
-	case <-time.After(after):
-		c.Process.Kill()
-		<-ch
 	}
 }
 
@@ -121,11 +109,18 @@ func (d *demo) run() error {
 	ok("conflist: %s", filepath.Join(d.work, "node", "10-lab.conflist"))
 
 	step("The agent: static inventory (namespace shop is ambient, legacy is not), local CA, policy: server accepts only sa/client")
-	cfg, err := d.writeAgentFiles(runDir, sock)
+	inv, err := d.writeInventory()
 	if err != nil {
 		return err
 	}
-	if err := d.startAgent(ctx, cfg, sock); err != nil {
+	d.agent, err = d.node.StartAgent(ctx, lab.AgentOptions{
+		Binary:    filepath.Join(d.bin, "ambit-agent"),
+		Inventory: inv,
+		StateDir:  runDir,
+		Socket:    sock,
+		LogFile:   filepath.Join(d.work, "agent.log"),
+	})
+	if err != nil {
 		return err
 	}
 	ok("ambit-agent is ready (log: %s)", filepath.Join(d.work, "agent.log"))
