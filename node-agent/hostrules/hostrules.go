@@ -1,0 +1,360 @@
+package hostrules
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/vishvananda/netns"
+
+	"github.com/ambit-mesh/ambit/plugin/redirect"
+)
+
+// Backends.
+const (
+	BackendAuto     = ""
+	BackendNFTables = "nftables"
+	BackendIPTables = "iptables"
+)
+
+// Config configures a Manager. The zero value is the production default.
+type Config struct {
+	// Backend is "" (auto: nftables when the kernel answers nftables over
+	// netlink, else iptables), "nftables" or "iptables".
+	Backend string
+	// ProbeSNATv4/v6 default to redirect.DefaultProbeSNATv4/v6; they must
+	// match the agent's redirect.Spec.
+	ProbeSNATv4 netip.Addr
+	ProbeSNATv6 netip.Addr
+	// KubeletUID, when set, narrows the rule to sockets of that user
+	// (nft "meta skuid", iptables "--uid-owner"); nil matches every local
+	// socket, like Istio's "--socket-exists".
+	KubeletUID *uint32
+	// Interval of the reconcile loop; default 5s.
+	Interval time.Duration
+	// Name is the nft table ("ambit-host") or the iptables chain and ipset
+	// prefix ("AMBIT-POSTRT", "ambit-probes"); tests set their own.
+	Name string
+	// NetNS is the network namespace to manage; 0 is the caller's (the
+	// agent runs in the host network namespace). The Manager does not
+	// close it.
+	NetNS netns.NsHandle
+	// IPTablesVariant overrides iptables variant detection for the iptables
+	// backend: "legacy" or "nft" (also accepted as "iptables-legacy",
+	// "iptables-nft"). Empty: redirect.DetectIptables, once per process.
+	IPTablesVariant string
+	// Registerer receives the metrics; nil registers nothing.
+	Registerer prometheus.Registerer
+	Logger     *slog.Logger
+}
+
+// backend is one way of putting the rule and the sets into the kernel.
+// Every method is called with Manager.mu held.
+type backend interface {
+	name() string
+	// check compares the kernel with want (IP → UID); ok means nothing
+	// is missing or different.
+	check(want map[netip.Addr]string) (ok bool, err error)
+	// write replaces everything with want, atomically where the backend
+	// can (nftables: one transaction).
+	write(want map[netip.Addr]string) error
+	// upsert and remove change single entries; an error makes the
+	// Manager fall back to write.
+	upsert(add map[netip.Addr]string, replaced map[netip.Addr]bool) error
+	remove(ips []netip.Addr) error
+	uninstall() error
+}
+
+// Manager owns the host probe rules.
+type Manager struct {
+	cfg Config
+	log *slog.Logger
+	be  backend
+
+	mu        sync.Mutex
+	owners    map[netip.Addr]string // IP → pod UID
+	installed bool                  // write succeeded at least once
+
+	repairs  prometheus.Counter
+	failures prometheus.Counter
+	entries  prometheus.Gauge
+}
+
+// New validates cfg and picks the backend; it changes nothing in the
+// kernel until Add, Sync or Run.
+func New(cfg Config) (*Manager, error) {
+	if !cfg.ProbeSNATv4.IsValid() {
+		cfg.ProbeSNATv4 = redirect.DefaultProbeSNATv4
+	}
+	if !cfg.ProbeSNATv6.IsValid() {
+		cfg.ProbeSNATv6 = redirect.DefaultProbeSNATv6
+	}
+	if !cfg.ProbeSNATv4.Is4() {
+		return nil, fmt.Errorf("hostrules: ProbeSNATv4 %s is not an IPv4 address", cfg.ProbeSNATv4)
+	}
+	if !cfg.ProbeSNATv6.Is6() || cfg.ProbeSNATv6.Is4In6() {
+		return nil, fmt.Errorf("hostrules: ProbeSNATv6 %s is not an IPv6 address", cfg.ProbeSNATv6)
+	}
+	if cfg.Interval <= 0 {
+		cfg.Interval = 5 * time.Second
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	m := &Manager{
+		cfg:    cfg,
+		log:    cfg.Logger.With("component", "hostrules"),
+		owners: map[netip.Addr]string{},
+		repairs: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "ambit_host_rules_repairs_total",
+			Help: "Times the host probe SNAT rules or sets were found missing or altered and rewritten.",
+		}),
+		failures: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "ambit_host_rules_errors_total",
+			Help: "Failed attempts to check or write the host probe SNAT rules.",
+		}),
+		entries: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "ambit_host_rules_entries",
+			Help: "Enrolled pod IPs in the host probe SNAT sets.",
+		}),
+	}
+	var err error
+	switch cfg.Backend {
+	case BackendAuto:
+		if nftAvailable(cfg) {
+			m.be, err = newNFT(cfg)
+		} else {
+			m.be, err = newIPT(cfg)
+		}
+	case BackendNFTables:
+		m.be, err = newNFT(cfg)
+	case BackendIPTables:
+		m.be, err = newIPT(cfg)
+	case "iptables-legacy", "iptables-nft":
+		if cfg.IPTablesVariant == "" {
+			cfg.IPTablesVariant = cfg.Backend
+		}
+		m.be, err = newIPT(cfg)
+	default:
+		return nil, fmt.Errorf("hostrules: backend %q is not nftables, iptables, iptables-legacy, iptables-nft or empty (auto)", cfg.Backend)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if cfg.Registerer != nil {
+		for _, c := range []prometheus.Collector{m.repairs, m.failures, m.entries} {
+			if err := cfg.Registerer.Register(c); err != nil {
+				return nil, fmt.Errorf("hostrules: register metrics: %w", err)
+			}
+		}
+	}
+	m.log.Info("host probe rules", "backend", m.be.name())
+	return m, nil
+}
+
+// Backend names the backend in use.
+func (m *Manager) Backend() string { return m.be.name() }
+
+// Repairs is the value of ambit_host_rules_repairs_total.
+func (m *Manager) Repairs() uint64 {
+	return uint64(counterValue(m.repairs))
+}
+
+func cleanIPs(ips []netip.Addr) ([]netip.Addr, error) {
+	out := make([]netip.Addr, 0, len(ips))
+	for _, ip := range ips {
+		if !ip.IsValid() {
+			return nil, errors.New("hostrules: invalid (zero) IP")
+		}
+		ip = ip.Unmap()
+		if ip.IsUnspecified() || ip.IsLoopback() || ip.IsMulticast() {
+			return nil, fmt.Errorf("hostrules: %s is not a pod IP", ip)
+		}
+		out = append(out, ip)
+	}
+	return out, nil
+}
+
+// Add makes uid the owner of ips (an upsert: an IP still held by an older
+// pod moves to uid) and applies it now.
+func (m *Manager) Add(uid string, ips []netip.Addr) error {
+	if uid == "" {
+		return errors.New("hostrules: Add needs the pod UID")
+	}
+	ips, err := cleanIPs(ips)
+	if err != nil {
+		return err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	add := map[netip.Addr]string{}
+	replaced := map[netip.Addr]bool{}
+	for _, ip := range ips {
+		old, had := m.owners[ip]
+		if had && old == uid {
+			continue
+		}
+		if had {
+			m.log.Info("probe SNAT entry changes owner (IP reused)", "ip", ip, "old_uid", old, "uid", uid)
+			replaced[ip] = true
+		}
+		m.owners[ip] = uid
+		add[ip] = uid
+	}
+	if len(add) == 0 && m.installed {
+		return nil
+	}
+	if m.installed {
+		if err := m.be.upsert(add, replaced); err == nil {
+			m.entries.Set(float64(len(m.owners)))
+			return nil
+		}
+	}
+	return m.reconcileLocked(true)
+}
+
+// Remove deletes the IPs still owned by uid; IPs another pod took over are
+// left alone.
+func (m *Manager) Remove(uid string, ips []netip.Addr) error {
+	ips, err := cleanIPs(ips)
+	if err != nil {
+		return err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var del []netip.Addr
+	for _, ip := range ips {
+		if owner, ok := m.owners[ip]; ok && owner == uid {
+			delete(m.owners, ip)
+			del = append(del, ip)
+		}
+	}
+	if len(del) == 0 {
+		return nil
+	}
+	if m.installed {
+		if err := m.be.remove(del); err == nil {
+			m.entries.Set(float64(len(m.owners)))
+			return nil
+		}
+	}
+	return m.reconcileLocked(true)
+}
+
+// Sync replaces the whole picture (UID → IPs), e.g. after a restart from
+// the adopted snapshot, and applies it. An IP claimed by two UIDs goes to
+// the greatest UID (deterministic) and is logged: the caller should only
+// pass live pods.
+func (m *Manager) Sync(want map[string][]netip.Addr) error {
+	owners := map[netip.Addr]string{}
+	uids := make([]string, 0, len(want))
+	for uid := range want {
+		uids = append(uids, uid)
+	}
+	sort.Strings(uids)
+	for _, uid := range uids {
+		if uid == "" {
+			return errors.New("hostrules: Sync with an empty pod UID")
+		}
+		ips, err := cleanIPs(want[uid])
+		if err != nil {
+			return fmt.Errorf("%w (pod %s)", err, uid)
+		}
+		for _, ip := range ips {
+			if old, ok := owners[ip]; ok && old != uid {
+				m.log.Warn("two pods claim one IP; the later UID wins", "ip", ip, "uids", []string{old, uid})
+			}
+			owners[ip] = uid
+		}
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.owners = owners
+	return m.reconcileLocked(true)
+}
+
+// Entries returns a copy of the IP → UID table the Manager maintains.
+func (m *Manager) Entries() map[netip.Addr]string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	out := make(map[netip.Addr]string, len(m.owners))
+	for k, v := range m.owners {
+		out[k] = v
+	}
+	return out
+}
+
+// Reconcile checks the kernel once and rewrites whatever differs,
+// counting a repair when something we had installed was missing.
+func (m *Manager) Reconcile() error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.reconcileLocked(false)
+}
+
+// reconcileLocked: force skips the check (the caller knows a write is
+// needed) but still counts a repair if the kernel had drifted.
+func (m *Manager) reconcileLocked(force bool) error {
+	ok, err := m.be.check(m.owners)
+	if err != nil {
+		m.failures.Inc()
+		return fmt.Errorf("hostrules: check %s rules: %w", m.be.name(), err)
+	}
+	if ok && !force {
+		return nil
+	}
+	repair := !ok && m.installed
+	if repair {
+		m.log.Warn("host probe rules were missing or altered; rewriting them", "backend", m.be.name(), "entries", len(m.owners))
+	}
+	if err := m.be.write(m.owners); err != nil {
+		m.failures.Inc()
+		return fmt.Errorf("hostrules: write %s rules: %w", m.be.name(), err)
+	}
+	if repair {
+		m.repairs.Inc() // counted once the rules are back
+	}
+	m.installed = true
+	m.entries.Set(float64(len(m.owners)))
+	return nil
+}
+
+// Run installs the rules and re-asserts them every Config.Interval until
+// ctx is done. Errors are logged and counted; the loop keeps going.
+func (m *Manager) Run(ctx context.Context) {
+	if err := m.Reconcile(); err != nil {
+		m.log.Error("host probe rules", "err", err)
+	}
+	t := time.NewTicker(m.cfg.Interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			if err := m.Reconcile(); err != nil {
+				m.log.Error("host probe rules", "err", err)
+			}
+		}
+	}
+}
+
+// Uninstall removes the rules and sets. The Manager forgets its entries;
+// a later Add installs again.
+func (m *Manager) Uninstall() error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.owners = map[netip.Addr]string{}
+	m.installed = false
+	m.entries.Set(0)
+	if err := m.be.uninstall(); err != nil {
+		return fmt.Errorf("hostrules: uninstall %s rules: %w", m.be.name(), err)
+	}
+	return nil
+}

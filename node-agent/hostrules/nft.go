@@ -1,0 +1,260 @@
+package hostrules
+
+import (
+	"bytes"
+	"fmt"
+	"net/netip"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/binaryutil"
+	"github.com/google/nftables/expr"
+	"github.com/google/nftables/userdata"
+	"golang.org/x/sys/unix"
+)
+
+const (
+	nftDefaultTable = "ambit-host"
+	nftChain        = "postrouting"
+	nftSetV4        = "probes-v4"
+	nftSetV6        = "probes-v6"
+	// One below srcnat (100): the probe SNAT is decided before
+	// kube-proxy's or a CNI's masquerade chains registered at srcnat.
+	nftPriority = 99
+)
+
+// nftBackend keeps the rules in one inet table, replaced in one netlink
+// transaction.
+type nftBackend struct {
+	cfg   Config
+	table *nftables.Table
+}
+
+func newNFT(cfg Config) (*nftBackend, error) {
+	name := cfg.Name
+	if name == "" {
+		name = nftDefaultTable
+	}
+	if len(name) > 255 {
+		return nil, fmt.Errorf("hostrules: nft table name %q too long", name)
+	}
+	return &nftBackend{cfg: cfg, table: &nftables.Table{Family: nftables.TableFamilyINet, Name: name}}, nil
+}
+
+func (b *nftBackend) name() string { return BackendNFTables }
+
+func (b *nftBackend) conn() (*nftables.Conn, error) {
+	if b.cfg.NetNS > 0 {
+		return nftables.New(nftables.WithNetNSFd(int(b.cfg.NetNS)))
+	}
+	return nftables.New()
+}
+
+// nftAvailable reports whether the kernel answers nftables over netlink.
+func nftAvailable(cfg Config) bool {
+	b := &nftBackend{cfg: cfg}
+	c, err := b.conn()
+	if err != nil {
+		return false
+	}
+	_, err = c.ListTablesOfFamily(nftables.TableFamilyINet)
+	return err == nil
+}
+
+func (b *nftBackend) sets() (v4, v6 *nftables.Set) {
+	v4 = &nftables.Set{Table: b.table, Name: nftSetV4, KeyType: nftables.TypeIPAddr, Comment: "enrolled pod IPs (element comment: pod UID)"}
+	v6 = &nftables.Set{Table: b.table, Name: nftSetV6, KeyType: nftables.TypeIP6Addr, Comment: "enrolled pod IPs (element comment: pod UID)"}
+	return v4, v6
+}
+
+func (b *nftBackend) chain() *nftables.Chain {
+	prio := nftables.ChainPriority(nftPriority)
+	policy := nftables.ChainPolicyAccept
+	return &nftables.Chain{
+		Name: nftChain, Table: b.table, Type: nftables.ChainTypeNAT,
+		Hooknum: nftables.ChainHookPostrouting, Priority: &prio, Policy: &policy,
+	}
+}
+
+func ruleTag(v6 bool) []byte {
+	s := "ambit: kubelet probes to enrolled pods, v4"
+	if v6 {
+		s = "ambit: kubelet probes to enrolled pods, v6"
+	}
+	return userdata.AppendString(nil, userdata.TypeComment, s)
+}
+
+// rule builds, for one family:
+//
+//	meta nfproto <fam> meta l4proto tcp <ip|ip6> daddr @set
+//	meta skuid >= 0 (or == KubeletUID) counter snat <ip|ip6> to <probe source>
+func (b *nftBackend) rule(set *nftables.Set, v6 bool) *nftables.Rule {
+	proto, off, ln, src := byte(unix.NFPROTO_IPV4), uint32(16), uint32(4), b.cfg.ProbeSNATv4
+	if v6 {
+		proto, off, ln, src = unix.NFPROTO_IPV6, 24, 16, b.cfg.ProbeSNATv6
+	}
+	owner := expr.Any(&expr.Cmp{Op: expr.CmpOpGte, Register: 1, Data: []byte{0, 0, 0, 0}})
+	if b.cfg.KubeletUID != nil {
+		owner = &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(*b.cfg.KubeletUID)}
+	}
+	return &nftables.Rule{
+		Table: b.table, Chain: b.chain(), UserData: ruleTag(v6),
+		Exprs: []expr.Any{
+			&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{proto}},
+			&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_TCP}},
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: off, Len: ln},
+			&expr.Lookup{SourceRegister: 1, SetName: set.Name, SetID: set.ID},
+			// Loading skuid stops the rule for packets without a full
+			// local socket (forwarded traffic): --socket-exists.
+			&expr.Meta{Key: expr.MetaKeySKUID, Register: 1},
+			owner,
+			&expr.Counter{},
+			&expr.Immediate{Register: 1, Data: src.AsSlice()},
+			&expr.NAT{Type: expr.NATTypeSourceNAT, Family: uint32(proto), RegAddrMin: 1},
+		},
+	}
+}
+
+func split(want map[netip.Addr]string) (v4, v6 []nftables.SetElement) {
+	for ip, uid := range want {
+		e := nftables.SetElement{Key: ip.AsSlice(), Comment: uid}
+		if ip.Is4() {
+			v4 = append(v4, e)
+		} else {
+			v6 = append(v6, e)
+		}
+	}
+	return v4, v6
+}
+
+func (b *nftBackend) check(want map[netip.Addr]string) (bool, error) {
+	c, err := b.conn()
+	if err != nil {
+		return false, err
+	}
+	if _, err := c.ListTableOfFamily(b.table.Name, b.table.Family); err != nil {
+		return false, nil // missing (someone ran "nft flush ruleset")
+	}
+	ch, err := c.ListChain(b.table, nftChain)
+	if err != nil || ch.Hooknum == nil || *ch.Hooknum != *nftables.ChainHookPostrouting || ch.Type != nftables.ChainTypeNAT {
+		return false, nil
+	}
+	rules, err := c.GetRules(b.table, ch)
+	if err != nil {
+		return false, err
+	}
+	v4set, v6set := b.sets()
+	wantRules := []*nftables.Rule{b.rule(v4set, false), b.rule(v6set, true)}
+	if len(rules) != len(wantRules) {
+		return false, nil
+	}
+	for i, r := range rules {
+		if !bytes.Equal(r.UserData, wantRules[i].UserData) || len(r.Exprs) != len(wantRules[i].Exprs) {
+			return false, nil
+		}
+	}
+	got := map[netip.Addr]string{}
+	for _, name := range []string{nftSetV4, nftSetV6} {
+		s, err := c.GetSetByName(b.table, name)
+		if err != nil {
+			return false, nil
+		}
+		elems, err := c.GetSetElements(s)
+		if err != nil {
+			return false, err
+		}
+		for _, e := range elems {
+			ip, ok := netip.AddrFromSlice(e.Key)
+			if !ok {
+				return false, nil
+			}
+			got[ip] = e.Comment
+		}
+	}
+	if len(got) != len(want) {
+		return false, nil
+	}
+	for ip, uid := range want {
+		if got[ip] != uid {
+			return false, nil
+		}
+	}
+	return true, nil
+}
+
+func (b *nftBackend) write(want map[netip.Addr]string) error {
+	c, err := b.conn()
+	if err != nil {
+		return err
+	}
+	// add + delete + add in one transaction: replaces the table whether
+	// or not it existed, with no moment where the rule is missing.
+	c.AddTable(b.table)
+	c.DelTable(b.table)
+	c.AddTable(b.table)
+	v4set, v6set := b.sets()
+	e4, e6 := split(want)
+	if err := c.AddSet(v4set, e4); err != nil {
+		return err
+	}
+	if err := c.AddSet(v6set, e6); err != nil {
+		return err
+	}
+	c.AddChain(b.chain())
+	c.AddRule(b.rule(v4set, false))
+	c.AddRule(b.rule(v6set, true))
+	return c.Flush()
+}
+
+func (b *nftBackend) upsert(add map[netip.Addr]string, replaced map[netip.Addr]bool) error {
+	c, err := b.conn()
+	if err != nil {
+		return err
+	}
+	v4set, v6set := b.sets()
+	for ip, uid := range add {
+		s := v4set
+		if ip.Is6() {
+			s = v6set
+		}
+		// An element's comment cannot be changed in place: re-add it.
+		if replaced[ip] {
+			if err := c.SetDeleteElements(s, []nftables.SetElement{{Key: ip.AsSlice()}}); err != nil {
+				return err
+			}
+		}
+		if err := c.SetAddElements(s, []nftables.SetElement{{Key: ip.AsSlice(), Comment: uid}}); err != nil {
+			return err
+		}
+	}
+	return c.Flush()
+}
+
+func (b *nftBackend) remove(ips []netip.Addr) error {
+	c, err := b.conn()
+	if err != nil {
+		return err
+	}
+	v4set, v6set := b.sets()
+	for _, ip := range ips {
+		s := v4set
+		if ip.Is6() {
+			s = v6set
+		}
+		if err := c.SetDeleteElements(s, []nftables.SetElement{{Key: ip.AsSlice()}}); err != nil {
+			return err
+		}
+	}
+	return c.Flush()
+}
+
+func (b *nftBackend) uninstall() error {
+	c, err := b.conn()
+	if err != nil {
+		return err
+	}
+	c.AddTable(b.table)
+	c.DelTable(b.table)
+	return c.Flush()
+}
