@@ -19,6 +19,7 @@
 //     (the rule stops otherwise), so "meta skuid >= 0" is nftables'
 //     equivalent of iptables' "-m owner --socket-exists"; Config.KubeletUID
 //     narrows it to one user, as Istio's nft mode does.
+//
 //   - iptables (fallback, legacy or nft variant detected like kube-proxy):
 //     ipsets ambit-probes-v4/-v6 (hash:ip with the pod UID as comment) and
 //     a chain AMBIT-POSTRT jumped to first from nat POSTROUTING:
