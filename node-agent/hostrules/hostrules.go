@@ -78,7 +78,8 @@ type Manager struct {
 	be  backend
 
 	mu        sync.Mutex
-	owners    map[netip.Addr]string // IP → pod UID
+	owners    map[netip.Addr]string // IP → pod UID: what should be
+	applied   map[netip.Addr]string // what we last put into the kernel
 	installed bool                  // write succeeded at least once
 
 	repairs  prometheus.Counter
@@ -212,7 +213,7 @@ func (m *Manager) Add(uid string, ips []netip.Addr) error {
 	}
 	if m.installed {
 		if err := m.be.upsert(add, replaced); err == nil {
-			m.entries.Set(float64(len(m.owners)))
+			m.appliedLocked()
 			return nil
 		}
 	}
@@ -240,7 +241,7 @@ func (m *Manager) Remove(uid string, ips []netip.Addr) error {
 	}
 	if m.installed {
 		if err := m.be.remove(del); err == nil {
-			m.entries.Set(float64(len(m.owners)))
+			m.appliedLocked()
 			return nil
 		}
 	}
@@ -298,15 +299,25 @@ func (m *Manager) Reconcile() error {
 	return m.reconcileLocked(false)
 }
 
-// reconcileLocked: force skips the check (the caller knows a write is
-// needed) but still counts a repair if the kernel had drifted.
+func (m *Manager) appliedLocked() {
+	m.applied = make(map[netip.Addr]string, len(m.owners))
+	for k, v := range m.owners {
+		m.applied[k] = v
+	}
+	m.entries.Set(float64(len(m.owners)))
+}
+
+// reconcileLocked compares the kernel with what we last applied: a
+// difference is drift (someone flushed or edited our rules) and counts as a
+// repair. Then it writes the desired state if it differs or force is set
+// (the caller changed the desired state or an incremental write failed).
 func (m *Manager) reconcileLocked(force bool) error {
-	ok, err := m.be.check(m.owners)
+	ok, err := m.be.check(m.applied)
 	if err != nil {
 		m.failures.Inc()
 		return fmt.Errorf("hostrules: check %s rules: %w", m.be.name(), err)
 	}
-	if ok && !force {
+	if ok && !force && sameEntries(m.applied, m.owners) {
 		return nil
 	}
 	repair := !ok && m.installed
@@ -321,8 +332,20 @@ func (m *Manager) reconcileLocked(force bool) error {
 		m.repairs.Inc() // counted once the rules are back
 	}
 	m.installed = true
-	m.entries.Set(float64(len(m.owners)))
+	m.appliedLocked()
 	return nil
+}
+
+func sameEntries(a, b map[netip.Addr]string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for k, v := range a {
+		if w, ok := b[k]; !ok || w != v {
+			return false
+		}
+	}
+	return true
 }
 
 // Run installs the rules and re-asserts them every Config.Interval until
@@ -351,6 +374,7 @@ func (m *Manager) Uninstall() error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.owners = map[netip.Addr]string{}
+	m.applied = nil
 	m.installed = false
 	m.entries.Set(0)
 	if err := m.be.uninstall(); err != nil {

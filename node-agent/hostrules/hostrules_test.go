@@ -334,6 +334,9 @@ func TestSyncUninstallAndBadInput(t *testing.T) {
 	if err := m.Sync(map[string][]netip.Addr{"b": {netip.MustParseAddr("10.77.1.9")}}); err != nil {
 		t.Fatal(err)
 	}
+	if m.Repairs() != 0 {
+		t.Fatalf("changing the desired state counted %d repairs", m.Repairs())
+	}
 	if got := sourceSeen(t, tp.hostNS, "10.77.1.2:8080"); got != "10.77.1.1" {
 		t.Fatalf("after second Sync: source %s", got)
 	}
@@ -347,6 +350,17 @@ func TestSyncUninstallAndBadInput(t *testing.T) {
 	}
 	if got := m.Entries(); len(got) != 1 {
 		t.Fatalf("bad input changed state: %v", got)
+	}
+	// Operators read the rule with the nft tool: it must decode it.
+	listed, err := exec.Command("ip", "netns", "exec", tp.host, "nft", "list", "table", "inet", "ambit-host").CombinedOutput()
+	if err != nil {
+		t.Fatalf("nft list: %v\n%s", err, listed)
+	}
+	t.Logf("nft list table inet ambit-host:\n%s", listed)
+	for _, want := range []string{"meta skuid", "snat ip to 169.254.7.127", "snat ip6 to fd16:9254:7127:1337:ffff:ffff:ffff:ffff", `comment "b"`, "hook postrouting priority"} {
+		if !strings.Contains(string(listed), want) {
+			t.Errorf("nft list lacks %q", want)
+		}
 	}
 	if err := m.Uninstall(); err != nil {
 		t.Fatal(err)
@@ -363,5 +377,29 @@ func TestSyncUninstallAndBadInput(t *testing.T) {
 	}
 	if _, err := New(Config{ProbeSNATv4: netip.MustParseAddr("fd00::1")}); err == nil {
 		t.Fatal("v6 ProbeSNATv4 accepted")
+	}
+}
+
+func TestKubeletUIDNarrowsTheMatch(t *testing.T) {
+	tp := newTopo(t)
+	tp.server(t)
+	for _, c := range []struct {
+		uid  uint32
+		want string
+	}{{0, probe4}, {4242, "10.77.1.1"}} { // the test dials as root (uid 0)
+		uid := c.uid
+		m, err := New(Config{Backend: BackendNFTables, NetNS: tp.hostNS, KubeletUID: &uid})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := m.Add("u", []netip.Addr{podV4}); err != nil {
+			t.Fatal(err)
+		}
+		if got := sourceSeen(t, tp.hostNS, "10.77.1.2:8080"); got != c.want {
+			t.Fatalf("KubeletUID %d: source %s, want %s", uid, got, c.want)
+		}
+		if err := m.Uninstall(); err != nil {
+			t.Fatal(err)
+		}
 	}
 }
