@@ -8,6 +8,7 @@
 //	kecho load [-for 10s] [-every 20ms] [-conns 1] ADDR
 //	                                         repeated TCP exchanges; prints JSON counts
 //	                                         (ok, refused, reset, timeout, other)
+//	kecho cat FILE                           print a file (e.g. a projected token)
 //
 // The server's reply is "peer=<ip> pod=<POD_NAME> node=<NODE_NAME> got=<MSG>"
 // so a test sees which source address reached the app (Ambit must keep the
@@ -44,6 +45,8 @@ func main() {
 		err = httpGet(os.Args[2:])
 	case "load":
 		err = load(os.Args[2:])
+	case "cat":
+		err = cat(os.Args[2:])
 	default:
 		usage()
 	}
@@ -243,4 +246,16 @@ func load(args []string) error {
 func isTimeout(err error) bool {
 	var ne net.Error
 	return errors.As(err, &ne) && ne.Timeout()
+}
+
+func cat(args []string) error {
+	if len(args) != 1 {
+		return errors.New("cat: need FILE")
+	}
+	b, err := os.ReadFile(args[0])
+	if err != nil {
+		return err
+	}
+	_, err = os.Stdout.Write(b)
+	return err
 }
