@@ -350,7 +350,23 @@ func sameEntries(a, b map[netip.Addr]string) bool {
 
 // Run installs the rules and re-asserts them every Config.Interval until
 // ctx is done. Errors are logged and counted; the loop keeps going.
+//
+// With nftables it also listens to the kernel's change notifications, so
+// a deletion of our table, chain, rules or set elements is repaired within
+// milliseconds; the interval remains the safety net.
 func (m *Manager) Run(ctx context.Context) {
+	kicks := make(chan struct{}, 1)
+	if w, ok := m.be.(watcher); ok {
+		kick := func() {
+			select {
+			case kicks <- struct{}{}:
+			default: // one pending kick is enough
+			}
+		}
+		if err := w.watch(ctx, kick); err != nil {
+			m.log.Warn("no nftables change notifications; relying on the interval", "err", err)
+		}
+	}
 	if err := m.Reconcile(); err != nil {
 		m.log.Error("host probe rules", "err", err)
 	}
@@ -361,11 +377,17 @@ func (m *Manager) Run(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-t.C:
-			if err := m.Reconcile(); err != nil {
-				m.log.Error("host probe rules", "err", err)
-			}
+		case <-kicks:
+		}
+		if err := m.Reconcile(); err != nil {
+			m.log.Error("host probe rules", "err", err)
 		}
 	}
+}
+
+// watcher is a backend that can report changes as they happen.
+type watcher interface {
+	watch(ctx context.Context, kick func()) error
 }
 
 // Uninstall removes the rules and sets. The Manager forgets its entries;

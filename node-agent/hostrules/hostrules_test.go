@@ -403,3 +403,46 @@ func TestKubeletUIDNarrowsTheMatch(t *testing.T) {
 		}
 	}
 }
+
+func TestNFTablesDeletionRepairedByNotification(t *testing.T) {
+	tp := newTopo(t)
+	tp.server(t)
+	// An interval that never fires within the test: only the kernel's
+	// change notification can trigger the repair.
+	m, err := New(Config{Backend: BackendNFTables, NetNS: tp.hostNS, Interval: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Uninstall() })
+	if err := m.Add("uid-1", []netip.Addr{podV4}); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { m.Run(ctx); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+	for _, cmd := range [][]string{
+		{"nft", "delete", "table", "inet", "ambit-host"},
+		{"nft", "delete", "element", "inet", "ambit-host", "probes-v4", "{ 10.77.1.2 }"},
+		{"nft", "flush", "chain", "inet", "ambit-host", "postrouting"},
+	} {
+		// The monitor may still be subscribing when the first command runs;
+		// repeat it until a repair shows (a second delete of a deleted
+		// table fails, which is fine).
+		n := m.Repairs()
+		eventually(t, fmt.Sprintf("repair after %v", cmd), func() bool {
+			exec.Command("ip", append([]string{"netns", "exec", tp.host}, cmd...)...).Run()
+			deadline := time.Now().Add(time.Second)
+			for time.Now().Before(deadline) {
+				if m.Repairs() > n {
+					return true
+				}
+				time.Sleep(5 * time.Millisecond)
+			}
+			return false
+		})
+		if got := sourceSeen(t, tp.hostNS, "10.77.1.2:8080"); got != probe4 {
+			t.Fatalf("after %v: source %s", cmd, got)
+		}
+	}
+}

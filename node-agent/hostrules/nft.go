@@ -2,6 +2,7 @@ package hostrules
 
 import (
 	"bytes"
+	"context"
 	"fmt"
 	"net/netip"
 
@@ -257,4 +258,66 @@ func (b *nftBackend) uninstall() error {
 	c.AddTable(b.table)
 	c.DelTable(b.table)
 	return c.Flush()
+}
+
+// watch subscribes to nftables change notifications and calls kick when
+// something of ours may have been deleted, so a flush is repaired at once
+// instead of at the next interval. Element deletions carry no table name
+// in the notification, so every one kicks; Run coalesces kicks.
+func (b *nftBackend) watch(ctx context.Context, kick func()) error {
+	c, err := b.conn()
+	if err != nil {
+		return err
+	}
+	// Action/object "any": the library's filter for narrower flags drops
+	// messages it should keep; we filter below.
+	mon := nftables.NewMonitor(nftables.WithMonitorAction(nftables.MonitorActionAny),
+		nftables.WithMonitorObject(nftables.MonitorObjectAny), nftables.WithMonitorEventBuffer(64))
+	events, err := c.AddGenerationalMonitor(mon)
+	if err != nil {
+		return err
+	}
+	go func() {
+		<-ctx.Done()
+		mon.Close()
+	}()
+	go func() {
+		for evs := range events {
+			for _, ev := range evs.Changes {
+				if b.ours(ev) {
+					kick()
+					break
+				}
+			}
+		}
+	}()
+	return nil
+}
+
+func (b *nftBackend) ours(ev *nftables.MonitorEvent) bool {
+	if ev.Error != nil {
+		return ev.Type == nftables.MonitorEventTypeOOB
+	}
+	var t *nftables.Table
+	switch ev.Type {
+	case nftables.MonitorEventTypeDelTable:
+		t, _ = ev.Data.(*nftables.Table)
+	case nftables.MonitorEventTypeDelChain:
+		if c, ok := ev.Data.(*nftables.Chain); ok {
+			t = c.Table
+		}
+	case nftables.MonitorEventTypeDelRule:
+		if r, ok := ev.Data.(*nftables.Rule); ok {
+			t = r.Table
+		}
+	case nftables.MonitorEventTypeDelSet:
+		if s, ok := ev.Data.(*nftables.Set); ok {
+			t = s.Table
+		}
+	case nftables.MonitorEventTypeDelSetElem:
+		return true
+	default:
+		return false
+	}
+	return t != nil && t.Name == b.table.Name
 }
