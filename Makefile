@@ -51,3 +51,17 @@ e2e: deps build
 
 clean:
 	rm -rf $(BIN)
+
+# Real two-node Kubernetes e2e (root; see docs/e2e.md). The first run builds
+# Kubernetes v1.36.3 and containerd v2.4.2 from the module proxy into
+# /var/cache/ambit-e2e (AMBIT_E2E_CACHE); later runs reuse them.
+# AMBIT_K8S_KEEP=1 keeps the cluster up after the tests.
+.PHONY: e2e-kube kube-build kube-up kube-down
+kube-build:
+	@bash hack/kube/build.sh
+e2e-kube: deps build kube-build
+	$(GO) test -count=1 -timeout 40m -v ./e2e/kube/
+kube-up: deps kube-build
+	@bash e2e/kube/cluster.sh up
+kube-down:
+	@bash e2e/kube/cluster.sh down
