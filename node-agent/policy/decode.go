@@ -23,6 +23,9 @@ import (
 type DocError struct {
 	Doc int // 1-based position in the stream
 	Err error
+	// Syntax: the stream itself is broken (not YAML), so the documents
+	// read may be incomplete; otherwise one document was skipped.
+	Syntax bool
 }
 
 func (e *DocError) Error() string { return fmt.Sprintf("document %d: %v", e.Doc, e.Err) }
@@ -40,7 +43,7 @@ func Decode(r io.Reader) (Set, []error) {
 			break
 		}
 		if err != nil {
-			errs = append(errs, &DocError{n, err})
+			errs = append(errs, &DocError{Doc: n, Err: err, Syntax: true})
 			break
 		}
 		if len(bytes.TrimSpace(doc)) == 0 || isOnlyComments(doc) {
@@ -49,11 +52,11 @@ func Decode(r io.Reader) (Set, []error) {
 		}
 		js, err := yaml.YAMLToJSON(doc)
 		if err != nil {
-			errs = append(errs, &DocError{n, fmt.Errorf("not valid YAML: %v", err)})
+			errs = append(errs, &DocError{Doc: n, Err: fmt.Errorf("not valid YAML: %v", err), Syntax: true})
 			continue
 		}
 		if err := decodeObject(js, &set); err != nil {
-			errs = append(errs, &DocError{n, err})
+			errs = append(errs, &DocError{Doc: n, Err: err})
 		}
 	}
 	return set, errs
