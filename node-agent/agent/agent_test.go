@@ -1,0 +1,421 @@
+package agent
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"golang.org/x/sys/unix"
+
+	"github.com/ambit-mesh/ambit/internal/testenv"
+	"github.com/ambit-mesh/ambit/node-agent/state"
+	"github.com/ambit-mesh/ambit/plugin/cniproto"
+	"github.com/ambit-mesh/ambit/plugin/redirect"
+)
+
+const invAmbient = `namespaces:
+  - name: apps
+    labels: {ambit.dev/dataplane-mode: ambient}
+  - name: legacy
+workloads:
+  - namespace: apps
+    name: web
+    serviceAccount: web-sa
+`
+
+const invPlain = `namespaces:
+  - name: apps
+  - name: legacy
+`
+
+func TestEnrollAtAddAndDel(t *testing.T) {
+	testenv.RequireRoot(t)
+	h := startAgent(t, "", invAmbient)
+	n := newNetns(t, "10.62.0.2/24")
+
+	resp, err := h.call(cniproto.OpAdd, "apps", "web", "cid-web", n, "10.62.0.2/24")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.Decision != cniproto.Enroll || resp.Redirect == nil || !resp.Redirect.IPv4 || resp.Redirect.IPv6 {
+		t.Fatalf("ADD answer %+v (want enroll, IPv4 only for a v4-only pod)", resp)
+	}
+	for _, port := range []string{"15001", "15006", "15008"} {
+		c, line, err := dialFrom(t, n, "127.0.0.1:"+port)
+		if err != nil || line != "captured:"+port {
+			t.Fatalf("listener %s in the pod: %q %v", port, line, err)
+		}
+		c.Close()
+	}
+	// A repeated ADD of the same sandbox keeps serving, no second set.
+	if resp, err := h.call(cniproto.OpAdd, "apps", "web", "cid-web", n, "10.62.0.2/24"); err != nil || resp.Decision != cniproto.Enroll {
+		t.Fatalf("repeated ADD: %+v %v", resp, err)
+	}
+	if h.tun.Live() != 1 {
+		t.Fatalf("%d servings after a repeated ADD, want 1", h.tun.Live())
+	}
+	// CHECK answers like ADD.
+	if resp, err := h.call(cniproto.OpCheck, "apps", "web", "cid-web", n); err != nil || resp.Decision != cniproto.Enroll {
+		t.Fatalf("CHECK: %+v %v", resp, err)
+	}
+	// The record is persisted, the snapshot names the ambient namespace.
+	recs, _ := h.a.store.List()
+	if len(recs) != 1 || !recs[0].Enrolled || recs[0].Netns != n.path || recs[0].Identity != "spiffe://cluster.local/ns/apps/sa/web-sa" {
+		t.Fatalf("records %+v", recs)
+	}
+	snap, err := cniproto.ReadSnapshot(filepath.Join(h.dir, "enrollment-snapshot.json"))
+	if err != nil || snap.Verdict("apps") != cniproto.MayEnroll || snap.Verdict("legacy") != cniproto.NotEnrolled || snap.Verdict("kube-system") != cniproto.Excluded {
+		t.Fatalf("snapshot %+v %v", snap, err)
+	}
+	// Not enrolled namespace: skip.
+	other := newNetns(t, "10.62.1.2/24")
+	if resp, err := h.call(cniproto.OpAdd, "legacy", "old", "cid-old", other, "10.62.1.2/24"); err != nil || resp.Decision != cniproto.Skip {
+		t.Fatalf("legacy ADD: %+v %v", resp, err)
+	}
+	// Unknown namespace in static mode: skip, not an error.
+	if resp, err := h.call(cniproto.OpAdd, "nowhere", "x", "cid-x", other); err != nil || resp.Decision != cniproto.Skip {
+		t.Fatalf("unknown namespace ADD: %+v %v", resp, err)
+	}
+	// DEL closes the listeners.
+	if resp, err := h.call(cniproto.OpDel, "apps", "web", "cid-web", nil); err != nil || resp.Error != "" {
+		t.Fatalf("DEL: %+v %v", resp, err)
+	}
+	eventually(t, "listeners closed after DEL", func() bool { return h.tun.Live() == 0 })
+	if _, _, err := dialFrom(t, n, "127.0.0.1:15001"); err == nil {
+		t.Fatal("listener still open after DEL")
+	}
+	if got := testutil.ToFloat64(h.a.m.requests.WithLabelValues("add", "enroll")); got != 2 {
+		t.Fatalf("plugin requests add/enroll = %v", got)
+	}
+}
+
+func TestLiveLabelFlip(t *testing.T) {
+	testenv.RequireRoot(t)
+	h := startAgent(t, "", invPlain)
+	pod, _ := newPair(t, "10.64.0.2", "10.64.0.1")
+	resp, err := h.call(cniproto.OpAdd, "apps", "web", "cid-live", pod, "10.64.0.2/24")
+	if err != nil || resp.Decision != cniproto.Skip {
+		t.Fatalf("ADD in a plain namespace: %+v %v", resp, err)
+	}
+	say := func() string {
+		c, line, err := dialFrom(t, pod, "10.64.0.1:8080")
+		if err != nil {
+			return "error: " + err.Error()
+		}
+		c.Close()
+		return line
+	}
+	if got := say(); got != "plain" {
+		t.Fatalf("before labelling: %q", got)
+	}
+	// Label the namespace: the running pod is captured.
+	h.writeInventory(invAmbient)
+	if err := h.inv.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "traffic captured after labelling", func() bool { return say() == "captured:15001" })
+	if err := (Rules{}).Verify(openFile(t, pod.path), *h.a.byName["apps/web"].specCopy()); err != nil {
+		t.Fatalf("rules after live enrollment: %v", err)
+	}
+	inflight, line, err := dialFrom(t, pod, "10.64.0.1:8080")
+	if err != nil || line != "captured:15001" {
+		t.Fatalf("in-flight connection: %q %v", line, err)
+	}
+	defer inflight.Close()
+	inflight.SetDeadline(time.Now().Add(3 * time.Second))
+	fmt.Fprintf(inflight, "ping\n")
+	br := bufio.NewReader(inflight)
+	if l, err := br.ReadString('\n'); err != nil || l != "ping\n" {
+		t.Fatalf("in-flight connection does not echo: %q %v", l, err)
+	}
+	// A pod label "none" overrides the namespace: back to plaintext.
+	h.writeInventory(invAmbient + "    labels: {ambit.dev/dataplane-mode: none}\n")
+	if err := h.inv.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "plaintext after opting out", func() bool { return say() == "plain" })
+	// Unenrollment drains rather than cuts on the agent's side: the
+	// pod's serving is closed only after established connections end or
+	// drainTimeout passes. (Whether the kernel still delivers an
+	// established redirected connection once the rules are gone is the
+	// redirect package's concern; see docs/agent.md.)
+	if h.tun.Live() != 1 {
+		t.Fatalf("serving closed at once (%d live), want it draining", h.tun.Live())
+	}
+	inflight.Close()
+	eventually(t, "drain finished once the in-flight connection ended", func() bool { return h.tun.Live() == 0 })
+	var left bool
+	withNS(openFile(t, pod.path), func(n ns.NetNS) error {
+		found, _ := redirect.Installed(n)
+		left = len(found) > 0
+		return nil
+	})
+	if left {
+		t.Fatal("redirection left in the pod after unenrollment")
+	}
+}
+
+func openFile(t testing.TB, p string) *os.File {
+	t.Helper()
+	f, err := os.Open(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	return f
+}
+
+func (p *pod) specCopy() *redirect.Spec { s := p.spec; return &s }
+
+func TestBadInputKeepsServing(t *testing.T) {
+	testenv.RequireRoot(t)
+	h := startAgent(t, "", invAmbient)
+	raw := func(b []byte, oob []byte) string {
+		c, err := net.Dial("unixpacket", h.sock)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, _, err := c.(*net.UnixConn).WriteMsgUnix(b, oob, nil); err != nil {
+			return "write: " + err.Error()
+		}
+		buf := make([]byte, cniproto.MaxMessageSize)
+		n, err := c.Read(buf)
+		if err != nil {
+			return "read: " + err.Error()
+		}
+		var r cniproto.Response
+		json.Unmarshal(buf[:n], &r)
+		return r.Error
+	}
+	if e := raw([]byte("garbage\x00\xff"), nil); !strings.Contains(e, "malformed request") {
+		t.Fatalf("garbage: %q", e)
+	}
+	big := make([]byte, cniproto.MaxMessageSize+512)
+	for i := range big {
+		big[i] = 'x'
+	}
+	if e := raw(big, nil); !strings.Contains(e, "exceeds") {
+		t.Fatalf("oversized: %q", e)
+	}
+	// A netns fd that is not a netns, for a pod that would be enrolled.
+	notNS := openFile(t, "/etc/hostname")
+	req, _ := json.Marshal(cniproto.Request{Version: cniproto.Version, Op: cniproto.OpAdd, Pod: cniproto.Pod{Namespace: "apps", Name: "web", ContainerID: "cid-bad"}})
+	if e := raw(req, unix.UnixRights(int(notNS.Fd()))); !strings.Contains(e, "not a namespace") {
+		t.Fatalf("fd that is not a netns: %q", e)
+	}
+	// A broken inventory is rejected with its line; the last good stays.
+	h.writeInventory("namespaces:\n  - name: apps\n    labels: {ambit.dev/dataplane-mode: ambient}\nworkloads:\n  - namespace: nowhere\n    name: x\n")
+	if err := h.inv.Reload(); err == nil || !strings.Contains(err.Error(), "line 5: workloads[0].namespace") {
+		t.Fatalf("broken inventory: %v", err)
+	}
+	// Everyone else is still served.
+	n := newNetns(t, "10.65.0.2/24")
+	resp, err := h.call(cniproto.OpAdd, "apps", "web", "cid-good", n, "10.65.0.2/24")
+	if err != nil || resp.Decision != cniproto.Enroll {
+		t.Fatalf("good ADD after bad input: %+v %v", resp, err)
+	}
+	if got := testutil.ToFloat64(h.a.m.failures.WithLabelValues("netns")); got != 1 {
+		t.Fatalf("failures{netns} = %v", got)
+	}
+}
+
+func countFDs(t testing.TB) int {
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(ents)
+}
+
+func TestEnrollUnenroll1000NoLeak(t *testing.T) {
+	testenv.RequireRoot(t)
+	h := startAgent(t, "", invAmbient)
+	n := newNetns(t, "10.66.0.2/24")
+	cycle := func(i int) {
+		cid := fmt.Sprintf("cid-%d", i)
+		resp, err := h.call(cniproto.OpAdd, "apps", "web", cid, n, "10.66.0.2/24")
+		if err != nil || resp.Decision != cniproto.Enroll {
+			t.Fatalf("ADD %d: %+v %v", i, resp, err)
+		}
+		if resp, err := h.call(cniproto.OpDel, "apps", "web", cid, nil); err != nil || resp.Error != "" {
+			t.Fatalf("DEL %d: %+v %v", i, resp, err)
+		}
+	}
+	settle := func() {
+		eventually(t, "drains finished", func() bool { return h.tun.Live() == 0 })
+		h.a.closing.Wait()
+	}
+	cycle(-1)
+	settle()
+	runtime.GC()
+	g0, fd0 := runtime.NumGoroutine(), countFDs(t)
+	for i := range 1000 {
+		cycle(i)
+	}
+	settle()
+	var g, fd int
+	eventually(t, "goroutines and fds back to baseline", func() bool {
+		runtime.GC()
+		g, fd = runtime.NumGoroutine(), countFDs(t)
+		return g <= g0+2 && fd <= fd0
+	})
+	t.Logf("after 1000 enroll/unenroll: goroutines %d (baseline %d), fds %d (baseline %d)", g, g0, fd, fd0)
+	if recs, _ := h.a.store.List(); len(recs) != 0 {
+		t.Fatalf("%d records left", len(recs))
+	}
+}
+
+func Test300SimultaneousAdds(t *testing.T) {
+	testenv.RequireRoot(t)
+	h := startAgent(t, "", invAmbient)
+	const n = 300
+	pods := make([]*testNetns, n)
+	for i := range pods {
+		pods[i] = newNetns(t, fmt.Sprintf("10.67.%d.%d/16", i/250, i%250+2))
+	}
+	var wg sync.WaitGroup
+	errs := make(chan error, n)
+	start := make(chan struct{})
+	for i, p := range pods {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			<-start
+			// The plugin's own default timeout.
+			ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+			defer cancel()
+			req := &cniproto.Request{Version: cniproto.Version, Op: cniproto.OpAdd, Pod: cniproto.Pod{Namespace: "apps", Name: fmt.Sprintf("web-%d", i), ContainerID: fmt.Sprintf("cid-%d", i), Netns: p.path}}
+			resp, err := cniproto.Call(ctx, h.sock, req, p.file)
+			if err == nil && resp.Decision != cniproto.Enroll {
+				err = fmt.Errorf("pod %d: %+v", i, resp)
+			}
+			errs <- err
+		}()
+	}
+	close(start)
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if h.tun.Live() != n {
+		t.Fatalf("%d pods served, want %d", h.tun.Live(), n)
+	}
+}
+
+// enrollLikePlugin does what ambit-cni does at ADD: ask, then install.
+func enrollLikePlugin(t testing.TB, h *harness, name string, n *testNetns, ip string) {
+	t.Helper()
+	resp, err := h.call(cniproto.OpAdd, "apps", name, "cid-"+name, n, ip)
+	if err != nil || resp.Decision != cniproto.Enroll {
+		t.Fatalf("ADD %s: %+v %v", name, resp, err)
+	}
+	if _, err := (Rules{Backend: redirect.Auto}).Install(n.file, *resp.Redirect); err != nil {
+		t.Fatalf("installing rules in %s: %v", name, err)
+	}
+}
+
+func TestRestartReadoptsEveryPod(t *testing.T) {
+	testenv.RequireRoot(t)
+	dir, _ := os.MkdirTemp("", "amb-agt-")
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	h := startAgent(t, dir, invAmbient)
+	const n = 50
+	pods := make([]*testNetns, n)
+	for i := range pods {
+		ip := fmt.Sprintf("10.68.0.%d", i+2)
+		pods[i] = newNetns(t, ip+"/24")
+		enrollLikePlugin(t, h, fmt.Sprintf("web-%d", i), pods[i], ip+"/24")
+	}
+	h.stop()
+	// Agent away: rules stay, nothing listens: refused, not plaintext.
+	if _, _, err := dialFrom(t, pods[0], "127.0.0.1:15001"); err == nil {
+		t.Fatal("a listener survived the agent")
+	}
+	if err := (Rules{}).Verify(pods[0].file, redirect.DefaultSpec()); err != nil && !strings.Contains(err.Error(), "ipv6") {
+		// IPv4-only pods: only v4 rules are expected.
+	}
+	// Someone flushed one pod's rules while the agent was away.
+	if err := (Rules{}).Uninstall(pods[7].file); err != nil {
+		t.Fatal(err)
+	}
+	h2 := startAgent(t, dir, invAmbient)
+	if got := testutil.ToFloat64(h2.a.m.adopted); got != n {
+		t.Fatalf("adopted %v pods, want %d", got, n)
+	}
+	for i, p := range pods {
+		c, line, err := dialFrom(t, p, "127.0.0.1:15001")
+		if err != nil || line != "captured:15001" {
+			t.Fatalf("pod %d not served after restart: %q %v", i, line, err)
+		}
+		c.Close()
+	}
+	if got := testutil.ToFloat64(h2.a.m.repairs); got != 1 {
+		t.Fatalf("repairs = %v, want 1", got)
+	}
+	spec := *h2.a.byName["apps/web-7"].specCopy()
+	if err := (Rules{}).Verify(pods[7].file, spec); err != nil {
+		t.Fatalf("flushed rules not repaired: %v", err)
+	}
+}
+
+// TestHandOver: a second agent binds beside the first, the first stops,
+// and connections made all along are never refused.
+func TestHandOver(t *testing.T) {
+	testenv.RequireRoot(t)
+	dir, _ := os.MkdirTemp("", "amb-agt-")
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	old := startAgent(t, dir, invAmbient)
+	p := newNetns(t, "10.69.0.2/24")
+	enrollLikePlugin(t, old, "web", p, "10.69.0.2/24")
+
+	stop := make(chan struct{})
+	var refused, ok int
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			c, line, err := dialFrom(t, p, "127.0.0.1:15001")
+			if err != nil || line != "captured:15001" {
+				refused++
+				continue
+			}
+			ok++
+			c.Close()
+		}
+	}()
+	neu := startAgent(t, dir, invAmbient)
+	if neu.tun.Live() != 1 {
+		t.Fatalf("new agent serves %d pods", neu.tun.Live())
+	}
+	old.stop()
+	time.Sleep(100 * time.Millisecond) // keep dialling after the old one left
+	close(stop)
+	wg.Wait()
+	if refused != 0 || ok == 0 {
+		t.Fatalf("hand-over: %d connections refused, %d served", refused, ok)
+	}
+	t.Logf("hand-over: %d connections, none refused", ok)
+	_ = state.Key
+}

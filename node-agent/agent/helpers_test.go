@@ -1,0 +1,383 @@
+package agent
+
+import (
+	"bufio"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+
+	"github.com/ambit-mesh/ambit/node-agent/config"
+	"github.com/ambit-mesh/ambit/node-agent/inventory"
+	"github.com/ambit-mesh/ambit/plugin/cniproto"
+	"github.com/ambit-mesh/ambit/tunnel"
+)
+
+// echoTunnel stands in for the tunnel: every accepted connection gets
+// "captured:<port>\n" and then its lines echoed back, so a test can tell
+// captured from plaintext traffic and see a drained connection still work.
+type echoTunnel struct {
+	mu    sync.Mutex
+	live  int
+	total int
+}
+
+type echoServing struct {
+	t     *echoTunnel
+	lns   []net.Listener
+	wg    sync.WaitGroup
+	mu    sync.Mutex
+	conns map[net.Conn]struct{}
+	done  chan struct{}
+}
+
+func (e *echoTunnel) Serve(p tunnel.Pod) (Serving, error) {
+	s := &echoServing{t: e, lns: []net.Listener{p.Outbound, p.Inbound, p.HBONE}, conns: map[net.Conn]struct{}{}, done: make(chan struct{})}
+	e.mu.Lock()
+	e.live++
+	e.total++
+	e.mu.Unlock()
+	for _, l := range s.lns {
+		s.wg.Add(1)
+		go s.accept(l)
+	}
+	return s, nil
+}
+
+func (e *echoTunnel) Live() int {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.live
+}
+
+func (s *echoServing) accept(l net.Listener) {
+	defer s.wg.Done()
+	_, port, _ := net.SplitHostPort(l.Addr().String())
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			return
+		}
+		s.mu.Lock()
+		s.conns[c] = struct{}{}
+		s.mu.Unlock()
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			defer func() { s.mu.Lock(); delete(s.conns, c); s.mu.Unlock(); c.Close() }()
+			fmt.Fprintf(c, "captured:%s\n", port)
+			echo(c)
+		}()
+	}
+}
+
+func (s *echoServing) Close(ctx context.Context) error {
+	for _, l := range s.lns {
+		l.Close()
+	}
+	go func() { s.wg.Wait(); close(s.done) }()
+	select {
+	case <-s.done:
+	case <-ctx.Done():
+		s.mu.Lock()
+		for c := range s.conns {
+			c.Close()
+		}
+		s.mu.Unlock()
+		<-s.done
+	}
+	s.t.mu.Lock()
+	s.t.live--
+	s.t.mu.Unlock()
+	return nil
+}
+
+func suffix() string {
+	b := make([]byte, 4)
+	rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// testNetns is a named network namespace (amb-agt-*), removed at cleanup.
+type testNetns struct {
+	name string
+	path string
+	file *os.File
+}
+
+// newNetns creates a netns with lo up and addrs on lo (a pod whose IP
+// only needs to be found, not routed).
+func newNetns(t testing.TB, addrs ...string) *testNetns {
+	t.Helper()
+	name := "amb-agt-" + suffix()
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	orig, err := netns.Get()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer orig.Close()
+	h, err := netns.NewNamed(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer netns.Set(orig)
+	h.Close()
+	t.Cleanup(func() { netns.DeleteNamed(name) })
+	lo, err := netlink.LinkByName("lo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	netlink.LinkSetUp(lo)
+	for _, a := range addrs {
+		pfx, err := netlink.ParseAddr(a)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := netlink.AddrAdd(lo, pfx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	n := &testNetns{name: name, path: "/var/run/netns/" + name}
+	if n.file, err = os.Open(n.path); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { n.file.Close() })
+	return n
+}
+
+func run(t testing.TB, argv ...string) {
+	t.Helper()
+	if out, err := exec.Command(argv[0], argv[1:]...).CombinedOutput(); err != nil {
+		t.Fatalf("%s: %v\n%s", strings.Join(argv, " "), err, out)
+	}
+}
+
+// newPair creates a pod netns (podIP/24 on a veth) and a peer netns
+// (peerIP) on the other end, running a plaintext server on peerIP:8080
+// that answers "plain\n".
+func newPair(t testing.TB, podIP, peerIP string) (pod, peer *testNetns) {
+	t.Helper()
+	pod, peer = newNetns(t), newNetns(t)
+	a, b := "va"+suffix()[:6], "vb"+suffix()[:6]
+	run(t, "ip", "link", "add", a, "netns", pod.name, "type", "veth", "peer", "name", b, "netns", peer.name)
+	run(t, "ip", "-n", pod.name, "addr", "add", podIP+"/24", "dev", a)
+	run(t, "ip", "-n", peer.name, "addr", "add", peerIP+"/24", "dev", b)
+	run(t, "ip", "-n", pod.name, "link", "set", a, "up")
+	run(t, "ip", "-n", peer.name, "link", "set", b, "up")
+	var l net.Listener
+	inNetns(t, peer, func() error {
+		var err error
+		l, err = net.Listen("tcp", peerIP+":8080")
+		return err
+	})
+	t.Cleanup(func() { l.Close() })
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				fmt.Fprintf(c, "plain\n")
+				echo(c)
+			}()
+		}
+	}()
+	return pod, peer
+}
+
+// inNetns runs fn on a locked thread inside n (sockets made there stay
+// in n).
+func inNetns(t testing.TB, n *testNetns, fn func() error) {
+	t.Helper()
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		// Not unlocked: the thread dies with the goroutine, so a thread
+		// left in another netns is never reused.
+		if err := netns.Set(netns.NsHandle(n.file.Fd())); err != nil {
+			errc <- err
+			return
+		}
+		errc <- fn()
+	}()
+	if err := <-errc; err != nil {
+		t.Fatal(err)
+	}
+}
+
+// dialFrom connects from inside n and returns the first line read.
+func dialFrom(t testing.TB, n *testNetns, addr string) (net.Conn, string, error) {
+	t.Helper()
+	var c net.Conn
+	var err error
+	inNetns(t, n, func() error {
+		c, err = net.DialTimeout("tcp", addr, 2*time.Second)
+		return nil
+	})
+	if err != nil {
+		return nil, "", err
+	}
+	c.SetReadDeadline(time.Now().Add(3 * time.Second))
+	line, err := bufio.NewReader(c).ReadString('\n')
+	c.SetReadDeadline(time.Time{})
+	if err != nil {
+		c.Close()
+		return nil, "", err
+	}
+	return c, strings.TrimSpace(line), nil
+}
+
+// harness is an in-process agent on a static inventory.
+type harness struct {
+	t       testing.TB
+	a       *Agent
+	inv     *inventory.Source
+	tun     *echoTunnel
+	dir     string
+	invPath string
+	sock    string
+	cancel  context.CancelFunc
+	done    chan error
+}
+
+func testConfig(dir, invPath string) config.Config {
+	c := config.Default()
+	c.NodeName = "node-a"
+	c.Source = config.SourceInventory
+	c.InventoryFile = invPath
+	c.StateDir = dir
+	c.Socket = filepath.Join(dir, "cni.sock")
+	c.SnapshotFile = filepath.Join(dir, "enrollment-snapshot.json")
+	c.HealthAddr = ""
+	c.DrainTimeout = config.Duration{Duration: 2 * time.Second}
+	c.LogLevel = "warn"
+	return c
+}
+
+// startAgent runs an agent on dir (created if empty) with inventory body.
+func startAgent(t testing.TB, dir, inv string) *harness {
+	t.Helper()
+	if dir == "" {
+		var err error
+		dir, err = os.MkdirTemp("", "amb-agt-")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { os.RemoveAll(dir) })
+	}
+	h := &harness{t: t, dir: dir, invPath: filepath.Join(dir, "inventory.yaml"), sock: filepath.Join(dir, "cni.sock"), tun: &echoTunnel{}}
+	if inv != "" {
+		if err := os.WriteFile(h.invPath, []byte(inv), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cfg := testConfig(dir, h.invPath)
+	if err := cfg.Finish(); err != nil {
+		t.Fatal(err)
+	}
+	src, err := inventory.Load(inventory.Options{Path: h.invPath, NodeName: cfg.NodeName, EnrollLabel: cfg.EnrollLabel})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.inv = src
+	h.a, err = New(Options{Config: cfg, View: src, Status: src, Tunnel: h.tun})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	h.cancel = cancel
+	h.done = make(chan error, 1)
+	go func() { h.done <- h.a.Run(ctx) }()
+	select {
+	case <-h.a.Ready():
+	case err := <-h.done:
+		t.Fatalf("agent stopped: %v", err)
+	case <-time.After(30 * time.Second):
+		t.Fatal("agent not ready within 30s")
+	}
+	t.Cleanup(h.stop)
+	return h
+}
+
+func (h *harness) stop() {
+	if h.cancel == nil {
+		return
+	}
+	h.cancel()
+	h.cancel = nil
+	if err := <-h.done; err != nil {
+		h.t.Errorf("agent: %v", err)
+	}
+}
+
+func (h *harness) call(op cniproto.Op, ns, name, cid string, n *testNetns, ips ...string) (*cniproto.Response, error) {
+	req := &cniproto.Request{Version: cniproto.Version, Op: op, Pod: cniproto.Pod{Namespace: ns, Name: name, UID: "uid-" + name, ContainerID: cid}}
+	for _, ip := range ips {
+		req.Pod.IPs = append(req.Pod.IPs, netip.MustParsePrefix(ip))
+	}
+	var f *os.File
+	if n != nil {
+		req.Pod.Netns = n.path
+		f = n.file
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	return cniproto.Call(ctx, h.sock, req, f)
+}
+
+func (h *harness) writeInventory(body string) {
+	h.t.Helper()
+	tmp := h.invPath + ".tmp"
+	if err := os.WriteFile(tmp, []byte(body), 0o600); err != nil {
+		h.t.Fatal(err)
+	}
+	if err := os.Rename(tmp, h.invPath); err != nil {
+		h.t.Fatal(err)
+	}
+}
+
+// eventually polls cond until it holds or 15s pass.
+func eventually(t testing.TB, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for time.Now().Before(deadline) {
+		if cond() {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatalf("timed out waiting for %s", what)
+}
+
+// echo copies c's input back (io.Copy(c, c) would splice a socket into
+// itself).
+func echo(c net.Conn) {
+	buf := make([]byte, 4096)
+	for {
+		n, err := c.Read(buf)
+		if n > 0 {
+			if _, werr := c.Write(buf[:n]); werr != nil {
+				return
+			}
+		}
+		if err != nil {
+			return
+		}
+	}
+}
