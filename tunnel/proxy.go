@@ -3,45 +3,333 @@ package tunnel
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
+	"net"
+	"net/netip"
+	"sync"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/ambit-mesh/ambit/tunnel/hbone"
 )
 
 // Config wires a Proxy to its surroundings.
 type Config struct {
 	Directory    Directory
 	Certificates Certificates
-	Authorizer   Authorizer
-	Logger       *slog.Logger
+	// Authorizer decides inbound connections; nil allows everything
+	// (HBONE peers are still authenticated).
+	Authorizer Authorizer
+	Logger     *slog.Logger
 	// Registerer receives the tunnel's metrics; nil means none.
 	Registerer prometheus.Registerer
+
+	// HBONEPort is where destination pods terminate HBONE (default 15008).
+	HBONEPort uint16
+	// AgentPorts are the agent's own ports in every pod; connections
+	// aimed at them (self-calls, loops) are refused. Default 15001,
+	// 15006, 15008.
+	AgentPorts []uint16
+	// HBONE tunes the HTTP/2 layer: windows (4 MiB stream / 16 MiB
+	// connection), frame sizes, streams per pooled connection (100),
+	// keepalive (PING after 10 s idle, closed 20 s without answer).
+	HBONE hbone.Config
+	// PoolIdleTimeout closes pooled connections without streams for this
+	// long (default 5 min).
+	PoolIdleTimeout time.Duration
+	// ConnectTimeout bounds a TCP connect plus TLS handshake (default
+	// 10 s).
+	ConnectTimeout time.Duration
+	// NoOriginalSource makes inbound connections to the app come from the
+	// pod's own address instead of the client's (only for pods without
+	// the in-pod reply routing).
+	NoOriginalSource bool
 }
 
 // Proxy serves any number of pods.
-type Proxy struct{ cfg Config }
+type Proxy struct {
+	cfg            Config
+	log            *slog.Logger
+	m              *metrics
+	hcfg           hbone.Config
+	connectTimeout time.Duration
+	poolIdle       time.Duration
+	hbonePort      uint16
+	agentPorts     map[uint16]bool
+
+	mu   sync.Mutex
+	live map[*liveConn]struct{} // inbound connections, for Reauthorize
+}
+
+// liveConn is an established inbound connection Reauthorize may cut.
+type liveConn struct {
+	info ConnInfo
+	rec  *record
+	kill func()
+}
 
 // New validates cfg and returns a Proxy.
 func New(cfg Config) (*Proxy, error) {
 	if cfg.Directory == nil || cfg.Certificates == nil {
 		return nil, errors.New("tunnel: Directory and Certificates are required")
 	}
-	return &Proxy{cfg: cfg}, nil
+	p := &Proxy{
+		cfg:            cfg,
+		log:            cfg.Logger,
+		hcfg:           cfg.HBONE,
+		connectTimeout: cfg.ConnectTimeout,
+		poolIdle:       cfg.PoolIdleTimeout,
+		hbonePort:      cfg.HBONEPort,
+		agentPorts:     map[uint16]bool{},
+		live:           map[*liveConn]struct{}{},
+	}
+	if p.log == nil {
+		p.log = slog.Default()
+	}
+	if p.hcfg.MaxStreamsPerConn == 0 {
+		p.hcfg.MaxStreamsPerConn = 100
+	}
+	if p.connectTimeout <= 0 {
+		p.connectTimeout = 10 * time.Second
+	}
+	if p.poolIdle <= 0 {
+		p.poolIdle = 5 * time.Minute
+	}
+	if p.hbonePort == 0 {
+		p.hbonePort = 15008
+	}
+	ports := cfg.AgentPorts
+	if len(ports) == 0 {
+		ports = []uint16{15001, 15006, p.hbonePort}
+	}
+	for _, pt := range ports {
+		p.agentPorts[pt] = true
+	}
+	p.m = newMetrics(cfg.Registerer)
+	return p, nil
 }
 
 // Serving is one pod being served.
-type Serving struct{}
+type Serving struct {
+	p       *Proxy
+	pod     Pod
+	ownIPs  map[netip.Addr]bool
+	pool    *pool
+	baggage string
+	log     *slog.Logger
 
-// Serve starts accepting on pod's listeners. (Placeholder until the data
-// path lands: refuses.)
-func (p *Proxy) Serve(pod Pod) (*Serving, error) {
-	return nil, errors.New("tunnel: not implemented yet")
+	mu       sync.Mutex
+	closing  bool
+	active   int           // connections being handled
+	idle     chan struct{} // closed when active drops to 0 while closing
+	closers  map[*tracked]struct{}
+	hconns   map[*hbone.Conn]struct{}
+	loops    sync.WaitGroup
+	stopOnce sync.Once
 }
 
-// Close stops accepting (closes the pod's listeners), lets established
-// connections finish until ctx ends, then cuts what remains.
-func (s *Serving) Close(ctx context.Context) error { return nil }
+// Serve starts accepting on pod's listeners. A nil listener leaves that
+// function off (a pod may, say, only be a client). Serve takes ownership
+// of the listeners: Close closes them.
+func (p *Proxy) Serve(pod Pod) (*Serving, error) {
+	w := pod.Workload
+	if pod.Net == nil {
+		return nil, errors.New("tunnel: Pod.Net is required")
+	}
+	if len(w.IPs) == 0 {
+		return nil, fmt.Errorf("tunnel: pod %s/%s has no IP", w.Namespace, w.Name)
+	}
+	if (pod.HBONE != nil || pod.Outbound != nil) && w.Identity == "" {
+		return nil, fmt.Errorf("tunnel: pod %s/%s has no identity", w.Namespace, w.Name)
+	}
+	sv := &Serving{
+		p:       p,
+		pod:     pod,
+		ownIPs:  map[netip.Addr]bool{},
+		closers: map[*tracked]struct{}{},
+		hconns:  map[*hbone.Conn]struct{}{},
+		idle:    make(chan struct{}),
+		log:     p.log.With("pod", w.Namespace+"/"+w.Name),
+		baggage: fmt.Sprintf("k8s.namespace.name=%s,k8s.pod.name=%s", w.Namespace, w.Name),
+	}
+	for _, ip := range w.IPs {
+		sv.ownIPs[ip.Unmap()] = true
+	}
+	sv.pool = newPool(p, pod.Net)
+	for _, l := range []struct {
+		ln net.Listener
+		fn func(*net.TCPConn)
+	}{{pod.Outbound, sv.outbound}, {pod.Inbound, sv.inboundPlain}, {pod.HBONE, sv.inboundHBONE}} {
+		if l.ln == nil {
+			continue
+		}
+		sv.loops.Add(1)
+		go sv.acceptLoop(l.ln, l.fn)
+	}
+	return sv, nil
+}
+
+func (sv *Serving) acceptLoop(ln net.Listener, fn func(*net.TCPConn)) {
+	defer sv.loops.Done()
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			sv.log.Warn("accept failed", "listener", ln.Addr().String(), "err", err)
+			time.Sleep(5 * time.Millisecond)
+			continue
+		}
+		tc, ok := c.(*net.TCPConn)
+		if !ok {
+			c.Close()
+			continue
+		}
+		if !sv.enter() {
+			tc.Close()
+			continue
+		}
+		go func() {
+			defer sv.leave()
+			fn(tc)
+		}()
+	}
+}
+
+// enter counts a connection being handled; false once closing started.
+func (sv *Serving) enter() bool {
+	sv.mu.Lock()
+	defer sv.mu.Unlock()
+	if sv.closing {
+		return false
+	}
+	sv.active++
+	return true
+}
+
+func (sv *Serving) leave() {
+	sv.mu.Lock()
+	defer sv.mu.Unlock()
+	sv.active--
+	if sv.active == 0 && sv.closing {
+		select {
+		case <-sv.idle:
+		default:
+			close(sv.idle)
+		}
+	}
+}
+
+// tracked is a live connection Close may have to cut.
+type tracked struct{ cut func() }
+
+func (sv *Serving) track(cut func()) *tracked {
+	t := &tracked{cut}
+	sv.mu.Lock()
+	sv.closers[t] = struct{}{}
+	sv.mu.Unlock()
+	return t
+}
+
+func (sv *Serving) untrack(c *tracked) {
+	sv.mu.Lock()
+	delete(sv.closers, c)
+	sv.mu.Unlock()
+}
+
+// Close stops accepting (closes the pod's listeners, sends GOAWAY on
+// inbound HBONE connections), lets established connections finish until
+// ctx ends, then cuts what remains. It returns ctx's error if it had to
+// cut.
+func (s *Serving) Close(ctx context.Context) error {
+	s.mu.Lock()
+	if s.closing {
+		s.mu.Unlock()
+		return nil
+	}
+	s.closing = true
+	if s.active == 0 {
+		close(s.idle)
+	}
+	hconns := make([]*hbone.Conn, 0, len(s.hconns))
+	for c := range s.hconns {
+		hconns = append(hconns, c)
+	}
+	s.mu.Unlock()
+	for _, ln := range []net.Listener{s.pod.Outbound, s.pod.Inbound, s.pod.HBONE} {
+		if ln != nil {
+			ln.Close()
+		}
+	}
+	for _, c := range hconns {
+		go c.Shutdown(ctx)
+	}
+	var err error
+	select {
+	case <-s.idle:
+	case <-ctx.Done():
+		err = ctx.Err()
+		s.mu.Lock()
+		cut := make([]*tracked, 0, len(s.closers))
+		for c := range s.closers {
+			cut = append(cut, c)
+		}
+		s.mu.Unlock()
+		for _, c := range cut {
+			c.cut()
+		}
+		<-s.idle
+	}
+	for _, c := range hconns {
+		c.Close()
+	}
+	s.pool.close()
+	s.loops.Wait()
+	return err
+}
 
 // Reauthorize checks every live inbound connection again with the
 // Authorizer and closes those no longer allowed.
-func (p *Proxy) Reauthorize() {}
+func (p *Proxy) Reauthorize() {
+	if p.cfg.Authorizer == nil {
+		return
+	}
+	p.mu.Lock()
+	all := make([]*liveConn, 0, len(p.live))
+	for lc := range p.live {
+		all = append(all, lc)
+	}
+	p.mu.Unlock()
+	for _, lc := range all {
+		v := p.cfg.Authorizer.Authorize(lc.info)
+		if v.Allow {
+			continue
+		}
+		p.m.failed.WithLabelValues(lc.rec.dir, "policy_revoked", orUnknown(lc.rec.srcID), orUnknown(lc.rec.dstID)).Inc()
+		p.log.Info("connection closed: no longer allowed", "src", lc.info.SrcIP, "src_identity", lc.info.SrcIdentity,
+			"dst", lc.info.Dst.Namespace+"/"+lc.info.Dst.Name, "port", lc.info.DstPort, "policy", v.Policy, "reason", v.Reason)
+		lc.kill()
+	}
+}
+
+func (p *Proxy) addLive(lc *liveConn) {
+	p.mu.Lock()
+	p.live[lc] = struct{}{}
+	p.mu.Unlock()
+}
+
+func (p *Proxy) removeLive(lc *liveConn) {
+	p.mu.Lock()
+	delete(p.live, lc)
+	p.mu.Unlock()
+}
+
+func (p *Proxy) authorize(info ConnInfo) Verdict {
+	if p.cfg.Authorizer == nil {
+		return Verdict{Allow: true, Reason: "no authorizer"}
+	}
+	return p.cfg.Authorizer.Authorize(info)
+}

@@ -43,6 +43,7 @@ type Stream struct {
 	recvAvail int64
 	unacked   int64
 	abort     func() // set by Splice: unblock the app side at once
+	onResp    func(status int)
 
 	// Send side and lifecycle, under c.mu.
 	sendWin   int64
@@ -473,6 +474,15 @@ func (s *Stream) Close() error {
 	return nil
 }
 
+// StatusError is a CONNECT answered with a status other than 200.
+type StatusError struct{ Status int }
+
+func (e StatusError) Error() string { return "hbone: CONNECT refused with status " + strconv.Itoa(e.Status) }
+
+// OnResponse registers fn, called by Splice on a client stream with the
+// response status once it arrives (before any byte reaches the app).
+func (s *Stream) OnResponse(fn func(status int)) { s.onResp = fn }
+
 // SpliceResult is what Splice moved.
 type SpliceResult struct {
 	// ToApp and FromApp count payload bytes in each direction.
@@ -503,6 +513,13 @@ func (s *Stream) Splice(app *net.TCPConn) SpliceResult {
 	go func() {
 		n, err := s.drainTo(app)
 		res.ToApp = n
+		if err != nil {
+			// Refused, reset or failed towards the app: reset both
+			// ways, which also ends the pump below.
+			s.Reset(ErrCodeCancel)
+			_ = app.SetLinger(0)
+			_ = app.Close()
+		}
 		drained <- err
 	}()
 	n, perr := s.pumpFrom(app)
@@ -513,10 +530,6 @@ func (s *Stream) Splice(app *net.TCPConn) SpliceResult {
 		app.Close()
 	}
 	derr := <-drained
-	if derr != nil && perr == nil {
-		// The far side reset or failed; make sure the stream is gone.
-		s.Reset(ErrCodeCancel)
-	}
 	app.Close()
 	s.rmu.Lock()
 	s.abort = nil
@@ -589,6 +602,20 @@ func (s *Stream) pumpFrom(app *net.TCPConn) (int64, error) {
 // the app) or a reset.
 func (s *Stream) drainTo(app *net.TCPConn) (int64, error) {
 	var total int64
+	if s.c.client {
+		// Bytes from the app may already be on their way (optimistic
+		// send), but nothing reaches the app before the tunnel is up.
+		st, _, err := s.Response(context.Background())
+		if err != nil {
+			return 0, err
+		}
+		if s.onResp != nil {
+			s.onResp(st)
+		}
+		if st != 200 {
+			return 0, StatusError{st}
+		}
+	}
 	bufs := make(net.Buffers, 0, 16)
 	for {
 		chs, err := s.take(s.c.done)

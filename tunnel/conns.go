@@ -1,0 +1,476 @@
+package tunnel
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"encoding/hex"
+	"errors"
+	"io"
+	"log/slog"
+	mrand "math/rand/v2"
+	"net"
+	"net/netip"
+	"sync"
+	"time"
+
+	"golang.org/x/net/http2/hpack"
+
+	"github.com/ambit-mesh/ambit/tunnel/hbone"
+)
+
+// record is one connection's telemetry: metrics labels and the access log.
+type record struct {
+	dir, mode    string // outbound|inbound ; hbone|passthrough|plaintext
+	src, dst     netip.AddrPort
+	svc          netip.AddrPort // Service VIP when resolved from one
+	hboneAddr    netip.AddrPort
+	srcID, dstID string
+	start        time.Time
+	opened       bool
+}
+
+func addrPortOf(a net.Addr) netip.AddrPort {
+	if ta, ok := a.(*net.TCPAddr); ok {
+		ap := ta.AddrPort()
+		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+	}
+	ap, _ := netip.ParseAddrPort(a.String())
+	return ap
+}
+
+func (sv *Serving) logAttrs(r *record) []any {
+	a := []any{"direction", r.dir, "mode", r.mode, "src", r.src.String(), "dst", r.dst.String()}
+	if r.svc.IsValid() {
+		a = append(a, "service", r.svc.String())
+	}
+	if r.hboneAddr.IsValid() {
+		a = append(a, "hbone_addr", r.hboneAddr.String())
+	}
+	if r.srcID != "" {
+		a = append(a, "src_identity", r.srcID)
+	}
+	if r.dstID != "" {
+		a = append(a, "dst_identity", r.dstID)
+	}
+	return a
+}
+
+func (sv *Serving) labels(r *record) []string {
+	return []string{r.dir, r.mode, orUnknown(r.srcID), orUnknown(r.dstID)}
+}
+
+func (sv *Serving) opened(r *record) {
+	r.opened = true
+	sv.p.m.opened.WithLabelValues(sv.labels(r)...).Inc()
+	sv.p.m.active.WithLabelValues(r.dir).Inc()
+}
+
+// finished ends an established connection: metrics and the access log.
+func (sv *Serving) finished(r *record, toApp, fromApp int64, err error) {
+	l := sv.labels(r)
+	sv.p.m.closed.WithLabelValues(l...).Inc()
+	sv.p.m.active.WithLabelValues(r.dir).Dec()
+	sv.p.m.sent.WithLabelValues(l...).Add(float64(fromApp))
+	sv.p.m.received.WithLabelValues(l...).Add(float64(toApp))
+	attrs := append(sv.logAttrs(r), "bytes_sent", fromApp, "bytes_received", toApp,
+		"duration", time.Since(r.start).String())
+	if err != nil {
+		attrs = append(attrs, "error", err.Error())
+	}
+	sv.log.LogAttrs(context.Background(), slog.LevelInfo, "connection complete", argsToAttrs(attrs)...)
+}
+
+// failed counts a connection refused or failed before it was established
+// and logs it (one access-log line, as for any connection).
+func (sv *Serving) failed(r *record, reason string, err error) {
+	sv.p.m.failed.WithLabelValues(r.dir, reason, orUnknown(r.srcID), orUnknown(r.dstID)).Inc()
+	attrs := append(sv.logAttrs(r), "reason", reason, "duration", time.Since(r.start).String())
+	if err != nil {
+		attrs = append(attrs, "error", err.Error())
+	}
+	sv.log.LogAttrs(context.Background(), slog.LevelWarn, "connection failed", argsToAttrs(attrs)...)
+}
+
+func argsToAttrs(a []any) []slog.Attr {
+	out := make([]slog.Attr, 0, len(a)/2)
+	for i := 0; i+1 < len(a); i += 2 {
+		out = append(out, slog.Any(a[i].(string), a[i+1]))
+	}
+	return out
+}
+
+// reset aborts a TCP connection with RST, so the app sees a refusal
+// rather than a clean (and misleading) end of stream.
+func reset(c *net.TCPConn) {
+	_ = c.SetLinger(0)
+	_ = c.Close()
+}
+
+func (sv *Serving) isAgentPort(ap netip.AddrPort) bool {
+	return sv.p.agentPorts[ap.Port()]
+}
+
+// outbound handles a connection the pod's app made, captured on 15001.
+func (sv *Serving) outbound(c *net.TCPConn) {
+	r := &record{dir: "outbound", src: addrPortOf(c.RemoteAddr()), srcID: sv.pod.Workload.Identity, start: time.Now()}
+	dst, err := originalDst(c)
+	if err != nil {
+		sv.failed(r, "no_original_dst", err)
+		reset(c)
+		return
+	}
+	r.dst = dst
+	local := addrPortOf(c.LocalAddr())
+	switch {
+	case dst.Addr().IsLoopback() || dst.Addr().IsUnspecified():
+		sv.failed(r, "self_call", errors.New("loopback destination"))
+		reset(c)
+		return
+	case dst == local || (sv.ownIPs[dst.Addr()] && sv.isAgentPort(dst)):
+		sv.failed(r, "self_call", errors.New("destination is the agent itself"))
+		reset(c)
+		return
+	}
+	target := dst
+	dir := sv.p.cfg.Directory
+	if eps, ok := dir.ServiceEndpoints(dst); ok {
+		r.svc = dst
+		if len(eps) == 0 {
+			sv.failed(r, "no_endpoints", errors.New("service has no ready endpoint"))
+			reset(c)
+			return
+		}
+		target = eps[mrand.IntN(len(eps))]
+		r.dst = target
+	}
+	w, ok := dir.WorkloadByIP(target.Addr())
+	if !ok || !w.Meshed {
+		sv.passthrough(c, r, target)
+		return
+	}
+	if w.Identity == "" {
+		sv.failed(r, "no_identity", errors.New("meshed destination without an identity"))
+		reset(c)
+		return
+	}
+	r.mode = "hbone"
+	r.dstID = w.Identity
+	r.hboneAddr = netip.AddrPortFrom(target.Addr(), sv.p.hbonePort)
+	key := poolKey{src: r.srcID, dst: w.Identity, addr: r.hboneAddr}
+	ctx, cancel := context.WithTimeout(context.Background(), sv.p.connectTimeout)
+	s, err := sv.pool.open(ctx, key, target.String(), sv.requestHeaders(r))
+	cancel()
+	if err != nil {
+		reason := "hbone_connect"
+		var de *dialError
+		if errors.As(err, &de) {
+			reason = de.reason
+		}
+		sv.failed(r, reason, err)
+		reset(c)
+		return
+	}
+	var refused error
+	s.OnResponse(func(st int) {
+		if st == 200 {
+			sv.opened(r)
+			return
+		}
+		refused = hbone.StatusError{Status: st}
+	})
+	closer := sv.track(func() { s.Reset(hbone.ErrCodeCancel); reset(c) })
+	res := s.Splice(c)
+	sv.untrack(closer)
+	if !r.opened {
+		reason := "hbone_stream"
+		var se hbone.StatusError
+		if errors.As(refused, &se) || errors.As(res.Err, &se) {
+			reason = statusReason(se.Status)
+		}
+		err := res.Err
+		if err == nil {
+			err = refused
+		}
+		sv.failed(r, reason, err)
+		return
+	}
+	sv.finished(r, res.ToApp, res.FromApp, res.Err)
+}
+
+func statusReason(st int) string {
+	switch st {
+	case 400:
+		return "bad_request"
+	case 401, 403:
+		return "denied"
+	case 503:
+		return "upstream_unavailable"
+	}
+	return "status_" + itoa(st)
+}
+
+func itoa(i int) string {
+	if i == 0 {
+		return "0"
+	}
+	var b [20]byte
+	n := len(b)
+	neg := i < 0
+	if neg {
+		i = -i
+	}
+	for i > 0 {
+		n--
+		b[n] = byte('0' + i%10)
+		i /= 10
+	}
+	if neg {
+		n--
+		b[n] = '-'
+	}
+	return string(b[n:])
+}
+
+// requestHeaders are sent with every CONNECT, like ztunnel's: where the
+// connection comes from (Forwarded), who we are (baggage) and a fresh
+// trace id (traceparent).
+func (sv *Serving) requestHeaders(r *record) []hpack.HeaderField {
+	var id [24]byte
+	_, _ = rand.Read(id[:])
+	return []hpack.HeaderField{
+		{Name: "forwarded", Value: `for="` + r.src.String() + `"`},
+		{Name: "baggage", Value: sv.baggage},
+		{Name: "traceparent", Value: "00-" + hex.EncodeToString(id[:16]) + "-" + hex.EncodeToString(id[16:]) + "-00"},
+	}
+}
+
+// passthrough relays a connection to a destination outside the mesh,
+// from the pod's own network and marked, so it is not captured again.
+func (sv *Serving) passthrough(c *net.TCPConn, r *record, target netip.AddrPort) {
+	r.mode = "passthrough"
+	ctx, cancel := context.WithTimeout(context.Background(), sv.p.connectTimeout)
+	up, err := sv.pod.Net.Dial(ctx, netip.Addr{}, target)
+	cancel()
+	if err != nil {
+		sv.failed(r, "upstream_unreachable", err)
+		reset(c)
+		return
+	}
+	sv.opened(r)
+	fromApp, toApp, err := sv.relay(c, up)
+	sv.finished(r, toApp, fromApp, err)
+}
+
+// relay copies both ways between two TCP connections (splice(2) under
+// the hood), carrying half-closes, until both directions end.
+func (sv *Serving) relay(app *net.TCPConn, other net.Conn) (fromApp, toApp int64, err error) {
+	closer := sv.track(func() { reset(app); other.Close() })
+	defer sv.untrack(closer)
+	var wg sync.WaitGroup
+	var errTo error
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		toApp, errTo = io.Copy(app, other)
+		if errTo != nil {
+			reset(app)
+			other.Close()
+			return
+		}
+		_ = app.CloseWrite()
+	}()
+	var errFrom error
+	fromApp, errFrom = io.Copy(other, app)
+	if errFrom != nil {
+		reset(app)
+		if tc, ok := other.(*net.TCPConn); ok {
+			_ = tc.SetLinger(0)
+		}
+		other.Close()
+	} else if cw, ok := other.(interface{ CloseWrite() error }); ok {
+		_ = cw.CloseWrite()
+	}
+	wg.Wait()
+	app.Close()
+	other.Close()
+	if errFrom != nil {
+		return fromApp, toApp, errFrom
+	}
+	return fromApp, toApp, errTo
+}
+
+// inboundPlain handles plaintext arriving for the pod's app on 15006.
+func (sv *Serving) inboundPlain(c *net.TCPConn) {
+	w := sv.pod.Workload
+	r := &record{dir: "inbound", mode: "plaintext", src: addrPortOf(c.RemoteAddr()), dstID: w.Identity, start: time.Now()}
+	dst, err := originalDst(c)
+	if err != nil {
+		sv.failed(r, "no_original_dst", err)
+		reset(c)
+		return
+	}
+	r.dst = dst
+	if !sv.ownIPs[dst.Addr()] {
+		sv.failed(r, "ip_mismatch", errors.New("destination is not this pod"))
+		reset(c)
+		return
+	}
+	if sv.isAgentPort(dst) {
+		sv.failed(r, "self_call", errors.New("destination is an agent port"))
+		reset(c)
+		return
+	}
+	info := ConnInfo{SrcIP: r.src.Addr(), Dst: w, DstPort: dst.Port(), Plaintext: true}
+	if v := sv.p.authorize(info); !v.Allow {
+		sv.failed(r, "denied", errors.New("policy "+v.Policy+": "+v.Reason))
+		reset(c)
+		return
+	}
+	app, err := sv.dialApp(r.src.Addr(), dst)
+	if err != nil {
+		sv.failed(r, "upstream_unreachable", err)
+		reset(c)
+		return
+	}
+	lc := &liveConn{info: info, rec: r, kill: func() { reset(c); app.Close() }}
+	sv.p.addLive(lc)
+	sv.opened(r)
+	fromClient, toClient, err := sv.relay(c, app)
+	sv.p.removeLive(lc)
+	// For inbound, "sent" is what the local app sent back.
+	sv.finished(r, fromClient, toClient, err)
+}
+
+// dialApp connects to the pod's app from the client's address.
+func (sv *Serving) dialApp(src netip.Addr, dst netip.AddrPort) (net.Conn, error) {
+	if sv.p.cfg.NoOriginalSource || src.Is4() != dst.Addr().Is4() || sv.ownIPs[src] {
+		src = netip.Addr{}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), sv.p.connectTimeout)
+	defer cancel()
+	return sv.pod.Net.Dial(ctx, src, dst)
+}
+
+// inboundHBONE serves one mTLS HBONE connection on 15008.
+func (sv *Serving) inboundHBONE(raw *net.TCPConn) {
+	w := sv.pod.Workload
+	peer := addrPortOf(raw.RemoteAddr())
+	start := time.Now()
+	ctx, cancel := context.WithTimeout(context.Background(), sv.p.connectTimeout)
+	var peerID string
+	hc, err := hbone.Server(ctx, raw, sv.p.serverTLS(w.Identity), sv.p.hcfg,
+		func(tc *tls.Conn) error { peerID = peerIdentity(tc); return nil },
+		func(s *hbone.Stream) { sv.inboundStream(s, peerID, peer) })
+	cancel()
+	if err != nil {
+		r := &record{dir: "inbound", mode: "hbone", src: peer, dstID: w.Identity, start: start}
+		reason := "tls"
+		var pe *PeerError
+		if errors.As(err, &pe) {
+			reason = "tls_" + pe.Reason
+		}
+		sv.failed(r, reason, err)
+		return
+	}
+	sv.mu.Lock()
+	if sv.closing {
+		sv.mu.Unlock()
+		hc.Close()
+		return
+	}
+	sv.hconns[hc] = struct{}{}
+	sv.mu.Unlock()
+	tr := sv.track(func() { hc.Close() })
+	<-hc.Done()
+	sv.untrack(tr)
+	sv.mu.Lock()
+	delete(sv.hconns, hc)
+	sv.mu.Unlock()
+}
+
+// inboundStream serves one CONNECT: checks, policy, dial the app from the
+// client's address, splice.
+func (sv *Serving) inboundStream(s *hbone.Stream, peerID string, peer netip.AddrPort) {
+	w := sv.pod.Workload
+	r := &record{dir: "inbound", mode: "hbone", src: peer, srcID: peerID, dstID: w.Identity, start: time.Now()}
+	if !sv.enter() {
+		s.Respond(503, nil)
+		sv.failed(r, "draining", errors.New("pod is being drained"))
+		return
+	}
+	defer sv.leave()
+	req := s.Request
+	if req.Method != "CONNECT" {
+		s.Respond(400, nil)
+		sv.failed(r, "bad_request", errors.New("method "+req.Method+" is not CONNECT"))
+		return
+	}
+	dst, err := ParseAuthority(req.Authority)
+	if err != nil {
+		s.Respond(400, nil)
+		sv.failed(r, "bad_request", err)
+		return
+	}
+	r.dst = dst
+	if !sv.ownIPs[dst.Addr()] {
+		s.Respond(400, nil)
+		sv.failed(r, "ip_mismatch", errors.New("authority "+req.Authority+" is not this pod"))
+		return
+	}
+	if sv.isAgentPort(dst) {
+		s.Respond(400, nil)
+		sv.failed(r, "self_call", errors.New("authority names an agent port"))
+		return
+	}
+	info := ConnInfo{SrcIdentity: peerID, SrcIP: peer.Addr(), Dst: w, DstPort: dst.Port()}
+	if v := sv.p.authorize(info); !v.Allow {
+		s.Respond(401, nil)
+		sv.failed(r, "denied", errors.New("policy "+v.Policy+": "+v.Reason))
+		return
+	}
+	app, err := sv.dialApp(peer.Addr(), dst)
+	if err != nil {
+		s.Respond(503, nil)
+		sv.failed(r, "upstream_unreachable", err)
+		return
+	}
+	if err := s.Respond(200, []hpack.HeaderField{{Name: "baggage", Value: sv.baggage}}); err != nil {
+		app.Close()
+		sv.failed(r, "hbone_stream", err)
+		return
+	}
+	lc := &liveConn{info: info, rec: r, kill: func() { s.Reset(hbone.ErrCodeCancel); app.Close() }}
+	sv.p.addLive(lc)
+	closer := sv.track(lc.kill)
+	sv.opened(r)
+	var toApp, fromApp int64
+	if tc, ok := app.(*net.TCPConn); ok {
+		res := s.Splice(tc)
+		toApp, fromApp, err = res.ToApp, res.FromApp, res.Err
+	} else {
+		toApp, fromApp, err = genericSplice(s, app)
+	}
+	sv.untrack(closer)
+	sv.p.removeLive(lc)
+	sv.finished(r, toApp, fromApp, err)
+}
+
+// genericSplice joins a stream and any net.Conn (a PodNetwork that does
+// not hand out TCP connections).
+func genericSplice(s *hbone.Stream, app net.Conn) (toApp, fromApp int64, err error) {
+	done := make(chan struct{})
+	go func() {
+		toApp, _ = io.Copy(app, s)
+		if cw, ok := app.(interface{ CloseWrite() error }); ok {
+			cw.CloseWrite()
+		}
+		close(done)
+	}()
+	fromApp, err = io.Copy(s, app)
+	s.CloseWrite()
+	<-done
+	app.Close()
+	s.Close()
+	return
+}

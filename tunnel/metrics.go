@@ -1,0 +1,74 @@
+package tunnel
+
+import (
+	"errors"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/ambit-mesh/ambit/tunnel/hbone"
+)
+
+// metrics of the data path. Labels stay at identity level (service
+// accounts, a bounded set), never IPs or ports.
+type metrics struct {
+	opened, closed *prometheus.CounterVec // direction, mode, src_identity, dst_identity
+	failed         *prometheus.CounterVec // direction, reason, src_identity, dst_identity
+	sent, received *prometheus.CounterVec // direction, mode, src_identity, dst_identity
+	active         *prometheus.GaugeVec   // direction
+	poolConns      prometheus.Gauge
+}
+
+func newMetrics(reg prometheus.Registerer) *metrics {
+	l := []string{"direction", "mode", "src_identity", "dst_identity"}
+	m := &metrics{
+		opened: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "ambit_tunnel_connections_opened_total",
+			Help: "Connections established through the tunnel."}, l),
+		closed: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "ambit_tunnel_connections_closed_total",
+			Help: "Tunnel connections that ended after being established."}, l),
+		failed: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "ambit_tunnel_connections_failed_total",
+			Help: "Connections refused or failed before being established, by reason."},
+			[]string{"direction", "reason", "src_identity", "dst_identity"}),
+		sent: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "ambit_tunnel_sent_bytes_total",
+			Help: "Payload bytes from the local app into the tunnel."}, l),
+		received: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "ambit_tunnel_received_bytes_total",
+			Help: "Payload bytes from the tunnel to the local app."}, l),
+		active: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "ambit_tunnel_active_connections",
+			Help: "Connections open now."}, []string{"direction"}),
+		poolConns: prometheus.NewGauge(prometheus.GaugeOpts{Name: "ambit_tunnel_hbone_pool_connections",
+			Help: "Pooled outbound HBONE (mTLS HTTP/2) connections."}),
+	}
+	if reg != nil {
+		m.opened = register(reg, m.opened)
+		m.closed = register(reg, m.closed)
+		m.failed = register(reg, m.failed)
+		m.sent = register(reg, m.sent)
+		m.received = register(reg, m.received)
+		m.active = register(reg, m.active)
+		m.poolConns = register(reg, m.poolConns)
+		register(reg, prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "ambit_tunnel_buffered_bytes",
+			Help: "Received bytes waiting for slow apps (bounded by flow-control windows)."},
+			func() float64 { return float64(hbone.BufferedBytes()) }))
+	}
+	return m
+}
+
+func orUnknown(s string) string {
+	if s == "" {
+		return "unknown"
+	}
+	return s
+}
+
+// register registers c, or returns the collector already registered
+// under its name (several Proxies on one registry share their series).
+func register[T prometheus.Collector](reg prometheus.Registerer, c T) T {
+	if err := reg.Register(c); err != nil {
+		var are prometheus.AlreadyRegisteredError
+		if errors.As(err, &are) {
+			if ex, ok := are.ExistingCollector.(T); ok {
+				return ex
+			}
+		}
+	}
+	return c
+}

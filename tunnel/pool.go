@@ -1,0 +1,221 @@
+package tunnel
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"sync"
+	"time"
+
+	"golang.org/x/net/http2/hpack"
+
+	"github.com/ambit-mesh/ambit/tunnel/hbone"
+)
+
+// poolKey: connections are shared only between the same source identity,
+// the same expected destination identity and the same address.
+type poolKey struct {
+	src, dst string
+	addr     netip.AddrPort
+}
+
+type poolEntry struct {
+	conns   []*hbone.Conn
+	dialing chan struct{} // closed when the dial in flight ends
+	dialErr error
+}
+
+// pool holds one pod's outbound HBONE connections (in-pod mode: a pool
+// per pod, dialed from the pod's own network).
+type pool struct {
+	p    *Proxy
+	net  PodNetwork
+	mu   sync.Mutex
+	m    map[poolKey]*poolEntry
+	stop chan struct{}
+	once sync.Once
+}
+
+func newPool(p *Proxy, n PodNetwork) *pool {
+	pl := &pool{p: p, net: n, m: make(map[poolKey]*poolEntry), stop: make(chan struct{})}
+	go pl.janitor()
+	return pl
+}
+
+// open opens a CONNECT stream to authority on a pooled connection for
+// key, dialing (once for all concurrent callers) when none has room.
+func (pl *pool) open(ctx context.Context, key poolKey, authority string, hdr []hpack.HeaderField) (*hbone.Stream, error) {
+	for attempt := 0; attempt < 8; attempt++ {
+		c, err := pl.conn(ctx, key)
+		if err != nil {
+			return nil, err
+		}
+		s, err := c.OpenStream(authority, hdr)
+		if err == nil {
+			return s, nil
+		}
+		if !errors.Is(err, hbone.ErrNoCapacity) && !errors.Is(err, hbone.ErrConnClosed) {
+			return nil, err
+		}
+	}
+	return nil, errors.New("tunnel: no pooled connection would take a stream")
+}
+
+func (pl *pool) conn(ctx context.Context, key poolKey) (*hbone.Conn, error) {
+	limit := int(pl.p.hcfg.MaxStreamsPerConn)
+	pl.mu.Lock()
+	e := pl.m[key]
+	if e == nil {
+		e = &poolEntry{}
+		pl.m[key] = e
+	}
+	for {
+		live := e.conns[:0]
+		var pick *hbone.Conn
+		for _, c := range e.conns {
+			if !c.Usable() {
+				continue
+			}
+			live = append(live, c)
+			if pick == nil && c.ActiveStreams() < limit {
+				pick = c
+			}
+		}
+		for i := len(live); i < len(e.conns); i++ {
+			e.conns[i] = nil
+		}
+		e.conns = live
+		if pick != nil {
+			pl.mu.Unlock()
+			return pick, nil
+		}
+		if e.dialing == nil {
+			ch := make(chan struct{})
+			e.dialing = ch
+			pl.mu.Unlock()
+			c, err := pl.dial(ctx, key)
+			pl.mu.Lock()
+			e.dialing = nil
+			e.dialErr = err
+			if err == nil {
+				e.conns = append(e.conns, c)
+				pl.p.m.poolConns.Inc()
+				go func() { <-c.Done(); pl.p.m.poolConns.Dec() }()
+			}
+			close(ch)
+			if err != nil {
+				pl.mu.Unlock()
+				return nil, err
+			}
+			continue
+		}
+		ch := e.dialing
+		pl.mu.Unlock()
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+		pl.mu.Lock()
+		if e.dialErr != nil && len(e.conns) == 0 {
+			// Share the failure with everyone who waited for that dial.
+			err := e.dialErr
+			pl.mu.Unlock()
+			return nil, err
+		}
+	}
+}
+
+// dialError marks where an HBONE dial failed, for metrics.
+type dialError struct {
+	reason string
+	err    error
+}
+
+func (e *dialError) Error() string { return e.err.Error() }
+func (e *dialError) Unwrap() error { return e.err }
+
+func (pl *pool) dial(ctx context.Context, key poolKey) (*hbone.Conn, error) {
+	ctx, cancel := context.WithTimeout(ctx, pl.p.connectTimeout)
+	defer cancel()
+	raw, err := pl.net.Dial(ctx, netip.Addr{}, key.addr)
+	if err != nil {
+		if errors.Is(err, context.DeadlineExceeded) {
+			return nil, &dialError{"connect_timeout", fmt.Errorf("HBONE connect to %v timed out (is a NetworkPolicy blocking port %d?): %w", key.addr, key.addr.Port(), err)}
+		}
+		return nil, &dialError{"connect", fmt.Errorf("HBONE connect to %v: %w", key.addr, err)}
+	}
+	c, err := hbone.Client(ctx, raw, pl.p.clientTLS(context.WithoutCancel(ctx), key.src, key.dst), pl.p.hcfg)
+	if err != nil {
+		reason := "tls"
+		var pe *PeerError
+		if errors.As(err, &pe) {
+			reason = "tls_" + pe.Reason
+		}
+		return nil, &dialError{reason, fmt.Errorf("HBONE handshake with %v (%s): %w", key.addr, key.dst, err)}
+	}
+	return c, nil
+}
+
+// janitor closes connections idle for longer than the pool timeout.
+func (pl *pool) janitor() {
+	idle := pl.p.poolIdle
+	t := time.NewTicker(max(idle/4, 10*time.Millisecond))
+	defer t.Stop()
+	for {
+		select {
+		case <-pl.stop:
+			return
+		case <-t.C:
+		}
+		now := time.Now()
+		var evict []*hbone.Conn
+		pl.mu.Lock()
+		for k, e := range pl.m {
+			kept := e.conns[:0]
+			for _, c := range e.conns {
+				if s := c.IdleSince(); !s.IsZero() && now.Sub(s) >= idle {
+					evict = append(evict, c)
+					continue
+				}
+				if c.Usable() {
+					kept = append(kept, c)
+				}
+			}
+			e.conns = kept
+			if len(kept) == 0 && e.dialing == nil {
+				delete(pl.m, k)
+			}
+		}
+		pl.mu.Unlock()
+		for _, c := range evict {
+			c.Shutdown(context.Background())
+		}
+	}
+}
+
+// size is the number of pooled connections.
+func (pl *pool) size() int {
+	pl.mu.Lock()
+	defer pl.mu.Unlock()
+	n := 0
+	for _, e := range pl.m {
+		n += len(e.conns)
+	}
+	return n
+}
+
+func (pl *pool) close() {
+	pl.once.Do(func() { close(pl.stop) })
+	pl.mu.Lock()
+	var all []*hbone.Conn
+	for _, e := range pl.m {
+		all = append(all, e.conns...)
+	}
+	pl.m = map[poolKey]*poolEntry{}
+	pl.mu.Unlock()
+	for _, c := range all {
+		c.Close()
+	}
+}
