@@ -1,0 +1,223 @@
+package agent
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/ambit-mesh/ambit/internal/testenv"
+	"github.com/ambit-mesh/ambit/node-agent/inventory"
+)
+
+// The test binary doubles as an agent process (with the echo tunnel) when
+// AMBIT_AGENT_HELPER_DIR is set, so restart tests can kill -9 a real
+// process and start another.
+func TestMain(m *testing.M) {
+	if dir := os.Getenv("AMBIT_AGENT_HELPER_DIR"); dir != "" {
+		os.Exit(helperMain(dir))
+	}
+	os.Exit(m.Run())
+}
+
+func helperMain(dir string) int {
+	invPath := filepath.Join(dir, "inventory.yaml")
+	cfg := testConfig(dir, invPath)
+	if err := cfg.Finish(); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 2
+	}
+	src, err := inventory.Load(inventory.Options{Path: invPath, NodeName: cfg.NodeName, EnrollLabel: cfg.EnrollLabel})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 2
+	}
+	a, err := New(Options{Config: cfg, View: src, Status: src, Tunnel: &echoTunnel{}})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 2
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM)
+	defer stop()
+	go func() {
+		<-a.Ready()
+		fmt.Println("ready")
+	}()
+	if err := a.Run(ctx); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	return 0
+}
+
+// agentProc is an agent running as its own process.
+type agentProc struct {
+	cmd   *exec.Cmd
+	ready time.Duration // from start to ready
+}
+
+func startProc(t testing.TB, dir string) *agentProc {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), "AMBIT_AGENT_HELPER_DIR="+dir)
+	cmd.Stderr = os.Stderr
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	p := &agentProc{cmd: cmd}
+	t.Cleanup(func() { p.kill() })
+	line := make(chan string, 1)
+	go func() {
+		s, _ := bufio.NewReader(out).ReadString('\n')
+		line <- s
+	}()
+	select {
+	case s := <-line:
+		if strings.TrimSpace(s) != "ready" {
+			t.Fatalf("agent process said %q", s)
+		}
+	case <-time.After(60 * time.Second):
+		t.Fatal("agent process not ready within 60s")
+	}
+	p.ready = time.Since(start)
+	return p
+}
+
+func (p *agentProc) kill() {
+	if p.cmd.ProcessState == nil {
+		p.cmd.Process.Kill()
+		p.cmd.Wait()
+	}
+}
+
+func (p *agentProc) rssKB(t testing.TB) int {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", p.cmd.Process.Pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(l); len(f) >= 2 && f[0] == "VmRSS:" {
+			v, _ := strconv.Atoi(f[1])
+			return v
+		}
+	}
+	t.Fatal("no VmRSS")
+	return 0
+}
+
+func procDir(t testing.TB) (string, *harness) {
+	dir, err := os.MkdirTemp("", "amb-agt-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.WriteFile(filepath.Join(dir, "inventory.yaml"), []byte(invAmbient), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// A client-side harness (no agent) for calls.
+	return dir, &harness{t: t, dir: dir, sock: filepath.Join(dir, "cni.sock")}
+}
+
+func TestKill9Recovery(t *testing.T) {
+	testenv.RequireRoot(t)
+	dir, h := procDir(t)
+	p := startProc(t, dir)
+	const n = 50
+	pods := make([]*testNetns, n)
+	for i := range pods {
+		ip := fmt.Sprintf("10.70.0.%d", i+2)
+		pods[i] = newNetns(t, ip+"/24")
+		enrollLikePlugin(t, h, fmt.Sprintf("web-%d", i), pods[i], ip+"/24")
+	}
+	if c, line, err := dialFrom(t, pods[0], "127.0.0.1:15001"); err != nil || line != "captured:15001" {
+		t.Fatalf("before kill: %q %v", line, err)
+	} else {
+		c.Close()
+	}
+	p.cmd.Process.Signal(syscall.SIGKILL)
+	p.cmd.Wait()
+	// Agent gone: every enrolled pod's capture is refused, never plaintext.
+	for i, pod := range pods {
+		if _, _, err := dialFrom(t, pod, "127.0.0.1:15001"); err == nil {
+			t.Fatalf("pod %d still has a listener after kill -9", i)
+		}
+	}
+	startProc(t, dir)
+	for i, pod := range pods {
+		c, line, err := dialFrom(t, pod, "127.0.0.1:15001")
+		if err != nil || line != "captured:15001" {
+			t.Fatalf("pod %d not re-adopted after kill -9: %q %v", i, line, err)
+		}
+		c.Close()
+	}
+}
+
+// BenchmarkAgentRSS reports the agent process's resident memory with 0,
+// 100 and 1,000 enrolled pods (netns made by the bench; the tunnel is the
+// test echo tunnel, three accept loops per pod like the real one).
+func BenchmarkAgentRSS(b *testing.B) {
+	testenv.RequireRoot(b)
+	var base int
+	for _, n := range []int{0, 100, 1000} {
+		b.Run(fmt.Sprintf("pods=%d", n), func(b *testing.B) {
+			for range b.N {
+				dir, h := procDir(b)
+				p := startProc(b, dir)
+				for i := range n {
+					ip := fmt.Sprintf("10.71.%d.%d", i/250, i%250+2)
+					pod := newNetns(b, ip+"/16")
+					resp, err := h.call("add", "apps", fmt.Sprintf("web-%d", i), fmt.Sprintf("cid-%d", i), pod, ip+"/16")
+					if err != nil || resp.Error != "" {
+						b.Fatalf("ADD %d: %+v %v", i, resp, err)
+					}
+				}
+				rss := p.rssKB(b)
+				if n == 0 {
+					base = rss
+				}
+				b.ReportMetric(float64(rss)/1024, "MB-rss")
+				if n > 0 && base > 0 {
+					b.ReportMetric(float64(rss-base)/float64(n), "KB/pod")
+				}
+				p.kill()
+			}
+		})
+	}
+}
+
+// BenchmarkReadopt reports how long a restarted agent (after kill -9)
+// takes from exec to ready with 1,000 enrolled pods to re-adopt.
+func BenchmarkReadopt(b *testing.B) {
+	testenv.RequireRoot(b)
+	const n = 1000
+	dir, h := procDir(b)
+	p := startProc(b, dir)
+	empty := p.ready
+	for i := range n {
+		ip := fmt.Sprintf("10.72.%d.%d", i/250, i%250+2)
+		pod := newNetns(b, ip+"/16")
+		enrollLikePlugin(b, h, fmt.Sprintf("web-%d", i), pod, ip+"/16")
+	}
+	b.ResetTimer()
+	for range b.N {
+		p.cmd.Process.Signal(syscall.SIGKILL)
+		p.cmd.Wait()
+		p = startProc(b, dir)
+	}
+	b.StopTimer()
+	b.ReportMetric(p.ready.Seconds(), "s-to-ready/1000-pods")
+	b.ReportMetric(empty.Seconds(), "s-to-ready/0-pods")
+}
