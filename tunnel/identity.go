@@ -18,7 +18,9 @@ type PeerError struct {
 	Err    error
 }
 
-func (e *PeerError) Error() string { return "peer certificate refused (" + e.Reason + "): " + e.Err.Error() }
+func (e *PeerError) Error() string {
+	return "peer certificate refused (" + e.Reason + "): " + e.Err.Error()
+}
 func (e *PeerError) Unwrap() error { return e.Err }
 
 // spiffeID returns the SPIFFE ID (first spiffe:// URI SAN) of a cert.

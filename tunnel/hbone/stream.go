@@ -477,7 +477,9 @@ func (s *Stream) Close() error {
 // StatusError is a CONNECT answered with a status other than 200.
 type StatusError struct{ Status int }
 
-func (e StatusError) Error() string { return "hbone: CONNECT refused with status " + strconv.Itoa(e.Status) }
+func (e StatusError) Error() string {
+	return "hbone: CONNECT refused with status " + strconv.Itoa(e.Status)
+}
 
 // OnResponse registers fn, called by Splice on a client stream with the
 // response status once it arrives (before any byte reaches the app).
