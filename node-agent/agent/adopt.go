@@ -125,17 +125,11 @@ func (a *Agent) adoptOne(ctx context.Context, rec state.Pod, scan *lazyScan) boo
 		a.log.Error("re-adopting pod failed; its connections are refused until it is fixed", "pod", podName, "err", err)
 		return false
 	}
-	if err := a.rules.Verify(p.netns, spec); err != nil {
-		a.log.Warn("redirection differs from what it should be, repairing", "pod", podName, "problem", err)
-		backend, ierr := a.rules.Install(p.netns, spec)
-		if ierr != nil {
-			a.m.failures.WithLabelValues("redirect").Inc()
-			a.log.Error("repairing redirection failed", "pod", podName, "err", ierr)
-		} else {
-			a.m.repairs.Inc()
-			p.rec.Backend = backend
-		}
-	}
+	// Rules are verified after the agent is ready (verifyAdopted): the
+	// check execs iptables-save, and serving every pod again comes first.
+	a.mu.Lock()
+	a.toVerify = append(a.toVerify, p)
+	a.mu.Unlock()
 	a.store.Put(p.rec)
 	a.m.adopted.Inc()
 	a.m.latency.WithLabelValues("adopt").Observe(time.Since(start).Seconds())
@@ -148,4 +142,52 @@ func saOf(identity string) string {
 		return identity[i+4:]
 	}
 	return "default"
+}
+
+// verifyAdopted checks the rules of every re-adopted pod and repairs what
+// is missing or different, a few pods at a time.
+func (a *Agent) verifyAdopted(ctx context.Context) {
+	a.mu.Lock()
+	pods := a.toVerify
+	a.toVerify = nil
+	a.mu.Unlock()
+	sem := make(chan struct{}, 4)
+	var wg sync.WaitGroup
+	for _, p := range pods {
+		if ctx.Err() != nil {
+			break
+		}
+		sem <- struct{}{}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			a.verifyPod(p)
+		}()
+	}
+	wg.Wait()
+	a.log.Info("rules of re-adopted pods verified", "pods", len(pods))
+}
+
+func (a *Agent) verifyPod(p *pod) {
+	unlock := a.lock(p.rec.Namespace, p.rec.Name)
+	defer unlock()
+	if !p.enrolled() || p.netns == nil {
+		return // deleted or unenrolled meanwhile
+	}
+	name := p.rec.Namespace + "/" + p.rec.Name
+	if err := a.rules.Verify(p.netns, p.spec); err == nil {
+		return
+	} else {
+		a.log.Warn("redirection differs from what it should be, repairing", "pod", name, "problem", err)
+	}
+	backend, err := a.rules.Install(p.netns, p.spec)
+	if err != nil {
+		a.m.failures.WithLabelValues("redirect").Inc()
+		a.log.Error("repairing redirection failed", "pod", name, "err", err)
+		return
+	}
+	a.m.repairs.Inc()
+	p.rec.Backend = backend
+	a.store.Put(p.rec)
 }

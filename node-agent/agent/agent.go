@@ -69,6 +69,8 @@ type Agent struct {
 	byCID  map[string]*pod // container ID → pod
 	byName map[string]*pod // namespace/name → the latest sandbox
 	idUse  map[string]int  // identity → enrolled pods using it
+	// toVerify are re-adopted pods whose rules are checked after ready.
+	toVerify []*pod
 
 	closing sync.WaitGroup // drains in flight
 	queue   *queue
@@ -209,6 +211,8 @@ func (a *Agent) RunListener(ctx context.Context, l *net.UnixListener) error {
 	// Pods that should be enrolled but have no record (state lost, pods
 	// labelled while no agent ran) are found by a full reconcile.
 	a.queue.add(key{kind: keyAll})
+	wg.Add(1)
+	go func() { defer wg.Done(); a.verifyAdopted(ctx) }()
 
 	wg.Add(1)
 	go func() { defer wg.Done(); a.reconcileLoop(ctx) }()
@@ -260,8 +264,19 @@ func (a *Agent) lock(namespace, name string) func() {
 	return m.Unlock
 }
 
+// identity is the pod's SPIFFE ID; a view with its own trust domain (an
+// inventory that sets one) wins over the configuration, so the agent and
+// the directory agree.
 func (a *Agent) identity(p cluster.Pod) string {
-	return fmt.Sprintf("spiffe://%s/ns/%s/sa/%s", a.cfg.TrustDomain, p.Namespace, p.ServiceAccount)
+	td := a.cfg.TrustDomain
+	if v, ok := a.view.(interface{ TrustDomain() string }); ok && v.TrustDomain() != "" {
+		td = v.TrustDomain()
+	}
+	sa := p.ServiceAccount
+	if sa == "" {
+		sa = "default"
+	}
+	return fmt.Sprintf("spiffe://%s/ns/%s/sa/%s", td, p.Namespace, sa)
 }
 
 // specFor decides the address families of a pod's redirection: the

@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/netip"
 	"os"
@@ -296,7 +297,7 @@ func startAgent(t testing.TB, dir, inv string) *harness {
 		t.Fatal(err)
 	}
 	h.inv = src
-	h.a, err = New(Options{Config: cfg, View: src, Status: src, Tunnel: h.tun})
+	h.a, err = New(Options{Config: cfg, View: src, Status: src, Tunnel: h.tun, Logger: quietLogger()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -380,4 +381,9 @@ func echo(c net.Conn) {
 			return
 		}
 	}
+}
+
+// quietLogger logs warnings and errors only, so test output stays readable.
+func quietLogger() *slog.Logger {
+	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 }

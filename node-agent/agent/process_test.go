@@ -40,7 +40,7 @@ func helperMain(dir string) int {
 		fmt.Fprintln(os.Stderr, err)
 		return 2
 	}
-	a, err := New(Options{Config: cfg, View: src, Status: src, Tunnel: &echoTunnel{}})
+	a, err := New(Options{Config: cfg, View: src, Status: src, Tunnel: &echoTunnel{}, Logger: quietLogger()})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 2

@@ -575,3 +575,13 @@ func (s *Source) OptInNamespaces() []string {
 	slices.Sort(out)
 	return out
 }
+
+// TrustDomain is the file's trust domain, else the configured one.
+func (s *Source) TrustDomain() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.file.TrustDomain != "" {
+		return s.file.TrustDomain
+	}
+	return s.opts.TrustDomain
+}
