@@ -1,0 +1,316 @@
+// Package benchkit measures a data path the same way for every
+// configuration (direct, relay pair, Istio Go HBONE, Ambit): single-stream
+// throughput, 1 KB request/response latency on a warm connection, new
+// connections per second, and CPU seconds per GB; configurations are run
+// interleaved, several rounds, and the medians are printed as a table
+// with ratios, since the machine is shared and noisy.
+package benchkit
+
+import (
+	"context"
+	"encoding/binary"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// App ports served in the destination pod.
+const (
+	PortSink = 5201 // reads to EOF, answers the byte count (8 bytes)
+	PortRR   = 5202 // echoes 1 KB messages
+	PortPing = 5203 // answers one byte, closes
+)
+
+// ServeApps runs the destination apps on listeners from listen.
+func ServeApps(listen func(port uint16) net.Listener) {
+	sink := listen(PortSink)
+	go accept(sink, func(c net.Conn) {
+		n, _ := io.CopyBuffer(io.Discard, c, make([]byte, 256<<10))
+		var b [8]byte
+		binary.BigEndian.PutUint64(b[:], uint64(n))
+		c.Write(b[:])
+	})
+	go accept(listen(PortRR), func(c net.Conn) {
+		buf := make([]byte, 1024)
+		for {
+			if _, err := io.ReadFull(c, buf); err != nil {
+				return
+			}
+			if _, err := c.Write(buf); err != nil {
+				return
+			}
+		}
+	})
+	go accept(listen(PortPing), func(c net.Conn) {
+		var b [1]byte
+		if _, err := io.ReadFull(c, b[:]); err == nil {
+			c.Write(b[:])
+		}
+	})
+}
+
+func accept(ln net.Listener, fn func(net.Conn)) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		go func() { defer c.Close(); fn(c) }()
+	}
+}
+
+// Setup is one configuration: Dial connects the client (in the source
+// pod) to an app port of the destination pod, through the data path.
+// CPU returns extra CPU seconds spent outside this process (proxies in
+// other processes); nil for none.
+type Setup struct {
+	Name string
+	Dial func(port uint16) (net.Conn, error)
+	CPU  func() float64
+}
+
+// Result is one configuration's figures.
+type Result struct {
+	Name      string
+	Gbps      float64
+	P50, P99  time.Duration
+	ConnsPerS float64
+	CPUPerGB  float64
+}
+
+// Options size the measurements.
+type Options struct {
+	Bytes    int64         // per throughput run (default 512 MiB)
+	RTTs     int           // round trips per latency run (default 3000)
+	ConnFor  time.Duration // per connection-rate run (default 1.5 s)
+	ConnConc int           // concurrent connecting clients (default 4)
+	Rounds   int           // interleaved rounds (default 3)
+}
+
+func (o Options) withDefaults() Options {
+	if o.Bytes == 0 {
+		o.Bytes = 512 << 20
+	}
+	if o.RTTs == 0 {
+		o.RTTs = 3000
+	}
+	if o.ConnFor == 0 {
+		o.ConnFor = 1500 * time.Millisecond
+	}
+	if o.ConnConc == 0 {
+		o.ConnConc = 4
+	}
+	if o.Rounds == 0 {
+		o.Rounds = 3
+	}
+	return o
+}
+
+// cpuSeconds is this process's user+system CPU time.
+func cpuSeconds() float64 {
+	var ru syscall.Rusage
+	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return float64(ru.Utime.Sec+ru.Stime.Sec) + float64(ru.Utime.Usec+ru.Stime.Usec)/1e6
+}
+
+// ProcCPU is the CPU seconds used so far by process pid (for proxies
+// running as child processes).
+func ProcCPU(pid int) float64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	f := strings.Fields(s[i+2:])
+	ut, _ := strconv.ParseFloat(f[11], 64)
+	st, _ := strconv.ParseFloat(f[12], 64)
+	return (ut + st) / 100 // USER_HZ
+}
+
+// Throughput sends n bytes on one connection; returns Gb/s and CPU s/GB.
+func Throughput(s Setup, n int64) (gbps, cpuPerGB float64, err error) {
+	c, err := s.Dial(PortSink)
+	if err != nil {
+		return 0, 0, err
+	}
+	defer c.Close()
+	buf := make([]byte, 256<<10)
+	cpu0, ext0 := cpuSeconds(), ext(s)
+	t0 := time.Now()
+	for sent := int64(0); sent < n; sent += int64(len(buf)) {
+		if _, err := c.Write(buf); err != nil {
+			return 0, 0, err
+		}
+	}
+	c.(interface{ CloseWrite() error }).CloseWrite()
+	var b [8]byte
+	if _, err := io.ReadFull(c, b[:]); err != nil {
+		return 0, 0, fmt.Errorf("reading count: %w", err)
+	}
+	el := time.Since(t0)
+	if got := int64(binary.BigEndian.Uint64(b[:])); got < n {
+		return 0, 0, fmt.Errorf("sink got %d of %d bytes", got, n)
+	}
+	cpu := cpuSeconds() - cpu0 + ext(s) - ext0
+	return float64(n) * 8 / el.Seconds() / 1e9, cpu / (float64(n) / 1e9), nil
+}
+
+func ext(s Setup) float64 {
+	if s.CPU == nil {
+		return 0
+	}
+	return s.CPU()
+}
+
+// Latency does n 1 KB round trips on one warm connection.
+func Latency(s Setup, n int) (p50, p99 time.Duration, err error) {
+	c, err := s.Dial(PortRR)
+	if err != nil {
+		return 0, 0, err
+	}
+	defer c.Close()
+	buf := make([]byte, 1024)
+	for i := 0; i < 50; i++ { // warm up
+		c.Write(buf)
+		if _, err := io.ReadFull(c, buf); err != nil {
+			return 0, 0, err
+		}
+	}
+	d := make([]time.Duration, n)
+	for i := range d {
+		t0 := time.Now()
+		c.Write(buf)
+		if _, err := io.ReadFull(c, buf); err != nil {
+			return 0, 0, err
+		}
+		d[i] = time.Since(t0)
+	}
+	sort.Slice(d, func(i, j int) bool { return d[i] < d[j] })
+	return d[n/2], d[n*99/100], nil
+}
+
+// ConnRate opens connections (connect, one 1-byte round trip, close) from
+// conc clients for dur; returns connections per second.
+func ConnRate(s Setup, dur time.Duration, conc int) (float64, error) {
+	var n atomic.Int64
+	var firstErr atomic.Value
+	ctx, cancel := context.WithTimeout(context.Background(), dur)
+	defer cancel()
+	t0 := time.Now()
+	var wg sync.WaitGroup
+	for i := 0; i < conc; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			var b [1]byte
+			for ctx.Err() == nil {
+				c, err := s.Dial(PortPing)
+				if err != nil {
+					firstErr.CompareAndSwap(nil, err)
+					return
+				}
+				c.Write(b[:])
+				_, err = io.ReadFull(c, b[:])
+				c.Close()
+				if err != nil {
+					firstErr.CompareAndSwap(nil, err)
+					return
+				}
+				n.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	if e := firstErr.Load(); e != nil {
+		return 0, e.(error)
+	}
+	return float64(n.Load()) / time.Since(t0).Seconds(), nil
+}
+
+// Run measures every setup, interleaved, Rounds times, and returns the
+// per-setup medians.
+func Run(tb testing.TB, setups []Setup, o Options) []Result {
+	o = o.withDefaults()
+	all := make([][]Result, len(setups))
+	for r := 0; r < o.Rounds; r++ {
+		for i, s := range setups {
+			var res Result
+			res.Name = s.Name
+			var err error
+			if res.Gbps, res.CPUPerGB, err = Throughput(s, o.Bytes); err != nil {
+				tb.Fatalf("%s throughput: %v", s.Name, err)
+			}
+			if res.P50, res.P99, err = Latency(s, o.RTTs); err != nil {
+				tb.Fatalf("%s latency: %v", s.Name, err)
+			}
+			if res.ConnsPerS, err = ConnRate(s, o.ConnFor, o.ConnConc); err != nil {
+				tb.Fatalf("%s connections: %v", s.Name, err)
+			}
+			all[i] = append(all[i], res)
+		}
+	}
+	out := make([]Result, len(setups))
+	for i, rs := range all {
+		out[i] = Result{
+			Name:      setups[i].Name,
+			Gbps:      median(rs, func(r Result) float64 { return r.Gbps }),
+			P50:       time.Duration(median(rs, func(r Result) float64 { return float64(r.P50) })),
+			P99:       time.Duration(median(rs, func(r Result) float64 { return float64(r.P99) })),
+			ConnsPerS: median(rs, func(r Result) float64 { return r.ConnsPerS }),
+			CPUPerGB:  median(rs, func(r Result) float64 { return r.CPUPerGB }),
+		}
+	}
+	return out
+}
+
+func median(rs []Result, f func(Result) float64) float64 {
+	v := make([]float64, len(rs))
+	for i, r := range rs {
+		v[i] = f(r)
+	}
+	sort.Float64s(v)
+	return v[len(v)/2]
+}
+
+// Table formats results with ratios against the setup named base.
+func Table(rs []Result, base string) string {
+	var b *Result
+	for i := range rs {
+		if rs[i].Name == base {
+			b = &rs[i]
+		}
+	}
+	var sb strings.Builder
+	fmt.Fprintf(&sb, "%-18s %10s %8s %10s %10s %9s %10s %10s %9s\n", "config", "Gb/s", "×"+base, "RTT p50", "RTT p99", "×"+base, "conns/s", "×"+base, "CPU s/GB")
+	for _, r := range rs {
+		rt, rp, rc := 0.0, 0.0, 0.0
+		if b != nil {
+			rt, rp, rc = r.Gbps/b.Gbps, float64(r.P50)/float64(b.P50), r.ConnsPerS/b.ConnsPerS
+		}
+		fmt.Fprintf(&sb, "%-18s %10.2f %8.2f %10s %10s %9.2f %10.0f %10.2f %9.2f\n", r.Name, r.Gbps, rt,
+			r.P50.Round(time.Microsecond), r.P99.Round(time.Microsecond), rp, r.ConnsPerS, rc, r.CPUPerGB)
+	}
+	return sb.String()
+}
+
+// Report sets Go benchmark metrics for every result.
+func Report(b *testing.B, rs []Result) {
+	for _, r := range rs {
+		n := strings.ReplaceAll(r.Name, " ", "_")
+		b.ReportMetric(r.Gbps, n+"-Gb/s")
+		b.ReportMetric(float64(r.P50.Microseconds()), n+"-p50-µs")
+		b.ReportMetric(float64(r.P99.Microseconds()), n+"-p99-µs")
+		b.ReportMetric(r.ConnsPerS, n+"-conns/s")
+		b.ReportMetric(r.CPUPerGB, n+"-CPU-s/GB")
+	}
+}
