@@ -274,7 +274,7 @@ holder() {
   mount --make-rshared /
   mount -t tmpfs -o mode=0755,size=256m "amb-k8s-node$n-run" /run
   for d in "${NODE_DIRS[@]}"; do
-    mkdir -p "$S/node$n/fs$d"
+    mkdir -p "$S/node$n/fs$d" "$d"
     mount --bind "$S/node$n/fs$d" "$d"
   done
   touch "$S/run/node$n.ready"
@@ -444,12 +444,13 @@ up() {
 node_pids() {
   local n=$1 h mnt p root
   root=$(cgroot "$n")
-  find /sys/fs/cgroup/*/"$root" -name cgroup.procs -exec cat {} + 2>/dev/null
+  find /sys/fs/cgroup/*/"$root" -name cgroup.procs -exec cat {} + 2>/dev/null || true
   h=$(pidof_ "node$n-holder") || return 0
   mnt=$(readlink "/proc/$h/ns/mnt" 2>/dev/null) || return 0
   for p in /proc/[0-9]*; do
-    [ "$(readlink "$p/ns/mnt" 2>/dev/null)" = "$mnt" ] && echo "${p#/proc/}"
+    if [ "$(readlink "$p/ns/mnt" 2>/dev/null)" = "$mnt" ]; then echo "${p#/proc/}"; fi
   done
+  return 0
 }
 
 node_down() {
@@ -521,5 +522,6 @@ case "${1:-}" in
     if [ "$which" = all ]; then for n in "${NODES[@]}"; do import_images "$n" "$@"; done
     else import_images "$which" "$@"; fi ;;
   _holder) holder "$2" ;;
+  _step) shift; mkdir -p "$S/run" "$S/logs"; "$@" ;; # debugging: run one internal function
   *) echo "usage: $0 up|down|status|env|node N CMD...|import N|all TAR..." >&2; exit 2 ;;
 esac

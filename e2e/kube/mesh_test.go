@@ -1,0 +1,423 @@
+package kube
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/util/intstr"
+
+	"github.com/ambit-mesh/ambit/internal/testenv"
+)
+
+const (
+	ambitNS       = "ambit-system"
+	enrollLabel   = "ambit.dev/dataplane-mode"
+	redirectAnnot = "ambit.dev/redirection"
+	// The image manifests/ deploys; built here from bin/ and imported
+	// into both nodes' containerd, since the cluster has no registry.
+	ambitImage = "ambit-mesh/ambit:dev"
+)
+
+var installOnce struct {
+	sync.Once
+	err  error
+	took time.Duration
+}
+
+// installAmbit builds the Ambit image, imports it into both nodes and
+// installs Ambit from manifests/ the way a user does (kubectl apply -k),
+// then waits for the agent on both nodes and the CA. Once per run.
+func (c *cluster) installAmbit(t *testing.T) time.Duration {
+	t.Helper()
+	installOnce.Do(func() {
+		t0 := time.Now()
+		installOnce.err = c.doInstall(t)
+		installOnce.took = time.Since(t0)
+	})
+	if installOnce.err != nil {
+		t.Fatalf("installing Ambit: %v", installOnce.err)
+	}
+	return installOnce.took
+}
+
+func (c *cluster) doInstall(t *testing.T) error {
+	dir, err := os.MkdirTemp("", "amb-k8s-image-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	tar := os.Getenv("AMBIT_IMAGE_TAR") // e.g. what `make image` wrote
+	if tar == "" {
+		tar = filepath.Join(dir, "ambit.tar")
+		agent, cni := testenv.Binary(t, "ambit-agent"), testenv.Binary(t, "ambit-cni")
+		cmd := exec.Command("go", "run", "./e2e/kube/images/ociimage", "-name", ambitImage, "-out", tar,
+			"-file", agent+":/usr/local/bin/ambit-agent", "-file", cni+":/usr/local/bin/ambit-cni",
+			"-entrypoint", "/usr/local/bin/ambit-agent")
+		cmd.Dir = testenv.RepoRoot()
+		if out, err := cmd.CombinedOutput(); err != nil {
+			return fmt.Errorf("packing the image: %v\n%s", err, out)
+		}
+	}
+	if out, err := exec.Command(c.script, "import", "all", tar).CombinedOutput(); err != nil {
+		return fmt.Errorf("importing %s: %v\n%s", tar, err, out)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	if out, err := c.kubectl(ctx, "", "apply", "--server-side", "-k", filepath.Join(testenv.RepoRoot(), "manifests")); err != nil {
+		return fmt.Errorf("kubectl apply -k manifests/: %v\n%s", err, out)
+	}
+	if err := c.waitDaemonSet(ctx, ambitNS, "ambit-agent", 3*time.Minute); err != nil {
+		return err
+	}
+	if out, err := c.kubectl(ctx, "", "-n", ambitNS, "rollout", "status", "deploy/ambit-ca", "--timeout=180s"); err != nil {
+		return fmt.Errorf("CA not available: %v\n%s", err, out)
+	}
+	return nil
+}
+
+// waitDaemonSet waits until every node runs an updated, ready pod.
+func (c *cluster) waitDaemonSet(ctx context.Context, ns, name string, d time.Duration) error {
+	var ds *appsv1.DaemonSet
+	ok := pollOK(d, func() (bool, error) {
+		var err error
+		ds, err = c.client.AppsV1().DaemonSets(ns).Get(ctx, name, metav1.GetOptions{})
+		if err != nil {
+			return false, nil
+		}
+		s := ds.Status
+		return ds.Generation == s.ObservedGeneration && s.DesiredNumberScheduled == 2 &&
+			s.UpdatedNumberScheduled == 2 && s.NumberReady == 2 && s.NumberUnavailable == 0, nil
+	})
+	if ok {
+		return nil
+	}
+	out, _ := c.kubectl(ctx, "", "-n", ns, "get", "pods", "-o", "wide")
+	logs, _ := c.kubectl(ctx, "", "-n", ns, "logs", "-l", "app.kubernetes.io/name="+name, "--tail=30", "--prefix")
+	return fmt.Errorf("daemonset %s/%s not ready on both nodes in %v: %+v\n%s\n%s", ns, name, d, ds.Status, out, logs)
+}
+
+// waitAnnotation waits until pod's redirection annotation is want
+// ("" means absent or anything but enabled).
+func (c *cluster) waitAnnotation(t *testing.T, ns, pod, want string, d time.Duration) {
+	t.Helper()
+	var got string
+	if !pollOK(d, func() (bool, error) {
+		p, err := c.client.CoreV1().Pods(ns).Get(context.Background(), pod, metav1.GetOptions{})
+		if err != nil {
+			return false, nil
+		}
+		got = p.Annotations[redirectAnnot]
+		if want == "" {
+			return got != "enabled", nil
+		}
+		return got == want, nil
+	}) {
+		t.Fatalf("pod %s/%s: %s=%q, want %q after %v", ns, pod, redirectAnnot, got, want, d)
+	}
+}
+
+// capture records TCP on the bridge between the nodes: every byte that
+// goes from one node to the other.
+type capture struct {
+	cmd  *exec.Cmd
+	file string
+}
+
+func startCapture(t *testing.T) *capture {
+	t.Helper()
+	f := filepath.Join(t.TempDir(), "k8s2br0.pcap")
+	cmd := exec.Command("tcpdump", "-i", bridgeName, "-U", "-s", "0", "-Z", "root", "-w", f, "tcp")
+	var errb bytes.Buffer
+	cmd.Stderr = &errb
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("tcpdump: %v", err)
+	}
+	// tcpdump says "listening on" once the capture runs.
+	if !pollOK(10*time.Second, func() (bool, error) { return strings.Contains(errb.String(), "listening on"), nil }) {
+		_ = cmd.Process.Kill()
+		t.Fatalf("tcpdump did not start: %s", errb.String())
+	}
+	cp := &capture{cmd: cmd, file: f}
+	t.Cleanup(func() { cp.stop() })
+	return cp
+}
+
+func (cp *capture) stop() []byte {
+	if cp.cmd.ProcessState == nil {
+		_ = cp.cmd.Process.Signal(syscall.SIGINT)
+		_ = cp.cmd.Wait()
+	}
+	b, _ := os.ReadFile(cp.file)
+	return b
+}
+
+// packetsTo counts captured TCP packets with the given destination port
+// (tcpdump reads the file back).
+func packetsTo(t *testing.T, pcap string, port int) int {
+	t.Helper()
+	out, err := exec.Command("tcpdump", "-nn", "-r", pcap, fmt.Sprintf("tcp dst port %d", port)).Output()
+	if err != nil {
+		t.Fatalf("reading %s: %v", pcap, err)
+	}
+	return strings.Count(string(out), "\n")
+}
+
+type loadResult struct {
+	OK      int      `json:"ok"`
+	Refused int      `json:"refused"`
+	Reset   int      `json:"reset"`
+	Timeout int      `json:"timeout"`
+	Other   int      `json:"other"`
+	Peers   []string `json:"peers"`
+	Errors  []string `json:"errors"`
+}
+
+func (l loadResult) failed() int { return l.Refused + l.Reset + l.Timeout + l.Other }
+
+// load runs kecho load in a pod for d, in the background.
+func (c *cluster) load(ns, pod, addr string, d time.Duration) <-chan loadResult {
+	ch := make(chan loadResult, 1)
+	go func() {
+		out, err := c.exec(ns, pod, d+30*time.Second, "/kecho", "load", "-for", d.String(), "-every", "20ms", "-conns", "2", addr)
+		var r loadResult
+		if jerr := json.Unmarshal([]byte(lastLine(out)), &r); jerr != nil || err != nil {
+			r.Other = -1
+			r.Errors = append(r.Errors, fmt.Sprintf("exec: %v %q", err, out))
+		}
+		ch <- r
+	}()
+	return ch
+}
+
+// agentPod returns the ambit-agent pod on node.
+func (c *cluster) agentPod(t *testing.T, node string) *corev1.Pod {
+	t.Helper()
+	pods, err := c.client.CoreV1().Pods(ambitNS).List(context.Background(), metav1.ListOptions{
+		LabelSelector: "app.kubernetes.io/name=ambit-agent", FieldSelector: "spec.nodeName=" + node})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range pods.Items {
+		if pods.Items[i].DeletionTimestamp == nil {
+			return &pods.Items[i]
+		}
+	}
+	t.Fatalf("no ambit-agent pod on %s", node)
+	return nil
+}
+
+// containerPIDs finds a container's processes through the node's cgroups
+// (cgroupfs driver: .../pod<uid>/<container id>).
+func containerPIDs(t *testing.T, nodeIdx int, containerID string) []int {
+	t.Helper()
+	id := containerID[strings.Index(containerID, "://")+3:]
+	var pids []int
+	root := fmt.Sprintf("/sys/fs/cgroup/pids/amb-k8s-node%d", nodeIdx)
+	_ = filepath.WalkDir(root, func(p string, d os.DirEntry, err error) error {
+		if err != nil || !d.IsDir() || filepath.Base(p) != id {
+			return nil
+		}
+		b, _ := os.ReadFile(filepath.Join(p, "cgroup.procs"))
+		for _, f := range strings.Fields(string(b)) {
+			var pid int
+			if _, err := fmt.Sscan(f, &pid); err == nil {
+				pids = append(pids, pid)
+			}
+		}
+		return filepath.SkipDir
+	})
+	return pids
+}
+
+// TestAmbitMesh installs Ambit from manifests/ on the two-node cluster and
+// follows what a user would check: pods created with kubectl are enrolled
+// by the real kubelet → containerd → CNI path, cross-node traffic is mTLS
+// only (a capture on the bridge holds none of the payload) and the server
+// sees the client's pod IP, Services through kube-proxy are meshed too,
+// pods outside the mesh still talk, namespace label flips enroll and
+// release running pods, and the agent's kill -9 and a DaemonSet rolling
+// update under load are counted (refused connections, plaintext bytes).
+func TestAmbitMesh(t *testing.T) {
+	c := need(t)
+	r := track(t)
+	took := c.installAmbit(t)
+	r.note("install %.1fs", took.Seconds())
+	ctx := context.Background()
+
+	mesh := c.namespace(t, "e2e-mesh", map[string]string{enrollLabel: "ambient"})
+	t0 := time.Now()
+	srv := c.runPod(t, podSpec{ns: mesh, name: "server", node: node2, labels: map[string]string{"app": "server"}})
+	cli := c.runPod(t, podSpec{ns: mesh, name: "client", node: node1})
+	c.waitAnnotation(t, mesh, "server", "enabled", 30*time.Second)
+	c.waitAnnotation(t, mesh, "client", "enabled", 30*time.Second)
+	r.note("2 enrolled pods running in %.1fs", time.Since(t0).Seconds())
+
+	// Cross-node, by pod IP: the payload never crosses the wire in clear.
+	secret := "AMBIT-E2E-SECRET-" + suffix()
+	cp := startCapture(t)
+	out, err := c.exec(mesh, "client", 30*time.Second, "/kecho", "client", srv.Status.PodIP+":9000", secret)
+	pcap := cp.stop()
+	if err != nil {
+		t.Fatalf("enrolled client → enrolled server: %v", err)
+	}
+	want := fmt.Sprintf("peer=%s pod=server node=%s got=%s", cli.Status.PodIP, node2, secret)
+	if strings.TrimSpace(out) != want {
+		t.Fatalf("server answered %q, want %q (the server must see the client pod's IP)", out, want)
+	}
+	if bytes.Contains(pcap, []byte(secret)) {
+		t.Fatalf("the payload %q crossed the bridge in plaintext", secret)
+	}
+	hbone, plain := packetsTo(t, cp.file, 15008), packetsTo(t, cp.file, 9000)
+	if hbone == 0 || plain != 0 {
+		t.Fatalf("capture: %d packets to 15008 (want > 0), %d to 9000 (want 0)", hbone, plain)
+	}
+	r.note("pod IP kept, %d B captured, 0 plaintext, %d pkts on 15008", len(pcap), hbone)
+
+	t.Run("ServiceThroughKubeProxy", func(t *testing.T) {
+		svc, err := c.client.CoreV1().Services(mesh).Create(ctx, &corev1.Service{
+			ObjectMeta: metav1.ObjectMeta{Name: "server"},
+			Spec: corev1.ServiceSpec{Selector: map[string]string{"app": "server"},
+				Ports: []corev1.ServicePort{{Port: 80, TargetPort: intstr.FromInt32(9000)}}},
+		}, metav1.CreateOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		secret := "AMBIT-E2E-SVC-" + suffix()
+		cp := startCapture(t)
+		var out string
+		ok := pollOK(60*time.Second, func() (bool, error) {
+			out, err = c.exec(mesh, "client", 10*time.Second, "/kecho", "client", "-timeout", "3s", svc.Spec.ClusterIP+":80", secret)
+			return err == nil, nil
+		})
+		pcap := cp.stop()
+		if !ok {
+			t.Fatalf("Service %s:80: %v %s", svc.Spec.ClusterIP, err, out)
+		}
+		if !strings.Contains(out, "peer="+cli.Status.PodIP+" ") {
+			t.Errorf("via Service the server saw %q, want the client pod's IP %s", out, cli.Status.PodIP)
+		}
+		if bytes.Contains(pcap, []byte(secret)) {
+			t.Fatalf("Service traffic crossed the bridge in plaintext")
+		}
+	})
+
+	var plainNS string
+	t.Run("PassthroughOutsideMesh", func(t *testing.T) {
+		plainNS = c.namespace(t, "e2e-plain", nil)
+		ps := c.runPod(t, podSpec{ns: plainNS, name: "server", node: node2})
+		c.runPod(t, podSpec{ns: plainNS, name: "client", node: node1})
+		p, _ := c.client.CoreV1().Pods(plainNS).Get(ctx, "server", metav1.GetOptions{})
+		if p.Annotations[redirectAnnot] == "enabled" {
+			t.Fatalf("a pod outside the mesh was enrolled")
+		}
+		if _, err := c.exec(plainNS, "client", 20*time.Second, "/kecho", "client", ps.Status.PodIP+":9000", "plain"); err != nil {
+			t.Fatalf("pods outside the mesh cannot talk: %v", err)
+		}
+	})
+
+	t.Run("NamespaceLabelFlip", func(t *testing.T) {
+		if plainNS == "" {
+			t.Skip("needs PassthroughOutsideMesh")
+		}
+		t0 := time.Now()
+		patch := fmt.Sprintf(`{"metadata":{"labels":{%q:"ambient"}}}`, enrollLabel)
+		if _, err := c.client.CoreV1().Namespaces().Patch(ctx, plainNS, types.MergePatchType, []byte(patch), metav1.PatchOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		c.waitAnnotation(t, plainNS, "server", "enabled", 30*time.Second)
+		c.waitAnnotation(t, plainNS, "client", "enabled", 30*time.Second)
+		r.note("label flip enrolled 2 running pods in %.1fs", time.Since(t0).Seconds())
+		ps, _ := c.client.CoreV1().Pods(plainNS).Get(ctx, "server", metav1.GetOptions{})
+		secret := "AMBIT-E2E-FLIP-" + suffix()
+		cp := startCapture(t)
+		_, err := c.exec(plainNS, "client", 20*time.Second, "/kecho", "client", ps.Status.PodIP+":9000", secret)
+		pcap := cp.stop()
+		if err != nil {
+			t.Fatalf("after enrollment: %v", err)
+		}
+		if bytes.Contains(pcap, []byte(secret)) || packetsTo(t, cp.file, 15008) == 0 {
+			t.Fatalf("after the label flip traffic is not on HBONE")
+		}
+		patch = fmt.Sprintf(`{"metadata":{"labels":{%q:null}}}`, enrollLabel)
+		if _, err := c.client.CoreV1().Namespaces().Patch(ctx, plainNS, types.MergePatchType, []byte(patch), metav1.PatchOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		c.waitAnnotation(t, plainNS, "server", "", 30*time.Second)
+		if _, err := c.exec(plainNS, "client", 20*time.Second, "/kecho", "client", ps.Status.PodIP+":9000", "released"); err != nil {
+			t.Fatalf("after un-labelling, pods cannot talk: %v", err)
+		}
+	})
+
+	t.Run("AgentKill9UnderLoad", func(t *testing.T) {
+		agent := c.agentPod(t, node2)
+		if len(agent.Status.ContainerStatuses) == 0 {
+			t.Fatal("agent pod has no container status")
+		}
+		restarts := agent.Status.ContainerStatuses[0].RestartCount
+		pids := containerPIDs(t, 2, agent.Status.ContainerStatuses[0].ContainerID)
+		if len(pids) == 0 {
+			t.Fatal("no process found for the node-2 agent")
+		}
+		cp := startCapture(t)
+		res := c.load(mesh, "client", srv.Status.PodIP+":9000", 20*time.Second)
+		time.Sleep(5 * time.Second)
+		for _, pid := range pids {
+			_ = syscall.Kill(pid, syscall.SIGKILL)
+		}
+		lr := <-res
+		pcap := cp.stop()
+		leaked := bytes.Count(pcap, []byte("load-"))
+		r.note("kill -9 under load: %d ok, %d refused, %d reset, %d timeout, %d other, %d plaintext", lr.OK, lr.Refused, lr.Reset, lr.Timeout, lr.Other, leaked)
+		if leaked != 0 {
+			t.Errorf("%d plaintext payloads crossed the bridge while the agent was down", leaked)
+		}
+		if lr.Other < 0 {
+			t.Fatalf("load did not run: %v", lr.Errors)
+		}
+		if lr.OK == 0 {
+			t.Errorf("no exchange succeeded under load: %+v", lr)
+		}
+		poll(t, 60*time.Second, "the agent container to restart", func() (bool, error) {
+			p := c.agentPod(t, node2)
+			return len(p.Status.ContainerStatuses) > 0 && p.Status.ContainerStatuses[0].RestartCount > restarts && p.Status.ContainerStatuses[0].Ready, nil
+		})
+		if _, err := c.exec(mesh, "client", 20*time.Second, "/kecho", "client", srv.Status.PodIP+":9000", "after-kill"); err != nil {
+			t.Fatalf("after the agent restarted: %v", err)
+		}
+		t.Logf("kill -9 under load: %+v", lr)
+	})
+
+	t.Run("RollingUpdateUnderLoad", func(t *testing.T) {
+		cp := startCapture(t)
+		res := c.load(mesh, "client", srv.Status.PodIP+":9000", 60*time.Second)
+		time.Sleep(3 * time.Second)
+		c.mustKubectl(t, "", "-n", ambitNS, "rollout", "restart", "ds/ambit-agent")
+		if out, err := c.kubectl(ctx, "", "-n", ambitNS, "rollout", "status", "ds/ambit-agent", "--timeout=120s"); err != nil {
+			t.Errorf("rollout: %v %s", err, out)
+		}
+		lr := <-res
+		pcap := cp.stop()
+		leaked := bytes.Count(pcap, []byte("load-"))
+		r.note("rolling update under load: %d ok, %d failed (%d refused), %d plaintext", lr.OK, lr.failed(), lr.Refused, leaked)
+		if lr.Other < 0 {
+			t.Fatalf("load did not run: %v", lr.Errors)
+		}
+		if leaked != 0 || lr.failed() != 0 {
+			t.Errorf("rolling update under load: %+v, %d plaintext payloads on the wire; want no failure and no plaintext", lr, leaked)
+		}
+	})
+}
