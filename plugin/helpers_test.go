@@ -1,5 +1,8 @@
 package main
 
+// Small helpers the tests share: aliases that keep harness_test.go free
+// of unsafe and syscall imports.
+
 import (
 	"encoding/json"
 	"syscall"
