@@ -26,6 +26,7 @@ type IstioAuthorizationPolicy struct {
 	metav1.TypeMeta   `json:",inline"`
 	metav1.ObjectMeta `json:"metadata,omitempty"`
 	Spec              IstioAuthorizationPolicySpec `json:"spec"`
+	Status            json.RawMessage              `json:"status,omitempty"` // istiod's; not ours
 
 	problems field.ErrorList // from decoding
 }
