@@ -46,6 +46,7 @@ func (a *Agent) adopt(ctx context.Context) int {
 
 func (a *Agent) adoptOne(ctx context.Context, rec state.Pod, scan *lazyScan) bool {
 	start := time.Now()
+	orig := rec
 	unlock := a.lock(rec.Namespace, rec.Name)
 	defer unlock()
 	podName := rec.Namespace + "/" + rec.Name
@@ -66,7 +67,9 @@ func (a *Agent) adoptOne(ctx context.Context, rec state.Pod, scan *lazyScan) boo
 	a.register(p)
 	if !rec.Enrolled {
 		f.Close()
-		a.store.Put(rec) // netns path may have been refreshed by the scan
+		if rec.Netns != orig.Netns || rec.NetnsInode != orig.NetnsInode {
+			a.store.Put(rec) // refreshed by the scan
+		}
 		return false
 	}
 	cctx, cancel := context.WithTimeout(ctx, a.cfg.RequestTimeout.Duration)
@@ -118,7 +121,7 @@ func (a *Agent) adoptOne(ctx context.Context, rec state.Pod, scan *lazyScan) boo
 		}
 	}
 	p.rec.Identity = wl.Identity
-	if err := a.serve(p, f, wl); err != nil {
+	if err := a.serve(p, f, wl, false); err != nil {
 		f.Close()
 		a.m.failures.WithLabelValues(reasonOf(err)).Inc()
 		a.setStatus(cp, "failed", "AdoptionFailed", err.Error())
@@ -130,7 +133,9 @@ func (a *Agent) adoptOne(ctx context.Context, rec state.Pod, scan *lazyScan) boo
 	a.mu.Lock()
 	a.toVerify = append(a.toVerify, p)
 	a.mu.Unlock()
-	a.store.Put(p.rec)
+	if p.rec.Netns != orig.Netns || p.rec.NetnsInode != orig.NetnsInode || p.rec.Identity != orig.Identity {
+		a.store.Put(p.rec)
+	}
 	a.m.adopted.Inc()
 	a.m.latency.WithLabelValues("adopt").Observe(time.Since(start).Seconds())
 	return true

@@ -312,15 +312,19 @@ func (a *Agent) specFor(ips []netip.Addr, netns *os.File) redirect.Spec {
 // serve opens the listeners in the pod's netns and starts the tunnel for
 // it; on error nothing is left open. The netns file stays the caller's
 // until success, when p owns it.
-func (a *Agent) serve(p *pod, f *os.File, wl tunnel.Workload) error {
+func (a *Agent) serve(p *pod, f *os.File, wl tunnel.Workload, fresh bool) error {
 	n, err := podnet.Open(f, podnet.WithMark(a.spec.Mark))
 	if err != nil {
 		return &failure{"netns", err}
 	}
 	// Queued connections move to the new agent's listener when the old
-	// one closes (hand-over) instead of being reset.
-	if err := setMigrateReq(f); err != nil {
-		a.log.Debug("tcp_migrate_req not set", "pod", wl.Namespace+"/"+wl.Name, "err", err)
+	// one closes (hand-over) instead of being reset. A per-netns sysctl:
+	// set once when the pod is first enrolled, not again at re-adoption
+	// (opening /proc/sys costs more than the rest of an adoption).
+	if fresh {
+		if err := setMigrateReq(f); err != nil {
+			a.log.Debug("tcp_migrate_req not set", "pod", wl.Namespace+"/"+wl.Name, "err", err)
+		}
 	}
 	var lns []net.Listener
 	closeAll := func() {

@@ -146,7 +146,7 @@ func (a *Agent) add(ctx context.Context, req *cniproto.Request, f *os.File, chec
 			return errResp(true, "ambit-agent: certificate for %s not available yet: %v", wl.Identity, err)
 		}
 	}
-	if err := a.serve(p, f, wl); err != nil {
+	if err := a.serve(p, f, wl, true); err != nil {
 		a.m.failures.WithLabelValues(reasonOf(err)).Inc()
 		a.setStatus(cp, "failed", "EnrollmentFailed", err.Error())
 		a.log.Warn("enrollment failed", "pod", rp.Namespace+"/"+rp.Name, "err", err)
