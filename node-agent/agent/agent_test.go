@@ -125,7 +125,7 @@ func TestLiveLabelFlip(t *testing.T) {
 		t.Fatal(err)
 	}
 	eventually(t, "traffic captured after labelling", func() bool { return say() == "captured:15001" })
-	if err := (Rules{}).Verify(openFile(t, pod.path), *h.a.byName["apps/web"].specCopy()); err != nil {
+	if err := (Rules{}).Verify(openFile(t, pod.path), *h.a.podByName("apps/web").specCopy()); err != nil {
 		t.Fatalf("rules after live enrollment: %v", err)
 	}
 	inflight, line, err := dialFrom(t, pod, "10.64.0.1:8080")
@@ -366,7 +366,7 @@ func TestRestartReadoptsEveryPod(t *testing.T) {
 		c.Close()
 	}
 	eventually(t, "the flushed pod repaired", func() bool { return testutil.ToFloat64(h2.a.m.repairs) == 1 })
-	spec := *h2.a.byName["apps/web-7"].specCopy()
+	spec := *h2.a.podByName("apps/web-7").specCopy()
 	if err := (Rules{}).Verify(pods[7].file, spec); err != nil {
 		t.Fatalf("flushed rules not repaired: %v", err)
 	}

@@ -387,3 +387,9 @@ func echo(c net.Conn) {
 func quietLogger() *slog.Logger {
 	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 }
+
+func (a *Agent) podByName(key string) *pod {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.byName[key]
+}
