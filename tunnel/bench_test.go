@@ -2,8 +2,11 @@ package tunnel_test
 
 import (
 	"fmt"
+	"log/slog"
 	"os"
 	"testing"
+
+	"github.com/ambit-mesh/ambit/tunnel"
 
 	"github.com/ambit-mesh/ambit/internal/testenv"
 	"github.com/ambit-mesh/ambit/tunnel/internal/benchkit"
@@ -18,7 +21,7 @@ import (
 func BenchmarkDataPath(b *testing.B) {
 	testenv.RequireRoot(b)
 	setups := []benchkit.Setup{benchkit.Direct(b), benchkit.RelayPair(b)}
-	amb, _ := benchkit.Ambit(b, meshtest.Options{})
+	amb, _ := benchkit.Ambit(b, meshtest.Options{Config: quietConfig()})
 	setups = append(setups, amb)
 	b.ResetTimer()
 	var rs []benchkit.Result
@@ -28,4 +31,36 @@ func BenchmarkDataPath(b *testing.B) {
 	b.StopTimer()
 	fmt.Fprintf(os.Stdout, "\n%s\n", benchkit.Table(rs, "relay pair"))
 	benchkit.Report(b, rs)
+}
+
+// BenchmarkAmbitThroughput is Ambit alone, for profiling
+// (-cpuprofile): 64 MiB per iteration on one connection.
+func BenchmarkAmbitThroughput(b *testing.B) {
+	testenv.RequireRoot(b)
+	amb, _ := benchkit.Ambit(b, meshtest.Options{Config: quietConfig()})
+	b.SetBytes(64 << 20)
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		if _, _, err := benchkit.Throughput(amb, 64<<20); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkAmbitRTT is Ambit alone: 1 KB request/response per iteration.
+func BenchmarkAmbitRTT(b *testing.B) {
+	testenv.RequireRoot(b)
+	amb, _ := benchkit.Ambit(b, meshtest.Options{Config: quietConfig()})
+	b.ResetTimer()
+	p50, _, err := benchkit.Latency(amb, max(b.N, 100))
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.ReportMetric(float64(p50.Microseconds()), "p50-µs")
+}
+
+// quietConfig keeps the access log to warnings: a log line per
+// connection to the terminal would measure the terminal.
+func quietConfig() tunnel.Config {
+	return tunnel.Config{Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))}
 }
