@@ -1,6 +1,7 @@
 package redirect
 
 import (
+	"os"
 	"os/exec"
 	"strings"
 	"testing"
@@ -143,5 +144,33 @@ func TestCheckDetectsDeletedRule(t *testing.T) {
 				t.Logf("Verify: %v", err)
 			}
 		})
+	}
+}
+
+// A pod with IPv6 disabled still gets enrolled by a dual-stack spec: the
+// IPv6 policy routing is left out rather than failing the pod.
+func TestInstallWithIPv6Disabled(t *testing.T) {
+	testenv.RequireRoot(t)
+	n := nstest.New(t, "rd")
+	err := n.Do(func(ns.NetNS) error {
+		for _, k := range []string{"all", "default", "lo"} {
+			if err := os.WriteFile("/proc/sys/net/ipv6/conf/"+k+"/disable_ipv6", []byte("1"), 0o644); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	spec := DefaultSpec()
+	if _, err := Install(n, Nftables, spec); err != nil {
+		t.Fatalf("Install with IPv6 disabled: %v", err)
+	}
+	if err := Verify(n, spec); err != nil {
+		t.Fatalf("Verify with IPv6 disabled: %v", err)
+	}
+	if err := Uninstall(n); err != nil {
+		t.Fatal(err)
 	}
 }

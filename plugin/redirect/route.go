@@ -63,6 +63,21 @@ func wantRoute(s Spec, f family, lo int) *netlink.Route {
 	}
 }
 
+// effective narrows spec's families to those the netns can route: IPv6
+// rules and routes need IPv6 on lo (it is absent when IPv6 is disabled in
+// the pod, or in the kernel). The nftables/iptables rules for such a
+// family stay (they never match), so one pod's sysctl cannot fail its
+// enrollment.
+func effective(h *netlink.Handle, lo netlink.Link, s Spec) Spec {
+	if s.IPv6 {
+		addrs, err := h.AddrList(lo, netlink.FAMILY_V6)
+		if err != nil || len(addrs) == 0 {
+			s.IPv6 = false
+		}
+	}
+	return s
+}
+
 func ruleMatches(got netlink.Rule, want *netlink.Rule) bool {
 	return got.Mark == want.Mark && got.Mask != nil && *got.Mask == *want.Mask &&
 		got.Table == want.Table && got.Priority == want.Priority && !got.Invert && got.Src == nil && got.Dst == nil
@@ -87,10 +102,14 @@ func routesInstall(n ns.NetNS, s Spec) error {
 			return fmt.Errorf("bringing lo up: %w", err)
 		}
 	}
+	s = effective(h, lo, s)
 	for _, f := range []family{4, 6} {
 		enabled := (f == 4 && s.IPv4) || (f == 6 && s.IPv6)
 		rules, err := h.RuleList(nlFamily(f))
 		if err != nil {
+			if f == 6 && !enabled && errors.Is(err, unix.EAFNOSUPPORT) {
+				continue // kernel without IPv6
+			}
 			return fmt.Errorf("listing IPv%d rules: %w", f, err)
 		}
 		want := wantRule(s, f)
@@ -181,10 +200,16 @@ func routesVerify(n ns.NetNS, s Spec) []string {
 	}
 	defer h.Close()
 	var problems []string
+	if lo, err := h.LinkByName("lo"); err == nil {
+		s = effective(h, lo, s)
+	}
 	for _, f := range []family{4, 6} {
 		enabled := (f == 4 && s.IPv4) || (f == 6 && s.IPv6)
 		rules, err := h.RuleList(nlFamily(f))
 		if err != nil {
+			if f == 6 && !enabled && errors.Is(err, unix.EAFNOSUPPORT) {
+				continue
+			}
 			problems = append(problems, fmt.Sprintf("listing IPv%d rules: %v", f, err))
 			continue
 		}
