@@ -65,3 +65,11 @@ kube-up: deps kube-build
 	@bash e2e/kube/cluster.sh up
 kube-down:
 	@bash e2e/kube/cluster.sh down
+
+# Container image without Docker or a registry: a docker-archive tarball of
+# the static binaries, assembled by hack/image (go-containerregistry).
+# Load it with `ctr -n k8s.io images import bin/ambit-image.tar`,
+# `podman load -i bin/ambit-image.tar` or `kind load image-archive ...`.
+IMAGE ?= ambit-mesh/ambit:dev
+image: build
+	$(GO) run ./hack/image -agent $(BIN)/ambit-agent -cni $(BIN)/ambit-cni -tag $(IMAGE) -o $(BIN)/ambit-image.tar
