@@ -92,6 +92,9 @@ func NewNode(o NodeOptions) (*Node, error) {
 		}
 		o.Dir = d
 	}
+	if err := os.MkdirAll(o.Dir, 0o755); err != nil {
+		return nil, err
+	}
 	if err := run("ip", "netns", "add", o.Name); err != nil {
 		return nil, err
 	}
