@@ -115,11 +115,6 @@ func (a *Agent) adoptOne(ctx context.Context, rec state.Pod, scan *lazyScan) boo
 	if wl.Identity != rec.Identity && rec.Identity != "" && cp.ServiceAccount == "" {
 		wl.Identity = rec.Identity
 	}
-	if a.certs != nil {
-		if err := a.certs.Prefetch(cctx, wl.Identity); err != nil {
-			a.log.Warn("certificate prefetch at adoption", "pod", podName, "err", err)
-		}
-	}
 	p.rec.Identity = wl.Identity
 	if err := a.serve(p, f, wl, false); err != nil {
 		f.Close()

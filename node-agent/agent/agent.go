@@ -68,7 +68,6 @@ type Agent struct {
 	mu     sync.Mutex
 	byCID  map[string]*pod // container ID → pod
 	byName map[string]*pod // namespace/name → the latest sandbox
-	idUse  map[string]int  // identity → enrolled pods using it
 	// toVerify are re-adopted pods whose rules are checked after ready.
 	toVerify []*pod
 
@@ -130,7 +129,7 @@ func New(o Options) (*Agent, error) {
 		spec:   spec,
 		policy: enrollment.NewPolicy(o.Config.EnrollLabel, o.Config.ExcludedNamespaces),
 		store:  st, m: newMetrics(o.Registerer), health: o.Health, log: o.Logger,
-		byCID: map[string]*pod{}, byName: map[string]*pod{}, idUse: map[string]int{},
+		byCID: map[string]*pod{}, byName: map[string]*pod{},
 		queue: newQueue(), statusQ: make(chan statusUpdate, 4096), ready: make(chan struct{}),
 	}
 	if sv, ok := o.View.(staticView); ok && sv.Static() {
@@ -313,8 +312,19 @@ func (a *Agent) specFor(ips []netip.Addr, netns *os.File) redirect.Spec {
 // it; on error nothing is left open. The netns file stays the caller's
 // until success, when p owns it.
 func (a *Agent) serve(p *pod, f *os.File, wl tunnel.Workload, fresh bool) error {
+	if a.certs != nil {
+		if err := a.certs.Prefetch(wl.Identity); err != nil {
+			return &failure{"certificate", err}
+		}
+	}
+	unpin := func() {
+		if a.certs != nil {
+			a.certs.Forget(wl.Identity)
+		}
+	}
 	n, err := podnet.Open(f, podnet.WithMark(a.spec.Mark))
 	if err != nil {
+		unpin()
 		return &failure{"netns", err}
 	}
 	// Queued connections move to the new agent's listener when the old
@@ -332,6 +342,7 @@ func (a *Agent) serve(p *pod, f *os.File, wl tunnel.Workload, fresh bool) error 
 			l.Close()
 		}
 		n.Close()
+		unpin()
 	}
 	for _, port := range []uint16{a.spec.OutboundPort, a.spec.InboundPort, a.spec.HBONEPort} {
 		l, err := n.Listen(port, podnet.ListenOptions{})
@@ -347,9 +358,7 @@ func (a *Agent) serve(p *pod, f *os.File, wl tunnel.Workload, fresh bool) error 
 		return &failure{"tunnel", err}
 	}
 	p.netns, p.net, p.serve = f, n, s
-	a.mu.Lock()
-	a.idUse[wl.Identity]++
-	a.mu.Unlock()
+	p.rec.Identity = wl.Identity
 	a.m.enrolled.Inc()
 	return nil
 }
@@ -363,19 +372,12 @@ func (a *Agent) release(ctx context.Context, p *pod) {
 	s, n, f := p.serve, p.net, p.netns
 	p.serve, p.net, p.netns = nil, nil, nil
 	a.m.enrolled.Dec()
-	a.mu.Lock()
-	a.idUse[p.rec.Identity]--
-	unused := a.idUse[p.rec.Identity] <= 0
-	if unused {
-		delete(a.idUse, p.rec.Identity)
-	}
-	a.mu.Unlock()
 	if err := s.Close(ctx); err != nil && !errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, context.Canceled) {
 		a.log.Warn("closing pod listeners", "pod", p.rec.Namespace+"/"+p.rec.Name, "err", err)
 	}
 	n.Close()
 	f.Close()
-	if unused && a.certs != nil {
+	if a.certs != nil {
 		a.certs.Forget(p.rec.Identity)
 	}
 }

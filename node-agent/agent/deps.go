@@ -81,11 +81,12 @@ func (r Rules) Uninstall(f *os.File) error {
 	return withNS(f, func(n ns.NetNS) error { return redirect.Uninstall(n) })
 }
 
-// Prefetcher warms a workload certificate before the pod starts, so the
-// first connection does not wait for the CA, and forgets it when no local
-// pod uses the identity any more. Optional.
+// Prefetcher pins a workload identity while a pod using it is enrolled
+// and fetches its certificate in the background, so the first connection
+// does not wait for the CA (identity.Manager). Every Prefetch is paired
+// with one Forget. Optional.
 type Prefetcher interface {
-	Prefetch(ctx context.Context, identity string) error
+	Prefetch(identity string) error
 	Forget(identity string)
 }
 

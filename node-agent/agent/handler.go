@@ -139,13 +139,6 @@ func (a *Agent) add(ctx context.Context, req *cniproto.Request, f *os.File, chec
 	wl := a.workload(cp)
 	p.spec = spec
 	p.rec.Identity, p.rec.IPv4, p.rec.IPv6 = wl.Identity, spec.IPv4, spec.IPv6
-	if a.certs != nil {
-		if err := a.certs.Prefetch(ctx, wl.Identity); err != nil {
-			a.m.failures.WithLabelValues("certificate").Inc()
-			a.setStatus(cp, "pending", "CertificateUnavailable", err.Error())
-			return errResp(true, "ambit-agent: certificate for %s not available yet: %v", wl.Identity, err)
-		}
-	}
 	if err := a.serve(p, f, wl, true); err != nil {
 		a.m.failures.WithLabelValues(reasonOf(err)).Inc()
 		a.setStatus(cp, "failed", "EnrollmentFailed", err.Error())

@@ -272,7 +272,7 @@ func testConfig(dir, invPath string) config.Config {
 }
 
 // startAgent runs an agent on dir (created if empty) with inventory body.
-func startAgent(t testing.TB, dir, inv string) *harness {
+func startAgent(t testing.TB, dir, inv string, opts ...func(*Options)) *harness {
 	t.Helper()
 	if dir == "" {
 		var err error
@@ -297,7 +297,11 @@ func startAgent(t testing.TB, dir, inv string) *harness {
 		t.Fatal(err)
 	}
 	h.inv = src
-	h.a, err = New(Options{Config: cfg, View: src, Status: src, Tunnel: h.tun, Logger: quietLogger()})
+	o := Options{Config: cfg, View: src, Status: src, Tunnel: h.tun, Logger: quietLogger()}
+	for _, fn := range opts {
+		fn(&o)
+	}
+	h.a, err = New(o)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -392,4 +396,36 @@ func (a *Agent) podByName(key string) *pod {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	return a.byName[key]
+}
+
+// pinCounter is a Prefetcher that counts pins per identity.
+type pinCounter struct {
+	mu   sync.Mutex
+	pins map[string]int
+}
+
+func (c *pinCounter) Prefetch(id string) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.pins == nil {
+		c.pins = map[string]int{}
+	}
+	c.pins[id]++
+	return nil
+}
+
+func (c *pinCounter) Forget(id string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.pins[id]--
+}
+
+func (c *pinCounter) total() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n := 0
+	for _, v := range c.pins {
+		n += v
+	}
+	return n
 }

@@ -272,12 +272,6 @@ func (a *Agent) enrollLive(ctx context.Context, cp cluster.Pod, p *pod, scan *la
 	rec.IPs = ips
 	spec := a.specFor(ips, f)
 	wl := a.workload(cp)
-	if a.certs != nil {
-		if err := a.certs.Prefetch(ctx, wl.Identity); err != nil {
-			f.Close()
-			return &failure{"certificate", err}
-		}
-	}
 	rec.Identity, rec.IPv4, rec.IPv6 = wl.Identity, spec.IPv4, spec.IPv6
 	p.rec, p.spec = rec, spec
 	if err := a.serve(p, f, wl, true); err != nil {
