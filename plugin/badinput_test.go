@@ -239,3 +239,27 @@ func TestGCAndVersion(t *testing.T) {
 		t.Fatalf("VERSION: %s %v", out, e)
 	}
 }
+
+// prevResult comes back unchanged, in the requested spec version, for
+// every version the plugin accepts.
+func TestPrevResultEveryVersion(t *testing.T) {
+	agent := newResponder(t)
+	d := newDirect(t, "plain", agent.socket)
+	for _, v := range []string{"0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"} {
+		prev := map[string]any{"cniVersion": v, "ips": []any{map[string]any{"address": "10.9.0.5/24", "gateway": "10.9.0.1"}}}
+		if v < "1.0.0" {
+			prev["ips"].([]any)[0].(map[string]any)["version"] = "4"
+		}
+		out, e := d.run("ADD", func(m map[string]any) { m["cniVersion"] = v; m["prevResult"] = prev })
+		if e != nil {
+			t.Fatalf("%s: %v", v, e)
+		}
+		var got map[string]any
+		if err := json.Unmarshal(out, &got); err != nil {
+			t.Fatalf("%s: stdout is not JSON: %s", v, out)
+		}
+		if got["cniVersion"] != v || !strings.Contains(string(out), `"10.9.0.5/24"`) || !strings.Contains(string(out), `"10.9.0.1"`) {
+			t.Errorf("%s: prevResult not returned as %s: %s", v, v, out)
+		}
+	}
+}
