@@ -150,6 +150,9 @@ func TestHBONEGigabyte(t *testing.T) {
 	if got := strings.TrimSpace(string(b)); got != want {
 		t.Fatalf("server got %q, want %q", got, want)
 	}
+	c.Close()
+	// Byte counters: B's agent delivered every byte to its app.
+	waitMetric(t, m.B, "ambit_tunnel_received_bytes_total", map[string]string{"direction": "inbound", "mode": "hbone"}, float64(size+5))
 }
 
 // TestHalfCloseBothWays: the server app half-closes first and keeps

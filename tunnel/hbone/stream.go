@@ -51,6 +51,7 @@ type Stream struct {
 	// the drain goroutine's), so bytes never overtake each other.
 	direct  syscall.RawConn
 	writing bool
+	directN int64 // bytes delivered by the read loop (under rmu)
 
 	// Send side and lifecycle, under c.mu.
 	sendWin   int64
@@ -122,6 +123,7 @@ func (s *Stream) pushData(bp *[]byte, data []byte, end bool) {
 		}
 		s.rmu.Lock()
 		s.writing = false
+		s.directN += int64(n)
 		data = data[n:]
 		if len(data) == 0 && bp != nil {
 			putBuf(bp)
@@ -573,6 +575,9 @@ func (s *Stream) Splice(app *net.TCPConn) SpliceResult {
 	}
 	derr := <-drained
 	app.Close()
+	s.rmu.Lock()
+	res.ToApp += s.directN
+	s.rmu.Unlock()
 	s.rmu.Lock()
 	s.abort = nil
 	s.direct = nil

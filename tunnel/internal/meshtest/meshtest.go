@@ -107,6 +107,9 @@ type Options struct {
 	Config tunnel.Config
 	// NoServe leaves the proxies unstarted (for baselines).
 	NoServe bool
+	// NoServeB starts A's agent only (B's HBONE port is left to another
+	// implementation, e.g. Istio's, for interop).
+	NoServeB bool
 }
 
 // New builds the mesh; everything is torn down by t.Cleanup.
@@ -133,7 +136,9 @@ func New(t testing.TB, o Options) *Mesh {
 		Auth:  &Authorizer{},
 	}
 	m.A = m.node(t, a, "a", "client", o)
-	m.B = m.node(t, b, "b", "server", o)
+	ob := o
+	ob.NoServe = o.NoServe || o.NoServeB
+	m.B = m.node(t, b, "b", "server", ob)
 	return m
 }
 
