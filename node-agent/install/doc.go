@@ -27,9 +27,11 @@
 //
 // Wiring in ambit-agent's main (the agent owns its flags and readiness):
 //
-//	var cfg install.Config
-//	cfg.RegisterFlags(fs) // --cni-bin-dir, --cni-conf-dir, --cni-agent-socket, ...
-//	...
+//	var cfg install.Config // defaults match manifests/ (/host/opt/cni/bin, /host/etc/cni/net.d)
+//	// The plugin must agree with the agent: same socket, snapshot and exclusions.
+//	cfg.Entry.AgentSocket = agentCfg.Socket
+//	cfg.Entry.SnapshotFile = agentCfg.SnapshotFile
+//	cfg.Entry.ExcludedNamespaces = agentCfg.ExcludedNamespaces
 //	ready := make(chan struct{})
 //	cfg.Ready = ready                  // close(ready) once the CNI socket serves
 //	cfg.OnInstalled = func(string) { installed.Store(true) } // for /readyz
