@@ -1,6 +1,9 @@
 package main
 
 import (
+	"bytes"
+	"os"
+	"os/exec"
 	"slices"
 	"testing"
 	"time"
@@ -76,4 +79,71 @@ func timeAdd(b *testing.B, n *node, p *pod) (wall, cpu time.Duration) {
 		b.Fatalf("DEL: %v", err)
 	}
 	return wall, cpu
+}
+
+// BenchmarkPluginExec isolates ambit-cni from the chain: one exec of the
+// plugin alone per sample (re-ADD of an enrolled pod: agent round trip and
+// the full nftables + routes install; and a pod the agent skips), against
+// the reference portmap plugin passing prevResult through (a Go CNI plugin
+// doing nothing) measured in the same run as the baseline.
+func BenchmarkPluginExec(b *testing.B) {
+	testenv.RequireRoot(b)
+	const samples = 200
+	set := testenv.PluginSets(b)[1]
+	agent := newResponder(b, "mesh")
+	n := newNode(b, set, nodeOpts{backend: redirect.Nftables, withAmbit: true, socket: agent.socket})
+	p := n.newPod("mesh")
+	if err := n.add(p); err != nil {
+		b.Fatal(err)
+	}
+	enrolled := n.directConf(p, nil)
+	portmap := n.directConf(p, func(m map[string]any) {
+		m["type"] = "portmap"
+		m["capabilities"] = map[string]bool{"portMappings": true}
+	})
+	env := p.env("")
+	skipEnv := append(append([]string{}, env...), "CNI_ARGS=K8S_POD_NAMESPACE=plain;K8S_POD_NAME=x")
+	pmBin := set.Dir + "/portmap"
+	type series struct {
+		name      string
+		wall, cpu []time.Duration
+	}
+	all := []*series{{name: "portmap"}, {name: "enrolled"}, {name: "skipped"}}
+	for i := 0; i < b.N*samples; i++ {
+		for _, s := range all {
+			bin, conf, e := n.bin, enrolled, env
+			switch s.name {
+			case "portmap":
+				bin, conf = pmBin, portmap
+			case "skipped":
+				e = skipEnv
+			}
+			w, c := execOnce(b, bin, conf, e)
+			s.wall, s.cpu = append(s.wall, w), append(s.cpu, c)
+		}
+	}
+	q := func(d []time.Duration, q float64) float64 {
+		s := slices.Clone(d)
+		slices.Sort(s)
+		return float64(s[int(q*float64(len(s)-1))]) / 1e6
+	}
+	for _, s := range all {
+		b.ReportMetric(q(s.wall, .5), "p50-ms-"+s.name)
+		b.ReportMetric(q(s.wall, .99), "p99-ms-"+s.name)
+		b.ReportMetric(q(s.cpu, .5), "cpu-p50-ms-"+s.name)
+	}
+	b.ReportMetric(q(all[1].wall, .99)/q(all[0].wall, .99), "p99-ratio-enrolled/portmap")
+}
+
+func execOnce(b *testing.B, bin string, conf []byte, env []string) (wall, cpu time.Duration) {
+	cmd := exec.Command(bin)
+	cmd.Env = append([]string{"CNI_COMMAND=ADD", "CNI_IFNAME=eth0", "CNI_PATH=/nonexistent", "PATH=" + os.Getenv("PATH")}, env...)
+	cmd.Stdin = bytes.NewReader(conf)
+	var out bytes.Buffer
+	cmd.Stdout = &out
+	start := time.Now()
+	if err := cmd.Run(); err != nil {
+		b.Fatalf("%s ADD: %v: %s", bin, err, out.String())
+	}
+	return time.Since(start), cmd.ProcessState.UserTime() + cmd.ProcessState.SystemTime()
 }
