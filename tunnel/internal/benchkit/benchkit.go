@@ -25,7 +25,7 @@ import (
 
 // App ports served in the destination pod.
 const (
-	PortSink = 5201 // reads to EOF, answers the byte count (8 bytes)
+	PortSink = 5201 // reads an 8-byte length, then that many bytes, answers the count
 	PortRR   = 5202 // echoes 1 KB messages
 	PortPing = 5203 // answers one byte, closes
 )
@@ -34,7 +34,14 @@ const (
 func ServeApps(listen func(port uint16) net.Listener) {
 	sink := listen(PortSink)
 	go accept(sink, func(c net.Conn) {
-		n, _ := io.CopyBuffer(io.Discard, c, make([]byte, 256<<10))
+		// Length-prefixed rather than to EOF: Istio's Go dialer hands
+		// out a net.Pipe, which cannot half-close.
+		var hdr [8]byte
+		if _, err := io.ReadFull(c, hdr[:]); err != nil {
+			return
+		}
+		want := int64(binary.BigEndian.Uint64(hdr[:]))
+		n, _ := io.CopyBuffer(io.Discard, io.LimitReader(c, want), make([]byte, 256<<10))
 		var b [8]byte
 		binary.BigEndian.PutUint64(b[:], uint64(n))
 		c.Write(b[:])
@@ -147,12 +154,16 @@ func Throughput(s Setup, n int64) (gbps, cpuPerGB float64, err error) {
 	buf := make([]byte, 256<<10)
 	cpu0, ext0 := cpuSeconds(), ext(s)
 	t0 := time.Now()
+	var hdr [8]byte
+	binary.BigEndian.PutUint64(hdr[:], uint64(n))
+	if _, err := c.Write(hdr[:]); err != nil {
+		return 0, 0, err
+	}
 	for sent := int64(0); sent < n; sent += int64(len(buf)) {
 		if _, err := c.Write(buf); err != nil {
 			return 0, 0, err
 		}
 	}
-	c.(interface{ CloseWrite() error }).CloseWrite()
 	var b [8]byte
 	if _, err := io.ReadFull(c, b[:]); err != nil {
 		return 0, 0, fmt.Errorf("reading count: %w", err)
@@ -313,4 +324,34 @@ func Report(b *testing.B, rs []Result) {
 		b.ReportMetric(r.ConnsPerS, n+"-conns/s")
 		b.ReportMetric(r.CPUPerGB, n+"-CPU-s/GB")
 	}
+}
+
+// Versus compares two results figure by figure ("better" means higher
+// throughput and rate, lower latency and CPU).
+func Versus(rs []Result, a, b string) string {
+	var ra, rb *Result
+	for i := range rs {
+		switch rs[i].Name {
+		case a:
+			ra = &rs[i]
+		case b:
+			rb = &rs[i]
+		}
+	}
+	if ra == nil || rb == nil {
+		return ""
+	}
+	mark := func(better bool) string {
+		if better {
+			return "better"
+		}
+		return "WORSE"
+	}
+	return fmt.Sprintf("%s vs %s: throughput %.2fx (%s), RTT p50 %.2fx (%s), RTT p99 %.2fx (%s), conns/s %.2fx (%s), CPU/GB %.2fx (%s)",
+		a, b,
+		ra.Gbps/rb.Gbps, mark(ra.Gbps > rb.Gbps),
+		float64(ra.P50)/float64(rb.P50), mark(ra.P50 < rb.P50),
+		float64(ra.P99)/float64(rb.P99), mark(ra.P99 < rb.P99),
+		ra.ConnsPerS/rb.ConnsPerS, mark(ra.ConnsPerS > rb.ConnsPerS),
+		ra.CPUPerGB/rb.CPUPerGB, mark(ra.CPUPerGB < rb.CPUPerGB))
 }

@@ -1,0 +1,57 @@
+package istio
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"testing"
+
+	"github.com/ambit-mesh/ambit/internal/testenv"
+	"github.com/ambit-mesh/ambit/tunnel/internal/benchkit"
+	"github.com/ambit-mesh/ambit/tunnel/internal/meshtest"
+	"github.com/ambit-mesh/ambit/tunnel/internal/testca"
+)
+
+// istioPair is the baseline: Istio's Go HBONE as a proxy pair, its
+// dialer behind a local listener in A (one process in A's netns), its
+// server on B:15008 (one process in B's netns), mTLS with the same test
+// CA, apps in B.
+func istioPair(tb testing.TB) benchkit.Setup {
+	p := benchkit.NewPlain(tb)
+	ca, err := testca.New("cluster.local")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	srv, _ := helper(tb, p.B, true, append(writePEM(tb, ca, ca.ID("b", "server")), "AMBIT_ISTIO_ROLE=server")...)
+	ports := fmt.Sprintf("%d %d %d", benchkit.PortSink, benchkit.PortRR, benchkit.PortPing)
+	rel, _ := helper(tb, p.A, true, append(writePEM(tb, ca, ca.ID("a", "client")), "AMBIT_ISTIO_ROLE=relay",
+		"PROXY="+netip.AddrPortFrom(p.B.IP4, 15008).String(), "TARGET_IP="+p.B.IP4.String(), "PORTS="+ports)...)
+	return benchkit.Setup{
+		Name: "istio go hbone",
+		Dial: func(port uint16) (net.Conn, error) {
+			return p.NA.Dial(context.Background(), netip.Addr{}, netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), 17000+port))
+		},
+		CPU: func() float64 { return benchkit.ProcCPU(srv.Process.Pid) + benchkit.ProcCPU(rel.Process.Pid) },
+	}
+}
+
+// BenchmarkDataPath is the full comparison, one run, same topology:
+// direct, relay pair, Istio's Go HBONE pair and Ambit; medians of
+// interleaved rounds, ratios against the relay pair, and Ambit against
+// Istio.
+func BenchmarkDataPath(b *testing.B) {
+	testenv.RequireRoot(b)
+	amb, _ := benchkit.Ambit(b, meshtest.Options{Config: quietConfig()})
+	setups := []benchkit.Setup{benchkit.Direct(b), benchkit.RelayPair(b), istioPair(b), amb}
+	b.ResetTimer()
+	var rs []benchkit.Result
+	for i := 0; i < b.N; i++ {
+		rs = benchkit.Run(b, setups, benchkit.Options{})
+	}
+	b.StopTimer()
+	fmt.Fprintf(os.Stdout, "\n%s\n", benchkit.Table(rs, "relay pair"))
+	fmt.Fprintf(os.Stdout, "%s\n", benchkit.Versus(rs, "ambit", "istio go hbone"))
+	benchkit.Report(b, rs)
+}
