@@ -94,7 +94,7 @@ func resolve(netns ns.NetNS, b Backend) (Backend, error) {
 		return b, nil
 	case Iptables:
 		v, why := DetectIptables()
-		slog.Debug("iptables variant chosen", "backend", v, "why", why)
+		slog.Info("iptables variant chosen", "backend", v, "why", why)
 		return v, nil
 	case Auto, "":
 		if err := nftAvailable(netns); err == nil {
