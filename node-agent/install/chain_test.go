@@ -125,9 +125,16 @@ func TestRuntimeRunsInstalledChain(t *testing.T) {
 			installed := make(chan string, 16)
 			cfg := install.Config{
 				CNIBinDir: binDir, CNIConfDir: confDir, PluginSource: plugin, Ready: ready,
-				Entry:       install.Entry{AgentSocket: sock, LogFile: filepath.Join(root, "cni.log"), SnapshotFile: filepath.Join(root, "snapshot")},
-				OnInstalled: func(p string) { installed <- p },
-				Logger:      slog.New(slog.NewTextHandler(t.Output(), nil)),
+				Entry: install.Entry{AgentSocket: sock, LogFile: filepath.Join(root, "cni.log"), SnapshotFile: filepath.Join(root, "snapshot")},
+				OnState: func(ok bool, p string) {
+					if ok {
+						select {
+						case installed <- p:
+						default:
+						}
+					}
+				},
+				Logger: slog.New(slog.NewTextHandler(t.Output(), nil)),
 			}
 			ictx, icancel := context.WithCancel(ctx)
 			runDone := make(chan error, 1)

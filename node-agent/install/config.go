@@ -79,10 +79,11 @@ type Config struct {
 	// entry is written only after Ready, so no pod passes through the
 	// plugin before the agent can answer.
 	Ready <-chan struct{}
-	// OnInstalled, when set, is called after every reconciliation that
-	// leaves our entry in place, with the path of the primary conflist.
-	// The agent uses it for /readyz.
-	OnInstalled func(primary string)
+	// OnState, when set, is called after every reconciliation with
+	// whether our entry is in place in the primary config (and its
+	// path). The agent uses it for /readyz: a node whose runtime would
+	// not run ambit-cni is not ready.
+	OnState func(installed bool, primary string)
 	// UnenrollAll, when set, is called by Uninstall after the entry and
 	// binary are gone, to remove redirection from every pod enrolled on
 	// this node. The agent fills it (it knows the pods and their
@@ -95,6 +96,12 @@ type Config struct {
 	// Debounce waits for a writer to finish a burst of changes before
 	// acting. Default 100ms.
 	Debounce time.Duration
+	// Settle is how long a broken config file that sorts before the
+	// primary must stay unchanged before we treat it as invalid and chain
+	// into the next file: a CNI daemon that writes its file in place is
+	// briefly "invalid" mid-write, and we must not act on another file
+	// meanwhile. Default 2s.
+	Settle time.Duration
 	// FightThreshold re-assertions within FightWindow mean another
 	// writer keeps removing our entry: warn and count. Defaults 5, 1m.
 	FightThreshold int
@@ -151,6 +158,9 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if c.Debounce <= 0 {
 		c.Debounce = 100 * time.Millisecond
+	}
+	if c.Settle <= 0 {
+		c.Settle = 2 * time.Second
 	}
 	if c.FightThreshold <= 0 {
 		c.FightThreshold = 5

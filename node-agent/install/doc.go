@@ -34,7 +34,7 @@
 //	cfg.Entry.ExcludedNamespaces = agentCfg.ExcludedNamespaces
 //	ready := make(chan struct{})
 //	cfg.Ready = ready                  // close(ready) once the CNI socket serves
-//	cfg.OnInstalled = func(string) { installed.Store(true) } // for /readyz
+//	cfg.OnState = func(ok bool, _ string) { installed.Store(ok) } // for /readyz
 //	cfg.Registerer = prometheus.DefaultRegisterer
 //	go func() { errc <- install.Run(ctx, cfg) }()
 //

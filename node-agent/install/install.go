@@ -100,10 +100,10 @@ func Run(ctx context.Context, cfg Config) error {
 			if err := in.reconcile(); err != nil {
 				in.m.errors.Inc()
 				backoff = min(max(2*backoff, 200*time.Millisecond), 30*time.Second)
-				if errors.Is(err, atomicfile.ErrChanged) {
+				if errors.Is(err, atomicfile.ErrChanged) || errors.Is(err, errUnsettled) {
 					// Another writer was mid-change: look again soon.
-					in.log.Info("CNI config changed while we edited it; retrying", "err", err)
-					backoff = c.Debounce
+					in.log.Info("CNI config is being changed by another writer; retrying", "err", err)
+					backoff = max(c.Debounce, 200*time.Millisecond)
 				} else {
 					in.log.Error("installing the CNI config failed; retrying", "err", err, "retry_in", backoff)
 				}
@@ -158,9 +158,16 @@ func (in *installer) reconcile() error {
 		in.log.Warn("plugin binary was missing or changed; reinstalled", "path", filepath.Join(c.CNIBinDir, PluginType))
 	}
 	p, skipped, err := conflist.FindPrimary(c.CNIConfDir)
+	for _, s := range skipped {
+		if fi, serr := os.Stat(s.Path); serr == nil && time.Since(fi.ModTime()) < c.Settle {
+			// Possibly mid-write: wait for it rather than act on the
+			// next file.
+			return fmt.Errorf("%w: %s is invalid and was modified %v ago", errUnsettled, s.Path, time.Since(fi.ModTime()).Round(time.Millisecond))
+		}
+	}
 	in.warnSkipped(skipped)
 	if errors.Is(err, conflist.ErrNoPrimary) {
-		in.m.installed.Set(0)
+		in.state(false, "")
 		if !in.waiting {
 			in.log.Info("no primary CNI config yet; waiting for the primary CNI to write one", "dir", c.CNIConfDir)
 			in.waiting = true
@@ -178,15 +185,27 @@ func (in *installer) reconcile() error {
 		path, err = in.convert(p)
 	}
 	if err != nil {
-		in.m.installed.Set(0)
+		in.state(false, "")
 		return err
 	}
-	in.m.installed.Set(1)
-	if c.OnInstalled != nil {
-		c.OnInstalled(path)
-	}
+	in.state(true, path)
 	return nil
 }
+
+func (in *installer) state(installed bool, primary string) {
+	if installed {
+		in.m.installed.Set(1)
+	} else {
+		in.m.installed.Set(0)
+	}
+	if in.cfg.OnState != nil {
+		in.cfg.OnState(installed, primary)
+	}
+}
+
+// errUnsettled: a config file that sorts first is broken but fresh; look
+// again shortly.
+var errUnsettled = errors.New("CNI config directory is settling")
 
 func (in *installer) ensureList(p *conflist.Primary) (string, error) {
 	out, changed, err := conflist.Ensure(p.Data, in.entry)

@@ -3,6 +3,7 @@ package install
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -110,7 +111,11 @@ func TestRunWaitsForReady(t *testing.T) {
 	var installedAt atomic.Value
 	cfg := n.config()
 	cfg.Ready = ready
-	cfg.OnInstalled = func(p string) { installedAt.Store(p) }
+	cfg.OnState = func(ok bool, p string) {
+		if ok {
+			installedAt.Store(p)
+		}
+	}
 	run(t, cfg)
 
 	eventually(t, "plugin binary", func() bool {
@@ -126,11 +131,11 @@ func TestRunWaitsForReady(t *testing.T) {
 		t.Fatal("conflist written before the agent was ready")
 	}
 	if installedAt.Load() != nil {
-		t.Fatal("OnInstalled before ready")
+		t.Fatal("OnState(true) before ready")
 	}
 	close(ready)
 	eventually(t, "entry after ready", func() bool { return hasEntry(primary) })
-	eventually(t, "OnInstalled", func() bool { return installedAt.Load() == primary })
+	eventually(t, "OnState", func() bool { return installedAt.Load() == primary })
 	fi, err := os.Stat(primary)
 	if err != nil || fi.Mode().Perm() != 0o640 {
 		t.Fatalf("mode not kept: %v %v", fi.Mode(), err)
@@ -409,5 +414,44 @@ func TestEntryJSON(t *testing.T) {
 	}
 	if string(b) != `{"type":"ambit-cni","name":"ambit-cni","agentSocket":"/var/run/ambit/cni.sock"}` {
 		t.Fatalf("entry = %s", b)
+	}
+}
+
+// A CNI daemon writing its file in place leaves it invalid for a moment:
+// we must not chain into the next file meanwhile, only once the broken
+// file has stayed broken for Settle.
+func TestBrokenFirstFileSettles(t *testing.T) {
+	n := newNode(t)
+	broken := filepath.Join(n.conf, "05-cilium.conflist")
+	if err := os.WriteFile(broken, []byte(`{"cniVersion":"0.3.1","name":"cil`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	next := filepath.Join(n.conf, "10-flannel.conflist")
+	orig := fixture(t, "10-flannel.conflist")
+	if err := os.WriteFile(next, orig, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	c, err := n.config().withDefaults()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Settle = time.Hour
+	e, _ := entryOf(c.Entry)
+	in := &installer{cfg: c, entry: e, m: n.m, log: n.log}
+	if err := in.reconcile(); !errors.Is(err, errUnsettled) {
+		t.Fatalf("reconcile with a fresh broken file first: %v", err)
+	}
+	if b, _ := os.ReadFile(next); !bytes.Equal(b, orig) {
+		t.Fatal("chained into the next file while the first was mid-write")
+	}
+	old := time.Now().Add(-2 * time.Hour)
+	if err := os.Chtimes(broken, old, old); err != nil {
+		t.Fatal(err)
+	}
+	if err := in.reconcile(); err != nil {
+		t.Fatal(err)
+	}
+	if !hasEntry(next) {
+		t.Fatal("a long-broken first file must be skipped, as CRI-O does")
 	}
 }
