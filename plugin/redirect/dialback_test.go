@@ -1,0 +1,125 @@
+package redirect
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os/exec"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/ambit-mesh/ambit/internal/testenv"
+	"github.com/ambit-mesh/ambit/plugin/internal/nstest"
+	"github.com/containernetworking/plugins/pkg/ns"
+	"golang.org/x/sys/unix"
+)
+
+// The inbound side of the mesh: the agent, inside the pod, dials the app
+// from the *client's* address (IP_TRANSPARENT, SO_MARK = Mark). The app's
+// replies go to a remote address, so without the connmark rules and the
+// policy route they would leave through eth0 and the handshake would never
+// complete. With them, the app sees the real client IP and the agent gets
+// its replies. Checked for every backend, and without rules as control.
+func TestTransparentDialBack(t *testing.T) {
+	testenv.RequireRoot(t)
+	for _, b := range append([]Backend{""}, backends...) {
+		name := string(b)
+		if b == "" {
+			name = "no-rules"
+		}
+		t.Run(name, func(t *testing.T) {
+			pod, peer := nstest.New(t, "pod"), nstest.New(t, "peer")
+			podIP, client := netip.MustParseAddr("10.237.0.2"), netip.MustParseAddr("10.237.0.1")
+			veth := "ambv" + nstest.Name("")[len(nstest.Prefix)+1:][:6]
+			sh := func(n ns.NetNS, args ...string) {
+				t.Helper()
+				if err := n.Do(func(ns.NetNS) error {
+					out, err := exec.Command(args[0], args[1:]...).CombinedOutput()
+					if err != nil {
+						return fmt.Errorf("%v: %v: %s", args, err, out)
+					}
+					return nil
+				}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			sh(pod, "ip", "link", "add", "eth0", "type", "veth", "peer", "name", veth)
+			sh(pod, "ip", "link", "set", veth, "netns", peer.Path())
+			sh(pod, "ip", "addr", "add", podIP.String()+"/24", "dev", "eth0")
+			sh(pod, "ip", "link", "set", "eth0", "up")
+			sh(pod, "ip", "link", "set", "lo", "up")
+			sh(peer, "ip", "addr", "add", client.String()+"/24", "dev", veth)
+			sh(peer, "ip", "link", "set", veth, "up")
+			if b != "" {
+				if _, err := Install(pod, b, DefaultSpec()); err != nil {
+					t.Fatal(err)
+				}
+			}
+			// The app, listening on its port in the pod.
+			var app net.Listener
+			pod.Do(func(ns.NetNS) error {
+				var err error
+				app, err = net.Listen("tcp4", ":8080")
+				return err
+			})
+			defer app.Close()
+			seen := make(chan string, 1)
+			go func() {
+				c, err := app.Accept()
+				if err != nil {
+					return
+				}
+				defer c.Close()
+				seen <- c.RemoteAddr().(*net.TCPAddr).IP.String()
+				c.Write([]byte("hello from app"))
+			}()
+			// The agent's socket: transparent, marked, bound to the client.
+			d := net.Dialer{
+				LocalAddr: &net.TCPAddr{IP: client.AsSlice()},
+				Control: func(_, _ string, c syscall.RawConn) error {
+					var serr error
+					c.Control(func(fd uintptr) {
+						if serr = unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_TRANSPARENT, 1); serr == nil {
+							serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, DefaultMark)
+						}
+					})
+					return serr
+				},
+			}
+			timeout := 3 * time.Second
+			if b == "" {
+				timeout = time.Second // the control only has to fail
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), timeout)
+			defer cancel()
+			var conn net.Conn
+			err := pod.Do(func(ns.NetNS) error {
+				var err error
+				conn, err = d.DialContext(ctx, "tcp4", netip.AddrPortFrom(podIP, 8080).String())
+				return err
+			})
+			if b == "" {
+				if err == nil {
+					conn.Close()
+					t.Fatal("without rules the spoofed dial completed; the test proves nothing")
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("agent dial from the client's address: %v", err)
+			}
+			defer conn.Close()
+			if src := <-seen; src != client.String() {
+				t.Fatalf("app saw the connection from %s, want the client %s", src, client)
+			}
+			conn.SetReadDeadline(time.Now().Add(3 * time.Second))
+			got, err := io.ReadAll(conn)
+			if err != nil || string(got) != "hello from app" {
+				t.Fatalf("reply to the agent: %q, %v", got, err)
+			}
+		})
+	}
+}
