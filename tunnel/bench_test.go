@@ -13,16 +13,22 @@ import (
 	"github.com/ambit-mesh/ambit/tunnel/internal/meshtest"
 )
 
+// TestMain lets the test binary serve as a benchmark helper process
+// (relay or agent in its own process).
+func TestMain(m *testing.M) {
+	benchkit.MaybeHelper()
+	os.Exit(m.Run())
+}
+
 // BenchmarkDataPath compares, in one run on the same two-netns topology:
-// direct (no mesh), a plain TCP relay pair, and Ambit. (The Istio Go
+// direct (no mesh), a plain TCP relay pair (a relay process in each
+// pod), and Ambit (an agent process per pod). (The Istio Go
 // HBONE baseline runs in tunnel/interop/istio, which adds it to the same
 // table.) Figures are medians of interleaved rounds; ratios are against
 // the relay pair. Never pass/fail on timing.
 func BenchmarkDataPath(b *testing.B) {
 	testenv.RequireRoot(b)
-	setups := []benchkit.Setup{benchkit.Direct(b), benchkit.RelayPair(b)}
-	amb, _ := benchkit.Ambit(b, meshtest.Options{Config: quietConfig()})
-	setups = append(setups, amb)
+	setups := []benchkit.Setup{benchkit.Direct(b), benchkit.RelayPairProcs(b), benchkit.AmbitProcs(b)}
 	b.ResetTimer()
 	var rs []benchkit.Result
 	for i := 0; i < b.N; i++ {

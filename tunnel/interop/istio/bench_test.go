@@ -10,7 +10,6 @@ import (
 
 	"github.com/ambit-mesh/ambit/internal/testenv"
 	"github.com/ambit-mesh/ambit/tunnel/internal/benchkit"
-	"github.com/ambit-mesh/ambit/tunnel/internal/meshtest"
 	"github.com/ambit-mesh/ambit/tunnel/internal/testca"
 )
 
@@ -43,8 +42,7 @@ func istioPair(tb testing.TB) benchkit.Setup {
 // Istio.
 func BenchmarkDataPath(b *testing.B) {
 	testenv.RequireRoot(b)
-	amb, _ := benchkit.Ambit(b, meshtest.Options{Config: quietConfig()})
-	setups := []benchkit.Setup{benchkit.Direct(b), benchkit.RelayPair(b), istioPair(b), amb}
+	setups := []benchkit.Setup{benchkit.Direct(b), benchkit.RelayPairProcs(b), istioPair(b), benchkit.AmbitProcs(b)}
 	b.ResetTimer()
 	var rs []benchkit.Result
 	for i := 0; i < b.N; i++ {

@@ -37,6 +37,7 @@ import (
 //	relay   for each port in $PORTS: listen on 17000+port, CONNECT
 //	        $TARGET_IP:port via $PROXY, pipe (the bench baseline)
 func TestMain(m *testing.M) {
+	benchkit.MaybeHelper()
 	switch os.Getenv("AMBIT_ISTIO_ROLE") {
 	case "":
 		os.Exit(m.Run())
@@ -218,4 +219,3 @@ func helper(t testing.TB, p *podtest.Pod, wait bool, env ...string) (*exec.Cmd, 
 	return cmd, out
 }
 
-var _ = benchkit.PortSink

@@ -1,0 +1,235 @@
+package benchkit
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"encoding/pem"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/ambit-mesh/ambit/tunnel"
+	"github.com/ambit-mesh/ambit/tunnel/internal/meshtest"
+	"github.com/ambit-mesh/ambit/tunnel/internal/podtest"
+	"github.com/ambit-mesh/ambit/tunnel/internal/testca"
+	"github.com/ambit-mesh/ambit/tunnel/podnet"
+)
+
+// Every proxy of a benchmark runs in its own process, as agents and
+// relays do for real: in one process they would share the apps'
+// GOMAXPROCS and the comparison would be unfair to whoever shares. A test
+// binary re-executes itself in a role (MaybeHelper, from TestMain).
+
+const roleEnv = "AMBIT_BENCH_ROLE"
+
+// MaybeHelper runs the helper role named in the environment and exits;
+// it returns at once in a normal test run. Call it first in TestMain.
+func MaybeHelper() {
+	switch os.Getenv(roleEnv) {
+	case "":
+		return
+	case "relay":
+		helperRelay()
+	case "agent":
+		helperAgent()
+	default:
+		fmt.Fprintln(os.Stderr, "unknown role", os.Getenv(roleEnv))
+		os.Exit(2)
+	}
+	os.Exit(0)
+}
+
+func die(err error) {
+	fmt.Fprintln(os.Stderr, "bench helper:", err)
+	os.Exit(2)
+}
+
+// helperRelay: for each port p of PORTS listen on LISTEN_BASE+p and
+// forward to TARGET_IP:TARGET_BASE+p (process inside the pod netns).
+func helperRelay() {
+	var base, tbase int
+	fmt.Sscan(os.Getenv("LISTEN_BASE"), &base)
+	fmt.Sscan(os.Getenv("TARGET_BASE"), &tbase)
+	target := os.Getenv("TARGET_IP")
+	for _, f := range strings.Fields(os.Getenv("PORTS")) {
+		var p int
+		fmt.Sscan(f, &p)
+		ln, err := net.Listen("tcp", fmt.Sprintf(":%d", base+p))
+		if err != nil {
+			die(err)
+		}
+		up := net.JoinHostPort(target, fmt.Sprint(tbase+p))
+		relay(ln, func() (net.Conn, error) { return net.Dial("tcp", up) })
+	}
+	fmt.Println("ready")
+	io.Copy(io.Discard, os.Stdin)
+}
+
+// agentSpec is what a helper agent is given.
+type agentSpec struct {
+	NetnsPath string
+	Self      tunnel.Workload
+	Peers     []tunnel.Workload
+	CertPEM   string
+	KeyPEM    string
+	RootPEM   string
+	TD        string
+}
+
+type pemCerts struct {
+	cert  *tls.Certificate
+	roots *x509.CertPool
+	td    string
+}
+
+func (p *pemCerts) Certificate(context.Context, string) (*tls.Certificate, error) { return p.cert, nil }
+func (p *pemCerts) Roots() *x509.CertPool                                         { return p.roots }
+func (p *pemCerts) TrustDomain() string                                           { return p.td }
+
+type staticDir map[netip.Addr]tunnel.Workload
+
+func (d staticDir) WorkloadByIP(ip netip.Addr) (tunnel.Workload, bool) {
+	w, ok := d[ip.Unmap()]
+	return w, ok
+}
+func (d staticDir) ServiceEndpoints(netip.AddrPort) ([]netip.AddrPort, bool) { return nil, false }
+
+// helperAgent serves one pod, like the node agent: listeners opened in
+// the pod netns through podnet, the tunnel on them.
+func helperAgent() {
+	var spec agentSpec
+	if err := json.Unmarshal([]byte(os.Getenv("AGENT_SPEC")), &spec); err != nil {
+		die(err)
+	}
+	cert, err := tls.X509KeyPair([]byte(spec.CertPEM), []byte(spec.KeyPEM))
+	if err != nil {
+		die(err)
+	}
+	roots := x509.NewCertPool()
+	roots.AppendCertsFromPEM([]byte(spec.RootPEM))
+	dir := staticDir{}
+	for _, w := range append(spec.Peers, spec.Self) {
+		for _, ip := range w.IPs {
+			dir[ip] = w
+		}
+	}
+	f, err := os.Open(spec.NetnsPath)
+	if err != nil {
+		die(err)
+	}
+	pn, err := podnet.Open(f)
+	if err != nil {
+		die(err)
+	}
+	px, err := tunnel.New(tunnel.Config{Directory: dir, Certificates: &pemCerts{&cert, roots, spec.TD},
+		Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))})
+	if err != nil {
+		die(err)
+	}
+	pod := tunnel.Pod{Workload: spec.Self, Net: pn}
+	for _, l := range []struct {
+		port uint16
+		dst  *net.Listener
+	}{{15001, &pod.Outbound}, {15006, &pod.Inbound}, {15008, &pod.HBONE}} {
+		ln, err := pn.Listen(l.port, podnet.ListenOptions{})
+		if err != nil {
+			die(err)
+		}
+		*l.dst = ln
+	}
+	if _, err := px.Serve(pod); err != nil {
+		die(err)
+	}
+	fmt.Println("ready")
+	io.Copy(io.Discard, os.Stdin)
+}
+
+// Start runs this binary in a role with env, inside netns (ip netns exec)
+// when netns is not empty, and waits for its "ready". It dies with the
+// test. The returned pid is the helper's own.
+func Start(tb testing.TB, netns string, env ...string) int {
+	tb.Helper()
+	self, _ := os.Executable()
+	var cmd *exec.Cmd
+	if netns != "" {
+		cmd = exec.Command("ip", "netns", "exec", netns, self)
+	} else {
+		cmd = exec.Command(self)
+	}
+	cmd.Env = append(os.Environ(), env...)
+	cmd.Stderr = os.Stderr
+	stdin, _ := cmd.StdinPipe()
+	stdout, _ := cmd.StdoutPipe()
+	if err := cmd.Start(); err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { stdin.Close(); cmd.Process.Kill(); cmd.Wait() })
+	buf := make([]byte, 6)
+	if _, err := io.ReadFull(stdout, buf); err != nil || string(buf) != "ready\n" {
+		tb.Fatalf("helper %v did not start: %q %v", env, buf, err)
+	}
+	go io.Copy(io.Discard, stdout)
+	return cmd.Process.Pid
+}
+
+// RelayPairProcs is the relay pair with each relay in its own process
+// inside its pod.
+func RelayPairProcs(tb testing.TB) Setup {
+	p := NewPlain(tb)
+	ports := fmt.Sprintf("%d %d %d", PortSink, PortRR, PortPing)
+	pb := Start(tb, p.B.Name, roleEnv+"=relay", "PORTS="+ports, "LISTEN_BASE=27000", "TARGET_IP=127.0.0.1", "TARGET_BASE=0")
+	pa := Start(tb, p.A.Name, roleEnv+"=relay", "PORTS="+ports, "LISTEN_BASE=17000", "TARGET_IP="+p.B.IP4.String(), "TARGET_BASE=27000")
+	return Setup{Name: "relay pair", Dial: func(port uint16) (net.Conn, error) {
+		return p.NA.Dial(context.Background(), netip.Addr{}, netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), 17000+port))
+	}, CPU: func() float64 { return ProcCPU(pa) + ProcCPU(pb) }}
+}
+
+// AmbitProcs is Ambit with one agent process per pod (host netns,
+// entering the pod through podnet, as the node agent does).
+func AmbitProcs(tb testing.TB) Setup {
+	a, b := podtest.Pair(tb)
+	for _, p := range []*podtest.Pod{a, b} {
+		podtest.Redirect(tb, p)
+	}
+	ca, err := testca.New("cluster.local")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	wa := tunnel.Workload{Namespace: "a", Name: "client-pod", ServiceAccount: "client", IPs: []netip.Addr{a.IP4, a.IP6}, Identity: ca.ID("a", "client"), Meshed: true}
+	wb := tunnel.Workload{Namespace: "b", Name: "server-pod", ServiceAccount: "server", IPs: []netip.Addr{b.IP4, b.IP6}, Identity: ca.ID("b", "server"), Meshed: true}
+	var pids []int
+	for _, x := range []struct {
+		pod        *podtest.Pod
+		self, peer tunnel.Workload
+	}{{a, wa, wb}, {b, wb, wa}} {
+		c, err := ca.Issue(x.self.Identity, testca.IssueOptions{})
+		if err != nil {
+			tb.Fatal(err)
+		}
+		key, _ := x509.MarshalPKCS8PrivateKey(c.PrivateKey)
+		spec := agentSpec{NetnsPath: x.pod.Path, Self: x.self, Peers: []tunnel.Workload{x.peer}, TD: ca.TrustDomain,
+			CertPEM: string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Certificate[0]})),
+			KeyPEM:  string(pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: key})),
+			RootPEM: string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: ca.Cert.Raw}))}
+		js, _ := json.Marshal(spec)
+		pids = append(pids, Start(tb, "", roleEnv+"=agent", "AGENT_SPEC="+string(js)))
+	}
+	nb := open(tb, b)
+	ServeApps(func(port uint16) net.Listener { return listen(tb, nb, port) })
+	client := open(tb, a)
+	return Setup{Name: "ambit", Dial: func(port uint16) (net.Conn, error) {
+		return client.Dial(context.Background(), netip.Addr{}, netip.AddrPortFrom(b.IP4, port))
+	}, CPU: func() float64 { return ProcCPU(pids[0]) + ProcCPU(pids[1]) }}
+}
+
+var _ = filepath.Join
+var _ = meshtest.Options{}
