@@ -170,7 +170,7 @@ func newNode(t testing.TB, set testenv.PluginSet, o nodeOpts) *node {
 	if o.withAmbit {
 		n.bin = testenv.Binary(t, "ambit-cni")
 		n.ambit = map[string]any{"type": "ambit-cni", "agentSocket": o.socket, "logFile": filepath.Join(tmp, "cni.log"),
-			"snapshotFile": filepath.Join(tmp, "snapshot.json"), "ruleBackend": string(o.backend), "agentTimeout": "5s", "logLevel": "warn"}
+			"snapshotFile": filepath.Join(tmp, "snapshot.json"), "ruleBackend": string(o.backend), "agentTimeout": "10s", "logLevel": "warn"}
 		for k, v := range o.extra {
 			n.ambit[k] = v
 		}
