@@ -18,6 +18,21 @@
 // common path and allocates nothing: policies are indexed by namespace and
 // by selector label, rules by exact principal, namespace and port.
 //
+// Wiring in the agent:
+//
+//	eng := policy.New(policy.Options{RootNamespace: root, Registerer: reg, Logger: log})
+//	proxy, _ := tunnel.New(tunnel.Config{..., Authorizer: eng})
+//	eng.OnChange(proxy.Reauthorize) // live connections re-checked on change
+//	// Kubernetes:
+//	src, _ := kubesource.New(kubesource.Options{Client: dyn, Discovery: disc,
+//		Engine: eng, WriteStatus: true, Istio: readIstio})
+//	go src.Run(ctx)
+//	src.WaitSynced(ctx) // before reporting ready
+//	// Static inventory: a directory next to the inventory file.
+//	fs := filesource.New(dir, eng, log)
+//	fs.Load()     // before reporting ready
+//	go fs.Run(ctx)
+//
 // A policy that cannot be read never widens access: an invalid ambit
 // policy is enforced as deny-all for the workloads it selects (namespace
 // wide when the selector itself is bad) and reported with Accepted=False.
