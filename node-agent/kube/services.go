@@ -1,0 +1,212 @@
+package kube
+
+import (
+	"net/netip"
+	"slices"
+	"sync"
+
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	"k8s.io/client-go/tools/cache"
+)
+
+// serviceIndex maps Service VIP:port → endpoint addr:port. Each Service's
+// entries are recomputed from its current Service and EndpointSlices on
+// every change, so the per-connection lookup is one map read.
+type serviceIndex struct {
+	// recompute serializes rebuilds: a rebuild reads the informer stores
+	// and then writes the map, and two interleaved rebuilds of one Service
+	// could otherwise leave the older picture in place.
+	recompute sync.Mutex
+
+	mu    sync.RWMutex
+	byVIP map[netip.AddrPort][]netip.AddrPort
+	owned map[string][]netip.AddrPort // service key → its VIP:port keys
+}
+
+func (x *serviceIndex) init() {
+	x.byVIP = map[netip.AddrPort][]netip.AddrPort{}
+	x.owned = map[string][]netip.AddrPort{}
+}
+
+// ServiceEndpoints implements tunnel.Directory. The returned slice is
+// shared and read-only: rebuilds replace slices, never modify them.
+func (s *Source) ServiceEndpoints(vip netip.AddrPort) ([]netip.AddrPort, bool) {
+	s.svc.mu.RLock()
+	defer s.svc.mu.RUnlock()
+	eps, ok := s.svc.byVIP[netip.AddrPortFrom(vip.Addr().Unmap(), vip.Port())]
+	return eps, ok
+}
+
+// serviceTouched rebuilds the Service that obj (a Service or one of its
+// EndpointSlices) belongs to.
+func (s *Source) serviceTouched(obj any) {
+	if t, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+		obj = t.Obj
+	}
+	var key string
+	switch o := obj.(type) {
+	case *corev1.Service:
+		key = o.Namespace + "/" + o.Name
+	case *discoveryv1.EndpointSlice:
+		name := o.Labels[discoveryv1.LabelServiceName]
+		if name == "" {
+			return
+		}
+		key = o.Namespace + "/" + name
+	default:
+		return
+	}
+	s.svc.recompute.Lock()
+	defer s.svc.recompute.Unlock()
+
+	var svc *corev1.Service
+	if obj, ok, _ := s.services.GetStore().GetByKey(key); ok {
+		svc, _ = obj.(*corev1.Service)
+	}
+	var sl []*discoveryv1.EndpointSlice
+	if svc != nil {
+		objs, _ := s.slices.GetIndexer().ByIndex(sliceByService, key)
+		for _, o := range objs {
+			if es, ok := o.(*discoveryv1.EndpointSlice); ok {
+				sl = append(sl, es)
+			}
+		}
+	}
+	entries := ServiceEntries(svc, sl)
+
+	s.svc.mu.Lock()
+	defer s.svc.mu.Unlock()
+	for _, k := range s.svc.owned[key] {
+		delete(s.svc.byVIP, k)
+	}
+	delete(s.svc.owned, key)
+	if len(entries) == 0 {
+		return
+	}
+	keys := make([]netip.AddrPort, 0, len(entries))
+	for k, v := range entries {
+		s.svc.byVIP[k] = v
+		keys = append(keys, k)
+	}
+	s.svc.owned[key] = keys
+}
+
+// ServiceEntries computes VIP:port → endpoints for one Service and its
+// EndpointSlices, the way kube-proxy does for TCP:
+//
+//   - VIPs are the Service's clusterIPs (headless and ExternalName have
+//     none and get no entry);
+//   - a Service port matches the slice port of the same name and
+//     protocol; the slice port number is the target port, already resolved
+//     per endpoint group by the EndpointSlice controller (named target
+//     ports differ per pod), so each slice contributes its own number;
+//   - an endpoint counts when ready (nil means ready); when a port has no
+//     ready endpoint at all, serving-and-terminating endpoints are used so
+//     connections keep working through a rolling update;
+//   - a VIP maps only to endpoints of its own family.
+//
+// A VIP:port with no usable endpoint is present with an empty list: the
+// address is a Service (the tunnel must not pass it through as if it were
+// a pod) but nothing can serve it.
+func ServiceEntries(svc *corev1.Service, sl []*discoveryv1.EndpointSlice) map[netip.AddrPort][]netip.AddrPort {
+	if svc == nil {
+		return nil
+	}
+	var vips []netip.Addr
+	ips := svc.Spec.ClusterIPs
+	if len(ips) == 0 && svc.Spec.ClusterIP != "" {
+		ips = []string{svc.Spec.ClusterIP}
+	}
+	for _, s := range ips {
+		if a, err := netip.ParseAddr(s); err == nil {
+			vips = append(vips, a.Unmap())
+		}
+	}
+	if len(vips) == 0 {
+		return nil
+	}
+	out := map[netip.AddrPort][]netip.AddrPort{}
+	for _, sp := range svc.Spec.Ports {
+		proto := sp.Protocol
+		if proto == "" {
+			proto = corev1.ProtocolTCP
+		}
+		if proto != corev1.ProtocolTCP || sp.Port <= 0 || sp.Port > 65535 {
+			continue
+		}
+		for _, vip := range vips {
+			ready, terminating := endpointsFor(vip.Is4(), sp.Name, sl)
+			eps := ready
+			if len(eps) == 0 {
+				eps = terminating
+			}
+			out[netip.AddrPortFrom(vip, uint16(sp.Port))] = eps
+		}
+	}
+	return out
+}
+
+func endpointsFor(v4 bool, portName string, sl []*discoveryv1.EndpointSlice) (ready, terminating []netip.AddrPort) {
+	// Sets, not slices: an address may sit in two slices while the
+	// controller moves it, and large Services have thousands of endpoints.
+	readySet := map[netip.AddrPort]struct{}{}
+	termSet := map[netip.AddrPort]struct{}{}
+	for _, es := range sl {
+		if (v4 && es.AddressType != discoveryv1.AddressTypeIPv4) || (!v4 && es.AddressType != discoveryv1.AddressTypeIPv6) {
+			continue
+		}
+		var port int32
+		found := false
+		for _, p := range es.Ports {
+			name := ""
+			if p.Name != nil {
+				name = *p.Name
+			}
+			proto := corev1.ProtocolTCP
+			if p.Protocol != nil {
+				proto = *p.Protocol
+			}
+			if name == portName && proto == corev1.ProtocolTCP && p.Port != nil {
+				port, found = *p.Port, true
+				break
+			}
+		}
+		if !found || port <= 0 || port > 65535 {
+			continue
+		}
+		for _, e := range es.Endpoints {
+			isReady := e.Conditions.Ready == nil || *e.Conditions.Ready
+			isServingTerminating := e.Conditions.Serving != nil && *e.Conditions.Serving &&
+				e.Conditions.Terminating != nil && *e.Conditions.Terminating
+			if !isReady && !isServingTerminating {
+				continue
+			}
+			for _, a := range e.Addresses {
+				ip, err := netip.ParseAddr(a)
+				if err != nil || ip.Unmap().Is4() != v4 {
+					continue
+				}
+				ap := netip.AddrPortFrom(ip.Unmap(), uint16(port))
+				if isReady {
+					readySet[ap] = struct{}{}
+				} else {
+					termSet[ap] = struct{}{}
+				}
+			}
+		}
+	}
+	return sortedAddrPorts(readySet), sortedAddrPorts(termSet)
+}
+
+func sortedAddrPorts(set map[netip.AddrPort]struct{}) []netip.AddrPort {
+	if len(set) == 0 {
+		return []netip.AddrPort{}
+	}
+	l := make([]netip.AddrPort, 0, len(set))
+	for ap := range set {
+		l = append(l, ap)
+	}
+	slices.SortFunc(l, func(a, b netip.AddrPort) int { return a.Compare(b) })
+	return l
+}

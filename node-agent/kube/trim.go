@@ -1,0 +1,155 @@
+package kube
+
+import (
+	"net/netip"
+	"strings"
+
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/ambit-mesh/ambit/node-agent/cluster"
+)
+
+// AnnotationPrefix selects the pod annotations the trim keeps: ours, and
+// nothing else (last-applied-configuration alone can be kilobytes a pod).
+const AnnotationPrefix = "ambit.dev/"
+
+// RedirectionAnnotation is the status contract on the pod.
+const RedirectionAnnotation = "ambit.dev/redirection"
+
+// TrimPod is the informer transform for pods: it returns a new, small Pod
+// holding only what the mesh uses, so the cluster-wide cache does not keep
+// specs, container statuses and managed fields. Objects that are not pods
+// (e.g. cache tombstones) pass through unchanged.
+func TrimPod(obj any) (any, error) {
+	p, ok := obj.(*corev1.Pod)
+	if !ok {
+		return obj, nil
+	}
+	t := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{
+			Name:              p.Name,
+			Namespace:         p.Namespace,
+			UID:               p.UID,
+			ResourceVersion:   p.ResourceVersion,
+			Labels:            p.Labels,
+			DeletionTimestamp: p.DeletionTimestamp,
+		},
+		Spec: corev1.PodSpec{
+			ServiceAccountName: p.Spec.ServiceAccountName,
+			NodeName:           p.Spec.NodeName,
+			HostNetwork:        p.Spec.HostNetwork,
+		},
+		Status: corev1.PodStatus{
+			Phase:  p.Status.Phase,
+			PodIPs: p.Status.PodIPs,
+		},
+	}
+	if len(t.Status.PodIPs) == 0 && p.Status.PodIP != "" {
+		t.Status.PodIPs = []corev1.PodIP{{IP: p.Status.PodIP}}
+	}
+	for k, v := range p.Annotations {
+		if strings.HasPrefix(k, AnnotationPrefix) {
+			if t.Annotations == nil {
+				t.Annotations = map[string]string{}
+			}
+			t.Annotations[k] = v
+		}
+	}
+	return t, nil
+}
+
+// TrimNamespace keeps name, labels and resource version.
+func TrimNamespace(obj any) (any, error) {
+	n, ok := obj.(*corev1.Namespace)
+	if !ok {
+		return obj, nil
+	}
+	return &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{
+		Name: n.Name, UID: n.UID, ResourceVersion: n.ResourceVersion, Labels: n.Labels,
+	}}, nil
+}
+
+// TrimService keeps what VIP → endpoint resolution reads.
+func TrimService(obj any) (any, error) {
+	s, ok := obj.(*corev1.Service)
+	if !ok {
+		return obj, nil
+	}
+	return &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Name: s.Name, Namespace: s.Namespace, UID: s.UID, ResourceVersion: s.ResourceVersion},
+		Spec: corev1.ServiceSpec{
+			Type:       s.Spec.Type,
+			ClusterIP:  s.Spec.ClusterIP,
+			ClusterIPs: s.Spec.ClusterIPs,
+			Ports:      s.Spec.Ports,
+		},
+	}, nil
+}
+
+// TrimEndpointSlice drops managed fields, annotations, topology hints and
+// per-endpoint target references, keeping addresses, conditions and ports.
+func TrimEndpointSlice(obj any) (any, error) {
+	s, ok := obj.(*discoveryv1.EndpointSlice)
+	if !ok {
+		return obj, nil
+	}
+	t := &discoveryv1.EndpointSlice{
+		ObjectMeta: metav1.ObjectMeta{
+			Name: s.Name, Namespace: s.Namespace, UID: s.UID, ResourceVersion: s.ResourceVersion,
+			Labels: map[string]string{discoveryv1.LabelServiceName: s.Labels[discoveryv1.LabelServiceName]},
+		},
+		AddressType: s.AddressType,
+		Ports:       s.Ports,
+		Endpoints:   make([]discoveryv1.Endpoint, len(s.Endpoints)),
+	}
+	for i, e := range s.Endpoints {
+		t.Endpoints[i] = discoveryv1.Endpoint{Addresses: e.Addresses, Conditions: e.Conditions}
+	}
+	return t, nil
+}
+
+// podIPs parses the pod's IPs, skipping anything unparsable (the API
+// server validates them; a bad one must not poison the directory).
+func podIPs(p *corev1.Pod) []netip.Addr {
+	var out []netip.Addr
+	for _, ip := range p.Status.PodIPs {
+		if a, err := netip.ParseAddr(ip.IP); err == nil {
+			out = append(out, a.Unmap())
+		}
+	}
+	if len(out) == 0 && p.Status.PodIP != "" {
+		if a, err := netip.ParseAddr(p.Status.PodIP); err == nil {
+			out = append(out, a.Unmap())
+		}
+	}
+	return out
+}
+
+// toPod converts a (trimmed or full) Kubernetes pod to the agent's Pod.
+func toPod(p *corev1.Pod) cluster.Pod {
+	return cluster.Pod{
+		Namespace:      p.Namespace,
+		Name:           p.Name,
+		UID:            string(p.UID),
+		ServiceAccount: serviceAccount(p),
+		NodeName:       p.Spec.NodeName,
+		Labels:         p.Labels,
+		Annotations:    p.Annotations,
+		IPs:            podIPs(p),
+		HostNetwork:    p.Spec.HostNetwork,
+		Terminal:       p.Status.Phase == corev1.PodSucceeded || p.Status.Phase == corev1.PodFailed,
+	}
+}
+
+func serviceAccount(p *corev1.Pod) string {
+	if p.Spec.ServiceAccountName == "" {
+		return "default"
+	}
+	return p.Spec.ServiceAccountName
+}
+
+func toNamespace(n *corev1.Namespace) cluster.Namespace {
+	return cluster.Namespace{Name: n.Name, Labels: n.Labels}
+}
