@@ -84,6 +84,9 @@ type Config struct {
 	// path). The agent uses it for /readyz: a node whose runtime would
 	// not run ambit-cni is not ready.
 	OnState func(installed bool, primary string)
+	// OnInstalled, when set, is called after every reconciliation that
+	// leaves our entry in place (the installed half of OnState).
+	OnInstalled func(primary string)
 	// UnenrollAll, when set, is called by Uninstall after the entry and
 	// binary are gone, to remove redirection from every pod enrolled on
 	// this node. The agent fills it (it knows the pods and their

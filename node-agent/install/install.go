@@ -201,6 +201,9 @@ func (in *installer) state(installed bool, primary string) {
 	if in.cfg.OnState != nil {
 		in.cfg.OnState(installed, primary)
 	}
+	if installed && in.cfg.OnInstalled != nil {
+		in.cfg.OnInstalled(primary)
+	}
 }
 
 // errUnsettled: a config file that sorts first is broken but fresh; look
