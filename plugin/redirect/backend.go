@@ -55,6 +55,16 @@ func Install(netns ns.NetNS, backend Backend, spec Spec) (Backend, error) {
 		return "", err
 	}
 	err = installWith(netns, b, spec)
+	if err != nil && (backend == Auto || backend == "") && b == Nftables {
+		// nf_tables answers but cannot hold our table (a kernel before
+		// 5.2 has no inet nat; a module may be missing): iptables, not a
+		// failed pod.
+		v, why := DetectIptables()
+		slog.Warn("nftables install failed, falling back to iptables", "err", err, "backend", v, "why", why)
+		if uerr := Uninstall(netns); uerr == nil {
+			b, err = v, installWith(netns, v, spec)
+		}
+	}
 	if err != nil {
 		if uerr := Uninstall(netns); uerr != nil {
 			err = fmt.Errorf("%w (and removing the partial state failed: %v)", err, uerr)
