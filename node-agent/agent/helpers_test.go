@@ -429,3 +429,17 @@ func (c *pinCounter) total() int {
 	}
 	return n
 }
+
+// netInterfaces names the first non-loopback link of the current netns.
+func netInterfaces() (string, error) {
+	links, err := netlink.LinkList()
+	if err != nil {
+		return "", err
+	}
+	for _, l := range links {
+		if l.Attrs().Name != "lo" {
+			return l.Attrs().Name, nil
+		}
+	}
+	return "", fmt.Errorf("no link besides lo")
+}
