@@ -56,14 +56,19 @@ func Command(ctx context.Context, name string, args []string, h Hooks) error {
 		if err := fs.Parse(args); err != nil {
 			return err
 		}
+		var unsupported error
 		if *unenroll {
 			if h.UnenrollAll == nil {
-				return errors.New("--unenroll-all is not supported by this ambit-agent build")
+				// Still take the entry and binary off the node.
+				unsupported = errors.New("--unenroll-all is not supported by this ambit-agent build: the CNI entry and binary were removed, redirection in running pods was not")
 			}
 			cfg.UnenrollAll = h.UnenrollAll
 		}
 		if err := Uninstall(ctx, cfg); err != nil {
 			return err
+		}
+		if unsupported != nil {
+			return unsupported
 		}
 		if *hold {
 			<-ctx.Done()

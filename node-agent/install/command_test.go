@@ -57,8 +57,22 @@ func TestCommandInstallWaitsForSocket(t *testing.T) {
 func TestCommandUninstallFlags(t *testing.T) {
 	n := newNode(t)
 	args := []string{"-cni-bin-dir", n.bin, "-cni-conf-dir", n.conf, "-cni-plugin-source", n.src}
+	primary := filepath.Join(n.conf, "10-flannel.conflist")
+	orig := fixture(t, "10-flannel.conflist")
+	if err := os.WriteFile(primary, orig, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	c, _ := n.config().withDefaults()
+	e, _ := entryOf(c.Entry)
+	in := &installer{cfg: c, entry: e, m: n.m, log: n.log}
+	if err := in.reconcile(); err != nil || !hasEntry(primary) {
+		t.Fatalf("install: %v", err)
+	}
 	if err := Command(context.Background(), "uninstall", append(args, "-unenroll-all"), Hooks{}); err == nil {
 		t.Fatal("--unenroll-all without agent support succeeded silently")
+	}
+	if b, _ := os.ReadFile(primary); !bytes.Equal(b, orig) {
+		t.Fatal("unsupported --unenroll-all must still remove the entry")
 	}
 	called := false
 	if err := Command(context.Background(), "uninstall", append(args, "-unenroll-all"), Hooks{UnenrollAll: func(context.Context) error { called = true; return nil }}); err != nil || !called {
