@@ -29,6 +29,7 @@ deps:
 test: deps build
 	$(GO) vet ./...
 	$(GO) test -count=1 -timeout 45m ./...
+	cd tunnel/interop/istio && $(GO) vet ./... && $(GO) test -count=1 -timeout 15m ./...
 
 # Unit tests only (no root needed; privileged tests skip and say so).
 unit:
@@ -37,6 +38,7 @@ unit:
 # Benchmarks and reports (never pass/fail on timing).
 bench: deps build
 	$(GO) test -run '^$$' -bench . -benchmem -count=1 -timeout 60m ./...
+	cd tunnel/interop/istio && $(GO) test -run '^$$' -bench . -benchmem -count=1 -timeout 30m ./...
 
 # Short fuzzing of every parser (FUZZTIME per target).
 FUZZTIME ?= 10s
@@ -70,6 +72,6 @@ kube-down:
 # the static binaries, assembled by hack/image (go-containerregistry).
 # Load it with `ctr -n k8s.io images import bin/ambit-image.tar`,
 # `podman load -i bin/ambit-image.tar` or `kind load image-archive ...`.
-IMAGE ?= ambit-mesh/ambit:dev
+IMAGE ?= docker.io/ambit-mesh/ambit:dev
 image: build
 	$(GO) run ./hack/image -agent $(BIN)/ambit-agent -cni $(BIN)/ambit-cni -tag $(IMAGE) -o $(BIN)/ambit-image.tar

@@ -70,3 +70,22 @@ func BenchmarkAmbitRTT(b *testing.B) {
 func quietConfig() tunnel.Config {
 	return tunnel.Config{Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))}
 }
+
+// BenchmarkThroughputProcs: single-stream throughput only, relay pair
+// and Ambit as processes, interleaved (quick A/B of data path changes).
+func BenchmarkThroughputProcs(b *testing.B) {
+	testenv.RequireRoot(b)
+	setups := []benchkit.Setup{benchkit.RelayPairProcs(b), benchkit.AmbitProcs(b)}
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		for r := 0; r < 3; r++ {
+			for _, s := range setups {
+				g, cpu, err := benchkit.Throughput(s, 256<<20)
+				if err != nil {
+					b.Fatal(err)
+				}
+				fmt.Printf("%-12s %.2f Gb/s  %.2f CPU s/GB\n", s.Name, g, cpu)
+			}
+		}
+	}
+}

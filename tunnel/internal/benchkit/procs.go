@@ -14,8 +14,10 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime/pprof"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/ambit-mesh/ambit/tunnel"
 	"github.com/ambit-mesh/ambit/tunnel/internal/meshtest"
@@ -130,8 +132,11 @@ func helperAgent() {
 	if err != nil {
 		die(err)
 	}
-	px, err := tunnel.New(tunnel.Config{Directory: dir, Certificates: &pemCerts{&cert, roots, spec.TD},
-		Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))})
+	cfg := tunnel.Config{Directory: dir, Certificates: &pemCerts{&cert, roots, spec.TD},
+		Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))}
+	// For experiments: AMBIT_BENCH_FRAME overrides the DATA frame size.
+	fmt.Sscan(os.Getenv("AMBIT_BENCH_FRAME"), &cfg.HBONE.SendFrameSize)
+	px, err := tunnel.New(cfg)
 	if err != nil {
 		die(err)
 	}
@@ -148,6 +153,13 @@ func helperAgent() {
 	}
 	if _, err := px.Serve(pod); err != nil {
 		die(err)
+	}
+	if p := os.Getenv("AMBIT_BENCH_CPUPROFILE"); p != "" {
+		f, err := os.Create(fmt.Sprintf("%s.%s", p, spec.Self.Namespace))
+		if err == nil {
+			pprof.StartCPUProfile(f)
+			defer pprof.StopCPUProfile()
+		}
 	}
 	fmt.Println("ready")
 	io.Copy(io.Discard, os.Stdin)
@@ -172,7 +184,17 @@ func Start(tb testing.TB, netns string, env ...string) int {
 	if err := cmd.Start(); err != nil {
 		tb.Fatal(err)
 	}
-	tb.Cleanup(func() { stdin.Close(); cmd.Process.Kill(); cmd.Wait() })
+	tb.Cleanup(func() {
+		stdin.Close()
+		done := make(chan struct{})
+		go func() { cmd.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(3 * time.Second):
+			cmd.Process.Kill()
+			<-done
+		}
+	})
 	buf := make([]byte, 6)
 	if _, err := io.ReadFull(stdout, buf); err != nil || string(buf) != "ready\n" {
 		tb.Fatalf("helper %v did not start: %q %v", env, buf, err)

@@ -218,4 +218,3 @@ func helper(t testing.TB, p *podtest.Pod, wait bool, env ...string) (*exec.Cmd, 
 	}
 	return cmd, out
 }
-
