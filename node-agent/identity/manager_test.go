@@ -2,10 +2,12 @@ package identity_test
 
 import (
 	"context"
+
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/x509"
 	"errors"
+	"github.com/prometheus/client_golang/prometheus"
 	"os"
 	"path/filepath"
 	"sort"
@@ -97,7 +99,8 @@ func TestCAOutageInvisible(t *testing.T) {
 	e.cluster.AddPod(t, "shop", "web-1", "web", "node-1")
 	e.cluster.AddPod(t, "shop", "db-1", "db", "node-2")
 	const ttl = 4 * time.Second
-	client := e.agent(t, "node-1", ttl, nil)
+	reg := prometheus.NewRegistry()
+	client := e.agent(t, "node-1", ttl, func(c *identity.Config) { c.Registerer = reg })
 	server := e.agent(t, "node-2", ttl, nil)
 	_ = client.Prefetch(webID)
 	_ = server.Prefetch(dbID)
@@ -120,6 +123,9 @@ func TestCAOutageInvisible(t *testing.T) {
 	}
 	if c, _ := client.Certificate(context.Background(), webID); c != c0 {
 		t.Fatal("certificate changed while the CA was down")
+	}
+	if n := fetches(t, reg, "error"); n == 0 {
+		t.Fatal("no failed fetch during the outage: the rotation never ran into it")
 	}
 	if err := e.https.Restart(); err != nil {
 		t.Fatal(err)
@@ -275,4 +281,25 @@ func TestConfigErrors(t *testing.T) {
 			t.Errorf("%s: accepted", name)
 		}
 	}
+}
+
+func fetches(t *testing.T, g prometheus.Gatherer, result string) float64 {
+	t.Helper()
+	mfs, err := g.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != "ambit_identity_certificate_fetches_total" {
+			continue
+		}
+		for _, m := range mf.Metric {
+			for _, l := range m.Label {
+				if l.GetName() == "result" && l.GetValue() == result {
+					return m.GetCounter().GetValue()
+				}
+			}
+		}
+	}
+	return 0
 }
