@@ -84,6 +84,9 @@ type pod struct {
 	netns *os.File // held while enrolled
 	net   *podnet.Net
 	serve Serving
+	// afterDrain runs on the netns once established connections are
+	// drained, before the netns is let go (removes the drain guard).
+	afterDrain func(*os.File)
 }
 
 func (p *pod) enrolled() bool { return p.serve != nil }
@@ -369,13 +372,16 @@ func (a *Agent) release(ctx context.Context, p *pod) {
 	if !p.enrolled() {
 		return
 	}
-	s, n, f := p.serve, p.net, p.netns
-	p.serve, p.net, p.netns = nil, nil, nil
+	s, n, f, after := p.serve, p.net, p.netns, p.afterDrain
+	p.serve, p.net, p.netns, p.afterDrain = nil, nil, nil, nil
 	a.m.enrolled.Dec()
 	if err := s.Close(ctx); err != nil && !errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, context.Canceled) {
 		a.log.Warn("closing pod listeners", "pod", p.rec.Namespace+"/"+p.rec.Name, "err", err)
 	}
 	n.Close()
+	if after != nil {
+		after(f)
+	}
 	f.Close()
 	if a.certs != nil {
 		a.certs.Forget(p.rec.Identity)
@@ -389,8 +395,8 @@ func (a *Agent) releaseAsync(p *pod) {
 		return
 	}
 	// Detach now so a new sandbox or a re-enroll does not see it.
-	cp := &pod{rec: p.rec, netns: p.netns, net: p.net, serve: p.serve}
-	p.serve, p.net, p.netns = nil, nil, nil
+	cp := &pod{rec: p.rec, netns: p.netns, net: p.net, serve: p.serve, afterDrain: p.afterDrain}
+	p.serve, p.net, p.netns, p.afterDrain = nil, nil, nil, nil
 	a.closing.Add(1)
 	go func() {
 		defer a.closing.Done()

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
 	"strings"
@@ -146,15 +147,23 @@ func TestLiveLabelFlip(t *testing.T) {
 		t.Fatal(err)
 	}
 	eventually(t, "plaintext after opting out", func() bool { return say() == "plain" })
-	// Unenrollment drains rather than cuts on the agent's side: the
-	// pod's serving is closed only after established connections end or
-	// drainTimeout passes. (Whether the kernel still delivers an
-	// established redirected connection once the rules are gone is the
-	// redirect package's concern; see docs/agent.md.)
+	// Unenrollment drains rather than cuts: the established connection
+	// still works after the rules are gone, and the pod's serving ends
+	// when it does.
 	if h.tun.Live() != 1 {
 		t.Fatalf("serving closed at once (%d live), want it draining", h.tun.Live())
 	}
-	eventually(t, "drain ended by drainTimeout", func() bool { return h.tun.Live() == 0 })
+	inflight.SetDeadline(time.Now().Add(3 * time.Second))
+	fmt.Fprintf(inflight, "still there\n")
+	if l, err := br.ReadString('\n'); err != nil || l != "still there\n" {
+		t.Fatalf("in-flight connection cut by unenrollment: %q %v", l, err)
+	}
+	inflight.Close()
+	eventually(t, "drain finished once the in-flight connection ended", func() bool { return h.tun.Live() == 0 })
+	eventually(t, "drain guard removed after the drain", func() bool {
+		out, err := exec.Command("ip", "netns", "exec", pod.name, "nft", "list", "tables").CombinedOutput()
+		return err == nil && !strings.Contains(string(out), drainTable)
+	})
 	var left bool
 	withNS(openFile(t, pod.path), func(n ns.NetNS) error {
 		found, _ := redirect.Installed(n)

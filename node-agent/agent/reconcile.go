@@ -299,6 +299,16 @@ func (a *Agent) enrollLive(ctx context.Context, cp cluster.Pod, p *pod, scan *la
 // unenrollLive removes the rules first (new connections go straight to the
 // app), then closes the listeners and drains established connections.
 func (a *Agent) unenrollLive(p *pod, cp cluster.Pod) {
+	if err := addDrainGuard(p.netns); err != nil {
+		a.log.Warn("cannot hold NAT for draining; established connections will be reset", "pod", p.rec.Namespace+"/"+p.rec.Name, "err", err)
+	} else {
+		name := p.rec.Namespace + "/" + p.rec.Name
+		p.afterDrain = func(f *os.File) {
+			if err := delDrainGuard(f); err != nil {
+				a.log.Warn("removing drain guard", "pod", name, "err", err)
+			}
+		}
+	}
 	if err := a.rules.Uninstall(p.netns); err != nil {
 		a.m.failures.WithLabelValues("redirect").Inc()
 		a.log.Error("removing redirection; closing listeners anyway (connections are refused, not leaked)", "pod", p.rec.Namespace+"/"+p.rec.Name, "err", err)
