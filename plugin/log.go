@@ -27,9 +27,18 @@ func newLogger(c *Config) (*slog.Logger, func()) {
 	return slog.New(slog.NewMultiHandler(handlers...)).With("plugin", "ambit-cni"), closer
 }
 
+// maxLogSize bounds the log file: past it, the file is renamed to
+// "<file>.1" (replacing the previous one) and a new one is started, so a
+// node keeps at most twice this much. Concurrent plugin runs may race on
+// the rename; the worst case is one rotation's worth of lost history.
+const maxLogSize = 10 << 20
+
 func openLogFile(path string) (io.WriteCloser, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
 		return nil, err
+	}
+	if st, err := os.Stat(path); err == nil && st.Size() > maxLogSize {
+		_ = os.Rename(path, path+".1")
 	}
 	return os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o640)
 }
