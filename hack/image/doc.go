@@ -11,7 +11,7 @@
 // same binaries give the same image digest.
 //
 //	go run ./hack/image -agent bin/ambit-agent -cni bin/ambit-cni \
-//	    -tag ambit-mesh/ambit:dev -o bin/ambit-image.tar
+//	    -tag docker.io/ambit-mesh/ambit:dev -o bin/ambit-image.tar
 //
 // `make image` runs exactly that after `make build`.
 package main

@@ -21,7 +21,7 @@ func main() {
 	flag.StringVar(&s.CACerts, "ca-certs", "/etc/ssl/certs/ca-certificates.crt", "PEM bundle of CA certificates to include (\"\" for none)")
 	flag.StringVar(&s.Arch, "arch", runtime.GOARCH, "image architecture (must match the binaries)")
 	flag.StringVar(&s.Version, "version", "dev", "image version label")
-	flag.StringVar(&tag, "tag", "ambit-mesh/ambit:dev", "image reference recorded in the tarball")
+	flag.StringVar(&tag, "tag", "docker.io/ambit-mesh/ambit:dev", "image reference recorded in the tarball (fully qualified, so podman and CRI-O load it under the name the kubelet asks for)")
 	flag.StringVar(&out, "o", "bin/ambit-image.tar", "output tarball")
 	flag.Parse()
 	if err := run(s, tag, out); err != nil {
