@@ -11,6 +11,7 @@ import (
 	"os"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -39,6 +40,8 @@ type Options struct {
 	Rules Redirector
 	// Certs prefetches certificates; nil = none.
 	Certs Prefetcher
+	// Host keeps kubelet probe SNAT entries for enrolled pods; nil = none.
+	Host HostRules
 	// Spec is the base redirection; default redirect.DefaultSpec().
 	Spec       *redirect.Spec
 	Registerer prometheus.Registerer
@@ -55,6 +58,7 @@ type Agent struct {
 	tun    Tunnel
 	rules  Redirector
 	certs  Prefetcher
+	host   HostRules
 	spec   redirect.Spec
 	policy enrollment.Policy
 	store  *state.Store
@@ -71,7 +75,8 @@ type Agent struct {
 	// toVerify are re-adopted pods whose rules are checked after ready.
 	toVerify []*pod
 
-	closing sync.WaitGroup // drains in flight
+	closing  sync.WaitGroup // drains in flight
+	stopping atomic.Bool    // shutting down: leave host rules in place
 	queue   *queue
 	statusQ chan statusUpdate
 	ready   chan struct{}
@@ -128,7 +133,7 @@ func New(o Options) (*Agent, error) {
 		return nil, err
 	}
 	a := &Agent{
-		cfg: o.Config, view: o.View, status: o.Status, tun: o.Tunnel, rules: o.Rules, certs: o.Certs,
+		cfg: o.Config, view: o.View, status: o.Status, tun: o.Tunnel, rules: o.Rules, certs: o.Certs, host: o.Host,
 		spec:   spec,
 		policy: enrollment.NewPolicy(o.Config.EnrollLabel, o.Config.ExcludedNamespaces),
 		store:  st, m: newMetrics(o.Registerer), health: o.Health, log: o.Logger,
@@ -204,6 +209,7 @@ func (a *Agent) RunListener(ctx context.Context, l *net.UnixListener) error {
 	start := time.Now()
 	n := a.adopt(ctx)
 	a.m.adoptSeconds.Set(time.Since(start).Seconds())
+	a.syncHostRules()
 	a.writeSnapshot()
 	a.log.Info("agent ready", "adopted", n, "took", time.Since(start).Round(time.Millisecond), "socket", a.cfg.Socket)
 	close(a.ready)
@@ -220,6 +226,7 @@ func (a *Agent) RunListener(ctx context.Context, l *net.UnixListener) error {
 	go func() { defer wg.Done(); a.reconcileLoop(ctx) }()
 	<-ctx.Done()
 
+	a.stopping.Store(true)
 	a.log.Info("agent stopping: closing listeners, draining connections", "drainTimeout", a.cfg.DrainTimeout.Duration)
 	if a.health != nil {
 		a.health.SetNotReady("stopping")
@@ -254,6 +261,34 @@ func (a *Agent) shutdown() {
 	}
 	wg.Wait()
 	a.closing.Wait()
+}
+
+// hostKey is the owner of a pod's host rule entries: its UID, else its
+// sandbox.
+func hostKey(r state.Pod) string {
+	if r.UID != "" {
+		return r.UID
+	}
+	return r.ContainerID
+}
+
+// syncHostRules replaces the host's probe entries with the enrolled pods'
+// (after re-adoption: entries of pods deleted while no agent ran go).
+func (a *Agent) syncHostRules() {
+	if a.host == nil {
+		return
+	}
+	want := map[string][]netip.Addr{}
+	a.mu.Lock()
+	for _, p := range a.byCID {
+		if p.enrolled() && len(p.rec.IPs) > 0 {
+			want[hostKey(p.rec)] = p.rec.IPs
+		}
+	}
+	a.mu.Unlock()
+	if err := a.host.Sync(want); err != nil {
+		a.log.Warn("host probe rules", "err", err)
+	}
 }
 
 func (a *Agent) lock(namespace, name string) func() {
@@ -363,6 +398,11 @@ func (a *Agent) serve(p *pod, f *os.File, wl tunnel.Workload, fresh bool) error 
 	p.netns, p.net, p.serve = f, n, s
 	p.rec.Identity = wl.Identity
 	a.m.enrolled.Inc()
+	if a.host != nil && len(wl.IPs) > 0 {
+		if err := a.host.Add(hostKey(p.rec), wl.IPs); err != nil {
+			a.log.Warn("host probe rules", "pod", wl.Namespace+"/"+wl.Name, "err", err)
+		}
+	}
 	return nil
 }
 
@@ -375,6 +415,12 @@ func (a *Agent) release(ctx context.Context, p *pod) {
 	s, n, f, after := p.serve, p.net, p.netns, p.afterDrain
 	p.serve, p.net, p.netns, p.afterDrain = nil, nil, nil, nil
 	a.m.enrolled.Dec()
+	if a.host != nil && !a.stopping.Load() {
+		// Not at shutdown: the next agent keeps the entries.
+		if err := a.host.Remove(hostKey(p.rec), p.rec.IPs); err != nil {
+			a.log.Warn("host probe rules", "pod", p.rec.Namespace+"/"+p.rec.Name, "err", err)
+		}
+	}
 	if err := s.Close(ctx); err != nil && !errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, context.Canceled) {
 		a.log.Warn("closing pod listeners", "pod", p.rec.Namespace+"/"+p.rec.Name, "err", err)
 	}

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -17,9 +18,11 @@ import (
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
 	"github.com/ambit-mesh/ambit/internal/testenv"
+	"github.com/ambit-mesh/ambit/node-agent/hostrules"
 	"github.com/ambit-mesh/ambit/node-agent/state"
 	"github.com/ambit-mesh/ambit/plugin/cniproto"
 	"github.com/ambit-mesh/ambit/plugin/redirect"
@@ -42,7 +45,13 @@ const invPlain = `namespaces:
 
 func TestEnrollAtAddAndDel(t *testing.T) {
 	testenv.RequireRoot(t)
-	h := startAgent(t, "", invAmbient)
+	// Real host probe rules, in a namespace standing in for the host.
+	hostNS := newNetns(t)
+	hr, err := hostrules.New(hostrules.Config{NetNS: netns.NsHandle(hostNS.file.Fd()), Logger: quietLogger()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := startAgent(t, "", invAmbient, func(o *Options) { o.Host = hr })
 	n := newNetns(t, "10.62.0.2/24")
 
 	resp, err := h.call(cniproto.OpAdd, "apps", "web", "cid-web", n, "10.62.0.2/24")
@@ -58,6 +67,9 @@ func TestEnrollAtAddAndDel(t *testing.T) {
 			t.Fatalf("listener %s in the pod: %q %v", port, line, err)
 		}
 		c.Close()
+	}
+	if owner := hr.Entries()[netip.MustParseAddr("10.62.0.2")]; owner != "uid-web" {
+		t.Fatalf("host probe entry for the pod: owner %q", owner)
 	}
 	// A repeated ADD of the same sandbox keeps serving, no second set.
 	if resp, err := h.call(cniproto.OpAdd, "apps", "web", "cid-web", n, "10.62.0.2/24"); err != nil || resp.Decision != cniproto.Enroll {
@@ -93,6 +105,9 @@ func TestEnrollAtAddAndDel(t *testing.T) {
 		t.Fatalf("DEL: %+v %v", resp, err)
 	}
 	eventually(t, "listeners closed after DEL", func() bool { return h.tun.Live() == 0 })
+	if _, ok := hr.Entries()[netip.MustParseAddr("10.62.0.2")]; ok {
+		t.Fatal("host probe entry left after DEL")
+	}
 	if _, _, err := dialFrom(t, n, "127.0.0.1:15001"); err == nil {
 		t.Fatal("listener still open after DEL")
 	}

@@ -107,3 +107,11 @@ type snapshotLister interface {
 	AmbientNamespaces() []string
 	OptInNamespaces() []string
 }
+
+// HostRules keeps the host's probe SNAT entries for enrolled pod IPs, keyed
+// by pod UID so IP reuse is safe (hostrules.Manager). Optional.
+type HostRules interface {
+	Add(uid string, ips []netip.Addr) error
+	Remove(uid string, ips []netip.Addr) error
+	Sync(want map[string][]netip.Addr) error
+}
