@@ -77,9 +77,9 @@ type Agent struct {
 
 	closing  sync.WaitGroup // drains in flight
 	stopping atomic.Bool    // shutting down: leave host rules in place
-	queue   *queue
-	statusQ chan statusUpdate
-	ready   chan struct{}
+	queue    *queue
+	statusQ  chan statusUpdate
+	ready    chan struct{}
 }
 
 // pod is one sandbox the agent knows about.
