@@ -426,6 +426,18 @@ func TestNamespaceAndCRDs(t *testing.T) {
 			t.Errorf("%s is not in %s", key, ns)
 		}
 	}
+	// Critical priority classes outside kube-system need a quota on
+	// some providers; it must cover the classes our pods use.
+	q := get[*corev1.ResourceQuota](t, r, "ResourceQuota", ns, "ambit-critical-pods")
+	classes := q.Spec.ScopeSelector.MatchExpressions[0].Values
+	for _, pc := range []string{
+		get[*appsv1.DaemonSet](t, r, "DaemonSet", ns, "ambit-agent").Spec.Template.Spec.PriorityClassName,
+		get[*appsv1.Deployment](t, r, "Deployment", ns, "ambit-ca").Spec.Template.Spec.PriorityClassName,
+	} {
+		if !slices.Contains(classes, pc) {
+			t.Errorf("priority class %s not covered by the ResourceQuota %v", pc, classes)
+		}
+	}
 	if len(r.crds) < 2 {
 		t.Errorf("policy CRDs not included: %v", r.crds)
 	}
