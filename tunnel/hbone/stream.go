@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"sync"
 	"syscall"
+	"time"
 
 	"golang.org/x/net/http2/hpack"
 	"golang.org/x/sys/unix"
@@ -516,6 +517,10 @@ func (s *Stream) Close() error {
 	return nil
 }
 
+// responseTimeout bounds the wait for a CONNECT response: servers answer
+// 503 themselves after their own (10 s) connect timeout.
+var responseTimeout = 30 * time.Second
+
 // StatusError is a CONNECT answered with a status other than 200.
 type StatusError struct{ Status int }
 
@@ -653,7 +658,9 @@ func (s *Stream) drainTo(app *net.TCPConn) (int64, error) {
 	if s.c.client {
 		// Bytes from the app may already be on their way (optimistic
 		// send), but nothing reaches the app before the tunnel is up.
-		st, _, err := s.Response(context.Background())
+		ctx, cancel := context.WithTimeout(context.Background(), responseTimeout)
+		st, _, err := s.Response(ctx)
+		cancel()
 		if err != nil {
 			return 0, err
 		}
