@@ -29,7 +29,11 @@ const (
 type Options struct {
 	// RootNamespace holds mesh-wide policies; default "ambit-system".
 	RootNamespace string
-	Logger        *slog.Logger
+	// IstioRootNamespace is where Istio's mesh-wide policies live
+	// (meshConfig.rootNamespace); default "istio-system". Istio objects
+	// there are mesh-wide here too.
+	IstioRootNamespace string
+	Logger             *slog.Logger
 	// Registerer receives the metrics; nil means none.
 	Registerer prometheus.Registerer
 	// DenialLogsPerSecond bounds denial log lines (the counters are
@@ -61,6 +65,7 @@ type Result struct {
 // Engine evaluates policy; it implements tunnel.Authorizer.
 type Engine struct {
 	root    string
+	iroot   string
 	log     *slog.Logger
 	snap    atomic.Pointer[snapshot]
 	denials *prometheus.CounterVec
@@ -89,6 +94,9 @@ func New(opts Options) *Engine {
 	if opts.RootNamespace == "" {
 		opts.RootNamespace = DefaultRootNamespace
 	}
+	if opts.IstioRootNamespace == "" {
+		opts.IstioRootNamespace = "istio-system"
+	}
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
@@ -97,6 +105,7 @@ func New(opts Options) *Engine {
 	}
 	e := &Engine{
 		root:    opts.RootNamespace,
+		iroot:   opts.IstioRootNamespace,
 		log:     opts.Logger.With("component", "policy"),
 		limit:   int64(opts.DenialLogsPerSecond),
 		sources: map[string]Set{},
@@ -262,6 +271,9 @@ func (e *Engine) compileAll() ([]*compiledPolicy, []*compiledMode, []string, map
 	for _, in := range pins {
 		res := &results[in.src][in.ri]
 		cp, errMsg, selOK := compilePolicy(in.pre, in.ap)
+		if cp != nil && in.pre != "" && cp.namespace == e.iroot {
+			cp.namespace = e.root // Istio's root namespace is mesh-wide
+		}
 		if res.APIVersion == APIVersion {
 			if errMsg == "" {
 				res.Accepted, res.Reason = true, ReasonAccepted

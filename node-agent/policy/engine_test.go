@@ -142,3 +142,70 @@ func FuzzDecode(f *testing.F) {
 		}
 	})
 }
+
+// TestAuthorizeAllocatesNothing: the per-connection path (allowed, with
+// selector policies in scope, after the first call filled the cache)
+// must not allocate — it runs for every connection on the node.
+func TestAuthorizeAllocatesNothing(t *testing.T) {
+	set, c := benchSet("policies", 1000)
+	e := New(Options{Logger: discardLogger()})
+	e.Update("t", set)
+	if !e.Authorize(c).Allow {
+		t.Fatal("want allowed")
+	}
+	if n := testing.AllocsPerRun(100, func() { e.Authorize(c) }); n != 0 {
+		t.Fatalf("Authorize allocates %v times per call", n)
+	}
+	pt := c
+	pt.SrcIdentity, pt.Plaintext = "", true
+	e.Authorize(pt)
+	e2 := New(Options{Logger: discardLogger()})
+	if n := testing.AllocsPerRun(100, func() { e2.Authorize(pt) }); n != 0 {
+		t.Fatalf("Authorize without policies allocates %v times per call", n)
+	}
+}
+
+// TestConcurrentUpdates: connections are authorized while policies
+// change (run with -race); every verdict is one of the two policies'.
+func TestConcurrentUpdates(t *testing.T) {
+	e := New(Options{Logger: discardLogger()})
+	a := decodeT(t, pol("shop", "p", allowUI))
+	b := decodeT(t, pol("shop", "p", `
+rules:
+- from: {namespaces: [jobs]}`))
+	e.Update("t", a)
+	stop := make(chan struct{})
+	errs := make(chan string, 4)
+	for range 4 {
+		go func() {
+			for {
+				select {
+				case <-stop:
+					errs <- ""
+					return
+				default:
+				}
+				w := web
+				v1, v2 := e.Authorize(conn(ui, "10.1.0.5", w, 80)), e.Authorize(conn(admin, "10.1.0.5", w, 80))
+				if v2.Allow {
+					errs <- "admin allowed by neither policy"
+					return
+				}
+				_ = v1
+			}
+		}()
+	}
+	for i := range 200 {
+		if i%2 == 0 {
+			e.Update("t", b)
+		} else {
+			e.Update("t", a)
+		}
+	}
+	close(stop)
+	for range 4 {
+		if msg := <-errs; msg != "" {
+			t.Fatal(msg)
+		}
+	}
+}

@@ -342,6 +342,10 @@ rules:
 		{"istio serviceAccounts", istio("shop", "i", `
 rules:
 - from: [{source: {serviceAccounts: ["jobs/batch"]}}]`), conn(batch, "10.1.0.5", web, 8080), true, "istio:shop/i"},
+		{"istio root namespace is mesh-wide", istio("istio-system", "i", `
+action: DENY
+rules:
+- from: [{source: {namespaces: [front]}}]`), conn(ui, "10.1.0.5", api, 8080), false, "istio:istio-system/i"},
 		{"istio when destination.port", istio("shop", "i", `
 rules:
 - when: [{key: destination.port, values: ["9090"]}]`), conn(batch, "10.1.0.5", web, 8080), false, ""},
