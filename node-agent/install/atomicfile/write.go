@@ -104,9 +104,13 @@ func writeTemp(path string, o Options, fill func(*os.File) error, check func() e
 		return fmt.Errorf("writing %s: %w", tmp, err)
 	}
 	if o.UID >= 0 || o.GID >= 0 {
-		if err = f.Chown(o.UID, o.GID); err != nil {
+		// Without CAP_CHOWN (the agent does not have it) only a
+		// no-op chown succeeds: a file owned by someone else then
+		// becomes root's, which every runtime reads the same.
+		if err = f.Chown(o.UID, o.GID); err != nil && !errors.Is(err, syscall.EPERM) {
 			return fmt.Errorf("chown %s: %w", tmp, err)
 		}
+		err = nil
 	}
 	// Chmod after chown: chown may clear setuid bits, and CreateTemp
 	// made the file 0600 whatever the umask.
