@@ -48,7 +48,11 @@ nodename() { echo "node-$1"; }
 nodeip() { echo "198.51.100.1$1"; }
 podcidr() { echo "10.244.$1.0/24"; }
 cgroot() { echo "amb-k8s-node$1"; }
-kubectl() { "$KBIN/kubectl" --kubeconfig "$S/admin.kubeconfig" "$@"; }
+# Our own kubectl (same version as the cluster); any kubectl on PATH while
+# the cached one is still being built.
+KUBECTL=$KBIN/kubectl
+[ -x "$KUBECTL" ] || KUBECTL=$(command -v kubectl || echo "$KBIN/kubectl")
+kubectl() { "$KUBECTL" --kubeconfig "$S/admin.kubeconfig" "$@"; }
 pidof_() { local f="$S/run/$1.pid"; [ -f "$f" ] && cat "$f"; }
 alive() { local p; p=$(pidof_ "$1") && [ -n "$p" ] && kill -0 "$p" 2>/dev/null; }
 
@@ -282,7 +286,8 @@ holder() {
 }
 
 node_files() { # node_files N: containerd, kubelet, kube-proxy config, CNI
-  local n=$1 nd="$S/node$n" plugins=/usr/lib/cni cniver=1.0.0
+  local n=$1
+  local nd="$S/node$n" plugins=/usr/lib/cni cniver=1.0.0
   if [ "$n" = 2 ] && [ -x "$CNI_NEW/bridge" ] && [ -x "$CNI_NEW/host-local" ] && [ -x "$CNI_NEW/portmap" ] && [ -x "$CNI_NEW/loopback" ]; then
     plugins=$CNI_NEW cniver=1.1.0
   fi
@@ -373,7 +378,8 @@ EOF
 }
 
 node_up() {
-  local n=$1 nd="$S/node$n"
+  local n=$1
+  local nd="$S/node$n"
   mkdir -p "$nd"
   if ! alive "node$n-holder"; then
     log "node-$n: namespaces, cgroups, containerd, kubelet, kube-proxy"
@@ -414,7 +420,7 @@ nodes_ready() {
 up() {
   local t0=$SECONDS b
   [ "$(id -u)" = 0 ] || die "needs root"
-  for b in kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl containerd containerd-shim-runc-v2 ctr; do
+  for b in kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy containerd containerd-shim-runc-v2 ctr; do
     [ -x "$KBIN/$b" ] || die "$KBIN/$b missing: run hack/kube/build.sh"
   done
   command -v etcd >/dev/null && command -v runc >/dev/null || die "etcd/runc missing: run hack/kube/build.sh (installs them)"
@@ -447,9 +453,8 @@ node_pids() {
   find /sys/fs/cgroup/*/"$root" -name cgroup.procs -exec cat {} + 2>/dev/null || true
   h=$(pidof_ "node$n-holder") || return 0
   mnt=$(readlink "/proc/$h/ns/mnt" 2>/dev/null) || return 0
-  for p in /proc/[0-9]*; do
-    if [ "$(readlink "$p/ns/mnt" 2>/dev/null)" = "$mnt" ]; then echo "${p#/proc/}"; fi
-  done
+  # One stat for all processes: a readlink per process is slow on a busy host.
+  stat -c '%N' /proc/[0-9]*/ns/mnt 2>/dev/null | grep -F "'$mnt'" | sed -n "s#^'/proc/\([0-9]*\)/.*#\1#p" || true
   return 0
 }
 

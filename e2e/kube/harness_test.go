@@ -253,9 +253,22 @@ func suffix() string {
 	return hex.EncodeToString(b)
 }
 
+// kubectlBin is the cluster's own kubectl (built with it), or the one on
+// PATH when the cache has none yet.
+func (c *cluster) kubectlBin() string {
+	own := filepath.Join(c.kbin, "kubectl")
+	if _, err := os.Stat(own); err == nil {
+		return own
+	}
+	if p, err := exec.LookPath("kubectl"); err == nil {
+		return p
+	}
+	return own
+}
+
 // kubectl runs the cluster's own kubectl (built with the cluster).
 func (c *cluster) kubectl(ctx context.Context, stdin string, args ...string) (string, error) {
-	cmd := exec.CommandContext(ctx, filepath.Join(c.kbin, "kubectl"), append([]string{"--kubeconfig", c.kubeconfig}, args...)...)
+	cmd := exec.CommandContext(ctx, c.kubectlBin(), append([]string{"--kubeconfig", c.kubeconfig}, args...)...)
 	if stdin != "" {
 		cmd.Stdin = strings.NewReader(stdin)
 	}
