@@ -221,3 +221,42 @@ func TestDelAfterNetnsIsGone(t *testing.T) {
 		})
 	}
 }
+
+// Many sandboxes at once (a node starting a deployment): every pod comes
+// up, each with exactly its own rules, and all of them go away again.
+func TestConcurrentAdds(t *testing.T) {
+	testenv.RequireRoot(t)
+	const pods = 8
+	set := testenv.PluginSets(t)[1]
+	agent := newResponder(t, "mesh")
+	n := newNode(t, set, nodeOpts{backend: redirect.Auto, withAmbit: true, socket: agent.socket})
+	ps := make([]*pod, pods)
+	for i := range ps {
+		ps[i] = n.newPod("mesh")
+	}
+	errs := make(chan error, pods)
+	for _, p := range ps {
+		go func() { errs <- n.add(p) }()
+	}
+	for range ps {
+		if err := <-errs; err != nil {
+			t.Fatalf("concurrent ADD: %v", err)
+		}
+	}
+	for _, p := range ps {
+		if err := redirect.Verify(p.ns, agent.spec); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, p := range ps {
+		go func() { errs <- n.del(p) }()
+	}
+	for range ps {
+		if err := <-errs; err != nil {
+			t.Fatalf("concurrent DEL: %v", err)
+		}
+	}
+	for _, p := range ps {
+		noRules(t, p)
+	}
+}
