@@ -12,6 +12,7 @@ const (
 
 	KindAuthorizationPolicy = "AuthorizationPolicy"
 	KindInboundMode         = "InboundMode"
+	KindPeerAuthentication  = "PeerAuthentication" // Istio's, read as InboundMode
 
 	// DefaultRootNamespace holds mesh-wide policies.
 	DefaultRootNamespace = "ambit-system"

@@ -110,10 +110,15 @@ func decodeObject(js []byte, set *Set) error {
 		p.problems = strict(js, &p)
 		p.Namespace, p.Name = head.Metadata.Namespace, head.Metadata.Name
 		set.IstioPolicies = append(set.IstioPolicies, p)
+	case (head.APIVersion == IstioAPIVersion || head.APIVersion == "security.istio.io/v1beta1") && head.Kind == KindPeerAuthentication:
+		var p IstioPeerAuthentication
+		p.problems = strict(js, &p)
+		p.Namespace, p.Name = head.Metadata.Namespace, head.Metadata.Name
+		set.IstioPeerAuthentications = append(set.IstioPeerAuthentications, p)
 	case head.APIVersion == "" || head.Kind == "":
 		return errors.New("apiVersion and kind are required")
 	default:
-		return fmt.Errorf("unsupported kind %s %s (want %s AuthorizationPolicy or InboundMode, or %s AuthorizationPolicy)",
+		return fmt.Errorf("unsupported kind %s %s (want %s AuthorizationPolicy or InboundMode, or %s AuthorizationPolicy or PeerAuthentication)",
 			head.APIVersion, head.Kind, APIVersion, IstioAPIVersion)
 	}
 	return nil

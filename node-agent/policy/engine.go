@@ -47,6 +47,8 @@ type Set struct {
 	Policies      []AuthorizationPolicy
 	Modes         []InboundMode
 	IstioPolicies []IstioAuthorizationPolicy
+	// IstioPeerAuthentications are read as InboundModes.
+	IstioPeerAuthentications []IstioPeerAuthentication
 }
 
 // Result is the verdict on one object of a Set, for its status condition
@@ -223,6 +225,8 @@ func (e *Engine) compileAll() ([]*compiledPolicy, []*compiledMode, []string, map
 		src string
 		ri  int
 		m   *InboundMode
+		pre string // "istio:" for converted PeerAuthentication
+		ns  string // namespace it is scoped to (root for Istio's root)
 	}
 	results := map[string][]Result{}
 	var pins []polIn
@@ -257,12 +261,33 @@ func (e *Engine) compileAll() ([]*compiledPolicy, []*compiledMode, []string, map
 			m := &set.Modes[i]
 			results[src] = append(results[src], Result{APIVersion: APIVersion, Kind: KindInboundMode,
 				Namespace: m.Namespace, Name: m.Name, Generation: m.Generation})
-			mins = append(mins, modeIn{src, len(results[src]) - 1, m})
+			mins = append(mins, modeIn{src, len(results[src]) - 1, m, "", m.Namespace})
+		}
+		for i := range set.IstioPeerAuthentications {
+			pa := &set.IstioPeerAuthentications[i]
+			conv, issues := pa.Convert()
+			r := Result{APIVersion: IstioAPIVersion, Kind: KindPeerAuthentication,
+				Namespace: pa.Namespace, Name: pa.Name, Generation: pa.Generation}
+			if len(issues) > 0 {
+				r.Reason, r.Message = ReasonUnsupported, issues.ToAggregate().Error()
+			}
+			if conv == nil {
+				r.Accepted, r.Reason = true, ReasonAccepted
+				r.Message = "sets no mode (UNSET): no effect"
+				results[src] = append(results[src], r)
+				continue
+			}
+			results[src] = append(results[src], r)
+			ns := pa.Namespace
+			if ns == e.iroot {
+				ns = e.root
+			}
+			mins = append(mins, modeIn{src, len(results[src]) - 1, conv, "istio:", ns})
 		}
 	}
 	byAge(pins, func(p polIn) (int64, string, string) { return p.ts, p.ap.Namespace, p.pre + p.ap.Name })
 	byAge(mins, func(m modeIn) (int64, string, string) {
-		return m.m.CreationTimestamp.UnixNano(), m.m.Namespace, m.m.Name
+		return m.m.CreationTimestamp.UnixNano(), m.ns, m.pre + m.m.Name
 	})
 
 	h := sha256.New()
@@ -298,7 +323,9 @@ func (e *Engine) compileAll() ([]*compiledPolicy, []*compiledMode, []string, map
 	for _, in := range mins {
 		res := &results[in.src][in.ri]
 		m := in.m
-		key := policyKey("", m.Namespace, m.Name)
+		key := policyKey(in.pre, m.Namespace, m.Name)
+		note := res.Reason == ReasonUnsupported // Istio fields we could not honour
+		noteMsg := res.Message
 		sel := m.Spec.Selector.labels()
 		mode, ports := m.Spec.Mode, m.Spec.Ports
 		errs := ValidateInboundMode(m)
@@ -316,14 +343,18 @@ func (e *Engine) compileAll() ([]*compiledPolicy, []*compiledMode, []string, map
 			res.Reason, res.Message = ReasonInvalid, errs.ToAggregate().Error()+"; enforced as STRICT for "+scope+" until fixed"
 		}
 		if len(sel) == 0 {
-			if first, dup := wide[m.Namespace]; dup {
-				res.Reason = ReasonConflict
-				res.Message = fmt.Sprintf("namespace %s already has the namespace-wide InboundMode %s (older); this one is ignored", m.Namespace, first)
+			if first, dup := wide[in.ns]; dup {
+				res.Accepted, res.Reason = false, ReasonConflict
+				res.Message = fmt.Sprintf("namespace %s already has the namespace-wide inbound mode %s (older); this one is ignored", in.ns, first)
 				continue
 			}
-			wide[m.Namespace] = m.Name
+			wide[in.ns] = key
 		}
-		if len(errs) == 0 {
+		switch {
+		case len(errs) > 0:
+		case note:
+			res.Accepted, res.Reason, res.Message = false, ReasonUnsupported, noteMsg+"; the rest is enforced"
+		default:
 			res.Accepted, res.Reason = true, ReasonAccepted
 		}
 		cm := &compiledMode{key: key, selector: maps.Clone(sel), mode: mode}
@@ -334,8 +365,8 @@ func (e *Engine) compileAll() ([]*compiledPolicy, []*compiledMode, []string, map
 			cm.ports[uint16(pm.Port)] = pm.Mode
 		}
 		modes = append(modes, cm)
-		modeNS = append(modeNS, m.Namespace)
-		_ = enc.Encode([]any{key, m.Namespace, sel, mode, ports})
+		modeNS = append(modeNS, in.ns)
+		_ = enc.Encode([]any{key, in.ns, sel, mode, ports})
 	}
 	var digest [32]byte
 	h.Sum(digest[:0])

@@ -101,7 +101,8 @@ func TestResults(t *testing.T) {
 rules:
 - to: [{operation: {methods: [GET], ports: ["80"]}}]`)+istio("shop", "waypoint", `
 targetRefs: [{kind: Service, group: "", name: web}]`)+
-		mode("shop", "m1", "mode: STRICT")+mode("shop", "m2", "mode: PERMISSIVE")))
+		mode("shop", "m1", "mode: STRICT")+mode("shop", "m2", "mode: PERMISSIVE")+
+		peer("bank", "pa", "mtls: {mode: DISABLE}")))
 	got := map[string]Result{}
 	for _, r := range res {
 		got[r.APIVersion+" "+r.Name] = r
@@ -122,6 +123,7 @@ targetRefs: [{kind: Service, group: "", name: web}]`)+
 	check("security.istio.io/v1 waypoint", false, ReasonUnsupported, "not enforced")
 	check("ambit.dev/v1alpha1 m1", true, ReasonAccepted, "")
 	check("ambit.dev/v1alpha1 m2", false, ReasonConflict, "m1")
+	check("security.istio.io/v1 pa", false, ReasonUnsupported, `spec.mtls.mode: Unsupported value: "DISABLE"`)
 }
 
 // FuzzDecode: whatever the bytes, decoding, validating, compiling and

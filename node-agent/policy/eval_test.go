@@ -346,6 +346,15 @@ rules:
 action: DENY
 rules:
 - from: [{source: {namespaces: [front]}}]`), conn(ui, "10.1.0.5", api, 8080), false, "istio:istio-system/i"},
+		{"istio PeerAuthentication STRICT", peer("shop", "pa", `mtls: {mode: STRICT}`), conn("", "10.1.0.5", web, 80), false, "istio:shop/pa"},
+		{"istio PeerAuthentication STRICT admits mTLS", peer("shop", "pa", `mtls: {mode: STRICT}`), conn(ui, "10.1.0.5", web, 80), true, ""},
+		{"istio PeerAuthentication portLevelMtls", peer("shop", "pa", `
+selector: {matchLabels: {app: web}}
+mtls: {mode: STRICT}
+portLevelMtls: {"9100": {mode: PERMISSIVE}}`), conn("", "10.1.0.5", web, 9100), true, ""},
+		{"istio root PeerAuthentication is the mesh default", peer("istio-system", "pa", `mtls: {mode: STRICT}`), conn("", "10.1.0.5", api, 80), false, "istio:istio-system/pa"},
+		{"istio PeerAuthentication UNSET has no effect", peer("shop", "pa", `mtls: {mode: UNSET}`), conn("", "10.1.0.5", web, 80), true, ""},
+		{"istio PeerAuthentication DISABLE reads as PERMISSIVE", mode("ambit-system", "mesh", "mode: STRICT") + peer("shop", "pa", `mtls: {mode: DISABLE}`), conn("", "10.1.0.5", web, 80), true, ""},
 		{"istio when destination.port", istio("shop", "i", `
 rules:
 - when: [{key: destination.port, values: ["9090"]}]`), conn(batch, "10.1.0.5", web, 8080), false, ""},
@@ -373,4 +382,8 @@ rules:
 
 func istio(ns, name, spec string) string {
 	return "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {namespace: " + ns + ", name: " + name + "}\nspec:\n" + indent(spec) + "\n"
+}
+
+func peer(ns, name, spec string) string {
+	return "---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {namespace: " + ns + ", name: " + name + "}\nspec:\n" + indent(spec) + "\n"
 }

@@ -121,9 +121,13 @@ func (s *Source) Load() []Problem {
 		for _, m := range fsState.set.Modes {
 			note(origin, &problems, path, "InboundMode "+m.Namespace+"/"+m.Name+" ("+policy.APIVersion+")")
 		}
+		for _, m := range fsState.set.IstioPeerAuthentications {
+			note(origin, &problems, path, "PeerAuthentication "+m.Namespace+"/"+m.Name+" ("+policy.IstioAPIVersion+")")
+		}
 		set.Policies = append(set.Policies, fsState.set.Policies...)
 		set.IstioPolicies = append(set.IstioPolicies, fsState.set.IstioPolicies...)
 		set.Modes = append(set.Modes, fsState.set.Modes...)
+		set.IstioPeerAuthentications = append(set.IstioPeerAuthentications, fsState.set.IstioPeerAuthentications...)
 	}
 	for name := range s.good {
 		if !seen[name] {

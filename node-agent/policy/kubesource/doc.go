@@ -1,7 +1,8 @@
 // Package kubesource feeds the policy Engine from the API server: it
 // watches ambit.dev/v1alpha1 AuthorizationPolicy and InboundMode (and,
-// when the CRD is served and the option is on, Istio's
-// security.istio.io/v1 AuthorizationPolicy) with dynamic informers, hands
+// when the CRDs are served and the option is on, Istio's
+// security.istio.io/v1 AuthorizationPolicy and PeerAuthentication) with
+// dynamic informers, hands
 // the complete set to the Engine on every change, and writes each ambit
 // object's Accepted condition through the status subresource.
 //

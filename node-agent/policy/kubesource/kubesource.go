@@ -32,6 +32,7 @@ var (
 	AuthorizationPolicies = schema.GroupVersionResource{Group: policy.Group, Version: policy.Version, Resource: "authorizationpolicies"}
 	InboundModes          = schema.GroupVersionResource{Group: policy.Group, Version: policy.Version, Resource: "inboundmodes"}
 	IstioPolicies         = schema.GroupVersionResource{Group: "security.istio.io", Version: "v1", Resource: "authorizationpolicies"}
+	IstioPeerAuths        = schema.GroupVersionResource{Group: "security.istio.io", Version: "v1", Resource: "peerauthentications"}
 )
 
 // Options wire a Source.
@@ -102,8 +103,12 @@ func (s *Source) WaitSynced(ctx context.Context) error {
 func (s *Source) Run(ctx context.Context) error {
 	f := dynamicinformer.NewDynamicSharedInformerFactory(s.o.Client, s.o.Resync)
 	gvrs := []schema.GroupVersionResource{AuthorizationPolicies, InboundModes}
-	if s.o.Istio && s.istioServed() {
-		gvrs = append(gvrs, IstioPolicies)
+	if s.o.Istio {
+		for _, gvr := range []schema.GroupVersionResource{IstioPolicies, IstioPeerAuths} {
+			if s.served(gvr) {
+				gvrs = append(gvrs, gvr)
+			}
+		}
 	}
 	handler := cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(any) { s.poke() },
@@ -146,20 +151,19 @@ func (s *Source) poke() {
 	}
 }
 
-func (s *Source) istioServed() bool {
+func (s *Source) served(gvr schema.GroupVersionResource) bool {
 	if s.o.Discovery == nil {
 		return true // the informer will just keep retrying if it is not
 	}
-	rl, err := s.o.Discovery.ServerResourcesForGroupVersion(IstioPolicies.GroupVersion().String())
-	if err != nil {
-		s.log.Info("Istio AuthorizationPolicy not served; not reading it", "err", err)
-		return false
-	}
-	for _, r := range rl.APIResources {
-		if r.Name == IstioPolicies.Resource {
-			return true
+	rl, err := s.o.Discovery.ServerResourcesForGroupVersion(gvr.GroupVersion().String())
+	if err == nil {
+		for _, r := range rl.APIResources {
+			if r.Name == gvr.Resource {
+				return true
+			}
 		}
 	}
+	s.log.Info("not served; not reading it", "resource", gvr.String(), "err", err)
 	return false
 }
 
