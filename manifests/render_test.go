@@ -1,6 +1,7 @@
 package manifests
 
 import (
+	stdjson "encoding/json"
 	"fmt"
 	"net"
 	"path/filepath"
@@ -226,6 +227,24 @@ func TestAgentDaemonSet(t *testing.T) {
 	for field, p := range map[string]string{"socket": cfg.Socket, "stateDir": cfg.StateDir, "snapshotFile": cfg.SnapshotFile} {
 		if !strings.HasPrefix(p, "/var/run/ambit") {
 			t.Errorf("config %s %s is not on the /var/run/ambit host mount", field, p)
+		}
+	}
+	// Every path the agent's configuration names (including the ones it
+	// only has defaults for: CNI dirs, CA token and roots) must be on a
+	// mount of the container: its root filesystem is read-only and holds
+	// none of them.
+	var fields map[string]any
+	raw, _ := stdjson.Marshal(cfg)
+	stdjson.Unmarshal(raw, &fields)
+	for k, v := range fields {
+		p, ok := v.(string)
+		if !ok || !strings.HasPrefix(p, "/") {
+			continue
+		}
+		if !slices.ContainsFunc(c.VolumeMounts, func(m corev1.VolumeMount) bool {
+			return p == m.MountPath || strings.HasPrefix(p, strings.TrimSuffix(m.MountPath, "/")+"/")
+		}) {
+			t.Errorf("config %s = %s is on no volume mount of the agent", k, p)
 		}
 	}
 	if cfg.ProcRoot != "/host/proc" {
