@@ -14,6 +14,10 @@ type podArgs struct {
 	UID         string
 	InfraID     string
 	fromKubelet bool // any K8S_POD_* key present
+	// nameOnly: K8S_POD_NAME without K8S_POD_NAMESPACE, as podman sends
+	// (IgnoreUnknown=1;K8S_POD_NAME=<container name>). Such a runtime has
+	// no namespaces; the conflist's defaultNamespace gives it one.
+	nameOnly bool
 }
 
 const maxCNIArgs = 16 << 10
@@ -60,6 +64,10 @@ func parseCNIArgs(s string) (podArgs, error) {
 		}
 		*dst = v
 		a.fromKubelet = true
+	}
+	if a.Name != "" && !seen["K8S_POD_NAMESPACE"] {
+		a.nameOnly, a.fromKubelet = true, false
+		return a, nil
 	}
 	if a.fromKubelet && (a.Namespace == "" || a.Name == "") {
 		return a, argsError("CNI_ARGS carries Kubernetes keys but K8S_POD_NAMESPACE or K8S_POD_NAME is empty")

@@ -41,6 +41,7 @@ type rawConfig struct {
 	RuleBackend        *string   `json:"ruleBackend,omitempty"`
 	AgentDownPolicy    *string   `json:"agentDownPolicy,omitempty"`
 	SnapshotFile       *string   `json:"snapshotFile,omitempty"`
+	DefaultNamespace   *string   `json:"defaultNamespace,omitempty"`
 }
 
 // Config is the validated configuration with defaults applied.
@@ -54,6 +55,9 @@ type Config struct {
 	RuleBackend        redirect.Backend
 	AgentDownPolicy    string
 	SnapshotFile       string
+	// DefaultNamespace is the namespace of sandboxes whose runtime names
+	// the pod but has no namespaces (podman); "" leaves them unenrolled.
+	DefaultNamespace string
 	// Unknown lists top-level keys neither CNI nor we define; they are
 	// logged, not fatal, so a runtime adding a key never breaks pods.
 	Unknown []string
@@ -66,7 +70,7 @@ var knownKeys = map[string]bool{
 	"disableCheck": true, "disableGC": true,
 	// Ours.
 	"agentSocket": true, "excludedNamespaces": true, "agentTimeout": true, "logLevel": true, "logFile": true,
-	"ruleBackend": true, "agentDownPolicy": true, "snapshotFile": true,
+	"ruleBackend": true, "agentDownPolicy": true, "snapshotFile": true, "defaultNamespace": true,
 }
 
 func configError(field, format string, a ...any) error {
@@ -155,6 +159,13 @@ func parseConfig(stdin []byte) (*Config, error) {
 			return nil, configError("snapshotFile", "%q must be an absolute path", *raw.SnapshotFile)
 		}
 		c.SnapshotFile = *raw.SnapshotFile
+	}
+	if raw.DefaultNamespace != nil {
+		ns := *raw.DefaultNamespace
+		if ns != "" && (len(ns) > 63 || strings.ContainsAny(ns, "/ \t\n\x00")) {
+			return nil, configError("defaultNamespace", "%q is not a namespace name", ns)
+		}
+		c.DefaultNamespace = ns
 	}
 	if len(raw.RawPrevResult) > 0 {
 		if err := version.ParsePrevResult(&c.PluginConf); err != nil {

@@ -147,3 +147,22 @@ func FuzzParseCNIArgs(f *testing.F) {
 		}
 	})
 }
+
+// podman names the container but has no namespaces; the conflist's
+// defaultNamespace decides whether such sandboxes can be enrolled.
+func TestNameOnlyArgsFromPodman(t *testing.T) {
+	a, err := parseCNIArgs("IgnoreUnknown=1;K8S_POD_NAME=web")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !a.nameOnly || a.fromKubelet || a.Name != "web" {
+		t.Fatalf("podman args parsed as %+v, want nameOnly without Kubernetes identity", a)
+	}
+	c, err := parseConfig([]byte(`{"cniVersion":"1.0.0","type":"ambit-cni","defaultNamespace":"default"}`))
+	if err != nil || c.DefaultNamespace != "default" {
+		t.Fatalf("defaultNamespace: %v %+v", err, c)
+	}
+	if _, err := parseConfig([]byte(`{"cniVersion":"1.0.0","type":"ambit-cni","defaultNamespace":"a/b"}`)); err == nil || !strings.Contains(err.Error(), "defaultNamespace") {
+		t.Fatalf("bad defaultNamespace accepted: %v", err)
+	}
+}

@@ -72,6 +72,13 @@ func begin(cmd string, args *skel.CmdArgs) (*run, func(*error), error) {
 		closeLog()
 		return nil, nil, err
 	}
+	if pod.nameOnly && cfg.DefaultNamespace != "" {
+		pod.Namespace, pod.fromKubelet = cfg.DefaultNamespace, true
+		if pod.UID == "" {
+			// No pod UID outside Kubernetes: the sandbox is the unit.
+			pod.UID = args.ContainerID
+		}
+	}
 	if pod.fromKubelet {
 		log = log.With("pod", pod.Namespace+"/"+pod.Name)
 	}

@@ -143,7 +143,7 @@ workloads:
 			CNIBinDir:    binDir,
 			CNIConfDir:   netDir,
 			PluginSource: cniBin,
-			Entry:        install.Entry{Name: "ambit-cni", AgentSocket: filepath.Join(state, "cni.sock"), LogFile: filepath.Join(dir, "cni.log")},
+			Entry:        install.Entry{Name: "ambit-cni", AgentSocket: filepath.Join(state, "cni.sock"), LogFile: filepath.Join(dir, "cni.log"), DefaultNamespace: "default"},
 			Ready:        ready,
 			OnInstalled: func(p string) {
 				select {

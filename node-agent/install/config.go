@@ -48,6 +48,9 @@ type Entry struct {
 	LogLevel           string   `json:"logLevel,omitempty"`
 	LogFile            string   `json:"logFile,omitempty"`
 	RuleBackend        string   `json:"ruleBackend,omitempty"`
+	// DefaultNamespace is for runtimes without namespaces (podman); see
+	// plugin/README.md.
+	DefaultNamespace string `json:"defaultNamespace,omitempty"`
 }
 
 // JSON encodes the entry with "type" first.
