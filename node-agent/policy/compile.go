@@ -65,10 +65,43 @@ func buildView(pols []*compiledPolicy) *view {
 	return v
 }
 
-// wlState is everything Authorize needs for one workload.
+// wlState is everything Authorize needs for one workload: the
+// namespace-wide rules (shared by every workload of the namespace) and,
+// apart, the rules of the selector policies that pick it (shared by
+// workloads picked by the same policies), so a big namespace-wide set is
+// never copied per workload.
 type wlState struct {
-	view  *view
+	view  *view            // namespace-wide (root + own namespace)
+	sel   *view            // selector policies picking the workload; nil if none
 	modes [3]*compiledMode // workload, namespace, mesh (root namespace)
+}
+
+func (s *wlState) empty() bool {
+	return s.view.deny.size == 0 && !s.view.hasAllow && s.sel == nil
+}
+
+func (s *wlState) hasAllow() bool {
+	return s.view.hasAllow || (s.sel != nil && s.sel.hasAllow)
+}
+
+func (s *wlState) matchDeny(q *query) *rule {
+	if r := s.view.deny.match(q); r != nil {
+		return r
+	}
+	if s.sel != nil {
+		return s.sel.deny.match(q)
+	}
+	return nil
+}
+
+func (s *wlState) matchAllow(q *query) *rule {
+	if r := s.view.allow.match(q); r != nil {
+		return r
+	}
+	if s.sel != nil {
+		return s.sel.allow.match(q)
+	}
+	return nil
 }
 
 func (s *wlState) mode(port uint16) (Mode, *compiledMode) {
@@ -216,11 +249,7 @@ func (s *snapshot) resolve(n *nsPolicies, w *tunnel.Workload) *wlState {
 	v := s.combos[combo]
 	s.mu.Unlock()
 	if v == nil {
-		all := append(slices.Clone(s.rootNS.wide), picked...)
-		if n != s.rootNS {
-			all = append(all, n.wide...)
-		}
-		v = buildView(all)
+		v = buildView(picked)
 		s.mu.Lock()
 		if len(s.combos) >= maxCache {
 			clear(s.combos)
@@ -228,7 +257,7 @@ func (s *snapshot) resolve(n *nsPolicies, w *tunnel.Workload) *wlState {
 		s.combos[combo] = v
 		s.mu.Unlock()
 	}
-	st.view = v
+	st.sel = v
 	return st
 }
 

@@ -426,20 +426,20 @@ func (e *Engine) Authorize(c tunnel.ConnInfo) tunnel.Verdict {
 			return v
 		}
 	}
-	if st.view.deny.size == 0 && !st.view.hasAllow {
+	if st.empty() {
 		return tunnel.Verdict{Allow: true, Reason: ReasonNoPolicy}
 	}
 	q := makeQuery(c.SrcIdentity, c.Plaintext, c.SrcIP, c.DstPort)
-	if r := st.view.deny.match(&q); r != nil {
+	if r := st.matchDeny(&q); r != nil {
 		v := tunnel.Verdict{Policy: r.pol.key, Reason: ReasonDeniedByPolicy}
 		r.pol.denials.Inc()
 		e.logDenial(&c, v)
 		return v
 	}
-	if !st.view.hasAllow {
+	if !st.hasAllow() {
 		return tunnel.Verdict{Allow: true, Reason: ReasonNoPolicy}
 	}
-	if r := st.view.allow.match(&q); r != nil {
+	if r := st.matchAllow(&q); r != nil {
 		return tunnel.Verdict{Allow: true, Policy: r.pol.key, Reason: ReasonAllowed}
 	}
 	v := tunnel.Verdict{Reason: ReasonNoAllowMatch}
