@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -31,8 +32,8 @@ func capture(t *testing.T, p *podtest.Pod) (stop func() (raw []byte, text string
 	t.Helper()
 	file := filepath.Join(t.TempDir(), "cap.pcap")
 	cmd := exec.Command("ip", "netns", "exec", p.Name, "tcpdump", "-i", p.Link, "-U", "-s", "0", "-n", "-w", file, "tcp")
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
+	stderr := &lockedBuffer{}
+	cmd.Stderr = stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -395,4 +396,21 @@ func TestDrainOnClose(t *testing.T) {
 	case <-time.After(15 * time.Second):
 		t.Fatal("Close did not return after the last connection ended")
 	}
+}
+
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }

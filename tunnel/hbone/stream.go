@@ -52,7 +52,16 @@ type Stream struct {
 	// the drain goroutine's), so bytes never overtake each other.
 	direct  syscall.RawConn
 	writing bool
-	directN int64 // bytes delivered by the read loop (under rmu)
+	directN int64 // bytes delivered to the app (under rmu)
+	// Splice delivery state (under rmu): the app, whether a drain
+	// goroutine runs (only while bytes wait: an idle stream has none),
+	// whether the client response was dealt with, and the end of the
+	// stream → app direction.
+	app        *net.TCPConn
+	drainer    bool
+	respDone   bool
+	toAppOnce  sync.Once
+	toAppDone  chan error
 
 	// Send side and lifecycle, under c.mu.
 	sendWin   int64
@@ -139,10 +148,152 @@ func (s *Stream) pushData(bp *[]byte, data []byte, end bool) {
 	if end {
 		s.recvEnd = true
 	}
+	start := s.kickLocked()
 	s.rmu.Unlock()
 	s.signal()
+	if start {
+		go s.drain()
+	}
 	if end {
 		s.markRemoteEnd()
+	}
+}
+
+// kickLocked decides, under rmu, whether a drain goroutine must start:
+// Splice delivers, the app may be written, and bytes or the end wait.
+func (s *Stream) kickLocked() bool {
+	if s.app == nil || s.direct == nil || s.drainer || s.recvErr != nil {
+		return false
+	}
+	if len(s.chunks) == 0 && !s.recvEnd {
+		return false
+	}
+	s.drainer = true
+	return true
+}
+
+// finishToApp records the end of the stream → app direction, once.
+func (s *Stream) finishToApp(err error) {
+	s.toAppOnce.Do(func() {
+		if s.toAppDone != nil {
+			s.toAppDone <- err
+		}
+	})
+}
+
+// drain writes queued chunks to the app with writev and delivers the end
+// of the stream, then exits as soon as nothing waits.
+func (s *Stream) drain() {
+	bufs := make(net.Buffers, 0, 16)
+	for {
+		s.rmu.Lock()
+		if s.recvErr != nil {
+			s.drainer = false
+			err := s.recvErr
+			s.rmu.Unlock()
+			s.finishToApp(err)
+			return
+		}
+		if len(s.chunks) == 0 || s.writing {
+			if s.recvEnd && !s.writing {
+				s.drainer = false
+				app := s.app
+				s.rmu.Unlock()
+				s.finishToApp(app.CloseWrite())
+				return
+			}
+			if s.writing {
+				// The read loop is writing; it queues what is left and
+				// we look again.
+				s.rmu.Unlock()
+				<-s.rsig
+				continue
+			}
+			s.drainer = false
+			s.rmu.Unlock()
+			return
+		}
+		chs := s.chunks
+		s.chunks = nil
+		s.writing = true
+		app := s.app
+		s.rmu.Unlock()
+		bufs = bufs[:0]
+		var n int64
+		for _, ch := range chs {
+			bufs = append(bufs, ch.data)
+			n += int64(len(ch.data))
+		}
+		_, werr := bufs.WriteTo(app)
+		s.rmu.Lock()
+		s.writing = false
+		if werr == nil {
+			s.directN += n
+		}
+		s.rmu.Unlock()
+		s.signal()
+		s.consumed(chs)
+		if werr != nil {
+			s.rmu.Lock()
+			s.drainer = false
+			s.rmu.Unlock()
+			s.Reset(ErrCodeCancel)
+			_ = app.SetLinger(0)
+			_ = app.Close()
+			s.finishToApp(werr)
+			return
+		}
+	}
+}
+
+// handleResponse acts on a client stream's response once Splice runs:
+// 200 opens delivery to the app, anything else resets both sides.
+func (s *Stream) handleResponse() {
+	s.rmu.Lock()
+	if s.respDone || s.app == nil {
+		s.rmu.Unlock()
+		return
+	}
+	select {
+	case <-s.resp:
+	default:
+		s.rmu.Unlock()
+		return
+	}
+	s.respDone = true
+	st := s.status
+	app := s.app
+	s.rmu.Unlock()
+	if st == 0 {
+		return // reset before a response: dropBuffers finishes
+	}
+	if s.onResp != nil {
+		s.onResp(st)
+	}
+	if st != 200 {
+		s.finishToApp(StatusError{st})
+		s.Reset(ErrCodeCancel)
+		_ = app.SetLinger(0)
+		_ = app.Close()
+		return
+	}
+	s.enableDelivery()
+}
+
+// enableDelivery lets the read loop write to the app, and starts a
+// drainer if bytes are already waiting.
+func (s *Stream) enableDelivery() {
+	rc, err := s.app.SyscallConn()
+	if err != nil {
+		s.finishToApp(err)
+		return
+	}
+	s.rmu.Lock()
+	s.direct = rc
+	start := s.kickLocked()
+	s.rmu.Unlock()
+	if start {
+		go s.drain()
 	}
 }
 
@@ -168,6 +319,7 @@ func (s *Stream) gotHeaders(fields []hpack.HeaderField, end bool) {
 			}
 			close(s.resp)
 		})
+		s.handleResponse()
 	}
 	if end {
 		s.pushData(nil, nil, true)
@@ -337,42 +489,6 @@ func (s *Stream) CloseWrite() error {
 	return nil
 }
 
-// take waits for received data, the end of the stream or an error.
-func (s *Stream) take(ctx <-chan struct{}) ([]chunk, error) {
-	for {
-		s.rmu.Lock()
-		if len(s.chunks) > 0 && !s.writing {
-			ch := s.chunks
-			s.chunks = nil
-			s.writing = true
-			s.rmu.Unlock()
-			return ch, nil
-		}
-		if s.writing {
-			s.rmu.Unlock()
-			select {
-			case <-s.rsig:
-			case <-ctx:
-				return nil, context.Canceled
-			}
-			continue
-		}
-		err := s.recvErr
-		if err == nil && s.recvEnd {
-			err = io.EOF
-		}
-		s.rmu.Unlock()
-		if err != nil {
-			return nil, err
-		}
-		select {
-		case <-s.rsig:
-		case <-ctx:
-			return nil, context.Canceled
-		}
-	}
-}
-
 // consumed recycles delivered chunks and returns their window to the
 // peer once a quarter of the window has been taken by the app.
 func (s *Stream) consumed(chs []chunk) {
@@ -503,11 +619,23 @@ func (s *Stream) dropBuffers(err error) {
 		s.recvErr = err
 	}
 	abort := s.abort
+	rerr := s.recvErr
 	s.rmu.Unlock()
 	s.consumed(chs)
 	s.signal()
-	if abort != nil && s.recvErr != nil {
+	if abort != nil && rerr != nil {
 		abort()
+	}
+	if rerr != nil {
+		s.finishToApp(rerr)
+	} else {
+		// Both sides ended cleanly: make sure a pending FIN is delivered.
+		s.rmu.Lock()
+		start := s.kickLocked()
+		s.rmu.Unlock()
+		if start {
+			go s.drain()
+		}
 	}
 }
 
@@ -545,11 +673,14 @@ type SpliceResult struct {
 // reset on either side resets the other.
 func (s *Stream) Splice(app *net.TCPConn) SpliceResult {
 	var res SpliceResult
+	done := make(chan error, 1)
 	s.rmu.Lock()
 	s.abort = func() {
 		_ = app.SetLinger(0)
 		_ = app.Close()
 	}
+	s.app = app
+	s.toAppDone = done
 	pendingErr := s.recvErr
 	s.rmu.Unlock()
 	if pendingErr != nil {
@@ -558,19 +689,22 @@ func (s *Stream) Splice(app *net.TCPConn) SpliceResult {
 		res.Err = pendingErr
 		return res
 	}
-	drained := make(chan error, 1)
-	go func() {
-		n, err := s.drainTo(app)
-		res.ToApp = n
-		if err != nil {
-			// Refused, reset or failed towards the app: reset both
-			// ways, which also ends the pump below.
-			s.Reset(ErrCodeCancel)
-			_ = app.SetLinger(0)
-			_ = app.Close()
-		}
-		drained <- err
-	}()
+	if s.c.client {
+		// Nothing reaches the app before the tunnel is up (the app's
+		// first bytes may already be on their way: optimistic send).
+		s.handleResponse()
+		t := time.AfterFunc(responseTimeout, func() {
+			s.rmu.Lock()
+			waiting := !s.respDone
+			s.rmu.Unlock()
+			if waiting {
+				s.Reset(ErrCodeCancel)
+			}
+		})
+		defer t.Stop()
+	} else {
+		s.enableDelivery()
+	}
 	n, perr := s.pumpFrom(app)
 	res.FromApp = n
 	if perr != nil {
@@ -578,12 +712,14 @@ func (s *Stream) Splice(app *net.TCPConn) SpliceResult {
 		_ = app.SetLinger(0)
 		app.Close()
 	}
-	derr := <-drained
+	derr := <-done
+	if derr != nil && perr == nil {
+		s.Reset(ErrCodeCancel)
+		_ = app.SetLinger(0)
+	}
 	app.Close()
 	s.rmu.Lock()
-	res.ToApp += s.directN
-	s.rmu.Unlock()
-	s.rmu.Lock()
+	res.ToApp = s.directN
 	s.abort = nil
 	s.direct = nil
 	s.rmu.Unlock()
@@ -648,66 +784,6 @@ func (s *Stream) pumpFrom(app *net.TCPConn) (int64, error) {
 			return total, err
 		}
 		total += int64(n)
-	}
-}
-
-// drainTo moves stream → app with writev until END_STREAM (then a FIN to
-// the app) or a reset.
-func (s *Stream) drainTo(app *net.TCPConn) (int64, error) {
-	var total int64
-	if s.c.client {
-		// Bytes from the app may already be on their way (optimistic
-		// send), but nothing reaches the app before the tunnel is up.
-		ctx, cancel := context.WithTimeout(context.Background(), responseTimeout)
-		st, _, err := s.Response(ctx)
-		cancel()
-		if err != nil {
-			return 0, err
-		}
-		if s.onResp != nil {
-			s.onResp(st)
-		}
-		if st != 200 {
-			return 0, StatusError{st}
-		}
-	}
-	if rc, err := app.SyscallConn(); err == nil {
-		s.rmu.Lock()
-		s.direct = rc
-		s.rmu.Unlock()
-	}
-	bufs := make(net.Buffers, 0, 16)
-	for {
-		chs, err := s.take(s.c.done)
-		if err == io.EOF {
-			return total, app.CloseWrite()
-		}
-		if err != nil {
-			return total, err
-		}
-		bufs = bufs[:0]
-		var n int64
-		for _, ch := range chs {
-			bufs = append(bufs, ch.data)
-			n += int64(len(ch.data))
-		}
-		_, werr := bufs.WriteTo(app)
-		s.rmu.Lock()
-		s.writing = false
-		more := len(s.chunks) > 0
-		s.rmu.Unlock()
-		if more {
-			s.signal()
-		}
-		s.consumed(chs)
-		if werr != nil {
-			s.Reset(ErrCodeCancel)
-			if errors.Is(werr, syscall.EPIPE) || errors.Is(werr, syscall.ECONNRESET) {
-				return total, werr
-			}
-			return total, werr
-		}
-		total += n
 	}
 }
 
