@@ -122,7 +122,11 @@ func (s *Source) Run(ctx context.Context) error {
 			return err
 		}
 		s.listers[gvr] = inf.Lister()
-		syncs = append(syncs, inf.Informer().HasSynced)
+		// A CRD not installed (yet) holds no policy: do not wait for it,
+		// its informer picks it up once it is served.
+		if gvr.Group != policy.Group || s.served(gvr) {
+			syncs = append(syncs, inf.Informer().HasSynced)
+		}
 	}
 	f.Start(ctx.Done())
 	defer f.Shutdown()
@@ -163,7 +167,7 @@ func (s *Source) served(gvr schema.GroupVersionResource) bool {
 			}
 		}
 	}
-	s.log.Info("not served; not reading it", "resource", gvr.String(), "err", err)
+	s.log.Warn("not served (CRD not installed?)", "resource", gvr.String(), "err", err)
 	return false
 }
 
