@@ -57,11 +57,11 @@ type Stream struct {
 	// goroutine runs (only while bytes wait: an idle stream has none),
 	// whether the client response was dealt with, and the end of the
 	// stream → app direction.
-	app        *net.TCPConn
-	drainer    bool
-	respDone   bool
-	toAppOnce  sync.Once
-	toAppDone  chan error
+	app       *net.TCPConn
+	drainer   bool
+	respDone  bool
+	toAppOnce sync.Once
+	toAppDone chan error
 
 	// Send side and lifecycle, under c.mu.
 	sendWin   int64
