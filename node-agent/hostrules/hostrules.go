@@ -58,9 +58,9 @@ type Config struct {
 // Every method is called with Manager.mu held.
 type backend interface {
 	name() string
-	// check compares the kernel with want (IP → UID); ok means nothing
-	// is missing or different.
-	check(want map[netip.Addr]string) (ok bool, err error)
+	// check compares the kernel with want (IP → UID); drift says what is
+	// missing or different, "" when nothing is.
+	check(want map[netip.Addr]string) (drift string, err error)
 	// write replaces everything with want, atomically where the backend
 	// can (nftables: one transaction).
 	write(want map[netip.Addr]string) error
@@ -312,7 +312,8 @@ func (m *Manager) appliedLocked() {
 // repair. Then it writes the desired state if it differs or force is set
 // (the caller changed the desired state or an incremental write failed).
 func (m *Manager) reconcileLocked(force bool) error {
-	ok, err := m.be.check(m.applied)
+	drift, err := m.be.check(m.applied)
+	ok := drift == ""
 	if err != nil {
 		m.failures.Inc()
 		return fmt.Errorf("hostrules: check %s rules: %w", m.be.name(), err)
@@ -322,7 +323,7 @@ func (m *Manager) reconcileLocked(force bool) error {
 	}
 	repair := !ok && m.installed
 	if repair {
-		m.log.Warn("host probe rules were missing or altered; rewriting them", "backend", m.be.name(), "entries", len(m.owners))
+		m.log.Warn("host probe rules were missing or altered; rewriting them", "backend", m.be.name(), "drift", drift, "entries", len(m.owners))
 	}
 	if err := m.be.write(m.owners); err != nil {
 		m.failures.Inc()

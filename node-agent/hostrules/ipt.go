@@ -134,55 +134,55 @@ func (b *iptBackend) families() []struct {
 	}{{b.ipt4, false, b.set4}, {b.ipt6, true, b.set6}}
 }
 
-func (b *iptBackend) check(want map[netip.Addr]string) (bool, error) {
-	ok := true
+func (b *iptBackend) check(want map[netip.Addr]string) (string, error) {
+	drift := ""
 	err := b.in(func() error {
 		got := map[netip.Addr]string{}
 		for _, f := range b.families() {
 			res, err := netlink.IpsetList(f.set)
 			if err != nil {
-				ok = false
+				drift = "ipset " + f.set + " missing"
 				return nil
 			}
 			for _, e := range res.Entries {
 				ip, valid := netip.AddrFromSlice(e.IP)
 				if !valid {
-					ok = false
+					drift = "ipset entry with a bad address"
 					return nil
 				}
 				got[ip.Unmap()] = e.Comment
 			}
 			if exists, err := f.ipt.ChainExists("nat", b.chain); err != nil || !exists {
-				ok = false
+				drift = "chain " + b.chain + " missing"
 				return nil
 			}
 			rules, err := f.ipt.List("nat", b.chain)
 			if err != nil || len(rules) != 2 {
-				ok = false
+				drift = "chain " + b.chain + " does not hold exactly one rule"
 				return nil
 			}
 			if exists, err := f.ipt.Exists("nat", b.chain, b.spec(f.v6)...); err != nil || !exists {
-				ok = false
+				drift = "the SNAT rule is not in " + b.chain
 				return nil
 			}
 			if exists, err := f.ipt.Exists("nat", "POSTROUTING", b.jump()...); err != nil || !exists {
-				ok = false
+				drift = "the jump from POSTROUTING is missing"
 				return nil
 			}
 		}
 		if len(got) != len(want) {
-			ok = false
+			drift = fmt.Sprintf("%d ipset entries, want %d", len(got), len(want))
 			return nil
 		}
 		for ip, uid := range want {
 			if got[ip] != uid {
-				ok = false
+				drift = fmt.Sprintf("ipset entry %s owned by %q, want %q", ip, got[ip], uid)
 				return nil
 			}
 		}
 		return nil
 	})
-	return ok, err
+	return drift, err
 }
 
 func family(v6 bool) uint8 {

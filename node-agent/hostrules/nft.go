@@ -28,6 +28,7 @@ const (
 type nftBackend struct {
 	cfg   Config
 	table *nftables.Table
+	c     *nftables.Conn // lasting; guarded by Manager.mu
 }
 
 func newNFT(cfg Config) (*nftBackend, error) {
@@ -43,17 +44,46 @@ func newNFT(cfg Config) (*nftBackend, error) {
 
 func (b *nftBackend) name() string { return BackendNFTables }
 
+// conn returns the backend's lasting netlink connection, dialing it on
+// first use: dialing into another namespace costs a thread switch, which
+// dominated single-entry updates. A failed operation drops it (reset) so
+// the next one starts on a fresh socket.
 func (b *nftBackend) conn() (*nftables.Conn, error) {
+	if b.c != nil {
+		return b.c, nil
+	}
+	opts := []nftables.ConnOption{nftables.AsLasting()}
 	if b.cfg.NetNS > 0 {
-		return nftables.New(nftables.WithNetNSFd(int(b.cfg.NetNS)))
+		opts = append(opts, nftables.WithNetNSFd(int(b.cfg.NetNS)))
+	}
+	c, err := nftables.New(opts...)
+	if err != nil {
+		return nil, err
+	}
+	b.c = c
+	return c, nil
+}
+
+// done passes err through, dropping the connection when it failed.
+func (b *nftBackend) done(err error) error {
+	if err != nil && b.c != nil {
+		b.c.CloseLasting()
+		b.c = nil
+	}
+	return err
+}
+
+// dial is a short-lived connection for callers outside Manager.mu.
+func dial(cfg Config) (*nftables.Conn, error) {
+	if cfg.NetNS > 0 {
+		return nftables.New(nftables.WithNetNSFd(int(cfg.NetNS)))
 	}
 	return nftables.New()
 }
 
 // nftAvailable reports whether the kernel answers nftables over netlink.
 func nftAvailable(cfg Config) bool {
-	b := &nftBackend{cfg: cfg}
-	c, err := b.conn()
+	c, err := dial(cfg)
 	if err != nil {
 		return false
 	}
@@ -129,59 +159,62 @@ func split(want map[netip.Addr]string) (v4, v6 []nftables.SetElement) {
 	return v4, v6
 }
 
-func (b *nftBackend) check(want map[netip.Addr]string) (bool, error) {
-	c, err := b.conn()
+func (b *nftBackend) check(want map[netip.Addr]string) (string, error) {
+	// A fresh connection for the dumps: on the lasting one, multi-part
+	// set element dumps came back short now and then (google/nftables
+	// v0.3.0), which would count phantom repairs.
+	c, err := dial(b.cfg)
 	if err != nil {
-		return false, err
+		return "", err
 	}
 	if _, err := c.ListTableOfFamily(b.table.Name, b.table.Family); err != nil {
-		return false, nil // missing (someone ran "nft flush ruleset")
+		return "table missing", nil // missing (someone ran "nft flush ruleset")
 	}
 	ch, err := c.ListChain(b.table, nftChain)
 	if err != nil || ch.Hooknum == nil || *ch.Hooknum != *nftables.ChainHookPostrouting || ch.Type != nftables.ChainTypeNAT {
-		return false, nil
+		return "chain missing or not a nat postrouting chain", nil
 	}
 	rules, err := c.GetRules(b.table, ch)
 	if err != nil {
-		return false, err
+		return "", err
 	}
 	v4set, v6set := b.sets()
 	wantRules := []*nftables.Rule{b.rule(v4set, false), b.rule(v6set, true)}
 	if len(rules) != len(wantRules) {
-		return false, nil
+		return fmt.Sprintf("%d rules in the chain, want %d", len(rules), len(wantRules)), nil
 	}
 	for i, r := range rules {
 		if !bytes.Equal(r.UserData, wantRules[i].UserData) || len(r.Exprs) != len(wantRules[i].Exprs) {
-			return false, nil
+			return fmt.Sprintf("rule %d is not ours", i), nil
 		}
 	}
 	got := map[netip.Addr]string{}
 	for _, name := range []string{nftSetV4, nftSetV6} {
 		s, err := c.GetSetByName(b.table, name)
 		if err != nil {
-			return false, nil
+			return "set " + name + " missing", nil
 		}
 		elems, err := c.GetSetElements(s)
 		if err != nil {
-			return false, err
+			return "", err
 		}
 		for _, e := range elems {
 			ip, ok := netip.AddrFromSlice(e.Key)
 			if !ok {
-				return false, nil
+				return "set element with a bad key", nil
 			}
 			got[ip] = e.Comment
 		}
 	}
 	if len(got) != len(want) {
-		return false, nil
+		return fmt.Sprintf("%d set elements, want %d", len(got), len(want)), nil
 	}
 	for ip, uid := range want {
 		if got[ip] != uid {
-			return false, nil
+			return fmt.Sprintf("set element %s owned by %q, want %q", ip, got[ip], uid), nil
 		}
 	}
-	return true, nil
+	return "", nil
 }
 
 func (b *nftBackend) write(want map[netip.Addr]string) error {
@@ -197,15 +230,15 @@ func (b *nftBackend) write(want map[netip.Addr]string) error {
 	v4set, v6set := b.sets()
 	e4, e6 := split(want)
 	if err := c.AddSet(v4set, e4); err != nil {
-		return err
+		return b.done(err)
 	}
 	if err := c.AddSet(v6set, e6); err != nil {
-		return err
+		return b.done(err)
 	}
 	c.AddChain(b.chain())
 	c.AddRule(b.rule(v4set, false))
 	c.AddRule(b.rule(v6set, true))
-	return c.Flush()
+	return b.done(c.Flush())
 }
 
 func (b *nftBackend) upsert(add map[netip.Addr]string, replaced map[netip.Addr]bool) error {
@@ -222,14 +255,14 @@ func (b *nftBackend) upsert(add map[netip.Addr]string, replaced map[netip.Addr]b
 		// An element's comment cannot be changed in place: re-add it.
 		if replaced[ip] {
 			if err := c.SetDeleteElements(s, []nftables.SetElement{{Key: ip.AsSlice()}}); err != nil {
-				return err
+				return b.done(err)
 			}
 		}
 		if err := c.SetAddElements(s, []nftables.SetElement{{Key: ip.AsSlice(), Comment: uid}}); err != nil {
-			return err
+			return b.done(err)
 		}
 	}
-	return c.Flush()
+	return b.done(c.Flush())
 }
 
 func (b *nftBackend) remove(ips []netip.Addr) error {
@@ -244,10 +277,10 @@ func (b *nftBackend) remove(ips []netip.Addr) error {
 			s = v6set
 		}
 		if err := c.SetDeleteElements(s, []nftables.SetElement{{Key: ip.AsSlice()}}); err != nil {
-			return err
+			return b.done(err)
 		}
 	}
-	return c.Flush()
+	return b.done(c.Flush())
 }
 
 func (b *nftBackend) uninstall() error {
@@ -257,7 +290,12 @@ func (b *nftBackend) uninstall() error {
 	}
 	c.AddTable(b.table)
 	c.DelTable(b.table)
-	return c.Flush()
+	err = b.done(c.Flush())
+	if b.c != nil {
+		b.c.CloseLasting()
+		b.c = nil
+	}
+	return err
 }
 
 // watch subscribes to nftables change notifications and calls kick when
@@ -265,7 +303,7 @@ func (b *nftBackend) uninstall() error {
 // instead of at the next interval. Element deletions carry no table name
 // in the notification, so every one kicks; Run coalesces kicks.
 func (b *nftBackend) watch(ctx context.Context, kick func()) error {
-	c, err := b.conn()
+	c, err := dial(b.cfg)
 	if err != nil {
 		return err
 	}
