@@ -148,9 +148,18 @@ func (s *Stream) pushData(bp *[]byte, data []byte, end bool) {
 	if end {
 		s.recvEnd = true
 	}
-	start := s.kickLocked()
+	var fin *net.TCPConn
+	if end && len(s.chunks) == 0 && !s.writing && !s.drainer && s.direct != nil && s.app != nil {
+		// Everything is delivered: pass the FIN on right here
+		// (shutdown(2) does not block) rather than start a goroutine.
+		fin = s.app
+	}
+	start := fin == nil && s.kickLocked()
 	s.rmu.Unlock()
 	s.signal()
+	if fin != nil {
+		s.finishToApp(fin.CloseWrite())
+	}
 	if start {
 		go s.drain()
 	}
@@ -290,8 +299,53 @@ func (s *Stream) enableDelivery() {
 	}
 	s.rmu.Lock()
 	s.direct = rc
-	start := s.kickLocked()
+	// Bytes that arrived before the app was connected (optimistic
+	// send): write what the socket takes now, without a goroutine.
+	var early []chunk
+	if !s.writing && !s.drainer && len(s.chunks) > 0 {
+		early = s.chunks
+		s.chunks = nil
+		s.writing = true
+	}
 	s.rmu.Unlock()
+	if early != nil {
+		var n int64
+		rest := early[:0]
+		for i, ch := range early {
+			k := writeNonBlocking(rc, ch.data)
+			n += int64(k)
+			if k < len(ch.data) {
+				early[i].data = ch.data[k:]
+				rest = early[i:]
+				break
+			}
+			if ch.bp != nil {
+				putBuf(ch.bp)
+			}
+			if i == len(early)-1 {
+				rest = nil
+			}
+		}
+		s.rmu.Lock()
+		s.writing = false
+		s.directN += n
+		s.buffered -= n
+		s.chunks = append(rest, s.chunks...)
+		s.rmu.Unlock()
+		s.signal() // a drainer may wait for writing to end
+		bufferedBytes.Add(-n)
+		s.creditWindow(n)
+	}
+	s.rmu.Lock()
+	var fin bool
+	if s.recvEnd && len(s.chunks) == 0 && !s.writing && !s.drainer && s.recvErr == nil {
+		fin = true
+	}
+	start := !fin && s.kickLocked()
+	s.rmu.Unlock()
+	if fin {
+		s.finishToApp(s.app.CloseWrite())
+	}
 	if start {
 		go s.drain()
 	}
