@@ -285,3 +285,37 @@ func Test1000Connections(t *testing.T) {
 	_ = bytes.MinRead
 	_ = tunnel.Verdict{}
 }
+
+// TestSelfCallRefused: a connection straight to the agent's outbound
+// port (not redirected, so it has no original destination, or names the
+// agent itself) is refused with a reset, never looped.
+func TestSelfCallRefused(t *testing.T) {
+	m := newMesh(t)
+	accepted := 0
+	for _, dst := range []netip.AddrPort{
+		netip.MustParseAddrPort("127.0.0.1:15001"),
+		netip.AddrPortFrom(m.A.Pod.IP4, 15001),
+	} {
+		var c net.Conn
+		var derr error
+		m.A.Pod.Do(t, func() error { c, derr = net.Dial("tcp", dst.String()); return nil })
+		if derr != nil {
+			continue // reset before connect() returned
+		}
+		accepted++
+		fmt.Fprintf(c, "who\n")
+		b, err := io.ReadAll(c)
+		c.Close()
+		if len(b) > 0 || err == nil {
+			t.Errorf("to %v: got %q, %v; want a reset", dst, b, err)
+		}
+	}
+	got := m.A.Metric(t, "ambit_tunnel_connections_failed_total", map[string]string{"direction": "outbound", "reason": "no_original_dst"}) +
+		m.A.Metric(t, "ambit_tunnel_connections_failed_total", map[string]string{"direction": "outbound", "reason": "self_call"})
+	// Both reached the agent and were refused by it (a loopback connect
+	// may even see the reset before connect() returns).
+	if got != 2 {
+		t.Errorf("%v self-calls counted, want 2", got)
+	}
+	_ = accepted
+}
