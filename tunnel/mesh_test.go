@@ -310,10 +310,16 @@ func TestSelfCallRefused(t *testing.T) {
 			t.Errorf("to %v: got %q, %v; want a reset", dst, b, err)
 		}
 	}
-	got := m.A.Metric(t, "ambit_tunnel_connections_failed_total", map[string]string{"direction": "outbound", "reason": "no_original_dst"}) +
-		m.A.Metric(t, "ambit_tunnel_connections_failed_total", map[string]string{"direction": "outbound", "reason": "self_call"})
 	// Both reached the agent and were refused by it (a loopback connect
 	// may even see the reset before connect() returns).
+	var got float64
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		got = m.A.Metric(t, "ambit_tunnel_connections_failed_total", map[string]string{"direction": "outbound", "reason": "no_original_dst"}) +
+			m.A.Metric(t, "ambit_tunnel_connections_failed_total", map[string]string{"direction": "outbound", "reason": "self_call"})
+		if got == 2 {
+			break
+		}
+	}
 	if got != 2 {
 		t.Errorf("%v self-calls counted, want 2", got)
 	}
