@@ -306,7 +306,9 @@ func TestSelfCallRefused(t *testing.T) {
 		fmt.Fprintf(c, "who\n")
 		b, err := io.ReadAll(c)
 		c.Close()
-		if len(b) > 0 || err == nil {
+		// Usually ECONNRESET; a write that already consumed the reset
+		// leaves a plain EOF. Either way: nothing comes back.
+		if len(b) > 0 {
 			t.Errorf("to %v: got %q, %v; want a reset", dst, b, err)
 		}
 	}
