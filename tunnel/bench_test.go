@@ -152,3 +152,22 @@ func BenchmarkIdleConnMemory(b *testing.B) {
 		c.Close()
 	}
 }
+
+// BenchmarkRTTProcs: 1 KB round trips, relay pair and Ambit as
+// processes, interleaved (quick A/B of latency changes).
+func BenchmarkRTTProcs(b *testing.B) {
+	testenv.RequireRoot(b)
+	setups := []benchkit.Setup{benchkit.RelayPairProcs(b), benchkit.AmbitProcs(b)}
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		for r := 0; r < 3; r++ {
+			for _, s := range setups {
+				p50, p99, err := benchkit.Latency(s, 5000)
+				if err != nil {
+					b.Fatal(err)
+				}
+				fmt.Printf("%-12s p50 %v p99 %v\n", s.Name, p50, p99)
+			}
+		}
+	}
+}
