@@ -171,3 +171,22 @@ func BenchmarkRTTProcs(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkConnsProcs: new connections per second, relay pair and Ambit
+// as processes, interleaved (quick A/B of connection setup changes).
+func BenchmarkConnsProcs(b *testing.B) {
+	testenv.RequireRoot(b)
+	setups := []benchkit.Setup{benchkit.RelayPairProcs(b), benchkit.AmbitProcs(b)}
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		for r := 0; r < 3; r++ {
+			for _, s := range setups {
+				n, err := benchkit.ConnRate(s, 2*time.Second, 4)
+				if err != nil {
+					b.Fatal(err)
+				}
+				fmt.Printf("%-12s %.0f conns/s\n", s.Name, n)
+			}
+		}
+	}
+}
