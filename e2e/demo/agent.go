@@ -19,10 +19,30 @@ workloads:
   - {namespace: legacy, name: outsider, serviceAccount: default, labels: {app: outsider}}
 `
 
-// writeInventory writes the demo's static inventory and returns its path.
-func (d *demo) writeInventory() (string, error) {
-	inv := filepath.Join(d.work, "inventory.yaml")
-	return inv, os.WriteFile(inv, []byte(inventory), 0o644)
+const policy = `# Only the client's identity may reach the server.
+apiVersion: ambit.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {namespace: shop, name: server-from-client}
+spec:
+  selector: {matchLabels: {app: server}}
+  action: ALLOW
+  rules:
+  - from: {principals: ["cluster.local/ns/shop/sa/client"]}
+`
+
+// writeInventory writes the demo's static inventory and its policy
+// directory and returns their paths.
+func (d *demo) writeInventory() (inv, policyDir string, err error) {
+	inv = filepath.Join(d.work, "inventory.yaml")
+	if err = os.WriteFile(inv, []byte(inventory), 0o644); err != nil {
+		return
+	}
+	policyDir = filepath.Join(d.work, "policies")
+	if err = os.MkdirAll(policyDir, 0o755); err != nil {
+		return
+	}
+	err = os.WriteFile(filepath.Join(policyDir, "server.yaml"), []byte(policy), 0o644)
+	return
 }
 
 // peerIdentity finds the client identity in the agent's access log for the

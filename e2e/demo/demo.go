@@ -26,6 +26,9 @@ type demo struct {
 	apps    []*exec.Cmd
 	cleanup []func()
 	pods    map[string]*lab.Pod
+	// pluginLog collects the CNI plugins' stderr, so it does not mix with
+	// what the demo tells its reader.
+	pluginLog *os.File
 }
 
 func say(format string, a ...any)  { fmt.Printf(format+"\n", a...) }
@@ -50,7 +53,13 @@ func runDemo() error {
 	if d.work, err = os.MkdirTemp("", "ambit-demo-"); err != nil {
 		return err
 	}
-	d.cleanup = append(d.cleanup, func() { os.RemoveAll(d.work) })
+	d.cleanup = append(d.cleanup, func() {
+		if os.Getenv("AMBIT_DEMO_KEEP") != "" {
+			say("  (AMBIT_DEMO_KEEP set: logs and capture kept in %s)", d.work)
+			return
+		}
+		os.RemoveAll(d.work)
+	})
 
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, os.Interrupt, syscall.SIGTERM)
@@ -73,11 +82,11 @@ func (d *demo) close() {
 			c.Wait()
 		}
 	}
+	if d.node != nil {
+		d.node.Close() // CNI DEL of every pod while the agent still answers
+	}
 	if d.agent != nil {
 		d.agent.Stop(5 * time.Second)
-	}
-	if d.node != nil {
-		d.node.Close()
 	}
 	for i := len(d.cleanup) - 1; i >= 0; i-- {
 		d.cleanup[i]()
@@ -92,6 +101,10 @@ func (d *demo) run() error {
 
 	step("A node: network namespace %q with a bridge, CNI chain bridge + host-local (Debian) + ambit-cni", "ambit-demo-node")
 	var err error
+	if d.pluginLog, err = os.Create(filepath.Join(d.work, "cni-stderr.log")); err != nil {
+		return err
+	}
+	d.cleanup = append(d.cleanup, func() { d.pluginLog.Close() })
 	d.node, err = lab.NewNode(lab.NodeOptions{
 		Name:       "ambit-demo-node",
 		PodCIDR:    netip.MustParsePrefix("10.77.0.0/24"),
@@ -101,7 +114,8 @@ func (d *demo) run() error {
 			"agentSocket": sock,
 			"logFile":     filepath.Join(d.work, "ambit-cni.log"),
 		},
-		Dir: filepath.Join(d.work, "node"),
+		Dir:          filepath.Join(d.work, "node"),
+		PluginStderr: d.pluginLog,
 	})
 	if err != nil {
 		return err
@@ -109,13 +123,14 @@ func (d *demo) run() error {
 	ok("conflist: %s", filepath.Join(d.work, "node", "10-lab.conflist"))
 
 	step("The agent: static inventory (namespace shop is ambient, legacy is not), local CA, policy: server accepts only sa/client")
-	inv, err := d.writeInventory()
+	inv, policyDir, err := d.writeInventory()
 	if err != nil {
 		return err
 	}
 	d.agent, err = d.node.StartAgent(ctx, lab.AgentOptions{
 		Binary:    filepath.Join(d.bin, "ambit-agent"),
 		Inventory: inv,
+		PolicyDir: policyDir,
 		StateDir:  runDir,
 		Socket:    sock,
 		LogFile:   filepath.Join(d.work, "agent.log"),

@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -16,6 +17,7 @@ import (
 	"time"
 
 	"github.com/containernetworking/cni/libcni"
+	"github.com/containernetworking/cni/pkg/invoke"
 	types100 "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/containernetworking/plugins/pkg/ns"
 )
@@ -40,6 +42,8 @@ type NodeOptions struct {
 	Ambit map[string]any
 	// Dir holds the node's files (conflist, CNI cache, host-local state).
 	Dir string
+	// PluginStderr receives the CNI plugins' stderr (default: ours).
+	PluginStderr io.Writer
 }
 
 // Node is a network namespace playing a Kubernetes node: its own bridge,
@@ -121,7 +125,11 @@ func NewNode(o NodeOptions) (*Node, error) {
 		n.Close()
 		return nil, fmt.Errorf("lab: conflist: %w", err)
 	}
-	n.cni = libcni.NewCNIConfigWithCacheDir(o.PluginDirs, filepath.Join(o.Dir, "cache"), nil)
+	var exec invoke.Exec
+	if o.PluginStderr != nil {
+		exec = &invoke.DefaultExec{RawExec: &invoke.RawExec{Stderr: o.PluginStderr}}
+	}
+	n.cni = libcni.NewCNIConfigWithCacheDir(o.PluginDirs, filepath.Join(o.Dir, "cache"), exec)
 	return n, nil
 }
 

@@ -21,7 +21,7 @@ type Capture struct {
 // StartCapture captures every packet on iface inside the namespace at
 // netnsPath (full packets, unbuffered) until Stop.
 func StartCapture(netnsPath, iface, file string) (*Capture, error) {
-	cmd := exec.Command("nsenter", "--net="+netnsPath, "--", "tcpdump", "-i", iface, "-s", "0", "-U", "-n", "-w", file)
+	cmd := exec.Command("nsenter", "--net="+netnsPath, "--", "tcpdump", "-i", iface, "-s", "0", "-U", "--immediate-mode", "-n", "-w", file)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
 		return nil, err
