@@ -80,9 +80,12 @@ func run(m *testing.M) (code int) {
 		}
 	}
 	t0 := time.Now()
-	if err := stream("build", filepath.Join(root, "hack", "kube", "build.sh")); err != nil {
-		fmt.Fprintln(os.Stderr, "e2e/kube: build failed:", err)
-		return 1
+	// AMBIT_K8S_NO_BUILD=1: use what the cache has (iterating by hand).
+	if os.Getenv("AMBIT_K8S_NO_BUILD") == "" {
+		if err := stream("build", filepath.Join(root, "hack", "kube", "build.sh")); err != nil {
+			fmt.Fprintln(os.Stderr, "e2e/kube: build failed:", err)
+			return 1
+		}
 	}
 	rep.buildTime = time.Since(t0)
 
@@ -336,6 +339,8 @@ func kechoPod(p podSpec) *corev1.Pod {
 			NodeSelector:                  map[string]string{"kubernetes.io/hostname": p.node},
 			ServiceAccountName:            p.sa,
 			TerminationGracePeriodSeconds: &zero,
+			// The cluster runs no DNS; say so instead of a warning per pod.
+			DNSPolicy: corev1.DNSDefault,
 			Containers: []corev1.Container{{
 				Name:            "kecho",
 				Image:           kechoImage,
