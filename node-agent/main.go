@@ -10,7 +10,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"log/slog"
@@ -20,12 +19,27 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+	"k8s.io/client-go/discovery"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/ambit-mesh/ambit/node-agent/agent"
+	"github.com/ambit-mesh/ambit/node-agent/ca"
 	"github.com/ambit-mesh/ambit/node-agent/cluster"
 	"github.com/ambit-mesh/ambit/node-agent/config"
+	"github.com/ambit-mesh/ambit/node-agent/enrollment"
 	"github.com/ambit-mesh/ambit/node-agent/health"
+	"github.com/ambit-mesh/ambit/node-agent/hostrules"
+	"github.com/ambit-mesh/ambit/node-agent/identity"
+	"github.com/ambit-mesh/ambit/node-agent/install"
 	"github.com/ambit-mesh/ambit/node-agent/inventory"
+	"github.com/ambit-mesh/ambit/node-agent/kube"
+	"github.com/ambit-mesh/ambit/node-agent/policy"
+	"github.com/ambit-mesh/ambit/node-agent/policy/filesource"
+	"github.com/ambit-mesh/ambit/node-agent/policy/kubesource"
+	"github.com/ambit-mesh/ambit/plugin/redirect"
 	"github.com/ambit-mesh/ambit/tunnel"
 )
 
@@ -35,12 +49,16 @@ func main() {
 	if len(args) > 0 && len(args[0]) > 0 && args[0][0] != '-' {
 		cmd, args = args[0], args[1:]
 	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
 	var err error
 	switch cmd {
 	case "run":
-		err = run(args)
-	case "ca", "install", "uninstall":
-		err = fmt.Errorf("%q is not built into this ambit-agent yet", cmd)
+		err = run(ctx, args)
+	case "ca":
+		err = runCA(ctx, args)
+	case "install", "uninstall":
+		err = runInstall(ctx, cmd, args)
 	case "help":
 		usage()
 		return
@@ -67,7 +85,7 @@ type overrides struct {
 	nodeName, source, inventory, stateDir, socket, healthAddr, logLevel string
 }
 
-func run(args []string) error {
+func run(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("run", flag.ContinueOnError)
 	var o overrides
 	fs.StringVar(&o.path, "config", os.Getenv("AMBIT_CONFIG"), "configuration file (YAML or JSON); $AMBIT_CONFIG")
@@ -88,29 +106,122 @@ func run(args []string) error {
 	log := newLogger(cfg)
 	slog.SetDefault(log)
 
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
-	defer stop()
-
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	hs := health.New(reg)
 
-	view, status, err := openView(ctx, cfg, log)
+	pol := enrollment.NewPolicy(cfg.EnrollLabel, cfg.ExcludedNamespaces)
+	meshed := func(p cluster.Pod, ns *cluster.Namespace) bool { return pol.Decide(p, ns).Enroll }
+
+	// The cluster view and, with Kubernetes, the API clients.
+	var (
+		view    cluster.View
+		status  cluster.StatusWriter
+		restCfg *rest.Config
+		idCfg   = identity.Config{TrustDomain: cfg.TrustDomain, Logger: log, Registerer: reg}
+	)
+	switch cfg.Source {
+	case config.SourceInventory:
+		inv, err := inventory.Load(inventory.Options{Path: cfg.InventoryFile, NodeName: cfg.NodeName, TrustDomain: cfg.TrustDomain,
+			EnrollLabel: cfg.EnrollLabel, Meshed: meshed, Logger: log})
+		if err != nil {
+			return err
+		}
+		view, status = inv, inv
+		// Static mode: an in-process CA whose files live in the state dir.
+		idCfg.TrustDomain = inv.TrustDomain()
+		idCfg.LocalCADir = cfg.LocalCADir
+	case config.SourceKubernetes:
+		var err error
+		if restCfg, err = kubeConfig(cfg.Kubeconfig); err != nil {
+			return err
+		}
+		client, err := kubernetes.NewForConfig(restCfg)
+		if err != nil {
+			return fmt.Errorf("kubernetes client: %w", err)
+		}
+		ks, err := kube.New(kube.Config{Client: client, NodeName: cfg.NodeName, TrustDomain: cfg.TrustDomain,
+			Decide: func(p cluster.Pod, ns cluster.Namespace) bool { return pol.Decide(p, &ns).Enroll }, Logger: log})
+		if err != nil {
+			return err
+		}
+		ks.Start(ctx)
+		defer ks.Close()
+		view, status = ks, ks
+		idCfg.Remote = &identity.RemoteConfig{URL: cfg.CAAddress, TokenFile: cfg.CATokenFile, RootsFile: cfg.CARootsFile}
+	}
+
+	ids, err := identity.NewManager(idCfg)
 	if err != nil {
 		return err
 	}
-	tun, err := openTunnel(cfg, view, reg, log)
+	go func() {
+		if err := ids.Run(ctx); err != nil && ctx.Err() == nil {
+			log.Error("certificate rotation stopped", "err", err)
+		}
+	}()
+
+	// Policies, and the tunnel that enforces them.
+	engine := policy.New(policy.Options{Logger: log, Registerer: reg})
+	proxy, err := tunnel.New(tunnel.Config{Directory: view, Certificates: ids, Authorizer: engine, Logger: log, Registerer: reg})
 	if err != nil {
 		return err
 	}
-	a, err := agent.New(agent.Options{Config: cfg, View: view, Status: status, Tunnel: tun, Registerer: reg, Health: hs, Logger: log})
+	engine.OnChange(proxy.Reauthorize)
+	if cfg.PolicyDir != "" {
+		fsrc := filesource.New(cfg.PolicyDir, engine, log)
+		fsrc.Load()
+		go fsrc.Run(ctx)
+	}
+	if restCfg != nil {
+		dyn, err := dynamic.NewForConfig(restCfg)
+		if err != nil {
+			return fmt.Errorf("kubernetes dynamic client: %w", err)
+		}
+		disc, err := discovery.NewDiscoveryClientForConfig(restCfg)
+		if err != nil {
+			return fmt.Errorf("kubernetes discovery client: %w", err)
+		}
+		psrc, err := kubesource.New(kubesource.Options{Client: dyn, Discovery: disc, Engine: engine, Logger: log, Istio: cfg.IstioPolicies, WriteStatus: true})
+		if err != nil {
+			return err
+		}
+		go func() {
+			if err := psrc.Run(ctx); err != nil && ctx.Err() == nil {
+				log.Error("policy watch stopped", "err", err)
+			}
+		}()
+	}
+
+	var host agent.HostRules
+	if cfg.Enabled(cfg.HostRules) {
+		hr, err := hostrules.New(hostrules.Config{Registerer: reg, Logger: log})
+		if err != nil {
+			return err
+		}
+		go hr.Run(ctx)
+		host = hr
+	}
+
+	a, err := agent.New(agent.Options{Config: cfg, View: view, Status: status, Tunnel: agent.ProxyTunnel{Proxy: proxy},
+		Certs: ids, Host: host, Registerer: reg, Health: hs, Logger: log})
 	if err != nil {
 		return err
 	}
 	if inv, ok := view.(*inventory.Source); ok {
-		pol := a.Policy()
-		inv.SetMeshed(func(p cluster.Pod, ns *cluster.Namespace) bool { return pol.Decide(p, ns).Enroll })
+		inv.SetReloadHook(a.InventoryReloaded)
 		go inv.Watch(ctx)
+	}
+	if cfg.Enabled(cfg.InstallCNI) {
+		// The conflist entry appears only once the socket answers, so no
+		// pod passes ambit-cni before the agent can serve it.
+		icfg := install.Config{CNIBinDir: cfg.CNIBinDir, CNIConfDir: cfg.CNIConfDir, Ready: a.Ready(), Logger: log,
+			Entry: install.Entry{AgentSocket: cfg.Socket, SnapshotFile: cfg.SnapshotFile, ExcludedNamespaces: cfg.ExcludedNamespaces}}
+		go func() {
+			if err := install.Run(ctx, icfg); err != nil && ctx.Err() == nil {
+				log.Error("CNI installer stopped", "err", err)
+			}
+		}()
 	}
 	if cfg.HealthAddr != "" {
 		go func() {
@@ -121,6 +232,62 @@ func run(args []string) error {
 	}
 	log.Info("ambit-agent starting", "node", cfg.NodeName, "source", cfg.Source, "socket", cfg.Socket, "stateDir", cfg.StateDir)
 	return a.Run(ctx)
+}
+
+func kubeConfig(path string) (*rest.Config, error) {
+	if path == "" {
+		c, err := rest.InClusterConfig()
+		if err != nil {
+			return nil, fmt.Errorf("kubernetes: not in a cluster and no kubeconfig set: %w", err)
+		}
+		return c, nil
+	}
+	c, err := clientcmd.BuildConfigFromFlags("", path)
+	if err != nil {
+		return nil, fmt.Errorf("kubeconfig %s: %w", path, err)
+	}
+	return c, nil
+}
+
+// runCA is `ambit-agent ca`: the certificate authority service.
+func runCA(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("ca", flag.ContinueOnError)
+	var c ca.Config
+	fs.StringVar(&c.Listen, "listen", ":15012", "HTTPS address")
+	fs.StringVar(&c.MetricsListen, "metrics-listen", ":15014", "/metrics, /healthz, /readyz address (\"-\" disables)")
+	fs.StringVar(&c.TrustDomain, "trust-domain", "cluster.local", "trust domain")
+	fs.StringVar(&c.Namespace, "namespace", "ambit-system", "namespace of the signing Secret")
+	fs.StringVar(&c.SecretName, "secret", "ambit-ca", "Secret holding the signing key")
+	fs.StringVar(&c.RootsConfigMap, "roots-configmap", "ambit-ca-root", "ConfigMap the trust bundle is published to (\"-\" disables)")
+	fs.StringVar(&c.AgentServiceAccount, "agent-service-account", "", "namespace/name of the agents' service account (default <namespace>/ambit-agent)")
+	fs.StringVar(&c.Audience, "audience", "", "audience of the agents' tokens (default ambit-ca)")
+	fs.DurationVar(&c.DefaultTTL, "ttl", 0, "workload certificate lifetime (default 24h)")
+	fs.DurationVar(&c.MaxTTL, "max-ttl", 0, "longest lifetime an agent may ask for (default = ttl)")
+	fs.Float64Var(&c.RateLimit, "rate-limit", 0, "requests per second per node (default 50)")
+	fs.IntVar(&c.RateBurst, "rate-burst", 0, "burst per node (default 500)")
+	fs.StringVar(&c.Kubeconfig, "kubeconfig", "", "kubeconfig (default in-cluster)")
+	level := fs.String("log-level", "info", "debug, info, warn or error")
+	format := fs.String("log-format", "json", "text or json")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	c.Logger = newLogger(config.Config{LogLevel: *level, LogFormat: *format})
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	c.Registerer = reg
+	return ca.Run(ctx, c)
+}
+
+// runInstall is `ambit-agent install|uninstall` on their own.
+func runInstall(ctx context.Context, cmd string, args []string) error {
+	log := newLogger(config.Config{LogLevel: "info", LogFormat: "json"})
+	stateDir, procRoot := "/var/run/ambit", "/host/proc"
+	return install.Command(ctx, cmd, args, install.Hooks{
+		Logger: log,
+		UnenrollAll: func(ctx context.Context) error {
+			return agent.UnenrollAll(ctx, stateDir, procRoot, agent.Rules{Backend: redirect.Auto}, log)
+		},
+	})
 }
 
 func loadConfig(o overrides) (config.Config, error) {
@@ -146,9 +313,6 @@ func loadConfig(o overrides) (config.Config, error) {
 	set(&cfg.Socket, o.socket)
 	set(&cfg.HealthAddr, o.healthAddr)
 	set(&cfg.LogLevel, o.logLevel)
-	if o.stateDir != "" && o.socket == "" {
-		cfg.Socket = o.stateDir + "/cni.sock"
-	}
 	if err := cfg.Finish(); err != nil {
 		if o.path != "" {
 			return cfg, fmt.Errorf("config %s: %w", o.path, err)
@@ -166,22 +330,4 @@ func newLogger(cfg config.Config) *slog.Logger {
 		return slog.New(slog.NewJSONHandler(os.Stderr, opts))
 	}
 	return slog.New(slog.NewTextHandler(os.Stderr, opts))
-}
-
-func openView(ctx context.Context, cfg config.Config, log *slog.Logger) (cluster.View, cluster.StatusWriter, error) {
-	switch cfg.Source {
-	case config.SourceInventory:
-		inv, err := inventory.Load(inventory.Options{Path: cfg.InventoryFile, NodeName: cfg.NodeName, TrustDomain: cfg.TrustDomain, EnrollLabel: cfg.EnrollLabel, Logger: log})
-		if err != nil {
-			return nil, nil, err
-		}
-		return inv, inv, nil
-	case config.SourceKubernetes:
-		return nil, nil, errors.New("source kubernetes is not built into this ambit-agent yet; use source: inventory")
-	}
-	return nil, nil, fmt.Errorf("unknown source %q", cfg.Source)
-}
-
-func openTunnel(cfg config.Config, dir tunnel.Directory, reg prometheus.Registerer, log *slog.Logger) (agent.Tunnel, error) {
-	return nil, errors.New("workload certificates (node-agent/identity) are not built into this ambit-agent yet, so the tunnel cannot run")
 }

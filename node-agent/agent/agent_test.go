@@ -445,3 +445,33 @@ func TestHandOver(t *testing.T) {
 	t.Logf("hand-over: %d connections, none refused", ok)
 	_ = state.Key
 }
+
+func TestUnenrollAll(t *testing.T) {
+	testenv.RequireRoot(t)
+	dir, _ := os.MkdirTemp("", "amb-agt-")
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	h := startAgent(t, dir, invAmbient)
+	pods := []*testNetns{newNetns(t, "10.73.0.2/24"), newNetns(t, "10.73.0.3/24")}
+	for i, p := range pods {
+		enrollLikePlugin(t, h, fmt.Sprintf("web-%d", i), p, fmt.Sprintf("10.73.0.%d/24", i+2))
+	}
+	h.stop()
+	if err := UnenrollAll(context.Background(), dir, "/proc", Rules{}, quietLogger()); err != nil {
+		t.Fatal(err)
+	}
+	for i, p := range pods {
+		withNS(p.file, func(n ns.NetNS) error {
+			if found, _ := redirect.Installed(n); len(found) > 0 {
+				t.Errorf("pod %d still has rules: %v", i, found)
+			}
+			return nil
+		})
+	}
+	recs, _ := state.Open(dir)
+	list, _ := recs.List()
+	for _, r := range list {
+		if r.Enrolled {
+			t.Fatalf("record still enrolled: %+v", r)
+		}
+	}
+}

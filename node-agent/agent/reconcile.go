@@ -328,6 +328,10 @@ func (a *Agent) unenrollLive(p *pod, cp cluster.Pod) {
 // locate opens a pod's netns: the recorded path when it is still the same
 // namespace (inode) and holds a pod IP, else the /proc scan.
 func (a *Agent) locate(rec state.Pod, ips []netip.Addr, uid string, scan *lazyScan) (*os.File, state.Pod, error) {
+	return locateNetns(a.cfg.ProcRoot, rec, ips, uid, scan)
+}
+
+func locateNetns(procRoot string, rec state.Pod, ips []netip.Addr, uid string, scan *lazyScan) (*os.File, state.Pod, error) {
 	if rec.Netns != "" {
 		if f, err := os.Open(rec.Netns); err == nil {
 			ino, ierr := netnsfind.Inode(f)
@@ -339,7 +343,7 @@ func (a *Agent) locate(rec state.Pod, ips []netip.Addr, uid string, scan *lazySc
 			f.Close()
 		}
 	}
-	sc, err := scan.get(a.cfg.ProcRoot)
+	sc, err := scan.get(procRoot)
 	if err != nil {
 		return nil, rec, &failure{"netns", err}
 	}

@@ -65,7 +65,8 @@ type Config struct {
 	// StateDir holds what survives an agent restart (pod records, the
 	// enrollment snapshot, local CA files in static mode).
 	StateDir string `json:"stateDir,omitempty"`
-	// Socket is the plugin ↔ agent unix socket.
+	// Socket is the plugin ↔ agent unix socket. Default
+	// <StateDir>/cni.sock (/var/run/ambit/cni.sock).
 	Socket string `json:"socket,omitempty"`
 	// SnapshotFile is where the enrollment snapshot for the plugin is
 	// written (read by ambit-cni when the agent is down). Default
@@ -102,6 +103,30 @@ type Config struct {
 	// AdoptConcurrency is how many pods are re-adopted in parallel at start.
 	AdoptConcurrency int `json:"adoptConcurrency,omitempty"`
 
+	// CAAddress is the CA service (kubernetes source); CATokenFile the
+	// projected token (audience ambit-ca) the agent authenticates with;
+	// CARootsFile the CA's trust bundle (ConfigMap ambit-ca-root).
+	CAAddress   string `json:"caAddress,omitempty"`
+	CATokenFile string `json:"caTokenFile,omitempty"`
+	CARootsFile string `json:"caRootsFile,omitempty"`
+	// LocalCADir holds the in-process CA of the inventory source (created
+	// on first start). Default <stateDir>/ca.
+	LocalCADir string `json:"localCADir,omitempty"`
+	// PolicyDir is a directory of policy YAML files (AuthorizationPolicy,
+	// InboundMode), reloaded on change; "" = none. With the kubernetes
+	// source, policies also come from the API (IstioPolicies adds Istio's
+	// security.istio.io AuthorizationPolicies).
+	PolicyDir     string `json:"policyDir,omitempty"`
+	IstioPolicies bool   `json:"istioPolicies,omitempty"`
+	// HostRules (kubelet probe SNAT on the host) and InstallCNI (write the
+	// plugin and its conflist entry once the socket serves): auto (on
+	// with the kubernetes source), on or off. CNIBinDir/CNIConfDir are the
+	// host's CNI directories as mounted in the agent.
+	HostRules  string `json:"hostRules,omitempty"`
+	InstallCNI string `json:"installCNI,omitempty"`
+	CNIBinDir  string `json:"cniBinDir,omitempty"`
+	CNIConfDir string `json:"cniConfDir,omitempty"`
+
 	// LogLevel is debug, info, warn or error; LogFormat text or json.
 	LogLevel  string `json:"logLevel,omitempty"`
 	LogFormat string `json:"logFormat,omitempty"`
@@ -116,7 +141,6 @@ func Default() Config {
 	return Config{
 		NodeName:              node,
 		StateDir:              "/var/run/ambit",
-		Socket:                "/var/run/ambit/cni.sock",
 		HealthAddr:            ":15021",
 		ProcRoot:              "/proc",
 		EnrollLabel:           DefaultEnrollLabel,
@@ -130,6 +154,13 @@ func Default() Config {
 		AdoptConcurrency:      16,
 		LogLevel:              "info",
 		LogFormat:             "text",
+		CAAddress:             "https://ambit-ca.ambit-system.svc:15012",
+		CATokenFile:           "/var/run/secrets/ambit/tokens/ambit-ca",
+		CARootsFile:           "/var/run/secrets/ambit/ca/root-cert.pem",
+		HostRules:             "auto",
+		InstallCNI:            "auto",
+		CNIBinDir:             "/host/opt/cni/bin",
+		CNIConfDir:            "/host/etc/cni/net.d",
 	}
 }
 
@@ -176,6 +207,12 @@ func (c *Config) finish() error {
 			c.Source = SourceKubernetes
 		}
 	}
+	if c.Socket == "" && c.StateDir != "" {
+		c.Socket = filepath.Join(c.StateDir, "cni.sock")
+	}
+	if c.LocalCADir == "" && c.StateDir != "" {
+		c.LocalCADir = filepath.Join(c.StateDir, "ca")
+	}
 	if c.SnapshotFile == "" && c.StateDir != "" {
 		c.SnapshotFile = filepath.Join(c.StateDir, "enrollment-snapshot.json")
 	}
@@ -220,6 +257,16 @@ func (c *Config) Validate() error {
 	if c.TrustDomain == "" || strings.ContainsAny(c.TrustDomain, "/:@ ") {
 		return fmt.Errorf("trustDomain: %q must be a non-empty DNS-like name", c.TrustDomain)
 	}
+	for _, f := range []struct{ name, v string }{{"hostRules", c.HostRules}, {"installCNI", c.InstallCNI}} {
+		switch f.v {
+		case "auto", "on", "off":
+		default:
+			return fmt.Errorf("%s: %q is not auto, on or off", f.name, f.v)
+		}
+	}
+	if c.Source == SourceKubernetes && !strings.HasPrefix(c.CAAddress, "https://") {
+		return fmt.Errorf("caAddress: %q must be an https:// URL", c.CAAddress)
+	}
 	switch c.RedirectBackend {
 	case "auto", "nftables", "iptables", "iptables-legacy", "iptables-nft":
 	default:
@@ -258,4 +305,10 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("logFormat: %q is not text or json", c.LogFormat)
 	}
 	return nil
+}
+
+// Enabled resolves an auto|on|off setting: auto means on with the
+// kubernetes source.
+func (c *Config) Enabled(v string) bool {
+	return v == "on" || v == "auto" && c.Source == SourceKubernetes
 }

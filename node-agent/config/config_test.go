@@ -67,6 +67,8 @@ func TestErrorsNameTheField(t *testing.T) {
 		"nodeName: n\nmaxConcurrentRequests: 0\n":         "maxConcurrentRequests",
 		"nodeName: n\nhealthAddr: nope\n":                 "healthAddr",
 		"nodeName: n\nlogLevel: loud\n":                   "logLevel",
+		"nodeName: n\nhostRules: yes\n":                   "hostRules",
+		"nodeName: n\ncaAddress: http://ca\n":             "caAddress",
 		"nodeName: n\ntrustDomain: 'a/b'\n":               "trustDomain",
 	}
 	for body, field := range cases {

@@ -585,3 +585,11 @@ func (s *Source) TrustDomain() string {
 	}
 	return s.opts.TrustDomain
 }
+
+// SetReloadHook installs the OnReload callback after Load (the agent that
+// wants to hear of reloads is built after the view).
+func (s *Source) SetReloadHook(fn func(error)) {
+	s.mu.Lock()
+	s.opts.OnReload = fn
+	s.mu.Unlock()
+}
