@@ -1,6 +1,7 @@
 package kube
 
 import (
+	"encoding/json"
 	"net/netip"
 	"reflect"
 	"testing"
@@ -107,4 +108,28 @@ func TestServiceEntriesTerminatingFallbackAndEdgeCases(t *testing.T) {
 	if got := ServiceEntries(nil, nil); got != nil {
 		t.Fatalf("nil: %v", got)
 	}
+}
+
+// FuzzServiceEntries feeds arbitrary EndpointSlices (as the API could
+// serve them, or worse) to the mapping: no panic, and every endpoint is
+// valid, of the VIP's family, with a usable port.
+func FuzzServiceEntries(f *testing.F) {
+	seed, _ := json.Marshal(slice("s", "web", discoveryv1.AddressTypeIPv4,
+		[]discoveryv1.EndpointPort{{Name: ptr("http"), Port: ptr[int32](8080)}}, ep("10.1.0.1", nil)))
+	f.Add(seed)
+	f.Add([]byte(`{"addressType":"IPv6","ports":[{"name":"http","port":-1},{"name":"http","port":70000}],"endpoints":[{"addresses":["::ffff:1.2.3.4","zz"]}]}`))
+	f.Add([]byte(`{"addressType":"IPv4","ports":[{"port":80,"protocol":"UDP"}],"endpoints":[{"addresses":["1.2.3.4"],"conditions":{"ready":false,"serving":true,"terminating":true}}]}`))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		var es discoveryv1.EndpointSlice
+		if json.Unmarshal(data, &es) != nil {
+			return
+		}
+		for vip, eps := range ServiceEntries(webService(), []*discoveryv1.EndpointSlice{&es}) {
+			for _, e := range eps {
+				if !e.Addr().IsValid() || e.Addr().Is4() != vip.Addr().Is4() || e.Addr().Is4In6() || e.Port() == 0 {
+					t.Fatalf("bad endpoint %v for %v from %s", e, vip, data)
+				}
+			}
+		}
+	})
 }
