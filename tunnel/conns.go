@@ -361,7 +361,10 @@ func (sv *Serving) inboundHBONE(raw *net.TCPConn) {
 	var peerID string
 	hc, err := hbone.Server(ctx, raw, sv.p.serverTLS(w.Identity), sv.p.hcfg,
 		func(tc *tls.Conn) error { peerID = peerIdentity(tc); return nil },
-		func(s *hbone.Stream) { sv.inboundStream(s, peerID, peer) })
+		func(s *hbone.Stream) {
+			defer sv.recoverConn(func() { s.Reset(hbone.ErrCodeInternal) })
+			sv.inboundStream(s, peerID, peer)
+		})
 	cancel()
 	if err != nil {
 		r := &record{dir: "inbound", mode: "hbone", src: peer, dstID: w.Identity, start: start}

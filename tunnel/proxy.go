@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"runtime/debug"
 	"sync"
 	"time"
 
@@ -194,8 +195,20 @@ func (sv *Serving) acceptLoop(ln net.Listener, fn func(*net.TCPConn)) {
 		}
 		go func() {
 			defer sv.leave()
+			defer sv.recoverConn(func() { reset(tc) })
 			fn(tc)
 		}()
+	}
+}
+
+// recoverConn keeps one connection's bug from taking the agent (and
+// every other pod's traffic) down: it is logged, counted and the
+// connection reset.
+func (sv *Serving) recoverConn(cleanup func()) {
+	if v := recover(); v != nil {
+		sv.p.m.failed.WithLabelValues("unknown", "internal_error", "unknown", "unknown").Inc()
+		sv.log.Error("connection handler panicked", "panic", fmt.Sprint(v), "stack", string(debug.Stack()))
+		cleanup()
 	}
 }
 
