@@ -77,7 +77,7 @@ func (c *cluster) doInstall(t *testing.T) error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	if out, err := c.kubectl(ctx, "", "apply", "--server-side", "-k", filepath.Join(testenv.RepoRoot(), "manifests")); err != nil {
+	if out, err := c.kubectl(ctx, "", "apply", "--server-side", "-k", manifestsDir()); err != nil {
 		return fmt.Errorf("kubectl apply -k manifests/: %v\n%s", err, out)
 	}
 	if err := c.waitDaemonSet(ctx, ambitNS, "ambit-agent", 3*time.Minute); err != nil {
