@@ -81,6 +81,9 @@ type Manager struct {
 	owners    map[netip.Addr]string // IP → pod UID: what should be
 	applied   map[netip.Addr]string // what we last put into the kernel
 	installed bool                  // write succeeded at least once
+	// removed: Uninstall ran; the reconcile loop must not reinstall
+	// until Add or Sync asks for rules again.
+	removed bool
 
 	repairs  prometheus.Counter
 	failures prometheus.Counter
@@ -194,6 +197,7 @@ func (m *Manager) Add(uid string, ips []netip.Addr) error {
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	m.removed = false
 	add := map[netip.Addr]string{}
 	replaced := map[netip.Addr]bool{}
 	for _, ip := range ips {
@@ -236,7 +240,7 @@ func (m *Manager) Remove(uid string, ips []netip.Addr) error {
 			del = append(del, ip)
 		}
 	}
-	if len(del) == 0 {
+	if len(del) == 0 || m.removed {
 		return nil
 	}
 	if m.installed {
@@ -277,6 +281,7 @@ func (m *Manager) Sync(want map[string][]netip.Addr) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.owners = owners
+	m.removed = false
 	return m.reconcileLocked(true)
 }
 
@@ -296,6 +301,9 @@ func (m *Manager) Entries() map[netip.Addr]string {
 func (m *Manager) Reconcile() error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if m.removed {
+		return nil
+	}
 	return m.reconcileLocked(false)
 }
 
@@ -391,14 +399,16 @@ type watcher interface {
 	watch(ctx context.Context, kick func()) error
 }
 
-// Uninstall removes the rules and sets. The Manager forgets its entries;
-// a later Add installs again.
+// Uninstall removes the rules and sets. The Manager forgets its entries
+// and a running Run loop stops re-asserting them; a later Add or Sync
+// installs again.
 func (m *Manager) Uninstall() error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.owners = map[netip.Addr]string{}
 	m.applied = nil
 	m.installed = false
+	m.removed = true
 	m.entries.Set(0)
 	if err := m.be.uninstall(); err != nil {
 		return fmt.Errorf("hostrules: uninstall %s rules: %w", m.be.name(), err)

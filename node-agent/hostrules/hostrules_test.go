@@ -365,6 +365,10 @@ func TestSyncUninstallAndBadInput(t *testing.T) {
 	if err := m.Uninstall(); err != nil {
 		t.Fatal(err)
 	}
+	// A reconcile loop still running must not bring them back.
+	if err := m.Reconcile(); err != nil {
+		t.Fatal(err)
+	}
 	out, err := exec.Command("ip", "netns", "exec", tp.host, "nft", "list", "ruleset").CombinedOutput()
 	if err != nil || strings.Contains(string(out), "ambit") {
 		t.Fatalf("after Uninstall the ruleset still has ours: %v\n%s", err, out)
