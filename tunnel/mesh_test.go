@@ -327,3 +327,29 @@ func TestSelfCallRefused(t *testing.T) {
 	}
 	_ = accepted
 }
+
+// TestPoolReuseAndIdleEviction: sequential connections share one pooled
+// HBONE connection, which is closed once idle for the pool timeout.
+func TestPoolReuseAndIdleEviction(t *testing.T) {
+	testenv.RequireRoot(t)
+	m := meshtest.New(t, meshtest.Options{Config: tunnel.Config{PoolIdleTimeout: 300 * time.Millisecond}})
+	go peerEcho(m.B.Listen(t, "[::]:8080"))
+	for i := 0; i < 5; i++ {
+		c, err := m.A.Dial(netip.AddrPortFrom(m.B.Pod.IP4, 8080))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := ask(t, c, "who"); got != m.A.Pod.IP4.String() {
+			t.Fatalf("round %d: %q", i, got)
+		}
+		c.Close()
+	}
+	if n := m.B.Metric(t, "ambit_tunnel_connections_failed_total", nil); n != 0 {
+		t.Errorf("%v failures", n)
+	}
+	opened := m.A.Metric(t, "ambit_tunnel_hbone_pool_connections", nil)
+	if opened != 1 {
+		t.Errorf("%v pooled connections for 5 sequential streams, want 1 (reused)", opened)
+	}
+	waitMetric(t, m.A, "ambit_tunnel_hbone_pool_connections", nil, 0)
+}
