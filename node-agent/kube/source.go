@@ -249,7 +249,9 @@ func (s *Source) Pod(ctx context.Context, namespace, name string) (cluster.Pod, 
 	if err != nil {
 		return cluster.Pod{}, false, fmt.Errorf("kube: get pod %s: %w", key, err)
 	}
-	return toPod(p), true, nil
+	// The same view as from the cache (only ambit.dev/ annotations).
+	t, _ := TrimPod(p)
+	return toPod(t.(*corev1.Pod)), true, nil
 }
 
 // Namespace returns a namespace from the cache.
