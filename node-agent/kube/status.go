@@ -28,9 +28,10 @@ const (
 
 // SetRedirection sets (or with "" removes) the ambit.dev/redirection
 // annotation with a JSON merge patch. The patch carries the pod's UID, so
-// it fails instead of touching a same-named pod that replaced this one
-// (uid is immutable). A write that would not change the cached value is
-// skipped.
+// it fails instead of touching a same-named pod that replaced this one:
+// the API server answers `metadata.uid: Invalid value: …: field is
+// immutable` (checked against kube-apiserver v1.36.3). A write that would
+// not change the cached value is skipped.
 func (s *Source) SetRedirection(ctx context.Context, pod cluster.Pod, state string) error {
 	switch state {
 	case "", StateEnabled, StatePending, StateFailed:
