@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"golang.org/x/net/http2/hpack"
+	"golang.org/x/sys/unix"
 
 	"github.com/ambit-mesh/ambit/tunnel/hbone"
 )
@@ -158,9 +159,31 @@ func (sv *Serving) outbound(c *net.TCPConn) {
 	r.dstID = w.Identity
 	r.hboneAddr = netip.AddrPortFrom(target.Addr(), sv.p.hbonePort)
 	key := poolKey{src: r.srcID, dst: w.Identity, addr: r.hboneAddr}
+	// The app usually sends first, right after connecting: take what is
+	// already there (never waiting) to send it with the CONNECT.
+	var first []byte
+	var bp *[]byte
+	if rc, err := c.SyscallConn(); err == nil {
+		bp = firstBufs.Get().(*[]byte)
+		_ = rc.Read(func(fd uintptr) bool {
+			if n, err := unix.Read(int(fd), *bp); err == nil && n > 0 {
+				first = (*bp)[:n]
+			}
+			return true
+		})
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), sv.p.connectTimeout)
-	s, err := sv.pool.open(ctx, key, target.String(), sv.requestHeaders(r))
+	s, sent, err := sv.pool.open(ctx, key, target.String(), sv.requestHeaders(r), first)
 	cancel()
+	if err == nil && sent < len(first) {
+		_, err = s.Write(first[sent:])
+		if err != nil {
+			s.Reset(hbone.ErrCodeCancel)
+		}
+	}
+	if bp != nil {
+		firstBufs.Put(bp)
+	}
 	if err != nil {
 		reason := "hbone_connect"
 		var de *dialError
@@ -197,6 +220,9 @@ func (sv *Serving) outbound(c *net.TCPConn) {
 	}
 	sv.finished(r, res.ToApp, res.FromApp, res.Err)
 }
+
+// firstBufs hold an app's first bytes while its stream is opened.
+var firstBufs = sync.Pool{New: func() any { b := make([]byte, 16<<10); return &b }}
 
 func statusReason(st int) string {
 	switch st {

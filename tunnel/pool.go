@@ -45,21 +45,21 @@ func newPool(p *Proxy, n PodNetwork) *pool {
 
 // open opens a CONNECT stream to authority on a pooled connection for
 // key, dialing (once for all concurrent callers) when none has room.
-func (pl *pool) open(ctx context.Context, key poolKey, authority string, hdr []hpack.HeaderField) (*hbone.Stream, error) {
+func (pl *pool) open(ctx context.Context, key poolKey, authority string, hdr []hpack.HeaderField, first []byte) (*hbone.Stream, int, error) {
 	for attempt := 0; attempt < 8; attempt++ {
 		c, err := pl.conn(ctx, key)
 		if err != nil {
-			return nil, err
+			return nil, 0, err
 		}
-		s, err := c.OpenStream(authority, hdr)
+		s, sent, err := c.OpenStreamData(authority, hdr, first)
 		if err == nil {
-			return s, nil
+			return s, sent, nil
 		}
 		if !errors.Is(err, hbone.ErrNoCapacity) && !errors.Is(err, hbone.ErrConnClosed) {
-			return nil, err
+			return nil, 0, err
 		}
 	}
-	return nil, errors.New("tunnel: no pooled connection would take a stream")
+	return nil, 0, errors.New("tunnel: no pooled connection would take a stream")
 }
 
 func (pl *pool) conn(ctx context.Context, key poolKey) (*hbone.Conn, error) {

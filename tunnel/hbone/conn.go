@@ -501,17 +501,26 @@ func (c *Conn) encodeHeadersLocked(dst []byte, id uint32, fields []hpack.HeaderF
 // does not wait for the response (see Stream.Response): bytes written
 // before it are sent optimistically, which saves a round trip.
 func (c *Conn) OpenStream(authority string, extra []hpack.HeaderField) (*Stream, error) {
+	s, _, err := c.OpenStreamData(authority, extra, nil)
+	return s, err
+}
+
+// OpenStreamData is OpenStream that also sends the app's first bytes in
+// the same write as the HEADERS when the send windows allow (one write,
+// one TLS burst, for the common connect-and-send). It returns how many
+// bytes of first were sent; the caller sends the rest.
+func (c *Conn) OpenStreamData(authority string, extra []hpack.HeaderField, first []byte) (*Stream, int, error) {
 	if !c.client {
-		return nil, errors.New("hbone: OpenStream on a server connection")
+		return nil, 0, errors.New("hbone: OpenStream on a server connection")
 	}
 	c.mu.Lock()
 	switch {
 	case c.closed:
 		c.mu.Unlock()
-		return nil, ErrConnClosed
+		return nil, 0, ErrConnClosed
 	case c.goingAway || uint32(c.reserved) >= min(c.peerMaxStreams, c.cfg.MaxStreamsPerConn) || c.nextID.Load() >= 1<<31-1:
 		c.mu.Unlock()
-		return nil, ErrNoCapacity
+		return nil, 0, ErrNoCapacity
 	}
 	c.reserved++
 	c.mu.Unlock()
@@ -529,12 +538,21 @@ func (c *Conn) OpenStream(authority string, extra []hpack.HeaderField) (*Stream,
 		c.mu.Unlock()
 		c.wmu.Unlock()
 		c.release(s)
-		return nil, ErrConnClosed
+		return nil, 0, ErrConnClosed
 	}
 	s.sendWin = c.peerInitWin
 	c.streams[id] = s
+	sent := 0
+	if n := int64(len(first)); n > 0 && n <= s.sendWin && n <= c.connSendWin && n <= int64(c.peerMaxFrame) {
+		s.sendWin -= n
+		c.connSendWin -= n
+		sent = len(first)
+	}
 	c.mu.Unlock()
 	frames := c.encodeHeadersLocked(nil, id, fields, false)
+	if sent > 0 {
+		frames = appendFrame(frames, frameData, 0, id, first)
+	}
 	c.corkOn()
 	err := c.writeCtlLocked()
 	if err == nil {
@@ -546,9 +564,9 @@ func (c *Conn) OpenStream(authority string, extra []hpack.HeaderField) (*Stream,
 	c.wmu.Unlock()
 	if err != nil {
 		c.closeWith(fmt.Errorf("hbone: write: %w", err), ErrCodeNo)
-		return nil, ErrConnClosed
+		return nil, 0, ErrConnClosed
 	}
-	return s, nil
+	return s, sent, nil
 }
 
 // release forgets a finished stream.
