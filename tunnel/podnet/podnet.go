@@ -309,6 +309,12 @@ func (n *Net) Dial(ctx context.Context, src netip.Addr, dst netip.AddrPort) (net
 	}
 	_ = unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
 	if src.IsValid() {
+		// Choose the source port at connect() from the whole 4-tuple,
+		// not at bind() from the address alone: otherwise every
+		// connection from one client IP competes for one port range
+		// (TIME_WAIT included) and binds slow down, then fail, under a
+		// high connection rate.
+		_ = unix.SetsockoptInt(fd, unix.SOL_IP, unix.IP_BIND_ADDRESS_NO_PORT, 1)
 		if family == unix.AF_INET {
 			if err := unix.SetsockoptInt(fd, unix.SOL_IP, unix.IP_TRANSPARENT, 1); err != nil {
 				return fail("IP_TRANSPARENT", err)
