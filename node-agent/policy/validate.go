@@ -14,7 +14,7 @@ import (
 const (
 	MaxRules      = 1024
 	MaxListItems  = 1024
-	MaxIPBlocks   = 256 // the CRD checks each with CEL; this bounds the cost
+	MaxIPBlocks   = 128 // the CRD checks each with CEL; the API server bounds the cost
 	MaxModePorts  = 256
 	MaxPatternLen = 512
 )

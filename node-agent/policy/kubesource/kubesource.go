@@ -63,6 +63,7 @@ type Source struct {
 
 	synced sync.WaitGroup // done after the first Update
 	once   sync.Once
+	warned map[string]string // object -> last problem logged (log once)
 }
 
 // New validates o.
@@ -79,7 +80,7 @@ func New(o Options) (*Source, error) {
 	if o.Debounce == 0 {
 		o.Debounce = 50 * time.Millisecond
 	}
-	s := &Source{o: o, log: o.Logger.With("component", "policy-kube"), kick: make(chan struct{}, 1),
+	s := &Source{o: o, log: o.Logger.With("component", "policy-kube"), kick: make(chan struct{}, 1), warned: map[string]string{},
 		listers: map[schema.GroupVersionResource]cache.GenericLister{}}
 	s.synced.Add(1)
 	return s, nil
@@ -199,13 +200,18 @@ func (s *Source) sync(ctx context.Context) {
 	}
 	results := s.o.Engine.Update(SourceName, set)
 	s.once.Do(s.synced.Done)
+	warned := map[string]string{}
 	for _, r := range results {
-		u := objs[key(r.APIVersion, r.Kind, r.Namespace, r.Name)]
+		k := key(r.APIVersion, r.Kind, r.Namespace, r.Name)
+		u := objs[k]
 		if u == nil {
 			continue
 		}
 		if !r.Accepted {
-			s.log.Warn("policy not accepted", "apiVersion", r.APIVersion, "kind", r.Kind, "namespace", r.Namespace, "name", r.Name, "reason", r.Reason, "message", r.Message)
+			if s.warned[k] != r.Message {
+				s.log.Warn("policy not accepted", "apiVersion", r.APIVersion, "kind", r.Kind, "namespace", r.Namespace, "name", r.Name, "reason", r.Reason, "message", r.Message)
+			}
+			warned[k] = r.Message
 		}
 		if !s.o.WriteStatus || r.APIVersion != policy.APIVersion {
 			continue
@@ -214,6 +220,7 @@ func (s *Source) sync(ctx context.Context) {
 			s.log.Warn("status not written", "kind", r.Kind, "namespace", r.Namespace, "name", r.Name, "err", err)
 		}
 	}
+	s.warned = warned
 }
 
 func key(apiVersion, kind, ns, name string) string {
