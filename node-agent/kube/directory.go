@@ -20,6 +20,7 @@ type directory struct {
 	mu    sync.RWMutex
 	byIP  map[netip.Addr][]*dirEntry // usually one; several only during IP reuse
 	byUID map[types.UID]*dirEntry
+	seq   uint64 // order of upserts, to prefer the newest owner of an IP
 }
 
 type dirEntry struct {
@@ -28,8 +29,6 @@ type dirEntry struct {
 	deleting bool // deletionTimestamp set
 	seq      uint64
 }
-
-var dirSeq uint64 // guarded by directory.mu
 
 func (d *directory) init(td string) {
 	d.trustDomain = td
@@ -65,7 +64,7 @@ func (d *directory) upsert(obj any) {
 	if len(ips) == 0 {
 		return
 	}
-	dirSeq++
+	d.seq++
 	e := &dirEntry{
 		wl: tunnel.Workload{
 			UID:            string(p.UID),
@@ -79,7 +78,7 @@ func (d *directory) upsert(obj any) {
 		},
 		terminal: p.Status.Phase == corev1.PodSucceeded || p.Status.Phase == corev1.PodFailed,
 		deleting: p.DeletionTimestamp != nil,
-		seq:      dirSeq,
+		seq:      d.seq,
 	}
 	d.byUID[p.UID] = e
 	for _, ip := range ips {
