@@ -13,6 +13,7 @@
 #   e2e/kube/cluster.sh env      export KUBECONFIG=... PATH=... (eval it)
 #   e2e/kube/cluster.sh node N CMD...   run CMD inside node N (its net + mount namespaces)
 #   e2e/kube/cluster.sh import N|all TARBALL...   import image tarballs into node containerd
+#   e2e/kube/cluster.sh hosts IP NAME...   add a line to every node's /etc/hosts (no cluster DNS)
 #
 # Topology (see docs/e2e.md): bridge k8s2br0 198.51.100.1/24 on the host;
 # node-N is netns amb-k8s-nodeN with eth0 198.51.100.1N, pods 10.244.N.0/24,
@@ -40,6 +41,7 @@ CNI_NEW=${CNI_PLUGINS_DIR:-$REPO/.cache/cni-plugins/v1.10.0}
 # Per-node directories that a real node has and a DaemonSet may mount.
 NODE_DIRS=(/var/lib/kubelet /var/lib/containerd /var/lib/cni /etc/cni/net.d /opt/cni/bin /var/log/pods /var/log/containers /var/lib/ambit /etc/ambit)
 
+export PATH="$KBIN:$PATH"
 log() { printf '%s cluster: %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
@@ -281,6 +283,10 @@ holder() {
     mkdir -p "$S/node$n/fs$d" "$d"
     mount --bind "$S/node$n/fs$d" "$d"
   done
+  # The cluster runs no DNS: each node has its own /etc/hosts, which the
+  # kubelet copies into host-network pods, and `cluster.sh hosts` fills.
+  cp /etc/hosts "$S/node$n/hosts"
+  mount --bind "$S/node$n/hosts" /etc/hosts
   touch "$S/run/node$n.ready"
   exec sleep infinity
 }
@@ -526,6 +532,10 @@ case "${1:-}" in
     shift; which=$1; shift
     if [ "$which" = all ]; then for n in "${NODES[@]}"; do import_images "$n" "$@"; done
     else import_images "$which" "$@"; fi ;;
+  hosts) # hosts IP NAME...: publish a name in every node's /etc/hosts
+    shift; for n in "${NODES[@]}"; do
+      grep -qF "$*" "$S/node$n/hosts" || echo "$*" >>"$S/node$n/hosts"
+    done ;;
   _holder) holder "$2" ;;
   _step) shift; mkdir -p "$S/run" "$S/logs"; "$@" ;; # debugging: run one internal function
   *) echo "usage: $0 up|down|status|env|node N CMD...|import N|all TAR..." >&2; exit 2 ;;

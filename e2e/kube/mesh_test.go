@@ -80,6 +80,23 @@ func (c *cluster) doInstall(t *testing.T) error {
 	if out, err := c.kubectl(ctx, "", "apply", "--server-side", "-k", manifestsDir()); err != nil {
 		return fmt.Errorf("kubectl apply -k manifests/: %v\n%s", err, out)
 	}
+	// The cluster runs no DNS (a real one runs CoreDNS): publish the
+	// CA's Service name in the nodes' /etc/hosts, which the kubelet
+	// copies into the host-network agent pods created after it.
+	svc, err := c.client.CoreV1().Services(ambitNS).Get(ctx, "ambit-ca", metav1.GetOptions{})
+	if err != nil {
+		return fmt.Errorf("CA Service: %v", err)
+	}
+	if out, err := exec.Command(c.script, "hosts", svc.Spec.ClusterIP, "ambit-ca.ambit-system.svc", "ambit-ca.ambit-system.svc.cluster.local").CombinedOutput(); err != nil {
+		return fmt.Errorf("publishing the CA name: %v %s", err, out)
+	}
+	if err := c.waitDaemonSet(ctx, ambitNS, "ambit-agent", 3*time.Minute); err != nil {
+		return err
+	}
+	if out, err := c.kubectl(ctx, "", "-n", ambitNS, "rollout", "restart", "ds/ambit-agent"); err != nil {
+		return fmt.Errorf("%v %s", err, out)
+	}
+	time.Sleep(2 * time.Second) // let the controller see the new generation
 	if err := c.waitDaemonSet(ctx, ambitNS, "ambit-agent", 3*time.Minute); err != nil {
 		return err
 	}
