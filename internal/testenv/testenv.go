@@ -44,6 +44,15 @@ func Binary(t testing.TB, name string) string {
 	if !ok {
 		t.Fatalf("testenv: unknown binary %q", name)
 	}
+	// AMBIT_BIN_DIR points at binaries already built (`make build` puts
+	// them in bin/), for iterating on tests without relinking.
+	if dir := os.Getenv("AMBIT_BIN_DIR"); dir != "" {
+		p := filepath.Join(dir, name)
+		if _, err := os.Stat(p); err != nil {
+			t.Fatalf("testenv: AMBIT_BIN_DIR=%s: %v", dir, err)
+		}
+		return p
+	}
 	v, _ := buildOnce.LoadOrStore(name, &onceResult{})
 	r := v.(*onceResult)
 	r.once.Do(func() {
