@@ -204,7 +204,7 @@ func eventually(t *testing.T, what string, max time.Duration, cond func() bool) 
 
 func (m *mesh) capture(name string) *lab.Capture {
 	m.t.Helper()
-	c, err := lab.StartCapture("/proc/1/ns/net", m.wire.Bridge, filepath.Join(m.t.TempDir(), name+".pcap"))
+	c, err := lab.StartCapture("", m.wire.Bridge, filepath.Join(m.t.TempDir(), name+".pcap"))
 	if err != nil {
 		m.t.Fatal(err)
 	}
@@ -249,7 +249,7 @@ func TestNetnsCluster(t *testing.T) {
 			return err == nil
 		})
 		w := m.wireReport(cap, client, server)
-		if r.App != "server" || r.Peer != client.IP || r.Echo != secret+"\n" {
+		if r.App != "server" || r.Peer != client.IP || r.Echo != secret {
 			t.Fatalf("reply %+v: want server seeing %s echo the payload", r, client.IP)
 		}
 		if len(w.PortsSeen) != 1 || w.PortsSeen[15008] == 0 {
@@ -342,7 +342,11 @@ func TestNetnsCluster(t *testing.T) {
 		time.Sleep(500 * time.Millisecond)
 		for i := range m.agents {
 			old := m.agents[i]
-			m.startAgent(i) // the new one binds (SO_REUSEPORT) before the old one lets go
+			// The new agent re-adopts every pod (SO_REUSEPORT listeners
+			// beside the old ones) before the old one lets go.
+			if err := m.startAgent(i).WaitReady(30 * time.Second); err != nil {
+				t.Fatal(err)
+			}
 			old.Stop(30 * time.Second)
 		}
 		time.Sleep(500 * time.Millisecond)
@@ -351,7 +355,7 @@ func TestNetnsCluster(t *testing.T) {
 		if w.PlaintextFound || w.PortsSeen[appPort] != 0 {
 			t.Fatalf("plaintext on the wire: %v", w.PortsSeen)
 		}
-		rep.add("rolling restart of both agents under load: %d ok, %d failed, plaintext bytes seen: 0", s.ok, s.failed)
+		rep.add("PASS rolling restart of both agents under load: %d ok, %d failed, plaintext bytes seen: 0", s.ok, s.failed)
 		if s.failed != 0 {
 			t.Fatalf("%d of %d requests failed during the rolling restart: %v", s.failed, s.ok+s.failed, s.firstErr)
 		}

@@ -63,7 +63,8 @@ func (n *Node) AgentConfig(o *AgentOptions) string {
 }
 
 // StartAgent starts ambit-agent inside the node (the node's host network,
-// as the DaemonSet runs) and waits until it serves the plugin socket.
+// as the DaemonSet runs; a Node with an empty Path is the machine itself)
+// and waits until it serves the plugin socket.
 func (n *Node) StartAgent(ctx context.Context, o AgentOptions) (*Agent, error) {
 	cfg := n.AgentConfig(&o)
 	if err := os.MkdirAll(o.StateDir, 0o700); err != nil {
@@ -80,7 +81,11 @@ func (n *Node) StartAgent(ctx context.Context, o AgentOptions) (*Agent, error) {
 	if a.log, err = os.Create(a.Opts.LogFile); err != nil {
 		return nil, err
 	}
-	a.Cmd = exec.Command("nsenter", "--net="+n.Path, "--", o.Binary, "--config", a.Config)
+	if n.Path == "" { // the machine's own namespace: a real node
+		a.Cmd = exec.Command(o.Binary, "--config", a.Config)
+	} else {
+		a.Cmd = exec.Command("nsenter", "--net="+n.Path, "--", o.Binary, "--config", a.Config)
+	}
 	a.Cmd.Stdout, a.Cmd.Stderr = a.log, a.log
 	a.Cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := a.Cmd.Start(); err != nil {
@@ -147,4 +152,23 @@ func (a *Agent) Tail(n int) string {
 		lines = lines[len(lines)-n:]
 	}
 	return strings.Join(lines, "\n")
+}
+
+// WaitReady waits until the agent reports that it has adopted every pod it
+// found and serves them (its "agent ready" log line, the same moment its
+// /readyz turns ready).
+func (a *Agent) WaitReady(max time.Duration) error {
+	deadline := time.Now().Add(max)
+	for !strings.Contains(a.Log(), `"msg":"agent ready"`) {
+		select {
+		case <-a.exited:
+			return fmt.Errorf("ambit-agent exited (%v); log:\n%s", a.waitErr, a.Tail(30))
+		default:
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("ambit-agent not ready within %s; log:\n%s", max, a.Tail(30))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return nil
 }

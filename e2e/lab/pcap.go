@@ -19,9 +19,15 @@ type Capture struct {
 }
 
 // StartCapture captures every packet on iface inside the namespace at
-// netnsPath (full packets, unbuffered) until Stop.
+// netnsPath ("" = our own) — full packets, unbuffered — until Stop.
 func StartCapture(netnsPath, iface, file string) (*Capture, error) {
-	cmd := exec.Command("nsenter", "--net="+netnsPath, "--", "tcpdump", "-i", iface, "-s", "0", "-U", "--immediate-mode", "-n", "-w", file)
+	argv := []string{"tcpdump", "-i", iface, "-s", "0", "-U", "--immediate-mode", "-n", "-w", file}
+	if netnsPath != "" {
+		argv = append([]string{"nsenter", "--net=" + netnsPath, "--"}, argv...)
+	}
+	cmd := exec.Command(argv[0], argv[1:]...)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
 		return nil, err
@@ -37,7 +43,7 @@ func StartCapture(netnsPath, iface, file string) (*Capture, error) {
 	}
 	cmd.Process.Kill()
 	cmd.Wait()
-	return nil, fmt.Errorf("tcpdump on %s did not start", iface)
+	return nil, fmt.Errorf("tcpdump on %s did not start: %s", iface, bytes.TrimSpace(stderr.Bytes()))
 }
 
 // Stop ends the capture and waits for the file to be complete.

@@ -120,7 +120,7 @@ workloads:
   - {namespace: default, name: web, serviceAccount: web}
   - {namespace: default, name: shopper, serviceAccount: shopper}
 `), 0o644)
-	host := &lab.Node{Opts: lab.NodeOptions{Name: "host", Dir: dir}, Path: "/proc/1/ns/net"}
+	host := &lab.Node{Opts: lab.NodeOptions{Name: "host", Dir: dir}, Path: ""}
 	agent, err := host.StartAgent(context.Background(), lab.AgentOptions{Binary: agentBin, Inventory: inv, StateDir: state})
 	if err != nil {
 		t.Fatal(err)
@@ -177,7 +177,7 @@ workloads:
 	webIP := run("web", "serve", "web", ":8080")
 	strangerIP := run("stranger", "serve", "stranger", ":8080")
 
-	capture, err := lab.StartCapture("/proc/1/ns/net", bridge, filepath.Join(dir, "bridge.pcap"))
+	capture, err := lab.StartCapture("", bridge, filepath.Join(dir, "bridge.pcap"))
 	if err != nil {
 		t.Fatal(err)
 	}
