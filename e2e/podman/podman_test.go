@@ -113,12 +113,13 @@ func TestPodmanContainersAreEnrolled(t *testing.T) {
 	// The agent runs in the host namespace, as the DaemonSet would.
 	state := filepath.Join(dir, "state")
 	inv := filepath.Join(dir, "inventory.yaml")
+	// On a podman host the inventory names the containers to enroll (pod
+	// opt-in label); a namespace label would enroll every container.
 	os.WriteFile(inv, []byte(`namespaces:
   - name: default
-    labels: {ambit.dev/dataplane-mode: ambient}
 workloads:
-  - {namespace: default, name: web, serviceAccount: web}
-  - {namespace: default, name: shopper, serviceAccount: shopper}
+  - {namespace: default, name: web, serviceAccount: web, labels: {ambit.dev/dataplane-mode: ambient}}
+  - {namespace: default, name: shopper, serviceAccount: shopper, labels: {ambit.dev/dataplane-mode: ambient}}
 `), 0o644)
 	host := &lab.Node{Opts: lab.NodeOptions{Name: "host", Dir: dir}, Path: ""}
 	agent, err := host.StartAgent(context.Background(), lab.AgentOptions{Binary: agentBin, Inventory: inv, StateDir: state})
