@@ -165,7 +165,7 @@ main() {
   flock 9   # one build at a time (a test's TestMain and a person may race)
   deps
   local want=("$@")
-  [ ${#want[@]} -gt 0 ] || want=(kube-apiserver kubelet kube-proxy kube-controller-manager kube-scheduler kubectl containerd kube-network-policies)
+  [ ${#want[@]} -gt 0 ] || want=(kube-apiserver kubelet kube-proxy kube-controller-manager kube-scheduler containerd kubectl kube-network-policies)
   local t0=$SECONDS
   for n in "${want[@]}"; do
     case $n in
