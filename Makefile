@@ -65,7 +65,7 @@ clean:
 kube-build:
 	@bash hack/kube/build.sh
 e2e-kube: deps build kube-build
-	$(GO) test -count=1 -timeout 40m -v ./e2e/kube/
+	AMBIT_E2E_KUBE=1 $(GO) test -count=1 -timeout 40m -v ./e2e/kube/
 kube-up: deps kube-build
 	@bash e2e/kube/cluster.sh up
 kube-down:

@@ -10,6 +10,7 @@
 // poking at it afterwards (`eval $(e2e/kube/cluster.sh env)`), and
 // `e2e/kube/cluster.sh down` to remove it.
 //
-// The cases need root (network namespaces, mounts, cgroups) and skip
-// loudly without it or under -short. See docs/e2e.md.
+// The cases need root (network namespaces, mounts, cgroups) and run when
+// AMBIT_E2E_KUBE=1 (what `make e2e-kube` sets); otherwise, without root,
+// or under -short they skip loudly. See docs/e2e.md.
 package kube
