@@ -34,7 +34,12 @@ type demo struct {
 func say(format string, a ...any)  { fmt.Printf(format+"\n", a...) }
 func step(format string, a ...any) { fmt.Printf("\n▶ "+format+"\n", a...) }
 func ok(format string, a ...any)   { fmt.Printf("  ✔ "+format+"\n", a...) }
-func bad(format string, a ...any)  { fmt.Printf("  ✘ "+format+"\n", a...) }
+
+// failures counts the checks that did not hold; the demo exits non-zero
+// when any did, so CI can run it as a test.
+var failures int
+
+func bad(format string, a ...any) { failures++; fmt.Printf("  ✘ "+format+"\n", a...) }
 
 func runDemo() error {
 	if os.Geteuid() != 0 {
@@ -224,6 +229,9 @@ func (d *demo) run() error {
 		ok("the payload %q appears nowhere in the capture", secret)
 	}
 	say("\nDone in %s. Cleaning up (pods, node, agent, rules).", time.Since(start).Round(100*time.Millisecond))
+	if failures > 0 {
+		return fmt.Errorf("%d check(s) failed; logs: AMBIT_DEMO_KEEP=1 keeps them", failures)
+	}
 	return nil
 }
 
