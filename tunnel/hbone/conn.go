@@ -443,10 +443,9 @@ func (c *Conn) corkOff() error {
 	return nil
 }
 
-// writeFrames writes b (whole frames) with any queued control frames
-// first, as one burst.
-func (c *Conn) writeFrames(b []byte) error {
-	c.wmu.Lock()
+// writeBurstLocked writes queued control frames, then b, corked so they
+// leave as one burst. The caller holds wmu.
+func (c *Conn) writeBurstLocked(b []byte) error {
 	c.corkOn()
 	err := c.writeCtlLocked()
 	if err == nil {
@@ -455,6 +454,14 @@ func (c *Conn) writeFrames(b []byte) error {
 	if ferr := c.corkOff(); err == nil {
 		err = ferr
 	}
+	return err
+}
+
+// writeFrames writes b (whole frames) with any queued control frames
+// first, as one burst.
+func (c *Conn) writeFrames(b []byte) error {
+	c.wmu.Lock()
+	err := c.writeBurstLocked(b)
 	c.wmu.Unlock()
 	if err != nil {
 		c.closeWith(fmt.Errorf("hbone: write: %w", err), ErrCodeNo)

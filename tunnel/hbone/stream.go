@@ -411,15 +411,7 @@ func (s *Stream) Respond(status int, extra []hpack.HeaderField) error {
 	end := status != 200
 	c := s.c
 	c.wmu.Lock()
-	frames := c.encodeHeadersLocked(nil, s.id, fields, end)
-	c.corkOn()
-	err := c.writeCtlLocked()
-	if err == nil {
-		_, err = c.nc.Write(frames)
-	}
-	if ferr := c.corkOff(); err == nil {
-		err = ferr
-	}
+	err := c.writeBurstLocked(c.encodeHeadersLocked(nil, s.id, fields, end))
 	c.wmu.Unlock()
 	if err != nil {
 		c.closeWith(err, ErrCodeNo)
