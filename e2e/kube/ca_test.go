@@ -198,13 +198,18 @@ func TestCAWithRealAPIServer(t *testing.T) {
 	// Forgeries. The control first: the same claims re-signed with the
 	// cluster's real service-account key are accepted, so the refusals
 	// below are about expiry and signer, not about a broken forgery.
-	saKey := readRSAKey(t, filepath.Join(c.state, "pki", "sa.key"))
 	otherKey, _ := rsa.GenerateKey(rand.Reader, 2048)
 	now := time.Now()
-	st, got = request(resign(t, tok1, saKey, now.Add(-time.Minute), now.Add(10*time.Minute)), appNS, "app1")
-	expect("control: re-signed with the real key, valid times", st, got, 200, "spiffe://")
-	st, got = request(resign(t, tok1, saKey, now.Add(-2*time.Hour), now.Add(-time.Hour)), appNS, "app1")
-	expectRefused("expired token (real key)", st, got, 401, ca.ReasonUnauthenticated)
+	if keyFile := c.saKeyFile(); keyFile != "" {
+		saKey := readRSAKey(t, keyFile)
+		st, got = request(resign(t, tok1, saKey, now.Add(-time.Minute), now.Add(10*time.Minute)), appNS, "app1")
+		expect("control: re-signed with the real key, valid times", st, got, 200, "spiffe://")
+		st, got = request(resign(t, tok1, saKey, now.Add(-2*time.Hour), now.Add(-time.Hour)), appNS, "app1")
+		expectRefused("expired token (real key)", st, got, 401, ca.ReasonUnauthenticated)
+	} else {
+		t.Log("re-signing control and expired token not tried: the external cluster's service-account key is unknown (AMBIT_E2E_SA_KEY)")
+		r.note("re-signing control skipped (no AMBIT_E2E_SA_KEY)")
+	}
 	st, got = request(resign(t, tok1, otherKey, now.Add(-time.Minute), now.Add(10*time.Minute)), appNS, "app1")
 	expectRefused("token signed by a foreign key", st, got, 401, ca.ReasonUnauthenticated)
 	st, got = request("", appNS, "app1")
@@ -268,4 +273,14 @@ func resign(t *testing.T, tok string, key *rsa.PrivateKey, nbf, exp time.Time) s
 		t.Fatal(err)
 	}
 	return signing + "." + base64.RawURLEncoding.EncodeToString(sig)
+}
+
+// saKeyFile is the cluster's service-account signing key: cluster.sh's,
+// or AMBIT_E2E_SA_KEY on an external cluster (kind.sh copies it from the
+// control plane); "" when unknown.
+func (c *cluster) saKeyFile() string {
+	if c.external {
+		return os.Getenv("AMBIT_E2E_SA_KEY")
+	}
+	return filepath.Join(c.state, "pki", "sa.key")
 }

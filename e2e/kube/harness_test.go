@@ -5,8 +5,10 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"flag"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -28,13 +30,16 @@ import (
 
 // The cluster's fixed facts (cluster.sh is the source of truth).
 const (
-	k8sVersion   = "v1.36.3"
-	kechoImage   = "localhost/ambit-e2e/kecho:1"
-	bridgeName   = "k8s2br0"
-	node1, node2 = "node-1", "node-2"
+	k8sVersion = "v1.36.3"
+	kechoImage = "localhost/ambit-e2e/kecho:1"
+	bridgeName = "k8s2br0"
 )
 
-// cluster is what the cases get: a live two-node cluster.
+// The two nodes the cases pin pods to: cluster.sh's, or on an external
+// cluster AMBIT_E2E_NODES (or its first two schedulable nodes).
+var node1, node2 = "node-1", "node-2"
+
+// cluster is what the cases get: a live cluster with at least two nodes.
 type cluster struct {
 	script     string // e2e/kube/cluster.sh
 	state      string // its state dir
@@ -42,6 +47,15 @@ type cluster struct {
 	kbin       string // the cached Kubernetes binaries
 	rest       *rest.Config
 	client     kubernetes.Interface
+
+	// external: the cluster is AMBIT_E2E_KUBECONFIG's (kind, or any),
+	// not the one cluster.sh runs. The harness then has no bridge to
+	// capture on and no node namespaces of its own; cases that need
+	// them skip or use the agent's metrics instead, and say so.
+	external bool
+	name     string   // for the report
+	nodeExec []string // AMBIT_E2E_NODE_EXEC: a command prefix, {node} replaced
+	podCIDR  *net.IPNet
 }
 
 var (
@@ -51,7 +65,13 @@ var (
 
 func TestMain(m *testing.M) {
 	flag.Parse()
+	ext := os.Getenv("AMBIT_E2E_KUBECONFIG")
 	switch {
+	case testing.Short() && ext != "":
+		skipWhy = "SKIPPED: e2e/kube runs against AMBIT_E2E_KUBECONFIG's cluster; not in -short mode"
+	case ext != "":
+		// Someone else's cluster (e2e/kind/kind.sh): no root needed, and
+		// asking for it is the opt-in.
 	case os.Geteuid() != 0:
 		skipWhy = "SKIPPED: e2e/kube needs root (network namespaces, mounts, cgroups); CI runs as root"
 	case testing.Short():
@@ -65,7 +85,98 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, "e2e/kube:", skipWhy)
 		os.Exit(m.Run())
 	}
+	if ext != "" {
+		os.Exit(runExternal(m, ext))
+	}
 	os.Exit(run(m))
+}
+
+// runExternal runs the cases against a cluster someone else brought up
+// (e2e/kind/kind.sh up): no build, no bring-up, no teardown. The cluster
+// must run the kecho image (kind.sh loads it) and, for the mesh cases,
+// Ambit's image; AMBIT_E2E_INSTALL_DIR is the kustomization the install
+// step applies (kind.sh: manifests/overlays/kind).
+func runExternal(m *testing.M, kubeconfig string) int {
+	c := &cluster{external: true, kubeconfig: kubeconfig, name: envOr("AMBIT_E2E_CLUSTER_NAME", kubeconfig)}
+	c.nodeExec = strings.Fields(os.Getenv("AMBIT_E2E_NODE_EXEC"))
+	if s := os.Getenv("AMBIT_E2E_POD_CIDR"); s != "" {
+		_, n, err := net.ParseCIDR(s)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "e2e/kube: AMBIT_E2E_POD_CIDR %q: %v\n", s, err)
+			return 1
+		}
+		c.podCIDR = n
+	}
+	rep.cluster = c.name
+	defer rep.print(os.Stdout)
+	cfg, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "e2e/kube: AMBIT_E2E_KUBECONFIG:", err)
+		return 1
+	}
+	cfg.QPS, cfg.Burst = 50, 100
+	c.rest = cfg
+	if c.client, err = kubernetes.NewForConfig(cfg); err != nil {
+		fmt.Fprintln(os.Stderr, "e2e/kube: client:", err)
+		return 1
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	nodes, err := pickNodes(ctx, c.client, os.Getenv("AMBIT_E2E_NODES"))
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "e2e/kube:", err)
+		return 1
+	}
+	node1, node2 = nodes[0], nodes[1]
+	fmt.Fprintf(os.Stderr, "e2e/kube: external cluster %s, nodes %s and %s\n", c.name, node1, node2)
+	cl = c
+	return m.Run()
+}
+
+// pickNodes returns the two nodes named in list ("a,b"), checked to
+// exist, or the first two Ready nodes that take ordinary pods (no
+// NoSchedule taint: a kind control plane has one), by name.
+func pickNodes(ctx context.Context, client kubernetes.Interface, list string) ([]string, error) {
+	all, err := client.CoreV1().Nodes().List(ctx, metav1.ListOptions{})
+	if err != nil {
+		return nil, fmt.Errorf("listing nodes: %w", err)
+	}
+	have := map[string]bool{}
+	var usable []string
+	for _, n := range all.Items {
+		have[n.Name] = true
+		ready, tainted := false, false
+		for _, c := range n.Status.Conditions {
+			if c.Type == corev1.NodeReady && c.Status == corev1.ConditionTrue {
+				ready = true
+			}
+		}
+		for _, t := range n.Spec.Taints {
+			if t.Effect == corev1.TaintEffectNoSchedule || t.Effect == corev1.TaintEffectNoExecute {
+				tainted = true
+			}
+		}
+		if ready && !tainted {
+			usable = append(usable, n.Name)
+		}
+	}
+	if list != "" {
+		names := strings.Split(list, ",")
+		if len(names) != 2 || names[0] == names[1] {
+			return nil, fmt.Errorf("AMBIT_E2E_NODES=%q: want two distinct node names, comma-separated", list)
+		}
+		for _, n := range names {
+			if !have[n] {
+				return nil, fmt.Errorf("AMBIT_E2E_NODES names %s, which the cluster does not have", n)
+			}
+		}
+		return names, nil
+	}
+	sort.Strings(usable)
+	if len(usable) < 2 {
+		return nil, fmt.Errorf("the cross-node cases need two Ready, untainted nodes; the cluster has %v (set AMBIT_E2E_NODES)", usable)
+	}
+	return usable[:2], nil
 }
 
 func run(m *testing.M) (code int) {
@@ -176,9 +287,13 @@ func (p *prefixWriter) flush() {
 	}
 }
 
-// need returns the cluster, or skips t (loudly) when there is none.
+// need returns the cluster, or skips t (loudly) when there is none. The
+// local cluster needs root; an external one only its kubeconfig.
 func need(t *testing.T) *cluster {
 	t.Helper()
+	if cl != nil && cl.external {
+		return cl
+	}
 	testenv.RequireRoot(t)
 	if cl == nil {
 		if skipWhy == "" {
@@ -203,6 +318,7 @@ type report struct {
 	mu                          sync.Mutex
 	cases                       []*caseResult
 	buildTime, upTime, downTime time.Duration
+	cluster                     string // external cluster's name; "" for cluster.sh's
 }
 
 var rep report
@@ -236,9 +352,13 @@ func (r *caseResult) note(format string, args ...any) {
 func (rp *report) print(w *os.File) {
 	rp.mu.Lock()
 	defer rp.mu.Unlock()
-	fmt.Fprintf(w, "\n==== e2e/kube report: Kubernetes %s, two nodes ====\n", k8sVersion)
-	fmt.Fprintf(w, "build %.1fs (cached binaries when ~0), cluster up %.1fs, down %.1fs\n",
-		rp.buildTime.Seconds(), rp.upTime.Seconds(), rp.downTime.Seconds())
+	if rp.cluster != "" {
+		fmt.Fprintf(w, "\n==== e2e/kube report: external cluster %s, nodes %s and %s ====\n", rp.cluster, node1, node2)
+	} else {
+		fmt.Fprintf(w, "\n==== e2e/kube report: Kubernetes %s, two nodes ====\n", k8sVersion)
+		fmt.Fprintf(w, "build %.1fs (cached binaries when ~0), cluster up %.1fs, down %.1fs\n",
+			rp.buildTime.Seconds(), rp.upTime.Seconds(), rp.downTime.Seconds())
+	}
 	counts := map[string]int{}
 	sort.SliceStable(rp.cases, func(i, j int) bool { return rp.cases[i].start.Before(rp.cases[j].start) })
 	for _, c := range rp.cases {
@@ -263,6 +383,9 @@ func suffix() string {
 // kubectlBin is the cluster's own kubectl (built with it), or the one on
 // PATH when the cache has none yet.
 func (c *cluster) kubectlBin() string {
+	if c.external {
+		return "kubectl"
+	}
 	own := filepath.Join(c.kbin, "kubectl")
 	if _, err := os.Stat(own); err == nil {
 		return own
@@ -436,9 +559,26 @@ func pollOK(d time.Duration, f func() (bool, error)) bool {
 	}
 }
 
-// inNode runs a command inside node N's network and mount namespaces.
+// inNode runs a command inside node N's network and mount namespaces; on
+// an external cluster through AMBIT_E2E_NODE_EXEC (kind: `docker exec
+// {node}`), with {node} replaced by node1 or node2.
 func (c *cluster) inNode(n int, args ...string) (string, error) {
-	cmd := exec.Command(c.script, append([]string{"node", fmt.Sprint(n)}, args...)...)
+	name, argv := c.script, append([]string{"node", fmt.Sprint(n)}, args...)
+	if c.external {
+		if len(c.nodeExec) == 0 {
+			return "", errors.New("no way into the nodes of an external cluster: set AMBIT_E2E_NODE_EXEC (kind: \"docker exec {node}\")")
+		}
+		if n != 1 && n != 2 {
+			return "", fmt.Errorf("node %d: the cases use nodes 1 and 2", n)
+		}
+		node := []string{node1, node2}[n-1]
+		var pre []string
+		for _, f := range c.nodeExec {
+			pre = append(pre, strings.ReplaceAll(f, "{node}", node))
+		}
+		name, argv = pre[0], append(pre[1:], args...)
+	}
+	cmd := exec.Command(name, argv...)
 	out, err := cmd.CombinedOutput()
 	return string(out), err
 }
