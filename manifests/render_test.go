@@ -114,9 +114,20 @@ func TestAgentDaemonSet(t *testing.T) {
 	}) {
 		t.Errorf("does not tolerate every taint: %+v", s.Tolerations)
 	}
+	// Hitless upgrade: the new agent must run beside the old one before
+	// the old one stops, so surge and never an unavailable node.
 	u := ds.Spec.UpdateStrategy
-	if u.Type != appsv1.RollingUpdateDaemonSetStrategyType || u.RollingUpdate == nil || u.RollingUpdate.MaxUnavailable.String() != "1" {
-		t.Errorf("update strategy %+v", u)
+	if u.Type != appsv1.RollingUpdateDaemonSetStrategyType || u.RollingUpdate == nil ||
+		u.RollingUpdate.MaxSurge == nil || u.RollingUpdate.MaxSurge.String() != "1" ||
+		u.RollingUpdate.MaxUnavailable == nil || u.RollingUpdate.MaxUnavailable.String() != "0" {
+		t.Errorf("update strategy %+v, want maxSurge 1, maxUnavailable 0", u)
+	}
+	// A declared port on a host-network pod is a host port: the surge pod
+	// could not be scheduled beside the old one.
+	for _, c := range append(slices.Clone(s.InitContainers), s.Containers...) {
+		if len(c.Ports) != 0 {
+			t.Errorf("container %s declares ports %v: host ports block the surge pod", c.Name, c.Ports)
+		}
 	}
 	if g := s.TerminationGracePeriodSeconds; g == nil || *g < 25 || *g > 60 {
 		t.Errorf("terminationGracePeriodSeconds %v", g)
@@ -481,5 +492,10 @@ func TestOverlays(t *testing.T) {
 	}
 	if c.ReadinessProbe != nil {
 		t.Error("uninstaller has a readiness probe it cannot answer")
+	}
+	// Uninstall replaces the agents at once; a surge would run the
+	// uninstaller beside a still-serving agent.
+	if ru := uds.Spec.UpdateStrategy.RollingUpdate; ru == nil || ru.MaxSurge == nil || ru.MaxSurge.String() != "0" {
+		t.Errorf("uninstall overlay strategy %+v, want maxSurge 0", ru)
 	}
 }

@@ -34,6 +34,7 @@ import (
 	"github.com/ambit-mesh/ambit/node-agent/hostrules"
 	"github.com/ambit-mesh/ambit/node-agent/identity"
 	"github.com/ambit-mesh/ambit/node-agent/install"
+	"github.com/ambit-mesh/ambit/node-agent/instance"
 	"github.com/ambit-mesh/ambit/node-agent/inventory"
 	"github.com/ambit-mesh/ambit/node-agent/kube"
 	"github.com/ambit-mesh/ambit/node-agent/policy"
@@ -203,6 +204,21 @@ func run(ctx context.Context, args []string) error {
 		host = hr
 	}
 
+	// Other agents on this node (a surge upgrade runs two at once): the
+	// health port and the node's CNI files are shared with them.
+	self, err := instance.Register(cfg.StateDir)
+	if err != nil {
+		return err
+	}
+	defer self.Close()
+	self.Prune()
+	hs.SetNodeCheck(func() error {
+		if p, ok := self.Successor(); ok && !p.Ready {
+			return fmt.Errorf("a newer agent (%s) is starting on this node", p.Name)
+		}
+		return nil
+	})
+
 	a, err := agent.New(agent.Options{Config: cfg, View: view, Status: status, Tunnel: agent.ProxyTunnel{Proxy: proxy},
 		Certs: ids, Host: host, Registerer: reg, Health: hs, Logger: log})
 	if err != nil {
@@ -216,6 +232,7 @@ func run(ctx context.Context, args []string) error {
 		// The conflist entry appears only once the socket answers, so no
 		// pod passes ambit-cni before the agent can serve it.
 		icfg := install.Config{CNIBinDir: cfg.CNIBinDir, CNIConfDir: cfg.CNIConfDir, Ready: a.Ready(), Logger: log,
+			Yield: func() bool { _, newer := self.Successor(); return newer },
 			Entry: install.Entry{AgentSocket: cfg.Socket, SnapshotFile: cfg.SnapshotFile, ExcludedNamespaces: cfg.ExcludedNamespaces}}
 		go func() {
 			if err := install.Run(ctx, icfg); err != nil && ctx.Err() == nil {
@@ -230,7 +247,16 @@ func run(ctx context.Context, args []string) error {
 			}
 		}()
 	}
-	log.Info("ambit-agent starting", "node", cfg.NodeName, "source", cfg.Source, "socket", cfg.Socket, "stateDir", cfg.StateDir)
+	go func() {
+		select {
+		case <-a.Ready():
+			if err := self.SetReady(); err != nil {
+				log.Warn("instance registry", "err", err)
+			}
+		case <-ctx.Done():
+		}
+	}()
+	log.Info("ambit-agent starting", "instance", self.Name(), "node", cfg.NodeName, "source", cfg.Source, "socket", cfg.Socket, "stateDir", cfg.StateDir)
 	return a.Run(ctx)
 }
 

@@ -7,7 +7,10 @@ import (
 	"net"
 	"net/http"
 	"sync"
+	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -20,6 +23,7 @@ type Server struct {
 	mu       sync.Mutex
 	notReady string // why not ready; "" = ready
 	checks   map[string]func() error
+	node     func() error
 }
 
 // New returns a server that is alive but not ready ("starting").
@@ -34,6 +38,17 @@ func (s *Server) SetReady() { s.SetNotReady("") }
 func (s *Server) SetNotReady(reason string) {
 	s.mu.Lock()
 	s.notReady = reason
+	s.mu.Unlock()
+}
+
+// SetNodeCheck adds a readiness condition beyond this process: /readyz
+// fails with fn's error while it returns one. The agent uses it during a
+// surge upgrade, when its health port is shared with a newer agent on the
+// same node and the kubelet's probe of the new pod may land here: every
+// agent then answers "not ready" until the newest one is.
+func (s *Server) SetNodeCheck(fn func() error) {
+	s.mu.Lock()
+	s.node = fn
 	s.mu.Unlock()
 }
 
@@ -65,11 +80,17 @@ func (s *Server) Handler() http.Handler {
 	})
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
 		s.mu.Lock()
-		why := s.notReady
+		why, node := s.notReady, s.node
 		s.mu.Unlock()
 		if why != "" {
 			http.Error(w, "not ready: "+why, http.StatusServiceUnavailable)
 			return
+		}
+		if node != nil {
+			if err := node(); err != nil {
+				http.Error(w, "not ready: "+err.Error(), http.StatusServiceUnavailable)
+				return
+			}
 		}
 		fmt.Fprintln(w, "ready")
 	})
@@ -79,8 +100,21 @@ func (s *Server) Handler() http.Handler {
 
 // Serve listens on addr until ctx ends. It returns once listening fails or
 // the server stopped.
+//
+// The socket has SO_REUSEPORT: on the host network two agents share the
+// port while a surge upgrade overlaps them (see SetNodeCheck). Only
+// processes of the same user can join the group.
 func (s *Server) Serve(ctx context.Context, addr string) error {
-	l, err := net.Listen("tcp", addr)
+	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		if err := c.Control(func(fd uintptr) {
+			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1)
+		}); err != nil {
+			return err
+		}
+		return serr
+	}}
+	l, err := lc.Listen(ctx, "tcp", addr)
 	if err != nil {
 		return fmt.Errorf("health: %w", err)
 	}

@@ -7,7 +7,9 @@ import (
 	"net"
 	"net/http"
 	"strings"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -59,4 +61,101 @@ func TestEndpoints(t *testing.T) {
 	if err := <-done; err != nil {
 		t.Fatal(err)
 	}
+}
+
+// Two agents on one node during a surge upgrade share the health port.
+// Whichever of them a probe reaches, the answer is the node's: not ready
+// until the newer agent is, and the older one leaving the port leaves
+// every probe to the newer one.
+func TestSharedPortAnswersForTheNode(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+
+	old, neu := New(prometheus.NewRegistry()), New(prometheus.NewRegistry())
+	old.SetReady()
+	var newReady atomic.Bool
+	old.SetNodeCheck(func() error {
+		if !newReady.Load() {
+			return errors.New("a newer agent is starting")
+		}
+		return nil
+	})
+	oldCtx, stopOld := context.WithCancel(context.Background())
+	newCtx, stopNew := context.WithCancel(context.Background())
+	defer stopNew()
+	oldDone, newDone := make(chan error, 1), make(chan error, 1)
+	go func() { oldDone <- old.Serve(oldCtx, addr) }()
+	waitListening(t, addr)
+	go func() { newDone <- neu.Serve(newCtx, addr) }()
+
+	// Fresh connections, so SO_REUSEPORT spreads them over both.
+	probe := func() (codes map[int]int) {
+		codes = map[int]int{}
+		cl := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}}
+		for range 40 {
+			r, err := cl.Get("http://" + addr + "/readyz")
+			if err != nil {
+				codes[-1]++
+				continue
+			}
+			io.Copy(io.Discard, r.Body)
+			r.Body.Close()
+			codes[r.StatusCode]++
+		}
+		return codes
+	}
+	waitFor(t, "the new agent to join the port", func() bool {
+		select {
+		case err := <-newDone:
+			t.Fatalf("second Serve on the same port: %v", err)
+		default:
+		}
+		c, err := net.Dial("tcp", addr)
+		if err == nil {
+			c.Close()
+		}
+		return err == nil
+	})
+	if c := probe(); c[200] != 0 || c[503] != 40 {
+		t.Fatalf("new agent not ready yet: probes answered %v, want 40×503", c)
+	}
+	neu.SetReady()
+	newReady.Store(true)
+	if c := probe(); c[200] != 40 {
+		t.Fatalf("new agent ready: probes answered %v, want 40×200", c)
+	}
+	// The old agent stops (SIGTERM): it leaves the port at once and the
+	// new one answers everything; its own "stopping" is never seen.
+	old.SetNotReady("stopping")
+	stopOld()
+	if err := <-oldDone; err != nil {
+		t.Fatal(err)
+	}
+	if c := probe(); c[200] != 40 {
+		t.Fatalf("after the old agent left: %v, want 40×200", c)
+	}
+}
+
+func waitListening(t *testing.T, addr string) {
+	waitFor(t, addr+" to listen", func() bool {
+		c, err := net.Dial("tcp", addr)
+		if err == nil {
+			c.Close()
+		}
+		return err == nil
+	})
+}
+
+func waitFor(t *testing.T, what string, ok func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		if ok() {
+			return
+		}
+	}
+	t.Fatalf("timed out waiting for %s", what)
 }

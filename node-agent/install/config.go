@@ -95,6 +95,12 @@ type Config struct {
 	// this node. The agent fills it (it knows the pods and their
 	// network namespaces); nil leaves running pods as they are.
 	UnenrollAll func(ctx context.Context) error
+	// Yield, when set and returning true, makes the installer leave the
+	// node's files alone: a newer agent runs on this node (surge upgrade)
+	// and owns them. Without it, two versions of the agent would keep
+	// replacing each other's plugin binary and entry until the old one
+	// exits. Checked before every reconciliation.
+	Yield func() bool
 
 	// Resync is how often the installer re-checks without a file event
 	// (events can be lost on overflow). Default 30s.

@@ -53,10 +53,12 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 
 	in := &installer{cfg: c, entry: e, m: newMetrics(c.Registerer), log: c.Logger}
-	if changed, err := installBinary(c.PluginSource, c.CNIBinDir); err != nil {
-		return err
-	} else if changed {
-		in.log.Info("installed plugin binary", "path", filepath.Join(c.CNIBinDir, PluginType))
+	if !in.yielding() {
+		if changed, err := installBinary(c.PluginSource, c.CNIBinDir); err != nil {
+			return err
+		} else if changed {
+			in.log.Info("installed plugin binary", "path", filepath.Join(c.CNIBinDir, PluginType))
+		}
 	}
 
 	if c.Ready != nil {
@@ -97,6 +99,9 @@ func Run(ctx context.Context, cfg Config) error {
 		case <-resync.C:
 			resetTimer(timer, 0)
 		case <-timer.C:
+			if in.yielding() {
+				continue
+			}
 			if err := in.reconcile(); err != nil {
 				in.m.errors.Inc()
 				backoff = min(max(2*backoff, 200*time.Millisecond), 30*time.Second)
@@ -147,6 +152,21 @@ type installer struct {
 	// lastSkipped avoids repeating the same warning every resync.
 	lastSkipped string
 	waiting     bool
+	yielded     bool
+}
+
+// yielding asks Config.Yield, logging each change of answer once.
+func (in *installer) yielding() bool {
+	y := in.cfg.Yield != nil && in.cfg.Yield()
+	if y != in.yielded {
+		if y {
+			in.log.Info("a newer agent runs on this node; leaving the plugin binary and CNI config to it")
+		} else {
+			in.log.Info("no newer agent on this node any more; maintaining the plugin binary and CNI config again")
+		}
+		in.yielded = y
+	}
+	return y
 }
 
 // reconcile makes the node's state what it should be, once.

@@ -455,3 +455,68 @@ func TestBrokenFirstFileSettles(t *testing.T) {
 		t.Fatal("a long-broken first file must be skipped, as CRI-O does")
 	}
 }
+
+// During a surge upgrade the old agent's installer yields to the new one:
+// the new plugin binary and entry stay, even when the primary CNI
+// rewrites its file and both installers see the event; once the new agent
+// is gone again, the old one maintains the files again.
+func TestYieldsToNewerAgent(t *testing.T) {
+	n := newNode(t)
+	primary := filepath.Join(n.conf, "10-flannel.conflist")
+	orig := fixture(t, "10-flannel.conflist")
+	if err := os.WriteFile(primary, orig, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var newer atomic.Bool
+	oldCfg := n.config()
+	oldCfg.Entry.LogLevel = "info"
+	oldCfg.Resync = 20 * time.Millisecond
+	oldCfg.Yield = newer.Load
+	oldCfg.Registerer = prometheus.NewRegistry()
+	run(t, oldCfg)
+	eventually(t, "old install", func() bool {
+		b, _ := os.ReadFile(primary)
+		return hasEntry(primary) && bytes.Contains(b, []byte(`"info"`))
+	})
+
+	// The new agent starts (its own binary and entry) and registers.
+	newer.Store(true)
+	newSrc := filepath.Join(filepath.Dir(n.src), "ambit-cni.v2")
+	if err := os.WriteFile(newSrc, []byte("#!/bin/sh\necho plugin v2\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	newCfg := n.config()
+	newCfg.PluginSource = newSrc
+	newCfg.Entry.LogLevel = "debug"
+	stopNew := run(t, newCfg)
+	isNew := func() bool {
+		b, _ := os.ReadFile(primary)
+		bin, _ := os.ReadFile(filepath.Join(n.bin, PluginType))
+		return hasEntry(primary) && bytes.Contains(b, []byte(`"debug"`)) && bytes.Contains(bin, []byte("v2"))
+	}
+	eventually(t, "the new agent's binary and entry", isNew)
+	// The primary CNI rewrites its file: only the new agent answers.
+	if err := atomicfile.Write(primary, orig, atomicfile.Options{Mode: 0o644, UID: -1, GID: -1}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "re-assertion after the rewrite", isNew)
+	// Many resyncs of the old installer: not once may it put its own
+	// binary or entry back.
+	for end := time.Now().Add(300 * time.Millisecond); time.Now().Before(end); time.Sleep(2 * time.Millisecond) {
+		if !isNew() {
+			b, _ := os.ReadFile(primary)
+			t.Fatalf("the old agent overwrote the new one's files:\n%s", b)
+		}
+	}
+
+	// The new agent vanished (crashed): the old one takes over again.
+	stopNew()
+	newer.Store(false)
+	if err := os.Remove(filepath.Join(n.bin, PluginType)); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the old agent restoring the binary", func() bool {
+		bin, err := os.ReadFile(filepath.Join(n.bin, PluginType))
+		return err == nil && bytes.Contains(bin, []byte("v1"))
+	})
+}

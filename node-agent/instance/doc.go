@@ -1,0 +1,27 @@
+// Package instance tells apart the ambit-agent processes that run at the
+// same time on one node.
+//
+// Normally there is one. During a surge upgrade (DaemonSet maxSurge: 1,
+// maxUnavailable: 0) the new agent starts beside the old one, binds its
+// listeners next to the old ones (SO_REUSEPORT), re-adopts every pod, and
+// only once it is ready does the DaemonSet controller stop the old one,
+// whose queued connections then migrate to the new listeners. For that
+// overlap to be safe, each agent must know whether a newer one exists:
+//
+//   - both share the host's health port (:15021, SO_REUSEPORT), so the
+//     kubelet's readiness probe of the new pod may reach the old agent.
+//     Every agent therefore answers for the node: not ready while the
+//     newest live agent is not ready, so the new pod cannot be marked
+//     ready by its predecessor's answer;
+//   - an agent that has a successor stops re-asserting the node's files
+//     (plugin binary, conflist entry), so two versions do not overwrite
+//     each other's binary until the old one exits.
+//
+// Each agent registers a file under <stateDir>/instances named by its
+// start time (so names sort by age) and holds an exclusive flock on it for
+// its whole life: the kernel drops the lock when the process dies, kill -9
+// included, so a file whose lock can be taken belongs to a dead agent and
+// is removed by whoever notices. Readiness is a second file, <name>.ready,
+// created when the agent is ready. The files are tiny and the directory is
+// read at most once per health probe or installer pass.
+package instance

@@ -1,0 +1,190 @@
+package instance
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Dir is the registry's directory under the agent's state directory.
+const Dir = "instances"
+
+const (
+	readySuffix = ".ready"
+	tmpPrefix   = ".tmp-"
+)
+
+// Self is this process's registration.
+type Self struct {
+	dir, name string
+
+	mu     sync.Mutex
+	f      *os.File // holds the flock; nil once closed
+	ready  bool
+	closed bool
+}
+
+// Peer is another live agent.
+type Peer struct {
+	Name  string
+	Ready bool
+}
+
+// Register creates this agent's entry under stateDir/instances and locks
+// it. The entry is created under a temporary name, locked, then renamed,
+// so no other agent can see it unlocked and take it for a dead one.
+func Register(stateDir string) (*Self, error) {
+	dir := filepath.Join(stateDir, Dir)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, fmt.Errorf("instance registry: %w", err)
+	}
+	var rnd [4]byte
+	rand.Read(rnd[:])
+	// Zero-padded nanoseconds: names sort by start time.
+	name := fmt.Sprintf("%020d-%s", time.Now().UnixNano(), hex.EncodeToString(rnd[:]))
+	tmp := filepath.Join(dir, tmpPrefix+name)
+	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_EXCL|os.O_RDWR|os.O_TRUNC, 0o644)
+	if err != nil {
+		return nil, fmt.Errorf("instance registry: %w", err)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		os.Remove(tmp)
+		return nil, fmt.Errorf("instance registry: locking %s: %w", tmp, err)
+	}
+	fmt.Fprintf(f, "pid %d\n", os.Getpid())
+	if err := os.Rename(tmp, filepath.Join(dir, name)); err != nil {
+		f.Close()
+		os.Remove(tmp)
+		return nil, fmt.Errorf("instance registry: %w", err)
+	}
+	return &Self{dir: dir, name: name, f: f}, nil
+}
+
+// Name is this agent's entry name (start time and a random suffix).
+func (s *Self) Name() string { return s.name }
+
+// SetReady records that this agent serves (idempotent).
+func (s *Self) SetReady() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed || s.ready {
+		return nil
+	}
+	f, err := os.OpenFile(filepath.Join(s.dir, s.name+readySuffix), os.O_CREATE|os.O_WRONLY, 0o644)
+	if err != nil {
+		return fmt.Errorf("instance registry: %w", err)
+	}
+	s.ready = true
+	return f.Close()
+}
+
+// Successor is the newest live agent that started after this one, if
+// any. Entries of dead agents found on the way are removed.
+func (s *Self) Successor() (Peer, bool) {
+	peers := s.live()
+	if len(peers) == 0 {
+		return Peer{}, false
+	}
+	return peers[len(peers)-1], true
+}
+
+// live lists the live agents newer than s, oldest first.
+func (s *Self) live() []Peer {
+	ents, err := os.ReadDir(s.dir)
+	if err != nil {
+		return nil
+	}
+	readyFiles := map[string]bool{}
+	var names []string
+	for _, e := range ents {
+		n := e.Name()
+		switch {
+		case strings.HasPrefix(n, tmpPrefix):
+		case strings.HasSuffix(n, readySuffix):
+			readyFiles[strings.TrimSuffix(n, readySuffix)] = true
+		case n > s.name:
+			names = append(names, n)
+		}
+	}
+	slices.Sort(names)
+	var peers []Peer
+	for _, n := range names {
+		if !alive(filepath.Join(s.dir, n)) {
+			os.Remove(filepath.Join(s.dir, n))
+			os.Remove(filepath.Join(s.dir, n+readySuffix))
+			continue
+		}
+		peers = append(peers, Peer{Name: n, Ready: readyFiles[n]})
+	}
+	return peers
+}
+
+// Prune removes the entries of dead agents (older or newer than s): a
+// node where agents were killed does not accumulate files.
+func (s *Self) Prune() {
+	ents, err := os.ReadDir(s.dir)
+	if err != nil {
+		return
+	}
+	for _, e := range ents {
+		n := e.Name()
+		if n == s.name || strings.HasPrefix(n, tmpPrefix) || strings.HasSuffix(n, readySuffix) {
+			continue
+		}
+		if !alive(filepath.Join(s.dir, n)) {
+			os.Remove(filepath.Join(s.dir, n))
+			os.Remove(filepath.Join(s.dir, n+readySuffix))
+		}
+	}
+	// Ready markers whose entry is gone.
+	for _, e := range ents {
+		n := e.Name()
+		if base, ok := strings.CutSuffix(n, readySuffix); ok {
+			if _, err := os.Lstat(filepath.Join(s.dir, base)); errors.Is(err, os.ErrNotExist) {
+				os.Remove(filepath.Join(s.dir, n))
+			}
+		}
+	}
+}
+
+// alive reports whether the agent that registered path still holds its
+// lock. An entry that cannot be opened (already removed) is not alive.
+func alive(path string) bool {
+	f, err := os.Open(path)
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	err = unix.Flock(int(f.Fd()), unix.LOCK_SH|unix.LOCK_NB)
+	if err == nil {
+		unix.Flock(int(f.Fd()), unix.LOCK_UN)
+		return false
+	}
+	// EWOULDBLOCK: held. Any other error: assume alive rather than delete
+	// a live agent's entry.
+	return true
+}
+
+// Close removes this agent's entry and releases the lock. Called when the
+// agent exits cleanly; after a crash the next agent prunes the entry.
+func (s *Self) Close() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return nil
+	}
+	s.closed = true
+	os.Remove(filepath.Join(s.dir, s.name+readySuffix))
+	os.Remove(filepath.Join(s.dir, s.name))
+	return s.f.Close()
+}

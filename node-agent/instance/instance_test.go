@@ -1,0 +1,135 @@
+package instance
+
+import (
+	"bufio"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+func TestSuccessorLifecycle(t *testing.T) {
+	dir := t.TempDir()
+	old, err := Register(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer old.Close()
+	if p, ok := old.Successor(); ok {
+		t.Fatalf("lone agent sees a successor %+v", p)
+	}
+	old.SetReady()
+	time.Sleep(time.Microsecond) // distinct start times even on coarse clocks
+	neu, err := Register(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if neu.Name() <= old.Name() {
+		t.Fatalf("names do not sort by start: %s then %s", old.Name(), neu.Name())
+	}
+	p, ok := old.Successor()
+	if !ok || p.Name != neu.Name() || p.Ready {
+		t.Fatalf("old agent sees %+v %v, want the new one, not ready", p, ok)
+	}
+	if p, ok := neu.Successor(); ok {
+		t.Fatalf("the newest agent sees a successor %+v (its predecessor?)", p)
+	}
+	neu.SetReady()
+	if p, ok := old.Successor(); !ok || !p.Ready {
+		t.Fatalf("after SetReady the old agent sees %+v %v, want ready", p, ok)
+	}
+	neu.Close()
+	if p, ok := old.Successor(); ok {
+		t.Fatalf("after the new agent closed the old one still sees %+v", p)
+	}
+	ents, _ := os.ReadDir(filepath.Join(dir, Dir))
+	if len(ents) != 2 { // old's entry and its .ready
+		t.Fatalf("entries left: %v", ents)
+	}
+}
+
+// A successor killed with SIGKILL (no chance to clean up) stops counting
+// at once, and its files are removed by whoever looks.
+func TestKilledSuccessorIsPruned(t *testing.T) {
+	dir := t.TempDir()
+	old, err := Register(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer old.Close()
+	cmd := exec.Command(os.Args[0])
+	cmd.Env = append(os.Environ(), "AMBIT_INSTANCE_HELPER="+dir)
+	out, _ := cmd.StdoutPipe()
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	line, err := bufio.NewReader(out).ReadString('\n')
+	if err != nil {
+		cmd.Process.Kill()
+		t.Fatalf("helper: %v", err)
+	}
+	child := strings.TrimSpace(line)
+	p, ok := old.Successor()
+	if !ok || p.Name != child || !p.Ready {
+		cmd.Process.Kill()
+		t.Fatalf("old agent sees %+v %v, want the child %s, ready", p, ok, child)
+	}
+	cmd.Process.Signal(syscall.SIGKILL)
+	cmd.Wait()
+	if p, ok := old.Successor(); ok {
+		t.Fatalf("a killed agent still counts: %+v", p)
+	}
+	for _, n := range []string{child, child + readySuffix} {
+		if _, err := os.Stat(filepath.Join(dir, Dir, n)); !os.IsNotExist(err) {
+			t.Errorf("%s of the killed agent left behind (err %v)", n, err)
+		}
+	}
+}
+
+// Prune also removes dead predecessors (a node whose agents were killed
+// again and again does not pile up entries) and stray ready markers.
+func TestPruneDeadPredecessors(t *testing.T) {
+	dir := t.TempDir()
+	reg := filepath.Join(dir, Dir)
+	os.MkdirAll(reg, 0o755)
+	for _, n := range []string{"00000000000000000001-dead", "00000000000000000001-dead.ready", "00000000000000000002-gone.ready"} {
+		os.WriteFile(filepath.Join(reg, n), nil, 0o644)
+	}
+	s, err := Register(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	s.Prune()
+	ents, _ := os.ReadDir(reg)
+	if len(ents) != 1 || ents[0].Name() != s.Name() {
+		var names []string
+		for _, e := range ents {
+			names = append(names, e.Name())
+		}
+		t.Fatalf("after Prune: %v, want only %s", names, s.Name())
+	}
+}
+
+// TestMain doubles as the child of TestKilledSuccessorIsPruned: with
+// AMBIT_INSTANCE_HELPER set it registers, marks itself ready, prints its
+// name and waits to be killed.
+func TestMain(m *testing.M) {
+	dir := os.Getenv("AMBIT_INSTANCE_HELPER")
+	if dir == "" {
+		os.Exit(m.Run())
+	}
+	time.Sleep(time.Millisecond)
+	s, err := Register(dir)
+	if err != nil {
+		os.Stderr.WriteString(err.Error() + "\n")
+		os.Exit(1)
+	}
+	s.SetReady()
+	os.Stdout.WriteString(s.Name() + "\n")
+	time.Sleep(time.Minute)
+	os.Exit(0)
+}
