@@ -187,11 +187,31 @@ func run(ctx context.Context, args []string) error {
 		if err != nil {
 			return err
 		}
+		psrcErr := make(chan error, 1)
 		go func() {
-			if err := psrc.Run(ctx); err != nil && ctx.Err() == nil {
+			err := psrc.Run(ctx)
+			if err != nil && ctx.Err() == nil {
 				log.Error("policy watch stopped", "err", err)
 			}
+			psrcErr <- err
 		}()
+		// No pod is served before the cluster's policies are in force:
+		// a new agent (restart, surge upgrade) opening listeners with an
+		// empty policy set would let through what policy denies.
+		synced := make(chan error, 1)
+		go func() { synced <- psrc.WaitSynced(ctx) }()
+		log.Info("waiting for the cluster's authorization policies")
+		select {
+		case err := <-synced:
+			if err != nil {
+				return err
+			}
+		case err := <-psrcErr:
+			if err == nil {
+				return ctx.Err()
+			}
+			return fmt.Errorf("policy watch: %w", err)
+		}
 	}
 
 	var host agent.HostRules
