@@ -71,6 +71,17 @@ kube-up: deps kube-build
 kube-down:
 	@bash e2e/kube/cluster.sh down
 
+# The same cases on a kind cluster (one control plane, two workers, Calico
+# as the primary CNI; see docs/e2e.md), for machines with kind, kubectl
+# and Docker (KIND_EXPERIMENTAL_PROVIDER=podman: untested). No registry:
+# the image from `make image` is loaded into the nodes. Checks the tools
+# first and says which one is missing. AMBIT_KIND_KEEP=1 keeps the cluster.
+.PHONY: e2e-kind
+e2e-kind:
+	@bash e2e/kind/kind.sh preflight
+	$(MAKE) image
+	@bash e2e/kind/kind.sh all
+
 # Container image without Docker or a registry: a docker-archive tarball of
 # the static binaries, assembled by hack/image (go-containerregistry).
 # Load it with `ctr -n k8s.io images import bin/ambit-image.tar`,

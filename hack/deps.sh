@@ -4,7 +4,7 @@
 set -euo pipefail
 need=()
 for pair in iptables:iptables nft:nftables ip:iproute2 tcpdump:tcpdump ipset:ipset \
-            conntrack:conntrack iperf3:iperf3 nsenter:util-linux curl:curl ping:iputils-ping podman:podman; do
+            conntrack:conntrack iperf3:iperf3 nsenter:util-linux curl:curl ping:iputils-ping podman:podman shellcheck:shellcheck; do
   cmd=${pair%%:*} pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done

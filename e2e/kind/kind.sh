@@ -33,7 +33,7 @@ PROVIDER=${KIND_EXPERIMENTAL_PROVIDER:-docker}
 # Pinned: Calico's plain manifest (calico-node + calico-kube-controllers in
 # kube-system, which the kind overlay's agents exclude). Downloaded at run
 # time into $STATE, never vendored (it is ~300 KB of CRDs).
-CALICO_VERSION=${CALICO_VERSION:-v3.29.3}
+CALICO_VERSION=${CALICO_VERSION:-v3.30.3}
 CALICO_URL=https://raw.githubusercontent.com/projectcalico/calico/$CALICO_VERSION/manifests/calico.yaml
 IMAGE_TAR=${AMBIT_IMAGE_TAR:-$REPO/bin/ambit-image.tar}
 # The test app the e2e/kube cases run (harness_test.go kechoImage).
