@@ -50,23 +50,25 @@ func Install(netns ns.NetNS, backend Backend, spec Spec) (Backend, error) {
 	if err := spec.Validate(); err != nil {
 		return "", err
 	}
-	b, err := resolve(netns, backend)
+	s := newSession(netns)
+	defer s.close()
+	b, err := resolve(s, backend)
 	if err != nil {
 		return "", err
 	}
-	err = installWith(netns, b, spec)
+	err = installWith(s, b, spec)
 	if err != nil && (backend == Auto || backend == "") && b == Nftables {
 		// nf_tables answers but cannot hold our table (a kernel before
 		// 5.2 has no inet nat; a module may be missing): iptables, not a
 		// failed pod.
 		v, why := DetectIptables()
 		slog.Warn("nftables install failed, falling back to iptables", "err", err, "backend", v, "why", why)
-		if uerr := Uninstall(netns); uerr == nil {
-			b, err = v, installWith(netns, v, spec)
+		if uerr := uninstall(s); uerr == nil {
+			b, err = v, installWith(s, v, spec)
 		}
 	}
 	if err != nil {
-		if uerr := Uninstall(netns); uerr != nil {
+		if uerr := uninstall(s); uerr != nil {
 			err = fmt.Errorf("%w (and removing the partial state failed: %v)", err, uerr)
 		}
 		return "", fmt.Errorf("installing redirection with %s: %w", b, err)
@@ -74,12 +76,13 @@ func Install(netns ns.NetNS, backend Backend, spec Spec) (Backend, error) {
 	return b, nil
 }
 
-func installWith(netns ns.NetNS, b Backend, spec Spec) error {
+func installWith(s *session, b Backend, spec Spec) error {
+	netns := s.netns
 	// Rules before routes: the routes only matter once marked packets
 	// exist, and without rules they are inert.
 	switch b {
 	case Nftables:
-		if err := nftInstall(netns, spec); err != nil {
+		if err := nftInstall(s, spec); err != nil {
 			return err
 		}
 	default:
@@ -91,14 +94,14 @@ func installWith(netns ns.NetNS, b Backend, spec Spec) error {
 		if other == b {
 			continue
 		}
-		if err := uninstallBackend(netns, other); err != nil {
+		if err := uninstallBackend(s, other); err != nil {
 			return fmt.Errorf("removing older %s rules: %w", other, err)
 		}
 	}
 	return routesInstall(netns, spec)
 }
 
-func resolve(netns ns.NetNS, b Backend) (Backend, error) {
+func resolve(s *session, b Backend) (Backend, error) {
 	switch b {
 	case Nftables, IptablesLegacy, IptablesNft:
 		return b, nil
@@ -107,7 +110,7 @@ func resolve(netns ns.NetNS, b Backend) (Backend, error) {
 		slog.Info("iptables variant chosen", "backend", v, "why", why)
 		return v, nil
 	case Auto, "":
-		if err := nftAvailable(netns); err == nil {
+		if err := nftAvailable(s); err == nil {
 			return Nftables, nil
 		} else {
 			// nf_tables absent: iptables-nft cannot work either.
@@ -118,15 +121,15 @@ func resolve(netns ns.NetNS, b Backend) (Backend, error) {
 	return "", fmt.Errorf("unknown rule backend %q", b)
 }
 
-func uninstallBackend(netns ns.NetNS, b Backend) error {
+func uninstallBackend(s *session, b Backend) error {
 	if b == Nftables {
-		return nftUninstall(netns)
+		return nftUninstall(s)
 	}
-	ok, err := iptablesPresent(netns, b)
+	ok, err := iptablesPresent(s, b)
 	if err != nil || !ok {
 		return err
 	}
-	return iptablesUninstall(netns, b)
+	return iptablesUninstall(s.netns, b)
 }
 
 // Uninstall removes whatever any backend of ours installed in netns:
@@ -134,9 +137,16 @@ func uninstallBackend(netns ns.NetNS, b Backend) error {
 // the ip rules and routes tagged with our protocol. It is a no-op when
 // nothing is there and never touches others' rules.
 func Uninstall(netns ns.NetNS) error {
+	s := newSession(netns)
+	defer s.close()
+	return uninstall(s)
+}
+
+func uninstall(s *session) error {
+	netns := s.netns
 	var errs []error
 	for _, b := range concrete {
-		if err := uninstallBackend(netns, b); err != nil {
+		if err := uninstallBackend(s, b); err != nil {
 			errs = append(errs, fmt.Errorf("%s: %w", b, err))
 		}
 	}
@@ -151,16 +161,23 @@ func Uninstall(netns ns.NetNS) error {
 
 // Installed reports which backends of ours hold rules in netns.
 func Installed(netns ns.NetNS) ([]Backend, error) {
+	s := newSession(netns)
+	defer s.close()
+	return installed(s)
+}
+
+func installed(s *session) ([]Backend, error) {
 	var found []Backend
-	c, err := nftConn(netns)
-	if err != nil {
-		return nil, err
-	}
-	if ok, err := nftPresent(c); err == nil && ok {
-		found = append(found, Nftables)
+	// A kernel that does not answer nf_tables holds no table of ours.
+	if c, err := s.conn(); err == nil {
+		if ok, err := nftPresent(c); err == nil && ok {
+			found = append(found, Nftables)
+		} else if err != nil {
+			s.reset()
+		}
 	}
 	for _, b := range []Backend{IptablesNft, IptablesLegacy} {
-		ok, err := iptablesPresent(netns, b)
+		ok, err := iptablesPresent(s, b)
 		if err != nil {
 			return nil, fmt.Errorf("looking for %s rules: %w", b, err)
 		}
@@ -177,7 +194,9 @@ func Verify(netns ns.NetNS, spec Spec) error {
 	if err := spec.Validate(); err != nil {
 		return err
 	}
-	found, err := Installed(netns)
+	s := newSession(netns)
+	defer s.close()
+	found, err := installed(s)
 	if err != nil {
 		return err
 	}
@@ -188,7 +207,7 @@ func Verify(netns ns.NetNS, spec Spec) error {
 	case 1:
 		var err error
 		if found[0] == Nftables {
-			err = nftVerify(netns, spec)
+			err = nftVerify(s, spec)
 		} else {
 			err = iptablesVerify(netns, found[0], spec)
 		}

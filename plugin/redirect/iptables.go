@@ -287,15 +287,17 @@ func iptablesVerify(netns ns.NetNS, b Backend, s Spec) error {
 // iptablesPresent reports whether variant b holds any chain of ours in
 // netns, as cheaply as possible: the nft variant is read over netlink,
 // the legacy one only when the kernel has legacy nat/mangle tables there.
-func iptablesPresent(netns ns.NetNS, b Backend) (bool, error) {
+func iptablesPresent(s *session, b Backend) (bool, error) {
+	netns := s.netns
 	if b == IptablesNft {
-		c, err := nftConn(netns)
+		c, err := s.conn()
 		if err != nil {
-			return false, err
+			return false, nil // no nf_tables, so no iptables-nft state
 		}
 		for _, fam := range []nftables.TableFamily{nftables.TableFamilyIPv4, nftables.TableFamilyIPv6} {
 			chains, err := c.ListChainsOfTableFamily(fam)
 			if err != nil {
+				s.reset()
 				return false, nil // no nf_tables, so no iptables-nft state
 			}
 			for _, ch := range chains {

@@ -185,23 +185,59 @@ func renderNft(s Spec) string {
 	return b.String()
 }
 
-func nftConn(netns ns.NetNS) (*nftables.Conn, error) {
-	c, err := nftables.New(nftables.WithNetNSFd(int(netns.Fd())))
-	if err != nil {
-		return nil, fmt.Errorf("opening nftables netlink socket in %s: %w", netns.Path(), err)
+// session is one exported call's view of a pod netns. Its nf_tables
+// operations share one lasting netlink socket, dialled on first use:
+// otherwise every list and every batch dials its own (a goroutine and two
+// setns to enter the netns, and a freshly seeded math/rand source inside
+// the netlink library), which is a measurable part of a CNI ADD.
+// A session is used by one goroutine and closed by its creator.
+type session struct {
+	netns ns.NetNS
+	nft   *nftables.Conn
+}
+
+func newSession(netns ns.NetNS) *session { return &session{netns: netns} }
+
+func (s *session) conn() (*nftables.Conn, error) {
+	if s.nft != nil {
+		return s.nft, nil
 	}
+	c, err := nftables.New(nftables.WithNetNSFd(int(s.netns.Fd())), nftables.AsLasting())
+	if err != nil {
+		return nil, fmt.Errorf("opening nftables netlink socket in %s: %w", s.netns.Path(), err)
+	}
+	s.nft = c
 	return c, nil
+}
+
+// reset drops the socket after a failed operation, so no unread answer
+// of it can be mistaken for the next operation's.
+func (s *session) reset() {
+	if s.nft != nil {
+		s.nft.CloseLasting()
+		s.nft = nil
+	}
+}
+
+func (s *session) close() { s.reset() }
+
+// failed is reset for the error paths: it returns err unchanged.
+func (s *session) failed(err error) error {
+	if err != nil {
+		s.reset()
+	}
+	return err
 }
 
 // nftAvailable reports whether the kernel answers nf_tables requests in
 // netns.
-func nftAvailable(netns ns.NetNS) error {
-	c, err := nftConn(netns)
+func nftAvailable(s *session) error {
+	c, err := s.conn()
 	if err != nil {
 		return err
 	}
 	if _, err := c.ListTablesOfFamily(nftables.TableFamilyINet); err != nil {
-		return fmt.Errorf("kernel does not answer nf_tables requests: %w", err)
+		return s.failed(fmt.Errorf("kernel does not answer nf_tables requests: %w", err))
 	}
 	return nil
 }
@@ -210,8 +246,8 @@ func nftAvailable(netns ns.NetNS) error {
 // when it exists), "delete table", then the full new table. The kernel
 // applies the batch as one transaction, so the pod sees either the old
 // rules or the new ones, never a mix or nothing.
-func nftInstall(netns ns.NetNS, s Spec) error {
-	c, err := nftConn(netns)
+func nftInstall(ss *session, s Spec) error {
+	c, err := ss.conn()
 	if err != nil {
 		return err
 	}
@@ -228,7 +264,7 @@ func nftInstall(netns ns.NetNS, s Spec) error {
 		}
 	}
 	if err := c.Flush(); err != nil {
-		return fmt.Errorf("nftables transaction replacing table inet %s: %w", TableName, err)
+		return ss.failed(fmt.Errorf("nftables transaction replacing table inet %s: %w", TableName, err))
 	}
 	return nil
 }
@@ -247,13 +283,14 @@ func nftPresent(c *nftables.Conn) (bool, error) {
 	return false, nil
 }
 
-func nftUninstall(netns ns.NetNS) error {
-	c, err := nftConn(netns)
-	if err != nil {
-		return err
+func nftUninstall(s *session) error {
+	c, err := s.conn()
+	var ok bool
+	if err == nil {
+		ok, err = nftPresent(c)
 	}
-	ok, err := nftPresent(c)
 	if err != nil {
+		s.reset()
 		if errors.Is(err, unix.EPROTONOSUPPORT) || errors.Is(err, unix.ENOENT) {
 			return nil // no nf_tables: nothing of ours can be there
 		}
@@ -263,22 +300,25 @@ func nftUninstall(netns ns.NetNS) error {
 		return nil
 	}
 	c.DelTable(&nftables.Table{Name: TableName, Family: nftables.TableFamilyINet})
-	if err := c.Flush(); err != nil && !errors.Is(err, unix.ENOENT) {
-		return fmt.Errorf("deleting table inet %s: %w", TableName, err)
+	if err := c.Flush(); err != nil {
+		s.reset()
+		if !errors.Is(err, unix.ENOENT) {
+			return fmt.Errorf("deleting table inet %s: %w", TableName, err)
+		}
 	}
 	return nil
 }
 
 // nftVerify compares the live table with spec: chain types, hooks and
 // priorities, and each rule's text and expressions, in order.
-func nftVerify(netns ns.NetNS, s Spec) error {
-	c, err := nftConn(netns)
+func nftVerify(ss *session, s Spec) error {
+	c, err := ss.conn()
 	if err != nil {
 		return err
 	}
 	ok, err := nftPresent(c)
 	if err != nil {
-		return fmt.Errorf("listing nftables tables: %w", err)
+		return ss.failed(fmt.Errorf("listing nftables tables: %w", err))
 	}
 	if !ok {
 		return fmt.Errorf("nftables table inet %s is missing", TableName)
@@ -286,7 +326,7 @@ func nftVerify(netns ns.NetNS, s Spec) error {
 	t := &nftables.Table{Name: TableName, Family: nftables.TableFamilyINet}
 	chains, err := c.ListChainsOfTableFamily(nftables.TableFamilyINet)
 	if err != nil {
-		return fmt.Errorf("listing chains: %w", err)
+		return ss.failed(fmt.Errorf("listing chains: %w", err))
 	}
 	live := map[string]*nftables.Chain{}
 	for _, ch := range chains {
@@ -310,7 +350,7 @@ func nftVerify(netns ns.NetNS, s Spec) error {
 		}
 		got, err := c.GetRules(t, ch)
 		if err != nil {
-			return fmt.Errorf("listing rules of chain %s: %w", d.name, err)
+			return ss.failed(fmt.Errorf("listing rules of chain %s: %w", d.name, err))
 		}
 		problems = append(problems, compareNftRules(d.name, got, want[h])...)
 	}

@@ -17,8 +17,11 @@ import (
 // spec they were installed with, and never touches anyone else's.
 const routeProtocol = 0xa7 // 167, unassigned in iproute2's rt_protos
 
+// nlHandle opens rtnetlink in n. Only NETLINK_ROUTE: without a family
+// list the library also opens (and enters the netns for) xfrm and
+// netfilter sockets we never use.
 func nlHandle(n ns.NetNS) (*netlink.Handle, error) {
-	h, err := netlink.NewHandleAt(netns.NsHandle(n.Fd()))
+	h, err := netlink.NewHandleAt(netns.NsHandle(n.Fd()), unix.NETLINK_ROUTE)
 	if err != nil {
 		return nil, fmt.Errorf("opening rtnetlink in %s: %w", n.Path(), err)
 	}
