@@ -122,6 +122,26 @@ func TestAgentDaemonSet(t *testing.T) {
 		u.RollingUpdate.MaxUnavailable == nil || u.RollingUpdate.MaxUnavailable.String() != "0" {
 		t.Errorf("update strategy %+v, want maxSurge 1, maxUnavailable 0", u)
 	}
+	// The readiness probe reaches whichever agent holds the shared port;
+	// only an exec startup probe answers for the new container itself,
+	// and it must name the file the agent writes.
+	c0 := s.Containers[0]
+	if sp := c0.StartupProbe; sp == nil || sp.Exec == nil || !slices.Contains(sp.Exec.Command, "probe") {
+		t.Errorf("no exec startup probe (ambit-agent probe): %+v", sp)
+	} else {
+		var file string
+		for _, a := range c0.Args {
+			if v, ok := strings.CutPrefix(a, "--instance-file="); ok {
+				file = v
+			}
+		}
+		if file == "" || !slices.Contains(sp.Exec.Command, "--instance-file="+file) {
+			t.Errorf("startup probe %v and agent args %v disagree on --instance-file", sp.Exec.Command, c0.Args)
+		}
+		if !strings.HasPrefix(file, "/tmp/") || !slices.ContainsFunc(c0.VolumeMounts, func(m corev1.VolumeMount) bool { return m.MountPath == "/tmp" }) {
+			t.Errorf("instance file %q must live in the pod's private /tmp volume", file)
+		}
+	}
 	// A declared port on a host-network pod is a host port: the surge pod
 	// could not be scheduled beside the old one.
 	for _, c := range append(slices.Clone(s.InitContainers), s.Containers...) {
@@ -490,8 +510,8 @@ func TestOverlays(t *testing.T) {
 	if len(c.Args) == 0 || c.Args[0] != "uninstall" || !slices.Contains(c.Args, "--unenroll-all") {
 		t.Errorf("uninstall overlay args %v", c.Args)
 	}
-	if c.ReadinessProbe != nil {
-		t.Error("uninstaller has a readiness probe it cannot answer")
+	if c.ReadinessProbe != nil || c.StartupProbe != nil || c.LivenessProbe != nil {
+		t.Error("uninstaller has a probe it cannot answer")
 	}
 	// Uninstall replaces the agents at once; a surge would run the
 	// uninstaller beside a still-serving agent.

@@ -60,6 +60,8 @@ func main() {
 		err = runCA(ctx, args)
 	case "install", "uninstall":
 		err = runInstall(ctx, cmd, args)
+	case "probe":
+		err = runProbe(args)
 	case "help":
 		usage()
 		return
@@ -77,6 +79,7 @@ func usage() {
 	fmt.Fprintln(os.Stderr, `usage: ambit-agent [run] [-config FILE] [flags]   run the node agent
        ambit-agent ca [flags]                     run the certificate authority
        ambit-agent install|uninstall [flags]      install or remove the CNI plugin
+       ambit-agent probe [flags]                  exit 0 if this container's agent is ready (startup probe)
 Run "ambit-agent run -h" for the agent's flags; node-agent/README.md documents every config field.`)
 }
 
@@ -84,6 +87,7 @@ Run "ambit-agent run -h" for the agent's flags; node-agent/README.md documents e
 type overrides struct {
 	path                                                                string
 	nodeName, source, inventory, stateDir, socket, healthAddr, logLevel string
+	instanceFile                                                        string
 }
 
 func run(ctx context.Context, args []string) error {
@@ -97,6 +101,7 @@ func run(ctx context.Context, args []string) error {
 	fs.StringVar(&o.socket, "socket", "", "overrides socket")
 	fs.StringVar(&o.healthAddr, "health-addr", "", "overrides healthAddr")
 	fs.StringVar(&o.logLevel, "log-level", "", "overrides logLevel")
+	fs.StringVar(&o.instanceFile, "instance-file", "", "file private to this container naming this agent's registry entry, for `ambit-agent probe`")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -232,6 +237,11 @@ func run(ctx context.Context, args []string) error {
 	}
 	defer self.Close()
 	self.Prune()
+	if o.instanceFile != "" {
+		if err := self.WriteName(o.instanceFile); err != nil {
+			return err
+		}
+	}
 	hs.SetNodeCheck(func() error {
 		if p, ok := self.Successor(); ok && !p.Ready {
 			return fmt.Errorf("a newer agent (%s) is starting on this node", p.Name)
@@ -322,6 +332,29 @@ func runCA(ctx context.Context, args []string) error {
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	c.Registerer = reg
 	return ca.Run(ctx, c)
+}
+
+// runProbe is `ambit-agent probe`, the DaemonSet's startup probe. The
+// readiness probe goes to the health port, which a surge upgrade shares
+// between the old and the new agent of a node; this exec probe runs inside
+// the new pod's container and answers for its own process only, so the new
+// pod cannot be taken for ready on the old agent's word.
+func runProbe(args []string) error {
+	fs := flag.NewFlagSet("probe", flag.ContinueOnError)
+	path := fs.String("config", os.Getenv("AMBIT_CONFIG"), "the agent's configuration file (for stateDir)")
+	stateDir := fs.String("state-dir", "", "overrides stateDir")
+	file := fs.String("instance-file", "", "the agent's --instance-file")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if *file == "" {
+		return fmt.Errorf("probe: --instance-file is required")
+	}
+	cfg, err := loadConfig(overrides{path: *path, stateDir: *stateDir})
+	if err != nil {
+		return err
+	}
+	return instance.Probe(cfg.StateDir, *file)
 }
 
 // runInstall is `ambit-agent install|uninstall` on their own.

@@ -18,6 +18,7 @@ import (
 	"github.com/vishvananda/netns"
 
 	"github.com/ambit-mesh/ambit/internal/testenv"
+	"github.com/ambit-mesh/ambit/node-agent/instance"
 	"github.com/ambit-mesh/ambit/plugin/cniproto"
 )
 
@@ -131,4 +132,97 @@ func TestConfigFlagsOverride(t *testing.T) {
 	if _, err := loadConfig(overrides{path: p}); err == nil || !strings.Contains(err.Error(), "bogus") {
 		t.Fatalf("unknown key: %v", err)
 	}
+}
+
+// TestSurgeOverlap runs what a surge upgrade does on a node: a second
+// agent beside the first, same state dir, same health port. The first
+// agent must not vouch for a newer one that is not ready; the startup
+// probe answers for its own process only; the old agent leaves the port
+// and the registry when it stops.
+func TestSurgeOverlap(t *testing.T) {
+	testenv.RequireRoot(t)
+	bin := testenv.Binary(t, "ambit-agent")
+	dir, err := os.MkdirTemp("", "amb-surge-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	inv := filepath.Join(dir, "inventory.yaml")
+	os.WriteFile(inv, []byte("namespaces:\n  - name: apps\n    labels: {ambit.dev/dataplane-mode: ambient}\n"), 0o600)
+	cfg := filepath.Join(dir, "config.yaml")
+	os.WriteFile(cfg, []byte("nodeName: n1\ninventoryFile: "+inv+"\nstateDir: "+dir+"\nhealthAddr: 127.0.0.1:15932\ndrainTimeout: 1s\n"), 0o600)
+	readyz := "http://127.0.0.1:15932/readyz"
+	start := func(name string) (*exec.Cmd, string) {
+		file := filepath.Join(dir, name+".instance")
+		cmd := exec.Command(bin, "run", "-config", cfg, "--instance-file", file)
+		cmd.Stderr = os.Stderr
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() {
+			if cmd.ProcessState == nil {
+				cmd.Process.Kill()
+				cmd.Wait()
+			}
+		})
+		return cmd, file
+	}
+	probe := func(file string) error {
+		return exec.Command(bin, "probe", "-config", cfg, "--instance-file", file).Run()
+	}
+	eventually := func(what string, ok func() bool) {
+		t.Helper()
+		for deadline := time.Now().Add(30 * time.Second); !ok(); time.Sleep(50 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("timed out waiting for %s", what)
+			}
+		}
+	}
+
+	old, oldFile := start("old")
+	eventually("the old agent ready", func() bool { code, _ := get(readyz); return code == 200 })
+	if err := probe(oldFile); err != nil {
+		t.Fatalf("startup probe of the ready agent: %v", err)
+	}
+
+	// A newer agent registered but not ready yet: the old one answers
+	// for the node, not for itself.
+	fake, err := instance.Register(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if code, body := get(readyz); code != 503 || !strings.Contains(body, "newer agent") {
+		t.Fatalf("old agent with a starting successor answered %d %q, want 503", code, body)
+	}
+	fake.SetReady()
+	if code, body := get(readyz); code != 200 {
+		t.Fatalf("old agent with a ready successor answered %d %q", code, body)
+	}
+	fake.Close()
+
+	// The real new agent: its own probe passes once it is ready, the
+	// shared port keeps answering, and the old agent leaves cleanly.
+	neu, newFile := start("new")
+	eventually("the new agent's startup probe", func() bool { return probe(newFile) == nil })
+	if code, body := get(readyz); code != 200 {
+		t.Fatalf("both agents ready, readyz %d %q", code, body)
+	}
+	old.Process.Signal(syscall.SIGTERM)
+	if err := old.Wait(); err != nil {
+		t.Fatalf("old agent exit: %v", err)
+	}
+	if err := probe(oldFile); err == nil {
+		t.Fatal("the stopped agent's startup probe still passes")
+	}
+	for range 20 { // fresh connections: none may reach a closed listener
+		if code, body := get(readyz); code != 200 {
+			t.Fatalf("after the old agent stopped, readyz %d %q", code, body)
+		}
+	}
+	ents, _ := os.ReadDir(filepath.Join(dir, instance.Dir))
+	if len(ents) != 2 { // the new agent's entry and its ready marker
+		t.Errorf("registry after the hand-over: %d entries, want the new agent's 2", len(ents))
+	}
+	neu.Process.Signal(syscall.SIGTERM)
+	neu.Wait()
 }

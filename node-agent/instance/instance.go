@@ -188,3 +188,40 @@ func (s *Self) Close() error {
 	os.Remove(filepath.Join(s.dir, s.name))
 	return s.f.Close()
 }
+
+// WriteName records this agent's entry name in path, a file private to
+// its container (the pod's /tmp), for Probe: the kubelet's startup probe
+// runs in the container and must learn whether *this* process is ready,
+// not whichever agent answers the shared health port.
+func (s *Self) WriteName(path string) error {
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, []byte(s.name+"\n"), 0o644); err != nil {
+		return fmt.Errorf("instance name file: %w", err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return fmt.Errorf("instance name file: %w", err)
+	}
+	return nil
+}
+
+// Probe reports whether the agent named in nameFile is alive and ready.
+// A name file left by a previous process of the same container (a
+// restart keeps the pod's /tmp) names a dead agent: not ready.
+func Probe(stateDir, nameFile string) error {
+	b, err := os.ReadFile(nameFile)
+	if err != nil {
+		return fmt.Errorf("agent not registered yet: %w", err)
+	}
+	name := strings.TrimSpace(string(b))
+	if name == "" || strings.ContainsAny(name, "/\x00") || strings.HasPrefix(name, ".") {
+		return fmt.Errorf("%s: bad instance name %q", nameFile, name)
+	}
+	entry := filepath.Join(stateDir, Dir, name)
+	if !alive(entry) {
+		return fmt.Errorf("agent %s is not running (a previous process?)", name)
+	}
+	if _, err := os.Stat(entry + readySuffix); err != nil {
+		return fmt.Errorf("agent %s is starting", name)
+	}
+	return nil
+}

@@ -133,3 +133,36 @@ func TestMain(m *testing.M) {
 	time.Sleep(time.Minute)
 	os.Exit(0)
 }
+
+// Probe answers for one process: not before it is ready, and never for a
+// dead predecessor whose name file survived in the container's /tmp.
+func TestProbe(t *testing.T) {
+	dir := t.TempDir()
+	nameFile := filepath.Join(t.TempDir(), "instance")
+	if err := Probe(dir, nameFile); err == nil {
+		t.Fatal("probe passes before any agent registered")
+	}
+	s, err := Register(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.WriteName(nameFile); err != nil {
+		t.Fatal(err)
+	}
+	if err := Probe(dir, nameFile); err == nil || !strings.Contains(err.Error(), "starting") {
+		t.Fatalf("probe of a starting agent: %v", err)
+	}
+	s.SetReady()
+	if err := Probe(dir, nameFile); err != nil {
+		t.Fatalf("probe of a ready agent: %v", err)
+	}
+	// Killed without cleanup: the lock is gone, the files stay.
+	s.f.Close()
+	if err := Probe(dir, nameFile); err == nil || !strings.Contains(err.Error(), "not running") {
+		t.Fatalf("probe of a dead agent: %v", err)
+	}
+	os.WriteFile(nameFile, []byte("../../etc\n"), 0o644)
+	if err := Probe(dir, nameFile); err == nil || !strings.Contains(err.Error(), "bad instance name") {
+		t.Fatalf("probe with a hostile name: %v", err)
+	}
+}
