@@ -91,6 +91,15 @@ type PodNetwork interface {
 	Dial(ctx context.Context, src netip.Addr, dst netip.AddrPort) (net.Conn, error)
 }
 
+// LocalDialer is optionally implemented by a PodNetwork: DialLocal is Dial
+// for a peer in the pod itself (the tunnel delivering to the pod's app),
+// which may skip what only remote peers need (TCP keepalive probes: a
+// local socket cannot vanish unnoticed, and turning them on costs system
+// calls on every connection).
+type LocalDialer interface {
+	DialLocal(ctx context.Context, src netip.Addr, dst netip.AddrPort) (net.Conn, error)
+}
+
 // Pod is everything the tunnel needs to serve one enrolled pod. The
 // listeners are already open inside the pod's network namespace.
 type Pod struct {

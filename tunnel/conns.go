@@ -29,6 +29,7 @@ type record struct {
 	srcID, dstID string
 	start        time.Time
 	opened       bool
+	series       *connSeries // set when opened
 }
 
 func addrPortOf(a net.Addr) netip.AddrPort {
@@ -57,23 +58,26 @@ func (sv *Serving) logAttrs(r *record) []any {
 	return a
 }
 
-func (sv *Serving) labels(r *record) []string {
-	return []string{r.dir, r.mode, orUnknown(r.srcID), orUnknown(r.dstID)}
-}
-
 func (sv *Serving) opened(r *record) {
 	r.opened = true
-	sv.p.m.opened.WithLabelValues(sv.labels(r)...).Inc()
-	sv.p.m.active.WithLabelValues(r.dir).Inc()
+	r.series = sv.p.m.series(r.dir, r.mode, r.srcID, r.dstID)
+	r.series.opened.Inc()
+	r.series.active.Inc()
 }
 
 // finished ends an established connection: metrics and the access log.
 func (sv *Serving) finished(r *record, toApp, fromApp int64, err error) {
-	l := sv.labels(r)
-	sv.p.m.closed.WithLabelValues(l...).Inc()
-	sv.p.m.active.WithLabelValues(r.dir).Dec()
-	sv.p.m.sent.WithLabelValues(l...).Add(float64(fromApp))
-	sv.p.m.received.WithLabelValues(l...).Add(float64(toApp))
+	cs := r.series
+	if cs == nil {
+		cs = sv.p.m.series(r.dir, r.mode, r.srcID, r.dstID)
+	}
+	cs.closed.Inc()
+	cs.active.Dec()
+	cs.sent.Add(float64(fromApp))
+	cs.received.Add(float64(toApp))
+	if !sv.log.Enabled(context.Background(), slog.LevelInfo) {
+		return // the line would be dropped: do not format it
+	}
 	attrs := append(sv.logAttrs(r), "bytes_sent", fromApp, "bytes_received", toApp,
 		"duration", time.Since(r.start).String())
 	if err != nil {
@@ -375,6 +379,9 @@ func (sv *Serving) dialApp(src netip.Addr, dst netip.AddrPort) (net.Conn, error)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), sv.p.connectTimeout)
 	defer cancel()
+	if ld, ok := sv.pod.Net.(LocalDialer); ok {
+		return ld.DialLocal(ctx, src, dst)
+	}
 	return sv.pod.Net.Dial(ctx, src, dst)
 }
 

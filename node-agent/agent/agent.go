@@ -383,7 +383,14 @@ func (a *Agent) serve(p *pod, f *os.File, wl tunnel.Workload, fresh bool) error 
 		unpin()
 	}
 	for _, port := range []uint16{a.spec.OutboundPort, a.spec.InboundPort, a.spec.HBONEPort} {
-		l, err := n.Listen(port, podnet.ListenOptions{})
+		var o podnet.ListenOptions
+		if port == a.spec.OutboundPort {
+			// Its peers are the pod's own apps: keepalive probes would
+			// never find anything and cost four system calls per
+			// captured connection.
+			o.KeepAlive = -1
+		}
+		l, err := n.Listen(port, o)
 		if err != nil {
 			closeAll()
 			return &failure{"listen", err}

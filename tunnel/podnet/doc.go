@@ -11,9 +11,19 @@
 // (runtime.LockOSThread, setns, socket, setns back): everything after it,
 // binding, listening and especially connecting, runs on any thread and
 // waits in Go's poller, so a thousand concurrent dials never pin a
-// thousand OS threads. If switching back fails the thread is left locked
-// and its goroutine exits, so the Go runtime throws the tainted thread
-// away instead of reusing it in the wrong namespace.
+// thousand OS threads. The sockets are made by net's own Dialer and
+// ListenConfig, whose Control hook (called right after socket()) switches
+// the thread back, so a connection is a *net.TCPConn from the start: no
+// os.NewFile/net.FileConn round (dup, fcntl, address lookups again, a
+// second poller registration), which cost a dozen system calls per
+// connection. If switching back fails the thread is left locked and its
+// goroutine exits, so the Go runtime throws the tainted thread away
+// instead of reusing it in the wrong namespace.
+//
+// Keepalive: Dial and listeners keep Go's default TCP keepalive for remote
+// peers; DialLocal and ListenOptions.KeepAlive < 0 turn it off for peers
+// inside the pod (the app), where probes find nothing and cost four
+// setsockopt calls per connection.
 //
 // Every socket carries the agent's SO_MARK (default 0x539), which the
 // in-pod redirection skips, so the agent's own traffic is never captured

@@ -4,11 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os"
 	"runtime"
+	"strconv"
 	"sync"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -111,19 +114,37 @@ func (n *Net) Close() error {
 // Mark is the SO_MARK of the Net's sockets.
 func (n *Net) Mark() uint32 { return n.mark }
 
-// socket creates a non-blocking, close-on-exec socket inside the pod netns.
-func (n *Net) socket(family, typ, proto int) (int, error) {
-	n.mu.RLock()
-	defer n.mu.RUnlock()
-	if n.closed {
-		return -1, errors.New("podnet: namespace closed")
-	}
+var errClosed = errors.New("podnet: namespace closed")
+
+// inPod runs fn on a fresh goroutine whose OS thread is switched into the
+// pod's network namespace. fn makes its socket with net's own Dialer or
+// ListenConfig and calls leave from their Control hook, that is right
+// after socket(): the thread switches back and is unlocked there, so
+// binding, connecting and above all waiting for a connect run on any
+// thread and pin none. Going through net's Dialer rather than wrapping
+// a raw fd (os.NewFile + net.FileConn) saves a dozen system calls per
+// connection (dup, fcntl, getsockopt/getsockname/getpeername again, a
+// second poller registration, keepalive options), and system calls are
+// what a new connection costs.
+//
+// If fn returns without having left (socket() failed, so Control never
+// ran), inPod switches back itself. If switching back fails the goroutine
+// exits still locked, so the Go runtime throws the thread away rather
+// than reuse it in the pod's namespace.
+func inPod[T any](n *Net, fn func(leave func() error) (T, error)) (T, error) {
 	type result struct {
-		fd  int
+		v   T
 		err error
 	}
 	ch := make(chan result, 1)
 	go func() {
+		var zero T
+		n.mu.RLock()
+		if n.closed {
+			n.mu.RUnlock()
+			ch <- result{zero, errClosed}
+			return
+		}
 		runtime.LockOSThread()
 		// The namespace to come back to: the one this (fresh, unlocked
 		// until now) thread is in, which is the process's own: Go
@@ -133,34 +154,67 @@ func (n *Net) socket(family, typ, proto int) (int, error) {
 		self, err := ownNetns()
 		if err != nil {
 			runtime.UnlockOSThread()
-			ch <- result{-1, fmt.Errorf("podnet: own netns: %w", err)}
+			n.mu.RUnlock()
+			ch <- result{zero, fmt.Errorf("podnet: own netns: %w", err)}
 			return
 		}
 		if err := unix.Setns(n.fd, unix.CLONE_NEWNET); err != nil {
 			runtime.UnlockOSThread()
-			ch <- result{-1, fmt.Errorf("podnet: setns into pod: %w", err)}
+			n.mu.RUnlock()
+			ch <- result{zero, fmt.Errorf("podnet: setns into pod: %w", err)}
 			return
 		}
-		fd, serr := unix.Socket(family, typ|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, proto)
-		if err := unix.Setns(self, unix.CLONE_NEWNET); err != nil {
-			// Leave the thread locked: when this goroutine returns the
-			// runtime terminates the thread rather than reuse it in the
-			// pod's namespace.
-			if serr == nil {
-				unix.Close(fd)
+		inside := true
+		leave := func() error {
+			if !inside {
+				return nil
 			}
-			ch <- result{-1, fmt.Errorf("podnet: setns back to own netns: %w", err)}
-			return
+			if err := unix.Setns(self, unix.CLONE_NEWNET); err != nil {
+				return fmt.Errorf("podnet: setns back to own netns: %w", err)
+			}
+			inside = false
+			runtime.UnlockOSThread()
+			n.mu.RUnlock()
+			return nil
 		}
-		runtime.UnlockOSThread()
-		if serr != nil {
-			ch <- result{-1, fmt.Errorf("podnet: socket: %w", serr)}
-			return
+		v, err := fn(leave)
+		if inside {
+			if lerr := leave(); lerr != nil {
+				// Stay locked (see above); fn failed (its Control
+				// hook returned the error) or never got a socket.
+				if c, ok := any(v).(io.Closer); ok && err == nil {
+					c.Close()
+				}
+				n.mu.RUnlock()
+				ch <- result{zero, lerr}
+				return
+			}
 		}
-		ch <- result{fd, nil}
+		ch <- result{v, err}
 	}()
 	r := <-ch
-	return r.fd, r.err
+	return r.v, r.err
+}
+
+// control runs set on the raw fd of a socket being made by net's Dialer
+// or ListenConfig.
+func control(rc syscall.RawConn, set func(fd int) error) error {
+	var serr error
+	if err := rc.Control(func(fd uintptr) { serr = set(int(fd)) }); err != nil {
+		return err
+	}
+	return serr
+}
+
+// opError strips net's "dial tcp4 a:p: " / "listen tcp6 a:p: " prefix
+// (our own message names the address already); errors.Is still sees the
+// errno or the context error underneath.
+func opError(err error) error {
+	var oe *net.OpError
+	if errors.As(err, &oe) && oe.Err != nil {
+		return oe.Err
+	}
+	return err
 }
 
 var (
@@ -192,10 +246,17 @@ type ListenOptions struct {
 	// Address binds a specific address instead of the dual-stack
 	// wildcard [::].
 	Address netip.Addr
+	// KeepAlive is the idle time before TCP keepalive probes on accepted
+	// connections, as net.ListenConfig.KeepAlive: 0 is Go's default
+	// (15 s), negative turns probes off. Off suits a listener whose
+	// peers live in the pod itself (the outbound capture port, 15001):
+	// probes to a local socket never find anything, and turning them on
+	// costs four setsockopt calls per accepted connection.
+	KeepAlive time.Duration
 }
 
 // Listen opens a TCP listener on port inside the pod, dual-stack [::]:port
-// (0.0.0.0:port when IPv6 is disabled in the pod).
+// (0.0.0.0:port when the kernel has no IPv6).
 func (n *Net) Listen(port uint16, opts ListenOptions) (net.Listener, error) {
 	mark := n.mark
 	if opts.Mark != 0 {
@@ -206,87 +267,96 @@ func (n *Net) Listen(port uint16, opts ListenOptions) (net.Listener, error) {
 		backlog = DefaultBacklog
 	}
 	addr := opts.Address
-	family := unix.AF_INET6
-	if addr.Is4() {
-		family = unix.AF_INET
+	network, host := "tcp6", "::"
+	if addr.IsValid() {
+		host = addr.String()
+		if addr.Is4() {
+			network = "tcp4"
+		}
 	}
-	fd, err := n.socket(family, unix.SOCK_STREAM, 0)
-	if err != nil && family == unix.AF_INET6 && !addr.IsValid() && errors.Is(err, unix.EAFNOSUPPORT) {
-		family = unix.AF_INET
-		fd, err = n.socket(family, unix.SOCK_STREAM, 0)
+	ln, err := n.listen(network, host, port, mark, opts)
+	if err != nil && !addr.IsValid() && errors.Is(err, unix.EAFNOSUPPORT) {
+		network = "tcp4"
+		ln, err = n.listen(network, "0.0.0.0", port, mark, opts)
 	}
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("podnet: listen :%d: %w", port, opError(err))
 	}
-	var sa unix.Sockaddr
-	if family == unix.AF_INET6 {
-		s := &unix.SockaddrInet6{Port: int(port)}
-		if addr.IsValid() {
-			s.Addr = addr.As16()
-		} else if err := unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, 0); err != nil {
-			unix.Close(fd)
-			return nil, fmt.Errorf("podnet: IPV6_V6ONLY=0: %w", err)
+	// net listens with the process's somaxconn; ask for ours (listen(2)
+	// again only changes the backlog; the kernel caps it at the pod's
+	// net.core.somaxconn).
+	if rc, err := ln.(*net.TCPListener).SyscallConn(); err == nil {
+		err = control(rc, func(fd int) error { return unix.Listen(fd, backlog) })
+		if err != nil {
+			ln.Close()
+			return nil, fmt.Errorf("podnet: listen :%d: backlog: %w", port, err)
 		}
-		sa = s
-	} else {
-		s := &unix.SockaddrInet4{Port: int(port)}
-		if addr.IsValid() {
-			s.Addr = addr.As4()
-		}
-		sa = s
-	}
-	must := []struct {
-		name       string
-		level, opt int
-		val        int
-		bestEffort bool
-		skip       bool
-	}{
-		{"SO_REUSEADDR", unix.SOL_SOCKET, unix.SO_REUSEADDR, 1, false, false},
-		{"SO_REUSEPORT", unix.SOL_SOCKET, unix.SO_REUSEPORT, 1, false, opts.NoReusePort},
-		{"SO_MARK", unix.SOL_SOCKET, unix.SO_MARK, int(mark), false, mark == 0},
-		{"IP_TRANSPARENT", unix.SOL_IP, unix.IP_TRANSPARENT, 1, true, opts.NoTransparent},
-		{"IPV6_TRANSPARENT", unix.SOL_IPV6, unix.IPV6_TRANSPARENT, 1, true, opts.NoTransparent || family != unix.AF_INET6},
-	}
-	for _, o := range must {
-		if o.skip {
-			continue
-		}
-		if err := unix.SetsockoptInt(fd, o.level, o.opt, o.val); err != nil && !o.bestEffort {
-			unix.Close(fd)
-			return nil, fmt.Errorf("podnet: listen :%d: %s: %w", port, o.name, err)
-		}
-	}
-	if err := unix.Bind(fd, sa); err != nil {
-		unix.Close(fd)
-		return nil, fmt.Errorf("podnet: bind :%d: %w", port, err)
-	}
-	if err := unix.Listen(fd, backlog); err != nil {
-		unix.Close(fd)
-		return nil, fmt.Errorf("podnet: listen :%d: %w", port, err)
-	}
-	f := os.NewFile(uintptr(fd), fmt.Sprintf("podnet-listener-%d", port))
-	defer f.Close() // FileListener holds its own dup
-	ln, err := net.FileListener(f)
-	if err != nil {
-		return nil, fmt.Errorf("podnet: listener :%d: %w", port, err)
 	}
 	return ln, nil
+}
+
+func (n *Net) listen(network, host string, port uint16, mark uint32, opts ListenOptions) (net.Listener, error) {
+	wildcard6 := network == "tcp6" && !opts.Address.IsValid()
+	return inPod(n, func(leave func() error) (net.Listener, error) {
+		lc := net.ListenConfig{KeepAlive: opts.KeepAlive, Control: func(_, _ string, rc syscall.RawConn) error {
+			if err := leave(); err != nil {
+				return err
+			}
+			return control(rc, func(fd int) error {
+				// net has set SO_REUSEADDR, and IPV6_V6ONLY=1 for tcp6.
+				must := []struct {
+					name       string
+					level, opt int
+					val        int
+					bestEffort bool
+					skip       bool
+				}{
+					{"IPV6_V6ONLY=0", unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, 0, false, !wildcard6},
+					{"SO_REUSEPORT", unix.SOL_SOCKET, unix.SO_REUSEPORT, 1, false, opts.NoReusePort},
+					{"SO_MARK", unix.SOL_SOCKET, unix.SO_MARK, int(mark), false, mark == 0},
+					{"IP_TRANSPARENT", unix.SOL_IP, unix.IP_TRANSPARENT, 1, true, opts.NoTransparent},
+					{"IPV6_TRANSPARENT", unix.SOL_IPV6, unix.IPV6_TRANSPARENT, 1, true, opts.NoTransparent || network != "tcp6"},
+				}
+				for _, o := range must {
+					if o.skip {
+						continue
+					}
+					if err := unix.SetsockoptInt(fd, o.level, o.opt, o.val); err != nil && !o.bestEffort {
+						return fmt.Errorf("%s: %w", o.name, err)
+					}
+				}
+				return nil
+			})
+		}}
+		return lc.Listen(context.Background(), network, net.JoinHostPort(host, strconv.Itoa(int(port))))
+	})
 }
 
 // Dial connects to dst from inside the pod, marked. A valid src binds the
 // socket to it transparently (IP_TRANSPARENT + IP_FREEBIND), so the peer
 // sees src even though it is not an address of the pod; the pod's
-// connmark/routing rules bring the replies back. It implements
-// tunnel.PodNetwork.
+// connmark/routing rules bring the replies back. The connection has Go's
+// default TCP keepalive (see DialLocal). It implements tunnel.PodNetwork.
 func (n *Net) Dial(ctx context.Context, src netip.Addr, dst netip.AddrPort) (net.Conn, error) {
+	return n.dial(ctx, src, dst, 0)
+}
+
+// DialLocal is Dial for a peer inside the pod itself (the agent
+// delivering to the pod's app): no TCP keepalive, since probes to a local
+// socket never find anything and cost four setsockopt calls per
+// connection. It implements tunnel.LocalDialer.
+func (n *Net) DialLocal(ctx context.Context, src netip.Addr, dst netip.AddrPort) (net.Conn, error) {
+	return n.dial(ctx, src, dst, -1)
+}
+
+func (n *Net) dial(ctx context.Context, src netip.Addr, dst netip.AddrPort, keepAlive time.Duration) (net.Conn, error) {
 	if !dst.IsValid() || dst.Port() == 0 {
 		return nil, fmt.Errorf("podnet: dial: invalid destination %v", dst)
 	}
 	dstIP := dst.Addr().Unmap()
-	family := unix.AF_INET
+	network := "tcp4"
 	if dstIP.Is6() {
-		family = unix.AF_INET6
+		network = "tcp6"
 	}
 	if src.IsValid() {
 		src = src.Unmap()
@@ -294,118 +364,65 @@ func (n *Net) Dial(ctx context.Context, src netip.Addr, dst netip.AddrPort) (net
 			return nil, fmt.Errorf("podnet: dial %v from %v: address families differ", dst, src)
 		}
 	}
-	fd, err := n.socket(family, unix.SOCK_STREAM, 0)
-	if err != nil {
-		return nil, err
-	}
-	fail := func(what string, err error) (net.Conn, error) {
-		unix.Close(fd)
-		return nil, fmt.Errorf("podnet: dial %v: %s: %w", dst, what, err)
-	}
-	if n.mark != 0 {
-		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_MARK, int(n.mark)); err != nil {
-			return fail("SO_MARK", err)
-		}
-	}
-	_ = unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
-	if src.IsValid() {
-		// Choose the source port at connect() from the whole 4-tuple,
-		// not at bind() from the address alone: otherwise every
-		// connection from one client IP competes for one port range
-		// (TIME_WAIT included) and binds slow down, then fail, under a
-		// high connection rate.
-		_ = unix.SetsockoptInt(fd, unix.SOL_IP, unix.IP_BIND_ADDRESS_NO_PORT, 1)
-		if family == unix.AF_INET {
-			if err := unix.SetsockoptInt(fd, unix.SOL_IP, unix.IP_TRANSPARENT, 1); err != nil {
-				return fail("IP_TRANSPARENT", err)
-			}
-			if err := unix.SetsockoptInt(fd, unix.SOL_IP, unix.IP_FREEBIND, 1); err != nil {
-				return fail("IP_FREEBIND", err)
-			}
-			if err := unix.Bind(fd, &unix.SockaddrInet4{Addr: src.As4()}); err != nil {
-				return fail("bind "+src.String(), err)
-			}
-		} else {
-			if err := unix.SetsockoptInt(fd, unix.SOL_IPV6, unix.IPV6_TRANSPARENT, 1); err != nil {
-				return fail("IPV6_TRANSPARENT", err)
-			}
-			if err := unix.SetsockoptInt(fd, unix.SOL_IPV6, unix.IPV6_FREEBIND, 1); err != nil {
-				return fail("IPV6_FREEBIND", err)
-			}
-			if err := unix.Bind(fd, &unix.SockaddrInet6{Addr: src.As16()}); err != nil {
-				return fail("bind "+src.String(), err)
-			}
-		}
-	}
-	var sa unix.Sockaddr
-	if family == unix.AF_INET {
-		sa = &unix.SockaddrInet4{Addr: dstIP.As4(), Port: int(dst.Port())}
-	} else {
-		sa = &unix.SockaddrInet6{Addr: dstIP.As16(), Port: int(dst.Port())}
-	}
-	err = unix.Connect(fd, sa)
-	if err != nil && err != unix.EINPROGRESS && err != unix.EINTR {
-		return fail("connect", err)
-	}
-	pending := err != nil
-	// From here the fd belongs to f (registered with the poller).
-	f := os.NewFile(uintptr(fd), "podnet-dial")
-	defer f.Close() // FileConn holds its own dup
-	if pending {
-		if err := waitConnected(ctx, f); err != nil {
-			return nil, fmt.Errorf("podnet: dial %v: %w", dst, err)
-		}
-	}
-	c, err := net.FileConn(f)
-	if err != nil {
-		return nil, fmt.Errorf("podnet: dial %v: %w", dst, err)
-	}
-	return c, nil
-}
-
-var longAgo = time.Unix(1, 0)
-
-// waitConnected waits in the poller (no thread held) until a non-blocking
-// connect completes, fails, or ctx ends.
-func waitConnected(ctx context.Context, f *os.File) error {
 	if _, ok := ctx.Deadline(); !ok {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, DefaultDialTimeout)
 		defer cancel()
 	}
-	stop := context.AfterFunc(ctx, func() { _ = f.SetWriteDeadline(longAgo) })
-	defer stop()
-	rc, err := f.SyscallConn()
-	if err != nil {
-		return err
-	}
-	var cerr error
-	// The callback runs once before any wait: the connect may have
-	// finished before the fd reached the poller, and that edge is gone.
-	werr := rc.Write(func(fd uintptr) bool {
-		soerr, err := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_ERROR)
-		if err != nil {
-			cerr = err
-			return true
-		}
-		switch e := unix.Errno(soerr); e {
-		case 0:
-			if _, err := unix.Getpeername(int(fd)); err == unix.ENOTCONN {
-				return false // still connecting
+	raddr := netip.AddrPortFrom(dstIP, dst.Port()).String()
+	c, err := inPod(n, func(leave func() error) (net.Conn, error) {
+		d := net.Dialer{KeepAlive: keepAlive, Control: func(_, _ string, rc syscall.RawConn) error {
+			// The socket exists (in the pod): leave before connect,
+			// which may wait.
+			if err := leave(); err != nil {
+				return err
 			}
-			return true
-		case unix.EINPROGRESS, unix.EALREADY, unix.EINTR:
-			return false
-		default:
-			cerr = fmt.Errorf("connect: %w", e)
-			return true
-		}
+			return control(rc, func(fd int) error { return n.dialOptions(fd, src) })
+		}}
+		return d.DialContext(ctx, network, raddr)
 	})
-	if werr != nil {
-		if ctx.Err() != nil {
-			return fmt.Errorf("connect: %w", ctx.Err())
-		}
-		return werr
+	if err != nil {
+		return nil, fmt.Errorf("podnet: dial %v: %w", dst, opError(err))
 	}
-	return cerr
+	return c, nil
+}
+
+// dialOptions marks a dialing socket and binds it to src transparently.
+// net sets TCP_NODELAY itself once connected.
+func (n *Net) dialOptions(fd int, src netip.Addr) error {
+	if n.mark != 0 {
+		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_MARK, int(n.mark)); err != nil {
+			return fmt.Errorf("SO_MARK: %w", err)
+		}
+	}
+	if !src.IsValid() {
+		return nil
+	}
+	// Choose the source port at connect() from the whole 4-tuple, not
+	// at bind() from the address alone: otherwise every connection from
+	// one client IP competes for one port range (TIME_WAIT included) and
+	// binds slow down, then fail, under a high connection rate.
+	_ = unix.SetsockoptInt(fd, unix.SOL_IP, unix.IP_BIND_ADDRESS_NO_PORT, 1)
+	if src.Is4() {
+		if err := unix.SetsockoptInt(fd, unix.SOL_IP, unix.IP_TRANSPARENT, 1); err != nil {
+			return fmt.Errorf("IP_TRANSPARENT: %w", err)
+		}
+		if err := unix.SetsockoptInt(fd, unix.SOL_IP, unix.IP_FREEBIND, 1); err != nil {
+			return fmt.Errorf("IP_FREEBIND: %w", err)
+		}
+		if err := unix.Bind(fd, &unix.SockaddrInet4{Addr: src.As4()}); err != nil {
+			return fmt.Errorf("bind %v: %w", src, err)
+		}
+		return nil
+	}
+	if err := unix.SetsockoptInt(fd, unix.SOL_IPV6, unix.IPV6_TRANSPARENT, 1); err != nil {
+		return fmt.Errorf("IPV6_TRANSPARENT: %w", err)
+	}
+	if err := unix.SetsockoptInt(fd, unix.SOL_IPV6, unix.IPV6_FREEBIND, 1); err != nil {
+		return fmt.Errorf("IPV6_FREEBIND: %w", err)
+	}
+	if err := unix.Bind(fd, &unix.SockaddrInet6{Addr: src.As16()}); err != nil {
+		return fmt.Errorf("bind %v: %w", src, err)
+	}
+	return nil
 }

@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -320,5 +321,143 @@ func TestNoFDLeak(t *testing.T) {
 	// p.File adds one open file per iteration, closed at cleanup.
 	if after := fds(t); after > before+3 {
 		t.Errorf("fd leak: %d before, %d after", before, after)
+	}
+}
+
+func sockopt(t *testing.T, c any, level, opt int) int {
+	t.Helper()
+	sc, ok := c.(interface {
+		SyscallConn() (syscall.RawConn, error)
+	})
+	if !ok {
+		t.Fatalf("%T has no SyscallConn", c)
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var v int
+	var gerr error
+	if err := rc.Control(func(fd uintptr) { v, gerr = unix.GetsockoptInt(int(fd), level, opt) }); err != nil {
+		t.Fatal(err)
+	}
+	if gerr != nil {
+		t.Fatal(gerr)
+	}
+	return v
+}
+
+// TestKeepAliveAndBacklog: Dial and listeners keep Go's default TCP
+// keepalive for remote peers; DialLocal and a listener with KeepAlive -1
+// (peers inside the pod) have none; the backlog asked for is the one
+// the listener gets (ss shows it as Send-Q), capped by the pod's
+// somaxconn.
+func TestKeepAliveAndBacklog(t *testing.T) {
+	testenv.RequireRoot(t)
+	p := podtest.NewNetns(t)
+	n, err := podnet.Open(p.File(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.Close()
+	for _, tc := range []struct {
+		name      string
+		keepAlive time.Duration
+		dialLocal bool
+		want      int
+	}{{"default", 0, false, 1}, {"local", -1, true, 0}} {
+		ln, err := n.Listen(16010, podnet.ListenOptions{KeepAlive: tc.keepAlive, Backlog: 77})
+		if err != nil {
+			t.Fatal(err)
+		}
+		dial := n.Dial
+		if tc.dialLocal {
+			dial = n.DialLocal
+		}
+		c, err := dial(context.Background(), netip.Addr{}, netip.MustParseAddrPort("127.0.0.1:16010"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		s, err := ln.Accept()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := sockopt(t, c, unix.SOL_SOCKET, unix.SO_KEEPALIVE); got != tc.want {
+			t.Errorf("%s: dialed SO_KEEPALIVE = %d, want %d", tc.name, got, tc.want)
+		}
+		if got := sockopt(t, s, unix.SOL_SOCKET, unix.SO_KEEPALIVE); got != tc.want {
+			t.Errorf("%s: accepted SO_KEEPALIVE = %d, want %d", tc.name, got, tc.want)
+		}
+		if got := sockopt(t, c, unix.IPPROTO_TCP, unix.TCP_NODELAY); got != 1 {
+			t.Errorf("%s: dialed TCP_NODELAY = %d, want 1", tc.name, got)
+		}
+		if got := markOf(t, c); got != 0x539 {
+			t.Errorf("%s: dialed SO_MARK = %#x, want 0x539", tc.name, got)
+		}
+		if got := c.RemoteAddr().String(); got != "127.0.0.1:16010" {
+			t.Errorf("%s: RemoteAddr %s", tc.name, got)
+		}
+		if got := c.LocalAddr().String(); got != s.RemoteAddr().String() {
+			t.Errorf("%s: LocalAddr %s, the listener saw %s", tc.name, got, s.RemoteAddr())
+		}
+		// Send-Q of a listening socket is its backlog.
+		if out := p.Run(t, "ss", "-Hltn", "sport = :16010"); !strings.Contains(strings.Join(strings.Fields(out), " "), "LISTEN 0 77 ") {
+			t.Errorf("%s: listener backlog not 77: %q", tc.name, out)
+		}
+		c.Close()
+		s.Close()
+		ln.Close()
+	}
+}
+
+// TestNoThreadLeftInPod: after dials and listens, good and failing, every
+// thread of the process is back in our own namespace (a thread left in
+// the pod would create the next socket of anyone in the wrong place).
+func TestNoThreadLeftInPod(t *testing.T) {
+	testenv.RequireRoot(t)
+	p := podtest.NewNetns(t)
+	n, err := podnet.Open(p.File(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	own, err := os.Readlink("/proc/self/ns/net")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := n.Listen(16020, podnet.ListenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	for i := 0; i < 50; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if c, err := n.Dial(context.Background(), netip.Addr{}, netip.MustParseAddrPort("127.0.0.1:16020")); err == nil {
+				c.Close()
+			}
+			// Refused, and a bind that fails (EADDRINUSE).
+			n.Dial(context.Background(), netip.Addr{}, netip.MustParseAddrPort("127.0.0.1:16021"))
+			n.Listen(16020, podnet.ListenOptions{NoReusePort: true})
+		}()
+	}
+	wg.Wait()
+	ln.Close()
+	n.Close()
+	if _, err := n.Dial(context.Background(), netip.Addr{}, netip.MustParseAddrPort("127.0.0.1:16020")); err == nil || !strings.Contains(err.Error(), "closed") {
+		t.Errorf("Dial after Close: %v, want a closed error", err)
+	}
+	tasks, err := os.ReadDir("/proc/self/task")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, task := range tasks {
+		ns, err := os.Readlink("/proc/self/task/" + task.Name() + "/ns/net")
+		if err != nil {
+			continue // the thread exited
+		}
+		if ns != own {
+			t.Errorf("thread %s is in %s, not our own %s", task.Name(), ns, own)
+		}
 	}
 }

@@ -144,8 +144,11 @@ func helperAgent() {
 	for _, l := range []struct {
 		port uint16
 		dst  *net.Listener
-	}{{15001, &pod.Outbound}, {15006, &pod.Inbound}, {15008, &pod.HBONE}} {
-		ln, err := pn.Listen(l.port, podnet.ListenOptions{})
+		ka   time.Duration
+	}{{15001, &pod.Outbound, -1}, {15006, &pod.Inbound, 0}, {15008, &pod.HBONE, 0}} {
+		// The outbound port's peers are the pod's own apps: no
+		// keepalive probes (as the node agent).
+		ln, err := pn.Listen(l.port, podnet.ListenOptions{KeepAlive: l.ka})
 		if err != nil {
 			die(err)
 		}
