@@ -181,11 +181,11 @@ func BenchmarkConnsProcs(b *testing.B) {
 	for i := 0; i < b.N; i++ {
 		for r := 0; r < 3; r++ {
 			for _, s := range setups {
-				n, err := benchkit.ConnRate(s, 2*time.Second, 4)
+				n, cpu, err := benchkit.ConnCost(s, 2*time.Second, 4)
 				if err != nil {
 					b.Fatal(err)
 				}
-				fmt.Printf("%-12s %.0f conns/s\n", s.Name, n)
+				fmt.Printf("%-12s %.0f conns/s  %.0f µs proxy CPU/conn\n", s.Name, n, float64(cpu)/float64(time.Microsecond))
 			}
 		}
 	}

@@ -2,6 +2,7 @@ package tunnel
 
 import (
 	"errors"
+	"sync"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -16,6 +17,8 @@ type metrics struct {
 	sent, received *prometheus.CounterVec // direction, mode, src_identity, dst_identity
 	active         *prometheus.GaugeVec   // direction
 	poolConns      prometheus.Gauge
+
+	cache sync.Map // seriesKey → *connSeries
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -50,6 +53,34 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			func() float64 { return float64(hbone.BufferedBytes()) }))
 	}
 	return m
+}
+
+// connSeries are one label set's connection counters, looked up once and
+// kept: WithLabelValues hashes every label under a lock, and a
+// connection used to do that six times.
+type connSeries struct {
+	opened, closed, sent, received prometheus.Counter
+	active                         prometheus.Gauge
+}
+
+type seriesKey struct{ dir, mode, src, dst string }
+
+// series returns the counters for a connection's labels. The cache holds
+// one entry per label set, which the metrics themselves hold anyway.
+func (m *metrics) series(dir, mode, src, dst string) *connSeries {
+	k := seriesKey{dir, mode, orUnknown(src), orUnknown(dst)}
+	if v, ok := m.cache.Load(k); ok {
+		return v.(*connSeries)
+	}
+	cs := &connSeries{
+		opened:   m.opened.WithLabelValues(k.dir, k.mode, k.src, k.dst),
+		closed:   m.closed.WithLabelValues(k.dir, k.mode, k.src, k.dst),
+		sent:     m.sent.WithLabelValues(k.dir, k.mode, k.src, k.dst),
+		received: m.received.WithLabelValues(k.dir, k.mode, k.src, k.dst),
+		active:   m.active.WithLabelValues(k.dir),
+	}
+	v, _ := m.cache.LoadOrStore(k, cs)
+	return v.(*connSeries)
 }
 
 func orUnknown(s string) string {

@@ -213,6 +213,24 @@ func Latency(s Setup, n int) (p50, p99 time.Duration, err error) {
 // ConnRate opens connections (connect, one 1-byte round trip, close) from
 // conc clients for dur; returns connections per second.
 func ConnRate(s Setup, dur time.Duration, conc int) (float64, error) {
+	rate, _, err := ConnCost(s, dur, conc)
+	return rate, err
+}
+
+// ConnCost is ConnRate that also returns the proxies' CPU time per
+// connection (the setup's other processes, not the clients and apps of
+// this one). On a shared machine the CPU a connection costs moves less
+// than the rate, which follows whatever else is running.
+func ConnCost(s Setup, dur time.Duration, conc int) (rate float64, cpuPerConn time.Duration, err error) {
+	ext0 := ext(s)
+	rate, n, err := connRate(s, dur, conc)
+	if err != nil || n == 0 {
+		return rate, 0, err
+	}
+	return rate, time.Duration((ext(s) - ext0) / float64(n) * float64(time.Second)), nil
+}
+
+func connRate(s Setup, dur time.Duration, conc int) (float64, int64, error) {
 	var n atomic.Int64
 	var firstErr atomic.Value
 	ctx, cancel := context.WithTimeout(context.Background(), dur)
@@ -243,9 +261,9 @@ func ConnRate(s Setup, dur time.Duration, conc int) (float64, error) {
 	}
 	wg.Wait()
 	if e := firstErr.Load(); e != nil {
-		return 0, e.(error)
+		return 0, 0, e.(error)
 	}
-	return float64(n.Load()) / time.Since(t0).Seconds(), nil
+	return float64(n.Load()) / time.Since(t0).Seconds(), n.Load(), nil
 }
 
 // Run measures every setup, interleaved, Rounds times, and returns the
