@@ -469,21 +469,42 @@ func (s *Stream) sendErrLocked() error {
 
 // sendFrom sends buf[frameHeaderLen:frameHeaderLen+n] as DATA frames,
 // writing each frame header into the bytes just in front of its payload
-// (already sent or the headroom), so nothing is copied.
-func (s *Stream) sendFrom(buf []byte, n int) error {
+// (already sent or the headroom), so nothing is copied. end puts
+// END_STREAM on the last frame (a half-close riding on the data, as
+// CloseWrite would send it alone).
+func (s *Stream) sendFrom(buf []byte, n int, end bool) error {
 	off := 0
 	for off < n {
 		k, err := s.reserve(n - off)
 		if err != nil {
 			return err
 		}
-		putFrameHeader(buf[off:off+frameHeaderLen], frameHeader{Length: uint32(k), Type: frameData, StreamID: s.id})
+		var flags uint8
+		if end && off+k == n {
+			flags = flagEndStream
+		}
+		putFrameHeader(buf[off:off+frameHeaderLen], frameHeader{Length: uint32(k), Type: frameData, Flags: flags, StreamID: s.id})
 		if err := s.c.writeFrames(buf[off : off+frameHeaderLen+k]); err != nil {
 			return err
 		}
 		off += k
 	}
+	if end {
+		s.sentEndStream()
+	}
 	return nil
+}
+
+// sentEndStream records that END_STREAM went out.
+func (s *Stream) sentEndStream() {
+	c := s.c
+	c.mu.Lock()
+	s.sentEnd = true
+	done := s.remoteEnd
+	c.mu.Unlock()
+	if done {
+		c.release(s)
+	}
 }
 
 func (s *Stream) frameSize() int {
@@ -500,7 +521,7 @@ func (s *Stream) Write(p []byte) (int, error) {
 		n := min(len(p), fs)
 		bp := getBuf(frameHeaderLen + n)
 		copy((*bp)[frameHeaderLen:], p[:n])
-		err := s.sendFrom(*bp, n)
+		err := s.sendFrom(*bp, n, false)
 		putBuf(bp)
 		if err != nil {
 			return written, err
@@ -525,13 +546,7 @@ func (s *Stream) CloseWrite() error {
 	if err := c.writeFrames(b[:]); err != nil {
 		return err
 	}
-	c.mu.Lock()
-	s.sentEnd = true
-	done := s.remoteEnd
-	c.mu.Unlock()
-	if done {
-		c.release(s)
-	}
+	s.sentEndStream()
 	return nil
 }
 
@@ -788,22 +803,39 @@ func (s *Stream) pumpFrom(app *net.TCPConn) (int64, error) {
 	}
 	fs := s.frameSize()
 	var total int64
+	// A server's app often closes right after its answer (request,
+	// response, close): on the stream's first read, if the socket was
+	// drained, look once more, and a FIN already there leaves as
+	// END_STREAM on the answer's DATA frame: one record, one write(2)
+	// and one wake-up of the far side instead of two. Only then: on later
+	// reads the extra read(2) would mostly find nothing.
+	lookahead := !s.c.client
 	for {
 		var bp *[]byte
 		var n int
-		var rerr error
+		var rerr, lerr error
+		var eof bool
 		err := rc.Read(func(fd uintptr) bool {
 			bp = getBuf(frameHeaderLen + fs)
-			for {
-				n, rerr = unix.Read(int(fd), (*bp)[frameHeaderLen:])
-				if rerr != unix.EINTR {
-					break
-				}
-			}
+			n, rerr = readFD(fd, (*bp)[frameHeaderLen:])
 			if rerr == unix.EAGAIN {
 				putBuf(bp)
 				bp = nil
 				return false
+			}
+			if lookahead && rerr == nil && n > 0 {
+				lookahead = false
+				if n < fs {
+					k, err := readFD(fd, (*bp)[frameHeaderLen+n:])
+					switch {
+					case err == nil && k == 0:
+						eof = true
+					case err == nil:
+						n += k
+					case err != unix.EAGAIN:
+						lerr = err // after the data, as a next read would
+					}
+				}
 			}
 			return true
 		})
@@ -824,12 +856,28 @@ func (s *Stream) pumpFrom(app *net.TCPConn) (int64, error) {
 			putBuf(bp)
 			return total, s.CloseWrite()
 		}
-		err = s.sendFrom(*bp, n)
+		err = s.sendFrom(*bp, n, eof)
 		putBuf(bp)
 		if err != nil {
 			return total, err
 		}
 		total += int64(n)
+		if eof {
+			return total, nil
+		}
+		if lerr != nil {
+			return total, &net.OpError{Op: "read", Net: "tcp", Err: lerr}
+		}
+	}
+}
+
+// readFD is read(2), retried on EINTR.
+func readFD(fd uintptr, b []byte) (int, error) {
+	for {
+		n, err := unix.Read(int(fd), b)
+		if err != unix.EINTR {
+			return n, err
+		}
 	}
 }
 

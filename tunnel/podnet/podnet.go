@@ -333,7 +333,7 @@ func (n *Net) listen(network, host string, port uint16, mark uint32, opts Listen
 }
 
 // Dial connects to dst from inside the pod, marked. A valid src binds the
-// socket to it transparently (IP_TRANSPARENT + IP_FREEBIND), so the peer
+// socket to it transparently (IP_TRANSPARENT), so the peer
 // sees src even though it is not an address of the pod; the pod's
 // connmark/routing rules bring the replies back. The connection has Go's
 // default TCP keepalive (see DialLocal). It implements tunnel.PodNetwork.
@@ -403,12 +403,13 @@ func (n *Net) dialOptions(fd int, src netip.Addr) error {
 	// one client IP competes for one port range (TIME_WAIT included) and
 	// binds slow down, then fail, under a high connection rate.
 	_ = unix.SetsockoptInt(fd, unix.SOL_IP, unix.IP_BIND_ADDRESS_NO_PORT, 1)
+	// IP_TRANSPARENT alone lets bind(2) take an address that is not the
+	// pod's (the kernel's nonlocal-bind check accepts transparent or
+	// freebind sockets alike) and lets the SYN leave from it; IP_FREEBIND
+	// on top would be one more system call per connection for nothing.
 	if src.Is4() {
 		if err := unix.SetsockoptInt(fd, unix.SOL_IP, unix.IP_TRANSPARENT, 1); err != nil {
 			return fmt.Errorf("IP_TRANSPARENT: %w", err)
-		}
-		if err := unix.SetsockoptInt(fd, unix.SOL_IP, unix.IP_FREEBIND, 1); err != nil {
-			return fmt.Errorf("IP_FREEBIND: %w", err)
 		}
 		if err := unix.Bind(fd, &unix.SockaddrInet4{Addr: src.As4()}); err != nil {
 			return fmt.Errorf("bind %v: %w", src, err)
@@ -417,9 +418,6 @@ func (n *Net) dialOptions(fd int, src netip.Addr) error {
 	}
 	if err := unix.SetsockoptInt(fd, unix.SOL_IPV6, unix.IPV6_TRANSPARENT, 1); err != nil {
 		return fmt.Errorf("IPV6_TRANSPARENT: %w", err)
-	}
-	if err := unix.SetsockoptInt(fd, unix.SOL_IPV6, unix.IPV6_FREEBIND, 1); err != nil {
-		return fmt.Errorf("IPV6_FREEBIND: %w", err)
 	}
 	if err := unix.Bind(fd, &unix.SockaddrInet6{Addr: src.As16()}); err != nil {
 		return fmt.Errorf("bind %v: %w", src, err)
