@@ -167,6 +167,52 @@ func (a *Agent) verifyAdopted(ctx context.Context) {
 	}
 	wg.Wait()
 	a.log.Info("rules of re-adopted pods verified", "pods", len(pods))
+	a.auditLoop(ctx)
+}
+
+// auditLoop verifies every enrolled pod's redirection each
+// RuleCheckInterval and repairs what differs: rules flushed by someone in
+// the pod (an init container running `iptables -F`, a tool resetting
+// nftables) would otherwise let its traffic bypass the mesh until the
+// next agent restart. A few pods at a time, so a node of many pods costs
+// a short burst a minute, not a stall.
+func (a *Agent) auditLoop(ctx context.Context) {
+	every := a.cfg.RuleCheckInterval.Duration
+	if every <= 0 {
+		return
+	}
+	tick := time.NewTicker(every)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		a.mu.Lock()
+		pods := make([]*pod, 0, len(a.byCID))
+		for _, p := range a.byCID {
+			if p.enrolled() {
+				pods = append(pods, p)
+			}
+		}
+		a.mu.Unlock()
+		sem := make(chan struct{}, 4)
+		var wg sync.WaitGroup
+		for _, p := range pods {
+			if ctx.Err() != nil || a.stopping.Load() {
+				break
+			}
+			sem <- struct{}{}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer func() { <-sem }()
+				a.verifyPod(p)
+			}()
+		}
+		wg.Wait()
+	}
 }
 
 func (a *Agent) verifyPod(p *pod) {

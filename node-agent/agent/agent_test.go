@@ -22,6 +22,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ambit-mesh/ambit/internal/testenv"
+	"github.com/ambit-mesh/ambit/node-agent/config"
 	"github.com/ambit-mesh/ambit/node-agent/hostrules"
 	"github.com/ambit-mesh/ambit/node-agent/state"
 	"github.com/ambit-mesh/ambit/plugin/cniproto"
@@ -473,5 +474,43 @@ func TestUnenrollAll(t *testing.T) {
 		if r.Enrolled {
 			t.Fatalf("record still enrolled: %+v", r)
 		}
+	}
+}
+
+// TestFlushedRulesRepairedWhileRunning: someone removes an enrolled pod's
+// redirection while the agent runs (no restart): the periodic check puts
+// it back, and the pod's outbound traffic is captured again.
+func TestFlushedRulesRepairedWhileRunning(t *testing.T) {
+	testenv.RequireRoot(t)
+	h := startAgent(t, "", invAmbient, func(o *Options) {
+		o.Config.RuleCheckInterval = config.Duration{Duration: 200 * time.Millisecond}
+	})
+	pod, _ := newPair(t, "10.68.1.2", "10.68.1.1")
+	enrollLikePlugin(t, h, "web", pod, "10.68.1.2/24")
+	if c, line, err := dialFrom(t, pod, "10.68.1.1:9"); err != nil || line != "captured:15001" {
+		t.Fatalf("outbound not captured after enrollment: %q %v", line, err)
+	} else {
+		c.Close()
+	}
+	if err := (Rules{}).Uninstall(pod.file); err != nil {
+		t.Fatal(err)
+	}
+	if _, line, err := dialFrom(t, pod, "10.68.1.1:9"); err == nil && line == "captured:15001" {
+		t.Fatal("still captured right after the flush: the test flushed nothing")
+	}
+	eventually(t, "the periodic check to repair the flushed pod", func() bool { return testutil.ToFloat64(h.a.m.repairs) == 1 })
+	spec := *h.a.podByName("apps/web").specCopy()
+	if err := (Rules{}).Verify(pod.file, spec); err != nil {
+		t.Fatalf("rules after the repair: %v", err)
+	}
+	c, line, err := dialFrom(t, pod, "10.68.1.1:9")
+	if err != nil || line != "captured:15001" {
+		t.Fatalf("outbound not captured after the repair: %q %v", line, err)
+	}
+	c.Close()
+	// Intact rules are left alone: no repair on later checks.
+	time.Sleep(600 * time.Millisecond)
+	if got := testutil.ToFloat64(h.a.m.repairs); got != 1 {
+		t.Fatalf("%v repairs of intact rules", got)
 	}
 }

@@ -102,6 +102,11 @@ type Config struct {
 	DrainTimeout Duration `json:"drainTimeout,omitempty"`
 	// AdoptConcurrency is how many pods are re-adopted in parallel at start.
 	AdoptConcurrency int `json:"adoptConcurrency,omitempty"`
+	// RuleCheckInterval is how often the agent verifies every enrolled
+	// pod's redirection and repairs it when someone removed or changed it
+	// (a flushed ruleset would let the pod's traffic bypass the mesh).
+	// 0 disables the periodic check (the check at re-adoption stays).
+	RuleCheckInterval Duration `json:"ruleCheckInterval,omitempty"`
 
 	// CAAddress is the CA service (kubernetes source); CATokenFile the
 	// projected token (audience ambit-ca) the agent authenticates with;
@@ -152,6 +157,7 @@ func Default() Config {
 		RequestTimeout:        Duration{Duration: 8 * time.Second},
 		DrainTimeout:          Duration{Duration: 30 * time.Second},
 		AdoptConcurrency:      16,
+		RuleCheckInterval:     Duration{Duration: time.Minute},
 		LogLevel:              "info",
 		LogFormat:             "text",
 		CAAddress:             "https://ambit-ca.ambit-system.svc:15012",
@@ -280,7 +286,7 @@ func (c *Config) Validate() error {
 	if c.MaxConcurrentRequests < 1 || c.MaxConcurrentRequests > 4096 {
 		return fmt.Errorf("maxConcurrentRequests: %d must be 1-4096", c.MaxConcurrentRequests)
 	}
-	for name, d := range map[string]Duration{"requestTimeout": c.RequestTimeout, "drainTimeout": c.DrainTimeout} {
+	for name, d := range map[string]Duration{"requestTimeout": c.RequestTimeout, "drainTimeout": c.DrainTimeout, "ruleCheckInterval": c.RuleCheckInterval} {
 		if d.bad != "" {
 			return fmt.Errorf("%s: %q is not a duration such as \"10s\"", name, d.bad)
 		}
@@ -290,6 +296,9 @@ func (c *Config) Validate() error {
 	}
 	if c.DrainTimeout.Duration < 0 || c.DrainTimeout.Duration > time.Hour {
 		return fmt.Errorf("drainTimeout: %s must be between 0 and 1h", c.DrainTimeout)
+	}
+	if c.RuleCheckInterval.Duration < 0 || c.RuleCheckInterval.Duration > 24*time.Hour {
+		return fmt.Errorf("ruleCheckInterval: %s must be between 0 (off) and 24h", c.RuleCheckInterval)
 	}
 	if c.AdoptConcurrency < 1 || c.AdoptConcurrency > 256 {
 		return fmt.Errorf("adoptConcurrency: %d must be 1-256", c.AdoptConcurrency)
