@@ -32,21 +32,32 @@ func get(url string) (int, string) {
 	return r.StatusCode, string(b)
 }
 
-// TestRunStatic runs the built ambit-agent with a static inventory: the
-// whole wiring (inventory, local CA, real tunnel, policies, health) comes
-// up, becomes ready, enrolls a pod at ADD and stops cleanly on SIGTERM.
-func TestRunStatic(t *testing.T) {
-	testenv.RequireRoot(t)
-	bin := testenv.Binary(t, "ambit-agent")
-	dir, err := os.MkdirTemp("", "amb-agt-")
+// staticNode makes a state dir with an inventory (namespace apps in the
+// mesh) and an agent config file: nodeName, inventory and state dir, plus
+// the YAML extra returns for the dir.
+func staticNode(t *testing.T, prefix string, extra func(dir string) string) (dir, cfg string) {
+	t.Helper()
+	dir, err := os.MkdirTemp("", prefix)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	inv := filepath.Join(dir, "inventory.yaml")
 	os.WriteFile(inv, []byte("namespaces:\n  - name: apps\n    labels: {ambit.dev/dataplane-mode: ambient}\n"), 0o600)
-	cfg := filepath.Join(dir, "config.yaml")
-	os.WriteFile(cfg, []byte("nodeName: n1\ninventoryFile: "+inv+"\nstateDir: "+dir+"\nhealthAddr: 127.0.0.1:15931\npolicyDir: "+filepath.Join(dir, "policies")+"\ndrainTimeout: 2s\n"), 0o600)
+	cfg = filepath.Join(dir, "config.yaml")
+	os.WriteFile(cfg, []byte("nodeName: n1\ninventoryFile: "+inv+"\nstateDir: "+dir+"\n"+extra(dir)), 0o600)
+	return dir, cfg
+}
+
+// TestRunStatic runs the built ambit-agent with a static inventory: the
+// whole wiring (inventory, local CA, real tunnel, policies, health) comes
+// up, becomes ready, enrolls a pod at ADD and stops cleanly on SIGTERM.
+func TestRunStatic(t *testing.T) {
+	testenv.RequireRoot(t)
+	bin := testenv.Binary(t, "ambit-agent")
+	dir, cfg := staticNode(t, "amb-agt-", func(dir string) string {
+		return "healthAddr: 127.0.0.1:15931\npolicyDir: " + filepath.Join(dir, "policies") + "\ndrainTimeout: 2s\n"
+	})
 
 	cmd := exec.Command(bin, "run", "-config", cfg)
 	cmd.Stderr = os.Stderr
@@ -142,15 +153,7 @@ func TestConfigFlagsOverride(t *testing.T) {
 func TestSurgeOverlap(t *testing.T) {
 	testenv.RequireRoot(t)
 	bin := testenv.Binary(t, "ambit-agent")
-	dir, err := os.MkdirTemp("", "amb-surge-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	inv := filepath.Join(dir, "inventory.yaml")
-	os.WriteFile(inv, []byte("namespaces:\n  - name: apps\n    labels: {ambit.dev/dataplane-mode: ambient}\n"), 0o600)
-	cfg := filepath.Join(dir, "config.yaml")
-	os.WriteFile(cfg, []byte("nodeName: n1\ninventoryFile: "+inv+"\nstateDir: "+dir+"\nhealthAddr: 127.0.0.1:15932\ndrainTimeout: 1s\n"), 0o600)
+	dir, cfg := staticNode(t, "amb-surge-", func(string) string { return "healthAddr: 127.0.0.1:15932\ndrainTimeout: 1s\n" })
 	readyz := "http://127.0.0.1:15932/readyz"
 	start := func(name string) (*exec.Cmd, string) {
 		file := filepath.Join(dir, name+".instance")

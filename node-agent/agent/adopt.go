@@ -151,10 +151,17 @@ func (a *Agent) verifyAdopted(ctx context.Context) {
 	pods := a.toVerify
 	a.toVerify = nil
 	a.mu.Unlock()
+	a.verifyPods(ctx, pods)
+	a.log.Info("rules of re-adopted pods verified", "pods", len(pods))
+	a.auditLoop(ctx)
+}
+
+// verifyPods runs verifyPod over pods, a few at a time.
+func (a *Agent) verifyPods(ctx context.Context, pods []*pod) {
 	sem := make(chan struct{}, 4)
 	var wg sync.WaitGroup
 	for _, p := range pods {
-		if ctx.Err() != nil {
+		if ctx.Err() != nil || a.stopping.Load() {
 			break
 		}
 		sem <- struct{}{}
@@ -166,8 +173,6 @@ func (a *Agent) verifyAdopted(ctx context.Context) {
 		}()
 	}
 	wg.Wait()
-	a.log.Info("rules of re-adopted pods verified", "pods", len(pods))
-	a.auditLoop(ctx)
 }
 
 // auditLoop verifies every enrolled pod's redirection each
@@ -197,21 +202,7 @@ func (a *Agent) auditLoop(ctx context.Context) {
 			}
 		}
 		a.mu.Unlock()
-		sem := make(chan struct{}, 4)
-		var wg sync.WaitGroup
-		for _, p := range pods {
-			if ctx.Err() != nil || a.stopping.Load() {
-				break
-			}
-			sem <- struct{}{}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer func() { <-sem }()
-				a.verifyPod(p)
-			}()
-		}
-		wg.Wait()
+		a.verifyPods(ctx, pods)
 	}
 }
 
