@@ -95,7 +95,10 @@ type PodNetwork interface {
 // for a peer in the pod itself (the tunnel delivering to the pod's app),
 // which may skip what only remote peers need (TCP keepalive probes: a
 // local socket cannot vanish unnoticed, and turning them on costs system
-// calls on every connection).
+// calls on every connection). The tunnel calls it on a per-connection
+// goroutine that has not locked its OS thread and returns soon after a
+// failed dial, so an implementation may do its work on that goroutine's
+// thread (and, if that thread cannot be restored, keep it locked).
 type LocalDialer interface {
 	DialLocal(ctx context.Context, src netip.Addr, dst netip.AddrPort) (net.Conn, error)
 }

@@ -116,8 +116,18 @@ func (n *Net) Mark() uint32 { return n.mark }
 
 var errClosed = errors.New("podnet: namespace closed")
 
-// inPod runs fn on a fresh goroutine whose OS thread is switched into the
-// pod's network namespace. fn makes its socket with net's own Dialer or
+// ErrThreadStuck: the OS thread that made a socket could not be switched
+// back from the pod's namespace (never seen: setns(2) into the namespace
+// the thread came from). The thread stays locked to the goroutine that
+// used it, so the Go runtime discards it when that goroutine ends instead
+// of running anyone else in the pod's namespace; see DialLocal.
+var ErrThreadStuck = errors.New("podnet: thread could not leave the pod's namespace")
+
+// inPod runs fn with the current OS thread switched into the pod's
+// network namespace: on a fresh goroutine (async, for callers that may
+// hold their thread or live long), or on the calling goroutine, which
+// then must not have locked its thread and must end soon if the error
+// is ErrThreadStuck. fn makes its socket with net's own Dialer or
 // ListenConfig and calls leave from their Control hook, that is right
 // after socket(): the thread switches back and is unlocked there, so
 // binding, connecting and above all waiting for a connect run on any
@@ -128,72 +138,78 @@ var errClosed = errors.New("podnet: namespace closed")
 // what a new connection costs.
 //
 // If fn returns without having left (socket() failed, so Control never
-// ran), inPod switches back itself. If switching back fails the goroutine
-// exits still locked, so the Go runtime throws the thread away rather
-// than reuse it in the pod's namespace.
-func inPod[T any](n *Net, fn func(leave func() error) (T, error)) (T, error) {
+// ran), inPod switches back itself. If switching back fails the thread
+// stays locked to its goroutine, so the Go runtime throws it away when
+// the goroutine ends rather than reuse it in the pod's namespace.
+func inPod[T any](n *Net, async bool, fn func(leave func() error) (T, error)) (T, error) {
+	if !async {
+		return inPodHere(n, fn)
+	}
 	type result struct {
 		v   T
 		err error
 	}
 	ch := make(chan result, 1)
 	go func() {
-		var zero T
-		n.mu.RLock()
-		if n.closed {
-			n.mu.RUnlock()
-			ch <- result{zero, errClosed}
-			return
-		}
-		runtime.LockOSThread()
-		// The namespace to come back to: the one this (fresh, unlocked
-		// until now) thread is in, which is the process's own: Go
-		// starts new threads from a clean template thread, never from
-		// one switched elsewhere. Opened once and kept: opening it per
-		// socket was a tenth of the agent's cost per new connection.
-		self, err := ownNetns()
-		if err != nil {
-			runtime.UnlockOSThread()
-			n.mu.RUnlock()
-			ch <- result{zero, fmt.Errorf("podnet: own netns: %w", err)}
-			return
-		}
-		if err := unix.Setns(n.fd, unix.CLONE_NEWNET); err != nil {
-			runtime.UnlockOSThread()
-			n.mu.RUnlock()
-			ch <- result{zero, fmt.Errorf("podnet: setns into pod: %w", err)}
-			return
-		}
-		inside := true
-		leave := func() error {
-			if !inside {
-				return nil
-			}
-			if err := unix.Setns(self, unix.CLONE_NEWNET); err != nil {
-				return fmt.Errorf("podnet: setns back to own netns: %w", err)
-			}
-			inside = false
-			runtime.UnlockOSThread()
-			n.mu.RUnlock()
-			return nil
-		}
-		v, err := fn(leave)
-		if inside {
-			if lerr := leave(); lerr != nil {
-				// Stay locked (see above); fn failed (its Control
-				// hook returned the error) or never got a socket.
-				if c, ok := any(v).(io.Closer); ok && err == nil {
-					c.Close()
-				}
-				n.mu.RUnlock()
-				ch <- result{zero, lerr}
-				return
-			}
-		}
+		v, err := inPodHere(n, fn)
 		ch <- result{v, err}
+		// On ErrThreadStuck this goroutine ends locked: the thread goes.
 	}()
 	r := <-ch
 	return r.v, r.err
+}
+
+// inPodHere is inPod on the calling goroutine.
+func inPodHere[T any](n *Net, fn func(leave func() error) (T, error)) (T, error) {
+	var zero T
+	n.mu.RLock()
+	if n.closed {
+		n.mu.RUnlock()
+		return zero, errClosed
+	}
+	runtime.LockOSThread()
+	// The namespace to come back to: the process's own, the one every
+	// unlocked thread is in (Go starts new threads from a clean
+	// template thread, and nobody leaves a thread elsewhere unlocked).
+	// Opened once and kept: opening it per socket was a tenth of the
+	// agent's cost per new connection.
+	self, err := ownNetns()
+	if err != nil {
+		runtime.UnlockOSThread()
+		n.mu.RUnlock()
+		return zero, fmt.Errorf("podnet: own netns: %w", err)
+	}
+	if err := unix.Setns(n.fd, unix.CLONE_NEWNET); err != nil {
+		runtime.UnlockOSThread()
+		n.mu.RUnlock()
+		return zero, fmt.Errorf("podnet: setns into pod: %w", err)
+	}
+	inside := true
+	leave := func() error {
+		if !inside {
+			return nil
+		}
+		if err := unix.Setns(self, unix.CLONE_NEWNET); err != nil {
+			return fmt.Errorf("%w: setns: %w", ErrThreadStuck, err)
+		}
+		inside = false
+		runtime.UnlockOSThread()
+		n.mu.RUnlock()
+		return nil
+	}
+	v, err := fn(leave)
+	if inside {
+		if lerr := leave(); lerr != nil {
+			// Stay locked (see inPod); fn failed (its Control hook
+			// returned the error) or never got a socket.
+			if c, ok := any(v).(io.Closer); ok && err == nil {
+				c.Close()
+			}
+			n.mu.RUnlock()
+			return zero, lerr
+		}
+	}
+	return v, err
 }
 
 // control runs set on the raw fd of a socket being made by net's Dialer
@@ -297,7 +313,7 @@ func (n *Net) Listen(port uint16, opts ListenOptions) (net.Listener, error) {
 
 func (n *Net) listen(network, host string, port uint16, mark uint32, opts ListenOptions) (net.Listener, error) {
 	wildcard6 := network == "tcp6" && !opts.Address.IsValid()
-	return inPod(n, func(leave func() error) (net.Listener, error) {
+	return inPod(n, true, func(leave func() error) (net.Listener, error) {
 		lc := net.ListenConfig{KeepAlive: opts.KeepAlive, Control: func(_, _ string, rc syscall.RawConn) error {
 			if err := leave(); err != nil {
 				return err
@@ -338,18 +354,25 @@ func (n *Net) listen(network, host string, port uint16, mark uint32, opts Listen
 // connmark/routing rules bring the replies back. The connection has Go's
 // default TCP keepalive (see DialLocal). It implements tunnel.PodNetwork.
 func (n *Net) Dial(ctx context.Context, src netip.Addr, dst netip.AddrPort) (net.Conn, error) {
-	return n.dial(ctx, src, dst, 0)
+	return n.dial(ctx, src, dst, 0, true)
 }
 
 // DialLocal is Dial for a peer inside the pod itself (the agent
 // delivering to the pod's app): no TCP keepalive, since probes to a local
 // socket never find anything and cost four setsockopt calls per
 // connection. It implements tunnel.LocalDialer.
+//
+// Unlike Dial it runs on the calling goroutine (no goroutine and two
+// hand-offs per connection), which must not have locked its OS thread,
+// like the tunnel's per-connection goroutines. If the error is
+// ErrThreadStuck (never seen), the calling goroutine stays locked to a
+// thread still in the pod's namespace: it must open no socket and end
+// soon (the runtime then discards the thread).
 func (n *Net) DialLocal(ctx context.Context, src netip.Addr, dst netip.AddrPort) (net.Conn, error) {
-	return n.dial(ctx, src, dst, -1)
+	return n.dial(ctx, src, dst, -1, false)
 }
 
-func (n *Net) dial(ctx context.Context, src netip.Addr, dst netip.AddrPort, keepAlive time.Duration) (net.Conn, error) {
+func (n *Net) dial(ctx context.Context, src netip.Addr, dst netip.AddrPort, keepAlive time.Duration, async bool) (net.Conn, error) {
 	if !dst.IsValid() || dst.Port() == 0 {
 		return nil, fmt.Errorf("podnet: dial: invalid destination %v", dst)
 	}
@@ -370,7 +393,7 @@ func (n *Net) dial(ctx context.Context, src netip.Addr, dst netip.AddrPort, keep
 		defer cancel()
 	}
 	raddr := netip.AddrPortFrom(dstIP, dst.Port()).String()
-	c, err := inPod(n, func(leave func() error) (net.Conn, error) {
+	c, err := inPod(n, async, func(leave func() error) (net.Conn, error) {
 		d := net.Dialer{KeepAlive: keepAlive, Control: func(_, _ string, rc syscall.RawConn) error {
 			// The socket exists (in the pod): leave before connect,
 			// which may wait.
