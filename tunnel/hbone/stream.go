@@ -58,6 +58,7 @@ type Stream struct {
 	// whether the client response was dealt with, and the end of the
 	// stream → app direction.
 	app       *net.TCPConn
+	appEOF    bool // the pump read the app's FIN
 	drainer   bool
 	respDone  bool
 	toAppOnce sync.Once
@@ -158,7 +159,7 @@ func (s *Stream) pushData(bp *[]byte, data []byte, end bool) {
 	s.rmu.Unlock()
 	s.signal()
 	if fin != nil {
-		s.finishToApp(fin.CloseWrite())
+		s.finToApp(fin)
 	}
 	if start {
 		go s.drain()
@@ -179,6 +180,21 @@ func (s *Stream) kickLocked() bool {
 	}
 	s.drainer = true
 	return true
+}
+
+// finToApp passes the stream's end on to the app as a FIN. When the app
+// has ended its own side already (the pump read its EOF), Splice is about
+// to close the socket and close(2) sends that same FIN: shutdown(2)
+// first would be one more system call for nothing.
+func (s *Stream) finToApp(app *net.TCPConn) {
+	s.rmu.Lock()
+	done := s.appEOF
+	s.rmu.Unlock()
+	if done {
+		s.finishToApp(nil)
+		return
+	}
+	s.finishToApp(app.CloseWrite())
 }
 
 // finishToApp records the end of the stream → app direction, once.
@@ -208,7 +224,7 @@ func (s *Stream) drain() {
 				s.drainer = false
 				app := s.app
 				s.rmu.Unlock()
-				s.finishToApp(app.CloseWrite())
+				s.finToApp(app)
 				return
 			}
 			if s.writing {
@@ -344,7 +360,7 @@ func (s *Stream) enableDelivery() {
 	start := !fin && s.kickLocked()
 	s.rmu.Unlock()
 	if fin {
-		s.finishToApp(s.app.CloseWrite())
+		s.finToApp(s.app)
 	}
 	if start {
 		go s.drain()
@@ -854,7 +870,11 @@ func (s *Stream) pumpFrom(app *net.TCPConn) (int64, error) {
 		}
 		if n <= 0 {
 			putBuf(bp)
+			s.sawAppEOF()
 			return total, s.CloseWrite()
+		}
+		if eof {
+			s.sawAppEOF()
 		}
 		err = s.sendFrom(*bp, n, eof)
 		putBuf(bp)
@@ -869,6 +889,12 @@ func (s *Stream) pumpFrom(app *net.TCPConn) (int64, error) {
 			return total, &net.OpError{Op: "read", Net: "tcp", Err: lerr}
 		}
 	}
+}
+
+func (s *Stream) sawAppEOF() {
+	s.rmu.Lock()
+	s.appEOF = true
+	s.rmu.Unlock()
 }
 
 // readFD is read(2), retried on EINTR.
