@@ -9,6 +9,13 @@
 // install), check (same answer, nothing changes; the plugin verifies the
 // rules), del (forget the pod), gc (the runtime's still-valid attachments).
 //
+// Sizes: responses and add/del/check requests are at most MaxMessageSize
+// (64 KiB); a gc request, which lists every attachment on the node, may
+// reach MaxRequestSize (1 MiB, MaxAttachments entries). The agent peeks
+// at each datagram's length and allocates only that; Call raises the
+// socket's send buffer for a large gc, since a unix datagram must fit it
+// whole.
+//
 // Every read and write has a deadline, every message is versioned and
 // validated, and every failure is an error that says what was wrong.
 // ErrAgentUnavailable marks "nobody is listening", which the plugin treats

@@ -16,8 +16,28 @@ import (
 // another version is refused with an error naming both.
 const Version = 1
 
-// MaxMessageSize bounds every datagram in both directions.
+// MaxMessageSize bounds every response and every request except gc.
+// An add, del or check request is a few hundred bytes (its fields are
+// bounded by Validate), so anything larger is refused, even though the
+// agent would read up to MaxRequestSize.
 const MaxMessageSize = 64 << 10
+
+// MaxRequestSize bounds a gc request, the only message that grows with
+// the node: it lists every attachment the runtime still has. A
+// containerd sandbox ID is 64 hex characters, so one entry costs ~60-100
+// bytes of JSON and 64 KiB held only ~650 of them, fewer than a large
+// node runs. MaxAttachments entries of 64-hex IDs take ~300-400 KiB; the
+// bound leaves room for longer IDs. The agent allocates what each
+// datagram needs (it learns the size before reading), not this bound.
+const MaxRequestSize = 1 << 20
+
+// maxRequestSize is the largest accepted request for op.
+func maxRequestSize(op Op) int {
+	if op == OpGC {
+		return MaxRequestSize
+	}
+	return MaxMessageSize
+}
 
 // Op is what the plugin asks for.
 type Op string
@@ -37,7 +57,10 @@ const (
 	OpGC Op = "gc"
 )
 
-// MaxAttachments bounds Request.Valid (the datagram size bounds it too).
+// MaxAttachments bounds Request.Valid: nodes run hundreds of sandboxes
+// (110 pods by default, 250+ with prefix delegation or on large
+// machines, plus non-Kubernetes sandboxes), so 4096 leaves a wide margin
+// while keeping a gc request within MaxRequestSize.
 const MaxAttachments = 4096
 
 // Attachment is one (container, interface) the runtime still uses.
@@ -188,11 +211,17 @@ func checkName(field, v string, max int) error {
 	return nil
 }
 
-// DecodeRequest parses and validates one request datagram.
+// DecodeRequest parses and validates one request datagram. A gc request
+// may be up to MaxRequestSize bytes, any other up to MaxMessageSize.
 func DecodeRequest(b []byte) (*Request, error) {
 	var r Request
-	if err := decodeStrict(b, &r); err != nil {
+	if err := decodeStrictN(b, &r, MaxRequestSize); err != nil {
 		return nil, fmt.Errorf("malformed request: %w", err)
+	}
+	// The op is known only after decoding; checked before Validate so an
+	// oversized add is refused for its size whatever else is wrong.
+	if max := maxRequestSize(r.Op); len(b) > max {
+		return nil, fmt.Errorf("%q request of %d bytes exceeds the %d byte limit (only gc requests may reach %d)", r.Op, len(b), max, MaxRequestSize)
 	}
 	if err := r.Validate(); err != nil {
 		return nil, err
@@ -238,13 +267,26 @@ func decodeStrictN(b []byte, v any, max int) error {
 	return nil
 }
 
-func encode(v any) ([]byte, error) {
+// encode marshals a response (or anything bounded by MaxMessageSize).
+func encode(v any) ([]byte, error) { return encodeN(v, MaxMessageSize) }
+
+func encodeN(v any, max int) ([]byte, error) {
 	b, err := json.Marshal(v)
 	if err != nil {
 		return nil, err
 	}
-	if len(b) > MaxMessageSize {
-		return nil, fmt.Errorf("message of %d bytes exceeds the %d byte limit", len(b), MaxMessageSize)
+	if len(b) > max {
+		return nil, fmt.Errorf("message of %d bytes exceeds the %d byte limit", len(b), max)
 	}
 	return b, nil
+}
+
+// encodeRequest marshals a request within its op's bound; a gc request
+// too large says how many attachments it lists.
+func encodeRequest(r *Request) ([]byte, error) {
+	b, err := encodeN(r, maxRequestSize(r.Op))
+	if err != nil && r.Op == OpGC {
+		return nil, fmt.Errorf("gc request listing %d attachments: %w", len(r.Valid), err)
+	}
+	return b, err
 }

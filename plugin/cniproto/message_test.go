@@ -2,6 +2,7 @@ package cniproto
 
 import (
 	"encoding/json"
+	"fmt"
 	"net/netip"
 	"path/filepath"
 	"strings"
@@ -26,21 +27,28 @@ func TestDecodeRequest(t *testing.T) {
 	if _, err := DecodeRequest(b); err != nil {
 		t.Fatalf("gc request: %v", err)
 	}
+	// Only gc may pass the 64 KiB bound.
+	b = append(b[:len(b)-1:len(b)-1], []byte(strings.Repeat(" ", MaxMessageSize)+"}")...)
+	if _, err := DecodeRequest(b); err != nil {
+		t.Fatalf("gc request of %d bytes: %v", len(b), err)
+	}
 	cases := map[string]string{
 		"":                         "empty message",
 		"{":                        "malformed",
 		`{"version":2,"op":"add"}`: "protocol version 2",
 		`{"version":1}`:            "no op",
 		`{"version":1,"op":"zap"}`: "unknown op",
-		`{"version":1,"op":"add","pod":{"namespace":"a","name":"b"}}`:                                                 "containerID is empty",
-		`{"version":1,"op":"add","pod":{"namespace":"a/b","name":"b","containerID":"c"}}`:                             "pod.namespace",
-		`{"version":1,"op":"add","pod":{"namespace":"a","name":"b","containerID":"c"},"x":1}`:                         "unknown field",
-		`{"version":1,"op":"add","pod":{"namespace":"a","name":"b","containerID":"c"}} {}`:                            "trailing data",
-		`{"version":1,"op":"gc","pod":{"name":"b"}}`:                                                                  "must not name a pod",
-		`{"version":1,"op":"del","pod":{"namespace":"a","name":"b","containerID":"c"},"valid":[{"containerID":"c"}]}`: "GC attachment list",
-		`{"version":1,"op":"gc","valid":[{"containerID":""}]}`:                                                        "valid[0]",
-		`{"version":1,"op":"add","pod":{"namespace":"a","name":"b","containerID":"c","ips":["x"]}}`:                   "malformed",
-		strings.Repeat(" ", MaxMessageSize+1):                                                                         "exceeds",
+		`{"version":1,"op":"add","pod":{"namespace":"a","name":"b"}}`:                                                              "containerID is empty",
+		`{"version":1,"op":"add","pod":{"namespace":"a/b","name":"b","containerID":"c"}}`:                                          "pod.namespace",
+		`{"version":1,"op":"add","pod":{"namespace":"a","name":"b","containerID":"c"},"x":1}`:                                      "unknown field",
+		`{"version":1,"op":"add","pod":{"namespace":"a","name":"b","containerID":"c"}} {}`:                                         "trailing data",
+		`{"version":1,"op":"gc","pod":{"name":"b"}}`:                                                                               "must not name a pod",
+		`{"version":1,"op":"del","pod":{"namespace":"a","name":"b","containerID":"c"},"valid":[{"containerID":"c"}]}`:              "GC attachment list",
+		`{"version":1,"op":"gc","valid":[{"containerID":""}]}`:                                                                     "valid[0]",
+		`{"version":1,"op":"add","pod":{"namespace":"a","name":"b","containerID":"c","ips":["x"]}}`:                                "malformed",
+		strings.Repeat(" ", MaxRequestSize+1):                                                                                      "exceeds the 1048576 byte limit",
+		`{"version":1,"op":"del","pod":{"namespace":"a","name":"b","containerID":"c"}` + strings.Repeat(" ", MaxMessageSize) + "}": "exceeds the 65536 byte limit (only gc requests may reach 1048576)",
+		`{"version":1,"op":"zap"` + strings.Repeat(" ", MaxMessageSize) + "}":                                                      "exceeds the 65536 byte limit",
 	}
 	for in, want := range cases {
 		_, err := DecodeRequest([]byte(in))
@@ -125,6 +133,16 @@ func FuzzDecodeRequest(f *testing.F) {
 	f.Add([]byte(`{"version":1,"op":"del","pod":{"namespace":"a","name":"b","containerID":"c","ips":["fd00::1/64"]}}`))
 	f.Add([]byte(`{"version":1,"op":"add","pod":{"namespace":"","name":"b"}}`))
 	f.Add([]byte("\x00\xff{"))
+	// Around the two size bounds: a gc over 64 KiB (accepted), an add
+	// padded over it (refused).
+	valid := make([]Attachment, 700)
+	for i := range valid {
+		valid[i] = Attachment{ContainerID: fmt.Sprintf("%064x", i), IfName: "eth0"}
+	}
+	b, _ = json.Marshal(&Request{Version: Version, Op: OpGC, Valid: valid})
+	f.Add(b)
+	b, _ = json.Marshal(goodRequest())
+	f.Add(append(b[:len(b)-1:len(b)-1], []byte(strings.Repeat(" ", MaxMessageSize)+"}")...))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		r, err := DecodeRequest(b)
 		if err != nil {
@@ -134,7 +152,7 @@ func FuzzDecodeRequest(f *testing.F) {
 		if err := r.Validate(); err != nil {
 			t.Fatalf("decoded request fails validation: %v", err)
 		}
-		out, err := encode(r)
+		out, err := encodeRequest(r)
 		if err != nil {
 			t.Fatalf("re-encoding: %v", err)
 		}

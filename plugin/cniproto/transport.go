@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -21,13 +22,20 @@ const DefaultSocket = "/var/run/ambit/cni.sock"
 // The plugin uses it to tell "no agent" from "agent said no".
 var ErrAgentUnavailable = errors.New("ambit-agent unavailable")
 
+// growSendBufferAbove is the request size from which Call raises the
+// socket's send buffer. A unix datagram must fit the sender's buffer
+// whole (sk_sndbuf minus a little, else EMSGSIZE); the default
+// (net.core.wmem_default, 208 KiB on most distributions) already fits
+// anything below this, so add/del/check never pay the extra syscall.
+const growSendBufferAbove = 128 << 10
+
 // Call sends one request, with the netns fd attached when netns is not nil,
 // and waits for the answer until ctx's deadline.
 func Call(ctx context.Context, socket string, req *Request, netns *os.File) (*Response, error) {
 	if err := req.Validate(); err != nil {
 		return nil, err
 	}
-	b, err := encode(req)
+	b, err := encodeRequest(req)
 	if err != nil {
 		return nil, err
 	}
@@ -48,7 +56,7 @@ func Call(ctx context.Context, socket string, req *Request, netns *os.File) (*Re
 	if netns != nil {
 		oob = unix.UnixRights(int(netns.Fd()))
 	}
-	if _, _, err := conn.WriteMsgUnix(b, oob, nil); err != nil {
+	if err := send(conn, req, b, oob, true); err != nil {
 		return nil, fmt.Errorf("sending request to ambit-agent at %s: %w", socket, ctxErr(ctx, err))
 	}
 	buf := make([]byte, MaxMessageSize+1)
@@ -62,7 +70,66 @@ func Call(ctx context.Context, socket string, req *Request, netns *os.File) (*Re
 	if n == 0 {
 		return nil, fmt.Errorf("ambit-agent at %s closed the connection without answering", socket)
 	}
-	return DecodeResponse(buf[:n])
+	resp, err := DecodeResponse(buf[:n])
+	if err != nil {
+		return nil, err
+	}
+	explainOldAgent(req, len(b), resp)
+	return resp, nil
+}
+
+// oldAgentRefusal is how an agent built before MaxRequestSize existed
+// refuses any datagram over MaxMessageSize (its read buffer truncated it).
+var oldAgentRefusal = fmt.Sprintf("request exceeds %d bytes", MaxMessageSize)
+
+// explainOldAgent turns an older agent's terse refusal of a large request
+// into something an operator can act on: the two binaries are of
+// different versions, and what that costs.
+func explainOldAgent(req *Request, size int, resp *Response) {
+	if size <= MaxMessageSize || !strings.HasPrefix(resp.Error, oldAgentRefusal) {
+		return
+	}
+	resp.Error = fmt.Sprintf("%s: this %s request lists %d attachments in %d bytes, but the ambit-agent on this node reads requests of at most %d bytes, "+
+		"so it is older than this ambit-cni (agent and plugin versions differ; upgrade ambit-agent). Harmless meanwhile: the runtime retries GC, and nothing else is affected",
+		resp.Error, req.Op, len(req.Valid), size, MaxMessageSize)
+}
+
+// send writes the request datagram. A large one (a gc on a busy node)
+// first raises the socket's send buffer when grow is set (tests clear it
+// to see the kernel refuse).
+func send(conn *net.UnixConn, req *Request, b, oob []byte, grow bool) error {
+	if grow && len(b) > growSendBufferAbove {
+		growSendBuffer(conn, len(b))
+	}
+	_, _, err := conn.WriteMsgUnix(b, oob, nil)
+	if errors.Is(err, unix.EMSGSIZE) {
+		sndbuf := -1
+		if rc, rerr := conn.SyscallConn(); rerr == nil {
+			rc.Control(func(fd uintptr) { sndbuf, _ = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_SNDBUF) })
+		}
+		return fmt.Errorf("the %d-byte %s request (%d attachments) does not fit this socket's %d-byte send buffer and the kernel refused to raise it (net.core.wmem_max, CAP_NET_ADMIN): %w",
+			len(b), req.Op, len(req.Valid), sndbuf, err)
+	}
+	return err
+}
+
+// growSendBuffer asks for a send buffer that holds a size-byte datagram.
+// SO_SNDBUFFORCE ignores net.core.wmem_max but needs CAP_NET_ADMIN, which
+// the plugin has when the runtime runs it as root; SO_SNDBUF is capped by
+// wmem_max. The kernel doubles the value for its own overhead. Errors are
+// not reported here: if the buffer stays too small, the write fails with
+// EMSGSIZE and send says so.
+func growSendBuffer(conn *net.UnixConn, size int) {
+	rc, err := conn.SyscallConn()
+	if err != nil {
+		return
+	}
+	want := size + 4096
+	rc.Control(func(fd uintptr) {
+		if unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, want) != nil {
+			unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_SNDBUF, want)
+		}
+	})
 }
 
 // ctxErr makes a deadline recognisable (errors.Is context.DeadlineExceeded)
@@ -184,23 +251,7 @@ func (s *Server) serveConn(parent context.Context, conn *net.UnixConn, timeout t
 	defer cancel()
 	conn.SetDeadline(time.Now().Add(timeout))
 
-	buf := make([]byte, MaxMessageSize+1)
-	oob := make([]byte, unix.CmsgSpace(4*4))
-	n, oobn, flags, _, err := conn.ReadMsgUnix(buf, oob)
-	if err != nil {
-		return fmt.Errorf("reading plugin request: %w", err)
-	}
-	fds, ferr := parseRights(oob[:oobn])
 	var netns *os.File
-	switch {
-	case len(fds) == 1:
-		netns = os.NewFile(uintptr(fds[0]), "netns")
-	case len(fds) > 1:
-		for _, fd := range fds {
-			unix.Close(fd)
-		}
-		ferr = fmt.Errorf("request carries %d file descriptors, at most one (the netns) is accepted", len(fds))
-	}
 	reply := func(r *Response) error {
 		r.Version = Version
 		b, err := encode(r)
@@ -219,11 +270,49 @@ func (s *Server) serveConn(parent context.Context, conn *net.UnixConn, timeout t
 		_ = reply(&Response{Error: err.Error()})
 		return err
 	}
+
+	// Learn the datagram's size first so a request costs the memory it
+	// needs: most are a few hundred bytes, a gc on a large node a few
+	// hundred KiB, and MaxConcurrent of them must not each hold 1 MiB.
+	size, err := peekSize(conn)
+	if err != nil {
+		return fmt.Errorf("reading plugin request: %w", err)
+	}
+	// One spare byte: a datagram that somehow grew would show as
+	// truncated rather than silently cut. A datagram over the bound is
+	// still read (into one byte, the kernel drops the rest) so its fds
+	// are closed and the answer is not lost: a unix socket closed with
+	// unread data resets its peer, which then never sees the reply.
+	bufSize := size + 1
+	if size > MaxRequestSize {
+		bufSize = 1
+	}
+	buf := make([]byte, bufSize)
+	oob := make([]byte, unix.CmsgSpace(4*4))
+	n, oobn, flags, _, err := conn.ReadMsgUnix(buf, oob)
+	if err != nil {
+		return fmt.Errorf("reading plugin request: %w", err)
+	}
+	fds, ferr := parseRights(oob[:oobn])
+	switch {
+	case len(fds) == 1:
+		netns = os.NewFile(uintptr(fds[0]), "netns")
+	case len(fds) > 1:
+		for _, fd := range fds {
+			unix.Close(fd)
+		}
+		ferr = fmt.Errorf("request carries %d file descriptors, at most one (the netns) is accepted", len(fds))
+	}
 	if ferr != nil {
 		return fail(ferr)
 	}
-	if flags&(unix.MSG_TRUNC|unix.MSG_CTRUNC) != 0 || n > MaxMessageSize {
-		return fail(fmt.Errorf("request exceeds %d bytes or carries too much control data", MaxMessageSize))
+	if size > MaxRequestSize {
+		// Same shape as the MaxMessageSize refusal of older agents, which
+		// Call recognises.
+		return fail(fmt.Errorf("request exceeds %d bytes (it has %d)", MaxRequestSize, size))
+	}
+	if flags&(unix.MSG_TRUNC|unix.MSG_CTRUNC) != 0 || n > MaxRequestSize {
+		return fail(fmt.Errorf("request exceeds %d bytes or carries too much control data", MaxRequestSize))
 	}
 	req, err := DecodeRequest(buf[:n])
 	if err != nil {
@@ -241,6 +330,41 @@ func (s *Server) serveConn(parent context.Context, conn *net.UnixConn, timeout t
 		resp = &Response{Error: "agent produced no answer"}
 	}
 	return reply(resp)
+}
+
+// peekSize waits for the next datagram and returns its length without
+// consuming it: recv with MSG_PEEK|MSG_TRUNC and no buffer reports the
+// full length on unix sockets. Passed fds stay queued (no control buffer,
+// so the kernel drops its peeked references). The fd is non-blocking, so
+// EAGAIN hands the wait to the runtime poller, where the connection's
+// deadline applies.
+func peekSize(conn *net.UnixConn) (int, error) {
+	rc, err := conn.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	var n int
+	var errno syscall.Errno
+	err = rc.Read(func(fd uintptr) bool {
+		for {
+			r, _, e := unix.Syscall6(unix.SYS_RECVFROM, fd, 0, 0, unix.MSG_PEEK|unix.MSG_TRUNC, 0, 0)
+			switch e {
+			case unix.EINTR:
+				continue
+			case unix.EAGAIN:
+				return false
+			}
+			n, errno = int(r), e
+			return true
+		}
+	})
+	if err != nil {
+		return 0, err
+	}
+	if errno != 0 {
+		return 0, os.NewSyscallError("recvfrom", errno)
+	}
+	return n, nil
 }
 
 func parseRights(oob []byte) ([]int, error) {
