@@ -343,7 +343,13 @@ func cmdGC(args *skel.CmdArgs) (err error) {
 		return err
 	}
 	defer end(&err)
-	req := &cniproto.Request{Version: cniproto.Version, Op: cniproto.OpGC}
+	// Checked here, not only in Call, so the error says what to do: the
+	// list is all-or-nothing (a partial one would make the agent forget
+	// pods still running), so GC is refused and nothing is forgotten.
+	if n := len(r.cfg.ValidAttachments); n > cniproto.MaxAttachments {
+		return types.NewError(types.ErrInvalidNetworkConfig, fmt.Sprintf("the runtime lists %d valid attachments; ambit-cni's GC handles at most %d per node, so nothing was collected and no pod was affected", n, cniproto.MaxAttachments), "")
+	}
+	req := &cniproto.Request{Version: cniproto.Version, Op: cniproto.OpGC, Valid: make([]cniproto.Attachment, 0, len(r.cfg.ValidAttachments))}
 	for _, a := range r.cfg.ValidAttachments {
 		req.Valid = append(req.Valid, cniproto.Attachment{ContainerID: a.ContainerID, IfName: a.IfName})
 	}
