@@ -216,6 +216,10 @@ func checkName(field, v string, max int) error {
 func DecodeRequest(b []byte) (*Request, error) {
 	var r Request
 	if err := decodeStrictN(b, &r, MaxRequestSize); err != nil {
+		if len(b) > MaxMessageSize && len(b) <= MaxRequestSize {
+			// Only a gc may be this large, and this is not one: say both.
+			return nil, fmt.Errorf("malformed request of %d bytes, which exceeds the %d byte limit of any request but gc: %w", len(b), MaxMessageSize, err)
+		}
 		return nil, fmt.Errorf("malformed request: %w", err)
 	}
 	// The op is known only after decoding; checked before Validate so an

@@ -48,6 +48,7 @@ func TestDecodeRequest(t *testing.T) {
 		`{"version":1,"op":"add","pod":{"namespace":"a","name":"b","containerID":"c","ips":["x"]}}`:                                "malformed",
 		strings.Repeat(" ", MaxRequestSize+1):                                                                                      "exceeds the 1048576 byte limit",
 		`{"version":1,"op":"del","pod":{"namespace":"a","name":"b","containerID":"c"}` + strings.Repeat(" ", MaxMessageSize) + "}": "exceeds the 65536 byte limit (only gc requests may reach 1048576)",
+		strings.Repeat("x", MaxMessageSize+512):                                                                                    "malformed request of 66048 bytes, which exceeds the 65536 byte limit",
 		`{"version":1,"op":"zap"` + strings.Repeat(" ", MaxMessageSize) + "}":                                                      "exceeds the 65536 byte limit",
 	}
 	for in, want := range cases {
