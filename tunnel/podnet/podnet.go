@@ -392,7 +392,7 @@ func (n *Net) dial(ctx context.Context, src netip.Addr, dst netip.AddrPort, keep
 		ctx, cancel = context.WithTimeout(ctx, DefaultDialTimeout)
 		defer cancel()
 	}
-	raddr := netip.AddrPortFrom(dstIP, dst.Port()).String()
+	raddr := netip.AddrPortFrom(dstIP, dst.Port())
 	c, err := inPod(n, async, func(leave func() error) (net.Conn, error) {
 		d := net.Dialer{KeepAlive: keepAlive, Control: func(_, _ string, rc syscall.RawConn) error {
 			// The socket exists (in the pod): leave before connect,
@@ -402,7 +402,18 @@ func (n *Net) dial(ctx context.Context, src netip.Addr, dst netip.AddrPort, keep
 			}
 			return control(rc, func(fd int) error { return n.dialOptions(fd, src) })
 		}}
-		return d.DialContext(ctx, network, raddr)
+		if !src.IsValid() {
+			return d.DialContext(ctx, network, raddr.String())
+		}
+		// net binds src:0 after Control. DialTCP also skips the
+		// address parsing and the per-dial deadline context (a timer)
+		// of DialContext; it cannot leave the local address unbound,
+		// hence DialContext above.
+		c, err := d.DialTCP(ctx, network, netip.AddrPortFrom(src, 0), raddr)
+		if err != nil {
+			return nil, err
+		}
+		return c, nil
 	})
 	if err != nil {
 		return nil, fmt.Errorf("podnet: dial %v: %w", dst, opError(err))
@@ -410,8 +421,9 @@ func (n *Net) dial(ctx context.Context, src netip.Addr, dst netip.AddrPort, keep
 	return c, nil
 }
 
-// dialOptions marks a dialing socket and binds it to src transparently.
-// net sets TCP_NODELAY itself once connected.
+// dialOptions marks a dialing socket and, for a valid src, makes it
+// transparent (net binds src:0 next). net sets TCP_NODELAY itself once
+// connected.
 func (n *Net) dialOptions(fd int, src netip.Addr) error {
 	if n.mark != 0 {
 		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_MARK, int(n.mark)); err != nil {
@@ -434,16 +446,10 @@ func (n *Net) dialOptions(fd int, src netip.Addr) error {
 		if err := unix.SetsockoptInt(fd, unix.SOL_IP, unix.IP_TRANSPARENT, 1); err != nil {
 			return fmt.Errorf("IP_TRANSPARENT: %w", err)
 		}
-		if err := unix.Bind(fd, &unix.SockaddrInet4{Addr: src.As4()}); err != nil {
-			return fmt.Errorf("bind %v: %w", src, err)
-		}
 		return nil
 	}
 	if err := unix.SetsockoptInt(fd, unix.SOL_IPV6, unix.IPV6_TRANSPARENT, 1); err != nil {
 		return fmt.Errorf("IPV6_TRANSPARENT: %w", err)
-	}
-	if err := unix.Bind(fd, &unix.SockaddrInet6{Addr: src.As16()}); err != nil {
-		return fmt.Errorf("bind %v: %w", src, err)
 	}
 	return nil
 }
