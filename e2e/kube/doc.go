@@ -10,7 +10,8 @@
 // poking at it afterwards (`eval $(e2e/kube/cluster.sh env)`), and
 // `e2e/kube/cluster.sh down` to remove it.
 //
-// The cases need root (network namespaces, mounts, cgroups) and run when
-// AMBIT_E2E_KUBE=1 (what `make e2e-kube` sets); otherwise, without root,
-// or under -short they skip loudly. See docs/e2e.md.
+// The cases need root (network namespaces, mounts, cgroups); `make test`
+// (CI) and `make e2e-kube` run them. Without root, under -short, or with
+// AMBIT_E2E_KUBE=0 (a quick local `go test ./...`) they skip loudly. See
+// docs/e2e.md.
 package kube
