@@ -44,7 +44,7 @@ unit:
 
 # Benchmarks and reports (never pass/fail on timing).
 bench: deps build
-	$(GO) test -run '^$$' -bench . -benchmem -count=1 -timeout 60m ./...
+	$(GO) test -run '^$$' -bench . -benchmem -count=1 -timeout 60m $$($(GO) list ./... | grep -v '/e2e/kube$$')
 	cd tunnel/interop/istio && $(GO) test -run '^$$' -bench . -benchmem -count=1 -timeout 30m ./...
 
 # Short fuzzing of every parser (FUZZTIME per target).
