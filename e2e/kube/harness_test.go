@@ -76,10 +76,10 @@ func TestMain(m *testing.M) {
 		skipWhy = "SKIPPED: e2e/kube needs root (network namespaces, mounts, cgroups); CI runs as root"
 	case testing.Short():
 		skipWhy = "SKIPPED: e2e/kube brings up a real two-node cluster; not in -short mode"
-	case flag.Lookup("test.run").Value.String() == "^$":
+	case flag.Lookup("test.run").Value.String() == "^$" || flag.Lookup("test.list").Value.String() != "":
 		// Benchmarks only (go test -run '^$' -bench . ./...): no case
 		// would run, so bring nothing up.
-		skipWhy = "SKIPPED: -run '^$' selects no case"
+		skipWhy = "SKIPPED: -run '^$' or -list: no case runs"
 	case os.Getenv("AMBIT_E2E_KUBE") == "0":
 		// Part of `make test` and CI. A cold cache costs a 20+ minute
 		// build of Kubernetes once per machine; AMBIT_E2E_KUBE=0 leaves
