@@ -23,7 +23,7 @@ import (
 	"github.com/ambit-mesh/ambit/tunnel"
 	"github.com/ambit-mesh/ambit/tunnel/hbone"
 	"github.com/ambit-mesh/ambit/tunnel/internal/podtest"
-	"github.com/ambit-mesh/ambit/tunnel/internal/testca"
+	"github.com/ambit-mesh/ambit/internal/testca"
 )
 
 // capture runs tcpdump on a pod's link until stop is called and returns

@@ -2,84 +2,28 @@ package agent
 
 import (
 	"bufio"
-	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"fmt"
-	"math/big"
 	"net/netip"
-	"net/url"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/ambit-mesh/ambit/internal/testca"
 	"github.com/ambit-mesh/ambit/internal/testenv"
 	"github.com/ambit-mesh/ambit/node-agent/cluster"
 	"github.com/ambit-mesh/ambit/tunnel"
 )
 
-// testCA issues SPIFFE certificates on demand (tunnel.Certificates).
-type testCA struct {
-	key   *ecdsa.PrivateKey
-	cert  *x509.Certificate
-	pool  *x509.CertPool
-	mu    sync.Mutex
-	certs map[string]*tls.Certificate
-}
-
-func newTestCA(t testing.TB) *testCA {
-	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "test root"},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
-		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+// newTestCA is a throwaway SPIFFE CA issuing on demand (tunnel.Certificates).
+func newTestCA(t testing.TB) *testca.Store {
+	ca, err := testca.New("cluster.local")
 	if err != nil {
 		t.Fatal(err)
 	}
-	c, _ := x509.ParseCertificate(der)
-	pool := x509.NewCertPool()
-	pool.AddCert(c)
-	return &testCA{key: key, cert: c, pool: pool, certs: map[string]*tls.Certificate{}}
+	return testca.NewStore(ca)
 }
-
-func (ca *testCA) Certificate(_ context.Context, id string) (*tls.Certificate, error) {
-	ca.mu.Lock()
-	defer ca.mu.Unlock()
-	if c, ok := ca.certs[id]; ok {
-		return c, nil
-	}
-	u, err := url.Parse(id)
-	if err != nil {
-		return nil, err
-	}
-	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(time.Now().UnixNano()), URIs: []*url.URL{u},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
-		KeyUsage:    x509.KeyUsageDigitalSignature,
-		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
-	if err != nil {
-		return nil, err
-	}
-	leaf, _ := x509.ParseCertificate(der)
-	c := &tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf}
-	ca.certs[id] = c
-	return c, nil
-}
-
-func (ca *testCA) Roots() *x509.CertPool { return ca.pool }
-func (ca *testCA) TrustDomain() string   { return "cluster.local" }
 
 // TestMeshThroughRealTunnel: two pods enrolled by this agent, served by
 // the real tunnel; the client's request reaches the server's app over

@@ -21,7 +21,7 @@ import (
 
 	"github.com/ambit-mesh/ambit/tunnel/internal/benchkit"
 	"github.com/ambit-mesh/ambit/tunnel/internal/podtest"
-	"github.com/ambit-mesh/ambit/tunnel/internal/testca"
+	"github.com/ambit-mesh/ambit/internal/testca"
 )
 
 // The Istio side runs as a child process inside a pod's netns (ip netns

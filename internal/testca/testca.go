@@ -1,4 +1,4 @@
-// Package testca is a throwaway SPIFFE CA for the tunnel's tests and
+// Package testca is a throwaway SPIFFE CA for tests and
 // benchmarks (ECDSA P-256, URI SAN spiffe://<td>/ns/<ns>/sa/<sa>), and a
 // tunnel.Certificates backed by it.
 package testca
