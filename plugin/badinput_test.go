@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ambit-mesh/ambit/plugin/cniproto/cniprototest"
+
 	"github.com/ambit-mesh/ambit/internal/testenv"
 	"github.com/ambit-mesh/ambit/plugin/cniproto"
 	"github.com/ambit-mesh/ambit/plugin/internal/nstest"
@@ -148,23 +150,11 @@ func TestSlowAndGarbageAgent(t *testing.T) {
 	d.noRules()
 
 	garbage := filepath.Join(t.TempDir(), "garbage.sock")
-	l, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: garbage, Net: "unixpacket"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	go func() {
-		for {
-			c, err := l.AcceptUnix()
-			if err != nil {
-				return
-			}
-			buf := make([]byte, 70000)
-			c.Read(buf)
-			c.Write([]byte(`{"version":1,"decision":"enroll","redirect":{"outboundPort":15001}}`))
-			c.Close()
-		}
-	}()
+	cniprototest.Serve(t, garbage, func(c *net.UnixConn) {
+		buf := make([]byte, 70000)
+		c.Read(buf)
+		c.Write([]byte(`{"version":1,"decision":"enroll","redirect":{"outboundPort":15001}}`))
+	})
 	_, e = d.run("ADD", func(m map[string]any) { m["agentSocket"] = garbage })
 	wantCode(t, "garbage agent", e, errAgentProtocol, "bad redirect parameters")
 	d.noRules()

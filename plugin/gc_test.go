@@ -1,14 +1,14 @@
 package main
 
 import (
-	"net"
 	"path/filepath"
 	"strings"
 	"testing"
 
+	"github.com/ambit-mesh/ambit/plugin/cniproto/cniprototest"
+
 	"github.com/ambit-mesh/ambit/plugin/cniproto"
 	"github.com/containernetworking/cni/pkg/types"
-	"golang.org/x/sys/unix"
 )
 
 // gcWith returns a mutation that turns the direct conf into a GC of
@@ -65,29 +65,7 @@ func TestGCLargeNode(t *testing.T) {
 // differ. A small GC still works with it.
 func TestGCOldAgent(t *testing.T) {
 	socket := filepath.Join(t.TempDir(), "old.sock")
-	l, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: socket, Net: "unixpacket"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	go func() {
-		for {
-			c, err := l.AcceptUnix()
-			if err != nil {
-				return
-			}
-			// The old serveConn: a fixed 64 KiB+1 buffer, truncation refused.
-			buf := make([]byte, cniproto.MaxMessageSize+1)
-			oob := make([]byte, unix.CmsgSpace(16))
-			_, _, flags, _, err := c.ReadMsgUnix(buf, oob)
-			answer := `{"version":1,"decision":"skip"}`
-			if err == nil && flags&(unix.MSG_TRUNC|unix.MSG_CTRUNC) != 0 {
-				answer = `{"version":1,"error":"request exceeds 65536 bytes or carries too much control data"}`
-			}
-			c.Write([]byte(answer))
-			c.Close()
-		}
-	}()
+	cniprototest.Serve(t, socket, cniprototest.OldAgent)
 	d := newDirect(t, "mesh", socket)
 	_, e := d.run("GC", gcWith(sandboxIDs(1500)))
 	wantCode(t, "big GC to an old agent", e, errAgentRefused, "ambit-agent: request exceeds 65536 bytes")

@@ -15,6 +15,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ambit-mesh/ambit/plugin/cniproto/cniprototest"
+
 	"github.com/ambit-mesh/ambit/internal/testenv"
 	"golang.org/x/sys/unix"
 )
@@ -196,29 +198,7 @@ func TestServerSizesBufferFromPeek(t *testing.T) {
 func TestOldAgentRefusal(t *testing.T) {
 	testenv.RequireRoot(t)
 	path := filepath.Join(t.TempDir(), "old.sock")
-	l, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: path, Net: "unixpacket"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	go func() {
-		for {
-			c, err := l.AcceptUnix()
-			if err != nil {
-				return
-			}
-			// What serveConn did before: a fixed buffer, MSG_TRUNC refused.
-			buf := make([]byte, MaxMessageSize+1)
-			oob := make([]byte, unix.CmsgSpace(4*4))
-			_, _, flags, _, err := c.ReadMsgUnix(buf, oob)
-			answer := `{"version":1,"decision":"skip"}`
-			if err == nil && flags&(unix.MSG_TRUNC|unix.MSG_CTRUNC) != 0 {
-				answer = `{"version":1,"error":"request exceeds 65536 bytes or carries too much control data"}`
-			}
-			c.Write([]byte(answer))
-			c.Close()
-		}
-	}()
+	cniprototest.Serve(t, path, cniprototest.OldAgent)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	resp, err := Call(ctx, path, gcRequest(sandboxIDs(1000)), nil)
