@@ -49,17 +49,11 @@ func staticNode(t *testing.T, prefix string, extra func(dir string) string) (dir
 	return dir, cfg
 }
 
-// TestRunStatic runs the built ambit-agent with a static inventory: the
-// whole wiring (inventory, local CA, real tunnel, policies, health) comes
-// up, becomes ready, enrolls a pod at ADD and stops cleanly on SIGTERM.
-func TestRunStatic(t *testing.T) {
-	testenv.RequireRoot(t)
-	bin := testenv.Binary(t, "ambit-agent")
-	dir, cfg := staticNode(t, "amb-agt-", func(dir string) string {
-		return "healthAddr: 127.0.0.1:15931\npolicyDir: " + filepath.Join(dir, "policies") + "\ndrainTimeout: 2s\n"
-	})
-
-	cmd := exec.Command(bin, "run", "-config", cfg)
+// startProcess starts bin (stderr to the test's) and kills it at the end
+// of the test unless the test waited for it.
+func startProcess(t *testing.T, bin string, args ...string) *exec.Cmd {
+	t.Helper()
+	cmd := exec.Command(bin, args...)
 	cmd.Stderr = os.Stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -70,6 +64,20 @@ func TestRunStatic(t *testing.T) {
 			cmd.Wait()
 		}
 	})
+	return cmd
+}
+
+// TestRunStatic runs the built ambit-agent with a static inventory: the
+// whole wiring (inventory, local CA, real tunnel, policies, health) comes
+// up, becomes ready, enrolls a pod at ADD and stops cleanly on SIGTERM.
+func TestRunStatic(t *testing.T) {
+	testenv.RequireRoot(t)
+	bin := testenv.Binary(t, "ambit-agent")
+	dir, cfg := staticNode(t, "amb-agt-", func(dir string) string {
+		return "healthAddr: 127.0.0.1:15931\npolicyDir: " + filepath.Join(dir, "policies") + "\ndrainTimeout: 2s\n"
+	})
+
+	cmd := startProcess(t, bin, "run", "-config", cfg)
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		if code, _ := get("http://127.0.0.1:15931/readyz"); code == 200 {
@@ -157,18 +165,7 @@ func TestSurgeOverlap(t *testing.T) {
 	readyz := "http://127.0.0.1:15932/readyz"
 	start := func(name string) (*exec.Cmd, string) {
 		file := filepath.Join(dir, name+".instance")
-		cmd := exec.Command(bin, "run", "-config", cfg, "--instance-file", file)
-		cmd.Stderr = os.Stderr
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() {
-			if cmd.ProcessState == nil {
-				cmd.Process.Kill()
-				cmd.Wait()
-			}
-		})
-		return cmd, file
+		return startProcess(t, bin, "run", "-config", cfg, "--instance-file", file), file
 	}
 	probe := func(file string) error {
 		return exec.Command(bin, "probe", "-config", cfg, "--instance-file", file).Run()
