@@ -20,10 +20,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ambit-mesh/ambit/internal/testca"
 	"github.com/ambit-mesh/ambit/tunnel"
 	"github.com/ambit-mesh/ambit/tunnel/hbone"
 	"github.com/ambit-mesh/ambit/tunnel/internal/podtest"
-	"github.com/ambit-mesh/ambit/internal/testca"
 )
 
 // capture runs tcpdump on a pod's link until stop is called and returns

@@ -19,10 +19,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ambit-mesh/ambit/internal/testca"
 	"github.com/ambit-mesh/ambit/tunnel"
 	"github.com/ambit-mesh/ambit/tunnel/internal/meshtest"
 	"github.com/ambit-mesh/ambit/tunnel/internal/podtest"
-	"github.com/ambit-mesh/ambit/internal/testca"
 	"github.com/ambit-mesh/ambit/tunnel/podnet"
 )
 

@@ -15,9 +15,9 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/ambit-mesh/ambit/internal/testca"
 	"github.com/ambit-mesh/ambit/tunnel"
 	"github.com/ambit-mesh/ambit/tunnel/internal/podtest"
-	"github.com/ambit-mesh/ambit/internal/testca"
 	"github.com/ambit-mesh/ambit/tunnel/podnet"
 )
 

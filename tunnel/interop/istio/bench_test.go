@@ -8,9 +8,9 @@ import (
 	"os"
 	"testing"
 
+	"github.com/ambit-mesh/ambit/internal/testca"
 	"github.com/ambit-mesh/ambit/internal/testenv"
 	"github.com/ambit-mesh/ambit/tunnel/internal/benchkit"
-	"github.com/ambit-mesh/ambit/internal/testca"
 )
 
 // istioPair is the baseline: Istio's Go HBONE as a proxy pair, its

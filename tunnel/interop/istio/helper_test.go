@@ -19,9 +19,9 @@ import (
 	istiohbone "istio.io/istio/pkg/hbone"
 	istiolog "istio.io/istio/pkg/log"
 
+	"github.com/ambit-mesh/ambit/internal/testca"
 	"github.com/ambit-mesh/ambit/tunnel/internal/benchkit"
 	"github.com/ambit-mesh/ambit/tunnel/internal/podtest"
-	"github.com/ambit-mesh/ambit/internal/testca"
 )
 
 // The Istio side runs as a child process inside a pod's netns (ip netns
