@@ -10,12 +10,14 @@ package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"log/slog"
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -272,8 +274,28 @@ func run(ctx context.Context, args []string) error {
 	}
 	if cfg.HealthAddr != "" {
 		go func() {
-			if err := hs.Serve(ctx, cfg.HealthAddr); err != nil {
-				log.Error("health server", "err", err)
+			// Retry while the port is taken: an agent of a version
+			// before the shared port (no SO_REUSEPORT) holds it until
+			// the upgrade stops it. Giving up would leave this agent
+			// without probes once the old one is gone.
+			for warned := false; ; {
+				err := hs.Serve(ctx, cfg.HealthAddr)
+				if err == nil || ctx.Err() != nil {
+					return
+				}
+				if !errors.Is(err, syscall.EADDRINUSE) {
+					log.Error("health server", "err", err)
+					return
+				}
+				if !warned {
+					log.Warn("health port taken (an older agent without SO_REUSEPORT?); retrying every second", "addr", cfg.HealthAddr)
+					warned = true
+				}
+				select {
+				case <-ctx.Done():
+					return
+				case <-time.After(time.Second):
+				}
 			}
 		}()
 	}

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"io"
+	"net"
 	"net/http"
 	"net/netip"
 	"os"
@@ -225,4 +226,40 @@ func TestSurgeOverlap(t *testing.T) {
 	}
 	neu.Process.Signal(syscall.SIGTERM)
 	neu.Wait()
+}
+
+// TestHealthPortHeldByOldAgent: the first upgrade to a version with the
+// shared health port finds the old agent holding :15021 without
+// SO_REUSEPORT. The new agent must take the port once the old one lets it
+// go, not give up (which would leave it without probes and get it killed
+// by its liveness probe).
+func TestHealthPortHeldByOldAgent(t *testing.T) {
+	testenv.RequireRoot(t)
+	bin := testenv.Binary(t, "ambit-agent")
+	old, err := net.Listen("tcp", "127.0.0.1:15933") // no SO_REUSEPORT
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer old.Close()
+	_, cfg := staticNode(t, "amb-oldport-", func(string) string { return "healthAddr: 127.0.0.1:15933\n" })
+	dir := filepath.Dir(cfg)
+	file := filepath.Join(dir, "instance")
+	startProcess(t, bin, "run", "-config", cfg, "--instance-file", file)
+	deadline := time.Now().Add(30 * time.Second)
+	for exec.Command(bin, "probe", "-config", cfg, "--instance-file", file).Run() != nil {
+		if time.Now().After(deadline) {
+			t.Fatal("agent not ready within 30s while the old agent held the health port")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	old.Close()
+	for {
+		if code, _ := get("http://127.0.0.1:15933/readyz"); code == 200 {
+			break
+		}
+		if time.Now().After(deadline.Add(10 * time.Second)) {
+			t.Fatal("the agent never took the health port after the old agent released it")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }
