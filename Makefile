@@ -32,11 +32,17 @@ deps:
 # Ambit from manifests/ — sharing the two cores with the other suites would
 # only slow both. Its binaries are built from the Go module proxy on the
 # first run and cached in /var/cache/ambit-e2e (kube-build).
-test: deps build kube-build
-	$(GO) vet ./...
+test: deps build kube-build lint
 	$(GO) test -count=1 -timeout 45m $$($(GO) list ./... | grep -v '/e2e/kube$$')
 	cd tunnel/interop/istio && $(GO) vet ./... && $(GO) test -count=1 -timeout 15m ./...
 	$(GO) test -count=1 -timeout 40m ./e2e/kube/
+
+# gofmt over every Go file, go vet over the main module (part of make test;
+# the Istio interop module is vetted in its own step).
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go' -not -path './.cache/*')); \
+	  if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
 
 # Unit tests only (no root needed; privileged tests skip and say so).
 unit:
