@@ -223,7 +223,7 @@ func run(ctx context.Context, args []string) error {
 
 	var host agent.HostRules
 	if cfg.Enabled(cfg.HostRules) {
-		hr, err := hostrules.New(hostrules.Config{Registerer: reg, Logger: log})
+		hr, err := hostrules.New(hostrules.Config{Registerer: reg, Logger: log, IPv4Only: cfg.IPv6 == "off"})
 		if err != nil {
 			return err
 		}

@@ -49,6 +49,10 @@ type Config struct {
 	// backend: "legacy" or "nft" (also accepted as "iptables-legacy",
 	// "iptables-nft"). Empty: redirect.DetectIptables, once per process.
 	IPTablesVariant string
+	// IPv4Only leaves IPv6 alone: no v6 set, rule or ip6tables chain, and
+	// IPv6 pod addresses are ignored. For hosts without IPv6 NAT (the
+	// agent sets it when its config says ipv6: off).
+	IPv4Only bool
 	// Registerer receives the metrics; nil registers nothing.
 	Registerer prometheus.Registerer
 	Logger     *slog.Logger
@@ -170,7 +174,8 @@ func (m *Manager) Repairs() uint64 {
 	return uint64(counterValue(m.repairs))
 }
 
-func cleanIPs(ips []netip.Addr) ([]netip.Addr, error) {
+// cleanIPs validates ips and drops the IPv6 ones when v4only.
+func cleanIPs(ips []netip.Addr, v4only bool) ([]netip.Addr, error) {
 	out := make([]netip.Addr, 0, len(ips))
 	for _, ip := range ips {
 		if !ip.IsValid() {
@@ -179,6 +184,9 @@ func cleanIPs(ips []netip.Addr) ([]netip.Addr, error) {
 		ip = ip.Unmap()
 		if ip.IsUnspecified() || ip.IsLoopback() || ip.IsMulticast() {
 			return nil, fmt.Errorf("hostrules: %s is not a pod IP", ip)
+		}
+		if v4only && ip.Is6() {
+			continue
 		}
 		out = append(out, ip)
 	}
@@ -191,7 +199,7 @@ func (m *Manager) Add(uid string, ips []netip.Addr) error {
 	if uid == "" {
 		return errors.New("hostrules: Add needs the pod UID")
 	}
-	ips, err := cleanIPs(ips)
+	ips, err := cleanIPs(ips, m.cfg.IPv4Only)
 	if err != nil {
 		return err
 	}
@@ -227,7 +235,7 @@ func (m *Manager) Add(uid string, ips []netip.Addr) error {
 // Remove deletes the IPs still owned by uid; IPs another pod took over are
 // left alone.
 func (m *Manager) Remove(uid string, ips []netip.Addr) error {
-	ips, err := cleanIPs(ips)
+	ips, err := cleanIPs(ips, m.cfg.IPv4Only)
 	if err != nil {
 		return err
 	}
@@ -267,7 +275,7 @@ func (m *Manager) Sync(want map[string][]netip.Addr) error {
 		if uid == "" {
 			return errors.New("hostrules: Sync with an empty pod UID")
 		}
-		ips, err := cleanIPs(want[uid])
+		ips, err := cleanIPs(want[uid], m.cfg.IPv4Only)
 		if err != nil {
 			return fmt.Errorf("%w (pod %s)", err, uid)
 		}

@@ -450,3 +450,51 @@ func TestNFTablesDeletionRepairedByNotification(t *testing.T) {
 		}
 	}
 }
+
+// TestIPv4Only: on a host without IPv6 NAT (agent config ipv6: off) the
+// Manager writes no IPv6 set, rule or ip6tables chain, ignores pods' IPv6
+// addresses, still SNATs IPv4 probes, and finds nothing to repair.
+func TestIPv4Only(t *testing.T) {
+	for _, bc := range backends() {
+		t.Run(bc.name, func(t *testing.T) {
+			tp := newTopo(t)
+			tp.server(t)
+			m, err := New(Config{Backend: bc.backend, NetNS: tp.hostNS, Interval: 50 * time.Millisecond, IPv4Only: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { m.Uninstall() })
+			if err := m.Add("uid-1", []netip.Addr{podV4, podV6}); err != nil {
+				t.Fatal(err)
+			}
+			if got := sourceSeen(t, tp.hostNS, "10.77.1.2:8080"); got != probe4 {
+				t.Fatalf("local v4 probe: source %s, want %s", got, probe4)
+			}
+			if got := sourceSeen(t, tp.hostNS, "[fd00:77:1::2]:8080"); got == probe6 {
+				t.Fatalf("v6 probe SNATed with IPv4Only")
+			}
+			if got := m.Entries(); len(got) != 1 || got[podV4] != "uid-1" {
+				t.Fatalf("entries %v, want only %s", got, podV4)
+			}
+			var cmd []string
+			switch bc.backend {
+			case BackendNFTables:
+				cmd = []string{"nft", "list", "ruleset"}
+			default:
+				cmd = []string{strings.Replace(bc.backend, "iptables", "ip6tables", 1), "-t", "nat", "-S"}
+			}
+			out, err := exec.Command("ip", append([]string{"netns", "exec", tp.host}, cmd...)...).CombinedOutput()
+			if err != nil {
+				t.Fatalf("%v: %v\n%s", cmd, err, out)
+			}
+			for _, bad := range []string{"probes-v6", "ip6 ", "AMBIT"} {
+				if strings.Contains(string(out), bad) {
+					t.Errorf("IPv6 state %q written with IPv4Only:\n%s", bad, out)
+				}
+			}
+			if err := m.Reconcile(); err != nil || m.Repairs() != 0 {
+				t.Fatalf("reconcile of intact v4-only state: err %v, %d repairs", err, m.Repairs())
+			}
+		})
+	}
+}

@@ -63,12 +63,15 @@ func newIPT(cfg Config) (*iptBackend, error) {
 	if err != nil {
 		return nil, fmt.Errorf("hostrules: iptables backend: %w", err)
 	}
-	p6, err := exec.LookPath("ip6tables-" + b.variant)
-	if err != nil {
-		return nil, fmt.Errorf("hostrules: iptables backend: %w", err)
-	}
 	if b.ipt4, err = iptables.New(iptables.IPFamily(iptables.ProtocolIPv4), iptables.Path(p4), iptables.Timeout(5)); err != nil {
 		return nil, fmt.Errorf("hostrules: %s: %w", p4, err)
+	}
+	if cfg.IPv4Only {
+		return b, nil
+	}
+	p6, err := exec.LookPath("ip6tables-" + b.variant)
+	if err != nil {
+		return nil, fmt.Errorf("hostrules: iptables backend: %w (set the agent's ipv6: off on hosts without IPv6 NAT)", err)
 	}
 	if b.ipt6, err = iptables.New(iptables.IPFamily(iptables.ProtocolIPv6), iptables.Path(p6), iptables.Timeout(5)); err != nil {
 		return nil, fmt.Errorf("hostrules: %s: %w", p6, err)
@@ -127,11 +130,15 @@ func (b *iptBackend) families() []struct {
 	v6  bool
 	set string
 } {
-	return []struct {
+	fams := []struct {
 		ipt *iptables.IPTables
 		v6  bool
 		set string
 	}{{b.ipt4, false, b.set4}, {b.ipt6, true, b.set6}}
+	if b.cfg.IPv4Only {
+		return fams[:1]
+	}
+	return fams
 }
 
 func (b *iptBackend) check(want map[netip.Addr]string) (string, error) {

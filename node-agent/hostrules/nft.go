@@ -180,6 +180,10 @@ func (b *nftBackend) check(want map[netip.Addr]string) (string, error) {
 	}
 	v4set, v6set := b.sets()
 	wantRules := []*nftables.Rule{b.rule(v4set, false), b.rule(v6set, true)}
+	setNames := []string{nftSetV4, nftSetV6}
+	if b.cfg.IPv4Only {
+		wantRules, setNames = wantRules[:1], setNames[:1]
+	}
 	if len(rules) != len(wantRules) {
 		return fmt.Sprintf("%d rules in the chain, want %d", len(rules), len(wantRules)), nil
 	}
@@ -189,7 +193,7 @@ func (b *nftBackend) check(want map[netip.Addr]string) (string, error) {
 		}
 	}
 	got := map[netip.Addr]string{}
-	for _, name := range []string{nftSetV4, nftSetV6} {
+	for _, name := range setNames {
 		s, err := c.GetSetByName(b.table, name)
 		if err != nil {
 			return "set " + name + " missing", nil
@@ -232,12 +236,16 @@ func (b *nftBackend) write(want map[netip.Addr]string) error {
 	if err := c.AddSet(v4set, e4); err != nil {
 		return b.done(err)
 	}
-	if err := c.AddSet(v6set, e6); err != nil {
-		return b.done(err)
+	if !b.cfg.IPv4Only {
+		if err := c.AddSet(v6set, e6); err != nil {
+			return b.done(err)
+		}
 	}
 	c.AddChain(b.chain())
 	c.AddRule(b.rule(v4set, false))
-	c.AddRule(b.rule(v6set, true))
+	if !b.cfg.IPv4Only {
+		c.AddRule(b.rule(v6set, true))
+	}
 	return b.done(c.Flush())
 }
 
