@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 	"strings"
 	"syscall"
+
+	"golang.org/x/sys/unix"
 )
 
 // TempMarker is part of every temporary file name this package creates, so
@@ -51,10 +53,13 @@ func WriteFrom(path string, r io.Reader, o Options) error {
 }
 
 // Replace atomically replaces path with data, but only if path still holds
-// exactly old right before the rename; otherwise it returns ErrChanged and
-// leaves path alone. The window between that check and the rename is a few
-// microseconds; it narrows, but cannot close, a race with a writer that
-// does not cooperate.
+// exactly old; otherwise it returns ErrChanged and leaves the other
+// writer's file in place. The swap is renameat2(RENAME_EXCHANGE): what it
+// took out of path is compared with old afterwards, and if another writer
+// got in between the check and the swap, the swap is undone — so that
+// writer's change is not lost (a plain rename would overwrite it). Where
+// the filesystem cannot exchange, a check right before a plain rename
+// narrows the race to microseconds.
 func Replace(path string, old, data []byte, o Options) error {
 	if old == nil {
 		old = []byte{}
@@ -78,10 +83,40 @@ func replace(path string, old, data []byte, o Options) error {
 			return fmt.Errorf("%w: %s", ErrChanged, path)
 		}
 		return nil
-	})
+	}, old)
 }
 
-func writeTemp(path string, o Options, fill func(*os.File) error, check func() error) (err error) {
+// exchange swaps tmp and path, then checks that what came out of path is
+// old; if not, it swaps back and reports ErrChanged. ok is false when the
+// filesystem cannot exchange (the caller renames instead).
+func exchange(tmp, path string, old []byte) (ok bool, err error) {
+	if err := unix.Renameat2(unix.AT_FDCWD, tmp, unix.AT_FDCWD, path, unix.RENAME_EXCHANGE); err != nil {
+		if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOSYS) || errors.Is(err, unix.EOPNOTSUPP) {
+			return false, nil
+		}
+		if errors.Is(err, unix.ENOENT) {
+			return true, fmt.Errorf("%w: %s vanished", ErrChanged, path)
+		}
+		return true, fmt.Errorf("exchanging %s and %s: %w", tmp, path, err)
+	}
+	prev, err := os.ReadFile(tmp)
+	if err == nil && bytes.Equal(prev, old) {
+		os.Remove(tmp)
+		return true, nil
+	}
+	// Another writer replaced path between our check and the swap: put
+	// its file back.
+	if berr := unix.Renameat2(unix.AT_FDCWD, tmp, unix.AT_FDCWD, path, unix.RENAME_EXCHANGE); berr != nil {
+		return true, fmt.Errorf("%w: %s, and restoring the other writer's file failed: %v", ErrChanged, path, berr)
+	}
+	os.Remove(tmp)
+	return true, fmt.Errorf("%w: %s (during the swap)", ErrChanged, path)
+}
+
+// writeTemp writes a temporary file with fill and moves it to path. With
+// check, path must pass it first; with expect (Replace), the move is an
+// exchange verified against expect.
+func writeTemp(path string, o Options, fill func(*os.File) error, check func() error, expect ...[]byte) (err error) {
 	dir, base := filepath.Split(path)
 	if dir == "" {
 		dir = "."
@@ -126,6 +161,15 @@ func writeTemp(path string, o Options, fill func(*os.File) error, check func() e
 	if check != nil {
 		if err = check(); err != nil {
 			return err
+		}
+	}
+	if len(expect) == 1 && expect[0] != nil {
+		var swapped bool
+		if swapped, err = exchange(tmp, path, expect[0]); swapped {
+			if err != nil {
+				return err
+			}
+			return syncDir(dir)
 		}
 	}
 	if err = os.Rename(tmp, path); err != nil {

@@ -47,3 +47,35 @@ func TestWriteReplaceAndLeftovers(t *testing.T) {
 		t.Errorf("removing a missing file: %v", err)
 	}
 }
+
+// The swap behind Replace: it goes through when path still holds what the
+// caller read, and when another writer got in between (the window a check
+// before a plain rename leaves open), that writer's file stays.
+func TestExchangeKeepsAConcurrentWrite(t *testing.T) {
+	dir := t.TempDir()
+	path, tmp := filepath.Join(dir, "10-x.conflist"), filepath.Join(dir, ".10-x.conflist"+TempMarker+"1")
+	os.WriteFile(path, []byte("read"), 0o644)
+	os.WriteFile(tmp, []byte("ours"), 0o644)
+	if ok, err := exchange(tmp, path, []byte("read")); !ok || err != nil {
+		t.Fatalf("exchange over an unchanged file: %v %v", ok, err)
+	}
+	if b, _ := os.ReadFile(path); string(b) != "ours" {
+		t.Fatalf("path holds %q, want ours", b)
+	}
+	if _, err := os.Stat(tmp); !os.IsNotExist(err) {
+		t.Fatalf("temporary file left: %v", err)
+	}
+
+	os.WriteFile(path, []byte("theirs"), 0o644) // written after we read "read"
+	os.WriteFile(tmp, []byte("ours again"), 0o644)
+	ok, err := exchange(tmp, path, []byte("ours"))
+	if !ok || !errors.Is(err, ErrChanged) {
+		t.Fatalf("exchange over a changed file: %v %v, want ErrChanged", ok, err)
+	}
+	if b, _ := os.ReadFile(path); string(b) != "theirs" {
+		t.Fatalf("the other writer's file was lost: path holds %q", b)
+	}
+	if _, err := os.Stat(tmp); !os.IsNotExist(err) {
+		t.Fatalf("temporary file left: %v", err)
+	}
+}
