@@ -114,15 +114,8 @@ func runExternal(m *testing.M, kubeconfig string) int {
 	}
 	rep.cluster = c.name
 	defer rep.print(os.Stdout)
-	cfg, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
-	if err != nil {
+	if err := c.connect(); err != nil {
 		fmt.Fprintln(os.Stderr, "e2e/kube: AMBIT_E2E_KUBECONFIG:", err)
-		return 1
-	}
-	cfg.QPS, cfg.Burst = 50, 100
-	c.rest = cfg
-	if c.client, err = kubernetes.NewForConfig(cfg); err != nil {
-		fmt.Fprintln(os.Stderr, "e2e/kube: client:", err)
 		return 1
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
@@ -232,15 +225,8 @@ func run(m *testing.M) (code int) {
 	}
 	rep.upTime = time.Since(t1)
 
-	cfg, err := clientcmd.BuildConfigFromFlags("", c.kubeconfig)
-	if err != nil {
+	if err := c.connect(); err != nil {
 		fmt.Fprintln(os.Stderr, "e2e/kube: kubeconfig:", err)
-		return 1
-	}
-	cfg.QPS, cfg.Burst = 50, 100
-	c.rest = cfg
-	if c.client, err = kubernetes.NewForConfig(cfg); err != nil {
-		fmt.Fprintln(os.Stderr, "e2e/kube: client:", err)
 		return 1
 	}
 	cl = c
@@ -387,6 +373,20 @@ func suffix() string {
 
 // kubectlBin is the cluster's own kubectl (built with it), or the one on
 // PATH when the cache has none yet.
+// connect makes the cluster's API clients from c.kubeconfig.
+func (c *cluster) connect() error {
+	cfg, err := clientcmd.BuildConfigFromFlags("", c.kubeconfig)
+	if err != nil {
+		return err
+	}
+	cfg.QPS, cfg.Burst = 50, 100
+	c.rest = cfg
+	if c.client, err = kubernetes.NewForConfig(cfg); err != nil {
+		return fmt.Errorf("client: %w", err)
+	}
+	return nil
+}
+
 func (c *cluster) kubectlBin() string {
 	if c.external {
 		return "kubectl"

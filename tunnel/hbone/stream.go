@@ -367,11 +367,15 @@ func (s *Stream) enableDelivery() {
 	}
 }
 
-func (s *Stream) markRemoteEnd() {
+func (s *Stream) markRemoteEnd() { s.ended(&s.remoteEnd) }
+
+// ended records one direction's END_STREAM (side is &s.sentEnd or
+// &s.remoteEnd) and releases the stream once both went by.
+func (s *Stream) ended(side *bool) {
 	c := s.c
 	c.mu.Lock()
-	s.remoteEnd = true
-	done := s.sentEnd
+	*side = true
+	done := s.sentEnd && s.remoteEnd
 	c.mu.Unlock()
 	if done {
 		c.release(s)
@@ -512,16 +516,7 @@ func (s *Stream) sendFrom(buf []byte, n int, end bool) error {
 }
 
 // sentEndStream records that END_STREAM went out.
-func (s *Stream) sentEndStream() {
-	c := s.c
-	c.mu.Lock()
-	s.sentEnd = true
-	done := s.remoteEnd
-	c.mu.Unlock()
-	if done {
-		c.release(s)
-	}
-}
+func (s *Stream) sentEndStream() { s.ended(&s.sentEnd) }
 
 func (s *Stream) frameSize() int {
 	s.c.mu.Lock()
