@@ -410,14 +410,16 @@ func (sv *Serving) inboundHBONE(raw *net.TCPConn) {
 		return
 	}
 	sv.mu.Lock()
-	if sv.closing {
-		sv.mu.Unlock()
-		hc.Close()
-		return
-	}
+	closing := sv.closing
 	sv.hconns[hc] = struct{}{}
 	sv.mu.Unlock()
 	tr := sv.track(func() { hc.Close() })
+	if closing {
+		// Accepted before the listener closed, handshaken after Close
+		// began: the client may already be opening streams on it, so
+		// go away gracefully (Close's deadline still cuts it).
+		go hc.Shutdown(context.Background())
+	}
 	<-hc.Done()
 	sv.untrack(tr)
 	sv.mu.Lock()

@@ -135,6 +135,9 @@ type Conn struct {
 
 	frames   atomic.Uint64 // frames read, for keepalive
 	pingSent atomic.Int64  // unix nanos of an unanswered ping, 0 if none
+	// shutdownAck is closed when the peer acknowledges Shutdown's PING.
+	shutdownAck     chan struct{}
+	shutdownAckOnce sync.Once
 
 	handler func(*Stream)
 	done    chan struct{}
@@ -165,6 +168,7 @@ func newConn(nc net.Conn, cork *corkConn, client bool, cfg Config) *Conn {
 		peerMaxFrame:   defaultMaxFrame,
 		peerMaxStreams: 100,
 		done:           make(chan struct{}),
+		shutdownAck:    make(chan struct{}),
 		idleSince:      time.Now(),
 	}
 	c.nextID.Store(1)
@@ -333,9 +337,36 @@ func (c *Conn) Close() error {
 	return nil
 }
 
+// shutdownPing is the payload of Shutdown's PING, told apart from
+// keepalive PINGs (which carry a timestamp) by its first byte.
+var shutdownPing = [8]byte{0xff, 'g', 'o', 'a', 'w', 'a', 'y', 0}
+
+// shutdownPingWait bounds the wait for the peer's acknowledgement of
+// Shutdown's PING; a peer that never answers gets the final GOAWAY then.
+const shutdownPingWait = 2 * time.Second
+
 // Shutdown sends GOAWAY (no new streams), waits until the open streams
 // end or ctx does, then closes.
+//
+// A server shuts down in two steps (RFC 9113 §6.8): a GOAWAY with the
+// highest stream id and a PING first, the final GOAWAY with the real
+// last stream id only after the PING's ACK. A client may have sent
+// HEADERS before it read the first GOAWAY; those arrive before the ACK
+// and are served. One GOAWAY alone refused them (or closed under them),
+// and the app behind such a stream saw a reset: the agent upgrade's
+// race.
 func (c *Conn) Shutdown(ctx context.Context) error {
+	if !c.client {
+		c.queueCtl(append(appendGoAway(nil, 1<<31-1, ErrCodeNo, ""), appendFrame(nil, framePing, 0, 0, shutdownPing[:])...))
+		t := time.NewTimer(shutdownPingWait)
+		select {
+		case <-c.shutdownAck:
+		case <-c.done:
+		case <-ctx.Done():
+		case <-t.C:
+		}
+		t.Stop()
+	}
 	c.mu.Lock()
 	last := c.lastPeerStream
 	c.goingAway = true
@@ -541,11 +572,19 @@ func (c *Conn) OpenStreamData(authority string, extra []hpack.HeaderField, first
 	c.nextID.Store(id + 2)
 	s.id = id
 	c.mu.Lock()
-	if c.closed {
+	if c.closed || c.goingAway {
+		// Checked again under wmu: a GOAWAY read since the check above
+		// may already have its PING ACK written ahead of these HEADERS,
+		// and the server then refuses them. Not sent: the caller picks
+		// another connection.
+		closed := c.closed
 		c.mu.Unlock()
 		c.wmu.Unlock()
 		c.release(s)
-		return nil, 0, ErrConnClosed
+		if closed {
+			return nil, 0, ErrConnClosed
+		}
+		return nil, 0, ErrNoCapacity
 	}
 	s.sendWin = c.peerInitWin
 	c.streams[id] = s
@@ -775,9 +814,12 @@ func (c *Conn) handleFrame(h frameHeader, p []byte) error {
 		if len(p) != 8 {
 			return connError{ErrCodeFrameSize, "PING length"}
 		}
-		if h.Flags&flagAck == 0 {
+		switch {
+		case h.Flags&flagAck == 0:
 			c.queueCtl(appendFrame(nil, framePing, flagAck, 0, p))
-		} else {
+		case [8]byte(p) == shutdownPing:
+			c.shutdownAckOnce.Do(func() { close(c.shutdownAck) })
+		default:
 			c.pingSent.Store(0)
 		}
 		return nil

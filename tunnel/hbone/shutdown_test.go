@@ -1,0 +1,97 @@
+package hbone
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// TestShutdownRefusesNoOpenedStream is the agent upgrade seen from the
+// wire: the old agent shuts down an inbound HBONE connection while its
+// client keeps opening streams on it. A stream the client managed to
+// open must be served; the ones it could not open it takes elsewhere
+// (the pool dials the new agent). A stream refused after it was opened
+// is a connection reset for some app, which e2e/kube's rolling update
+// under load once saw (1 in 5,006).
+func TestShutdownRefusesNoOpenedStream(t *testing.T) {
+	for round := 0; round < 20; round++ {
+		c, srv := serve(t, Config{}, echoHandler)
+		var opened, served atomic.Int64
+		var mu sync.Mutex
+		var failures []error
+		var wg sync.WaitGroup
+		started := make(chan struct{})
+		var startOnce sync.Once
+		for g := 0; g < 4; g++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				msg := []byte("ping over a stream that must not be refused")
+				for {
+					s, err := c.OpenStream("10.0.0.1:80", nil)
+					if errors.Is(err, ErrNoCapacity) || errors.Is(err, ErrConnClosed) {
+						return // going away: a caller would pick another connection
+					}
+					if err != nil {
+						mu.Lock()
+						failures = append(failures, err)
+						mu.Unlock()
+						return
+					}
+					opened.Add(1)
+					startOnce.Do(func() { close(started) })
+					err = func() error {
+						if _, err := s.Write(msg); err != nil {
+							return err
+						}
+						if err := s.CloseWrite(); err != nil {
+							return err
+						}
+						st, _, err := s.Response(context.Background())
+						if err != nil {
+							return err
+						}
+						if st != 200 {
+							return StatusError{st}
+						}
+						got, err := io.ReadAll(s)
+						if err != nil {
+							return err
+						}
+						if !bytes.Equal(got, msg) {
+							return errors.New("echo mismatch")
+						}
+						return nil
+					}()
+					s.Close()
+					if err != nil {
+						mu.Lock()
+						failures = append(failures, err)
+						mu.Unlock()
+						return
+					}
+					served.Add(1)
+				}
+			}()
+		}
+		<-started
+		time.Sleep(time.Duration(round%5) * time.Millisecond)
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		if err := srv().Shutdown(ctx); err != nil {
+			t.Errorf("round %d: shutdown: %v", round, err)
+		}
+		cancel()
+		wg.Wait()
+		if len(failures) > 0 {
+			t.Fatalf("round %d: %d of %d opened streams failed across the server's shutdown, first: %v", round, len(failures), opened.Load(), failures[0])
+		}
+		if served.Load() == 0 {
+			t.Fatalf("round %d: no stream served before the shutdown", round)
+		}
+	}
+}
