@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"runtime"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -55,6 +56,23 @@ func newNetns(t *testing.T, addr string) (string, *os.File) {
 	}
 	t.Cleanup(func() { f.Close() })
 	return name, f
+}
+
+// startIn runs argv inside the named netns in a process group of its own
+// and kills the whole group at cleanup: killing only the shell left its
+// sleeps running, and they kept the deleted namespace, address and all,
+// alive for the next -count iteration to find instead of its own.
+func startIn(t *testing.T, name string, argv ...string) {
+	t.Helper()
+	cmd := exec.Command("ip", append([]string{"netns", "exec", name}, argv...)...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+		cmd.Wait()
+	})
 }
 
 func TestFindByIP(t *testing.T) {
@@ -112,11 +130,7 @@ func TestAmbiguousIsAnError(t *testing.T) {
 	// deduplicated per namespace, and with two namespaces no guess.
 	name, _ := newNetns(t, "10.77.3.3/24")
 	newNetns(t, "10.77.3.3/24")
-	cmd := exec.Command("ip", "netns", "exec", name, "sleep", "30")
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	startIn(t, name, "sleep", "30")
 	sc, err := Scanner{}.Scan()
 	if err != nil {
 		t.Fatal(err)
@@ -132,11 +146,7 @@ func TestProcessOnlyNamespace(t *testing.T) {
 	// A namespace reachable only through a process (no bind mount in the
 	// scanned dirs) is found through /proc and deduplicated.
 	name, f := newNetns(t, "10.77.4.4/24")
-	cmd := exec.Command("ip", "netns", "exec", name, "sh", "-c", "sleep 30 & sleep 30")
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	startIn(t, name, "sh", "-c", "sleep 30 & sleep 30")
 	want, _ := Inode(f)
 	deadline := time.Now().Add(10 * time.Second)
 	for time.Now().Before(deadline) {
@@ -155,9 +165,6 @@ func TestProcessOnlyNamespace(t *testing.T) {
 			t.Fatal(err)
 		}
 		// the child may not have entered the netns yet
-		if cmd.ProcessState != nil {
-			t.Fatal("child exited")
-		}
 		time.Sleep(10 * time.Millisecond)
 	}
 	t.Fatal("namespace of the process not found within 10s")
