@@ -148,15 +148,99 @@ TOOLS
   done
 }
 
+# nft_queue_ok: can this kernel load an nftables rule with the queue
+# statement (CONFIG_NFT_QUEUE)? Probed in a throwaway network namespace.
+nft_queue_ok() {
+  local ns="kube-build-nfq-$$" ok=1
+  ip netns add "$ns" || return 0 # cannot probe: assume a normal kernel
+  printf 'add table inet t\nadd chain inet t c { type filter hook postrouting priority 0; }\nadd rule inet t c queue num 98 bypass\n' |
+    ip netns exec "$ns" nft -f - >/dev/null 2>&1 || ok=0
+  ip netns del "$ns"
+  [ "$ok" = 1 ]
+}
+
+# kube-network-policies is an nfqueue enforcer: its nftables rules send a
+# connection's first packet to user space with the nft `queue` statement.
+# Kernels built without CONFIG_NFT_QUEUE (this project's CI VM) reject
+# that statement but still have nfnetlink_queue and the xtables NFQUEUE
+# target behind nft_compat (iptables-nft's -j NFQUEUE). There the
+# upstream source is built with one change: each queue statement is
+# emitted as that NFQUEUE target, same queue number and flags. Policy
+# evaluation, sets, chains, priorities and verdicts stay upstream's. The
+# variant is in the key, so e2e/kube can say which one ran.
+knp_variant() { if nft_queue_ok; then echo upstream; else echo xt-queue; fi; }
+
+knp_patch() {
+  local src=$1 pkg="$1/pkg/networkpolicy"
+  cat >"$pkg/zz_ambit_xtqueue.go" <<'GO'
+package networkpolicy
+
+// Added by Ambit's e2e build (hack/kube/build.sh) on kernels without the
+// nftables queue expression: the same queue through the xtables NFQUEUE
+// target (nft_compat + xt_NFQUEUE), struct xt_NFQ_info_v3.
+
+import (
+	"encoding/binary"
+
+	"github.com/google/nftables/expr"
+	"github.com/google/nftables/xt"
+)
+
+func xtQueue(q *expr.Queue) expr.Any {
+	total := q.Total
+	if total == 0 {
+		total = 1
+	}
+	var flags uint16
+	if q.Flag&expr.QueueFlagBypass != 0 {
+		flags |= 0x1 // NFQ_FLAG_BYPASS
+	}
+	if q.Flag&expr.QueueFlagFanout != 0 {
+		flags |= 0x2 // NFQ_FLAG_CPU_FANOUT
+	}
+	info := make(xt.Unknown, 6)
+	binary.NativeEndian.PutUint16(info[0:], q.Num)
+	binary.NativeEndian.PutUint16(info[2:], total)
+	binary.NativeEndian.PutUint16(info[4:], flags)
+	return &expr.Target{Name: "NFQUEUE", Rev: 3, Info: &info}
+}
+GO
+  sed -i 's/^\(\t*\)queue,$/\1xtQueue(queue),/' "$pkg/controller.go"
+  sed -i 's/^\(\t*\)\(&expr\.Queue{.*}\),$/\1xtQueue(\2),/' "$pkg/dnsagent.go"
+  # Every queue statement must now go through xtQueue: fail, not build a
+  # half-patched enforcer, if upstream's code moved.
+  local left wrapped
+  left=$(cat "$pkg"/*.go | grep -v '_test.go' | grep -cE '^\s*(queue,|&expr\.Queue\{.*\},)$' || true)
+  wrapped=$(grep -ho 'xtQueue(' "$pkg/controller.go" "$pkg/dnsagent.go" | wc -l)
+  if [ "$left" != 0 ] || [ "$wrapped" -lt 3 ]; then
+    echo "kube-build: kube-network-policies $KNP_VERSION: xt-queue patch did not apply ($left queue statements left, $wrapped wrapped)" >&2
+    return 1
+  fi
+}
+
 build_knp() {
-  fresh kube-network-policies "$key_knp" && { log "kube-network-policies: cached"; return 0; }
-  log "kube-network-policies: building"
+  local variant key
+  variant=$(knp_variant)
+  key="$key_knp variant=$variant"
+  fresh kube-network-policies "$key" && { log "kube-network-policies ($variant): cached"; return 0; }
+  log "kube-network-policies ($variant): building"
   local t0=$SECONDS tmp="$DIR/src/knp-bin"
+  rm -rf "$tmp"
   mkdir -p "$tmp"
-  GOBIN="$tmp" "${NICE[@]}" go install "sigs.k8s.io/kube-network-policies/cmd@$KNP_VERSION"
+  if [ "$variant" = upstream ]; then
+    GOBIN="$tmp" "${NICE[@]}" go install "sigs.k8s.io/kube-network-policies/cmd@$KNP_VERSION"
+  else
+    local mod
+    mod=$(go mod download -json "sigs.k8s.io/kube-network-policies@$KNP_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
+    cp -r "$mod" "$tmp/src"
+    chmod -R u+w "$tmp/src"
+    knp_patch "$tmp/src"
+    (cd "$tmp/src" && "${NICE[@]}" go build -trimpath -o "$tmp/cmd" ./cmd)
+  fi
   mv "$tmp/cmd" "$BIN/kube-network-policies"
-  echo "$key_knp" >"$BIN/kube-network-policies.key"
-  log "kube-network-policies: built in $((SECONDS - t0)) s"
+  echo "$key" >"$BIN/kube-network-policies.key"
+  rm -rf "$tmp"
+  log "kube-network-policies ($variant): built in $((SECONDS - t0)) s"
 }
 
 main() {
