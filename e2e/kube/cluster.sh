@@ -64,8 +64,7 @@ start() {
   local name=$1; shift
   setsid bash -c 'echo $$ >"$0"; exec "$@"' "$S/run/$name.pid" "$@" \
     >"$S/logs/$name.log" 2>&1 </dev/null &
-  local i
-  for i in $(seq 50); do [ -s "$S/run/$name.pid" ] && return 0; sleep 0.1; done
+  for _ in $(seq 50); do [ -s "$S/run/$name.pid" ] && return 0; sleep 0.1; done
   die "$name did not start (see $S/logs/$name.log)"
 }
 
@@ -465,11 +464,11 @@ node_pids() {
 }
 
 node_down() {
-  local n=$1 name p pids i
+  local n=$1 name p pids
   for name in kubelet kube-proxy containerd; do
     p=$(pidof_ "node$n-$name") && kill "$p" 2>/dev/null || true
   done
-  for i in $(seq 50); do
+  for _ in $(seq 50); do
     pids=$(node_pids "$n" | sort -u)
     [ -z "$pids" ] && break
     # shellcheck disable=SC2086

@@ -171,7 +171,7 @@ nft_queue_ok() {
 knp_variant() { if nft_queue_ok; then echo upstream; else echo xt-queue; fi; }
 
 knp_patch() {
-  local src=$1 pkg="$1/pkg/networkpolicy"
+  local pkg="$1/pkg/networkpolicy"
   cat >"$pkg/zz_ambit_xtqueue.go" <<'GO'
 package networkpolicy
 
