@@ -246,9 +246,21 @@ type loadResult struct {
 	Other   int      `json:"other"`
 	Peers   []string `json:"peers"`
 	Errors  []string `json:"errors"`
+	// FirstFailMs..LastFailMs (ms since the load began) spans every
+	// failed exchange: how long new connections were hurt.
+	FirstFailMs int64 `json:"first_fail_ms"`
+	LastFailMs  int64 `json:"last_fail_ms"`
 }
 
 func (l loadResult) failed() int { return l.Refused + l.Reset + l.Timeout + l.Other }
+
+// outage is the span of failed exchanges, in seconds.
+func (l loadResult) outage() float64 {
+	if l.failed() == 0 {
+		return 0
+	}
+	return float64(l.LastFailMs-l.FirstFailMs) / 1000
+}
 
 // load runs kecho load in a pod for d, in the background.
 func (c *cluster) load(ns, pod, addr string, d time.Duration) <-chan loadResult {
@@ -478,7 +490,7 @@ func TestAmbitMesh(t *testing.T) {
 		lr := <-res
 		pcap := cp.stop()
 		leaked := bytes.Count(pcap, []byte("load-"))
-		r.note("kill -9 under load: %d ok, %d refused, %d reset, %d timeout, %d other, %s plaintext", lr.OK, lr.Refused, lr.Reset, lr.Timeout, lr.Other, plainCount(cp, leaked))
+		r.note("kill -9 under load: %d ok, %d refused, %d reset, %d timeout, %d other (failures spanned %.1fs), %s plaintext", lr.OK, lr.Refused, lr.Reset, lr.Timeout, lr.Other, lr.outage(), plainCount(cp, leaked))
 		if leaked != 0 {
 			t.Errorf("%d plaintext payloads crossed the bridge while the agent was down", leaked)
 		}

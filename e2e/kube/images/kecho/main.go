@@ -186,6 +186,10 @@ type Counts struct {
 	Other   int      `json:"other"`
 	Peers   []string `json:"peers"` // distinct peer= values the server reported
 	Errors  []string `json:"errors,omitempty"`
+	// The outage: from the start of the first failed exchange to the end
+	// of the last one, in ms since the load began (0 when none failed).
+	FirstFailMs int64 `json:"first_fail_ms,omitempty"`
+	LastFailMs  int64 `json:"last_fail_ms,omitempty"`
 }
 
 func load(args []string) error {
@@ -207,14 +211,22 @@ func load(args []string) error {
 		peers = map[string]bool{}
 		wg    sync.WaitGroup
 	)
-	end := time.Now().Add(*dur)
+	start := time.Now()
+	end := start.Add(*dur)
 	for i := 0; i < *conns; i++ {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			for n := 0; time.Now().Before(end); n++ {
+				t0 := time.Now()
 				line, err := exchange(fs.Arg(0), fmt.Sprintf("load-%d", n), *timeout)
 				mu.Lock()
+				if err != nil {
+					if from := t0.Sub(start).Milliseconds(); c.FirstFailMs == 0 || from < c.FirstFailMs {
+						c.FirstFailMs = max(from, 1)
+					}
+					c.LastFailMs = max(c.LastFailMs, time.Since(start).Milliseconds())
+				}
 				switch {
 				case err == nil:
 					c.OK++
