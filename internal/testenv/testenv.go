@@ -8,8 +8,11 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strings"
 	"sync"
+	"syscall"
 	"testing"
+	"time"
 )
 
 // RequireRoot skips t, loudly, when the test cannot create network
@@ -58,7 +61,7 @@ func Binary(t testing.TB, name string) string {
 	r.once.Do(func() {
 		root := RepoRoot()
 		// A private copy per test process: make may rebuild bin/ meanwhile.
-		dir, err := os.MkdirTemp("", "ambit-bin-")
+		dir, err := binDir()
 		if err != nil {
 			r.err = err
 			return
@@ -78,6 +81,99 @@ func Binary(t testing.TB, name string) string {
 		t.Fatalf("testenv: %v", r.err)
 	}
 	return r.path
+}
+
+// Main runs the tests of a package that builds binaries and then removes
+// them: every test process used to leave its copies (4 MB of ambit-cni,
+// 34 MB of ambit-agent) in the temp dir, hundreds of them after a day of
+// test runs. Use it as the package's TestMain:
+//
+//	func TestMain(m *testing.M) { os.Exit(testenv.Main(m)) }
+func Main(m *testing.M) int {
+	code := m.Run()
+	RemoveBinaries()
+	return code
+}
+
+// RemoveBinaries removes the binaries this process built (for a TestMain
+// of its own; see Main). Binary must not be called afterwards.
+func RemoveBinaries() {
+	binMu.Lock()
+	defer binMu.Unlock()
+	if binLock != nil {
+		os.RemoveAll(binLock.Name())
+		binLock.Close()
+		binLock = nil
+	}
+}
+
+// binPrefix names the directories of built binaries in the temp dir.
+const binPrefix = "ambit-bin-p-"
+
+var (
+	binMu   sync.Mutex
+	binLock *os.File // this process's binary directory, flock'ed while it lives
+)
+
+// binDir returns this process's directory for built binaries, made on
+// first use and held with flock(2) for the life of the process, so a
+// later test process recognises the directory of one that died without
+// removing it (killed at its timeout, a package without Main) and
+// removes it, whatever became of its PID.
+func binDir() (string, error) {
+	binMu.Lock()
+	defer binMu.Unlock()
+	if binLock != nil {
+		return binLock.Name(), nil
+	}
+	sweepBinDirs()
+	dir, err := os.MkdirTemp("", binPrefix)
+	if err != nil {
+		return "", err
+	}
+	f, err := os.Open(dir)
+	if err == nil {
+		err = syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+	}
+	if err != nil {
+		if f != nil {
+			f.Close()
+		}
+		os.RemoveAll(dir)
+		return "", err
+	}
+	binLock = f
+	return dir, nil
+}
+
+// sweepBinDirs removes the binary directories of test processes that are
+// gone: those nobody holds a lock on. A directory younger than a minute
+// may be one another process made and is about to lock: left alone.
+func sweepBinDirs() {
+	tmp := os.TempDir()
+	ents, err := os.ReadDir(tmp)
+	if err != nil {
+		return
+	}
+	for _, e := range ents {
+		if !e.IsDir() || !strings.HasPrefix(e.Name(), binPrefix) {
+			continue
+		}
+		if fi, err := e.Info(); err != nil || time.Since(fi.ModTime()) < time.Minute {
+			continue
+		}
+		dir := filepath.Join(tmp, e.Name())
+		f, err := os.Open(dir)
+		if err != nil {
+			continue
+		}
+		if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+			f.Close()
+			continue // its process lives
+		}
+		os.RemoveAll(dir)
+		f.Close()
+	}
 }
 
 type buildError struct {

@@ -26,7 +26,7 @@ func TestMain(m *testing.M) {
 	if dir := os.Getenv("AMBIT_AGENT_HELPER_DIR"); dir != "" {
 		os.Exit(helperMain(dir))
 	}
-	os.Exit(m.Run())
+	os.Exit(testenv.Main(m))
 }
 
 func helperMain(dir string) int {
