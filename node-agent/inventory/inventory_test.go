@@ -185,8 +185,9 @@ func TestWatchReloadsAndKeepsLastGood(t *testing.T) {
 			return nil
 		}
 	}
-	// Broken edit: reported, last good stays.
-	time.Sleep(50 * time.Millisecond) // let the watch start
+	// Broken edit: reported, last good stays. Written at once, whether or
+	// not the watch is in place yet (the test used to sleep 50 ms for
+	// that, and missed the edit when the goroutine started later).
 	os.WriteFile(path, []byte("namespaces:\n  - nam: apps\n"), 0o600)
 	if err := waitReload(); err == nil || !strings.Contains(err.Error(), "line 2") {
 		t.Fatalf("broken reload: %v", err)
@@ -217,6 +218,47 @@ func TestWatchReloadsAndKeepsLastGood(t *testing.T) {
 	}
 	if w, _ := s.WorkloadByIP(netip.MustParseAddr("10.9.0.7")); w.Meshed {
 		t.Fatal("directory not rebuilt after reload")
+	}
+}
+
+// TestWatchSeesEditBeforeWatchStarted: an edit made after Load but
+// before Watch has its watch in place (the agent loads, then starts
+// watching) is applied, not lost until the next edit.
+func TestWatchSeesEditBeforeWatchStarted(t *testing.T) {
+	s, path := load(t, sample)
+	reloads := make(chan error, 10)
+	s.opts.OnReload = func(err error) { reloads <- err }
+	next := strings.Replace(sample, "labels: {ambit.dev/dataplane-mode: ambient}", "labels: {}", 1)
+	if next == sample {
+		t.Fatal("sample has no label to remove")
+	}
+	if err := os.WriteFile(path, []byte(next), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { s.Watch(ctx); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+	select {
+	case err := <-reloads:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("edit made before the watch started not applied within 10s")
+	}
+	if ns, ok := s.Namespace("apps"); !ok || len(ns.Labels) != 0 {
+		t.Fatalf("apps after the reload: %+v", ns)
+	}
+	// An unchanged file is not reloaded for nothing at start.
+	ctx2, cancel2 := context.WithCancel(context.Background())
+	done2 := make(chan struct{})
+	go func() { s.Watch(ctx2); close(done2) }()
+	t.Cleanup(func() { cancel2(); <-done2 })
+	select {
+	case err := <-reloads:
+		t.Fatalf("reload of an unchanged file: %v", err)
+	case <-time.After(300 * time.Millisecond):
 	}
 }
 

@@ -1,6 +1,7 @@
 package inventory
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"log/slog"
@@ -49,6 +50,9 @@ type Source struct {
 	learned map[string]learned // namespace/name → what the CNI ADD told
 	subs    []func(cluster.Event)
 	lastErr error
+	// raw is the file's content as last read (applied or not), so Watch
+	// can tell whether it changed before its watch was in place.
+	raw []byte
 
 	idx    atomic.Pointer[index]
 	dirty  atomic.Bool
@@ -78,27 +82,35 @@ func Load(opts Options) (*Source, error) {
 		opts.EnrollLabel = "ambit.dev/dataplane-mode"
 	}
 	s := &Source{opts: opts, log: opts.Logger.With("source", "inventory"), learned: map[string]learned{}, synced: make(chan struct{})}
-	f, err := readFile(opts.Path)
+	f, raw, err := readFile(opts.Path)
 	if err != nil {
 		return nil, err
 	}
 	s.file = f
+	s.raw = raw
 	s.dirty.Store(true)
 	close(s.synced)
 	return s, nil
 }
 
 // Parse errors carry the file name in front of "line N: field: ...".
-func readFile(path string) (*File, error) {
+// The content read is returned even when it does not parse.
+func readFile(path string) (*File, []byte, error) {
 	b, err := os.ReadFile(path)
 	if err != nil {
-		return nil, fmt.Errorf("inventory: %w", err)
+		return nil, nil, fmt.Errorf("inventory: %w", err)
 	}
 	f, err := Parse(b)
 	if err != nil {
-		return nil, fmt.Errorf("inventory %s: %w", path, err)
+		return nil, b, fmt.Errorf("inventory %s: %w", path, err)
 	}
-	return f, nil
+	return f, b, nil
+}
+
+func (s *Source) lastRaw() []byte {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.raw
 }
 
 // LastError is the error of the last reload, nil when it applied.
@@ -135,6 +147,25 @@ func (s *Source) Watch(ctx context.Context) error {
 	}
 	var timer *time.Timer
 	fire := make(chan struct{}, 1)
+	// Debounce: editors write in several steps.
+	kick := func() {
+		if timer == nil {
+			timer = time.AfterFunc(100*time.Millisecond, func() {
+				select {
+				case fire <- struct{}{}:
+				default:
+				}
+			})
+		} else {
+			timer.Reset(100 * time.Millisecond)
+		}
+	}
+	// A change made between the last read (Load, for the agent a moment
+	// ago) and the watch being in place has no event of its own and was
+	// lost until the next edit: look once, now that later ones are seen.
+	if b, err := os.ReadFile(s.opts.Path); err != nil || !bytes.Equal(b, s.lastRaw()) {
+		kick()
+	}
 	for {
 		select {
 		case <-ctx.Done():
@@ -150,17 +181,7 @@ func (s *Source) Watch(ctx context.Context) error {
 			if base != filepath.Base(s.opts.Path) && base != "..data" {
 				continue
 			}
-			// Debounce: editors write in several steps.
-			if timer == nil {
-				timer = time.AfterFunc(100*time.Millisecond, func() {
-					select {
-					case fire <- struct{}{}:
-					default:
-					}
-				})
-			} else {
-				timer.Reset(100 * time.Millisecond)
-			}
+			kick()
 		case err, ok := <-w.Errors:
 			if !ok {
 				return nil
@@ -176,8 +197,9 @@ func (s *Source) Watch(ctx context.Context) error {
 // for what changed. An invalid file is logged and reported through
 // OnReload; the previous content stays in force.
 func (s *Source) Reload() error {
-	f, err := readFile(s.opts.Path)
+	f, raw, err := readFile(s.opts.Path)
 	s.mu.Lock()
+	s.raw = raw
 	if err != nil {
 		s.lastErr = err
 		cb := s.opts.OnReload
