@@ -24,6 +24,11 @@ func TestShutdownRefusesNoOpenedStream(t *testing.T) {
 		var opened, served atomic.Int64
 		var mu sync.Mutex
 		var failures []error
+		fail := func(err error) {
+			mu.Lock()
+			failures = append(failures, err)
+			mu.Unlock()
+		}
 		var wg sync.WaitGroup
 		started := make(chan struct{})
 		var startOnce sync.Once
@@ -38,9 +43,7 @@ func TestShutdownRefusesNoOpenedStream(t *testing.T) {
 						return // going away: a caller would pick another connection
 					}
 					if err != nil {
-						mu.Lock()
-						failures = append(failures, err)
-						mu.Unlock()
+						fail(err)
 						return
 					}
 					opened.Add(1)
@@ -70,9 +73,7 @@ func TestShutdownRefusesNoOpenedStream(t *testing.T) {
 					}()
 					s.Close()
 					if err != nil {
-						mu.Lock()
-						failures = append(failures, err)
-						mu.Unlock()
+						fail(err)
 						return
 					}
 					served.Add(1)
