@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log"
 	"log/slog"
 	"net/netip"
 	"os"
@@ -11,10 +12,8 @@ import (
 
 	"github.com/ambit-mesh/ambit/plugin/cniproto"
 	"github.com/ambit-mesh/ambit/plugin/redirect"
-	"github.com/containernetworking/cni/pkg/skel"
 	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
-	"github.com/containernetworking/cni/pkg/version"
 	"github.com/containernetworking/plugins/pkg/ns"
 )
 
@@ -31,16 +30,15 @@ const (
 	errCheck uint = 103
 )
 
-var supported = version.PluginSupports("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
-
 func main() {
-	skel.PluginMainFuncs(skel.CNIFuncs{
-		Add:    cmdAdd,
-		Del:    cmdDel,
-		Check:  cmdCheck,
-		GC:     cmdGC,
-		Status: cmdStatus,
-	}, supported, "ambit-cni: enrolls pods into the Ambit ambient mesh")
+	d := &dispatcher{getenv: os.Getenv, stdin: os.Stdin, stdout: os.Stdout, stderr: os.Stderr}
+	if e := d.run(cniFuncs{Add: cmdAdd, Del: cmdDel, Check: cmdCheck, GC: cmdGC, Status: cmdStatus}); e != nil {
+		// As skel: the error as JSON on stdout, exit status 1.
+		if err := e.Print(); err != nil {
+			log.Print("Error writing error JSON to stdout: ", err)
+		}
+		os.Exit(1)
+	}
 }
 
 // run wraps one command: config, logger, CNI_ARGS, and a log line with
@@ -49,11 +47,11 @@ type run struct {
 	cfg   *Config
 	log   *slog.Logger
 	pod   podArgs
-	args  *skel.CmdArgs
+	args  *cmdArgs
 	start time.Time
 }
 
-func begin(cmd string, args *skel.CmdArgs) (*run, func(*error), error) {
+func begin(cmd string, args *cmdArgs) (*run, func(*error), error) {
 	cfg, err := parseConfig(args.StdinData)
 	if err != nil {
 		slog.New(slog.NewTextHandler(os.Stderr, nil)).Error("rejecting config", "cmd", cmd, "err", err)
@@ -201,7 +199,7 @@ func (r *run) printPrev() error {
 	return types.PrintResult(r.cfg.PrevResult, r.cfg.CNIVersion)
 }
 
-func cmdAdd(args *skel.CmdArgs) (err error) {
+func cmdAdd(args *cmdArgs) (err error) {
 	r, end, err := begin("ADD", args)
 	if err != nil {
 		return err
@@ -255,7 +253,7 @@ func cmdAdd(args *skel.CmdArgs) (err error) {
 	return r.printPrev()
 }
 
-func cmdDel(args *skel.CmdArgs) (err error) {
+func cmdDel(args *cmdArgs) (err error) {
 	r, end, err := begin("DEL", args)
 	if err != nil {
 		return err
@@ -293,7 +291,7 @@ func cmdDel(args *skel.CmdArgs) (err error) {
 	return nil
 }
 
-func cmdCheck(args *skel.CmdArgs) (err error) {
+func cmdCheck(args *cmdArgs) (err error) {
 	r, end, err := begin("CHECK", args)
 	if err != nil {
 		return err
@@ -337,7 +335,7 @@ func cmdCheck(args *skel.CmdArgs) (err error) {
 	return nil
 }
 
-func cmdGC(args *skel.CmdArgs) (err error) {
+func cmdGC(args *cmdArgs) (err error) {
 	r, end, err := begin("GC", args)
 	if err != nil {
 		return err
@@ -370,7 +368,7 @@ func cmdGC(args *skel.CmdArgs) (err error) {
 // it can, agent or not (pods that need the agent fail individually), so
 // an agent outage never marks the node's network not-ready. With
 // fail-closed, a missing agent socket makes the plugin unavailable.
-func cmdStatus(args *skel.CmdArgs) (err error) {
+func cmdStatus(args *cmdArgs) (err error) {
 	r, end, err := begin("STATUS", args)
 	if err != nil {
 		return err
