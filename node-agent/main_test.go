@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"crypto/rand"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -22,6 +24,17 @@ import (
 	"github.com/ambit-mesh/ambit/node-agent/instance"
 	"github.com/ambit-mesh/ambit/plugin/cniproto"
 )
+
+// healthAddr is a health address of this test alone: a fixed port on a
+// random loopback address (all of 127/8 is local). Two test processes of
+// this package on one machine (two people, or make test beside a rerun)
+// used to share 127.0.0.1:1593x, and with SO_REUSEPORT each agent could
+// answer for the other's.
+func healthAddr(port int) string {
+	var b [3]byte
+	rand.Read(b[:])
+	return fmt.Sprintf("127.%d.%d.%d:%d", 1+b[0]%254, b[1], 1+b[2]%254, port)
+}
 
 func get(url string) (int, string) {
 	r, err := http.Get(url)
@@ -74,14 +87,15 @@ func startProcess(t *testing.T, bin string, args ...string) *exec.Cmd {
 func TestRunStatic(t *testing.T) {
 	testenv.RequireRoot(t)
 	bin := testenv.Binary(t, "ambit-agent")
+	health := healthAddr(15931)
 	dir, cfg := staticNode(t, "amb-agt-", func(dir string) string {
-		return "healthAddr: 127.0.0.1:15931\npolicyDir: " + filepath.Join(dir, "policies") + "\ndrainTimeout: 2s\n"
+		return "healthAddr: " + health + "\npolicyDir: " + filepath.Join(dir, "policies") + "\ndrainTimeout: 2s\n"
 	})
 
 	cmd := startProcess(t, bin, "run", "-config", cfg)
 	deadline := time.Now().Add(30 * time.Second)
 	for {
-		if code, _ := get("http://127.0.0.1:15931/readyz"); code == 200 {
+		if code, _ := get("http://" + health + "/readyz"); code == 200 {
 			break
 		}
 		if time.Now().After(deadline) {
@@ -121,7 +135,7 @@ func TestRunStatic(t *testing.T) {
 	if err != nil || resp.Decision != cniproto.Enroll {
 		t.Fatalf("ADD: %+v %v", resp, err)
 	}
-	if _, body := get("http://127.0.0.1:15931/metrics"); !strings.Contains(body, "ambit_agent_enrolled_pods 1") || !strings.Contains(body, "ambit_identity_") {
+	if _, body := get("http://" + health + "/metrics"); !strings.Contains(body, "ambit_agent_enrolled_pods 1") || !strings.Contains(body, "ambit_identity_") {
 		t.Fatalf("metrics after ADD lack the enrolled pod or identity metrics")
 	}
 	cmd.Process.Signal(syscall.SIGTERM)
@@ -162,8 +176,9 @@ func TestConfigFlagsOverride(t *testing.T) {
 func TestSurgeOverlap(t *testing.T) {
 	testenv.RequireRoot(t)
 	bin := testenv.Binary(t, "ambit-agent")
-	dir, cfg := staticNode(t, "amb-surge-", func(string) string { return "healthAddr: 127.0.0.1:15932\ndrainTimeout: 1s\n" })
-	readyz := "http://127.0.0.1:15932/readyz"
+	health := healthAddr(15932)
+	dir, cfg := staticNode(t, "amb-surge-", func(string) string { return "healthAddr: " + health + "\ndrainTimeout: 1s\n" })
+	readyz := "http://" + health + "/readyz"
 	start := func(name string) (*exec.Cmd, string) {
 		file := filepath.Join(dir, name+".instance")
 		return startProcess(t, bin, "run", "-config", cfg, "--instance-file", file), file
@@ -236,12 +251,13 @@ func TestSurgeOverlap(t *testing.T) {
 func TestHealthPortHeldByOldAgent(t *testing.T) {
 	testenv.RequireRoot(t)
 	bin := testenv.Binary(t, "ambit-agent")
-	old, err := net.Listen("tcp", "127.0.0.1:15933") // no SO_REUSEPORT
+	health := healthAddr(15933)
+	old, err := net.Listen("tcp", health) // no SO_REUSEPORT
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer old.Close()
-	_, cfg := staticNode(t, "amb-oldport-", func(string) string { return "healthAddr: 127.0.0.1:15933\n" })
+	_, cfg := staticNode(t, "amb-oldport-", func(string) string { return "healthAddr: " + health + "\n" })
 	dir := filepath.Dir(cfg)
 	file := filepath.Join(dir, "instance")
 	startProcess(t, bin, "run", "-config", cfg, "--instance-file", file)
@@ -254,7 +270,7 @@ func TestHealthPortHeldByOldAgent(t *testing.T) {
 	}
 	old.Close()
 	for {
-		if code, _ := get("http://127.0.0.1:15933/readyz"); code == 200 {
+		if code, _ := get("http://" + health + "/readyz"); code == 200 {
 			break
 		}
 		if time.Now().After(deadline.Add(10 * time.Second)) {
