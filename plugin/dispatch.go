@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"runtime"
 	"strings"
 	"unicode"
 
@@ -358,20 +357,20 @@ func versionAnswer() string {
 	return `{"cniVersion":"` + specVersion + `","supportedVersions":["` + strings.Join(supportedVersions, `","`) + "\"]}\n"
 }
 
-// isOwnNetns reports whether path names the network namespace this
-// thread is in. A path that cannot be stat'ed is not ours (DEL may come
+// isOwnNetns reports whether path names the network namespace the
+// plugin runs in. A path that cannot be stat'ed is not ours (DEL may come
 // after the runtime removed the netns; ADD reports bad paths itself).
 // skel opens both and compares device and inode; stat gives the same
 // without opening whatever the path names (a FIFO would block open).
+// Nothing has called setns yet when this runs, so every thread is in the
+// plugin's netns and the thread need not be locked (locking it made the
+// runtime start a template thread: a few dozen page faults).
 func isOwnNetns(path string) (bool, *types.Error) {
-	var st unix.Stat_t
+	var st, self unix.Stat_t
 	if path == "" || unix.Stat(path, &st) != nil {
 		return false, nil
 	}
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
-	var self unix.Stat_t
-	if err := unix.Stat(fmt.Sprintf("/proc/%d/task/%d/ns/net", unix.Getpid(), unix.Gettid()), &self); err != nil {
+	if err := unix.Stat("/proc/thread-self/ns/net", &self); err != nil {
 		return false, types.NewError(types.ErrInvalidNetNS, "get plugin's netns failed", "")
 	}
 	return st.Dev == self.Dev && st.Ino == self.Ino, nil
