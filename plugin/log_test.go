@@ -54,3 +54,35 @@ func readAll(f *os.File) ([]byte, error) {
 		}
 	}
 }
+
+// Nothing at an enabled level, nothing opened: the file (and its
+// directory) appear only with the first record that is written, and
+// carry every attribute and group added before it.
+func TestLogFileOpenedOnFirstRecord(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "sub", "cni.log")
+	c, err := parseConfig([]byte(`{"cniVersion":"1.0.0","logFile":"` + path + `"}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	log, closeLog := newLogger(c)
+	log = log.With("cmd", "ADD")
+	log.Debug("not at the configured level")
+	closeLog()
+	if _, err := os.Stat(filepath.Dir(path)); !os.IsNotExist(err) {
+		t.Fatalf("log directory created although nothing was logged: %v", err)
+	}
+
+	log, closeLog = newLogger(c)
+	log = log.With("cmd", "DEL").WithGroup("g").With("k", 1)
+	log.Debug("dropped")
+	log.Warn("kept", "x", "y")
+	closeLog()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := `"msg":"kept","plugin":"ambit-cni","cmd":"DEL","g":{"k":1,"x":"y"}}`
+	if !strings.Contains(string(b), want) || strings.Contains(string(b), "dropped") || strings.Count(string(b), "\n") != 1 {
+		t.Fatalf("log file %q, want one line with %s", b, want)
+	}
+}
