@@ -288,9 +288,13 @@ func encodeN(v any, max int) ([]byte, error) {
 // encodeRequest marshals a request within its op's bound; a gc request
 // too large says how many attachments it lists.
 func encodeRequest(r *Request) ([]byte, error) {
-	b, err := encodeN(r, maxRequestSize(r.Op))
-	if err != nil && r.Op == OpGC {
-		return nil, fmt.Errorf("gc request listing %d attachments: %w", len(r.Valid), err)
+	b := appendRequest(make([]byte, 0, 512), r)
+	if max := maxRequestSize(r.Op); len(b) > max {
+		err := fmt.Errorf("message of %d bytes exceeds the %d byte limit", len(b), max)
+		if r.Op == OpGC {
+			return nil, fmt.Errorf("gc request listing %d attachments: %w", len(r.Valid), err)
+		}
+		return nil, err
 	}
-	return b, err
+	return b, nil
 }
