@@ -96,3 +96,60 @@ func TestShutdownRefusesNoOpenedStream(t *testing.T) {
 		}
 	}
 }
+
+// TestShutdownAckNeverOvertakesHeaders: the client reads the server's
+// first GOAWAY and its PING, and queues the ACK, right after OpenStream
+// checked the connection was still usable. The HEADERS that passed the
+// check must reach the server before that ACK, or the server takes the
+// ACK as "no stream coming", refuses them and closes the connection
+// under an opened stream.
+func TestShutdownAckNeverOvertakesHeaders(t *testing.T) {
+	c, srv := serve(t, Config{}, echoHandler)
+	s := srv() // the server is up
+	shut := make(chan error, 1)
+	testHookOpenStreamChecked = func(hc *Conn) {
+		if hc != c {
+			return
+		}
+		go func() { shut <- s.Shutdown(context.Background()) }()
+		// Hold the write lock until the reader has queued the ACK.
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			hc.ctlMu.Lock()
+			queued := bytes.Contains(hc.ctl, shutdownPing[:])
+			hc.ctlMu.Unlock()
+			if queued {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Error("the client never queued the ACK of the shutdown PING")
+				return
+			}
+			time.Sleep(time.Millisecond)
+		}
+	}
+	t.Cleanup(func() { testHookOpenStreamChecked = nil })
+	st, err := c.OpenStream("10.0.0.1:80", nil)
+	testHookOpenStreamChecked = nil
+	if err != nil {
+		t.Fatalf("open: %v", err)
+	}
+	defer st.Close()
+	msg := []byte("opened before the ACK")
+	if _, err := st.Write(msg); err != nil {
+		t.Fatalf("write: %v", err)
+	}
+	if err := st.CloseWrite(); err != nil {
+		t.Fatalf("close write: %v", err)
+	}
+	if code, _, err := st.Response(context.Background()); err != nil || code != 200 {
+		t.Fatalf("response %d %v", code, err)
+	}
+	got, err := io.ReadAll(st)
+	if err != nil || !bytes.Equal(got, msg) {
+		t.Fatalf("echo %q %v", got, err)
+	}
+	if err := <-shut; err != nil {
+		t.Fatalf("shutdown: %v", err)
+	}
+}
