@@ -606,8 +606,7 @@ func (c *Conn) OpenStreamData(authority string, extra []hpack.HeaderField, first
 	// above, and written ahead of HEADERS that passed it, the ACK told
 	// the server no stream was coming. The server then refused these
 	// (or closed the connection under them, its RST_STREAM still
-	// queued): TestShutdownRefusesNoOpenedStream, 1 run in 40 on a
-	// loaded machine.
+	// queued); TestShutdownAckNeverOvertakesHeaders forces the moment.
 	c.corkOn()
 	_, err := c.nc.Write(frames)
 	if err == nil {

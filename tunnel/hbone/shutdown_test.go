@@ -153,3 +153,40 @@ func TestShutdownAckNeverOvertakesHeaders(t *testing.T) {
 		t.Fatalf("shutdown: %v", err)
 	}
 }
+
+// TestConnEndKeepsCompleteAnswer: the peer answers, ends its side
+// (END_STREAM) and the connection ends cleanly before this side has
+// ended its own (in the shutdown race: its END_STREAM written but not
+// yet recorded as sent). The complete answer stays readable, as a
+// socket's data stays readable after the peer's FIN; sending fails.
+func TestConnEndKeepsCompleteAnswer(t *testing.T) {
+	c, _ := serve(t, Config{}, func(s *Stream) {
+		s.Respond(200, nil)
+		s.Write([]byte("the whole answer"))
+		s.CloseWrite()
+		s.Conn().Close()
+	})
+	st, err := c.OpenStream("10.0.0.1:80", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	select {
+	case <-c.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("connection not closed by the server within 10s")
+	}
+	if code, _, err := st.Response(context.Background()); err != nil || code != 200 {
+		t.Fatalf("response %d %v", code, err)
+	}
+	got, err := io.ReadAll(st)
+	if err != nil || string(got) != "the whole answer" {
+		t.Fatalf("answer after the connection ended: %q %v", got, err)
+	}
+	if _, err := st.Write([]byte("more")); err == nil {
+		t.Fatal("write on a stream of a closed connection succeeded")
+	}
+	if err := st.CloseWrite(); err == nil {
+		t.Fatal("CloseWrite on a stream of a closed connection succeeded")
+	}
+}
