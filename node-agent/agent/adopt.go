@@ -156,8 +156,11 @@ func (a *Agent) verifyAdopted(ctx context.Context) {
 	a.auditLoop(ctx)
 }
 
-// verifyPods runs verifyPod over pods, a few at a time.
+// verifyPods runs verifyPod over pods, a few at a time, and records how
+// long the pass took.
 func (a *Agent) verifyPods(ctx context.Context, pods []*pod) {
+	start := time.Now()
+	defer func() { a.m.ruleCheck.Observe(time.Since(start).Seconds()) }()
 	sem := make(chan struct{}, 4)
 	var wg sync.WaitGroup
 	for _, p := range pods {

@@ -8,6 +8,7 @@ type metrics struct {
 	failures      *prometheus.CounterVec
 	requests      *prometheus.CounterVec
 	repairs       prometheus.Counter
+	ruleCheck     prometheus.Histogram
 	adopted       prometheus.Counter
 	adoptSeconds  prometheus.Gauge
 	reloadErrors  prometheus.Counter
@@ -33,6 +34,11 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		repairs: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "ambit_agent_redirect_repairs_total", Help: "In-pod redirections found missing or different and reinstalled.",
 		}),
+		ruleCheck: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "ambit_agent_rule_check_duration_seconds",
+			Help:    "Wall time of one pass verifying every enrolled pod's in-pod redirection (after re-adoption, then each ruleCheckInterval); the count is the number of passes.",
+			Buckets: []float64{.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60},
+		}),
 		adopted: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "ambit_agent_adopted_pods_total", Help: "Enrolled pods re-adopted after an agent start.",
 		}),
@@ -47,7 +53,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.enrolled, m.latency, m.failures, m.requests, m.repairs, m.adopted, m.adoptSeconds, m.reloadErrors, m.statusDropped)
+		reg.MustRegister(m.enrolled, m.latency, m.failures, m.requests, m.repairs, m.ruleCheck, m.adopted, m.adoptSeconds, m.reloadErrors, m.statusDropped)
 	}
 	return m
 }

@@ -4,6 +4,9 @@ import (
 	"bufio"
 	"context"
 	"fmt"
+	"net"
+	"net/http"
+	httppprof "net/http/pprof"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -14,6 +17,10 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"golang.org/x/sys/unix"
 
 	"github.com/ambit-mesh/ambit/internal/testenv"
 	"github.com/ambit-mesh/ambit/node-agent/inventory"
@@ -41,10 +48,27 @@ func helperMain(dir string) int {
 		fmt.Fprintln(os.Stderr, err)
 		return 2
 	}
-	a, err := New(Options{Config: cfg, View: src, Status: src, Tunnel: &echoTunnel{}, Logger: quietLogger()})
+	if v := os.Getenv("AMBIT_AGENT_HELPER_RULECHECK"); v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "AMBIT_AGENT_HELPER_RULECHECK:", err)
+			return 2
+		}
+		cfg.RuleCheckInterval.Duration = d
+	}
+	reg := prometheus.NewRegistry()
+	a, err := New(Options{Config: cfg, View: src, Status: src, Tunnel: &echoTunnel{}, Logger: quietLogger(), Registerer: reg})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 2
+	}
+	// /metrics and /debug/pprof/ on a socket in dir, for benchmarks that
+	// watch the process (nothing calls it unless a benchmark does).
+	if l, err := net.Listen("unix", filepath.Join(dir, debugSocket)); err == nil {
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+		mux.HandleFunc("/debug/pprof/profile", httppprof.Profile)
+		go http.Serve(l, mux)
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM)
 	defer stop()
@@ -78,8 +102,16 @@ type agentProc struct {
 
 func startProc(t testing.TB, dir string) *agentProc {
 	t.Helper()
+	return startProcEnv(t, dir)
+}
+
+// startProcEnv is startProc with extra environment (KEY=value), e.g.
+// AMBIT_AGENT_HELPER_RULECHECK=5s.
+func startProcEnv(t testing.TB, dir string, env ...string) *agentProc {
+	t.Helper()
+	os.Remove(filepath.Join(dir, debugSocket)) // left by a killed agent
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), "AMBIT_AGENT_HELPER_DIR="+dir)
+	cmd.Env = append(append(os.Environ(), "AMBIT_AGENT_HELPER_DIR="+dir), env...)
 	cmd.Stderr = os.Stderr
 	out, err := cmd.StdoutPipe()
 	if err != nil {
@@ -115,8 +147,16 @@ func (p *agentProc) kill() {
 	}
 }
 
-// cpuSeconds is the process's user+system CPU time so far.
+// cpuSeconds is the process's user+system CPU time so far, every thread
+// (exited ones too). It reads the kernel's CPU-time clock of the process
+// (clock_getcpuclockid(3): MAKE_PROCESS_CPUCLOCK(pid, CPUCLOCK_SCHED)),
+// exact to the nanosecond; /proc/<pid>/stat counts 10 ms ticks, too coarse
+// for a mostly idle agent, and is the fallback.
 func (p *agentProc) cpuSeconds(t testing.TB) float64 {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(int32(^p.cmd.Process.Pid<<3|2), &ts); err == nil {
+		return float64(ts.Nano()) / 1e9
+	}
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", p.cmd.Process.Pid))
 	if err != nil {
 		t.Fatal(err)
