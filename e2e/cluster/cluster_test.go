@@ -55,7 +55,7 @@ func (r *report) add(format string, a ...any) {
 var rep = &report{}
 
 func TestMain(m *testing.M) {
-	code := m.Run()
+	code := testenv.Main(m)
 	if len(rep.lines) > 0 {
 		fmt.Println("\n== netns-cluster e2e report ==")
 		for _, l := range rep.lines {

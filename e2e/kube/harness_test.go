@@ -93,7 +93,9 @@ func TestMain(m *testing.M) {
 	if ext != "" {
 		os.Exit(runExternal(m, ext))
 	}
-	os.Exit(run(m))
+	code := run(m)
+	testenv.RemoveBinaries()
+	os.Exit(code)
 }
 
 // runExternal runs the cases against a cluster someone else brought up
