@@ -196,15 +196,25 @@ func Verify(netns ns.NetNS, spec Spec) error {
 	}
 	s := newSession(netns)
 	defer s.close()
+	_, err := verify(s, spec)
+	return err
+}
+
+// verify is Verify on a session; it also returns the backend holding the
+// rules when exactly one does.
+func verify(s *session, spec Spec) (Backend, error) {
+	netns := s.netns
 	found, err := installed(s)
 	if err != nil {
-		return err
+		return "", err
 	}
+	var backend Backend
 	var problems []string
 	switch len(found) {
 	case 0:
 		problems = append(problems, "no redirection rules installed")
 	case 1:
+		backend = found[0]
 		var err error
 		if found[0] == Nftables {
 			err = nftVerify(s, spec)
@@ -219,9 +229,9 @@ func Verify(netns ns.NetNS, spec Spec) error {
 	}
 	problems = append(problems, routesVerify(netns, spec)...)
 	if len(problems) > 0 {
-		return fmt.Errorf("redirection in %s: %s", netns.Path(), strings.Join(problems, "; "))
+		return backend, fmt.Errorf("redirection in %s: %s", netns.Path(), strings.Join(problems, "; "))
 	}
-	return nil
+	return backend, nil
 }
 
 var detectOnce struct {

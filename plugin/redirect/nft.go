@@ -2,6 +2,7 @@ package redirect
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"reflect"
@@ -271,16 +272,39 @@ func nftInstall(ss *session, s Spec) error {
 
 // nftPresent reports whether our table exists in netns.
 func nftPresent(c *nftables.Conn) (bool, error) {
+	t, err := nftTable(c)
+	return t != nil, err
+}
+
+// nftTable returns our table as listed (nil when absent).
+func nftTable(c *nftables.Conn) (*nftables.Table, error) {
 	ts, err := c.ListTablesOfFamily(nftables.TableFamilyINet)
 	if err != nil {
-		return false, err
+		return nil, err
 	}
 	for _, t := range ts {
 		if t.Name == TableName {
-			return true, nil
+			return t, nil
 		}
 	}
-	return false, nil
+	return nil, nil
+}
+
+// Table flags (linux/netfilter/nf_tables.h).
+const (
+	nftTableDormant = 0x1 // hooks unregistered: the rules see no packet
+	nftTableOwner   = 0x2 // removed when its creator's socket closes
+)
+
+// nftTableFlags returns t's flags as the kernel sent them. The library
+// (google/nftables v0.3.0) decodes NFTA_TABLE_FLAGS in host byte order
+// although, like every nf_tables attribute, it is big-endian; this undoes
+// that. TestRecheckSeesChanges ("table made dormant") and
+// TestRecheckOwnedTable fail if a library update decodes it right.
+func nftTableFlags(t *nftables.Table) uint32 {
+	var b [4]byte
+	binary.NativeEndian.PutUint32(b[:], t.Flags)
+	return binary.BigEndian.Uint32(b[:])
 }
 
 func nftUninstall(s *session) error {
@@ -316,12 +340,16 @@ func nftVerify(ss *session, s Spec) error {
 	if err != nil {
 		return err
 	}
-	ok, err := nftPresent(c)
+	lt, err := nftTable(c)
 	if err != nil {
 		return ss.failed(fmt.Errorf("listing nftables tables: %w", err))
 	}
-	if !ok {
+	if lt == nil {
 		return fmt.Errorf("nftables table inet %s is missing", TableName)
+	}
+	var problems []string
+	if nftTableFlags(lt)&nftTableDormant != 0 {
+		problems = append(problems, "the table is dormant (its rules see no packet)")
 	}
 	t := &nftables.Table{Name: TableName, Family: nftables.TableFamilyINet}
 	chains, err := c.ListChainsOfTableFamily(nftables.TableFamilyINet)
@@ -335,7 +363,6 @@ func nftVerify(ss *session, s Spec) error {
 		}
 	}
 	want := nftRulesByHook(s)
-	var problems []string
 	for _, h := range hooks {
 		d := nftChains[h]
 		ch, ok := live[d.name]

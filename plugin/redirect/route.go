@@ -42,7 +42,7 @@ const (
 
 // rtConn is an rtnetlink socket opened inside a pod netns.
 type rtConn struct {
-	c    *netlink.Conn
+	c    nlExecer
 	path string
 }
 
@@ -454,9 +454,16 @@ func routesVerify(n ns.NetNS, s Spec) []string {
 		return []string{err.Error()}
 	}
 	defer r.Close()
+	return r.verify(s)
+}
+
+// verify lists what differs between the netns's policy routing and s.
+func (r *rtConn) verify(s Spec) []string {
 	var problems []string
-	if lo, err := r.linkByName("lo"); err == nil {
-		s = effective(r, lo, s)
+	if s.IPv6 { // effective only narrows IPv6
+		if lo, err := r.linkByName("lo"); err == nil {
+			s = effective(r, lo, s)
+		}
 	}
 	for _, f := range []family{4, 6} {
 		enabled := (f == 4 && s.IPv4) || (f == 6 && s.IPv6)
