@@ -216,7 +216,7 @@ func (a *Agent) verifyPod(p *pod) {
 		return // deleted or unenrolled meanwhile
 	}
 	name := p.rec.Namespace + "/" + p.rec.Name
-	if err := a.rules.Verify(p.netns, p.spec); err == nil {
+	if err := a.rules.Recheck(p.netns, p.spec, &p.checked); err == nil {
 		return
 	} else {
 		a.log.Warn("redirection differs from what it should be, repairing", "pod", name, "problem", err)

@@ -89,6 +89,9 @@ type pod struct {
 	netns *os.File // held while enrolled
 	net   *podnet.Net
 	serve Serving
+	// checked is what the periodic rule checks of this pod saw (under the
+	// pod's lock).
+	checked redirect.Checked
 	// afterDrain runs on the netns once established connections are
 	// drained, before the netns is let go (removes the drain guard).
 	afterDrain func(*os.File)

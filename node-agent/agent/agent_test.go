@@ -513,4 +513,31 @@ func TestFlushedRulesRepairedWhileRunning(t *testing.T) {
 	if got := testutil.ToFloat64(h.a.m.repairs); got != 1 {
 		t.Fatalf("%v repairs of intact rules", got)
 	}
+	// By now the checks skip the unchanged nftables rules (their
+	// generation was seen twice, redirect.Recheck): a flushed chain, with
+	// the routes intact, is still seen.
+	if p := h.a.podByName("apps/web"); !recheckSkips(t, h.a, p) {
+		t.Fatal("the periodic check does not skip intact rules after three passes")
+	}
+	inNetns(t, pod, func() error {
+		if out, err := exec.Command("nft", "flush", "chain", "inet", redirect.TableName, "nat-output").CombinedOutput(); err != nil {
+			return fmt.Errorf("nft flush chain: %v: %s", err, out)
+		}
+		return nil
+	})
+	eventually(t, "the periodic check to repair the pod flushed again", func() bool { return testutil.ToFloat64(h.a.m.repairs) == 2 })
+	c, line, err = dialFrom(t, pod, "10.68.1.1:9")
+	if err != nil || line != "captured:15001" {
+		t.Fatalf("outbound not captured after the second repair: %q %v", line, err)
+	}
+	c.Close()
+}
+
+// recheckSkips reports whether p's next periodic check skips its
+// nftables rules if their generation is unchanged.
+func recheckSkips(t *testing.T, a *Agent, p *pod) bool {
+	t.Helper()
+	unlock := a.lock(p.rec.Namespace, p.rec.Name)
+	defer unlock()
+	return p.checked.Trusted()
 }

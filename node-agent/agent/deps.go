@@ -45,6 +45,9 @@ func (t ProxyTunnel) Serve(pod tunnel.Pod) (Serving, error) {
 type Redirector interface {
 	Install(netns *os.File, spec redirect.Spec) (backend string, err error)
 	Verify(netns *os.File, spec redirect.Spec) error
+	// Recheck is Verify for the periodic check of one pod: c carries what
+	// the previous checks of that netns saw (redirect.Recheck).
+	Recheck(netns *os.File, spec redirect.Spec, c *redirect.Checked) error
 	Uninstall(netns *os.File) error
 }
 
@@ -74,6 +77,11 @@ func (r Rules) Install(f *os.File, spec redirect.Spec) (string, error) {
 // Verify implements Redirector.
 func (r Rules) Verify(f *os.File, spec redirect.Spec) error {
 	return withNS(f, func(n ns.NetNS) error { return redirect.Verify(n, spec) })
+}
+
+// Recheck implements Redirector.
+func (r Rules) Recheck(f *os.File, spec redirect.Spec, c *redirect.Checked) error {
+	return withNS(f, func(n ns.NetNS) error { return redirect.Recheck(n, spec, c) })
 }
 
 // Uninstall implements Redirector.

@@ -91,23 +91,27 @@ func loadavg() string {
 // The agent is its own process (the test echo tunnel, the inventory
 // source: no API watch, no certificates, no HBONE connections to keep
 // alive). Its pods are enrolled like the plugin does (ADD, then the rules
-// installed), then it is restarted twice on them: once with the check off
-// and once every 5 s. Each run is watched for -agent.idle-window after its
-// first pass (the one after re-adoption, which runs in both), CPU read
-// from the kernel's CPU clock of the process. A pass costs the difference
-// between the two runs divided by the passes the second one completed
-// (its /metrics): a window a multiple of the interval holds whole passes
-// (one cut at each end makes one).
+// installed), then it is restarted three times on them: with the check
+// off, every 5 s, and every 5 s doing each check in full (redirect.Verify,
+// what the agent did before redirect.Recheck: the baseline, same run).
+// Each run is watched for -agent.idle-window after its first pass (the
+// one after re-adoption, which runs in all three), CPU read from the
+// kernel's CPU clock of the process. A pass costs the difference to the
+// run without checks divided by the passes completed (from the agent's
+// /metrics): a window a multiple of the interval holds whole passes (the
+// one cut at each end make one).
 func BenchmarkAgentIdleCPU(b *testing.B) {
 	testenv.RequireRoot(b)
 	const every = 5 * time.Second
 	type row struct {
-		pods                  int
-		idleMin, auditMin     float64 // CPU-ms per minute
-		pass, passWall, podUs float64 // CPU-ms, wall-ms, CPU-µs per pod
-		passes                int
-		defaultCorePct        float64
-		load                  string
+		pods              int
+		idleMin, checkMin float64 // CPU-ms per minute
+		pass, passWall    float64 // CPU-ms, wall-ms per pass
+		full              float64 // CPU-ms per full pass (baseline)
+		podUs, fullPodUs  float64 // CPU-µs per pod
+		passes, fullN     int
+		corePct           float64
+		load              string
 	}
 	var rows []row
 	for _, n := range []int{0, 100, 1000} {
@@ -120,13 +124,12 @@ func BenchmarkAgentIdleCPU(b *testing.B) {
 					pod := newNetns(b, ip+"/16")
 					enrollLikePlugin(b, h, fmt.Sprintf("web-%d", i), pod, ip+"/16")
 				}
-				// watch restarts the agent with the check every interval
-				// (0: off) and returns its CPU seconds, wall time and
-				// completed passes (count, summed wall seconds) over the
-				// window.
-				watch := func(interval time.Duration) (cpu, wall float64, passes int, passWall float64) {
+				// watch restarts the agent with env and returns its CPU
+				// seconds, wall seconds and completed passes (count,
+				// summed wall seconds) over the window.
+				watch := func(env ...string) (cpu, wall float64, passes int, passWall float64) {
 					p.kill()
-					p = startProcEnv(b, dir, "AMBIT_AGENT_HELPER_RULECHECK="+interval.String())
+					p = startProcEnv(b, dir, env...)
 					// The pass over the re-adopted pods, then a moment
 					// for what it left (garbage) to settle.
 					eventually(b, "the pass after re-adoption", func() bool {
@@ -142,8 +145,10 @@ func BenchmarkAgentIdleCPU(b *testing.B) {
 					return c1 - c0, t1.Sub(t0).Seconds(), k1 - k0, w1 - w0
 				}
 				load := loadavg()
-				offCPU, offWall, _, _ := watch(0)
-				onCPU, onWall, passes, passWall := watch(every)
+				check := "AMBIT_AGENT_HELPER_RULECHECK=" + every.String()
+				offCPU, offWall, _, _ := watch("AMBIT_AGENT_HELPER_RULECHECK=0s")
+				fullCPU, fullWall, fullN, _ := watch(check, "AMBIT_AGENT_HELPER_FULLCHECK=1")
+				onCPU, onWall, passes, passWall := watch(check)
 				if *idleProfile != "" {
 					prof := debugGet(b, dir, fmt.Sprintf("/debug/pprof/profile?seconds=%d", int(idleWindow.Seconds())))
 					if err := os.WriteFile(fmt.Sprintf("%s-pods=%d.pprof", *idleProfile, n), prof, 0o644); err != nil {
@@ -151,38 +156,44 @@ func BenchmarkAgentIdleCPU(b *testing.B) {
 					}
 				}
 				p.kill()
-				r := row{pods: n, passes: passes, load: load + " → " + loadavg()}
+				r := row{pods: n, passes: passes, fullN: fullN, load: load + " → " + loadavg()}
 				idleRate := offCPU / offWall // CPU-s per s
 				r.idleMin = idleRate * 60e3
-				r.auditMin = onCPU / onWall * 60e3
+				r.checkMin = onCPU / onWall * 60e3
 				if passes > 0 {
 					r.pass = (onCPU - idleRate*onWall) / float64(passes) * 1e3
 					r.passWall = passWall / float64(passes) * 1e3
 				}
+				if fullN > 0 {
+					r.full = (fullCPU - idleRate*fullWall) / float64(fullN) * 1e3
+				}
 				if n > 0 {
 					r.podUs = r.pass * 1e3 / float64(n)
+					r.fullPodUs = r.full * 1e3 / float64(n)
 				}
 				// At the default ruleCheckInterval (1 m): idle plus one
 				// pass a minute, in percent of one core.
-				r.defaultCorePct = (r.idleMin + r.pass) / 60e3 * 100
+				r.corePct = (r.idleMin + r.pass) / 60e3 * 100
 				b.ReportMetric(r.idleMin, "cpu-ms/min-idle")
-				b.ReportMetric(r.auditMin, "cpu-ms/min-check-5s")
+				b.ReportMetric(r.checkMin, "cpu-ms/min-check-5s")
 				b.ReportMetric(r.pass, "cpu-ms/pass")
+				b.ReportMetric(r.full, "cpu-ms/full-pass")
 				b.ReportMetric(r.passWall, "wall-ms/pass")
 				b.ReportMetric(float64(passes), "passes")
 				if n > 0 {
 					b.ReportMetric(r.podUs, "cpu-µs/pod-check")
+					b.ReportMetric(r.pass/r.full, "pass/full-pass")
 				}
-				b.ReportMetric(r.defaultCorePct, "%core-at-1m")
+				b.ReportMetric(r.corePct, "%core-at-1m")
 				rows = append(rows, r)
 			}
 		})
 	}
 	var sb strings.Builder
-	fmt.Fprintf(&sb, "\nidle agent CPU (window %s; check every %s for the per-pass cost)\n", *idleWindow, every)
-	fmt.Fprintf(&sb, "%6s %14s %16s %12s %12s %14s %14s  %s\n", "pods", "idle ms/min", "check-5s ms/min", "pass CPU ms", "pass wall ms", "CPU µs/pod", "% core @1m", "load avg (start → end)")
+	fmt.Fprintf(&sb, "\nidle agent CPU (window %s; check every %s for the per-pass cost; full = every pod checked with redirect.Verify, same run)\n", *idleWindow, every)
+	fmt.Fprintf(&sb, "%6s %12s %16s %12s %12s %12s %12s %12s %11s  %s\n", "pods", "idle ms/min", "check-5s ms/min", "pass CPU ms", "pass wall ms", "µs/pod", "full µs/pod", "passes/full", "%core @1m", "load avg (start → end)")
 	for _, r := range rows {
-		fmt.Fprintf(&sb, "%6d %14.1f %16.1f %12.1f %12.1f %14.1f %14.3f  %s\n", r.pods, r.idleMin, r.auditMin, r.pass, r.passWall, r.podUs, r.defaultCorePct, r.load)
+		fmt.Fprintf(&sb, "%6d %12.1f %16.1f %12.1f %12.1f %12.1f %12.1f %12s %11.3f  %s\n", r.pods, r.idleMin, r.checkMin, r.pass, r.passWall, r.podUs, r.fullPodUs, fmt.Sprintf("%d/%d", r.passes, r.fullN), r.corePct, r.load)
 	}
 	fmt.Print(sb.String())
 }

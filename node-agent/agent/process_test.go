@@ -24,6 +24,7 @@ import (
 
 	"github.com/ambit-mesh/ambit/internal/testenv"
 	"github.com/ambit-mesh/ambit/node-agent/inventory"
+	"github.com/ambit-mesh/ambit/plugin/redirect"
 )
 
 // The test binary doubles as an agent process (with the echo tunnel) when
@@ -57,7 +58,16 @@ func helperMain(dir string) int {
 		cfg.RuleCheckInterval.Duration = d
 	}
 	reg := prometheus.NewRegistry()
-	a, err := New(Options{Config: cfg, View: src, Status: src, Tunnel: &echoTunnel{}, Logger: quietLogger(), Registerer: reg})
+	o := Options{Config: cfg, View: src, Status: src, Tunnel: &echoTunnel{}, Logger: quietLogger(), Registerer: reg}
+	if os.Getenv("AMBIT_AGENT_HELPER_FULLCHECK") != "" {
+		b, err := redirect.ParseBackend(cfg.RedirectBackend)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 2
+		}
+		o.Rules = fullCheck{Rules{Backend: b}}
+	}
+	a, err := New(o)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 2
@@ -92,6 +102,15 @@ func helperMain(dir string) int {
 		return 1
 	}
 	return 0
+}
+
+// fullCheck is Rules with every periodic check done in full
+// (redirect.Verify), as the agent did before redirect.Recheck: the
+// baseline of BenchmarkAgentIdleCPU.
+type fullCheck struct{ Rules }
+
+func (f fullCheck) Recheck(netns *os.File, spec redirect.Spec, _ *redirect.Checked) error {
+	return f.Verify(netns, spec)
 }
 
 // agentProc is an agent running as its own process.
