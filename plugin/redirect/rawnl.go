@@ -21,13 +21,6 @@ import (
 // poller and seeds a random source. The pieces below do the same with
 // bare system calls.
 
-// nlExecer is what rtConn and the generation query need of a netlink
-// socket: *netlink.Conn and *rawNetlink.
-type nlExecer interface {
-	Execute(m netlink.Message) ([]netlink.Message, error)
-	Close() error
-}
-
 // rawNetlink is a blocking netlink socket used with bare system calls,
 // by one goroutine at a time. Every request it sends is answered by the
 // kernel before sendto returns (the first part of a dump too; later

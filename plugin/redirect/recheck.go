@@ -82,7 +82,7 @@ func Recheck(netns ns.NetNS, spec Spec, c *Checked) error {
 	}
 	if genErr == nil && c.ok && c.gen == gen && c.spec == spec && !legacy {
 		c.seen = gen
-		if problems := (&rtConn{c: rt, path: netns.Path()}).verify(spec); len(problems) > 0 {
+		if problems := (&rtConn{exec: rt.Execute, path: netns.Path()}).verify(spec); len(problems) > 0 {
 			c.ok = false
 			return fmt.Errorf("redirection in %s: %s", netns.Path(), strings.Join(problems, "; "))
 		}
@@ -139,7 +139,7 @@ func dialNetfilterHere() (*rawNetlink, error) {
 // rulesetGeneration asks for the nf_tables ruleset generation of the
 // netns c was opened in. An error means no nf_tables there (or no
 // answer): nothing can be skipped.
-func rulesetGeneration(c nlExecer) (uint32, error) {
+func rulesetGeneration(c *rawNetlink) (uint32, error) {
 	// struct nfgenmsg: family, version, resource id (big endian).
 	msgs, err := c.Execute(netlink.Message{
 		Header: netlink.Header{Type: nftGetGen, Flags: netlink.Request},

@@ -40,9 +40,13 @@ const (
 	frActToTbl    = 1
 )
 
-// rtConn is an rtnetlink socket opened inside a pod netns.
+// rtConn is an rtnetlink socket opened inside a pod netns: a library
+// socket (dialRoute), or a raw one for Recheck, through exec. A function
+// rather than an interface, so a binary that never rechecks (ambit-cni)
+// links neither the raw socket nor every method of the library's.
 type rtConn struct {
-	c    nlExecer
+	c    *netlink.Conn
+	exec func(netlink.Message) ([]netlink.Message, error)
 	path string
 }
 
@@ -51,17 +55,17 @@ func dialRoute(n ns.NetNS) (*rtConn, error) {
 	if err != nil {
 		return nil, fmt.Errorf("opening rtnetlink in %s: %w", n.Path(), err)
 	}
-	return &rtConn{c: c, path: n.Path()}, nil
+	return &rtConn{c: c, exec: c.Execute, path: n.Path()}, nil
 }
 
 func (r *rtConn) Close() error { return r.c.Close() }
 
 func (r *rtConn) dump(typ netlink.HeaderType, hdr []byte) ([]netlink.Message, error) {
-	return r.c.Execute(netlink.Message{Header: netlink.Header{Type: typ, Flags: netlink.Request | netlink.Dump}, Data: hdr})
+	return r.exec(netlink.Message{Header: netlink.Header{Type: typ, Flags: netlink.Request | netlink.Dump}, Data: hdr})
 }
 
 func (r *rtConn) do(typ netlink.HeaderType, flags netlink.HeaderFlags, data []byte) error {
-	_, err := r.c.Execute(netlink.Message{Header: netlink.Header{Type: typ, Flags: netlink.Request | netlink.Acknowledge | flags}, Data: data})
+	_, err := r.exec(netlink.Message{Header: netlink.Header{Type: typ, Flags: netlink.Request | netlink.Acknowledge | flags}, Data: data})
 	return err
 }
 
@@ -85,7 +89,7 @@ func (r *rtConn) linkByName(name string) (link, error) {
 	if err != nil {
 		return link{}, err
 	}
-	msgs, err := r.c.Execute(netlink.Message{
+	msgs, err := r.exec(netlink.Message{
 		Header: netlink.Header{Type: unix.RTM_GETLINK, Flags: netlink.Request},
 		Data:   append(make([]byte, unix.SizeofIfInfomsg), attrs...),
 	})
