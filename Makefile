@@ -43,8 +43,9 @@ lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go' -not -path './.cache/*')); \
 	  if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
-	@if command -v shellcheck >/dev/null; then shellcheck -x -S warning $$(git ls-files '*.sh' .ci/run); \
-	  else echo "lint: shellcheck not installed (make deps installs it): shell scripts not linted"; fi
+	@scripts=$$(git ls-files '*.sh' .ci/run 2>/dev/null || find . -name '*.sh' -not -path './.cache/*'); \
+	  if ! command -v shellcheck >/dev/null; then echo "lint: shellcheck not installed (make deps installs it): shell scripts not linted"; \
+	  elif [ -n "$$scripts" ]; then shellcheck -x -S warning $$scripts; fi
 
 # Unit tests only (no root needed; privileged tests skip and say so).
 unit:
