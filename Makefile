@@ -35,7 +35,9 @@ deps:
 test: deps build kube-build lint
 	$(GO) test -count=1 -timeout 45m $$($(GO) list ./... | grep -v '/e2e/kube$$')
 	cd tunnel/interop/istio && $(GO) vet ./... && $(GO) test -count=1 -timeout 15m ./...
+	@rm -f $(BIN)/e2e-kube-report.txt
 	$(GO) test -count=1 -timeout 40m ./e2e/kube/
+	@cat $(BIN)/e2e-kube-report.txt 2>/dev/null || true
 
 # gofmt over every Go file, go vet over the main module (part of make test;
 # the Istio interop module is vetted in its own step).

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -115,7 +116,7 @@ func runExternal(m *testing.M, kubeconfig string) int {
 		c.podCIDR = n
 	}
 	rep.cluster = c.name
-	defer rep.print(os.Stdout)
+	defer rep.publish()
 	if err := c.connect(); err != nil {
 		fmt.Fprintln(os.Stderr, "e2e/kube: AMBIT_E2E_KUBECONFIG:", err)
 		return 1
@@ -216,7 +217,7 @@ func run(m *testing.M) (code int) {
 			}
 			rep.downTime = time.Since(t)
 		}
-		rep.print(os.Stdout)
+		rep.publish()
 	}()
 
 	t1 := time.Now()
@@ -342,7 +343,21 @@ func (r *caseResult) note(format string, args ...any) {
 	rep.mu.Unlock()
 }
 
-func (rp *report) print(w *os.File) {
+// reportFile keeps the last report where `make test` shows it: go test
+// prints a passing package's output only with -v.
+var reportFile = filepath.Join(testenv.RepoRoot(), "bin", "e2e-kube-report.txt")
+
+// publish prints the report and leaves a copy in reportFile.
+func (rp *report) publish() {
+	var b strings.Builder
+	rp.print(&b)
+	fmt.Print(b.String())
+	if err := os.MkdirAll(filepath.Dir(reportFile), 0o755); err == nil {
+		_ = os.WriteFile(reportFile, []byte(b.String()), 0o644)
+	}
+}
+
+func (rp *report) print(w io.Writer) {
 	rp.mu.Lock()
 	defer rp.mu.Unlock()
 	if rp.cluster != "" {
