@@ -171,10 +171,7 @@ func TestWatchReloadsAndKeepsLastGood(t *testing.T) {
 	s.Subscribe(func(e cluster.Event) { mu.Lock(); events = append(events, e); mu.Unlock() })
 	reloads := make(chan error, 10)
 	s.opts.OnReload = func(err error) { reloads <- err }
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { s.Watch(ctx); close(done) }()
-	t.Cleanup(func() { cancel(); <-done })
+	startWatch(t, s)
 
 	waitReload := func() error {
 		select {
@@ -235,10 +232,7 @@ func TestWatchSeesEditBeforeWatchStarted(t *testing.T) {
 	if err := os.WriteFile(path, []byte(next), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { s.Watch(ctx); close(done) }()
-	t.Cleanup(func() { cancel(); <-done })
+	startWatch(t, s)
 	select {
 	case err := <-reloads:
 		if err != nil {
@@ -251,10 +245,7 @@ func TestWatchSeesEditBeforeWatchStarted(t *testing.T) {
 		t.Fatalf("apps after the reload: %+v", ns)
 	}
 	// An unchanged file is not reloaded for nothing at start.
-	ctx2, cancel2 := context.WithCancel(context.Background())
-	done2 := make(chan struct{})
-	go func() { s.Watch(ctx2); close(done2) }()
-	t.Cleanup(func() { cancel2(); <-done2 })
+	startWatch(t, s)
 	select {
 	case err := <-reloads:
 		t.Fatalf("reload of an unchanged file: %v", err)
@@ -290,4 +281,12 @@ workloads:
 	if got := s2.OptInNamespaces(); len(got) != 1 || got[0] != "legacy" {
 		t.Fatalf("opt-in = %v", got)
 	}
+}
+
+// startWatch runs s.Watch until the test ends.
+func startWatch(t *testing.T, s *Source) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { s.Watch(ctx); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
 }

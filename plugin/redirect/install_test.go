@@ -85,19 +85,7 @@ func TestInstallSwitchesBackend(t *testing.T) {
 func TestUninstallKeepsOthersRules(t *testing.T) {
 	testenv.RequireRoot(t)
 	n := nstest.New(t, "rd")
-	sh := func(args ...string) string {
-		t.Helper()
-		var out []byte
-		err := n.Do(func(ns.NetNS) error {
-			var err error
-			out, err = exec.Command(args[0], args[1:]...).CombinedOutput()
-			return err
-		})
-		if err != nil {
-			t.Fatalf("%v: %v: %s", args, err, out)
-		}
-		return string(out)
-	}
+	sh := func(args ...string) string { t.Helper(); return sh(t, n, args...) }
 	sh("nft", "add table inet theirs")
 	sh("iptables-nft", "-t", "nat", "-A", "OUTPUT", "-p", "udp", "-j", "ACCEPT")
 	sh("ip", "rule", "add", "fwmark", "0x111", "lookup", "100", "pref", "32000")

@@ -13,8 +13,8 @@ import (
 	"github.com/ambit-mesh/ambit/plugin/internal/nstest"
 )
 
-// sh runs argv inside n.
-func sh(t *testing.T, n ns.NetNS, argv ...string) {
+// sh runs argv inside n and returns its output; a failure fails t.
+func sh(t *testing.T, n ns.NetNS, argv ...string) string {
 	t.Helper()
 	var out []byte
 	err := n.Do(func(ns.NetNS) error {
@@ -25,6 +25,7 @@ func sh(t *testing.T, n ns.NetNS, argv ...string) {
 	if err != nil {
 		t.Fatalf("%v: %v: %s", argv, err, out)
 	}
+	return string(out)
 }
 
 // skipping reports whether the last Recheck left c able to skip the
