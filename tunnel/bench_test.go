@@ -190,3 +190,76 @@ func BenchmarkConnsProcs(b *testing.B) {
 		}
 	}
 }
+
+// abSetups is the relay pair and Ambit, plus "ambit B" with agents from
+// the test binary named by AMBIT_BENCH_AGENT_B (this package built from
+// another commit), so two builds are measured in the same run.
+func abSetups(b *testing.B) []benchkit.Setup {
+	setups := []benchkit.Setup{benchkit.RelayPairProcs(b), benchkit.AmbitProcs(b)}
+	if bin := os.Getenv("AMBIT_BENCH_AGENT_B"); bin != "" {
+		setups = append(setups, benchkit.AmbitProcsBin(b, "ambit B", bin))
+	}
+	return setups
+}
+
+// BenchmarkDataPathAB: throughput (256 MiB) and 1 KB RTT, relay pair,
+// Ambit and (with AMBIT_BENCH_AGENT_B) another build of Ambit,
+// interleaved for AMBIT_BENCH_ROUNDS rounds (default 5, the order of
+// the setups rotating each round so drift cancels); medians with ratios
+// against the relay pair of the same run.
+func BenchmarkDataPathAB(b *testing.B) {
+	testenv.RequireRoot(b)
+	setups := abSetups(b)
+	rounds := 5
+	fmt.Sscan(os.Getenv("AMBIT_BENCH_ROUNDS"), &rounds)
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		all := make([][]benchkit.Result, len(setups))
+		for r := 0; r < rounds; r++ {
+			for k := range setups {
+				j := (k + r) % len(setups)
+				s := setups[j]
+				g, cpu, err := benchkit.Throughput(s, 256<<20)
+				if err != nil {
+					b.Fatal(err)
+				}
+				p50, p99, err := benchkit.Latency(s, 3000)
+				if err != nil {
+					b.Fatal(err)
+				}
+				fmt.Printf("round %d %-12s %.2f Gb/s  %.2f CPU s/GB  p50 %v p99 %v\n", r, s.Name, g, cpu, p50.Round(time.Microsecond), p99.Round(time.Microsecond))
+				all[j] = append(all[j], benchkit.Result{Name: s.Name, Gbps: g, CPUPerGB: cpu, P50: p50, P99: p99})
+			}
+		}
+		fmt.Print(benchkit.Table(benchkit.Medians(all), "relay pair"))
+	}
+}
+
+// BenchmarkHoldThroughputProcs prints the proxies' pids, waits
+// AMBIT_BENCH_HOLD seconds (default 3: time to attach perf or strace),
+// then sends AMBIT_BENCH_BYTES (default 2 GiB) through Ambit and then
+// the relay pair, for per-process counts during a bulk transfer.
+func BenchmarkHoldThroughputProcs(b *testing.B) {
+	testenv.RequireRoot(b)
+	setups := abSetups(b)
+	hold, size := 3, int64(2<<30)
+	fmt.Sscan(os.Getenv("AMBIT_BENCH_HOLD"), &hold)
+	fmt.Sscan(os.Getenv("AMBIT_BENCH_BYTES"), &size)
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		for _, s := range setups[1:] {
+			fmt.Printf("PIDS %s %v\n", s.Name, s.Pids)
+		}
+		fmt.Printf("PIDS relay %v\n", setups[0].Pids)
+		for _, s := range append(setups[1:], setups[0]) {
+			fmt.Printf("START %s\n", s.Name)
+			time.Sleep(time.Duration(hold) * time.Second)
+			t0 := time.Now()
+			g, cpu, err := benchkit.Throughput(s, size)
+			if err != nil {
+				b.Fatal(err)
+			}
+			fmt.Printf("DONE %s %.2f Gb/s %.2f CPU s/GB in %v\n", s.Name, g, cpu, time.Since(t0).Round(time.Millisecond))
+		}
+	}
+}

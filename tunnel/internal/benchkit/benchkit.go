@@ -83,6 +83,8 @@ type Setup struct {
 	Name string
 	Dial func(port uint16) (net.Conn, error)
 	CPU  func() float64
+	// Pids are the proxies' processes, if any (for perf/strace).
+	Pids []int
 }
 
 // Result is one configuration's figures.
@@ -298,6 +300,26 @@ func Run(tb testing.TB, setups []Setup, o Options) []Result {
 			ConnsPerS: median(rs, func(r Result) float64 { return r.ConnsPerS }),
 			CPUPerGB:  median(rs, func(r Result) float64 { return r.CPUPerGB }),
 		}
+	}
+	return out
+}
+
+// Medians reduces per-setup rounds (all[i] = setup i's rounds) to one
+// Result per setup, figure by figure.
+func Medians(all [][]Result) []Result {
+	out := make([]Result, 0, len(all))
+	for _, rs := range all {
+		if len(rs) == 0 {
+			continue
+		}
+		out = append(out, Result{
+			Name:      rs[0].Name,
+			Gbps:      median(rs, func(r Result) float64 { return r.Gbps }),
+			P50:       time.Duration(median(rs, func(r Result) float64 { return float64(r.P50) })),
+			P99:       time.Duration(median(rs, func(r Result) float64 { return float64(r.P99) })),
+			ConnsPerS: median(rs, func(r Result) float64 { return r.ConnsPerS }),
+			CPUPerGB:  median(rs, func(r Result) float64 { return r.CPUPerGB }),
+		})
 	}
 	return out
 }

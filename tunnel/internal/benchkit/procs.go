@@ -174,6 +174,13 @@ func helperAgent() {
 func Start(tb testing.TB, netns string, env ...string) int {
 	tb.Helper()
 	self, _ := os.Executable()
+	return StartBin(tb, self, netns, env...)
+}
+
+// StartBin is Start with another binary: a test binary of this package
+// built from another commit, for A/B runs of two builds side by side.
+func StartBin(tb testing.TB, self, netns string, env ...string) int {
+	tb.Helper()
 	var cmd *exec.Cmd
 	if netns != "" {
 		cmd = exec.Command("ip", "netns", "exec", netns, self)
@@ -215,12 +222,19 @@ func RelayPairProcs(tb testing.TB) Setup {
 	pa := Start(tb, p.A.Name, roleEnv+"=relay", "PORTS="+ports, "LISTEN_BASE=17000", "TARGET_IP="+p.B.IP4.String(), "TARGET_BASE=27000")
 	return Setup{Name: "relay pair", Dial: func(port uint16) (net.Conn, error) {
 		return p.NA.Dial(context.Background(), netip.Addr{}, netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), 17000+port))
-	}, CPU: func() float64 { return ProcCPU(pa) + ProcCPU(pb) }}
+	}, CPU: func() float64 { return ProcCPU(pa) + ProcCPU(pb) }, Pids: []int{pa, pb}}
 }
 
 // AmbitProcs is Ambit with one agent process per pod (host netns,
 // entering the pod through podnet, as the node agent does).
 func AmbitProcs(tb testing.TB) Setup {
+	self, _ := os.Executable()
+	return AmbitProcsBin(tb, "ambit", self)
+}
+
+// AmbitProcsBin is AmbitProcs with agents run from bin (a test binary of
+// package tunnel, possibly built from another commit), named name.
+func AmbitProcsBin(tb testing.TB, name, bin string) Setup {
 	a, b := podtest.Pair(tb)
 	for _, p := range []*podtest.Pod{a, b} {
 		podtest.Redirect(tb, p)
@@ -246,14 +260,14 @@ func AmbitProcs(tb testing.TB) Setup {
 			KeyPEM:  string(pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: key})),
 			RootPEM: string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: ca.Cert.Raw}))}
 		js, _ := json.Marshal(spec)
-		pids = append(pids, Start(tb, "", roleEnv+"=agent", "AGENT_SPEC="+string(js)))
+		pids = append(pids, StartBin(tb, bin, "", roleEnv+"=agent", "AGENT_SPEC="+string(js)))
 	}
 	nb := open(tb, b)
 	ServeApps(func(port uint16) net.Listener { return listen(tb, nb, port) })
 	client := open(tb, a)
-	return Setup{Name: "ambit", Dial: func(port uint16) (net.Conn, error) {
+	return Setup{Name: name, Dial: func(port uint16) (net.Conn, error) {
 		return client.Dial(context.Background(), netip.Addr{}, netip.AddrPortFrom(b.IP4, port))
-	}, CPU: func() float64 { return ProcCPU(pids[0]) + ProcCPU(pids[1]) }}
+	}, CPU: func() float64 { return ProcCPU(pids[0]) + ProcCPU(pids[1]) }, Pids: pids}
 }
 
 var _ = filepath.Join
