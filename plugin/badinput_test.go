@@ -113,19 +113,23 @@ func TestBadInput(t *testing.T) {
 	agent.errMsg = "certificate for mesh/default not issued yet"
 	agent.mu.Unlock()
 	_, e = d.run("ADD", nil)
-	wantCode(t, "agent error", e, errAgentRefused, "certificate for mesh/default not issued yet")
+	wantCode(t, "agent error", e, cniproto.CodeRefused, "certificate for mesh/default not issued yet")
 	d.noRules()
 
-	// An enrolled pod whose rules cannot be installed: error, nothing left
-	// behind, and the agent is told.
+	// An enrolled pod whose rules cannot be installed (the conflist's
+	// backend override reaches the agent, whose PATH lacks its tools):
+	// the agent's code and message, nothing left behind.
 	agent.mu.Lock()
 	agent.errMsg = ""
 	agent.mu.Unlock()
-	_, e = d.run("ADD", func(m map[string]any) { m["ruleBackend"] = "iptables-nft" }, "PATH="+d.dir)
-	wantCode(t, "install failure", e, errRedirect, "iptables-nft-save not found")
+	path := os.Getenv("PATH")
+	t.Setenv("PATH", d.dir)
+	_, e = d.run("ADD", func(m map[string]any) { m["ruleBackend"] = "iptables-nft" })
+	t.Setenv("PATH", path)
+	wantCode(t, "install failure", e, cniproto.CodeRedirect, "iptables-nft-save not found")
 	d.noRules()
-	if ops := agent.ops(); ops[len(ops)-1] != cniproto.OpDel {
-		t.Fatalf("agent not told about the failed install: %v", ops)
+	if got := agent.last().RuleBackend; got != redirect.IptablesNft {
+		t.Fatalf("the agent got ruleBackend %q, want the conflist's iptables-nft", got)
 	}
 
 	// The happy path still works in the same netns afterwards.
@@ -156,7 +160,7 @@ func TestSlowAndGarbageAgent(t *testing.T) {
 		c.Write([]byte(`{"version":1,"decision":"enroll","redirect":{"outboundPort":15001}}`))
 	})
 	_, e = d.run("ADD", func(m map[string]any) { m["agentSocket"] = garbage })
-	wantCode(t, "garbage agent", e, errAgentProtocol, "bad redirect parameters")
+	wantCode(t, "garbage agent", e, cniproto.CodeProtocol, "bad redirect parameters")
 	d.noRules()
 }
 

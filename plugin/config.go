@@ -10,7 +10,7 @@ import (
 	"time"
 
 	"github.com/ambit-mesh/ambit/plugin/cniproto"
-	"github.com/ambit-mesh/ambit/plugin/redirect"
+	"github.com/ambit-mesh/ambit/plugin/redirectspec"
 	"github.com/containernetworking/cni/pkg/types"
 	"github.com/containernetworking/cni/pkg/version"
 )
@@ -52,7 +52,7 @@ type Config struct {
 	AgentTimeout       time.Duration
 	LogLevel           slog.Level
 	LogFile            string // "" = no file
-	RuleBackend        redirect.Backend
+	RuleBackend        redirectspec.Backend
 	AgentDownPolicy    string
 	SnapshotFile       string
 	// DefaultNamespace is the namespace of sandboxes whose runtime names
@@ -136,9 +136,9 @@ func parseConfig(stdin []byte) (*Config, error) {
 		}
 		c.LogFile = *raw.LogFile
 	}
-	c.RuleBackend = redirect.Auto
+	c.RuleBackend = redirectspec.Auto
 	if raw.RuleBackend != nil {
-		b, err := redirect.ParseBackend(*raw.RuleBackend)
+		b, err := redirectspec.ParseBackend(*raw.RuleBackend)
 		if err != nil {
 			return nil, configError("ruleBackend", "%v", err)
 		}

@@ -68,7 +68,7 @@ func TestGCOldAgent(t *testing.T) {
 	cniprototest.Serve(t, socket, cniprototest.OldAgent)
 	d := newDirect(t, "mesh", socket)
 	_, e := d.run("GC", gcWith(sandboxIDs(1500)))
-	wantCode(t, "big GC to an old agent", e, errAgentRefused, "ambit-agent: request exceeds 65536 bytes")
+	wantCode(t, "big GC to an old agent", e, cniproto.CodeRefused, "ambit-agent: request exceeds 65536 bytes")
 	for _, want := range []string{"lists 1500 attachments", "agent and plugin versions differ", "upgrade ambit-agent"} {
 		if !strings.Contains(e.Msg, want) {
 			t.Errorf("error %q lacks %q", e.Msg, want)

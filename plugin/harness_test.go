@@ -28,7 +28,9 @@ import (
 )
 
 // responder is the minimal stand-in for the node agent: it enrolls pods
-// of namespaces listed in enroll, skips the rest, and records what it got.
+// of namespaces listed in enroll (installing their redirection, as the
+// agent does since protocol version 2), skips the rest, and records what
+// it got.
 type responder struct {
 	socket string
 	mu     sync.Mutex
@@ -38,6 +40,7 @@ type responder struct {
 	spec   redirect.Spec
 	delay  time.Duration
 	errMsg string
+	took   time.Duration // the last request's handling time (agent work)
 }
 
 func newResponder(t testing.TB, enroll ...string) *responder {
@@ -59,8 +62,14 @@ func newResponder(t testing.TB, enroll ...string) *responder {
 }
 
 func (r *responder) handle(ctx context.Context, req *cniproto.Request, netns *os.File) *cniproto.Response {
+	start := time.Now()
+	defer func() {
+		r.mu.Lock()
+		r.took = time.Since(start)
+		r.mu.Unlock()
+	}()
 	if netns != nil {
-		netns.Close()
+		defer netns.Close()
 	}
 	r.mu.Lock()
 	r.reqs = append(r.reqs, *req)
@@ -78,13 +87,55 @@ func (r *responder) handle(ctx context.Context, req *cniproto.Request, netns *os
 	if errMsg != "" {
 		return &cniproto.Response{Error: errMsg}
 	}
-	if req.Op == cniproto.OpDel || req.Op == cniproto.OpGC {
+	if req.Op == cniproto.OpGC {
 		return &cniproto.Response{Decision: cniproto.Skip}
 	}
-	if enroll {
-		return &cniproto.Response{Decision: cniproto.Enroll, Redirect: &spec}
+	var sp *redirect.Spec
+	if enroll && req.Op != cniproto.OpDel {
+		sp = &spec
 	}
-	return &cniproto.Response{Decision: cniproto.Skip}
+	return r.netnsWork(req, netns, sp)
+}
+
+// netnsWork is the agent's part of a version 2 request, as the agent
+// does it (node-agent/agent rulesAnswer, delWithRules): ADD installs the
+// redirection, CHECK verifies it (or that a skipped pod has none), DEL
+// removes it.
+func (r *responder) netnsWork(req *cniproto.Request, f *os.File, sp *redirect.Spec) *cniproto.Response {
+	fail := func(code uint, err error) *cniproto.Response {
+		return &cniproto.Response{Error: err.Error(), Code: code}
+	}
+	ok := &cniproto.Response{Decision: cniproto.Skip}
+	if sp != nil {
+		ok = &cniproto.Response{Decision: cniproto.Enroll, Redirect: sp}
+	}
+	if f == nil {
+		return ok
+	}
+	n, err := ns.GetNS(fmt.Sprintf("/proc/self/fd/%d", f.Fd()))
+	if err != nil {
+		return fail(cniproto.CodeIO, err)
+	}
+	defer n.Close()
+	switch {
+	case req.Op == cniproto.OpDel:
+		if err := redirect.Uninstall(n); err != nil {
+			return fail(cniproto.CodeIO, err)
+		}
+	case req.Op == cniproto.OpAdd && sp != nil:
+		if _, err := redirect.Install(n, req.RuleBackend, *sp); err != nil {
+			return fail(cniproto.CodeRedirect, fmt.Errorf("installing the redirection: %w", err))
+		}
+	case req.Op == cniproto.OpCheck && sp != nil:
+		if err := redirect.Verify(n, *sp); err != nil {
+			return fail(cniproto.CodeCheck, err)
+		}
+	case req.Op == cniproto.OpCheck:
+		if found, err := redirect.Installed(n); err != nil || len(found) > 0 {
+			return fail(cniproto.CodeCheck, fmt.Errorf("not enrolled but holds %v rules (%v)", found, err))
+		}
+	}
+	return ok
 }
 
 func (r *responder) ops() []cniproto.Op {

@@ -183,8 +183,8 @@ func TestAddTwiceAndCheckDetectsDeletedRule(t *testing.T) {
 			}
 			err = n.check(p)
 			var te *types.Error
-			if !errors.As(err, &te) || te.Code != errCheck {
-				t.Fatalf("CHECK after deleting a rule: %v, want code %d", err, errCheck)
+			if !errors.As(err, &te) || te.Code != cniproto.CodeCheck {
+				t.Fatalf("CHECK after deleting a rule: %v, want code %d", err, cniproto.CodeCheck)
 			}
 			t.Logf("CHECK: %v", te)
 			if err := n.del(p); err != nil {

@@ -8,26 +8,14 @@ import (
 	"log/slog"
 	"net/netip"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/ambit-mesh/ambit/plugin/cniproto"
-	"github.com/ambit-mesh/ambit/plugin/redirect"
+	"github.com/ambit-mesh/ambit/plugin/redirectspec"
 	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
-	"github.com/containernetworking/plugins/pkg/ns"
-)
-
-// Plugin-specific CNI error codes (the spec reserves 0-99).
-const (
-	// errAgentRefused: the agent answered with a (non-retryable) error.
-	errAgentRefused uint = 100
-	// errAgentProtocol: the agent's answer was malformed or the exchange
-	// broke mid-way.
-	errAgentProtocol uint = 101
-	// errRedirect: installing the redirection failed.
-	errRedirect uint = 102
-	// errCheck: CHECK found the redirection missing or different.
-	errCheck uint = 103
+	"golang.org/x/sys/unix"
 )
 
 func main() {
@@ -93,7 +81,11 @@ func begin(cmd string, args *cmdArgs) (*run, func(*error), error) {
 }
 
 func (r *run) request(op cniproto.Op) *cniproto.Request {
-	return &cniproto.Request{Version: cniproto.Version, Op: op, Pod: cniproto.Pod{
+	var backend redirectspec.Backend
+	if r.cfg.RuleBackend != redirectspec.Auto && op != cniproto.OpDel {
+		backend = r.cfg.RuleBackend
+	}
+	return &cniproto.Request{Version: cniproto.Version, Op: op, RuleBackend: backend, Pod: cniproto.Pod{
 		Namespace: r.pod.Namespace, Name: r.pod.Name, UID: r.pod.UID,
 		ContainerID: r.args.ContainerID, Netns: r.args.Netns, IfName: r.args.IfName,
 		IPs: prevIPs(r.cfg.PrevResult),
@@ -139,17 +131,26 @@ func (r *run) call(req *cniproto.Request, netns *os.File) (resp *cniproto.Respon
 		return nil, nil, types.NewError(types.ErrTryAgainLater,
 			fmt.Sprintf("ambit-agent did not answer within %s (agentTimeout); kubelet will retry", r.cfg.AgentTimeout), err.Error())
 	default:
-		return nil, nil, types.NewError(errAgentProtocol, "exchange with ambit-agent failed: "+err.Error(), "")
+		return nil, nil, types.NewError(cniproto.CodeProtocol, "exchange with ambit-agent failed: "+err.Error(), "")
 	}
 }
 
-// agentError turns an agent's error answer into a CNI error.
+// agentError turns an agent's error answer into a CNI error: the agent's
+// code when it set one (the redirection failed to install, CHECK found it
+// different), else "try again later" or "refused".
 func agentError(resp *cniproto.Response) error {
-	code := errAgentRefused
-	if resp.Retryable {
+	code := cniproto.CodeRefused
+	switch {
+	case resp.Code != 0:
+		code = resp.Code
+	case resp.Retryable:
 		code = types.ErrTryAgainLater
 	}
-	return types.NewError(code, "ambit-agent: "+resp.Error, "")
+	msg := resp.Error
+	if !strings.HasPrefix(msg, "ambit-agent") {
+		msg = "ambit-agent: " + msg
+	}
+	return types.NewError(code, msg, "")
 }
 
 // agentDown decides what an unreachable agent means for this pod; nil
@@ -176,23 +177,27 @@ func (r *run) agentDown(cause error) error {
 	}
 }
 
-// openNetns opens the runtime's netns path as ns.NetNS (which checks that
-// it is a network namespace; its path names the pod in messages) and as a
-// plain file to send to the agent.
-func openNetns(path string) (*os.File, ns.NetNS, error) {
+// openNetns opens the runtime's netns path to send its fd to the agent,
+// after checking that it is a network namespace (nsfs), so a wrong path
+// fails here with the spec's code rather than in the agent.
+func openNetns(path string) (*os.File, error) {
 	if path == "" {
-		return nil, nil, types.NewError(types.ErrInvalidNetNS, "CNI_NETNS is empty", "")
-	}
-	n, err := ns.GetNS(path)
-	if err != nil {
-		return nil, nil, types.NewError(types.ErrInvalidNetNS, fmt.Sprintf("pod netns %s: %v", path, err), "")
+		return nil, types.NewError(types.ErrInvalidNetNS, "CNI_NETNS is empty", "")
 	}
 	f, err := os.Open(path)
 	if err != nil {
-		n.Close()
-		return nil, nil, types.NewError(types.ErrInvalidNetNS, fmt.Sprintf("cannot open the pod netns %s: %v", path, err), "")
+		return nil, types.NewError(types.ErrInvalidNetNS, fmt.Sprintf("cannot open the pod netns %s: %v", path, err), "")
 	}
-	return f, n, nil
+	var st unix.Statfs_t
+	if err := unix.Fstatfs(int(f.Fd()), &st); err != nil {
+		f.Close()
+		return nil, types.NewError(types.ErrInvalidNetNS, fmt.Sprintf("pod netns %s: statfs: %v", path, err), "")
+	}
+	if st.Type != unix.NSFS_MAGIC && st.Type != unix.PROC_SUPER_MAGIC {
+		f.Close()
+		return nil, types.NewError(types.ErrInvalidNetNS, fmt.Sprintf("pod netns %s is not a network namespace (filesystem magic %#x)", path, st.Type), "")
+	}
+	return f, nil
 }
 
 func (r *run) printPrev() error {
@@ -216,12 +221,11 @@ func cmdAdd(args *cmdArgs) (err error) {
 		r.log.Debug("namespace excluded; not enrolled")
 		return r.printPrev()
 	}
-	f, netns, err := openNetns(args.Netns)
+	f, err := openNetns(args.Netns)
 	if err != nil {
 		return err
 	}
 	defer f.Close()
-	defer netns.Close()
 
 	resp, unavailable, err := r.call(r.request(cniproto.OpAdd), f)
 	if err != nil {
@@ -240,16 +244,9 @@ func cmdAdd(args *cmdArgs) (err error) {
 		r.log.Debug("agent: not enrolled")
 		return r.printPrev()
 	}
-	backend, err := redirect.Install(netns, r.cfg.RuleBackend, *resp.Redirect)
-	if err != nil {
-		// Install left nothing behind; the agent prepared for a pod
-		// that will not start this way, so tell it (best effort).
-		if _, _, derr := r.call(r.request(cniproto.OpDel), nil); derr != nil {
-			r.log.Warn("telling the agent about the failed enrollment", "err", derr)
-		}
-		return types.NewError(errRedirect, fmt.Sprintf("installing the redirection for pod %s/%s: %v", r.pod.Namespace, r.pod.Name, err), "")
-	}
-	r.log.Info("enrolled", "backend", backend, "took", time.Since(r.start))
+	// The agent installed the redirection before answering (protocol
+	// version 2): the app's first packet is captured.
+	r.log.Info("enrolled", "took", time.Since(r.start))
 	return r.printPrev()
 }
 
@@ -262,25 +259,25 @@ func cmdDel(args *cmdArgs) (err error) {
 	if !r.pod.fromKubelet || r.cfg.excluded(r.pod.Namespace) {
 		return nil
 	}
-	// The runtime may already have removed the netns; then the rules
-	// went with it.
+	// The agent removes the redirection from the netns while it exists;
+	// the runtime may already have removed it, and the rules with it.
+	var f *os.File
 	if args.Netns != "" {
-		if netns, err := ns.GetNS(args.Netns); err == nil {
-			uerr := redirect.Uninstall(netns)
-			netns.Close()
-			if uerr != nil {
-				return types.NewError(types.ErrIOFailure, uerr.Error(), "")
-			}
-		} else {
+		if f, err = openNetns(args.Netns); err != nil {
 			r.log.Debug("netns already gone", "netns", args.Netns, "err", err)
+			f = nil
+		} else {
+			defer f.Close()
 		}
 	}
-	resp, unavailable, err := r.call(r.request(cniproto.OpDel), nil)
+	resp, unavailable, err := r.call(r.request(cniproto.OpDel), f)
 	switch {
 	case unavailable != nil:
 		// The agent forgets pods that vanished while it was down when
-		// it reconciles on start; DEL must not wedge teardown.
-		r.log.Warn("ambit-agent unreachable; it will notice the pod is gone when it is back", "err", unavailable)
+		// it reconciles on start; DEL must not wedge teardown. The
+		// redirection, if any, goes with the netns the runtime is about
+		// to remove.
+		r.log.Warn("ambit-agent unreachable; it will notice the pod is gone when it is back, and the netns's redirection goes with the netns", "err", unavailable)
 		return nil
 	case err != nil:
 		r.log.Warn("ambit-agent did not confirm the delete", "err", err)
@@ -303,12 +300,14 @@ func cmdCheck(args *cmdArgs) (err error) {
 	if !r.pod.fromKubelet || r.cfg.excluded(r.pod.Namespace) {
 		return nil
 	}
-	f, netns, err := openNetns(args.Netns)
+	f, err := openNetns(args.Netns)
 	if err != nil {
 		return err
 	}
 	defer f.Close()
-	defer netns.Close()
+	// The agent verifies the rules in the netns (enrolled: as it
+	// installed them; skipped: none of ours) and answers CodeCheck when
+	// they differ.
 	resp, unavailable, err := r.call(r.request(cniproto.OpCheck), f)
 	if err != nil {
 		return err
@@ -318,19 +317,6 @@ func cmdCheck(args *cmdArgs) (err error) {
 	}
 	if resp.Error != "" {
 		return agentError(resp)
-	}
-	if resp.Decision == cniproto.Skip {
-		found, err := redirect.Installed(netns)
-		if err != nil {
-			return types.NewError(types.ErrIOFailure, err.Error(), "")
-		}
-		if len(found) > 0 {
-			return types.NewError(errCheck, fmt.Sprintf("pod %s/%s is not enrolled but its netns holds %v redirection rules", r.pod.Namespace, r.pod.Name, found), "")
-		}
-		return nil
-	}
-	if err := redirect.Verify(netns, *resp.Redirect); err != nil {
-		return types.NewError(errCheck, err.Error(), "")
 	}
 	return nil
 }
@@ -347,7 +333,7 @@ func cmdGC(args *cmdArgs) (err error) {
 	if n := len(r.cfg.ValidAttachments); n > cniproto.MaxAttachments {
 		return types.NewError(types.ErrInvalidNetworkConfig, fmt.Sprintf("the runtime lists %d valid attachments; ambit-cni's GC handles at most %d per node, so nothing was collected and no pod was affected", n, cniproto.MaxAttachments), "")
 	}
-	req := &cniproto.Request{Version: cniproto.Version, Op: cniproto.OpGC, Valid: make([]cniproto.Attachment, 0, len(r.cfg.ValidAttachments))}
+	req := &cniproto.Request{Version: cniproto.GCVersion, Op: cniproto.OpGC, Valid: make([]cniproto.Attachment, 0, len(r.cfg.ValidAttachments))}
 	for _, a := range r.cfg.ValidAttachments {
 		req.Valid = append(req.Valid, cniproto.Attachment{ContainerID: a.ContainerID, IfName: a.IfName})
 	}

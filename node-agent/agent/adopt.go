@@ -221,7 +221,7 @@ func (a *Agent) verifyPod(p *pod) {
 	} else {
 		a.log.Warn("redirection differs from what it should be, repairing", "pod", name, "problem", err)
 	}
-	backend, err := a.rules.Install(p.netns, p.spec)
+	backend, err := a.rules.Install(p.netns, "", p.spec)
 	if err != nil {
 		a.m.failures.WithLabelValues("redirect").Inc()
 		a.log.Error("repairing redirection failed", "pod", name, "err", err)

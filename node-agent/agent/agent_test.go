@@ -347,15 +347,16 @@ func Test300SimultaneousAdds(t *testing.T) {
 	}
 }
 
-// enrollLikePlugin does what ambit-cni does at ADD: ask, then install.
+// enrollLikePlugin does what ambit-cni does at ADD: ask; the agent
+// installs the rules before it answers enroll.
 func enrollLikePlugin(t testing.TB, h *harness, name string, n *testNetns, ip string) {
 	t.Helper()
 	resp, err := h.call(cniproto.OpAdd, "apps", name, "cid-"+name, n, ip)
 	if err != nil || resp.Decision != cniproto.Enroll {
 		t.Fatalf("ADD %s: %+v %v", name, resp, err)
 	}
-	if _, err := (Rules{Backend: redirect.Auto}).Install(n.file, *resp.Redirect); err != nil {
-		t.Fatalf("installing rules in %s: %v", name, err)
+	if err := (Rules{}).Verify(n.file, *resp.Redirect); err != nil {
+		t.Fatalf("rules in %s after ADD: %v", name, err)
 	}
 }
 

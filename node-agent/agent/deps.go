@@ -39,12 +39,17 @@ func (t ProxyTunnel) Serve(pod tunnel.Pod) (Serving, error) {
 	return s, nil
 }
 
-// Redirector installs, verifies and removes in-pod redirection when the
-// agent does it itself (live enrollment, repair after restart). At ADD
-// the plugin installs the rules.
+// Redirector installs, verifies and removes in-pod redirection: at ADD,
+// CHECK and DEL (protocol version 2 plugins), at live enrollment and at
+// repair after a restart. A version 1 plugin installs its pod's rules
+// itself.
 type Redirector interface {
-	Install(netns *os.File, spec redirect.Spec) (backend string, err error)
+	// Install uses backend, or the configured one when backend is empty
+	// or auto.
+	Install(netns *os.File, backend redirect.Backend, spec redirect.Spec) (used string, err error)
 	Verify(netns *os.File, spec redirect.Spec) error
+	// Installed lists the backends holding rules of ours in netns.
+	Installed(netns *os.File) ([]redirect.Backend, error)
 	// Recheck is Verify for the periodic check of one pod: c carries what
 	// the previous checks of that netns saw (redirect.Recheck).
 	Recheck(netns *os.File, spec redirect.Spec, c *redirect.Checked) error
@@ -64,10 +69,13 @@ func withNS(f *os.File, fn func(ns.NetNS) error) error {
 }
 
 // Install implements Redirector.
-func (r Rules) Install(f *os.File, spec redirect.Spec) (string, error) {
+func (r Rules) Install(f *os.File, backend redirect.Backend, spec redirect.Spec) (string, error) {
+	if backend == "" || backend == redirect.Auto {
+		backend = r.Backend
+	}
 	var used redirect.Backend
 	err := withNS(f, func(n ns.NetNS) error {
-		b, err := redirect.Install(n, r.Backend, spec)
+		b, err := redirect.Install(n, backend, spec)
 		used = b
 		return err
 	})
@@ -77,6 +85,16 @@ func (r Rules) Install(f *os.File, spec redirect.Spec) (string, error) {
 // Verify implements Redirector.
 func (r Rules) Verify(f *os.File, spec redirect.Spec) error {
 	return withNS(f, func(n ns.NetNS) error { return redirect.Verify(n, spec) })
+}
+
+// Installed implements Redirector.
+func (r Rules) Installed(f *os.File) ([]redirect.Backend, error) {
+	var found []redirect.Backend
+	err := withNS(f, func(n ns.NetNS) (err error) {
+		found, err = redirect.Installed(n)
+		return err
+	})
+	return found, err
 }
 
 // Recheck implements Redirector.

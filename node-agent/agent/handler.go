@@ -11,6 +11,7 @@ import (
 	"github.com/ambit-mesh/ambit/node-agent/netnsfind"
 	"github.com/ambit-mesh/ambit/node-agent/state"
 	"github.com/ambit-mesh/ambit/plugin/cniproto"
+	"github.com/ambit-mesh/ambit/plugin/redirect"
 )
 
 // foundPrefix marks records of pods the agent found by itself (live
@@ -27,10 +28,7 @@ func (a *Agent) handle(ctx context.Context, req *cniproto.Request, f *os.File) *
 	case cniproto.OpCheck:
 		resp = a.add(ctx, req, f, true)
 	case cniproto.OpDel:
-		if f != nil {
-			f.Close()
-		}
-		resp = a.del(req)
+		resp = a.delWithRules(req, f)
 	case cniproto.OpGC:
 		if f != nil {
 			f.Close()
@@ -115,9 +113,10 @@ func (a *Agent) add(ctx context.Context, req *cniproto.Request, f *os.File, chec
 	a.mu.Unlock()
 	if existing != nil && existing.enrolled() {
 		if d.Enroll && (check || sameNetns(existing, f)) {
-			// Repeated ADD of the same sandbox or CHECK: still served.
+			// Repeated ADD of the same sandbox or CHECK: still served;
+			// the rules are installed again (idempotent) or verified.
 			spec := existing.spec
-			return &cniproto.Response{Decision: cniproto.Enroll, Redirect: &spec}
+			return a.rulesAnswer(req, f, check, &spec)
 		}
 		a.releaseAsync(existing)
 	}
@@ -133,7 +132,7 @@ func (a *Agent) add(ctx context.Context, req *cniproto.Request, f *os.File, chec
 		}
 		a.register(p)
 		a.log.Debug("pod not enrolled", "pod", rp.Namespace+"/"+rp.Name, "reason", d.Reason)
-		return &cniproto.Response{Decision: cniproto.Skip}
+		return a.rulesAnswer(req, f, check, nil)
 	}
 	spec := a.specFor(ips, f)
 	wl := a.workload(cp)
@@ -146,6 +145,16 @@ func (a *Agent) add(ctx context.Context, req *cniproto.Request, f *os.File, chec
 		return errResp(false, "ambit-agent: enrolling %s/%s: %v", rp.Namespace, rp.Name, err)
 	}
 	kept = true
+	if req.Version >= 2 && !check {
+		// Listeners first, then the rules that send traffic to them.
+		if resp := a.rulesAnswer(req, f, false, &spec); resp.Error != "" {
+			a.releaseAsync(p)
+			a.m.failures.WithLabelValues("redirect").Inc()
+			a.setStatus(cp, "failed", "EnrollmentFailed", resp.Error)
+			a.log.Warn("enrollment failed", "pod", rp.Namespace+"/"+rp.Name, "err", resp.Error)
+			return resp
+		}
+	}
 	p.rec.Enrolled = true
 	if err := a.store.Put(p.rec); err != nil {
 		// Served anyway; after a restart the full reconcile finds it.
@@ -155,7 +164,70 @@ func (a *Agent) add(ctx context.Context, req *cniproto.Request, f *os.File, chec
 	a.m.latency.WithLabelValues("add").Observe(time.Since(start).Seconds())
 	a.setStatus(cp, "enabled", "", "")
 	a.log.Info("pod enrolled", "pod", rp.Namespace+"/"+rp.Name, "identity", wl.Identity, "reason", d.Reason, "ipv4", spec.IPv4, "ipv6", spec.IPv6, "took", time.Since(start).Round(time.Microsecond))
+	if check {
+		return a.rulesAnswer(req, f, true, &spec)
+	}
 	return &cniproto.Response{Decision: cniproto.Enroll, Redirect: &spec}
+}
+
+// rulesAnswer does a version 2 request's netns work and answers: spec
+// nil means the pod is not enrolled. ADD installs spec (idempotent,
+// atomic: on failure nothing of ours is left), CHECK verifies spec or,
+// for a pod not enrolled, that none of our rules are there. A version 1
+// plugin does this itself and gets the bare decision.
+func (a *Agent) rulesAnswer(req *cniproto.Request, f *os.File, check bool, spec *redirect.Spec) *cniproto.Response {
+	who := req.Pod.Namespace + "/" + req.Pod.Name
+	skip := &cniproto.Response{Decision: cniproto.Skip}
+	if req.Version < 2 {
+		if spec == nil {
+			return skip
+		}
+		return &cniproto.Response{Decision: cniproto.Enroll, Redirect: spec}
+	}
+	switch {
+	case spec == nil && !check:
+		return skip
+	case spec == nil:
+		found, err := a.rules.Installed(f)
+		if err != nil {
+			return codeResp(cniproto.CodeIO, "ambit-agent: reading the rules of pod %s: %v", who, err)
+		}
+		if len(found) > 0 {
+			return codeResp(cniproto.CodeCheck, "ambit-agent: pod %s is not enrolled but its netns holds %v redirection rules", who, found)
+		}
+		return skip
+	case check:
+		if err := a.rules.Verify(f, *spec); err != nil {
+			return codeResp(cniproto.CodeCheck, "ambit-agent: pod %s: %v", who, err)
+		}
+	default:
+		backend, err := a.rules.Install(f, req.RuleBackend, *spec)
+		if err != nil {
+			return codeResp(cniproto.CodeRedirect, "ambit-agent: installing the redirection for pod %s: %v", who, err)
+		}
+		a.log.Debug("redirection installed", "pod", who, "backend", backend)
+	}
+	return &cniproto.Response{Decision: cniproto.Enroll, Redirect: spec}
+}
+
+func codeResp(code uint, format string, args ...any) *cniproto.Response {
+	return &cniproto.Response{Error: sprintf(format, args...), Code: code}
+}
+
+// delWithRules serves DEL: a version 2 request carries the netns while
+// it exists, and the redirection is removed from it first (new
+// connections then go straight to the app) before the pod is forgotten.
+func (a *Agent) delWithRules(req *cniproto.Request, f *os.File) *cniproto.Response {
+	var uerr error
+	if f != nil {
+		uerr = a.rules.Uninstall(f)
+		f.Close()
+	}
+	resp := a.del(req)
+	if uerr != nil && resp.Error == "" {
+		return codeResp(cniproto.CodeIO, "ambit-agent: removing the redirection of pod %s/%s: %v", req.Pod.Namespace, req.Pod.Name, uerr)
+	}
+	return resp
 }
 
 func sameNetns(p *pod, f *os.File) bool {

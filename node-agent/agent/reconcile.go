@@ -278,7 +278,7 @@ func (a *Agent) enrollLive(ctx context.Context, cp cluster.Pod, p *pod, scan *la
 		f.Close()
 		return err
 	}
-	backend, err := a.rules.Install(p.netns, spec)
+	backend, err := a.rules.Install(p.netns, "", spec)
 	if err != nil {
 		c, cancel := context.WithTimeout(context.Background(), time.Second)
 		a.release(c, p)

@@ -5,9 +5,12 @@
 // alongside add and check requests. Both ends import this package and
 // nothing else of each other.
 //
-// Ops: add (enroll or skip; the answer carries the redirect.Spec to
-// install), check (same answer, nothing changes; the plugin verifies the
-// rules), del (forget the pod), gc (the runtime's still-valid attachments).
+// Ops: add (enroll or skip; enrolling installs the redirection in the
+// netns), check (same answer, nothing changes; the rules are verified),
+// del (forget the pod, remove the rules), gc (the runtime's still-valid
+// attachments). Since version 2 the agent does all the netns work on the
+// fd it receives, so ambit-cni links no rule code and starts fast;
+// version 1 plugins (installing the rules themselves) are still served.
 //
 // Sizes: responses and add/del/check requests are at most MaxMessageSize
 // (64 KiB); a gc request, which lists every attachment on the node, may

@@ -65,6 +65,10 @@ func appendRequest(b []byte, r *Request) []byte {
 		}
 		b = append(b, ']')
 	}
+	if r.RuleBackend != "" {
+		b = append(b, `,"ruleBackend":`...)
+		b = appendString(b, string(r.RuleBackend))
+	}
 	return append(b, '}')
 }
 

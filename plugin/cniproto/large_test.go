@@ -33,7 +33,7 @@ func sandboxIDs(n int) []Attachment {
 }
 
 func gcRequest(valid []Attachment) *Request {
-	return &Request{Version: Version, Op: OpGC, Valid: valid}
+	return &Request{Version: GCVersion, Op: OpGC, Valid: valid}
 }
 
 // recorder serves and keeps the last request it was handed.

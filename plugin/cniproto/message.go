@@ -9,12 +9,28 @@ import (
 	"net/netip"
 	"strings"
 
-	"github.com/ambit-mesh/ambit/plugin/redirect"
+	"github.com/ambit-mesh/ambit/plugin/redirectspec"
 )
 
-// Version is the protocol version this build speaks. A peer speaking
-// another version is refused with an error naming both.
-const Version = 1
+// Version is the protocol version this build's plugin speaks. A peer
+// speaking a version outside MinVersion..Version is refused with an error
+// naming both.
+//
+// Version 2: the agent installs, verifies and removes the redirection
+// itself, in the netns whose fd it receives (add, check, and del while
+// the netns exists), and the plugin links no rule code. Version 1: the
+// agent only decides and the plugin installs. An agent answers in the
+// request's version, so a version 1 plugin still on disk during an
+// upgrade keeps working.
+const Version = 2
+
+// MinVersion is the oldest request version the agent still serves.
+const MinVersion = 1
+
+// GCVersion is the version ambit-cni sends gc requests in: gc has not
+// changed since version 1, so an agent of either version serves it (a
+// runtime's GC is not refused during an upgrade or a rollback).
+const GCVersion = 1
 
 // MaxMessageSize bounds every response and every request except gc.
 // An add, del or check request is a few hundred bytes (its fields are
@@ -43,14 +59,19 @@ func maxRequestSize(op Op) int {
 type Op string
 
 const (
-	// OpAdd: a pod sandbox was created; decide and prepare enrollment.
-	// The request carries the netns fd.
+	// OpAdd: a pod sandbox was created; decide, serve the pod and
+	// (version 2) install its redirection before answering enroll. The
+	// request carries the netns fd.
 	OpAdd Op = "add"
-	// OpDel: the sandbox is going away; forget the pod. No fd.
+	// OpDel: the sandbox is going away; forget the pod. Version 2
+	// carries the netns fd while the netns still exists, and the agent
+	// removes the redirection from it; version 1 carries none.
 	OpDel Op = "del"
 	// OpCheck: is this pod still expected to be enrolled? Carries the fd.
-	// The agent answers like OpAdd (decision and redirect), without
-	// changing anything; the plugin then verifies the rules in the netns.
+	// The agent answers like OpAdd without changing the decision; version
+	// 2: it also verifies the rules in the netns (none for a skipped pod)
+	// and answers an error with CodeCheck when they differ. Version 1:
+	// the plugin verifies.
 	OpCheck Op = "check"
 	// OpGC: CNI GC. Request.Valid lists every attachment the runtime
 	// still knows; the agent may forget pods not listed. No pod, no fd.
@@ -91,13 +112,18 @@ type Request struct {
 	Pod     Pod `json:"pod"`
 	// Valid is set for OpGC only.
 	Valid []Attachment `json:"valid,omitempty"`
+	// RuleBackend is the conflist's ruleBackend override (version 2, add
+	// and check; empty = the agent's own choice).
+	RuleBackend redirectspec.Backend `json:"ruleBackend,omitempty"`
 }
 
 // Decision is the agent's verdict for a pod.
 type Decision string
 
 const (
-	// Enroll: install Response.Redirect in the netns, then succeed.
+	// Enroll: the pod is in the mesh. Version 2: its redirection is
+	// installed (add) or verified (check), Response.Redirect says what it
+	// is. Version 1: the plugin installs Response.Redirect.
 	Enroll Decision = "enroll"
 	// Skip: leave the pod alone.
 	Skip Decision = "skip"
@@ -108,7 +134,7 @@ type Response struct {
 	Version  int      `json:"version"`
 	Decision Decision `json:"decision,omitempty"`
 	// Redirect is set when Decision is Enroll.
-	Redirect *redirect.Spec `json:"redirect,omitempty"`
+	Redirect *redirectspec.Spec `json:"redirect,omitempty"`
 	// Error is set when the agent could not serve the request. It is
 	// written for the operator who reads it in kubelet's events.
 	Error string `json:"error,omitempty"`
@@ -116,12 +142,41 @@ type Response struct {
 	// yet issued, cache warming); the plugin reports them as CNI "try
 	// again later" (code 11).
 	Retryable bool `json:"retryable,omitempty"`
+	// Code is the CNI error code for Error when the agent knows a more
+	// precise one than "the agent refused" (CodeRedirect, CodeCheck,
+	// CodeIO); 0 = the plugin decides. Version 2.
+	Code uint `json:"code,omitempty"`
 }
+
+// Error codes an agent may set in Response.Code. 100-199 are ambit-cni's
+// own (the CNI spec reserves 0-99 for its well-known errors).
+const (
+	// CodeIO is the spec's "I/O failure" (removing the redirection).
+	CodeIO uint = 5
+	// CodeRefused: the agent answered with a (non-retryable) error.
+	CodeRefused uint = 100
+	// CodeProtocol: the agent's answer was malformed or the exchange
+	// broke mid-way (set by the plugin, never by the agent).
+	CodeProtocol uint = 101
+	// CodeRedirect: installing the redirection failed; nothing of it is
+	// left in the netns.
+	CodeRedirect uint = 102
+	// CodeCheck: CHECK found the redirection missing or different.
+	CodeCheck uint = 103
+)
 
 // Validate reports the first problem with a request.
 func (r *Request) Validate() error {
-	if r.Version != Version {
-		return fmt.Errorf("protocol version %d not supported (this side speaks %d): upgrade ambit-cni and ambit-agent together", r.Version, Version)
+	if r.Version < MinVersion || r.Version > Version {
+		return fmt.Errorf("protocol version %d not supported (this side speaks %d to %d): upgrade ambit-cni and ambit-agent together", r.Version, MinVersion, Version)
+	}
+	if r.RuleBackend != "" {
+		if r.Version < 2 {
+			return errors.New("ruleBackend needs protocol version 2")
+		}
+		if _, err := redirectspec.ParseBackend(string(r.RuleBackend)); err != nil {
+			return fmt.Errorf("request ruleBackend: %w", err)
+		}
 	}
 	switch r.Op {
 	case OpAdd, OpCheck, OpDel:
@@ -174,9 +229,17 @@ func (r *Request) validateGC() error {
 }
 
 // Validate reports the first problem with a response.
+// A response may carry any version this package knows; Call also
+// requires the request's.
 func (r *Response) Validate() error {
-	if r.Version != Version {
+	if r.Version < MinVersion || r.Version > Version {
 		return fmt.Errorf("agent speaks protocol version %d, ambit-cni speaks %d: upgrade both together", r.Version, Version)
+	}
+	if r.Code != 0 && r.Error == "" {
+		return fmt.Errorf("agent answer carries error code %d without an error", r.Code)
+	}
+	if r.Code != 0 && r.Code != CodeIO && (r.Code < 100 || r.Code > 199 || r.Code == CodeProtocol) {
+		return fmt.Errorf("agent answer carries error code %d, which is not one an agent may set (5, or 100-199 but 101)", r.Code)
 	}
 	if r.Error != "" {
 		return nil

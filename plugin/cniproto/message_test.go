@@ -34,9 +34,11 @@ func TestDecodeRequest(t *testing.T) {
 	cases := map[string]string{
 		"":                         "empty message",
 		"{":                        "malformed",
-		`{"version":2,"op":"add"}`: "protocol version 2",
+		`{"version":3,"op":"add"}`: "protocol version 3",
 		`{"version":1}`:            "no op",
-		`{"version":1,"op":"zap"}`: "unknown op",
+		`{"version":1,"op":"add","ruleBackend":"nftables"}`:                                                                        "needs protocol version 2",
+		`{"version":2,"op":"add","ruleBackend":"pf"}`:                                                                              "unknown rule backend",
+		`{"version":1,"op":"zap"}`:                                                                                                 "unknown op",
 		`{"version":1,"op":"add","pod":{"namespace":"a","name":"b"}}`:                                                              "containerID is empty",
 		`{"version":1,"op":"add","pod":{"namespace":"a/b","name":"b","containerID":"c"}}`:                                          "pod.namespace",
 		`{"version":1,"op":"add","pod":{"namespace":"a","name":"b","containerID":"c"},"x":1}`:                                      "unknown field",
@@ -64,6 +66,9 @@ func TestDecodeResponse(t *testing.T) {
 		{Version: Version, Decision: Enroll, Redirect: &spec},
 		{Version: Version, Decision: Skip},
 		{Version: Version, Error: "no certificate yet", Retryable: true},
+		{Version: Version, Error: "rules", Code: CodeRedirect},
+		{Version: Version, Error: "removing", Code: CodeIO},
+		{Version: 1, Decision: Enroll, Redirect: &spec},
 	}
 	for _, r := range ok {
 		b, _ := json.Marshal(r)
@@ -78,6 +83,10 @@ func TestDecodeResponse(t *testing.T) {
 		`{"version":7,"decision":"skip"}`:   "version 7",
 		`garbage`:                           "malformed agent response",
 		`{"version":1,"decision":"enroll","redirect":{"outboundPort":1}}`: "bad redirect parameters",
+		`{"version":2,"decision":"skip","code":102}`:                      "without an error",
+		`{"version":2,"error":"x","code":101}`:                            "not one an agent may set",
+		`{"version":2,"error":"x","code":7}`:                              "not one an agent may set",
+		`{"version":2,"error":"x","code":200}`:                            "not one an agent may set",
 	}
 	for in, want := range bad {
 		_, err := DecodeResponse([]byte(in))

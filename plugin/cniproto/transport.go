@@ -74,6 +74,12 @@ func Call(ctx context.Context, socket string, req *Request, netns *os.File) (*Re
 	if err != nil {
 		return nil, err
 	}
+	// An agent that refuses the request's version answers an error in its
+	// own; anything else must be in the request's, whose meaning (who
+	// installs the rules) the plugin relies on.
+	if resp.Version != req.Version && resp.Error == "" {
+		return nil, fmt.Errorf("ambit-agent answered a version %d request in version %d", req.Version, resp.Version)
+	}
 	explainOldAgent(req, len(b), resp)
 	return resp, nil
 }
@@ -252,8 +258,9 @@ func (s *Server) serveConn(parent context.Context, conn *net.UnixConn, timeout t
 	conn.SetDeadline(time.Now().Add(timeout))
 
 	var netns *os.File
+	version := Version // the request's, once known
 	reply := func(r *Response) error {
-		r.Version = Version
+		r.Version = version
 		b, err := encode(r)
 		if err != nil {
 			return err
@@ -318,10 +325,13 @@ func (s *Server) serveConn(parent context.Context, conn *net.UnixConn, timeout t
 	if err != nil {
 		return fail(err)
 	}
+	version = req.Version
 	if (req.Op == OpAdd || req.Op == OpCheck) && netns == nil {
 		return fail(fmt.Errorf("%s request for %s/%s carries no netns file descriptor", req.Op, req.Pod.Namespace, req.Pod.Name))
 	}
-	if (req.Op == OpDel || req.Op == OpGC) && netns != nil {
+	// A version 2 del carries the netns (when it still exists) so the
+	// agent can remove the redirection; nothing else but add and check.
+	if (req.Op == OpGC || req.Op == OpDel && req.Version < 2) && netns != nil {
 		netns.Close()
 		netns = nil
 	}

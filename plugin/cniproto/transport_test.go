@@ -107,3 +107,75 @@ func TestCallFailures(t *testing.T) {
 		t.Errorf("garbage: %v", err)
 	}
 }
+
+// TestVersions: the agent answers in the request's version (a version 1
+// plugin still on disk during an upgrade is served as before), a
+// version 2 del brings the netns for the agent to clean and a version 1
+// del never does, and a plugin refuses an answer in another version
+// unless it is the agent's refusal of the request's.
+func TestVersions(t *testing.T) {
+	self, err := os.Open("/proc/self/ns/net")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer self.Close()
+	type seen struct {
+		version int
+		fd      bool
+	}
+	got := make(chan seen, 1)
+	path := serve(t, func(ctx context.Context, req *Request, netns *os.File) *Response {
+		got <- seen{req.Version, netns != nil}
+		if netns != nil {
+			netns.Close()
+		}
+		return &Response{Decision: Skip}
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	for _, c := range []struct {
+		version int
+		op      Op
+		wantFD  bool
+	}{{1, OpAdd, true}, {2, OpAdd, true}, {1, OpDel, false}, {2, OpDel, true}, {1, OpCheck, true}} {
+		req := goodRequest()
+		req.Version, req.Op = c.version, c.op
+		resp, err := Call(ctx, path, req, self)
+		if err != nil || resp.Version != c.version {
+			t.Fatalf("v%d %s: %+v %v (want an answer in version %d)", c.version, c.op, resp, err, c.version)
+		}
+		if s := <-got; s.version != c.version || s.fd != c.wantFD {
+			t.Errorf("v%d %s: agent saw %+v, want fd=%v", c.version, c.op, s, c.wantFD)
+		}
+	}
+
+	// An agent that answers version 1 to a version 2 request: refused,
+	// unless the answer is an error (an older agent's refusal, shown).
+	answer := make(chan string, 1)
+	opath := filepath.Join(t.TempDir(), "o.sock")
+	l, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: opath, Net: "unixpacket"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	go func() {
+		for {
+			c, err := l.AcceptUnix()
+			if err != nil {
+				return
+			}
+			buf := make([]byte, 4096)
+			c.Read(buf)
+			c.Write([]byte(<-answer))
+			c.Close()
+		}
+	}()
+	answer <- `{"version":1,"decision":"skip"}`
+	if _, err := Call(ctx, opath, goodRequest(), self); err == nil || !strings.Contains(err.Error(), "answered a version 2 request in version 1") {
+		t.Errorf("v1 skip to a v2 request: %v", err)
+	}
+	answer <- `{"version":1,"error":"protocol version 2 not supported (this side speaks 1)"}`
+	if resp, err := Call(ctx, opath, goodRequest(), self); err != nil || !strings.Contains(resp.Error, "protocol version 2 not supported") {
+		t.Errorf("old agent's refusal: %+v %v", resp, err)
+	}
+}

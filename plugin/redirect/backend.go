@@ -13,32 +13,6 @@ import (
 	"github.com/containernetworking/plugins/pkg/ns"
 )
 
-// Backend names the rule engine.
-type Backend string
-
-const (
-	// Auto picks nftables when the kernel answers nf_tables requests in
-	// the pod netns, else iptables (variant detected on the host).
-	Auto Backend = "auto"
-	// Nftables: native nf_tables over netlink; no exec.
-	Nftables Backend = "nftables"
-	// Iptables detects the variant the host uses (legacy or nft).
-	Iptables       Backend = "iptables"
-	IptablesLegacy Backend = "iptables-legacy"
-	IptablesNft    Backend = "iptables-nft"
-)
-
-// ParseBackend accepts the names above ("" means auto).
-func ParseBackend(s string) (Backend, error) {
-	switch b := Backend(s); b {
-	case "":
-		return Auto, nil
-	case Auto, Nftables, Iptables, IptablesLegacy, IptablesNft:
-		return b, nil
-	}
-	return "", fmt.Errorf("unknown rule backend %q (want auto, nftables, iptables, iptables-legacy or iptables-nft)", s)
-}
-
 // concrete are the backends that hold state.
 var concrete = []Backend{Nftables, IptablesNft, IptablesLegacy}
 

@@ -223,7 +223,7 @@ func ourSaveLines(out []byte) (rules map[string][]string, jumps map[string]int, 
 }
 
 func iptablesInstall(netns ns.NetNS, b Backend, s Spec) error {
-	for _, f := range s.families() {
+	for _, f := range families(s) {
 		out, err := runIn(netns, "", variantBinary(b, f, "save"))
 		if err != nil {
 			return err

@@ -26,7 +26,7 @@ func (f family) probe(s Spec) netip.Prefix {
 	return netip.PrefixFrom(s.ProbeSNATv6, 128)
 }
 
-func (s Spec) families() []family {
+func families(s Spec) []family {
 	var fs []family
 	if s.IPv4 {
 		fs = append(fs, 4)
@@ -101,7 +101,7 @@ func ruleSet(s Spec) []rule {
 	notMark := mark
 	notMark.neg = true
 	tcp := cond{kind: condTCP}
-	for _, f := range s.families() {
+	for _, f := range families(s) {
 		notLoop := cond{kind: condDaddr, neg: true, prefix: f.loopback()}
 		rs = append(rs,
 			// The agent dialed the app with a spoofed (client) source:
@@ -143,7 +143,7 @@ func Render(backend Backend, spec Spec) (string, error) {
 	case Nftables:
 		out = renderNft(spec)
 	case IptablesLegacy, IptablesNft:
-		for _, f := range spec.families() {
+		for _, f := range families(spec) {
 			out += fmt.Sprintf("# %s\n", restoreCommand(backend, f))
 			out += iptablesPayload(spec, f, nil)
 		}
@@ -155,7 +155,7 @@ func Render(backend Backend, spec Spec) (string, error) {
 
 func renderRoutes(s Spec) string {
 	var out string
-	for _, f := range s.families() {
+	for _, f := range families(s) {
 		flag, dst := "-4", "0.0.0.0/0"
 		if f == 6 {
 			flag, dst = "-6", "::/0"

@@ -1,0 +1,144 @@
+package agent
+
+import (
+	"context"
+	"os"
+	"os/exec"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/ambit-mesh/ambit/internal/testenv"
+	"github.com/ambit-mesh/ambit/plugin/cniproto"
+	"github.com/ambit-mesh/ambit/plugin/redirect"
+)
+
+// callV sends one request of the given version and backend override.
+func (h *harness) callV(version int, backend redirect.Backend, op cniproto.Op, ns, name string, n *testNetns) *cniproto.Response {
+	h.t.Helper()
+	req := &cniproto.Request{Version: version, Op: op, RuleBackend: backend,
+		Pod: cniproto.Pod{Namespace: ns, Name: name, UID: "uid-" + name, ContainerID: "cid-" + name}}
+	var f *os.File
+	if n != nil {
+		req.Pod.Netns, f = n.path, n.file
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	resp, err := cniproto.Call(ctx, h.sock, req, f)
+	if err != nil {
+		h.t.Fatalf("v%d %s %s/%s: %v", version, op, ns, name, err)
+	}
+	return resp
+}
+
+func installed(t *testing.T, n *testNetns) []redirect.Backend {
+	t.Helper()
+	found, err := (Rules{}).Installed(n.file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return found
+}
+
+// TestRulesAtAddCheckDel: since protocol version 2 the agent does the
+// netns work of ADD, CHECK and DEL on the fd it receives — install before
+// answering enroll (idempotent, with the conflist's backend override),
+// verify at CHECK (a deleted rule, or rules in a pod that is not
+// enrolled, is a CodeCheck error), remove at DEL — while a version 1
+// plugin still gets the bare decision and installs itself. A failed
+// install answers CodeRedirect, leaves no rules and stops serving.
+func TestRulesAtAddCheckDel(t *testing.T) {
+	testenv.RequireRoot(t)
+	h := startAgent(t, "", invAmbient)
+	n := newNetns(t, "10.63.0.2/24")
+
+	resp := h.callV(2, "", cniproto.OpAdd, "apps", "web", n)
+	if resp.Decision != cniproto.Enroll || resp.Error != "" {
+		t.Fatalf("ADD: %+v", resp)
+	}
+	if err := (Rules{}).Verify(n.file, *resp.Redirect); err != nil {
+		t.Fatalf("rules after ADD: %v", err)
+	}
+	if got := installed(t, n); !slices.Equal(got, []redirect.Backend{redirect.Nftables}) {
+		t.Fatalf("backends after ADD (auto): %v", got)
+	}
+	if resp := h.callV(2, "", cniproto.OpCheck, "apps", "web", n); resp.Error != "" || resp.Decision != cniproto.Enroll {
+		t.Fatalf("CHECK of intact rules: %+v", resp)
+	}
+	// Someone flushes a chain: CHECK says so with the plugin's code.
+	if out, err := exec.Command("ip", "netns", "exec", n.name, "nft", "flush", "chain", "inet", redirect.TableName, "nat-prerouting").CombinedOutput(); err != nil {
+		t.Fatalf("nft flush: %v %s", err, out)
+	}
+	if resp := h.callV(2, "", cniproto.OpCheck, "apps", "web", n); resp.Code != cniproto.CodeCheck || !strings.Contains(resp.Error, "apps/web") {
+		t.Fatalf("CHECK after a flushed chain: %+v, want code %d naming the pod", resp, cniproto.CodeCheck)
+	}
+	// The runtime repeats ADD: the same state again, still one serving.
+	if resp := h.callV(2, "", cniproto.OpAdd, "apps", "web", n); resp.Decision != cniproto.Enroll || resp.Error != "" {
+		t.Fatalf("repeated ADD: %+v", resp)
+	}
+	if resp := h.callV(2, "", cniproto.OpCheck, "apps", "web", n); resp.Error != "" {
+		t.Fatalf("CHECK after the repeated ADD: %+v", resp)
+	}
+	if live := h.tun.Live(); live != 1 {
+		t.Fatalf("%d servings, want 1", live)
+	}
+	// DEL with the netns: rules removed, pod forgotten.
+	if resp := h.callV(2, "", cniproto.OpDel, "apps", "web", n); resp.Error != "" {
+		t.Fatalf("DEL: %+v", resp)
+	}
+	if got := installed(t, n); len(got) != 0 {
+		t.Fatalf("rules left after DEL: %v", got)
+	}
+	eventually(t, "listeners closed after DEL", func() bool { return h.tun.Live() == 0 })
+
+	// A pod that is not enrolled but holds our rules fails CHECK.
+	other := newNetns(t, "10.63.1.2/24")
+	if resp := h.callV(2, "", cniproto.OpAdd, "legacy", "old", other); resp.Decision != cniproto.Skip || len(installed(t, other)) != 0 {
+		t.Fatalf("ADD of a pod outside the mesh: %+v, rules %v", resp, installed(t, other))
+	}
+	if _, err := (Rules{}).Install(other.file, "", redirect.DefaultSpec()); err != nil {
+		t.Fatal(err)
+	}
+	if resp := h.callV(2, "", cniproto.OpCheck, "legacy", "old", other); resp.Code != cniproto.CodeCheck || !strings.Contains(resp.Error, "not enrolled") {
+		t.Fatalf("CHECK of a skipped pod holding rules: %+v", resp)
+	}
+
+	// A version 1 plugin installs itself: the agent answers the spec in
+	// version 1 and leaves the netns alone.
+	v1 := newNetns(t, "10.63.2.2/24")
+	resp = h.callV(1, "", cniproto.OpAdd, "apps", "v1pod", v1)
+	if resp.Version != 1 || resp.Decision != cniproto.Enroll || resp.Redirect == nil {
+		t.Fatalf("v1 ADD: %+v", resp)
+	}
+	if got := installed(t, v1); len(got) != 0 {
+		t.Fatalf("the agent installed rules for a version 1 plugin: %v", got)
+	}
+
+	// The conflist's backend override is the one used.
+	leg := newNetns(t, "10.63.3.2/24")
+	if resp := h.callV(2, redirect.IptablesLegacy, cniproto.OpAdd, "apps", "leg", leg); resp.Error != "" {
+		t.Fatalf("ADD with ruleBackend iptables-legacy: %+v", resp)
+	}
+	if got := installed(t, leg); !slices.Equal(got, []redirect.Backend{redirect.IptablesLegacy}) {
+		t.Fatalf("backends with the iptables-legacy override: %v", got)
+	}
+
+	// An install that fails (the backend's tools are missing).
+	live := h.tun.Live()
+	bad := newNetns(t, "10.63.4.2/24")
+	path := os.Getenv("PATH")
+	t.Setenv("PATH", t.TempDir())
+	resp = h.callV(2, redirect.IptablesNft, cniproto.OpAdd, "apps", "bad", bad)
+	t.Setenv("PATH", path)
+	if resp.Code != cniproto.CodeRedirect || !strings.Contains(resp.Error, "installing the redirection for pod apps/bad") {
+		t.Fatalf("failed install: %+v, want code %d", resp, cniproto.CodeRedirect)
+	}
+	if got := installed(t, bad); len(got) != 0 {
+		t.Fatalf("rules left after a failed install: %v", got)
+	}
+	eventually(t, "no serving for the pod whose install failed", func() bool { return h.tun.Live() == live })
+	if resp := h.callV(2, "", cniproto.OpAdd, "apps", "bad", bad); resp.Error != "" || len(installed(t, bad)) == 0 {
+		t.Fatalf("ADD retried with the tools back: %+v", resp)
+	}
+}
