@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os"
 	"runtime"
+	"strings"
 	"testing"
 	"time"
 
@@ -191,13 +192,23 @@ func BenchmarkConnsProcs(b *testing.B) {
 	}
 }
 
-// abSetups is the relay pair and Ambit, plus "ambit B" with agents from
-// the test binary named by AMBIT_BENCH_AGENT_B (this package built from
-// another commit), so two builds are measured in the same run.
+// abSetups is the relay pair and Ambit, plus "ambit B" (and C, D) with
+// agents from the test binary named by AMBIT_BENCH_AGENT_B (_C, _D):
+// this package built from another commit, or "self" for this binary,
+// with the extra environment AMBIT_BENCH_AGENT_B_ENV (space-separated),
+// so builds or settings are measured in the same run.
 func abSetups(b *testing.B) []benchkit.Setup {
 	setups := []benchkit.Setup{benchkit.RelayPairProcs(b), benchkit.AmbitProcs(b)}
-	if bin := os.Getenv("AMBIT_BENCH_AGENT_B"); bin != "" {
-		setups = append(setups, benchkit.AmbitProcsBin(b, "ambit B", bin))
+	for _, x := range []string{"B", "C", "D"} {
+		bin := os.Getenv("AMBIT_BENCH_AGENT_" + x)
+		if bin == "" {
+			continue
+		}
+		if bin == "self" {
+			bin, _ = os.Executable()
+		}
+		env := strings.Fields(os.Getenv("AMBIT_BENCH_AGENT_" + x + "_ENV"))
+		setups = append(setups, benchkit.AmbitProcsBin(b, "ambit "+x, bin, env...))
 	}
 	return setups
 }
@@ -252,6 +263,11 @@ func BenchmarkHoldThroughputProcs(b *testing.B) {
 		}
 		fmt.Printf("PIDS relay %v\n", setups[0].Pids)
 		for _, s := range append(setups[1:], setups[0]) {
+			// Warm: the pooled connection exists and its SETTINGS are
+			// known, as in every round of BenchmarkDataPath but the first.
+			if _, _, err := benchkit.Throughput(s, 1<<20); err != nil {
+				b.Fatal(err)
+			}
 			fmt.Printf("START %s\n", s.Name)
 			time.Sleep(time.Duration(hold) * time.Second)
 			t0 := time.Now()

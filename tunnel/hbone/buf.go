@@ -1,9 +1,14 @@
 package hbone
 
 import (
+	"io"
 	"math/bits"
 	"net"
+	"os"
 	"sync"
+	"syscall"
+
+	"golang.org/x/sys/unix"
 )
 
 // Buffers come from size-classed pools (powers of two from 2 KiB to
@@ -50,16 +55,83 @@ func putBuf(bp *[]byte) {
 // corkConn batches the TLS records of one burst into one write(2): while
 // corked, writes are appended to a buffer that Flush sends at once.
 // Uncorked (during the handshake, or writes tls makes on its own from the
-// read path) it passes writes through.
+// read path) it passes writes through. The buffer comes from the pool for
+// the burst and goes back after it, so a connection holds none between
+// bursts (a burst is up to a whole app read: AppReadSize of payload).
 type corkConn struct {
 	net.Conn
 	mu     sync.Mutex
 	corked bool
+	bp     *[]byte // pooled, only during a burst
 	buf    []byte
 	err    error
+
+	// Read side (one reader at a time: crypto/tls's input lock).
+	// crypto/tls asks for about a record at a time (its buffer grows
+	// little), so a bulk receiver made a read(2) per ~32 KiB; reading
+	// up to readSize into a pooled buffer takes all that waits at once.
+	// The buffer is taken only once the socket is readable and given
+	// back when emptied, so an idle connection holds none.
+	raw      syscall.RawConn // nil: plain reads and writes
+	readSize int
+	bulk     bool // the last read was bulk
+	rbp      *[]byte
+	rbuf     []byte // unread part of *rbp
 }
 
-const corkMax = 256 << 10
+func newCorkConn(nc net.Conn, readSize int) *corkConn {
+	c := &corkConn{Conn: nc}
+	if sc, ok := nc.(syscall.Conn); ok {
+		if rc, err := sc.SyscallConn(); err == nil {
+			c.raw, c.readSize = rc, readSize
+		}
+	}
+	return c
+}
+
+func (c *corkConn) Read(p []byte) (int, error) {
+	if len(c.rbuf) > 0 {
+		n := copy(p, c.rbuf)
+		c.rbuf = c.rbuf[n:]
+		if len(c.rbuf) == 0 {
+			putBuf(c.rbp)
+			c.rbp, c.rbuf = nil, nil
+		}
+		return n, nil
+	}
+	if c.raw == nil || c.readSize <= 0 || len(p) >= c.readSize {
+		return c.Conn.Read(p)
+	}
+	var n int
+	var rerr error
+	err := c.raw.Read(func(fd uintptr) bool {
+		bp := getBuf(c.readSize)
+		n, rerr = readFD(fd, *bp, c.bulk)
+		c.bulk = n >= bulkSize
+		if rerr == unix.EAGAIN {
+			putBuf(bp)
+			return false
+		}
+		if n > 0 {
+			c.rbp, c.rbuf = bp, (*bp)[:n]
+		} else {
+			putBuf(bp)
+		}
+		return true
+	})
+	if err != nil {
+		return 0, err // closed, deadline: already a *net.OpError
+	}
+	if rerr != nil {
+		return 0, &net.OpError{Op: "read", Net: "tcp", Source: c.LocalAddr(), Addr: c.RemoteAddr(), Err: wrapErrno("read", rerr)}
+	}
+	if n == 0 {
+		return 0, io.EOF
+	}
+	return c.Read(p)
+}
+
+const corkMax = 1 << 20
 
 func (c *corkConn) Write(b []byte) (int, error) {
 	c.mu.Lock()
@@ -83,6 +155,10 @@ func (c *corkConn) Write(b []byte) (int, error) {
 	if len(b) >= corkMax {
 		return c.Conn.Write(b)
 	}
+	if c.bp == nil {
+		c.bp = getBuf(corkMax)
+		c.buf = (*c.bp)[:0]
+	}
 	c.buf = append(c.buf, b...)
 	return len(b), nil
 }
@@ -103,16 +179,37 @@ func (c *corkConn) flush() error {
 
 func (c *corkConn) flushLocked() error {
 	if len(c.buf) == 0 {
+		c.release()
 		return c.err
 	}
-	_, err := c.Conn.Write(c.buf)
+	var err error
+	if c.raw != nil && len(c.buf) >= bulkSize {
+		if _, err = writeAll(c.raw, c.buf); err != nil {
+			err = &net.OpError{Op: "write", Net: "tcp", Source: c.LocalAddr(), Addr: c.RemoteAddr(), Err: wrapErrno("write", err)}
+		}
+	} else {
+		_, err = c.Conn.Write(c.buf)
+	}
 	if err != nil {
 		c.err = err
 	}
-	if cap(c.buf) > corkMax*2 {
-		c.buf = nil
-	} else {
-		c.buf = c.buf[:0]
+	c.release()
+	return err
+}
+
+func (c *corkConn) release() {
+	if c.bp != nil {
+		putBuf(c.bp)
+		c.bp = nil
+	}
+	c.buf = nil
+}
+
+// wrapErrno names the system call of a bare errno, as package net does;
+// errors from the poller (closed, deadline) are passed as they are.
+func wrapErrno(call string, err error) error {
+	if e, ok := err.(syscall.Errno); ok {
+		return os.NewSyscallError(call, e)
 	}
 	return err
 }

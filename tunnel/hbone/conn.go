@@ -28,6 +28,13 @@ type Config struct {
 	// SendFrameSize caps the DATA frames we send (default 64 KiB; also
 	// capped by the peer's MAX_FRAME_SIZE).
 	SendFrameSize int
+	// AppReadSize is the most a stream reads from its app socket at once
+	// (default 256 KiB); one read leaves as one burst of DATA frames.
+	AppReadSize int
+	// SocketReadSize is the most one read(2) takes from the connection's
+	// socket (default 256 KiB; negative: as much as crypto/tls asks for,
+	// about a record or two). A buffer is held only while it has bytes.
+	SocketReadSize int
 	// MaxConcurrentStreams a server accepts on one connection (default
 	// 200); a client never opens more than the peer allows.
 	MaxConcurrentStreams uint32
@@ -68,6 +75,12 @@ func (c Config) withDefaults() Config {
 	}
 	if c.SendFrameSize <= 0 {
 		c.SendFrameSize = 64 << 10
+	}
+	if c.AppReadSize <= 0 {
+		c.AppReadSize = 256 << 10
+	}
+	if c.SocketReadSize == 0 {
+		c.SocketReadSize = 256 << 10
 	}
 	if c.MaxConcurrentStreams == 0 {
 		c.MaxConcurrentStreams = 200
@@ -208,7 +221,7 @@ func (c *Conn) ourSettings() []byte {
 // Client runs the TLS handshake on raw (the client side) and starts an
 // HTTP/2 connection over it. tlsCfg must offer ALPN "h2".
 func Client(ctx context.Context, raw net.Conn, tlsCfg *tls.Config, cfg Config) (*Conn, error) {
-	cork := &corkConn{Conn: raw}
+	cork := newCorkConn(raw, cfg.withDefaults().SocketReadSize)
 	tc := tls.Client(cork, tlsCfg)
 	if err := tc.HandshakeContext(ctx); err != nil {
 		raw.Close()
@@ -244,7 +257,7 @@ func NewClientConn(nc net.Conn, cork *corkConn, cfg Config) (*Conn, error) {
 // caller to inspect the peer before streams arrive: verify is called after
 // the handshake and before any stream; a non-nil error closes raw.
 func Server(ctx context.Context, raw net.Conn, tlsCfg *tls.Config, cfg Config, verify func(*tls.Conn) error, handler func(*Stream)) (*Conn, error) {
-	cork := &corkConn{Conn: raw}
+	cork := newCorkConn(raw, cfg.withDefaults().SocketReadSize)
 	tc := tls.Server(cork, tlsCfg)
 	if err := tc.HandshakeContext(ctx); err != nil {
 		raw.Close()

@@ -3,6 +3,7 @@ package hbone
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"strconv"
@@ -467,7 +468,7 @@ func (s *Stream) reserve(want int) (int, error) {
 		case s.sentEnd:
 			return 0, errors.New("hbone: write after CloseWrite")
 		}
-		w := min(s.sendWin, c.connSendWin, int64(c.peerMaxFrame))
+		w := min(s.sendWin, c.connSendWin)
 		if w > 0 {
 			n := int(min(int64(want), w))
 			s.sendWin -= int64(n)
@@ -491,21 +492,40 @@ func (s *Stream) sendErrLocked() error {
 // writing each frame header into the bytes just in front of its payload
 // (already sent or the headroom), so nothing is copied. end puts
 // END_STREAM on the last frame (a half-close riding on the data, as
-// CloseWrite would send it alone).
+// CloseWrite would send it alone). All the frames the send window allows
+// at once go out as one burst (one write(2) for a whole read of the app:
+// on this kind of VM every system call costs microseconds).
 func (s *Stream) sendFrom(buf []byte, n int, end bool) error {
+	c := s.c
 	off := 0
 	for off < n {
 		k, err := s.reserve(n - off)
 		if err != nil {
 			return err
 		}
-		var flags uint8
-		if end && off+k == n {
-			flags = flagEndStream
+		fs := s.frameSize()
+		c.wmu.Lock()
+		c.corkOn()
+		err = c.writeCtlLocked()
+		for j := off; j < off+k && err == nil; {
+			m := min(fs, off+k-j)
+			var flags uint8
+			if end && j+m == n {
+				flags = flagEndStream
+			}
+			// The header overwrites the tail of the previous frame's
+			// payload, which tls.Write has already encrypted and copied.
+			putFrameHeader(buf[j:j+frameHeaderLen], frameHeader{Length: uint32(m), Type: frameData, Flags: flags, StreamID: s.id})
+			_, err = c.nc.Write(buf[j : j+frameHeaderLen+m])
+			j += m
 		}
-		putFrameHeader(buf[off:off+frameHeaderLen], frameHeader{Length: uint32(k), Type: frameData, Flags: flags, StreamID: s.id})
-		if err := s.c.writeFrames(buf[off : off+frameHeaderLen+k]); err != nil {
-			return err
+		if ferr := c.corkOff(); err == nil {
+			err = ferr
+		}
+		c.wmu.Unlock()
+		if err != nil {
+			c.closeWith(fmt.Errorf("hbone: write: %w", err), ErrCodeNo)
+			return ErrConnClosed
 		}
 		off += k
 	}
@@ -836,7 +856,9 @@ func (s *Stream) pumpFrom(app *net.TCPConn) (int64, error) {
 	if err != nil {
 		return 0, err
 	}
-	fs := s.frameSize()
+	// Read as much as the app has, up to AppReadSize, whatever the
+	// frame size: sendFrom frames it and writes it all at once.
+	fs := max(s.frameSize(), s.c.cfg.AppReadSize)
 	var total int64
 	// A server's app often closes right after its answer (request,
 	// response, close): on the stream's first read, if the socket was
@@ -845,6 +867,7 @@ func (s *Stream) pumpFrom(app *net.TCPConn) (int64, error) {
 	// and one wake-up of the far side instead of two. Only then: on later
 	// reads the extra read(2) would mostly find nothing.
 	lookahead := !s.c.client
+	bulk := false // the last read was bulk: read through RawSyscall
 	for {
 		var bp *[]byte
 		var n int
@@ -852,7 +875,8 @@ func (s *Stream) pumpFrom(app *net.TCPConn) (int64, error) {
 		var eof bool
 		err := rc.Read(func(fd uintptr) bool {
 			bp = getBuf(frameHeaderLen + fs)
-			n, rerr = readFD(fd, (*bp)[frameHeaderLen:])
+			n, rerr = readFD(fd, (*bp)[frameHeaderLen:], bulk)
+			bulk = n >= bulkSize
 			if rerr == unix.EAGAIN {
 				putBuf(bp)
 				bp = nil
@@ -861,7 +885,7 @@ func (s *Stream) pumpFrom(app *net.TCPConn) (int64, error) {
 			if lookahead && rerr == nil && n > 0 {
 				lookahead = false
 				if n < fs {
-					k, err := readFD(fd, (*bp)[frameHeaderLen+n:])
+					k, err := readFD(fd, (*bp)[frameHeaderLen+n:], false)
 					switch {
 					case err == nil && k == 0:
 						eof = true
@@ -914,35 +938,4 @@ func (s *Stream) sawAppEOF() {
 	s.rmu.Lock()
 	s.appEOF = true
 	s.rmu.Unlock()
-}
-
-// readFD is read(2), retried on EINTR.
-func readFD(fd uintptr, b []byte) (int, error) {
-	for {
-		n, err := unix.Read(int(fd), b)
-		if err != unix.EINTR {
-			return n, err
-		}
-	}
-}
-
-// writeNonBlocking writes what the socket takes now, never waiting.
-func writeNonBlocking(rc syscall.RawConn, b []byte) int {
-	var n int
-	_ = rc.Write(func(fd uintptr) bool {
-		for {
-			k, err := unix.Write(int(fd), b[n:])
-			if err == unix.EINTR {
-				continue
-			}
-			if k > 0 {
-				n += k
-				if n < len(b) {
-					continue
-				}
-			}
-			return true
-		}
-	})
-	return n
 }

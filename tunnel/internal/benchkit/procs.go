@@ -136,6 +136,8 @@ func helperAgent() {
 		Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))}
 	// For experiments: AMBIT_BENCH_FRAME overrides the DATA frame size.
 	fmt.Sscan(os.Getenv("AMBIT_BENCH_FRAME"), &cfg.HBONE.SendFrameSize)
+	fmt.Sscan(os.Getenv("AMBIT_BENCH_READ"), &cfg.HBONE.AppReadSize)
+	fmt.Sscan(os.Getenv("AMBIT_BENCH_SOCKREAD"), &cfg.HBONE.SocketReadSize)
 	px, err := tunnel.New(cfg)
 	if err != nil {
 		die(err)
@@ -233,8 +235,9 @@ func AmbitProcs(tb testing.TB) Setup {
 }
 
 // AmbitProcsBin is AmbitProcs with agents run from bin (a test binary of
-// package tunnel, possibly built from another commit), named name.
-func AmbitProcsBin(tb testing.TB, name, bin string) Setup {
+// package tunnel, possibly built from another commit), named name, with
+// env added to theirs.
+func AmbitProcsBin(tb testing.TB, name, bin string, env ...string) Setup {
 	a, b := podtest.Pair(tb)
 	for _, p := range []*podtest.Pod{a, b} {
 		podtest.Redirect(tb, p)
@@ -260,7 +263,7 @@ func AmbitProcsBin(tb testing.TB, name, bin string) Setup {
 			KeyPEM:  string(pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: key})),
 			RootPEM: string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: ca.Cert.Raw}))}
 		js, _ := json.Marshal(spec)
-		pids = append(pids, StartBin(tb, bin, "", roleEnv+"=agent", "AGENT_SPEC="+string(js)))
+		pids = append(pids, StartBin(tb, bin, "", append([]string{roleEnv + "=agent", "AGENT_SPEC=" + string(js)}, env...)...))
 	}
 	nb := open(tb, b)
 	ServeApps(func(port uint16) net.Listener { return listen(tb, nb, port) })
