@@ -17,9 +17,10 @@ import (
 
 // BenchmarkChainAdd measures ADD of the real chain (bridge + host-local +
 // portmap) with and without ambit-cni appended, benchPods pods each,
-// interleaved so both see the same machine load; the responder answers
-// instantly, so the difference is the plugin's own cost (exec, config,
-// agent round trip, installing the rules).
+// interleaved so both see the same machine load; the responder decides
+// instantly and installs the rules as the agent does, so the difference is
+// the plugin's cost (exec, config, agent round trip) plus the rules, and
+// "added-without-agent" takes the responder's time out.
 //
 // Reported per chain: wall-clock p50/p99, the added p50/p99 and the p99
 // ratio, and the CPU time (user+sys) the chain's processes used per ADD,
@@ -36,13 +37,15 @@ func BenchmarkChainAdd(b *testing.B) {
 	// Creating and destroying hundreds of namespaces would measure the
 	// kernel's netns teardown instead of the plugins.
 	plainPod, meshPod := plain.newPod("mesh"), mesh.newPod("mesh")
-	var without, with, cpuWithout, cpuWith []time.Duration
+	var without, with, withOwn, cpuWithout, cpuWith []time.Duration
 	for i := 0; i < b.N; i++ {
 		for j := 0; j < benchPods; j++ {
 			w, c := timeAdd(b, plain, plainPod)
 			without, cpuWithout = append(without, w), append(cpuWithout, c)
+			agent.takeAddTime()
 			w, c = timeAdd(b, mesh, meshPod)
 			with, cpuWith = append(with, w), append(cpuWith, c)
+			withOwn = append(withOwn, w-agent.takeAddTime())
 		}
 	}
 	q := func(d []time.Duration, q float64) float64 {
@@ -57,6 +60,10 @@ func BenchmarkChainAdd(b *testing.B) {
 	b.ReportMetric(q(with, .5)-q(without, .5), "p50-ms-added")
 	b.ReportMetric(q(with, .99)-q(without, .99), "p99-ms-added")
 	b.ReportMetric(q(with, .99)/q(without, .99), "p99-ratio")
+	// The measure: the agent's work (deciding, installing the
+	// rules) excluded, per ADD.
+	b.ReportMetric(q(withOwn, .5)-q(without, .5), "p50-ms-added-without-agent")
+	b.ReportMetric(q(withOwn, .99)-q(without, .99), "p99-ms-added-without-agent")
 	b.ReportMetric(q(cpuWithout, .5), "cpu-p50-ms-without")
 	b.ReportMetric(q(cpuWith, .5), "cpu-p50-ms-with")
 	b.ReportMetric(q(cpuWith, .99)-q(cpuWithout, .99), "cpu-p99-ms-added")
@@ -84,8 +91,9 @@ func timeAdd(b *testing.B, n *node, p *pod) (wall, cpu time.Duration) {
 }
 
 // BenchmarkPluginExec isolates ambit-cni from the chain: one exec of the
-// plugin alone per sample (re-ADD of an enrolled pod: agent round trip and
-// the full nftables + routes install; and a pod the agent skips), against
+// plugin alone per sample (re-ADD of an enrolled pod: the agent round trip,
+// with the responder installing the full nftables + routes as the agent
+// does, its time reported apart; and a pod the agent skips), against
 // two baselines measured in the same run, interleaved:
 //   - floor: an empty static Go program (func main(){}), built here with
 //     the plugin's flags. No Go CNI plugin can cost less than this; on a VM
@@ -139,10 +147,7 @@ func BenchmarkPluginExec(b *testing.B) {
 			}
 			w, c, f := execOnce(b, bin, conf, e)
 			s.wall, s.cpu, s.faults = append(s.wall, w), append(s.cpu, c), append(s.faults, f)
-			agent.mu.Lock()
-			s.agent = append(s.agent, agent.took)
-			agent.took = 0
-			agent.mu.Unlock()
+			s.agent = append(s.agent, agent.takeAddTime())
 		}
 	}
 	q := func(d []time.Duration, q float64) float64 {

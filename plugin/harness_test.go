@@ -32,15 +32,15 @@ import (
 // agent does since protocol version 2), skips the rest, and records what
 // it got.
 type responder struct {
-	socket string
-	mu     sync.Mutex
-	reqs   []cniproto.Request
-	fds    int // requests that carried a netns fd
-	enroll map[string]bool
-	spec   redirect.Spec
-	delay  time.Duration
-	errMsg string
-	took   time.Duration // the last request's handling time (agent work)
+	socket  string
+	mu      sync.Mutex
+	reqs    []cniproto.Request
+	fds     int // requests that carried a netns fd
+	enroll  map[string]bool
+	spec    redirect.Spec
+	delay   time.Duration
+	errMsg  string
+	addTook time.Duration // the last add's handling time (agent work)
 }
 
 func newResponder(t testing.TB, enroll ...string) *responder {
@@ -64,9 +64,11 @@ func newResponder(t testing.TB, enroll ...string) *responder {
 func (r *responder) handle(ctx context.Context, req *cniproto.Request, netns *os.File) *cniproto.Response {
 	start := time.Now()
 	defer func() {
-		r.mu.Lock()
-		r.took = time.Since(start)
-		r.mu.Unlock()
+		if req.Op == cniproto.OpAdd {
+			r.mu.Lock()
+			r.addTook = time.Since(start)
+			r.mu.Unlock()
+		}
 	}()
 	if netns != nil {
 		defer netns.Close()
@@ -136,6 +138,15 @@ func (r *responder) netnsWork(req *cniproto.Request, f *os.File, sp *redirect.Sp
 		}
 	}
 	return ok
+}
+
+// takeAddTime returns the last add's handling time and clears it.
+func (r *responder) takeAddTime() time.Duration {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	d := r.addTook
+	r.addTook = 0
+	return d
 }
 
 func (r *responder) ops() []cniproto.Op {
