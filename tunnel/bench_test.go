@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os"
 	"runtime"
+	"sort"
 	"strings"
 	"testing"
 	"time"
@@ -243,7 +244,26 @@ func BenchmarkDataPathAB(b *testing.B) {
 			}
 		}
 		fmt.Print(benchkit.Table(benchkit.Medians(all), "relay pair"))
+		// Ratios within each round (against that round's relay pair),
+		// then their median: drift between rounds cancels.
+		for j := 1; j < len(setups); j++ {
+			var tp, rt, cpu []float64
+			for r := range all[j] {
+				base := all[0][r]
+				tp = append(tp, all[j][r].Gbps/base.Gbps)
+				rt = append(rt, float64(all[j][r].P50)/float64(base.P50))
+				cpu = append(cpu, all[j][r].CPUPerGB/base.CPUPerGB)
+			}
+			fmt.Printf("paired %-10s throughput %.2fx  RTT p50 %.2fx  CPU/GB %.2fx the relay pair (median of %d rounds)\n",
+				setups[j].Name, medianOf(tp), medianOf(rt), medianOf(cpu), len(tp))
+		}
 	}
+}
+
+func medianOf(v []float64) float64 {
+	v = append([]float64(nil), v...)
+	sort.Float64s(v)
+	return v[len(v)/2]
 }
 
 // BenchmarkHoldThroughputProcs prints the proxies' pids, waits

@@ -74,7 +74,6 @@ type corkConn struct {
 	// back when emptied, so an idle connection holds none.
 	raw      syscall.RawConn // nil: plain reads and writes
 	readSize int
-	bulk     bool // the last read was bulk
 	rbp      *[]byte
 	rbuf     []byte // unread part of *rbp
 }
@@ -106,8 +105,7 @@ func (c *corkConn) Read(p []byte) (int, error) {
 	var rerr error
 	err := c.raw.Read(func(fd uintptr) bool {
 		bp := getBuf(c.readSize)
-		n, rerr = readFD(fd, *bp, c.bulk)
-		c.bulk = n >= bulkSize
+		n, rerr = readFD(fd, *bp, true)
 		if rerr == unix.EAGAIN {
 			putBuf(bp)
 			return false

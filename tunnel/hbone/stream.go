@@ -867,7 +867,6 @@ func (s *Stream) pumpFrom(app *net.TCPConn) (int64, error) {
 	// and one wake-up of the far side instead of two. Only then: on later
 	// reads the extra read(2) would mostly find nothing.
 	lookahead := !s.c.client
-	bulk := false // the last read was bulk: read through RawSyscall
 	for {
 		var bp *[]byte
 		var n int
@@ -875,8 +874,7 @@ func (s *Stream) pumpFrom(app *net.TCPConn) (int64, error) {
 		var eof bool
 		err := rc.Read(func(fd uintptr) bool {
 			bp = getBuf(frameHeaderLen + fs)
-			n, rerr = readFD(fd, (*bp)[frameHeaderLen:], bulk)
-			bulk = n >= bulkSize
+			n, rerr = readFD(fd, (*bp)[frameHeaderLen:], true)
 			if rerr == unix.EAGAIN {
 				putBuf(bp)
 				bp = nil
@@ -885,7 +883,7 @@ func (s *Stream) pumpFrom(app *net.TCPConn) (int64, error) {
 			if lookahead && rerr == nil && n > 0 {
 				lookahead = false
 				if n < fs {
-					k, err := readFD(fd, (*bp)[frameHeaderLen+n:], false)
+					k, err := readFD(fd, (*bp)[frameHeaderLen+n:], true)
 					switch {
 					case err == nil && k == 0:
 						eof = true

@@ -7,19 +7,25 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// bulkSize is where a read or write counts as bulk transfer: it goes
-// through RawSyscall, which keeps the goroutine's P for the call. A
-// plain Syscall lets sysmon retake the P of a call that lasts over 20 µs
-// (a 256 KiB copy into a TCP socket does) and hand it to another
-// thread: futex wake-ups and context switches, and sysmon itself stays
-// on its 20 µs tick, each costly on this kind of VM. Small reads and
-// writes (request/response) keep Syscall: there the hand-off lets the
-// other direction run meanwhile, and holding the P measured worse
-// (RTT p50 1.22 → 1.36× the relay pair; docs/tunnel.md).
+// The data path's sockets are non-blocking: read(2) and write(2) return
+// at once (EAGAIN when they would block, and then the poller waits).
+// Reads, and writes of bulkSize or more, go through RawSyscall, which
+// keeps the goroutine's P through the call and never tells the
+// scheduler. A plain Syscall (entersyscall) wakes sysmon if it was
+// parked (the process had gone idle), which then polls every 20 µs for
+// a millisecond or more, and lets sysmon retake the P of a call that
+// lasts over 20 µs (a 256 KiB copy into a TCP socket does) and hand it
+// to another thread: futex wake-ups and context switches, each costly
+// on this kind of VM (a receiving agent spent 12 % of its CPU in
+// sysmon). Small writes (request/response) keep Syscall: a write to a
+// local peer runs the receiver's TCP stack in the writer's call, and
+// letting the other direction have the P meanwhile measured better
+// (RTT p50 1.22 → 1.36× the relay pair with every write raw;
+// docs/tunnel.md).
 const bulkSize = 64 << 10
 
 // readFD is read(2) on a non-blocking socket, retried on EINTR; raw
-// keeps the P through the call (bulk).
+// keeps the P through the call.
 func readFD(fd uintptr, b []byte, raw bool) (int, error) {
 	if !raw || len(b) == 0 {
 		for {
