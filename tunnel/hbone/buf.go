@@ -139,14 +139,14 @@ func (c *corkConn) Write(b []byte) (int, error) {
 	}
 	if !c.corked {
 		if len(c.buf) > 0 {
-			if err := c.flushLocked(); err != nil {
+			if err := c.flushLocked(false); err != nil {
 				return 0, err
 			}
 		}
 		return c.Conn.Write(b)
 	}
 	if len(c.buf)+len(b) > corkMax && len(c.buf) > 0 {
-		if err := c.flushLocked(); err != nil {
+		if err := c.flushLocked(false); err != nil {
 			return 0, err
 		}
 	}
@@ -167,22 +167,24 @@ func (c *corkConn) cork() {
 	c.mu.Unlock()
 }
 
-// flush sends what is buffered and uncorks.
-func (c *corkConn) flush() error {
+// flush sends what is buffered and uncorks. raw sends even a small
+// burst through RawSyscall (control frames: no one waits on them for
+// latency, and a plain Syscall would wake a parked sysmon).
+func (c *corkConn) flush(raw bool) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.corked = false
-	return c.flushLocked()
+	return c.flushLocked(raw)
 }
 
-func (c *corkConn) flushLocked() error {
+func (c *corkConn) flushLocked(raw bool) error {
 	if len(c.buf) == 0 {
 		c.release()
 		return c.err
 	}
 	var err error
-	if c.raw != nil && len(c.buf) >= bulkSize {
-		if _, err = writeAll(c.raw, c.buf); err != nil {
+	if c.raw != nil && (raw || len(c.buf) >= bulkSize) {
+		if _, err = writeAll(c.raw, c.buf, raw); err != nil {
 			err = &net.OpError{Op: "write", Net: "tcp", Source: c.LocalAddr(), Addr: c.RemoteAddr(), Err: wrapErrno("write", err)}
 		}
 	} else {

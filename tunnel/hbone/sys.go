@@ -89,13 +89,14 @@ func writeNonBlocking(rc syscall.RawConn, b []byte) int {
 	return n
 }
 
-// writeAll writes b, waiting in the poller while the socket is full.
-func writeAll(rc syscall.RawConn, b []byte) (int, error) {
+// writeAll writes b, waiting in the poller while the socket is full;
+// raw: through RawSyscall whatever the size.
+func writeAll(rc syscall.RawConn, b []byte, raw bool) (int, error) {
 	var n int
 	var werr error
 	err := rc.Write(func(fd uintptr) bool {
 		for n < len(b) {
-			k, err := writeFD(fd, b[n:], len(b)-n >= bulkSize)
+			k, err := writeFD(fd, b[n:], raw || len(b)-n >= bulkSize)
 			if err == unix.EAGAIN {
 				return false
 			}
