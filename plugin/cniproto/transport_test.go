@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/ambit-mesh/ambit/plugin/cniproto/cniprototest"
 )
 
 func serve(t *testing.T, h Handler) string {
@@ -153,23 +155,11 @@ func TestVersions(t *testing.T) {
 	// unless the answer is an error (an older agent's refusal, shown).
 	answer := make(chan string, 1)
 	opath := filepath.Join(t.TempDir(), "o.sock")
-	l, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: opath, Net: "unixpacket"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	go func() {
-		for {
-			c, err := l.AcceptUnix()
-			if err != nil {
-				return
-			}
-			buf := make([]byte, 4096)
-			c.Read(buf)
-			c.Write([]byte(<-answer))
-			c.Close()
-		}
-	}()
+	cniprototest.Serve(t, opath, func(c *net.UnixConn) {
+		buf := make([]byte, 4096)
+		c.Read(buf)
+		c.Write([]byte(<-answer))
+	})
 	answer <- `{"version":1,"decision":"skip"}`
 	if _, err := Call(ctx, opath, goodRequest(), self); err == nil || !strings.Contains(err.Error(), "answered a version 2 request in version 1") {
 		t.Errorf("v1 skip to a v2 request: %v", err)
