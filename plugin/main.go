@@ -47,8 +47,6 @@ func begin(cmd string, args *cmdArgs) (*run, func(*error), error) {
 	}
 	log, closeLog := newLogger(cfg)
 	log = log.With("cmd", cmd, "containerID", args.ContainerID)
-	// plugin/redirect logs its backend choice through the default logger.
-	slog.SetDefault(log)
 	if len(cfg.Unknown) > 0 {
 		log.Warn("ignoring unknown config keys (typo?)", "keys", cfg.Unknown)
 	}
