@@ -38,6 +38,7 @@ import (
 	"github.com/ambit-mesh/ambit/node-agent/install"
 	"github.com/ambit-mesh/ambit/node-agent/instance"
 	"github.com/ambit-mesh/ambit/node-agent/inventory"
+	"github.com/ambit-mesh/ambit/node-agent/keeper"
 	"github.com/ambit-mesh/ambit/node-agent/kube"
 	"github.com/ambit-mesh/ambit/node-agent/policy"
 	"github.com/ambit-mesh/ambit/node-agent/policy/filesource"
@@ -64,6 +65,8 @@ func main() {
 		err = runInstall(ctx, cmd, args)
 	case "probe":
 		err = runProbe(args)
+	case "keeper":
+		err = runKeeper(ctx, args)
 	case "help":
 		usage()
 		return
@@ -82,6 +85,7 @@ func usage() {
        ambit-agent ca [flags]                     run the certificate authority
        ambit-agent install|uninstall [flags]      install or remove the CNI plugin
        ambit-agent probe [flags]                  exit 0 if this container's agent is ready (startup probe)
+       ambit-agent keeper -socket PATH            hold the agent's listeners across its crashes (second container)
 Run "ambit-agent run -h" for the agent's flags; node-agent/README.md documents every config field.`)
 }
 
@@ -251,8 +255,14 @@ func run(ctx context.Context, args []string) error {
 		return nil
 	})
 
+	var keep agent.Keeper
+	if cfg.KeeperSocket != "" {
+		if k := dialKeeper(ctx, cfg.KeeperSocket, log); k != nil {
+			keep = k
+		}
+	}
 	a, err := agent.New(agent.Options{Config: cfg, View: view, Status: status, Tunnel: agent.ProxyTunnel{Proxy: proxy},
-		Certs: ids, Host: host, Registerer: reg, Health: hs, Logger: log})
+		Certs: ids, Host: host, Keeper: keep, Registerer: reg, Health: hs, Logger: log})
 	if err != nil {
 		return err
 	}
@@ -431,4 +441,39 @@ func newLogger(cfg config.Config) *slog.Logger {
 		return slog.New(slog.NewJSONHandler(os.Stderr, opts))
 	}
 	return slog.New(slog.NewTextHandler(os.Stderr, opts))
+}
+
+// runKeeper is `ambit-agent keeper`: node-agent/keeper's server, in its
+// own container so it outlives a crash of the agent's.
+func runKeeper(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("keeper", flag.ContinueOnError)
+	path := fs.String("socket", "/run/ambit-keeper/keeper.sock", "unix socket, in a volume shared with the agent's container (keeperSocket)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	// Its own process name, so tools (and e2e's kill -9 of the agent)
+	// tell it from the agent.
+	_ = os.WriteFile("/proc/self/comm", []byte("ambit-keeper"), 0)
+	log := slog.New(slog.NewJSONHandler(os.Stderr, nil))
+	log.Info("keeper listening", "socket", *path)
+	return (&keeper.Server{Log: log}).Serve(ctx, *path)
+}
+
+// dialKeeper starts this agent's generation at the keeper, waiting a few
+// seconds for it (the two containers start together); without one the
+// agent runs as before.
+func dialKeeper(ctx context.Context, path string, log *slog.Logger) *keeper.Client {
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		k, err := keeper.Dial(path)
+		if err == nil {
+			log.Info("keeper: pods' listeners survive a crash of this agent", "socket", path)
+			return k
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			log.Warn("keeper: not reachable; a crash of this agent closes every pod's listeners until it is back", "socket", path, "err", err)
+			return nil
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }

@@ -42,6 +42,9 @@ type Options struct {
 	Certs Prefetcher
 	// Host keeps kubelet probe SNAT entries for enrolled pods; nil = none.
 	Host HostRules
+	// Keeper holds copies of every pod's listeners so a crash of this
+	// process does not close them (node-agent/keeper); nil = none.
+	Keeper Keeper
 	// Spec is the base redirection; default redirect.DefaultSpec().
 	Spec       *redirect.Spec
 	Registerer prometheus.Registerer
@@ -59,6 +62,7 @@ type Agent struct {
 	rules  Redirector
 	certs  Prefetcher
 	host   HostRules
+	keeper Keeper
 	spec   redirect.Spec
 	policy enrollment.Policy
 	store  *state.Store
@@ -137,6 +141,7 @@ func New(o Options) (*Agent, error) {
 	}
 	a := &Agent{
 		cfg: o.Config, view: o.View, status: o.Status, tun: o.Tunnel, rules: o.Rules, certs: o.Certs, host: o.Host,
+		keeper: o.Keeper,
 		spec:   spec,
 		policy: enrollment.NewPolicy(o.Config.EnrollLabel, o.Config.ExcludedNamespaces),
 		store:  st, m: newMetrics(o.Registerer), health: o.Health, log: o.Logger,
@@ -212,6 +217,14 @@ func (a *Agent) RunListener(ctx context.Context, l *net.UnixListener) error {
 	start := time.Now()
 	n := a.adopt(ctx)
 	a.m.adoptSeconds.Set(time.Since(start).Seconds())
+	if a.keeper != nil {
+		// Every pod re-adopted has put its new listeners (closing the
+		// kept ones, whose queue moved to them); what is left belongs
+		// to pods that are gone.
+		if err := a.keeper.PruneOlder(); err != nil {
+			a.log.Warn("keeper: pruning what earlier agents left", "err", err)
+		}
+	}
 	a.syncHostRules()
 	a.writeSnapshot()
 	a.log.Info("agent ready", "adopted", n, "took", time.Since(start).Round(time.Millisecond), "socket", a.cfg.Socket)
@@ -237,6 +250,14 @@ func (a *Agent) RunListener(ctx context.Context, l *net.UnixListener) error {
 	stopSrv()
 	a.queue.close()
 	wg.Wait()
+	if a.keeper != nil {
+		// Stopping on purpose: the listeners must really close, so the
+		// next agent's (already listening beside them) take their queue
+		// over now, as without a keeper.
+		if err := a.keeper.PruneAll(); err != nil {
+			a.log.Warn("keeper: releasing the kept listeners", "err", err)
+		}
+	}
 	a.shutdown()
 	stopStatus()
 	<-statusDone
@@ -407,6 +428,13 @@ func (a *Agent) serve(p *pod, f *os.File, wl tunnel.Workload, fresh bool) error 
 	}
 	p.netns, p.net, p.serve = f, n, s
 	p.rec.Identity = wl.Identity
+	if a.keeper != nil {
+		// Replaces what an agent before this one kept for the pod:
+		// those sockets close, and their queue moves to lns.
+		if err := a.keeper.Put(p.rec.ContainerID, lns...); err != nil {
+			a.log.Warn("keeper: the pod's listeners will close with this process", "pod", wl.Namespace+"/"+wl.Name, "err", err)
+		}
+	}
 	a.m.enrolled.Inc()
 	if a.host != nil && len(wl.IPs) > 0 {
 		if err := a.host.Add(hostKey(p.rec), wl.IPs); err != nil {
@@ -425,6 +453,13 @@ func (a *Agent) release(ctx context.Context, p *pod) {
 	s, n, f, after := p.serve, p.net, p.netns, p.afterDrain
 	p.serve, p.net, p.netns, p.afterDrain = nil, nil, nil, nil
 	a.m.enrolled.Dec()
+	if a.keeper != nil && !a.stopping.Load() {
+		// First, so closing our listeners closes the sockets. (At
+		// shutdown PruneAll did it for every pod.)
+		if err := a.keeper.Drop(p.rec.ContainerID); err != nil {
+			a.log.Warn("keeper: dropping the pod's listeners", "pod", p.rec.Namespace+"/"+p.rec.Name, "err", err)
+		}
+	}
 	if a.host != nil && !a.stopping.Load() {
 		// Not at shutdown: the next agent keeps the entries.
 		if err := a.host.Remove(hostKey(p.rec), p.rec.IPs); err != nil {

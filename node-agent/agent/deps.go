@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 
@@ -105,6 +106,17 @@ func (r Rules) Recheck(f *os.File, spec redirect.Spec, c *redirect.Checked) erro
 // Uninstall implements Redirector.
 func (r Rules) Uninstall(f *os.File) error {
 	return withNS(f, func(n ns.NetNS) error { return redirect.Uninstall(n) })
+}
+
+// Keeper holds copies of pods' listening sockets in another process
+// (*keeper.Client): Put after a pod's listeners open (replacing what an
+// earlier agent kept for that sandbox), Drop before they close,
+// PruneOlder once re-adoption is done, PruneAll at a deliberate stop.
+type Keeper interface {
+	Put(key string, listeners ...net.Listener) error
+	Drop(key string) error
+	PruneOlder() error
+	PruneAll() error
 }
 
 // Prefetcher pins a workload identity while a pod using it is enrolled

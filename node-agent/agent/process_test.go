@@ -24,6 +24,7 @@ import (
 
 	"github.com/ambit-mesh/ambit/internal/testenv"
 	"github.com/ambit-mesh/ambit/node-agent/inventory"
+	"github.com/ambit-mesh/ambit/node-agent/keeper"
 	"github.com/ambit-mesh/ambit/plugin/redirect"
 )
 
@@ -66,6 +67,14 @@ func helperMain(dir string) int {
 			return 2
 		}
 		o.Rules = fullCheck{Rules{Backend: b}}
+	}
+	if path := os.Getenv("AMBIT_AGENT_HELPER_KEEPER"); path != "" {
+		k, err := keeper.Dial(path)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 2
+		}
+		o.Keeper = k
 	}
 	a, err := New(o)
 	if err != nil {
@@ -247,6 +256,84 @@ func TestKill9Recovery(t *testing.T) {
 		}
 		c.Close()
 	}
+}
+
+// TestKill9WithKeeper: with the keeper holding copies of the pods'
+// listeners, a kill -9 of the agent refuses nothing: a connection made
+// while no agent runs completes its handshake, waits in the kept
+// listener's queue, and is served by the restarted agent (its queue moved
+// to the new listener when the keeper let the old one go). What the dead
+// agent left for pods that are gone is closed once the new one is ready.
+func TestKill9WithKeeper(t *testing.T) {
+	testenv.RequireRoot(t)
+	dir, h := procDir(t)
+	kpath := filepath.Join(dir, "keeper.sock")
+	ctx, cancel := context.WithCancel(context.Background())
+	kdone := make(chan error, 1)
+	go func() { kdone <- (&keeper.Server{Log: quietLogger()}).Serve(ctx, kpath) }()
+	t.Cleanup(func() { cancel(); <-kdone })
+	eventually(t, "keeper listening", func() bool { _, err := os.Stat(kpath); return err == nil })
+	env := "AMBIT_AGENT_HELPER_KEEPER=" + kpath
+	p := startProcEnv(t, dir, env)
+	const n = 5
+	pods := make([]*testNetns, n)
+	for i := range pods {
+		ip := fmt.Sprintf("10.74.0.%d", i+2)
+		pods[i] = newNetns(t, ip+"/24")
+		enrollLikePlugin(t, h, fmt.Sprintf("web-%d", i), pods[i], ip+"/24")
+	}
+	// A pod deleted while the agent is down: its kept listeners must not
+	// outlive the next agent's start.
+	gone := newNetns(t, "10.74.1.2/24")
+	enrollLikePlugin(t, h, "gone", gone, "10.74.1.2/24")
+	kc, err := keeper.Dial(kpath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e, fds, err := kc.Count(); err != nil || e != n+1 || fds != 3*(n+1) {
+		t.Fatalf("keeper holds %d entries, %d sockets (%v); want %d, %d", e, fds, err, n+1, 3*(n+1))
+	}
+
+	p.cmd.Process.Signal(syscall.SIGKILL)
+	p.cmd.Wait()
+	// The runtime removes "gone"'s netns meanwhile (the kept sockets
+	// still hold it: only the prune can free it).
+	gone.file.Close()
+	if out, err := exec.Command("ip", "netns", "delete", gone.name).CombinedOutput(); err != nil {
+		t.Fatalf("deleting the netns: %v %s", err, out)
+	}
+	// No agent: the handshake completes anyway, and the connection waits.
+	waiting := make([]net.Conn, n)
+	for i, pod := range pods {
+		inNetns(t, pod, func() error {
+			waiting[i], err = net.DialTimeout("tcp", "127.0.0.1:15001", 2*time.Second)
+			return nil
+		})
+		if err != nil {
+			t.Fatalf("pod %d: connection refused while the agent was down: %v", i, err)
+		}
+		defer waiting[i].Close()
+	}
+	startProcEnv(t, dir, env)
+	for i, c := range waiting {
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		line, err := bufio.NewReader(c).ReadString('\n')
+		if err != nil || strings.TrimSpace(line) != "captured:15001" {
+			t.Fatalf("pod %d: the connection made during the outage: %q %v", i, line, err)
+		}
+	}
+	for i, pod := range pods {
+		c, line, err := dialFrom(t, pod, "127.0.0.1:15001")
+		if err != nil || line != "captured:15001" {
+			t.Fatalf("pod %d after the restart: %q %v", i, line, err)
+		}
+		c.Close()
+	}
+	// The deleted pod's sockets went with the prune.
+	eventually(t, "the deleted pod's kept sockets closed", func() bool {
+		e, fds, err := kc.Count()
+		return err == nil && e == n && fds == 3*n
+	})
 }
 
 // BenchmarkAgentRSS reports the agent process's resident memory with 0,

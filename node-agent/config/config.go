@@ -72,6 +72,11 @@ type Config struct {
 	// written (read by ambit-cni when the agent is down). Default
 	// <StateDir>/enrollment-snapshot.json, where the plugin looks.
 	SnapshotFile string `json:"snapshotFile,omitempty"`
+	// KeeperSocket is where `ambit-agent keeper` (a second container of
+	// the agent's pod) listens; the agent hands it copies of every pod's
+	// listeners so a crash does not close them (node-agent/keeper).
+	// Empty: no keeper.
+	KeeperSocket string `json:"keeperSocket,omitempty"`
 	// HealthAddr serves /healthz, /readyz and /metrics ("" disables).
 	HealthAddr string `json:"healthAddr,omitempty"`
 	// ProcRoot is the host's /proc (mounted e.g. at /host/proc in a pod),
@@ -243,6 +248,9 @@ func (c *Config) Validate() error {
 		if f.path == "" || !filepath.IsAbs(f.path) {
 			return fmt.Errorf("%s: %q must be an absolute path", f.name, f.path)
 		}
+	}
+	if c.KeeperSocket != "" && (!filepath.IsAbs(c.KeeperSocket) || len(c.KeeperSocket) > 107) {
+		return fmt.Errorf("keeperSocket: %q must be an absolute path of at most 107 bytes", c.KeeperSocket)
 	}
 	if len(c.Socket) > 107 {
 		return fmt.Errorf("socket: %q is longer than a unix socket path may be (107 bytes)", c.Socket)
