@@ -4,6 +4,7 @@ import (
 	stdjson "encoding/json"
 	"fmt"
 	"net"
+	"path"
 	"path/filepath"
 	"slices"
 	"sort"
@@ -159,9 +160,10 @@ func TestAgentDaemonSet(t *testing.T) {
 	if !sel.Matches(labels.Set(ds.Spec.Template.Labels)) {
 		t.Error("selector does not match the template")
 	}
-	if len(s.Containers) != 1 || len(s.InitContainers) != 0 {
-		t.Fatalf("want one container (installer in-process), have %d + %d init", len(s.Containers), len(s.InitContainers))
+	if len(s.Containers) != 2 || s.Containers[0].Name != "agent" || s.Containers[1].Name != "keeper" || len(s.InitContainers) != 0 {
+		t.Fatalf("want the agent (installer in-process) and the keeper, have %d + %d init", len(s.Containers), len(s.InitContainers))
 	}
+	checkKeeper(t, s, agentConfig(t, r))
 	c := s.Containers[0]
 	sc := c.SecurityContext
 	if sc == nil || sc.Capabilities == nil {
@@ -497,8 +499,10 @@ func TestOverlays(t *testing.T) {
 	base := render(t, root(t))
 	kind := render(t, filepath.Join(root(t), "overlays", "kind"))
 	ds := get[*appsv1.DaemonSet](t, kind, "DaemonSet", ns, "ambit-agent")
-	if ds.Spec.Template.Spec.Containers[0].ImagePullPolicy != corev1.PullNever {
-		t.Error("kind overlay must use the image loaded into the node")
+	for _, c := range ds.Spec.Template.Spec.Containers {
+		if c.ImagePullPolicy != corev1.PullNever {
+			t.Errorf("kind overlay: container %s must use the image loaded into the node", c.Name)
+		}
 	}
 	agentConfig(t, kind)
 	if len(kind.objs) != len(base.objs) {
@@ -506,6 +510,9 @@ func TestOverlays(t *testing.T) {
 	}
 	un := render(t, filepath.Join(root(t), "overlays", "uninstall"))
 	uds := get[*appsv1.DaemonSet](t, un, "DaemonSet", ns, "ambit-agent")
+	if n := len(uds.Spec.Template.Spec.Containers); n != 1 {
+		t.Errorf("uninstall overlay runs %d containers, want the uninstaller alone (no keeper)", n)
+	}
 	c := uds.Spec.Template.Spec.Containers[0]
 	if len(c.Args) == 0 || c.Args[0] != "uninstall" || !slices.Contains(c.Args, "--unenroll-all") {
 		t.Errorf("uninstall overlay args %v", c.Args)
@@ -517,5 +524,48 @@ func TestOverlays(t *testing.T) {
 	// uninstaller beside a still-serving agent.
 	if ru := uds.Spec.UpdateStrategy.RollingUpdate; ru == nil || ru.MaxSurge == nil || ru.MaxSurge.String() != "0" {
 		t.Errorf("uninstall overlay strategy %+v, want maxSurge 0", ru)
+	}
+}
+
+// checkKeeper: the keeper container holds listeners for the agent, so it
+// must listen where the agent's keeperSocket points, on a volume only
+// this pod's two containers share, as the agent's user, and need nothing
+// else (no capability, no host path).
+func checkKeeper(t *testing.T, s corev1.PodSpec, cfg config.Config) {
+	t.Helper()
+	agent, k := s.Containers[0], s.Containers[1]
+	sock := cfg.KeeperSocket
+	if sock == "" || !slices.Contains(k.Args, "--socket="+sock) {
+		t.Fatalf("keeper args %v do not listen at the agent's keeperSocket %q", k.Args, sock)
+	}
+	dir := path.Dir(sock)
+	vol := func(c corev1.Container) string {
+		for _, m := range c.VolumeMounts {
+			if m.MountPath == dir {
+				return m.Name
+			}
+		}
+		return ""
+	}
+	if vol(agent) == "" || vol(agent) != vol(k) {
+		t.Fatalf("agent and keeper do not share %s (mounts %q, %q)", dir, vol(agent), vol(k))
+	}
+	for _, v := range s.Volumes {
+		if v.Name == vol(k) && v.EmptyDir == nil {
+			t.Errorf("keeper volume %s is not an emptyDir: a surge pod's keeper would share it", v.Name)
+		}
+	}
+	if len(k.VolumeMounts) != 1 {
+		t.Errorf("keeper mounts %v, want only its socket's volume", k.VolumeMounts)
+	}
+	sc, asc := k.SecurityContext, agent.SecurityContext
+	if sc == nil || sc.Capabilities == nil || len(sc.Capabilities.Add) != 0 || !slices.Equal(sc.Capabilities.Drop, []corev1.Capability{"ALL"}) {
+		t.Errorf("keeper capabilities %+v, want none", sc)
+	}
+	if sc == nil || asc == nil || sc.RunAsUser == nil || asc.RunAsUser == nil || *sc.RunAsUser != *asc.RunAsUser {
+		t.Error("keeper and agent must run as the same user (the keeper serves only its own)")
+	}
+	if k.Image != agent.Image || len(k.Ports) != 0 {
+		t.Errorf("keeper image %q (agent %q), ports %v", k.Image, agent.Image, k.Ports)
 	}
 }
