@@ -224,23 +224,34 @@ func BenchmarkDataPathAB(b *testing.B) {
 	setups := abSetups(b)
 	rounds := 5
 	fmt.Sscan(os.Getenv("AMBIT_BENCH_ROUNDS"), &rounds)
+	only := os.Getenv("AMBIT_BENCH_ONLY") // "rtt" or "tp": one of the two
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
 		all := make([][]benchkit.Result, len(setups))
+		rtCPUs := make([][]float64, len(setups))
 		for r := 0; r < rounds; r++ {
 			for k := range setups {
 				j := (k + r) % len(setups)
 				s := setups[j]
-				g, cpu, err := benchkit.Throughput(s, 256<<20)
-				if err != nil {
-					b.Fatal(err)
+				var g, cpu float64
+				var p50, p99 time.Duration
+				var err error
+				if only != "rtt" {
+					if g, cpu, err = benchkit.Throughput(s, 256<<20); err != nil {
+						b.Fatal(err)
+					}
 				}
-				p50, p99, err := benchkit.Latency(s, 3000)
-				if err != nil {
-					b.Fatal(err)
+				var rtCPU float64 // the proxies' CPU µs per round trip
+				if only != "tp" {
+					c0 := s.CPU()
+					if p50, p99, err = benchkit.Latency(s, 3000); err != nil {
+						b.Fatal(err)
+					}
+					rtCPU = (s.CPU() - c0) / 3050 * 1e6
 				}
-				fmt.Printf("round %d %-12s %.2f Gb/s  %.2f CPU s/GB  p50 %v p99 %v\n", r, s.Name, g, cpu, p50.Round(time.Microsecond), p99.Round(time.Microsecond))
+				fmt.Printf("round %d %-12s %.2f Gb/s  %.2f CPU s/GB  p50 %v p99 %v  proxies %.0f µs CPU/round trip\n", r, s.Name, g, cpu, p50.Round(time.Microsecond), p99.Round(time.Microsecond), rtCPU)
 				all[j] = append(all[j], benchkit.Result{Name: s.Name, Gbps: g, CPUPerGB: cpu, P50: p50, P99: p99})
+				rtCPUs[j] = append(rtCPUs[j], rtCPU)
 			}
 		}
 		fmt.Print(benchkit.Table(benchkit.Medians(all), "relay pair"))
@@ -254,8 +265,8 @@ func BenchmarkDataPathAB(b *testing.B) {
 				rt = append(rt, float64(all[j][r].P50)/float64(base.P50))
 				cpu = append(cpu, all[j][r].CPUPerGB/base.CPUPerGB)
 			}
-			fmt.Printf("paired %-10s throughput %.2fx  RTT p50 %.2fx  CPU/GB %.2fx the relay pair (median of %d rounds)\n",
-				setups[j].Name, medianOf(tp), medianOf(rt), medianOf(cpu), len(tp))
+			fmt.Printf("paired %-10s throughput %.2fx  RTT p50 %.2fx  CPU/GB %.2fx the relay pair (median of %d rounds); proxies' CPU per round trip %.0f µs (relay pair %.0f)\n",
+				setups[j].Name, medianOf(tp), medianOf(rt), medianOf(cpu), len(tp), medianOf(rtCPUs[j]), medianOf(rtCPUs[0]))
 		}
 	}
 }
@@ -269,13 +280,16 @@ func medianOf(v []float64) float64 {
 // BenchmarkHoldThroughputProcs prints the proxies' pids, waits
 // AMBIT_BENCH_HOLD seconds (default 3: time to attach perf or strace),
 // then sends AMBIT_BENCH_BYTES (default 2 GiB) through Ambit and then
-// the relay pair, for per-process counts during a bulk transfer.
+// the relay pair, for per-process counts during a bulk transfer (or
+// AMBIT_BENCH_RTTS 1 KB round trips on a warm connection).
 func BenchmarkHoldThroughputProcs(b *testing.B) {
 	testenv.RequireRoot(b)
 	setups := abSetups(b)
 	hold, size := 3, int64(2<<30)
 	fmt.Sscan(os.Getenv("AMBIT_BENCH_HOLD"), &hold)
 	fmt.Sscan(os.Getenv("AMBIT_BENCH_BYTES"), &size)
+	rtts := 0 // AMBIT_BENCH_RTTS: that many 1 KB round trips instead
+	fmt.Sscan(os.Getenv("AMBIT_BENCH_RTTS"), &rtts)
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
 		for _, s := range setups[1:] {
@@ -291,6 +305,14 @@ func BenchmarkHoldThroughputProcs(b *testing.B) {
 			fmt.Printf("START %s\n", s.Name)
 			time.Sleep(time.Duration(hold) * time.Second)
 			t0 := time.Now()
+			if rtts > 0 {
+				p50, p99, err := benchkit.Latency(s, rtts)
+				if err != nil {
+					b.Fatal(err)
+				}
+				fmt.Printf("DONE %s %d round trips p50 %v p99 %v in %v\n", s.Name, rtts, p50, p99, time.Since(t0).Round(time.Millisecond))
+				continue
+			}
 			g, cpu, err := benchkit.Throughput(s, size)
 			if err != nil {
 				b.Fatal(err)

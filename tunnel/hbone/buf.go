@@ -105,7 +105,7 @@ func (c *corkConn) Read(p []byte) (int, error) {
 	var rerr error
 	err := c.raw.Read(func(fd uintptr) bool {
 		bp := getBuf(c.readSize)
-		n, rerr = readFD(fd, *bp, true)
+		n, rerr = readFD(fd, *bp)
 		if rerr == unix.EAGAIN {
 			putBuf(bp)
 			return false
@@ -139,14 +139,14 @@ func (c *corkConn) Write(b []byte) (int, error) {
 	}
 	if !c.corked {
 		if len(c.buf) > 0 {
-			if err := c.flushLocked(false); err != nil {
+			if err := c.flushLocked(); err != nil {
 				return 0, err
 			}
 		}
 		return c.Conn.Write(b)
 	}
 	if len(c.buf)+len(b) > corkMax && len(c.buf) > 0 {
-		if err := c.flushLocked(false); err != nil {
+		if err := c.flushLocked(); err != nil {
 			return 0, err
 		}
 	}
@@ -167,24 +167,24 @@ func (c *corkConn) cork() {
 	c.mu.Unlock()
 }
 
-// flush sends what is buffered and uncorks. raw sends even a small
-// burst through RawSyscall (control frames: no one waits on them for
-// latency, and a plain Syscall would wake a parked sysmon).
-func (c *corkConn) flush(raw bool) error {
+// flush sends what is buffered and uncorks.
+func (c *corkConn) flush() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.corked = false
-	return c.flushLocked(raw)
+	return c.flushLocked()
 }
 
-func (c *corkConn) flushLocked(raw bool) error {
+// flushLocked writes the burst with raw write(2) (sys.go) when the
+// socket allows it, else through the net.Conn.
+func (c *corkConn) flushLocked() error {
 	if len(c.buf) == 0 {
 		c.release()
 		return c.err
 	}
 	var err error
-	if c.raw != nil && (raw || len(c.buf) >= bulkSize) {
-		if _, err = writeAll(c.raw, c.buf, raw); err != nil {
+	if c.raw != nil {
+		if _, err = writeAll(c.raw, c.buf); err != nil {
 			err = &net.OpError{Op: "write", Net: "tcp", Source: c.LocalAddr(), Addr: c.RemoteAddr(), Err: wrapErrno("write", err)}
 		}
 	} else {

@@ -463,7 +463,7 @@ func (c *Conn) ctlLoop() {
 		c.wmu.Lock()
 		c.corkOn()
 		err := c.writeCtlLocked()
-		if ferr := c.corkOffCtl(); err == nil {
+		if ferr := c.corkOff(); err == nil {
 			err = ferr
 		}
 		c.wmu.Unlock()
@@ -482,15 +482,7 @@ func (c *Conn) corkOn() {
 
 func (c *Conn) corkOff() error {
 	if c.cork != nil {
-		return c.cork.flush(false)
-	}
-	return nil
-}
-
-// corkOffCtl is corkOff for a burst of control frames only.
-func (c *Conn) corkOffCtl() error {
-	if c.cork != nil {
-		return c.cork.flush(true)
+		return c.cork.flush()
 	}
 	return nil
 }

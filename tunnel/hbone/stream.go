@@ -538,6 +538,13 @@ func (s *Stream) sendFrom(buf []byte, n int, end bool) error {
 // sentEndStream records that END_STREAM went out.
 func (s *Stream) sentEndStream() { s.ended(&s.sentEnd) }
 
+// sendWindow is how much may be sent now on the stream (0 if nothing).
+func (s *Stream) sendWindow() int {
+	s.c.mu.Lock()
+	defer s.c.mu.Unlock()
+	return int(max(0, min(s.sendWin, s.c.connSendWin)))
+}
+
 func (s *Stream) frameSize() int {
 	s.c.mu.Lock()
 	defer s.c.mu.Unlock()
@@ -856,9 +863,13 @@ func (s *Stream) pumpFrom(app *net.TCPConn) (int64, error) {
 	if err != nil {
 		return 0, err
 	}
-	// Read as much as the app has, up to AppReadSize, whatever the
-	// frame size: sendFrom frames it and writes it all at once.
-	fs := max(s.frameSize(), s.c.cfg.AppReadSize)
+	// A read takes up to a frame (64 KiB), or, while the app streams
+	// (the last read filled its buffer), up to AppReadSize as far as the
+	// send window goes: sendFrom frames it and writes it all at once.
+	// Request/response streams, which never fill a frame, so hold no
+	// bigger buffer than before while they wait for the write lock.
+	var size int
+	full := false
 	var total int64
 	// A server's app often closes right after its answer (request,
 	// response, close): on the stream's first read, if the socket was
@@ -872,9 +883,14 @@ func (s *Stream) pumpFrom(app *net.TCPConn) (int64, error) {
 		var n int
 		var rerr, lerr error
 		var eof bool
+		size = s.frameSize()
+		if full {
+			size = max(size, min(s.c.cfg.AppReadSize, s.sendWindow()))
+		}
 		err := rc.Read(func(fd uintptr) bool {
-			bp = getBuf(frameHeaderLen + fs)
-			n, rerr = readFD(fd, (*bp)[frameHeaderLen:], true)
+			bp = getBuf(frameHeaderLen + size)
+			n, rerr = readFD(fd, (*bp)[frameHeaderLen:frameHeaderLen+size])
+			full = rerr == nil && n == size
 			if rerr == unix.EAGAIN {
 				putBuf(bp)
 				bp = nil
@@ -882,8 +898,8 @@ func (s *Stream) pumpFrom(app *net.TCPConn) (int64, error) {
 			}
 			if lookahead && rerr == nil && n > 0 {
 				lookahead = false
-				if n < fs {
-					k, err := readFD(fd, (*bp)[frameHeaderLen+n:], true)
+				if n < size {
+					k, err := readFD(fd, (*bp)[frameHeaderLen+n:frameHeaderLen+size])
 					switch {
 					case err == nil && k == 0:
 						eof = true

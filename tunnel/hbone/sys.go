@@ -8,32 +8,24 @@ import (
 )
 
 // The data path's sockets are non-blocking: read(2) and write(2) return
-// at once (EAGAIN when they would block, and then the poller waits).
-// Reads, and writes of bulkSize or more, go through RawSyscall, which
-// keeps the goroutine's P through the call and never tells the
-// scheduler. A plain Syscall (entersyscall) wakes sysmon if it was
-// parked (the process had gone idle), which then polls every 20 µs for
-// a millisecond or more, and lets sysmon retake the P of a call that
-// lasts over 20 µs (a 256 KiB copy into a TCP socket does) and hand it
-// to another thread: futex wake-ups and context switches, each costly
-// on this kind of VM (a receiving agent spent 12 % of its CPU in
-// sysmon). Small writes (request/response) keep Syscall: a write to a
-// local peer runs the receiver's TCP stack in the writer's call, and
-// letting the other direction have the P meanwhile measured better
-// (RTT p50 1.22 → 1.36× the relay pair with every write raw;
-// docs/tunnel.md).
-const bulkSize = 64 << 10
+// at once (EAGAIN when they would block, and then the poller waits), so
+// they go through RawSyscall, which keeps the goroutine's P through the
+// call and never tells the scheduler. A plain Syscall (entersyscall)
+// wakes sysmon if it was parked (the process had gone idle), which then
+// polls every 20 µs for a millisecond or more, and lets sysmon retake
+// the P of a call that lasts over 20 µs (a 256 KiB copy into a TCP
+// socket does) and hand it to another thread: futex wake-ups and context
+// switches, each costly on this kind of VM. With plain system calls the
+// agents spent ~35 % of their CPU in sysmon during 1 KB request/response
+// and ~12 % when receiving in bulk; the proxies' CPU per round trip went
+// from 187 to 121 µs (the relay pair's: 161). (Raw writes alone, while
+// reads and control frames still woke sysmon, had measured worse: RTT
+// p50 1.22 → 1.36× the relay pair, docs/tunnel.md.)
 
-// readFD is read(2) on a non-blocking socket, retried on EINTR; raw
-// keeps the P through the call.
-func readFD(fd uintptr, b []byte, raw bool) (int, error) {
-	if !raw || len(b) == 0 {
-		for {
-			n, err := unix.Read(int(fd), b)
-			if err != unix.EINTR {
-				return n, err
-			}
-		}
+// readFD is read(2) on a non-blocking socket, retried on EINTR.
+func readFD(fd uintptr, b []byte) (int, error) {
+	if len(b) == 0 {
+		return 0, nil
 	}
 	for {
 		r, _, e := unix.RawSyscall(unix.SYS_READ, fd, uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)))
@@ -47,19 +39,10 @@ func readFD(fd uintptr, b []byte, raw bool) (int, error) {
 	}
 }
 
-// writeFD is write(2) on a non-blocking socket, retried on EINTR; raw
-// keeps the P through the call (bulk).
-func writeFD(fd uintptr, b []byte, raw bool) (int, error) {
-	if !raw || len(b) == 0 {
-		for {
-			n, err := unix.Write(int(fd), b)
-			if err != unix.EINTR {
-				if n < 0 {
-					n = 0
-				}
-				return n, err
-			}
-		}
+// writeFD is write(2) on a non-blocking socket, retried on EINTR.
+func writeFD(fd uintptr, b []byte) (int, error) {
+	if len(b) == 0 {
+		return 0, nil
 	}
 	for {
 		r, _, e := unix.RawSyscall(unix.SYS_WRITE, fd, uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)))
@@ -78,7 +61,7 @@ func writeNonBlocking(rc syscall.RawConn, b []byte) int {
 	var n int
 	_ = rc.Write(func(fd uintptr) bool {
 		for n < len(b) {
-			k, err := writeFD(fd, b[n:], len(b)-n >= bulkSize)
+			k, err := writeFD(fd, b[n:])
 			if err != nil || k <= 0 {
 				break
 			}
@@ -89,14 +72,13 @@ func writeNonBlocking(rc syscall.RawConn, b []byte) int {
 	return n
 }
 
-// writeAll writes b, waiting in the poller while the socket is full;
-// raw: through RawSyscall whatever the size.
-func writeAll(rc syscall.RawConn, b []byte, raw bool) (int, error) {
+// writeAll writes b, waiting in the poller while the socket is full.
+func writeAll(rc syscall.RawConn, b []byte) (int, error) {
 	var n int
 	var werr error
 	err := rc.Write(func(fd uintptr) bool {
 		for n < len(b) {
-			k, err := writeFD(fd, b[n:], raw || len(b)-n >= bulkSize)
+			k, err := writeFD(fd, b[n:])
 			if err == unix.EAGAIN {
 				return false
 			}
