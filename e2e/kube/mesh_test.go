@@ -277,6 +277,17 @@ func (c *cluster) load(ns, pod, addr string, d time.Duration) <-chan loadResult 
 	return ch
 }
 
+// agentStatus is the status of the pod's agent container (the keeper is
+// the other one), nil if not reported yet.
+func agentStatus(p *corev1.Pod) *corev1.ContainerStatus {
+	for i := range p.Status.ContainerStatuses {
+		if p.Status.ContainerStatuses[i].Name == "agent" {
+			return &p.Status.ContainerStatuses[i]
+		}
+	}
+	return nil
+}
+
 // agentPod returns the ambit-agent pod on node.
 func (c *cluster) agentPod(t *testing.T, node string) *corev1.Pod {
 	t.Helper()
@@ -450,10 +461,11 @@ func TestAmbitMesh(t *testing.T) {
 
 	t.Run("AgentKill9UnderLoad", func(t *testing.T) {
 		agent := c.agentPod(t, node2)
-		if len(agent.Status.ContainerStatuses) == 0 {
-			t.Fatal("agent pod has no container status")
+		st := agentStatus(agent)
+		if st == nil {
+			t.Fatal("agent pod has no status for its agent container")
 		}
-		restarts := agent.Status.ContainerStatuses[0].RestartCount
+		restarts := st.RestartCount
 		var kill func() error
 		if c.external {
 			// The agent's image has no shell or kill: kill it from the
@@ -470,7 +482,7 @@ func TestAmbitMesh(t *testing.T) {
 				return nil
 			}
 		} else {
-			pids := containerPIDs(t, 2, agent.Status.ContainerStatuses[0].ContainerID)
+			pids := containerPIDs(t, 2, st.ContainerID)
 			if len(pids) == 0 {
 				t.Fatal("no process found for the node-2 agent")
 			}
@@ -501,8 +513,8 @@ func TestAmbitMesh(t *testing.T) {
 			t.Errorf("no exchange succeeded under load: %+v", lr)
 		}
 		poll(t, 60*time.Second, "the agent container to restart", func() (bool, error) {
-			p := c.agentPod(t, node2)
-			return len(p.Status.ContainerStatuses) > 0 && p.Status.ContainerStatuses[0].RestartCount > restarts && p.Status.ContainerStatuses[0].Ready, nil
+			st := agentStatus(c.agentPod(t, node2))
+			return st != nil && st.RestartCount > restarts && st.Ready, nil
 		})
 		if _, err := c.exec(mesh, "client", 20*time.Second, "/kecho", "client", srv.Status.PodIP+":9000", "after-kill"); err != nil {
 			t.Fatalf("after the agent restarted: %v", err)
