@@ -153,7 +153,10 @@ func (s *Server) do(req request, fds []int) response {
 	defer s.mu.Unlock()
 	switch req.Op {
 	case opBegin:
-		s.gen++
+		// Increasing across keeper restarts too (a restarted keeper
+		// starts empty, but an agent that began with the old one still
+		// puts its generation): the clock, at least one more.
+		s.gen = max(s.gen+1, uint64(time.Now().UnixNano()))
 		return response{Gen: s.gen}
 	case opPut:
 		if req.Key == "" || len(fds) == 0 || req.Gen == 0 {
