@@ -64,6 +64,7 @@ type corkConn struct {
 	corked bool
 	bp     *[]byte // pooled, only during a burst
 	buf    []byte
+	hint   int // expected size of the burst
 	err    error
 
 	// Read side (one reader at a time: crypto/tls's input lock).
@@ -74,6 +75,7 @@ type corkConn struct {
 	// back when emptied, so an idle connection holds none.
 	raw      syscall.RawConn // nil: plain reads and writes
 	readSize int
+	full     bool // the last read filled its buffer
 	rbp      *[]byte
 	rbuf     []byte // unread part of *rbp
 }
@@ -98,14 +100,27 @@ func (c *corkConn) Read(p []byte) (int, error) {
 		}
 		return n, nil
 	}
-	if c.raw == nil || c.readSize <= 0 || len(p) >= c.readSize {
+	if c.raw == nil || c.readSize <= 0 {
 		return c.Conn.Read(p)
+	}
+	// 32 KiB at a time (about what crypto/tls asks for), readSize while
+	// the peer streams (the last read filled its buffer): a connection
+	// carrying requests and answers takes no big buffer per read.
+	size := min(32<<10, c.readSize)
+	if c.full {
+		size = c.readSize
 	}
 	var n int
 	var rerr error
+	var direct bool
 	err := c.raw.Read(func(fd uintptr) bool {
-		bp := getBuf(c.readSize)
-		n, rerr = readFD(fd, *bp)
+		if len(p) >= size {
+			direct = true
+			n, rerr = readFD(fd, p)
+			return rerr != unix.EAGAIN
+		}
+		bp := getBuf(size)
+		n, rerr = readFD(fd, (*bp)[:size])
 		if rerr == unix.EAGAIN {
 			putBuf(bp)
 			return false
@@ -117,6 +132,7 @@ func (c *corkConn) Read(p []byte) (int, error) {
 		}
 		return true
 	})
+	c.full = rerr == nil && n == size
 	if err != nil {
 		return 0, err // closed, deadline: already a *net.OpError
 	}
@@ -125,6 +141,9 @@ func (c *corkConn) Read(p []byte) (int, error) {
 	}
 	if n == 0 {
 		return 0, io.EOF
+	}
+	if direct {
+		return n, nil
 	}
 	return c.Read(p)
 }
@@ -153,17 +172,26 @@ func (c *corkConn) Write(b []byte) (int, error) {
 	if len(b) >= corkMax {
 		return c.Conn.Write(b)
 	}
-	if c.bp == nil {
-		c.bp = getBuf(corkMax)
-		c.buf = (*c.bp)[:0]
+	if need := len(c.buf) + len(b); need > cap(c.buf) {
+		// A buffer the size of the burst (the hint), grown through the
+		// pool's classes if the hint fell short: a burst of control
+		// frames or a 1 KB message does not take a 1 MiB buffer.
+		bp := getBuf(min(corkMax, max(need, c.hint, 2*cap(c.buf))))
+		nb := append((*bp)[:0], c.buf...)
+		if c.bp != nil {
+			putBuf(c.bp)
+		}
+		c.bp, c.buf = bp, nb
 	}
 	c.buf = append(c.buf, b...)
 	return len(b), nil
 }
 
-func (c *corkConn) cork() {
+// cork starts a burst of about hint bytes (0 if unknown).
+func (c *corkConn) cork(hint int) {
 	c.mu.Lock()
 	c.corked = true
+	c.hint = hint
 	c.mu.Unlock()
 }
 

@@ -474,9 +474,12 @@ func (c *Conn) ctlLoop() {
 	}
 }
 
-func (c *Conn) corkOn() {
+func (c *Conn) corkOn() { c.corkOnFor(0) }
+
+// corkOnFor starts a burst of about n bytes of frames.
+func (c *Conn) corkOnFor(n int) {
 	if c.cork != nil {
-		c.cork.cork()
+		c.cork.cork(n)
 	}
 }
 

@@ -505,7 +505,9 @@ func (s *Stream) sendFrom(buf []byte, n int, end bool) error {
 		}
 		fs := s.frameSize()
 		c.wmu.Lock()
-		c.corkOn()
+		// The records of k bytes: 22 bytes of TLS overhead per 16 KiB,
+		// 9 of framing per frame, and room for queued control frames.
+		c.corkOnFor(k + k/256 + 4096)
 		err = c.writeCtlLocked()
 		for j := off; j < off+k && err == nil; {
 			m := min(fs, off+k-j)
