@@ -132,7 +132,7 @@ func (c *corkConn) Read(p []byte) (int, error) {
 		}
 		return true
 	})
-	c.full = rerr == nil && n == size
+	c.full = rerr == nil && n >= size
 	if err != nil {
 		return 0, err // closed, deadline: already a *net.OpError
 	}
