@@ -63,7 +63,9 @@ func rawExchange(t *testing.T, path string, b []byte) *Response {
 	}
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(5 * time.Second))
-	growSendBuffer(c, len(b))
+	if rc, err := c.SyscallConn(); err == nil {
+		rc.Control(func(fd uintptr) { growSendBuffer(int(fd), len(b)) })
+	}
 	if _, err := c.Write(b); err != nil {
 		t.Fatalf("writing %d bytes: %v", len(b), err)
 	}
@@ -244,11 +246,12 @@ func TestSendBufferTooSmall(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	err = send(conns[0], req, b, nil, false)
+	rc.Control(func(fd uintptr) { err = send(int(fd), req, b, nil, false) })
 	if err == nil || !strings.Contains(err.Error(), "(3000 attachments) does not fit this socket's 131072-byte send buffer") {
 		t.Fatalf("send without growing: %v", err)
 	}
-	if err := send(conns[0], req, b, nil, true); err != nil {
+	rc.Control(func(fd uintptr) { err = send(int(fd), req, b, nil, true) })
+	if err != nil {
 		t.Fatalf("send after growing: %v", err)
 	}
 	buf := make([]byte, len(b)+1)

@@ -31,6 +31,13 @@ const growSendBufferAbove = 128 << 10
 
 // Call sends one request, with the netns fd attached when netns is not nil,
 // and waits for the answer until ctx's deadline.
+//
+// The exchange is three blocking system calls on a bare socket whose send
+// and receive timeouts are ctx's deadline, not the net package's dialer
+// and poller: ambit-cni makes exactly one call per exec, and in a fresh
+// process the poller's set-up, the dialer and the deadline timers cost
+// page faults on every pod of the node (~15 per exec). So Call honours
+// ctx's deadline, not a cancellation without one.
 func Call(ctx context.Context, socket string, req *Request, netns *os.File) (*Response, error) {
 	if err := req.Validate(); err != nil {
 		return nil, err
@@ -39,30 +46,44 @@ func Call(ctx context.Context, socket string, req *Request, netns *os.File) (*Re
 	if err != nil {
 		return nil, err
 	}
-	var d net.Dialer
-	c, err := d.DialContext(ctx, "unixpacket", socket)
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
-		return nil, fmt.Errorf("%w: cannot connect to %s: %v", ErrAgentUnavailable, socket, err)
+		return nil, fmt.Errorf("socket for ambit-agent: %w", err)
 	}
-	conn := c.(*net.UnixConn)
-	defer conn.Close()
+	defer unix.Close(fd)
 	if dl, ok := ctx.Deadline(); ok {
-		conn.SetDeadline(dl)
+		left := time.Until(dl)
+		if left <= 0 {
+			return nil, context.DeadlineExceeded
+		}
+		tv := unix.NsecToTimeval(max(left, time.Millisecond).Nanoseconds())
+		unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_SNDTIMEO, &tv)
+		unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv)
 	}
-	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Unix(1, 0)) })
-	defer stop()
-
+	if err := retryEINTR(func() error { return unix.Connect(fd, &unix.SockaddrUnix{Name: socket}) }); err != nil {
+		if isTimeout(err) {
+			return nil, fmt.Errorf("%w (connecting to ambit-agent at %s: its queue is full)", context.DeadlineExceeded, socket)
+		}
+		return nil, fmt.Errorf("%w: cannot connect to %s: %v", ErrAgentUnavailable, socket, &os.SyscallError{Syscall: "connect", Err: err})
+	}
 	var oob []byte
 	if netns != nil {
 		oob = unix.UnixRights(int(netns.Fd()))
 	}
-	if err := send(conn, req, b, oob, true); err != nil {
-		return nil, fmt.Errorf("sending request to ambit-agent at %s: %w", socket, ctxErr(ctx, err))
+	if err := send(fd, req, b, oob, true); err != nil {
+		return nil, fmt.Errorf("sending request to ambit-agent at %s: %w", socket, timeoutErr(err))
 	}
 	buf := make([]byte, MaxMessageSize+1)
-	n, _, flags, _, err := conn.ReadMsgUnix(buf, nil)
+	var n, flags int
+	err = retryEINTR(func() (err error) {
+		n, _, flags, _, err = unix.Recvmsg(fd, buf, nil, 0)
+		return err
+	})
 	if err != nil {
-		return nil, fmt.Errorf("waiting for ambit-agent at %s: %w", socket, ctxErr(ctx, err))
+		return nil, fmt.Errorf("waiting for ambit-agent at %s: %w", socket, timeoutErr(err))
 	}
 	if flags&unix.MSG_TRUNC != 0 || n > MaxMessageSize {
 		return nil, fmt.Errorf("ambit-agent answer exceeds %d bytes", MaxMessageSize)
@@ -84,6 +105,28 @@ func Call(ctx context.Context, socket string, req *Request, netns *os.File) (*Re
 	return resp, nil
 }
 
+func retryEINTR(f func() error) error {
+	for {
+		if err := f(); err != unix.EINTR {
+			return err
+		}
+	}
+}
+
+// isTimeout: a blocking call on a socket with SO_SNDTIMEO/SO_RCVTIMEO
+// that ran out of time.
+func isTimeout(err error) bool { return err == unix.EAGAIN || err == unix.EINPROGRESS }
+
+// timeoutErr makes a socket timeout recognisable as the deadline
+// (errors.Is context.DeadlineExceeded).
+func timeoutErr(err error) error {
+	var errno unix.Errno
+	if errors.As(err, &errno) && isTimeout(errno) {
+		return fmt.Errorf("%w (%v)", context.DeadlineExceeded, err)
+	}
+	return err
+}
+
 // oldAgentRefusal is how an agent built before MaxRequestSize existed
 // refuses any datagram over MaxMessageSize (its read buffer truncated it).
 var oldAgentRefusal = fmt.Sprintf("request exceeds %d bytes", MaxMessageSize)
@@ -100,23 +143,23 @@ func explainOldAgent(req *Request, size int, resp *Response) {
 		resp.Error, req.Op, len(req.Valid), size, MaxMessageSize)
 }
 
-// send writes the request datagram. A large one (a gc on a busy node)
-// first raises the socket's send buffer when grow is set (tests clear it
-// to see the kernel refuse).
-func send(conn *net.UnixConn, req *Request, b, oob []byte, grow bool) error {
+// send writes the request datagram on a blocking socket. A large one (a
+// gc on a busy node) first raises the socket's send buffer when grow is
+// set (tests clear it to see the kernel refuse).
+func send(fd int, req *Request, b, oob []byte, grow bool) error {
 	if grow && len(b) > growSendBufferAbove {
-		growSendBuffer(conn, len(b))
+		growSendBuffer(fd, len(b))
 	}
-	_, _, err := conn.WriteMsgUnix(b, oob, nil)
-	if errors.Is(err, unix.EMSGSIZE) {
-		sndbuf := -1
-		if rc, rerr := conn.SyscallConn(); rerr == nil {
-			rc.Control(func(fd uintptr) { sndbuf, _ = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_SNDBUF) })
-		}
+	err := retryEINTR(func() error { return unix.Sendmsg(fd, b, oob, nil, 0) })
+	if err == unix.EMSGSIZE {
+		sndbuf, _ := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUF)
 		return fmt.Errorf("the %d-byte %s request (%d attachments) does not fit this socket's %d-byte send buffer and the kernel refused to raise it (net.core.wmem_max, CAP_NET_ADMIN): %w",
-			len(b), req.Op, len(req.Valid), sndbuf, err)
+			len(b), req.Op, len(req.Valid), sndbuf, &os.SyscallError{Syscall: "sendmsg", Err: err})
 	}
-	return err
+	if err != nil {
+		return &os.SyscallError{Syscall: "sendmsg", Err: err}
+	}
+	return nil
 }
 
 // growSendBuffer asks for a send buffer that holds a size-byte datagram.
@@ -125,30 +168,11 @@ func send(conn *net.UnixConn, req *Request, b, oob []byte, grow bool) error {
 // wmem_max. The kernel doubles the value for its own overhead. Errors are
 // not reported here: if the buffer stays too small, the write fails with
 // EMSGSIZE and send says so.
-func growSendBuffer(conn *net.UnixConn, size int) {
-	rc, err := conn.SyscallConn()
-	if err != nil {
-		return
-	}
+func growSendBuffer(fd, size int) {
 	want := size + 4096
-	rc.Control(func(fd uintptr) {
-		if unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, want) != nil {
-			unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_SNDBUF, want)
-		}
-	})
-}
-
-// ctxErr makes a deadline recognisable (errors.Is context.DeadlineExceeded)
-// whether the context or the socket deadline noticed it first.
-func ctxErr(ctx context.Context, err error) error {
-	if ctx.Err() != nil {
-		return fmt.Errorf("%w (%v)", ctx.Err(), err)
+	if unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, want) != nil {
+		unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUF, want)
 	}
-	var ne net.Error
-	if errors.As(err, &ne) && ne.Timeout() {
-		return fmt.Errorf("%w (%v)", context.DeadlineExceeded, err)
-	}
-	return err
 }
 
 // Handler serves one decoded request. netns is the received namespace fd
