@@ -85,7 +85,7 @@ func (a *Agent) add(ctx context.Context, req *cniproto.Request, f *os.File, chec
 	}
 	if !found {
 		if a.static {
-			return &cniproto.Response{Decision: cniproto.Skip}
+			return a.rulesAnswer(req, f, check, nil)
 		}
 		a.m.failures.WithLabelValues("unknown-pod").Inc()
 		return errResp(true, "ambit-agent: pod %s/%s is not known yet (cache warming or pod just created); retry", rp.Namespace, rp.Name)
