@@ -249,8 +249,15 @@ func BenchmarkDataPathAB(b *testing.B) {
 					}
 					rtCPU = (s.CPU() - c0) / 3050 * 1e6
 				}
-				fmt.Printf("round %d %-12s %.2f Gb/s  %.2f CPU s/GB  p50 %v p99 %v  proxies %.0f µs CPU/round trip\n", r, s.Name, g, cpu, p50.Round(time.Microsecond), p99.Round(time.Microsecond), rtCPU)
-				all[j] = append(all[j], benchkit.Result{Name: s.Name, Gbps: g, CPUPerGB: cpu, P50: p50, P99: p99})
+				var conns float64
+				if os.Getenv("AMBIT_BENCH_CONNS") != "" {
+					// As BenchmarkDataPath does after each latency run.
+					if conns, err = benchkit.ConnRate(s, 1500*time.Millisecond, 4); err != nil {
+						b.Fatal(err)
+					}
+				}
+				fmt.Printf("round %d %-12s %.2f Gb/s  %.2f CPU s/GB  p50 %v p99 %v  proxies %.0f µs CPU/round trip  %.0f conns/s\n", r, s.Name, g, cpu, p50.Round(time.Microsecond), p99.Round(time.Microsecond), rtCPU, conns)
+				all[j] = append(all[j], benchkit.Result{Name: s.Name, Gbps: g, CPUPerGB: cpu, P50: p50, P99: p99, ConnsPerS: conns})
 				rtCPUs[j] = append(rtCPUs[j], rtCPU)
 			}
 		}
