@@ -222,6 +222,7 @@ func (a *Agent) RunListener(ctx context.Context, l *net.UnixListener) error {
 		// kept ones, whose queue moved to them); what is left belongs
 		// to pods that are gone.
 		if err := a.keeper.PruneOlder(); err != nil {
+			a.m.keeperErrors.WithLabelValues("prune").Inc()
 			a.log.Warn("keeper: pruning what earlier agents left", "err", err)
 		}
 	}
@@ -255,6 +256,7 @@ func (a *Agent) RunListener(ctx context.Context, l *net.UnixListener) error {
 		// next agent's (already listening beside them) take their queue
 		// over now, as without a keeper.
 		if err := a.keeper.PruneAll(); err != nil {
+			a.m.keeperErrors.WithLabelValues("prune").Inc()
 			a.log.Warn("keeper: releasing the kept listeners", "err", err)
 		}
 	}
@@ -432,6 +434,7 @@ func (a *Agent) serve(p *pod, f *os.File, wl tunnel.Workload, fresh bool) error 
 		// Replaces what an agent before this one kept for the pod:
 		// those sockets close, and their queue moves to lns.
 		if err := a.keeper.Put(p.rec.ContainerID, lns...); err != nil {
+			a.m.keeperErrors.WithLabelValues("put").Inc()
 			a.log.Warn("keeper: the pod's listeners will close with this process", "pod", wl.Namespace+"/"+wl.Name, "err", err)
 		}
 	}
@@ -457,6 +460,7 @@ func (a *Agent) release(ctx context.Context, p *pod) {
 		// First, so closing our listeners closes the sockets. (At
 		// shutdown PruneAll did it for every pod.)
 		if err := a.keeper.Drop(p.rec.ContainerID); err != nil {
+			a.m.keeperErrors.WithLabelValues("drop").Inc()
 			a.log.Warn("keeper: dropping the pod's listeners", "pod", p.rec.Namespace+"/"+p.rec.Name, "err", err)
 		}
 	}

@@ -13,6 +13,7 @@ type metrics struct {
 	adoptSeconds  prometheus.Gauge
 	reloadErrors  prometheus.Counter
 	statusDropped prometheus.Counter
+	keeperErrors  *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -51,9 +52,12 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		statusDropped: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "ambit_agent_status_updates_dropped_total", Help: "Pod status updates dropped because the queue was full.",
 		}),
+		keeperErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "ambit_agent_keeper_errors_total", Help: "Failed calls to the keeper (node-agent/keeper), by op (put, drop, prune): a pod whose put failed loses its listeners if this agent crashes.",
+		}, []string{"op"}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.enrolled, m.latency, m.failures, m.requests, m.repairs, m.ruleCheck, m.adopted, m.adoptSeconds, m.reloadErrors, m.statusDropped)
+		reg.MustRegister(m.enrolled, m.latency, m.failures, m.requests, m.repairs, m.ruleCheck, m.adopted, m.adoptSeconds, m.reloadErrors, m.statusDropped, m.keeperErrors)
 	}
 	return m
 }

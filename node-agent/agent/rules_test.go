@@ -4,12 +4,16 @@ import (
 	"context"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
 	"github.com/ambit-mesh/ambit/internal/testenv"
+	"github.com/ambit-mesh/ambit/node-agent/keeper"
 	"github.com/ambit-mesh/ambit/plugin/cniproto"
 	"github.com/ambit-mesh/ambit/plugin/redirect"
 )
@@ -140,5 +144,34 @@ func TestRulesAtAddCheckDel(t *testing.T) {
 	eventually(t, "no serving for the pod whose install failed", func() bool { return h.tun.Live() == live })
 	if resp := h.callV(2, "", cniproto.OpAdd, "apps", "bad", bad); resp.Error != "" || len(installed(t, bad)) == 0 {
 		t.Fatalf("ADD retried with the tools back: %+v", resp)
+	}
+}
+
+// TestKeeperGoneStillServes: the keeper is best effort. When it is gone
+// the pod is enrolled and served as without one, and the failed put is
+// counted for the operator.
+func TestKeeperGoneStillServes(t *testing.T) {
+	testenv.RequireRoot(t)
+	kpath := filepath.Join(t.TempDir(), "keeper.sock")
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- (&keeper.Server{Log: quietLogger()}).Serve(ctx, kpath) }()
+	eventually(t, "keeper listening", func() bool { _, err := os.Stat(kpath); return err == nil })
+	k, err := keeper.Dial(kpath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cancel()
+	<-done
+	h := startAgent(t, "", invAmbient, func(o *Options) { o.Keeper = k })
+	n := newNetns(t, "10.63.9.2/24")
+	enrollLikePlugin(t, h, "web", n, "10.63.9.2/24")
+	if c, line, err := dialFrom(t, n, "127.0.0.1:15001"); err != nil || line != "captured:15001" {
+		t.Fatalf("pod not served with the keeper gone: %q %v", line, err)
+	} else {
+		c.Close()
+	}
+	if got := testutil.ToFloat64(h.a.m.keeperErrors.WithLabelValues("put")); got != 1 {
+		t.Fatalf("keeper put errors = %v, want 1", got)
 	}
 }
