@@ -24,6 +24,7 @@ import (
 	"github.com/ambit-mesh/ambit/internal/testenv"
 	"github.com/ambit-mesh/ambit/node-agent/config"
 	"github.com/ambit-mesh/ambit/node-agent/hostrules"
+	"github.com/ambit-mesh/ambit/node-agent/keeper"
 	"github.com/ambit-mesh/ambit/node-agent/state"
 	"github.com/ambit-mesh/ambit/plugin/cniproto"
 	"github.com/ambit-mesh/ambit/plugin/redirect"
@@ -347,6 +348,34 @@ func Test300SimultaneousAdds(t *testing.T) {
 	}
 }
 
+// enrollPods makes n pods web-0… in netns of their own, at prefix.2,
+// prefix.3, … /24, and enrolls them through ADD.
+func enrollPods(t testing.TB, h *harness, n int, prefix string) []*testNetns {
+	t.Helper()
+	pods := make([]*testNetns, n)
+	for i := range pods {
+		ip := fmt.Sprintf("%s.%d/24", prefix, i+2)
+		pods[i] = newNetns(t, ip)
+		enrollLikePlugin(t, h, fmt.Sprintf("web-%d", i), pods[i], ip)
+	}
+	return pods
+}
+
+// startKeeper runs a keeper in this process until the test ends and
+// returns its socket.
+func startKeeper(t testing.TB, dir string) (path string, stop func()) {
+	t.Helper()
+	path = filepath.Join(dir, "keeper.sock")
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- (&keeper.Server{Log: quietLogger()}).Serve(ctx, path) }()
+	var once sync.Once
+	stop = func() { once.Do(func() { cancel(); <-done }) }
+	t.Cleanup(stop)
+	eventually(t, "keeper listening", func() bool { _, err := os.Stat(path); return err == nil })
+	return path, stop
+}
+
 // enrollLikePlugin does what ambit-cni does at ADD: ask; the agent
 // installs the rules before it answers enroll.
 func enrollLikePlugin(t testing.TB, h *harness, name string, n *testNetns, ip string) {
@@ -366,12 +395,7 @@ func TestRestartReadoptsEveryPod(t *testing.T) {
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	h := startAgent(t, dir, invAmbient)
 	const n = 50
-	pods := make([]*testNetns, n)
-	for i := range pods {
-		ip := fmt.Sprintf("10.68.0.%d", i+2)
-		pods[i] = newNetns(t, ip+"/24")
-		enrollLikePlugin(t, h, fmt.Sprintf("web-%d", i), pods[i], ip+"/24")
-	}
+	pods := enrollPods(t, h, n, "10.68.0")
 	h.stop()
 	// Agent away: rules stay, nothing listens: refused, not plaintext.
 	if _, _, err := dialFrom(t, pods[0], "127.0.0.1:15001"); err == nil {

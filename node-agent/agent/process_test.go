@@ -229,12 +229,7 @@ func TestKill9Recovery(t *testing.T) {
 	dir, h := procDir(t)
 	p := startProc(t, dir)
 	const n = 50
-	pods := make([]*testNetns, n)
-	for i := range pods {
-		ip := fmt.Sprintf("10.70.0.%d", i+2)
-		pods[i] = newNetns(t, ip+"/24")
-		enrollLikePlugin(t, h, fmt.Sprintf("web-%d", i), pods[i], ip+"/24")
-	}
+	pods := enrollPods(t, h, n, "10.70.0")
 	if c, line, err := dialFrom(t, pods[0], "127.0.0.1:15001"); err != nil || line != "captured:15001" {
 		t.Fatalf("before kill: %q %v", line, err)
 	} else {
@@ -267,21 +262,11 @@ func TestKill9Recovery(t *testing.T) {
 func TestKill9WithKeeper(t *testing.T) {
 	testenv.RequireRoot(t)
 	dir, h := procDir(t)
-	kpath := filepath.Join(dir, "keeper.sock")
-	ctx, cancel := context.WithCancel(context.Background())
-	kdone := make(chan error, 1)
-	go func() { kdone <- (&keeper.Server{Log: quietLogger()}).Serve(ctx, kpath) }()
-	t.Cleanup(func() { cancel(); <-kdone })
-	eventually(t, "keeper listening", func() bool { _, err := os.Stat(kpath); return err == nil })
+	kpath, _ := startKeeper(t, dir)
 	env := "AMBIT_AGENT_HELPER_KEEPER=" + kpath
 	p := startProcEnv(t, dir, env)
 	const n = 5
-	pods := make([]*testNetns, n)
-	for i := range pods {
-		ip := fmt.Sprintf("10.74.0.%d", i+2)
-		pods[i] = newNetns(t, ip+"/24")
-		enrollLikePlugin(t, h, fmt.Sprintf("web-%d", i), pods[i], ip+"/24")
-	}
+	pods := enrollPods(t, h, n, "10.74.0")
 	// A pod deleted while the agent is down: its kept listeners must not
 	// outlive the next agent's start.
 	gone := newNetns(t, "10.74.1.2/24")

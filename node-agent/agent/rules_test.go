@@ -4,7 +4,6 @@ import (
 	"context"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -152,17 +151,12 @@ func TestRulesAtAddCheckDel(t *testing.T) {
 // counted for the operator.
 func TestKeeperGoneStillServes(t *testing.T) {
 	testenv.RequireRoot(t)
-	kpath := filepath.Join(t.TempDir(), "keeper.sock")
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- (&keeper.Server{Log: quietLogger()}).Serve(ctx, kpath) }()
-	eventually(t, "keeper listening", func() bool { _, err := os.Stat(kpath); return err == nil })
+	kpath, stop := startKeeper(t, t.TempDir())
 	k, err := keeper.Dial(kpath)
 	if err != nil {
 		t.Fatal(err)
 	}
-	cancel()
-	<-done
+	stop()
 	h := startAgent(t, "", invAmbient, func(o *Options) { o.Keeper = k })
 	n := newNetns(t, "10.63.9.2/24")
 	enrollLikePlugin(t, h, "web", n, "10.63.9.2/24")
