@@ -17,10 +17,15 @@ import (
 // socket does) and hand it to another thread: futex wake-ups and context
 // switches, each costly on this kind of VM. With plain system calls the
 // agents spent ~35 % of their CPU in sysmon during 1 KB request/response
-// and ~12 % when receiving in bulk; the proxies' CPU per round trip went
-// from 187 to 121 µs (the relay pair's: 161). (Raw writes alone, while
-// reads and control frames still woke sysmon, had measured worse: RTT
-// p50 1.22 → 1.36× the relay pair, docs/tunnel.md.)
+// and ~12 % when receiving in bulk. Raw, the proxies' CPU per 1 KB round
+// trip is ~30 % lower (160 vs 230 µs, the relay pair's ~150). The price
+// is latency: a write to a local peer runs the receiver's TCP stack in
+// the writer's call, and with the P held the other direction waits for
+// it. With small data writes left on Syscall the RTT p50 was 1.25× the
+// relay pair against 1.30× (medians of six runs with the builds rotated
+// through the benchmark's positions: within the spread, 1.10–1.54);
+// session 3, with reads still plain, had seen 1.22 → 1.36×
+// (docs/tunnel.md).
 
 // readFD is read(2) on a non-blocking socket, retried on EINTR.
 func readFD(fd uintptr, b []byte) (int, error) {
