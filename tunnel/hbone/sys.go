@@ -23,7 +23,7 @@ import (
 // the writer's call, and with the P held the other direction waits for
 // it. With small data writes left on Syscall the RTT p50 was 1.25× the
 // relay pair against 1.30× (medians of six runs with the builds rotated
-// through the benchmark's positions: within the spread, 1.10–1.54);
+// through the benchmark's setups: within the spread, 1.10–1.54);
 // session 3, with reads still plain, had seen 1.22 → 1.36×
 // (docs/tunnel.md).
 
