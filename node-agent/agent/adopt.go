@@ -206,7 +206,39 @@ func (a *Agent) auditLoop(ctx context.Context) {
 		}
 		a.mu.Unlock()
 		a.verifyPods(ctx, pods)
+		a.resyncKeeper(pods)
 	}
+}
+
+// resyncKeeper puts every served pod's listeners to the keeper again when
+// it holds fewer entries than there are pods: its container restarted
+// (it starts empty), and until then a crash of this agent would close
+// those pods' listeners.
+func (a *Agent) resyncKeeper(pods []*pod) {
+	if a.keeper == nil || a.stopping.Load() {
+		return
+	}
+	n, _, err := a.keeper.Count()
+	if err != nil {
+		a.m.keeperErrors.WithLabelValues("count").Inc()
+		return
+	}
+	if n >= len(pods) {
+		return
+	}
+	put := 0
+	for _, p := range pods {
+		unlock := a.lock(p.rec.Namespace, p.rec.Name)
+		if p.enrolled() && len(p.lns) > 0 {
+			if err := a.keeper.Put(p.rec.ContainerID, p.lns...); err != nil {
+				a.m.keeperErrors.WithLabelValues("put").Inc()
+			} else {
+				put++
+			}
+		}
+		unlock()
+	}
+	a.log.Info("keeper held fewer pods than served (restarted?): listeners put again", "kept", n, "pods", len(pods), "put", put)
 }
 
 func (a *Agent) verifyPod(p *pod) {

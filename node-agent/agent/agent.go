@@ -93,6 +93,7 @@ type pod struct {
 	netns *os.File // held while enrolled
 	net   *podnet.Net
 	serve Serving
+	lns   []net.Listener // the pod's listeners, for the keeper
 	// checked is what the periodic rule checks of this pod saw (under the
 	// pod's lock).
 	checked redirect.Checked
@@ -428,7 +429,7 @@ func (a *Agent) serve(p *pod, f *os.File, wl tunnel.Workload, fresh bool) error 
 		closeAll()
 		return &failure{"tunnel", err}
 	}
-	p.netns, p.net, p.serve = f, n, s
+	p.netns, p.net, p.serve, p.lns = f, n, s, lns
 	p.rec.Identity = wl.Identity
 	if a.keeper != nil {
 		// Replaces what an agent before this one kept for the pod:
@@ -454,7 +455,7 @@ func (a *Agent) release(ctx context.Context, p *pod) {
 		return
 	}
 	s, n, f, after := p.serve, p.net, p.netns, p.afterDrain
-	p.serve, p.net, p.netns, p.afterDrain = nil, nil, nil, nil
+	p.serve, p.net, p.netns, p.afterDrain, p.lns = nil, nil, nil, nil, nil
 	a.m.enrolled.Dec()
 	if a.keeper != nil && !a.stopping.Load() {
 		// First, so closing our listeners closes the sockets. (At
@@ -491,7 +492,7 @@ func (a *Agent) releaseAsync(p *pod) {
 	}
 	// Detach now so a new sandbox or a re-enroll does not see it.
 	cp := &pod{rec: p.rec, netns: p.netns, net: p.net, serve: p.serve, afterDrain: p.afterDrain}
-	p.serve, p.net, p.netns, p.afterDrain = nil, nil, nil, nil
+	p.serve, p.net, p.netns, p.afterDrain, p.lns = nil, nil, nil, nil, nil
 	a.closing.Add(1)
 	go func() {
 		defer a.closing.Done()

@@ -117,6 +117,9 @@ type Keeper interface {
 	Drop(key string) error
 	PruneOlder() error
 	PruneAll() error
+	// Count reports the entries kept: fewer than the pods served means
+	// the keeper restarted (empty) and they are put again.
+	Count() (entries, fds int, err error)
 }
 
 // Prefetcher pins a workload identity while a pod using it is enrolled

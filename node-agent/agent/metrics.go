@@ -53,7 +53,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "ambit_agent_status_updates_dropped_total", Help: "Pod status updates dropped because the queue was full.",
 		}),
 		keeperErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "ambit_agent_keeper_errors_total", Help: "Failed calls to the keeper (node-agent/keeper), by op (put, drop, prune): a pod whose put failed loses its listeners if this agent crashes.",
+			Name: "ambit_agent_keeper_errors_total", Help: "Failed calls to the keeper (node-agent/keeper), by op (put, drop, prune, count): a pod whose put failed loses its listeners if this agent crashes.",
 		}, []string{"op"}),
 	}
 	if reg != nil {

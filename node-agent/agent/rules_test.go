@@ -169,3 +169,35 @@ func TestKeeperGoneStillServes(t *testing.T) {
 		t.Fatalf("keeper put errors = %v, want 1", got)
 	}
 }
+
+// TestKeeperRestartIsRefilled: a keeper that restarted holds nothing; the
+// periodic pass puts every served pod's listeners to it again.
+func TestKeeperRestartIsRefilled(t *testing.T) {
+	testenv.RequireRoot(t)
+	dir := t.TempDir()
+	kpath, stop := startKeeper(t, dir)
+	k, err := keeper.Dial(kpath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := startAgent(t, "", invAmbient, func(o *Options) { o.Keeper = k })
+	enrollPods(t, h, 3, "10.63.10")
+	if n, fds, err := k.Count(); err != nil || n != 3 || fds != 9 {
+		t.Fatalf("keeper holds %d entries, %d sockets (%v); want 3, 9", n, fds, err)
+	}
+	stop()
+	startKeeper(t, dir) // a new, empty keeper at the same path
+	if n, _, _ := k.Count(); n != 0 {
+		t.Fatalf("a fresh keeper holds %d entries", n)
+	}
+	h.a.mu.Lock()
+	var pods []*pod
+	for _, p := range h.a.byCID {
+		pods = append(pods, p)
+	}
+	h.a.mu.Unlock()
+	h.a.resyncKeeper(pods)
+	if n, fds, err := k.Count(); err != nil || n != 3 || fds != 9 {
+		t.Fatalf("after the resync the keeper holds %d entries, %d sockets (%v); want 3, 9", n, fds, err)
+	}
+}
