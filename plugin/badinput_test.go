@@ -103,6 +103,8 @@ func TestBadInput(t *testing.T) {
 	os.WriteFile(notNS, nil, 0o600)
 	_, e = d.run("ADD", nil, "CNI_NETNS="+notNS)
 	wantCode(t, "netns path that is not a netns", e, types.ErrInvalidNetNS, "plain-file")
+	_, e = d.run("ADD", nil, "CNI_NETNS=/proc/self/ns/pid")
+	wantCode(t, "a namespace of another kind", e, types.ErrInvalidNetNS, "is not a network namespace")
 	if n := len(agent.ops()); n != 0 {
 		t.Fatalf("bad input reached the agent %d times", n)
 	}

@@ -191,9 +191,15 @@ func openNetns(path string) (*os.File, error) {
 		f.Close()
 		return nil, types.NewError(types.ErrInvalidNetNS, fmt.Sprintf("pod netns %s: statfs: %v", path, err), "")
 	}
-	if st.Type != unix.NSFS_MAGIC && st.Type != unix.PROC_SUPER_MAGIC {
+	if st.Type != unix.NSFS_MAGIC {
 		f.Close()
-		return nil, types.NewError(types.ErrInvalidNetNS, fmt.Sprintf("pod netns %s is not a network namespace (filesystem magic %#x)", path, st.Type), "")
+		return nil, types.NewError(types.ErrInvalidNetNS, fmt.Sprintf("pod netns %s is not a namespace (filesystem magic %#x, want nsfs)", path, st.Type), "")
+	}
+	// nsfs holds every kind of namespace: a pid or mount namespace path
+	// must fail here, with the spec's code, not in the agent's setns.
+	if t, err := unix.IoctlRetInt(int(f.Fd()), unix.NS_GET_NSTYPE); err != nil || t != unix.CLONE_NEWNET {
+		f.Close()
+		return nil, types.NewError(types.ErrInvalidNetNS, fmt.Sprintf("pod netns %s is not a network namespace", path), "")
 	}
 	return f, nil
 }
