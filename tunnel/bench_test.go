@@ -10,6 +10,7 @@ import (
 	"runtime"
 	"sort"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -327,4 +328,57 @@ func BenchmarkHoldThroughputProcs(b *testing.B) {
 			fmt.Printf("DONE %s %.2f Gb/s %.2f CPU s/GB in %v\n", s.Name, g, cpu, time.Since(t0).Round(time.Millisecond))
 		}
 	}
+}
+
+// BenchmarkConnsAB: new connections (connect, 1-byte round trip, close;
+// 4 clients) through the relay pair, Ambit and the builds of abSetups,
+// AMBIT_BENCH_ROUNDS rounds (default 7) with the order rotating; prints
+// the medians of the rate and of the proxies' CPU per connection, each
+// also as a paired ratio against the relay pair of the same round. The
+// CPU per connection is the steadier of the two on a shared machine.
+func BenchmarkConnsAB(b *testing.B) {
+	testenv.RequireRoot(b)
+	setups := abSetups(b)
+	rounds := 7
+	fmt.Sscan(os.Getenv("AMBIT_BENCH_ROUNDS"), &rounds)
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		rate := make([][]float64, len(setups))
+		cpu := make([][]float64, len(setups))
+		app := make([][]float64, len(setups)) // this process: the apps
+
+		for r := 0; r < rounds; r++ {
+			for k := range setups {
+				j := (k + r) % len(setups)
+				a0 := selfCPU()
+				n, c, err := benchkit.ConnCost(setups[j], 2*time.Second, 4)
+				if err != nil {
+					b.Fatal(err)
+				}
+				us := float64(c) / float64(time.Microsecond)
+				apps := (selfCPU() - a0).Seconds() * 1e6 / (n * 2) // ConnCost runs 2 s
+				fmt.Printf("round %d %-12s %.0f conns/s  %.0f µs proxy CPU/conn  %.0f µs apps' CPU/conn\n", r, setups[j].Name, n, us, apps)
+				app[j] = append(app[j], apps)
+				rate[j] = append(rate[j], n)
+				cpu[j] = append(cpu[j], us)
+			}
+		}
+		for j := range setups {
+			var rr, cr []float64
+			for r := range rate[j] {
+				rr = append(rr, rate[j][r]/rate[0][r])
+				cr = append(cr, cpu[j][r]/cpu[0][r])
+			}
+			fmt.Printf("%-12s %.0f conns/s (paired %.2fx the relay pair)  %.0f µs proxy CPU/conn (paired %.2fx)  %.0f µs apps' CPU/conn, medians of %d rounds\n",
+				setups[j].Name, medianOf(rate[j]), medianOf(rr), medianOf(cpu[j]), medianOf(cr), medianOf(app[j]), len(rr))
+		}
+	}
+}
+
+// selfCPU is this process's user+system CPU time (the benchmark's apps,
+// kernel work done in their system calls included).
+func selfCPU() time.Duration {
+	var ru syscall.Rusage
+	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
