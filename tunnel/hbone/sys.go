@@ -28,29 +28,17 @@ import (
 // (docs/tunnel.md).
 
 // readFD is read(2) on a non-blocking socket, retried on EINTR.
-func readFD(fd uintptr, b []byte) (int, error) {
-	if len(b) == 0 {
-		return 0, nil
-	}
-	for {
-		r, _, e := unix.RawSyscall(unix.SYS_READ, fd, uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)))
-		switch e {
-		case 0:
-			return int(r), nil
-		case unix.EINTR:
-			continue
-		}
-		return 0, e
-	}
-}
+func readFD(fd uintptr, b []byte) (int, error) { return rawIO(unix.SYS_READ, fd, b) }
 
 // writeFD is write(2) on a non-blocking socket, retried on EINTR.
-func writeFD(fd uintptr, b []byte) (int, error) {
+func writeFD(fd uintptr, b []byte) (int, error) { return rawIO(unix.SYS_WRITE, fd, b) }
+
+func rawIO(trap, fd uintptr, b []byte) (int, error) {
 	if len(b) == 0 {
 		return 0, nil
 	}
 	for {
-		r, _, e := unix.RawSyscall(unix.SYS_WRITE, fd, uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)))
+		r, _, e := unix.RawSyscall(trap, fd, uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)))
 		switch e {
 		case 0:
 			return int(r), nil

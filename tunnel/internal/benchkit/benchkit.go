@@ -290,18 +290,7 @@ func Run(tb testing.TB, setups []Setup, o Options) []Result {
 			all[i] = append(all[i], res)
 		}
 	}
-	out := make([]Result, len(setups))
-	for i, rs := range all {
-		out[i] = Result{
-			Name:      setups[i].Name,
-			Gbps:      median(rs, func(r Result) float64 { return r.Gbps }),
-			P50:       time.Duration(median(rs, func(r Result) float64 { return float64(r.P50) })),
-			P99:       time.Duration(median(rs, func(r Result) float64 { return float64(r.P99) })),
-			ConnsPerS: median(rs, func(r Result) float64 { return r.ConnsPerS }),
-			CPUPerGB:  median(rs, func(r Result) float64 { return r.CPUPerGB }),
-		}
-	}
-	return out
+	return Medians(all)
 }
 
 // Medians reduces per-setup rounds (all[i] = setup i's rounds) to one
