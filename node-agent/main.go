@@ -225,18 +225,9 @@ func run(ctx context.Context, args []string) error {
 		}
 	}
 
-	var host agent.HostRules
-	if cfg.Enabled(cfg.HostRules) {
-		hr, err := hostrules.New(hostrules.Config{Registerer: reg, Logger: log, IPv4Only: cfg.IPv6 == "off"})
-		if err != nil {
-			return err
-		}
-		go hr.Run(ctx)
-		host = hr
-	}
-
 	// Other agents on this node (a surge upgrade runs two at once): the
-	// health port and the node's CNI files are shared with them.
+	// health port, the node's CNI files and the host probe rules are
+	// shared with them.
 	self, err := instance.Register(cfg.StateDir)
 	if err != nil {
 		return err
@@ -247,6 +238,20 @@ func run(ctx context.Context, args []string) error {
 		if err := self.WriteName(o.instanceFile); err != nil {
 			return err
 		}
+	}
+
+	var host agent.HostRules
+	if cfg.Enabled(cfg.HostRules) {
+		hr, err := hostrules.New(hostrules.Config{Registerer: reg, Logger: log, IPv4Only: cfg.IPv6 == "off",
+			// The old agent keeps the rules until the new one has
+			// re-adopted every pod and written the whole picture.
+			Shared: true,
+			Yield:  func() bool { p, ok := self.Successor(); return ok && p.Ready }})
+		if err != nil {
+			return err
+		}
+		go hr.Run(ctx)
+		host = hr
 	}
 	hs.SetNodeCheck(func() error {
 		if p, ok := self.Successor(); ok && !p.Ready {

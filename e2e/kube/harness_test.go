@@ -604,3 +604,93 @@ func (c *cluster) inNode(n int, args ...string) (string, error) {
 	out, err := cmd.CombinedOutput()
 	return string(out), err
 }
+
+// followAgentLogs copies every agent pod's log (both containers), the
+// ones running now and the ones that appear until stop is called, into
+// files under dir: a rolling update deletes the old pods and their logs
+// with them, and a failure in the middle of one can only be explained
+// from what those agents said. It returns stop and, for a message, the
+// lines of the copied logs that matched any of the words.
+func (c *cluster) followAgentLogs(t *testing.T, dir string) (stop func(words ...string) string) {
+	t.Helper()
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Logf("agent logs not kept: %v", err)
+		return func(...string) string { return "" }
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var files []string
+	seen := map[string]bool{}
+	poll := func() {
+		pods, err := c.client.CoreV1().Pods(ambitNS).List(ctx, metav1.ListOptions{LabelSelector: "app.kubernetes.io/name=ambit-agent"})
+		if err != nil {
+			return
+		}
+		for _, p := range pods.Items {
+			for _, ct := range p.Spec.Containers {
+				name := p.Name + "_" + ct.Name
+				if seen[name] || p.Status.Phase == corev1.PodPending {
+					continue
+				}
+				seen[name] = true
+				path := filepath.Join(dir, name+".log")
+				f, err := os.Create(path)
+				if err != nil {
+					continue
+				}
+				mu.Lock()
+				files = append(files, path)
+				mu.Unlock()
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					defer f.Close()
+					cmd := exec.CommandContext(ctx, c.kubectlBin(), "--kubeconfig", c.kubeconfig,
+						"-n", ambitNS, "logs", "-f", "--timestamps", p.Name, "-c", ct.Name)
+					cmd.Stdout, cmd.Stderr = f, f
+					_ = cmd.Run()
+				}()
+			}
+		}
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		tick := time.NewTicker(250 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			poll()
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+			}
+		}
+	}()
+	return func(words ...string) string {
+		// The agents' last lines reach kubectl a moment after the fact.
+		time.Sleep(time.Second)
+		cancel()
+		<-done
+		wg.Wait()
+		var b strings.Builder
+		mu.Lock()
+		defer mu.Unlock()
+		for _, path := range files {
+			data, err := os.ReadFile(path)
+			if err != nil {
+				continue
+			}
+			for _, line := range strings.Split(string(data), "\n") {
+				for _, w := range words {
+					if strings.Contains(line, w) {
+						fmt.Fprintf(&b, "%s: %s\n", filepath.Base(path), line)
+						break
+					}
+				}
+			}
+		}
+		return b.String()
+	}
+}

@@ -532,6 +532,15 @@ func TestAmbitMesh(t *testing.T) {
 
 	t.Run("RollingUpdateUnderLoad", func(t *testing.T) {
 		cp := startCapture(t)
+		logDir := ""
+		if !c.external {
+			logDir = filepath.Join(c.state, "logs", "rolling-update")
+			_ = os.RemoveAll(logDir)
+		}
+		var stopLogs func(...string) string
+		if logDir != "" {
+			stopLogs = c.followAgentLogs(t, logDir)
+		}
 		res := c.load(mesh, "client", srv.Status.PodIP+":9000", 60*time.Second)
 		time.Sleep(3 * time.Second)
 		c.mustKubectl(t, "", "-n", ambitNS, "rollout", "restart", "ds/ambit-agent")
@@ -545,8 +554,12 @@ func TestAmbitMesh(t *testing.T) {
 		if lr.Other < 0 {
 			t.Fatalf("load did not run: %v", lr.Errors)
 		}
+		var agentSaid string
+		if stopLogs != nil {
+			agentSaid = stopLogs("connection failed", "error", `"level":"WARN"`, `"level":"ERROR"`)
+		}
 		if leaked != 0 || lr.failed() != 0 {
-			t.Errorf("rolling update under load: %+v, %d plaintext payloads on the wire; want no failure and no plaintext", lr, leaked)
+			t.Errorf("rolling update under load: %+v, %d plaintext payloads on the wire; want no failure and no plaintext\nthe agents' logs are in %s; their warnings and failures:\n%s", lr, leaked, logDir, agentSaid)
 		}
 	})
 }

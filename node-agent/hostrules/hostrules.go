@@ -53,6 +53,18 @@ type Config struct {
 	// IPv6 pod addresses are ignored. For hosts without IPv6 NAT (the
 	// agent sets it when its config says ipv6: off).
 	IPv4Only bool
+	// Shared says other agents on the node may own entries this Manager
+	// has not learned yet: during a surge upgrade two agents run side by
+	// side, and the new one re-adopts its pods one by one. Until the
+	// first Sync (the whole picture, after re-adoption) Add merges into
+	// what the kernel holds instead of replacing it, Remove deletes only
+	// its IPs, and Run does not reconcile: each agent "repairing" the
+	// other's entries away made them rewrite the sets in turn, and a
+	// kubelet probe in that window could miss its SNAT.
+	Shared bool
+	// Yield, when set and true, keeps Run from reconciling: a newer agent
+	// on the node maintains the rules (Add, Remove and Sync still apply).
+	Yield func() bool
 	// Registerer receives the metrics; nil registers nothing.
 	Registerer prometheus.Registerer
 	Logger     *slog.Logger
@@ -88,6 +100,9 @@ type Manager struct {
 	// removed: Uninstall ran; the reconcile loop must not reinstall
 	// until Add or Sync asks for rules again.
 	removed bool
+	// synced: Sync ran (Config.Shared: until then the kernel may hold
+	// entries of another agent's that this one will learn).
+	synced bool
 
 	repairs  prometheus.Counter
 	failures prometheus.Counter
@@ -223,7 +238,7 @@ func (m *Manager) Add(uid string, ips []netip.Addr) error {
 	if len(add) == 0 && m.installed {
 		return nil
 	}
-	if m.installed {
+	if m.installed || m.merging() {
 		if err := m.be.upsert(add, replaced); err == nil {
 			m.appliedLocked()
 			return nil
@@ -251,14 +266,21 @@ func (m *Manager) Remove(uid string, ips []netip.Addr) error {
 	if len(del) == 0 || m.removed {
 		return nil
 	}
-	if m.installed {
-		if err := m.be.remove(del); err == nil {
+	if m.installed || m.merging() {
+		err := m.be.remove(del)
+		if err == nil || m.merging() {
+			// Merging, a failed removal waits for Sync: rewriting
+			// the sets would drop the entries we do not know yet.
 			m.appliedLocked()
 			return nil
 		}
 	}
 	return m.reconcileLocked(true)
 }
+
+// merging: Config.Shared and no Sync yet, so writes must leave entries
+// this Manager does not know in place.
+func (m *Manager) merging() bool { return m.cfg.Shared && !m.synced }
 
 // Sync replaces the whole picture (UID → IPs), e.g. after a restart from
 // the adopted snapshot, and applies it. An IP claimed by two UIDs goes to
@@ -290,6 +312,7 @@ func (m *Manager) Sync(want map[string][]netip.Addr) error {
 	defer m.mu.Unlock()
 	m.owners = owners
 	m.removed = false
+	m.synced = true
 	return m.reconcileLocked(true)
 }
 
@@ -307,9 +330,12 @@ func (m *Manager) Entries() map[netip.Addr]string {
 // Reconcile checks the kernel once and rewrites whatever differs,
 // counting a repair when something we had installed was missing.
 func (m *Manager) Reconcile() error {
+	if m.cfg.Yield != nil && m.cfg.Yield() {
+		return nil
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if m.removed {
+	if m.removed || m.merging() {
 		return nil
 	}
 	return m.reconcileLocked(false)

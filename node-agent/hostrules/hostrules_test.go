@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"runtime"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -496,5 +497,80 @@ func TestIPv4Only(t *testing.T) {
 				t.Fatalf("reconcile of intact v4-only state: err %v, %d repairs", err, m.Repairs())
 			}
 		})
+	}
+}
+
+// TestSurgeUpgradeTwoManagers: during a surge upgrade the old agent and the
+// new one run side by side on the node, each with a Manager over the same
+// table. The new one, before its Sync, must not take away entries the old
+// one keeps (it has not re-adopted their pods yet), and the old one must
+// leave alone what the new one writes once it is ready. Before Shared and
+// Yield they rewrote each other's sets in turn (e2e/kube's rolling update
+// logged it 25–34 times in under a second) and a probe in that window went
+// out without its SNAT.
+func TestSurgeUpgradeTwoManagers(t *testing.T) {
+	tp := newTopo(t)
+	tp.server(t)
+	var newReady atomic.Bool
+	old, err := New(Config{Backend: BackendNFTables, NetNS: tp.hostNS, Shared: true,
+		Yield: newReady.Load, Registerer: prometheus.NewRegistry()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { old.Uninstall() })
+	if err := old.Sync(map[string][]netip.Addr{"a": {podV4}}); err != nil {
+		t.Fatal(err)
+	}
+	neu, err := New(Config{Backend: BackendNFTables, NetNS: tp.hostNS, Shared: true,
+		Registerer: prometheus.NewRegistry()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The new agent's loop runs before it has re-adopted anything.
+	if err := neu.Reconcile(); err != nil {
+		t.Fatal(err)
+	}
+	if got := sourceSeen(t, tp.hostNS, "10.77.1.2:8080"); got != probe4 {
+		t.Fatalf("new agent's first reconcile: probe source %s, want %s (the old agent's entry was dropped)", got, probe4)
+	}
+	// Re-adoption adds the pods one by one; the kernel keeps the rest.
+	other := netip.MustParseAddr("10.77.1.9")
+	if err := old.Add("b", []netip.Addr{other}); err != nil {
+		t.Fatal(err)
+	}
+	if err := neu.Add("a", []netip.Addr{podV4}); err != nil {
+		t.Fatal(err)
+	}
+	if d, err := old.be.check(map[netip.Addr]string{podV4: "a", other: "b"}); err != nil || d != "" {
+		t.Fatalf("after the new agent adopted a: drift %q, %v (want a and b both kept)", d, err)
+	}
+	// The new agent is done: its picture has a pod the old one never
+	// saw; the old one yields and leaves it.
+	third := netip.MustParseAddr("10.77.1.3")
+	if err := neu.Sync(map[string][]netip.Addr{"a": {podV4}, "b": {other}, "c": {third}}); err != nil {
+		t.Fatal(err)
+	}
+	newReady.Store(true)
+	for _, m := range []*Manager{old, neu} {
+		if err := m.Reconcile(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := sourceSeen(t, tp.hostNS, "10.77.1.3:8080"); got != probe4 {
+		t.Fatalf("pod c after the old agent's reconcile: probe source %s, want %s", got, probe4)
+	}
+	if old.Repairs() != 0 || neu.Repairs() != 0 {
+		t.Fatalf("repairs: old %d, new %d; two agents must not repair each other's entries", old.Repairs(), neu.Repairs())
+	}
+	// A flush is still repaired, by the agent in charge.
+	run(t, "ip", "netns", "exec", tp.host, "nft", "flush", "set", "inet", "ambit-host", "probes-v4")
+	if err := neu.Reconcile(); err != nil {
+		t.Fatal(err)
+	}
+	if neu.Repairs() != 1 {
+		t.Fatalf("new agent repairs after a flush = %d, want 1", neu.Repairs())
+	}
+	if got := sourceSeen(t, tp.hostNS, "10.77.1.2:8080"); got != probe4 {
+		t.Fatalf("after the repair: probe source %s", got)
 	}
 }
