@@ -493,6 +493,14 @@ func TestAmbitMesh(t *testing.T) {
 				return nil
 			}
 		}
+		if !c.external {
+			// What makes a crash and a hand-over cost no queued
+			// connection: the agent sets it from its container, whose
+			// /proc/sys the runtime mounts read-only.
+			if got := podSysctl(t, 2, srv, "net/ipv4/tcp_migrate_req"); got != "1" {
+				t.Errorf("net.ipv4.tcp_migrate_req = %q in the enrolled server pod, want 1: connections queued on a stopping agent's listeners are reset", got)
+			}
+		}
 		cp := startCapture(t)
 		res := c.load(mesh, "client", srv.Status.PodIP+":9000", 20*time.Second)
 		time.Sleep(5 * time.Second)
@@ -562,6 +570,24 @@ func TestAmbitMesh(t *testing.T) {
 			t.Errorf("rolling update under load: %+v, %d plaintext payloads on the wire; want no failure and no plaintext\nthe agents' logs are in %s; their warnings and failures:\n%s", lr, leaked, logDir, agentSaid)
 		}
 	})
+}
+
+// podSysctl reads a sysctl (path under /proc/sys) in the network
+// namespace of pod p, which runs on node nodeIdx of cluster.sh's cluster.
+func podSysctl(t *testing.T, nodeIdx int, p *corev1.Pod, path string) string {
+	t.Helper()
+	if len(p.Status.ContainerStatuses) == 0 {
+		t.Fatalf("pod %s has no container status", p.Name)
+	}
+	pids := containerPIDs(t, nodeIdx, p.Status.ContainerStatuses[0].ContainerID)
+	if len(pids) == 0 {
+		t.Fatalf("no process found for pod %s", p.Name)
+	}
+	out, err := exec.Command("nsenter", "-t", fmt.Sprint(pids[0]), "-n", "cat", "/proc/sys/"+path).CombinedOutput()
+	if err != nil {
+		t.Fatalf("reading %s in pod %s: %v %s", path, p.Name, err, out)
+	}
+	return strings.TrimSpace(string(out))
 }
 
 // plainCount is n for the report, or says that nothing was captured.

@@ -116,7 +116,7 @@ func (a *Agent) adoptOne(ctx context.Context, rec state.Pod, scan *lazyScan) boo
 		wl.Identity = rec.Identity
 	}
 	p.rec.Identity = wl.Identity
-	if err := a.serve(p, f, wl, false); err != nil {
+	if err := a.serve(p, f, wl); err != nil {
 		f.Close()
 		a.m.failures.WithLabelValues(reasonOf(err)).Inc()
 		a.setStatus(cp, "failed", "AdoptionFailed", err.Error())

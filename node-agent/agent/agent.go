@@ -21,6 +21,7 @@ import (
 	"github.com/ambit-mesh/ambit/node-agent/enrollment"
 	"github.com/ambit-mesh/ambit/node-agent/health"
 	"github.com/ambit-mesh/ambit/node-agent/netnsfind"
+	"github.com/ambit-mesh/ambit/node-agent/podsysctl"
 	"github.com/ambit-mesh/ambit/node-agent/state"
 	"github.com/ambit-mesh/ambit/plugin/cniproto"
 	"github.com/ambit-mesh/ambit/plugin/redirect"
@@ -63,13 +64,17 @@ type Agent struct {
 	certs  Prefetcher
 	host   HostRules
 	keeper Keeper
-	spec   redirect.Spec
-	policy enrollment.Policy
-	store  *state.Store
-	m      *metrics
-	health *health.Server
-	log    *slog.Logger
-	static bool
+	sysctl podsysctl.Writer
+	// sysctlWarned: the first failure to set a pod's sysctl is a
+	// warning, the rest are counted.
+	sysctlWarned atomic.Bool
+	spec         redirect.Spec
+	policy       enrollment.Policy
+	store        *state.Store
+	m            *metrics
+	health       *health.Server
+	log          *slog.Logger
+	static       bool
 
 	locks [256]sync.Mutex // per namespace/name, striped
 
@@ -267,6 +272,22 @@ func (a *Agent) RunListener(ctx context.Context, l *net.UnixListener) error {
 	return nil
 }
 
+// setMigrateReq sets net.ipv4.tcp_migrate_req=1 inside the pod's netns:
+// when a listener of a SO_REUSEPORT group closes, the connections in its
+// accept queue move to another listener of the group (the next agent's)
+// instead of being reset.
+func (a *Agent) setMigrateReq(f *os.File, wl tunnel.Workload) {
+	err := a.sysctl.Set(f, "net.ipv4.tcp_migrate_req", "1")
+	if err == nil {
+		return
+	}
+	a.m.sysctlErrors.Inc()
+	if a.sysctlWarned.CompareAndSwap(false, true) {
+		a.log.Warn("net.ipv4.tcp_migrate_req not set in the pod: connections queued on this agent's listeners will be reset, not handed over, when it stops (counted in ambit_agent_pod_sysctl_errors_total; logged once)",
+			"pod", wl.Namespace+"/"+wl.Name, "procfs", a.sysctl.Mode(), "err", err)
+	}
+}
+
 // shutdown closes every pod's listeners at once and drains, keeping rules
 // and records: the next agent re-adopts them.
 func (a *Agent) shutdown() {
@@ -376,7 +397,7 @@ func (a *Agent) specFor(ips []netip.Addr, netns *os.File) redirect.Spec {
 // serve opens the listeners in the pod's netns and starts the tunnel for
 // it; on error nothing is left open. The netns file stays the caller's
 // until success, when p owns it.
-func (a *Agent) serve(p *pod, f *os.File, wl tunnel.Workload, fresh bool) error {
+func (a *Agent) serve(p *pod, f *os.File, wl tunnel.Workload) error {
 	if a.certs != nil {
 		if err := a.certs.Prefetch(wl.Identity); err != nil {
 			return &failure{"certificate", err}
@@ -393,14 +414,10 @@ func (a *Agent) serve(p *pod, f *os.File, wl tunnel.Workload, fresh bool) error 
 		return &failure{"netns", err}
 	}
 	// Queued connections move to the new agent's listener when the old
-	// one closes (hand-over) instead of being reset. A per-netns sysctl:
-	// set once when the pod is first enrolled, not again at re-adoption
-	// (opening /proc/sys costs more than the rest of an adoption).
-	if fresh {
-		if err := setMigrateReq(f); err != nil {
-			a.log.Debug("tcp_migrate_req not set", "pod", wl.Namespace+"/"+wl.Name, "err", err)
-		}
-	}
+	// one closes (hand-over, keeper release) instead of being reset. A
+	// per-netns sysctl, set at re-adoption too: agents before
+	// node-agent/podsysctl could not write it from their container.
+	a.setMigrateReq(f, wl)
 	var lns []net.Listener
 	closeAll := func() {
 		for _, l := range lns {

@@ -443,3 +443,15 @@ func netInterfaces() (string, error) {
 	}
 	return "", fmt.Errorf("no link besides lo")
 }
+
+// link joins two test namespaces with a veth pair, addrA on a's end and
+// addrB on b's.
+func link(t testing.TB, a, b *testNetns, addrA, addrB string) {
+	t.Helper()
+	ea, eb := "ambl-"+suffix(), "ambl-"+suffix()
+	run(t, "ip", "link", "add", ea, "netns", a.name, "type", "veth", "peer", "name", eb, "netns", b.name)
+	run(t, "ip", "-n", a.name, "addr", "add", addrA, "dev", ea)
+	run(t, "ip", "-n", b.name, "addr", "add", addrB, "dev", eb)
+	run(t, "ip", "-n", a.name, "link", "set", ea, "up")
+	run(t, "ip", "-n", b.name, "link", "set", eb, "up")
+}

@@ -14,6 +14,7 @@ type metrics struct {
 	reloadErrors  prometheus.Counter
 	statusDropped prometheus.Counter
 	keeperErrors  *prometheus.CounterVec
+	sysctlErrors  prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -55,9 +56,12 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		keeperErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "ambit_agent_keeper_errors_total", Help: "Failed calls to the keeper (node-agent/keeper), by op (put, drop, prune, count): a pod whose put failed loses its listeners if this agent crashes.",
 		}, []string{"op"}),
+		sysctlErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "ambit_agent_pod_sysctl_errors_total", Help: "Pods whose net.ipv4.tcp_migrate_req could not be set: their queued connections are reset, not handed over, when an agent stops or crashes.",
+		}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.enrolled, m.latency, m.failures, m.requests, m.repairs, m.ruleCheck, m.adopted, m.adoptSeconds, m.reloadErrors, m.statusDropped, m.keeperErrors)
+		reg.MustRegister(m.enrolled, m.latency, m.failures, m.requests, m.repairs, m.ruleCheck, m.adopted, m.adoptSeconds, m.reloadErrors, m.statusDropped, m.keeperErrors, m.sysctlErrors)
 	}
 	return m
 }

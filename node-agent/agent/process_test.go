@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"runtime/pprof"
 	"strconv"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -135,10 +136,21 @@ func startProc(t testing.TB, dir string) *agentProc {
 
 // startProcEnv is startProc with extra environment (KEY=value), e.g.
 // AMBIT_AGENT_HELPER_RULECHECK=5s.
+// containerLike, among startProcEnv's env, runs the agent process the
+// way a container runtime would as far as the agent can tell: /proc/sys
+// read-only.
+const containerLike = "AMBIT_AGENT_HELPER_CONTAINER=1"
+
 func startProcEnv(t testing.TB, dir string, env ...string) *agentProc {
 	t.Helper()
 	os.Remove(filepath.Join(dir, debugSocket)) // left by a killed agent
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	if slices.Contains(env, containerLike) {
+		// /proc/sys read-only, as container runtimes mount it for an
+		// unprivileged container like the agent's.
+		cmd = exec.Command("unshare", "--mount", "--propagation", "private", "sh", "-c",
+			`mount -o bind,ro /proc/sys /proc/sys && exec "$0" -test.run='^$'`, os.Args[0])
+	}
 	cmd.Env = append(append(os.Environ(), "AMBIT_AGENT_HELPER_DIR="+dir), env...)
 	cmd.Stderr = os.Stderr
 	out, err := cmd.StdoutPipe()
@@ -263,10 +275,15 @@ func TestKill9WithKeeper(t *testing.T) {
 	testenv.RequireRoot(t)
 	dir, h := procDir(t)
 	kpath, _ := startKeeper(t, dir)
-	env := "AMBIT_AGENT_HELPER_KEEPER=" + kpath
-	p := startProcEnv(t, dir, env)
+	env := []string{"AMBIT_AGENT_HELPER_KEEPER=" + kpath, containerLike}
+	p := startProcEnv(t, dir, env...)
 	const n = 5
 	pods := enrollPods(t, h, n, "10.74.0")
+	// Another node's agent reaches pod 0's 15008 over a link, as in a
+	// cluster (the others are dialled on loopback).
+	peer := newNetns(t)
+	link(t, peer, pods[0], "10.99.0.1/24", "10.99.0.2/24")
+	run(t, "ip", "-n", peer.name, "route", "add", "10.74.0.0/24", "via", "10.99.0.2")
 	// A pod deleted while the agent is down: its kept listeners must not
 	// outlive the next agent's start.
 	gone := newNetns(t, "10.74.1.2/24")
@@ -287,24 +304,41 @@ func TestKill9WithKeeper(t *testing.T) {
 	if out, err := exec.Command("ip", "netns", "delete", gone.name).CombinedOutput(); err != nil {
 		t.Fatalf("deleting the netns: %v %s", err, out)
 	}
-	// No agent: the handshake completes anyway, and the connection waits.
-	waiting := make([]net.Conn, n)
-	for i, pod := range pods {
-		inNetns(t, pod, func() error {
-			waiting[i], err = net.DialTimeout("tcp", "127.0.0.1:15001", 2*time.Second)
+	// No agent: the handshake completes anyway, and the connection waits
+	// with what the client sent (a TLS ClientHello, say) in its queue.
+	// When the restarted agent's listeners replace the kept ones, the
+	// queue moves to them: tcp_migrate_req, which the agent sets in every
+	// pod even though its /proc/sys is read-only (containerLike).
+	type waiter struct {
+		c    net.Conn
+		want string
+	}
+	var waiting []waiter
+	dial := func(in *testNetns, addr, want string) {
+		inNetns(t, in, func() error {
+			var c net.Conn
+			c, err = net.DialTimeout("tcp", addr, 2*time.Second)
+			if err == nil {
+				_, err = c.Write([]byte("hello\n"))
+				waiting = append(waiting, waiter{c, want})
+				t.Cleanup(func() { c.Close() })
+			}
 			return nil
 		})
 		if err != nil {
-			t.Fatalf("pod %d: connection refused while the agent was down: %v", i, err)
+			t.Fatalf("%s: connection refused while the agent was down: %v", addr, err)
 		}
-		defer waiting[i].Close()
 	}
-	startProcEnv(t, dir, env)
-	for i, c := range waiting {
-		c.SetReadDeadline(time.Now().Add(5 * time.Second))
-		line, err := bufio.NewReader(c).ReadString('\n')
-		if err != nil || strings.TrimSpace(line) != "captured:15001" {
-			t.Fatalf("pod %d: the connection made during the outage: %q %v", i, line, err)
+	for _, pod := range pods {
+		dial(pod, "127.0.0.1:15001", "captured:15001")
+	}
+	dial(peer, "10.74.0.2:15008", "captured:15008")
+	startProcEnv(t, dir, env...)
+	for i, w := range waiting {
+		w.c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		line, err := bufio.NewReader(w.c).ReadString('\n')
+		if err != nil || strings.TrimSpace(line) != w.want {
+			t.Fatalf("connection %d made during the outage: %q %v, want %q (reset instead of handed to the new listener?)", i, line, err, w.want)
 		}
 	}
 	for i, pod := range pods {
