@@ -521,12 +521,14 @@ func TestAmbitMesh(t *testing.T) {
 			t.Errorf("no exchange succeeded under load: %+v", lr)
 		}
 		// The keeper container holds the pods' listeners across the
-		// crash: new connections wait for the restarted agent, so only
-		// those in flight at the kill (the load runs two at a time, over
-		// the HBONE connection that died) may fail. Without it: ~150
-		// resets in this case.
-		if lr.Refused > 0 || lr.Reset > 20 {
-			t.Errorf("kill -9 with the keeper: %d refused, %d reset; want 0 refused and only the few in flight reset", lr.Refused, lr.Reset)
+		// crash: new connections wait for the restarted agent and move
+		// to its listeners (tcp_migrate_req), so only those in flight at
+		// the kill may fail: the load runs two at a time, over the HBONE
+		// connection that died (2 in every run since the sysctl is set;
+		// 4 with a handshake queued on the kept listener reset when it
+		// was not; ~150 without the keeper).
+		if lr.Refused > 0 || lr.Reset > 2 {
+			t.Errorf("kill -9 with the keeper: %d refused, %d reset; want 0 refused and at most the 2 in flight reset", lr.Refused, lr.Reset)
 		}
 		poll(t, 60*time.Second, "the agent container to restart", func() (bool, error) {
 			st := agentStatus(c.agentPod(t, node2))
