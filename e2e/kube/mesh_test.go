@@ -571,6 +571,12 @@ func TestAmbitMesh(t *testing.T) {
 		if leaked != 0 || lr.failed() != 0 {
 			t.Errorf("rolling update under load: %+v, %d plaintext payloads on the wire; want no failure and no plaintext\nthe agents' logs are in %s; their warnings and failures:\n%s", lr, leaked, logDir, agentSaid)
 		}
+		// The old and the new agent share the host's probe-SNAT rules
+		// while both run: neither may "repair" the other's entries (a
+		// kubelet probe in between would miss its SNAT).
+		if n := strings.Count(agentSaid, "host probe rules were missing or altered"); n > 0 {
+			t.Errorf("the agents rewrote each other's host probe rules %d times during the rolling update (logs in %s)", n, logDir)
+		}
 	})
 }
 
