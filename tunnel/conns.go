@@ -410,20 +410,21 @@ func (sv *Serving) inboundHBONE(raw *net.TCPConn) {
 		return
 	}
 	sv.mu.Lock()
-	closing := sv.closing
+	closing, closeCtx := sv.closing, sv.closeCtx
 	sv.hconns[hc] = struct{}{}
 	sv.mu.Unlock()
 	tr := sv.track(func() { hc.Close() })
 	if closing {
 		// Accepted before the listener closed, handshaken after Close
 		// began: the client may already be opening streams on it, so
-		// go away gracefully (Close's deadline still cuts it).
-		go hc.Shutdown(context.Background())
+		// go away gracefully, within Close's deadline.
+		go hc.Shutdown(closeCtx)
 	}
 	<-hc.Done()
 	sv.untrack(tr)
 	sv.mu.Lock()
 	delete(sv.hconns, hc)
+	sv.kickLocked()
 	sv.mu.Unlock()
 }
 
@@ -432,11 +433,7 @@ func (sv *Serving) inboundHBONE(raw *net.TCPConn) {
 func (sv *Serving) inboundStream(s *hbone.Stream, peerID string, peer netip.AddrPort) {
 	w := sv.pod.Workload
 	r := &record{dir: "inbound", mode: "hbone", src: peer, srcID: peerID, dstID: w.Identity, start: time.Now()}
-	if !sv.enter() {
-		s.Respond(503, nil)
-		sv.failed(r, "draining", errors.New("pod is being drained"))
-		return
-	}
+	sv.enter()
 	defer sv.leave()
 	req := s.Request
 	if req.Method != "CONNECT" {

@@ -121,10 +121,13 @@ type Serving struct {
 	baggage string
 	log     *slog.Logger
 
-	mu       sync.Mutex
-	closing  bool
-	active   int           // connections being handled
-	idle     chan struct{} // closed when active drops to 0 while closing
+	mu      sync.Mutex
+	closing bool
+	// closeCtx is Close's context: an HBONE connection whose handshake
+	// ends after Close began goes away within the same deadline.
+	closeCtx context.Context
+	active   int           // connections and streams being handled
+	quiet    chan struct{} // kicked (never blocks) when, closing, nothing is left
 	closers  map[*tracked]struct{}
 	hconns   map[*hbone.Conn]struct{}
 	loops    sync.WaitGroup
@@ -151,7 +154,7 @@ func (p *Proxy) Serve(pod Pod) (*Serving, error) {
 		ownIPs:  map[netip.Addr]bool{},
 		closers: map[*tracked]struct{}{},
 		hconns:  map[*hbone.Conn]struct{}{},
-		idle:    make(chan struct{}),
+		quiet:   make(chan struct{}, 1),
 		log:     p.log.With("pod", w.Namespace+"/"+w.Name),
 		baggage: fmt.Sprintf("k8s.namespace.name=%s,k8s.pod.name=%s", w.Namespace, w.Name),
 	}
@@ -189,10 +192,7 @@ func (sv *Serving) acceptLoop(ln net.Listener, fn func(*net.TCPConn)) {
 			c.Close()
 			continue
 		}
-		if !sv.enter() {
-			tc.Close()
-			continue
-		}
+		sv.enter()
 		go func() {
 			defer sv.leave()
 			defer sv.recoverConn(func() { reset(tc) })
@@ -212,26 +212,50 @@ func (sv *Serving) recoverConn(cleanup func()) {
 	}
 }
 
-// enter counts a connection being handled; false once closing started.
-func (sv *Serving) enter() bool {
+// enter counts a connection or stream being handled. It never refuses:
+// what reaches it was accepted by one of the pod's listeners before it
+// closed, or by an HBONE connection before its last GOAWAY, and the
+// client has no way to know it must go elsewhere; a draining pod serves
+// it. (Refusing those with 503 while draining undid the two-step
+// GOAWAY: a stream sent just before the first GOAWAY was refused, and
+// e2e/kube's rolling update showed it as a reset.)
+func (sv *Serving) enter() {
 	sv.mu.Lock()
-	defer sv.mu.Unlock()
-	if sv.closing {
-		return false
-	}
 	sv.active++
-	return true
+	sv.mu.Unlock()
 }
 
 func (sv *Serving) leave() {
 	sv.mu.Lock()
-	defer sv.mu.Unlock()
 	sv.active--
-	if sv.active == 0 && sv.closing {
+	sv.kickLocked()
+	sv.mu.Unlock()
+}
+
+// kickLocked tells Close, if it waits, that nothing may be left.
+func (sv *Serving) kickLocked() {
+	if sv.closing && sv.active == 0 && len(sv.hconns) == 0 {
 		select {
-		case <-sv.idle:
+		case sv.quiet <- struct{}{}:
 		default:
-			close(sv.idle)
+		}
+	}
+}
+
+// waitQuiet waits until no connection or stream is being handled and
+// every inbound HBONE connection has ended, or ctx ends (false).
+func (sv *Serving) waitQuiet(ctx context.Context) bool {
+	for {
+		sv.mu.Lock()
+		done := sv.active == 0 && len(sv.hconns) == 0
+		sv.mu.Unlock()
+		if done {
+			return true
+		}
+		select {
+		case <-sv.quiet:
+		case <-ctx.Done():
+			return false
 		}
 	}
 }
@@ -264,9 +288,7 @@ func (s *Serving) Close(ctx context.Context) error {
 		return nil
 	}
 	s.closing = true
-	if s.active == 0 {
-		close(s.idle)
-	}
+	s.closeCtx = ctx
 	hconns := make([]*hbone.Conn, 0, len(s.hconns))
 	for c := range s.hconns {
 		hconns = append(hconns, c)
@@ -277,13 +299,14 @@ func (s *Serving) Close(ctx context.Context) error {
 			ln.Close()
 		}
 	}
+	// Each inbound HBONE connection goes away in two steps and ends once
+	// the streams it accepted before its last GOAWAY are done; Close
+	// waits for that as well as for every other connection.
 	for _, c := range hconns {
 		go c.Shutdown(ctx)
 	}
 	var err error
-	select {
-	case <-s.idle:
-	case <-ctx.Done():
+	if !s.waitQuiet(ctx) {
 		err = ctx.Err()
 		s.mu.Lock()
 		cut := make([]*tracked, 0, len(s.closers))
@@ -294,7 +317,7 @@ func (s *Serving) Close(ctx context.Context) error {
 		for _, c := range cut {
 			c.cut()
 		}
-		<-s.idle
+		s.waitQuiet(context.Background())
 	}
 	for _, c := range hconns {
 		c.Close()
