@@ -176,6 +176,8 @@ func (sv *Serving) outbound(c *net.TCPConn) {
 			return true
 		})
 	}
+	// The first bytes travel with the CONNECT, outside Splice's count.
+	nFirst := int64(len(first))
 	ctx, cancel := context.WithTimeout(context.Background(), sv.p.connectTimeout)
 	s, sent, err := sv.pool.open(ctx, key, target.String(), sv.requestHeaders(r), first)
 	cancel()
@@ -222,7 +224,7 @@ func (sv *Serving) outbound(c *net.TCPConn) {
 		sv.failed(r, reason, err)
 		return
 	}
-	sv.finished(r, res.ToApp, res.FromApp, res.Err)
+	sv.finished(r, res.ToApp, nFirst+res.FromApp, res.Err)
 }
 
 // firstBufs hold an app's first bytes while its stream is opened.
