@@ -20,6 +20,7 @@ import (
 	"github.com/ambit-mesh/ambit/node-agent/config"
 	"github.com/ambit-mesh/ambit/node-agent/enrollment"
 	"github.com/ambit-mesh/ambit/node-agent/health"
+	"github.com/ambit-mesh/ambit/node-agent/keeper"
 	"github.com/ambit-mesh/ambit/node-agent/netnsfind"
 	"github.com/ambit-mesh/ambit/node-agent/podsysctl"
 	"github.com/ambit-mesh/ambit/node-agent/state"
@@ -261,7 +262,12 @@ func (a *Agent) RunListener(ctx context.Context, l *net.UnixListener) error {
 		// Stopping on purpose: the listeners must really close, so the
 		// next agent's (already listening beside them) take their queue
 		// over now, as without a keeper.
-		if err := a.keeper.PruneAll(); err != nil {
+		if err := a.keeper.PruneAll(); errors.Is(err, keeper.ErrUnavailable) {
+			// The pod is being deleted and its keeper, told to stop
+			// at the same time, has already closed its copies: the
+			// usual case, nothing to release.
+			a.log.Debug("keeper: gone before the release", "err", err)
+		} else if err != nil {
 			a.m.keeperErrors.WithLabelValues("prune").Inc()
 			a.log.Warn("keeper: releasing the kept listeners", "err", err)
 		}

@@ -168,6 +168,14 @@ func TestKeeperGoneStillServes(t *testing.T) {
 	if got := testutil.ToFloat64(h.a.m.keeperErrors.WithLabelValues("put")); got != 1 {
 		t.Fatalf("keeper put errors = %v, want 1", got)
 	}
+	// A keeper gone at the agent's stop is the usual case (the pod's
+	// containers are told to stop together), not an error to count on
+	// every rollout.
+	before := testutil.ToFloat64(h.a.m.keeperErrors.WithLabelValues("prune"))
+	h.stop()
+	if got := testutil.ToFloat64(h.a.m.keeperErrors.WithLabelValues("prune")) - before; got != 0 {
+		t.Fatalf("keeper prune errors counted at a stop with the keeper gone: %v, want 0", got)
+	}
 }
 
 // TestKeeperRestartIsRefilled: a keeper that restarted holds nothing; the
