@@ -198,9 +198,16 @@ func BenchmarkConnsProcs(b *testing.B) {
 // agents from the test binary named by AMBIT_BENCH_AGENT_B (_C, _D):
 // this package built from another commit, or "self" for this binary,
 // with the extra environment AMBIT_BENCH_AGENT_B_ENV (space-separated),
-// so builds or settings are measured in the same run.
+// so builds or settings are measured in the same run. Diagnostics:
+// AMBIT_BENCH_RELAY_CT=1 adds the relay pair with conntrack on in its
+// pods ("relay+ct"); AMBIT_BENCH_NOTRACK=1 in an agent's _ENV gives that
+// setup's pods a raw-table notrack for port 15008 (test pods only: the
+// rule is not safe for production, see docs/tunnel.md).
 func abSetups(b *testing.B) []benchkit.Setup {
 	setups := []benchkit.Setup{benchkit.RelayPairProcs(b), benchkit.AmbitProcs(b)}
+	if os.Getenv("AMBIT_BENCH_RELAY_CT") != "" {
+		setups = append(setups, benchkit.RelayPairCT(b))
+	}
 	for _, x := range []string{"B", "C", "D"} {
 		bin := os.Getenv("AMBIT_BENCH_AGENT_" + x)
 		if bin == "" {

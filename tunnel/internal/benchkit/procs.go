@@ -227,6 +227,33 @@ func RelayPairProcs(tb testing.TB) Setup {
 	}, CPU: func() float64 { return ProcCPU(pa) + ProcCPU(pb) }, Pids: []int{pa, pb}}
 }
 
+// Nft loads rules into netns name (diagnostic setups).
+func Nft(tb testing.TB, name, rules string) {
+	cmd := exec.Command("ip", "netns", "exec", name, "nft", "-f", "-")
+	cmd.Stdin = strings.NewReader(rules)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		tb.Fatalf("nft in %s: %v\n%s", name, err, out)
+	}
+}
+
+// RelayPairCT is the relay pair with conntrack on in both pods (a rule
+// that reads the connection state, as capture rules do).
+func RelayPairCT(tb testing.TB) Setup {
+	p := NewPlain(tb)
+	for _, n := range []string{p.A.Name, p.B.Name} {
+		Nft(tb, n, `table inet ct_on {
+	chain pre { type filter hook prerouting priority -150; policy accept; ct mark 0x999 accept; }
+	chain out { type route hook output priority -150; policy accept; ct mark 0x999 accept; }
+}`)
+	}
+	ports := fmt.Sprintf("%d %d %d", PortSink, PortRR, PortPing)
+	pb := Start(tb, p.B.Name, roleEnv+"=relay", "PORTS="+ports, "LISTEN_BASE=27000", "TARGET_IP=127.0.0.1", "TARGET_BASE=0")
+	pa := Start(tb, p.A.Name, roleEnv+"=relay", "PORTS="+ports, "LISTEN_BASE=17000", "TARGET_IP="+p.B.IP4.String(), "TARGET_BASE=27000")
+	return Setup{Name: "relay+ct", Dial: func(port uint16) (net.Conn, error) {
+		return p.NA.Dial(context.Background(), netip.Addr{}, netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), 17000+port))
+	}, CPU: func() float64 { return ProcCPU(pa) + ProcCPU(pb) }, Pids: []int{pa, pb}}
+}
+
 // AmbitProcs is Ambit with one agent process per pod (host netns,
 // entering the pod through podnet, as the node agent does).
 func AmbitProcs(tb testing.TB) Setup {
@@ -241,6 +268,14 @@ func AmbitProcsBin(tb testing.TB, name, bin string, env ...string) Setup {
 	a, b := podtest.Pair(tb)
 	for _, p := range []*podtest.Pod{a, b} {
 		podtest.Redirect(tb, p)
+		for _, e := range env {
+			if e == "AMBIT_BENCH_NOTRACK=1" {
+				Nft(tb, p.Name, `table inet ambit_notrack {
+	chain pre { type filter hook prerouting priority raw; policy accept; tcp dport 15008 notrack; tcp sport 15008 notrack; }
+	chain out { type filter hook output priority raw; policy accept; tcp dport 15008 notrack; tcp sport 15008 notrack; }
+}`)
+			}
+		}
 	}
 	ca, err := testca.New("cluster.local")
 	if err != nil {
