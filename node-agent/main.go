@@ -27,6 +27,7 @@ import (
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 
+	"github.com/ambit-mesh/ambit/internal/maxprocs"
 	"github.com/ambit-mesh/ambit/node-agent/agent"
 	"github.com/ambit-mesh/ambit/node-agent/ca"
 	"github.com/ambit-mesh/ambit/node-agent/cluster"
@@ -117,6 +118,8 @@ func run(ctx context.Context, args []string) error {
 	}
 	log := newLogger(cfg)
 	slog.SetDefault(log)
+	procs, procsFrom := maxprocs.Apply(cfg.MaxProcs)
+	log.Info("GOMAXPROCS", "value", procs, "from", procsFrom)
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))

@@ -97,6 +97,11 @@ type Config struct {
 	// "on" or "off".
 	IPv6 string `json:"ipv6,omitempty"`
 
+	// MaxProcs is how many threads run the agent's Go code at once
+	// (GOMAXPROCS). 0: half the CPUs the process may use, at least one
+	// (internal/maxprocs says why); a GOMAXPROCS environment variable
+	// overrides it.
+	MaxProcs int `json:"maxProcs,omitempty"`
 	// MaxConcurrentRequests bounds plugin requests handled at once.
 	MaxConcurrentRequests int `json:"maxConcurrentRequests,omitempty"`
 	// RequestTimeout bounds one plugin exchange; keep it below the plugin's
@@ -248,6 +253,9 @@ func (c *Config) Validate() error {
 		if f.path == "" || !filepath.IsAbs(f.path) {
 			return fmt.Errorf("%s: %q must be an absolute path", f.name, f.path)
 		}
+	}
+	if c.MaxProcs < 0 {
+		return fmt.Errorf("maxProcs: %d is negative (0 picks half the CPUs)", c.MaxProcs)
 	}
 	if c.KeeperSocket != "" && (!filepath.IsAbs(c.KeeperSocket) || len(c.KeeperSocket) > 107) {
 		return fmt.Errorf("keeperSocket: %q must be an absolute path of at most 107 bytes", c.KeeperSocket)

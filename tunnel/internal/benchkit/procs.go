@@ -19,6 +19,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ambit-mesh/ambit/internal/maxprocs"
 	"github.com/ambit-mesh/ambit/internal/testca"
 	"github.com/ambit-mesh/ambit/tunnel"
 	"github.com/ambit-mesh/ambit/tunnel/internal/meshtest"
@@ -42,6 +43,8 @@ func MaybeHelper() {
 	case "relay":
 		helperRelay()
 	case "agent":
+		// Sized as the node agent sizes itself.
+		maxprocs.Apply(0)
 		helperAgent()
 	default:
 		fmt.Fprintln(os.Stderr, "unknown role", os.Getenv(roleEnv))

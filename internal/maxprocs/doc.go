@@ -1,0 +1,22 @@
+// Package maxprocs sizes the agent's GOMAXPROCS.
+//
+// Go's default runs Go code on as many threads as the process has CPUs
+// (its cgroup limit, since Go 1.25). The node agent shares its node with
+// the apps whose bytes it carries: every byte it forwards was produced
+// or is consumed by an app on the same node, and its work per connection
+// is a chain of short hand-offs between goroutines (accept, pump, read
+// loop, the app's socket). With as many Ps as CPUs each hand-off can wake
+// another thread on another CPU, which costs a futex wake-up and a
+// context switch and then competes with the apps for that CPU. Measured
+// on a 2-vCPU machine with the apps and two agents busy
+// (`BenchmarkDataPathAB`, docs/tunnel.md, session 5), one P instead of
+// two gave the agents +11 % throughput, −11 % CPU per byte, −3 % RTT and
+// +12 % new connections per second; the relay pair (plain splice(2)
+// relays, few hand-offs) gained little from the same setting.
+//
+// So the default is half the CPUs available, at least one — the same
+// spirit as ztunnel's fixed two worker threads, but growing with the
+// node. A configured value (the agent's maxProcs) overrides it, and a
+// GOMAXPROCS environment variable overrides both, as it does for any Go
+// program.
+package maxprocs

@@ -1,0 +1,33 @@
+package maxprocs
+
+import (
+	"os"
+	"runtime"
+	"strconv"
+)
+
+// Default is the agent's P count for a process with available CPUs.
+func Default(available int) int {
+	return max(1, available/2)
+}
+
+// Choose returns the P count and where it comes from ("GOMAXPROCS",
+// "config" or "default: half of N CPUs"): env is the GOMAXPROCS
+// variable as set ("" when unset), configured the agent's maxProcs (0:
+// unset), available what Go's runtime chose by itself.
+func Choose(env string, configured, available int) (int, string) {
+	if n, err := strconv.Atoi(env); err == nil && n > 0 {
+		return n, "GOMAXPROCS"
+	}
+	if configured > 0 {
+		return configured, "config"
+	}
+	return Default(available), "default: half of " + strconv.Itoa(available) + " CPUs"
+}
+
+// Apply sets GOMAXPROCS as Choose says and returns the same.
+func Apply(configured int) (int, string) {
+	n, from := Choose(os.Getenv("GOMAXPROCS"), configured, runtime.GOMAXPROCS(0))
+	runtime.GOMAXPROCS(n)
+	return n, from
+}
