@@ -220,15 +220,7 @@ func StartBin(tb testing.TB, self, netns string, env ...string) int {
 
 // RelayPairProcs is the relay pair with each relay in its own process
 // inside its pod.
-func RelayPairProcs(tb testing.TB) Setup {
-	p := NewPlain(tb)
-	ports := fmt.Sprintf("%d %d %d", PortSink, PortRR, PortPing)
-	pb := Start(tb, p.B.Name, roleEnv+"=relay", "PORTS="+ports, "LISTEN_BASE=27000", "TARGET_IP=127.0.0.1", "TARGET_BASE=0")
-	pa := Start(tb, p.A.Name, roleEnv+"=relay", "PORTS="+ports, "LISTEN_BASE=17000", "TARGET_IP="+p.B.IP4.String(), "TARGET_BASE=27000")
-	return Setup{Name: "relay pair", Dial: func(port uint16) (net.Conn, error) {
-		return p.NA.Dial(context.Background(), netip.Addr{}, netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), 17000+port))
-	}, CPU: func() float64 { return ProcCPU(pa) + ProcCPU(pb) }, Pids: []int{pa, pb}}
-}
+func RelayPairProcs(tb testing.TB) Setup { return relayPair(tb, "relay pair", nil) }
 
 // Nft loads rules into netns name (diagnostic setups).
 func Nft(tb testing.TB, name, rules string) {
@@ -242,17 +234,27 @@ func Nft(tb testing.TB, name, rules string) {
 // RelayPairCT is the relay pair with conntrack on in both pods (a rule
 // that reads the connection state, as capture rules do).
 func RelayPairCT(tb testing.TB) Setup {
-	p := NewPlain(tb)
-	for _, n := range []string{p.A.Name, p.B.Name} {
-		Nft(tb, n, `table inet ct_on {
+	return relayPair(tb, "relay+ct", func(p *Plain) {
+		for _, n := range []string{p.A.Name, p.B.Name} {
+			Nft(tb, n, `table inet ct_on {
 	chain pre { type filter hook prerouting priority -150; policy accept; ct mark 0x999 accept; }
 	chain out { type route hook output priority -150; policy accept; ct mark 0x999 accept; }
 }`)
+		}
+	})
+}
+
+// relayPair starts a relay in each pod of a fresh plain pair, after
+// prepare (if any) has had its way with the pods.
+func relayPair(tb testing.TB, name string, prepare func(*Plain)) Setup {
+	p := NewPlain(tb)
+	if prepare != nil {
+		prepare(p)
 	}
 	ports := fmt.Sprintf("%d %d %d", PortSink, PortRR, PortPing)
 	pb := Start(tb, p.B.Name, roleEnv+"=relay", "PORTS="+ports, "LISTEN_BASE=27000", "TARGET_IP=127.0.0.1", "TARGET_BASE=0")
 	pa := Start(tb, p.A.Name, roleEnv+"=relay", "PORTS="+ports, "LISTEN_BASE=17000", "TARGET_IP="+p.B.IP4.String(), "TARGET_BASE=27000")
-	return Setup{Name: "relay+ct", Dial: func(port uint16) (net.Conn, error) {
+	return Setup{Name: name, Dial: func(port uint16) (net.Conn, error) {
 		return p.NA.Dial(context.Background(), netip.Addr{}, netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), 17000+port))
 	}, CPU: func() float64 { return ProcCPU(pa) + ProcCPU(pb) }, Pids: []int{pa, pb}}
 }
