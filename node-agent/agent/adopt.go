@@ -128,7 +128,7 @@ func (a *Agent) adoptOne(ctx context.Context, rec state.Pod, scan *lazyScan) boo
 	a.mu.Lock()
 	a.toVerify = append(a.toVerify, p)
 	a.mu.Unlock()
-	if p.rec.Netns != orig.Netns || p.rec.NetnsInode != orig.NetnsInode || p.rec.Identity != orig.Identity {
+	if p.rec.Netns != orig.Netns || p.rec.NetnsInode != orig.NetnsInode || p.rec.Identity != orig.Identity || p.rec.MigrateReq != orig.MigrateReq {
 		a.store.Put(p.rec)
 	}
 	a.m.adopted.Inc()

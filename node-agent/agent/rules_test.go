@@ -13,6 +13,7 @@ import (
 
 	"github.com/ambit-mesh/ambit/internal/testenv"
 	"github.com/ambit-mesh/ambit/node-agent/keeper"
+	"github.com/ambit-mesh/ambit/node-agent/state"
 	"github.com/ambit-mesh/ambit/plugin/cniproto"
 	"github.com/ambit-mesh/ambit/plugin/redirect"
 )
@@ -207,5 +208,57 @@ func TestKeeperRestartIsRefilled(t *testing.T) {
 	h.a.resyncKeeper(pods)
 	if n, fds, err := k.Count(); err != nil || n != 3 || fds != 9 {
 		t.Fatalf("after the resync the keeper holds %d entries, %d sockets (%v); want 3, 9", n, fds, err)
+	}
+}
+
+// TestReadoptionSetsMigrateReq: pods enrolled by an agent that could not
+// set net.ipv4.tcp_migrate_req (every agent before node-agent/podsysctl,
+// in a container) get it at the next agent's re-adoption, and their
+// records say so; a pod whose record says so is not touched again
+// (re-adoption stays cheap).
+func TestReadoptionSetsMigrateReq(t *testing.T) {
+	testenv.RequireRoot(t)
+	dir := t.TempDir()
+	read := func(n *testNetns) string {
+		out, err := exec.Command("ip", "netns", "exec", n.name, "sysctl", "-n", "net.ipv4.tcp_migrate_req").CombinedOutput()
+		if err != nil {
+			t.Fatalf("%v %s", err, out)
+		}
+		return strings.TrimSpace(string(out))
+	}
+	h := startAgent(t, dir, invAmbient)
+	n := newNetns(t, "10.63.11.2/24")
+	enrollLikePlugin(t, h, "web", n, "10.63.11.2/24")
+	if got := read(n); got != "1" {
+		t.Fatalf("after enrollment tcp_migrate_req = %s, want 1", got)
+	}
+	h.stop()
+	// What an older agent left: the sysctl at 0, no flag in the record.
+	run(t, "ip", "netns", "exec", n.name, "sysctl", "-qw", "net.ipv4.tcp_migrate_req=0")
+	store, err := state.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	recs, errs := store.List()
+	if len(errs) > 0 || len(recs) != 1 || !recs[0].MigrateReq {
+		t.Fatalf("records after enrollment: %+v %v (want one, flagged)", recs, errs)
+	}
+	recs[0].MigrateReq = false
+	if err := store.Put(recs[0]); err != nil {
+		t.Fatal(err)
+	}
+	h = startAgent(t, dir, invAmbient)
+	if got := read(n); got != "1" {
+		t.Fatalf("after re-adoption of an old record tcp_migrate_req = %s, want 1", got)
+	}
+	h.stop()
+	if recs, _ = store.List(); len(recs) != 1 || !recs[0].MigrateReq {
+		t.Fatalf("re-adoption did not flag the record: %+v", recs)
+	}
+	// Flagged: the next re-adoption leaves the namespace alone.
+	run(t, "ip", "netns", "exec", n.name, "sysctl", "-qw", "net.ipv4.tcp_migrate_req=0")
+	startAgent(t, dir, invAmbient)
+	if got := read(n); got != "0" {
+		t.Fatalf("re-adoption of a flagged record wrote the sysctl again (%s)", got)
 	}
 }

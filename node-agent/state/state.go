@@ -36,8 +36,12 @@ type Pod struct {
 	IPv6 bool `json:"ipv6,omitempty"`
 	// Backend is the rule engine used, when the agent installed the rules
 	// itself (live enrollment); empty when the plugin did.
-	Backend string    `json:"backend,omitempty"`
-	Since   time.Time `json:"since"`
+	Backend string `json:"backend,omitempty"`
+	// MigrateReq: net.ipv4.tcp_migrate_req is set in the pod's
+	// namespace (agents before node-agent/podsysctl never managed to;
+	// re-adoption sets it where this is false).
+	MigrateReq bool      `json:"migrateReq,omitempty"`
+	Since      time.Time `json:"since"`
 }
 
 // Key names the record of a container ID.
