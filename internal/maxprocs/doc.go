@@ -10,9 +10,11 @@
 // context switch and then competes with the apps for that CPU. Measured
 // on a 2-vCPU machine with the apps and two agents busy
 // (`BenchmarkDataPathAB`, docs/tunnel.md, session 5), one P instead of
-// two gave the agents +11 % throughput, −11 % CPU per byte, −3 % RTT and
-// +12 % new connections per second; the relay pair (plain splice(2)
-// relays, few hand-offs) gained little from the same setting.
+// two gave the agents +6–12 % new connections per second in five of six
+// runs and +5–11 % throughput with 7–11 % less CPU per byte in three of
+// four (the other run: no difference), RTT unchanged; the relay pair
+// (plain splice(2) relays, few hand-offs) gained little from the same
+// setting.
 //
 // So the default is half the CPUs available, at least one — the same
 // spirit as ztunnel's fixed two worker threads, but growing with the

@@ -23,7 +23,7 @@ type Writer struct {
 
 type request struct {
 	netns *os.File
-	key   string // dotted, as sysctl(8): net.ipv4.tcp_migrate_req
+	key   string // the file under /proc/sys (keyPath of the dotted name)
 	value string
 	done  chan error
 }
