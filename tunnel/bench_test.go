@@ -208,6 +208,9 @@ func abSetups(b *testing.B) []benchkit.Setup {
 	if os.Getenv("AMBIT_BENCH_RELAY_CT") != "" {
 		setups = append(setups, benchkit.RelayPairCT(b))
 	}
+	if os.Getenv("AMBIT_BENCH_ONE_AGENT") != "" {
+		setups = append(setups, benchkit.AmbitOneAgent(b))
+	}
 	for _, x := range []string{"B", "C", "D"} {
 		bin := os.Getenv("AMBIT_BENCH_AGENT_" + x)
 		if bin == "" {

@@ -90,15 +90,22 @@ type agentSpec struct {
 	TD        string
 }
 
+// pemCerts hands each workload its own certificate (one agent may serve
+// several pods, as a node agent does).
 type pemCerts struct {
-	cert  *tls.Certificate
+	certs map[string]*tls.Certificate // by identity
 	roots *x509.CertPool
 	td    string
 }
 
-func (p *pemCerts) Certificate(context.Context, string) (*tls.Certificate, error) { return p.cert, nil }
-func (p *pemCerts) Roots() *x509.CertPool                                         { return p.roots }
-func (p *pemCerts) TrustDomain() string                                           { return p.td }
+func (p *pemCerts) Certificate(_ context.Context, id string) (*tls.Certificate, error) {
+	if c, ok := p.certs[id]; ok {
+		return c, nil
+	}
+	return nil, fmt.Errorf("no certificate for %s", id)
+}
+func (p *pemCerts) Roots() *x509.CertPool { return p.roots }
+func (p *pemCerts) TrustDomain() string   { return p.td }
 
 type staticDir map[netip.Addr]tunnel.Workload
 
@@ -108,34 +115,39 @@ func (d staticDir) WorkloadByIP(ip netip.Addr) (tunnel.Workload, bool) {
 }
 func (d staticDir) ServiceEndpoints(netip.AddrPort) ([]netip.AddrPort, bool) { return nil, false }
 
-// helperAgent serves one pod, like the node agent: listeners opened in
-// the pod netns through podnet, the tunnel on them.
+// helperAgent serves its pods like the node agent: listeners opened in
+// each pod's netns through podnet, one tunnel for all of them.
+// AGENT_SPEC is one pod (an agent per pod, modelling pods on two nodes);
+// AGENT_SPECS a JSON list of them (one agent for pods of one node).
 func helperAgent() {
-	var spec agentSpec
-	if err := json.Unmarshal([]byte(os.Getenv("AGENT_SPEC")), &spec); err != nil {
-		die(err)
+	var specs []agentSpec
+	if js := os.Getenv("AGENT_SPECS"); js != "" {
+		if err := json.Unmarshal([]byte(js), &specs); err != nil {
+			die(err)
+		}
+	} else {
+		var spec agentSpec
+		if err := json.Unmarshal([]byte(os.Getenv("AGENT_SPEC")), &spec); err != nil {
+			die(err)
+		}
+		specs = append(specs, spec)
 	}
-	cert, err := tls.X509KeyPair([]byte(spec.CertPEM), []byte(spec.KeyPEM))
-	if err != nil {
-		die(err)
-	}
-	roots := x509.NewCertPool()
-	roots.AppendCertsFromPEM([]byte(spec.RootPEM))
+	certs := &pemCerts{certs: map[string]*tls.Certificate{}, roots: x509.NewCertPool(), td: specs[0].TD}
+	certs.roots.AppendCertsFromPEM([]byte(specs[0].RootPEM))
 	dir := staticDir{}
-	for _, w := range append(spec.Peers, spec.Self) {
-		for _, ip := range w.IPs {
-			dir[ip] = w
+	for _, spec := range specs {
+		cert, err := tls.X509KeyPair([]byte(spec.CertPEM), []byte(spec.KeyPEM))
+		if err != nil {
+			die(err)
+		}
+		certs.certs[spec.Self.Identity] = &cert
+		for _, w := range append(spec.Peers, spec.Self) {
+			for _, ip := range w.IPs {
+				dir[ip] = w
+			}
 		}
 	}
-	f, err := os.Open(spec.NetnsPath)
-	if err != nil {
-		die(err)
-	}
-	pn, err := podnet.Open(f)
-	if err != nil {
-		die(err)
-	}
-	cfg := tunnel.Config{Directory: dir, Certificates: &pemCerts{&cert, roots, spec.TD},
+	cfg := tunnel.Config{Directory: dir, Certificates: certs,
 		Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))}
 	// For experiments: AMBIT_BENCH_FRAME overrides the DATA frame size.
 	fmt.Sscan(os.Getenv("AMBIT_BENCH_FRAME"), &cfg.HBONE.SendFrameSize)
@@ -145,25 +157,35 @@ func helperAgent() {
 	if err != nil {
 		die(err)
 	}
-	pod := tunnel.Pod{Workload: spec.Self, Net: pn}
-	for _, l := range []struct {
-		port uint16
-		dst  *net.Listener
-		ka   time.Duration
-	}{{15001, &pod.Outbound, -1}, {15006, &pod.Inbound, 0}, {15008, &pod.HBONE, 0}} {
-		// The outbound port's peers are the pod's own apps: no
-		// keepalive probes (as the node agent).
-		ln, err := pn.Listen(l.port, podnet.ListenOptions{KeepAlive: l.ka})
+	for _, spec := range specs {
+		f, err := os.Open(spec.NetnsPath)
 		if err != nil {
 			die(err)
 		}
-		*l.dst = ln
-	}
-	if _, err := px.Serve(pod); err != nil {
-		die(err)
+		pn, err := podnet.Open(f)
+		if err != nil {
+			die(err)
+		}
+		pod := tunnel.Pod{Workload: spec.Self, Net: pn}
+		for _, l := range []struct {
+			port uint16
+			dst  *net.Listener
+			ka   time.Duration
+		}{{15001, &pod.Outbound, -1}, {15006, &pod.Inbound, 0}, {15008, &pod.HBONE, 0}} {
+			// The outbound port's peers are the pod's own apps: no
+			// keepalive probes (as the node agent).
+			ln, err := pn.Listen(l.port, podnet.ListenOptions{KeepAlive: l.ka})
+			if err != nil {
+				die(err)
+			}
+			*l.dst = ln
+		}
+		if _, err := px.Serve(pod); err != nil {
+			die(err)
+		}
 	}
 	if p := os.Getenv("AMBIT_BENCH_CPUPROFILE"); p != "" {
-		f, err := os.Create(fmt.Sprintf("%s.%s", p, spec.Self.Namespace))
+		f, err := os.Create(fmt.Sprintf("%s.%s", p, specs[0].Self.Namespace))
 		if err == nil {
 			pprof.StartCPUProfile(f)
 			defer pprof.StopCPUProfile()
@@ -270,6 +292,20 @@ func AmbitProcs(tb testing.TB) Setup {
 // package tunnel, possibly built from another commit), named name, with
 // env added to theirs.
 func AmbitProcsBin(tb testing.TB, name, bin string, env ...string) Setup {
+	return ambitProcs(tb, name, bin, false, env...)
+}
+
+// AmbitOneAgent is Ambit with one agent process serving both pods: what
+// a node runs when client and server are on the same node. The HBONE
+// hop still goes through TLS and the pods' veths; what it saves is the
+// second process, whose wake-ups on this 2-vCPU guest cost more than
+// the work they do (docs/tunnel.md).
+func AmbitOneAgent(tb testing.TB) Setup {
+	self, _ := os.Executable()
+	return ambitProcs(tb, "ambit, one agent", self, true)
+}
+
+func ambitProcs(tb testing.TB, name, bin string, oneAgent bool, env ...string) Setup {
 	a, b := podtest.Pair(tb)
 	for _, p := range []*podtest.Pod{a, b} {
 		podtest.Redirect(tb, p)
@@ -288,7 +324,7 @@ func AmbitProcsBin(tb testing.TB, name, bin string, env ...string) Setup {
 	}
 	wa := tunnel.Workload{Namespace: "a", Name: "client-pod", ServiceAccount: "client", IPs: []netip.Addr{a.IP4, a.IP6}, Identity: ca.ID("a", "client"), Meshed: true}
 	wb := tunnel.Workload{Namespace: "b", Name: "server-pod", ServiceAccount: "server", IPs: []netip.Addr{b.IP4, b.IP6}, Identity: ca.ID("b", "server"), Meshed: true}
-	var pids []int
+	var specs []agentSpec
 	for _, x := range []struct {
 		pod        *podtest.Pod
 		self, peer tunnel.Workload
@@ -298,19 +334,34 @@ func AmbitProcsBin(tb testing.TB, name, bin string, env ...string) Setup {
 			tb.Fatal(err)
 		}
 		key, _ := x509.MarshalPKCS8PrivateKey(c.PrivateKey)
-		spec := agentSpec{NetnsPath: x.pod.Path, Self: x.self, Peers: []tunnel.Workload{x.peer}, TD: ca.TrustDomain,
+		specs = append(specs, agentSpec{NetnsPath: x.pod.Path, Self: x.self, Peers: []tunnel.Workload{x.peer}, TD: ca.TrustDomain,
 			CertPEM: string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Certificate[0]})),
 			KeyPEM:  string(pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: key})),
-			RootPEM: string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: ca.Cert.Raw}))}
-		js, _ := json.Marshal(spec)
-		pids = append(pids, StartBin(tb, bin, "", append([]string{roleEnv + "=agent", "AGENT_SPEC=" + string(js)}, env...)...))
+			RootPEM: string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: ca.Cert.Raw})),
+		})
+	}
+	var pids []int
+	if oneAgent {
+		js, _ := json.Marshal(specs)
+		pids = append(pids, StartBin(tb, bin, "", append([]string{roleEnv + "=agent", "AGENT_SPECS=" + string(js)}, env...)...))
+	} else {
+		for _, spec := range specs {
+			js, _ := json.Marshal(spec)
+			pids = append(pids, StartBin(tb, bin, "", append([]string{roleEnv + "=agent", "AGENT_SPEC=" + string(js)}, env...)...))
+		}
 	}
 	nb := open(tb, b)
 	ServeApps(func(port uint16) net.Listener { return listen(tb, nb, port) })
 	client := open(tb, a)
 	return Setup{Name: name, Dial: func(port uint16) (net.Conn, error) {
 		return client.Dial(context.Background(), netip.Addr{}, netip.AddrPortFrom(b.IP4, port))
-	}, CPU: func() float64 { return ProcCPU(pids[0]) + ProcCPU(pids[1]) }, Pids: pids}
+	}, CPU: func() float64 {
+		var t float64
+		for _, p := range pids {
+			t += ProcCPU(p)
+		}
+		return t
+	}, Pids: pids}
 }
 
 var _ = filepath.Join
