@@ -30,13 +30,15 @@ func TestMain(m *testing.M) {
 
 // BenchmarkDataPath compares, in one run on the same two-netns topology:
 // direct (no mesh), a plain TCP relay pair (a relay process in each
-// pod), and Ambit (an agent process per pod). (The Istio Go
+// pod), Ambit with an agent process per pod (the pods as if on two
+// nodes) and Ambit with one agent serving both pods (two pods on one
+// node, as the node agent runs them). (The Istio Go
 // HBONE baseline runs in tunnel/interop/istio, which adds it to the same
 // table.) Figures are medians of interleaved rounds; ratios are against
 // the relay pair. Never pass/fail on timing.
 func BenchmarkDataPath(b *testing.B) {
 	testenv.RequireRoot(b)
-	setups := []benchkit.Setup{benchkit.Direct(b), benchkit.RelayPairProcs(b), benchkit.AmbitProcs(b)}
+	setups := []benchkit.Setup{benchkit.Direct(b), benchkit.RelayPairProcs(b), benchkit.AmbitProcs(b), benchkit.AmbitOneAgent(b)}
 	b.ResetTimer()
 	var rs []benchkit.Result
 	for i := 0; i < b.N; i++ {
@@ -44,6 +46,9 @@ func BenchmarkDataPath(b *testing.B) {
 	}
 	b.StopTimer()
 	fmt.Fprintf(os.Stdout, "\n%s\n", benchkit.Table(rs, "relay pair"))
+	for _, a := range []string{"ambit", "ambit 1 agent"} {
+		fmt.Fprintf(os.Stdout, "%s\n", benchkit.Goals(rs, "relay pair", a))
+	}
 	benchkit.Report(b, rs)
 }
 

@@ -343,6 +343,33 @@ func Table(rs []Result, base string) string {
 	return sb.String()
 }
 
+// Goals checks result name against the data path's goals (issue #4), as
+// ratios to base measured in the same run: throughput at least 0.6×, RTT
+// p50 at most 1.2×, new connections per second at least 1.0×.
+func Goals(rs []Result, base, name string) string {
+	var b, r *Result
+	for i := range rs {
+		switch rs[i].Name {
+		case base:
+			b = &rs[i]
+		case name:
+			r = &rs[i]
+		}
+	}
+	if b == nil || r == nil || b.Gbps == 0 || b.P50 == 0 || b.ConnsPerS == 0 {
+		return ""
+	}
+	verdict := func(ok bool) string {
+		if ok {
+			return "met"
+		}
+		return "NOT MET"
+	}
+	tp, rtt, cps := r.Gbps/b.Gbps, float64(r.P50)/float64(b.P50), r.ConnsPerS/b.ConnsPerS
+	return fmt.Sprintf("%s goals ×%s: throughput %.2f ≥ 0.6 %s, RTT p50 %.2f ≤ 1.2 %s, conns/s %.2f ≥ 1.0 %s",
+		name, base, tp, verdict(tp >= 0.6), rtt, verdict(rtt <= 1.2), cps, verdict(cps >= 1.0))
+}
+
 // Report sets Go benchmark metrics for every result.
 func Report(b *testing.B, rs []Result) {
 	for _, r := range rs {

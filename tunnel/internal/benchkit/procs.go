@@ -302,7 +302,7 @@ func AmbitProcsBin(tb testing.TB, name, bin string, env ...string) Setup {
 // the work they do (docs/tunnel.md).
 func AmbitOneAgent(tb testing.TB) Setup {
 	self, _ := os.Executable()
-	return ambitProcs(tb, "ambit, one agent", self, true)
+	return ambitProcs(tb, "ambit 1 agent", self, true)
 }
 
 func ambitProcs(tb testing.TB, name, bin string, oneAgent bool, env ...string) Setup {

@@ -37,12 +37,13 @@ func istioPair(tb testing.TB) benchkit.Setup {
 }
 
 // BenchmarkDataPath is the full comparison, one run, same topology:
-// direct, relay pair, Istio's Go HBONE pair and Ambit; medians of
-// interleaved rounds, ratios against the relay pair, and Ambit against
-// Istio.
+// direct, relay pair, Istio's Go HBONE pair, Ambit with an agent per
+// pod (as if on two nodes) and Ambit with one agent for both (one node);
+// medians of interleaved rounds, ratios against the relay pair, Ambit
+// against Istio and against the goals of issue #4.
 func BenchmarkDataPath(b *testing.B) {
 	testenv.RequireRoot(b)
-	setups := []benchkit.Setup{benchkit.Direct(b), benchkit.RelayPairProcs(b), istioPair(b), benchkit.AmbitProcs(b)}
+	setups := []benchkit.Setup{benchkit.Direct(b), benchkit.RelayPairProcs(b), istioPair(b), benchkit.AmbitProcs(b), benchkit.AmbitOneAgent(b)}
 	b.ResetTimer()
 	var rs []benchkit.Result
 	for i := 0; i < b.N; i++ {
@@ -50,6 +51,11 @@ func BenchmarkDataPath(b *testing.B) {
 	}
 	b.StopTimer()
 	fmt.Fprintf(os.Stdout, "\n%s\n", benchkit.Table(rs, "relay pair"))
-	fmt.Fprintf(os.Stdout, "%s\n", benchkit.Versus(rs, "ambit", "istio go hbone"))
+	for _, a := range []string{"ambit", "ambit 1 agent"} {
+		fmt.Fprintf(os.Stdout, "%s\n", benchkit.Versus(rs, a, "istio go hbone"))
+	}
+	for _, a := range []string{"ambit", "ambit 1 agent"} {
+		fmt.Fprintf(os.Stdout, "%s\n", benchkit.Goals(rs, "relay pair", a))
+	}
 	benchkit.Report(b, rs)
 }
