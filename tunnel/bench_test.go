@@ -204,6 +204,8 @@ func BenchmarkConnsProcs(b *testing.B) {
 // this package built from another commit, or "self" for this binary,
 // with the extra environment AMBIT_BENCH_AGENT_B_ENV (space-separated),
 // so builds or settings are measured in the same run. Diagnostics:
+// AMBIT_BENCH_AGENT_B_ONE=1 makes "ambit B" one agent for both pods
+// (AMBIT_BENCH_ONE_AGENT=1 adds this build's one-agent setup).
 // AMBIT_BENCH_RELAY_CT=1 adds the relay pair with conntrack on in its
 // pods ("relay+ct"); AMBIT_BENCH_NOTRACK=1 in an agent's _ENV gives that
 // setup's pods a raw-table notrack for port 15008 (test pods only: the
@@ -225,6 +227,10 @@ func abSetups(b *testing.B) []benchkit.Setup {
 			bin, _ = os.Executable()
 		}
 		env := strings.Fields(os.Getenv("AMBIT_BENCH_AGENT_" + x + "_ENV"))
+		if os.Getenv("AMBIT_BENCH_AGENT_"+x+"_ONE") != "" {
+			setups = append(setups, benchkit.AmbitOneAgentBin(b, "ambit 1 agent "+x, bin, env...))
+			continue
+		}
 		setups = append(setups, benchkit.AmbitProcsBin(b, "ambit "+x, bin, env...))
 	}
 	return setups

@@ -305,6 +305,12 @@ func AmbitOneAgent(tb testing.TB) Setup {
 	return ambitProcs(tb, "ambit 1 agent", self, true)
 }
 
+// AmbitOneAgentBin is AmbitOneAgent run from bin, named name, with env
+// added to the agent's (A/B runs).
+func AmbitOneAgentBin(tb testing.TB, name, bin string, env ...string) Setup {
+	return ambitProcs(tb, name, bin, true, env...)
+}
+
 func ambitProcs(tb testing.TB, name, bin string, oneAgent bool, env ...string) Setup {
 	a, b := podtest.Pair(tb)
 	for _, p := range []*podtest.Pod{a, b} {
