@@ -322,14 +322,19 @@ func median(rs []Result, f func(Result) float64) float64 {
 	return v[len(v)/2]
 }
 
-// Table formats results with ratios against the setup named base.
-func Table(rs []Result, base string) string {
-	var b *Result
+// find is the result named name, or nil.
+func find(rs []Result, name string) *Result {
 	for i := range rs {
-		if rs[i].Name == base {
-			b = &rs[i]
+		if rs[i].Name == name {
+			return &rs[i]
 		}
 	}
+	return nil
+}
+
+// Table formats results with ratios against the setup named base.
+func Table(rs []Result, base string) string {
+	b := find(rs, base)
 	var sb strings.Builder
 	fmt.Fprintf(&sb, "%-18s %10s %8s %10s %10s %9s %10s %10s %9s\n", "config", "Gb/s", "×"+base, "RTT p50", "RTT p99", "×"+base, "conns/s", "×"+base, "CPU s/GB")
 	for _, r := range rs {
@@ -347,15 +352,7 @@ func Table(rs []Result, base string) string {
 // ratios to base measured in the same run: throughput at least 0.6×, RTT
 // p50 at most 1.2×, new connections per second at least 1.0×.
 func Goals(rs []Result, base, name string) string {
-	var b, r *Result
-	for i := range rs {
-		switch rs[i].Name {
-		case base:
-			b = &rs[i]
-		case name:
-			r = &rs[i]
-		}
-	}
+	b, r := find(rs, base), find(rs, name)
 	if b == nil || r == nil || b.Gbps == 0 || b.P50 == 0 || b.ConnsPerS == 0 {
 		return ""
 	}
@@ -385,15 +382,7 @@ func Report(b *testing.B, rs []Result) {
 // Versus compares two results figure by figure ("better" means higher
 // throughput and rate, lower latency and CPU).
 func Versus(rs []Result, a, b string) string {
-	var ra, rb *Result
-	for i := range rs {
-		switch rs[i].Name {
-		case a:
-			ra = &rs[i]
-		case b:
-			rb = &rs[i]
-		}
-	}
+	ra, rb := find(rs, a), find(rs, b)
 	if ra == nil || rb == nil {
 		return ""
 	}

@@ -166,19 +166,9 @@ func helperAgent() {
 		if err != nil {
 			die(err)
 		}
-		pod := tunnel.Pod{Workload: spec.Self, Net: pn}
-		for _, l := range []struct {
-			port uint16
-			dst  *net.Listener
-			ka   time.Duration
-		}{{15001, &pod.Outbound, -1}, {15006, &pod.Inbound, 0}, {15008, &pod.HBONE, 0}} {
-			// The outbound port's peers are the pod's own apps: no
-			// keepalive probes (as the node agent).
-			ln, err := pn.Listen(l.port, podnet.ListenOptions{KeepAlive: l.ka})
-			if err != nil {
-				die(err)
-			}
-			*l.dst = ln
+		pod, err := meshtest.PodListeners(spec.Self, pn)
+		if err != nil {
+			die(err)
 		}
 		if _, err := px.Serve(pod); err != nil {
 			die(err)
@@ -371,4 +361,3 @@ func ambitProcs(tb testing.TB, name, bin string, oneAgent bool, env ...string) S
 }
 
 var _ = filepath.Join
-var _ = meshtest.Options{}

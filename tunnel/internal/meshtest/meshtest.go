@@ -164,19 +164,9 @@ func (m *Mesh) node(t testing.TB, p *podtest.Pod, ns, sa string, o Options) *Nod
 		t.Fatal(err)
 	}
 	n.Proxy = px
-	pod := tunnel.Pod{Workload: w, Net: pn}
-	for _, l := range []struct {
-		port uint16
-		dst  *net.Listener
-		ka   time.Duration
-	}{{15001, &pod.Outbound, -1}, {15006, &pod.Inbound, 0}, {15008, &pod.HBONE, 0}} {
-		// The outbound port's peers are the pod's own apps: no
-		// keepalive probes (as the node agent).
-		ln, err := pn.Listen(l.port, podnet.ListenOptions{KeepAlive: l.ka})
-		if err != nil {
-			t.Fatal(err)
-		}
-		*l.dst = ln
+	pod, err := PodListeners(w, pn)
+	if err != nil {
+		t.Fatal(err)
 	}
 	sv, err := px.Serve(pod)
 	if err != nil {
@@ -189,6 +179,26 @@ func (m *Mesh) node(t testing.TB, p *podtest.Pod, ns, sa string, o Options) *Nod
 		sv.Close(ctx)
 	})
 	return n
+}
+
+// PodListeners opens the agent's three listeners in pn, as the node agent
+// does, and returns the pod ready for Proxy.Serve.
+func PodListeners(w tunnel.Workload, pn *podnet.Net) (tunnel.Pod, error) {
+	pod := tunnel.Pod{Workload: w, Net: pn}
+	for _, l := range []struct {
+		port uint16
+		dst  *net.Listener
+		ka   time.Duration
+	}{{15001, &pod.Outbound, -1}, {15006, &pod.Inbound, 0}, {15008, &pod.HBONE, 0}} {
+		// The outbound port's peers are the pod's own apps: no
+		// keepalive probes (as the node agent).
+		ln, err := pn.Listen(l.port, podnet.ListenOptions{KeepAlive: l.ka})
+		if err != nil {
+			return pod, err
+		}
+		*l.dst = ln
+	}
+	return pod, nil
 }
 
 // Listen opens an app listener inside the node's pod.
