@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
+	"unicode/utf8"
 )
 
 // Pod is the record of one pod sandbox the agent was told about at ADD.
@@ -69,6 +70,19 @@ func (s *Store) Dir() string { return s.dir }
 func (s *Store) Put(p Pod) error {
 	if p.ContainerID == "" {
 		return errors.New("state: record without a container ID")
+	}
+	// JSON turns invalid UTF-8 into U+FFFD: such a record would come back
+	// different (a container ID that no longer hashes to the file name, so
+	// List would drop it and the pod would never be re-adopted; a netns
+	// path that names another file). Refused here, where the caller logs
+	// it, rather than lost silently at the next restart.
+	for _, f := range []struct{ name, v string }{
+		{"namespace", p.Namespace}, {"name", p.Name}, {"uid", p.UID}, {"containerID", p.ContainerID},
+		{"netns", p.Netns}, {"identity", p.Identity}, {"backend", p.Backend},
+	} {
+		if !utf8.ValidString(f.v) {
+			return fmt.Errorf("state: record of %q: %s %q is not valid UTF-8", p.ContainerID, f.name, f.v)
+		}
 	}
 	b, err := json.Marshal(p)
 	if err != nil {
