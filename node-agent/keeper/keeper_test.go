@@ -9,7 +9,7 @@ import (
 	"time"
 )
 
-func startKeeper(t *testing.T) string {
+func startKeeper(t testing.TB) string {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "keeper.sock")
 	ctx, cancel := context.WithCancel(context.Background())
