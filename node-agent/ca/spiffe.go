@@ -46,7 +46,17 @@ func ParseID(s string) (ID, error) {
 	if err != nil {
 		return ID{}, fmt.Errorf("spiffe id %q: %v", s, err)
 	}
-	return idFromURL(u)
+	id, err := idFromURL(u)
+	if err != nil {
+		return ID{}, err
+	}
+	// net/url drops an empty fragment ("…/sa/web#") without a trace in
+	// the URL, and the SPIFFE spec forbids fragments: what is accepted
+	// must be exactly the ID it names.
+	if id.String() != s {
+		return ID{}, fmt.Errorf("spiffe id %q: only spiffe://<trust-domain>/ns/<ns>/sa/<sa> is accepted", s)
+	}
+	return id, nil
 }
 
 func idFromURL(u *url.URL) (ID, error) {
