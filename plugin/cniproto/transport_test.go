@@ -15,7 +15,7 @@ import (
 	"github.com/ambit-mesh/ambit/plugin/cniproto/cniprototest"
 )
 
-func serve(t *testing.T, h Handler) string {
+func serve(t testing.TB, h Handler) string {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "run", "cni.sock")
 	l, err := Listen(path)
