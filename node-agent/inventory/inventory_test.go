@@ -258,8 +258,52 @@ func FuzzParse(f *testing.F) {
 	f.Add([]byte(`{"namespaces":[{"name":"a"}]}`))
 	f.Add([]byte("workloads: [{namespace: a, name: '*'}]"))
 	f.Add([]byte("&a [*a]"))
+	f.Add([]byte("namespaces: [{name: a}]\nworkloads: [{namespace: a, name: p, ips: ['::ffff:10.0.0.1']}, {namespace: a, name: q, ips: [10.0.0.1]}]"))
+	f.Add([]byte("namespaces: [{name: a}]\nservices: [{namespace: a, name: s, vips: [10.96.0.1], ports: [{port: 0x50}], selector: {app: x}}]"))
+	f.Add([]byte("namespaces: [&n {name: a}, *n]"))
 	f.Fuzz(func(t *testing.T, b []byte) {
-		Parse(b)
+		inv, err := Parse(b)
+		if err != nil {
+			if err.Error() == "" {
+				t.Fatal("error without a message")
+			}
+			return
+		}
+		// What is accepted is what the agent relies on without checking
+		// again: every reference resolves, no address is claimed twice.
+		owners := map[netip.Addr]bool{}
+		for _, w := range inv.Workloads {
+			if _, ok := inv.Namespaces[w.Namespace]; !ok || w.Name == "" {
+				t.Fatalf("workload %s/%q accepted", w.Namespace, w.Name)
+			}
+			if _, prefix := w.Prefix(); prefix && len(w.IPs) > 0 {
+				t.Fatalf("prefix workload %s with IPs", w.Name)
+			}
+			for _, ip := range w.IPs {
+				if !ip.IsValid() || ip.Zone() != "" || ip.Is4In6() || ip.IsUnspecified() || ip.IsMulticast() || owners[ip] {
+					t.Fatalf("workload %s/%s: address %v accepted", w.Namespace, w.Name, ip)
+				}
+				owners[ip] = true
+			}
+		}
+		fronts := map[netip.AddrPort]bool{}
+		for _, s := range inv.Services {
+			if _, ok := inv.Namespaces[s.Namespace]; !ok || len(s.VIPs) == 0 || len(s.Ports) == 0 || len(s.Selector) == 0 {
+				t.Fatalf("service %+v accepted", s)
+			}
+			for _, p := range s.Ports {
+				if p.Port == 0 || p.TargetPort == 0 {
+					t.Fatalf("service %s/%s: port %+v accepted", s.Namespace, s.Name, p)
+				}
+				for _, v := range s.VIPs {
+					ap := netip.AddrPortFrom(v, p.Port)
+					if v.Is4In6() || fronts[ap] {
+						t.Fatalf("service %s/%s: %v accepted", s.Namespace, s.Name, ap)
+					}
+					fronts[ap] = true
+				}
+			}
+		}
 	})
 }
 
