@@ -129,6 +129,10 @@ type Serving struct {
 	active   int           // connections and streams being handled
 	quiet    chan struct{} // kicked (never blocks) when, closing, nothing is left
 	closers  map[*tracked]struct{}
+	// cutting: Close's deadline passed and it cut what was live; a
+	// connection that starts relaying later (it was still dialling) is
+	// cut as it registers, or Close would wait for it with no deadline.
+	cutting  bool
 	hconns   map[*hbone.Conn]struct{}
 	loops    sync.WaitGroup
 	stopOnce sync.Once
@@ -266,8 +270,14 @@ type tracked struct{ cut func() }
 func (sv *Serving) track(cut func()) *tracked {
 	t := &tracked{cut}
 	sv.mu.Lock()
-	sv.closers[t] = struct{}{}
+	late := sv.cutting
+	if !late {
+		sv.closers[t] = struct{}{}
+	}
 	sv.mu.Unlock()
+	if late {
+		cut()
+	}
 	return t
 }
 
@@ -299,6 +309,10 @@ func (s *Serving) Close(ctx context.Context) error {
 			ln.Close()
 		}
 	}
+	// A connection an accept loop took just before its listener closed
+	// is served (see enter): wait for the loops, so every such
+	// connection is counted before waitQuiet looks.
+	s.loops.Wait()
 	// Each inbound HBONE connection goes away in two steps and ends once
 	// the streams it accepted before its last GOAWAY are done; Close
 	// waits for that as well as for every other connection.
@@ -309,6 +323,7 @@ func (s *Serving) Close(ctx context.Context) error {
 	if !s.waitQuiet(ctx) {
 		err = ctx.Err()
 		s.mu.Lock()
+		s.cutting = true
 		cut := make([]*tracked, 0, len(s.closers))
 		for c := range s.closers {
 			cut = append(cut, c)
@@ -323,7 +338,6 @@ func (s *Serving) Close(ctx context.Context) error {
 		c.Close()
 	}
 	s.pool.close()
-	s.loops.Wait()
 	return err
 }
 
