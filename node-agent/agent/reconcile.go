@@ -362,6 +362,12 @@ func locateNetns(procRoot string, rec state.Pod, ips []netip.Addr, uid string, s
 		f.Close()
 		return nil, rec, &failure{"netns", fmt.Errorf("%s changed while it was opened", n.Path)}
 	}
+	if n.Inode != rec.NetnsInode {
+		// Not the namespace the record was written for: what the
+		// record says was set there (tcp_migrate_req) is not known
+		// of this one.
+		rec.MigrateReq = false
+	}
 	rec.Netns, rec.NetnsInode = n.Path, n.Inode
 	return f, rec, nil
 }
