@@ -284,7 +284,20 @@ func (b *nftBackend) remove(ips []netip.Addr) error {
 		if ip.Is6() {
 			s = v6set
 		}
-		if err := c.SetDeleteElements(s, []nftables.SetElement{{Key: ip.AsSlice()}}); err != nil {
+		// Add, then delete, in one transaction: the element is gone
+		// whether or not it was there. During a surge upgrade both
+		// agents release a deleted pod, and the second delete alone
+		// failed (ENOENT), which sent its Manager to a full rewrite
+		// from its own picture: a repair counted, and the old agent's
+		// rewrite dropped the entries of pods only the new one knows.
+		// (An add without NLM_F_EXCL accepts an existing element. The
+		// ipset backend's delete of a missing entry already succeeds:
+		// its entries carry Replace, so no NLM_F_EXCL.)
+		e := []nftables.SetElement{{Key: ip.AsSlice()}}
+		if err := c.SetAddElements(s, e); err != nil {
+			return b.done(err)
+		}
+		if err := c.SetDeleteElements(s, e); err != nil {
 			return b.done(err)
 		}
 	}
