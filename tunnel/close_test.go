@@ -205,3 +205,112 @@ func isTimeout(err error) bool {
 	var ne net.Error
 	return errors.As(err, &ne) && ne.Timeout()
 }
+
+// TestCloseCutsAStreamStuckOnAnUnreachablePeer: a pod sends in bulk to a
+// peer that stops answering (its node gone, a partition: here an
+// nftables rule drops everything A sends to 15008), so the HBONE
+// connection's socket buffer fills and the write under the stream blocks
+// in the kernel. When Close's deadline passes, cutting the stream (a
+// reset queued behind that write) cannot end it; the connection itself
+// must go. Close used to wait until the kernel gave up on the peer
+// (tcp_retries2: about 15 minutes).
+func TestCloseCutsAStreamStuckOnAnUnreachablePeer(t *testing.T) {
+	m := newMesh(t)
+	// A small send buffer (per netns), so it fills at once and the write
+	// blocks in the kernel, within the flow-control window.
+	m.A.Pod.Run(t, "sysctl", "-qw", "net.ipv4.tcp_wmem=4096 16384 65536")
+	c, err := m.A.Dial(netip.AddrPortFrom(m.B.Pod.IP4, 8080))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := fmt.Fprintf(c, "sink\n"); err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	sent := 0
+	go func() {
+		buf := make([]byte, 64<<10)
+		for {
+			n, err := c.Write(buf)
+			mu.Lock()
+			sent += n
+			mu.Unlock()
+			if err != nil {
+				return
+			}
+		}
+	}()
+	waitSent := func(n int) {
+		deadline := time.Now().Add(10 * time.Second)
+		for time.Now().Before(deadline) {
+			mu.Lock()
+			s := sent
+			mu.Unlock()
+			if s >= n {
+				return
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		t.Fatalf("the app could not send %d bytes to B", n)
+	}
+	waitSent(4 << 20)
+	m.A.Pod.Run(t, "nft", "add table inet amb_close_test; add chain inet amb_close_test out { type filter hook output priority 0; policy accept; }; add rule inet amb_close_test out tcp dport 15008 drop")
+	t.Cleanup(func() { m.A.Pod.Run(t, "nft", "delete table inet amb_close_test") })
+	time.Sleep(time.Second) // the buffers fill; the app's writes stop
+
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	closed := make(chan error, 1)
+	start := time.Now()
+	go func() { closed <- m.A.Serving.Close(ctx) }()
+	select {
+	case err := <-closed:
+		if !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("Close = %v, want the deadline's error (it had to cut)", err)
+		}
+		t.Logf("Close returned after %v (deadline 300ms)", time.Since(start).Round(time.Millisecond))
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close did not return 10 s after its deadline: the stream's write is stuck on the unreachable peer")
+	}
+}
+
+// TestCloseLeavesNoPooledConnection: an HBONE connection whose dial was
+// still in flight when Close's deadline cut everything (and closed the
+// pod's pool) must not outlive Close. Here B's first SYN on 15008 is
+// dropped, so A's dial completes a second later, after the cut.
+func TestCloseLeavesNoPooledConnection(t *testing.T) {
+	m := newMesh(t)
+	m.B.Pod.Run(t, "nft", "add table inet amb_close_test; add chain inet amb_close_test in { type filter hook input priority 0; policy accept; }; add rule inet amb_close_test in tcp dport 15008 ct state new drop")
+	t.Cleanup(func() { m.B.Pod.Run(t, "nft", "delete table inet amb_close_test") })
+	c, err := m.A.Dial(netip.AddrPortFrom(m.B.Pod.IP4, 8080))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	fmt.Fprintf(c, "echo\n")
+	time.Sleep(100 * time.Millisecond) // A's agent is dialling B's 15008
+
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	closed := make(chan error, 1)
+	go func() { closed <- m.A.Serving.Close(ctx) }()
+	time.Sleep(400 * time.Millisecond) // past the deadline and the cut
+	m.B.Pod.Run(t, "nft", "flush table inet amb_close_test")
+	select {
+	case <-closed:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close did not return")
+	}
+	// Whatever the dial became, nothing of A's pod is left connected to
+	// B's 15008 once Close returned.
+	var left string
+	for range 20 {
+		left = strings.TrimSpace(m.A.Pod.Run(t, "ss", "-tnH", "state", "established", "( dport = :15008 )"))
+		if left == "" {
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Fatalf("after Close, A's pod still holds an HBONE connection:\n%s", left)
+}

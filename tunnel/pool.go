@@ -62,9 +62,24 @@ func (pl *pool) open(ctx context.Context, key poolKey, authority string, hdr []h
 	return nil, 0, errors.New("tunnel: no pooled connection would take a stream")
 }
 
+var errPoolClosed = errors.New("tunnel: the pod is no longer served")
+
+func (pl *pool) closed() bool {
+	select {
+	case <-pl.stop:
+		return true
+	default:
+		return false
+	}
+}
+
 func (pl *pool) conn(ctx context.Context, key poolKey) (*hbone.Conn, error) {
 	limit := int(pl.p.hcfg.MaxStreamsPerConn)
 	pl.mu.Lock()
+	if pl.closed() {
+		pl.mu.Unlock()
+		return nil, errPoolClosed
+	}
 	e := pl.m[key]
 	if e == nil {
 		e = &poolEntry{}
@@ -96,6 +111,12 @@ func (pl *pool) conn(ctx context.Context, key poolKey) (*hbone.Conn, error) {
 			pl.mu.Unlock()
 			c, err := pl.dial(ctx, key)
 			pl.mu.Lock()
+			if err == nil && pl.closed() {
+				// close ran meanwhile (Close's cut) and cannot see
+				// this connection: it must not outlive the pool.
+				c.Close()
+				err = errPoolClosed
+			}
 			e.dialing = nil
 			e.dialErr = err
 			if err == nil {

@@ -332,6 +332,11 @@ func (s *Serving) Close(ctx context.Context) error {
 		for _, c := range cut {
 			c.cut()
 		}
+		// The pod's outbound HBONE connections go too: a stream whose
+		// write is blocked in the kernel (a peer that stopped
+		// answering, its socket buffer full) does not end with a reset
+		// queued behind that write, only with its connection.
+		s.pool.close()
 		s.waitQuiet(context.Background())
 	}
 	for _, c := range hconns {
