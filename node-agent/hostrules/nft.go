@@ -261,8 +261,14 @@ func (b *nftBackend) upsert(add map[netip.Addr]string, replaced map[netip.Addr]b
 			s = v6set
 		}
 		// An element's comment cannot be changed in place: re-add it.
+		// Added first, so the delete cannot fail on an element another
+		// agent already removed (see remove).
 		if replaced[ip] {
-			if err := c.SetDeleteElements(s, []nftables.SetElement{{Key: ip.AsSlice()}}); err != nil {
+			e := []nftables.SetElement{{Key: ip.AsSlice()}}
+			if err := c.SetAddElements(s, e); err != nil {
+				return b.done(err)
+			}
+			if err := c.SetDeleteElements(s, e); err != nil {
 				return b.done(err)
 			}
 		}

@@ -71,3 +71,51 @@ func TestSurgeBothRemoveADeletedPod(t *testing.T) {
 		})
 	}
 }
+
+// TestSurgeIPReusedAfterTheOtherAgentRemovedIt: a pod's IP goes to a new
+// pod, and this agent learns of the new pod before the old one's
+// deletion, while the other agent on the node already removed the old
+// pod's entry. Moving the entry to the new owner must not fail on the
+// missing element: that sent the Manager to a full rewrite, counted as a
+// repair.
+func TestSurgeIPReusedAfterTheOtherAgentRemovedIt(t *testing.T) {
+	for _, bc := range backends() {
+		t.Run(bc.name, func(t *testing.T) {
+			tp := newTopo(t)
+			tp.server(t)
+			var newReady atomic.Bool
+			old, err := New(Config{Backend: bc.backend, NetNS: tp.hostNS, Shared: true,
+				Yield: newReady.Load, Registerer: prometheus.NewRegistry()})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { old.Uninstall() })
+			neu, err := New(Config{Backend: bc.backend, NetNS: tp.hostNS, Shared: true,
+				Registerer: prometheus.NewRegistry()})
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, m := range []*Manager{old, neu} {
+				if err := m.Sync(map[string][]netip.Addr{"a": {podV4}}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			newReady.Store(true)
+			if err := old.Remove("a", []netip.Addr{podV4}); err != nil {
+				t.Fatal(err)
+			}
+			if err := neu.Add("b", []netip.Addr{podV4}); err != nil {
+				t.Fatal(err)
+			}
+			if d, err := neu.be.check(map[netip.Addr]string{podV4: "b"}); err != nil || d != "" {
+				t.Fatalf("after the IP moved to b: drift %q, %v", d, err)
+			}
+			if err := neu.Reconcile(); err != nil {
+				t.Fatal(err)
+			}
+			if neu.Repairs() != 0 {
+				t.Fatalf("new agent repairs = %d; the entry the other agent removed is not drift", neu.Repairs())
+			}
+		})
+	}
+}
