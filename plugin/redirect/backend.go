@@ -50,10 +50,21 @@ func Install(netns ns.NetNS, backend Backend, spec Spec) (Backend, error) {
 	return b, nil
 }
 
+// testHookCaptured, when set (tests), runs the moment the capture rules
+// are in.
+var testHookCaptured func()
+
 func installWith(s *session, b Backend, spec Spec) error {
 	netns := s.netns
-	// Rules before routes: the routes only matter once marked packets
-	// exist, and without rules they are inert.
+	// Routes before rules: without the rules no packet carries the mark,
+	// so the routes are inert until then; the other way round, a pod
+	// enrolled while it runs (a label flip) would have its capture, and
+	// the agent's transparent dials to its apps, live for a moment with
+	// the apps' replies routed out of the pod instead of back to the
+	// agent.
+	if err := routesInstall(netns, spec); err != nil {
+		return err
+	}
 	switch b {
 	case Nftables:
 		if err := nftInstall(s, spec); err != nil {
@@ -64,6 +75,9 @@ func installWith(s *session, b Backend, spec Spec) error {
 			return err
 		}
 	}
+	if testHookCaptured != nil {
+		testHookCaptured()
+	}
 	for _, other := range concrete {
 		if other == b {
 			continue
@@ -72,7 +86,7 @@ func installWith(s *session, b Backend, spec Spec) error {
 			return fmt.Errorf("removing older %s rules: %w", other, err)
 		}
 	}
-	return routesInstall(netns, spec)
+	return nil
 }
 
 func resolve(s *session, b Backend) (Backend, error) {

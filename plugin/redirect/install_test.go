@@ -61,6 +61,32 @@ func TestInstallVerifyUninstall(t *testing.T) {
 	}
 }
 
+// The routes that bring the apps' replies back to the agent are in
+// before the capture: a running pod enrolled by a label flip has live
+// traffic the moment its rules land.
+func TestRoutesBeforeCapture(t *testing.T) {
+	testenv.RequireRoot(t)
+	for _, b := range backends {
+		t.Run(string(b), func(t *testing.T) {
+			n := nstest.New(t, "rd")
+			spec := DefaultSpec()
+			called := false
+			var missing []string
+			testHookCaptured = func() { called, missing = true, routesVerify(n, spec) }
+			defer func() { testHookCaptured = nil }()
+			if _, err := Install(n, b, spec); err != nil {
+				t.Fatal(err)
+			}
+			if !called {
+				t.Fatal("the capture hook never ran")
+			}
+			if len(missing) != 0 {
+				t.Errorf("the capture rules were in before their routes: %v", missing)
+			}
+		})
+	}
+}
+
 // Switching backends leaves exactly one rule set.
 func TestInstallSwitchesBackend(t *testing.T) {
 	testenv.RequireRoot(t)
