@@ -246,11 +246,11 @@ func TestSendBufferTooSmall(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	rc.Control(func(fd uintptr) { err = send(int(fd), req, b, nil, false) })
+	rc.Control(func(fd uintptr) { err = send(int(fd), req, b, nil, false, retryEINTR) })
 	if err == nil || !strings.Contains(err.Error(), "(3000 attachments) does not fit this socket's 131072-byte send buffer") {
 		t.Fatalf("send without growing: %v", err)
 	}
-	rc.Control(func(fd uintptr) { err = send(int(fd), req, b, nil, true) })
+	rc.Control(func(fd uintptr) { err = send(int(fd), req, b, nil, true, retryEINTR) })
 	if err != nil {
 		t.Fatalf("send after growing: %v", err)
 	}
@@ -310,5 +310,15 @@ func TestServerWaitsForTheDatagram(t *testing.T) {
 		}
 	case <-time.After(3 * time.Second):
 		t.Fatal("the exchange deadline did not end the wait for a silent plugin")
+	}
+}
+
+// retryEINTR runs f again while a signal interrupts it (send's call
+// without a deadline).
+func retryEINTR(f func() error) error {
+	for {
+		if err := f(); err != unix.EINTR {
+			return err
+		}
 	}
 }

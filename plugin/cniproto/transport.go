@@ -54,16 +54,34 @@ func Call(ctx context.Context, socket string, req *Request, netns *os.File) (*Re
 		return nil, fmt.Errorf("socket for ambit-agent: %w", err)
 	}
 	defer unix.Close(fd)
-	if dl, ok := ctx.Deadline(); ok {
-		left := time.Until(dl)
-		if left <= 0 {
-			return nil, context.DeadlineExceeded
-		}
-		tv := unix.NsecToTimeval(max(left, time.Millisecond).Nanoseconds())
-		unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_SNDTIMEO, &tv)
-		unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv)
+	dl, hasDL := ctx.Deadline()
+	if hasDL && time.Until(dl) <= 0 {
+		return nil, context.DeadlineExceeded
 	}
-	if err := retryEINTR(func() error { return unix.Connect(fd, &unix.SockaddrUnix{Name: socket}) }); err != nil {
+	// Each blocking call gets what is left of the deadline, set again
+	// before every retry: the kernel starts a socket timeout afresh in
+	// each call, so one timeout set up front let a connect that waited
+	// for the agent's queue and then the wait for the answer take twice
+	// the deadline, and a signal every so often (EINTR, retried) keep
+	// Call waiting for ever.
+	timed := func(opt int, f func() error) error {
+		for {
+			if hasDL {
+				left := time.Until(dl)
+				if left <= 0 {
+					return unix.EAGAIN // as the kernel's own timeout
+				}
+				tv := unix.NsecToTimeval(max(left, time.Millisecond).Nanoseconds())
+				if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, opt, &tv); err != nil {
+					return err
+				}
+			}
+			if err := f(); err != unix.EINTR {
+				return err
+			}
+		}
+	}
+	if err := timed(unix.SO_SNDTIMEO, func() error { return unix.Connect(fd, &unix.SockaddrUnix{Name: socket}) }); err != nil {
 		if isTimeout(err) {
 			return nil, fmt.Errorf("%w (connecting to ambit-agent at %s: its queue is full)", context.DeadlineExceeded, socket)
 		}
@@ -73,12 +91,12 @@ func Call(ctx context.Context, socket string, req *Request, netns *os.File) (*Re
 	if netns != nil {
 		oob = unix.UnixRights(int(netns.Fd()))
 	}
-	if err := send(fd, req, b, oob, true); err != nil {
+	if err := send(fd, req, b, oob, true, func(f func() error) error { return timed(unix.SO_SNDTIMEO, f) }); err != nil {
 		return nil, fmt.Errorf("sending request to ambit-agent at %s: %w", socket, timeoutErr(err))
 	}
 	buf := make([]byte, MaxMessageSize+1)
 	var n, flags int
-	err = retryEINTR(func() (err error) {
+	err = timed(unix.SO_RCVTIMEO, func() (err error) {
 		n, _, flags, _, err = unix.Recvmsg(fd, buf, nil, 0)
 		return err
 	})
@@ -103,14 +121,6 @@ func Call(ctx context.Context, socket string, req *Request, netns *os.File) (*Re
 	}
 	explainOldAgent(req, len(b), resp)
 	return resp, nil
-}
-
-func retryEINTR(f func() error) error {
-	for {
-		if err := f(); err != unix.EINTR {
-			return err
-		}
-	}
 }
 
 // isTimeout: a blocking call on a socket with SO_SNDTIMEO/SO_RCVTIMEO
@@ -143,14 +153,15 @@ func explainOldAgent(req *Request, size int, resp *Response) {
 		resp.Error, req.Op, len(req.Valid), size, MaxMessageSize)
 }
 
-// send writes the request datagram on a blocking socket. A large one (a
-// gc on a busy node) first raises the socket's send buffer when grow is
-// set (tests clear it to see the kernel refuse).
-func send(fd int, req *Request, b, oob []byte, grow bool) error {
+// send writes the request datagram on a blocking socket, through call
+// (which retries it after EINTR). A large one (a gc on a busy node)
+// first raises the socket's send buffer when grow is set (tests clear it
+// to see the kernel refuse).
+func send(fd int, req *Request, b, oob []byte, grow bool, call func(func() error) error) error {
 	if grow && len(b) > growSendBufferAbove {
 		growSendBuffer(fd, len(b))
 	}
-	err := retryEINTR(func() error { return unix.Sendmsg(fd, b, oob, nil, 0) })
+	err := call(func() error { return unix.Sendmsg(fd, b, oob, nil, 0) })
 	if err == unix.EMSGSIZE {
 		sndbuf, _ := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUF)
 		return fmt.Errorf("the %d-byte %s request (%d attachments) does not fit this socket's %d-byte send buffer and the kernel refused to raise it (net.core.wmem_max, CAP_NET_ADMIN): %w",
