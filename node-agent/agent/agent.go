@@ -458,6 +458,10 @@ func (a *Agent) serve(p *pod, f *os.File, wl tunnel.Workload) error {
 		return &failure{"tunnel", err}
 	}
 	p.netns, p.net, p.serve, p.lns = f, n, s, lns
+	// What earlier rule checks trusted belongs to whatever netns the
+	// record had before (a live enrollment may reuse a record and get
+	// its netns from the /proc scan): this one is checked in full first.
+	p.checked = redirect.Checked{}
 	p.rec.Identity = wl.Identity
 	if a.keeper != nil {
 		// Replaces what an agent before this one kept for the pod:
