@@ -347,11 +347,20 @@ func (s *Stream) enableDelivery() {
 		s.writing = false
 		s.directN += n
 		s.buffered -= n
-		s.chunks = append(rest, s.chunks...)
+		var dropped []chunk
+		if s.recvErr != nil {
+			// Reset during the write: dropBuffers emptied the queue
+			// and nothing will drain it again. Put back, the rest held
+			// the connection's window (and its buffers) for good.
+			dropped = rest
+		} else {
+			s.chunks = append(rest, s.chunks...)
+		}
 		s.rmu.Unlock()
 		s.signal() // a drainer may wait for writing to end
 		bufferedBytes.Add(-n)
 		s.creditWindow(n)
+		s.consumed(dropped)
 	}
 	s.rmu.Lock()
 	var fin bool
