@@ -1093,14 +1093,17 @@ func (c *Conn) readData(h frameHeader) error {
 		putBuf(bp)
 		return err
 	}
-	if pad := n - int64(len(data)); pad > 0 {
-		c.returnConnWindow(pad)
-	}
 	if !s.takeRecvWindow(n) {
 		putBuf(bp)
 		c.returnConnWindow(n)
 		s.Reset(ErrCodeFlowControl)
 		return nil
+	}
+	if pad := n - int64(len(data)); pad > 0 {
+		// Padding counts against both windows (RFC 9113 §6.1) and is
+		// consumed as soon as it is read: the stream's window too, or a
+		// padding peer's stream shrinks by it for good.
+		s.creditWindow(pad)
 	}
 	if len(data) == 0 {
 		putBuf(bp)
