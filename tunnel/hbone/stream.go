@@ -141,6 +141,20 @@ func (s *Stream) pushData(bp *[]byte, data []byte, end bool) {
 			putBuf(bp)
 			bp = nil
 		}
+		if s.recvErr != nil {
+			// Reset during the write: dropBuffers has emptied the
+			// queue and nothing drains it again, so the rest goes
+			// as at the top of pushData (queued, it would hold the
+			// connection's window for good; enableDelivery has the
+			// same case, tested by TestResetWhileDeliveringReturnsWindow).
+			s.rmu.Unlock()
+			s.signal() // a drainer may wait for writing to end
+			if bp != nil {
+				putBuf(bp)
+			}
+			s.c.returnConnWindow(int64(len(data)))
+			return
+		}
 	}
 	if len(data) > 0 {
 		s.chunks = append(s.chunks, chunk{bp, data})
