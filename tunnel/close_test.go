@@ -13,8 +13,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
-
 	"github.com/ambit-mesh/ambit/tunnel"
 	"github.com/ambit-mesh/ambit/tunnel/internal/meshtest"
 )
@@ -59,27 +57,7 @@ func replaceB(t *testing.T, m *meshtest.Mesh, wrap func(net.Listener) net.Listen
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	m.B.Serving.Close(ctx)
 	cancel()
-	px, err := tunnel.New(tunnel.Config{Directory: m.Dir, Certificates: m.Certs, Authorizer: m.Auth, Registerer: prometheus.NewRegistry()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	pod, err := meshtest.PodListeners(m.B.Workload, m.B.Net)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if wrap != nil {
-		pod.Inbound = wrap(pod.Inbound)
-	}
-	sv, err := px.Serve(pod)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		defer cancel()
-		sv.Close(ctx)
-	})
-	return sv
+	return serveAgain(t, m, wrap)
 }
 
 // TestCloseWaitsForConnectionAcceptedAsItBegins: a connection the accept

@@ -16,29 +16,24 @@ import (
 
 	"github.com/ambit-mesh/ambit/tunnel"
 	"github.com/ambit-mesh/ambit/tunnel/internal/meshtest"
-	"github.com/ambit-mesh/ambit/tunnel/podnet"
 )
 
 // serveAgain starts a second agent for the mesh's pod B, as a new agent
 // does during an upgrade: its own proxy and its own listeners beside the
-// old ones (SO_REUSEPORT).
-func serveAgain(t *testing.T, m *meshtest.Mesh) *tunnel.Serving {
+// old ones (SO_REUSEPORT). wrap, if set, wraps its inbound (15006)
+// listener.
+func serveAgain(t *testing.T, m *meshtest.Mesh, wrap func(net.Listener) net.Listener) *tunnel.Serving {
 	t.Helper()
 	px, err := tunnel.New(tunnel.Config{Directory: m.Dir, Certificates: m.Certs, Authorizer: m.Auth, Registerer: prometheus.NewRegistry()})
 	if err != nil {
 		t.Fatal(err)
 	}
-	pod := tunnel.Pod{Workload: m.B.Workload, Net: m.B.Net}
-	for _, l := range []struct {
-		port uint16
-		dst  *net.Listener
-		ka   time.Duration
-	}{{15001, &pod.Outbound, -1}, {15006, &pod.Inbound, 0}, {15008, &pod.HBONE, 0}} {
-		ln, err := m.B.Net.Listen(l.port, podnet.ListenOptions{KeepAlive: l.ka})
-		if err != nil {
-			t.Fatal(err)
-		}
-		*l.dst = ln
+	pod, err := meshtest.PodListeners(m.B.Workload, m.B.Net)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if wrap != nil {
+		pod.Inbound = wrap(pod.Inbound)
 	}
 	sv, err := px.Serve(pod)
 	if err != nil {
@@ -119,7 +114,7 @@ func TestHandOverServesEveryStream(t *testing.T) {
 	old := m.B.Serving
 	for round := range 5 {
 		time.Sleep(150 * time.Millisecond)
-		next := serveAgain(t, m)
+		next := serveAgain(t, m, nil)
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		if err := old.Close(ctx); err != nil {
 			t.Errorf("round %d: the old agent's drain: %v", round, err)

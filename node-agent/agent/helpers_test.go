@@ -113,6 +113,16 @@ func suffix() string {
 }
 
 // testNetns is a named network namespace (amb-agt-*), removed at cleanup.
+// migrateReq reads net.ipv4.tcp_migrate_req inside n.
+func migrateReq(t *testing.T, n *testNetns) string {
+	t.Helper()
+	out, err := exec.Command("ip", "netns", "exec", n.name, "sysctl", "-n", "net.ipv4.tcp_migrate_req").CombinedOutput()
+	if err != nil {
+		t.Fatalf("%v %s", err, out)
+	}
+	return strings.TrimSpace(string(out))
+}
+
 type testNetns struct {
 	name string
 	path string

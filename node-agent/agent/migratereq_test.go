@@ -1,8 +1,6 @@
 package agent
 
 import (
-	"os/exec"
-	"strings"
 	"testing"
 
 	"github.com/ambit-mesh/ambit/internal/testenv"
@@ -19,23 +17,16 @@ import (
 func TestMigrateReqFollowsTheNamespace(t *testing.T) {
 	testenv.RequireRoot(t)
 	dir := t.TempDir()
-	read := func(n *testNetns) string {
-		out, err := exec.Command("ip", "netns", "exec", n.name, "sysctl", "-n", "net.ipv4.tcp_migrate_req").CombinedOutput()
-		if err != nil {
-			t.Fatalf("%v %s", err, out)
-		}
-		return strings.TrimSpace(string(out))
-	}
 	h := startAgent(t, dir, invAmbient)
 	old := newNetns(t, "10.63.29.2/24")
 	enrollLikePlugin(t, h, "web", old, "10.63.29.2/24")
-	if got := read(old); got != "1" {
+	if got := migrateReq(t, old); got != "1" {
 		t.Fatalf("after enrollment tcp_migrate_req = %s, want 1", got)
 	}
 	h.stop()
 	run(t, "ip", "netns", "delete", old.name)
 	neu := newNetns(t, "10.63.29.2/24")
-	if got := read(neu); got != "0" {
+	if got := migrateReq(t, neu); got != "0" {
 		t.Fatalf("a new namespace has tcp_migrate_req = %s, want the default 0", got)
 	}
 	h = startAgent(t, dir, invAmbient)
@@ -48,7 +39,7 @@ func TestMigrateReqFollowsTheNamespace(t *testing.T) {
 	if len(errs) > 0 || len(recs) != 1 || recs[0].Netns != neu.path {
 		t.Fatalf("records after re-adoption: %+v %v (want one, moved to %s)", recs, errs, neu.path)
 	}
-	if got := read(neu); got != "1" {
+	if got := migrateReq(t, neu); got != "1" {
 		t.Fatalf("re-adopted into a new namespace: tcp_migrate_req = %s there, want 1 (record: migrateReq=%v)", got, recs[0].MigrateReq)
 	}
 }

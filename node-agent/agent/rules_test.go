@@ -219,17 +219,10 @@ func TestKeeperRestartIsRefilled(t *testing.T) {
 func TestReadoptionSetsMigrateReq(t *testing.T) {
 	testenv.RequireRoot(t)
 	dir := t.TempDir()
-	read := func(n *testNetns) string {
-		out, err := exec.Command("ip", "netns", "exec", n.name, "sysctl", "-n", "net.ipv4.tcp_migrate_req").CombinedOutput()
-		if err != nil {
-			t.Fatalf("%v %s", err, out)
-		}
-		return strings.TrimSpace(string(out))
-	}
 	h := startAgent(t, dir, invAmbient)
 	n := newNetns(t, "10.63.11.2/24")
 	enrollLikePlugin(t, h, "web", n, "10.63.11.2/24")
-	if got := read(n); got != "1" {
+	if got := migrateReq(t, n); got != "1" {
 		t.Fatalf("after enrollment tcp_migrate_req = %s, want 1", got)
 	}
 	h.stop()
@@ -248,7 +241,7 @@ func TestReadoptionSetsMigrateReq(t *testing.T) {
 		t.Fatal(err)
 	}
 	h = startAgent(t, dir, invAmbient)
-	if got := read(n); got != "1" {
+	if got := migrateReq(t, n); got != "1" {
 		t.Fatalf("after re-adoption of an old record tcp_migrate_req = %s, want 1", got)
 	}
 	h.stop()
@@ -258,7 +251,7 @@ func TestReadoptionSetsMigrateReq(t *testing.T) {
 	// Flagged: the next re-adoption leaves the namespace alone.
 	run(t, "ip", "netns", "exec", n.name, "sysctl", "-qw", "net.ipv4.tcp_migrate_req=0")
 	startAgent(t, dir, invAmbient)
-	if got := read(n); got != "0" {
+	if got := migrateReq(t, n); got != "0" {
 		t.Fatalf("re-adoption of a flagged record wrote the sysctl again (%s)", got)
 	}
 }
