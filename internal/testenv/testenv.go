@@ -24,6 +24,18 @@ func RequireRoot(t testing.TB) {
 	}
 }
 
+// OpenFDs counts this process's open descriptors (/proc/self/fd): a
+// socket or namespace file that a component running in the test process
+// failed to close shows here.
+func OpenFDs(t testing.TB) int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(ents)
+}
+
 // RepoRoot is the top of the repository.
 func RepoRoot() string {
 	_, file, _, _ := runtime.Caller(0)

@@ -258,14 +258,6 @@ func TestBadInputKeepsServing(t *testing.T) {
 	}
 }
 
-func countFDs(t testing.TB) int {
-	ents, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		t.Fatal(err)
-	}
-	return len(ents)
-}
-
 func TestEnrollUnenroll1000NoLeak(t *testing.T) {
 	testenv.RequireRoot(t)
 	pins := &pinCounter{}
@@ -288,7 +280,7 @@ func TestEnrollUnenroll1000NoLeak(t *testing.T) {
 	cycle(-1)
 	settle()
 	runtime.GC()
-	g0, fd0 := runtime.NumGoroutine(), countFDs(t)
+	g0, fd0 := runtime.NumGoroutine(), testenv.OpenFDs(t)
 	for i := range 1000 {
 		cycle(i)
 	}
@@ -296,7 +288,7 @@ func TestEnrollUnenroll1000NoLeak(t *testing.T) {
 	var g, fd int
 	eventually(t, "goroutines and fds back to baseline", func() bool {
 		runtime.GC()
-		g, fd = runtime.NumGoroutine(), countFDs(t)
+		g, fd = runtime.NumGoroutine(), testenv.OpenFDs(t)
 		return g <= g0+2 && fd <= fd0
 	})
 	t.Logf("after 1000 enroll/unenroll: goroutines %d (baseline %d), fds %d (baseline %d)", g, g0, fd, fd0)

@@ -10,17 +10,9 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
-)
 
-// openFDs counts the process's descriptors: the keeper runs in this
-// process, so a socket it failed to close shows here.
-func openFDs(t *testing.T) int {
-	ents, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		t.Fatal(err)
-	}
-	return len(ents)
-}
+	"github.com/ambit-mesh/ambit/internal/testenv"
+)
 
 // rawCall sends one datagram with fds attached and returns the answer
 // (nil when the keeper closed without one).
@@ -89,7 +81,7 @@ func FuzzServe(f *testing.F) {
 		if len(b) == 0 || len(b) > 64<<10 {
 			t.Skip("an empty datagram reads as end of stream; larger ones only test the kernel")
 		}
-		before := openFDs(t)
+		before := testenv.OpenFDs(t)
 		var src *os.File
 		n := 0
 		switch sel % 4 {
@@ -128,9 +120,9 @@ func FuzzServe(f *testing.F) {
 		// The keeper closes its end of a connection after answering: give
 		// it a moment before counting.
 		deadline := time.Now().Add(2 * time.Second)
-		for openFDs(t) != before {
+		for testenv.OpenFDs(t) != before {
 			if time.Now().After(deadline) {
-				t.Fatalf("%d descriptors open before %.80q, %d after", before, b, openFDs(t))
+				t.Fatalf("%d descriptors open before %.80q, %d after", before, b, testenv.OpenFDs(t))
 			}
 			time.Sleep(time.Millisecond)
 		}

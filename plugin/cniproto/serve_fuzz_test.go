@@ -9,17 +9,9 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
-)
 
-// countFDs counts the process's descriptors: the server runs in this
-// process, so a namespace fd it failed to close shows here.
-func countFDs(t *testing.T) int {
-	ents, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		t.Fatal(err)
-	}
-	return len(ents)
-}
+	"github.com/ambit-mesh/ambit/internal/testenv"
+)
 
 // FuzzServe is the agent's socket end to end: any datagram, with zero,
 // one or two descriptors attached, gets an answer the plugin decodes; the
@@ -60,7 +52,7 @@ func FuzzServe(f *testing.F) {
 		if len(b) == 0 || len(b) > MaxMessageSize+1 {
 			t.Skip("an empty datagram reads as end of stream; sizes are large_test.go's")
 		}
-		before := countFDs(t)
+		before := testenv.OpenFDs(t)
 		var fds []int
 		for i := 0; i < int(nfds%3); i++ {
 			fd, err := unix.FcntlInt(ns.Fd(), unix.F_DUPFD_CLOEXEC, 0)
@@ -128,9 +120,9 @@ func FuzzServe(f *testing.F) {
 		}
 		// The server closes its end after answering: give it a moment.
 		deadline := time.Now().Add(2 * time.Second)
-		for countFDs(t) != before {
+		for testenv.OpenFDs(t) != before {
 			if time.Now().After(deadline) {
-				t.Fatalf("%d descriptors open before %.80q with %d fds, %d after", before, b, len(fds), countFDs(t))
+				t.Fatalf("%d descriptors open before %.80q with %d fds, %d after", before, b, len(fds), testenv.OpenFDs(t))
 			}
 			time.Sleep(time.Millisecond)
 		}

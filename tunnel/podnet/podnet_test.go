@@ -216,14 +216,6 @@ func threads(t *testing.T) int {
 	return 0
 }
 
-func fds(t *testing.T) int {
-	es, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		t.Fatal(err)
-	}
-	return len(es)
-}
-
 // TestManyPendingDials: 1,000 connects that hang (SYNs dropped) wait in
 // the poller, not on 1,000 OS threads, honour their context, and leak no
 // file descriptor.
@@ -245,7 +237,7 @@ func TestManyPendingDials(t *testing.T) {
 	if _, err := n.Dial(context.Background(), netip.Addr{}, netip.AddrPortFrom(b.IP4, 10)); !errors.Is(err, syscall.ECONNREFUSED) {
 		t.Fatalf("dial to a closed port: %v, want connection refused", err)
 	}
-	before := fds(t)
+	before := testenv.OpenFDs(t)
 	// A deadline far beyond the test's (not podnet's 10 s default): on a
 	// loaded machine making 1,000 sockets may take longer than that, and
 	// the dials must still be pending when we look.
@@ -299,7 +291,7 @@ func TestManyPendingDials(t *testing.T) {
 			t.Fatalf("pending dial ended with %v, want context.Canceled", err)
 		}
 	}
-	if after := fds(t); after > before {
+	if after := testenv.OpenFDs(t); after > before {
 		t.Errorf("fd leak: %d before, %d after", before, after)
 	}
 }
@@ -336,7 +328,7 @@ func TestNoFDLeak(t *testing.T) {
 		}
 		n.Close()
 	}
-	before := fds(t)
+	before := testenv.OpenFDs(t)
 	for i := 0; i < 3; i++ {
 		n, err := podnet.Open(p.File(t))
 		if err != nil {
@@ -365,7 +357,7 @@ func TestNoFDLeak(t *testing.T) {
 		}
 	}
 	// p.File adds one open file per iteration, closed at cleanup.
-	if after := fds(t); after > before+3 {
+	if after := testenv.OpenFDs(t); after > before+3 {
 		t.Errorf("fd leak: %d before, %d after", before, after)
 	}
 }
