@@ -27,6 +27,11 @@
 // network namespaces alive), or all of them when the agent stops on
 // purpose (so the graceful hand-over to the next agent is not held up).
 //
+// An error from the keeper's own accept (EMFILE under fd exhaustion, say)
+// is waited out with a backoff, as net/http does, and logged once: the
+// kept sockets need nothing of the accept loop to stay in LISTEN, and
+// giving up would close them all. Only shutdown stops it.
+//
 // The agent treats the keeper as best effort: if it is not there, or
 // fails, the agent serves as before and logs it.
 package keeper

@@ -24,6 +24,10 @@ const (
 	maxFDs      = 8
 	maxMsgSize  = 4096
 	callTimeout = 2 * time.Second
+
+	// Waits between failing accepts (net/http's figures).
+	minAcceptBackoff = 5 * time.Millisecond
+	maxAcceptBackoff = time.Second
 )
 
 // Ops.
@@ -86,13 +90,46 @@ func (s *Server) Serve(ctx context.Context, path string) error {
 	stop := context.AfterFunc(ctx, func() { l.Close() })
 	defer stop()
 	defer s.closeAll()
+	// Like net/http.Server.Serve: an accept error other than the listener
+	// closing (EMFILE/ENFILE under fd exhaustion, ENOMEM, ENOBUFS) is
+	// waited out, never a reason to stop. Stopping would close every
+	// enrolled pod's kept listeners — an outage over a transient
+	// condition — while the kept sockets need nothing of this loop to stay
+	// in LISTEN; a caller waits in the queue meanwhile (its call times out
+	// after callTimeout, and the agent treats the keeper as best effort).
+	var backoff time.Duration
+	retries := 0
 	for {
 		c, err := l.AcceptUnix()
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil
 			}
-			return fmt.Errorf("keeper: accept: %w", err)
+			if errors.Is(err, net.ErrClosed) {
+				// Closed, but not by us: nothing to retry on.
+				return fmt.Errorf("keeper: accept: %w", err)
+			}
+			if backoff == 0 {
+				backoff = minAcceptBackoff
+				// Once per episode: a retry every second must not
+				// flood the log for as long as the condition lasts.
+				s.Log.Error("keeper: accept failed; keeping every socket and retrying", "err", err)
+			} else {
+				backoff = min(2*backoff, maxAcceptBackoff)
+			}
+			retries++
+			t := time.NewTimer(backoff)
+			select {
+			case <-ctx.Done():
+				t.Stop()
+				return nil
+			case <-t.C:
+			}
+			continue
+		}
+		if backoff != 0 {
+			s.Log.Info("keeper: accepting again", "failedAccepts", retries)
+			backoff, retries = 0, 0
 		}
 		go s.serveConn(c)
 	}
