@@ -62,8 +62,12 @@ type Config struct {
 	// other's entries away made them rewrite the sets in turn, and a
 	// kubelet probe in that window could miss its SNAT.
 	Shared bool
-	// Yield, when set and true, keeps Run from reconciling: a newer agent
-	// on the node maintains the rules (Add, Remove and Sync still apply).
+	// Yield, when set and true, says a newer agent on the node is ready
+	// and maintains the rules. Run does not reconcile; Add and Remove
+	// still apply their entries, but a failed one is left to the newer
+	// agent instead of falling back to a full rewrite, and Sync records
+	// the picture without writing it: a rewrite from this agent's
+	// picture would drop the pods only the newer one knows.
 	Yield func() bool
 	// Registerer receives the metrics; nil registers nothing.
 	Registerer prometheus.Registerer
@@ -238,9 +242,14 @@ func (m *Manager) Add(uid string, ips []netip.Addr) error {
 	if len(add) == 0 && m.installed {
 		return nil
 	}
-	if m.installed || m.merging() {
-		if err := m.be.upsert(add, replaced); err == nil {
+	if m.installed || m.merging() || m.yielding() {
+		err := m.be.upsert(add, replaced)
+		if err == nil {
 			m.appliedLocked()
+			return nil
+		}
+		if m.yielding() {
+			m.leaveToSuccessor("add", err)
 			return nil
 		}
 	}
@@ -266,7 +275,7 @@ func (m *Manager) Remove(uid string, ips []netip.Addr) error {
 	if len(del) == 0 || m.removed {
 		return nil
 	}
-	if m.installed || m.merging() {
+	if m.installed || m.merging() || m.yielding() {
 		err := m.be.remove(del)
 		if err == nil || m.merging() {
 			// Merging, a failed removal waits for Sync: rewriting
@@ -274,8 +283,32 @@ func (m *Manager) Remove(uid string, ips []netip.Addr) error {
 			m.appliedLocked()
 			return nil
 		}
+		if m.yielding() {
+			m.leaveToSuccessor("remove", err)
+			return nil
+		}
 	}
 	return m.reconcileLocked(true)
+}
+
+// yielding: a newer agent on the node is ready (Config.Yield), so the
+// rules are its to maintain. Asked only where a full write is at stake:
+// Yield reads the node's agent registry.
+func (m *Manager) yielding() bool { return m.cfg.Yield != nil && m.cfg.Yield() }
+
+// leaveToSuccessor handles a failed single-entry update while yielding.
+// The fallback of a lone agent, a full rewrite from its own picture,
+// would drop the entries of pods only the successor knows (enrolled
+// since it took the plugin socket), and put back what the successor
+// left out (a v6 set it was configured without). The successor's
+// reconcile (every Config.Interval, and at once on nftables deletion
+// notifications) repairs whatever the kernel lacks from its picture;
+// applied is left as it was, so should this agent be in charge again
+// (the successor died), its next reconcile writes its own picture.
+func (m *Manager) leaveToSuccessor(op string, err error) {
+	m.failures.Inc()
+	m.log.Warn("host probe rules: single-entry update failed; a newer agent maintains the rules, leaving the repair to it",
+		"backend", m.be.name(), "op", op, "err", err)
 }
 
 // merging: Config.Shared and no Sync yet, so writes must leave entries
@@ -313,6 +346,16 @@ func (m *Manager) Sync(want map[string][]netip.Addr) error {
 	m.owners = owners
 	m.removed = false
 	m.synced = true
+	if m.yielding() {
+		// A newer agent is ready already (three agents on the node:
+		// this one finished re-adopting after its successor did). Its
+		// picture has the pods enrolled since it took the plugin
+		// socket; ours does not. Our picture is written only if we are
+		// in charge again (Reconcile), and Add and Remove stay
+		// incremental meanwhile.
+		m.log.Info("host probe rules: a newer agent is ready and maintains them; not rewriting them", "entries", len(owners))
+		return nil
+	}
 	return m.reconcileLocked(true)
 }
 
