@@ -249,7 +249,7 @@ func run(ctx context.Context, args []string) error {
 			// The old agent keeps the rules until the new one has
 			// re-adopted every pod and written the whole picture.
 			Shared: true,
-			Yield:  func() bool { p, ok := self.Successor(); return ok && p.Ready }})
+			Yield:  yieldHostRules(self)})
 		if err != nil {
 			return err
 		}
@@ -484,4 +484,14 @@ func dialKeeper(ctx context.Context, path string, log *slog.Logger) *keeper.Clie
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
+}
+
+// yieldHostRules tells the host-rule Manager whether a newer agent on the
+// node maintains the rules: any newer agent that is ready, not only the
+// newest. With three agents on a node (a rollout started during a surge)
+// the newest may still be starting; asking it alone made the oldest
+// resume reconciling its stale picture beside the ready middle agent,
+// the two rewriting each other's sets.
+func yieldHostRules(self *instance.Self) func() bool {
+	return func() bool { _, ok := self.ReadySuccessor(); return ok }
 }

@@ -279,3 +279,56 @@ func TestHealthPortHeldByOldAgent(t *testing.T) {
 		time.Sleep(100 * time.Millisecond)
 	}
 }
+
+// TestHostRulesYieldWithThreeAgents: a rollout started in the middle of a
+// surge puts three agents on a node. The oldest has yielded the host rules
+// to the middle one, which is ready; the newest is starting. The oldest
+// must keep yielding (to the newest ready agent), not resume reconciling
+// its stale picture beside the middle one because a newer, not yet ready
+// agent appeared. Once the newest is ready, both older ones yield; when
+// the ready agents newer than one are gone, it is in charge again.
+func TestHostRulesYieldWithThreeAgents(t *testing.T) {
+	dir := t.TempDir()
+	reg := func() *instance.Self {
+		s, err := instance.Register(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { s.Close() })
+		time.Sleep(time.Microsecond) // distinct start times
+		return s
+	}
+	oldest := reg()
+	oldest.SetReady()
+	mid := reg()
+	yOldest, yMid := yieldHostRules(oldest), yieldHostRules(mid)
+	if yOldest() || yMid() {
+		t.Fatalf("middle agent starting: oldest yields %v, middle %v; want neither (the oldest is the only one with the whole picture)", yOldest(), yMid())
+	}
+	mid.SetReady()
+	if !yOldest() || yMid() {
+		t.Fatalf("middle agent ready: oldest yields %v, middle %v; want the oldest only", yOldest(), yMid())
+	}
+	newest := reg()
+	yNewest := yieldHostRules(newest)
+	if !yOldest() {
+		t.Fatal("a newer agent is starting beside the ready middle one: the oldest stopped yielding and reconciles its stale picture again")
+	}
+	if yMid() || yNewest() {
+		t.Fatalf("newest starting: middle yields %v, newest %v; want neither (the middle one is in charge, the newest merges until its Sync)", yMid(), yNewest())
+	}
+	newest.SetReady()
+	if !yOldest() || !yMid() || yNewest() {
+		t.Fatalf("newest ready: yields oldest %v, middle %v, newest %v; want true, true, false", yOldest(), yMid(), yNewest())
+	}
+	// The newest dies (crash loop): the middle one is in charge again,
+	// the oldest still yields to it.
+	newest.Close()
+	if !yOldest() || yMid() {
+		t.Fatalf("newest gone: oldest yields %v, middle %v; want the oldest only", yOldest(), yMid())
+	}
+	mid.Close()
+	if yOldest() {
+		t.Fatal("no newer agent left, the oldest still yields")
+	}
+}

@@ -15,7 +15,10 @@
 //     ready by its predecessor's answer;
 //   - an agent that has a successor stops re-asserting the node's files
 //     (plugin binary, conflist entry), so two versions do not overwrite
-//     each other's binary until the old one exits.
+//     each other's binary until the old one exits;
+//   - an agent that has a ready successor (ReadySuccessor: any newer
+//     agent that is ready, so a third agent still starting does not
+//     count) leaves the host probe rules to it.
 //
 // Each agent registers a file under <stateDir>/instances named by its
 // start time (so names sort by age) and holds an exclusive flock on it for

@@ -98,6 +98,22 @@ func (s *Self) Successor() (Peer, bool) {
 	return peers[len(peers)-1], true
 }
 
+// ReadySuccessor is the newest live and ready agent that started after
+// this one, if any. Not always Successor: a rollout started in the
+// middle of a surge puts a third agent on the node, and the newest may
+// still be starting while the middle one is ready. What is handed over
+// once a successor is ready (the host probe rules) stays with the newest
+// ready agent; a newer agent that is not ready does not give it back.
+func (s *Self) ReadySuccessor() (Peer, bool) {
+	peers := s.live()
+	for i := len(peers) - 1; i >= 0; i-- {
+		if peers[i].Ready {
+			return peers[i], true
+		}
+	}
+	return Peer{}, false
+}
+
 // live lists the live agents newer than s, oldest first.
 func (s *Self) live() []Peer {
 	ents, err := os.ReadDir(s.dir)

@@ -166,3 +166,42 @@ func TestProbe(t *testing.T) {
 		t.Fatalf("probe with a hostile name: %v", err)
 	}
 }
+
+// TestReadySuccessorWithThreeAgents: a rollout started during a surge. The
+// oldest agent's Successor is the newest (still starting), its
+// ReadySuccessor the middle one, which is ready.
+func TestReadySuccessorWithThreeAgents(t *testing.T) {
+	dir := t.TempDir()
+	var agents [3]*Self
+	for i := range agents {
+		s, err := Register(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer s.Close()
+		agents[i] = s
+		time.Sleep(time.Microsecond) // distinct start times
+	}
+	oldest, mid, newest := agents[0], agents[1], agents[2]
+	if p, ok := oldest.ReadySuccessor(); ok {
+		t.Fatalf("no newer agent ready, ReadySuccessor %+v", p)
+	}
+	mid.SetReady()
+	if p, ok := oldest.Successor(); !ok || p.Name != newest.Name() || p.Ready {
+		t.Fatalf("oldest's Successor %+v %v, want the newest, not ready", p, ok)
+	}
+	if p, ok := oldest.ReadySuccessor(); !ok || p.Name != mid.Name() || !p.Ready {
+		t.Fatalf("oldest's ReadySuccessor %+v %v, want the middle agent", p, ok)
+	}
+	if p, ok := mid.ReadySuccessor(); ok {
+		t.Fatalf("middle agent's ReadySuccessor %+v, want none (the newest is not ready)", p)
+	}
+	newest.SetReady()
+	if p, ok := oldest.ReadySuccessor(); !ok || p.Name != newest.Name() {
+		t.Fatalf("all ready: oldest's ReadySuccessor %+v %v, want the newest", p, ok)
+	}
+	newest.Close()
+	if p, ok := oldest.ReadySuccessor(); !ok || p.Name != mid.Name() {
+		t.Fatalf("newest gone: oldest's ReadySuccessor %+v %v, want the middle agent", p, ok)
+	}
+}
