@@ -415,7 +415,9 @@ func (sv *Serving) inboundHBONE(raw *net.TCPConn) {
 	closing, closeCtx := sv.closing, sv.closeCtx
 	sv.hconns[hc] = struct{}{}
 	sv.mu.Unlock()
-	tr := sv.track(func() { hc.Close() })
+	// Cut only past Close's deadline: without waiting on the peer
+	// (abortConn), which a Shutdown already under way may be doing.
+	tr := sv.track(func() { abortConn(hc) })
 	if closing {
 		// Accepted before the listener closed, handshaken after Close
 		// began: the client may already be opening streams on it, so

@@ -2,6 +2,7 @@ package tunnel
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -227,7 +228,15 @@ func (pl *pool) size() int {
 	return n
 }
 
-func (pl *pool) close() {
+// close closes the pool and its connections, each with TLS's
+// close_notify.
+func (pl *pool) close() { pl.closeWith((*hbone.Conn).Close) }
+
+// abort closes the pool and its connections without waiting on any peer
+// (Close's cut, past its deadline; see abortConn).
+func (pl *pool) abort() { pl.closeWith(func(c *hbone.Conn) error { abortConn(c); return nil }) }
+
+func (pl *pool) closeWith(closeConn func(*hbone.Conn) error) {
 	pl.once.Do(func() { close(pl.stop) })
 	pl.mu.Lock()
 	var all []*hbone.Conn
@@ -237,6 +246,22 @@ func (pl *pool) close() {
 	pl.m = map[poolKey]*poolEntry{}
 	pl.mu.Unlock()
 	for _, c := range all {
-		c.Close()
+		closeConn(c)
 	}
+}
+
+// abortConn closes c without a word to its peer. crypto/tls's Close
+// writes close_notify under a 5 s write deadline of its own (it replaces
+// any deadline set before), so against a peer that stopped reading, its
+// socket buffer full, closing took 5 s, one connection after another.
+// Closing the TCP connection under the TLS first makes that write fail
+// at once. Only for cutting: a healthy peer whose close has time gets
+// close_notify (Close, Shutdown).
+func abortConn(c *hbone.Conn) {
+	nc := c.NetConn()
+	if tc, ok := nc.(*tls.Conn); ok {
+		nc = tc.NetConn()
+	}
+	nc.Close()
+	c.Close()
 }

@@ -335,8 +335,10 @@ func (s *Serving) Close(ctx context.Context) error {
 		// The pod's outbound HBONE connections go too: a stream whose
 		// write is blocked in the kernel (a peer that stopped
 		// answering, its socket buffer full) does not end with a reset
-		// queued behind that write, only with its connection.
-		s.pool.close()
+		// queued behind that write, only with its connection. Aborted,
+		// as the inbound ones were by their cut: past the deadline
+		// nothing waits on a peer (abortConn).
+		s.pool.abort()
 		s.waitQuiet(context.Background())
 	}
 	for _, c := range hconns {
