@@ -135,6 +135,12 @@ type Conn struct {
 	peerInitWin    int64
 	peerMaxFrame   uint32
 	peerMaxStreams uint32
+	// The smallest header table size the peer allowed since the last
+	// header block we encoded; applied to henc by the next encoder
+	// (under wmu), not by the read loop, which must never wait for a
+	// writer.
+	tableLimit     uint32
+	tableLimitSet  bool
 	reserved       int // streams open or being opened
 	goingAway      bool
 	closed         bool
@@ -504,30 +510,25 @@ func (c *Conn) writeBurstLocked(b []byte) error {
 	return err
 }
 
-// writeFrames writes b (whole frames) with any queued control frames
-// first, as one burst.
-func (c *Conn) writeFrames(b []byte) error {
-	c.wmu.Lock()
-	err := c.writeBurstLocked(b)
-	c.wmu.Unlock()
-	if err != nil {
-		c.closeWith(fmt.Errorf("hbone: write: %w", err), ErrCodeNo)
-		return ErrConnClosed
-	}
-	return nil
-}
-
 // encodeHeadersLocked encodes fields as HEADERS (+CONTINUATION) frames
 // into dst; wmu held (hpack state follows write order).
 func (c *Conn) encodeHeadersLocked(dst []byte, id uint32, fields []hpack.HeaderField, endStream bool) []byte {
+	c.mu.Lock()
+	max := int(c.peerMaxFrame)
+	limit, limitSet := c.tableLimit, c.tableLimitSet
+	c.tableLimitSet = false
+	c.mu.Unlock()
+	if limitSet {
+		// The encoder only ever shrinks its table to a limit, so the
+		// smallest limit seen stands for the whole sequence (and the
+		// size update it emits opens this block, RFC 7541 §4.2).
+		c.henc.SetMaxDynamicTableSizeLimit(limit)
+	}
 	c.hbuf.Reset()
 	for _, f := range fields {
 		_ = c.henc.WriteField(f)
 	}
 	block := c.hbuf.Bytes()
-	c.mu.Lock()
-	max := int(c.peerMaxFrame)
-	c.mu.Unlock()
 	first := true
 	for {
 		n := min(len(block), max)
@@ -903,19 +904,21 @@ func (c *Conn) checkBlock() error {
 }
 
 func (c *Conn) applySettings(ss []setting) {
-	for _, s := range ss {
-		if s.ID == settingHeaderTableSize {
-			// Our encoder keeps its table within what the peer allows.
-			// (wmu before mu: the order writers take them in.)
-			c.wmu.Lock()
-			c.henc.SetMaxDynamicTableSizeLimit(s.Val)
-			c.wmu.Unlock()
-		}
-	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for _, s := range ss {
 		switch s.ID {
+		case settingHeaderTableSize:
+			// Our encoder keeps its table within what the peer allows,
+			// from the next header block on. Not applied here: the
+			// encoder belongs to whoever holds wmu, and a writer can hold
+			// it for as long as the peer does not read; waiting for it in
+			// the read loop stops this side's reading too, and two peers
+			// doing that deadlock.
+			if !c.tableLimitSet || s.Val < c.tableLimit {
+				c.tableLimit = s.Val
+			}
+			c.tableLimitSet = true
 		case settingMaxConcurrentStreams:
 			c.peerMaxStreams = s.Val
 		case settingInitialWindowSize:

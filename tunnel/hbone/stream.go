@@ -65,6 +65,10 @@ type Stream struct {
 	toAppOnce sync.Once
 	toAppDone chan error
 
+	// wEnd: END_STREAM is written (under c.wmu, so it goes out once and
+	// no DATA follows it whoever races to write).
+	wEnd bool
+
 	// Send side and lifecycle, under c.mu.
 	sendWin   int64
 	sentEnd   bool
@@ -455,7 +459,20 @@ func (s *Stream) Respond(status int, extra []hpack.HeaderField) error {
 	end := status != 200
 	c := s.c
 	c.wmu.Lock()
-	err := c.writeBurstLocked(c.encodeHeadersLocked(nil, s.id, fields, end))
+	// Queued control frames first and the block encoded after them: a
+	// SETTINGS ACK queued meanwhile then follows this block, which was
+	// encoded under the limit that ACK acknowledges, or an older one.
+	c.corkOn()
+	err := c.writeCtlLocked()
+	if err == nil {
+		_, err = c.nc.Write(c.encodeHeadersLocked(nil, s.id, fields, end))
+	}
+	if ferr := c.corkOff(); err == nil {
+		err = ferr
+	}
+	if end && err == nil {
+		s.wEnd = true
+	}
 	c.wmu.Unlock()
 	if err != nil {
 		c.closeWith(err, ErrCodeNo)
@@ -528,6 +545,11 @@ func (s *Stream) sendFrom(buf []byte, n int, end bool) error {
 		}
 		fs := s.frameSize()
 		c.wmu.Lock()
+		if s.wEnd {
+			c.wmu.Unlock()
+			s.unreserve(k)
+			return errors.New("hbone: write after CloseWrite")
+		}
 		// The records of k bytes: 22 bytes of TLS overhead per 16 KiB,
 		// 9 of framing per frame, and room for queued control frames.
 		c.corkOnFor(k + k/256 + 4096)
@@ -543,6 +565,9 @@ func (s *Stream) sendFrom(buf []byte, n int, end bool) error {
 			putFrameHeader(buf[j:j+frameHeaderLen], frameHeader{Length: uint32(m), Type: frameData, Flags: flags, StreamID: s.id})
 			_, err = c.nc.Write(buf[j : j+frameHeaderLen+m])
 			j += m
+		}
+		if end && off+k == n && err == nil {
+			s.wEnd = true
 		}
 		if ferr := c.corkOff(); err == nil {
 			err = ferr
@@ -606,11 +631,33 @@ func (s *Stream) CloseWrite() error {
 	c.mu.Unlock()
 	var b [frameHeaderLen]byte
 	putFrameHeader(b[:], frameHeader{Type: frameData, Flags: flagEndStream, StreamID: s.id})
-	if err := c.writeFrames(b[:]); err != nil {
-		return err
+	c.wmu.Lock()
+	if s.wEnd {
+		// Another CloseWrite (or a send with END_STREAM) got here first.
+		c.wmu.Unlock()
+		return nil
+	}
+	err := c.writeBurstLocked(b[:])
+	if err == nil {
+		s.wEnd = true
+	}
+	c.wmu.Unlock()
+	if err != nil {
+		c.closeWith(fmt.Errorf("hbone: write: %w", err), ErrCodeNo)
+		return ErrConnClosed
 	}
 	s.sentEndStream()
 	return nil
+}
+
+// unreserve gives back send window reserved for bytes not sent.
+func (s *Stream) unreserve(n int) {
+	c := s.c
+	c.mu.Lock()
+	s.sendWin += int64(n)
+	c.connSendWin += int64(n)
+	c.cond.Broadcast()
+	c.mu.Unlock()
 }
 
 // consumed recycles delivered chunks and returns their window to the
