@@ -299,17 +299,19 @@ func (e *Engine) compileAll() ([]*compiledPolicy, []*compiledMode, []string, map
 		if cp != nil && in.pre != "" && cp.namespace == e.iroot {
 			cp.namespace = e.root // Istio's root namespace is mesh-wide
 		}
-		if res.APIVersion == APIVersion {
-			if errMsg == "" {
-				res.Accepted, res.Reason = true, ReasonAccepted
-			} else {
-				scope := "the workloads it selects"
-				if !selOK {
-					scope = "every workload of its namespace"
-				}
-				res.Reason = ReasonInvalid
-				res.Message = errMsg + "; enforced as deny-all for " + scope + " until fixed"
+		switch {
+		case errMsg != "":
+			// Istio's too: an unreadable Istio policy (an unknown field,
+			// an unknown action) is enforced as deny-all like ours, and
+			// its verdict must say so rather than "Accepted".
+			scope := "the workloads it selects"
+			if !selOK {
+				scope = "every workload of its namespace"
 			}
+			res.Accepted, res.Reason = false, ReasonInvalid
+			res.Message = errMsg + "; enforced as deny-all for " + scope + " until fixed"
+		case res.APIVersion == APIVersion:
+			res.Accepted, res.Reason = true, ReasonAccepted
 		}
 		if cp == nil {
 			continue

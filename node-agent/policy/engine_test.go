@@ -1,12 +1,17 @@
 package policy
 
 import (
+	"encoding/json"
+	"fmt"
 	"maps"
+	"slices"
 	"strings"
 	"testing"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/ambit-mesh/ambit/tunnel"
 )
 
 func decodeT(t testing.TB, docs string) Set {
@@ -100,7 +105,9 @@ func TestResults(t *testing.T) {
 		istio("shop", "l7", `
 rules:
 - to: [{operation: {methods: [GET], ports: ["80"]}}]`)+istio("shop", "waypoint", `
-targetRefs: [{kind: Service, group: "", name: web}]`)+
+targetRefs: [{kind: Service, group: "", name: web}]`)+istio("shop", "typo", `
+rules:
+- from: [{source: {notPrincipal: ["*"]}}]`)+istio("shop", "action", "action: ALOW")+
 		mode("shop", "m1", "mode: STRICT")+mode("shop", "m2", "mode: PERMISSIVE")+
 		peer("bank", "pa", "mtls: {mode: DISABLE}")))
 	got := map[string]Result{}
@@ -121,13 +128,24 @@ targetRefs: [{kind: Service, group: "", name: web}]`)+
 	check("ambit.dev/v1alpha1 bad", false, ReasonInvalid, `spec.action: Unsupported value: "MAYBE"`)
 	check("security.istio.io/v1 l7", false, ReasonUnsupported, "spec.rules[0].to[0].operation.methods")
 	check("security.istio.io/v1 waypoint", false, ReasonUnsupported, "not enforced")
+	// Unreadable Istio policies are enforced as deny-all, as ours are,
+	// and say so (they were reported Accepted while denying everything).
+	check("security.istio.io/v1 typo", false, ReasonInvalid, `unknown field "spec.rules[0].from[0].source.notPrincipal"; enforced as deny-all`)
+	check("security.istio.io/v1 action", false, ReasonInvalid, `"ALOW"`)
+	e2 := New(Options{Logger: discardLogger()})
+	e2.Update("t", decodeT(t, istio("shop", "typo", "rules:\n- from: [{source: {notPrincipal: [\"*\"]}}]")))
+	if v := e2.Authorize(conn(ui, "10.1.0.5", web, 80)); v.Allow || v.Policy != "istio:shop/typo" {
+		t.Errorf("a connection under the unreadable Istio policy: %+v, want denied by it", v)
+	}
 	check("ambit.dev/v1alpha1 m1", true, ReasonAccepted, "")
 	check("ambit.dev/v1alpha1 m2", false, ReasonConflict, "m1")
 	check("security.istio.io/v1 pa", false, ReasonUnsupported, `spec.mtls.mode: Unsupported value: "DISABLE"`)
 }
 
 // FuzzDecode: whatever the bytes, decoding, validating, compiling and
-// authorizing never panics.
+// authorizing never panics, and what comes out holds: one verdict per
+// object, the same decision for the same connection, the same decisions
+// after a re-encode, and no hole in a mesh-wide deny-all.
 func FuzzDecode(f *testing.F) {
 	f.Add([]byte(pol("shop", "p", allowUI)))
 	f.Add([]byte(mode("shop", "m", "mode: STRICT\nports: [{port: 80, mode: PERMISSIVE}]")))
@@ -137,12 +155,111 @@ func FuzzDecode(f *testing.F) {
 	f.Fuzz(func(t *testing.T, data []byte) {
 		set, _ := Decode(strings.NewReader(string(data)))
 		e := New(Options{Logger: discardLogger()})
-		e.Update("fuzz", set)
-		for _, c := range []string{ui, "", batch} {
-			e.Authorize(conn(c, "10.1.0.5", web, 80))
-			e.Authorize(conn(c, "fd00::1", db, 443))
+		res := e.Update("fuzz", set)
+
+		// Every object gets exactly one verdict, and a verdict says
+		// accepted exactly when its reason does.
+		if n := len(set.Policies) + len(set.Modes) + len(set.IstioPolicies) + len(set.IstioPeerAuthentications); len(res) != n {
+			t.Fatalf("%d results for %d objects", len(res), n)
+		}
+		for _, r := range res {
+			if r.Accepted != (r.Reason == ReasonAccepted) {
+				t.Fatalf("result %+v: Accepted disagrees with its reason", r)
+			}
+		}
+
+		// The same connection gets the same verdict every time (the
+		// first call fills the workload's cache, the second reads it).
+		probes := fuzzProbes()
+		first := verdicts(e, probes)
+		if again := verdicts(e, probes); !slices.Equal(first, again) {
+			t.Fatalf("verdicts changed on a second call:\n%v\n%v", first, again)
+		}
+
+		// Re-encoding what was decoded changes no decision: what the
+		// API server stores and hands back is what the agent enforces.
+		// (Not for invalid objects: their unknown fields are not kept.)
+		if !slices.ContainsFunc(res, func(r Result) bool { return r.Reason == ReasonInvalid }) {
+			re, errs := Decode(strings.NewReader(encodeSet(t, set)))
+			if len(errs) > 0 {
+				t.Fatalf("re-encoded set does not decode: %v", errs)
+			}
+			e2 := New(Options{Logger: discardLogger()})
+			e2.Update("fuzz", re)
+			if got := verdicts(e2, probes); !slices.Equal(first, got) {
+				t.Fatalf("verdicts differ after a re-encode:\n%v\n%v", first, got)
+			}
+		}
+
+		// A mesh-wide DENY of everything wins over whatever else is in
+		// force: no fuzzed object can open a hole in it.
+		for _, p := range set.Policies {
+			if p.Namespace == DefaultRootNamespace && p.Name == "zz-fuzz-guard" {
+				return
+			}
+		}
+		guard, errs := Decode(strings.NewReader(pol(DefaultRootNamespace, "zz-fuzz-guard", "action: DENY\nrules: [{}]")))
+		if len(errs) > 0 {
+			t.Fatal(errs)
+		}
+		e.Update("guard", guard)
+		for i, v := range verdicts(e, probes) {
+			if strings.HasPrefix(v, "allow ") {
+				t.Fatalf("%v allowed under a mesh-wide deny-all: %s", probes[i], v)
+			}
 		}
 	})
+}
+
+func fuzzProbes() []tunnel.ConnInfo {
+	var out []tunnel.ConnInfo
+	for _, c := range []string{ui, "", batch, shopWeb, foreign} {
+		for _, w := range []tunnel.Workload{web, db, api, gw} {
+			out = append(out, conn(c, "10.1.0.5", w, 80), conn(c, "fd00::1", w, 443), conn(c, "192.168.3.4", w, 1))
+		}
+	}
+	return out
+}
+
+func verdicts(e *Engine, probes []tunnel.ConnInfo) []string {
+	out := make([]string, len(probes))
+	for i, c := range probes {
+		v := e.Authorize(c)
+		verb := "deny"
+		if v.Allow {
+			verb = "allow"
+		}
+		out[i] = fmt.Sprintf("%s %s (%s)", verb, v.Policy, v.Reason)
+	}
+	return out
+}
+
+// encodeSet writes set back as YAML documents, as the API server would
+// return the objects.
+func encodeSet(t *testing.T, set Set) string {
+	var b strings.Builder
+	add := func(v any) {
+		js, err := json.Marshal(v)
+		if err != nil {
+			t.Fatalf("marshal %T: %v", v, err)
+		}
+		b.WriteString("---\n")
+		b.Write(js)
+		b.WriteString("\n")
+	}
+	for i := range set.Policies {
+		add(&set.Policies[i])
+	}
+	for i := range set.Modes {
+		add(&set.Modes[i])
+	}
+	for i := range set.IstioPolicies {
+		add(&set.IstioPolicies[i])
+	}
+	for i := range set.IstioPeerAuthentications {
+		add(&set.IstioPeerAuthentications[i])
+	}
+	return b.String()
 }
 
 // TestAuthorizeAllocatesNothing: the per-connection path (allowed, with
