@@ -3,9 +3,12 @@ package config
 import (
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
+
+	"sigs.k8s.io/yaml"
 )
 
 func write(t *testing.T, body string) string {
@@ -84,11 +87,31 @@ func FuzzParse(f *testing.F) {
 	f.Add([]byte("nodeName: n1\ndrainTimeout: 5s\n"))
 	f.Add([]byte(`{"socket":"/x","excludedNamespaces":["a"]}`))
 	f.Add([]byte("- a\n- b"))
+	f.Add([]byte("nodeName: n1\nstateDir: /var/run/ambit\nsource: inventory\ninventoryFile: /i\n"))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		c := Default()
 		if err := Parse(b, &c); err != nil {
 			return
 		}
-		_ = c.finish()
+		if err := c.finish(); err != nil {
+			return
+		}
+		// A config the agent accepts says the same thing written back
+		// (what `ambit-agent` logs at start, what an operator copies
+		// into a ConfigMap): nothing is lost or changed on the way.
+		out, err := yaml.Marshal(c)
+		if err != nil {
+			t.Fatalf("marshal an accepted config: %v", err)
+		}
+		c2 := Default()
+		if err := Parse(out, &c2); err != nil {
+			t.Fatalf("an accepted config written back does not parse: %v\n%s", err, out)
+		}
+		if err := c2.finish(); err != nil {
+			t.Fatalf("an accepted config written back is refused: %v\n%s", err, out)
+		}
+		if !reflect.DeepEqual(c, c2) {
+			t.Fatalf("written back and read again, the config differs:\n%+v\n%+v\n%s", c, c2, out)
+		}
 	})
 }
