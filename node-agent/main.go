@@ -236,6 +236,16 @@ func run(ctx context.Context, args []string) error {
 		return err
 	}
 	defer self.Close()
+	// From SIGTERM on this agent maintains nothing for the node, though
+	// it lives on while it drains: an older agent still running (this
+	// one's pod deleted during a surge, a rollback) must not keep
+	// yielding the host rules, readiness and CNI files to it until then.
+	unmark := context.AfterFunc(ctx, func() {
+		if err := self.Stopping(); err != nil {
+			log.Warn("instance registry", "err", err)
+		}
+	})
+	defer unmark()
 	self.Prune()
 	if o.instanceFile != "" {
 		if err := self.WriteName(o.instanceFile); err != nil {

@@ -25,6 +25,9 @@
 // its whole life: the kernel drops the lock when the process dies, kill -9
 // included, so a file whose lock can be taken belongs to a dead agent and
 // is removed by whoever notices. Readiness is a second file, <name>.ready,
-// created when the agent is ready. The files are tiny and the directory is
+// created when the agent is ready. An agent that begins shutting down
+// (SIGTERM) appends a "stopping" line to its entry and removes its ready
+// marker: while it drains it is nobody's successor, so an older agent
+// still running takes back what it had yielded at once. The files are tiny and the directory is
 // read at most once per health probe or installer pass.
 package instance

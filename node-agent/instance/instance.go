@@ -5,6 +5,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"slices"
@@ -27,10 +28,11 @@ const (
 type Self struct {
 	dir, name string
 
-	mu     sync.Mutex
-	f      *os.File // holds the flock; nil once closed
-	ready  bool
-	closed bool
+	mu       sync.Mutex
+	f        *os.File // holds the flock; nil once closed
+	ready    bool
+	stopping bool
+	closed   bool
 }
 
 // Peer is another live agent.
@@ -77,7 +79,7 @@ func (s *Self) Name() string { return s.name }
 func (s *Self) SetReady() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.closed || s.ready {
+	if s.closed || s.ready || s.stopping {
 		return nil
 	}
 	f, err := os.OpenFile(filepath.Join(s.dir, s.name+readySuffix), os.O_CREATE|os.O_WRONLY, 0o644)
@@ -86,6 +88,40 @@ func (s *Self) SetReady() error {
 	}
 	s.ready = true
 	return f.Close()
+}
+
+// stoppingLine, appended to an entry, says its agent is shutting down.
+const stoppingLine = "stopping\n"
+
+// Stopping records that this agent is shutting down (SIGTERM): from now
+// on it is no one's successor, ready or starting, although it stays
+// alive (its entry locked) while it drains its connections for up to
+// drainTimeout. It maintains nothing for the node meanwhile (its
+// host-rule loop and installer stopped with it), so an older agent still
+// running (this one's pod deleted during a surge, a rollback) must take
+// the host rules, its readiness and the node's files back at once, not
+// once this process exits.
+//
+// The mark is a line appended to the locked entry, written before the
+// ready marker is removed, so no peer sees this agent as a starting
+// successor in between. The ready marker goes too because agents before
+// the mark existed read only that one (they see a starting successor:
+// they take the host rules back, and keep answering 503 and leaving the
+// node's files alone until this process exits, as before). Idempotent.
+func (s *Self) Stopping() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed || s.stopping {
+		return nil
+	}
+	s.stopping = true
+	if _, err := s.f.WriteString(stoppingLine); err != nil {
+		return fmt.Errorf("instance registry: marking %s stopping: %w", s.name, err)
+	}
+	if err := os.Remove(filepath.Join(s.dir, s.name+readySuffix)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("instance registry: %w", err)
+	}
+	return nil
 }
 
 // Successor is the newest live agent that started after this one, if
@@ -114,7 +150,8 @@ func (s *Self) ReadySuccessor() (Peer, bool) {
 	return Peer{}, false
 }
 
-// live lists the live agents newer than s, oldest first.
+// live lists the live agents newer than s that are not stopping, oldest
+// first.
 func (s *Self) live() []Peer {
 	ents, err := os.ReadDir(s.dir)
 	if err != nil {
@@ -135,9 +172,13 @@ func (s *Self) live() []Peer {
 	slices.Sort(names)
 	var peers []Peer
 	for _, n := range names {
-		if !alive(filepath.Join(s.dir, n)) {
+		live, stopping := entryState(filepath.Join(s.dir, n))
+		if !live {
 			os.Remove(filepath.Join(s.dir, n))
 			os.Remove(filepath.Join(s.dir, n+readySuffix))
+			continue
+		}
+		if stopping {
 			continue
 		}
 		peers = append(peers, Peer{Name: n, Ready: readyFiles[n]})
@@ -176,19 +217,28 @@ func (s *Self) Prune() {
 // alive reports whether the agent that registered path still holds its
 // lock. An entry that cannot be opened (already removed) is not alive.
 func alive(path string) bool {
+	live, _ := entryState(path)
+	return live
+}
+
+// entryState is alive, and whether a live agent marked itself stopping.
+func entryState(path string) (live, stopping bool) {
 	f, err := os.Open(path)
 	if err != nil {
-		return false
+		return false, false
 	}
 	defer f.Close()
 	err = unix.Flock(int(f.Fd()), unix.LOCK_SH|unix.LOCK_NB)
 	if err == nil {
 		unix.Flock(int(f.Fd()), unix.LOCK_UN)
-		return false
+		return false, false
 	}
 	// EWOULDBLOCK: held. Any other error: assume alive rather than delete
-	// a live agent's entry.
-	return true
+	// a live agent's entry. The entry is "pid N\n", then the stopping
+	// line: a few bytes.
+	var b [128]byte
+	n, _ := io.ReadFull(f, b[:])
+	return true, strings.Contains(string(b[:n]), "\n"+stoppingLine)
 }
 
 // Close removes this agent's entry and releases the lock. Called when the
@@ -233,8 +283,12 @@ func Probe(stateDir, nameFile string) error {
 		return fmt.Errorf("%s: bad instance name %q", nameFile, name)
 	}
 	entry := filepath.Join(stateDir, Dir, name)
-	if !alive(entry) {
+	live, stopping := entryState(entry)
+	if !live {
 		return fmt.Errorf("agent %s is not running (a previous process?)", name)
+	}
+	if stopping {
+		return fmt.Errorf("agent %s is stopping", name)
 	}
 	if _, err := os.Stat(entry + readySuffix); err != nil {
 		return fmt.Errorf("agent %s is starting", name)

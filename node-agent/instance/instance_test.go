@@ -205,3 +205,60 @@ func TestReadySuccessorWithThreeAgents(t *testing.T) {
 		t.Fatalf("newest gone: oldest's ReadySuccessor %+v %v, want the middle agent", p, ok)
 	}
 }
+
+// A ready successor that begins shutting down is no one's successor any
+// more, although it stays alive (locked) while it drains: the older agent
+// is the newest again at once, and the stopping agent's own startup
+// probe fails.
+func TestStoppingSuccessorStopsCounting(t *testing.T) {
+	dir := t.TempDir()
+	old, err := Register(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer old.Close()
+	old.SetReady()
+	time.Sleep(time.Microsecond)
+	neu, err := Register(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer neu.Close()
+	neu.SetReady()
+	nameFile := filepath.Join(t.TempDir(), "name")
+	neu.WriteName(nameFile)
+	if _, ok := old.ReadySuccessor(); !ok {
+		t.Fatal("ready successor not seen")
+	}
+	if err := neu.Stopping(); err != nil {
+		t.Fatal(err)
+	}
+	if p, ok := old.Successor(); ok {
+		t.Fatalf("a stopping agent still counts as a successor: %+v", p)
+	}
+	if p, ok := old.ReadySuccessor(); ok {
+		t.Fatalf("a stopping agent still counts as a ready successor: %+v", p)
+	}
+	if _, err := os.Stat(filepath.Join(dir, Dir, neu.Name()+readySuffix)); !os.IsNotExist(err) {
+		t.Fatalf("the stopping agent's ready marker is still there (agents before the stopping mark read only it): %v", err)
+	}
+	if !alive(filepath.Join(dir, Dir, neu.Name())) {
+		t.Fatal("the stopping agent's entry is taken for a dead one")
+	}
+	if err := Probe(dir, nameFile); err == nil || !strings.Contains(err.Error(), "stopping") {
+		t.Fatalf("startup probe of a stopping agent: %v", err)
+	}
+	neu.SetReady() // a late readiness (the ready signal racing SIGTERM) does not undo it
+	if _, ok := old.ReadySuccessor(); ok {
+		t.Fatal("SetReady after Stopping made the agent a ready successor again")
+	}
+	old.Prune()
+	if _, err := os.Stat(filepath.Join(dir, Dir, neu.Name())); err != nil {
+		t.Fatalf("Prune removed a stopping (live) agent's entry: %v", err)
+	}
+	neu.Close()
+	ents, _ := os.ReadDir(filepath.Join(dir, Dir))
+	if len(ents) != 2 { // old's entry and its .ready
+		t.Fatalf("entries left: %v", ents)
+	}
+}
