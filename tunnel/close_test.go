@@ -371,3 +371,23 @@ func TestCloseLeavesNoPooledConnection(t *testing.T) {
 	}
 	t.Fatalf("after Close, A's pod still holds an HBONE connection:\n%s", left)
 }
+
+// TestCloseCutsADialInFlight: B's 15008 drops every SYN (a partition, a
+// NetworkPolicy), so A's agent is still dialling HBONE for its app's
+// connection when Close's deadline passes. The cut closes what is
+// connected; a dial in flight must end with it too, not run to the
+// connect timeout (10 s) while Close waits for it.
+func TestCloseCutsADialInFlight(t *testing.T) {
+	m := newMesh(t)
+	m.B.Pod.Run(t, "nft", "add table inet amb_close_test; add chain inet amb_close_test in { type filter hook input priority 0; policy accept; }; add rule inet amb_close_test in tcp dport 15008 drop")
+	t.Cleanup(func() { m.B.Pod.Run(t, "nft", "delete table inet amb_close_test") })
+	c, err := m.A.Dial(netip.AddrPortFrom(m.B.Pod.IP4, 8080))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	fmt.Fprintf(c, "echo\n")
+	time.Sleep(100 * time.Millisecond) // A's agent is dialling B's 15008
+
+	closeWithin(t, m.A.Serving, "the HBONE dial towards the unreachable peer is still in flight")
+}

@@ -112,10 +112,13 @@ func (pl *pool) conn(ctx context.Context, key poolKey) (*hbone.Conn, error) {
 			pl.mu.Unlock()
 			c, err := pl.dial(ctx, key)
 			pl.mu.Lock()
-			if err == nil && pl.closed() {
+			if pl.closed() {
 				// close ran meanwhile (Close's cut) and cannot see
-				// this connection: it must not outlive the pool.
-				c.Close()
+				// this connection: it must not outlive the pool. A
+				// dial it cut short fails for the same reason.
+				if err == nil {
+					c.Close()
+				}
 				err = errPoolClosed
 			}
 			e.dialing = nil
@@ -161,6 +164,16 @@ func (e *dialError) Unwrap() error { return e.err }
 func (pl *pool) dial(ctx context.Context, key poolKey) (*hbone.Conn, error) {
 	ctx, cancel := context.WithTimeout(ctx, pl.p.connectTimeout)
 	defer cancel()
+	// Closing the pool (Close's cut, past its deadline) ends a dial in
+	// flight too: towards a peer that drops SYNs, it would run to the
+	// connect timeout while Close waits for its connection.
+	go func() {
+		select {
+		case <-pl.stop:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
 	raw, err := pl.net.Dial(ctx, netip.Addr{}, key.addr)
 	if err != nil {
 		if errors.Is(err, context.DeadlineExceeded) {
