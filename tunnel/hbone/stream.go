@@ -219,8 +219,13 @@ func (s *Stream) finToApp(app *net.TCPConn) {
 // finishToApp records the end of the stream → app direction, once.
 func (s *Stream) finishToApp(err error) {
 	s.toAppOnce.Do(func() {
-		if s.toAppDone != nil {
-			s.toAppDone <- err
+		// Under rmu: Splice sets toAppDone (under rmu) while a reset
+		// from another goroutine may be finishing here.
+		s.rmu.Lock()
+		done := s.toAppDone
+		s.rmu.Unlock()
+		if done != nil {
+			done <- err
 		}
 	})
 }
