@@ -100,11 +100,17 @@ func nextFrame(t *testing.T, frames <-chan rawFrame, what string, want func(rawF
 // new limit must still open our next header block.
 func TestSettingsDoNotWaitForWriter(t *testing.T) {
 	got := make(chan string, 1)
+	write := make(chan struct{})
 	p := newRawPeer(t, Config{}, func(s *Stream) {
 		if err := s.Respond(200, nil); err != nil || s.ID() != 1 {
 			return
 		}
-		go s.Write(make([]byte, 64<<10)) // blocks: the peer stops reading
+		// Once the peer has stopped reading: it takes at most the frame
+		// it was reading, and the next write blocks holding the lock
+		// (were the peer still reading, the window would run out first
+		// and the writer would wait for it without the lock).
+		<-write
+		go s.Write(make([]byte, 64<<10))
 		b := make([]byte, 4)
 		if _, err := io.ReadFull(s, b); err == nil {
 			got <- string(b)
@@ -116,6 +122,7 @@ func TestSettingsDoNotWaitForWriter(t *testing.T) {
 	// The peer reads nothing more now; wait until a writer holds the
 	// write lock, blocked on the pipe.
 	p.gate.Lock()
+	close(write)
 	held := 0
 	for deadline := time.Now().Add(5 * time.Second); held < 20; time.Sleep(5 * time.Millisecond) {
 		if time.Now().After(deadline) {
