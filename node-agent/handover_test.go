@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"io"
 	"net"
 	"net/netip"
@@ -18,6 +19,7 @@ import (
 	"time"
 
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 
 	"github.com/ambit-mesh/ambit/internal/testenv"
 	"github.com/ambit-mesh/ambit/plugin/cniproto"
@@ -290,10 +292,18 @@ func TestStoppingAgentHandsHostRulesBack(t *testing.T) {
 	neu := n.start("new") // adopts pod a; the old agent yields
 	podB := newTestPod(t, "b", "10.74.22", true)
 	podB.add(t, n.socket()) // the new agent holds the socket now
-	if got := podB.listeners(t, "15001"); got != 1 {
-		t.Fatalf("pod b enrolled by the new agent: %d listeners on 15001, want 1", got)
+	// The old agent follows the records the new one writes (a rollback
+	// leaves it alone with them): it serves pod b too.
+	eventually(t, 10*time.Second, "the old agent's listeners in pod b, enrolled by the new agent", func() bool {
+		return podB.listeners(t, "15001") == 2
+	})
+	// Something for the new agent to drain: connections through pod b's
+	// outbound listeners, spread over both agents (SO_REUSEPORT); with 16
+	// the new agent holds none once in 65,536 runs.
+	var drained []net.Conn
+	for range 16 {
+		drained = append(drained, podB.dialPeer(t))
 	}
-	drained := podB.dialPeer(t) // held by the new agent: something to drain
 
 	// The old agent yields: a deleted table is put back by the new one.
 	sh(t, "ip", "netns", "exec", n.ns, "nft", "delete", "table", "inet", "ambit-host")
@@ -329,7 +339,104 @@ func TestStoppingAgentHandsHostRulesBack(t *testing.T) {
 	if !neu.running() {
 		t.Fatal("the newer agent stopped draining before the check: the test proves nothing")
 	}
-	drained.Close() // the drain ends with it
+	if rules := n.hostRules(); !strings.Contains(rules, podB.ip) {
+		t.Errorf("the older agent's picture lacks pod b, which the newer one enrolled:\n%s", rules)
+	}
+	for _, c := range drained {
+		c.Close() // the drain ends with them
+	}
 	neu.stop(t, 10*time.Second)
+	// The older agent alone: it serves the pod the newer one enrolled.
+	if got := podB.listeners(t, "15001"); got != 1 {
+		t.Fatalf("newer agent gone: %d listeners on 15001 in pod b, want the older agent's 1", got)
+	}
+	podB.dialPeer(t).Close()
 	old.stop(t, 10*time.Second)
+}
+
+// preConnected is a plugin exchange whose connection the agent holding
+// the socket accepted before the request was sent: an ambit-cni that
+// connected just before the hand-over and was slow to write (preempted,
+// a loaded node). The request is answered by that agent, whoever holds
+// the socket by then.
+type preConnected struct{ fd int }
+
+func preConnect(t *testing.T, socket string) *preConnected {
+	t.Helper()
+	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Close(fd) })
+	if err := unix.Connect(fd, &unix.SockaddrUnix{Name: socket}); err != nil {
+		t.Fatal(err)
+	}
+	return &preConnected{fd: fd}
+}
+
+func (c *preConnected) call(t *testing.T, req *cniproto.Request, netnsFile *os.File) *cniproto.Response {
+	t.Helper()
+	b, err := json.Marshal(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Sendmsg(c.fd, b, unix.UnixRights(int(netnsFile.Fd())), nil, 0); err != nil {
+		t.Fatal(err)
+	}
+	tv := unix.NsecToTimeval((20 * time.Second).Nanoseconds())
+	unix.SetsockoptTimeval(c.fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv)
+	buf := make([]byte, cniproto.MaxMessageSize)
+	n, _, _, _, err := unix.Recvmsg(c.fd, buf, nil, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := cniproto.DecodeResponse(buf[:n])
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp
+}
+
+// TestPodEnrolledByTheOldAgentAfterTheScan: an ADD the old agent
+// accepted before the new agent took the plugin socket is served by the
+// old agent after the new one has read the pod records (here: after it
+// is ready). The new agent must end up serving that pod too: listeners
+// beside the old agent's, the pod in its host-rule picture (its
+// reconciles keep the entry), and the pod still served once the old
+// agent is gone.
+func TestPodEnrolledByTheOldAgentAfterTheScan(t *testing.T) {
+	n := newNode(t, "drainTimeout: 1s\nrequestTimeout: 60s\n")
+	old := n.start("old")
+	pc := preConnect(t, n.socket()) // accepted by the old agent
+	time.Sleep(100 * time.Millisecond)
+	neu := n.start("new") // took the socket, re-adopted (nothing), ready
+
+	pod := newTestPod(t, "late", "10.74.23", true)
+	resp := pc.call(t, pod.request(cniproto.OpAdd), pod.netnsFile(t))
+	if resp.Error != "" || resp.Decision != cniproto.Enroll {
+		t.Fatalf("ADD served by the old agent: %+v", resp)
+	}
+	if got := pod.listeners(t, "15001"); got < 1 {
+		t.Fatal("the old agent did not serve the pod")
+	}
+	eventually(t, 10*time.Second, "the new agent's listeners in the pod the old agent enrolled after its scan (2 on 15001)", func() bool {
+		return pod.listeners(t, "15001") == 2
+	})
+	// More than one host-rule reconcile of the new agent (every 5 s): the
+	// entry the old agent added is in its picture, not drift.
+	time.Sleep(6 * time.Second)
+	if !strings.Contains(n.hostRules(), pod.ip) {
+		t.Fatalf("the new agent's reconcile removed the host rule of the pod the old agent enrolled:\n%s", n.hostRules())
+	}
+	old.stop(t, 10*time.Second)
+	for _, port := range []string{"15001", "15006", "15008"} {
+		if got := pod.listeners(t, port); got != 1 {
+			t.Fatalf("old agent gone: %d listeners on %s in the pod, want the new agent's 1", got, port)
+		}
+	}
+	pod.dialPeer(t).Close() // served by the new agent
+	if !strings.Contains(n.hostRules(), pod.ip) {
+		t.Fatalf("old agent gone: the pod's host rule is missing:\n%s", n.hostRules())
+	}
+	neu.stop(t, 10*time.Second)
 }

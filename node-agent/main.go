@@ -280,7 +280,7 @@ func run(ctx context.Context, args []string) error {
 		}
 	}
 	a, err := agent.New(agent.Options{Config: cfg, View: view, Status: status, Tunnel: agent.ProxyTunnel{Proxy: proxy},
-		Certs: ids, Host: host, Keeper: keep, Registerer: reg, Health: hs, Logger: log})
+		Certs: ids, Host: host, Keeper: keep, Registerer: reg, Health: hs, Peers: self.Others, Logger: log})
 	if err != nil {
 		return err
 	}

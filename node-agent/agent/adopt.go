@@ -16,8 +16,8 @@ import (
 // (recorded path verified by inode and pod IP, else the /proc scan), opens
 // its listeners beside the old agent's (SO_REUSEPORT), and verifies and
 // repairs its rules. Records of pods that are gone are dropped. It returns
-// the number of enrolled pods adopted.
-func (a *Agent) adopt(ctx context.Context) int {
+// the number of enrolled pods adopted and the names of the records read.
+func (a *Agent) adopt(ctx context.Context) (int, map[string]bool) {
 	recs, errs := a.store.List()
 	for _, err := range errs {
 		a.log.Warn("pod record unreadable", "err", err)
@@ -41,14 +41,19 @@ func (a *Agent) adopt(ctx context.Context) int {
 		}()
 	}
 	wg.Wait()
-	return int(n.Load())
+	return int(n.Load()), namesOf(recs)
 }
 
 func (a *Agent) adoptOne(ctx context.Context, rec state.Pod, scan *lazyScan) bool {
-	start := time.Now()
-	orig := rec
 	unlock := a.lock(rec.Namespace, rec.Name)
 	defer unlock()
+	return a.adoptLocked(ctx, rec, scan)
+}
+
+// adoptLocked is adoptOne under the pod's lock.
+func (a *Agent) adoptLocked(ctx context.Context, rec state.Pod, scan *lazyScan) bool {
+	start := time.Now()
+	orig := rec
 	podName := rec.Namespace + "/" + rec.Name
 	f, rec, err := a.locate(rec, rec.IPs, rec.UID, scan)
 	if err != nil {

@@ -52,6 +52,11 @@ type Options struct {
 	Registerer prometheus.Registerer
 	// Health, if set, is marked ready once the agent adopted its pods.
 	Health *health.Server
+	// Peers, if set, says whether another agent runs on this node (a
+	// surge upgrade): while one does, a pod record that disappears was
+	// removed by that agent's DEL, and this agent releases the pod too
+	// (peers.go). Records other agents write are adopted either way.
+	Peers  func() bool
 	Logger *slog.Logger
 }
 
@@ -74,6 +79,7 @@ type Agent struct {
 	store        *state.Store
 	m            *metrics
 	health       *health.Server
+	peers        func() bool
 	log          *slog.Logger
 	static       bool
 
@@ -151,7 +157,7 @@ func New(o Options) (*Agent, error) {
 		keeper: o.Keeper,
 		spec:   spec,
 		policy: enrollment.NewPolicy(o.Config.EnrollLabel, o.Config.ExcludedNamespaces),
-		store:  st, m: newMetrics(o.Registerer), health: o.Health, log: o.Logger,
+		store:  st, m: newMetrics(o.Registerer), health: o.Health, peers: o.Peers, log: o.Logger,
 		byCID: map[string]*pod{}, byName: map[string]*pod{},
 		queue: newQueue(), statusQ: make(chan statusUpdate, 4096), ready: make(chan struct{}),
 	}
@@ -222,7 +228,14 @@ func (a *Agent) RunListener(ctx context.Context, l *net.UnixListener) error {
 	go func() { defer close(statusDone); a.statusLoop(statusCtx) }()
 
 	start := time.Now()
-	n := a.adopt(ctx)
+	n, seen := a.adopt(ctx)
+	// Another agent of the node (a surge upgrade) may still write records
+	// after the list adoption read: follow them from now on, and have
+	// those written meanwhile adopted before the host rules are synced.
+	following := make(chan struct{})
+	wg.Add(1)
+	go func() { defer wg.Done(); a.followRecords(ctx, seen, following) }()
+	<-following
 	a.m.adoptSeconds.Set(time.Since(start).Seconds())
 	if a.keeper != nil {
 		// Every pod re-adopted has put its new listeners (closing the

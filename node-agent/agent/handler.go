@@ -248,9 +248,14 @@ func (a *Agent) register(p *pod) {
 // del forgets a sandbox: listeners closed and drained in the background,
 // record removed. Unknown sandboxes are fine (DEL is idempotent).
 func (a *Agent) del(req *cniproto.Request) *cniproto.Response {
-	rp := req.Pod
-	unlock := a.lock(rp.Namespace, rp.Name)
+	unlock := a.lock(req.Pod.Namespace, req.Pod.Name)
 	defer unlock()
+	return a.delLocked(req)
+}
+
+// delLocked is del under the pod's lock.
+func (a *Agent) delLocked(req *cniproto.Request) *cniproto.Response {
+	rp := req.Pod
 	key := rp.Namespace + "/" + rp.Name
 	a.mu.Lock()
 	p := a.byCID[rp.ContainerID]

@@ -150,6 +150,25 @@ func (s *Self) ReadySuccessor() (Peer, bool) {
 	return Peer{}, false
 }
 
+// Others reports whether another agent, older or newer, stopping or not,
+// is alive on the node: records of pods it serves may still change.
+func (s *Self) Others() bool {
+	ents, err := os.ReadDir(s.dir)
+	if err != nil {
+		return false
+	}
+	for _, e := range ents {
+		n := e.Name()
+		if n == s.name || strings.HasPrefix(n, tmpPrefix) || strings.HasSuffix(n, readySuffix) {
+			continue
+		}
+		if alive(filepath.Join(s.dir, n)) {
+			return true
+		}
+	}
+	return false
+}
+
 // live lists the live agents newer than s that are not stopping, oldest
 // first.
 func (s *Self) live() []Peer {

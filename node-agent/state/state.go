@@ -139,6 +139,47 @@ func (s *Store) List() ([]Pod, []error) {
 	return out, errs
 }
 
+// Names lists the file names of the records (as List reads them), for a
+// caller that follows records written by another agent (node-agent/agent,
+// a surge upgrade) without reading every one each time.
+func (s *Store) Names() ([]string, error) {
+	ents, err := os.ReadDir(s.dir)
+	if err != nil {
+		return nil, fmt.Errorf("state: %w", err)
+	}
+	out := make([]string, 0, len(ents))
+	for _, e := range ents {
+		if n := e.Name(); strings.HasSuffix(n, ".json") && !strings.HasPrefix(n, ".") {
+			out = append(out, n)
+		}
+	}
+	return out, nil
+}
+
+// FileName is the name of containerID's record, as Names lists it.
+func FileName(containerID string) string { return Key(containerID) + ".json" }
+
+// Read reads the record named name (from Names). A record gone meanwhile
+// is an error satisfying errors.Is(err, os.ErrNotExist); a bad one is an
+// error too, left for List to remove.
+func (s *Store) Read(name string) (Pod, error) {
+	if strings.ContainsRune(name, '/') || !strings.HasSuffix(name, ".json") {
+		return Pod{}, fmt.Errorf("state: %q is not a record name", name)
+	}
+	b, err := os.ReadFile(filepath.Join(s.dir, name))
+	if err != nil {
+		return Pod{}, fmt.Errorf("state: %w", err)
+	}
+	var p Pod
+	if err := json.Unmarshal(b, &p); err != nil {
+		return Pod{}, fmt.Errorf("state: %s: %w", name, err)
+	}
+	if p.ContainerID == "" || FileName(p.ContainerID) != name {
+		return Pod{}, fmt.Errorf("state: %s: record does not match its file name", name)
+	}
+	return p, nil
+}
+
 // WriteFileAtomic writes b to path so readers see the old or the new
 // content, never a mix: a temp file in the same directory, fsync, rename,
 // fsync of the directory.

@@ -1,6 +1,7 @@
 package state
 
 import (
+	"errors"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -49,5 +50,36 @@ func TestPutListDelete(t *testing.T) {
 		if strings.HasSuffix(e.Name(), ".tmp") {
 			t.Fatalf("temp file left: %s", e.Name())
 		}
+	}
+}
+
+func TestNamesRead(t *testing.T) {
+	s, err := Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := Pod{Namespace: "a", Name: "p", ContainerID: "cid-1", Enrolled: true}
+	if err := s.Put(p); err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(filepath.Join(s.Dir(), ".x.json.1.tmp"), []byte("{"), 0o600)
+	os.WriteFile(filepath.Join(s.Dir(), "0123.json"), []byte(`{"containerID":"other"}`), 0o600)
+	names, err := s.Names()
+	if err != nil || len(names) != 2 {
+		t.Fatalf("names: %v %v", names, err)
+	}
+	got, err := s.Read(FileName("cid-1"))
+	if err != nil || got.Name != "p" || !got.Enrolled {
+		t.Fatalf("read: %+v %v", got, err)
+	}
+	if _, err := s.Read("0123.json"); err == nil || !strings.Contains(err.Error(), "does not match") {
+		t.Fatalf("a record under another's name: %v", err)
+	}
+	if _, err := s.Read("../x.json"); err == nil {
+		t.Fatal("a path outside the store was read")
+	}
+	s.Delete("cid-1")
+	if _, err := s.Read(FileName("cid-1")); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("deleted record: %v", err)
 	}
 }
