@@ -100,9 +100,19 @@ func (s *Store) Delete(containerID string) error {
 	return nil
 }
 
+// staleTemp is how old a temp file must be for List to take it for the
+// leftover of an interrupted write. A younger one may be a write in
+// flight: during a surge upgrade the new agent lists the records while
+// the old one still writes them (the ADDs it accepted before the new
+// agent took the plugin socket), and removing its temp file made that
+// Put fail and the record of the pod it enrolled was lost. A write takes
+// milliseconds (seconds on a congested disk, for the fsync).
+const staleTemp = time.Minute
+
 // List reads every record. Unreadable records (a torn write from before
 // atomic renames, a hand edit) are returned as errors alongside the good
 // ones and removed, so one bad file never blocks re-adoption of the rest.
+// Temp files of interrupted writes older than staleTemp are removed.
 func (s *Store) List() ([]Pod, []error) {
 	ents, err := os.ReadDir(s.dir)
 	if err != nil {
@@ -113,7 +123,9 @@ func (s *Store) List() ([]Pod, []error) {
 	for _, e := range ents {
 		name := e.Name()
 		if strings.HasPrefix(name, ".") && strings.HasSuffix(name, ".tmp") {
-			os.Remove(filepath.Join(s.dir, name)) // interrupted write
+			if info, err := e.Info(); err == nil && time.Since(info.ModTime()) > staleTemp {
+				os.Remove(filepath.Join(s.dir, name)) // interrupted write
+			}
 			continue
 		}
 		if !strings.HasSuffix(name, ".json") {

@@ -2,11 +2,13 @@ package state
 
 import (
 	"errors"
+	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestPutListDelete(t *testing.T) {
@@ -24,7 +26,11 @@ func TestPutListDelete(t *testing.T) {
 	// A torn or foreign file is reported and removed, the rest still load.
 	bad := filepath.Join(s.Dir(), "0123.json")
 	os.WriteFile(bad, []byte("{not json"), 0o600)
-	os.WriteFile(filepath.Join(s.Dir(), ".x.json.1.tmp"), []byte("{"), 0o600)
+	// A temp file left by an interrupted write long ago.
+	leftover := filepath.Join(s.Dir(), ".x.json.1.tmp")
+	os.WriteFile(leftover, []byte("{"), 0o600)
+	old := time.Now().Add(-2 * staleTemp)
+	os.Chtimes(leftover, old, old)
 	got, errs := s.List()
 	if len(got) != 2 || len(errs) != 1 || !strings.Contains(errs[0].Error(), "0123.json") {
 		t.Fatalf("list: %+v %v", got, errs)
@@ -81,5 +87,86 @@ func TestNamesRead(t *testing.T) {
 	s.Delete("cid-1")
 	if _, err := s.Read(FileName("cid-1")); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("deleted record: %v", err)
+	}
+}
+
+// TestListLeavesAWriteInFlight: during a surge upgrade the new agent
+// lists the records (re-adoption) while the old one still writes them
+// (the ADDs it accepted before the new agent took the plugin socket).
+// The old agent's temp file is not a leftover of an interrupted write:
+// removing it made that Put fail, the record was lost, and the new
+// agent never learned the pod the old one enrolled.
+func TestListLeavesAWriteInFlight(t *testing.T) {
+	dir := t.TempDir()
+	writer, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lister, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop := make(chan struct{})
+	listed := make(chan int)
+	go func() {
+		n := 0
+		for {
+			select {
+			case <-stop:
+				listed <- n
+				return
+			default:
+			}
+			lister.List()
+			n++
+		}
+	}()
+	var failed []error
+	puts := 0
+	for deadline := time.Now().Add(time.Second); time.Now().Before(deadline) && len(failed) == 0; puts++ {
+		p := Pod{Namespace: "apps", Name: "p", ContainerID: fmt.Sprintf("cid-%d", puts), Enrolled: true}
+		if err := writer.Put(p); err != nil {
+			failed = append(failed, err)
+		}
+	}
+	close(stop)
+	lists := <-listed
+	if len(failed) > 0 {
+		t.Fatalf("a Put failed while another store listed the records (%d puts, %d lists): %v", puts, lists, failed[0])
+	}
+	recs, errs := lister.List()
+	if len(recs) != puts || len(errs) != 0 {
+		t.Fatalf("%d records listed (%v), want the %d put", len(recs), errs, puts)
+	}
+	t.Logf("%d puts beside %d lists", puts, lists)
+}
+
+// TestListRemovesStaleTempFiles: a temp file left by an interrupted write
+// (a crash between create and rename) is removed once it is old enough
+// not to be a write in flight.
+func TestListRemovesStaleTempFiles(t *testing.T) {
+	s, err := Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	stale := filepath.Join(s.Dir(), ".a.json.1.tmp")
+	fresh := filepath.Join(s.Dir(), ".b.json.2.tmp")
+	for _, p := range []string{stale, fresh} {
+		if err := os.WriteFile(p, []byte("{"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	old := time.Now().Add(-2 * staleTemp)
+	if err := os.Chtimes(stale, old, old); err != nil {
+		t.Fatal(err)
+	}
+	if recs, errs := s.List(); len(recs) != 0 || len(errs) != 0 {
+		t.Fatalf("list: %v %v", recs, errs)
+	}
+	if _, err := os.Stat(stale); !os.IsNotExist(err) {
+		t.Fatalf("stale temp file not removed: %v", err)
+	}
+	if _, err := os.Stat(fresh); err != nil {
+		t.Fatalf("fresh temp file (a write in flight) removed: %v", err)
 	}
 }
