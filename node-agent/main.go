@@ -280,7 +280,11 @@ func run(ctx context.Context, args []string) error {
 		}
 	}
 	a, err := agent.New(agent.Options{Config: cfg, View: view, Status: status, Tunnel: agent.ProxyTunnel{Proxy: proxy},
-		Certs: ids, Host: host, Keeper: keep, Registerer: reg, Health: hs, Peers: self.Others, Logger: log})
+		Certs: ids, Host: host, Keeper: keep, Registerer: reg, Health: hs, Peers: self.Others,
+		// The plugin socket's path goes back to this agent when the
+		// newer one that took it stops or dies (a rollback mid-surge).
+		Newest: func() bool { _, newer := self.Successor(); return !newer },
+		Logger: log})
 	if err != nil {
 		return err
 	}

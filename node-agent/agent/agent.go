@@ -56,7 +56,13 @@ type Options struct {
 	// surge upgrade): while one does, a pod record that disappears was
 	// removed by that agent's DEL, and this agent releases the pod too
 	// (peers.go). Records other agents write are adopted either way.
-	Peers  func() bool
+	Peers func() bool
+	// Newest, if set, says whether this agent is the newest live agent
+	// of the node that is not stopping (no instance.Self.Successor):
+	// then it takes the plugin socket's path back if a newer agent
+	// replaced it and has stopped or died since (a rollback, socket.go).
+	// Unset: the agent never replaces the path after it started.
+	Newest func() bool
 	Logger *slog.Logger
 }
 
@@ -80,6 +86,7 @@ type Agent struct {
 	m            *metrics
 	health       *health.Server
 	peers        func() bool
+	newestFn     func() bool
 	log          *slog.Logger
 	static       bool
 
@@ -157,7 +164,7 @@ func New(o Options) (*Agent, error) {
 		keeper: o.Keeper,
 		spec:   spec,
 		policy: enrollment.NewPolicy(o.Config.EnrollLabel, o.Config.ExcludedNamespaces),
-		store:  st, m: newMetrics(o.Registerer), health: o.Health, peers: o.Peers, log: o.Logger,
+		store:  st, m: newMetrics(o.Registerer), health: o.Health, peers: o.Peers, newestFn: o.Newest, log: o.Logger,
 		byCID: map[string]*pod{}, byName: map[string]*pod{},
 		queue: newQueue(), statusQ: make(chan statusUpdate, 4096), ready: make(chan struct{}),
 	}
@@ -188,15 +195,23 @@ func (a *Agent) Ready() <-chan struct{} { return a.ready }
 // connections up to drainTimeout, leaving rules and records in place for
 // the next agent.
 func (a *Agent) Run(ctx context.Context) error {
-	l, err := cniproto.Listen(a.cfg.Socket)
+	s, err := cniproto.OpenSocket(a.cfg.Socket)
 	if err != nil {
 		return err
 	}
-	return a.RunListener(ctx, l)
+	return a.run(ctx, s.Listener, s)
 }
 
-// RunListener is Run on an already open plugin socket.
+// RunListener is Run on an already open plugin socket. The agent does
+// not know which file l was bound to, so it never takes a path back
+// (Options.Newest is not used).
 func (a *Agent) RunListener(ctx context.Context, l *net.UnixListener) error {
+	return a.run(ctx, l, nil)
+}
+
+// run serves l; with sock (l's socket and path) it also takes the path
+// back when it should (socket.go).
+func (a *Agent) run(ctx context.Context, l *net.UnixListener, sock *cniproto.Socket) error {
 	defer l.Close()
 	if err := a.view.WaitSynced(ctx); err != nil {
 		return fmt.Errorf("agent: waiting for the cluster view: %w", err)
@@ -215,13 +230,25 @@ func (a *Agent) RunListener(ctx context.Context, l *net.UnixListener) error {
 			a.log.Warn("plugin exchange failed", "err", err)
 		},
 	}
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		if err := srv.Serve(srvCtx, l); err != nil {
-			a.log.Error("plugin server stopped", "err", err)
-		}
-	}()
+	// One accept loop per socket: the first, and one more each time the
+	// path is taken back (the replaced socket is closed, ending its loop
+	// once its exchanges are answered). Serve stops on srvCtx.
+	serve := func(l *net.UnixListener) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := srv.Serve(srvCtx, l); err != nil {
+				a.log.Error("plugin server stopped", "err", err)
+			}
+		}()
+	}
+	serve(l)
+	if sock != nil && a.newestFn != nil {
+		k := &socketKeeper{a: a, serve: serve, cur: sock}
+		wg.Add(1)
+		go func() { defer wg.Done(); k.run(ctx) }()
+		defer func() { k.mu.Lock(); k.cur.Close(); k.mu.Unlock() }()
+	}
 	statusCtx, stopStatus := context.WithCancel(context.Background())
 	defer stopStatus()
 	statusDone := make(chan struct{})

@@ -15,6 +15,8 @@ type metrics struct {
 	statusDropped prometheus.Counter
 	keeperErrors  *prometheus.CounterVec
 	sysctlErrors  prometheus.Counter
+	// socketTakeovers: the plugin socket's path taken back (socket.go).
+	socketTakeovers *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -59,9 +61,12 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		sysctlErrors: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "ambit_agent_pod_sysctl_errors_total", Help: "Pods whose net.ipv4.tcp_migrate_req could not be set: their queued connections are reset, not handed over, when an agent stops or crashes.",
 		}),
+		socketTakeovers: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "ambit_agent_plugin_socket_takeovers_total", Help: "Times this agent took the plugin socket's path back from a newer agent that stopped or died (a rollback during a surge), by result (ok, error).",
+		}, []string{"result"}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.enrolled, m.latency, m.failures, m.requests, m.repairs, m.ruleCheck, m.adopted, m.adoptSeconds, m.reloadErrors, m.statusDropped, m.keeperErrors, m.sysctlErrors)
+		reg.MustRegister(m.enrolled, m.latency, m.failures, m.requests, m.repairs, m.ruleCheck, m.adopted, m.adoptSeconds, m.reloadErrors, m.statusDropped, m.keeperErrors, m.sysctlErrors, m.socketTakeovers)
 	}
 	return m
 }

@@ -18,7 +18,12 @@
 //     each other's binary until the old one exits;
 //   - an agent that has a ready successor (ReadySuccessor: any newer
 //     agent that is ready, so a third agent still starting does not
-//     count) leaves the host probe rules to it.
+//     count) leaves the host probe rules to it;
+//   - the newest agent that is not stopping owns the plugin socket's
+//     path: each agent opening the socket replaces the path, and an
+//     older agent whose successors all stopped or died takes it back
+//     (node-agent/agent/socket.go), a rollback mid-surge leaving nothing
+//     newer to listen there.
 //
 // Each agent registers a file under <stateDir>/instances named by its
 // start time (so names sort by age) and holds an exclusive flock on it for

@@ -2,6 +2,8 @@ package cniproto
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net"
@@ -207,23 +209,94 @@ type Server struct {
 
 // Listen creates the agent socket: a fresh SOCK_SEQPACKET socket at path,
 // its directory created 0700 if missing, the socket itself 0600 so only
-// root can enroll pods.
+// root can enroll pods. Whatever path named before (a previous agent's
+// socket, live or dead) is replaced atomically: see OpenSocket.
 func Listen(path string) (*net.UnixListener, error) {
-	if err := os.MkdirAll(dirOf(path), 0o700); err != nil {
+	s, err := OpenSocket(path)
+	if err != nil {
+		return nil, err
+	}
+	return s.Listener, nil
+}
+
+// Socket is a listening agent socket and the file it was bound to, so
+// its agent can tell whether path still names it (Current): another
+// agent of the node (a surge upgrade) replaces the path with its own
+// socket, and when that agent stops, this one may take the path back.
+type Socket struct {
+	Listener *net.UnixListener
+	Path     string
+	dev, ino uint64 // of the socket file bind created
+}
+
+// OpenSocket is Listen, keeping what Current needs. The socket is bound
+// at a temporary name in path's directory and renamed over path, so a
+// plugin connecting meanwhile reaches either the previous socket or this
+// one, never a missing path (removing the old file first left a window
+// of ENOENT). A path too long for a temporary name beside it (sun_path
+// holds 107 bytes) falls back to removing and binding in place.
+func OpenSocket(path string) (*Socket, error) {
+	dir := dirOf(path)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("creating directory for %s: %w", path, err)
 	}
-	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return nil, fmt.Errorf("removing stale socket %s: %w", path, err)
+	var rnd [4]byte
+	rand.Read(rnd[:])
+	tmp := dir + "/.ambit-sock-" + hex.EncodeToString(rnd[:])
+	if len(tmp) > maxSunPath {
+		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("removing stale socket %s: %w", path, err)
+		}
+		tmp = path
 	}
 	old := syscall.Umask(0o177)
-	l, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: path, Net: "unixpacket"})
+	l, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: tmp, Net: "unixpacket"})
 	syscall.Umask(old)
 	if err != nil {
 		return nil, fmt.Errorf("listening on %s: %w", path, err)
 	}
 	l.SetUnlinkOnClose(false)
-	return l, nil
+	// The file's identity, taken before the rename so it is surely this
+	// socket's. It cannot be reused by another file while l is open: the
+	// bound socket holds a reference to it even once it is unlinked.
+	var st unix.Stat_t
+	if err := unix.Stat(tmp, &st); err != nil {
+		l.Close()
+		os.Remove(tmp)
+		return nil, fmt.Errorf("listening on %s: %w", path, err)
+	}
+	if tmp != path {
+		if err := os.Rename(tmp, path); err != nil {
+			l.Close()
+			os.Remove(tmp)
+			return nil, fmt.Errorf("listening on %s: %w", path, err)
+		}
+	}
+	return &Socket{Listener: l, Path: path, dev: uint64(st.Dev), ino: uint64(st.Ino)}, nil
 }
+
+// maxSunPath is the longest path a unix socket binds to (sun_path less
+// its terminating NUL).
+const maxSunPath = 107
+
+// Current reports whether Path still names this socket: false once
+// another agent replaced it (or it was removed). An error other than
+// ENOENT (a transient EMFILE, EACCES) is returned as such; the caller
+// should not take it for a lost path.
+func (s *Socket) Current() (bool, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(s.Path, &st); err != nil {
+		if err == unix.ENOENT {
+			return false, nil
+		}
+		return false, &os.PathError{Op: "stat", Path: s.Path, Err: err}
+	}
+	return uint64(st.Dev) == s.dev && uint64(st.Ino) == s.ino, nil
+}
+
+// Close closes the listener; the file stays (it may name another
+// agent's socket by now, and a dead one refuses connections the same).
+func (s *Socket) Close() error { return s.Listener.Close() }
 
 func dirOf(p string) string {
 	for i := len(p) - 1; i >= 0; i-- {
