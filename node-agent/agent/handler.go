@@ -4,6 +4,7 @@ import (
 	"context"
 	"net/netip"
 	"os"
+	"slices"
 	"strings"
 	"time"
 
@@ -265,11 +266,12 @@ func (a *Agent) delLocked(req *cniproto.Request) *cniproto.Response {
 		}
 	}
 	last := true
+	var heir *pod
 	if p != nil {
 		delete(a.byCID, p.rec.ContainerID)
 		if a.byName[key] == p {
 			delete(a.byName, key)
-		} else if a.byName[key] != nil {
+		} else if heir = a.byName[key]; heir != nil {
 			last = false // a newer sandbox of the same pod lives on
 		}
 	}
@@ -280,6 +282,17 @@ func (a *Agent) delLocked(req *cniproto.Request) *cniproto.Response {
 	if p != nil {
 		if p.rec.ContainerID != rp.ContainerID {
 			a.store.Delete(p.rec.ContainerID)
+		}
+		if heir != nil && heir.enrolled() && hostKey(heir.rec) == hostKey(p.rec) {
+			// The newer sandbox (served already: a late DEL, or the
+			// old sandbox released once the other agent of the node
+			// removed its record) has the same host-rule owner, the
+			// pod's UID, and may have been given the old one's IP
+			// back: the release removes only what the newer one does
+			// not hold. (heir is under the same pod lock as p.)
+			p.rec.IPs = slices.DeleteFunc(slices.Clone(p.rec.IPs), func(ip netip.Addr) bool {
+				return slices.Contains(heir.rec.IPs, ip)
+			})
 		}
 		a.releaseAsync(p)
 		a.log.Info("pod deleted", "pod", key, "wasEnrolled", p.rec.Enrolled)

@@ -3,10 +3,15 @@ package agent
 import (
 	"net/netip"
 	"os"
+	"os/exec"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/vishvananda/netns"
+
 	"github.com/ambit-mesh/ambit/internal/testenv"
+	"github.com/ambit-mesh/ambit/node-agent/hostrules"
 	"github.com/ambit-mesh/ambit/node-agent/netnsfind"
 	"github.com/ambit-mesh/ambit/node-agent/state"
 	"github.com/ambit-mesh/ambit/plugin/cniproto"
@@ -70,6 +75,75 @@ func TestRecordsOfAnotherAgent(t *testing.T) {
 			}
 			if _, err := os.Stat(n.path); err != nil {
 				t.Fatal(err)
+			}
+		})
+	}
+}
+
+// TestOldSandboxReleasedAfterItsSuccessor: a pod's sandbox restarted
+// (kubelet: DEL of the old sandbox, ADD of a new one) during a surge
+// upgrade, the new sandbox with the old one's IP (IPAM handing a pod its
+// address back). The old sandbox is released by this agent only when it
+// notices the other agent removed its record, after the new sandbox is
+// served here: that release must not take the host probe entry the new
+// sandbox holds (entries are owned by pod UID, the same for both). It
+// did: the probe SNAT of the running pod was gone from the kernel and
+// from this agent's picture, so its reconcile never put it back.
+func TestOldSandboxReleasedAfterItsSuccessor(t *testing.T) {
+	testenv.RequireRoot(t)
+	for _, mode := range []string{"new sandbox served here", "both served by the other agent"} {
+		t.Run(mode, func(t *testing.T) {
+			hostNS := newNetns(t)
+			hr, err := hostrules.New(hostrules.Config{Backend: hostrules.BackendNFTables, NetNS: netns.NsHandle(hostNS.file.Fd()), Interval: time.Hour, Logger: quietLogger()})
+			if err != nil {
+				t.Fatal(err)
+			}
+			h := startAgent(t, "", invAmbient, func(o *Options) { o.Host = hr; o.Peers = func() bool { return true } })
+			store, err := state.Open(h.dir)
+			if err != nil {
+				t.Fatal(err)
+			}
+			ip := netip.MustParseAddr("10.79.0.2")
+			record := func(cid string, n *testNetns) state.Pod {
+				ino, err := netnsfind.Inode(n.file)
+				if err != nil {
+					t.Fatal(err)
+				}
+				return state.Pod{Namespace: "apps", Name: "web", UID: "uid-web", ContainerID: cid, Netns: n.path, NetnsInode: ino,
+					IPs: []netip.Addr{ip}, Enrolled: true, IPv4: true, Identity: "spiffe://cluster.local/ns/apps/sa/web-sa", Since: time.Now()}
+			}
+			hostEntry := func() bool {
+				out, err := exec.Command("ip", "netns", "exec", hostNS.name, "nft", "list", "table", "inet", "ambit-host").CombinedOutput()
+				return err == nil && strings.Contains(string(out), ip.String()) && hr.Entries()[ip] == "uid-web"
+			}
+			old, neu := newNetns(t, "10.79.0.2/24"), newNetns(t, "10.79.0.2/24")
+			// The old sandbox, enrolled by the other agent.
+			if err := store.Put(record("cid-old", old)); err != nil {
+				t.Fatal(err)
+			}
+			eventually(t, "the old sandbox adopted", func() bool { return h.tun.Live() == 1 && hostEntry() })
+			if mode == "new sandbox served here" {
+				if resp, err := h.call(cniproto.OpAdd, "apps", "web", "cid-new", neu, "10.79.0.2/24"); err != nil || resp.Error != "" {
+					t.Fatalf("ADD of the new sandbox: %+v %v", resp, err)
+				}
+			} else if err := store.Put(record("cid-new", neu)); err != nil {
+				t.Fatal(err)
+			}
+			// The other agent's DEL of the old sandbox.
+			if err := store.Delete("cid-old"); err != nil {
+				t.Fatal(err)
+			}
+			eventually(t, "the old sandbox released, the new one served", func() bool {
+				h.a.mu.Lock()
+				_, oldKnown := h.a.byCID["cid-old"]
+				_, newKnown := h.a.byCID["cid-new"]
+				h.a.mu.Unlock()
+				return !oldKnown && newKnown && h.tun.Live() == 1
+			})
+			time.Sleep(100 * time.Millisecond) // the release's host-rule removal runs in the background
+			if !hostEntry() {
+				out, _ := exec.Command("ip", "netns", "exec", hostNS.name, "nft", "list", "table", "inet", "ambit-host").CombinedOutput()
+				t.Fatalf("the new sandbox's host probe entry is gone (picture %v):\n%s", hr.Entries(), out)
 			}
 		})
 	}
