@@ -29,7 +29,11 @@
 // start time (so names sort by age) and holds an exclusive flock on it for
 // its whole life: the kernel drops the lock when the process dies, kill -9
 // included, so a file whose lock can be taken belongs to a dead agent and
-// is removed by whoever notices. Readiness is a second file, <name>.ready,
+// is removed by whoever notices. Only that is evidence of death: an entry
+// that cannot be opened for another reason (EMFILE, the process out of
+// descriptors; EACCES) belongs to an agent in an unknown state, which is
+// kept and counts as alive (stopping if last seen so), and a registry that
+// cannot be read at all answers as at the last look. Readiness is a second file, <name>.ready,
 // created when the agent is ready. An agent that begins shutting down
 // (SIGTERM) appends a "stopping" line to its entry and removes its ready
 // marker: while it drains it is nobody's successor, so an older agent

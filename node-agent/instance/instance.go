@@ -33,6 +33,15 @@ type Self struct {
 	ready    bool
 	stopping bool
 	closed   bool
+
+	// The last complete look at the registry, answered while it cannot
+	// be read (the process out of descriptors): not knowing is not
+	// "no other agent". Under lastMu, not mu: the directory is read
+	// without holding mu.
+	lastMu       sync.Mutex
+	lastLive     []Peer          // live()'s last answer
+	lastOthers   bool            // Others's last answer
+	lastStopping map[string]bool // entries last seen stopping
 }
 
 // Peer is another live agent.
@@ -152,30 +161,47 @@ func (s *Self) ReadySuccessor() (Peer, bool) {
 
 // Others reports whether another agent, older or newer, stopping or not,
 // is alive on the node: records of pods it serves may still change.
+// A registry that cannot be read answers as at the last look.
 func (s *Self) Others() bool {
 	ents, err := os.ReadDir(s.dir)
 	if err != nil {
-		return false
+		s.lastMu.Lock()
+		defer s.lastMu.Unlock()
+		return s.lastOthers
 	}
+	others := false
 	for _, e := range ents {
 		n := e.Name()
 		if n == s.name || strings.HasPrefix(n, tmpPrefix) || strings.HasSuffix(n, readySuffix) {
 			continue
 		}
 		if alive(filepath.Join(s.dir, n)) {
-			return true
+			others = true
+			break
 		}
 	}
-	return false
+	s.lastMu.Lock()
+	s.lastOthers = others
+	s.lastMu.Unlock()
+	return others
 }
 
 // live lists the live agents newer than s that are not stopping, oldest
-// first.
+// first. What cannot be known is not taken for dead: a registry that
+// cannot be read answers as at the last look, and an entry that cannot
+// be opened (for any reason but its absence) is of a live agent,
+// stopping if it was last seen so.
 func (s *Self) live() []Peer {
 	ents, err := os.ReadDir(s.dir)
 	if err != nil {
-		return nil
+		s.lastMu.Lock()
+		defer s.lastMu.Unlock()
+		return slices.Clone(s.lastLive)
 	}
+	s.lastMu.Lock()
+	wasStopping := s.lastStopping
+	s.lastMu.Unlock()
+	seenStopping := map[string]bool{}
 	readyFiles := map[string]bool{}
 	var names []string
 	for _, e := range ents {
@@ -191,17 +217,24 @@ func (s *Self) live() []Peer {
 	slices.Sort(names)
 	var peers []Peer
 	for _, n := range names {
-		live, stopping := entryState(filepath.Join(s.dir, n))
-		if !live {
+		live, stopping, err := entryState(filepath.Join(s.dir, n))
+		switch {
+		case err != nil:
+			stopping = wasStopping[n]
+		case !live:
 			os.Remove(filepath.Join(s.dir, n))
 			os.Remove(filepath.Join(s.dir, n+readySuffix))
 			continue
 		}
 		if stopping {
+			seenStopping[n] = true
 			continue
 		}
 		peers = append(peers, Peer{Name: n, Ready: readyFiles[n]})
 	}
+	s.lastMu.Lock()
+	s.lastLive, s.lastStopping = slices.Clone(peers), seenStopping
+	s.lastMu.Unlock()
 	return peers
 }
 
@@ -233,31 +266,40 @@ func (s *Self) Prune() {
 	}
 }
 
-// alive reports whether the agent that registered path still holds its
-// lock. An entry that cannot be opened (already removed) is not alive.
+// alive reports whether the agent that registered path may still hold
+// its lock: only an entry known to be free (gone, or its lock takeable)
+// is dead. One that cannot be opened for another reason (EMFILE when this
+// process is out of descriptors, EACCES) is of an agent in an unknown
+// state, and taking it for dead removed a live agent's registration
+// (Prune) and made an older agent act as the newest (Successor).
 func alive(path string) bool {
-	live, _ := entryState(path)
-	return live
+	live, _, err := entryState(path)
+	return live || err != nil
 }
 
-// entryState is alive, and whether a live agent marked itself stopping.
-func entryState(path string) (live, stopping bool) {
+// entryState is alive, and whether a live agent marked itself stopping;
+// err (neither is known) when the entry exists, or may, but cannot be
+// opened.
+func entryState(path string) (live, stopping bool, err error) {
 	f, err := os.Open(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return false, false, nil
+	}
 	if err != nil {
-		return false, false
+		return false, false, err
 	}
 	defer f.Close()
 	err = unix.Flock(int(f.Fd()), unix.LOCK_SH|unix.LOCK_NB)
 	if err == nil {
 		unix.Flock(int(f.Fd()), unix.LOCK_UN)
-		return false, false
+		return false, false, nil
 	}
 	// EWOULDBLOCK: held. Any other error: assume alive rather than delete
 	// a live agent's entry. The entry is "pid N\n", then the stopping
 	// line: a few bytes.
 	var b [128]byte
 	n, _ := io.ReadFull(f, b[:])
-	return true, strings.Contains(string(b[:n]), "\n"+stoppingLine)
+	return true, strings.Contains(string(b[:n]), "\n"+stoppingLine), nil
 }
 
 // Close removes this agent's entry and releases the lock. Called when the
@@ -302,7 +344,10 @@ func Probe(stateDir, nameFile string) error {
 		return fmt.Errorf("%s: bad instance name %q", nameFile, name)
 	}
 	entry := filepath.Join(stateDir, Dir, name)
-	live, stopping := entryState(entry)
+	live, stopping, err := entryState(entry)
+	if err != nil {
+		return fmt.Errorf("agent %s: cannot read its registry entry: %w", name, err)
+	}
 	if !live {
 		return fmt.Errorf("agent %s is not running (a previous process?)", name)
 	}
