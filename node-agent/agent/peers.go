@@ -6,6 +6,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/fsnotify/fsnotify"
@@ -40,6 +41,22 @@ import (
 // recordSettle coalesces the events of a burst of record writes into
 // one look at the directory.
 const recordSettle = 20 * time.Millisecond
+
+// recordRewatch is how often the records directory is looked for again
+// after it was removed or moved away.
+var recordRewatch = time.Second
+
+// dirInode is the inode of the directory at path, 0 if there is none.
+func dirInode(path string) uint64 {
+	fi, err := os.Stat(path)
+	if err != nil || !fi.IsDir() {
+		return 0
+	}
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+		return st.Ino
+	}
+	return 0
+}
 
 // recordNames is the set of record file names at one look.
 func recordNames(names []string) map[string]bool {
@@ -83,6 +100,29 @@ func (a *Agent) followRecords(ctx context.Context, prev map[string]bool, ready c
 	settle := time.NewTimer(0)
 	<-settle.C
 	pending := false
+	// The directory may be removed or moved away and a new one made at
+	// its path (by hand, a state volume recreated): the watch stays with
+	// the old one, so nothing written to the new one was looked at, and
+	// a pass listing the new one must not take the records left in the
+	// old one for deleted (releasing every pod while another agent runs).
+	// The watch then moves to the new directory, whose every record is
+	// looked at once (those of pods this agent has are skipped).
+	dir := a.store.Dir()
+	watched := dirInode(dir)
+	retry := time.NewTicker(time.Hour)
+	retry.Stop()
+	defer retry.Stop()
+	rewatch := func() {
+		w.Remove(dir) // the old directory's watch, where fsnotify kept it
+		ino := dirInode(dir)
+		if ino == 0 || w.Add(dir) != nil {
+			retry.Reset(recordRewatch)
+			return
+		}
+		retry.Stop()
+		watched = ino
+		prev = a.recordPass(ctx, nil)
+	}
 	for {
 		select {
 		case <-ctx.Done():
@@ -91,11 +131,20 @@ func (a *Agent) followRecords(ctx context.Context, prev map[string]bool, ready c
 			if !ok {
 				return
 			}
+			if ev.Name == dir && ev.Has(fsnotify.Remove|fsnotify.Rename) {
+				a.log.Warn("the pod records directory was removed or moved; following the one made at its path", "dir", dir)
+				pending = false
+				settle.Stop()
+				rewatch()
+				continue
+			}
 			if !strings.HasSuffix(ev.Name, ".json") || pending {
 				continue
 			}
 			pending = true
 			settle.Reset(recordSettle)
+		case <-retry.C:
+			rewatch()
 		case err, ok := <-w.Errors:
 			if !ok {
 				return
@@ -108,6 +157,10 @@ func (a *Agent) followRecords(ctx context.Context, prev map[string]bool, ready c
 			}
 		case <-settle.C:
 			pending = false
+			if dirInode(dir) != watched {
+				rewatch()
+				continue
+			}
 			prev = a.recordPass(ctx, prev)
 		}
 	}

@@ -4,6 +4,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -146,5 +147,57 @@ func TestOldSandboxReleasedAfterItsSuccessor(t *testing.T) {
 				t.Fatalf("the new sandbox's host probe entry is gone (picture %v):\n%s", hr.Entries(), out)
 			}
 		})
+	}
+}
+
+// TestRecordsDirReplaced: the records directory removed or moved away and
+// a new one made at its path (by hand, a state volume recreated). The
+// watch stayed with the old directory, so records another agent wrote to
+// the new one were never adopted; and the pods whose records stayed
+// behind in the old one must not be released as deleted.
+func TestRecordsDirReplaced(t *testing.T) {
+	testenv.RequireRoot(t)
+	defer func(d time.Duration) { recordRewatch = d }(recordRewatch)
+	recordRewatch = 50 * time.Millisecond
+	h := startAgent(t, "", invAmbient, func(o *Options) { o.Peers = func() bool { return true } })
+	own := newNetns(t, "10.77.1.2/24")
+	if resp, err := h.call(cniproto.OpAdd, "apps", "own", "cid-own", own, "10.77.1.2/24"); err != nil || resp.Error != "" {
+		t.Fatalf("ADD: %+v %v", resp, err)
+	}
+	time.Sleep(200 * time.Millisecond) // the pass after its own record: done
+	pods := filepath.Join(h.dir, "pods")
+	if err := os.Rename(pods, pods+".old"); err != nil {
+		t.Fatal(err)
+	}
+	store, err := state.Open(h.dir) // the new directory
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := newNetns(t, "10.77.0.2/24")
+	ino, err := netnsfind.Inode(n.file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec := state.Pod{Namespace: "apps", Name: "late", UID: "uid-late", ContainerID: "cid-late", Netns: n.path, NetnsInode: ino,
+		IPs: []netip.Addr{netip.MustParseAddr("10.77.0.2")}, Enrolled: true, IPv4: true, Identity: "spiffe://cluster.local/ns/apps/sa/default", Since: time.Now()}
+	if err := store.Put(rec); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the record written to the new directory adopted", func() bool {
+		p := h.a.podByName("apps/late")
+		return p != nil && h.tun.Live() == 2
+	})
+	// Records written to the new directory afterwards are followed too.
+	if resp, err := h.call(cniproto.OpAdd, "apps", "own2", "cid-own2", newNetns(t, "10.77.2.2/24"), "10.77.2.2/24"); err != nil || resp.Error != "" {
+		t.Fatalf("ADD: %+v %v", resp, err)
+	}
+	if err := store.Delete("cid-late"); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the pod the other agent deleted in the new directory released", func() bool {
+		return h.a.podByName("apps/late") == nil && h.tun.Live() == 2
+	})
+	if h.a.podByName("apps/own") == nil {
+		t.Fatal("the pod whose record stayed in the old directory was released")
 	}
 }
