@@ -9,6 +9,25 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// surgePair is a surge upgrade's two agents on one host: old yields to
+// neu once ready is set.
+func surgePair(t *testing.T, backend string, tp *topo) (old, neu *Manager, ready *atomic.Bool) {
+	t.Helper()
+	ready = new(atomic.Bool)
+	old, err := New(Config{Backend: backend, NetNS: tp.hostNS, Shared: true,
+		Yield: ready.Load, Registerer: prometheus.NewRegistry()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { old.Uninstall() })
+	neu, err = New(Config{Backend: backend, NetNS: tp.hostNS, Shared: true,
+		Registerer: prometheus.NewRegistry()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return old, neu, ready
+}
+
 // TestSurgeBothRemoveADeletedPod: during a surge upgrade both agents
 // watch the API, so a pod deleted then is released by both, and both
 // remove its probe entry. The second removal finds the entry gone. That
@@ -23,19 +42,8 @@ func TestSurgeBothRemoveADeletedPod(t *testing.T) {
 			tp.server(t)
 			other := netip.MustParseAddr("10.77.1.9")
 			third := netip.MustParseAddr("10.77.1.3")
-			var newReady atomic.Bool
-			old, err := New(Config{Backend: bc.backend, NetNS: tp.hostNS, Shared: true,
-				Yield: newReady.Load, Registerer: prometheus.NewRegistry()})
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { old.Uninstall() })
+			old, neu, newReady := surgePair(t, bc.backend, tp)
 			if err := old.Sync(map[string][]netip.Addr{"a": {podV4}, "b": {other}}); err != nil {
-				t.Fatal(err)
-			}
-			neu, err := New(Config{Backend: bc.backend, NetNS: tp.hostNS, Shared: true,
-				Registerer: prometheus.NewRegistry()})
-			if err != nil {
 				t.Fatal(err)
 			}
 			// The new agent is ready, with a pod created during the surge
@@ -84,18 +92,7 @@ func TestSurgeIPReusedAfterTheOtherAgentRemovedIt(t *testing.T) {
 		t.Run(bc.name, func(t *testing.T) {
 			tp := newTopo(t)
 			tp.server(t)
-			var newReady atomic.Bool
-			old, err := New(Config{Backend: bc.backend, NetNS: tp.hostNS, Shared: true,
-				Yield: newReady.Load, Registerer: prometheus.NewRegistry()})
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { old.Uninstall() })
-			neu, err := New(Config{Backend: bc.backend, NetNS: tp.hostNS, Shared: true,
-				Registerer: prometheus.NewRegistry()})
-			if err != nil {
-				t.Fatal(err)
-			}
+			old, neu, newReady := surgePair(t, bc.backend, tp)
 			for _, m := range []*Manager{old, neu} {
 				if err := m.Sync(map[string][]netip.Addr{"a": {podV4}}); err != nil {
 					t.Fatal(err)
@@ -222,19 +219,8 @@ func TestYieldingAgentLeavesAFailedWriteToItsSuccessor(t *testing.T) {
 			tp := newTopo(t)
 			other := netip.MustParseAddr("10.77.1.9")
 			third := netip.MustParseAddr("10.77.1.3")
-			var newReady atomic.Bool
-			old, err := New(Config{Backend: bc.backend, NetNS: tp.hostNS, Shared: true,
-				Yield: newReady.Load, Registerer: prometheus.NewRegistry()})
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { old.Uninstall() })
+			old, neu, newReady := surgePair(t, bc.backend, tp)
 			if err := old.Sync(map[string][]netip.Addr{"a": {podV4}, "b": {other}}); err != nil {
-				t.Fatal(err)
-			}
-			neu, err := New(Config{Backend: bc.backend, NetNS: tp.hostNS, Shared: true,
-				Registerer: prometheus.NewRegistry()})
-			if err != nil {
 				t.Fatal(err)
 			}
 			if err := neu.Sync(map[string][]netip.Addr{"a": {podV4}, "b": {other}, "c": {third}}); err != nil {
@@ -271,18 +257,7 @@ func TestMiddleAgentSyncingBesideAReadySuccessor(t *testing.T) {
 			tp := newTopo(t)
 			other := netip.MustParseAddr("10.77.1.9")
 			third := netip.MustParseAddr("10.77.1.3")
-			var newestReady atomic.Bool
-			mid, err := New(Config{Backend: bc.backend, NetNS: tp.hostNS, Shared: true,
-				Yield: newestReady.Load, Registerer: prometheus.NewRegistry()})
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { mid.Uninstall() })
-			newest, err := New(Config{Backend: bc.backend, NetNS: tp.hostNS, Shared: true,
-				Registerer: prometheus.NewRegistry()})
-			if err != nil {
-				t.Fatal(err)
-			}
+			mid, newest, newestReady := surgePair(t, bc.backend, tp)
 			if err := newest.Sync(map[string][]netip.Addr{"a": {podV4}, "b": {other}, "c": {third}}); err != nil {
 				t.Fatal(err)
 			}
