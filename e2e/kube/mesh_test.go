@@ -578,6 +578,10 @@ func TestAmbitMesh(t *testing.T) {
 			t.Errorf("the agents rewrote each other's host probe rules %d times during the rolling update (logs in %s)", n, logDir)
 		}
 	})
+
+	// A rollout that never becomes ready, rolled back mid-surge
+	// (rollback_test.go): the node must still start ambient pods.
+	t.Run("BadRolloutRolledBack", func(t *testing.T) { c.badRolloutRolledBack(t, r, mesh, srv) })
 }
 
 // podSysctl reads a sysctl (path under /proc/sys) in the network
