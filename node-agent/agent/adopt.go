@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"errors"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -21,6 +22,9 @@ func (a *Agent) adopt(ctx context.Context) (int, map[string]bool) {
 	recs, errs := a.store.List()
 	for _, err := range errs {
 		a.log.Warn("pod record unreadable", "err", err)
+	}
+	if adoptListed != nil {
+		adoptListed(a) // a test serving a DEL here
 	}
 	var n atomic.Int64
 	var scan lazyScan
@@ -47,11 +51,34 @@ func (a *Agent) adopt(ctx context.Context) (int, map[string]bool) {
 func (a *Agent) adoptOne(ctx context.Context, rec state.Pod, scan *lazyScan) bool {
 	unlock := a.lock(rec.Namespace, rec.Name)
 	defer unlock()
-	return a.adoptLocked(ctx, rec, scan)
+	// Again under the pod's lock: the plugin socket is served while
+	// adoption runs, and a DEL of this sandbox served since the list
+	// (under this lock, finding no pod yet) removed the record; adopting
+	// from the listed copy would serve a deleted sandbox and hold its
+	// netns, on a lone agent until a GC. A record that cannot be read
+	// again for another reason is adopted as listed.
+	if cur, err := a.store.Read(state.FileName(rec.ContainerID)); err == nil {
+		rec = cur
+	} else if errors.Is(err, os.ErrNotExist) {
+		a.log.Info("recorded pod deleted while the records were being adopted", "pod", rec.Namespace+"/"+rec.Name)
+		return false
+	}
+	p := a.adoptLocked(ctx, rec, scan)
+	if p == nil {
+		return false
+	}
+	// Rules are verified after the agent is ready (verifyAdopted): the
+	// check execs iptables-save, and serving every pod again comes first.
+	a.mu.Lock()
+	a.toVerify = append(a.toVerify, p)
+	a.mu.Unlock()
+	return true
 }
 
-// adoptLocked is adoptOne under the pod's lock.
-func (a *Agent) adoptLocked(ctx context.Context, rec state.Pod, scan *lazyScan) bool {
+// adoptLocked is adoptOne under the pod's lock. It returns the pod it
+// serves, nil if none: whoever adopted it has its rules checked
+// (verifyPod), adoption at start after ready, the watcher at once.
+func (a *Agent) adoptLocked(ctx context.Context, rec state.Pod, scan *lazyScan) *pod {
 	start := time.Now()
 	orig := rec
 	podName := rec.Namespace + "/" + rec.Name
@@ -60,10 +87,10 @@ func (a *Agent) adoptLocked(ctx context.Context, rec state.Pod, scan *lazyScan) 
 		if errors.Is(err, errNotRunning) {
 			a.log.Info("recorded pod is gone, forgetting it", "pod", podName, "err", err)
 			a.store.Delete(rec.ContainerID)
-			return false
+			return nil
 		}
 		a.log.Warn("recorded pod's netns not found; keeping the record for the next pass", "pod", podName, "err", err)
-		return false
+		return nil
 	}
 	if l, ok := a.view.(Learner); ok && len(rec.IPs) > 0 {
 		l.Learn(rec.Namespace, rec.Name, rec.UID, rec.IPs)
@@ -75,7 +102,7 @@ func (a *Agent) adoptLocked(ctx context.Context, rec state.Pod, scan *lazyScan) 
 		if rec.Netns != orig.Netns || rec.NetnsInode != orig.NetnsInode {
 			a.store.Put(rec) // refreshed by the scan
 		}
-		return false
+		return nil
 	}
 	cctx, cancel := context.WithTimeout(ctx, a.cfg.RequestTimeout.Duration)
 	defer cancel()
@@ -101,7 +128,7 @@ func (a *Agent) adoptLocked(ctx context.Context, rec state.Pod, scan *lazyScan) 
 			a.store.Put(p.rec)
 			a.setStatus(cp, "", "", "")
 			a.log.Info("pod unenrolled while the agent was away", "pod", podName, "reason", d.Reason)
-			return false
+			return nil
 		}
 		if cp.UID == "" {
 			cp.UID = rec.UID
@@ -126,19 +153,14 @@ func (a *Agent) adoptLocked(ctx context.Context, rec state.Pod, scan *lazyScan) 
 		a.m.failures.WithLabelValues(reasonOf(err)).Inc()
 		a.setStatus(cp, "failed", "AdoptionFailed", err.Error())
 		a.log.Error("re-adopting pod failed; its connections are refused until it is fixed", "pod", podName, "err", err)
-		return false
+		return nil
 	}
-	// Rules are verified after the agent is ready (verifyAdopted): the
-	// check execs iptables-save, and serving every pod again comes first.
-	a.mu.Lock()
-	a.toVerify = append(a.toVerify, p)
-	a.mu.Unlock()
 	if p.rec.Netns != orig.Netns || p.rec.NetnsInode != orig.NetnsInode || p.rec.Identity != orig.Identity || p.rec.MigrateReq != orig.MigrateReq {
 		a.store.Put(p.rec)
 	}
 	a.m.adopted.Inc()
 	a.m.latency.WithLabelValues("adopt").Observe(time.Since(start).Seconds())
-	return true
+	return p
 }
 
 // saOf extracts the service account from spiffe://td/ns/N/sa/S.
@@ -154,7 +176,7 @@ func saOf(identity string) string {
 func (a *Agent) verifyAdopted(ctx context.Context) {
 	a.mu.Lock()
 	pods := a.toVerify
-	a.toVerify = nil
+	a.toVerify, a.verifyTaken = nil, true
 	a.mu.Unlock()
 	a.verifyPods(ctx, pods)
 	a.log.Info("rules of re-adopted pods verified", "pods", len(pods))
@@ -268,3 +290,7 @@ func (a *Agent) verifyPod(p *pod) {
 	p.rec.Backend = backend
 	a.store.Put(p.rec)
 }
+
+// adoptListed, if set, runs between the list of the records and their
+// adoption (tests: a DEL served there).
+var adoptListed func(*Agent)

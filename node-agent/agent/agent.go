@@ -53,9 +53,10 @@ type Options struct {
 	// Health, if set, is marked ready once the agent adopted its pods.
 	Health *health.Server
 	// Peers, if set, says whether another agent runs on this node (a
-	// surge upgrade): while one does, a pod record that disappears was
-	// removed by that agent's DEL, and this agent releases the pod too
-	// (peers.go). Records other agents write are adopted either way.
+	// surge upgrade): a pod record that disappears while one runs (asked
+	// at each look at the records, peers.go) was removed by that agent's
+	// DEL, and this agent releases the pod too. Records other agents
+	// write are adopted either way.
 	Peers func() bool
 	// Newest, if set, says whether this agent is the newest live agent
 	// of the node that is not stopping (no instance.Self.Successor):
@@ -95,8 +96,13 @@ type Agent struct {
 	mu     sync.Mutex
 	byCID  map[string]*pod // container ID → pod
 	byName map[string]*pod // namespace/name → the latest sandbox
-	// toVerify are re-adopted pods whose rules are checked after ready.
-	toVerify []*pod
+	// toVerify are re-adopted pods whose rules are checked after ready,
+	// by verifyAdopted; verifyTaken: it has taken them, and pods the
+	// watcher adopts since are checked by the watcher (peers.go).
+	toVerify    []*pod
+	verifyTaken bool
+	// watching: the records directory is watched (not polled, peers.go).
+	watching atomic.Bool
 
 	closing  sync.WaitGroup // drains in flight
 	stopping atomic.Bool    // shutting down: leave host rules in place

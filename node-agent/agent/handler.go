@@ -256,6 +256,13 @@ func (a *Agent) del(req *cniproto.Request) *cniproto.Response {
 
 // delLocked is del under the pod's lock.
 func (a *Agent) delLocked(req *cniproto.Request) *cniproto.Response {
+	return a.forgetLocked(req, true)
+}
+
+// forgetLocked is delLocked; with records false it leaves the pod's
+// records in place (a release on another agent's DEL: that agent owns
+// them).
+func (a *Agent) forgetLocked(req *cniproto.Request, records bool) *cniproto.Response {
 	rp := req.Pod
 	key := rp.Namespace + "/" + rp.Name
 	a.mu.Lock()
@@ -276,11 +283,13 @@ func (a *Agent) delLocked(req *cniproto.Request) *cniproto.Response {
 		}
 	}
 	a.mu.Unlock()
-	if err := a.store.Delete(rp.ContainerID); err != nil {
-		a.log.Warn("removing pod record", "pod", key, "err", err)
+	if records {
+		if err := a.store.Delete(rp.ContainerID); err != nil {
+			a.log.Warn("removing pod record", "pod", key, "err", err)
+		}
 	}
 	if p != nil {
-		if p.rec.ContainerID != rp.ContainerID {
+		if records && p.rec.ContainerID != rp.ContainerID {
 			a.store.Delete(p.rec.ContainerID)
 		}
 		if heir != nil && heir.enrolled() && hostKey(heir.rec) == hostKey(p.rec) {

@@ -1,11 +1,15 @@
 package agent
 
 import (
+	"errors"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -199,5 +203,276 @@ func TestRecordsDirReplaced(t *testing.T) {
 	})
 	if h.a.podByName("apps/own") == nil {
 		t.Fatal("the pod whose record stayed in the old directory was released")
+	}
+}
+
+// otherAgentsRecord is the record another agent of the node writes once
+// it has served the ADD of pod apps/<name> in n.
+func otherAgentsRecord(t *testing.T, name string, n *testNetns, ip string) state.Pod {
+	t.Helper()
+	ino, err := netnsfind.Inode(n.file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return state.Pod{Namespace: "apps", Name: name, UID: "uid-" + name, ContainerID: "cid-" + name, Netns: n.path, NetnsInode: ino,
+		IPs: []netip.Addr{netip.MustParseAddr(ip)}, Enrolled: true, IPv4: true, Identity: "spiffe://cluster.local/ns/apps/sa/default", Since: time.Now()}
+}
+
+// known says whether the agent has a sandbox of container ID cid.
+func (h *harness) known(cid string) bool {
+	h.a.mu.Lock()
+	defer h.a.mu.Unlock()
+	return h.a.byCID[cid] != nil
+}
+
+// TestRecordRemovedAsThePeerExits: the other agent serves a pod's DEL
+// (removing its record) and exits within the settle: the pod must be
+// released here although no other agent runs by the time the pass looks.
+// Whether one ran used to be asked only then, so the pod stayed served
+// and its netns held. A record removed by hand once the other agent has
+// been gone a while (alone on the node), with no look at the records in
+// between, still leaves the pod served.
+func TestRecordRemovedAsThePeerExits(t *testing.T) {
+	testenv.RequireRoot(t)
+	defer func(d time.Duration) { recordPeerCheck = d }(recordPeerCheck)
+	recordPeerCheck = 50 * time.Millisecond
+	var peer atomic.Bool
+	peer.Store(true)
+	h := startAgent(t, "", invAmbient, func(o *Options) { o.Peers = peer.Load })
+	store, err := state.Open(h.dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, b, c := newNetns(t, "10.77.0.2/24"), newNetns(t, "10.77.3.2/24"), newNetns(t, "10.77.4.2/24")
+	for _, r := range []state.Pod{otherAgentsRecord(t, "a", a, "10.77.0.2"), otherAgentsRecord(t, "b", b, "10.77.3.2")} {
+		if err := store.Put(r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Adopted, and their rules checked (the repair writes the record
+	// again, which makes another pass): no look at the records is due.
+	eventually(t, "both records adopted and their rules checked", func() bool {
+		ra, erra := store.Read(state.FileName("cid-a"))
+		rb, errb := store.Read(state.FileName("cid-b"))
+		return h.known("cid-a") && h.known("cid-b") && h.tun.Live() == 2 && erra == nil && errb == nil && ra.Backend != "" && rb.Backend != ""
+	})
+	time.Sleep(200 * time.Millisecond)
+	// The other agent goes without touching the records; a while later
+	// a record is removed by hand.
+	peer.Store(false)
+	time.Sleep(10 * recordPeerCheck)
+	if err := store.Delete("cid-b"); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(300 * time.Millisecond)
+	if !h.known("cid-b") || h.tun.Live() != 2 {
+		t.Fatal("alone on the node, a record removed by hand unserved its pod")
+	}
+	// Another agent again (seen at the look after its record of c).
+	peer.Store(true)
+	if err := store.Put(otherAgentsRecord(t, "c", c, "10.77.4.2")); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the record of c adopted", func() bool { return h.known("cid-c") && h.tun.Live() == 3 })
+	// Its DEL of a, then its exit: before the pass runs.
+	if err := store.Delete("cid-a"); err != nil {
+		t.Fatal(err)
+	}
+	peer.Store(false)
+	eventually(t, "the pod the exiting agent deleted released", func() bool { return !h.known("cid-a") && h.tun.Live() == 2 })
+	if !h.known("cid-b") {
+		t.Fatal("the pod whose record was removed by hand was released later")
+	}
+}
+
+// TestReleaseLeavesTheRecord: the release of a pod whose record the
+// other agent removed must not remove the record again: the other agent
+// may have written it anew right after this agent looked (it owns the
+// record's removal), and the pod is then adopted again, not lost by both.
+func TestReleaseLeavesTheRecord(t *testing.T) {
+	testenv.RequireRoot(t)
+	n := newNetns(t, "10.77.0.2/24")
+	rec := otherAgentsRecord(t, "a", n, "10.77.0.2")
+	var store *state.Store
+	var armed, rewrote atomic.Bool
+	// Set before the agent runs (it reads the hook).
+	releaseChecked = func() {
+		if armed.Load() && rewrote.CompareAndSwap(false, true) {
+			if err := store.Put(rec); err != nil { // the other agent, a few µs after the check
+				t.Error(err)
+			}
+		}
+	}
+	h := startAgent(t, "", invAmbient, func(o *Options) { o.Peers = func() bool { return true } })
+	t.Cleanup(func() { releaseChecked = nil }) // after the agent stopped (cleanups run last first)
+	var err error
+	if store, err = state.Open(h.dir); err != nil {
+		t.Fatal(err)
+	}
+	if err := store.Put(rec); err != nil {
+		t.Fatal(err)
+	}
+	// Adopted, and its rules checked: the check's repair writes the
+	// record (with the backend it installed).
+	eventually(t, "the record adopted and its rules checked", func() bool {
+		r, err := store.Read(state.FileName("cid-a"))
+		return h.known("cid-a") && h.tun.Live() == 1 && err == nil && r.Backend != ""
+	})
+	armed.Store(true)
+	if err := store.Delete("cid-a"); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the record written again after the check adopted again", func() bool {
+		_, err := store.Read(state.FileName("cid-a"))
+		return rewrote.Load() && err == nil && h.known("cid-a") && h.tun.Live() == 1
+	})
+}
+
+// TestWatcherVerifiesOnlyWhatItAdopted: a pass after ready checks the
+// rules of the pods it adopted itself and leaves the ones adoption found
+// at start to verifyAdopted (it took them all: verifyAdopted then checked
+// none, logging 'pods 0', and the watcher was busy with every pod's
+// check instead of following the records). What it adopts before
+// verifyAdopted took its list is checked with that list.
+func TestWatcherVerifiesOnlyWhatItAdopted(t *testing.T) {
+	testenv.RequireRoot(t)
+	h := startAgent(t, "", invAmbient, func(o *Options) { o.Peers = func() bool { return true } })
+	store, err := state.Open(h.dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "verifyAdopted to take its list", func() bool {
+		h.a.mu.Lock()
+		defer h.a.mu.Unlock()
+		return h.a.verifyTaken
+	})
+	// As if verifyAdopted had not taken its list yet, holding a pod
+	// adoption found at start (not enrolled: its check is a no-op).
+	startup := &pod{rec: state.Pod{Namespace: "apps", Name: "startup", ContainerID: "cid-startup"}}
+	h.a.mu.Lock()
+	h.a.verifyTaken = false
+	h.a.toVerify = append(h.a.toVerify, startup)
+	h.a.mu.Unlock()
+	a := newNetns(t, "10.77.0.2/24")
+	if err := store.Put(otherAgentsRecord(t, "a", a, "10.77.0.2")); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the record adopted and its pass done", func() bool {
+		h.a.mu.Lock()
+		defer h.a.mu.Unlock()
+		return h.a.byCID["cid-a"] != nil && len(h.a.toVerify) >= 2
+	})
+	h.a.mu.Lock()
+	list := slices.Clone(h.a.toVerify)
+	h.a.toVerify, h.a.verifyTaken = nil, true // taken now
+	h.a.mu.Unlock()
+	if len(list) != 2 || list[0] != startup || list[1].rec.ContainerID != "cid-a" {
+		t.Fatalf("verifyAdopted's list after the watcher adopted a pod: %v, want the pod found at start and the adopted one", list)
+	}
+	// Once verifyAdopted has taken its list, the watcher checks what it
+	// adopts: the record's pod has no rules in its netns (the other
+	// agent's plugin has not installed them yet), the check installs them.
+	b := newNetns(t, "10.77.3.2/24")
+	if err := store.Put(otherAgentsRecord(t, "b", b, "10.77.3.2")); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the adopted pod's rules checked and repaired by the watcher", func() bool {
+		found, err := h.a.rules.Installed(b.file)
+		return h.known("cid-b") && err == nil && len(found) > 0
+	})
+	h.a.mu.Lock()
+	n := len(h.a.toVerify)
+	h.a.mu.Unlock()
+	if n != 0 {
+		t.Fatalf("%d pods left for verifyAdopted after it took its list", n)
+	}
+}
+
+// TestFollowingRecordsWithoutInotify: the watch cannot be created (the
+// inotify instance limit reached, for real: fs.inotify.max_user_instances
+// lowered to 0 for a moment). Records are then looked at every
+// recordPoll, and the watch is tried again until it is in place; it was
+// tried once, and another agent's records were never adopted.
+func TestFollowingRecordsWithoutInotify(t *testing.T) {
+	testenv.RequireRoot(t)
+	defer func(p, r time.Duration) { recordPoll, recordWatchRetry = p, r }(recordPoll, recordWatchRetry)
+	recordPoll, recordWatchRetry = 100*time.Millisecond, 200*time.Millisecond
+	const knob = "/proc/sys/fs/inotify/max_user_instances"
+	orig, err := os.ReadFile(knob)
+	if err != nil {
+		t.Fatal(err)
+	}
+	restore := sync.OnceFunc(func() {
+		if err := os.WriteFile(knob, orig, 0o644); err != nil {
+			t.Errorf("restoring %s to %s: %v", knob, strings.TrimSpace(string(orig)), err)
+		}
+	})
+	t.Cleanup(restore)
+	if err := os.WriteFile(knob, []byte("0"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	// The limit is machine-wide: restored as soon as the agent has
+	// failed to watch (it is ready only after trying), whatever happens.
+	h := startAgent(t, "", invAmbient, func(o *Options) { o.Peers = func() bool { return true } })
+	restore()
+	store, err := state.Open(h.dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := newNetns(t, "10.77.0.2/24")
+	if err := store.Put(otherAgentsRecord(t, "a", a, "10.77.0.2")); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the record adopted though the watch could not be created at start", func() bool { return h.known("cid-a") && h.tun.Live() == 1 })
+	eventually(t, "the watch in place", func() bool { return h.a.watching.Load() })
+	b := newNetns(t, "10.77.3.2/24")
+	if err := store.Put(otherAgentsRecord(t, "b", b, "10.77.3.2")); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the record written once watching adopted", func() bool { return h.known("cid-b") && h.tun.Live() == 2 })
+	if err := store.Delete("cid-a"); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the pod the other agent deleted released", func() bool { return !h.known("cid-a") && h.tun.Live() == 1 })
+}
+
+// TestDelDuringAdoption: a DEL served while the agent re-adopts its pods
+// at start, after the records were listed but before that pod's adoption
+// ran (the plugin socket is served from the start). The adoption went on
+// from the listed record: a lone agent then served a deleted sandbox and
+// held its netns until a GC.
+func TestDelDuringAdoption(t *testing.T) {
+	testenv.RequireRoot(t)
+	dir, err := os.MkdirTemp("", "amb-agt-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	store, err := state.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := newNetns(t, "10.77.0.2/24")
+	rec := otherAgentsRecord(t, "a", n, "10.77.0.2")
+	if err := store.Put(rec); err != nil {
+		t.Fatal(err)
+	}
+	var served atomic.Bool
+	adoptListed = func(a *Agent) {
+		if served.CompareAndSwap(false, true) {
+			a.del(&cniproto.Request{Op: cniproto.OpDel, Pod: cniproto.Pod{Namespace: rec.Namespace, Name: rec.Name, UID: rec.UID, ContainerID: rec.ContainerID}})
+		}
+	}
+	defer func() { adoptListed = nil }()
+	h := startAgent(t, dir, invAmbient)
+	if !served.Load() {
+		t.Fatal("the DEL was not served during adoption")
+	}
+	time.Sleep(200 * time.Millisecond) // the watcher's passes
+	if h.known(rec.ContainerID) || h.tun.Live() != 0 {
+		t.Fatalf("the sandbox deleted during adoption is served (%d pods)", h.tun.Live())
+	}
+	if _, err := store.Read(state.FileName(rec.ContainerID)); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("its record: %v", err)
 	}
 }
