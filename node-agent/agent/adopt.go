@@ -100,7 +100,7 @@ func (a *Agent) adoptLocked(ctx context.Context, rec state.Pod, scan *lazyScan) 
 	if !rec.Enrolled {
 		f.Close()
 		if rec.Netns != orig.Netns || rec.NetnsInode != orig.NetnsInode {
-			a.store.Put(rec) // refreshed by the scan
+			a.rewrite(rec) // refreshed by the scan
 		}
 		return nil
 	}
@@ -125,7 +125,7 @@ func (a *Agent) adoptLocked(ctx context.Context, rec state.Pod, scan *lazyScan) 
 			p.netns = nil
 			f.Close()
 			p.rec.Enrolled, p.rec.Backend = false, ""
-			a.store.Put(p.rec)
+			a.rewrite(p.rec)
 			a.setStatus(cp, "", "", "")
 			a.log.Info("pod unenrolled while the agent was away", "pod", podName, "reason", d.Reason)
 			return nil
@@ -156,7 +156,7 @@ func (a *Agent) adoptLocked(ctx context.Context, rec state.Pod, scan *lazyScan) 
 		return nil
 	}
 	if p.rec.Netns != orig.Netns || p.rec.NetnsInode != orig.NetnsInode || p.rec.Identity != orig.Identity || p.rec.MigrateReq != orig.MigrateReq {
-		a.store.Put(p.rec)
+		a.rewrite(p.rec)
 	}
 	a.m.adopted.Inc()
 	a.m.latency.WithLabelValues("adopt").Observe(time.Since(start).Seconds())
@@ -288,7 +288,19 @@ func (a *Agent) verifyPod(p *pod) {
 	}
 	a.m.repairs.Inc()
 	p.rec.Backend = backend
-	a.store.Put(p.rec)
+	a.rewrite(p.rec)
+}
+
+// rewrite writes the record of a pod this agent serves again (refreshed
+// or repaired), unless it was removed: another agent of the node removes
+// a record when it serves the pod's DEL (a surge upgrade), and writing
+// it back would hide that removal from this agent's record following
+// (peers.go), which then never releases the pod. Alone on the node, a
+// record removed by hand is not brought back either.
+func (a *Agent) rewrite(rec state.Pod) {
+	if _, err := a.store.Update(rec); err != nil {
+		a.log.Warn("persisting pod record", "pod", rec.Namespace+"/"+rec.Name, "err", err)
+	}
 }
 
 // adoptListed, if set, runs between the list of the records and their

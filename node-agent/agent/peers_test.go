@@ -20,6 +20,7 @@ import (
 	"github.com/ambit-mesh/ambit/node-agent/netnsfind"
 	"github.com/ambit-mesh/ambit/node-agent/state"
 	"github.com/ambit-mesh/ambit/plugin/cniproto"
+	"github.com/ambit-mesh/ambit/plugin/redirect"
 )
 
 // TestRecordsOfAnotherAgent: a record another agent of the node writes
@@ -475,4 +476,54 @@ func TestDelDuringAdoption(t *testing.T) {
 	if _, err := store.Read(state.FileName(rec.ContainerID)); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("its record: %v", err)
 	}
+}
+
+// installHook is a Redirector whose Install runs fn first.
+type installHook struct {
+	Rules
+	fn func()
+}
+
+func (r installHook) Install(f *os.File, b redirect.Backend, spec redirect.Spec) (string, error) {
+	r.fn()
+	return r.Rules.Install(f, b, spec)
+}
+
+// TestRepairLeavesARemovedRecordRemoved: the other agent serves the DEL
+// of a pod (removing its record) while this agent repairs the pod's
+// rules. The repair wrote the record back with its backend, so the
+// removal was never seen: the pod stayed served here, its netns held,
+// and its record left for the next agent to adopt.
+func TestRepairLeavesARemovedRecordRemoved(t *testing.T) {
+	testenv.RequireRoot(t)
+	n := newNetns(t, "10.77.0.2/24")
+	rec := otherAgentsRecord(t, "a", n, "10.77.0.2")
+	var store atomic.Pointer[state.Store]
+	var deleted atomic.Bool
+	h := startAgent(t, "", invAmbient, func(o *Options) {
+		o.Peers = func() bool { return true }
+		b, err := redirect.ParseBackend(o.Config.RedirectBackend)
+		if err != nil {
+			t.Fatal(err)
+		}
+		o.Rules = installHook{Rules: Rules{Backend: b}, fn: func() {
+			if s := store.Load(); s != nil && deleted.CompareAndSwap(false, true) {
+				s.Delete(rec.ContainerID) // the other agent's DEL
+			}
+		}}
+	})
+	s, err := state.Open(h.dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// No rules in the pod's netns yet: the check of the adopted pod
+	// repairs them.
+	if err := s.Put(rec); err != nil {
+		t.Fatal(err)
+	}
+	store.Store(s)
+	eventually(t, "the pod released, its record left removed", func() bool {
+		_, err := s.Read(state.FileName(rec.ContainerID))
+		return deleted.Load() && errors.Is(err, os.ErrNotExist) && !h.known(rec.ContainerID) && h.tun.Live() == 0
+	})
 }

@@ -91,6 +91,28 @@ func (s *Store) Put(p Pod) error {
 	return WriteFileAtomic(filepath.Join(s.dir, Key(p.ContainerID)+".json"), b, 0o600)
 }
 
+// Update is Put for a record that exists: one that is missing is not
+// written (ok false). An agent rewriting the record of a pod it serves
+// (a refresh, a repaired backend) must not bring back a record another
+// agent of the node removed meanwhile (its DEL during a surge upgrade):
+// this agent would then never release the pod, and a later one would
+// adopt a deleted sandbox. A removal between the look and the write is
+// still undone (there is no conditional rename); the window is a write.
+func (s *Store) Update(p Pod) (ok bool, err error) {
+	if p.ContainerID == "" {
+		return false, errors.New("state: record without a container ID")
+	}
+	if _, err := os.Lstat(filepath.Join(s.dir, FileName(p.ContainerID))); errors.Is(err, os.ErrNotExist) {
+		return false, nil
+	} else if err != nil {
+		return false, fmt.Errorf("state: %w", err)
+	}
+	if err := s.Put(p); err != nil {
+		return false, err
+	}
+	return true, nil
+}
+
 // Delete removes the record of containerID; a missing record is fine.
 func (s *Store) Delete(containerID string) error {
 	err := os.Remove(filepath.Join(s.dir, Key(containerID)+".json"))

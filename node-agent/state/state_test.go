@@ -170,3 +170,30 @@ func TestListRemovesStaleTempFiles(t *testing.T) {
 		t.Fatalf("fresh temp file (a write in flight) removed: %v", err)
 	}
 }
+
+// TestUpdate: Update rewrites a record that exists and never writes back
+// one that was removed (by another agent of the node, whose removal it
+// is).
+func TestUpdate(t *testing.T) {
+	s, err := Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := Pod{Namespace: "apps", Name: "a", ContainerID: "cid-a", Since: time.Now().UTC()}
+	if ok, err := s.Update(p); ok || err != nil {
+		t.Fatalf("Update of a missing record: %v %v, want false <nil>", ok, err)
+	}
+	if _, err := s.Read(FileName("cid-a")); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("a missing record was written: %v", err)
+	}
+	if err := s.Put(p); err != nil {
+		t.Fatal(err)
+	}
+	p.Backend = "nftables"
+	if ok, err := s.Update(p); !ok || err != nil {
+		t.Fatalf("Update of a record: %v %v, want true <nil>", ok, err)
+	}
+	if got, err := s.Read(FileName("cid-a")); err != nil || got.Backend != "nftables" {
+		t.Fatalf("after Update: %+v %v", got, err)
+	}
+}
