@@ -266,12 +266,12 @@ func run(ctx context.Context, args []string) error {
 		go hr.Run(ctx)
 		host = hr
 	}
-	hs.SetNodeCheck(func() error {
-		if p, ok := self.Successor(); ok && !p.Ready {
-			return fmt.Errorf("a newer agent (%s) is starting on this node", p.Name)
-		}
-		return nil
-	})
+	// No node-wide readiness: while a newer agent starts, this one keeps
+	// answering /readyz for itself. The new pod cannot borrow that answer
+	// (its exec startup probe answers for its own process, and the kubelet
+	// probes readiness only after it passed), and an old pod that turned
+	// unready is one the DaemonSet controller deletes at once during a
+	// surge, before the new agent serves anything.
 
 	var keep agent.Keeper
 	if cfg.KeeperSocket != "" {

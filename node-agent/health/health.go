@@ -23,7 +23,6 @@ type Server struct {
 	mu       sync.Mutex
 	notReady string // why not ready; "" = ready
 	checks   map[string]func() error
-	node     func() error
 }
 
 // New returns a server that is alive but not ready ("starting").
@@ -38,17 +37,6 @@ func (s *Server) SetReady() { s.SetNotReady("") }
 func (s *Server) SetNotReady(reason string) {
 	s.mu.Lock()
 	s.notReady = reason
-	s.mu.Unlock()
-}
-
-// SetNodeCheck adds a readiness condition beyond this process: /readyz
-// fails with fn's error while it returns one. The agent uses it during a
-// surge upgrade, when its health port is shared with a newer agent on the
-// same node and the kubelet's probe of the new pod may land here: every
-// agent then answers "not ready" until the newest one is.
-func (s *Server) SetNodeCheck(fn func() error) {
-	s.mu.Lock()
-	s.node = fn
 	s.mu.Unlock()
 }
 
@@ -80,17 +68,11 @@ func (s *Server) Handler() http.Handler {
 	})
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
 		s.mu.Lock()
-		why, node := s.notReady, s.node
+		why := s.notReady
 		s.mu.Unlock()
 		if why != "" {
 			http.Error(w, "not ready: "+why, http.StatusServiceUnavailable)
 			return
-		}
-		if node != nil {
-			if err := node(); err != nil {
-				http.Error(w, "not ready: "+err.Error(), http.StatusServiceUnavailable)
-				return
-			}
 		}
 		fmt.Fprintln(w, "ready")
 	})
@@ -102,7 +84,8 @@ func (s *Server) Handler() http.Handler {
 // the server stopped.
 //
 // The socket has SO_REUSEPORT: on the host network two agents share the
-// port while a surge upgrade overlaps them (see SetNodeCheck). Only
+// port while a surge upgrade overlaps them; each answers for itself (the
+// new pod's own readiness is gated by its exec startup probe). Only
 // processes of the same user can join the group.
 func (s *Server) Serve(ctx context.Context, addr string) error {
 	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {

@@ -10,9 +10,11 @@
 //
 //   - both share the host's health port (:15021, SO_REUSEPORT), so the
 //     kubelet's readiness probe of the new pod may reach the old agent.
-//     Every agent therefore answers for the node: not ready while the
-//     newest live agent is not ready, so the new pod cannot be marked
-//     ready by its predecessor's answer;
+//     The new pod's exec startup probe (Probe) answers for its own
+//     process, and readiness is probed only after it passed, so the new
+//     pod cannot be marked ready by its predecessor's answer; each agent
+//     answers /readyz for itself (an old agent answering "not ready" for
+//     the node made the DaemonSet controller delete its pod mid-surge);
 //   - an agent that has a successor stops re-asserting the node's files
 //     (plugin binary, conflist entry), so two versions do not overwrite
 //     each other's binary until the old one exits;
