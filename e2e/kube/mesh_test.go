@@ -582,6 +582,10 @@ func TestAmbitMesh(t *testing.T) {
 	// A rollout that never becomes ready, rolled back mid-surge
 	// (rollback_test.go): the node must still start ambient pods.
 	t.Run("BadRolloutRolledBack", func(t *testing.T) { c.badRolloutRolledBack(t, r, mesh, srv) })
+
+	// A rollout whose new agent never becomes ready stalls with the old
+	// agents Ready and serving (unready_test.go).
+	t.Run("UnreadyAgentRolloutStalls", func(t *testing.T) { c.unreadyAgentRolloutStalls(t, r, mesh, srv) })
 }
 
 // podSysctl reads a sysctl (path under /proc/sys) in the network
