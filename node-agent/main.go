@@ -306,6 +306,19 @@ func run(ctx context.Context, args []string) error {
 	}
 	if cfg.HealthAddr != "" {
 		go func() {
+			// While an older agent serves this node, join the shared
+			// port only once ready: the kubelet's readiness probe of
+			// the old pod lands on either process, and this one's 503
+			// "starting" made the old pod unready, which the DaemonSet
+			// controller deletes at once during a surge. Nothing probes
+			// this pod over HTTP before its exec startup probe passed.
+			if self.Others() {
+				select {
+				case <-a.Ready():
+				case <-ctx.Done():
+					return
+				}
+			}
 			// Retry while the port is taken: an agent of a version
 			// before the shared port (no SO_REUSEPORT) holds it until
 			// the upgrade stops it. Giving up would leave this agent

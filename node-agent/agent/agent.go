@@ -282,10 +282,10 @@ func (a *Agent) run(ctx context.Context, l *net.UnixListener, sock *cniproto.Soc
 	a.syncHostRules()
 	a.writeSnapshot()
 	a.log.Info("agent ready", "adopted", n, "took", time.Since(start).Round(time.Millisecond), "socket", a.cfg.Socket)
-	close(a.ready)
 	if a.health != nil {
 		a.health.SetReady()
 	}
+	close(a.ready)
 	// Pods that should be enrolled but have no record (state lost, pods
 	// labelled while no agent ran) are found by a full reconcile.
 	a.queue.add(key{kind: keyAll})
