@@ -118,9 +118,11 @@ func FuzzServe(f *testing.F) {
 			t.Fatalf("prune: %q", r)
 		}
 		// The keeper closes its end of a connection after answering: give
-		// it a moment before counting.
+		// it a moment before counting. Fewer than before is no leak: an
+		// earlier test's keeper may close what it kept meanwhile (its
+		// expiry runs on a timer in this same process).
 		deadline := time.Now().Add(2 * time.Second)
-		for testenv.OpenFDs(t) != before {
+		for testenv.OpenFDs(t) > before {
 			if time.Now().After(deadline) {
 				t.Fatalf("%d descriptors open before %.80q, %d after", before, b, testenv.OpenFDs(t))
 			}
