@@ -284,7 +284,10 @@ func run(ctx context.Context, args []string) error {
 		// The plugin socket's path goes back to this agent when the
 		// newer one that took it stops or dies (a rollback mid-surge).
 		Newest: func() bool { _, newer := self.Successor(); return !newer },
-		Logger: log})
+		// Beside an older agent that serves (a surge upgrade) the socket
+		// stays with it until this one is ready.
+		Predecessor: self.ServingPredecessor,
+		Logger:      log})
 	if err != nil {
 		return err
 	}

@@ -29,9 +29,11 @@ import (
 //
 // The misconfiguration is the one that showed it: the new pod template
 // runs under a ServiceAccount whose role lacks endpointslices. The new
-// agent syncs the policies, registers, takes the plugin socket and then
+// agent syncs the policies, registers and then
 // waits for its informers forever (the endpointslices list is
-// forbidden); its exec startup probe never passes.
+// forbidden); its exec startup probe never passes. It never takes the
+// plugin socket either (it would once ready), so pods created on the node
+// meanwhile are enrolled by the old agent.
 
 // noSlicesSA names the ServiceAccount, ClusterRole and ClusterRoleBinding
 // of the misconfigured template.
@@ -115,11 +117,10 @@ func (c *cluster) unreadyAgentRolloutStalls(t *testing.T, r *caseResult, mesh st
 		}
 	}
 
-	// The ambient pod created during the stall: its ADD goes to the
-	// plugin socket, whose path the surge agent took once it registered
-	// ("ambit-agent starting" is logged right before it opens the
-	// socket). Wait for that, so the ADD meets the unready owner.
-	poll(t, 60*time.Second, "the surge agent to open the plugin socket", func() (bool, error) {
+	// The ambient pod created during the stall: created once the surge
+	// agent has started ("ambit-agent starting" in its log), so its ADD
+	// meets a node with a starting, never ready, agent beside the old one.
+	poll(t, 60*time.Second, "the surge agent to start", func() (bool, error) {
 		checkKept("waiting for the surge agent to start")
 		out, err := c.kubectl(ctx, "", "-n", ambitNS, "logs", surge.Name, "-c", "agent")
 		return err == nil && strings.Contains(out, "ambit-agent starting"), nil
@@ -170,14 +171,19 @@ func (c *cluster) unreadyAgentRolloutStalls(t *testing.T, r *caseResult, mesh st
 		t.Fatalf("while the rollout stalls: %v %s", err, out)
 	}
 
-	// What the ambient pod's ADD met. docs/upgrade.md: an ADD to an agent
-	// that does not serve yet waits or fails closed, and the kubelet
-	// retries; never a pod running unenrolled.
+	// What the ambient pod's ADD met. docs/upgrade.md: beside the old
+	// agent, a starting agent leaves the plugin socket to it until ready,
+	// so the pod runs, enrolled by the old agent, during the stall (until
+	// session 7 the unready agent held the socket and every ADD failed
+	// closed until the undo).
 	var addSaid string
 	if ranInStall != 0 {
 		addSaid = fmt.Sprintf("ran %.1fs after its creation, during the stall", ranInStall.Seconds())
 		c.waitAnnotation(t, mesh, stallPod, "enabled", 30*time.Second)
 	} else {
+		defer func() {
+			t.Errorf("ambient pod %s on %s did not run during the stall: %s", stallPod, node, addSaid)
+		}()
 		msg := lastSandboxFailure(ctx, t, c, mesh, stallPod)
 		if !strings.Contains(msg, "ambit") {
 			out, _ := c.kubectl(ctx, "", "-n", mesh, "describe", "pod", stallPod)
@@ -228,7 +234,7 @@ func (c *cluster) unreadyAgentRolloutStalls(t *testing.T, r *caseResult, mesh st
 	}
 
 	lr := <-res
-	r.note("unready rollout stalled on %s: old agents kept Ready %.0fs past the surge pod (socket taken %.1fs after it; /readyz on the shared port: %s), rolled back in %.1fs; ambient pod created in the stall %s, running %.1fs after its creation (%.1fs after the undo); load over %v: %d ok, %d failed",
+	r.note("unready rollout stalled on %s: old agents kept Ready %.0fs past the surge pod (surge agent started %.1fs after it; /readyz on the shared port: %s), rolled back in %.1fs; ambient pod created in the stall %s, running %.1fs after its creation (%.1fs after the undo); load over %v: %d ok, %d failed",
 		node, stalled.Seconds(), socketTaken.Seconds(), probes.String(), rolledBack.Seconds(), addSaid, podUp.Seconds(), podAfterUndo.Seconds(), loadFor, lr.OK, lr.failed())
 	if lr.Other < 0 {
 		t.Fatalf("load did not run: %v", lr.Errors)

@@ -64,7 +64,11 @@ type Options struct {
 	// replaced it and has stopped or died since (a rollback, socket.go).
 	// Unset: the agent never replaces the path after it started.
 	Newest func() bool
-	Logger *slog.Logger
+	// Predecessor, if set, says whether an older agent serves the plugin
+	// socket now (live, ready, not stopping). Run then leaves the socket
+	// to it until this agent is ready, or until it stops.
+	Predecessor func() bool
+	Logger      *slog.Logger
 }
 
 // Agent is the running node agent.
@@ -88,6 +92,7 @@ type Agent struct {
 	health       *health.Server
 	peers        func() bool
 	newestFn     func() bool
+	predecessor  func() bool
 	log          *slog.Logger
 	static       bool
 
@@ -170,7 +175,7 @@ func New(o Options) (*Agent, error) {
 		keeper: o.Keeper,
 		spec:   spec,
 		policy: enrollment.NewPolicy(o.Config.EnrollLabel, o.Config.ExcludedNamespaces),
-		store:  st, m: newMetrics(o.Registerer), health: o.Health, peers: o.Peers, newestFn: o.Newest, log: o.Logger,
+		store:  st, m: newMetrics(o.Registerer), health: o.Health, peers: o.Peers, newestFn: o.Newest, predecessor: o.Predecessor, log: o.Logger,
 		byCID: map[string]*pod{}, byName: map[string]*pod{},
 		queue: newQueue(), statusQ: make(chan statusUpdate, 4096), ready: make(chan struct{}),
 	}
@@ -200,7 +205,17 @@ func (a *Agent) Ready() <-chan struct{} { return a.ready }
 // the plugin, closes every pod's listeners and drains established
 // connections up to drainTimeout, leaving rules and records in place for
 // the next agent.
+//
+// Beside an older agent that serves the node (a surge upgrade), the
+// socket stays with it until this agent is ready (or the older one
+// stops): an ADD meanwhile is served by the older agent, whose record of
+// the pod this one adopts (peers.go), instead of waiting on an agent that
+// may never become ready (a bad rollout, which then stalls with new pods
+// still starting on the node).
 func (a *Agent) Run(ctx context.Context) error {
+	if a.predecessor != nil && a.predecessor() {
+		return a.run(ctx, nil, nil)
+	}
 	s, err := cniproto.OpenSocket(a.cfg.Socket)
 	if err != nil {
 		return err
@@ -218,7 +233,9 @@ func (a *Agent) RunListener(ctx context.Context, l *net.UnixListener) error {
 // run serves l; with sock (l's socket and path) it also takes the path
 // back when it should (socket.go).
 func (a *Agent) run(ctx context.Context, l *net.UnixListener, sock *cniproto.Socket) error {
-	defer l.Close()
+	if l != nil {
+		defer l.Close()
+	}
 	if err := a.view.WaitSynced(ctx); err != nil {
 		return fmt.Errorf("agent: waiting for the cluster view: %w", err)
 	}
@@ -248,12 +265,79 @@ func (a *Agent) run(ctx context.Context, l *net.UnixListener, sock *cniproto.Soc
 			}
 		}()
 	}
-	serve(l)
-	if sock != nil && a.newestFn != nil {
+	var keepers []*socketKeeper // under sockMu
+	var sockMu sync.Mutex
+	keep := func(sock *cniproto.Socket) {
+		if a.newestFn == nil {
+			return
+		}
 		k := &socketKeeper{a: a, serve: serve, cur: sock}
+		keepers = append(keepers, k)
 		wg.Add(1)
 		go func() { defer wg.Done(); k.run(ctx) }()
-		defer func() { k.mu.Lock(); k.cur.Close(); k.mu.Unlock() }()
+	}
+	// The socket, opened now or, beside a serving older agent, once this
+	// one is ready or the older one stops (whichever comes first).
+	var opened *cniproto.Socket
+	openSocket := func() error {
+		sockMu.Lock()
+		defer sockMu.Unlock()
+		if opened != nil || l != nil {
+			return nil
+		}
+		s, err := cniproto.OpenSocket(a.cfg.Socket)
+		if err != nil {
+			return err
+		}
+		opened = s
+		serve(s.Listener)
+		keep(s)
+		a.log.Info("plugin socket taken", "socket", s.Path)
+		return nil
+	}
+	defer func() {
+		sockMu.Lock()
+		defer sockMu.Unlock()
+		if len(keepers) == 0 && opened != nil {
+			opened.Close()
+		}
+		for _, k := range keepers { // each closes what it serves now
+			k.mu.Lock()
+			k.cur.Close()
+			k.mu.Unlock()
+		}
+	}()
+	if l != nil {
+		serve(l)
+		if sock != nil {
+			sockMu.Lock()
+			keep(sock)
+			sockMu.Unlock()
+		}
+	} else {
+		a.log.Info("an older agent serves the plugin socket; taking it once ready", "socket", a.cfg.Socket)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			t := time.NewTicker(socketCheck)
+			defer t.Stop()
+			for {
+				select {
+				case <-ctx.Done():
+					return
+				case <-a.ready:
+					return
+				case <-t.C:
+					if !a.predecessor() {
+						if err := openSocket(); err != nil {
+							a.log.Error("plugin socket: the older agent stopped and opening it failed", "err", err)
+							continue
+						}
+						return
+					}
+				}
+			}
+		}()
 	}
 	statusCtx, stopStatus := context.WithCancel(context.Background())
 	defer stopStatus()
@@ -281,6 +365,9 @@ func (a *Agent) run(ctx context.Context, l *net.UnixListener, sock *cniproto.Soc
 	}
 	a.syncHostRules()
 	a.writeSnapshot()
+	if err := openSocket(); err != nil {
+		return fmt.Errorf("agent: plugin socket: %w", err)
+	}
 	a.log.Info("agent ready", "adopted", n, "took", time.Since(start).Round(time.Millisecond), "socket", a.cfg.Socket)
 	if a.health != nil {
 		a.health.SetReady()

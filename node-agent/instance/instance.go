@@ -186,6 +186,38 @@ func (s *Self) Others() bool {
 	return others
 }
 
+// ServingPredecessor reports whether an older agent that is live, ready
+// and not stopping runs on the node: one that serves the plugin socket
+// now. Anything that cannot be read answers false (the caller then takes
+// the socket itself, as an agent alone does).
+func (s *Self) ServingPredecessor() bool {
+	ents, err := os.ReadDir(s.dir)
+	if err != nil {
+		return false
+	}
+	ready := map[string]bool{}
+	var older []string
+	for _, e := range ents {
+		n := e.Name()
+		switch {
+		case strings.HasPrefix(n, tmpPrefix):
+		case strings.HasSuffix(n, readySuffix):
+			ready[strings.TrimSuffix(n, readySuffix)] = true
+		case n < s.name:
+			older = append(older, n)
+		}
+	}
+	for _, n := range older {
+		if !ready[n] {
+			continue
+		}
+		if live, stopping, err := entryState(filepath.Join(s.dir, n)); err == nil && live && !stopping {
+			return true
+		}
+	}
+	return false
+}
+
 // live lists the live agents newer than s that are not stopping, oldest
 // first. What cannot be known is not taken for dead: a registry that
 // cannot be read answers as at the last look, and an entry that cannot

@@ -262,3 +262,36 @@ func TestStoppingSuccessorStopsCounting(t *testing.T) {
 		t.Fatalf("entries left: %v", ents)
 	}
 }
+
+// TestServingPredecessor: a starting agent leaves the plugin socket to an
+// older agent only while that one serves (live, ready, not stopping).
+func TestServingPredecessor(t *testing.T) {
+	dir := t.TempDir()
+	old, err := Register(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer old.Close()
+	time.Sleep(time.Microsecond)
+	neu, err := Register(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer neu.Close()
+	if neu.ServingPredecessor() {
+		t.Fatal("an older agent that is not ready yet counts as serving")
+	}
+	old.SetReady()
+	if !neu.ServingPredecessor() {
+		t.Fatal("the ready older agent is not seen")
+	}
+	if old.ServingPredecessor() {
+		t.Fatal("a newer agent counts as a predecessor")
+	}
+	if err := old.Stopping(); err != nil {
+		t.Fatal(err)
+	}
+	if neu.ServingPredecessor() {
+		t.Fatal("a stopping older agent still counts as serving")
+	}
+}
