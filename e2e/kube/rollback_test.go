@@ -58,28 +58,14 @@ func (c *cluster) badRolloutRolledBack(t *testing.T, r *caseResult, mesh string,
 	t0 := time.Now()
 	c.mustKubectl(t, "", "-n", ambitNS, "patch", "ds/ambit-agent", "-p", badKeeperProbe)
 
-	// The surge pod: the first agent pod that was not there before. The
-	// controller picks the node; the case follows it.
-	var surge *corev1.Pod
-	poll(t, 60*time.Second, "the surge agent pod of the bad rollout", func() (bool, error) {
-		pods, err := c.client.CoreV1().Pods(ambitNS).List(ctx, metav1.ListOptions{LabelSelector: "app.kubernetes.io/name=ambit-agent"})
-		if err != nil {
-			return false, nil
-		}
-		for i := range pods.Items {
-			if !before[pods.Items[i].UID] && pods.Items[i].Spec.NodeName != "" {
-				surge = &pods.Items[i]
-				return true, nil
-			}
-		}
-		return false, nil
-	})
+	// The controller picks the node; the case follows it.
+	surge := c.surgePod(t, "the surge agent pod of the bad rollout", before)
 	node := surge.Spec.NodeName
 	old := c.agentPodOtherThan(t, node, surge.UID)
 	t.Logf("bad rollout: surge pod %s beside %s on %s", surge.Name, old.Name, node)
 
-	// Its agent runs and is ready (it took the socket before that: the
-	// socket is opened first thing in Agent.Run); the pod is not.
+	// Its agent runs and is ready (it took the socket as it became
+	// ready); the pod is not.
 	poll(t, 90*time.Second, "the surge pod's agent container to be ready", func() (bool, error) {
 		p, err := c.client.CoreV1().Pods(ambitNS).Get(ctx, surge.Name, metav1.GetOptions{})
 		if err != nil {
@@ -224,4 +210,25 @@ func (c *cluster) restoreAgentTemplate(t *testing.T, orig *corev1.PodTemplateSpe
 	if err := c.waitDaemonSet(ctx, ambitNS, "ambit-agent", 3*time.Minute); err != nil {
 		t.Errorf("after the bad rollout: %v", err)
 	}
+}
+
+// surgePod waits for the surge pod of a rollout: the first agent pod,
+// scheduled to a node, that is not one of before.
+func (c *cluster) surgePod(t *testing.T, what string, before map[types.UID]bool) *corev1.Pod {
+	t.Helper()
+	var surge *corev1.Pod
+	poll(t, 60*time.Second, what, func() (bool, error) {
+		pods, err := c.client.CoreV1().Pods(ambitNS).List(context.Background(), metav1.ListOptions{LabelSelector: "app.kubernetes.io/name=ambit-agent"})
+		if err != nil {
+			return false, nil
+		}
+		for i := range pods.Items {
+			if !before[pods.Items[i].UID] && pods.Items[i].Spec.NodeName != "" {
+				surge = &pods.Items[i]
+				return true, nil
+			}
+		}
+		return false, nil
+	})
+	return surge
 }

@@ -17,6 +17,7 @@ import (
 	rbacv1 "k8s.io/api/rbac/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 )
 
 // An agent rollout whose new agent never becomes ready must stall with
@@ -65,22 +66,7 @@ func (c *cluster) unreadyAgentRolloutStalls(t *testing.T, r *caseResult, mesh st
 	patch := fmt.Sprintf(`{"spec":{"template":{"spec":{"serviceAccountName":%q,"serviceAccount":%q}}}}`, noSlicesSA, noSlicesSA)
 	c.mustKubectl(t, "", "-n", ambitNS, "patch", "ds/ambit-agent", "-p", patch)
 
-	// The surge pod: the first agent pod that was not there before.
-	var surge *corev1.Pod
-	poll(t, 60*time.Second, "the surge agent pod of the rollout", func() (bool, error) {
-		pods, err := c.client.CoreV1().Pods(ambitNS).List(ctx, metav1.ListOptions{LabelSelector: "app.kubernetes.io/name=ambit-agent"})
-		if err != nil {
-			return false, nil
-		}
-		for i := range pods.Items {
-			p := &pods.Items[i]
-			if p.UID != before[node1].UID && p.UID != before[node2].UID && p.Spec.NodeName != "" {
-				surge = p
-				return true, nil
-			}
-		}
-		return false, nil
-	})
+	surge := c.surgePod(t, "the surge agent pod of the rollout", map[types.UID]bool{before[node1].UID: true, before[node2].UID: true})
 	surgeSeen := time.Now()
 	node := surge.Spec.NodeName
 	old := before[node]
