@@ -518,26 +518,25 @@ func (c *cluster) runPod(t *testing.T, p podSpec) *corev1.Pod {
 
 func (c *cluster) waitRunning(t *testing.T, ns, name string) *corev1.Pod {
 	t.Helper()
+	return c.waitRunningWithin(t, ns, name, 90*time.Second, "")
+}
+
+// waitRunningWithin waits d for the pod to run with every container
+// ready; why, if set, says in the failure what a slow pod means.
+func (c *cluster) waitRunningWithin(t *testing.T, ns, name string, d time.Duration, why string) *corev1.Pod {
+	t.Helper()
 	var pod *corev1.Pod
-	ok := pollOK(90*time.Second, func() (bool, error) {
+	ok := pollOK(d, func() (bool, error) {
 		p, err := c.client.CoreV1().Pods(ns).Get(context.Background(), name, metav1.GetOptions{})
 		if err != nil {
 			return false, nil
 		}
 		pod = p
-		if p.Status.Phase == corev1.PodRunning && p.Status.PodIP != "" {
-			for _, cs := range p.Status.ContainerStatuses {
-				if !cs.Ready {
-					return false, nil
-				}
-			}
-			return true, nil
-		}
-		return false, nil
+		return p.Status.Phase == corev1.PodRunning && p.Status.PodIP != "" && podReady(p), nil
 	})
 	if !ok {
 		out, _ := c.kubectl(context.Background(), "", "-n", ns, "describe", "pod", name)
-		t.Fatalf("pod %s/%s not running in 90s:\n%s", ns, name, out)
+		t.Fatalf("pod %s/%s not running in %v%s:\n%s", ns, name, d, why, out)
 	}
 	return pod
 }

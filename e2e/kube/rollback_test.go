@@ -111,18 +111,7 @@ func (c *cluster) badRolloutRolledBack(t *testing.T, r *caseResult, mesh string,
 	if _, err := c.client.CoreV1().Pods(mesh).Create(ctx, kechoPod(podSpec{ns: mesh, name: name, node: node}), metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	var pod *corev1.Pod
-	if !pollOK(30*time.Second, func() (bool, error) {
-		p, err := c.client.CoreV1().Pods(mesh).Get(ctx, name, metav1.GetOptions{})
-		if err != nil {
-			return false, nil
-		}
-		pod = p
-		return p.Status.Phase == corev1.PodRunning && p.Status.PodIP != "" && podReady(p), nil
-	}) {
-		out, _ := c.kubectl(ctx, "", "-n", mesh, "describe", "pod", name)
-		t.Fatalf("ambient pod on %s not running 30 s after the rollback (ADDs fail while nobody serves the plugin socket):\n%s", node, out)
-	}
+	pod := c.waitRunningWithin(t, mesh, name, 30*time.Second, " after the rollback on "+node+" (ADDs fail while nobody serves the plugin socket)")
 	started := time.Since(t2)
 	c.waitAnnotation(t, mesh, name, "enabled", 30*time.Second)
 	want := fmt.Sprintf("peer=%s pod=server node=%s got=after-rollback", pod.Status.PodIP, node2)

@@ -200,18 +200,7 @@ func (c *cluster) unreadyAgentRolloutStalls(t *testing.T, r *caseResult, mesh st
 
 	// The pod created during the stall runs, enrolled, once the old
 	// agent serves the socket again (the kubelet retries its sandbox).
-	var pod *corev1.Pod
-	if !pollOK(90*time.Second, func() (bool, error) {
-		p, err := c.client.CoreV1().Pods(mesh).Get(ctx, stallPod, metav1.GetOptions{})
-		if err != nil {
-			return false, nil
-		}
-		pod = p
-		return p.Status.Phase == corev1.PodRunning && p.Status.PodIP != "" && podReady(p), nil
-	}) {
-		out, _ := c.kubectl(ctx, "", "-n", mesh, "describe", "pod", stallPod)
-		t.Fatalf("ambient pod %s on %s not running 90 s after the rollback:\n%s", stallPod, node, out)
-	}
+	pod := c.waitRunningWithin(t, mesh, stallPod, 90*time.Second, " after the rollback on "+node)
 	podUp, podAfterUndo := time.Since(tPod), time.Since(t1)
 	c.waitAnnotation(t, mesh, stallPod, "enabled", 30*time.Second)
 	want := fmt.Sprintf("peer=%s pod=server node=%s got=%s", pod.Status.PodIP, node2, stallPod)
