@@ -23,14 +23,55 @@ func (e *PeerError) Error() string {
 }
 func (e *PeerError) Unwrap() error { return e.Err }
 
-// spiffeID returns the SPIFFE ID (first spiffe:// URI SAN) of a cert.
+// spiffeID returns the SPIFFE ID of a workload certificate: its only URI
+// SAN, of the form spiffe://<td>/ns/<ns>/sa/<sa> with names Kubernetes
+// accepts. Anything looser is refused rather than trimmed: policy reads
+// the namespace and service account out of the ID by position, so a
+// certificate for spiffe://td/x/ns/prod/sa/admin or .../sa/admin/x (which
+// our CA never issues, but another issuer under a shared root might)
+// would otherwise be matched as namespace prod, service account admin.
+// The X.509-SVID rules ask for exactly one URI SAN, so a second one is not
+// a choice left to us.
 func spiffeID(c *x509.Certificate) (string, error) {
-	for _, u := range c.URIs {
-		if u.Scheme == "spiffe" {
-			return u.String(), nil
+	if len(c.URIs) != 1 {
+		return "", fmt.Errorf("%d URI SANs, want exactly one (the SPIFFE ID)", len(c.URIs))
+	}
+	u := c.URIs[0]
+	id := u.String()
+	if u.Scheme != "spiffe" || u.Opaque != "" || u.User != nil || u.RawPath != "" ||
+		u.RawQuery != "" || u.ForceQuery || u.Fragment != "" || !wellFormedID(id) {
+		return "", fmt.Errorf("URI SAN %q is not spiffe://<trust-domain>/ns/<namespace>/sa/<serviceaccount>", id)
+	}
+	return id, nil
+}
+
+// wellFormedID checks spiffe://<td>/ns/<ns>/sa/<sa>: a trust domain of
+// [a-z0-9._-], a namespace and service account of [a-z0-9.-] (what
+// Kubernetes allows in those names), nothing before, between or after.
+func wellFormedID(id string) bool {
+	rest, ok := strings.CutPrefix(id, "spiffe://")
+	if !ok {
+		return false
+	}
+	td, path, _ := strings.Cut(rest, "/")
+	parts := strings.Split(path, "/")
+	if len(parts) != 4 || parts[0] != "ns" || parts[2] != "sa" || len(td) > 255 {
+		return false
+	}
+	return validName(td, "._-") && validName(parts[1], "-") && validName(parts[3], ".-") &&
+		len(parts[1]) <= 63 && len(parts[3]) <= 253
+}
+
+func validName(s, extra string) bool {
+	if s == "" {
+		return false
+	}
+	for _, c := range s {
+		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || strings.ContainsRune(extra, c)) {
+			return false
 		}
 	}
-	return "", errors.New("no spiffe:// URI SAN")
+	return true
 }
 
 // trustDomainOf returns the trust domain of spiffe://<td>/...
@@ -78,6 +119,13 @@ func (p *Proxy) verifyPeer(raw [][]byte, want string, usage x509.ExtKeyUsage) (s
 			return "", &PeerError{"expired", err}
 		}
 		return "", &PeerError{"untrusted", err}
+	}
+	// A workload certificate must not be able to sign: chain
+	// verification accepts a leaf that is a CA, and with its key the
+	// workload could mint any identity of the trust domain. (The
+	// X.509-SVID rules: leaf cA false, neither keyCertSign nor cRLSign.)
+	if leaf.IsCA || leaf.KeyUsage&(x509.KeyUsageCertSign|x509.KeyUsageCRLSign) != 0 {
+		return "", &PeerError{"untrusted", errors.New("peer leaf certificate is a CA or may sign certificates")}
 	}
 	id, err := spiffeID(leaf)
 	if err != nil {
