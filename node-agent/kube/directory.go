@@ -18,21 +18,29 @@ type directory struct {
 	trustDomain string
 
 	mu    sync.RWMutex
-	byIP  map[netip.Addr][]*dirEntry // usually one; several only during IP reuse
+	byIP  map[netip.Addr][]ipClaim // usually one; several only during IP reuse
 	byUID map[types.UID]*dirEntry
-	seq   uint64 // order of upserts, to prefer the newest owner of an IP
+	seq   uint64 // counts claims, to prefer the newest owner of an IP
 }
 
 type dirEntry struct {
 	wl       tunnel.Workload
 	terminal bool // Succeeded/Failed: its IP may already belong to someone else
 	deleting bool // deletionTimestamp set
-	seq      uint64
+}
+
+// ipClaim is one pod's claim on an IP. seq orders claims by when the pod
+// was first seen with that IP, not by its last update: a late status
+// update of a pod whose sandbox (and IP) is already gone must not take
+// the IP back from the pod that holds it now.
+type ipClaim struct {
+	e   *dirEntry
+	seq uint64
 }
 
 func (d *directory) init(td string) {
 	d.trustDomain = td
-	d.byIP = map[netip.Addr][]*dirEntry{}
+	d.byIP = map[netip.Addr][]ipClaim{}
 	d.byUID = map[types.UID]*dirEntry{}
 }
 
@@ -54,6 +62,17 @@ func (d *directory) upsert(obj any) {
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	// The claims this pod already holds keep their order.
+	since := map[netip.Addr]uint64{}
+	if prev, ok := d.byUID[p.UID]; ok {
+		for _, ip := range prev.wl.IPs {
+			for _, c := range d.byIP[ip] {
+				if c.e == prev {
+					since[ip] = c.seq
+				}
+			}
+		}
+	}
 	d.removeLocked(p.UID)
 	// Host-network pods share the node's IP: they are not addressable as
 	// workloads and must not shadow each other or the node.
@@ -64,7 +83,6 @@ func (d *directory) upsert(obj any) {
 	if len(ips) == 0 {
 		return
 	}
-	d.seq++
 	e := &dirEntry{
 		wl: tunnel.Workload{
 			UID:            string(p.UID),
@@ -78,11 +96,15 @@ func (d *directory) upsert(obj any) {
 		},
 		terminal: p.Status.Phase == corev1.PodSucceeded || p.Status.Phase == corev1.PodFailed,
 		deleting: p.DeletionTimestamp != nil,
-		seq:      d.seq,
 	}
 	d.byUID[p.UID] = e
 	for _, ip := range ips {
-		d.byIP[ip] = append(d.byIP[ip], e)
+		seq, ok := since[ip]
+		if !ok {
+			d.seq++
+			seq = d.seq
+		}
+		d.byIP[ip] = append(d.byIP[ip], ipClaim{e: e, seq: seq})
 	}
 }
 
@@ -108,7 +130,7 @@ func (d *directory) removeLocked(uid types.UID) {
 	for _, ip := range e.wl.IPs {
 		list := d.byIP[ip]
 		for i, x := range list {
-			if x == e {
+			if x.e == e {
 				list = append(list[:i:i], list[i+1:]...)
 				break
 			}
@@ -122,23 +144,23 @@ func (d *directory) removeLocked(uid types.UID) {
 }
 
 // lookup picks the owner of ip: a running pod over one being deleted, the
-// most recently seen among equals; a terminal pod never owns an IP.
+// newest claim among equals; a terminal pod never owns an IP.
 func (d *directory) lookup(ip netip.Addr) (tunnel.Workload, bool) {
 	d.mu.RLock()
 	defer d.mu.RUnlock()
-	var best *dirEntry
-	for _, e := range d.byIP[ip.Unmap()] {
-		if e.terminal {
+	var best ipClaim
+	for _, c := range d.byIP[ip.Unmap()] {
+		if c.e.terminal {
 			continue
 		}
-		if best == nil || (best.deleting && !e.deleting) || (best.deleting == e.deleting && e.seq > best.seq) {
-			best = e
+		if best.e == nil || (best.e.deleting && !c.e.deleting) || (best.e.deleting == c.e.deleting && c.seq > best.seq) {
+			best = c
 		}
 	}
-	if best == nil {
+	if best.e == nil {
 		return tunnel.Workload{}, false
 	}
-	return best.wl, true
+	return best.e.wl, true
 }
 
 // WorkloadByIP implements tunnel.Directory. The returned Labels and IPs

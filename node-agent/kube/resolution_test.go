@@ -1,0 +1,148 @@
+package kube
+
+import (
+	"context"
+	"net/http"
+	"net/netip"
+	"reflect"
+	"sync"
+	"testing"
+
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/watch"
+	"k8s.io/client-go/kubernetes/fake"
+	k8stesting "k8s.io/client-go/testing"
+)
+
+// serviceWatches takes over the Service watch of a fake clientset, so a
+// test can cut it the way the API server does when the resource version
+// it resumes from is too old (410 Gone): the reflector then lists again,
+// and the informer delivers the listed objects first and the ones missing
+// from the list (deleted while the watch was down) after them, as
+// DeletedFinalStateUnknown (client-go's DeltaFIFO.Replace).
+type serviceWatches struct {
+	mu      sync.Mutex
+	current *watch.FakeWatcher
+	opened  chan struct{}
+}
+
+func takeOverServiceWatch(client *fake.Clientset) *serviceWatches {
+	w := &serviceWatches{opened: make(chan struct{}, 16)}
+	client.PrependWatchReactor("services", func(k8stesting.Action) (bool, watch.Interface, error) {
+		fw := watch.NewFakeWithChanSize(16, false)
+		w.mu.Lock()
+		w.current = fw
+		w.mu.Unlock()
+		w.opened <- struct{}{}
+		return true, fw, nil
+	})
+	return w
+}
+
+// expire ends the current watch with 410 Gone and waits for the next one
+// (opened after the relist).
+func (w *serviceWatches) expire(t *testing.T) {
+	t.Helper()
+	w.mu.Lock()
+	fw := w.current
+	w.mu.Unlock()
+	fw.Error(&metav1.Status{Status: metav1.StatusFailure, Code: http.StatusGone, Reason: metav1.StatusReasonExpired, Message: "too old resource version"})
+	<-w.opened
+}
+
+func (w *serviceWatches) add(obj runtime.Object) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.current.Add(obj)
+}
+
+func clusterIPService(name, ip string, port int32) *corev1.Service {
+	return &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: "shop"},
+		Spec: corev1.ServiceSpec{ClusterIP: ip, ClusterIPs: []string{ip},
+			Ports: []corev1.ServicePort{{Name: "http", Port: port, Protocol: corev1.ProtocolTCP}}},
+	}
+}
+
+// A ClusterIP freed by a deleted Service and given to a new one while the
+// agent's watch was down: after the relist the new Service must own it.
+// The informer delivers the new Service first and the old one's deletion
+// after it, and that deletion used to take the VIP away from the new
+// owner: connections to it were then passed through as if to a pod
+// (plaintext via kube-proxy to the meshed endpoints).
+func TestClusterIPReusedAcrossARelist(t *testing.T) {
+	ports := []discoveryv1.EndpointPort{{Name: ptr("http"), Port: ptr[int32](8080)}}
+	client := fake.NewClientset(clusterIPService("old", "10.96.0.10", 80),
+		slice("old-a", "old", discoveryv1.AddressTypeIPv4, ports, ep("10.1.0.1", nil)))
+	watches := takeOverServiceWatch(client)
+	s, _ := startSource(t, client, Config{})
+	<-watches.opened
+	vip := netip.MustParseAddrPort("10.96.0.10:80")
+	if eps, ok := s.ServiceEndpoints(vip); !ok || !reflect.DeepEqual(eps, aps("10.1.0.1:8080")) {
+		t.Fatalf("before: %v %v", eps, ok)
+	}
+
+	// While the Service watch is down: "old" is deleted, "new" gets its
+	// ClusterIP. The tracker changes without telling the (taken over)
+	// watch; the slices' watch still works.
+	ctx := context.Background()
+	gvr := corev1.SchemeGroupVersion.WithResource("services")
+	if err := client.Tracker().Delete(gvr, "shop", "old"); err != nil {
+		t.Fatal(err)
+	}
+	if err := client.Tracker().Add(clusterIPService("new", "10.96.0.10", 80)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := client.DiscoveryV1().EndpointSlices("shop").Create(ctx,
+		slice("new-a", "new", discoveryv1.AddressTypeIPv4, ports, ep("10.1.0.2", nil)), metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	watches.expire(t)
+	// A marker Service sent on the new watch: once it resolves, every
+	// event of the relist before it has been handled.
+	watches.add(clusterIPService("marker", "10.96.0.99", 80))
+	eventually(t, "the marker service", func() bool {
+		_, ok := s.ServiceEndpoints(netip.MustParseAddrPort("10.96.0.99:80"))
+		return ok
+	})
+	if eps, ok := s.ServiceEndpoints(vip); !ok || !reflect.DeepEqual(eps, aps("10.1.0.2:8080")) {
+		t.Fatalf("after the relist the reused ClusterIP resolves to %v (known: %v), want the new Service's endpoint 10.1.0.2:8080", eps, ok)
+	}
+}
+
+// An IP claimed by two live pods in the cache: the old owner's sandbox is
+// gone (eviction, a sandbox recreated with a new IP) but the kubelet's
+// status updates for it trail behind, and a new pod already has the IP.
+// A late status update of the old pod (here its Ready condition) must not
+// take the IP back: the client would expect the old pod's identity (TLS
+// to the new one fails) or, were the old pod not meshed and the new one
+// meshed, send plaintext to a meshed pod.
+func TestStaleStatusUpdateDoesNotRetakeAReusedIP(t *testing.T) {
+	old := pod("shop", "old", "", "node-b", []string{"10.1.0.9"}, nil, nil) // not meshed
+	client := fake.NewClientset(old)
+	s, _ := startSource(t, client, Config{})
+	ip := netip.MustParseAddr("10.1.0.9")
+	ctx := context.Background()
+	fresh := pod("other", "new", "", "node-b", []string{"10.1.0.9"}, nil, enabled)
+	if _, err := client.CoreV1().Pods("other").Create(ctx, fresh, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "new owner", func() bool { wl, ok := s.WorkloadByIP(ip); return ok && wl.UID == "uid-new" })
+
+	old.Status.Conditions = []corev1.PodCondition{{Type: corev1.PodReady, Status: corev1.ConditionFalse}}
+	if _, err := client.CoreV1().Pods("shop").UpdateStatus(ctx, old, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	// A marker pod: once it is seen, the update before it was handled
+	// (one informer, in order).
+	if _, err := client.CoreV1().Pods("shop").Create(ctx, pod("shop", "marker", "", "node-b", []string{"10.1.0.99"}, nil, nil), metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "marker", func() bool { _, ok := s.WorkloadByIP(netip.MustParseAddr("10.1.0.99")); return ok })
+	if wl, ok := s.WorkloadByIP(ip); !ok || wl.UID != "uid-new" || !wl.Meshed || wl.Identity != "spiffe://cluster.local/ns/other/sa/sa-new" {
+		t.Fatalf("after the old pod's status update 10.1.0.9 is %s/%s (uid %s, meshed %v, identity %s), want other/new, meshed", wl.Namespace, wl.Name, wl.UID, wl.Meshed, wl.Identity)
+	}
+}
