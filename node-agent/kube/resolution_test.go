@@ -146,3 +146,20 @@ func TestStaleStatusUpdateDoesNotRetakeAReusedIP(t *testing.T) {
 		t.Fatalf("after the old pod's status update 10.1.0.9 is %s/%s (uid %s, meshed %v, identity %s), want other/new, meshed", wl.Namespace, wl.Name, wl.UID, wl.Meshed, wl.Identity)
 	}
 }
+
+// The EndpointSlice API: "serving ... A nil value should be interpreted
+// as true", and kube-proxy falls back to serving terminating endpoints
+// when no endpoint is ready. An endpoint written without the serving
+// condition (slices from a controller other than Kubernetes' own, older
+// mirrors) that is terminating is such a fallback.
+func TestServingNilMeansServing(t *testing.T) {
+	ports := []discoveryv1.EndpointPort{{Name: ptr("http"), Port: ptr[int32](8080)}}
+	term := discoveryv1.Endpoint{Addresses: []string{"10.1.0.7"}, Conditions: discoveryv1.EndpointConditions{
+		Ready: ptr(false), Terminating: ptr(true)}}
+	notServing := discoveryv1.Endpoint{Addresses: []string{"10.1.0.8"}, Conditions: discoveryv1.EndpointConditions{
+		Ready: ptr(false), Serving: ptr(false), Terminating: ptr(true)}}
+	got := ServiceEntries(webService(), []*discoveryv1.EndpointSlice{slice("s", "web", discoveryv1.AddressTypeIPv4, ports, term, notServing)})
+	if eps := got[netip.MustParseAddrPort("10.96.0.10:80")]; !reflect.DeepEqual(eps, aps("10.1.0.7:8080")) {
+		t.Fatalf("terminating endpoint without the serving condition: got %v, want [10.1.0.7:8080] (and never the not-serving 10.1.0.8)", eps)
+	}
+}

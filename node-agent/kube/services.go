@@ -103,7 +103,8 @@ func (s *Source) serviceTouched(obj any) {
 //     ports differ per pod), so each slice contributes its own number;
 //   - an endpoint counts when ready (nil means ready); when a port has no
 //     ready endpoint at all, serving-and-terminating endpoints are used so
-//     connections keep working through a rolling update;
+//     connections keep working through a rolling update (serving nil
+//     means serving, as the API says);
 //   - a VIP maps only to endpoints of its own family.
 //
 // A VIP:port with no usable endpoint is present with an empty list: the
@@ -176,8 +177,10 @@ func endpointsFor(v4 bool, portName string, sl []*discoveryv1.EndpointSlice) (re
 			continue
 		}
 		for _, e := range es.Endpoints {
+			// The API's defaults, as kube-proxy reads them: ready and
+			// serving nil mean true, terminating nil means false.
 			isReady := e.Conditions.Ready == nil || *e.Conditions.Ready
-			isServingTerminating := e.Conditions.Serving != nil && *e.Conditions.Serving &&
+			isServingTerminating := (e.Conditions.Serving == nil || *e.Conditions.Serving) &&
 				e.Conditions.Terminating != nil && *e.Conditions.Terminating
 			if !isReady && !isServingTerminating {
 				continue
