@@ -85,6 +85,10 @@ var (
 // found gone (tests: the other agent writing it again there).
 var releaseChecked func()
 
+// recordsLooked, if set, gets the record names of every look at the
+// directory (tests: wait until a record has been seen).
+var recordsLooked func(now map[string]bool)
+
 // dirInode is the inode of the directory at path, 0 if there is none.
 func dirInode(path string) uint64 {
 	fi, err := os.Stat(path)
@@ -343,6 +347,9 @@ func (a *Agent) lookAtRecords(ctx context.Context, prev map[string]bool, seen bo
 	}
 	peer := a.otherAgents()
 	now := recordNames(names)
+	if recordsLooked != nil {
+		recordsLooked(now)
+	}
 	var scan lazyScan
 	var adopted []*pod
 	defer func() {

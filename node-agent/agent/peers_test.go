@@ -527,3 +527,58 @@ func TestRepairLeavesARemovedRecordRemoved(t *testing.T) {
 		return deleted.Load() && errors.Is(err, os.ErrNotExist) && !h.known(rec.ContainerID) && h.tun.Live() == 0
 	})
 }
+
+// TestLabelFlipLeavesARemovedRecordRemoved: the other agent serves the
+// DEL of a pod (removing its record) while this agent enrolls it live
+// after a namespace label. The enrollment wrote the record back, so the
+// removal was never seen: the pod stayed served here, its netns held,
+// and its record left for the next agent to adopt.
+func TestLabelFlipLeavesARemovedRecordRemoved(t *testing.T) {
+	testenv.RequireRoot(t)
+	var store atomic.Pointer[state.Store]
+	var deleted, seen atomic.Bool
+	const cid = "cid-flip"
+	// Set before the agent runs (it reads the hook).
+	recordsLooked = func(now map[string]bool) {
+		if now[state.FileName(cid)] {
+			seen.Store(true)
+		}
+	}
+	h := startAgent(t, "", invPlain, func(o *Options) {
+		o.Peers = func() bool { return true }
+		b, err := redirect.ParseBackend(o.Config.RedirectBackend)
+		if err != nil {
+			t.Fatal(err)
+		}
+		o.Rules = installHook{Rules: Rules{Backend: b}, fn: func() {
+			if s := store.Load(); s != nil && deleted.CompareAndSwap(false, true) {
+				s.Delete(cid) // the other agent's DEL
+			}
+		}}
+	})
+	t.Cleanup(func() { recordsLooked = nil }) // after the agent stopped (cleanups run last first)
+	pod, _ := newPair(t, "10.64.0.2", "10.64.0.1")
+	resp, err := h.call(cniproto.OpAdd, "apps", "web", cid, pod, "10.64.0.2/24")
+	if err != nil || resp.Decision != cniproto.Skip {
+		t.Fatalf("ADD in a plain namespace: %+v %v", resp, err)
+	}
+	// The record the ADD wrote has been seen: only a removal of a record
+	// seen is taken for the other agent's DEL.
+	eventually(t, "the follower saw the pod's record", seen.Load)
+	s, err := state.Open(h.dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Read(state.FileName(cid)); err != nil {
+		t.Fatalf("no record after the ADD: %v", err)
+	}
+	store.Store(s)
+	h.writeInventory(invAmbient)
+	if err := h.inv.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the pod released, its record left removed", func() bool {
+		_, err := s.Read(state.FileName(cid))
+		return deleted.Load() && errors.Is(err, os.ErrNotExist) && !h.known(cid) && h.tun.Live() == 0
+	})
+}

@@ -263,6 +263,7 @@ func (a *Agent) enrollLive(ctx context.Context, cp cluster.Pod, p *pod, scan *la
 	if err != nil {
 		return err
 	}
+	fresh := p == nil // found by the scan: no record of it yet
 	if p == nil {
 		rec.Namespace, rec.Name, rec.UID = cp.Namespace, cp.Name, cp.UID
 		rec.ContainerID = foundPrefix + cp.Namespace + "/" + cp.Name
@@ -286,9 +287,7 @@ func (a *Agent) enrollLive(ctx context.Context, cp cluster.Pod, p *pod, scan *la
 		return &failure{"redirect", err}
 	}
 	p.rec.Enrolled, p.rec.Backend = true, backend
-	if err := a.store.Put(p.rec); err != nil {
-		a.log.Warn("persisting pod record", "pod", cp.Namespace+"/"+cp.Name, "err", err)
-	}
+	a.rewriteRecord(p.rec, fresh)
 	a.register(p)
 	a.m.latency.WithLabelValues("live").Observe(time.Since(start).Seconds())
 	a.setStatus(cp, "enabled", "", "")
@@ -315,14 +314,33 @@ func (a *Agent) unenrollLive(p *pod, cp cluster.Pod) {
 	}
 	a.releaseAsync(p)
 	p.rec.Enrolled, p.rec.Backend = false, ""
-	if err := a.store.Put(p.rec); err != nil {
-		a.log.Warn("persisting pod record", "pod", p.rec.Namespace+"/"+p.rec.Name, "err", err)
-	}
+	a.rewriteRecord(p.rec, false)
 	if cp.Name != "" {
 		cp.UID = p.rec.UID
 		a.setStatus(cp, "", "", "")
 	}
 	a.log.Info("running pod unenrolled", "pod", p.rec.Namespace+"/"+p.rec.Name)
+}
+
+// rewriteRecord persists a live (un)enrollment. A record that exists is
+// only updated: another agent of the node may have removed it meanwhile
+// (it served the pod's DEL during a surge upgrade), and writing it back
+// would hide that removal from the follower (recordPass), so this agent
+// would keep serving a deleted sandbox and the next agent would adopt it.
+// Left removed, the follower releases the pod. fresh is a pod found by
+// the /proc scan, which has no record to update.
+func (a *Agent) rewriteRecord(rec state.Pod, fresh bool) {
+	var err error
+	if fresh {
+		err = a.store.Put(rec)
+	} else if ok, uerr := a.store.Update(rec); uerr != nil {
+		err = uerr
+	} else if !ok {
+		a.log.Info("pod record removed meanwhile (another agent served its DEL); not writing it back", "pod", rec.Namespace+"/"+rec.Name)
+	}
+	if err != nil {
+		a.log.Warn("persisting pod record", "pod", rec.Namespace+"/"+rec.Name, "err", err)
+	}
 }
 
 // locate opens a pod's netns: the recorded path when it is still the same
