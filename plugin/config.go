@@ -42,6 +42,10 @@ type rawConfig struct {
 	AgentDownPolicy    *string   `json:"agentDownPolicy,omitempty"`
 	SnapshotFile       *string   `json:"snapshotFile,omitempty"`
 	DefaultNamespace   *string   `json:"defaultNamespace,omitempty"`
+	// PrevResult shadows PluginConf's RawPrevResult (a map, which
+	// loses what the result types do not know and reformats numbers):
+	// the exact bytes are what ADD prints back.
+	PrevResult json.RawMessage `json:"prevResult,omitempty"`
 }
 
 // Config is the validated configuration with defaults applied.
@@ -61,6 +65,11 @@ type Config struct {
 	// Unknown lists top-level keys neither CNI nor we define; they are
 	// logged, not fatal, so a runtime adding a key never breaks pods.
 	Unknown []string
+	// prevJSON is prevResult exactly as the runtime sent it, when it is
+	// in the configuration's cniVersion: ADD prints it back unchanged.
+	prevJSON []byte
+	// PrevResultErr is why a prevResult was ignored (parseConfigForDel).
+	PrevResultErr error
 }
 
 var knownKeys = map[string]bool{
@@ -78,7 +87,15 @@ func configError(field, format string, a ...any) error {
 }
 
 // parseConfig decodes and validates stdin. Every error names the field.
-func parseConfig(stdin []byte) (*Config, error) {
+func parseConfig(stdin []byte) (*Config, error) { return parseConfigOpts(stdin, false) }
+
+// parseConfigForDel is parseConfig for DEL, which has no use for
+// prevResult: one that cannot be read is recorded in PrevResultErr and
+// ignored, rather than failing the DEL (which would wedge the sandbox's
+// teardown; SPEC.md: DEL is best effort, prevResult may be missing).
+func parseConfigForDel(stdin []byte) (*Config, error) { return parseConfigOpts(stdin, true) }
+
+func parseConfigOpts(stdin []byte, ignoreBadPrev bool) (*Config, error) {
 	var raw rawConfig
 	if err := json.Unmarshal(stdin, &raw); err != nil {
 		return nil, types.NewError(types.ErrDecodingFailure, "ambit-cni config is not valid JSON: "+decodeErrorField(err), "")
@@ -167,12 +184,41 @@ func parseConfig(stdin []byte) (*Config, error) {
 		}
 		c.DefaultNamespace = ns
 	}
-	if len(raw.RawPrevResult) > 0 {
-		if err := version.ParsePrevResult(&c.PluginConf); err != nil {
-			return nil, configError("prevResult", "cannot be parsed for cniVersion %s: %v", c.CNIVersion, err)
+	if err := c.parsePrevResult(raw.PrevResult); err != nil {
+		if !ignoreBadPrev {
+			return nil, err
 		}
+		c.PrevResult, c.prevJSON, c.PrevResultErr = nil, nil, err
 	}
 	return c, nil
+}
+
+// parsePrevResult reads prevResult into the CNI result types (for the pod
+// IPs) and keeps its bytes when they can be printed back as they are.
+func (c *Config) parsePrevResult(raw json.RawMessage) error {
+	if len(raw) == 0 {
+		return nil
+	}
+	var m map[string]any
+	if err := json.Unmarshal(raw, &m); err != nil {
+		return configError("prevResult", "is not a JSON object: %v", decodeErrorField(err))
+	}
+	if len(m) == 0 {
+		// null or {}: as absent, which is what the library made of it.
+		return nil
+	}
+	// The spec has prevResult in the configuration's version (libcni
+	// converts it so); only then are its bytes the answer as they are.
+	// Anything else is converted by the result types, as before.
+	verbatim := m["cniVersion"] == c.CNIVersion
+	c.RawPrevResult = m
+	if err := version.ParsePrevResult(&c.PluginConf); err != nil {
+		return configError("prevResult", "cannot be parsed for cniVersion %s: %v", c.CNIVersion, err)
+	}
+	if verbatim {
+		c.prevJSON = raw
+	}
+	return nil
 }
 
 // decodeErrorField turns encoding/json's messages into one naming the

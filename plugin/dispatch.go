@@ -68,6 +68,9 @@ type dispatcher struct {
 	// ownNetns reports whether path is the plugin's own network
 	// namespace; nil uses isOwnNetns.
 	ownNetns func(path string) (bool, *types.Error)
+	// version is the configuration's cniVersion once run has read it
+	// and found it supported: the version of the error result.
+	version string
 }
 
 // Commands, as bits, so each variable can say for which it is required.
@@ -269,6 +272,9 @@ func (d *dispatcher) run(f cniFuncs) *types.Error {
 	if err != nil {
 		return err
 	}
+	if checkVersion(confVersion) == nil {
+		d.version = confVersion
+	}
 	if verr != nil && commandBit(cmd) != 0 {
 		return verr
 	}
@@ -349,6 +355,31 @@ func callCmd(call func(*cmdArgs) error, args *cmdArgs) *types.Error {
 		return types.NewError(types.ErrInternal, err.Error(), "")
 	}
 	return nil
+}
+
+// errorResult is SPEC.md's error result. skel prints types.Error, which
+// lacks cniVersion; libcni does not need it, the spec asks for it.
+type errorResult struct {
+	CNIVersion string `json:"cniVersion"`
+	Code       uint   `json:"code"`
+	Msg        string `json:"msg"`
+	Details    string `json:"details,omitempty"`
+}
+
+// printError writes e as the error result on stdout, in the
+// configuration's cniVersion when run got that far and it is one we
+// speak, else in specVersion.
+func (d *dispatcher) printError(e *types.Error) error {
+	v := d.version
+	if v == "" {
+		v = specVersion
+	}
+	b, err := json.MarshalIndent(errorResult{CNIVersion: v, Code: e.Code, Msg: e.Msg, Details: e.Details}, "", "    ")
+	if err != nil {
+		return err
+	}
+	_, err = d.stdout.Write(b)
+	return err
 }
 
 // versionAnswer is the VERSION output, byte for byte what skel's

@@ -21,8 +21,9 @@ import (
 func main() {
 	d := &dispatcher{getenv: os.Getenv, stdin: os.Stdin, stdout: os.Stdout, stderr: os.Stderr}
 	if e := d.run(cniFuncs{Add: cmdAdd, Del: cmdDel, Check: cmdCheck, GC: cmdGC, Status: cmdStatus}); e != nil {
-		// As skel: the error as JSON on stdout, exit status 1.
-		if err := e.Print(); err != nil {
+		// The error result on stdout (skel's, plus cniVersion), exit
+		// status 1.
+		if err := d.printError(e); err != nil {
 			log.Print("Error writing error JSON to stdout: ", err)
 		}
 		os.Exit(1)
@@ -40,7 +41,11 @@ type run struct {
 }
 
 func begin(cmd string, args *cmdArgs) (*run, func(*error), error) {
-	cfg, err := parseConfig(args.StdinData)
+	parse := parseConfig
+	if cmd == "DEL" {
+		parse = parseConfigForDel
+	}
+	cfg, err := parse(args.StdinData)
 	if err != nil {
 		slog.New(slog.NewTextHandler(os.Stderr, nil)).Error("rejecting config", "cmd", cmd, "err", err)
 		return nil, nil, err
@@ -50,7 +55,17 @@ func begin(cmd string, args *cmdArgs) (*run, func(*error), error) {
 	if len(cfg.Unknown) > 0 {
 		log.Warn("ignoring unknown config keys (typo?)", "keys", cfg.Unknown)
 	}
+	if cfg.PrevResultErr != nil {
+		log.Warn("ignoring a prevResult that cannot be read; DEL does not need it", "err", cfg.PrevResultErr)
+	}
 	pod, err := parseCNIArgs(args.Args)
+	if err != nil && cmd == "DEL" {
+		// The runtime calls DEL after an ADD that failed on these very
+		// arguments; failing it too would wedge the sandbox's teardown.
+		// Nothing was enrolled with arguments ADD refuses.
+		log.Warn("CNI_ARGS cannot be read; nothing was enrolled with them, so there is nothing to delete", "err", err)
+		pod, err = podArgs{}, nil
+	}
 	if err != nil {
 		log.Error("rejecting CNI_ARGS", "err", err)
 		closeLog()
@@ -204,7 +219,16 @@ func openNetns(path string) (*os.File, error) {
 	return f, nil
 }
 
+// printPrev prints prevResult as ADD's result: ambit-cni changes nothing
+// a result describes, so the spec wants prevResult back. The bytes the
+// runtime sent, when they are in the configuration's version: the result
+// types would drop every field they do not know (another plugin's, a
+// newer spec's) and re-encode the rest.
 func (r *run) printPrev() error {
+	if r.cfg.prevJSON != nil {
+		_, err := os.Stdout.Write(r.cfg.prevJSON)
+		return err
+	}
 	return types.PrintResult(r.cfg.PrevResult, r.cfg.CNIVersion)
 }
 
@@ -260,11 +284,15 @@ func cmdDel(args *cmdArgs) (err error) {
 		return err
 	}
 	defer end(&err)
-	if !r.pod.fromKubelet || r.cfg.excluded(r.pod.Namespace) {
+	if !r.pod.fromKubelet {
 		return nil
 	}
-	// The agent removes the redirection from the netns while it exists;
-	// the runtime may already have removed it, and the rules with it.
+	// Excluded namespaces are not skipped: the exclusion may have been
+	// added since ADD (the conflist changed while the pod ran), and the
+	// agent, which knows what it enrolled, holds the pod's listeners —
+	// and with them its netns — until told. The agent removes the
+	// redirection from the netns while it exists; the runtime may
+	// already have removed it, and the rules with it.
 	var f *os.File
 	if args.Netns != "" {
 		if f, err = openNetns(args.Netns); err != nil {
