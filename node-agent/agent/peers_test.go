@@ -479,6 +479,22 @@ func TestDelDuringAdoption(t *testing.T) {
 }
 
 // installHook is a Redirector whose Install runs fn first.
+// delOnInstall makes the agent's next rule install, once store is set,
+// remove cid's record first, as another agent of the node serving the
+// pod's DEL would (deleted says it happened).
+func delOnInstall(t *testing.T, o *Options, store *atomic.Pointer[state.Store], deleted *atomic.Bool, cid string) {
+	o.Peers = func() bool { return true }
+	b, err := redirect.ParseBackend(o.Config.RedirectBackend)
+	if err != nil {
+		t.Fatal(err)
+	}
+	o.Rules = installHook{Rules: Rules{Backend: b}, fn: func() {
+		if s := store.Load(); s != nil && deleted.CompareAndSwap(false, true) {
+			s.Delete(cid)
+		}
+	}}
+}
+
 type installHook struct {
 	Rules
 	fn func()
@@ -501,16 +517,7 @@ func TestRepairLeavesARemovedRecordRemoved(t *testing.T) {
 	var store atomic.Pointer[state.Store]
 	var deleted atomic.Bool
 	h := startAgent(t, "", invAmbient, func(o *Options) {
-		o.Peers = func() bool { return true }
-		b, err := redirect.ParseBackend(o.Config.RedirectBackend)
-		if err != nil {
-			t.Fatal(err)
-		}
-		o.Rules = installHook{Rules: Rules{Backend: b}, fn: func() {
-			if s := store.Load(); s != nil && deleted.CompareAndSwap(false, true) {
-				s.Delete(rec.ContainerID) // the other agent's DEL
-			}
-		}}
+		delOnInstall(t, o, &store, &deleted, rec.ContainerID)
 	})
 	s, err := state.Open(h.dir)
 	if err != nil {
@@ -545,16 +552,7 @@ func TestLabelFlipLeavesARemovedRecordRemoved(t *testing.T) {
 		}
 	}
 	h := startAgent(t, "", invPlain, func(o *Options) {
-		o.Peers = func() bool { return true }
-		b, err := redirect.ParseBackend(o.Config.RedirectBackend)
-		if err != nil {
-			t.Fatal(err)
-		}
-		o.Rules = installHook{Rules: Rules{Backend: b}, fn: func() {
-			if s := store.Load(); s != nil && deleted.CompareAndSwap(false, true) {
-				s.Delete(cid) // the other agent's DEL
-			}
-		}}
+		delOnInstall(t, o, &store, &deleted, cid)
 	})
 	t.Cleanup(func() { recordsLooked = nil }) // after the agent stopped (cleanups run last first)
 	pod, _ := newPair(t, "10.64.0.2", "10.64.0.1")
