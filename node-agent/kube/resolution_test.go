@@ -158,8 +158,64 @@ func TestServingNilMeansServing(t *testing.T) {
 		Ready: ptr(false), Terminating: ptr(true)}}
 	notServing := discoveryv1.Endpoint{Addresses: []string{"10.1.0.8"}, Conditions: discoveryv1.EndpointConditions{
 		Ready: ptr(false), Serving: ptr(false), Terminating: ptr(true)}}
-	got := ServiceEntries(webService(), []*discoveryv1.EndpointSlice{slice("s", "web", discoveryv1.AddressTypeIPv4, ports, term, notServing)})
+	got := ServiceEntries(webService(), []*discoveryv1.EndpointSlice{slice("s", "web", discoveryv1.AddressTypeIPv4, ports, term, notServing)}, "node-a")
 	if eps := got[netip.MustParseAddrPort("10.96.0.10:80")]; !reflect.DeepEqual(eps, aps("10.1.0.7:8080")) {
 		t.Fatalf("terminating endpoint without the serving condition: got %v, want [10.1.0.7:8080] (and never the not-serving 10.1.0.8)", eps)
 	}
+}
+
+func epOn(addr, node string, ready *bool) discoveryv1.Endpoint {
+	e := ep(addr, ready)
+	e.NodeName = ptr(node)
+	return e
+}
+
+// internalTrafficPolicy: Local (node-local DNS caches, log and metrics
+// agents): kube-proxy sends a pod's connection to the ClusterIP only to
+// endpoints on the pod's own node, and drops it when there is none. The
+// agent serves the pods of its node, so its node is the client's.
+func TestInternalTrafficPolicyLocal(t *testing.T) {
+	svc := clusterIPService("node-cache", "10.96.0.53", 80)
+	local := corev1.ServiceInternalTrafficPolicyLocal
+	svc.Spec.InternalTrafficPolicy = &local
+	ports := []discoveryv1.EndpointPort{{Name: ptr("http"), Port: ptr[int32](8080)}}
+	termLocal := epOn("10.1.0.3", "node-a", ptr(false))
+	termLocal.Conditions.Serving, termLocal.Conditions.Terminating = ptr(true), ptr(true)
+	sl := slice("node-cache-a", "node-cache", discoveryv1.AddressTypeIPv4, ports,
+		epOn("10.1.0.1", "node-a", nil), epOn("10.2.0.1", "node-b", nil), termLocal)
+	client := fake.NewClientset(svc, sl)
+	s, _ := startSource(t, client, Config{NodeName: "node-a"})
+	vip := netip.MustParseAddrPort("10.96.0.53:80")
+	if eps, ok := s.ServiceEndpoints(vip); !ok || !reflect.DeepEqual(eps, aps("10.1.0.1:8080")) {
+		t.Fatalf("Local policy on node-a resolves to %v (%v), want only node-a's ready endpoint 10.1.0.1:8080", eps, ok)
+	}
+	// The local endpoint stops being ready: the local serving terminating
+	// one, never the other node's ready one.
+	ctx := context.Background()
+	sl.Endpoints[0].Conditions.Ready = ptr(false)
+	if _, err := client.DiscoveryV1().EndpointSlices("shop").Update(ctx, sl, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "local terminating fallback", func() bool {
+		eps, _ := s.ServiceEndpoints(vip)
+		return reflect.DeepEqual(eps, aps("10.1.0.3:8080"))
+	})
+	// No local endpoint at all: known Service, nothing to send to.
+	sl.Endpoints = sl.Endpoints[1:2]
+	if _, err := client.DiscoveryV1().EndpointSlices("shop").Update(ctx, sl, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "no local endpoint", func() bool {
+		eps, ok := s.ServiceEndpoints(vip)
+		return ok && len(eps) == 0
+	})
+	// Cluster (the default) uses every node's endpoints.
+	svc.Spec.InternalTrafficPolicy = nil
+	if _, err := client.CoreV1().Services("shop").Update(ctx, svc, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "cluster policy", func() bool {
+		eps, _ := s.ServiceEndpoints(vip)
+		return reflect.DeepEqual(eps, aps("10.2.0.1:8080"))
+	})
 }

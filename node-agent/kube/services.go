@@ -73,7 +73,7 @@ func (s *Source) serviceTouched(obj any) {
 			}
 		}
 	}
-	entries := ServiceEntries(svc, sl)
+	entries := ServiceEntries(svc, sl, s.cfg.NodeName)
 
 	s.svc.mu.Lock()
 	defer s.svc.mu.Unlock()
@@ -93,7 +93,7 @@ func (s *Source) serviceTouched(obj any) {
 }
 
 // ServiceEntries computes VIP:port → endpoints for one Service and its
-// EndpointSlices, the way kube-proxy does for TCP:
+// EndpointSlices, the way kube-proxy on node does for TCP from a pod:
 //
 //   - VIPs are the Service's clusterIPs (headless and ExternalName have
 //     none and get no entry);
@@ -105,12 +105,16 @@ func (s *Source) serviceTouched(obj any) {
 //     ready endpoint at all, serving-and-terminating endpoints are used so
 //     connections keep working through a rolling update (serving nil
 //     means serving, as the API says);
-//   - a VIP maps only to endpoints of its own family.
+//   - a VIP maps only to endpoints of its own family;
+//   - with internalTrafficPolicy Local only endpoints on node count (ready
+//     ones, else serving terminating ones), and none elsewhere is a
+//     substitute: kube-proxy drops the connection then. The agent serves
+//     the pods of its own node, so node is the client's.
 //
 // A VIP:port with no usable endpoint is present with an empty list: the
 // address is a Service (the tunnel must not pass it through as if it were
 // a pod) but nothing can serve it.
-func ServiceEntries(svc *corev1.Service, sl []*discoveryv1.EndpointSlice) map[netip.AddrPort][]netip.AddrPort {
+func ServiceEntries(svc *corev1.Service, sl []*discoveryv1.EndpointSlice, node string) map[netip.AddrPort][]netip.AddrPort {
 	if svc == nil {
 		return nil
 	}
@@ -127,6 +131,8 @@ func ServiceEntries(svc *corev1.Service, sl []*discoveryv1.EndpointSlice) map[ne
 	if len(vips) == 0 {
 		return nil
 	}
+	p := svc.Spec.InternalTrafficPolicy
+	local := p != nil && *p == corev1.ServiceInternalTrafficPolicyLocal
 	out := map[netip.AddrPort][]netip.AddrPort{}
 	for _, sp := range svc.Spec.Ports {
 		proto := sp.Protocol
@@ -137,7 +143,7 @@ func ServiceEntries(svc *corev1.Service, sl []*discoveryv1.EndpointSlice) map[ne
 			continue
 		}
 		for _, vip := range vips {
-			ready, terminating := endpointsFor(vip.Is4(), sp.Name, sl)
+			ready, terminating := endpointsFor(vip.Is4(), sp.Name, local, node, sl)
 			eps := ready
 			if len(eps) == 0 {
 				eps = terminating
@@ -148,7 +154,9 @@ func ServiceEntries(svc *corev1.Service, sl []*discoveryv1.EndpointSlice) map[ne
 	return out
 }
 
-func endpointsFor(v4 bool, portName string, sl []*discoveryv1.EndpointSlice) (ready, terminating []netip.AddrPort) {
+// endpointsFor lists the endpoints of one Service port and family; when
+// local, only those on node (none when node is empty).
+func endpointsFor(v4 bool, portName string, local bool, node string, sl []*discoveryv1.EndpointSlice) (ready, terminating []netip.AddrPort) {
 	// Sets, not slices: an address may sit in two slices while the
 	// controller moves it, and large Services have thousands of endpoints.
 	readySet := map[netip.AddrPort]struct{}{}
@@ -177,6 +185,9 @@ func endpointsFor(v4 bool, portName string, sl []*discoveryv1.EndpointSlice) (re
 			continue
 		}
 		for _, e := range es.Endpoints {
+			if local && (node == "" || e.NodeName == nil || *e.NodeName != node) {
+				continue
+			}
 			// The API's defaults, as kube-proxy reads them: ready and
 			// serving nil mean true, terminating nil means false.
 			isReady := e.Conditions.Ready == nil || *e.Conditions.Ready

@@ -65,7 +65,7 @@ func TestServiceEntriesNamedPortsReadinessFamilies(t *testing.T) {
 		slice("web-v6", "web", discoveryv1.AddressTypeIPv6, httpA, ep("fd00::1", ptr(true))),
 		slice("web-fqdn", "web", discoveryv1.AddressTypeFQDN, httpA, ep("db.example", ptr(true))),
 	}
-	got := ServiceEntries(webService(), sl)
+	got := ServiceEntries(webService(), sl, "node-a")
 	want := map[netip.AddrPort][]netip.AddrPort{
 		netip.MustParseAddrPort("10.96.0.10:80"):      aps("10.1.0.1:8080", "10.1.0.1:9090", "10.1.0.2:8080", "10.1.0.4:9090"),
 		netip.MustParseAddrPort("10.96.0.10:9100"):    aps("10.1.0.1:9100", "10.1.0.2:9100"),
@@ -83,17 +83,17 @@ func TestServiceEntriesTerminatingFallbackAndEdgeCases(t *testing.T) {
 		Ready: ptr(false), Serving: ptr(true), Terminating: ptr(true)}}
 	svc := webService()
 	// Only a serving-but-terminating endpoint: use it (rolling update).
-	got := ServiceEntries(svc, []*discoveryv1.EndpointSlice{slice("s", "web", discoveryv1.AddressTypeIPv4, ports, term)})
+	got := ServiceEntries(svc, []*discoveryv1.EndpointSlice{slice("s", "web", discoveryv1.AddressTypeIPv4, ports, term)}, "node-a")
 	if eps := got[netip.MustParseAddrPort("10.96.0.10:80")]; !reflect.DeepEqual(eps, aps("10.1.0.7:8080")) {
 		t.Fatalf("terminating fallback: %v", eps)
 	}
 	// A ready endpoint wins over the terminating one.
-	got = ServiceEntries(svc, []*discoveryv1.EndpointSlice{slice("s", "web", discoveryv1.AddressTypeIPv4, ports, term, ep("10.1.0.8", ptr(true)))})
+	got = ServiceEntries(svc, []*discoveryv1.EndpointSlice{slice("s", "web", discoveryv1.AddressTypeIPv4, ports, term, ep("10.1.0.8", ptr(true)))}, "node-a")
 	if eps := got[netip.MustParseAddrPort("10.96.0.10:80")]; !reflect.DeepEqual(eps, aps("10.1.0.8:8080")) {
 		t.Fatalf("ready over terminating: %v", eps)
 	}
 	// No endpoints: the VIP is still known (not passed through), list empty.
-	got = ServiceEntries(svc, nil)
+	got = ServiceEntries(svc, nil, "node-a")
 	if eps, ok := got[netip.MustParseAddrPort("10.96.0.10:80")]; !ok || len(eps) != 0 {
 		t.Fatalf("service without endpoints: %v %v", eps, ok)
 	}
@@ -102,10 +102,10 @@ func TestServiceEntriesTerminatingFallbackAndEdgeCases(t *testing.T) {
 	}
 	// Headless and nil services have no VIP.
 	svc.Spec.ClusterIP, svc.Spec.ClusterIPs = corev1.ClusterIPNone, []string{corev1.ClusterIPNone}
-	if got := ServiceEntries(svc, nil); len(got) != 0 {
+	if got := ServiceEntries(svc, nil, "node-a"); len(got) != 0 {
 		t.Fatalf("headless: %v", got)
 	}
-	if got := ServiceEntries(nil, nil); got != nil {
+	if got := ServiceEntries(nil, nil, "node-a"); got != nil {
 		t.Fatalf("nil: %v", got)
 	}
 }
@@ -124,7 +124,7 @@ func FuzzServiceEntries(f *testing.F) {
 		if json.Unmarshal(data, &es) != nil {
 			return
 		}
-		for vip, eps := range ServiceEntries(webService(), []*discoveryv1.EndpointSlice{&es}) {
+		for vip, eps := range ServiceEntries(webService(), []*discoveryv1.EndpointSlice{&es}, "node-a") {
 			for _, e := range eps {
 				if !e.Addr().IsValid() || e.Addr().Is4() != vip.Addr().Is4() || e.Addr().Is4In6() || e.Port() == 0 {
 					t.Fatalf("bad endpoint %v for %v from %s", e, vip, data)

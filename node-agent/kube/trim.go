@@ -80,16 +80,18 @@ func TrimService(obj any) (any, error) {
 	return &corev1.Service{
 		ObjectMeta: metav1.ObjectMeta{Name: s.Name, Namespace: s.Namespace, UID: s.UID, ResourceVersion: s.ResourceVersion},
 		Spec: corev1.ServiceSpec{
-			Type:       s.Spec.Type,
-			ClusterIP:  s.Spec.ClusterIP,
-			ClusterIPs: s.Spec.ClusterIPs,
-			Ports:      s.Spec.Ports,
+			Type:                  s.Spec.Type,
+			ClusterIP:             s.Spec.ClusterIP,
+			ClusterIPs:            s.Spec.ClusterIPs,
+			Ports:                 s.Spec.Ports,
+			InternalTrafficPolicy: s.Spec.InternalTrafficPolicy,
 		},
 	}, nil
 }
 
 // TrimEndpointSlice drops managed fields, annotations, topology hints and
-// per-endpoint target references, keeping addresses, conditions and ports.
+// per-endpoint target references, keeping addresses, conditions, node
+// names (internalTrafficPolicy Local) and ports.
 func TrimEndpointSlice(obj any) (any, error) {
 	s, ok := obj.(*discoveryv1.EndpointSlice)
 	if !ok {
@@ -105,7 +107,7 @@ func TrimEndpointSlice(obj any) (any, error) {
 		Endpoints:   make([]discoveryv1.Endpoint, len(s.Endpoints)),
 	}
 	for i, e := range s.Endpoints {
-		t.Endpoints[i] = discoveryv1.Endpoint{Addresses: e.Addresses, Conditions: e.Conditions}
+		t.Endpoints[i] = discoveryv1.Endpoint{Addresses: e.Addresses, Conditions: e.Conditions, NodeName: e.NodeName}
 	}
 	return t, nil
 }
