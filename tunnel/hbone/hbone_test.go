@@ -51,6 +51,12 @@ type pair struct {
 // serve starts a TLS HBONE server on loopback with handler.
 func serve(t testing.TB, cfg Config, handler func(*Stream)) (*Conn, func() *Conn) {
 	t.Helper()
+	return serveVia(t, cfg, handler, func(addr string) string { return addr })
+}
+
+// serveVia is serve with the client dialing via(the server's address).
+func serveVia(t testing.TB, cfg Config, handler func(*Stream), via func(string) string) (*Conn, func() *Conn) {
+	t.Helper()
 	ccfg, scfg := testTLS(t)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -70,7 +76,7 @@ func serve(t testing.TB, cfg Config, handler func(*Stream)) (*Conn, func() *Conn
 		}
 		srv <- c
 	}()
-	raw, err := net.Dial("tcp", ln.Addr().String())
+	raw, err := net.Dial("tcp", via(ln.Addr().String()))
 	if err != nil {
 		t.Fatal(err)
 	}
