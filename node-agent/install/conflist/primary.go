@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+
+	"github.com/containernetworking/cni/libcni"
 )
 
 // Extensions are the file name endings runtimes load from the CNI config
@@ -91,18 +93,47 @@ func FindPrimary(dir string) (*Primary, []Skipped, error) {
 			continue
 		}
 		isList := strings.HasSuffix(f, ".conflist")
-		if isList {
-			_, err = ParseList(b)
-		} else {
-			_, err = ParseConf(b)
-		}
-		if err != nil {
+		if err := Loads(f, b); err != nil {
 			skipped = append(skipped, Skipped{f, err})
 			continue
 		}
 		return &Primary{Path: f, IsList: isList, Data: b, Info: fi}, skipped, nil
 	}
 	return nil, skipped, ErrNoPrimary
+}
+
+// Loads reports whether a runtime loads b, the content of the file at
+// path, as a network: with libcni's own parsers, which containerd
+// (go-cni) and CRI-O (ocicni) call, plus the non-empty "type" both
+// require of a single-plugin file. Our splicer's rules are no
+// substitute: a file the runtime loads but we skipped (a key given
+// twice, an empty "plugins" followed by a full one) had us chain ambit-cni
+// into the next file while every pod started from this one, unenrolled;
+// one we accepted but the runtime skips (a mistyped "capabilities" or
+// "disableCheck", "cniVersion": null) had us chain into a file no pod
+// used.
+func Loads(path string, b []byte) error {
+	if strings.HasSuffix(path, ".conflist") {
+		l, err := libcni.NetworkConfFromBytes(b)
+		if err != nil {
+			return err
+		}
+		if len(l.Plugins) == 0 {
+			// libcni would look for the plugins in a directory
+			// named after the network; there is no list to chain
+			// into.
+			return errors.New("no \"plugins\" list")
+		}
+		return nil
+	}
+	c, err := libcni.NetworkPluginConfFromBytes(b)
+	if err != nil {
+		return err
+	}
+	if c.Network.Type == "" {
+		return errors.New("missing 'type'")
+	}
+	return nil
 }
 
 // ReadFile reads a configuration file of at most MaxSize bytes.
