@@ -219,3 +219,58 @@ func TestInternalTrafficPolicyLocal(t *testing.T) {
 		return reflect.DeepEqual(eps, aps("10.2.0.1:8080"))
 	})
 }
+
+// A pod connecting to a Service's LoadBalancer ingress IP or one of its
+// externalIPs (apps configured with the public URL): kube-proxy
+// short-circuits it to the Service's endpoints inside the cluster. The
+// agent passed it through as if to an outside address, so it reached a
+// meshed endpoint in plaintext through kube-proxy (refused in strict
+// mode). Not for an ingress IP with ipMode Proxy: that traffic really
+// goes to the load balancer.
+func TestLoadBalancerAndExternalIPsAreServiceAddresses(t *testing.T) {
+	svc := clusterIPService("web", "10.96.0.10", 80)
+	svc.Spec.Type = corev1.ServiceTypeLoadBalancer
+	local := corev1.ServiceInternalTrafficPolicyLocal
+	svc.Spec.InternalTrafficPolicy = &local // internal only: not for external addresses
+	svc.Spec.ExternalIPs = []string{"203.0.113.7"}
+	proxy := corev1.LoadBalancerIPModeProxy
+	svc.Status.LoadBalancer.Ingress = []corev1.LoadBalancerIngress{
+		{IP: "198.51.100.20"},
+		{Hostname: "lb.example"},
+		{IP: "198.51.100.21", IPMode: &proxy},
+	}
+	ports := []discoveryv1.EndpointPort{{Name: ptr("http"), Port: ptr[int32](8080)}}
+	client := fake.NewClientset(svc, slice("web-a", "web", discoveryv1.AddressTypeIPv4, ports,
+		epOn("10.1.0.1", "node-a", nil), epOn("10.2.0.1", "node-b", nil)))
+	s, _ := startSource(t, client, Config{NodeName: "node-a"})
+	for _, vip := range []string{"198.51.100.20:80", "203.0.113.7:80"} {
+		if eps, ok := s.ServiceEndpoints(netip.MustParseAddrPort(vip)); !ok || !reflect.DeepEqual(eps, aps("10.1.0.1:8080", "10.2.0.1:8080")) {
+			t.Errorf("%s resolves to %v (a Service address: %v), want the Service's endpoints [10.1.0.1:8080 10.2.0.1:8080]", vip, eps, ok)
+		}
+	}
+	if eps, ok := s.ServiceEndpoints(netip.MustParseAddrPort("198.51.100.21:80")); ok {
+		t.Errorf("ingress IP with ipMode Proxy resolves to %v: it belongs to the load balancer", eps)
+	}
+	if eps, _ := s.ServiceEndpoints(netip.MustParseAddrPort("10.96.0.10:80")); !reflect.DeepEqual(eps, aps("10.1.0.1:8080")) {
+		t.Errorf("ClusterIP keeps the internal policy: %v", eps)
+	}
+}
+
+// What kube-proxy ignores has no entry: an ExternalName Service, and the
+// external addresses of a headless one.
+func TestExternalNameAndHeadlessHaveNoAddresses(t *testing.T) {
+	ports := []discoveryv1.EndpointPort{{Name: ptr("http"), Port: ptr[int32](8080)}}
+	sl := []*discoveryv1.EndpointSlice{slice("web-a", "web", discoveryv1.AddressTypeIPv4, ports, ep("10.1.0.1", nil))}
+	headless := clusterIPService("web", corev1.ClusterIPNone, 80)
+	headless.Spec.ExternalIPs = []string{"203.0.113.7"}
+	if got := ServiceEntries(headless, sl, "node-a"); len(got) != 0 {
+		t.Errorf("headless with externalIPs: %v", got)
+	}
+	ext := clusterIPService("web", "", 80)
+	ext.Spec.ClusterIPs = nil
+	ext.Spec.Type, ext.Spec.ExternalName = corev1.ServiceTypeExternalName, "db.example"
+	ext.Spec.ExternalIPs = []string{"203.0.113.7"}
+	if got := ServiceEntries(ext, sl, "node-a"); len(got) != 0 {
+		t.Errorf("ExternalName: %v", got)
+	}
+}

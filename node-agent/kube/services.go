@@ -96,7 +96,10 @@ func (s *Source) serviceTouched(obj any) {
 // EndpointSlices, the way kube-proxy on node does for TCP from a pod:
 //
 //   - VIPs are the Service's clusterIPs (headless and ExternalName have
-//     none and get no entry);
+//     none and get no entry) and, for a Service that has one, its
+//     externalIPs and LoadBalancer ingress IPs: kube-proxy sends a pod's
+//     connection to those straight to the endpoints too (not an ingress
+//     IP with ipMode Proxy: that traffic goes to the load balancer);
 //   - a Service port matches the slice port of the same name and
 //     protocol; the slice port number is the target port, already resolved
 //     per endpoint group by the EndpointSlice controller (named target
@@ -106,30 +109,48 @@ func (s *Source) serviceTouched(obj any) {
 //     connections keep working through a rolling update (serving nil
 //     means serving, as the API says);
 //   - a VIP maps only to endpoints of its own family;
-//   - with internalTrafficPolicy Local only endpoints on node count (ready
-//     ones, else serving terminating ones), and none elsewhere is a
-//     substitute: kube-proxy drops the connection then. The agent serves
-//     the pods of its own node, so node is the client's.
+//   - with internalTrafficPolicy Local only endpoints on node count for
+//     the clusterIPs (ready ones, else serving terminating ones), and
+//     none elsewhere is a substitute: kube-proxy drops the connection
+//     then. The agent serves the pods of its own node, so node is the
+//     client's. A pod's connection to an external address uses every
+//     node's endpoints whatever the policies (kube-proxy's short-circuit
+//     of pod traffic to the cluster-wide endpoints).
 //
 // A VIP:port with no usable endpoint is present with an empty list: the
 // address is a Service (the tunnel must not pass it through as if it were
 // a pod) but nothing can serve it.
 func ServiceEntries(svc *corev1.Service, sl []*discoveryv1.EndpointSlice, node string) map[netip.AddrPort][]netip.AddrPort {
-	if svc == nil {
+	if svc == nil || svc.Spec.Type == corev1.ServiceTypeExternalName {
 		return nil
 	}
-	var vips []netip.Addr
+	type address struct {
+		ip       netip.Addr
+		external bool
+	}
+	var vips []address
 	ips := svc.Spec.ClusterIPs
 	if len(ips) == 0 && svc.Spec.ClusterIP != "" {
 		ips = []string{svc.Spec.ClusterIP}
 	}
 	for _, s := range ips {
 		if a, err := netip.ParseAddr(s); err == nil {
-			vips = append(vips, a.Unmap())
+			vips = append(vips, address{ip: a.Unmap()})
 		}
 	}
 	if len(vips) == 0 {
-		return nil
+		return nil // headless: kube-proxy ignores its external addresses too
+	}
+	external := slices.Clone(svc.Spec.ExternalIPs)
+	for _, in := range svc.Status.LoadBalancer.Ingress {
+		if in.IPMode == nil || *in.IPMode != corev1.LoadBalancerIPModeProxy {
+			external = append(external, in.IP)
+		}
+	}
+	for _, s := range external {
+		if a, err := netip.ParseAddr(s); err == nil {
+			vips = append(vips, address{ip: a.Unmap(), external: true})
+		}
 	}
 	p := svc.Spec.InternalTrafficPolicy
 	local := p != nil && *p == corev1.ServiceInternalTrafficPolicyLocal
@@ -143,12 +164,12 @@ func ServiceEntries(svc *corev1.Service, sl []*discoveryv1.EndpointSlice, node s
 			continue
 		}
 		for _, vip := range vips {
-			ready, terminating := endpointsFor(vip.Is4(), sp.Name, local, node, sl)
+			ready, terminating := endpointsFor(vip.ip.Is4(), sp.Name, local && !vip.external, node, sl)
 			eps := ready
 			if len(eps) == 0 {
 				eps = terminating
 			}
-			out[netip.AddrPortFrom(vip, uint16(sp.Port))] = eps
+			out[netip.AddrPortFrom(vip.ip, uint16(sp.Port))] = eps
 		}
 	}
 	return out

@@ -85,7 +85,9 @@ func TrimService(obj any) (any, error) {
 			ClusterIPs:            s.Spec.ClusterIPs,
 			Ports:                 s.Spec.Ports,
 			InternalTrafficPolicy: s.Spec.InternalTrafficPolicy,
+			ExternalIPs:           s.Spec.ExternalIPs,
 		},
+		Status: corev1.ServiceStatus{LoadBalancer: s.Status.LoadBalancer},
 	}, nil
 }
 
