@@ -394,10 +394,24 @@ func (sv *Serving) inboundHBONE(raw *net.TCPConn) {
 	start := time.Now()
 	ctx, cancel := context.WithTimeout(context.Background(), sv.p.connectTimeout)
 	var peerID string
-	hc, err := hbone.Server(ctx, raw, sv.p.serverTLS(w.Identity), sv.p.hcfg,
+	ps := &peerState{}
+	// A stream refused because the client's certificate no longer
+	// passes asks for the connection to go away (below): the client
+	// then dials again with its current certificate, instead of having
+	// every stream refused on a connection it keeps pooled.
+	retire := make(chan struct{}, 1)
+	hc, err := hbone.Server(ctx, raw, sv.p.serverTLS(w.Identity, ps), sv.p.hcfg,
 		func(tc *tls.Conn) error { peerID = peerIdentity(tc); return nil },
 		func(s *hbone.Stream) {
 			defer sv.recoverConn(func() { s.Reset(hbone.ErrCodeInternal) })
+			if err := sv.p.recheck(ps, time.Now()); err != nil {
+				sv.refuseStale(s, peerID, peer, err)
+				select {
+				case retire <- struct{}{}:
+				default:
+				}
+				return
+			}
 			sv.inboundStream(s, peerID, peer)
 		})
 	cancel()
@@ -424,12 +438,33 @@ func (sv *Serving) inboundHBONE(raw *net.TCPConn) {
 		// go away gracefully, within Close's deadline.
 		go hc.Shutdown(closeCtx)
 	}
+	go func() {
+		select {
+		case <-retire:
+			hc.Shutdown(context.Background())
+		case <-hc.Done():
+		}
+	}()
 	<-hc.Done()
 	sv.untrack(tr)
 	sv.mu.Lock()
 	delete(sv.hconns, hc)
 	sv.kickLocked()
 	sv.mu.Unlock()
+}
+
+// refuseStale answers a stream on a connection whose client no longer
+// passes the checks of its handshake (recheck): 401, counted with the
+// handshake's reasons (tls_expired, tls_untrusted).
+func (sv *Serving) refuseStale(s *hbone.Stream, peerID string, peer netip.AddrPort, err error) {
+	r := &record{dir: "inbound", mode: "hbone", src: peer, srcID: peerID, dstID: sv.pod.Workload.Identity, start: time.Now()}
+	s.Respond(401, nil)
+	reason := "tls"
+	var pe *PeerError
+	if errors.As(err, &pe) {
+		reason = "tls_" + pe.Reason
+	}
+	sv.failed(r, reason, err)
 }
 
 // inboundStream serves one CONNECT: checks, policy, dial the app from the

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -86,63 +87,162 @@ func trustDomainOf(id string) string {
 
 // verifyPeer checks a peer chain against the current trust bundle, the
 // usage (client or server auth), our trust domain and, when want is not
-// empty, the exact identity. It returns the peer's identity.
-func (p *Proxy) verifyPeer(raw [][]byte, want string, usage x509.ExtKeyUsage) (string, error) {
+// empty, the exact identity. It returns the peer's identity and the
+// earliest expiry in the verified chain.
+func (p *Proxy) verifyPeer(raw [][]byte, want string, usage x509.ExtKeyUsage, roots *x509.CertPool) (string, time.Time, error) {
 	if len(raw) == 0 {
-		return "", &PeerError{"no_certificate", errors.New("peer sent no certificate")}
+		return "", time.Time{}, &PeerError{"no_certificate", errors.New("peer sent no certificate")}
 	}
 	certs := make([]*x509.Certificate, 0, len(raw))
 	for _, r := range raw {
 		c, err := x509.ParseCertificate(r)
 		if err != nil {
-			return "", &PeerError{"untrusted", fmt.Errorf("parse: %w", err)}
+			return "", time.Time{}, &PeerError{"untrusted", fmt.Errorf("parse: %w", err)}
 		}
 		certs = append(certs, c)
 	}
 	leaf := certs[0]
 	now := time.Now()
 	if now.After(leaf.NotAfter) || now.Before(leaf.NotBefore) {
-		return "", &PeerError{"expired", fmt.Errorf("valid %s to %s", leaf.NotBefore.Format(time.RFC3339), leaf.NotAfter.Format(time.RFC3339))}
+		return "", time.Time{}, &PeerError{"expired", fmt.Errorf("valid %s to %s", leaf.NotBefore.Format(time.RFC3339), leaf.NotAfter.Format(time.RFC3339))}
 	}
 	inter := x509.NewCertPool()
 	for _, c := range certs[1:] {
 		inter.AddCert(c)
 	}
-	if _, err := leaf.Verify(x509.VerifyOptions{
-		Roots:         p.cfg.Certificates.Roots(),
+	chains, err := leaf.Verify(x509.VerifyOptions{
+		Roots:         roots,
 		Intermediates: inter,
 		KeyUsages:     []x509.ExtKeyUsage{usage},
 		CurrentTime:   now,
-	}); err != nil {
+	})
+	if err != nil {
 		var inv x509.CertificateInvalidError
 		if errors.As(err, &inv) && inv.Reason == x509.Expired {
-			return "", &PeerError{"expired", err}
+			return "", time.Time{}, &PeerError{"expired", err}
 		}
-		return "", &PeerError{"untrusted", err}
+		return "", time.Time{}, &PeerError{"untrusted", err}
 	}
 	// A workload certificate must not be able to sign: chain
 	// verification accepts a leaf that is a CA, and with its key the
 	// workload could mint any identity of the trust domain. (The
 	// X.509-SVID rules: leaf cA false, neither keyCertSign nor cRLSign.)
 	if leaf.IsCA || leaf.KeyUsage&(x509.KeyUsageCertSign|x509.KeyUsageCRLSign) != 0 {
-		return "", &PeerError{"untrusted", errors.New("peer leaf certificate is a CA or may sign certificates")}
+		return "", time.Time{}, &PeerError{"untrusted", errors.New("peer leaf certificate is a CA or may sign certificates")}
 	}
 	id, err := spiffeID(leaf)
 	if err != nil {
-		return "", &PeerError{"bad_identity", err}
+		return "", time.Time{}, &PeerError{"bad_identity", err}
 	}
 	if td := trustDomainOf(id); td != p.cfg.Certificates.TrustDomain() {
-		return "", &PeerError{"foreign_trust_domain", fmt.Errorf("peer %s is not in trust domain %q", id, p.cfg.Certificates.TrustDomain())}
+		return "", time.Time{}, &PeerError{"foreign_trust_domain", fmt.Errorf("peer %s is not in trust domain %q", id, p.cfg.Certificates.TrustDomain())}
 	}
 	if want != "" && id != want {
-		return "", &PeerError{"wrong_identity", fmt.Errorf("peer is %s, want %s", id, want)}
+		return "", time.Time{}, &PeerError{"wrong_identity", fmt.Errorf("peer is %s, want %s", id, want)}
 	}
+	until := leaf.NotAfter
+	for _, c := range chains[0] {
+		if c.NotAfter.Before(until) {
+			until = c.NotAfter
+		}
+	}
+	return id, until, nil
+}
+
+// peerState is what a handshake verified, kept for the connection's
+// life. An HBONE connection carries new streams long after its handshake
+// (pooled on the client, held by the client on the server), and
+// crypto/tls never looks at the peer again: without a second look, a
+// certificate that expired, or that a changed trust bundle no longer
+// accepts (a root removed after a compromise), would keep getting new
+// streams for as long as the connection is busy. recheck is that look,
+// done before each new stream.
+type peerState struct {
+	want  string
+	usage x509.ExtKeyUsage
+
+	mu    sync.Mutex
+	chain [][]byte       // the peer's certificates as presented
+	roots *x509.CertPool // the bundle they were last verified against
+	until time.Time      // earliest expiry: the peer's chain and our own certificate
+	err   error          // once refused, refused for good
+}
+
+// ownCert notes when our certificate for this connection expires: a
+// peer checks it only at the handshake, so we stop using the connection
+// for new streams once it has.
+func (ps *peerState) ownCert(c *tls.Certificate) {
+	leaf := c.Leaf
+	if leaf == nil && len(c.Certificate) > 0 {
+		leaf, _ = x509.ParseCertificate(c.Certificate[0])
+	}
+	if leaf == nil {
+		return
+	}
+	ps.mu.Lock()
+	if ps.until.IsZero() || leaf.NotAfter.Before(ps.until) {
+		ps.until = leaf.NotAfter
+	}
+	ps.mu.Unlock()
+}
+
+// verify is the handshake's check; it records what passed.
+func (ps *peerState) verify(p *Proxy, raw [][]byte) (string, error) {
+	roots := p.cfg.Certificates.Roots()
+	id, until, err := p.verifyPeer(raw, ps.want, ps.usage, roots)
+	if err != nil {
+		return "", err
+	}
+	ps.mu.Lock()
+	ps.chain, ps.roots = raw, roots
+	if ps.until.IsZero() || until.Before(ps.until) {
+		ps.until = until
+	}
+	ps.mu.Unlock()
 	return id, nil
 }
 
+// expiry is when the connection must stop taking new streams.
+func (ps *peerState) expiry() time.Time {
+	ps.mu.Lock()
+	defer ps.mu.Unlock()
+	return ps.until
+}
+
+// recheck says whether a connection verified at its handshake may still
+// carry a new stream: no certificate involved has expired, and the peer's
+// chain passes against the current bundle. It costs a pointer compare
+// unless the bundle changed since the last check; then the chain is
+// verified again, once.
+func (p *Proxy) recheck(ps *peerState, now time.Time) error {
+	ps.mu.Lock()
+	defer ps.mu.Unlock()
+	if ps.err != nil {
+		return ps.err
+	}
+	if ps.chain == nil {
+		return nil // not verified here (a test's bare connection)
+	}
+	if !now.Before(ps.until) {
+		ps.err = &PeerError{"expired", fmt.Errorf("a certificate of this connection expired at %s", ps.until.Format(time.RFC3339))}
+		return ps.err
+	}
+	roots := p.cfg.Certificates.Roots()
+	if roots == ps.roots {
+		return nil
+	}
+	if _, _, err := p.verifyPeer(ps.chain, ps.want, ps.usage, roots); err != nil {
+		ps.err = err
+		return err
+	}
+	ps.roots = roots
+	return nil
+}
+
 // serverTLS is the 15008 TLS config of a pod: its own certificate, a
-// client certificate required and checked.
-func (p *Proxy) serverTLS(identity string) *tls.Config {
+// client certificate required and checked (and recorded in ps).
+func (p *Proxy) serverTLS(identity string, ps *peerState) *tls.Config {
+	ps.usage = x509.ExtKeyUsageClientAuth
 	return &tls.Config{
 		MinVersion: tls.VersionTLS13,
 		NextProtos: []string{"h2"},
@@ -150,20 +250,27 @@ func (p *Proxy) serverTLS(identity string) *tls.Config {
 		// rather than requiring lets "no certificate" be counted as such.
 		ClientAuth: tls.RequestClientCert,
 		GetCertificate: func(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
-			return p.cfg.Certificates.Certificate(hello.Context(), identity)
+			c, err := p.cfg.Certificates.Certificate(hello.Context(), identity)
+			if err == nil {
+				ps.ownCert(c)
+			}
+			return c, err
 		},
 		VerifyPeerCertificate: func(raw [][]byte, _ [][]*x509.Certificate) error {
-			_, err := p.verifyPeer(raw, "", x509.ExtKeyUsageClientAuth)
+			_, err := ps.verify(p, raw)
 			return err
 		},
+		// No resumption, here or in clientTLS (no session cache): a
+		// resumed handshake skips VerifyPeerCertificate.
 		SessionTicketsDisabled:      true,
 		DynamicRecordSizingDisabled: true,
 	}
 }
 
 // clientTLS is the config to reach dstID as srcID. No SNI is sent; the
-// server's URI SAN must equal dstID.
-func (p *Proxy) clientTLS(ctx context.Context, srcID, dstID string) *tls.Config {
+// server's URI SAN must equal dstID. ps records what was verified.
+func (p *Proxy) clientTLS(ctx context.Context, srcID, dstID string, ps *peerState) *tls.Config {
+	ps.want, ps.usage = dstID, x509.ExtKeyUsageServerAuth
 	return &tls.Config{
 		MinVersion: tls.VersionTLS13,
 		NextProtos: []string{"h2"},
@@ -171,10 +278,14 @@ func (p *Proxy) clientTLS(ctx context.Context, srcID, dstID string) *tls.Config 
 		// VerifyPeerCertificate does the full chain and SAN check.
 		InsecureSkipVerify: true,
 		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
-			return p.cfg.Certificates.Certificate(ctx, srcID)
+			c, err := p.cfg.Certificates.Certificate(ctx, srcID)
+			if err == nil {
+				ps.ownCert(c)
+			}
+			return c, err
 		},
 		VerifyPeerCertificate: func(raw [][]byte, _ [][]*x509.Certificate) error {
-			_, err := p.verifyPeer(raw, dstID, x509.ExtKeyUsageServerAuth)
+			_, err := ps.verify(p, raw)
 			return err
 		},
 		DynamicRecordSizingDisabled: true,

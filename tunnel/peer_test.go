@@ -318,13 +318,13 @@ func TestPeerCertificateChecks(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			if pc := tc.asClient; pc != nil {
-				_, serr, _ := handshake(t, plain(pc.cert), p.serverTLS(idServer))
+				_, serr, _ := handshake(t, plain(pc.cert), p.serverTLS(idServer, &peerState{}))
 				if got := peerReason(serr); got != pc.want || (pc.want == "" && serr != nil) {
 					t.Errorf("our server: err %v (reason %q), want reason %q", serr, got, pc.want)
 				}
 			}
 			if ps := tc.asServer; ps != nil {
-				cerr, _, _ := handshake(t, p.clientTLS(context.Background(), idClient, idServer), plain(ps.cert))
+				cerr, _, _ := handshake(t, p.clientTLS(context.Background(), idClient, idServer, &peerState{}), plain(ps.cert))
 				if got := peerReason(cerr); got != ps.want || (ps.want == "" && cerr != nil) {
 					t.Errorf("our client: err %v (reason %q), want reason %q", cerr, got, ps.want)
 				}
@@ -379,13 +379,13 @@ func TestNoSessionResumption(t *testing.T) {
 		}
 	})
 	t.Run("our server", func(t *testing.T) {
-		if twice(t, resumingClient, p.serverTLS(idServer)) {
+		if twice(t, resumingClient, p.serverTLS(idServer, &peerState{})) {
 			t.Error("our server resumed a session")
 		}
 	})
 	t.Run("our client", func(t *testing.T) {
 		// ServerName would key a session cache; ours has none to use.
-		if twice(t, func() *tls.Config { return p.clientTLS(context.Background(), idClient, idServer) }, plainServer) {
+		if twice(t, func() *tls.Config { return p.clientTLS(context.Background(), idClient, idServer, &peerState{}) }, plainServer) {
 			t.Error("our client resumed a session")
 		}
 	})

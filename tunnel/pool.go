@@ -34,12 +34,15 @@ type pool struct {
 	net  PodNetwork
 	mu   sync.Mutex
 	m    map[poolKey]*poolEntry
-	stop chan struct{}
+	// states holds what each pooled connection's handshake verified,
+	// checked again before the connection takes a new stream.
+	states map[*hbone.Conn]*peerState
+	stop   chan struct{}
 	once sync.Once
 }
 
 func newPool(p *Proxy, n PodNetwork) *pool {
-	pl := &pool{p: p, net: n, m: make(map[poolKey]*poolEntry), stop: make(chan struct{})}
+	pl := &pool{p: p, net: n, m: make(map[poolKey]*poolEntry), states: map[*hbone.Conn]*peerState{}, stop: make(chan struct{})}
 	go pl.janitor()
 	return pl
 }
@@ -89,9 +92,19 @@ func (pl *pool) conn(ctx context.Context, key poolKey) (*hbone.Conn, error) {
 	for {
 		live := e.conns[:0]
 		var pick *hbone.Conn
+		now := time.Now()
 		for _, c := range e.conns {
 			if !c.Usable() {
 				continue
+			}
+			if ps := pl.states[c]; ps != nil {
+				if err := pl.p.recheck(ps, now); err != nil {
+					// No new streams; those open finish.
+					pl.p.log.Info("pooled HBONE connection retired: its peer no longer verifies",
+						"dst", key.addr, "dst_identity", key.dst, "error", err)
+					go c.Shutdown(context.Background())
+					continue
+				}
 			}
 			live = append(live, c)
 			if pick == nil && c.ActiveStreams() < limit {
@@ -110,7 +123,7 @@ func (pl *pool) conn(ctx context.Context, key poolKey) (*hbone.Conn, error) {
 			ch := make(chan struct{})
 			e.dialing = ch
 			pl.mu.Unlock()
-			c, err := pl.dial(ctx, key)
+			c, ps, err := pl.dial(ctx, key)
 			pl.mu.Lock()
 			if pl.closed() {
 				// close ran meanwhile (Close's cut) and cannot see
@@ -125,8 +138,15 @@ func (pl *pool) conn(ctx context.Context, key poolKey) (*hbone.Conn, error) {
 			e.dialErr = err
 			if err == nil {
 				e.conns = append(e.conns, c)
+				pl.states[c] = ps
 				pl.p.m.poolConns.Inc()
-				go func() { <-c.Done(); pl.p.m.poolConns.Dec() }()
+				go func() {
+					<-c.Done()
+					pl.p.m.poolConns.Dec()
+					pl.mu.Lock()
+					delete(pl.states, c)
+					pl.mu.Unlock()
+				}()
 			}
 			close(ch)
 			if err != nil {
@@ -161,7 +181,7 @@ type dialError struct {
 func (e *dialError) Error() string { return e.err.Error() }
 func (e *dialError) Unwrap() error { return e.err }
 
-func (pl *pool) dial(ctx context.Context, key poolKey) (*hbone.Conn, error) {
+func (pl *pool) dial(ctx context.Context, key poolKey) (*hbone.Conn, *peerState, error) {
 	ctx, cancel := context.WithTimeout(ctx, pl.p.connectTimeout)
 	defer cancel()
 	// Closing the pool (Close's cut, past its deadline) ends a dial in
@@ -177,20 +197,21 @@ func (pl *pool) dial(ctx context.Context, key poolKey) (*hbone.Conn, error) {
 	raw, err := pl.net.Dial(ctx, netip.Addr{}, key.addr)
 	if err != nil {
 		if errors.Is(err, context.DeadlineExceeded) {
-			return nil, &dialError{"connect_timeout", fmt.Errorf("HBONE connect to %v timed out (is a NetworkPolicy blocking port %d?): %w", key.addr, key.addr.Port(), err)}
+			return nil, nil, &dialError{"connect_timeout", fmt.Errorf("HBONE connect to %v timed out (is a NetworkPolicy blocking port %d?): %w", key.addr, key.addr.Port(), err)}
 		}
-		return nil, &dialError{"connect", fmt.Errorf("HBONE connect to %v: %w", key.addr, err)}
+		return nil, nil, &dialError{"connect", fmt.Errorf("HBONE connect to %v: %w", key.addr, err)}
 	}
-	c, err := hbone.Client(ctx, raw, pl.p.clientTLS(context.WithoutCancel(ctx), key.src, key.dst), pl.p.hcfg)
+	ps := &peerState{}
+	c, err := hbone.Client(ctx, raw, pl.p.clientTLS(context.WithoutCancel(ctx), key.src, key.dst, ps), pl.p.hcfg)
 	if err != nil {
 		reason := "tls"
 		var pe *PeerError
 		if errors.As(err, &pe) {
 			reason = "tls_" + pe.Reason
 		}
-		return nil, &dialError{reason, fmt.Errorf("HBONE handshake with %v (%s): %w", key.addr, key.dst, err)}
+		return nil, nil, &dialError{reason, fmt.Errorf("HBONE handshake with %v (%s): %w", key.addr, key.dst, err)}
 	}
-	return c, nil
+	return c, ps, nil
 }
 
 // janitor closes connections idle for longer than the pool timeout.

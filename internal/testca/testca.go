@@ -98,11 +98,12 @@ func (ca *CA) Issue(id string, o IssueOptions) (*tls.Certificate, error) {
 }
 
 // Store is a tunnel.Certificates: certificates issued on demand by a CA
-// and cached, the CA's root as the bundle.
+// and cached, the CA's root as the bundle (SetRoots replaces it).
 type Store struct {
 	CA    *CA
 	mu    sync.Mutex
 	certs map[string]*tls.Certificate
+	roots *x509.CertPool
 }
 
 // NewStore returns a Store issuing from ca.
@@ -130,11 +131,27 @@ func (s *Store) Certificate(_ context.Context, id string) (*tls.Certificate, err
 	return c, nil
 }
 
-// Roots implements tunnel.Certificates.
+// Roots implements tunnel.Certificates. As the identity manager's, the
+// pool is the same one until the bundle changes.
 func (s *Store) Roots() *x509.CertPool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.roots == nil {
+		s.roots = x509.NewCertPool()
+		s.roots.AddCert(s.CA.Cert)
+	}
+	return s.roots
+}
+
+// SetRoots replaces the trust bundle (a root rotation, a removed root).
+func (s *Store) SetRoots(roots ...*x509.Certificate) {
 	p := x509.NewCertPool()
-	p.AddCert(s.CA.Cert)
-	return p
+	for _, r := range roots {
+		p.AddCert(r)
+	}
+	s.mu.Lock()
+	s.roots = p
+	s.mu.Unlock()
 }
 
 // TrustDomain implements tunnel.Certificates.

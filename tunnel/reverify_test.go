@@ -1,0 +1,162 @@
+package tunnel_test
+
+import (
+	"context"
+	"crypto/tls"
+	"io"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/ambit-mesh/ambit/internal/testca"
+	"github.com/ambit-mesh/ambit/tunnel/hbone"
+	"github.com/ambit-mesh/ambit/tunnel/internal/meshtest"
+)
+
+// A pooled HBONE connection outlives the handshake that checked its
+// peer. These tests change what the handshake relied on (the trust
+// bundle, the certificates' validity) while such a connection is open,
+// and require that new streams no longer use it.
+
+// reaches says whether A's app gets an answer from B's app.
+func reaches(t *testing.T, m *meshtest.Mesh) bool {
+	t.Helper()
+	c, err := m.A.Dial(netip.AddrPortFrom(m.B.Pod.IP4, 8080))
+	if err != nil {
+		return false
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.WriteString(c, "who\n"); err != nil {
+		return false
+	}
+	b, _ := io.ReadAll(c)
+	return len(b) > 0
+}
+
+// TestRemovedRootStopsPooledConnections: A reaches B over a pooled
+// connection; the root both certificates chain to is removed from the
+// bundle; A's next connection must not ride the pooled one (B is no
+// longer trusted), and B must refuse a new stream on a connection made
+// before (A is no longer trusted either).
+func TestRemovedRootStopsPooledConnections(t *testing.T) {
+	m := newMesh(t)
+	// A raw client of B's that holds its connection across the change.
+	raw, err := m.A.Net.Dial(context.Background(), netip.Addr{}, netip.AddrPortFrom(m.B.Pod.IP4, 15008))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := m.Certs.Certificate(context.Background(), m.A.Workload.Identity)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	held, err := hbone.Client(ctx, raw, &tls.Config{MinVersion: tls.VersionTLS13, NextProtos: []string{"h2"},
+		InsecureSkipVerify: true, Certificates: []tls.Certificate{*cert}}, hbone.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Close()
+	stream := func() int {
+		s, err := held.OpenStream(netip.AddrPortFrom(m.B.Pod.IP4, 8080).String(), nil)
+		if err != nil {
+			return -1
+		}
+		defer s.Close()
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		st, _, err := s.Response(ctx)
+		if err != nil {
+			return -1
+		}
+		return st
+	}
+	if st := stream(); st != 200 {
+		t.Fatalf("before the change: B answered %d", st)
+	}
+	if !reaches(t, m) {
+		t.Fatal("before the change: A does not reach B")
+	}
+	other, err := testca.New("cluster.local")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.Certs.SetRoots(other.Cert)
+
+	if reaches(t, m) {
+		t.Error("A reached B over a connection whose peer the bundle no longer trusts")
+	}
+	waitMetric(t, m.A, "ambit_tunnel_connections_failed_total", map[string]string{"direction": "outbound", "reason": "tls_untrusted"}, 1)
+	if st := stream(); st == 200 {
+		t.Error("B opened a new stream for a client the bundle no longer trusts")
+	}
+	waitMetric(t, m.B, "ambit_tunnel_connections_failed_total", map[string]string{"direction": "inbound", "reason": "tls_untrusted"}, 1)
+	// And B sends the client away (GOAWAY), so a client that has a
+	// certificate the bundle trusts dials again rather than have every
+	// stream refused on the connection it pooled.
+	select {
+	case <-held.Done():
+	case <-time.After(5 * time.Second):
+		t.Error("B kept the connection of a client it no longer trusts")
+	}
+}
+
+// TestExpiredCertificateStopsPooledConnections: B's certificate expires
+// while A holds a pooled connection to it: A's next connection must not
+// use that one. And a client whose own certificate expires on a held
+// connection gets no new stream from B.
+func TestExpiredCertificateStopsPooledConnections(t *testing.T) {
+	m := newMesh(t)
+	const life = 3 * time.Second
+	short := func(id string) *tls.Certificate {
+		c, err := m.CA.Issue(id, testca.IssueOptions{NotAfter: time.Now().Add(life)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	m.Certs.Set(m.B.Workload.Identity, short(m.B.Workload.Identity))
+	clientCert := short(m.A.Workload.Identity)
+	raw, err := m.A.Net.Dial(context.Background(), netip.Addr{}, netip.AddrPortFrom(m.B.Pod.IP4, 15008))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	held, err := hbone.Client(ctx, raw, &tls.Config{MinVersion: tls.VersionTLS13, NextProtos: []string{"h2"},
+		InsecureSkipVerify: true, Certificates: []tls.Certificate{*clientCert}}, hbone.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Close()
+	stream := func() int {
+		s, err := held.OpenStream(netip.AddrPortFrom(m.B.Pod.IP4, 8080).String(), nil)
+		if err != nil {
+			return -1
+		}
+		defer s.Close()
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		st, _, err := s.Response(ctx)
+		if err != nil {
+			return -1
+		}
+		return st
+	}
+	if st := stream(); st != 200 {
+		t.Fatalf("before expiry: B answered %d", st)
+	}
+	if !reaches(t, m) {
+		t.Fatal("before expiry: A does not reach B")
+	}
+	time.Sleep(life + 500*time.Millisecond)
+
+	if reaches(t, m) {
+		t.Error("A reached B over a connection whose peer's certificate has expired")
+	}
+	waitMetric(t, m.A, "ambit_tunnel_connections_failed_total", map[string]string{"direction": "outbound", "reason": "tls_expired"}, 1)
+	if st := stream(); st == 200 {
+		t.Error("B opened a new stream for a client whose certificate has expired")
+	}
+}
