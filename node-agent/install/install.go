@@ -52,7 +52,7 @@ func Run(ctx context.Context, cfg Config) error {
 		}
 	}
 
-	in := &installer{cfg: c, entry: e, m: newMetrics(c.Registerer), log: c.Logger}
+	in := &installer{cfg: c, entry: e, m: newMetrics(c.Registerer), log: c.Logger, watcher: w, watched: map[string]bool{c.CNIConfDir: true}}
 	if !in.yielding() {
 		if changed, err := installBinary(c.PluginSource, c.CNIBinDir); err != nil {
 			return err
@@ -153,6 +153,44 @@ type installer struct {
 	lastSkipped string
 	waiting     bool
 	yielded     bool
+
+	// watcher also watches the directories of link targets (watched),
+	// so a primary CNI's rewrite of a linked file is seen at once.
+	watcher *fsnotify.Watcher
+	watched map[string]bool
+}
+
+// target is the file to edit for the config at path: path itself, or
+// what it links to. The runtime reads through the link and the link's
+// owner (a primary CNI keeping its file elsewhere, a distribution
+// managing /etc/cni/net.d as links) rewrites the target; replacing the
+// link with a file froze the primary's config at install time and lost
+// the link on uninstall.
+func target(path string) (string, error) {
+	fi, err := os.Lstat(path)
+	if err != nil {
+		return "", err
+	}
+	if fi.Mode()&os.ModeSymlink == 0 {
+		return path, nil
+	}
+	t, err := filepath.EvalSymlinks(path)
+	if err != nil {
+		return "", fmt.Errorf("%s is a link that cannot be followed: %w", path, err)
+	}
+	return t, nil
+}
+
+// watchDir adds a link target's directory to the watcher, once.
+func (in *installer) watchDir(dir string) {
+	if in.watcher == nil || in.watched[dir] {
+		return
+	}
+	if err := in.watcher.Add(dir); err != nil {
+		in.log.Warn("cannot watch the directory of a linked CNI config; changes there are seen at the next resync", "dir", dir, "err", err, "resync", in.cfg.Resync)
+		return
+	}
+	in.watched[dir] = true
 }
 
 // yielding asks Config.Yield, logging each change of answer once.
@@ -235,16 +273,23 @@ func (in *installer) ensureList(p *conflist.Primary) (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("%s: %w", p.Path, err)
 	}
+	dst, err := target(p.Path)
+	if err != nil {
+		return "", err
+	}
+	if dst != p.Path {
+		in.watchDir(filepath.Dir(dst))
+	}
 	if !changed {
 		in.remember(p.Path, p.Data)
 		return p.Path, nil
 	}
-	if err := atomicfile.Replace(p.Path, p.Data, out, atomicfile.Attrs(p.Info)); err != nil {
+	if err := atomicfile.Replace(dst, p.Data, out, atomicfile.Attrs(p.Info)); err != nil {
 		return "", err
 	}
 	in.noteRewrite(p.Path, p.Data)
 	in.remember(p.Path, out)
-	in.log.Info("chained ambit-cni into the primary CNI config", "path", p.Path)
+	in.log.Info("chained ambit-cni into the primary CNI config", "path", p.Path, "file", dst)
 	return p.Path, nil
 }
 

@@ -84,7 +84,12 @@ func removeFrom(confDir, path string) (bool, error) {
 	if restored, err := restoreConverted(confDir, path, out); err != nil || restored {
 		return restored, err
 	}
-	return true, atomicfile.Replace(path, b, out, atomicfile.Attrs(fi))
+	// A linked config was edited in its target; the link stays.
+	dst, err := target(path)
+	if err != nil {
+		return false, err
+	}
+	return true, atomicfile.Replace(dst, b, out, atomicfile.Attrs(fi))
 }
 
 // restoreConverted puts back the .conf/.json that path was converted

@@ -65,7 +65,9 @@ func Candidates(dir string) ([]string, error) {
 		p := filepath.Join(dir, e.Name())
 		if e.Type()&os.ModeSymlink != 0 {
 			// libcni follows links; a link to a directory is skipped.
-			if fi, err := os.Stat(p); err != nil || fi.IsDir() {
+			// A link we cannot follow stays: FindPrimary reports it
+			// (the runtime on the host may well follow it).
+			if fi, err := os.Stat(p); err == nil && fi.IsDir() {
 				continue
 			}
 		}
@@ -86,6 +88,13 @@ func FindPrimary(dir string) (*Primary, []Skipped, error) {
 	for _, f := range files {
 		b, fi, err := ReadFile(f)
 		if err != nil {
+			if dst, lerr := os.Readlink(f); lerr == nil && errors.Is(err, os.ErrNotExist) {
+				// Inside the agent's container only the CNI
+				// directory is mounted: an absolute link out of it
+				// dangles here while the runtime follows it.
+				skipped = append(skipped, Skipped{f, fmt.Errorf("link to %s cannot be followed from here (the target must be visible to the installer: use a relative link inside the CNI config directory or mount the target's directory at the same path)", dst)})
+				continue
+			}
 			if errors.Is(err, os.ErrNotExist) {
 				continue // removed while we looked
 			}
