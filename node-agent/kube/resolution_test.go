@@ -274,3 +274,95 @@ func TestExternalNameAndHeadlessHaveNoAddresses(t *testing.T) {
 		t.Errorf("ExternalName: %v", got)
 	}
 }
+
+// A slice deleted from a Service of several, and spec.ports changing: the
+// index follows both (old port gone, new port resolved).
+func TestSliceDeletedAndPortsChanged(t *testing.T) {
+	ports := []discoveryv1.EndpointPort{{Name: ptr("http"), Port: ptr[int32](8080)}}
+	svc := clusterIPService("web", "10.96.0.10", 80)
+	client := fake.NewClientset(svc,
+		slice("web-a", "web", discoveryv1.AddressTypeIPv4, ports, ep("10.1.0.1", nil)),
+		slice("web-b", "web", discoveryv1.AddressTypeIPv4, ports, ep("10.1.0.2", nil)))
+	s, _ := startSource(t, client, Config{})
+	vip := netip.MustParseAddrPort("10.96.0.10:80")
+	if eps, _ := s.ServiceEndpoints(vip); !reflect.DeepEqual(eps, aps("10.1.0.1:8080", "10.1.0.2:8080")) {
+		t.Fatalf("two slices merged: %v", eps)
+	}
+	ctx := context.Background()
+	if err := client.DiscoveryV1().EndpointSlices("shop").Delete(ctx, "web-a", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "slice web-a gone", func() bool {
+		eps, _ := s.ServiceEndpoints(vip)
+		return reflect.DeepEqual(eps, aps("10.1.0.2:8080"))
+	})
+	svc.Spec.Ports[0].Port = 81
+	if _, err := client.CoreV1().Services("shop").Update(ctx, svc, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "port 81", func() bool {
+		eps, _ := s.ServiceEndpoints(netip.MustParseAddrPort("10.96.0.10:81"))
+		return reflect.DeepEqual(eps, aps("10.1.0.2:8080"))
+	})
+	if eps, ok := s.ServiceEndpoints(vip); ok {
+		t.Fatalf("the old port still resolves: %v", eps)
+	}
+}
+
+// The directory is read on every new connection while the informers
+// write it. Under churn (a pod's labels and status, a Service's slices
+// flipping readiness) readers must never see a gap: the meshed pod always
+// found and meshed, the Service always known with a ready endpoint (one
+// stays ready throughout). Run with -race.
+func TestReadsDuringInformerUpdates(t *testing.T) {
+	ports := []discoveryv1.EndpointPort{{Name: ptr("http"), Port: ptr[int32](8080)}}
+	web := pod("shop", "web", "", "node-b", []string{"10.1.0.5", "fd00::5"}, map[string]string{"v": "0"}, enabled)
+	flip := slice("web-b", "web", discoveryv1.AddressTypeIPv4, ports, ep("10.1.0.2", ptr(true)))
+	client := fake.NewClientset(web, clusterIPService("web", "10.96.0.10", 80),
+		slice("web-a", "web", discoveryv1.AddressTypeIPv4, ports, ep("10.1.0.1", nil)), flip)
+	s, _ := startSource(t, client, Config{})
+	vip := netip.MustParseAddrPort("10.96.0.10:80")
+	ip := netip.MustParseAddr("10.1.0.5")
+
+	stop := make(chan struct{})
+	var bad sync.Map
+	var wg sync.WaitGroup
+	for r := 0; r < 4; r++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				if wl, ok := s.WorkloadByIP(ip); !ok || !wl.Meshed || wl.Name != "web" {
+					bad.Store("pod", wl)
+				}
+				if eps, ok := s.ServiceEndpoints(vip); !ok || len(eps) == 0 {
+					bad.Store("service", eps)
+				}
+			}
+		}()
+	}
+	ctx := context.Background()
+	for i := 0; i < 100; i++ {
+		web.Labels["v"] = string(rune('a' + i%26))
+		if _, err := client.CoreV1().Pods("shop").Update(ctx, web, metav1.UpdateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		flip.Endpoints[0].Conditions.Ready = ptr(i%2 == 0)
+		if _, err := client.DiscoveryV1().EndpointSlices("shop").Update(ctx, flip, metav1.UpdateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	eventually(t, "last update seen", func() bool {
+		wl, _ := s.WorkloadByIP(ip)
+		eps, _ := s.ServiceEndpoints(vip)
+		return wl.Labels["v"] == web.Labels["v"] && reflect.DeepEqual(eps, aps("10.1.0.1:8080"))
+	})
+	close(stop)
+	wg.Wait()
+	bad.Range(func(k, v any) bool { t.Errorf("a reader saw a gap in the %s: %v", k, v); return true })
+}
