@@ -395,9 +395,10 @@ func cmdStatus(args *cmdArgs) (err error) {
 	if r.cfg.AgentDownPolicy != policyFailClosed {
 		return nil
 	}
-	st, err := os.Stat(r.cfg.AgentSocket)
-	if err != nil || st.Mode()&os.ModeSocket == 0 {
-		return types.NewError(types.ErrPluginNotAvailable, fmt.Sprintf("ambit-agent socket %s is missing and agentDownPolicy is fail-closed", r.cfg.AgentSocket), "")
+	// A connection, not a stat: an agent killed with -9 leaves its
+	// socket file behind, and ADD then fails while a stat said ready.
+	if perr := cniproto.Probe(r.cfg.AgentSocket, min(r.cfg.AgentTimeout, 2*time.Second)); perr != nil {
+		return types.NewError(types.ErrPluginNotAvailable, fmt.Sprintf("ambit-agent does not accept connections on its socket %s and agentDownPolicy is fail-closed", r.cfg.AgentSocket), perr.Error())
 	}
 	return nil
 }

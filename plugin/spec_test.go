@@ -10,6 +10,7 @@ import (
 	"github.com/ambit-mesh/ambit/plugin/cniproto"
 	"github.com/ambit-mesh/ambit/plugin/redirect"
 	"github.com/containernetworking/cni/pkg/types"
+	"golang.org/x/sys/unix"
 )
 
 // These tests hold ambit-cni to the CNI spec (SPEC.md v1.1.0, section 2
@@ -224,4 +225,39 @@ func TestDelNeverFailsOnAgentDown(t *testing.T) {
 	if _, e := d.run("DEL", nil, "CNI_NETNS="+notNS); e != nil {
 		t.Errorf("DEL with a netns path that is a plain file: %v", e)
 	}
+}
+
+// STATUS under fail-closed says "not available" (code 50) whenever ADD
+// would find no agent: a socket file an agent left behind when it died
+// (kill -9) counts as down. It used to stat the path and answer ready.
+func TestStatusFailClosedStaleSocket(t *testing.T) {
+	agent := newResponder(t, "mesh")
+	d := newDirect(t, "mesh", agent.socket)
+	status := func(socket string) *types.Error {
+		_, e := d.run("STATUS", func(m map[string]any) {
+			m["cniVersion"] = "1.1.0"
+			m["agentDownPolicy"] = "fail-closed"
+			m["agentSocket"] = socket
+			delete(m, "prevResult")
+		})
+		return e
+	}
+	if e := status(agent.socket); e != nil {
+		t.Fatalf("STATUS with the agent serving: %v", e)
+	}
+	stale := filepath.Join(t.TempDir(), "stale.sock")
+	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_SEQPACKET, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Bind(fd, &unix.SockaddrUnix{Name: stale}); err != nil {
+		t.Fatal(err)
+	}
+	unix.Listen(fd, 1)
+	unix.Close(fd) // the agent died; its socket file stays
+	wantCode(t, "STATUS with a stale socket", status(stale), types.ErrPluginNotAvailable, "does not accept connections")
+	wantCode(t, "STATUS with no socket", status(stale+".missing"), types.ErrPluginNotAvailable, "does not accept connections")
+	// And ADD agrees: the agent is down.
+	_, e := d.run("ADD", func(m map[string]any) { m["agentDownPolicy"] = "fail-closed"; m["agentSocket"] = stale })
+	wantCode(t, "ADD with a stale socket", e, types.ErrTryAgainLater, "ambit-agent is down")
 }

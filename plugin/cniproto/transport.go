@@ -125,6 +125,34 @@ func Call(ctx context.Context, socket string, req *Request, netns *os.File) (*Re
 	return resp, nil
 }
 
+// Probe reports whether an agent accepts connections on socket, without
+// sending a request: a socket file left by an agent that died refuses
+// (ErrAgentUnavailable), while a stat of the path says it is there.
+func Probe(socket string, timeout time.Duration) error {
+	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("socket for ambit-agent: %w", err)
+	}
+	defer unix.Close(fd)
+	tv := unix.NsecToTimeval(timeout.Nanoseconds())
+	unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_SNDTIMEO, &tv)
+	for {
+		err = unix.Connect(fd, &unix.SockaddrUnix{Name: socket})
+		if err != unix.EINTR {
+			break
+		}
+	}
+	switch {
+	case err == nil:
+		return nil
+	case isTimeout(err):
+		// Listening, with a full queue: busy, not down.
+		return nil
+	default:
+		return fmt.Errorf("%w: cannot connect to %s: %v", ErrAgentUnavailable, socket, &os.SyscallError{Syscall: "connect", Err: err})
+	}
+}
+
 // isTimeout: a blocking call on a socket with SO_SNDTIMEO/SO_RCVTIMEO
 // that ran out of time.
 func isTimeout(err error) bool { return err == unix.EAGAIN || err == unix.EINPROGRESS }
@@ -392,6 +420,12 @@ func (s *Server) serveConn(parent context.Context, conn *net.UnixConn, timeout t
 	size, err := peekSize(conn)
 	if err != nil {
 		return fmt.Errorf("reading plugin request: %w", err)
+	}
+	if size == 0 {
+		// The peer closed without a request: Probe (the plugin's
+		// STATUS under fail-closed, every few seconds). Nothing to
+		// answer or report.
+		return nil
 	}
 	// One spare byte: a datagram that somehow grew would show as
 	// truncated rather than silently cut. A datagram over the bound is
