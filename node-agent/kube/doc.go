@@ -12,8 +12,10 @@
 //     few MB: the pod IP → workload directory the tunnel consults per
 //     connection, and the opt-in namespaces of the enrollment snapshot;
 //   - namespaces (labels drive enrollment), Services and EndpointSlices
-//     (Service VIP:port → ready endpoints, indexed by VIP:port for O(1)
-//     lookups).
+//     (Service address:port → the endpoints kube-proxy on this node would
+//     use, indexed by address:port for O(1) lookups; the addresses are the
+//     clusterIPs, externalIPs and LoadBalancer ingress IPs, see
+//     ServiceEntries).
 //
 // Meshed. A remote pod is reported Meshed only when its annotation
 // ambit.dev/redirection is "enabled": that annotation is written by the
