@@ -22,8 +22,10 @@ import (
 // "name" and "cniVersion". ambit-cni runs for every pod on the node, most
 // of which it does not enroll, so start-up is most of its cost.
 //
-// One deliberate difference: skel checks "CNI_NETNS is not the plugin's
-// own netns" after ADD/DEL have run (and printed their result), so a
+// Two deliberate differences. skel reads stdin without a bound; here a
+// config larger than maxStdin is refused (code 7, invalid network config,
+// naming the limit) after reading maxStdin+1 bytes. And skel checks
+// "CNI_NETNS is not the plugin's own netns" after ADD/DEL have run (and printed their result), so a
 // runtime passing the host netns gets the host's rules changed and two
 // JSON documents on stdout. Here the check runs first; the error (code 8,
 // same message) is the same.
@@ -39,6 +41,15 @@ var supportedVersions = []string{"0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"}
 const specVersion = "1.1.0"
 
 const about = "ambit-cni: enrolls pods into the Ambit ambient mesh"
+
+// maxStdin bounds the network configuration read from stdin. A real one
+// is a few KiB (our conflist entry, the runtime's runtimeConfig, a
+// prevResult listing a pod's interfaces and addresses); 4 MiB is three
+// orders of magnitude above that, so no runtime hits it, yet a runtime bug
+// or a hostile caller feeding gigabytes costs the plugin at most ~2x this
+// in memory instead of everything it is fed (io.ReadAll grows its buffer
+// by doubling: 256 MiB of input peaked at 578 MiB RSS before the bound).
+const maxStdin = 4 << 20
 
 // cmdArgs is what the runtime passes to one exec: CNI_* variables and the
 // network configuration on stdin.
@@ -145,9 +156,18 @@ func (d *dispatcher) args() (string, *cmdArgs, *types.Error) {
 		// skel does not read stdin for VERSION.
 		return cmd, a, nil
 	}
-	stdin, err := io.ReadAll(d.stdin)
+	// One byte past the limit tells an oversized config from one of
+	// exactly maxStdin bytes. What is left unread stays in the pipe; the
+	// runtime's write fails with EPIPE once we exit, and Go's os/exec
+	// (libcni) ignores that and reads our error result.
+	stdin, err := io.ReadAll(io.LimitReader(d.stdin, maxStdin+1))
 	if err != nil {
 		return "", nil, types.NewError(types.ErrIOFailure, fmt.Sprintf("error reading from stdin: %v", err), "")
+	}
+	if len(stdin) > maxStdin {
+		return "", nil, types.NewError(types.ErrInvalidNetworkConfig,
+			fmt.Sprintf("network configuration on stdin is larger than %d MiB, ambit-cni's limit (a CNI config is a few KiB): check the conflist and what the runtime adds to it", maxStdin>>20),
+			fmt.Sprintf("read %d bytes and stopped; the limit is %d bytes", len(stdin), maxStdin))
 	}
 	a.StdinData = stdin
 	return cmd, a, nil
