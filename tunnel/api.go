@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"net"
 	"net/netip"
+	"time"
 )
 
 // This file is the contract between the tunnel and whoever embeds it (the
@@ -38,6 +39,31 @@ type Directory interface {
 	// endpoints behind it, target ports already mapped (named ports
 	// resolved). ok is false when vip is not a Service address.
 	ServiceEndpoints(vip netip.AddrPort) (eps []netip.AddrPort, ok bool)
+}
+
+// Service is what a Service address resolves to.
+type Service struct {
+	// Endpoints are the usable endpoints, as ServiceEndpoints returns
+	// them. Read-only.
+	Endpoints []netip.AddrPort
+	// Affinity > 0 is sessionAffinity ClientIP with this timeout: a
+	// client IP's connections to this Service port keep going to one
+	// endpoint while it stays usable and the client comes back within
+	// the timeout of its last connection. 0 is no affinity.
+	Affinity time.Duration
+	// Port names the Service port across all its addresses (e.g.
+	// "<namespace>/<service>:<port name>"): kube-proxy keeps one
+	// affinity per client and Service port, whichever address the
+	// client used. Empty: each address:port on its own.
+	Port string
+}
+
+// ServiceDirectory is optionally implemented by a Directory that knows
+// more about a Service than its endpoints (session affinity). A
+// Directory without it resolves Services with ServiceEndpoints alone.
+type ServiceDirectory interface {
+	// ServiceByAddr is ServiceEndpoints with the rest of the Service.
+	ServiceByAddr(vip netip.AddrPort) (Service, bool)
 }
 
 // Certificates supplies workload certificates and the trust bundle. Both

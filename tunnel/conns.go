@@ -8,7 +8,6 @@ import (
 	"errors"
 	"io"
 	"log/slog"
-	mrand "math/rand/v2"
 	"net"
 	"net/netip"
 	"sync"
@@ -139,14 +138,17 @@ func (sv *Serving) outbound(c *net.TCPConn) {
 	}
 	target := dst
 	dir := sv.p.cfg.Directory
-	if eps, ok := dir.ServiceEndpoints(dst); ok {
+	if svc, ok := sv.p.services.ServiceByAddr(dst); ok {
 		r.svc = dst
-		if len(eps) == 0 {
+		if len(svc.Endpoints) == 0 {
 			sv.failed(r, "no_endpoints", errors.New("service has no ready endpoint"))
 			reset(c)
 			return
 		}
-		target = eps[mrand.IntN(len(eps))]
+		// Random per connection, or the client pod's endpoint under
+		// ClientIP affinity: the source pod's agent chooses, so
+		// affinity is per client pod IP, as with kube-proxy.
+		target = sv.p.affinity.Choose(r.src.Addr(), dst, svc.Port, svc.Endpoints, svc.Affinity, r.start)
 		r.dst = target
 	}
 	w, ok := dir.WorkloadByIP(target.Addr())

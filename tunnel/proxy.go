@@ -13,6 +13,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/ambit-mesh/ambit/tunnel/balance"
 	"github.com/ambit-mesh/ambit/tunnel/hbone"
 )
 
@@ -60,8 +61,23 @@ type Proxy struct {
 	hbonePort      uint16
 	agentPorts     map[uint16]bool
 
+	// services resolves Service addresses (the Directory itself, or
+	// endpointsOnly around one without ServiceByAddr); affinity holds
+	// the ClientIP session affinity of every pod served.
+	services ServiceDirectory
+	affinity *balance.Table
+
 	mu   sync.Mutex
 	live map[*liveConn]struct{} // inbound connections, for Reauthorize
+}
+
+// endpointsOnly is a Directory without ServiceByAddr: no Service has
+// affinity.
+type endpointsOnly struct{ Directory }
+
+func (d endpointsOnly) ServiceByAddr(vip netip.AddrPort) (Service, bool) {
+	eps, ok := d.ServiceEndpoints(vip)
+	return Service{Endpoints: eps}, ok
 }
 
 // liveConn is an established inbound connection Reauthorize may cut.
@@ -85,6 +101,12 @@ func New(cfg Config) (*Proxy, error) {
 		hbonePort:      cfg.HBONEPort,
 		agentPorts:     map[uint16]bool{},
 		live:           map[*liveConn]struct{}{},
+		affinity:       balance.NewTable(0),
+	}
+	if sd, ok := cfg.Directory.(ServiceDirectory); ok {
+		p.services = sd
+	} else {
+		p.services = endpointsOnly{cfg.Directory}
 	}
 	if p.log == nil {
 		p.log = slog.Default()

@@ -21,11 +21,12 @@ import (
 	"github.com/ambit-mesh/ambit/tunnel/podnet"
 )
 
-// Directory is a static, mutable tunnel.Directory.
+// Directory is a static, mutable tunnel.Directory (and
+// tunnel.ServiceDirectory, for Services with affinity).
 type Directory struct {
 	mu   sync.RWMutex
 	ws   map[netip.Addr]tunnel.Workload
-	svcs map[netip.AddrPort][]netip.AddrPort
+	svcs map[netip.AddrPort]tunnel.Service
 }
 
 func (d *Directory) WorkloadByIP(ip netip.Addr) (tunnel.Workload, bool) {
@@ -36,10 +37,15 @@ func (d *Directory) WorkloadByIP(ip netip.Addr) (tunnel.Workload, bool) {
 }
 
 func (d *Directory) ServiceEndpoints(vip netip.AddrPort) ([]netip.AddrPort, bool) {
+	svc, ok := d.ServiceByAddr(vip)
+	return svc.Endpoints, ok
+}
+
+func (d *Directory) ServiceByAddr(vip netip.AddrPort) (tunnel.Service, bool) {
 	d.mu.RLock()
 	defer d.mu.RUnlock()
-	eps, ok := d.svcs[netip.AddrPortFrom(vip.Addr().Unmap(), vip.Port())]
-	return eps, ok
+	svc, ok := d.svcs[netip.AddrPortFrom(vip.Addr().Unmap(), vip.Port())]
+	return svc, ok
 }
 
 // AddWorkload registers w under each of its IPs.
@@ -53,9 +59,14 @@ func (d *Directory) AddWorkload(w tunnel.Workload) {
 
 // AddService maps a VIP to endpoints.
 func (d *Directory) AddService(vip netip.AddrPort, eps ...netip.AddrPort) {
+	d.SetService(vip, tunnel.Service{Endpoints: eps})
+}
+
+// SetService maps a VIP to a Service (replacing what it was).
+func (d *Directory) SetService(vip netip.AddrPort, svc tunnel.Service) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	d.svcs[vip] = eps
+	d.svcs[vip] = svc
 }
 
 // Authorizer is a switchable tunnel.Authorizer (allow all by default).
@@ -132,7 +143,7 @@ func New(t testing.TB, o Options) *Mesh {
 	m := &Mesh{
 		CA:    ca,
 		Certs: testca.NewStore(ca),
-		Dir:   &Directory{ws: map[netip.Addr]tunnel.Workload{}, svcs: map[netip.AddrPort][]netip.AddrPort{}},
+		Dir:   &Directory{ws: map[netip.Addr]tunnel.Workload{}, svcs: map[netip.AddrPort]tunnel.Service{}},
 		Auth:  &Authorizer{},
 	}
 	m.A = m.node(t, a, "a", "client", o)
