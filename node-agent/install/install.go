@@ -88,6 +88,13 @@ func Run(ctx context.Context, cfg Config) error {
 			if strings.Contains(filepath.Base(ev.Name), atomicfile.TempMarker) {
 				continue
 			}
+			if ev.Has(fsnotify.Remove|fsnotify.Rename) && ev.Name != c.CNIConfDir && in.watched[ev.Name] {
+				// A watched directory (a link target's, a network's
+				// drop-in directory) went away with its watch; one
+				// made again at that path is watched anew.
+				w.Remove(ev.Name)
+				delete(in.watched, ev.Name)
+			}
 			resetTimer(timer, c.Debounce)
 		case err, ok := <-w.Errors:
 			if !ok {
@@ -236,6 +243,15 @@ func (in *installer) reconcile() error {
 		return err
 	}
 	in.waiting = false
+	if dir, ok := in.dropInDir(p); ok {
+		// Its files' appearance or removal must be seen at once, not
+		// at the next resync.
+		in.watchDir(dir)
+	}
+	if len(p.DropIns) > 0 {
+		in.state(false, "")
+		return in.refuseDropIns(p)
+	}
 	var path string
 	if p.IsList {
 		path, err = in.ensureList(p)
@@ -262,6 +278,54 @@ func (in *installer) state(installed bool, primary string) {
 	if installed && in.cfg.OnInstalled != nil {
 		in.cfg.OnInstalled(primary)
 	}
+}
+
+// errNotLast: the runtime would run plugins after ambit-cni.
+var errNotLast = errors.New("ambit-cni would not run last")
+
+// dropInDir is the directory a libcni v1.3.0+ runtime reads the
+// primary's extra plugins from (conflist.DropIns), when it exists.
+func (in *installer) dropInDir(p *conflist.Primary) (string, bool) {
+	if p.Name == "" {
+		return "", false
+	}
+	dir := filepath.Join(filepath.Dir(p.Path), p.Name)
+	fi, err := os.Stat(dir)
+	return dir, err == nil && fi.IsDir()
+}
+
+// refuseDropIns declines a primary whose network a libcni v1.3.0+
+// runtime extends with plugin configs from <conf dir>/<network name>/:
+// they run after the list's own plugins, so ambit-cni would not be last
+// and one of them could change the pod's netns after the redirection
+// was installed (the drop-in directory was made for plugins such as
+// another mesh's redirection). Our entry comes out of the list if it is
+// there. Pods then start unenrolled and the agent enrolls ambient ones
+// live; the error, repeated with backoff, tells the operator the fix.
+func (in *installer) refuseDropIns(p *conflist.Primary) error {
+	if p.IsList && conflist.Has(p.Data, PluginType) {
+		out, _, err := conflist.Remove(p.Data, PluginType)
+		if err != nil {
+			return fmt.Errorf("%s: %w", p.Path, err)
+		}
+		dst, err := target(p.Path)
+		if err != nil {
+			return err
+		}
+		if err := atomicfile.Replace(dst, p.Data, out, atomicfile.Attrs(p.Info)); err != nil {
+			return err
+		}
+		delete(in.written, p.Path)
+		in.log.Warn("took ambit-cni out of the primary CNI config: plugins in the network's directory would run after it", "path", p.Path, "file", dst)
+	}
+	what := fmt.Sprintf("%s (the primary CNI config)", p.Path)
+	fix := `move them into its "plugins" list or set "loadOnlyInlinedPlugins": true in it`
+	if !p.IsList {
+		what = fmt.Sprintf("%s (the primary CNI config, a single plugin, which ambit would convert to a list)", p.Path)
+		fix = "move them elsewhere (the single-plugin file does not load them; a list would)"
+	}
+	return fmt.Errorf("%w: %s names a network whose directory holds %s; runtimes built with containernetworking/cni v1.3.0 or later run those after the list's own plugins, so they would run after ambit-cni and could change the pod's network namespace after its redirection is installed. Not chaining ambit-cni there (pods start unenrolled and the agent enrolls ambient pods live): %s",
+		errNotLast, what, strings.Join(p.DropIns, ", "), fix)
 }
 
 // errUnsettled: a config file that sorts first is broken but fresh; look

@@ -28,6 +28,12 @@ type Primary struct {
 	IsList bool
 	Data   []byte
 	Info   os.FileInfo
+	// DropIns are the plugin configs a libcni v1.3.0+ runtime runs after
+	// the list's own plugins (see DropIns), for a .conf/.json those its
+	// conversion to a list would start running.
+	DropIns []string
+	// Name is the network's name (as libcni reads it).
+	Name string
 }
 
 // Skipped is a candidate that sorted before the primary but is not valid,
@@ -106,9 +112,60 @@ func FindPrimary(dir string) (*Primary, []Skipped, error) {
 			skipped = append(skipped, Skipped{f, err})
 			continue
 		}
-		return &Primary{Path: f, IsList: isList, Data: b, Info: fi}, skipped, nil
+		p := &Primary{Path: f, IsList: isList, Data: b, Info: fi}
+		if p.Name, p.DropIns, err = dropInsOf(f, b); err != nil {
+			skipped = append(skipped, Skipped{f, err})
+			continue
+		}
+		return p, skipped, nil
 	}
 	return nil, skipped, ErrNoPrimary
+}
+
+// DropIns lists the plugin configurations libcni adds to the network list
+// named name read from a file in dir: since containernetworking/cni
+// v1.3.0, ConfListFromFile (which containerd's go-cni and CRI-O's ocicni
+// call for every .conflist) appends the *.conf files of <dir>/<name>/, in
+// file name order, after the list's own "plugins", unless the list sets
+// "loadOnlyInlinedPlugins": true (libcni/conf.go NetworkConfFromFile).
+// Older libcni ignores them. Listed with libcni's own ConfFiles, so the
+// same files count (a .json or .conflist there does not).
+func DropIns(dir, name string) ([]string, error) {
+	files, err := libcni.ConfFiles(filepath.Join(dir, name), []string{".conf"})
+	if err != nil {
+		return nil, fmt.Errorf("reading the network's plugin directory: %w", err)
+	}
+	sort.Strings(files)
+	return files, nil
+}
+
+// dropInsOf is DropIns for the config at path with content b (valid, per
+// Loads): for a list that does not keep to its inlined plugins, and for a
+// single-plugin file, whose list after conversion would not.
+func dropInsOf(path string, b []byte) (name string, dropIns []string, err error) {
+	if strings.HasSuffix(path, ".conflist") {
+		l, err := libcni.NetworkConfFromBytes(b)
+		if err != nil {
+			return "", nil, err
+		}
+		if l.LoadOnlyInlinedPlugins {
+			return l.Name, nil, nil
+		}
+		name = l.Name
+	} else {
+		c, err := libcni.NetworkPluginConfFromBytes(b)
+		if err != nil {
+			return "", nil, err
+		}
+		name = c.Network.Name
+	}
+	if name == "" {
+		// libcni would read the config directory itself; such a
+		// network is refused as unnamed elsewhere.
+		return "", nil, nil
+	}
+	dropIns, err = DropIns(filepath.Dir(path), name)
+	return name, dropIns, err
 }
 
 // Loads reports whether a runtime loads b, the content of the file at
@@ -128,9 +185,13 @@ func Loads(path string, b []byte) error {
 			return err
 		}
 		if len(l.Plugins) == 0 {
-			// libcni would look for the plugins in a directory
-			// named after the network; there is no list to chain
-			// into.
+			// libcni v1.3.0+ takes the plugins from the directory
+			// named after the network; a runtime with it uses this
+			// file (the installer then refuses it: the drop-ins
+			// would run after ambit-cni). Older libcni refuses it.
+			if d, _ := DropIns(filepath.Dir(path), l.Name); len(d) > 0 && l.Name != "" {
+				return nil
+			}
 			return errors.New("no \"plugins\" list")
 		}
 		return nil
