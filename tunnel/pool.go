@@ -30,15 +30,15 @@ type poolEntry struct {
 // pool holds one pod's outbound HBONE connections (in-pod mode: a pool
 // per pod, dialed from the pod's own network).
 type pool struct {
-	p    *Proxy
-	net  PodNetwork
-	mu   sync.Mutex
-	m    map[poolKey]*poolEntry
+	p   *Proxy
+	net PodNetwork
+	mu  sync.Mutex
+	m   map[poolKey]*poolEntry
 	// states holds what each pooled connection's handshake verified,
 	// checked again before the connection takes a new stream.
 	states map[*hbone.Conn]*peerState
 	stop   chan struct{}
-	once sync.Once
+	once   sync.Once
 }
 
 func newPool(p *Proxy, n PodNetwork) *pool {
