@@ -431,12 +431,50 @@ func runProbe(args []string) error {
 func runInstall(ctx context.Context, cmd string, args []string) error {
 	log := newLogger(config.Config{LogLevel: "info", LogFormat: "json"})
 	stateDir, procRoot := "/var/run/ambit", "/host/proc"
+	var kubeconfig, node string
 	return install.Command(ctx, cmd, args, install.Hooks{
 		Logger: log,
+		Flags: func(cmd string, fs *flag.FlagSet) {
+			if cmd != "uninstall" {
+				return
+			}
+			fs.StringVar(&kubeconfig, "kubeconfig", "", "with --unenroll-all: kubeconfig for clearing the pods' ambit.dev/redirection annotation (default in-cluster)")
+			fs.StringVar(&node, "node-name", os.Getenv("NODE_NAME"), "with --unenroll-all: this node, whose pods' annotation is cleared; $NODE_NAME")
+		},
 		UnenrollAll: func(ctx context.Context) error {
-			return agent.UnenrollAll(ctx, stateDir, procRoot, agent.Rules{Backend: redirect.Auto}, log)
+			return agent.UnenrollAll(ctx, stateDir, procRoot, agent.Rules{Backend: redirect.Auto}, statusClearer(kubeconfig, node, log), log)
 		},
 	})
+}
+
+// statusClearer is how `uninstall --unenroll-all` takes the
+// ambit.dev/redirection annotation off the node's pods, with the agent's
+// client and RBAC: nil off a cluster (no kubeconfig, not in a pod: a
+// static inventory has no annotations). A client that cannot be built
+// still lets the local part run, then reports why.
+func statusClearer(kubeconfig, node string, log *slog.Logger) func(context.Context) ([]string, error) {
+	if kubeconfig == "" && os.Getenv("KUBERNETES_SERVICE_HOST") == "" {
+		log.Info("not in a Kubernetes cluster and no --kubeconfig: no pod status annotations to clear")
+		return nil
+	}
+	fail := func(err error) func(context.Context) ([]string, error) {
+		return func(context.Context) ([]string, error) { return nil, err }
+	}
+	if node == "" {
+		return fail(errors.New("clearing the pods' status needs this node's name: set --node-name or $NODE_NAME"))
+	}
+	rc, err := kubeConfig(kubeconfig)
+	if err != nil {
+		return fail(err)
+	}
+	// An API server that does not answer must not hold the uninstaller
+	// forever: it reports and exits, and its restart tries again.
+	rc.Timeout = 30 * time.Second
+	client, err := kubernetes.NewForConfig(rc)
+	if err != nil {
+		return fail(fmt.Errorf("kubernetes client: %w", err))
+	}
+	return func(ctx context.Context) ([]string, error) { return kube.ClearRedirections(ctx, client, node) }
 }
 
 func loadConfig(o overrides) (config.Config, error) {

@@ -44,6 +44,12 @@ func TestUninstall(t *testing.T) {
 			return !strings.Contains(conf, "ambit-cni") && binErr != nil, nil
 		})
 	}
+	// And their status: left "enabled", an agent elsewhere (a node not
+	// uninstalled yet, a later reinstall) would take them for meshed and
+	// send HBONE to port 15008, where nothing listens any more.
+	for _, p := range []string{"server", "client"} {
+		c.waitAnnotation(t, mesh, p, "", time.Minute)
+	}
 	// The enrolled pods lose their redirection (--unenroll-all): with the
 	// rules left and no agent, every connection would be refused.
 	var out string

@@ -20,11 +20,14 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes/fake"
 
 	"github.com/ambit-mesh/ambit/internal/testenv"
 	"github.com/ambit-mesh/ambit/node-agent/config"
 	"github.com/ambit-mesh/ambit/node-agent/hostrules"
 	"github.com/ambit-mesh/ambit/node-agent/keeper"
+	"github.com/ambit-mesh/ambit/node-agent/kube"
 	"github.com/ambit-mesh/ambit/node-agent/state"
 	"github.com/ambit-mesh/ambit/plugin/cniproto"
 	"github.com/ambit-mesh/ambit/plugin/redirect"
@@ -474,8 +477,19 @@ func TestUnenrollAll(t *testing.T) {
 		enrollLikePlugin(t, h, fmt.Sprintf("web-%d", i), p, fmt.Sprintf("10.73.0.%d/24", i+2))
 	}
 	h.stop()
-	if err := UnenrollAll(context.Background(), dir, "/proc", Rules{}, quietLogger()); err != nil {
+	// What other nodes read: the pods' status annotation, which must go
+	// with the redirection (left "enabled", their agents would keep
+	// sending HBONE to port 15008, where nothing listens any more).
+	api := fake.NewClientset(annotatedPod("web-0", "node-1"), annotatedPod("web-1", "node-1"), annotatedPod("elsewhere", "node-2"))
+	clear := func(ctx context.Context) ([]string, error) { return kube.ClearRedirections(ctx, api, "node-1") }
+	if err := UnenrollAll(context.Background(), dir, "/proc", Rules{}, clear, quietLogger()); err != nil {
 		t.Fatal(err)
+	}
+	for name, want := range map[string]string{"web-0": "", "web-1": "", "elsewhere": "enabled"} {
+		p, _ := api.CoreV1().Pods("apps").Get(context.Background(), name, metav1.GetOptions{})
+		if got := p.Annotations[kube.RedirectionAnnotation]; got != want {
+			t.Errorf("after uninstall, %s has %s=%q, want %q", name, kube.RedirectionAnnotation, got, want)
+		}
 	}
 	for i, p := range pods {
 		withNS(p.file, func(n ns.NetNS) error {

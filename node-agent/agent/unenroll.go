@@ -13,9 +13,19 @@ import (
 // under stateDir and marks the records unenrolled: `ambit-agent uninstall
 // --unenroll-all`, when Ambit leaves the node while its pods keep running
 // (they then talk plaintext, as before Ambit). Run it only once no agent
-// serves the node any more. Pods whose netns is gone are skipped; the
-// first error is returned after trying every pod.
-func UnenrollAll(ctx context.Context, stateDir, procRoot string, rules Redirector, log *slog.Logger) error {
+// serves the node any more. Pods whose netns is gone are skipped.
+//
+// Then clearStatus (nil without a cluster API: a static inventory) takes
+// Ambit's status off the node's pods (kube.ClearRedirections). It runs
+// after the local part and whatever that part's outcome: an annotation
+// left "enabled" makes other nodes' agents send HBONE to a pod nothing
+// terminates it for any more, so a pod must not keep it because another
+// pod's rules could not be removed. When it fails (the API server
+// unreachable) the error says so: the uninstaller exits non-zero, and
+// its restart, which finds the local part done, tries again.
+//
+// Every failure is returned, joined, after trying everything.
+func UnenrollAll(ctx context.Context, stateDir, procRoot string, rules Redirector, clearStatus func(context.Context) ([]string, error), log *slog.Logger) error {
 	if log == nil {
 		log = slog.Default()
 	}
@@ -59,5 +69,17 @@ func UnenrollAll(ctx context.Context, stateDir, procRoot string, rules Redirecto
 		log.Info("pod unenrolled", "pod", name)
 	}
 	log.Info("unenrolled every recorded pod", "pods", n, "failed", len(failed))
+	if clearStatus != nil {
+		cleared, err := clearStatus(ctx)
+		for _, p := range cleared {
+			log.Info("cleared the pod's redirection status", "pod", p)
+		}
+		if err != nil {
+			log.Error("the pods' redirection status was not cleared; other nodes take them for meshed until it is: run the uninstall again once the API server answers", "cleared", len(cleared), "err", err)
+			failed = append(failed, fmt.Errorf("redirection removed from the pods, but their status annotation (which other nodes read as \"meshed\") was not cleared: %w", err))
+		} else {
+			log.Info("cleared the redirection status of the node's pods", "pods", len(cleared))
+		}
+	}
 	return errors.Join(failed...)
 }

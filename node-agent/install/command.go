@@ -15,7 +15,10 @@ type Hooks struct {
 	// UnenrollAll backs `uninstall --unenroll-all`; nil makes that flag
 	// an error rather than a silent no-op.
 	UnenrollAll func(ctx context.Context) error
-	Logger      *slog.Logger
+	// Flags, when set, adds the agent's own flags for the command (e.g.
+	// how uninstall reaches the API server); they are parsed with ours.
+	Flags  func(cmd string, fs *flag.FlagSet)
+	Logger *slog.Logger
 }
 
 // Command runs `ambit-agent install` or `ambit-agent uninstall` with
@@ -33,6 +36,9 @@ func Command(ctx context.Context, name string, args []string, h Hooks) error {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	var cfg Config
 	cfg.RegisterFlags(fs)
+	if h.Flags != nil {
+		h.Flags(name, fs)
+	}
 	cfg.Logger = h.Logger
 	switch name {
 	case "install":

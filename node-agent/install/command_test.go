@@ -3,6 +3,8 @@ package install
 import (
 	"bytes"
 	"context"
+	"errors"
+	"flag"
 	"os"
 	"path/filepath"
 	"strings"
@@ -77,6 +79,18 @@ func TestCommandUninstallFlags(t *testing.T) {
 	called := false
 	if err := Command(context.Background(), "uninstall", append(args, "-unenroll-all"), Hooks{UnenrollAll: func(context.Context) error { called = true; return nil }}); err != nil || !called {
 		t.Fatalf("uninstall --unenroll-all: %v, called=%v", err, called)
+	}
+	// The agent's own flags (how it reaches the API server) parse with
+	// ours; the hook's error (annotations not cleared) is the command's.
+	var node string
+	h := Hooks{
+		Flags: func(cmd string, fs *flag.FlagSet) { fs.StringVar(&node, "node-name", "", "") },
+		UnenrollAll: func(context.Context) error {
+			return errors.New("status of " + node + "'s pods not cleared: API server unreachable")
+		},
+	}
+	if err := Command(context.Background(), "uninstall", append(args, "-unenroll-all", "-node-name", "node-7"), h); err == nil || !strings.Contains(err.Error(), "node-7") || !strings.Contains(err.Error(), "unreachable") {
+		t.Fatalf("uninstall --unenroll-all, API unreachable: %v", err)
 	}
 	if err := Command(context.Background(), "bogus", nil, Hooks{}); err == nil {
 		t.Fatal("unknown command accepted")

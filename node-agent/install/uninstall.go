@@ -57,9 +57,9 @@ func Uninstall(ctx context.Context, cfg Config) error {
 	}
 	if c.UnenrollAll != nil {
 		if err := c.UnenrollAll(ctx); err != nil {
-			return fmt.Errorf("removing redirection from enrolled pods: %w", err)
+			return fmt.Errorf("unenrolling the node's pods: %w", err)
 		}
-		log.Info("removed redirection from every enrolled pod")
+		log.Info("removed redirection from every enrolled pod and cleared their status")
 	}
 	return nil
 }
