@@ -79,7 +79,7 @@ func BenchmarkServiceEntries(b *testing.B) {
 	}
 	b.ReportAllocs()
 	for i := 0; i < b.N; i++ {
-		if len(ServiceEntries(svc, sl, "node-a")) == 0 {
+		if len(ServiceEntries(svc, sl, Locality{Node: "node-a"})) == 0 {
 			b.Fatal("empty")
 		}
 	}

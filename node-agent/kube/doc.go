@@ -15,7 +15,20 @@
 //     (Service address:port → the endpoints kube-proxy on this node would
 //     use, indexed by address:port for O(1) lookups; the addresses are the
 //     clusterIPs, externalIPs and LoadBalancer ingress IPs, see
-//     ServiceEntries).
+//     ServiceEntries);
+//   - this node's Node object alone (field selector metadata.name), for
+//     its topology.kubernetes.io/zone label: topology hints
+//     (trafficDistribution PreferClose/PreferSameZone/PreferSameNode) are
+//     applied against it, and a change of zone rebuilds every Service.
+//
+// Endpoint choice. The index holds, per Service address, what kube-proxy
+// on this node would pick from: ready endpoints (else serving terminating
+// ones), narrowed to this node's with internalTrafficPolicy Local, else to
+// those hinted for this node or its zone when every ready endpoint carries
+// such hints. The tunnel then picks one per connection (tunnel/balance):
+// at random, or under sessionAffinity ClientIP the one this client pod IP
+// used last for the Service port (ServiceByAddr carries the timeout and
+// the port's identity).
 //
 // Meshed. A remote pod is reported Meshed only when its annotation
 // ambit.dev/redirection is "enabled": that annotation is written by the
@@ -44,6 +57,8 @@
 //	status.SetRedirection(ctx, pod, "enabled")
 //	status.Warn(ctx, pod, "RedirectionFailed", err.Error())
 //
-// RBAC the agent needs: pods get/list/watch/patch, namespaces, services and
-// discovery.k8s.io endpointslices get/list/watch, events create/patch.
+// RBAC the agent needs: pods get/list/watch/patch, namespaces, nodes,
+// services and discovery.k8s.io endpointslices get/list/watch, events
+// create/patch. Without nodes the Source never syncs (its Node informer
+// waits), as without any of the others.
 package kube

@@ -158,7 +158,7 @@ func TestServingNilMeansServing(t *testing.T) {
 		Ready: ptr(false), Terminating: ptr(true)}}
 	notServing := discoveryv1.Endpoint{Addresses: []string{"10.1.0.8"}, Conditions: discoveryv1.EndpointConditions{
 		Ready: ptr(false), Serving: ptr(false), Terminating: ptr(true)}}
-	got := ServiceEntries(webService(), []*discoveryv1.EndpointSlice{slice("s", "web", discoveryv1.AddressTypeIPv4, ports, term, notServing)}, "node-a")
+	got := endpointsOf(ServiceEntries(webService(), []*discoveryv1.EndpointSlice{slice("s", "web", discoveryv1.AddressTypeIPv4, ports, term, notServing)}, Locality{Node: "node-a"}))
 	if eps := got[netip.MustParseAddrPort("10.96.0.10:80")]; !reflect.DeepEqual(eps, aps("10.1.0.7:8080")) {
 		t.Fatalf("terminating endpoint without the serving condition: got %v, want [10.1.0.7:8080] (and never the not-serving 10.1.0.8)", eps)
 	}
@@ -263,14 +263,14 @@ func TestExternalNameAndHeadlessHaveNoAddresses(t *testing.T) {
 	sl := []*discoveryv1.EndpointSlice{slice("web-a", "web", discoveryv1.AddressTypeIPv4, ports, ep("10.1.0.1", nil))}
 	headless := clusterIPService("web", corev1.ClusterIPNone, 80)
 	headless.Spec.ExternalIPs = []string{"203.0.113.7"}
-	if got := ServiceEntries(headless, sl, "node-a"); len(got) != 0 {
+	if got := ServiceEntries(headless, sl, Locality{Node: "node-a"}); len(got) != 0 {
 		t.Errorf("headless with externalIPs: %v", got)
 	}
 	ext := clusterIPService("web", "", 80)
 	ext.Spec.ClusterIPs = nil
 	ext.Spec.Type, ext.Spec.ExternalName = corev1.ServiceTypeExternalName, "db.example"
 	ext.Spec.ExternalIPs = []string{"203.0.113.7"}
-	if got := ServiceEntries(ext, sl, "node-a"); len(got) != 0 {
+	if got := ServiceEntries(ext, sl, Locality{Node: "node-a"}); len(got) != 0 {
 		t.Errorf("ExternalName: %v", got)
 	}
 }

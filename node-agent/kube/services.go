@@ -4,38 +4,51 @@ import (
 	"net/netip"
 	"slices"
 	"sync"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	"k8s.io/client-go/tools/cache"
+
+	"github.com/ambit-mesh/ambit/tunnel"
 )
 
-// serviceIndex maps Service VIP:port → endpoint addr:port. Each Service's
-// entries are recomputed from its current Service and EndpointSlices on
-// every change, so the per-connection lookup is one map read.
+// serviceIndex maps Service VIP:port → what it resolves to. Each
+// Service's entries are recomputed from its current Service and
+// EndpointSlices (and the node's zone) on every change, so the
+// per-connection lookup is one map read.
 type serviceIndex struct {
 	// recompute serializes rebuilds: a rebuild reads the informer stores
 	// and then writes the map, and two interleaved rebuilds of one Service
-	// could otherwise leave the older picture in place.
+	// could otherwise leave the older picture in place. It also guards
+	// zone, which every rebuild reads.
 	recompute sync.Mutex
+	zone      string // this node's topology.kubernetes.io/zone ("" unknown)
 
 	mu    sync.RWMutex
-	byVIP map[netip.AddrPort][]netip.AddrPort
+	byVIP map[netip.AddrPort]tunnel.Service
 	owned map[string][]netip.AddrPort // service key → its VIP:port keys
 }
 
 func (x *serviceIndex) init() {
-	x.byVIP = map[netip.AddrPort][]netip.AddrPort{}
+	x.byVIP = map[netip.AddrPort]tunnel.Service{}
 	x.owned = map[string][]netip.AddrPort{}
 }
 
 // ServiceEndpoints implements tunnel.Directory. The returned slice is
 // shared and read-only: rebuilds replace slices, never modify them.
 func (s *Source) ServiceEndpoints(vip netip.AddrPort) ([]netip.AddrPort, bool) {
+	svc, ok := s.ServiceByAddr(vip)
+	return svc.Endpoints, ok
+}
+
+// ServiceByAddr implements tunnel.ServiceDirectory: the endpoints, and
+// the Service port's session affinity.
+func (s *Source) ServiceByAddr(vip netip.AddrPort) (tunnel.Service, bool) {
 	s.svc.mu.RLock()
 	defer s.svc.mu.RUnlock()
-	eps, ok := s.svc.byVIP[netip.AddrPortFrom(vip.Addr().Unmap(), vip.Port())]
-	return eps, ok
+	svc, ok := s.svc.byVIP[netip.AddrPortFrom(vip.Addr().Unmap(), vip.Port())]
+	return svc, ok
 }
 
 // serviceTouched rebuilds the Service that obj (a Service or one of its
@@ -44,19 +57,19 @@ func (s *Source) serviceTouched(obj any) {
 	if t, ok := obj.(cache.DeletedFinalStateUnknown); ok {
 		obj = t.Obj
 	}
-	var key string
 	switch o := obj.(type) {
 	case *corev1.Service:
-		key = o.Namespace + "/" + o.Name
+		s.rebuildService(o.Namespace + "/" + o.Name)
 	case *discoveryv1.EndpointSlice:
-		name := o.Labels[discoveryv1.LabelServiceName]
-		if name == "" {
-			return
+		if name := o.Labels[discoveryv1.LabelServiceName]; name != "" {
+			s.rebuildService(o.Namespace + "/" + name)
 		}
-		key = o.Namespace + "/" + name
-	default:
-		return
 	}
+}
+
+// rebuildService recomputes the entries of the Service key
+// ("namespace/name") from the informer stores.
+func (s *Source) rebuildService(key string) {
 	s.svc.recompute.Lock()
 	defer s.svc.recompute.Unlock()
 
@@ -73,7 +86,7 @@ func (s *Source) serviceTouched(obj any) {
 			}
 		}
 	}
-	entries := ServiceEntries(svc, sl, s.cfg.NodeName)
+	entries := ServiceEntries(svc, sl, Locality{Node: s.cfg.NodeName, Zone: s.svc.zone})
 
 	s.svc.mu.Lock()
 	defer s.svc.mu.Unlock()
@@ -92,8 +105,31 @@ func (s *Source) serviceTouched(obj any) {
 	s.svc.owned[key] = keys
 }
 
-// ServiceEntries computes VIP:port → endpoints for one Service and its
-// EndpointSlices, the way kube-proxy on node does for TCP from a pod:
+// setZone records this node's zone and, when it changed, rebuilds every
+// Service: topology hints are read against it.
+func (s *Source) setZone(zone string) {
+	s.svc.recompute.Lock()
+	changed := s.svc.zone != zone
+	s.svc.zone = zone
+	s.svc.recompute.Unlock()
+	if !changed {
+		return
+	}
+	s.log.Info("node zone", "zone", zone)
+	for _, key := range s.services.GetStore().ListKeys() {
+		s.rebuildService(key)
+	}
+}
+
+// Locality is where the agent runs, hence where every client it resolves
+// for runs: its node, and the node's topology.kubernetes.io/zone label
+// ("" when the node has none).
+type Locality struct {
+	Node, Zone string
+}
+
+// ServiceEntries computes VIP:port → Service for one Service and its
+// EndpointSlices, the way kube-proxy on loc.Node does for TCP from a pod:
 //
 //   - VIPs are the Service's clusterIPs (headless and ExternalName have
 //     none and get no entry) and, for a Service that has one, its
@@ -109,18 +145,31 @@ func (s *Source) serviceTouched(obj any) {
 //     connections keep working through a rolling update (serving nil
 //     means serving, as the API says);
 //   - a VIP maps only to endpoints of its own family;
-//   - with internalTrafficPolicy Local only endpoints on node count for
-//     the clusterIPs (ready ones, else serving terminating ones), and
-//     none elsewhere is a substitute: kube-proxy drops the connection
-//     then. The agent serves the pods of its own node, so node is the
-//     client's. A pod's connection to an external address uses every
-//     node's endpoints whatever the policies (kube-proxy's short-circuit
-//     of pod traffic to the cluster-wide endpoints).
+//   - topology (trafficDistribution PreferSameNode, PreferClose or
+//     PreferSameZone, and the older topology-mode Auto annotation: the
+//     EndpointSlice controller turns them into hints): when every ready
+//     endpoint of the port and family is hinted for some node and one is
+//     hinted for loc.Node, only those hinted for loc.Node; else, when
+//     every ready endpoint is hinted for some zone and one for loc.Zone,
+//     only those; else all. The serving-terminating fallback ignores
+//     hints, as kube-proxy's does;
+//   - with internalTrafficPolicy Local only endpoints on loc.Node count
+//     for the clusterIPs (ready ones, else serving terminating ones; no
+//     hints), and none elsewhere is a substitute: kube-proxy drops the
+//     connection then. The agent serves the pods of its own node, so
+//     loc.Node is the client's. A pod's connection to an external address
+//     uses the cluster-wide endpoints (hints apply) whatever the policies
+//     (kube-proxy's short-circuit of pod traffic to the cluster policy);
+//   - sessionAffinity ClientIP sets Affinity to its timeout
+//     (sessionAffinityConfig.clientIP.timeoutSeconds, default 10800 s),
+//     and Port is "<namespace>/<name>:<port name>" for every address of
+//     the port, since kube-proxy keeps one affinity per client and Service
+//     port whichever address the client used.
 //
 // A VIP:port with no usable endpoint is present with an empty list: the
 // address is a Service (the tunnel must not pass it through as if it were
 // a pod) but nothing can serve it.
-func ServiceEntries(svc *corev1.Service, sl []*discoveryv1.EndpointSlice, node string) map[netip.AddrPort][]netip.AddrPort {
+func ServiceEntries(svc *corev1.Service, sl []*discoveryv1.EndpointSlice, loc Locality) map[netip.AddrPort]tunnel.Service {
 	if svc == nil || svc.Spec.Type == corev1.ServiceTypeExternalName {
 		return nil
 	}
@@ -154,7 +203,8 @@ func ServiceEntries(svc *corev1.Service, sl []*discoveryv1.EndpointSlice, node s
 	}
 	p := svc.Spec.InternalTrafficPolicy
 	local := p != nil && *p == corev1.ServiceInternalTrafficPolicyLocal
-	out := map[netip.AddrPort][]netip.AddrPort{}
+	affinity := sessionAffinity(svc)
+	out := map[netip.AddrPort]tunnel.Service{}
 	for _, sp := range svc.Spec.Ports {
 		proto := sp.Protocol
 		if proto == "" {
@@ -163,25 +213,50 @@ func ServiceEntries(svc *corev1.Service, sl []*discoveryv1.EndpointSlice, node s
 		if proto != corev1.ProtocolTCP || sp.Port <= 0 || sp.Port > 65535 {
 			continue
 		}
+		port := svc.Namespace + "/" + svc.Name + ":" + sp.Name
 		for _, vip := range vips {
-			ready, terminating := endpointsFor(vip.ip.Is4(), sp.Name, local && !vip.external, node, sl)
+			ready, terminating := endpointsFor(vip.ip.Is4(), sp.Name, local && !vip.external, loc, sl)
 			eps := ready
 			if len(eps) == 0 {
 				eps = terminating
 			}
-			out[netip.AddrPortFrom(vip.ip, uint16(sp.Port))] = eps
+			out[netip.AddrPortFrom(vip.ip, uint16(sp.Port))] = tunnel.Service{Endpoints: eps, Affinity: affinity, Port: port}
 		}
 	}
 	return out
 }
 
+// maxAffinitySeconds is the API server's upper bound on
+// sessionAffinityConfig.clientIP.timeoutSeconds (one day).
+const maxAffinitySeconds = 86400
+
+// sessionAffinity is the ClientIP affinity timeout, 0 for none.
+func sessionAffinity(svc *corev1.Service) time.Duration {
+	if svc.Spec.SessionAffinity != corev1.ServiceAffinityClientIP {
+		return 0
+	}
+	secs := corev1.DefaultClientIPServiceAffinitySeconds
+	// The API server defaults and validates (1..86400); a value it would
+	// refuse falls back to the default rather than to no affinity.
+	if c := svc.Spec.SessionAffinityConfig; c != nil && c.ClientIP != nil && c.ClientIP.TimeoutSeconds != nil &&
+		*c.ClientIP.TimeoutSeconds > 0 && *c.ClientIP.TimeoutSeconds <= maxAffinitySeconds {
+		secs = *c.ClientIP.TimeoutSeconds
+	}
+	return time.Duration(secs) * time.Second
+}
+
+// candidate is one usable endpoint address before topology is applied.
+type candidate struct {
+	ap    netip.AddrPort
+	ready bool // else serving and terminating
+	hints *discoveryv1.EndpointHints
+}
+
 // endpointsFor lists the endpoints of one Service port and family; when
-// local, only those on node (none when node is empty).
-func endpointsFor(v4 bool, portName string, local bool, node string, sl []*discoveryv1.EndpointSlice) (ready, terminating []netip.AddrPort) {
-	// Sets, not slices: an address may sit in two slices while the
-	// controller moves it, and large Services have thousands of endpoints.
-	readySet := map[netip.AddrPort]struct{}{}
-	termSet := map[netip.AddrPort]struct{}{}
+// local, only those on loc.Node (none when it is empty), else the ready
+// ones narrowed by topology hints (see ServiceEntries).
+func endpointsFor(v4 bool, portName string, local bool, loc Locality, sl []*discoveryv1.EndpointSlice) (ready, terminating []netip.AddrPort) {
+	var cands []candidate
 	for _, es := range sl {
 		if (v4 && es.AddressType != discoveryv1.AddressTypeIPv4) || (!v4 && es.AddressType != discoveryv1.AddressTypeIPv6) {
 			continue
@@ -206,7 +281,7 @@ func endpointsFor(v4 bool, portName string, local bool, node string, sl []*disco
 			continue
 		}
 		for _, e := range es.Endpoints {
-			if local && (node == "" || e.NodeName == nil || *e.NodeName != node) {
+			if local && (loc.Node == "" || e.NodeName == nil || *e.NodeName != loc.Node) {
 				continue
 			}
 			// The API's defaults, as kube-proxy reads them: ready and
@@ -222,16 +297,88 @@ func endpointsFor(v4 bool, portName string, local bool, node string, sl []*disco
 				if err != nil || ip.Unmap().Is4() != v4 {
 					continue
 				}
-				ap := netip.AddrPortFrom(ip.Unmap(), uint16(port))
-				if isReady {
-					readySet[ap] = struct{}{}
-				} else {
-					termSet[ap] = struct{}{}
-				}
+				cands = append(cands, candidate{ap: netip.AddrPortFrom(ip.Unmap(), uint16(port)), ready: isReady, hints: e.Hints})
 			}
 		}
 	}
+	mode := topologyNone
+	if !local {
+		mode = topologyFor(cands, loc)
+	}
+	// Sets, not slices: an address may sit in two slices while the
+	// controller moves it, and large Services have thousands of endpoints.
+	readySet := map[netip.AddrPort]struct{}{}
+	termSet := map[netip.AddrPort]struct{}{}
+	for _, c := range cands {
+		switch {
+		case !c.ready:
+			termSet[c.ap] = struct{}{}
+		case mode.admits(c.hints, loc):
+			readySet[c.ap] = struct{}{}
+		}
+	}
 	return sortedAddrPorts(readySet), sortedAddrPorts(termSet)
+}
+
+// topology is kube-proxy's topology mode for one Service port and family.
+type topology int
+
+const (
+	topologyNone topology = iota
+	topologySameNode
+	topologySameZone
+)
+
+// topologyFor decides from the ready endpoints' hints, as kube-proxy's
+// topologyModeFromHints: same node when every ready endpoint has a node
+// hint and one names this node; else same zone when every ready endpoint
+// has a zone hint and one names this node's (known) zone; else none. One
+// endpoint without hints (a controller other than Kubernetes', a slice
+// written before the hints) turns topology off: kube-proxy does not
+// guess, and neither do we.
+func topologyFor(cands []candidate, loc Locality) topology {
+	anyReady, allNode, allZone, forNode, forZone := false, true, true, false, false
+	for _, c := range cands {
+		if !c.ready {
+			continue
+		}
+		anyReady = true
+		var nodes []discoveryv1.ForNode
+		var zones []discoveryv1.ForZone
+		if c.hints != nil {
+			nodes, zones = c.hints.ForNodes, c.hints.ForZones
+		}
+		if len(nodes) == 0 {
+			allNode = false
+		} else if !forNode && slices.ContainsFunc(nodes, func(n discoveryv1.ForNode) bool { return n.Name == loc.Node }) {
+			forNode = true
+		}
+		if len(zones) == 0 {
+			allZone = false
+		} else if !forZone && loc.Zone != "" && slices.ContainsFunc(zones, func(z discoveryv1.ForZone) bool { return z.Name == loc.Zone }) {
+			forZone = true
+		}
+	}
+	switch {
+	case !anyReady:
+		return topologyNone
+	case allNode && forNode:
+		return topologySameNode
+	case allZone && forZone:
+		return topologySameZone
+	}
+	return topologyNone
+}
+
+// admits reports whether a ready endpoint with hints h is used in mode m.
+func (m topology) admits(h *discoveryv1.EndpointHints, loc Locality) bool {
+	switch m {
+	case topologySameNode:
+		return h != nil && slices.ContainsFunc(h.ForNodes, func(n discoveryv1.ForNode) bool { return n.Name == loc.Node })
+	case topologySameZone:
+		return h != nil && slices.ContainsFunc(h.ForZones, func(z discoveryv1.ForZone) bool { return z.Name == loc.Zone })
+	}
+	return true
 }
 
 func sortedAddrPorts(set map[netip.AddrPort]struct{}) []netip.AddrPort {

@@ -10,6 +10,8 @@ import (
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
+
+	"github.com/ambit-mesh/ambit/tunnel"
 )
 
 func ptr[T any](v T) *T { return &v }
@@ -25,6 +27,18 @@ func slice(name, svc string, family discoveryv1.AddressType, ports []discoveryv1
 
 func ep(addr string, ready *bool) discoveryv1.Endpoint {
 	return discoveryv1.Endpoint{Addresses: []string{addr}, Conditions: discoveryv1.EndpointConditions{Ready: ready}}
+}
+
+// endpointsOf keeps only the endpoint lists of ServiceEntries' result.
+func endpointsOf(m map[netip.AddrPort]tunnel.Service) map[netip.AddrPort][]netip.AddrPort {
+	if m == nil {
+		return nil
+	}
+	out := make(map[netip.AddrPort][]netip.AddrPort, len(m))
+	for k, v := range m {
+		out[k] = v.Endpoints
+	}
+	return out
 }
 
 func aps(s ...string) []netip.AddrPort {
@@ -65,7 +79,7 @@ func TestServiceEntriesNamedPortsReadinessFamilies(t *testing.T) {
 		slice("web-v6", "web", discoveryv1.AddressTypeIPv6, httpA, ep("fd00::1", ptr(true))),
 		slice("web-fqdn", "web", discoveryv1.AddressTypeFQDN, httpA, ep("db.example", ptr(true))),
 	}
-	got := ServiceEntries(webService(), sl, "node-a")
+	got := endpointsOf(ServiceEntries(webService(), sl, Locality{Node: "node-a"}))
 	want := map[netip.AddrPort][]netip.AddrPort{
 		netip.MustParseAddrPort("10.96.0.10:80"):      aps("10.1.0.1:8080", "10.1.0.1:9090", "10.1.0.2:8080", "10.1.0.4:9090"),
 		netip.MustParseAddrPort("10.96.0.10:9100"):    aps("10.1.0.1:9100", "10.1.0.2:9100"),
@@ -83,17 +97,17 @@ func TestServiceEntriesTerminatingFallbackAndEdgeCases(t *testing.T) {
 		Ready: ptr(false), Serving: ptr(true), Terminating: ptr(true)}}
 	svc := webService()
 	// Only a serving-but-terminating endpoint: use it (rolling update).
-	got := ServiceEntries(svc, []*discoveryv1.EndpointSlice{slice("s", "web", discoveryv1.AddressTypeIPv4, ports, term)}, "node-a")
+	got := endpointsOf(ServiceEntries(svc, []*discoveryv1.EndpointSlice{slice("s", "web", discoveryv1.AddressTypeIPv4, ports, term)}, Locality{Node: "node-a"}))
 	if eps := got[netip.MustParseAddrPort("10.96.0.10:80")]; !reflect.DeepEqual(eps, aps("10.1.0.7:8080")) {
 		t.Fatalf("terminating fallback: %v", eps)
 	}
 	// A ready endpoint wins over the terminating one.
-	got = ServiceEntries(svc, []*discoveryv1.EndpointSlice{slice("s", "web", discoveryv1.AddressTypeIPv4, ports, term, ep("10.1.0.8", ptr(true)))}, "node-a")
+	got = endpointsOf(ServiceEntries(svc, []*discoveryv1.EndpointSlice{slice("s", "web", discoveryv1.AddressTypeIPv4, ports, term, ep("10.1.0.8", ptr(true)))}, Locality{Node: "node-a"}))
 	if eps := got[netip.MustParseAddrPort("10.96.0.10:80")]; !reflect.DeepEqual(eps, aps("10.1.0.8:8080")) {
 		t.Fatalf("ready over terminating: %v", eps)
 	}
 	// No endpoints: the VIP is still known (not passed through), list empty.
-	got = ServiceEntries(svc, nil, "node-a")
+	got = endpointsOf(ServiceEntries(svc, nil, Locality{Node: "node-a"}))
 	if eps, ok := got[netip.MustParseAddrPort("10.96.0.10:80")]; !ok || len(eps) != 0 {
 		t.Fatalf("service without endpoints: %v %v", eps, ok)
 	}
@@ -102,10 +116,10 @@ func TestServiceEntriesTerminatingFallbackAndEdgeCases(t *testing.T) {
 	}
 	// Headless and nil services have no VIP.
 	svc.Spec.ClusterIP, svc.Spec.ClusterIPs = corev1.ClusterIPNone, []string{corev1.ClusterIPNone}
-	if got := ServiceEntries(svc, nil, "node-a"); len(got) != 0 {
+	if got := ServiceEntries(svc, nil, Locality{Node: "node-a"}); len(got) != 0 {
 		t.Fatalf("headless: %v", got)
 	}
-	if got := ServiceEntries(nil, nil, "node-a"); got != nil {
+	if got := ServiceEntries(nil, nil, Locality{Node: "node-a"}); got != nil {
 		t.Fatalf("nil: %v", got)
 	}
 }
@@ -124,7 +138,7 @@ func FuzzServiceEntries(f *testing.F) {
 		if json.Unmarshal(data, &es) != nil {
 			return
 		}
-		for vip, eps := range ServiceEntries(webService(), []*discoveryv1.EndpointSlice{&es}, "node-a") {
+		for vip, eps := range endpointsOf(ServiceEntries(webService(), []*discoveryv1.EndpointSlice{&es}, Locality{Node: "node-a"})) {
 			for _, e := range eps {
 				if !e.Addr().IsValid() || e.Addr().Is4() != vip.Addr().Is4() || e.Addr().Is4In6() || e.Port() == 0 {
 					t.Fatalf("bad endpoint %v for %v from %s", e, vip, data)

@@ -59,12 +59,18 @@ type Source struct {
 	decide func(cluster.Pod, cluster.Namespace) bool
 
 	localFactory informers.SharedInformerFactory
+	nodeFactory  informers.SharedInformerFactory
 	factory      informers.SharedInformerFactory
 	localPods    cache.SharedIndexInformer
 	allPods      cache.SharedIndexInformer
 	namespaces   cache.SharedIndexInformer
 	services     cache.SharedIndexInformer
 	slices       cache.SharedIndexInformer
+	node         cache.SharedIndexInformer // this node only: its zone
+	// nodeSynced: the zone of the initial list is applied (the
+	// handler ran, not just the cache filled), so a synced Source
+	// resolves with its topology from the first connection.
+	nodeSynced cache.ResourceEventHandlerRegistration
 
 	dir directory
 	svc serviceIndex
@@ -118,6 +124,12 @@ func New(cfg Config) (*Source, error) {
 		informers.WithTweakListOptions(func(o *metav1.ListOptions) {
 			o.FieldSelector = fields.OneTermEqualSelector("spec.nodeName", cfg.NodeName).String()
 		}))
+	// The agent's own Node, for its zone (topology hints): one object,
+	// watched so a relabelled node takes effect without a restart.
+	s.nodeFactory = informers.NewSharedInformerFactoryWithOptions(cfg.Client, cfg.Resync,
+		informers.WithTweakListOptions(func(o *metav1.ListOptions) {
+			o.FieldSelector = fields.OneTermEqualSelector("metadata.name", cfg.NodeName).String()
+		}))
 	s.factory = informers.NewSharedInformerFactory(cfg.Client, cfg.Resync)
 
 	s.localPods = s.localFactory.Core().V1().Pods().Informer()
@@ -125,13 +137,14 @@ func New(cfg Config) (*Source, error) {
 	s.namespaces = s.factory.Core().V1().Namespaces().Informer()
 	s.services = s.factory.Core().V1().Services().Informer()
 	s.slices = s.factory.Discovery().V1().EndpointSlices().Informer()
+	s.node = s.nodeFactory.Core().V1().Nodes().Informer()
 
 	for _, x := range []struct {
 		inf cache.SharedIndexInformer
 		fn  cache.TransformFunc
 	}{
 		{s.localPods, TrimPod}, {s.allPods, TrimPod}, {s.namespaces, TrimNamespace},
-		{s.services, TrimService}, {s.slices, TrimEndpointSlice},
+		{s.services, TrimService}, {s.slices, TrimEndpointSlice}, {s.node, TrimNode},
 	} {
 		if err := x.inf.SetTransform(x.fn); err != nil {
 			return nil, fmt.Errorf("kube: set transform: %w", err)
@@ -188,6 +201,15 @@ func New(cfg Config) (*Source, error) {
 	if _, err := s.slices.AddEventHandler(svcHandler); err != nil {
 		return nil, err
 	}
+	reg, err := s.node.AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc:    s.nodeSeen,
+		UpdateFunc: func(_, obj any) { s.nodeSeen(obj) },
+		// A deleted Node keeps its last zone: the agent goes with it.
+	})
+	if err != nil {
+		return nil, err
+	}
+	s.nodeSynced = reg
 
 	s.recorder = cfg.Recorder
 	return s, nil
@@ -203,6 +225,7 @@ func (s *Source) Start(ctx context.Context) {
 			s.recorder = s.broadcaster.NewRecorder(eventScheme, corev1.EventSource{Component: s.cfg.Component, Host: s.cfg.NodeName})
 		}
 		s.localFactory.Start(ctx.Done())
+		s.nodeFactory.Start(ctx.Done())
 		s.factory.Start(ctx.Done())
 	})
 }
@@ -219,13 +242,24 @@ func (s *Source) Close() {
 // WaitSynced blocks until every informer has its first full list.
 func (s *Source) WaitSynced(ctx context.Context) error {
 	if !cache.WaitForCacheSync(ctx.Done(), s.localPods.HasSynced, s.allPods.HasSynced,
-		s.namespaces.HasSynced, s.services.HasSynced, s.slices.HasSynced) {
+		s.namespaces.HasSynced, s.services.HasSynced, s.slices.HasSynced, s.nodeSynced.HasSynced) {
 		if err := ctx.Err(); err != nil {
 			return fmt.Errorf("kube: waiting for informers: %w", err)
 		}
 		return errors.New("kube: informers did not sync")
 	}
 	return nil
+}
+
+// nodeSeen takes the zone of this node's Node object (the field selector
+// already asks for it alone; the name check keeps a server or fake that
+// ignores the selector from mixing nodes up).
+func (s *Source) nodeSeen(obj any) {
+	n, ok := obj.(*corev1.Node)
+	if !ok || n.Name != s.cfg.NodeName {
+		return
+	}
+	s.setZone(n.Labels[corev1.LabelTopologyZone])
 }
 
 // Pod returns a pod from the caches, falling back to one direct GET with

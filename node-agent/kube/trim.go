@@ -86,14 +86,16 @@ func TrimService(obj any) (any, error) {
 			Ports:                 s.Spec.Ports,
 			InternalTrafficPolicy: s.Spec.InternalTrafficPolicy,
 			ExternalIPs:           s.Spec.ExternalIPs,
+			SessionAffinity:       s.Spec.SessionAffinity,
+			SessionAffinityConfig: s.Spec.SessionAffinityConfig,
 		},
 		Status: corev1.ServiceStatus{LoadBalancer: s.Status.LoadBalancer},
 	}, nil
 }
 
-// TrimEndpointSlice drops managed fields, annotations, topology hints and
-// per-endpoint target references, keeping addresses, conditions, node
-// names (internalTrafficPolicy Local) and ports.
+// TrimEndpointSlice drops managed fields, annotations and per-endpoint
+// target references, keeping addresses, conditions, node names
+// (internalTrafficPolicy Local), topology hints and ports.
 func TrimEndpointSlice(obj any) (any, error) {
 	s, ok := obj.(*discoveryv1.EndpointSlice)
 	if !ok {
@@ -109,7 +111,21 @@ func TrimEndpointSlice(obj any) (any, error) {
 		Endpoints:   make([]discoveryv1.Endpoint, len(s.Endpoints)),
 	}
 	for i, e := range s.Endpoints {
-		t.Endpoints[i] = discoveryv1.Endpoint{Addresses: e.Addresses, Conditions: e.Conditions, NodeName: e.NodeName}
+		t.Endpoints[i] = discoveryv1.Endpoint{Addresses: e.Addresses, Conditions: e.Conditions, NodeName: e.NodeName, Hints: e.Hints}
+	}
+	return t, nil
+}
+
+// TrimNode keeps the node's name and its zone label: all the agent reads
+// of its Node (the kubelet rewrites the rest, status above all, often).
+func TrimNode(obj any) (any, error) {
+	n, ok := obj.(*corev1.Node)
+	if !ok {
+		return obj, nil
+	}
+	t := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: n.Name, UID: n.UID, ResourceVersion: n.ResourceVersion}}
+	if z, ok := n.Labels[corev1.LabelTopologyZone]; ok {
+		t.Labels = map[string]string{corev1.LabelTopologyZone: z}
 	}
 	return t, nil
 }
