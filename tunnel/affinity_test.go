@@ -41,8 +41,9 @@ func TestServiceAffinityAcrossConnections(t *testing.T) {
 	sticky := netip.MustParseAddrPort("10.96.8.10:80")
 	plain := netip.MustParseAddrPort("10.96.8.11:80")
 	both := []netip.AddrPort{e1, e2}
-	m.Dir.SetService(sticky, tunnel.Service{Endpoints: both, Affinity: time.Hour, Port: "shop/sticky:http"})
-	m.Dir.SetService(plain, tunnel.Service{Endpoints: both, Port: "shop/plain:http"})
+	sticky1h := &tunnel.Affinity{Timeout: time.Hour, Port: "shop/sticky:http"}
+	m.Dir.SetService(sticky, tunnel.Service{Endpoints: both, Affinity: sticky1h})
+	m.Dir.SetService(plain, tunnel.Service{Endpoints: both})
 
 	reached := func(vip netip.AddrPort) string {
 		t.Helper()
@@ -80,12 +81,12 @@ func TestServiceAffinityAcrossConnections(t *testing.T) {
 	if first == "8082" {
 		gone, other = e2, e1
 	}
-	m.Dir.SetService(sticky, tunnel.Service{Endpoints: []netip.AddrPort{other}, Affinity: time.Hour, Port: "shop/sticky:http"})
+	m.Dir.SetService(sticky, tunnel.Service{Endpoints: []netip.AddrPort{other}, Affinity: sticky1h})
 	want := fmt.Sprint(other.Port())
 	if seen := count(sticky, 5); len(seen) != 1 || seen[want] != 5 {
 		t.Fatalf("endpoint %v removed: connections reached %v, want all on %s", gone, seen, want)
 	}
-	m.Dir.SetService(sticky, tunnel.Service{Endpoints: both, Affinity: time.Hour, Port: "shop/sticky:http"})
+	m.Dir.SetService(sticky, tunnel.Service{Endpoints: both, Affinity: sticky1h})
 	if seen := count(sticky, 20); len(seen) != 1 || seen[want] != 20 {
 		t.Fatalf("endpoint %v back: connections reached %v, want all kept on %s", gone, seen, want)
 	}

@@ -46,11 +46,18 @@ type Service struct {
 	// Endpoints are the usable endpoints, as ServiceEndpoints returns
 	// them. Read-only.
 	Endpoints []netip.AddrPort
-	// Affinity > 0 is sessionAffinity ClientIP with this timeout: a
-	// client IP's connections to this Service port keep going to one
-	// endpoint while it stays usable and the client comes back within
-	// the timeout of its last connection. 0 is no affinity.
-	Affinity time.Duration
+	// Affinity is the Service port's sessionAffinity ClientIP; nil for
+	// none. Read-only, and shared by every address of the port. (A
+	// pointer keeps Service to four words: returned in registers, the
+	// lookup of a Service without affinity costs what it did before.)
+	Affinity *Affinity
+}
+
+// Affinity is sessionAffinity ClientIP: a client IP's connections to the
+// Service port keep going to one endpoint while it stays usable and the
+// client comes back within Timeout of its last connection.
+type Affinity struct {
+	Timeout time.Duration
 	// Port names the Service port across all its addresses (e.g.
 	// "<namespace>/<service>:<port name>"): kube-proxy keeps one
 	// affinity per client and Service port, whichever address the

@@ -16,6 +16,7 @@ import (
 	"golang.org/x/net/http2/hpack"
 	"golang.org/x/sys/unix"
 
+	"github.com/ambit-mesh/ambit/tunnel/balance"
 	"github.com/ambit-mesh/ambit/tunnel/hbone"
 )
 
@@ -148,7 +149,11 @@ func (sv *Serving) outbound(c *net.TCPConn) {
 		// Random per connection, or the client pod's endpoint under
 		// ClientIP affinity: the source pod's agent chooses, so
 		// affinity is per client pod IP, as with kube-proxy.
-		target = sv.p.affinity.Choose(r.src.Addr(), dst, svc.Port, svc.Endpoints, svc.Affinity, r.start)
+		if a := svc.Affinity; a != nil {
+			target = sv.p.affinity.Choose(r.src.Addr(), dst, a.Port, svc.Endpoints, a.Timeout, r.start)
+		} else {
+			target = balance.Random(svc.Endpoints)
+		}
 		r.dst = target
 	}
 	w, ok := dir.WorkloadByIP(target.Addr())

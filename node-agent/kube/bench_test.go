@@ -2,15 +2,20 @@ package kube
 
 import (
 	"fmt"
+	mrand "math/rand/v2"
 	"net/netip"
 	"runtime"
+	"slices"
+	"sync"
 	"testing"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	"k8s.io/apimachinery/pkg/types"
 
 	"github.com/ambit-mesh/ambit/tunnel"
+	"github.com/ambit-mesh/ambit/tunnel/balance"
 )
 
 func podN(i int) *corev1.Pod {
@@ -115,4 +120,148 @@ func BenchmarkPodCacheMemory(b *testing.B) {
 	b.ReportMetric(full, "full-B/pod")
 	b.ReportMetric(trimmed, "trimmed-B/pod")
 	b.ReportMetric(full/trimmed, "ratio")
+}
+
+// beforeIndex is the Service index as it was before ServiceByAddr and
+// affinity (map of endpoint slices, ServiceEndpoints, a random pick in
+// the tunnel): the baseline BenchmarkServiceChoice measures against.
+type beforeIndex struct {
+	mu    sync.RWMutex
+	byVIP map[netip.AddrPort][]netip.AddrPort
+}
+
+func (x *beforeIndex) ServiceEndpoints(vip netip.AddrPort) ([]netip.AddrPort, bool) {
+	x.mu.RLock()
+	defer x.mu.RUnlock()
+	eps, ok := x.byVIP[netip.AddrPortFrom(vip.Addr().Unmap(), vip.Port())]
+	return eps, ok
+}
+
+// BenchmarkServiceChoice: the per-connection Service lookup and endpoint
+// choice the outbound path makes, 1,000 Services of 10 endpoints, 100
+// client pods: "before" (the code before affinity, kept above as
+// beforeIndex plus a random pick), "none" (ServiceByAddr and
+// balance.Table.Choose, Services without affinity: the common path) and
+// "clientip" (every Service with sessionAffinity ClientIP), interleaved
+// over 21 rounds in rotating order in the same run; reported as medians
+// (ns/conn) and ratios against "before".
+func BenchmarkServiceChoice(b *testing.B) {
+	const nSvc, nEp, nClients = 1000, 10, 100
+	mk := func(affinity bool) (*Source, []netip.AddrPort) {
+		s := &Source{}
+		s.svc.init()
+		var vips []netip.AddrPort
+		for i := 0; i < nSvc; i++ {
+			ip := netip.AddrFrom4([4]byte{10, 96, byte(i >> 8), byte(i)}).String()
+			svc := clusterIPService(fmt.Sprintf("svc-%d", i), ip, 80)
+			if affinity {
+				svc.Spec.SessionAffinity = corev1.ServiceAffinityClientIP
+			}
+			var eps []discoveryv1.Endpoint
+			for j := 0; j < nEp; j++ {
+				eps = append(eps, ep(fmt.Sprintf("10.%d.%d.%d", 1+i>>8, i&255, j), nil))
+			}
+			ports := []discoveryv1.EndpointPort{{Name: ptr("http"), Port: ptr[int32](8080)}}
+			for k, v := range ServiceEntries(svc, []*discoveryv1.EndpointSlice{slice("s", svc.Name, discoveryv1.AddressTypeIPv4, ports, eps...)}, Locality{Node: "node-a"}) {
+				s.svc.byVIP[k] = v.Endpoints
+				if v.Affinity != nil {
+					s.svc.sticky[k] = v.Affinity
+				}
+				vips = append(vips, k)
+			}
+		}
+		return s, vips
+	}
+	plain, vips := mk(false)
+	sticky, _ := mk(true)
+	before := &beforeIndex{byVIP: map[netip.AddrPort][]netip.AddrPort{}}
+	for k, v := range plain.svc.byVIP {
+		before.byVIP[k] = v
+	}
+	clients := make([]netip.Addr, nClients)
+	for i := range clients {
+		clients[i] = netip.AddrFrom4([4]byte{10, 244, 0, byte(i)})
+	}
+	// Called through the interfaces, as the tunnel calls them.
+	var oldDir interface {
+		ServiceEndpoints(netip.AddrPort) ([]netip.AddrPort, bool)
+	} = before
+	var noneDir, stickyDir tunnel.ServiceDirectory = plain, sticky
+	table, full := balance.NewTable(0), balance.NewTable(0)
+	var sink netip.AddrPort
+	variants := []struct {
+		name string
+		f    func(i int, now time.Time)
+	}{
+		{"before", func(i int, _ time.Time) {
+			eps, ok := oldDir.ServiceEndpoints(vips[i%len(vips)])
+			if !ok || len(eps) == 0 {
+				b.Fatal("miss")
+			}
+			sink = eps[mrand.IntN(len(eps))]
+		}},
+		// The same steps as tunnel/conns.go (inline there too).
+		{"none", func(i int, now time.Time) {
+			vip := vips[i%len(vips)]
+			svc, ok := noneDir.ServiceByAddr(vip)
+			if !ok || len(svc.Endpoints) == 0 {
+				b.Fatal("miss")
+			}
+			if a := svc.Affinity; a != nil {
+				sink = table.Choose(clients[(i/len(vips))%nClients], vip, a.Port, svc.Endpoints, a.Timeout, now)
+			} else {
+				sink = balance.Random(svc.Endpoints)
+			}
+		}},
+		// 100 clients × 100 Services: 10,000 entries, within the cap.
+		{"clientip", func(i int, now time.Time) {
+			sink = choose(stickyDir, table, clients[(i/100)%nClients], vips[i%100], now)
+		}},
+		// 100 clients × 1,000 Services: 100,000 pairs, past the cap of
+		// 16,384, so every connection evicts (the worst case).
+		{"clientip-full", func(i int, now time.Time) {
+			sink = choose(stickyDir, full, clients[(i/len(vips))%nClients], vips[i%len(vips)], now)
+		}},
+	}
+	const rounds = 21
+	per := b.N/rounds + 1
+	ns := make([][]float64, len(variants))
+	b.ResetTimer()
+	for r := 0; r < rounds; r++ {
+		for k := range variants {
+			v := (k + r) % len(variants)
+			now := time.Now()
+			start := time.Now()
+			for i := 0; i < per; i++ {
+				variants[v].f(i, now)
+			}
+			ns[v] = append(ns[v], float64(time.Since(start).Nanoseconds())/float64(per))
+		}
+	}
+	b.StopTimer()
+	_ = sink
+	med := func(x []float64) float64 { x = slices.Clone(x); slices.Sort(x); return x[len(x)/2] }
+	for v := range variants {
+		b.ReportMetric(med(ns[v]), variants[v].name+"-ns/conn")
+		if v > 0 {
+			var ratios []float64
+			for r := range ns[v] {
+				ratios = append(ratios, ns[v][r]/ns[0][r])
+			}
+			b.ReportMetric(med(ratios), variants[v].name+"/before")
+		}
+	}
+}
+
+// choose is the outbound path's Service step (tunnel/conns.go), for
+// BenchmarkServiceChoice's affinity cases.
+func choose(dir tunnel.ServiceDirectory, t *balance.Table, client netip.Addr, vip netip.AddrPort, now time.Time) netip.AddrPort {
+	svc, ok := dir.ServiceByAddr(vip)
+	if !ok || len(svc.Endpoints) == 0 {
+		panic("miss")
+	}
+	if a := svc.Affinity; a != nil {
+		return t.Choose(client, vip, a.Port, svc.Endpoints, a.Timeout, now)
+	}
+	return balance.Random(svc.Endpoints)
 }

@@ -26,29 +26,44 @@ type serviceIndex struct {
 	zone      string // this node's topology.kubernetes.io/zone ("" unknown)
 
 	mu    sync.RWMutex
-	byVIP map[netip.AddrPort]tunnel.Service
-	owned map[string][]netip.AddrPort // service key → its VIP:port keys
+	byVIP map[netip.AddrPort][]netip.AddrPort
+	// sticky holds the addresses of Services with session affinity
+	// only: byVIP keeps the layout of before (slices, not Services),
+	// and a Service without affinity costs one more read of a map that
+	// is usually empty.
+	sticky map[netip.AddrPort]*tunnel.Affinity
+	owned  map[string][]netip.AddrPort // service key → its VIP:port keys
 }
 
 func (x *serviceIndex) init() {
-	x.byVIP = map[netip.AddrPort]tunnel.Service{}
+	x.byVIP = map[netip.AddrPort][]netip.AddrPort{}
+	x.sticky = map[netip.AddrPort]*tunnel.Affinity{}
 	x.owned = map[string][]netip.AddrPort{}
 }
 
 // ServiceEndpoints implements tunnel.Directory. The returned slice is
 // shared and read-only: rebuilds replace slices, never modify them.
 func (s *Source) ServiceEndpoints(vip netip.AddrPort) ([]netip.AddrPort, bool) {
-	svc, ok := s.ServiceByAddr(vip)
-	return svc.Endpoints, ok
+	s.svc.mu.RLock()
+	defer s.svc.mu.RUnlock()
+	eps, ok := s.svc.byVIP[netip.AddrPortFrom(vip.Addr().Unmap(), vip.Port())]
+	return eps, ok
 }
 
 // ServiceByAddr implements tunnel.ServiceDirectory: the endpoints, and
 // the Service port's session affinity.
 func (s *Source) ServiceByAddr(vip netip.AddrPort) (tunnel.Service, bool) {
+	k := netip.AddrPortFrom(vip.Addr().Unmap(), vip.Port())
+	// No defer: map reads cannot panic, and this runs once per
+	// connection.
 	s.svc.mu.RLock()
-	defer s.svc.mu.RUnlock()
-	svc, ok := s.svc.byVIP[netip.AddrPortFrom(vip.Addr().Unmap(), vip.Port())]
-	return svc, ok
+	eps, ok := s.svc.byVIP[k]
+	var a *tunnel.Affinity
+	if ok && len(s.svc.sticky) > 0 {
+		a = s.svc.sticky[k]
+	}
+	s.svc.mu.RUnlock()
+	return tunnel.Service{Endpoints: eps, Affinity: a}, ok
 }
 
 // serviceTouched rebuilds the Service that obj (a Service or one of its
@@ -92,6 +107,7 @@ func (s *Source) rebuildService(key string) {
 	defer s.svc.mu.Unlock()
 	for _, k := range s.svc.owned[key] {
 		delete(s.svc.byVIP, k)
+		delete(s.svc.sticky, k)
 	}
 	delete(s.svc.owned, key)
 	if len(entries) == 0 {
@@ -99,7 +115,10 @@ func (s *Source) rebuildService(key string) {
 	}
 	keys := make([]netip.AddrPort, 0, len(entries))
 	for k, v := range entries {
-		s.svc.byVIP[k] = v
+		s.svc.byVIP[k] = v.Endpoints
+		if v.Affinity != nil {
+			s.svc.sticky[k] = v.Affinity
+		}
 		keys = append(keys, k)
 	}
 	s.svc.owned[key] = keys
@@ -160,11 +179,11 @@ type Locality struct {
 //     loc.Node is the client's. A pod's connection to an external address
 //     uses the cluster-wide endpoints (hints apply) whatever the policies
 //     (kube-proxy's short-circuit of pod traffic to the cluster policy);
-//   - sessionAffinity ClientIP sets Affinity to its timeout
-//     (sessionAffinityConfig.clientIP.timeoutSeconds, default 10800 s),
-//     and Port is "<namespace>/<name>:<port name>" for every address of
-//     the port, since kube-proxy keeps one affinity per client and Service
-//     port whichever address the client used.
+//   - sessionAffinity ClientIP sets Affinity: its timeout
+//     (sessionAffinityConfig.clientIP.timeoutSeconds, default 10800 s)
+//     and Port "<namespace>/<name>:<port name>", one Affinity for every
+//     address of the port, since kube-proxy keeps one affinity per client
+//     and Service port whichever address the client used.
 //
 // A VIP:port with no usable endpoint is present with an empty list: the
 // address is a Service (the tunnel must not pass it through as if it were
@@ -203,7 +222,7 @@ func ServiceEntries(svc *corev1.Service, sl []*discoveryv1.EndpointSlice, loc Lo
 	}
 	p := svc.Spec.InternalTrafficPolicy
 	local := p != nil && *p == corev1.ServiceInternalTrafficPolicyLocal
-	affinity := sessionAffinity(svc)
+	timeout := sessionAffinity(svc)
 	out := map[netip.AddrPort]tunnel.Service{}
 	for _, sp := range svc.Spec.Ports {
 		proto := sp.Protocol
@@ -213,14 +232,17 @@ func ServiceEntries(svc *corev1.Service, sl []*discoveryv1.EndpointSlice, loc Lo
 		if proto != corev1.ProtocolTCP || sp.Port <= 0 || sp.Port > 65535 {
 			continue
 		}
-		port := svc.Namespace + "/" + svc.Name + ":" + sp.Name
+		var aff *tunnel.Affinity
+		if timeout > 0 {
+			aff = &tunnel.Affinity{Timeout: timeout, Port: svc.Namespace + "/" + svc.Name + ":" + sp.Name}
+		}
 		for _, vip := range vips {
 			ready, terminating := endpointsFor(vip.ip.Is4(), sp.Name, local && !vip.external, loc, sl)
 			eps := ready
 			if len(eps) == 0 {
 				eps = terminating
 			}
-			out[netip.AddrPortFrom(vip.ip, uint16(sp.Port))] = tunnel.Service{Endpoints: eps, Affinity: affinity, Port: port}
+			out[netip.AddrPortFrom(vip.ip, uint16(sp.Port))] = tunnel.Service{Endpoints: eps, Affinity: aff}
 		}
 	}
 	return out

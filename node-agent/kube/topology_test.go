@@ -183,13 +183,13 @@ func TestSourceSessionAffinity(t *testing.T) {
 		vip  string
 		want tunnel.Service
 	}{
-		{"10.96.0.10:80", tunnel.Service{Endpoints: aps("10.1.0.1:8080"), Affinity: 10 * time.Minute, Port: "shop/web:http"}},
-		{"203.0.113.7:80", tunnel.Service{Endpoints: aps("10.1.0.1:8080"), Affinity: 10 * time.Minute, Port: "shop/web:http"}},
-		{"10.96.0.11:443", tunnel.Service{Endpoints: aps(), Affinity: 3 * time.Hour, Port: "shop/api:http"}},
-		{"10.96.0.12:5432", tunnel.Service{Endpoints: aps(), Port: "shop/db:http"}},
+		{"10.96.0.10:80", tunnel.Service{Endpoints: aps("10.1.0.1:8080"), Affinity: &tunnel.Affinity{Timeout: 10 * time.Minute, Port: "shop/web:http"}}},
+		{"203.0.113.7:80", tunnel.Service{Endpoints: aps("10.1.0.1:8080"), Affinity: &tunnel.Affinity{Timeout: 10 * time.Minute, Port: "shop/web:http"}}},
+		{"10.96.0.11:443", tunnel.Service{Endpoints: aps(), Affinity: &tunnel.Affinity{Timeout: 3 * time.Hour, Port: "shop/api:http"}}},
+		{"10.96.0.12:5432", tunnel.Service{Endpoints: aps()}},
 	} {
 		if got, ok := s.ServiceByAddr(netip.MustParseAddrPort(c.vip)); !ok || !reflect.DeepEqual(got, c.want) {
-			t.Errorf("%s: %+v (%v), want %+v", c.vip, got, ok, c.want)
+			t.Errorf("%s: %v %+v (%v), want %v %+v", c.vip, got.Endpoints, got.Affinity, ok, c.want.Endpoints, c.want.Affinity)
 		}
 	}
 	svc.Spec.SessionAffinity, svc.Spec.SessionAffinityConfig = corev1.ServiceAffinityNone, nil
@@ -198,7 +198,7 @@ func TestSourceSessionAffinity(t *testing.T) {
 	}
 	eventually(t, "affinity turned off", func() bool {
 		got, _ := s.ServiceByAddr(netip.MustParseAddrPort("10.96.0.10:80"))
-		return got.Affinity == 0
+		return got.Affinity == nil
 	})
 }
 

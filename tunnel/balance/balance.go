@@ -52,20 +52,22 @@ func NewTable(max int) *Table {
 	return t
 }
 
-// Choose returns the endpoint for a new connection from client to the
-// Service address vip. eps are the Service's usable endpoints (not
-// empty; read, never kept beyond the call); affinity > 0 is
-// sessionAffinity ClientIP with that timeout; port identifies the
-// Service port across its addresses ("" to key on vip). now is the
-// connection's time (monotonic).
-func (t *Table) Choose(client netip.Addr, vip netip.AddrPort, port string, eps []netip.AddrPort, affinity time.Duration, now time.Time) netip.AddrPort {
-	if affinity <= 0 {
-		return eps[mrand.IntN(len(eps))]
-	}
-	return t.sticky(client, vip, port, eps, affinity, now)
+// Random is the choice without affinity: uniform over eps (not empty).
+// Small enough to inline: the common path pays nothing for affinity.
+func Random(eps []netip.AddrPort) netip.AddrPort {
+	return eps[mrand.IntN(len(eps))]
 }
 
-func (t *Table) sticky(client netip.Addr, vip netip.AddrPort, port string, eps []netip.AddrPort, timeout time.Duration, now time.Time) netip.AddrPort {
+// Choose returns the endpoint for a new connection from client to the
+// Service address vip under sessionAffinity ClientIP with timeout
+// (Random when timeout <= 0). eps are the Service's usable endpoints
+// (not empty; read, never kept beyond the call); port identifies the
+// Service port across its addresses ("" to key on vip). now is the
+// connection's time (monotonic).
+func (t *Table) Choose(client netip.Addr, vip netip.AddrPort, port string, eps []netip.AddrPort, timeout time.Duration, now time.Time) netip.AddrPort {
+	if timeout <= 0 {
+		return Random(eps)
+	}
 	k := key{client: client, port: port}
 	if port == "" {
 		k.addr = vip
@@ -89,9 +91,14 @@ func (t *Table) sticky(client netip.Addr, vip netip.AddrPort, port string, eps [
 	if e == nil {
 		t.reap(now, 2)
 		if len(t.m) >= t.max {
-			t.drop(t.lru.prev)
+			// Full of live entries: the least recently used client
+			// forgets its endpoint (its entry is reused).
+			e = t.lru.prev
+			t.drop(e)
+			*e = entry{key: k}
+		} else {
+			e = &entry{key: k}
 		}
-		e = &entry{key: k}
 		t.m[k] = e
 	} else {
 		t.unlink(e)
