@@ -34,19 +34,13 @@ func reaches(t *testing.T, m *meshtest.Mesh) bool {
 	return len(b) > 0
 }
 
-// TestRemovedRootStopsPooledConnections: A reaches B over a pooled
-// connection; the root both certificates chain to is removed from the
-// bundle; A's next connection must not ride the pooled one (B is no
-// longer trusted), and B must refuse a new stream on a connection made
-// before (A is no longer trusted either).
-func TestRemovedRootStopsPooledConnections(t *testing.T) {
-	m := newMesh(t)
-	// A raw client of B's that holds its connection across the change.
+// holdToB opens an HBONE connection from A's netns to B's 15008 with
+// cert (a raw client of B's that keeps it across a change), and returns
+// it with a function that opens one stream on it and gives B's answer
+// (-1 when there was none).
+func holdToB(t *testing.T, m *meshtest.Mesh, cert *tls.Certificate) (*hbone.Conn, func() int) {
+	t.Helper()
 	raw, err := m.A.Net.Dial(context.Background(), netip.Addr{}, netip.AddrPortFrom(m.B.Pod.IP4, 15008))
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, err := m.Certs.Certificate(context.Background(), m.A.Workload.Identity)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -57,8 +51,8 @@ func TestRemovedRootStopsPooledConnections(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer held.Close()
-	stream := func() int {
+	t.Cleanup(func() { held.Close() })
+	return held, func() int {
 		s, err := held.OpenStream(netip.AddrPortFrom(m.B.Pod.IP4, 8080).String(), nil)
 		if err != nil {
 			return -1
@@ -72,6 +66,20 @@ func TestRemovedRootStopsPooledConnections(t *testing.T) {
 		}
 		return st
 	}
+}
+
+// TestRemovedRootStopsPooledConnections: A reaches B over a pooled
+// connection; the root both certificates chain to is removed from the
+// bundle; A's next connection must not ride the pooled one (B is no
+// longer trusted), and B must refuse a new stream on a connection made
+// before (A is no longer trusted either).
+func TestRemovedRootStopsPooledConnections(t *testing.T) {
+	m := newMesh(t)
+	cert, err := m.Certs.Certificate(context.Background(), m.A.Workload.Identity)
+	if err != nil {
+		t.Fatal(err)
+	}
+	held, stream := holdToB(t, m, cert)
 	if st := stream(); st != 200 {
 		t.Fatalf("before the change: B answered %d", st)
 	}
@@ -117,33 +125,7 @@ func TestExpiredCertificateStopsPooledConnections(t *testing.T) {
 		return c
 	}
 	m.Certs.Set(m.B.Workload.Identity, short(m.B.Workload.Identity))
-	clientCert := short(m.A.Workload.Identity)
-	raw, err := m.A.Net.Dial(context.Background(), netip.Addr{}, netip.AddrPortFrom(m.B.Pod.IP4, 15008))
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	held, err := hbone.Client(ctx, raw, &tls.Config{MinVersion: tls.VersionTLS13, NextProtos: []string{"h2"},
-		InsecureSkipVerify: true, Certificates: []tls.Certificate{*clientCert}}, hbone.Config{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer held.Close()
-	stream := func() int {
-		s, err := held.OpenStream(netip.AddrPortFrom(m.B.Pod.IP4, 8080).String(), nil)
-		if err != nil {
-			return -1
-		}
-		defer s.Close()
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		st, _, err := s.Response(ctx)
-		if err != nil {
-			return -1
-		}
-		return st
-	}
+	_, stream := holdToB(t, m, short(m.A.Workload.Identity))
 	if st := stream(); st != 200 {
 		t.Fatalf("before expiry: B answered %d", st)
 	}
