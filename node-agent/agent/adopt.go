@@ -158,6 +158,11 @@ func (a *Agent) adoptLocked(ctx context.Context, rec state.Pod, scan *lazyScan) 
 	if p.rec.Netns != orig.Netns || p.rec.NetnsInode != orig.NetnsInode || p.rec.Identity != orig.Identity || p.rec.MigrateReq != orig.MigrateReq {
 		a.rewrite(p.rec)
 	}
+	// Listening again, rules kept from the agent before (verified next):
+	// the pod is meshed. Usually its annotation says so already and
+	// nothing is written; if the write after its ADD was lost (an API
+	// error, the agent died first), this is what repairs it.
+	a.setStatus(cp, "enabled", "", "")
 	a.m.adopted.Inc()
 	a.m.latency.WithLabelValues("adopt").Observe(time.Since(start).Seconds())
 	return p

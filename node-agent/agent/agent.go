@@ -24,6 +24,7 @@ import (
 	"github.com/ambit-mesh/ambit/node-agent/netnsfind"
 	"github.com/ambit-mesh/ambit/node-agent/podsysctl"
 	"github.com/ambit-mesh/ambit/node-agent/state"
+	"github.com/ambit-mesh/ambit/node-agent/statussync"
 	"github.com/ambit-mesh/ambit/plugin/cniproto"
 	"github.com/ambit-mesh/ambit/plugin/redirect"
 	"github.com/ambit-mesh/ambit/tunnel"
@@ -34,9 +35,16 @@ import (
 type Options struct {
 	Config config.Config
 	View   cluster.View
-	// Status reports enrollment on the pod (annotation, events); nil = none.
+	// Status reports enrollment on the pod (annotation, events); nil =
+	// none. If it also reads the pods' current annotation from a cache
+	// (statussync.Reader, as kube.Source does), the annotation is kept
+	// level-triggered: compared periodically and on the view's events,
+	// and written again wherever it differs.
 	Status cluster.StatusWriter
-	Tunnel Tunnel
+	// StatusSync tunes the annotation writes (tests); Writer, Reader,
+	// Registerer and Logger are filled in.
+	StatusSync statussync.Options
+	Tunnel     Tunnel
 	// Rules installs redirection when the agent does it itself; default
 	// Rules{Backend: Config.RedirectBackend}.
 	Rules Redirector
@@ -112,8 +120,10 @@ type Agent struct {
 	closing  sync.WaitGroup // drains in flight
 	stopping atomic.Bool    // shutting down: leave host rules in place
 	queue    *queue
-	statusQ  chan statusUpdate
-	ready    chan struct{}
+	// statusSync keeps each pod's ambit.dev/redirection annotation at
+	// what setStatus last asked for; nil without a status writer.
+	statusSync *statussync.Syncer
+	ready      chan struct{}
 }
 
 // pod is one sandbox the agent knows about.
@@ -133,13 +143,6 @@ type pod struct {
 }
 
 func (p *pod) enrolled() bool { return p.serve != nil }
-
-type statusUpdate struct {
-	pod    cluster.Pod
-	state  string
-	reason string
-	msg    string
-}
 
 // New checks the options and opens the state directory.
 func New(o Options) (*Agent, error) {
@@ -177,7 +180,17 @@ func New(o Options) (*Agent, error) {
 		policy: enrollment.NewPolicy(o.Config.EnrollLabel, o.Config.ExcludedNamespaces),
 		store:  st, m: newMetrics(o.Registerer), health: o.Health, peers: o.Peers, newestFn: o.Newest, predecessor: o.Predecessor, log: o.Logger,
 		byCID: map[string]*pod{}, byName: map[string]*pod{},
-		queue: newQueue(), statusQ: make(chan statusUpdate, 4096), ready: make(chan struct{}),
+		queue: newQueue(), ready: make(chan struct{}),
+	}
+	if o.Status != nil {
+		so := o.StatusSync
+		so.Writer, so.Registerer, so.Logger = o.Status, o.Registerer, o.Logger
+		if r, ok := o.Status.(statussync.Reader); ok {
+			so.Reader = r
+		}
+		if a.statusSync, err = statussync.New(so); err != nil {
+			return nil, fmt.Errorf("agent: %w", err)
+		}
 	}
 	if sv, ok := o.View.(staticView); ok && sv.Static() {
 		a.static = true
@@ -339,10 +352,17 @@ func (a *Agent) run(ctx context.Context, l *net.UnixListener, sock *cniproto.Soc
 			}
 		}()
 	}
+	// The annotations are kept through the drain too: an agent that
+	// stops leaves them as they are, for the next one.
 	statusCtx, stopStatus := context.WithCancel(context.Background())
 	defer stopStatus()
 	statusDone := make(chan struct{})
-	go func() { defer close(statusDone); a.statusLoop(statusCtx) }()
+	go func() {
+		defer close(statusDone)
+		if a.statusSync != nil {
+			a.statusSync.Run(statusCtx)
+		}
+	}()
 
 	start := time.Now()
 	n, seen := a.adopt(ctx)
@@ -691,35 +711,29 @@ func reasonOf(err error) string {
 	return "other"
 }
 
-// setStatus queues an annotation update; the queue is bounded and the
-// writer slow (an API call), so updates never hold up the plugin.
+// setStatus asks for the pod's ambit.dev/redirection annotation to be st
+// ("" removes it) and records a Warning event when reason is set. The
+// write happens in the background (an API call must never hold up the
+// plugin) and is retried until the annotation is right, the pod is gone,
+// or a later setStatus wants something else (statussync). Callers set
+// "enabled" only once the pod's listeners and rules are in place, and ""
+// only after removing them: see docs/agent.md for why that order.
 func (a *Agent) setStatus(cp cluster.Pod, st, reason, msg string) {
 	if a.status == nil {
 		return
 	}
-	select {
-	case a.statusQ <- statusUpdate{pod: cp, state: st, reason: reason, msg: msg}:
-	default:
-		a.m.statusDropped.Inc()
+	a.statusSync.Set(cp, st)
+	if reason != "" {
+		// Events are queued by the recorder, which drops rather than
+		// blocks when the API server is slow.
+		a.status.Warn(context.Background(), cp, reason, msg)
 	}
 }
 
-func (a *Agent) statusLoop(ctx context.Context) {
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case u := <-a.statusQ:
-			c, cancel := context.WithTimeout(ctx, 5*time.Second)
-			if u.state != "-" {
-				if err := a.status.SetRedirection(c, u.pod, u.state); err != nil {
-					a.log.Debug("setting redirection status", "pod", u.pod.Namespace+"/"+u.pod.Name, "err", err)
-				}
-			}
-			if u.reason != "" {
-				a.status.Warn(c, u.pod, u.reason, u.msg)
-			}
-			cancel()
-		}
+// forgetStatus stops keeping a pod's annotation: its sandbox or the pod
+// itself is gone (uid, if set, only that pod).
+func (a *Agent) forgetStatus(namespace, name, uid string) {
+	if a.statusSync != nil {
+		a.statusSync.Forget(namespace, name, uid)
 	}
 }

@@ -309,6 +309,12 @@ func (a *Agent) forgetLocked(req *cniproto.Request, records bool) *cniproto.Resp
 	if l, ok := a.view.(Learner); ok && last {
 		l.Forget(rp.Namespace, rp.Name, rp.UID)
 	}
+	if p != nil && last {
+		// No sandbox of the pod left: nothing to keep announcing (the
+		// pod is being deleted, or a new sandbox's ADD says again).
+		// The annotation is left as it is, as before.
+		a.forgetStatus(rp.Namespace, rp.Name, p.rec.UID)
+	}
 	return &cniproto.Response{Decision: cniproto.Skip}
 }
 

@@ -3,18 +3,17 @@ package agent
 import "github.com/prometheus/client_golang/prometheus"
 
 type metrics struct {
-	enrolled      prometheus.Gauge
-	latency       *prometheus.HistogramVec
-	failures      *prometheus.CounterVec
-	requests      *prometheus.CounterVec
-	repairs       prometheus.Counter
-	ruleCheck     prometheus.Histogram
-	adopted       prometheus.Counter
-	adoptSeconds  prometheus.Gauge
-	reloadErrors  prometheus.Counter
-	statusDropped prometheus.Counter
-	keeperErrors  *prometheus.CounterVec
-	sysctlErrors  prometheus.Counter
+	enrolled     prometheus.Gauge
+	latency      *prometheus.HistogramVec
+	failures     *prometheus.CounterVec
+	requests     *prometheus.CounterVec
+	repairs      prometheus.Counter
+	ruleCheck    prometheus.Histogram
+	adopted      prometheus.Counter
+	adoptSeconds prometheus.Gauge
+	reloadErrors prometheus.Counter
+	keeperErrors *prometheus.CounterVec
+	sysctlErrors prometheus.Counter
 	// socketTakeovers: the plugin socket's path taken back (socket.go).
 	socketTakeovers *prometheus.CounterVec
 }
@@ -52,9 +51,6 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		reloadErrors: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "ambit_agent_inventory_reload_errors_total", Help: "Inventory reloads rejected (the last good inventory stays in force).",
 		}),
-		statusDropped: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "ambit_agent_status_updates_dropped_total", Help: "Pod status updates dropped because the queue was full.",
-		}),
 		keeperErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "ambit_agent_keeper_errors_total", Help: "Failed calls to the keeper (node-agent/keeper), by op (put, drop, prune, count): a pod whose put failed loses its listeners if this agent crashes.",
 		}, []string{"op"}),
@@ -66,7 +62,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		}, []string{"result"}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.enrolled, m.latency, m.failures, m.requests, m.repairs, m.ruleCheck, m.adopted, m.adoptSeconds, m.reloadErrors, m.statusDropped, m.keeperErrors, m.sysctlErrors, m.socketTakeovers)
+		reg.MustRegister(m.enrolled, m.latency, m.failures, m.requests, m.repairs, m.ruleCheck, m.adopted, m.adoptSeconds, m.reloadErrors, m.keeperErrors, m.sysctlErrors, m.socketTakeovers)
 	}
 	return m
 }

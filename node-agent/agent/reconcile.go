@@ -89,6 +89,16 @@ func (a *Agent) onEvent(ev cluster.Event) {
 	switch ev.Kind {
 	case cluster.PodChanged, cluster.PodDeleted:
 		a.queue.add(key{kind: keyPod, namespace: ev.Namespace, name: ev.Name})
+		// The pod's annotation may have changed (someone removed it,
+		// our own write came back): compared again, written if it
+		// differs. A deleted pod has nothing left to annotate.
+		if a.statusSync != nil {
+			if ev.Kind == cluster.PodDeleted {
+				a.statusSync.Forget(ev.Namespace, ev.Name, ev.UID)
+			} else {
+				a.statusSync.Changed(ev.Namespace, ev.Name)
+			}
+		}
 	case cluster.NamespaceChanged:
 		a.queue.add(key{kind: keyNamespace, namespace: ev.Namespace})
 		a.queue.wantSnapshot()

@@ -69,6 +69,22 @@ func (s *Source) cachedAnnotation(pod cluster.Pod) (string, bool) {
 	return p.Annotations[RedirectionAnnotation], true
 }
 
+// Redirection returns the ambit.dev/redirection annotation of a pod of
+// this node as the informer cache has it, and the pod's UID; found is
+// false when the cache holds no such pod. No API call: the status
+// reconcile (node-agent/statussync) compares with it on every pass.
+func (s *Source) Redirection(namespace, name string) (uid, state string, found bool) {
+	obj, ok, _ := s.localPods.GetStore().GetByKey(namespace + "/" + name)
+	if !ok {
+		return "", "", false
+	}
+	p, ok := obj.(*corev1.Pod)
+	if !ok {
+		return "", "", false
+	}
+	return string(p.UID), p.Annotations[RedirectionAnnotation], true
+}
+
 // RedirectionPatch is the merge patch SetRedirection sends.
 func RedirectionPatch(uid, state string) ([]byte, error) {
 	var v any = state
