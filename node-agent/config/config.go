@@ -62,6 +62,20 @@ type Config struct {
 	InventoryFile string `json:"inventoryFile,omitempty"`
 	// Kubeconfig for Source kubernetes outside a pod; empty = in-cluster.
 	Kubeconfig string `json:"kubeconfig,omitempty"`
+	// KubeAPIQPS and KubeAPIBurst are the client-side rate limit of the
+	// agent's Kubernetes clients (client-go's token bucket; its own
+	// default, 5 and 10, made the 50th of 50 pods started at once wait
+	// 8 s for its ambit.dev/redirection annotation, during which other
+	// nodes reach it in plaintext). Default 50 and 100, the kubelet's own
+	// defaults (kubeAPIQPS/kubeAPIBurst): a node starting as many pods as
+	// it may hold (110 by default) gets every annotation written at once,
+	// and a refill of 50/s re-checks a full node quickly after a restart
+	// (the agent writes only annotations that differ). The API server is
+	// protected by API Priority and Fairness, not by this limit: the
+	// agent's requests queue in their priority level, and client-go
+	// retries a 429.
+	KubeAPIQPS   float64 `json:"kubeAPIQPS,omitempty"`
+	KubeAPIBurst int     `json:"kubeAPIBurst,omitempty"`
 	// StateDir holds what survives an agent restart (pod records, the
 	// enrollment snapshot, local CA files in static mode).
 	StateDir string `json:"stateDir,omitempty"`
@@ -168,6 +182,8 @@ func Default() Config {
 		DrainTimeout:          Duration{Duration: 30 * time.Second},
 		AdoptConcurrency:      16,
 		RuleCheckInterval:     Duration{Duration: time.Minute},
+		KubeAPIQPS:            50,
+		KubeAPIBurst:          100,
 		LogLevel:              "info",
 		LogFormat:             "text",
 		CAAddress:             "https://ambit-ca.ambit-system.svc:15012",
@@ -315,6 +331,12 @@ func (c *Config) Validate() error {
 	}
 	if c.RuleCheckInterval.Duration < 0 || c.RuleCheckInterval.Duration > 24*time.Hour {
 		return fmt.Errorf("ruleCheckInterval: %s must be between 0 (off) and 24h", c.RuleCheckInterval)
+	}
+	if !(c.KubeAPIQPS > 0 && c.KubeAPIQPS <= 10000) {
+		return fmt.Errorf("kubeAPIQPS: %v must be above 0 and at most 10000", c.KubeAPIQPS)
+	}
+	if c.KubeAPIBurst < 1 || c.KubeAPIBurst > 100000 {
+		return fmt.Errorf("kubeAPIBurst: %d must be 1-100000", c.KubeAPIBurst)
 	}
 	if c.AdoptConcurrency < 1 || c.AdoptConcurrency > 256 {
 		return fmt.Errorf("adoptConcurrency: %d must be 1-256", c.AdoptConcurrency)

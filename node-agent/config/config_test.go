@@ -34,6 +34,11 @@ func TestLoadDefaults(t *testing.T) {
 	if len(c.ExcludedNamespaces) != 1 || c.ExcludedNamespaces[0] != "kube-system" {
 		t.Fatalf("excluded = %v", c.ExcludedNamespaces)
 	}
+	// Not client-go's 5/10: 50 pods started at once would wait up to 8 s
+	// for their annotation.
+	if c.KubeAPIQPS != 50 || c.KubeAPIBurst != 100 {
+		t.Fatalf("kubeAPIQPS/kubeAPIBurst = %v/%d", c.KubeAPIQPS, c.KubeAPIBurst)
+	}
 }
 
 func TestLoadYAMLAndJSON(t *testing.T) {
@@ -74,6 +79,9 @@ func TestErrorsNameTheField(t *testing.T) {
 		"nodeName: n\nhostRules: yes\n":                   "hostRules",
 		"nodeName: n\ncaAddress: http://ca\n":             "caAddress",
 		"nodeName: n\ntrustDomain: 'a/b'\n":               "trustDomain",
+		"nodeName: n\nkubeAPIQPS: 0\n":                    "kubeAPIQPS",
+		"nodeName: n\nkubeAPIQPS: -1\n":                   "kubeAPIQPS",
+		"nodeName: n\nkubeAPIBurst: 0\n":                  "kubeAPIBurst",
 	}
 	for body, field := range cases {
 		_, err := Load(write(t, body))
