@@ -41,10 +41,7 @@ type Options struct {
 	// level-triggered: compared periodically and on the view's events,
 	// and written again wherever it differs.
 	Status cluster.StatusWriter
-	// StatusSync tunes the annotation writes (tests); Writer, Reader,
-	// Registerer and Logger are filled in.
-	StatusSync statussync.Options
-	Tunnel     Tunnel
+	Tunnel Tunnel
 	// Rules installs redirection when the agent does it itself; default
 	// Rules{Backend: Config.RedirectBackend}.
 	Rules Redirector
@@ -183,8 +180,7 @@ func New(o Options) (*Agent, error) {
 		queue: newQueue(), ready: make(chan struct{}),
 	}
 	if o.Status != nil {
-		so := o.StatusSync
-		so.Writer, so.Registerer, so.Logger = o.Status, o.Registerer, o.Logger
+		so := statussync.Options{Writer: o.Status, Registerer: o.Registerer, Logger: o.Logger}
 		if r, ok := o.Status.(statussync.Reader); ok {
 			so.Reader = r
 		}
