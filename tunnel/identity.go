@@ -161,11 +161,40 @@ type peerState struct {
 	want  string
 	usage x509.ExtKeyUsage
 
+	// client: the side that opens streams, which leaves the connection
+	// ahead of the expiry (retireLead).
+	client bool
+
 	mu    sync.Mutex
 	chain [][]byte       // the peer's certificates as presented
 	roots *x509.CertPool // the bundle they were last verified against
+	since time.Time      // when the handshake verified the peer
 	until time.Time      // earliest expiry: the peer's chain and our own certificate
 	err   error          // once refused, refused for good
+}
+
+// maxRetireLead bounds how long before a certificate of a pooled
+// connection expires the client stops opening streams on it (see
+// retireLead).
+const maxRetireLead = time.Minute
+
+// retireLead is how early the client leaves a connection before its
+// certificates expire: a quarter of the life they had at the handshake,
+// at most maxRetireLead. Both ends stop at the same expiry (each side's
+// until is the earliest of the same certificates), so a stream the
+// client opened just before it reached the server just after, and was
+// refused (401): the app's connection reset, once per busy connection
+// at every rotation (the identity manager renews at half-life, the
+// connection keeps the old certificates). Leaving ahead covers the
+// round trip and the nodes' clock skew; a fraction of the life rather
+// than a fixed time, so a connection dialed with a certificate close to
+// its end (the CA unreachable) still carries streams for a while
+// instead of being left at once and dialed again, and again.
+func (ps *peerState) retireLead() time.Duration {
+	if !ps.client || ps.since.IsZero() {
+		return 0
+	}
+	return min(maxRetireLead, ps.until.Sub(ps.since)/4)
 }
 
 // ownCert notes when our certificate for this connection expires: a
@@ -195,6 +224,9 @@ func (ps *peerState) verify(p *Proxy, raw [][]byte) (string, error) {
 	}
 	ps.mu.Lock()
 	ps.chain, ps.roots = raw, roots
+	if ps.since.IsZero() {
+		ps.since = time.Now()
+	}
 	if ps.until.IsZero() || until.Before(ps.until) {
 		ps.until = until
 	}
@@ -210,8 +242,9 @@ func (ps *peerState) expiry() time.Time {
 }
 
 // recheck says whether a connection verified at its handshake may still
-// carry a new stream: no certificate involved has expired, and the peer's
-// chain passes against the current bundle. It costs a pointer compare
+// carry a new stream: no certificate involved has expired (on the client,
+// none expires within retireLead), and the peer's chain passes against
+// the current bundle. It costs a pointer compare
 // unless the bundle changed since the last check; then the chain is
 // verified again, once.
 func (p *Proxy) recheck(ps *peerState, now time.Time) error {
@@ -225,6 +258,10 @@ func (p *Proxy) recheck(ps *peerState, now time.Time) error {
 	}
 	if !now.Before(ps.until) {
 		ps.err = &PeerError{"expired", fmt.Errorf("a certificate of this connection expired at %s", ps.until.Format(time.RFC3339))}
+		return ps.err
+	}
+	if lead := ps.retireLead(); lead > 0 && !now.Add(lead).Before(ps.until) {
+		ps.err = &PeerError{"expired", fmt.Errorf("a certificate of this connection expires at %s: the connection is left %s ahead, so no stream reaches the peer after it", ps.until.Format(time.RFC3339), lead)}
 		return ps.err
 	}
 	roots := p.cfg.Certificates.Roots()
@@ -270,7 +307,7 @@ func (p *Proxy) serverTLS(identity string, ps *peerState) *tls.Config {
 // clientTLS is the config to reach dstID as srcID. No SNI is sent; the
 // server's URI SAN must equal dstID. ps records what was verified.
 func (p *Proxy) clientTLS(ctx context.Context, srcID, dstID string, ps *peerState) *tls.Config {
-	ps.want, ps.usage = dstID, x509.ExtKeyUsageServerAuth
+	ps.want, ps.usage, ps.client = dstID, x509.ExtKeyUsageServerAuth, true
 	return &tls.Config{
 		MinVersion: tls.VersionTLS13,
 		NextProtos: []string{"h2"},

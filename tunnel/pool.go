@@ -99,8 +99,10 @@ func (pl *pool) conn(ctx context.Context, key poolKey) (*hbone.Conn, error) {
 			}
 			if ps := pl.states[c]; ps != nil {
 				if err := pl.p.recheck(ps, now); err != nil {
-					// No new streams; those open finish.
-					pl.p.log.Info("pooled HBONE connection retired: its peer no longer verifies",
+					// No new streams; those open finish. (Also
+					// routine: ahead of its certificates' expiry,
+					// peerState.retireLead.)
+					pl.p.log.Info("pooled HBONE connection retired: a certificate it was verified with expires or no longer verifies",
 						"dst", key.addr, "dst_identity", key.dst, "error", err)
 					go c.Shutdown(context.Background())
 					continue
