@@ -13,10 +13,13 @@
 //     a single-plugin .conf to a .conflist (keeping the original under
 //     net.d/.ambit/ for uninstall, and removing it so it stops being
 //     picked), and chains our entry last — a textual splice that keeps
-//     every other byte, the file's mode and owner. A primary whose network
-//     has plugin drop-ins (<conf dir>/<name>/*.conf, which libcni v1.3.0+
-//     runs after the list's own plugins) is refused with an error naming
-//     them, since ambit-cni would not be last;
+//     every other byte, the file's mode and owner. When the network has
+//     plugin drop-ins (<conf dir>/<name>/*.conf, which libcni v1.3.0+ runs
+//     after the list's own plugins) ambit-cni stays chained, before them,
+//     with a warning and the ambit_installer_plugins_after gauge (a pod
+//     must never start unredirected); a converted .conf says
+//     loadOnlyInlinedPlugins, as a .conf never loaded them; a list whose
+//     plugins all come from there is refused;
 //   - watches both directories (fsnotify, plus a periodic resync) and
 //     re-asserts when the primary CNI rewrites its file or someone deletes
 //     the binary; counts every re-assertion and warns (log and the

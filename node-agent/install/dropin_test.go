@@ -2,6 +2,7 @@ package install
 
 import (
 	"bytes"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -9,6 +10,7 @@ import (
 	"time"
 
 	"github.com/containernetworking/cni/libcni"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
 // runtimeChain is the plugin types the runtime runs for the list at path:
@@ -38,15 +40,28 @@ func writeFile(t *testing.T, path, s string) {
 	}
 }
 
-// TestDropInPluginsRefused: a plugin config in /etc/cni/net.d/<network
-// name>/ runs after the list's own plugins (libcni v1.3.0 on), so ambit-cni
-// chained into the list would not run last and that plugin could change
-// the pod's netns after the redirection was installed. The installer
-// refuses such a list, saying which files and what to do, and takes its
-// entry out if the drop-in appeared after it chained; with the drop-in
-// gone, or "loadOnlyInlinedPlugins": true, it chains and is last.
-func TestDropInPluginsRefused(t *testing.T) {
+// chainHas says whether the runtime chain runs ambit-cni, and whether
+// last.
+func chainHas(chain []string) (has, last bool) {
+	for _, c := range chain {
+		if c == PluginType {
+			has = true
+		}
+	}
+	return has, has && chain[len(chain)-1] == PluginType
+}
+
+// TestDropInPluginsStayChained: a plugin config in /etc/cni/net.d/<network
+// name>/ runs after the list's own plugins (libcni v1.3.0 on), so
+// ambit-cni chained into the list cannot run last. It stays chained (an
+// ambient pod must never start without its redirection), and the
+// installer says so: the warning names the files and the fix, and
+// ambit_installer_plugins_after counts them. With the drop-in gone, or
+// "loadOnlyInlinedPlugins": true, it is last again and the gauge 0.
+func TestDropInPluginsStayChained(t *testing.T) {
 	n := newNode(t)
+	var logs bytes.Buffer
+	n.log = slog.New(slog.NewTextHandler(&logs, nil))
 	orig := fixture(t, "10-flannel.conflist") // network "cbr0"
 	primary := filepath.Join(n.conf, "10-flannel.conflist")
 	writeFile(t, primary, string(orig))
@@ -56,36 +71,45 @@ func TestDropInPluginsRefused(t *testing.T) {
 	c, _ := n.config().withDefaults()
 	e, _ := entryOf(c.Entry)
 	in := &installer{cfg: c, entry: e, m: n.m, log: n.log}
-	err := in.reconcile()
-	if chain := runtimeChain(t, primary); chain[len(chain)-1] != PluginType && strings.Contains(strings.Join(chain, ","), PluginType) {
-		t.Fatalf("the runtime runs %v: ambit-cni chained but not last (installer said %v)", chain, err)
+	if err := in.reconcile(); err != nil {
+		t.Fatalf("reconcile with a drop-in: %v", err)
 	}
-	if err == nil || !strings.Contains(err.Error(), dropIn) || !strings.Contains(err.Error(), "loadOnlyInlinedPlugins") {
-		t.Fatalf("reconcile = %v, want a refusal naming %s and the fix", err, dropIn)
+	chain := runtimeChain(t, primary)
+	if has, _ := chainHas(chain); !has || chain[len(chain)-1] != "tuning" {
+		t.Fatalf("the runtime runs %v, want ambit-cni chained, the drop-in after it", chain)
 	}
-	if b, _ := os.ReadFile(primary); !bytes.Equal(b, orig) {
-		t.Fatalf("refused list was written:\n%s", b)
+	if got := testutil.ToFloat64(n.m.after); got != 1 {
+		t.Fatalf("ambit_installer_plugins_after = %v, want 1", got)
+	}
+	if !strings.Contains(logs.String(), "50-tuning.conf") || !strings.Contains(logs.String(), "loadOnlyInlinedPlugins") {
+		t.Fatalf("no warning naming the drop-in and the fix:\n%s", logs.String())
+	}
+	if err := in.reconcile(); err != nil {
+		t.Fatal(err)
+	}
+	if k := strings.Count(logs.String(), "drop-in directory run after"); k != 1 {
+		t.Fatalf("the warning was logged %d times for one unchanged drop-in", k)
 	}
 
-	// The drop-in goes: chained, last.
+	// The drop-in goes: last, gauge 0.
 	os.RemoveAll(filepath.Dir(dropIn))
 	if err := in.reconcile(); err != nil {
 		t.Fatal(err)
 	}
-	if chain := runtimeChain(t, primary); chain[len(chain)-1] != PluginType {
-		t.Fatalf("runtime chain %v", chain)
+	if _, last := chainHas(runtimeChain(t, primary)); !last {
+		t.Fatalf("runtime chain %v", runtimeChain(t, primary))
+	}
+	if got := testutil.ToFloat64(n.m.after); got != 0 {
+		t.Fatalf("ambit_installer_plugins_after = %v after the drop-in went", got)
 	}
 
-	// A drop-in appears after we chained: our entry comes out.
+	// A drop-in appears after we chained: the entry stays.
 	writeFile(t, dropIn, `{"cniVersion":"0.3.1","name":"cbr0","type":"tuning"}`)
-	if err := in.reconcile(); err == nil {
-		t.Fatal("a drop-in after our entry was accepted")
+	if err := in.reconcile(); err != nil {
+		t.Fatal(err)
 	}
-	if b, _ := os.ReadFile(primary); !bytes.Equal(b, orig) {
-		t.Fatalf("entry left in a list whose drop-ins run after it:\n%s", b)
-	}
-	if chain := runtimeChain(t, primary); strings.Contains(strings.Join(chain, ","), PluginType) {
-		t.Fatalf("runtime chain %v still has ambit-cni", chain)
+	if has, _ := chainHas(runtimeChain(t, primary)); !has {
+		t.Fatalf("runtime chain %v lost ambit-cni", runtimeChain(t, primary))
 	}
 
 	// Only *.conf files count, as in libcni.
@@ -94,8 +118,8 @@ func TestDropInPluginsRefused(t *testing.T) {
 	if err := in.reconcile(); err != nil {
 		t.Fatalf("a .json in the network's directory (libcni ignores it): %v", err)
 	}
-	if chain := runtimeChain(t, primary); chain[len(chain)-1] != PluginType {
-		t.Fatalf("runtime chain %v", chain)
+	if _, last := chainHas(runtimeChain(t, primary)); !last || testutil.ToFloat64(n.m.after) != 0 {
+		t.Fatalf("runtime chain %v, gauge %v", runtimeChain(t, primary), testutil.ToFloat64(n.m.after))
 	}
 
 	// The list keeps to its own plugins: drop-ins do not run, we are last.
@@ -105,8 +129,8 @@ func TestDropInPluginsRefused(t *testing.T) {
 	if err := in.reconcile(); err != nil {
 		t.Fatalf("loadOnlyInlinedPlugins true: %v", err)
 	}
-	if chain := runtimeChain(t, primary); chain[len(chain)-1] != PluginType {
-		t.Fatalf("runtime chain %v", chain)
+	if _, last := chainHas(runtimeChain(t, primary)); !last || testutil.ToFloat64(n.m.after) != 0 {
+		t.Fatalf("runtime chain %v, gauge %v", runtimeChain(t, primary), testutil.ToFloat64(n.m.after))
 	}
 }
 
@@ -138,12 +162,13 @@ func TestDropInOnlyListIsThePrimary(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), first) {
 		t.Fatalf("reconcile = %v, want a refusal naming %s", err, first)
 	}
+
 }
 
 // A single-plugin .conf is loaded without drop-ins (libcni reads them for
-// lists only); converting it to a list would start running them, after
-// ambit-cni. Refused the same way, the .conf left as it is.
-func TestDropInsBlockConversion(t *testing.T) {
+// lists only): its conversion to a list says "loadOnlyInlinedPlugins", so
+// the runtime keeps running just the plugin it ran, with ambit-cni last.
+func TestConversionKeepsDropInsOut(t *testing.T) {
 	n := newNode(t)
 	conf := filepath.Join(n.conf, "10-bridge.conf")
 	orig := fixture(t, "10-bridge.conf")
@@ -157,21 +182,21 @@ func TestDropInsBlockConversion(t *testing.T) {
 	c, _ := n.config().withDefaults()
 	e, _ := entryOf(c.Entry)
 	in := &installer{cfg: c, entry: e, m: n.m, log: n.log}
-	err = in.reconcile()
-	if _, serr := os.Stat(filepath.Join(n.conf, "10-bridge.conflist")); serr == nil {
-		t.Fatalf("converted although the network's drop-ins would run after ambit-cni (reconcile: %v): runtime chain %v", err, runtimeChain(t, filepath.Join(n.conf, "10-bridge.conflist")))
+	if err := in.reconcile(); err != nil {
+		t.Fatal(err)
 	}
-	if err == nil || !strings.Contains(err.Error(), "50-tuning.conf") {
-		t.Fatalf("reconcile = %v, want a refusal naming the drop-in", err)
+	chain := runtimeChain(t, filepath.Join(n.conf, "10-bridge.conflist"))
+	if strings.Join(chain, ",") != "bridge,"+PluginType {
+		t.Fatalf("the runtime runs %v after the conversion, want bridge then ambit-cni (the drop-in was never run for the .conf)", chain)
 	}
-	if b, _ := os.ReadFile(conf); !bytes.Equal(b, orig) {
-		t.Fatal(".conf changed")
+	if got := testutil.ToFloat64(n.m.after); got != 0 {
+		t.Fatalf("ambit_installer_plugins_after = %v", got)
 	}
 }
 
-// While Run keeps the entry, a drop-in directory appearing takes it out
-// at once (an event, not the hourly resync), and its removal puts it back;
-// a directory made again at the same path is watched again.
+// While Run keeps the entry, a drop-in appearing is seen at once (an
+// event, not the hourly resync), and so is its removal; a directory made
+// again at the same path is watched again.
 func TestDropInWatched(t *testing.T) {
 	n := newNode(t)
 	orig := fixture(t, "10-flannel.conflist")
@@ -186,8 +211,8 @@ func TestDropInWatched(t *testing.T) {
 		eventually(t, "the empty drop-in directory to be watched", func() bool { return hasEntry(primary) })
 		time.Sleep(50 * time.Millisecond) // the reconcile that adds the watch
 		writeFile(t, filepath.Join(dir, "50-tuning.conf"), `{"cniVersion":"0.3.1","type":"tuning"}`)
-		eventually(t, "entry out after a drop-in appeared", func() bool { b, _ := os.ReadFile(primary); return bytes.Equal(b, orig) })
+		eventually(t, "the drop-in counted", func() bool { return testutil.ToFloat64(n.m.after) == 1 && hasEntry(primary) })
 		os.RemoveAll(dir)
-		eventually(t, "entry back after the drop-in went", func() bool { return hasEntry(primary) })
+		eventually(t, "the drop-in's removal seen", func() bool { return testutil.ToFloat64(n.m.after) == 0 && hasEntry(primary) })
 	}
 }

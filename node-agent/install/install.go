@@ -158,6 +158,8 @@ type installer struct {
 	rewrites []time.Time
 	// lastSkipped avoids repeating the same warning every resync.
 	lastSkipped string
+	// lastDropIns avoids repeating the drop-in warning every resync.
+	lastDropIns string
 	waiting     bool
 	yielded     bool
 
@@ -248,7 +250,7 @@ func (in *installer) reconcile() error {
 		// at the next resync.
 		in.watchDir(dir)
 	}
-	if len(p.DropIns) > 0 {
+	if len(p.DropIns) > 0 && !hasOtherThan(p.Inline, PluginType) {
 		in.state(false, "")
 		return in.refuseDropIns(p)
 	}
@@ -262,8 +264,32 @@ func (in *installer) reconcile() error {
 		in.state(false, "")
 		return err
 	}
+	in.warnDropIns(p)
 	in.state(true, path)
 	return nil
+}
+
+// warnDropIns reports the network's drop-in plugins (libcni v1.3.0+ runs
+// <conf dir>/<network name>/*.conf after the list's own plugins), which
+// run after ambit-cni: it cannot be last in such a network. It stays
+// chained anyway: an ambient pod must never start without its
+// redirection, and the plugins usually found there (tuning, portmap,
+// bandwidth) leave the pod's nftables alone; one that flushed them would
+// have them put back by the agent's periodic rule check. The fix is the
+// operator's: move them into the list's "plugins", or set
+// "loadOnlyInlinedPlugins": true.
+func (in *installer) warnDropIns(p *conflist.Primary) {
+	in.m.after.Set(float64(len(p.DropIns)))
+	key := strings.Join(p.DropIns, "\x00")
+	if key == in.lastDropIns {
+		return
+	}
+	in.lastDropIns = key
+	if len(p.DropIns) == 0 {
+		return
+	}
+	in.log.Warn("plugins in the network's drop-in directory run after ambit-cni on runtimes built with containernetworking/cni v1.3.0 or later; ambit-cni stays chained (an ambient pod never starts unredirected), but to make it last move them into the list's \"plugins\" or set \"loadOnlyInlinedPlugins\": true",
+		"path", p.Path, "drop_ins", strings.Join(p.DropIns, ", "))
 }
 
 func (in *installer) state(installed bool, primary string) {
@@ -294,16 +320,25 @@ func (in *installer) dropInDir(p *conflist.Primary) (string, bool) {
 	return dir, err == nil && fi.IsDir()
 }
 
-// refuseDropIns declines a primary whose network a libcni v1.3.0+
-// runtime extends with plugin configs from <conf dir>/<network name>/:
-// they run after the list's own plugins, so ambit-cni would not be last
-// and one of them could change the pod's netns after the redirection
-// was installed (the drop-in directory was made for plugins such as
-// another mesh's redirection). Our entry comes out of the list if it is
+// hasOtherThan says whether types holds a type other than t.
+func hasOtherThan(types []string, t string) bool {
+	for _, x := range types {
+		if x != t {
+			return true
+		}
+	}
+	return false
+}
+
+// refuseDropIns declines a primary list that has no plugins of its own
+// (ours aside),
+// all of them coming from <conf dir>/<network name>/ (libcni v1.3.0+):
+// an entry in its "plugins" would run first, before the primary CNI has
+// made the pod's interface. Our entry comes out of the list if it is
 // there. Pods then start unenrolled and the agent enrolls ambient ones
 // live; the error, repeated with backoff, tells the operator the fix.
 func (in *installer) refuseDropIns(p *conflist.Primary) error {
-	if p.IsList && conflist.Has(p.Data, PluginType) {
+	if conflist.Has(p.Data, PluginType) {
 		out, _, err := conflist.Remove(p.Data, PluginType)
 		if err != nil {
 			return fmt.Errorf("%s: %w", p.Path, err)
@@ -316,16 +351,10 @@ func (in *installer) refuseDropIns(p *conflist.Primary) error {
 			return err
 		}
 		delete(in.written, p.Path)
-		in.log.Warn("took ambit-cni out of the primary CNI config: plugins in the network's directory would run after it", "path", p.Path, "file", dst)
+		in.log.Warn("took ambit-cni out of the primary CNI config: its plugins all come from the network's directory, so ambit-cni would run first", "path", p.Path, "file", dst)
 	}
-	what := fmt.Sprintf("%s (the primary CNI config)", p.Path)
-	fix := `move them into its "plugins" list or set "loadOnlyInlinedPlugins": true in it`
-	if !p.IsList {
-		what = fmt.Sprintf("%s (the primary CNI config, a single plugin, which ambit would convert to a list)", p.Path)
-		fix = "move them elsewhere (the single-plugin file does not load them; a list would)"
-	}
-	return fmt.Errorf("%w: %s names a network whose directory holds %s; runtimes built with containernetworking/cni v1.3.0 or later run those after the list's own plugins, so they would run after ambit-cni and could change the pod's network namespace after its redirection is installed. Not chaining ambit-cni there (pods start unenrolled and the agent enrolls ambient pods live): %s",
-		errNotLast, what, strings.Join(p.DropIns, ", "), fix)
+	return fmt.Errorf("%w: %s (the primary CNI config) has no plugins of its own; runtimes built with containernetworking/cni v1.3.0 or later take them all from %s, after any in the list, so ambit-cni cannot be chained after them there. Not chaining ambit-cni (pods start unenrolled and the agent enrolls ambient pods live): move them into the list's \"plugins\"",
+		errNotLast, p.Path, strings.Join(p.DropIns, ", "))
 }
 
 // errUnsettled: a config file that sorts first is broken but fresh; look

@@ -11,6 +11,7 @@ type metrics struct {
 	reasserts prometheus.Counter
 	fights    prometheus.Counter
 	errors    prometheus.Counter
+	after     prometheus.Gauge
 }
 
 func newMetrics(r prometheus.Registerer) *metrics {
@@ -31,6 +32,10 @@ func newMetrics(r prometheus.Registerer) *metrics {
 			Name: "ambit_installer_errors_total",
 			Help: "Failed installer reconciliations (each is retried).",
 		}),
+		after: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "ambit_installer_plugins_after",
+			Help: "Plugin configs in the primary network's libcni drop-in directory, which a runtime built with containernetworking/cni v1.3.0 or later runs after ambit-cni (0 when ambit-cni runs last).",
+		}),
 	}
 	if r == nil {
 		return m
@@ -39,6 +44,7 @@ func newMetrics(r prometheus.Registerer) *metrics {
 	m.reasserts = register(r, m.reasserts)
 	m.fights = register(r, m.fights)
 	m.errors = register(r, m.errors)
+	m.after = register(r, m.after)
 	return m
 }
 

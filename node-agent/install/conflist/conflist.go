@@ -432,7 +432,10 @@ func sameJSON(a, b []byte) bool {
 // Convert turns a single-plugin configuration into an equivalent
 // conflist whose only plugin is the original object, byte for byte, with
 // the list's name and cniVersion taken from it (libcni's ConfListFromConf
-// does the same in memory).
+// does the same in memory). The list says "loadOnlyInlinedPlugins": a
+// runtime never loads the network's drop-in plugins (libcni v1.3.0+,
+// <dir>/<name>/*.conf) for a single-plugin file, and the conversion must
+// not start running them (after ambit-cni); older libcni ignores the key.
 func Convert(b []byte) ([]byte, error) {
 	c, err := ParseConf(b)
 	if err != nil {
@@ -451,6 +454,7 @@ func Convert(b []byte) ([]byte, error) {
 	}
 	n, _ := json.Marshal(name)
 	fmt.Fprintf(&buf, "  \"name\": %s,\n", n)
+	buf.WriteString("  \"loadOnlyInlinedPlugins\": true,\n")
 	buf.WriteString("  \"plugins\": [\n    ")
 	buf.Write(bytes.TrimSpace(b))
 	buf.WriteString("\n  ]\n}\n")

@@ -29,9 +29,11 @@ type Primary struct {
 	Data   []byte
 	Info   os.FileInfo
 	// DropIns are the plugin configs a libcni v1.3.0+ runtime runs after
-	// the list's own plugins (see DropIns), for a .conf/.json those its
-	// conversion to a list would start running.
+	// the list's own plugins (see DropIns); none for a .conf/.json, which
+	// never loads them (and whose conversion keeps it so: Convert).
 	DropIns []string
+	// Inline are the types of a list's own plugins, in order.
+	Inline []string
 	// Name is the network's name (as libcni reads it).
 	Name string
 }
@@ -113,7 +115,7 @@ func FindPrimary(dir string) (*Primary, []Skipped, error) {
 			continue
 		}
 		p := &Primary{Path: f, IsList: isList, Data: b, Info: fi}
-		if p.Name, p.DropIns, err = dropInsOf(f, b); err != nil {
+		if p.Name, p.DropIns, p.Inline, err = dropInsOf(f, b); err != nil {
 			skipped = append(skipped, Skipped{f, err})
 			continue
 		}
@@ -140,32 +142,30 @@ func DropIns(dir, name string) ([]string, error) {
 }
 
 // dropInsOf is DropIns for the config at path with content b (valid, per
-// Loads): for a list that does not keep to its inlined plugins, and for a
-// single-plugin file, whose list after conversion would not.
-func dropInsOf(path string, b []byte) (name string, dropIns []string, err error) {
-	if strings.HasSuffix(path, ".conflist") {
-		l, err := libcni.NetworkConfFromBytes(b)
-		if err != nil {
-			return "", nil, err
-		}
-		if l.LoadOnlyInlinedPlugins {
-			return l.Name, nil, nil
-		}
-		name = l.Name
-	} else {
+// Loads), for a list that does not keep to its inlined plugins, and the
+// types of a list's own plugins. A single-plugin file names its network
+// and has neither.
+func dropInsOf(path string, b []byte) (name string, dropIns, inline []string, err error) {
+	if !strings.HasSuffix(path, ".conflist") {
 		c, err := libcni.NetworkPluginConfFromBytes(b)
 		if err != nil {
-			return "", nil, err
+			return "", nil, nil, err
 		}
-		name = c.Network.Name
+		return c.Network.Name, nil, nil, nil
 	}
-	if name == "" {
-		// libcni would read the config directory itself; such a
-		// network is refused as unnamed elsewhere.
-		return "", nil, nil
+	l, err := libcni.NetworkConfFromBytes(b)
+	if err != nil {
+		return "", nil, nil, err
 	}
-	dropIns, err = DropIns(filepath.Dir(path), name)
-	return name, dropIns, err
+	for _, pl := range l.Plugins {
+		inline = append(inline, pl.Network.Type)
+	}
+	if l.LoadOnlyInlinedPlugins || l.Name == "" {
+		// An unnamed network is refused as such elsewhere.
+		return l.Name, nil, inline, nil
+	}
+	dropIns, err = DropIns(filepath.Dir(path), l.Name)
+	return l.Name, dropIns, inline, err
 }
 
 // Loads reports whether a runtime loads b, the content of the file at
