@@ -59,6 +59,9 @@
 //
 // RBAC the agent needs: pods get/list/watch/patch, namespaces, nodes,
 // services and discovery.k8s.io endpointslices get/list/watch, events
-// create/patch. Without nodes the Source never syncs (its Node informer
-// waits), as without any of the others.
+// create/patch. Without any of them but nodes the Source never syncs.
+// Without nodes (a ClusterRole from before topology: an image-only
+// upgrade) it syncs with the zone unknown and logs a warning once:
+// topology is an optimisation, and an agent that never became ready over
+// it would stall the rollout.
 package kube

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -71,6 +72,11 @@ type Source struct {
 	// handler ran, not just the cache filled), so a synced Source
 	// resolves with its topology from the first connection.
 	nodeSynced cache.ResourceEventHandlerRegistration
+	// nodeForbidden: the agent may not read its Node (a ClusterRole from
+	// before topology, an image-only upgrade). Its zone is then unknown,
+	// as for a node without the label, and the agent serves without
+	// topology rather than never becoming ready.
+	nodeForbidden atomic.Bool
 
 	dir directory
 	svc serviceIndex
@@ -201,6 +207,17 @@ func New(cfg Config) (*Source, error) {
 	if _, err := s.slices.AddEventHandler(svcHandler); err != nil {
 		return nil, err
 	}
+	if err := s.node.SetWatchErrorHandlerWithContext(func(ctx context.Context, r *cache.Reflector, err error) {
+		if apierrors.IsForbidden(err) {
+			if !s.nodeForbidden.Swap(true) {
+				s.log.Warn("may not read this node's Node object (ClusterRole without nodes get/list/watch?): topology hints are not used", "node", s.cfg.NodeName, "err", err)
+			}
+			return
+		}
+		cache.DefaultWatchErrorHandler(ctx, r, err)
+	}); err != nil {
+		return nil, err
+	}
 	reg, err := s.node.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc:    s.nodeSeen,
 		UpdateFunc: func(_, obj any) { s.nodeSeen(obj) },
@@ -242,7 +259,8 @@ func (s *Source) Close() {
 // WaitSynced blocks until every informer has its first full list.
 func (s *Source) WaitSynced(ctx context.Context) error {
 	if !cache.WaitForCacheSync(ctx.Done(), s.localPods.HasSynced, s.allPods.HasSynced,
-		s.namespaces.HasSynced, s.services.HasSynced, s.slices.HasSynced, s.nodeSynced.HasSynced) {
+		s.namespaces.HasSynced, s.services.HasSynced, s.slices.HasSynced,
+		func() bool { return s.nodeForbidden.Load() || s.nodeSynced.HasSynced() }) {
 		if err := ctx.Err(); err != nil {
 			return fmt.Errorf("kube: waiting for informers: %w", err)
 		}

@@ -2,6 +2,7 @@ package kube
 
 import (
 	"context"
+	"errors"
 	"net/netip"
 	"reflect"
 	"testing"
@@ -9,8 +10,11 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/kubernetes/fake"
+	ktesting "k8s.io/client-go/testing"
 
 	"github.com/ambit-mesh/ambit/tunnel"
 )
@@ -227,5 +231,24 @@ func TestTrimNode(t *testing.T) {
 	}
 	if got, _ := TrimNode(node("node-b", "")); got.(*corev1.Node).Labels != nil {
 		t.Fatalf("node without a zone kept labels %v", got.(*corev1.Node).Labels)
+	}
+}
+
+// An agent whose ClusterRole predates topology (an image-only upgrade)
+// may not read its Node. It must still become ready, without topology:
+// every endpoint, as for a node without a zone label. Before, WaitSynced
+// waited for the Node informer forever, and a surge rollout stalled.
+func TestNodeForbiddenMeansNoTopology(t *testing.T) {
+	ports := []discoveryv1.EndpointPort{{Name: ptr("http"), Port: ptr[int32](8080)}}
+	sl := slice("web-a", "web", discoveryv1.AddressTypeIPv4, ports,
+		hinted("10.1.0.1", "node-a", "z1", zones("z1"), nil, nil),
+		hinted("10.2.0.1", "node-b", "z2", zones("z2"), nil, nil))
+	client := fake.NewClientset(node("node-a", "z1"), clusterIPService("web", "10.96.0.10", 80), sl)
+	client.PrependReactor("list", "nodes", func(ktesting.Action) (bool, runtime.Object, error) {
+		return true, nil, apierrors.NewForbidden(corev1.Resource("nodes"), "", errors.New("RBAC: nodes is forbidden"))
+	})
+	s, _ := startSource(t, client, Config{NodeName: "node-a"})
+	if eps, _ := s.ServiceEndpoints(netip.MustParseAddrPort("10.96.0.10:80")); !reflect.DeepEqual(eps, aps("10.1.0.1:8080", "10.2.0.1:8080")) {
+		t.Fatalf("zone unknown: %v, want every endpoint", eps)
 	}
 }
