@@ -520,3 +520,44 @@ func TestYieldsToNewerAgent(t *testing.T) {
 		return err == nil && bytes.Contains(bin, []byte("v1"))
 	})
 }
+
+// A .conf converted by an agent from before "loadOnlyInlinedPlugins" (its
+// list lacks the key) is still put back byte for byte by the uninstall of
+// a newer agent: an upgrade then an uninstall must not leave the node on
+// a .conflist with the original stranded in the backup directory.
+func TestUninstallRestoresOlderConversion(t *testing.T) {
+	n := newNode(t)
+	orig := fixture(t, "10-bridge.conf")
+	conf := filepath.Join(n.conf, "10-bridge.conf")
+	if err := os.WriteFile(conf, orig, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	stop := run(t, n.config())
+	list := filepath.Join(n.conf, "10-bridge.conflist")
+	eventually(t, "converted list", func() bool { return hasEntry(list) })
+	stop()
+	// What the older agent wrote: the same list without the key.
+	b, err := os.ReadFile(list)
+	if err != nil {
+		t.Fatal(err)
+	}
+	old := bytes.Replace(b, []byte("  \"loadOnlyInlinedPlugins\": true,\n"), nil, 1)
+	if bytes.Equal(old, b) {
+		t.Fatalf("the conversion no longer has the key line this test removes:\n%s", b)
+	}
+	if err := os.WriteFile(list, old, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := Uninstall(context.Background(), n.config()); err != nil {
+		t.Fatal(err)
+	}
+	got, err := os.ReadFile(conf)
+	if err != nil || !bytes.Equal(got, orig) {
+		t.Fatalf("original .conf not restored byte-identical: %v\n%s", err, got)
+	}
+	for _, gone := range []string{list, filepath.Join(n.conf, BackupDir)} {
+		if _, err := os.Stat(gone); !os.IsNotExist(err) {
+			t.Errorf("%s still exists after uninstall", gone)
+		}
+	}
+}

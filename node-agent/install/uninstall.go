@@ -1,7 +1,6 @@
 package install
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -104,8 +103,7 @@ func restoreConverted(confDir, path string, withoutUs []byte) (bool, error) {
 		if err != nil {
 			continue
 		}
-		conv, err := conflist.Convert(bb)
-		if err != nil || !bytes.Equal(conv, withoutUs) {
+		if !conflist.IsConversion(withoutUs, bb) {
 			continue
 		}
 		target := filepath.Join(confDir, orig)

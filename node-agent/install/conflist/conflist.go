@@ -437,6 +437,28 @@ func sameJSON(a, b []byte) bool {
 // <dir>/<name>/*.conf) for a single-plugin file, and the conversion must
 // not start running them (after ambit-cni); older libcni ignores the key.
 func Convert(b []byte) ([]byte, error) {
+	return convert(b, true)
+}
+
+// inlinedOnlyLine is the line Convert adds since the drop-in handling;
+// agents before it converted without.
+const inlinedOnlyLine = "  \"loadOnlyInlinedPlugins\": true,\n"
+
+// IsConversion reports whether list is exactly what Convert makes of
+// orig, or what agents before "loadOnlyInlinedPlugins" made of it (the
+// same without that line): a list converted by an older agent must still
+// be recognised, or an uninstall after an upgrade would leave the node on
+// the list with the original stranded in the backup.
+func IsConversion(list, orig []byte) bool {
+	for _, inlinedOnly := range []bool{true, false} {
+		if c, err := convert(orig, inlinedOnly); err == nil && bytes.Equal(c, list) {
+			return true
+		}
+	}
+	return false
+}
+
+func convert(b []byte, inlinedOnly bool) ([]byte, error) {
 	c, err := ParseConf(b)
 	if err != nil {
 		return nil, err
@@ -454,7 +476,9 @@ func Convert(b []byte) ([]byte, error) {
 	}
 	n, _ := json.Marshal(name)
 	fmt.Fprintf(&buf, "  \"name\": %s,\n", n)
-	buf.WriteString("  \"loadOnlyInlinedPlugins\": true,\n")
+	if inlinedOnly {
+		buf.WriteString(inlinedOnlyLine)
+	}
 	buf.WriteString("  \"plugins\": [\n    ")
 	buf.Write(bytes.TrimSpace(b))
 	buf.WriteString("\n  ]\n}\n")
