@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net/netip"
 	"reflect"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -250,5 +251,39 @@ func TestNodeForbiddenMeansNoTopology(t *testing.T) {
 	s, _ := startSource(t, client, Config{NodeName: "node-a"})
 	if eps, _ := s.ServiceEndpoints(netip.MustParseAddrPort("10.96.0.10:80")); !reflect.DeepEqual(eps, aps("10.1.0.1:8080", "10.2.0.1:8080")) {
 		t.Fatalf("zone unknown: %v, want every endpoint", eps)
+	}
+}
+
+// RBAC fixed while the agent runs (the ClusterRole updated after an
+// image-only upgrade): the Node informer keeps retrying its list, and
+// once it may read the Node the zone applies without a restart.
+func TestNodeAllowedLaterAppliesZone(t *testing.T) {
+	ports := []discoveryv1.EndpointPort{{Name: ptr("http"), Port: ptr[int32](8080)}}
+	sl := slice("web-a", "web", discoveryv1.AddressTypeIPv4, ports,
+		hinted("10.1.0.1", "node-a", "z1", zones("z1"), nil, nil),
+		hinted("10.2.0.1", "node-b", "z2", zones("z2"), nil, nil))
+	client := fake.NewClientset(node("node-a", "z1"), clusterIPService("web", "10.96.0.10", 80), sl)
+	var allowed atomic.Bool
+	client.PrependReactor("list", "nodes", func(ktesting.Action) (bool, runtime.Object, error) {
+		if allowed.Load() {
+			return false, nil, nil
+		}
+		return true, nil, apierrors.NewForbidden(corev1.Resource("nodes"), "", errors.New("RBAC: nodes is forbidden"))
+	})
+	s, _ := startSource(t, client, Config{NodeName: "node-a"})
+	if eps, _ := s.ServiceEndpoints(netip.MustParseAddrPort("10.96.0.10:80")); !reflect.DeepEqual(eps, aps("10.1.0.1:8080", "10.2.0.1:8080")) {
+		t.Fatalf("zone unknown: %v, want every endpoint", eps)
+	}
+	allowed.Store(true)
+	deadline := time.Now().Add(45 * time.Second)
+	for {
+		eps, _ := s.ServiceEndpoints(netip.MustParseAddrPort("10.96.0.10:80"))
+		if reflect.DeepEqual(eps, aps("10.1.0.1:8080")) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("45 s after the Node became readable: %v, want the zone's endpoint only", eps)
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }
