@@ -348,9 +348,14 @@ func (a *Agent) run(ctx context.Context, l *net.UnixListener, sock *cniproto.Soc
 			}
 		}()
 	}
-	// The annotations are kept through the drain too: an agent that
-	// stops leaves them as they are, for the next one.
-	statusCtx, stopStatus := context.WithCancel(context.Background())
+	// The annotations are kept until the agent is told to stop, not
+	// through its drain: from then on its wishes are frozen (the
+	// reconcile loop has stopped) while the newer agent of the node (a
+	// surge upgrade) acts, and a write of a stale wish would undo the
+	// newer agent's, e.g. remove "enabled" from a pod it enrolled again.
+	// What is left unwritten the next agent states again (re-adoption,
+	// its full reconcile).
+	statusCtx, stopStatus := context.WithCancel(ctx)
 	defer stopStatus()
 	statusDone := make(chan struct{})
 	go func() {

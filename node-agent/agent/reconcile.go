@@ -225,6 +225,9 @@ func (a *Agent) reconcilePod(ctx context.Context, namespace, name string, scan *
 			a.releaseAsync(p)
 		} else if p != nil && p.enrolled() {
 			a.unenrollLive(p, cluster.Pod{Namespace: namespace, Name: name})
+		} else if p != nil && a.static {
+			// Not in the inventory: not meshed (see below).
+			a.setStatus(cluster.Pod{Namespace: namespace, Name: name, UID: p.rec.UID}, "", "", "")
 		}
 		return
 	}
@@ -249,6 +252,13 @@ func (a *Agent) reconcilePod(ctx context.Context, namespace, name string, scan *
 		}
 	case !d.Enroll && p != nil && p.enrolled():
 		a.unenrollLive(p, cp)
+	case !d.Enroll:
+		// Not served here, so no annotation. Usually there is none and
+		// nothing is written (statussync compares with the cache); this
+		// repairs a removal lost before a restart (the next agent finds
+		// the pod's record not enrolled and would otherwise never say
+		// it), or an "enabled" left by a sandbox the pod no longer has.
+		a.setStatus(cp, "", "", "")
 	}
 }
 

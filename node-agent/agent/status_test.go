@@ -18,6 +18,7 @@ import (
 	"github.com/ambit-mesh/ambit/internal/testenv"
 	"github.com/ambit-mesh/ambit/node-agent/kube"
 	"github.com/ambit-mesh/ambit/plugin/cniproto"
+	"github.com/ambit-mesh/ambit/tunnel"
 )
 
 // statusAPI is a fake API server holding apps/<name> on the test node,
@@ -162,5 +163,92 @@ func TestUnenrolledPodAnnotationCleared(t *testing.T) {
 	eventually(t, "the annotation removed", func() bool { return api.annotation(t, "web") == "" })
 	if resp, err := h.call(cniproto.OpDel, "apps", "web", "cid-web", n); err != nil || resp.Error != "" {
 		t.Fatalf("DEL: %+v %v", resp, err)
+	}
+}
+
+// TestLostRemovalRepairedAfterRestart: a pod unenrolled while running
+// (its namespace left the mesh) whose removal of the annotation never got
+// through before the agent stopped. The next agent finds the pod not
+// enrolled (its record says so) and must still want no annotation:
+// otherwise "enabled" stays for the pod's life and other nodes send HBONE
+// to a port 15008 nothing serves (every connection refused).
+func TestLostRemovalRepairedAfterRestart(t *testing.T) {
+	testenv.RequireRoot(t)
+	dir, _ := os.MkdirTemp("", "amb-agt-")
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	api := newStatusAPI(t, "web")
+	h := startAgent(t, dir, invAmbient, func(o *Options) { o.Status = api.src })
+	n := newNetns(t, "10.86.4.2/24")
+	enrollLikePlugin(t, h, "web", n, "10.86.4.2/24")
+	eventually(t, "the annotation after ADD", func() bool { return api.annotation(t, "web") == kube.StateEnabled })
+	before := api.patches.Load()
+	api.fail.Store(1 << 30) // the removal never gets through
+	h.writeInventory(invPlain)
+	if err := h.inv.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "a removal attempt", func() bool { return api.patches.Load() > before })
+	h.stop()
+	api.fail.Store(0)
+	startAgent(t, dir, invPlain, func(o *Options) { o.Status = api.src })
+	eventually(t, "the annotation removed by the next agent", func() bool { return api.annotation(t, "web") == "" })
+}
+
+// closeAtDeadline serves like echoTunnel but its Close takes until ctx
+// ends, as a drain with a connection that never finishes does.
+type closeAtDeadline struct{ echoTunnel }
+
+type slowServing struct{ Serving }
+
+func (c *closeAtDeadline) Serve(p tunnel.Pod) (Serving, error) {
+	s, err := c.echoTunnel.Serve(p)
+	if err != nil {
+		return nil, err
+	}
+	return slowServing{s}, nil
+}
+
+func (s slowServing) Close(ctx context.Context) error {
+	err := s.Serving.Close(ctx)
+	<-ctx.Done()
+	return err
+}
+
+// TestStoppingAgentLeavesAnnotations: an agent told to stop (SIGTERM, a
+// surge upgrade) drains for up to drainTimeout, and meanwhile the newer
+// agent of the node acts: here it enrolls again a pod the old one had
+// unenrolled, and writes "enabled". The old agent's wishes are frozen
+// from before (its reconcile loop has stopped), so it must not write
+// them any more: before, it removed the new agent's "enabled" on its
+// next pass, and other nodes sent plaintext to a pod that redirects
+// (accepted without identity, or reset under strict) until it exited.
+func TestStoppingAgentLeavesAnnotations(t *testing.T) {
+	testenv.RequireRoot(t)
+	api := newStatusAPI(t, "web")
+	h := startAgent(t, "", invAmbient, func(o *Options) {
+		o.Status = api.src
+		o.Tunnel = &closeAtDeadline{}
+		o.Config.DrainTimeout.Duration = 9 * time.Second
+	})
+	n := newNetns(t, "10.86.5.2/24")
+	enrollLikePlugin(t, h, "web", n, "10.86.5.2/24")
+	eventually(t, "the annotation after ADD", func() bool { return api.annotation(t, "web") == kube.StateEnabled })
+	h.writeInventory(invPlain)
+	if err := h.inv.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the annotation removed on unenrollment", func() bool { return api.annotation(t, "web") == "" })
+	// Stop: the unenrolled pod's drain holds the agent for 9 s.
+	cancel := h.cancel
+	h.cancel = nil
+	cancel()
+	time.Sleep(100 * time.Millisecond)
+	api.setByHand(t, "web", kube.StateEnabled) // the newer agent
+	time.Sleep(6 * time.Second)                // more than a periodic pass
+	if got := api.annotation(t, "web"); got != kube.StateEnabled {
+		t.Errorf("a stopping agent rewrote the annotation to %q", got)
+	}
+	if err := <-h.done; err != nil {
+		t.Error(err)
 	}
 }
