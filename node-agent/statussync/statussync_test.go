@@ -358,3 +358,40 @@ func TestForgetStopsWrites(t *testing.T) {
 		t.Fatalf("a forgotten pod was annotated %q again", got)
 	}
 }
+
+func (s *Syncer) tracked() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.want)
+}
+
+// TestChurnLeavesNothingTracked: weeks of pod churn in a few cycles.
+// Pods wanted "enabled" then deleted from the API without the agent
+// forgetting them (a DEL that never reached it), and pods wanted "" (not
+// served) then deleted: the Syncer keeps nothing of them.
+func TestChurnLeavesNothingTracked(t *testing.T) {
+	e := newEnv(t, setup{opts: Options{Interval: 20 * time.Millisecond, Settle: time.Millisecond, MinRetry: time.Millisecond, MaxRetry: 5 * time.Millisecond}, events: true})
+	const cycles, perCycle = 5, 40
+	for c := range cycles {
+		for i := range perCycle {
+			name := fmt.Sprintf("c%d-p%d", c, i)
+			if _, err := e.client.CoreV1().Pods("shop").Create(context.Background(), podObj(name, nil), metav1.CreateOptions{}); err != nil {
+				t.Fatal(err)
+			}
+			st := kube.StateEnabled
+			if i%2 == 1 {
+				st = ""
+			}
+			e.s.Set(cpod(name), st)
+		}
+		for i := 0; i < perCycle; i += 2 {
+			e.cached(fmt.Sprintf("c%d-p%d", c, i), kube.StateEnabled)
+		}
+		for i := range perCycle {
+			if err := e.client.CoreV1().Pods("shop").Delete(context.Background(), fmt.Sprintf("c%d-p%d", c, i), metav1.DeleteOptions{}); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	eventually(t, "nothing tracked", func() bool { return e.s.tracked() == 0 })
+}
