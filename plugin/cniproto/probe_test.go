@@ -3,6 +3,7 @@ package cniproto
 import (
 	"context"
 	"errors"
+	"net"
 	"os"
 	"path/filepath"
 	"sync"
@@ -48,11 +49,18 @@ func TestProbe(t *testing.T) {
 		t.Errorf("probes reached OnError: %v", errs)
 	}
 	mu.Unlock()
-	// The listener is closed; the file stays, as after a kill -9.
-	if _, err := os.Stat(path); err != nil {
-		t.Skipf("socket file gone after close (%v); cannot model a stale one", err)
+	// A socket file nobody listens on any more, as after a kill -9.
+	stale := path + ".stale"
+	l, err = net.ListenUnix("unix", &net.UnixAddr{Name: stale, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
 	}
-	if err := Probe(path, time.Second); !errors.Is(err, ErrAgentUnavailable) {
+	l.SetUnlinkOnClose(false)
+	l.Close()
+	if _, err := os.Stat(stale); err != nil {
+		t.Fatalf("the stale socket file is gone: %v", err)
+	}
+	if err := Probe(stale, time.Second); !errors.Is(err, ErrAgentUnavailable) {
 		t.Fatalf("Probe of a stale socket file: %v, want ErrAgentUnavailable", err)
 	}
 	if err := Probe(path+".missing", time.Second); !errors.Is(err, ErrAgentUnavailable) {
