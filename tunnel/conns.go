@@ -424,12 +424,7 @@ func (sv *Serving) inboundHBONE(raw *net.TCPConn) {
 	cancel()
 	if err != nil {
 		r := &record{dir: "inbound", mode: "hbone", src: peer, dstID: w.Identity, start: start}
-		reason := "tls"
-		var pe *PeerError
-		if errors.As(err, &pe) {
-			reason = "tls_" + pe.Reason
-		}
-		sv.failed(r, reason, err)
+		sv.failed(r, tlsReason(err), err)
 		return
 	}
 	sv.mu.Lock()
@@ -466,12 +461,7 @@ func (sv *Serving) inboundHBONE(raw *net.TCPConn) {
 func (sv *Serving) refuseStale(s *hbone.Stream, peerID string, peer netip.AddrPort, err error) {
 	r := &record{dir: "inbound", mode: "hbone", src: peer, srcID: peerID, dstID: sv.pod.Workload.Identity, start: time.Now()}
 	s.Respond(401, nil)
-	reason := "tls"
-	var pe *PeerError
-	if errors.As(err, &pe) {
-		reason = "tls_" + pe.Reason
-	}
-	sv.failed(r, reason, err)
+	sv.failed(r, tlsReason(err), err)
 }
 
 // inboundStream serves one CONNECT: checks, policy, dial the app from the

@@ -24,6 +24,16 @@ func (e *PeerError) Error() string {
 }
 func (e *PeerError) Unwrap() error { return e.Err }
 
+// tlsReason is the metrics reason of a failed handshake or of a stream
+// refused by recheck: "tls_" and the PeerError's reason, else "tls".
+func tlsReason(err error) string {
+	var pe *PeerError
+	if errors.As(err, &pe) {
+		return "tls_" + pe.Reason
+	}
+	return "tls"
+}
+
 // spiffeID returns the SPIFFE ID of a workload certificate: its only URI
 // SAN, of the form spiffe://<td>/ns/<ns>/sa/<sa> with names Kubernetes
 // accepts. Anything looser is refused rather than trimmed: policy reads

@@ -206,12 +206,7 @@ func (pl *pool) dial(ctx context.Context, key poolKey) (*hbone.Conn, *peerState,
 	ps := &peerState{}
 	c, err := hbone.Client(ctx, raw, pl.p.clientTLS(context.WithoutCancel(ctx), key.src, key.dst, ps), pl.p.hcfg)
 	if err != nil {
-		reason := "tls"
-		var pe *PeerError
-		if errors.As(err, &pe) {
-			reason = "tls_" + pe.Reason
-		}
-		return nil, nil, &dialError{reason, fmt.Errorf("HBONE handshake with %v (%s): %w", key.addr, key.dst, err)}
+		return nil, nil, &dialError{tlsReason(err), fmt.Errorf("HBONE handshake with %v (%s): %w", key.addr, key.dst, err)}
 	}
 	return c, ps, nil
 }
