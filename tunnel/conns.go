@@ -403,9 +403,9 @@ func (sv *Serving) inboundHBONE(raw *net.TCPConn) {
 	var peerID string
 	ps := &peerState{}
 	// A stream refused because the client's certificate no longer
-	// passes asks for the connection to go away (below): the client
-	// then dials again with its current certificate, instead of having
-	// every stream refused on a connection it keeps pooled.
+	// passes asks for the connection to go away (the wait below): the
+	// client then dials again with its current certificate, instead of
+	// having every stream refused on a connection it keeps pooled.
 	retire := make(chan struct{}, 1)
 	hc, err := hbone.Server(ctx, raw, sv.p.serverTLS(w.Identity, ps), sv.p.hcfg,
 		func(tc *tls.Conn) error { peerID = peerIdentity(tc); return nil },
@@ -440,13 +440,11 @@ func (sv *Serving) inboundHBONE(raw *net.TCPConn) {
 		// go away gracefully, within Close's deadline.
 		go hc.Shutdown(closeCtx)
 	}
-	go func() {
-		select {
-		case <-retire:
-			hc.Shutdown(context.Background())
-		case <-hc.Done():
-		}
-	}()
+	select {
+	case <-retire:
+		hc.Shutdown(context.Background())
+	case <-hc.Done():
+	}
 	<-hc.Done()
 	sv.untrack(tr)
 	sv.mu.Lock()

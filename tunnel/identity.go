@@ -244,13 +244,6 @@ func (ps *peerState) verify(p *Proxy, raw [][]byte) (string, error) {
 	return id, nil
 }
 
-// expiry is when the connection must stop taking new streams.
-func (ps *peerState) expiry() time.Time {
-	ps.mu.Lock()
-	defer ps.mu.Unlock()
-	return ps.until
-}
-
 // recheck says whether a connection verified at its handshake may still
 // carry a new stream: no certificate involved has expired (on the client,
 // none expires within retireLead), and the peer's chain passes against
