@@ -22,27 +22,31 @@ type poolKey struct {
 }
 
 type poolEntry struct {
-	conns   []*hbone.Conn
+	conns   []pooledConn
 	dialing chan struct{} // closed when the dial in flight ends
 	dialErr error
+}
+
+// pooledConn is a pooled connection and what its handshake verified,
+// checked again before the connection takes a new stream.
+type pooledConn struct {
+	*hbone.Conn
+	ps *peerState
 }
 
 // pool holds one pod's outbound HBONE connections (in-pod mode: a pool
 // per pod, dialed from the pod's own network).
 type pool struct {
-	p   *Proxy
-	net PodNetwork
-	mu  sync.Mutex
-	m   map[poolKey]*poolEntry
-	// states holds what each pooled connection's handshake verified,
-	// checked again before the connection takes a new stream.
-	states map[*hbone.Conn]*peerState
-	stop   chan struct{}
-	once   sync.Once
+	p    *Proxy
+	net  PodNetwork
+	mu   sync.Mutex
+	m    map[poolKey]*poolEntry
+	stop chan struct{}
+	once sync.Once
 }
 
 func newPool(p *Proxy, n PodNetwork) *pool {
-	pl := &pool{p: p, net: n, m: make(map[poolKey]*poolEntry), states: map[*hbone.Conn]*peerState{}, stop: make(chan struct{})}
+	pl := &pool{p: p, net: n, m: make(map[poolKey]*poolEntry), stop: make(chan struct{})}
 	go pl.janitor()
 	return pl
 }
@@ -97,24 +101,22 @@ func (pl *pool) conn(ctx context.Context, key poolKey) (*hbone.Conn, error) {
 			if !c.Usable() {
 				continue
 			}
-			if ps := pl.states[c]; ps != nil {
-				if err := pl.p.recheck(ps, now); err != nil {
-					// No new streams; those open finish. (Also
-					// routine: ahead of its certificates' expiry,
-					// peerState.retireLead.)
-					pl.p.log.Info("pooled HBONE connection retired: a certificate it was verified with expires or no longer verifies",
-						"dst", key.addr, "dst_identity", key.dst, "error", err)
-					go c.Shutdown(context.Background())
-					continue
-				}
+			if err := pl.p.recheck(c.ps, now); err != nil {
+				// No new streams; those open finish. (Also
+				// routine: ahead of its certificates' expiry,
+				// peerState.retireLead.)
+				pl.p.log.Info("pooled HBONE connection retired: a certificate it was verified with expires or no longer verifies",
+					"dst", key.addr, "dst_identity", key.dst, "error", err)
+				go c.Shutdown(context.Background())
+				continue
 			}
 			live = append(live, c)
 			if pick == nil && c.ActiveStreams() < limit {
-				pick = c
+				pick = c.Conn
 			}
 		}
 		for i := len(live); i < len(e.conns); i++ {
-			e.conns[i] = nil
+			e.conns[i] = pooledConn{}
 		}
 		e.conns = live
 		if pick != nil {
@@ -139,16 +141,9 @@ func (pl *pool) conn(ctx context.Context, key poolKey) (*hbone.Conn, error) {
 			e.dialing = nil
 			e.dialErr = err
 			if err == nil {
-				e.conns = append(e.conns, c)
-				pl.states[c] = ps
+				e.conns = append(e.conns, pooledConn{c, ps})
 				pl.p.m.poolConns.Inc()
-				go func() {
-					<-c.Done()
-					pl.p.m.poolConns.Dec()
-					pl.mu.Lock()
-					delete(pl.states, c)
-					pl.mu.Unlock()
-				}()
+				go func() { <-c.Done(); pl.p.m.poolConns.Dec() }()
 			}
 			close(ch)
 			if err != nil {
@@ -229,7 +224,7 @@ func (pl *pool) janitor() {
 			kept := e.conns[:0]
 			for _, c := range e.conns {
 				if s := c.IdleSince(); !s.IsZero() && now.Sub(s) >= idle {
-					evict = append(evict, c)
+					evict = append(evict, c.Conn)
 					continue
 				}
 				if c.Usable() {
@@ -272,7 +267,9 @@ func (pl *pool) closeWith(closeConn func(*hbone.Conn) error) {
 	pl.mu.Lock()
 	var all []*hbone.Conn
 	for _, e := range pl.m {
-		all = append(all, e.conns...)
+		for _, c := range e.conns {
+			all = append(all, c.Conn)
+		}
 	}
 	pl.m = map[poolKey]*poolEntry{}
 	pl.mu.Unlock()
