@@ -44,10 +44,8 @@ func (x *serviceIndex) init() {
 // ServiceEndpoints implements tunnel.Directory. The returned slice is
 // shared and read-only: rebuilds replace slices, never modify them.
 func (s *Source) ServiceEndpoints(vip netip.AddrPort) ([]netip.AddrPort, bool) {
-	s.svc.mu.RLock()
-	defer s.svc.mu.RUnlock()
-	eps, ok := s.svc.byVIP[netip.AddrPortFrom(vip.Addr().Unmap(), vip.Port())]
-	return eps, ok
+	svc, ok := s.ServiceByAddr(vip)
+	return svc.Endpoints, ok
 }
 
 // ServiceByAddr implements tunnel.ServiceDirectory: the endpoints, and

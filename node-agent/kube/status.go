@@ -58,15 +58,11 @@ func (s *Source) SetRedirection(ctx context.Context, pod cluster.Pod, state stri
 // cachedAnnotation returns the annotation as the local pod cache has it,
 // when the cached pod is the same pod (UID).
 func (s *Source) cachedAnnotation(pod cluster.Pod) (string, bool) {
-	obj, ok, _ := s.localPods.GetStore().GetByKey(pod.Namespace + "/" + pod.Name)
-	if !ok {
+	uid, state, found := s.Redirection(pod.Namespace, pod.Name)
+	if !found || (pod.UID != "" && uid != pod.UID) {
 		return "", false
 	}
-	p, ok := obj.(*corev1.Pod)
-	if !ok || (pod.UID != "" && string(p.UID) != pod.UID) {
-		return "", false
-	}
-	return p.Annotations[RedirectionAnnotation], true
+	return state, true
 }
 
 // Redirection returns the ambit.dev/redirection annotation of a pod of
