@@ -60,29 +60,7 @@ func Call(ctx context.Context, socket string, req *Request, netns *os.File) (*Re
 	if hasDL && time.Until(dl) <= 0 {
 		return nil, context.DeadlineExceeded
 	}
-	// Each blocking call gets what is left of the deadline, set again
-	// before every retry: the kernel starts a socket timeout afresh in
-	// each call, so one timeout set up front let a connect that waited
-	// for the agent's queue and then the wait for the answer take twice
-	// the deadline, and a signal every so often (EINTR, retried) keep
-	// Call waiting for ever.
-	timed := func(opt int, f func() error) error {
-		for {
-			if hasDL {
-				left := time.Until(dl)
-				if left <= 0 {
-					return unix.EAGAIN // as the kernel's own timeout
-				}
-				tv := unix.NsecToTimeval(max(left, time.Millisecond).Nanoseconds())
-				// Not expected to fail on a fresh socket; an error
-				// here must not read as an unreachable agent.
-				unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, opt, &tv)
-			}
-			if err := f(); err != unix.EINTR {
-				return err
-			}
-		}
-	}
+	timed := func(opt int, f func() error) error { return timedCall(fd, opt, dl, hasDL, f) }
 	if err := timed(unix.SO_SNDTIMEO, func() error { return unix.Connect(fd, &unix.SockaddrUnix{Name: socket}) }); err != nil {
 		if isTimeout(err) {
 			return nil, fmt.Errorf("%w (connecting to ambit-agent at %s: its queue is full)", context.DeadlineExceeded, socket)
@@ -125,6 +103,32 @@ func Call(ctx context.Context, socket string, req *Request, netns *os.File) (*Re
 	return resp, nil
 }
 
+// timedCall runs f, a blocking call on the socket fd, with what is left
+// until dl (when hasDL) as its timeout opt (SO_SNDTIMEO, SO_RCVTIMEO),
+// set again before every retry after EINTR: the kernel starts a socket
+// timeout afresh in each call, so one timeout set up front let a connect
+// that waited for the agent's queue and then the wait for the answer take
+// twice the deadline, and a signal every so often (EINTR, retried) keep
+// the caller waiting for ever. Past dl it returns EAGAIN, as the kernel's
+// own timeout does.
+func timedCall(fd, opt int, dl time.Time, hasDL bool, f func() error) error {
+	for {
+		if hasDL {
+			left := time.Until(dl)
+			if left <= 0 {
+				return unix.EAGAIN
+			}
+			tv := unix.NsecToTimeval(max(left, time.Millisecond).Nanoseconds())
+			// Not expected to fail on a fresh socket; an error
+			// here must not read as an unreachable agent.
+			unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, opt, &tv)
+		}
+		if err := f(); err != unix.EINTR {
+			return err
+		}
+	}
+}
+
 // Probe reports whether an agent accepts connections on socket, without
 // sending a request: a socket file left by an agent that died refuses
 // (ErrAgentUnavailable), while a stat of the path says it is there.
@@ -134,14 +138,8 @@ func Probe(socket string, timeout time.Duration) error {
 		return fmt.Errorf("socket for ambit-agent: %w", err)
 	}
 	defer unix.Close(fd)
-	tv := unix.NsecToTimeval(timeout.Nanoseconds())
-	unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_SNDTIMEO, &tv)
-	for {
-		err = unix.Connect(fd, &unix.SockaddrUnix{Name: socket})
-		if err != unix.EINTR {
-			break
-		}
-	}
+	err = timedCall(fd, unix.SO_SNDTIMEO, time.Now().Add(timeout), true,
+		func() error { return unix.Connect(fd, &unix.SockaddrUnix{Name: socket}) })
 	switch {
 	case err == nil:
 		return nil
