@@ -1,8 +1,6 @@
 package tunnel_test
 
 import (
-	"io"
-	"net/netip"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -50,19 +48,6 @@ func TestRotationFailsNoStream(t *testing.T) {
 		}
 	}()
 	// One pooled connection per address of B: two expiring at a time.
-	reach := func(dst netip.Addr) bool {
-		c, err := m.A.Dial(netip.AddrPortFrom(dst, 8080))
-		if err != nil {
-			return false
-		}
-		defer c.Close()
-		c.SetDeadline(time.Now().Add(5 * time.Second))
-		if _, err := io.WriteString(c, "who\n"); err != nil {
-			return false
-		}
-		b, _ := io.ReadAll(c)
-		return len(b) > 0
-	}
 	var ok, failed atomic.Int64
 	end := time.Now().Add(6 * time.Second)
 	var wg sync.WaitGroup
@@ -75,7 +60,7 @@ func TestRotationFailsNoStream(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			for time.Now().Before(end) {
-				if reach(dst) {
+				if reachesAt(m, dst) {
 					ok.Add(1)
 				} else {
 					failed.Add(1)

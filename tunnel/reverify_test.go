@@ -21,7 +21,13 @@ import (
 // reaches says whether A's app gets an answer from B's app.
 func reaches(t *testing.T, m *meshtest.Mesh) bool {
 	t.Helper()
-	c, err := m.A.Dial(netip.AddrPortFrom(m.B.Pod.IP4, 8080))
+	return reachesAt(m, m.B.Pod.IP4)
+}
+
+// reachesAt says whether A's app gets an answer from B's app at dst
+// (one of B's addresses), within 5 s.
+func reachesAt(m *meshtest.Mesh, dst netip.Addr) bool {
+	c, err := m.A.Dial(netip.AddrPortFrom(dst, 8080))
 	if err != nil {
 		return false
 	}
