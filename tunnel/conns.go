@@ -208,12 +208,14 @@ func (sv *Serving) outbound(c *net.TCPConn) {
 		return
 	}
 	var refused error
+	var why string
 	s.OnResponse(func(st int) {
 		if st == 200 {
 			sv.opened(r)
 			return
 		}
 		refused = hbone.StatusError{Status: st}
+		why = s.ResponseHeader(refusedHeader)
 	})
 	closer := sv.track(func() { s.Reset(hbone.ErrCodeCancel); reset(c) })
 	res := s.Splice(c)
@@ -222,7 +224,7 @@ func (sv *Serving) outbound(c *net.TCPConn) {
 		reason := "hbone_stream"
 		var se hbone.StatusError
 		if errors.As(refused, &se) || errors.As(res.Err, &se) {
-			reason = statusReason(se.Status)
+			reason = statusReason(se.Status, why)
 		}
 		err := res.Err
 		if err == nil {
@@ -237,16 +239,43 @@ func (sv *Serving) outbound(c *net.TCPConn) {
 // firstBufs hold an app's first bytes while its stream is opened.
 var firstBufs = sync.Pool{New: func() any { b := make([]byte, 16<<10); return &b }}
 
-func statusReason(st int) string {
+// refusedHeader rides on our 401 when the server refused the stream
+// because of the client's certificate (refuseStale), not its policy: its
+// value is the server's reason (tls_expired, tls_untrusted). HBONE has
+// only the bare 401 for both, so without it the client counted a
+// certificate refusal as a policy denial. Peers that do not know it
+// ignore it: ztunnel's and Istio's clients look at the status only.
+const refusedHeader = "ambit-refused"
+
+// statusReason is the client's metrics reason for a CONNECT answered
+// with st; why is the response's refusedHeader ("" when absent).
+func statusReason(st int, why string) string {
 	switch st {
 	case 400:
 		return "bad_request"
 	case 401, 403:
+		if st == 401 && why != "" {
+			return refusedReason(why)
+		}
 		return "denied"
 	case 503:
 		return "upstream_unavailable"
 	}
 	return "status_" + itoa(st)
+}
+
+// refusedReason is the client's reason for a 401 that says the server
+// refused our certificate: tls_refused_ and the server's word for the
+// cases the server sends (the peer's text never becomes a label as is,
+// to keep the series bounded).
+func refusedReason(why string) string {
+	switch why {
+	case "tls_expired":
+		return "tls_refused_expired"
+	case "tls_untrusted":
+		return "tls_refused_untrusted"
+	}
+	return "tls_refused"
 }
 
 func itoa(i int) string {
@@ -455,11 +484,13 @@ func (sv *Serving) inboundHBONE(raw *net.TCPConn) {
 
 // refuseStale answers a stream on a connection whose client no longer
 // passes the checks of its handshake (recheck): 401, counted with the
-// handshake's reasons (tls_expired, tls_untrusted).
+// handshake's reasons (tls_expired, tls_untrusted), which the 401 carries
+// in refusedHeader so the client does not count a policy denial.
 func (sv *Serving) refuseStale(s *hbone.Stream, peerID string, peer netip.AddrPort, err error) {
 	r := &record{dir: "inbound", mode: "hbone", src: peer, srcID: peerID, dstID: sv.pod.Workload.Identity, start: time.Now()}
-	s.Respond(401, nil)
-	sv.failed(r, tlsReason(err), err)
+	reason := tlsReason(err)
+	s.Respond(401, []hpack.HeaderField{{Name: refusedHeader, Value: reason}})
+	sv.failed(r, reason, err)
 }
 
 // inboundStream serves one CONNECT: checks, policy, dial the app from the

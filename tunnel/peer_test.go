@@ -390,3 +390,28 @@ func TestNoSessionResumption(t *testing.T) {
 		}
 	})
 }
+
+// TestStatusReason: a bare 401 (a policy denial, and all a spec-following
+// peer such as ztunnel sends) is "denied"; our certificate refusal says
+// so in refusedHeader; a value we do not know never becomes a label.
+func TestStatusReason(t *testing.T) {
+	for _, c := range []struct {
+		st   int
+		why  string
+		want string
+	}{
+		{401, "", "denied"},
+		{403, "", "denied"},
+		{403, "tls_expired", "denied"},
+		{401, "tls_expired", "tls_refused_expired"},
+		{401, "tls_untrusted", "tls_refused_untrusted"},
+		{401, "anything\nelse", "tls_refused"},
+		{503, "tls_untrusted", "upstream_unavailable"},
+		{400, "", "bad_request"},
+		{502, "", "status_502"},
+	} {
+		if got := statusReason(c.st, c.why); got != c.want {
+			t.Errorf("statusReason(%d, %q) = %q, want %q", c.st, c.why, got, c.want)
+		}
+	}
+}

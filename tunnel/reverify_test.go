@@ -3,12 +3,16 @@ package tunnel_test
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"io"
 	"net/netip"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/ambit-mesh/ambit/internal/testca"
+	"github.com/ambit-mesh/ambit/internal/testenv"
+	"github.com/ambit-mesh/ambit/tunnel"
 	"github.com/ambit-mesh/ambit/tunnel/hbone"
 	"github.com/ambit-mesh/ambit/tunnel/internal/meshtest"
 )
@@ -146,5 +150,65 @@ func TestExpiredCertificateStopsPooledConnections(t *testing.T) {
 	waitMetric(t, m.A, "ambit_tunnel_connections_failed_total", map[string]string{"direction": "outbound", "reason": "tls_expired"}, 1)
 	if st := stream(); st == 200 {
 		t.Error("B opened a new stream for a client whose certificate has expired")
+	}
+}
+
+// ownBundle is one node's view of the mesh's store, with a bundle of its
+// own: that node's agent got a new bundle before the other's did.
+type ownBundle struct {
+	*testca.Store
+	mu    sync.Mutex
+	roots *x509.CertPool
+}
+
+func (o *ownBundle) Roots() *x509.CertPool {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if o.roots != nil {
+		return o.roots
+	}
+	return o.Store.Roots()
+}
+
+func (o *ownBundle) SetRoots(roots ...*x509.Certificate) {
+	p := x509.NewCertPool()
+	for _, r := range roots {
+		p.AddCert(r)
+	}
+	o.mu.Lock()
+	o.roots = p
+	o.mu.Unlock()
+}
+
+// TestCertificateRefusalCountedAsSuch: B's bundle (only B's: the new
+// bundle reached B's node first) drops the root of A's certificate while
+// A holds a pooled connection to B. A still trusts B and opens a stream
+// on it; B refuses it (401) because of A's certificate. A must count
+// that as a certificate refusal, not as a policy denial (B counts
+// tls_untrusted; HBONE's bare 401 is what a policy denial answers).
+func TestCertificateRefusalCountedAsSuch(t *testing.T) {
+	testenv.RequireRoot(t)
+	bb := &ownBundle{}
+	m := meshtest.New(t, meshtest.Options{CertificatesB: func(s *testca.Store) tunnel.Certificates {
+		bb.Store = s
+		return bb
+	}})
+	go peerEcho(m.B.Listen(t, "[::]:8080"))
+	if !reaches(t, m) {
+		t.Fatal("before the change: A does not reach B")
+	}
+	other, err := testca.New("cluster.local")
+	if err != nil {
+		t.Fatal(err)
+	}
+	bb.SetRoots(other.Cert)
+
+	if reaches(t, m) {
+		t.Error("A reached B, whose bundle no longer trusts A")
+	}
+	waitMetric(t, m.B, "ambit_tunnel_connections_failed_total", map[string]string{"direction": "inbound", "reason": "tls_untrusted"}, 1)
+	waitMetric(t, m.A, "ambit_tunnel_connections_failed_total", map[string]string{"direction": "outbound", "reason": "tls_refused_untrusted"}, 1)
+	if n := m.A.Metric(t, "ambit_tunnel_connections_failed_total", map[string]string{"direction": "outbound", "reason": "denied"}); n != 0 {
+		t.Errorf("A counted %v certificate refusals as policy denials", n)
 	}
 }

@@ -455,6 +455,23 @@ func (s *Stream) Response(ctx context.Context) (int, []hpack.HeaderField, error)
 	return 0, nil, err
 }
 
+// ResponseHeader is the value of the response's header name (client
+// side), "" while no response has arrived or when it has no such header.
+// Safe from an OnResponse callback.
+func (s *Stream) ResponseHeader(name string) string {
+	select {
+	case <-s.resp:
+	default:
+		return ""
+	}
+	for _, f := range s.respHeader {
+		if f.Name == name {
+			return f.Value
+		}
+	}
+	return ""
+}
+
 // Respond sends the response headers (server side). Any status but 200
 // ends the stream.
 func (s *Stream) Respond(status int, extra []hpack.HeaderField) error {

@@ -121,6 +121,9 @@ type Options struct {
 	// NoServeB starts A's agent only (B's HBONE port is left to another
 	// implementation, e.g. Istio's, for interop).
 	NoServeB bool
+	// CertificatesB, when set, gives B's agent its own view of the
+	// shared store (two nodes whose bundles change at different times).
+	CertificatesB func(*testca.Store) tunnel.Certificates
 }
 
 // New builds the mesh; everything is torn down by t.Cleanup.
@@ -146,7 +149,9 @@ func New(t testing.TB, o Options) *Mesh {
 		Dir:   &Directory{ws: map[netip.Addr]tunnel.Workload{}, svcs: map[netip.AddrPort]tunnel.Service{}},
 		Auth:  &Authorizer{},
 	}
-	m.A = m.node(t, a, "a", "client", o)
+	oa := o
+	oa.CertificatesB = nil
+	m.A = m.node(t, a, "a", "client", oa)
 	ob := o
 	ob.NoServe = o.NoServe || o.NoServeB
 	m.B = m.node(t, b, "b", "server", ob)
@@ -170,6 +175,9 @@ func (m *Mesh) node(t testing.TB, p *podtest.Pod, ns, sa string, o Options) *Nod
 	}
 	cfg := o.Config
 	cfg.Directory, cfg.Certificates, cfg.Authorizer, cfg.Registerer = m.Dir, m.Certs, m.Auth, n.Reg
+	if o.CertificatesB != nil { // B's node only (New)
+		cfg.Certificates = o.CertificatesB(m.Certs)
+	}
 	px, err := tunnel.New(cfg)
 	if err != nil {
 		t.Fatal(err)
