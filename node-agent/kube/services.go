@@ -33,12 +33,76 @@ type serviceIndex struct {
 	// is usually empty.
 	sticky map[netip.AddrPort]*tunnel.Affinity
 	owned  map[string][]netip.AddrPort // service key → its VIP:port keys
+
+	// NodePorts: <any node's address>:<nodePort> resolves like the
+	// Service's external addresses. Not expanded into byVIP (1,000 nodes
+	// × 500 NodePorts would be half a million keys, rewritten at every
+	// node change): a set of node addresses and a map by port, read only
+	// when byVIP misses.
+	nodeAddrs  map[netip.Addr]int       // InternalIP/ExternalIP of every Node → how many Nodes list it
+	nodeOwned  map[string][]netip.Addr  // node name → the addresses it added
+	byNodePort map[uint16]nodePortEntry // TCP nodePort → what it resolves to
+	// portClaims: every Service claiming a nodePort. The API server
+	// allocates each once, but a port freed by one Service and given to
+	// another can be claimed by both in the informer's view for a moment
+	// (the second's event first); byNodePort holds one of the claims, and
+	// another takes over when it goes.
+	portClaims map[uint16]map[string]nodePortEntry
+	portsOwned map[string][]uint16 // service key → its nodePorts
+}
+
+// nodePortEntry is one Service port's nodePort: per family of the node
+// address the client used, the endpoints of that family.
+type nodePortEntry struct {
+	owner string            // service key ("namespace/name")
+	fam   [2]tunnel.Service // [0] IPv4, [1] IPv6
+	has   [2]bool           // the Service has a clusterIP of that family
 }
 
 func (x *serviceIndex) init() {
 	x.byVIP = map[netip.AddrPort][]netip.AddrPort{}
 	x.sticky = map[netip.AddrPort]*tunnel.Affinity{}
 	x.owned = map[string][]netip.AddrPort{}
+	x.nodeAddrs = map[netip.Addr]int{}
+	x.nodeOwned = map[string][]netip.Addr{}
+	x.byNodePort = map[uint16]nodePortEntry{}
+	x.portClaims = map[uint16]map[string]nodePortEntry{}
+	x.portsOwned = map[string][]uint16{}
+}
+
+// setNodePortsLocked replaces the nodePorts of the Service key; x.mu is
+// held for writing.
+func (x *serviceIndex) setNodePortsLocked(key string, ports map[uint16]nodePortEntry) {
+	for _, p := range x.portsOwned[key] {
+		claims := x.portClaims[p]
+		delete(claims, key)
+		if len(claims) == 0 {
+			delete(x.portClaims, p)
+		}
+		if x.byNodePort[p].owner != key {
+			continue
+		}
+		delete(x.byNodePort, p)
+		for _, e := range claims { // another claim, if any, takes over
+			x.byNodePort[p] = e
+			break
+		}
+	}
+	delete(x.portsOwned, key)
+	if len(ports) == 0 {
+		return
+	}
+	owned := make([]uint16, 0, len(ports))
+	for p, e := range ports {
+		e.owner = key
+		if x.portClaims[p] == nil {
+			x.portClaims[p] = map[string]nodePortEntry{}
+		}
+		x.portClaims[p][key] = e
+		x.byNodePort[p] = e
+		owned = append(owned, p)
+	}
+	x.portsOwned[key] = owned
 }
 
 // ServiceEndpoints implements tunnel.Directory. The returned slice is
@@ -57,11 +121,62 @@ func (s *Source) ServiceByAddr(vip netip.AddrPort) (tunnel.Service, bool) {
 	s.svc.mu.RLock()
 	eps, ok := s.svc.byVIP[k]
 	var a *tunnel.Affinity
-	if ok && len(s.svc.sticky) > 0 {
-		a = s.svc.sticky[k]
+	if ok {
+		if len(s.svc.sticky) > 0 {
+			a = s.svc.sticky[k]
+		}
+	} else if len(s.svc.byNodePort) > 0 {
+		// Not a Service address: a NodePort on a node's address? (A
+		// call, so the common path above stays small.)
+		svc, ok := s.svc.nodePortLocked(k)
+		s.svc.mu.RUnlock()
+		return svc, ok
 	}
 	s.svc.mu.RUnlock()
 	return tunnel.Service{Endpoints: eps, Affinity: a}, ok
+}
+
+// nodePortLocked resolves <node address>:<nodePort>; x.mu is held.
+func (x *serviceIndex) nodePortLocked(k netip.AddrPort) (tunnel.Service, bool) {
+	if x.nodeAddrs[k.Addr()] == 0 {
+		return tunnel.Service{}, false
+	}
+	np, ok := x.byNodePort[k.Port()]
+	if !ok {
+		return tunnel.Service{}, false
+	}
+	f := 0
+	if !k.Addr().Is4() {
+		f = 1
+	}
+	// A Service without a clusterIP of the address's family has no
+	// NodePort there (kube-proxy's proxier of that family does not know
+	// it): passed through, as before.
+	return np.fam[f], np.has[f]
+}
+
+// nodeAddresses records the InternalIP and ExternalIP addresses of a
+// Node (nil: the Node is gone): the addresses kube-proxy serves NodePorts
+// on.
+func (s *Source) nodeAddresses(name string, addrs []netip.Addr) {
+	s.svc.mu.Lock()
+	defer s.svc.mu.Unlock()
+	if slices.Equal(s.svc.nodeOwned[name], addrs) {
+		return
+	}
+	for _, a := range s.svc.nodeOwned[name] {
+		if s.svc.nodeAddrs[a]--; s.svc.nodeAddrs[a] <= 0 {
+			delete(s.svc.nodeAddrs, a)
+		}
+	}
+	delete(s.svc.nodeOwned, name)
+	if len(addrs) == 0 {
+		return
+	}
+	for _, a := range addrs {
+		s.svc.nodeAddrs[a]++
+	}
+	s.svc.nodeOwned[name] = addrs
 }
 
 // serviceTouched rebuilds the Service that obj (a Service or one of its
@@ -99,7 +214,7 @@ func (s *Source) rebuildService(key string) {
 			}
 		}
 	}
-	entries := ServiceEntries(svc, sl, Locality{Node: s.cfg.NodeName, Zone: s.svc.zone})
+	entries, nodePorts := serviceEntries(svc, sl, Locality{Node: s.cfg.NodeName, Zone: s.svc.zone})
 
 	s.svc.mu.Lock()
 	defer s.svc.mu.Unlock()
@@ -108,6 +223,7 @@ func (s *Source) rebuildService(key string) {
 		delete(s.svc.sticky, k)
 	}
 	delete(s.svc.owned, key)
+	s.svc.setNodePortsLocked(key, nodePorts)
 	if len(entries) == 0 {
 		return
 	}
@@ -186,9 +302,29 @@ type Locality struct {
 // A VIP:port with no usable endpoint is present with an empty list: the
 // address is a Service (the tunnel must not pass it through as if it were
 // a pod) but nothing can serve it.
+//
+// NodePorts are not in the result (they are not one address: see
+// serviceEntries).
 func ServiceEntries(svc *corev1.Service, sl []*discoveryv1.EndpointSlice, loc Locality) map[netip.AddrPort]tunnel.Service {
+	out, _ := serviceEntries(svc, sl, loc)
+	return out
+}
+
+// serviceEntries is ServiceEntries and, per TCP nodePort of the Service,
+// what a pod's connection to <a node's address>:<nodePort> resolves to.
+// kube-proxy sends a NodePort connection from a pod to the Service's
+// cluster-wide endpoints whatever its traffic policies: with
+// externalTrafficPolicy Local its "external" chain short-circuits traffic
+// from pods ("short-circuit pod traffic") to the cluster policy chain, and
+// it keeps the cluster endpoints even under internalTrafficPolicy Local
+// for that (UsesClusterEndpoints: "we need Cluster endpoints to implement
+// short circuiting"). So a nodePort resolves like an externalIP of the
+// node address's family (hints applied), not like the clusterIP when
+// that is Local. Only families the Service has a clusterIP of get an
+// entry.
+func serviceEntries(svc *corev1.Service, sl []*discoveryv1.EndpointSlice, loc Locality) (map[netip.AddrPort]tunnel.Service, map[uint16]nodePortEntry) {
 	if svc == nil || svc.Spec.Type == corev1.ServiceTypeExternalName {
-		return nil
+		return nil, nil
 	}
 	type address struct {
 		ip       netip.Addr
@@ -205,7 +341,7 @@ func ServiceEntries(svc *corev1.Service, sl []*discoveryv1.EndpointSlice, loc Lo
 		}
 	}
 	if len(vips) == 0 {
-		return nil // headless: kube-proxy ignores its external addresses too
+		return nil, nil // headless: kube-proxy ignores its external addresses (and it has no nodePort)
 	}
 	external := slices.Clone(svc.Spec.ExternalIPs)
 	for _, in := range svc.Status.LoadBalancer.Ingress {
@@ -222,6 +358,7 @@ func ServiceEntries(svc *corev1.Service, sl []*discoveryv1.EndpointSlice, loc Lo
 	local := p != nil && *p == corev1.ServiceInternalTrafficPolicyLocal
 	timeout := sessionAffinity(svc)
 	out := map[netip.AddrPort]tunnel.Service{}
+	var nodePorts map[uint16]nodePortEntry
 	for _, sp := range svc.Spec.Ports {
 		proto := sp.Protocol
 		if proto == "" {
@@ -234,16 +371,47 @@ func ServiceEntries(svc *corev1.Service, sl []*discoveryv1.EndpointSlice, loc Lo
 		if timeout > 0 {
 			aff = &tunnel.Affinity{Timeout: timeout, Port: svc.Namespace + "/" + svc.Name + ":" + sp.Name}
 		}
-		for _, vip := range vips {
-			ready, terminating := endpointsFor(vip.ip.Is4(), sp.Name, local && !vip.external, loc, sl)
-			eps := ready
-			if len(eps) == 0 {
-				eps = terminating
+		// The lists depend only on the family and on whether the
+		// node-local policy applies: computed once each per port, and
+		// shared (read-only) by the addresses that use them.
+		var memo [2][2][]netip.AddrPort
+		var done [2][2]bool
+		list := func(v4, nodeLocal bool) []netip.AddrPort {
+			f, l := 1, 0
+			if v4 {
+				f = 0
 			}
-			out[netip.AddrPortFrom(vip.ip, uint16(sp.Port))] = tunnel.Service{Endpoints: eps, Affinity: aff}
+			if nodeLocal {
+				l = 1
+			}
+			if !done[f][l] {
+				ready, terminating := endpointsFor(v4, sp.Name, nodeLocal, loc, sl)
+				memo[f][l], done[f][l] = ready, true
+				if len(ready) == 0 {
+					memo[f][l] = terminating
+				}
+			}
+			return memo[f][l]
+		}
+		var np nodePortEntry
+		for _, vip := range vips {
+			out[netip.AddrPortFrom(vip.ip, uint16(sp.Port))] = tunnel.Service{Endpoints: list(vip.ip.Is4(), local && !vip.external), Affinity: aff}
+			if !vip.external {
+				f := 1
+				if vip.ip.Is4() {
+					f = 0
+				}
+				np.fam[f], np.has[f] = tunnel.Service{Endpoints: list(vip.ip.Is4(), false), Affinity: aff}, true
+			}
+		}
+		if sp.NodePort > 0 && sp.NodePort <= 65535 {
+			if nodePorts == nil {
+				nodePorts = map[uint16]nodePortEntry{}
+			}
+			nodePorts[uint16(sp.NodePort)] = np
 		}
 	}
-	return out
+	return out, nodePorts
 }
 
 // maxAffinitySeconds is the API server's upper bound on

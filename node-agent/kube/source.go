@@ -68,6 +68,7 @@ type Source struct {
 	services     cache.SharedIndexInformer
 	slices       cache.SharedIndexInformer
 	node         cache.SharedIndexInformer // this node only: its zone
+	nodes        cache.SharedIndexInformer // every node: their addresses (NodePorts)
 	// nodeSynced: the zone of the initial list is applied (the
 	// handler ran, not just the cache filled), so a synced Source
 	// resolves with its topology from the first connection.
@@ -77,6 +78,12 @@ type Source struct {
 	// as for a node without the label, and the agent serves without
 	// topology rather than never becoming ready.
 	nodeForbidden atomic.Bool
+	// nodesSynced, nodesForbidden: the same for the list of every Node
+	// (their addresses, for NodePorts). Forbidden (a ClusterRole that
+	// allows only this node, or none), connections to NodePorts are
+	// passed through as before; readiness does not wait for it.
+	nodesSynced    cache.ResourceEventHandlerRegistration
+	nodesForbidden atomic.Bool
 
 	dir directory
 	svc serviceIndex
@@ -144,13 +151,14 @@ func New(cfg Config) (*Source, error) {
 	s.services = s.factory.Core().V1().Services().Informer()
 	s.slices = s.factory.Discovery().V1().EndpointSlices().Informer()
 	s.node = s.nodeFactory.Core().V1().Nodes().Informer()
+	s.nodes = s.factory.Core().V1().Nodes().Informer()
 
 	for _, x := range []struct {
 		inf cache.SharedIndexInformer
 		fn  cache.TransformFunc
 	}{
 		{s.localPods, TrimPod}, {s.allPods, TrimPod}, {s.namespaces, TrimNamespace},
-		{s.services, TrimService}, {s.slices, TrimEndpointSlice}, {s.node, TrimNode},
+		{s.services, TrimService}, {s.slices, TrimEndpointSlice}, {s.node, TrimNode}, {s.nodes, TrimNode},
 	} {
 		if err := x.inf.SetTransform(x.fn); err != nil {
 			return nil, fmt.Errorf("kube: set transform: %w", err)
@@ -227,6 +235,33 @@ func New(cfg Config) (*Source, error) {
 		return nil, err
 	}
 	s.nodeSynced = reg
+	if err := s.nodes.SetWatchErrorHandlerWithContext(func(ctx context.Context, r *cache.Reflector, err error) {
+		if apierrors.IsForbidden(err) {
+			if !s.nodesForbidden.Swap(true) {
+				s.log.Warn("may not list Nodes (ClusterRole without nodes list/watch?): connections from pods to <node address>:<nodePort> are passed through, not resolved to the Service's endpoints", "err", err)
+			}
+			return
+		}
+		cache.DefaultWatchErrorHandler(ctx, r, err)
+	}); err != nil {
+		return nil, err
+	}
+	reg, err = s.nodes.AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc:    s.nodeChanged,
+		UpdateFunc: func(_, obj any) { s.nodeChanged(obj) },
+		DeleteFunc: func(obj any) {
+			if t, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+				obj = t.Obj
+			}
+			if n, ok := obj.(*corev1.Node); ok {
+				s.nodeAddresses(n.Name, nil)
+			}
+		},
+	})
+	if err != nil {
+		return nil, err
+	}
+	s.nodesSynced = reg
 
 	s.recorder = cfg.Recorder
 	return s, nil
@@ -260,7 +295,8 @@ func (s *Source) Close() {
 func (s *Source) WaitSynced(ctx context.Context) error {
 	if !cache.WaitForCacheSync(ctx.Done(), s.localPods.HasSynced, s.allPods.HasSynced,
 		s.namespaces.HasSynced, s.services.HasSynced, s.slices.HasSynced,
-		func() bool { return s.nodeForbidden.Load() || s.nodeSynced.HasSynced() }) {
+		func() bool { return s.nodeForbidden.Load() || s.nodeSynced.HasSynced() },
+		func() bool { return s.nodesForbidden.Load() || s.nodesSynced.HasSynced() }) {
 		if err := ctx.Err(); err != nil {
 			return fmt.Errorf("kube: waiting for informers: %w", err)
 		}
@@ -278,6 +314,14 @@ func (s *Source) nodeSeen(obj any) {
 		return
 	}
 	s.setZone(n.Labels[corev1.LabelTopologyZone])
+}
+
+// nodeChanged records the addresses of a Node (any node) kube-proxy
+// serves NodePorts on.
+func (s *Source) nodeChanged(obj any) {
+	if n, ok := obj.(*corev1.Node); ok {
+		s.nodeAddresses(n.Name, nodeIPs(n))
+	}
 }
 
 // Pod returns a pod from the caches, falling back to one direct GET with

@@ -2,6 +2,7 @@ package kube
 
 import (
 	"net/netip"
+	"slices"
 	"strings"
 
 	corev1 "k8s.io/api/core/v1"
@@ -116,8 +117,10 @@ func TrimEndpointSlice(obj any) (any, error) {
 	return t, nil
 }
 
-// TrimNode keeps the node's name and its zone label: all the agent reads
-// of its Node (the kubelet rewrites the rest, status above all, often).
+// TrimNode keeps the node's name, its zone label and its InternalIP and
+// ExternalIP addresses: all the agent reads of Nodes (the kubelet rewrites
+// the rest, status above all, often; a Node's image list alone can be
+// tens of kilobytes).
 func TrimNode(obj any) (any, error) {
 	n, ok := obj.(*corev1.Node)
 	if !ok {
@@ -127,7 +130,29 @@ func TrimNode(obj any) (any, error) {
 	if z, ok := n.Labels[corev1.LabelTopologyZone]; ok {
 		t.Labels = map[string]string{corev1.LabelTopologyZone: z}
 	}
+	for _, a := range n.Status.Addresses {
+		if a.Type == corev1.NodeInternalIP || a.Type == corev1.NodeExternalIP {
+			t.Status.Addresses = append(t.Status.Addresses, a)
+		}
+	}
 	return t, nil
+}
+
+// nodeIPs parses a Node's InternalIP and ExternalIP addresses (the
+// addresses kube-proxy serves NodePorts on), sorted, without duplicates
+// or anything unparsable.
+func nodeIPs(n *corev1.Node) []netip.Addr {
+	var out []netip.Addr
+	for _, a := range n.Status.Addresses {
+		if a.Type != corev1.NodeInternalIP && a.Type != corev1.NodeExternalIP {
+			continue
+		}
+		if ip, err := netip.ParseAddr(a.Address); err == nil && !ip.Unmap().IsUnspecified() {
+			out = append(out, ip.Unmap())
+		}
+	}
+	slices.SortFunc(out, func(a, b netip.Addr) int { return a.Compare(b) })
+	return slices.Compact(out)
 }
 
 // podIPs parses the pod's IPs, skipping anything unparsable (the API
