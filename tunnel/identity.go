@@ -176,6 +176,7 @@ type peerState struct {
 	client bool
 
 	mu    sync.Mutex
+	own   [][]byte       // our certificates as presented (client: rechecked too)
 	chain [][]byte       // the peer's certificates as presented
 	roots *x509.CertPool // the bundle they were last verified against
 	since time.Time      // when the handshake verified the peer
@@ -219,6 +220,7 @@ func (ps *peerState) ownCert(c *tls.Certificate) {
 		return
 	}
 	ps.mu.Lock()
+	ps.own = c.Certificate
 	if ps.until.IsZero() || leaf.NotAfter.Before(ps.until) {
 		ps.until = leaf.NotAfter
 	}
@@ -247,9 +249,11 @@ func (ps *peerState) verify(p *Proxy, raw [][]byte) (string, error) {
 // recheck says whether a connection verified at its handshake may still
 // carry a new stream: no certificate involved has expired (on the client,
 // none expires within retireLead), and the peer's chain passes against
-// the current bundle. It costs a pointer compare
-// unless the bundle changed since the last check; then the chain is
-// verified again, once.
+// the current bundle; on the client, our own chain too: the server
+// refuses it (401) once it has the same bundle, and a stream sent
+// meanwhile would reach it before its GOAWAY comes back. It costs a
+// pointer compare unless the bundle changed since the last check; then
+// the chains are verified again, once.
 func (p *Proxy) recheck(ps *peerState, now time.Time) error {
 	ps.mu.Lock()
 	defer ps.mu.Unlock()
@@ -275,8 +279,37 @@ func (p *Proxy) recheck(ps *peerState, now time.Time) error {
 		ps.err = err
 		return err
 	}
+	if ps.client && ps.own != nil {
+		if err := chainsTo(ps.own, roots, x509.ExtKeyUsageClientAuth); err != nil {
+			ps.err = fmt.Errorf("our own certificate no longer verifies against the trust bundle (peers with it refuse it): %w", err)
+			return ps.err
+		}
+	}
 	ps.roots = roots
 	return nil
+}
+
+// chainsTo verifies our own chain (leaf first) against roots for usage.
+// Only when the bundle changed: our certificate passed the identity
+// manager's checks when it was issued, the chain is all that can change.
+func chainsTo(raw [][]byte, roots *x509.CertPool, usage x509.ExtKeyUsage) error {
+	if len(raw) == 0 {
+		return errors.New("no certificate")
+	}
+	leaf, err := x509.ParseCertificate(raw[0])
+	if err != nil {
+		return err
+	}
+	inter := x509.NewCertPool()
+	for _, r := range raw[1:] {
+		c, err := x509.ParseCertificate(r)
+		if err != nil {
+			return err
+		}
+		inter.AddCert(c)
+	}
+	_, err = leaf.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{usage}})
+	return err
 }
 
 // serverTLS is the 15008 TLS config of a pod: its own certificate, a

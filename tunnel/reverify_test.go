@@ -212,3 +212,50 @@ func TestCertificateRefusalCountedAsSuch(t *testing.T) {
 		t.Errorf("A counted %v certificate refusals as policy denials", n)
 	}
 }
+
+// TestRemovedOwnRootFailsNoStream: A's certificate is under a second
+// root, B's under the first; the bundle drops the second while A holds a
+// pooled connection to B, and A's certificate is renewed under the first
+// (as the identity manager does when the bundle drops the root of a
+// certificate it holds). A still trusts B, so only A's own certificate
+// tells it that B will refuse new streams on that connection: none of
+// A's app connections may fail (before, the first ones got B's 401 until
+// its GOAWAY came back).
+func TestRemovedOwnRootFailsNoStream(t *testing.T) {
+	m := newMesh(t)
+	second, err := testca.New("cluster.local")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.Certs.SetRoots(m.CA.Cert, second.Cert)
+	underSecond, err := second.Issue(m.A.Workload.Identity, testca.IssueOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.Certs.Set(m.A.Workload.Identity, underSecond)
+	dsts := []netip.Addr{m.B.Pod.IP4, m.B.Pod.IP6} // two pooled connections
+	for _, dst := range dsts {
+		if !reachesAt(m, dst) {
+			t.Fatalf("before the change: A does not reach B at %v", dst)
+		}
+	}
+	renewed, err := m.CA.Issue(m.A.Workload.Identity, testca.IssueOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.Certs.Set(m.A.Workload.Identity, renewed)
+	m.Certs.SetRoots(m.CA.Cert)
+
+	failed := 0
+	for i := range 20 {
+		if !reachesAt(m, dsts[i%2]) {
+			failed++
+		}
+	}
+	if failed > 0 {
+		t.Errorf("%d of 20 of A's connections failed after the bundle dropped the root of A's certificate", failed)
+	}
+	if n := m.B.Metric(t, "ambit_tunnel_connections_failed_total", map[string]string{"direction": "inbound", "reason": "tls_untrusted"}); n != 0 {
+		t.Errorf("B refused %v streams of A's old certificate", n)
+	}
+}

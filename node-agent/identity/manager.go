@@ -73,6 +73,9 @@ type entry struct {
 	lastErr  error
 	lastFail time.Time
 	inflight chan struct{} // closed when the running fetch ends
+	// stale: cert no longer chains to the bundle (its root was removed);
+	// a fetch was started at the change, and Certificate waits for it.
+	stale bool
 }
 
 type rootSet struct {
@@ -172,6 +175,11 @@ func (m *Manager) setRoots(certs []*x509.Certificate) {
 		return
 	}
 	key := string(ca.EncodeCerts(certs))
+	// Under mu, the bundle and the stale marks change together: whoever
+	// sees the new bundle and then asks for a certificate gets one that
+	// chains to it (or waits for it).
+	m.mu.Lock()
+	defer m.mu.Unlock()
 	if old := m.roots.Load(); old.key == key {
 		return
 	}
@@ -180,7 +188,48 @@ func (m *Manager) setRoots(certs []*x509.Certificate) {
 		p.AddCert(c)
 	}
 	m.roots.Store(&rootSet{certs: certs, pool: p, key: key})
-	m.log.Info("trust bundle updated", "roots", len(certs))
+	n := m.renewUntrustedLocked(p)
+	m.log.Info("trust bundle updated", "roots", len(certs), "certificates_renewed", n)
+}
+
+// renewUntrustedLocked starts a fetch for every certificate that does
+// not chain to roots: its root left the bundle (a compromised root
+// dropped without waiting for its certificates to expire). Every peer
+// with the new bundle refuses such a certificate, and rotation would
+// replace it only at half-life. It returns how many it started. A
+// verification per held certificate, only when the bundle changes.
+func (m *Manager) renewUntrustedLocked(roots *x509.CertPool) int {
+	n := 0
+	for _, e := range m.entries {
+		if e.cert == nil || chainsTo(e.cert, roots) {
+			continue
+		}
+		e.stale = true
+		if e.inflight == nil {
+			m.startLocked(e)
+		}
+		n++
+	}
+	return n
+}
+
+// chainsTo says whether c verifies against roots (with its own
+// intermediates), for either use.
+func chainsTo(c *tls.Certificate, roots *x509.CertPool) bool {
+	if c.Leaf == nil {
+		return false
+	}
+	inter := x509.NewCertPool()
+	for _, raw := range c.Certificate[1:] {
+		ic, err := x509.ParseCertificate(raw)
+		if err != nil {
+			return false
+		}
+		inter.AddCert(ic)
+	}
+	_, err := c.Leaf.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter,
+		KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth, x509.ExtKeyUsageServerAuth}})
+	return err == nil
 }
 
 // IdentityFor renders the SPIFFE ID of a service account in this trust domain.
@@ -252,6 +301,9 @@ const retryGap = 200 * time.Millisecond
 // there is none or it expired. A certificate past its rotation time but
 // still valid is returned as is (rotation runs in the background), which
 // is what makes a CA outage shorter than the remaining lifetime invisible.
+// One that no longer chains to the bundle waits for the fetch started at
+// the bundle change; if that fetch failed, it is returned as is too
+// (peers that still trust its root accept it; Run retries).
 func (m *Manager) Certificate(ctx context.Context, identity string) (*tls.Certificate, error) {
 	m.mu.Lock()
 	e, ok := m.entries[identity]
@@ -262,7 +314,7 @@ func (m *Manager) Certificate(ctx context.Context, identity string) (*tls.Certif
 		}
 		e = m.entryLocked(identity)
 	}
-	if c := e.cert; c != nil && time.Now().Before(e.notAfter) {
+	if c := e.cert; c != nil && time.Now().Before(e.notAfter) && !(e.stale && e.inflight != nil) {
 		m.mu.Unlock()
 		return c, nil
 	}
@@ -315,7 +367,7 @@ func (m *Manager) fetch(e *entry, done chan struct{}) {
 	m.mu.Lock()
 	e.inflight = nil
 	if err == nil {
-		e.cert, e.notAfter, e.failures, e.lastErr = cert, cert.Leaf.NotAfter, 0, nil
+		e.cert, e.notAfter, e.failures, e.lastErr, e.stale = cert, cert.Leaf.NotAfter, 0, nil, false
 		e.due = now.Add(rotateAfter(e.notAfter.Sub(now)))
 	} else {
 		e.failures++

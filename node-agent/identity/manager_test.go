@@ -231,6 +231,53 @@ func TestRootRotationNoFailedHandshake(t *testing.T) {
 	}
 }
 
+// A root removed from the bundle at once (a compromise: no overlap, its
+// certificates still valid for an hour): as soon as an agent has the new
+// bundle, the certificates it hands out chain to it, rather than the old
+// ones until their rotation at half-life, which every peer with the new
+// bundle refuses.
+func TestRemovedRootRenewsCertificates(t *testing.T) {
+	e := newCA(t, "node-1", "node-2")
+	e.cluster.AddPod(t, "shop", "web-1", "web", "node-1")
+	e.cluster.AddPod(t, "shop", "db-1", "db", "node-2")
+	fast := func(c *identity.Config) { c.RootsRefresh = 200 * time.Millisecond }
+	client := e.agent(t, "node-1", time.Hour, fast)
+	server := e.agent(t, "node-2", time.Hour, fast)
+	_ = client.Prefetch(webID)
+	_ = server.Prefetch(dbID)
+	addr := mtlsServer(t, server, dbID)
+	if _, err := dial(client, addr, webID, dbID); err != nil {
+		t.Fatalf("before the change: %v", err)
+	}
+	b, err := ca.GenerateRoot(td, 30*24*time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.auth.Update(&ca.Material{Cert: b.Cert, Key: b.Key, Roots: []*x509.Certificate{b.Cert}}); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []struct {
+		m  *identity.Manager
+		id string
+	}{{client, webID}, {server, dbID}} {
+		waitFor(t, 10*time.Second, p.id+"'s agent trusting the new root only", func() bool {
+			r := p.m.RootCertificates()
+			return len(r) == 1 && r[0].Equal(b.Cert)
+		})
+		// At once: no window in which the old certificate is handed out.
+		c, err := p.m.Certificate(context.Background(), p.id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := c.Leaf.CheckSignatureFrom(b.Cert); err != nil {
+			t.Errorf("%s: certificate handed out after the bundle dropped its root is not under the new root (issued %s)", p.id, c.Leaf.NotBefore)
+		}
+	}
+	if _, err := dial(client, addr, webID, dbID); err != nil {
+		t.Errorf("after the change: %v", err)
+	}
+}
+
 // Static mode: the CA lives in the state directory; no private key of a
 // workload ever reaches the disk.
 func TestLocalMode(t *testing.T) {
