@@ -134,6 +134,57 @@ func TestDropInPluginsStayChained(t *testing.T) {
 	}
 }
 
+// TestPluginsAfterZeroWhileNotChained: ambit_installer_plugins_after
+// counts plugins that run after ambit-cni. While the installer refuses
+// the config (here the list's own plugins are gone, all of them in the
+// drop-in directory, and ambit-cni is taken out) or there is no primary,
+// ambit-cni does not run at all: nothing runs after it, and the gauge
+// must not keep the count from when it was chained (installed says 0).
+func TestPluginsAfterZeroWhileNotChained(t *testing.T) {
+	n := newNode(t)
+	primary := filepath.Join(n.conf, "10-flannel.conflist")
+	writeFile(t, primary, string(fixture(t, "10-flannel.conflist"))) // network "cbr0"
+	writeFile(t, filepath.Join(n.conf, "cbr0", "50-tuning.conf"), `{"cniVersion":"0.3.1","name":"cbr0","type":"tuning"}`)
+	c, _ := n.config().withDefaults()
+	e, _ := entryOf(c.Entry)
+	in := &installer{cfg: c, entry: e, m: n.m, log: n.log}
+	if err := in.reconcile(); err != nil {
+		t.Fatal(err)
+	}
+	if got := testutil.ToFloat64(n.m.after); got != 1 {
+		t.Fatalf("chained with a drop-in: ambit_installer_plugins_after = %v, want 1", got)
+	}
+
+	writeFile(t, primary, `{"cniVersion":"1.0.0","name":"cbr0"}`)
+	old := time.Now().Add(-time.Hour)
+	os.Chtimes(primary, old, old)
+	if err := in.reconcile(); err == nil {
+		t.Fatal("a list whose plugins all come from the drop-in directory was accepted")
+	}
+	if has, _ := chainHas(runtimeChain(t, primary)); has {
+		t.Fatalf("ambit-cni still in the runtime's chain %v", runtimeChain(t, primary))
+	}
+	if got := testutil.ToFloat64(n.m.installed); got != 0 {
+		t.Fatalf("refused: ambit_installer_installed = %v", got)
+	}
+	if got := testutil.ToFloat64(n.m.after); got != 0 {
+		t.Errorf("refused (ambit-cni not chained): ambit_installer_plugins_after = %v, want 0", got)
+	}
+
+	// Chained again, then no primary at all.
+	writeFile(t, primary, string(fixture(t, "10-flannel.conflist")))
+	if err := in.reconcile(); err != nil || testutil.ToFloat64(n.m.after) != 1 {
+		t.Fatalf("chained again: %v, gauge %v", err, testutil.ToFloat64(n.m.after))
+	}
+	os.Remove(primary)
+	if err := in.reconcile(); err != nil {
+		t.Fatal(err)
+	}
+	if got := testutil.ToFloat64(n.m.after); got != 0 {
+		t.Errorf("no primary config: ambit_installer_plugins_after = %v, want 0", got)
+	}
+}
+
 // A .conflist without "plugins" whose plugins all come from its directory
 // is what a libcni v1.3.0+ runtime uses; chaining into the next file
 // would leave every pod unenrolled while the installer reported success.

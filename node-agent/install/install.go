@@ -297,6 +297,11 @@ func (in *installer) state(installed bool, primary string) {
 		in.m.installed.Set(1)
 	} else {
 		in.m.installed.Set(0)
+		// Not chained (refused, no primary, an error): ambit-cni does
+		// not run, so nothing runs after it. The count from when it was
+		// chained would describe a chain that no longer exists;
+		// installed 0 is the alert. warnDropIns sets it once chained.
+		in.m.after.Set(0)
 	}
 	if in.cfg.OnState != nil {
 		in.cfg.OnState(installed, primary)

@@ -34,7 +34,7 @@ func newMetrics(r prometheus.Registerer) *metrics {
 		}),
 		after: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "ambit_installer_plugins_after",
-			Help: "Plugin configs in the primary network's libcni drop-in directory, which a runtime built with containernetworking/cni v1.3.0 or later runs after ambit-cni (0 when ambit-cni runs last).",
+			Help: "Plugin configs in the primary network's libcni drop-in directory, which a runtime built with containernetworking/cni v1.3.0 or later runs after ambit-cni (0 when ambit-cni runs last, and while it is not chained: see ambit_installer_installed).",
 		}),
 	}
 	if r == nil {
