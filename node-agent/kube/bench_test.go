@@ -137,46 +137,94 @@ func (x *beforeIndex) ServiceEndpoints(vip netip.AddrPort) ([]netip.AddrPort, bo
 	return eps, ok
 }
 
+// todayIndex is the Service index as it was before NodePorts (session 8:
+// byVIP and sticky, nothing read on a miss): the baseline of the
+// ClusterIP hit and of the miss (a pod IP, the most common destination)
+// in BenchmarkServiceChoice.
+type todayIndex struct {
+	mu     sync.RWMutex
+	byVIP  map[netip.AddrPort][]netip.AddrPort
+	sticky map[netip.AddrPort]*tunnel.Affinity
+}
+
+func (x *todayIndex) ServiceByAddr(vip netip.AddrPort) (tunnel.Service, bool) {
+	k := netip.AddrPortFrom(vip.Addr().Unmap(), vip.Port())
+	x.mu.RLock()
+	eps, ok := x.byVIP[k]
+	var a *tunnel.Affinity
+	if ok && len(x.sticky) > 0 {
+		a = x.sticky[k]
+	}
+	x.mu.RUnlock()
+	return tunnel.Service{Endpoints: eps, Affinity: a}, ok
+}
+
 // BenchmarkServiceChoice: the per-connection Service lookup and endpoint
-// choice the outbound path makes, 1,000 Services of 10 endpoints, 100
+// choice the outbound path makes, 1,000 Services of 10 endpoints (every
+// other one a NodePort Service), 1,000 nodes of two addresses, 100
 // client pods: "before" (the code before affinity, kept above as
-// beforeIndex plus a random pick), "none" (ServiceByAddr and
-// balance.Table.Choose, Services without affinity: the common path) and
-// "clientip" (every Service with sessionAffinity ClientIP), interleaved
+// beforeIndex plus a random pick), "today" (the index before NodePorts,
+// todayIndex), "none" (ServiceByAddr and balance.Table.Choose, a
+// clusterIP of a Service without affinity: the common path), "nodeport"
+// (a node's address and a nodePort), "clientip" (every Service with
+// sessionAffinity ClientIP), and "miss-today"/"miss" (a pod IP, not a
+// Service: the most common destination, before and now), interleaved
 // over 21 rounds in rotating order in the same run; reported as medians
-// (ns/conn) and ratios against "before".
+// (ns/conn) and ratios against "before", "today" and "miss-today".
 func BenchmarkServiceChoice(b *testing.B) {
-	const nSvc, nEp, nClients = 1000, 10, 100
-	mk := func(affinity bool) (*Source, []netip.AddrPort) {
+	const nSvc, nEp, nClients, nNodes = 1000, 10, 100, 1000
+	mk := func(affinity bool) (*Source, []netip.AddrPort, []netip.AddrPort) {
 		s := &Source{}
 		s.svc.init()
-		var vips []netip.AddrPort
+		var vips, nodePorts []netip.AddrPort
+		for n := 0; n < nNodes; n++ {
+			s.nodeAddresses(fmt.Sprintf("node-%d", n), []netip.Addr{
+				netip.AddrFrom4([4]byte{172, 18, byte(n >> 8), byte(n)}),
+				netip.AddrFrom4([4]byte{198, 18, byte(n >> 8), byte(n)}),
+			})
+		}
 		for i := 0; i < nSvc; i++ {
 			ip := netip.AddrFrom4([4]byte{10, 96, byte(i >> 8), byte(i)}).String()
 			svc := clusterIPService(fmt.Sprintf("svc-%d", i), ip, 80)
 			if affinity {
 				svc.Spec.SessionAffinity = corev1.ServiceAffinityClientIP
 			}
+			if i%2 == 0 {
+				svc.Spec.Type = corev1.ServiceTypeNodePort
+				svc.Spec.Ports[0].NodePort = int32(30000 + i/2)
+			}
 			var eps []discoveryv1.Endpoint
 			for j := 0; j < nEp; j++ {
 				eps = append(eps, ep(fmt.Sprintf("10.%d.%d.%d", 1+i>>8, i&255, j), nil))
 			}
 			ports := []discoveryv1.EndpointPort{{Name: ptr("http"), Port: ptr[int32](8080)}}
-			for k, v := range ServiceEntries(svc, []*discoveryv1.EndpointSlice{slice("s", svc.Name, discoveryv1.AddressTypeIPv4, ports, eps...)}, Locality{Node: "node-a"}) {
+			byAddr, nps := serviceEntries(svc, []*discoveryv1.EndpointSlice{slice("s", svc.Name, discoveryv1.AddressTypeIPv4, ports, eps...)}, Locality{Node: "node-a"})
+			for k, v := range byAddr {
 				s.svc.byVIP[k] = v.Endpoints
 				if v.Affinity != nil {
 					s.svc.sticky[k] = v.Affinity
 				}
 				vips = append(vips, k)
 			}
+			s.svc.setNodePortsLocked("shop/"+svc.Name, nps)
+			for p := range nps {
+				nodePorts = append(nodePorts, netip.AddrPortFrom(netip.AddrFrom4([4]byte{172, 18, byte(i >> 8), byte(i)}), p))
+			}
 		}
-		return s, vips
+		return s, vips, nodePorts
 	}
-	plain, vips := mk(false)
-	sticky, _ := mk(true)
+	plain, vips, nodePorts := mk(false)
+	sticky, _, _ := mk(true)
 	before := &beforeIndex{byVIP: map[netip.AddrPort][]netip.AddrPort{}}
+	today := &todayIndex{byVIP: map[netip.AddrPort][]netip.AddrPort{}, sticky: map[netip.AddrPort]*tunnel.Affinity{}}
 	for k, v := range plain.svc.byVIP {
 		before.byVIP[k] = v
+		today.byVIP[k] = v
+	}
+	// Pod IPs on port 8080: not Services, not nodes.
+	pods := make([]netip.AddrPort, 1000)
+	for i := range pods {
+		pods[i] = netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 1 + byte(i>>8), byte(i), 1}), 8080)
 	}
 	clients := make([]netip.Addr, nClients)
 	for i := range clients {
@@ -186,22 +234,38 @@ func BenchmarkServiceChoice(b *testing.B) {
 	var oldDir interface {
 		ServiceEndpoints(netip.AddrPort) ([]netip.AddrPort, bool)
 	} = before
-	var noneDir, stickyDir tunnel.ServiceDirectory = plain, sticky
+	var noneDir, stickyDir, todayDir tunnel.ServiceDirectory = plain, sticky, today
 	table, full := balance.NewTable(0), balance.NewTable(0)
 	var sink netip.AddrPort
 	variants := []struct {
-		name string
-		f    func(i int, now time.Time)
+		name, base string // base: the variant its ratio is against
+		f          func(i int, now time.Time)
 	}{
-		{"before", func(i int, _ time.Time) {
+		{"before", "", func(i int, _ time.Time) {
 			eps, ok := oldDir.ServiceEndpoints(vips[i%len(vips)])
 			if !ok || len(eps) == 0 {
 				b.Fatal("miss")
 			}
 			sink = eps[mrand.IntN(len(eps))]
 		}},
+		{"today", "before", func(i int, now time.Time) {
+			sink = choose(todayDir, table, netip.Addr{}, vips[i%len(vips)], now)
+		}},
+		{"nodeport", "today", func(i int, now time.Time) {
+			sink = choose(noneDir, table, netip.Addr{}, nodePorts[i%len(nodePorts)], now)
+		}},
+		{"miss-today", "", func(i int, _ time.Time) {
+			if _, ok := todayDir.ServiceByAddr(pods[i%len(pods)]); ok {
+				b.Fatal("a pod resolved as a Service")
+			}
+		}},
+		{"miss", "miss-today", func(i int, _ time.Time) {
+			if _, ok := noneDir.ServiceByAddr(pods[i%len(pods)]); ok {
+				b.Fatal("a pod resolved as a Service")
+			}
+		}},
 		// The same steps as tunnel/conns.go (inline there too).
-		{"none", func(i int, now time.Time) {
+		{"none", "before", func(i int, now time.Time) {
 			vip := vips[i%len(vips)]
 			svc, ok := noneDir.ServiceByAddr(vip)
 			if !ok || len(svc.Endpoints) == 0 {
@@ -214,12 +278,12 @@ func BenchmarkServiceChoice(b *testing.B) {
 			}
 		}},
 		// 100 clients × 100 Services: 10,000 entries, within the cap.
-		{"clientip", func(i int, now time.Time) {
+		{"clientip", "before", func(i int, now time.Time) {
 			sink = choose(stickyDir, table, clients[(i/100)%nClients], vips[i%100], now)
 		}},
 		// 100 clients × 1,000 Services: 100,000 pairs, past the cap of
 		// 16,384, so every connection evicts (the worst case).
-		{"clientip-full", func(i int, now time.Time) {
+		{"clientip-full", "before", func(i int, now time.Time) {
 			sink = choose(stickyDir, full, clients[(i/len(vips))%nClients], vips[i%len(vips)], now)
 		}},
 	}
@@ -241,16 +305,24 @@ func BenchmarkServiceChoice(b *testing.B) {
 	b.StopTimer()
 	_ = sink
 	med := func(x []float64) float64 { x = slices.Clone(x); slices.Sort(x); return x[len(x)/2] }
+	index := map[string]int{}
+	for v := range variants {
+		index[variants[v].name] = v
+	}
+	ratio := func(v, base int) {
+		var ratios []float64
+		for r := range ns[v] {
+			ratios = append(ratios, ns[v][r]/ns[base][r])
+		}
+		b.ReportMetric(med(ratios), variants[v].name+"/"+variants[base].name)
+	}
 	for v := range variants {
 		b.ReportMetric(med(ns[v]), variants[v].name+"-ns/conn")
-		if v > 0 {
-			var ratios []float64
-			for r := range ns[v] {
-				ratios = append(ratios, ns[v][r]/ns[0][r])
-			}
-			b.ReportMetric(med(ratios), variants[v].name+"/before")
+		if base := variants[v].base; base != "" {
+			ratio(v, index[base])
 		}
 	}
+	ratio(index["none"], index["today"]) // the hit: as fast as before NodePorts?
 }
 
 // choose is the outbound path's Service step (tunnel/conns.go), for

@@ -211,6 +211,11 @@ func TestSourceNodePorts(t *testing.T) {
 	wantResolves(t, s, "type ClusterIP: the clusterIP stays", "10.96.0.10:80", v4)
 	s.svc.mu.RLock()
 	left := len(s.svc.byNodePort) + len(s.svc.portClaims) + len(s.svc.portsOwned)
+	for _, w := range s.svc.nodePortBits {
+		if w != 0 {
+			left++
+		}
+	}
 	s.svc.mu.RUnlock()
 	if left != 0 {
 		t.Fatalf("%d nodePort records left after the last one was removed", left)
