@@ -367,10 +367,12 @@ func (in *installer) refuseDropIns(p *conflist.Primary) error {
 var errUnsettled = errors.New("CNI config directory is settling")
 
 func (in *installer) ensureList(p *conflist.Primary) (string, error) {
-	out, changed, err := conflist.Ensure(p.Data, in.entry)
+	base, upgraded := in.upgradeConversion(p)
+	out, changed, err := conflist.Ensure(base, in.entry)
 	if err != nil {
 		return "", fmt.Errorf("%s: %w", p.Path, err)
 	}
+	changed = changed || upgraded
 	dst, err := target(p.Path)
 	if err != nil {
 		return "", err
@@ -387,8 +389,40 @@ func (in *installer) ensureList(p *conflist.Primary) (string, error) {
 	}
 	in.noteRewrite(p.Path, p.Data)
 	in.remember(p.Path, out)
-	in.log.Info("chained ambit-cni into the primary CNI config", "path", p.Path, "file", dst)
+	if upgraded {
+		in.log.Info("the list an older agent converted from a single-plugin config now says \"loadOnlyInlinedPlugins\": true, as the .conf it came from never ran the network's drop-in plugins", "path", p.Path, "file", dst)
+	} else {
+		in.log.Info("chained ambit-cni into the primary CNI config", "path", p.Path, "file", dst)
+	}
 	return p.Path, nil
+}
+
+// upgradeConversion: when p is a list an agent from before
+// "loadOnlyInlinedPlugins" converted from a .conf (its bytes, our entry
+// aside, still exactly that conversion of the original kept in the
+// backup), it returns today's conversion of the original, which says the
+// key: on a libcni v1.3.0+ runtime that list ran the network's drop-ins,
+// which the .conf never did. Uninstall still puts the original back byte
+// for byte (the new list is exactly Convert of it). Anything else, or a
+// list already current, is returned as it is.
+func (in *installer) upgradeConversion(p *conflist.Primary) ([]byte, bool) {
+	withoutUs := p.Data
+	if conflist.Has(p.Data, PluginType) {
+		out, _, err := conflist.Remove(p.Data, PluginType)
+		if err != nil {
+			return p.Data, false
+		}
+		withoutUs = out
+	}
+	_, _, orig, _, ok := convertedFrom(in.cfg.CNIConfDir, p.Path, withoutUs)
+	if !ok {
+		return p.Data, false
+	}
+	cur, err := conflist.Convert(orig)
+	if err != nil || bytes.Equal(cur, withoutUs) {
+		return p.Data, false
+	}
+	return cur, true
 }
 
 // convert turns the primary .conf/.json into a .conflist with our entry,

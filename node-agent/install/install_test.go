@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/containernetworking/cni/libcni"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
@@ -559,5 +560,90 @@ func TestUninstallRestoresOlderConversion(t *testing.T) {
 		if _, err := os.Stat(gone); !os.IsNotExist(err) {
 			t.Errorf("%s still exists after uninstall", gone)
 		}
+	}
+}
+
+// A .conf converted by an agent from before "loadOnlyInlinedPlugins":
+// after the upgrade its list says the key too (the .conf never ran the
+// network's drop-in plugins; without the key a libcni v1.3.0+ runtime
+// runs them, after ambit-cni), and uninstall still puts the original
+// back byte for byte. A list that is not exactly such a conversion is
+// left as it is.
+func TestUpgradeMarksOlderConversion(t *testing.T) {
+	n := newNode(t)
+	orig := fixture(t, "10-bridge.conf")
+	conf := filepath.Join(n.conf, "10-bridge.conf")
+	if err := os.WriteFile(conf, orig, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c, _ := n.config().withDefaults()
+	e, _ := entryOf(c.Entry)
+	in := &installer{cfg: c, entry: e, m: n.m, log: n.log}
+	if err := in.reconcile(); err != nil {
+		t.Fatal(err)
+	}
+	list := filepath.Join(n.conf, "10-bridge.conflist")
+	current, err := os.ReadFile(list)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// What the older agent wrote: the same list without the key.
+	old := bytes.Replace(current, []byte("  \"loadOnlyInlinedPlugins\": true,\n"), nil, 1)
+	if bytes.Equal(old, current) {
+		t.Fatalf("the conversion no longer has the key line this test removes:\n%s", current)
+	}
+	if err := os.WriteFile(list, old, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	nc, err := libcni.ConfFromBytes(orig)
+	if err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, filepath.Join(n.conf, nc.Network.Name, "50-tuning.conf"), `{"cniVersion":"0.3.1","type":"tuning"}`)
+	if chain := runtimeChain(t, list); chain[len(chain)-1] != "tuning" {
+		t.Fatalf("the older conversion: the runtime runs %v, want the drop-in last", chain)
+	}
+
+	// The upgraded agent.
+	in = &installer{cfg: c, entry: e, m: n.m, log: n.log}
+	if err := in.reconcile(); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := os.ReadFile(list); !bytes.Equal(got, current) {
+		t.Errorf("after the upgrade the list is\n%s\nwant what this agent converts\n%s", got, current)
+	}
+	if chain := runtimeChain(t, list); strings.Join(chain, ",") != "bridge,"+PluginType {
+		t.Errorf("after the upgrade the runtime runs %v, want bridge then ambit-cni", chain)
+	}
+	if err := in.reconcile(); err != nil {
+		t.Fatal(err)
+	}
+	if err := Uninstall(context.Background(), n.config()); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := os.ReadFile(conf); err != nil || !bytes.Equal(got, orig) {
+		t.Fatalf("original .conf not restored byte-identical: %v\n%s", err, got)
+	}
+	if _, err := os.Stat(list); !os.IsNotExist(err) {
+		t.Errorf("%s still exists after uninstall", list)
+	}
+
+	// A list that only looks converted (someone else's edit on top) is
+	// not rewritten from the backup.
+	if err := in.reconcile(); err != nil {
+		t.Fatal(err)
+	}
+	edited := bytes.Replace(old, []byte(`"name"`), []byte(`"foo": 1, "name"`), 1)
+	if bytes.Equal(edited, old) {
+		t.Fatal("test edit did not apply")
+	}
+	if err := os.WriteFile(list, edited, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := in.reconcile(); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := os.ReadFile(list); !bytes.Equal(got, edited) {
+		t.Errorf("a list that is not exactly a conversion was rewritten:\n%s", got)
 	}
 }

@@ -95,25 +95,33 @@ func removeFrom(confDir, path string) (bool, error) {
 // from, if there is a backup and the list without our entry is exactly the
 // conversion of it (nobody added to it since).
 func restoreConverted(confDir, path string, withoutUs []byte) (bool, error) {
-	for _, ext := range []string{".conf", ".json"} {
-		base := filepath.Base(path)
-		orig := base[:len(base)-len(filepath.Ext(base))] + ext
-		backup := filepath.Join(confDir, BackupDir, orig)
-		bb, bfi, err := conflist.ReadFile(backup)
-		if err != nil {
-			continue
-		}
-		if !conflist.IsConversion(withoutUs, bb) {
-			continue
-		}
-		target := filepath.Join(confDir, orig)
-		if err := atomicfile.Write(target, bb, atomicfile.Attrs(bfi)); err != nil {
-			return false, err
-		}
-		if err := atomicfile.Remove(path); err != nil {
-			return false, err
-		}
-		return true, atomicfile.Remove(backup)
+	orig, backup, bb, bfi, ok := convertedFrom(confDir, path, withoutUs)
+	if !ok {
+		return false, nil
 	}
-	return false, nil
+	if err := atomicfile.Write(filepath.Join(confDir, orig), bb, atomicfile.Attrs(bfi)); err != nil {
+		return false, err
+	}
+	if err := atomicfile.Remove(path); err != nil {
+		return false, err
+	}
+	return true, atomicfile.Remove(backup)
+}
+
+// convertedFrom finds the .conf/.json in the backup directory that the
+// list at path (withoutUs: its bytes without our entry) is the
+// conversion of, by this agent or an older one (conflist.IsConversion),
+// and returns its file name, backup path, bytes and info.
+func convertedFrom(confDir, path string, withoutUs []byte) (orig, backup string, b []byte, fi os.FileInfo, ok bool) {
+	base := filepath.Base(path)
+	for _, ext := range []string{".conf", ".json"} {
+		orig = base[:len(base)-len(filepath.Ext(base))] + ext
+		backup = filepath.Join(confDir, BackupDir, orig)
+		bb, bfi, err := conflist.ReadFile(backup)
+		if err != nil || !conflist.IsConversion(withoutUs, bb) {
+			continue
+		}
+		return orig, backup, bb, bfi, true
+	}
+	return "", "", nil, nil, false
 }
