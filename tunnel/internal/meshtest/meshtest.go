@@ -113,8 +113,8 @@ type Mesh struct {
 
 // Options tune New.
 type Options struct {
-	// Config is the base tunnel config (Directory, Certificates and
-	// Authorizer are filled in).
+	// Config is the base tunnel config (Certificates and Authorizer are
+	// filled in, and Directory when nil: the mesh's static Dir).
 	Config tunnel.Config
 	// NoServe leaves the proxies unstarted (for baselines).
 	NoServe bool
@@ -174,7 +174,10 @@ func (m *Mesh) node(t testing.TB, p *podtest.Pod, ns, sa string, o Options) *Nod
 		return n
 	}
 	cfg := o.Config
-	cfg.Directory, cfg.Certificates, cfg.Authorizer, cfg.Registerer = m.Dir, m.Certs, m.Auth, n.Reg
+	cfg.Certificates, cfg.Authorizer, cfg.Registerer = m.Certs, m.Auth, n.Reg
+	if cfg.Directory == nil { // else the caller's (e.g. node-agent/kube's Source)
+		cfg.Directory = m.Dir
+	}
 	if o.CertificatesB != nil { // B's node only (New)
 		cfg.Certificates = o.CertificatesB(m.Certs)
 	}
