@@ -19,7 +19,19 @@
 //   - this node's Node object alone (field selector metadata.name), for
 //     its topology.kubernetes.io/zone label: topology hints
 //     (trafficDistribution PreferClose/PreferSameZone/PreferSameNode) are
-//     applied against it, and a change of zone rebuilds every Service.
+//     applied against it, and a change of zone rebuilds every Service;
+//   - every Node, trimmed to name, zone label and InternalIP/ExternalIP
+//     addresses (a Node's status, images above all, is the bulk of it):
+//     the addresses kube-proxy serves NodePorts on. A pod's connection to
+//     <any node's address>:<nodePort> resolves like the Service's
+//     externalIPs: the cluster-wide endpoints of the address's family
+//     (kube-proxy short-circuits pod traffic to a NodePort to its cluster
+//     policy chain, whatever externalTrafficPolicy and
+//     internalTrafficPolicy say), with the port's affinity. The index
+//     keeps a node-address set and a nodePort map (not nodes × nodePorts
+//     in the address map), read only when the address map misses and
+//     the port is a nodePort (a bitmap), so a clusterIP hit and a pod IP
+//     miss cost what they did.
 //
 // Endpoint choice. The index holds, per Service address, what kube-proxy
 // on this node would pick from: ready endpoints (else serving terminating
@@ -63,5 +75,10 @@
 // Without nodes (a ClusterRole from before topology: an image-only
 // upgrade) it syncs with the zone unknown and logs a warning once:
 // topology is an optimisation, and an agent that never became ready over
-// it would stall the rollout.
+// it would stall the rollout. Allowed its own Node but not the list of all
+// (resourceNames), or with none, it syncs without NodePorts (passed
+// through, as before they were resolved) and warns once more; either
+// informer keeps retrying, so RBAC fixed later takes effect without a
+// restart. The two Node informers are separate so that topology does not
+// depend on the larger one: the own-Node watch costs one object.
 package kube

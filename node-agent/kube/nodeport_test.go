@@ -9,7 +9,9 @@ import (
 	"reflect"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
@@ -336,5 +338,39 @@ func TestTrimNodeAddresses(t *testing.T) {
 	bad := nodeWith("node-b", "", "InternalIP=not-an-ip", "InternalIP=::", "ExternalIP=172.18.0.3", "InternalIP=172.18.0.3")
 	if ips := nodeIPs(bad); !reflect.DeepEqual(ips, []netip.Addr{netip.MustParseAddr("172.18.0.3")}) {
 		t.Fatalf("nodeIPs: %v", ips)
+	}
+}
+
+// RBAC fixed while the agent runs: the Node list is retried, and NodePorts
+// resolve once it is allowed, without a restart.
+func TestNodesAllowedLaterResolvesNodePorts(t *testing.T) {
+	ports := []discoveryv1.EndpointPort{{Name: ptr("http"), Port: ptr[int32](8080)}}
+	svc := clusterIPService("web", "10.96.0.10", 80)
+	svc.Spec.Type = corev1.ServiceTypeNodePort
+	svc.Spec.Ports[0].NodePort = 30080
+	client := fake.NewClientset(nodeWith("node-a", "", "InternalIP=172.18.0.2"), svc,
+		slice("web-a", "web", discoveryv1.AddressTypeIPv4, ports, ep("10.1.0.1", nil)))
+	var allowed atomic.Bool
+	client.PrependReactor("list", "nodes", func(ktesting.Action) (bool, runtime.Object, error) {
+		if allowed.Load() {
+			return false, nil, nil
+		}
+		return true, nil, apierrors.NewForbidden(corev1.Resource("nodes"), "", errors.New("RBAC: nodes is forbidden"))
+	})
+	s, _ := startSource(t, client, Config{NodeName: "node-a"})
+	if eps, ok := resolves(s, "172.18.0.2:30080"); ok {
+		t.Fatalf("forbidden: resolved to %v, want passthrough", eps)
+	}
+	allowed.Store(true)
+	start := time.Now()
+	for {
+		if eps, ok := resolves(s, "172.18.0.2:30080"); ok && reflect.DeepEqual(eps, aps("10.1.0.1:8080")) {
+			t.Logf("NodePort resolved %v after the list was allowed", time.Since(start).Round(time.Millisecond))
+			return
+		}
+		if time.Since(start) > 45*time.Second {
+			t.Fatal("45 s after the Node list became allowed, the NodePort is still passed through")
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }
