@@ -61,7 +61,7 @@ func TestServiceEntriesNodePorts(t *testing.T) {
 		slice("web-4", "web", discoveryv1.AddressTypeIPv4, ports, epOn("10.1.0.1", "node-a", nil), epOn("10.2.0.1", "node-b", nil)),
 		slice("web-6", "web", discoveryv1.AddressTypeIPv6, ports, epOn("fd00:1::1", "node-a", nil), epOn("fd00:2::1", "node-b", nil)),
 	}
-	byAddr, nps := serviceEntries(svc, sl, Locality{Node: "node-a"})
+	byAddr, nps := serviceEntries(svc, sl, Locality{Node: "node-a"}, nil)
 	if eps := byAddr[netip.MustParseAddrPort("10.96.0.10:80")].Endpoints; !reflect.DeepEqual(eps, aps("10.1.0.1:8080")) {
 		t.Fatalf("clusterIP under internalTrafficPolicy Local: %v, want node-a's endpoint", eps)
 	}
@@ -86,13 +86,13 @@ func TestServiceEntriesNodePorts(t *testing.T) {
 
 	single := nodePortService(30080)
 	single.Spec.ClusterIPs = []string{"10.96.0.10"}
-	_, nps = serviceEntries(single, sl, Locality{Node: "node-a"})
+	_, nps = serviceEntries(single, sl, Locality{Node: "node-a"}, nil)
 	if np := nps[30080]; !np.has[0] || np.has[1] {
 		t.Fatalf("single-stack v4: %+v, want a v4 entry only", np)
 	}
 	headless := nodePortService(30080)
 	headless.Spec.ClusterIP, headless.Spec.ClusterIPs = "None", []string{"None"}
-	if _, nps := serviceEntries(headless, sl, Locality{Node: "node-a"}); nps != nil {
+	if _, nps := serviceEntries(headless, sl, Locality{Node: "node-a"}, nil); nps != nil {
 		t.Fatalf("headless: %v, want no nodePort", nps)
 	}
 }

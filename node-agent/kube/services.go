@@ -221,7 +221,15 @@ func (s *Source) rebuildService(key string) {
 			}
 		}
 	}
-	entries, nodePorts := serviceEntries(svc, sl, Locality{Node: s.cfg.NodeName, Zone: s.svc.zone})
+	// Pods the slices name that the pod cache lacks: registered under
+	// waitMu in the same critical section as the checks, so a pod added
+	// meanwhile is either seen by a check or finds the registration
+	// (podArrived), and the Service is rebuilt once it is there.
+	s.wait.mu.Lock()
+	known, missing := s.knownPods()
+	entries, nodePorts := serviceEntries(svc, sl, Locality{Node: s.cfg.NodeName, Zone: s.svc.zone}, known)
+	s.wait.setLocked(key, *missing)
+	s.wait.mu.Unlock()
 
 	s.svc.mu.Lock()
 	defer s.svc.mu.Unlock()
@@ -313,7 +321,7 @@ type Locality struct {
 // NodePorts are not in the result (they are not one address: see
 // serviceEntries).
 func ServiceEntries(svc *corev1.Service, sl []*discoveryv1.EndpointSlice, loc Locality) map[netip.AddrPort]tunnel.Service {
-	out, _ := serviceEntries(svc, sl, loc)
+	out, _ := serviceEntries(svc, sl, loc, nil)
 	return out
 }
 
@@ -329,7 +337,16 @@ func ServiceEntries(svc *corev1.Service, sl []*discoveryv1.EndpointSlice, loc Lo
 // node address's family (hints applied), not like the clusterIP when
 // that is Local. Only families the Service has a clusterIP of get an
 // entry.
-func serviceEntries(svc *corev1.Service, sl []*discoveryv1.EndpointSlice, loc Locality) (map[netip.AddrPort]tunnel.Service, map[uint16]nodePortEntry) {
+//
+// With known set, an endpoint naming a pod (targetRef) that known says
+// the pod cache lacks is left out of each list that has another: the
+// tunnel would take it for a pod outside the mesh (no workload at that
+// IP) and connect in plaintext, which a strict destination refuses. The
+// EndpointSlice and the pod come through different watches, so for a
+// moment a new pod can be in one and not the other. ztunnel skips such
+// endpoints; when nothing else is left they are kept (the connection is
+// tried as before, not refused).
+func serviceEntries(svc *corev1.Service, sl []*discoveryv1.EndpointSlice, loc Locality, known podKnown) (map[netip.AddrPort]tunnel.Service, map[uint16]nodePortEntry) {
 	if svc == nil || svc.Spec.Type == corev1.ServiceTypeExternalName {
 		return nil, nil
 	}
@@ -392,7 +409,7 @@ func serviceEntries(svc *corev1.Service, sl []*discoveryv1.EndpointSlice, loc Lo
 				l = 1
 			}
 			if !done[f][l] {
-				ready, terminating := endpointsFor(v4, sp.Name, nodeLocal, loc, sl)
+				ready, terminating := endpointsFor(v4, sp.Name, nodeLocal, loc, sl, known)
 				memo[f][l], done[f][l] = ready, true
 				if len(ready) == 0 {
 					memo[f][l] = terminating
@@ -445,12 +462,22 @@ type candidate struct {
 	ap    netip.AddrPort
 	ready bool // else serving and terminating
 	hints *discoveryv1.EndpointHints
+	// unknown: the endpoint names a pod the pod cache does not have
+	// (yet), with this address.
+	unknown bool
 }
+
+// podKnown reports whether the pod cache has the pod an endpoint's
+// targetRef names (namespace, name, UID when set) with the endpoint's
+// address; nil: every endpoint counts as known.
+type podKnown func(namespace string, ref *corev1.ObjectReference, addr netip.Addr) bool
 
 // endpointsFor lists the endpoints of one Service port and family; when
 // local, only those on loc.Node (none when it is empty), else the ready
-// ones narrowed by topology hints (see ServiceEntries).
-func endpointsFor(v4 bool, portName string, local bool, loc Locality, sl []*discoveryv1.EndpointSlice) (ready, terminating []netip.AddrPort) {
+// ones narrowed by topology hints (see ServiceEntries). Of each list,
+// endpoints whose pod known does not have are left out when one it has
+// remains (see serviceEntries).
+func endpointsFor(v4 bool, portName string, local bool, loc Locality, sl []*discoveryv1.EndpointSlice, known podKnown) (ready, terminating []netip.AddrPort) {
 	var cands []candidate
 	for _, es := range sl {
 		if (v4 && es.AddressType != discoveryv1.AddressTypeIPv4) || (!v4 && es.AddressType != discoveryv1.AddressTypeIPv6) {
@@ -492,7 +519,11 @@ func endpointsFor(v4 bool, portName string, local bool, loc Locality, sl []*disc
 				if err != nil || ip.Unmap().Is4() != v4 {
 					continue
 				}
-				cands = append(cands, candidate{ap: netip.AddrPortFrom(ip.Unmap(), uint16(port)), ready: isReady, hints: e.Hints})
+				// Only an endpoint that names a pod can be one the
+				// cache lacks; one without (a selectorless Service's
+				// slice) is whatever it is.
+				unknown := known != nil && e.TargetRef != nil && !known(es.Namespace, e.TargetRef, ip.Unmap())
+				cands = append(cands, candidate{ap: netip.AddrPortFrom(ip.Unmap(), uint16(port)), ready: isReady, hints: e.Hints, unknown: unknown})
 			}
 		}
 	}
@@ -502,17 +533,39 @@ func endpointsFor(v4 bool, portName string, local bool, loc Locality, sl []*disc
 	}
 	// Sets, not slices: an address may sit in two slices while the
 	// controller moves it, and large Services have thousands of endpoints.
-	readySet := map[netip.AddrPort]struct{}{}
-	termSet := map[netip.AddrPort]struct{}{}
+	// The value: the pod is known (false while only unknown ones listed
+	// the address).
+	readySet := map[netip.AddrPort]bool{}
+	termSet := map[netip.AddrPort]bool{}
 	for _, c := range cands {
 		switch {
 		case !c.ready:
-			termSet[c.ap] = struct{}{}
+			termSet[c.ap] = termSet[c.ap] || !c.unknown
 		case mode.admits(c.hints, loc):
-			readySet[c.ap] = struct{}{}
+			readySet[c.ap] = readySet[c.ap] || !c.unknown
 		}
 	}
-	return sortedAddrPorts(readySet), sortedAddrPorts(termSet)
+	return preferKnown(readySet), preferKnown(termSet)
+}
+
+// preferKnown lists the endpoints of set whose pod is known, or all of
+// them when none is: an endpoint whose pod the cache lacks would be taken
+// for a pod outside the mesh (plaintext, refused by a strict
+// destination), as ztunnel avoids too; with no other choice, the
+// connection is tried as before rather than refused.
+func preferKnown(set map[netip.AddrPort]bool) []netip.AddrPort {
+	anyKnown := false
+	for _, k := range set {
+		anyKnown = anyKnown || k
+	}
+	l := make([]netip.AddrPort, 0, len(set))
+	for ap, k := range set {
+		if k || !anyKnown {
+			l = append(l, ap)
+		}
+	}
+	slices.SortFunc(l, func(a, b netip.AddrPort) int { return a.Compare(b) })
+	return l
 }
 
 // topology is kube-proxy's topology mode for one Service port and family.
@@ -574,16 +627,4 @@ func (m topology) admits(h *discoveryv1.EndpointHints, loc Locality) bool {
 		return h != nil && slices.ContainsFunc(h.ForZones, func(z discoveryv1.ForZone) bool { return z.Name == loc.Zone })
 	}
 	return true
-}
-
-func sortedAddrPorts(set map[netip.AddrPort]struct{}) []netip.AddrPort {
-	if len(set) == 0 {
-		return []netip.AddrPort{}
-	}
-	l := make([]netip.AddrPort, 0, len(set))
-	for ap := range set {
-		l = append(l, ap)
-	}
-	slices.SortFunc(l, func(a, b netip.AddrPort) int { return a.Compare(b) })
-	return l
 }

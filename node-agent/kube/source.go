@@ -85,8 +85,9 @@ type Source struct {
 	nodesSynced    cache.ResourceEventHandlerRegistration
 	nodesForbidden atomic.Bool
 
-	dir directory
-	svc serviceIndex
+	dir  directory
+	svc  serviceIndex
+	wait podWait
 
 	subMu sync.RWMutex
 	subs  []func(cluster.Event)
@@ -132,6 +133,7 @@ func New(cfg Config) (*Source, error) {
 	}
 	s.dir.init(cfg.TrustDomain)
 	s.svc.init()
+	s.wait.init()
 
 	s.localFactory = informers.NewSharedInformerFactoryWithOptions(cfg.Client, cfg.Resync,
 		informers.WithTweakListOptions(func(o *metav1.ListOptions) {
@@ -182,8 +184,8 @@ func New(cfg Config) (*Source, error) {
 		return nil, err
 	}
 	if _, err := s.allPods.AddEventHandler(cache.ResourceEventHandlerFuncs{
-		AddFunc:    func(obj any) { s.dir.upsert(obj) },
-		UpdateFunc: func(_, obj any) { s.dir.upsert(obj) },
+		AddFunc:    func(obj any) { s.dir.upsert(obj); s.podArrived(obj) },
+		UpdateFunc: func(_, obj any) { s.dir.upsert(obj); s.podArrived(obj) }, // an IP, or a new UID under the name
 		DeleteFunc: func(obj any) { s.dir.remove(obj) },
 	}); err != nil {
 		return nil, err

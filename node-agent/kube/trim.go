@@ -94,9 +94,12 @@ func TrimService(obj any) (any, error) {
 	}, nil
 }
 
-// TrimEndpointSlice drops managed fields, annotations and per-endpoint
-// target references, keeping addresses, conditions, node names
-// (internalTrafficPolicy Local), topology hints and ports.
+// TrimEndpointSlice drops managed fields and annotations, keeping
+// addresses, conditions, node names (internalTrafficPolicy Local),
+// topology hints, ports, and of a target reference only a Pod's name and
+// UID (namespace when not the slice's): an endpoint whose pod the pod
+// cache does not have yet is avoided while others can serve (see
+// serviceEntries).
 func TrimEndpointSlice(obj any) (any, error) {
 	s, ok := obj.(*discoveryv1.EndpointSlice)
 	if !ok {
@@ -113,6 +116,13 @@ func TrimEndpointSlice(obj any) (any, error) {
 	}
 	for i, e := range s.Endpoints {
 		t.Endpoints[i] = discoveryv1.Endpoint{Addresses: e.Addresses, Conditions: e.Conditions, NodeName: e.NodeName, Hints: e.Hints}
+		if r := e.TargetRef; r != nil && r.Kind == "Pod" && r.Name != "" {
+			ref := &corev1.ObjectReference{Kind: "Pod", Name: r.Name, UID: r.UID}
+			if r.Namespace != "" && r.Namespace != s.Namespace {
+				ref.Namespace = r.Namespace
+			}
+			t.Endpoints[i].TargetRef = ref
+		}
 	}
 	return t, nil
 }
