@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -405,6 +406,60 @@ func TestAmbitMesh(t *testing.T) {
 		}
 		if bytes.Contains(pcap, []byte(secret)) {
 			t.Fatalf("Service traffic crossed the bridge in plaintext")
+		}
+	})
+
+	// A NodePort, on the client's node's address and on the other
+	// node's: the agent resolves it to the endpoint itself. Through
+	// kube-proxy the connection would be masqueraded (the server would
+	// see a node's address) and cross the bridge in plaintext.
+	t.Run("NodePortThroughKubeProxy", func(t *testing.T) {
+		svc, err := c.client.CoreV1().Services(mesh).Create(ctx, &corev1.Service{
+			ObjectMeta: metav1.ObjectMeta{Name: "server-nodeport"},
+			Spec: corev1.ServiceSpec{Type: corev1.ServiceTypeNodePort, Selector: map[string]string{"app": "server"},
+				Ports: []corev1.ServicePort{{Port: 80, TargetPort: intstr.FromInt32(9000)}}},
+		}, metav1.CreateOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		nodePort := svc.Spec.Ports[0].NodePort
+		for _, name := range []string{node1, node2} {
+			n, err := c.client.CoreV1().Nodes().Get(ctx, name, metav1.GetOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			var ip string
+			for _, a := range n.Status.Addresses {
+				if a.Type == corev1.NodeInternalIP && ip == "" {
+					ip = a.Address
+				}
+			}
+			if ip == "" {
+				t.Fatalf("node %s has no InternalIP", name)
+			}
+			addr := net.JoinHostPort(ip, fmt.Sprint(nodePort))
+			secret := "AMBIT-E2E-NODEPORT-" + suffix()
+			inBefore := c.hboneIn(t, node2, mesh)
+			cp := startCapture(t)
+			var out string
+			ok := pollOK(60*time.Second, func() (bool, error) {
+				out, err = c.exec(mesh, "client", 10*time.Second, "/kecho", "client", "-timeout", "3s", addr, secret)
+				return err == nil, nil
+			})
+			pcap := cp.stop()
+			if !ok {
+				t.Fatalf("NodePort %s (node %s): %v %s", addr, name, err, out)
+			}
+			if !strings.Contains(out, "peer="+cli.Status.PodIP+" ") {
+				t.Errorf("via NodePort %s (node %s) the server saw %q, want the client pod's IP %s (a node's address: through kube-proxy, not the mesh)", addr, name, out, cli.Status.PodIP)
+			}
+			if in := c.hboneIn(t, node2, mesh) - inBefore; in < 1 {
+				t.Errorf("via NodePort %s: the server's agent counted %v inbound HBONE connections, want ≥ 1", addr, in)
+			}
+			if bytes.Contains(pcap, []byte(secret)) {
+				t.Fatalf("NodePort traffic (%s, node %s) crossed the bridge in plaintext", addr, name)
+			}
+			r.note("NodePort %s (%s): HBONE, client pod IP kept", addr, name)
 		}
 	})
 
