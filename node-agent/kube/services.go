@@ -221,10 +221,11 @@ func (s *Source) rebuildService(key string) {
 			}
 		}
 	}
-	// Pods the slices name that the pod cache lacks: registered under
-	// waitMu in the same critical section as the checks, so a pod added
+	// Pods the slices name that the pod cache lacks: registered in the
+	// same critical section (s.wait.mu) as the checks, so a pod stored
 	// meanwhile is either seen by a check or finds the registration
-	// (podArrived), and the Service is rebuilt once it is there.
+	// (podArrived takes it after the informer stored the pod), and the
+	// Service is rebuilt once it is there.
 	s.wait.mu.Lock()
 	known, missing := s.knownPods()
 	entries, nodePorts := serviceEntries(svc, sl, Locality{Node: s.cfg.NodeName, Zone: s.svc.zone}, known)
