@@ -37,7 +37,11 @@
 // on this node would pick from: ready endpoints (else serving terminating
 // ones), narrowed to this node's with internalTrafficPolicy Local, else to
 // those hinted for this node or its zone when every ready endpoint carries
-// such hints. The tunnel then picks one per connection (tunnel/balance):
+// such hints; and of each list, endpoints naming a pod (targetRef) the pod
+// cache does not have yet with that address are left out while another
+// remains (the tunnel would take them for pods outside the mesh: plaintext,
+// refused by a strict destination; ztunnel skips them too), the Service
+// rebuilt when the pod arrives. The tunnel then picks one per connection (tunnel/balance):
 // at random, or under sessionAffinity ClientIP the one this client pod IP
 // used last for the Service port (ServiceByAddr carries the timeout and
 // the port's identity).
