@@ -41,6 +41,7 @@ type NodeOptions struct {
 	// entry (fields other than type).
 	Ambit map[string]any
 	// Dir holds the node's files (conflist, CNI cache, host-local state).
+	// Empty: a temporary directory that Close removes.
 	Dir string
 	// PluginStderr receives the CNI plugins' stderr (default: ours).
 	PluginStderr io.Writer
@@ -58,6 +59,9 @@ type Node struct {
 
 	mu   sync.Mutex
 	pods map[string]*Pod
+	// tempDir: Opts.Dir was made by NewNode, so Close removes it (every
+	// run left one in /tmp otherwise: 216 of them after a few days).
+	tempDir bool
 }
 
 // Pod is a sandbox created through the node's CNI chain.
@@ -89,7 +93,8 @@ func NewNode(o NodeOptions) (*Node, error) {
 	if o.CNIVersion == "" {
 		o.CNIVersion = "1.0.0"
 	}
-	if o.Dir == "" {
+	tempDir := o.Dir == ""
+	if tempDir {
 		d, err := os.MkdirTemp("", "ambit-lab-"+o.Name+"-")
 		if err != nil {
 			return nil, err
@@ -100,9 +105,12 @@ func NewNode(o NodeOptions) (*Node, error) {
 		return nil, err
 	}
 	if err := run("ip", "netns", "add", o.Name); err != nil {
+		if tempDir {
+			os.RemoveAll(o.Dir)
+		}
 		return nil, err
 	}
-	n := &Node{Opts: o, Path: "/run/netns/" + o.Name, pods: map[string]*Pod{}}
+	n := &Node{Opts: o, Path: "/run/netns/" + o.Name, pods: map[string]*Pod{}, tempDir: tempDir}
 	var err error
 	if n.NetNS, err = ns.GetNS(n.Path); err != nil {
 		n.Close()
@@ -309,6 +317,11 @@ func (n *Node) Close() error {
 	}
 	if err := run("ip", "netns", "del", n.Opts.Name); err != nil {
 		errs = append(errs, err)
+	}
+	if n.tempDir {
+		if err := os.RemoveAll(n.Opts.Dir); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	return errors.Join(errs...)
 }
