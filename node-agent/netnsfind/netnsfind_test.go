@@ -20,6 +20,18 @@ import (
 	"github.com/ambit-mesh/ambit/internal/testenv"
 )
 
+// uniqueIP returns a random address of 10.231.0.0/16, a block no other
+// test uses. A scan sees every namespace of the machine, those of other
+// packages' tests running beside this one (go test -p 2, or someone
+// else's run) included: with fixed addresses TestFindByIP found the
+// agent's and hostrules' 10.77.1.2 as a second namespace and refused to
+// guess.
+func uniqueIP() netip.Addr {
+	var b [2]byte
+	rand.Read(b[:])
+	return netip.AddrFrom4([4]byte{10, 231, b[0], 1 + b[1]%254})
+}
+
 // newNetns makes a named netns (amb-agt-*) holding addr on a dummy link.
 func newNetns(t *testing.T, addr string) (string, *os.File) {
 	t.Helper()
@@ -77,8 +89,12 @@ func startIn(t *testing.T, name string, argv ...string) {
 
 func TestFindByIP(t *testing.T) {
 	testenv.RequireRoot(t)
-	name, f := newNetns(t, "10.77.1.2/24")
-	got, err := HoldsAny(f, []netip.Addr{netip.MustParseAddr("10.77.1.2")})
+	ip, unknown := uniqueIP(), uniqueIP()
+	for unknown == ip {
+		unknown = uniqueIP()
+	}
+	name, f := newNetns(t, ip.String()+"/32")
+	got, err := HoldsAny(f, []netip.Addr{ip})
 	if err != nil || !got {
 		t.Fatalf("HoldsAny = %v %v", got, err)
 	}
@@ -86,7 +102,7 @@ func TestFindByIP(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	n, err := sc.Find([]netip.Addr{netip.MustParseAddr("10.77.1.2")}, "")
+	n, err := sc.Find([]netip.Addr{ip}, "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -94,7 +110,7 @@ func TestFindByIP(t *testing.T) {
 	if n.Inode != want || !strings.HasSuffix(n.Path, name) {
 		t.Fatalf("found %+v, want inode %d (%s)", n, want, name)
 	}
-	if _, err := sc.Find([]netip.Addr{netip.MustParseAddr("10.77.9.9")}, ""); !errors.Is(err, ErrNotFound) {
+	if _, err := sc.Find([]netip.Addr{unknown}, ""); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("unknown IP: %v", err)
 	}
 }
@@ -110,7 +126,7 @@ func TestNeverHostNetns(t *testing.T) {
 		}
 	}
 	hostIPs = append(hostIPs, netip.MustParseAddr("127.0.0.1"))
-	newNetns(t, "10.77.2.2/24") // something else to scan
+	newNetns(t, uniqueIP().String()+"/32") // something else to scan
 	sc, err := Scanner{}.Scan()
 	if err != nil {
 		t.Fatal(err)
@@ -128,14 +144,15 @@ func TestAmbiguousIsAnError(t *testing.T) {
 	testenv.RequireRoot(t)
 	// Two namespaces with the same IP, one also seen through a process:
 	// deduplicated per namespace, and with two namespaces no guess.
-	name, _ := newNetns(t, "10.77.3.3/24")
-	newNetns(t, "10.77.3.3/24")
+	ip := uniqueIP()
+	name, _ := newNetns(t, ip.String()+"/32")
+	newNetns(t, ip.String()+"/32")
 	startIn(t, name, "sleep", "30")
 	sc, err := Scanner{}.Scan()
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, err = sc.Find([]netip.Addr{netip.MustParseAddr("10.77.3.3")}, "some-uid")
+	_, err = sc.Find([]netip.Addr{ip}, "some-uid")
 	if err == nil || !strings.Contains(err.Error(), "refusing to guess") {
 		t.Fatalf("ambiguous find: %v", err)
 	}
@@ -145,7 +162,8 @@ func TestProcessOnlyNamespace(t *testing.T) {
 	testenv.RequireRoot(t)
 	// A namespace reachable only through a process (no bind mount in the
 	// scanned dirs) is found through /proc and deduplicated.
-	name, f := newNetns(t, "10.77.4.4/24")
+	ip := uniqueIP()
+	name, f := newNetns(t, ip.String()+"/32")
 	startIn(t, name, "sh", "-c", "sleep 30 & sleep 30")
 	want, _ := Inode(f)
 	deadline := time.Now().Add(10 * time.Second)
@@ -154,7 +172,7 @@ func TestProcessOnlyNamespace(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		n, err := sc.Find([]netip.Addr{netip.MustParseAddr("10.77.4.4")}, "")
+		n, err := sc.Find([]netip.Addr{ip}, "")
 		if err == nil {
 			if n.Inode != want || !strings.HasPrefix(n.Path, "/proc/") {
 				t.Fatalf("found %+v", n)
