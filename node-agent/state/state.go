@@ -12,6 +12,8 @@ import (
 	"strings"
 	"time"
 	"unicode/utf8"
+
+	"golang.org/x/sys/unix"
 )
 
 // Pod is the record of one pod sandbox the agent was told about at ADD.
@@ -68,8 +70,18 @@ func (s *Store) Dir() string { return s.dir }
 
 // Put writes a record atomically.
 func (s *Store) Put(p Pod) error {
+	b, err := encode(p)
+	if err != nil {
+		return err
+	}
+	return WriteFileAtomic(filepath.Join(s.dir, FileName(p.ContainerID)), b, 0o600)
+}
+
+// encode is a record's file content, refusing what would not come back
+// as written.
+func encode(p Pod) ([]byte, error) {
 	if p.ContainerID == "" {
-		return errors.New("state: record without a container ID")
+		return nil, errors.New("state: record without a container ID")
 	}
 	// JSON turns invalid UTF-8 into U+FFFD: such a record would come back
 	// different (a container ID that no longer hashes to the file name, so
@@ -81,14 +93,14 @@ func (s *Store) Put(p Pod) error {
 		{"netns", p.Netns}, {"identity", p.Identity}, {"backend", p.Backend},
 	} {
 		if !utf8.ValidString(f.v) {
-			return fmt.Errorf("state: record of %q: %s %q is not valid UTF-8", p.ContainerID, f.name, f.v)
+			return nil, fmt.Errorf("state: record of %q: %s %q is not valid UTF-8", p.ContainerID, f.name, f.v)
 		}
 	}
 	b, err := json.Marshal(p)
 	if err != nil {
-		return fmt.Errorf("state: %w", err)
+		return nil, fmt.Errorf("state: %w", err)
 	}
-	return WriteFileAtomic(filepath.Join(s.dir, Key(p.ContainerID)+".json"), b, 0o600)
+	return b, nil
 }
 
 // Update is Put for a record that exists: one that is missing is not
@@ -96,21 +108,51 @@ func (s *Store) Put(p Pod) error {
 // (a refresh, a repaired backend) must not bring back a record another
 // agent of the node removed meanwhile (its DEL during a surge upgrade):
 // this agent would then never release the pod, and a later one would
-// adopt a deleted sandbox. A removal between the look and the write is
-// still undone (there is no conditional rename); the window is a write.
+// adopt a deleted sandbox. A look before a rename left a window (a
+// removal between the two was undone, and under load it was: the
+// records test lost the race 7 times in 40), so the new record is
+// exchanged with the old one (renameat2 RENAME_EXCHANGE), which fails
+// when there is none. On a filesystem that cannot exchange, the look
+// and the rename are what is left.
 func (s *Store) Update(p Pod) (ok bool, err error) {
-	if p.ContainerID == "" {
-		return false, errors.New("state: record without a container ID")
-	}
-	if _, err := os.Lstat(filepath.Join(s.dir, FileName(p.ContainerID))); errors.Is(err, os.ErrNotExist) {
-		return false, nil
-	} else if err != nil {
-		return false, fmt.Errorf("state: %w", err)
-	}
-	if err := s.Put(p); err != nil {
+	b, err := encode(p)
+	if err != nil {
 		return false, err
 	}
-	return true, nil
+	ok, err = writeAtomic(filepath.Join(s.dir, FileName(p.ContainerID)), b, 0o600, exchange)
+	if err != nil {
+		return false, fmt.Errorf("state: %w", err)
+	}
+	return ok, nil
+}
+
+// beforeMove, if set, runs between writing a temp file and moving it
+// into place (tests: a removal in that window).
+var beforeMove func(path string)
+
+// exchange moves tmp to path only if a file is there: the swap is
+// atomic, and afterwards tmp holds the file path held, which is removed.
+func exchange(tmp, path string) (bool, error) {
+	err := unix.Renameat2(unix.AT_FDCWD, tmp, unix.AT_FDCWD, path, unix.RENAME_EXCHANGE)
+	switch {
+	case err == nil:
+		os.Remove(tmp)
+		return true, nil
+	case errors.Is(err, unix.ENOENT):
+		return false, nil
+	case errors.Is(err, unix.EINVAL), errors.Is(err, unix.ENOSYS), errors.Is(err, unix.EOPNOTSUPP):
+		if _, err := os.Lstat(path); errors.Is(err, os.ErrNotExist) {
+			return false, nil
+		} else if err != nil {
+			return false, err
+		}
+		if err := os.Rename(tmp, path); err != nil {
+			return false, err
+		}
+		return true, nil
+	default:
+		return false, err
+	}
 }
 
 // Delete removes the record of containerID; a missing record is fine.
@@ -218,40 +260,51 @@ func (s *Store) Read(name string) (Pod, error) {
 // content, never a mix: a temp file in the same directory, fsync, rename,
 // fsync of the directory.
 func WriteFileAtomic(path string, b []byte, mode os.FileMode) error {
+	_, err := writeAtomic(path, b, mode, func(tmp, path string) (bool, error) {
+		return true, os.Rename(tmp, path)
+	})
+	return err
+}
+
+// writeAtomic writes b to a temp file beside path, fsyncs it, and has
+// move put it in place; moved false (nothing written) leaves path as it
+// was. The directory is fsynced after a move.
+func writeAtomic(path string, b []byte, mode os.FileMode, move func(tmp, path string) (bool, error)) (moved bool, err error) {
 	dir := filepath.Dir(path)
 	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".*.tmp")
 	if err != nil {
-		return err
+		return false, err
 	}
 	tmp := f.Name()
-	ok := false
 	defer func() {
-		if !ok {
+		if !moved {
 			os.Remove(tmp)
 		}
 	}()
 	if _, err := f.Write(b); err != nil {
 		f.Close()
-		return err
+		return false, err
 	}
 	if err := f.Chmod(mode); err != nil {
 		f.Close()
-		return err
+		return false, err
 	}
 	if err := f.Sync(); err != nil {
 		f.Close()
-		return err
+		return false, err
 	}
 	if err := f.Close(); err != nil {
-		return err
+		return false, err
 	}
-	if err := os.Rename(tmp, path); err != nil {
-		return err
+	if beforeMove != nil {
+		beforeMove(path)
 	}
-	ok = true
+	if moved, err = move(tmp, path); err != nil || !moved {
+		return false, err
+	}
 	if d, err := os.Open(dir); err == nil {
 		d.Sync()
 		d.Close()
 	}
-	return nil
+	return true, nil
 }

@@ -197,3 +197,51 @@ func TestUpdate(t *testing.T) {
 		t.Fatalf("after Update: %+v %v", got, err)
 	}
 }
+
+// TestUpdateRacingARemoval: another agent removes the record after
+// Update has written its temp file and before it is moved into place
+// (the window the look-then-rename had: the agent's repair rewrote the
+// record a surge agent's DEL had just removed, so no agent ever released
+// the pod). The removal stands, Update says it wrote nothing, and no
+// temp file is left behind.
+func TestUpdateRacingARemoval(t *testing.T) {
+	s, err := Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := Pod{Namespace: "apps", Name: "a", ContainerID: "cid-a", Since: time.Now().UTC()}
+	if err := s.Put(p); err != nil {
+		t.Fatal(err)
+	}
+	beforeMove = func(string) {
+		if err := s.Delete("cid-a"); err != nil {
+			t.Error(err)
+		}
+	}
+	defer func() { beforeMove = nil }()
+	p.Backend = "nftables"
+	if ok, err := s.Update(p); ok || err != nil {
+		t.Fatalf("Update racing a removal: %v %v, want false <nil>", ok, err)
+	}
+	if _, err := s.Read(FileName("cid-a")); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the removed record came back: %v", err)
+	}
+	if names, err := os.ReadDir(s.Dir()); err != nil || len(names) != 0 {
+		t.Fatalf("left in the directory: %v %v", names, err)
+	}
+	// And when nothing removes it, the exchange leaves only the new record.
+	beforeMove = nil
+	if err := s.Put(p); err != nil {
+		t.Fatal(err)
+	}
+	p.Backend = "iptables-nft"
+	if ok, err := s.Update(p); !ok || err != nil {
+		t.Fatalf("Update: %v %v", ok, err)
+	}
+	if got, err := s.Read(FileName("cid-a")); err != nil || got.Backend != "iptables-nft" {
+		t.Fatalf("after Update: %+v %v", got, err)
+	}
+	if names, err := os.ReadDir(s.Dir()); err != nil || len(names) != 1 {
+		t.Fatalf("after Update the directory holds %v %v, want the record alone", names, err)
+	}
+}
