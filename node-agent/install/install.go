@@ -123,6 +123,14 @@ func Run(ctx context.Context, cfg Config) error {
 				continue
 			}
 			backoff = 0
+			if in.rescan {
+				// That pass watched a directory for the first time,
+				// after reading it: a file written there in between
+				// sent no event and would wait for the next resync.
+				// Now that it is watched, look once more.
+				in.rescan = false
+				resetTimer(timer, 0)
+			}
 		}
 	}
 }
@@ -167,6 +175,9 @@ type installer struct {
 	// so a primary CNI's rewrite of a linked file is seen at once.
 	watcher *fsnotify.Watcher
 	watched map[string]bool
+	// rescan: watchDir added a watch during this reconcile (Run
+	// reconciles again at once).
+	rescan bool
 }
 
 // target is the file to edit for the config at path: path itself, or
@@ -190,16 +201,26 @@ func target(path string) (string, error) {
 	return t, nil
 }
 
-// watchDir adds a link target's directory to the watcher, once.
+// beforeWatch, when set (tests), runs in watchDir before a directory is
+// first watched: after reconcile has read it, where a change sends no
+// event.
+var beforeWatch func(dir string)
+
+// watchDir adds a directory (a link target's, the network's drop-in
+// directory) to the watcher, once.
 func (in *installer) watchDir(dir string) {
 	if in.watcher == nil || in.watched[dir] {
 		return
+	}
+	if beforeWatch != nil {
+		beforeWatch(dir)
 	}
 	if err := in.watcher.Add(dir); err != nil {
 		in.log.Warn("cannot watch the directory of a linked CNI config; changes there are seen at the next resync", "dir", dir, "err", err, "resync", in.cfg.Resync)
 		return
 	}
 	in.watched[dir] = true
+	in.rescan = true
 }
 
 // yielding asks Config.Yield, logging each change of answer once.
