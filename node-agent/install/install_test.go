@@ -169,6 +169,9 @@ func TestReassertAndFightDetection(t *testing.T) {
 		}
 		eventually(t, fmt.Sprintf("re-assert %d", i), func() bool { return hasEntry(primary) && testutil.ToFloat64(n.m.reasserts) == float64(i) })
 	}
+	// The fight is counted just after the third re-assertion (after its
+	// write and its count): wait for it, then require exactly one.
+	eventually(t, "the fight counted", func() bool { return testutil.ToFloat64(n.m.fights) > 0 })
 	if got := testutil.ToFloat64(n.m.fights); got != 1 {
 		t.Fatalf("fights = %v after 3 rewrites with threshold 3", got)
 	}
