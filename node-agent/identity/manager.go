@@ -73,10 +73,37 @@ type entry struct {
 	lastErr  error
 	lastFail time.Time
 	inflight chan struct{} // closed when the running fetch ends
-	// stale: cert no longer chains to the bundle (its root was removed);
-	// a fetch was started at the change, and Certificate waits for it.
+	// stale: cert no longer chains to the bundle (its root was removed)
+	// and the fetch started for it at the change runs; Certificate waits
+	// for that fetch, at most staleWait. Cleared when it ends, failed or
+	// not: Run's retries of a failed one do not make callers wait.
 	stale bool
+	// staleAt: when the last fetch for a bundle change started;
+	// renewAt: a renewal held back by staleGap (zero: none).
+	staleAt, renewAt time.Time
 }
+
+// staleWait bounds how long Certificate waits for the fetch of a
+// certificate whose root left the bundle before it serves the old one.
+// A CA answers in milliseconds (tens when loaded); a fetch still running
+// after this is queued behind many (every certificate of the node is
+// renewed at once, Concurrency at a time) or the CA struggles, and a
+// caller waiting longer would reach the tunnel's handshake timeout (10 s)
+// before the fetch's own (30 s): an error for certain, where the old
+// certificate is still accepted by every peer that has not yet refreshed
+// its bundle.
+const staleWait = 2 * time.Second
+
+// staleGap: a certificate is renewed for a bundle change at most once in
+// this time; a later change within it schedules the renewal at its end.
+// The Kubernetes CA's replicas re-read its Secret every minute, so for up
+// to a minute after a root change they answer with different bundles:
+// each answer flipped the bundle, each flip left the certificates of the
+// other replica not chaining to it, and renewing them at once fetched in
+// a loop as fast as the CA answered (TestDisagreeingReplicasNoFetchLoop:
+// 809 requests in 2 s for 3 identities). A minute also puts the held-back
+// renewal after the replicas agree.
+const staleGap = time.Minute
 
 type rootSet struct {
 	certs []*x509.Certificate
@@ -199,13 +226,25 @@ func (m *Manager) setRoots(certs []*x509.Certificate) {
 // replace it only at half-life. It returns how many it started. A
 // verification per held certificate, only when the bundle changes.
 func (m *Manager) renewUntrustedLocked(roots *x509.CertPool) int {
-	n := 0
+	n, now := 0, time.Now()
 	for _, e := range m.entries {
-		if e.cert == nil || chainsTo(e.cert, roots) {
+		// An expired one is fetched anyway (Run, or the next
+		// Certificate).
+		if e.cert == nil || !now.Before(e.notAfter) || chainsTo(e.cert, roots) {
 			continue
 		}
-		e.stale = true
-		if e.inflight == nil {
+		switch {
+		case e.inflight != nil:
+			e.stale = true
+		case now.Sub(e.staleAt) < staleGap:
+			// Renewed for a bundle change a moment ago: CA replicas
+			// that disagree (see staleGap). Held back, not waited for.
+			if at := e.staleAt.Add(staleGap); e.renewAt.IsZero() || at.Before(e.renewAt) {
+				e.renewAt = at
+			}
+			m.wake()
+		default:
+			e.stale, e.staleAt = true, now
 			m.startLocked(e)
 		}
 		n++
@@ -314,9 +353,15 @@ func (m *Manager) Certificate(ctx context.Context, identity string) (*tls.Certif
 		}
 		e = m.entryLocked(identity)
 	}
-	if c := e.cert; c != nil && time.Now().Before(e.notAfter) && !(e.stale && e.inflight != nil) {
-		m.mu.Unlock()
-		return c, nil
+	// old: a valid certificate whose renewal for a bundle change runs;
+	// served if that takes longer than staleWait.
+	var old *tls.Certificate
+	if c := e.cert; c != nil && time.Now().Before(e.notAfter) {
+		if !(e.stale && e.inflight != nil) {
+			m.mu.Unlock()
+			return c, nil
+		}
+		old = c
 	}
 	ch := e.inflight
 	if ch == nil {
@@ -328,8 +373,16 @@ func (m *Manager) Certificate(ctx context.Context, identity string) (*tls.Certif
 		ch = m.startLocked(e)
 	}
 	m.mu.Unlock()
+	var bound <-chan time.Time
+	if old != nil {
+		t := time.NewTimer(staleWait)
+		defer t.Stop()
+		bound = t.C
+	}
 	select {
 	case <-ch:
+	case <-bound:
+		return old, nil
 	case <-ctx.Done():
 		return nil, fmt.Errorf("identity: waiting for the certificate of %s: %w", identity, ctx.Err())
 	}
@@ -365,9 +418,9 @@ func (m *Manager) fetch(e *entry, done chan struct{}) {
 		m.fetches.WithLabelValues("error").Inc()
 	}
 	m.mu.Lock()
-	e.inflight = nil
+	e.inflight, e.stale, e.renewAt = nil, false, time.Time{}
 	if err == nil {
-		e.cert, e.notAfter, e.failures, e.lastErr, e.stale = cert, cert.Leaf.NotAfter, 0, nil, false
+		e.cert, e.notAfter, e.failures, e.lastErr = cert, cert.Leaf.NotAfter, 0, nil
 		e.due = now.Add(rotateAfter(e.notAfter.Sub(now)))
 	} else {
 		e.failures++
@@ -490,21 +543,30 @@ func (m *Manager) Run(ctx context.Context) error {
 		next := nextRoots
 		m.mu.Lock()
 		for id, e := range m.entries {
-			if e.refs <= 0 {
-				if e.inflight == nil && (e.cert == nil || !now.Before(e.notAfter)) {
-					delete(m.entries, id)
-				}
-				continue
-			}
 			if e.inflight != nil {
 				continue
 			}
-			if !e.due.After(now) {
+			due := e.due
+			if e.refs <= 0 {
+				if e.cert == nil || !now.Before(e.notAfter) {
+					delete(m.entries, id)
+					continue
+				}
+				// Not rotated (fetched on demand), but a renewal held
+				// back for a bundle change is due.
+				if e.renewAt.IsZero() {
+					continue
+				}
+				due = e.renewAt
+			} else if !e.renewAt.IsZero() && e.renewAt.Before(due) {
+				due = e.renewAt
+			}
+			if !due.After(now) {
 				m.startLocked(e)
 				continue
 			}
-			if e.due.Before(next) {
-				next = e.due
+			if due.Before(next) {
+				next = due
 			}
 		}
 		m.mu.Unlock()
