@@ -33,6 +33,11 @@ type compiledMode struct {
 	mode     Mode // "" inherits
 	ports    map[uint16]Mode
 	denials  prometheus.Counter
+	// everyWorkload: an invalid InboundMode whose selector could not be
+	// read, enforced as STRICT for every workload of its namespace at
+	// the workload level, ahead of any other (fail closed: it may have
+	// selected any of them).
+	everyWorkload bool
 }
 
 func (m *compiledMode) resolve(port uint16) (Mode, bool) {
@@ -295,6 +300,10 @@ func compile(root string, pols []*compiledPolicy, modes []*compiledMode, modeNS 
 	}
 	for i, m := range modes {
 		n := get(modeNS[i])
+		if m.everyWorkload {
+			n.modeSel = append([]*compiledMode{m}, n.modeSel...)
+			continue
+		}
 		if len(m.selector) == 0 {
 			if n.modeWide == nil {
 				n.modeWide = m

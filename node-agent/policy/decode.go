@@ -89,12 +89,19 @@ func decodeObject(js []byte, set *Set) error {
 	}
 	switch {
 	case head.Kind == "List" || strings.HasSuffix(head.Kind, "List") && head.Items != nil:
+		// Every item is read even when one is not: stopping at the
+		// first bad item dropped the policies after it (a DENY among
+		// them silently gone).
+		var errs []error
 		for i, it := range head.Items {
+			if head.Kind != "List" {
+				it = typedItem(it, head.APIVersion, strings.TrimSuffix(head.Kind, "List"))
+			}
 			if err := decodeObject(it, set); err != nil {
-				return fmt.Errorf("items[%d]: %w", i, err)
+				errs = append(errs, fmt.Errorf("items[%d]: %w", i, err))
 			}
 		}
-		return nil
+		return errors.Join(errs...)
 	case head.APIVersion == APIVersion && head.Kind == KindAuthorizationPolicy:
 		var p AuthorizationPolicy
 		p.problems = strict(js, &p)
@@ -122,6 +129,30 @@ func decodeObject(js []byte, set *Set) error {
 			head.APIVersion, head.Kind, APIVersion, IstioAPIVersion)
 	}
 	return nil
+}
+
+// typedItem gives an item of a typed list (AuthorizationPolicyList, as
+// the API server returns it) the apiVersion and kind the API server
+// leaves out of each item; items that name theirs keep them.
+func typedItem(js []byte, apiVersion, kind string) []byte {
+	var obj map[string]any
+	if json.Unmarshal(js, &obj) != nil || obj == nil {
+		return js
+	}
+	changed := false
+	for k, v := range map[string]string{"apiVersion": apiVersion, "kind": kind} {
+		if _, ok := obj[k]; !ok {
+			obj[k], changed = v, true
+		}
+	}
+	if !changed {
+		return js
+	}
+	out, err := json.Marshal(obj)
+	if err != nil {
+		return js
+	}
+	return out
 }
 
 // strict decodes js into v and returns what did not fit as field errors.

@@ -330,6 +330,7 @@ func (e *Engine) compileAll() ([]*compiledPolicy, []*compiledMode, []string, map
 		noteMsg := res.Message
 		sel := m.Spec.Selector.labels()
 		mode, ports := m.Spec.Mode, m.Spec.Ports
+		every := false // see compiledMode.everyWorkload
 		errs := ValidateInboundMode(m)
 		if len(errs) > 0 {
 			if m.Namespace == "" {
@@ -339,12 +340,14 @@ func (e *Engine) compileAll() ([]*compiledPolicy, []*compiledMode, []string, map
 			// Unreadable: enforce the stricter choice until fixed.
 			scope := "the workloads it selects"
 			if len(validateSelector(m.Spec.Selector, nil)) > 0 {
-				sel, scope = nil, "every workload of its namespace"
+				sel, scope, every = nil, "every workload of its namespace", true
 			}
 			mode, ports = Strict, nil
 			res.Reason, res.Message = ReasonInvalid, errs.ToAggregate().Error()+"; enforced as STRICT for "+scope+" until fixed"
 		}
-		if len(sel) == 0 {
+		// A selector we could not read is no namespace-wide mode: it
+		// does not conflict with one (and so is not ignored).
+		if len(sel) == 0 && !every {
 			if first, dup := wide[in.ns]; dup {
 				res.Accepted, res.Reason = false, ReasonConflict
 				res.Message = fmt.Sprintf("namespace %s already has the namespace-wide inbound mode %s (older); this one is ignored", in.ns, first)
@@ -359,7 +362,7 @@ func (e *Engine) compileAll() ([]*compiledPolicy, []*compiledMode, []string, map
 		default:
 			res.Accepted, res.Reason = true, ReasonAccepted
 		}
-		cm := &compiledMode{key: key, selector: maps.Clone(sel), mode: mode}
+		cm := &compiledMode{key: key, selector: maps.Clone(sel), mode: mode, everyWorkload: every}
 		for _, pm := range ports {
 			if cm.ports == nil {
 				cm.ports = map[uint16]Mode{}
@@ -368,7 +371,7 @@ func (e *Engine) compileAll() ([]*compiledPolicy, []*compiledMode, []string, map
 		}
 		modes = append(modes, cm)
 		modeNS = append(modeNS, in.ns)
-		_ = enc.Encode([]any{key, in.ns, sel, mode, ports})
+		_ = enc.Encode([]any{key, in.ns, sel, mode, ports, every})
 	}
 	var digest [32]byte
 	h.Sum(digest[:0])

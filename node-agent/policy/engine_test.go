@@ -152,6 +152,9 @@ func FuzzDecode(f *testing.F) {
 	f.Add([]byte(istio("shop", "i", "rules:\n- from: [{source: {principals: [\"*\"]}}]\n  when: [{key: source.ip, values: [\"10.0.0.0/8\"]}]")))
 	f.Add([]byte(pol("shop", "p", "selector: {matchLabels: {app: web}}\naction: DENY\nrules:\n- from: {ipBlocks: [\"fd00::/8\"], notPrincipals: [\"*/sa/x\"]}\n  to: {ports: [1]}")))
 	f.Add([]byte("kind: List\napiVersion: v1\nitems: [{apiVersion: ambit.dev/v1alpha1, kind: InboundMode}]"))
+	f.Add([]byte("kind: AuthorizationPolicyList\napiVersion: ambit.dev/v1alpha1\nitems: [{metadata: {namespace: s, name: a}}, {kind: X}, {metadata: {namespace: s, name: b}, spec: {action: DENY}}]"))
+	f.Add([]byte(istio("shop", "i", "rules:\n- from: [{source: {notServiceAccounts: [\"a/b\", \"c\"], notNamespaces: [x]}}, {}]\n  to: [{operation: {ports: [\"80\"]}}]\n  when: [{key: destination.port, notValues: [\"81\"]}, {key: source.namespace, notValues: [y]}]")))
+	f.Add([]byte(peer("shop", "pa", "mtls: {mode: PERMISSIVE}\nportLevelMtls: {\"80\": {mode: STRICT}}")))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		set, _ := Decode(strings.NewReader(string(data)))
 		e := New(Options{Logger: discardLogger()})

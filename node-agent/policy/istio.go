@@ -2,6 +2,7 @@ package policy
 
 import (
 	"encoding/json"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -117,21 +118,24 @@ func (p *IstioAuthorizationPolicy) Convert() (*AuthorizationPolicy, field.ErrorL
 	allow := out.Spec.Action == Allow
 	for i, ir := range p.Spec.Rules {
 		rp := spec.Child("rules").Index(i)
-		rules, bad := convertRule(&ir, rp)
+		rules, bad, invalid := convertRule(&ir, rp)
 		issues = append(issues, bad...)
+		out.problems = append(out.problems, invalid...)
 		if len(bad) > 0 && allow {
 			continue // an ALLOW rule we cannot fully check must not allow
 		}
 		out.Spec.Rules = append(out.Spec.Rules, rules...)
 	}
-	if len(p.problems) > 0 {
-		out.problems = p.problems // unreadable: validation turns it into deny-all
-	}
+	// Unreadable or invalid: validation turns it into deny-all.
+	out.problems = append(out.problems, p.problems...)
 	return out, issues
 }
 
-func convertRule(ir *IstioRule, rp *field.Path) ([]Rule, field.ErrorList) {
-	var issues field.ErrorList
+// convertRule returns the rule's Ambit rules, the fields Ambit cannot
+// enforce (issues) and the values that are wrong (invalid: the policy is
+// enforced fail-closed, as Istio refuses them).
+func convertRule(ir *IstioRule, rp *field.Path) ([]Rule, field.ErrorList, field.ErrorList) {
+	var issues, invalid field.ErrorList
 	l7 := func(p *field.Path, list []string) {
 		if len(list) > 0 {
 			issues = append(issues, field.Forbidden(p, "L7 attribute, not enforceable at L4"))
@@ -149,9 +153,13 @@ func convertRule(ir *IstioRule, rp *field.Path) ([]Rule, field.ErrorList) {
 			}
 			l7(fp.Child("requestPrincipals"), s.RequestPrincipals)
 			l7(fp.Child("notRequestPrincipals"), s.NotRequestPrincipals)
+			sas, bad := serviceAccounts(s.ServiceAccounts, fp.Child("serviceAccounts"))
+			invalid = append(invalid, bad...)
+			notSAs, bad := serviceAccounts(s.NotServiceAccounts, fp.Child("notServiceAccounts"))
+			invalid = append(invalid, bad...)
 			froms = append(froms, &Source{
-				Principals:    append(slicesClone(s.Principals), serviceAccounts(s.ServiceAccounts)...),
-				NotPrincipals: append(slicesClone(s.NotPrincipals), serviceAccounts(s.NotServiceAccounts)...),
+				Principals:    append(slicesClone(s.Principals), sas...),
+				NotPrincipals: append(slicesClone(s.NotPrincipals), notSAs...),
 				Namespaces:    s.Namespaces,
 				NotNamespaces: s.NotNamespaces,
 				IPBlocks:      append(slicesClone(s.IPBlocks), s.RemoteIPBlocks...),
@@ -184,9 +192,18 @@ func convertRule(ir *IstioRule, rp *field.Path) ([]Rule, field.ErrorList) {
 	var rules []Rule
 	for _, f := range froms {
 		for _, t := range tos {
-			r := Rule{To: t}
+			// Each rule owns its from and to (lists included): when
+			// conditions below are written into them rule by rule, and
+			// a shared to would take one rule's condition twice.
+			var r Rule
+			if t != nil {
+				r.To = &Destination{Ports: slices.Clone(t.Ports), NotPorts: slices.Clone(t.NotPorts)}
+			}
 			if f != nil {
 				c := *f
+				c.Principals, c.NotPrincipals = slices.Clone(f.Principals), slices.Clone(f.NotPrincipals)
+				c.Namespaces, c.NotNamespaces = slices.Clone(f.Namespaces), slices.Clone(f.NotNamespaces)
+				c.IPBlocks, c.NotIPBlocks = slices.Clone(f.IPBlocks), slices.Clone(f.NotIPBlocks)
 				r.From = &c
 			}
 			rules = append(rules, r)
@@ -200,77 +217,93 @@ func convertRule(ir *IstioRule, rp *field.Path) ([]Rule, field.ErrorList) {
 			issues = append(issues, field.Forbidden(cp.Child("key"), "condition "+strconvQuote(c.Key)+" is not enforceable at L4"))
 		}
 	}
-	return rules, issues
+	return rules, issues, invalid
 }
 
+// applyWhen ANDs condition c into every rule. A rule's positive list
+// and the condition's values cannot be intersected in general (patterns,
+// CIDRs), so that case is refused (false); negative lists AND into one
+// longer negative list (not in A and not in B = not in A or B). Rules are
+// only changed once the condition is known to apply to all of them.
 func applyWhen(rules []Rule, c *IstioCondition) bool {
-	get := func(r *Rule) (pos, neg *[]string, ok bool) {
-		if r.From == nil {
-			r.From = &Source{}
+	var ps, nps []int32
+	if c.Key == "destination.port" {
+		var bad field.ErrorList
+		ps, bad = istioPorts(c.Values, field.NewPath("when"), bad)
+		nps, bad = istioPorts(c.NotValues, field.NewPath("when"), bad)
+		if len(bad) > 0 {
+			return false
+		}
+	}
+	// lists returns the rule's positive and negative lists for c.Key.
+	lists := func(r *Rule) (pos, neg *[]string, ok bool) {
+		f := r.From
+		if f == nil {
+			f = &Source{}
 		}
 		switch c.Key {
 		case "source.ip", "remote.ip":
-			return &r.From.IPBlocks, &r.From.NotIPBlocks, true
+			return &f.IPBlocks, &f.NotIPBlocks, true
 		case "source.namespace":
-			return &r.From.Namespaces, &r.From.NotNamespaces, true
+			return &f.Namespaces, &f.NotNamespaces, true
 		case "source.principal":
-			return &r.From.Principals, &r.From.NotPrincipals, true
+			return &f.Principals, &f.NotPrincipals, true
 		}
 		return nil, nil, false
 	}
-	if c.Key == "destination.port" {
-		for i := range rules {
-			r := &rules[i]
+	for i := range rules {
+		r := &rules[i]
+		if c.Key == "destination.port" {
+			if len(ps) > 0 && r.To != nil && len(r.To.Ports) > 0 {
+				return false
+			}
+			continue
+		}
+		pos, _, ok := lists(r)
+		if !ok || (len(c.Values) > 0 && len(*pos) > 0) {
+			return false
+		}
+	}
+	for i := range rules {
+		r := &rules[i]
+		if c.Key == "destination.port" {
 			if r.To == nil {
 				r.To = &Destination{}
 			}
-			if (len(c.Values) > 0 && len(r.To.Ports) > 0) || (len(c.NotValues) > 0 && len(r.To.NotPorts) > 0) {
-				return false
+			if len(ps) > 0 {
+				r.To.Ports = ps
 			}
-			var bad field.ErrorList
-			var ps, nps []int32
-			ps, bad = istioPorts(c.Values, field.NewPath("when"), bad)
-			nps, bad = istioPorts(c.NotValues, field.NewPath("when"), bad)
-			if len(bad) > 0 {
-				return false
-			}
-			r.To.Ports, r.To.NotPorts = ps, nps
+			r.To.NotPorts = append(r.To.NotPorts, nps...)
+			continue
 		}
-		return true
-	}
-	for i := range rules {
-		pos, neg, ok := get(&rules[i])
-		if !ok {
-			return false
+		if r.From == nil {
+			r.From = &Source{}
 		}
-		// Intersecting two lists is not expressible; refuse rather than
-		// widen or narrow silently.
-		if (len(c.Values) > 0 && len(*pos) > 0) || (len(c.NotValues) > 0 && len(*neg) > 0) {
-			return false
-		}
+		pos, neg, _ := lists(r)
 		if len(c.Values) > 0 {
 			*pos = slicesClone(c.Values)
 		}
-		if len(c.NotValues) > 0 {
-			*neg = slicesClone(c.NotValues)
-		}
+		*neg = append(*neg, c.NotValues...)
 	}
 	return true
 }
 
 // serviceAccounts turns Istio's "ns/sa" into a principal pattern that
-// matches it in any trust domain.
-func serviceAccounts(list []string) []string {
+// matches it in any trust domain. Anything else is invalid (Istio refuses
+// it too): kept as written it would match no identity, which in
+// notServiceAccounts would let every identity through.
+func serviceAccounts(list []string, p *field.Path) ([]string, field.ErrorList) {
 	var out []string
-	for _, s := range list {
+	var bad field.ErrorList
+	for i, s := range list {
 		ns, sa, ok := strings.Cut(s, "/")
-		if !ok {
-			out = append(out, s) // refused by validation as a bad pattern? keep visible
+		if !ok || ns == "" || sa == "" || strings.ContainsAny(sa, "/*") || strings.Contains(ns, "*") {
+			bad = append(bad, field.Invalid(p.Index(i), s, `must be "<namespace>/<service account>"`))
 			continue
 		}
 		out = append(out, "*/ns/"+ns+"/sa/"+sa)
 	}
-	return out
+	return out, bad
 }
 
 func istioPorts(list []string, p *field.Path, issues field.ErrorList) ([]int32, field.ErrorList) {

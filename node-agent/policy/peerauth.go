@@ -41,7 +41,7 @@ type IstioMTLS struct {
 func (p *IstioPeerAuthentication) Convert() (*InboundMode, field.ErrorList) {
 	var issues field.ErrorList
 	spec := field.NewPath("spec")
-	out := &InboundMode{ObjectMeta: p.ObjectMeta, Spec: InboundModeSpec{Selector: p.Spec.Selector}, problems: p.problems}
+	out := &InboundMode{ObjectMeta: p.ObjectMeta, Spec: InboundModeSpec{Selector: p.Spec.Selector}, problems: slices.Clone(p.problems)}
 	out.APIVersion, out.Kind = APIVersion, KindInboundMode
 	mode := func(m string, fp *field.Path) (Mode, bool) {
 		switch m {
@@ -59,6 +59,14 @@ func (p *IstioPeerAuthentication) Convert() (*InboundMode, field.ErrorList) {
 	}
 	if p.Spec.Mtls != nil {
 		out.Spec.Mode, _ = mode(p.Spec.Mtls.Mode, spec.Child("mtls", "mode"))
+	}
+	if len(p.Spec.PortLevelMtls) > 0 && len(p.Spec.Selector.labels()) == 0 {
+		// Istio refuses this ("mesh/namespace-wide PeerAuthentication
+		// cannot have portLevelMtls") and would ignore the ports; taken
+		// as written, a PERMISSIVE port would let plaintext in where
+		// Istio refuses it. Invalid, so enforced as STRICT.
+		out.problems = append(out.problems, field.Forbidden(spec.Child("portLevelMtls"),
+			"namespace-wide (no selector) PeerAuthentication cannot have portLevelMtls"))
 	}
 	keys := make([]string, 0, len(p.Spec.PortLevelMtls))
 	for k := range p.Spec.PortLevelMtls {
