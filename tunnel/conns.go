@@ -370,7 +370,7 @@ func (sv *Serving) relay(app *net.TCPConn, other net.Conn) (fromApp, toApp int64
 
 // inboundPlain handles plaintext arriving for the pod's app on 15006.
 func (sv *Serving) inboundPlain(c *net.TCPConn) {
-	w := sv.pod.Workload
+	w := sv.workload()
 	r := &record{dir: "inbound", mode: "plaintext", src: addrPortOf(c.RemoteAddr()), dstID: w.Identity, start: time.Now()}
 	dst, err := originalDst(c)
 	if err != nil {
@@ -401,13 +401,35 @@ func (sv *Serving) inboundPlain(c *net.TCPConn) {
 		reset(c)
 		return
 	}
-	lc := &liveConn{info: info, rec: r, kill: func() { reset(c); app.Close() }}
-	sv.p.addLive(lc)
+	lc := &liveConn{info: info, rec: r, kill: func() { reset(c); app.Close() }, sv: sv}
+	if !sv.stillAllowed(lc) {
+		reset(c)
+		app.Close()
+		return
+	}
 	sv.opened(r)
 	fromClient, toClient, err := sv.relay(c, app)
 	sv.p.removeLive(lc)
 	// For inbound, "sent" is what the local app sent back.
 	sv.finished(r, fromClient, toClient, err)
+}
+
+// stillAllowed registers lc for Reauthorize and checks it once more. The
+// connection was authorized before its app dial, which can take seconds
+// (up to the connect timeout): a policy change or relabelling meanwhile
+// re-checked every live connection but this one, not yet registered, so
+// it would have lived on under a policy that refuses it. Checked after
+// registering, a change is seen either here or by that re-check. A
+// refusal unregisters lc and is counted; the caller closes.
+func (sv *Serving) stillAllowed(lc *liveConn) bool {
+	sv.p.addLive(lc)
+	v := sv.p.authorize(lc.current())
+	if v.Allow {
+		return true
+	}
+	sv.p.removeLive(lc)
+	sv.failed(lc.rec, "denied", errors.New("policy "+v.Policy+": "+v.Reason+" (changed while connecting to the app)"))
+	return false
 }
 
 // dialApp connects to the pod's app from the client's address.
@@ -496,7 +518,7 @@ func (sv *Serving) refuseStale(s *hbone.Stream, peerID string, peer netip.AddrPo
 // inboundStream serves one CONNECT: checks, policy, dial the app from the
 // client's address, splice.
 func (sv *Serving) inboundStream(s *hbone.Stream, peerID string, peer netip.AddrPort) {
-	w := sv.pod.Workload
+	w := sv.workload()
 	r := &record{dir: "inbound", mode: "hbone", src: peer, srcID: peerID, dstID: w.Identity, start: time.Now()}
 	sv.enter()
 	defer sv.leave()
@@ -535,13 +557,18 @@ func (sv *Serving) inboundStream(s *hbone.Stream, peerID string, peer netip.Addr
 		sv.failed(r, "upstream_unreachable", err)
 		return
 	}
+	lc := &liveConn{info: info, rec: r, kill: func() { s.Reset(hbone.ErrCodeCancel); app.Close() }, sv: sv}
+	if !sv.stillAllowed(lc) {
+		s.Respond(401, nil)
+		app.Close()
+		return
+	}
 	if err := s.Respond(200, []hpack.HeaderField{{Name: "baggage", Value: sv.baggage}}); err != nil {
+		sv.p.removeLive(lc)
 		app.Close()
 		sv.failed(r, "hbone_stream", err)
 		return
 	}
-	lc := &liveConn{info: info, rec: r, kill: func() { s.Reset(hbone.ErrCodeCancel); app.Close() }}
-	sv.p.addLive(lc)
 	closer := sv.track(lc.kill)
 	sv.opened(r)
 	var toApp, fromApp int64

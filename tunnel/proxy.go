@@ -5,10 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/netip"
 	"runtime/debug"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -85,6 +87,17 @@ type liveConn struct {
 	info ConnInfo
 	rec  *record
 	kill func()
+	sv   *Serving // the destination pod: its labels now, not at setup
+}
+
+// current is lc's ConnInfo with the destination's labels of now: a pod
+// relabelled since the connection was set up is judged as it is.
+func (lc *liveConn) current() ConnInfo {
+	info := lc.info
+	if lc.sv != nil {
+		info.Dst.Labels = lc.sv.Labels()
+	}
+	return info
 }
 
 // New validates cfg and returns a Proxy.
@@ -158,6 +171,33 @@ type Serving struct {
 	hconns   map[*hbone.Conn]struct{}
 	loops    sync.WaitGroup
 	stopOnce sync.Once
+
+	// labels are the pod's labels now (SetLabels); pod.Workload.Labels
+	// are those it was served with.
+	labels atomic.Pointer[map[string]string]
+}
+
+// Labels returns the pod's current labels (read-only).
+func (sv *Serving) Labels() map[string]string { return *sv.labels.Load() }
+
+// SetLabels records that the pod's labels changed: policy selectors see
+// the new ones from now on, for new connections and, at once, for the
+// pod's live ones, which are closed if no longer allowed (a DENY that
+// now selects the pod). Equal labels change nothing.
+func (sv *Serving) SetLabels(labels map[string]string) {
+	if maps.Equal(labels, sv.Labels()) {
+		return
+	}
+	l := maps.Clone(labels)
+	sv.labels.Store(&l)
+	sv.p.reauthorize(func(lc *liveConn) bool { return lc.sv == sv })
+}
+
+// workload is the pod's Workload with its current labels.
+func (sv *Serving) workload() Workload {
+	w := sv.pod.Workload
+	w.Labels = sv.Labels()
+	return w
 }
 
 // Serve starts accepting on pod's listeners. A nil listener leaves that
@@ -187,6 +227,8 @@ func (p *Proxy) Serve(pod Pod) (*Serving, error) {
 	for _, ip := range w.IPs {
 		sv.ownIPs[ip.Unmap()] = true
 	}
+	labels := maps.Clone(w.Labels)
+	sv.labels.Store(&labels)
 	sv.pool = newPool(p, pod.Net)
 	for _, l := range []struct {
 		ln net.Listener
@@ -372,18 +414,23 @@ func (s *Serving) Close(ctx context.Context) error {
 
 // Reauthorize checks every live inbound connection again with the
 // Authorizer and closes those no longer allowed.
-func (p *Proxy) Reauthorize() {
+func (p *Proxy) Reauthorize() { p.reauthorize(nil) }
+
+// reauthorize checks the live connections that match (all when nil).
+func (p *Proxy) reauthorize(match func(*liveConn) bool) {
 	if p.cfg.Authorizer == nil {
 		return
 	}
 	p.mu.Lock()
 	all := make([]*liveConn, 0, len(p.live))
 	for lc := range p.live {
-		all = append(all, lc)
+		if match == nil || match(lc) {
+			all = append(all, lc)
+		}
 	}
 	p.mu.Unlock()
 	for _, lc := range all {
-		v := p.cfg.Authorizer.Authorize(lc.info)
+		v := p.cfg.Authorizer.Authorize(lc.current())
 		if v.Allow {
 			continue
 		}
