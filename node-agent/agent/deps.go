@@ -25,6 +25,13 @@ type Serving interface {
 	Close(ctx context.Context) error
 }
 
+// Relabeler is implemented by a Serving that authorizes by the pod's
+// labels (*tunnel.Serving): told when they change, so a policy selecting
+// the new labels applies to the pod's new and live connections.
+type Relabeler interface {
+	SetLabels(labels map[string]string)
+}
+
 // ProxyTunnel adapts *tunnel.Proxy to Tunnel.
 type ProxyTunnel struct{ Proxy *tunnel.Proxy }
 

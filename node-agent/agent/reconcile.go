@@ -250,6 +250,13 @@ func (a *Agent) reconcilePod(ctx context.Context, namespace, name string, scan *
 			a.setStatus(cp, "failed", "EnrollmentFailed", err.Error())
 			a.log.Warn("live enrollment failed", "pod", namespace+"/"+name, "err", err)
 		}
+	case d.Enroll && p.enrolled():
+		// Served already: the tunnel was handed the pod's labels at
+		// enrollment, and policy selects by them. A relabelled pod (a
+		// DENY that now selects it) must be judged as it is now.
+		if rl, ok := p.serve.(Relabeler); ok {
+			rl.SetLabels(cp.Labels)
+		}
 	case !d.Enroll && p != nil && p.enrolled():
 		a.unenrollLive(p, cp)
 	case !d.Enroll:
