@@ -31,6 +31,7 @@ type Source struct {
 	mu     sync.Mutex
 	good   map[string]fileState // last good content per file name
 	logged map[string]string    // object key -> last problem logged
+	loaded bool                 // the directory was listed once
 }
 
 type fileState struct {
@@ -69,11 +70,21 @@ func (s *Source) Load() []Problem {
 	defer s.mu.Unlock()
 	var problems []Problem
 	names, err := s.list()
-	if err != nil {
+	if err != nil && s.loaded {
 		problems = append(problems, Problem{File: s.dir, Message: err.Error()})
 		s.log.Error("policy directory unreadable; keeping the policies in force", "err", err)
 		return problems
 	}
+	if err != nil {
+		// Nothing was ever read: no policy in force would allow
+		// everything the directory may deny.
+		problems = append(problems, Problem{File: s.dir, Message: err.Error() + denyAllNote})
+		s.log.Error("policy directory unreadable; denying every connection until it can be read", "err", err)
+		s.engine.Update(SourceName, policy.Set{Policies: []policy.AuthorizationPolicy{s.denyAll()}})
+		return problems
+	}
+	s.loaded = true
+	unreadable := false
 	var set policy.Set
 	origin := map[string]string{} // object key -> file
 	seen := map[string]bool{}
@@ -85,7 +96,12 @@ func (s *Source) Load() []Problem {
 		if err == nil && ok && bytes.Equal(data, fsState.data) {
 			// unchanged
 		} else if err != nil {
-			problems = append(problems, Problem{File: path, Message: err.Error()})
+			msg := err.Error()
+			if !ok {
+				// Never read: what it holds (a DENY?) is unknown.
+				unreadable, msg = true, msg+denyAllNote
+			}
+			problems = append(problems, Problem{File: path, Message: msg})
 		} else {
 			fset, errs := policy.Decode(bytes.NewReader(data))
 			broken := false
@@ -134,6 +150,9 @@ func (s *Source) Load() []Problem {
 			delete(s.good, name) // deleted file: its policies go
 		}
 	}
+	if unreadable {
+		set.Policies = append(set.Policies, s.denyAll())
+	}
 	results := s.engine.Update(SourceName, set)
 	accepted := 0
 	for _, r := range results {
@@ -156,6 +175,17 @@ func (s *Source) Load() []Problem {
 	s.logged = current
 	s.log.Info("policies loaded", "files", len(names), "objects", len(results), "accepted", accepted, "problems", len(problems))
 	return problems
+}
+
+const denyAllNote = " (never read: every connection in the mesh is denied until it can be read)"
+
+// denyAll stands in for policies that could not be read at all: a
+// mesh-wide DENY of everything, reported under its own name.
+func (s *Source) denyAll() policy.AuthorizationPolicy {
+	p := policy.AuthorizationPolicy{Spec: policy.AuthorizationPolicySpec{Action: policy.Deny, Rules: []policy.Rule{{}}}}
+	p.APIVersion, p.Kind = policy.APIVersion, policy.KindAuthorizationPolicy
+	p.Namespace, p.Name = s.engine.RootNamespace(), "unreadable-policy-files"
+	return p
 }
 
 func keeping(had bool) string {

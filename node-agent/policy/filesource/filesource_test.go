@@ -186,3 +186,45 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+// TestUnreadableFailsClosed: a policy directory that cannot be read at
+// the first load (here a file given as the directory), or a policy file
+// never read, may hold a DENY: every connection is denied until it can
+// be read. Before, nothing was in force and everything was allowed.
+func TestUnreadableFailsClosed(t *testing.T) {
+	t.Run("directory", func(t *testing.T) {
+		dir := t.TempDir()
+		notDir := filepath.Join(dir, "policies.yaml")
+		if err := os.WriteFile(notDir, []byte(allowUI), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		e := policy.New(policy.Options{Logger: quiet()})
+		s := New(notDir, e, quiet())
+		if probs := s.Load(); len(probs) == 0 {
+			t.Error("no problem reported")
+		}
+		if allowed(e, ui) || allowed(e, batch) {
+			t.Fatal("connections allowed while the policy directory cannot be read")
+		}
+		// Readable (here: gone, so no policies): back to normal.
+		os.Remove(notDir)
+		s.Load()
+		if !allowed(e, batch) {
+			t.Fatal("still denied once the directory reads (no policies)")
+		}
+	})
+	t.Run("file", func(t *testing.T) {
+		dir := t.TempDir()
+		write(t, dir, "10-allow.yaml", allowUI)
+		// A regular file whose read fails, as root: /proc/self/mem
+		// (reading at offset 0 gives EIO).
+		if err := os.Symlink("/proc/self/mem", filepath.Join(dir, "20-unreadable.yaml")); err != nil {
+			t.Fatal(err)
+		}
+		e := policy.New(policy.Options{Logger: quiet()})
+		New(dir, e, quiet()).Load()
+		if allowed(e, ui) {
+			t.Fatal("connection allowed while a policy file was never read")
+		}
+	})
+}
