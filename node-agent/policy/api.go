@@ -52,6 +52,10 @@ type AuthorizationPolicy struct {
 	// problems found while decoding (unknown fields, wrong types); they
 	// make the policy invalid.
 	problems field.ErrorList
+	// unread: a document of our group whose version or kind is unknown
+	// (a typo); its spec was not read, so it is enforced as deny-all for
+	// its whole namespace, never by a selector.
+	unread bool
 }
 
 // AuthorizationPolicySpec is the policy proper.

@@ -305,11 +305,22 @@ func (e *Engine) compileAll() ([]*compiledPolicy, []*compiledMode, []string, map
 			// an unknown action) is enforced as deny-all like ours, and
 			// its verdict must say so rather than "Accepted".
 			scope := "the workloads it selects"
-			if !selOK {
+			switch {
+			case cp == nil:
+				// No namespace: no scope it could be confined to (a
+				// file has no default namespace). Saying "enforced"
+				// here was untrue.
+				scope = ""
+			case !selOK && cp.namespace == e.root:
+				scope = "every workload in the mesh (root namespace)"
+			case !selOK:
 				scope = "every workload of its namespace"
 			}
 			res.Accepted, res.Reason = false, ReasonInvalid
 			res.Message = errMsg + "; enforced as deny-all for " + scope + " until fixed"
+			if scope == "" {
+				res.Message = errMsg + "; not enforced: it names no namespace"
+			}
 		case res.APIVersion == APIVersion:
 			res.Accepted, res.Reason = true, ReasonAccepted
 		}
@@ -386,7 +397,8 @@ func (s *Selector) labels() map[string]string {
 }
 
 // compilePolicy compiles p, or — when p is invalid — a deny-all stand-in
-// for the workloads it selects (namespace-wide if the selector is bad).
+// for the workloads it selects (namespace-wide if the selector is bad or
+// the object's type unknown).
 // Policies without a usable namespace compile to nothing.
 func compilePolicy(prefix string, p *AuthorizationPolicy) (*compiledPolicy, string, bool) {
 	errs := ValidateAuthorizationPolicy(p)
@@ -409,7 +421,8 @@ func compilePolicy(prefix string, p *AuthorizationPolicy) (*compiledPolicy, stri
 	if p.Namespace == "" {
 		return nil, errs.ToAggregate().Error(), false
 	}
-	selOK := len(validateSelector(p.Spec.Selector, nil)) == 0
+	// A type we do not know (p.unread) has no selector we can trust.
+	selOK := len(validateSelector(p.Spec.Selector, nil)) == 0 && !p.unread
 	if !selOK {
 		cp.selector = nil
 	}

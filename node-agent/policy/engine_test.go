@@ -155,6 +155,11 @@ func FuzzDecode(f *testing.F) {
 	f.Add([]byte("kind: AuthorizationPolicyList\napiVersion: ambit.dev/v1alpha1\nitems: [{metadata: {namespace: s, name: a}}, {kind: X}, {metadata: {namespace: s, name: b}, spec: {action: DENY}}]"))
 	f.Add([]byte(istio("shop", "i", "rules:\n- from: [{source: {notServiceAccounts: [\"a/b\", \"c\"], notNamespaces: [x]}}, {}]\n  to: [{operation: {ports: [\"80\"]}}]\n  when: [{key: destination.port, notValues: [\"81\"]}, {key: source.namespace, notValues: [y]}]")))
 	f.Add([]byte(peer("shop", "pa", "mtls: {mode: PERMISSIVE}\nportLevelMtls: {\"80\": {mode: STRICT}}")))
+	// Typos of our types (read as invalid, deny-all of the namespace),
+	// other groups (skipped), a wrong type in the header.
+	f.Add([]byte("apiVersion: ambit.dev/v1alpah1\nkind: AuthorizationPolicy\nmetadata: {namespace: shop, name: a}\nspec: {action: DENY}\n---\nkind: PeerAuthentication\nmetadata: {namespace: istio-system, name: b}"))
+	f.Add([]byte("apiVersion: security.istio.io/v2\nkind: AuthorisationPolicy\nmetadata: {namespace: ambit-system}\n---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\n---\napiVersion: v1\nkind: ConfigMap"))
+	f.Add([]byte("apiVersion: ambit.dev\nKind: InboundMode\nMetadata: {namespace: shop, name: 2024}\nitems: 3"))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		set, _ := Decode(strings.NewReader(string(data)))
 		e := New(Options{Logger: discardLogger()})

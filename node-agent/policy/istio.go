@@ -30,6 +30,7 @@ type IstioAuthorizationPolicy struct {
 	Status            json.RawMessage              `json:"status,omitempty"` // istiod's; not ours
 
 	problems field.ErrorList // from decoding
+	unread   bool            // see AuthorizationPolicy.unread
 }
 
 // IstioAuthorizationPolicySpec mirrors Istio's spec.
@@ -128,6 +129,7 @@ func (p *IstioAuthorizationPolicy) Convert() (*AuthorizationPolicy, field.ErrorL
 	}
 	// Unreadable or invalid: validation turns it into deny-all.
 	out.problems = append(out.problems, p.problems...)
+	out.unread = p.unread
 	return out, issues
 }
 

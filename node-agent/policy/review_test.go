@@ -84,6 +84,8 @@ mode: STRICT`), conn("", "10.1.0.5", web, 80), false, "shop/b-bad"},
 
 // TestListItemErrorKeepsTheRest: one unreadable item of a List must not
 // drop the items after it (a DENY among them would silently vanish).
+// (The unreadable item was a typo, ambit.dev/v1alpha2; such an item is
+// now read as invalid and enforced fail-closed: TestDecodeTypos.)
 func TestListItemErrorKeepsTheRest(t *testing.T) {
 	doc := `apiVersion: v1
 kind: List
@@ -92,9 +94,7 @@ items:
   kind: AuthorizationPolicy
   metadata: {namespace: shop, name: first}
   spec: {action: DENY, rules: [{to: {ports: [22]}}]}
-- apiVersion: ambit.dev/v1alpha2
-  kind: AuthorizationPolicy
-  metadata: {namespace: shop, name: typo}
+- not an object
 - apiVersion: ambit.dev/v1alpha1
   kind: AuthorizationPolicy
   metadata: {namespace: shop, name: after}

@@ -111,6 +111,12 @@ func (s *Source) Load() []Problem {
 					broken = true
 				}
 			}
+			if broken && !ok {
+				// Never parsed: as for a file never read, what it
+				// holds (a DENY?) is unknown. Skipping it let an agent
+				// restarted on a half-saved edit allow everything.
+				unreadable = true
+			}
 			for _, e := range errs {
 				msg := e.Error()
 				if broken {
@@ -177,7 +183,10 @@ func (s *Source) Load() []Problem {
 	return problems
 }
 
-const denyAllNote = " (never read: every connection in the mesh is denied until it can be read)"
+const (
+	denyAllNote     = " (never read: every connection in the mesh is denied until it can be read)"
+	neverParsedNote = " (never read: every connection in the mesh is denied until the file parses)"
+)
 
 // denyAll stands in for policies that could not be read at all: a
 // mesh-wide DENY of everything, reported under its own name.
@@ -192,7 +201,7 @@ func keeping(had bool) string {
 	if had {
 		return " (keeping the file's last good version)"
 	}
-	return " (nothing from this file is in force)"
+	return neverParsedNote
 }
 
 func note(origin map[string]string, problems *[]Problem, file, obj string) {

@@ -228,3 +228,218 @@ func TestUnreadableFailsClosed(t *testing.T) {
 		}
 	})
 }
+
+var bankDB = tunnel.Workload{UID: "b", Namespace: "bank", Name: "db-1", Labels: map[string]string{"app": "db"},
+	Identity: "spiffe://cluster.local/ns/bank/sa/db"}
+
+func allowedTo(e *policy.Engine, id string, w tunnel.Workload) bool {
+	c := connFrom(id)
+	c.Dst = w
+	return e.Authorize(c).Allow
+}
+
+func problemText(problems []Problem) string {
+	var b strings.Builder
+	for _, p := range problems {
+		b.WriteString(p.String() + "\n")
+	}
+	return b.String()
+}
+
+// denyBatch is the policy edited with a typo below: it denies jobs/batch
+// in shop, and allows the rest.
+const denyBatch = `apiVersion: ambit.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {namespace: shop, name: deny-batch}
+spec:
+  selector: {matchLabels: {app: web}}
+  action: DENY
+  rules:
+  - from: {principals: ["cluster.local/ns/jobs/sa/batch"]}
+`
+
+// TestMistypedTypeFailsClosed: editing a DENY with a typo in its
+// apiVersion or kind, in one of our groups, must not drop the DENY at
+// the next reload (before: the document was skipped, so batch got in).
+// It is enforced as a deny-all of its namespace (mesh-wide in a root
+// namespace) and reported naming the field.
+func TestMistypedTypeFailsClosed(t *testing.T) {
+	istioDeny := strings.ReplaceAll(denyBatch, "ambit.dev/v1alpha1", "security.istio.io/v1")
+	istioDeny = strings.ReplaceAll(istioDeny, `- from: {principals: ["cluster.local/ns/jobs/sa/batch"]}`,
+		`- from: [{source: {principals: ["cluster.local/ns/jobs/sa/batch"]}}]`)
+	for _, c := range []struct {
+		name, good, bad string
+		field           string // named in the problem
+		meshWide        bool
+	}{
+		{"kind", denyBatch, strings.Replace(denyBatch, "kind: AuthorizationPolicy", "kind: AuthorisationPolicy", 1), `kind: Unsupported value: "AuthorisationPolicy"`, false},
+		{"version", denyBatch, strings.Replace(denyBatch, "v1alpha1", "v1alpah1", 1), `apiVersion: Unsupported value: "ambit.dev/v1alpah1"`, false},
+		{"version-missing", denyBatch, strings.Replace(denyBatch, "ambit.dev/v1alpha1", "ambit.dev", 1), `apiVersion: Unsupported value: "ambit.dev"`, false},
+		{"group-missing", denyBatch, strings.Replace(denyBatch, "ambit.dev/v1alpha1", "v1alpha1", 1), `apiVersion: Unsupported value: "v1alpha1"`, false},
+		{"apiVersion-missing", denyBatch, strings.Replace(denyBatch, "apiVersion: ambit.dev/v1alpha1\n", "", 1), `apiVersion: Unsupported value: ""`, false},
+		{"kind-missing", denyBatch, strings.Replace(denyBatch, "kind: AuthorizationPolicy\n", "", 1), `kind: Unsupported value: ""`, false},
+		{"typed-list", denyBatch, "apiVersion: ambit.dev/v1alpha1\nkind: AuthorisationPolicyList\nitems:\n- " +
+			strings.ReplaceAll(strings.SplitN(denyBatch, "\n", 3)[2], "\n", "\n  "), `kind: Unsupported value: "AuthorisationPolicy"`, false},
+		{"istio-kind", istioDeny, strings.Replace(istioDeny, "kind: AuthorizationPolicy", "kind: AuthorizationPolicies", 1), `kind: Unsupported value: "AuthorizationPolicies"`, false},
+		{"istio-version", istioDeny, strings.Replace(istioDeny, "security.istio.io/v1", "security.istio.io/v2", 1), `apiVersion: Unsupported value: "security.istio.io/v2"`, false},
+		{"root", strings.Replace(denyBatch, "namespace: shop", "namespace: ambit-system", 1),
+			strings.Replace(strings.Replace(denyBatch, "namespace: shop", "namespace: ambit-system", 1), "kind: AuthorizationPolicy", "kind: AuthorizationPolicyy", 1),
+			`kind: Unsupported value: "AuthorizationPolicyy"`, true},
+		{"istio-root", strings.Replace(istioDeny, "namespace: shop", "namespace: istio-system", 1),
+			strings.Replace(strings.Replace(istioDeny, "namespace: shop", "namespace: istio-system", 1), "security.istio.io/v1", "security.istio.io/v1beta2", 1),
+			`apiVersion: Unsupported value: "security.istio.io/v1beta2"`, true},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			dir := t.TempDir()
+			write(t, dir, "p.yaml", c.good)
+			e := policy.New(policy.Options{Logger: quiet()})
+			s := New(dir, e, quiet())
+			if p := s.Load(); len(p) != 0 {
+				t.Fatal(p)
+			}
+			if allowed(e, batch) || !allowed(e, ui) || !allowedTo(e, batch, bankDB) {
+				t.Fatalf("the good policy is not in force as meant")
+			}
+			write(t, dir, "p.yaml", c.bad)
+			problems := s.Load()
+			if allowed(e, batch) {
+				t.Fatal("the mistyped DENY was dropped: batch allowed")
+			}
+			if allowed(e, ui) || allowed(e, "") {
+				t.Error("the rest of its namespace is still allowed (want deny-all of the namespace)")
+			}
+			if got := allowedTo(e, ui, bankDB); got == c.meshWide {
+				t.Errorf("another namespace allowed = %v, want %v", got, !c.meshWide)
+			}
+			scope := "every workload of its namespace"
+			if c.meshWide {
+				scope = "every workload in the mesh"
+			}
+			all := problemText(problems)
+			for _, want := range []string{"p.yaml", "deny-batch", "Invalid", c.field, "enforced as deny-all for " + scope} {
+				if !strings.Contains(all, want) {
+					t.Errorf("problems do not mention %q:\n%s", want, all)
+				}
+			}
+			// Fixed: back to the policy as written.
+			write(t, dir, "p.yaml", c.good)
+			if p := s.Load(); len(p) != 0 || allowed(e, batch) || !allowed(e, ui) {
+				t.Fatalf("not back to normal once fixed: %v", p)
+			}
+		})
+	}
+}
+
+// TestMistypedWithoutNamespace: a mistyped document naming no namespace
+// is treated as today's policies without a namespace are: reported
+// invalid, not enforced (a file has no default namespace to confine it
+// to). The report used to claim it was enforced.
+func TestMistypedWithoutNamespace(t *testing.T) {
+	for _, doc := range []string{
+		strings.Replace(strings.Replace(denyBatch, "namespace: shop, ", "", 1), "kind: AuthorizationPolicy", "kind: AuthorisationPolicy", 1),
+		strings.Replace(denyBatch, "namespace: shop, ", "", 1),
+	} {
+		dir := t.TempDir()
+		write(t, dir, "p.yaml", doc)
+		e := policy.New(policy.Options{Logger: quiet()})
+		problems := New(dir, e, quiet()).Load()
+		all := problemText(problems)
+		if !strings.Contains(all, "deny-batch") || !strings.Contains(all, "metadata.namespace: Required value") ||
+			!strings.Contains(all, "not enforced: it names no namespace") || strings.Contains(all, "enforced as deny-all") {
+			t.Errorf("problems = %s", all)
+		}
+		if !allowed(e, ui) {
+			t.Error("a policy without a namespace is enforced somewhere")
+		}
+	}
+}
+
+// TestOtherGroupsSkipped: documents not meant for Ambit (another group,
+// an Istio kind with no L4 meaning, no type at all) are skipped and
+// reported; they deny nothing.
+func TestOtherGroupsSkipped(t *testing.T) {
+	dir := t.TempDir()
+	write(t, dir, "a.yaml", `apiVersion: v1
+kind: ConfigMap
+metadata: {namespace: shop, name: settings}
+data: {a: b}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {namespace: shop, name: vs}
+spec: {hosts: [web]}
+---
+apiVersion: policy.linkerd.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {namespace: shop, name: linkerd}
+spec: {targetRef: {kind: Namespace, name: shop}}
+---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {namespace: shop, name: jwt}
+spec: {jwtRules: [{issuer: x}]}
+---
+apiVersion: security.istio.io/v1beta1
+kind: RequestAuthentication
+metadata: {namespace: shop, name: jwt-old}
+---
+nodes: [{name: n1}]
+---
+just some words
+`)
+	e := policy.New(policy.Options{Logger: quiet()})
+	problems := New(dir, e, quiet()).Load()
+	if !allowed(e, ui) || !allowed(e, batch) || !allowed(e, "") {
+		t.Fatal("a document not meant for Ambit denied something")
+	}
+	all := problemText(problems)
+	for _, want := range []string{
+		"document 1: unsupported kind v1 ConfigMap",
+		"document 2: unsupported kind networking.istio.io/v1 VirtualService",
+		"document 3: unsupported kind policy.linkerd.io/v1alpha1 AuthorizationPolicy",
+		"document 4: security.istio.io/v1 RequestAuthentication is not enforced by Ambit: JWT",
+		"document 5: security.istio.io/v1beta1 RequestAuthentication is not enforced by Ambit",
+		"document 6: apiVersion and kind are required",
+		"document 7: not an object",
+	} {
+		if !strings.Contains(all, want+"") {
+			t.Errorf("problems do not contain %q:\n%s", want, all)
+		}
+	}
+	if n := strings.Count(all, "(document skipped)"); n != 7 {
+		t.Errorf("%d documents reported skipped, want 7:\n%s", n, all)
+	}
+}
+
+// TestNeverParsedFailsClosed: a file that is not YAML and never parsed
+// (the agent started on a half-saved edit) may hold a DENY, like a file
+// never read: every connection is denied until it parses. Before,
+// nothing from it was in force and everything was allowed. Once it has
+// parsed, a broken edit keeps the last good version as before.
+func TestNeverParsedFailsClosed(t *testing.T) {
+	dir := t.TempDir()
+	write(t, dir, "10-allow.yaml", allowUI)
+	write(t, dir, "20-deny.yaml", denyBatch+"  - from: {principals: [\"unterminated]\n")
+	e := policy.New(policy.Options{Logger: quiet()})
+	s := New(dir, e, quiet())
+	problems := s.Load()
+	if allowed(e, ui) || allowedTo(e, ui, bankDB) {
+		t.Fatal("connection allowed while a policy file never parsed")
+	}
+	if all := problemText(problems); !strings.Contains(all, "20-deny.yaml") || !strings.Contains(all, "not valid YAML") ||
+		!strings.Contains(all, "every connection in the mesh is denied until the file parses") {
+		t.Errorf("problems = %s", all)
+	}
+	write(t, dir, "20-deny.yaml", denyBatch)
+	if p := s.Load(); len(p) != 0 || !allowed(e, ui) || allowed(e, batch) {
+		t.Fatalf("not back to the policies once the file parses: %v", p)
+	}
+	write(t, dir, "20-deny.yaml", "{{ broken")
+	problems = s.Load()
+	if !allowed(e, ui) || allowed(e, batch) {
+		t.Fatal("a broken edit of a file read before did not keep its last good version")
+	}
+	if all := problemText(problems); !strings.Contains(all, "keeping the file's last good version") {
+		t.Errorf("problems = %s", all)
+	}
+}
