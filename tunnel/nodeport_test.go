@@ -1,7 +1,6 @@
 package tunnel_test
 
 import (
-	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -153,19 +152,7 @@ func TestNodePortEncrypted(t *testing.T) {
 		c.Close()
 	}
 	raw, text := stop()
-	if bytes.Contains(raw, []byte("AMBIT-NODEPORT")) {
-		t.Fatal("plaintext payload visible on the wire")
-	}
-	lines := strings.Split(strings.TrimSpace(text), "\n")
-	if len(lines) < 20 {
-		t.Fatalf("capture saw only %d packets: %q", len(lines), text)
-	}
-	for _, l := range lines {
-		if !strings.Contains(l, ".15008") {
-			t.Fatalf("packet not on the HBONE port: %s", l)
-		}
-	}
-	t.Logf("%d packets captured, all on 15008, payload marker absent", len(lines))
+	onlyHBONEOnTheWire(t, raw, text, "AMBIT-NODEPORT")
 	waitMetric(t, m.A, "ambit_tunnel_connections_closed_total", map[string]string{"direction": "outbound", "mode": "hbone"}, 4)
 	waitMetric(t, m.B, "ambit_tunnel_connections_closed_total", map[string]string{"direction": "inbound", "mode": "hbone"}, 4)
 }

@@ -82,19 +82,7 @@ func TestServiceVIPEncrypted(t *testing.T) {
 		}
 	}
 	raw, text := stop()
-	if bytes.Contains(raw, []byte(marker[:20])) || bytes.Contains(raw, []byte("AMBIT-SECRET")) {
-		t.Fatal("plaintext payload visible on the wire")
-	}
-	lines := strings.Split(strings.TrimSpace(text), "\n")
-	if len(lines) < 20 {
-		t.Fatalf("capture saw only %d packets: %q", len(lines), text)
-	}
-	for _, l := range lines {
-		if !strings.Contains(l, ".15008") {
-			t.Fatalf("packet not on the HBONE port: %s", l)
-		}
-	}
-	t.Logf("%d packets captured, all on 15008, payload marker absent", len(lines))
+	onlyHBONEOnTheWire(t, raw, text, marker[:20], "AMBIT-SECRET")
 	waitMetric(t, m.A, "ambit_tunnel_connections_closed_total", map[string]string{"direction": "outbound", "mode": "hbone"}, 2)
 }
 
@@ -424,4 +412,26 @@ func (l *lockedBuffer) String() string {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.b.String()
+}
+
+// onlyHBONEOnTheWire fails t unless a capture of the link (raw bytes,
+// one text line per packet) saw at least 20 packets, every one on the
+// HBONE port, and none of the payload markers.
+func onlyHBONEOnTheWire(t *testing.T, raw []byte, text string, markers ...string) {
+	t.Helper()
+	for _, m := range markers {
+		if bytes.Contains(raw, []byte(m)) {
+			t.Fatalf("plaintext payload %q visible on the wire", m)
+		}
+	}
+	lines := strings.Split(strings.TrimSpace(text), "\n")
+	if len(lines) < 20 {
+		t.Fatalf("capture saw only %d packets: %q", len(lines), text)
+	}
+	for _, l := range lines {
+		if !strings.Contains(l, ".15008") {
+			t.Fatalf("packet not on the HBONE port: %s", l)
+		}
+	}
+	t.Logf("%d packets captured, all on 15008, payload markers absent", len(lines))
 }
