@@ -72,6 +72,12 @@ func (e *caEnv) agent(t testing.TB, node string, ttl time.Duration, mod func(*id
 	if mod != nil {
 		mod(&cfg)
 	}
+	return startManager(t, cfg)
+}
+
+// startManager makes a Manager of cfg and runs it until the test ends.
+func startManager(t testing.TB, cfg identity.Config) *identity.Manager {
+	t.Helper()
 	m, err := identity.NewManager(cfg)
 	if err != nil {
 		t.Fatal(err)

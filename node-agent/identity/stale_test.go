@@ -57,14 +57,7 @@ func authority(t *testing.T) *identity.LocalSigner {
 // as long as the replicas disagreed.
 func TestDisagreeingReplicasNoFetchLoop(t *testing.T) {
 	r := &replicas{signers: []*identity.LocalSigner{authority(t), authority(t)}}
-	m, err := identity.NewManager(identity.Config{TrustDomain: td, TTL: time.Hour, Signer: r})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { defer close(done); _ = m.Run(ctx) }()
-	defer func() { cancel(); <-done }()
+	m := startManager(t, identity.Config{TrustDomain: td, TTL: time.Hour, Signer: r})
 	ids := []string{webID, dbID, "spiffe://cluster.local/ns/shop/sa/cache"}
 	for _, id := range ids {
 		if err := m.Prefetch(id); err != nil {
@@ -72,7 +65,7 @@ func TestDisagreeingReplicasNoFetchLoop(t *testing.T) {
 		}
 	}
 	for _, id := range ids {
-		if _, err := m.Certificate(ctx, id); err != nil {
+		if _, err := m.Certificate(context.Background(), id); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -140,18 +133,11 @@ func runManager(t *testing.T, s identity.Signer, mod func(*identity.Config)) (*i
 	if mod != nil {
 		mod(&cfg)
 	}
-	m, err := identity.NewManager(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { defer close(done); _ = m.Run(ctx) }()
-	t.Cleanup(func() { cancel(); <-done })
+	m := startManager(t, cfg)
 	if err := m.Prefetch(webID); err != nil {
 		t.Fatal(err)
 	}
-	c0, err := m.Certificate(ctx, webID)
+	c0, err := m.Certificate(context.Background(), webID)
 	if err != nil {
 		t.Fatal(err)
 	}
