@@ -15,12 +15,12 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/ambit-mesh/ambit/internal/testca"
+	"github.com/ambit-mesh/ambit/internal/testenv"
 	"github.com/ambit-mesh/ambit/tunnel"
 	"github.com/ambit-mesh/ambit/tunnel/hbone"
 	"github.com/ambit-mesh/ambit/tunnel/internal/podtest"
@@ -32,7 +32,7 @@ func capture(t *testing.T, p *podtest.Pod) (stop func() (raw []byte, text string
 	t.Helper()
 	file := filepath.Join(t.TempDir(), "cap.pcap")
 	cmd := exec.Command("ip", "netns", "exec", p.Name, "tcpdump", "-i", p.Link, "-U", "-s", "0", "-n", "-w", file, "tcp")
-	stderr := &lockedBuffer{}
+	stderr := &testenv.Buffer{}
 	cmd.Stderr = stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -395,23 +395,6 @@ func TestDrainOnClose(t *testing.T) {
 	case <-time.After(15 * time.Second):
 		t.Fatal("Close did not return after the last connection ended")
 	}
-}
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
 
 // onlyHBONEOnTheWire fails t unless a capture of the link (raw bytes,

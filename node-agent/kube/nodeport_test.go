@@ -1,7 +1,6 @@
 package kube
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"log/slog"
@@ -20,6 +19,8 @@ import (
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/kubernetes/fake"
 	ktesting "k8s.io/client-go/testing"
+
+	"github.com/ambit-mesh/ambit/internal/testenv"
 )
 
 // nodeWith is a Node with addresses ("InternalIP=…", "ExternalIP=…",
@@ -261,24 +262,6 @@ func TestNodePortHandedOver(t *testing.T) {
 	wantResolves(t, s, "api's after web released it", "172.18.0.2:30080", aps("10.1.0.2:8080"))
 }
 
-// lockedBuffer collects log output written from informer goroutines.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
 // A ClusterRole that may read this node's Node but not list all of them:
 // the agent becomes ready, warns once, keeps its topology (zone from its
 // own Node) and passes NodePort connections through, as before NodePorts
@@ -307,7 +290,7 @@ func TestNodesForbiddenMeansNoNodePorts(t *testing.T) {
 		forbidden++
 		return true, nil, apierrors.NewForbidden(corev1.Resource("nodes"), "", errors.New("RBAC: nodes is forbidden"))
 	})
-	logs := &lockedBuffer{}
+	logs := &testenv.Buffer{}
 	s, _ := startSource(t, client, Config{NodeName: "node-a", Logger: slog.New(slog.NewTextHandler(logs, nil))})
 	if eps, ok := resolves(s, "10.96.0.10:80"); !ok || !reflect.DeepEqual(eps, aps("10.1.0.1:8080")) {
 		t.Fatalf("clusterIP: %v %v, want z1's endpoint (own node's zone still read)", eps, ok)
