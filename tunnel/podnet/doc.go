@@ -25,6 +25,14 @@
 // inside the pod (the app), where probes find nothing and cost four
 // setsockopt calls per connection.
 //
+// Listeners are the agent's alone. They are plain TCP (Go's default
+// MPTCP listener falls back to a second socket() on failure, which here
+// would be made outside the pod), owned by ListenerUID (the thread's
+// fsuid at socket()), so that the kernel lets only the next agent join
+// their SO_REUSEPORT group, never an application of the pod; and a port
+// a socket of the pod already listens on, without the agent's mark, is a
+// *PortInUseError (sock_diag names the socket), never a shared group.
+//
 // Every socket carries the agent's SO_MARK (default 0x539), which the
 // in-pod redirection skips, so the agent's own traffic is never captured
 // again.

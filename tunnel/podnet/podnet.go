@@ -36,6 +36,8 @@ const DefaultDialTimeout = 10 * time.Second
 // its file descriptor until Close.
 type Net struct {
 	mark uint32
+	// uid owns the listeners (fsuid at socket()); -1: the process's own.
+	uid int
 
 	mu     sync.RWMutex // held for reading while a socket is being created
 	fd     int          // -1 once closed
@@ -48,6 +50,11 @@ type Option func(*Net)
 // WithMark sets the SO_MARK carried by every socket of the Net (default
 // DefaultMark). 0 disables marking.
 func WithMark(mark uint32) Option { return func(n *Net) { n.mark = mark } }
+
+// WithListenerUID sets the uid that owns the Net's listening sockets
+// (default ListenerUID); -1 leaves them the process's own, as agents
+// before ListenerUID made them (tests of the hand-over from those).
+func WithListenerUID(uid int) Option { return func(n *Net) { n.uid = uid } }
 
 // Open keeps a duplicate of the netns fd (the caller keeps and closes its
 // own) after checking it really is a network namespace.
@@ -72,7 +79,7 @@ func Open(netns *os.File, opts ...Option) (*Net, error) {
 	if opErr != nil {
 		return nil, fmt.Errorf("podnet: %s: %w", netns.Name(), opErr)
 	}
-	n := &Net{fd: dup, mark: DefaultMark}
+	n := &Net{fd: dup, mark: DefaultMark, uid: ListenerUID}
 	for _, o := range opts {
 		o(n)
 	}
@@ -142,8 +149,14 @@ var ErrThreadStuck = errors.New("podnet: thread could not leave the pod's namesp
 // stays locked to its goroutine, so the Go runtime throws it away when
 // the goroutine ends rather than reuse it in the pod's namespace.
 func inPod[T any](n *Net, async bool, fn func(leave func() error) (T, error)) (T, error) {
+	return inPodAs(n, async, -1, fn)
+}
+
+// inPodAs is inPod with the thread's fsuid set to uid (>= 0) while fn
+// makes its socket: the socket is owned by uid (see ListenerUID).
+func inPodAs[T any](n *Net, async bool, uid int, fn func(leave func() error) (T, error)) (T, error) {
 	if !async {
-		return inPodHere(n, fn)
+		return inPodHere(n, uid, fn)
 	}
 	type result struct {
 		v   T
@@ -151,7 +164,7 @@ func inPod[T any](n *Net, async bool, fn func(leave func() error) (T, error)) (T
 	}
 	ch := make(chan result, 1)
 	go func() {
-		v, err := inPodHere(n, fn)
+		v, err := inPodHere(n, uid, fn)
 		ch <- result{v, err}
 		// On ErrThreadStuck this goroutine ends locked: the thread goes.
 	}()
@@ -160,7 +173,7 @@ func inPod[T any](n *Net, async bool, fn func(leave func() error) (T, error)) (T
 }
 
 // inPodHere is inPod on the calling goroutine.
-func inPodHere[T any](n *Net, fn func(leave func() error) (T, error)) (T, error) {
+func inPodHere[T any](n *Net, uid int, fn func(leave func() error) (T, error)) (T, error) {
 	var zero T
 	n.mu.RLock()
 	if n.closed {
@@ -185,9 +198,25 @@ func inPodHere[T any](n *Net, fn func(leave func() error) (T, error)) (T, error)
 		return zero, fmt.Errorf("podnet: setns into pod: %w", err)
 	}
 	inside := true
+	// The socket's owner is the thread's fsuid at socket(); setfsuid is
+	// per thread and this one is locked. Without CAP_SETUID it does not
+	// take (the kernel says so only by the value it returns): the socket
+	// is then the process's own, as before ListenerUID.
+	prevUID := -1
+	if uid >= 0 {
+		if prev, _ := unix.SetfsuidRetUid(uid); currentFsuid() == uid {
+			prevUID = prev
+		}
+	}
 	leave := func() error {
 		if !inside {
 			return nil
+		}
+		if prevUID >= 0 {
+			if unix.SetfsuidRetUid(prevUID); currentFsuid() != prevUID {
+				return fmt.Errorf("%w: setfsuid %d back", ErrThreadStuck, prevUID)
+			}
+			prevUID = -1
 		}
 		if err := unix.Setns(self, unix.CLONE_NEWNET); err != nil {
 			return fmt.Errorf("%w: setns: %w", ErrThreadStuck, err)
@@ -272,12 +301,60 @@ type ListenOptions struct {
 }
 
 // Listen opens a TCP listener on port inside the pod, dual-stack [::]:port
-// (0.0.0.0:port when the kernel has no IPv6).
+// (0.0.0.0:port when the kernel has no IPv6), owned by the Net's
+// listener uid (ListenerUID): with SO_REUSEPORT, only sockets of that
+// uid can join its group, so an application of the pod cannot share the
+// port later, while the next agent (an upgrade, a restart beside the
+// keeper's copies) still can.
+//
+// A socket of the pod already listening on the port that is not an
+// agent's (it lacks the agent's SO_MARK) makes Listen fail with a
+// *PortInUseError (errors.Is EADDRINUSE) naming it: the agent never
+// joins an application's reuseport group. Listening sockets of an agent
+// made by another uid (agents before ListenerUID made them as root) are
+// joined as that uid, so the hand-over from such an agent still works.
 func (n *Net) Listen(port uint16, opts ListenOptions) (net.Listener, error) {
 	mark := n.mark
 	if opts.Mark != 0 {
 		mark = opts.Mark
 	}
+	uid := n.uid
+	ln, err := n.listenAs(uid, port, mark, opts)
+	if err != nil && errors.Is(err, unix.EADDRINUSE) && !opts.NoReusePort {
+		// Who holds it: an application, or agents of another uid?
+		hs, derr := n.Holders(port)
+		if derr != nil {
+			return nil, fmt.Errorf("podnet: listen :%d: %w (listing the pod's sockets on it: %v)", port, opError(err), derr)
+		}
+		if foreign := notMarked(hs, mark); len(foreign) > 0 {
+			return nil, &PortInUseError{Port: port, Holders: foreign, Err: unix.EADDRINUSE}
+		}
+		if len(hs) > 0 && int(hs[0].UID) != uid {
+			uid = int(hs[0].UID)
+			ln, err = n.listenAs(uid, port, mark, opts)
+		}
+	}
+	if err != nil {
+		return nil, fmt.Errorf("podnet: listen :%d: %w", port, err)
+	}
+	// A group owned by ListenerUID let nobody else in: the bind is the
+	// check (the dump below costs twice the listener itself,
+	// BenchmarkListen). A root-owned group (ours without CAP_SETUID, an
+	// older agent's) lets a root application in too, maybe before us.
+	if uid >= 0 && uid == n.uid && exclusive(uid) {
+		return ln, nil
+	}
+	if hs, derr := n.Holders(port); derr == nil {
+		if foreign := notMarked(hs, mark); len(foreign) > 0 {
+			ln.Close()
+			return nil, &PortInUseError{Port: port, Holders: foreign, Err: unix.EADDRINUSE}
+		}
+	}
+	return ln, nil
+}
+
+// listenAs is Listen's socket, made by uid (-1: the process's own).
+func (n *Net) listenAs(uid int, port uint16, mark uint32, opts ListenOptions) (net.Listener, error) {
 	backlog := opts.Backlog
 	if backlog <= 0 {
 		backlog = DefaultBacklog
@@ -290,13 +367,13 @@ func (n *Net) Listen(port uint16, opts ListenOptions) (net.Listener, error) {
 			network = "tcp4"
 		}
 	}
-	ln, err := n.listen(network, host, port, mark, opts)
+	ln, err := n.listen(network, host, port, mark, uid, opts)
 	if err != nil && !addr.IsValid() && errors.Is(err, unix.EAFNOSUPPORT) {
 		network = "tcp4"
-		ln, err = n.listen(network, "0.0.0.0", port, mark, opts)
+		ln, err = n.listen(network, "0.0.0.0", port, mark, uid, opts)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("podnet: listen :%d: %w", port, opError(err))
+		return nil, opError(err)
 	}
 	// net listens with the process's somaxconn; ask for ours (listen(2)
 	// again only changes the backlog; the kernel caps it at the pod's
@@ -305,16 +382,22 @@ func (n *Net) Listen(port uint16, opts ListenOptions) (net.Listener, error) {
 		err = control(rc, func(fd int) error { return unix.Listen(fd, backlog) })
 		if err != nil {
 			ln.Close()
-			return nil, fmt.Errorf("podnet: listen :%d: backlog: %w", port, err)
+			return nil, fmt.Errorf("backlog: %w", err)
 		}
 	}
 	return ln, nil
 }
 
-func (n *Net) listen(network, host string, port uint16, mark uint32, opts ListenOptions) (net.Listener, error) {
+func (n *Net) listen(network, host string, port uint16, mark uint32, uid int, opts ListenOptions) (net.Listener, error) {
 	wildcard6 := network == "tcp6" && !opts.Address.IsValid()
-	return inPod(n, true, func(leave func() error) (net.Listener, error) {
+	return inPodAs(n, true, uid, func(leave func() error) (net.Listener, error) {
+		made := false
 		lc := net.ListenConfig{KeepAlive: opts.KeepAlive, Control: func(_, _ string, rc syscall.RawConn) error {
+			if made {
+				// A second socket() would be made outside the pod.
+				return errors.New("net made a second socket, outside the pod")
+			}
+			made = true
 			if err := leave(); err != nil {
 				return err
 			}
@@ -344,6 +427,13 @@ func (n *Net) listen(network, host string, port uint16, mark uint32, opts Listen
 				return nil
 			})
 		}}
+		// Plain TCP. Go (1.24+) listens with MPTCP by default and, when
+		// that fails (EADDRINUSE among others), silently listens again
+		// with TCP: a second socket(), on this thread that has left the
+		// pod by then, so the listener ended up in the agent's own (the
+		// host's) network namespace and the enrollment "succeeded"
+		// (TestListenRefusesAnApplicationsPort, before).
+		lc.SetMultipathTCP(false)
 		return lc.Listen(context.Background(), network, net.JoinHostPort(host, strconv.Itoa(int(port))))
 	})
 }

@@ -71,3 +71,56 @@ func BenchmarkDial(b *testing.B) {
 		run(b, ln, func() (net.Conn, error) { return d.Dial("tcp4", ln.Addr().String()) })
 	})
 }
+
+// BenchmarkListen: what the port checks add to a listener (an enrollment
+// makes three). "listen" is Listen as the agent runs it (owned by
+// ListenerUID: two setfsuid around socket(), no dump since the group is
+// ours alone), "before" the socket as agents made it before (the
+// process's own uid), "dumped" the same plus the sock_diag dump Listen
+// does after a bind when the group is root-owned (no CAP_SETUID, an
+// older agent's group). Each opens and closes one listener in a pod.
+func BenchmarkListen(b *testing.B) {
+	if os.Geteuid() != 0 {
+		b.Skip("SKIPPED: needs root")
+	}
+	name := "amb-tun-lbench"
+	exec.Command("ip", "netns", "del", name).Run()
+	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
+		b.Fatalf("ip netns add: %v %s", err, out)
+	}
+	b.Cleanup(func() { exec.Command("ip", "netns", "del", name).Run() })
+	f, err := os.Open("/var/run/netns/" + name)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	n, err := Open(f)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer n.Close()
+	for _, c := range []struct {
+		name string
+		open func() (net.Listener, error)
+	}{
+		{"listen", func() (net.Listener, error) { return n.Listen(9001, ListenOptions{}) }},
+		{"before", func() (net.Listener, error) { return n.listenAs(-1, 9001, n.mark, ListenOptions{}) }},
+		{"dumped", func() (net.Listener, error) {
+			ln, err := n.listenAs(-1, 9001, n.mark, ListenOptions{})
+			if err == nil {
+				_, err = n.Holders(9001)
+			}
+			return ln, err
+		}},
+	} {
+		b.Run(c.name, func(b *testing.B) {
+			for b.Loop() {
+				ln, err := c.open()
+				if err != nil {
+					b.Fatal(err)
+				}
+				ln.Close()
+			}
+		})
+	}
+}
