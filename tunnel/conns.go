@@ -6,10 +6,12 @@ import (
 	"crypto/tls"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/netip"
+	"os"
 	"sync"
 	"time"
 
@@ -30,6 +32,9 @@ type record struct {
 	start        time.Time
 	opened       bool
 	series       *connSeries // set when opened
+	// slots is the accept slot the connection holds until established
+	// (release); nil when it holds none.
+	slots chan struct{}
 }
 
 func addrPortOf(a net.Addr) netip.AddrPort {
@@ -97,6 +102,22 @@ func (sv *Serving) failed(r *record, reason string, err error) {
 	sv.log.LogAttrs(context.Background(), slog.LevelWarn, "connection failed", argsToAttrs(attrs)...)
 }
 
+// failedUnauthenticated is failed for a connection whose peer is not
+// authenticated (a failed inbound handshake): counted every time, logged
+// a few times a second at most (Proxy.hsLog), saying how many lines were
+// left out.
+func (sv *Serving) failedUnauthenticated(r *record, reason string, err error) {
+	ok, suppressed := sv.p.hsLog.take(time.Now())
+	if !ok {
+		sv.p.m.failed.WithLabelValues(r.dir, reason, orUnknown(r.srcID), orUnknown(r.dstID)).Inc()
+		return
+	}
+	if suppressed > 0 {
+		err = fmt.Errorf("%w (and %d more failed handshakes not logged)", err, suppressed)
+	}
+	sv.failed(r, reason, err)
+}
+
 func argsToAttrs(a []any) []slog.Attr {
 	out := make([]slog.Attr, 0, len(a)/2)
 	for i := 0; i+1 < len(a); i += 2 {
@@ -117,8 +138,9 @@ func (sv *Serving) isAgentPort(ap netip.AddrPort) bool {
 }
 
 // outbound handles a connection the pod's app made, captured on 15001.
-func (sv *Serving) outbound(c *net.TCPConn) {
-	r := &record{dir: "outbound", src: addrPortOf(c.RemoteAddr()), srcID: sv.pod.Workload.Identity, start: time.Now()}
+func (sv *Serving) outbound(c *net.TCPConn, slots chan struct{}) {
+	r := &record{dir: "outbound", src: addrPortOf(c.RemoteAddr()), srcID: sv.pod.Workload.Identity, start: time.Now(), slots: slots}
+	defer r.release()
 	dst, err := originalDst(c)
 	if err != nil {
 		sv.failed(r, "no_original_dst", err)
@@ -182,6 +204,12 @@ func (sv *Serving) outbound(c *net.TCPConn) {
 			}
 			return true
 		})
+		if first == nil {
+			// Nothing to send yet: do not hold 16 KiB through a dial
+			// that may wait for the connect timeout.
+			firstBufs.Put(bp)
+			bp = nil
+		}
 	}
 	// The first bytes travel with the CONNECT, outside Splice's count.
 	nFirst := int64(len(first))
@@ -207,6 +235,7 @@ func (sv *Serving) outbound(c *net.TCPConn) {
 		reset(c)
 		return
 	}
+	r.release()
 	var refused error
 	var why string
 	s.OnResponse(func(st int) {
@@ -325,6 +354,7 @@ func (sv *Serving) passthrough(c *net.TCPConn, r *record, target netip.AddrPort)
 		reset(c)
 		return
 	}
+	r.release()
 	sv.opened(r)
 	fromApp, toApp, err := sv.relay(c, up)
 	sv.finished(r, toApp, fromApp, err)
@@ -369,9 +399,10 @@ func (sv *Serving) relay(app *net.TCPConn, other net.Conn) (fromApp, toApp int64
 }
 
 // inboundPlain handles plaintext arriving for the pod's app on 15006.
-func (sv *Serving) inboundPlain(c *net.TCPConn) {
+func (sv *Serving) inboundPlain(c *net.TCPConn, slots chan struct{}) {
 	w := sv.workload()
-	r := &record{dir: "inbound", mode: "plaintext", src: addrPortOf(c.RemoteAddr()), dstID: w.Identity, start: time.Now()}
+	r := &record{dir: "inbound", mode: "plaintext", src: addrPortOf(c.RemoteAddr()), dstID: w.Identity, start: time.Now(), slots: slots}
+	defer r.release()
 	dst, err := originalDst(c)
 	if err != nil {
 		sv.failed(r, "no_original_dst", err)
@@ -407,6 +438,7 @@ func (sv *Serving) inboundPlain(c *net.TCPConn) {
 		app.Close()
 		return
 	}
+	r.release()
 	sv.opened(r)
 	fromClient, toClient, err := sv.relay(c, app)
 	sv.p.removeLive(lc)
@@ -450,7 +482,13 @@ func (sv *Serving) inboundHBONE(raw *net.TCPConn) {
 	w := sv.pod.Workload
 	peer := addrPortOf(raw.RemoteAddr())
 	start := time.Now()
-	ctx, cancel := context.WithTimeout(context.Background(), sv.p.connectTimeout)
+	// The handshake and the client's HTTP/2 preface are bounded in time
+	// (the socket's deadline covers the preface, read after the TLS
+	// handshake inside hbone.Server) and in number (p.hs).
+	deadline := start.Add(sv.p.hsTimeout)
+	_ = raw.SetDeadline(deadline)
+	pending := sv.p.hs.add(sv, raw)
+	ctx, cancel := context.WithDeadline(context.Background(), deadline)
 	var peerID string
 	ps := &peerState{}
 	// A stream refused because the client's certificate no longer
@@ -473,11 +511,20 @@ func (sv *Serving) inboundHBONE(raw *net.TCPConn) {
 			sv.inboundStream(s, peerID, peer)
 		})
 	cancel()
+	evicted := sv.p.hs.done(pending)
 	if err != nil {
 		r := &record{dir: "inbound", mode: "hbone", src: peer, dstID: w.Identity, start: start}
-		sv.failed(r, tlsReason(err), err)
+		reason := tlsReason(err)
+		switch {
+		case evicted:
+			reason = "handshake_evicted"
+		case errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, context.DeadlineExceeded):
+			reason = "handshake_timeout"
+		}
+		sv.failedUnauthenticated(r, reason, err)
 		return
 	}
+	_ = raw.SetDeadline(time.Time{})
 	sv.mu.Lock()
 	closing, closeCtx := sv.closing, sv.closeCtx
 	sv.hconns[hc] = struct{}{}

@@ -18,6 +18,12 @@ type metrics struct {
 	active         *prometheus.GaugeVec   // direction
 	poolConns      prometheus.Gauge
 
+	// The listeners under load (listen.go).
+	acceptErrors      *prometheus.CounterVec // listener
+	acceptPaused      *prometheus.CounterVec // listener
+	pendingHandshakes prometheus.Gauge
+	evicted           *prometheus.CounterVec // limit: pod|agent
+
 	cache sync.Map // seriesKey → *connSeries
 }
 
@@ -39,6 +45,17 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Help: "Connections open now."}, []string{"direction"}),
 		poolConns: prometheus.NewGauge(prometheus.GaugeOpts{Name: "ambit_tunnel_hbone_pool_connections",
 			Help: "Pooled outbound HBONE (mTLS HTTP/2) connections."}),
+		acceptErrors: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "ambit_tunnel_accept_errors_total",
+			Help: "Failed accepts (mostly the agent out of descriptors: EMFILE, ENFILE), each followed by a back-off of 5 ms doubling to 1 s."},
+			[]string{"listener"}),
+		acceptPaused: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "ambit_tunnel_accept_paused_total",
+			Help: "Times a pod's listener stopped accepting because too many of its connections were not yet established (MaxPendingConns)."},
+			[]string{"listener"}),
+		pendingHandshakes: prometheus.NewGauge(prometheus.GaugeOpts{Name: "ambit_tunnel_pending_handshakes",
+			Help: "Inbound HBONE connections in their TLS handshake, all pods."}),
+		evicted: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "ambit_tunnel_handshakes_evicted_total",
+			Help: "Pending inbound handshakes closed to make room for a newer one, by the limit passed (pod or agent)."},
+			[]string{"limit"}),
 	}
 	if reg != nil {
 		m.opened = register(reg, m.opened)
@@ -48,6 +65,10 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		m.received = register(reg, m.received)
 		m.active = register(reg, m.active)
 		m.poolConns = register(reg, m.poolConns)
+		m.acceptErrors = register(reg, m.acceptErrors)
+		m.acceptPaused = register(reg, m.acceptPaused)
+		m.pendingHandshakes = register(reg, m.pendingHandshakes)
+		m.evicted = register(reg, m.evicted)
 		register(reg, prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "ambit_tunnel_buffered_bytes",
 			Help: "Received bytes waiting for slow apps (bounded by flow-control windows)."},
 			func() float64 { return float64(hbone.BufferedBytes()) }))

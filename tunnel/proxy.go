@@ -1,6 +1,7 @@
 package tunnel
 
 import (
+	"container/list"
 	"context"
 	"errors"
 	"fmt"
@@ -46,6 +47,23 @@ type Config struct {
 	// ConnectTimeout bounds a TCP connect plus TLS handshake (default
 	// 10 s).
 	ConnectTimeout time.Duration
+	// HandshakeTimeout bounds an inbound HBONE connection's TLS handshake
+	// and HTTP/2 preface, before which its peer is not authenticated
+	// (default 10 s, the clients' connect timeout).
+	HandshakeTimeout time.Duration
+	// MaxPendingHandshakes bounds a pod's inbound HBONE connections
+	// still in their handshake (default 256); MaxPendingHandshakesTotal
+	// bounds the agent's, all pods together (default 4096). Past a
+	// limit, a new connection closes the oldest pending one (counted in
+	// ambit_tunnel_handshakes_evicted_total).
+	MaxPendingHandshakes      int
+	MaxPendingHandshakesTotal int
+	// MaxPendingConns bounds, per pod and per listener (15001, 15006),
+	// the connections accepted whose other side is still being reached
+	// (default 1024); past it the listener stops accepting until one is
+	// established or fails, and new connections wait in the kernel's
+	// accept queue.
+	MaxPendingConns int
 	// NoOriginalSource makes inbound connections to the app come from the
 	// pod's own address instead of the client's (only for pods without
 	// the in-pod reply routing).
@@ -62,6 +80,14 @@ type Proxy struct {
 	poolIdle       time.Duration
 	hbonePort      uint16
 	agentPorts     map[uint16]bool
+	hsTimeout      time.Duration
+	maxPending     int
+
+	// hs are the agent's pending inbound handshakes; hsLog and pauseLog
+	// limit the lines anyone can make the agent write.
+	hs       *handshakes
+	hsLog    logLimiter
+	pauseLog logLimiter
 
 	// services resolves Service addresses (the Directory itself, or
 	// endpointsOnly around one without ServiceByAddr); affinity holds
@@ -143,7 +169,23 @@ func New(cfg Config) (*Proxy, error) {
 	for _, pt := range ports {
 		p.agentPorts[pt] = true
 	}
+	p.hsTimeout = cfg.HandshakeTimeout
+	if p.hsTimeout <= 0 {
+		p.hsTimeout = 10 * time.Second
+	}
+	p.maxPending = cfg.MaxPendingConns
+	if p.maxPending <= 0 {
+		p.maxPending = 1024
+	}
 	p.m = newMetrics(cfg.Registerer)
+	p.hs = &handshakes{m: p.m, podMax: cfg.MaxPendingHandshakes, total: cfg.MaxPendingHandshakesTotal}
+	if p.hs.podMax <= 0 {
+		p.hs.podMax = 256
+	}
+	if p.hs.total <= 0 {
+		p.hs.total = 4096
+	}
+	p.hsLog.perSecond, p.pauseLog.perSecond = 10, 1
 	return p, nil
 }
 
@@ -171,6 +213,12 @@ type Serving struct {
 	hconns   map[*hbone.Conn]struct{}
 	loops    sync.WaitGroup
 	stopOnce sync.Once
+	// stop is closed when Close begins: accept loops waiting (back-off,
+	// no free slot) end their wait.
+	stop chan struct{}
+	// handshakes are the pod's pending inbound HBONE handshakes, oldest
+	// first (guarded by p.hs.mu).
+	handshakes list.List
 
 	// labels are the pod's labels now (SetLabels); pod.Workload.Labels
 	// are those it was served with.
@@ -221,6 +269,7 @@ func (p *Proxy) Serve(pod Pod) (*Serving, error) {
 		closers: map[*tracked]struct{}{},
 		hconns:  map[*hbone.Conn]struct{}{},
 		quiet:   make(chan struct{}, 1),
+		stop:    make(chan struct{}),
 		log:     p.log.With("pod", w.Namespace+"/"+w.Name),
 		baggage: fmt.Sprintf("k8s.namespace.name=%s,k8s.pod.name=%s", w.Namespace, w.Name),
 	}
@@ -231,42 +280,24 @@ func (p *Proxy) Serve(pod Pod) (*Serving, error) {
 	sv.labels.Store(&labels)
 	sv.pool = newPool(p, pod.Net)
 	for _, l := range []struct {
-		ln net.Listener
-		fn func(*net.TCPConn)
-	}{{pod.Outbound, sv.outbound}, {pod.Inbound, sv.inboundPlain}, {pod.HBONE, sv.inboundHBONE}} {
+		ln    net.Listener
+		name  string
+		slots chan struct{}
+		fn    func(*net.TCPConn, chan struct{})
+	}{
+		{pod.Outbound, lnOutbound, make(chan struct{}, p.maxPending), sv.outbound},
+		{pod.Inbound, lnInbound, make(chan struct{}, p.maxPending), sv.inboundPlain},
+		// 15008 bounds its handshakes otherwise (handshakes): past the
+		// handshake a connection is a mesh peer's.
+		{pod.HBONE, lnHBONE, nil, func(c *net.TCPConn, _ chan struct{}) { sv.inboundHBONE(c) }},
+	} {
 		if l.ln == nil {
 			continue
 		}
 		sv.loops.Add(1)
-		go sv.acceptLoop(l.ln, l.fn)
+		go sv.acceptLoop(l.ln, l.name, l.slots, l.fn)
 	}
 	return sv, nil
-}
-
-func (sv *Serving) acceptLoop(ln net.Listener, fn func(*net.TCPConn)) {
-	defer sv.loops.Done()
-	for {
-		c, err := ln.Accept()
-		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
-				return
-			}
-			sv.log.Warn("accept failed", "listener", ln.Addr().String(), "err", err)
-			time.Sleep(5 * time.Millisecond)
-			continue
-		}
-		tc, ok := c.(*net.TCPConn)
-		if !ok {
-			c.Close()
-			continue
-		}
-		sv.enter()
-		go func() {
-			defer sv.leave()
-			defer sv.recoverConn(func() { reset(tc) })
-			fn(tc)
-		}()
-	}
 }
 
 // recoverConn keeps one connection's bug from taking the agent (and
@@ -363,6 +394,7 @@ func (s *Serving) Close(ctx context.Context) error {
 	}
 	s.closing = true
 	s.closeCtx = ctx
+	close(s.stop)
 	hconns := make([]*hbone.Conn, 0, len(s.hconns))
 	for c := range s.hconns {
 		hconns = append(hconns, c)
@@ -396,6 +428,8 @@ func (s *Serving) Close(ctx context.Context) error {
 		for _, c := range cut {
 			c.cut()
 		}
+		// Handshakes still pending are not waited for either.
+		s.p.hs.evictPod(s)
 		// The pod's outbound HBONE connections go too: a stream whose
 		// write is blocked in the kernel (a peer that stopped
 		// answering, its socket buffer full) does not end with a reset
