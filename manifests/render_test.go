@@ -180,7 +180,7 @@ func TestAgentDaemonSet(t *testing.T) {
 		add = append(add, string(c))
 	}
 	sort.Strings(add)
-	if want := []string{"DAC_OVERRIDE", "NET_ADMIN", "NET_RAW", "SYS_ADMIN", "SYS_PTRACE"}; !slices.Equal(add, want) {
+	if want := []string{"DAC_OVERRIDE", "NET_ADMIN", "NET_RAW", "SETUID", "SYS_ADMIN", "SYS_PTRACE"}; !slices.Equal(add, want) {
 		t.Errorf("capabilities add %v, want exactly %v", add, want)
 	}
 	if !slices.Equal(sc.Capabilities.Drop, []corev1.Capability{"ALL"}) {

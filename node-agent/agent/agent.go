@@ -191,6 +191,11 @@ func New(o Options) (*Agent, error) {
 	if sv, ok := o.View.(staticView); ok && sv.Static() {
 		a.static = true
 	}
+	if err := podnet.Exclusive(podnet.ListenerUID); err != nil {
+		// Still served; each listener is then checked after its bind,
+		// but an app binding later can share it (docs/agent.md).
+		a.log.Warn("the pods' listeners cannot be kept from applications", "err", err)
+	}
 	return a, nil
 }
 
@@ -602,6 +607,9 @@ func (a *Agent) serve(p *pod, f *os.File, wl tunnel.Workload) error {
 		l, err := n.Listen(port, o)
 		if err != nil {
 			closeAll()
+			if perr := a.portInUse(cluster.Pod{Namespace: wl.Namespace, Name: wl.Name}, err); perr != nil {
+				return perr
+			}
 			return &failure{"listen", err}
 		}
 		lns = append(lns, l)

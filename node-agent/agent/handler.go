@@ -108,6 +108,14 @@ func (a *Agent) add(ctx context.Context, req *cniproto.Request, f *os.File, chec
 		nsp = &n
 	}
 	d := a.policy.Decide(cp, nsp)
+	if d.Enroll {
+		if err := a.declaredConflict(cp); err != nil {
+			a.m.failures.WithLabelValues(reasonOf(err)).Inc()
+			a.setStatus(cp, "failed", eventReason(err), message(err))
+			a.log.Warn("enrollment refused", "pod", rp.Namespace+"/"+rp.Name, "err", err)
+			return codeResp(cniproto.CodePortConflict, "ambit-agent: %s", message(err))
+		}
+	}
 
 	a.mu.Lock()
 	existing := a.byCID[rp.ContainerID]
@@ -141,8 +149,11 @@ func (a *Agent) add(ctx context.Context, req *cniproto.Request, f *os.File, chec
 	p.rec.Identity, p.rec.IPv4, p.rec.IPv6 = wl.Identity, spec.IPv4, spec.IPv6
 	if err := a.serve(p, f, wl); err != nil {
 		a.m.failures.WithLabelValues(reasonOf(err)).Inc()
-		a.setStatus(cp, "failed", "EnrollmentFailed", err.Error())
+		a.setStatus(cp, "failed", eventReason(err), message(err))
 		a.log.Warn("enrollment failed", "pod", rp.Namespace+"/"+rp.Name, "err", err)
+		if reasonOf(err) == reasonPortInUse {
+			return codeResp(cniproto.CodePortConflict, "ambit-agent: %s", message(err))
+		}
 		return errResp(false, "ambit-agent: enrolling %s/%s: %v", rp.Namespace, rp.Name, err)
 	}
 	kept = true

@@ -241,13 +241,21 @@ func (a *Agent) reconcilePod(ctx context.Context, namespace, name string, scan *
 	d := a.policy.Decide(cp, nsp)
 	switch {
 	case d.Enroll && (p == nil || !p.enrolled()):
-		if err := a.enrollLive(ctx, cp, p, scan); err != nil {
+		// A running pod that declares a port of ours is left as it
+		// runs (its app may hold the port; taking it from under the app,
+		// or sharing it, would break it silently) and reported as a
+		// failed enrollment, as at ADD.
+		err := a.declaredConflict(cp)
+		if err == nil {
+			err = a.enrollLive(ctx, cp, p, scan)
+		}
+		if err != nil {
 			if errors.Is(err, errNotRunning) {
 				a.log.Debug("live enrollment: pod not running here", "pod", namespace+"/"+name, "err", err)
 				return
 			}
 			a.m.failures.WithLabelValues(reasonOf(err)).Inc()
-			a.setStatus(cp, "failed", "EnrollmentFailed", err.Error())
+			a.setStatus(cp, "failed", eventReason(err), message(err))
 			a.log.Warn("live enrollment failed", "pod", namespace+"/"+name, "err", err)
 		}
 	case d.Enroll && p.enrolled():

@@ -20,6 +20,16 @@ type Pod struct {
 	HostNetwork    bool
 	// Terminal: Succeeded or Failed; its IPs may already be reused.
 	Terminal bool
+	// ReservedPorts are the TCP containerPorts of the pod's spec (init
+	// and sidecar containers included) that the agent listens on in
+	// every enrolled pod (15001, 15006, 15008): only those are kept.
+	ReservedPorts []DeclaredPort
+}
+
+// DeclaredPort is a containerPort of one of the pod's containers.
+type DeclaredPort struct {
+	Container string
+	Port      uint16
 }
 
 // Namespace is the trimmed namespace.

@@ -10,6 +10,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/ambit-mesh/ambit/node-agent/cluster"
+	"github.com/ambit-mesh/ambit/plugin/redirectspec"
 )
 
 // AnnotationPrefix selects the pod annotations the trim keeps: ours, and
@@ -47,6 +48,8 @@ func TrimPod(obj any) (any, error) {
 			PodIPs: p.Status.PodIPs,
 		},
 	}
+	t.Spec.InitContainers = reservedPorts(p.Spec.InitContainers)
+	t.Spec.Containers = reservedPorts(p.Spec.Containers)
 	if len(t.Status.PodIPs) == 0 && p.Status.PodIP != "" {
 		t.Status.PodIPs = []corev1.PodIP{{IP: p.Status.PodIP}}
 	}
@@ -59,6 +62,29 @@ func TrimPod(obj any) (any, error) {
 		}
 	}
 	return t, nil
+}
+
+// ReservedPorts are the ports the agent listens on in every enrolled pod
+// (the redirection's defaults, which the agent uses). A pod that declares
+// one as a TCP containerPort cannot be enrolled (docs/plugin.md).
+var ReservedPorts = []uint16{redirectspec.DefaultOutboundPort, redirectspec.DefaultInboundPort, redirectspec.DefaultHBONEPort}
+
+// reservedPorts keeps, of cs, the containers that declare a reserved TCP
+// port, with those ports only (most pods: none, nil).
+func reservedPorts(cs []corev1.Container) []corev1.Container {
+	var out []corev1.Container
+	for _, c := range cs {
+		var ports []corev1.ContainerPort
+		for _, cp := range c.Ports {
+			if (cp.Protocol == "" || cp.Protocol == corev1.ProtocolTCP) && slices.Contains(ReservedPorts, uint16(cp.ContainerPort)) && cp.ContainerPort > 0 && cp.ContainerPort < 1<<16 {
+				ports = append(ports, corev1.ContainerPort{ContainerPort: cp.ContainerPort, Protocol: corev1.ProtocolTCP})
+			}
+		}
+		if len(ports) > 0 {
+			out = append(out, corev1.Container{Name: c.Name, Ports: ports})
+		}
+	}
+	return out
 }
 
 // TrimNamespace keeps name, labels and resource version.
@@ -195,7 +221,22 @@ func toPod(p *corev1.Pod) cluster.Pod {
 		IPs:            podIPs(p),
 		HostNetwork:    p.Spec.HostNetwork,
 		Terminal:       p.Status.Phase == corev1.PodSucceeded || p.Status.Phase == corev1.PodFailed,
+		ReservedPorts:  declaredReserved(p),
 	}
+}
+
+// declaredReserved lists the reserved TCP containerPorts of p's containers
+// (a trimmed pod holds only those; a full one is filtered the same way).
+func declaredReserved(p *corev1.Pod) []cluster.DeclaredPort {
+	var out []cluster.DeclaredPort
+	for _, cs := range [][]corev1.Container{p.Spec.InitContainers, p.Spec.Containers} {
+		for _, c := range reservedPorts(cs) {
+			for _, cp := range c.Ports {
+				out = append(out, cluster.DeclaredPort{Container: c.Name, Port: uint16(cp.ContainerPort)})
+			}
+		}
+	}
+	return out
 }
 
 func serviceAccount(p *corev1.Pod) string {

@@ -163,6 +163,10 @@ const (
 	CodeRedirect uint = 102
 	// CodeCheck: CHECK found the redirection missing or different.
 	CodeCheck uint = 103
+	// CodePortConflict: the pod declares (or an app of it listens on) a
+	// port the agent listens on in every enrolled pod; the message names
+	// the pod, the port and the ways out. Retrying does not help.
+	CodePortConflict uint = 104
 )
 
 // Validate reports the first problem with a request.
