@@ -50,6 +50,10 @@ func listenAs(t *testing.T, p *podtest.Pod, network, addr string, reuse bool, ma
 				if mark != 0 && serr == nil {
 					serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, mark)
 				}
+				if mark != 0 && serr == nil && network == "tcp6" {
+					// Dual-stack, as the agent's.
+					serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, 0)
+				}
 			}); err != nil {
 				return err
 			}
@@ -257,4 +261,47 @@ func TestJoinsAnOlderAgentsRootGroup(t *testing.T) {
 		ln.Close()
 	}
 	wantPortInUse(t, err, port2)
+}
+
+// The first upgrade to an agent with ListenerUID: connections queued on
+// the older agent's listener (Go's default MPTCP listener, root) move to
+// the new agent's when the old one closes (net.ipv4.tcp_migrate_req, set
+// in every enrolled pod), as between two agents of one version.
+func TestQueuedConnectionsMoveFromAnOlderAgent(t *testing.T) {
+	testenv.RequireRoot(t)
+	p := podtest.NewNetns(t)
+	p.Run(t, "sysctl", "-qw", "net.ipv4.tcp_migrate_req=1")
+	const port = 15116
+	old := oldAgentListen(t, p, port)
+	const queued = 8
+	var conns []net.Conn
+	p.Do(t, func() error {
+		for range queued {
+			c, err := net.DialTimeout("tcp", "127.0.0.1:15116", time.Second)
+			if err != nil {
+				return err
+			}
+			conns = append(conns, c)
+		}
+		return nil
+	})
+	defer func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	nu, err := openNet(t, p).Listen(port, podnet.ListenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nu.Close()
+	old.Close()
+	nu.(*net.TCPListener).SetDeadline(time.Now().Add(3 * time.Second))
+	for i := range queued {
+		c, err := nu.Accept()
+		if err != nil {
+			t.Fatalf("accepted %d of the %d connections queued on the older agent's listener: %v", i, queued, err)
+		}
+		c.Close()
+	}
 }
