@@ -73,7 +73,9 @@ func notMarked(hs []Holder, mark uint32) []Holder {
 // families (sock_diag, from a netlink socket made inside the pod; the
 // marks need CAP_NET_ADMIN, as the agent has).
 func (n *Net) Holders(port uint16) ([]Holder, error) {
-	fd, err := inPod(n, false, func(leave func() error) (int, error) {
+	// On a goroutine of its own (async): Listen's callers may hold their
+	// thread, and a thread stuck in the pod must die with its goroutine.
+	fd, err := inPod(n, true, func(leave func() error) (int, error) {
 		fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, unix.NETLINK_SOCK_DIAG)
 		if lerr := leave(); lerr != nil {
 			if err == nil {
