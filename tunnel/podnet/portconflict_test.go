@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net"
+	"os"
 	"strconv"
 	"strings"
 	"syscall"
@@ -303,5 +304,41 @@ func TestQueuedConnectionsMoveFromAnOlderAgent(t *testing.T) {
 			t.Fatalf("accepted %d of the %d connections queued on the older agent's listener: %v", i, queued, err)
 		}
 		c.Close()
+	}
+}
+
+// No thread of the process keeps the listeners' fsuid after listens good
+// and refused: a thread left with it would open files as that uid.
+func TestNoThreadKeepsTheListenerUID(t *testing.T) {
+	testenv.RequireRoot(t)
+	p := podtest.NewNetns(t)
+	n := openNet(t, p)
+	if _, err := appListen(t, p, "tcp6", "[::]:15117", false); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 50 {
+		if ln, err := n.Listen(uint16(15200+i), podnet.ListenOptions{}); err != nil {
+			t.Fatal(err)
+		} else {
+			ln.Close()
+		}
+		if _, err := n.Listen(15117, podnet.ListenOptions{}); err == nil {
+			t.Fatal("Listen beside the app succeeded")
+		}
+	}
+	tasks, err := os.ReadDir("/proc/self/task")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, task := range tasks {
+		b, err := os.ReadFile("/proc/self/task/" + task.Name() + "/status")
+		if err != nil {
+			continue // the thread exited
+		}
+		for _, line := range strings.Split(string(b), "\n") {
+			if f := strings.Fields(line); len(f) == 5 && f[0] == "Uid:" && f[4] != "0" {
+				t.Errorf("thread %s: fsuid %s after the listens", task.Name(), f[4])
+			}
+		}
 	}
 }
