@@ -11,7 +11,6 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"os"
 	"sync"
 	"time"
 
@@ -482,13 +481,10 @@ func (sv *Serving) inboundHBONE(raw *net.TCPConn) {
 	w := sv.pod.Workload
 	peer := addrPortOf(raw.RemoteAddr())
 	start := time.Now()
-	// The handshake and the client's HTTP/2 preface are bounded in time
-	// (the socket's deadline covers the preface, read after the TLS
-	// handshake inside hbone.Server) and in number (p.hs).
-	deadline := start.Add(sv.p.hsTimeout)
-	_ = raw.SetDeadline(deadline)
+	// The handshake is bounded in time (its context; the client's
+	// HTTP/2 preface after it is hbone's to bound) and in number (p.hs).
 	pending := sv.p.hs.add(sv, raw)
-	ctx, cancel := context.WithDeadline(context.Background(), deadline)
+	ctx, cancel := context.WithTimeout(context.Background(), sv.p.hsTimeout)
 	var peerID string
 	ps := &peerState{}
 	// A stream refused because the client's certificate no longer
@@ -518,13 +514,12 @@ func (sv *Serving) inboundHBONE(raw *net.TCPConn) {
 		switch {
 		case evicted:
 			reason = "handshake_evicted"
-		case errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, context.DeadlineExceeded):
+		case errors.Is(err, context.DeadlineExceeded):
 			reason = "handshake_timeout"
 		}
 		sv.failedUnauthenticated(r, reason, err)
 		return
 	}
-	_ = raw.SetDeadline(time.Time{})
 	sv.mu.Lock()
 	closing, closeCtx := sv.closing, sv.closeCtx
 	sv.hconns[hc] = struct{}{}

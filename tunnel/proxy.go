@@ -47,9 +47,10 @@ type Config struct {
 	// ConnectTimeout bounds a TCP connect plus TLS handshake (default
 	// 10 s).
 	ConnectTimeout time.Duration
-	// HandshakeTimeout bounds an inbound HBONE connection's TLS handshake
-	// and HTTP/2 preface, before which its peer is not authenticated
-	// (default 10 s, the clients' connect timeout).
+	// HandshakeTimeout bounds an inbound HBONE connection's TLS
+	// handshake, before which its peer is not authenticated (default
+	// 10 s, the clients' connect timeout). The HTTP/2 preface after it is
+	// bounded inside hbone.
 	HandshakeTimeout time.Duration
 	// MaxPendingHandshakes bounds a pod's inbound HBONE connections
 	// still in their handshake (default 256); MaxPendingHandshakesTotal
