@@ -127,6 +127,13 @@ type Conn struct {
 	ctlMu  sync.Mutex
 	ctl    []byte
 	ctlSig chan struct{}
+	// ctlQueued counts the frames in ctl (changed under ctlMu, read by
+	// the read loop without it): a peer that makes us owe more than
+	// maxQueuedControl without reading them is sent away.
+	ctlQueued atomic.Int64
+	// dataSent counts the DATA frames we sent: the peer's WINDOW_UPDATE
+	// budget (windowUpdatesPerData).
+	dataSent atomic.Int64
 
 	mu             sync.Mutex
 	cond           *sync.Cond // send windows, stream slots, close
@@ -146,8 +153,12 @@ type Conn struct {
 	closed         bool
 	closeErr       error
 	lastPeerStream uint32
-	idleSince      time.Time
-	onIdle         func(*Conn) // pool hook, called without locks
+	// Server: handlers running (at most MaxConcurrentStreams) and the
+	// streams waiting for one, in order (handlerQueueFactor).
+	handlers     int
+	handlerQueue []*Stream
+	idleSince    time.Time
+	onIdle       func(*Conn) // pool hook, called without locks
 
 	connRecvAvail atomic.Int64 // what the peer may still send on the connection
 	connUnacked   atomic.Int64 // consumed but not yet returned
@@ -170,6 +181,13 @@ type Conn struct {
 	contEnd    bool
 	hblock     []byte
 	scratch    []byte
+	// Abuse accounting (limits.go): the current run of frames that do
+	// nothing, PRIORITY and WINDOW_UPDATE frames read, streams the peer
+	// opened (server side).
+	emptyRun      int
+	priorities    int64
+	windowUpdates int64
+	peerOpened    int64
 }
 
 func newConn(nc net.Conn, cork *corkConn, client bool, cfg Config) *Conn {
@@ -196,7 +214,10 @@ func newConn(nc net.Conn, cork *corkConn, client bool, cfg Config) *Conn {
 	c.hdec = hpack.NewDecoder(4096, func(f hpack.HeaderField) {
 		c.hsize += f.Size()
 		if c.hsize > c.cfg.MaxHeaderListSize {
+			// Refused once decoded; the rest is decoded (the HPACK
+			// state must follow) but not emitted.
 			c.hbad = true
+			c.hdec.SetEmitEnabled(false)
 			return
 		}
 		c.hfields = append(c.hfields, f)
@@ -291,9 +312,15 @@ func NewServerConn(nc net.Conn, cork *corkConn, cfg Config, handler func(*Stream
 		nc.Close()
 		return nil, err
 	}
+	// The preface and the first SETTINGS must come within
+	// prefaceTimeout; the read loop lifts the deadline at that SETTINGS.
+	_ = nc.SetReadDeadline(time.Now().Add(prefaceTimeout))
 	pre := make([]byte, len(clientPreface))
 	if err := readFull(c.br, pre); err != nil {
 		nc.Close()
+		if ne := net.Error(nil); errors.As(err, &ne) && ne.Timeout() {
+			return nil, fmt.Errorf("%w (%v)", errSlowPreface, prefaceTimeout)
+		}
 		return nil, fmt.Errorf("hbone: reading client preface: %w", err)
 	}
 	if string(pre) != clientPreface {
@@ -419,6 +446,9 @@ func (c *Conn) closeWith(err error, code ErrCode) {
 		streams = append(streams, s)
 	}
 	last := c.lastPeerStream
+	// Streams waiting for a handler are among streams: they end below
+	// and are skipped by handlerDone.
+	c.handlerQueue = nil
 	c.cond.Broadcast()
 	c.mu.Unlock()
 	if code != ErrCodeNo || !errors.Is(err, ErrConnClosed) {
@@ -439,6 +469,7 @@ func (c *Conn) closeWith(err error, code ErrCode) {
 func (c *Conn) queueCtl(b []byte) {
 	c.ctlMu.Lock()
 	c.ctl = append(c.ctl, b...)
+	c.ctlQueued.Add(1)
 	c.ctlMu.Unlock()
 	select {
 	case c.ctlSig <- struct{}{}:
@@ -451,6 +482,7 @@ func (c *Conn) writeCtlLocked() error {
 	c.ctlMu.Lock()
 	b := c.ctl
 	c.ctl = nil
+	c.ctlQueued.Store(0)
 	c.ctlMu.Unlock()
 	if len(b) == 0 {
 		return nil
@@ -614,6 +646,7 @@ func (c *Conn) OpenStreamData(authority string, extra []hpack.HeaderField, first
 	frames := c.encodeHeadersLocked(nil, id, fields, false)
 	if sent > 0 {
 		frames = appendFrame(frames, frameData, 0, id, first)
+		c.dataSent.Add(1)
 	}
 	if testHookOpenStreamChecked != nil {
 		testHookOpenStreamChecked(c)
@@ -653,6 +686,12 @@ func (c *Conn) release(s *Stream) {
 		return
 	}
 	s.released = true
+	if s.waiting {
+		// Queued for a handler that will never run: a peer resetting
+		// streams in a loop leaves the queue full of them, so drop
+		// what they hold (their header list, up to MaxHeaderListSize).
+		s.Request = nil
+	}
 	if s.id != 0 && c.streams[s.id] == s {
 		delete(c.streams, s.id)
 	}
@@ -735,6 +774,9 @@ func (c *Conn) readFrames() error {
 	settingsSeen := false
 	for {
 		if err := readFull(c.br, hb[:]); err != nil {
+			if ne := net.Error(nil); !settingsSeen && errors.As(err, &ne) && ne.Timeout() {
+				return fmt.Errorf("hbone: no SETTINGS from the client within %v", prefaceTimeout)
+			}
 			return err
 		}
 		h := parseFrameHeader(hb[:])
@@ -745,24 +787,82 @@ func (c *Conn) readFrames() error {
 		if !settingsSeen && h.Type != frameSettings {
 			return connError{ErrCodeProtocol, "first frame is not SETTINGS"}
 		}
-		settingsSeen = true
 		if c.contStream != 0 && h.Type != frameContinuation {
 			return connError{ErrCodeProtocol, "header block interrupted"}
 		}
-		if h.Type == frameData {
-			if err := c.readData(h); err != nil {
-				return err
+		var err error
+		switch h.Type {
+		case frameData:
+			err = c.readData(h)
+		case frameHeaders, framePriority, frameRSTStream, frameSettings, framePushPromise,
+			framePing, frameGoAway, frameWindowUpdate, frameContinuation:
+			var p []byte
+			if p, err = c.readPayload(h); err == nil {
+				err = c.handleFrame(h, p)
 			}
-			continue
+		default:
+			// Unknown types are ignored (RFC 9113 §4.1): skipped
+			// without a buffer, and counted as frames doing nothing.
+			c.emptyRun++
+			_, err = c.br.Discard(int(h.Length))
 		}
-		p, err := c.readPayload(h)
 		if err != nil {
 			return err
 		}
-		if err := c.handleFrame(h, p); err != nil {
+		if !settingsSeen {
+			settingsSeen = true
+			if !c.client {
+				_ = c.nc.SetReadDeadline(time.Time{}) // NewServerConn's
+			}
+		}
+		if err := c.checkAbuse(h); err != nil {
 			return err
 		}
 	}
+}
+
+// checkAbuse applies the limits of limits.go after each frame: the
+// counters the frame's handling moved. Plain integer compares, plus one
+// atomic load: nothing the data path would notice (BenchmarkBulk).
+func (c *Conn) checkAbuse(h frameHeader) error {
+	switch h.Type {
+	case frameData, frameContinuation:
+		// readData and handleFrame counted an empty one.
+	case frameHeaders:
+		// An empty fragment without END_HEADERS was counted as nothing.
+	default:
+		if isKnownFrame(h.Type) {
+			c.emptyRun = 0
+		}
+	}
+	if c.emptyRun > maxEmptyFrames {
+		return connError{ErrCodeEnhanceYourCalm, fmt.Sprintf("more than %d frames in a row that carry nothing", maxEmptyFrames)}
+	}
+	if n := c.ctlQueued.Load(); n > maxQueuedControl {
+		return connError{ErrCodeEnhanceYourCalm, fmt.Sprintf("%d control frames queued for a peer that does not read them", n)}
+	}
+	return nil
+}
+
+func isKnownFrame(t uint8) bool { return t <= frameContinuation }
+
+// noteEmpty counts a frame that carried nothing (empty, or nothing but
+// padding) and ended nothing in the current run, or ends the run.
+func (c *Conn) noteEmpty(empty bool) {
+	if empty {
+		c.emptyRun++
+	} else {
+		c.emptyRun = 0
+	}
+}
+
+// streamsOpened is how many streams the connection has seen opened: ours
+// on a client, the peer's on a server.
+func (c *Conn) streamsOpened() int64 {
+	if c.client {
+		return int64(c.peekNextID()-1) / 2
+	}
+	return c.peerOpened
 }
 
 func (c *Conn) readPayload(h frameHeader) ([]byte, error) {
@@ -792,25 +892,23 @@ func (c *Conn) handleFrame(h frameHeader, p []byte) error {
 		c.contStream = h.StreamID
 		c.contEnd = h.Flags&flagEndStream != 0
 		c.hblock = append(c.hblock[:0], frag...)
-		if h.Flags&flagEndHeaders != 0 {
-			return c.endHeaders()
-		}
-		return c.checkBlock()
+		return c.headerFragment(h, len(frag))
 	case frameContinuation:
 		if c.contStream == 0 || h.StreamID != c.contStream {
 			return connError{ErrCodeProtocol, "unexpected CONTINUATION"}
 		}
 		c.hblock = append(c.hblock, p...)
-		if h.Flags&flagEndHeaders != 0 {
-			return c.endHeaders()
-		}
-		return c.checkBlock()
+		return c.headerFragment(h, len(p))
 	case framePriority:
 		if h.StreamID == 0 {
 			return connError{ErrCodeProtocol, "PRIORITY on stream 0"}
 		}
 		if len(p) != 5 {
 			return connError{ErrCodeFrameSize, "PRIORITY length"}
+		}
+		c.priorities++
+		if c.priorities > priorityPerStream*(1+c.streamsOpened()) {
+			return connError{ErrCodeEnhanceYourCalm, fmt.Sprintf("%d PRIORITY frames for %d streams", c.priorities, c.streamsOpened())}
 		}
 		return nil
 	case frameRSTStream:
@@ -822,6 +920,8 @@ func (c *Conn) handleFrame(h frameHeader, p []byte) error {
 		}
 		if s := c.stream(h.StreamID); s != nil {
 			s.remoteReset(ErrCode(binary.BigEndian.Uint32(p)))
+		} else if c.isIdleID(h.StreamID) {
+			return connError{ErrCodeProtocol, "RST_STREAM on an idle stream"}
 		}
 		return nil
 	case frameSettings:
@@ -832,7 +932,9 @@ func (c *Conn) handleFrame(h frameHeader, p []byte) error {
 		if h.Flags&flagAck != 0 {
 			return nil
 		}
-		c.applySettings(ss)
+		if err := c.applySettings(ss); err != nil {
+			return err
+		}
 		c.queueCtl(appendFrame(nil, frameSettings, flagAck, 0, nil))
 		return nil
 	case framePushPromise:
@@ -866,6 +968,10 @@ func (c *Conn) handleFrame(h frameHeader, p []byte) error {
 		if len(p) != 4 {
 			return connError{ErrCodeFrameSize, "WINDOW_UPDATE length"}
 		}
+		c.windowUpdates++
+		if c.windowUpdates > 5+2*(c.streamsOpened()+windowUpdatesPerData*c.dataSent.Load()) {
+			return connError{ErrCodeEnhanceYourCalm, fmt.Sprintf("%d WINDOW_UPDATEs for %d DATA frames sent", c.windowUpdates, c.dataSent.Load())}
+		}
 		incr := int64(binary.BigEndian.Uint32(p) & (1<<31 - 1))
 		if incr == 0 {
 			if h.StreamID == 0 {
@@ -896,14 +1002,24 @@ func (c *Conn) handleFrame(h frameHeader, p []byte) error {
 	}
 }
 
-func (c *Conn) checkBlock() error {
+// headerFragment follows a HEADERS or CONTINUATION fragment of n bytes,
+// appended to hblock: the block is bounded as it accumulates, and
+// decoded once it ends.
+func (c *Conn) headerFragment(h frameHeader, n int) error {
+	end := h.Flags&flagEndHeaders != 0
+	c.noteEmpty(n == 0 && !end)
+	// Checked before decoding too: one frame may hold a whole block of
+	// up to MaxFrameSize, which decoding would walk in full.
 	if uint32(len(c.hblock)) > c.cfg.MaxHeaderListSize*2 {
 		return connError{ErrCodeEnhanceYourCalm, "header block too large"}
+	}
+	if end {
+		return c.endHeaders()
 	}
 	return nil
 }
 
-func (c *Conn) applySettings(ss []setting) {
+func (c *Conn) applySettings(ss []setting) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for _, s := range ss {
@@ -926,12 +1042,16 @@ func (c *Conn) applySettings(ss []setting) {
 			c.peerInitWin = int64(s.Val)
 			for _, st := range c.streams {
 				st.sendWin += delta
+				if st.sendWin > maxWindow {
+					return connError{ErrCodeFlowControl, "INITIAL_WINDOW_SIZE takes a stream's window past 2^31-1"}
+				}
 			}
 		case settingMaxFrameSize:
 			c.peerMaxFrame = s.Val
 		}
 	}
 	c.cond.Broadcast()
+	return nil
 }
 
 func (c *Conn) goAway(last uint32, code ErrCode) {
@@ -966,6 +1086,7 @@ func (c *Conn) endHeaders() error {
 	c.hfields = c.hfields[:0]
 	c.hsize = 0
 	c.hbad = false
+	c.hdec.SetEmitEnabled(true)
 	if _, err := c.hdec.Write(c.hblock); err != nil {
 		return connError{ErrCodeCompression, err.Error()}
 	}
@@ -1021,6 +1142,7 @@ func (c *Conn) serverHeaders(id uint32, end bool) error {
 		return connError{ErrCodeStreamClosed, "HEADERS on a closed stream"}
 	}
 	c.lastPeerStream = id
+	c.peerOpened++
 	if c.goingAway || c.closed {
 		c.mu.Unlock()
 		c.queueCtl(appendRST(nil, id, ErrCodeRefusedStream))
@@ -1052,7 +1174,58 @@ func (c *Conn) serverHeaders(id uint32, end bool) error {
 	if end {
 		s.gotHeaders(nil, true)
 	}
-	go c.handler(s)
+	return c.startHandler(s)
+}
+
+// startHandler runs the handler for s, or queues s while
+// MaxConcurrentStreams handlers run: a stream the peer resets frees its
+// slot at once, its handler's work (authorize, dial the app) does not,
+// so the streams' limit alone bounded no work (Rapid Reset). A peer that
+// keeps resetting fills the queue and is sent away.
+func (c *Conn) startHandler(s *Stream) error {
+	c.mu.Lock()
+	max := int(c.cfg.MaxConcurrentStreams)
+	if c.handlers < max {
+		c.handlers++
+		c.mu.Unlock()
+		go c.runHandlers(s)
+		return nil
+	}
+	if len(c.handlerQueue) >= handlerQueueFactor*max {
+		c.mu.Unlock()
+		return connError{ErrCodeEnhanceYourCalm, fmt.Sprintf("%d streams wait for %d handlers still running (streams reset early)", len(c.handlerQueue), max)}
+	}
+	s.waiting = true
+	c.handlerQueue = append(c.handlerQueue, s)
+	c.mu.Unlock()
+	return nil
+}
+
+// runHandlers runs the handler for s, then for the queued streams while
+// there are some: the goroutine keeps the slot it holds.
+func (c *Conn) runHandlers(s *Stream) {
+	for s != nil {
+		c.handler(s)
+		s = c.handlerDone()
+	}
+}
+
+// handlerDone is the next queued stream still open (one reset meanwhile
+// is skipped: its handler never runs), or nil once the slot is free.
+func (c *Conn) handlerDone() *Stream {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for len(c.handlerQueue) > 0 {
+		s := c.handlerQueue[0]
+		c.handlerQueue[0] = nil
+		c.handlerQueue = c.handlerQueue[1:]
+		s.waiting = false
+		if !s.released {
+			return s
+		}
+	}
+	c.handlerQueue = nil // let the emptied array go
+	c.handlers--
 	return nil
 }
 
@@ -1071,6 +1244,7 @@ func (c *Conn) readData(h frameHeader) error {
 		if s == nil && c.isIdleID(h.StreamID) {
 			return connError{ErrCodeProtocol, "DATA on an idle stream"}
 		}
+		c.noteEmpty(n == 0)
 		if _, err := c.br.Discard(int(n)); err != nil {
 			return err
 		}
@@ -1081,6 +1255,7 @@ func (c *Conn) readData(h frameHeader) error {
 		return nil
 	}
 	if n == 0 {
+		c.noteEmpty(h.Flags&flagEndStream == 0)
 		if h.Flags&flagEndStream != 0 {
 			s.pushData(nil, nil, true)
 		}
@@ -1108,6 +1283,7 @@ func (c *Conn) readData(h frameHeader) error {
 		// padding peer's stream shrinks by it for good.
 		s.creditWindow(pad)
 	}
+	c.noteEmpty(len(data) == 0 && h.Flags&flagEndStream == 0)
 	if len(data) == 0 {
 		putBuf(bp)
 		bp = nil

@@ -150,9 +150,17 @@ func parseSettings(h frameHeader, p []byte) ([]setting, error) {
 	if len(p)%6 != 0 {
 		return nil, connError{ErrCodeFrameSize, "SETTINGS length not a multiple of 6"}
 	}
+	if len(p)/6 > maxSettings {
+		return nil, connError{ErrCodeProtocol, fmt.Sprintf("SETTINGS with %d entries (at most %d)", len(p)/6, maxSettings)}
+	}
 	out := make([]setting, 0, len(p)/6)
 	for i := 0; i < len(p); i += 6 {
 		s := setting{binary.BigEndian.Uint16(p[i:]), binary.BigEndian.Uint32(p[i+2:])}
+		for _, o := range out {
+			if o.ID == s.ID {
+				return nil, connError{ErrCodeProtocol, fmt.Sprintf("SETTINGS with setting %#x twice", s.ID)}
+			}
+		}
 		switch s.ID {
 		case settingEnablePush:
 			if s.Val > 1 {

@@ -71,6 +71,21 @@ func FuzzServerFrames(f *testing.F) {
 	f.Add(append(append([]byte{}, settings...), frameBytes(frameHeaders, 0, 1, hb.Bytes()[:3])...))
 	f.Add(append(append([]byte{}, settings...), frameBytes(frameData, 0, 3, []byte("x"))...))
 	f.Add([]byte{0, 0, 0, 4, 0, 0, 0, 0, 0})
+	// The abuse paths (abuse_test.go): a reset stream, empty and unknown
+	// frames, PRIORITY, a duplicate setting, RST_STREAM on an idle stream.
+	abuse := append([]byte{}, settings...)
+	abuse = append(abuse, frameBytes(frameHeaders, flagEndHeaders, 1, hb.Bytes())...)
+	abuse = append(abuse, appendRST(nil, 1, ErrCodeCancel)...)
+	abuse = append(abuse, frameBytes(frameHeaders, 0, 3, hb.Bytes())...)
+	abuse = append(abuse, frameBytes(frameContinuation, 0, 3, nil)...)
+	abuse = append(abuse, frameBytes(frameContinuation, flagEndHeaders, 3, nil)...)
+	abuse = append(abuse, frameBytes(frameData, 0, 3, nil)...)
+	abuse = append(abuse, frameBytes(0x20, 0, 0, []byte("x"))...)
+	abuse = append(abuse, frameBytes(framePriority, 0, 5, []byte{0, 0, 0, 0, 16})...)
+	abuse = append(abuse, appendWindowUpdate(nil, 3, 1)...)
+	f.Add(abuse)
+	f.Add(append(append([]byte{}, settings...), appendRST(nil, 9, ErrCodeCancel)...))
+	f.Add(appendSettings(nil, setting{settingInitialWindowSize, 1}, setting{settingInitialWindowSize, 2}))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		in := append([]byte(clientPreface), b...)
 		c, err := NewServerConn(&fuzzConn{r: bytes.NewReader(in)}, nil, Config{PingInterval: -1}, func(s *Stream) {

@@ -75,6 +75,7 @@ type Stream struct {
 	remoteEnd bool
 	reset     bool
 	released  bool
+	waiting   bool // queued for a handler (server, startHandler)
 }
 
 func newStream(c *Conn) *Stream {
@@ -576,6 +577,7 @@ func (s *Stream) sendFrom(buf []byte, n int, end bool) error {
 		// 9 of framing per frame, and room for queued control frames.
 		c.corkOnFor(k + k/256 + 4096)
 		err = c.writeCtlLocked()
+		c.dataSent.Add(int64((k + fs - 1) / fs))
 		for j := off; j < off+k && err == nil; {
 			m := min(fs, off+k-j)
 			var flags uint8
@@ -662,6 +664,7 @@ func (s *Stream) CloseWrite() error {
 	err := c.writeBurstLocked(b[:])
 	if err == nil {
 		s.wEnd = true
+		c.dataSent.Add(1)
 	}
 	c.wmu.Unlock()
 	if err != nil {
