@@ -301,6 +301,16 @@ func TestHeaderBlockBoundedWhileAccumulating(t *testing.T) {
 	}
 }
 
+// TestOneFrameHeaderBlockBounded: a block that ends in its first frame
+// (up to MaxFrameSize, 1 MiB) is held to the same cap before it is
+// decoded; it was decoded in full, and only the decoded list was refused.
+func TestOneFrameHeaderBlockBounded(t *testing.T) {
+	a := newAttacker(t, Config{MaxHeaderListSize: 16 << 10}, attackOpts{}, func(s *Stream) { s.Respond(200, nil) })
+	block := append(connectBlock("10.0.0.1:80"), bytes.Repeat([]byte{0x80 | 62}, 256<<10)...)
+	a.write(frameBytes(frameHeaders, flagEndHeaders, 1, block))
+	a.wantGoAway(ErrCodeEnhanceYourCalm, "a 256 KiB header block in one frame")
+}
+
 // TestHeaderListLimitStopsDecoding: a small block that expands to a huge
 // header list (one dynamic-table entry of 4 KiB, referenced by one byte
 // each) is refused, and decoding stops emitting at the limit.
