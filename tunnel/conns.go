@@ -482,7 +482,8 @@ func (sv *Serving) inboundHBONE(raw *net.TCPConn) {
 	peer := addrPortOf(raw.RemoteAddr())
 	start := time.Now()
 	// The handshake is bounded in time (its context; the client's
-	// HTTP/2 preface after it is hbone's to bound) and in number (p.hs).
+	// HTTP/2 preface after it is hbone's to bound) and in number (p.hs,
+	// until verify below).
 	pending := sv.p.hs.add(sv, raw)
 	ctx, cancel := context.WithTimeout(context.Background(), sv.p.hsTimeout)
 	var peerID string
@@ -493,7 +494,16 @@ func (sv *Serving) inboundHBONE(raw *net.TCPConn) {
 	// having every stream refused on a connection it keeps pooled.
 	retire := make(chan struct{}, 1)
 	hc, err := hbone.Server(ctx, raw, sv.p.serverTLS(w.Identity, ps), sv.p.hcfg,
-		func(tc *tls.Conn) error { peerID = peerIdentity(tc); return nil },
+		func(tc *tls.Conn) error {
+			// No longer pending (nor evictable) from here: the peer
+			// is authenticated, its HTTP/2 preface is hbone's to
+			// bound.
+			if !sv.p.hs.finish(pending) {
+				return errEvicted
+			}
+			peerID = peerIdentity(tc)
+			return nil
+		},
 		func(s *hbone.Stream) {
 			defer sv.recoverConn(func() { s.Reset(hbone.ErrCodeInternal) })
 			if err := sv.p.recheck(ps, time.Now()); err != nil {
@@ -545,6 +555,10 @@ func (sv *Serving) inboundHBONE(raw *net.TCPConn) {
 	sv.kickLocked()
 	sv.mu.Unlock()
 }
+
+// errEvicted: the handshake was closed to make room (handshakes) just as
+// it succeeded.
+var errEvicted = errors.New("tunnel: pending handshake evicted")
 
 // refuseStale answers a stream on a connection whose client no longer
 // passes the checks of its handshake (recheck): 401, counted with the

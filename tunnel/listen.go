@@ -5,7 +5,10 @@ import (
 	"errors"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // This file is what keeps the agent's listeners standing under hostile
@@ -131,81 +134,277 @@ func (r *record) release() {
 }
 
 // handshakes are an agent's inbound HBONE connections still in their
-// TLS handshake (and HTTP/2 preface), oldest first, for all its pods.
-// Before the handshake ends nobody is authenticated: anyone who can
-// reach a pod's 15008 can open them and send nothing. Each costs a
-// goroutine or two, a descriptor and TLS state for up to the handshake
-// timeout. Blocking accept at a limit would let such a flood hold the
-// accept queue ahead of real clients, so instead a connection past the
-// limit (the pod's, else the agent's) closes the oldest pending one:
-// a real client's handshake takes milliseconds, a flood's connections
-// are the ones that linger, and a flood must open connections faster
-// than limit / handshake time to push a real client out.
+// TLS handshake, oldest first, for all its pods. Before the handshake
+// ends nobody is authenticated: anyone who can reach a pod's 15008 can
+// open them and send nothing. Each costs a goroutine or two, a
+// descriptor and TLS state for up to the handshake timeout. Blocking
+// accept at a limit would let such a flood hold the accept queue ahead
+// of real clients, so instead new connections make room by closing
+// pending ones, but only those that make no progress:
+//
+//   - past the pod's limit (podMax), the pod's oldest pending handshake
+//     that is silent (no byte from its peer hsSilentAfter after accept)
+//     or stale (pending hsStaleAfter, and none of its peer's bytes wait
+//     unread: we wait on the peer, not it on us): as many as it takes
+//     to get back to the limit, and none when none qualifies (the
+//     newcomer is admitted anyway);
+//   - past the agent's (total, the hard cap), the agent's oldest silent
+//     or stale one, else its oldest regardless.
+//
+// A real client sends its ClientHello right behind its connect and then
+// waits on the agent's CPU, not the other way round: a herd of them (a
+// popular server pod restarts, hundreds of client pods' agents
+// reconnect within milliseconds) queues up far past 256 pending on a
+// busy agent, and closing the oldest of those failed real requests
+// (TestHandshakeBurstNotEvicted: 327 of 600 failed before). An idle flood is
+// silent and is cut back to the limit by the next arrivals; a flood
+// that sends a ClientHello and stalls is cut once stale. Either way the
+// agent never holds more than total: 4,096 by default, as before, about
+// 55 MiB at 13.5 KB an idle pending connection; at the cap the oldest
+// goes, a flood's before a real client's, which is pushed out only by
+// 4,096 newer arrivals during its own handshake (400,000 a second for a
+// 10 ms handshake, where the pod's limit alone took 25,000).
+//
+// A handshake stops being pending the moment it ends (finish, from
+// hbone.Server's verify callback), not when the goroutine that ran it
+// gets the CPU back: on a saturated agent that took long enough for the
+// connection to serve its first stream meanwhile, and closing it then
+// (it looked stale) broke a request in flight.
 type handshakes struct {
 	m             *metrics
 	podMax, total int
+	// now is time.Now, replaced in tests.
+	now func() time.Time
 
 	mu  sync.Mutex
 	all list.List // *pendingHS
 }
 
+// A pending handshake is a candidate for eviction once it is silent (no
+// byte from the peer hsSilentAfter after accept) or stale (pending
+// hsStaleAfter and waiting on its peer).
+//
+// hsSilentAfter: a real client's ClientHello leaves right behind its
+// connect (Go's client: one key generation, about 0.1 ms) and arrives
+// one packet behind the handshake's last ACK, from any distance; 100 ms
+// leaves room for a client agent descheduled on a busy node, and an
+// idle flood holds at most the limit plus its last 100 ms of arrivals.
+//
+// hsStaleAfter: a real handshake costs the agent 0.5-1 ms of CPU here,
+// so 1 s is a queue of 1,000-2,000 handshakes on one core; and a real
+// client answers our flight within a round trip and its own CPU time,
+// milliseconds. A peer we have waited on for 1 s (nothing of it unread)
+// while new connections keep coming is a flood that sends a ClientHello
+// and stalls (each costs us a full handshake) or a slow trickle. One
+// that waits on us is never stale, however long: a herd larger than the
+// agent's CPU gets through at the agent's pace (TestHandshakeBurstNot-
+// Evicted with 2,000 clients: 53 evicted when age alone made a
+// handshake stale, 2 since, whose clients, 2,000 in one process, took
+// more than 1 s to answer).
+const (
+	hsSilentAfter = 100 * time.Millisecond
+	hsStaleAfter  = time.Second
+)
+
+// A pendingHS's state moves once, from pending to finished (its
+// handshake ended: finish or done) or evicted (add, evictPod): a CAS, so
+// a handshake that ends while it is being evicted is either evicted
+// before it is used or not evicted at all.
+const (
+	hsPending int32 = iota
+	hsFinished
+	hsEvicted
+)
+
 type pendingHS struct {
 	c        *net.TCPConn
 	sv       *Serving
 	all, pod *list.Element
-	evicted  bool
+	start    time.Time
+	state    atomic.Int32
+	// spoke: the peer was seen to have sent something (set once, when
+	// first looked at as a candidate, so each connection costs at most
+	// one getsockopt); recheck: stale but waiting on us, not to be
+	// looked at before then. Guarded by handshakes.mu.
+	spoke   bool
+	recheck time.Time
 }
 
-// add registers c, the pod's newest pending handshake, and evicts the
-// oldest one of the pod or of the agent if a limit is passed.
+// add registers c, the pod's newest pending handshake, and evicts
+// pending handshakes as the policy above says when a limit is passed.
 func (hs *handshakes) add(sv *Serving, c *net.TCPConn) *pendingHS {
 	h := &pendingHS{c: c, sv: sv}
-	var victim *pendingHS
-	var which string
+	var victims []*pendingHS
+	hs.m.pendingHandshakes.Inc()
 	hs.mu.Lock()
+	// Under the lock: the lists stay in start order (candidateLocked
+	// stops at the first one too young).
+	now := hs.now()
+	h.start = now
 	h.all = hs.all.PushBack(h)
 	h.pod = sv.handshakes.PushBack(h)
-	switch {
-	case sv.handshakes.Len() > hs.podMax:
-		victim, which = sv.handshakes.Front().Value.(*pendingHS), "pod"
-	case hs.all.Len() > hs.total:
-		victim, which = hs.all.Front().Value.(*pendingHS), "agent"
+	for sv.handshakes.Len() > hs.podMax {
+		v := hs.candidateLocked(&sv.handshakes, now)
+		if v == nil {
+			break
+		}
+		victims = append(victims, v)
 	}
-	if victim != nil {
-		hs.removeLocked(victim)
-		victim.evicted = true
+	nPod := len(victims)
+	for hs.all.Len() > hs.total {
+		v := hs.candidateLocked(&hs.all, now)
+		if v == nil {
+			v = hs.oldestLocked()
+		}
+		if v == nil {
+			break
+		}
+		victims = append(victims, v)
 	}
 	hs.mu.Unlock()
-	// Counted up and down rather than set: Proxies sharing a registry
-	// share the gauge.
-	hs.m.pendingHandshakes.Inc()
-	if victim != nil {
-		hs.m.pendingHandshakes.Dec()
-		hs.m.evicted.WithLabelValues(which).Inc()
-		// Closing the socket ends its handshake's read at once.
-		reset(victim.c)
+	if len(victims) > 0 {
+		// Counted up and down rather than set: Proxies sharing a
+		// registry share the gauge.
+		hs.m.pendingHandshakes.Sub(float64(len(victims)))
+		if nPod > 0 {
+			hs.m.evicted.WithLabelValues("pod").Add(float64(nPod))
+		}
+		if n := len(victims) - nPod; n > 0 {
+			hs.m.evicted.WithLabelValues("agent").Add(float64(n))
+		}
+		for _, v := range victims {
+			// Closing the socket ends its handshake's read at once.
+			reset(v.c)
+		}
 	}
 	return h
 }
 
+// candidateLocked evicts (marks and unlists) and returns the oldest
+// pending handshake of l (the agent's list or a pod's) that is silent or
+// stale at now, or returns nil. The list is in start order: the walk
+// ends at the first one too young to be either. Those it passes have
+// spoken and are not stale, or are stale but waiting on us: a herd's
+// (hundreds, a few ns each), a getsockopt once per connection, an ioctl
+// every hsSilentAfter per stale one. Finished ones still listed (their
+// goroutine has yet to take the lock) are unlisted on the way.
+func (hs *handshakes) candidateLocked(l *list.List, now time.Time) *pendingHS {
+	for e := l.Front(); e != nil; {
+		h := e.Value.(*pendingHS)
+		e = e.Next()
+		if h.state.Load() != hsPending {
+			hs.removeLocked(h)
+			continue
+		}
+		age := now.Sub(h.start)
+		switch {
+		case age < hsSilentAfter:
+			return nil
+		case age < hsStaleAfter:
+			if h.spoke {
+				continue
+			}
+			if !peerSilent(h.c) {
+				h.spoke = true
+				continue
+			}
+		case now.Before(h.recheck):
+			continue
+		case peerWaiting(h.c):
+			// Stale, but its peer's bytes wait unread: it waits on
+			// us (a herd on a saturated agent), and closing it would
+			// fail a client that did nothing wrong. Looked at again
+			// in hsSilentAfter, not at every arrival.
+			h.recheck = now.Add(hsSilentAfter)
+			continue
+		}
+		if hs.evictLocked(h) {
+			return h
+		}
+	}
+	return nil
+}
+
+// oldestLocked evicts and returns the agent's oldest pending handshake,
+// nil when there is none.
+func (hs *handshakes) oldestLocked() *pendingHS {
+	for e := hs.all.Front(); e != nil; {
+		h := e.Value.(*pendingHS)
+		e = e.Next()
+		if hs.evictLocked(h) {
+			return h
+		}
+	}
+	return nil
+}
+
+// evictLocked unlists h and says whether it was evicted (false: its
+// handshake had just ended).
+func (hs *handshakes) evictLocked(h *pendingHS) bool {
+	hs.removeLocked(h)
+	return h.state.CompareAndSwap(hsPending, hsEvicted)
+}
+
+// peerSilent reports whether c's peer has sent no byte at all
+// (tcpi_bytes_received, Linux 4.1 and later). A socket it cannot ask
+// (closed meanwhile: its handshake is ending) is not silent: it is
+// about to leave the list anyway.
+func peerSilent(c *net.TCPConn) bool {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return false
+	}
+	silent := false
+	_ = rc.Control(func(fd uintptr) {
+		ti, err := unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO)
+		silent = err == nil && ti.Bytes_received == 0
+	})
+	return silent
+}
+
+// peerWaiting reports whether bytes c's peer sent wait unread in c's
+// receive queue (SIOCINQ): the handshake waits on us, not on the peer.
+func peerWaiting(c *net.TCPConn) bool {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return false
+	}
+	waiting := false
+	_ = rc.Control(func(fd uintptr) {
+		n, err := unix.IoctlGetInt(int(fd), unix.SIOCINQ)
+		waiting = err == nil && n > 0
+	})
+	return waiting
+}
+
+// removeLocked unlists h (again is a no-op: list.Remove checks).
 func (hs *handshakes) removeLocked(h *pendingHS) {
 	hs.all.Remove(h.all)
 	h.sv.handshakes.Remove(h.pod)
 }
 
-// done unregisters h once its handshake ended; it says whether h was
-// evicted (its error is then the eviction's).
-func (hs *handshakes) done(h *pendingHS) (evicted bool) {
+// finish ends h's pending state as its handshake succeeds; false means
+// it was evicted first (the caller must not use the connection).
+func (hs *handshakes) finish(h *pendingHS) bool {
+	if !h.state.CompareAndSwap(hsPending, hsFinished) {
+		return false
+	}
+	hs.m.pendingHandshakes.Dec()
 	hs.mu.Lock()
-	evicted = h.evicted
-	if !evicted {
-		hs.removeLocked(h)
-	}
+	hs.removeLocked(h)
 	hs.mu.Unlock()
-	if !evicted {
-		hs.m.pendingHandshakes.Dec()
+	return true
+}
+
+// done is called once h's connection is through hbone.Server, whatever
+// the outcome: it ends the pending state of a handshake that failed
+// (finish was not called) and says whether h was evicted (its error is
+// then the eviction's).
+func (hs *handshakes) done(h *pendingHS) (evicted bool) {
+	if hs.finish(h) {
+		return false
 	}
-	return evicted
+	return h.state.Load() == hsEvicted
 }
 
 // evictPod closes every pending handshake of sv (Close's cut: a
@@ -213,12 +412,12 @@ func (hs *handshakes) done(h *pendingHS) (evicted bool) {
 func (hs *handshakes) evictPod(sv *Serving) {
 	var victims []*pendingHS
 	hs.mu.Lock()
-	for e := sv.handshakes.Front(); e != nil; e = e.Next() {
-		victims = append(victims, e.Value.(*pendingHS))
-	}
-	for _, h := range victims {
-		hs.removeLocked(h)
-		h.evicted = true
+	for e := sv.handshakes.Front(); e != nil; {
+		h := e.Value.(*pendingHS)
+		e = e.Next()
+		if hs.evictLocked(h) {
+			victims = append(victims, h)
+		}
 	}
 	hs.mu.Unlock()
 	hs.m.pendingHandshakes.Sub(float64(len(victims)))

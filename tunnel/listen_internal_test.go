@@ -7,11 +7,13 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	"golang.org/x/sys/unix"
 )
 
 // tcpPair returns the server side of a loopback TCP connection (and
-// closes both at the end of the test).
-func tcpPair(t *testing.T, ln net.Listener) *net.TCPConn {
+// closes both at the end of the test). speak, when set, is written by
+// the client, so the server side has received it (unread).
+func tcpPair(t *testing.T, ln net.Listener, speak string) *net.TCPConn {
 	t.Helper()
 	c, err := net.Dial("tcp", ln.Addr().String())
 	if err != nil {
@@ -22,14 +24,39 @@ func tcpPair(t *testing.T, ln net.Listener) *net.TCPConn {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { c.Close(); s.Close() })
+	if speak != "" {
+		if _, err := c.Write([]byte(speak)); err != nil {
+			t.Fatal(err)
+		}
+		// Arrived: the server's receive queue holds it.
+		for deadline := time.Now().Add(2 * time.Second); unread(t, s.(*net.TCPConn)) == 0; time.Sleep(time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatal("the client's bytes never arrived")
+			}
+		}
+	}
 	return s.(*net.TCPConn)
+}
+
+// unread is what waits in c's receive queue.
+func unread(t *testing.T, c *net.TCPConn) int {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var n int
+	rc.Control(func(fd uintptr) { n, err = unix.IoctlGetInt(int(fd), unix.SIOCINQ) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
 }
 
 // closed reports whether c was closed by us (reads fail with
 // net.ErrClosed at once).
 func closed(c *net.TCPConn) bool {
 	c.SetReadDeadline(time.Now().Add(time.Millisecond))
-	_, err := c.Read(make([]byte, 1))
+	_, err := c.Read(make([]byte, 0))
 	return err != nil && !isTimeout(err)
 }
 
@@ -38,9 +65,14 @@ func isTimeout(err error) bool {
 	return ok && ne.Timeout()
 }
 
-// TestHandshakeEvictionOrder: past the pod's limit its own oldest pending
-// handshake goes; past the agent's, the oldest of any pod; a handshake
-// that ended is no longer a candidate; evictPod closes the rest of a pod.
+// TestHandshakeEvictionOrder follows handshakes' policy step by step on
+// real sockets and a clock of its own: past the pod's limit only its
+// silent or stale pending handshakes go, oldest first, as many as it
+// takes, and the newcomer is admitted when none qualifies (a herd); past
+// the agent's hard cap, the oldest goes regardless; a stale handshake
+// whose peer's bytes wait unread (it waits on us) is kept; a finished
+// handshake is no candidate, and one evicted cannot finish; evictPod
+// closes the rest of a pod; the metrics follow.
 func TestHandshakeEvictionOrder(t *testing.T) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -48,46 +80,81 @@ func TestHandshakeEvictionOrder(t *testing.T) {
 	}
 	defer ln.Close()
 	m := newMetrics(prometheus.NewRegistry())
-	hs := &handshakes{m: m, podMax: 2, total: 3}
+	t0 := time.Unix(1000, 0)
+	clock := t0
+	hs := &handshakes{m: m, podMax: 2, total: 4, now: func() time.Time { return clock }}
 	a, b := &Serving{}, &Serving{}
-	a1 := hs.add(a, tcpPair(t, ln))
-	b1 := hs.add(b, tcpPair(t, ln))
-	a2 := hs.add(a, tcpPair(t, ln))
-	if got := testutil.ToFloat64(m.pendingHandshakes); got != 3 {
-		t.Fatalf("pending = %v, want 3", got)
+	evicted := func(limit string) float64 { return testutil.ToFloat64(m.evicted.WithLabelValues(limit)) }
+	want := func(step string, open, shut []*pendingHS, pod, agent, pending float64) {
+		t.Helper()
+		for _, h := range open {
+			if closed(h.c) {
+				t.Errorf("%s: a handshake that should be open was closed", step)
+			}
+		}
+		for _, h := range shut {
+			if !closed(h.c) {
+				t.Errorf("%s: a handshake that should be evicted is open", step)
+			}
+		}
+		if got := evicted("pod"); got != pod {
+			t.Errorf("%s: evicted{pod} = %v, want %v", step, got, pod)
+		}
+		if got := evicted("agent"); got != agent {
+			t.Errorf("%s: evicted{agent} = %v, want %v", step, got, agent)
+		}
+		if got := testutil.ToFloat64(m.pendingHandshakes); got != pending {
+			t.Errorf("%s: pending = %v, want %v", step, got, pending)
+		}
 	}
-	// Agent limit (3) passed: the oldest of all, a1.
-	b2 := hs.add(b, tcpPair(t, ln))
-	if !closed(a1.c) || closed(b1.c) || closed(a2.c) || closed(b2.c) {
-		t.Fatal("agent limit: want only a1 closed")
+	// A burst at t0: a's third is past a's limit (2), but nobody is
+	// silent or stale yet, so it is admitted (a herd).
+	a1 := hs.add(a, tcpPair(t, ln, ""))
+	a2 := hs.add(a, tcpPair(t, ln, "\x16"))
+	b1 := hs.add(b, tcpPair(t, ln, "\x16"))
+	a3 := hs.add(a, tcpPair(t, ln, ""))
+	want("burst", []*pendingHS{a1, a2, a3, b1}, nil, 0, 0, 4)
+
+	// 150 ms later a's next arrival cuts a back to its limit: a1 and a3
+	// are silent (evicted, oldest first), a2 has spoken (kept).
+	clock = t0.Add(150 * time.Millisecond)
+	a4 := hs.add(a, tcpPair(t, ln, ""))
+	want("pod limit", []*pendingHS{a2, a4, b1}, []*pendingHS{a1, a3}, 2, 0, 3)
+
+	// The agent's hard cap (4): b's third is past b's limit with no
+	// candidate in b (b1 spoke, the others are new), and past the
+	// agent's with none in the agent either: the oldest goes, a2,
+	// though it spoke.
+	b2 := hs.add(b, tcpPair(t, ln, "\x16"))
+	b3 := hs.add(b, tcpPair(t, ln, ""))
+	want("hard cap", []*pendingHS{a4, b1, b2, b3}, []*pendingHS{a2}, 2, 1, 4)
+
+	// An evicted handshake cannot finish; a finished one leaves the
+	// lists (and is never a candidate).
+	if hs.finish(a1) || !hs.done(a1) {
+		t.Error("a1: evicted, but finish succeeded or done said not evicted")
 	}
-	if !hs.done(a1) {
-		t.Error("done(a1) = not evicted")
+	if !hs.finish(a4) || hs.done(a4) {
+		t.Error("a4: finish failed or done said evicted")
 	}
-	// b1 ends normally: not a candidate any more.
-	if hs.done(b1) {
-		t.Error("done(b1) = evicted")
+	want("finished", []*pendingHS{b1, b2, b3}, nil, 2, 1, 3)
+
+	// 1.2 s after the start: b1 and b2 are stale. b2's peer spoke and
+	// we read it (we wait on the peer): evicted. b1's byte is still
+	// unread (it waits on us): kept, however old. b3 is silent: evicted.
+	clock = t0.Add(1200 * time.Millisecond)
+	if _, err := b2.c.Read(make([]byte, 1)); err != nil {
+		t.Fatal(err)
 	}
-	// b's third: b's limit (2) passed, b2 is b's oldest.
-	b3 := hs.add(b, tcpPair(t, ln))
-	b4 := hs.add(b, tcpPair(t, ln))
-	if !closed(b2.c) || closed(b3.c) || closed(b4.c) || closed(a2.c) {
-		t.Fatal("pod limit: want b2 closed, b3, b4 and a2 open")
+	b4 := hs.add(b, tcpPair(t, ln, ""))
+	want("stale", []*pendingHS{b1, b4}, []*pendingHS{b2, b3}, 4, 1, 2)
+	if b1.recheck.IsZero() {
+		t.Error("b1, stale and waiting on us: no recheck time set")
 	}
-	if got := testutil.ToFloat64(m.evicted.WithLabelValues("pod")); got != 1 {
-		t.Errorf("evicted{pod} = %v, want 1", got)
-	}
-	if got := testutil.ToFloat64(m.evicted.WithLabelValues("agent")); got != 1 {
-		t.Errorf("evicted{agent} = %v, want 1", got)
-	}
+
 	hs.evictPod(b)
-	if !closed(b3.c) || !closed(b4.c) || closed(a2.c) {
-		t.Fatal("evictPod(b): want b3 and b4 closed, a2 open")
-	}
-	if got := testutil.ToFloat64(m.pendingHandshakes); got != 1 {
-		t.Errorf("pending = %v, want 1 (a2)", got)
-	}
-	if hs.done(a2) || hs.all.Len() != 0 || a.handshakes.Len() != 0 || b.handshakes.Len() != 0 {
+	want("evictPod(b)", nil, []*pendingHS{b1, b4}, 4, 1, 0)
+	if hs.all.Len() != 0 || a.handshakes.Len() != 0 || b.handshakes.Len() != 0 {
 		t.Error("lists not empty at the end")
 	}
 }

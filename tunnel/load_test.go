@@ -53,12 +53,15 @@ func inUse() int64 {
 }
 
 // TestHandshakeFloodBounded: 1,000 connections to B's 15008 that never
-// send a byte (no certificate, nobody authenticated) cost the agent a
-// bounded number of goroutines and bytes (the pod's 256 pending
-// handshakes), and a real HBONE connection made during the flood is
-// served at once. Before: every idle connection held its goroutines
-// (about 2 each) for the 10 s handshake timeout, with no bound on how
-// many a peer could open.
+// send a byte (no certificate, nobody authenticated). Once they have
+// been silent for 100 ms, the next arrival (here a real client's) cuts
+// them back to the pod's limit (256 pending handshakes): the agent's
+// goroutines and bytes are bounded, and the real client, a new HBONE
+// connection and handshake, is served at once. Before session 10: every
+// idle connection held its goroutines (about 2 each) for the 10 s
+// handshake timeout, with no bound on how many a peer could open. Until
+// the cut, the flood holds what arrived in its last 100 ms, up to the
+// agent's hard cap (4,096; TestHandshakeEvictionOrder).
 func TestHandshakeFloodBounded(t *testing.T) {
 	m := newMesh(t)
 	const N = 1000
@@ -70,6 +73,7 @@ func TestHandshakeFloodBounded(t *testing.T) {
 			c.Close()
 		}
 	})
+	t0 := time.Now()
 	for i := 0; i < N; i++ {
 		// Marked (the agent's own dial): not captured in A, so it is a
 		// raw TCP connection to B's 15008, as from any host.
@@ -79,22 +83,17 @@ func TestHandshakeFloodBounded(t *testing.T) {
 		}
 		flood = append(flood, c)
 	}
-	dg, dm := settled()-g0, inUse()-m0
-	t.Logf("%d idle connections to 15008: +%d goroutines, +%d KiB heap and stacks (%d B each)", N, dg, dm>>10, dm/N)
-	// 256 pending at most, two goroutines each (the connection's and the
-	// handshake's context watcher), and some slack.
-	if dg > 700 {
-		t.Errorf("%d idle connections to 15008 cost %d goroutines, want the pod's pending handshakes bounded (256)", N, dg)
-	}
-	if ev := m.B.Metric(t, "ambit_tunnel_handshakes_evicted_total", map[string]string{"limit": "pod"}); ev < N-256-10 {
-		t.Errorf("evicted handshakes = %v, want about %d", ev, N-256)
-	}
-	if p := m.B.Metric(t, "ambit_tunnel_pending_handshakes", nil); p > 256 {
-		t.Errorf("pending handshakes = %v, want at most 256", p)
+	took := time.Since(t0)
+	// settled waits 400 ms at least: the flood is silent past 100 ms.
+	dgFlood := settled() - g0
+	pFlood := m.B.Metric(t, "ambit_tunnel_pending_handshakes", nil)
+	t.Logf("%d idle connections to 15008 in %v: %v pending, +%d goroutines before the next arrival", N, took.Round(time.Millisecond), pFlood, dgFlood)
+	if pFlood > 4096 {
+		t.Errorf("pending handshakes = %v, past the agent's hard cap (4096)", pFlood)
 	}
 	// A real client, during the flood: its pool is empty, so this is a
-	// new HBONE connection and handshake.
-	t0 := time.Now()
+	// new HBONE connection and handshake, and its arrival makes room.
+	t1 := time.Now()
 	c, err := m.A.Dial(netip.AddrPortFrom(m.B.Pod.IP4, 8080))
 	if err != nil {
 		t.Fatal(err)
@@ -105,10 +104,23 @@ func TestHandshakeFloodBounded(t *testing.T) {
 	if got != m.A.Pod.IP4.String() {
 		t.Fatalf("real request during the flood: got %q", got)
 	}
-	if d := time.Since(t0); d > 2*time.Second {
+	if d := time.Since(t1); d > 2*time.Second {
 		t.Errorf("real request during the flood took %v", d)
 	}
-	t.Logf("real request during the flood: %v", time.Since(t0))
+	t.Logf("real request during the flood: %v", time.Since(t1))
+	dg, dm := settled()-g0, inUse()-m0
+	t.Logf("after it: +%d goroutines, +%d KiB heap and stacks (%d B per flood connection)", dg, dm>>10, dm/N)
+	// 256 pending at most, two goroutines each (the connection's and the
+	// handshake's context watcher), and some slack.
+	if dg > 700 {
+		t.Errorf("%d idle connections to 15008 cost %d goroutines after the cut, want the pod's pending handshakes bounded (256)", N, dg)
+	}
+	if ev := m.B.Metric(t, "ambit_tunnel_handshakes_evicted_total", map[string]string{"limit": "pod"}); ev < N-256-10 {
+		t.Errorf("evicted handshakes = %v, want about %d", ev, N-256)
+	}
+	if p := m.B.Metric(t, "ambit_tunnel_pending_handshakes", nil); p > 256 {
+		t.Errorf("pending handshakes = %v, want at most 256", p)
+	}
 }
 
 // TestHandshakeTimeout: a connection to 15008 that sends nothing is

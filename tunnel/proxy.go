@@ -52,11 +52,16 @@ type Config struct {
 	// 10 s, the clients' connect timeout). The HTTP/2 preface after it is
 	// bounded inside hbone.
 	HandshakeTimeout time.Duration
-	// MaxPendingHandshakes bounds a pod's inbound HBONE connections
-	// still in their handshake (default 256); MaxPendingHandshakesTotal
-	// bounds the agent's, all pods together (default 4096). Past a
-	// limit, a new connection closes the oldest pending one (counted in
-	// ambit_tunnel_handshakes_evicted_total).
+	// MaxPendingHandshakes is a pod's share of inbound HBONE connections
+	// still in their handshake (default 256): past it, a new connection
+	// closes the pod's pending ones that make no progress (no byte from
+	// the peer after 100 ms, or pending 1 s and waiting on the peer),
+	// and is admitted anyway when none qualifies, so a herd of real
+	// clients is not cut.
+	// MaxPendingHandshakesTotal is the agent's hard cap, all pods
+	// together (default 4096): past it the oldest of those goes, else the
+	// oldest pending one. Evictions are counted in
+	// ambit_tunnel_handshakes_evicted_total.
 	MaxPendingHandshakes      int
 	MaxPendingHandshakesTotal int
 	// MaxPendingConns bounds, per pod and per listener (15001, 15006),
@@ -179,7 +184,8 @@ func New(cfg Config) (*Proxy, error) {
 		p.maxPending = 1024
 	}
 	p.m = newMetrics(cfg.Registerer)
-	p.hs = &handshakes{m: p.m, podMax: cfg.MaxPendingHandshakes, total: cfg.MaxPendingHandshakesTotal}
+	p.hs = &handshakes{m: p.m, podMax: cfg.MaxPendingHandshakes, total: cfg.MaxPendingHandshakesTotal,
+		now: time.Now}
 	if p.hs.podMax <= 0 {
 		p.hs.podMax = 256
 	}
