@@ -113,8 +113,8 @@ type herd struct {
 }
 
 type herdResult struct {
-	Failed             int
-	First              string
+	Failed              int
+	First               string
 	Took, P50, P90, Max time.Duration
 	// Connects is how long the n connects took, all together.
 	Connects time.Duration
@@ -270,9 +270,11 @@ func (l *lazyConn) Close() error {
 func (l *lazyConn) LocalAddr() net.Addr  { return &net.TCPAddr{} }
 func (l *lazyConn) RemoteAddr() net.Addr { return &net.TCPAddr{} }
 
-func (l *lazyConn) SetDeadline(t time.Time) error      { return l.deadline(t, net.Conn.SetDeadline) }
-func (l *lazyConn) SetReadDeadline(t time.Time) error  { return l.deadline(t, net.Conn.SetReadDeadline) }
-func (l *lazyConn) SetWriteDeadline(t time.Time) error { return l.deadline(t, net.Conn.SetWriteDeadline) }
+func (l *lazyConn) SetDeadline(t time.Time) error     { return l.deadline(t, net.Conn.SetDeadline) }
+func (l *lazyConn) SetReadDeadline(t time.Time) error { return l.deadline(t, net.Conn.SetReadDeadline) }
+func (l *lazyConn) SetWriteDeadline(t time.Time) error {
+	return l.deadline(t, net.Conn.SetWriteDeadline)
+}
 
 func (l *lazyConn) deadline(t time.Time, set func(net.Conn, time.Time) error) error {
 	select {
