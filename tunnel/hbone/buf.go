@@ -28,9 +28,13 @@ func classOf(n int) int {
 	return bits.Len(uint(n-1)) - minClassShift
 }
 
-// getBuf returns a buffer of length n (capacity may be larger).
+// getBuf returns a buffer of length n (capacity may be larger). A class's
+// buffers have frameHeaderLen bytes beyond its power of two, so a request
+// of a power of two plus the headroom (a pump's read of a frame, 64 KiB +
+// 9) fits its class: it took the next, twice the memory (a peer that
+// stopped reading held 512 KiB per stream instead of 256 KiB).
 func getBuf(n int) *[]byte {
-	c := classOf(n)
+	c := classOf(max(n-frameHeaderLen, 0))
 	if c >= len(bufPools) {
 		b := make([]byte, n)
 		return &b

@@ -134,6 +134,9 @@ type Conn struct {
 	// dataSent counts the DATA frames we sent: the peer's WINDOW_UPDATE
 	// budget (windowUpdatesPerData).
 	dataSent atomic.Int64
+	// bigReads counts pumps holding a read bigger than a frame
+	// (maxBigReads, Stream.pumpFrom).
+	bigReads atomic.Int32
 
 	mu             sync.Mutex
 	cond           *sync.Cond // send windows, stream slots, close
@@ -853,6 +856,27 @@ func (c *Conn) noteEmpty(empty bool) {
 		c.emptyRun++
 	} else {
 		c.emptyRun = 0
+	}
+}
+
+// takeBigRead reserves one of the connection's maxBigReads reads bigger
+// than a frame, if one is free.
+func (c *Conn) takeBigRead() bool {
+	for {
+		n := c.bigReads.Load()
+		if n >= maxBigReads {
+			return false
+		}
+		if c.bigReads.CompareAndSwap(n, n+1) {
+			return true
+		}
+	}
+}
+
+// endBigRead gives back takeBigRead's reservation, if taken.
+func (c *Conn) endBigRead(taken bool) {
+	if taken {
+		c.bigReads.Add(-1)
 	}
 }
 

@@ -49,6 +49,15 @@ const (
 	// waiting streams exceed this many times the limit is sent away
 	// (Rapid Reset, CVE-2023-44487; x/net's unstartedHandlers bound).
 	handlerQueueFactor = 4
+
+	// maxBigReads: how many of a connection's streams may hold a read
+	// of more than a frame (up to AppReadSize) at once. A pump keeps its
+	// buffer while it waits for the write lock, so a peer that drew every
+	// stream into streaming and then stopped reading had each hold
+	// AppReadSize (54 MiB for 200 streams); now at most this many do,
+	// the others a frame (64 KiB). One stream streaming alone, the case
+	// the big reads are for, always gets one.
+	maxBigReads = 4
 )
 
 // prefaceTimeout bounds the wait, after the TLS handshake, for a

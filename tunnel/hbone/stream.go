@@ -965,6 +965,11 @@ func (s *Stream) pumpFrom(app *net.TCPConn) (int64, error) {
 	// send window goes: sendFrom frames it and writes it all at once.
 	// Request/response streams, which never fill a frame, so hold no
 	// bigger buffer than before while they wait for the write lock.
+	// At most maxBigReads streams of a connection hold such a bigger
+	// buffer at once (the others read a frame): a pump keeps its buffer
+	// while it waits for the write lock, and when the peer stops reading
+	// every streaming pump waits, so a peer that drew 200 streams into
+	// streaming and then stopped reading held 200 of them (54 MiB).
 	var size int
 	full := false
 	var total int64
@@ -981,22 +986,34 @@ func (s *Stream) pumpFrom(app *net.TCPConn) (int64, error) {
 		var rerr, lerr error
 		var eof bool
 		size = s.frameSize()
+		want := 0
 		if full {
-			size = max(size, min(s.c.cfg.AppReadSize, s.sendWindow()))
+			want = min(s.c.cfg.AppReadSize, s.sendWindow())
 		}
+		big := false
 		err := rc.Read(func(fd uintptr) bool {
-			bp = getBuf(frameHeaderLen + size)
-			n, rerr = readFD(fd, (*bp)[frameHeaderLen:frameHeaderLen+size])
-			full = rerr == nil && n == size
+			// The token is taken once the app is readable (this runs
+			// then), so a pump waiting for its app holds none.
+			sz := size
+			if want > size && s.c.takeBigRead() {
+				sz, big = want, true
+			}
+			bp = getBuf(frameHeaderLen + sz)
+			n, rerr = readFD(fd, (*bp)[frameHeaderLen:frameHeaderLen+sz])
+			full = rerr == nil && n == sz
 			if rerr == unix.EAGAIN {
 				putBuf(bp)
 				bp = nil
+				if big {
+					s.c.bigReads.Add(-1)
+					big = false
+				}
 				return false
 			}
 			if lookahead && rerr == nil && n > 0 {
 				lookahead = false
-				if n < size {
-					k, err := readFD(fd, (*bp)[frameHeaderLen+n:frameHeaderLen+size])
+				if n < sz {
+					k, err := readFD(fd, (*bp)[frameHeaderLen+n:frameHeaderLen+sz])
 					switch {
 					case err == nil && k == 0:
 						eof = true
@@ -1016,6 +1033,7 @@ func (s *Stream) pumpFrom(app *net.TCPConn) (int64, error) {
 			if bp != nil {
 				putBuf(bp)
 			}
+			s.c.endBigRead(big)
 			if errors.Is(err, net.ErrClosed) {
 				// Closed under us by a reset from the far side.
 				return total, nil
@@ -1024,6 +1042,7 @@ func (s *Stream) pumpFrom(app *net.TCPConn) (int64, error) {
 		}
 		if n <= 0 {
 			putBuf(bp)
+			s.c.endBigRead(big)
 			s.sawAppEOF()
 			return total, s.CloseWrite()
 		}
@@ -1032,6 +1051,7 @@ func (s *Stream) pumpFrom(app *net.TCPConn) (int64, error) {
 		}
 		err = s.sendFrom(*bp, n, eof)
 		putBuf(bp)
+		s.c.endBigRead(big)
 		if err != nil {
 			return total, err
 		}
