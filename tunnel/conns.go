@@ -543,17 +543,67 @@ func (sv *Serving) inboundHBONE(raw *net.TCPConn) {
 		// go away gracefully, within Close's deadline.
 		go hc.Shutdown(closeCtx)
 	}
+	idle := make(chan struct{}, 1)
+	stopIdle := sv.watchIdle(hc, idle)
 	select {
 	case <-retire:
 		hc.Shutdown(context.Background())
+	case <-idle:
+		sv.p.m.idleClosed.Inc()
+		sv.log.Debug("closing an idle HBONE connection", "src", peer.String(), "src_identity", peerID,
+			"idle_timeout", sv.p.idleTimeout.String())
+		hc.Shutdown(context.Background())
 	case <-hc.Done():
 	}
+	stopIdle()
 	<-hc.Done()
 	sv.untrack(tr)
 	sv.mu.Lock()
 	delete(sv.hconns, hc)
 	sv.kickLocked()
 	sv.mu.Unlock()
+}
+
+// watchIdle sends on idle once hc has had no stream open for the
+// Proxy's idle timeout (nothing when there is none); stop ends the
+// watch. One timer per connection and no goroutine: it fires at most once
+// per timeout while streams come and go, and then waits for what is left
+// of the timeout since the last stream ended (hbone's IdleSince).
+func (sv *Serving) watchIdle(hc *hbone.Conn, idle chan<- struct{}) (stop func()) {
+	d := sv.p.idleTimeout
+	if d <= 0 {
+		return func() {}
+	}
+	var mu sync.Mutex
+	var t *time.Timer
+	stopped := false
+	check := func() {
+		next := d // streams open: it cannot expire sooner than d from now
+		if since := hc.IdleSince(); !since.IsZero() {
+			next = d - time.Since(since)
+		}
+		if next <= 0 {
+			select {
+			case idle <- struct{}{}:
+			default:
+			}
+			return
+		}
+		mu.Lock()
+		if !stopped {
+			t.Reset(next)
+		}
+		mu.Unlock()
+	}
+	mu.Lock()
+	t = time.AfterFunc(d, check)
+	mu.Unlock()
+	return func() {
+		mu.Lock()
+		stopped = true
+		t.Stop()
+		mu.Unlock()
+	}
 }
 
 // errEvicted: the handshake was closed to make room (handshakes) just as

@@ -139,7 +139,6 @@ func (h *herd) run(n int) herdResult {
 	var wg, hellos sync.WaitGroup
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	go func() { <-ctx.Done() }()
 	var t0 time.Time
 	for i := range lcs {
 		lc := newLazyConn()

@@ -23,6 +23,7 @@ type metrics struct {
 	acceptPaused      *prometheus.CounterVec // listener
 	pendingHandshakes prometheus.Gauge
 	evicted           *prometheus.CounterVec // limit: pod|agent
+	idleClosed        prometheus.Counter     // inbound HBONE, no stream for HBONEIdleTimeout
 
 	cache sync.Map // seriesKey → *connSeries
 }
@@ -56,6 +57,8 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		evicted: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "ambit_tunnel_handshakes_evicted_total",
 			Help: "Pending inbound handshakes closed to make room for a newer one, by the limit passed (pod or agent)."},
 			[]string{"limit"}),
+		idleClosed: prometheus.NewCounter(prometheus.CounterOpts{Name: "ambit_tunnel_hbone_idle_closed_total",
+			Help: "Inbound HBONE connections closed (gracefully) by the agent after HBONEIdleTimeout with no stream open."}),
 	}
 	if reg != nil {
 		m.opened = register(reg, m.opened)
@@ -69,6 +72,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		m.acceptPaused = register(reg, m.acceptPaused)
 		m.pendingHandshakes = register(reg, m.pendingHandshakes)
 		m.evicted = register(reg, m.evicted)
+		m.idleClosed = register(reg, m.idleClosed)
 		register(reg, prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "ambit_tunnel_buffered_bytes",
 			Help: "Received bytes waiting for slow apps (bounded by flow-control windows)."},
 			func() float64 { return float64(hbone.BufferedBytes()) }))

@@ -64,6 +64,15 @@ type Config struct {
 	// ambit_tunnel_handshakes_evicted_total.
 	MaxPendingHandshakes      int
 	MaxPendingHandshakesTotal int
+	// HBONEIdleTimeout closes an inbound HBONE connection (15008) that
+	// has had no stream open for this long, gracefully: GOAWAY in two
+	// steps, as for a drain, so a stream the client sends meanwhile is
+	// served. Default 15 min, three times the clients' own idle eviction
+	// (PoolIdleTimeout here, ztunnel's POOL_UNUSED_RELEASE_TIMEOUT, both
+	// 5 min), so a normal client always closes first; negative: never.
+	// Without it a peer that keeps connections and never uses them
+	// (a leak, or on purpose) holds each for ever.
+	HBONEIdleTimeout time.Duration
 	// MaxPendingConns bounds, per pod and per listener (15001, 15006),
 	// the connections accepted whose other side is still being reached
 	// (default 1024); past it the listener stops accepting until one is
@@ -88,6 +97,7 @@ type Proxy struct {
 	agentPorts     map[uint16]bool
 	hsTimeout      time.Duration
 	maxPending     int
+	idleTimeout    time.Duration // inbound HBONE; 0: never
 
 	// hs are the agent's pending inbound handshakes; hsLog and pauseLog
 	// limit the lines anyone can make the agent write.
@@ -178,6 +188,12 @@ func New(cfg Config) (*Proxy, error) {
 	p.hsTimeout = cfg.HandshakeTimeout
 	if p.hsTimeout <= 0 {
 		p.hsTimeout = 10 * time.Second
+	}
+	switch p.idleTimeout = cfg.HBONEIdleTimeout; {
+	case p.idleTimeout == 0:
+		p.idleTimeout = 15 * time.Minute
+	case p.idleTimeout < 0:
+		p.idleTimeout = 0
 	}
 	p.maxPending = cfg.MaxPendingConns
 	if p.maxPending <= 0 {
