@@ -570,3 +570,31 @@ func TestStalledPeerSendBuffersBounded(t *testing.T) {
 		t.Errorf("a peer that stopped reading holds %.1f MiB of heap on one connection", float64(grew)/(1<<20))
 	}
 }
+
+// TestStreamsBeyondTheLimitRefused: HEADERS beyond MAX_CONCURRENT_STREAMS
+// (streams still open, unlike a rapid reset's) are refused with
+// RST_STREAM REFUSED_STREAM, no handler started; the connection goes on.
+func TestStreamsBeyondTheLimitRefused(t *testing.T) {
+	var started atomic.Int32
+	release := make(chan struct{})
+	defer close(release)
+	a := newAttacker(t, Config{MaxConcurrentStreams: 2}, attackOpts{}, func(s *Stream) {
+		started.Add(1)
+		s.Respond(200, nil)
+		<-release
+	})
+	a.write(append(append(headersFrame(1, false), headersFrame(3, false)...), headersFrame(5, false)...))
+	f := nextFrame(t, a.frames, "RST_STREAM", func(f rawFrame) bool { return f.h.Type == frameRSTStream })
+	if f.h.StreamID != 5 || ErrCode(binary.BigEndian.Uint32(f.p)) != ErrCodeRefusedStream {
+		t.Fatalf("RST_STREAM %v on stream %d, want REFUSED_STREAM on 5", ErrCode(binary.BigEndian.Uint32(f.p)), f.h.StreamID)
+	}
+	time.Sleep(50 * time.Millisecond)
+	if n := started.Load(); n != 2 {
+		t.Errorf("%d handlers started, want 2", n)
+	}
+	select {
+	case <-a.server().Done():
+		t.Fatalf("connection closed: %v", a.server().Err())
+	default:
+	}
+}
