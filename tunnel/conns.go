@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -493,7 +494,18 @@ func (sv *Serving) inboundHBONE(raw *net.TCPConn) {
 	// client then dials again with its current certificate, instead of
 	// having every stream refused on a connection it keeps pooled.
 	retire := make(chan struct{}, 1)
-	hc, err := hbone.Server(ctx, raw, sv.p.serverTLS(w.Identity, ps), sv.p.hcfg,
+	// The handshake's progress, for the pending bound (waitsOnUs).
+	tcfg := sv.p.serverTLS(w.Identity, ps)
+	getCert, verifyPeer := tcfg.GetCertificate, tcfg.VerifyPeerCertificate
+	tcfg.GetCertificate = func(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
+		pending.reached(phaseHello)
+		return getCert(hello)
+	}
+	tcfg.VerifyPeerCertificate = func(raw [][]byte, chains [][]*x509.Certificate) error {
+		pending.reached(phaseFlight)
+		return verifyPeer(raw, chains)
+	}
+	hc, err := hbone.Server(ctx, raw, tcfg, sv.p.hcfg,
 		func(tc *tls.Conn) error {
 			// No longer pending (nor evictable) from here: the peer
 			// is authenticated, its HTTP/2 preface is hbone's to

@@ -144,10 +144,9 @@ func (r *record) release() {
 //
 //   - past the pod's limit (podMax), the pod's oldest pending handshake
 //     that is silent (no byte from its peer hsSilentAfter after accept)
-//     or stale (pending hsStaleAfter, and none of its peer's bytes wait
-//     unread: we wait on the peer, not it on us): as many as it takes
-//     to get back to the limit, and none when none qualifies (the
-//     newcomer is admitted anyway);
+//     or stale (pending hsStaleAfter while it is the peer's turn, not
+//     ours: waitsOnUs): as many as it takes to get back to the limit,
+//     and none when none qualifies (the newcomer is admitted anyway);
 //   - past the agent's (total, the hard cap), the agent's oldest silent
 //     or stale one, else its oldest regardless.
 //
@@ -182,7 +181,7 @@ type handshakes struct {
 
 // A pending handshake is a candidate for eviction once it is silent (no
 // byte from the peer hsSilentAfter after accept) or stale (pending
-// hsStaleAfter and waiting on its peer).
+// hsStaleAfter and waiting on its peer, not on us).
 //
 // hsSilentAfter: a real client's ClientHello leaves right behind its
 // connect (Go's client: one key generation, about 0.1 ms) and arrives
@@ -193,14 +192,14 @@ type handshakes struct {
 // hsStaleAfter: a real handshake costs the agent 0.5-1 ms of CPU here,
 // so 1 s is a queue of 1,000-2,000 handshakes on one core; and a real
 // client answers our flight within a round trip and its own CPU time,
-// milliseconds. A peer we have waited on for 1 s (nothing of it unread)
-// while new connections keep coming is a flood that sends a ClientHello
-// and stalls (each costs us a full handshake) or a slow trickle. One
-// that waits on us is never stale, however long: a herd larger than the
-// agent's CPU gets through at the agent's pace (TestHandshakeBurstNot-
-// Evicted with 2,000 clients: 53 evicted when age alone made a
-// handshake stale, 2 since, whose clients, 2,000 in one process, took
-// more than 1 s to answer).
+// milliseconds. A peer whose turn it is after 1 s while new connections
+// keep coming is a flood that sends a ClientHello and stalls (each costs
+// us a full handshake) or a slow trickle. One that waits on us is never
+// stale, however long: a herd larger than the agent's CPU gets through
+// at the agent's pace (TestHandshakeBurstNotEvicted with 2,000 clients:
+// 53 evicted when age alone made a handshake stale; 1,200 clients: 6
+// evicted when only unread bytes counted as our turn, all of them
+// ClientHellos read and not yet answered).
 const (
 	hsSilentAfter = 100 * time.Millisecond
 	hsStaleAfter  = time.Second
@@ -222,6 +221,7 @@ type pendingHS struct {
 	all, pod *list.Element
 	start    time.Time
 	state    atomic.Int32
+	phase    atomic.Int32 // phaseStart, phaseHello, phaseFlight
 	// spoke: the peer was seen to have sent something (set once, when
 	// first looked at as a candidate, so each connection costs at most
 	// one getsockopt); recheck: stale but waiting on us, not to be
@@ -286,7 +286,7 @@ func (hs *handshakes) add(sv *Serving, c *net.TCPConn) *pendingHS {
 // ends at the first one too young to be either. Those it passes have
 // spoken and are not stale, or are stale but waiting on us: a herd's
 // (hundreds, a few ns each), a getsockopt once per connection, an ioctl
-// every hsSilentAfter per stale one. Finished ones still listed (their
+// and a getsockopt every hsSilentAfter per stale one. Finished ones still listed (their
 // goroutine has yet to take the lock) are unlisted on the way.
 func (hs *handshakes) candidateLocked(l *list.List, now time.Time) *pendingHS {
 	for e := l.Front(); e != nil; {
@@ -310,11 +310,11 @@ func (hs *handshakes) candidateLocked(l *list.List, now time.Time) *pendingHS {
 			}
 		case now.Before(h.recheck):
 			continue
-		case peerWaiting(h.c):
-			// Stale, but its peer's bytes wait unread: it waits on
-			// us (a herd on a saturated agent), and closing it would
-			// fail a client that did nothing wrong. Looked at again
-			// in hsSilentAfter, not at every arrival.
+		case h.waitsOnUs():
+			// Stale, but it is our turn: it waits on our CPU (a herd
+			// on a saturated agent), and closing it would fail a
+			// client that did nothing wrong. Looked at again in
+			// hsSilentAfter, not at every arrival.
 			h.recheck = now.Add(hsSilentAfter)
 			continue
 		}
@@ -362,20 +362,49 @@ func peerSilent(c *net.TCPConn) bool {
 	return silent
 }
 
-// peerWaiting reports whether bytes c's peer sent wait unread in c's
-// receive queue (SIOCINQ): the handshake waits on us, not on the peer.
-func peerWaiting(c *net.TCPConn) bool {
-	rc, err := c.SyscallConn()
+// Where a pending handshake stands, as crypto/tls tells it (the
+// server's GetCertificate and VerifyPeerCertificate, wrapped by
+// inboundHBONE): the socket alone cannot tell a ClientHello read whole
+// and being answered from one read in part and waiting for the rest.
+const (
+	phaseStart  int32 = iota
+	phaseHello        // the whole ClientHello is in: our flight next
+	phaseFlight       // the client's certificate is in: ours to check
+)
+
+// waitsOnUs reports whether it is our turn in h's handshake: bytes of
+// the peer wait unread (SIOCINQ), or we have its whole ClientHello and
+// have not sent our flight yet (tcpi_bytes_sent, Linux 4.19; an older
+// kernel reports 0, so such a handshake is never stale past its
+// ClientHello: the hard cap still holds), or we have its certificate.
+// A herd on a saturated agent is there, for seconds, and in no other
+// state: we sent our flight, the peer answers within a round trip.
+func (h *pendingHS) waitsOnUs() bool {
+	phase := h.phase.Load()
+	if phase == phaseFlight {
+		return true
+	}
+	rc, err := h.c.SyscallConn()
 	if err != nil {
 		return false
 	}
-	waiting := false
+	ours := false
 	_ = rc.Control(func(fd uintptr) {
-		n, err := unix.IoctlGetInt(int(fd), unix.SIOCINQ)
-		waiting = err == nil && n > 0
+		if n, err := unix.IoctlGetInt(int(fd), unix.SIOCINQ); err == nil && n > 0 {
+			ours = true
+			return
+		}
+		if phase == phaseHello {
+			ti, err := unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO)
+			ours = err == nil && ti.Bytes_sent == 0
+		}
 	})
-	return waiting
+	return ours
 }
+
+// reached records that h's handshake got to phase (phaseHello,
+// phaseFlight), from crypto/tls's callbacks.
+func (h *pendingHS) reached(phase int32) { h.phase.Store(phase) }
 
 // removeLocked unlists h (again is a no-op: list.Remove checks).
 func (hs *handshakes) removeLocked(h *pendingHS) {

@@ -70,7 +70,8 @@ func isTimeout(err error) bool {
 // silent or stale pending handshakes go, oldest first, as many as it
 // takes, and the newcomer is admitted when none qualifies (a herd); past
 // the agent's hard cap, the oldest goes regardless; a stale handshake
-// whose peer's bytes wait unread (it waits on us) is kept; a finished
+// that waits on us (its peer's bytes unread, or its ClientHello in and
+// not answered) is kept, one that waits on its peer is not; a finished
 // handshake is no candidate, and one evicted cannot finish; evictPod
 // closes the rest of a pod; the metrics follow.
 func TestHandshakeEvictionOrder(t *testing.T) {
@@ -139,21 +140,40 @@ func TestHandshakeEvictionOrder(t *testing.T) {
 	}
 	want("finished", []*pendingHS{b1, b2, b3}, nil, 2, 1, 3)
 
-	// 1.2 s after the start: b1 and b2 are stale. b2's peer spoke and
-	// we read it (we wait on the peer): evicted. b1's byte is still
-	// unread (it waits on us): kept, however old. b3 is silent: evicted.
+	// Two more of b, at 150 ms: b's peers spoke and we read their
+	// bytes; both ClientHellos are complete (crypto/tls called
+	// GetCertificate); we answered b6's, not yet b5's. Admitted (nobody
+	// qualifies) under a hard cap raised out of the way.
+	hs.total = 100
+	b5 := hs.add(b, tcpPair(t, ln, "\x16"))
+	b6 := hs.add(b, tcpPair(t, ln, "\x16"))
+	for _, h := range []*pendingHS{b5, b6} {
+		if _, err := h.c.Read(make([]byte, 1)); err != nil {
+			t.Fatal(err)
+		}
+		h.reached(phaseHello)
+	}
+	if _, err := b6.c.Write([]byte{0x16}); err != nil {
+		t.Fatal(err)
+	}
+	want("admitted", []*pendingHS{b1, b2, b3, b5, b6}, nil, 2, 1, 5)
+
+	// 1.2 s after the start all but the newcomer are stale. Our turn
+	// (kept, however old): b1, its byte unread; b5, its ClientHello in
+	// and not answered. The peer's turn (evicted): b2, whose byte we
+	// read; b6, answered; b3, silent.
 	clock = t0.Add(1200 * time.Millisecond)
 	if _, err := b2.c.Read(make([]byte, 1)); err != nil {
 		t.Fatal(err)
 	}
 	b4 := hs.add(b, tcpPair(t, ln, ""))
-	want("stale", []*pendingHS{b1, b4}, []*pendingHS{b2, b3}, 4, 1, 2)
-	if b1.recheck.IsZero() {
-		t.Error("b1, stale and waiting on us: no recheck time set")
+	want("stale", []*pendingHS{b1, b4, b5}, []*pendingHS{b2, b3, b6}, 5, 1, 3)
+	if b1.recheck.IsZero() || b5.recheck.IsZero() {
+		t.Error("b1 and b5, stale and waiting on us: no recheck time set")
 	}
 
 	hs.evictPod(b)
-	want("evictPod(b)", nil, []*pendingHS{b1, b4}, 4, 1, 0)
+	want("evictPod(b)", nil, []*pendingHS{b1, b4, b5}, 5, 1, 0)
 	if hs.all.Len() != 0 || a.handshakes.Len() != 0 || b.handshakes.Len() != 0 {
 		t.Error("lists not empty at the end")
 	}
