@@ -131,8 +131,9 @@ type Conn struct {
 	// the read loop without it): a peer that makes us owe more than
 	// maxQueuedControl without reading them is sent away.
 	ctlQueued atomic.Int64
-	// dataSent counts the DATA frames we sent: the peer's WINDOW_UPDATE
-	// budget (windowUpdatesPerData).
+	// dataSent counts the DATA frames we sent, in windowUpdateUnit
+	// bytes at most each: the peer's WINDOW_UPDATE budget
+	// (windowUpdatesPerData).
 	dataSent atomic.Int64
 	// bigReads counts pumps holding a read bigger than a frame
 	// (maxBigReads, Stream.pumpFrom).

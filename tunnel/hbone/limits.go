@@ -37,6 +37,15 @@ const (
 	// data_frame_sent, and its formula.
 	windowUpdatesPerData = 10
 
+	// windowUpdateUnit: for that budget a DATA frame counts once per
+	// this many bytes. Envoy's frames are 16 KiB; ours up to 64 KiB
+	// (SendFrameSize) where the peer allows it, and a peer returns
+	// credit per bytes its app read, not per frame: x/net (Istio's Go
+	// HBONE, whose server allows 1 MiB frames) sends two WINDOW_UPDATEs
+	// per app read of 4 KiB or more, 32 per 64 KiB frame, and a whole
+	// frame counted once cut such uploads after their first frame.
+	windowUpdateUnit = 16 << 10
+
 	// maxSettings bounds the entries of one SETTINGS frame (duplicates
 	// are refused too): a change of INITIAL_WINDOW_SIZE walks every
 	// stream. x/net's server rule (NumSettings() > 100 || HasDuplicates).

@@ -577,7 +577,8 @@ func (s *Stream) sendFrom(buf []byte, n int, end bool) error {
 		// 9 of framing per frame, and room for queued control frames.
 		c.corkOnFor(k + k/256 + 4096)
 		err = c.writeCtlLocked()
-		c.dataSent.Add(int64((k + fs - 1) / fs))
+		u := min(fs, windowUpdateUnit)
+		c.dataSent.Add(int64((k + u - 1) / u))
 		for j := off; j < off+k && err == nil; {
 			m := min(fs, off+k-j)
 			var flags uint8

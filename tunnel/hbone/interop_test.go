@@ -1,0 +1,97 @@
+package hbone
+
+import (
+	"context"
+	"crypto/tls"
+	"net"
+	"net/http"
+	"testing"
+	"time"
+
+	"golang.org/x/net/http2"
+)
+
+// Peers that are not ours, as they are: golang.org/x/net/http2 (Istio's
+// Go HBONE server), over real TLS on loopback.
+
+// TestXNetServerSmallReadsUpload: our client sends to an x/net server
+// whose handler reads in 4 KiB reads (a bufio.Reader's default size).
+// x/net returns credit at every read of 4 KiB or more, two
+// WINDOW_UPDATEs (stream and connection) each, and its server allows
+// 1 MiB frames, so we send 64 KiB ones: 32 WINDOW_UPDATEs per DATA frame
+// we send, from a peer that does nothing wrong. The WINDOW_UPDATE budget
+// must not cut such an upload with ENHANCE_YOUR_CALM.
+func TestXNetServerSmallReadsUpload(t *testing.T) {
+	const size = 8 << 20
+	ccfg, scfg := testTLS(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	got := make(chan int64, 1)
+	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(200)
+		w.(http.Flusher).Flush()
+		var n int64
+		buf := make([]byte, 4096)
+		for {
+			k, err := r.Body.Read(buf)
+			n += int64(k)
+			if err != nil {
+				break
+			}
+		}
+		got <- n
+	})
+	go func() {
+		raw, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		tc := tls.Server(raw, scfg)
+		if err := tc.Handshake(); err != nil {
+			t.Error(err)
+			return
+		}
+		(&http2.Server{}).ServeConn(tc, &http2.ServeConnOpts{Handler: h})
+	}()
+	raw, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := Client(context.Background(), raw, ccfg, Config{PingInterval: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	s, err := c.OpenStream("10.0.0.1:80", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if st, _, err := s.Response(ctx); err != nil || st != 200 {
+		t.Fatalf("CONNECT: %d, %v", st, err)
+	}
+	// At the pace of an app (or a network) slower than the server: the
+	// window never fills, so every frame is a full 64 KiB one.
+	buf := make([]byte, 64<<10)
+	for n := 0; n < size; n += len(buf) {
+		if _, err := s.Write(buf); err != nil {
+			t.Fatalf("write after %d bytes: %v (connection: %v)", n, err, c.Err())
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if err := s.CloseWrite(); err != nil {
+		t.Fatalf("CloseWrite: %v (connection: %v)", err, c.Err())
+	}
+	select {
+	case n := <-got:
+		if n != size {
+			t.Fatalf("server read %d of %d bytes (connection: %v)", n, size, c.Err())
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatalf("upload did not end within 30 s (connection: %v)", c.Err())
+	}
+}
