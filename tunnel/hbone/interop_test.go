@@ -1,10 +1,14 @@
 package hbone
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
+	"fmt"
+	"io"
 	"net"
 	"net/http"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -93,5 +97,126 @@ func TestXNetServerSmallReadsUpload(t *testing.T) {
 		}
 	case <-time.After(30 * time.Second):
 		t.Fatalf("upload did not end within 30 s (connection: %v)", c.Err())
+	}
+}
+
+// TestXNetClientManyStreamsEcho: an x/net client (Istio's Go HBONE
+// client) opens many CONNECT streams at once on one connection to our
+// server and echoes a few MiB through each, reading in 4 KiB reads: none
+// of the abuse limits (handler queue, WINDOW_UPDATE budget, big reads)
+// may cut a client that does nothing wrong.
+func TestXNetClientManyStreamsEcho(t *testing.T) {
+	const streams, size = 64, 2 << 20
+	ccfg, scfg := testTLS(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	srv := make(chan *Conn, 4)
+	go func() {
+		for {
+			raw, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				c, err := Server(context.Background(), raw, scfg, Config{}, nil, echoHandler)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				t.Cleanup(func() { c.Close() })
+				srv <- c
+			}()
+		}
+	}()
+	var dials atomic.Int32
+	tr := &http2.Transport{
+		DialTLSContext: func(ctx context.Context, _, _ string, _ *tls.Config) (net.Conn, error) {
+			dials.Add(1)
+			var d net.Dialer
+			raw, err := d.DialContext(ctx, "tcp", ln.Addr().String())
+			if err != nil {
+				return nil, err
+			}
+			tc := tls.Client(raw, ccfg)
+			if err := tc.HandshakeContext(ctx); err != nil {
+				raw.Close()
+				return nil, err
+			}
+			return tc, nil
+		},
+	}
+	t.Cleanup(tr.CloseIdleConnections)
+	errs := make(chan error, streams)
+	for i := range streams {
+		go func() {
+			errs <- func() error {
+				pr, pw := io.Pipe()
+				req, err := http.NewRequest(http.MethodConnect, "https://10.0.0.1:80", pr)
+				if err != nil {
+					return err
+				}
+				req.Host = "10.0.0.1:80"
+				resp, err := tr.RoundTrip(req)
+				if err != nil {
+					return err
+				}
+				defer resp.Body.Close()
+				if resp.StatusCode != 200 {
+					return fmt.Errorf("status %d", resp.StatusCode)
+				}
+				go func() {
+					b := bytes.Repeat([]byte{byte(i)}, 32<<10)
+					for n := 0; n < size; n += len(b) {
+						if _, err := pw.Write(b); err != nil {
+							return
+						}
+					}
+					pw.Close()
+				}()
+				var n int
+				buf := make([]byte, 4096)
+				for {
+					k, err := resp.Body.Read(buf)
+					for _, c := range buf[:k] {
+						if c != byte(i) {
+							return fmt.Errorf("stream %d: byte %d is %d", i, n, c)
+						}
+					}
+					n += k
+					if err == io.EOF {
+						break
+					}
+					if err != nil {
+						return fmt.Errorf("stream %d: after %d bytes: %w", i, n, err)
+					}
+				}
+				if n != size {
+					return fmt.Errorf("stream %d: echoed %d of %d bytes", i, n, size)
+				}
+				return nil
+			}()
+		}()
+	}
+	for range streams {
+		select {
+		case err := <-errs:
+			if err != nil {
+				var why error
+				select {
+				case c := <-srv:
+					why = c.Err()
+				default:
+				}
+				t.Fatalf("%v (a server connection: %v)", err, why)
+			}
+		case <-time.After(60 * time.Second):
+			t.Fatal("echoes did not end within 60 s")
+		}
+	}
+	if n := dials.Load(); n != 1 {
+		t.Errorf("%d connections, want 1 (all streams on one)", n)
 	}
 }
