@@ -498,6 +498,9 @@ func TestSlowPreface(t *testing.T) {
 	})
 	t.Run("settings in time", func(t *testing.T) {
 		a := newAttacker(t, Config{}, attackOpts{}, func(s *Stream) { s.Respond(200, nil) })
+		// Taken from the server goroutine: its read of prefaceTimeout
+		// then happens before the restore above (-race).
+		a.server()
 		time.Sleep(2 * prefaceTimeout) // idle after the SETTINGS: fine
 		a.write(headersFrame(1, false))
 		nextFrame(t, a.frames, "a response on stream 1", func(f rawFrame) bool { return f.h.Type == frameHeaders && f.h.StreamID == 1 })
