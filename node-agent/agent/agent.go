@@ -191,12 +191,24 @@ func New(o Options) (*Agent, error) {
 	if sv, ok := o.View.(staticView); ok && sv.Static() {
 		a.static = true
 	}
-	if err := podnet.Exclusive(podnet.ListenerUID); err != nil {
-		// Still served; each listener is then checked after its bind,
-		// but an app binding later can share it (docs/agent.md).
-		a.log.Warn("the pods' listeners cannot be kept from applications", "err", err)
+	if o.Config.ExclusiveListeners {
+		if err := podnet.Exclusive(podnet.ListenerUID); err != nil {
+			// Still served; each listener is then checked after its bind,
+			// but an app binding later can share it (docs/agent.md).
+			a.log.Warn("exclusiveListeners is on but the pods' listeners cannot be kept from applications", "err", err)
+		}
 	}
 	return a, nil
+}
+
+// listenerUID owns the listeners the agent makes in pods: podnet.ListenerUID
+// with exclusiveListeners, else the process's own (root), which an older
+// agent rolled back to can still join.
+func (a *Agent) listenerUID() int {
+	if a.cfg.ExclusiveListeners {
+		return podnet.ListenerUID
+	}
+	return -1
 }
 
 // Policy is the enrollment policy in force (for the view's Meshed hook).
@@ -574,7 +586,7 @@ func (a *Agent) serve(p *pod, f *os.File, wl tunnel.Workload) error {
 			a.certs.Forget(wl.Identity)
 		}
 	}
-	n, err := podnet.Open(f, podnet.WithMark(a.spec.Mark))
+	n, err := podnet.Open(f, podnet.WithMark(a.spec.Mark), podnet.WithListenerUID(a.listenerUID()))
 	if err != nil {
 		unpin()
 		return &failure{"netns", err}

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -226,5 +227,64 @@ func TestDeclaredReservedPortThroughRealChain(t *testing.T) {
 	t.Logf("the runtime sees: code %d: %s", ce.Code, ce.Msg)
 	if h.tun.Live() != 0 {
 		t.Fatalf("agent serves %d pods", h.tun.Live())
+	}
+}
+
+// A rollback to an agent older than ListenerUID: that agent makes its
+// listeners as root (Go's default MPTCP listener, SO_REUSEPORT, the
+// agent's mark), and the kernel lets it join only a group of the same
+// owner. So by default (exclusiveListeners off) the agent's listeners
+// are root's and the older agent joins them; with exclusiveListeners on
+// they are ListenerUID's and it cannot (what docs/upgrade.md warns of).
+// Before the switch existed every agent made ListenerUID listeners and
+// the older agent's listen failed here.
+func TestOlderAgentJoinsTheListenersUnlessExclusive(t *testing.T) {
+	testenv.RequireRoot(t)
+	for _, tc := range []struct {
+		exclusive bool
+		wantJoin  bool
+	}{{false, true}, {true, false}} {
+		h := startAgent(t, "", invAmbient, func(o *Options) { o.Config.ExclusiveListeners = tc.exclusive })
+		pod := newNetns(t, "10.68.0.2/32")
+		resp, err := h.call(cniproto.OpAdd, "apps", "web", "cid-rollback", pod, "10.68.0.2/32")
+		if err != nil || resp.Error != "" || resp.Decision != cniproto.Enroll {
+			t.Fatalf("exclusive=%v: ADD: %+v %v", tc.exclusive, resp, err)
+		}
+		var joined []int
+		for _, port := range []int{15001, 15006, 15008} {
+			var ln net.Listener
+			var lerr error
+			inNetns(t, pod, func() error {
+				lc := net.ListenConfig{Control: func(_, _ string, rc syscall.RawConn) error {
+					var serr error
+					rc.Control(func(fd uintptr) {
+						for _, o := range [][3]int{
+							{unix.SOL_SOCKET, unix.SO_REUSEPORT, 1},
+							{unix.SOL_SOCKET, unix.SO_MARK, 0x539},
+							{unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, 0},
+						} {
+							if serr == nil {
+								serr = unix.SetsockoptInt(int(fd), o[0], o[1], o[2])
+							}
+						}
+					})
+					return serr
+				}}
+				ln, lerr = lc.Listen(context.Background(), "tcp6", "[::]:"+strconv.Itoa(port))
+				return nil
+			})
+			if lerr == nil {
+				joined = append(joined, port)
+				ln.Close()
+			} else if !errors.Is(lerr, unix.EADDRINUSE) {
+				t.Errorf("exclusive=%v: older agent's listen on %d: %v", tc.exclusive, port, lerr)
+			}
+		}
+		if tc.wantJoin && len(joined) != 3 {
+			t.Errorf("exclusiveListeners off: an older agent (root) joined only %v of 15001, 15006, 15008; a rollback would leave the pod without listeners", joined)
+		}
+		if !tc.wantJoin && len(joined) != 0 {
+			t.Errorf("exclusiveListeners on: a root socket joined the agent's listeners on %v", joined)
+		}
 	}
 }

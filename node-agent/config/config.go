@@ -116,6 +116,18 @@ type Config struct {
 	// (internal/maxprocs says why); a GOMAXPROCS environment variable
 	// overrides it.
 	MaxProcs int `json:"maxProcs,omitempty"`
+	// ExclusiveListeners makes the agent own its listeners in the pods
+	// as podnet.ListenerUID (needs CAP_SETUID), so no application of a
+	// pod, even one running as root with SO_REUSEPORT, can join their
+	// reuseport group and take a share of the connections. Off by
+	// default in this release: an agent older than session 10 cannot
+	// join such a group (the kernel requires the same owner), so a
+	// rollback to it under the DaemonSet's surge would leave the pods
+	// the newer agent enrolled with nothing listening (docs/upgrade.md).
+	// Turn it on once no node will go back to an older agent. Off, each
+	// listener is still checked after its bind, and an application
+	// already on the port fails the enrollment (docs/agent.md).
+	ExclusiveListeners bool `json:"exclusiveListeners,omitempty"`
 	// MaxConcurrentRequests bounds plugin requests handled at once.
 	MaxConcurrentRequests int `json:"maxConcurrentRequests,omitempty"`
 	// RequestTimeout bounds one plugin exchange; keep it below the plugin's
