@@ -148,7 +148,7 @@ func (a *Agent) adoptLocked(ctx context.Context, rec state.Pod, scan *lazyScan) 
 		wl.Identity = rec.Identity
 	}
 	p.rec.Identity = wl.Identity
-	if err := a.serve(p, f, wl); err != nil {
+	if err := a.serve(p, f, wl, false); err != nil {
 		f.Close()
 		a.m.failures.WithLabelValues(reasonOf(err)).Inc()
 		a.setStatus(cp, "failed", "AdoptionFailed", err.Error())

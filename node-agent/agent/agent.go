@@ -574,8 +574,10 @@ func (a *Agent) specFor(ips []netip.Addr, netns *os.File) redirect.Spec {
 
 // serve opens the listeners in the pod's netns and starts the tunnel for
 // it; on error nothing is left open. The netns file stays the caller's
-// until success, when p owns it.
-func (a *Agent) serve(p *pod, f *os.File, wl tunnel.Workload) error {
+// until success, when p owns it. atAdd: called from the CNI ADD, before
+// any container of the pod runs (no app socket to look for after the
+// binds).
+func (a *Agent) serve(p *pod, f *os.File, wl tunnel.Workload, atAdd bool) error {
 	if a.certs != nil {
 		if err := a.certs.Prefetch(wl.Identity); err != nil {
 			return &failure{"certificate", err}
@@ -609,7 +611,7 @@ func (a *Agent) serve(p *pod, f *os.File, wl tunnel.Workload) error {
 		unpin()
 	}
 	for _, port := range []uint16{a.spec.OutboundPort, a.spec.InboundPort, a.spec.HBONEPort} {
-		var o podnet.ListenOptions
+		o := podnet.ListenOptions{Fresh: atAdd}
 		if port == a.spec.OutboundPort {
 			// Its peers are the pod's own apps: keepalive probes would
 			// never find anything and cost four system calls per

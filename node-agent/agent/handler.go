@@ -147,7 +147,7 @@ func (a *Agent) add(ctx context.Context, req *cniproto.Request, f *os.File, chec
 	wl := a.workload(cp)
 	p.spec = spec
 	p.rec.Identity, p.rec.IPv4, p.rec.IPv6 = wl.Identity, spec.IPv4, spec.IPv6
-	if err := a.serve(p, f, wl); err != nil {
+	if err := a.serve(p, f, wl, true); err != nil {
 		a.m.failures.WithLabelValues(reasonOf(err)).Inc()
 		a.setStatus(cp, "failed", eventReason(err), message(err))
 		a.log.Warn("enrollment failed", "pod", rp.Namespace+"/"+rp.Name, "err", err)

@@ -310,7 +310,7 @@ func (a *Agent) enrollLive(ctx context.Context, cp cluster.Pod, p *pod, scan *la
 	wl := a.workload(cp)
 	rec.Identity, rec.IPv4, rec.IPv6 = wl.Identity, spec.IPv4, spec.IPv6
 	p.rec, p.spec = rec, spec
-	if err := a.serve(p, f, wl); err != nil {
+	if err := a.serve(p, f, wl, false); err != nil {
 		f.Close()
 		return err
 	}

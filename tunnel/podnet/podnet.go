@@ -298,6 +298,12 @@ type ListenOptions struct {
 	// probes to a local socket never find anything, and turning them on
 	// costs four setsockopt calls per accepted connection.
 	KeepAlive time.Duration
+	// Fresh says no application of the pod can have a socket yet (CNI
+	// ADD: the runtime starts the pod's containers only after it), so
+	// the check of the pod's sockets after a bind in a root-owned group
+	// is skipped (it costs more than the listener itself). An
+	// EADDRINUSE is still explained.
+	Fresh bool
 }
 
 // Listen opens a TCP listener on port inside the pod, dual-stack [::]:port
@@ -341,7 +347,7 @@ func (n *Net) Listen(port uint16, opts ListenOptions) (net.Listener, error) {
 	// check (the dump below costs twice the listener itself,
 	// BenchmarkListen). A root-owned group (ours without CAP_SETUID, an
 	// older agent's) lets a root application in too, maybe before us.
-	if uid >= 0 && uid == n.uid && exclusive(uid) {
+	if uid >= 0 && uid == n.uid && exclusive(uid) || opts.Fresh {
 		return ln, nil
 	}
 	if hs, derr := n.Holders(port); derr == nil {

@@ -13,28 +13,7 @@ import (
 // accept, close both ends), against the same through net.Dialer in our
 // own namespace; the ratio is what entering the pod adds.
 func BenchmarkDial(b *testing.B) {
-	if os.Geteuid() != 0 {
-		b.Skip("SKIPPED: needs root")
-	}
-	name := "amb-tun-bench"
-	exec.Command("ip", "netns", "del", name).Run()
-	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
-		b.Fatalf("ip netns add: %v %s", err, out)
-	}
-	b.Cleanup(func() { exec.Command("ip", "netns", "del", name).Run() })
-	if out, err := exec.Command("ip", "-n", name, "link", "set", "lo", "up").CombinedOutput(); err != nil {
-		b.Fatalf("lo up: %v %s", err, out)
-	}
-	f, err := os.Open("/var/run/netns/" + name)
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer f.Close()
-	n, err := Open(f)
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer n.Close()
+	n := benchNet(b, "amb-tun-bench")
 	run := func(b *testing.B, ln net.Listener, dial func() (net.Conn, error)) {
 		defer ln.Close()
 		go func() {
@@ -73,32 +52,16 @@ func BenchmarkDial(b *testing.B) {
 }
 
 // BenchmarkListen: what the port checks add to a listener (an enrollment
-// makes three). "listen" is Listen as the agent runs it (owned by
+// makes three). "listen" is Listen with exclusiveListeners on (owned by
 // ListenerUID: two setfsuid around socket(), no dump since the group is
-// ours alone), "before" the socket as agents made it before (the
-// process's own uid), "dumped" the same plus the sock_diag dump Listen
-// does after a bind when the group is root-owned (no CAP_SETUID, an
-// older agent's group). Each opens and closes one listener in a pod.
+// ours alone); "before" the socket as agents made it before session 10
+// (the process's own uid), which is also Listen with the switch off at
+// a CNI ADD (Fresh: no app runs yet, no dump); "dumped" the same plus
+// the sock_diag dump Listen does after a bind in a root-owned group (the
+// switch off at a live enrollment or re-adoption, an older agent's
+// group). Each opens and closes one listener in a pod.
 func BenchmarkListen(b *testing.B) {
-	if os.Geteuid() != 0 {
-		b.Skip("SKIPPED: needs root")
-	}
-	name := "amb-tun-lbench"
-	exec.Command("ip", "netns", "del", name).Run()
-	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
-		b.Fatalf("ip netns add: %v %s", err, out)
-	}
-	b.Cleanup(func() { exec.Command("ip", "netns", "del", name).Run() })
-	f, err := os.Open("/var/run/netns/" + name)
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer f.Close()
-	n, err := Open(f)
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer n.Close()
+	n := benchNet(b, "amb-tun-lbench")
 	for _, c := range []struct {
 		name string
 		open func() (net.Listener, error)
@@ -123,4 +86,32 @@ func BenchmarkListen(b *testing.B) {
 			}
 		})
 	}
+}
+
+// benchNet is a fresh network namespace called name (loopback up) opened
+// as a Net, both removed when b ends.
+func benchNet(b *testing.B, name string) *Net {
+	b.Helper()
+	if os.Geteuid() != 0 {
+		b.Skip("SKIPPED: needs root")
+	}
+	exec.Command("ip", "netns", "del", name).Run()
+	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
+		b.Fatalf("ip netns add: %v %s", err, out)
+	}
+	b.Cleanup(func() { exec.Command("ip", "netns", "del", name).Run() })
+	if out, err := exec.Command("ip", "-n", name, "link", "set", "lo", "up").CombinedOutput(); err != nil {
+		b.Fatalf("lo up: %v %s", err, out)
+	}
+	f, err := os.Open("/var/run/netns/" + name)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	n, err := Open(f)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { n.Close() })
+	return n
 }
