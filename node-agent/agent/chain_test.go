@@ -25,20 +25,7 @@ func TestEnrollThroughRealChain(t *testing.T) {
 		t.Run(set.Name, func(t *testing.T) {
 			h := startAgent(t, "", invAmbient)
 			cidr := netip.MustParsePrefix(fmt.Sprintf("10.80.%d.0/24", i))
-			dir, _ := os.MkdirTemp("", "amb-agt-lab-")
-			t.Cleanup(func() { os.RemoveAll(dir) })
-			node, err := lab.NewNode(lab.NodeOptions{
-				Name:       "amb-agt-" + lab.RandSuffix(),
-				PodCIDR:    cidr,
-				PluginDirs: []string{set.Dir, filepath.Dir(cni)},
-				CNIVersion: set.MaxCNIVersion,
-				Ambit:      map[string]any{"agentSocket": h.sock, "snapshotFile": filepath.Join(h.dir, "enrollment-snapshot.json")},
-				Dir:        dir,
-			})
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { node.Close() })
+			node := labNode(t, h, set, cni, cidr)
 			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 			defer cancel()
 
@@ -85,4 +72,26 @@ func TestEnrollThroughRealChain(t *testing.T) {
 			eventually(t, "listeners closed after CNI DEL", func() bool { return h.tun.Live() == 0 })
 		})
 	}
+}
+
+// labNode is a lab node whose CNI chain (the plugin set's bridge,
+// host-local and portmap, then the ambit-cni binary cni) asks h's agent;
+// removed when t ends.
+func labNode(t *testing.T, h *harness, set testenv.PluginSet, cni string, cidr netip.Prefix) *lab.Node {
+	t.Helper()
+	dir, _ := os.MkdirTemp("", "amb-agt-lab-")
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	node, err := lab.NewNode(lab.NodeOptions{
+		Name:       "amb-agt-" + lab.RandSuffix(),
+		PodCIDR:    cidr,
+		PluginDirs: []string{set.Dir, filepath.Dir(cni)},
+		CNIVersion: set.MaxCNIVersion,
+		Ambit:      map[string]any{"agentSocket": h.sock, "snapshotFile": filepath.Join(h.dir, "enrollment-snapshot.json")},
+		Dir:        dir,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { node.Close() })
+	return node
 }

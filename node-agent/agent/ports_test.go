@@ -5,9 +5,7 @@ import (
 	"errors"
 	"net"
 	"net/netip"
-	"os"
 	"os/exec"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -18,7 +16,6 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 	"golang.org/x/sys/unix"
 
-	"github.com/ambit-mesh/ambit/e2e/lab"
 	"github.com/ambit-mesh/ambit/internal/testenv"
 	"github.com/ambit-mesh/ambit/node-agent/cluster"
 	"github.com/ambit-mesh/ambit/node-agent/inventory"
@@ -200,23 +197,10 @@ func TestDeclaredReservedPortThroughRealChain(t *testing.T) {
 	set := testenv.PluginSets(t)[0]
 	sl := &statusLog{}
 	h := startAgent(t, "", invAmbient, withPorts(map[string][]cluster.DeclaredPort{"apps/web": {{Container: "app", Port: 15006}}}, sl))
-	dir, _ := os.MkdirTemp("", "amb-agt-lab-")
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	node, err := lab.NewNode(lab.NodeOptions{
-		Name:       "amb-agt-" + lab.RandSuffix(),
-		PodCIDR:    netip.MustParsePrefix("10.81.0.0/24"),
-		PluginDirs: []string{set.Dir, filepath.Dir(cni)},
-		CNIVersion: set.MaxCNIVersion,
-		Ambit:      map[string]any{"agentSocket": h.sock, "snapshotFile": filepath.Join(h.dir, "enrollment-snapshot.json")},
-		Dir:        dir,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { node.Close() })
+	node := labNode(t, h, set, cni, netip.MustParsePrefix("10.81.0.0/24"))
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	_, err = node.AddPod(ctx, "apps", "web")
+	_, err := node.AddPod(ctx, "apps", "web")
 	var ce *types.Error
 	if !errors.As(err, &ce) {
 		t.Fatalf("ADD of a pod declaring 15006: %v (%T), want a CNI error", err, err)
