@@ -31,14 +31,7 @@ type caEnv struct {
 
 func newCA(t testing.TB, nodes ...string) *caEnv {
 	t.Helper()
-	m, err := ca.GenerateRoot(td, 30*24*time.Hour)
-	if err != nil {
-		t.Fatal(err)
-	}
-	a, err := ca.NewAuthority(td, m)
-	if err != nil {
-		t.Fatal(err)
-	}
+	a := newAuthority(t)
 	cl := catest.NewCluster()
 	for _, n := range nodes {
 		cl.AddAgent(t, n)
@@ -268,4 +261,18 @@ func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// newAuthority is a CA of the test trust domain on a root of its own.
+func newAuthority(t testing.TB) *ca.Authority {
+	t.Helper()
+	m, err := ca.GenerateRoot(td, 30*24*time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := ca.NewAuthority(td, m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return a
 }

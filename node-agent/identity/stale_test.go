@@ -9,7 +9,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/ambit-mesh/ambit/node-agent/ca"
 	"github.com/ambit-mesh/ambit/node-agent/identity"
 )
 
@@ -38,15 +37,7 @@ func (r *replicas) Roots(ctx context.Context) ([]*x509.Certificate, error) {
 
 func authority(t *testing.T) *identity.LocalSigner {
 	t.Helper()
-	m, err := ca.GenerateRoot(td, 30*24*time.Hour)
-	if err != nil {
-		t.Fatal(err)
-	}
-	a, err := ca.NewAuthority(td, m)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return &identity.LocalSigner{Authority: a}
+	return &identity.LocalSigner{Authority: newAuthority(t)}
 }
 
 // Two CA replicas, one on the old root and one on the new (a root

@@ -305,7 +305,6 @@ func BenchmarkServiceChoice(b *testing.B) {
 	}
 	b.StopTimer()
 	_ = sink
-	med := func(x []float64) float64 { x = slices.Clone(x); slices.Sort(x); return x[len(x)/2] }
 	index := map[string]int{}
 	for v := range variants {
 		index[variants[v].name] = v
@@ -315,10 +314,10 @@ func BenchmarkServiceChoice(b *testing.B) {
 		for r := range ns[v] {
 			ratios = append(ratios, ns[v][r]/ns[base][r])
 		}
-		b.ReportMetric(med(ratios), variants[v].name+"/"+variants[base].name)
+		b.ReportMetric(median(ratios), variants[v].name+"/"+variants[base].name)
 	}
 	for v := range variants {
-		b.ReportMetric(med(ns[v]), variants[v].name+"-ns/conn")
+		b.ReportMetric(median(ns[v]), variants[v].name+"-ns/conn")
 		if base := variants[v].base; base != "" {
 			ratio(v, index[base])
 		}
@@ -386,12 +385,18 @@ func BenchmarkServiceRebuildKnownPods(b *testing.B) {
 			}
 		}
 	}
-	med := func(x []float64) float64 { x = slices.Clone(x); slices.Sort(x); return x[len(x)/2] }
 	ratios := make([]float64, len(plain))
 	for i := range plain {
 		ratios[i] = checked[i] / plain[i]
 	}
-	b.ReportMetric(med(plain)/1e3, "unchecked-µs")
-	b.ReportMetric(med(checked)/1e3, "checked-µs")
-	b.ReportMetric(med(ratios), "checked/unchecked")
+	b.ReportMetric(median(plain)/1e3, "unchecked-µs")
+	b.ReportMetric(median(checked)/1e3, "checked-µs")
+	b.ReportMetric(median(ratios), "checked/unchecked")
+}
+
+// median of x (x is left as it was).
+func median(x []float64) float64 {
+	x = slices.Clone(x)
+	slices.Sort(x)
+	return x[len(x)/2]
 }
