@@ -303,6 +303,15 @@ func TestAgentDaemonSet(t *testing.T) {
 	_ = sa
 }
 
+func mustJSON(t *testing.T, v any) string {
+	t.Helper()
+	b, err := stdjson.Marshal(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
 func metaSelector(m map[string]string) (labels.Selector, error) {
 	return labels.SelectorFromSet(m), nil
 }
@@ -504,7 +513,18 @@ func TestOverlays(t *testing.T) {
 			t.Errorf("kind overlay: container %s must use the image loaded into the node", c.Name)
 		}
 	}
-	agentConfig(t, kind)
+	// The overlay replaces the whole config.yaml: it must still point the
+	// agent at the keeper container the DaemonSet runs, or a kill -9 of
+	// the agent refuses connections on kind while the keeper idles.
+	kcfg := agentConfig(t, kind)
+	checkKeeper(t, ds.Spec.Template.Spec, kcfg)
+	// Beyond the keeper: any field the overlay drops silently takes its
+	// default instead of the base's value.
+	bcfg := agentConfig(t, base)
+	kcfg.ExcludedNamespaces, kcfg.LogLevel, kcfg.LogFormat = bcfg.ExcludedNamespaces, bcfg.LogLevel, bcfg.LogFormat
+	if b, k := mustJSON(t, bcfg), mustJSON(t, kcfg); b != k {
+		t.Errorf("kind overlay's config.yaml differs from the base's beyond excludedNamespaces and logs:\nbase %s\nkind %s", b, k)
+	}
 	if len(kind.objs) != len(base.objs) {
 		t.Errorf("kind overlay renders %d objects, base %d", len(kind.objs), len(base.objs))
 	}
