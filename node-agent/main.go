@@ -183,7 +183,8 @@ func run(ctx context.Context, args []string) error {
 
 	// Policies, and the tunnel that enforces them.
 	engine := policy.New(policy.Options{Logger: log, Registerer: reg})
-	proxy, err := tunnel.New(tunnel.Config{Directory: view, Certificates: ids, Authorizer: engine, Logger: log, Registerer: reg})
+	proxy, err := tunnel.New(tunnel.Config{Directory: view, Certificates: ids, Authorizer: engine, Logger: log, Registerer: reg,
+		MaxConnections: cfg.MaxConnections})
 	if err != nil {
 		return err
 	}

@@ -141,6 +141,14 @@ func (sv *Serving) isAgentPort(ap netip.AddrPort) bool {
 func (sv *Serving) outbound(c *net.TCPConn, slots chan struct{}) {
 	r := &record{dir: "outbound", src: addrPortOf(c.RemoteAddr()), srcID: sv.pod.Workload.Identity, start: time.Now(), slots: slots}
 	defer r.release()
+	// Counted against the source pod, refused before anything is spent
+	// on it (no dial, no TLS): the app sees a reset at once.
+	if ok, held, share := sv.admitConn(); !ok {
+		sv.shed(r, held, share)
+		reset(c)
+		return
+	}
+	defer sv.connDone()
 	dst, err := originalDst(c)
 	if err != nil {
 		sv.failed(r, "no_original_dst", err)
@@ -270,7 +278,8 @@ var firstBufs = sync.Pool{New: func() any { b := make([]byte, 16<<10); return &b
 
 // refusedHeader rides on our 401 when the server refused the stream
 // because of the client's certificate (refuseStale), not its policy: its
-// value is the server's reason (tls_expired, tls_untrusted). HBONE has
+// value is the server's reason (tls_expired, tls_untrusted); and on our
+// 503 when the destination pod is over its share (over_share). HBONE has
 // only the bare 401 for both, so without it the client counted a
 // certificate refusal as a policy denial. Peers that do not know it
 // ignore it: ztunnel's and Istio's clients look at the status only.
@@ -288,6 +297,10 @@ func statusReason(st int, why string) string {
 		}
 		return "denied"
 	case 503:
+		if why == overShare {
+			// The destination pod's agent shed it (share.go).
+			return "upstream_over_share"
+		}
 		return "upstream_unavailable"
 	}
 	return "status_" + itoa(st)
@@ -403,6 +416,14 @@ func (sv *Serving) inboundPlain(c *net.TCPConn, slots chan struct{}) {
 	w := sv.workload()
 	r := &record{dir: "inbound", mode: "plaintext", src: addrPortOf(c.RemoteAddr()), dstID: w.Identity, start: time.Now(), slots: slots}
 	defer r.release()
+	// Counted against the destination pod; refused with a reset, the
+	// app never dialled.
+	if ok, held, share := sv.admitConn(); !ok {
+		sv.shed(r, held, share)
+		reset(c)
+		return
+	}
+	defer sv.connDone()
 	dst, err := originalDst(c)
 	if err != nil {
 		sv.failed(r, "no_original_dst", err)
@@ -669,6 +690,18 @@ func (sv *Serving) inboundStream(s *hbone.Stream, peerID string, peer netip.Addr
 		sv.failed(r, "denied", errors.New("policy "+v.Policy+": "+v.Reason))
 		return
 	}
+	// Counted against the destination pod. Refused with 503, ztunnel's
+	// answer for an upstream it cannot serve, and not REFUSED_STREAM,
+	// which says the stream may be retried as is (x/net's transport
+	// retries it at once: a refusal would become a loop); nor 429,
+	// which blames this client when it is the pod's load, all its
+	// clients together. refusedHeader says why, for our clients' metrics.
+	if ok, held, share := sv.admitConn(); !ok {
+		s.Respond(503, []hpack.HeaderField{{Name: refusedHeader, Value: overShare}})
+		sv.shed(r, held, share)
+		return
+	}
+	defer sv.connDone()
 	app, err := sv.dialApp(peer.Addr(), dst)
 	if err != nil {
 		s.Respond(503, nil)

@@ -79,6 +79,17 @@ type Config struct {
 	// established or fails, and new connections wait in the kernel's
 	// accept queue.
 	MaxPendingConns int
+	// MaxConnections is the agent's budget of proxied connections, all
+	// pods together (outbound counted against the source pod, inbound
+	// HBONE streams and plaintext against the destination pod, from
+	// accept to close). Below half of it nothing is refused; past half, a
+	// pod holding its share (half the budget over the pods served, at
+	// least 64) or more is refused, and a pod under its share always gets
+	// in (docs/tunnel.md "Connection share"). Refused: a reset on 15001
+	// and 15006, a 503 on an HBONE stream, counted with reason
+	// over_share. 0: DefaultMaxConnections (from the memory limit and
+	// RLIMIT_NOFILE); negative: no budget (counted, never refused).
+	MaxConnections int
 	// NoOriginalSource makes inbound connections to the app come from the
 	// pod's own address instead of the client's (only for pods without
 	// the in-pod reply routing).
@@ -111,8 +122,12 @@ type Proxy struct {
 	services ServiceDirectory
 	affinity *balance.Table
 
-	mu   sync.Mutex
-	live map[*liveConn]struct{} // inbound connections, for Reauthorize
+	// share is the connection budget and its count (share.go).
+	share connShare
+
+	mu       sync.Mutex
+	live     map[*liveConn]struct{} // inbound connections, for Reauthorize
+	servings map[*Serving]struct{}  // pods served, for the share's metrics
 }
 
 // endpointsOnly is a Directory without ServiceByAddr: no Service has
@@ -156,6 +171,7 @@ func New(cfg Config) (*Proxy, error) {
 		hbonePort:      cfg.HBONEPort,
 		agentPorts:     map[uint16]bool{},
 		live:           map[*liveConn]struct{}{},
+		servings:       map[*Serving]struct{}{},
 		affinity:       balance.NewTable(0),
 	}
 	if sd, ok := cfg.Directory.(ServiceDirectory); ok {
@@ -209,6 +225,19 @@ func New(cfg Config) (*Proxy, error) {
 		p.hs.total = 4096
 	}
 	p.hsLog.perSecond, p.pauseLog.perSecond = 10, 1
+	switch budget := cfg.MaxConnections; {
+	case budget > 0:
+		p.share.init(int64(budget), "maxConnections")
+	case budget < 0:
+		p.share.init(0, "maxConnections (negative: none)")
+	default:
+		n, from := DefaultMaxConnections()
+		p.share.init(int64(n), from)
+	}
+	p.log.Info("connection budget", "budget", p.share.budget, "share_floor", shareFloor, "from", p.share.from, "setting", "maxConnections")
+	if cfg.Registerer != nil {
+		register(cfg.Registerer, prometheus.Collector(newShareCollector(p)))
+	}
 	return p, nil
 }
 
@@ -246,6 +275,11 @@ type Serving struct {
 	// labels are the pod's labels now (SetLabels); pod.Workload.Labels
 	// are those it was served with.
 	labels atomic.Pointer[map[string]string]
+
+	// conns are the pod's proxied connections now (share.go); shedLog
+	// bounds the lines its refusals write.
+	conns   atomic.Int64
+	shedLog logLimiter
 }
 
 // Labels returns the pod's current labels (read-only).
@@ -302,6 +336,11 @@ func (p *Proxy) Serve(pod Pod) (*Serving, error) {
 	labels := maps.Clone(w.Labels)
 	sv.labels.Store(&labels)
 	sv.pool = newPool(p, pod.Net)
+	sv.shedLog.perSecond = 1
+	p.mu.Lock()
+	p.servings[sv] = struct{}{}
+	p.mu.Unlock()
+	p.share.podsChanged(1)
 	for _, l := range []struct {
 		ln    net.Listener
 		name  string
@@ -423,6 +462,12 @@ func (s *Serving) Close(ctx context.Context) error {
 		hconns = append(hconns, c)
 	}
 	s.mu.Unlock()
+	// The pod stops taking new connections: the others share the budget
+	// from now on (what it still holds counts until it ends).
+	s.p.share.podsChanged(-1)
+	s.p.mu.Lock()
+	delete(s.p.servings, s)
+	s.p.mu.Unlock()
 	for _, ln := range []net.Listener{s.pod.Outbound, s.pod.Inbound, s.pod.HBONE} {
 		if ln != nil {
 			ln.Close()

@@ -128,6 +128,19 @@ type Config struct {
 	// listener is still checked after its bind, and an application
 	// already on the port fails the enrollment (docs/agent.md).
 	ExclusiveListeners bool `json:"exclusiveListeners,omitempty"`
+	// MaxConnections is the agent's budget of proxied connections, all
+	// its pods together: below half of it nothing is refused; past half,
+	// a pod holding its share (half the budget over the pods served, at
+	// least 64) or more gets no new connection (a reset, or 503 on an
+	// HBONE stream; ambit_tunnel_connections_failed_total{reason=
+	// "over_share"} and a log line naming the pod), while a pod under its
+	// share always gets in, so one pod cannot take the agent, and every
+	// pod's mesh with it, down. 0: derived from what the agent has (three
+	// quarters of GOMEMLIMIT at 32 KiB a connection, or RLIMIT_NOFILE
+	// less a reserve at two descriptors a connection, the smaller: 24,576
+	// with the DaemonSet's 1 GiB); -1: no budget (docs/tunnel.md
+	// "Connection share").
+	MaxConnections int `json:"maxConnections,omitempty"`
 	// MaxConcurrentRequests bounds plugin requests handled at once.
 	MaxConcurrentRequests int `json:"maxConcurrentRequests,omitempty"`
 	// RequestTimeout bounds one plugin exchange; keep it below the plugin's
@@ -284,6 +297,9 @@ func (c *Config) Validate() error {
 	}
 	if c.MaxProcs < 0 {
 		return fmt.Errorf("maxProcs: %d is negative (0 picks half the CPUs)", c.MaxProcs)
+	}
+	if c.MaxConnections < -1 {
+		return fmt.Errorf("maxConnections: %d must be 0 (derived from the memory limit and RLIMIT_NOFILE), -1 (no budget) or a budget of connections", c.MaxConnections)
 	}
 	if c.KeeperSocket != "" && (!filepath.IsAbs(c.KeeperSocket) || len(c.KeeperSocket) > 107) {
 		return fmt.Errorf("keeperSocket: %q must be an absolute path of at most 107 bytes", c.KeeperSocket)

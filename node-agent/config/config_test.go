@@ -74,6 +74,7 @@ func TestErrorsNameTheField(t *testing.T) {
 		"nodeName: n\ndrainTimeout: soon\n":               "drainTimeout",
 		"nodeName: n\nmaxConcurrentRequests: 0\n":         "maxConcurrentRequests",
 		"nodeName: n\nmaxProcs: -1\n":                     "maxProcs",
+		"nodeName: n\nmaxConnections: -2\n":               "maxConnections",
 		"nodeName: n\nhealthAddr: nope\n":                 "healthAddr",
 		"nodeName: n\nlogLevel: loud\n":                   "logLevel",
 		"nodeName: n\nhostRules: yes\n":                   "hostRules",

@@ -1,0 +1,393 @@
+package tunnel_test
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/ambit-mesh/ambit/internal/testenv"
+	"github.com/ambit-mesh/ambit/tunnel"
+	"github.com/ambit-mesh/ambit/tunnel/internal/meshtest"
+)
+
+// The connection share (share.go, docs/tunnel.md "Connection share"):
+// two agents, each serving two pods (A and A2 on one, B and B2 on the
+// other; A–B and A2–B2 on their own links), so a hog and another pod
+// share one agent's budget.
+
+// syncBuf is a log sink the agents' goroutines may write at once.
+type syncBuf struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuf) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuf) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// shareAgent is one agent (Proxy) serving two pods.
+type shareAgent struct {
+	px   *tunnel.Proxy
+	svs  []*tunnel.Serving
+	reg  *meshtest.Node // only its Reg: Metric
+	logs *syncBuf
+}
+
+// shareLab is pods A, B (mesh m) and A2, B2 (mesh m2, its pods'
+// identities from m's CA), with apps echoing (peerEcho) on B:8080 and
+// B2:8080.
+type shareLab struct {
+	m, m2  *meshtest.Mesh
+	a2, b2 tunnel.Workload
+}
+
+func newShareLab(t *testing.T) *shareLab {
+	testenv.RequireRoot(t)
+	l := &shareLab{m: meshtest.New(t, meshtest.Options{NoServe: true})}
+	// Pair picks its subnet at random among 100: the two must differ, as
+	// the directory holds both.
+	for l.m2 == nil || l.m2.A.Pod.IP4 == l.m.A.Pod.IP4 {
+		l.m2 = meshtest.New(t, meshtest.Options{NoServe: true})
+	}
+	for _, w := range []*tunnel.Workload{&l.a2, &l.b2} {
+		src := l.m2.A.Workload
+		if w == &l.b2 {
+			src = l.m2.B.Workload
+		}
+		*w = src
+		w.Namespace += "2"
+		w.Identity = l.m.CA.ID(w.Namespace, w.ServiceAccount)
+		l.m.Dir.AddWorkload(*w)
+	}
+	go peerEcho(l.m.B.Listen(t, "[::]:8080"))
+	go peerEcho(l.m2.B.Listen(t, "[::]:8080"))
+	return l
+}
+
+// serve starts an agent with cfg for the pods given (workload and netns).
+func (l *shareLab) serve(t *testing.T, cfg tunnel.Config, pods ...struct {
+	w tunnel.Workload
+	n *meshtest.Node
+}) *shareAgent {
+	t.Helper()
+	ag := &shareAgent{reg: &meshtest.Node{Reg: prometheus.NewRegistry()}, logs: &syncBuf{}}
+	cfg.Directory, cfg.Certificates, cfg.Authorizer, cfg.Registerer = l.m.Dir, l.m.Certs, l.m.Auth, ag.reg.Reg
+	cfg.Logger = slog.New(slog.NewTextHandler(ag.logs, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	px, err := tunnel.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ag.px = px
+	for _, p := range pods {
+		pod, err := meshtest.PodListeners(p.w, p.n.Net)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sv, err := px.Serve(pod)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ag.svs = append(ag.svs, sv)
+	}
+	t.Cleanup(func() { ag.close() })
+	return ag
+}
+
+func (ag *shareAgent) close() {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	for _, sv := range ag.svs {
+		sv.Close(ctx)
+	}
+}
+
+// agents starts the A side (A, A2) with cfgA and the B side (B, B2) with
+// cfgB.
+func (l *shareLab) agents(t *testing.T, cfgA, cfgB tunnel.Config) (a, b *shareAgent) {
+	type pw = struct {
+		w tunnel.Workload
+		n *meshtest.Node
+	}
+	a = l.serve(t, cfgA, pw{l.m.A.Workload, l.m.A}, pw{l.a2, l.m2.A})
+	b = l.serve(t, cfgB, pw{l.m.B.Workload, l.m.B}, pw{l.b2, l.m2.B})
+	return a, b
+}
+
+// echoOnce opens a connection with dial and makes one round trip on it,
+// leaving it open; nil and the error when the connection was refused.
+func echoOnce(dial func() (net.Conn, error), i int) (net.Conn, error) {
+	c, err := dial()
+	if err != nil {
+		return nil, err
+	}
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	msg := fmt.Sprintf("conn-%d", i)
+	if _, err := fmt.Fprintf(c, "echo\n%s", msg); err != nil {
+		c.Close()
+		return nil, err
+	}
+	buf := make([]byte, len(msg))
+	if _, err := io.ReadFull(c, buf); err != nil {
+		c.Close()
+		return nil, err
+	}
+	if string(buf) != msg {
+		c.Close()
+		return nil, fmt.Errorf("got %q", buf)
+	}
+	c.SetDeadline(time.Time{})
+	return c, nil
+}
+
+// hog opens n connections one after the other, keeping those that work;
+// it returns them and how many were refused with a reset (any other
+// failure fails the test).
+func hog(t *testing.T, n int, dial func() (net.Conn, error)) (held []net.Conn, refused int) {
+	t.Helper()
+	t.Cleanup(func() {
+		for _, c := range held {
+			c.Close()
+		}
+	})
+	for i := 0; i < n; i++ {
+		c, err := echoOnce(dial, i)
+		if err != nil {
+			// (A refusal may reach the app before its connect returns.)
+			if !strings.Contains(err.Error(), "reset") && !strings.Contains(err.Error(), "broken pipe") {
+				t.Fatalf("connection %d: %v, want it to work or be reset", i, err)
+			}
+			refused++
+			continue
+		}
+		held = append(held, c)
+	}
+	return held, refused
+}
+
+func closeAll(cs []net.Conn) {
+	for _, c := range cs {
+		c.Close()
+	}
+}
+
+// waitZero waits until every pod of ag holds no connection.
+func waitZero(t *testing.T, ag *shareAgent) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		held, _ := ag.px.Connections()
+		per := []int{}
+		for _, sv := range ag.svs {
+			per = append(per, sv.Connections())
+		}
+		if held == 0 && per[0] == 0 && per[1] == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("agent still counts %d connections (pods %v) after every one closed", held, per)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// With a budget of 400 for two pods, nothing is refused below 200, all
+// pods together, and past that a pod holding its share (100) or more is.
+const (
+	testBudget = 400
+	testFree   = testBudget / 2
+	testShare  = testBudget / 2 / 2
+)
+
+// checkShed checks what the shedding agent reports: the refusals by
+// reason, the pod over its share in the metrics, and its log line.
+func checkShed(t *testing.T, ag *shareAgent, dir, pod string, refused int) {
+	t.Helper()
+	if got := ag.reg.Metric(t, "ambit_tunnel_connections_failed_total", map[string]string{"direction": dir, "reason": "over_share"}); got != float64(refused) {
+		t.Errorf("failed_total{%s, over_share} = %v, want %d", dir, got, refused)
+	}
+	if got := ag.reg.Metric(t, "ambit_tunnel_pod_connections_over_share", map[string]string{"pod": pod}); got != testFree {
+		t.Errorf("pod_connections_over_share{pod=%s} = %v, want %d", pod, got, testFree)
+	}
+	if got := ag.reg.Metric(t, "ambit_tunnel_connection_budget", nil); got != testBudget {
+		t.Errorf("connection_budget = %v, want %d", got, testBudget)
+	}
+	logs := ag.logs.String()
+	lines := strings.Count(logs, "connection refused: the pod holds its share")
+	if lines < 1 || lines > 3 {
+		t.Errorf("%d log lines for %d refusals in about a second, want 1-3 (one a second per pod)\n%s", lines, refused, logs)
+	}
+	for _, want := range []string{"pod=" + pod, fmt.Sprintf("pod_connections=%d", testFree), fmt.Sprintf("share=%d", testShare),
+		fmt.Sprintf("budget=%d", testBudget), "setting=maxConnections"} {
+		if !strings.Contains(logs, want) {
+			t.Errorf("the refusal's log line does not say %s:\n%s", want, logs)
+		}
+	}
+	if strings.Contains(logs, "connection failed") {
+		t.Errorf("a refusal wrote an access-log line per connection (unbounded):\n%s", firstLines(logs, 3))
+	}
+}
+
+func firstLines(s string, n int) string {
+	ls := strings.SplitN(s, "\n", n+1)
+	return strings.Join(ls[:min(n, len(ls))], "\n")
+}
+
+// TestShareOutbound: pod A's app opens 300 connections through its agent
+// (budget 400, so 200 free for all, share 100 a pod). The first 200 get
+// in (nothing is refused below half the budget), the other 100 are reset
+// at once; pod A2, on the same agent and under its share, still gets
+// every new connection. The agent counts them back to zero once closed.
+// Before session 11 all 300 (and any number) got in.
+func TestShareOutbound(t *testing.T) {
+	l := newShareLab(t)
+	a, _ := l.agents(t, tunnel.Config{MaxConnections: testBudget}, tunnel.Config{})
+	held, refused := hog(t, 300, func() (net.Conn, error) { return l.m.A.Dial(netip.AddrPortFrom(l.m.B.Pod.IP4, 8080)) })
+	t.Logf("hog: %d held, %d refused", len(held), refused)
+	if len(held) != testFree || refused != 300-testFree {
+		t.Errorf("hog A: %d held and %d refused, want %d and %d", len(held), refused, testFree, 300-testFree)
+	}
+	other, refused2 := hog(t, 50, func() (net.Conn, error) { return l.m2.A.Dial(netip.AddrPortFrom(l.m2.B.Pod.IP4, 8080)) })
+	if refused2 != 0 {
+		t.Errorf("pod A2 under its share: %d of 50 new connections refused, want 0", refused2)
+	}
+	if got, want := a.svs[0].Connections(), testFree; got != want {
+		t.Errorf("pod A holds %d, want %d", got, want)
+	}
+	if n, _ := a.px.Connections(); n != testFree+50 {
+		t.Errorf("agent holds %d, want %d", n, testFree+50)
+	}
+	checkShed(t, a, "outbound", l.m.A.Workload.Namespace+"/"+l.m.A.Workload.Name, refused)
+	closeAll(held)
+	closeAll(other)
+	waitZero(t, a)
+	// The share is no bound below half the budget: once the hog let go,
+	// A gets in again.
+	again, r := hog(t, 10, func() (net.Conn, error) { return l.m.A.Dial(netip.AddrPortFrom(l.m.B.Pod.IP4, 8080)) })
+	if r != 0 {
+		t.Errorf("after the hog closed: %d of 10 refused", r)
+	}
+	closeAll(again)
+	waitZero(t, a)
+}
+
+// TestShareInboundHBONE: A's app (its agent without a small budget)
+// opens 300 connections to B, whose agent has a budget of 400: B's agent
+// answers the streams past 200 with 503 and ambit-refused: over_share
+// (no dial of B's app), A's agent resets its app's connection and counts
+// upstream_over_share; A2's connections to B2, on B's agent, all get in.
+func TestShareInboundHBONE(t *testing.T) {
+	l := newShareLab(t)
+	a, b := l.agents(t, tunnel.Config{}, tunnel.Config{MaxConnections: testBudget})
+	held, refused := hog(t, 300, func() (net.Conn, error) { return l.m.A.Dial(netip.AddrPortFrom(l.m.B.Pod.IP4, 8080)) })
+	t.Logf("hog: %d held, %d refused", len(held), refused)
+	if len(held) != testFree || refused != 300-testFree {
+		t.Errorf("A to B: %d held and %d refused, want %d and %d", len(held), refused, testFree, 300-testFree)
+	}
+	other, refused2 := hog(t, 50, func() (net.Conn, error) { return l.m2.A.Dial(netip.AddrPortFrom(l.m2.B.Pod.IP4, 8080)) })
+	if refused2 != 0 {
+		t.Errorf("pod B2 under its share: %d of 50 new connections refused, want 0", refused2)
+	}
+	checkShed(t, b, "inbound", l.m.B.Workload.Namespace+"/"+l.m.B.Workload.Name, refused)
+	if got := a.reg.Metric(t, "ambit_tunnel_connections_failed_total", map[string]string{"direction": "outbound", "reason": "upstream_over_share"}); got != float64(refused) {
+		t.Errorf("A's agent: failed_total{outbound, upstream_over_share} = %v, want %d", got, refused)
+	}
+	closeAll(held)
+	closeAll(other)
+	waitZero(t, a)
+	waitZero(t, b)
+}
+
+// TestShareInboundPlaintext: 300 plaintext connections to B's app (from
+// A's netns, not captured there: anyone in permissive mode), B's agent
+// with a budget of 400: 200 get in, the rest are reset before any dial
+// of the app; plaintext to B2 on the same agent all gets in.
+func TestShareInboundPlaintext(t *testing.T) {
+	l := newShareLab(t)
+	_, b := l.agents(t, tunnel.Config{}, tunnel.Config{MaxConnections: testBudget})
+	plain := func(n *meshtest.Node, dst netip.Addr) func() (net.Conn, error) {
+		return func() (net.Conn, error) {
+			return n.Net.Dial(context.Background(), netip.Addr{}, netip.AddrPortFrom(dst, 8080))
+		}
+	}
+	held, refused := hog(t, 300, plain(l.m.A, l.m.B.Pod.IP4))
+	if len(held) != testFree || refused != 300-testFree {
+		t.Errorf("plaintext to B: %d held and %d refused, want %d and %d", len(held), refused, testFree, 300-testFree)
+	}
+	other, refused2 := hog(t, 50, plain(l.m2.A, l.m2.B.Pod.IP4))
+	if refused2 != 0 {
+		t.Errorf("plaintext to B2 under its share: %d of 50 refused, want 0", refused2)
+	}
+	checkShed(t, b, "inbound", l.m.B.Workload.Namespace+"/"+l.m.B.Workload.Name, refused)
+	closeAll(held)
+	closeAll(other)
+	waitZero(t, b)
+}
+
+// TestShareCountsEveryExit: every way a connection ends gives its count
+// back, on both agents: a stream whose app dial fails (nothing on the
+// port: 503 upstream_unavailable), connections reset by the app mid-way,
+// and connections still open when the agent closes the pods (a drain cut
+// at its deadline, as at a hand-over).
+func TestShareCountsEveryExit(t *testing.T) {
+	l := newShareLab(t)
+	a, b := l.agents(t, tunnel.Config{MaxConnections: testBudget}, tunnel.Config{MaxConnections: testBudget})
+	for i := 0; i < 20; i++ {
+		// A's agent may have the 503 and reset the app's connection
+		// before its connect returns: a refusal either way.
+		c, err := l.m.A.Dial(netip.AddrPortFrom(l.m.B.Pod.IP4, 8099))
+		if err != nil {
+			continue
+		}
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		fmt.Fprintf(c, "x")
+		io.ReadAll(c)
+		c.Close()
+	}
+	if got := b.reg.Metric(t, "ambit_tunnel_connections_failed_total", map[string]string{"reason": "upstream_unreachable"}); got != 20 {
+		t.Errorf("B's agent: %v app dials failed, want 20", got)
+	}
+	waitZero(t, a)
+	waitZero(t, b)
+	held, _ := hog(t, 30, func() (net.Conn, error) { return l.m.A.Dial(netip.AddrPortFrom(l.m.B.Pod.IP4, 8080)) })
+	for _, c := range held {
+		c.(*net.TCPConn).SetLinger(0)
+		c.Close() // RST
+	}
+	waitZero(t, a)
+	waitZero(t, b)
+	held, _ = hog(t, 30, func() (net.Conn, error) { return l.m.A.Dial(netip.AddrPortFrom(l.m.B.Pod.IP4, 8080)) })
+	if n, _ := a.px.Connections(); n != 30 {
+		t.Fatalf("A's agent holds %d, want 30", n)
+	}
+	if n, _ := b.px.Connections(); n != 30 {
+		t.Fatalf("B's agent holds %d, want 30", n)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	for _, ag := range []*shareAgent{b, a} {
+		for _, sv := range ag.svs {
+			sv.Close(ctx) // past the deadline: the live ones are cut
+		}
+	}
+	waitZero(t, a)
+	waitZero(t, b)
+	closeAll(held)
+}
