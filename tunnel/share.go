@@ -174,10 +174,13 @@ func DefaultMaxConnections() (int, string) {
 }
 
 // connCost is what a connection costs the agent in memory, with
-// headroom: BenchmarkIdleConnMemory measures ~20 KiB for both sides of an
-// idle connection (~10 KiB each side, mostly the goroutine's stack), and
-// a connection moving data holds the pump's buffers (16-64 KiB frames)
-// for as long as it does (docs/tunnel.md "Connection share").
+// headroom. BenchmarkConnMemoryProcs (agents as processes, resident
+// memory, GC slack included, 500 connections) measured a side of a
+// connection at 11.8 KiB held idle, 21 KiB doing 1 KiB round trips back
+// to back and 71 KiB streaming bulk (the pump's buffers and the data in
+// flight): 32 KiB covers the first two, which is what a node's thousands
+// of connections are; a node where thousands stream at once at full
+// speed is CPU-bound long before, and can set maxConnections.
 const connCost = 32 << 10
 
 // memoryLimit is the memory the agent may use and where that figure

@@ -3,20 +3,26 @@ package tunnel_test
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/netip"
+	"os"
+	"runtime/debug"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sys/unix"
 
 	"github.com/ambit-mesh/ambit/internal/testenv"
 	"github.com/ambit-mesh/ambit/tunnel"
+	"github.com/ambit-mesh/ambit/tunnel/internal/benchkit"
 	"github.com/ambit-mesh/ambit/tunnel/internal/meshtest"
 )
 
@@ -390,4 +396,131 @@ func TestShareCountsEveryExit(t *testing.T) {
 	waitZero(t, a)
 	waitZero(t, b)
 	closeAll(held)
+}
+
+// BenchmarkConnMemoryProcs measures what the connection share's cost per
+// connection (connCost in share.go) stands for: the resident memory of
+// both agents (processes, as the node agent runs; what GOMEMLIMIT and
+// the cgroup limit see, GC slack included) per connection, with 500
+// connections held idle after a round trip, doing 1 KiB round trips
+// back to back, and streaming bulk data (64 KiB writes to a sink).
+func BenchmarkConnMemoryProcs(b *testing.B) {
+	testenv.RequireRoot(b)
+	const N = 500
+	rss := func(s benchkit.Setup) int64 {
+		var sum int64
+		for _, pid := range s.Pids {
+			bs, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+			if err != nil {
+				b.Fatal(err)
+			}
+			for _, ln := range strings.Split(string(bs), "\n") {
+				if f := strings.Fields(ln); len(f) >= 2 && f[0] == "VmRSS:" {
+					kb, _ := strconv.ParseInt(f[1], 10, 64)
+					sum += kb << 10
+				}
+			}
+		}
+		return sum
+	}
+	for i := 0; i < b.N; i++ {
+		for _, mode := range []string{"idle", "round trips", "bulk"} {
+			s := benchkit.AmbitProcs(b)
+			// Warm: the pooled connections exist.
+			if _, _, err := benchkit.Latency(s, 100); err != nil {
+				b.Fatal(err)
+			}
+			time.Sleep(500 * time.Millisecond)
+			before := rss(s)
+			var conns []net.Conn
+			stop := make(chan struct{})
+			var wg sync.WaitGroup
+			for j := 0; j < N; j++ {
+				port := uint16(benchkit.PortRR)
+				if mode == "bulk" {
+					port = benchkit.PortSink
+				}
+				c, err := s.Dial(port)
+				if err != nil {
+					b.Fatal(err)
+				}
+				conns = append(conns, c)
+				buf := make([]byte, 1024)
+				if mode == "bulk" {
+					var hdr [8]byte
+					binary.BigEndian.PutUint64(hdr[:], 1<<62)
+					c.Write(hdr[:])
+					buf = make([]byte, 64<<10)
+				}
+				if _, err := c.Write(buf[:1024]); err != nil {
+					b.Fatal(err)
+				}
+				if mode != "bulk" {
+					if _, err := io.ReadFull(c, buf[:1024]); err != nil {
+						b.Fatal(err)
+					}
+				}
+				if mode == "idle" {
+					continue
+				}
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					for {
+						select {
+						case <-stop:
+							return
+						default:
+						}
+						if mode == "bulk" {
+							if _, err := c.Write(buf); err != nil {
+								return
+							}
+							continue
+						}
+						if _, err := c.Write(buf); err != nil {
+							return
+						}
+						if _, err := io.ReadFull(c, buf); err != nil {
+							return
+						}
+					}
+				}()
+			}
+			time.Sleep(2 * time.Second)
+			peak := rss(s)
+			for k := 0; k < 4; k++ { // the highest of a few looks
+				time.Sleep(500 * time.Millisecond)
+				peak = max(peak, rss(s))
+			}
+			close(stop)
+			for _, c := range conns {
+				c.Close()
+			}
+			wg.Wait()
+			per := float64(peak-before) / N
+			fmt.Printf("%-12s %d connections: agents' RSS +%.1f MiB, %.1f KiB a connection (both agents), %.1f KiB a side\n",
+				mode, N, float64(peak-before)/(1<<20), per/1024, per/2048)
+			b.ReportMetric(per/2, "B/conn-side-"+strings.ReplaceAll(mode, " ", "-"))
+		}
+	}
+}
+
+// TestDefaultMaxConnections: with no setting the budget follows what the
+// agent has: under the DaemonSet's memory limit (GOMEMLIMIT 1 GiB) and
+// plenty of descriptors, 3/4 GiB at 32 KiB a connection, 24,576; with
+// few descriptors, those.
+func TestDefaultMaxConnections(t *testing.T) {
+	old := debug.SetMemoryLimit(1 << 30)
+	defer debug.SetMemoryLimit(old)
+	var rl unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &rl); err != nil {
+		t.Fatal(err)
+	}
+	n, from := tunnel.DefaultMaxConnections()
+	t.Logf("RLIMIT_NOFILE %d: %d (%s)", rl.Cur, n, from)
+	want := min(24576, (int(rl.Cur)-min(5120, int(rl.Cur)/2))/2)
+	if n != max(want, 1024) || !strings.Contains(from, "GOMEMLIMIT (1024 MiB)") {
+		t.Errorf("DefaultMaxConnections() = %d (%s), want %d", n, from, want)
+	}
 }
