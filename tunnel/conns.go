@@ -447,7 +447,7 @@ func (sv *Serving) inboundPlain(c *net.TCPConn, slots chan struct{}) {
 		reset(c)
 		return
 	}
-	app, err := sv.dialApp(r.src.Addr(), dst)
+	app, err := sv.dialApp(context.Background(), r.src.Addr(), dst)
 	if err != nil {
 		sv.failed(r, "upstream_unreachable", err)
 		reset(c)
@@ -485,12 +485,13 @@ func (sv *Serving) stillAllowed(lc *liveConn) bool {
 	return false
 }
 
-// dialApp connects to the pod's app from the client's address.
-func (sv *Serving) dialApp(src netip.Addr, dst netip.AddrPort) (net.Conn, error) {
+// dialApp connects to the pod's app from the client's address, within
+// the connect timeout and until parent ends.
+func (sv *Serving) dialApp(parent context.Context, src netip.Addr, dst netip.AddrPort) (net.Conn, error) {
 	if sv.p.cfg.NoOriginalSource || src.Is4() != dst.Addr().Is4() || sv.ownIPs[src] {
 		src = netip.Addr{}
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), sv.p.connectTimeout)
+	ctx, cancel := context.WithTimeout(parent, sv.p.connectTimeout)
 	defer cancel()
 	if ld, ok := sv.pod.Net.(LocalDialer); ok {
 		return ld.DialLocal(ctx, src, dst)
@@ -702,8 +703,17 @@ func (sv *Serving) inboundStream(s *hbone.Stream, peerID string, peer netip.Addr
 		return
 	}
 	defer sv.connDone()
-	app, err := sv.dialApp(peer.Addr(), dst)
+	ctx, cancel := streamContext(s)
+	app, err := sv.dialApp(ctx, peer.Addr(), dst)
+	gone := ctx.Err() != nil
+	cancel()
 	if err != nil {
+		if gone {
+			// The client reset the stream (or its connection died)
+			// while we dialled: nobody to answer.
+			sv.failed(r, "hbone_stream", fmt.Errorf("stream reset while connecting to the app: %w", err))
+			return
+		}
 		s.Respond(503, nil)
 		sv.failed(r, "upstream_unreachable", err)
 		return
@@ -732,6 +742,23 @@ func (sv *Serving) inboundStream(s *hbone.Stream, peerID string, peer netip.Addr
 	sv.untrack(closer)
 	sv.p.removeLive(lc)
 	sv.finished(r, toApp, fromApp, err)
+}
+
+// streamContext is a context that ends when the server stream s is
+// reset by its client or its connection dies (or cancel is called):
+// the app dial of a stream the client gave up on is abandoned at once,
+// rather than holding a descriptor, a goroutine and the pod's share for
+// up to the connect timeout (an app whose backlog is full, a port a
+// firewall black-holes). On a server stream hbone closes the response
+// channel Response waits on only then (reset, connection closed), so
+// Response is that wait; it costs a goroutine for the dial's duration.
+func streamContext(s *hbone.Stream) (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithCancel(context.Background())
+	go func() {
+		_, _, _ = s.Response(ctx)
+		cancel()
+	}()
+	return ctx, cancel
 }
 
 // genericSplice joins a stream and any net.Conn (a PodNetwork that does
