@@ -9,6 +9,7 @@ import (
 	"runtime/debug"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -31,17 +32,22 @@ import (
 //   - while the agent holds fewer than B/2 connections, all pods
 //     together, nothing is refused (a busy pod borrows what the others
 //     do not use: no surprise limit in normal operation);
-//   - past B/2, a pod holding fewer than its share still gets in, always;
-//     a pod holding its share or more is refused.
+//   - past B/2, a pod holding fewer than its share still gets in; a pod
+//     holding its share or more is refused;
+//   - at B nothing gets in.
 //
-// So a pod can always get its share whatever the others do, and the
-// total stays within B: the connections admitted past a pod's share
-// were admitted while the total was under B/2, and those within the
-// shares add up to B/2 at most (more only when the floor is above
-// B/2/n: n·shareFloor on a node of very many pods and a tiny budget).
-// Shares are B/2/n rather than B/n for that reason: with B/n and
-// borrowing up to B/2, a hog's borrowed half plus everyone's full share
-// came to 1.5·B.
+// So a pod can get its share whatever the others do, and the total
+// stays within B: the connections admitted past a pod's share were
+// admitted while the total was under B/2, and those within the shares
+// add up to B/2. The last rule is for when the shares add up to more:
+// the floor above B/2/n (a tiny budget on a node of very many pods), or
+// pods that took a larger share before more pods came (what they hold
+// stays, and every newcomer takes its share on top: with no hard bound
+// B/2 times the harmonic sum of the pods, ~2.6·B for 110 pods arriving
+// one by one, TestShareBudgetHoldsAsPodsArrive). Only then can a pod
+// under its share be refused. Shares are B/2/n rather than B/n for the
+// same reason: with B/n and borrowing up to B/2, a hog's borrowed half
+// plus everyone's full share came to 1.5·B.
 //
 // The counts are two atomics (the pod's and the agent's) per connection
 // on its way in and out; the share is recomputed only when a pod comes
@@ -58,8 +64,14 @@ type connShare struct {
 	free   int64 // budget/2: below it nothing is refused
 	from   string
 	total  atomic.Int64
-	pods   atomic.Int64
 	share  atomic.Int64
+
+	// mu orders the pod changes: each stores the share of the count it
+	// made. Unordered (an Add, then a Store), a change preempted between
+	// the two stored its stale share over a newer one, and it stayed
+	// until the next change (TestShareFollowsConcurrentPodChanges).
+	mu   sync.Mutex
+	pods int64
 }
 
 func (s *connShare) init(budget int64, from string) {
@@ -70,7 +82,10 @@ func (s *connShare) init(budget int64, from string) {
 
 // podsChanged records a pod served (+1) or no longer (-1).
 func (s *connShare) podsChanged(delta int64) {
-	s.share.Store(shareFor(s.budget, s.pods.Add(delta)))
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.pods += delta
+	s.share.Store(shareFor(s.budget, s.pods))
 }
 
 // shareFor is a pod's share of budget among pods.
@@ -94,7 +109,7 @@ func (sv *Serving) admitConn() (ok bool, held, share int64) {
 		return true, 0, 0
 	}
 	share = s.share.Load()
-	if c <= share {
+	if c <= share && t <= s.budget {
 		return true, 0, 0
 	}
 	sv.conns.Add(-1)
@@ -135,8 +150,11 @@ func (sv *Serving) shed(r *record, held, share int64) {
 		return
 	}
 	s := &sv.p.share
-	sv.log.LogAttrs(context.Background(), slog.LevelWarn,
-		"connection refused: the pod holds its share of the agent's connections or more, and the agent is past half its budget",
+	msg := "connection refused: the pod holds its share of the agent's connections or more, and the agent is past half its budget"
+	if held < share {
+		msg = "connection refused: the agent holds its whole budget of connections"
+	}
+	sv.log.LogAttrs(context.Background(), slog.LevelWarn, msg,
 		slog.String("direction", r.dir), slog.String("src", r.src.String()),
 		slog.Int64("pod_connections", held), slog.Int64("share", share),
 		slog.Int64("agent_connections", s.total.Load()), slog.Int64("budget", s.budget),
