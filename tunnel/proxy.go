@@ -84,8 +84,9 @@ type Config struct {
 	// HBONE streams and plaintext against the destination pod, from
 	// accept to close). Below half of it nothing is refused; past half, a
 	// pod holding its share (half the budget over the pods served, at
-	// least 64) or more is refused, and a pod under its share always gets
-	// in (docs/tunnel.md "Connection share"). Refused: a reset on 15001
+	// least 64) or more is refused, and a pod under its share gets in
+	// unless the agent holds the whole budget, a hard bound
+	// (docs/tunnel.md "Connection share"). Refused: a reset on 15001
 	// and 15006, a 503 on an HBONE stream, counted with reason
 	// over_share. 0: DefaultMaxConnections (from the memory limit and
 	// RLIMIT_NOFILE); negative: no budget (counted, never refused).
