@@ -418,6 +418,7 @@ func (s *Stream) ended(side *bool) {
 
 func (s *Stream) gotHeaders(fields []hpack.HeaderField, end bool) {
 	if fields != nil && s.c.client {
+		first := false
 		s.respOnce.Do(func() {
 			s.respHeader = append([]hpack.HeaderField(nil), fields...)
 			for _, f := range fields {
@@ -426,7 +427,12 @@ func (s *Stream) gotHeaders(fields []hpack.HeaderField, end bool) {
 				}
 			}
 			close(s.resp)
+			first = true
 		})
+		if first && s.status != 200 {
+			s.refused(end)
+			return
+		}
 		s.handleResponse()
 	}
 	if end {
@@ -434,8 +440,39 @@ func (s *Stream) gotHeaders(fields []hpack.HeaderField, end bool) {
 	}
 }
 
+// refused ends a client stream whose CONNECT got any status but 200 (0:
+// none, or not a number): the tunnel never opened, so the stream is an
+// error for its reader and writer from here on, whatever the server sends
+// next. Its END_STREAM on the response, or the RST_STREAM(NO_ERROR) RFC
+// 9113 §8.1 lets it send after a complete response, must not make it a
+// stream that ended cleanly: a reader (the app, through Splice or a copy)
+// would take the EOF for a server that accepted and closed. The error is
+// set before the reset, which keeps an error already there and never
+// replaces this one (dropBuffers).
+func (s *Stream) refused(end bool) {
+	var err error = StatusError{s.status}
+	code := ErrCodeCancel
+	if s.status == 0 {
+		code = ErrCodeProtocol // a malformed response (RFC 9113 §8.1.1)
+		err = StreamError{Code: code}
+	}
+	s.rmu.Lock()
+	if s.recvErr == nil {
+		s.recvErr = err
+	}
+	s.rmu.Unlock()
+	// Splice, if it runs, hears the status and resets the app.
+	s.handleResponse()
+	if end {
+		// Both ends done: no RST_STREAM for a closed stream.
+		s.markRemoteEnd()
+	}
+	s.Reset(code)
+}
+
 // Response waits for the response headers (client side) and returns the
-// status. A non-200 status is not an error here; the caller decides.
+// status. A non-200 status is not an error here, but the stream is over:
+// its Read and Write return StatusError.
 func (s *Stream) Response(ctx context.Context) (int, []hpack.HeaderField, error) {
 	select {
 	case <-s.resp:
@@ -903,7 +940,17 @@ func (s *Stream) Splice(app *net.TCPConn) SpliceResult {
 	s.app = app
 	s.toAppDone = done
 	pendingErr := s.recvErr
+	var refusal StatusError
+	early := pendingErr != nil && !s.respDone && errors.As(pendingErr, &refusal)
+	if pendingErr != nil {
+		s.respDone = true
+	}
 	s.rmu.Unlock()
+	if early && s.onResp != nil {
+		// Refused before Splice ran: the caller still hears the status
+		// (its metrics tell a 503 from a 401).
+		s.onResp(refusal.Status)
+	}
 	if pendingErr != nil {
 		_ = app.SetLinger(0)
 		app.Close()
