@@ -82,10 +82,11 @@ type Config struct {
 	// MaxConnections is the agent's budget of proxied connections, all
 	// pods together (outbound counted against the source pod, inbound
 	// HBONE streams and plaintext against the destination pod, from
-	// accept to close). Below half of it nothing is refused; past half, a
-	// pod holding its share (half the budget over the pods served, at
-	// least 64) or more is refused, and a pod under its share gets in
-	// unless the agent holds the whole budget, a hard bound
+	// accept to close). Below 3/4 of it nothing is refused, however
+	// many one pod holds; at or past 3/4, a pod holding the water level
+	// or more is refused (the max-min fair level of the pods' counts
+	// for 7/8 of the budget: the biggest holders first), and a pod below
+	// it gets in unless the agent holds the whole budget, a hard bound
 	// (docs/tunnel.md "Connection share"). Refused: a reset on 15001
 	// and 15006, a 503 on an HBONE stream, counted with reason
 	// over_share. 0: DefaultMaxConnections (from the memory limit and
@@ -128,7 +129,8 @@ type Proxy struct {
 
 	mu       sync.Mutex
 	live     map[*liveConn]struct{} // inbound connections, for Reauthorize
-	servings map[*Serving]struct{}  // pods served, for the share's metrics
+	servings map[*Serving]struct{}  // pods served, for the share's water level and metrics
+	draining map[*Serving]struct{}  // pods closed, until Close returns: what they hold counts against them
 }
 
 // endpointsOnly is a Directory without ServiceByAddr: no Service has
@@ -173,6 +175,7 @@ func New(cfg Config) (*Proxy, error) {
 		agentPorts:     map[uint16]bool{},
 		live:           map[*liveConn]struct{}{},
 		servings:       map[*Serving]struct{}{},
+		draining:       map[*Serving]struct{}{},
 		affinity:       balance.NewTable(0),
 	}
 	if sd, ok := cfg.Directory.(ServiceDirectory); ok {
@@ -235,7 +238,7 @@ func New(cfg Config) (*Proxy, error) {
 		n, from := DefaultMaxConnections()
 		p.share.init(int64(n), from)
 	}
-	p.log.Info("connection budget", "budget", p.share.budget, "share_floor", shareFloor, "from", p.share.from, "setting", "maxConnections")
+	p.log.Info("connection budget", "budget", p.share.budget, "refused_from", p.share.thresh, "level_capacity", p.share.capacity, "from", p.share.from, "setting", "maxConnections")
 	if cfg.Registerer != nil {
 		register(cfg.Registerer, prometheus.Collector(newShareCollector(p)))
 	}
@@ -277,10 +280,14 @@ type Serving struct {
 	// are those it was served with.
 	labels atomic.Pointer[map[string]string]
 
-	// conns are the pod's proxied connections now (share.go); shedLog
-	// bounds the lines its refusals write.
-	conns   atomic.Int64
-	shedLog logLimiter
+	// conns are the pod's proxied connections now (share.go); peers
+	// what the pod's other Servings held at the last water level;
+	// refusedAt its last refusal (connShare.now; 0: none), for the
+	// metrics; shedLog bounds the lines its refusals write.
+	conns     atomic.Int64
+	peers     atomic.Int64
+	refusedAt atomic.Int64
+	shedLog   logLimiter
 }
 
 // Labels returns the pod's current labels (read-only).
@@ -341,7 +348,6 @@ func (p *Proxy) Serve(pod Pod) (*Serving, error) {
 	p.mu.Lock()
 	p.servings[sv] = struct{}{}
 	p.mu.Unlock()
-	p.share.podsChanged(1)
 	for _, l := range []struct {
 		ln    net.Listener
 		name  string
@@ -463,12 +469,18 @@ func (s *Serving) Close(ctx context.Context) error {
 		hconns = append(hconns, c)
 	}
 	s.mu.Unlock()
-	// The pod stops taking new connections: the others share the budget
-	// from now on (what it still holds counts until it ends).
-	s.p.share.podsChanged(-1)
+	// The pod stops taking new connections; what it still holds counts
+	// against it in the water level until Close returns (a re-enrolled
+	// pod's new Serving is counted with it).
 	s.p.mu.Lock()
 	delete(s.p.servings, s)
+	s.p.draining[s] = struct{}{}
 	s.p.mu.Unlock()
+	defer func() {
+		s.p.mu.Lock()
+		delete(s.p.draining, s)
+		s.p.mu.Unlock()
+	}()
 	for _, ln := range []net.Listener{s.pod.Outbound, s.pod.Inbound, s.pod.HBONE} {
 		if ln != nil {
 			ln.Close()

@@ -214,33 +214,40 @@ func waitZero(t *testing.T, ag *shareAgent) {
 	}
 }
 
-// With a budget of 400 for two pods, nothing is refused below 200, all
-// pods together, and past that a pod holding its share (100) or more is.
+// With a budget of 400, nothing is refused below T = 300, all pods
+// together; past it a pod holding the water level (the max-min fair
+// level for C = 350) or more is. A hog alone with an idle pod is capped
+// at 350 (the other holds nothing), and the other pod has the 50 left.
 const (
 	testBudget = 400
-	testFree   = testBudget / 2
-	testShare  = testBudget / 2 / 2
+	testThresh = testBudget / 4 * 3
+	testCap    = testBudget / 8 * 7
 )
 
 // checkShed checks what the shedding agent reports: the refusals by
-// reason, the pod over its share in the metrics, and its log line.
+// reason, the pod refused in the metrics, the water level, and its log
+// line.
 func checkShed(t *testing.T, ag *shareAgent, dir, pod string, refused int) {
 	t.Helper()
 	if got := ag.reg.Metric(t, "ambit_tunnel_connections_failed_total", map[string]string{"direction": dir, "reason": "over_share"}); got != float64(refused) {
 		t.Errorf("failed_total{%s, over_share} = %v, want %d", dir, got, refused)
 	}
-	if got := ag.reg.Metric(t, "ambit_tunnel_pod_connections_over_share", map[string]string{"pod": pod}); got != testFree {
-		t.Errorf("pod_connections_over_share{pod=%s} = %v, want %d", pod, got, testFree)
+	if got := ag.reg.Metric(t, "ambit_tunnel_pod_connections_over_share", map[string]string{"pod": pod}); got != testCap {
+		t.Errorf("pod_connections_over_share{pod=%s} = %v, want %d", pod, got, testCap)
 	}
 	if got := ag.reg.Metric(t, "ambit_tunnel_connection_budget", nil); got != testBudget {
 		t.Errorf("connection_budget = %v, want %d", got, testBudget)
 	}
+	// The hog at 350 and the other pod at 50: 50 + 300 = C.
+	if got := ag.reg.Metric(t, "ambit_tunnel_connection_water_level", nil); got != testCap-50 {
+		t.Errorf("connection_water_level = %v, want %d", got, testCap-50)
+	}
 	logs := ag.logs.String()
-	lines := strings.Count(logs, "connection refused: the pod holds its share")
+	lines := strings.Count(logs, "the pod holds the water level or more")
 	if lines < 1 || lines > 3 {
 		t.Errorf("%d log lines for %d refusals in about a second, want 1-3 (one a second per pod)\n%s", lines, refused, logs)
 	}
-	for _, want := range []string{"pod=" + pod, fmt.Sprintf("pod_connections=%d", testFree), fmt.Sprintf("share=%d", testShare),
+	for _, want := range []string{"pod=" + pod, fmt.Sprintf("pod_connections=%d", testCap), fmt.Sprintf("level=%d", testCap),
 		fmt.Sprintf("budget=%d", testBudget), "setting=maxConnections"} {
 		if !strings.Contains(logs, want) {
 			t.Errorf("the refusal's log line does not say %s:\n%s", want, logs)
@@ -256,36 +263,37 @@ func firstLines(s string, n int) string {
 	return strings.Join(ls[:min(n, len(ls))], "\n")
 }
 
-// TestShareOutbound: pod A's app opens 300 connections through its agent
-// (budget 400, so 200 free for all, share 100 a pod). The first 200 get
-// in (nothing is refused below half the budget), the other 100 are reset
-// at once; pod A2, on the same agent and under its share, still gets
-// every new connection. The agent counts them back to zero once closed.
-// Before session 11 all 300 (and any number) got in.
+// TestShareOutbound: pod A's app opens 400 connections through its agent
+// (budget 400: T = 300, C = 350). The first 300 get in (nothing is
+// refused below T), then A is the biggest holder and is capped at the
+// water level, 350 while A2 holds nothing; the other 50 are reset at
+// once. Pod A2, on the same agent and below the level, still gets every
+// new connection, up to the budget. The agent counts them back to zero
+// once closed. Before session 11 all 400 (and any number) got in.
 func TestShareOutbound(t *testing.T) {
 	l := newShareLab(t)
 	a, _ := l.agents(t, tunnel.Config{MaxConnections: testBudget}, tunnel.Config{})
-	held, refused := hog(t, 300, func() (net.Conn, error) { return l.m.A.Dial(netip.AddrPortFrom(l.m.B.Pod.IP4, 8080)) })
+	held, refused := hog(t, 400, func() (net.Conn, error) { return l.m.A.Dial(netip.AddrPortFrom(l.m.B.Pod.IP4, 8080)) })
 	t.Logf("hog: %d held, %d refused", len(held), refused)
-	if len(held) != testFree || refused != 300-testFree {
-		t.Errorf("hog A: %d held and %d refused, want %d and %d", len(held), refused, testFree, 300-testFree)
+	if len(held) != testCap || refused != 400-testCap {
+		t.Errorf("hog A: %d held and %d refused, want %d and %d", len(held), refused, testCap, 400-testCap)
 	}
 	other, refused2 := hog(t, 50, func() (net.Conn, error) { return l.m2.A.Dial(netip.AddrPortFrom(l.m2.B.Pod.IP4, 8080)) })
 	if refused2 != 0 {
-		t.Errorf("pod A2 under its share: %d of 50 new connections refused, want 0", refused2)
+		t.Errorf("pod A2 below the level: %d of 50 new connections refused, want 0", refused2)
 	}
-	if got, want := a.svs[0].Connections(), testFree; got != want {
+	if got, want := a.svs[0].Connections(), testCap; got != want {
 		t.Errorf("pod A holds %d, want %d", got, want)
 	}
-	if n, _ := a.px.Connections(); n != testFree+50 {
-		t.Errorf("agent holds %d, want %d", n, testFree+50)
+	if n, _ := a.px.Connections(); n != testCap+50 {
+		t.Errorf("agent holds %d, want %d", n, testCap+50)
 	}
 	checkShed(t, a, "outbound", l.m.A.Workload.Namespace+"/"+l.m.A.Workload.Name, refused)
 	closeAll(held)
 	closeAll(other)
 	waitZero(t, a)
-	// The share is no bound below half the budget: once the hog let go,
-	// A gets in again.
+	// The level is no bound below T: once the hog let go, A gets in
+	// again.
 	again, r := hog(t, 10, func() (net.Conn, error) { return l.m.A.Dial(netip.AddrPortFrom(l.m.B.Pod.IP4, 8080)) })
 	if r != 0 {
 		t.Errorf("after the hog closed: %d of 10 refused", r)
@@ -295,21 +303,22 @@ func TestShareOutbound(t *testing.T) {
 }
 
 // TestShareInboundHBONE: A's app (its agent without a small budget)
-// opens 300 connections to B, whose agent has a budget of 400: B's agent
-// answers the streams past 200 with 503 and ambit-refused: over_share
-// (no dial of B's app), A's agent resets its app's connection and counts
-// upstream_over_share; A2's connections to B2, on B's agent, all get in.
+// opens 400 connections to B, whose agent has a budget of 400: B's agent
+// answers the streams past the level (350) with 503 and ambit-refused:
+// over_share (no dial of B's app), A's agent resets its app's connection
+// and counts upstream_over_share; A2's connections to B2, on B's agent,
+// all get in, up to the budget.
 func TestShareInboundHBONE(t *testing.T) {
 	l := newShareLab(t)
 	a, b := l.agents(t, tunnel.Config{}, tunnel.Config{MaxConnections: testBudget})
-	held, refused := hog(t, 300, func() (net.Conn, error) { return l.m.A.Dial(netip.AddrPortFrom(l.m.B.Pod.IP4, 8080)) })
+	held, refused := hog(t, 400, func() (net.Conn, error) { return l.m.A.Dial(netip.AddrPortFrom(l.m.B.Pod.IP4, 8080)) })
 	t.Logf("hog: %d held, %d refused", len(held), refused)
-	if len(held) != testFree || refused != 300-testFree {
-		t.Errorf("A to B: %d held and %d refused, want %d and %d", len(held), refused, testFree, 300-testFree)
+	if len(held) != testCap || refused != 400-testCap {
+		t.Errorf("A to B: %d held and %d refused, want %d and %d", len(held), refused, testCap, 400-testCap)
 	}
 	other, refused2 := hog(t, 50, func() (net.Conn, error) { return l.m2.A.Dial(netip.AddrPortFrom(l.m2.B.Pod.IP4, 8080)) })
 	if refused2 != 0 {
-		t.Errorf("pod B2 under its share: %d of 50 new connections refused, want 0", refused2)
+		t.Errorf("pod B2 below the level: %d of 50 new connections refused, want 0", refused2)
 	}
 	checkShed(t, b, "inbound", l.m.B.Workload.Namespace+"/"+l.m.B.Workload.Name, refused)
 	if got := a.reg.Metric(t, "ambit_tunnel_connections_failed_total", map[string]string{"direction": "outbound", "reason": "upstream_over_share"}); got != float64(refused) {
@@ -321,9 +330,9 @@ func TestShareInboundHBONE(t *testing.T) {
 	waitZero(t, b)
 }
 
-// TestShareInboundPlaintext: 300 plaintext connections to B's app (from
+// TestShareInboundPlaintext: 400 plaintext connections to B's app (from
 // A's netns, not captured there: anyone in permissive mode), B's agent
-// with a budget of 400: 200 get in, the rest are reset before any dial
+// with a budget of 400: 350 get in, the rest are reset before any dial
 // of the app; plaintext to B2 on the same agent all gets in.
 func TestShareInboundPlaintext(t *testing.T) {
 	l := newShareLab(t)
@@ -333,18 +342,74 @@ func TestShareInboundPlaintext(t *testing.T) {
 			return n.Net.Dial(context.Background(), netip.Addr{}, netip.AddrPortFrom(dst, 8080))
 		}
 	}
-	held, refused := hog(t, 300, plain(l.m.A, l.m.B.Pod.IP4))
-	if len(held) != testFree || refused != 300-testFree {
-		t.Errorf("plaintext to B: %d held and %d refused, want %d and %d", len(held), refused, testFree, 300-testFree)
+	held, refused := hog(t, 400, plain(l.m.A, l.m.B.Pod.IP4))
+	if len(held) != testCap || refused != 400-testCap {
+		t.Errorf("plaintext to B: %d held and %d refused, want %d and %d", len(held), refused, testCap, 400-testCap)
 	}
 	other, refused2 := hog(t, 50, plain(l.m2.A, l.m2.B.Pod.IP4))
 	if refused2 != 0 {
-		t.Errorf("plaintext to B2 under its share: %d of 50 refused, want 0", refused2)
+		t.Errorf("plaintext to B2 below the level: %d of 50 refused, want 0", refused2)
 	}
 	checkShed(t, b, "inbound", l.m.B.Workload.Namespace+"/"+l.m.B.Workload.Name, refused)
 	closeAll(held)
 	closeAll(other)
 	waitZero(t, b)
+}
+
+// TestShareBusyPodNotRefused: a busy pod is normal operation. Pod A's
+// app (an ingress, say) opens 279 connections and A2's 20 through their
+// agent (budget 400): the agent just below T = 300, nothing is refused,
+// no log line, no pod in the metrics, water level 0. Then A goes on:
+// past T and the biggest holder, it is capped at the level (330: C less
+// A2's 20), and A2 still gets 50 more, up to the budget. Before (a share of
+// budget/2/pods past half the budget) A was refused from 200 on.
+func TestShareBusyPodNotRefused(t *testing.T) {
+	l := newShareLab(t)
+	a, _ := l.agents(t, tunnel.Config{MaxConnections: testBudget}, tunnel.Config{})
+	dialA := func() (net.Conn, error) { return l.m.A.Dial(netip.AddrPortFrom(l.m.B.Pod.IP4, 8080)) }
+	dialA2 := func() (net.Conn, error) { return l.m2.A.Dial(netip.AddrPortFrom(l.m2.B.Pod.IP4, 8080)) }
+	busy, refused := hog(t, 279, dialA)
+	if refused != 0 {
+		t.Errorf("busy pod A: %d of 279 connections refused with the agent below 3/4 of its budget, want 0", refused)
+	}
+	small, refused2 := hog(t, 20, dialA2)
+	if refused2 != 0 {
+		t.Errorf("pod A2: %d of 20 refused, want 0", refused2)
+	}
+	if n, _ := a.px.Connections(); n != testThresh-1 {
+		t.Errorf("agent holds %d, want %d", n, testThresh-1)
+	}
+	if got := a.reg.Metric(t, "ambit_tunnel_connections_failed_total", map[string]string{"reason": "over_share"}); got != 0 {
+		t.Errorf("failed_total{over_share} = %v below T, want 0", got)
+	}
+	if got := a.reg.Metric(t, "ambit_tunnel_pod_connections_over_share", nil); got != 0 {
+		t.Errorf("pod_connections_over_share = %v with no pod refused, want no series", got)
+	}
+	if got := a.reg.Metric(t, "ambit_tunnel_connection_water_level", nil); got != 0 {
+		t.Errorf("connection_water_level = %v below T, want 0", got)
+	}
+	if logs := a.logs.String(); strings.Contains(logs, "connection refused") {
+		t.Errorf("a refusal line below T:\n%s", firstLines(logs, 3))
+	}
+	more, refused := hog(t, 100, dialA)
+	if want := testCap - 20 - 279; len(more) != want || refused != 100-want {
+		t.Errorf("pod A past T: %d more held and %d refused, want %d and %d (capped at the level %d)",
+			len(more), refused, want, 100-want, testCap-20)
+	}
+	small2, refused2 := hog(t, 50, dialA2)
+	if refused2 != 0 {
+		t.Errorf("pod A2 below the level: %d of 50 refused, want 0", refused2)
+	}
+	if n, _ := a.px.Connections(); n != testBudget {
+		t.Errorf("agent holds %d, want its budget %d", n, testBudget)
+	}
+	if got := a.reg.Metric(t, "ambit_tunnel_pod_connections_over_share", nil); got != testCap-20 {
+		t.Errorf("pod_connections_over_share = %v, want A's %d alone", got, testCap-20)
+	}
+	for _, cs := range [][]net.Conn{busy, small, more, small2} {
+		closeAll(cs)
+	}
+	waitZero(t, a)
 }
 
 // TestShareCountsEveryExit: every way a connection ends gives its count
