@@ -34,7 +34,7 @@ type env struct {
 func (e *env) podman(args ...string) (string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
-	c := exec.CommandContext(ctx, "podman", args...)
+	c := exec.CommandContext(ctx, "podman", append(testenv.PodmanGlobalArgs(), args...)...)
 	c.Env = append(os.Environ(), "CONTAINERS_CONF="+e.conf)
 	out, err := c.CombinedOutput()
 	if err != nil {

@@ -22,7 +22,7 @@ import (
 func podman(args ...string) (string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	b, err := exec.CommandContext(ctx, "podman", args...).CombinedOutput()
+	b, err := exec.CommandContext(ctx, "podman", append(testenv.PodmanGlobalArgs(), args...)...).CombinedOutput()
 	return string(b), err
 }
 
