@@ -285,6 +285,7 @@ type Serving struct {
 	// refusedAt its last refusal (connShare.now; 0: none), for the
 	// metrics; shedLog bounds the lines its refusals write.
 	conns     atomic.Int64
+	key       string // namespace/name: a pod served twice is one pod
 	peers     atomic.Int64
 	refusedAt atomic.Int64
 	shedLog   logLimiter
@@ -337,6 +338,7 @@ func (p *Proxy) Serve(pod Pod) (*Serving, error) {
 		stop:    make(chan struct{}),
 		log:     p.log.With("pod", w.Namespace+"/"+w.Name),
 		baggage: fmt.Sprintf("k8s.namespace.name=%s,k8s.pod.name=%s", w.Namespace, w.Name),
+		key:     w.Namespace + "/" + w.Name,
 	}
 	for _, ip := range w.IPs {
 		sv.ownIPs[ip.Unmap()] = true

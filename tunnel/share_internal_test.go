@@ -27,7 +27,7 @@ func shareProxy(budget int64, cached bool) *Proxy {
 
 // arrive serves one more pod (for the counts only).
 func arrive(p *Proxy, name string) *Serving {
-	sv := &Serving{p: p, pod: Pod{Workload: Workload{Namespace: "ns", Name: name}}}
+	sv := &Serving{p: p, pod: Pod{Workload: Workload{Namespace: "ns", Name: name}}, key: "ns/" + name}
 	p.mu.Lock()
 	p.servings[sv] = struct{}{}
 	p.mu.Unlock()
@@ -302,5 +302,35 @@ func TestShareConcurrentAdmissions(t *testing.T) {
 	// The small pod is below any level: it gets in while there is room.
 	if ok, _, _ := small.admitConn(); ok != (held < budget) {
 		t.Errorf("the small pod's connection admitted: %v, with the agent at %d of %d", ok, held, budget)
+	}
+}
+
+// BenchmarkShareAdmit: what an admission costs below T (the fast path),
+// past T with the level cached, and a computation of the level (110
+// pods: the lock, the counts, a sort), which past T happens at most
+// every 10 ms or 384 connections.
+func BenchmarkShareAdmit(b *testing.B) {
+	for _, c := range []struct {
+		name   string
+		held   int
+		cached bool
+	}{{"below-T", 1000, true}, {"past-T-cached", 20000, true}, {"past-T-computed", 20000, false}} {
+		b.Run(c.name, func(b *testing.B) {
+			p := shareProxy(nodeBudget, c.cached)
+			var pods []*Serving
+			for i := 0; i < 110; i++ {
+				pods = append(pods, arrive(p, fmt.Sprint("pod-", i)))
+			}
+			for i := 0; i < c.held; i++ {
+				open(pods[i%110], 1)
+			}
+			sv := pods[0]
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				if ok, _, _ := sv.admitConn(); ok {
+					sv.connDone()
+				}
+			}
+		})
 	}
 }
