@@ -462,9 +462,30 @@ func runInstall(ctx context.Context, cmd string, args []string) error {
 			fs.StringVar(&node, "node-name", os.Getenv("NODE_NAME"), "with --unenroll-all: this node, whose pods' annotation is cleared; $NODE_NAME")
 		},
 		UnenrollAll: func(ctx context.Context) error {
-			return agent.UnenrollAll(ctx, stateDir, procRoot, agent.Rules{Backend: redirect.Auto}, statusClearer(kubeconfig, node, log), log)
+			if err := agent.UnenrollAll(ctx, stateDir, procRoot, agent.Rules{Backend: redirect.Auto}, statusClearer(kubeconfig, node, log), log); err != nil {
+				return err
+			}
+			return removeHostRules(log)
 		},
 	})
+}
+
+// removeHostRules takes the node's probe SNAT (the ambit-host table,
+// hostrules) away once no pod of the node is enrolled any more: left, it
+// kept rewriting the source of the kubelet's probes to every pod whose IP
+// it still listed, long after Ambit was gone. Only after a complete
+// unenroll: a pod that still has its redirection needs it for its probes,
+// and the uninstaller's restart tries both again.
+func removeHostRules(log *slog.Logger) error {
+	hr, err := hostrules.New(hostrules.Config{Logger: log})
+	if err != nil {
+		return fmt.Errorf("host probe rules: %w", err)
+	}
+	if err := hr.Uninstall(); err != nil {
+		return err
+	}
+	log.Info("host probe rules removed")
+	return nil
 }
 
 // statusClearer is how `uninstall --unenroll-all` takes the

@@ -12,7 +12,8 @@ import (
 // a user to (kubectl apply -k manifests/overlays/uninstall): on every node
 // the conflist entry and the plugin binary go, and the redirection leaves
 // the pods that were enrolled, so they keep talking (in plaintext now)
-// instead of being cut off by rules nothing answers any more; pods created
+// instead of being cut off by rules nothing answers any more, and the
+// node's probe SNAT table goes with them; pods created
 // afterwards start without Ambit. It runs last (its file sorts last): the
 // cluster has no Ambit after it.
 func TestUninstall(t *testing.T) {
@@ -30,6 +31,16 @@ func TestUninstall(t *testing.T) {
 	c.waitAnnotation(t, mesh, "client", "enabled", 30*time.Second)
 	if _, err := c.exec(mesh, "client", 30*time.Second, "/kecho", "client", srv.Status.PodIP+":9000", "before"); err != nil {
 		t.Fatalf("enrolled pods before the uninstall: %v", err)
+	}
+
+	// The node's probe SNAT (hostrules' inet ambit-host table) is there
+	// while Ambit runs, and must go with it: left, it rewrote the source
+	// of the kubelet's probes to every pod IP it still listed.
+	hostTable := []string{"nft", "list", "table", "inet", "ambit-host"}
+	for n := 1; n <= 2; n++ {
+		if out, err := c.inNode(n, hostTable...); err != nil {
+			t.Fatalf("node %d before the uninstall: no ambit-host table: %v %s", n, err, out)
+		}
 	}
 
 	t0 := time.Now()
@@ -60,6 +71,12 @@ func TestUninstall(t *testing.T) {
 	})
 	if !strings.Contains(out, "got=after") {
 		t.Fatalf("after the uninstall the server answered %q", out)
+	}
+	for n := 1; n <= 2; n++ {
+		poll(t, time.Minute, fmt.Sprintf("node %d: the ambit-host table removed", n), func() (bool, error) {
+			_, err := c.inNode(n, hostTable...)
+			return err != nil, nil
+		})
 	}
 	took := time.Since(t0)
 	// A pod created now in the (still labelled) namespace starts through
