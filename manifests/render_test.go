@@ -399,7 +399,7 @@ func diff(got, want map[rule]bool) string {
 func TestRBAC(t *testing.T) {
 	r := render(t, root(t))
 	agent := get[*rbacv1.ClusterRole](t, r, "ClusterRole", "", "ambit-agent")
-	wantAgent := expand(`/pods:get,list,watch,patch; /namespaces:get,list,watch; /services:get,list,watch;
+	wantAgent := expand(`/pods:get,list,watch,patch; /pods/status:patch; /namespaces:get,list,watch; /services:get,list,watch;
 		discovery.k8s.io/endpointslices:get,list,watch; /nodes:get,list,watch; /events:create,patch;
 		ambit.dev/authorizationpolicies:get,list,watch; ambit.dev/inboundmodes:get,list,watch;
 		ambit.dev/authorizationpolicies/status:update; ambit.dev/inboundmodes/status:update`)

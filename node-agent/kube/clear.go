@@ -55,7 +55,7 @@ func ClearRedirections(ctx context.Context, client kubernetes.Interface, node st
 			if err != nil {
 				return cleared, err
 			}
-			_, err = client.CoreV1().Pods(p.Namespace).Patch(ctx, p.Name, types.MergePatchType, patch, metav1.PatchOptions{FieldManager: "ambit-agent-uninstall"})
+			_, err = client.CoreV1().Pods(p.Namespace).Patch(ctx, p.Name, types.MergePatchType, patch, metav1.PatchOptions{FieldManager: "ambit-agent-uninstall"}, "status")
 			switch {
 			case err == nil:
 				cleared = append(cleared, name)

@@ -31,7 +31,7 @@ func TestClearRedirections(t *testing.T) {
 		if name == "gone" {
 			return true, nil, apierrors.NewNotFound(schema.GroupResource{Resource: "pods"}, name)
 		}
-		return false, nil, nil
+		return statusOnly(a)
 	})
 	cleared, err := ClearRedirections(ctx, client, "node-a")
 	if err != nil {

@@ -32,6 +32,11 @@ const (
 // the API server answers `metadata.uid: Invalid value: …: field is
 // immutable` (checked against kube-apiserver v1.36.3). A write that would
 // not change the cached value is skipped.
+//
+// The patch goes through the pods/status subresource, as istio-cni's
+// does: the API server takes metadata from it but never the spec, so the
+// agent's RBAC needs patch on pods/status only, not on pods (with which a
+// stolen agent token could rewrite any pod's containers).
 func (s *Source) SetRedirection(ctx context.Context, pod cluster.Pod, state string) error {
 	switch state {
 	case "", StateEnabled, StatePending, StateFailed:
@@ -48,7 +53,7 @@ func (s *Source) SetRedirection(ctx context.Context, pod cluster.Pod, state stri
 	if err != nil {
 		return err
 	}
-	_, err = s.cfg.Client.CoreV1().Pods(pod.Namespace).Patch(ctx, pod.Name, types.MergePatchType, patch, metav1.PatchOptions{FieldManager: s.cfg.Component})
+	_, err = s.cfg.Client.CoreV1().Pods(pod.Namespace).Patch(ctx, pod.Name, types.MergePatchType, patch, metav1.PatchOptions{FieldManager: s.cfg.Component}, "status")
 	if err != nil {
 		return fmt.Errorf("kube: annotate pod %s/%s %s=%q: %w", pod.Namespace, pod.Name, RedirectionAnnotation, state, err)
 	}

@@ -3,12 +3,15 @@ package kube
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"strings"
 	"testing"
 
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/kubernetes/fake"
 	k8stesting "k8s.io/client-go/testing"
 	"k8s.io/client-go/tools/record"
@@ -40,7 +43,7 @@ func TestSetRedirectionPatchesAndSkipsNoOps(t *testing.T) {
 	patches := 0
 	client.PrependReactor("patch", "pods", func(a k8stesting.Action) (bool, runtime.Object, error) {
 		patches++
-		return false, nil, nil
+		return statusOnly(a)
 	})
 	s, _ := startSource(t, client, Config{})
 	ctx := context.Background()
@@ -76,6 +79,16 @@ func TestSetRedirectionPatchesAndSkipsNoOps(t *testing.T) {
 	if err := s.SetRedirection(ctx, cluster.Pod{Namespace: "shop", Name: "gone"}, StateFailed); err == nil || !strings.Contains(err.Error(), "shop/gone") {
 		t.Fatalf("patching a missing pod: %v", err)
 	}
+}
+
+// statusOnly refuses a pod patch that is not on the pods/status
+// subresource, as an API server does for the agent's ClusterRole
+// (manifests/base/agent/rbac.yaml: patch on pods/status, not on pods).
+func statusOnly(a k8stesting.Action) (bool, runtime.Object, error) {
+	if a.GetSubresource() != "status" {
+		return true, nil, apierrors.NewForbidden(schema.GroupResource{Resource: "pods"}, a.(k8stesting.PatchAction).GetName(), errors.New("patch only through pods/status"))
+	}
+	return false, nil, nil
 }
 
 func TestWarnRecordsEventWithReason(t *testing.T) {
