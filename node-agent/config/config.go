@@ -129,13 +129,15 @@ type Config struct {
 	// already on the port fails the enrollment (docs/agent.md).
 	ExclusiveListeners bool `json:"exclusiveListeners,omitempty"`
 	// MaxConnections is the agent's budget of proxied connections, all
-	// its pods together: below half of it nothing is refused; past half,
-	// a pod holding its share (half the budget over the pods served, at
-	// least 64) or more gets no new connection (a reset, or 503 on an
-	// HBONE stream; ambit_tunnel_connections_failed_total{reason=
-	// "over_share"} and a log line naming the pod), while a pod under its
-	// share always gets in, so one pod cannot take the agent, and every
-	// pod's mesh with it, down. 0: derived from what the agent has (three
+	// its pods together: below 3/4 of it nothing is refused, however
+	// busy a pod is; at or past 3/4, a pod holding the water level or
+	// more (the max-min fair level of the pods' counts for 7/8 of the
+	// budget: the biggest holders first) gets no new connection (a
+	// reset, or 503 on an HBONE stream;
+	// ambit_tunnel_connections_failed_total{reason="over_share"} and a
+	// log line naming the pod), while a pod below the level gets in
+	// until the agent holds the whole budget, a hard bound; so one pod
+	// cannot take the agent, and every pod's mesh with it, down. 0: derived from what the agent has (three
 	// quarters of GOMEMLIMIT at 32 KiB a connection, or RLIMIT_NOFILE
 	// less a reserve at two descriptors a connection, the smaller: 24,576
 	// with the DaemonSet's 1 GiB); -1: no budget (docs/tunnel.md
