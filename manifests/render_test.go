@@ -402,7 +402,8 @@ func TestRBAC(t *testing.T) {
 	wantAgent := expand(`/pods:get,list,watch,patch; /pods/status:patch; /namespaces:get,list,watch; /services:get,list,watch;
 		discovery.k8s.io/endpointslices:get,list,watch; /nodes:get,list,watch; /events:create,patch;
 		ambit.dev/authorizationpolicies:get,list,watch; ambit.dev/inboundmodes:get,list,watch;
-		ambit.dev/authorizationpolicies/status:update; ambit.dev/inboundmodes/status:update`)
+		ambit.dev/authorizationpolicies/status:update; ambit.dev/inboundmodes/status:update;
+		security.istio.io/authorizationpolicies:get,list,watch; security.istio.io/peerauthentications:get,list,watch`)
 	if d := diff(rules(agent.Rules), wantAgent); d != "" {
 		t.Errorf("agent ClusterRole: %s", d)
 	}
