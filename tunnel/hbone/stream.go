@@ -418,7 +418,7 @@ func (s *Stream) ended(side *bool) {
 
 func (s *Stream) gotHeaders(fields []hpack.HeaderField, end bool) {
 	if fields != nil && s.c.client {
-		first := false
+		first, closed := false, false
 		s.respOnce.Do(func() {
 			s.respHeader = append([]hpack.HeaderField(nil), fields...)
 			for _, f := range fields {
@@ -426,11 +426,18 @@ func (s *Stream) gotHeaders(fields []hpack.HeaderField, end bool) {
 					s.status, _ = strconv.Atoi(f.Value)
 				}
 			}
+			if s.status != 200 {
+				// Before the response is visible: whoever sees it
+				// (Splice, a reader) also sees the refusal and, with
+				// the server's END_STREAM, a stream that may be closed
+				// both ways.
+				closed = s.refusing(end)
+			}
 			close(s.resp)
 			first = true
 		})
 		if first && s.status != 200 {
-			s.refused(end)
+			s.refused(closed)
 			return
 		}
 		s.handleResponse()
@@ -440,32 +447,52 @@ func (s *Stream) gotHeaders(fields []hpack.HeaderField, end bool) {
 	}
 }
 
-// refused ends a client stream whose CONNECT got any status but 200 (0:
-// none, or not a number): the tunnel never opened, so the stream is an
-// error for its reader and writer from here on, whatever the server sends
-// next. Its END_STREAM on the response, or the RST_STREAM(NO_ERROR) RFC
-// 9113 §8.1 lets it send after a complete response, must not make it a
-// stream that ended cleanly: a reader (the app, through Splice or a copy)
-// would take the EOF for a server that accepted and closed. The error is
-// set before the reset, which keeps an error already there and never
-// replaces this one (dropBuffers).
-func (s *Stream) refused(end bool) {
+// refusing records a client stream's refusal, a CONNECT answered with
+// any status but 200 (0: none, or not a number): the tunnel never
+// opened, so the stream is an error for its reader and writer from here
+// on, whatever the server sends next. Its END_STREAM on the response, or
+// the RST_STREAM(NO_ERROR) RFC 9113 §8.1 lets it send after a complete
+// response, must not make it a stream that ended cleanly: a reader (the
+// app, through Splice or a copy) would take the EOF for a server that
+// accepted and closed. The error is set before any reset, which keeps an
+// error already there and never replaces this one (dropBuffers). With
+// end, the server's END_STREAM is recorded here too, before anything can
+// reset the stream (Splice does at once when it sees the refusal): a
+// stream closed both ways gets no RST_STREAM (RFC 9113 §5.1). closed is
+// whether it is, and then the caller releases it.
+func (s *Stream) refusing(end bool) (closed bool) {
 	var err error = StatusError{s.status}
-	code := ErrCodeCancel
 	if s.status == 0 {
-		code = ErrCodeProtocol // a malformed response (RFC 9113 §8.1.1)
-		err = StreamError{Code: code}
+		err = StreamError{Code: ErrCodeProtocol}
 	}
 	s.rmu.Lock()
 	if s.recvErr == nil {
 		s.recvErr = err
 	}
 	s.rmu.Unlock()
-	// Splice, if it runs, hears the status and resets the app.
-	s.handleResponse()
 	if end {
-		// Both ends done: no RST_STREAM for a closed stream.
-		s.markRemoteEnd()
+		// As markRemoteEnd, but the release waits for refused: not
+		// under respOnce.
+		c := s.c
+		c.mu.Lock()
+		s.remoteEnd = true
+		closed = s.sentEnd
+		c.mu.Unlock()
+	}
+	return closed
+}
+
+// refused ends a stream refusing recorded: Splice, if it runs, hears
+// the status and resets the app, and the stream is reset unless it is
+// closed both ways already.
+func (s *Stream) refused(closed bool) {
+	code := ErrCodeCancel
+	if s.status == 0 {
+		code = ErrCodeProtocol // a malformed response (RFC 9113 §8.1.1)
+	}
+	s.handleResponse()
+	if closed {
+		s.c.release(s)
 	}
 	s.Reset(code)
 }
