@@ -1,7 +1,6 @@
 package tunnel_test
 
 import (
-	"bytes"
 	"context"
 	"encoding/binary"
 	"fmt"
@@ -31,30 +30,12 @@ import (
 // other; A–B and A2–B2 on their own links), so a hog and another pod
 // share one agent's budget.
 
-// syncBuf is a log sink the agents' goroutines may write at once.
-type syncBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuf) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuf) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // shareAgent is one agent (Proxy) serving two pods.
 type shareAgent struct {
 	px   *tunnel.Proxy
 	svs  []*tunnel.Serving
 	reg  *meshtest.Node // only its Reg: Metric
-	logs *syncBuf
+	logs *testenv.Buffer
 }
 
 // shareLab is pods A, B (mesh m) and A2, B2 (mesh m2, its pods'
@@ -94,7 +75,7 @@ func (l *shareLab) serve(t *testing.T, cfg tunnel.Config, pods ...struct {
 	n *meshtest.Node
 }) *shareAgent {
 	t.Helper()
-	ag := &shareAgent{reg: &meshtest.Node{Reg: prometheus.NewRegistry()}, logs: &syncBuf{}}
+	ag := &shareAgent{reg: &meshtest.Node{Reg: prometheus.NewRegistry()}, logs: &testenv.Buffer{}}
 	cfg.Directory, cfg.Certificates, cfg.Authorizer, cfg.Registerer = l.m.Dir, l.m.Certs, l.m.Auth, ag.reg.Reg
 	cfg.Logger = slog.New(slog.NewTextHandler(ag.logs, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	px, err := tunnel.New(cfg)
