@@ -27,18 +27,8 @@ import (
 
 const td = "cluster.local"
 
-func newAuthority(t testing.TB) *ca.Authority {
-	t.Helper()
-	m, err := ca.GenerateRoot(td, time.Hour*24*30)
-	if err != nil {
-		t.Fatal(err)
-	}
-	a, err := ca.NewAuthority(td, m)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return a
-}
+// newAuthority is a CA of the test trust domain on a root of its own.
+func newAuthority(t testing.TB) *ca.Authority { return catest.NewAuthority(t, td) }
 
 // csrFor makes a P-256 CSR with the given URI SANs (strings) plus extras.
 func csrFor(t testing.TB, uris []string, mod func(*x509.CertificateRequest)) string {

@@ -264,15 +264,4 @@ func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
 }
 
 // newAuthority is a CA of the test trust domain on a root of its own.
-func newAuthority(t testing.TB) *ca.Authority {
-	t.Helper()
-	m, err := ca.GenerateRoot(td, 30*24*time.Hour)
-	if err != nil {
-		t.Fatal(err)
-	}
-	a, err := ca.NewAuthority(td, m)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return a
-}
+func newAuthority(t testing.TB) *ca.Authority { return catest.NewAuthority(t, td) }

@@ -339,3 +339,18 @@ func (s *Server) Restart() error {
 	}
 	return err
 }
+
+// NewAuthority is a CA of trust domain td on a root of its own (30 days),
+// for tests that sign with the real CA code without a server.
+func NewAuthority(t testing.TB, td string) *ca.Authority {
+	t.Helper()
+	m, err := ca.GenerateRoot(td, 30*24*time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := ca.NewAuthority(td, m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return a
+}
