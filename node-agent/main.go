@@ -16,6 +16,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"sync"
 	"syscall"
 	"time"
 
@@ -44,6 +45,7 @@ import (
 	"github.com/ambit-mesh/ambit/node-agent/policy"
 	"github.com/ambit-mesh/ambit/node-agent/policy/filesource"
 	"github.com/ambit-mesh/ambit/node-agent/policy/kubesource"
+	"github.com/ambit-mesh/ambit/node-agent/readytaint"
 	"github.com/ambit-mesh/ambit/plugin/redirect"
 	"github.com/ambit-mesh/ambit/tunnel"
 )
@@ -138,6 +140,7 @@ func run(ctx context.Context, args []string) error {
 		view    cluster.View
 		status  cluster.StatusWriter
 		restCfg *rest.Config
+		kclient kubernetes.Interface
 		idCfg   = identity.Config{TrustDomain: cfg.TrustDomain, Logger: log, Registerer: reg}
 	)
 	switch cfg.Source {
@@ -167,7 +170,7 @@ func run(ctx context.Context, args []string) error {
 		}
 		ks.Start(ctx)
 		defer ks.Close()
-		view, status = ks, ks
+		view, status, kclient = ks, ks, client
 		idCfg.Remote = &identity.RemoteConfig{URL: cfg.CAAddress, TokenFile: cfg.CATokenFile, RootsFile: cfg.CARootsFile}
 	}
 
@@ -301,15 +304,33 @@ func run(ctx context.Context, args []string) error {
 		inv.SetReloadHook(a.InventoryReloaded)
 		go inv.Watch(ctx)
 	}
+	// The node can take pods once the agent enrolls them at ADD: its
+	// socket serves and, when it installs the CNI entry, the entry is in
+	// place (the installer writes it only after the socket serves).
+	// Without the installer (installCNI off) the operator's entry is
+	// taken as there.
+	canEnroll := a.Ready()
 	if cfg.Enabled(cfg.InstallCNI) {
+		installed := make(chan struct{})
+		var once sync.Once
+		canEnroll = installed
 		// The conflist entry appears only once the socket answers, so no
 		// pod passes ambit-cni before the agent can serve it.
 		icfg := install.Config{CNIBinDir: cfg.CNIBinDir, CNIConfDir: cfg.CNIConfDir, Ready: a.Ready(), Logger: log,
-			Yield: func() bool { _, newer := self.Successor(); return newer },
-			Entry: install.Entry{AgentSocket: cfg.Socket, SnapshotFile: cfg.SnapshotFile, ExcludedNamespaces: cfg.ExcludedNamespaces}}
+			Yield:       func() bool { _, newer := self.Successor(); return newer },
+			OnInstalled: func(string) { once.Do(func() { close(installed) }) },
+			Entry:       install.Entry{AgentSocket: cfg.Socket, SnapshotFile: cfg.SnapshotFile, ExcludedNamespaces: cfg.ExcludedNamespaces}}
 		go func() {
 			if err := install.Run(ctx, icfg); err != nil && ctx.Err() == nil {
 				log.Error("CNI installer stopped", "err", err)
+			}
+		}()
+	}
+	if kclient != nil && cfg.ReadyTaint != "" {
+		go func() {
+			if err := readytaint.Run(ctx, readytaint.Config{Client: kclient, NodeName: cfg.NodeName, Key: cfg.ReadyTaint,
+				Ready: canEnroll, Registerer: reg, Logger: log}); err != nil {
+				log.Error("startup taint", "err", err)
 			}
 		}()
 	}

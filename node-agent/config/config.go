@@ -24,6 +24,9 @@ const (
 // pods; its value "ambient" opts in, "none" on a pod opts out.
 const DefaultEnrollLabel = "ambit.dev/dataplane-mode"
 
+// DefaultReadyTaint is the startup taint's key (readytaint.DefaultKey).
+const DefaultReadyTaint = "ambit.dev/agent-not-ready"
+
 // Duration is a time.Duration written as "10s", "1m30s" in the file.
 type Duration struct {
 	time.Duration
@@ -182,6 +185,16 @@ type Config struct {
 	InstallCNI string `json:"installCNI,omitempty"`
 	CNIBinDir  string `json:"cniBinDir,omitempty"`
 	CNIConfDir string `json:"cniConfDir,omitempty"`
+	// ReadyTaint is the key of the startup taint nodes may register with
+	// (kubelet --register-with-taints=<key>=:NoSchedule): with the
+	// kubernetes source the agent removes every taint with this key from
+	// its own Node once it can enroll pods (its CNI entry is written and
+	// its socket serves), and again if it is put back while the agent
+	// runs, so no pod is scheduled to a node before the mesh can take it
+	// (node-agent/readytaint). Nodes without the taint are only watched.
+	// Empty disables it. Not omitempty: "" must survive being written
+	// back, or it would read as the default.
+	ReadyTaint string `json:"readyTaint"`
 
 	// LogLevel is debug, info, warn or error; LogFormat text or json.
 	LogLevel  string `json:"logLevel,omitempty"`
@@ -220,6 +233,7 @@ func Default() Config {
 		InstallCNI:            "auto",
 		CNIBinDir:             "/host/opt/cni/bin",
 		CNIConfDir:            "/host/etc/cni/net.d",
+		ReadyTaint:            DefaultReadyTaint,
 	}
 }
 
@@ -316,6 +330,13 @@ func (c *Config) Validate() error {
 	}
 	if errs := validation.IsQualifiedName(c.EnrollLabel); len(errs) > 0 {
 		return fmt.Errorf("enrollLabel: %q is not a valid label key: %s", c.EnrollLabel, strings.Join(errs, "; "))
+	}
+	if c.ReadyTaint != "" {
+		// A taint key has a label key's syntax (the API server
+		// validates both with the same rule).
+		if errs := validation.IsQualifiedName(c.ReadyTaint); len(errs) > 0 {
+			return fmt.Errorf("readyTaint: %q is not a valid taint key: %s (\"\" disables the startup taint)", c.ReadyTaint, strings.Join(errs, "; "))
+		}
 	}
 	for i, ns := range c.ExcludedNamespaces {
 		if errs := validation.IsDNS1123Label(ns); len(errs) > 0 {

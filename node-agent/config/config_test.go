@@ -62,27 +62,29 @@ func TestLoadYAMLAndJSON(t *testing.T) {
 
 func TestErrorsNameTheField(t *testing.T) {
 	cases := map[string]string{
-		"nodeName: n\nsockett: /x\n":                      "sockett",
-		"nodeName: n\nsource: docker\n":                   "source",
-		"nodeName: n\nsource: inventory\n":                "inventoryFile",
-		"nodeName: n\nstateDir: relative\n":               "stateDir",
-		"nodeName: n\nenrollLabel: 'bad key!'\n":          "enrollLabel",
-		"nodeName: n\nexcludedNamespaces: [ok, Bad_NS]\n": "excludedNamespaces[1]",
-		"nodeName: n\nipv6: maybe\n":                      "ipv6",
-		"nodeName: n\nredirectBackend: pf\n":              "redirectBackend",
-		"nodeName: n\nrequestTimeout: 1ms\n":              "requestTimeout",
-		"nodeName: n\ndrainTimeout: soon\n":               "drainTimeout",
-		"nodeName: n\nmaxConcurrentRequests: 0\n":         "maxConcurrentRequests",
-		"nodeName: n\nmaxProcs: -1\n":                     "maxProcs",
-		"nodeName: n\nmaxConnections: -2\n":               "maxConnections",
-		"nodeName: n\nhealthAddr: nope\n":                 "healthAddr",
-		"nodeName: n\nlogLevel: loud\n":                   "logLevel",
-		"nodeName: n\nhostRules: yes\n":                   "hostRules",
-		"nodeName: n\ncaAddress: http://ca\n":             "caAddress",
-		"nodeName: n\ntrustDomain: 'a/b'\n":               "trustDomain",
-		"nodeName: n\nkubeAPIQPS: 0\n":                    "kubeAPIQPS",
-		"nodeName: n\nkubeAPIQPS: -1\n":                   "kubeAPIQPS",
-		"nodeName: n\nkubeAPIBurst: 0\n":                  "kubeAPIBurst",
+		"nodeName: n\nsockett: /x\n":                         "sockett",
+		"nodeName: n\nsource: docker\n":                      "source",
+		"nodeName: n\nsource: inventory\n":                   "inventoryFile",
+		"nodeName: n\nstateDir: relative\n":                  "stateDir",
+		"nodeName: n\nenrollLabel: 'bad key!'\n":             "enrollLabel",
+		"nodeName: n\nexcludedNamespaces: [ok, Bad_NS]\n":    "excludedNamespaces[1]",
+		"nodeName: n\nipv6: maybe\n":                         "ipv6",
+		"nodeName: n\nredirectBackend: pf\n":                 "redirectBackend",
+		"nodeName: n\nrequestTimeout: 1ms\n":                 "requestTimeout",
+		"nodeName: n\ndrainTimeout: soon\n":                  "drainTimeout",
+		"nodeName: n\nmaxConcurrentRequests: 0\n":            "maxConcurrentRequests",
+		"nodeName: n\nmaxProcs: -1\n":                        "maxProcs",
+		"nodeName: n\nmaxConnections: -2\n":                  "maxConnections",
+		"nodeName: n\nhealthAddr: nope\n":                    "healthAddr",
+		"nodeName: n\nlogLevel: loud\n":                      "logLevel",
+		"nodeName: n\nhostRules: yes\n":                      "hostRules",
+		"nodeName: n\ncaAddress: http://ca\n":                "caAddress",
+		"nodeName: n\ntrustDomain: 'a/b'\n":                  "trustDomain",
+		"nodeName: n\nkubeAPIQPS: 0\n":                       "kubeAPIQPS",
+		"nodeName: n\nkubeAPIQPS: -1\n":                      "kubeAPIQPS",
+		"nodeName: n\nkubeAPIBurst: 0\n":                     "kubeAPIBurst",
+		"nodeName: n\nreadyTaint: 'not a key'\n":             "readyTaint",
+		"nodeName: n\nreadyTaint: ambit.dev/x=:NoSchedule\n": "readyTaint",
 	}
 	for body, field := range cases {
 		_, err := Load(write(t, body))
@@ -92,7 +94,33 @@ func TestErrorsNameTheField(t *testing.T) {
 	}
 }
 
+// The startup taint is on by default, a key of the operator's choice
+// replaces it, and "" turns it off, also after being written back.
+func TestReadyTaint(t *testing.T) {
+	c, err := Load(write(t, "nodeName: n\n"))
+	if err != nil || c.ReadyTaint != "ambit.dev/agent-not-ready" {
+		t.Fatalf("default readyTaint %q, %v", c.ReadyTaint, err)
+	}
+	c, err = Load(write(t, "nodeName: n\nreadyTaint: example.com/mesh-not-ready\n"))
+	if err != nil || c.ReadyTaint != "example.com/mesh-not-ready" {
+		t.Fatalf("readyTaint %q, %v", c.ReadyTaint, err)
+	}
+	c, err = Load(write(t, "nodeName: n\nreadyTaint: \"\"\n"))
+	if err != nil || c.ReadyTaint != "" {
+		t.Fatalf("readyTaint \"\" gave %q, %v", c.ReadyTaint, err)
+	}
+	out, err := yaml.Marshal(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c2 := Default()
+	if err := Parse(out, &c2); err != nil || c2.ReadyTaint != "" {
+		t.Fatalf("readyTaint \"\" written back reads as %q (%v):\n%s", c2.ReadyTaint, err, out)
+	}
+}
+
 func FuzzParse(f *testing.F) {
+	f.Add([]byte("nodeName: n1\nreadyTaint: \"\"\n"))
 	f.Add([]byte("nodeName: n1\ndrainTimeout: 5s\n"))
 	f.Add([]byte(`{"socket":"/x","excludedNamespaces":["a"]}`))
 	f.Add([]byte("- a\n- b"))
