@@ -115,6 +115,22 @@ func TestAgentDaemonSet(t *testing.T) {
 	}) {
 		t.Errorf("does not tolerate every taint: %+v", s.Tolerations)
 	}
+	// Above all the startup taint it removes: an agent that could not
+	// start on a node registered with it would leave the node tainted
+	// for good (its tolerations may be narrowed in an overlay).
+	if key := agentConfig(t, r).ReadyTaint; key != "" {
+		for _, eff := range []corev1.TaintEffect{corev1.TaintEffectNoSchedule, corev1.TaintEffectNoExecute} {
+			if !slices.ContainsFunc(s.Tolerations, func(tl corev1.Toleration) bool {
+				// The scheduler's rule for a taint with no value.
+				return (tl.Key == "" || tl.Key == key) && (tl.Effect == "" || tl.Effect == eff) &&
+					(tl.Operator == corev1.TolerationOpExists || tl.Key != "" && tl.Value == "")
+			}) {
+				t.Errorf("the agent does not tolerate its own startup taint %s:%s: %+v", key, eff, s.Tolerations)
+			}
+		}
+	} else {
+		t.Error("the manifests' config turns the startup taint off (readyTaint empty)")
+	}
 	// Hitless upgrade: the new agent must run beside the old one before
 	// the old one stops, so surge and never an unavailable node.
 	u := ds.Spec.UpdateStrategy
@@ -400,7 +416,7 @@ func TestRBAC(t *testing.T) {
 	r := render(t, root(t))
 	agent := get[*rbacv1.ClusterRole](t, r, "ClusterRole", "", "ambit-agent")
 	wantAgent := expand(`/pods:get,list,watch,patch; /pods/status:patch; /namespaces:get,list,watch; /services:get,list,watch;
-		discovery.k8s.io/endpointslices:get,list,watch; /nodes:get,list,watch; /events:create,patch;
+		discovery.k8s.io/endpointslices:get,list,watch; /nodes:get,list,watch,patch; /events:create,patch;
 		ambit.dev/authorizationpolicies:get,list,watch; ambit.dev/inboundmodes:get,list,watch;
 		ambit.dev/authorizationpolicies/status:update; ambit.dev/inboundmodes/status:update;
 		security.istio.io/authorizationpolicies:get,list,watch; security.istio.io/peerauthentications:get,list,watch`)
