@@ -13,6 +13,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/net/http2/hpack"
@@ -222,7 +223,9 @@ func (sv *Serving) outbound(c *net.TCPConn, slots chan struct{}) {
 	// The first bytes travel with the CONNECT, outside Splice's count.
 	nFirst := int64(len(first))
 	ctx, cancel := context.WithTimeout(context.Background(), sv.p.connectTimeout)
+	cw := watchClient(c, cancel)
 	s, sent, err := sv.pool.open(ctx, key, target.String(), sv.requestHeaders(r), first)
+	gone := cw.stop()
 	cancel()
 	if err == nil && sent < len(first) {
 		_, err = s.Write(first[sent:])
@@ -236,7 +239,10 @@ func (sv *Serving) outbound(c *net.TCPConn, slots chan struct{}) {
 	if err != nil {
 		reason := "hbone_connect"
 		var de *dialError
-		if errors.As(err, &de) {
+		switch {
+		case gone:
+			reason, err = "client_gone", fmt.Errorf("the app went away while connecting to %v: %w", r.hboneAddr, err)
+		case errors.As(err, &de):
 			reason = de.reason
 		}
 		sv.failed(r, reason, err)
@@ -360,10 +366,16 @@ func (sv *Serving) requestHeaders(r *record) []hpack.HeaderField {
 func (sv *Serving) passthrough(c *net.TCPConn, r *record, target netip.AddrPort) {
 	r.mode = "passthrough"
 	ctx, cancel := context.WithTimeout(context.Background(), sv.p.connectTimeout)
+	cw := watchClient(c, cancel)
 	up, err := sv.pod.Net.Dial(ctx, netip.Addr{}, target)
+	gone := cw.stop()
 	cancel()
 	if err != nil {
-		sv.failed(r, "upstream_unreachable", err)
+		if gone {
+			sv.failed(r, "client_gone", fmt.Errorf("the app went away while connecting to %v: %w", target, err))
+		} else {
+			sv.failed(r, "upstream_unreachable", err)
+		}
 		reset(c)
 		return
 	}
@@ -447,9 +459,17 @@ func (sv *Serving) inboundPlain(c *net.TCPConn, slots chan struct{}) {
 		reset(c)
 		return
 	}
-	app, err := sv.dialApp(context.Background(), r.src.Addr(), dst)
+	ctx, cancel := context.WithCancel(context.Background())
+	cw := watchClient(c, cancel)
+	app, err := sv.dialApp(ctx, r.src.Addr(), dst)
+	gone := cw.stop()
+	cancel()
 	if err != nil {
-		sv.failed(r, "upstream_unreachable", err)
+		if gone {
+			sv.failed(r, "client_gone", fmt.Errorf("the client went away while connecting to the app: %w", err))
+		} else {
+			sv.failed(r, "upstream_unreachable", err)
+		}
 		reset(c)
 		return
 	}
@@ -760,6 +780,103 @@ func streamContext(s *hbone.Stream) (context.Context, context.CancelFunc) {
 	}()
 	return ctx, cancel
 }
+
+// clientWatchDelay is how long a dial runs before its client is watched
+// (watchClient). Most dials end well within it (a connect in the
+// cluster, a pooled HBONE connection's new stream), and those pay only
+// for a timer armed and stopped; a client that goes away is noticed
+// within about this much plus the watch's first look.
+const clientWatchDelay = 20 * time.Millisecond
+
+// TCP_INFO's tcpi_state values (include/net/tcp_states.h).
+const (
+	tcpStateClose     = 7 // reset (or never connected)
+	tcpStateCloseWait = 8 // the peer's FIN received, ours not sent
+)
+
+// clientWatch cancels a dial made for an accepted connection when its
+// client goes away first: a dial towards a black-holed destination (an
+// app whose port a firewall drops, a NetworkPolicy on 15008, a port scan)
+// otherwise runs to the connect timeout for nobody, holding a SYN-SENT
+// socket, a goroutine, an accept slot and a count in the pod's share.
+//
+// Gone is a reset, or a FIN before the client sent a single byte. A FIN
+// after data is a client that wrote its request and half-closed
+// (shutdown(SHUT_WR)): it waits for the answer, so the dial goes on. The
+// bytes may already be ours (the outbound first read) or still queued, so
+// the watch asks the kernel (TCP_INFO: the state, and tcpi_data_segs_in,
+// segments with payload; tcpi_bytes_received counts the FIN too) and
+// never reads: the socket is left whole for the splice that follows.
+//
+// It costs no goroutine while the dial is quick: the watch starts only
+// after clientWatchDelay, on the timer's goroutine, parked in the
+// runtime's poller on the client's socket (RawConn.Read), woken by what
+// arrives on it; stop wakes it with a read deadline in the past.
+type clientWatch struct {
+	c      *net.TCPConn
+	cancel context.CancelFunc
+	t      *time.Timer
+	state  atomic.Int32 // watchIdle, watchRunning, watchStopped
+	gone   atomic.Bool
+	done   chan struct{} // closed when a running watch has ended
+}
+
+const (
+	watchIdle = iota
+	watchRunning
+	watchStopped
+)
+
+// watchClient watches c until stop, calling cancel if its client goes
+// away meanwhile.
+func watchClient(c *net.TCPConn, cancel context.CancelFunc) *clientWatch {
+	w := &clientWatch{c: c, cancel: cancel}
+	w.t = time.AfterFunc(clientWatchDelay, w.run)
+	return w
+}
+
+func (w *clientWatch) run() {
+	// Set before the state says running: stop reads it only then.
+	w.done = make(chan struct{})
+	if !w.state.CompareAndSwap(watchIdle, watchRunning) {
+		return
+	}
+	defer close(w.done)
+	rc, err := w.c.SyscallConn()
+	if err != nil {
+		return
+	}
+	_ = rc.Read(func(fd uintptr) bool {
+		ti, err := unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO)
+		if err != nil {
+			return true // cannot tell: the dial runs its course
+		}
+		if ti.State == tcpStateClose || (ti.State == tcpStateCloseWait && ti.Data_segs_in == 0) {
+			w.gone.Store(true)
+			w.cancel()
+			return true
+		}
+		// Established, or half-closed after data: wait for what comes
+		// next (the poller is edge-triggered: this runs again on new
+		// data, a FIN or a reset, not while the socket stays readable).
+		return false
+	})
+}
+
+// stop ends the watch (c is the caller's to read again once it returns)
+// and reports whether the client went away.
+func (w *clientWatch) stop() bool {
+	if w.t.Stop() || w.state.CompareAndSwap(watchIdle, watchStopped) {
+		return false // never started
+	}
+	_ = w.c.SetReadDeadline(aLongTimeAgo)
+	<-w.done
+	_ = w.c.SetReadDeadline(time.Time{})
+	return w.gone.Load()
+}
+
+// aLongTimeAgo, as a deadline, wakes a read parked in the poller at once.
+var aLongTimeAgo = time.Unix(1, 0)
 
 // genericSplice joins a stream and any net.Conn (a PodNetwork that does
 // not hand out TCP connections).

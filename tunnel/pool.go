@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/net/http2/hpack"
@@ -23,8 +24,28 @@ type poolKey struct {
 
 type poolEntry struct {
 	conns   []pooledConn
-	dialing chan struct{} // closed when the dial in flight ends
-	dialErr error
+	dialing *poolDial // the dial in flight new callers wait for, if any
+}
+
+// poolDial is a dial shared by the callers that found no connection with
+// room. It runs on its own goroutine, not on a caller's: each caller
+// waits only as long as its own context allows (its app may go away),
+// and the dial is cancelled only when no one waits for it any more.
+type poolDial struct {
+	done    chan struct{} // closed when the dial has ended
+	err     error         // set before done is closed
+	waiters int           // under pool.mu
+	cancel  context.CancelFunc
+	tcpUp   atomic.Bool // the TCP connection is up, the handshake under way
+}
+
+// timeoutError is the error of a dial that did not end in time, with the
+// same reasons as dial's.
+func (d *poolDial) timeoutError(key poolKey, err error) error {
+	if d.tcpUp.Load() {
+		return &dialError{"tls", fmt.Errorf("HBONE handshake with %v (%s) timed out: %w", key.addr, key.dst, err)}
+	}
+	return &dialError{"connect_timeout", fmt.Errorf("HBONE connect to %v timed out (is a NetworkPolicy blocking port %d?): %w", key.addr, key.addr.Port(), err)}
 }
 
 // pooledConn is a pooled connection and what its handshake verified,
@@ -123,49 +144,81 @@ func (pl *pool) conn(ctx context.Context, key poolKey) (*hbone.Conn, error) {
 			pl.mu.Unlock()
 			return pick, nil
 		}
-		if e.dialing == nil {
-			ch := make(chan struct{})
-			e.dialing = ch
-			pl.mu.Unlock()
-			c, ps, err := pl.dial(ctx, key)
-			pl.mu.Lock()
-			if pl.closed() {
-				// close ran meanwhile (Close's cut) and cannot see
-				// this connection: it must not outlive the pool. A
-				// dial it cut short fails for the same reason.
-				if err == nil {
-					c.Close()
-				}
-				err = errPoolClosed
-			}
-			e.dialing = nil
-			e.dialErr = err
-			if err == nil {
-				e.conns = append(e.conns, pooledConn{c, ps})
-				pl.p.m.poolConns.Inc()
-				go func() { <-c.Done(); pl.p.m.poolConns.Dec() }()
-			}
-			close(ch)
-			if err != nil {
-				pl.mu.Unlock()
-				return nil, err
-			}
-			continue
+		d := e.dialing
+		if d == nil {
+			dctx, cancel := context.WithCancel(context.Background())
+			d = &poolDial{done: make(chan struct{}), cancel: cancel}
+			e.dialing = d
+			go pl.runDial(dctx, key, e, d)
 		}
-		ch := e.dialing
+		d.waiters++
 		pl.mu.Unlock()
 		select {
-		case <-ch:
+		case <-d.done:
 		case <-ctx.Done():
+			pl.mu.Lock()
+			d.waiters--
+			if d.waiters == 0 && e.dialing == d {
+				// Its last waiter gave up (the apps went away): no
+				// one wants the connection now, and towards a
+				// black-holed peer the dial would hold a socket for
+				// the connect timeout. A caller from now on starts
+				// a dial of its own.
+				e.dialing = nil
+				d.cancel()
+			}
+			pl.mu.Unlock()
+			if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+				// The dial's own deadline is a little later:
+				// say where it was, as its error would have.
+				return nil, d.timeoutError(key, ctx.Err())
+			}
 			return nil, ctx.Err()
 		}
 		pl.mu.Lock()
-		if e.dialErr != nil && len(e.conns) == 0 {
+		d.waiters--
+		if d.err != nil && len(e.conns) == 0 {
 			// Share the failure with everyone who waited for that dial.
-			err := e.dialErr
 			pl.mu.Unlock()
-			return nil, err
+			return nil, d.err
 		}
+	}
+}
+
+// runDial runs d for e, pools its connection and wakes its waiters.
+func (pl *pool) runDial(ctx context.Context, key poolKey, e *poolEntry, d *poolDial) {
+	c, ps, err := pl.dial(ctx, key, d)
+	d.cancel()
+	var discard *hbone.Conn
+	pl.mu.Lock()
+	switch {
+	case pl.closed():
+		// close ran meanwhile (Close's cut) and cannot see this
+		// connection: it must not outlive the pool. A dial it cut
+		// short fails for the same reason.
+		if err == nil {
+			discard = c
+		}
+		err = errPoolClosed
+	case err == nil && pl.m[key] != e:
+		// Abandoned by its waiters, and the janitor has dropped the
+		// entry since: nothing would ever use or evict it.
+		discard, err = c, errPoolClosed
+	}
+	if e.dialing == d {
+		e.dialing = nil
+	}
+	d.err = err
+	if err == nil {
+		// Pooled even when its waiters left: the next caller uses it.
+		e.conns = append(e.conns, pooledConn{c, ps})
+		pl.p.m.poolConns.Inc()
+		go func() { <-c.Done(); pl.p.m.poolConns.Dec() }()
+	}
+	close(d.done)
+	pl.mu.Unlock()
+	if discard != nil {
+		discard.Close()
 	}
 }
 
@@ -178,7 +231,7 @@ type dialError struct {
 func (e *dialError) Error() string { return e.err.Error() }
 func (e *dialError) Unwrap() error { return e.err }
 
-func (pl *pool) dial(ctx context.Context, key poolKey) (*hbone.Conn, *peerState, error) {
+func (pl *pool) dial(ctx context.Context, key poolKey, d *poolDial) (*hbone.Conn, *peerState, error) {
 	ctx, cancel := context.WithTimeout(ctx, pl.p.connectTimeout)
 	defer cancel()
 	// Closing the pool (Close's cut, past its deadline) ends a dial in
@@ -194,10 +247,11 @@ func (pl *pool) dial(ctx context.Context, key poolKey) (*hbone.Conn, *peerState,
 	raw, err := pl.net.Dial(ctx, netip.Addr{}, key.addr)
 	if err != nil {
 		if errors.Is(err, context.DeadlineExceeded) {
-			return nil, nil, &dialError{"connect_timeout", fmt.Errorf("HBONE connect to %v timed out (is a NetworkPolicy blocking port %d?): %w", key.addr, key.addr.Port(), err)}
+			return nil, nil, d.timeoutError(key, err)
 		}
 		return nil, nil, &dialError{"connect", fmt.Errorf("HBONE connect to %v: %w", key.addr, err)}
 	}
+	d.tcpUp.Store(true)
 	ps := &peerState{}
 	c, err := hbone.Client(ctx, raw, pl.p.clientTLS(context.WithoutCancel(ctx), key.src, key.dst, ps), pl.p.hcfg)
 	if err != nil {
