@@ -1,0 +1,153 @@
+package tunnel
+
+import (
+	"context"
+	"io"
+	"net"
+	"testing"
+	"time"
+)
+
+// clientWatch on its own, on loopback (no netns): what counts as a
+// client gone, that nothing of the client's bytes is consumed, and what
+// arming and stopping it costs a quick dial. The tests through real pods
+// are in clientgone_test.go.
+
+// pair is an accepted connection (the agent's side) and its client.
+func pair(t testing.TB) (server, client *net.TCPConn) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close(); s.Close() })
+	return s.(*net.TCPConn), c.(*net.TCPConn)
+}
+
+func TestClientWatch(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		client func(c *net.TCPConn)
+		gone   bool
+		unread string // what the agent's side must still read after stop
+	}{
+		{"reset", func(c *net.TCPConn) { c.SetLinger(0); c.Close() }, true, ""},
+		{"closed before a byte", func(c *net.TCPConn) { c.Close() }, true, ""},
+		{"half-closed before a byte", func(c *net.TCPConn) { c.CloseWrite() }, true, ""},
+		{"request then half-closed", func(c *net.TCPConn) { c.Write([]byte("GET /")); c.CloseWrite() }, false, "GET /"},
+		{"request then closed", func(c *net.TCPConn) { c.Write([]byte("GET /")); c.Close() }, false, "GET /"},
+		{"request, waiting", func(c *net.TCPConn) { c.Write([]byte("GET /")) }, false, "GET /"},
+		{"request then reset", func(c *net.TCPConn) {
+			c.Write([]byte("GET /"))
+			time.Sleep(20 * time.Millisecond) // the bytes in first
+			c.SetLinger(0)
+			c.Close()
+		}, true, ""},
+		{"connected, waiting", func(c *net.TCPConn) {}, false, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			for _, early := range []bool{false, true} {
+				// early: the client acts before the watch starts
+				// (its first look finds it); else while it is
+				// parked in the poller.
+				s, c := pair(t)
+				ctx, cancel := context.WithCancel(context.Background())
+				if early {
+					tc.client(c)
+				}
+				w := watchClient(s, cancel)
+				time.Sleep(clientWatchDelay + 30*time.Millisecond)
+				if !early {
+					tc.client(c)
+				}
+				if tc.gone {
+					select {
+					case <-ctx.Done():
+					case <-time.After(5 * time.Second):
+						t.Fatalf("early=%v: the dial's context not cancelled 5 s after the client went away", early)
+					}
+				} else {
+					time.Sleep(100 * time.Millisecond)
+					if ctx.Err() != nil {
+						t.Fatalf("early=%v: cancelled, but the client is still there", early)
+					}
+				}
+				if gone := w.stop(); gone != tc.gone {
+					t.Errorf("early=%v: stop says gone=%v, want %v", early, gone, tc.gone)
+				}
+				if tc.unread != "" {
+					// The splice that follows reads everything the
+					// client sent: the watch took nothing.
+					buf := make([]byte, 64)
+					s.SetReadDeadline(time.Now().Add(2 * time.Second))
+					n, err := io.ReadAtLeast(s, buf, len(tc.unread))
+					if string(buf[:n]) != tc.unread {
+						t.Errorf("early=%v: read %q (%v) after stop, want %q", early, buf[:n], err, tc.unread)
+					}
+				}
+			}
+		})
+	}
+}
+
+// TestClientWatchStopLeavesNoDeadline: a watch stopped while parked
+// leaves the socket as it found it: a read after stop waits for data
+// rather than failing on the past deadline stop used.
+func TestClientWatchStopLeavesNoDeadline(t *testing.T) {
+	s, c := pair(t)
+	w := watchClient(s, func() {})
+	time.Sleep(clientWatchDelay + 30*time.Millisecond) // parked now
+	if w.stop() {
+		t.Fatal("stop says gone; the client is there")
+	}
+	go func() {
+		time.Sleep(50 * time.Millisecond)
+		c.Write([]byte("x"))
+	}()
+	var b [1]byte
+	if _, err := s.Read(b[:]); err != nil {
+		t.Fatalf("read after stop: %v", err)
+	}
+}
+
+// BenchmarkClientWatch: what a quick dial pays (the watch armed and
+// stopped before its delay), against nothing.
+func BenchmarkClientWatch(b *testing.B) {
+	s, _ := pair(b)
+	b.Run("none", func(b *testing.B) {
+		for i := 0; i < b.N; i++ {
+			ctx, cancel := context.WithCancel(context.Background())
+			_ = ctx
+			cancel()
+		}
+	})
+	b.Run("armed-stopped", func(b *testing.B) {
+		for i := 0; i < b.N; i++ {
+			ctx, cancel := context.WithCancel(context.Background())
+			_ = ctx
+			w := watchClient(s, cancel)
+			w.stop()
+			cancel()
+		}
+	})
+	b.Run("started-stopped", func(b *testing.B) {
+		// A slow dial: the watch parked in the poller, then woken.
+		for i := 0; i < b.N; i++ {
+			w := watchClient(s, func() {})
+			w.t.Reset(0)
+			for w.state.Load() == watchIdle {
+				time.Sleep(time.Microsecond)
+			}
+			w.stop()
+		}
+	})
+}
