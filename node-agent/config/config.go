@@ -95,7 +95,7 @@ type Config struct {
 	// Empty: no keeper.
 	KeeperSocket string `json:"keeperSocket,omitempty"`
 	// HealthAddr serves /healthz, /readyz and /metrics ("" disables).
-	HealthAddr string `json:"healthAddr,omitempty"`
+	HealthAddr string `json:"healthAddr"`
 	// ProcRoot is the host's /proc (mounted e.g. at /host/proc in a pod),
 	// used only by the netns discovery fallback.
 	ProcRoot string `json:"procRoot,omitempty"`
@@ -103,7 +103,7 @@ type Config struct {
 	// EnrollLabel is the enrollment label key.
 	EnrollLabel string `json:"enrollLabel,omitempty"`
 	// ExcludedNamespaces are never enrolled, whatever their labels.
-	ExcludedNamespaces []string `json:"excludedNamespaces,omitempty"`
+	ExcludedNamespaces []string `json:"excludedNamespaces"`
 	// TrustDomain of workload identities.
 	TrustDomain string `json:"trustDomain,omitempty"`
 	// RedirectBackend is the rule engine the agent uses when it installs
@@ -355,6 +355,24 @@ func (c *Config) Validate() error {
 	}
 	if c.Source == SourceKubernetes && !strings.HasPrefix(c.CAAddress, "https://") {
 		return fmt.Errorf("caAddress: %q must be an https:// URL", c.CAAddress)
+	}
+	// An empty path here would fail only when first used (the CA
+	// request, the installer's first write), long after the agent
+	// reported ready, and would turn back into the default when the
+	// config is written out: it means nothing, so it is refused now.
+	if c.Source == SourceKubernetes {
+		for _, f := range []struct{ name, path string }{{"caTokenFile", c.CATokenFile}, {"caRootsFile", c.CARootsFile}} {
+			if !filepath.IsAbs(f.path) {
+				return fmt.Errorf("%s: %q must be an absolute path (the CA needs it with the kubernetes source)", f.name, f.path)
+			}
+		}
+	}
+	if c.Enabled(c.InstallCNI) {
+		for _, f := range []struct{ name, path string }{{"cniBinDir", c.CNIBinDir}, {"cniConfDir", c.CNIConfDir}} {
+			if !filepath.IsAbs(f.path) {
+				return fmt.Errorf("%s: %q must be an absolute path while installCNI is on (set installCNI: off to not install)", f.name, f.path)
+			}
+		}
 	}
 	switch c.RedirectBackend {
 	case "auto", "nftables", "iptables", "iptables-legacy", "iptables-nft":

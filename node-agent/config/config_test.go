@@ -122,6 +122,9 @@ func TestReadyTaint(t *testing.T) {
 func FuzzParse(f *testing.F) {
 	f.Add([]byte("nodeName: n1\nreadyTaint: \"\"\n"))
 	f.Add([]byte("nodeName: n1\ndrainTimeout: 5s\n"))
+	// Zero values that mean something (no health server, no excluded
+	// namespace) must not turn back into the defaults when written back.
+	f.Add([]byte("nodeName: n1\nhealthAddr: \"\"\nexcludedNamespaces: []\n"))
 	f.Add([]byte(`{"socket":"/x","excludedNamespaces":["a"]}`))
 	f.Add([]byte("- a\n- b"))
 	f.Add([]byte("nodeName: n1\nstateDir: /var/run/ambit\nsource: inventory\ninventoryFile: /i\n"))
