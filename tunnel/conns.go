@@ -13,7 +13,6 @@ import (
 	"net"
 	"net/netip"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"golang.org/x/net/http2/hpack"
@@ -780,130 +779,6 @@ func streamContext(s *hbone.Stream) (context.Context, context.CancelFunc) {
 	}()
 	return ctx, cancel
 }
-
-// clientWatchDelay is how long a dial runs before its client is watched
-// (watchClient). Most dials end well within it (a connect in the
-// cluster, a pooled HBONE connection's new stream), and those pay only
-// for a timer armed and stopped; a client that goes away is noticed
-// within about this much plus the watch's first look.
-const clientWatchDelay = 20 * time.Millisecond
-
-// TCP_INFO's tcpi_state values (include/net/tcp_states.h).
-const (
-	tcpStateClose     = 7 // reset (or never connected)
-	tcpStateCloseWait = 8 // the peer's FIN received, ours not sent
-)
-
-// clientWatch cancels a dial made for an accepted connection when its
-// client goes away first: a dial towards a black-holed destination (an
-// app whose port a firewall drops, a NetworkPolicy on 15008, a port scan)
-// otherwise runs to the connect timeout for nobody, holding a SYN-SENT
-// socket, a goroutine, an accept slot and a count in the pod's share.
-//
-// Gone is a reset, or a FIN before the client sent a single byte. A FIN
-// after data is a client that wrote its request and half-closed
-// (shutdown(SHUT_WR)): it waits for the answer, so the dial goes on. The
-// bytes may already be ours (the outbound first read) or still queued, so
-// the watch asks the kernel (TCP_INFO: the state, and tcpi_data_segs_in,
-// segments with payload; tcpi_bytes_received counts the FIN too) and
-// never reads: the socket is left whole for the splice that follows.
-//
-// It costs no goroutine while the dial is quick: the watch starts only
-// after clientWatchDelay, on the timer's goroutine, parked in the
-// runtime's poller on the client's socket (RawConn.Read), woken by what
-// arrives on it; stop wakes it with a read deadline in the past.
-type clientWatch struct {
-	c      *net.TCPConn
-	cancel context.CancelFunc
-	t      *time.Timer
-	state  atomic.Int32 // watchIdle, watchRunning, watchStopped
-	gone   atomic.Bool
-	done   chan struct{} // closed when a running watch has ended
-}
-
-const (
-	watchIdle = iota
-	watchRunning
-	watchStopped
-)
-
-// clientWatches are reused with their timer: a new timer and its
-// closure were three allocations and ~300 ns a connection of the ~600 the
-// watch cost a quick dial (BenchmarkClientWatch); re-armed, ~150 ns.
-var clientWatches = sync.Pool{New: func() any {
-	w := &clientWatch{}
-	w.t = time.AfterFunc(time.Hour, w.run)
-	w.t.Stop()
-	return w
-}}
-
-// watchClient watches c until stop, calling cancel if its client goes
-// away meanwhile.
-func watchClient(c *net.TCPConn, cancel context.CancelFunc) *clientWatch {
-	w := clientWatches.Get().(*clientWatch)
-	w.c, w.cancel = c, cancel
-	w.gone.Store(false)
-	w.state.Store(watchIdle)
-	w.t.Reset(clientWatchDelay)
-	return w
-}
-
-func (w *clientWatch) run() {
-	// Set before the state says running: stop reads it only then.
-	w.done = make(chan struct{})
-	if !w.state.CompareAndSwap(watchIdle, watchRunning) {
-		return
-	}
-	defer close(w.done)
-	rc, err := w.c.SyscallConn()
-	if err != nil {
-		return
-	}
-	_ = rc.Read(func(fd uintptr) bool {
-		ti, err := unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO)
-		if err != nil {
-			return true // cannot tell: the dial runs its course
-		}
-		if ti.State == tcpStateClose || (ti.State == tcpStateCloseWait && ti.Data_segs_in == 0) {
-			w.gone.Store(true)
-			w.cancel()
-			return true
-		}
-		// Established, or half-closed after data: wait for what comes
-		// next (the poller is edge-triggered: this runs again on new
-		// data, a FIN or a reset, not while the socket stays readable).
-		return false
-	})
-}
-
-// stop ends the watch (c is the caller's to read again once it returns)
-// and reports whether the client went away.
-func (w *clientWatch) stop() bool {
-	if w.t.Stop() {
-		w.release()
-		return false
-	}
-	if w.state.CompareAndSwap(watchIdle, watchStopped) {
-		// The timer's goroutine has begun and will find the watch
-		// stopped, but may still touch w: not reused.
-		return false
-	}
-	_ = w.c.SetReadDeadline(aLongTimeAgo)
-	<-w.done
-	_ = w.c.SetReadDeadline(time.Time{})
-	gone := w.gone.Load()
-	w.release()
-	return gone
-}
-
-// release gives w back for reuse once nothing else can touch it.
-func (w *clientWatch) release() {
-	w.c, w.cancel = nil, nil
-	clientWatches.Put(w)
-}
-
-// aLongTimeAgo, as a deadline, wakes a read parked in the poller at once.
-var aLongTimeAgo = time.Unix(1, 0)
 
 // genericSplice joins a stream and any net.Conn (a PodNetwork that does
 // not hand out TCP connections).
