@@ -240,7 +240,11 @@ func (sv *Serving) outbound(c *net.TCPConn, slots chan struct{}) {
 		var de *dialError
 		switch {
 		case gone:
-			reason, err = "client_gone", fmt.Errorf("the app went away while connecting to %v: %w", r.hboneAddr, err)
+			// An app that gives up before the connect timeout on a
+			// 15008 a NetworkPolicy blocks ends here, not in
+			// connect_timeout: say so.
+			reason, err = "client_gone", fmt.Errorf("the app went away after %v, before the HBONE connection to %v was up (is a NetworkPolicy blocking port %d?): %w",
+				time.Since(r.start).Round(time.Millisecond), r.hboneAddr, r.hboneAddr.Port(), err)
 		case errors.As(err, &de):
 			reason = de.reason
 		}
@@ -371,7 +375,8 @@ func (sv *Serving) passthrough(c *net.TCPConn, r *record, target netip.AddrPort)
 	cancel()
 	if err != nil {
 		if gone {
-			sv.failed(r, "client_gone", fmt.Errorf("the app went away while connecting to %v: %w", target, err))
+			sv.failed(r, "client_gone", fmt.Errorf("the app went away after %v, before the connection to %v was up: %w",
+				time.Since(r.start).Round(time.Millisecond), target, err))
 		} else {
 			sv.failed(r, "upstream_unreachable", err)
 		}
@@ -465,7 +470,8 @@ func (sv *Serving) inboundPlain(c *net.TCPConn, slots chan struct{}) {
 	cancel()
 	if err != nil {
 		if gone {
-			sv.failed(r, "client_gone", fmt.Errorf("the client went away while connecting to the app: %w", err))
+			sv.failed(r, "client_gone", fmt.Errorf("the client went away after %v, before the connection to the app was up: %w",
+				time.Since(r.start).Round(time.Millisecond), err))
 		} else {
 			sv.failed(r, "upstream_unreachable", err)
 		}
