@@ -132,9 +132,12 @@ func (w *clientWatch) release() {
 // the runtime's poller (it is pollable: readable when events wait), so
 // its goroutine parks like any reader, holding no thread.
 type clientWatcher struct {
-	once sync.Once
-	epfd int // -1 when it could not be set up: no watch, dials run their course
-	mu   sync.Mutex
+	mu sync.Mutex
+	// -1 until set up, at the first watch. A set that could not be
+	// (EMFILE: a flood of clients to a black hole, every one a slow
+	// dial, is when descriptors run out) is tried again at the next:
+	// meanwhile those dials run their course.
+	epfd int
 	next uint64
 	m    map[uint64]*clientWatch
 }
@@ -142,12 +145,11 @@ type clientWatcher struct {
 var watcher = clientWatcher{epfd: -1}
 
 func (cw *clientWatcher) add(w *clientWatch, fd int) {
-	cw.once.Do(cw.start)
-	if cw.epfd < 0 {
-		return
-	}
 	cw.mu.Lock()
 	defer cw.mu.Unlock()
+	if cw.epfd < 0 && !cw.startLocked() {
+		return
+	}
 	cw.next++
 	id := cw.next
 	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLET, Fd: int32(id), Pad: int32(id >> 32)}
@@ -177,26 +179,35 @@ func (cw *clientWatcher) removeLocked(w *clientWatch) {
 	w.reg = false
 }
 
-func (cw *clientWatcher) start() {
+// startLocked sets up the epoll set and its reader; false if it could
+// not (the caller's dial runs its course).
+func (cw *clientWatcher) startLocked() bool {
 	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
 	if err != nil {
-		return
+		return false
 	}
 	if err := unix.SetNonblock(epfd, true); err != nil {
 		unix.Close(epfd)
-		return
+		return false
 	}
 	f := os.NewFile(uintptr(epfd), "ambit-client-watch")
+	// Outside the runtime's poller (never seen: it takes an epoll
+	// descriptor), the reader would fail at once rather than park.
+	if f.SetReadDeadline(time.Time{}) != nil {
+		f.Close()
+		return false
+	}
 	rc, err := f.SyscallConn()
 	if err != nil {
 		f.Close()
-		return
+		return false
 	}
 	cw.epfd = epfd
 	cw.m = make(map[uint64]*clientWatch)
 	go func() {
 		evs := make([]unix.EpollEvent, 64)
-		// Never returns: the callback always asks to wait again.
+		// Returns only if the poller fails: the callback always asks
+		// to wait again.
 		_ = rc.Read(func(uintptr) bool {
 			for {
 				n, err := unix.EpollWait(epfd, evs, 0)
@@ -212,8 +223,18 @@ func (cw *clientWatcher) start() {
 				}
 			}
 		})
-		f.Close() // (not reached)
+		// The set goes: its watches are no longer (their dials run
+		// their course), and the next watch sets up another. Not
+		// closed before no one can use its number.
+		cw.mu.Lock()
+		for _, w := range cw.m {
+			w.reg = false
+		}
+		cw.epfd, cw.m = -1, nil
+		cw.mu.Unlock()
+		f.Close()
 	}()
+	return true
 }
 
 // handle looks at the clients that had an event. Under mu: a watch

@@ -2,10 +2,16 @@ package tunnel
 
 import (
 	"context"
+	"errors"
 	"io"
 	"net"
+	"os"
+	"strconv"
+	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // clientWatch on its own, on loopback (no netns): what counts as a
@@ -117,6 +123,96 @@ func TestClientWatchStopLeavesSocket(t *testing.T) {
 	if _, err := s.Read(b[:]); err != nil {
 		t.Fatalf("read after stop: %v", err)
 	}
+}
+
+// TestClientWatcherStartsAfterEMFILE: the epoll set is created at the
+// process's first slow dial, and a flood of clients towards a black hole
+// (every one a slow dial) is when the agent is likeliest to be out of
+// descriptors. A set that could not be created then must be created at
+// a later watch, once descriptors are back: it was tried once
+// (sync.Once), and every dial of the process ran its course from then
+// on, its client gone or not.
+func TestClientWatcherStartsAfterEMFILE(t *testing.T) {
+	s, c := pair(t)
+	rc, err := s.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cw := &clientWatcher{epfd: -1} // not the process's: one not yet set up
+	ctx, cancel := context.WithCancel(context.Background())
+	w := &clientWatch{c: s, cancel: cancel}
+	add := func() bool {
+		_ = rc.Control(func(fd uintptr) { cw.add(w, int(fd)) })
+		cw.mu.Lock()
+		defer cw.mu.Unlock()
+		return w.reg
+	}
+
+	var reg bool
+	withoutFDs(t, func() { reg = add() })
+	if reg {
+		t.Fatal("watched while the process had no descriptor left: the test did not exhaust them")
+	}
+	if !add() {
+		t.Fatal("not watched once descriptors were back: the failed set-up was not tried again")
+	}
+	c.SetLinger(0)
+	c.Close()
+	select {
+	case <-ctx.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("the dial's context not cancelled 5 s after the client reset")
+	}
+	cw.remove(w)
+}
+
+// withoutFDs runs f with every descriptor the process may open in use
+// (RLIMIT_NOFILE lowered to just above those open, the rest filled),
+// then gives them back.
+func withoutFDs(t *testing.T, f func()) {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Skipf("no /proc/self/fd: %v", err)
+	}
+	top := 0
+	for _, e := range ents {
+		if n, err := strconv.Atoi(e.Name()); err == nil && n > top {
+			top = n
+		}
+	}
+	var lim syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		t.Fatal(err)
+	}
+	low := lim
+	low.Cur = uint64(top + 16)
+	if low.Cur >= lim.Cur {
+		t.Skipf("RLIMIT_NOFILE %d already near the %d descriptors open", lim.Cur, top)
+	}
+	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &low); err != nil {
+		t.Fatal(err)
+	}
+	var fds []int
+	defer func() {
+		for _, fd := range fds {
+			unix.Close(fd)
+		}
+		if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+			t.Fatal(err)
+		}
+	}()
+	for {
+		fd, err := unix.Open("/dev/null", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if errors.Is(err, unix.EMFILE) {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		fds = append(fds, fd)
+	}
+	f()
 }
 
 // BenchmarkClientWatch: what a quick dial pays (the watch armed and
