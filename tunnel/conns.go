@@ -370,7 +370,9 @@ func (sv *Serving) passthrough(c *net.TCPConn, r *record, target netip.AddrPort)
 	r.mode = "passthrough"
 	ctx, cancel := context.WithTimeout(context.Background(), sv.p.connectTimeout)
 	cw := watchClient(c, cancel)
+	cut := sv.track(cancel)
 	up, err := sv.pod.Net.Dial(ctx, netip.Addr{}, target)
+	sv.untrack(cut)
 	gone := cw.stop()
 	cancel()
 	if err != nil {
@@ -378,7 +380,7 @@ func (sv *Serving) passthrough(c *net.TCPConn, r *record, target netip.AddrPort)
 			sv.failed(r, "client_gone", fmt.Errorf("the app went away after %v, before the connection to %v was up: %w",
 				time.Since(r.start).Round(time.Millisecond), target, err))
 		} else {
-			sv.failed(r, "upstream_unreachable", err)
+			sv.failed(r, "upstream_unreachable", sv.cutDial(r, err))
 		}
 		reset(c)
 		return
@@ -387,6 +389,23 @@ func (sv *Serving) passthrough(c *net.TCPConn, r *record, target netip.AddrPort)
 	sv.opened(r)
 	fromApp, toApp, err := sv.relay(c, up)
 	sv.finished(r, toApp, fromApp, err)
+}
+
+// cutDial says so when a dial's err is Close's doing: the dial was
+// tracked (track, its cancel as the cut) from its start, so past Close's
+// deadline a dial still pending (a destination that drops SYNs, an app
+// whose backlog is full) ends with the pod's other connections, rather
+// than holding the pod's removal for up to the connect timeout. (15001's
+// HBONE dials end with the pod's pool, which the cut closes.)
+func (sv *Serving) cutDial(r *record, err error) error {
+	sv.mu.Lock()
+	cut := sv.cutting
+	sv.mu.Unlock()
+	if !cut {
+		return err
+	}
+	return fmt.Errorf("the pod's removal cut the dial after %v (its drain deadline had passed): %w",
+		time.Since(r.start).Round(time.Millisecond), err)
 }
 
 // relay copies both ways between two TCP connections (splice(2) under
@@ -465,7 +484,9 @@ func (sv *Serving) inboundPlain(c *net.TCPConn, slots chan struct{}) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	cw := watchClient(c, cancel)
+	cut := sv.track(cancel)
 	app, err := sv.dialApp(ctx, r.src.Addr(), dst)
+	sv.untrack(cut)
 	gone := cw.stop()
 	cancel()
 	if err != nil {
@@ -473,7 +494,7 @@ func (sv *Serving) inboundPlain(c *net.TCPConn, slots chan struct{}) {
 			sv.failed(r, "client_gone", fmt.Errorf("the client went away after %v, before the connection to the app was up: %w",
 				time.Since(r.start).Round(time.Millisecond), err))
 		} else {
-			sv.failed(r, "upstream_unreachable", err)
+			sv.failed(r, "upstream_unreachable", sv.cutDial(r, err))
 		}
 		reset(c)
 		return
