@@ -105,16 +105,21 @@ func (pl *pool) closed() bool {
 func (pl *pool) conn(ctx context.Context, key poolKey) (*hbone.Conn, error) {
 	limit := int(pl.p.hcfg.MaxStreamsPerConn)
 	pl.mu.Lock()
-	if pl.closed() {
-		pl.mu.Unlock()
-		return nil, errPoolClosed
-	}
-	e := pl.m[key]
-	if e == nil {
-		e = &poolEntry{}
-		pl.m[key] = e
-	}
 	for {
+		if pl.closed() {
+			pl.mu.Unlock()
+			return nil, errPoolClosed
+		}
+		// Looked up on every turn: while this caller waited for a
+		// dial, the connection it pooled may have died and the
+		// janitor dropped the entry. A dial started on that orphan
+		// would be discarded (runDial), and the app told the pod is
+		// no longer served.
+		e := pl.m[key]
+		if e == nil {
+			e = &poolEntry{}
+			pl.m[key] = e
+		}
 		live := e.conns[:0]
 		var pick *hbone.Conn
 		now := time.Now()
@@ -155,6 +160,9 @@ func (pl *pool) conn(ctx context.Context, key poolKey) (*hbone.Conn, error) {
 		pl.mu.Unlock()
 		select {
 		case <-d.done:
+			if testDialWoken != nil {
+				testDialWoken()
+			}
 		case <-ctx.Done():
 			pl.mu.Lock()
 			d.waiters--
@@ -184,6 +192,12 @@ func (pl *pool) conn(ctx context.Context, key poolKey) (*hbone.Conn, error) {
 		}
 	}
 }
+
+// testDialWoken, when set (by a test, before the pool is used), runs in
+// conn between a waiter's wake-up at the end of its dial and its taking
+// the pool's lock again: the window in which the janitor may drop the
+// entry.
+var testDialWoken func()
 
 // runDial runs d for e, pools its connection and wakes its waiters.
 func (pl *pool) runDial(ctx context.Context, key poolKey, e *poolEntry, d *poolDial) {
@@ -271,29 +285,35 @@ func (pl *pool) janitor() {
 			return
 		case <-t.C:
 		}
-		now := time.Now()
-		var evict []*hbone.Conn
-		pl.mu.Lock()
-		for k, e := range pl.m {
-			kept := e.conns[:0]
-			for _, c := range e.conns {
-				if s := c.IdleSince(); !s.IsZero() && now.Sub(s) >= idle {
-					evict = append(evict, c.Conn)
-					continue
-				}
-				if c.Usable() {
-					kept = append(kept, c)
-				}
+		pl.sweep(time.Now(), idle)
+	}
+}
+
+// sweep is one round of the janitor: connections idle since before
+// now-idle are shut down, dead ones forgotten, and entries left with
+// neither connection nor dial dropped.
+func (pl *pool) sweep(now time.Time, idle time.Duration) {
+	var evict []*hbone.Conn
+	pl.mu.Lock()
+	for k, e := range pl.m {
+		kept := e.conns[:0]
+		for _, c := range e.conns {
+			if s := c.IdleSince(); !s.IsZero() && now.Sub(s) >= idle {
+				evict = append(evict, c.Conn)
+				continue
 			}
-			e.conns = kept
-			if len(kept) == 0 && e.dialing == nil {
-				delete(pl.m, k)
+			if c.Usable() {
+				kept = append(kept, c)
 			}
 		}
-		pl.mu.Unlock()
-		for _, c := range evict {
-			c.Shutdown(context.Background())
+		e.conns = kept
+		if len(kept) == 0 && e.dialing == nil {
+			delete(pl.m, k)
 		}
+	}
+	pl.mu.Unlock()
+	for _, c := range evict {
+		c.Shutdown(context.Background())
 	}
 }
 
