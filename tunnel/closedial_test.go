@@ -22,7 +22,8 @@ import (
 // dial is counted a failure. Before session 12's fix the passthrough
 // (15001 to outside the mesh) and 15006 dials were not cut: Close waited
 // for the connect timeout, and the test's 10 s bound failed. (15001's
-// HBONE dial was cut with the pod's pool already.)
+// HBONE dial was cut with the pod's pool already, and an inbound
+// stream's app dial with its HBONE connection.)
 func TestCloseCutsPendingDials(t *testing.T) {
 	const clients = 5
 	type dialCase struct {
@@ -60,6 +61,16 @@ func TestCloseCutsPendingDials(t *testing.T) {
 				// From A's netns through A's agent's own (uncaptured)
 				// network: plaintext to B's 15006.
 				dial:    func() (net.Conn, error) { return m.A.Net.Dial(t.Context(), netip.Addr{}, dst) },
+				synSent: func() int { return synSent(t, m.B.Pod, "dport", "= :8097") }}
+		}},
+		{"15008 stream", func(t *testing.T, m *meshtest.Mesh) dialCase {
+			go peerEcho(m.B.Listen(t, "[::]:8097"))
+			blackHole(t, m.B.Pod, "tcp dport 8097")
+			dst := netip.AddrPortFrom(m.B.Pod.IP4, 8097)
+			// B's agent dials its app for A's streams; the cut of
+			// their HBONE connection ends them.
+			return dialCase{node: m.B, dials: clients, dir: "inbound", reason: "hbone_stream",
+				dial:    func() (net.Conn, error) { return m.A.Dial(dst) },
 				synSent: func() int { return synSent(t, m.B.Pod, "dport", "= :8097") }}
 		}},
 	} {
