@@ -301,7 +301,17 @@ func (h *herd) inChild(t *testing.T, m *meshtest.Mesh, n int) herdResult {
 	if err := os.WriteFile(filepath.Join(dir, "key.pem"), keyPEM, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command("ip", "netns", "exec", m.A.Pod.Name, exe, "-test.run=^TestHandshakeBurstNotEvicted$", "-test.count=1")
+	// The clients stand in for other nodes' agents, whose CPU is not the
+	// agent's: favoured by the kernel (nice -10) over the agent and
+	// whatever else loads the machine, they answer our flights as a
+	// real client does, in milliseconds. At the same priority, on a
+	// loaded VM, the child's 600 handshakes queued behind each other
+	// and the agent: with the agent's own delays no longer counted
+	// against its clients (listen.go), 1 run of 40 still failed, 25
+	// clients evicted that had not answered flights sent 1.00-1.03 s
+	// before. The policy cannot tell a client that slow from a stall,
+	// and this test is about the agent's CPU, not its clients'.
+	cmd := exec.Command("ip", "netns", "exec", m.A.Pod.Name, "nice", "-n", "-10", exe, "-test.run=^TestHandshakeBurstNotEvicted$", "-test.count=1")
 	cmd.Env = append(os.Environ(), "AMBIT_HERD_CHILD="+dir, "AMBIT_HERD_N="+strconv.Itoa(n),
 		"AMBIT_HERD_HBONE="+h.hb.String(), "AMBIT_HERD_APP="+h.app, "AMBIT_HERD_WANT="+h.want)
 	var stdout, stderr strings.Builder

@@ -144,9 +144,9 @@ func (r *record) release() {
 //
 //   - past the pod's limit (podMax), the pod's oldest pending handshake
 //     that is silent (no byte from its peer hsSilentAfter after accept)
-//     or stale (pending hsStaleAfter while it is the peer's turn, not
-//     ours: waitsOnUs): as many as it takes to get back to the limit,
-//     and none when none qualifies (the newcomer is admitted anyway);
+//     or stale (the peer's turn, not ours, for hsStaleAfter: owed): as
+//     many as it takes to get back to the limit, and none when none
+//     qualifies (the newcomer is admitted anyway);
 //   - past the agent's (total, the hard cap), the agent's oldest silent
 //     or stale one, else its oldest regardless.
 //
@@ -177,11 +177,15 @@ type handshakes struct {
 
 	mu  sync.Mutex
 	all list.List // *pendingHS
+
+	// byConn finds a pending handshake from its socket for reads (hbone
+	// calls it without our lock, on the handshake's goroutine).
+	byConn sync.Map // *net.TCPConn -> *pendingHS
 }
 
 // A pending handshake is a candidate for eviction once it is silent (no
-// byte from the peer hsSilentAfter after accept) or stale (pending
-// hsStaleAfter and waiting on its peer, not on us).
+// byte from the peer hsSilentAfter after accept) or stale (waiting on
+// its peer, not on us, for hsStaleAfter).
 //
 // hsSilentAfter: a real client's ClientHello leaves right behind its
 // connect (Go's client: one key generation, about 0.1 ms) and arrives
@@ -189,17 +193,25 @@ type handshakes struct {
 // leaves room for a client agent descheduled on a busy node, and an
 // idle flood holds at most the limit plus its last 100 ms of arrivals.
 //
-// hsStaleAfter: a real handshake costs the agent 0.5-1 ms of CPU here,
-// so 1 s is a queue of 1,000-2,000 handshakes on one core; and a real
-// client answers our flight within a round trip and its own CPU time,
-// milliseconds. A peer whose turn it is after 1 s while new connections
-// keep coming is a flood that sends a ClientHello and stalls (each costs
-// us a full handshake) or a slow trickle. One that waits on us is never
-// stale, however long: a herd larger than the agent's CPU gets through
-// at the agent's pace (TestHandshakeBurstNotEvicted with 2,000 clients:
-// 53 evicted when age alone made a handshake stale; 1,200 clients: 6
-// evicted when only unread bytes counted as our turn, all of them
-// ClientHellos read and not yet answered).
+// hsStaleAfter: a real client answers our flight within a round trip
+// and its own CPU time, milliseconds, and sends its ClientHello whole
+// right behind its connect. A peer that owes us the next step for 1 s
+// while new connections keep coming is a flood that sends a ClientHello
+// and stalls (each costs us a full handshake) or a slow trickle. The
+// second counts from the start of the peer's turn (accept, or our first
+// wait for its answer after our flight), not from accept: on a
+// saturated agent a handshake waits on us for seconds before our flight
+// leaves, and counted from accept its client then had no time at all to
+// answer. Time it waits on us never counts, however long: a herd larger
+// than the agent's CPU gets through at the agent's pace.
+// TestHandshakeBurstNotEvicted's evictions on the way: 2,000 clients, 53
+// when age alone made a handshake stale; 1,200: 6 when only unread
+// bytes counted as our turn (ClientHellos read, not yet answered); 600
+// on a loaded VM, 294 in 12 of 40 runs when the turn counted from accept
+// and bytes read off the socket were the peer's: 211 answers crypto/tls
+// had not got back to (88 ms to 1.5 s after they came), 28 flights sent
+// 0.4-1 s before, 3 ClientHellos not yet at GetCertificate, 52 clients
+// of the test's own starved process slow to answer (herd_test.go).
 const (
 	hsSilentAfter = 100 * time.Millisecond
 	hsStaleAfter  = time.Second
@@ -228,7 +240,22 @@ type pendingHS struct {
 	// looked at before then. Guarded by handshakes.mu.
 	spoke   bool
 	recheck time.Time
+	// reading is where the handshake's reads stand (reads):
+	// readUnknown before the first, readBusy from the start of each
+	// read (bytes it finds are ours to work on, however long that
+	// takes), readWaiting once one found nothing (the peer's turn).
+	// owedSince (UnixNano of handshakes.now) is when the peer's turn
+	// began: accept, then our first wait after each step crypto/tls
+	// reports (reached); 0 while we have not waited since.
+	reading   atomic.Int32
+	owedSince atomic.Int64
 }
+
+const (
+	readUnknown int32 = iota
+	readWaiting
+	readBusy
+)
 
 // add registers c, the pod's newest pending handshake, and evicts
 // pending handshakes as the policy above says when a limit is passed.
@@ -241,8 +268,10 @@ func (hs *handshakes) add(sv *Serving, c *net.TCPConn) *pendingHS {
 	// stops at the first one too young).
 	now := hs.now()
 	h.start = now
+	h.owedSince.Store(now.UnixNano())
 	h.all = hs.all.PushBack(h)
 	h.pod = sv.handshakes.PushBack(h)
+	hs.byConn.Store(c, h)
 	for sv.handshakes.Len() > hs.podMax {
 		v := hs.candidateLocked(&sv.handshakes, now)
 		if v == nil {
@@ -284,10 +313,12 @@ func (hs *handshakes) add(sv *Serving, c *net.TCPConn) *pendingHS {
 // pending handshake of l (the agent's list or a pod's) that is silent or
 // stale at now, or returns nil. The list is in start order: the walk
 // ends at the first one too young to be either. Those it passes have
-// spoken and are not stale, or are stale but waiting on us: a herd's
-// (hundreds, a few ns each), a getsockopt once per connection, an ioctl
-// and a getsockopt every hsSilentAfter per stale one. Finished ones still listed (their
-// goroutine has yet to take the lock) are unlisted on the way.
+// spoken and are not stale: a herd's (hundreds, a few ns each), a
+// getsockopt once per connection, an ioctl and a getsockopt per one
+// pending over hsStaleAfter, again every hsSilentAfter while it waits on
+// us or when its peer's turn reaches hsStaleAfter. Finished ones still
+// listed (their goroutine has yet to take the lock) are unlisted on the
+// way.
 func (hs *handshakes) candidateLocked(l *list.List, now time.Time) *pendingHS {
 	for e := l.Front(); e != nil; {
 		h := e.Value.(*pendingHS)
@@ -310,13 +341,22 @@ func (hs *handshakes) candidateLocked(l *list.List, now time.Time) *pendingHS {
 			}
 		case now.Before(h.recheck):
 			continue
-		case h.waitsOnUs():
-			// Stale, but it is our turn: it waits on our CPU (a herd
-			// on a saturated agent), and closing it would fail a
-			// client that did nothing wrong. Looked at again in
-			// hsSilentAfter, not at every arrival.
-			h.recheck = now.Add(hsSilentAfter)
-			continue
+		default:
+			owes, since := h.owed(now)
+			if !owes {
+				// Old, but it is our turn: it waits on our CPU (a
+				// herd on a saturated agent), and closing it would
+				// fail a client that did nothing wrong. Looked at
+				// again in hsSilentAfter, not at every arrival.
+				h.recheck = now.Add(hsSilentAfter)
+				continue
+			}
+			if stale := since.Add(hsStaleAfter); now.Before(stale) {
+				// The peer's turn, but not for long (our flight left
+				// late: we were the slow one).
+				h.recheck = stale
+				continue
+			}
 		}
 		if hs.evictLocked(h) {
 			return h
@@ -372,21 +412,25 @@ const (
 	phaseFlight       // the client's certificate is in: ours to check
 )
 
-// waitsOnUs reports whether it is our turn in h's handshake: bytes of
-// the peer wait unread (SIOCINQ), or we have its whole ClientHello and
-// have not sent our flight yet (tcpi_bytes_sent, Linux 4.19; an older
-// kernel reports 0, so such a handshake is never stale past its
-// ClientHello: the hard cap still holds), or we have its certificate.
-// A herd on a saturated agent is there, for seconds, and in no other
-// state: we sent our flight, the peer answers within a round trip.
-func (h *pendingHS) waitsOnUs() bool {
-	phase := h.phase.Load()
-	if phase == phaseFlight {
-		return true
+// owed reports whether h's handshake waits on its peer and, if so,
+// since when. Ours: bytes of the peer wait unread (SIOCINQ); its last
+// read has not found the socket empty (reads: what it took is
+// crypto/tls's to work on, and a saturated agent takes its time to get
+// back to it while the socket shows nothing); we have its certificate.
+// Before any read is reported (hbone has not started, or a Server
+// without the hook), from the socket alone: bytes unread, or its whole
+// ClientHello in and our flight not sent yet (tcpi_bytes_sent, Linux
+// 4.19; an older kernel reports 0, so such a handshake is never stale
+// past its ClientHello: the hard cap still holds). The peer's turn
+// runs from owedSince, accept when it is unknown.
+func (h *pendingHS) owed(now time.Time) (owes bool, since time.Time) {
+	phase, reading := h.phase.Load(), h.reading.Load()
+	if phase == phaseFlight || reading == readBusy {
+		return false, time.Time{}
 	}
 	rc, err := h.c.SyscallConn()
 	if err != nil {
-		return false
+		return false, time.Time{}
 	}
 	ours := false
 	_ = rc.Control(func(fd uintptr) {
@@ -394,22 +438,61 @@ func (h *pendingHS) waitsOnUs() bool {
 			ours = true
 			return
 		}
-		if phase == phaseHello {
+		if reading == readUnknown && phase == phaseHello {
 			ti, err := unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO)
 			ours = err == nil && ti.Bytes_sent == 0
 		}
 	})
-	return ours
+	if ours {
+		return false, time.Time{}
+	}
+	switch at := h.owedSince.Load(); {
+	case at != 0:
+		return true, time.Unix(0, at)
+	case reading == readUnknown:
+		return true, h.start
+	default:
+		return true, now
+	}
 }
 
 // reached records that h's handshake got to phase (phaseHello,
-// phaseFlight), from crypto/tls's callbacks.
-func (h *pendingHS) reached(phase int32) { h.phase.Store(phase) }
+// phaseFlight), from crypto/tls's callbacks: the peer's next turn
+// starts at our next wait for it (reads), after our answer.
+func (h *pendingHS) reached(phase int32) {
+	h.phase.Store(phase)
+	h.owedSince.Store(0)
+}
 
 // removeLocked unlists h (again is a no-op: list.Remove checks).
 func (hs *handshakes) removeLocked(h *pendingHS) {
 	hs.all.Remove(h.all)
 	h.sv.handshakes.Remove(h.pod)
+	hs.byConn.Delete(h.c)
+}
+
+// reads is hbone's Config.HandshakeReads: a pending handshake's read of
+// raw begins (busy) or found nothing (waiting: the peer's turn begins
+// now, unless it began already).
+func (hs *handshakes) reads(raw net.Conn, waiting bool) {
+	tc, ok := raw.(*net.TCPConn)
+	if !ok {
+		return
+	}
+	v, ok := hs.byConn.Load(tc)
+	if !ok {
+		return
+	}
+	h := v.(*pendingHS)
+	if !waiting {
+		h.reading.Store(readBusy)
+		return
+	}
+	if h.owedSince.Load() == 0 {
+		// Before reading is set: whoever sees readWaiting sees it.
+		h.owedSince.Store(hs.now().UnixNano())
+	}
+	h.reading.Store(readWaiting)
 }
 
 // finish ends h's pending state as its handshake succeeds; false means

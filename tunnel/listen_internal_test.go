@@ -179,6 +179,163 @@ func TestHandshakeEvictionOrder(t *testing.T) {
 	}
 }
 
+// TestHandshakeTurns: a handshake old enough to be stale goes only when
+// its peer has owed us the next step for hsStaleAfter, as hbone reports
+// the handshake's reads (reads), and not while the peer's answer waits
+// on us, even once read from the socket. A herd on a saturated agent
+// (TestHandshakeBurstNotEvicted, 600 clients, a loaded VM) lost
+// clients both ways: answers read that crypto/tls got back to up to a
+// second later (the socket showed nothing to do: the peer's turn), and
+// flights that left a second after accept, leaving their clients no
+// time to answer when the turn counted from accept. A peer that answers
+// our flight with a byte and stalls still goes a second after our
+// flight, and one that never answers it as before.
+func TestHandshakeTurns(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	m := newMetrics(prometheus.NewRegistry())
+	t0 := time.Unix(1000, 0)
+	clock := t0
+	at := func(d time.Duration) { clock = t0.Add(d) }
+	hs := &handshakes{m: m, podMax: 1, total: 100, now: func() time.Time { return clock }}
+	sv := &Serving{}
+	// start: a client connects and sends its ClientHello (a byte),
+	// which crypto/tls reads at once.
+	start := func() *hsPeer {
+		t.Helper()
+		c, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		s, err := ln.Accept()
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close(); s.Close() })
+		p := &hsPeer{t: t, hs: hs, h: hs.add(sv, s.(*net.TCPConn)), peer: c}
+		p.send()
+		p.read()
+		return p
+	}
+	want := func(step string, open, shut []*hsPeer, evicted float64) {
+		t.Helper()
+		for _, p := range open {
+			if closed(p.h.c) {
+				t.Errorf("%s: %s should be open, was closed", step, p.name)
+			}
+		}
+		for _, p := range shut {
+			if !closed(p.h.c) {
+				t.Errorf("%s: %s should be evicted, is open", step, p.name)
+			}
+		}
+		if got := testutil.ToFloat64(m.evicted.WithLabelValues("pod")); got != evicted {
+			t.Errorf("%s: evicted{pod} = %v, want %v", step, got, evicted)
+		}
+	}
+
+	// At t0 four clients' ClientHellos are read.
+	held, late, stalled, trickle := start(), start(), start(), start()
+	held.name, late.name, stalled.name, trickle.name = "held", "late", "stalled", "trickle"
+	// 150 ms: we answer three of them and wait for their answers.
+	at(150 * time.Millisecond)
+	held.answer()
+	stalled.answer()
+	trickle.answer()
+	// 400 ms: held's client answers; crypto/tls read it and has not got
+	// back to it yet (no VerifyPeerCertificate: still phaseHello).
+	at(400 * time.Millisecond)
+	held.send()
+	held.read()
+	// 1,000 ms: trickle's client sends a byte of its answer, read, and
+	// nothing more (crypto/tls waits for the rest of the record).
+	at(time.Second)
+	trickle.send()
+	trickle.read()
+	hs.reads(trickle.h.c, true)
+	// 1,100 ms: our flight to late leaves at last (the agent was busy).
+	at(1100 * time.Millisecond)
+	late.answer()
+
+	// 1,200 ms, a newcomer past the pod's limit: stalled and trickle
+	// have owed us their answers since 150 ms, over a second (evicted);
+	// held's answer waits on us and late's client has had 100 ms (kept).
+	at(1200 * time.Millisecond)
+	n1 := start()
+	n1.name = "n1"
+	want("1.2 s", []*hsPeer{held, late, n1}, []*hsPeer{stalled, trickle}, 2)
+	if want := t0.Add(2100 * time.Millisecond); !late.h.recheck.Equal(want) {
+		t.Errorf("late: looked at again %v after t0, want 2.1s (a second after our flight)", late.h.recheck.Sub(t0))
+	}
+
+	// 2,200 ms: late's client has owed its answer for 1.1 s (evicted);
+	// held's answer still waits on us (kept, however long); n1's
+	// ClientHello too.
+	at(2200 * time.Millisecond)
+	n2 := start()
+	n2.name = "n2"
+	want("2.2 s", []*hsPeer{held, n1, n2}, []*hsPeer{late}, 3)
+
+	// crypto/tls got back to held's answer and wants more of it: the
+	// peer's turn, counted from our flight at 150 ms (an answer sent in
+	// parts gets no new second per part).
+	hs.reads(held.h.c, true)
+	at(2300 * time.Millisecond)
+	n3 := start()
+	n3.name = "n3"
+	want("2.3 s", []*hsPeer{n1, n2, n3}, []*hsPeer{held}, 4)
+	if got := testutil.ToFloat64(m.pendingHandshakes); got != 3 {
+		t.Errorf("pending = %v, want 3", got)
+	}
+}
+
+// hsPeer is a pending handshake on a real socket, driven by hand as
+// crypto/tls (through hbone's reads) and its client would.
+type hsPeer struct {
+	t    *testing.T
+	name string
+	hs   *handshakes
+	h    *pendingHS
+	peer net.Conn // the client's side
+}
+
+// send: the client sends a byte; it is in our receive queue on return.
+func (p *hsPeer) send() {
+	p.t.Helper()
+	if _, err := p.peer.Write([]byte{0x16}); err != nil {
+		p.t.Fatal(err)
+	}
+	for deadline := time.Now().Add(2 * time.Second); unread(p.t, p.h.c) == 0; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			p.t.Fatal("the client's byte never arrived")
+		}
+	}
+}
+
+// read: crypto/tls takes the byte off the socket (hbone reports the
+// read before it makes it).
+func (p *hsPeer) read() {
+	p.t.Helper()
+	p.hs.reads(p.h.c, false)
+	if _, err := p.h.c.Read(make([]byte, 1)); err != nil {
+		p.t.Fatal(err)
+	}
+}
+
+// answer: the ClientHello was whole (GetCertificate), our flight leaves
+// and crypto/tls waits for the client's answer from now.
+func (p *hsPeer) answer() {
+	p.t.Helper()
+	p.h.reached(phaseHello)
+	if _, err := p.h.c.Write([]byte{0x16}); err != nil {
+		p.t.Fatal(err)
+	}
+	p.hs.reads(p.h.c, true)
+}
+
 // TestLogLimiter: perSecond lines a second, the next allowed line says
 // how many were left out.
 func TestLogLimiter(t *testing.T) {

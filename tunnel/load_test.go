@@ -123,6 +123,102 @@ func TestHandshakeFloodBounded(t *testing.T) {
 	}
 }
 
+// TestHandshakeStallFloodBounded: 600 connections to B's 15008 that send
+// a ClientHello, take our flight (each costs the agent a key exchange
+// and a signature) and never answer it, half of them after sending one
+// byte of an answer (a record header begun: crypto/tls reads it and waits
+// for the rest). A second after our flights, the next arrival (a real
+// client's) cuts them back to the pod's limit, 256: the peer has owed
+// its answer for a second. A stall is the peer's turn however the
+// agent's reads go (hbone's HandshakeReads): neither the flight's
+// bytes in the socket nor a byte read and waited on past counts as ours.
+func TestHandshakeStallFloodBounded(t *testing.T) {
+	m := newMesh(t)
+	const N = 600
+	hello := clientHello(t)
+	hb := netip.AddrPortFrom(m.B.Pod.IP4, 15008)
+	flood := make([]net.Conn, 0, N)
+	t.Cleanup(func() {
+		for _, c := range flood {
+			c.Close()
+		}
+	})
+	for i := 0; i < N; i++ {
+		c, err := m.A.Net.Dial(context.Background(), netip.Addr{}, hb)
+		if err != nil {
+			t.Fatalf("flood connection %d: %v", i, err)
+		}
+		flood = append(flood, c)
+		if _, err := c.Write(hello); err != nil {
+			t.Fatalf("flood connection %d: %v", i, err)
+		}
+	}
+	// Every one gets our flight; the odd ones begin an answer.
+	buf := make([]byte, 64<<10)
+	for i, c := range flood {
+		c.SetReadDeadline(time.Now().Add(20 * time.Second))
+		if _, err := c.Read(buf); err != nil {
+			t.Fatalf("flood connection %d: no flight from the agent: %v", i, err)
+		}
+		if i%2 == 1 {
+			if _, err := c.Write([]byte{0x17}); err != nil {
+				t.Fatalf("flood connection %d: %v", i, err)
+			}
+		}
+	}
+	pFlood := m.B.Metric(t, "ambit_tunnel_pending_handshakes", nil)
+	time.Sleep(1200 * time.Millisecond)
+	t1 := time.Now()
+	c, err := m.A.Dial(netip.AddrPortFrom(m.B.Pod.IP4, 8080))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	got := ask(t, c, "who")
+	c.Close()
+	if got != m.A.Pod.IP4.String() {
+		t.Fatalf("real request during the flood: got %q", got)
+	}
+	took := time.Since(t1)
+	// Which were cut, of each kind: reset by the agent.
+	var cut [2]int
+	for i, c := range flood {
+		c.SetReadDeadline(time.Now().Add(time.Millisecond))
+		if _, err := c.Read(buf); err != nil && !isTimeout(err) {
+			cut[i%2]++
+		}
+	}
+	ev := m.B.Metric(t, "ambit_tunnel_handshakes_evicted_total", map[string]string{"limit": "pod"})
+	p := m.B.Metric(t, "ambit_tunnel_pending_handshakes", nil)
+	t.Logf("%d stalled handshakes (%v pending): a second later one arrival evicted %v (silent after our flight %d, a byte then silent %d), %v left pending; the real request took %v",
+		N, pFlood, ev, cut[0], cut[1], p, took.Round(time.Millisecond))
+	if ev < N-256 {
+		t.Errorf("evicted handshakes = %v, want at least %d (all but the pod's limit)", ev, N-256)
+	}
+	if p > 256 {
+		t.Errorf("pending handshakes = %v, want at most 256", p)
+	}
+	if cut[0] < N/2-256 || cut[1] < N/2-256 {
+		t.Errorf("cut %d of the silent and %d of the one-byte stalls, want at least %d of each", cut[0], cut[1], N/2-256)
+	}
+}
+
+// clientHello is a TLS 1.3 ClientHello as the agent's clients send it.
+func clientHello(t *testing.T) []byte {
+	t.Helper()
+	cc, sc := net.Pipe()
+	defer sc.Close()
+	go tls.Client(cc, &tls.Config{MinVersion: tls.VersionTLS13, NextProtos: []string{"h2"}, InsecureSkipVerify: true}).Handshake()
+	defer cc.Close()
+	buf := make([]byte, 16<<10)
+	sc.SetReadDeadline(time.Now().Add(10 * time.Second))
+	n, err := sc.Read(buf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return buf[:n]
+}
+
 // TestHandshakeTimeout: a connection to 15008 that sends nothing is
 // closed at HandshakeTimeout and counted as handshake_timeout (before,
 // the same 10 s bound was the connect timeout's, counted as "tls").

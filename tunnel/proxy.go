@@ -228,6 +228,8 @@ func New(cfg Config) (*Proxy, error) {
 	if p.hs.total <= 0 {
 		p.hs.total = 4096
 	}
+	// Whose turn a pending handshake is in (listen.go, owed).
+	p.hcfg.HandshakeReads = p.hs.reads
 	p.hsLog.perSecond, p.pauseLog.perSecond = 10, 1
 	switch budget := cfg.MaxConnections; {
 	case budget > 0:

@@ -82,6 +82,10 @@ type corkConn struct {
 	full     bool // the last read filled its buffer
 	rbp      *[]byte
 	rbuf     []byte // unread part of *rbp
+
+	// onRead: Config.HandshakeReads during Server's handshake, nil
+	// otherwise (set and cleared on the reading goroutine).
+	onRead func(waiting bool)
 }
 
 func newCorkConn(nc net.Conn, readSize int) *corkConn {
@@ -104,7 +108,9 @@ func (c *corkConn) Read(p []byte) (int, error) {
 		}
 		return n, nil
 	}
-	if c.raw == nil || c.readSize <= 0 {
+	// Without a buffer of ours (readSize <= 0) a reported handshake's
+	// reads still go below, straight into p (size <= 0 below).
+	if c.raw == nil || c.readSize <= 0 && c.onRead == nil {
 		return c.Conn.Read(p)
 	}
 	// 32 KiB at a time (about what crypto/tls asks for), readSize while
@@ -118,15 +124,27 @@ func (c *corkConn) Read(p []byte) (int, error) {
 	var rerr error
 	var direct bool
 	err := c.raw.Read(func(fd uintptr) bool {
+		if c.onRead != nil {
+			// Before the read(2), not after it: bytes it takes off
+			// the socket are never unaccounted for, however long
+			// this goroutine then waits for the CPU.
+			c.onRead(false)
+		}
 		if len(p) >= size {
 			direct = true
 			n, rerr = readFD(fd, p)
+			if rerr == unix.EAGAIN && c.onRead != nil {
+				c.onRead(true)
+			}
 			return rerr != unix.EAGAIN
 		}
 		bp := getBuf(size)
 		n, rerr = readFD(fd, (*bp)[:size])
 		if rerr == unix.EAGAIN {
 			putBuf(bp)
+			if c.onRead != nil {
+				c.onRead(true)
+			}
 			return false
 		}
 		if n > 0 {

@@ -49,6 +49,18 @@ type Config struct {
 	// without any frame it is closed (default 20 s).
 	PingInterval time.Duration
 	PingTimeout  time.Duration
+	// HandshakeReads, when set, follows Server's TLS handshake on its
+	// socket (raw, when it is a syscall.Conn): called with waiting
+	// false before each read(2) (the handshake is reading, and has the
+	// peer's bytes to work on if it finds some, however long it then
+	// takes to get the CPU) and with waiting true when one finds
+	// nothing (the handshake now waits for its peer). Called on the
+	// handshake's goroutine, never after the handshake ends; Client
+	// does not call it. The tunnel's bound on pending handshakes tells
+	// with it a peer that owes the next step from one whose answer
+	// waits on our CPU, which the socket alone cannot (once read, the
+	// bytes are crypto/tls's to look at).
+	HandshakeReads func(raw net.Conn, waiting bool)
 }
 
 func (c Config) withDefaults() Config {
@@ -289,8 +301,15 @@ func NewClientConn(nc net.Conn, cork *corkConn, cfg Config) (*Conn, error) {
 // the handshake and before any stream; a non-nil error closes raw.
 func Server(ctx context.Context, raw net.Conn, tlsCfg *tls.Config, cfg Config, verify func(*tls.Conn) error, handler func(*Stream)) (*Conn, error) {
 	cork := newCorkConn(raw, cfg.withDefaults().SocketReadSize)
+	if f := cfg.HandshakeReads; f != nil {
+		cork.onRead = func(waiting bool) { f(raw, waiting) }
+	}
 	tc := tls.Server(cork, tlsCfg)
-	if err := tc.HandshakeContext(ctx); err != nil {
+	// The handshake runs on this goroutine (HandshakeContext's own
+	// only watches ctx): onRead is dropped before any other reads.
+	err := tc.HandshakeContext(ctx)
+	cork.onRead = nil
+	if err != nil {
 		raw.Close()
 		return nil, err
 	}
