@@ -190,23 +190,8 @@ func metricOf(t *testing.T, n *meshtest.Node, dir string) func(string) float64 {
 // address outside the mesh whose SYNs are dropped as they leave A.
 func TestClientGoneOutboundPassthrough(t *testing.T) {
 	m := goneMesh(t)
-	// An outside server in its own netns, on a link of A's, as in
-	// TestPassthrough.
-	c := podtest.NewNetns(t)
-	sfx := podtest.Suffix()
-	la, lc := "atp"+sfx, "atq"+sfx
-	m.A.Pod.Run(t, "ip", "link", "add", la, "type", "veth", "peer", "name", lc, "netns", c.Name)
-	b := m.A.Pod.IP4.As4()
-	aIP := netip.AddrFrom4([4]byte{b[0], b[1], 1, 1})
-	cIP := netip.AddrFrom4([4]byte{b[0], b[1], 1, 2})
-	m.A.Pod.Run(t, "ip", "addr", "add", aIP.String()+"/24", "dev", la)
-	m.A.Pod.Run(t, "ip", "link", "set", la, "up")
-	c.Run(t, "ip", "addr", "add", cIP.String()+"/24", "dev", lc)
-	c.Run(t, "ip", "link", "set", lc, "up")
-	var ln net.Listener
-	c.Do(t, func() (err error) { ln, err = net.Listen("tcp", ":8080"); return })
-	t.Cleanup(func() { ln.Close() })
-	go peerEcho(ln)
+	// A server outside the mesh, on a link of A's.
+	aIP, cIP := outsideServer(t, m.A.Pod)
 	// The app's own SYN is redirected to 15001 before this filter (nat
 	// output comes first): only the agent's leaves for cIP.
 	lift := blackHole(t, m.A.Pod, "ip daddr "+cIP.String())

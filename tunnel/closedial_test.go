@@ -8,7 +8,6 @@ import (
 	"time"
 
 	"github.com/ambit-mesh/ambit/tunnel/internal/meshtest"
-	"github.com/ambit-mesh/ambit/tunnel/internal/podtest"
 )
 
 // TestCloseCutsPendingDials: the pod is removed (CNI DEL, unenroll, the
@@ -39,7 +38,7 @@ func TestCloseCutsPendingDials(t *testing.T) {
 		setup func(t *testing.T, m *meshtest.Mesh) dialCase
 	}{
 		{"15001 passthrough", func(t *testing.T, m *meshtest.Mesh) dialCase {
-			cIP := outsideServer(t, m.A.Pod)
+			_, cIP := outsideServer(t, m.A.Pod)
 			blackHole(t, m.A.Pod, "ip daddr "+cIP.String())
 			dst := netip.AddrPortFrom(cIP, 8080)
 			return dialCase{node: m.A, dials: clients, dir: "outbound", reason: "upstream_unreachable",
@@ -119,27 +118,4 @@ func TestCloseCutsPendingDials(t *testing.T) {
 			}
 		})
 	}
-}
-
-// outsideServer runs peerEcho on :8080 in a netns of its own, outside the
-// mesh, on a veth link of pod p's (as TestPassthrough's), and returns its
-// address.
-func outsideServer(t *testing.T, p *podtest.Pod) netip.Addr {
-	t.Helper()
-	c := podtest.NewNetns(t)
-	sfx := podtest.Suffix()
-	la, lc := "atp"+sfx, "atq"+sfx
-	p.Run(t, "ip", "link", "add", la, "type", "veth", "peer", "name", lc, "netns", c.Name)
-	b := p.IP4.As4()
-	pIP := netip.AddrFrom4([4]byte{b[0], b[1], 1, 1})
-	cIP := netip.AddrFrom4([4]byte{b[0], b[1], 1, 2})
-	p.Run(t, "ip", "addr", "add", pIP.String()+"/24", "dev", la)
-	p.Run(t, "ip", "link", "set", la, "up")
-	c.Run(t, "ip", "addr", "add", cIP.String()+"/24", "dev", lc)
-	c.Run(t, "ip", "link", "set", lc, "up")
-	var ln net.Listener
-	c.Do(t, func() (err error) { ln, err = net.Listen("tcp", ":8080"); return })
-	t.Cleanup(func() { ln.Close() })
-	go peerEcho(ln)
-	return cIP
 }

@@ -86,25 +86,34 @@ func TestServiceVIPEncrypted(t *testing.T) {
 	waitMetric(t, m.A, "ambit_tunnel_connections_closed_total", map[string]string{"direction": "outbound", "mode": "hbone"}, 2)
 }
 
+// outsideServer runs peerEcho on :8080 in a netns of its own, outside the
+// mesh, on a veth link of pod p's, and returns p's address on that link
+// (the source the server sees) and the server's.
+func outsideServer(t *testing.T, p *podtest.Pod) (local, server netip.Addr) {
+	t.Helper()
+	c := podtest.NewNetns(t)
+	sfx := podtest.Suffix()
+	la, lc := "atp"+sfx, "atq"+sfx
+	p.Run(t, "ip", "link", "add", la, "type", "veth", "peer", "name", lc, "netns", c.Name)
+	b := p.IP4.As4()
+	local = netip.AddrFrom4([4]byte{b[0], b[1], 1, 1})
+	server = netip.AddrFrom4([4]byte{b[0], b[1], 1, 2})
+	p.Run(t, "ip", "addr", "add", local.String()+"/24", "dev", la)
+	p.Run(t, "ip", "link", "set", la, "up")
+	c.Run(t, "ip", "addr", "add", server.String()+"/24", "dev", lc)
+	c.Run(t, "ip", "link", "set", lc, "up")
+	var ln net.Listener
+	c.Do(t, func() (err error) { ln, err = net.Listen("tcp", ":8080"); return })
+	t.Cleanup(func() { ln.Close() })
+	go peerEcho(ln)
+	return local, server
+}
+
 // TestPassthrough: a destination outside the mesh is reached in
 // plaintext from A's own netns (A's IP, marked: not captured again).
 func TestPassthrough(t *testing.T) {
 	m := newMesh(t)
-	c := podtest.NewNetns(t)
-	sfx := podtest.Suffix()
-	la, lc := "atp"+sfx, "atq"+sfx
-	m.A.Pod.Run(t, "ip", "link", "add", la, "type", "veth", "peer", "name", lc, "netns", c.Name)
-	b := m.A.Pod.IP4.As4()
-	aIP := netip.AddrFrom4([4]byte{b[0], b[1], 1, 1})
-	cIP := netip.AddrFrom4([4]byte{b[0], b[1], 1, 2})
-	m.A.Pod.Run(t, "ip", "addr", "add", aIP.String()+"/24", "dev", la)
-	m.A.Pod.Run(t, "ip", "link", "set", la, "up")
-	c.Run(t, "ip", "addr", "add", cIP.String()+"/24", "dev", lc)
-	c.Run(t, "ip", "link", "set", lc, "up")
-	var ln net.Listener
-	c.Do(t, func() (err error) { ln, err = net.Listen("tcp", ":8080"); return })
-	defer ln.Close()
-	go peerEcho(ln)
+	aIP, cIP := outsideServer(t, m.A.Pod)
 	conn, err := m.A.Dial(netip.AddrPortFrom(cIP, 8080))
 	if err != nil {
 		t.Fatal(err)
