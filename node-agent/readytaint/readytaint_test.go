@@ -1,7 +1,6 @@
 package readytaint
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"log/slog"
@@ -22,11 +21,16 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes/fake"
 	k8stesting "k8s.io/client-go/testing"
+
+	"github.com/ambit-mesh/ambit/internal/testenv"
 )
 
 const node = "node-a"
 
 var nodesGVR = schema.GroupVersionResource{Version: "v1", Resource: "nodes"}
+
+// readyNow is closed: the agent is ready from the start.
+var readyNow = func() <-chan struct{} { c := make(chan struct{}); close(c); return c }()
 
 var (
 	ours      = corev1.Taint{Key: DefaultKey, Effect: corev1.TaintEffectNoSchedule}
@@ -176,34 +180,16 @@ func nodeWith(name string, ts ...corev1.Taint) *corev1.Node {
 	return &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name}, Spec: corev1.NodeSpec{Taints: ts}}
 }
 
-// logs is a concurrency-safe log sink.
-type logs struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (l *logs) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.Write(p)
-}
-
-func (l *logs) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.String()
-}
-
 type run struct {
 	reg  *prometheus.Registry
-	logs *logs
+	logs *testenv.Buffer
 	done chan error
 }
 
 // start runs Run until the test ends.
 func start(t *testing.T, a *api, ready <-chan struct{}, key string) *run {
 	t.Helper()
-	r := &run{reg: prometheus.NewRegistry(), logs: &logs{}, done: make(chan error, 1)}
+	r := &run{reg: prometheus.NewRegistry(), logs: &testenv.Buffer{}, done: make(chan error, 1)}
 	ctx, cancel := context.WithCancel(context.Background())
 	go func() {
 		r.done <- Run(ctx, Config{Client: a.client, NodeName: node, Key: key, Ready: ready,
@@ -224,34 +210,9 @@ func start(t *testing.T, a *api, ready <-chan struct{}, key string) *run {
 	return r
 }
 
-func (r *run) counter(t *testing.T, name string, labels ...string) float64 {
+func (r *run) counter(t *testing.T, name string, match map[string]string) float64 {
 	t.Helper()
-	mfs, err := r.reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var sum float64
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-	next:
-		for _, m := range mf.GetMetric() {
-			for i := 0; i+1 < len(labels); i += 2 {
-				found := false
-				for _, lp := range m.GetLabel() {
-					if lp.GetName() == labels[i] && lp.GetValue() == labels[i+1] {
-						found = true
-					}
-				}
-				if !found {
-					continue next
-				}
-			}
-			sum += m.GetCounter().GetValue()
-		}
-	}
-	return sum
+	return testenv.Metric(t, r.reg, name, match)
 }
 
 func waitTaints(t *testing.T, a *api, name string, want []corev1.Taint) {
@@ -293,7 +254,7 @@ func TestRemovesOnlyItsTaintOnceReady(t *testing.T) {
 	if got := a.get("node-b").Spec.Taints; !reflect.DeepEqual(got, []corev1.Taint{ours}) {
 		t.Errorf("node-b's taints %+v: another node's taint was touched", got)
 	}
-	if v := r.counter(t, "ambit_agent_ready_taint_removals_total"); v != 1 {
+	if v := r.counter(t, "ambit_agent_ready_taint_removals_total", nil); v != 1 {
 		t.Errorf("ambit_agent_ready_taint_removals_total %v, want 1", v)
 	}
 	if !strings.Contains(r.logs.String(), "removed the startup taint") || !strings.Contains(r.logs.String(), "effects=NoSchedule,NoExecute") {
@@ -314,9 +275,7 @@ func TestConflictRetriedKeepsConcurrentTaint(t *testing.T) {
 		}
 		return nil
 	}
-	ready := make(chan struct{})
-	close(ready)
-	r := start(t, a, ready, DefaultKey)
+	r := start(t, a, readyNow, DefaultKey)
 
 	waitTaints(t, a, node, []corev1.Taint{gpu, latecomer})
 	a.mu.Lock()
@@ -325,10 +284,10 @@ func TestConflictRetriedKeepsConcurrentTaint(t *testing.T) {
 	if conflicts != 1 {
 		t.Errorf("%d conflicts, want 1 (the first patch must carry the resourceVersion it read)", conflicts)
 	}
-	if v := r.counter(t, "ambit_agent_ready_taint_conflicts_total"); v != 1 {
+	if v := r.counter(t, "ambit_agent_ready_taint_conflicts_total", nil); v != 1 {
 		t.Errorf("ambit_agent_ready_taint_conflicts_total %v, want 1", v)
 	}
-	if v := r.counter(t, "ambit_agent_ready_taint_errors_total"); v != 0 {
+	if v := r.counter(t, "ambit_agent_ready_taint_errors_total", nil); v != 0 {
 		t.Errorf("ambit_agent_ready_taint_errors_total %v, want 0 (a conflict retried at once is no failure)", v)
 	}
 }
@@ -337,16 +296,14 @@ func TestConflictRetriedKeepsConcurrentTaint(t *testing.T) {
 // person) is removed again, from the watch, without a restart.
 func TestReAddedTaintRemovedAgain(t *testing.T) {
 	a := newAPI(t, nodeWith(node, ours))
-	ready := make(chan struct{})
-	close(ready)
-	r := start(t, a, ready, DefaultKey)
+	r := start(t, a, readyNow, DefaultKey)
 	waitTaints(t, a, node, nil)
 
 	for i := 0; i < 3; i++ {
 		a.setTaints(node, gpu, ours)
 		waitTaints(t, a, node, []corev1.Taint{gpu})
 	}
-	if v := r.counter(t, "ambit_agent_ready_taint_removals_total"); v != 4 {
+	if v := r.counter(t, "ambit_agent_ready_taint_removals_total", nil); v != 4 {
 		t.Errorf("ambit_agent_ready_taint_removals_total %v, want 4", v)
 	}
 	if !strings.Contains(r.logs.String(), "removed the startup taint again") {
@@ -357,9 +314,7 @@ func TestReAddedTaintRemovedAgain(t *testing.T) {
 // An empty key: no read, no watch, no write, and Run returns at once.
 func TestDisabledDoesNothing(t *testing.T) {
 	a := newAPI(t, nodeWith(node, ours))
-	ready := make(chan struct{})
-	close(ready)
-	err := Run(context.Background(), Config{Client: a.client, NodeName: node, Key: "", Ready: ready})
+	err := Run(context.Background(), Config{Client: a.client, NodeName: node, Key: "", Ready: readyNow})
 	if err != nil {
 		t.Fatalf("Run with no key: %v", err)
 	}
@@ -374,9 +329,7 @@ func TestDisabledDoesNothing(t *testing.T) {
 // A node registered without the taint is read and watched, never written.
 func TestUntaintedNodeNotPatched(t *testing.T) {
 	a := newAPI(t, nodeWith(node, gpu))
-	ready := make(chan struct{})
-	close(ready)
-	r := start(t, a, ready, DefaultKey)
+	r := start(t, a, readyNow, DefaultKey)
 	// The watch is up once the informer listed; give the loop time.
 	deadline := time.Now().Add(5 * time.Second)
 	for !hasAction(a, "watch") && time.Now().Before(deadline) {
@@ -413,14 +366,12 @@ func TestForbiddenRetriedNotFatal(t *testing.T) {
 		}
 		return nil
 	}
-	ready := make(chan struct{})
-	close(ready)
-	r := start(t, a, ready, DefaultKey)
+	r := start(t, a, readyNow, DefaultKey)
 
 	deadline := time.Now().Add(10 * time.Second)
-	for r.counter(t, "ambit_agent_ready_taint_errors_total", "reason", "forbidden") < 3 {
+	for r.counter(t, "ambit_agent_ready_taint_errors_total", map[string]string{"reason": "forbidden"}) < 3 {
 		if time.Now().After(deadline) {
-			t.Fatalf("forbidden patches not retried: %v errors\n%s", r.counter(t, "ambit_agent_ready_taint_errors_total"), r.logs)
+			t.Fatalf("forbidden patches not retried: %v errors\n%s", r.counter(t, "ambit_agent_ready_taint_errors_total", nil), r.logs)
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
