@@ -24,11 +24,20 @@ ambit_tunnel_connections_opened_total{direction="inbound",dst_identity="unknown"
 ambit_tunnel_connections_opened_total{direction="outbound",dst_identity="unknown",mode="hbone",src_identity="spiffe://cluster.local/ns/m/sa/default"} 50
 ambit_tunnel_connections_opened_total{direction="inbound",dst_identity="unknown",mode="hbone",src_identity="spiffe://cluster.local/ns/mm/sa/default"} 600
 ambit_tunnel_connections_closed_total{direction="inbound",dst_identity="unknown",mode="hbone",src_identity="spiffe://cluster.local/ns/m/sa/default"} 7000
+# TYPE ambit_agent_ready_taint_removals_total counter
+ambit_agent_ready_taint_removals_total 1
+ambit_agent_ready_taint_removals_total_x 80000
 `
 	got := sumCounter(text, "ambit_tunnel_connections_opened_total",
 		map[string]string{"direction": "inbound", "mode": "hbone"}, "/ns/m/sa/default")
 	if got != 5 {
 		t.Fatalf("sum %v, want 5 (inbound hbone from ns m only)", got)
+	}
+	if got := sumCounter(text, "ambit_agent_ready_taint_removals_total", nil, ""); got != 1 {
+		t.Fatalf("a metric without labels: %v, want 1", got)
+	}
+	if got := sumCounter(text, "ambit_agent_ready_taint_removals_total", map[string]string{"reason": "x"}, ""); got != 0 {
+		t.Fatalf("a metric without labels matched labels it lacks: %v", got)
 	}
 	if got := sumCounter("garbage\n{}\nambit_tunnel_connections_opened_total{x} y\n", "ambit_tunnel_connections_opened_total", nil, ""); got != 0 {
 		t.Fatalf("garbage summed to %v", got)

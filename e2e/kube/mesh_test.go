@@ -713,16 +713,18 @@ func healthPort(p *corev1.Pod) string {
 }
 
 // sumCounter adds up the samples of metric (Prometheus text format) whose
-// labels include want and whose src_identity ends with srcSuffix.
+// labels include want and whose src_identity ends with srcSuffix. A
+// metric without labels ("name value") matches only an empty want and
+// srcSuffix.
 func sumCounter(text, metric string, want map[string]string, srcSuffix string) float64 {
 	var sum float64
 	for _, line := range strings.Split(text, "\n") {
-		rest, ok := strings.CutPrefix(line, metric+"{")
-		if !ok {
-			continue
-		}
-		labels, value, ok := strings.Cut(rest, "} ")
-		if !ok {
+		var labels, value string
+		if rest, ok := strings.CutPrefix(line, metric+"{"); ok {
+			if labels, value, ok = strings.Cut(rest, "} "); !ok {
+				continue
+			}
+		} else if value, ok = strings.CutPrefix(line, metric+" "); !ok {
 			continue
 		}
 		got := map[string]string{}

@@ -62,7 +62,7 @@ func TestStartupTaint(t *testing.T) {
 			t.Errorf("another controller's taint %s went with the startup taint: %+v", markerTaint, n.Spec.Taints)
 		}
 		agent := c.agentPod(t, node2)
-		if v := c.agentCounter(t, agent, "ambit_agent_ready_taint_removals_total"); v < 1 {
+		if v := c.agentMetric(t, agent, "ambit_agent_ready_taint_removals_total", nil); v < 1 {
 			t.Errorf("ambit_agent_ready_taint_removals_total on %s = %v, want ≥ 1", agent.Name, v)
 		}
 		r.note("put back: removed in %.1fs, other taint kept", took.Seconds())
@@ -170,7 +170,7 @@ func TestStartupTaint(t *testing.T) {
 		if add < 1 {
 			t.Errorf("the agent on %s enrolled %v pods at ADD (%v live), want the new pod at its ADD", node2, add, live)
 		}
-		if v := c.agentCounter(t, agent, "ambit_agent_ready_taint_removals_total"); v != 1 {
+		if v := c.agentMetric(t, agent, "ambit_agent_ready_taint_removals_total", nil); v != 1 {
 			t.Errorf("ambit_agent_ready_taint_removals_total on %s = %v, want 1", agent.Name, v)
 		}
 		logs, _ := c.kubectl(ctx, "", "-n", ambitNS, "logs", agent.Name, "-c", "agent")
@@ -180,28 +180,6 @@ func TestStartupTaint(t *testing.T) {
 		r.note("new agent: taint removed %.1fs after the agent was let on the node (%.0fs after its pod was created), pod enrolled at ADD (%v add, %v live)",
 			removed.Sub(t1).Seconds(), removed.Sub(agent.CreationTimestamp.Time).Seconds(), add, live)
 	})
-}
-
-// agentCounter is the value of a metric without labels on the agent pod's
-// /metrics (agentMetric's parser wants labels).
-func (c *cluster) agentCounter(t *testing.T, p *corev1.Pod, metric string) float64 {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	raw, err := c.client.CoreV1().Pods(ambitNS).ProxyGet("http", p.Name, healthPort(p), "/metrics", nil).DoRaw(ctx)
-	if err != nil {
-		t.Fatalf("metrics of %s through the API server: %v", p.Name, err)
-	}
-	for _, line := range strings.Split(string(raw), "\n") {
-		if v, ok := strings.CutPrefix(line, metric+" "); ok {
-			var f float64
-			if _, err := fmt.Sscan(strings.TrimSpace(v), &f); err == nil {
-				return f
-			}
-		}
-	}
-	t.Errorf("%s has no %s", p.Name, metric)
-	return 0
 }
 
 func hasTaint(n *corev1.Node, key string) bool {
