@@ -66,16 +66,51 @@ func waitFor(t *testing.T, what string, bound time.Duration, cond func() bool, s
 	return time.Since(start)
 }
 
+// dialN connects n clients with dial; any the test leaves open are
+// closed when it ends.
+func dialN(t *testing.T, n int, dial func() (net.Conn, error)) []net.Conn {
+	t.Helper()
+	cs := make([]net.Conn, 0, n)
+	for i := 0; i < n; i++ {
+		c, err := dial()
+		if err != nil {
+			t.Fatalf("client %d: %v", i, err)
+		}
+		t.Cleanup(func() { c.Close() })
+		cs = append(cs, c)
+	}
+	return cs
+}
+
+// reset ends clients with a reset (SO_LINGER 0).
+func reset(cs ...net.Conn) {
+	for _, c := range cs {
+		c.(*net.TCPConn).SetLinger(0)
+		c.Close()
+	}
+}
+
 // leave ends clients the way ones that gave up do: every other one with
-// a reset (SO_LINGER 0), the rest with a plain close (a FIN, with no
-// byte sent before it).
+// a reset, the rest with a plain close (a FIN, with no byte sent before
+// it).
 func leave(cs []net.Conn) {
 	for i, c := range cs {
 		if i%2 == 0 {
-			c.(*net.TCPConn).SetLinger(0)
+			reset(c)
+		} else {
+			c.Close()
 		}
-		c.Close()
 	}
+}
+
+// blackHoledApp serves peerEcho on port 8097 of n's pod and drops the
+// SYNs the pod sends to it (its agent's dials of the app) until lift;
+// dials counts those in SYN-SENT.
+func blackHoledApp(t *testing.T, n *meshtest.Node) (dst netip.AddrPort, dials func() int, lift func()) {
+	t.Helper()
+	go peerEcho(n.Listen(t, "[::]:8097"))
+	lift = blackHole(t, n.Pod, "tcp dport 8097")
+	return netip.AddrPortFrom(n.Pod.IP4, 8097), func() int { return synSent(t, n.Pod, "dport", "= :8097") }, lift
 }
 
 // goneCase is one listener's set-up for the checks of checkClientGone.
@@ -95,19 +130,8 @@ type goneCase struct {
 // clients that reset right after connecting: the same.
 func checkClientGone(t *testing.T, gc goneCase) {
 	t.Helper()
-	connect := func() []net.Conn {
-		var cs []net.Conn
-		for i := 0; i < goneN; i++ {
-			c, err := gc.dial()
-			if err != nil {
-				t.Fatalf("client %d: %v", i, err)
-			}
-			cs = append(cs, c)
-		}
-		return cs
-	}
 	zero := func() bool { return gc.synSent() == 0 && gc.node.Serving.Connections() == 0 }
-	cs := connect()
+	cs := dialN(t, goneN, gc.dial)
 	waitFor(t, fmt.Sprintf("the agent dialling for all %d clients", goneN), goneBound,
 		func() bool { return gc.synSent() == gc.dials && gc.node.Serving.Connections() == goneN }, gc.state)
 	leave(cs)
@@ -120,10 +144,7 @@ func checkClientGone(t *testing.T, gc goneCase) {
 
 	// Reset at once: the agent may not even have started its dial.
 	start := time.Now()
-	for _, c := range connect() {
-		c.(*net.TCPConn).SetLinger(0)
-		c.Close()
-	}
+	reset(dialN(t, goneN, gc.dial)...)
 	waitFor(t, "the dials abandoned for clients reset right after connecting", goneBound,
 		func() bool { return zero() && gc.metric("client_gone") == 2*goneN }, gc.state)
 	t.Logf("%d clients reset right after connecting: all counted client_gone, no SYN-SENT socket, no connection after %v",
@@ -216,19 +237,9 @@ func TestClientGoneOutboundPassthrough(t *testing.T) {
 	}
 	defer keeper.Close()
 	answer := askSlowly(t, keeper, "who")
-	var others []net.Conn
-	for i := 0; i < 2; i++ {
-		o, err := m.A.Dial(dst)
-		if err != nil {
-			t.Fatal(err)
-		}
-		others = append(others, o)
-	}
+	others := dialN(t, 2, gc.dial)
 	waitFor(t, "the agent dialling for 3 clients", goneBound, func() bool { return gc.synSent() == 3 }, gc.state)
-	for _, o := range others {
-		o.(*net.TCPConn).SetLinger(0)
-		o.Close()
-	}
+	reset(others...)
 	waitFor(t, "the two that reset gone", goneBound, func() bool { return gc.synSent() == 1 }, gc.state)
 	keepWaiting(t, gc, 1, 1)
 	lift()
@@ -259,14 +270,7 @@ func TestClientGoneOutboundHBONE(t *testing.T) {
 
 	// The dial is started for the first of the four that will leave; the
 	// keeper comes last and only waits for it.
-	var others []net.Conn
-	for i := 0; i < 4; i++ {
-		o, err := m.A.Dial(dst)
-		if err != nil {
-			t.Fatal(err)
-		}
-		others = append(others, o)
-	}
+	others := dialN(t, 4, gc.dial)
 	waitFor(t, "4 clients waiting for one dial", goneBound,
 		func() bool { return gc.synSent() == 1 && m.A.Serving.Connections() == 4 }, gc.state)
 	keeper, err := m.A.Dial(dst)
@@ -291,9 +295,7 @@ func TestClientGoneOutboundHBONE(t *testing.T) {
 // whose SYNs B drops.
 func TestClientGoneInboundPlaintext(t *testing.T) {
 	m := goneMesh(t)
-	go peerEcho(m.B.Listen(t, "[::]:8097"))
-	lift := blackHole(t, m.B.Pod, "tcp dport 8097")
-	dst := netip.AddrPortFrom(m.B.Pod.IP4, 8097)
+	dst, dials, lift := blackHoledApp(t, m.B)
 	gc := goneCase{
 		node: m.B, dir: "inbound", dials: goneN,
 		dial: func() (net.Conn, error) {
@@ -301,7 +303,7 @@ func TestClientGoneInboundPlaintext(t *testing.T) {
 			defer cancel()
 			return m.A.Net.Dial(ctx, netip.Addr{}, dst)
 		},
-		synSent: func() int { return synSent(t, m.B.Pod, "dport", "= :8097") },
+		synSent: dials,
 		metric:  metricOf(t, m.B, "inbound"),
 	}
 	gc.state = func() string {

@@ -53,24 +53,20 @@ func TestCloseCutsPendingDials(t *testing.T) {
 				synSent: func() int { return synSent(t, m.A.Pod, "dport", "= :15008") }}
 		}},
 		{"15006", func(t *testing.T, m *meshtest.Mesh) dialCase {
-			go peerEcho(m.B.Listen(t, "[::]:8097"))
-			blackHole(t, m.B.Pod, "tcp dport 8097")
-			dst := netip.AddrPortFrom(m.B.Pod.IP4, 8097)
+			dst, dials, _ := blackHoledApp(t, m.B)
 			return dialCase{node: m.B, dials: clients, dir: "inbound", reason: "upstream_unreachable",
 				// From A's netns through A's agent's own (uncaptured)
 				// network: plaintext to B's 15006.
 				dial:    func() (net.Conn, error) { return m.A.Net.Dial(t.Context(), netip.Addr{}, dst) },
-				synSent: func() int { return synSent(t, m.B.Pod, "dport", "= :8097") }}
+				synSent: dials}
 		}},
 		{"15008 stream", func(t *testing.T, m *meshtest.Mesh) dialCase {
-			go peerEcho(m.B.Listen(t, "[::]:8097"))
-			blackHole(t, m.B.Pod, "tcp dport 8097")
-			dst := netip.AddrPortFrom(m.B.Pod.IP4, 8097)
+			dst, dials, _ := blackHoledApp(t, m.B)
 			// B's agent dials its app for A's streams; the cut of
 			// their HBONE connection ends them.
 			return dialCase{node: m.B, dials: clients, dir: "inbound", reason: "hbone_stream",
 				dial:    func() (net.Conn, error) { return m.A.Dial(dst) },
-				synSent: func() int { return synSent(t, m.B.Pod, "dport", "= :8097") }}
+				synSent: dials}
 		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -80,20 +76,14 @@ func TestCloseCutsPendingDials(t *testing.T) {
 			state := func() string {
 				return fmt.Sprintf("%d SYN-SENT, pod holds %d connections", dc.synSent(), sv.Connections())
 			}
-			var cs []net.Conn
-			for i := 0; i < clients; i++ {
-				c, err := dc.dial()
-				if err != nil {
-					t.Fatalf("client %d: %v", i, err)
-				}
-				defer c.Close()
+			cs := dialN(t, clients, dc.dial)
+			for _, c := range cs {
 				// A request sent: a client waiting for its answer,
 				// not one that left (the client watch lets its dial
 				// go on).
 				if _, err := fmt.Fprintf(c, "who\n"); err != nil {
 					t.Fatal(err)
 				}
-				cs = append(cs, c)
 			}
 			waitFor(t, fmt.Sprintf("the agent dialling for its %d clients", clients), goneBound,
 				func() bool { return dc.synSent() == dc.dials && sv.Connections() == clients }, state)
