@@ -409,23 +409,31 @@ func peerSilent(c *net.TCPConn) bool {
 const (
 	phaseStart  int32 = iota
 	phaseHello        // the whole ClientHello is in: our flight next
-	phaseFlight       // the client's certificate is in: ours to check
+	phaseFlight       // the client's certificate is in: ours to check, then its CertificateVerify
 )
 
 // owed reports whether h's handshake waits on its peer and, if so,
 // since when. Ours: bytes of the peer wait unread (SIOCINQ); its last
 // read has not found the socket empty (reads: what it took is
 // crypto/tls's to work on, and a saturated agent takes its time to get
-// back to it while the socket shows nothing); we have its certificate.
-// Before any read is reported (hbone has not started, or a Server
-// without the hook), from the socket alone: bytes unread, or its whole
+// back to it while the socket shows nothing). Once we have its
+// certificate (phaseFlight) the peer owes the rest of its flight from
+// our next wait. Before any read is reported (hbone has not started,
+// or a Server without the hook), from the socket alone: bytes unread,
+// its certificate in, or its whole
 // ClientHello in and our flight not sent yet (tcpi_bytes_sent, Linux
 // 4.19; an older kernel reports 0, so such a handshake is never stale
 // past its ClientHello: the hard cap still holds). The peer's turn
 // runs from owedSince, accept when it is unknown.
 func (h *pendingHS) owed(now time.Time) (owes bool, since time.Time) {
 	phase, reading := h.phase.Load(), h.reading.Load()
-	if phase == phaseFlight || reading == readBusy {
+	// The certificate is ours to check only until the handshake next
+	// waits: VerifyPeerCertificate runs before the CertificateVerify is
+	// read, and the certificate is no secret (every 15008 shows its
+	// own), so a peer that stalls there owes us the rest like any
+	// other (TestHandshakeCertStallFloodBounded). Without reads
+	// reported, the socket cannot tell: ours, as before.
+	if reading == readBusy || phase == phaseFlight && reading == readUnknown {
 		return false, time.Time{}
 	}
 	rc, err := h.c.SyscallConn()
