@@ -27,16 +27,7 @@ func pair(t testing.TB) (server, client *net.TCPConn) {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	c, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	s, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close(); s.Close() })
-	return s.(*net.TCPConn), c.(*net.TCPConn)
+	return dialAccept(t, ln)
 }
 
 func TestClientWatch(t *testing.T) {

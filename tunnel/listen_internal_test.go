@@ -15,27 +15,36 @@ import (
 // the client, so the server side has received it (unread).
 func tcpPair(t *testing.T, ln net.Listener, speak string) *net.TCPConn {
 	t.Helper()
+	s, c := dialAccept(t, ln)
+	if speak != "" {
+		if _, err := c.Write([]byte(speak)); err != nil {
+			t.Fatal(err)
+		}
+		// Arrived: the server's receive queue holds it.
+		for deadline := time.Now().Add(2 * time.Second); unread(t, s) == 0; time.Sleep(time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatal("the client's bytes never arrived")
+			}
+		}
+	}
+	return s
+}
+
+// dialAccept connects a client to ln and returns the accepted side and
+// the client, both closed when the test ends.
+func dialAccept(t testing.TB, ln net.Listener) (server, client *net.TCPConn) {
+	t.Helper()
 	c, err := net.Dial("tcp", ln.Addr().String())
 	if err != nil {
 		t.Fatal(err)
 	}
 	s, err := ln.Accept()
 	if err != nil {
+		c.Close()
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { c.Close(); s.Close() })
-	if speak != "" {
-		if _, err := c.Write([]byte(speak)); err != nil {
-			t.Fatal(err)
-		}
-		// Arrived: the server's receive queue holds it.
-		for deadline := time.Now().Add(2 * time.Second); unread(t, s.(*net.TCPConn)) == 0; time.Sleep(time.Millisecond) {
-			if time.Now().After(deadline) {
-				t.Fatal("the client's bytes never arrived")
-			}
-		}
-	}
-	return s.(*net.TCPConn)
+	return s.(*net.TCPConn), c.(*net.TCPConn)
 }
 
 // unread is what waits in c's receive queue.
@@ -206,16 +215,8 @@ func TestHandshakeTurns(t *testing.T) {
 	// which crypto/tls reads at once.
 	start := func() *hsPeer {
 		t.Helper()
-		c, err := net.Dial("tcp", ln.Addr().String())
-		if err != nil {
-			t.Fatal(err)
-		}
-		s, err := ln.Accept()
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { c.Close(); s.Close() })
-		p := &hsPeer{t: t, hs: hs, h: hs.add(sv, s.(*net.TCPConn)), peer: c}
+		s, c := dialAccept(t, ln)
+		p := &hsPeer{t: t, hs: hs, h: hs.add(sv, s), peer: c}
 		p.send()
 		p.read()
 		return p
