@@ -554,7 +554,13 @@ func (sv *Serving) inboundHBONE(raw *net.TCPConn) {
 	// HTTP/2 preface after it is hbone's to bound) and in number (p.hs,
 	// until verify below).
 	pending := sv.p.hs.add(sv, raw)
+	// Deferred too, for a panic in the TLS callbacks (GetCertificate,
+	// VerifyPeerCertificate): the accept loop's recover alone left the
+	// entry pending and counted (TestHandshakePanicEndsPending). done
+	// is idempotent; the call after hbone.Server reads its result.
+	defer sv.p.hs.done(pending)
 	ctx, cancel := context.WithTimeout(context.Background(), sv.p.hsTimeout)
+	defer cancel()
 	var peerID string
 	ps := &peerState{}
 	// A stream refused because the client's certificate no longer
