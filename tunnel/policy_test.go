@@ -20,6 +20,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/ambit-mesh/ambit/internal/testenv"
 	"github.com/ambit-mesh/ambit/node-agent/policy"
 	"github.com/ambit-mesh/ambit/tunnel"
 	"github.com/ambit-mesh/ambit/tunnel/hbone"
@@ -233,24 +234,7 @@ func TestPolicyChangeClosesOnlyDeniedLiveConnections(t *testing.T) {
 // denials reads ambit_policy_denials_total for one policy.
 func denials(t *testing.T, reg *prometheus.Registry, pol string) float64 {
 	t.Helper()
-	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var sum float64
-	for _, mf := range mfs {
-		if mf.GetName() != "ambit_policy_denials_total" {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			for _, l := range m.GetLabel() {
-				if l.GetName() == "policy" && l.GetValue() == pol {
-					sum += m.GetCounter().GetValue()
-				}
-			}
-		}
-	}
-	return sum
+	return testenv.Metric(t, reg, "ambit_policy_denials_total", map[string]string{"policy": pol})
 }
 
 var _ tunnel.Authorizer = (*policy.Engine)(nil)

@@ -73,24 +73,5 @@ func TestMeshThroughRealTunnel(t *testing.T) {
 
 func countOpened(t testing.TB, reg *prometheus.Registry, direction, mode string) float64 {
 	t.Helper()
-	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var n float64
-	for _, mf := range mfs {
-		if mf.GetName() != "ambit_tunnel_connections_opened_total" {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			lv := map[string]string{}
-			for _, l := range m.GetLabel() {
-				lv[l.GetName()] = l.GetValue()
-			}
-			if lv["direction"] == direction && lv["mode"] == mode {
-				n += m.GetCounter().GetValue()
-			}
-		}
-	}
-	return n
+	return testenv.Metric(t, reg, "ambit_tunnel_connections_opened_total", map[string]string{"direction": direction, "mode": mode})
 }

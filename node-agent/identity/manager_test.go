@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ambit-mesh/ambit/internal/testenv"
 	"github.com/ambit-mesh/ambit/node-agent/ca"
 	"github.com/ambit-mesh/ambit/node-agent/identity"
 )
@@ -332,21 +333,5 @@ func TestConfigErrors(t *testing.T) {
 
 func fetches(t *testing.T, g prometheus.Gatherer, result string) float64 {
 	t.Helper()
-	mfs, err := g.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, mf := range mfs {
-		if mf.GetName() != "ambit_identity_certificate_fetches_total" {
-			continue
-		}
-		for _, m := range mf.Metric {
-			for _, l := range m.Label {
-				if l.GetName() == "result" && l.GetValue() == result {
-					return m.GetCounter().GetValue()
-				}
-			}
-		}
-	}
-	return 0
+	return testenv.Metric(t, g, "ambit_identity_certificate_fetches_total", map[string]string{"result": result})
 }
