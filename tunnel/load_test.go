@@ -3,6 +3,7 @@ package tunnel_test
 import (
 	"context"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -12,6 +13,7 @@ import (
 	"os/exec"
 	"runtime"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -144,18 +146,34 @@ func TestHandshakeStallFloodBounded(t *testing.T) {
 			t.Fatalf("flood connection %d: %v", i, err)
 		}
 	}
-	// Every one gets our flight; the odd ones begin an answer.
+	// Every one gets our flight; the odd ones begin an answer. On a slow
+	// machine (-race, a loaded CI) connecting the flood takes more than
+	// a second, so the first ones may already be cut, rightly (they owed
+	// their answer for a second while arrivals came): a reset here is
+	// such a cut, counted by the agent like the others.
 	buf := make([]byte, 64<<10)
+	early := 0
 	for i, c := range flood {
 		c.SetReadDeadline(time.Now().Add(20 * time.Second))
 		if _, err := c.Read(buf); err != nil {
+			if errors.Is(err, syscall.ECONNRESET) {
+				early++
+				continue
+			}
 			t.Fatalf("flood connection %d: no flight from the agent: %v", i, err)
 		}
 		if i%2 == 1 {
 			if _, err := c.Write([]byte{0x17}); err != nil {
+				if errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) {
+					early++
+					continue
+				}
 				t.Fatalf("flood connection %d: %v", i, err)
 			}
 		}
+	}
+	if early > 0 {
+		t.Logf("%d flood connections were cut before the test had read their flight or sent their byte (a slow machine)", early)
 	}
 	pFlood := m.B.Metric(t, "ambit_tunnel_pending_handshakes", nil)
 	time.Sleep(time.Second)
