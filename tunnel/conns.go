@@ -256,7 +256,7 @@ func (sv *Serving) outbound(c *net.TCPConn, slots chan struct{}) {
 	var refused error
 	var why string
 	s.OnResponse(func(st int) {
-		if st == 200 {
+		if st >= 200 && st <= 299 { // any 2xx opens the tunnel (hbone)
 			sv.opened(r)
 			return
 		}

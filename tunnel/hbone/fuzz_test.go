@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"io"
 	"net"
+	"strconv"
 	"testing"
 	"time"
 
@@ -29,6 +30,46 @@ func FuzzParseRequest(f *testing.F) {
 		}
 		if r.Method == "CONNECT" && r.Protocol == "" && (r.Authority == "" || r.Path != "") {
 			t.Fatalf("accepted bad CONNECT %+v", r)
+		}
+	})
+}
+
+// FuzzParseResponse: any response header list gives a usable status or
+// a reason, never a panic; what it accepts is one :status of three
+// digits, never 101, and a 1xx only without END_STREAM.
+func FuzzParseResponse(f *testing.F) {
+	f.Add(":status\x00200", false)
+	f.Add(":status\x00204\x00server\x00x", true)
+	f.Add(":status\x00103\x00link\x00</x.css>; rel=preload", false)
+	f.Add(":status\x00100", true)
+	f.Add(":status\x00101", false)
+	f.Add(":status\x00200\x00:status\x00200", false)
+	f.Add(":status\x00+20", false)
+	f.Add(":status\x00099", false)
+	f.Add("server\x00nobody", false)
+	f.Fuzz(func(t *testing.T, s string, end bool) {
+		parts := bytes.Split([]byte(s), []byte{0})
+		var fields []hpack.HeaderField
+		for i := 0; i+1 < len(parts); i += 2 {
+			fields = append(fields, hpack.HeaderField{Name: string(parts[i]), Value: string(parts[i+1])})
+		}
+		st, info, bad := parseResponse(fields, end)
+		if bad != nil {
+			if st != 0 || info {
+				t.Fatalf("status %d, informational %v with error %v", st, info, bad)
+			}
+			return
+		}
+		var n int
+		var v string
+		for _, f := range fields {
+			if f.Name == ":status" {
+				n++
+				v = f.Value
+			}
+		}
+		if n != 1 || strconv.Itoa(st) != v || st < 100 || st == 101 || info != (st < 200) || info && end {
+			t.Fatalf("accepted %q (end %v) as %d, informational %v", s, end, st, info)
 		}
 	})
 }
@@ -113,6 +154,27 @@ func FuzzClientFrames(f *testing.F) {
 	seed = append(seed, frameBytes(frameHeaders, flagEndHeaders, 1, hb.Bytes())...)
 	seed = append(seed, frameBytes(frameData, flagEndStream, 1, []byte("resp"))...)
 	f.Add(seed)
+	// Informational responses ahead of the final one (skipped, bounded),
+	// a 101, a 1xx ending the stream, and a 204 that opens the tunnel.
+	block := func(st string) []byte {
+		var b bytes.Buffer
+		hpack.NewEncoder(&b).WriteField(hpack.HeaderField{Name: ":status", Value: st})
+		return b.Bytes()
+	}
+	info := appendSettings(nil)
+	info = append(info, frameBytes(frameHeaders, flagEndHeaders, 1, block("100"))...)
+	info = append(info, frameBytes(frameHeaders, flagEndHeaders, 1, block("103"))...)
+	info = append(info, frameBytes(frameHeaders, flagEndHeaders, 1, block("204"))...)
+	info = append(info, frameBytes(frameData, flagEndStream, 1, []byte("resp"))...)
+	f.Add(info)
+	for _, st := range []string{"101", "100"} {
+		f.Add(append(appendSettings(nil), frameBytes(frameHeaders, flagEndHeaders|flagEndStream, 1, block(st))...))
+	}
+	flood := appendSettings(nil)
+	for i := 0; i <= maxInformational; i++ {
+		flood = append(flood, frameBytes(frameHeaders, flagEndHeaders, 1, block("103"))...)
+	}
+	f.Add(flood)
 	f.Fuzz(func(t *testing.T, b []byte) {
 		c, err := NewClientConn(&fuzzConn{r: bytes.NewReader(b)}, nil, Config{PingInterval: -1})
 		if err != nil {

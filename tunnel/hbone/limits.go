@@ -67,6 +67,15 @@ const (
 	// the others a frame (64 KiB). One stream streaming alone, the case
 	// the big reads are for, always gets one.
 	maxBigReads = 4
+
+	// maxInformational: informational (1xx) responses a client stream
+	// skips before its final one; one more resets it (PROTOCOL_ERROR).
+	// A CONNECT sees one or two at most (100 Continue, 103 Early
+	// Hints); a server that keeps sending them holds the stream
+	// short of its response, each block decoded in full. x/net bounds
+	// their total size instead (MaxHeaderListSize); a count is the
+	// same bound here, each block being within MaxHeaderListSize.
+	maxInformational = 16
 )
 
 // prefaceTimeout bounds the wait, after the TLS handshake, for a

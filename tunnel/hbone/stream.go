@@ -34,6 +34,8 @@ type Stream struct {
 	resp       chan struct{}
 	status     int
 	respHeader []hpack.HeaderField
+	// informational counts 1xx responses skipped (read loop only).
+	informational int
 
 	// Receive side.
 	rmu       sync.Mutex
@@ -297,7 +299,7 @@ func (s *Stream) drain() {
 }
 
 // handleResponse acts on a client stream's response once Splice runs:
-// 200 opens delivery to the app, anything else resets both sides.
+// a 2xx opens delivery to the app, anything else resets both sides.
 func (s *Stream) handleResponse() {
 	s.rmu.Lock()
 	if s.respDone || s.app == nil {
@@ -320,7 +322,7 @@ func (s *Stream) handleResponse() {
 	if s.onResp != nil {
 		s.onResp(st)
 	}
-	if st != 200 {
+	if !accepted(st) {
 		s.finishToApp(StatusError{st})
 		s.Reset(ErrCodeCancel)
 		_ = app.SetLinger(0)
@@ -418,25 +420,41 @@ func (s *Stream) ended(side *bool) {
 
 func (s *Stream) gotHeaders(fields []hpack.HeaderField, end bool) {
 	if fields != nil && s.c.client {
+		st, info, bad := 0, false, error(nil)
+		select {
+		case <-s.resp:
+			// Trailers, or a stream already reset: only END_STREAM
+			// matters.
+		default:
+			st, info, bad = parseResponse(fields, end)
+			if info {
+				// An informational response (100, 103, ...): the final
+				// one follows on the same stream (RFC 9113 §8.1). Read
+				// loop only, so the count needs no lock; bounded so a
+				// peer cannot hold the stream in 1xx for ever (each
+				// block is decoded, up to MaxHeaderListSize).
+				s.informational++
+				if s.informational <= maxInformational {
+					return
+				}
+				st, bad = 0, fmt.Errorf("more than %d informational (1xx) responses before the final one", maxInformational)
+			}
+		}
 		first, closed := false, false
 		s.respOnce.Do(func() {
 			s.respHeader = append([]hpack.HeaderField(nil), fields...)
-			for _, f := range fields {
-				if f.Name == ":status" {
-					s.status, _ = strconv.Atoi(f.Value)
-				}
-			}
-			if s.status != 200 {
+			s.status = st
+			if !accepted(st) {
 				// Before the response is visible: whoever sees it
 				// (Splice, a reader) also sees the refusal and, with
 				// the server's END_STREAM, a stream that may be closed
 				// both ways.
-				closed = s.refusing(end)
+				closed = s.refusing(end, bad)
 			}
 			close(s.resp)
 			first = true
 		})
-		if first && s.status != 200 {
+		if first && !accepted(s.status) {
 			s.refused(closed)
 			return
 		}
@@ -447,8 +465,56 @@ func (s *Stream) gotHeaders(fields []hpack.HeaderField, end bool) {
 	}
 }
 
+// accepted is whether a final CONNECT response status opens the
+// tunnel: any 2xx does (RFC 9110 §9.3.6), not only the 200 every HBONE
+// server we know sends.
+func accepted(status int) bool { return status >= 200 && status <= 299 }
+
+// parseResponse reads a response header block's :status. info is an
+// informational (1xx) response to skip; bad says why the block is no
+// usable response (status 0): RFC 9113 §8.3.2 asks for exactly one
+// :status of three digits, §8.1 for no END_STREAM on a 1xx, and §8.6
+// removes 101 (Switching Protocols) from HTTP/2.
+func parseResponse(fields []hpack.HeaderField, end bool) (status int, info bool, bad error) {
+	n := 0
+	for _, f := range fields {
+		if f.Name != ":status" {
+			continue
+		}
+		n++
+		v := f.Value
+		if len(v) != 3 || v[0] < '1' || v[0] > '9' || v[1] < '0' || v[1] > '9' || v[2] < '0' || v[2] > '9' {
+			return 0, false, fmt.Errorf("malformed response: :status %q is not a 3-digit code", v)
+		}
+		status = int(v[0]-'0')*100 + int(v[1]-'0')*10 + int(v[2]-'0')
+	}
+	switch {
+	case n == 0:
+		return 0, false, errors.New("malformed response: no :status")
+	case n > 1:
+		return 0, false, errors.New("malformed response: more than one :status")
+	case status == 101:
+		return 0, false, errors.New("101 (Switching Protocols) answers a CONNECT; HTTP/2 has no 101 (RFC 9113 §8.6)")
+	case status < 200 && end:
+		return 0, false, fmt.Errorf("malformed response: informational %d ends the stream", status)
+	case status < 200:
+		return status, true, nil
+	}
+	return status, false, nil
+}
+
+// ResponseError is a CONNECT response the client cannot use: malformed,
+// a 101, or too many informational responses before the final one. The
+// stream is reset with PROTOCOL_ERROR, which Unwrap gives.
+type ResponseError struct{ Reason string }
+
+func (e ResponseError) Error() string { return "hbone: bad CONNECT response: " + e.Reason }
+
+// Unwrap is the reset it caused, so errors.As finds a StreamError.
+func (e ResponseError) Unwrap() error { return StreamError{Code: ErrCodeProtocol} }
+
 // refusing records a client stream's refusal, a CONNECT answered with
-// any status but 200 (0: none, or not a number): the tunnel never
+// any status but 2xx (0: none usable, bad says why): the tunnel never
 // opened, so the stream is an error for its reader and writer from here
 // on, whatever the server sends next. Its END_STREAM on the response, or
 // the RST_STREAM(NO_ERROR) RFC 9113 §8.1 lets it send after a complete
@@ -460,10 +526,10 @@ func (s *Stream) gotHeaders(fields []hpack.HeaderField, end bool) {
 // reset the stream (Splice does at once when it sees the refusal): a
 // stream closed both ways gets no RST_STREAM (RFC 9113 §5.1). closed is
 // whether it is, and then the caller releases it.
-func (s *Stream) refusing(end bool) (closed bool) {
+func (s *Stream) refusing(end bool, bad error) (closed bool) {
 	var err error = StatusError{s.status}
 	if s.status == 0 {
-		err = StreamError{Code: ErrCodeProtocol}
+		err = ResponseError{Reason: bad.Error()}
 	}
 	s.rmu.Lock()
 	if s.recvErr == nil {
@@ -498,8 +564,10 @@ func (s *Stream) refused(closed bool) {
 }
 
 // Response waits for the response headers (client side) and returns the
-// status. A non-200 status is not an error here, but the stream is over:
-// its Read and Write return StatusError.
+// status, the final one (informational responses are skipped). A
+// status other than 2xx is not an error here, but the stream is over:
+// its Read and Write return StatusError. A response the client cannot
+// use (malformed, a 101) is a ResponseError, with status 0.
 func (s *Stream) Response(ctx context.Context) (int, []hpack.HeaderField, error) {
 	select {
 	case <-s.resp:
@@ -538,8 +606,13 @@ func (s *Stream) ResponseHeader(name string) string {
 }
 
 // Respond sends the response headers (server side). Any status but 200
-// ends the stream.
+// ends the stream. Only final statuses: a 1xx would go out with
+// END_STREAM, which RFC 9113 §8.1 makes malformed, and an HBONE server
+// has nothing to say before its answer.
 func (s *Stream) Respond(status int, extra []hpack.HeaderField) error {
+	if status < 200 || status > 599 {
+		return fmt.Errorf("hbone: Respond(%d): not a final status (200-599)", status)
+	}
 	fields := make([]hpack.HeaderField, 0, 1+len(extra))
 	fields = append(fields, hpack.HeaderField{Name: ":status", Value: strconv.Itoa(status)})
 	fields = append(fields, extra...)
@@ -934,7 +1007,7 @@ func (s *Stream) Close() error {
 // 503 themselves after their own (10 s) connect timeout.
 var responseTimeout = 30 * time.Second
 
-// StatusError is a CONNECT answered with a status other than 200.
+// StatusError is a CONNECT answered with a final status other than 2xx.
 type StatusError struct{ Status int }
 
 func (e StatusError) Error() string {
