@@ -140,6 +140,14 @@ type clientWatcher struct {
 	epfd int
 	next uint64
 	m    map[uint64]*clientWatch
+
+	// For the metrics (metrics.go), process-wide as the set is. Moved
+	// on the slow path only (a dial past clientWatchDelay): a quick dial
+	// touches none of them.
+	active      atomic.Int64  // clients in the set now
+	started     atomic.Uint64 // clients added to the set
+	gone        atomic.Uint64 // found gone, their dial cancelled
+	unavailable atomic.Uint64 // slow dials not watched: no set, or not added
 }
 
 var watcher = clientWatcher{epfd: -1}
@@ -148,6 +156,7 @@ func (cw *clientWatcher) add(w *clientWatch, fd int) {
 	cw.mu.Lock()
 	defer cw.mu.Unlock()
 	if cw.epfd < 0 && !cw.startLocked() {
+		cw.unavailable.Add(1)
 		return
 	}
 	cw.next++
@@ -159,9 +168,12 @@ func (cw *clientWatcher) add(w *clientWatch, fd int) {
 	// at once.
 	if unix.EpollCtl(cw.epfd, unix.EPOLL_CTL_ADD, fd, &ev) != nil {
 		delete(cw.m, id)
+		cw.unavailable.Add(1)
 		return
 	}
 	w.reg = true
+	cw.active.Add(1)
+	cw.started.Add(1)
 }
 
 func (cw *clientWatcher) remove(w *clientWatch) {
@@ -177,6 +189,7 @@ func (cw *clientWatcher) removeLocked(w *clientWatch) {
 	delete(cw.m, w.id)
 	_ = unix.EpollCtl(cw.epfd, unix.EPOLL_CTL_DEL, w.fd, nil)
 	w.reg = false
+	cw.active.Add(-1)
 }
 
 // startLocked sets up the epoll set and its reader; false if it could
@@ -230,6 +243,7 @@ func (cw *clientWatcher) startLocked() bool {
 		for _, w := range cw.m {
 			w.reg = false
 		}
+		cw.active.Add(-int64(len(cw.m)))
 		cw.epfd, cw.m = -1, nil
 		cw.mu.Unlock()
 		f.Close()
@@ -257,6 +271,7 @@ func (cw *clientWatcher) handle(evs []unix.EpollEvent) {
 			w.gone.Store(true)
 			w.cancel()
 			cw.removeLocked(w)
+			cw.gone.Add(1)
 		}
 		// Else established, or half-closed after data: the next event
 		// (more data, a reset) says more.

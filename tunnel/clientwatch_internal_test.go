@@ -11,7 +11,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sys/unix"
+
+	"github.com/ambit-mesh/ambit/internal/testenv"
 )
 
 // clientWatch on its own, on loopback (no netns): what counts as a
@@ -113,6 +116,101 @@ func TestClientWatchStopLeavesSocket(t *testing.T) {
 	var b [1]byte
 	if _, err := s.Read(b[:]); err != nil {
 		t.Fatalf("read after stop: %v", err)
+	}
+}
+
+// TestClientWatchMetrics: an operator reads the watch from the agent's
+// registry: a dial past its delay shows as a watched client and goes
+// away when it ends, a client that leaves is counted gone, a set that
+// cannot be made counts the dial unwatched, and a quick dial shows
+// nowhere. There were no such series.
+func TestClientWatchMetrics(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	newMetrics(reg)
+	read := func(name string) float64 { return testenv.Metric(t, reg, "ambit_tunnel_client_watch_"+name, nil) }
+	type counts struct{ active, started, gone, unavailable float64 }
+	now := func() counts {
+		return counts{read("active"), read("started_total"), read("gone_total"), read("unavailable_total")}
+	}
+	want := func(what string, c counts) {
+		t.Helper()
+		if got := now(); got != c {
+			t.Fatalf("%s: %+v, want %+v", what, got, c)
+		}
+	}
+	// The watch starts on a timer, and the watcher counts a client gone
+	// just after it cancels the dial: both may lag on a busy machine.
+	waitFor := func(what string, c counts) {
+		t.Helper()
+		deadline := time.Now().Add(5 * time.Second)
+		for now() != c && time.Now().Before(deadline) {
+			time.Sleep(5 * time.Millisecond)
+		}
+		want(what, c)
+	}
+	base := now()
+
+	// A quick dial: armed and stopped within its delay (checked only
+	// if it was: a busy machine may stall the test past the delay).
+	s, _ := pair(t)
+	start := time.Now()
+	watchClient(s, func() {}).stop()
+	if time.Since(start) < clientWatchDelay {
+		want("after a quick dial", base)
+	}
+	base = now()
+
+	// A slow dial whose client stays.
+	s, _ = pair(t)
+	w := watchClient(s, func() {})
+	base.active++
+	base.started++
+	waitFor("during a slow dial", base)
+	w.stop()
+	base.active--
+	want("after the slow dial", base)
+
+	// A slow dial whose client resets.
+	s, c := pair(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	w = watchClient(s, cancel)
+	base.active++
+	base.started++
+	waitFor("during the second slow dial", base)
+	c.SetLinger(0)
+	c.Close()
+	select {
+	case <-ctx.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("the dial's context not cancelled 5 s after the client reset")
+	}
+	base.active--
+	base.gone++
+	waitFor("once the client reset", base)
+	if !w.stop() {
+		t.Error("stop says the client is there")
+	}
+	want("after its dial", base)
+
+	// No set to watch in (a watcher not yet set up, as the process's
+	// is before its first slow dial, with no descriptor to set it up):
+	// the dial is counted unwatched.
+	reg2 := prometheus.NewRegistry()
+	cw := &clientWatcher{epfd: -1}
+	registerClientWatch(reg2, cw)
+	s, _ = pair(t)
+	rc, err := s.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	withoutFDs(t, func() {
+		_ = rc.Control(func(fd uintptr) { cw.add(&clientWatch{c: s, cancel: func() {}}, int(fd)) })
+	})
+	if n := testenv.Metric(t, reg2, "ambit_tunnel_client_watch_unavailable_total", nil); n != 1 {
+		t.Errorf("unavailable_total %v after a slow dial with no descriptor for the set, want 1", n)
+	}
+	if n := testenv.Metric(t, reg2, "ambit_tunnel_client_watch_active", nil); n != 0 {
+		t.Errorf("active %v with no set, want 0", n)
 	}
 }
 

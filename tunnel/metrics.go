@@ -76,8 +76,27 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		register(reg, prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "ambit_tunnel_buffered_bytes",
 			Help: "Received bytes waiting for slow apps (bounded by flow-control windows)."},
 			func() float64 { return float64(hbone.BufferedBytes()) }))
+		registerClientWatch(reg, &watcher)
 	}
 	return m
+}
+
+// registerClientWatch exports a client watch's set (the process's:
+// clientwatch.go), read at scrape time from its own counts, so the dials
+// pay nothing here.
+func registerClientWatch(reg prometheus.Registerer, cw *clientWatcher) {
+	register(reg, prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "ambit_tunnel_client_watch_active",
+		Help: "Clients watched now: accepted connections (15001, 15006) whose dial has run past 20 ms, each waiting in one epoll set for a reset or a FIN before any byte."},
+		func() float64 { return float64(cw.active.Load()) }))
+	register(reg, prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "ambit_tunnel_client_watch_started_total",
+		Help: "Clients watched because their dial ran past 20 ms (slow dials: a black-holed destination, a NetworkPolicy on 15008)."},
+		func() float64 { return float64(cw.started.Load()) }))
+	register(reg, prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "ambit_tunnel_client_watch_gone_total",
+		Help: "Watched clients found gone (reset, or FIN before any byte) during their dial, which was then cancelled."},
+		func() float64 { return float64(cw.gone.Load()) }))
+	register(reg, prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "ambit_tunnel_client_watch_unavailable_total",
+		Help: "Slow dials whose client could not be watched (no epoll set: EMFILE; or the socket not added): they run to the connect timeout whatever the client does."},
+		func() float64 { return float64(cw.unavailable.Load()) }))
 }
 
 // connSeries are one label set's connection counters, looked up once and
