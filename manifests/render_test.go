@@ -499,7 +499,7 @@ func TestNamespaceAndCRDs(t *testing.T) {
 	for key := range r.objs {
 		kind, rest, _ := strings.Cut(key, "/")
 		objNS, _, _ := strings.Cut(rest, "/")
-		clusterScoped := slices.Contains([]string{"Namespace", "ClusterRole", "ClusterRoleBinding"}, kind)
+		clusterScoped := slices.Contains([]string{"Namespace", "ClusterRole", "ClusterRoleBinding", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}, kind)
 		if !clusterScoped && objNS != ns {
 			t.Errorf("%s is not in %s", key, ns)
 		}
