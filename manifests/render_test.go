@@ -37,7 +37,7 @@ type rendered struct {
 	images []string
 }
 
-func render(t *testing.T, dir string) *rendered {
+func render(t testing.TB, dir string) *rendered {
 	t.Helper()
 	k := krusty.MakeKustomizer(krusty.MakeDefaultOptions())
 	rm, err := k.Run(filesys.MakeFsOnDisk(), dir)
@@ -70,7 +70,7 @@ func render(t *testing.T, dir string) *rendered {
 	return r
 }
 
-func get[T runtime.Object](t *testing.T, r *rendered, kind, namespace, name string) T {
+func get[T runtime.Object](t testing.TB, r *rendered, kind, namespace, name string) T {
 	t.Helper()
 	o, ok := r.objs[kind+"/"+namespace+"/"+name]
 	if !ok {
@@ -92,7 +92,7 @@ func keys(m map[string]runtime.Object) []string {
 	return out
 }
 
-func root(t *testing.T) string {
+func root(t testing.TB) string {
 	abs, err := filepath.Abs(".")
 	if err != nil {
 		t.Fatal(err)

@@ -63,7 +63,7 @@ func (allowAll) Authorize(context.Context, authorizer.Attributes) (authorizer.De
 	return authorizer.DecisionAllow, "", nil
 }
 
-func newAdmitter(t *testing.T, objs ...runtime.Object) *admitter {
+func newAdmitter(t testing.TB, objs ...runtime.Object) *admitter {
 	t.Helper()
 	client := fake.NewSimpleClientset(objs...)
 	f := informers.NewSharedInformerFactory(client, 0)
@@ -96,7 +96,7 @@ func newAdmitter(t *testing.T, objs ...runtime.Object) *admitter {
 
 // update is one UPDATE (a patch, at admission) as the API server hands it
 // to validating admission.
-func (a *admitter) update(t *testing.T, u user.Info, resource, sub string, old, obj runtime.Object) error {
+func (a *admitter) update(t testing.TB, u user.Info, resource, sub string, old, obj runtime.Object) error {
 	t.Helper()
 	m, err := meta.Accessor(obj)
 	if err != nil {
@@ -127,7 +127,7 @@ func agentUser(node string) user.Info {
 // patched applies a JSON merge patch to obj the way the API server does
 // before admission, and records the writer in managedFields (which the
 // API server's field manager changes on every write).
-func patched[T runtime.Object](t *testing.T, obj T, patch []byte) T {
+func patched[T runtime.Object](t testing.TB, obj T, patch []byte) T {
 	t.Helper()
 	orig, err := json.Marshal(obj)
 	if err != nil {
@@ -188,7 +188,7 @@ func testPod(ns, name, node string) *corev1.Pod {
 
 // taintPatch is node-agent/readytaint's patch: spec.taints replaced by
 // the taints kept, guarded by the resourceVersion read.
-func taintPatch(t *testing.T, n *corev1.Node, key string) []byte {
+func taintPatch(t testing.TB, n *corev1.Node, key string) []byte {
 	t.Helper()
 	keep := []corev1.Taint{}
 	for _, x := range n.Spec.Taints {
@@ -206,7 +206,7 @@ func taintPatch(t *testing.T, n *corev1.Node, key string) []byte {
 	return b
 }
 
-func redirection(t *testing.T, p *corev1.Pod, state string) []byte {
+func redirection(t testing.TB, p *corev1.Pod, state string) []byte {
 	t.Helper()
 	b, err := kube.RedirectionPatch(string(p.UID), state)
 	if err != nil {
@@ -216,7 +216,7 @@ func redirection(t *testing.T, p *corev1.Pod, state string) []byte {
 }
 
 // The policy and binding as a kustomization renders them.
-func restriction(t *testing.T, r *rendered) (*admissionregistrationv1.ValidatingAdmissionPolicy, *admissionregistrationv1.ValidatingAdmissionPolicyBinding) {
+func restriction(t testing.TB, r *rendered) (*admissionregistrationv1.ValidatingAdmissionPolicy, *admissionregistrationv1.ValidatingAdmissionPolicyBinding) {
 	t.Helper()
 	return get[*admissionregistrationv1.ValidatingAdmissionPolicy](t, r, "ValidatingAdmissionPolicy", "", policyName),
 		get[*admissionregistrationv1.ValidatingAdmissionPolicyBinding](t, r, "ValidatingAdmissionPolicyBinding", "", policyName)
@@ -408,5 +408,34 @@ func TestAgentRestrictionCompilesForKubernetes130(t *testing.T) {
 		if v.MessageExpression != "" {
 			check(fmt.Sprintf("validation %d messageExpression", i), c.CompileCELExpression(&validating.MessageExpressionCondition{MessageExpression: v.MessageExpression}, plugincel.OptionalVariableDeclarations{}, environment.NewExpressions))
 		}
+	}
+}
+
+// BenchmarkAgentRestriction: what the policy costs the API server per
+// write of the agent (the admission plugin's evaluation, the Node with
+// 100 images in its status, compared whole).
+func BenchmarkAgentRestriction(b *testing.B) {
+	r := render(b, root(b))
+	pol, bind := restriction(b, r)
+	a := newAdmitter(b, stored(pol), bind, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "shop"}})
+	key := "ambit.dev/agent-not-ready"
+	node := testNode("node-1", corev1.Taint{Key: key, Effect: corev1.TaintEffectNoSchedule})
+	nodeNew := patched(b, node, taintPatch(b, node, key))
+	pod := testPod("shop", "web-1", "node-1")
+	podNew := patched(b, pod, redirection(b, pod, "enabled"))
+	u := agentUser("node-1")
+	for _, c := range []struct {
+		name     string
+		resource string
+		sub      string
+		old, new runtime.Object
+	}{{"node taint removal", "nodes", "", node, nodeNew}, {"pod annotation", "pods", "status", pod, podNew}} {
+		b.Run(c.name, func(b *testing.B) {
+			for b.Loop() {
+				if err := a.update(b, u, c.resource, c.sub, c.old, c.new); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
 	}
 }
