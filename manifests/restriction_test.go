@@ -303,6 +303,11 @@ func TestAgentRestriction(t *testing.T) {
 	terminating.DeletionTimestamp, terminating.DeletionGracePeriodSeconds = &metav1.Time{Time: time.Unix(1700000100, 0)}, new(int64)
 	annotated := testPod("shop", "web-5", "node-1")
 	annotated.Annotations[kube.RedirectionAnnotation] = "enabled"
+	// Removing the only annotation or taint leaves the field out of the
+	// object the expressions see.
+	onlyAnnotated := testPod("shop", "web-6", "node-1")
+	onlyAnnotated.Annotations = map[string]string{kube.RedirectionAnnotation: "enabled"}
+	onlyTaint := testNode("node-1", startup)
 
 	// statusOnly: what the pods/status strategy keeps of a new pod: its
 	// metadata and status, never its spec.
@@ -327,6 +332,7 @@ func TestAgentRestriction(t *testing.T) {
 		// Nodes: the agent's own patch (readytaint), and what it is not.
 		{"own node: the startup taint removed, other taints kept", agent1, "nodes", "", node1, nodeUpdate(node1, patched(t, node1, taintPatch(t, node1, readyKey))), ""},
 		{"own node: every effect of the startup taint removed", agent1, "nodes", "", node1both, nodeUpdate(node1both, patched(t, node1both, taintPatch(t, node1both, readyKey))), ""},
+		{"own node: its only taint removed", agent1, "nodes", "", onlyTaint, nodeUpdate(onlyTaint, patched(t, onlyTaint, taintPatch(t, onlyTaint, readyKey))), ""},
 		{"own node: a patch that changes nothing", agent1, "nodes", "", node1, patched(t, node1, []byte(`{"metadata":{"resourceVersion":"4711"}}`)), ""},
 		{"other node: the startup taint removed", agent1, "nodes", "", node2, patched(t, node2, taintPatch(t, node2, readyKey)), "may not write Node node-2: only its own"},
 		{"other node: tainted NoExecute", agent1, "nodes", "", node2, patched(t, node2, []byte(`{"spec":{"taints":[{"key":"evil","effect":"NoExecute"}]}}`)), "may not write Node node-2"},
@@ -346,6 +352,7 @@ func TestAgentRestriction(t *testing.T) {
 		{"own-node pod: redirection enabled", agent1, "pods", "status", pod1, statusOnly(pod1, patched(t, pod1, redirection(t, pod1, "enabled"))), ""},
 		{"own-node pod: redirection failed", agent1, "pods", "status", annotated, statusOnly(annotated, patched(t, annotated, redirection(t, annotated, "failed"))), ""},
 		{"own-node pod: redirection removed (uninstall)", agent1, "pods", "status", annotated, statusOnly(annotated, patched(t, annotated, redirection(t, annotated, ""))), ""},
+		{"own-node pod: its only annotation removed", agent1, "pods", "status", onlyAnnotated, statusOnly(onlyAnnotated, patched(t, onlyAnnotated, redirection(t, onlyAnnotated, ""))), ""},
 		{"own-node pod terminating: redirection removed", agent1, "pods", "status", terminating, statusOnly(terminating, patched(t, terminating, redirection(t, terminating, ""))), ""},
 		{"own-node pod: through pods itself (agents before session 11)", agent1, "pods", "", pod1, patched(t, pod1, redirection(t, pod1, "enabled")), ""},
 		{"other-node pod: redirection enabled", agent1, "pods", "status", pod2, statusOnly(pod2, patched(t, pod2, redirection(t, pod2, "enabled"))), "may not write pod shop/web-2 of node node-2: only pods of its own node"},
