@@ -31,7 +31,8 @@
 //     agent is not ready", which is false then;
 //   - logs each removal ("removed the startup taint") and counts it
 //     (ambit_agent_ready_taint_removals_total); any other failure
-//     (forbidden: the ClusterRole lacks patch on nodes; the API server
+//     (forbidden: the ClusterRole lacks patch on nodes; policy: the
+//     admission policy that keeps the agent to its own Node refused; the API server
 //     unreachable) is logged with what to do, counted
 //     (ambit_agent_ready_taint_errors_total{reason}) and retried with
 //     exponential back-off (1 s to 2 min). Nothing here is fatal: the mesh

@@ -181,6 +181,13 @@ func (r *remover) loop(ctx context.Context) {
 // failed logs a failed removal with what the operator can do about it.
 func (r *remover) failed(err error, retryIn time.Duration) {
 	switch {
+	case apierrors.IsForbidden(err) && refusedByPolicy(err):
+		// RBAC let the patch through; the admission policy that keeps
+		// the agent to its own Node (manifests/base/agent/restriction.yaml)
+		// did not. Its message (in err) says which rule.
+		r.m.errors.WithLabelValues("policy").Inc()
+		r.log.Error("cannot remove the startup taint: refused by the admission policy "+restrictionPolicy+" (its message is in err: a token not bound to this node's pod, or a readyTaint key outside ambit.dev/). Pods that do not tolerate the taint are not scheduled to this node until it is gone; see docs/troubleshooting.md, or remove the taint by hand (kubectl taint node NODE KEY-) once the agent is ready",
+			"err", err, "retry_in", retryIn)
 	case apierrors.IsForbidden(err):
 		r.m.errors.WithLabelValues("forbidden").Inc()
 		r.log.Error("cannot remove the startup taint: the agent's ClusterRole lacks patch on nodes (manifests/base/agent/rbac.yaml has it). Pods that do not tolerate the taint are not scheduled to this node until it is gone; grant it, or remove the taint by hand (kubectl taint node NODE KEY-) once the agent is ready",
@@ -193,6 +200,18 @@ func (r *remover) failed(err error, retryIn time.Duration) {
 		r.m.errors.WithLabelValues("other").Inc()
 		r.log.Warn("cannot remove the startup taint yet; retrying", "err", err, "retry_in", retryIn)
 	}
+}
+
+// restrictionPolicy is the ValidatingAdmissionPolicy that keeps the
+// agent's writes to its own Node (manifests/base/agent/restriction.yaml).
+const restrictionPolicy = "ambit-agent-node-restriction"
+
+// refusedByPolicy tells a ValidatingAdmissionPolicy's denial from RBAC's:
+// both are 403 Forbidden, and only the message differs (the API server
+// writes "ValidatingAdmissionPolicy '<name>' with binding '<name>' denied
+// request: ...").
+func refusedByPolicy(err error) bool {
+	return strings.Contains(err.Error(), "ValidatingAdmissionPolicy")
 }
 
 // remove takes every taint with the key off the Node, reading it afresh
@@ -308,7 +327,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		}),
 		errors: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "ambit_agent_ready_taint_errors_total",
-			Help: "Failed attempts to remove the startup taint (retried with back-off), by reason: forbidden, conflict, other.",
+			Help: "Failed attempts to remove the startup taint (retried with back-off), by reason: forbidden (RBAC), policy (the admission policy keeping the agent to its own Node), conflict, other.",
 		}, []string{"reason"}),
 	}
 	if reg != nil {

@@ -3,6 +3,7 @@ package readytaint
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"log/slog"
 	"reflect"
 	"strconv"
@@ -254,11 +255,29 @@ func TestRemovesOnlyItsTaintOnceReady(t *testing.T) {
 	if got := a.get("node-b").Spec.Taints; !reflect.DeepEqual(got, []corev1.Taint{ours}) {
 		t.Errorf("node-b's taints %+v: another node's taint was touched", got)
 	}
+	// The Node changes when the patch lands; the agent counts and logs
+	// once its answer is back, a moment later.
+	eventually(t, func() bool {
+		return r.counter(t, "ambit_agent_ready_taint_removals_total", nil) == 1 &&
+			strings.Contains(r.logs.String(), "removed the startup taint") && strings.Contains(r.logs.String(), "effects=NoSchedule,NoExecute")
+	}, func() string {
+		return fmt.Sprintf("ambit_agent_ready_taint_removals_total %v (want 1), or no log line for the removal naming both effects:\n%s",
+			r.counter(t, "ambit_agent_ready_taint_removals_total", nil), r.logs)
+	})
 	if v := r.counter(t, "ambit_agent_ready_taint_removals_total", nil); v != 1 {
 		t.Errorf("ambit_agent_ready_taint_removals_total %v, want 1", v)
 	}
-	if !strings.Contains(r.logs.String(), "removed the startup taint") || !strings.Contains(r.logs.String(), "effects=NoSchedule,NoExecute") {
-		t.Errorf("no log line for the removal naming both effects:\n%s", r.logs)
+}
+
+// eventually waits up to 10 s for cond, then fails with msg().
+func eventually(t *testing.T, cond func() bool, msg func() string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatal(msg())
+		}
+		time.Sleep(5 * time.Millisecond)
 	}
 }
 
@@ -303,11 +322,15 @@ func TestReAddedTaintRemovedAgain(t *testing.T) {
 		a.setTaints(node, gpu, ours)
 		waitTaints(t, a, node, []corev1.Taint{gpu})
 	}
+	eventually(t, func() bool {
+		return r.counter(t, "ambit_agent_ready_taint_removals_total", nil) == 4 &&
+			strings.Contains(r.logs.String(), "removed the startup taint again")
+	}, func() string {
+		return fmt.Sprintf("ambit_agent_ready_taint_removals_total %v (want 4), or no log line for a removal of a re-added taint:\n%s",
+			r.counter(t, "ambit_agent_ready_taint_removals_total", nil), r.logs)
+	})
 	if v := r.counter(t, "ambit_agent_ready_taint_removals_total", nil); v != 4 {
 		t.Errorf("ambit_agent_ready_taint_removals_total %v, want 4", v)
-	}
-	if !strings.Contains(r.logs.String(), "removed the startup taint again") {
-		t.Errorf("no log line for a removal of a re-added taint:\n%s", r.logs)
 	}
 }
 
@@ -398,4 +421,37 @@ func TestTaintPatchIsGuarded(t *testing.T) {
 	if want := `{"metadata":{"resourceVersion":"42"},"spec":{"taints":[]}}`; string(b) != want {
 		t.Errorf("patch %s, want %s", b, want)
 	}
+}
+
+// A refusal by the admission policy that keeps the agent to its own Node
+// is a 403 like RBAC's; telling the operator to grant patch on nodes
+// (which the agent has) would send them the wrong way.
+func TestPolicyRefusalNamedAsSuch(t *testing.T) {
+	a := newAPI(t, nodeWith(node, ours, gpu))
+	var allowed atomic.Bool
+	a.beforePatch = func(int) error {
+		if !allowed.Load() {
+			// The API server's wording for a ValidatingAdmissionPolicy denial.
+			return apierrors.NewForbidden(schema.GroupResource{Resource: "nodes"}, node,
+				errorString(`ValidatingAdmissionPolicy 'ambit-agent-node-restriction' with binding 'ambit-agent-node-restriction' denied request: ambit-agent of node other may not write Node `+node+`: only its own`))
+		}
+		return nil
+	}
+	r := start(t, a, readyNow, DefaultKey)
+
+	deadline := time.Now().Add(10 * time.Second)
+	for r.counter(t, "ambit_agent_ready_taint_errors_total", map[string]string{"reason": "policy"}) < 2 {
+		if time.Now().After(deadline) {
+			t.Fatalf("policy refusals not counted as such: %v errors\n%s", r.counter(t, "ambit_agent_ready_taint_errors_total", nil), r.logs)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if got := r.counter(t, "ambit_agent_ready_taint_errors_total", map[string]string{"reason": "forbidden"}); got != 0 {
+		t.Errorf("policy refusals counted as RBAC's: forbidden=%v", got)
+	}
+	if strings.Contains(r.logs.String(), "lacks patch on nodes") || !strings.Contains(r.logs.String(), "ambit-agent-node-restriction") {
+		t.Errorf("the log does not name the policy, or blames RBAC:\n%s", r.logs)
+	}
+	allowed.Store(true)
+	waitTaints(t, a, node, []corev1.Taint{gpu})
 }
