@@ -84,6 +84,19 @@ func watchClient(c *net.TCPConn, cancel context.CancelFunc) *clientWatch {
 	return w
 }
 
+// watchDuring runs dial with c's client watched (watchClient) and
+// reports whether the client went away meanwhile. The watch ends even
+// when dial panics (the connection's recover then resets c): left in
+// the set, it stayed there for good, counted in
+// ambit_tunnel_client_watch_active and holding the number of a
+// descriptor the agent had closed (TestClientWatchEndsOnPanic).
+func watchDuring(c *net.TCPConn, cancel context.CancelFunc, dial func()) (gone bool) {
+	w := watchClient(c, cancel)
+	defer func() { gone = w.stop() }()
+	dial()
+	return gone
+}
+
 // run starts the watch (on the timer's goroutine, which it then leaves).
 func (w *clientWatch) run() {
 	// Set before the state says running: stop reads it only then.

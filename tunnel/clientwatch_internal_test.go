@@ -324,6 +324,17 @@ func BenchmarkClientWatch(b *testing.B) {
 			cancel()
 		}
 	})
+	b.Run("armed-stopped-during", func(b *testing.B) {
+		// As the dials use it (watchDuring): armed-stopped with the
+		// deferred stop that ends a watch on a panic too.
+		var sink error
+		for i := 0; i < b.N; i++ {
+			ctx, cancel := context.WithCancel(context.Background())
+			watchDuring(s, cancel, func() { sink = ctx.Err() })
+			cancel()
+		}
+		_ = sink
+	})
 	b.Run("started-stopped", func(b *testing.B) {
 		// A slow dial's watch without the wait: the client's socket
 		// added to the epoll set (run, called here rather than by the

@@ -222,9 +222,12 @@ func (sv *Serving) outbound(c *net.TCPConn, slots chan struct{}) {
 	// The first bytes travel with the CONNECT, outside Splice's count.
 	nFirst := int64(len(first))
 	ctx, cancel := context.WithTimeout(context.Background(), sv.p.connectTimeout)
-	cw := watchClient(c, cancel)
-	s, sent, err := sv.pool.open(ctx, key, target.String(), sv.requestHeaders(r), first)
-	gone := cw.stop()
+	var opened *hbone.Stream
+	var sent int
+	gone := watchDuring(c, cancel, func() {
+		opened, sent, err = sv.pool.open(ctx, key, target.String(), sv.requestHeaders(r), first)
+	})
+	s := opened // set once: the closures below copy it, not share it on the heap
 	cancel()
 	if err == nil && sent < len(first) {
 		_, err = s.Write(first[sent:])
@@ -369,11 +372,11 @@ func (sv *Serving) requestHeaders(r *record) []hpack.HeaderField {
 func (sv *Serving) passthrough(c *net.TCPConn, r *record, target netip.AddrPort) {
 	r.mode = "passthrough"
 	ctx, cancel := context.WithTimeout(context.Background(), sv.p.connectTimeout)
-	cw := watchClient(c, cancel)
 	cut := sv.track(cancel)
-	up, err := sv.pod.Net.Dial(ctx, netip.Addr{}, target)
+	var up net.Conn
+	var err error
+	gone := watchDuring(c, cancel, func() { up, err = sv.pod.Net.Dial(ctx, netip.Addr{}, target) })
 	sv.untrack(cut)
-	gone := cw.stop()
 	cancel()
 	if err != nil {
 		if gone {
@@ -483,11 +486,11 @@ func (sv *Serving) inboundPlain(c *net.TCPConn, slots chan struct{}) {
 		return
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	cw := watchClient(c, cancel)
 	cut := sv.track(cancel)
-	app, err := sv.dialApp(ctx, r.src.Addr(), dst)
+	var dialed net.Conn
+	gone := watchDuring(c, cancel, func() { dialed, err = sv.dialApp(ctx, r.src.Addr(), dst) })
 	sv.untrack(cut)
-	gone := cw.stop()
+	app := dialed // set once: the closures below copy it, not share it on the heap
 	cancel()
 	if err != nil {
 		if gone {
