@@ -4,8 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/http"
+	"os"
+	"path/filepath"
+	"runtime/pprof"
+	"slices"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -20,14 +26,58 @@ import (
 type Server struct {
 	gatherer prometheus.Gatherer
 
-	mu       sync.Mutex
-	notReady string // why not ready; "" = ready
-	checks   map[string]func() error
+	mu         sync.Mutex
+	notReady   string // why not ready; "" = ready
+	checks     map[string]func() error
+	heartbeats []*Heartbeat
+	log        *slog.Logger
+	dumpPath   string
+	// failing: the last /healthz failed (a stall episode); loggedAt:
+	// when a failing /healthz was last logged; dumpedAt: when the
+	// goroutines were last written.
+	failing            bool
+	loggedAt, dumpedAt time.Time
 }
 
 // New returns a server that is alive but not ready ("starting").
 func New(g prometheus.Gatherer) *Server {
 	return &Server{gatherer: g, notReady: "starting", checks: map[string]func() error{}}
+}
+
+// SetLogger logs failing liveness checks there: the kubelet shows only
+// "HTTP probe failed with statuscode: 503" in the pod's events, never the
+// answer's body, so the log (kubectl logs --previous after the restart)
+// is where a person finds which loop stalled.
+func (s *Server) SetLogger(l *slog.Logger) {
+	s.mu.Lock()
+	s.log = l
+	s.mu.Unlock()
+}
+
+// SetStallDump makes the first failing /healthz of an episode write every
+// goroutine's stack to path (replacing what an earlier episode wrote), so
+// what held the stalled loop survives the restart that follows; "" = off.
+// Put it on a volume that outlives the container.
+func (s *Server) SetStallDump(path string) {
+	s.mu.Lock()
+	s.dumpPath = path
+	s.mu.Unlock()
+}
+
+// AddHeartbeat adds h's check to /healthz, under h's name, and its turns
+// to Collector's metrics.
+func (s *Server) AddHeartbeat(h *Heartbeat) {
+	s.AddLiveness(h.Name(), h.Check)
+	s.mu.Lock()
+	s.heartbeats = append(s.heartbeats, h)
+	s.mu.Unlock()
+}
+
+// Heartbeats are those added, in order.
+func (s *Server) Heartbeats() []*Heartbeat {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return slices.Clone(s.heartbeats)
 }
 
 // SetReady marks the agent ready.
@@ -52,19 +102,26 @@ func (s *Server) AddLiveness(name string, fn func() error) {
 func (s *Server) Handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
-		s.mu.Lock()
-		var failed []string
-		for name, fn := range s.checks {
-			if err := fn(); err != nil {
-				failed = append(failed, fmt.Sprintf("%s: %v", name, err))
-			}
-		}
-		s.mu.Unlock()
+		failed, beats := s.live()
 		if len(failed) > 0 {
-			http.Error(w, fmt.Sprint(failed), http.StatusServiceUnavailable)
+			w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+			w.Header().Set("X-Content-Type-Options", "nosniff")
+			w.WriteHeader(http.StatusServiceUnavailable)
+			for _, f := range failed {
+				fmt.Fprintln(w, f)
+			}
 			return
 		}
 		fmt.Fprintln(w, "ok")
+		// What is watched, for a person with curl on the node.
+		now := time.Now()
+		for _, h := range beats {
+			if t := h.LastTurn(); !t.IsZero() {
+				fmt.Fprintf(w, "%s: last turned %s ago\n", h.Name(), round(now.Sub(t)))
+			} else {
+				fmt.Fprintf(w, "%s: not started\n", h.Name())
+			}
+		}
 	})
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
 		s.mu.Lock()
@@ -78,6 +135,127 @@ func (s *Server) Handler() http.Handler {
 	})
 	mux.Handle("/metrics", promhttp.HandlerFor(s.gatherer, promhttp.HandlerOpts{}))
 	return mux
+}
+
+// live runs the liveness checks (outside the lock: a check must not hold
+// up SetReady) and returns the failures, "name: why", sorted by name.
+// The first failure of an episode writes the goroutine dump; failures
+// are logged, at most every few seconds however often /healthz is asked.
+func (s *Server) live() (failed []string, beats []*Heartbeat) {
+	s.mu.Lock()
+	checks := make(map[string]func() error, len(s.checks))
+	for name, fn := range s.checks {
+		checks[name] = fn
+	}
+	beats = slices.Clone(s.heartbeats)
+	s.mu.Unlock()
+	for name, fn := range checks {
+		if err := fn(); err != nil {
+			failed = append(failed, fmt.Sprintf("%s: %v", name, err))
+		}
+	}
+	slices.Sort(failed)
+
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(failed) == 0 {
+		if s.failing && s.log != nil {
+			s.log.Warn("liveness checks pass again")
+		}
+		s.failing = false
+		return nil, beats
+	}
+	now := time.Now()
+	first := !s.failing
+	s.failing = true
+	var dumped string
+	// Once per episode, and not more than every few minutes should
+	// checks flap: a dump stops the world for a moment.
+	if first && s.dumpPath != "" && now.Sub(s.dumpedAt) >= dumpEvery {
+		s.dumpedAt = now
+		if err := writeGoroutines(s.dumpPath); err != nil {
+			if s.log != nil {
+				s.log.Warn("writing the goroutine dump of a stalled agent", "path", s.dumpPath, "err", err)
+			}
+		} else {
+			dumped = s.dumpPath
+		}
+	}
+	if s.log != nil && (first || now.Sub(s.loggedAt) >= logEvery) {
+		s.loggedAt = now
+		args := []any{"failing", strings.Join(failed, "; ")}
+		if dumped != "" {
+			args = append(args, "goroutines", dumped)
+		}
+		s.log.Error("liveness check failing: the kubelet restarts this agent after failureThreshold probes like this", args...)
+	}
+	return failed, beats
+}
+
+const (
+	logEvery  = 5 * time.Second
+	dumpEvery = 10 * time.Minute
+)
+
+// writeGoroutines writes every goroutine's stack, with how long each has
+// waited, to path atomically.
+func writeGoroutines(path string) error {
+	f, err := os.CreateTemp(filepath.Dir(path), ".goroutines-*")
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(f, "ambit-agent goroutines at %s, when a liveness check first failed\n\n", time.Now().UTC().Format(time.RFC3339))
+	err = pprof.Lookup("goroutine").WriteTo(f, 2)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(f.Name(), path)
+	}
+	if err != nil {
+		os.Remove(f.Name())
+	}
+	return err
+}
+
+// Collector reports when each added heartbeat's loop last turned and
+// whether each liveness check fails now, so a dashboard sees a stall before the
+// kubelet acts on it.
+func (s *Server) Collector() prometheus.Collector { return loopCollector{s} }
+
+var (
+	lastTurnDesc = prometheus.NewDesc("ambit_agent_loop_last_turn_timestamp_seconds",
+		"When the agent's loop last turned (unix time; absent before its first turn). Alert on time() minus this.", []string{"loop"}, nil)
+	stalledDesc = prometheus.NewDesc("ambit_agent_loop_stalled",
+		"1 while the loop's liveness check (any check /healthz runs) fails (/healthz answers 503 and the kubelet restarts the agent after failureThreshold probes).", []string{"loop"}, nil)
+)
+
+type loopCollector struct{ s *Server }
+
+func (c loopCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- lastTurnDesc
+	ch <- stalledDesc
+}
+
+func (c loopCollector) Collect(ch chan<- prometheus.Metric) {
+	for _, h := range c.s.Heartbeats() {
+		if t := h.LastTurn(); !t.IsZero() {
+			ch <- prometheus.MustNewConstMetric(lastTurnDesc, prometheus.GaugeValue, float64(t.UnixNano())/1e9, h.Name())
+		}
+	}
+	c.s.mu.Lock()
+	checks := make(map[string]func() error, len(c.s.checks))
+	for name, fn := range c.s.checks {
+		checks[name] = fn
+	}
+	c.s.mu.Unlock()
+	for name, fn := range checks {
+		v := 0.0
+		if fn() != nil {
+			v = 1
+		}
+		ch <- prometheus.MustNewConstMetric(stalledDesc, prometheus.GaugeValue, v, name)
+	}
 }
 
 // Serve listens on addr until ctx ends. It returns once listening fails or
