@@ -16,6 +16,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"sync"
 	"syscall"
 	"time"
@@ -131,6 +132,11 @@ func run(ctx context.Context, args []string) error {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	hs := health.New(reg)
+	hs.SetLogger(log)
+	// In the state directory (a host volume): the stacks outlive the
+	// restart the failing check brings (docs/troubleshooting.md).
+	hs.SetStallDump(filepath.Join(cfg.StateDir, "goroutines-at-stall.txt"))
+	reg.MustRegister(hs.Collector())
 
 	pol := enrollment.NewPolicy(cfg.EnrollLabel, cfg.ExcludedNamespaces)
 	meshed := func(p cluster.Pod, ns *cluster.Namespace) bool { return pol.Decide(p, ns).Enroll }
@@ -174,6 +180,12 @@ func run(ctx context.Context, args []string) error {
 		idCfg.Remote = &identity.RemoteConfig{URL: cfg.CAAddress, TokenFile: cfg.CATokenFile, RootsFile: cfg.CARootsFile}
 	}
 
+	// Certificate rotation turns at least every rootsRefresh (5 m) and
+	// fetches in goroutines bounded by their own time-out, so its loop
+	// only misses its turn when it cannot take its lock.
+	certTurns := health.NewHeartbeat("certificates", 2*time.Minute)
+	hs.AddHeartbeat(certTurns)
+	idCfg.OnTurn = func(next time.Time) { certTurns.Beat(time.Until(next)) }
 	ids, err := identity.NewManager(idCfg)
 	if err != nil {
 		return err

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/ambit-mesh/ambit/node-agent/cluster"
+	"github.com/ambit-mesh/ambit/node-agent/health"
 	"github.com/ambit-mesh/ambit/node-agent/state"
 )
 
@@ -183,14 +184,14 @@ func (a *Agent) verifyAdopted(ctx context.Context) {
 	pods := a.toVerify
 	a.toVerify, a.verifyTaken = nil, true
 	a.mu.Unlock()
-	a.verifyPods(ctx, pods)
+	a.verifyPods(ctx, pods, a.live.rulesBeat())
 	a.log.Info("rules of re-adopted pods verified", "pods", len(pods))
 	a.auditLoop(ctx)
 }
 
 // verifyPods runs verifyPod over pods, a few at a time, and records how
-// long the pass took.
-func (a *Agent) verifyPods(ctx context.Context, pods []*pod) {
+// long the pass took; hb (nil: none) beats after each pod.
+func (a *Agent) verifyPods(ctx context.Context, pods []*pod, hb *health.Heartbeat) {
 	start := time.Now()
 	defer func() { a.m.ruleCheck.Observe(time.Since(start).Seconds()) }()
 	sem := make(chan struct{}, 4)
@@ -205,6 +206,7 @@ func (a *Agent) verifyPods(ctx context.Context, pods []*pod) {
 			defer wg.Done()
 			defer func() { <-sem }()
 			a.verifyPod(p)
+			beat(hb, 0)
 		}()
 	}
 	wg.Wait()
@@ -223,12 +225,16 @@ func (a *Agent) auditLoop(ctx context.Context) {
 	}
 	tick := time.NewTicker(every)
 	defer tick.Stop()
+	hb := a.live.rulesBeat()
 	for {
+		// Due within a tick; a pass beats after each pod.
+		beat(hb, every)
 		select {
 		case <-ctx.Done():
 			return
 		case <-tick.C:
 		}
+		beat(hb, 0)
 		a.mu.Lock()
 		pods := make([]*pod, 0, len(a.byCID))
 		for _, p := range a.byCID {
@@ -237,7 +243,7 @@ func (a *Agent) auditLoop(ctx context.Context) {
 			}
 		}
 		a.mu.Unlock()
-		a.verifyPods(ctx, pods)
+		a.verifyPods(ctx, pods, hb)
 		a.resyncKeeper(pods)
 	}
 }
@@ -247,6 +253,7 @@ func (a *Agent) auditLoop(ctx context.Context) {
 // (it starts empty), and until then a crash of this agent would close
 // those pods' listeners.
 func (a *Agent) resyncKeeper(pods []*pod) {
+	hb := a.live.rulesBeat()
 	if a.keeper == nil || a.stopping.Load() {
 		return
 	}
@@ -269,6 +276,8 @@ func (a *Agent) resyncKeeper(pods []*pod) {
 			}
 		}
 		unlock()
+		// Each put waits up to the keeper's call time-out (2 s).
+		beat(hb, 0)
 	}
 	a.log.Info("keeper held fewer pods than served (restarted?): listeners put again", "kept", n, "pods", len(pods), "put", put)
 }

@@ -121,6 +121,9 @@ type Agent struct {
 	// what setStatus last asked for; nil without a status writer.
 	statusSync *statussync.Syncer
 	ready      chan struct{}
+	// live: the loops' heartbeats and the plugin requests in progress,
+	// for /healthz (liveness.go).
+	live *liveness
 }
 
 // pod is one sandbox the agent knows about.
@@ -178,6 +181,10 @@ func New(o Options) (*Agent, error) {
 		store:  st, m: newMetrics(o.Registerer), health: o.Health, peers: o.Peers, newestFn: o.Newest, predecessor: o.Predecessor, log: o.Logger,
 		byCID: map[string]*pod{}, byName: map[string]*pod{},
 		queue: newQueue(), ready: make(chan struct{}),
+		live: newLiveness(o.Config.RuleCheckInterval.Duration),
+	}
+	if o.Health != nil {
+		a.registerLiveness(o.Health)
 	}
 	if o.Status != nil {
 		so := statussync.Options{Writer: o.Status, Registerer: o.Registerer, Logger: o.Logger}
@@ -316,6 +323,7 @@ func (a *Agent) run(ctx context.Context, l *net.UnixListener, sock *cniproto.Soc
 			return err
 		}
 		opened = s
+		a.live.serving(s.Listener, s)
 		serve(s.Listener)
 		keep(s)
 		a.log.Info("plugin socket taken", "socket", s.Path)
@@ -334,6 +342,7 @@ func (a *Agent) run(ctx context.Context, l *net.UnixListener, sock *cniproto.Soc
 		}
 	}()
 	if l != nil {
+		a.live.serving(l, sock)
 		serve(l)
 		if sock != nil {
 			sockMu.Lock()
@@ -419,6 +428,10 @@ func (a *Agent) run(ctx context.Context, l *net.UnixListener, sock *cniproto.Soc
 
 	wg.Add(1)
 	go func() { defer wg.Done(); a.reconcileLoop(ctx) }()
+	if a.health != nil {
+		wg.Add(1)
+		go func() { defer wg.Done(); a.checkSocketLoop(ctx) }()
+	}
 	<-ctx.Done()
 
 	a.stopping.Store(true)

@@ -22,6 +22,7 @@ const foundPrefix = "found:"
 
 // handle serves one plugin request.
 func (a *Agent) handle(ctx context.Context, req *cniproto.Request, f *os.File) *cniproto.Response {
+	defer a.live.startRequest(req)()
 	var resp *cniproto.Response
 	switch req.Op {
 	case cniproto.OpAdd:

@@ -363,7 +363,7 @@ func (a *Agent) lookAtRecords(ctx context.Context, prev map[string]bool, seen bo
 		}
 		a.mu.Unlock()
 		if !later && len(adopted) > 0 {
-			a.verifyPods(ctx, adopted)
+			a.verifyPods(ctx, adopted, nil)
 		}
 	}()
 	for _, n := range names {

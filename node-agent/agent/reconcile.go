@@ -112,9 +112,13 @@ func (a *Agent) onEvent(ev cluster.Event) {
 func (a *Agent) Resync() { a.queue.add(key{kind: keyAll}) }
 
 func (a *Agent) reconcileLoop(ctx context.Context) {
-	tick := time.NewTicker(time.Minute)
+	tick := time.NewTicker(reconcileEvery)
 	defer tick.Stop()
+	hb := a.live.reconcileBeat()
 	for {
+		// Waiting: the ticker turns the loop within a tick. Working:
+		// it beats again after each pod (reconcile).
+		beat(hb, reconcileEvery)
 		select {
 		case <-ctx.Done():
 			return
@@ -123,10 +127,12 @@ func (a *Agent) reconcileLoop(ctx context.Context) {
 		case <-tick.C:
 			// Labels of pods on other nodes change the opt-in list
 			// without an event here.
+			beat(hb, 0)
 			a.writeSnapshot()
 			continue
 		case <-a.queue.signal:
 		}
+		beat(hb, 0)
 		keys, snap := a.queue.take()
 		if snap {
 			a.writeSnapshot()
@@ -177,6 +183,7 @@ func (a *Agent) reconcile(ctx context.Context, keys []key) {
 	sem := make(chan struct{}, 4)
 	var wg sync.WaitGroup
 	var scan lazyScan
+	hb := a.live.reconcileBeat()
 	for k := range want {
 		if ctx.Err() != nil {
 			break
@@ -187,6 +194,8 @@ func (a *Agent) reconcile(ctx context.Context, keys []key) {
 			defer wg.Done()
 			defer func() { <-sem }()
 			a.reconcilePod(ctx, k.ns, k.name, &scan)
+			// Progress: a pass over many pods is not a stall.
+			beat(hb, 0)
 		}()
 	}
 	wg.Wait()

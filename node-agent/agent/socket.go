@@ -92,6 +92,7 @@ func (k *socketKeeper) check(ctx context.Context) bool {
 	k.serve(s.Listener)
 	k.cur.Close()
 	k.cur = s
+	k.a.live.serving(s.Listener, s)
 	k.a.m.socketTakeovers.WithLabelValues("ok").Inc()
 	k.a.log.Info("plugin socket taken back: the newer agent that held it stopped or died (a rollback?)", "socket", s.Path)
 	return true

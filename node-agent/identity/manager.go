@@ -44,6 +44,10 @@ type Config struct {
 	Logger       *slog.Logger
 	// Registerer receives the manager's metrics; nil means none.
 	Registerer prometheus.Registerer
+	// OnTurn, if set, is called each time Run's loop turns, with when
+	// it turns next at the latest: a liveness heartbeat (a loop that
+	// stopped turning lets the node's certificates expire).
+	OnTurn func(next time.Time)
 }
 
 // Manager keeps one certificate per workload identity of the node, in
@@ -576,6 +580,9 @@ func (m *Manager) Run(ctx context.Context) error {
 			if nextRoots.Before(next) {
 				next = nextRoots
 			}
+		}
+		if m.cfg.OnTurn != nil {
+			m.cfg.OnTurn(next)
 		}
 		timer.Reset(time.Until(next))
 		select {

@@ -1,0 +1,225 @@
+package agent
+
+import (
+	"context"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/ambit-mesh/ambit/internal/testenv"
+	"github.com/ambit-mesh/ambit/node-agent/config"
+	"github.com/ambit-mesh/ambit/node-agent/health"
+	"github.com/ambit-mesh/ambit/plugin/cniproto"
+)
+
+// liveHarness is an agent with its health server on loopback, the way
+// ambit-agent run wires them.
+type liveHarness struct {
+	*harness
+	reg  *prometheus.Registry
+	base string
+}
+
+func startLiveAgent(t *testing.T, inv string, opts ...func(*Options)) *liveHarness {
+	t.Helper()
+	reg := prometheus.NewRegistry()
+	hs := health.New(reg)
+	reg.MustRegister(hs.Collector())
+	hs.SetLogger(quietLogger())
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); hs.ServeListener(ctx, l) }()
+	t.Cleanup(func() { cancel(); <-done })
+	opts = append([]func(*Options){func(o *Options) { o.Health = hs; o.Registerer = reg }}, opts...)
+	h := startAgent(t, "", inv, opts...)
+	return &liveHarness{harness: h, reg: reg, base: "http://" + l.Addr().String()}
+}
+
+func (h *liveHarness) healthz(t *testing.T) (int, string) {
+	t.Helper()
+	c := &http.Client{Timeout: 5 * time.Second}
+	r, err := c.Get(h.base + "/healthz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Body.Close()
+	b, _ := io.ReadAll(r.Body)
+	return r.StatusCode, string(b)
+}
+
+// waitHealthz polls /healthz until it answers code with a body holding
+// want, for at most 20 s (the bounds under test are far shorter).
+func (h *liveHarness) waitHealthz(t *testing.T, code int, want string) string {
+	t.Helper()
+	var gotCode int
+	var body string
+	for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		gotCode, body = h.healthz(t)
+		if gotCode == code && strings.Contains(body, want) {
+			return body
+		}
+	}
+	t.Fatalf("/healthz: %d %q, want %d with %q", gotCode, body, code, want)
+	return ""
+}
+
+// holdLock takes a pod's lock until the returned func or the test's end
+// (a failing test must not leave the agent's stop waiting on it).
+func holdLock(t *testing.T, a *Agent, namespace, name string) func() {
+	unlock := sync.OnceFunc(a.lock(namespace, name))
+	t.Cleanup(unlock)
+	return unlock
+}
+
+// shortBounds shortens the liveness bounds for one test.
+func shortBounds(t *testing.T, grace, socketEvery, socketTimeout, socketGr, request time.Duration) {
+	old := []time.Duration{loopGrace, socketCheckEvery, socketCheckTimeout, socketGrace, requestStallAfter}
+	loopGrace, socketCheckEvery, socketCheckTimeout, socketGrace, requestStallAfter = grace, socketEvery, socketTimeout, socketGr, request
+	t.Cleanup(func() {
+		loopGrace, socketCheckEvery, socketCheckTimeout, socketGrace, requestStallAfter = old[0], old[1], old[2], old[3], old[4]
+	})
+}
+
+// A healthy agent at work (pods enrolled at ADD, reconcile passes, rule
+// checks every 100 ms, the socket self-checked every 50 ms) answers 200
+// on every probe, and names what it watches: each loop and when it last
+// turned. Before, /healthz watched nothing (it answered "ok" alone).
+func TestLivenessHealthyAgentStays200(t *testing.T) {
+	testenv.RequireRoot(t)
+	// Bounds short enough that a loop turning only now and then would
+	// show, long enough for a loaded machine.
+	shortBounds(t, 5*time.Second, 50*time.Millisecond, 5*time.Second, 5*time.Second, 10*time.Second)
+	h := startLiveAgent(t, invAmbient, func(o *Options) {
+		o.Config.RuleCheckInterval = config.Duration{Duration: 100 * time.Millisecond}
+	})
+	pods := enrollPods(t, h.harness, 5, "10.69.0")
+	end := time.Now().Add(3 * time.Second)
+	for i := 0; time.Now().Before(end); i++ {
+		h.a.Resync()
+		code, body := h.healthz(t)
+		if code != 200 {
+			t.Fatalf("probe %d of a healthy agent: %d %q", i, code, body)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if got := testutil.ToFloat64(h.a.m.enrolled); len(pods) != 5 || got != 5 {
+		t.Fatalf("%v pods enrolled, want 5", got)
+	}
+	_, body := h.healthz(t)
+	for _, name := range []string{checkReconcile, checkRules, checkSocket} {
+		if !strings.Contains(body, name+": last turned ") {
+			t.Errorf("/healthz does not show %s turning: %q", name, body)
+		}
+	}
+	for _, name := range []string{checkReconcile, checkRules, checkSocket, checkRequests} {
+		if v := testenv.Metric(t, h.reg, "ambit_agent_loop_stalled", map[string]string{"loop": name}); v != 0 {
+			t.Errorf("ambit_agent_loop_stalled{loop=%q} = %v on a healthy agent", name, v)
+		}
+	}
+	if v := testenv.Metric(t, h.reg, "ambit_agent_loop_last_turn_timestamp_seconds", map[string]string{"loop": checkSocket}); time.Since(time.Unix(int64(v), 0)) > 5*time.Second {
+		t.Errorf("socket self-check last turned at %v", v)
+	}
+}
+
+// The reconcile loop stuck on a pod's lock (a pass reaching a pod whose
+// lock is never released) turns /healthz to 503 naming it within its
+// bound, the metric shows it, and both recover once the loop turns again.
+func TestLivenessReconcileStall(t *testing.T) {
+	testenv.RequireRoot(t)
+	shortBounds(t, 300*time.Millisecond, 50*time.Millisecond, 5*time.Second, 5*time.Second, time.Hour)
+	h := startLiveAgent(t, invAmbient)
+	eventually(t, "the reconcile loop to turn", func() bool { return !h.a.live.reconcile.LastTurn().IsZero() })
+
+	unlock := holdLock(t, h.a, "apps", "stuck")
+	h.a.queue.add(key{kind: keyPod, namespace: "apps", name: "stuck"})
+	body := h.waitHealthz(t, 503, checkReconcile+": stalled: last turned")
+	if strings.Contains(body, checkSocket) || strings.Contains(body, checkRules) {
+		t.Errorf("only the reconcile loop stalled, /healthz says %q", body)
+	}
+	if v := testenv.Metric(t, h.reg, "ambit_agent_loop_stalled", map[string]string{"loop": checkReconcile}); v != 1 {
+		t.Errorf("ambit_agent_loop_stalled{loop=reconcile} = %v while stalled", v)
+	}
+	unlock()
+	h.waitHealthz(t, 200, "ok")
+	if v := testenv.Metric(t, h.reg, "ambit_agent_loop_stalled", map[string]string{"loop": checkReconcile}); v != 0 {
+		t.Errorf("ambit_agent_loop_stalled{loop=reconcile} = %v after it turned again", v)
+	}
+}
+
+// The periodic rule check stuck on an enrolled pod's lock turns /healthz
+// to 503 naming it, and 200 again once released.
+func TestLivenessRuleCheckStall(t *testing.T) {
+	testenv.RequireRoot(t)
+	shortBounds(t, 300*time.Millisecond, 50*time.Millisecond, 5*time.Second, 5*time.Second, time.Hour)
+	h := startLiveAgent(t, invAmbient, func(o *Options) {
+		o.Config.RuleCheckInterval = config.Duration{Duration: 100 * time.Millisecond}
+	})
+	n := newNetns(t, "10.69.1.2/24")
+	enrollLikePlugin(t, h.harness, "web", n, "10.69.1.2/24")
+	eventually(t, "the rule check to turn", func() bool { return !h.a.live.rules.LastTurn().IsZero() })
+
+	unlock := holdLock(t, h.a, "apps", "web")
+	body := h.waitHealthz(t, 503, checkRules+": stalled: last turned")
+	if strings.Contains(body, checkSocket) {
+		t.Errorf("the plugin socket did not stall, /healthz says %q", body)
+	}
+	unlock()
+	h.waitHealthz(t, 200, "ok")
+}
+
+// The plugin server stops accepting when every slot is held by a stuck
+// exchange (here its one slot, maxConcurrentRequests: 1, by a DEL waiting
+// on a pod lock nobody releases): /healthz turns 503 naming the socket
+// and the stuck request, and 200 once the request finishes and the
+// server accepts again. Without the self-check nothing noticed: new pods
+// of the node failed at ADD while the agent reported itself alive.
+func TestLivenessPluginSocketStall(t *testing.T) {
+	testenv.RequireRoot(t)
+	shortBounds(t, time.Hour, 50*time.Millisecond, 200*time.Millisecond, 500*time.Millisecond, 500*time.Millisecond)
+	h := startLiveAgent(t, invAmbient, func(o *Options) { o.Config.MaxConcurrentRequests = 1 })
+	eventually(t, "the socket self-check to answer", func() bool { return !h.a.live.socket.LastTurn().IsZero() })
+
+	unlock := holdLock(t, h.a, "apps", "stuck")
+	answered := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		req := &cniproto.Request{Version: cniproto.Version, Op: cniproto.OpDel, Pod: cniproto.Pod{Namespace: "apps", Name: "stuck", UID: "uid-stuck", ContainerID: "cid-stuck"}}
+		_, err := cniproto.Call(ctx, h.sock, req, nil)
+		answered <- err
+	}()
+	body := h.waitHealthz(t, 503, checkSocket+": stalled")
+	if !strings.Contains(body, checkRequests+": stalled: del apps/stuck in progress") {
+		t.Errorf("/healthz does not name the stuck request: %q", body)
+	}
+	if strings.Contains(body, checkReconcile) {
+		t.Errorf("the reconcile loop did not stall, /healthz says %q", body)
+	}
+	unlock()
+	if err := <-answered; err != nil {
+		t.Fatalf("the DEL once its lock was free: %v", err)
+	}
+	h.waitHealthz(t, 200, "ok")
+}
+
+// A plugin socket whose accept loop is gone (the listener closed, the
+// file still at its path) fails the check too.
+func TestLivenessPluginSocketClosed(t *testing.T) {
+	testenv.RequireRoot(t)
+	shortBounds(t, time.Hour, 50*time.Millisecond, 200*time.Millisecond, 300*time.Millisecond, time.Hour)
+	h := startLiveAgent(t, invAmbient)
+	eventually(t, "the socket self-check to answer", func() bool { return !h.a.live.socket.LastTurn().IsZero() })
+	h.a.live.plugin.Load().sock.Listener.Close()
+	h.waitHealthz(t, 503, checkSocket+": stalled")
+}
