@@ -5,6 +5,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -222,4 +223,58 @@ func TestLivenessPluginSocketClosed(t *testing.T) {
 	eventually(t, "the socket self-check to answer", func() bool { return !h.a.live.socket.LastTurn().IsZero() })
 	h.a.live.plugin.Load().sock.Listener.Close()
 	h.waitHealthz(t, 503, checkSocket+": stalled")
+}
+
+// BenchmarkRequestTracking is what recording a plugin request in
+// progress adds to each one, against the lookup of the pod's lock stripe
+// every request already pays (same loop).
+func BenchmarkRequestTracking(b *testing.B) {
+	l := newLiveness(0)
+	a := &Agent{}
+	req := &cniproto.Request{Op: cniproto.OpAdd, Pod: cniproto.Pod{Namespace: "apps", Name: "web-1"}}
+	b.Run("lock", func(b *testing.B) {
+		for b.Loop() {
+			a.lock("apps", "web-1")()
+		}
+	})
+	b.Run("track", func(b *testing.B) {
+		for b.Loop() {
+			l.startRequest(req)()
+		}
+	})
+}
+
+// BenchmarkSocketSelfCheck is one self-check of a serving plugin socket
+// (made every socketCheckEvery), against one real exchange (a DEL of an
+// unknown pod) on the same server.
+func BenchmarkSocketSelfCheck(b *testing.B) {
+	path := b.TempDir() + "/cni.sock"
+	s, err := cniproto.OpenSocket(path)
+	if err != nil {
+		b.Fatal(err)
+	}
+	srv := &cniproto.Server{Handler: func(context.Context, *cniproto.Request, *os.File) *cniproto.Response {
+		return &cniproto.Response{Decision: cniproto.Skip}
+	}}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); srv.Serve(ctx, s.Listener) }()
+	defer func() { cancel(); <-done }()
+	req := &cniproto.Request{Version: cniproto.Version, Op: cniproto.OpDel, Pod: cniproto.Pod{Namespace: "apps", Name: "web", UID: "u", ContainerID: "c"}}
+	b.Run("del", func(b *testing.B) {
+		for b.Loop() {
+			c, cancel := context.WithTimeout(ctx, 5*time.Second)
+			if _, err := cniproto.Call(c, path, req, nil); err != nil {
+				b.Fatal(err)
+			}
+			cancel()
+		}
+	})
+	b.Run("selfcheck", func(b *testing.B) {
+		for b.Loop() {
+			if err := socketAnswers(ctx, path, 5*time.Second); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
 }
