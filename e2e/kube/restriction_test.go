@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	admissionregistrationv1 "k8s.io/api/admissionregistration/v1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -161,8 +162,27 @@ func TestAgentNodeRestriction(t *testing.T) {
 		return err == nil && !hasTaint(n, startupTaint), nil
 	})
 	agent := c.agentPod(t, node1)
-	if v := c.agentMetric(t, agent, "ambit_agent_ready_taint_errors_total", map[string]string{"reason": "forbidden"}); v != 0 {
-		t.Errorf("the agent on %s was refused %v startup-taint removals", node1, v)
+	for _, reason := range []string{"forbidden", "policy"} {
+		if v := c.agentMetric(t, agent, "ambit_agent_ready_taint_errors_total", map[string]string{"reason": reason}); v != 0 {
+			t.Errorf("the agent on %s was refused %v startup-taint removals (%s)", node1, v, reason)
+		}
+	}
+
+	// kube-controller-manager type-checks the policy's CEL against the
+	// real Node and Pod schemas: a field misspelt in an expression is a
+	// warning there (and an error only when a request reaches it).
+	vap := &admissionregistrationv1.ValidatingAdmissionPolicy{}
+	if !pollOK(60*time.Second, func() (bool, error) {
+		v, err := c.client.AdmissionregistrationV1().ValidatingAdmissionPolicies().Get(ctx, restrictionPolicy, metav1.GetOptions{})
+		if err != nil {
+			return false, nil
+		}
+		vap = v
+		return v.Status.ObservedGeneration == v.Generation && v.Status.TypeChecking != nil, nil
+	}) {
+		t.Errorf("%s not type-checked by kube-controller-manager within 60 s: status %+v", restrictionPolicy, vap.Status)
+	} else if w := vap.Status.TypeChecking.ExpressionWarnings; len(w) != 0 {
+		t.Errorf("%s: type-check warnings %+v", restrictionPolicy, w)
 	}
 	r.note("refusals carry the policy's message; real agents annotated their pods and removed the startup taint in %.1fs", time.Since(t0).Seconds())
 }
