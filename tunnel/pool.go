@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"runtime/debug"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -201,7 +202,7 @@ var testDialWoken func()
 
 // runDial runs d for e, pools its connection and wakes its waiters.
 func (pl *pool) runDial(ctx context.Context, key poolKey, e *poolEntry, d *poolDial) {
-	c, ps, err := pl.dial(ctx, key, d)
+	c, ps, err := pl.dialRecovered(ctx, key, d)
 	d.cancel()
 	var discard *hbone.Conn
 	pl.mu.Lock()
@@ -245,6 +246,26 @@ type dialError struct {
 func (e *dialError) Error() string { return e.err.Error() }
 func (e *dialError) Unwrap() error { return e.err }
 
+// dialRecovered is dial, with a panic made the dial's failure. The dial
+// runs on its own goroutine, outside the connection handler's
+// recoverConn, and calls our TLS callbacks (GetClientCertificate ->
+// Certificates.Certificate, VerifyPeerCertificate): a panic there took
+// the whole agent down (TestPoolDialPanic). As an error, it reaches
+// every waiter, each of which counts its connection as internal_error,
+// and runDial clears the entry's dial so the next caller dials afresh.
+// The stack is logged here, once for all waiters.
+func (pl *pool) dialRecovered(ctx context.Context, key poolKey, d *poolDial) (c *hbone.Conn, ps *peerState, err error) {
+	defer func() {
+		if v := recover(); v != nil {
+			pl.p.log.Error("outbound HBONE dial panicked", "dst", key.addr.String(), "dst_identity", key.dst,
+				"src_identity", key.src, "panic", fmt.Sprint(v), "stack", string(debug.Stack()))
+			c, ps = nil, nil
+			err = &dialError{"internal_error", fmt.Errorf("HBONE dial to %v (%s) panicked: %v", key.addr, key.dst, v)}
+		}
+	}()
+	return pl.dial(ctx, key, d)
+}
+
 func (pl *pool) dial(ctx context.Context, key poolKey, d *poolDial) (*hbone.Conn, *peerState, error) {
 	ctx, cancel := context.WithTimeout(ctx, pl.p.connectTimeout)
 	defer cancel()
@@ -266,11 +287,20 @@ func (pl *pool) dial(ctx context.Context, key poolKey, d *poolDial) (*hbone.Conn
 		return nil, nil, &dialError{"connect", fmt.Errorf("HBONE connect to %v: %w", key.addr, err)}
 	}
 	d.tcpUp.Store(true)
+	// hbone.Client closes raw when the handshake fails, not when one of
+	// its callbacks panics: the socket would leak (dialRecovered).
+	handshaken := false
+	defer func() {
+		if !handshaken {
+			raw.Close()
+		}
+	}()
 	ps := &peerState{}
 	c, err := hbone.Client(ctx, raw, pl.p.clientTLS(context.WithoutCancel(ctx), key.src, key.dst, ps), pl.p.hcfg)
 	if err != nil {
 		return nil, nil, &dialError{tlsReason(err), fmt.Errorf("HBONE handshake with %v (%s): %w", key.addr, key.dst, err)}
 	}
+	handshaken = true
 	return c, ps, nil
 }
 

@@ -1,0 +1,63 @@
+package tunnel_test
+
+import (
+	"errors"
+	"io"
+	"net/netip"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/ambit-mesh/ambit/internal/testca"
+	"github.com/ambit-mesh/ambit/internal/testenv"
+	"github.com/ambit-mesh/ambit/tunnel"
+	"github.com/ambit-mesh/ambit/tunnel/internal/meshtest"
+)
+
+// TestOutboundDialPanic: a panic in the client-certificate callback of
+// an outbound HBONE dial (B's Certificates panics once, B's app calls
+// A) resets that app's connection, counts it as internal_error, and the
+// agent goes on: the next connection dials again and reaches A. The
+// pool's dial runs on its own goroutine, outside the connection's
+// recover: the panic used to end the agent's process (here the test
+// binary).
+func TestOutboundDialPanic(t *testing.T) {
+	testenv.RequireRoot(t)
+	po := &panicOnce{}
+	m := meshtest.New(t, meshtest.Options{CertificatesB: func(s *testca.Store) tunnel.Certificates {
+		po.Store = s
+		return po
+	}})
+	go peerEcho(m.A.Listen(t, "[::]:8080"))
+	po.armed.Store(true)
+
+	c, err := m.B.Dial(netip.AddrPortFrom(m.A.Pod.IP4, 8080))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	io.WriteString(c, "who\n")
+	if _, err := io.ReadAll(c); !errors.Is(err, syscall.ECONNRESET) {
+		t.Errorf("B's app read %v from a connection whose dial panicked, want a reset", err)
+	}
+	if po.armed.Load() {
+		t.Fatal("B's Certificate was not called by the dial")
+	}
+	waitMetric(t, m.B, "ambit_tunnel_connections_failed_total",
+		map[string]string{"direction": "outbound", "reason": "internal_error"}, 1)
+
+	c2, err := m.B.Dial(netip.AddrPortFrom(m.A.Pod.IP4, 8080))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Close()
+	c2.SetDeadline(time.Now().Add(10 * time.Second))
+	io.WriteString(c2, "who\n")
+	if b, err := io.ReadAll(c2); len(b) == 0 {
+		t.Fatalf("B does not reach A after the panicked dial: %v", err)
+	}
+	if n := m.B.Metric(t, "ambit_tunnel_connections_opened_total", map[string]string{"direction": "outbound"}); n != 1 {
+		t.Errorf("B's outbound connections_opened_total %v, want 1", n)
+	}
+}

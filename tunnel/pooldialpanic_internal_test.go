@@ -1,0 +1,187 @@
+package tunnel
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"errors"
+	"log/slog"
+	"net"
+	"net/netip"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/ambit-mesh/ambit/tunnel/hbone"
+)
+
+// stallPanicCerts is a certificate source whose next Certificate call
+// for idClient, once armed, tells started and panics when release is
+// closed (a bug in the identity manager, say): the pool's dial is held
+// in its TLS handshake until the test has its waiters lined up.
+type stallPanicCerts struct {
+	*testCerts
+	armed   atomic.Bool
+	started chan struct{}
+	release chan struct{}
+}
+
+func (c *stallPanicCerts) Certificate(ctx context.Context, id string) (*tls.Certificate, error) {
+	if id == idClient && c.armed.CompareAndSwap(true, false) {
+		close(c.started)
+		<-c.release
+		panic("test: Certificate panics")
+	}
+	return c.testCerts.Certificate(ctx, id)
+}
+
+// syncBuffer is a log sink the agent's goroutines write to.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// TestPoolDialPanic: a panic in our client-certificate callback during
+// the pool's outbound handshake fails the dial for each of its waiters
+// (internal_error, for their connections' count), is logged with its
+// stack once, closes the dialled socket, and leaves the key's entry
+// ready for the next dial, which works. The dial runs on a goroutine of
+// its own, outside the connection handler's recover: the panic killed
+// the test binary (pool.runDial -> pool.dial -> hbone.Client -> the
+// callback). Real sockets and TLS on loopback, our HBONE on both sides.
+func TestPoolDialPanic(t *testing.T) {
+	root := mint(t, caTmpl("root"), nil)
+	tc := newTestCerts(root.cert)
+	tc.set(idServer, chain(mint(t, leafTmpl(t, idServer), root)))
+	tc.set(idClient, chain(mint(t, leafTmpl(t, idClient), root)))
+	certs := &stallPanicCerts{testCerts: tc, started: make(chan struct{}), release: make(chan struct{})}
+	certs.armed.Store(true)
+	logs := &syncBuffer{}
+	p, err := New(Config{Directory: noDirectory{}, Certificates: certs,
+		Logger:          slog.New(slog.NewTextHandler(logs, nil)),
+		PoolIdleTimeout: time.Hour,
+		ConnectTimeout:  10 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	// How each of the peer's handshakes ended.
+	handshakes := make(chan error, 4)
+	go func() {
+		for {
+			raw, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+				defer cancel()
+				_, err := hbone.Server(ctx, raw, p.serverTLS(idServer, &peerState{}), p.hcfg, nil,
+					func(s *hbone.Stream) { s.Respond(200, nil) })
+				handshakes <- err
+			}()
+		}
+	}()
+
+	pl := newPool(p, &loopNet{})
+	defer pl.close()
+	key := poolKey{src: idClient, dst: idServer, addr: netip.MustParseAddrPort(ln.Addr().String())}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+
+	const callers = 3
+	errs := make(chan error, callers)
+	for range callers {
+		go func() {
+			_, err := pl.conn(ctx, key)
+			errs <- err
+		}()
+	}
+	select {
+	case <-certs.started:
+	case <-time.After(10 * time.Second):
+		close(certs.release)
+		t.Fatal("the pool's handshake never asked for the client certificate")
+	}
+	// All three wait for the one dial before it panics.
+	waiters := func() int {
+		pl.mu.Lock()
+		defer pl.mu.Unlock()
+		if e := pl.m[key]; e != nil && e.dialing != nil {
+			return e.dialing.waiters
+		}
+		return -1
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for waiters() != callers && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	n := waiters()
+	close(certs.release)
+	if n != callers {
+		t.Fatalf("%d callers wait for the dial, want %d: the test did not set up its case", n, callers)
+	}
+
+	for range callers {
+		err := <-errs
+		var de *dialError
+		switch {
+		case err == nil:
+			t.Error("a waiter got a connection from a dial that panicked")
+		case !errors.As(err, &de) || de.reason != "internal_error":
+			t.Errorf("a waiter got %v, want a dialError with reason internal_error", err)
+		case !strings.Contains(err.Error(), "panicked"):
+			t.Errorf("a waiter's error %q does not say the dial panicked", err)
+		}
+	}
+	// The panicked dial's socket is closed: the peer's handshake ends
+	// then, not at its own timeout.
+	select {
+	case err := <-handshakes:
+		if err == nil {
+			t.Error("the peer's handshake with the panicked dial succeeded")
+		}
+	case <-time.After(10 * time.Second):
+		t.Error("the peer's handshake with the panicked dial still runs 10 s on: its socket was left open")
+	}
+	if got := strings.Count(logs.String(), "outbound HBONE dial panicked"); got != 1 {
+		t.Errorf("%d log lines for the panic, want 1:\n%s", got, logs)
+	}
+	if !strings.Contains(logs.String(), "runtime/debug.Stack") {
+		t.Errorf("the panic's log line has no stack:\n%s", logs)
+	}
+
+	// The entry is free of the failed dial: the next caller dials again
+	// and gets a working connection.
+	c, err := pl.conn(ctx, key)
+	if err != nil {
+		t.Fatalf("the dial after the panic: %v", err)
+	}
+	s, _, err := c.OpenStreamData(key.addr.String(), nil, nil)
+	if err != nil {
+		t.Fatalf("a stream on the connection dialled after the panic: %v", err)
+	}
+	defer s.Close()
+	if st, _, err := s.Response(ctx); err != nil || st != 200 {
+		t.Errorf("the peer answered %d, %v; want 200", st, err)
+	}
+}
