@@ -114,10 +114,9 @@ func (s *Server) Handler() http.Handler {
 		}
 		fmt.Fprintln(w, "ok")
 		// What is watched, for a person with curl on the node.
-		now := time.Now()
 		for _, h := range beats {
-			if t := h.LastTurn(); !t.IsZero() {
-				fmt.Fprintf(w, "%s: last turned %s ago\n", h.Name(), round(now.Sub(t)))
+			if age, ok := h.Age(); ok {
+				fmt.Fprintf(w, "%s: last turned %s ago\n", h.Name(), round(age))
 			} else {
 				fmt.Fprintf(w, "%s: not started\n", h.Name())
 			}

@@ -17,13 +17,31 @@ import (
 // that is merely slow (a busy node, an API server that does not answer
 // and the time-outs that bound each wait on it) must turn within it, and
 // only one that does not turn at all (a deadlock, a lost wake-up) fails.
+//
+// Every comparison is on the monotonic clock (monoNow): the wall clock
+// steps (NTP correcting a node that booted with a wrong time, a VM or
+// laptop resumed from suspend, where CLOCK_MONOTONIC stands still and
+// the wall clock jumps by the time asleep) and a step of minutes would
+// make every loop look that late at once, or hide a stall.
 type Heartbeat struct {
 	name  string
 	grace time.Duration
-	// last: unix nanoseconds of the last turn (0: never); due: by when
-	// the next turn is due (0: none is).
+	// last: monoNow of the last turn (0: never); due: the monoNow by
+	// which the next turn is due (0: none is).
 	last, due atomic.Int64
 }
+
+// epoch anchors monoNow; time.Since reads the monotonic clock.
+var epoch = time.Now()
+
+// monoNow is the monotonic time since epoch, plus one so that 0 can mean
+// "never" in a Heartbeat's fields.
+func monoNow() int64 { return int64(time.Since(epoch)) + 1 }
+
+// wallNow is read only to say when something happened (LastTurn, the
+// metric), never to decide whether a loop is late; a variable so tests
+// can step it, as NTP does.
+var wallNow = time.Now
 
 // NewHeartbeat returns the heartbeat of the loop called name; it is not
 // due before its first Beat.
@@ -42,24 +60,36 @@ func (h *Heartbeat) Grace() time.Duration { return h.grace }
 // working and beats again as it makes progress, so it may take at most
 // Grace).
 func (h *Heartbeat) Beat(next time.Duration) {
-	now := time.Now().UnixNano()
+	now := monoNow()
 	h.last.Store(now)
-	h.due.Store(now + int64(next))
+	// At least 1: 0 would mean "not due" (next may be negative, a
+	// turn already late).
+	h.due.Store(max(now+int64(next), 1))
 }
 
 // Rest records a turn now after which none is due: the loop waits for
 // something that may never come, and waiting is not a stall.
 func (h *Heartbeat) Rest() {
-	h.last.Store(time.Now().UnixNano())
+	h.last.Store(monoNow())
 	h.due.Store(0)
 }
 
-// LastTurn is when the loop last turned (zero: never).
+// LastTurn is when the loop last turned (zero: never): now on the wall
+// clock less its age on the monotonic one, so that now minus it is the
+// loop's real age even after the wall clock stepped.
 func (h *Heartbeat) LastTurn() time.Time {
 	if n := h.last.Load(); n != 0 {
-		return time.Unix(0, n)
+		return wallNow().Add(-time.Duration(monoNow() - n))
 	}
 	return time.Time{}
+}
+
+// Age is how long ago the loop last turned (ok false: never).
+func (h *Heartbeat) Age() (d time.Duration, ok bool) {
+	if n := h.last.Load(); n != 0 {
+		return time.Duration(monoNow() - n), true
+	}
+	return 0, false
 }
 
 // Check fails when the loop's turn was due more than Grace ago.
@@ -68,14 +98,13 @@ func (h *Heartbeat) Check() error {
 	if due == 0 {
 		return nil
 	}
-	now := time.Now()
-	late := now.Sub(time.Unix(0, due))
+	now := monoNow()
+	late := time.Duration(now - due)
 	if late <= h.grace {
 		return nil
 	}
-	last := h.last.Load()
 	return fmt.Errorf("stalled: last turned %s ago, %s past its due time (allowed %s)",
-		round(now.Sub(time.Unix(0, last))), round(late), h.grace)
+		round(time.Duration(now-h.last.Load())), round(late), h.grace)
 }
 
 // round keeps an age readable: seconds, or milliseconds below ten

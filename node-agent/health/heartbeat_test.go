@@ -4,9 +4,11 @@ import (
 	"context"
 	"log/slog"
 	"net"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -43,6 +45,55 @@ func TestHeartbeatDueAndGrace(t *testing.T) {
 		if err := h.Check(); err != nil {
 			t.Fatalf("making progress: %v", err)
 		}
+	}
+}
+
+// The node's wall clock stepping is no stall, and hides none. NTP
+// correcting a node that booted with a wrong clock, or a VM or laptop
+// resumed from suspend, moves CLOCK_REALTIME by minutes at once while
+// CLOCK_MONOTONIC (Go's timers, the loops' tickers) does not move: a
+// loop that turned a moment ago is on time. Before, the heartbeat kept
+// wall-clock stamps: a 10 min step forward made every loop "10m past
+// its due time" at once, /healthz 503 until each loop turned again (the
+// certificate loop only every 5 min), and the kubelet restarted a
+// healthy agent, resetting every connection of the node; a step back
+// hid a real stall for as long as the step. The step is simulated
+// (wallNow): stepping this shared machine's clock would disturb
+// everything else on it.
+func TestHeartbeatIgnoresWallClockSteps(t *testing.T) {
+	var step atomic.Int64
+	wallNow = func() time.Time { return time.Now().Add(time.Duration(step.Load())) }
+	t.Cleanup(func() { wallNow = time.Now })
+	reg := prometheus.NewRegistry()
+	s := New(reg)
+	reg.MustRegister(s.Collector())
+	onTime := NewHeartbeat("on-time", 2*time.Minute)
+	s.AddHeartbeat(onTime)
+	onTime.Beat(time.Minute)
+
+	step.Store(int64(10 * time.Minute))
+	if err := onTime.Check(); err != nil {
+		t.Errorf("after a 10 min step forward, a loop that turned a moment ago: %v", err)
+	}
+	rec := httptest.NewRecorder()
+	s.Handler().ServeHTTP(rec, httptest.NewRequest("GET", "/healthz", nil))
+	if rec.Code != 200 || !strings.Contains(rec.Body.String(), "on-time: last turned ") || strings.Contains(rec.Body.String(), "m0s ago") {
+		t.Errorf("/healthz after a 10 min step forward: %d %q", rec.Code, rec.Body.String())
+	}
+	// time() minus the metric, what a dashboard alerts on, is the
+	// loop's real age on the clock of the moment.
+	v := testenv.Metric(t, reg, "ambit_agent_loop_last_turn_timestamp_seconds", map[string]string{"loop": "on-time"})
+	if age := wallNow().Sub(time.Unix(0, int64(v*1e9))); age < -time.Second || age > 30*time.Second {
+		t.Errorf("time() - ambit_agent_loop_last_turn_timestamp_seconds = %s after the step, want the real age (~0)", age)
+	}
+
+	step.Store(0)
+	stuck := NewHeartbeat("stuck", 50*time.Millisecond)
+	stuck.Beat(0)
+	step.Store(int64(-10 * time.Minute))
+	time.Sleep(150 * time.Millisecond) // past grace on the monotonic clock
+	if err := stuck.Check(); err == nil {
+		t.Error("a loop stalled past its grace passes once the wall clock stepped back 10 min")
 	}
 }
 
