@@ -308,7 +308,11 @@ func run(ctx context.Context, args []string) error {
 		// Beside an older agent that serves (a surge upgrade) the socket
 		// stays with it until this one is ready.
 		Predecessor: self.ServingPredecessor,
-		Logger:      log})
+		// At a stop, the keeper lets the pods' listeners go only to an
+		// agent serving beside this one; otherwise (a liveness restart)
+		// they stay kept for this container's next process.
+		Beside: agent.ServingBeside(self),
+		Logger: log})
 	if err != nil {
 		return err
 	}

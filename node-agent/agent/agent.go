@@ -69,6 +69,12 @@ type Options struct {
 	// replaced it and has stopped or died since (a rollback, socket.go).
 	// Unset: the agent never replaces the path after it started.
 	Newest func() bool
+	// Beside, if set, says whether another agent of the node serves
+	// every pod now, its listeners beside this one's (ServingBeside: live,
+	// ready and not stopping; newer at the end of a surge upgrade, older
+	// at a rollback). Asked when Run's context ends: only then are the
+	// keeper's copies of the pods' listeners released. Unset: never.
+	Beside func() bool
 	// Predecessor, if set, says whether an older agent serves the plugin
 	// socket now (live, ready, not stopping). Run then leaves the socket
 	// to it until this agent is ready, or until it stops.
@@ -98,6 +104,7 @@ type Agent struct {
 	peers        func() bool
 	newestFn     func() bool
 	predecessor  func() bool
+	beside       func() bool
 	log          *slog.Logger
 	static       bool
 
@@ -178,7 +185,7 @@ func New(o Options) (*Agent, error) {
 		keeper: o.Keeper,
 		spec:   spec,
 		policy: enrollment.NewPolicy(o.Config.EnrollLabel, o.Config.ExcludedNamespaces),
-		store:  st, m: newMetrics(o.Registerer), health: o.Health, peers: o.Peers, newestFn: o.Newest, predecessor: o.Predecessor, log: o.Logger,
+		store:  st, m: newMetrics(o.Registerer), health: o.Health, peers: o.Peers, newestFn: o.Newest, predecessor: o.Predecessor, beside: o.Beside, log: o.Logger,
 		byCID: map[string]*pod{}, byName: map[string]*pod{},
 		queue: newQueue(), ready: make(chan struct{}),
 		live: newLiveness(o.Config.RuleCheckInterval.Duration),
@@ -443,23 +450,51 @@ func (a *Agent) run(ctx context.Context, l *net.UnixListener, sock *cniproto.Soc
 	a.queue.close()
 	wg.Wait()
 	if a.keeper != nil {
-		// Stopping on purpose: the listeners must really close, so the
-		// next agent's (already listening beside them) take their queue
-		// over now, as without a keeper.
-		if err := a.keeper.PruneAll(); errors.Is(err, keeper.ErrUnavailable) {
-			// The pod is being deleted and its keeper, told to stop
-			// at the same time, has already closed its copies: the
-			// usual case, nothing to release.
-			a.log.Debug("keeper: gone before the release", "err", err)
-		} else if err != nil {
-			a.m.keeperErrors.WithLabelValues("prune").Inc()
-			a.log.Warn("keeper: releasing the kept listeners", "err", err)
-		}
+		a.stopKeeper()
 	}
 	a.shutdown()
 	stopStatus()
 	<-statusDone
 	return nil
+}
+
+// stopKeeper decides, at a stop, whether the keeper lets the pods'
+// listeners go.
+//
+// A stop is not always a hand-over. Released, the listeners close with
+// this process, and their queue moves only to listeners beside them: an
+// agent that serves the node now (a surge upgrade's newer one, ready; an
+// older one at a rollback) then takes every new connection at once, and
+// the kept copies would only hold a share of them (SO_REUSEPORT) for
+// nobody until the keeper stops. With no such agent — the kubelet
+// restarting a container that failed its liveness probe, `crictl stop`,
+// any restart of the agent's container while its pod and keeper stay —
+// nothing would listen on 15001/15006/15008 in any enrolled pod until the
+// restarted agent re-adopts: every new connection refused for seconds.
+// Kept, they stay in LISTEN as after kill -9: the kernel queues new
+// connections, and the restarted agent's listeners take the queue over
+// when it puts them to the keeper. Readiness, not mere presence, because
+// a newer agent still starting has not opened its listeners in every pod
+// yet; a dead one is no one's successor (its registry lock is gone).
+// When the pod itself is deleted (an upgrade, uninstall, a drain) its
+// keeper is told to stop at the same moment and closes its copies
+// whatever this agent decides.
+func (a *Agent) stopKeeper() {
+	if a.beside == nil || !a.beside() {
+		a.log.Info("keeper: keeping the pods' listeners for the next agent of this pod (no other agent serves the node); new connections wait in their queues")
+		return
+	}
+	if err := a.keeper.PruneAll(); errors.Is(err, keeper.ErrUnavailable) {
+		// The pod is being deleted and its keeper, told to stop at the
+		// same time, has already closed its copies: the usual case,
+		// nothing to release.
+		a.log.Debug("keeper: gone before the release", "err", err)
+	} else if err != nil {
+		a.m.keeperErrors.WithLabelValues("prune").Inc()
+		a.log.Warn("keeper: releasing the kept listeners", "err", err)
+	} else {
+		a.log.Info("keeper: released the pods' listeners to the agent serving beside this one")
+	}
 }
 
 // setMigrateReq sets net.ipv4.tcp_migrate_req=1 inside the pod's netns:

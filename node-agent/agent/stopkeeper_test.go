@@ -1,0 +1,301 @@
+package agent
+
+import (
+	"bufio"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/ambit-mesh/ambit/internal/testenv"
+	"github.com/ambit-mesh/ambit/node-agent/instance"
+	"github.com/ambit-mesh/ambit/node-agent/keeper"
+)
+
+// registered runs the agent options' Beside on a fresh entry of dir's
+// instance registry, as `ambit-agent run` does, and returns the entry.
+func registered(t *testing.T, dir string) (*instance.Self, func(*Options)) {
+	t.Helper()
+	self, err := instance.Register(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { self.Close() })
+	return self, func(o *Options) { o.Beside = ServingBeside(self) }
+}
+
+// withKeeper has the agent put its pods' listeners to the keeper at path.
+func withKeeper(t *testing.T, path string) func(*Options) {
+	t.Helper()
+	k, err := keeper.Dial(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return func(o *Options) { o.Keeper = k }
+}
+
+// queued is a connection made while no agent accepts, with what its
+// client sent, and the line the next agent's listener must answer.
+type queued struct {
+	c    net.Conn
+	addr string
+	want string
+}
+
+// dialQueued connects from n to addr and sends a line: the handshake must
+// complete (a listener exists) even if nothing accepts yet.
+func dialQueued(t *testing.T, n *testNetns, addr, want string) queued {
+	t.Helper()
+	var c net.Conn
+	var err error
+	inNetns(t, n, func() error {
+		if c, err = net.DialTimeout("tcp", addr, 2*time.Second); err == nil {
+			_, err = c.Write([]byte("hello\n"))
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("%s: %v (refused: nothing listens while no agent runs)", addr, err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return queued{c, addr, want}
+}
+
+func (q queued) served(t *testing.T) {
+	t.Helper()
+	q.c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	r := bufio.NewReader(q.c)
+	line, err := r.ReadString('\n')
+	if err != nil || strings.TrimSpace(line) != q.want {
+		t.Fatalf("%s, made while no agent ran: %q %v, want %q (reset, or left in a queue nobody takes?)", q.addr, line, err, q.want)
+	}
+	// What it sent while it waited reached the agent that took it.
+	if echo, err := r.ReadString('\n'); err != nil || echo != "hello\n" {
+		t.Fatalf("%s: echo of what was sent while queued: %q %v", q.addr, echo, err)
+	}
+}
+
+// TestStopWithoutSuccessorKeepsListeners: the kubelet restarting the
+// agent container (a failed liveness probe) stops it with SIGTERM, and no
+// other agent runs on the node. The keeper must go on holding the pods'
+// listeners, as after kill -9: connections made while the agent drains
+// and while no agent runs complete their handshake and wait, and the
+// restarted agent serves them. Before, the stop released the keeper's
+// copies as for a hand-over, and every one of these was refused.
+func TestStopWithoutSuccessorKeepsListeners(t *testing.T) {
+	testenv.RequireRoot(t)
+	dir, err := os.MkdirTemp("", "amb-agt-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	kpath, _ := startKeeper(t, dir)
+	self, inRegistry := registered(t, dir)
+	h := startAgent(t, dir, invAmbient, withKeeper(t, kpath), inRegistry)
+	const n = 4
+	pods := enrollPods(t, h, n, "10.75.0")
+	// Another node's agent and clients reach pod 0 over a link: HBONE on
+	// 15008, plaintext to an app port (captured to 15006).
+	peer := newNetns(t)
+	link(t, peer, pods[0], "10.98.0.1/24", "10.98.0.2/24")
+	run(t, "ip", "-n", peer.name, "route", "add", "10.75.0.0/24", "via", "10.98.0.2")
+	if c, line, err := dialFrom(t, peer, "10.75.0.2:8080"); err != nil || line != "captured:15006" {
+		t.Fatalf("inbound before the stop: %q %v", line, err)
+	} else {
+		c.Close()
+	}
+	kc, err := keeper.Dial(kpath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e, fds, err := kc.Count(); err != nil || e != n || fds != 3*n {
+		t.Fatalf("keeper holds %d entries, %d sockets (%v); want %d, %d", e, fds, err, n, 3*n)
+	}
+
+	// An established connection keeps the agent draining after the stop.
+	held, line, err := dialFrom(t, pods[1], "127.0.0.1:15001")
+	if err != nil || line != "captured:15001" {
+		t.Fatalf("before the stop: %q %v", line, err)
+	}
+	stopped := make(chan struct{})
+	go func() { h.stop(); close(stopped) }() // SIGTERM's path: Run's context ends
+	eventually(t, "the agent to let go of its pods", func() bool { return testutil.ToFloat64(h.a.m.enrolled) == 0 })
+	var waiting []queued
+	select {
+	case <-stopped:
+		t.Fatal("the agent stopped before its drain: nothing held it")
+	default:
+		waiting = append(waiting, dialQueued(t, pods[2], "127.0.0.1:15001", "captured:15001"))
+	}
+	held.Close()
+	<-stopped
+	self.Close() // the process is gone
+
+	// No agent: every port of every enrolled pod still completes the
+	// handshake.
+	for _, pod := range pods {
+		waiting = append(waiting, dialQueued(t, pod, "127.0.0.1:15001", "captured:15001"))
+	}
+	waiting = append(waiting, dialQueued(t, peer, "10.75.0.2:15008", "captured:15008"))
+	waiting = append(waiting, dialQueued(t, peer, "10.75.0.2:8080", "captured:15006"))
+	if e, fds, err := kc.Count(); err != nil || e != n || fds != 3*n {
+		t.Fatalf("after the stop the keeper holds %d entries, %d sockets (%v); want %d, %d", e, fds, err, n, 3*n)
+	}
+
+	// The restarted container: same state directory, same keeper. Its
+	// listeners replace the kept ones, whose queues move to them.
+	_, inRegistry = registered(t, dir)
+	startAgent(t, dir, invAmbient, withKeeper(t, kpath), inRegistry)
+	for _, q := range waiting {
+		q.served(t)
+	}
+	for i, pod := range pods {
+		c, line, err := dialFrom(t, pod, "127.0.0.1:15001")
+		if err != nil || line != "captured:15001" {
+			t.Fatalf("pod %d after the restart: %q %v", i, line, err)
+		}
+		c.Close()
+	}
+	if e, fds, err := kc.Count(); err != nil || e != n || fds != 3*n {
+		t.Fatalf("the restarted agent's keeper holds %d entries, %d sockets (%v); want %d, %d", e, fds, err, n, 3*n)
+	}
+}
+
+// TestHandOverReleasesKeeper: the stop that ends a surge upgrade, with
+// the newer agent ready beside the old one. The old agent's keeper must
+// let the listeners go, so that their queue and every later connection
+// go to the newer agent at once; kept, they would stay in the pods'
+// SO_REUSEPORT groups and take a share of new connections that nobody
+// accepts (until the old pod's keeper stops, which in a cluster it does
+// at the same time; a keeper left running, as here, is the case where it
+// matters: the old container alone restarting at the end of a surge).
+func TestHandOverReleasesKeeper(t *testing.T) {
+	testenv.RequireRoot(t)
+	dir, err := os.MkdirTemp("", "amb-agt-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	// Each agent pod has its own keeper (an emptyDir of its own).
+	oldKeeper, _ := startKeeper(t, filepath.Join(dir, "old"))
+	newKeeper, _ := startKeeper(t, filepath.Join(dir, "new"))
+	_, oldReg := registered(t, dir)
+	old := startAgent(t, dir, invAmbient, withKeeper(t, oldKeeper), oldReg)
+	const n = 3
+	pods := enrollPods(t, old, n, "10.76.0")
+
+	// Dial all along, as TestHandOver does.
+	stop := make(chan struct{})
+	var refused, ok int
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			c, line, err := dialFrom(t, pods[0], "127.0.0.1:15001")
+			if err != nil || line != "captured:15001" {
+				refused++
+				continue
+			}
+			ok++
+			c.Close()
+		}
+	}()
+	neuSelf, neuReg := registered(t, dir)
+	neu := startAgent(t, dir, invAmbient, withKeeper(t, newKeeper), neuReg)
+	if err := neuSelf.SetReady(); err != nil { // as `ambit-agent run` does once ready
+		t.Fatal(err)
+	}
+	if neu.tun.Live() != n {
+		t.Fatalf("new agent serves %d pods, want %d", neu.tun.Live(), n)
+	}
+	old.stop()
+	time.Sleep(100 * time.Millisecond) // keep dialling after the old one left
+	close(stop)
+	wg.Wait()
+	if refused != 0 || ok == 0 {
+		t.Fatalf("hand-over: %d connections refused or unanswered, %d served", refused, ok)
+	}
+	// Every new connection goes to the newer agent: none waits in a
+	// kept socket's queue (with two sockets in the group, about half
+	// would).
+	for i := range 16 {
+		c, line, err := dialFrom(t, pods[i%n], "127.0.0.1:15001")
+		if err != nil || line != "captured:15001" {
+			t.Fatalf("connection %d after the hand-over: %q %v (left in the old keeper's socket?)", i, line, err)
+		}
+		c.Close()
+	}
+	oc, err := keeper.Dial(oldKeeper)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e, fds, err := oc.Count(); err != nil || e != 0 || fds != 0 {
+		t.Fatalf("the old agent's keeper still holds %d entries, %d sockets (%v) after the hand-over", e, fds, err)
+	}
+	t.Logf("hand-over with keepers: %d connections during the switch, none refused", ok)
+}
+
+// TestServingBeside: which agents of the registry take the kept
+// listeners' queue over when this one stops.
+func TestServingBeside(t *testing.T) {
+	dir := t.TempDir()
+	reg := func() *instance.Self {
+		s, err := instance.Register(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { s.Close() })
+		time.Sleep(time.Microsecond) // names order by start time (ns)
+		return s
+	}
+	older := reg()
+	self := reg()
+	beside := ServingBeside(self)
+	// An older agent that is not ready (still starting, never was).
+	if beside() {
+		t.Fatal("an older agent that is not ready serves beside")
+	}
+	older.SetReady()
+	if !beside() {
+		t.Fatal("a ready older agent (a rollback deleting this surge agent) does not count")
+	}
+	older.Stopping()
+	if beside() {
+		t.Fatal("a stopping older agent counts (its listeners are closing)")
+	}
+	newer := reg()
+	if beside() {
+		t.Fatal("a newer agent still starting counts (its listeners are not in every pod yet)")
+	}
+	newer.SetReady()
+	if !beside() {
+		t.Fatal("a ready newer agent (the end of a surge upgrade) does not count")
+	}
+	newer.Stopping()
+	if beside() {
+		t.Fatal("a stopping newer agent counts")
+	}
+	// A newer agent that died ready (kill -9: its entry and ready marker
+	// stay, its lock is gone).
+	dead := filepath.Join(dir, instance.Dir, "99999999999999999999-dead")
+	if err := os.WriteFile(dead, []byte("pid 1\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(dead+".ready", nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if beside() {
+		t.Fatal("a dead newer agent counts")
+	}
+}
