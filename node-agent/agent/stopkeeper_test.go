@@ -45,6 +45,7 @@ type queued struct {
 	c    net.Conn
 	addr string
 	want string
+	at   time.Time
 }
 
 // dialQueued connects from n to addr and sends a line: the handshake must
@@ -63,7 +64,7 @@ func dialQueued(t *testing.T, n *testNetns, addr, want string) queued {
 		t.Fatalf("%s: %v (refused: nothing listens while no agent runs)", addr, err)
 	}
 	t.Cleanup(func() { c.Close() })
-	return queued{c, addr, want}
+	return queued{c, addr, want, time.Now()}
 }
 
 func (q queued) served(t *testing.T) {
@@ -78,6 +79,7 @@ func (q queued) served(t *testing.T) {
 	if echo, err := r.ReadString('\n'); err != nil || echo != "hello\n" {
 		t.Fatalf("%s: echo of what was sent while queued: %q %v", q.addr, echo, err)
 	}
+	q.c.Close()
 }
 
 // TestStopWithoutSuccessorKeepsListeners: the kubelet restarting the
@@ -154,6 +156,7 @@ func TestStopWithoutSuccessorKeepsListeners(t *testing.T) {
 	for _, q := range waiting {
 		q.served(t)
 	}
+	t.Logf("%d connections made during the stop and the outage, none refused; the first waited %v", len(waiting), time.Since(waiting[0].at).Round(time.Millisecond))
 	for i, pod := range pods {
 		c, line, err := dialFrom(t, pod, "127.0.0.1:15001")
 		if err != nil || line != "captured:15001" {
