@@ -118,7 +118,8 @@ func (r Rules) Uninstall(f *os.File) error {
 // Keeper holds copies of pods' listening sockets in another process
 // (*keeper.Client): Put after a pod's listeners open (replacing what an
 // earlier agent kept for that sandbox), Drop before they close,
-// PruneOlder once re-adoption is done, PruneAll at a deliberate stop.
+// PruneOlder once re-adoption is done, PruneAll at a stop while another
+// agent serves beside (Options.Beside).
 type Keeper interface {
 	Put(key string, listeners ...net.Listener) error
 	Drop(key string) error

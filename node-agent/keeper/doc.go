@@ -24,8 +24,11 @@
 // (closing the old ones), Drop closes them, Prune closes every entry of an
 // older generation (after a restarted agent has re-adopted its pods, what
 // is left belongs to pods that are gone, and keeping it would keep their
-// network namespaces alive), or all of them when the agent stops on
-// purpose (so the graceful hand-over to the next agent is not held up).
+// network namespaces alive), or all of them when the agent stops while
+// another agent serves the node beside it (a surge upgrade's hand-over,
+// which the kept copies would otherwise hold up). A stop with no such
+// agent (the kubelet restarting the container after a failed liveness
+// probe) keeps them, as a crash does.
 //
 // An error from the keeper's own accept (EMFILE under fd exhaustion, say)
 // is waited out with a backoff, as net/http does, and logged once: the

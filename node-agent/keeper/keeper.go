@@ -352,8 +352,9 @@ func (c *Client) PruneOlder() error {
 	return err
 }
 
-// PruneAll closes everything: the agent is stopping on purpose, and its
-// listeners must close for real so the next agent's take the queue over.
+// PruneAll closes everything: the agent is stopping while another agent
+// serves the node, whose listeners beside these must take the queue over
+// now (a stop with no such agent keeps them, as a crash does).
 func (c *Client) PruneAll() error {
 	_, err := c.call(request{Op: opPrune, Gen: math.MaxUint64}, nil)
 	return err
