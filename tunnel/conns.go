@@ -372,12 +372,9 @@ func (sv *Serving) requestHeaders(r *record) []hpack.HeaderField {
 func (sv *Serving) passthrough(c *net.TCPConn, r *record, target netip.AddrPort) {
 	r.mode = "passthrough"
 	ctx, cancel := context.WithTimeout(context.Background(), sv.p.connectTimeout)
-	cut := sv.track(cancel)
 	var up net.Conn
 	var err error
-	gone := watchDuring(c, cancel, func() { up, err = sv.pod.Net.Dial(ctx, netip.Addr{}, target) })
-	sv.untrack(cut)
-	cancel()
+	gone := sv.dialDuring(c, cancel, func() { up, err = sv.pod.Net.Dial(ctx, netip.Addr{}, target) })
 	if err != nil {
 		if gone {
 			sv.failed(r, "client_gone", fmt.Errorf("the app went away after %v, before the connection to %v was up: %w",
@@ -392,6 +389,22 @@ func (sv *Serving) passthrough(c *net.TCPConn, r *record, target netip.AddrPort)
 	sv.opened(r)
 	fromApp, toApp, err := sv.relay(c, up)
 	sv.finished(r, toApp, fromApp, err)
+}
+
+// dialDuring runs dial, a dial for the accepted connection c whose
+// context cancel ends, with cancel tracked as Close's cut (cutDial) and
+// c's client watched (watchDuring); it cancels the context once dial
+// returns and reports whether the client went away. The untrack is
+// deferred, like the watch's stop: a dial that panics (the connection's
+// recover resets c and the agent goes on) left its cancel in sv.closers
+// until the pod's serving closed (TestDialPanicUntracks).
+func (sv *Serving) dialDuring(c *net.TCPConn, cancel context.CancelFunc, dial func()) bool {
+	cut := sv.track(cancel)
+	defer func() {
+		sv.untrack(cut)
+		cancel()
+	}()
+	return watchDuring(c, cancel, dial)
 }
 
 // cutDial says so when a dial's err is Close's doing: the dial was
@@ -486,12 +499,9 @@ func (sv *Serving) inboundPlain(c *net.TCPConn, slots chan struct{}) {
 		return
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	cut := sv.track(cancel)
 	var dialed net.Conn
-	gone := watchDuring(c, cancel, func() { dialed, err = sv.dialApp(ctx, r.src.Addr(), dst) })
-	sv.untrack(cut)
+	gone := sv.dialDuring(c, cancel, func() { dialed, err = sv.dialApp(ctx, r.src.Addr(), dst) })
 	app := dialed // set once: the closures below copy it, not share it on the heap
-	cancel()
 	if err != nil {
 		if gone {
 			sv.failed(r, "client_gone", fmt.Errorf("the client went away after %v, before the connection to the app was up: %w",
