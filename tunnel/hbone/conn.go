@@ -1298,6 +1298,17 @@ func (c *Conn) readData(h frameHeader) error {
 		}
 		return nil
 	}
+	if s.awaitsResponse() {
+		// Malformed (errDataBeforeResponse): a stream error, the
+		// connection goes on; the payload is dropped, its connection
+		// window returned.
+		if _, err := c.br.Discard(int(n)); err != nil {
+			return err
+		}
+		c.returnConnWindow(n)
+		s.answered(nil, 0, h.Flags&flagEndStream != 0, errDataBeforeResponse)
+		return nil
+	}
 	if n == 0 {
 		c.noteEmpty(h.Flags&flagEndStream == 0)
 		if h.Flags&flagEndStream != 0 {

@@ -31,8 +31,9 @@ import (
 // loopback, for what our own server never sends: it answers each
 // CONNECT with one HEADERS frame per status (END_STREAM on the last if
 // endLast), then echoes the stream's DATA and ends its side when the
-// client ends its own. rsts reports the codes of the client's
-// RST_STREAMs.
+// client ends its own. A "data:" status is a DATA frame instead, its
+// payload the rest (what a server must not send before its final
+// response). rsts reports the codes of the client's RST_STREAMs.
 func scriptedServer(t *testing.T, endLast bool, statuses ...string) (c *Conn, rsts <-chan ErrCode) {
 	t.Helper()
 	ccfg, scfg := testTLS(t)
@@ -82,6 +83,10 @@ func scriptedServer(t *testing.T, endLast bool, statuses ...string) (c *Conn, rs
 				}
 			case frameHeaders:
 				for i, st := range statuses {
+					if p, ok := strings.CutPrefix(st, "data:"); ok {
+						out.Write(appendFrame(nil, frameData, 0, h.StreamID, []byte(p)))
+						continue
+					}
 					hb.Reset()
 					enc.WriteField(hpack.HeaderField{Name: ":status", Value: st})
 					if strings.HasPrefix(st, "103") {
@@ -205,11 +210,12 @@ func TestConnectAcceptsAny2xxAfterInformational(t *testing.T) {
 	}
 }
 
-// TestConnectBadInformationalRefused: a 101, a 1xx that ends the stream
-// and a server that keeps sending 1xx open no tunnel: the app is reset,
-// the stream reset with PROTOCOL_ERROR, and the error says why. Before,
-// each was a refusal "with status 1xx" (the flood's at its first 103),
-// and a 101 read as a server's answer.
+// TestConnectBadInformationalRefused: a 101, a 1xx that ends the stream,
+// a server that keeps sending 1xx and DATA ahead of the final response
+// open no tunnel: the app is reset, the stream reset with
+// PROTOCOL_ERROR, and the error says why. Before, each 1xx case was a
+// refusal "with status 1xx" (the flood's at its first 103), and a 101
+// read as a server's answer.
 func TestConnectBadInformationalRefused(t *testing.T) {
 	flood := make([]string, maxInformational+1)
 	for i := range flood {
@@ -226,6 +232,13 @@ func TestConnectBadInformationalRefused(t *testing.T) {
 		{"100 with END_STREAM", true, []string{"100"}, "informational 100 ends the stream"},
 		{"flood of 1xx", false, flood, fmt.Sprintf("more than %d informational", maxInformational)},
 		{"status 2000", false, []string{"2000"}, "not a 3-digit code"},
+		// RFC 9113 §8.1: DATA before the final response is malformed.
+		// Before, the DATA was buffered and, once the 200 came,
+		// spliced into the tunnel: the app read "early" ahead of its
+		// echo.
+		{"100,DATA,200", false, []string{"100", "data:early", "200"}, "DATA before the final response"},
+		{"DATA,200", false, []string{"data:early", "200"}, "DATA before the final response"},
+		{"DATA,503", false, []string{"data:early", "503"}, "DATA before the final response"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c, rsts := scriptedServer(t, tc.endLast, tc.statuses...)

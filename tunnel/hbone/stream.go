@@ -440,30 +440,63 @@ func (s *Stream) gotHeaders(fields []hpack.HeaderField, end bool) {
 				st, bad = 0, fmt.Errorf("more than %d informational (1xx) responses before the final one", maxInformational)
 			}
 		}
-		first, closed := false, false
-		s.respOnce.Do(func() {
-			s.respHeader = append([]hpack.HeaderField(nil), fields...)
-			s.status = st
-			if !accepted(st) {
-				// Before the response is visible: whoever sees it
-				// (Splice, a reader) also sees the refusal and, with
-				// the server's END_STREAM, a stream that may be closed
-				// both ways.
-				closed = s.refusing(end, bad)
-			}
-			close(s.resp)
-			first = true
-		})
-		if first && !accepted(s.status) {
-			s.refused(closed)
+		if !s.answered(fields, st, end, bad) {
 			return
 		}
-		s.handleResponse()
 	}
 	if end {
 		s.pushData(nil, nil, true)
 	}
 }
+
+// answered records a client stream's response, the final one: st, or 0
+// with bad saying why there is none usable. fields are its headers (nil
+// for none). A refusal or an unusable response ends the stream here;
+// false then, and the caller has nothing more to do with the frame.
+func (s *Stream) answered(fields []hpack.HeaderField, st int, end bool, bad error) bool {
+	first, closed := false, false
+	s.respOnce.Do(func() {
+		s.respHeader = append([]hpack.HeaderField(nil), fields...)
+		s.status = st
+		if !accepted(st) {
+			// Before the response is visible: whoever sees it
+			// (Splice, a reader) also sees the refusal and, with
+			// the server's END_STREAM, a stream that may be closed
+			// both ways.
+			closed = s.refusing(end, bad)
+		}
+		close(s.resp)
+		first = true
+	})
+	if first && !accepted(s.status) {
+		s.refused(closed)
+		return false
+	}
+	s.handleResponse()
+	return true
+}
+
+// awaitsResponse is whether a client stream has had no final response
+// yet (a reset one has, with status 0).
+func (s *Stream) awaitsResponse() bool {
+	if !s.c.client {
+		return false
+	}
+	select {
+	case <-s.resp:
+		return false
+	default:
+		return true
+	}
+}
+
+// errDataBeforeResponse: RFC 9113 §8.1 makes DATA before the final
+// response's HEADERS malformed. Delivered, it reached the app ahead of
+// the tunnel's opening (or of a refusal), bytes no server meant for it:
+// since 1xx responses are skipped, "100, DATA, 200" spliced the DATA
+// into the tunnel. x/net's client resets the stream with PROTOCOL_ERROR
+// too.
+var errDataBeforeResponse = errors.New("DATA before the final response")
 
 // accepted is whether a final CONNECT response status opens the
 // tunnel: any 2xx does (RFC 9110 §9.3.6), not only the 200 every HBONE
