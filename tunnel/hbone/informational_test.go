@@ -422,3 +422,40 @@ func TestRespondRefusesInformational(t *testing.T) {
 	}
 	s.Close()
 }
+
+// TestRespondAny2xxKeepsStream: our server's Respond with any 2xx opens
+// the tunnel as the client sees it (any 2xx is its start): the stream
+// stays open both ways. Before, only 200 did: a 201, 204 or 299 went out
+// with END_STREAM, then RST_STREAM(NO_ERROR), under a client that took
+// the tunnel for open (its write failed, or its read found EOF at once).
+func TestRespondAny2xxKeepsStream(t *testing.T) {
+	for _, status := range []int{201, 204, 299} {
+		t.Run(strconv.Itoa(status), func(t *testing.T) {
+			c, _ := serve(t, Config{}, func(s *Stream) {
+				if err := s.Respond(status, nil); err != nil {
+					t.Errorf("Respond(%d): %v", status, err)
+					return
+				}
+				io.Copy(s, s)
+				s.CloseWrite()
+			})
+			s, err := c.OpenStream("10.0.0.1:80", nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer s.Close()
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			if st, _, err := s.Response(ctx); st != status || err != nil {
+				t.Fatalf("Response: %d, %v, want %d", st, err, status)
+			}
+			if _, err := s.Write([]byte("through")); err != nil {
+				t.Fatalf("write after %d: %v", status, err)
+			}
+			s.CloseWrite()
+			if b, err := io.ReadAll(s); string(b) != "through" || err != nil {
+				t.Errorf("read %q, %v after %d, want the echo", b, err, status)
+			}
+		})
+	}
+}

@@ -638,10 +638,13 @@ func (s *Stream) ResponseHeader(name string) string {
 	return ""
 }
 
-// Respond sends the response headers (server side). Any status but 200
-// ends the stream. Only final statuses: a 1xx would go out with
-// END_STREAM, which RFC 9113 §8.1 makes malformed, and an HBONE server
-// has nothing to say before its answer.
+// Respond sends the response headers (server side). A 2xx opens the
+// tunnel and keeps the stream open, as the client takes any 2xx for the
+// tunnel's start (accepted; only 200 did, and a 204 went out with
+// END_STREAM and RST_STREAM(NO_ERROR) under a client that had opened
+// its tunnel); any other status ends the stream. Only final statuses:
+// a 1xx would go out with END_STREAM, which RFC 9113 §8.1 makes
+// malformed, and an HBONE server has nothing to say before its answer.
 func (s *Stream) Respond(status int, extra []hpack.HeaderField) error {
 	if status < 200 || status > 599 {
 		return fmt.Errorf("hbone: Respond(%d): not a final status (200-599)", status)
@@ -649,7 +652,7 @@ func (s *Stream) Respond(status int, extra []hpack.HeaderField) error {
 	fields := make([]hpack.HeaderField, 0, 1+len(extra))
 	fields = append(fields, hpack.HeaderField{Name: ":status", Value: strconv.Itoa(status)})
 	fields = append(fields, extra...)
-	end := status != 200
+	end := !accepted(status)
 	c := s.c
 	c.wmu.Lock()
 	// Queued control frames first and the block encoded after them: a
