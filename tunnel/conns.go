@@ -705,6 +705,18 @@ func (sv *Serving) watchIdle(hc *hbone.Conn, idle chan<- struct{}) (stop func())
 	}
 }
 
+// hbonePanicked hears of a panic on an HBONE connection's read loop
+// (hbone.Config.OnPanic), which runs on a goroutine of hbone's, outside
+// the connection handlers' recover, and parses what the peer sends and
+// runs our callbacks (OnResponse's opened count): hbone has closed the
+// connection, its streams fail, and the agent goes on. Counted and logged
+// once per connection, as recoverConn does for a handler.
+func (p *Proxy) hbonePanicked(c *hbone.Conn, v any, stack []byte) {
+	p.m.failed.WithLabelValues("unknown", "internal_error", "unknown", "unknown").Inc()
+	p.log.Error("HBONE connection's read loop panicked; the connection is closed",
+		"peer", c.NetConn().RemoteAddr().String(), "panic", fmt.Sprint(v), "stack", string(stack))
+}
+
 // errEvicted: the handshake was closed to make room (handshakes) just as
 // it succeeded.
 var errEvicted = errors.New("tunnel: pending handshake evicted")

@@ -14,6 +14,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/ambit-mesh/ambit/internal/testenv"
 	"github.com/ambit-mesh/ambit/tunnel/hbone"
 )
 
@@ -183,5 +186,87 @@ func TestPoolDialPanic(t *testing.T) {
 	defer s.Close()
 	if st, _, err := s.Response(ctx); err != nil || st != 200 {
 		t.Errorf("the peer answered %d, %v; want 200", st, err)
+	}
+}
+
+// TestHBONEReadLoopPanic: a panic on a pooled HBONE connection's read
+// loop (here the idle callback, run by the loop when the peer's
+// RST_STREAM ends the last stream; in the agent, OnResponse's opened
+// count runs there too) closes that connection, is counted
+// internal_error and logged with its stack once, and the pool dials a
+// new connection for the next caller. The loop is hbone's goroutine,
+// outside the connection handlers' recover: the panic ended the process.
+func TestHBONEReadLoopPanic(t *testing.T) {
+	root := mint(t, caTmpl("root"), nil)
+	certs := newTestCerts(root.cert)
+	certs.set(idServer, chain(mint(t, leafTmpl(t, idServer), root)))
+	certs.set(idClient, chain(mint(t, leafTmpl(t, idClient), root)))
+	logs := &syncBuffer{}
+	reg := prometheus.NewRegistry()
+	p, err := New(Config{Directory: noDirectory{}, Certificates: certs, Registerer: reg,
+		Logger:          slog.New(slog.NewTextHandler(logs, nil)),
+		PoolIdleTimeout: time.Hour,
+		ConnectTimeout:  10 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			raw, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				hc, err := hbone.Server(context.Background(), raw, p.serverTLS(idServer, &peerState{}), p.hcfg, nil,
+					func(s *hbone.Stream) { s.Reset(hbone.ErrCodeCancel) })
+				if err == nil {
+					t.Cleanup(func() { hc.Close() })
+				}
+			}()
+		}
+	}()
+	n := &loopNet{}
+	pl := newPool(p, n)
+	defer pl.close()
+	key := poolKey{src: idClient, dst: idServer, addr: netip.MustParseAddrPort(ln.Addr().String())}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+
+	c, err := pl.conn(ctx, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.SetOnIdle(func(*hbone.Conn) { panic("test: the idle callback panics") })
+	if _, _, err := c.OpenStreamData(key.addr.String(), nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-c.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("the connection is still open 10 s after its read loop panicked")
+	}
+	if got := testenv.Metric(t, reg, "ambit_tunnel_connections_failed_total", map[string]string{"reason": "internal_error"}); got != 1 {
+		t.Errorf("failed_total{reason=internal_error} %v, want 1", got)
+	}
+	if got := strings.Count(logs.String(), "read loop panicked"); got != 1 {
+		t.Errorf("%d log lines for the panic, want 1:\n%s", got, logs)
+	}
+	if !strings.Contains(logs.String(), "readFramesRecovered") {
+		t.Errorf("the panic's log line has no stack:\n%s", logs)
+	}
+	c2, err := pl.conn(ctx, key)
+	if err != nil {
+		t.Fatalf("the pool after the panic: %v", err)
+	}
+	if c2 == c || !c2.Usable() {
+		t.Error("the pool handed out the panicked connection, or one that takes no stream")
+	}
+	if d := n.dials.Load(); d != 2 {
+		t.Errorf("%d dials, want 2 (the panicked connection, then a new one)", d)
 	}
 }

@@ -230,6 +230,7 @@ func New(cfg Config) (*Proxy, error) {
 	}
 	// Whose turn a pending handshake is in (listen.go, owed).
 	p.hcfg.HandshakeReads = p.hs.reads
+	p.hcfg.OnPanic = p.hbonePanicked
 	p.hsLog.perSecond, p.pauseLog.perSecond = 10, 1
 	switch budget := cfg.MaxConnections; {
 	case budget > 0:

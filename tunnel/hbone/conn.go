@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"runtime/debug"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -61,6 +62,13 @@ type Config struct {
 	// waits on our CPU, which the socket alone cannot (once read, the
 	// bytes are crypto/tls's to look at).
 	HandshakeReads func(raw net.Conn, waiting bool)
+	// OnPanic, when set, is told of a panic on a connection's read loop:
+	// a bug in frame handling (the loop parses everything the peer
+	// sends) or in a callback it runs (OnResponse, SetOnIdle's). The
+	// connection is then closed with INTERNAL_ERROR, its streams failing
+	// with an error that names the panic, instead of the panic ending
+	// the process. Called once, on the read loop, with the stack.
+	OnPanic func(c *Conn, v any, stack []byte)
 }
 
 func (c Config) withDefaults() Config {
@@ -781,7 +789,7 @@ func (c *Conn) returnConnWindow(n int64) {
 
 // readLoop reads and dispatches frames until the connection fails.
 func (c *Conn) readLoop() {
-	err := c.readFrames()
+	err := c.readFramesRecovered()
 	code := ErrCodeNo
 	var ce connError
 	if errors.As(err, &ce) {
@@ -790,6 +798,26 @@ func (c *Conn) readLoop() {
 		err = ErrConnClosed
 	}
 	c.closeWith(err, code)
+}
+
+// readFramesRecovered is readFrames with a panic made the connection's
+// error (Config.OnPanic). The read loop runs on a goroutine of its own,
+// outside any recover of the caller's. What it cannot undo: a panic
+// while it held the connection's lock leaves closeWith waiting for it.
+// Frame parsing and the callbacks run without it.
+func (c *Conn) readFramesRecovered() (err error) {
+	defer func() {
+		v := recover()
+		if v == nil {
+			return
+		}
+		stack := debug.Stack()
+		err = connError{ErrCodeInternal, fmt.Sprintf("internal error on the read loop: panic: %v", v)}
+		if f := c.cfg.OnPanic; f != nil {
+			f(c, v, stack)
+		}
+	}()
+	return c.readFrames()
 }
 
 func (c *Conn) readFrames() error {
