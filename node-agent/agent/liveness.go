@@ -71,6 +71,10 @@ type liveness struct {
 	// socketMissed: its last self-check got no answer.
 	plugin       atomic.Pointer[servedSocket]
 	socketMissed atomic.Bool
+	// checked: the socket the self-check loop last looked at, and
+	// checkFrom: when that loop started (both the loop's alone).
+	checked   *servedSocket
+	checkFrom time.Time
 
 	mu       sync.Mutex
 	nextReq  uint64
@@ -82,6 +86,8 @@ type servedSocket struct {
 	// sock tells whether path still names it; nil (RunListener): taken
 	// to be so.
 	sock *cniproto.Socket
+	// since: when this agent started serving it.
+	since time.Time
 }
 
 type inflightReq struct {
@@ -195,7 +201,7 @@ func (l *liveness) serving(ln *net.UnixListener, sock *cniproto.Socket) {
 	if l == nil {
 		return
 	}
-	s := &servedSocket{sock: sock}
+	s := &servedSocket{sock: sock, since: time.Now()}
 	if sock != nil {
 		s.path = sock.Path
 	} else if ln != nil {
@@ -212,6 +218,7 @@ func (l *liveness) serving(ln *net.UnixListener, sock *cniproto.Socket) {
 // fails only when a connection waits unaccepted: the server's slots all
 // held by stuck exchanges, or its loop gone.
 func (a *Agent) checkSocketLoop(ctx context.Context) {
+	a.live.checkFrom = time.Now()
 	t := time.NewTicker(socketCheckEvery)
 	defer t.Stop()
 	for {
@@ -229,12 +236,27 @@ func (a *Agent) checkSocketOnce(ctx context.Context) {
 	if s == nil || s.path == "" {
 		return
 	}
+	if s != a.live.checked {
+		// A socket this agent serves from now on (the first, or one
+		// taken back from a newer agent that stopped): its first
+		// answer is due socketCheckEvery after it was opened, or
+		// after this loop started (nothing is due before the agent
+		// is ready), not at its first answer, which an accept loop
+		// broken from the start never gives. The path then owned by
+		// a newer agent rests it again just below.
+		a.live.checked = s
+		from := s.since
+		if from.Before(a.live.checkFrom) {
+			from = a.live.checkFrom
+		}
+		a.live.socket.Expect(socketCheckEvery - time.Since(from))
+	}
 	if s.sock != nil {
 		if mine, err := s.sock.Current(); err == nil && !mine {
 			// A newer agent (a surge upgrade) took the path: the
 			// plugin reaches that one, and this one's accept loop
-			// serves nobody. Not a stall of this agent; checked
-			// again once the path is taken back.
+			// serves nobody. Not a stall of this agent; due again
+			// once the path is taken back (a new socket, above).
 			a.live.socket.Rest()
 			return
 		}

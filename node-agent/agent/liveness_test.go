@@ -8,6 +8,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -223,6 +224,107 @@ func TestLivenessPluginSocketClosed(t *testing.T) {
 	eventually(t, "the socket self-check to answer", func() bool { return !h.a.live.socket.LastTurn().IsZero() })
 	h.a.live.plugin.Load().sock.Listener.Close()
 	h.waitHealthz(t, 503, checkSocket+": stalled")
+}
+
+// stuckDel sends a DEL of apps/stuck, whose lock the caller holds, and
+// waits until the agent handles it: it holds one of the server's slots
+// until the lock is free. The answer goes to the returned channel.
+func stuckDel(t *testing.T, a *Agent, sock string) <-chan error {
+	t.Helper()
+	answered := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		defer cancel()
+		req := &cniproto.Request{Version: cniproto.Version, Op: cniproto.OpDel, Pod: cniproto.Pod{Namespace: "apps", Name: "stuck", UID: "uid-stuck", ContainerID: "cid-stuck"}}
+		_, err := cniproto.Call(ctx, sock, req, nil)
+		answered <- err
+	}()
+	eventually(t, "the DEL to be handled", func() bool {
+		a.live.mu.Lock()
+		defer a.live.mu.Unlock()
+		return len(a.live.inflight) == 1
+	})
+	return answered
+}
+
+// A plugin server that never accepts the self-check from the start (its
+// one slot held by a DEL stuck on a pod lock since before the agent was
+// ready) fails the socket check within its bound. Before, the check was
+// due only after its first answer, so an accept loop broken from the
+// start was never detected: /healthz answered 200 while every ADD of the
+// node waited.
+func TestLivenessPluginSocketStalledFromTheStart(t *testing.T) {
+	testenv.RequireRoot(t)
+	shortBounds(t, time.Hour, 50*time.Millisecond, 200*time.Millisecond, 500*time.Millisecond, time.Hour)
+	var unlock func()
+	var answered <-chan error
+	adoptListed = func(a *Agent) { // serving, not yet ready
+		unlock = sync.OnceFunc(a.lock("apps", "stuck"))
+		answered = stuckDel(t, a, a.cfg.Socket)
+	}
+	defer func() { adoptListed = nil }()
+	h := startLiveAgent(t, invAmbient, func(o *Options) {
+		o.Config.MaxConcurrentRequests = 1
+		// The DEL keeps its slot for the whole test.
+		o.Config.RequestTimeout = config.Duration{Duration: time.Minute}
+	})
+	t.Cleanup(unlock) // before the agent's stop, which waits for the DEL
+	body := h.waitHealthz(t, 503, checkSocket+": stalled: never turned")
+	if strings.Contains(body, checkReconcile) {
+		t.Errorf("the reconcile loop did not stall, /healthz says %q", body)
+	}
+	unlock()
+	if err := <-answered; err != nil {
+		t.Fatalf("the DEL once its lock was free: %v", err)
+	}
+	h.waitHealthz(t, 200, "ok")
+}
+
+// After the agent takes the socket's path back from a newer agent that
+// stopped, a new accept loop that never accepts (its one slot held by a
+// stuck DEL at once) fails the check within its bound; while the newer
+// agent owned the path the check was not due. Before, the check stayed
+// off after the take-back until the new socket's first answer, which
+// never came.
+func TestLivenessPluginSocketDueAgainAfterTakeBack(t *testing.T) {
+	testenv.RequireRoot(t)
+	shortBounds(t, time.Hour, 300*time.Millisecond, 200*time.Millisecond, 500*time.Millisecond, time.Hour)
+	var newest atomic.Bool
+	h := startLiveAgent(t, invAmbient, func(o *Options) {
+		o.Config.MaxConcurrentRequests = 1
+		o.Config.RequestTimeout = config.Duration{Duration: time.Minute}
+		o.Newest = newest.Load
+	})
+	eventually(t, "the socket self-check to answer", func() bool { return !h.a.live.socket.LastTurn().IsZero() })
+	first := h.a.live.plugin.Load()
+
+	taken := time.Now()
+	newer, err := cniproto.OpenSocket(h.sock) // a newer agent takes the path; it never accepts
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer newer.Close()
+	// The check's next look finds the path not its own and rests.
+	eventually(t, "the check to see the path taken", func() bool { return h.a.live.socket.LastTurn().After(taken) })
+	for end := time.Now().Add(time.Second); time.Now().Before(end); time.Sleep(100 * time.Millisecond) {
+		if code, body := h.healthz(t); code != 200 {
+			t.Fatalf("while a newer agent owns the path: %d %q", code, body)
+		}
+	}
+
+	unlock := holdLock(t, h.a, "apps", "stuck")
+	newer.Close()
+	newest.Store(true) // the newer agent stopped
+	for h.a.live.plugin.Load() == first {
+		time.Sleep(time.Millisecond)
+	}
+	answered := stuckDel(t, h.a, h.sock)
+	h.waitHealthz(t, 503, checkSocket+": stalled")
+	unlock()
+	if err := <-answered; err != nil {
+		t.Fatalf("the DEL once its lock was free: %v", err)
+	}
+	h.waitHealthz(t, 200, "ok")
 }
 
 // BenchmarkRequestTracking is what recording a plugin request in

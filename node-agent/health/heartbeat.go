@@ -74,6 +74,16 @@ func (h *Heartbeat) Rest() {
 	h.due.Store(0)
 }
 
+// Expect makes the loop's next turn due within next without recording a
+// turn: the loop has started work (or started it again after resting)
+// whose first turn has not come yet, and one that never comes is a
+// stall too. Beat before the first turn would say the loop turned when
+// it has not; waiting for the first turn to make it due would never
+// catch a loop broken from the start.
+func (h *Heartbeat) Expect(next time.Duration) {
+	h.due.Store(max(monoNow()+int64(next), 1))
+}
+
 // LastTurn is when the loop last turned (zero: never): now on the wall
 // clock less its age on the monotonic one, so that now minus it is the
 // loop's real age even after the wall clock stepped.
@@ -103,8 +113,12 @@ func (h *Heartbeat) Check() error {
 	if late <= h.grace {
 		return nil
 	}
+	last := h.last.Load()
+	if last == 0 {
+		return fmt.Errorf("stalled: never turned, %s past its due time (allowed %s)", round(late), h.grace)
+	}
 	return fmt.Errorf("stalled: last turned %s ago, %s past its due time (allowed %s)",
-		round(time.Duration(now-h.last.Load())), round(late), h.grace)
+		round(time.Duration(now-last)), round(late), h.grace)
 }
 
 // round keeps an age readable: seconds, or milliseconds below ten

@@ -48,6 +48,33 @@ func TestHeartbeatDueAndGrace(t *testing.T) {
 	}
 }
 
+// A loop expected to turn (it started work) and never turning is a
+// stall once due plus grace have passed; its first turn clears it, and
+// Expect after a rest makes the loop due again.
+func TestHeartbeatExpect(t *testing.T) {
+	h := NewHeartbeat("loop", 100*time.Millisecond)
+	h.Expect(50 * time.Millisecond)
+	if err := h.Check(); err != nil {
+		t.Fatalf("expected, not yet due: %v", err)
+	}
+	if _, ok := h.Age(); ok {
+		t.Fatal("Expect recorded a turn")
+	}
+	time.Sleep(250 * time.Millisecond)
+	if err := h.Check(); err == nil || !strings.Contains(err.Error(), "stalled: never turned") {
+		t.Fatalf("never turned past due and grace: %v", err)
+	}
+	h.Beat(time.Hour)
+	if err := h.Check(); err != nil {
+		t.Fatalf("after its first turn: %v", err)
+	}
+	h.Rest()
+	h.Expect(-time.Second) // due a second ago: past the grace already
+	if err := h.Check(); err == nil || !strings.Contains(err.Error(), "stalled: last turned") {
+		t.Fatalf("expected again after a rest, long past due: %v", err)
+	}
+}
+
 // The node's wall clock stepping is no stall, and hides none. NTP
 // correcting a node that booted with a wrong clock, or a VM or laptop
 // resumed from suspend, moves CLOCK_REALTIME by minutes at once while
