@@ -16,7 +16,6 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"sync"
 	"syscall"
 	"time"
@@ -133,9 +132,6 @@ func run(ctx context.Context, args []string) error {
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	hs := health.New(reg)
 	hs.SetLogger(log)
-	// In the state directory (a host volume): the stacks outlive the
-	// restart the failing check brings (docs/troubleshooting.md).
-	hs.SetStallDump(filepath.Join(cfg.StateDir, "goroutines-at-stall.txt"))
 	reg.MustRegister(hs.Collector())
 
 	pol := enrollment.NewPolicy(cfg.EnrollLabel, cfg.ExcludedNamespaces)
@@ -257,6 +253,10 @@ func run(ctx context.Context, args []string) error {
 		return err
 	}
 	defer self.Close()
+	// In the state directory (a host volume): the stacks outlive the
+	// restart the failing check brings (docs/troubleshooting.md). One
+	// file per agent: two agents overlap during a surge.
+	hs.SetStallDump(cfg.StateDir, self.Name())
 	// From SIGTERM on this agent maintains nothing for the node, though
 	// it lives on while it drains: an older agent still running (this
 	// one's pod deleted during a surge, a rollback) must not keep

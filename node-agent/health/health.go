@@ -32,7 +32,9 @@ type Server struct {
 	checks     map[string]func() error
 	heartbeats []*Heartbeat
 	log        *slog.Logger
-	dumpPath   string
+	// dumpDir, dumpPath: where the goroutine dumps of this node's
+	// agents are kept, and this agent's (SetStallDump).
+	dumpDir, dumpPath string
 	// failing: the last /healthz failed (a stall episode); loggedAt:
 	// when a failing /healthz was last logged; dumpedAt: when the
 	// goroutines were last written.
@@ -56,13 +58,94 @@ func (s *Server) SetLogger(l *slog.Logger) {
 }
 
 // SetStallDump makes the first failing /healthz of an episode write every
-// goroutine's stack to path (replacing what an earlier episode wrote), so
-// what held the stalled loop survives the restart that follows; "" = off.
-// Put it on a volume that outlives the container.
-func (s *Server) SetStallDump(path string) {
+// goroutine's stack to dir/goroutines-at-stall-<instance>.txt (replacing
+// what an earlier episode of this agent wrote), so what held the stalled
+// loop survives the restart that follows; dir "" = off. Put dir on a
+// volume that outlives the container.
+//
+// One file per agent (instance: its registry entry's name, unique on the
+// node): during a surge upgrade two agents share dir, and one file for
+// both let the later stall replace the earlier one's stacks. dir is
+// usually the host's /var/run, a tmpfs (the node's memory): after each
+// dump only the newest StallDumpsKept are kept, so an agent restarted
+// again and again by its probe (a new instance each time) cannot fill it.
+func (s *Server) SetStallDump(dir, instance string) {
+	path := ""
+	if dir != "" {
+		path = filepath.Join(dir, stallDumpPrefix+fileSafe(instance)+stallDumpSuffix)
+	}
 	s.mu.Lock()
-	s.dumpPath = path
+	s.dumpDir, s.dumpPath = dir, path
 	s.mu.Unlock()
+}
+
+const (
+	stallDumpPrefix = "goroutines-at-stall-"
+	stallDumpSuffix = ".txt"
+	tmpDumpPrefix   = ".goroutines-"
+	// StallDumpsKept is how many goroutine dumps dir keeps: at most a
+	// few MB each (fullDumpMax), and the newest say the most.
+	StallDumpsKept = 4
+	// staleTmpDump: a temporary dump this old was left by an agent
+	// killed while it wrote (a dump takes seconds at most).
+	staleTmpDump = time.Hour
+)
+
+// fileSafe keeps name usable as part of a file name ("/" and NUL cannot
+// be, a leading dot would hide it); an empty name becomes the pid.
+func fileSafe(name string) string {
+	if name == "" {
+		return fmt.Sprintf("pid%d", os.Getpid())
+	}
+	b := []byte(name)
+	for i, c := range b {
+		if c == '/' || c == 0 || c == '\\' || (i == 0 && c == '.') {
+			b[i] = '_'
+		}
+	}
+	return string(b)
+}
+
+// pruneStallDumps removes from dir all but the newest StallDumpsKept
+// goroutine dumps (by modification time; errors ignored: another agent
+// of the node may prune at the same time), and temporary ones left by a
+// writer that died.
+func pruneStallDumps(dir string) {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return
+	}
+	type dump struct {
+		path string
+		mod  time.Time
+	}
+	var dumps []dump
+	for _, e := range ents {
+		name := e.Name()
+		tmp := strings.HasPrefix(name, tmpDumpPrefix)
+		if !tmp && !(strings.HasPrefix(name, stallDumpPrefix) && strings.HasSuffix(name, stallDumpSuffix)) {
+			continue
+		}
+		if !e.Type().IsRegular() {
+			continue
+		}
+		fi, err := e.Info()
+		if err != nil {
+			continue
+		}
+		p := filepath.Join(dir, name)
+		if tmp {
+			if time.Since(fi.ModTime()) > staleTmpDump {
+				os.Remove(p)
+			}
+			continue
+		}
+		dumps = append(dumps, dump{p, fi.ModTime()})
+	}
+	slices.SortFunc(dumps, func(a, b dump) int { return b.mod.Compare(a.mod) })
+	for _, d := range dumps[min(len(dumps), StallDumpsKept):] {
+		os.Remove(d.path)
+	}
 }
 
 // AddHeartbeat adds h's check to /healthz, under h's name, and its turns
@@ -170,7 +253,7 @@ func (s *Server) live() (failed []string, beats []*Heartbeat) {
 	s.failing = true
 	// Once per episode, and not more than every few minutes should
 	// checks flap: a dump stops the world for a moment.
-	dumpPath := ""
+	dumpPath, dumpDir := "", s.dumpDir
 	if first && s.dumpPath != "" && now.Sub(s.dumpedAt) >= dumpEvery {
 		s.dumpedAt = now
 		dumpPath = s.dumpPath
@@ -191,6 +274,7 @@ func (s *Server) live() (failed []string, beats []*Heartbeat) {
 			}
 		} else {
 			dumped = dumpPath
+			pruneStallDumps(dumpDir)
 		}
 	}
 	if logNow {
@@ -222,13 +306,13 @@ var fullDumpMax = 10000
 // with how long each has waited, or grouped by stack on a busy agent
 // (fullDumpMax).
 func writeGoroutines(path string) error {
-	f, err := os.CreateTemp(filepath.Dir(path), ".goroutines-*")
+	f, err := os.CreateTemp(filepath.Dir(path), tmpDumpPrefix+"*")
 	if err != nil {
 		return err
 	}
 	n := runtime.NumGoroutine()
 	debug := 2
-	fmt.Fprintf(f, "ambit-agent goroutines at %s, when a liveness check first failed\n", time.Now().UTC().Format(time.RFC3339))
+	fmt.Fprintf(f, "ambit-agent goroutines at %s, when a liveness check first failed (pid %d)\n", time.Now().UTC().Format(time.RFC3339), os.Getpid())
 	if n > fullDumpMax {
 		debug = 1
 		fmt.Fprintf(f, "%d goroutines, more than %d: grouped by stack, without wait times (the full dump would stop the agent for seconds)\n", n, fullDumpMax)

@@ -2,11 +2,13 @@ package health
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"net"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -134,8 +136,9 @@ func TestHealthzNamesTheStalledLoop(t *testing.T) {
 	reg.MustRegister(s.Collector())
 	var logged testenv.Buffer
 	s.SetLogger(slog.New(slog.NewTextHandler(&logged, nil)))
-	dump := filepath.Join(t.TempDir(), "goroutines.txt")
-	s.SetStallDump(dump)
+	dir := t.TempDir()
+	s.SetStallDump(dir, "20260101T000000.000000000Z-ab12")
+	dump := filepath.Join(dir, "goroutines-at-stall-20260101T000000.000000000Z-ab12.txt")
 	ok, stuck := NewHeartbeat("ok-loop", time.Hour), NewHeartbeat("stuck-loop", 50*time.Millisecond)
 	s.AddHeartbeat(ok)
 	s.AddHeartbeat(stuck)
@@ -213,8 +216,9 @@ func TestStallDumpOfABusyAgentStaysSmall(t *testing.T) {
 		go parkedForTheDumpTest(ch)
 	}
 	s := New(prometheus.NewRegistry())
-	dump := filepath.Join(t.TempDir(), "goroutines.txt")
-	s.SetStallDump(dump)
+	dir := t.TempDir()
+	s.SetStallDump(dir, "busy")
+	dump := filepath.Join(dir, "goroutines-at-stall-busy.txt")
 	stuck := NewHeartbeat("stuck-loop", time.Millisecond)
 	s.AddHeartbeat(stuck)
 	stuck.Beat(0)
@@ -238,5 +242,87 @@ func TestStallDumpOfABusyAgentStaysSmall(t *testing.T) {
 		if !strings.Contains(string(b), want) {
 			t.Errorf("dump does not show %s: %.300q", want, b)
 		}
+	}
+}
+
+// stall makes s's /healthz fail once (a new episode: the goroutine dump).
+func stall(t *testing.T, s *Server) {
+	t.Helper()
+	hb := NewHeartbeat("stuck-loop", 0)
+	s.AddHeartbeat(hb)
+	hb.Beat(-time.Second)
+	rec := httptest.NewRecorder()
+	s.Handler().ServeHTTP(rec, httptest.NewRequest("GET", "/healthz", nil))
+	if rec.Code != 503 {
+		t.Fatalf("/healthz of a stalled loop: %d %q", rec.Code, rec.Body.String())
+	}
+}
+
+// Two agents of a node (a surge upgrade) that both stall keep both
+// dumps: each writes its own file. Before, both wrote
+// stateDir/goroutines-at-stall.txt and the later stall replaced the
+// earlier one's stacks. An agent restarted by its probe again and again
+// (a new instance each time) leaves the newest StallDumpsKept dumps
+// only, and a temporary dump left by an agent killed while writing goes
+// once stale: the directory is the host's /var/run, memory.
+func TestStallDumpsPerAgentAndBounded(t *testing.T) {
+	dir := t.TempDir()
+	older, newer := New(prometheus.NewRegistry()), New(prometheus.NewRegistry())
+	older.SetStallDump(dir, "1000-old")
+	newer.SetStallDump(dir, "2000-new")
+	stall(t, older)
+	stall(t, newer)
+	for _, name := range []string{"1000-old", "2000-new"} {
+		b, err := os.ReadFile(filepath.Join(dir, "goroutines-at-stall-"+name+".txt"))
+		if err != nil || !strings.Contains(string(b), "TestStallDumpsPerAgentAndBounded") {
+			t.Fatalf("dump of agent %s: %v %.100q", name, err, b)
+		}
+	}
+
+	left := filepath.Join(dir, ".goroutines-12345")
+	if err := os.WriteFile(left, []byte("half a dump"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	old := time.Now().Add(-2 * staleTmpDump)
+	os.Chtimes(left, old, old)
+	other := filepath.Join(dir, "pods.json") // not a dump: left alone
+	if err := os.WriteFile(other, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// Restarts: a new instance each time, each stalling.
+	var names []string
+	for i := range 6 {
+		name := fmt.Sprintf("%d-restart", 3000+i)
+		names = append(names, name)
+		s := New(prometheus.NewRegistry())
+		s.SetStallDump(dir, name)
+		stall(t, s)
+		time.Sleep(20 * time.Millisecond) // distinct modification times
+	}
+	got, _ := filepath.Glob(filepath.Join(dir, "goroutines-at-stall-*.txt"))
+	var want []string
+	for _, name := range names[len(names)-StallDumpsKept:] {
+		want = append(want, filepath.Join(dir, "goroutines-at-stall-"+name+".txt"))
+	}
+	slices.Sort(got)
+	if !slices.Equal(got, want) {
+		t.Errorf("dumps kept: %v, want the newest %d: %v", got, StallDumpsKept, want)
+	}
+	if _, err := os.Stat(left); err == nil {
+		t.Error("a stale temporary dump was kept")
+	}
+	if _, err := os.Stat(other); err != nil {
+		t.Errorf("a file that is no dump was removed: %v", err)
+	}
+}
+
+// An instance name that is no file name does not put the dump elsewhere.
+func TestStallDumpNameIsAFileName(t *testing.T) {
+	dir := t.TempDir()
+	s := New(prometheus.NewRegistry())
+	s.SetStallDump(dir, "../x/y")
+	stall(t, s)
+	if _, err := os.Stat(filepath.Join(dir, "goroutines-at-stall-_._x_y.txt")); err != nil {
+		t.Fatal(err)
 	}
 }
