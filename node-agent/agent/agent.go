@@ -131,6 +131,9 @@ type Agent struct {
 	// live: the loops' heartbeats and the plugin requests in progress,
 	// for /healthz (liveness.go).
 	live *liveness
+	// detached: DELs and GCs still at work past their request's
+	// deadline (liveness.go), waited for before the shutdown.
+	detached sync.WaitGroup
 }
 
 // pod is one sandbox the agent knows about.
@@ -449,6 +452,10 @@ func (a *Agent) run(ctx context.Context, l *net.UnixListener, sock *cniproto.Soc
 	stopSrv()
 	a.queue.close()
 	wg.Wait()
+	// The server has stopped: no request detaches any more. Those that
+	// did finish before the shutdown releases every pod (a DEL releases
+	// one too).
+	a.detached.Wait()
 	if a.keeper != nil {
 		a.stopKeeper()
 	}
@@ -566,13 +573,19 @@ func (a *Agent) syncHostRules() {
 }
 
 func (a *Agent) lock(namespace, name string) func() {
+	m := a.stripe(namespace, name)
+	m.Lock()
+	return m.Unlock
+}
+
+// stripe is the lock of the pod namespace/name (shared with the pods
+// hashed to the same stripe).
+func (a *Agent) stripe(namespace, name string) *sync.Mutex {
 	h := fnv.New32a()
 	h.Write([]byte(namespace))
 	h.Write([]byte{'/'})
 	h.Write([]byte(name))
-	m := &a.locks[h.Sum32()%uint32(len(a.locks))]
-	m.Lock()
-	return m.Unlock
+	return &a.locks[h.Sum32()%uint32(len(a.locks))]
 }
 
 // identity is the pod's SPIFFE ID; a view with its own trust domain (an

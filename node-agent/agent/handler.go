@@ -22,32 +22,39 @@ const foundPrefix = "found:"
 
 // handle serves one plugin request.
 func (a *Agent) handle(ctx context.Context, req *cniproto.Request, f *os.File) *cniproto.Response {
-	defer a.live.startRequest(req)()
+	done := a.live.startRequest(req)
+	switch req.Op {
+	case cniproto.OpDel:
+		return a.detachable(ctx, req, done, func() *cniproto.Response { return a.delWithRules(req, f) })
+	case cniproto.OpGC:
+		if f != nil {
+			f.Close()
+		}
+		return a.detachable(ctx, req, done, func() *cniproto.Response { return a.gc(req) })
+	}
+	defer done()
 	var resp *cniproto.Response
 	switch req.Op {
 	case cniproto.OpAdd:
 		resp = a.add(ctx, req, f, false)
 	case cniproto.OpCheck:
 		resp = a.add(ctx, req, f, true)
-	case cniproto.OpDel:
-		resp = a.delWithRules(req, f)
-	case cniproto.OpGC:
-		if f != nil {
-			f.Close()
-		}
-		resp = a.gc(req)
 	default:
 		if f != nil {
 			f.Close()
 		}
 		resp = &cniproto.Response{Error: "unsupported op " + string(req.Op)}
 	}
+	a.countRequest(req, resp)
+	return resp
+}
+
+func (a *Agent) countRequest(req *cniproto.Request, resp *cniproto.Response) {
 	result := string(resp.Decision)
 	if resp.Error != "" {
 		result = "error"
 	}
 	a.m.requests.WithLabelValues(string(req.Op), result).Inc()
-	return resp
 }
 
 func errResp(retry bool, format string, args ...any) *cniproto.Response {
@@ -73,7 +80,11 @@ func (a *Agent) add(ctx context.Context, req *cniproto.Request, f *os.File, chec
 		}
 	}()
 	rp := req.Pod
-	unlock := a.lock(rp.Namespace, rp.Name)
+	unlock, err := a.lockCtx(ctx, rp.Namespace, rp.Name)
+	if err != nil {
+		a.m.failures.WithLabelValues("lock-wait").Inc()
+		return errResp(true, "ambit-agent: pod %s/%s: its lock is held by another operation (on it or on a pod sharing its lock stripe) past this request's deadline; retry", rp.Namespace, rp.Name)
+	}
 	defer unlock()
 
 	ips := prefixAddrs(rp.IPs)

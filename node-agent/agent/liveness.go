@@ -35,9 +35,14 @@ var (
 	// socket and waits for the accept loop to take the connection
 	// (socketCheckTimeout at most); socketGrace: how long past the next
 	// due check the last answer may be. 90 s without an answer: a burst
-	// of 300 ADDs is answered in ~5 s, and every exchange is bounded by
-	// requestTimeout (8 s), so even a full set of maxConcurrentRequests
-	// slots frees within seconds unless handlers are stuck.
+	// of 300 ADDs is answered in ~5 s, and a request gives its server
+	// slot back within well under a minute unless its handler is stuck:
+	// an ADD or CHECK waits for its pod's lock only until the request's
+	// deadline (requestTimeout, 8 s), a DEL or GC still at work then
+	// goes on detached from its slot (detachable), and what an ADD does
+	// once it holds the lock is bounded by each step's own time-out
+	// (lookup 8 s, each iptables run 10 s, keeper 2 s), not by the
+	// request's deadline.
 	socketCheckEvery   = 10 * time.Second
 	socketCheckTimeout = 10 * time.Second
 	socketGrace        = 80 * time.Second
@@ -193,6 +198,61 @@ func (l *liveness) oldestRequest() error {
 			oldest.what, age.Round(time.Millisecond), requestStallAfter, n)
 	}
 	return nil
+}
+
+// lockCtx is lock, giving up when ctx ends first: an ADD or CHECK whose
+// plugin has given up (its deadline is the server's requestTimeout) does
+// not wait on, and hold a server slot for, a pod lock held by a stuck or
+// slow operation. Done later, the enrollment would be for a sandbox the
+// runtime already counts as failed and tears down.
+func (a *Agent) lockCtx(ctx context.Context, namespace, name string) (func(), error) {
+	m := a.stripe(namespace, name)
+	if m.TryLock() {
+		return m.Unlock, nil
+	}
+	got := make(chan struct{})
+	go func() {
+		m.Lock()
+		// Unbuffered: handed over only if the caller still waits;
+		// otherwise let go at once.
+		select {
+		case got <- struct{}{}:
+		case <-ctx.Done():
+			m.Unlock()
+		}
+	}()
+	select {
+	case <-got:
+		return m.Unlock, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+// detachable runs work, a DEL or a GC, and answers with its response;
+// if the request's deadline comes first, work goes on without the
+// request: its server slot is free for the next connection, and it is
+// still a request in progress (done runs when it ends) for the
+// plugin-requests check. Unlike an ADD, neither may be dropped: the
+// plugin takes a DEL it got no answer to as done (teardown must not
+// wedge), so a DEL dropped here would leave the pod's listeners, netns
+// and record behind; a GC is idempotent.
+func (a *Agent) detachable(ctx context.Context, req *cniproto.Request, done func(), work func() *cniproto.Response) *cniproto.Response {
+	answer := make(chan *cniproto.Response, 1)
+	a.detached.Add(1)
+	go func() {
+		defer a.detached.Done()
+		defer done()
+		resp := work()
+		a.countRequest(req, resp)
+		answer <- resp
+	}()
+	select {
+	case resp := <-answer:
+		return resp
+	case <-ctx.Done():
+		return errResp(true, "ambit-agent: %s of %s/%s not done by the request's deadline; it goes on in the background", req.Op, req.Pod.Namespace, req.Pod.Name)
+	}
 }
 
 // serving records the plugin socket this agent now serves (sock nil: a

@@ -327,6 +327,60 @@ func TestLivenessPluginSocketDueAgainAfterTakeBack(t *testing.T) {
 	h.waitHealthz(t, 200, "ok")
 }
 
+// A pod lock held for good (a stuck operation) no longer takes the
+// plugin server's slots with it: an ADD waiting on it gives up at the
+// request's deadline (requestTimeout), a DEL goes on detached from its
+// slot, and the next request is served. The DEL is not dropped: it is
+// still in progress for the plugin-requests check, and once the lock is
+// free it releases the pod. Before, each held its slot until the lock
+// was free, here the only one (maxConcurrentRequests: 1), so no other
+// request was answered.
+func TestStuckLockFreesServerSlot(t *testing.T) {
+	testenv.RequireRoot(t)
+	shortBounds(t, time.Hour, time.Hour, 5*time.Second, time.Hour, time.Second)
+	h := startLiveAgent(t, invAmbient, func(o *Options) {
+		o.Config.MaxConcurrentRequests = 1
+		o.Config.RequestTimeout = config.Duration{Duration: 300 * time.Millisecond}
+	})
+	pods := enrollPods(t, h.harness, 1, "10.69.2")
+	other := func(what string) {
+		t.Helper()
+		resp, err := h.call(cniproto.OpDel, "apps", "other", "cid-other", nil)
+		if err != nil || resp.Error != "" {
+			t.Fatalf("%s: a DEL of another pod: %+v %v (its slot still held?)", what, resp, err)
+		}
+	}
+	unlock := holdLock(t, h.a, "apps", "web-0")
+
+	// An ADD of a new sandbox of the pod waits on its lock.
+	n := newNetns(t, "10.69.2.9/24")
+	added := make(chan struct{})
+	go func() { defer close(added); h.call(cniproto.OpAdd, "apps", "web-0", "cid-web-0b", n, "10.69.2.9/24") }()
+	time.Sleep(100 * time.Millisecond) // its connection first in line
+	other("after an ADD stuck on a lock")
+	<-added
+	if v := testutil.ToFloat64(h.a.m.failures.WithLabelValues("lock-wait")); v != 1 {
+		t.Errorf("enrollment failures for lock-wait: %v, want 1", v)
+	}
+
+	// The DEL of the enrolled sandbox waits on the same lock.
+	deleted := make(chan struct{})
+	go func() { defer close(deleted); h.call(cniproto.OpDel, "apps", "web-0", "cid-web-0", pods[0]) }()
+	time.Sleep(100 * time.Millisecond)
+	other("after a DEL stuck on a lock")
+	<-deleted
+	body := h.waitHealthz(t, 503, checkRequests+": stalled: del apps/web-0 in progress")
+	if strings.Contains(body, checkSocket) {
+		t.Errorf("the server accepts, /healthz says %q", body)
+	}
+	if got := testutil.ToFloat64(h.a.m.enrolled); got != 1 {
+		t.Fatalf("%v pods enrolled while the DEL waits, want 1", got)
+	}
+	unlock()
+	eventually(t, "the detached DEL to release the pod", func() bool { return testutil.ToFloat64(h.a.m.enrolled) == 0 })
+	h.waitHealthz(t, 200, "ok")
+}
+
 // BenchmarkRequestTracking is what recording a plugin request in
 // progress adds to each one, against the lookup of the pod's lock stripe
 // every request already pays (same loop).
