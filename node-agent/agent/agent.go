@@ -445,7 +445,7 @@ func (a *Agent) run(ctx context.Context, l *net.UnixListener, sock *cniproto.Soc
 	<-ctx.Done()
 
 	a.stopping.Store(true)
-	a.log.Info("agent stopping: closing listeners, draining connections", "drainTimeout", a.cfg.DrainTimeout.Duration)
+	a.log.Info("agent stopping: draining connections", "drainTimeout", a.cfg.DrainTimeout.Duration)
 	if a.health != nil {
 		a.health.SetNotReady("stopping")
 	}
@@ -456,10 +456,12 @@ func (a *Agent) run(ctx context.Context, l *net.UnixListener, sock *cniproto.Soc
 	// did finish before the shutdown releases every pod (a DEL releases
 	// one too).
 	a.detached.Wait()
+	// Asked once: the keeper and the drain act on the same answer.
+	beside := a.beside != nil && a.beside()
 	if a.keeper != nil {
-		a.stopKeeper()
+		a.stopKeeper(beside)
 	}
-	a.shutdown()
+	a.shutdown(beside)
 	stopStatus()
 	<-statusDone
 	return nil
@@ -486,8 +488,8 @@ func (a *Agent) run(ctx context.Context, l *net.UnixListener, sock *cniproto.Soc
 // When the pod itself is deleted (an upgrade, uninstall, a drain) its
 // keeper is told to stop at the same moment and closes its copies
 // whatever this agent decides.
-func (a *Agent) stopKeeper() {
-	if a.beside == nil || !a.beside() {
+func (a *Agent) stopKeeper(beside bool) {
+	if !beside {
 		a.log.Info("keeper: keeping the pods' listeners for the next agent of this pod (no other agent serves the node); new connections wait in their queues")
 		return
 	}
@@ -521,9 +523,13 @@ func (a *Agent) setMigrateReq(f *os.File, wl tunnel.Workload) bool {
 	return false
 }
 
-// shutdown closes every pod's listeners at once and drains, keeping rules
-// and records: the next agent re-adopts them.
-func (a *Agent) shutdown() {
+// shutdown closes every pod's listeners and drains, keeping rules and
+// records: the next agent re-adopts them. With another agent serving
+// beside (beside), the listeners close at once, so their queue and every
+// new connection go to it; with none, every pod is served on while it
+// holds connections (serveOn), then the listeners close and the rest of
+// drainTimeout drains what is left.
+func (a *Agent) shutdown(beside bool) {
 	a.mu.Lock()
 	pods := make([]*pod, 0, len(a.byCID))
 	for _, p := range a.byCID {
@@ -532,6 +538,9 @@ func (a *Agent) shutdown() {
 	a.mu.Unlock()
 	ctx, cancel := context.WithTimeout(context.Background(), a.cfg.DrainTimeout.Duration)
 	defer cancel()
+	if !beside {
+		a.serveOn(pods, a.cfg.DrainTimeout.Duration-drainTail(a.cfg.DrainTimeout.Duration))
+	}
 	var wg sync.WaitGroup
 	for _, p := range pods {
 		if !p.enrolled() {

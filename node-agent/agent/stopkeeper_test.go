@@ -2,6 +2,7 @@ package agent
 
 import (
 	"bufio"
+	"fmt"
 	"net"
 	"os"
 	"path/filepath"
@@ -10,11 +11,15 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/ambit-mesh/ambit/internal/testenv"
+	"github.com/ambit-mesh/ambit/node-agent/cluster"
+	"github.com/ambit-mesh/ambit/node-agent/config"
 	"github.com/ambit-mesh/ambit/node-agent/instance"
 	"github.com/ambit-mesh/ambit/node-agent/keeper"
+	"github.com/ambit-mesh/ambit/tunnel"
 )
 
 // registered runs the agent options' Beside on a fresh entry of dir's
@@ -300,5 +305,150 @@ func TestServingBeside(t *testing.T) {
 	}
 	if beside() {
 		t.Fatal("a dead newer agent counts")
+	}
+}
+
+// withRealTunnel serves the agent's pods with the real tunnel (mTLS
+// HBONE between them), as TestMeshThroughRealTunnel does.
+func withRealTunnel(t *testing.T) func(*Options) {
+	return func(o *Options) {
+		p, err := tunnel.New(tunnel.Config{Directory: o.View, Certificates: newTestCA(t), Logger: quietLogger(), Registerer: prometheus.NewRegistry()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		o.Tunnel = ProxyTunnel{Proxy: p}
+	}
+}
+
+// meshedPair enrolls a client and a server pod (app on 10.91.x.3:8080
+// answering "plain" and echoing) in h's agent with the real tunnel.
+func meshedPair(t *testing.T, h *harness, x int) (client *testNetns, server string) {
+	t.Helper()
+	pol := h.a.Policy()
+	h.inv.SetMeshed(func(p cluster.Pod, ns *cluster.Namespace) bool { return pol.Decide(p, ns).Enroll })
+	cip, sip := fmt.Sprintf("10.91.%d.2", x), fmt.Sprintf("10.91.%d.3", x)
+	client, srv := newPair(t, cip, sip)
+	enrollLikePlugin(t, h, "client", client, cip+"/24")
+	enrollLikePlugin(t, h, "server", srv, sip+"/24")
+	return client, sip + ":8080"
+}
+
+// servedWithin dials addr from n through the mesh and reports whether the
+// app answered, and echoed a line, within d.
+func servedWithin(t *testing.T, n *testNetns, addr string, d time.Duration) error {
+	t.Helper()
+	var c net.Conn
+	var err error
+	inNetns(t, n, func() error { c, err = net.DialTimeout("tcp", addr, d); return nil })
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(d))
+	r := bufio.NewReader(c)
+	if line, err := r.ReadString('\n'); err != nil || line != "plain\n" {
+		return fmt.Errorf("first line %q: %v", line, err)
+	}
+	fmt.Fprintf(c, "ping\n")
+	if line, err := r.ReadString('\n'); err != nil || line != "ping\n" {
+		return fmt.Errorf("echo %q: %v", line, err)
+	}
+	return nil
+}
+
+// TestStopWithoutSuccessorServesWhileDraining: SIGTERM with no other
+// agent on the node (a liveness restart) and a connection keeping the
+// drain going. New connections made during the drain are served by the
+// stopping agent at once, through the real tunnel; the listeners close
+// once no connection is left, the keeper keeps them for the restart, and
+// a stop with nothing open does not wait. Before, the listeners closed at
+// the start of the drain: a connection made then waited in the keeper's
+// queue for the whole drain (drainTimeout) and the restart.
+func TestStopWithoutSuccessorServesWhileDraining(t *testing.T) {
+	testenv.RequireRoot(t)
+	dir, err := os.MkdirTemp("", "amb-agt-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	kpath, _ := startKeeper(t, dir)
+	self, inRegistry := registered(t, dir)
+	const drain = 30 * time.Second
+	h := startAgent(t, dir, invAmbient, withKeeper(t, kpath), inRegistry, withRealTunnel(t), func(o *Options) {
+		o.Config.DrainTimeout = config.Duration{Duration: drain}
+	})
+	client, server := meshedPair(t, h, 0)
+	if err := servedWithin(t, client, server, 5*time.Second); err != nil {
+		t.Fatalf("before the stop: %v", err)
+	}
+	// A long-lived connection (a client's keep-alive pool) keeps the
+	// drain going.
+	var held net.Conn
+	inNetns(t, client, func() error { held, err = net.DialTimeout("tcp", server, 2*time.Second); return nil })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Close()
+	held.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if line, err := bufio.NewReader(held).ReadString('\n'); err != nil || line != "plain\n" {
+		t.Fatalf("held connection: %q %v", line, err)
+	}
+
+	start := time.Now()
+	stopped := make(chan struct{})
+	go func() { h.stop(); close(stopped) }() // SIGTERM's path: Run's context ends
+	eventually(t, "the agent to stop", h.a.stopping.Load)
+	// Past the point where the listeners used to close (the loops and the
+	// plugin server end within milliseconds).
+	time.Sleep(200 * time.Millisecond)
+	for i := range 5 {
+		if err := servedWithin(t, client, server, time.Second); err != nil {
+			t.Fatalf("connection %d made %v into the drain: not served within 1 s: %v (waiting in the kept queue for the drain and the restart?)", i, time.Since(start).Round(time.Millisecond), err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	select {
+	case <-stopped:
+		t.Fatal("the agent stopped while a connection was open")
+	default:
+	}
+	held.Close()
+	select {
+	case <-stopped:
+	case <-time.After(drain / 2):
+		t.Fatalf("the stop went on %v after the last connection closed", drain/2)
+	}
+	self.Close()
+	t.Logf("served through the drain; the stop ended %v after SIGTERM, once the held connection closed", time.Since(start).Round(time.Millisecond))
+
+	// The keeper kept the listeners: a connection made now is queued
+	// and served by the restarted agent.
+	q := dialQueued(t, client, "127.0.0.1:15001", "captured:15001")
+	_, inRegistry = registered(t, dir)
+	startAgent(t, dir, invAmbient, withKeeper(t, kpath), inRegistry)
+	q.served(t)
+}
+
+// A stop with no agent beside and no connection open ends at once: the
+// agent serves on only while there is something to drain, so the restart
+// is not held up by it.
+func TestStopWithoutSuccessorIdleEndsAtOnce(t *testing.T) {
+	testenv.RequireRoot(t)
+	const drain = 30 * time.Second
+	h := startAgent(t, "", invAmbient, withRealTunnel(t), func(o *Options) {
+		o.Config.DrainTimeout = config.Duration{Duration: drain}
+	})
+	client, server := meshedPair(t, h, 1)
+	if err := servedWithin(t, client, server, 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	stopped := make(chan struct{})
+	go func() { h.stop(); close(stopped) }()
+	select {
+	case <-stopped:
+		t.Logf("idle stop: %v", time.Since(start).Round(time.Millisecond))
+	case <-time.After(drain - drainTail(drain) - 10*time.Second):
+		t.Fatal("an idle agent served on instead of stopping")
 	}
 }
