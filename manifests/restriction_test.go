@@ -308,6 +308,15 @@ func TestAgentRestriction(t *testing.T) {
 	onlyAnnotated := testPod("shop", "web-6", "node-1")
 	onlyAnnotated.Annotations = map[string]string{kube.RedirectionAnnotation: "enabled"}
 	onlyTaint := testNode("node-1", startup)
+	// An ambit.dev/ annotation that no agent writes (a user's, or a later
+	// component's).
+	foreign := testPod("shop", "web-7", "node-1")
+	foreign.Annotations["ambit.dev/owner-note"] = "set by the team"
+	moved := testPod("shop", "web-8", "node-2")
+	// Tokens whose node-name extra is not one name.
+	twoNodes, emptyNode := agentUser("node-1"), agentUser("")
+	twoNodes.(*user.DefaultInfo).Extra[nodeExtra] = []string{"node-1", "node-2"}
+	emptyNode.(*user.DefaultInfo).Extra[nodeExtra] = []string{""}
 
 	// statusOnly: what the pods/status strategy keeps of a new pod: its
 	// metadata and status, never its spec.
@@ -345,6 +354,10 @@ func TestAgentRestriction(t *testing.T) {
 		{"own node: cordoned", agent1, "nodes", "", node1, patched(t, node1, []byte(`{"spec":{"unschedulable":true}}`)), "nothing in a Node's spec but its startup taint"},
 		{"own node: a token bound to no pod", unbound, "nodes", "", node1, patched(t, node1, taintPatch(t, node1, readyKey)), "this token names no node"},
 		{"the agent of node-2 on its own node", agent2, "nodes", "", node2, patched(t, node2, taintPatch(t, node2, readyKey)), ""},
+		{"own node: an ambit.dev/ taint added NoExecute", agent1, "nodes", "", node1, patched(t, node1, []byte(`{"spec":{"taints":[{"key":"`+readyKey+`","effect":"NoSchedule"},{"key":"e2e.ambit.dev/other-controller","value":"keep","effect":"PreferNoSchedule"},{"key":"ambit.dev/evict","effect":"NoExecute"}]}}`)), "may only remove its startup taint"},
+		{"own node: startup taint removed and put back with a value and timeAdded", agent1, "nodes", "", node1, patched(t, node1, []byte(`{"spec":{"taints":[{"key":"`+readyKey+`","value":"x","effect":"NoSchedule","timeAdded":"2026-01-01T00:00:00Z"},{"key":"e2e.ambit.dev/other-controller","value":"keep","effect":"PreferNoSchedule"}]}}`)), "may only remove its startup taint"},
+		{"own node: a token naming two nodes", twoNodes, "nodes", "", node1, patched(t, node1, taintPatch(t, node1, readyKey)), "this token names no node"},
+		{"own node: a token naming the empty node", emptyNode, "nodes", "", node1, patched(t, node1, taintPatch(t, node1, readyKey)), "this token names no node"},
 		{"not the agent: an admin taints any node", admin, "nodes", "", node2, patched(t, node2, []byte(`{"spec":{"taints":[{"key":"evil","effect":"NoExecute"}]}}`)), ""},
 
 		// Pods: the annotation through pods/status (kube.SetRedirection,
@@ -362,7 +375,19 @@ func TestAgentRestriction(t *testing.T) {
 		{"own-node pod: pod IP changed", agent1, "pods", "status", pod1, statusOnly(pod1, patched(t, pod1, []byte(`{"status":{"podIP":"10.244.9.9","podIPs":[{"ip":"10.244.9.9"}]}}`))), "may not change the spec or status of pods"},
 		{"own-node pod: relabelled", agent1, "pods", "status", pod1, statusOnly(pod1, patched(t, pod1, []byte(`{"metadata":{"labels":{"app":"other"}}}`))), "may not change labels"},
 		{"own-node pod: label added beside the annotation", agent1, "pods", "status", pod1, statusOnly(pod1, patched(t, pod1, []byte(`{"metadata":{"labels":{"x":"y"},"annotations":{"ambit.dev/redirection":"enabled"}}}`))), "may not change labels"},
-		{"own-node pod: another annotation changed", agent1, "pods", "status", pod1, statusOnly(pod1, patched(t, pod1, []byte(`{"metadata":{"annotations":{"kubectl.kubernetes.io/restartedAt":null}}}`))), "only ambit.dev/ annotations of pods"},
+		{"own-node pod: another annotation changed", agent1, "pods", "status", pod1, statusOnly(pod1, patched(t, pod1, []byte(`{"metadata":{"annotations":{"kubectl.kubernetes.io/restartedAt":null}}}`))), "only the ambit.dev/redirection annotation of pods"},
+		// ambit.dev/redirection is the one annotation the agent writes
+		// (kube.SetRedirection: enabled, pending, failed or removed). Every
+		// agent of the cluster keeps all ambit.dev/ annotations of every pod
+		// in its cache (kube.TrimPod), so other keys or values let one
+		// stolen token fill every agent's memory (256 KiB a pod).
+		{"own-node pod: another ambit.dev/ annotation added", agent1, "pods", "status", pod1, statusOnly(pod1, patched(t, pod1, []byte(`{"metadata":{"annotations":{"ambit.dev/identity":"spiffe://cluster.local/ns/kube-system/sa/admin"}}}`))), "only the ambit.dev/redirection annotation of pods"},
+		{"own-node pod: redirection set to 200 KiB", agent1, "pods", "status", pod1, statusOnly(pod1, patched(t, pod1, []byte(`{"metadata":{"annotations":{"ambit.dev/redirection":"enabled`+strings.Repeat(" ", 200<<10)+`"}}}`))), "only the ambit.dev/redirection annotation of pods"},
+		{"own-node pod: redirection set to a state no agent writes", agent1, "pods", "status", pod1, statusOnly(pod1, patched(t, pod1, redirection(t, pod1, "Enabled"))), "only the ambit.dev/redirection annotation of pods"},
+		{"own-node pod: someone else's ambit.dev/ annotation removed", agent1, "pods", "status", foreign, statusOnly(foreign, patched(t, foreign, []byte(`{"metadata":{"annotations":{"ambit.dev/owner-note":null}}}`))), "only the ambit.dev/redirection annotation of pods"},
+		{"own-node pod with someone else's ambit.dev/ annotation: redirection enabled", agent1, "pods", "status", foreign, statusOnly(foreign, patched(t, foreign, redirection(t, foreign, "enabled"))), ""},
+		{"own-node pod: a finalizer added through pods", agent1, "pods", "", pod1, patched(t, pod1, []byte(`{"metadata":{"finalizers":["ambit.dev/hold"]}}`)), "may not change labels or other metadata"},
+		{"pod of node-2 shown as moved to node-1", agent1, "pods", "", moved, patched(t, moved, []byte(`{"spec":{"nodeName":"node-1"},"metadata":{"annotations":{"ambit.dev/redirection":"enabled"}}}`)), "may not write pod shop/web-8 of node node-2"},
 		{"own-node pod: image changed through pods", agent1, "pods", "", pod1, patched(t, pod1, []byte(`{"spec":{"containers":[{"name":"app","image":"evil"}]}}`)), "may not change the spec or status of pods"},
 		{"own-node pod: a token bound to no pod", unbound, "pods", "status", pod1, statusOnly(pod1, patched(t, pod1, redirection(t, pod1, "enabled"))), "this token names no node"},
 		{"not the agent: an admin changes any pod's status", admin, "pods", "status", pod2, patched(t, pod2, []byte(`{"status":{"conditions":[{"type":"Ready","status":"True"}]}}`)), ""},

@@ -23,9 +23,10 @@ const (
 	agentUser         = "system:serviceaccount:ambit-system:ambit-agent"
 	nodeNameExtra     = "authentication.kubernetes.io/node-name"
 	// An ambit.dev/ taint and annotation no agent manages: the policy lets
-	// the agent remove the one and write the other, and nothing else
-	// (the real agent would race the test for its own startup taint and
-	// its redirection annotation; both are checked through it below).
+	// the agent remove the one but not write the other (only
+	// ambit.dev/redirection; the real agent would race the test for its
+	// own startup taint and that annotation; both are checked through it
+	// below).
 	restrictionTaint = "ambit.dev/e2e-restriction"
 	restrictionAnnot = "ambit.dev/e2e-restriction"
 )
@@ -36,7 +37,7 @@ const (
 // carries): another Node's taints and labels, its own Node's labels,
 // another node's pods and any pod's status conditions are refused with
 // the policy's message; removing an ambit.dev/ taint from its own Node
-// and an ambit.dev/ annotation on its own pods are allowed. The real
+// and ambit.dev/redirection on its own pods are allowed. The real
 // agents, with their real tokens, still annotate their pods and remove
 // the startup taint, never refused. Requests expected to be refused are
 // dry runs (admission runs, nothing is stored), so a policy that failed
@@ -147,11 +148,15 @@ func TestAgentNodeRestriction(t *testing.T) {
 		`{"status":{"conditions":[{"type":"Ready","status":"False","reason":"Evil"}]}}`, dry, "status"), "may not change the spec or status of pods")
 	refused("agent of "+node1+": relabel its own pod", patchPod(agent1, mesh, p1.Name, `{"metadata":{"labels":{"e2e.ambit.dev/evil":"x"}}}`, dry, "status"), "may not change labels")
 	refused("token without a node: annotate its own pod", patchPod(unbound, mesh, p1.Name, annot, dry, "status"), "this token names no node")
-	// The agent's own patch (kube.RedirectionPatch carries the pod's UID).
-	own := `{"metadata":{"uid":"` + string(p1.UID) + `","annotations":{"` + restrictionAnnot + `":"x"}}}`
-	allowed("agent of "+node1+": annotate its own pod (pods/status)", patchPod(agent1, mesh, p1.Name, own, metav1.PatchOptions{}, "status"))
-	if p, err := c.client.CoreV1().Pods(mesh).Get(ctx, p1.Name, metav1.GetOptions{}); err != nil || p.Annotations[restrictionAnnot] != "x" {
-		t.Errorf("own pod's %s after the allowed patch: %v %v", restrictionAnnot, p.Annotations, err)
+	refused("agent of "+node1+": another ambit.dev/ annotation on its own pod", patchPod(agent1, mesh, p1.Name, annot, dry, "status"),
+		"only the ambit.dev/redirection annotation of pods")
+	// The agent's own patch (kube.RedirectionPatch carries the pod's UID),
+	// with the value the real agent keeps there: admission sees it even
+	// though nothing changes in storage.
+	own := `{"metadata":{"uid":"` + string(p1.UID) + `","annotations":{"` + redirectAnnot + `":"enabled"}}}`
+	allowed("agent of "+node1+": ambit.dev/redirection on its own pod (pods/status)", patchPod(agent1, mesh, p1.Name, own, metav1.PatchOptions{}, "status"))
+	if p, err := c.client.CoreV1().Pods(mesh).Get(ctx, p1.Name, metav1.GetOptions{}); err != nil || p.Annotations[redirectAnnot] != "enabled" {
+		t.Errorf("own pod's %s after the allowed patch: %v %v", redirectAnnot, p.Annotations, err)
 	}
 
 	// The real agent and its startup taint: put back, removed again.
