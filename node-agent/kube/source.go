@@ -347,7 +347,7 @@ func (s *Source) Pod(ctx context.Context, namespace, name string) (cluster.Pod, 
 	if err != nil {
 		return cluster.Pod{}, false, fmt.Errorf("kube: get pod %s: %w", key, err)
 	}
-	// The same view as from the cache (only ambit.dev/ annotations).
+	// The same view as from the cache (of annotations, only ambit.dev/redirection).
 	t, _ := TrimPod(p)
 	return toPod(t.(*corev1.Pod)), true, nil
 }

@@ -247,7 +247,7 @@ func TestEventsForLocalPodsAndNamespaces(t *testing.T) {
 	if _, err := pods.Update(ctx, web, metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	web.Annotations = map[string]string{"ambit.dev/bypass-inbound": "true", "unrelated": "x"}
+	web.Annotations = map[string]string{RedirectionAnnotation: "enabled", "unrelated": "x"}
 	if _, err := pods.Update(ctx, web, metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
 	}

@@ -3,7 +3,6 @@ package kube
 import (
 	"net/netip"
 	"slices"
-	"strings"
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
@@ -13,12 +12,18 @@ import (
 	"github.com/ambit-mesh/ambit/plugin/redirectspec"
 )
 
-// AnnotationPrefix selects the pod annotations the trim keeps: ours, and
-// nothing else (last-applied-configuration alone can be kilobytes a pod).
-const AnnotationPrefix = "ambit.dev/"
-
-// RedirectionAnnotation is the status contract on the pod.
+// RedirectionAnnotation is the status contract on the pod, and the only
+// annotation the trim keeps: every agent caches every pod of the cluster,
+// and anyone who may edit a pod may give it any number of annotations of
+// up to 256 KiB (last-applied-configuration alone can be kilobytes), ours
+// included.
 const RedirectionAnnotation = "ambit.dev/redirection"
+
+// maxRedirectionValue bounds the kept value: ours are "enabled",
+// "pending" and "failed"; a longer one is kept as "" (present, so an
+// uninstall still removes it, and no status we write, so the agent
+// rewrites it).
+const maxRedirectionValue = 64
 
 // TrimPod is the informer transform for pods: it returns a new, small Pod
 // holding only what the mesh uses, so the cluster-wide cache does not keep
@@ -53,13 +58,11 @@ func TrimPod(obj any) (any, error) {
 	if len(t.Status.PodIPs) == 0 && p.Status.PodIP != "" {
 		t.Status.PodIPs = []corev1.PodIP{{IP: p.Status.PodIP}}
 	}
-	for k, v := range p.Annotations {
-		if strings.HasPrefix(k, AnnotationPrefix) {
-			if t.Annotations == nil {
-				t.Annotations = map[string]string{}
-			}
-			t.Annotations[k] = v
+	if v, ok := p.Annotations[RedirectionAnnotation]; ok {
+		if len(v) > maxRedirectionValue {
+			v = ""
 		}
+		t.Annotations = map[string]string{RedirectionAnnotation: v}
 	}
 	return t, nil
 }

@@ -2,6 +2,7 @@ package kube
 
 import (
 	"encoding/json"
+	"fmt"
 	"net/netip"
 	"strings"
 	"testing"
@@ -56,8 +57,11 @@ func TestTrimPodKeepsWhatTheMeshUsesAndDropsTheRest(t *testing.T) {
 	if _, ok := tp.Annotations["kubectl.kubernetes.io/last-applied-configuration"]; ok {
 		t.Fatal("trim kept a foreign annotation")
 	}
-	if tp.Annotations[RedirectionAnnotation] != "enabled" || tp.Annotations["ambit.dev/bypass-inbound"] != "true" {
-		t.Fatalf("trim lost ambit.dev annotations: %v", tp.Annotations)
+	if tp.Annotations[RedirectionAnnotation] != "enabled" {
+		t.Fatalf("trim lost the redirection annotation: %v", tp.Annotations)
+	}
+	if len(tp.Annotations) != 1 {
+		t.Fatalf("trim kept annotations nothing reads (every agent caches every pod): %v", tp.Annotations)
 	}
 	trimJSON, _ := json.Marshal(tp)
 	if len(trimJSON)*4 > len(fullJSON) {
@@ -116,4 +120,28 @@ func FuzzTrimPod(f *testing.F) {
 			}
 		}
 	})
+}
+
+// Anyone who may edit a pod may give it annotations of up to 256 KiB,
+// under our prefix too; every agent caches every pod, so the trim keeps
+// only the status annotation, and that only at a size a status has.
+func TestTrimPodBoundsWhatAPodOwnerCanMakeEveryAgentHold(t *testing.T) {
+	full := fullPod()
+	for i := 0; i < 8; i++ {
+		full.Annotations[fmt.Sprintf("ambit.dev/filler-%d", i)] = strings.Repeat("z", 200<<10)
+	}
+	full.Annotations[RedirectionAnnotation] = strings.Repeat("e", 200<<10)
+	obj, err := TrimPod(full)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tp := obj.(*corev1.Pod)
+	v, ok := tp.Annotations[RedirectionAnnotation]
+	if !ok || v != "" || len(tp.Annotations) != 1 {
+		t.Fatalf("trimmed annotations hold %d keys, redirection present=%v with %d bytes; want only an empty redirection", len(tp.Annotations), ok, len(v))
+	}
+	b, _ := json.Marshal(tp)
+	if len(b) > 4096 {
+		t.Fatalf("trimmed pod is %d bytes", len(b))
+	}
 }
