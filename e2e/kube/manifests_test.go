@@ -10,6 +10,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"sigs.k8s.io/yaml"
 
 	"github.com/ambit-mesh/ambit/internal/testenv"
 )
@@ -58,6 +59,53 @@ func TestManifestsServerDryRun(t *testing.T) {
 			t.Errorf("%s: no object went through the server dry run:\n%s", dir, out)
 		}
 		r.note("manifests/%s: %d objects", dir, n)
+		checkClusterScopedHaveNoNamespace(t, c, filepath.Join(root, dir))
+	}
+}
+
+// checkClusterScopedHaveNoNamespace: what `kubectl kustomize` renders
+// (the kustomize the user's kubectl embeds, which need not know every
+// kind's scope: kubectl 1.36's gave the admission policy a namespace)
+// puts no namespace on an object the API server says is cluster-scoped.
+// The server drops it, but GitOps tools diff against the manifests.
+func checkClusterScopedHaveNoNamespace(t *testing.T, c *cluster, dir string) {
+	t.Helper()
+	_, lists, err := c.client.Discovery().ServerGroupsAndResources()
+	if err != nil {
+		t.Errorf("discovery: %v", err)
+		return
+	}
+	clusterScoped := map[string]bool{}
+	for _, l := range lists {
+		for _, res := range l.APIResources {
+			if !res.Namespaced && !strings.Contains(res.Name, "/") {
+				clusterScoped[l.GroupVersion+"/"+res.Kind] = true
+			}
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	out, err := c.kubectl(ctx, "", "kustomize", dir)
+	if err != nil {
+		t.Errorf("kubectl kustomize %s: %v\n%s", dir, err, out)
+		return
+	}
+	for _, doc := range strings.Split(out, "\n---\n") {
+		var o struct {
+			APIVersion string `json:"apiVersion"`
+			Kind       string `json:"kind"`
+			Metadata   struct {
+				Name      string `json:"name"`
+				Namespace string `json:"namespace"`
+			} `json:"metadata"`
+		}
+		if err := yaml.Unmarshal([]byte(doc), &o); err != nil {
+			t.Errorf("kubectl kustomize %s: %v", dir, err)
+			continue
+		}
+		if clusterScoped[o.APIVersion+"/"+o.Kind] && o.Metadata.Namespace != "" {
+			t.Errorf("kubectl kustomize %s: cluster-scoped %s %s rendered with namespace %q", dir, o.Kind, o.Metadata.Name, o.Metadata.Namespace)
+		}
 	}
 }
 
