@@ -237,6 +237,14 @@ func (a *Agent) lockCtx(ctx context.Context, namespace, name string) (func(), er
 // plugin takes a DEL it got no answer to as done (teardown must not
 // wedge), so a DEL dropped here would leave the pod's listeners, netns
 // and record behind; a GC is idempotent.
+//
+// The request is answered as done: the agent does it (the stop waits
+// for it), as when the plugin gets no answer. An error would fail the
+// runtime's teardown, and libcni stops a chain's DEL at the first plugin
+// that fails (this one, chained last, is asked first), leaving the pod's
+// interface and IP to the kubelet's retry. At the deadline no answer
+// gets through anyway (the connection's write deadline is the
+// request's); at a stop (the server's context ends) it does.
 func (a *Agent) detachable(ctx context.Context, req *cniproto.Request, done func(), work func() *cniproto.Response) *cniproto.Response {
 	answer := make(chan *cniproto.Response, 1)
 	a.detached.Add(1)
@@ -251,7 +259,9 @@ func (a *Agent) detachable(ctx context.Context, req *cniproto.Request, done func
 	case resp := <-answer:
 		return resp
 	case <-ctx.Done():
-		return errResp(true, "ambit-agent: %s of %s/%s not done by the request's deadline; it goes on in the background", req.Op, req.Pod.Namespace, req.Pod.Name)
+		a.log.Info("plugin request not done when it ended (deadline or stop); answered as done, the agent finishes it in the background",
+			"op", req.Op, "pod", req.Pod.Namespace+"/"+req.Pod.Name, "containerID", req.Pod.ContainerID, "cause", context.Cause(ctx))
+		return &cniproto.Response{Decision: cniproto.Skip}
 	}
 }
 
