@@ -456,7 +456,9 @@ func (a *Agent) run(ctx context.Context, l *net.UnixListener, sock *cniproto.Soc
 	// did finish before the shutdown releases every pod (a DEL releases
 	// one too).
 	a.detached.Wait()
-	// Asked once: the keeper and the drain act on the same answer.
+	// The keeper and the drain act on the same answer; serving on asks
+	// again, and an agent come to serve beside meanwhile has both act as
+	// at a hand-over (shutdown).
 	beside := a.beside != nil && a.beside()
 	if a.keeper != nil {
 		a.stopKeeper(beside)
@@ -528,7 +530,9 @@ func (a *Agent) setMigrateReq(f *os.File, wl tunnel.Workload) bool {
 // beside (beside), the listeners close at once, so their queue and every
 // new connection go to it; with none, every pod is served on while it
 // holds connections (serveOn), then the listeners close and the rest of
-// drainTimeout drains what is left.
+// drainTimeout drains what is left. An agent that comes to serve beside
+// while this one serves on ends it: the keeper lets the copies go, as it
+// would have at once, and the listeners close.
 func (a *Agent) shutdown(beside bool) {
 	a.mu.Lock()
 	pods := make([]*pod, 0, len(a.byCID))
@@ -538,8 +542,8 @@ func (a *Agent) shutdown(beside bool) {
 	a.mu.Unlock()
 	ctx, cancel := context.WithTimeout(context.Background(), a.cfg.DrainTimeout.Duration)
 	defer cancel()
-	if !beside {
-		a.serveOn(pods, a.cfg.DrainTimeout.Duration-drainTail(a.cfg.DrainTimeout.Duration))
+	if !beside && a.serveOn(pods, a.cfg.DrainTimeout.Duration-drainTail(a.cfg.DrainTimeout.Duration)) && a.keeper != nil {
+		a.stopKeeper(true)
 	}
 	var wg sync.WaitGroup
 	for _, p := range pods {

@@ -3,6 +3,7 @@ package agent
 import (
 	"bufio"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -451,4 +452,129 @@ func TestStopWithoutSuccessorIdleEndsAtOnce(t *testing.T) {
 	case <-time.After(drain - drainTail(drain) - 10*time.Second):
 		t.Fatal("an idle agent served on instead of stopping")
 	}
+}
+
+// countingTunnel is the echo tunnel whose pods say how many connections
+// they hold, as *tunnel.Serving does, so the agent serves on through a
+// stop with nobody beside.
+type countingTunnel struct{ echoTunnel }
+
+type countingServing struct{ *echoServing }
+
+func (c *countingTunnel) Serve(p tunnel.Pod) (Serving, error) {
+	s, err := c.echoTunnel.Serve(p)
+	if err != nil {
+		return nil, err
+	}
+	return countingServing{s.(*echoServing)}, nil
+}
+
+func (s countingServing) Connections() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.conns)
+}
+
+func withCountingTunnel(o *Options) { o.Tunnel = &countingTunnel{} }
+
+// TestServeOnEndsWhenNewerAgentReady: an agent stops with no agent
+// beside it and serves on while a connection is open (a pod of the node
+// holds one), and a newer agent becomes ready meanwhile. That is what
+// `kubectl delete pod` of the agent does with maxSurge 1 (the DaemonSet
+// controller creates the new pod at once, beside the one terminating),
+// and the controller deleting an old pod that turned unready during a
+// surge. From then on the stop is a hand-over: the old agent must stop
+// accepting and have its keeper let go, so every new connection goes to
+// the newer agent. Before, it served on to the end of its limit
+// (drainTimeout - 5 s), taking about half of the new connections, and
+// cut those still open when its drain ended, though an agent was there
+// to serve them for good.
+func TestServeOnEndsWhenNewerAgentReady(t *testing.T) {
+	testenv.RequireRoot(t)
+	dir, err := os.MkdirTemp("", "amb-agt-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	oldKeeper, _ := startKeeper(t, filepath.Join(dir, "old"))
+	newKeeper, _ := startKeeper(t, filepath.Join(dir, "new"))
+	_, oldReg := registered(t, dir)
+	const drain = 20 * time.Second
+	old := startAgent(t, dir, invAmbient, withKeeper(t, oldKeeper), oldReg, withCountingTunnel, func(o *Options) {
+		o.Config.DrainTimeout = config.Duration{Duration: drain}
+	})
+	const n = 2
+	pods := enrollPods(t, old, n, "10.77.0")
+	held, line, err := dialFrom(t, pods[0], "127.0.0.1:15001")
+	if err != nil || line != "captured:15001" {
+		t.Fatalf("before the stop: %q %v", line, err)
+	}
+	defer held.Close()
+
+	start := time.Now()
+	stopped := make(chan struct{})
+	go func() { old.stop(); close(stopped) }() // SIGTERM, nobody beside
+	eventually(t, "the old agent to stop", old.a.stopping.Load)
+	time.Sleep(200 * time.Millisecond) // serving on
+
+	neuSelf, neuReg := registered(t, dir)
+	neu := startAgent(t, dir, invAmbient, withKeeper(t, newKeeper), neuReg, withCountingTunnel)
+	if err := neuSelf.SetReady(); err != nil { // as `ambit-agent run` does once ready
+		t.Fatal(err)
+	}
+	readyAt := time.Now()
+	if got := testutil.ToFloat64(neu.a.m.enrolled); got != n {
+		t.Fatalf("newer agent serves %v pods, want %d", got, n)
+	}
+	oc, err := keeper.Dial(oldKeeper)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Give the old agent time to notice (it is not what fails).
+	letGo := func() bool {
+		e, fds, err := oc.Count()
+		return err == nil && e == 0 && fds == 0 && testutil.ToFloat64(old.a.m.enrolled) == 0
+	}
+	for deadline := time.Now().Add(3 * time.Second); !letGo() && time.Now().Before(deadline); {
+		time.Sleep(20 * time.Millisecond)
+	}
+	noticed := time.Since(readyAt)
+	time.Sleep(100 * time.Millisecond) // its listeners close right after
+
+	var conns []net.Conn
+	for i := range 12 {
+		c, line, err := dialFrom(t, pods[i%n], "127.0.0.1:15001")
+		if err != nil || line != "captured:15001" {
+			t.Fatalf("connection %d, made after the newer agent was ready: %q %v (left in the old keeper's socket?)", i, line, err)
+		}
+		defer c.Close()
+		conns = append(conns, c)
+	}
+	held.Close()
+	select {
+	case <-stopped:
+	case <-time.After(drain + 10*time.Second):
+		t.Fatal("the old agent did not stop")
+	}
+	stoppedAfter := time.Since(start)
+	var cut []string
+	for i, c := range conns {
+		r := make([]byte, 5)
+		c.SetDeadline(time.Now().Add(2 * time.Second))
+		_, err := c.Write([]byte("ping\n"))
+		if err == nil {
+			_, err = io.ReadFull(c, r)
+		}
+		if err != nil || string(r) != "ping\n" {
+			cut = append(cut, fmt.Sprintf("%d (%q %v)", i, r, err))
+		}
+		c.Close()
+	}
+	if len(cut) > 0 {
+		t.Fatalf("%d of %d connections made after the newer agent was ready cut by the old agent's stop (%v after SIGTERM): %v", len(cut), len(conns), stoppedAfter.Round(time.Millisecond), cut)
+	}
+	if !letGo() {
+		t.Fatal("the old agent's keeper still holds the pods' listeners")
+	}
+	t.Logf("the old agent let go %v after the newer one was ready; its stop ended %v after SIGTERM", noticed.Round(time.Millisecond), stoppedAfter.Round(time.Millisecond))
 }
