@@ -2,9 +2,14 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"net/netip"
+	"strings"
 	"testing"
 	"time"
+
+	"github.com/containernetworking/cni/pkg/types"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/ambit-mesh/ambit/internal/testenv"
 	"github.com/ambit-mesh/ambit/node-agent/config"
@@ -88,5 +93,48 @@ func TestLateDelCompletesRuntimeTeardown(t *testing.T) {
 	<-stopped
 	if recs, _ := h.a.store.List(); len(recs) != 0 {
 		t.Fatalf("records left after the DELs: %+v", recs)
+	}
+}
+
+// TestLockWaitAnsweredToRuntime: an ADD that gives up waiting for its
+// pod's lock at the request's deadline must reach the runtime as what it
+// is: retryable ("try again later", code 11), naming the lock. Its
+// answer used to be written at the very deadline the server set on the
+// connection, so it never got through: libcni reported ambit-cni's
+// protocol error 101, "ambit-agent ... closed the connection without
+// answering", which reads as an agent crash, and the agent counted a
+// malformed exchange ("writing answer: i/o timeout"). The same for a
+// DEL finished in the background: its answer now reaches the plugin.
+func TestLockWaitAnsweredToRuntime(t *testing.T) {
+	testenv.RequireRoot(t)
+	cni := testenv.Binary(t, "ambit-cni")
+	set := testenv.PluginSets(t)[0]
+	h := startAgent(t, "", invAmbient, func(o *Options) {
+		o.Config.RequestTimeout = config.Duration{Duration: time.Second}
+	})
+	node := labNode(t, h, set, cni, netip.MustParsePrefix("10.81.9.0/24"))
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	db, err := node.AddPod(ctx, "apps", "db")
+	if err != nil {
+		t.Fatal(err)
+	}
+	unlock := holdLock(t, h.a, "apps", "web")
+	_, err = node.AddPod(ctx, "apps", "web")
+	var cerr *types.Error
+	if !errors.As(err, &cerr) || cerr.Code != types.ErrTryAgainLater || !strings.Contains(cerr.Msg, "its lock is held") {
+		t.Fatalf("CNI ADD while the pod's lock is held past the deadline: %v, want code %d naming the lock", err, types.ErrTryAgainLater)
+	}
+	unlock()
+	unlock = holdLock(t, h.a, "apps", "db")
+	if err := db.Delete(ctx); err != nil {
+		t.Fatalf("CNI DEL past the deadline: %v", err)
+	}
+	unlock()
+	if v := testutil.ToFloat64(h.a.m.requests.WithLabelValues("unknown", "malformed")); v != 0 {
+		t.Errorf("%v exchanges failed (answers written past the connection's deadline)", v)
+	}
+	if v := testutil.ToFloat64(h.a.m.failures.WithLabelValues("lock-wait")); v != 1 {
+		t.Errorf("enrollment failures for lock-wait: %v, want 1", v)
 	}
 }

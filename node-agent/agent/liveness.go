@@ -200,16 +200,41 @@ func (l *liveness) oldestRequest() error {
 	return nil
 }
 
-// lockCtx is lock, giving up when ctx ends first: an ADD or CHECK whose
-// plugin has given up (its deadline is the server's requestTimeout) does
-// not wait on, and hold a server slot for, a pod lock held by a stuck or
-// slow operation. Done later, the enrollment would be for a sandbox the
-// runtime already counts as failed and tears down.
+// answerMargin is how long before the request's deadline a request that
+// waits gives up: the server's write deadline on the connection is the
+// request's deadline, so an answer written at the deadline never reaches
+// the plugin, which then reports "closed the connection without
+// answering" (ambit-cni's protocol error, 101) instead of what happened.
+// A tenth of requestTimeout, at most 500 ms: writing the answer takes
+// microseconds, but the agent may be starved of CPU.
+func (a *Agent) answerMargin() time.Duration {
+	return min(500*time.Millisecond, a.cfg.RequestTimeout.Duration/10)
+}
+
+// beforeAnswerDue is ctx ending answerMargin before its deadline, so what
+// the request decides then still reaches the plugin; ctx itself when it
+// has no deadline.
+func (a *Agent) beforeAnswerDue(ctx context.Context) (context.Context, context.CancelFunc) {
+	dl, ok := ctx.Deadline()
+	if !ok {
+		return ctx, func() {}
+	}
+	return context.WithDeadline(ctx, dl.Add(-a.answerMargin()))
+}
+
+// lockCtx is lock, giving up when ctx ends first, or answerMargin before
+// its deadline: an ADD or CHECK whose plugin has given up (its deadline
+// is the server's requestTimeout) does not wait on, and hold a server
+// slot for, a pod lock held by a stuck or slow operation, and is told
+// so. Done later, the enrollment would be for a sandbox the runtime
+// already counts as failed and tears down.
 func (a *Agent) lockCtx(ctx context.Context, namespace, name string) (func(), error) {
 	m := a.stripe(namespace, name)
 	if m.TryLock() {
 		return m.Unlock, nil
 	}
+	ctx, cancel := a.beforeAnswerDue(ctx)
+	defer cancel()
 	got := make(chan struct{})
 	go func() {
 		m.Lock()
@@ -242,10 +267,11 @@ func (a *Agent) lockCtx(ctx context.Context, namespace, name string) (func(), er
 // for it), as when the plugin gets no answer. An error would fail the
 // runtime's teardown, and libcni stops a chain's DEL at the first plugin
 // that fails (this one, chained last, is asked first), leaving the pod's
-// interface and IP to the kubelet's retry. At the deadline no answer
-// gets through anyway (the connection's write deadline is the
-// request's); at a stop (the server's context ends) it does.
+// interface and IP to the kubelet's retry. Given up answerMargin before
+// the deadline, so the answer gets through.
 func (a *Agent) detachable(ctx context.Context, req *cniproto.Request, done func(), work func() *cniproto.Response) *cniproto.Response {
+	ctx, cancel := a.beforeAnswerDue(ctx)
+	defer cancel()
 	answer := make(chan *cniproto.Response, 1)
 	a.detached.Add(1)
 	go func() {
