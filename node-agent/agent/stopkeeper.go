@@ -45,11 +45,12 @@ import (
 //   - Nothing else is served meanwhile: the plugin server, reconcile
 //     loop and rule checks stopped with the context, as before.
 //
-// An agent that comes to serve beside this one while it serves on (the
-// DaemonSet controller creates the replacement pod at once when the
-// agent's pod is deleted with maxSurge 1, `kubectl delete pod`, or an
-// old pod that turned unready during a surge; a newer agent readied
-// during a liveness restart) makes the stop a hand-over from then on:
+// An agent that comes to serve beside this one while it serves on (with
+// maxSurge 1 the DaemonSet controller creates the replacement pod at
+// once when the agent's pod is deleted, `kubectl delete pod`; during a
+// surge it deletes an old pod that turned unready while the new one
+// still starts; a liveness restart while a newer agent starts) makes the
+// stop a hand-over from then on:
 // serving on ends, the keeper lets the copies go (stopKeeper), and the
 // listeners close, so every new connection goes to that agent. Served on
 // to the end instead, this agent would take about half of the new
