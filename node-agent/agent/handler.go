@@ -4,6 +4,7 @@ import (
 	"context"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"time"
@@ -17,7 +18,7 @@ import (
 
 // foundPrefix marks records of pods the agent found by itself (live
 // enrollment of a pod it never saw at ADD): their container ID is unknown
-// until DEL, which then matches by name.
+// until DEL, which then matches by pod name and netns (isSandbox).
 const foundPrefix = "found:"
 
 // handle serves one plugin request.
@@ -243,11 +244,15 @@ func codeResp(code uint, format string, args ...any) *cniproto.Response {
 // connections then go straight to the app) before the pod is forgotten.
 func (a *Agent) delWithRules(req *cniproto.Request, f *os.File) *cniproto.Response {
 	var uerr error
+	var ino uint64
 	if f != nil {
+		ino, _ = netnsfind.Inode(f)
 		uerr = a.rules.Uninstall(f)
 		f.Close()
 	}
-	resp := a.del(req)
+	unlock := a.lock(req.Pod.Namespace, req.Pod.Name)
+	resp := a.forgetNetnsLocked(req, ino, true)
+	unlock()
 	if uerr != nil && resp.Error == "" {
 		return codeResp(cniproto.CodeIO, "ambit-agent: removing the redirection of pod %s/%s: %v", req.Pod.Namespace, req.Pod.Name, uerr)
 	}
@@ -286,17 +291,38 @@ func (a *Agent) delLocked(req *cniproto.Request) *cniproto.Response {
 // records in place (a release on another agent's DEL: that agent owns
 // them).
 func (a *Agent) forgetLocked(req *cniproto.Request, records bool) *cniproto.Response {
+	return a.forgetNetnsLocked(req, 0, records)
+}
+
+// forgetNetnsLocked is forgetLocked for a DEL that brought its netns:
+// ino is that namespace's inode (0: none came).
+func (a *Agent) forgetNetnsLocked(req *cniproto.Request, ino uint64, records bool) *cniproto.Response {
 	rp := req.Pod
 	key := rp.Namespace + "/" + rp.Name
 	a.mu.Lock()
 	p := a.byCID[rp.ContainerID]
+	var kept *pod
 	if p == nil {
 		if q := a.byName[key]; q != nil && strings.HasPrefix(q.rec.ContainerID, foundPrefix) {
-			p = q
+			// A sandbox found by live enrollment has no container ID
+			// to match; the pod name alone is not enough, since a DEL
+			// of an older sandbox already gone may come after the
+			// newer one was found: released, the newer one would keep
+			// its rules and lose its listeners (traffic refused).
+			if isSandbox(q, rp, ino) {
+				p = q
+			} else {
+				kept = q
+			}
 		}
 	}
 	last := true
 	var heir *pod
+	if p == nil && a.byName[key] != nil {
+		// Not this DEL's sandbox, but one of the pod lives on: the
+		// inventory keeps the IPs it learned of that one.
+		last = false
+	}
 	if p != nil {
 		delete(a.byCID, p.rec.ContainerID)
 		if a.byName[key] == p {
@@ -329,6 +355,9 @@ func (a *Agent) forgetLocked(req *cniproto.Request, records bool) *cniproto.Resp
 		a.releaseAsync(p)
 		a.log.Info("pod deleted", "pod", key, "wasEnrolled", p.rec.Enrolled)
 	}
+	if kept != nil {
+		a.log.Info("DEL of an unknown sandbox left the pod's sandbox found by live enrollment served: the DEL does not show it is that one", "pod", key, "containerID", rp.ContainerID, "netns", rp.Netns, "servedNetns", kept.rec.Netns)
+	}
 	if l, ok := a.view.(Learner); ok && last {
 		l.Forget(rp.Namespace, rp.Name, rp.UID)
 	}
@@ -339,6 +368,34 @@ func (a *Agent) forgetLocked(req *cniproto.Request, records bool) *cniproto.Resp
 		a.forgetStatus(rp.Namespace, rp.Name, p.rec.UID)
 	}
 	return &cniproto.Response{Decision: cniproto.Skip}
+}
+
+// isSandbox tells whether a DEL (pod rp, netns inode ino, 0 if it brought
+// none) is about q, a sandbox found by live enrollment. The netns it
+// brings decides; without one, the runtime's netns path does, when it
+// names the one q was found at (the runtime may have removed that bind
+// mount while q's listeners keep the namespace). A DEL that shows
+// neither (netns gone and no path, or another pod's UID) is not q's:
+// leaving a sandbox served until the API or a later DEL says otherwise
+// beats cutting a live pod off.
+func isSandbox(q *pod, rp cniproto.Pod, ino uint64) bool {
+	if rp.UID != "" && q.rec.UID != "" && rp.UID != q.rec.UID {
+		return false
+	}
+	if ino != 0 && q.rec.NetnsInode != 0 {
+		return ino == q.rec.NetnsInode
+	}
+	return rp.Netns != "" && q.rec.Netns != "" && runPath(rp.Netns) == runPath(q.rec.Netns)
+}
+
+// runPath cleans p and spells /var/run as /run (a symlink on hosts with a
+// netns directory under it), so two spellings of one path compare equal.
+func runPath(p string) string {
+	p = filepath.Clean(p)
+	if rest, ok := strings.CutPrefix(p, "/var/run/"); ok {
+		return "/run/" + rest
+	}
+	return p
 }
 
 // gc forgets sandboxes the runtime no longer knows (CNI GC): a DEL that
