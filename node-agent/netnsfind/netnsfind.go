@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
@@ -53,6 +54,21 @@ func Inode(f *os.File) (uint64, error) {
 		return 0, errors.New("no inode")
 	}
 	return st.Ino, nil
+}
+
+// ownNetns is the inode of the process's own network namespace: the one
+// every unlocked thread is in. Not /proc/self/ns/net: that is the main
+// thread's, and the main thread is a thread like any other to the Go
+// scheduler; while a goroutine locked to it sits in a pod's namespace
+// (podnet, podsysctl), or after one ended there without unlocking (the
+// runtime then parks the main thread instead of ending it), it names
+// that pod's namespace, and the scan would skip the pod as our own.
+func ownNetns() (uint64, error) {
+	// Locked so that the thread read is the one this goroutine runs on;
+	// unlocked on entry, it is in the process's namespace.
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	return inodeOf(fmt.Sprintf("/proc/self/task/%d/ns/net", syscall.Gettid()))
 }
 
 func inodeOf(path string) (uint64, error) {
@@ -120,7 +136,7 @@ func (s Scanner) Scan() (*Scan, error) {
 	// host's; PID 1's is skipped too when readable (it is not in some
 	// sandboxes). Without either, a scan could pick the host: refuse.
 	skip := map[uint64]bool{}
-	self, err := inodeOf("/proc/self/ns/net")
+	self, err := ownNetns()
 	if err != nil {
 		return nil, fmt.Errorf("netnsfind: cannot identify the agent's own network namespace: %w", err)
 	}

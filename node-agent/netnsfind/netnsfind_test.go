@@ -187,3 +187,52 @@ func TestProcessOnlyNamespace(t *testing.T) {
 	}
 	t.Fatal("namespace of the process not found within 10s")
 }
+
+// mainThreadNetnsEnv names a netns the test binary's main thread enters
+// during init, for TestScanWhileMainThreadInAPod's child.
+const mainThreadNetnsEnv = "AMBIT_NETNSFIND_MAIN_THREAD_NETNS"
+
+func init() {
+	name := os.Getenv(mainThreadNetnsEnv)
+	if name == "" {
+		return
+	}
+	// Package init runs on the main thread; locked here, the main
+	// goroutine keeps it (m.Run waits on it) while tests run on others.
+	runtime.LockOSThread()
+	h, err := netns.GetFromName(name)
+	if err == nil {
+		err = netns.Set(h)
+	}
+	if err != nil {
+		panic(err)
+	}
+}
+
+// The main thread in a pod's namespace (a goroutine locked to it by podnet
+// or podsysctl, or one that ended there without unlocking, which parks
+// the main thread there for good): /proc/self/ns/net then names the pod,
+// and a scan that took it for the agent's own skipped that pod, so live
+// enrollment could not find it ("no network namespace holds the pod's
+// IPs"). Run in a child whose main thread sits in such a namespace.
+func TestScanWhileMainThreadInAPod(t *testing.T) {
+	testenv.RequireRoot(t)
+	if name := os.Getenv(mainThreadNetnsEnv); name != "" {
+		ip := netip.MustParseAddr(os.Getenv(mainThreadNetnsEnv + "_IP"))
+		sc, err := Scanner{NetnsDirs: []string{}}.Scan()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := sc.Find([]netip.Addr{ip}, ""); err != nil {
+			t.Fatalf("the namespace the main thread is in: %v", err)
+		}
+		return
+	}
+	ip := uniqueIP()
+	name, _ := newNetns(t, ip.String()+"/32")
+	cmd := exec.Command(os.Args[0], "-test.run=^TestScanWhileMainThreadInAPod$", "-test.count=1")
+	cmd.Env = append(os.Environ(), mainThreadNetnsEnv+"="+name, mainThreadNetnsEnv+"_IP="+ip.String())
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("scan with the main thread in %s: %v\n%s", name, err, out)
+	}
+}
