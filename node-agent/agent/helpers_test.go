@@ -219,13 +219,25 @@ func inNetns(t testing.TB, n *testNetns, fn func() error) {
 	errc := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
-		// Not unlocked: the thread dies with the goroutine, so a thread
-		// left in another netns is never reused.
+		// Unlocked only once back home: a thread left in another netns
+		// must die with the goroutine. Not left there even so: when that
+		// thread is the main one the runtime parks it instead, and
+		// /proc/self/ns/net would name the pod for the rest of the run.
+		orig, err := netns.Get()
+		if err != nil {
+			errc <- err
+			return
+		}
+		defer orig.Close()
 		if err := netns.Set(netns.NsHandle(n.file.Fd())); err != nil {
 			errc <- err
 			return
 		}
-		errc <- fn()
+		err = fn()
+		if netns.Set(orig) == nil {
+			runtime.UnlockOSThread()
+		}
+		errc <- err
 	}()
 	if err := <-errc; err != nil {
 		t.Fatal(err)
