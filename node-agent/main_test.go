@@ -93,19 +93,37 @@ func TestRunStatic(t *testing.T) {
 	})
 
 	cmd := startProcess(t, bin, "run", "-config", cfg)
+	waitReady(t, health)
+
+	// A pod: a netns holding its IP.
+	f := podNetns(t, "amb-agt-main", "10.74.0.2/24")
+	addPod(t, dir, f, "10.74.0.2/24")
+	if _, body := get("http://" + health + "/metrics"); !strings.Contains(body, "ambit_agent_enrolled_pods 1") || !strings.Contains(body, "ambit_identity_") {
+		t.Fatalf("metrics after ADD lack the enrolled pod or identity metrics")
+	}
+	stopBySIGTERM(t, cmd)
+}
+
+// waitReady waits for the agent's /readyz on health to answer 200.
+func waitReady(t *testing.T, health string) {
+	t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		if code, _ := get("http://" + health + "/readyz"); code == 200 {
-			break
+			return
 		}
 		if time.Now().After(deadline) {
 			t.Fatal("agent not ready within 30s")
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
 
-	// A pod: a netns holding its IP.
-	name := "amb-agt-main" + strings.ReplaceAll(time.Now().Format("150405.000"), ".", "")
+// podNetns makes a named netns (name starting with prefix) with addr on
+// its loopback (a pod, as far as the agent can tell) and returns it open.
+func podNetns(t *testing.T, prefix, addr string) *os.File {
+	t.Helper()
+	name := fmt.Sprintf("%s%d", prefix, time.Now().UnixNano()%1e9)
 	func() {
 		runtime.LockOSThread()
 		defer runtime.UnlockOSThread()
@@ -119,7 +137,7 @@ func TestRunStatic(t *testing.T) {
 		h.Close()
 		lo, _ := netlink.LinkByName("lo")
 		netlink.LinkSetUp(lo)
-		a, _ := netlink.ParseAddr("10.74.0.2/24")
+		a, _ := netlink.ParseAddr(addr)
 		netlink.AddrAdd(lo, a)
 	}()
 	t.Cleanup(func() { netns.DeleteNamed(name) })
@@ -127,17 +145,27 @@ func TestRunStatic(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer f.Close()
+	t.Cleanup(func() { f.Close() })
+	return f
+}
+
+// addPod sends the agent in dir a CNI ADD for pod apps/web with ip in
+// the netns pod and fails the test unless the agent enrolls it.
+func addPod(t *testing.T, dir string, pod *os.File, ip string) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 	defer cancel()
 	resp, err := cniproto.Call(ctx, filepath.Join(dir, "cni.sock"), &cniproto.Request{Version: cniproto.Version, Op: cniproto.OpAdd,
-		Pod: cniproto.Pod{Namespace: "apps", Name: "web", UID: "u1", ContainerID: "c1", Netns: f.Name(), IPs: []netip.Prefix{netip.MustParsePrefix("10.74.0.2/24")}}}, f)
+		Pod: cniproto.Pod{Namespace: "apps", Name: "web", UID: "u1", ContainerID: "c1", Netns: pod.Name(), IPs: []netip.Prefix{netip.MustParsePrefix(ip)}}}, pod)
 	if err != nil || resp.Decision != cniproto.Enroll {
 		t.Fatalf("ADD: %+v %v", resp, err)
 	}
-	if _, body := get("http://" + health + "/metrics"); !strings.Contains(body, "ambit_agent_enrolled_pods 1") || !strings.Contains(body, "ambit_identity_") {
-		t.Fatalf("metrics after ADD lack the enrolled pod or identity metrics")
-	}
+}
+
+// stopBySIGTERM stops cmd with SIGTERM and fails the test unless it
+// exits cleanly within 20s.
+func stopBySIGTERM(t *testing.T, cmd *exec.Cmd) {
+	t.Helper()
 	cmd.Process.Signal(syscall.SIGTERM)
 	done := make(chan error, 1)
 	go func() { done <- cmd.Wait() }()
