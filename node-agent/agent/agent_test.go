@@ -421,6 +421,39 @@ func TestRestartReadoptsEveryPod(t *testing.T) {
 	}
 }
 
+// dialAllAlong dials the outbound capture from pod in a loop until the
+// returned stop is called, which says how many dials were refused (or
+// not answered by the capture) and how many were served.
+func dialAllAlong(t *testing.T, pod *testNetns) (stop func() (refused, ok int)) {
+	t.Helper()
+	done := make(chan struct{})
+	var refused, ok int
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			select {
+			case <-done:
+				return
+			default:
+			}
+			c, line, err := dialFrom(t, pod, "127.0.0.1:15001")
+			if err != nil || line != "captured:15001" {
+				refused++
+				continue
+			}
+			ok++
+			c.Close()
+		}
+	}()
+	return func() (int, int) {
+		close(done)
+		wg.Wait()
+		return refused, ok
+	}
+}
+
 // TestHandOver: a second agent binds beside the first, the first stops,
 // and connections made all along are never refused.
 func TestHandOver(t *testing.T) {
@@ -431,35 +464,14 @@ func TestHandOver(t *testing.T) {
 	p := newNetns(t, "10.69.0.2/24")
 	enrollLikePlugin(t, old, "web", p, "10.69.0.2/24")
 
-	stop := make(chan struct{})
-	var refused, ok int
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			select {
-			case <-stop:
-				return
-			default:
-			}
-			c, line, err := dialFrom(t, p, "127.0.0.1:15001")
-			if err != nil || line != "captured:15001" {
-				refused++
-				continue
-			}
-			ok++
-			c.Close()
-		}
-	}()
+	stopDialling := dialAllAlong(t, p)
 	neu := startAgent(t, dir, invAmbient)
 	if neu.tun.Live() != 1 {
 		t.Fatalf("new agent serves %d pods", neu.tun.Live())
 	}
 	old.stop()
 	time.Sleep(100 * time.Millisecond) // keep dialling after the old one left
-	close(stop)
-	wg.Wait()
+	refused, ok := stopDialling()
 	if refused != 0 || ok == 0 {
 		t.Fatalf("hand-over: %d connections refused, %d served", refused, ok)
 	}

@@ -193,14 +193,7 @@ func TestLivenessPluginSocketStall(t *testing.T) {
 	eventually(t, "the socket self-check to answer", func() bool { return !h.a.live.socket.LastTurn().IsZero() })
 
 	unlock := holdLock(t, h.a, "apps", "stuck")
-	answered := make(chan error, 1)
-	go func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		req := &cniproto.Request{Version: cniproto.Version, Op: cniproto.OpDel, Pod: cniproto.Pod{Namespace: "apps", Name: "stuck", UID: "uid-stuck", ContainerID: "cid-stuck"}}
-		_, err := cniproto.Call(ctx, h.sock, req, nil)
-		answered <- err
-	}()
+	answered := stuckDel(t, h.a, h.sock)
 	body := h.waitHealthz(t, 503, checkSocket+": stalled")
 	if !strings.Contains(body, checkRequests+": stalled: del apps/stuck in progress") {
 		t.Errorf("/healthz does not name the stuck request: %q", body)
@@ -208,11 +201,7 @@ func TestLivenessPluginSocketStall(t *testing.T) {
 	if strings.Contains(body, checkReconcile) {
 		t.Errorf("the reconcile loop did not stall, /healthz says %q", body)
 	}
-	unlock()
-	if err := <-answered; err != nil {
-		t.Fatalf("the DEL once its lock was free: %v", err)
-	}
-	h.waitHealthz(t, 200, "ok")
+	h.freeStuckDel(t, unlock, answered)
 }
 
 // A plugin socket whose accept loop is gone (the listener closed, the
@@ -247,6 +236,18 @@ func stuckDel(t *testing.T, a *Agent, sock string) <-chan error {
 	return answered
 }
 
+// freeStuckDel lets the stuck DEL (answered, from stuckDel) have its
+// lock, and fails the test unless the DEL is then answered and /healthz
+// turns 200 again.
+func (h *liveHarness) freeStuckDel(t *testing.T, unlock func(), answered <-chan error) {
+	t.Helper()
+	unlock()
+	if err := <-answered; err != nil {
+		t.Fatalf("the DEL once its lock was free: %v", err)
+	}
+	h.waitHealthz(t, 200, "ok")
+}
+
 // A plugin server that never accepts the self-check from the start (its
 // one slot held by a DEL stuck on a pod lock since before the agent was
 // ready) fails the socket check within its bound. Before, the check was
@@ -273,11 +274,7 @@ func TestLivenessPluginSocketStalledFromTheStart(t *testing.T) {
 	if strings.Contains(body, checkReconcile) {
 		t.Errorf("the reconcile loop did not stall, /healthz says %q", body)
 	}
-	unlock()
-	if err := <-answered; err != nil {
-		t.Fatalf("the DEL once its lock was free: %v", err)
-	}
-	h.waitHealthz(t, 200, "ok")
+	h.freeStuckDel(t, unlock, answered)
 }
 
 // After the agent takes the socket's path back from a newer agent that
@@ -320,11 +317,7 @@ func TestLivenessPluginSocketDueAgainAfterTakeBack(t *testing.T) {
 	}
 	answered := stuckDel(t, h.a, h.sock)
 	h.waitHealthz(t, 503, checkSocket+": stalled")
-	unlock()
-	if err := <-answered; err != nil {
-		t.Fatalf("the DEL once its lock was free: %v", err)
-	}
-	h.waitHealthz(t, 200, "ok")
+	h.freeStuckDel(t, unlock, answered)
 }
 
 // A pod lock held for good (a stuck operation) no longer takes the

@@ -8,7 +8,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -43,6 +42,35 @@ func withKeeper(t *testing.T, path string) func(*Options) {
 		t.Fatal(err)
 	}
 	return func(o *Options) { o.Keeper = k }
+}
+
+// surgeNode is a node in a surge upgrade: a state dir with a keeper of
+// its own for the old agent and for the new one (each agent pod has its
+// own emptyDir), and the old agent's entry in the instance registry.
+func surgeNode(t *testing.T) (dir, oldKeeper, newKeeper string, oldReg func(*Options)) {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "amb-agt-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	oldKeeper, _ = startKeeper(t, filepath.Join(dir, "old"))
+	newKeeper, _ = startKeeper(t, filepath.Join(dir, "new"))
+	_, oldReg = registered(t, dir)
+	return dir, oldKeeper, newKeeper, oldReg
+}
+
+// startReadyAgent starts the newer agent of a surge on dir with its
+// keeper and marks it ready in the registry, as `ambit-agent run` does
+// once ready.
+func startReadyAgent(t *testing.T, dir, keeperPath string, opts ...func(*Options)) *harness {
+	t.Helper()
+	self, reg := registered(t, dir)
+	h := startAgent(t, dir, invAmbient, append([]func(*Options){withKeeper(t, keeperPath), reg}, opts...)...)
+	if err := self.SetReady(); err != nil {
+		t.Fatal(err)
+	}
+	return h
 }
 
 // queued is a connection made while no agent accepts, with what its
@@ -185,53 +213,20 @@ func TestStopWithoutSuccessorKeepsListeners(t *testing.T) {
 // matters: the old container alone restarting at the end of a surge).
 func TestHandOverReleasesKeeper(t *testing.T) {
 	testenv.RequireRoot(t)
-	dir, err := os.MkdirTemp("", "amb-agt-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	// Each agent pod has its own keeper (an emptyDir of its own).
-	oldKeeper, _ := startKeeper(t, filepath.Join(dir, "old"))
-	newKeeper, _ := startKeeper(t, filepath.Join(dir, "new"))
-	_, oldReg := registered(t, dir)
+	dir, oldKeeper, newKeeper, oldReg := surgeNode(t)
 	old := startAgent(t, dir, invAmbient, withKeeper(t, oldKeeper), oldReg)
 	const n = 3
 	pods := enrollPods(t, old, n, "10.76.0")
 
 	// Dial all along, as TestHandOver does.
-	stop := make(chan struct{})
-	var refused, ok int
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			select {
-			case <-stop:
-				return
-			default:
-			}
-			c, line, err := dialFrom(t, pods[0], "127.0.0.1:15001")
-			if err != nil || line != "captured:15001" {
-				refused++
-				continue
-			}
-			ok++
-			c.Close()
-		}
-	}()
-	neuSelf, neuReg := registered(t, dir)
-	neu := startAgent(t, dir, invAmbient, withKeeper(t, newKeeper), neuReg)
-	if err := neuSelf.SetReady(); err != nil { // as `ambit-agent run` does once ready
-		t.Fatal(err)
-	}
+	stopDialling := dialAllAlong(t, pods[0])
+	neu := startReadyAgent(t, dir, newKeeper)
 	if neu.tun.Live() != n {
 		t.Fatalf("new agent serves %d pods, want %d", neu.tun.Live(), n)
 	}
 	old.stop()
 	time.Sleep(100 * time.Millisecond) // keep dialling after the old one left
-	close(stop)
-	wg.Wait()
+	refused, ok := stopDialling()
 	if refused != 0 || ok == 0 {
 		t.Fatalf("hand-over: %d connections refused or unanswered, %d served", refused, ok)
 	}
@@ -491,14 +486,7 @@ func withCountingTunnel(o *Options) { o.Tunnel = &countingTunnel{} }
 // to serve them for good.
 func TestServeOnEndsWhenNewerAgentReady(t *testing.T) {
 	testenv.RequireRoot(t)
-	dir, err := os.MkdirTemp("", "amb-agt-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	oldKeeper, _ := startKeeper(t, filepath.Join(dir, "old"))
-	newKeeper, _ := startKeeper(t, filepath.Join(dir, "new"))
-	_, oldReg := registered(t, dir)
+	dir, oldKeeper, newKeeper, oldReg := surgeNode(t)
 	const drain = 20 * time.Second
 	old := startAgent(t, dir, invAmbient, withKeeper(t, oldKeeper), oldReg, withCountingTunnel, func(o *Options) {
 		o.Config.DrainTimeout = config.Duration{Duration: drain}
@@ -517,11 +505,7 @@ func TestServeOnEndsWhenNewerAgentReady(t *testing.T) {
 	eventually(t, "the old agent to stop", old.a.stopping.Load)
 	time.Sleep(200 * time.Millisecond) // serving on
 
-	neuSelf, neuReg := registered(t, dir)
-	neu := startAgent(t, dir, invAmbient, withKeeper(t, newKeeper), neuReg, withCountingTunnel)
-	if err := neuSelf.SetReady(); err != nil { // as `ambit-agent run` does once ready
-		t.Fatal(err)
-	}
+	neu := startReadyAgent(t, dir, newKeeper, withCountingTunnel)
 	readyAt := time.Now()
 	if got := testutil.ToFloat64(neu.a.m.enrolled); got != n {
 		t.Fatalf("newer agent serves %v pods, want %d", got, n)
