@@ -266,9 +266,7 @@ func (sv *Serving) outbound(c *net.TCPConn, slots chan struct{}) {
 		refused = hbone.StatusError{Status: st}
 		why = s.ResponseHeader(refusedHeader)
 	})
-	closer := sv.track(func() { s.Reset(hbone.ErrCodeCancel); reset(c) })
-	res := s.Splice(c)
-	sv.untrack(closer)
+	res := sv.spliceTracked(s, c)
 	if !r.opened {
 		reason := "hbone_stream"
 		var se hbone.StatusError
@@ -283,6 +281,17 @@ func (sv *Serving) outbound(c *net.TCPConn, slots chan struct{}) {
 		return
 	}
 	sv.finished(r, res.ToApp, nFirst+res.FromApp, res.Err)
+}
+
+// spliceTracked splices the app's connection c to its outbound stream s,
+// tracked for Close's cut meanwhile. The untrack is deferred: after a
+// panic in the splice (recoverConn resets c and the agent goes on) the
+// closer stayed in sv.closers until the pod's serving closed, one per
+// panic (TestSplicePanicCleansUp).
+func (sv *Serving) spliceTracked(s *hbone.Stream, c *net.TCPConn) hbone.SpliceResult {
+	closer := sv.track(func() { s.Reset(hbone.ErrCodeCancel); reset(c) })
+	defer sv.untrack(closer)
+	return s.Splice(c)
 }
 
 // firstBufs hold an app's first bytes while its stream is opened.
@@ -520,10 +529,21 @@ func (sv *Serving) inboundPlain(c *net.TCPConn, slots chan struct{}) {
 	}
 	r.release()
 	sv.opened(r)
-	fromClient, toClient, err := sv.relay(c, app)
-	sv.p.removeLive(lc)
+	fromClient, toClient, err := sv.relayLive(c, app, lc)
 	// For inbound, "sent" is what the local app sent back.
 	sv.finished(r, fromClient, toClient, err)
+}
+
+// relayLive relays the live connection lc (registered by stillAllowed)
+// and unregisters it once the relay ends, before the caller's finished,
+// so a policy change cannot revoke what is already logged as complete.
+// Deferred: after a panic in the relay (recoverConn resets the client and
+// the agent goes on) lc stayed in p.live until the process exited, and
+// the next policy change that refused it counted a policy_revoked for a
+// connection long gone (TestSplicePanicCleansUp).
+func (sv *Serving) relayLive(c *net.TCPConn, app net.Conn, lc *liveConn) (fromClient, toClient int64, err error) {
+	defer sv.p.removeLive(lc)
+	return sv.relay(c, app)
 }
 
 // stillAllowed registers lc for Reauthorize and checks it once more. The
@@ -807,18 +827,25 @@ func (sv *Serving) inboundStream(s *hbone.Stream, peerID string, peer netip.Addr
 		sv.failed(r, "hbone_stream", err)
 		return
 	}
+	toApp, fromApp, err := sv.spliceLive(s, app, lc)
+	sv.finished(r, toApp, fromApp, err)
+}
+
+// spliceLive splices the stream s to the app for the live connection lc
+// (registered by stillAllowed), tracked for Close's cut meanwhile. The
+// untrack and the unregistering are deferred, as in relayLive: a panic
+// in the splice (recoverConn resets s) left both behind. They still run
+// before the caller's finished (see relayLive).
+func (sv *Serving) spliceLive(s *hbone.Stream, app net.Conn, lc *liveConn) (toApp, fromApp int64, err error) {
 	closer := sv.track(lc.kill)
-	sv.opened(r)
-	var toApp, fromApp int64
+	defer sv.p.removeLive(lc)
+	defer sv.untrack(closer)
+	sv.opened(lc.rec)
 	if tc, ok := app.(*net.TCPConn); ok {
 		res := s.Splice(tc)
-		toApp, fromApp, err = res.ToApp, res.FromApp, res.Err
-	} else {
-		toApp, fromApp, err = genericSplice(s, app)
+		return res.ToApp, res.FromApp, res.Err
 	}
-	sv.untrack(closer)
-	sv.p.removeLive(lc)
-	sv.finished(r, toApp, fromApp, err)
+	return genericSplice(s, app)
 }
 
 // streamContext is a context that ends when the server stream s is
