@@ -33,7 +33,11 @@ import (
 // endLast), then echoes the stream's DATA and ends its side when the
 // client ends its own. A "data:" status is a DATA frame instead, its
 // payload the rest (what a server must not send before its final
-// response). rsts reports the codes of the client's RST_STREAMs.
+// response); a "hdr:" status a HEADERS block of a field x-trailer, the
+// rest its value, and no :status. A "trailers:" status is sent last, at
+// the client's END_STREAM, as such a block ending the server's side (in
+// place of an empty DATA). rsts reports the codes of the client's
+// RST_STREAMs.
 func scriptedServer(t *testing.T, endLast bool, statuses ...string) (c *Conn, rsts <-chan ErrCode) {
 	t.Helper()
 	ccfg, scfg := testTLS(t)
@@ -43,6 +47,12 @@ func scriptedServer(t *testing.T, endLast bool, statuses ...string) (c *Conn, rs
 	}
 	t.Cleanup(func() { ln.Close() })
 	rst := make(chan ErrCode, 16)
+	var trailers string
+	for _, st := range statuses {
+		if v, ok := strings.CutPrefix(st, "trailers:"); ok {
+			trailers = v
+		}
+	}
 	go func() {
 		raw, err := ln.Accept()
 		if err != nil {
@@ -87,8 +97,15 @@ func scriptedServer(t *testing.T, endLast bool, statuses ...string) (c *Conn, rs
 						out.Write(appendFrame(nil, frameData, 0, h.StreamID, []byte(p)))
 						continue
 					}
+					if strings.HasPrefix(st, "trailers:") {
+						continue
+					}
 					hb.Reset()
-					enc.WriteField(hpack.HeaderField{Name: ":status", Value: st})
+					if v, ok := strings.CutPrefix(st, "hdr:"); ok {
+						enc.WriteField(hpack.HeaderField{Name: "x-trailer", Value: v})
+					} else {
+						enc.WriteField(hpack.HeaderField{Name: ":status", Value: st})
+					}
 					if strings.HasPrefix(st, "103") {
 						enc.WriteField(hpack.HeaderField{Name: "link", Value: "</x.css>; rel=preload"})
 					}
@@ -105,7 +122,13 @@ func scriptedServer(t *testing.T, endLast bool, statuses ...string) (c *Conn, rs
 					out.Write(appendWindowUpdate(nil, 0, uint32(len(p))))
 					out.Write(appendWindowUpdate(nil, h.StreamID, uint32(len(p))))
 				}
-				if h.Flags&flagEndStream != 0 {
+				switch {
+				case h.Flags&flagEndStream == 0:
+				case trailers != "":
+					hb.Reset()
+					enc.WriteField(hpack.HeaderField{Name: "x-trailer", Value: trailers})
+					out.Write(appendFrame(nil, frameHeaders, flagEndHeaders|flagEndStream, h.StreamID, hb.Bytes()))
+				default:
 					out.Write(appendFrame(nil, frameData, flagEndStream, h.StreamID, nil))
 				}
 			case frameRSTStream:
@@ -273,6 +296,68 @@ func TestConnectBadInformationalRefused(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestConnectHeadersAfterResponseRefused: after the final response only
+// trailers may come, and they end the stream (RFC 9113 §8.1). A HEADERS
+// without END_STREAM after it (a header block, a second 200, a 103) is
+// malformed: the stream is reset with PROTOCOL_ERROR, the app reset, the
+// error says why, the connection goes on. Before, the block was ignored
+// and the tunnel carried on (the app read its echo). Trailers that end
+// the stream after the echo stay accepted.
+func TestConnectHeadersAfterResponseRefused(t *testing.T) {
+	for _, statuses := range [][]string{{"200", "hdr:late"}, {"200", "200"}, {"100", "200", "103"}} {
+		t.Run(strings.Join(statuses, ","), func(t *testing.T) {
+			c, rsts := scriptedServer(t, false, statuses...)
+			got, appErr, res, status := spliceEcho(t, c)
+			if got != "" || !errors.Is(appErr, syscall.ECONNRESET) {
+				t.Errorf("app read %q, %v, want a reset", got, appErr)
+			}
+			var re ResponseError
+			if !errors.As(res.Err, &re) || !strings.Contains(re.Error(), "HEADERS without END_STREAM after the final response") {
+				t.Errorf("Splice: %v, want a ResponseError saying HEADERS came without END_STREAM after the response", res.Err)
+			}
+			var se StreamError
+			if !errors.As(res.Err, &se) || se.Code != ErrCodeProtocol {
+				t.Errorf("Splice: %v, want it to be a PROTOCOL_ERROR reset too", res.Err)
+			}
+			// 200 when Splice ran before the response came, none when
+			// the stream was reset before Splice ran (as for any reset
+			// then).
+			if status != 200 && status != 0 {
+				t.Errorf("OnResponse saw %d, want 200 or no call", status)
+			}
+			select {
+			case code := <-rsts:
+				if code != ErrCodeProtocol {
+					t.Errorf("client reset the stream with %v, want PROTOCOL_ERROR", code)
+				}
+			case <-time.After(5 * time.Second):
+				t.Error("client sent no RST_STREAM")
+			}
+			if err := c.Err(); err != nil {
+				t.Errorf("connection: %v, want it open", err)
+			}
+		})
+	}
+	t.Run("trailers with END_STREAM", func(t *testing.T) {
+		c, rsts := scriptedServer(t, false, "200", "trailers:done")
+		got, appErr, res, status := spliceEcho(t, c)
+		if got != "ping" || appErr != nil {
+			t.Errorf("app read %q, %v, want the echo %q and EOF", got, appErr, "ping")
+		}
+		if res.Err != nil || res.FromApp != 4 || res.ToApp != 4 {
+			t.Errorf("Splice: %+v, want 4 bytes each way, no error", res)
+		}
+		if status != 200 {
+			t.Errorf("OnResponse saw %d, want 200", status)
+		}
+		select {
+		case code := <-rsts:
+			t.Errorf("client reset the stream (%v) that trailers ended", code)
+		default:
+		}
+	})
 }
 
 // TestConnectRefusalsUnchanged: final statuses outside 2xx stay

@@ -424,7 +424,14 @@ func (s *Stream) gotHeaders(fields []hpack.HeaderField, end bool) {
 		select {
 		case <-s.resp:
 			// Trailers, or a stream already reset: only END_STREAM
-			// matters.
+			// matters. After the final response only trailers may
+			// come, and they end the stream (RFC 9113 §8.1): a block
+			// without END_STREAM is malformed, a stream error, as
+			// the malformed responses before it are. It was ignored.
+			if !end {
+				s.malformedAfterResponse()
+				return
+			}
 		default:
 			st, info, bad = parseResponse(fields, end)
 			if info {
@@ -447,6 +454,23 @@ func (s *Stream) gotHeaders(fields []hpack.HeaderField, end bool) {
 	if end {
 		s.pushData(nil, nil, true)
 	}
+}
+
+// errHeadersAfterResponse: a HEADERS without END_STREAM after the final
+// response (RFC 9113 §8.1).
+var errHeadersAfterResponse = errors.New("HEADERS without END_STREAM after the final response (only trailers, which end the stream, may follow it)")
+
+// malformedAfterResponse resets a client stream that got
+// errHeadersAfterResponse with PROTOCOL_ERROR; its reader, or the app
+// through Splice, sees a ResponseError saying so (set before the reset,
+// which keeps an error already there: one reset earlier stays as it was).
+func (s *Stream) malformedAfterResponse() {
+	s.rmu.Lock()
+	if s.recvErr == nil && !(s.recvEnd && len(s.chunks) == 0) {
+		s.recvErr = ResponseError{Reason: errHeadersAfterResponse.Error()}
+	}
+	s.rmu.Unlock()
+	s.Reset(ErrCodeProtocol)
 }
 
 // answered records a client stream's response, the final one: st, or 0
@@ -537,8 +561,9 @@ func parseResponse(fields []hpack.HeaderField, end bool) (status int, info bool,
 }
 
 // ResponseError is a CONNECT response the client cannot use: malformed,
-// a 101, or too many informational responses before the final one. The
-// stream is reset with PROTOCOL_ERROR, which Unwrap gives.
+// a 101, or too many informational responses before the final one; or a
+// HEADERS without END_STREAM after the final response. The stream is
+// reset with PROTOCOL_ERROR, which Unwrap gives.
 type ResponseError struct{ Reason string }
 
 func (e ResponseError) Error() string { return "hbone: bad CONNECT response: " + e.Reason }
