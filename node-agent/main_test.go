@@ -1,28 +1,21 @@
 package main
 
 import (
-	"context"
 	"crypto/rand"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
-	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
-	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
-
 	"github.com/ambit-mesh/ambit/internal/testenv"
 	"github.com/ambit-mesh/ambit/node-agent/instance"
-	"github.com/ambit-mesh/ambit/plugin/cniproto"
 )
 
 // healthAddr is a health address of this test alone: a fixed port on a
@@ -96,8 +89,7 @@ func TestRunStatic(t *testing.T) {
 	waitReady(t, health)
 
 	// A pod: a netns holding its IP.
-	f := podNetns(t, "amb-agt-main", "10.74.0.2/24")
-	addPod(t, dir, f, "10.74.0.2/24")
+	newTestPod(t, "web", "10.74.0", false).add(t, filepath.Join(dir, "cni.sock"))
 	if _, body := get("http://" + health + "/metrics"); !strings.Contains(body, "ambit_agent_enrolled_pods 1") || !strings.Contains(body, "ambit_identity_") {
 		t.Fatalf("metrics after ADD lack the enrolled pod or identity metrics")
 	}
@@ -116,49 +108,6 @@ func waitReady(t *testing.T, health string) {
 			t.Fatal("agent not ready within 30s")
 		}
 		time.Sleep(50 * time.Millisecond)
-	}
-}
-
-// podNetns makes a named netns (name starting with prefix) with addr on
-// its loopback (a pod, as far as the agent can tell) and returns it open.
-func podNetns(t *testing.T, prefix, addr string) *os.File {
-	t.Helper()
-	name := fmt.Sprintf("%s%d", prefix, time.Now().UnixNano()%1e9)
-	func() {
-		runtime.LockOSThread()
-		defer runtime.UnlockOSThread()
-		orig, _ := netns.Get()
-		defer orig.Close()
-		h, err := netns.NewNamed(name)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer netns.Set(orig)
-		h.Close()
-		lo, _ := netlink.LinkByName("lo")
-		netlink.LinkSetUp(lo)
-		a, _ := netlink.ParseAddr(addr)
-		netlink.AddrAdd(lo, a)
-	}()
-	t.Cleanup(func() { netns.DeleteNamed(name) })
-	f, err := os.Open("/var/run/netns/" + name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { f.Close() })
-	return f
-}
-
-// addPod sends the agent in dir a CNI ADD for pod apps/web with ip in
-// the netns pod and fails the test unless the agent enrolls it.
-func addPod(t *testing.T, dir string, pod *os.File, ip string) {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
-	defer cancel()
-	resp, err := cniproto.Call(ctx, filepath.Join(dir, "cni.sock"), &cniproto.Request{Version: cniproto.Version, Op: cniproto.OpAdd,
-		Pod: cniproto.Pod{Namespace: "apps", Name: "web", UID: "u1", ContainerID: "c1", Netns: pod.Name(), IPs: []netip.Prefix{netip.MustParsePrefix(ip)}}}, pod)
-	if err != nil || resp.Decision != cniproto.Enroll {
-		t.Fatalf("ADD: %+v %v", resp, err)
 	}
 }
 

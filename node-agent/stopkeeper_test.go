@@ -4,14 +4,10 @@ import (
 	"crypto/tls"
 	"errors"
 	"net"
-	"os"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/vishvananda/netns"
 
 	"github.com/ambit-mesh/ambit/internal/testenv"
 	"github.com/ambit-mesh/ambit/node-agent/keeper"
@@ -38,8 +34,8 @@ func TestSIGTERMAloneKeepsKeeperListeners(t *testing.T) {
 	agent := startProcess(t, bin, "run", "-config", cfg)
 	waitReady(t, health)
 
-	pod := podNetns(t, "amb-agt-keep", "10.78.0.2/24")
-	addPod(t, dir, pod, "10.78.0.2/24")
+	pod := newTestPod(t, "web", "10.78.0", false)
+	pod.add(t, filepath.Join(dir, "cni.sock"))
 	kc, err := keeper.Dial(kpath)
 	if err != nil {
 		t.Fatal(err)
@@ -55,7 +51,7 @@ func TestSIGTERMAloneKeepsKeeperListeners(t *testing.T) {
 	stopBySIGTERM(t, agent)
 	// No agent: the handshake completes in the kept listener's queue.
 	var c net.Conn
-	inPod(t, pod, func() { c, err = net.DialTimeout("tcp", "10.78.0.2:15008", 2*time.Second) })
+	inNamedNetns(t, pod.ns, func() error { c, err = net.DialTimeout("tcp", "10.78.0.2:15008", 2*time.Second); return nil })
 	if err != nil {
 		t.Fatalf("HBONE port while the agent is down: %v (refused: the stop released the keeper's copies)", err)
 	}
@@ -76,22 +72,4 @@ func TestSIGTERMAloneKeepsKeeperListeners(t *testing.T) {
 		t.Fatalf("TLS to HBONE on the connection made while the agent was down: %v", herr)
 	}
 	t.Logf("connection made while no agent ran, answered by the restarted one (TLS: %v)", herr)
-}
-
-// inPod runs fn on a thread in pod's netns.
-func inPod(t *testing.T, pod *os.File, fn func()) {
-	t.Helper()
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread() // the thread dies with the goroutine, netns and all
-		if err := netns.Set(netns.NsHandle(pod.Fd())); err != nil {
-			errc <- err
-			return
-		}
-		fn()
-		errc <- nil
-	}()
-	if err := <-errc; err != nil {
-		t.Fatal(err)
-	}
 }
