@@ -293,16 +293,24 @@ func testConfig(dir, invPath string) config.Config {
 	return c
 }
 
+// agentDir makes a state directory for agents, removed at the end. It is
+// under /tmp, not t.TempDir: the plugin socket's path inside it must stay
+// short.
+func agentDir(t testing.TB) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "amb-agt-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
+}
+
 // startAgent runs an agent on dir (created if empty) with inventory body.
 func startAgent(t testing.TB, dir, inv string, opts ...func(*Options)) *harness {
 	t.Helper()
 	if dir == "" {
-		var err error
-		dir, err = os.MkdirTemp("", "amb-agt-")
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { os.RemoveAll(dir) })
+		dir = agentDir(t)
 	}
 	h := &harness{t: t, dir: dir, invPath: filepath.Join(dir, "inventory.yaml"), sock: filepath.Join(dir, "cni.sock"), tun: &echoTunnel{}}
 	if inv != "" {

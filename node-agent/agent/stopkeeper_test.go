@@ -44,16 +44,31 @@ func withKeeper(t *testing.T, path string) func(*Options) {
 	return func(o *Options) { o.Keeper = k }
 }
 
+// keeperNode is a node whose agent keeps its pods' listeners in a
+// keeper: a state dir, the keeper (kpath), and the agent's entry in the
+// instance registry (self, and the option that runs Beside on it).
+func keeperNode(t *testing.T) (dir, kpath string, self *instance.Self, inRegistry func(*Options)) {
+	t.Helper()
+	dir = agentDir(t)
+	kpath, _ = startKeeper(t, dir)
+	self, inRegistry = registered(t, dir)
+	return dir, kpath, self, inRegistry
+}
+
+// restartAgent is the agent container restarted on a keeperNode: same
+// state dir, same keeper, a new registry entry.
+func restartAgent(t *testing.T, dir, kpath string) *harness {
+	t.Helper()
+	_, inRegistry := registered(t, dir)
+	return startAgent(t, dir, invAmbient, withKeeper(t, kpath), inRegistry)
+}
+
 // surgeNode is a node in a surge upgrade: a state dir with a keeper of
 // its own for the old agent and for the new one (each agent pod has its
 // own emptyDir), and the old agent's entry in the instance registry.
 func surgeNode(t *testing.T) (dir, oldKeeper, newKeeper string, oldReg func(*Options)) {
 	t.Helper()
-	dir, err := os.MkdirTemp("", "amb-agt-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
+	dir = agentDir(t)
 	oldKeeper, _ = startKeeper(t, filepath.Join(dir, "old"))
 	newKeeper, _ = startKeeper(t, filepath.Join(dir, "new"))
 	_, oldReg = registered(t, dir)
@@ -125,13 +140,7 @@ func (q queued) served(t *testing.T) {
 // copies as for a hand-over, and every one of these was refused.
 func TestStopWithoutSuccessorKeepsListeners(t *testing.T) {
 	testenv.RequireRoot(t)
-	dir, err := os.MkdirTemp("", "amb-agt-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	kpath, _ := startKeeper(t, dir)
-	self, inRegistry := registered(t, dir)
+	dir, kpath, self, inRegistry := keeperNode(t)
 	h := startAgent(t, dir, invAmbient, withKeeper(t, kpath), inRegistry)
 	const n = 4
 	pods := enrollPods(t, h, n, "10.75.0")
@@ -185,8 +194,7 @@ func TestStopWithoutSuccessorKeepsListeners(t *testing.T) {
 
 	// The restarted container: same state directory, same keeper. Its
 	// listeners replace the kept ones, whose queues move to them.
-	_, inRegistry = registered(t, dir)
-	startAgent(t, dir, invAmbient, withKeeper(t, kpath), inRegistry)
+	restartAgent(t, dir, kpath)
 	for _, q := range waiting {
 		q.served(t)
 	}
@@ -362,13 +370,7 @@ func servedWithin(t *testing.T, n *testNetns, addr string, d time.Duration) erro
 // queue for the whole drain (drainTimeout) and the restart.
 func TestStopWithoutSuccessorServesWhileDraining(t *testing.T) {
 	testenv.RequireRoot(t)
-	dir, err := os.MkdirTemp("", "amb-agt-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	kpath, _ := startKeeper(t, dir)
-	self, inRegistry := registered(t, dir)
+	dir, kpath, self, inRegistry := keeperNode(t)
 	const drain = 30 * time.Second
 	h := startAgent(t, dir, invAmbient, withKeeper(t, kpath), inRegistry, withRealTunnel(t), func(o *Options) {
 		o.Config.DrainTimeout = config.Duration{Duration: drain}
@@ -380,6 +382,7 @@ func TestStopWithoutSuccessorServesWhileDraining(t *testing.T) {
 	// A long-lived connection (a client's keep-alive pool) keeps the
 	// drain going.
 	var held net.Conn
+	var err error
 	inNetns(t, client, func() error { held, err = net.DialTimeout("tcp", server, 2*time.Second); return nil })
 	if err != nil {
 		t.Fatal(err)
@@ -420,8 +423,7 @@ func TestStopWithoutSuccessorServesWhileDraining(t *testing.T) {
 	// The keeper kept the listeners: a connection made now is queued
 	// and served by the restarted agent.
 	q := dialQueued(t, client, "127.0.0.1:15001", "captured:15001")
-	_, inRegistry = registered(t, dir)
-	startAgent(t, dir, invAmbient, withKeeper(t, kpath), inRegistry)
+	restartAgent(t, dir, kpath)
 	q.served(t)
 }
 
