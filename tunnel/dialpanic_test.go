@@ -31,15 +31,21 @@ func TestOutboundDialPanic(t *testing.T) {
 	go peerEcho(m.A.Listen(t, "[::]:8080"))
 	po.armed.Store(true)
 
+	// The agent resets the app's connection as soon as the dial panics,
+	// which on a loaded machine can be before the app's connect(2) has
+	// returned: a reset there is the same outcome (1 in ~6 runs here).
 	c, err := m.B.Dial(netip.AddrPortFrom(m.A.Pod.IP4, 8080))
-	if err != nil {
+	switch {
+	case errors.Is(err, syscall.ECONNRESET):
+	case err != nil:
 		t.Fatal(err)
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(10 * time.Second))
-	io.WriteString(c, "who\n")
-	if _, err := io.ReadAll(c); !errors.Is(err, syscall.ECONNRESET) {
-		t.Errorf("B's app read %v from a connection whose dial panicked, want a reset", err)
+	default:
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		io.WriteString(c, "who\n")
+		if _, err := io.ReadAll(c); !errors.Is(err, syscall.ECONNRESET) {
+			t.Errorf("B's app read %v from a connection whose dial panicked, want a reset", err)
+		}
 	}
 	if po.armed.Load() {
 		t.Fatal("B's Certificate was not called by the dial")

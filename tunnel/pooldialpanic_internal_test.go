@@ -1,7 +1,6 @@
 package tunnel
 
 import (
-	"bytes"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -9,7 +8,6 @@ import (
 	"net"
 	"net/netip"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -40,24 +38,6 @@ func (c *stallPanicCerts) Certificate(ctx context.Context, id string) (*tls.Cert
 	return c.testCerts.Certificate(ctx, id)
 }
 
-// syncBuffer is a log sink the agent's goroutines write to.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // TestPoolDialPanic: a panic in our client-certificate callback during
 // the pool's outbound handshake fails the dial for each of its waiters
 // (internal_error, for their connections' count), is logged with its
@@ -73,7 +53,7 @@ func TestPoolDialPanic(t *testing.T) {
 	tc.set(idClient, chain(mint(t, leafTmpl(t, idClient), root)))
 	certs := &stallPanicCerts{testCerts: tc, started: make(chan struct{}), release: make(chan struct{})}
 	certs.armed.Store(true)
-	logs := &syncBuffer{}
+	logs := &testenv.Buffer{}
 	p, err := New(Config{Directory: noDirectory{}, Certificates: certs,
 		Logger:          slog.New(slog.NewTextHandler(logs, nil)),
 		PoolIdleTimeout: time.Hour,
@@ -201,7 +181,7 @@ func TestHBONEReadLoopPanic(t *testing.T) {
 	certs := newTestCerts(root.cert)
 	certs.set(idServer, chain(mint(t, leafTmpl(t, idServer), root)))
 	certs.set(idClient, chain(mint(t, leafTmpl(t, idClient), root)))
-	logs := &syncBuffer{}
+	logs := &testenv.Buffer{}
 	reg := prometheus.NewRegistry()
 	p, err := New(Config{Directory: noDirectory{}, Certificates: certs, Registerer: reg,
 		Logger:          slog.New(slog.NewTextHandler(logs, nil)),
