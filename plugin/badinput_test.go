@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"net"
 	"os"
@@ -142,7 +143,7 @@ func TestBadInput(t *testing.T) {
 	if !strings.Contains(string(out), "10.9.0.5/24") {
 		t.Fatalf("ADD did not print prevResult: %s", out)
 	}
-	if err := redirect.Verify(d.pod, redirect.DefaultSpec()); err != nil {
+	if err := redirect.Verify(context.Background(), d.pod, redirect.DefaultSpec()); err != nil {
 		t.Fatal(err)
 	}
 }

@@ -123,19 +123,19 @@ func (r *responder) netnsWork(req *cniproto.Request, f *os.File, sp *redirect.Sp
 	defer n.Close()
 	switch {
 	case req.Op == cniproto.OpDel:
-		if err := redirect.Uninstall(n); err != nil {
+		if err := redirect.Uninstall(context.Background(), n); err != nil {
 			return fail(cniproto.CodeIO, err)
 		}
 	case req.Op == cniproto.OpAdd && sp != nil:
-		if _, err := redirect.Install(n, req.RuleBackend, *sp); err != nil {
+		if _, err := redirect.Install(context.Background(), n, req.RuleBackend, *sp); err != nil {
 			return fail(cniproto.CodeRedirect, fmt.Errorf("installing the redirection: %w", err))
 		}
 	case req.Op == cniproto.OpCheck && sp != nil:
-		if err := redirect.Verify(n, *sp); err != nil {
+		if err := redirect.Verify(context.Background(), n, *sp); err != nil {
 			return fail(cniproto.CodeCheck, err)
 		}
 	case req.Op == cniproto.OpCheck:
-		if found, err := redirect.Installed(n); err != nil || len(found) > 0 {
+		if found, err := redirect.Installed(context.Background(), n); err != nil || len(found) > 0 {
 			return fail(cniproto.CodeCheck, fmt.Errorf("not enrolled but holds %v rules (%v)", found, err))
 		}
 	}
@@ -386,7 +386,7 @@ func (p *pod) env(netns string) []string {
 // noRules asserts the pod netns holds nothing of ours.
 func noRules(t testing.TB, p *pod) {
 	t.Helper()
-	found, err := redirect.Installed(p.ns)
+	found, err := redirect.Installed(context.Background(), p.ns)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"net/netip"
 	"os/exec"
@@ -40,11 +41,11 @@ func TestEnrolledPodIsRedirected(t *testing.T) {
 					!slices.ContainsFunc(req.Pod.IPs, func(p2 netip.Prefix) bool { return p2.Addr() == p.ip4 }) {
 					t.Fatalf("agent request: %+v (fds %d)", req, agent.fds)
 				}
-				found, err := redirect.Installed(p.ns)
+				found, err := redirect.Installed(context.Background(), p.ns)
 				if err != nil || len(found) != 1 || found[0] != b {
 					t.Fatalf("installed: %v %v, want [%s]", found, err, b)
 				}
-				if err := redirect.Verify(p.ns, agent.spec); err != nil {
+				if err := redirect.Verify(context.Background(), p.ns, agent.spec); err != nil {
 					t.Fatal(err)
 				}
 				proveRedirection(t, n, p)
@@ -168,7 +169,7 @@ func TestAddTwiceAndCheckDetectsDeletedRule(t *testing.T) {
 			if !strings.Contains(string(out), p.ip4.String()) {
 				t.Fatalf("second ADD did not return prevResult: %s", out)
 			}
-			if err := redirect.Verify(p.ns, agent.spec); err != nil {
+			if err := redirect.Verify(context.Background(), p.ns, agent.spec); err != nil {
 				t.Fatalf("after ADD twice: %v", err)
 			}
 			// Someone deletes one rule: CHECK must notice.
@@ -244,7 +245,7 @@ func TestConcurrentAdds(t *testing.T) {
 		}
 	}
 	for _, p := range ps {
-		if err := redirect.Verify(p.ns, agent.spec); err != nil {
+		if err := redirect.Verify(context.Background(), p.ns, agent.spec); err != nil {
 			t.Fatal(err)
 		}
 	}

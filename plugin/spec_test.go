@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"os"
 	"path/filepath"
@@ -121,7 +122,7 @@ func TestPrevResultVerbatim(t *testing.T) {
 			}
 		}
 	}
-	if err := redirect.Verify(d.pod, redirect.DefaultSpec()); err != nil {
+	if err := redirect.Verify(context.Background(), d.pod, redirect.DefaultSpec()); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -139,7 +140,7 @@ func TestDelAfterConfigChanged(t *testing.T) {
 		if _, e := d.run("ADD", nil); e != nil {
 			t.Fatalf("%s: ADD: %v", what, e)
 		}
-		if err := redirect.Verify(d.pod, redirect.DefaultSpec()); err != nil {
+		if err := redirect.Verify(context.Background(), d.pod, redirect.DefaultSpec()); err != nil {
 			t.Fatalf("%s: after ADD: %v", what, err)
 		}
 	}
@@ -178,7 +179,7 @@ func TestDelAfterConfigChanged(t *testing.T) {
 		if dels() != before+1 {
 			t.Errorf("%s: DEL did not reach the agent (agent saw %v)", c.name, agent.ops()[before:])
 		}
-		found, err := redirect.Installed(d.pod)
+		found, err := redirect.Installed(context.Background(), d.pod)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -120,7 +120,7 @@ func (a *Agent) adoptLocked(ctx context.Context, rec state.Pod, scan *lazyScan) 
 		if d := a.policy.Decide(cp, nsp); !d.Enroll {
 			// Unlabelled while no agent ran.
 			p.netns = f
-			if err := a.rules.Uninstall(f); err != nil {
+			if err := a.rules.Uninstall(loopCtx, f); err != nil {
 				a.log.Warn("removing redirection of a pod unenrolled while the agent was away", "pod", podName, "err", err)
 			}
 			p.netns = nil
@@ -289,12 +289,12 @@ func (a *Agent) verifyPod(p *pod) {
 		return // deleted or unenrolled meanwhile
 	}
 	name := p.rec.Namespace + "/" + p.rec.Name
-	if err := a.rules.Recheck(p.netns, p.spec, &p.checked); err == nil {
+	if err := a.rules.Recheck(loopCtx, p.netns, p.spec, &p.checked); err == nil {
 		return
 	} else {
 		a.log.Warn("redirection differs from what it should be, repairing", "pod", name, "problem", err)
 	}
-	backend, err := a.rules.Install(p.netns, "", p.spec)
+	backend, err := a.rules.Install(loopCtx, p.netns, "", p.spec)
 	if err != nil {
 		a.m.failures.WithLabelValues("redirect").Inc()
 		a.log.Error("repairing redirection failed", "pod", name, "err", err)

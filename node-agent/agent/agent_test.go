@@ -147,7 +147,7 @@ func TestLiveLabelFlip(t *testing.T) {
 		t.Fatal(err)
 	}
 	eventually(t, "traffic captured after labelling", func() bool { return say() == "captured:15001" })
-	if err := (Rules{}).Verify(openFile(t, pod.path), *h.a.podByName("apps/web").specCopy()); err != nil {
+	if err := (Rules{}).Verify(context.Background(), openFile(t, pod.path), *h.a.podByName("apps/web").specCopy()); err != nil {
 		t.Fatalf("rules after live enrollment: %v", err)
 	}
 	inflight, line, err := dialFrom(t, pod, "10.64.0.1:8080")
@@ -186,7 +186,7 @@ func TestLiveLabelFlip(t *testing.T) {
 	})
 	var left bool
 	withNS(openFile(t, pod.path), func(n ns.NetNS) error {
-		found, _ := redirect.Installed(n)
+		found, _ := redirect.Installed(context.Background(), n)
 		left = len(found) > 0
 		return nil
 	})
@@ -379,7 +379,7 @@ func enrollLikePlugin(t testing.TB, h *harness, name string, n *testNetns, ip st
 	if err != nil || resp.Decision != cniproto.Enroll {
 		t.Fatalf("ADD %s: %+v %v", name, resp, err)
 	}
-	if err := (Rules{}).Verify(n.file, *resp.Redirect); err != nil {
+	if err := (Rules{}).Verify(context.Background(), n.file, *resp.Redirect); err != nil {
 		t.Fatalf("rules in %s after ADD: %v", name, err)
 	}
 }
@@ -396,11 +396,11 @@ func TestRestartReadoptsEveryPod(t *testing.T) {
 	if _, _, err := dialFrom(t, pods[0], "127.0.0.1:15001"); err == nil {
 		t.Fatal("a listener survived the agent")
 	}
-	if err := (Rules{}).Verify(pods[0].file, redirect.DefaultSpec()); err != nil && !strings.Contains(err.Error(), "ipv6") {
+	if err := (Rules{}).Verify(context.Background(), pods[0].file, redirect.DefaultSpec()); err != nil && !strings.Contains(err.Error(), "ipv6") {
 		// IPv4-only pods: only v4 rules are expected.
 	}
 	// Someone flushed one pod's rules while the agent was away.
-	if err := (Rules{}).Uninstall(pods[7].file); err != nil {
+	if err := (Rules{}).Uninstall(context.Background(), pods[7].file); err != nil {
 		t.Fatal(err)
 	}
 	h2 := startAgent(t, dir, invAmbient)
@@ -416,7 +416,7 @@ func TestRestartReadoptsEveryPod(t *testing.T) {
 	}
 	eventually(t, "the flushed pod repaired", func() bool { return testutil.ToFloat64(h2.a.m.repairs) == 1 })
 	spec := *h2.a.podByName("apps/web-7").specCopy()
-	if err := (Rules{}).Verify(pods[7].file, spec); err != nil {
+	if err := (Rules{}).Verify(context.Background(), pods[7].file, spec); err != nil {
 		t.Fatalf("flushed rules not repaired: %v", err)
 	}
 }
@@ -505,7 +505,7 @@ func TestUnenrollAll(t *testing.T) {
 	}
 	for i, p := range pods {
 		withNS(p.file, func(n ns.NetNS) error {
-			if found, _ := redirect.Installed(n); len(found) > 0 {
+			if found, _ := redirect.Installed(context.Background(), n); len(found) > 0 {
 				t.Errorf("pod %d still has rules: %v", i, found)
 			}
 			return nil
@@ -535,7 +535,7 @@ func TestFlushedRulesRepairedWhileRunning(t *testing.T) {
 	} else {
 		c.Close()
 	}
-	if err := (Rules{}).Uninstall(pod.file); err != nil {
+	if err := (Rules{}).Uninstall(context.Background(), pod.file); err != nil {
 		t.Fatal(err)
 	}
 	if _, line, err := dialFrom(t, pod, "10.68.1.1:9"); err == nil && line == "captured:15001" {
@@ -543,7 +543,7 @@ func TestFlushedRulesRepairedWhileRunning(t *testing.T) {
 	}
 	eventually(t, "the periodic check to repair the flushed pod", func() bool { return testutil.ToFloat64(h.a.m.repairs) == 1 })
 	spec := *h.a.podByName("apps/web").specCopy()
-	if err := (Rules{}).Verify(pod.file, spec); err != nil {
+	if err := (Rules{}).Verify(context.Background(), pod.file, spec); err != nil {
 		t.Fatalf("rules after the repair: %v", err)
 	}
 	c, line, err := dialFrom(t, pod, "10.68.1.1:9")

@@ -40,7 +40,7 @@ func TestEnrollThroughRealChain(t *testing.T) {
 			if p == nil || p.rec.ContainerID != web.ContainerID || len(p.rec.IPs) != 1 || p.rec.IPs[0] != web.IP {
 				t.Fatalf("agent's record %+v, pod %+v", p, web)
 			}
-			if err := redirect.Verify(web.NetNS, p.spec); err != nil {
+			if err := redirect.Verify(context.Background(), web.NetNS, p.spec); err != nil {
 				t.Fatalf("rules installed by the plugin: %v", err)
 			}
 			// The directory learned the pod's IP from prevResult.

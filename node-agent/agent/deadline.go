@@ -12,6 +12,13 @@ import (
 // GC). These keep a request that waits within it, so its answer still
 // reaches the plugin and its server slot is freed.
 
+// loopCtx is the context of the rule work of the agent's own loops (live
+// enrollment and unenrollment, the rule check and its repairs,
+// re-adoption): no deadline, so each iptables run keeps its own bound
+// (10 s), and the agent's stop does not cut it, since a removal or repair
+// stopped half-way leaves the pod's traffic sent where nothing listens.
+var loopCtx = context.Background()
+
 // answerMargin is how long before the request's deadline a request that
 // waits gives up: the server's write deadline on the connection is the
 // request's deadline, so an answer written at the deadline never reaches

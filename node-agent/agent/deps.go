@@ -51,17 +51,24 @@ func (t ProxyTunnel) Serve(pod tunnel.Pod) (Serving, error) {
 // CHECK and DEL (protocol version 2 plugins), at live enrollment and at
 // repair after a restart. A version 1 plugin installs its pod's rules
 // itself.
+//
+// ctx bounds the work: a plugin request passes its deadline (less the
+// time its answer needs), so a run waiting on the host's xtables lock
+// ends in time for a retryable answer; the background loops pass a
+// context without one, and each iptables run keeps its own bound (10 s).
+// An error of work cut by ctx wraps ctx's error.
 type Redirector interface {
 	// Install uses backend, or the configured one when backend is empty
-	// or auto.
-	Install(netns *os.File, backend redirect.Backend, spec redirect.Spec) (used string, err error)
-	Verify(netns *os.File, spec redirect.Spec) error
+	// or auto. It returns by ctx's deadline, with nothing of ours left
+	// behind on error (redirect.Install).
+	Install(ctx context.Context, netns *os.File, backend redirect.Backend, spec redirect.Spec) (used string, err error)
+	Verify(ctx context.Context, netns *os.File, spec redirect.Spec) error
 	// Installed lists the backends holding rules of ours in netns.
-	Installed(netns *os.File) ([]redirect.Backend, error)
+	Installed(ctx context.Context, netns *os.File) ([]redirect.Backend, error)
 	// Recheck is Verify for the periodic check of one pod: c carries what
 	// the previous checks of that netns saw (redirect.Recheck).
-	Recheck(netns *os.File, spec redirect.Spec, c *redirect.Checked) error
-	Uninstall(netns *os.File) error
+	Recheck(ctx context.Context, netns *os.File, spec redirect.Spec, c *redirect.Checked) error
+	Uninstall(ctx context.Context, netns *os.File) error
 }
 
 // Rules is the Redirector backed by plugin/redirect.
@@ -77,13 +84,13 @@ func withNS(f *os.File, fn func(ns.NetNS) error) error {
 }
 
 // Install implements Redirector.
-func (r Rules) Install(f *os.File, backend redirect.Backend, spec redirect.Spec) (string, error) {
+func (r Rules) Install(ctx context.Context, f *os.File, backend redirect.Backend, spec redirect.Spec) (string, error) {
 	if backend == "" || backend == redirect.Auto {
 		backend = r.Backend
 	}
 	var used redirect.Backend
 	err := withNS(f, func(n ns.NetNS) error {
-		b, err := redirect.Install(n, backend, spec)
+		b, err := redirect.Install(ctx, n, backend, spec)
 		used = b
 		return err
 	})
@@ -91,28 +98,28 @@ func (r Rules) Install(f *os.File, backend redirect.Backend, spec redirect.Spec)
 }
 
 // Verify implements Redirector.
-func (r Rules) Verify(f *os.File, spec redirect.Spec) error {
-	return withNS(f, func(n ns.NetNS) error { return redirect.Verify(n, spec) })
+func (r Rules) Verify(ctx context.Context, f *os.File, spec redirect.Spec) error {
+	return withNS(f, func(n ns.NetNS) error { return redirect.Verify(ctx, n, spec) })
 }
 
 // Installed implements Redirector.
-func (r Rules) Installed(f *os.File) ([]redirect.Backend, error) {
+func (r Rules) Installed(ctx context.Context, f *os.File) ([]redirect.Backend, error) {
 	var found []redirect.Backend
 	err := withNS(f, func(n ns.NetNS) (err error) {
-		found, err = redirect.Installed(n)
+		found, err = redirect.Installed(ctx, n)
 		return err
 	})
 	return found, err
 }
 
 // Recheck implements Redirector.
-func (r Rules) Recheck(f *os.File, spec redirect.Spec, c *redirect.Checked) error {
-	return withNS(f, func(n ns.NetNS) error { return redirect.Recheck(n, spec, c) })
+func (r Rules) Recheck(ctx context.Context, f *os.File, spec redirect.Spec, c *redirect.Checked) error {
+	return withNS(f, func(n ns.NetNS) error { return redirect.Recheck(ctx, n, spec, c) })
 }
 
 // Uninstall implements Redirector.
-func (r Rules) Uninstall(f *os.File) error {
-	return withNS(f, func(n ns.NetNS) error { return redirect.Uninstall(n) })
+func (r Rules) Uninstall(ctx context.Context, f *os.File) error {
+	return withNS(f, func(n ns.NetNS) error { return redirect.Uninstall(ctx, n) })
 }
 
 // Keeper holds copies of pods' listening sockets in another process

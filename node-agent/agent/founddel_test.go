@@ -147,7 +147,7 @@ func TestDelOfGoneSandboxKeepsFoundSandbox(t *testing.T) {
 	if err := listenersAnswer(t, n); err != nil {
 		t.Fatalf("found sandbox's listeners after DELs of older sandboxes: %v", err)
 	}
-	if err := (Rules{}).Verify(n.file, *p.specCopy()); err != nil {
+	if err := (Rules{}).Verify(context.Background(), n.file, *p.specCopy()); err != nil {
 		t.Fatalf("found sandbox's rules after DELs of older sandboxes: %v", err)
 	}
 

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -99,7 +100,7 @@ func (a *Agent) add(ctx context.Context, req *cniproto.Request, f *os.File, chec
 	}
 	if !found {
 		if a.static {
-			return a.rulesAnswer(req, f, check, nil)
+			return a.rulesAnswer(ctx, req, f, check, nil)
 		}
 		a.m.failures.WithLabelValues("unknown-pod").Inc()
 		return errResp(true, "ambit-agent: pod %s/%s is not known yet (cache warming or pod just created); retry", rp.Namespace, rp.Name)
@@ -138,7 +139,7 @@ func (a *Agent) add(ctx context.Context, req *cniproto.Request, f *os.File, chec
 			// Repeated ADD of the same sandbox or CHECK: still served;
 			// the rules are installed again (idempotent) or verified.
 			spec := existing.spec
-			return a.rulesAnswer(req, f, check, &spec)
+			return a.rulesAnswer(ctx, req, f, check, &spec)
 		}
 		a.releaseAsync(existing)
 	}
@@ -154,7 +155,7 @@ func (a *Agent) add(ctx context.Context, req *cniproto.Request, f *os.File, chec
 		}
 		a.register(p)
 		a.log.Debug("pod not enrolled", "pod", rp.Namespace+"/"+rp.Name, "reason", d.Reason)
-		return a.rulesAnswer(req, f, check, nil)
+		return a.rulesAnswer(ctx, req, f, check, nil)
 	}
 	spec := a.specFor(ips, f)
 	wl := a.workload(cp)
@@ -172,8 +173,15 @@ func (a *Agent) add(ctx context.Context, req *cniproto.Request, f *os.File, chec
 	kept = true
 	if req.Version >= 2 && !check {
 		// Listeners first, then the rules that send traffic to them.
-		if resp := a.rulesAnswer(req, f, false, &spec); resp.Error != "" {
+		if resp := a.rulesAnswer(ctx, req, f, false, &spec); resp.Error != "" {
 			a.releaseAsync(p)
+			if resp.Retryable {
+				// Out of time (the host's xtables lock): the runtime
+				// retries with a new sandbox; nothing to announce.
+				a.m.failures.WithLabelValues("rules-deadline").Inc()
+				a.log.Warn("enrollment not done by the request's deadline; the runtime retries", "pod", rp.Namespace+"/"+rp.Name, "err", resp.Error)
+				return resp
+			}
 			a.m.failures.WithLabelValues("redirect").Inc()
 			a.setStatus(cp, "failed", "EnrollmentFailed", resp.Error)
 			a.log.Warn("enrollment failed", "pod", rp.Namespace+"/"+rp.Name, "err", resp.Error)
@@ -190,7 +198,7 @@ func (a *Agent) add(ctx context.Context, req *cniproto.Request, f *os.File, chec
 	a.setStatus(cp, "enabled", "", "")
 	a.log.Info("pod enrolled", "pod", rp.Namespace+"/"+rp.Name, "identity", wl.Identity, "reason", d.Reason, "ipv4", spec.IPv4, "ipv6", spec.IPv6, "took", time.Since(start).Round(time.Microsecond))
 	if check {
-		return a.rulesAnswer(req, f, true, &spec)
+		return a.rulesAnswer(ctx, req, f, true, &spec)
 	}
 	return &cniproto.Response{Decision: cniproto.Enroll, Redirect: &spec}
 }
@@ -200,7 +208,13 @@ func (a *Agent) add(ctx context.Context, req *cniproto.Request, f *os.File, chec
 // atomic: on failure nothing of ours is left), CHECK verifies spec or,
 // for a pod not enrolled, that none of our rules are there. A version 1
 // plugin does this itself and gets the bare decision.
-func (a *Agent) rulesAnswer(req *cniproto.Request, f *os.File, check bool, spec *redirect.Spec) *cniproto.Response {
+//
+// The work ends answerMargin before the request's deadline: an iptables
+// run waiting on the host's xtables lock (one file for every netns of
+// the node, which kube-proxy or a CNI may hold for seconds) is cut, what
+// it left is removed, and the plugin gets a retryable error naming the
+// wait, in time, instead of no answer.
+func (a *Agent) rulesAnswer(ctx context.Context, req *cniproto.Request, f *os.File, check bool, spec *redirect.Spec) *cniproto.Response {
 	who := req.Pod.Namespace + "/" + req.Pod.Name
 	skip := &cniproto.Response{Decision: cniproto.Skip}
 	if req.Version < 2 {
@@ -209,11 +223,17 @@ func (a *Agent) rulesAnswer(req *cniproto.Request, f *os.File, check bool, spec 
 		}
 		return &cniproto.Response{Decision: cniproto.Enroll, Redirect: spec}
 	}
-	switch {
-	case spec == nil && !check:
+	if spec == nil && !check {
 		return skip
+	}
+	ctx, cancel := a.beforeAnswerDue(ctx)
+	defer cancel()
+	switch {
 	case spec == nil:
-		found, err := a.rules.Installed(f)
+		found, err := a.rules.Installed(ctx, f)
+		if outOfTime(err) {
+			return errResp(true, "ambit-agent: pod %s: reading its rules did not finish by this request's deadline; retry: %v", who, err)
+		}
 		if err != nil {
 			return codeResp(cniproto.CodeIO, "ambit-agent: reading the rules of pod %s: %v", who, err)
 		}
@@ -222,17 +242,29 @@ func (a *Agent) rulesAnswer(req *cniproto.Request, f *os.File, check bool, spec 
 		}
 		return skip
 	case check:
-		if err := a.rules.Verify(f, *spec); err != nil {
+		err := a.rules.Verify(ctx, f, *spec)
+		if outOfTime(err) {
+			return errResp(true, "ambit-agent: pod %s: checking its redirection did not finish by this request's deadline; retry: %v", who, err)
+		}
+		if err != nil {
 			return codeResp(cniproto.CodeCheck, "ambit-agent: pod %s: %v", who, err)
 		}
 	default:
-		backend, err := a.rules.Install(f, req.RuleBackend, *spec)
+		backend, err := a.rules.Install(ctx, f, req.RuleBackend, *spec)
+		if outOfTime(err) {
+			return errResp(true, "ambit-agent: pod %s: installing its redirection did not finish by this request's deadline; retry: %v", who, err)
+		}
 		if err != nil {
 			return codeResp(cniproto.CodeRedirect, "ambit-agent: installing the redirection for pod %s: %v", who, err)
 		}
 		a.log.Debug("redirection installed", "pod", who, "backend", backend)
 	}
 	return &cniproto.Response{Decision: cniproto.Enroll, Redirect: spec}
+}
+
+// outOfTime tells an error of rule work cut by its context.
+func outOfTime(err error) bool {
+	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled)
 }
 
 func codeResp(code uint, format string, args ...any) *cniproto.Response {
@@ -247,7 +279,10 @@ func (a *Agent) delWithRules(req *cniproto.Request, f *os.File) *cniproto.Respon
 	var ino uint64
 	if f != nil {
 		ino, _ = netnsfind.Inode(f)
-		uerr = a.rules.Uninstall(f)
+		// Not the request's deadline: a DEL goes on past it
+		// (detachable), and a removal cut half-way would leave rules
+		// sending the pod's traffic to listeners released below.
+		uerr = a.rules.Uninstall(loopCtx, f)
 		f.Close()
 	}
 	unlock := a.lock(req.Pod.Namespace, req.Pod.Name)

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"context"
 	"errors"
 	"net/netip"
 	"os"
@@ -378,7 +379,7 @@ func TestWatcherVerifiesOnlyWhatItAdopted(t *testing.T) {
 		t.Fatal(err)
 	}
 	eventually(t, "the adopted pod's rules checked and repaired by the watcher", func() bool {
-		found, err := h.a.rules.Installed(b.file)
+		found, err := h.a.rules.Installed(context.Background(), b.file)
 		return h.known("cid-b") && err == nil && len(found) > 0
 	})
 	h.a.mu.Lock()
@@ -500,9 +501,9 @@ type installHook struct {
 	fn func()
 }
 
-func (r installHook) Install(f *os.File, b redirect.Backend, spec redirect.Spec) (string, error) {
+func (r installHook) Install(ctx context.Context, f *os.File, b redirect.Backend, spec redirect.Spec) (string, error) {
 	r.fn()
-	return r.Rules.Install(f, b, spec)
+	return r.Rules.Install(ctx, f, b, spec)
 }
 
 // TestRepairLeavesARemovedRecordRemoved: the other agent serves the DEL

@@ -119,8 +119,8 @@ func helperMain(dir string) int {
 // baseline of BenchmarkAgentIdleCPU.
 type fullCheck struct{ Rules }
 
-func (f fullCheck) Recheck(netns *os.File, spec redirect.Spec, _ *redirect.Checked) error {
-	return f.Verify(netns, spec)
+func (f fullCheck) Recheck(ctx context.Context, netns *os.File, spec redirect.Spec, _ *redirect.Checked) error {
+	return f.Verify(ctx, netns, spec)
 }
 
 // agentProc is an agent running as its own process.

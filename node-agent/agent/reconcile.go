@@ -323,7 +323,7 @@ func (a *Agent) enrollLive(ctx context.Context, cp cluster.Pod, p *pod, scan *la
 		f.Close()
 		return err
 	}
-	backend, err := a.rules.Install(p.netns, "", spec)
+	backend, err := a.rules.Install(loopCtx, p.netns, "", spec)
 	if err != nil {
 		c, cancel := context.WithTimeout(context.Background(), time.Second)
 		a.release(c, p)
@@ -352,7 +352,7 @@ func (a *Agent) unenrollLive(p *pod, cp cluster.Pod) {
 			}
 		}
 	}
-	if err := a.rules.Uninstall(p.netns); err != nil {
+	if err := a.rules.Uninstall(loopCtx, p.netns); err != nil {
 		a.m.failures.WithLabelValues("redirect").Inc()
 		a.log.Error("removing redirection; closing listeners anyway (connections are refused, not leaked)", "pod", p.rec.Namespace+"/"+p.rec.Name, "err", err)
 	}

@@ -38,7 +38,7 @@ func (h *harness) callV(version int, backend redirect.Backend, op cniproto.Op, n
 
 func installed(t *testing.T, n *testNetns) []redirect.Backend {
 	t.Helper()
-	found, err := (Rules{}).Installed(n.file)
+	found, err := (Rules{}).Installed(context.Background(), n.file)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -61,7 +61,7 @@ func TestRulesAtAddCheckDel(t *testing.T) {
 	if resp.Decision != cniproto.Enroll || resp.Error != "" {
 		t.Fatalf("ADD: %+v", resp)
 	}
-	if err := (Rules{}).Verify(n.file, *resp.Redirect); err != nil {
+	if err := (Rules{}).Verify(context.Background(), n.file, *resp.Redirect); err != nil {
 		t.Fatalf("rules after ADD: %v", err)
 	}
 	if got := installed(t, n); !slices.Equal(got, []redirect.Backend{redirect.Nftables}) {
@@ -101,7 +101,7 @@ func TestRulesAtAddCheckDel(t *testing.T) {
 	if resp := h.callV(2, "", cniproto.OpAdd, "legacy", "old", other); resp.Decision != cniproto.Skip || len(installed(t, other)) != 0 {
 		t.Fatalf("ADD of a pod outside the mesh: %+v, rules %v", resp, installed(t, other))
 	}
-	if _, err := (Rules{}).Install(other.file, "", redirect.DefaultSpec()); err != nil {
+	if _, err := (Rules{}).Install(context.Background(), other.file, "", redirect.DefaultSpec()); err != nil {
 		t.Fatal(err)
 	}
 	if resp := h.callV(2, "", cniproto.OpCheck, "legacy", "old", other); resp.Code != cniproto.CodeCheck || !strings.Contains(resp.Error, "not enrolled") {

@@ -57,7 +57,7 @@ func UnenrollAll(ctx context.Context, stateDir, procRoot string, rules Redirecto
 			failed = append(failed, fmt.Errorf("%s: %w", name, err))
 			continue
 		}
-		err = rules.Uninstall(f)
+		err = rules.Uninstall(ctx, f)
 		f.Close()
 		if err != nil {
 			failed = append(failed, fmt.Errorf("%s: %w", name, err))

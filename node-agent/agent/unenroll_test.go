@@ -61,7 +61,7 @@ func TestUnenrollAllWithoutAPI(t *testing.T) {
 	}
 	t.Logf("reported: %v", err)
 	withNS(pod.file, func(n ns.NetNS) error {
-		if found, _ := redirect.Installed(n); len(found) > 0 {
+		if found, _ := redirect.Installed(context.Background(), n); len(found) > 0 {
 			t.Errorf("the local part was not done: rules left %v", found)
 		}
 		return nil

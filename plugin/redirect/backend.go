@@ -3,12 +3,14 @@ package redirect
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
 	"os/exec"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
 )
@@ -19,19 +21,36 @@ var concrete = []Backend{Nftables, IptablesNft, IptablesLegacy}
 // Install applies spec inside netns atomically and idempotently and
 // returns the backend used. Whatever another backend of ours left in the
 // netns is removed, so switching backends never leaves two rule sets. On
-// error nothing of ours is left behind.
-func Install(netns ns.NetNS, backend Backend, spec Spec) (Backend, error) {
+// error nothing of ours is left behind, or the error says what could not
+// be removed.
+//
+// Install returns by ctx's deadline. The work gets all but the last part
+// of the time (cleanupReserve): a run cut at its end (the legacy
+// restores wait for the host's xtables lock) can leave what the runs
+// before it applied (routes, the IPv4 rules, a table of two), and that
+// is removed in the time kept. The error of a cut install wraps ctx's
+// error (context.DeadlineExceeded): the caller can answer "retry". The
+// install is not cut short when ctx has no deadline and is not
+// canceled; each iptables run then has its own bound (iptablesTimeout).
+func Install(ctx context.Context, netns ns.NetNS, backend Backend, spec Spec) (Backend, error) {
 	if err := spec.Validate(); err != nil {
 		return "", err
 	}
-	s := newSession(netns)
+	if err := ctx.Err(); err != nil {
+		// Nothing applied, nothing to undo: a pod's rules already
+		// there (a repeated ADD) stay.
+		return "", fmt.Errorf("installing redirection: not started, %s: %w", endedBy(ctx), err)
+	}
+	work, cleanup, cancel := splitForCleanup(ctx)
+	defer cancel()
+	s := newSession(work, netns)
 	defer s.close()
 	b, err := resolve(s, backend)
 	if err != nil {
 		return "", err
 	}
 	err = installWith(s, b, spec)
-	if err != nil && (backend == Auto || backend == "") && b == Nftables {
+	if err != nil && (backend == Auto || backend == "") && b == Nftables && work.Err() == nil {
 		// nf_tables answers but cannot hold our table (a kernel before
 		// 5.2 has no inet nat; a module may be missing): iptables, not a
 		// failed pod.
@@ -42,6 +61,11 @@ func Install(netns ns.NetNS, backend Backend, spec Spec) (Backend, error) {
 		}
 	}
 	if err != nil {
+		// In the time kept for it, even when the work's time is up.
+		s.ctx = cleanup
+		if testHookRollback != nil {
+			testHookRollback()
+		}
 		if uerr := uninstall(s); uerr != nil {
 			err = fmt.Errorf("%w (and removing the partial state failed: %v)", err, uerr)
 		}
@@ -50,12 +74,36 @@ func Install(netns ns.NetNS, backend Backend, spec Spec) (Backend, error) {
 	return b, nil
 }
 
+// cleanupReserve is the most of a deadline Install keeps for removing
+// what a cut install applied: netlink removals take milliseconds, a
+// legacy restore undoing a table may wait on the xtables lock again. A
+// quarter of the time left when that is less.
+const cleanupReserve = time.Second
+
+// splitForCleanup returns the context for Install's work and the one for
+// its rollback. The rollback's ignores ctx's cancel (a stopping caller
+// must not leave half a rule set) but ends at ctx's deadline.
+func splitForCleanup(ctx context.Context) (work, cleanup context.Context, cancel func()) {
+	dl, ok := ctx.Deadline()
+	if !ok {
+		return ctx, context.WithoutCancel(ctx), func() {}
+	}
+	reserve := min(cleanupReserve, time.Until(dl)/4)
+	w, cw := context.WithDeadline(ctx, dl.Add(-reserve))
+	c, cc := context.WithDeadline(context.WithoutCancel(ctx), dl)
+	return w, c, func() { cw(); cc() }
+}
+
 // testHookCaptured, when set (tests), runs the moment the capture rules
-// are in.
-var testHookCaptured func()
+// are in; testHookRollback when a failed install starts removing what it
+// applied.
+var testHookCaptured, testHookRollback func()
 
 func installWith(s *session, b Backend, spec Spec) error {
 	netns := s.netns
+	if err := s.ctx.Err(); err != nil {
+		return fmt.Errorf("not started, %s: %w", endedBy(s.ctx), err)
+	}
 	// Routes before rules: without the rules no packet carries the mark,
 	// so the routes are inert until then; the other way round, a pod
 	// enrolled while it runs (a label flip) would have its capture, and
@@ -71,7 +119,7 @@ func installWith(s *session, b Backend, spec Spec) error {
 			return err
 		}
 	default:
-		if err := iptablesInstall(netns, b, spec); err != nil {
+		if err := iptablesInstall(s, b, spec); err != nil {
 			return err
 		}
 	}
@@ -117,15 +165,17 @@ func uninstallBackend(s *session, b Backend) error {
 	if err != nil || !ok {
 		return err
 	}
-	return iptablesUninstall(s.netns, b)
+	return iptablesUninstall(s, b)
 }
 
 // Uninstall removes whatever any backend of ours installed in netns:
 // the nftables table, our iptables chains and jumps in either variant, and
 // the ip rules and routes tagged with our protocol. It is a no-op when
-// nothing is there and never touches others' rules.
-func Uninstall(netns ns.NetNS) error {
-	s := newSession(netns)
+// nothing is there and never touches others' rules. ctx bounds the
+// iptables runs (each also has its own bound, iptablesTimeout); an error
+// of a run it cut wraps ctx's error.
+func Uninstall(ctx context.Context, netns ns.NetNS) error {
+	s := newSession(ctx, netns)
 	defer s.close()
 	return uninstall(s)
 }
@@ -147,9 +197,10 @@ func uninstall(s *session) error {
 	return nil
 }
 
-// Installed reports which backends of ours hold rules in netns.
-func Installed(netns ns.NetNS) ([]Backend, error) {
-	s := newSession(netns)
+// Installed reports which backends of ours hold rules in netns; ctx
+// bounds the iptables runs, as for Uninstall.
+func Installed(ctx context.Context, netns ns.NetNS) ([]Backend, error) {
+	s := newSession(ctx, netns)
 	defer s.close()
 	return installed(s)
 }
@@ -177,12 +228,13 @@ func installed(s *session) ([]Backend, error) {
 }
 
 // Verify returns an error naming what is missing or different, nil when
-// the netns holds exactly spec's redirection (by whichever backend).
-func Verify(netns ns.NetNS, spec Spec) error {
+// the netns holds exactly spec's redirection (by whichever backend); ctx
+// bounds the iptables runs, as for Uninstall.
+func Verify(ctx context.Context, netns ns.NetNS, spec Spec) error {
 	if err := spec.Validate(); err != nil {
 		return err
 	}
-	s := newSession(netns)
+	s := newSession(ctx, netns)
 	defer s.close()
 	_, err := verify(s, spec)
 	return err
@@ -207,7 +259,7 @@ func verify(s *session, spec Spec) (Backend, error) {
 		if found[0] == Nftables {
 			err = nftVerify(s, spec)
 		} else {
-			err = iptablesVerify(netns, found[0], spec)
+			err = iptablesVerify(s, found[0], spec)
 		}
 		if err != nil {
 			problems = append(problems, err.Error())

@@ -71,7 +71,7 @@ func dialBack(t *testing.T, b Backend, famName string, podIP, client netip.Addr,
 		sh(peer, "ip", "addr", "add", client.String()+bits, "dev", veth, "nodad")
 		sh(peer, "ip", "link", "set", veth, "up")
 		if b != "" {
-			if _, err := Install(pod, b, DefaultSpec()); err != nil {
+			if _, err := Install(context.Background(), pod, b, DefaultSpec()); err != nil {
 				t.Fatal(err)
 			}
 		}

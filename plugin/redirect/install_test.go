@@ -1,6 +1,7 @@
 package redirect
 
 import (
+	"context"
 	"os"
 	"os/exec"
 	"strings"
@@ -19,42 +20,42 @@ func TestInstallVerifyUninstall(t *testing.T) {
 		t.Run(string(b), func(t *testing.T) {
 			n := nstest.New(t, "rd")
 			spec := DefaultSpec()
-			if err := Verify(n, spec); err == nil || !strings.Contains(err.Error(), "no redirection") {
+			if err := Verify(context.Background(), n, spec); err == nil || !strings.Contains(err.Error(), "no redirection") {
 				t.Fatalf("Verify on an empty netns: %v, want 'no redirection'", err)
 			}
-			got, err := Install(n, b, spec)
+			got, err := Install(context.Background(), n, b, spec)
 			if err != nil {
 				t.Fatal(err)
 			}
 			if got != b {
 				t.Fatalf("Install used %s, want %s", got, b)
 			}
-			if err := Verify(n, spec); err != nil {
+			if err := Verify(context.Background(), n, spec); err != nil {
 				t.Fatalf("Verify after Install: %v", err)
 			}
 			// Idempotent: a second Install leaves exactly the same state.
-			if _, err := Install(n, b, spec); err != nil {
+			if _, err := Install(context.Background(), n, b, spec); err != nil {
 				t.Fatal(err)
 			}
-			if err := Verify(n, spec); err != nil {
+			if err := Verify(context.Background(), n, spec); err != nil {
 				t.Fatalf("Verify after a second Install: %v", err)
 			}
 			// A different spec is detected.
 			other := spec
 			other.InboundPort = 15016
-			if err := Verify(n, other); err == nil {
+			if err := Verify(context.Background(), n, other); err == nil {
 				t.Fatal("Verify accepted rules installed for another inbound port")
 			}
-			if err := Uninstall(n); err != nil {
+			if err := Uninstall(context.Background(), n); err != nil {
 				t.Fatal(err)
 			}
-			if found, err := Installed(n); err != nil || len(found) != 0 {
+			if found, err := Installed(context.Background(), n); err != nil || len(found) != 0 {
 				t.Fatalf("after Uninstall: %v %v", found, err)
 			}
 			if p := routesVerify(n, spec); len(p) != 2*2 {
 				t.Fatalf("after Uninstall, routes still present: %v", p)
 			}
-			if err := Uninstall(n); err != nil {
+			if err := Uninstall(context.Background(), n); err != nil {
 				t.Fatalf("second Uninstall: %v", err)
 			}
 		})
@@ -74,7 +75,7 @@ func TestRoutesBeforeCapture(t *testing.T) {
 			var missing []string
 			testHookCaptured = func() { called, missing = true, routesVerify(n, spec) }
 			defer func() { testHookCaptured = nil }()
-			if _, err := Install(n, b, spec); err != nil {
+			if _, err := Install(context.Background(), n, b, spec); err != nil {
 				t.Fatal(err)
 			}
 			if !called {
@@ -92,17 +93,17 @@ func TestInstallSwitchesBackend(t *testing.T) {
 	testenv.RequireRoot(t)
 	n := nstest.New(t, "rd")
 	spec := DefaultSpec()
-	if _, err := Install(n, IptablesNft, spec); err != nil {
+	if _, err := Install(context.Background(), n, IptablesNft, spec); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := Install(n, Nftables, spec); err != nil {
+	if _, err := Install(context.Background(), n, Nftables, spec); err != nil {
 		t.Fatal(err)
 	}
-	found, err := Installed(n)
+	found, err := Installed(context.Background(), n)
 	if err != nil || len(found) != 1 || found[0] != Nftables {
 		t.Fatalf("Installed = %v, %v; want [nftables]", found, err)
 	}
-	if err := Verify(n, spec); err != nil {
+	if err := Verify(context.Background(), n, spec); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -116,10 +117,10 @@ func TestUninstallKeepsOthersRules(t *testing.T) {
 	sh("iptables-nft", "-t", "nat", "-A", "OUTPUT", "-p", "udp", "-j", "ACCEPT")
 	sh("ip", "rule", "add", "fwmark", "0x111", "lookup", "100", "pref", "32000")
 	for _, b := range backends {
-		if _, err := Install(n, b, DefaultSpec()); err != nil {
+		if _, err := Install(context.Background(), n, b, DefaultSpec()); err != nil {
 			t.Fatal(err)
 		}
-		if err := Uninstall(n); err != nil {
+		if err := Uninstall(context.Background(), n); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -140,7 +141,7 @@ func TestCheckDetectsDeletedRule(t *testing.T) {
 		t.Run(string(b), func(t *testing.T) {
 			n := nstest.New(t, "rd")
 			spec := DefaultSpec()
-			if _, err := Install(n, b, spec); err != nil {
+			if _, err := Install(context.Background(), n, b, spec); err != nil {
 				t.Fatal(err)
 			}
 			err := n.Do(func(ns.NetNS) error {
@@ -152,7 +153,7 @@ func TestCheckDetectsDeletedRule(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if err := Verify(n, spec); err == nil {
+			if err := Verify(context.Background(), n, spec); err == nil {
 				t.Fatal("Verify missed a deleted rule")
 			} else {
 				t.Logf("Verify: %v", err)
@@ -178,13 +179,13 @@ func TestInstallWithIPv6Disabled(t *testing.T) {
 		t.Fatal(err)
 	}
 	spec := DefaultSpec()
-	if _, err := Install(n, Nftables, spec); err != nil {
+	if _, err := Install(context.Background(), n, Nftables, spec); err != nil {
 		t.Fatalf("Install with IPv6 disabled: %v", err)
 	}
-	if err := Verify(n, spec); err != nil {
+	if err := Verify(context.Background(), n, spec); err != nil {
 		t.Fatalf("Verify with IPv6 disabled: %v", err)
 	}
-	if err := Uninstall(n); err != nil {
+	if err := Uninstall(context.Background(), n); err != nil {
 		t.Fatal(err)
 	}
 }

@@ -23,8 +23,9 @@ const (
 	ChainOutput     = "AMBIT_OUTPUT"
 )
 
-// iptablesTimeout bounds one iptables(-restore/-save) run; the xtables
-// lock is host-wide, so a stuck holder must not hang pod creation.
+// iptablesTimeout bounds one iptables(-restore/-save) run when the
+// caller's context has no earlier end; the xtables lock is host-wide, so
+// a stuck holder must not hang a background loop either.
 const iptablesTimeout = 10 * time.Second
 
 type ipChain struct{ table, parent, chain string }
@@ -158,16 +159,25 @@ func restoreCommand(b Backend, f family) string {
 	return variantBinary(b, f, "restore") + " --noflush"
 }
 
-func runIn(netns ns.NetNS, stdin string, name string, args ...string) ([]byte, error) {
+// runIn runs one iptables tool inside netns. The run ends with ctx or
+// after iptablesTimeout, whichever comes first: a plugin request passes
+// its deadline, which on a busy node the host-wide xtables lock can
+// outlast, while a caller without one keeps the fixed bound.
+func runIn(ctx context.Context, netns ns.NetNS, stdin string, name string, args ...string) ([]byte, error) {
+	cmdline := strings.TrimSpace(name + " " + strings.Join(args, " "))
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("%s: not started, %s: %w", cmdline, endedBy(ctx), err)
+	}
 	path, err := exec.LookPath(name)
 	if err != nil {
 		return nil, fmt.Errorf("%s not found: install the iptables package or choose the nftables backend", name)
 	}
 	var out []byte
 	err = netns.Do(func(ns.NetNS) error {
-		ctx, cancel := context.WithTimeout(context.Background(), iptablesTimeout)
+		rctx, cancel := context.WithTimeout(ctx, iptablesTimeout)
 		defer cancel()
-		cmd := exec.CommandContext(ctx, path, args...)
+		start := time.Now()
+		cmd := exec.CommandContext(rctx, path, args...)
 		if stdin != "" {
 			cmd.Stdin = strings.NewReader(stdin)
 		}
@@ -175,12 +185,49 @@ func runIn(netns ns.NetNS, stdin string, name string, args ...string) ([]byte, e
 		cmd.Stderr = &stderr
 		o, err := cmd.Output()
 		out = o
+		if err != nil && rctx.Err() != nil {
+			return stoppedRun(ctx, cmdline, time.Since(start), takesXtablesLock(name))
+		}
 		if err != nil {
-			return fmt.Errorf("%s %s: %v: %s", name, strings.Join(args, " "), err, strings.TrimSpace(stderr.String()))
+			return fmt.Errorf("%s: %v: %s", cmdline, err, strings.TrimSpace(stderr.String()))
 		}
 		return nil
 	})
 	return out, err
+}
+
+// takesXtablesLock tells the runs that wait for the host's xtables lock
+// (--wait): the legacy variant's restores. iptables-nft and the saves
+// never take it.
+func takesXtablesLock(name string) bool { return strings.HasSuffix(name, "-legacy-restore") }
+
+// endedBy says why ctx ended, for messages.
+func endedBy(ctx context.Context) string {
+	if errors.Is(ctx.Err(), context.Canceled) {
+		return "the caller gave up (canceled)"
+	}
+	return "the caller's deadline has passed"
+}
+
+// stoppedRun is the error of a run killed before it finished, at ctx's
+// end or at iptablesTimeout. It wraps the context error, so a caller
+// tells "out of time: retry" from a rule the kernel refused, and names
+// the xtables lock's holder when the run was waiting for it.
+func stoppedRun(ctx context.Context, cmdline string, took time.Duration, locks bool) error {
+	why, cause := fmt.Sprintf("at its own %s bound", iptablesTimeout), error(context.DeadlineExceeded)
+	if err := ctx.Err(); err != nil {
+		why, cause = "when "+endedBy(ctx), err
+		if !errors.Is(err, context.Canceled) {
+			why = "at the caller's deadline"
+		}
+	}
+	msg := fmt.Sprintf("%s: stopped after %s, %s", cmdline, took.Round(time.Millisecond), why)
+	if locks {
+		if who, ok := xtablesLockHolder(); ok {
+			msg += fmt.Sprintf(", waiting for the host's xtables lock %s, %s", xtablesLockPath(), who)
+		}
+	}
+	return fmt.Errorf("%s: %w", msg, cause)
 }
 
 // saveLines returns "table line" for every rule line of iptables-save.
@@ -222,24 +269,31 @@ func ourSaveLines(out []byte) (rules map[string][]string, jumps map[string]int, 
 	return
 }
 
-func iptablesInstall(netns ns.NetNS, b Backend, s Spec) error {
+func iptablesInstall(ss *session, b Backend, s Spec) error {
 	for _, f := range families(s) {
-		out, err := runIn(netns, "", variantBinary(b, f, "save"))
+		out, err := runIn(ss.ctx, ss.netns, "", variantBinary(b, f, "save"))
 		if err != nil {
 			return err
 		}
+		if testHookBetweenRuns != nil {
+			testHookBetweenRuns(f)
+		}
 		payload := iptablesPayload(s, f, saveLines(out))
-		if _, err := runIn(netns, payload, variantBinary(b, f, "restore"), "--noflush", "--wait"); err != nil {
+		if _, err := runIn(ss.ctx, ss.netns, payload, variantBinary(b, f, "restore"), "--noflush", "--wait"); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
-func iptablesVerify(netns ns.NetNS, b Backend, s Spec) error {
+// testHookBetweenRuns, when set (tests), runs before each family's
+// restore.
+var testHookBetweenRuns func(f family)
+
+func iptablesVerify(ss *session, b Backend, s Spec) error {
 	var problems []string
 	for _, f := range []family{4, 6} {
-		out, err := runIn(netns, "", variantBinary(b, f, "save"))
+		out, err := runIn(ss.ctx, ss.netns, "", variantBinary(b, f, "save"))
 		if err != nil {
 			return err
 		}
@@ -320,7 +374,7 @@ func iptablesPresent(s *session, b Backend) (bool, error) {
 		if _, err := exec.LookPath(variantBinary(b, f, "save")); err != nil {
 			continue
 		}
-		out, err := runIn(netns, "", variantBinary(b, f, "save"))
+		out, err := runIn(s.ctx, netns, "", variantBinary(b, f, "save"))
 		if err != nil {
 			return false, err
 		}
@@ -367,13 +421,13 @@ func legacyTablesHere() bool {
 // chains, flush and delete the chains), built from what iptables-save
 // shows: one exec pair instead of dozens of go-iptables calls, and atomic
 // per table. Rules of others in the same tables stay untouched.
-func iptablesUninstall(netns ns.NetNS, b Backend) error {
+func iptablesUninstall(s *session, b Backend) error {
 	var errs []error
 	for _, f := range []family{4, 6} {
 		if _, err := exec.LookPath(variantBinary(b, f, "restore")); err != nil {
 			continue
 		}
-		out, err := runIn(netns, "", variantBinary(b, f, "save"))
+		out, err := runIn(s.ctx, s.netns, "", variantBinary(b, f, "save"))
 		if err != nil {
 			errs = append(errs, err)
 			continue
@@ -382,7 +436,7 @@ func iptablesUninstall(netns ns.NetNS, b Backend) error {
 		if payload == "" {
 			continue
 		}
-		if _, err := runIn(netns, payload, variantBinary(b, f, "restore"), "--noflush", "--wait"); err != nil {
+		if _, err := runIn(s.ctx, s.netns, payload, variantBinary(b, f, "restore"), "--noflush", "--wait"); err != nil {
 			errs = append(errs, err)
 		}
 	}

@@ -2,6 +2,7 @@ package redirect
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -192,12 +193,18 @@ func renderNft(s Spec) string {
 // setns to enter the netns, and a freshly seeded math/rand source inside
 // the netlink library), which is a measurable part of a CNI ADD.
 // A session is used by one goroutine and closed by its creator.
+//
+// ctx bounds the session's iptables runs; the netlink operations are not
+// cancellable, but none of them waits on anything host-wide.
 type session struct {
+	ctx   context.Context
 	netns ns.NetNS
 	nft   *nftables.Conn
 }
 
-func newSession(netns ns.NetNS) *session { return &session{netns: netns} }
+func newSession(ctx context.Context, netns ns.NetNS) *session {
+	return &session{ctx: ctx, netns: netns}
+}
 
 func (s *session) conn() (*nftables.Conn, error) {
 	if s.nft != nil {

@@ -1,6 +1,7 @@
 package redirect
 
 import (
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -50,7 +51,9 @@ func (c *Checked) Trusted() bool { return c.ok }
 // therefore trusted only once an earlier check had already read it (by
 // then that transaction was complete): after a change, the next two
 // checks read everything.
-func Recheck(netns ns.NetNS, spec Spec, c *Checked) error {
+//
+// ctx bounds the iptables runs of a full check, as for Verify.
+func Recheck(ctx context.Context, netns ns.NetNS, spec Spec, c *Checked) error {
 	if err := spec.Validate(); err != nil {
 		return err
 	}
@@ -90,7 +93,7 @@ func Recheck(netns ns.NetNS, spec Spec, c *Checked) error {
 	}
 	// A legacy nat or mangle table may hold chains of ours: the full
 	// check looks.
-	s := newSession(netns)
+	s := newSession(ctx, netns)
 	defer s.close()
 	backend, err := verify(s, spec)
 	prev, prevOK := c.seen, c.seenOK

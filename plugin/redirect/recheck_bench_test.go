@@ -1,6 +1,7 @@
 package redirect
 
 import (
+	"context"
 	"testing"
 	"time"
 
@@ -37,23 +38,23 @@ func BenchmarkRecheck(b *testing.B) {
 		b.Run(string(backend), func(b *testing.B) {
 			n := nstest.New(b, "rd")
 			spec := DefaultSpec()
-			if _, err := Install(n, backend, spec); err != nil {
+			if _, err := Install(context.Background(), n, backend, spec); err != nil {
 				b.Fatal(err)
 			}
 			var c Checked
 			for range 2 { // the second check trusts the generation
-				if err := Recheck(n, spec, &c); err != nil {
+				if err := Recheck(context.Background(), n, spec, &c); err != nil {
 					b.Fatal(err)
 				}
 			}
 			var verify, recheck time.Duration
 			for b.Loop() {
 				t0 := cpuNow(b)
-				if err := Verify(n, spec); err != nil {
+				if err := Verify(context.Background(), n, spec); err != nil {
 					b.Fatal(err)
 				}
 				t1 := cpuNow(b)
-				if err := Recheck(n, spec, &c); err != nil {
+				if err := Recheck(context.Background(), n, spec, &c); err != nil {
 					b.Fatal(err)
 				}
 				t2 := cpuNow(b)
@@ -82,7 +83,7 @@ func BenchmarkInstall(b *testing.B) {
 	start := time.Now()
 	for b.Loop() {
 		t0 := cpuNow(b)
-		if _, err := Install(n, Nftables, spec); err != nil {
+		if _, err := Install(context.Background(), n, Nftables, spec); err != nil {
 			b.Fatal(err)
 		}
 		cpu += cpuNow(b) - t0

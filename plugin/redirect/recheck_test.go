@@ -1,6 +1,7 @@
 package redirect
 
 import (
+	"context"
 	"os/exec"
 	"testing"
 	"time"
@@ -116,12 +117,12 @@ func TestRecheckSeesChanges(t *testing.T) {
 		for what, fn := range tamper {
 			t.Run(string(b)+"/"+what, func(t *testing.T) {
 				n := nstest.New(t, "rd")
-				if _, err := Install(n, b, spec); err != nil {
+				if _, err := Install(context.Background(), n, b, spec); err != nil {
 					t.Fatal(err)
 				}
 				var c Checked
 				for i := range 3 {
-					if err := Recheck(n, spec, &c); err != nil {
+					if err := Recheck(context.Background(), n, spec, &c); err != nil {
 						t.Fatalf("Recheck %d of intact rules: %v", i, err)
 					}
 					// A generation is trusted from the second check on.
@@ -130,21 +131,21 @@ func TestRecheckSeesChanges(t *testing.T) {
 					}
 				}
 				fn(t, n, b)
-				if err := Recheck(n, spec, &c); err == nil {
+				if err := Recheck(context.Background(), n, spec, &c); err == nil {
 					t.Fatal("Recheck missed it")
 				} else {
 					t.Logf("Recheck: %v", err)
 				}
-				if err := Verify(n, spec); err == nil {
+				if err := Verify(context.Background(), n, spec); err == nil {
 					t.Fatal("Verify missed it: the test changed nothing that matters")
 				}
 				// Repaired: found right again, and skipped again from
 				// the second check.
-				if _, err := Install(n, b, spec); err != nil {
+				if _, err := Install(context.Background(), n, b, spec); err != nil {
 					t.Fatal(err)
 				}
 				for i := range 2 {
-					if err := Recheck(n, spec, &c); err != nil {
+					if err := Recheck(context.Background(), n, spec, &c); err != nil {
 						t.Fatalf("Recheck %d after the repair: %v", i, err)
 					}
 				}
@@ -163,12 +164,12 @@ func TestRecheckOthersChanges(t *testing.T) {
 	testenv.RequireRoot(t)
 	n := nstest.New(t, "rd")
 	spec := DefaultSpec()
-	if _, err := Install(n, Nftables, spec); err != nil {
+	if _, err := Install(context.Background(), n, Nftables, spec); err != nil {
 		t.Fatal(err)
 	}
 	var c Checked
 	for range 2 {
-		if err := Recheck(n, spec, &c); err != nil {
+		if err := Recheck(context.Background(), n, spec, &c); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -176,15 +177,15 @@ func TestRecheckOthersChanges(t *testing.T) {
 	if skipping(t, n, &c) {
 		t.Fatal("still skipping after another table was added")
 	}
-	if err := Recheck(n, spec, &c); err != nil {
+	if err := Recheck(context.Background(), n, spec, &c); err != nil {
 		t.Fatalf("Recheck after someone else's table: %v", err)
 	}
 	other := spec
 	other.InboundPort = 15016
-	if err := Recheck(n, other, &c); err == nil {
+	if err := Recheck(context.Background(), n, other, &c); err == nil {
 		t.Fatal("Recheck accepted rules installed for another inbound port")
 	}
-	if err := Recheck(n, spec, &c); err != nil {
+	if err := Recheck(context.Background(), n, spec, &c); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -196,7 +197,7 @@ func TestRecheckOwnedTable(t *testing.T) {
 	testenv.RequireRoot(t)
 	n := nstest.New(t, "rd")
 	spec := DefaultSpec()
-	if _, err := Install(n, Nftables, spec); err != nil {
+	if _, err := Install(context.Background(), n, Nftables, spec); err != nil {
 		t.Fatal(err)
 	}
 	// nft -i keeps its socket, and so the owned table, until it exits.
@@ -235,7 +236,7 @@ func TestRecheckOwnedTable(t *testing.T) {
 	}
 	var c Checked
 	for i := range 3 {
-		if err := Recheck(n, spec, &c); err != nil {
+		if err := Recheck(context.Background(), n, spec, &c); err != nil {
 			t.Fatal(err)
 		}
 		if skipping(t, n, &c) {

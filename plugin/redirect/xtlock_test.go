@@ -1,0 +1,188 @@
+package redirect
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ambit-mesh/ambit/internal/testenv"
+	"github.com/ambit-mesh/ambit/plugin/internal/nstest"
+)
+
+// holdXtablesLock takes the xtables lock as kube-proxy or a CNI would
+// (flock, exclusive) and returns its release. The tests hold a lock file
+// of their own, which iptables is pointed at through XTABLES_LOCKFILE
+// (the runs inherit the test's environment): holding the host's
+// /run/xtables.lock would stall, or fail, every other iptables user on
+// the shared machine. Set XTABLES_LOCKFILE=/run/xtables.lock to hold
+// the real one.
+func holdXtablesLock(t *testing.T) (release func()) {
+	t.Helper()
+	if os.Getenv("XTABLES_LOCKFILE") == "" {
+		t.Setenv("XTABLES_LOCKFILE", filepath.Join(t.TempDir(), "xtables.lock"))
+	}
+	f, err := os.OpenFile(xtablesLockPath(), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX); err != nil {
+		t.Fatal(err)
+	}
+	released := false
+	release = func() {
+		if !released {
+			released = true
+			f.Close() // drops the flock
+		}
+	}
+	t.Cleanup(release)
+	return release
+}
+
+// TestInstallCutWhileXtablesLockHeld: the host's xtables lock, one file
+// for every netns of the node, is held (a busy kube-proxy) while rules
+// are installed with iptables-legacy, whose restores wait for it.
+// Install must return by its context's deadline with an error that says
+// so (wrapping context.DeadlineExceeded, naming the lock and its holder)
+// and leave nothing of ours in the netns; once the lock is free the same
+// install succeeds. Before, every run had its own 10 s bound whatever
+// the caller's deadline: the install returned after 10 s.
+func TestInstallCutWhileXtablesLockHeld(t *testing.T) {
+	testenv.RequireRoot(t)
+	release := holdXtablesLock(t)
+	n := nstest.New(t, "xl")
+	spec := DefaultSpec()
+	const deadline = 1500 * time.Millisecond
+	ctx, cancel := context.WithTimeout(context.Background(), deadline)
+	defer cancel()
+	start := time.Now()
+	_, err := Install(ctx, n, IptablesLegacy, spec)
+	took := time.Since(start)
+	t.Logf("Install while the lock is held: %v after %v", err, took.Round(time.Millisecond))
+	if err == nil {
+		t.Fatal("Install succeeded while the xtables lock was held")
+	}
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("error does not wrap context.DeadlineExceeded: %v", err)
+	}
+	holder := fmt.Sprintf("held by pid %d", os.Getpid())
+	for _, want := range []string{"iptables-legacy-restore", "at the caller's deadline", "xtables lock " + xtablesLockPath(), holder} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error does not say %q: %v", want, err)
+		}
+	}
+	// A bound far from the 10 s the run took before; generous for a
+	// loaded machine.
+	if took > deadline+time.Second {
+		t.Errorf("Install returned %v after its deadline", took-deadline)
+	}
+	if found, err := Installed(context.Background(), n); err != nil || len(found) != 0 {
+		t.Errorf("rules left by the cut install: %v %v", found, err)
+	}
+	if p := routesVerify(n, spec); len(p) != 2*2 {
+		t.Errorf("routes left by the cut install (want all 4 missing): %v", p)
+	}
+
+	release()
+	if _, err := Install(context.Background(), n, IptablesLegacy, spec); err != nil {
+		t.Fatalf("Install once the lock is free: %v", err)
+	}
+	if err := Verify(context.Background(), n, spec); err != nil {
+		t.Fatalf("Verify after the retried install: %v", err)
+	}
+}
+
+// TestInstallCutBetweenFamilies: the IPv4 rules are in when the lock is
+// taken, and the IPv6 restore waits for it past the deadline. The IPv4
+// rules and the routes must go: removed once the lock is free within the
+// time Install keeps for that, or, when it is not, named in the error
+// (the DEL that follows a failed ADD removes them).
+func TestInstallCutBetweenFamilies(t *testing.T) {
+	testenv.RequireRoot(t)
+	spec := DefaultSpec()
+	for _, freed := range []bool{true, false} {
+		t.Run(fmt.Sprintf("lock freed for the rollback=%v", freed), func(t *testing.T) {
+			n := nstest.New(t, "xl")
+			var release func()
+			testHookBetweenRuns = func(f family) {
+				if f == 6 {
+					release = holdXtablesLock(t)
+				}
+			}
+			testHookRollback = func() {
+				if freed {
+					release()
+				}
+			}
+			defer func() { testHookBetweenRuns, testHookRollback = nil, nil }()
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			defer cancel()
+			_, err := Install(ctx, n, IptablesLegacy, spec)
+			testHookBetweenRuns, testHookRollback = nil, nil
+			t.Logf("Install: %v", err)
+			if !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "ip6tables-legacy-restore") {
+				t.Fatalf("Install cut at the IPv6 restore: %v", err)
+			}
+			found, ferr := Installed(context.Background(), n)
+			if ferr != nil {
+				t.Fatal(ferr)
+			}
+			if freed {
+				if len(found) != 0 {
+					t.Errorf("IPv4 rules left although the lock was free for the rollback: %v", found)
+				}
+				if strings.Contains(err.Error(), "partial state") {
+					t.Errorf("error reports a failed removal: %v", err)
+				}
+			} else {
+				if !slices.Equal(found, []Backend{IptablesLegacy}) {
+					t.Errorf("backends left: %v, want the IPv4 legacy rules the rollback could not remove", found)
+				}
+				if !strings.Contains(err.Error(), "removing the partial state failed") || !strings.Contains(err.Error(), "xtables lock") {
+					t.Errorf("error does not report the rules it could not remove and why: %v", err)
+				}
+				release()
+				if err := Uninstall(context.Background(), n); err != nil {
+					t.Fatal(err)
+				}
+				if found, err := Installed(context.Background(), n); err != nil || len(found) != 0 {
+					t.Errorf("after Uninstall: %v %v", found, err)
+				}
+			}
+			if p := routesVerify(n, spec); len(p) != 2*2 {
+				t.Errorf("routes left (want all 4 missing): %v", p)
+			}
+		})
+	}
+}
+
+// TestInstallEndedContext: an install whose context ended before it
+// started (an agent request that spent its time waiting for the pod's
+// lock) changes nothing and says why.
+func TestInstallEndedContext(t *testing.T) {
+	testenv.RequireRoot(t)
+	n := nstest.New(t, "xl")
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	_, err := Install(ctx, n, IptablesLegacy, DefaultSpec())
+	if !errors.Is(err, context.Canceled) || !strings.Contains(err.Error(), "not started") {
+		t.Fatalf("Install with an ended context: %v", err)
+	}
+	p := routesVerify(n, DefaultSpec())
+	if len(p) == 0 {
+		t.Error("routes installed by an install that should not have started")
+	}
+	for _, m := range p {
+		if !strings.Contains(m, "missing") {
+			t.Errorf("routes changed by an install that should not have started: %v", p)
+		}
+	}
+}
