@@ -67,7 +67,13 @@ type Config struct {
 	// sends) or in a callback it runs (OnResponse, SetOnIdle's). The
 	// connection is then closed with INTERNAL_ERROR, its streams failing
 	// with an error that names the panic, instead of the panic ending
-	// the process. Called once, on the read loop, with the stack.
+	// the process. Called once, on the read loop, with the stack. Also
+	// of a panic on its control-frame writer (the write of a queued
+	// RST_STREAM, WINDOW_UPDATE, PING, SETTINGS ACK): the connection is
+	// closed without a GOAWAY (its frames may be cut short). A panic in
+	// a write made by the caller (Stream.Write, Splice, CloseWrite,
+	// Respond, OpenStream) closes the connection the same way and goes
+	// on to the caller.
 	OnPanic func(c *Conn, v any, stack []byte)
 }
 
@@ -482,18 +488,51 @@ func (c *Conn) closeWith(err error, code ErrCode) {
 	c.handlerQueue = nil
 	c.cond.Broadcast()
 	c.mu.Unlock()
+	// Deferred, with the unlock below, for a panic in the GOAWAY's
+	// write: closed was already set, so without them the connection
+	// stayed open with its write lock held, Done never closed, and its
+	// streams never told (TestWritePanicLeavesConnClosed).
+	defer c.finishClose(streams, err)
 	if code != ErrCodeNo || !errors.Is(err, ErrConnClosed) {
 		// Best effort GOAWAY with the reason, never blocking for long.
 		_ = c.nc.SetWriteDeadline(time.Now().Add(time.Second))
 		c.wmu.Lock()
+		defer c.wmu.Unlock()
 		_, _ = c.nc.Write(appendGoAway(nil, last, code, ""))
-		c.wmu.Unlock()
 	}
+}
+
+// finishClose is closeWith's second half, once the GOAWAY is written or
+// not: the socket closes, the streams fail with err, Done closes.
+func (c *Conn) finishClose(streams []*Stream, err error) {
 	c.nc.Close()
 	for _, s := range streams {
 		s.connClosed(err)
 	}
 	close(c.done)
+}
+
+// errWritePanicked closes a connection whose writer panicked while it
+// held wmu (unwedge). It is ErrConnClosed, so closeWith sends no GOAWAY:
+// the frames the panic interrupted may be half on the wire, or half in
+// the cork's buffer, or the HPACK encoder a block ahead of the peer's
+// decoder; anything written after them would be read as garbage.
+var errWritePanicked = fmt.Errorf("hbone: a write on the connection panicked, leaving its frames unfinished: %w", ErrConnClosed)
+
+// unwedge runs deferred in each function that takes wmu, with held true
+// from its Lock to its Unlock: only a panic between them leaves it
+// true. It then frees the lock and closes the connection, and the panic
+// goes on to the caller's recover (the tunnel's handler: one stream's
+// bug). Before, the lock stayed held: every later write on the
+// connection, for any stream, waited on it for ever, and a pooled
+// connection kept taking streams that hung (TestWritePanicLeavesConnClosed).
+// One open-coded defer per call, and a store at each Lock and Unlock:
+// the data path pays no allocation and no lock for it.
+func (c *Conn) unwedge(held *bool) {
+	if *held {
+		c.wmu.Unlock()
+		c.closeWith(errWritePanicked, ErrCodeNo)
+	}
 }
 
 // queueCtl queues a control frame for the writer.
@@ -523,6 +562,8 @@ func (c *Conn) writeCtlLocked() error {
 }
 
 func (c *Conn) ctlLoop() {
+	held := false
+	defer c.ctlLoopRecover(&held)
 	for {
 		select {
 		case <-c.done:
@@ -530,16 +571,40 @@ func (c *Conn) ctlLoop() {
 		case <-c.ctlSig:
 		}
 		c.wmu.Lock()
+		held = true
 		c.corkOn()
 		err := c.writeCtlLocked()
 		if ferr := c.corkOff(); err == nil {
 			err = ferr
 		}
+		held = false
 		c.wmu.Unlock()
 		if err != nil {
 			c.closeWith(fmt.Errorf("hbone: write: %w", err), ErrCodeNo)
 			return
 		}
+	}
+}
+
+// ctlLoopRecover ends ctlLoop on a panic in its write (the cork's
+// buffer, crypto/tls, the socket), which runs on a goroutine of its own
+// where nothing else recovers: the process ended, every connection with
+// it. The connection is closed as for a writer's panic (unwedge: no
+// GOAWAY after half-written frames) with an error naming the panic, and
+// Config.OnPanic hears of it, as of the read loop's
+// (TestCtlLoopPanicClosesConn).
+func (c *Conn) ctlLoopRecover(held *bool) {
+	v := recover()
+	if v == nil {
+		return
+	}
+	stack := debug.Stack()
+	if *held {
+		c.wmu.Unlock()
+	}
+	c.closeWith(fmt.Errorf("hbone: the control-frame writer panicked: %v: %w", v, errWritePanicked), ErrCodeNo)
+	if f := c.cfg.OnPanic; f != nil {
+		f(c, v, stack)
 	}
 }
 
@@ -647,7 +712,10 @@ func (c *Conn) OpenStreamData(authority string, extra []hpack.HeaderField, first
 	fields = append(fields, hpack.HeaderField{Name: ":method", Value: "CONNECT"}, hpack.HeaderField{Name: ":authority", Value: authority})
 	fields = append(fields, extra...)
 
+	held := false
+	defer c.unwedge(&held)
 	c.wmu.Lock()
+	held = true
 	id := c.nextID.Load()
 	c.nextID.Store(id + 2)
 	s.id = id
@@ -658,6 +726,7 @@ func (c *Conn) OpenStreamData(authority string, extra []hpack.HeaderField, first
 		// ACK are refused. Not sent: the caller picks another connection.
 		closed := c.closed
 		c.mu.Unlock()
+		held = false
 		c.wmu.Unlock()
 		c.release(s)
 		if closed {
@@ -696,6 +765,7 @@ func (c *Conn) OpenStreamData(authority string, extra []hpack.HeaderField, first
 	if ferr := c.corkOff(); err == nil {
 		err = ferr
 	}
+	held = false
 	c.wmu.Unlock()
 	if err != nil {
 		c.closeWith(fmt.Errorf("hbone: write: %w", err), ErrCodeNo)

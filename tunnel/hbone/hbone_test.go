@@ -57,6 +57,16 @@ func serve(t testing.TB, cfg Config, handler func(*Stream)) (*Conn, func() *Conn
 // serveVia is serve with the client dialing via(the server's address).
 func serveVia(t testing.TB, cfg Config, handler func(*Stream), via func(string) string) (*Conn, func() *Conn) {
 	t.Helper()
+	return serveWrapped(t, cfg, handler, via, nil)
+}
+
+// serveWrapped is serveVia with each side's socket passed through wrap
+// (server: which side) before TLS; nil wrap: as they are.
+func serveWrapped(t testing.TB, cfg Config, handler func(*Stream), via func(string) string, wrap func(raw net.Conn, server bool) net.Conn) (*Conn, func() *Conn) {
+	t.Helper()
+	if wrap == nil {
+		wrap = func(raw net.Conn, _ bool) net.Conn { return raw }
+	}
 	ccfg, scfg := testTLS(t)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -69,7 +79,7 @@ func serveVia(t testing.TB, cfg Config, handler func(*Stream), via func(string) 
 		if err != nil {
 			return
 		}
-		c, err := Server(context.Background(), raw, scfg, cfg, nil, handler)
+		c, err := Server(context.Background(), wrap(raw, true), scfg, cfg, nil, handler)
 		if err != nil {
 			t.Error(err)
 			return
@@ -80,7 +90,7 @@ func serveVia(t testing.TB, cfg Config, handler func(*Stream), via func(string) 
 	if err != nil {
 		t.Fatal(err)
 	}
-	c, err := Client(context.Background(), raw, ccfg, cfg)
+	c, err := Client(context.Background(), wrap(raw, false), ccfg, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

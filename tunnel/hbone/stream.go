@@ -679,7 +679,10 @@ func (s *Stream) Respond(status int, extra []hpack.HeaderField) error {
 	fields = append(fields, extra...)
 	end := !accepted(status)
 	c := s.c
+	held := false
+	defer c.unwedge(&held)
 	c.wmu.Lock()
+	held = true
 	// Queued control frames first and the block encoded after them: a
 	// SETTINGS ACK queued meanwhile then follows this block, which was
 	// encoded under the limit that ACK acknowledges, or an older one.
@@ -694,6 +697,7 @@ func (s *Stream) Respond(status int, extra []hpack.HeaderField) error {
 	if end && err == nil {
 		s.wEnd = true
 	}
+	held = false
 	c.wmu.Unlock()
 	if err != nil {
 		c.closeWith(err, ErrCodeNo)
@@ -758,6 +762,8 @@ func (s *Stream) sendErrLocked() error {
 // on this kind of VM every system call costs microseconds).
 func (s *Stream) sendFrom(buf []byte, n int, end bool) error {
 	c := s.c
+	held := false
+	defer c.unwedge(&held)
 	off := 0
 	for off < n {
 		k, err := s.reserve(n - off)
@@ -766,7 +772,9 @@ func (s *Stream) sendFrom(buf []byte, n int, end bool) error {
 		}
 		fs := s.frameSize()
 		c.wmu.Lock()
+		held = true
 		if s.wEnd {
+			held = false
 			c.wmu.Unlock()
 			s.unreserve(k)
 			return errors.New("hbone: write after CloseWrite")
@@ -795,6 +803,7 @@ func (s *Stream) sendFrom(buf []byte, n int, end bool) error {
 		if ferr := c.corkOff(); err == nil {
 			err = ferr
 		}
+		held = false
 		c.wmu.Unlock()
 		if err != nil {
 			c.closeWith(fmt.Errorf("hbone: write: %w", err), ErrCodeNo)
@@ -854,9 +863,13 @@ func (s *Stream) CloseWrite() error {
 	c.mu.Unlock()
 	var b [frameHeaderLen]byte
 	putFrameHeader(b[:], frameHeader{Type: frameData, Flags: flagEndStream, StreamID: s.id})
+	held := false
+	defer c.unwedge(&held)
 	c.wmu.Lock()
+	held = true
 	if s.wEnd {
 		// Another CloseWrite (or a send with END_STREAM) got here first.
+		held = false
 		c.wmu.Unlock()
 		return nil
 	}
@@ -865,6 +878,7 @@ func (s *Stream) CloseWrite() error {
 		s.wEnd = true
 		c.dataSent.Add(1)
 	}
+	held = false
 	c.wmu.Unlock()
 	if err != nil {
 		c.closeWith(fmt.Errorf("hbone: write: %w", err), ErrCodeNo)
