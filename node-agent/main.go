@@ -6,6 +6,7 @@
 //	ambit-agent [run] [flags]      the agent (default)
 //	ambit-agent ca [flags]         the certificate authority
 //	ambit-agent install|uninstall  the CNI installer
+//	ambit-agent status [pods|certs|conns]  what this node's agent serves
 package main
 
 import (
@@ -13,9 +14,11 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"os/signal"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -29,6 +32,7 @@ import (
 	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/ambit-mesh/ambit/internal/maxprocs"
+	"github.com/ambit-mesh/ambit/node-agent/admin"
 	"github.com/ambit-mesh/ambit/node-agent/agent"
 	"github.com/ambit-mesh/ambit/node-agent/ca"
 	"github.com/ambit-mesh/ambit/node-agent/cluster"
@@ -68,6 +72,8 @@ func main() {
 		err = runInstall(ctx, cmd, args)
 	case "probe":
 		err = runProbe(args)
+	case "status":
+		err = runStatus(ctx, args, os.Stdout)
 	case "keeper":
 		err = runKeeper(ctx, args)
 	case "help":
@@ -88,6 +94,8 @@ func usage() {
        ambit-agent ca [flags]                     run the certificate authority
        ambit-agent install|uninstall [flags]      install or remove the CNI plugin
        ambit-agent probe [flags]                  exit 0 if this container's agent is ready (startup probe)
+       ambit-agent status [pods|certs|conns] [-o table|json] [--all]
+                                                  what this node's agent serves (its admin socket; docs/agent.md)
        ambit-agent keeper -socket PATH            hold the agent's listeners across its crashes (second container)
 Run "ambit-agent run -h" for the agent's flags; node-agent/README.md documents every config field.`)
 }
@@ -268,6 +276,7 @@ func run(ctx context.Context, args []string) error {
 	})
 	defer unmark()
 	self.Prune()
+	pruneAdminSockets(cfg.StateDir)
 	if o.instanceFile != "" {
 		if err := self.WriteName(o.instanceFile); err != nil {
 			return err
@@ -315,6 +324,17 @@ func run(ctx context.Context, args []string) error {
 		Logger: log})
 	if err != nil {
 		return err
+	}
+	// `ambit-agent status` asks this agent here, until it has drained.
+	adm, err := admin.Listen(admin.SocketPath(cfg.StateDir, self.Name()), admin.Sources{
+		Agent: agentInfo(ctx, self, cfg, a, time.Now()),
+		Pods:  a.AdminPods, Certificates: ids.Certificates, Roots: ids.RootCertificates, Connections: proxy.Connections,
+	}, log)
+	if err != nil {
+		// A debugging aid: the node is served without it.
+		log.Warn("admin socket: `ambit-agent status` cannot ask this agent", "err", err)
+	} else {
+		defer adm.Close()
 	}
 	if inv, ok := view.(*inventory.Source); ok {
 		inv.SetReloadHook(a.InventoryReloaded)
@@ -482,6 +502,137 @@ func runProbe(args []string) error {
 		return err
 	}
 	return instance.Probe(cfg.StateDir, *file)
+}
+
+// agentInfo is the agent part of `ambit-agent status`.
+func agentInfo(ctx context.Context, self *instance.Self, cfg config.Config, a *agent.Agent, started time.Time) func() admin.Agent {
+	return func() admin.Agent {
+		ready := false
+		select {
+		case <-a.Ready():
+			ready = true
+		default:
+		}
+		return admin.Agent{Instance: self.Name(), PID: os.Getpid(), Node: cfg.NodeName, Source: cfg.Source,
+			Started: started, Now: time.Now(), Ready: ready, Stopping: ctx.Err() != nil}
+	}
+}
+
+// pruneAdminSockets removes the admin sockets agents killed on this node
+// left behind.
+func pruneAdminSockets(stateDir string) {
+	live, err := instance.List(stateDir)
+	if err != nil {
+		return
+	}
+	names := map[string]bool{}
+	for _, e := range live {
+		names[e.Name] = true
+	}
+	admin.Prune(stateDir, func(n string) bool { return names[n] })
+}
+
+// defaultConfigFile is where the DaemonSet mounts the agent's
+// configuration: `kubectl exec ... -- ambit-agent status` finds the state
+// directory there without flags.
+const defaultConfigFile = "/etc/ambit/config.yaml"
+
+// runStatus is `ambit-agent status`: asks the node's agent (or agents,
+// during a surge upgrade) through its admin socket what it serves.
+func runStatus(ctx context.Context, args []string, stdout io.Writer) error {
+	fs := flag.NewFlagSet("status", flag.ContinueOnError)
+	path := fs.String("config", os.Getenv("AMBIT_CONFIG"), "the agent's configuration file, for stateDir (default $AMBIT_CONFIG, else "+defaultConfigFile+" if it exists)")
+	stateDir := fs.String("state-dir", "", "overrides stateDir")
+	file := fs.String("instance-file", "", "ask the agent named in this file (its --instance-file) rather than the newest")
+	all := fs.Bool("all", false, "ask every live agent of the node (a surge upgrade runs two)")
+	format := fs.String("o", "table", "output: table or json (json: the Status document, a list of them with --all)")
+	fs.Usage = func() {
+		fmt.Fprintln(fs.Output(), "usage: ambit-agent status [pods|certs|conns] [-o table|json] [--all | --instance-file F] [--config F | --state-dir D]")
+		fs.PrintDefaults()
+	}
+	// The view may come before or after the flags.
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	view := admin.ViewPods
+	if rest := fs.Args(); len(rest) > 0 {
+		view = rest[0]
+		if err := fs.Parse(rest[1:]); err != nil {
+			return err
+		}
+		if len(fs.Args()) > 0 {
+			return fmt.Errorf("status: unexpected %q", strings.Join(fs.Args(), " "))
+		}
+	}
+	switch view {
+	case admin.ViewPods, admin.ViewCerts, admin.ViewConns:
+	default:
+		return fmt.Errorf("status: unknown view %q (pods, certs or conns)", view)
+	}
+	if *format != "table" && *format != "json" {
+		return fmt.Errorf("status: -o %q: table or json", *format)
+	}
+	if *all && *file != "" {
+		return errors.New("status: --all and --instance-file exclude each other")
+	}
+	cfg := config.Default()
+	if *path == "" {
+		if _, err := os.Stat(defaultConfigFile); err == nil {
+			*path = defaultConfigFile
+		}
+	}
+	if *path != "" {
+		b, err := os.ReadFile(*path)
+		if err != nil {
+			return fmt.Errorf("reading config: %w", err)
+		}
+		if err := config.Parse(b, &cfg); err != nil {
+			return fmt.Errorf("config %s: %w", *path, err)
+		}
+	}
+	if *stateDir != "" {
+		cfg.StateDir = *stateDir
+	}
+	targets, err := admin.Targets(cfg.StateDir, *file, *all)
+	if err != nil {
+		return err
+	}
+	var (
+		docs   []*admin.Status
+		failed []string
+	)
+	for i, t := range targets {
+		fctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+		st, err := admin.Fetch(fctx, t.Socket)
+		cancel()
+		if err != nil {
+			failed = append(failed, t.Instance)
+			fmt.Fprintf(os.Stderr, "ambit-agent status: agent %s: %v\n", t.Instance, err)
+			continue
+		}
+		docs = append(docs, st)
+		if *format == "table" {
+			if i > 0 {
+				fmt.Fprintln(stdout)
+			}
+			if err := admin.Render(stdout, st, view); err != nil {
+				return err
+			}
+		}
+	}
+	if *format == "json" && (*all || len(docs) > 0) {
+		var v any = docs
+		if !*all {
+			v = docs[0]
+		}
+		if err := admin.WriteJSON(stdout, v); err != nil {
+			return err
+		}
+	}
+	if len(failed) > 0 {
+		return fmt.Errorf("status: %d of %d agents did not answer (%s)", len(failed), len(targets), strings.Join(failed, ", "))
+	}
+	return nil
 }
 
 // runInstall is `ambit-agent install|uninstall` on their own.

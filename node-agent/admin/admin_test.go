@@ -138,7 +138,7 @@ func TestRenderTables(t *testing.T) {
 	}
 	pods := b.String()
 	for _, want := range []string{"NAMESPACE", "CERT EXPIRES", "10.1.0.2", "enrolled", "nftables", "15001,15006,15008",
-		"repaired 10s ago", "ns/apps/sa/web", "3/7", "failed: PortConflict", "port 15006 in use by nginx second line",
+		"repaired/10s", "ns/apps/sa/web", "3/7", "failed: PortConflict", "port 15006 in use by nginx second line",
 		"pending: NoSandbox", "1 enrolled, 1 pending, 1 failed", "ready"} {
 		if !strings.Contains(pods, want) {
 			t.Errorf("pods view lacks %q:\n%s", want, pods)

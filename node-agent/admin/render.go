@@ -180,7 +180,7 @@ func rules(now time.Time, r *RuleCheck) string {
 	if r == nil {
 		return "-"
 	}
-	return r.Result + " " + age(now, r.At) + " ago"
+	return r.Result + "/" + age(now, r.At)
 }
 
 // shortID is a SPIFFE ID without its scheme and trust domain: the

@@ -134,6 +134,8 @@ type Agent struct {
 	// detached: DELs and GCs still at work past their request's
 	// deadline (liveness.go), waited for before the shutdown.
 	detached sync.WaitGroup
+	// notes: why pods last failed to enroll, for status (snapshot.go).
+	notes failNotes
 }
 
 // pod is one sandbox the agent knows about.
@@ -184,7 +186,8 @@ func New(o Options) (*Agent, error) {
 		return nil, err
 	}
 	a := &Agent{
-		cfg: o.Config, view: o.View, status: o.Status, tun: o.Tunnel, rules: o.Rules, certs: o.Certs, host: o.Host,
+		// watchRules: status shows each pod's last rule check.
+		cfg: o.Config, view: o.View, status: o.Status, tun: o.Tunnel, rules: watchRules(o.Rules), certs: o.Certs, host: o.Host,
 		keeper: o.Keeper,
 		spec:   spec,
 		policy: enrollment.NewPolicy(o.Config.EnrollLabel, o.Config.ExcludedNamespaces),
@@ -816,6 +819,7 @@ func reasonOf(err error) string {
 // "enabled" only once the pod's listeners and rules are in place, and ""
 // only after removing them: see docs/agent.md for why that order.
 func (a *Agent) setStatus(cp cluster.Pod, st, reason, msg string) {
+	a.notes.set(cp, st, reason, msg)
 	if a.status == nil {
 		return
 	}
@@ -830,6 +834,7 @@ func (a *Agent) setStatus(cp cluster.Pod, st, reason, msg string) {
 // forgetStatus stops keeping a pod's annotation: its sandbox or the pod
 // itself is gone (uid, if set, only that pod).
 func (a *Agent) forgetStatus(namespace, name, uid string) {
+	a.notes.forget(namespace, name, uid)
 	if a.statusSync != nil {
 		a.statusSync.Forget(namespace, name, uid)
 	}
