@@ -37,7 +37,7 @@ type statusNode struct {
 	sock  string
 }
 
-func startStatusNode(t *testing.T) *statusNode {
+func startStatusNode(t testing.TB) *statusNode {
 	t.Helper()
 	dir := agentDir(t)
 	s := &statusNode{}
@@ -79,7 +79,7 @@ func startStatusNode(t *testing.T) *statusNode {
 }
 
 // status asks the agent through its socket, as `ambit-agent status`.
-func (s *statusNode) status(t *testing.T) *admin.Status {
+func (s *statusNode) status(t testing.TB) *admin.Status {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -249,4 +249,27 @@ func TestStatusShowsWhatTheAgentServes(t *testing.T) {
 	if strings.Contains(strings.ToLower(out), "token") {
 		t.Fatalf("status output mentions a token:\n%s", out)
 	}
+}
+
+// BenchmarkAdminStatus is one `ambit-agent status` answer (GET over the
+// socket, JSON decoded) from an agent serving 100 pods with the real
+// tunnel and certificates: what an operator's call costs the agent.
+func BenchmarkAdminStatus(b *testing.B) {
+	testenv.RequireRoot(b)
+	s := startStatusNode(b)
+	const n = 100
+	for i := range n {
+		ip := fmt.Sprintf("10.92.%d.%d/16", i/200, i%200+2)
+		enrollLikePlugin(b, s.h, fmt.Sprintf("web-%d", i), newNetns(b, ip), ip)
+	}
+	st := s.status(b)
+	raw, _ := json.Marshal(st)
+	if len(st.Pods) < n {
+		b.Fatalf("%d pods in the status, want %d", len(st.Pods), n)
+	}
+	b.ResetTimer()
+	for b.Loop() {
+		s.status(b)
+	}
+	b.ReportMetric(float64(len(raw))/float64(len(st.Pods)), "B/pod")
 }
