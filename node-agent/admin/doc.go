@@ -7,11 +7,10 @@
 // GET /v1/status, on <stateDir>/admin/<instance>.sock: the directory is
 // 0700 and the socket 0600 (root only), and the server also checks the
 // peer's credentials (SO_PEERCRED: root or the agent's own user). No TCP
-// port is opened, so nothing new is reachable from the node's network or
-// from pods (the agent runs in the host network, where ztunnel's
-// localhost:15000 is reachable by every host-network pod). The state
-// directory is a host volume the agent's container mounts, so the same
-// command works through `kubectl exec` into the agent's container and on
+// port is opened: the agent runs in the host network, where even a
+// localhost port would be open to every host-network pod of the node.
+// The state directory is a host volume the agent's container mounts, so
+// the same command works through `kubectl exec` into the agent's container and on
 // a machine without Kubernetes. Each agent names its socket after its
 // entry in the node's agent registry (node-agent/instance): during a
 // surge upgrade the old and the new agent both answer, and the client
@@ -20,8 +19,8 @@
 // What it may show. Public facts only: pod names, IPs, states and
 // errors, rule checks, certificate serials, validity and issuers, trust
 // bundle fingerprints, connection counts. Never a private key, a token
-// or a payload; the tests look for "PRIVATE KEY" and the CA token in
-// every answer.
+// or a payload; the tests look for "PRIVATE KEY", the workload key's
+// bytes, the local CA's files and "token" in every answer.
 //
 // What it costs. Nothing on the data path: the agent reads what it keeps
 // anyway (pod records, the tunnel's per-pod counts, the live inbound
