@@ -134,8 +134,8 @@ type Agent struct {
 	// detached: DELs and GCs still at work past their request's
 	// deadline (liveness.go), waited for before the shutdown.
 	detached sync.WaitGroup
-	// notes: why pods last failed to enroll, for status (snapshot.go).
-	notes failNotes
+	// admin: what status reads beside the pods (snapshot.go).
+	admin adminState
 }
 
 // pod is one sandbox the agent knows about.
@@ -537,6 +537,9 @@ func (a *Agent) setMigrateReq(f *os.File, wl tunnel.Workload) bool {
 // while this one serves on ends it: the keeper lets the copies go, as it
 // would have at once, and the listeners close.
 func (a *Agent) shutdown(beside bool) {
+	// Status stops reading what the releases below change without the
+	// pods' locks.
+	a.admin.stop()
 	a.mu.Lock()
 	pods := make([]*pod, 0, len(a.byCID))
 	for _, p := range a.byCID {
@@ -819,7 +822,7 @@ func reasonOf(err error) string {
 // "enabled" only once the pod's listeners and rules are in place, and ""
 // only after removing them: see docs/agent.md for why that order.
 func (a *Agent) setStatus(cp cluster.Pod, st, reason, msg string) {
-	a.notes.set(cp, st, reason, msg)
+	a.admin.notes.set(cp, st, reason, msg)
 	if a.status == nil {
 		return
 	}
@@ -834,7 +837,7 @@ func (a *Agent) setStatus(cp cluster.Pod, st, reason, msg string) {
 // forgetStatus stops keeping a pod's annotation: its sandbox or the pod
 // itself is gone (uid, if set, only that pod).
 func (a *Agent) forgetStatus(namespace, name, uid string) {
-	a.notes.forget(namespace, name, uid)
+	a.admin.notes.forget(namespace, name, uid)
 	if a.statusSync != nil {
 		a.statusSync.Forget(namespace, name, uid)
 	}

@@ -61,7 +61,7 @@ func (a *Agent) AdminPods(ctx context.Context) []admin.Pod {
 		}
 		return cp, a.policy.Decide(cp, nsp).Enroll
 	}
-	notes := a.notes.keep(func(key string) bool { _, ok := local[key]; return ok || known[key] != nil })
+	notes := a.admin.notes.keep(func(key string) bool { _, ok := local[key]; return ok || known[key] != nil })
 
 	out := map[string]admin.Pod{}
 	for key, p := range known {
@@ -74,7 +74,7 @@ func (a *Agent) AdminPods(ctx context.Context) []admin.Pod {
 				Message: "an operation on the pod (enrollment, rule check, DEL) held its lock longer than " + podLockWait.String()}
 			continue
 		}
-		ap := a.adminPod(p, counts)
+		ap := a.admin.read(func(serving bool) admin.Pod { return a.adminPod(p, counts, serving) })
 		unlock()
 		if ap.State == admin.StateEnrolled {
 			out[key] = ap
@@ -124,10 +124,19 @@ func (a *Agent) AdminPods(ctx context.Context) []admin.Pod {
 	return list
 }
 
-// adminPod is p as status shows it (under p's lock).
-func (a *Agent) adminPod(p *pod, counts map[*tunnel.Serving]tunnel.ConnCounts) admin.Pod {
+// adminPod is p as status shows it (under p's lock). Once the agent
+// shuts down (serving false) only the record is read: the shutdown lets
+// every pod go without its lock.
+func (a *Agent) adminPod(p *pod, counts map[*tunnel.Serving]tunnel.ConnCounts, serving bool) admin.Pod {
 	ap := admin.Pod{Namespace: p.rec.Namespace, Name: p.rec.Name, UID: p.rec.UID, ContainerID: p.rec.ContainerID,
 		IPs: slices.Clone(p.rec.IPs), Identity: p.rec.Identity, Backend: p.rec.Backend}
+	if !serving {
+		if p.rec.Enrolled {
+			// The header says the agent is stopping (draining).
+			ap.State, ap.Since, ap.Reason = admin.StateEnrolled, p.rec.Since, "Draining"
+		}
+		return ap
+	}
 	if !p.enrolled() {
 		return ap
 	}
@@ -271,6 +280,32 @@ func (w *watchedRules) Uninstall(ctx context.Context, f *os.File) error {
 	delete(w.looks, weak.Make(f))
 	w.mu.Unlock()
 	return err
+}
+
+// adminState is what status keeps beside the pods.
+type adminState struct {
+	notes failNotes
+	// stopped: the agent shuts down, releasing its pods without their
+	// locks (shutdown); status then reads their records only. mu: held
+	// (read) while a pod is read, (write) to set stopped.
+	mu      sync.RWMutex
+	stopped bool
+}
+
+// read runs fn, told whether the pods may still be read beyond their
+// records.
+func (s *adminState) read(fn func(serving bool) admin.Pod) admin.Pod {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return fn(!s.stopped)
+}
+
+// stop waits for the pod being read, if any, and makes status read
+// records only from now on.
+func (s *adminState) stop() {
+	s.mu.Lock()
+	s.stopped = true
+	s.mu.Unlock()
 }
 
 // failNotes are the pods whose last enrollment failed, with why: the

@@ -251,6 +251,49 @@ func TestStatusShowsWhatTheAgentServes(t *testing.T) {
 	}
 }
 
+// TestStatusWhileStopping asks an agent again and again while it shuts
+// down, its pod draining a connection: the shutdown lets pods go without
+// their locks, and status then reads their records only (the race
+// detector watches the rest), answering each as enrolled and draining.
+func TestStatusWhileStopping(t *testing.T) {
+	testenv.RequireRoot(t)
+	h := startAgent(t, "", invAmbient)
+	n := newNetns(t, "10.93.0.2/24")
+	enrollLikePlugin(t, h, "web", n, "10.93.0.2/24")
+	c, line, err := dialFrom(t, n, "127.0.0.1:15001")
+	if err != nil || !strings.HasPrefix(line, "captured:") {
+		t.Fatalf("captured connection: %q %v", line, err)
+	}
+	defer c.Close()
+	if p := h.a.AdminPods(context.Background()); len(p) != 1 || p[0].State != admin.StateEnrolled || p[0].Reason != "" || len(p[0].Listeners) != 3 {
+		t.Fatalf("before the stop: %+v", p)
+	}
+	h.cancel()
+	h.cancel = nil
+	draining := 0
+	for done := false; !done; {
+		select {
+		case err := <-h.done:
+			if err != nil {
+				t.Fatal(err)
+			}
+			done = true
+		default:
+			for _, p := range h.a.AdminPods(context.Background()) {
+				if p.Name == "web" && p.Reason == "Draining" {
+					if p.State != admin.StateEnrolled || len(p.Listeners) != 0 {
+						t.Fatalf("while stopping: %+v", p)
+					}
+					draining++
+				}
+			}
+		}
+	}
+	if draining == 0 {
+		t.Fatal("no answer while the agent drained showed the pod draining")
+	}
+}
+
 // BenchmarkAdminStatus is one `ambit-agent status` answer (GET over the
 // socket, JSON decoded) from an agent serving 100 pods with the real
 // tunnel and certificates: what an operator's call costs the agent.
