@@ -161,3 +161,38 @@ func TestXtablesLockAnsweredToRuntime(t *testing.T) {
 		t.Fatalf("rules after the retried ADD: %v", err)
 	}
 }
+
+// TestRepeatedAddWhileXtablesLockHeld: the ADD of a sandbox the agent
+// already serves, with its rules all in, comes again (the same netns)
+// while the xtables lock is held past the request's deadline. Its rules
+// are exactly what the ADD asks for, so it is answered as done and the
+// pod keeps its rules, routes and listeners. Before, the cut install's
+// rollback ran with the lock still held: it removed the pod's routes but
+// not its rules, the pod stayed served with its inbound captured and the
+// replies to the agent's dials routed out of the pod, and the runtime
+// got a retryable error for a sandbox that worked.
+func TestRepeatedAddWhileXtablesLockHeld(t *testing.T) {
+	testenv.RequireRoot(t)
+	h := startAgent(t, "", invAmbient, func(o *Options) {
+		o.Config.RequestTimeout = config.Duration{Duration: 2 * time.Second}
+	})
+	n := newNetns(t, "10.63.9.3/24")
+	resp := h.callV(2, redirect.IptablesLegacy, cniproto.OpAdd, "apps", "web", n)
+	if resp.Error != "" || resp.Decision != cniproto.Enroll {
+		t.Fatalf("first ADD: %+v", resp)
+	}
+	spec := *resp.Redirect
+	holdXtablesLock(t)
+	start := time.Now()
+	resp = h.callV(2, redirect.IptablesLegacy, cniproto.OpAdd, "apps", "web", n)
+	t.Logf("repeated ADD while the xtables lock is held: answered after %v: %+v", time.Since(start).Round(time.Millisecond), resp)
+	if resp.Error != "" || resp.Decision != cniproto.Enroll {
+		t.Errorf("repeated ADD of a served sandbox with its rules in: %+v, want enrolled", resp)
+	}
+	if err := (Rules{}).Verify(context.Background(), n.file, spec); err != nil {
+		t.Errorf("the served pod's redirection after the repeated ADD: %v", err)
+	}
+	if h.tun.Live() != 1 {
+		t.Errorf("%d servings after the repeated ADD, want 1", h.tun.Live())
+	}
+}

@@ -63,15 +63,41 @@ func Install(ctx context.Context, netns ns.NetNS, backend Backend, spec Spec) (B
 	if err != nil {
 		// In the time kept for it, even when the work's time is up.
 		s.ctx = cleanup
+		if work.Err() != nil && holdsExactly(s, spec) {
+			// The cut changed nothing that matters: a repeated ADD of a
+			// served pod whose restore waited on the lock, or a cut
+			// after the last rule went in. Removing a complete rule set
+			// would take a working pod's capture away (and, the lock
+			// still held, half of it: the routes but not the rules).
+			slog.Info("install cut by its deadline, but the netns holds exactly the redirection asked for; kept", "netns", netns.Path(), "backend", b, "cut", err)
+			return b, nil
+		}
 		if testHookRollback != nil {
 			testHookRollback()
 		}
-		if uerr := uninstall(s); uerr != nil {
+		if uerr := rollback(s); uerr != nil {
 			err = fmt.Errorf("%w (and removing the partial state failed: %v)", err, uerr)
 		}
 		return "", fmt.Errorf("installing redirection with %s: %w", b, err)
 	}
 	return b, nil
+}
+
+// holdsExactly tells whether netns holds exactly spec's redirection,
+// reading it in at most half the time s has left, so a check that
+// cannot finish still leaves the rollback its share. The reads (saves,
+// netlink dumps) never wait for the xtables lock.
+func holdsExactly(s *session, spec Spec) bool {
+	ctx, saved := s.ctx, s.ctx
+	if dl, ok := ctx.Deadline(); ok {
+		c, cancel := context.WithDeadline(ctx, time.Now().Add(time.Until(dl)/2))
+		defer cancel()
+		ctx = c
+	}
+	s.ctx = ctx
+	defer func() { s.ctx = saved }()
+	_, err := verify(s, spec)
+	return err == nil
 }
 
 // cleanupReserve is the most of a deadline Install keeps for removing
@@ -180,7 +206,18 @@ func Uninstall(ctx context.Context, netns ns.NetNS) error {
 	return uninstall(s)
 }
 
-func uninstall(s *session) error {
+func uninstall(s *session) error { return removeAll(s, false) }
+
+// rollback removes what a failed install applied, in the reverse of the
+// install's order: the rules, then the routes. The routes stay while
+// rules of ours do (a removal cut at the xtables lock): rules without
+// their routes is a state no install makes, in which the pod's inbound
+// is captured but the replies to the agent's transparent dials are
+// routed out of the pod, while rules with their routes is the partial
+// install the error reports and the DEL that follows removes.
+func rollback(s *session) error { return removeAll(s, true) }
+
+func removeAll(s *session, keepRoutesOnError bool) error {
 	netns := s.netns
 	var errs []error
 	for _, b := range concrete {
@@ -188,7 +225,9 @@ func uninstall(s *session) error {
 			errs = append(errs, fmt.Errorf("%s: %w", b, err))
 		}
 	}
-	if err := routesUninstall(netns); err != nil {
+	if len(errs) > 0 && keepRoutesOnError {
+		errs = append(errs, errors.New("the routes stay with the rules left"))
+	} else if err := routesUninstall(netns); err != nil {
 		errs = append(errs, err)
 	}
 	if err := errors.Join(errs...); err != nil {

@@ -104,7 +104,8 @@ func TestInstallCutWhileXtablesLockHeld(t *testing.T) {
 // taken, and the IPv6 restore waits for it past the deadline. The IPv4
 // rules and the routes must go: removed once the lock is free within the
 // time Install keeps for that, or, when it is not, named in the error
-// (the DEL that follows a failed ADD removes them).
+// (the DEL that follows a failed ADD removes them) and kept together:
+// until session 14's review the routes went while the rules stayed.
 func TestInstallCutBetweenFamilies(t *testing.T) {
 	testenv.RequireRoot(t)
 	spec := DefaultSpec()
@@ -149,6 +150,12 @@ func TestInstallCutBetweenFamilies(t *testing.T) {
 				if !strings.Contains(err.Error(), "removing the partial state failed") || !strings.Contains(err.Error(), "xtables lock") {
 					t.Errorf("error does not report the rules it could not remove and why: %v", err)
 				}
+				// The IPv4 rules mark the replies to the agent's
+				// transparent dials for these routes: without them the
+				// replies leave the pod.
+				if p := routesVerify(n, spec); len(p) != 0 {
+					t.Errorf("routes removed while the IPv4 rules stay: %v", p)
+				}
 				release()
 				if err := Uninstall(context.Background(), n); err != nil {
 					t.Fatal(err)
@@ -184,5 +191,33 @@ func TestInstallEndedContext(t *testing.T) {
 		if !strings.Contains(m, "missing") {
 			t.Errorf("routes changed by an install that should not have started: %v", p)
 		}
+	}
+}
+
+// TestInstallCutKeepsCompleteRules: a pod's rules are all in (its first
+// ADD, or a repair) when the same install runs again with the xtables
+// lock held past its deadline (a repeated ADD of a served sandbox).
+// Nothing the cut changed matters: the netns holds exactly the spec's
+// redirection, so the install is done and the rules stay. Before, the
+// cut install's rollback removed every rule and route of the pod
+// (Verify after it: "no redirection rules installed"), taking a working
+// pod's capture away while its listeners kept serving.
+func TestInstallCutKeepsCompleteRules(t *testing.T) {
+	testenv.RequireRoot(t)
+	n := nstest.New(t, "xl")
+	spec := DefaultSpec()
+	if _, err := Install(context.Background(), n, IptablesLegacy, spec); err != nil {
+		t.Fatal(err)
+	}
+	holdXtablesLock(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 1500*time.Millisecond)
+	defer cancel()
+	b, err := Install(ctx, n, IptablesLegacy, spec)
+	t.Logf("second Install while the lock is held: %q, %v", b, err)
+	if err != nil || b != IptablesLegacy {
+		t.Errorf("second Install while the lock is held: %q, %v; want %s, done (the rules were complete)", b, err, IptablesLegacy)
+	}
+	if err := Verify(context.Background(), n, spec); err != nil {
+		t.Errorf("the complete rules did not survive the cut install: %v", err)
 	}
 }
