@@ -13,6 +13,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/net/http2/hpack"
@@ -31,11 +32,31 @@ type record struct {
 	srcID, dstID string
 	start        time.Time
 	opened       bool
-	series       *connSeries // set when opened
+	// What recoverConn settles when the connection's handler panics:
+	// phase says whether it was counted open and not yet closed (beside
+	// opened, in its padding: the record stays in its 256-byte size
+	// class); live is its entry for Reauthorize once stillAllowed
+	// registered it; closer its cut (track) once it relays.
+	phase  atomic.Uint32
+	live   *liveConn
+	closer *tracked
+	series *connSeries // set when opened
 	// slots is the accept slot the connection holds until established
 	// (release); nil when it holds none.
 	slots chan struct{}
 }
+
+// A record's phase. Atomic: a 15001 HBONE connection is counted open by
+// its stream's OnResponse, on the pooled connection's read loop, which a
+// handler that panicked does not wait for. Whichever of opened and
+// recoverConn comes first decides whether the connection is counted
+// open and then closed, or neither.
+const (
+	phasePending uint32 = iota
+	phaseOpen
+	phaseClosed  // finished ran
+	phaseSettled // recoverConn ran
+)
 
 func addrPortOf(a net.Addr) netip.AddrPort {
 	if ta, ok := a.(*net.TCPAddr); ok {
@@ -64,6 +85,9 @@ func (sv *Serving) logAttrs(r *record) []any {
 }
 
 func (sv *Serving) opened(r *record) {
+	if !r.phase.CompareAndSwap(phasePending, phaseOpen) {
+		return // its handler panicked first (recoverConn): never open
+	}
 	r.opened = true
 	r.series = sv.p.m.series(r.dir, r.mode, r.srcID, r.dstID)
 	r.series.opened.Inc()
@@ -72,7 +96,14 @@ func (sv *Serving) opened(r *record) {
 
 // finished ends an established connection: metrics and the access log.
 func (sv *Serving) finished(r *record, toApp, fromApp int64, err error) {
-	cs := r.series
+	r.phase.Store(phaseClosed)
+	sv.countClose(r, r.series, toApp, fromApp, "", err)
+}
+
+// countClose counts an established connection's end and writes its
+// access-log line; cs nil: looked up. reason is set only for an end that
+// is not the connection's own ("internal_error": its handler panicked).
+func (sv *Serving) countClose(r *record, cs *connSeries, toApp, fromApp int64, reason string, err error) {
 	if cs == nil {
 		cs = sv.p.m.series(r.dir, r.mode, r.srcID, r.dstID)
 	}
@@ -85,10 +116,38 @@ func (sv *Serving) finished(r *record, toApp, fromApp int64, err error) {
 	}
 	attrs := append(sv.logAttrs(r), "bytes_sent", fromApp, "bytes_received", toApp,
 		"duration", time.Since(r.start).String())
+	if reason != "" {
+		attrs = append(attrs, "reason", reason)
+	}
 	if err != nil {
 		attrs = append(attrs, "error", err.Error())
 	}
 	sv.log.LogAttrs(context.Background(), slog.LevelInfo, "connection complete", argsToAttrs(attrs)...)
+}
+
+// settlePanicked puts the books of r's connection straight after its
+// handler panicked (recoverConn, on the handler's goroutine): the live
+// entry unregistered and the connection cut (its app socket closed too,
+// which the panicked splice would have closed), and, if it was counted
+// open, its close counted (active_connections back down) with one
+// access-log line, reason internal_error. Before, an established
+// connection stayed open in the gauge for good and had no close and no
+// line, and a panic after stillAllowed left its live entry for the next
+// Reauthorize to revoke (TestSplicePanicCleansUp). Its bytes are lost
+// with the splice's counts: counted 0.
+func (sv *Serving) settlePanicked(r *record, v any) {
+	if lc := r.live; lc != nil {
+		sv.p.removeLive(lc)
+		lc.kill()
+	}
+	if t := r.closer; t != nil {
+		t.cut()
+	}
+	if r.phase.Swap(phaseSettled) == phaseOpen {
+		// Not r.series: opened may be setting it on another goroutine.
+		sv.countClose(r, nil, 0, 0, "internal_error",
+			fmt.Errorf("the agent panicked while relaying it (%v); its bytes are not counted", v))
+	}
 }
 
 // failed counts a connection refused or failed before it was established
@@ -140,6 +199,7 @@ func (sv *Serving) isAgentPort(ap netip.AddrPort) bool {
 // outbound handles a connection the pod's app made, captured on 15001.
 func (sv *Serving) outbound(c *net.TCPConn, slots chan struct{}) {
 	r := &record{dir: "outbound", src: addrPortOf(c.RemoteAddr()), srcID: sv.pod.Workload.Identity, start: time.Now(), slots: slots}
+	defer sv.recoverConn(r, func() { reset(c) })
 	defer r.release()
 	// Counted against the source pod, refused before anything is spent
 	// on it (no dial, no TLS): the app sees a reset at once.
@@ -266,7 +326,7 @@ func (sv *Serving) outbound(c *net.TCPConn, slots chan struct{}) {
 		refused = hbone.StatusError{Status: st}
 		why = s.ResponseHeader(refusedHeader)
 	})
-	res := sv.spliceTracked(s, c)
+	res := sv.spliceTracked(r, s, c)
 	if !r.opened {
 		reason := "hbone_stream"
 		var se hbone.StatusError
@@ -287,9 +347,12 @@ func (sv *Serving) outbound(c *net.TCPConn, slots chan struct{}) {
 // tracked for Close's cut meanwhile. The untrack is deferred: after a
 // panic in the splice (recoverConn resets c and the agent goes on) the
 // closer stayed in sv.closers until the pod's serving closed, one per
-// panic (TestSplicePanicCleansUp).
-func (sv *Serving) spliceTracked(s *hbone.Stream, c *net.TCPConn) hbone.SpliceResult {
+// panic (TestSplicePanicCleansUp). r keeps the closer, which recoverConn
+// runs: it resets the stream too, which the panicked splice left open
+// on the pooled connection, and the peer's side of it.
+func (sv *Serving) spliceTracked(r *record, s *hbone.Stream, c *net.TCPConn) hbone.SpliceResult {
 	closer := sv.track(func() { s.Reset(hbone.ErrCodeCancel); reset(c) })
+	r.closer = closer
 	defer sv.untrack(closer)
 	return s.Splice(c)
 }
@@ -396,7 +459,7 @@ func (sv *Serving) passthrough(c *net.TCPConn, r *record, target netip.AddrPort)
 	}
 	r.release()
 	sv.opened(r)
-	fromApp, toApp, err := sv.relay(c, up)
+	fromApp, toApp, err := sv.relay(r, c, up)
 	sv.finished(r, toApp, fromApp, err)
 }
 
@@ -434,9 +497,11 @@ func (sv *Serving) cutDial(r *record, err error) error {
 }
 
 // relay copies both ways between two TCP connections (splice(2) under
-// the hood), carrying half-closes, until both directions end.
-func (sv *Serving) relay(app *net.TCPConn, other net.Conn) (fromApp, toApp int64, err error) {
+// the hood), carrying half-closes, until both directions end. r keeps
+// the closer for recoverConn.
+func (sv *Serving) relay(r *record, app *net.TCPConn, other net.Conn) (fromApp, toApp int64, err error) {
 	closer := sv.track(func() { reset(app); other.Close() })
+	r.closer = closer
 	defer sv.untrack(closer)
 	var wg sync.WaitGroup
 	var errTo error
@@ -475,6 +540,7 @@ func (sv *Serving) relay(app *net.TCPConn, other net.Conn) (fromApp, toApp int64
 func (sv *Serving) inboundPlain(c *net.TCPConn, slots chan struct{}) {
 	w := sv.workload()
 	r := &record{dir: "inbound", mode: "plaintext", src: addrPortOf(c.RemoteAddr()), dstID: w.Identity, start: time.Now(), slots: slots}
+	defer sv.recoverConn(r, func() { reset(c) })
 	defer r.release()
 	// Counted against the destination pod; refused with a reset, the
 	// app never dialled.
@@ -543,7 +609,7 @@ func (sv *Serving) inboundPlain(c *net.TCPConn, slots chan struct{}) {
 // connection long gone (TestSplicePanicCleansUp).
 func (sv *Serving) relayLive(c *net.TCPConn, app net.Conn, lc *liveConn) (fromClient, toClient int64, err error) {
 	defer sv.p.removeLive(lc)
-	return sv.relay(c, app)
+	return sv.relay(lc.rec, c, app)
 }
 
 // stillAllowed registers lc for Reauthorize and checks it once more. The
@@ -554,6 +620,10 @@ func (sv *Serving) relayLive(c *net.TCPConn, app net.Conn, lc *liveConn) (fromCl
 // registering, a change is seen either here or by that re-check. A
 // refusal unregisters lc and is counted; the caller closes.
 func (sv *Serving) stillAllowed(lc *liveConn) bool {
+	// Kept in the record before it is registered: a panic from here on
+	// (the re-check runs the Authorizer; then the response, the splice)
+	// unregisters it in recoverConn.
+	lc.rec.live = lc
 	sv.p.addLive(lc)
 	v := sv.p.authorize(lc.current())
 	if v.Allow {
@@ -624,7 +694,7 @@ func (sv *Serving) inboundHBONE(raw *net.TCPConn) {
 			return nil
 		},
 		func(s *hbone.Stream) {
-			defer sv.recoverConn(func() { s.Reset(hbone.ErrCodeInternal) })
+			defer sv.recoverConn(nil, func() { s.Reset(hbone.ErrCodeInternal) })
 			if err := sv.p.recheck(ps, time.Now()); err != nil {
 				sv.refuseStale(s, peerID, peer, err)
 				select {
@@ -725,15 +795,16 @@ func (sv *Serving) watchIdle(hc *hbone.Conn, idle chan<- struct{}) (stop func())
 	}
 }
 
-// hbonePanicked hears of a panic on an HBONE connection's read loop
-// (hbone.Config.OnPanic), which runs on a goroutine of hbone's, outside
-// the connection handlers' recover, and parses what the peer sends and
-// runs our callbacks (OnResponse's opened count): hbone has closed the
-// connection, its streams fail, and the agent goes on. Counted and logged
-// once per connection, as recoverConn does for a handler.
+// hbonePanicked hears of a panic on an HBONE connection's read loop or
+// control-frame writer (hbone.Config.OnPanic), which run on goroutines
+// of hbone's, outside the connection handlers' recover; the read loop
+// parses what the peer sends and runs our callbacks (OnResponse's opened
+// count): hbone has closed the connection, its streams fail, and the
+// agent goes on. Counted and logged once per connection, as recoverConn
+// does for a handler; the stack says which of the two.
 func (p *Proxy) hbonePanicked(c *hbone.Conn, v any, stack []byte) {
 	p.m.failed.WithLabelValues("unknown", "internal_error", "unknown", "unknown").Inc()
-	p.log.Error("HBONE connection's read loop panicked; the connection is closed",
+	p.log.Error("HBONE connection's own goroutine (read loop or control-frame writer) panicked; the connection is closed",
 		"peer", c.NetConn().RemoteAddr().String(), "panic", fmt.Sprint(v), "stack", string(stack))
 }
 
@@ -757,6 +828,7 @@ func (sv *Serving) refuseStale(s *hbone.Stream, peerID string, peer netip.AddrPo
 func (sv *Serving) inboundStream(s *hbone.Stream, peerID string, peer netip.AddrPort) {
 	w := sv.workload()
 	r := &record{dir: "inbound", mode: "hbone", src: peer, srcID: peerID, dstID: w.Identity, start: time.Now()}
+	defer sv.recoverConn(r, func() { s.Reset(hbone.ErrCodeInternal) })
 	sv.enter()
 	defer sv.leave()
 	req := s.Request
@@ -838,6 +910,7 @@ func (sv *Serving) inboundStream(s *hbone.Stream, peerID string, peer netip.Addr
 // before the caller's finished (see relayLive).
 func (sv *Serving) spliceLive(s *hbone.Stream, app net.Conn, lc *liveConn) (toApp, fromApp int64, err error) {
 	closer := sv.track(lc.kill)
+	lc.rec.closer = closer
 	defer sv.p.removeLive(lc)
 	defer sv.untrack(closer)
 	sv.opened(lc.rec)

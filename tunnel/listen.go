@@ -86,7 +86,7 @@ func (sv *Serving) acceptLoop(ln net.Listener, name string, slots chan struct{},
 		sv.enter()
 		go func() {
 			defer sv.leave()
-			defer sv.recoverConn(func() { reset(tc) })
+			defer sv.recoverConn(nil, func() { reset(tc) })
 			fn(tc, slots)
 		}()
 	}

@@ -375,14 +375,28 @@ func (p *Proxy) Serve(pod Pod) (*Serving, error) {
 }
 
 // recoverConn keeps one connection's bug from taking the agent (and
-// every other pod's traffic) down: it is logged, counted and the
-// connection reset.
-func (sv *Serving) recoverConn(cleanup func()) {
-	if v := recover(); v != nil {
+// every other pod's traffic) down: it is logged, counted
+// (failed_total{reason="internal_error"}) and the connection reset.
+// Deferred first in each handler, with the connection's record r, so the
+// count has its direction and identities, the line its addresses, and
+// settlePanicked puts the rest of the books straight (the gauge, the
+// close, the live entry); r is nil outside a record (the accept loop's,
+// the HBONE stream handler's: a second line of defence there).
+func (sv *Serving) recoverConn(r *record, cleanup func()) {
+	v := recover()
+	if v == nil {
+		return
+	}
+	if r == nil {
 		sv.p.m.failed.WithLabelValues("unknown", "internal_error", "unknown", "unknown").Inc()
 		sv.log.Error("connection handler panicked", "panic", fmt.Sprint(v), "stack", string(debug.Stack()))
 		cleanup()
+		return
 	}
+	sv.p.m.failed.WithLabelValues(r.dir, "internal_error", orUnknown(r.srcID), orUnknown(r.dstID)).Inc()
+	sv.log.Error("connection handler panicked", append(sv.logAttrs(r), "panic", fmt.Sprint(v), "stack", string(debug.Stack()))...)
+	cleanup()
+	sv.settlePanicked(r, v)
 }
 
 // enter counts a connection or stream being handled. It never refuses:

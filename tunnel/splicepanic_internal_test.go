@@ -1,36 +1,35 @@
 package tunnel
 
 import (
-	"bytes"
 	"context"
+	"errors"
 	"io"
-	"log/slog"
 	"net"
 	"net/netip"
-	"runtime"
+	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/ambit-mesh/ambit/internal/testenv"
+	"github.com/ambit-mesh/ambit/tunnel/internal/panicpoint"
 	"github.com/ambit-mesh/ambit/tunnel/internal/podtest"
 	"github.com/ambit-mesh/ambit/tunnel/podnet"
 )
 
 // splicePanicNet is a pod network whose connections, once armed, panic
 // in a Read or Write made from the armed handler (a bug in the data
-// path, say): the first such call whose stack names it. It has no
-// DialLocal: 15006 and 15008 dial the app through Dial. Calls from other
-// goroutines (hbone's read loop, the relay's second copy) never panic:
-// there nothing recovers, the test binary would end.
+// path, say): the first such call whose stack names it (panicpoint). It
+// has no DialLocal: 15006 and 15008 dial the app through Dial. Calls
+// from other goroutines (hbone's read loop, the relay's second copy)
+// never panic: there nothing recovers, the test binary would end.
 type splicePanicNet struct {
 	PodNetwork
-	where atomic.Pointer[string]
+	at panicpoint.Point
 }
-
-func (n *splicePanicNet) arm(where string) { n.where.Store(&where) }
 
 func (n *splicePanicNet) Dial(ctx context.Context, src netip.Addr, dst netip.AddrPort) (net.Conn, error) {
 	c, err := n.PodNetwork.Dial(ctx, src, dst)
@@ -45,28 +44,16 @@ type splicePanicConn struct {
 	n *splicePanicNet
 }
 
-func (c *splicePanicConn) maybePanic() {
-	w := c.n.where.Load()
-	if w == nil {
-		return
-	}
-	buf := make([]byte, 64<<10)
-	buf = buf[:runtime.Stack(buf, false)]
-	if bytes.Contains(buf, []byte(*w)) && c.n.where.CompareAndSwap(w, nil) {
-		panic("test: panic inside the splice")
-	}
-}
-
 // Read checks after reading: the splice's read is usually already
 // waiting when the test arms.
 func (c *splicePanicConn) Read(b []byte) (int, error) {
 	n, err := c.Conn.Read(b)
-	c.maybePanic()
+	c.n.at.Check("test: panic inside the splice")
 	return n, err
 }
 
 func (c *splicePanicConn) Write(b []byte) (int, error) {
-	c.maybePanic()
+	c.n.at.Check("test: panic inside the splice")
 	return c.Conn.Write(b)
 }
 
@@ -86,10 +73,16 @@ func (mapDirectory) ServiceEndpoints(netip.AddrPort) ([]netip.AddrPort, bool) {
 	return nil, false
 }
 
-// denySwitch allows everything until deny is set.
-type denySwitch struct{ deny atomic.Bool }
+// denySwitch allows everything until deny is set; armed (at), it panics
+// once, in a call made from the armed function (a bug in the policy
+// engine, say).
+type denySwitch struct {
+	deny atomic.Bool
+	at   panicpoint.Point
+}
 
 func (d *denySwitch) Authorize(ConnInfo) Verdict {
+	d.at.Check("test: the Authorizer panics")
 	if d.deny.Load() {
 		return Verdict{Policy: "test", Reason: "the test denies all"}
 	}
@@ -98,13 +91,24 @@ func (d *denySwitch) Authorize(ConnInfo) Verdict {
 
 // TestSplicePanicCleansUp: a panic inside an established connection's
 // splice (recovered per connection by recoverConn: the agent goes on)
-// leaves the pod's closers, and the Proxy's live connections, as they
-// were before that connection, and a policy change afterwards revokes
-// nothing. The untrack after the outbound HBONE splice, the untrack and
-// removeLive after the inbound HBONE splice, and the removeLive after
-// 15006's relay were plain calls the panic skipped: the closer stayed
-// tracked and the live entry stayed in p.live until the process exited,
-// and every later Reauthorize that refused it counted a policy_revoked.
+// leaves the agent's books as they were before that connection: the
+// pod's closers, the Proxy's live connections (a policy change
+// afterwards revokes nothing), active_connections; the connection is
+// counted closed, with one access-log line of reason internal_error. So
+// does a panic in the policy re-check (stillAllowed), which runs once
+// the connection is registered for Reauthorize and before its splice;
+// the app's connection, dialled by then, is closed too. A panic in the
+// write to A's pooled HBONE connection leaves that connection closed,
+// not wedged: the next connection reaches B.
+//
+// Before: session 12's untrack and removeLive after each splice were
+// plain calls the panic skipped (closers and live entries stayed until
+// the process exited, and each later Reauthorize that refused them
+// counted a policy_revoked; session 13 fixed those); active_connections
+// stayed one too high for good, with no close counted and no access-log
+// line; a panic in the re-check left its live entry behind and the
+// app's connection open; and hbone's write lock stayed held by the
+// panicked write, so every later stream on A's pooled connection hung.
 // Real pods (root): A's app calls B's app, A and B redirected and
 // served by agents of their own; B's IPv4 is meshed (HBONE), its IPv6
 // is not (A's passthrough, plaintext into B's 15006).
@@ -113,67 +117,38 @@ func TestSplicePanicCleansUp(t *testing.T) {
 	a, b := podtest.Pair(t)
 	podtest.Redirect(t, a)
 	podtest.Redirect(t, b)
-	root := mint(t, caTmpl("root"), nil)
-	certs := newTestCerts(root.cert)
-	certs.set(idServer, chain(mint(t, leafTmpl(t, idServer), root)))
-	certs.set(idClient, chain(mint(t, leafTmpl(t, idClient), root)))
+	certs := testPeerCerts(t)
 	wa := Workload{Namespace: "a", Name: "client-pod", IPs: []netip.Addr{a.IP4, a.IP6}, Identity: idClient, Meshed: true}
 	wb := Workload{Namespace: "b", Name: "server-pod", IPs: []netip.Addr{b.IP4, b.IP6}, Identity: idServer, Meshed: true}
 	dir := mapDirectory{a.IP4: wa, b.IP4: wb}
 	auth := &denySwitch{}
 
 	type node struct {
-		p   *Proxy
-		sv  *Serving
-		reg *prometheus.Registry
-		net *splicePanicNet
+		p    *Proxy
+		sv   *Serving
+		reg  *prometheus.Registry
+		logs *testenv.Buffer
+		net  *splicePanicNet
 	}
 	serve := func(pp *podtest.Pod, w Workload, ports ...uint16) *node {
 		t.Helper()
-		pn, err := podnet.Open(pp.File(t))
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { pn.Close() })
-		n := &node{reg: prometheus.NewRegistry(), net: &splicePanicNet{PodNetwork: pn}}
+		n := &node{}
 		// Idle timeouts out of the way: the pooled connection (and
 		// B's closer for it) must last the whole test.
-		n.p, err = New(Config{Directory: dir, Certificates: certs, Authorizer: auth, Registerer: n.reg,
-			PoolIdleTimeout: time.Hour, HBONEIdleTimeout: time.Hour,
-			Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
-		if err != nil {
-			t.Fatal(err)
-		}
-		pod := Pod{Workload: w, Net: n.net}
-		for _, port := range ports {
-			ln, err := pn.Listen(port, podnet.ListenOptions{})
-			if err != nil {
-				t.Fatal(err)
-			}
-			switch port {
-			case 15001:
-				pod.Outbound = ln
-			case 15006:
-				pod.Inbound = ln
-			case 15008:
-				pod.HBONE = ln
-			}
-		}
-		if n.sv, err = n.p.Serve(pod); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() {
-			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-			defer cancel()
-			n.sv.Close(ctx)
-		})
+		n.p, n.reg, n.logs = newTestProxy(t, Config{Directory: dir, Certificates: certs, Authorizer: auth,
+			PoolIdleTimeout: time.Hour, HBONEIdleTimeout: time.Hour})
+		n.sv = servePod(t, n.p, pp, w, func(pn *podnet.Net) PodNetwork {
+			n.net = &splicePanicNet{PodNetwork: pn}
+			return n.net
+		}, ports...)
 		return n
 	}
 	na := serve(a, wa, 15001)
 	nb := serve(b, wb, 15006, 15008)
 
-	// B's app echoes.
+	// B's app echoes; appConns counts its connections open.
 	var ln net.Listener
+	var appConns atomic.Int64
 	b.Do(t, func() (err error) { ln, err = net.Listen("tcp", "[::]:8080"); return })
 	t.Cleanup(func() { ln.Close() })
 	go func() {
@@ -182,7 +157,8 @@ func TestSplicePanicCleansUp(t *testing.T) {
 			if err != nil {
 				return
 			}
-			go func() { io.Copy(c, c); c.Close() }()
+			appConns.Add(1)
+			go func() { io.Copy(c, c); c.Close(); appConns.Add(-1) }()
 		}
 	}()
 
@@ -201,13 +177,19 @@ func TestSplicePanicCleansUp(t *testing.T) {
 	}
 	waitMetric := func(n *node, name string, match map[string]string, want float64) {
 		t.Helper()
-		deadline := time.Now().Add(10 * time.Second)
-		for metric(n, name, match) != want && time.Now().Before(deadline) {
-			time.Sleep(10 * time.Millisecond)
-		}
-		if got := metric(n, name, match); got != want {
+		if got := pollUntil(want, func() float64 { return metric(n, name, match) }); got != want {
 			t.Fatalf("%s%v = %v, want %v", name, match, got, want)
 		}
+	}
+	// panicked counts n's access-log lines of connections a panic ended.
+	panicked := func(n *node) int {
+		k := 0
+		for _, l := range strings.Split(n.logs.String(), "\n") {
+			if strings.Contains(l, `msg="connection complete"`) && strings.Contains(l, "reason=internal_error") {
+				k++
+			}
+		}
+		return k
 	}
 	// dial connects from A's app and checks one echo: the connection
 	// is established, its splice running.
@@ -241,30 +223,80 @@ func TestSplicePanicCleansUp(t *testing.T) {
 
 	panics := map[*node]float64{}
 	for _, tc := range []struct {
-		name  string
-		n     *node // whose agent panics
-		where string
-		dst   netip.AddrPort
+		name string
+		n    *node // whose agent panics
+		dir  string
+		// Where: a Read or Write of the armed handler's inside the
+		// splice (the node's network), else a call of the Authorizer's
+		// from recheck.
+		where, recheck string
+		dst            netip.AddrPort
 	}{
 		// B's 15008 stream handler, reading B's app (genericSplice:
 		// the app's connection is not a *net.TCPConn here).
-		{"inbound HBONE", nb, "tunnel.(*Serving).inboundStream(", meshed},
+		{name: "inbound HBONE", n: nb, dir: "inbound", where: "tunnel.(*Serving).inboundStream(", dst: meshed},
 		// B's 15006 handler, writing to B's app (relay).
-		{"inbound plaintext", nb, "tunnel.(*Serving).inboundPlain(", plain},
+		{name: "inbound plaintext", n: nb, dir: "inbound", where: "tunnel.(*Serving).inboundPlain(", dst: plain},
+		// The re-check after B's app dial, 15008 and 15006: the
+		// connection is registered for Reauthorize, not yet open.
+		{name: "inbound HBONE re-check", n: nb, dir: "inbound", recheck: "tunnel.(*Serving).stillAllowed(", dst: meshed},
+		{name: "inbound plaintext re-check", n: nb, dir: "inbound", recheck: "tunnel.(*Serving).stillAllowed(", dst: plain},
 		// A's 15001 handler, writing the app's bytes to B (Splice's
-		// pump, into the pooled connection's socket). Last: hbone's
-		// write lock stays held by the panicked write, so that pooled
-		// connection is of no further use.
-		{"outbound HBONE", na, "tunnel.(*Serving).outbound(", meshed},
+		// pump, into the pooled connection's socket, under hbone's
+		// write lock). Last: that pooled connection is closed.
+		{name: "outbound HBONE", n: na, dir: "outbound", where: "tunnel.(*Serving).outbound(", dst: meshed},
 	} {
-		c := dial(tc.dst)
-		tc.n.net.arm(tc.where)
-		io.WriteString(c, "boom\n")
-		_, _ = io.ReadAll(c) // ends with the panic's reset
+		// Nothing open on either side: the last case's connections are
+		// counted closed (the count goes up before the gauge down).
+		for _, n := range []*node{na, nb} {
+			if got := pollUntil(0, func() float64 { return metric(n, "ambit_tunnel_active_connections", nil) }); got != 0 {
+				t.Fatalf("before %s: active_connections %v with nothing open, want 0", tc.name, got)
+			}
+		}
+		dirs := map[string]string{"direction": tc.dir}
+		closed := metric(tc.n, "ambit_tunnel_connections_closed_total", dirs)
+		lines := panicked(tc.n)
+		if tc.recheck != "" {
+			// The re-check comes before the connection is open: no
+			// echo. The panic's reset can come before the app's
+			// connect(2) has returned.
+			auth.at.Arm(tc.recheck)
+			var c net.Conn
+			var err error
+			a.Do(t, func() error { c, err = net.DialTimeout("tcp", tc.dst.String(), 10*time.Second); return nil })
+			if err == nil {
+				c.SetDeadline(time.Now().Add(10 * time.Second))
+				io.WriteString(c, "boom\n")
+				_, _ = io.ReadAll(c) // ends with the panic's reset
+				c.Close()
+			} else if !errors.Is(err, syscall.ECONNRESET) {
+				t.Fatalf("%s: %v", tc.name, err)
+			}
+		} else {
+			c := dial(tc.dst)
+			tc.n.net.at.Arm(tc.where)
+			io.WriteString(c, "boom\n")
+			_, _ = io.ReadAll(c) // ends with the panic's reset
+		}
 		panics[tc.n]++
 		waitMetric(tc.n, "ambit_tunnel_connections_failed_total", map[string]string{"reason": "internal_error"}, panics[tc.n])
-		if tc.n.net.where.Load() != nil {
-			t.Fatalf("%s: the splice did not reach the armed call", tc.name)
+		if tc.n.net.at.Armed() || auth.at.Armed() {
+			t.Fatalf("%s: the connection did not reach the armed call", tc.name)
+		}
+		// Open before the panic (the splices): one close counted, with
+		// its line.
+		wantClosed, wantLines := closed+1, lines+1
+		if tc.recheck != "" {
+			wantClosed, wantLines = closed, lines
+		}
+		if got := pollUntil(0, func() float64 { return metric(tc.n, "ambit_tunnel_active_connections", dirs) }); got != 0 {
+			t.Errorf("%s: active_connections{direction=%s} %v after the panicked connection, want 0 as before it", tc.name, tc.dir, got)
+		}
+		if got := pollUntil(wantClosed, func() float64 { return metric(tc.n, "ambit_tunnel_connections_closed_total", dirs) }); got != wantClosed {
+			t.Errorf("%s: connections_closed_total{direction=%s} %v, want %v", tc.name, tc.dir, got, wantClosed)
+		}
+		if got := panicked(tc.n); got != wantLines {
+			t.Errorf("%s: %d access-log lines with reason=internal_error, want %d:\n%s", tc.name, got, wantLines, tc.n.logs)
 		}
 		if tc.n == na {
 			if n := closers(na); n != beforeA {
@@ -273,10 +305,14 @@ func TestSplicePanicCleansUp(t *testing.T) {
 			continue
 		}
 		if n := closers(nb); n != beforeB {
-			t.Errorf("%s: B tracks %d closers after the panicked splice, want %d as before it", tc.name, n, beforeB)
+			t.Errorf("%s: B tracks %d closers after the panicked connection, want %d as before it", tc.name, n, beforeB)
 		}
 		if n := live(nb); n != liveB {
-			t.Errorf("%s: %d live connections on B after the panicked splice, want %d", tc.name, n, liveB)
+			t.Errorf("%s: %d live connections on B after the panicked connection, want %d", tc.name, n, liveB)
+		}
+		// B's app sees its connection end: the agent closed its side.
+		if n := pollUntil(0, appConns.Load); n != 0 {
+			t.Errorf("%s: B's app still has %d connections open after the panicked one", tc.name, n)
 		}
 		// Nothing of B's is open: a policy that now refuses everything
 		// has nothing to revoke.
@@ -287,4 +323,8 @@ func TestSplicePanicCleansUp(t *testing.T) {
 			t.Errorf("%s: policy_revoked_total %v on B after a policy change with nothing open, want 0", tc.name, n)
 		}
 	}
+	// A's pooled connection, whose write panicked, is closed rather than
+	// wedged: the next connection gets a new one and reaches B.
+	dial(meshed).Close()
+	waitMetric(na, "ambit_tunnel_hbone_pool_connections", nil, 1)
 }
