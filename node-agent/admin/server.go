@@ -17,6 +17,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -80,12 +81,7 @@ func Listen(path string, src Sources, lg *slog.Logger) (*Server, error) {
 	if lg == nil {
 		lg = slog.Default()
 	}
-	dir := filepath.Dir(path)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, fmt.Errorf("admin socket: %w", err)
-	}
-	// Made by an earlier version or by hand with a wider mode: ours.
-	if err := os.Chmod(dir, 0o700); err != nil {
+	if err := ownDir(filepath.Dir(path)); err != nil {
 		return nil, fmt.Errorf("admin socket: %w", err)
 	}
 	if fi, err := os.Lstat(path); err == nil {
@@ -122,6 +118,55 @@ func Listen(path string, src Sources, lg *slog.Logger) (*Server, error) {
 		}
 	}()
 	return s, nil
+}
+
+// ownDir makes dir (its parent, the state directory, must exist or is
+// made) a directory of this process's user, mode 0700. What is already
+// there is taken only if it is a real directory of that user: through
+// a symbolic link the agent (root) would chmod and serve in whatever it
+// names, and a directory another user owns lets that user swap the
+// socket for one of its own, whatever the mode. Both are refused with
+// what to remove; the node is served without the socket meanwhile.
+func ownDir(dir string) error {
+	if err := os.MkdirAll(filepath.Dir(dir), 0o700); err != nil {
+		return err
+	}
+	if err := os.Mkdir(dir, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
+		return err
+	}
+	// Checked and changed through one descriptor opened without
+	// following a link, so nothing swapped in between is changed.
+	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		if fi, lerr := os.Lstat(dir); lerr == nil && fi.Mode()&os.ModeSymlink != 0 {
+			return fmt.Errorf("%s is a symbolic link: the socket goes only in a directory of the agent's own (remove the link)", dir)
+		}
+		return fmt.Errorf("%s: %w (not a directory? remove it)", dir, err)
+	}
+	defer unix.Close(fd)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return fmt.Errorf("%s: %w", dir, err)
+	}
+	if int(st.Uid) != os.Geteuid() {
+		return fmt.Errorf("%s is owned by uid %d, not by the agent's user (%d): its owner could replace the socket (remove the directory)", dir, st.Uid, os.Geteuid())
+	}
+	// Made by hand or an earlier version with a wider mode: ours.
+	if err := unix.Fchmod(fd, 0o700); err != nil {
+		return fmt.Errorf("%s: %w", dir, err)
+	}
+	return nil
+}
+
+// ownedDir tells whether dir is a real directory (no link) of this
+// process's user: the only kind Listen serves in, and Prune cleans.
+func ownedDir(dir string) bool {
+	fi, err := os.Lstat(dir)
+	if err != nil || !fi.IsDir() {
+		return false
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	return ok && int(st.Uid) == os.Geteuid()
 }
 
 // Path is the socket's path.
@@ -292,6 +337,9 @@ func (w slogWriter) Write(b []byte) (int, error) {
 // leaves its socket behind): live says whether an instance runs.
 func Prune(stateDir string, live func(instance string) bool) {
 	dir := filepath.Join(stateDir, SocketDir)
+	if !ownedDir(dir) {
+		return // not ours to clean (Listen says why)
+	}
 	ents, err := os.ReadDir(dir)
 	if err != nil {
 		return
