@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"os"
 	"strings"
+	"syscall"
 
 	"github.com/ambit-mesh/ambit/node-agent/instance"
 )
@@ -40,6 +41,13 @@ func Targets(stateDir, instanceFile string, all bool) ([]Target, error) {
 		name, err := instance.ReadName(instanceFile)
 		if err != nil {
 			return nil, err
+		}
+		// The file outlives its agent (a container's /tmp across a
+		// restart): a dead one is named as such, not as a socket error.
+		if e, live, err := instance.Find(stateDir, name); err == nil && !live {
+			return nil, fmt.Errorf("agent %s (named in %s) is not running: killed or exited, and no agent of this container has started since", name, instanceFile)
+		} else if err == nil {
+			return []Target{target(e)}, nil
 		}
 		return []Target{{Instance: name, Socket: SocketPath(stateDir, name)}}, nil
 	}
@@ -84,8 +92,13 @@ func Fetch(ctx context.Context, socket string) (*Status, error) {
 	}
 	resp, err := (&http.Client{Transport: tr}).Do(req)
 	if err != nil {
-		if errors.Is(err, os.ErrNotExist) {
-			return nil, fmt.Errorf("%s: no admin socket (an agent older than `ambit-agent status`, or one still starting)", socket)
+		switch {
+		case errors.Is(err, os.ErrNotExist):
+			return nil, fmt.Errorf("%s: no admin socket (an agent older than `ambit-agent status`, one still starting, or one that could not open it: its log says)", socket)
+		case errors.Is(err, syscall.ECONNREFUSED):
+			return nil, fmt.Errorf("%s: nothing listens on it (its agent was killed or has exited; the next agent's start removes it)", socket)
+		case errors.Is(err, context.DeadlineExceeded) && ctx.Err() != nil:
+			return nil, fmt.Errorf("%s: no answer in time: the agent is stuck or overloaded (its /healthz and log say more)", socket)
 		}
 		return nil, fmt.Errorf("%s: %w", socket, err)
 	}

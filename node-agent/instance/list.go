@@ -63,3 +63,16 @@ func ReadName(nameFile string) (string, error) {
 	}
 	return name, nil
 }
+
+// Find is the registry entry of the agent name under stateDir, and
+// whether that agent runs; err when it cannot be told (the entry exists,
+// or may, and cannot be opened).
+func Find(stateDir, name string) (e Entry, live bool, err error) {
+	path := filepath.Join(stateDir, Dir, name)
+	live, stopping, err := entryState(path)
+	if err != nil || !live {
+		return Entry{Name: name}, false, err
+	}
+	_, rerr := os.Stat(path + readySuffix)
+	return Entry{Name: name, Ready: rerr == nil && !stopping, Stopping: stopping}, true, nil
+}
