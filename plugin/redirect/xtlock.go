@@ -2,8 +2,8 @@ package redirect
 
 import (
 	"bufio"
-	"bytes"
 	"fmt"
+	"io"
 	"os"
 	"strconv"
 	"strings"
@@ -29,38 +29,56 @@ func xtablesLockPath() string {
 // xtablesLockHolder describes who holds the xtables lock, from
 // /proc/locks (no lock is taken to find out: even a probe could make
 // someone's iptables without --wait fail). ok is false when nobody
-// holds it, or it cannot tell.
+// holds it, or it cannot tell: the kernel leaves out of /proc/locks the
+// locks of processes outside the reader's PID namespace, so an agent in
+// a container without the host's PID namespace never sees kube-proxy's.
 func xtablesLockHolder() (who string, ok bool) {
-	path := xtablesLockPath()
 	var st unix.Stat_t
-	if err := unix.Stat(path, &st); err != nil {
+	if err := unix.Stat(xtablesLockPath(), &st); err != nil {
 		return "", false
 	}
-	locks, err := os.ReadFile("/proc/locks")
+	f, err := os.Open("/proc/locks")
 	if err != nil {
 		return "", false
 	}
-	dev := fmt.Sprintf("%02x:%02x:%d", unix.Major(st.Dev), unix.Minor(st.Dev), st.Ino)
-	sc := bufio.NewScanner(bytes.NewReader(locks))
+	defer f.Close()
+	pid, ok := flockHolder(f, unix.Major(st.Dev), unix.Minor(st.Dev), st.Ino)
+	if !ok {
+		return "", false
+	}
+	if pid <= 0 {
+		// A remote lock (negative); 0 is not printed by current kernels.
+		return "held by a process whose pid this namespace does not show", true
+	}
+	name := ""
+	// The pid may have been reused since the lock was taken (the taker
+	// died, a child it forked keeps the lock): the name is a hint.
+	if comm, err := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid)); err == nil {
+		name = " (" + strings.TrimSpace(string(comm)) + ")"
+	}
+	return "held by pid " + strconv.Itoa(pid) + name, true
+}
+
+// flockHolder returns the pid of the process holding a flock on the
+// file (major, minor, inode) in r, /proc/locks' text: lines like
+// "1: FLOCK  ADVISORY  WRITE 4242 fe:00:9773057 0 EOF", where a waiter's
+// line has "->" after the number. It reads line by line and stops at the
+// holder's; a line it cannot parse is skipped, an overlong one ends the
+// search (ok false).
+func flockHolder(r io.Reader, major, minor uint32, ino uint64) (pid int, ok bool) {
+	// As the kernel prints it: "%02x:%02x:%lu".
+	dev := fmt.Sprintf("%02x:%02x:%d", major, minor, ino)
+	sc := bufio.NewScanner(r)
 	for sc.Scan() {
-		// "1: FLOCK  ADVISORY  WRITE 4242 fe:00:9773057 0 EOF"; a
-		// waiter's line has "->" after the number.
 		f := strings.Fields(sc.Text())
 		if len(f) < 6 || f[1] != "FLOCK" || f[5] != dev {
 			continue
 		}
-		pid := f[4]
-		if pid == "0" {
-			// Outside our PID namespace: the agent runs in a container.
-			return "held by a process outside the agent's PID namespace", true
+		n, err := strconv.Atoi(f[4])
+		if err != nil {
+			continue
 		}
-		name := ""
-		if n, err := strconv.Atoi(pid); err == nil {
-			if comm, err := os.ReadFile(fmt.Sprintf("/proc/%d/comm", n)); err == nil {
-				name = " (" + strings.TrimSpace(string(comm)) + ")"
-			}
-		}
-		return "held by pid " + pid + name, true
+		return n, true
 	}
-	return "", false
+	return 0, false
 }

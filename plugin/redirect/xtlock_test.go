@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -220,4 +221,102 @@ func TestInstallCutKeepsCompleteRules(t *testing.T) {
 	if err := Verify(context.Background(), n, spec); err != nil {
 		t.Errorf("the complete rules did not survive the cut install: %v", err)
 	}
+}
+
+// TestFlockHolder: the holder's line is found among others' (POSIX and
+// OFD locks, waiters, other files, lines that are not /proc/locks'),
+// wherever it is in a long file.
+func TestFlockHolder(t *testing.T) {
+	var b strings.Builder
+	b.WriteString("garbage\n\n1:\n1: FLOCK\n")
+	for i := range 20000 {
+		fmt.Fprintf(&b, "%d: POSIX  ADVISORY  WRITE %d 00:1a:%d 0 EOF\n", i+2, 100+i, 5000+i)
+	}
+	b.WriteString("20002: OFDLCK ADVISORY  WRITE -1 fe:00:77 0 EOF\n")
+	b.WriteString("20003: FLOCK  ADVISORY  WRITE x fe:00:77 0 EOF\n")
+	b.WriteString("20004: -> FLOCK  ADVISORY  WRITE 999 fe:00:77 0 EOF\n")
+	b.WriteString("20004: FLOCK  ADVISORY  WRITE 4242 fe:00:77 0 EOF\n")
+	cases := []struct {
+		maj, min uint32
+		ino      uint64
+		pid      int
+		ok       bool
+	}{
+		{0xfe, 0, 77, 4242, true},
+		{0xfe, 0, 78, 0, false},
+		{0, 0x1a, 5000, 0, false}, // a POSIX lock, not the flock iptables takes
+	}
+	for _, c := range cases {
+		pid, ok := flockHolder(strings.NewReader(b.String()), c.maj, c.min, c.ino)
+		if pid != c.pid || ok != c.ok {
+			t.Errorf("flockHolder(%x:%x:%d) = %d, %v; want %d, %v", c.maj, c.min, c.ino, pid, ok, c.pid, c.ok)
+		}
+	}
+	// An overlong line ends the search instead of growing a buffer.
+	long := strings.Repeat("x", 1<<20) + "\n1: FLOCK  ADVISORY  WRITE 7 fe:00:77 0 EOF\n"
+	if pid, ok := flockHolder(strings.NewReader(long), 0xfe, 0, 77); ok {
+		t.Errorf("found %d past an overlong line", pid)
+	}
+}
+
+// FuzzFlockHolder: whatever /proc/locks holds, no panic, and a holder
+// found is on a line naming the file.
+func FuzzFlockHolder(f *testing.F) {
+	f.Add("1: FLOCK  ADVISORY  WRITE 4242 fe:00:77 0 EOF\n", uint32(0xfe), uint32(0), uint64(77))
+	f.Add("1: -> FLOCK  ADVISORY  WRITE 1 fe:00:77 0 EOF\n2: FLOCK ADVISORY WRITE -3 00:1a:1 0 EOF", uint32(0), uint32(0x1a), uint64(1))
+	f.Fuzz(func(t *testing.T, locks string, maj, min uint32, ino uint64) {
+		pid, ok := flockHolder(strings.NewReader(locks), maj, min, ino)
+		if ok && !strings.Contains(locks, fmt.Sprintf("%02x:%02x:%d", maj, min, ino)) {
+			t.Errorf("holder %d found for a file no line names", pid)
+		}
+		if !ok && pid != 0 {
+			t.Errorf("pid %d without a holder", pid)
+		}
+	})
+}
+
+// TestXtablesLockOutsidePIDNamespace: the agent runs in a PID namespace
+// of its own (a container without hostPID) while a process outside it
+// holds the xtables lock; the kernel leaves that lock out of the
+// agent's /proc/locks. A cut legacy restore must still point at the
+// lock. Before, the message named the lock only when /proc/locks showed
+// its holder, so such an agent said "stopped after 1s, at the caller's
+// deadline" and nothing about the lock.
+func TestXtablesLockOutsidePIDNamespace(t *testing.T) {
+	testenv.RequireRoot(t)
+	if os.Getenv("AMBIT_XTL_HELPER") != "" {
+		t.Skip("helper process")
+	}
+	unshare, err := exec.LookPath("unshare")
+	if err != nil {
+		t.Skip("no unshare(1)")
+	}
+	holdXtablesLock(t)
+	cmd := exec.Command(unshare, "--pid", "--fork", "--mount-proc",
+		os.Args[0], "-test.run=^TestXtablesLockHelperProcess$", "-test.v")
+	cmd.Env = append(os.Environ(), "AMBIT_XTL_HELPER=1")
+	out, err := cmd.CombinedOutput()
+	t.Logf("helper in a PID namespace of its own:\n%s", out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"MESSAGE: ", "xtables lock " + xtablesLockPath(), "no holder in this PID namespace"} {
+		if !strings.Contains(string(out), want) {
+			t.Errorf("message does not say %q", want)
+		}
+	}
+}
+
+// TestXtablesLockHelperProcess is TestXtablesLockOutsidePIDNamespace's
+// reader, run by it in a PID namespace of its own.
+func TestXtablesLockHelperProcess(t *testing.T) {
+	if os.Getenv("AMBIT_XTL_HELPER") == "" {
+		t.Skip("run by TestXtablesLockOutsidePIDNamespace")
+	}
+	if who, ok := xtablesLockHolder(); ok {
+		t.Logf("holder visible from here: %s", who)
+	}
+	ctx, cancel := context.WithDeadline(context.Background(), time.Now().Add(-time.Second))
+	defer cancel()
+	fmt.Printf("MESSAGE: %v\n", stoppedRun(ctx, "iptables-legacy-restore --noflush --wait", time.Second, true))
 }
