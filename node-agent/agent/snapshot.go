@@ -107,6 +107,18 @@ func (a *Agent) AdminPods(ctx context.Context) []admin.Pod {
 		if ok && ap.State == admin.StateEnrolled {
 			continue // enrolled since (a later sandbox, a retry)
 		}
+		cur := ap.UID
+		if cp, ok := local[key]; ok && cp.UID != "" {
+			cur = cp.UID
+		}
+		if n.uid != "" && cur != "" && n.uid != cur {
+			// An earlier pod of the name failed (a StatefulSet's pod
+			// made again): not this one's failure. Its own ADD notes
+			// the next.
+			ns, name, _ := strings.Cut(key, "/")
+			a.admin.notes.forget(ns, name, n.uid)
+			continue
+		}
 		if !ok {
 			ns, name, _ := strings.Cut(key, "/")
 			ap = admin.Pod{Namespace: ns, Name: name, UID: n.uid}
