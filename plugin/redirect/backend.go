@@ -315,6 +315,11 @@ func verify(s *session, spec Spec) (Backend, error) {
 		} else {
 			err = iptablesVerify(s, found[0], spec)
 		}
+		if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {
+			// A read cut short, not a difference: the caller tells
+			// "retry" from "the rules are wrong" by the wrapped error.
+			return backend, fmt.Errorf("reading the redirection in %s: %w", netns.Path(), err)
+		}
 		if err != nil {
 			problems = append(problems, err.Error())
 		}
