@@ -39,25 +39,8 @@ func TestClientWatchEndsOnPanic(t *testing.T) {
 	testenv.RequireRoot(t)
 	m := meshtest.New(t, meshtest.Options{NoServe: true})
 	reg := prometheus.NewRegistry()
-	px, err := tunnel.New(tunnel.Config{Directory: m.Dir, Certificates: m.Certs, Authorizer: m.Auth, Registerer: reg})
-	if err != nil {
-		t.Fatal(err)
-	}
-	pod, err := meshtest.PodListeners(m.A.Workload, m.A.Net)
-	if err != nil {
-		t.Fatal(err)
-	}
 	release := make(chan struct{})
-	pod.Net = &panickyNet{PodNetwork: m.A.Net, release: release}
-	sv, err := px.Serve(pod)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		defer cancel()
-		sv.Close(ctx)
-	})
+	serveBeside(t, m, m.A, reg, func(pod *tunnel.Pod) { pod.Net = &panickyNet{PodNetwork: m.A.Net, release: release} })
 	active := func() float64 { return testenv.Metric(t, reg, "ambit_tunnel_client_watch_active", nil) }
 	if n := active(); n != 0 {
 		t.Fatalf("client_watch_active %v before the test's dial, want 0 (a watch left by an earlier test?)", n)

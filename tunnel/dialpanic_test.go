@@ -8,10 +8,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/ambit-mesh/ambit/internal/testca"
 	"github.com/ambit-mesh/ambit/internal/testenv"
-	"github.com/ambit-mesh/ambit/tunnel"
-	"github.com/ambit-mesh/ambit/tunnel/internal/meshtest"
 )
 
 // TestOutboundDialPanic: a panic in the client-certificate callback of
@@ -23,11 +20,7 @@ import (
 // binary).
 func TestOutboundDialPanic(t *testing.T) {
 	testenv.RequireRoot(t)
-	po := &panicOnce{}
-	m := meshtest.New(t, meshtest.Options{CertificatesB: func(s *testca.Store) tunnel.Certificates {
-		po.Store = s
-		return po
-	}})
+	m, po := meshPanicOnceB(t)
 	go peerEcho(m.A.Listen(t, "[::]:8080"))
 	po.armed.Store(true)
 

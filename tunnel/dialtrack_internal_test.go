@@ -4,14 +4,11 @@ import (
 	"context"
 	"errors"
 	"io"
-	"log/slog"
 	"net"
 	"net/netip"
 	"syscall"
 	"testing"
 	"time"
-
-	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/ambit-mesh/ambit/internal/testenv"
 	"github.com/ambit-mesh/ambit/tunnel/internal/podtest"
@@ -38,34 +35,9 @@ func TestDialPanicUntracks(t *testing.T) {
 	testenv.RequireRoot(t)
 	a, b := podtest.Pair(t)
 	podtest.Redirect(t, b)
-	pn, err := podnet.Open(b.File(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { pn.Close() })
-	reg := prometheus.NewRegistry()
-	p, err := New(Config{Directory: noDirectory{}, Certificates: newTestCerts(), Registerer: reg,
-		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
-	if err != nil {
-		t.Fatal(err)
-	}
-	pod := Pod{Workload: Workload{Namespace: "b", Name: "server-pod", IPs: []netip.Addr{b.IP4, b.IP6},
-		Identity: idServer, Meshed: true}, Net: panicDialNet{pn}}
-	if pod.Outbound, err = pn.Listen(15001, podnet.ListenOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	if pod.Inbound, err = pn.Listen(15006, podnet.ListenOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	sv, err := p.Serve(pod)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		defer cancel()
-		sv.Close(ctx)
-	})
+	p, reg, _ := newTestProxy(t, Config{Directory: noDirectory{}, Certificates: newTestCerts()})
+	w := Workload{Namespace: "b", Name: "server-pod", IPs: []netip.Addr{b.IP4, b.IP6}, Identity: idServer, Meshed: true}
+	sv := servePod(t, p, b, w, func(pn *podnet.Net) PodNetwork { return panicDialNet{pn} }, 15001, 15006)
 	closers := func() int {
 		sv.mu.Lock()
 		defer sv.mu.Unlock()
@@ -102,12 +74,9 @@ func TestDialPanicUntracks(t *testing.T) {
 			t.Errorf("%s: the client got %v after the dial panicked, want a reset", tc.name, err)
 		}
 		want := float64(i + 1)
-		deadline := time.Now().Add(10 * time.Second)
-		for testenv.Metric(t, reg, "ambit_tunnel_connections_failed_total", map[string]string{"reason": "internal_error"}) != want &&
-			time.Now().Before(deadline) {
-			time.Sleep(10 * time.Millisecond)
-		}
-		if got := testenv.Metric(t, reg, "ambit_tunnel_connections_failed_total", map[string]string{"reason": "internal_error"}); got != want {
+		if got := pollUntil(want, func() float64 {
+			return testenv.Metric(t, reg, "ambit_tunnel_connections_failed_total", map[string]string{"reason": "internal_error"})
+		}); got != want {
 			t.Fatalf("%s: failed_total{reason=internal_error} %v, want %v (the panic recovered)", tc.name, got, want)
 		}
 		if n := closers(); n != before {

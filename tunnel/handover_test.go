@@ -24,27 +24,30 @@ import (
 // listener.
 func serveAgain(t *testing.T, m *meshtest.Mesh, wrap func(net.Listener) net.Listener) *tunnel.Serving {
 	t.Helper()
-	px, err := tunnel.New(tunnel.Config{Directory: m.Dir, Certificates: m.Certs, Authorizer: m.Auth, Registerer: prometheus.NewRegistry()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	pod, err := meshtest.PodListeners(m.B.Workload, m.B.Net)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if wrap != nil {
-		pod.Inbound = wrap(pod.Inbound)
-	}
-	sv, err := px.Serve(pod)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		defer cancel()
-		sv.Close(ctx)
+	return serveBeside(t, m, m.B, prometheus.NewRegistry(), func(pod *tunnel.Pod) {
+		if wrap != nil {
+			pod.Inbound = wrap(pod.Inbound)
+		}
 	})
-	return sv
+}
+
+// serveBeside serves the mesh's pod n with an agent of the test's own
+// (the mesh's directory, certificates and policy, metrics into reg),
+// beside n's (SO_REUSEPORT): listeners of its own in the pod, which
+// adjust may change before Serve (a wrapped listener, another pod
+// network). The serving closes with the test, within 2 s.
+func serveBeside(t *testing.T, m *meshtest.Mesh, n *meshtest.Node, reg prometheus.Registerer, adjust func(*tunnel.Pod)) *tunnel.Serving {
+	t.Helper()
+	px, err := tunnel.New(tunnel.Config{Directory: m.Dir, Certificates: m.Certs, Authorizer: m.Auth, Registerer: reg})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pod, err := meshtest.PodListeners(n.Workload, n.Net)
+	if err != nil {
+		t.Fatal(err)
+	}
+	adjust(&pod)
+	return tunnel.ServeForTest(t, px, pod)
 }
 
 // TestHandOverServesEveryStream is the destination side of a rolling

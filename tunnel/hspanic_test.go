@@ -28,6 +28,17 @@ func (p *panicOnce) Certificate(ctx context.Context, identity string) (*tls.Cert
 	return p.Store.Certificate(ctx, identity)
 }
 
+// meshPanicOnceB is a mesh whose B agent takes its certificates from
+// the panicOnce returned, not armed yet.
+func meshPanicOnceB(t *testing.T) (*meshtest.Mesh, *panicOnce) {
+	po := &panicOnce{}
+	m := meshtest.New(t, meshtest.Options{CertificatesB: func(s *testca.Store) tunnel.Certificates {
+		po.Store = s
+		return po
+	}})
+	return m, po
+}
+
 // TestHandshakePanicEndsPending: a panic in B's GetCertificate during an
 // inbound HBONE handshake still ends that handshake's pending state.
 // It used to stay listed (gauge at 1, a slot of the pod's and the
@@ -36,11 +47,7 @@ func (p *panicOnce) Certificate(ctx context.Context, identity string) (*tls.Cert
 // only the accept loop's recover ran.
 func TestHandshakePanicEndsPending(t *testing.T) {
 	testenv.RequireRoot(t)
-	po := &panicOnce{}
-	m := meshtest.New(t, meshtest.Options{CertificatesB: func(s *testca.Store) tunnel.Certificates {
-		po.Store = s
-		return po
-	}})
+	m, po := meshPanicOnceB(t)
 	go peerEcho(m.B.Listen(t, "[::]:8080"))
 	po.armed.Store(true)
 

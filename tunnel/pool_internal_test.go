@@ -3,8 +3,6 @@ package tunnel
 import (
 	"context"
 	"errors"
-	"io"
-	"log/slog"
 	"net"
 	"net/netip"
 	"sync/atomic"
@@ -40,47 +38,23 @@ func (noDirectory) ServiceEndpoints(netip.AddrPort) ([]netip.AddrPort, bool) { r
 // longer served") from a pod that is served. testDialWoken holds the
 // window open; real sockets and TLS on loopback, our HBONE on both sides.
 func TestPoolWaiterAfterItsEntryWasDropped(t *testing.T) {
-	root := mint(t, caTmpl("root"), nil)
-	certs := newTestCerts(root.cert)
-	certs.set(idServer, chain(mint(t, leafTmpl(t, idServer), root)))
-	certs.set(idClient, chain(mint(t, leafTmpl(t, idClient), root)))
-	p, err := New(Config{Directory: noDirectory{}, Certificates: certs,
-		Logger:          slog.New(slog.NewTextHandler(io.Discard, nil)),
+	p, _, _ := newTestProxy(t, Config{Directory: noDirectory{}, Certificates: testPeerCerts(t),
 		PoolIdleTimeout: time.Hour, // the janitor's rounds are the test's (sweep)
 		ConnectTimeout:  10 * time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
 
 	// The peer: our HBONE server, handing each connection to the test.
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
 	served := make(chan *hbone.Conn, 4)
-	go func() {
-		for {
-			raw, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				hc, err := hbone.Server(context.Background(), raw, p.serverTLS(idServer, &peerState{}), p.hcfg, nil,
-					func(s *hbone.Stream) { s.Respond(200, nil) })
-				if err != nil {
-					t.Errorf("the peer's handshake: %v", err)
-					return
-				}
-				served <- hc
-			}()
+	key := loopPeer(t, p, func(s *hbone.Stream) { s.Respond(200, nil) }, func(hc *hbone.Conn, err error) {
+		if err != nil {
+			t.Errorf("the peer's handshake: %v", err)
+			return
 		}
-	}()
+		served <- hc
+	})
 
 	n := &loopNet{}
 	pl := newPool(p, n)
 	defer pl.close()
-	key := poolKey{src: idClient, dst: idServer, addr: netip.MustParseAddrPort(ln.Addr().String())}
 
 	var woken atomic.Int32
 	dropped := false

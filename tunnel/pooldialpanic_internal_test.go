@@ -4,15 +4,10 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
-	"log/slog"
-	"net"
-	"net/netip"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
-
-	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/ambit-mesh/ambit/internal/testenv"
 	"github.com/ambit-mesh/ambit/tunnel/hbone"
@@ -47,47 +42,18 @@ func (c *stallPanicCerts) Certificate(ctx context.Context, id string) (*tls.Cert
 // the test binary (pool.runDial -> pool.dial -> hbone.Client -> the
 // callback). Real sockets and TLS on loopback, our HBONE on both sides.
 func TestPoolDialPanic(t *testing.T) {
-	root := mint(t, caTmpl("root"), nil)
-	tc := newTestCerts(root.cert)
-	tc.set(idServer, chain(mint(t, leafTmpl(t, idServer), root)))
-	tc.set(idClient, chain(mint(t, leafTmpl(t, idClient), root)))
-	certs := &stallPanicCerts{testCerts: tc, started: make(chan struct{}), release: make(chan struct{})}
+	certs := &stallPanicCerts{testCerts: testPeerCerts(t), started: make(chan struct{}), release: make(chan struct{})}
 	certs.armed.Store(true)
-	logs := &testenv.Buffer{}
-	p, err := New(Config{Directory: noDirectory{}, Certificates: certs,
-		Logger:          slog.New(slog.NewTextHandler(logs, nil)),
+	p, _, logs := newTestProxy(t, Config{Directory: noDirectory{}, Certificates: certs,
 		PoolIdleTimeout: time.Hour,
 		ConnectTimeout:  10 * time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
 	// How each of the peer's handshakes ended.
 	handshakes := make(chan error, 4)
-	go func() {
-		for {
-			raw, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-				defer cancel()
-				_, err := hbone.Server(ctx, raw, p.serverTLS(idServer, &peerState{}), p.hcfg, nil,
-					func(s *hbone.Stream) { s.Respond(200, nil) })
-				handshakes <- err
-			}()
-		}
-	}()
+	key := loopPeer(t, p, func(s *hbone.Stream) { s.Respond(200, nil) },
+		func(_ *hbone.Conn, err error) { handshakes <- err })
 
 	pl := newPool(p, &loopNet{})
 	defer pl.close()
-	key := poolKey{src: idClient, dst: idServer, addr: netip.MustParseAddrPort(ln.Addr().String())}
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 
@@ -177,43 +143,13 @@ func TestPoolDialPanic(t *testing.T) {
 // new connection for the next caller. The loop is hbone's goroutine,
 // outside the connection handlers' recover: the panic ended the process.
 func TestHBONEReadLoopPanic(t *testing.T) {
-	root := mint(t, caTmpl("root"), nil)
-	certs := newTestCerts(root.cert)
-	certs.set(idServer, chain(mint(t, leafTmpl(t, idServer), root)))
-	certs.set(idClient, chain(mint(t, leafTmpl(t, idClient), root)))
-	logs := &testenv.Buffer{}
-	reg := prometheus.NewRegistry()
-	p, err := New(Config{Directory: noDirectory{}, Certificates: certs, Registerer: reg,
-		Logger:          slog.New(slog.NewTextHandler(logs, nil)),
+	p, reg, logs := newTestProxy(t, Config{Directory: noDirectory{}, Certificates: testPeerCerts(t),
 		PoolIdleTimeout: time.Hour,
 		ConnectTimeout:  10 * time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	go func() {
-		for {
-			raw, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				hc, err := hbone.Server(context.Background(), raw, p.serverTLS(idServer, &peerState{}), p.hcfg, nil,
-					func(s *hbone.Stream) { s.Reset(hbone.ErrCodeCancel) })
-				if err == nil {
-					t.Cleanup(func() { hc.Close() })
-				}
-			}()
-		}
-	}()
+	key := loopPeer(t, p, func(s *hbone.Stream) { s.Reset(hbone.ErrCodeCancel) }, nil)
 	n := &loopNet{}
 	pl := newPool(p, n)
 	defer pl.close()
-	key := poolKey{src: idClient, dst: idServer, addr: netip.MustParseAddrPort(ln.Addr().String())}
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 

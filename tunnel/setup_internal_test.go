@@ -110,6 +110,15 @@ func servePod(t *testing.T, p *Proxy, pp *podtest.Pod, w Workload, wrap func(*po
 			t.Fatalf("servePod: %d is not an agent port", port)
 		}
 	}
+	return ServeForTest(t, p, pod)
+}
+
+// ServeForTest is p.Serve(pod) for a test, failing it on an error; the
+// serving closes with the test, within 2 s. Exported for the external
+// tests (tunnel_test): a _test.go file of package tunnel is compiled
+// into it for the package's tests only.
+func ServeForTest(t testing.TB, p *Proxy, pod Pod) *Serving {
+	t.Helper()
 	sv, err := p.Serve(pod)
 	if err != nil {
 		t.Fatal(err)

@@ -67,34 +67,21 @@ func serveWrapped(t testing.TB, cfg Config, handler func(*Stream), via func(stri
 	if wrap == nil {
 		wrap = func(raw net.Conn, _ bool) net.Conn { return raw }
 	}
-	ccfg, scfg := testTLS(t)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
 	srv := make(chan *Conn, 1)
-	go func() {
-		raw, err := ln.Accept()
+	c := clientOf(t, cfg, func(addr string) (net.Conn, error) {
+		raw, err := net.Dial("tcp", via(addr))
 		if err != nil {
-			return
+			return nil, err
 		}
+		return wrap(raw, false), nil
+	}, func(raw net.Conn, scfg *tls.Config) {
 		c, err := Server(context.Background(), wrap(raw, true), scfg, cfg, nil, handler)
 		if err != nil {
 			t.Error(err)
 			return
 		}
 		srv <- c
-	}()
-	raw, err := net.Dial("tcp", via(ln.Addr().String()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, err := Client(context.Background(), wrap(raw, false), ccfg, cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
+	})
 	var sc *Conn
 	return c, func() *Conn {
 		if sc == nil {
@@ -102,6 +89,42 @@ func serveWrapped(t testing.TB, cfg Config, handler func(*Stream), via func(stri
 		}
 		return sc
 	}
+}
+
+// clientOf is our client Conn (cfg; closed with the test) on a loopback
+// connection whose server side is serve's: serve runs on the one
+// connection a loopback listener accepts, with testTLS's server config,
+// and plays the server, its TLS handshake included (ours, x/net's, one
+// written by hand). dial makes the client's socket to the listener's
+// address (nil: net.Dial).
+func clientOf(t testing.TB, cfg Config, dial func(addr string) (net.Conn, error), serve func(raw net.Conn, scfg *tls.Config)) *Conn {
+	t.Helper()
+	ccfg, scfg := testTLS(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		raw, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		serve(raw, scfg)
+	}()
+	if dial == nil {
+		dial = func(addr string) (net.Conn, error) { return net.Dial("tcp", addr) }
+	}
+	raw, err := dial(ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := Client(context.Background(), raw, ccfg, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
 }
 
 // echoHandler answers 200 and echoes the stream back, half-closing after.

@@ -40,12 +40,6 @@ import (
 // RST_STREAMs.
 func scriptedServer(t *testing.T, endLast bool, statuses ...string) (c *Conn, rsts <-chan ErrCode) {
 	t.Helper()
-	ccfg, scfg := testTLS(t)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
 	rst := make(chan ErrCode, 16)
 	var trailers string
 	for _, st := range statuses {
@@ -53,11 +47,7 @@ func scriptedServer(t *testing.T, endLast bool, statuses ...string) (c *Conn, rs
 			trailers = v
 		}
 	}
-	go func() {
-		raw, err := ln.Accept()
-		if err != nil {
-			return
-		}
+	c = clientOf(t, Config{PingInterval: -1}, nil, func(raw net.Conn, scfg *tls.Config) {
 		defer raw.Close()
 		tc := tls.Server(raw, scfg)
 		if tc.Handshake() != nil {
@@ -142,16 +132,7 @@ func scriptedServer(t *testing.T, endLast bool, statuses ...string) (c *Conn, rs
 				}
 			}
 		}
-	}()
-	raw, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, err = Client(context.Background(), raw, ccfg, Config{PingInterval: -1})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
+	})
 	return c, rst
 }
 
@@ -415,32 +396,13 @@ func TestXNetServerInformational(t *testing.T) {
 			}
 		}
 	}
-	ccfg, scfg := testTLS(t)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		raw, err := ln.Accept()
-		if err != nil {
-			return
-		}
+	c := clientOf(t, Config{PingInterval: -1}, nil, func(raw net.Conn, scfg *tls.Config) {
 		tc := tls.Server(raw, scfg)
 		if tc.Handshake() != nil {
 			return
 		}
 		(&http2.Server{}).ServeConn(tc, &http2.ServeConnOpts{Handler: http.HandlerFunc(handler)})
-	}()
-	raw, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, err := Client(context.Background(), raw, ccfg, Config{PingInterval: -1})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
+	})
 	for _, tc := range []struct{ authority, why string }{
 		{"early:80", ""},
 		{"switch:80", "101 (Switching Protocols)"},

@@ -27,12 +27,6 @@ import (
 // must not cut such an upload with ENHANCE_YOUR_CALM.
 func TestXNetServerSmallReadsUpload(t *testing.T) {
 	const size = 8 << 20
-	ccfg, scfg := testTLS(t)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
 	got := make(chan int64, 1)
 	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.WriteHeader(200)
@@ -48,27 +42,14 @@ func TestXNetServerSmallReadsUpload(t *testing.T) {
 		}
 		got <- n
 	})
-	go func() {
-		raw, err := ln.Accept()
-		if err != nil {
-			return
-		}
+	c := clientOf(t, Config{PingInterval: -1}, nil, func(raw net.Conn, scfg *tls.Config) {
 		tc := tls.Server(raw, scfg)
 		if err := tc.Handshake(); err != nil {
 			t.Error(err)
 			return
 		}
 		(&http2.Server{}).ServeConn(tc, &http2.ServeConnOpts{Handler: h})
-	}()
-	raw, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, err := Client(context.Background(), raw, ccfg, Config{PingInterval: -1})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
+	})
 	s, err := c.OpenStream("10.0.0.1:80", nil)
 	if err != nil {
 		t.Fatal(err)

@@ -26,6 +26,43 @@ func (c *writePanicConn) Write(b []byte) (int, error) {
 	return c.Conn.Write(b)
 }
 
+// servePanicky is serve with one side's socket (server: which) a
+// writePanicConn armed by at.
+func servePanicky(t *testing.T, cfg Config, handler func(*Stream), server bool, at *panicpoint.Point) (*Conn, func() *Conn) {
+	return serveWrapped(t, cfg, handler, func(a string) string { return a }, func(raw net.Conn, srv bool) net.Conn {
+		if srv != server {
+			return raw
+		}
+		return &writePanicConn{Conn: raw, at: at}
+	})
+}
+
+// wantClosedUnwedged fails the test unless c, whose write panicked
+// (what), closes within 5 s with its write lock free and takes no new
+// stream, and its peer sees the end within 10 s.
+func wantClosedUnwedged(t *testing.T, c, peer *Conn, what string) {
+	t.Helper()
+	select {
+	case <-c.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatalf("the connection is still open 5 s after %s panicked", what)
+	}
+	if !c.wmu.TryLock() {
+		t.Fatalf("the write lock is still held after %s panicked", what)
+	}
+	c.wmu.Unlock()
+	if c.client {
+		if _, err := c.OpenStream("10.0.0.1:80", nil); err == nil {
+			t.Error("a new stream opened on the closed connection")
+		}
+	}
+	select {
+	case <-peer.Done():
+	case <-time.After(10 * time.Second):
+		t.Errorf("the peer's connection is still open 10 s after %s panicked and closed ours", what)
+	}
+}
+
 // TestWritePanicLeavesConnClosed: a panic in a socket write made under
 // a connection's write lock (from Stream.Write / Splice, CloseWrite,
 // OpenStream, Respond, or closeWith's GOAWAY) reaches the caller, and
@@ -60,15 +97,10 @@ func TestWritePanicLeavesConnClosed(t *testing.T) {
 			streams := make(chan *Stream, 4)
 			done := make(chan struct{})
 			defer close(done)
-			c, server := serveWrapped(t, Config{PingInterval: -1}, func(s *Stream) {
+			c, server := servePanicky(t, Config{PingInterval: -1}, func(s *Stream) {
 				streams <- s
 				<-done
-			}, func(a string) string { return a }, func(raw net.Conn, server bool) net.Conn {
-				if server != tc.server {
-					return raw
-				}
-				return &writePanicConn{Conn: raw, at: &at}
-			})
+			}, tc.server, &at)
 			open := func() (cs, ss *Stream) {
 				t.Helper()
 				cs, err := c.OpenStream("10.0.0.1:80", nil)
@@ -99,15 +131,11 @@ func TestWritePanicLeavesConnClosed(t *testing.T) {
 			if got != errTestWritePanic {
 				t.Fatalf("the write's panic: recovered %v, want the socket's (armed %v)", got, at.Armed())
 			}
-			select {
-			case <-pc.Done():
-			case <-time.After(5 * time.Second):
-				t.Fatal("the connection is still open 5 s after a write panicked under its write lock")
+			peer := server()
+			if tc.server {
+				peer = c
 			}
-			if !pc.wmu.TryLock() {
-				t.Fatal("the write lock is still held after the panicked write")
-			}
-			pc.wmu.Unlock()
+			wantClosedUnwedged(t, pc, peer, "a write under its write lock")
 			// closeWith keeps the reason it was given.
 			if !errors.Is(pc.Err(), ErrConnClosed) && tc.where != "hbone.(*Conn).closeWith" {
 				t.Errorf("connection error %v, want one that is ErrConnClosed", pc.Err())
@@ -124,21 +152,6 @@ func TestWritePanicLeavesConnClosed(t *testing.T) {
 			case <-time.After(5 * time.Second):
 				t.Fatal("a write on another stream is wedged 5 s after the panic")
 			}
-			if !tc.server {
-				if _, err := pc.OpenStream("10.0.0.1:80", nil); err == nil {
-					t.Error("a new stream opened on the closed connection")
-				}
-			}
-			// The peer sees the connection end too.
-			peer := server()
-			if tc.server {
-				peer = c
-			}
-			select {
-			case <-peer.Done():
-			case <-time.After(10 * time.Second):
-				t.Error("the peer's connection is still open 10 s after the panicked side closed")
-			}
 		})
 	}
 }
@@ -152,13 +165,7 @@ func TestCtlLoopPanicClosesConn(t *testing.T) {
 	var at panicpoint.Point
 	panics := make(chan any, 2)
 	cfg := Config{PingInterval: -1, OnPanic: func(_ *Conn, v any, _ []byte) { panics <- v }}
-	c, server := serveWrapped(t, cfg, func(s *Stream) { s.Respond(200, nil); io.Copy(io.Discard, s) },
-		func(a string) string { return a }, func(raw net.Conn, server bool) net.Conn {
-			if server {
-				return raw
-			}
-			return &writePanicConn{Conn: raw, at: &at}
-		})
+	c, server := servePanicky(t, cfg, func(s *Stream) { s.Respond(200, nil); io.Copy(io.Discard, s) }, false, &at)
 	s, err := c.OpenStream("10.0.0.1:80", nil)
 	if err != nil {
 		t.Fatal(err)
@@ -173,23 +180,7 @@ func TestCtlLoopPanicClosesConn(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatalf("OnPanic not called 10 s after the reset (armed %v)", at.Armed())
 	}
-	select {
-	case <-c.Done():
-	case <-time.After(5 * time.Second):
-		t.Fatal("the connection is still open 5 s after its control-frame writer panicked")
-	}
-	if !c.wmu.TryLock() {
-		t.Fatal("the write lock is still held after the control-frame writer panicked")
-	}
-	c.wmu.Unlock()
-	if _, err := c.OpenStream("10.0.0.1:80", nil); err == nil {
-		t.Error("a new stream opened on the closed connection")
-	}
-	select {
-	case <-server().Done():
-	case <-time.After(10 * time.Second):
-		t.Error("the server's connection is still open 10 s after the client's closed")
-	}
+	wantClosedUnwedged(t, c, server(), "its control-frame writer")
 	select {
 	case v := <-panics:
 		t.Errorf("OnPanic called a second time: %v", v)
