@@ -795,16 +795,16 @@ func (sv *Serving) watchIdle(hc *hbone.Conn, idle chan<- struct{}) (stop func())
 	}
 }
 
-// hbonePanicked hears of a panic on an HBONE connection's read loop or
-// control-frame writer (hbone.Config.OnPanic), which run on goroutines
-// of hbone's, outside the connection handlers' recover; the read loop
-// parses what the peer sends and runs our callbacks (OnResponse's opened
-// count): hbone has closed the connection, its streams fail, and the
-// agent goes on. Counted and logged once per connection, as recoverConn
-// does for a handler; the stack says which of the two.
+// hbonePanicked hears of a panic on an HBONE connection's read loop,
+// control-frame writer or keepalive (hbone.Config.OnPanic), which run on
+// goroutines of hbone's, outside the connection handlers' recover; the
+// read loop parses what the peer sends and runs our callbacks
+// (OnResponse's opened count): hbone has closed the connection, its
+// streams fail, and the agent goes on. Counted and logged once per
+// panic, as recoverConn does for a handler; the stack says where.
 func (p *Proxy) hbonePanicked(c *hbone.Conn, v any, stack []byte) {
 	p.m.failed.WithLabelValues("unknown", "internal_error", "unknown", "unknown").Inc()
-	p.log.Error("HBONE connection's own goroutine (read loop or control-frame writer) panicked; the connection is closed",
+	p.log.Error("HBONE connection's own goroutine (read loop, control-frame writer, keepalive) panicked; the connection is closed",
 		"peer", c.NetConn().RemoteAddr().String(), "panic", fmt.Sprint(v), "stack", string(stack))
 }
 

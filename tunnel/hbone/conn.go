@@ -69,11 +69,12 @@ type Config struct {
 	// with an error that names the panic, instead of the panic ending
 	// the process. Called once, on the read loop, with the stack. Also
 	// of a panic on its control-frame writer (the write of a queued
-	// RST_STREAM, WINDOW_UPDATE, PING, SETTINGS ACK): the connection is
-	// closed without a GOAWAY (its frames may be cut short). A panic in
-	// a write made by the caller (Stream.Write, Splice, CloseWrite,
-	// Respond, OpenStream) closes the connection the same way and goes
-	// on to the caller.
+	// RST_STREAM, WINDOW_UPDATE, PING, SETTINGS ACK) or in the GOAWAY
+	// the read loop or keepalive writes as they close it: the
+	// connection is closed without a GOAWAY (its frames may be cut
+	// short). A panic in a write made by the caller (Stream.Write,
+	// Splice, CloseWrite, Respond, OpenStream) closes the connection
+	// the same way and goes on to the caller.
 	OnPanic func(c *Conn, v any, stack []byte)
 }
 
@@ -598,11 +599,30 @@ func (c *Conn) ctlLoopRecover(held *bool) {
 	if v == nil {
 		return
 	}
-	stack := debug.Stack()
 	if *held {
 		c.wmu.Unlock()
 	}
-	c.closeWith(fmt.Errorf("hbone: the control-frame writer panicked: %v: %w", v, errWritePanicked), ErrCodeNo)
+	c.panicked("the control-frame writer", v)
+}
+
+// recoverOwn is deferred at the top of the other goroutines a connection
+// runs for itself and that write, the read loop (after
+// readFramesRecovered: its closeWith) and keepalive: a panic in
+// closeWith's GOAWAY write ended the process. closeWith finishes the
+// close on a panic (deferred); here OnPanic hears of it
+// (TestOwnGoroutinePanicClosesConn).
+func (c *Conn) recoverOwn(where string) {
+	if v := recover(); v != nil {
+		c.panicked(where, v)
+	}
+}
+
+// panicked closes the connection after a panic on one of its own
+// goroutines (where), as after a writer's (unwedge: no GOAWAY), with an
+// error naming the panic, and tells OnPanic with the stack.
+func (c *Conn) panicked(where string, v any) {
+	stack := debug.Stack()
+	c.closeWith(fmt.Errorf("hbone: %s panicked: %v: %w", where, v, errWritePanicked), ErrCodeNo)
 	if f := c.cfg.OnPanic; f != nil {
 		f(c, v, stack)
 	}
@@ -810,6 +830,7 @@ func (c *Conn) release(s *Stream) {
 }
 
 func (c *Conn) keepalive() {
+	defer c.recoverOwn("keepalive")
 	t := time.NewTicker(c.cfg.PingInterval)
 	defer t.Stop()
 	last := c.frames.Load()
@@ -859,6 +880,7 @@ func (c *Conn) returnConnWindow(n int64) {
 
 // readLoop reads and dispatches frames until the connection fails.
 func (c *Conn) readLoop() {
+	defer c.recoverOwn("the read loop's close")
 	err := c.readFramesRecovered()
 	code := ErrCodeNo
 	var ce connError

@@ -1,6 +1,7 @@
 package hbone
 
 import (
+	"crypto/tls"
 	"errors"
 	"io"
 	"net"
@@ -37,6 +38,21 @@ func servePanicky(t *testing.T, cfg Config, handler func(*Stream), server bool, 
 	})
 }
 
+// lockFree reports whether c's write lock can be taken within 5 s: a
+// writer that finds the connection closed lets it go at once, one left
+// holding it never does.
+func lockFree(c *Conn) bool {
+	deadline := time.Now().Add(5 * time.Second)
+	for !c.wmu.TryLock() {
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(time.Millisecond)
+	}
+	c.wmu.Unlock()
+	return true
+}
+
 // wantClosedUnwedged fails the test unless c, whose write panicked
 // (what), closes within 5 s with its write lock free and takes no new
 // stream, and its peer sees the end within 10 s.
@@ -47,10 +63,9 @@ func wantClosedUnwedged(t *testing.T, c, peer *Conn, what string) {
 	case <-time.After(5 * time.Second):
 		t.Fatalf("the connection is still open 5 s after %s panicked", what)
 	}
-	if !c.wmu.TryLock() {
-		t.Fatalf("the write lock is still held after %s panicked", what)
+	if !lockFree(c) {
+		t.Fatalf("the write lock is still held 5 s after %s panicked", what)
 	}
-	c.wmu.Unlock()
 	if c.client {
 		if _, err := c.OpenStream("10.0.0.1:80", nil); err == nil {
 			t.Error("a new stream opened on the closed connection")
@@ -185,5 +200,77 @@ func TestCtlLoopPanicClosesConn(t *testing.T) {
 	case v := <-panics:
 		t.Errorf("OnPanic called a second time: %v", v)
 	default:
+	}
+}
+
+// TestOwnGoroutinePanicClosesConn: a panic in the GOAWAY write the read
+// loop makes when the peer breaks the protocol (here a PING on a
+// stream), or keepalive makes when the peer answers no PING, closes the
+// connection, its lock free, and Config.OnPanic hears of it once.
+// Before, those goroutines had nothing to recover the panic: the
+// process (the test binary) ended.
+func TestOwnGoroutinePanicClosesConn(t *testing.T) {
+	for _, tc := range []struct {
+		name, where string
+		cfg         Config
+		peer        func(tc *tls.Conn) // after the handshake and its SETTINGS
+	}{
+		{"read loop", "hbone.(*Conn).readLoop", Config{PingInterval: -1}, func(tc *tls.Conn) {
+			tc.Write(appendFrame(nil, framePing, 0, 1, make([]byte, 8)))
+			io.Copy(io.Discard, tc)
+		}},
+		{"keepalive", "hbone.(*Conn).keepalive", Config{PingInterval: 20 * time.Millisecond, PingTimeout: 60 * time.Millisecond},
+			func(tc *tls.Conn) { io.Copy(io.Discard, tc) }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var at panicpoint.Point
+			at.Arm(tc.where)
+			panics := make(chan any, 2)
+			cfg := tc.cfg
+			cfg.OnPanic = func(_ *Conn, v any, _ []byte) { panics <- v }
+			peerDone := make(chan struct{})
+			c := clientOf(t, cfg, func(addr string) (net.Conn, error) {
+				raw, err := net.Dial("tcp", addr)
+				if err != nil {
+					return nil, err
+				}
+				return &writePanicConn{Conn: raw, at: &at}, nil
+			}, func(raw net.Conn, scfg *tls.Config) {
+				defer close(peerDone)
+				defer raw.Close()
+				tc2 := tls.Server(raw, scfg)
+				if tc2.Handshake() != nil {
+					return
+				}
+				tc2.Write(appendSettings(nil))
+				tc.peer(tc2)
+			})
+			select {
+			case v := <-panics:
+				if v != errTestWritePanic {
+					t.Errorf("OnPanic heard %v, want the socket's panic", v)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatalf("OnPanic not called within 10 s (armed %v)", at.Armed())
+			}
+			select {
+			case <-c.Done():
+			case <-time.After(5 * time.Second):
+				t.Fatal("the connection is still open 5 s after the panic")
+			}
+			if !lockFree(c) {
+				t.Fatal("the write lock is still held 5 s after the panic")
+			}
+			select {
+			case <-peerDone:
+			case <-time.After(10 * time.Second):
+				t.Error("the peer's connection is still open 10 s after ours closed")
+			}
+			select {
+			case v := <-panics:
+				t.Errorf("OnPanic called a second time: %v", v)
+			default:
+			}
+		})
 	}
 }
