@@ -100,7 +100,8 @@ func (a *Agent) add(ctx context.Context, req *cniproto.Request, f *os.File, chec
 	}
 	if !found {
 		if a.static {
-			return a.rulesAnswer(ctx, req, f, check, nil)
+			resp, _ := a.rulesAnswer(ctx, req, f, check, nil)
+			return resp
 		}
 		a.m.failures.WithLabelValues("unknown-pod").Inc()
 		return errResp(true, "ambit-agent: pod %s/%s is not known yet (cache warming or pod just created); retry", rp.Namespace, rp.Name)
@@ -139,7 +140,15 @@ func (a *Agent) add(ctx context.Context, req *cniproto.Request, f *os.File, chec
 			// Repeated ADD of the same sandbox or CHECK: still served;
 			// the rules are installed again (idempotent) or verified.
 			spec := existing.spec
-			return a.rulesAnswer(ctx, req, f, check, &spec)
+			resp, backend := a.rulesAnswer(ctx, req, f, check, &spec)
+			if backend != "" && backend != existing.rec.Backend {
+				// The install may have switched engines (the
+				// conflist's backend changed): the record says which
+				// holds the rules after a restart too.
+				existing.rec.Backend = backend
+				a.rewrite(existing.rec)
+			}
+			return resp
 		}
 		a.releaseAsync(existing)
 	}
@@ -155,7 +164,8 @@ func (a *Agent) add(ctx context.Context, req *cniproto.Request, f *os.File, chec
 		}
 		a.register(p)
 		a.log.Debug("pod not enrolled", "pod", rp.Namespace+"/"+rp.Name, "reason", d.Reason)
-		return a.rulesAnswer(ctx, req, f, check, nil)
+		resp, _ := a.rulesAnswer(ctx, req, f, check, nil)
+		return resp
 	}
 	spec := a.specFor(ips, f)
 	wl := a.workload(cp)
@@ -173,7 +183,8 @@ func (a *Agent) add(ctx context.Context, req *cniproto.Request, f *os.File, chec
 	kept = true
 	if req.Version >= 2 && !check {
 		// Listeners first, then the rules that send traffic to them.
-		if resp := a.rulesAnswer(ctx, req, f, false, &spec); resp.Error != "" {
+		resp, backend := a.rulesAnswer(ctx, req, f, false, &spec)
+		if resp.Error != "" {
 			a.releaseAsync(p)
 			if resp.Retryable {
 				// Out of time (the host's xtables lock): the runtime
@@ -187,6 +198,9 @@ func (a *Agent) add(ctx context.Context, req *cniproto.Request, f *os.File, chec
 			a.log.Warn("enrollment failed", "pod", rp.Namespace+"/"+rp.Name, "err", resp.Error)
 			return resp
 		}
+		// Recorded, so status still names the rule engine after a
+		// restart (before, only live enrollment and repairs set it).
+		p.rec.Backend = backend
 	}
 	p.rec.Enrolled = true
 	if err := a.store.Put(p.rec); err != nil {
@@ -198,13 +212,15 @@ func (a *Agent) add(ctx context.Context, req *cniproto.Request, f *os.File, chec
 	a.setStatus(cp, "enabled", "", "")
 	a.log.Info("pod enrolled", "pod", rp.Namespace+"/"+rp.Name, "identity", wl.Identity, "reason", d.Reason, "ipv4", spec.IPv4, "ipv6", spec.IPv6, "took", time.Since(start).Round(time.Microsecond))
 	if check {
-		return a.rulesAnswer(ctx, req, f, true, &spec)
+		resp, _ := a.rulesAnswer(ctx, req, f, true, &spec)
+		return resp
 	}
 	return &cniproto.Response{Decision: cniproto.Enroll, Redirect: &spec}
 }
 
 // rulesAnswer does a version 2 request's netns work and answers: spec
-// nil means the pod is not enrolled. ADD installs spec (idempotent,
+// nil means the pod is not enrolled. It also returns the backend an
+// install used ("" when it installed nothing). ADD installs spec (idempotent,
 // atomic: on failure nothing of ours is left), CHECK verifies spec or,
 // for a pod not enrolled, that none of our rules are there. A version 1
 // plugin does this itself and gets the bare decision.
@@ -214,52 +230,54 @@ func (a *Agent) add(ctx context.Context, req *cniproto.Request, f *os.File, chec
 // the node, which kube-proxy or a CNI may hold for seconds) is cut, what
 // it left is removed, and the plugin gets a retryable error naming the
 // wait, in time, instead of no answer.
-func (a *Agent) rulesAnswer(ctx context.Context, req *cniproto.Request, f *os.File, check bool, spec *redirect.Spec) *cniproto.Response {
+func (a *Agent) rulesAnswer(ctx context.Context, req *cniproto.Request, f *os.File, check bool, spec *redirect.Spec) (*cniproto.Response, string) {
 	who := req.Pod.Namespace + "/" + req.Pod.Name
 	skip := &cniproto.Response{Decision: cniproto.Skip}
 	if req.Version < 2 {
 		if spec == nil {
-			return skip
+			return skip, ""
 		}
-		return &cniproto.Response{Decision: cniproto.Enroll, Redirect: spec}
+		return &cniproto.Response{Decision: cniproto.Enroll, Redirect: spec}, ""
 	}
 	if spec == nil && !check {
-		return skip
+		return skip, ""
 	}
 	ctx, cancel := a.beforeAnswerDue(ctx)
 	defer cancel()
+	var backend string
 	switch {
 	case spec == nil:
 		found, err := a.rules.Installed(ctx, f)
 		if outOfTime(err) {
-			return errResp(true, "ambit-agent: pod %s: reading its rules did not finish by this request's deadline; retry: %v", who, err)
+			return errResp(true, "ambit-agent: pod %s: reading its rules did not finish by this request's deadline; retry: %v", who, err), ""
 		}
 		if err != nil {
-			return codeResp(cniproto.CodeIO, "ambit-agent: reading the rules of pod %s: %v", who, err)
+			return codeResp(cniproto.CodeIO, "ambit-agent: reading the rules of pod %s: %v", who, err), ""
 		}
 		if len(found) > 0 {
-			return codeResp(cniproto.CodeCheck, "ambit-agent: pod %s is not enrolled but its netns holds %v redirection rules", who, found)
+			return codeResp(cniproto.CodeCheck, "ambit-agent: pod %s is not enrolled but its netns holds %v redirection rules", who, found), ""
 		}
-		return skip
+		return skip, ""
 	case check:
 		err := a.rules.Verify(ctx, f, *spec)
 		if outOfTime(err) {
-			return errResp(true, "ambit-agent: pod %s: checking its redirection did not finish by this request's deadline; retry: %v", who, err)
+			return errResp(true, "ambit-agent: pod %s: checking its redirection did not finish by this request's deadline; retry: %v", who, err), ""
 		}
 		if err != nil {
-			return codeResp(cniproto.CodeCheck, "ambit-agent: pod %s: %v", who, err)
+			return codeResp(cniproto.CodeCheck, "ambit-agent: pod %s: %v", who, err), ""
 		}
 	default:
-		backend, err := a.rules.Install(ctx, f, req.RuleBackend, *spec)
+		var err error
+		backend, err = a.rules.Install(ctx, f, req.RuleBackend, *spec)
 		if outOfTime(err) {
-			return errResp(true, "ambit-agent: pod %s: installing its redirection did not finish by this request's deadline; retry: %v", who, err)
+			return errResp(true, "ambit-agent: pod %s: installing its redirection did not finish by this request's deadline; retry: %v", who, err), ""
 		}
 		if err != nil {
-			return codeResp(cniproto.CodeRedirect, "ambit-agent: installing the redirection for pod %s: %v", who, err)
+			return codeResp(cniproto.CodeRedirect, "ambit-agent: installing the redirection for pod %s: %v", who, err), ""
 		}
 		a.log.Debug("redirection installed", "pod", who, "backend", backend)
 	}
-	return &cniproto.Response{Decision: cniproto.Enroll, Redirect: spec}
+	return &cniproto.Response{Decision: cniproto.Enroll, Redirect: spec}, backend
 }
 
 // outOfTime tells an error of rule work cut by its context.
