@@ -139,8 +139,16 @@ func (a *Agent) add(ctx context.Context, req *cniproto.Request, f *os.File, chec
 		if d.Enroll && (check || sameNetns(existing, f)) {
 			// Repeated ADD of the same sandbox or CHECK: still served;
 			// the rules are installed again (idempotent) or verified.
+			// In the netns file the agent serves the pod with when the
+			// request's is the same namespace: status shows the looks
+			// taken on that file (watchedRules), and one taken on the
+			// request's, closed once answered, would be lost.
+			nf := f
+			if sameNetns(existing, f) {
+				nf = existing.netns
+			}
 			spec := existing.spec
-			resp, backend := a.rulesAnswer(ctx, req, f, check, &spec)
+			resp, backend := a.rulesAnswer(ctx, req, nf, check, &spec)
 			if backend != "" && backend != existing.rec.Backend {
 				// The install may have switched engines (the
 				// conflist's backend changed): the record says which

@@ -2,8 +2,10 @@ package agent
 
 import (
 	"context"
+	"os/exec"
 	"slices"
 	"testing"
+	"time"
 
 	"github.com/ambit-mesh/ambit/internal/testenv"
 	"github.com/ambit-mesh/ambit/node-agent/admin"
@@ -55,5 +57,48 @@ func TestStatusBackendAtAddSurvivesRestart(t *testing.T) {
 	p := adminPodOf(t, h2, "web")
 	if p.State != admin.StateEnrolled || p.Backend != string(redirect.IptablesLegacy) {
 		t.Errorf("after a restart: %s, backend %q; want enrolled, %s", p.State, p.Backend, redirect.IptablesLegacy)
+	}
+}
+
+// TestStatusShowsChecksAtCheck: docs/agent.md says the RULES column
+// shows the checks run at CHECK. Someone flushes a served pod's capture
+// chain; the runtime's CHECK finds it (CodeCheck) and status must say
+// failed, with what differs; a repeated ADD then reinstalls the rules
+// and status says repaired. Before, both ran on the request's own netns
+// file and their looks were filed under it, while status reads those of
+// the file the agent serves the pod with: status kept saying ok, from
+// the install at the first ADD.
+func TestStatusShowsChecksAtCheck(t *testing.T) {
+	testenv.RequireRoot(t)
+	h := startAgent(t, "", invAmbient)
+	n := newNetns(t, "10.95.1.2/24")
+	enrollLikePlugin(t, h, "web", n, "10.95.1.2/24")
+	if r := adminPodOf(t, h, "web").Rules; r == nil || r.Result != admin.RulesOK {
+		t.Fatalf("after ADD: rules %+v, want ok", r)
+	}
+	if out, err := exec.Command("ip", "netns", "exec", n.name, "nft", "flush", "chain", "inet", redirect.TableName, "nat-prerouting").CombinedOutput(); err != nil {
+		t.Fatalf("nft flush: %v %s", err, out)
+	}
+	checked := time.Now()
+	resp := h.callV(2, "", cniproto.OpCheck, "apps", "web", n)
+	if resp.Code != cniproto.CodeCheck {
+		t.Fatalf("CHECK of a pod whose capture chain was flushed: %+v, want CodeCheck", resp)
+	}
+	r := adminPodOf(t, h, "web").Rules
+	if r == nil || r.Result != admin.RulesFailed || r.Problem == "" || r.At.Before(checked) {
+		t.Fatalf("after the failed CHECK: rules %+v, want failed since %v with what differs", r, checked.Format(time.RFC3339Nano))
+	}
+	if resp := h.callV(2, "", cniproto.OpAdd, "apps", "web", n); resp.Error != "" || resp.Decision != cniproto.Enroll {
+		t.Fatalf("repeated ADD: %+v", resp)
+	}
+	r = adminPodOf(t, h, "web").Rules
+	if r == nil || r.Result != admin.RulesRepaired || r.Problem == "" {
+		t.Fatalf("after the repeated ADD reinstalled the rules: %+v, want repaired, with what the CHECK found", r)
+	}
+	if resp := h.callV(2, "", cniproto.OpCheck, "apps", "web", n); resp.Error != "" {
+		t.Fatalf("CHECK after the repair: %+v", resp)
+	}
+	if r = adminPodOf(t, h, "web").Rules; r == nil || r.Result != admin.RulesOK {
+		t.Fatalf("after a passing CHECK: %+v, want ok", r)
 	}
 }
