@@ -31,30 +31,31 @@ type record struct {
 	hboneAddr    netip.AddrPort
 	srcID, dstID string
 	start        time.Time
-	opened       bool
-	// What recoverConn settles when the connection's handler panics:
-	// phase says whether it was counted open and not yet closed (beside
-	// opened, in its padding: the record stays in its 256-byte size
-	// class); live is its entry for Reauthorize once stillAllowed
-	// registered it; closer its cut (track) once it relays.
+	// phase says whether the connection was counted open, and ended:
+	// the one word its handler, OnResponse (on another goroutine, for
+	// 15001's HBONE) and recoverConn agree on. What recoverConn also
+	// settles when the handler panics: live is its entry for
+	// Reauthorize once stillAllowed registered it; closer its cut
+	// (track) once it relays.
 	phase  atomic.Uint32
 	live   *liveConn
 	closer *tracked
-	series *connSeries // set when opened
+	series *connSeries // set by opened, before phase says open
 	// slots is the accept slot the connection holds until established
 	// (release); nil when it holds none.
 	slots chan struct{}
 }
 
 // A record's phase. Atomic: a 15001 HBONE connection is counted open by
-// its stream's OnResponse, on the pooled connection's read loop, which a
-// handler that panicked does not wait for. Whichever of opened and
-// recoverConn comes first decides whether the connection is counted
-// open and then closed, or neither.
+// its stream's OnResponse, on the pooled connection's read loop, which
+// neither a handler that panicked nor one whose splice ended (the app
+// reset as the 200 arrived) waits for. Whichever of opened and the
+// handler's end (outbound's check, recoverConn) comes first decides
+// whether the connection is counted open and then closed, or neither.
 const (
 	phasePending uint32 = iota
 	phaseOpen
-	phaseClosed  // finished ran
+	phaseClosed  // finished ran, or outbound ended it unopened
 	phaseSettled // recoverConn ran
 )
 
@@ -84,14 +85,24 @@ func (sv *Serving) logAttrs(r *record) []any {
 	return a
 }
 
+// testHookOpened, when set (tests only), runs first in opened, on the
+// goroutine that counts the connection open: for a 15001 HBONE
+// connection, the pooled connection's read loop.
+var testHookOpened func(*record)
+
 func (sv *Serving) opened(r *record) {
-	if !r.phase.CompareAndSwap(phasePending, phaseOpen) {
-		return // its handler panicked first (recoverConn): never open
+	if testHookOpened != nil {
+		testHookOpened(r)
 	}
-	r.opened = true
-	r.series = sv.p.m.series(r.dir, r.mode, r.srcID, r.dstID)
-	r.series.opened.Inc()
-	r.series.active.Inc()
+	// Stored before the phase says open: a handler that sees it open
+	// (outbound's check) then reads it. Unread when the swap fails.
+	cs := sv.p.m.series(r.dir, r.mode, r.srcID, r.dstID)
+	r.series = cs
+	if !r.phase.CompareAndSwap(phasePending, phaseOpen) {
+		return // its handler ended it first (unopened, or it panicked)
+	}
+	cs.opened.Inc()
+	cs.active.Inc()
 }
 
 // finished ends an established connection: metrics and the access log.
@@ -327,7 +338,13 @@ func (sv *Serving) outbound(c *net.TCPConn, slots chan struct{}) {
 		why = s.ResponseHeader(refusedHeader)
 	})
 	res := sv.spliceTracked(r, s, c)
-	if !r.opened {
+	// Open or not is the phase's to say, not a flag: OnResponse runs on
+	// the pooled connection's read loop and may still be counting the
+	// connection open now that the splice ended (the app reset as the
+	// 200 arrived). Ended here as never open, it never will be; a flag
+	// read then said not open, and the read loop went on to count it
+	// open with no close to follow (TestOutboundOpenedAfterSpliceEnd).
+	if r.phase.CompareAndSwap(phasePending, phaseClosed) {
 		reason := "hbone_stream"
 		var se hbone.StatusError
 		if errors.As(refused, &se) || errors.As(res.Err, &se) {
