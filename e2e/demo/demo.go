@@ -218,6 +218,8 @@ func (d *demo) run() error {
 	}
 
 	capture.Stop()
+	d.showStatus(ctx)
+
 	step("What crossed the bridge between client and server (capture: %s)", capFile)
 	rep, err := lab.Analyze(capFile, []netip.Addr{d.pods["client"].IP}, []netip.Addr{d.pods["server"].IP}, []byte(secret))
 	if err != nil {

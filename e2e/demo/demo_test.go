@@ -38,6 +38,8 @@ func TestDemo(t *testing.T) {
 		"accepted it over HBONE mTLS from spiffe://cluster.local/ns/shop/sa/client",
 		"passthrough works",
 		"refused",
+		"ns/shop/sa/intruder", // the status table's row
+		"the agent reports 3 pods enrolled, each as its own service account",
 		"only TLS to port 15008 between the pods",
 		"appears nowhere in the capture",
 	} {
