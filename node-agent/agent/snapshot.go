@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 	"weak"
 
@@ -66,16 +67,12 @@ func (a *Agent) AdminPods(ctx context.Context) []admin.Pod {
 	out := map[string]admin.Pod{}
 	for key, p := range known {
 		ns, name, _ := strings.Cut(key, "/")
-		lctx, cancel := context.WithTimeout(ctx, podLockWait)
-		unlock, ok := a.lockWithin(lctx, ns, name)
-		cancel()
+		ap, ok := a.adminPodLocked(ctx, ns, name, p, counts)
 		if !ok {
 			out[key] = admin.Pod{Namespace: ns, Name: name, State: admin.StatePending, Reason: "Busy",
 				Message: "an operation on the pod (enrollment, rule check, DEL) held its lock longer than " + podLockWait.String()}
 			continue
 		}
-		ap := a.admin.read(func(serving bool) admin.Pod { return a.adminPod(p, counts, serving) })
-		unlock()
 		if ap.State == admin.StateEnrolled {
 			out[key] = ap
 		} else if _, want := wanted(key); want {
@@ -136,10 +133,31 @@ func (a *Agent) AdminPods(ctx context.Context) []admin.Pod {
 	return list
 }
 
+// adminPodLocked is adminPod under p's lock, waiting for it podLockWait
+// at most (false: busy). The unlock is deferred: a panic in adminPod,
+// recovered by net/http, must not leave the lock stripe held, which
+// would wedge every later ADD and DEL of the pods sharing it.
+func (a *Agent) adminPodLocked(ctx context.Context, ns, name string, p *pod, counts map[*tunnel.Serving]tunnel.ConnCounts) (admin.Pod, bool) {
+	lctx, cancel := context.WithTimeout(ctx, podLockWait)
+	unlock, ok := a.lockWithin(lctx, ns, name)
+	cancel()
+	if !ok {
+		return admin.Pod{}, false
+	}
+	defer unlock()
+	return a.admin.read(func(serving bool) admin.Pod { return a.adminPod(p, counts, serving) }), true
+}
+
+// testHookAdminPod, when set (tests), runs as adminPod starts.
+var testHookAdminPod atomic.Pointer[func(*pod)]
+
 // adminPod is p as status shows it (under p's lock). Once the agent
 // shuts down (serving false) only the record is read: the shutdown lets
 // every pod go without its lock.
 func (a *Agent) adminPod(p *pod, counts map[*tunnel.Serving]tunnel.ConnCounts, serving bool) admin.Pod {
+	if h := testHookAdminPod.Load(); h != nil {
+		(*h)(p)
+	}
 	ap := admin.Pod{Namespace: p.rec.Namespace, Name: p.rec.Name, UID: p.rec.UID, ContainerID: p.rec.ContainerID,
 		IPs: slices.Clone(p.rec.IPs), Identity: p.rec.Identity, Backend: p.rec.Backend}
 	if !serving {
