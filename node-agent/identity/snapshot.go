@@ -5,6 +5,8 @@ import (
 	"slices"
 	"strings"
 	"time"
+	"unicode"
+	"unicode/utf8"
 )
 
 // CertState is what the Manager holds for one workload identity, for an
@@ -25,7 +27,8 @@ type CertState struct {
 	// Fetching: a fetch is running now.
 	Fetching bool
 	// Failures counts the fetches failed in a row, LastError the last
-	// one's error and LastFailure when it failed.
+	// one's error (one line, at most MaxLastError bytes) and LastFailure
+	// when it failed.
 	Failures    int
 	LastError   string
 	LastFailure time.Time
@@ -42,7 +45,7 @@ func (m *Manager) Certificates() []CertState {
 		s := CertState{Identity: e.id, Pods: e.refs, NextFetch: e.due, Fetching: e.inflight != nil,
 			Failures: e.failures, LastFailure: e.lastFail}
 		if e.lastErr != nil {
-			s.LastError = e.lastErr.Error()
+			s.LastError = brief(e.lastErr.Error(), MaxLastError)
 		}
 		var chain [][]byte
 		if e.cert != nil {
@@ -63,4 +66,37 @@ func (m *Manager) Certificates() []CertState {
 	}
 	slices.SortFunc(out, func(a, b CertState) int { return strings.Compare(a.Identity, b.Identity) })
 	return out
+}
+
+// MaxLastError bounds CertState.LastError: a CA's or a proxy's refusal
+// carries its body (up to 1 MiB read, identity/remote.go), which an
+// error page of a load balancer fills with HTML; status shows what
+// happened, not the page.
+const MaxLastError = 512
+
+// brief is s on one line (each run of white space and control
+// characters one space) and at most max bytes, cut at a character's
+// boundary and marked "…" when cut.
+func brief(s string, max int) string {
+	var b strings.Builder
+	b.Grow(min(len(s), max))
+	space := false
+	for _, r := range strings.TrimSpace(s) {
+		if unicode.IsSpace(r) || unicode.IsControl(r) {
+			space = true
+			continue
+		}
+		if space {
+			space = false
+			if b.Len()+1 > max {
+				return b.String() + "…"
+			}
+			b.WriteByte(' ')
+		}
+		if b.Len()+utf8.RuneLen(r) > max {
+			return b.String() + "…"
+		}
+		b.WriteRune(r)
+	}
+	return b.String()
 }
