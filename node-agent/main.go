@@ -597,10 +597,9 @@ func runStatus(ctx context.Context, args []string, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
-	var (
-		docs   []*admin.Status
-		failed []string
-	)
+	// Not nil: --all -o json prints [] when no agent answers, not null.
+	docs := make([]*admin.Status, 0, len(targets))
+	var failed []string
 	for i, t := range targets {
 		fctx, cancel := context.WithTimeout(ctx, 15*time.Second)
 		st, err := admin.Fetch(fctx, t.Socket)
