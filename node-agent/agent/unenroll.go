@@ -57,7 +57,11 @@ func UnenrollAll(ctx context.Context, stateDir, procRoot string, rules Redirecto
 			failed = append(failed, fmt.Errorf("%s: %w", name, err))
 			continue
 		}
-		err = rules.Uninstall(ctx, f)
+		// ctx ends the loop between pods, never a removal under way:
+		// cut (a SIGTERM while a restore waits for the xtables lock),
+		// it would leave the pod's capture rules with nothing
+		// listening. Each iptables run keeps its own bound (10 s).
+		err = rules.Uninstall(context.WithoutCancel(ctx), f)
 		f.Close()
 		if err != nil {
 			failed = append(failed, fmt.Errorf("%s: %w", name, err))
