@@ -214,25 +214,28 @@ func uninstallBackend(s *session, b Backend) error {
 // the ip rules and routes tagged with our protocol. It is a no-op when
 // nothing is there and never touches others' rules. ctx bounds the
 // iptables runs (each also has its own bound, iptablesTimeout); an error
-// of a run it cut wraps ctx's error.
+// of a run it cut wraps ctx's error. When the rules cannot all be
+// removed the routes stay, and the error says so (removeAll).
 func Uninstall(ctx context.Context, netns ns.NetNS) error {
 	s := newSession(ctx, netns)
 	defer s.close()
 	return uninstall(s)
 }
 
-func uninstall(s *session) error { return removeAll(s, false) }
+func uninstall(s *session) error { return removeAll(s) }
 
-// rollback removes what a failed install applied, in the reverse of the
-// install's order: the rules, then the routes. The routes stay while
-// rules of ours do (a removal cut at the xtables lock): rules without
-// their routes is a state no install makes, in which the pod's inbound
-// is captured but the replies to the agent's transparent dials are
-// routed out of the pod, while rules with their routes is the partial
-// install the error reports and the DEL that follows removes.
-func rollback(s *session) error { return removeAll(s, true) }
+// rollback removes what a failed install applied (removeAll).
+func rollback(s *session) error { return removeAll(s) }
 
-func removeAll(s *session, keepRoutesOnError bool) error {
+// removeAll removes our rules, then our routes: the reverse of an
+// install's order. The routes stay while rules of ours do (a removal cut
+// at the xtables lock): rules without their routes is a state no install
+// makes, in which the pod's inbound is captured but the replies to the
+// agent's transparent dials are routed out of the pod (a live pod's
+// traffic black-holed while its agent still listens), while rules with
+// their routes is the partial state the error reports and the next
+// removal (a repeated DEL, the agent's repair or unenroll) takes away.
+func removeAll(s *session) error {
 	netns := s.netns
 	var errs []error
 	for _, b := range concrete {
@@ -240,7 +243,7 @@ func removeAll(s *session, keepRoutesOnError bool) error {
 			errs = append(errs, fmt.Errorf("%s: %w", b, err))
 		}
 	}
-	if len(errs) > 0 && keepRoutesOnError {
+	if len(errs) > 0 {
 		errs = append(errs, errors.New("the routes stay with the rules left"))
 	} else if err := routesUninstall(netns); err != nil {
 		errs = append(errs, err)

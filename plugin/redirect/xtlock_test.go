@@ -369,3 +369,44 @@ func TestInstallShortDeadline(t *testing.T) {
 		t.Errorf("nftables install with 20 ms left: %v", err)
 	}
 }
+
+// TestUninstallCutKeepsRoutes: a pod's iptables-legacy rules are
+// removed (DEL, a live unenroll) while the xtables lock is held past the
+// removal's deadline. The rules cannot go, so the routes must stay with
+// them, and the error says so: the capture rules without their routes
+// would route the replies to the agent's transparent dials out of the
+// pod (a live pod's traffic black-holed). Once the lock is free the
+// next removal takes both. Before, a plain Uninstall removed the routes
+// whatever became of the rules (only the install's rollback kept them).
+func TestUninstallCutKeepsRoutes(t *testing.T) {
+	testenv.RequireRoot(t)
+	n := nstest.New(t, "xl")
+	spec := DefaultSpec()
+	if _, err := Install(context.Background(), n, IptablesLegacy, spec); err != nil {
+		t.Fatal(err)
+	}
+	release := holdXtablesLock(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	err := Uninstall(ctx, n)
+	t.Logf("Uninstall while the lock is held: %v", err)
+	if !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "the routes stay with the rules left") {
+		t.Errorf("Uninstall cut at the lock: %v, want the deadline and that the routes stay", err)
+	}
+	if found, err := Installed(context.Background(), n); err != nil || !slices.Equal(found, []Backend{IptablesLegacy}) {
+		t.Fatalf("rules after the cut removal: %v %v (the test wants them left)", found, err)
+	}
+	if p := routesVerify(n, spec); len(p) != 0 {
+		t.Errorf("routes removed while the capture rules stay: %v", p)
+	}
+	release()
+	if err := Uninstall(context.Background(), n); err != nil {
+		t.Fatal(err)
+	}
+	if found, err := Installed(context.Background(), n); err != nil || len(found) != 0 {
+		t.Errorf("after the removal with the lock free: %v %v", found, err)
+	}
+	if p := routesVerify(n, spec); len(p) != 2*2 {
+		t.Errorf("routes left (want all 4 missing): %v", p)
+	}
+}
