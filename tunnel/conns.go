@@ -85,15 +85,13 @@ func (sv *Serving) logAttrs(r *record) []any {
 	return a
 }
 
-// testHookOpened, when set (tests only), runs first in opened, on the
-// goroutine that counts the connection open: for a 15001 HBONE
-// connection, the pooled connection's read loop.
-var testHookOpened func(*record)
+// testHookResponse, when set (tests only), runs first in a 15001 HBONE
+// connection's OnResponse, with the status: on the goroutine that hears
+// B's answer, the pooled connection's read loop once the handler
+// splices.
+var testHookResponse func(r *record, status int)
 
 func (sv *Serving) opened(r *record) {
-	if testHookOpened != nil {
-		testHookOpened(r)
-	}
 	// Stored before the phase says open: a handler that sees it open
 	// (outbound's check) then reads it. Unread when the swap fails.
 	cs := sv.p.m.series(r.dir, r.mode, r.srcID, r.dstID)
@@ -327,15 +325,13 @@ func (sv *Serving) outbound(c *net.TCPConn, slots chan struct{}) {
 		return
 	}
 	r.release()
-	var refused error
-	var why string
 	s.OnResponse(func(st int) {
+		if testHookResponse != nil {
+			testHookResponse(r, st)
+		}
 		if st >= 200 && st <= 299 { // any 2xx opens the tunnel (hbone)
 			sv.opened(r)
-			return
 		}
-		refused = hbone.StatusError{Status: st}
-		why = s.ResponseHeader(refusedHeader)
 	})
 	res := sv.spliceTracked(r, s, c)
 	// Open or not is the phase's to say, not a flag: OnResponse runs on
@@ -346,13 +342,23 @@ func (sv *Serving) outbound(c *net.TCPConn, slots chan struct{}) {
 	// open with no close to follow (TestOutboundOpenedAfterSpliceEnd).
 	if r.phase.CompareAndSwap(phasePending, phaseClosed) {
 		reason := "hbone_stream"
-		var se hbone.StatusError
-		if errors.As(refused, &se) || errors.As(res.Err, &se) {
-			reason = statusReason(se.Status, why)
-		}
 		err := res.Err
-		if err == nil {
-			err = refused
+		// A refusal is the stream's to say too, not OnResponse's:
+		// OnResponse set variables read here while the read loop could
+		// still be writing them (the app reset as the 401 arrived), a
+		// data race: the handler, first, counted a denial as
+		// hbone_stream (TestOutboundRefusedAsSpliceEnds). hbone sets the
+		// status before it closes the response channel Status looks at,
+		// before it runs OnResponse. res.Err covers a refusal Splice
+		// saw while that channel was being closed.
+		var se hbone.StatusError
+		if st := s.Status(); st != 0 && (st < 200 || st > 299) {
+			reason = statusReason(st, s.ResponseHeader(refusedHeader))
+			if err == nil {
+				err = hbone.StatusError{Status: st}
+			}
+		} else if errors.As(res.Err, &se) {
+			reason = statusReason(se.Status, s.ResponseHeader(refusedHeader))
 		}
 		sv.failed(r, reason, err)
 		return

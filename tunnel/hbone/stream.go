@@ -646,6 +646,21 @@ func (s *Stream) Response(ctx context.Context) (int, []hpack.HeaderField, error)
 	return 0, nil, err
 }
 
+// Status is the final response's status (client side) once it has
+// arrived, and 0 before, or for a stream that ended without one. It
+// never waits. After Splice returns it says whether the peer answered by
+// then: OnResponse, run on the read loop, may still be running then (the
+// app reset the connection as the answer arrived), and what it records
+// cannot be read without a race.
+func (s *Stream) Status() int {
+	select {
+	case <-s.resp:
+		return s.status
+	default:
+		return 0
+	}
+}
+
 // ResponseHeader is the value of the response's header name (client
 // side), "" while no response has arrived or when it has no such header.
 // Safe from an OnResponse callback.
