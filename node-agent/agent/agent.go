@@ -656,7 +656,8 @@ func (a *Agent) specFor(ips []netip.Addr, netns *os.File) redirect.Spec {
 // it; on error nothing is left open. The netns file stays the caller's
 // until success, when p owns it. atAdd: called from the CNI ADD, before
 // any container of the pod runs (no app socket to look for after the
-// binds).
+// binds), which adds the host's probe entries itself, by the request's
+// deadline (addHostRules).
 func (a *Agent) serve(p *pod, f *os.File, wl tunnel.Workload, atAdd bool) error {
 	if a.certs != nil {
 		if err := a.certs.Prefetch(wl.Identity); err != nil {
@@ -728,7 +729,7 @@ func (a *Agent) serve(p *pod, f *os.File, wl tunnel.Workload, atAdd bool) error 
 		}
 	}
 	a.m.enrolled.Inc()
-	if a.host != nil && len(wl.IPs) > 0 {
+	if a.host != nil && len(wl.IPs) > 0 && !atAdd {
 		if err := a.host.Add(hostKey(p.rec), wl.IPs); err != nil {
 			a.log.Warn("host probe rules", "pod", wl.Namespace+"/"+wl.Name, "err", err)
 		}

@@ -168,6 +168,9 @@ type snapshotLister interface {
 // by pod UID so IP reuse is safe (hostrules.Manager). Optional.
 type HostRules interface {
 	Add(uid string, ips []netip.Addr) error
+	// AddContext is Add ending by ctx (a plugin request's deadline); an
+	// error of work ctx ended wraps ctx's error.
+	AddContext(ctx context.Context, uid string, ips []netip.Addr) error
 	Remove(uid string, ips []netip.Addr) error
 	Sync(want map[string][]netip.Addr) error
 }

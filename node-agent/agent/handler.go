@@ -15,6 +15,7 @@ import (
 	"github.com/ambit-mesh/ambit/node-agent/state"
 	"github.com/ambit-mesh/ambit/plugin/cniproto"
 	"github.com/ambit-mesh/ambit/plugin/redirect"
+	"github.com/ambit-mesh/ambit/tunnel"
 )
 
 // foundPrefix marks records of pods the agent found by itself (live
@@ -189,6 +190,14 @@ func (a *Agent) add(ctx context.Context, req *cniproto.Request, f *os.File, chec
 		return errResp(false, "ambit-agent: enrolling %s/%s: %v", rp.Namespace, rp.Name, err)
 	}
 	kept = true
+	if err := a.addHostRules(ctx, p, wl); err != nil {
+		// Out of time (the host's xtables lock, iptables host
+		// rules): as for the pod's own rules below.
+		a.releaseAsync(p)
+		a.m.failures.WithLabelValues("rules-deadline").Inc()
+		a.log.Warn("enrollment not done by the request's deadline; the runtime retries", "pod", rp.Namespace+"/"+rp.Name, "err", err)
+		return errResp(true, "ambit-agent: pod %s/%s: adding its probe SNAT entry to the host's rules did not finish by this request's deadline; retry: %v", rp.Namespace, rp.Name, err)
+	}
 	if req.Version >= 2 && !check {
 		// Listeners first, then the rules that send traffic to them.
 		resp, backend := a.rulesAnswer(ctx, req, f, false, &spec)
@@ -286,6 +295,29 @@ func (a *Agent) rulesAnswer(ctx context.Context, req *cniproto.Request, f *os.Fi
 		a.log.Debug("redirection installed", "pod", who, "backend", backend)
 	}
 	return &cniproto.Response{Decision: cniproto.Enroll, Redirect: spec}, backend
+}
+
+// addHostRules adds p's IPs to the host's probe SNAT entries (serve
+// does it for the agent's own loops), by answerMargin before the
+// request's deadline: with the iptables backend a rewrite of the host
+// rules waits for the host's xtables lock, each run up to 5 s, which
+// would hold the answer past the deadline. Only that end is returned;
+// any other error is logged, as at live enrollment: the reconcile loop
+// repairs the host rules, and the pod is served meanwhile.
+func (a *Agent) addHostRules(ctx context.Context, p *pod, wl tunnel.Workload) error {
+	if a.host == nil || len(wl.IPs) == 0 {
+		return nil
+	}
+	ctx, cancel := a.beforeAnswerDue(ctx)
+	defer cancel()
+	err := a.host.AddContext(ctx, hostKey(p.rec), wl.IPs)
+	if outOfTime(err) {
+		return err
+	}
+	if err != nil {
+		a.log.Warn("host probe rules", "pod", wl.Namespace+"/"+wl.Name, "err", err)
+	}
+	return nil
 }
 
 // outOfTime tells an error of rule work cut by its context.

@@ -26,6 +26,11 @@
 //     -p tcp -m set --match-set ambit-probes-v4 dst -m owner --socket-exists
 //     -j SNAT --to-source 169.254.7.127
 //
+//     The sets change over netlink; the chain through the iptables
+//     binaries, whose legacy variant waits for the host's xtables lock
+//     (up to 5 s a run, --wait), or by the context of AddContext (a
+//     plugin request's deadline).
+//
 // Entries are keyed by pod UID so IP reuse is safe: Add is an upsert (the
 // newest pod owns the IP), Remove deletes an IP only while the given UID
 // still owns it. Run re-asserts everything every Config.Interval: a flushed
@@ -38,7 +43,7 @@
 //	if err != nil { ... }
 //	go hr.Run(ctx)                               // reconcile loop
 //	hr.Sync(map[string][]netip.Addr{uid: ips})  // after adopting the snapshot
-//	hr.Add(pod.UID, pod.IPs)                     // on enroll
+//	hr.AddContext(ctx, pod.UID, pod.IPs)         // on enroll (ADD: its deadline)
 //	hr.Remove(pod.UID, pod.IPs)                  // on unenroll / delete
 //	hr.Uninstall()                               // on `ambit-agent uninstall`
 package hostrules

@@ -7,7 +7,6 @@ import (
 	"log/slog"
 	"net/netip"
 	"sort"
-	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -79,11 +78,12 @@ type Config struct {
 type backend interface {
 	name() string
 	// check compares the kernel with want (IP → UID); drift says what is
-	// missing or different, "" when nothing is.
-	check(want map[netip.Addr]string) (drift string, err error)
+	// missing or different, "" when nothing is. ctx ends the iptables
+	// runs (netlink work is not cut: milliseconds, no lock).
+	check(ctx context.Context, want map[netip.Addr]string) (drift string, err error)
 	// write replaces everything with want, atomically where the backend
-	// can (nftables: one transaction).
-	write(want map[netip.Addr]string) error
+	// can (nftables: one transaction); ctx as for check.
+	write(ctx context.Context, want map[netip.Addr]string) error
 	// upsert and remove change single entries; an error makes the
 	// Manager fall back to write.
 	upsert(add map[netip.Addr]string, replaced map[netip.Addr]bool) error
@@ -97,7 +97,7 @@ type Manager struct {
 	log *slog.Logger
 	be  backend
 
-	mu        sync.Mutex
+	mu        ctxMutex
 	owners    map[netip.Addr]string // IP → pod UID: what should be
 	applied   map[netip.Addr]string // what we last put into the kernel
 	installed bool                  // write succeeded at least once
@@ -135,6 +135,7 @@ func New(cfg Config) (*Manager, error) {
 		cfg.Logger = slog.Default()
 	}
 	m := &Manager{
+		mu:     make(ctxMutex, 1),
 		cfg:    cfg,
 		log:    cfg.Logger.With("component", "hostrules"),
 		owners: map[netip.Addr]string{},
@@ -213,8 +214,21 @@ func cleanIPs(ips []netip.Addr, v4only bool) ([]netip.Addr, error) {
 }
 
 // Add makes uid the owner of ips (an upsert: an IP still held by an older
-// pod moves to uid) and applies it now.
+// pod moves to uid) and applies it now. With the iptables backend a
+// rewrite (the first Add, or one after the sets went missing) runs the
+// iptables tools, each waiting up to iptWait for the host's xtables
+// lock; AddContext bounds that by a context.
 func (m *Manager) Add(uid string, ips []netip.Addr) error {
+	return m.AddContext(context.Background(), uid, ips)
+}
+
+// AddContext is Add ending by ctx: the wait for the Manager's lock (held
+// by a reconcile waiting for the xtables lock) and every iptables run it
+// makes. An error of work ctx ended wraps ctx's error, so a plugin
+// request's caller can answer "retry". The IPs stay owned by uid and the
+// kernel may hold part of the rewrite: the reconcile loop finishes it,
+// or the caller's Remove takes them back.
+func (m *Manager) AddContext(ctx context.Context, uid string, ips []netip.Addr) error {
 	if uid == "" {
 		return errors.New("hostrules: Add needs the pod UID")
 	}
@@ -222,7 +236,9 @@ func (m *Manager) Add(uid string, ips []netip.Addr) error {
 	if err != nil {
 		return err
 	}
-	m.mu.Lock()
+	if err := m.mu.lockContext(ctx); err != nil {
+		return fmt.Errorf("hostrules: waiting for the host rules' lock (held by a rewrite of the rules, itself waiting on the host's xtables lock?): %w", err)
+	}
 	defer m.mu.Unlock()
 	m.removed = false
 	add := map[netip.Addr]string{}
@@ -253,7 +269,7 @@ func (m *Manager) Add(uid string, ips []netip.Addr) error {
 			return nil
 		}
 	}
-	return m.reconcileLocked(true)
+	return m.reconcileLocked(ctx, true)
 }
 
 // Remove deletes the IPs still owned by uid; IPs another pod took over are
@@ -288,7 +304,7 @@ func (m *Manager) Remove(uid string, ips []netip.Addr) error {
 			return nil
 		}
 	}
-	return m.reconcileLocked(true)
+	return m.reconcileLocked(context.Background(), true)
 }
 
 // yielding: a newer agent on the node is ready (Config.Yield), so the
@@ -356,7 +372,7 @@ func (m *Manager) Sync(want map[string][]netip.Addr) error {
 		m.log.Info("host probe rules: a newer agent is ready and maintains them; not rewriting them", "entries", len(owners))
 		return nil
 	}
-	return m.reconcileLocked(true)
+	return m.reconcileLocked(context.Background(), true)
 }
 
 // Entries returns a copy of the IP → UID table the Manager maintains.
@@ -381,7 +397,7 @@ func (m *Manager) Reconcile() error {
 	if m.removed || m.merging() {
 		return nil
 	}
-	return m.reconcileLocked(false)
+	return m.reconcileLocked(context.Background(), false)
 }
 
 func (m *Manager) appliedLocked() {
@@ -396,8 +412,8 @@ func (m *Manager) appliedLocked() {
 // difference is drift (someone flushed or edited our rules) and counts as a
 // repair. Then it writes the desired state if it differs or force is set
 // (the caller changed the desired state or an incremental write failed).
-func (m *Manager) reconcileLocked(force bool) error {
-	drift, err := m.be.check(m.applied)
+func (m *Manager) reconcileLocked(ctx context.Context, force bool) error {
+	drift, err := m.be.check(ctx, m.applied)
 	ok := drift == ""
 	if err != nil {
 		m.failures.Inc()
@@ -410,7 +426,7 @@ func (m *Manager) reconcileLocked(force bool) error {
 	if repair {
 		m.log.Warn("host probe rules were missing or altered; rewriting them", "backend", m.be.name(), "drift", drift, "entries", len(m.owners))
 	}
-	if err := m.be.write(m.owners); err != nil {
+	if err := m.be.write(ctx, m.owners); err != nil {
 		m.failures.Inc()
 		return fmt.Errorf("hostrules: write %s rules: %w", m.be.name(), err)
 	}
@@ -491,4 +507,25 @@ func (m *Manager) Uninstall() error {
 		return fmt.Errorf("hostrules: uninstall %s rules: %w", m.be.name(), err)
 	}
 	return nil
+}
+
+// ctxMutex is a mutex whose Lock can give up: a buffered channel of one.
+type ctxMutex chan struct{}
+
+func (c ctxMutex) Lock()   { c <- struct{}{} }
+func (c ctxMutex) Unlock() { <-c }
+
+// lockContext locks unless ctx ends first.
+func (c ctxMutex) lockContext(ctx context.Context) error {
+	select {
+	case c <- struct{}{}:
+		return nil
+	default:
+	}
+	select {
+	case c <- struct{}{}:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }

@@ -531,7 +531,7 @@ func TestSurgeUpgradeTwoManagers(t *testing.T) {
 	if err := neu.Add("a", []netip.Addr{podV4}); err != nil {
 		t.Fatal(err)
 	}
-	if d, err := old.be.check(map[netip.Addr]string{podV4: "a", other: "b"}); err != nil || d != "" {
+	if d, err := old.be.check(context.Background(), map[netip.Addr]string{podV4: "a", other: "b"}); err != nil || d != "" {
 		t.Fatalf("after the new agent adopted a: drift %q, %v (want a and b both kept)", d, err)
 	}
 	// The new agent is done: its picture has a pod the old one never

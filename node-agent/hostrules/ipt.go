@@ -1,6 +1,8 @@
 package hostrules
 
 import (
+	"cmp"
+	"context"
 	"errors"
 	"fmt"
 	"net"
@@ -9,7 +11,6 @@ import (
 	"runtime"
 	"strconv"
 
-	"github.com/coreos/go-iptables/iptables"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
@@ -23,7 +24,7 @@ const (
 )
 
 // iptBackend: ipsets (hash:ip, comment = pod UID) and one nat chain per
-// family, through go-iptables. Set contents are swapped in atomically; the
+// family, through the iptables binaries (iptTool). Set contents are swapped in atomically; the
 // chain holds one rule and is only rewritten when that rule is missing.
 type iptBackend struct {
 	cfg     Config
@@ -31,8 +32,8 @@ type iptBackend struct {
 	chain   string
 	set4    string
 	set6    string
-	ipt4    *iptables.IPTables
-	ipt6    *iptables.IPTables
+	ipt4    *iptTool
+	ipt6    *iptTool
 }
 
 func newIPT(cfg Config) (*iptBackend, error) {
@@ -63,9 +64,7 @@ func newIPT(cfg Config) (*iptBackend, error) {
 	if err != nil {
 		return nil, fmt.Errorf("hostrules: iptables backend: %w", err)
 	}
-	if b.ipt4, err = iptables.New(iptables.IPFamily(iptables.ProtocolIPv4), iptables.Path(p4), iptables.Timeout(5)); err != nil {
-		return nil, fmt.Errorf("hostrules: %s: %w", p4, err)
-	}
+	b.ipt4 = &iptTool{name: "iptables-" + b.variant, path: p4, locks: b.variant == "legacy"}
 	if cfg.IPv4Only {
 		return b, nil
 	}
@@ -73,9 +72,7 @@ func newIPT(cfg Config) (*iptBackend, error) {
 	if err != nil {
 		return nil, fmt.Errorf("hostrules: iptables backend: %w (set the agent's ipv6: off on hosts without IPv6 NAT)", err)
 	}
-	if b.ipt6, err = iptables.New(iptables.IPFamily(iptables.ProtocolIPv6), iptables.Path(p6), iptables.Timeout(5)); err != nil {
-		return nil, fmt.Errorf("hostrules: %s: %w", p6, err)
-	}
+	b.ipt6 = &iptTool{name: "ip6tables-" + b.variant, path: p6, locks: b.variant == "legacy"}
 	return b, nil
 }
 
@@ -126,12 +123,12 @@ func (b *iptBackend) spec(v6 bool) []string {
 func (b *iptBackend) jump() []string { return []string{"-j", b.chain} }
 
 func (b *iptBackend) families() []struct {
-	ipt *iptables.IPTables
+	ipt *iptTool
 	v6  bool
 	set string
 } {
 	fams := []struct {
-		ipt *iptables.IPTables
+		ipt *iptTool
 		v6  bool
 		set string
 	}{{b.ipt4, false, b.set4}, {b.ipt6, true, b.set6}}
@@ -141,7 +138,7 @@ func (b *iptBackend) families() []struct {
 	return fams
 }
 
-func (b *iptBackend) check(want map[netip.Addr]string) (string, error) {
+func (b *iptBackend) check(ctx context.Context, want map[netip.Addr]string) (string, error) {
 	drift := ""
 	err := b.in(func() error {
 		got := map[netip.Addr]string{}
@@ -159,20 +156,28 @@ func (b *iptBackend) check(want map[netip.Addr]string) (string, error) {
 				}
 				got[ip.Unmap()] = e.Comment
 			}
-			if exists, err := f.ipt.ChainExists("nat", b.chain); err != nil || !exists {
+			// A run cut by ctx is the caller's end, not drift.
+			if exists, err := f.ipt.chainExists(ctx, "nat", b.chain); ctx.Err() != nil {
+				return err
+			} else if err != nil || !exists {
 				drift = "chain " + b.chain + " missing"
 				return nil
 			}
-			rules, err := f.ipt.List("nat", b.chain)
-			if err != nil || len(rules) != 2 {
+			if rules, err := f.ipt.list(ctx, "nat", b.chain); ctx.Err() != nil {
+				return err
+			} else if err != nil || len(rules) != 2 {
 				drift = "chain " + b.chain + " does not hold exactly one rule"
 				return nil
 			}
-			if exists, err := f.ipt.Exists("nat", b.chain, b.spec(f.v6)...); err != nil || !exists {
+			if exists, err := f.ipt.exists(ctx, "nat", b.chain, b.spec(f.v6)...); ctx.Err() != nil {
+				return err
+			} else if err != nil || !exists {
 				drift = "the SNAT rule is not in " + b.chain
 				return nil
 			}
-			if exists, err := f.ipt.Exists("nat", "POSTROUTING", b.jump()...); err != nil || !exists {
+			if exists, err := f.ipt.exists(ctx, "nat", "POSTROUTING", b.jump()...); ctx.Err() != nil {
+				return err
+			} else if err != nil || !exists {
 				drift = "the jump from POSTROUTING is missing"
 				return nil
 			}
@@ -203,7 +208,7 @@ func entry(ip netip.Addr, uid string) *netlink.IPSetEntry {
 	return &netlink.IPSetEntry{IP: net.IP(ip.AsSlice()), Comment: uid, Replace: true}
 }
 
-func (b *iptBackend) write(want map[netip.Addr]string) error {
+func (b *iptBackend) write(ctx context.Context, want map[netip.Addr]string) error {
 	return b.in(func() error {
 		for _, f := range b.families() {
 			// Fill a temporary set and swap it in: the live set is never
@@ -234,28 +239,31 @@ func (b *iptBackend) write(want map[netip.Addr]string) error {
 				return fmt.Errorf("ipset destroy %s: %w", tmp, err)
 			}
 			// The chain: rewritten only when its one rule is not exactly ours.
-			exists, err := f.ipt.ChainExists("nat", b.chain)
+			exists, err := f.ipt.chainExists(ctx, "nat", b.chain)
 			if err != nil {
 				return err
 			}
 			good := false
 			if exists {
-				rules, lerr := f.ipt.List("nat", b.chain)
-				has, eerr := f.ipt.Exists("nat", b.chain, b.spec(f.v6)...)
+				rules, lerr := f.ipt.list(ctx, "nat", b.chain)
+				has, eerr := f.ipt.exists(ctx, "nat", b.chain, b.spec(f.v6)...)
+				if ctx.Err() != nil {
+					return cmp.Or(lerr, eerr, ctx.Err())
+				}
 				good = lerr == nil && eerr == nil && has && len(rules) == 2
 			}
 			if !good {
-				if err := f.ipt.ClearChain("nat", b.chain); err != nil {
+				if err := f.ipt.clearChain(ctx, "nat", b.chain); err != nil {
 					return err
 				}
-				if err := f.ipt.Append("nat", b.chain, b.spec(f.v6)...); err != nil {
+				if err := f.ipt.append(ctx, "nat", b.chain, b.spec(f.v6)...); err != nil {
 					return err
 				}
 			}
-			if has, err := f.ipt.Exists("nat", "POSTROUTING", b.jump()...); err != nil {
+			if has, err := f.ipt.exists(ctx, "nat", "POSTROUTING", b.jump()...); err != nil {
 				return err
 			} else if !has {
-				if err := f.ipt.Insert("nat", "POSTROUTING", 1, b.jump()...); err != nil {
+				if err := f.ipt.insert(ctx, "nat", "POSTROUTING", 1, b.jump()...); err != nil {
 					return err
 				}
 			}
@@ -300,15 +308,15 @@ func (b *iptBackend) remove(ips []netip.Addr) error {
 
 func (b *iptBackend) uninstall() error {
 	return b.in(func() error {
+		// Not a request's: each run keeps its own bound.
+		ctx := context.Background()
 		var errs []error
 		for _, f := range b.families() {
-			if err := f.ipt.DeleteIfExists("nat", "POSTROUTING", b.jump()...); err != nil {
+			if err := f.ipt.deleteIfExists(ctx, "nat", "POSTROUTING", b.jump()...); err != nil {
 				errs = append(errs, err)
 			}
-			if exists, err := f.ipt.ChainExists("nat", b.chain); err == nil && exists {
-				if err := f.ipt.ClearAndDeleteChain("nat", b.chain); err != nil {
-					errs = append(errs, err)
-				}
+			if err := f.ipt.clearAndDeleteChain(ctx, "nat", b.chain); err != nil {
+				errs = append(errs, err)
 			}
 			// The set can only go once no rule references it.
 			if _, err := netlink.IpsetList(f.set); err == nil {

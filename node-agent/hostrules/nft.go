@@ -159,7 +159,7 @@ func split(want map[netip.Addr]string) (v4, v6 []nftables.SetElement) {
 	return v4, v6
 }
 
-func (b *nftBackend) check(want map[netip.Addr]string) (string, error) {
+func (b *nftBackend) check(_ context.Context, want map[netip.Addr]string) (string, error) {
 	// A fresh connection for the dumps: on the lasting one, multi-part
 	// set element dumps came back short now and then (google/nftables
 	// v0.3.0), which would count phantom repairs.
@@ -221,7 +221,7 @@ func (b *nftBackend) check(want map[netip.Addr]string) (string, error) {
 	return "", nil
 }
 
-func (b *nftBackend) write(want map[netip.Addr]string) error {
+func (b *nftBackend) write(_ context.Context, want map[netip.Addr]string) error {
 	c, err := b.conn()
 	if err != nil {
 		return err

@@ -1,6 +1,7 @@
 package hostrules
 
 import (
+	"context"
 	"net/netip"
 	"sync/atomic"
 	"testing"
@@ -66,7 +67,7 @@ func TestSurgeBothRemoveADeletedPod(t *testing.T) {
 			if err := neu.Remove("b", []netip.Addr{other}); err != nil {
 				t.Fatal(err)
 			}
-			if d, err := neu.be.check(map[netip.Addr]string{third: "c"}); err != nil || d != "" {
+			if d, err := neu.be.check(context.Background(), map[netip.Addr]string{third: "c"}); err != nil || d != "" {
 				t.Fatalf("after both agents removed a and b: drift %q, %v (want only the new agent's c)", d, err)
 			}
 			for _, m := range []*Manager{old, neu} {
@@ -105,7 +106,7 @@ func TestSurgeIPReusedAfterTheOtherAgentRemovedIt(t *testing.T) {
 			if err := neu.Add("b", []netip.Addr{podV4}); err != nil {
 				t.Fatal(err)
 			}
-			if d, err := neu.be.check(map[netip.Addr]string{podV4: "b"}); err != nil || d != "" {
+			if d, err := neu.be.check(context.Background(), map[netip.Addr]string{podV4: "b"}); err != nil || d != "" {
 				t.Fatalf("after the IP moved to b: drift %q, %v", d, err)
 			}
 			if err := neu.Reconcile(); err != nil {
@@ -161,7 +162,7 @@ func TestYieldingAgentLeavesAFailedRemoveToItsSuccessor(t *testing.T) {
 	if err := old.Remove("a", []netip.Addr{podV4, podV6}); err != nil {
 		t.Fatalf("old agent's Remove: %v (the failure is left to the new agent, not an error of the caller's)", err)
 	}
-	if d, err := neu.be.check(want); err != nil || d != "" {
+	if d, err := neu.be.check(context.Background(), want); err != nil || d != "" {
 		t.Fatalf("after the yielding agent's failed removal: drift %q, %v (it rewrote the rules from its own picture)", d, err)
 	}
 	if got := sourceSeen(t, tp.hostNS, "10.77.1.3:8080"); got != probe4 {
@@ -172,7 +173,7 @@ func TestYieldingAgentLeavesAFailedRemoveToItsSuccessor(t *testing.T) {
 	if err := old.Add("d", []netip.Addr{netip.MustParseAddr("10.77.1.20"), netip.MustParseAddr("fd00:77:1::20")}); err != nil {
 		t.Fatalf("old agent's Add: %v", err)
 	}
-	if d, err := neu.be.check(want); err != nil || d != "" {
+	if d, err := neu.be.check(context.Background(), want); err != nil || d != "" {
 		t.Fatalf("after the yielding agent's failed add: drift %q, %v", d, err)
 	}
 	if n := counterValue(old.failures); n != 2 {
@@ -192,7 +193,7 @@ func TestYieldingAgentLeavesAFailedRemoveToItsSuccessor(t *testing.T) {
 	if err := old.Reconcile(); err != nil {
 		t.Fatal(err)
 	}
-	if d, err := old.be.check(old.Entries()); err != nil || d != "" {
+	if d, err := old.be.check(context.Background(), old.Entries()); err != nil || d != "" {
 		t.Fatalf("old agent in charge again: drift %q, %v", d, err)
 	}
 	if _, ok := old.Entries()[podV4]; ok {
@@ -232,13 +233,13 @@ func TestYieldingAgentLeavesAFailedWriteToItsSuccessor(t *testing.T) {
 				t.Fatal(err)
 			}
 			want := map[netip.Addr]string{podV4: "a", other: "b", third: "c"}
-			if d, err := neu.be.check(want); err != nil || d != "" {
+			if d, err := neu.be.check(context.Background(), want); err != nil || d != "" {
 				t.Fatalf("after the yielding agent's failed removal: drift %q, %v (want the new agent's picture)", d, err)
 			}
 			if err := old.Add("d", []netip.Addr{netip.MustParseAddr("10.77.1.20")}); err != nil {
 				t.Fatal(err)
 			}
-			if d, err := neu.be.check(want); err != nil || d != "" {
+			if d, err := neu.be.check(context.Background(), want); err != nil || d != "" {
 				t.Fatalf("after the yielding agent's failed add: drift %q, %v", d, err)
 			}
 		})
@@ -266,7 +267,7 @@ func TestMiddleAgentSyncingBesideAReadySuccessor(t *testing.T) {
 				t.Fatal(err)
 			}
 			want := map[netip.Addr]string{podV4: "a", other: "b", third: "c"}
-			if d, err := newest.be.check(want); err != nil || d != "" {
+			if d, err := newest.be.check(context.Background(), want); err != nil || d != "" {
 				t.Fatalf("after the middle agent's Sync: drift %q, %v (want the newest agent's picture)", d, err)
 			}
 			fourth := netip.MustParseAddr("10.77.1.20")
@@ -274,7 +275,7 @@ func TestMiddleAgentSyncingBesideAReadySuccessor(t *testing.T) {
 				t.Fatal(err)
 			}
 			want[fourth] = "d"
-			if d, err := newest.be.check(want); err != nil || d != "" {
+			if d, err := newest.be.check(context.Background(), want); err != nil || d != "" {
 				t.Fatalf("after the middle agent's Add: drift %q, %v (want the newest agent's picture and d)", d, err)
 			}
 		})

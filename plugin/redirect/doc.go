@@ -16,7 +16,7 @@
 //     back to the agent, which dialed the app from the client's own IP.
 //
 // Two backends produce the same behaviour: native nftables over netlink (one
-// inet table, replaced in one transaction) and iptables through go-iptables
+// inet table, replaced in one transaction) and iptables through restore runs
 // (legacy or nft variant, detected on the host). Every backend is atomic,
 // idempotent and removes only what it installed.
 package redirect

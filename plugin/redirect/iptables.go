@@ -242,13 +242,7 @@ func stoppedRun(ctx context.Context, cmdline string, took time.Duration, locks b
 	}
 	msg := fmt.Sprintf("%s: stopped after %s, %s", cmdline, took.Round(time.Millisecond), why)
 	if locks {
-		if who, ok := xtablesLockHolder(); ok {
-			msg += fmt.Sprintf(", waiting for the host's xtables lock %s, %s", xtablesLockPath(), who)
-		} else {
-			// Still the likeliest cause, and the one the operator can
-			// look at from the host.
-			msg += fmt.Sprintf(", which waits for the host's xtables lock %s (no holder in this PID namespace's /proc/locks: free by now, or held from outside it)", xtablesLockPath())
-		}
+		msg += ", " + XtablesLockWait()
 	}
 	return fmt.Errorf("%s: %w", msg, cause)
 }

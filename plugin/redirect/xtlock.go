@@ -26,6 +26,19 @@ func xtablesLockPath() string {
 	return "/run/xtables.lock"
 }
 
+// XtablesLockWait describes the host's xtables lock for the error of a
+// run stopped while it may have waited for it: its path and holder
+// ("waiting for the host's xtables lock /run/xtables.lock, held by pid
+// 4242 (kube-proxy)"), or, when /proc/locks shows none, the lock as the
+// likeliest cause all the same: the one the operator can look at from
+// the host.
+func XtablesLockWait() string {
+	if who, ok := xtablesLockHolder(); ok {
+		return fmt.Sprintf("waiting for the host's xtables lock %s, %s", xtablesLockPath(), who)
+	}
+	return fmt.Sprintf("which waits for the host's xtables lock %s (no holder in this PID namespace's /proc/locks: free by now, or held from outside it)", xtablesLockPath())
+}
+
 // xtablesLockHolder describes who holds the xtables lock, from
 // /proc/locks (no lock is taken to find out: even a probe could make
 // someone's iptables without --wait fail). ok is false when nobody

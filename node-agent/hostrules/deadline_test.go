@@ -1,0 +1,109 @@
+package hostrules
+
+import (
+	"context"
+	"errors"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// holdXtablesLock takes the xtables lock as kube-proxy would (flock,
+// exclusive) until release. A lock file of the test's own, which the
+// iptables runs inherit through XTABLES_LOCKFILE: holding the host's
+// /run/xtables.lock would stall every other iptables user on the shared
+// machine.
+func holdXtablesLock(t *testing.T) (release func()) {
+	t.Helper()
+	path := os.Getenv("XTABLES_LOCKFILE")
+	if path == "" {
+		path = filepath.Join(t.TempDir(), "xtables.lock")
+		t.Setenv("XTABLES_LOCKFILE", path)
+	}
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX); err != nil {
+		t.Fatal(err)
+	}
+	released := false
+	release = func() {
+		if !released {
+			released = true
+			f.Close()
+		}
+	}
+	t.Cleanup(release)
+	return release
+}
+
+// TestAddContextEndsByItsDeadline: the host's xtables lock is held (a
+// busy kube-proxy) when a pod's ADD adds its probe SNAT entry with the
+// iptables-legacy backend and the rules must be written (the first pod,
+// or the sets went missing). AddContext returns by the request's
+// deadline, its error wrapping the deadline and naming the lock, so the
+// agent can answer "retry" in time; and it does so as well when the
+// Manager's own lock is held by an Add without a deadline, itself
+// waiting for the xtables lock (its own bound: iptWait a run). Once the
+// lock is free the entry is written and the probe is SNATed. Before,
+// Add had no deadline: each iptables run waited up to 5 s for the lock,
+// a rewrite a dozen runs, whatever the request's time.
+func TestAddContextEndsByItsDeadline(t *testing.T) {
+	tp := newTopo(t)
+	tp.server(t)
+	m, _ := newManager(t, tp, "iptables-legacy")
+	release := holdXtablesLock(t)
+	ips := []netip.Addr{podV4, podV6}
+
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	start := time.Now()
+	err := m.AddContext(ctx, "uid-1", ips)
+	t.Logf("AddContext while the xtables lock is held: %v after %v", err, time.Since(start).Round(time.Millisecond))
+	if !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "xtables lock") || !strings.Contains(err.Error(), "at the caller's deadline") {
+		t.Fatalf("AddContext while the xtables lock is held: %v, want the deadline and the lock named", err)
+	}
+
+	// An Add without a deadline takes the Manager's lock and waits for
+	// the xtables lock with its own bound.
+	added := make(chan error, 1)
+	go func() { added <- m.Add("uid-2", []netip.Addr{netip.MustParseAddr("10.77.1.3")}) }()
+	eventually(t, "the Add holding the Manager's lock", func() bool {
+		if m.mu.lockContext(canceled()) == nil {
+			m.mu.Unlock()
+			return false
+		}
+		return true
+	})
+	ctx2, cancel2 := context.WithTimeout(context.Background(), 500*time.Millisecond)
+	defer cancel2()
+	err = m.AddContext(ctx2, "uid-1", ips)
+	if !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "host rules' lock") {
+		t.Fatalf("AddContext while another Add holds the Manager's lock: %v, want the deadline and that lock named", err)
+	}
+	err = <-added
+	t.Logf("Add without a deadline while the xtables lock is held: %v", err)
+	if err == nil || errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("Add without a deadline while the lock is held: %v, want iptables' own failure at its --wait bound", err)
+	}
+
+	release()
+	if err := m.AddContext(context.Background(), "uid-1", ips); err != nil {
+		t.Fatalf("AddContext once the lock is free: %v", err)
+	}
+	if got := sourceSeen(t, tp.hostNS, "10.77.1.2:8080"); got != probe4 {
+		t.Fatalf("probe source %s, want %s", got, probe4)
+	}
+}
+
+func canceled() context.Context {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	return ctx
+}
