@@ -7,12 +7,14 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"os/exec"
 	"strings"
 	"sync"
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
+	"golang.org/x/sys/unix"
 )
 
 // concrete are the backends that hold state.
@@ -355,19 +357,61 @@ func DetectIptables() (Backend, string) {
 	return detectOnce.b, detectOnce.why
 }
 
+// saveTimeout bounds each save DetectIptables runs on the host. The
+// saves never wait for the xtables lock, but one that hangs (a wedged
+// binary, a ruleset in the hundreds of thousands of rules) held the
+// first install with backend "iptables" (a plugin request) and the host
+// rules' start with it, for good: once per process, unbounded. A save
+// that does not finish in time counts as its variant not installed.
+var saveTimeout = 5 * time.Second
+
 func runSave(name string) ([]byte, bool) {
 	path, err := exec.LookPath(name)
 	if err != nil {
 		return nil, false
 	}
-	out, err := exec.Command(path).Output()
+	ctx, cancel := context.WithTimeout(context.Background(), saveTimeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, path)
+	// Ends with its children, as runIn's runs.
+	cmd.SysProcAttr = &unix.SysProcAttr{Setpgid: true}
+	cmd.Cancel = func() error {
+		err := unix.Kill(-cmd.Process.Pid, unix.SIGKILL)
+		if errors.Is(err, unix.ESRCH) {
+			return os.ErrProcessDone
+		}
+		return err
+	}
+	cmd.WaitDelay = runWaitDelay
+	out, err := cmd.Output()
 	if err != nil {
+		if ctx.Err() != nil {
+			slog.Warn("iptables variant detection: a save did not finish in time; its variant counts as not installed", "save", name, "bound", saveTimeout)
+		}
 		return nil, false
 	}
 	return out, true
 }
 
 func detectIptables(save func(string) ([]byte, bool)) (Backend, string) {
+	// The four saves at once: with each bounded (runSave), so is the
+	// whole detection, by one bound rather than four.
+	outs := map[string][]byte{}
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	for _, v := range []string{"legacy", "nft"} {
+		for _, bin := range []string{"iptables-" + v + "-save", "ip6tables-" + v + "-save"} {
+			wg.Go(func() {
+				if out, ok := save(bin); ok {
+					mu.Lock()
+					outs[bin] = out
+					mu.Unlock()
+				}
+			})
+		}
+	}
+	wg.Wait()
+	saved := func(bin string) ([]byte, bool) { out, ok := outs[bin]; return out, ok }
 	type view struct {
 		ok    bool
 		rules int
@@ -376,7 +420,7 @@ func detectIptables(save func(string) ([]byte, bool)) (Backend, string) {
 	look := func(v string) view {
 		var r view
 		for _, bin := range []string{"iptables-" + v + "-save", "ip6tables-" + v + "-save"} {
-			out, ok := save(bin)
+			out, ok := saved(bin)
 			if !ok {
 				continue
 			}
