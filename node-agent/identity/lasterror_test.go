@@ -9,6 +9,7 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"github.com/ambit-mesh/ambit/internal/testenv"
 	"github.com/ambit-mesh/ambit/node-agent/ca/catest"
 	"github.com/ambit-mesh/ambit/node-agent/identity"
 )
@@ -52,5 +53,38 @@ func TestLastErrorBounded(t *testing.T) {
 	}
 	if strings.ContainsAny(got, "\r\n\t") || strings.Contains(got, "  ") || !utf8.ValidString(got) {
 		t.Errorf("LastError is not one clean line of whole characters: %q", got)
+	}
+}
+
+// TestFetchFailureLogBounded: the same 600 KB error page must not become
+// a 600 KB warning line on every failed fetch (the log goes to the
+// node's journal and the cluster's log pipeline). Before, the refusal
+// carried the whole body: one warning line of ~660,000 bytes.
+func TestFetchFailureLogBounded(t *testing.T) {
+	a := newAuthority(t)
+	page := "<html>\n<head><title>502 Bad Gateway</title></head>\n" + strings.Repeat("<p>upstream connect error</p>\n", 20000) + "</html>\n"
+	proxy := catest.StartServer(t, a, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(http.StatusBadGateway)
+		w.Write([]byte(page))
+	}))
+	var logs testenv.Buffer
+	m := startManager(t, identity.Config{TrustDomain: td, Logger: slog.New(slog.NewTextHandler(&logs, nil)),
+		Remote: &identity.RemoteConfig{URL: proxy.URL, ServerName: proxy.ServerName,
+			Token: func() (string, error) { return "token", nil }, Roots: a.Material().Roots}})
+	if err := m.Prefetch(webID); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "the failed fetch logged", func() bool {
+		return strings.Contains(logs.String(), "workload certificate fetch failed")
+	})
+	for _, l := range strings.Split(logs.String(), "\n") {
+		if strings.Contains(l, "fetch failed") {
+			if !strings.Contains(l, "502 Bad Gateway") {
+				t.Errorf("the warning does not say what happened: %.300q", l)
+			}
+			if len(l) > 2048 {
+				t.Errorf("the warning is %d bytes; want the refusal, not the page (at most 2 KiB)", len(l))
+			}
+		}
 	}
 }

@@ -204,6 +204,10 @@ func (s *RemoteSigner) Roots(ctx context.Context) ([]*x509.Certificate, error) {
 	return roots, nil
 }
 
+// maxCAErrorMsg bounds the message of a CA's (or a proxy's) refusal
+// kept in a CAError.
+const maxCAErrorMsg = 1024
+
 func (s *RemoteSigner) do(req *http.Request, out any) error {
 	res, err := s.client.Do(req)
 	if err != nil {
@@ -218,9 +222,13 @@ func (s *RemoteSigner) do(req *http.Request, out any) error {
 		var e ca.ErrorResponse
 		_ = json.Unmarshal(b, &e)
 		if e.Error == "" {
-			e.Error = strings.TrimSpace(string(b))
+			e.Error = string(b)
 		}
-		return &CAError{Status: res.StatusCode, Reason: e.Reason, Msg: e.Error}
+		// The body is a proxy's or load balancer's error page as often
+		// as our CA's one-line answer: the error goes into every failed
+		// fetch's log line and into status, so keep what says what
+		// happened and drop the page.
+		return &CAError{Status: res.StatusCode, Reason: ca.Reason(brief(string(e.Reason), 128)), Msg: brief(e.Error, maxCAErrorMsg)}
 	}
 	if err := json.Unmarshal(b, out); err != nil {
 		return fmt.Errorf("CA response: %w", err)
