@@ -362,13 +362,29 @@ func DetectIptables() (Backend, string) {
 // binary, a ruleset in the hundreds of thousands of rules) held the
 // first install with backend "iptables" (a plugin request) and the host
 // rules' start with it, for good: once per process, unbounded. A save
-// that does not finish in time counts as its variant not installed.
+// that does not finish in time counts as its variant's ruleset being the
+// larger (saveSlow).
 var saveTimeout = 5 * time.Second
 
-func runSave(name string) ([]byte, bool) {
+// saveResult is what one save told the detection.
+type saveResult int
+
+const (
+	// saveAbsent: the binary is not there or failed (no such tables).
+	saveAbsent saveResult = iota
+	saveDone
+	// saveSlow: present, but still reading after saveTimeout. Formatting
+	// the ruleset is what takes a save long, so this is the variant with
+	// the rules in the hundreds of thousands (kube-proxy's): counting it
+	// absent would pick the other variant on exactly the nodes that use
+	// this one.
+	saveSlow
+)
+
+func runSave(name string) ([]byte, saveResult) {
 	path, err := exec.LookPath(name)
 	if err != nil {
-		return nil, false
+		return nil, saveAbsent
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), saveTimeout)
 	defer cancel()
@@ -386,26 +402,32 @@ func runSave(name string) ([]byte, bool) {
 	out, err := cmd.Output()
 	if err != nil {
 		if ctx.Err() != nil {
-			slog.Warn("iptables variant detection: a save did not finish in time; its variant counts as not installed", "save", name, "bound", saveTimeout)
+			slog.Warn("iptables variant detection: a save did not finish in time; its variant counts as holding the larger ruleset", "save", name, "bound", saveTimeout)
+			return nil, saveSlow
 		}
-		return nil, false
+		return nil, saveAbsent
 	}
-	return out, true
+	return out, saveDone
 }
 
-func detectIptables(save func(string) ([]byte, bool)) (Backend, string) {
+func detectIptables(save func(string) ([]byte, saveResult)) (Backend, string) {
 	// The four saves at once: with each bounded (runSave), so is the
 	// whole detection, by one bound rather than four.
 	outs := map[string][]byte{}
+	slow := map[string]bool{}
 	var mu sync.Mutex
 	var wg sync.WaitGroup
 	for _, v := range []string{"legacy", "nft"} {
 		for _, bin := range []string{"iptables-" + v + "-save", "ip6tables-" + v + "-save"} {
 			wg.Go(func() {
-				if out, ok := save(bin); ok {
-					mu.Lock()
+				out, res := save(bin)
+				mu.Lock()
+				defer mu.Unlock()
+				switch res {
+				case saveDone:
 					outs[bin] = out
-					mu.Unlock()
+				case saveSlow:
+					slow[bin] = true
 				}
 			})
 		}
@@ -413,13 +435,17 @@ func detectIptables(save func(string) ([]byte, bool)) (Backend, string) {
 	wg.Wait()
 	saved := func(bin string) ([]byte, bool) { out, ok := outs[bin]; return out, ok }
 	type view struct {
-		ok    bool
+		ok    bool // installed: a save finished or outlasted the bound
+		slow  bool // a save outlasted the bound: rules not counted
 		rules int
 		hint  bool
 	}
 	look := func(v string) view {
 		var r view
 		for _, bin := range []string{"iptables-" + v + "-save", "ip6tables-" + v + "-save"} {
+			if slow[bin] {
+				r.ok, r.slow = true, true
+			}
 			out, ok := saved(bin)
 			if !ok {
 				continue
@@ -450,6 +476,12 @@ func detectIptables(save func(string) ([]byte, bool)) (Backend, string) {
 		return IptablesNft, "kubelet's KUBE-IPTABLES-HINT/KUBE-KUBELET-CANARY chains are in iptables-nft"
 	case legacy.hint:
 		return IptablesLegacy, "kubelet's KUBE-IPTABLES-HINT/KUBE-KUBELET-CANARY chains are in iptables-legacy"
+	case legacy.slow && nft.slow:
+		return IptablesNft, fmt.Sprintf("the saves of both variants did not finish in %s; assuming nft", saveTimeout)
+	case legacy.slow:
+		return IptablesLegacy, fmt.Sprintf("the legacy variant's save did not finish in %s (a ruleset too large to read in time) while the nft variant's did (%d rules)", saveTimeout, nft.rules)
+	case nft.slow:
+		return IptablesNft, fmt.Sprintf("the nft variant's save did not finish in %s (a ruleset too large to read in time) while the legacy variant's did (%d rules)", saveTimeout, legacy.rules)
 	case legacy.rules > nft.rules:
 		return IptablesLegacy, fmt.Sprintf("the host has %d legacy rules and %d nft rules", legacy.rules, nft.rules)
 	default:

@@ -9,12 +9,17 @@ import (
 	"time"
 )
 
-// TestDetectIptablesSaveBounded: the host's legacy saves hang (a wedged
-// binary; stand-ins here, since a real save cannot be made to). The
-// detection still answers, from the variant whose saves ran, and leaves
-// no process behind. Before, each save ran unbounded: the detection, and
-// the first install with backend "iptables" (a plugin request) or the
-// host rules' start waiting on it, never returned.
+// TestDetectIptablesSaveBounded: the host's legacy saves do not finish
+// (stand-ins here: a real save cannot be made that slow on demand; on a
+// node it is kube-proxy's legacy ruleset in the hundreds of thousands of
+// rules, read while the node is busy). The detection still answers, by
+// the bound, and leaves no process behind; and it picks legacy: a save
+// that outlasts the bound, while the other variant's finished, reads the
+// bigger ruleset, the one the host uses. Counting it as not installed
+// chose nft with "only the nft variant is installed" on exactly the
+// nodes whose kube-proxy is legacy, for the life of the process (the
+// answer is kept), and the host rules then sat in the variant nothing
+// else uses. Before the bound, the detection never returned.
 func TestDetectIptablesSaveBounded(t *testing.T) {
 	dir := t.TempDir()
 	const marker = "3600.4242" // a sleep only this test runs
@@ -35,8 +40,8 @@ func TestDetectIptablesSaveBounded(t *testing.T) {
 
 	got, why := detectIptables(runSave)
 	t.Logf("detected %s: %s", got, why)
-	if got != IptablesNft || !strings.Contains(why, "only the nft variant") {
-		t.Errorf("detected %s (%s), want %s from the saves that ran", got, why, IptablesNft)
+	if got != IptablesLegacy || !strings.Contains(why, "did not finish") {
+		t.Errorf("detected %s (%s), want %s, the variant whose saves outlast the bound", got, why, IptablesLegacy)
 	}
 	if out, err := exec.Command("pgrep", "-f", "sleep "+marker).Output(); err == nil {
 		t.Errorf("the hung saves' processes are left: %s", out)

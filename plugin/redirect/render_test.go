@@ -82,10 +82,16 @@ func TestParseBackend(t *testing.T) {
 }
 
 func TestDetectIptables(t *testing.T) {
-	out := func(m map[string]string) func(string) ([]byte, bool) {
-		return func(bin string) ([]byte, bool) {
+	out := func(m map[string]string) func(string) ([]byte, saveResult) {
+		return func(bin string) ([]byte, saveResult) {
 			s, ok := m[bin]
-			return []byte(s), ok
+			switch {
+			case s == "SLOW":
+				return nil, saveSlow
+			case !ok:
+				return nil, saveAbsent
+			}
+			return []byte(s), saveDone
 		}
 	}
 	cases := []struct {
@@ -101,6 +107,12 @@ func TestDetectIptables(t *testing.T) {
 		{"nft has more rules", map[string]string{"iptables-legacy-save": "-A A\n", "ip6tables-nft-save": "-A A\n-A B\n"}, IptablesNft},
 		{"kubelet hint in legacy wins over counts", map[string]string{"iptables-legacy-save": ":KUBE-IPTABLES-HINT - [0:0]\n", "iptables-nft-save": "-A A\n-A B\n"}, IptablesLegacy},
 		{"kubelet hint in nft", map[string]string{"iptables-legacy-save": "-A A\n-A B\n-A C\n", "iptables-nft-save": ":KUBE-KUBELET-CANARY - [0:0]\n"}, IptablesNft},
+		// SLOW: the save outlasted saveTimeout (a huge ruleset).
+		{"legacy save too slow: its ruleset is the larger", map[string]string{"iptables-legacy-save": "SLOW", "iptables-nft-save": "-A A\n-A B\n"}, IptablesLegacy},
+		{"nft save too slow: its ruleset is the larger", map[string]string{"ip6tables-nft-save": "SLOW", "iptables-legacy-save": "-A A\n-A B\n"}, IptablesNft},
+		{"a hint that was read wins over a slow save", map[string]string{"iptables-legacy-save": "SLOW", "iptables-nft-save": ":KUBE-IPTABLES-HINT - [0:0]\n"}, IptablesNft},
+		{"only a slow legacy", map[string]string{"iptables-legacy-save": "SLOW"}, IptablesLegacy},
+		{"both slow", map[string]string{"iptables-legacy-save": "SLOW", "iptables-nft-save": "SLOW"}, IptablesNft},
 	}
 	for _, c := range cases {
 		got, why := detectIptables(out(c.m))
