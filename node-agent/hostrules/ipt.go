@@ -312,11 +312,19 @@ func (b *iptBackend) uninstall() error {
 		ctx := context.Background()
 		var errs []error
 		for _, f := range b.families() {
-			if err := f.ipt.deleteIfExists(ctx, "nat", "POSTROUTING", b.jump()...); err != nil {
+			// Without the chain there is no jump to it (iptables keeps a
+			// chain something jumps to), and -C of the jump would exit 2
+			// ("Couldn't load target"), not 1: an uninstall run again
+			// must find nothing to do, not fail.
+			if exists, err := f.ipt.chainExists(ctx, "nat", b.chain); err != nil {
 				errs = append(errs, err)
-			}
-			if err := f.ipt.clearAndDeleteChain(ctx, "nat", b.chain); err != nil {
-				errs = append(errs, err)
+			} else if exists {
+				if err := f.ipt.deleteIfExists(ctx, "nat", "POSTROUTING", b.jump()...); err != nil {
+					errs = append(errs, err)
+				}
+				if err := f.ipt.clearAndDeleteChain(ctx, "nat", b.chain); err != nil {
+					errs = append(errs, err)
+				}
 			}
 			// The set can only go once no rule references it.
 			if _, err := netlink.IpsetList(f.set); err == nil {
