@@ -819,15 +819,18 @@ func (sv *Serving) watchIdle(hc *hbone.Conn, idle chan<- struct{}) (stop func())
 }
 
 // hbonePanicked hears of a panic on an HBONE connection's read loop,
-// control-frame writer or keepalive (hbone.Config.OnPanic), which run on
-// goroutines of hbone's, outside the connection handlers' recover; the
-// read loop parses what the peer sends and runs our callbacks
-// (OnResponse's opened count): hbone has closed the connection, its
-// streams fail, and the agent goes on. Counted and logged once per
-// panic, as recoverConn does for a handler; the stack says where.
+// control-frame writer or keepalive, or on a spliced stream's drain
+// (hbone.Config.OnPanic), which run on goroutines of hbone's, outside
+// the connection handlers' recover; the read loop parses what the peer
+// sends and runs our callbacks (OnResponse's opened count). hbone has
+// closed the connection, its streams failing, or for a drain reset that
+// stream and closed its app's socket (its handler's Splice returns the
+// panic as its error, and counts its close); the agent goes on. Counted
+// and logged once per panic, as recoverConn does for a handler; the
+// stack says where.
 func (p *Proxy) hbonePanicked(c *hbone.Conn, v any, stack []byte) {
 	p.m.failed.WithLabelValues("unknown", "internal_error", "unknown", "unknown").Inc()
-	p.log.Error("HBONE connection's own goroutine (read loop, control-frame writer, keepalive) panicked; the connection is closed",
+	p.log.Error("HBONE connection's own goroutine panicked (read loop, control-frame writer, keepalive: the connection is closed; a stream's delivery to its app: that stream is reset)",
 		"peer", c.NetConn().RemoteAddr().String(), "panic", fmt.Sprint(v), "stack", string(stack))
 }
 

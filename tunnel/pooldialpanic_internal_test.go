@@ -169,7 +169,7 @@ func TestHBONEReadLoopPanic(t *testing.T) {
 	if got := testenv.Metric(t, reg, "ambit_tunnel_connections_failed_total", map[string]string{"reason": "internal_error"}); got != 1 {
 		t.Errorf("failed_total{reason=internal_error} %v, want 1", got)
 	}
-	if got := strings.Count(logs.String(), "(read loop, control-frame writer, keepalive) panicked"); got != 1 {
+	if got := strings.Count(logs.String(), "HBONE connection's own goroutine panicked"); got != 1 {
 		t.Errorf("%d log lines for the panic, want 1:\n%s", got, logs)
 	}
 	if !strings.Contains(logs.String(), "readFramesRecovered") {

@@ -74,7 +74,11 @@ type Config struct {
 	// connection is closed without a GOAWAY (its frames may be cut
 	// short). A panic in a write made by the caller (Stream.Write,
 	// Splice, CloseWrite, Respond, OpenStream) closes the connection
-	// the same way and goes on to the caller.
+	// the same way and goes on to the caller. Also of a panic on a
+	// spliced stream's drain goroutine (its writes of received bytes
+	// to the app): that stream is reset and its app's socket closed,
+	// Splice returns an error naming the panic, and the connection
+	// goes on.
 	OnPanic func(c *Conn, v any, stack []byte)
 }
 

@@ -6,8 +6,10 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"runtime/debug"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -233,9 +235,33 @@ func (s *Stream) finishToApp(err error) {
 	})
 }
 
+// testHookPanic, when set (tests only), is called where the panic tests
+// make a stream's own code panic (panicpoint picks one by its caller):
+// the drain goroutine's write to the app, the pump's read of the app
+// once it took a big-read slot, reserve. Atomic: a test sets it while
+// an earlier test's goroutines may still run. Unset: a load and a
+// branch.
+var testHookPanic atomic.Pointer[func(*Stream)]
+
+// panicHook runs testHookPanic, if set.
+func (s *Stream) panicHook() {
+	if h := testHookPanic.Load(); h != nil {
+		(*h)(s)
+	}
+}
+
 // drain writes queued chunks to the app with writev and delivers the end
 // of the stream, then exits as soon as nothing waits.
 func (s *Stream) drain() {
+	// For drainPanicked: chs, taken off the queue and not yet recycled,
+	// and whether s.writing is this goroutine's.
+	var chs []chunk
+	mine := false
+	defer func() {
+		if v := recover(); v != nil {
+			s.drainPanicked(v, chs, mine)
+		}
+	}()
 	bufs := make(net.Buffers, 0, 16)
 	for {
 		s.rmu.Lock()
@@ -265,9 +291,9 @@ func (s *Stream) drain() {
 			s.rmu.Unlock()
 			return
 		}
-		chs := s.chunks
+		chs = s.chunks
 		s.chunks = nil
-		s.writing = true
+		s.writing, mine = true, true
 		app := s.app
 		s.rmu.Unlock()
 		bufs = bufs[:0]
@@ -276,15 +302,21 @@ func (s *Stream) drain() {
 			bufs = append(bufs, ch.data)
 			n += int64(len(ch.data))
 		}
+		s.panicHook()
 		_, werr := bufs.WriteTo(app)
 		s.rmu.Lock()
-		s.writing = false
+		s.writing, mine = false, false
 		if werr == nil {
 			s.directN += n
 		}
 		s.rmu.Unlock()
 		s.signal()
-		s.consumed(chs)
+		// Not drainPanicked's from here: a panic while they are
+		// recycled must not put a buffer back twice (two streams would
+		// share it); what it leaves is held for good.
+		done := chs
+		chs = nil
+		s.consumed(done)
 		if werr != nil {
 			s.rmu.Lock()
 			s.drainer = false
@@ -295,6 +327,42 @@ func (s *Stream) drain() {
 			s.finishToApp(werr)
 			return
 		}
+	}
+}
+
+// drainPanicked ends the stream whose drain goroutine panicked with v (a
+// bug in the write to the app, or in what leads to it): a goroutine of
+// the stream's own, where nothing recovered, and the panic ended the
+// process, every connection with it. Splice returns an error naming the
+// panic; the stream is reset (INTERNAL_ERROR: the peer is told) and the
+// app's socket closed with a reset; chs, the chunks the write had taken
+// off the queue, give back their buffers and their connection window,
+// as the reset does for those still queued (held, that window was lost
+// to every stream of the connection); and Config.OnPanic hears of it.
+// The connection goes on: drain holds none of its locks (those of the
+// stream it holds around field updates only). mine: the panic came
+// while drain's write was under way, its writing flag to clear (left
+// set, the read loop's deliveries waited for it).
+func (s *Stream) drainPanicked(v any, chs []chunk, mine bool) {
+	stack := debug.Stack()
+	s.rmu.Lock()
+	if mine {
+		s.writing = false
+	}
+	s.drainer = false
+	app := s.app
+	s.rmu.Unlock()
+	s.signal()
+	// Before the reset: Splice's error is the panic, not the reset's.
+	s.finishToApp(fmt.Errorf("hbone: the stream's delivery to its app panicked: %v", v))
+	s.Reset(ErrCodeInternal)
+	if app != nil {
+		_ = app.SetLinger(0)
+		_ = app.Close()
+	}
+	s.consumed(chs)
+	if f := s.c.cfg.OnPanic; f != nil {
+		f(s.c, v, stack)
 	}
 }
 
@@ -736,6 +804,7 @@ func (s *Stream) Respond(status int, extra []hpack.HeaderField) error {
 
 // reserve waits for send window and takes up to want bytes of it.
 func (s *Stream) reserve(want int) (int, error) {
+	s.panicHook()
 	c := s.c
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -1211,6 +1280,15 @@ func (s *Stream) pumpFrom(app *net.TCPConn) (int64, error) {
 	var size int
 	full := false
 	var total int64
+	// big: the read under way holds one of the connection's big-read
+	// slots, from takeBigRead until its bytes are sent. Given back here
+	// too, deferred: a panic in between (in the read, or in sendFrom
+	// outside its write lock: reserve, frameSize) left the slot taken
+	// on a connection that stays open (a panic under the lock closes
+	// it), and after maxBigReads of them none of its streams read more
+	// than a frame (TestPumpPanicFreesBigRead).
+	big := false
+	defer func() { s.c.endBigRead(big) }()
 	// A server's app often closes right after its answer (request,
 	// response, close): on the stream's first read, if the socket was
 	// drained, look once more, and a FIN already there leaves as
@@ -1228,13 +1306,13 @@ func (s *Stream) pumpFrom(app *net.TCPConn) (int64, error) {
 		if full {
 			want = min(s.c.cfg.AppReadSize, s.sendWindow())
 		}
-		big := false
 		err := rc.Read(func(fd uintptr) bool {
 			// The token is taken once the app is readable (this runs
 			// then), so a pump waiting for its app holds none.
 			sz := size
 			if want > size && s.c.takeBigRead() {
 				sz, big = want, true
+				s.panicHook()
 			}
 			bp = getBuf(frameHeaderLen + sz)
 			n, rerr = readFD(fd, (*bp)[frameHeaderLen:frameHeaderLen+sz])
@@ -1272,6 +1350,7 @@ func (s *Stream) pumpFrom(app *net.TCPConn) (int64, error) {
 				putBuf(bp)
 			}
 			s.c.endBigRead(big)
+			big = false
 			if errors.Is(err, net.ErrClosed) {
 				// Closed under us by a reset from the far side.
 				return total, nil
@@ -1281,6 +1360,7 @@ func (s *Stream) pumpFrom(app *net.TCPConn) (int64, error) {
 		if n <= 0 {
 			putBuf(bp)
 			s.c.endBigRead(big)
+			big = false
 			s.sawAppEOF()
 			return total, s.CloseWrite()
 		}
@@ -1290,6 +1370,7 @@ func (s *Stream) pumpFrom(app *net.TCPConn) (int64, error) {
 		err = s.sendFrom(*bp, n, eof)
 		putBuf(bp)
 		s.c.endBigRead(big)
+		big = false
 		if err != nil {
 			return total, err
 		}
