@@ -38,12 +38,23 @@ func rawServer(t *testing.T) (*Conn, net.Conn, <-chan rawFrame) {
 			frames <- rawFrame{h, b}
 		}
 	}()
-	go srv.Write(appendSettings(nil))
+	settings := make(chan struct{})
+	go func() { srv.Write(appendSettings(nil)); close(settings) }()
 	c, err := NewClientConn(cli, nil, Config{PingInterval: -1})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { c.Close() })
+	// Read by the client (the pipe's write returns then) before the
+	// caller writes: a write of its own, from another goroutine, could
+	// take the pipe first, and the client saw a HEADERS as the
+	// server's first frame (PROTOCOL_ERROR; about one full -race run
+	// of the package in six, under load).
+	select {
+	case <-settings:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the client did not read the server's SETTINGS within 10 s")
+	}
 	return c, srv, frames
 }
 
