@@ -339,10 +339,9 @@ func (s *Stream) drain() {
 // off the queue, give back their buffers and their connection window,
 // as the reset does for those still queued (held, that window was lost
 // to every stream of the connection); and Config.OnPanic hears of it.
-// The connection goes on: drain holds none of its locks (those of the
-// stream it holds around field updates only). mine: the panic came
-// while drain's write was under way, its writing flag to clear (left
-// set, the read loop's deliveries waited for it).
+// The connection goes on: drain takes none of its locks, and the
+// stream's only around updates of its fields. mine: the panic came
+// during drain's write, whose writing flag is cleared here.
 func (s *Stream) drainPanicked(v any, chs []chunk, mine bool) {
 	stack := debug.Stack()
 	s.rmu.Lock()
