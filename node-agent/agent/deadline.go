@@ -54,23 +54,10 @@ func (a *Agent) lockCtx(ctx context.Context, namespace, name string) (func(), er
 	}
 	ctx, cancel := a.beforeAnswerDue(ctx)
 	defer cancel()
-	got := make(chan struct{})
-	go func() {
-		m.Lock()
-		// Unbuffered: handed over only if the caller still waits;
-		// otherwise let go at once.
-		select {
-		case got <- struct{}{}:
-		case <-ctx.Done():
-			m.Unlock()
-		}
-	}()
-	select {
-	case <-got:
-		return m.Unlock, nil
-	case <-ctx.Done():
-		return nil, ctx.Err()
+	if unlock, ok := a.lockWithin(ctx, namespace, name); ok {
+		return unlock, nil
 	}
+	return nil, ctx.Err()
 }
 
 // detachable runs work, a DEL or a GC, and answers with its response;

@@ -41,7 +41,7 @@ func TestAddWhileHostRulesWaitForXtablesLock(t *testing.T) {
 	n := newNetns(t, "10.95.4.2/24")
 	run(t, "ip", "netns", "exec", hostNS.name, "iptables-legacy", "-t", "nat", "-F", "AMBIT-POSTRT")
 	run(t, "ip", "netns", "exec", hostNS.name, "ipset", "destroy", "ambit-probes-v4")
-	release := holdXtablesLock(t)
+	release := testenv.HoldXtablesLock(t)
 
 	start := time.Now()
 	resp, err := h.call(cniproto.OpAdd, "apps", "web", "cid-web", n, "10.95.4.2/24")

@@ -41,7 +41,7 @@ func TestUnenrollAllStopDoesNotCutARemoval(t *testing.T) {
 	rulesBefore := ipRules(t, n)
 	h.stop()
 
-	release := holdXtablesLock(t)
+	release := testenv.HoldXtablesLock(t)
 	uctx, stop := context.WithCancel(context.Background())
 	defer stop()
 	done := make(chan error, 1)

@@ -13,7 +13,6 @@ import (
 
 	"github.com/containernetworking/cni/pkg/types"
 	"github.com/prometheus/client_golang/prometheus/testutil"
-	"golang.org/x/sys/unix"
 
 	"github.com/ambit-mesh/ambit/e2e/lab"
 	"github.com/ambit-mesh/ambit/internal/testenv"
@@ -21,38 +20,6 @@ import (
 	"github.com/ambit-mesh/ambit/plugin/cniproto"
 	"github.com/ambit-mesh/ambit/plugin/redirect"
 )
-
-// holdXtablesLock takes the xtables lock as kube-proxy or a CNI
-// rewriting the host's rules would (flock, exclusive) and returns its
-// release. It holds a lock file of the test's own, which every iptables
-// run of the agent (in this process) and of the plugins is pointed at
-// through XTABLES_LOCKFILE: holding the host's /run/xtables.lock would
-// stall, or fail, every other iptables user on the shared machine. Run
-// with XTABLES_LOCKFILE=/run/xtables.lock to hold the real one.
-func holdXtablesLock(t *testing.T) (release func()) {
-	t.Helper()
-	path := os.Getenv("XTABLES_LOCKFILE")
-	if path == "" {
-		path = filepath.Join(t.TempDir(), "xtables.lock")
-		t.Setenv("XTABLES_LOCKFILE", path)
-	}
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX); err != nil {
-		t.Fatal(err)
-	}
-	released := false
-	release = func() {
-		if !released {
-			released = true
-			f.Close() // drops the flock
-		}
-	}
-	t.Cleanup(release)
-	return release
-}
 
 // TestAddWhileXtablesLockHeld: the host's xtables lock (one file for
 // every netns of the node) is held by someone else while an ADD
@@ -70,7 +37,7 @@ func TestAddWhileXtablesLockHeld(t *testing.T) {
 		o.Config.RequestTimeout = config.Duration{Duration: timeout}
 	})
 	n := newNetns(t, "10.63.9.2/24")
-	release := holdXtablesLock(t)
+	release := testenv.HoldXtablesLock(t)
 
 	req := &cniproto.Request{Version: cniproto.Version, Op: cniproto.OpAdd, RuleBackend: redirect.IptablesLegacy,
 		Pod: cniproto.Pod{Namespace: "apps", Name: "web", UID: "uid-web", ContainerID: "cid-web", Netns: n.path}}
@@ -144,7 +111,7 @@ func TestXtablesLockAnsweredToRuntime(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 
-	release := holdXtablesLock(t)
+	release := testenv.HoldXtablesLock(t)
 	start := time.Now()
 	_, err = node.AddPod(ctx, "apps", "web")
 	t.Logf("CNI ADD while the xtables lock is held: %v (after %v)", err, time.Since(start).Round(time.Millisecond))
@@ -182,7 +149,7 @@ func TestRepeatedAddWhileXtablesLockHeld(t *testing.T) {
 		t.Fatalf("first ADD: %+v", resp)
 	}
 	spec := *resp.Redirect
-	holdXtablesLock(t)
+	testenv.HoldXtablesLock(t)
 	start := time.Now()
 	resp = h.callV(2, redirect.IptablesLegacy, cniproto.OpAdd, "apps", "web", n)
 	t.Logf("repeated ADD while the xtables lock is held: answered after %v: %+v", time.Since(start).Round(time.Millisecond), resp)

@@ -4,44 +4,12 @@ import (
 	"context"
 	"errors"
 	"net/netip"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
+	"github.com/ambit-mesh/ambit/internal/testenv"
 )
-
-// holdXtablesLock takes the xtables lock as kube-proxy would (flock,
-// exclusive) until release. A lock file of the test's own, which the
-// iptables runs inherit through XTABLES_LOCKFILE: holding the host's
-// /run/xtables.lock would stall every other iptables user on the shared
-// machine.
-func holdXtablesLock(t *testing.T) (release func()) {
-	t.Helper()
-	path := os.Getenv("XTABLES_LOCKFILE")
-	if path == "" {
-		path = filepath.Join(t.TempDir(), "xtables.lock")
-		t.Setenv("XTABLES_LOCKFILE", path)
-	}
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX); err != nil {
-		t.Fatal(err)
-	}
-	released := false
-	release = func() {
-		if !released {
-			released = true
-			f.Close()
-		}
-	}
-	t.Cleanup(release)
-	return release
-}
 
 // TestAddContextEndsByItsDeadline: the host's xtables lock is held (a
 // busy kube-proxy) when a pod's ADD adds its probe SNAT entry with the
@@ -58,7 +26,7 @@ func TestAddContextEndsByItsDeadline(t *testing.T) {
 	tp := newTopo(t)
 	tp.server(t)
 	m, _ := newManager(t, tp, "iptables-legacy")
-	release := holdXtablesLock(t)
+	release := testenv.HoldXtablesLock(t)
 	ips := []netip.Addr{podV4, podV6}
 
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)

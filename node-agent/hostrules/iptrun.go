@@ -5,13 +5,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"os/exec"
 	"strconv"
 	"strings"
 	"time"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/ambit-mesh/ambit/plugin/redirect"
 )
@@ -66,17 +63,8 @@ func (t *iptTool) run(ctx context.Context, args ...string) (string, error) {
 	rctx, cancel := context.WithTimeout(ctx, iptRunTimeout)
 	defer cancel()
 	cmd := exec.CommandContext(rctx, t.path, append(args, "--wait", strconv.Itoa(iptWait))...)
-	// The run ends with its children (iptables-legacy forks modprobe for
-	// a table module not loaded yet): a group of its own, killed whole.
-	cmd.SysProcAttr = &unix.SysProcAttr{Setpgid: true}
-	cmd.Cancel = func() error {
-		err := unix.Kill(-cmd.Process.Pid, unix.SIGKILL)
-		if errors.Is(err, unix.ESRCH) {
-			return os.ErrProcessDone
-		}
-		return err
-	}
-	cmd.WaitDelay = 200 * time.Millisecond
+	// Ends with its children (iptables-legacy forks modprobe).
+	redirect.EndWithGroup(cmd)
 	var out, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &stderr
 	start := time.Now()

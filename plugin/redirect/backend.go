@@ -7,14 +7,12 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"os"
 	"os/exec"
 	"strings"
 	"sync"
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
-	"golang.org/x/sys/unix"
 )
 
 // concrete are the backends that hold state.
@@ -389,16 +387,7 @@ func runSave(name string) ([]byte, saveResult) {
 	ctx, cancel := context.WithTimeout(context.Background(), saveTimeout)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, path)
-	// Ends with its children, as runIn's runs.
-	cmd.SysProcAttr = &unix.SysProcAttr{Setpgid: true}
-	cmd.Cancel = func() error {
-		err := unix.Kill(-cmd.Process.Pid, unix.SIGKILL)
-		if errors.Is(err, unix.ESRCH) {
-			return os.ErrProcessDone
-		}
-		return err
-	}
-	cmd.WaitDelay = runWaitDelay
+	EndWithGroup(cmd)
 	out, err := cmd.Output()
 	if err != nil {
 		if ctx.Err() != nil {

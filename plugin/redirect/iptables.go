@@ -6,7 +6,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"os/exec"
 	"sort"
 	"strings"
@@ -179,20 +178,7 @@ func runIn(ctx context.Context, netns ns.NetNS, stdin string, name string, args 
 		defer cancel()
 		start := time.Now()
 		cmd := exec.CommandContext(rctx, path, args...)
-		// The run ends with its children: iptables-legacy forks modprobe
-		// for a table module not loaded yet, and a child left holding the
-		// output pipe would keep Wait, and the caller's deadline, waiting
-		// for it. A group of its own, killed whole; WaitDelay for a child
-		// that left the group.
-		cmd.SysProcAttr = &unix.SysProcAttr{Setpgid: true}
-		cmd.Cancel = func() error {
-			err := unix.Kill(-cmd.Process.Pid, unix.SIGKILL)
-			if errors.Is(err, unix.ESRCH) {
-				return os.ErrProcessDone
-			}
-			return err
-		}
-		cmd.WaitDelay = runWaitDelay
+		EndWithGroup(cmd)
 		if stdin != "" {
 			cmd.Stdin = strings.NewReader(stdin)
 		}
@@ -210,10 +196,6 @@ func runIn(ctx context.Context, netns ns.NetNS, stdin string, name string, args 
 	})
 	return out, err
 }
-
-// runWaitDelay is how long a cut run waits for its output pipes after
-// its process group is killed.
-const runWaitDelay = 200 * time.Millisecond
 
 // takesXtablesLock tells the runs that wait for the host's xtables lock
 // (--wait): the legacy variant's restores. iptables-nft and the saves

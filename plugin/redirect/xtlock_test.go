@@ -6,47 +6,14 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/ambit-mesh/ambit/internal/testenv"
 	"github.com/ambit-mesh/ambit/plugin/internal/nstest"
 )
-
-// holdXtablesLock takes the xtables lock as kube-proxy or a CNI would
-// (flock, exclusive) and returns its release. The tests hold a lock file
-// of their own, which iptables is pointed at through XTABLES_LOCKFILE
-// (the runs inherit the test's environment): holding the host's
-// /run/xtables.lock would stall, or fail, every other iptables user on
-// the shared machine. Set XTABLES_LOCKFILE=/run/xtables.lock to hold
-// the real one.
-func holdXtablesLock(t *testing.T) (release func()) {
-	t.Helper()
-	if os.Getenv("XTABLES_LOCKFILE") == "" {
-		t.Setenv("XTABLES_LOCKFILE", filepath.Join(t.TempDir(), "xtables.lock"))
-	}
-	f, err := os.OpenFile(xtablesLockPath(), os.O_RDWR|os.O_CREATE, 0o600)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX); err != nil {
-		t.Fatal(err)
-	}
-	released := false
-	release = func() {
-		if !released {
-			released = true
-			f.Close() // drops the flock
-		}
-	}
-	t.Cleanup(release)
-	return release
-}
 
 // TestInstallCutWhileXtablesLockHeld: the host's xtables lock, one file
 // for every netns of the node, is held (a busy kube-proxy) while rules
@@ -58,7 +25,7 @@ func holdXtablesLock(t *testing.T) (release func()) {
 // the caller's deadline: the install returned after 10 s.
 func TestInstallCutWhileXtablesLockHeld(t *testing.T) {
 	testenv.RequireRoot(t)
-	release := holdXtablesLock(t)
+	release := testenv.HoldXtablesLock(t)
 	n := nstest.New(t, "xl")
 	spec := DefaultSpec()
 	const deadline = 1500 * time.Millisecond
@@ -116,7 +83,7 @@ func TestInstallCutBetweenFamilies(t *testing.T) {
 			var release func()
 			testHookBetweenRuns = func(f family) {
 				if f == 6 {
-					release = holdXtablesLock(t)
+					release = testenv.HoldXtablesLock(t)
 				}
 			}
 			testHookRollback = func() {
@@ -210,7 +177,7 @@ func TestInstallCutKeepsCompleteRules(t *testing.T) {
 	if _, err := Install(context.Background(), n, IptablesLegacy, spec); err != nil {
 		t.Fatal(err)
 	}
-	holdXtablesLock(t)
+	testenv.HoldXtablesLock(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 1500*time.Millisecond)
 	defer cancel()
 	b, err := Install(ctx, n, IptablesLegacy, spec)
@@ -291,7 +258,7 @@ func TestXtablesLockOutsidePIDNamespace(t *testing.T) {
 	if err != nil {
 		t.Skip("no unshare(1)")
 	}
-	holdXtablesLock(t)
+	testenv.HoldXtablesLock(t)
 	cmd := exec.Command(unshare, "--pid", "--fork", "--mount-proc",
 		os.Args[0], "-test.run=^TestXtablesLockHelperProcess$", "-test.v")
 	cmd.Env = append(os.Environ(), "AMBIT_XTL_HELPER=1")
@@ -385,7 +352,7 @@ func TestUninstallCutKeepsRoutes(t *testing.T) {
 	if _, err := Install(context.Background(), n, IptablesLegacy, spec); err != nil {
 		t.Fatal(err)
 	}
-	release := holdXtablesLock(t)
+	release := testenv.HoldXtablesLock(t)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
 	err := Uninstall(ctx, n)
