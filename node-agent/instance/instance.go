@@ -191,24 +191,12 @@ func (s *Self) Others() bool {
 // now. Anything that cannot be read answers false (the caller then takes
 // the socket itself, as an agent alone does).
 func (s *Self) ServingPredecessor() bool {
-	ents, err := os.ReadDir(s.dir)
+	names, ready, err := scan(s.dir)
 	if err != nil {
 		return false
 	}
-	ready := map[string]bool{}
-	var older []string
-	for _, e := range ents {
-		n := e.Name()
-		switch {
-		case strings.HasPrefix(n, tmpPrefix):
-		case strings.HasSuffix(n, readySuffix):
-			ready[strings.TrimSuffix(n, readySuffix)] = true
-		case n < s.name:
-			older = append(older, n)
-		}
-	}
-	for _, n := range older {
-		if !ready[n] {
+	for _, n := range names {
+		if n >= s.name || !ready[n] {
 			continue
 		}
 		if live, stopping, err := entryState(filepath.Join(s.dir, n)); err == nil && live && !stopping {

@@ -22,21 +22,9 @@ type Entry struct {
 // live, as the agents take it (alive).
 func List(stateDir string) ([]Entry, error) {
 	dir := filepath.Join(stateDir, Dir)
-	ents, err := os.ReadDir(dir)
+	names, ready, err := scan(dir)
 	if err != nil {
 		return nil, fmt.Errorf("instance registry: %w", err)
-	}
-	ready := map[string]bool{}
-	var names []string
-	for _, e := range ents {
-		n := e.Name()
-		switch {
-		case strings.HasPrefix(n, tmpPrefix):
-		case strings.HasSuffix(n, readySuffix):
-			ready[strings.TrimSuffix(n, readySuffix)] = true
-		default:
-			names = append(names, n)
-		}
 	}
 	slices.Sort(names)
 	var out []Entry
@@ -75,4 +63,26 @@ func Find(stateDir, name string) (e Entry, live bool, err error) {
 	}
 	_, rerr := os.Stat(path + readySuffix)
 	return Entry{Name: name, Ready: rerr == nil && !stopping, Stopping: stopping}, true, nil
+}
+
+// scan reads the registry dir: the agents' entries (in directory order)
+// and which of them marked themselves ready; files being written are
+// skipped.
+func scan(dir string) (names []string, ready map[string]bool, err error) {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, nil, err
+	}
+	ready = map[string]bool{}
+	for _, e := range ents {
+		n := e.Name()
+		switch {
+		case strings.HasPrefix(n, tmpPrefix):
+		case strings.HasSuffix(n, readySuffix):
+			ready[strings.TrimSuffix(n, readySuffix)] = true
+		default:
+			names = append(names, n)
+		}
+	}
+	return names, ready, nil
 }
