@@ -729,8 +729,10 @@ func (a *Agent) serve(p *pod, f *os.File, wl tunnel.Workload, atAdd bool) error 
 		}
 	}
 	a.m.enrolled.Inc()
-	if a.host != nil && len(wl.IPs) > 0 && !atAdd {
-		if err := a.host.Add(hostKey(p.rec), wl.IPs); err != nil {
+	// The record's IPs, as at ADD (addHostRules): what the release
+	// removes and the Sync after re-adoption writes.
+	if a.host != nil && len(p.rec.IPs) > 0 && !atAdd {
+		if err := a.host.Add(hostKey(p.rec), p.rec.IPs); err != nil {
 			a.log.Warn("host probe rules", "pod", wl.Namespace+"/"+wl.Name, "err", err)
 		}
 	}

@@ -15,7 +15,6 @@ import (
 	"github.com/ambit-mesh/ambit/node-agent/state"
 	"github.com/ambit-mesh/ambit/plugin/cniproto"
 	"github.com/ambit-mesh/ambit/plugin/redirect"
-	"github.com/ambit-mesh/ambit/tunnel"
 )
 
 // foundPrefix marks records of pods the agent found by itself (live
@@ -150,6 +149,11 @@ func (a *Agent) add(ctx context.Context, req *cniproto.Request, f *os.File, chec
 			}
 			spec := existing.spec
 			resp, backend := a.rulesAnswer(ctx, req, nf, check, &spec)
+			if check && req.Version >= 2 && resp.Error == "" && existing.rec.Backend == "" {
+				// Verified, and the record names no engine (one
+				// written before CHECK re-adoption recorded it).
+				backend = a.rulesBackend(ctx, nf)
+			}
 			if backend != "" && backend != existing.rec.Backend {
 				// The install may have switched engines (the
 				// conflist's backend changed): the record says which
@@ -190,7 +194,7 @@ func (a *Agent) add(ctx context.Context, req *cniproto.Request, f *os.File, chec
 		return errResp(false, "ambit-agent: enrolling %s/%s: %v", rp.Namespace, rp.Name, err)
 	}
 	kept = true
-	if err := a.addHostRules(ctx, p, wl); err != nil {
+	if err := a.addHostRules(ctx, p); err != nil {
 		// Out of time (the host's xtables lock, iptables host
 		// rules): as for the pod's own rules below.
 		a.releaseAsync(p)
@@ -218,6 +222,12 @@ func (a *Agent) add(ctx context.Context, req *cniproto.Request, f *os.File, chec
 		// Recorded, so status still names the rule engine after a
 		// restart (before, only live enrollment and repairs set it).
 		p.rec.Backend = backend
+	}
+	if req.Version >= 2 && check {
+		// A CHECK re-adopts a pod whose rules are in already (verified
+		// below): recorded as an install's engine is, so status names
+		// it; before, `-` until a repair.
+		p.rec.Backend = a.rulesBackend(ctx, f)
 	}
 	p.rec.Enrolled = true
 	if err := a.store.Put(p.rec); err != nil {
@@ -302,27 +312,57 @@ func (a *Agent) rulesAnswer(ctx context.Context, req *cniproto.Request, f *os.Fi
 // request's deadline: with the iptables backend a rewrite of the host
 // rules waits for the host's xtables lock, each run up to 5 s, which
 // would hold the answer past the deadline. Only that end is returned;
-// any other error is logged, as at live enrollment: the reconcile loop
-// repairs the host rules, and the pod is served meanwhile.
-func (a *Agent) addHostRules(ctx context.Context, p *pod, wl tunnel.Workload) error {
-	if a.host == nil || len(wl.IPs) == 0 {
+// any other error, a run stopped at the tool's own bound among them, is
+// logged, as at live enrollment: the reconcile loop repairs the host
+// rules, and the pod is served meanwhile.
+//
+// The IPs are the record's, the sandbox's own (the request's, else the
+// view's): what a release after a cut ADD, a DEL and the Sync after a
+// restart take back or rewrite. The view's may be stale (an API status
+// still naming a previous sandbox's IP, given since to another pod):
+// added, that pod's entry changed owner and the cut ADD's release left
+// it behind under this pod's UID.
+func (a *Agent) addHostRules(ctx context.Context, p *pod) error {
+	if a.host == nil || len(p.rec.IPs) == 0 {
 		return nil
 	}
 	ctx, cancel := a.beforeAnswerDue(ctx)
 	defer cancel()
-	err := a.host.AddContext(ctx, hostKey(p.rec), wl.IPs)
-	if outOfTime(err) {
+	err := a.host.AddContext(ctx, hostKey(p.rec), p.rec.IPs)
+	if cutByRequest(ctx, err) {
 		return err
 	}
 	if err != nil {
-		a.log.Warn("host probe rules", "pod", wl.Namespace+"/"+wl.Name, "err", err)
+		a.log.Warn("host probe rules", "pod", p.rec.Namespace+"/"+p.rec.Name, "err", err)
 	}
 	return nil
 }
 
-// outOfTime tells an error of rule work cut by its context.
+// rulesBackend names the engine holding f's rules of ours, "" when none
+// or several do or the look fails (the CHECK's Verify says what is
+// wrong; the rule check's repair records the engine it installs with).
+func (a *Agent) rulesBackend(ctx context.Context, f *os.File) string {
+	ctx, cancel := a.beforeAnswerDue(ctx)
+	defer cancel()
+	found, err := a.rules.Installed(ctx, f)
+	if err != nil || len(found) != 1 {
+		return ""
+	}
+	return string(found[0])
+}
+
+// outOfTime tells an error of rule work cut by a context.
 func outOfTime(err error) bool {
 	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled)
+}
+
+// cutByRequest tells an error of host-rule work the request's own end
+// (ctx, answerMargin before its deadline) stopped: ctx is over. A run
+// stopped at its tool's own bound (10 s) is not, whatever its error
+// wraps: with a requestTimeout above that bound it comes first, and it
+// is the tool's failure, logged like any other.
+func cutByRequest(ctx context.Context, err error) bool {
+	return ctx.Err() != nil && outOfTime(err)
 }
 
 func codeResp(code uint, format string, args ...any) *cniproto.Response {

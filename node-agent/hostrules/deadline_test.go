@@ -75,3 +75,49 @@ func canceled() context.Context {
 	cancel()
 	return ctx
 }
+
+// TestRunStoppedAtItsOwnBoundIsNotADeadline: an iptables run that
+// outlasts its own bound (Config.RunTimeout; here 500 ms, shorter than
+// the 5 s lock wait, so the held xtables lock stands in for a hung
+// tool) while the caller's deadline is far off is the tool's failure:
+// its error names the bound and does not wrap context.DeadlineExceeded,
+// so an ADD whose requestTimeout is above the bound does not answer
+// "out of time, retry" for it but logs it like any other host-rule
+// error. A run the caller's deadline stops still wraps it. Before, both
+// wrapped DeadlineExceeded.
+func TestRunStoppedAtItsOwnBoundIsNotADeadline(t *testing.T) {
+	tp := newTopo(t)
+	m, err := New(Config{Backend: "iptables-legacy", NetNS: tp.hostNS, Interval: time.Hour, RunTimeout: 500 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Uninstall() })
+	release := testenv.HoldXtablesLock(t)
+
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	err = m.AddContext(ctx, "uid-1", []netip.Addr{podV4})
+	t.Logf("AddContext, deadline a minute away, run bound 500ms, xtables lock held: %v", err)
+	if err == nil || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {
+		t.Fatalf("AddContext stopped at the run's own bound: %v, want an error that is not the caller's deadline", err)
+	}
+	for _, want := range []string{"at its own 500ms bound", "xtables lock"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error does not say %q: %v", want, err)
+		}
+	}
+
+	short, cancel2 := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel2()
+	if err := m.AddContext(short, "uid-1", []netip.Addr{podV4}); !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "at the caller's deadline") {
+		t.Fatalf("AddContext stopped at the caller's deadline: %v, want it wrapping DeadlineExceeded", err)
+	}
+
+	release()
+	if err := m.Reconcile(); err != nil {
+		t.Fatalf("reconcile once the lock is free: %v", err)
+	}
+	if got := m.Entries()[podV4]; got != "uid-1" {
+		t.Fatalf("entry after the repair: owner %q, want uid-1", got)
+	}
+}

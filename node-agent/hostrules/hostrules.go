@@ -37,6 +37,11 @@ type Config struct {
 	KubeletUID *uint32
 	// Interval of the reconcile loop; default 5s.
 	Interval time.Duration
+	// RunTimeout bounds each run of the iptables tools besides its wait
+	// for the xtables lock (5 s), so a hung tool does not hold the rules
+	// for good; default 10s. A run stopped there is a host-rule error,
+	// not a caller's deadline (AddContext). Unused by nftables.
+	RunTimeout time.Duration
 	// Name is the nft table ("ambit-host") or the iptables chain and ipset
 	// prefix ("AMBIT-POSTRT", "ambit-probes"); tests set their own.
 	Name string
@@ -225,7 +230,8 @@ func (m *Manager) Add(uid string, ips []netip.Addr) error {
 // AddContext is Add ending by ctx: the wait for the Manager's lock (held
 // by a reconcile waiting for the xtables lock) and every iptables run it
 // makes. An error of work ctx ended wraps ctx's error, so a plugin
-// request's caller can answer "retry". The IPs stay owned by uid and the
+// request's caller can answer "retry"; a run stopped at its own bound
+// (Config.RunTimeout) does not, ctx not being over. The IPs stay owned by uid and the
 // kernel may hold part of the rewrite: the reconcile loop finishes it,
 // or the caller's Remove takes them back.
 func (m *Manager) AddContext(ctx context.Context, uid string, ips []netip.Addr) error {

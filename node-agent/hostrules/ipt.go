@@ -64,7 +64,7 @@ func newIPT(cfg Config) (*iptBackend, error) {
 	if err != nil {
 		return nil, fmt.Errorf("hostrules: iptables backend: %w", err)
 	}
-	b.ipt4 = &iptTool{name: "iptables-" + b.variant, path: p4, locks: b.variant == "legacy"}
+	b.ipt4 = &iptTool{name: "iptables-" + b.variant, path: p4, locks: b.variant == "legacy", bound: cfg.RunTimeout}
 	if cfg.IPv4Only {
 		return b, nil
 	}
@@ -72,7 +72,7 @@ func newIPT(cfg Config) (*iptBackend, error) {
 	if err != nil {
 		return nil, fmt.Errorf("hostrules: iptables backend: %w (set the agent's ipv6: off on hosts without IPv6 NAT)", err)
 	}
-	b.ipt6 = &iptTool{name: "ip6tables-" + b.variant, path: p6, locks: b.variant == "legacy"}
+	b.ipt6 = &iptTool{name: "ip6tables-" + b.variant, path: p6, locks: b.variant == "legacy", bound: cfg.RunTimeout}
 	return b, nil
 }
 

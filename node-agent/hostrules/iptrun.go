@@ -2,6 +2,7 @@ package hostrules
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -20,7 +21,8 @@ import (
 const iptWait = 5
 
 // iptRunTimeout bounds a whole run besides the lock wait (an iptables
-// that hangs for another reason must not hold Manager's lock for good).
+// that hangs for another reason must not hold Manager's lock for good):
+// the default of Config.RunTimeout.
 const iptRunTimeout = 10 * time.Second
 
 // iptTool runs one family's iptables binary. Each run ends with the
@@ -33,6 +35,8 @@ type iptTool struct {
 	// locks: the legacy variant, whose every run takes the xtables
 	// lock.
 	locks bool
+	// bound is the run's own bound (Config.RunTimeout).
+	bound time.Duration
 }
 
 // iptExit is the error of a run that exited non-zero.
@@ -60,7 +64,8 @@ func (t *iptTool) run(ctx context.Context, args ...string) (string, error) {
 	if err := ctx.Err(); err != nil {
 		return "", fmt.Errorf("%s: not started: %w", cmdline, err)
 	}
-	rctx, cancel := context.WithTimeout(ctx, iptRunTimeout)
+	bound := cmp.Or(t.bound, iptRunTimeout)
+	rctx, cancel := context.WithTimeout(ctx, bound)
 	defer cancel()
 	cmd := exec.CommandContext(rctx, t.path, append(args, "--wait", strconv.Itoa(iptWait))...)
 	// Ends with its children (iptables-legacy forks modprobe).
@@ -70,7 +75,12 @@ func (t *iptTool) run(ctx context.Context, args ...string) (string, error) {
 	start := time.Now()
 	err := cmd.Run()
 	if err != nil && rctx.Err() != nil {
-		why, cause := fmt.Sprintf("at its own %s bound", iptRunTimeout), error(context.DeadlineExceeded)
+		// A run stopped at its own bound is a failure like any other,
+		// not a deadline: wrapping DeadlineExceeded made an ADD with a
+		// requestTimeout above the bound refuse its pod as out of time,
+		// where other host-rule errors are logged and left to the
+		// reconcile loop.
+		why, cause := fmt.Sprintf("at its own %s bound", bound), error(nil)
 		if err := ctx.Err(); errors.Is(err, context.Canceled) {
 			why, cause = "when the caller gave up (canceled)", err
 		} else if err != nil {
@@ -79,6 +89,9 @@ func (t *iptTool) run(ctx context.Context, args ...string) (string, error) {
 		msg := fmt.Sprintf("%s: stopped after %s, %s", cmdline, time.Since(start).Round(time.Millisecond), why)
 		if t.locks {
 			msg += ", " + redirect.XtablesLockWait()
+		}
+		if cause == nil {
+			return "", errors.New(msg)
 		}
 		return "", fmt.Errorf("%s: %w", msg, cause)
 	}
