@@ -1,8 +1,6 @@
 package redirect
 
 import (
-	"bufio"
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -440,9 +438,7 @@ func detectIptables(save func(string) ([]byte, saveResult)) (Backend, string) {
 				continue
 			}
 			r.ok = true
-			sc := bufio.NewScanner(bytes.NewReader(out))
-			for sc.Scan() {
-				l := sc.Text()
+			for l := range textLines(out) {
 				if strings.HasPrefix(l, ":KUBE-IPTABLES-HINT") || strings.HasPrefix(l, ":KUBE-KUBELET-CANARY") {
 					r.hint = true
 				}

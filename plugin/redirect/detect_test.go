@@ -47,3 +47,65 @@ func TestDetectIptablesSaveBounded(t *testing.T) {
 		t.Errorf("the hung saves' processes are left: %s", out)
 	}
 }
+
+// TestDetectIptablesLongLine: a host save with a line past 64 KiB (a
+// rule with long comments or matches; synthetic here, since iptables
+// cannot be made to print one on demand) before the rules and the
+// kubelet's hint chain. The detection reads past it: it counts every
+// rule of each variant and sees the hint, so it picks the variant the
+// host uses. Before, bufio.Scanner's 64 KiB limit ended the reading of
+// that save at the long line, silently: the legacy variant counted 0
+// rules (nft, 2, won) and its hint was never seen.
+func TestDetectIptablesLongLine(t *testing.T) {
+	long := `-A INPUT -m comment --comment "` + strings.Repeat("x", 100<<10) + `" -j ACCEPT`
+	save := func(m map[string]string) func(string) ([]byte, saveResult) {
+		return func(bin string) ([]byte, saveResult) {
+			s, ok := m[bin]
+			if !ok {
+				return nil, saveAbsent
+			}
+			return []byte(s), saveDone
+		}
+	}
+	for _, c := range []struct {
+		name string
+		m    map[string]string
+		want Backend
+		why  string
+	}{
+		{"counts past the long line", map[string]string{
+			"iptables-legacy-save": "*filter\n:INPUT ACCEPT [0:0]\n" + long + "\n-A INPUT -j A\n-A INPUT -j B\n-A INPUT -j C\nCOMMIT\n",
+			"iptables-nft-save":    "*filter\n-A INPUT -j A\n-A INPUT -j B\nCOMMIT\n",
+		}, IptablesLegacy, "4 legacy rules and 2 nft rules"},
+		{"a hint past the long line", map[string]string{
+			"iptables-legacy-save": "*filter\n" + long + "\n*mangle\n:KUBE-IPTABLES-HINT - [0:0]\nCOMMIT\n",
+			"iptables-nft-save":    "*filter\n-A INPUT -j A\n-A INPUT -j B\nCOMMIT\n",
+		}, IptablesLegacy, "KUBE-IPTABLES-HINT"},
+	} {
+		got, why := detectIptables(save(c.m))
+		if got != c.want || !strings.Contains(why, c.why) {
+			t.Errorf("%s: detected %s (%s), want %s (%s)", c.name, got, why, c.want, c.why)
+		}
+	}
+}
+
+// TestSaveLinesPastALongLine: the pod netns's save read by install,
+// verify, the rule check and removal, with a line past 64 KiB (someone
+// else's rule) before ours. Our chains, rules and jumps after it are
+// found: before, the reading ended at the long line, so a removal left
+// our rules in place and a check called them missing.
+func TestSaveLinesPastALongLine(t *testing.T) {
+	long := `-A PREROUTING -m comment --comment "` + strings.Repeat("y", 100<<10) + `" -j ACCEPT`
+	save := []byte("*nat\n:PREROUTING ACCEPT [0:0]\n:" + ChainPrerouting + " - [0:0]\n" + long + "\n" +
+		"-A PREROUTING -j " + ChainPrerouting + "\n-A " + ChainPrerouting + " -p tcp -j REDIRECT --to-ports 15006\nCOMMIT\n")
+	rules, jumps, chains := ourSaveLines(save)
+	if len(rules["nat"]) != 1 || jumps["nat -A PREROUTING -j "+ChainPrerouting] != 1 || !chains["nat "+ChainPrerouting] {
+		t.Errorf("ourSaveLines past a long line: rules %v, jumps %v, chains %v; want our rule, jump and chain", rules, jumps, chains)
+	}
+	if lines := saveLines(save); !lines["nat -A "+ChainPrerouting+" -p tcp -j REDIRECT --to-ports 15006"] || !lines["nat "+long] {
+		t.Errorf("saveLines past a long line: %d lines, want ours and the long one", len(lines))
+	}
+	if p := removalPayload(save); !strings.Contains(p, "-D PREROUTING -j "+ChainPrerouting) || !strings.Contains(p, "-X "+ChainPrerouting) {
+		t.Errorf("removal payload past a long line does not remove our jump and chain:\n%s", p)
+	}
+}

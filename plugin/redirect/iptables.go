@@ -1,11 +1,11 @@
 package redirect
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"iter"
 	"os/exec"
 	"sort"
 	"strings"
@@ -229,13 +229,25 @@ func stoppedRun(ctx context.Context, cmdline string, took time.Duration, locks b
 	return fmt.Errorf("%s: %w", msg, cause)
 }
 
+// textLines yields out's lines without their line ends, however long.
+// bufio.Scanner stops at its 64 KiB token limit, and a loop over
+// sc.Scan() then ends there as if the save did: a rule of someone
+// else's with a long match or comments dropped every line after it.
+func textLines(out []byte) iter.Seq[string] {
+	return func(yield func(string) bool) {
+		for l := range bytes.Lines(out) {
+			if !yield(strings.TrimSuffix(string(l), "\n")) {
+				return
+			}
+		}
+	}
+}
+
 // saveLines returns "table line" for every rule line of iptables-save.
 func saveLines(out []byte) map[string]bool {
 	m := map[string]bool{}
 	table := ""
-	sc := bufio.NewScanner(bytes.NewReader(out))
-	for sc.Scan() {
-		l := sc.Text()
+	for l := range textLines(out) {
 		switch {
 		case strings.HasPrefix(l, "*"):
 			table = l[1:]
@@ -251,9 +263,7 @@ func saveLines(out []byte) map[string]bool {
 func ourSaveLines(out []byte) (rules map[string][]string, jumps map[string]int, chains map[string]bool) {
 	rules, jumps, chains = map[string][]string{}, map[string]int{}, map[string]bool{}
 	table := ""
-	sc := bufio.NewScanner(bytes.NewReader(out))
-	for sc.Scan() {
-		l := sc.Text()
+	for l := range textLines(out) {
 		switch {
 		case strings.HasPrefix(l, "*"):
 			table = l[1:]
