@@ -159,6 +159,44 @@ func (sv *Serving) settlePanicked(r *record, v any) {
 	}
 }
 
+// panicOf is the panic hbone recovered that ended a stream alone
+// (its drain's, its OnResponse's), if err is one.
+func panicOf(err error) *hbone.PanicError {
+	if err == nil {
+		return nil
+	}
+	var pe *hbone.PanicError
+	if errors.As(err, &pe) {
+		return pe
+	}
+	return nil
+}
+
+// streamPanicked settles r's connection, whose stream hbone ended after
+// a panic it recovered on that stream's own code (drain, OnResponse),
+// as recoverConn settles a handler's panic: one
+// failed_total{reason="internal_error"} with the connection's direction
+// and identities, one error line with the stack, and, if it was counted
+// open, its close with reason internal_error (its bytes are known here).
+// hbone tells only Splice's caller of such a panic, not Config.OnPanic:
+// before, hbonePanicked counted it under "unknown" and the connection's
+// end was counted again with the panic as its error, as a plain close
+// (drain) or as a second failure, hbone_stream (OnResponse, which then
+// closed the pooled connection, on its read loop)
+// (TestHBONEStreamPanicCountedOnce).
+func (sv *Serving) streamPanicked(r *record, pe *hbone.PanicError, toApp, fromApp int64) {
+	sv.p.m.failed.WithLabelValues(r.dir, "internal_error", orUnknown(r.srcID), orUnknown(r.dstID)).Inc()
+	sv.log.Error("HBONE stream panicked (hbone reset it; its connection goes on)",
+		append(sv.logAttrs(r), "panic", fmt.Sprint(pe.Value), "stack", string(pe.Stack))...)
+	// Pending: OnResponse panicked before it counted the connection
+	// open, and never will now.
+	if r.phase.CompareAndSwap(phasePending, phaseClosed) {
+		return
+	}
+	r.phase.Store(phaseClosed)
+	sv.countClose(r, r.series, toApp, fromApp, "internal_error", pe)
+}
+
 // failed counts a connection refused or failed before it was established
 // and logs it (one access-log line, as for any connection).
 func (sv *Serving) failed(r *record, reason string, err error) {
@@ -334,6 +372,10 @@ func (sv *Serving) outbound(c *net.TCPConn, slots chan struct{}) {
 		}
 	})
 	res := sv.spliceTracked(r, s, c)
+	if pe := panicOf(res.Err); pe != nil {
+		sv.streamPanicked(r, pe, res.ToApp, nFirst+res.FromApp)
+		return
+	}
 	// Open or not is the phase's to say, not a flag: OnResponse runs on
 	// the pooled connection's read loop and may still be counting the
 	// connection open now that the splice ended (the app reset as the
@@ -819,18 +861,19 @@ func (sv *Serving) watchIdle(hc *hbone.Conn, idle chan<- struct{}) (stop func())
 }
 
 // hbonePanicked hears of a panic on an HBONE connection's read loop,
-// control-frame writer or keepalive, or on a spliced stream's drain
-// (hbone.Config.OnPanic), which run on goroutines of hbone's, outside
-// the connection handlers' recover; the read loop parses what the peer
-// sends and runs our callbacks (OnResponse's opened count). hbone has
-// closed the connection, its streams failing, or for a drain reset that
-// stream and closed its app's socket (its handler's Splice returns the
-// panic as its error, and counts its close); the agent goes on. Counted
-// and logged once per panic, as recoverConn does for a handler; the
-// stack says where.
+// control-frame writer or keepalive (hbone.Config.OnPanic), which run on
+// goroutines of hbone's, outside the connection handlers' recover; the
+// read loop parses what the peer sends. hbone has closed the connection,
+// its streams failing; the agent goes on. Counted and logged once per
+// panic, as recoverConn does for a handler; the stack says where. Its
+// labels are unknown: the panic is the HBONE connection's, not one app
+// connection's. The app connections it ends are counted by their own
+// ends (a close, or hbone_stream for one not yet open), not as panics.
+// A panic that ends one stream alone (its drain, its OnResponse) is its
+// handler's to count (streamPanicked).
 func (p *Proxy) hbonePanicked(c *hbone.Conn, v any, stack []byte) {
 	p.m.failed.WithLabelValues("unknown", "internal_error", "unknown", "unknown").Inc()
-	p.log.Error("HBONE connection's own goroutine panicked (read loop, control-frame writer, keepalive: the connection is closed; a stream's delivery to its app: that stream is reset)",
+	p.log.Error("HBONE connection's own goroutine panicked (read loop, control-frame writer, keepalive): the connection is closed",
 		"peer", c.NetConn().RemoteAddr().String(), "panic", fmt.Sprint(v), "stack", string(stack))
 }
 
@@ -926,6 +969,10 @@ func (sv *Serving) inboundStream(s *hbone.Stream, peerID string, peer netip.Addr
 		return
 	}
 	toApp, fromApp, err := sv.spliceLive(s, app, lc)
+	if pe := panicOf(err); pe != nil {
+		sv.streamPanicked(r, pe, toApp, fromApp)
+		return
+	}
 	sv.finished(r, toApp, fromApp, err)
 }
 

@@ -2,9 +2,11 @@ package tunnel
 
 import (
 	"context"
+	"io"
 	"log/slog"
 	"net"
 	"net/netip"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -141,4 +143,29 @@ func pollUntil[T comparable](want T, get func() T) T {
 		got = get()
 	}
 	return got
+}
+
+// echoApp is an app in pp that echoes every connection on port (v4 and
+// v6) until the test ends; open says how many of its connections are
+// open now (the agent closed its side of the others).
+func echoApp(t *testing.T, pp *podtest.Pod, port uint16) (open func() int64) {
+	t.Helper()
+	var ln net.Listener
+	pp.Do(t, func() (err error) {
+		ln, err = net.Listen("tcp", netip.AddrPortFrom(netip.IPv6Unspecified(), port).String())
+		return
+	})
+	t.Cleanup(func() { ln.Close() })
+	var n atomic.Int64
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			n.Add(1)
+			go func() { io.Copy(c, c); c.Close(); n.Add(-1) }()
+		}
+	}()
+	return n.Load
 }

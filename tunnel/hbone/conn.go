@@ -64,21 +64,22 @@ type Config struct {
 	HandshakeReads func(raw net.Conn, waiting bool)
 	// OnPanic, when set, is told of a panic on a connection's read loop:
 	// a bug in frame handling (the loop parses everything the peer
-	// sends) or in a callback it runs (OnResponse, SetOnIdle's). The
-	// connection is then closed with INTERNAL_ERROR, its streams failing
-	// with an error that names the panic, instead of the panic ending
-	// the process. Called once, on the read loop, with the stack. Also
-	// of a panic on its control-frame writer (the write of a queued
+	// sends) or in SetOnIdle's callback, which it runs. The connection
+	// is then closed with INTERNAL_ERROR, its streams failing with an
+	// error that names the panic, instead of the panic ending the
+	// process. Called once, on the read loop, with the stack. Also of a
+	// panic on its control-frame writer (the write of a queued
 	// RST_STREAM, WINDOW_UPDATE, PING, SETTINGS ACK) or in the GOAWAY
 	// the read loop or keepalive writes as they close it: the
 	// connection is closed without a GOAWAY (its frames may be cut
 	// short). A panic in a write made by the caller (Stream.Write,
 	// Splice, CloseWrite, Respond, OpenStream) closes the connection
-	// the same way and goes on to the caller. Also of a panic on a
-	// spliced stream's drain goroutine (its writes of received bytes
-	// to the app): that stream is reset and its app's socket closed,
-	// Splice returns an error naming the panic, and the connection
-	// goes on.
+	// the same way and goes on to the caller. Not of a panic that ends
+	// one stream alone, on a spliced stream's drain goroutine (its
+	// writes of received bytes to the app) or in its OnResponse
+	// callback: that stream is reset, its app's socket closed, and
+	// Splice returns a *PanicError with the stack; the connection goes
+	// on. Each panic is told once, to OnPanic or to Splice's caller.
 	OnPanic func(c *Conn, v any, stack []byte)
 }
 

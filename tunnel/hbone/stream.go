@@ -9,12 +9,13 @@ import (
 	"runtime/debug"
 	"strconv"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"time"
 
 	"golang.org/x/net/http2/hpack"
 	"golang.org/x/sys/unix"
+
+	"github.com/ambit-mesh/ambit/tunnel/internal/panicpoint"
 )
 
 type chunk struct {
@@ -235,17 +236,11 @@ func (s *Stream) finishToApp(err error) {
 	})
 }
 
-// testHookPanic, when set (tests only), is called where the panic tests
-// make a stream's own code panic (panicpoint picks one by its caller):
-// the drain goroutine's write to the app, the pump's read of the app
-// once it took a big-read slot, reserve. Atomic: a test sets it while
-// an earlier test's goroutines may still run. Unset: a load and a
-// branch.
-var testHookPanic atomic.Pointer[func(*Stream)]
-
-// panicHook runs testHookPanic, if set.
+// panicHook runs panicpoint.StreamHook, if set (tests only): where the
+// panic tests make a stream's own code panic (panicpoint picks one by
+// its caller).
 func (s *Stream) panicHook() {
-	if h := testHookPanic.Load(); h != nil {
+	if h := panicpoint.StreamHook.Load(); h != nil {
 		(*h)(s)
 	}
 }
@@ -333,15 +328,13 @@ func (s *Stream) drain() {
 // drainPanicked ends the stream whose drain goroutine panicked with v (a
 // bug in the write to the app, or in what leads to it): a goroutine of
 // the stream's own, where nothing recovered, and the panic ended the
-// process, every connection with it. Splice returns an error naming the
-// panic; the stream is reset (INTERNAL_ERROR: the peer is told) and the
-// app's socket closed with a reset; chs, the chunks the write had taken
+// process, every connection with it. chs, the chunks the write had taken
 // off the queue, give back their buffers and their connection window,
 // as the reset does for those still queued (held, that window was lost
-// to every stream of the connection); and Config.OnPanic hears of it.
-// The connection goes on: drain takes none of its locks, and the
-// stream's only around updates of its fields. mine: the panic came
-// during drain's write, whose writing flag is cleared here.
+// to every stream of the connection). The connection goes on: drain
+// takes none of its locks, and the stream's only around updates of its
+// fields. mine: the panic came during drain's write, whose writing flag
+// is cleared here.
 func (s *Stream) drainPanicked(v any, chs []chunk, mine bool) {
 	stack := debug.Stack()
 	s.rmu.Lock()
@@ -352,18 +345,39 @@ func (s *Stream) drainPanicked(v any, chs []chunk, mine bool) {
 	app := s.app
 	s.rmu.Unlock()
 	s.signal()
+	s.endPanicked("the stream's delivery to its app", v, stack, app)
+	s.consumed(chs)
+}
+
+// endPanicked ends a stream alone after a panic (v, with the stack) on
+// code that serves it alone: where says what panicked. Splice returns a
+// *PanicError; the stream is reset (INTERNAL_ERROR: the peer is told)
+// and the app's socket closed with a reset. Config.OnPanic is not told:
+// Splice's caller is, once, and knows which connection it was (the
+// agent counted such a panic twice, OnPanic's count and the
+// connection's end with the panic as its error).
+func (s *Stream) endPanicked(where string, v any, stack []byte, app *net.TCPConn) {
 	// Before the reset: Splice's error is the panic, not the reset's.
-	s.finishToApp(fmt.Errorf("hbone: the stream's delivery to its app panicked: %v", v))
+	s.finishToApp(&PanicError{Where: where, Value: v, Stack: stack})
 	s.Reset(ErrCodeInternal)
 	if app != nil {
 		_ = app.SetLinger(0)
 		_ = app.Close()
 	}
-	s.consumed(chs)
-	if f := s.c.cfg.OnPanic; f != nil {
-		f(s.c, v, stack)
-	}
 }
+
+// PanicError is Splice's error when a panic hbone recovered ended that
+// stream alone: a panic on its drain goroutine (the writes of received
+// bytes to the app) or in its OnResponse callback. Its connection goes
+// on, and Config.OnPanic is not told: the caller of Splice counts and
+// logs it, once.
+type PanicError struct {
+	Where string // what panicked
+	Value any    // the panic's value
+	Stack []byte // the stack of the goroutine that panicked
+}
+
+func (e *PanicError) Error() string { return fmt.Sprintf("hbone: %s panicked: %v", e.Where, e.Value) }
 
 // handleResponse acts on a client stream's response once Splice runs:
 // a 2xx opens delivery to the app, anything else resets both sides.
@@ -386,8 +400,8 @@ func (s *Stream) handleResponse() {
 	if st == 0 {
 		return // reset before a response: dropBuffers finishes
 	}
-	if s.onResp != nil {
-		s.onResp(st)
+	if s.onResp != nil && !s.runOnResp(st, app) {
+		return
 	}
 	if !accepted(st) {
 		s.finishToApp(StatusError{st})
@@ -397,6 +411,23 @@ func (s *Stream) handleResponse() {
 		return
 	}
 	s.enableDelivery()
+}
+
+// runOnResp runs the OnResponse callback, false when it panicked: that
+// ends this stream alone (endPanicked), as a panic of its drain does. The
+// callback is the caller's code (the agent counts the connection open
+// there): on the read loop, where it runs when the response comes after
+// Splice, its panic closed the connection and every stream on it, and
+// the agent counted it twice, OnPanic's count and the stream's failure
+// with the panic as its error.
+func (s *Stream) runOnResp(st int, app *net.TCPConn) (ok bool) {
+	defer func() {
+		if v := recover(); v != nil {
+			s.endPanicked("its OnResponse callback", v, debug.Stack(), app)
+		}
+	}()
+	s.onResp(st)
+	return true
 }
 
 // enableDelivery lets the read loop write to the app, and starts a
@@ -1173,7 +1204,10 @@ func (e StatusError) Error() string {
 }
 
 // OnResponse registers fn, called by Splice on a client stream with the
-// response status once it arrives (before any byte reaches the app).
+// response status once it arrives (before any byte reaches the app). A
+// panic in fn ends that stream alone, Splice returning a *PanicError;
+// for a refusal that came before Splice ran, fn runs on Splice's
+// goroutine and its panic goes on to Splice's caller.
 func (s *Stream) OnResponse(fn func(status int)) { s.onResp = fn }
 
 // SpliceResult is what Splice moved.
@@ -1250,12 +1284,22 @@ func (s *Stream) Splice(app *net.TCPConn) SpliceResult {
 	s.direct = nil
 	s.rmu.Unlock()
 	switch {
+	case isPanic(derr):
+		// What ended the stream, ahead of the pump's error for the
+		// reset that followed.
+		res.Err = derr
 	case perr != nil:
 		res.Err = perr
 	case derr != nil:
 		res.Err = derr
 	}
 	return res
+}
+
+// isPanic is whether a stream's delivery ended on a panic (endPanicked).
+func isPanic(err error) bool {
+	_, ok := err.(*PanicError)
+	return ok
 }
 
 // pumpFrom moves app → stream until EOF (then END_STREAM) or an error.

@@ -15,26 +15,28 @@ import (
 
 var errTestStreamPanic = errors.New("test: the stream's own code panics")
 
-// streamPanicAt installs testHookPanic for the test: it panics with
+// streamPanicAt installs panicpoint.StreamHook for the test: it panics with
 // errTestStreamPanic once at, armed, fires, and only for streams when
 // only says so (nil: any). Removed with the test.
 func streamPanicAt(t *testing.T, at *panicpoint.Point, only func(*Stream) bool) {
-	h := func(s *Stream) {
-		if only == nil || only(s) {
+	h := func(s any) {
+		if only == nil || only(s.(*Stream)) {
 			at.Check(errTestStreamPanic)
 		}
 	}
-	testHookPanic.Store(&h)
-	t.Cleanup(func() { testHookPanic.Store(nil) })
+	panicpoint.StreamHook.Store(&h)
+	t.Cleanup(func() { panicpoint.StreamHook.Store(nil) })
 }
 
 // TestDrainPanicResetsStream: a panic on a spliced stream's drain
 // goroutine (it writes received bytes to the app while they wait for
 // its socket) resets that stream, closes the app's socket with a reset,
-// ends Splice with an error naming it, and Config.OnPanic hears of it
-// once; the connection goes on, with all its receive window, and carries
-// the next stream. Before, nothing recovered on that goroutine: the
-// panic ended the process (the test binary).
+// and ends Splice with a *PanicError carrying the panic and its stack:
+// told once, to Splice's caller, not to Config.OnPanic (the agent
+// counted it twice when both heard of it); the connection goes on, with
+// all its receive window, and carries the next stream. Before session
+// 14, nothing recovered on that goroutine: the panic ended the process
+// (the test binary).
 func TestDrainPanicResetsStream(t *testing.T) {
 	var at panicpoint.Point
 	streamPanicAt(t, &at, nil)
@@ -71,20 +73,10 @@ func TestDrainPanicResetsStream(t *testing.T) {
 	// 1 MiB the app does not read yet: within the stream's window.
 	go s.Write(make([]byte, 1<<20))
 	select {
-	case v := <-panics:
-		if v != errTestStreamPanic {
-			t.Fatalf("OnPanic heard %v, want the drain's panic", v)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatalf("OnPanic not called within 10 s (armed %v)", at.Armed())
-	}
-	select {
 	case res := <-spliced:
-		if res.Err == nil || !strings.Contains(res.Err.Error(), errTestStreamPanic.Error()) {
-			t.Errorf("Splice's error %v, want one naming the panic", res.Err)
-		}
+		wantPanicError(t, res.Err, "hbone.(*Stream).drain")
 	case <-time.After(10 * time.Second):
-		t.Fatal("Splice has not returned 10 s after its drain panicked")
+		t.Fatalf("Splice has not returned 10 s after its drain was armed (armed %v)", at.Armed())
 	}
 	peer.SetReadDeadline(time.Now().Add(10 * time.Second))
 	if _, err := io.Copy(io.Discard, peer); !errors.Is(err, syscall.ECONNRESET) {
@@ -116,7 +108,96 @@ func TestDrainPanicResetsStream(t *testing.T) {
 	}
 	select {
 	case v := <-panics:
-		t.Errorf("OnPanic called a second time: %v", v)
+		t.Errorf("OnPanic called (%v): Splice's caller is told", v)
+	default:
+	}
+}
+
+// wantPanicError fails the test unless err is the *PanicError of the
+// armed panic, with a stack that shows where.
+func wantPanicError(t *testing.T, err error, where string) {
+	t.Helper()
+	pe, ok := err.(*PanicError)
+	if !ok {
+		t.Fatalf("Splice's error %v (%T), want a *PanicError", err, err)
+	}
+	if pe.Value != errTestStreamPanic || !strings.Contains(pe.Error(), errTestStreamPanic.Error()) {
+		t.Errorf("PanicError %v (value %v), want the armed panic", pe, pe.Value)
+	}
+	if !strings.Contains(string(pe.Stack), where) {
+		t.Errorf("the PanicError's stack does not show %s:\n%s", where, pe.Stack)
+	}
+}
+
+// TestOnResponsePanicResetsStream: a panic in a client stream's
+// OnResponse callback (the agent's code: it counts the connection open
+// there), run on the connection's read loop when the response comes
+// after Splice, ends that stream alone: the app's socket reset, the
+// server's stream reset with INTERNAL_ERROR, Splice's error a
+// *PanicError, Config.OnPanic not told; the connection goes on and
+// carries the next stream. Before, the read loop's recover closed the
+// connection, failing every stream on it, and OnPanic heard of it while
+// the stream failed with the panic as its error: the agent counted the
+// one panic twice.
+func TestOnResponsePanicResetsStream(t *testing.T) {
+	panics := make(chan any, 2)
+	cfg := Config{PingInterval: -1, OnPanic: func(_ *Conn, v any, _ []byte) { panics <- v }}
+	answer := make(chan struct{}, 1)
+	served := make(chan error, 2)
+	c, _ := serve(t, cfg, func(s *Stream) {
+		<-answer // the client splices first: it hears the answer on its read loop
+		s.Respond(200, nil)
+		_, err := io.Copy(s, s)
+		s.CloseWrite()
+		served <- err
+	})
+	open := func(onResp func(int)) (chan SpliceResult, net.Conn) {
+		t.Helper()
+		s, err := c.OpenStream("10.0.0.1:80", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		s.OnResponse(onResp)
+		app, peer := appPair(t)
+		spliced := make(chan SpliceResult, 1)
+		go func() { spliced <- s.Splice(app) }()
+		answer <- struct{}{}
+		return spliced, peer
+	}
+	spliced, peer := open(func(int) { panic(errTestStreamPanic) })
+	select {
+	case res := <-spliced:
+		wantPanicError(t, res.Err, "hbone.(*Conn).readLoop")
+	case <-time.After(10 * time.Second):
+		t.Fatal("Splice has not returned 10 s after its OnResponse panicked")
+	}
+	peer.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.Copy(io.Discard, peer); !errors.Is(err, syscall.ECONNRESET) {
+		t.Errorf("the app's end: %v, want a reset", err)
+	}
+	var se StreamError
+	select {
+	case err := <-served:
+		if !errors.As(err, &se) || se.Code != ErrCodeInternal {
+			t.Errorf("the server's stream ended with %v, want a reset with INTERNAL_ERROR", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the server's stream still open 10 s after the client's OnResponse panicked")
+	}
+	if !c.Usable() {
+		t.Fatalf("the connection closed: %v", c.Err())
+	}
+	// It goes on: the next stream reaches its app.
+	_, peer = open(func(int) {})
+	io.WriteString(peer, "next")
+	got := make([]byte, 4)
+	peer.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.ReadFull(peer, got); err != nil || string(got) != "next" {
+		t.Fatalf("the next stream's echo %q, %v", got, err)
+	}
+	select {
+	case v := <-panics:
+		t.Errorf("OnPanic called (%v): Splice's caller is told", v)
 	default:
 	}
 }

@@ -38,3 +38,12 @@ func (p *Point) Check(v any) {
 		panic(v)
 	}
 }
+
+// StreamHook, when set (tests only), is called by hbone where the panic
+// tests make a stream's own code panic, with the *hbone.Stream: the
+// drain goroutine's write to the app, the pump's read of the app once it
+// took a big-read slot, reserve. Here rather than in hbone so that the
+// tunnel's tests, which run the agent's handlers over real pods, can set
+// it too. Atomic: a test sets it while an earlier test's goroutines may
+// still run. Unset: a load and a branch.
+var StreamHook atomic.Pointer[func(stream any)]
