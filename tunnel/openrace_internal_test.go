@@ -73,18 +73,7 @@ func newAnswerRace(t *testing.T, authz Authorizer) *answerRace {
 	servePod(t, pa, a, wa, nil, 15001)
 	servePod(t, pb, b, wb, nil, 15008)
 
-	var ln net.Listener
-	b.Do(t, func() (err error) { ln, err = net.Listen("tcp", "[::]:8080"); return })
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() { io.Copy(c, c); c.Close() }()
-		}
-	}()
+	echoApp(t, b, 8080)
 	dst := netip.AddrPortFrom(b.IP4, 8080)
 	m.dial = func() *net.TCPConn {
 		t.Helper()
