@@ -147,20 +147,7 @@ func TestSplicePanicCleansUp(t *testing.T) {
 	nb := serve(b, wb, 15006, 15008)
 
 	// B's app echoes; appConns counts its connections open.
-	var ln net.Listener
-	var appConns atomic.Int64
-	b.Do(t, func() (err error) { ln, err = net.Listen("tcp", "[::]:8080"); return })
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			appConns.Add(1)
-			go func() { io.Copy(c, c); c.Close(); appConns.Add(-1) }()
-		}
-	}()
+	appConns := echoApp(t, b, 8080)
 
 	closers := func(n *node) int {
 		n.sv.mu.Lock()
@@ -295,23 +282,25 @@ func TestSplicePanicCleansUp(t *testing.T) {
 		if got := pollUntil(wantClosed, func() float64 { return metric(tc.n, "ambit_tunnel_connections_closed_total", dirs) }); got != wantClosed {
 			t.Errorf("%s: connections_closed_total{direction=%s} %v, want %v", tc.name, tc.dir, got, wantClosed)
 		}
-		if got := panicked(tc.n); got != wantLines {
+		// Polled, as what follows: the failure is counted first, the
+		// rest settled after it (recoverConn), the line last.
+		if got := pollUntil(wantLines, func() int { return panicked(tc.n) }); got != wantLines {
 			t.Errorf("%s: %d access-log lines with reason=internal_error, want %d:\n%s", tc.name, got, wantLines, tc.n.logs)
 		}
 		if tc.n == na {
-			if n := closers(na); n != beforeA {
+			if n := pollUntil(beforeA, func() int { return closers(na) }); n != beforeA {
 				t.Errorf("%s: A tracks %d closers after the panicked splice, want %d as before it", tc.name, n, beforeA)
 			}
 			continue
 		}
-		if n := closers(nb); n != beforeB {
+		if n := pollUntil(beforeB, func() int { return closers(nb) }); n != beforeB {
 			t.Errorf("%s: B tracks %d closers after the panicked connection, want %d as before it", tc.name, n, beforeB)
 		}
-		if n := live(nb); n != liveB {
+		if n := pollUntil(liveB, func() int { return live(nb) }); n != liveB {
 			t.Errorf("%s: %d live connections on B after the panicked connection, want %d", tc.name, n, liveB)
 		}
 		// B's app sees its connection end: the agent closed its side.
-		if n := pollUntil(0, appConns.Load); n != 0 {
+		if n := pollUntil(0, appConns); n != 0 {
 			t.Errorf("%s: B's app still has %d connections open after the panicked one", tc.name, n)
 		}
 		// Nothing of B's is open: a policy that now refuses everything
