@@ -13,5 +13,10 @@
 //   - when several distinct namespaces hold the IP (a foreign container on
 //     another bridge reusing the address), the one whose processes' cgroup
 //     names the pod UID wins; if none or several do, the answer is an
-//     error, never a guess.
+//     error, never a guess;
+//   - a lone namespace holding the IP whose processes run in kubelet pod
+//     cgroups naming other pod UIDs, and not the one asked for, is that
+//     other pod's (ErrOtherPod): the IP asked for is stale. Processes in
+//     no pod cgroup (a bind mount alone, podman, the demo) tell nothing,
+//     and the namespace is taken on its IP as before.
 package netnsfind

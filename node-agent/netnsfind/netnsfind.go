@@ -3,10 +3,12 @@ package netnsfind
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -38,10 +40,20 @@ type Scan struct {
 	byInode map[uint64]*Namespace
 	byIP    map[netip.Addr][]*Namespace
 	proc    string
+	// ownCgroup is the scanning process's /proc/<pid>/cgroup: processes
+	// with the same are ours (an iptables run in a pod's netns), never
+	// the namespace's owner.
+	ownCgroup string
 }
 
 // ErrNotFound: no namespace holds any of the pod's IPs.
 var ErrNotFound = errors.New("no network namespace holds the pod's IPs")
+
+// ErrOtherPod: the one namespace holding the pod's IPs runs another
+// pod's processes (their kubelet pod cgroup names another pod UID): the
+// IPs asked for are stale (a previous sandbox's, given since to that
+// pod), and the namespace is not this pod's.
+var ErrOtherPod = errors.New("the network namespace holding the pod's IPs is another pod's")
 
 // Inode returns the namespace inode of an open netns file.
 func Inode(f *os.File) (uint64, error) {
@@ -145,6 +157,9 @@ func (s Scanner) Scan() (*Scan, error) {
 		skip[host] = true
 	}
 	sc := &Scan{byInode: map[uint64]*Namespace{}, byIP: map[netip.Addr][]*Namespace{}, proc: proc}
+	if b, err := os.ReadFile(filepath.Join(proc, "self", "cgroup")); err == nil {
+		sc.ownCgroup = string(b)
+	}
 	add := func(path string, pid int) {
 		ino, err := inodeOf(path)
 		if err != nil || skip[ino] {
@@ -207,6 +222,15 @@ func (sc *Scan) Len() int { return len(sc.byInode) }
 
 // Find returns the one namespace holding one of ips; uid (may be empty)
 // breaks ties by the cgroup of the namespace's processes.
+//
+// A lone namespace is not taken on its IP alone either when uid is set:
+// if its processes run in kubelet pod cgroups that name other pod UIDs
+// and none names uid, it is another pod's (ErrOtherPod). Trusted, a
+// stale IP (an API status still naming a previous sandbox's address,
+// given since to another pod) had the agent serve this pod, with its
+// identity, in that pod's namespace. A namespace whose processes name no
+// pod (a bind mount alone, the demo, podman) is taken as before: there
+// is nothing to tell.
 func (sc *Scan) Find(ips []netip.Addr, uid string) (*Namespace, error) {
 	seen := map[uint64]*Namespace{}
 	for _, ip := range ips {
@@ -219,6 +243,13 @@ func (sc *Scan) Find(ips []netip.Addr, uid string) (*Namespace, error) {
 		return nil, fmt.Errorf("%w (%v)", ErrNotFound, ips)
 	case 1:
 		for _, n := range seen {
+			if uid == "" || sc.cgroupNames(n, uid) {
+				return n, nil
+			}
+			if others := sc.podUIDs(n); len(others) > 0 {
+				return nil, fmt.Errorf("netnsfind: %w: %s (inode %d) holds %v and its processes run in the kubelet cgroup of pod UID %s, not %s; the IPs asked for are stale",
+					ErrOtherPod, n.Path, n.Inode, ips, strings.Join(others, ", "), uid)
+			}
 			return n, nil
 		}
 	}
@@ -251,4 +282,80 @@ func (sc *Scan) cgroupNames(n *Namespace, uid string) bool {
 		}
 	}
 	return false
+}
+
+// podUIDs lists, sorted, the pod UIDs the kubelet cgroups of n's
+// processes name, the scanning process's own cgroup left out.
+func (sc *Scan) podUIDs(n *Namespace) []string {
+	set := map[string]bool{}
+	for _, pid := range n.PIDs {
+		b, err := os.ReadFile(filepath.Join(sc.proc, strconv.Itoa(pid), "cgroup"))
+		if err != nil || (sc.ownCgroup != "" && string(b) == sc.ownCgroup) {
+			continue
+		}
+		for _, u := range PodUIDsOfCgroup(string(b)) {
+			set[u] = true
+		}
+	}
+	return slices.Sorted(maps.Keys(set))
+}
+
+// PodUIDsOfCgroup returns the pod UIDs a /proc/<pid>/cgroup names through
+// the kubelet's pod cgroups, in either driver's spelling:
+//
+//	cgroupfs: .../kubepods/burstable/pod<uid>/<container>
+//	systemd:  .../kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid with _ for ->.slice/...
+//
+// UIDs are given with '-' and in lower case. Only components below a
+// kubepods one count, and only a UID of the Kubernetes form (a UUID): a
+// "podman.slice" or a user's "pods" directory names no pod.
+func PodUIDsOfCgroup(content string) []string {
+	var out []string
+	for line := range strings.Lines(content) {
+		// hierarchy-ID:controllers:path
+		parts := strings.SplitN(strings.TrimSpace(line), ":", 3)
+		if len(parts) != 3 {
+			continue
+		}
+		under := false
+		for c := range strings.SplitSeq(parts[2], "/") {
+			if strings.HasPrefix(c, "kubepods") {
+				under = true
+			}
+			if !under {
+				continue
+			}
+			var u string
+			if rest, ok := strings.CutPrefix(c, "pod"); ok {
+				u = rest
+			} else if i := strings.LastIndex(c, "-pod"); i >= 0 && strings.HasSuffix(c, ".slice") {
+				u = strings.TrimSuffix(c[i+len("-pod"):], ".slice")
+			}
+			u = strings.ToLower(strings.ReplaceAll(u, "_", "-"))
+			if isUUID(u) && !slices.Contains(out, u) {
+				out = append(out, u)
+			}
+		}
+	}
+	return out
+}
+
+// isUUID tells the 8-4-4-4-12 hexadecimal form of a Kubernetes UID.
+func isUUID(s string) bool {
+	if len(s) != 36 {
+		return false
+	}
+	for i, c := range s {
+		switch i {
+		case 8, 13, 18, 23:
+			if c != '-' {
+				return false
+			}
+		default:
+			if !('0' <= c && c <= '9' || 'a' <= c && c <= 'f') {
+				return false
+			}
+		}
+	}
+	return true
 }

@@ -4,11 +4,14 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 	"os"
 	"os/exec"
 	"runtime"
+	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -234,5 +237,139 @@ func TestScanWhileMainThreadInAPod(t *testing.T) {
 	cmd.Env = append(os.Environ(), mainThreadNetnsEnv+"="+name, mainThreadNetnsEnv+"_IP="+ip.String())
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("scan with the main thread in %s: %v\n%s", name, err, out)
+	}
+}
+
+// fakeProc is a /proc tree for Scanner.ProcRoot: each process is a
+// directory whose ns/net links to a real namespace and whose cgroup file
+// says what a kubelet (or nothing) put it in; self/cgroup is the
+// scanner's own.
+type fakeProc struct {
+	t    *testing.T
+	root string
+	next int
+}
+
+func newFakeProc(t *testing.T, selfCgroup string) *fakeProc {
+	root := t.TempDir()
+	if err := os.MkdirAll(root+"/self", 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(root+"/self/cgroup", []byte(selfCgroup), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return &fakeProc{t: t, root: root, next: 100}
+}
+
+// process adds a process in the netns named name, in cgroup.
+func (p *fakeProc) process(name, cgroup string) {
+	p.t.Helper()
+	dir := p.root + "/" + strconv.Itoa(p.next)
+	p.next++
+	if err := os.MkdirAll(dir+"/ns", 0o755); err != nil {
+		p.t.Fatal(err)
+	}
+	if err := os.Symlink("/var/run/netns/"+name, dir+"/ns/net"); err != nil {
+		p.t.Fatal(err)
+	}
+	if err := os.WriteFile(dir+"/cgroup", []byte(cgroup), 0o644); err != nil {
+		p.t.Fatal(err)
+	}
+}
+
+const (
+	webUID   = "3f0d6a52-9c1e-4b7a-8d2f-0a1b2c3d4e5f"
+	otherUID = "8e2b7c14-5d3a-4f6e-9b1c-f0e1d2c3b4a5"
+	agentUID = "c1d2e3f4-a5b6-4c7d-8e9f-a0b1c2d3e4f5"
+)
+
+// systemdCgroup is a cgroup v2 line as the kubelet's systemd driver
+// writes it (containerd), cgroupfsCgroup as its cgroupfs driver does on
+// cgroup v1 (every controller).
+func systemdCgroup(uid string) string {
+	return "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod" + strings.ReplaceAll(uid, "-", "_") +
+		".slice/cri-containerd-4b1f9e0c2d7a.scope\n"
+}
+
+func cgroupfsCgroup(uid string) string {
+	var b strings.Builder
+	for i, c := range []string{"pids", "memory", "cpu,cpuacct", "name=systemd"} {
+		fmt.Fprintf(&b, "%d:%s:/kubepods/besteffort/pod%s/4b1f9e0c2d7a\n", 9-i, c, uid)
+	}
+	b.WriteString("0::/\n")
+	return b.String()
+}
+
+// TestFindRefusesAnotherPodsNamespace: the only namespace holding the IP
+// asked for runs processes of a kubelet pod cgroup. When that cgroup
+// names another pod UID, the namespace is that pod's, the IP is stale
+// (a previous sandbox's, given to that pod since), and Find refuses with
+// ErrOtherPod naming it. Before, the lone namespace was returned
+// whatever its processes said: the agent then served apps/web, with
+// web's identity, in the other pod's namespace.
+func TestFindRefusesAnotherPodsNamespace(t *testing.T) {
+	testenv.RequireRoot(t)
+	for _, tc := range []struct {
+		name    string
+		uid     string
+		cgroups []string
+		self    string
+		want    error // nil: found
+	}{
+		{"systemd driver, another pod", webUID, []string{systemdCgroup(otherUID)}, "", ErrOtherPod},
+		{"cgroupfs driver on cgroup v1, another pod", webUID, []string{cgroupfsCgroup(otherUID)}, "", ErrOtherPod},
+		{"systemd driver, this pod", webUID, []string{systemdCgroup(webUID)}, "", nil},
+		{"cgroupfs driver, this pod", webUID, []string{cgroupfsCgroup(webUID)}, "", nil},
+		{"this pod and an agent's run in it", webUID, []string{systemdCgroup(agentUID), systemdCgroup(webUID)}, "", nil},
+		{"no pod cgroup (podman, the demo)", webUID, []string{"0::/user.slice/user-0.slice/session-4.scope\n"}, "", nil},
+		{"the scanner's own run alone (its cgroup)", webUID, []string{systemdCgroup(agentUID)}, systemdCgroup(agentUID), nil},
+		{"no UID asked for", "", []string{systemdCgroup(otherUID)}, "", nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ip := uniqueIP()
+			name, f := newNetns(t, ip.String()+"/32")
+			p := newFakeProc(t, tc.self)
+			for _, cg := range tc.cgroups {
+				p.process(name, cg)
+			}
+			sc, err := Scanner{ProcRoot: p.root, NetnsDirs: []string{}}.Scan()
+			if err != nil {
+				t.Fatal(err)
+			}
+			n, err := sc.Find([]netip.Addr{ip}, tc.uid)
+			if tc.want != nil {
+				if !errors.Is(err, tc.want) || !strings.Contains(err.Error(), otherUID) {
+					t.Fatalf("Find = %+v, %v; want %v naming %s", n, err, tc.want, otherUID)
+				}
+				t.Logf("refused: %v", err)
+				return
+			}
+			want, _ := Inode(f)
+			if err != nil || n.Inode != want {
+				t.Fatalf("Find = %+v, %v; want inode %d", n, err, want)
+			}
+		})
+	}
+}
+
+func TestPodUIDsOfCgroup(t *testing.T) {
+	for _, tc := range []struct {
+		name, content string
+		want          []string
+	}{
+		{"systemd", systemdCgroup(otherUID), []string{otherUID}},
+		{"systemd, guaranteed QoS", "0::/kubepods.slice/kubepods-pod" + strings.ReplaceAll(otherUID, "-", "_") + ".slice/crio-1.scope\n", []string{otherUID}},
+		{"cgroupfs v1", cgroupfsCgroup(otherUID), []string{otherUID}},
+		{"cgroupfs under a cgroup root", "0::/kubelet/kubepods/pod" + otherUID + "/abc\n", []string{otherUID}},
+		{"upper case", "0::/kubepods/pod" + strings.ToUpper(otherUID) + "/abc\n", []string{otherUID}},
+		{"no kubepods", "0::/pod" + otherUID + "/x\n", nil},
+		{"podman", "0::/user.slice/user-1000.slice/user@1000.service/user.slice/libpod-pod-1.slice/podman-1.scope\n", nil},
+		{"not a UID", "0::/kubepods/podman/x\n", nil},
+		{"host", "0::/init.scope\n", nil},
+		{"garbage", "no colons here\n::\n", nil},
+	} {
+		if got := PodUIDsOfCgroup(tc.content); !slices.Equal(got, tc.want) {
+			t.Errorf("%s: %v, want %v", tc.name, got, tc.want)
+		}
 	}
 }
