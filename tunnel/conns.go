@@ -245,7 +245,7 @@ func (sv *Serving) isAgentPort(ap netip.AddrPort) bool {
 
 // outbound handles a connection the pod's app made, captured on 15001.
 func (sv *Serving) outbound(c *net.TCPConn, slots chan struct{}) {
-	r := &record{dir: "outbound", src: addrPortOf(c.RemoteAddr()), srcID: sv.pod.Workload.Identity, start: time.Now(), slots: slots}
+	r := &record{dir: "outbound", src: addrPortOf(c.RemoteAddr()), srcID: sv.pod.Workload.Identity, start: connStart(c, time.Now()), slots: slots}
 	defer sv.recoverConn(r, func() { reset(c) })
 	defer r.release()
 	// Counted against the source pod, refused before anything is spent
@@ -604,7 +604,7 @@ func (sv *Serving) relay(r *record, app *net.TCPConn, other net.Conn) (fromApp, 
 // inboundPlain handles plaintext arriving for the pod's app on 15006.
 func (sv *Serving) inboundPlain(c *net.TCPConn, slots chan struct{}) {
 	w := sv.workload()
-	r := &record{dir: "inbound", mode: "plaintext", src: addrPortOf(c.RemoteAddr()), dstID: w.Identity, start: time.Now(), slots: slots}
+	r := &record{dir: "inbound", mode: "plaintext", src: addrPortOf(c.RemoteAddr()), dstID: w.Identity, start: connStart(c, time.Now()), slots: slots}
 	defer sv.recoverConn(r, func() { reset(c) })
 	defer r.release()
 	// Counted against the destination pod; refused with a reset, the
@@ -717,7 +717,7 @@ func (sv *Serving) dialApp(parent context.Context, src netip.Addr, dst netip.Add
 func (sv *Serving) inboundHBONE(raw *net.TCPConn) {
 	w := sv.pod.Workload
 	peer := addrPortOf(raw.RemoteAddr())
-	start := time.Now()
+	start := connStart(raw, time.Now())
 	// The handshake is bounded in time (its context; the client's
 	// HTTP/2 preface after it is hbone's to bound) and in number (p.hs,
 	// until verify below).

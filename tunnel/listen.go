@@ -92,6 +92,40 @@ func (sv *Serving) acceptLoop(ln net.Listener, name string, slots chan struct{},
 	}
 }
 
+// minQueued is the least wait in the accept queue connStart counts: the
+// kernel keeps the time in jiffies (1 to 10 ms), so a connection
+// accepted at once can read up to one old, and each short connection's
+// duration would grow by that noise.
+const minQueued = 10 * time.Millisecond
+
+// connStart is when c's client connected, as near as the agent can tell,
+// given now, the handler's start: the connection may have waited in the
+// listener's accept queue since the kernel completed its handshake (all
+// accept slots taken, the agent busy or being replaced: tcp_migrate_req
+// hands the old agent's queue to the new one), and its duration starts
+// at the client's connect. No accept time stamp exists (SO_TIMESTAMP is
+// for received data); but an accepted socket has sent no data yet, and
+// TCP_INFO's last_data_sent is the time since it last did or, before,
+// since the kernel created it (lsndtime, set as the handshake completes).
+// Only before the agent writes to c. now when that cannot be read or is
+// under minQueued. One getsockopt per connection.
+func connStart(c *net.TCPConn, now time.Time) time.Time {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return now
+	}
+	var queued time.Duration
+	_ = rc.Control(func(fd uintptr) {
+		if ti, err := unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO); err == nil {
+			queued = time.Duration(ti.Last_data_sent) * time.Millisecond
+		}
+	})
+	if queued < minQueued {
+		return now
+	}
+	return now.Add(-queued)
+}
+
 // pause sleeps for d, or until Close begins (Close waits for the loops:
 // it must not wait out a back-off).
 func (sv *Serving) pause(d time.Duration) {
