@@ -10,7 +10,14 @@ package tunnel
 
 // ConnCounts is what one served pod holds at the moment of the look.
 // The counts are read one after the other, not atomically: a connection
-// that starts or ends meanwhile may be in one and not another.
+// that starts or ends meanwhile may be in one and not another. No one
+// lock guards them all: Held is an atomic counter each connection moves
+// without a lock (share.go), the live connections are the Proxy's
+// (p.mu, all pods), the inbound HBONE connections the Serving's (sv.mu),
+// the pool its own, and each pooled connection's streams that
+// connection's lock, never taken while the pool's is held. One
+// consistent read would put a lock on every connection's admission and
+// end (session 15 looked, and left it).
 type ConnCounts struct {
 	// Held is every connection the pod holds against the agent's
 	// connection budget: outbound from it and inbound to it, established
