@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
 
@@ -72,7 +73,17 @@ type Redirector interface {
 }
 
 // Rules is the Redirector backed by plugin/redirect.
-type Rules struct{ Backend redirect.Backend }
+type Rules struct {
+	Backend redirect.Backend
+	// RunTimeout bounds each iptables run besides the caller's context
+	// (redirect.WithRunTimeout); default 10 s. A run stopped there is a
+	// rule failure (redirect.ErrRunTimeout), not a request's deadline.
+	RunTimeout time.Duration
+}
+
+func (r Rules) ctx(ctx context.Context) context.Context {
+	return redirect.WithRunTimeout(ctx, r.RunTimeout)
+}
 
 func withNS(f *os.File, fn func(ns.NetNS) error) error {
 	n, err := ns.GetNS(fmt.Sprintf("/proc/self/fd/%d", f.Fd()))
@@ -90,7 +101,7 @@ func (r Rules) Install(ctx context.Context, f *os.File, backend redirect.Backend
 	}
 	var used redirect.Backend
 	err := withNS(f, func(n ns.NetNS) error {
-		b, err := redirect.Install(ctx, n, backend, spec)
+		b, err := redirect.Install(r.ctx(ctx), n, backend, spec)
 		used = b
 		return err
 	})
@@ -99,14 +110,14 @@ func (r Rules) Install(ctx context.Context, f *os.File, backend redirect.Backend
 
 // Verify implements Redirector.
 func (r Rules) Verify(ctx context.Context, f *os.File, spec redirect.Spec) error {
-	return withNS(f, func(n ns.NetNS) error { return redirect.Verify(ctx, n, spec) })
+	return withNS(f, func(n ns.NetNS) error { return redirect.Verify(r.ctx(ctx), n, spec) })
 }
 
 // Installed implements Redirector.
 func (r Rules) Installed(ctx context.Context, f *os.File) ([]redirect.Backend, error) {
 	var found []redirect.Backend
 	err := withNS(f, func(n ns.NetNS) (err error) {
-		found, err = redirect.Installed(ctx, n)
+		found, err = redirect.Installed(r.ctx(ctx), n)
 		return err
 	})
 	return found, err
@@ -114,12 +125,12 @@ func (r Rules) Installed(ctx context.Context, f *os.File) ([]redirect.Backend, e
 
 // Recheck implements Redirector.
 func (r Rules) Recheck(ctx context.Context, f *os.File, spec redirect.Spec, c *redirect.Checked) error {
-	return withNS(f, func(n ns.NetNS) error { return redirect.Recheck(ctx, n, spec, c) })
+	return withNS(f, func(n ns.NetNS) error { return redirect.Recheck(r.ctx(ctx), n, spec, c) })
 }
 
 // Uninstall implements Redirector.
 func (r Rules) Uninstall(ctx context.Context, f *os.File) error {
-	return withNS(f, func(n ns.NetNS) error { return redirect.Uninstall(ctx, n) })
+	return withNS(f, func(n ns.NetNS) error { return redirect.Uninstall(r.ctx(ctx), n) })
 }
 
 // Keeper holds copies of pods' listening sockets in another process

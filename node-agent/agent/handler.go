@@ -351,7 +351,11 @@ func (a *Agent) rulesBackend(ctx context.Context, f *os.File) string {
 	return string(found[0])
 }
 
-// outOfTime tells an error of rule work cut by a context.
+// outOfTime tells an error of rule work cut by a context. An iptables
+// run stopped at its own bound is not (redirect.ErrRunTimeout wraps no
+// context error): with a requestTimeout above that bound it comes first,
+// and it is the rule install failing, answered with the redirect code,
+// not "retry" (TestAddRuleRunBoundIsARuleFailure).
 func outOfTime(err error) bool {
 	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled)
 }

@@ -29,7 +29,9 @@ var concrete = []Backend{Nftables, IptablesNft, IptablesLegacy}
 // is removed in the time kept. The error of a cut install wraps ctx's
 // error (context.DeadlineExceeded): the caller can answer "retry". The
 // install is not cut short when ctx has no deadline and is not
-// canceled; each iptables run then has its own bound (iptablesTimeout).
+// canceled; each iptables run then has its own bound (WithRunTimeout,
+// 10 s), and a run stopped there fails the install with ErrRunTimeout,
+// not DeadlineExceeded: the tool failed, the caller's time is not up.
 func Install(ctx context.Context, netns ns.NetNS, backend Backend, spec Spec) (Backend, error) {
 	if err := spec.Validate(); err != nil {
 		return "", err
@@ -316,9 +318,11 @@ func verify(s *session, spec Spec) (Backend, error) {
 		} else {
 			err = iptablesVerify(s, found[0], spec)
 		}
-		if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {
+		if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) || errors.Is(err, ErrRunTimeout) {
 			// A read cut short, not a difference: the caller tells
-			// "retry" from "the rules are wrong" by the wrapped error.
+			// "retry" from "the rules are wrong" by the wrapped error
+			// (a save hung past its own bound is neither: a failed
+			// read, which no reinstall would mend).
 			return backend, fmt.Errorf("reading the redirection in %s: %w", netns.Path(), err)
 		}
 		if err != nil {

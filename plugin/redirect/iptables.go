@@ -25,8 +25,44 @@ const (
 
 // iptablesTimeout bounds one iptables(-restore/-save) run when the
 // caller's context has no earlier end; the xtables lock is host-wide, so
-// a stuck holder must not hang a background loop either.
+// a stuck holder must not hang a background loop either. The default of
+// WithRunTimeout.
 const iptablesTimeout = 10 * time.Second
+
+// ErrRunTimeout is wrapped by the error of an iptables run stopped at its
+// own bound (WithRunTimeout, default 10 s) while the caller's context
+// was not over. It is a failure of the tool, like a rule the kernel
+// refused, not the caller's deadline: until session 15 it wrapped
+// context.DeadlineExceeded, and an agent whose requestTimeout exceeds
+// the bound answered a hung iptables-legacy-restore "did not finish by
+// this request's deadline; retry", counted rules-deadline.
+var ErrRunTimeout = errors.New("iptables run stopped at its own bound")
+
+// runTimeoutError is a run stopped at its own bound: its message says
+// which run, after how long and what it waited for; it is ErrRunTimeout.
+type runTimeoutError struct{ msg string }
+
+func (e *runTimeoutError) Error() string        { return e.msg }
+func (e *runTimeoutError) Is(target error) bool { return target == ErrRunTimeout }
+
+type runTimeoutKey struct{}
+
+// WithRunTimeout returns ctx with d as the bound of each iptables run
+// made under it, instead of 10 s; d <= 0 keeps the default. The caller's
+// own deadline, if earlier, still ends a run first.
+func WithRunTimeout(ctx context.Context, d time.Duration) context.Context {
+	if d <= 0 {
+		return ctx
+	}
+	return context.WithValue(ctx, runTimeoutKey{}, d)
+}
+
+func runTimeout(ctx context.Context) time.Duration {
+	if d, ok := ctx.Value(runTimeoutKey{}).(time.Duration); ok {
+		return d
+	}
+	return iptablesTimeout
+}
 
 type ipChain struct{ table, parent, chain string }
 
@@ -160,7 +196,7 @@ func restoreCommand(b Backend, f family) string {
 }
 
 // runIn runs one iptables tool inside netns. The run ends with ctx or
-// after iptablesTimeout, whichever comes first: a plugin request passes
+// after its own bound (runTimeout), whichever comes first: a plugin request passes
 // its deadline, which on a busy node the host-wide xtables lock can
 // outlast, while a caller without one keeps the fixed bound.
 func runIn(ctx context.Context, netns ns.NetNS, stdin string, name string, args ...string) ([]byte, error) {
@@ -174,7 +210,8 @@ func runIn(ctx context.Context, netns ns.NetNS, stdin string, name string, args 
 	}
 	var out []byte
 	err = netns.Do(func(ns.NetNS) error {
-		rctx, cancel := context.WithTimeout(ctx, iptablesTimeout)
+		bound := runTimeout(ctx)
+		rctx, cancel := context.WithTimeout(ctx, bound)
 		defer cancel()
 		start := time.Now()
 		cmd := exec.CommandContext(rctx, path, args...)
@@ -187,7 +224,7 @@ func runIn(ctx context.Context, netns ns.NetNS, stdin string, name string, args 
 		o, err := cmd.Output()
 		out = o
 		if err != nil && rctx.Err() != nil {
-			return stoppedRun(ctx, cmdline, time.Since(start), takesXtablesLock(name))
+			return stoppedRun(ctx, cmdline, time.Since(start), bound, takesXtablesLock(name))
 		}
 		if err != nil {
 			return fmt.Errorf("%s: %v: %s", cmdline, err, strings.TrimSpace(stderr.String()))
@@ -211,11 +248,12 @@ func endedBy(ctx context.Context) string {
 }
 
 // stoppedRun is the error of a run killed before it finished, at ctx's
-// end or at iptablesTimeout. It wraps the context error, so a caller
-// tells "out of time: retry" from a rule the kernel refused, and names
-// the xtables lock's holder when the run was waiting for it.
-func stoppedRun(ctx context.Context, cmdline string, took time.Duration, locks bool) error {
-	why, cause := fmt.Sprintf("at its own %s bound", iptablesTimeout), error(context.DeadlineExceeded)
+// end or at its own bound. At ctx's end it wraps the context error, so a
+// caller tells "out of time: retry" from a rule the kernel refused; at
+// the bound it wraps ErrRunTimeout, the tool's failure. It names the
+// xtables lock's holder when the run was waiting for it.
+func stoppedRun(ctx context.Context, cmdline string, took, bound time.Duration, locks bool) error {
+	why, cause := fmt.Sprintf("at its own %s bound (not the caller's deadline)", bound), error(nil)
 	if err := ctx.Err(); err != nil {
 		why, cause = "when "+endedBy(ctx), err
 		if !errors.Is(err, context.Canceled) {
@@ -225,6 +263,9 @@ func stoppedRun(ctx context.Context, cmdline string, took time.Duration, locks b
 	msg := fmt.Sprintf("%s: stopped after %s, %s", cmdline, took.Round(time.Millisecond), why)
 	if locks {
 		msg += ", " + XtablesLockWait()
+	}
+	if cause == nil {
+		return &runTimeoutError{msg}
 	}
 	return fmt.Errorf("%s: %w", msg, cause)
 }

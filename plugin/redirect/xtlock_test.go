@@ -285,7 +285,7 @@ func TestXtablesLockHelperProcess(t *testing.T) {
 	}
 	ctx, cancel := context.WithDeadline(context.Background(), time.Now().Add(-time.Second))
 	defer cancel()
-	fmt.Printf("MESSAGE: %v\n", stoppedRun(ctx, "iptables-legacy-restore --noflush --wait", time.Second, true))
+	fmt.Printf("MESSAGE: %v\n", stoppedRun(ctx, "iptables-legacy-restore --noflush --wait", time.Second, iptablesTimeout, true))
 }
 
 // TestInstallShortDeadline: an install whose caller has little time
