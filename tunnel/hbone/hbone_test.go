@@ -127,6 +127,22 @@ func clientOf(t testing.TB, cfg Config, dial func(addr string) (net.Conn, error)
 	return c
 }
 
+// clientOfTLS is clientOf whose server side is a TLS connection, its
+// handshake done, that serve plays by hand or with another HTTP/2 server
+// (not ours); a failed handshake fails the test.
+func clientOfTLS(t testing.TB, cfg Config, serve func(tc *tls.Conn)) *Conn {
+	t.Helper()
+	return clientOf(t, cfg, nil, func(raw net.Conn, scfg *tls.Config) {
+		defer raw.Close()
+		tc := tls.Server(raw, scfg)
+		if err := tc.Handshake(); err != nil {
+			t.Error(err)
+			return
+		}
+		serve(tc)
+	})
+}
+
 // echoHandler answers 200 and echoes the stream back, half-closing after.
 func echoHandler(s *Stream) {
 	if s.Request.Method != "CONNECT" {

@@ -16,7 +16,6 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
 )
 
@@ -47,12 +46,7 @@ func scriptedServer(t *testing.T, endLast bool, statuses ...string) (c *Conn, rs
 			trailers = v
 		}
 	}
-	c = clientOf(t, Config{PingInterval: -1}, nil, func(raw net.Conn, scfg *tls.Config) {
-		defer raw.Close()
-		tc := tls.Server(raw, scfg)
-		if tc.Handshake() != nil {
-			return
-		}
+	c = clientOfTLS(t, Config{PingInterval: -1}, func(tc *tls.Conn) {
 		pre := make([]byte, len(clientPreface))
 		if _, err := io.ReadFull(tc, pre); err != nil {
 			return
@@ -396,13 +390,7 @@ func TestXNetServerInformational(t *testing.T) {
 			}
 		}
 	}
-	c := clientOf(t, Config{PingInterval: -1}, nil, func(raw net.Conn, scfg *tls.Config) {
-		tc := tls.Server(raw, scfg)
-		if tc.Handshake() != nil {
-			return
-		}
-		(&http2.Server{}).ServeConn(tc, &http2.ServeConnOpts{Handler: http.HandlerFunc(handler)})
-	})
+	c := xnetServer(t, http.HandlerFunc(handler))
 	for _, tc := range []struct{ authority, why string }{
 		{"early:80", ""},
 		{"switch:80", "101 (Switching Protocols)"},

@@ -18,6 +18,15 @@ import (
 // Peers that are not ours, as they are: golang.org/x/net/http2 (Istio's
 // Go HBONE server), over real TLS on loopback.
 
+// xnetServer is a client Conn to x/net's HTTP/2 server (Istio's Go
+// HBONE uses it) serving h.
+func xnetServer(t testing.TB, h http.Handler) *Conn {
+	t.Helper()
+	return clientOfTLS(t, Config{PingInterval: -1}, func(tc *tls.Conn) {
+		(&http2.Server{}).ServeConn(tc, &http2.ServeConnOpts{Handler: h})
+	})
+}
+
 // TestXNetServerSmallReadsUpload: our client sends to an x/net server
 // whose handler reads in 4 KiB reads (a bufio.Reader's default size).
 // x/net returns credit at every read of 4 KiB or more, two
@@ -42,14 +51,7 @@ func TestXNetServerSmallReadsUpload(t *testing.T) {
 		}
 		got <- n
 	})
-	c := clientOf(t, Config{PingInterval: -1}, nil, func(raw net.Conn, scfg *tls.Config) {
-		tc := tls.Server(raw, scfg)
-		if err := tc.Handshake(); err != nil {
-			t.Error(err)
-			return
-		}
-		(&http2.Server{}).ServeConn(tc, &http2.ServeConnOpts{Handler: h})
-	})
+	c := xnetServer(t, h)
 	s, err := c.OpenStream("10.0.0.1:80", nil)
 	if err != nil {
 		t.Fatal(err)
