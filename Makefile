@@ -107,3 +107,25 @@ e2e-kind:
 IMAGE ?= docker.io/ambit-mesh/ambit:dev
 image: build
 	$(GO) run ./hack/image -agent $(BIN)/ambit-agent -cni $(BIN)/ambit-cni -tag $(IMAGE) -o $(BIN)/ambit-image.tar
+
+# The same image for several CPU architectures (mixed amd64 + arm64
+# clusters): the binaries cross-compiled into $(BIN)/<os>_<arch>/, then one
+# OCI image index with a manifest per platform, written as an OCI layout
+# archive. PUSH=registry.example.com/ambit:TAG also pushes the index there
+# (credentials from the Docker config). See docs/install.md.
+PLATFORMS ?= linux/amd64 linux/arm64
+PUSH ?=
+.PHONY: image-multiarch
+image-multiarch:
+	@set -e; for p in $(PLATFORMS); do \
+	  os=$${p%%/*}; rest=$${p#*/}; arch=$${rest%%/*}; variant=; \
+	  case $$rest in */*) variant=$${rest#*/};; esac; \
+	  dir=$(BIN)/$$(echo $$p | tr / _); \
+	  echo "build $$p -> $$dir"; \
+	  goarm=; if [ "$$arch" = arm ]; then goarm=$${variant#v}; fi; \
+	  for pkg in agent:./node-agent cni:./plugin; do \
+	    env $${goarm:+GOARM=$$goarm} GOOS=$$os GOARCH=$$arch $(GO) build $(GOFLAGS_BUILD) -o $$dir/ambit-$${pkg%%:*} $${pkg#*:}; \
+	  done; \
+	done
+	env -u GOOS -u GOARCH -u GOARM $(GO) run ./hack/image -platforms "$(PLATFORMS)" -agent '$(BIN)/{platform}/ambit-agent' -cni '$(BIN)/{platform}/ambit-cni' \
+	  -tag $(IMAGE) -o $(BIN)/ambit-image-multiarch.tar $(if $(PUSH),-push $(PUSH))

@@ -3,15 +3,19 @@ package main
 import (
 	"archive/tar"
 	"bytes"
+	"debug/elf"
 	"fmt"
 	"io"
 	"os"
+	"sort"
+	"strings"
 	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/empty"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
+	"github.com/google/go-containerregistry/pkg/v1/types"
 )
 
 // Spec is what goes into the image.
@@ -19,8 +23,14 @@ type Spec struct {
 	Agent, CNI string // paths of the static binaries
 	CACerts    string // PEM bundle for /etc/ssl/certs/ca-certificates.crt; "" = none
 	Arch       string // GOARCH, e.g. amd64
+	Variant    string // CPU variant (v7 for arm); "" = none, as in today's image
 	Created    time.Time
 	Version    string // org.opencontainers.image.version label
+	// OCI selects OCI media types for the manifest, config and layer.
+	// An OCI image index must not mix in Docker schema 2 manifests, while
+	// the docker-archive of `make image` keeps Docker's so its digest
+	// stays what it was.
+	OCI bool
 }
 
 // Paths inside the image (the manifests and the installer rely on them).
@@ -42,11 +52,11 @@ func Build(s Spec) (v1.Image, error) {
 	if s.Arch == "" {
 		return nil, fmt.Errorf("no architecture given")
 	}
-	agent, err := readStatic(s.Agent)
+	agent, err := readStatic(s.Agent, s.Arch)
 	if err != nil {
 		return nil, err
 	}
-	cni, err := readStatic(s.CNI)
+	cni, err := readStatic(s.CNI, s.Arch)
 	if err != nil {
 		return nil, err
 	}
@@ -77,9 +87,13 @@ func Build(s Spec) (v1.Image, error) {
 	if err != nil {
 		return nil, err
 	}
+	var layerOpts []tarball.LayerOption
+	if s.OCI {
+		layerOpts = append(layerOpts, tarball.WithMediaType(types.OCILayer))
+	}
 	layer, err := tarball.LayerFromOpener(func() (io.ReadCloser, error) {
 		return io.NopCloser(bytes.NewReader(layerTar)), nil
-	})
+	}, layerOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -92,7 +106,7 @@ func Build(s Spec) (v1.Image, error) {
 		return nil, err
 	}
 	cf = cf.DeepCopy()
-	cf.OS, cf.Architecture = "linux", s.Arch
+	cf.OS, cf.Architecture, cf.Variant = "linux", s.Arch, s.Variant
 	cf.Created = v1.Time{Time: s.Created.UTC()}
 	cf.Config.Entrypoint = []string{AgentPath}
 	cf.Config.Cmd = []string{"run"}
@@ -103,12 +117,40 @@ func Build(s Spec) (v1.Image, error) {
 		"org.opencontainers.image.description": "Ambit node agent, CNI plugin and CA: sidecarless mTLS for Kubernetes",
 		"org.opencontainers.image.version":     s.Version,
 	}
-	return mutate.ConfigFile(img, cf)
+	img, err = mutate.ConfigFile(img, cf)
+	if err != nil || !s.OCI {
+		return img, err
+	}
+	return mutate.ConfigMediaType(mutate.MediaType(img, types.OCIManifestSchema1), types.OCIConfigJSON), nil
+}
+
+// elfArch is what a Go binary for a GOARCH says in its ELF header.
+type elfArch struct {
+	machine elf.Machine
+	class   elf.Class
+	data    elf.Data
+}
+
+var elfArches = map[string]elfArch{
+	"amd64":   {elf.EM_X86_64, elf.ELFCLASS64, elf.ELFDATA2LSB},
+	"arm64":   {elf.EM_AARCH64, elf.ELFCLASS64, elf.ELFDATA2LSB},
+	"386":     {elf.EM_386, elf.ELFCLASS32, elf.ELFDATA2LSB},
+	"arm":     {elf.EM_ARM, elf.ELFCLASS32, elf.ELFDATA2LSB},
+	"ppc64le": {elf.EM_PPC64, elf.ELFCLASS64, elf.ELFDATA2LSB},
+	"riscv64": {elf.EM_RISCV, elf.ELFCLASS64, elf.ELFDATA2LSB},
+	"s390x":   {elf.EM_S390, elf.ELFCLASS64, elf.ELFDATA2MSB},
 }
 
 // readStatic reads a binary and refuses what cannot run in an image with
-// no libc: anything that is not a static ELF executable.
-func readStatic(p string) ([]byte, error) {
+// no libc (anything that is not a static ELF executable) and what cannot
+// run on the image's architecture: a runtime picks the image by the
+// platform it claims, so an amd64 binary under an arm64 label would only
+// fail on the node, with "exec format error", leaving its pods unmeshed.
+func readStatic(p, arch string) ([]byte, error) {
+	want, ok := elfArches[arch]
+	if !ok {
+		return nil, fmt.Errorf("architecture %q: not one of %s", arch, knownArches())
+	}
 	b, err := os.ReadFile(p)
 	if err != nil {
 		return nil, fmt.Errorf("binary: %w (run `make build` first)", err)
@@ -116,10 +158,31 @@ func readStatic(p string) ([]byte, error) {
 	if len(b) < 4 || string(b[:4]) != "\x7fELF" {
 		return nil, fmt.Errorf("%s is not an ELF executable", p)
 	}
+	f, err := elf.NewFile(bytes.NewReader(b))
+	if err != nil {
+		return nil, fmt.Errorf("%s: unreadable ELF header: %w", p, err)
+	}
+	if f.Machine != want.machine || f.Class != want.class || f.Data != want.data {
+		return nil, fmt.Errorf("%s is built for %s (%s, %s), not %s: build it with GOARCH=%s", p, f.Machine, f.Class, f.Data, arch, arch)
+	}
+	for _, prog := range f.Progs {
+		if prog.Type == elf.PT_INTERP {
+			return nil, fmt.Errorf("%s is dynamically linked (it names an ELF interpreter); build with CGO_ENABLED=0 (the image has no libc)", p)
+		}
+	}
 	if bytes.Contains(b, []byte("/lib64/ld-linux")) || bytes.Contains(b, []byte("/lib/ld-linux")) || bytes.Contains(b, []byte("/lib/ld-musl")) {
 		return nil, fmt.Errorf("%s is dynamically linked; build with CGO_ENABLED=0 (the image has no libc)", p)
 	}
 	return b, nil
+}
+
+func knownArches() string {
+	var names []string
+	for a := range elfArches {
+		names = append(names, a)
+	}
+	sort.Strings(names)
+	return strings.Join(names, ", ")
 }
 
 func tarOf(ents []entry, mtime time.Time) ([]byte, error) {

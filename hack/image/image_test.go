@@ -3,6 +3,10 @@ package main
 import (
 	"archive/tar"
 	"bytes"
+	"crypto/sha256"
+	"debug/elf"
+	"encoding/binary"
+	"fmt"
 	"io"
 	"os"
 	"path/filepath"
@@ -15,12 +19,36 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/validate"
 )
 
-// tinyStatic writes a stand-in for a static binary: the test is about
-// the image, and building real binaries is slow on a shared machine.
+// tinyStatic writes a stand-in for a static amd64 binary: the test is
+// about the image, and building real binaries is slow on a shared machine.
 func tinyStatic(t *testing.T, dir, name, msg string) string {
+	return fakeELF(t, dir, name, "amd64", false, msg)
+}
+
+// fakeELF writes an ELF header for arch (what readStatic and a runtime
+// look at), an optional PT_INTERP program header (a dynamic binary), then
+// msg, so each stand-in is distinguishable by content.
+func fakeELF(t *testing.T, dir, name, arch string, interp bool, msg string) string {
 	t.Helper()
+	a := elfArches[arch]
+	h := elf.Header64{Type: uint16(elf.ET_EXEC), Machine: uint16(a.machine), Version: uint32(elf.EV_CURRENT),
+		Ehsize: 64, Phentsize: 56, Shentsize: 64}
+	copy(h.Ident[:], elf.ELFMAG)
+	h.Ident[elf.EI_CLASS], h.Ident[elf.EI_DATA], h.Ident[elf.EI_VERSION] = byte(elf.ELFCLASS64), byte(elf.ELFDATA2LSB), byte(elf.EV_CURRENT)
+	var progs []elf.Prog64
+	if interp {
+		h.Phoff, h.Phnum = 64, 1
+		progs = append(progs, elf.Prog64{Type: uint32(elf.PT_INTERP), Off: 64 + 56, Filesz: uint64(len(msg))})
+	}
+	var buf bytes.Buffer
+	binary.Write(&buf, binary.LittleEndian, h)
+	binary.Write(&buf, binary.LittleEndian, progs)
+	buf.WriteString(msg)
 	out := filepath.Join(dir, name)
-	if err := os.WriteFile(out, append([]byte("\x7fELF\x02\x01\x01"), msg...), 0o755); err != nil {
+	if err := os.MkdirAll(filepath.Dir(out), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(out, buf.Bytes(), 0o755); err != nil {
 		t.Fatal(err)
 	}
 	return out
@@ -106,23 +134,65 @@ func TestImageRefusesBadInput(t *testing.T) {
 	dir := t.TempDir()
 	script := filepath.Join(dir, "script")
 	os.WriteFile(script, []byte("#!/bin/sh\n"), 0o755)
+	truncated := filepath.Join(dir, "truncated")
+	os.WriteFile(truncated, []byte("\x7fELF\x02\x01\x01"), 0o755)
 	dynamic := tinyStatic(t, dir, "dynamic", "\x00/lib64/ld-linux-x86-64.so.2\x00")
+	interp := fakeELF(t, dir, "interp", "amd64", true, "/nix/store/ld.so")
 	agent := tinyStatic(t, dir, "agent", "x")
-	for name, s := range map[string]Spec{
-		"missing binary": {Agent: filepath.Join(dir, "nope"), CNI: agent, Arch: "amd64"},
-		"not ELF":        {Agent: script, CNI: agent, Arch: "amd64"},
-		"dynamic":        {Agent: agent, CNI: dynamic, Arch: "amd64"},
-		"no arch":        {Agent: agent, CNI: agent},
-		"bad certs":      {Agent: agent, CNI: agent, Arch: "amd64", CACerts: script},
+	arm := fakeELF(t, dir, "arm", "arm64", false, "x")
+	for name, c := range map[string]struct {
+		s    Spec
+		want string
+	}{
+		"missing binary": {Spec{Agent: filepath.Join(dir, "nope"), CNI: agent, Arch: "amd64"}, "make build"},
+		"not ELF":        {Spec{Agent: script, CNI: agent, Arch: "amd64"}, "not an ELF"},
+		"truncated ELF":  {Spec{Agent: truncated, CNI: agent, Arch: "amd64"}, "ELF header"},
+		"dynamic":        {Spec{Agent: agent, CNI: dynamic, Arch: "amd64"}, "dynamically linked"},
+		"interpreter":    {Spec{Agent: interp, CNI: agent, Arch: "amd64"}, "interpreter"},
+		"no arch":        {Spec{Agent: agent, CNI: agent}, "no architecture"},
+		"unknown arch":   {Spec{Agent: agent, CNI: agent, Arch: "mips"}, "not one of"},
+		"arm64 as amd64": {Spec{Agent: agent, CNI: arm, Arch: "amd64"}, "GOARCH=amd64"},
+		"amd64 as arm64": {Spec{Agent: arm, CNI: agent, Arch: "arm64"}, "built for EM_X86_64"},
+		"bad certs":      {Spec{Agent: agent, CNI: agent, Arch: "amd64", CACerts: script}, "PEM"},
+		"missing certs":  {Spec{Agent: agent, CNI: agent, Arch: "amd64", CACerts: filepath.Join(dir, "nope.pem")}, "CA certificates"},
 	} {
-		if _, err := Build(s); err == nil {
-			t.Errorf("%s: built anyway", name)
+		_, err := Build(c.s)
+		if err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%s: got %v, want an error saying %q", name, err, c.want)
 		}
 	}
 	if err := run(Spec{Agent: agent, CNI: agent, Arch: "amd64"}, "Not A Valid::Tag", filepath.Join(dir, "x.tar")); err == nil {
 		t.Error("bad tag accepted")
 	}
 }
+
+// The single-platform docker-archive of `make image` is what it was
+// before the multi-platform image came: same inputs, same digest (the
+// value was computed by the hack/image of commit 5b0da7e from these
+// stand-ins). The e2e suites and the docs load this image.
+func TestSinglePlatformDigestUnchanged(t *testing.T) {
+	dir := t.TempDir()
+	agent := tinyStatic(t, dir, "agent", "i am the agent")
+	cni := tinyStatic(t, dir, "cni", "i am the plugin")
+	certs := filepath.Join(dir, "certs.pem")
+	if err := os.WriteFile(certs, []byte("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("SOURCE_DATE_EPOCH", "")
+	out := filepath.Join(dir, "img.tar")
+	if err := run(Spec{Agent: agent, CNI: cni, CACerts: certs, Arch: "amd64", Version: "test"}, "docker.io/ambit-mesh/ambit:dev", out); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := fmt.Sprintf("%x", sha256.Sum256(b)); got != singlePlatformTarSHA256 {
+		t.Errorf("bin/ambit-image.tar changed: sha256 %s, was %s", got, singlePlatformTarSHA256)
+	}
+}
+
+const singlePlatformTarSHA256 = "a47117b1a08ae0aa6c3b1bd0841c0fb756c1ec149bc5308e648882bd4ecaf3c1"
 
 func keys[V any](m map[string]V) []string {
 	var out []string

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -138,5 +139,80 @@ func TestPodmanInstallerFromImage(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(bin, "ambit-cni")); !os.IsNotExist(err) {
 		t.Fatalf("plugin binary left on the host: %v", err)
+	}
+}
+
+// The multi-platform archive loads where users load images: `podman load`
+// takes the host's platform from the index, under the tag, and runs the
+// real agent and plugin from it; `podman pull --platform` takes the other
+// one. The host's binaries are real; the other platform's are stand-ins
+// with its ELF header (this machine cannot run them; the registry test
+// and TestMultiPlatformArchive check what each platform holds).
+func TestPodmanLoadsMultiPlatformImage(t *testing.T) {
+	testenv.RequireRoot(t)
+	if _, err := exec.LookPath("podman"); err != nil {
+		t.Fatalf("podman is required (make deps installs it): %v", err)
+	}
+	other := map[string]string{"amd64": "arm64"}[runtime.GOARCH]
+	if other == "" {
+		other = "amd64"
+	}
+	dir := t.TempDir()
+	for _, bin := range []string{"ambit-agent", "ambit-cni"} {
+		os.MkdirAll(filepath.Join(dir, "linux_"+runtime.GOARCH), 0o755)
+		if err := os.Symlink(testenv.Binary(t, bin), filepath.Join(dir, "linux_"+runtime.GOARCH, bin)); err != nil {
+			t.Fatal(err)
+		}
+		fakeELF(t, dir, "linux_"+other+"/"+bin, other, false, bin+" for "+other)
+	}
+	b := make([]byte, 4)
+	rand.Read(b)
+	tag := "localhost/ambit-image-test:multi-" + hex.EncodeToString(b)
+	out := filepath.Join(t.TempDir(), "multi.tar")
+	m := MultiSpec{
+		Platforms: []Platform{{OS: "linux", Arch: "amd64"}, {OS: "linux", Arch: "arm64"}},
+		Agent:     filepath.Join(dir, "{platform}", "ambit-agent"),
+		CNI:       filepath.Join(dir, "{platform}", "ambit-cni"),
+		CACerts:   "/etc/ssl/certs/ca-certificates.crt",
+		Version:   "test",
+	}
+	err := runIndex(m, tag, out, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// runIndex dated the images from SOURCE_DATE_EPOCH, as this does.
+	if m.Created, err = created(); err != nil {
+		t.Fatal(err)
+	}
+	idx, err := BuildIndex(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, _ := idx.Digest()
+	t.Cleanup(func() { podman("rmi", "-f", tag) })
+	if o, err := podman("load", "-i", out); err != nil || !strings.Contains(o, "Loaded image: "+tag) {
+		t.Fatalf("podman load: %v\n%s", err, o)
+	}
+	o, err := podman("image", "inspect", "--format", "{{.Os}}/{{.Architecture}} {{.Digest}}", tag)
+	if err != nil || strings.TrimSpace(o) != "linux/"+runtime.GOARCH+" "+want.String() {
+		t.Fatalf("loaded image: %v %q, want linux/%s %s", err, o, runtime.GOARCH, want)
+	}
+	o, err = podman(append(runArgs, tag, "help")...)
+	if err != nil || !strings.Contains(o, "usage: ambit-agent") {
+		t.Fatalf("running the agent from the multi-platform image: %v\n%s", err, o)
+	}
+	o, err = podman(append(runArgs, "-e", "CNI_COMMAND=VERSION", "--entrypoint", CNIPath, tag)...)
+	if err != nil || !strings.Contains(o, `"supportedVersions"`) {
+		t.Fatalf("running the plugin from the multi-platform image: %v\n%s", err, o)
+	}
+	if o, err := podman("rmi", "-f", tag); err != nil {
+		t.Fatalf("podman rmi: %v\n%s", err, o)
+	}
+	if o, err := podman("pull", "--platform", "linux/"+other, "oci-archive:"+out); err != nil {
+		t.Fatalf("podman pull --platform linux/%s: %v\n%s", other, err, o)
+	}
+	o, err = podman("image", "inspect", "--format", "{{.Os}}/{{.Architecture}}", tag)
+	if err != nil || strings.TrimSpace(o) != "linux/"+other {
+		t.Fatalf("pulled for linux/%s: %v %q", other, err, o)
 	}
 }
