@@ -430,10 +430,6 @@ func (c *Conn) Close() error {
 // keepalive PINGs (which carry a timestamp) by its first byte.
 var shutdownPing = [8]byte{0xff, 'g', 'o', 'a', 'w', 'a', 'y', 0}
 
-// shutdownPingWait bounds the wait for the peer's acknowledgement of
-// Shutdown's PING; a peer that never answers gets the final GOAWAY then.
-const shutdownPingWait = 2 * time.Second
-
 // Shutdown sends GOAWAY (no new streams), waits until the open streams
 // end or ctx does, then closes.
 //
@@ -443,11 +439,14 @@ const shutdownPingWait = 2 * time.Second
 // HEADERS before it read the first GOAWAY; those arrive before the ACK
 // and are served. One GOAWAY alone refused them (or closed under them),
 // and the app behind such a stream saw a reset: the agent upgrade's
-// race.
+// race. The ACK is waited for as long as keepalive waits for any PING's
+// answer (PingTimeout), then the peer is taken for gone: a fixed 2 s
+// before refused a slow peer's streams (TestShutdownWaitsForALateAck),
+// on a busy node, when agents restart. ctx bounds it too.
 func (c *Conn) Shutdown(ctx context.Context) error {
 	if !c.client {
 		c.queueCtl(append(appendGoAway(nil, 1<<31-1, ErrCodeNo, ""), appendFrame(nil, framePing, 0, 0, shutdownPing[:])...))
-		t := time.NewTimer(shutdownPingWait)
+		t := time.NewTimer(c.cfg.PingTimeout)
 		select {
 		case <-c.shutdownAck:
 		case <-c.done:

@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
+	"net"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -188,5 +190,95 @@ func TestConnEndKeepsCompleteAnswer(t *testing.T) {
 	}
 	if err := st.CloseWrite(); err == nil {
 		t.Fatal("CloseWrite on a stream of a closed connection succeeded")
+	}
+}
+
+// stallConn delays, once armed (stall), the first of its reads that
+// returns anything: the client's read loop, and so its answer to the
+// server's shutdown PING, comes late while the client's writers go on.
+type stallConn struct {
+	net.Conn
+	stall   atomic.Int64 // how long, in ns
+	stalled chan struct{}
+}
+
+func (c *stallConn) Read(b []byte) (int, error) {
+	n, err := c.Conn.Read(b)
+	if d := c.stall.Swap(0); d > 0 {
+		close(c.stalled)
+		time.Sleep(time.Duration(d))
+	}
+	return n, err
+}
+
+// TestShutdownWaitsForALateAck: a client whose read loop is held up (a
+// busy node: every goroutine of the agent waits for the CPU) answers the
+// server's shutdown PING late, and until it has read the first GOAWAY it
+// opens streams as before. Those go out ahead of its ACK, so the server
+// serves them: it waits for the ACK as long as keepalive waits for any
+// PING's (PingTimeout), not a fixed 2 s. Before, 2 s after the PING the
+// server sent its final GOAWAY without the ACK and, with no stream
+// open, closed the connection: a stream the client opened 2.5 s into a
+// 3 s stall failed with "connection closed", as
+// TestShutdownRefusesNoOpenedStream's streams did when a loaded -race
+// run held the client's reader past 2 s.
+func TestShutdownWaitsForALateAck(t *testing.T) {
+	sc := &stallConn{stalled: make(chan struct{})}
+	c, srv := serveWrapped(t, Config{}, echoHandler, func(addr string) string { return addr }, func(raw net.Conn, server bool) net.Conn {
+		if server {
+			return raw
+		}
+		sc.Conn = raw
+		return sc
+	})
+	msg := []byte("opened before the client read the first GOAWAY")
+	echo := func(s *Stream) error {
+		if _, err := s.Write(msg); err != nil {
+			return err
+		}
+		if err := s.CloseWrite(); err != nil {
+			return err
+		}
+		if st, _, err := s.Response(context.Background()); err != nil || st != 200 {
+			return fmt.Errorf("response %d, %v", st, err)
+		}
+		got, err := io.ReadAll(s)
+		if err == nil && !bytes.Equal(got, msg) {
+			err = fmt.Errorf("echo %q", got)
+		}
+		return err
+	}
+	s, err := c.OpenStream("10.0.0.1:80", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := echo(s); err != nil {
+		t.Fatalf("the first stream: %v", err)
+	}
+	s.Close()
+	s1 := srv()
+	sc.stall.Store(int64(3 * time.Second))
+	shut := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+		defer cancel()
+		shut <- s1.Shutdown(ctx)
+	}()
+	select {
+	case <-sc.stalled: // the client's reader has the GOAWAY and the PING, and waits
+	case <-time.After(10 * time.Second):
+		t.Fatal("the client read nothing of the shutdown within 10 s")
+	}
+	time.Sleep(2500 * time.Millisecond)
+	s, err = c.OpenStream("10.0.0.1:80", nil)
+	if err != nil {
+		t.Fatalf("open during the stall (the client has not read the GOAWAY): %v", err)
+	}
+	if err := echo(s); err != nil {
+		t.Errorf("a stream opened before the client read the GOAWAY: %v", err)
+	}
+	s.Close()
+	if err := <-shut; err != nil {
+		t.Errorf("shutdown: %v", err)
 	}
 }
