@@ -14,4 +14,17 @@
 //	    -tag docker.io/ambit-mesh/ambit:dev -o bin/ambit-image.tar
 //
 // `make image` runs exactly that after `make build`.
+//
+// With -platforms it builds one image per platform and an OCI image index
+// over them (mixed amd64 + arm64 clusters: each node's runtime takes its
+// own platform from one reference), written as an OCI layout archive and,
+// with -push REF, pushed to a registry:
+//
+//	go run ./hack/image -platforms "linux/amd64 linux/arm64" \
+//	    -agent 'bin/{platform}/ambit-agent' -cni 'bin/{platform}/ambit-cni' \
+//	    -tag docker.io/ambit-mesh/ambit:dev -o bin/ambit-image-multiarch.tar
+//
+// `make image-multiarch` cross-compiles into bin/linux_amd64/,
+// bin/linux_arm64/ and runs that. Each binary's ELF header must name its
+// platform's architecture: a mislabelled one would only fail on the node.
 package main
