@@ -79,8 +79,9 @@ func TestAddHostRunBoundIsAHostRuleError(t *testing.T) {
 // staleView is the cluster view with an API status that still names a
 // previous sandbox's IPs for one pod (the view lags the runtime). The
 // pod is not among the running pods the agent's own loop enrolls, as
-// for a pod whose sandbox is being created: that loop would locate the
-// pod by the stale IP in the other pod's netns.
+// for a pod whose sandbox is being created, so the tests using it see
+// the ADD alone (that loop refuses the other pod's netns now:
+// TestLiveEnrollNeverTakesAnotherPodsNetns).
 type staleView struct {
 	*inventory.Source
 	name string

@@ -83,11 +83,20 @@ func (a *Agent) adoptLocked(ctx context.Context, rec state.Pod, scan *lazyScan) 
 	start := time.Now()
 	orig := rec
 	podName := rec.Namespace + "/" + rec.Name
-	f, rec, err := a.locate(rec, rec.IPs, rec.UID, scan)
+	f, rec, err := a.locate(rec, podKey{rec.Namespace, rec.Name, rec.UID}, rec.IPs, scan)
 	if err != nil {
 		if errors.Is(err, errNotRunning) {
 			a.log.Info("recorded pod is gone, forgetting it", "pod", podName, "err", err)
 			a.store.Delete(rec.ContainerID)
+			return nil
+		}
+		if reasonOf(err) == reasonNetnsOwner {
+			// Its sandbox went while no agent ran and its IP is another
+			// pod's now: not that pod's namespace to serve it in.
+			// Status says why; the live enrollment looks again.
+			a.m.failures.WithLabelValues(reasonNetnsOwner).Inc()
+			a.setStatus(cluster.Pod{Namespace: rec.Namespace, Name: rec.Name, UID: rec.UID, IPs: rec.IPs}, "failed", eventNetnsOwner, message(err))
+			a.log.Warn("recorded pod's IPs are in another pod's netns; not adopting it there, keeping the record for the next pass", "pod", podName, "err", err)
 			return nil
 		}
 		a.log.Warn("recorded pod's netns not found; keeping the record for the next pass", "pod", podName, "err", err)
@@ -152,7 +161,14 @@ func (a *Agent) adoptLocked(ctx context.Context, rec state.Pod, scan *lazyScan) 
 	if err := a.serve(p, f, wl, false); err != nil {
 		f.Close()
 		a.m.failures.WithLabelValues(reasonOf(err)).Inc()
-		a.setStatus(cp, "failed", "AdoptionFailed", err.Error())
+		why := "AdoptionFailed"
+		if reasonOf(err) == reasonNetnsOwner {
+			// Another pod is served there: the record keeps naming
+			// the namespace it named.
+			why = eventNetnsOwner
+			p.rec.Netns, p.rec.NetnsInode = orig.Netns, orig.NetnsInode
+		}
+		a.setStatus(cp, "failed", why, err.Error())
 		a.log.Error("re-adopting pod failed; its connections are refused until it is fixed", "pod", podName, "err", err)
 		return nil
 	}

@@ -113,6 +113,10 @@ type Agent struct {
 	mu     sync.Mutex
 	byCID  map[string]*pod // container ID → pod
 	byName map[string]*pod // namespace/name → the latest sandbox
+	// claims are the pods served in each network namespace (by inode,
+	// held open while served): a namespace found by a pod's IPs is
+	// never taken while another pod is served in it (netnsowner.go).
+	claims map[uint64][]*netnsClaim
 	// toVerify are re-adopted pods whose rules are checked after ready,
 	// by verifyAdopted; verifyTaken: it has taken them, and pods the
 	// watcher adopts since are checked by the watcher (peers.go).
@@ -152,6 +156,8 @@ type pod struct {
 	// afterDrain runs on the netns once established connections are
 	// drained, before the netns is let go (removes the drain guard).
 	afterDrain func(*os.File)
+	// claim: p is served in its namespace (claimNetns), until release.
+	claim *netnsClaim
 }
 
 func (p *pod) enrolled() bool { return p.serve != nil }
@@ -657,8 +663,22 @@ func (a *Agent) specFor(ips []netip.Addr, netns *os.File) redirect.Spec {
 // until success, when p owns it. atAdd: called from the CNI ADD, before
 // any container of the pod runs (no app socket to look for after the
 // binds), which adds the host's probe entries itself, by the request's
-// deadline (addHostRules).
-func (a *Agent) serve(p *pod, f *os.File, wl tunnel.Workload, atAdd bool) error {
+// deadline (addHostRules). Otherwise (live enrollment, re-adoption) the
+// namespace was found by the pod's IPs and is refused if another pod is
+// served in it (claimNetns); an ADD takes its namespace whatever, and
+// pods found in it before are let go (evictFromNetns).
+func (a *Agent) serve(p *pod, f *os.File, wl tunnel.Workload, atAdd bool) (err error) {
+	others, err := a.claimNetns(p, f, !atAdd)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if err != nil {
+			a.unclaimNetns(p)
+		} else if len(others) > 0 {
+			a.evictFromNetns(others, wl.Namespace+"/"+wl.Name)
+		}
+	}()
 	if a.certs != nil {
 		if err := a.certs.Prefetch(wl.Identity); err != nil {
 			return &failure{"certificate", err}
@@ -748,6 +768,9 @@ func (a *Agent) release(ctx context.Context, p *pod) {
 	s, n, f, after := p.serve, p.net, p.netns, p.afterDrain
 	p.serve, p.net, p.netns, p.afterDrain, p.lns = nil, nil, nil, nil, nil
 	a.m.enrolled.Dec()
+	// The namespace is held (f) until the end below: no new namespace
+	// can have its inode meanwhile.
+	defer a.unclaimNetns(p)
 	if a.keeper != nil && !a.stopping.Load() {
 		// First, so closing our listeners closes the sockets. (At
 		// shutdown PruneAll did it for every pod.)
@@ -784,6 +807,9 @@ func (a *Agent) releaseAsync(p *pod) {
 	// Detach now so a new sandbox or a re-enroll does not see it.
 	cp := &pod{rec: p.rec, netns: p.netns, net: p.net, serve: p.serve, afterDrain: p.afterDrain}
 	p.serve, p.net, p.netns, p.afterDrain, p.lns = nil, nil, nil, nil, nil
+	a.mu.Lock()
+	cp.claim, p.claim = p.claim, nil
+	a.mu.Unlock()
 	a.closing.Add(1)
 	go func() {
 		defer a.closing.Done()

@@ -182,6 +182,12 @@ func (a *Agent) add(ctx context.Context, req *cniproto.Request, f *os.File, chec
 	}
 	spec := a.specFor(ips, f)
 	wl := a.workload(cp)
+	// The tunnel knows the pod by the record's IPs, the sandbox's own
+	// (the request's, else the view's), as the host entries do: the
+	// view's may still name a previous sandbox's, given since to
+	// another pod, and the tunnel reset traffic to the pod's real IP as
+	// another pod's (TestAddServesTheSandboxsIPs).
+	wl.IPs = slices.Clone(p.rec.IPs)
 	p.spec = spec
 	p.rec.Identity, p.rec.IPv4, p.rec.IPv6 = wl.Identity, spec.IPv4, spec.IPv6
 	if err := a.serve(p, f, wl, true); err != nil {

@@ -23,6 +23,14 @@ const (
 	eventPortInUse    = "ReservedPortInUse"
 )
 
+// Failure reason (metric label, Event reason) of a pod whose IPs, as the
+// view or its record gives them, are in another pod's network namespace
+// (netnsowner.go).
+const (
+	reasonNetnsOwner = "netns-owner"
+	eventNetnsOwner  = "NetnsOfAnotherPod"
+)
+
 // reservedPorts lists the agent's listener ports, for messages.
 func (a *Agent) reservedPorts() []uint16 {
 	return []uint16{a.spec.OutboundPort, a.spec.InboundPort, a.spec.HBONEPort}
@@ -83,7 +91,7 @@ func (a *Agent) portInUse(cp cluster.Pod, err error) error {
 // the failure without its metric reason in front.
 func message(err error) string {
 	var f *failure
-	if errors.As(err, &f) && (f.reason == reasonReservedPort || f.reason == reasonPortInUse) {
+	if errors.As(err, &f) && (f.reason == reasonReservedPort || f.reason == reasonPortInUse || f.reason == reasonNetnsOwner) {
 		return f.err.Error()
 	}
 	return err.Error()
@@ -96,6 +104,8 @@ func eventReason(err error) string {
 		return eventReservedPort
 	case reasonPortInUse:
 		return eventPortInUse
+	case reasonNetnsOwner:
+		return eventNetnsOwner
 	}
 	return "EnrollmentFailed"
 }

@@ -303,7 +303,7 @@ func (a *Agent) enrollLive(ctx context.Context, cp cluster.Pod, p *pod, scan *la
 	if p != nil {
 		rec = p.rec
 	}
-	f, rec, err := a.locate(rec, ips, cp.UID, scan)
+	f, rec, err := a.locate(rec, podKey{cp.Namespace, cp.Name, cp.UID}, ips, scan)
 	if err != nil {
 		return err
 	}
@@ -318,8 +318,12 @@ func (a *Agent) enrollLive(ctx context.Context, cp cluster.Pod, p *pod, scan *la
 	spec := a.specFor(ips, f)
 	wl := a.workload(cp)
 	rec.Identity, rec.IPv4, rec.IPv6 = wl.Identity, spec.IPv4, spec.IPv6
+	prev := p.rec
 	p.rec, p.spec = rec, spec
 	if err := a.serve(p, f, wl, false); err != nil {
+		// The record keeps the namespace it named: the one refused
+		// may be another pod's.
+		p.rec = prev
 		f.Close()
 		return err
 	}
@@ -387,18 +391,30 @@ func (a *Agent) rewriteRecord(rec state.Pod, fresh bool) {
 	}
 }
 
-// locate opens a pod's netns: the recorded path when it is still the same
-// namespace (inode) and holds a pod IP, else the /proc scan.
-func (a *Agent) locate(rec state.Pod, ips []netip.Addr, uid string, scan *lazyScan) (*os.File, state.Pod, error) {
-	return locateNetns(a.cfg.ProcRoot, rec, ips, uid, scan)
+// locate opens the netns of pod k: the recorded path when it is still
+// the same namespace (inode) and holds a pod IP, else the /proc scan. A
+// namespace found by the IPs alone is refused when it is another pod's
+// (netnsowner.go).
+func (a *Agent) locate(rec state.Pod, k podKey, ips []netip.Addr, scan *lazyScan) (*os.File, state.Pod, error) {
+	return locateNetns(a.cfg.ProcRoot, rec, ips, k.uid, scan, func(ino uint64) error { return a.netnsTaken(ino, k, ips) })
 }
 
-func locateNetns(procRoot string, rec state.Pod, ips []netip.Addr, uid string, scan *lazyScan) (*os.File, state.Pod, error) {
+// locateNetns is locate; taken (nil: none) refuses a namespace the
+// record's inode does not vouch for, found by ips, that is another pod's.
+func locateNetns(procRoot string, rec state.Pod, ips []netip.Addr, uid string, scan *lazyScan, taken func(ino uint64) error) (*os.File, state.Pod, error) {
 	if rec.Netns != "" {
 		if f, err := os.Open(rec.Netns); err == nil {
 			ino, ierr := netnsfind.Inode(f)
 			ok, herr := netnsfind.HoldsAny(f, ips)
 			if ierr == nil && herr == nil && ok && (rec.NetnsInode == 0 || ino == rec.NetnsInode) {
+				if rec.NetnsInode == 0 && taken != nil {
+					// A record without an inode: its path may name
+					// another sandbox's namespace by now.
+					if err := taken(ino); err != nil {
+						f.Close()
+						return nil, rec, err
+					}
+				}
 				rec.NetnsInode = ino
 				return f, rec, nil
 			}
@@ -414,6 +430,9 @@ func locateNetns(procRoot string, rec state.Pod, ips []netip.Addr, uid string, s
 		if errors.Is(err, netnsfind.ErrNotFound) {
 			return nil, rec, fmt.Errorf("%w: %v", errNotRunning, err)
 		}
+		if errors.Is(err, netnsfind.ErrOtherPod) {
+			return nil, rec, &failure{reasonNetnsOwner, err}
+		}
 		return nil, rec, &failure{"netns", err}
 	}
 	f, err := os.Open(n.Path)
@@ -423,6 +442,12 @@ func locateNetns(procRoot string, rec state.Pod, ips []netip.Addr, uid string, s
 	if ino, err := netnsfind.Inode(f); err != nil || ino != n.Inode {
 		f.Close()
 		return nil, rec, &failure{"netns", fmt.Errorf("%s changed while it was opened", n.Path)}
+	}
+	if taken != nil {
+		if err := taken(n.Inode); err != nil {
+			f.Close()
+			return nil, rec, err
+		}
 	}
 	if n.Inode != rec.NetnsInode {
 		// Not the namespace the record was written for: what the

@@ -48,7 +48,10 @@ func UnenrollAll(ctx context.Context, stateDir, procRoot string, rules Redirecto
 			continue
 		}
 		name := rec.Namespace + "/" + rec.Name
-		f, rec, err := locateNetns(procRoot, rec, rec.IPs, rec.UID, &scan)
+		// A namespace found by the IPs that another record names is
+		// that pod's, left to its own record.
+		k := podKey{rec.Namespace, rec.Name, rec.UID}
+		f, rec, err := locateNetns(procRoot, rec, rec.IPs, rec.UID, &scan, func(ino uint64) error { return recordedIn(recs, ino, k, rec.IPs) })
 		if err != nil {
 			if errors.Is(err, errNotRunning) {
 				st.Delete(rec.ContainerID)
