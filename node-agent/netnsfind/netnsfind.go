@@ -306,9 +306,15 @@ func (sc *Scan) podUIDs(n *Namespace) []string {
 //	cgroupfs: .../kubepods/burstable/pod<uid>/<container>
 //	systemd:  .../kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid with _ for ->.slice/...
 //
-// UIDs are given with '-' and in lower case. Only components below a
-// kubepods one count, and only a UID of the Kubernetes form (a UUID): a
-// "podman.slice" or a user's "pods" directory names no pod.
+// UIDs are given with '-' and in lower case. Only a UID of the Kubernetes
+// form (a UUID) counts, and only in a kubelet pod cgroup: a cgroupfs
+// pod<uid> below a kubepods component, a systemd slice whose name has a
+// kubepods part (with a cgroupRoot, kind's /kubelet, the slices are
+// kubelet-kubepods-...: every slice spells its ancestry). A path read
+// from a cgroup namespace of our own (the agent's container on cgroup
+// v2 gets one) is relative to our cgroup: it starts with "..", the
+// kubepods ancestors hidden above them, and a pod<uid> after them
+// counts. A "podman.slice" or a user's "pods" directory names no pod.
 func PodUIDsOfCgroup(content string) []string {
 	var out []string
 	for line := range strings.Lines(content) {
@@ -319,17 +325,14 @@ func PodUIDsOfCgroup(content string) []string {
 		}
 		under := false
 		for c := range strings.SplitSeq(parts[2], "/") {
-			if strings.HasPrefix(c, "kubepods") {
+			if c == ".." || strings.HasPrefix(c, "kubepods") {
 				under = true
 			}
-			if !under {
-				continue
-			}
 			var u string
-			if rest, ok := strings.CutPrefix(c, "pod"); ok {
+			if name, ok := strings.CutSuffix(c, ".slice"); ok {
+				u = podOfSlice(name)
+			} else if rest, ok := strings.CutPrefix(c, "pod"); ok && under {
 				u = rest
-			} else if i := strings.LastIndex(c, "-pod"); i >= 0 && strings.HasSuffix(c, ".slice") {
-				u = strings.TrimSuffix(c[i+len("-pod"):], ".slice")
 			}
 			u = strings.ToLower(strings.ReplaceAll(u, "_", "-"))
 			if isUUID(u) && !slices.Contains(out, u) {
@@ -338,6 +341,18 @@ func PodUIDsOfCgroup(content string) []string {
 		}
 	}
 	return out
+}
+
+// podOfSlice returns the UID part of a kubelet pod slice's name,
+// [prefix-]kubepods[-qos]-pod<uid_>, "" for any other slice. The UID is
+// spelt with '_', so the name's last '-' part is it.
+func podOfSlice(name string) string {
+	ps := strings.Split(name, "-")
+	last := ps[len(ps)-1]
+	if len(ps) < 2 || !strings.HasPrefix(last, "pod") || !slices.Contains(ps[:len(ps)-1], "kubepods") {
+		return ""
+	}
+	return last[len("pod"):]
 }
 
 // isUUID tells the 8-4-4-4-12 hexadecimal form of a Kubernetes UID.

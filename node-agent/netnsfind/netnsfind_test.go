@@ -324,6 +324,11 @@ func TestFindRefusesAnotherPodsNamespace(t *testing.T) {
 		{"no pod cgroup (podman, the demo)", webUID, []string{"0::/user.slice/user-0.slice/session-4.scope\n"}, "", nil},
 		{"the scanner's own run alone (its cgroup)", webUID, []string{systemdCgroup(agentUID)}, systemdCgroup(agentUID), nil},
 		{"no UID asked for", "", []string{systemdCgroup(otherUID)}, "", nil},
+		// The agent's container on cgroup v2 has a cgroup namespace of
+		// its own: paths are relative to its cgroup, "0::/" its own.
+		{"cgroupfs driver on cgroup v2, read from the agent's cgroup namespace", webUID, []string{"0::/../../../besteffort/pod" + otherUID + "/4b1f9e0c2d7a\n"}, "0::/\n", ErrOtherPod},
+		{"kind (systemd, cgroupRoot /kubelet), read from the agent's cgroup namespace", webUID, []string{"0::/../../../kubelet-kubepods-besteffort.slice/kubelet-kubepods-besteffort-pod" + strings.ReplaceAll(otherUID, "-", "_") + ".slice/cri-containerd-4b1f9e0c2d7a.scope\n"}, "0::/\n", ErrOtherPod},
+		{"the scanner's own run alone, in its cgroup namespace", webUID, []string{"0::/\n"}, "0::/\n", nil},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ip := uniqueIP()
@@ -362,6 +367,18 @@ func TestPodUIDsOfCgroup(t *testing.T) {
 		{"cgroupfs v1", cgroupfsCgroup(otherUID), []string{otherUID}},
 		{"cgroupfs under a cgroup root", "0::/kubelet/kubepods/pod" + otherUID + "/abc\n", []string{otherUID}},
 		{"upper case", "0::/kubepods/pod" + strings.ToUpper(otherUID) + "/abc\n", []string{otherUID}},
+		// systemd with a cgroupRoot (kind: /kubelet): every slice name
+		// spells its ancestry, kubepods not first.
+		{"systemd under a cgroup root", "0::/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/kubelet-kubepods-besteffort-pod" + strings.ReplaceAll(otherUID, "-", "_") + ".slice/cri-containerd-1.scope\n", []string{otherUID}},
+		// Read from a cgroup namespace of its own (the agent's container
+		// on cgroup v2): the path is relative to the agent's cgroup and
+		// the kubepods ancestors are hidden above the "..".
+		{"cgroupfs seen from a cgroup namespace, same QoS", "0::/../../pod" + otherUID + "/abc\n", []string{otherUID}},
+		{"cgroupfs seen from a cgroup namespace, other QoS", "0::/../../../besteffort/pod" + otherUID + "/abc\n", []string{otherUID}},
+		{"systemd seen from a cgroup namespace", "0::/../../../kubepods-besteffort.slice/kubepods-besteffort-pod" + strings.ReplaceAll(otherUID, "-", "_") + ".slice/cri-containerd-1.scope\n", []string{otherUID}},
+		{"kind, systemd, seen from a cgroup namespace", "0::/../../../kubelet-kubepods-besteffort.slice/kubelet-kubepods-besteffort-pod" + strings.ReplaceAll(otherUID, "-", "_") + ".slice/cri-containerd-1.scope\n", []string{otherUID}},
+		{"not a kubepods slice", "0::/machine.slice/machine-pod" + strings.ReplaceAll(otherUID, "-", "_") + ".slice\n", nil},
+		{"podman seen from a cgroup namespace", "0::/../../machine.slice/libpod-" + strings.Repeat("a", 64) + ".scope\n", nil},
 		{"no kubepods", "0::/pod" + otherUID + "/x\n", nil},
 		{"podman", "0::/user.slice/user-1000.slice/user@1000.service/user.slice/libpod-pod-1.slice/podman-1.scope\n", nil},
 		{"not a UID", "0::/kubepods/podman/x\n", nil},
@@ -372,4 +389,22 @@ func TestPodUIDsOfCgroup(t *testing.T) {
 			t.Errorf("%s: %v, want %v", tc.name, got, tc.want)
 		}
 	}
+}
+
+// FuzzPodUIDsOfCgroup: whatever a /proc/<pid>/cgroup holds, the parse
+// never panics and names only lower-case UUIDs, each once.
+func FuzzPodUIDsOfCgroup(f *testing.F) {
+	f.Add(systemdCgroup(otherUID))
+	f.Add(cgroupfsCgroup(otherUID))
+	f.Add("0::/../../pod" + otherUID + "/abc\n")
+	f.Add("0::/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-pod" + strings.ReplaceAll(otherUID, "-", "_") + ".slice\n")
+	f.Add("0::/-.slice\n1:a:/kubepods/pod\n::\n")
+	f.Fuzz(func(t *testing.T, content string) {
+		got := PodUIDsOfCgroup(content)
+		for i, u := range got {
+			if !isUUID(u) || slices.Contains(got[:i], u) {
+				t.Fatalf("%q: %v", content, got)
+			}
+		}
+	})
 }
