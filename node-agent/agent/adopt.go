@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -154,6 +155,13 @@ func (a *Agent) adoptLocked(ctx context.Context, rec state.Pod, scan *lazyScan) 
 	}
 	p.spec = spec
 	wl := a.workload(cp)
+	if len(rec.IPs) > 0 {
+		// The record's IPs, as at ADD: the ones its namespace was found
+		// by and its host entries name. The view's may still be a
+		// previous sandbox's, and the tunnel reset traffic to the pod's
+		// real IP as another pod's (TestReadoptionServesTheRecordsIPs).
+		wl.IPs = slices.Clone(rec.IPs)
+	}
 	if wl.Identity != rec.Identity && rec.Identity != "" && cp.ServiceAccount == "" {
 		wl.Identity = rec.Identity
 	}
