@@ -204,6 +204,18 @@ type Conn struct {
 	// shutdownAck is closed when the peer acknowledges Shutdown's PING.
 	shutdownAck     chan struct{}
 	shutdownAckOnce sync.Once
+	// Shutdown's steps happen once whoever calls it and how often (the
+	// agent's idle or stale-peer close, then the pod's Close, on the
+	// same connection): firstStep queues the GOAWAY(2^31-1) and the
+	// PING; finalSent (under mu) says the final GOAWAY, naming
+	// finalLast, is queued. A GOAWAY's last stream id must never go up
+	// (RFC 9113 §6.8; nghttp2 and h2, ztunnel's, close the connection
+	// with PROTOCOL_ERROR): a second Shutdown sent GOAWAY(2^31-1) after
+	// the final GOAWAY, then a final one naming streams refused since
+	// (TestShutdownTwiceNeverRaisesGoAway).
+	firstStep sync.Once
+	finalSent bool
+	finalLast uint32
 
 	handler func(*Stream)
 	done    chan struct{}
@@ -444,8 +456,15 @@ var shutdownPing = [8]byte{0xff, 'g', 'o', 'a', 'w', 'a', 'y', 0}
 // before refused a slow peer's streams (TestShutdownWaitsForALateAck),
 // on a busy node, when agents restart. ctx bounds it too.
 func (c *Conn) Shutdown(ctx context.Context) error {
-	if !c.client {
-		c.queueCtl(append(appendGoAway(nil, 1<<31-1, ErrCodeNo, ""), appendFrame(nil, framePing, 0, 0, shutdownPing[:])...))
+	c.mu.Lock()
+	final := c.finalSent
+	c.mu.Unlock()
+	if !c.client && !final {
+		// A second caller waits for the first's PING (its own would be
+		// acknowledged by the same once).
+		c.firstStep.Do(func() {
+			c.queueCtl(append(appendGoAway(nil, 1<<31-1, ErrCodeNo, ""), appendFrame(nil, framePing, 0, 0, shutdownPing[:])...))
+		})
 		t := time.NewTimer(c.cfg.PingTimeout)
 		select {
 		case <-c.shutdownAck:
@@ -458,8 +477,14 @@ func (c *Conn) Shutdown(ctx context.Context) error {
 	c.mu.Lock()
 	last := c.lastPeerStream
 	c.goingAway = true
+	send := !c.finalSent
+	if send {
+		c.finalSent, c.finalLast = true, last
+	}
 	c.mu.Unlock()
-	c.queueCtl(appendGoAway(nil, last, ErrCodeNo, ""))
+	if send {
+		c.queueCtl(appendGoAway(nil, last, ErrCodeNo, ""))
+	}
 	c.mu.Lock()
 	stop := context.AfterFunc(ctx, func() {
 		c.mu.Lock()
@@ -488,6 +513,10 @@ func (c *Conn) closeWith(err error, code ErrCode) {
 		streams = append(streams, s)
 	}
 	last := c.lastPeerStream
+	if c.finalSent {
+		// Not above Shutdown's final GOAWAY (see finalSent).
+		last = min(last, c.finalLast)
+	}
 	// Streams waiting for a handler are among streams: they end below
 	// and are skipped by handlerDone.
 	c.handlerQueue = nil
