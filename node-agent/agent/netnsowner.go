@@ -180,6 +180,15 @@ func (a *Agent) evictFromNetns(claims []*netnsClaim, by string) {
 			a.log.Warn("a pod was served in another pod's network namespace; releasing it", "pod", c.namespace+"/"+c.name, "sandbox", c.sandbox, "netnsInode", c.ino, "addOf", by)
 			a.forgetLocked(&cniproto.Request{Op: cniproto.OpDel, Pod: cniproto.Pod{Namespace: c.namespace, Name: c.name, UID: c.uid, ContainerID: c.sandbox}}, true)
 			a.m.failures.WithLabelValues(reasonNetnsOwner).Inc()
+			if c.namespace+"/"+c.name == by {
+				// A previous pod of the ADD's name (another UID):
+				// gone from the API, and the name's status is the
+				// ADD's pod's now. Set, "failed" for the old UID would
+				// replace the "enabled" the ADD asked for (one wanted
+				// state per name), and its write, refused for the
+				// UID, would drop both: the new pod never annotated.
+				return
+			}
 			a.setStatus(cluster.Pod{Namespace: c.namespace, Name: c.name, UID: c.uid}, "failed", eventNetnsOwner, msg)
 		}()
 	}

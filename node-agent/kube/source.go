@@ -338,6 +338,16 @@ func (s *Source) Pod(ctx context.Context, namespace, name string) (cluster.Pod, 
 			}
 		}
 	}
+	return s.LivePod(ctx, namespace, name)
+}
+
+// LivePod reads a pod from the API server, not the caches, with
+// Config.GetTimeout: an ADD whose sandbox's UID is not the cached pod's
+// (the pod deleted and made again under its name, the deletion not yet
+// seen by the informer) decides on the pod the sandbox is for. A pod
+// that does not exist is (Pod{}, false, nil).
+func (s *Source) LivePod(ctx context.Context, namespace, name string) (cluster.Pod, bool, error) {
+	key := namespace + "/" + name
 	gctx, cancel := context.WithTimeout(ctx, s.cfg.GetTimeout)
 	defer cancel()
 	p, err := s.cfg.Client.CoreV1().Pods(namespace).Get(gctx, name, metav1.GetOptions{})
