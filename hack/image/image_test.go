@@ -25,6 +25,42 @@ func tinyStatic(t *testing.T, dir, name, msg string) string {
 	return fakeELF(t, dir, name, "amd64", false, msg)
 }
 
+// singleInputs writes the stand-ins of a single-platform image's inputs
+// in dir: the agent's and the plugin's binaries (distinct contents) and
+// a CA bundle.
+func singleInputs(t *testing.T, dir string) (agent, cni, certs string) {
+	t.Helper()
+	return tinyStatic(t, dir, "agent", "i am the agent"), tinyStatic(t, dir, "cni", "i am the plugin"), writeCerts(t, dir)
+}
+
+// writeCerts writes a stand-in CA bundle, dir/certs.pem: one PEM block
+// is all the image's checks look at.
+func writeCerts(t *testing.T, dir string) string {
+	t.Helper()
+	certs := filepath.Join(dir, "certs.pem")
+	if err := os.WriteFile(certs, []byte("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return certs
+}
+
+// eachTarEntry calls fn for each entry of the tar stream r, with the
+// entry's contents to read; a broken stream fails the test.
+func eachTarEntry(t *testing.T, r io.Reader, fn func(h *tar.Header, contents io.Reader)) {
+	t.Helper()
+	tr := tar.NewReader(r)
+	for {
+		h, err := tr.Next()
+		if err == io.EOF {
+			return
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		fn(h, tr)
+	}
+}
+
 // fakeELF writes an ELF header for arch (what readStatic and a runtime
 // look at), an optional PT_INTERP program header (a dynamic binary), then
 // msg, so each stand-in is distinguishable by content.
@@ -59,12 +95,7 @@ func fakeELF(t *testing.T, dir, name, arch string, interp bool, msg string) stri
 // executable, plus the CA bundle. Building twice gives the same digest.
 func TestImageTarball(t *testing.T) {
 	dir := t.TempDir()
-	agent := tinyStatic(t, dir, "agent", "i am the agent")
-	cni := tinyStatic(t, dir, "cni", "i am the plugin")
-	certs := filepath.Join(dir, "certs.pem")
-	if err := os.WriteFile(certs, []byte("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	agent, cni, certs := singleInputs(t, dir)
 	out := filepath.Join(dir, "img.tar")
 	s := Spec{Agent: agent, CNI: cni, CACerts: certs, Arch: "amd64", Version: "test"}
 	if err := run(s, "ambit-mesh/ambit:test", out); err != nil {
@@ -87,19 +118,11 @@ func TestImageTarball(t *testing.T) {
 	}
 	files := map[string]*tar.Header{}
 	data := map[string][]byte{}
-	tr := tar.NewReader(mutate.Extract(img))
-	for {
-		h, err := tr.Next()
-		if err == io.EOF {
-			break
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
+	eachTarEntry(t, mutate.Extract(img), func(h *tar.Header, r io.Reader) {
 		n := strings.TrimSuffix(h.Name, "/")
 		files[n] = h
-		data[n], _ = io.ReadAll(tr)
-	}
+		data[n], _ = io.ReadAll(r)
+	})
 	for path, src := range map[string]string{AgentPath: agent, CNIPath: cni, CertsPath: certs} {
 		want, _ := os.ReadFile(src)
 		h, ok := files[path[1:]]
@@ -172,12 +195,7 @@ func TestImageRefusesBadInput(t *testing.T) {
 // stand-ins). The e2e suites and the docs load this image.
 func TestSinglePlatformDigestUnchanged(t *testing.T) {
 	dir := t.TempDir()
-	agent := tinyStatic(t, dir, "agent", "i am the agent")
-	cni := tinyStatic(t, dir, "cni", "i am the plugin")
-	certs := filepath.Join(dir, "certs.pem")
-	if err := os.WriteFile(certs, []byte("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	agent, cni, certs := singleInputs(t, dir)
 	t.Setenv("SOURCE_DATE_EPOCH", "")
 	out := filepath.Join(dir, "img.tar")
 	if err := run(Spec{Agent: agent, CNI: cni, CACerts: certs, Arch: "amd64", Version: "test"}, "docker.io/ambit-mesh/ambit:dev", out); err != nil {

@@ -34,11 +34,7 @@ func multiInputs(t *testing.T) (dir, certs string) {
 		fakeELF(t, dir, "linux_"+arch+"/ambit-agent", arch, false, "agent for "+arch)
 		fakeELF(t, dir, "linux_"+arch+"/ambit-cni", arch, false, "plugin for "+arch)
 	}
-	certs = filepath.Join(dir, "certs.pem")
-	if err := os.WriteFile(certs, []byte("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	return dir, certs
+	return dir, writeCerts(t, dir)
 }
 
 func multiSpec(dir, certs string) MultiSpec {
@@ -60,45 +56,31 @@ func untar(t *testing.T, archive string) string {
 	}
 	defer f.Close()
 	dir := t.TempDir()
-	tr := tar.NewReader(f)
-	for {
-		h, err := tr.Next()
-		if err == io.EOF {
-			return dir
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
+	eachTarEntry(t, f, func(h *tar.Header, r io.Reader) {
 		if strings.Contains(h.Name, "..") || filepath.IsAbs(h.Name) {
 			t.Fatalf("unsafe path %q in the archive", h.Name)
 		}
 		p := filepath.Join(dir, h.Name)
 		if h.Typeflag == tar.TypeDir {
 			os.MkdirAll(p, 0o755)
-			continue
+			return
 		}
-		b, _ := io.ReadAll(tr)
+		b, _ := io.ReadAll(r)
 		if err := os.WriteFile(p, b, 0o644); err != nil {
 			t.Fatal(err)
 		}
-	}
+	})
+	return dir
 }
 
 // imageFiles reads the files of an image's (single) layer.
 func imageFiles(t *testing.T, img v1.Image) map[string][]byte {
 	t.Helper()
 	files := map[string][]byte{}
-	tr := tar.NewReader(mutate.Extract(img))
-	for {
-		h, err := tr.Next()
-		if err == io.EOF {
-			return files
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-		files["/"+strings.TrimSuffix(h.Name, "/")], _ = io.ReadAll(tr)
-	}
+	eachTarEntry(t, mutate.Extract(img), func(h *tar.Header, r io.Reader) {
+		files["/"+strings.TrimSuffix(h.Name, "/")], _ = io.ReadAll(r)
+	})
+	return files
 }
 
 // checkBinaries asserts that both binaries in img are the ones built for
@@ -140,19 +122,11 @@ func TestMultiPlatformArchive(t *testing.T) {
 		t.Fatal(err)
 	}
 	f, _ := os.Open(out)
-	tr := tar.NewReader(f)
-	for {
-		h, err := tr.Next()
-		if err == io.EOF {
-			break
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
+	eachTarEntry(t, f, func(h *tar.Header, _ io.Reader) {
 		if !h.ModTime.Equal(epoch) || h.Uid != 0 || h.Gid != 0 {
 			t.Errorf("archive entry %s: time %v uid %d gid %d", h.Name, h.ModTime, h.Uid, h.Gid)
 		}
-	}
+	})
 	f.Close()
 
 	lp, err := layout.FromPath(untar(t, out))
