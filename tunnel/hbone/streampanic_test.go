@@ -57,15 +57,7 @@ func TestDrainPanicResetsStream(t *testing.T) {
 	})
 	open := func() (*Stream, net.Conn) {
 		t.Helper()
-		s, err := c.OpenStream("10.0.0.1:80", nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		if st, _, err := s.Response(ctx); st != 200 {
-			t.Fatalf("response %d, %v", st, err)
-		}
+		s := openAnswered(t, c, "10.0.0.1:80")
 		return s, <-peers
 	}
 	at.Arm("hbone.(*Stream).drain")
@@ -111,6 +103,22 @@ func TestDrainPanicResetsStream(t *testing.T) {
 		t.Errorf("OnPanic called (%v): Splice's caller is told", v)
 	default:
 	}
+}
+
+// openAnswered opens a stream to authority on c and waits up to 10 s
+// for its 200: the server's handler has taken it by then.
+func openAnswered(t *testing.T, c *Conn, authority string) *Stream {
+	t.Helper()
+	s, err := c.OpenStream(authority, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if st, _, err := s.Response(ctx); st != 200 {
+		t.Fatalf("response %d, %v", st, err)
+	}
+	return s
 }
 
 // wantPanicError fails the test unless err is the *PanicError of the

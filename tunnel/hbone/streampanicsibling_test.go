@@ -1,7 +1,6 @@
 package hbone
 
 import (
-	"context"
 	"io"
 	"net"
 	"sync"
@@ -45,15 +44,7 @@ func TestDrainPanicLeavesSiblingFullWindow(t *testing.T) {
 	})
 	open := func(authority string) (*Stream, served) {
 		t.Helper()
-		s, err := c.OpenStream(authority, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		if st, _, err := s.Response(ctx); st != 200 {
-			t.Fatalf("response %d, %v", st, err)
-		}
+		s := openAnswered(t, c, authority)
 		return s, <-apps
 	}
 	sib, sibApp := open("10.0.0.1:80")
