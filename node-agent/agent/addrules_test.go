@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
-	"github.com/vishvananda/netns"
 
 	"github.com/ambit-mesh/ambit/internal/testenv"
 	"github.com/ambit-mesh/ambit/node-agent/admin"
@@ -35,13 +34,7 @@ import (
 // TestAddWhileHostRulesWaitForXtablesLock.
 func TestAddHostRunBoundIsAHostRuleError(t *testing.T) {
 	testenv.RequireRoot(t)
-	hostNS := newNetns(t)
-	hr, err := hostrules.New(hostrules.Config{Backend: "iptables-legacy", IPv4Only: true, Interval: time.Hour,
-		RunTimeout: 300 * time.Millisecond, NetNS: netns.NsHandle(hostNS.file.Fd()), Logger: quietLogger()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { hr.Uninstall() })
+	hr, hostNS := testHostRules(t, hostrules.Config{Backend: "iptables-legacy", RunTimeout: 300 * time.Millisecond})
 	h := startAgent(t, "", invAmbient, func(o *Options) {
 		o.Host = hr
 		o.Config.RequestTimeout = config.Duration{Duration: 4 * time.Second}
@@ -113,13 +106,7 @@ func (v staleView) LocalPods() []cluster.Pod {
 // entry stayed under web's UID, and web's own IP had none.
 func TestCutAddReleasesWhatItAdded(t *testing.T) {
 	testenv.RequireRoot(t)
-	hostNS := newNetns(t)
-	hr, err := hostrules.New(hostrules.Config{IPv4Only: true, Interval: time.Hour,
-		NetNS: netns.NsHandle(hostNS.file.Fd()), Logger: quietLogger()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { hr.Uninstall() })
+	hr, hostNS := testHostRules(t, hostrules.Config{})
 	web, other := netip.MustParseAddr("10.95.6.2"), netip.MustParseAddr("10.95.6.3")
 	h := startAgent(t, "", invAmbient, func(o *Options) {
 		o.Host = hr
@@ -132,12 +119,10 @@ func TestCutAddReleasesWhatItAdded(t *testing.T) {
 	}
 	n := newNetns(t, "10.95.6.2/24")
 	release := testenv.HoldXtablesLock(t)
-	req := &cniproto.Request{Version: cniproto.Version, Op: cniproto.OpAdd, RuleBackend: redirect.IptablesLegacy,
-		Pod: cniproto.Pod{Namespace: "apps", Name: "web", UID: "uid-web", ContainerID: "cid-web", Netns: n.path,
-			IPs: []netip.Prefix{netip.MustParsePrefix("10.95.6.2/24")}}}
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	resp, err := cniproto.Call(ctx, h.sock, req, n.file)
+	add := func() (*cniproto.Response, error) {
+		return h.callBackend(redirect.IptablesLegacy, cniproto.OpAdd, "apps", "web", "cid-web", n, "10.95.6.2/24")
+	}
+	resp, err := add()
 	if err != nil || !resp.Retryable {
 		t.Fatalf("ADD cut by the xtables lock: %+v %v, want a retryable error", resp, err)
 	}
@@ -156,7 +141,7 @@ func TestCutAddReleasesWhatItAdded(t *testing.T) {
 	}
 
 	release()
-	if resp, err := cniproto.Call(ctx, h.sock, req, n.file); err != nil || resp.Error != "" || resp.Decision != cniproto.Enroll {
+	if resp, err := add(); err != nil || resp.Error != "" || resp.Decision != cniproto.Enroll {
 		t.Fatalf("ADD retried once the lock is free: %+v %v", resp, err)
 	}
 	want[web] = "uid-web"
@@ -197,12 +182,7 @@ func TestCheckReadoptionRecordsBackend(t *testing.T) {
 	n := newNetns(t, "10.95.7.2/24")
 	call := func(h *harness, op cniproto.Op, backend redirect.Backend) *cniproto.Response {
 		t.Helper()
-		req := &cniproto.Request{Version: cniproto.Version, Op: op, RuleBackend: backend,
-			Pod: cniproto.Pod{Namespace: "apps", Name: "web", UID: "uid-web", ContainerID: "cid-web", Netns: n.path,
-				IPs: []netip.Prefix{netip.MustParsePrefix("10.95.7.2/24")}}}
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		resp, err := cniproto.Call(ctx, h.sock, req, n.file)
+		resp, err := h.callBackend(backend, op, "apps", "web", "cid-web", n, "10.95.7.2/24")
 		if err != nil || resp.Error != "" || resp.Decision != cniproto.Enroll {
 			t.Fatalf("%s: %+v %v", op, resp, err)
 		}

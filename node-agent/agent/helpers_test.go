@@ -18,12 +18,15 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 
 	"github.com/ambit-mesh/ambit/node-agent/config"
+	"github.com/ambit-mesh/ambit/node-agent/hostrules"
 	"github.com/ambit-mesh/ambit/node-agent/inventory"
 	"github.com/ambit-mesh/ambit/plugin/cniproto"
+	"github.com/ambit-mesh/ambit/plugin/redirect"
 	"github.com/ambit-mesh/ambit/tunnel"
 )
 
@@ -189,10 +192,18 @@ func newPair(t testing.TB, podIP, peerIP string) (pod, peer *testNetns) {
 	run(t, "ip", "-n", peer.name, "addr", "add", peerIP+"/24", "dev", b)
 	run(t, "ip", "-n", pod.name, "link", "set", a, "up")
 	run(t, "ip", "-n", peer.name, "link", "set", b, "up")
+	serveLines(t, peer, peerIP+":8080", "plain")
+	return pod, peer
+}
+
+// serveLines runs an app in n on addr, until the test ends: each
+// connection gets greeting and a newline, then its lines echoed back, so
+// a test tells the app's answer from the capture's ("captured:<port>").
+func serveLines(t testing.TB, n *testNetns, addr, greeting string) {
+	t.Helper()
 	var l net.Listener
-	inNetns(t, peer, func() error {
-		var err error
-		l, err = net.Listen("tcp", peerIP+":8080")
+	inNetns(t, n, func() (err error) {
+		l, err = net.Listen("tcp", addr)
 		return err
 	})
 	t.Cleanup(func() { l.Close() })
@@ -204,12 +215,43 @@ func newPair(t testing.TB, podIP, peerIP string) (pod, peer *testNetns) {
 			}
 			go func() {
 				defer c.Close()
-				fmt.Fprintf(c, "plain\n")
+				fmt.Fprintf(c, "%s\n", greeting)
 				echo(c)
 			}()
 		}
 	}()
-	return pod, peer
+}
+
+// testHostRules is a host-rule Manager on a netns of its own standing in
+// for the host's, returned with it for the tests that look at the
+// kernel's rules there; cfg gives the backend and the run bound. IPv4
+// only, as the tests' pods are, and a reconcile pass an hour apart: in a
+// test the rules change by its ADDs and DELs, not by a pass that would
+// repair what the test broke on purpose.
+func testHostRules(t *testing.T, cfg hostrules.Config) (*hostrules.Manager, *testNetns) {
+	t.Helper()
+	hostNS := newNetns(t)
+	cfg.IPv4Only, cfg.Interval = true, time.Hour
+	cfg.NetNS, cfg.Logger = netns.NsHandle(hostNS.file.Fd()), quietLogger()
+	hr, err := hostrules.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { hr.Uninstall() })
+	return hr, hostNS
+}
+
+// serveByRealTunnel has startAgent serve its pods with the real tunnel
+// (mTLS by a test CA), its directory o.View as startAgent made it and its
+// metrics in reg. Call it before replacing o.View: the tunnel looks pods
+// up in the inventory, not in the test's view.
+func serveByRealTunnel(t *testing.T, o *Options, reg prometheus.Registerer) {
+	t.Helper()
+	p, err := tunnel.New(tunnel.Config{Directory: o.View, Certificates: newTestCA(t), Logger: quietLogger(), Registerer: reg})
+	if err != nil {
+		t.Fatal(err)
+	}
+	o.Tunnel = ProxyTunnel{Proxy: p}
 }
 
 // inNetns runs fn on a locked thread inside n (sockets made there stay
@@ -362,7 +404,14 @@ func (h *harness) stop() {
 }
 
 func (h *harness) call(op cniproto.Op, ns, name, cid string, n *testNetns, ips ...string) (*cniproto.Response, error) {
-	req := &cniproto.Request{Version: cniproto.Version, Op: op, Pod: cniproto.Pod{Namespace: ns, Name: name, UID: "uid-" + name, ContainerID: cid}}
+	return h.callBackend("", op, ns, name, cid, n, ips...)
+}
+
+// callBackend is call from a plugin that installs the pod's rules with
+// backend (its RuleBackend; "" is a plugin of before the field).
+func (h *harness) callBackend(backend redirect.Backend, op cniproto.Op, ns, name, cid string, n *testNetns, ips ...string) (*cniproto.Response, error) {
+	req := &cniproto.Request{Version: cniproto.Version, Op: op, RuleBackend: backend,
+		Pod: cniproto.Pod{Namespace: ns, Name: name, UID: "uid-" + name, ContainerID: cid}}
 	for _, ip := range ips {
 		req.Pod.IPs = append(req.Pod.IPs, netip.MustParsePrefix(ip))
 	}

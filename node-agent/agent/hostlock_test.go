@@ -7,8 +7,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/vishvananda/netns"
-
 	"github.com/ambit-mesh/ambit/internal/testenv"
 	"github.com/ambit-mesh/ambit/node-agent/config"
 	"github.com/ambit-mesh/ambit/node-agent/hostrules"
@@ -27,13 +25,7 @@ import (
 // here): the answer came too late and the plugin got none.
 func TestAddWhileHostRulesWaitForXtablesLock(t *testing.T) {
 	testenv.RequireRoot(t)
-	hostNS := newNetns(t)
-	hr, err := hostrules.New(hostrules.Config{Backend: "iptables-legacy", IPv4Only: true, Interval: time.Hour,
-		NetNS: netns.NsHandle(hostNS.file.Fd()), Logger: quietLogger()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { hr.Uninstall() })
+	hr, hostNS := testHostRules(t, hostrules.Config{Backend: "iptables-legacy"})
 	h := startAgent(t, "", invAmbient, func(o *Options) {
 		o.Host = hr
 		o.Config.RequestTimeout = config.Duration{Duration: 2 * time.Second}

@@ -3,7 +3,6 @@ package agent
 import (
 	"context"
 	"fmt"
-	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -26,7 +25,6 @@ import (
 	"github.com/ambit-mesh/ambit/node-agent/netnsfind"
 	"github.com/ambit-mesh/ambit/node-agent/state"
 	"github.com/ambit-mesh/ambit/plugin/cniproto"
-	"github.com/ambit-mesh/ambit/tunnel"
 )
 
 // staleLocalView is the cluster view naming, for one pod running on this
@@ -119,13 +117,7 @@ func notServed(t *testing.T, h *harness, name string, others map[uint64]string) 
 // host entry for 10.89.2.3 passed to uid-web.
 func TestLiveEnrollNeverTakesAnotherPodsNetns(t *testing.T) {
 	testenv.RequireRoot(t)
-	hostNS := newNetns(t)
-	hr, err := hostrules.New(hostrules.Config{IPv4Only: true, Interval: time.Hour,
-		NetNS: netns.NsHandle(hostNS.file.Fd()), Logger: quietLogger()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { hr.Uninstall() })
+	hr, _ := testHostRules(t, hostrules.Config{})
 	stale, own := netip.MustParseAddr("10.89.2.3"), netip.MustParseAddr("10.89.2.2")
 	var view *staleLocalView
 	h := startAgent(t, "", invAmbient, func(o *Options) {
@@ -285,34 +277,11 @@ func TestAddServesTheSandboxsIPs(t *testing.T) {
 	testenv.RequireRoot(t)
 	reg := prometheus.NewRegistry()
 	h := startAgent(t, "", invAmbient, func(o *Options) {
-		src := o.View.(*inventory.Source)
-		p, err := tunnel.New(tunnel.Config{Directory: src, Certificates: newTestCA(t), Logger: quietLogger(), Registerer: reg})
-		if err != nil {
-			t.Fatal(err)
-		}
-		o.Tunnel = ProxyTunnel{Proxy: p}
-		o.View = staleView{Source: src, name: "apps/web", ips: []netip.Addr{netip.MustParseAddr("10.89.5.3")}}
+		serveByRealTunnel(t, o, reg)
+		o.View = staleView{Source: o.View.(*inventory.Source), name: "apps/web", ips: []netip.Addr{netip.MustParseAddr("10.89.5.3")}}
 	})
 	web, client := newPair(t, "10.89.5.2", "10.89.5.9")
-	var l net.Listener
-	inNetns(t, web, func() (err error) {
-		l, err = net.Listen("tcp", "10.89.5.2:8080")
-		return err
-	})
-	t.Cleanup(func() { l.Close() })
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				fmt.Fprintf(c, "app\n")
-				echo(c)
-			}()
-		}
-	}()
+	serveLines(t, web, "10.89.5.2:8080", "app")
 	enrollLikePlugin(t, h, "web", web, "10.89.5.2/24")
 	c, line, err := dialFrom(t, client, "10.89.5.2:8080")
 	if err != nil || line != "app" {
@@ -362,13 +331,7 @@ func TestLiveEnrollNeverTakesUnmeshedPodsNetns(t *testing.T) {
 // both were served in other's namespace until web's DEL.
 func TestAddTakesItsNetnsBackFromAPodFoundThere(t *testing.T) {
 	testenv.RequireRoot(t)
-	hostNS := newNetns(t)
-	hr, err := hostrules.New(hostrules.Config{IPv4Only: true, Interval: time.Hour,
-		NetNS: netns.NsHandle(hostNS.file.Fd()), Logger: quietLogger()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { hr.Uninstall() })
+	hr, _ := testHostRules(t, hostrules.Config{})
 	stale := netip.MustParseAddr("10.89.7.3")
 	var view *staleLocalView
 	h := startAgent(t, "", invAmbient, func(o *Options) {

@@ -11,7 +11,6 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
-	"github.com/vishvananda/netns"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 
@@ -87,18 +86,6 @@ func (s *uidStatus) state(key string) (string, []string) {
 	return s.states[key], slices.Clone(s.wrong)
 }
 
-func testHostRules(t *testing.T) *hostrules.Manager {
-	t.Helper()
-	hostNS := newNetns(t)
-	hr, err := hostrules.New(hostrules.Config{IPv4Only: true, Interval: time.Hour,
-		NetNS: netns.NsHandle(hostNS.file.Fd()), Logger: quietLogger()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { hr.Uninstall() })
-	return hr
-}
-
 // TestAddWaitsForTheSandboxsPod: apps/web was deleted and made again on
 // this node; the ADD of the new pod's sandbox (UID uid-web) comes while
 // the view still holds the previous pod (uid-old) for 150 ms more. The
@@ -109,7 +96,7 @@ func testHostRules(t *testing.T) *hostrules.Manager {
 // pod was never annotated and other nodes sent it plaintext.
 func TestAddWaitsForTheSandboxsPod(t *testing.T) {
 	testenv.RequireRoot(t)
-	hr := testHostRules(t)
+	hr, _ := testHostRules(t, hostrules.Config{})
 	st := &uidStatus{}
 	view := &behindView{behind: 150 * time.Millisecond}
 	h := startAgent(t, "", invAmbient, func(o *Options) {
@@ -162,7 +149,7 @@ func TestAddWaitsForTheSandboxsPod(t *testing.T) {
 // recorded as uid-old, its host entry owned by uid-old.
 func TestAddAnswersRetryWhenTheViewStaysBehind(t *testing.T) {
 	testenv.RequireRoot(t)
-	hr := testHostRules(t)
+	hr, _ := testHostRules(t, hostrules.Config{})
 	view := &behindView{}
 	h := startAgent(t, "", invAmbient, func(o *Options) {
 		view.Source = o.View.(*inventory.Source)

@@ -1,8 +1,6 @@
 package agent
 
 import (
-	"fmt"
-	"net"
 	"net/netip"
 	"testing"
 
@@ -10,7 +8,6 @@ import (
 
 	"github.com/ambit-mesh/ambit/internal/testenv"
 	"github.com/ambit-mesh/ambit/node-agent/inventory"
-	"github.com/ambit-mesh/ambit/tunnel"
 )
 
 // TestReadoptionServesTheRecordsIPs: apps/web was enrolled at ADD with
@@ -30,37 +27,14 @@ func TestReadoptionServesTheRecordsIPs(t *testing.T) {
 		o.View = staleView{Source: o.View.(*inventory.Source), name: "apps/web", ips: stale}
 	})
 	web, client := newPair(t, "10.89.9.2", "10.89.9.9")
-	var l net.Listener
-	inNetns(t, web, func() (err error) {
-		l, err = net.Listen("tcp", "10.89.9.2:8080")
-		return err
-	})
-	t.Cleanup(func() { l.Close() })
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				fmt.Fprintf(c, "app\n")
-				echo(c)
-			}()
-		}
-	}()
+	serveLines(t, web, "10.89.9.2:8080", "app")
 	enrollLikePlugin(t, h1, "web", web, "10.89.9.2/24")
 	h1.stop()
 
 	reg := prometheus.NewRegistry()
 	h := startAgent(t, dir, invAmbient, func(o *Options) {
-		src := o.View.(*inventory.Source)
-		p, err := tunnel.New(tunnel.Config{Directory: src, Certificates: newTestCA(t), Logger: quietLogger(), Registerer: reg})
-		if err != nil {
-			t.Fatal(err)
-		}
-		o.Tunnel = ProxyTunnel{Proxy: p}
-		o.View = staleView{Source: src, name: "apps/web", ips: stale}
+		serveByRealTunnel(t, o, reg)
+		o.View = staleView{Source: o.View.(*inventory.Source), name: "apps/web", ips: stale}
 	})
 	if p := h.a.podByName("apps/web"); p == nil || !p.enrolled() {
 		t.Fatalf("apps/web not re-adopted: %+v", p)

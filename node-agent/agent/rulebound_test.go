@@ -1,8 +1,6 @@
 package agent
 
 import (
-	"context"
-	"net/netip"
 	"strings"
 	"testing"
 	"time"
@@ -34,12 +32,7 @@ func TestAddRuleRunBoundIsARuleFailure(t *testing.T) {
 	})
 	n := newNetns(t, "10.89.1.2/24")
 	testenv.HoldXtablesLock(t)
-	req := &cniproto.Request{Version: cniproto.Version, Op: cniproto.OpAdd, RuleBackend: redirect.IptablesLegacy,
-		Pod: cniproto.Pod{Namespace: "apps", Name: "web", UID: "uid-web", ContainerID: "cid-web", Netns: n.path,
-			IPs: []netip.Prefix{netip.MustParsePrefix("10.89.1.2/24")}}}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	resp, err := cniproto.Call(ctx, h.sock, req, n.file)
+	resp, err := h.callBackend(redirect.IptablesLegacy, cniproto.OpAdd, "apps", "web", "cid-web", n, "10.89.1.2/24")
 	if err != nil {
 		t.Fatal(err)
 	}

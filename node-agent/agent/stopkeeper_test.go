@@ -315,13 +315,7 @@ func TestServingBeside(t *testing.T) {
 // withRealTunnel serves the agent's pods with the real tunnel (mTLS
 // HBONE between them), as TestMeshThroughRealTunnel does.
 func withRealTunnel(t *testing.T) func(*Options) {
-	return func(o *Options) {
-		p, err := tunnel.New(tunnel.Config{Directory: o.View, Certificates: newTestCA(t), Logger: quietLogger(), Registerer: prometheus.NewRegistry()})
-		if err != nil {
-			t.Fatal(err)
-		}
-		o.Tunnel = ProxyTunnel{Proxy: p}
-	}
+	return func(o *Options) { serveByRealTunnel(t, o, prometheus.NewRegistry()) }
 }
 
 // meshedPair enrolls a client and a server pod (app on 10.91.x.3:8080
