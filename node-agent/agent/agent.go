@@ -79,7 +79,10 @@ type Options struct {
 	// socket now (live, ready, not stopping). Run then leaves the socket
 	// to it until this agent is ready, or until it stops.
 	Predecessor func() bool
-	Logger      *slog.Logger
+	// LiveRetryEvery is how often pods whose live enrollment failed are
+	// tried again without an event of theirs; 0 = 30 s.
+	LiveRetryEvery time.Duration
+	Logger         *slog.Logger
 }
 
 // Agent is the running node agent.
@@ -117,6 +120,11 @@ type Agent struct {
 	// held open while served): a namespace found by a pod's IPs is
 	// never taken while another pod is served in it (netnsowner.go).
 	claims map[uint64][]*netnsClaim
+	// liveFailed are the pods (namespace/name) whose last live
+	// enrollment failed: the reconcile loop tries them again every
+	// liveRetryEvery (liveretry.go).
+	liveFailed     map[string]struct{}
+	liveRetryEvery time.Duration
 	// toVerify are re-adopted pods whose rules are checked after ready,
 	// by verifyAdopted; verifyTaken: it has taken them, and pods the
 	// watcher adopts since are checked by the watcher (peers.go).
@@ -199,8 +207,12 @@ func New(o Options) (*Agent, error) {
 		policy: enrollment.NewPolicy(o.Config.EnrollLabel, o.Config.ExcludedNamespaces),
 		store:  st, m: newMetrics(o.Registerer), health: o.Health, peers: o.Peers, newestFn: o.Newest, predecessor: o.Predecessor, beside: o.Beside, log: o.Logger,
 		byCID: map[string]*pod{}, byName: map[string]*pod{},
+		liveFailed: map[string]struct{}{}, liveRetryEvery: o.LiveRetryEvery,
 		queue: newQueue(), ready: make(chan struct{}),
 		live: newLiveness(o.Config.RuleCheckInterval.Duration),
+	}
+	if a.liveRetryEvery <= 0 {
+		a.liveRetryEvery = defaultLiveRetryEvery
 	}
 	if o.Health != nil {
 		a.registerLiveness(o.Health)

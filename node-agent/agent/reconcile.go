@@ -114,6 +114,8 @@ func (a *Agent) Resync() { a.queue.add(key{kind: keyAll}) }
 func (a *Agent) reconcileLoop(ctx context.Context) {
 	tick := time.NewTicker(reconcileEvery)
 	defer tick.Stop()
+	retry := time.NewTicker(a.liveRetryEvery)
+	defer retry.Stop()
 	hb := a.live.reconcileBeat()
 	for {
 		// Waiting: the ticker turns the loop within a tick. Working:
@@ -129,6 +131,10 @@ func (a *Agent) reconcileLoop(ctx context.Context) {
 			// without an event here.
 			beat(hb, 0)
 			a.writeSnapshot()
+			continue
+		case <-retry.C:
+			beat(hb, 0)
+			a.retryLive()
 			continue
 		case <-a.queue.signal:
 		}
@@ -227,6 +233,8 @@ func (a *Agent) reconcilePod(ctx context.Context, namespace, name string, scan *
 	a.mu.Lock()
 	p := a.byName[namespace+"/"+name]
 	a.mu.Unlock()
+	failed := false
+	defer func() { a.noteLive(namespace, name, failed) }()
 	if !found {
 		if p != nil && p.enrolled() && !a.static {
 			// Deleted from the API: the sandbox goes too (DEL follows);
@@ -263,6 +271,7 @@ func (a *Agent) reconcilePod(ctx context.Context, namespace, name string, scan *
 				a.log.Debug("live enrollment: pod not running here", "pod", namespace+"/"+name, "err", err)
 				return
 			}
+			failed = true
 			a.m.failures.WithLabelValues(reasonOf(err)).Inc()
 			a.setStatus(cp, "failed", eventReason(err), message(err))
 			a.log.Warn("live enrollment failed", "pod", namespace+"/"+name, "err", err)
