@@ -265,13 +265,16 @@ func (a *Agent) reconcilePod(ctx context.Context, namespace, name string, scan *
 		err := a.declaredConflict(cp)
 		if err == nil {
 			err = a.enrollLive(ctx, cp, p, scan)
+			// Retried on a timer (liveretry.go). Not a declared
+			// port (it changes only with a new pod, an event), nor
+			// a pod with no sandbox here (its sandbox's start is).
+			failed = err != nil && !errors.Is(err, errNotRunning)
 		}
 		if err != nil {
 			if errors.Is(err, errNotRunning) {
 				a.log.Debug("live enrollment: pod not running here", "pod", namespace+"/"+name, "err", err)
 				return
 			}
-			failed = true
 			a.m.failures.WithLabelValues(reasonOf(err)).Inc()
 			a.setStatus(cp, "failed", eventReason(err), message(err))
 			a.log.Warn("live enrollment failed", "pod", namespace+"/"+name, "err", err)
