@@ -21,8 +21,10 @@ import (
 	"github.com/ambit-mesh/ambit/plugin/internal/nstest"
 	"github.com/ambit-mesh/ambit/plugin/redirect"
 	"github.com/containernetworking/cni/libcni"
+	"github.com/containernetworking/cni/pkg/invoke"
 	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
+	cniversion "github.com/containernetworking/cni/pkg/version"
 	"github.com/containernetworking/plugins/pkg/ns"
 	"golang.org/x/sys/unix"
 )
@@ -250,7 +252,12 @@ func newNode(t testing.TB, set testenv.PluginSet, o nodeOpts) *node {
 	if n.bin != "" {
 		path = append(path, filepath.Dir(n.bin))
 	}
-	n.cni = libcni.NewCNIConfigWithCacheDir(path, filepath.Join(tmp, "cache"), nil)
+	// The exec is given here: with nil, libcni (v1.3.1 ensureExec)
+	// creates its default on first use without a lock, a data race in the
+	// test, not the plugin, when the first ADDs run concurrently
+	// (TestConcurrentAdds under -race).
+	exe := &invoke.DefaultExec{RawExec: &invoke.RawExec{Stderr: os.Stderr}, PluginDecoder: cniversion.PluginDecoder{}}
+	n.cni = libcni.NewCNIConfigWithCacheDir(path, filepath.Join(tmp, "cache"), exe)
 	return n
 }
 
