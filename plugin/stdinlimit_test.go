@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"io"
 	"os"
 	"os/exec"
@@ -101,19 +102,73 @@ func TestOversizedStdin(t *testing.T) {
 	cmd.Stdin = &endless{head: []byte(`{"cniVersion":"1.0.0","name":"ambit-test","type":"ambit-cni","pad":"`), n: streamed}
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	err := cmd.Run()
+	rss, err := peakRSS(cmd)
 	var e types.Error
 	if err == nil || json.Unmarshal(stdout.Bytes(), &e) != nil {
 		t.Fatalf("256 MiB on stdin: %v, stdout %.300q, stderr %.300q", err, stdout.String(), stderr.String())
 	}
 	wantCode(t, "256 MiB on stdin", &e, types.ErrInvalidNetworkConfig, "larger than 4 MiB")
-	ru, ok := cmd.ProcessState.SysUsage().(*syscall.Rusage)
-	if !ok {
-		t.Fatal("no rusage")
-	}
-	rss := ru.Maxrss << 10 // KiB on Linux
 	t.Logf("256 MiB on stdin: peak RSS %d MiB, answer %q", rss>>20, e.Msg)
 	if rss > 64<<20 {
 		t.Fatalf("peak RSS %d MiB reading a 256 MiB stdin: the input was not bounded", rss>>20)
 	}
+}
+
+// peakRSSHelperEnv names the program a re-executed test binary runs for
+// peakRSS.
+const peakRSSHelperEnv = "AMBIT_TEST_PEAK_RSS_OF"
+
+// peakRSS runs cmd and returns its peak RSS in bytes, and cmd's error
+// (an *exec.ExitError carrying its exit code when it fails).
+//
+// The rusage of a child of this process cannot answer that: Linux carries
+// the parent's RSS high-water mark into the child's ru_maxrss (exec records
+// the old, here shared or copied, mm's peak). Under -race this test process
+// peaks at ~166 MiB, so ambit-cni "peaked" at 166 MiB whatever it read. So
+// a fresh copy of the test binary, which stays small, starts ambit-cni and
+// reports its child's rusage on fd 3; stdin, stdout and stderr pass through
+// as the same files.
+func peakRSS(cmd *exec.Cmd) (int64, error) {
+	r, w, err := os.Pipe()
+	if err != nil {
+		return 0, err
+	}
+	defer r.Close()
+	helper := exec.Command(os.Args[0])
+	helper.Env = append(append([]string{}, cmd.Env...), peakRSSHelperEnv+"="+cmd.Path)
+	helper.Stdin, helper.Stdout, helper.Stderr = cmd.Stdin, cmd.Stdout, cmd.Stderr
+	helper.ExtraFiles = []*os.File{w}
+	runErr := helper.Run()
+	w.Close()
+	b, err := io.ReadAll(r)
+	if err != nil {
+		return 0, err
+	}
+	var rss int64
+	if _, err := fmt.Sscan(string(b), &rss); err != nil {
+		return 0, fmt.Errorf("peak RSS helper reported %q (%v), helper: %v", b, err, runErr)
+	}
+	return rss, runErr
+}
+
+// peakRSSHelper is the test binary's whole run as peakRSS's helper: run
+// the program named by peakRSSHelperEnv with this process's stdio and
+// environment, write its ru_maxrss in bytes to fd 3, exit with its code.
+func peakRSSHelper() int {
+	report := os.NewFile(3, "peak-rss")
+	cmd := exec.Command(os.Getenv(peakRSSHelperEnv))
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
+	err := cmd.Run()
+	if cmd.ProcessState == nil {
+		fmt.Fprintf(os.Stderr, "peak RSS helper: %v\n", err)
+		return 2
+	}
+	ru, ok := cmd.ProcessState.SysUsage().(*syscall.Rusage)
+	if !ok {
+		fmt.Fprintln(os.Stderr, "peak RSS helper: no rusage")
+		return 2
+	}
+	fmt.Fprintf(report, "%d", ru.Maxrss<<10) // KiB on Linux
+	report.Close()
+	return cmd.ProcessState.ExitCode()
 }
