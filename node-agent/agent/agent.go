@@ -688,7 +688,7 @@ func (a *Agent) serve(p *pod, f *os.File, wl tunnel.Workload, atAdd bool) (err e
 		if err != nil {
 			a.unclaimNetns(p)
 		} else if len(others) > 0 {
-			a.evictFromNetns(others, wl.Namespace+"/"+wl.Name)
+			a.evictFromNetns(others, podKey{p.rec.Namespace, p.rec.Name, p.rec.UID})
 		}
 	}()
 	if a.certs != nil {

@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"os"
 	"slices"
+	"strings"
 	"syscall"
 
 	"github.com/ambit-mesh/ambit/node-agent/cluster"
@@ -64,7 +65,8 @@ func (k podKey) other(namespace, name, uid string) bool {
 // namespace was found by the pod's IPs, not handed over by the runtime)
 // it first refuses one another pod is served in. It returns the claims
 // of other pods in the namespace it took anyway (an ADD's: the runtime's
-// word beats a scan's).
+// word beats a scan's), and of the pod's own sandbox found there by the
+// scan (an ADD's or CHECK's, which names the sandbox and takes over).
 func (a *Agent) claimNetns(p *pod, f *os.File, check bool) ([]*netnsClaim, error) {
 	ino := p.rec.NetnsInode
 	if ino == 0 {
@@ -77,10 +79,18 @@ func (a *Agent) claimNetns(p *pod, f *os.File, check bool) ([]*netnsClaim, error
 	k := podKey{p.rec.Namespace, p.rec.Name, p.rec.UID}
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	var others []*netnsClaim
+	var others, found []*netnsClaim
 	for _, c := range a.claims[ino] {
-		if k.other(c.namespace, c.name, c.uid) {
+		switch {
+		case k.other(c.namespace, c.name, c.uid):
 			others = append(others, c)
+		case strings.HasPrefix(c.sandbox, foundPrefix) && c.sandbox != p.rec.ContainerID:
+			// The pod itself, found there by the scan before its ADD
+			// (or CHECK) named the sandbox: one serving of the pod
+			// is enough, and the found one would outlive the DEL
+			// (matched by container ID, GC skipping found:),
+			// holding the namespace, its listeners and claim.
+			found = append(found, c)
 		}
 	}
 	if check && len(others) > 0 {
@@ -93,7 +103,10 @@ func (a *Agent) claimNetns(p *pod, f *os.File, check bool) ([]*netnsClaim, error
 	}
 	a.claims[ino] = append(a.claims[ino], c)
 	p.claim = c
-	return others, nil
+	if check {
+		return nil, nil
+	}
+	return append(others, found...), nil
 }
 
 // unclaimNetns drops p's claim (its listeners are released). p.claim is
@@ -162,8 +175,17 @@ func recordedIn(recs []state.Pod, ino uint64, k podKey, ips []netip.Addr) error 
 // are forgotten as by a DEL, under their own locks, in the background:
 // the ADD holds its own pod's. Their rules are left, the ADD's pod's
 // now; the next pass looks for them again.
-func (a *Agent) evictFromNetns(claims []*netnsClaim, by string) {
+//
+// A claim of by itself (its sandbox found by the scan, now named by its
+// ADD) is let go only once the ADD's sandbox serves the pod: the
+// forget then finds that sandbox the pod's latest and keeps what both
+// hold (host entries of the same IPs, the learned IPs, the status), and
+// an ADD that failed after serve leaves the found one serving as
+// before.
+func (a *Agent) evictFromNetns(claims []*netnsClaim, by podKey) {
+	byName := by.namespace + "/" + by.name
 	for _, c := range claims {
+		own := !by.other(c.namespace, c.name, c.uid)
 		a.closing.Add(1)
 		go func() {
 			defer a.closing.Done()
@@ -172,15 +194,23 @@ func (a *Agent) evictFromNetns(claims []*netnsClaim, by string) {
 			a.mu.Lock()
 			q := a.byCID[c.sandbox]
 			ours := q != nil && q.claim == c
+			heir := a.byName[byName]
+			taken := heir != nil && heir != q && heir.enrolled() && heir.rec.NetnsInode == c.ino
 			a.mu.Unlock()
-			if !ours {
-				return // released meanwhile
+			if !ours || (own && !taken) {
+				return // released meanwhile, or the ADD did not take over
 			}
-			msg := fmt.Sprintf("served in the network namespace (inode %d) the runtime gave pod %s at its ADD: found there by IPs that were stale; released", c.ino, by)
-			a.log.Warn("a pod was served in another pod's network namespace; releasing it", "pod", c.namespace+"/"+c.name, "sandbox", c.sandbox, "netnsInode", c.ino, "addOf", by)
-			a.forgetLocked(&cniproto.Request{Op: cniproto.OpDel, Pod: cniproto.Pod{Namespace: c.namespace, Name: c.name, UID: c.uid, ContainerID: c.sandbox}}, true)
+			req := &cniproto.Request{Op: cniproto.OpDel, Pod: cniproto.Pod{Namespace: c.namespace, Name: c.name, UID: c.uid, ContainerID: c.sandbox}}
+			if own {
+				a.log.Info("the pod's sandbox found by live enrollment is the one its ADD named; served by the ADD's from now on", "pod", byName, "sandbox", heir.rec.ContainerID, "netnsInode", c.ino)
+				a.forgetLocked(req, true)
+				return
+			}
+			msg := fmt.Sprintf("served in the network namespace (inode %d) the runtime gave pod %s at its ADD: found there by IPs that were stale; released", c.ino, byName)
+			a.log.Warn("a pod was served in another pod's network namespace; releasing it", "pod", c.namespace+"/"+c.name, "sandbox", c.sandbox, "netnsInode", c.ino, "addOf", byName)
+			a.forgetLocked(req, true)
 			a.m.failures.WithLabelValues(reasonNetnsOwner).Inc()
-			if c.namespace+"/"+c.name == by {
+			if c.namespace+"/"+c.name == byName {
 				// A previous pod of the ADD's name (another UID):
 				// gone from the API, and the name's status is the
 				// ADD's pod's now. Set, "failed" for the old UID would
