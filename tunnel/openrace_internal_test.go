@@ -12,7 +12,6 @@ import (
 	"time"
 
 	"github.com/ambit-mesh/ambit/internal/testenv"
-	"github.com/ambit-mesh/ambit/tunnel/internal/podtest"
 )
 
 // slowVerdict gives its verdict after a pause: B's answer to a CONNECT
@@ -59,13 +58,8 @@ func newAnswerRace(t *testing.T, authz Authorizer) *answerRace {
 		default:
 		}
 	}
-	a, b := podtest.Pair(t)
-	podtest.Redirect(t, a)
-	podtest.Redirect(t, b)
+	a, b, wa, wb, dir := meshedPair(t)
 	certs := testPeerCerts(t)
-	wa := Workload{Namespace: "a", Name: "client-pod", IPs: []netip.Addr{a.IP4, a.IP6}, Identity: idClient, Meshed: true}
-	wb := Workload{Namespace: "b", Name: "server-pod", IPs: []netip.Addr{b.IP4, b.IP6}, Identity: idServer, Meshed: true}
-	dir := mapDirectory{a.IP4: wa, b.IP4: wb}
 	cfg := Config{Directory: dir, Certificates: certs, Authorizer: authz,
 		PoolIdleTimeout: time.Hour, HBONEIdleTimeout: time.Hour}
 	pa, regA, logsA := newTestProxy(t, cfg)

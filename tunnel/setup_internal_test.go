@@ -169,3 +169,16 @@ func echoApp(t *testing.T, pp *podtest.Pod, port uint16) (open func() int64) {
 	}()
 	return n.Load
 }
+
+// meshedPair is two pods with the redirection in, the workloads the
+// tests give them (A's client-pod as idClient, B's server-pod as
+// idServer, both meshed) and a directory naming their IPv4 addresses.
+func meshedPair(t *testing.T) (a, b *podtest.Pod, wa, wb Workload, dir mapDirectory) {
+	t.Helper()
+	a, b = podtest.Pair(t)
+	podtest.Redirect(t, a)
+	podtest.Redirect(t, b)
+	wa = Workload{Namespace: "a", Name: "client-pod", IPs: []netip.Addr{a.IP4, a.IP6}, Identity: idClient, Meshed: true}
+	wb = Workload{Namespace: "b", Name: "server-pod", IPs: []netip.Addr{b.IP4, b.IP6}, Identity: idServer, Meshed: true}
+	return a, b, wa, wb, mapDirectory{a.IP4: wa, b.IP4: wb}
+}

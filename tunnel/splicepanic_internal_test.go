@@ -114,13 +114,8 @@ func (d *denySwitch) Authorize(ConnInfo) Verdict {
 // is not (A's passthrough, plaintext into B's 15006).
 func TestSplicePanicCleansUp(t *testing.T) {
 	testenv.RequireRoot(t)
-	a, b := podtest.Pair(t)
-	podtest.Redirect(t, a)
-	podtest.Redirect(t, b)
+	a, b, wa, wb, dir := meshedPair(t)
 	certs := testPeerCerts(t)
-	wa := Workload{Namespace: "a", Name: "client-pod", IPs: []netip.Addr{a.IP4, a.IP6}, Identity: idClient, Meshed: true}
-	wb := Workload{Namespace: "b", Name: "server-pod", IPs: []netip.Addr{b.IP4, b.IP6}, Identity: idServer, Meshed: true}
-	dir := mapDirectory{a.IP4: wa, b.IP4: wb}
 	auth := &denySwitch{}
 
 	type node struct {

@@ -18,7 +18,6 @@ import (
 	"github.com/ambit-mesh/ambit/internal/testenv"
 	"github.com/ambit-mesh/ambit/tunnel/hbone"
 	"github.com/ambit-mesh/ambit/tunnel/internal/panicpoint"
-	"github.com/ambit-mesh/ambit/tunnel/internal/podtest"
 )
 
 var errTestStreamPanic = errors.New("test: the stream's own code panics")
@@ -63,14 +62,10 @@ func TestHBONEStreamPanicCountedOnce(t *testing.T) {
 		}
 	}
 
-	a, b := podtest.Pair(t)
-	podtest.Redirect(t, a)
-	podtest.Redirect(t, b)
-	wa := Workload{Namespace: "a", Name: "client-pod", IPs: []netip.Addr{a.IP4, a.IP6}, Identity: idClient, Meshed: true}
-	wb := Workload{Namespace: "b", Name: "server-pod", IPs: []netip.Addr{b.IP4, b.IP6}, Identity: idServer, Meshed: true}
+	a, b, wa, wb, dir := meshedPair(t)
 	// B answers after 50 ms: A hears it on its pooled connection's read
 	// loop, its handler splicing by then.
-	cfg := Config{Directory: mapDirectory{a.IP4: wa, b.IP4: wb}, Certificates: testPeerCerts(t),
+	cfg := Config{Directory: dir, Certificates: testPeerCerts(t),
 		Authorizer: slowVerdict{allow: true}, PoolIdleTimeout: time.Hour, HBONEIdleTimeout: time.Hour}
 	pa, regA, logsA := newTestProxy(t, cfg)
 	pb, regB, logsB := newTestProxy(t, cfg)
