@@ -184,6 +184,7 @@ func (a *Agent) add(ctx context.Context, req *cniproto.Request, f *os.File, chec
 			a.log.Warn("persisting pod record", "pod", rp.Namespace+"/"+rp.Name, "err", err)
 		}
 		a.register(p)
+		a.supersedeFound(p)
 		a.log.Debug("pod not enrolled", "pod", rp.Namespace+"/"+rp.Name, "reason", d.Reason)
 		resp, _ := a.rulesAnswer(ctx, req, f, check, nil)
 		return resp
@@ -249,6 +250,7 @@ func (a *Agent) add(ctx context.Context, req *cniproto.Request, f *os.File, chec
 		a.log.Warn("persisting pod record", "pod", rp.Namespace+"/"+rp.Name, "err", err)
 	}
 	a.register(p)
+	a.supersedeFound(p)
 	a.m.latency.WithLabelValues("add").Observe(time.Since(start).Seconds())
 	a.setStatus(cp, "enabled", "", "")
 	a.log.Info("pod enrolled", "pod", rp.Namespace+"/"+rp.Name, "identity", wl.Identity, "reason", d.Reason, "ipv4", spec.IPv4, "ipv6", spec.IPv6, "took", time.Since(start).Round(time.Microsecond))
