@@ -91,6 +91,9 @@ func (a *Agent) adoptLocked(ctx context.Context, rec state.Pod, scan *lazyScan) 
 			a.store.Delete(rec.ContainerID)
 			return nil
 		}
+		if !a.keepOrDropLocked(ctx, orig) {
+			return nil // outlived its sandbox and its pod (kept.go)
+		}
 		if reasonOf(err) == reasonNetnsOwner {
 			// Its sandbox went while no agent ran and its IP is another
 			// pod's now: not that pod's namespace to serve it in.

@@ -125,6 +125,9 @@ type Agent struct {
 	// liveRetryEvery (liveretry.go).
 	liveFailed     map[string]struct{}
 	liveRetryEvery time.Duration
+	// kept are records adoption left on disk with no pod to serve them,
+	// by namespace/name then container ID (kept.go).
+	kept map[string]map[string]bool
 	// toVerify are re-adopted pods whose rules are checked after ready,
 	// by verifyAdopted; verifyTaken: it has taken them, and pods the
 	// watcher adopts since are checked by the watcher (peers.go).

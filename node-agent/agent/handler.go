@@ -185,6 +185,7 @@ func (a *Agent) add(ctx context.Context, req *cniproto.Request, f *os.File, chec
 		}
 		a.register(p)
 		a.supersedeFound(p)
+		a.dropKeptLocked(rp.Namespace, rp.Name, cp, true)
 		a.log.Debug("pod not enrolled", "pod", rp.Namespace+"/"+rp.Name, "reason", d.Reason)
 		resp, _ := a.rulesAnswer(ctx, req, f, check, nil)
 		return resp
@@ -251,6 +252,7 @@ func (a *Agent) add(ctx context.Context, req *cniproto.Request, f *os.File, chec
 	}
 	a.register(p)
 	a.supersedeFound(p)
+	a.dropKeptLocked(rp.Namespace, rp.Name, cp, true)
 	a.m.latency.WithLabelValues("add").Observe(time.Since(start).Seconds())
 	a.setStatus(cp, "enabled", "", "")
 	a.log.Info("pod enrolled", "pod", rp.Namespace+"/"+rp.Name, "identity", wl.Identity, "reason", d.Reason, "ipv4", spec.IPv4, "ipv6", spec.IPv6, "took", time.Since(start).Round(time.Microsecond))
@@ -572,6 +574,9 @@ func (a *Agent) gc(req *cniproto.Request) *cniproto.Response {
 	}
 	if len(stale) > 0 {
 		a.log.Info("gc: forgot sandboxes the runtime no longer has", "count", len(stale))
+	}
+	if n := a.gcKept(valid); n > 0 {
+		a.log.Info("gc: removed records of sandboxes the runtime no longer has, kept unserved since adoption", "count", n)
 	}
 	return &cniproto.Response{Decision: cniproto.Skip}
 }

@@ -230,13 +230,22 @@ func (a *Agent) reconcilePod(ctx context.Context, namespace, name string, scan *
 		a.log.Warn("reconcile: looking up pod", "pod", namespace+"/"+name, "err", err)
 		return
 	}
+	// Last: once the pass enrolled the pod, or found it gone.
+	defer a.dropKeptLocked(namespace, name, cp, found)
 	a.mu.Lock()
 	p := a.byName[namespace+"/"+name]
 	a.mu.Unlock()
 	failed := false
 	defer func() { a.noteLive(namespace, name, failed) }()
 	if !found {
-		if p != nil && p.enrolled() && !a.static {
+		if p != nil && !a.static && strings.HasPrefix(p.rec.ContainerID, foundPrefix) {
+			// Deleted from the API, and a sandbox found by live
+			// enrollment has no container ID its DEL could name
+			// (isSandbox matches it only by a netns the DEL may no
+			// longer bring): forgotten now, record and all, or it
+			// stayed registered, its record kept, until a restart.
+			a.forgetLocked(&cniproto.Request{Op: cniproto.OpDel, Pod: cniproto.Pod{Namespace: namespace, Name: name, UID: p.rec.UID, ContainerID: p.rec.ContainerID}}, true)
+		} else if p != nil && p.enrolled() && !a.static {
 			// Deleted from the API: the sandbox goes too (DEL follows);
 			// stop serving now, rules vanish with the netns.
 			a.releaseAsync(p)
