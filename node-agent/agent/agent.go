@@ -21,7 +21,6 @@ import (
 	"github.com/ambit-mesh/ambit/node-agent/enrollment"
 	"github.com/ambit-mesh/ambit/node-agent/health"
 	"github.com/ambit-mesh/ambit/node-agent/keeper"
-	"github.com/ambit-mesh/ambit/node-agent/netnsfind"
 	"github.com/ambit-mesh/ambit/node-agent/podsysctl"
 	"github.com/ambit-mesh/ambit/node-agent/state"
 	"github.com/ambit-mesh/ambit/node-agent/statussync"
@@ -643,31 +642,21 @@ func (a *Agent) identity(p cluster.Pod) string {
 	return fmt.Sprintf("spiffe://%s/ns/%s/sa/%s", td, p.Namespace, sa)
 }
 
-// specFor decides the address families of a pod's redirection: the
-// families of its addresses (from the ADD, else found in the netns), both
-// when nothing is known; config ipv6 on/off forces IPv6.
-func (a *Agent) specFor(ips []netip.Addr, netns *os.File) redirect.Spec {
+// specFor decides the address families of a pod's redirection: both,
+// whatever addresses the pod has, unless config ipv6: off. A family is
+// captured even where the pod has no address of it from its IPAM: pods
+// on a shared link (a bridge) still reach each other's IPv6 link-local
+// addresses, and an app on the dual-stack wildcard answers there, so
+// IPv4-only rules let plaintext between two enrolled pods pass both
+// sides' capture, past a strict mode (TestLinkLocalIPv6IsCaptured).
+// Redirection installs in a pod with IPv6 turned off (the policy route
+// is left out), and host rules need IPv6 NAT unless ipv6: off already.
+// The pod's addresses (ips, else found in netns) no longer narrow it.
+func (a *Agent) specFor(_ []netip.Addr, _ *os.File) redirect.Spec {
 	s := a.spec
-	if len(ips) == 0 && netns != nil {
-		ips, _ = netnsfind.Addrs(netns)
-	}
-	var v4, v6 bool
-	for _, ip := range ips {
-		if ip.Unmap().Is4() {
-			v4 = true
-		} else {
-			v6 = true
-		}
-	}
-	if !v4 && !v6 {
-		v4, v6 = true, true
-	}
-	switch a.cfg.IPv6 {
-	case "on":
-		v6 = true
-	case "off":
+	v4, v6 := true, true
+	if a.cfg.IPv6 == "off" {
 		v6 = false
-		v4 = true
 	}
 	s.IPv4, s.IPv6 = v4, v6
 	return s

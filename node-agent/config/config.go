@@ -110,8 +110,10 @@ type Config struct {
 	// redirection itself (live enrollment, repair): auto, nftables,
 	// iptables, iptables-legacy or iptables-nft.
 	RedirectBackend string `json:"redirectBackend,omitempty"`
-	// IPv6 is "auto" (rules for IPv6 when the pod has an IPv6 address),
-	// "on" or "off".
+	// IPv6 is "auto" or "on" (rules for both families in every pod,
+	// whatever its addresses: an IPv4-only pod's link-local IPv6 is
+	// captured too) or "off" (no IPv6 rules, in pods or on the host: for
+	// hosts without IPv6 NAT; turn IPv6 off in the pods as well).
 	IPv6 string `json:"ipv6,omitempty"`
 
 	// MaxProcs is how many threads run the agent's Go code at once
