@@ -56,12 +56,15 @@ func TestAddReleasesItsPodsFoundSandboxElsewhere(t *testing.T) {
 			if err != nil || resp.Decision != cniproto.Enroll {
 				t.Fatalf("ADD of the new sandbox: %+v %v", resp, err)
 			}
+			answered := time.Now()
 			if !within(5*time.Second, func() bool {
 				cids, claims, recs := agentHolds(t, h)
 				return h.tun.Live() == 1 && len(cids) == 1 && claims == 1 && len(recs) == 1
 			}) {
 				cids, claims, recs := agentHolds(t, h)
 				t.Errorf("after the ADD: %d servings, sandboxes %v, %d claims, records %v; want 1, [cid-new], 1, [cid-new]", h.tun.Live(), cids, claims, recs)
+			} else {
+				t.Logf("the found sandbox let go %v after the ADD's answer", time.Since(answered).Round(time.Millisecond))
 			}
 			if p := served(h); p == nil || p.rec.ContainerID != "cid-new" || p.rec.NetnsInode != inodeOfNetns(t, n) {
 				t.Errorf("apps/web served by %+v, want its ADD's sandbox cid-new", p)
