@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"net/netip"
 	"os"
@@ -489,51 +490,117 @@ func (n *Net) dial(ctx context.Context, src netip.Addr, dst netip.AddrPort, keep
 		defer cancel()
 	}
 	raddr := netip.AddrPortFrom(dstIP, dst.Port())
-	c, err := inPod(n, async, func(leave func() error) (net.Conn, error) {
+	if !src.IsValid() {
+		c, err := n.dialOnce(ctx, network, netip.AddrPort{}, raddr, keepAlive, async)
+		if err != nil {
+			return nil, fmt.Errorf("podnet: dial %v: %w", dst, opError(err))
+		}
+		return c, nil
+	}
+	// From the client's address: from a port of our own range, another
+	// at random when one is taken (bound by an app's listener, or the
+	// whole 4-tuple still in TIME_WAIT), and the kernel's choice in the
+	// pod's range after transparentTries (never worse than before).
+	var err error
+	for try := 0; ; try++ {
+		port := uint16(0)
+		if try < transparentTries {
+			port = pickPort()
+		}
+		var c net.Conn
+		c, err = n.dialOnce(ctx, network, netip.AddrPortFrom(src, port), raddr, keepAlive, async)
+		if err == nil {
+			return c, nil
+		}
+		if port == 0 || !(errors.Is(err, unix.EADDRINUSE) || errors.Is(err, unix.EADDRNOTAVAIL)) || ctx.Err() != nil {
+			break
+		}
+	}
+	return nil, fmt.Errorf("podnet: dial %v: %w", dst, opError(err))
+}
+
+// The source ports of dials from a client's address (the agent reaching
+// a pod's app as the client, IP_TRANSPARENT) are taken from
+// [transparentPortMin, transparentPortMax], below the ephemeral ranges
+// clients draw their own ports from by default (Linux 32768–60999;
+// Windows, macOS and IANA 49152–65535). Inside the pod's conntrack such a
+// dial and a plaintext connection of the same client (redirected to the
+// agent's inbound port) would otherwise share their tuple whenever the
+// two ports met: conntrack takes them for one connection, and the second
+// to come hangs — the agent's dial until its timeout, or the client's SYN
+// for as long as the agent's connection lives. The kernel, choosing in
+// the pod's ephemeral range, cannot know the client's ports, which live
+// in another kernel (TestPlaintextClientsNeverMeetTheAgentsPorts). A
+// client whose own range reaches below 32768 can still meet one.
+const (
+	transparentPortMin = 1024
+	transparentPortMax = 32767
+	transparentTries   = 8
+)
+
+// pickPort is transparentPort (tests replace it).
+var pickPort = transparentPort
+
+func transparentPort() uint16 {
+	return uint16(transparentPortMin + rand.IntN(transparentPortMax-transparentPortMin+1))
+}
+
+// dialOnce is one attempt of dial: local is the zero AddrPort (the
+// kernel chooses the address) or the client's address, with port 0 for
+// the kernel's choice of port at connect.
+func (n *Net) dialOnce(ctx context.Context, network string, local, raddr netip.AddrPort, keepAlive time.Duration, async bool) (net.Conn, error) {
+	return inPod(n, async, func(leave func() error) (net.Conn, error) {
 		d := net.Dialer{KeepAlive: keepAlive, Control: func(_, _ string, rc syscall.RawConn) error {
 			// The socket exists (in the pod): leave before connect,
 			// which may wait.
 			if err := leave(); err != nil {
 				return err
 			}
-			return control(rc, func(fd int) error { return n.dialOptions(fd, src) })
+			return control(rc, func(fd int) error { return n.dialOptions(fd, local) })
 		}}
-		if !src.IsValid() {
+		if !local.IsValid() {
 			return d.DialContext(ctx, network, raddr.String())
 		}
-		// net binds src:0 after Control. DialTCP also skips the
+		// net binds local after Control. DialTCP also skips the
 		// address parsing and the per-dial deadline context (a timer)
 		// of DialContext; it cannot leave the local address unbound,
 		// hence DialContext above.
-		c, err := d.DialTCP(ctx, network, netip.AddrPortFrom(src, 0), raddr)
+		c, err := d.DialTCP(ctx, network, local, raddr)
 		if err != nil {
 			return nil, err
 		}
 		return c, nil
 	})
-	if err != nil {
-		return nil, fmt.Errorf("podnet: dial %v: %w", dst, opError(err))
-	}
-	return c, nil
 }
 
-// dialOptions marks a dialing socket and, for a valid src, makes it
-// transparent (net binds src:0 next). net sets TCP_NODELAY itself once
-// connected.
-func (n *Net) dialOptions(fd int, src netip.Addr) error {
+// dialOptions marks a dialing socket and, for a valid local address,
+// makes it transparent (net binds local next). net sets TCP_NODELAY
+// itself once connected.
+func (n *Net) dialOptions(fd int, local netip.AddrPort) error {
 	if n.mark != 0 {
 		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_MARK, int(n.mark)); err != nil {
 			return fmt.Errorf("SO_MARK: %w", err)
 		}
 	}
-	if !src.IsValid() {
+	if !local.IsValid() {
 		return nil
 	}
-	// Choose the source port at connect() from the whole 4-tuple, not
-	// at bind() from the address alone: otherwise every connection from
-	// one client IP competes for one port range (TIME_WAIT included) and
-	// binds slow down, then fail, under a high connection rate.
-	_ = unix.SetsockoptInt(fd, unix.SOL_IP, unix.IP_BIND_ADDRESS_NO_PORT, 1)
+	src := local.Addr()
+	if local.Port() == 0 {
+		// Choose the source port at connect() from the whole 4-tuple,
+		// not at bind() from the address alone: otherwise every
+		// connection from one client IP competes for one port range
+		// (TIME_WAIT included) and binds slow down, then fail, under a
+		// high connection rate.
+		_ = unix.SetsockoptInt(fd, unix.SOL_IP, unix.IP_BIND_ADDRESS_NO_PORT, 1)
+	} else {
+		// A port of our own: other dials from this client may hold it
+		// towards other destinations (or in TIME_WAIT); only the whole
+		// 4-tuple has to be free, which connect() checks.
+		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
+			return fmt.Errorf("SO_REUSEADDR: %w", err)
+		}
+	}
 	// IP_TRANSPARENT alone lets bind(2) take an address that is not the
 	// pod's (the kernel's nonlocal-bind check accepts transparent or
 	// freebind sockets alike) and lets the SYN leave from it; IP_FREEBIND

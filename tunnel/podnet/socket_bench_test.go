@@ -51,6 +51,53 @@ func BenchmarkDial(b *testing.B) {
 	})
 }
 
+// BenchmarkDialTransparent: a dial from a client's address (the agent
+// reaching the app as the client) with a source port of our own range
+// ("own-port", what Dial does) against the kernel's choice in the pod's
+// ephemeral range ("kernel-port", what it did before session 16). (The
+// kernel cannot choose in our range: IP_LOCAL_PORT_RANGE only narrows
+// the pod's.) The client address is
+// one of lo's, so no redirection is needed for the replies; the sockets
+// and system calls are those of a pod.
+func BenchmarkDialTransparent(b *testing.B) {
+	n := benchNet(b, "amb-tun-tbench")
+	ln, err := n.Listen(9002, ListenOptions{KeepAlive: -1})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	src, dst := netip.MustParseAddr("127.0.0.2"), netip.MustParseAddrPort("127.0.0.1:9002")
+	dial := func() (net.Conn, error) { return n.DialLocal(context.Background(), src, dst) }
+	for _, c := range []struct {
+		name string
+		dial func() (net.Conn, error)
+	}{
+		{"own-port", dial},
+		{"kernel-port", func() (net.Conn, error) {
+			return n.dialOnce(context.Background(), "tcp4", netip.AddrPortFrom(src, 0), dst, -1, false)
+		}},
+	} {
+		b.Run(c.name, func(b *testing.B) {
+			for b.Loop() {
+				conn, err := c.dial()
+				if err != nil {
+					b.Fatal(err)
+				}
+				conn.Close()
+			}
+		})
+	}
+}
+
 // BenchmarkListen: what the port checks add to a listener (an enrollment
 // makes three). "listen" is Listen with exclusiveListeners on (owned by
 // ListenerUID: two setfsuid around socket(), no dump since the group is
@@ -90,7 +137,7 @@ func BenchmarkListen(b *testing.B) {
 
 // benchNet is a fresh network namespace called name (loopback up) opened
 // as a Net, both removed when b ends.
-func benchNet(b *testing.B, name string) *Net {
+func benchNet(b testing.TB, name string) *Net {
 	b.Helper()
 	if os.Geteuid() != 0 {
 		b.Skip("SKIPPED: needs root")
