@@ -197,6 +197,9 @@ func (s *Store) List() ([]Pod, []error) {
 		}
 		path := filepath.Join(s.dir, name)
 		b, err := os.ReadFile(path)
+		if errors.Is(err, os.ErrNotExist) {
+			continue // deleted since the directory was read
+		}
 		if err != nil {
 			errs = append(errs, fmt.Errorf("state: %w", err))
 			continue

@@ -245,3 +245,25 @@ func TestUpdateRacingARemoval(t *testing.T) {
 		t.Fatalf("after Update the directory holds %v %v, want the record alone", names, err)
 	}
 }
+
+// TestListSkipsARecordRemovedMeanwhile: a record deleted between List's
+// directory read and its file read (a DEL, another agent of the node
+// during a surge) is simply not there: no error, so the agent does not
+// log "pod record unreadable" for a pod that just left. (A dangling
+// link stands in for the removal, which no test can time.)
+func TestListSkipsARecordRemovedMeanwhile(t *testing.T) {
+	s, err := Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Put(Pod{Namespace: "a", Name: "q", ContainerID: "c2"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(filepath.Join(s.Dir(), "gone"), filepath.Join(s.Dir(), Key("c3")+".json")); err != nil {
+		t.Fatal(err)
+	}
+	got, errs := s.List()
+	if len(got) != 1 || got[0].ContainerID != "c2" || len(errs) != 0 {
+		t.Fatalf("list: %+v, errors %v; want c2 alone and no error", got, errs)
+	}
+}
