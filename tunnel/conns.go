@@ -632,6 +632,7 @@ func (sv *Serving) inboundPlain(c *net.TCPConn, slots chan struct{}) {
 		reset(c)
 		return
 	}
+	sv.plaintextFromMesh(r)
 	info := ConnInfo{SrcIP: r.src.Addr(), Dst: w, DstPort: dst.Port(), Plaintext: true}
 	if v := sv.p.authorize(info); !v.Allow {
 		sv.failed(r, "denied", errors.New("policy "+v.Policy+": "+v.Reason))
@@ -663,6 +664,31 @@ func (sv *Serving) inboundPlain(c *net.TCPConn, slots chan struct{}) {
 	fromClient, toClient, err := sv.relayLive(c, app, lc)
 	// For inbound, "sent" is what the local app sent back.
 	sv.finished(r, fromClient, toClient, err)
+}
+
+// plaintextFromMesh counts and logs (a line a second at most) a
+// plaintext connection whose source IP is a meshed pod's. Between two
+// meshed pods every connection should be HBONE: plaintext here means the
+// source's capture was skipped (an app marking its socket with the
+// agent's SO_MARK: CAP_NET_ADMIN, or CAP_NET_RAW since Linux 5.17, the
+// runtimes' default for root containers) or the source's agent did not
+// take this pod for meshed (its view lagging, "not yet annotated").
+// Strict mode refuses it anyway; permissive serves it, and without this
+// nobody was told (TestPlaintextFromMeshedPodIsCounted).
+func (sv *Serving) plaintextFromMesh(r *record) {
+	src := r.src.Addr()
+	if sv.ownIPs[src] {
+		return
+	}
+	sw, ok := sv.p.cfg.Directory.WorkloadByIP(src)
+	if !ok || !sw.Meshed {
+		return
+	}
+	sv.p.m.plainFromMesh.WithLabelValues(orUnknown(sw.Identity), orUnknown(r.dstID)).Inc()
+	if ok, suppressed := sv.p.plainLog.take(time.Now()); ok {
+		sv.log.Warn("plaintext from a meshed pod: its capture was skipped (an app setting SO_MARK, which CAP_NET_RAW or CAP_NET_ADMIN allows) or its agent does not know this pod as meshed",
+			append(sv.logAttrs(r), "src_pod", sw.Namespace+"/"+sw.Name, "src_pod_identity", sw.Identity, "not_logged_since", suppressed)...)
+	}
 }
 
 // relayLive relays the live connection lc (registered by stillAllowed)

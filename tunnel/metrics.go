@@ -24,6 +24,7 @@ type metrics struct {
 	pendingHandshakes prometheus.Gauge
 	evicted           *prometheus.CounterVec // limit: pod|agent
 	idleClosed        prometheus.Counter     // inbound HBONE, no stream for HBONEIdleTimeout
+	plainFromMesh     *prometheus.CounterVec // src_identity, dst_identity
 
 	cache sync.Map // seriesKey → *connSeries
 }
@@ -59,6 +60,9 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			[]string{"limit"}),
 		idleClosed: prometheus.NewCounter(prometheus.CounterOpts{Name: "ambit_tunnel_hbone_idle_closed_total",
 			Help: "Inbound HBONE connections closed (gracefully) by the agent after HBONEIdleTimeout with no stream open."}),
+		plainFromMesh: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "ambit_tunnel_plaintext_from_meshed_total",
+			Help: "Plaintext connections on 15006 from the IP of a pod the directory knows as meshed, whatever the verdict: the source's capture was skipped (an app setting SO_MARK, which CAP_NET_RAW allows since Linux 5.17) or its agent did not take the destination for meshed."},
+			[]string{"src_identity", "dst_identity"}),
 	}
 	if reg != nil {
 		m.opened = register(reg, m.opened)
@@ -73,6 +77,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		m.pendingHandshakes = register(reg, m.pendingHandshakes)
 		m.evicted = register(reg, m.evicted)
 		m.idleClosed = register(reg, m.idleClosed)
+		m.plainFromMesh = register(reg, m.plainFromMesh)
 		register(reg, prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "ambit_tunnel_buffered_bytes",
 			Help: "Received bytes waiting for slow apps (bounded by flow-control windows)."},
 			func() float64 { return float64(hbone.BufferedBytes()) }))

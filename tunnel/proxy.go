@@ -117,6 +117,7 @@ type Proxy struct {
 	hs       *handshakes
 	hsLog    logLimiter
 	pauseLog logLimiter
+	plainLog logLimiter // plaintext from a meshed pod (conns.go)
 
 	// services resolves Service addresses (the Directory itself, or
 	// endpointsOnly around one without ServiceByAddr); affinity holds
@@ -231,7 +232,7 @@ func New(cfg Config) (*Proxy, error) {
 	// Whose turn a pending handshake is in (listen.go, owed).
 	p.hcfg.HandshakeReads = p.hs.reads
 	p.hcfg.OnPanic = p.hbonePanicked
-	p.hsLog.perSecond, p.pauseLog.perSecond = 10, 1
+	p.hsLog.perSecond, p.pauseLog.perSecond, p.plainLog.perSecond = 10, 1, 1
 	switch budget := cfg.MaxConnections; {
 	case budget > 0:
 		p.share.init(int64(budget), "maxConnections")
