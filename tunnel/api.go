@@ -136,6 +136,15 @@ type LocalDialer interface {
 	DialLocal(ctx context.Context, src netip.Addr, dst netip.AddrPort) (net.Conn, error)
 }
 
+// OwnPortDialer is optionally implemented by a PodNetwork:
+// DialLocalOwnPort is DialLocal for delivering a plaintext client's
+// connection, whose source port must never be one that client may use
+// for a connection of its own to the pod (podnet: a port below the
+// clients' ephemeral ranges). Called like DialLocal.
+type OwnPortDialer interface {
+	DialLocalOwnPort(ctx context.Context, src netip.Addr, dst netip.AddrPort) (net.Conn, error)
+}
+
 // Pod is everything the tunnel needs to serve one enrolled pod. The
 // listeners are already open inside the pod's network namespace.
 type Pod struct {

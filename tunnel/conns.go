@@ -641,7 +641,7 @@ func (sv *Serving) inboundPlain(c *net.TCPConn, slots chan struct{}) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	var dialed net.Conn
-	gone := sv.dialDuring(c, cancel, func() { dialed, err = sv.dialApp(ctx, r.src.Addr(), dst) })
+	gone := sv.dialDuring(c, cancel, func() { dialed, err = sv.dialApp(ctx, r.src.Addr(), dst, true) })
 	app := dialed // set once: the closures below copy it, not share it on the heap
 	if err != nil {
 		if gone {
@@ -726,13 +726,17 @@ func (sv *Serving) stillAllowed(lc *liveConn) bool {
 }
 
 // dialApp connects to the pod's app from the client's address, within
-// the connect timeout and until parent ends.
-func (sv *Serving) dialApp(parent context.Context, src netip.Addr, dst netip.AddrPort) (net.Conn, error) {
+// the connect timeout and until parent ends; plaintext when the client's
+// connection came to 15006 (see OwnPortDialer).
+func (sv *Serving) dialApp(parent context.Context, src netip.Addr, dst netip.AddrPort, plaintext bool) (net.Conn, error) {
 	if sv.p.cfg.NoOriginalSource || src.Is4() != dst.Addr().Is4() || sv.ownIPs[src] {
 		src = netip.Addr{}
 	}
 	ctx, cancel := context.WithTimeout(parent, sv.p.connectTimeout)
 	defer cancel()
+	if od, ok := sv.pod.Net.(OwnPortDialer); ok && plaintext && src.IsValid() {
+		return od.DialLocalOwnPort(ctx, src, dst)
+	}
 	if ld, ok := sv.pod.Net.(LocalDialer); ok {
 		return ld.DialLocal(ctx, src, dst)
 	}
@@ -968,7 +972,7 @@ func (sv *Serving) inboundStream(s *hbone.Stream, peerID string, peer netip.Addr
 	}
 	defer sv.connDone()
 	ctx, cancel := streamContext(s)
-	app, err := sv.dialApp(ctx, peer.Addr(), dst)
+	app, err := sv.dialApp(ctx, peer.Addr(), dst, false)
 	gone := ctx.Err() != nil
 	cancel()
 	if err != nil {

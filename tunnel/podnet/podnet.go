@@ -451,7 +451,7 @@ func (n *Net) listen(network, host string, port uint16, mark uint32, uid int, op
 // connmark/routing rules bring the replies back. The connection has Go's
 // default TCP keepalive (see DialLocal). It implements tunnel.PodNetwork.
 func (n *Net) Dial(ctx context.Context, src netip.Addr, dst netip.AddrPort) (net.Conn, error) {
-	return n.dial(ctx, src, dst, 0, true)
+	return n.dial(ctx, src, dst, 0, true, false)
 }
 
 // DialLocal is Dial for a peer inside the pod itself (the agent
@@ -466,10 +466,20 @@ func (n *Net) Dial(ctx context.Context, src netip.Addr, dst netip.AddrPort) (net
 // thread still in the pod's namespace: it must open no socket and end
 // soon (the runtime then discards the thread).
 func (n *Net) DialLocal(ctx context.Context, src netip.Addr, dst netip.AddrPort) (net.Conn, error) {
-	return n.dial(ctx, src, dst, -1, false)
+	return n.dial(ctx, src, dst, -1, false, false)
 }
 
-func (n *Net) dial(ctx context.Context, src netip.Addr, dst netip.AddrPort, keepAlive time.Duration, async bool) (net.Conn, error) {
+// DialLocalOwnPort is DialLocal for a plaintext client's connection: a
+// valid src binds a source port of our own range (see
+// transparentPortMin), below the ephemeral ranges clients draw from, so
+// the dial never shares its conntrack tuple with a connection of that
+// client redirected to the inbound port. It implements
+// tunnel.OwnPortDialer.
+func (n *Net) DialLocalOwnPort(ctx context.Context, src netip.Addr, dst netip.AddrPort) (net.Conn, error) {
+	return n.dial(ctx, src, dst, -1, false, true)
+}
+
+func (n *Net) dial(ctx context.Context, src netip.Addr, dst netip.AddrPort, keepAlive time.Duration, async, ownPort bool) (net.Conn, error) {
 	if !dst.IsValid() || dst.Port() == 0 {
 		return nil, fmt.Errorf("podnet: dial: invalid destination %v", dst)
 	}
@@ -490,17 +500,19 @@ func (n *Net) dial(ctx context.Context, src netip.Addr, dst netip.AddrPort, keep
 		defer cancel()
 	}
 	raddr := netip.AddrPortFrom(dstIP, dst.Port())
-	if !src.IsValid() {
-		c, err := n.dialOnce(ctx, network, netip.AddrPort{}, raddr, keepAlive, async)
+	if !src.IsValid() || !ownPort {
+		// The kernel chooses the port at connect (and the address,
+		// when src is not valid).
+		c, err := n.dialOnce(ctx, network, netip.AddrPortFrom(src, 0), raddr, keepAlive, async)
 		if err != nil {
 			return nil, fmt.Errorf("podnet: dial %v: %w", dst, opError(err))
 		}
 		return c, nil
 	}
-	// From the client's address: from a port of our own range, another
-	// at random when one is taken (bound by an app's listener, or the
-	// whole 4-tuple still in TIME_WAIT), and the kernel's choice in the
-	// pod's range after transparentTries (never worse than before).
+	// From the client's address and a port of our own range, another at
+	// random when one is taken (bound by an app's listener, or the whole
+	// 4-tuple still in TIME_WAIT), and the kernel's choice in the pod's
+	// range after transparentTries (never worse than before).
 	var err error
 	for try := 0; ; try++ {
 		port := uint16(0)
@@ -519,19 +531,23 @@ func (n *Net) dial(ctx context.Context, src netip.Addr, dst netip.AddrPort, keep
 	return nil, fmt.Errorf("podnet: dial %v: %w", dst, opError(err))
 }
 
-// The source ports of dials from a client's address (the agent reaching
-// a pod's app as the client, IP_TRANSPARENT) are taken from
-// [transparentPortMin, transparentPortMax], below the ephemeral ranges
-// clients draw their own ports from by default (Linux 32768–60999;
-// Windows, macOS and IANA 49152–65535). Inside the pod's conntrack such a
-// dial and a plaintext connection of the same client (redirected to the
-// agent's inbound port) would otherwise share their tuple whenever the
-// two ports met: conntrack takes them for one connection, and the second
-// to come hangs — the agent's dial until its timeout, or the client's SYN
-// for as long as the agent's connection lives. The kernel, choosing in
-// the pod's ephemeral range, cannot know the client's ports, which live
-// in another kernel (TestPlaintextClientsNeverMeetTheAgentsPorts). A
-// client whose own range reaches below 32768 can still meet one.
+// The source ports of DialLocalOwnPort from a client's address (the
+// agent delivering a plaintext client's connection to the app as that
+// client, IP_TRANSPARENT) are taken from [transparentPortMin,
+// transparentPortMax], below the ephemeral ranges clients draw their
+// own ports from by default (Linux 32768–60999; Windows, macOS and IANA
+// 49152–65535). Inside the pod's conntrack such a dial and a plaintext
+// connection of the same client (redirected to the agent's inbound port)
+// would otherwise share their tuple whenever the two ports met:
+// conntrack takes them for one connection, and the second to come hangs
+// — the agent's dial until its timeout, or the client's SYN for as long
+// as the agent's connection lives. The kernel, choosing in the pod's
+// ephemeral range, cannot know the client's ports, which live in another
+// kernel (TestPlaintextClientsNeverMeetTheAgentsPorts). A client whose
+// own range reaches below 32768 can still meet one. Dials for HBONE
+// clients keep the kernel's choice: those clients send the pod no
+// plaintext, and an app binding a port of that range after the agent
+// (without SO_REUSEADDR) could otherwise meet one of our dials.
 const (
 	transparentPortMin = 1024
 	transparentPortMax = 32767

@@ -53,8 +53,10 @@ func BenchmarkDial(b *testing.B) {
 
 // BenchmarkDialTransparent: a dial from a client's address (the agent
 // reaching the app as the client) with a source port of our own range
-// ("own-port", what Dial does) against the kernel's choice in the pod's
-// ephemeral range ("kernel-port", what it did before session 16). (The
+// ("own-port", DialLocalOwnPort: a plaintext client's connection)
+// against the kernel's choice in the pod's ephemeral range
+// ("kernel-port", DialLocal: an HBONE client's, and every dial before
+// session 16). (The
 // kernel cannot choose in our range: IP_LOCAL_PORT_RANGE only narrows
 // the pod's.) The client address is
 // one of lo's, so no redirection is needed for the replies; the sockets
@@ -76,15 +78,12 @@ func BenchmarkDialTransparent(b *testing.B) {
 		}
 	}()
 	src, dst := netip.MustParseAddr("127.0.0.2"), netip.MustParseAddrPort("127.0.0.1:9002")
-	dial := func() (net.Conn, error) { return n.DialLocal(context.Background(), src, dst) }
 	for _, c := range []struct {
 		name string
 		dial func() (net.Conn, error)
 	}{
-		{"own-port", dial},
-		{"kernel-port", func() (net.Conn, error) {
-			return n.dialOnce(context.Background(), "tcp4", netip.AddrPortFrom(src, 0), dst, -1, false)
-		}},
+		{"own-port", func() (net.Conn, error) { return n.DialLocalOwnPort(context.Background(), src, dst) }},
+		{"kernel-port", func() (net.Conn, error) { return n.DialLocal(context.Background(), src, dst) }},
 	} {
 		b.Run(c.name, func(b *testing.B) {
 			for b.Loop() {

@@ -7,8 +7,8 @@ import (
 	"testing"
 )
 
-// TestTransparentDialPorts: a dial from a client's address takes its
-// source port from our range (below the clients' own ephemeral ranges,
+// TestTransparentDialPorts: a dial from a plaintext client's address
+// (DialLocalOwnPort) takes its source port from our range (below the clients' own ephemeral ranges,
 // see transparentPortMin), another when the one drawn is taken, and
 // the kernel's choice in the pod's range when every draw is taken: a
 // dial never fails for our choice.
@@ -38,7 +38,7 @@ func TestTransparentDialPorts(t *testing.T) {
 	src, dst := netip.MustParseAddr("127.0.0.2"), netip.MustParseAddrPort("127.0.0.1:9003")
 	dial := func() uint16 {
 		t.Helper()
-		c, err := n.DialLocal(context.Background(), src, dst)
+		c, err := n.DialLocalOwnPort(context.Background(), src, dst)
 		if err != nil {
 			t.Fatalf("dial from %v: %v", src, err)
 		}
@@ -54,6 +54,15 @@ func TestTransparentDialPorts(t *testing.T) {
 			t.Fatalf("dial %d from the client's address used port %d, want one in [%d, %d]", i, p, transparentPortMin, transparentPortMax)
 		}
 	}
+	// DialLocal (an HBONE client's) keeps the kernel's choice.
+	c, err := n.DialLocal(context.Background(), src, dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p := c.LocalAddr().(*net.TCPAddr).Port; p < 32768 {
+		t.Errorf("DialLocal from the client's address used port %d, want the kernel's choice in the pod's range (32768 and up)", p)
+	}
+	c.Close()
 	draws := 0
 	t.Cleanup(func() { pickPort = transparentPort })
 	pickPort = func() uint16 {
