@@ -343,12 +343,20 @@ var testHookBetweenRuns func(f family)
 func iptablesVerify(ss *session, b Backend, s Spec) error {
 	var problems []string
 	for _, f := range []family{4, 6} {
+		enabled := (f == 4 && s.IPv4) || (f == 6 && s.IPv6)
+		if _, err := exec.LookPath(variantBinary(b, f, "save")); err != nil && !enabled {
+			// A node without ip6tables runs with ipv6: off (as the
+			// host rules require): no tool put rules of ours there,
+			// and failing for it had every such pod "repaired" by
+			// the periodic check (TestIPv4OnlyWithoutIp6tables).
+			// Install and removal skip a missing tool the same way.
+			continue
+		}
 		out, err := runIn(ss.ctx, ss.netns, "", variantBinary(b, f, "save"))
 		if err != nil {
 			return err
 		}
 		rules, jumps, chains := ourSaveLines(out)
-		enabled := (f == 4 && s.IPv4) || (f == 6 && s.IPv6)
 		if !enabled {
 			if len(rules)+len(jumps)+len(chains) > 0 {
 				problems = append(problems, fmt.Sprintf("IPv%d rules present although the spec disables IPv%d", f, f))
