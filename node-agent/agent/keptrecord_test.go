@@ -14,6 +14,7 @@ import (
 	"github.com/ambit-mesh/ambit/node-agent/cluster"
 	"github.com/ambit-mesh/ambit/node-agent/inventory"
 	"github.com/ambit-mesh/ambit/node-agent/state"
+	"github.com/ambit-mesh/ambit/plugin/cniproto"
 )
 
 // invWebOther lists apps/web and apps/other by the UIDs their ADDs carry
@@ -178,5 +179,61 @@ func TestFoundSandboxOfDeletedPodIsForgotten(t *testing.T) {
 	}
 	if _, err := dialIn(n, "127.0.0.1:15001"); err == nil {
 		t.Error("a listener is still open in the namespace after the pod's deletion")
+	}
+}
+
+// TestGCKeepsAKeptRecordTheRuntimeLists: apps/web's record, kept
+// unserved at re-adoption (its netns gone, its IP apps/other's now), is
+// not the agent's to drop while the runtime still lists its container:
+// CNI GC naming cid-web leaves it on disk (and kept); a GC that no
+// longer names it removes it. apps/other is served throughout.
+func TestGCKeepsAKeptRecordTheRuntimeLists(t *testing.T) {
+	testenv.RequireRoot(t)
+	dir := agentDir(t)
+	h1 := startAgent(t, dir, invWebOther)
+	wn := newNetns(t, "10.89.6.3/24")
+	on := newNetns(t, "10.89.6.3/24")
+	enrollLikePlugin(t, h1, "web", wn, "10.89.6.3/24")
+	enrollLikePlugin(t, h1, "other", on, "10.89.6.3/24")
+	h1.stop()
+	wn.file.Close()
+	if err := netns.DeleteNamed(wn.name); err != nil {
+		t.Fatal(err)
+	}
+
+	h := startAgent(t, dir, invWebOther)
+	notServed(t, h, "web", map[uint64]string{inodeOfNetns(t, on): "apps/other's"})
+	gc := func(cids ...string) {
+		t.Helper()
+		var valid []cniproto.Attachment
+		for _, cid := range cids {
+			valid = append(valid, cniproto.Attachment{ContainerID: cid, IfName: "eth0"})
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		resp, err := cniproto.Call(ctx, h.sock, &cniproto.Request{Version: cniproto.Version, Op: cniproto.OpGC, Valid: valid}, nil)
+		if err != nil || resp.Error != "" {
+			t.Fatalf("GC %v: %+v %v", cids, resp, err)
+		}
+	}
+	isKept := func() bool {
+		h.a.mu.Lock()
+		defer h.a.mu.Unlock()
+		return h.a.kept["apps/web"]["cid-web"]
+	}
+
+	gc("cid-web", "cid-other")
+	if !hasRecord(t, h, "cid-web") || !isKept() {
+		t.Fatalf("GC listing cid-web removed its record (on disk %v, kept %v)", hasRecord(t, h, "cid-web"), isKept())
+	}
+	gc("cid-other")
+	if hasRecord(t, h, "cid-web") || isKept() {
+		t.Errorf("GC no longer listing cid-web left its record (on disk %v, kept %v)", hasRecord(t, h, "cid-web"), isKept())
+	}
+	if !hasRecord(t, h, "cid-other") {
+		t.Error("the record of apps/other was removed")
+	}
+	if p := h.a.podByName("apps/other"); p == nil || !p.enrolled() || p.rec.NetnsInode != inodeOfNetns(t, on) {
+		t.Errorf("apps/other: %+v, want served in its namespace", p)
 	}
 }
