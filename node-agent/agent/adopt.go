@@ -13,6 +13,7 @@ import (
 	"github.com/ambit-mesh/ambit/node-agent/cluster"
 	"github.com/ambit-mesh/ambit/node-agent/health"
 	"github.com/ambit-mesh/ambit/node-agent/state"
+	"github.com/ambit-mesh/ambit/plugin/redirect"
 )
 
 // adopt re-adopts every pod recorded by a previous agent: finds its netns
@@ -151,12 +152,15 @@ func (a *Agent) adoptLocked(ctx context.Context, rec state.Pod, scan *lazyScan) 
 			cp.IPs = rec.IPs
 		}
 	}
-	spec := a.spec
-	spec.IPv4, spec.IPv6 = rec.IPv4, rec.IPv6
-	if !spec.IPv4 && !spec.IPv6 {
-		spec = a.specFor(rec.IPs, f)
-	}
+	// The families this agent captures (both unless ipv6: off), not the
+	// record's: agents before session 16 captured an IPv4-only pod's
+	// IPv4 alone, which let IPv6 link-local plaintext between enrolled
+	// pods through (TestLinkLocalIPv6IsCaptured). The check after
+	// re-adoption installs the rest (a repair, once per such pod;
+	// TestReadoptionWidensToBothFamilies).
+	spec := a.specFor(rec.IPs, f)
 	p.spec = spec
+	p.rec.IPv4, p.rec.IPv6 = spec.IPv4, spec.IPv6
 	wl := a.workload(cp)
 	if len(rec.IPs) > 0 {
 		// The record's IPs, as at ADD: the ones its namespace was found
@@ -183,7 +187,8 @@ func (a *Agent) adoptLocked(ctx context.Context, rec state.Pod, scan *lazyScan) 
 		a.log.Error("re-adopting pod failed; its connections are refused until it is fixed", "pod", podName, "err", err)
 		return nil
 	}
-	if p.rec.Netns != orig.Netns || p.rec.NetnsInode != orig.NetnsInode || p.rec.Identity != orig.Identity || p.rec.MigrateReq != orig.MigrateReq {
+	if p.rec.Netns != orig.Netns || p.rec.NetnsInode != orig.NetnsInode || p.rec.Identity != orig.Identity || p.rec.MigrateReq != orig.MigrateReq ||
+		p.rec.IPv4 != orig.IPv4 || p.rec.IPv6 != orig.IPv6 {
 		a.rewrite(p.rec)
 	}
 	// Listening again, rules kept from the agent before (verified next):
@@ -321,7 +326,16 @@ func (a *Agent) verifyPod(p *pod) {
 	} else {
 		a.log.Warn("redirection differs from what it should be, repairing", "pod", name, "problem", err)
 	}
-	backend, err := a.rules.Install(loopCtx, p.netns, "", p.spec)
+	// With the engine the rules were installed with (the conflist's
+	// ruleBackend, or what auto chose then), not a new choice: before,
+	// every repaired iptables pod moved to nftables. If that engine
+	// fails (its tools gone from the node), any working one: a pod's
+	// capture comes before its engine.
+	backend, err := a.rules.Install(loopCtx, p.netns, redirect.Backend(p.rec.Backend), p.spec)
+	if err != nil && p.rec.Backend != "" {
+		a.log.Warn("repairing redirection with the pod's rule engine failed; trying any", "pod", name, "backend", p.rec.Backend, "err", err)
+		backend, err = a.rules.Install(loopCtx, p.netns, "", p.spec)
+	}
 	if err != nil {
 		a.m.failures.WithLabelValues("redirect").Inc()
 		a.log.Error("repairing redirection failed", "pod", name, "err", err)
