@@ -140,9 +140,11 @@ type LocalDialer interface {
 // DialLocalOwnPort is DialLocal for delivering a plaintext client's
 // connection, whose source port must never be one that client may use
 // for a connection of its own to the pod (podnet: a port below the
-// clients' ephemeral ranges). Called like DialLocal.
+// clients' ephemeral ranges), nor one avoid reports (the pod's app
+// ports: a socket of ours there would keep an app from binding it
+// again). Called like DialLocal.
 type OwnPortDialer interface {
-	DialLocalOwnPort(ctx context.Context, src netip.Addr, dst netip.AddrPort) (net.Conn, error)
+	DialLocalOwnPort(ctx context.Context, src netip.Addr, dst netip.AddrPort, avoid func(port uint16) bool) (net.Conn, error)
 }
 
 // Pod is everything the tunnel needs to serve one enrolled pod. The

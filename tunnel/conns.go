@@ -734,8 +734,9 @@ func (sv *Serving) dialApp(parent context.Context, src netip.Addr, dst netip.Add
 	}
 	ctx, cancel := context.WithTimeout(parent, sv.p.connectTimeout)
 	defer cancel()
+	sv.appPorts.add(dst.Port())
 	if od, ok := sv.pod.Net.(OwnPortDialer); ok && plaintext && src.IsValid() {
-		return od.DialLocalOwnPort(ctx, src, dst)
+		return od.DialLocalOwnPort(ctx, src, dst, sv.appPorts.has)
 	}
 	if ld, ok := sv.pod.Net.(LocalDialer); ok {
 		return ld.DialLocal(ctx, src, dst)

@@ -251,12 +251,15 @@ func New(cfg Config) (*Proxy, error) {
 
 // Serving is one pod being served.
 type Serving struct {
-	p       *Proxy
-	pod     Pod
-	ownIPs  map[netip.Addr]bool
-	pool    *pool
-	baggage string
-	log     *slog.Logger
+	p      *Proxy
+	pod    Pod
+	ownIPs map[netip.Addr]bool
+	// appPorts: the pod's app ports seen so far, which plaintext
+	// deliveries never take as their source port.
+	appPorts appPorts
+	pool     *pool
+	baggage  string
+	log      *slog.Logger
 
 	mu      sync.Mutex
 	closing bool

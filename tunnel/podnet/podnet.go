@@ -451,7 +451,7 @@ func (n *Net) listen(network, host string, port uint16, mark uint32, uid int, op
 // connmark/routing rules bring the replies back. The connection has Go's
 // default TCP keepalive (see DialLocal). It implements tunnel.PodNetwork.
 func (n *Net) Dial(ctx context.Context, src netip.Addr, dst netip.AddrPort) (net.Conn, error) {
-	return n.dial(ctx, src, dst, 0, true, false)
+	return n.dial(ctx, src, dst, 0, true, false, nil)
 }
 
 // DialLocal is Dial for a peer inside the pod itself (the agent
@@ -466,20 +466,21 @@ func (n *Net) Dial(ctx context.Context, src netip.Addr, dst netip.AddrPort) (net
 // thread still in the pod's namespace: it must open no socket and end
 // soon (the runtime then discards the thread).
 func (n *Net) DialLocal(ctx context.Context, src netip.Addr, dst netip.AddrPort) (net.Conn, error) {
-	return n.dial(ctx, src, dst, -1, false, false)
+	return n.dial(ctx, src, dst, -1, false, false, nil)
 }
 
 // DialLocalOwnPort is DialLocal for a plaintext client's connection: a
 // valid src binds a source port of our own range (see
 // transparentPortMin), below the ephemeral ranges clients draw from, so
 // the dial never shares its conntrack tuple with a connection of that
-// client redirected to the inbound port. It implements
+// client redirected to the inbound port; never a port avoid reports (nil:
+// none), such as the pod's app ports. It implements
 // tunnel.OwnPortDialer.
-func (n *Net) DialLocalOwnPort(ctx context.Context, src netip.Addr, dst netip.AddrPort) (net.Conn, error) {
-	return n.dial(ctx, src, dst, -1, false, true)
+func (n *Net) DialLocalOwnPort(ctx context.Context, src netip.Addr, dst netip.AddrPort, avoid func(port uint16) bool) (net.Conn, error) {
+	return n.dial(ctx, src, dst, -1, false, true, avoid)
 }
 
-func (n *Net) dial(ctx context.Context, src netip.Addr, dst netip.AddrPort, keepAlive time.Duration, async, ownPort bool) (net.Conn, error) {
+func (n *Net) dial(ctx context.Context, src netip.Addr, dst netip.AddrPort, keepAlive time.Duration, async, ownPort bool, avoid func(uint16) bool) (net.Conn, error) {
 	if !dst.IsValid() || dst.Port() == 0 {
 		return nil, fmt.Errorf("podnet: dial: invalid destination %v", dst)
 	}
@@ -509,15 +510,22 @@ func (n *Net) dial(ctx context.Context, src netip.Addr, dst netip.AddrPort, keep
 		}
 		return c, nil
 	}
-	// From the client's address and a port of our own range, another at
-	// random when one is taken (bound by an app's listener, or the whole
-	// 4-tuple still in TIME_WAIT), and the kernel's choice in the pod's
-	// range after transparentTries (never worse than before).
+	// From the client's address and a port of our own range (none avoid
+	// reports), another at random when one is taken (bound by an app's
+	// listener, or the whole 4-tuple in use by a live delivery), and the
+	// kernel's choice in the pod's range after transparentTries (never
+	// worse than before).
 	var err error
 	for try := 0; ; try++ {
 		port := uint16(0)
 		if try < transparentTries {
 			port = pickPort()
+			for draws := 1; avoid != nil && avoid(port) && draws < transparentTries; draws++ {
+				port = pickPort()
+			}
+			if avoid != nil && avoid(port) {
+				continue // (a test's draws; 16 app ports in 31,744 never get here)
+			}
 		}
 		var c net.Conn
 		c, err = n.dialOnce(ctx, network, netip.AddrPortFrom(src, port), raddr, keepAlive, async)

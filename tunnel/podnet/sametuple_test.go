@@ -58,7 +58,7 @@ func TestTransparentDialSameTuple(t *testing.T) {
 		}
 		dial := func() net.Conn {
 			t.Helper()
-			c, err := n.DialLocalOwnPort(context.Background(), src, dst)
+			c, err := n.DialLocalOwnPort(context.Background(), src, dst, nil)
 			if err != nil {
 				t.Fatalf("%v: dial: %v", src, err)
 			}

@@ -82,7 +82,7 @@ func BenchmarkDialTransparent(b *testing.B) {
 		name string
 		dial func() (net.Conn, error)
 	}{
-		{"own-port", func() (net.Conn, error) { return n.DialLocalOwnPort(context.Background(), src, dst) }},
+		{"own-port", func() (net.Conn, error) { return n.DialLocalOwnPort(context.Background(), src, dst, nil) }},
 		{"kernel-port", func() (net.Conn, error) { return n.DialLocal(context.Background(), src, dst) }},
 	} {
 		b.Run(c.name, func(b *testing.B) {

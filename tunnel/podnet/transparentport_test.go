@@ -36,9 +36,10 @@ func TestTransparentDialPorts(t *testing.T) {
 	}
 	defer app.Close()
 	src, dst := netip.MustParseAddr("127.0.0.2"), netip.MustParseAddrPort("127.0.0.1:9003")
+	var avoid func(uint16) bool
 	dial := func() uint16 {
 		t.Helper()
-		c, err := n.DialLocalOwnPort(context.Background(), src, dst)
+		c, err := n.DialLocalOwnPort(context.Background(), src, dst, avoid)
 		if err != nil {
 			t.Fatalf("dial from %v: %v", src, err)
 		}
@@ -79,5 +80,19 @@ func TestTransparentDialPorts(t *testing.T) {
 	pickPort = func() uint16 { draws++; return 20000 }
 	if p := dial(); p < 32768 || draws != transparentTries {
 		t.Errorf("with every draw taken: port %d after %d draws, want the kernel's choice in the pod's range (32768 and up) after %d", p, draws, transparentTries)
+	}
+	// A port the caller avoids (an app port of the pod, not listening
+	// now: a restarting container) is never taken, though free.
+	draws = 0
+	pickPort = func() uint16 {
+		draws++
+		if draws == 1 {
+			return 20002
+		}
+		return 20003
+	}
+	avoid = func(p uint16) bool { return p == 20002 }
+	if p := dial(); p != 20003 || draws != 2 {
+		t.Errorf("with the first draw an avoided port: port %d after %d draws, want 20003 after 2", p, draws)
 	}
 }
