@@ -16,15 +16,7 @@ func BenchmarkDial(b *testing.B) {
 	n := benchNet(b, "amb-tun-bench")
 	run := func(b *testing.B, ln net.Listener, dial func() (net.Conn, error)) {
 		defer ln.Close()
-		go func() {
-			for {
-				c, err := ln.Accept()
-				if err != nil {
-					return
-				}
-				c.Close()
-			}
-		}()
+		go closeEach(ln)
 		for i := 0; i < b.N; i++ {
 			c, err := dial()
 			if err != nil {
@@ -63,20 +55,7 @@ func BenchmarkDial(b *testing.B) {
 // and system calls are those of a pod.
 func BenchmarkDialTransparent(b *testing.B) {
 	n := benchNet(b, "amb-tun-tbench")
-	ln, err := n.Listen(9002, ListenOptions{KeepAlive: -1})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer ln.Close()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			c.Close()
-		}
-	}()
+	listenClosing(b, n, 9002)
 	src, dst := netip.MustParseAddr("127.0.0.2"), netip.MustParseAddrPort("127.0.0.1:9002")
 	for _, c := range []struct {
 		name string
@@ -160,4 +139,29 @@ func benchNet(b testing.TB, name string) *Net {
 	}
 	b.Cleanup(func() { n.Close() })
 	return n
+}
+
+// listenClosing opens a listener on port in n whose connections are
+// each accepted and closed at once, for dials that only need to connect;
+// tb's cleanup closes it.
+func listenClosing(tb testing.TB, n *Net, port uint16) net.Listener {
+	tb.Helper()
+	ln, err := n.Listen(port, ListenOptions{KeepAlive: -1})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { ln.Close() })
+	go closeEach(ln)
+	return ln
+}
+
+// closeEach accepts and closes ln's connections until ln is closed.
+func closeEach(ln net.Listener) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		c.Close()
+	}
 }

@@ -14,20 +14,7 @@ import (
 // dial never fails for our choice.
 func TestTransparentDialPorts(t *testing.T) {
 	n := benchNet(t, "amb-tun-tport")
-	ln, err := n.Listen(9003, ListenOptions{KeepAlive: -1})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			c.Close()
-		}
-	}()
+	listenClosing(t, n, 9003)
 	// An app's listener on every address of the pod holds its port
 	// for any bind, the client's address included.
 	app, err := n.Listen(20000, ListenOptions{KeepAlive: -1})
