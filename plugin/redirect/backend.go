@@ -20,7 +20,9 @@ var concrete = []Backend{Nftables, IptablesNft, IptablesLegacy}
 // returns the backend used. Whatever another backend of ours left in the
 // netns is removed, so switching backends never leaves two rule sets. On
 // error nothing of ours is left behind, or the error says what could not
-// be removed.
+// be removed; except an install that did not start (ctx already done, or
+// a tool the backend needs missing from the node), which leaves the
+// netns as it was: a pod's rules already there stay.
 //
 // Install returns by ctx's deadline. The work gets all but the last part
 // of the time (cleanupReserve): a run cut at its end (the legacy
@@ -55,6 +57,15 @@ func Install(ctx context.Context, netns ns.NetNS, backend Backend, spec Spec) (B
 		return "", fmt.Errorf("installing redirection with %s: not started, %v left of the caller's time, less than an install and the removal of a cut one take (%v): %w",
 			b, time.Until(dl).Round(time.Millisecond), minInstallTime, context.DeadlineExceeded)
 	}
+	if err := iptablesTools(b, spec); err != nil {
+		// Not started: a pod's rules already there stay. Begun, the
+		// IPv4 restore replaced them, the IPv6 one found no tool, and
+		// the rollback took the pod's whole capture away: the agent's
+		// repair to both families of an IPv4-only iptables pod on a node
+		// without ip6tables did that before trying another engine
+		// (TestMissingToolKeepsTheRulesThere).
+		return "", fmt.Errorf("installing redirection with %s: not started: %w", b, err)
+	}
 	err = installWith(s, b, spec)
 	if err != nil && (backend == Auto || backend == "") && b == Nftables && work.Err() == nil {
 		// nf_tables answers but cannot hold our table (a kernel before
@@ -62,7 +73,9 @@ func Install(ctx context.Context, netns ns.NetNS, backend Backend, spec Spec) (B
 		// failed pod.
 		v, why := DetectIptables()
 		slog.Warn("nftables install failed, falling back to iptables", "err", err, "backend", v, "why", why)
-		if uerr := uninstall(s); uerr == nil {
+		if terr := iptablesTools(v, spec); terr != nil {
+			err = fmt.Errorf("%w (no iptables fallback: %v)", err, terr)
+		} else if uerr := uninstall(s); uerr == nil {
 			b, err = v, installWith(s, v, spec)
 		}
 	}

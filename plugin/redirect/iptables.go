@@ -319,6 +319,27 @@ func ourSaveLines(out []byte) (rules map[string][]string, jumps map[string]int, 
 	return
 }
 
+// iptablesTools reports the first tool an install of s with b needs
+// that the node lacks (nil for nftables, or when all are there).
+func iptablesTools(b Backend, s Spec) error {
+	if b == Nftables {
+		return nil
+	}
+	for _, f := range families(s) {
+		for _, tool := range []string{"save", "restore"} {
+			if name := variantBinary(b, f, tool); !haveTool(name) {
+				return fmt.Errorf("%s not found: install the iptables package or choose the nftables backend", name)
+			}
+		}
+	}
+	return nil
+}
+
+func haveTool(name string) bool {
+	_, err := exec.LookPath(name)
+	return err == nil
+}
+
 func iptablesInstall(ss *session, b Backend, s Spec) error {
 	for _, f := range families(s) {
 		out, err := runIn(ss.ctx, ss.netns, "", variantBinary(b, f, "save"))
