@@ -3,7 +3,8 @@ package tunnel
 import "sync/atomic"
 
 // appPorts remembers the ports a pod's apps listen on, as the tunnel
-// learns them: every delivery's destination. A plaintext client's
+// learns them: every successful delivery's destination (a failed one's
+// may be a scan of closed ports, which would fill the set). A plaintext client's
 // delivery binds a source port below the clients' ephemeral ranges
 // (podnet.Net.DialLocalOwnPort), where apps listen too; a socket of ours
 // there (live, or in TIME_WAIT for 60 s after the client closed first)

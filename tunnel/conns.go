@@ -734,14 +734,22 @@ func (sv *Serving) dialApp(parent context.Context, src netip.Addr, dst netip.Add
 	}
 	ctx, cancel := context.WithTimeout(parent, sv.p.connectTimeout)
 	defer cancel()
-	sv.appPorts.add(dst.Port())
+	var c net.Conn
+	var err error
 	if od, ok := sv.pod.Net.(OwnPortDialer); ok && plaintext && src.IsValid() {
-		return od.DialLocalOwnPort(ctx, src, dst, sv.appPorts.has)
+		app := dst.Port()
+		c, err = od.DialLocalOwnPort(ctx, src, dst, func(p uint16) bool { return p == app || sv.appPorts.has(p) })
+	} else if ld, ok := sv.pod.Net.(LocalDialer); ok {
+		c, err = ld.DialLocal(ctx, src, dst)
+	} else {
+		c, err = sv.pod.Net.Dial(ctx, src, dst)
 	}
-	if ld, ok := sv.pod.Net.(LocalDialer); ok {
-		return ld.DialLocal(ctx, src, dst)
+	if err == nil {
+		// Only a port an app answered on: a scan of closed ports must
+		// not fill the set.
+		sv.appPorts.add(dst.Port())
 	}
-	return sv.pod.Net.Dial(ctx, src, dst)
+	return c, err
 }
 
 // inboundHBONE serves one mTLS HBONE connection on 15008.
