@@ -90,7 +90,10 @@ func (a *Agent) add(ctx context.Context, req *cniproto.Request, f *os.File, chec
 	defer unlock()
 
 	ips := prefixAddrs(rp.IPs)
-	if l, ok := a.view.(Learner); ok && !check && len(ips) > 0 {
+	if l, ok := a.view.(Learner); ok && !check && len(ips) > 0 && a.otherAttachment(rp) == "" {
+		// Another attachment's ADD (Multus' net1) brings that
+		// interface's addresses: learned, they replaced the pod's
+		// eth0 address, the one its peers reach, in the directory.
 		l.Learn(rp.Namespace, rp.Name, rp.UID, ips)
 	}
 	cp, found, err := a.view.Pod(ctx, rp.Namespace, rp.Name)
@@ -175,7 +178,7 @@ func (a *Agent) add(ctx context.Context, req *cniproto.Request, f *os.File, chec
 	}
 	ino, _ := netnsfind.Inode(f)
 	p := &pod{rec: state.Pod{
-		Namespace: rp.Namespace, Name: rp.Name, UID: cp.UID, ContainerID: rp.ContainerID,
+		Namespace: rp.Namespace, Name: rp.Name, UID: cp.UID, ContainerID: rp.ContainerID, IfName: rp.IfName,
 		Netns: rp.Netns, NetnsInode: ino, IPs: ips, Since: time.Now().UTC(),
 	}}
 	if !d.Enroll {
@@ -395,6 +398,16 @@ func codeResp(code uint, format string, args ...any) *cniproto.Response {
 // it exists, and the redirection is removed from it first (new
 // connections then go straight to the app) before the pod is forgotten.
 func (a *Agent) delWithRules(req *cniproto.Request, f *os.File) *cniproto.Response {
+	if other := a.otherAttachment(req.Pod); other != "" {
+		// The rules and listeners are the sandbox's, not an
+		// interface's: its attachment that made them still lives.
+		if f != nil {
+			f.Close()
+		}
+		a.log.Info("DEL of another attachment of a served sandbox; the sandbox stays as it is", "pod", req.Pod.Namespace+"/"+req.Pod.Name,
+			"containerID", req.Pod.ContainerID, "ifName", req.Pod.IfName, "servedFor", other)
+		return &cniproto.Response{Decision: cniproto.Skip}
+	}
 	var uerr error
 	var ino uint64
 	if f != nil {
@@ -412,6 +425,23 @@ func (a *Agent) delWithRules(req *cniproto.Request, f *os.File) *cniproto.Respon
 		return codeResp(cniproto.CodeIO, "ambit-agent: removing the redirection of pod %s/%s: %v", req.Pod.Namespace, req.Pod.Name, uerr)
 	}
 	return resp
+}
+
+// otherAttachment names the interface of rp's sandbox that its record
+// was made for when rp (an ADD or DEL) is of another one of the sandbox's
+// attachments ("" otherwise: the same one, or unknown on either side,
+// as with records of agents before IfName, where the DEL goes on as it
+// did). Multus runs a chain once per attachment with the same container
+// ID; until session 16 the DEL of a second one (net1) removed the
+// sandbox's rules and listeners while its eth0 went on running.
+func (a *Agent) otherAttachment(rp cniproto.Pod) string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	p := a.byCID[rp.ContainerID]
+	if p == nil || p.rec.IfName == "" || rp.IfName == "" || p.rec.IfName == rp.IfName {
+		return ""
+	}
+	return p.rec.IfName
 }
 
 func sameNetns(p *pod, f *os.File) bool {

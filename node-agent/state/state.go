@@ -22,6 +22,11 @@ type Pod struct {
 	Name        string `json:"name"`
 	UID         string `json:"uid,omitempty"`
 	ContainerID string `json:"containerID"`
+	// IfName is the CNI_IFNAME of the ADD that made the record: a
+	// sandbox may have more attachments through the chain (Multus), and
+	// the DEL of another one leaves the sandbox served. Empty in records
+	// of agents before it, and of pods found by live enrollment.
+	IfName string `json:"ifName,omitempty"`
 	// Netns is the runtime's path of the namespace (a bind mount that
 	// lives as long as the sandbox), NetnsInode its inode when it was
 	// handed to us, so a reused path is detected.
