@@ -12,6 +12,7 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -82,6 +83,10 @@ type Options struct {
 	// tried again without an event of theirs; 0 = 30 s.
 	LiveRetryEvery time.Duration
 	Logger         *slog.Logger
+
+	// ownNetnsIno stands for the agent's own network namespace (tests:
+	// a pod's, as the real one cannot be put at risk); 0 = the real one.
+	ownNetnsIno uint64
 }
 
 // Agent is the running node agent.
@@ -109,6 +114,10 @@ type Agent struct {
 	beside       func() bool
 	log          *slog.Logger
 	static       bool
+
+	// ownNetnsIno is the inode of the agent's own network namespace, the
+	// node's (hostNetwork): never a pod's to capture.
+	ownNetnsIno uint64
 
 	locks [256]sync.Mutex // per namespace/name, striped
 
@@ -212,6 +221,14 @@ func New(o Options) (*Agent, error) {
 		liveFailed: map[string]struct{}{}, liveRetryEvery: o.LiveRetryEvery,
 		queue: newQueue(), ready: make(chan struct{}),
 		live: newLiveness(o.Config.RuleCheckInterval.Duration),
+	}
+	a.ownNetnsIno = o.ownNetnsIno
+	if a.ownNetnsIno == 0 {
+		var own syscall.Stat_t
+		if err := syscall.Stat("/proc/self/ns/net", &own); err != nil {
+			return nil, fmt.Errorf("agent: its own network namespace: %w", err)
+		}
+		a.ownNetnsIno = own.Ino
 	}
 	if a.liveRetryEvery <= 0 {
 		a.liveRetryEvery = defaultLiveRetryEvery

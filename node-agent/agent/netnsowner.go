@@ -76,6 +76,12 @@ func (a *Agent) claimNetns(p *pod, f *os.File, check bool) ([]*netnsClaim, error
 		}
 		ino = st.Ino
 	}
+	if ino == a.ownNetnsIno {
+		// Whatever led here (a runtime's CNI_NETNS_OVERRIDE, a view
+		// wrong about hostNetwork, a recycled /proc path), capture
+		// rules in the node's namespace would take the node's own TCP.
+		return nil, &failure{"netns", fmt.Errorf("network namespace %s (inode %d) is the agent's own network namespace, the node's: a hostNetwork pod is never enrolled", p.rec.Netns, ino)}
+	}
 	k := podKey{p.rec.Namespace, p.rec.Name, p.rec.UID}
 	a.mu.Lock()
 	defer a.mu.Unlock()
