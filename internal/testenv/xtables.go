@@ -2,6 +2,7 @@ package testenv
 
 import (
 	"os"
+	"os/exec"
 	"path/filepath"
 	"testing"
 
@@ -39,4 +40,26 @@ func HoldXtablesLock(t *testing.T) (release func()) {
 	}
 	t.Cleanup(release)
 	return release
+}
+
+// PathWithoutIp6tables sets PATH, for t, to a directory holding the IPv4
+// iptables tools of both variants and nothing else: a node without
+// ip6tables (nftables works over netlink, without a tool). The tools must
+// be installed (.ci/run installs them): their absence fails t.
+func PathWithoutIp6tables(t testing.TB) {
+	t.Helper()
+	dir := t.TempDir()
+	for _, v := range []string{"legacy", "nft"} {
+		for _, tool := range []string{"", "-save", "-restore"} {
+			name := "iptables-" + v + tool
+			p, err := exec.LookPath(name)
+			if err != nil {
+				t.Fatalf("%s not installed (the iptables package)", name)
+			}
+			if err := os.Symlink(p, filepath.Join(dir, name)); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	t.Setenv("PATH", dir)
 }

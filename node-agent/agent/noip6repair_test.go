@@ -3,8 +3,6 @@ package agent
 import (
 	"context"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"slices"
 	"sync"
 	"testing"
@@ -33,7 +31,7 @@ func TestWideningWithoutIp6tablesKeepsCapture(t *testing.T) {
 	}
 	h1.stop()
 
-	pathWithoutIp6tables(t)
+	testenv.PathWithoutIp6tables(t)
 	v4 := redirect.DefaultSpec()
 	v4.IPv6 = false
 	var (
@@ -72,26 +70,6 @@ func TestWideningWithoutIp6tablesKeepsCapture(t *testing.T) {
 	for _, g := range gaps {
 		t.Errorf("the pod's IPv4 capture was gone %s", g)
 	}
-}
-
-// pathWithoutIp6tables leaves PATH holding the IPv4 iptables tools of
-// both variants alone (nftables works over netlink).
-func pathWithoutIp6tables(t *testing.T) {
-	t.Helper()
-	bin := t.TempDir()
-	for _, v := range []string{"legacy", "nft"} {
-		for _, tool := range []string{"", "-save", "-restore"} {
-			name := "iptables-" + v + tool
-			p, err := exec.LookPath(name)
-			if err != nil {
-				t.Skipf("%s not installed", name)
-			}
-			if err := os.Symlink(p, filepath.Join(bin, name)); err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
-	t.Setenv("PATH", bin)
 }
 
 // afterInstall is a Redirector that runs fn after each Install.

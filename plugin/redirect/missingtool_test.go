@@ -21,7 +21,7 @@ import (
 // fallback engine put it back, for good where none could (no nf_tables).
 func TestMissingToolKeepsTheRulesThere(t *testing.T) {
 	testenv.RequireRoot(t)
-	pathWithout6(t)
+	testenv.PathWithoutIp6tables(t)
 	for _, b := range []Backend{IptablesLegacy, IptablesNft} {
 		t.Run(string(b), func(t *testing.T) {
 			n := nstest.New(t, "rd")

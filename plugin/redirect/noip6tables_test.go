@@ -2,37 +2,12 @@ package redirect
 
 import (
 	"context"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/ambit-mesh/ambit/internal/testenv"
 	"github.com/ambit-mesh/ambit/plugin/internal/nstest"
 )
-
-// pathWithout6 sets PATH to a directory holding the IPv4 iptables
-// tools of both variants and nft, but no ip6tables: a node without
-// IPv6 NAT tooling, which docs/host-rules.md tells to run with the
-// agent's ipv6: off.
-func pathWithout6(t *testing.T) {
-	t.Helper()
-	dir := t.TempDir()
-	for _, v := range []string{"legacy", "nft"} {
-		for _, tool := range []string{"", "-save", "-restore"} {
-			name := "iptables-" + v + tool
-			p, err := exec.LookPath(name)
-			if err != nil {
-				t.Skipf("%s not installed", name)
-			}
-			if err := os.Symlink(p, filepath.Join(dir, name)); err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
-	t.Setenv("PATH", dir)
-}
 
 // TestIPv4OnlyWithoutIp6tables: with ipv6: off (the spec's IPv6 false)
 // on a node without ip6tables, a pod's iptables redirection installs and
@@ -43,7 +18,7 @@ func pathWithout6(t *testing.T) {
 // with an error naming the missing tool and leaves nothing behind.
 func TestIPv4OnlyWithoutIp6tables(t *testing.T) {
 	testenv.RequireRoot(t)
-	pathWithout6(t)
+	testenv.PathWithoutIp6tables(t)
 	for _, b := range []Backend{IptablesLegacy, IptablesNft} {
 		t.Run(string(b), func(t *testing.T) {
 			n := nstest.New(t, "rd")
