@@ -90,7 +90,8 @@ func (a *Agent) add(ctx context.Context, req *cniproto.Request, f *os.File, chec
 	defer unlock()
 
 	ips := prefixAddrs(rp.IPs)
-	if l, ok := a.view.(Learner); ok && !check && len(ips) > 0 && a.otherAttachment(rp) == "" {
+	other := a.otherAttachment(rp)
+	if l, ok := a.view.(Learner); ok && !check && len(ips) > 0 && other == "" {
 		// Another attachment's ADD (Multus' net1) brings that
 		// interface's addresses: learned, they replaced the pod's
 		// eth0 address, the one its peers reach, in the directory.
@@ -176,9 +177,21 @@ func (a *Agent) add(ctx context.Context, req *cniproto.Request, f *os.File, chec
 		}
 		a.releaseAsync(existing)
 	}
+	ifName := rp.IfName
+	if other != "" && existing != nil && sameNetns(existing, f) {
+		// Another attachment's ADD or CHECK (net1) of a sandbox
+		// recorded unserved (not enrolled at eth0's ADD): the record
+		// stays eth0's. Made net1's, the pod labelled later was served
+		// by it, and the DEL of net1 released the sandbox while eth0 ran
+		// on; re-adopted, its IPs were learned as the pod's.
+		ifName = other
+		if len(existing.rec.IPs) > 0 {
+			ips = existing.rec.IPs
+		}
+	}
 	ino, _ := netnsfind.Inode(f)
 	p := &pod{rec: state.Pod{
-		Namespace: rp.Namespace, Name: rp.Name, UID: cp.UID, ContainerID: rp.ContainerID, IfName: rp.IfName,
+		Namespace: rp.Namespace, Name: rp.Name, UID: cp.UID, ContainerID: rp.ContainerID, IfName: ifName,
 		Netns: rp.Netns, NetnsInode: ino, IPs: ips, Since: time.Now().UTC(),
 	}}
 	if !d.Enroll {
