@@ -35,17 +35,21 @@ func TestSecondAttachmentOfAnUnservedSandboxKeepsTheRecord(t *testing.T) {
 		t.Fatalf("CHECK of the second attachment: %v", err)
 	}
 	ip0 := netip.MustParsePrefix(eth0.res.IPs[0].Address.String()).Addr()
+	unlock := h.a.lock("apps", "multi")
 	if q := h.a.podByName("apps/multi"); q == nil {
 		t.Errorf("apps/multi has no record after its ADDs")
 	} else if q.rec.IfName != "eth0" || len(q.rec.IPs) != 1 || q.rec.IPs[0] != ip0 {
 		t.Errorf("record after net1's ADD and CHECK: interface %q, IPs %v; want eth0's, [%s]", q.rec.IfName, q.rec.IPs, ip0)
 	}
+	unlock()
 
 	h.writeInventory(invAmbient)
 	if err := h.inv.Reload(); err != nil {
 		t.Fatal(err)
 	}
 	eventually(t, "apps/multi served once its namespace is labelled", func() bool {
+		unlock := h.a.lock("apps", "multi")
+		defer unlock()
 		q := h.a.podByName("apps/multi")
 		return q != nil && q.enrolled()
 	})
