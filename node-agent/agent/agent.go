@@ -225,7 +225,10 @@ func New(o Options) (*Agent, error) {
 	a.ownNetnsIno = o.ownNetnsIno
 	if a.ownNetnsIno == 0 {
 		var own syscall.Stat_t
-		if err := syscall.Stat("/proc/self/ns/net", &own); err != nil {
+		// The calling thread's, not /proc/self's (the main thread's,
+		// which a locked goroutine may have moved into a pod for a
+		// moment): an unlocked thread is always in the agent's own.
+		if err := syscall.Stat("/proc/thread-self/ns/net", &own); err != nil {
 			return nil, fmt.Errorf("agent: its own network namespace: %w", err)
 		}
 		a.ownNetnsIno = own.Ino
