@@ -81,9 +81,16 @@ func (pl *pool) open(ctx context.Context, key poolKey, authority string, hdr []h
 		if err != nil {
 			return nil, 0, err
 		}
-		s, sent, err := c.OpenStreamData(authority, hdr, first)
+		s, sent, err := c.OpenStreamDataContext(ctx, authority, hdr, first)
 		if err == nil {
 			return s, sent, nil
+		}
+		if errors.Is(err, context.DeadlineExceeded) {
+			// The pooled connection's writer is stuck (its peer's
+			// node died mid-transfer): fail in the connect timeout,
+			// as a dial to the dead node would, not when keepalive
+			// closes the connection.
+			return nil, 0, &dialError{"connect_timeout", fmt.Errorf("HBONE stream to %v (%s): the pooled connection accepted no write within the connect timeout (peer unreachable?): %w", key.addr, key.dst, err)}
 		}
 		if !errors.Is(err, hbone.ErrNoCapacity) && !errors.Is(err, hbone.ErrConnClosed) {
 			return nil, 0, err

@@ -746,6 +746,17 @@ func (c *Conn) OpenStream(authority string, extra []hpack.HeaderField) (*Stream,
 // one TLS burst, for the common connect-and-send). It returns how many
 // bytes of first were sent; the caller sends the rest.
 func (c *Conn) OpenStreamData(authority string, extra []hpack.HeaderField, first []byte) (*Stream, int, error) {
+	return c.OpenStreamDataContext(context.Background(), authority, extra, first)
+}
+
+// OpenStreamDataContext is OpenStreamData that waits for the
+// connection's write lock no longer than ctx allows. When the peer's node
+// dies while a stream is sending, the writer blocks in a write to a full
+// socket buffer, holding the lock, until keepalive closes the connection
+// (20 to 40 s); a new stream picked for that connection waited as long,
+// past its connect timeout (TestNewStreamOnStalledConnHonoursContext).
+// On ctx's end the stream is not sent and the error wraps ctx.Err().
+func (c *Conn) OpenStreamDataContext(ctx context.Context, authority string, extra []hpack.HeaderField, first []byte) (*Stream, int, error) {
 	if !c.client {
 		return nil, 0, errors.New("hbone: OpenStream on a server connection")
 	}
@@ -767,7 +778,10 @@ func (c *Conn) OpenStreamData(authority string, extra []hpack.HeaderField, first
 
 	held := false
 	defer c.unwedge(&held)
-	c.wmu.Lock()
+	if err := c.lockWriteContext(ctx); err != nil {
+		c.release(s)
+		return nil, 0, fmt.Errorf("hbone: the connection's writes are stalled: %w", err)
+	}
 	held = true
 	id := c.nextID.Load()
 	c.nextID.Store(id + 2)
@@ -825,6 +839,34 @@ func (c *Conn) OpenStreamData(authority string, extra []hpack.HeaderField, first
 		return nil, 0, ErrConnClosed
 	}
 	return s, sent, nil
+}
+
+// lockWriteContext takes wmu, or gives up when ctx ends. Uncontended
+// (the common case) it is a TryLock; contended, a goroutine waits on the
+// lock and hands it over, or unlocks it if the caller left meanwhile.
+func (c *Conn) lockWriteContext(ctx context.Context) error {
+	if c.wmu.TryLock() {
+		return nil
+	}
+	if ctx.Done() == nil {
+		c.wmu.Lock()
+		return nil
+	}
+	got := make(chan struct{})
+	go func() {
+		c.wmu.Lock()
+		select {
+		case got <- struct{}{}:
+		case <-ctx.Done():
+			c.wmu.Unlock()
+		}
+	}()
+	select {
+	case <-got:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 // testHookOpenStreamChecked, when set (tests only), runs in

@@ -1,0 +1,307 @@
+package tunnel_test
+
+import (
+	"errors"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+
+	"github.com/ambit-mesh/ambit/internal/testenv"
+	"github.com/ambit-mesh/ambit/tunnel"
+	"github.com/ambit-mesh/ambit/tunnel/hbone"
+	"github.com/ambit-mesh/ambit/tunnel/internal/meshtest"
+	"github.com/ambit-mesh/ambit/tunnel/internal/podtest"
+)
+
+// copyEcho echoes every connection ln accepts.
+func copyEcho(ln net.Listener) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		go func() { defer c.Close(); io.Copy(c, c) }()
+	}
+}
+
+// killNode makes pod p a dead node: every packet in or out of it is
+// dropped, nothing answered (no RST, no ICMP), as a power-off or a
+// partition. revive undoes it.
+func killNode(t testing.TB, p *podtest.Pod) (revive func()) {
+	t.Helper()
+	rules := `table inet dead {
+	chain in { type filter hook prerouting priority -400; policy drop; }
+	chain out { type filter hook output priority -400; policy drop; }
+}`
+	cmd := exec.Command("ip", "netns", "exec", p.Name, "nft", "-f", "-")
+	cmd.Stdin = strings.NewReader(rules)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("nft: %v\n%s", err, out)
+	}
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			if out, err := exec.Command("ip", "netns", "exec", p.Name, "nft", "delete", "table", "inet", "dead").CombinedOutput(); err != nil {
+				t.Errorf("revive: %v\n%s", err, out)
+			}
+		})
+	}
+}
+
+// streamUntilError writes and reads on c until one fails; it returns
+// when, and the error.
+func streamUntilError(c net.Conn) (time.Time, error) {
+	errc := make(chan error, 2)
+	go func() {
+		b := make([]byte, 16<<10)
+		for {
+			if _, err := c.Write(b); err != nil {
+				errc <- err
+				return
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}()
+	go func() {
+		b := make([]byte, 64<<10)
+		for {
+			if _, err := c.Read(b); err != nil {
+				errc <- err
+				return
+			}
+		}
+	}()
+	err := <-errc
+	return time.Now(), err
+}
+
+// TestNodeDeathMeasure measures what A's apps see when B's node dies,
+// against a direct TCP connection between two other netns in the same
+// run. Manual: AMBIT_MEASURE_NODEDEATH=1 (it takes minutes).
+func TestNodeDeathMeasure(t *testing.T) {
+	if os.Getenv("AMBIT_MEASURE_NODEDEATH") == "" {
+		t.Skip("manual measurement; set AMBIT_MEASURE_NODEDEATH=1")
+	}
+	testenv.RequireRoot(t)
+	m := meshtest.New(t, meshtest.Options{})
+	go copyEcho(m.B.Listen(t, "[::]:8080"))
+	ba, bb := podtest.Pair(t)
+	var bln net.Listener
+	bb.Do(t, func() (err error) { bln, err = net.Listen("tcp", "[::]:8080"); return })
+	defer bln.Close()
+	go copyEcho(bln)
+
+	dst := netip.AddrPortFrom(m.B.Pod.IP4, 8080)
+	bdst := netip.AddrPortFrom(bb.IP4, 8080)
+	baseDial := func() (net.Conn, error) {
+		var c net.Conn
+		err := ba.NS.Do(func(_ nsNetNSAlias) error {
+			var err error
+			c, err = net.DialTimeout("tcp", bdst.String(), 150*time.Second)
+			return err
+		})
+		return c, err
+	}
+	mc, err := m.A.Dial(dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mc.Close()
+	if err := echoes(mc); err != nil {
+		t.Fatal(err)
+	}
+	mc.SetDeadline(time.Time{})
+	bc, err := baseDial()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bc.Close()
+	if err := echoes(bc); err != nil {
+		t.Fatal(err)
+	}
+	bc.SetDeadline(time.Time{})
+	// An idle mesh connection too, and an idle direct one.
+	mi, _ := m.A.Dial(dst)
+	echoes(mi)
+	mi.SetDeadline(time.Time{})
+	bi, _ := baseDial()
+	echoes(bi)
+	bi.SetDeadline(time.Time{})
+
+	type res struct {
+		what string
+		d    time.Duration
+		err  error
+	}
+	out := make(chan res, 100)
+	var wg sync.WaitGroup
+	dead := time.Now()
+	revive := killNode(t, m.B.Pod)
+	brevive := killNode(t, bb)
+	defer revive()
+	defer brevive()
+	dead = time.Now()
+	streams := []struct {
+		n string
+		c net.Conn
+	}{{"mesh stream", mc}, {"direct stream", bc}}
+	if os.Getenv("AMBIT_NODEDEATH_NOSTREAM") != "" {
+		streams = streams[1:]
+	}
+	for _, x := range streams {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			at, err := streamUntilError(x.c)
+			out <- res{x.n, at.Sub(dead), err}
+		}()
+	}
+	for _, x := range []struct {
+		n string
+		c net.Conn
+	}{{"mesh idle", mi}, {"direct idle", bi}} {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			x.c.SetReadDeadline(time.Now().Add(100 * time.Second))
+			_, err := x.c.Read(make([]byte, 10))
+			out <- res{x.n, time.Since(dead), err}
+		}()
+	}
+	// New connections during the outage, one every 3 s for 60 s.
+	for i := 0; i < 20; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			time.Sleep(time.Duration(i) * 3 * time.Second)
+			st := time.Now()
+			c, err := m.A.Dial(dst)
+			if err == nil {
+				c.SetDeadline(time.Now().Add(100 * time.Second))
+				_, err = c.Write([]byte("x"))
+				if err == nil {
+					_, err = c.Read(make([]byte, 1))
+				}
+				c.Close()
+			}
+			out <- res{"mesh new @" + st.Sub(dead).Round(time.Second).String(), time.Since(st), err}
+		}()
+	}
+	for i := 0; i < 2; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			time.Sleep(time.Duration(i) * 30 * time.Second)
+			st := time.Now()
+			c, err := baseDial()
+			if err == nil {
+				c.Close()
+			}
+			out <- res{"direct new @" + st.Sub(dead).Round(time.Second).String(), time.Since(st), err}
+		}()
+	}
+	go func() {
+		for i := 0; i < 80; i++ {
+			time.Sleep(time.Second)
+			t.Logf("t+%ds pool gauge %v failed %v", i+1,
+				m.A.Metric(t, "ambit_tunnel_hbone_pool_connections", nil),
+				m.A.Metric(t, "ambit_tunnel_connections_failed_total", map[string]string{"direction": "outbound"}))
+		}
+	}()
+	go func() { wg.Wait(); close(out) }()
+	for r := range out {
+		t.Logf("%-20s after %8v: %v", r.what, r.d.Round(10*time.Millisecond), r.err)
+	}
+	revive()
+	brevive()
+	for i := 0; i < 3; i++ {
+		st := time.Now()
+		c, err := m.A.Dial(dst)
+		if err == nil {
+			err = echoes(c)
+			c.Close()
+		}
+		t.Logf("after revive, mesh new %d: %v %v", i, time.Since(st).Round(time.Millisecond), err)
+	}
+}
+
+type nsNetNSAlias = ns.NetNS
+
+// TestNewStreamOnStalledConnHonoursContext: B's node dies while A's app
+// is sending to B, and A's agent's pooled connection to B is left with
+// its writer blocked in a write to a full socket buffer. A new connection
+// from A's app to B must fail within the connect timeout (1 s here), as
+// a dial to the dead node does; before, its stream waited for the
+// connection's write lock until keepalive closed the connection (20 to
+// 40 s by default; never with keepalive off, as here: the test's 30 s
+// bound was hit).
+func TestNewStreamOnStalledConnHonoursContext(t *testing.T) {
+	testenv.RequireRoot(t)
+	m := meshtest.New(t, meshtest.Options{Config: tunnel.Config{
+		ConnectTimeout: time.Second,
+		HBONE:          hbone.Config{PingInterval: -1},
+	}})
+	go copyEcho(m.B.Listen(t, "[::]:8080"))
+	dst := netip.AddrPortFrom(m.B.Pod.IP4, 8080)
+	c, err := m.A.Dial(dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := echoes(c); err != nil {
+		t.Fatal(err)
+	}
+	c.SetDeadline(time.Time{})
+	go io.Copy(io.Discard, c)
+	var written atomic.Int64
+	go func() {
+		b := make([]byte, 64<<10)
+		for {
+			n, err := c.Write(b)
+			written.Add(int64(n))
+			if err != nil {
+				return
+			}
+		}
+	}()
+	revive := killNode(t, m.B.Pod)
+	defer revive()
+	// Until every buffer on the way is full: the app's writes stop.
+	last := int64(-1)
+	for written.Load() != last {
+		last = written.Load()
+		time.Sleep(time.Second)
+	}
+	t.Logf("app's writes stalled after %d bytes", last)
+
+	start := time.Now()
+	nc, err := m.A.Dial(dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	nc.SetDeadline(time.Now().Add(30 * time.Second))
+	_, err = nc.Write([]byte("x"))
+	if err == nil {
+		_, err = nc.Read(make([]byte, 1))
+	}
+	took := time.Since(start)
+	t.Logf("new connection during the outage: %v after %v", err, took.Round(time.Millisecond))
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("a new connection to the dead node hung for %v (connect timeout 1 s)", took.Round(time.Millisecond))
+	}
+	if !errors.Is(err, syscall.ECONNRESET) {
+		t.Errorf("new connection to the dead node ended with %v, want a reset", err)
+	}
+	waitMetric(t, m.A, "ambit_tunnel_connections_failed_total", map[string]string{"direction": "outbound", "reason": "connect_timeout"}, 1)
+}
