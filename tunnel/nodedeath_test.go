@@ -305,3 +305,64 @@ func TestNewStreamOnStalledConnHonoursContext(t *testing.T) {
 	}
 	waitMetric(t, m.A, "ambit_tunnel_connections_failed_total", map[string]string{"direction": "outbound", "reason": "connect_timeout"}, 1)
 }
+
+// TestNodeRevivalMeasure: B's node is dark for AMBIT_NODEDEATH_OUTAGE
+// (a duration), then back; how long A's first new connections take.
+// Manual.
+func TestNodeRevivalMeasure(t *testing.T) {
+	outage, err := time.ParseDuration(os.Getenv("AMBIT_NODEDEATH_OUTAGE"))
+	if err != nil {
+		t.Skip("manual measurement; set AMBIT_NODEDEATH_OUTAGE=45s")
+	}
+	testenv.RequireRoot(t)
+	m := meshtest.New(t, meshtest.Options{})
+	go copyEcho(m.B.Listen(t, "[::]:8080"))
+	dst := netip.AddrPortFrom(m.B.Pod.IP4, 8080)
+	c, err := m.A.Dial(dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := echoes(c); err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	revive := killNode(t, m.B.Pod)
+	time.Sleep(outage)
+	revive()
+	for i := 0; i < 3; i++ {
+		st := time.Now()
+		c, err := m.A.Dial(dst)
+		if err == nil {
+			err = echoes(c)
+			c.Close()
+		}
+		t.Logf("after a %v outage, new connection %d: %v, %v", outage, i, time.Since(st).Round(time.Millisecond), err)
+	}
+}
+
+// TestDeadNodeDialsCountAsConnectTimeout: every new connection to a
+// node that went dark fails as connect_timeout. Before, podnet's dial
+// ended now with the socket's "i/o timeout", now with the context's
+// deadline, and the former were counted as connect (the test failed: 9
+// of 10 counted as connect_timeout).
+func TestDeadNodeDialsCountAsConnectTimeout(t *testing.T) {
+	testenv.RequireRoot(t)
+	m := meshtest.New(t, meshtest.Options{Config: tunnel.Config{ConnectTimeout: 300 * time.Millisecond}})
+	revive := killNode(t, m.B.Pod)
+	defer revive()
+	dst := netip.AddrPortFrom(m.B.Pod.IP4, 8080)
+	const N = 10
+	for i := 0; i < N; i++ {
+		c, err := m.A.Dial(dst)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		_, err = c.Read(make([]byte, 1))
+		c.Close()
+		if !errors.Is(err, syscall.ECONNRESET) {
+			t.Errorf("connection %d to the dead node: %v, want a reset", i, err)
+		}
+	}
+	waitMetric(t, m.A, "ambit_tunnel_connections_failed_total", map[string]string{"direction": "outbound", "reason": "connect_timeout"}, N)
+}

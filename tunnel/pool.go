@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"os"
 	"runtime/debug"
 	"sync"
 	"sync/atomic"
@@ -288,7 +289,10 @@ func (pl *pool) dial(ctx context.Context, key poolKey, d *poolDial) (*hbone.Conn
 	}()
 	raw, err := pl.net.Dial(ctx, netip.Addr{}, key.addr)
 	if err != nil {
-		if errors.Is(err, context.DeadlineExceeded) {
+		// podnet reports the deadline as the socket's "i/o timeout" or
+		// as the context's, whichever fired first: towards a dead node
+		// the reason flipped between connect and connect_timeout.
+		if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(ctx.Err(), context.DeadlineExceeded) {
 			return nil, nil, d.timeoutError(key, err)
 		}
 		return nil, nil, &dialError{"connect", fmt.Errorf("HBONE connect to %v: %w", key.addr, err)}
