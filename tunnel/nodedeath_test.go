@@ -85,19 +85,19 @@ func streamUntilError(c net.Conn) (time.Time, error) {
 	return time.Now(), err
 }
 
-// TestNodeDeathMeasure measures what A's apps see when B's node dies,
+// BenchmarkNodeDeath measures what A's apps see when B's node dies,
 // against a direct TCP connection between two other netns in the same
 // run. Manual: AMBIT_MEASURE_NODEDEATH=1 (it takes minutes).
-func TestNodeDeathMeasure(t *testing.T) {
+func BenchmarkNodeDeath(b *testing.B) {
 	if os.Getenv("AMBIT_MEASURE_NODEDEATH") == "" {
-		t.Skip("manual measurement; set AMBIT_MEASURE_NODEDEATH=1")
+		b.Skip("manual measurement; set AMBIT_MEASURE_NODEDEATH=1")
 	}
-	testenv.RequireRoot(t)
-	m := meshtest.New(t, meshtest.Options{})
-	go copyEcho(m.B.Listen(t, "[::]:8080"))
-	ba, bb := podtest.Pair(t)
+	testenv.RequireRoot(b)
+	m := meshtest.New(b, meshtest.Options{})
+	go copyEcho(m.B.Listen(b, "[::]:8080"))
+	ba, bb := podtest.Pair(b)
 	var bln net.Listener
-	bb.Do(t, func() (err error) { bln, err = net.Listen("tcp", "[::]:8080"); return })
+	bb.Do(b, func() (err error) { bln, err = net.Listen("tcp", "[::]:8080"); return })
 	defer bln.Close()
 	go copyEcho(bln)
 
@@ -114,20 +114,20 @@ func TestNodeDeathMeasure(t *testing.T) {
 	}
 	mc, err := m.A.Dial(dst)
 	if err != nil {
-		t.Fatal(err)
+		b.Fatal(err)
 	}
 	defer mc.Close()
 	if err := echoes(mc); err != nil {
-		t.Fatal(err)
+		b.Fatal(err)
 	}
 	mc.SetDeadline(time.Time{})
 	bc, err := baseDial()
 	if err != nil {
-		t.Fatal(err)
+		b.Fatal(err)
 	}
 	defer bc.Close()
 	if err := echoes(bc); err != nil {
-		t.Fatal(err)
+		b.Fatal(err)
 	}
 	bc.SetDeadline(time.Time{})
 	// An idle mesh connection too, and an idle direct one.
@@ -146,8 +146,8 @@ func TestNodeDeathMeasure(t *testing.T) {
 	out := make(chan res, 100)
 	var wg sync.WaitGroup
 	dead := time.Now()
-	revive := killNode(t, m.B.Pod)
-	brevive := killNode(t, bb)
+	revive := killNode(b, m.B.Pod)
+	brevive := killNode(b, bb)
 	defer revive()
 	defer brevive()
 	dead = time.Now()
@@ -217,14 +217,14 @@ func TestNodeDeathMeasure(t *testing.T) {
 	go func() {
 		for i := 0; i < 80; i++ {
 			time.Sleep(time.Second)
-			t.Logf("t+%ds pool gauge %v failed %v", i+1,
-				m.A.Metric(t, "ambit_tunnel_hbone_pool_connections", nil),
-				m.A.Metric(t, "ambit_tunnel_connections_failed_total", map[string]string{"direction": "outbound"}))
+			b.Logf("b+%ds pool gauge %v failed %v", i+1,
+				m.A.Metric(b, "ambit_tunnel_hbone_pool_connections", nil),
+				m.A.Metric(b, "ambit_tunnel_connections_failed_total", map[string]string{"direction": "outbound"}))
 		}
 	}()
 	go func() { wg.Wait(); close(out) }()
 	for r := range out {
-		t.Logf("%-20s after %8v: %v", r.what, r.d.Round(10*time.Millisecond), r.err)
+		b.Logf("%-20s after %8v: %v", r.what, r.d.Round(10*time.Millisecond), r.err)
 	}
 	revive()
 	brevive()
@@ -235,7 +235,7 @@ func TestNodeDeathMeasure(t *testing.T) {
 			err = echoes(c)
 			c.Close()
 		}
-		t.Logf("after revive, mesh new %d: %v %v", i, time.Since(st).Round(time.Millisecond), err)
+		b.Logf("after revive, mesh new %d: %v %v", i, time.Since(st).Round(time.Millisecond), err)
 	}
 }
 
@@ -310,27 +310,27 @@ func TestNewStreamOnStalledConnHonoursContext(t *testing.T) {
 	waitMetric(t, m.A, "ambit_tunnel_connections_failed_total", map[string]string{"direction": "outbound", "reason": "connect_timeout"}, 1)
 }
 
-// TestNodeRevivalMeasure: B's node is dark for AMBIT_NODEDEATH_OUTAGE
+// BenchmarkNodeRevival: B's node is dark for AMBIT_NODEDEATH_OUTAGE
 // (a duration), then back; how long A's first new connections take.
 // Manual.
-func TestNodeRevivalMeasure(t *testing.T) {
+func BenchmarkNodeRevival(b *testing.B) {
 	outage, err := time.ParseDuration(os.Getenv("AMBIT_NODEDEATH_OUTAGE"))
 	if err != nil {
-		t.Skip("manual measurement; set AMBIT_NODEDEATH_OUTAGE=45s")
+		b.Skip("manual measurement; set AMBIT_NODEDEATH_OUTAGE=45s")
 	}
-	testenv.RequireRoot(t)
-	m := meshtest.New(t, meshtest.Options{})
-	go copyEcho(m.B.Listen(t, "[::]:8080"))
+	testenv.RequireRoot(b)
+	m := meshtest.New(b, meshtest.Options{})
+	go copyEcho(m.B.Listen(b, "[::]:8080"))
 	dst := netip.AddrPortFrom(m.B.Pod.IP4, 8080)
 	c, err := m.A.Dial(dst)
 	if err != nil {
-		t.Fatal(err)
+		b.Fatal(err)
 	}
 	if err := echoes(c); err != nil {
-		t.Fatal(err)
+		b.Fatal(err)
 	}
 	c.Close()
-	revive := killNode(t, m.B.Pod)
+	revive := killNode(b, m.B.Pod)
 	time.Sleep(outage)
 	revive()
 	for i := 0; i < 3; i++ {
@@ -340,7 +340,7 @@ func TestNodeRevivalMeasure(t *testing.T) {
 			err = echoes(c)
 			c.Close()
 		}
-		t.Logf("after a %v outage, new connection %d: %v, %v", outage, i, time.Since(st).Round(time.Millisecond), err)
+		b.Logf("after a %v outage, new connection %d: %v, %v", outage, i, time.Since(st).Round(time.Millisecond), err)
 	}
 }
 
