@@ -9,7 +9,6 @@ import (
 	"os/exec"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -18,7 +17,6 @@ import (
 
 	"github.com/ambit-mesh/ambit/internal/testenv"
 	"github.com/ambit-mesh/ambit/tunnel"
-	"github.com/ambit-mesh/ambit/tunnel/hbone"
 	"github.com/ambit-mesh/ambit/tunnel/internal/meshtest"
 	"github.com/ambit-mesh/ambit/tunnel/internal/podtest"
 )
@@ -240,75 +238,6 @@ func BenchmarkNodeDeath(b *testing.B) {
 }
 
 type nsNetNSAlias = ns.NetNS
-
-// TestNewStreamOnStalledConnHonoursContext: B's node dies while A's app
-// is sending to B, and A's agent's pooled connection to B is left with
-// its writer blocked in a write to a full socket buffer. A new connection
-// from A's app to B must fail within the connect timeout (1 s here), as
-// a dial to the dead node does; before, its stream waited for the
-// connection's write lock until keepalive closed the connection (20 to
-// 40 s by default; never with keepalive off, as here: the test's 30 s
-// bound was hit).
-func TestNewStreamOnStalledConnHonoursContext(t *testing.T) {
-	testenv.RequireRoot(t)
-	m := meshtest.New(t, meshtest.Options{Config: tunnel.Config{
-		ConnectTimeout: time.Second,
-		HBONE:          hbone.Config{PingInterval: -1},
-	}})
-	go copyEcho(m.B.Listen(t, "[::]:8080"))
-	dst := netip.AddrPortFrom(m.B.Pod.IP4, 8080)
-	c, err := m.A.Dial(dst)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	if err := echoes(c); err != nil {
-		t.Fatal(err)
-	}
-	c.SetDeadline(time.Time{})
-	go io.Copy(io.Discard, c)
-	var written atomic.Int64
-	go func() {
-		b := make([]byte, 64<<10)
-		for {
-			n, err := c.Write(b)
-			written.Add(int64(n))
-			if err != nil {
-				return
-			}
-		}
-	}()
-	revive := killNode(t, m.B.Pod)
-	defer revive()
-	// Until every buffer on the way is full: the app's writes stop.
-	last := int64(-1)
-	for written.Load() != last {
-		last = written.Load()
-		time.Sleep(time.Second)
-	}
-	t.Logf("app's writes stalled after %d bytes", last)
-
-	start := time.Now()
-	nc, err := m.A.Dial(dst)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close()
-	nc.SetDeadline(time.Now().Add(30 * time.Second))
-	_, err = nc.Write([]byte("x"))
-	if err == nil {
-		_, err = nc.Read(make([]byte, 1))
-	}
-	took := time.Since(start)
-	t.Logf("new connection during the outage: %v after %v", err, took.Round(time.Millisecond))
-	if errors.Is(err, os.ErrDeadlineExceeded) {
-		t.Fatalf("a new connection to the dead node hung for %v (connect timeout 1 s)", took.Round(time.Millisecond))
-	}
-	if !errors.Is(err, syscall.ECONNRESET) {
-		t.Errorf("new connection to the dead node ended with %v, want a reset", err)
-	}
-	waitMetric(t, m.A, "ambit_tunnel_connections_failed_total", map[string]string{"direction": "outbound", "reason": "connect_timeout"}, 1)
-}
 
 // BenchmarkNodeRevival: B's node is dark for AMBIT_NODEDEATH_OUTAGE
 // (a duration), then back; how long A's first new connections take.

@@ -754,7 +754,7 @@ func (c *Conn) OpenStreamData(authority string, extra []hpack.HeaderField, first
 // dies while a stream is sending, the writer blocks in a write to a full
 // socket buffer, holding the lock, until keepalive closes the connection
 // (20 to 40 s); a new stream picked for that connection waited as long,
-// past its connect timeout (TestNewStreamOnStalledConnHonoursContext).
+// past its connect timeout (TestOpenStreamWaitsForStalledWritesNoLongerThanItsContext).
 // On ctx's end the stream is not sent and the error wraps ctx.Err().
 func (c *Conn) OpenStreamDataContext(ctx context.Context, authority string, extra []hpack.HeaderField, first []byte) (*Stream, int, error) {
 	if !c.client {
