@@ -140,17 +140,7 @@ func servedWithRules(t *testing.T, h *harness, key string, p *chainPod) {
 func TestSecondAttachmentDelKeepsThePodEnrolled(t *testing.T) {
 	testenv.RequireRoot(t)
 	h := startAgent(t, "", invAmbient)
-	n := newChainNode(t, h, nil, "10.81.5.0/24")
-	eth0 := n.pod("apps", "multi", nil)
-	if err := n.add(eth0); err != nil {
-		t.Fatal(err)
-	}
-	rt := *eth0.rt
-	rt.IfName = "net1"
-	net1 := &chainPod{ns: eth0.ns, rt: &rt}
-	if err := n.add(net1); err != nil {
-		t.Fatalf("ADD of the second attachment: %v", err)
-	}
+	n, eth0, net1 := twoAttachments(t, h, "10.81.5.0/24")
 	servedWithRules(t, h, "apps/multi", eth0)
 	// The directory (a static inventory learns pod IPs from ADD) still
 	// knows the pod by eth0's address, the one its peers reach.
@@ -177,4 +167,23 @@ func TestSecondAttachmentDelKeepsThePodEnrolled(t *testing.T) {
 		t.Fatal(err)
 	}
 	eventually(t, "the pod released after the DEL of eth0", func() bool { return h.a.podByName("apps/multi") == nil && h.tun.Live() == 0 })
+}
+
+// twoAttachments adds apps/multi through the chain on node h twice, as
+// Multus does for a pod with a second network made from the same chain:
+// eth0, then net1 in the same netns under the same container ID.
+func twoAttachments(t *testing.T, h *harness, subnet string) (n *chainNode, eth0, net1 *chainPod) {
+	t.Helper()
+	n = newChainNode(t, h, nil, subnet)
+	eth0 = n.pod("apps", "multi", nil)
+	if err := n.add(eth0); err != nil {
+		t.Fatal(err)
+	}
+	rt := *eth0.rt
+	rt.IfName = "net1"
+	net1 = &chainPod{ns: eth0.ns, rt: &rt}
+	if err := n.add(net1); err != nil {
+		t.Fatalf("ADD of the second attachment: %v", err)
+	}
+	return n, eth0, net1
 }

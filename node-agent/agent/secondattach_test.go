@@ -20,17 +20,7 @@ import (
 func TestSecondAttachmentOfAnUnservedSandboxKeepsTheRecord(t *testing.T) {
 	testenv.RequireRoot(t)
 	h := startAgent(t, "", invPlain)
-	n := newChainNode(t, h, nil, "10.81.7.0/24")
-	eth0 := n.pod("apps", "multi", nil)
-	if err := n.add(eth0); err != nil {
-		t.Fatal(err)
-	}
-	rt := *eth0.rt
-	rt.IfName = "net1"
-	net1 := &chainPod{ns: eth0.ns, rt: &rt}
-	if err := n.add(net1); err != nil {
-		t.Fatalf("ADD of the second attachment: %v", err)
-	}
+	n, eth0, net1 := twoAttachments(t, h, "10.81.7.0/24")
 	if err := n.check(net1); err != nil {
 		t.Fatalf("CHECK of the second attachment: %v", err)
 	}
