@@ -413,9 +413,9 @@ func TestShareCountsEveryExit(t *testing.T) {
 		io.ReadAll(c)
 		c.Close()
 	}
-	if got := b.reg.Metric(t, "ambit_tunnel_connections_failed_total", map[string]string{"reason": "upstream_unreachable"}); got != 20 {
-		t.Errorf("B's agent: %v app dials failed, want 20", got)
-	}
+	// A's app can see its reset before B's agent has counted the failed
+	// app dial (19 of 20 counted once in a full make test, read at once).
+	waitMetric(t, b.reg, "ambit_tunnel_connections_failed_total", map[string]string{"reason": "upstream_unreachable"}, 20)
 	waitZero(t, a)
 	waitZero(t, b)
 	held, _ := hog(t, 30, func() (net.Conn, error) { return l.m.A.Dial(netip.AddrPortFrom(l.m.B.Pod.IP4, 8080)) })
