@@ -331,9 +331,17 @@ func (a *Agent) verifyPod(p *pod) {
 	// every repaired iptables pod moved to nftables. If that engine
 	// fails (its tools gone from the node), any working one: a pod's
 	// capture comes before its engine.
-	backend, err := a.rules.Install(loopCtx, p.netns, redirect.Backend(p.rec.Backend), p.spec)
-	if err != nil && p.rec.Backend != "" {
-		a.log.Warn("repairing redirection with the pod's rule engine failed; trying any", "pod", name, "backend", p.rec.Backend, "err", err)
+	// A record with no engine (a version 1 ambit-cni installed the rules
+	// itself) takes the engine its live rules are in: before, it got the
+	// default, and an iptables pod moved to nftables at the repair that
+	// widened it to both families.
+	engine := redirect.Backend(p.rec.Backend)
+	if engine == "" {
+		engine = a.liveEngine(p.netns)
+	}
+	backend, err := a.rules.Install(loopCtx, p.netns, engine, p.spec)
+	if err != nil && engine != "" {
+		a.log.Warn("repairing redirection with the pod's rule engine failed; trying any", "pod", name, "backend", engine, "err", err)
 		backend, err = a.rules.Install(loopCtx, p.netns, "", p.spec)
 	}
 	if err != nil {
@@ -344,6 +352,17 @@ func (a *Agent) verifyPod(p *pod) {
 	a.m.repairs.Inc()
 	p.rec.Backend = backend
 	a.rewrite(p.rec)
+}
+
+// liveEngine names the one engine holding rules of ours in netns, ""
+// when none or several do or the look fails (then the default engine
+// repairs, as before).
+func (a *Agent) liveEngine(netns *os.File) redirect.Backend {
+	found, err := a.rules.Installed(loopCtx, netns)
+	if err != nil || len(found) != 1 {
+		return ""
+	}
+	return found[0]
 }
 
 // rewrite writes the record of a pod this agent serves again (refreshed

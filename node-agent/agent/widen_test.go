@@ -70,3 +70,55 @@ func TestReadoptionWidensToBothFamilies(t *testing.T) {
 		}
 	}
 }
+
+// TestRepairKeepsTheLiveEngineOfAnUnrecordedPod: a protocol-1 record (a
+// version 1 ambit-cni installed the pod's iptables-legacy rules itself,
+// so the record names no engine) of an IPv4-only pod. The next agent
+// widens it to both families: the repair must keep the engine the pod's
+// live rules are in and write it into the record. Before, a record with
+// no engine was repaired with the default one: the pod moved from
+// iptables-legacy to nftables.
+func TestRepairKeepsTheLiveEngineOfAnUnrecordedPod(t *testing.T) {
+	testenv.RequireRoot(t)
+	dir := agentDir(t)
+	h1 := startAgent(t, dir, invAmbient, func(o *Options) { o.Config.IPv6 = "off" })
+	leg := newNetns(t, "10.89.13.2/24")
+	if resp, err := h1.callBackend(redirect.IptablesLegacy, cniproto.OpAdd, "apps", "leg", "cid-leg", leg, "10.89.13.2/24"); err != nil || resp.Decision != cniproto.Enroll {
+		t.Fatalf("ADD with ruleBackend iptables-legacy: %+v %v", resp, err)
+	}
+	recs, errs := h1.a.store.List()
+	if len(errs) != 0 || len(recs) != 1 {
+		t.Fatalf("records after the ADD: %+v %v", recs, errs)
+	}
+	rec := recs[0]
+	rec.Backend = "" // as a protocol-1 ADD leaves it
+	if ok, err := h1.a.store.Update(rec); !ok || err != nil {
+		t.Fatalf("clearing the record's engine: %v %v", ok, err)
+	}
+	h1.stop()
+
+	h := startAgent(t, dir, invAmbient)
+	p := h.a.podByName("apps/leg")
+	if p == nil || !p.enrolled() {
+		t.Fatalf("apps/leg not re-adopted: %+v", p)
+	}
+	want := *p.specCopy()
+	if !want.IPv4 || !want.IPv6 {
+		t.Fatalf("re-adopted with %+v, want both families", want)
+	}
+	nsh, err := ns.GetNS(leg.path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nsh.Close()
+	eventually(t, "apps/leg's rules for both families", func() bool {
+		return redirect.Verify(context.Background(), nsh, want) == nil
+	})
+	if got := installed(t, leg); !slices.Equal(got, []redirect.Backend{redirect.IptablesLegacy}) {
+		t.Errorf("rules after the repair are in %v, want iptables-legacy alone (the engine holding them)", got)
+	}
+	eventually(t, "the record naming iptables-legacy", func() bool {
+		recs, _ := h.a.store.List()
+		return len(recs) == 1 && recs[0].Backend == string(redirect.IptablesLegacy)
+	})
+}
