@@ -401,6 +401,10 @@ func (sv *Serving) outbound(c *net.TCPConn, slots chan struct{}) {
 			}
 		} else if errors.As(res.Err, &se) {
 			reason = statusReason(se.Status, s.ResponseHeader(refusedHeader))
+		} else if errors.Is(res.Err, hbone.ErrPeerSilent) {
+			// The pooled connection it went on was dead (hbone's
+			// liveness probe): as a dial to that node would have.
+			reason = "connect_timeout"
 		}
 		sv.failed(r, reason, err)
 		return

@@ -50,6 +50,12 @@ type Config struct {
 	// without any frame it is closed (default 20 s).
 	PingInterval time.Duration
 	PingTimeout  time.Duration
+	// ResponseTimeout bounds a spliced client stream's wait for its
+	// CONNECT response (default 30 s): servers answer 503 themselves
+	// after their own (10 s) connect timeout. A peer gone dark is
+	// caught sooner, by the liveness probe (probeSilence); a peer alive
+	// but not answering HEADERS, only by this.
+	ResponseTimeout time.Duration
 	// HandshakeReads, when set, follows Server's TLS handshake on its
 	// socket (raw, when it is a syscall.Conn): called with waiting
 	// false before each read(2) (the handshake is reading, and has the
@@ -129,6 +135,9 @@ func (c Config) withDefaults() Config {
 	if c.PingTimeout == 0 {
 		c.PingTimeout = 20 * time.Second
 	}
+	if c.ResponseTimeout <= 0 {
+		c.ResponseTimeout = 30 * time.Second
+	}
 	return c
 }
 
@@ -201,6 +210,14 @@ type Conn struct {
 
 	frames   atomic.Uint64 // frames read, for keepalive
 	pingSent atomic.Int64  // unix nanos of an unanswered ping, 0 if none
+	// lastRecv is when the read loop last read the socket and found
+	// frames (unix nanos; stamped per socket read, not per frame: the
+	// frames of one read arrived together), and probing says a liveness
+	// probe is armed (probeIfSilent).
+	lastRecv atomic.Int64
+	probing  atomic.Bool
+	// probes counts the PINGs this connection's liveness probes sent.
+	probes atomic.Int64
 	// shutdownAck is closed when the peer acknowledges Shutdown's PING.
 	shutdownAck     chan struct{}
 	shutdownAckOnce sync.Once
@@ -257,6 +274,7 @@ func newConn(nc net.Conn, cork *corkConn, client bool, cfg Config) *Conn {
 		idleSince:      time.Now(),
 	}
 	c.nextID.Store(1)
+	c.lastRecv.Store(c.idleSince.UnixNano()) // the handshake has just been read
 	c.cond = sync.NewCond(&c.mu)
 	c.henc = hpack.NewEncoder(&c.hbuf)
 	c.hdec = hpack.NewDecoder(4096, func(f hpack.HeaderField) {
@@ -818,6 +836,9 @@ func (c *Conn) OpenStreamDataContext(ctx context.Context, authority string, extr
 	if testHookOpenStreamChecked != nil {
 		testHookOpenStreamChecked(c)
 	}
+	// Queued under wmu, so written below in the same burst as the
+	// HEADERS: no extra write, and the stream never waits for the ACK.
+	c.probeIfSilent(ctx)
 	// The HEADERS first, queued control frames after: the reader may
 	// have queued the ACK of the server's shutdown PING since the check
 	// above, and written ahead of HEADERS that passed it, the ACK told
@@ -936,6 +957,87 @@ func (c *Conn) keepalive() {
 	}
 }
 
+// A liveness probe runs when a stream opens on a connection that has read
+// nothing for probeSilence: a PING goes out with the stream's HEADERS,
+// and unless some frame (its ACK, or anything else) arrives by the
+// opener's deadline (the tunnel's connect timeout), the connection is
+// closed with ErrPeerSilent, failing every stream on it.
+//
+// Why: when the peer's node goes dark while a pooled connection is idle,
+// nothing tells us (no RST, no FIN). A stream put on it sent its HEADERS
+// into the void and waited for the 30 s response timeout, or keepalive's
+// close (PingInterval + PingTimeout, ~40 s), where a fresh dial to the
+// dead node fails in the 10 s connect timeout: reuse was worse than no
+// pool. A peer that answers PINGs but never HEADERS (its agent alive but
+// stuck) is not caught: the response timeout still bounds those streams.
+//
+// probeSilence is 1 s, not keepalive's 10 s: a node that died a few
+// seconds ago must be caught too, and a silence of 1 s is already longer
+// than any RTT in a cluster (the peer's read loop answers a PING at
+// once), while a connection in use (streams moving data, responses
+// coming) reads frames far more often and never pays a PING. At most
+// one probe is armed per connection, so streams opening together on a
+// silent connection send one PING and share its verdict. A var for
+// tests.
+var probeSilence = time.Second
+
+// probeMinWait is the least a probe waits for an answer, whatever is left
+// of the opener's deadline (it may have spent most of it waiting for the
+// write lock): a live peer's ACK needs an RTT, and a verdict given
+// sooner would close a live connection with all its streams.
+const probeMinWait = time.Second
+
+// ErrPeerSilent is why a connection closes when a liveness probe found
+// its peer silent: no frame, not even a PING's ACK, within the deadline
+// of the stream that opened on it.
+var ErrPeerSilent = errors.New("hbone: the peer answered nothing, not even a PING, within the connect timeout (its node down or unreachable?)")
+
+// livenessProbes counts the PINGs liveness probes sent, process-wide.
+var livenessProbes atomic.Int64
+
+// LivenessProbes is how many PINGs liveness probes have sent in this
+// process (a stream opening on a connection silent for a second or
+// more): a connection in use sends none.
+func LivenessProbes() int64 { return livenessProbes.Load() }
+
+// LivenessProbes is how many PINGs liveness probes sent on c.
+func (c *Conn) LivenessProbes() int64 { return c.probes.Load() }
+
+// probeIfSilent arms a liveness probe (see probeSilence) when c has read
+// nothing for probeSilence and none is armed. ctx is the opener's: its
+// deadline is the probe's. Without a deadline there is no probe.
+func (c *Conn) probeIfSilent(ctx context.Context) {
+	dl, ok := ctx.Deadline()
+	if !ok {
+		return
+	}
+	now := time.Now()
+	if now.UnixNano()-c.lastRecv.Load() < int64(probeSilence) {
+		return
+	}
+	if !c.probing.CompareAndSwap(false, true) {
+		return // armed by an earlier opener: its verdict covers this stream
+	}
+	seen := c.frames.Load()
+	// keepalive's PING, outstanding, serves as well: its ACK is a frame.
+	// Ours is keepalive's kind (a timestamp, answered through pingSent),
+	// so keepalive sends none of its own while ours is unanswered.
+	if c.pingSent.CompareAndSwap(0, now.UnixNano()) {
+		var p [8]byte
+		binary.BigEndian.PutUint64(p[:], uint64(now.UnixNano()))
+		c.queueCtl(appendFrame(nil, framePing, 0, 0, p[:]))
+		c.probes.Add(1)
+		livenessProbes.Add(1)
+	}
+	time.AfterFunc(max(dl.Sub(now), probeMinWait), func() {
+		if c.frames.Load() == seen {
+			c.closeWith(ErrPeerSilent, ErrCodeNo)
+			return
+		}
+		c.probing.Store(false)
+	})
+}
+
 // returnConnWindow gives n bytes of connection window back to the peer
 // once enough has accumulated.
 func (c *Conn) returnConnWindow(n int64) {
@@ -991,11 +1093,18 @@ func (c *Conn) readFrames() error {
 	var hb [frameHeaderLen]byte
 	settingsSeen := false
 	for {
+		// A header not (wholly) buffered is read from the socket: the
+		// one place the loop waits for the peer, so the one clock read
+		// the liveness stamp needs (not one per frame of a burst).
+		refill := c.br.Buffered() < frameHeaderLen
 		if err := readFull(c.br, hb[:]); err != nil {
 			if ne := net.Error(nil); !settingsSeen && errors.As(err, &ne) && ne.Timeout() {
 				return fmt.Errorf("hbone: no SETTINGS from the client within %v", prefaceTimeout)
 			}
 			return err
+		}
+		if refill {
+			c.lastRecv.Store(time.Now().UnixNano())
 		}
 		h := parseFrameHeader(hb[:])
 		c.frames.Add(1)

@@ -1192,10 +1192,6 @@ func (s *Stream) Close() error {
 	return nil
 }
 
-// responseTimeout bounds the wait for a CONNECT response: servers answer
-// 503 themselves after their own (10 s) connect timeout.
-var responseTimeout = 30 * time.Second
-
 // StatusError is a CONNECT answered with a final status other than 2xx.
 type StatusError struct{ Status int }
 
@@ -1253,7 +1249,7 @@ func (s *Stream) Splice(app *net.TCPConn) SpliceResult {
 		// Nothing reaches the app before the tunnel is up (the app's
 		// first bytes may already be on their way: optimistic send).
 		s.handleResponse()
-		t := time.AfterFunc(responseTimeout, func() {
+		t := time.AfterFunc(s.c.cfg.ResponseTimeout, func() {
 			s.rmu.Lock()
 			waiting := !s.respDone
 			s.rmu.Unlock()

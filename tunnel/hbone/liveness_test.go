@@ -1,0 +1,281 @@
+package hbone
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// darkConn is the server's socket of a peer whose node can go dark: once
+// dark, what it reads is dropped and it never reads again (its read
+// blocks until the socket closes), and its writes are dropped. The
+// client's socket stays open and accepts writes (into the kernel's
+// buffer): no RST, no FIN, as when the peer's node powers off.
+type darkConn struct {
+	net.Conn
+	dark   chan struct{}
+	once   sync.Once
+	closed chan struct{}
+	cOnce  sync.Once
+}
+
+func newDarkConn(c net.Conn) *darkConn {
+	return &darkConn{Conn: c, dark: make(chan struct{}), closed: make(chan struct{})}
+}
+
+func (d *darkConn) goDark() { d.once.Do(func() { close(d.dark) }) }
+
+func (d *darkConn) isDark() bool {
+	select {
+	case <-d.dark:
+		return true
+	default:
+		return false
+	}
+}
+
+func (d *darkConn) Read(p []byte) (int, error) {
+	if !d.isDark() {
+		n, err := d.Conn.Read(p)
+		if !d.isDark() {
+			return n, err
+		}
+	}
+	<-d.closed
+	return 0, net.ErrClosed
+}
+
+func (d *darkConn) Write(p []byte) (int, error) {
+	if d.isDark() {
+		return len(p), nil
+	}
+	return d.Conn.Write(p)
+}
+
+func (d *darkConn) Close() error {
+	d.cOnce.Do(func() { close(d.closed) })
+	return d.Conn.Close()
+}
+
+// serveDark is serve whose server side can go dark.
+func serveDark(t *testing.T, cfg Config, handler func(*Stream)) (*Conn, *darkConn) {
+	t.Helper()
+	dc := make(chan *darkConn, 1)
+	c, _ := serveWrapped(t, cfg, handler, func(a string) string { return a }, func(raw net.Conn, server bool) net.Conn {
+		if !server {
+			return raw
+		}
+		d := newDarkConn(raw)
+		dc <- d
+		return d
+	})
+	d := <-dc
+	t.Cleanup(func() { d.Close() })
+	return c, d
+}
+
+// setProbeSilence lowers probeSilence for one test.
+func setProbeSilence(t *testing.T, d time.Duration) {
+	old := probeSilence
+	probeSilence = d
+	t.Cleanup(func() { probeSilence = old })
+}
+
+// echoOnce opens a stream on c and checks that it echoes.
+func echoOnce(t *testing.T, c *Conn, ctx context.Context) {
+	t.Helper()
+	s, _, err := c.OpenStreamDataContext(ctx, "10.0.0.1:80", nil, []byte("ping"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if st, _, err := s.Response(context.Background()); err != nil || st != 200 {
+		t.Fatalf("response: %d %v", st, err)
+	}
+	b := make([]byte, 4)
+	if _, err := io.ReadFull(s, b); err != nil || string(b) != "ping" {
+		t.Fatalf("echo: %q %v", b, err)
+	}
+}
+
+// TestProbeClosesSilentConnection: a stream opened on a connection whose
+// peer went dark while it was idle fails by its opener's deadline (the
+// connect timeout), with ErrPeerSilent, and the connection is closed for
+// the next opener (the pool dials afresh). Keepalive is off: only the
+// probe can tell. Before, the stream waited for its response until the
+// response timeout (here: the test's 20 s wait ran out).
+func TestProbeClosesSilentConnection(t *testing.T) {
+	setProbeSilence(t, 50*time.Millisecond)
+	c, d := serveDark(t, Config{PingInterval: -1}, echoHandler)
+	echoOnce(t, c, context.Background())
+	d.goDark()
+	time.Sleep(100 * time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	start := time.Now()
+	s, _, err := c.OpenStreamDataContext(ctx, "10.0.0.1:80", nil, []byte("x"))
+	cancel() // as the tunnel does once the stream is open
+	if err != nil {
+		t.Fatal(err)
+	}
+	rctx, rcancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer rcancel()
+	st, _, err := s.Response(rctx)
+	if !errors.Is(err, ErrPeerSilent) {
+		t.Fatalf("a stream on the dead connection: %d %v after %v; want ErrPeerSilent", st, err, time.Since(start))
+	}
+	t.Logf("failed after %v: %v", time.Since(start).Round(time.Millisecond), err)
+	if c.Usable() || !errors.Is(c.Err(), ErrPeerSilent) {
+		t.Errorf("connection usable %v, error %v; want closed with ErrPeerSilent", c.Usable(), c.Err())
+	}
+	if n := c.LivenessProbes(); n != 1 {
+		t.Errorf("%d probe PINGs, want 1", n)
+	}
+}
+
+// TestProbeConcurrentOpensSendOnePing: streams opening together on a
+// silent connection send one PING between them and all fail with its
+// verdict. (Before, no probe ran: each waited for its response.)
+func TestProbeConcurrentOpensSendOnePing(t *testing.T) {
+	setProbeSilence(t, 50*time.Millisecond)
+	c, d := serveDark(t, Config{PingInterval: -1}, echoHandler)
+	echoOnce(t, c, context.Background())
+	d.goDark()
+	time.Sleep(100 * time.Millisecond)
+	const N = 20
+	var wg sync.WaitGroup
+	var silent atomic.Int32
+	for i := 0; i < N; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+			s, _, err := c.OpenStreamDataContext(ctx, "10.0.0.1:80", nil, nil)
+			cancel()
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			rctx, rcancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer rcancel()
+			if _, _, err := s.Response(rctx); errors.Is(err, ErrPeerSilent) {
+				silent.Add(1)
+			} else {
+				t.Errorf("stream: %v, want ErrPeerSilent", err)
+			}
+		}()
+	}
+	wg.Wait()
+	if n := c.LivenessProbes(); n != 1 {
+		t.Errorf("%d probe PINGs for %d streams opened together, want 1", n, N)
+	}
+	if silent.Load() != N {
+		t.Errorf("%d of %d streams failed with ErrPeerSilent", silent.Load(), N)
+	}
+}
+
+// TestProbeNoPingOnBusyConnection: a connection that keeps receiving
+// frames (a stream moving data) opens new streams without a PING.
+func TestProbeNoPingOnBusyConnection(t *testing.T) {
+	// Far above the busy stream's 20 ms between round trips: a
+	// noisy machine's scheduling gaps must not look like silence.
+	setProbeSilence(t, 500*time.Millisecond)
+	c, _ := serve(t, Config{PingInterval: -1}, echoHandler)
+	busy, _, err := c.OpenStreamDataContext(context.Background(), "10.0.0.1:80", nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		b := make([]byte, 64)
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(20 * time.Millisecond):
+			}
+			if _, err := busy.Write(b); err != nil {
+				return
+			}
+			if _, err := io.ReadFull(busy, b); err != nil {
+				return
+			}
+		}
+	}()
+	for i := 0; i < 20; i++ {
+		time.Sleep(50 * time.Millisecond)
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		echoOnce(t, c, ctx)
+		cancel()
+	}
+	close(stop)
+	<-done
+	if n := c.LivenessProbes(); n != 0 {
+		t.Errorf("%d probe PINGs on a busy connection, want 0", n)
+	}
+}
+
+// TestProbeKeepsLivePeerThatAnswersLate: a live peer, idle for a while,
+// that takes longer than the opener's deadline (and the probe's least
+// wait) to answer the CONNECT (its own dial is slow): the probe's PING
+// is answered, the connection stays, and the stream gets its 200. A
+// peer that answers PINGs but never HEADERS is left to the response
+// timeout, as before.
+func TestProbeKeepsLivePeerThatAnswersLate(t *testing.T) {
+	setProbeSilence(t, 50*time.Millisecond)
+	slow := func(s *Stream) {
+		time.Sleep(probeMinWait + 500*time.Millisecond)
+		echoHandler(s)
+	}
+	c, _ := serve(t, Config{PingInterval: -1}, slow)
+	time.Sleep(100 * time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	s, _, err := c.OpenStreamDataContext(ctx, "10.0.0.1:80", nil, nil)
+	cancel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if st, _, err := s.Response(context.Background()); err != nil || st != 200 {
+		t.Fatalf("slow but live peer: %d %v", st, err)
+	}
+	if n := c.LivenessProbes(); n != 1 {
+		t.Errorf("%d probe PINGs, want 1", n)
+	}
+	if !c.Usable() {
+		t.Errorf("live connection closed: %v", c.Err())
+	}
+}
+
+// TestProbeSharesKeepalivePing: a keepalive PING outstanding when a
+// stream opens serves as the probe's (one PING, not two), and the
+// probe's PING keeps keepalive from sending its own.
+func TestProbeSharesKeepalivePing(t *testing.T) {
+	setProbeSilence(t, 50*time.Millisecond)
+	c, d := serveDark(t, Config{PingInterval: time.Hour}, echoHandler)
+	echoOnce(t, c, context.Background())
+	d.goDark()
+	time.Sleep(100 * time.Millisecond)
+	c.pingSent.Store(time.Now().UnixNano()) // keepalive's, unanswered
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	s, _, err := c.OpenStreamDataContext(ctx, "10.0.0.1:80", nil, nil)
+	cancel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rctx, rcancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer rcancel()
+	if _, _, err := s.Response(rctx); !errors.Is(err, ErrPeerSilent) {
+		t.Fatalf("stream: %v, want ErrPeerSilent", err)
+	}
+	if n := c.LivenessProbes(); n != 0 {
+		t.Errorf("%d probe PINGs with keepalive's outstanding, want 0", n)
+	}
+}

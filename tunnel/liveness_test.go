@@ -1,0 +1,153 @@
+package tunnel_test
+
+import (
+	"errors"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/ambit-mesh/ambit/internal/testenv"
+	"github.com/ambit-mesh/ambit/tunnel"
+	"github.com/ambit-mesh/ambit/tunnel/hbone"
+	"github.com/ambit-mesh/ambit/tunnel/internal/meshtest"
+)
+
+// livenessMesh is a mesh whose CONNECT response timeout and keepalive
+// are far longer than any test wait: only the liveness probe can end a
+// stream put on a dead pooled connection within the test.
+func livenessMesh(t *testing.T) *meshtest.Mesh {
+	return meshtest.New(t, meshtest.Options{Config: tunnel.Config{
+		ConnectTimeout: 2 * time.Second,
+		HBONE:          hbone.Config{ResponseTimeout: 5 * time.Minute, PingInterval: 5 * time.Minute},
+	}})
+}
+
+// TestNewConnsOnDeadIdlePooledConnFailInConnectTimeout: B's node goes
+// dark while A's pooled connection to it is idle; new app connections
+// from A, put on that connection, are reset within the connect timeout
+// and counted connect_timeout, as a dial to the dead node would be, and
+// the streams opening together send one PING. Once B is back, the next
+// connection works at once (the dead one was forgotten, a fresh one
+// dialed). Before the probe, each waited for the CONNECT response (here
+// 5 min): the test's 60 s read deadline ran out.
+func TestNewConnsOnDeadIdlePooledConnFailInConnectTimeout(t *testing.T) {
+	testenv.RequireRoot(t)
+	m := livenessMesh(t)
+	go copyEcho(m.B.Listen(t, "[::]:8080"))
+	dst := netip.AddrPortFrom(m.B.Pod.IP4, 8080)
+	c, err := m.A.Dial(dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := echoes(c); err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	revive := killNode(t, m.B.Pod)
+	defer revive()
+	time.Sleep(1500 * time.Millisecond) // past the probe's 1 s of silence
+	probes := hbone.LivenessProbes()
+	const N = 5
+	var wg sync.WaitGroup
+	for i := 0; i < N; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			st := time.Now()
+			c, err := m.A.Dial(dst) // captured: A's agent accepts it
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(60 * time.Second))
+			if _, err = c.Write([]byte("x")); err == nil {
+				_, err = c.Read(make([]byte, 1))
+			}
+			if !errors.Is(err, syscall.ECONNRESET) {
+				t.Errorf("connection %d to the dead node after %v: %v, want a reset", i, time.Since(st), err)
+				return
+			}
+			t.Logf("connection %d reset after %v", i, time.Since(st).Round(10*time.Millisecond))
+		}()
+	}
+	wg.Wait()
+	if n := hbone.LivenessProbes() - probes; n != 1 {
+		t.Errorf("%d probe PINGs for %d connections opened together, want 1", n, N)
+	}
+	waitMetric(t, m.A, "ambit_tunnel_connections_failed_total", map[string]string{"direction": "outbound", "reason": "connect_timeout"}, N)
+	revive()
+	c, err = m.A.Dial(dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := echoes(c); err != nil {
+		t.Fatalf("first connection after B is back: %v", err)
+	}
+}
+
+// TestBusyPooledConnSendsNoProbe: new app connections put on a pooled
+// connection that is in use (another stream moving data) open without a
+// liveness PING: a live connection pays nothing for the probe.
+func TestBusyPooledConnSendsNoProbe(t *testing.T) {
+	testenv.RequireRoot(t)
+	m := livenessMesh(t)
+	go copyEcho(m.B.Listen(t, "[::]:8080"))
+	dst := netip.AddrPortFrom(m.B.Pod.IP4, 8080)
+	busy, err := m.A.Dial(dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	if err := echoes(busy); err != nil {
+		t.Fatal(err)
+	}
+	busy.SetDeadline(time.Time{})
+	probes := hbone.LivenessProbes()
+	stop := make(chan struct{})
+	done := make(chan error, 1)
+	go func() {
+		b := make([]byte, 1024)
+		for {
+			select {
+			case <-stop:
+				done <- nil
+				return
+			case <-time.After(20 * time.Millisecond):
+			}
+			if _, err := busy.Write(b); err != nil {
+				done <- err
+				return
+			}
+			if _, err := io.ReadFull(busy, b); err != nil {
+				done <- err
+				return
+			}
+		}
+	}()
+	for i := 0; i < 10; i++ {
+		time.Sleep(150 * time.Millisecond)
+		c, err := m.A.Dial(dst)
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = echoes(c)
+		c.Close()
+		if err != nil {
+			t.Fatalf("connection %d: %v", i, err)
+		}
+	}
+	close(stop)
+	if err := <-done; err != nil && !errors.Is(err, os.ErrDeadlineExceeded) && !errors.Is(err, net.ErrClosed) {
+		t.Errorf("busy stream: %v", err)
+	}
+	if n := hbone.LivenessProbes() - probes; n != 0 {
+		t.Errorf("%d probe PINGs on a busy pooled connection, want 0", n)
+	}
+}
