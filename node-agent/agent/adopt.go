@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"os"
 	"slices"
 	"strings"
@@ -321,11 +322,16 @@ func (a *Agent) verifyPod(p *pod) {
 		return // deleted or unenrolled meanwhile
 	}
 	name := p.rec.Namespace + "/" + p.rec.Name
-	if err := a.rules.Recheck(loopCtx, p.netns, p.spec, &p.checked); err == nil {
+	err := a.rules.Recheck(loopCtx, p.netns, p.spec, &p.checked)
+	if err == nil {
+		p.repairFailing = false
 		return
-	} else {
-		a.log.Warn("redirection differs from what it should be, repairing", "pod", name, "problem", err)
 	}
+	lvl := slog.LevelWarn
+	if p.repairFailing {
+		lvl = slog.LevelDebug // said at the first failed repair
+	}
+	a.log.Log(loopCtx, lvl, "redirection differs from what it should be, repairing", "pod", name, "problem", err)
 	// With the engine the rules were installed with (the conflist's
 	// ruleBackend, or what auto chose then), not a new choice: before,
 	// every repaired iptables pod moved to nftables. If that engine
@@ -341,13 +347,22 @@ func (a *Agent) verifyPod(p *pod) {
 	}
 	backend, err := a.rules.Install(loopCtx, p.netns, engine, p.spec)
 	if err != nil && engine != "" {
-		a.log.Warn("repairing redirection with the pod's rule engine failed; trying any", "pod", name, "backend", engine, "err", err)
+		a.log.Log(loopCtx, lvl, "repairing redirection with the pod's rule engine failed; trying any", "pod", name, "backend", engine, "err", err)
 		backend, err = a.rules.Install(loopCtx, p.netns, "", p.spec)
 	}
 	if err != nil {
+		if p.repairFailing {
+			a.log.Debug("repairing redirection failed again", "pod", name, "err", err)
+			return
+		}
+		p.repairFailing = true
 		a.m.failures.WithLabelValues("redirect").Inc()
-		a.log.Error("repairing redirection failed", "pod", name, "err", err)
+		a.log.Error("repairing redirection failed; each rule check retries, logged again only once it succeeds", "pod", name, "err", err)
 		return
+	}
+	if p.repairFailing {
+		p.repairFailing = false
+		a.log.Info("redirection repaired after failed attempts", "pod", name, "backend", backend)
 	}
 	a.m.repairs.Inc()
 	p.rec.Backend = backend

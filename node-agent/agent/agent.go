@@ -172,6 +172,13 @@ type pod struct {
 	// checked is what the periodic rule checks of this pod saw (under the
 	// pod's lock).
 	checked redirect.Checked
+	// repairFailing: the last rule check's repair of this pod failed
+	// (under the pod's lock). Until a check finds the rules right or
+	// repairs them, the same failure is neither logged nor counted
+	// again: where no engine can hold IPv6 every check (1 m) failed
+	// alike, and each logged two lines and counted an enrollment
+	// failure (TestNoEngineForIPv6LogsOnce).
+	repairFailing bool
 	// afterDrain runs on the netns once established connections are
 	// drained, before the netns is let go (removes the drain guard).
 	afterDrain func(*os.File)
