@@ -71,7 +71,22 @@ var ipChains = map[hook]ipChain{
 	mangleOut: {"mangle", "OUTPUT", ChainOutput},
 	natIn:     {"nat", "PREROUTING", ChainPrerouting},
 	natOut:    {"nat", "OUTPUT", ChainOutput},
+	filterOut: {"filter", "OUTPUT", ChainOutput},
 }
+
+// ipTables lists the tables spec's rules of family f are in, in the
+// order a restore commits them: filter (IPv6's link-local refusal) before
+// nat, whose rule lets that traffic pass the redirect.
+func ipTables(s Spec, f family) []string {
+	if f == 6 && s.IPv6 {
+		return []string{"filter", "mangle", "nat"}
+	}
+	return []string{"mangle", "nat"}
+}
+
+// removalTables is the order of removal: nat first, so the link-local
+// traffic is never let through while the filter rule is gone.
+var removalTables = []string{"mangle", "nat", "filter"}
 
 // iptablesRule renders r in the exact form iptables-save prints, so Verify
 // can compare text: generic matches (-s -d -o -p) first, then extensions in
@@ -101,6 +116,8 @@ func iptablesRule(r rule) string {
 			ext = append(ext, fmt.Sprintf("-m mark %s--mark %#x/%#x", not(c.neg), c.value, c.mask))
 		case condCtMark:
 			ext = append(ext, fmt.Sprintf("-m connmark %s--mark %#x/%#x", not(c.neg), c.value, c.mask))
+		case condCtNew:
+			ext = append(ext, "-m conntrack "+not(c.neg)+"--ctstate NEW")
 		}
 	}
 	for _, g := range []string{src, dst, oif, proto} {
@@ -118,6 +135,8 @@ func iptablesRule(r rule) string {
 		target = fmt.Sprintf("-j CONNMARK --set-xmark %#x/%#x", r.act.value, r.act.mask)
 	case actRestoreMark:
 		target = "-j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff"
+	case actReject:
+		target = "-j REJECT --reject-with tcp-reset"
 	}
 	parts := append([]string{"-A", ipChains[r.hook].chain}, generic...)
 	parts = append(parts, ext...)
@@ -160,8 +179,13 @@ func byChain(lines []string) map[string][]string {
 func iptablesPayload(s Spec, f family, present map[string]bool) string {
 	var b strings.Builder
 	want := iptablesWant(s, f)
-	for _, table := range []string{"mangle", "nat"} {
-		fmt.Fprintf(&b, "*%s\n:%s - [0:0]\n:%s - [0:0]\n", table, ChainPrerouting, ChainOutput)
+	for _, table := range ipTables(s, f) {
+		fmt.Fprintf(&b, "*%s\n", table)
+		for _, h := range hooks {
+			if c := ipChains[h]; c.table == table {
+				fmt.Fprintf(&b, ":%s - [0:0]\n", c.chain)
+			}
+		}
 		for _, h := range hooks {
 			c := ipChains[h]
 			if c.table == table && !present[table+" "+jumpRule(c)] {
@@ -385,7 +409,7 @@ func iptablesVerify(ss *session, b Backend, s Spec) error {
 			continue
 		}
 		want := iptablesWant(s, f)
-		for _, table := range []string{"mangle", "nat"} {
+		for _, table := range ipTables(s, f) {
 			for _, h := range hooks {
 				c := ipChains[h]
 				if c.table != table {
@@ -527,7 +551,7 @@ func iptablesUninstall(s *session, b Backend) error {
 func removalPayload(save []byte) string {
 	_, jumps, chains := ourSaveLines(save)
 	var b strings.Builder
-	for _, table := range []string{"mangle", "nat"} {
+	for _, table := range removalTables {
 		var lines []string
 		for j, n := range jumps {
 			t, rule, _ := strings.Cut(j, " ")

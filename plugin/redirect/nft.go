@@ -39,6 +39,7 @@ var nftChains = map[hook]nftChain{
 	mangleOut: {"mangle-output", nftables.ChainTypeRoute, nftables.ChainHookOutput, nftables.ChainPriorityMangle},
 	natIn:     {"nat-prerouting", nftables.ChainTypeNAT, nftables.ChainHookPrerouting, nftables.ChainPriorityNATDest},
 	natOut:    {"nat-output", nftables.ChainTypeNAT, nftables.ChainHookOutput, nftables.ChainPriorityNATDest},
+	filterOut: {"filter-output", nftables.ChainTypeFilter, nftables.ChainHookOutput, nftables.ChainPriorityFilter},
 }
 
 func hookName(h *nftables.ChainHook) string {
@@ -118,10 +119,20 @@ func buildNftRule(r rule) nftRule {
 				&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: binaryutil.NativeEndian.PutUint32(c.mask), Xor: binaryutil.NativeEndian.PutUint32(0)},
 				&expr.Cmp{Op: op, Register: 1, Data: binaryutil.NativeEndian.PutUint32(c.value)})
 		case condOifLo:
-			text = append(text, `oifname "lo"`)
+			text = append(text, fmt.Sprintf(`oifname %s"lo"`, map[bool]string{false: "", true: "!= "}[c.neg]))
 			ex = append(ex,
 				&expr.Meta{Key: expr.MetaKeyOIFNAME, Register: 1},
-				&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: ifname("lo")})
+				&expr.Cmp{Op: op, Register: 1, Data: ifname("lo")})
+		case condCtNew:
+			text = append(text, fmt.Sprintf("ct state %snew", map[bool]string{false: "", true: "!= "}[c.neg]))
+			stateOp := expr.CmpOpNeq // the NEW bit is set
+			if c.neg {
+				stateOp = expr.CmpOpEq
+			}
+			ex = append(ex,
+				&expr.Ct{Key: expr.CtKeySTATE, Register: 1},
+				&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: binaryutil.NativeEndian.PutUint32(expr.CtStateBitNEW), Xor: binaryutil.NativeEndian.PutUint32(0)},
+				&expr.Cmp{Op: stateOp, Register: 1, Data: binaryutil.NativeEndian.PutUint32(0)})
 		}
 	}
 	switch r.act.kind {
@@ -144,6 +155,9 @@ func buildNftRule(r rule) nftRule {
 		ex = append(ex,
 			&expr.Ct{Key: expr.CtKeyMARK, Register: 1},
 			&expr.Meta{Key: expr.MetaKeyMARK, Register: 1, SourceRegister: true})
+	case actReject:
+		text = append(text, "reject with tcp reset")
+		ex = append(ex, &expr.Reject{Type: unix.NFT_REJECT_TCP_RST})
 	}
 	return nftRule{text: strings.Join(text, " "), exprs: ex}
 }
@@ -175,7 +189,7 @@ func renderNft(s Spec) string {
 	var b strings.Builder
 	rules := nftRulesByHook(s)
 	fmt.Fprintf(&b, "table inet %s {\n", TableName)
-	for _, h := range hooks {
+	for _, h := range hooksOf(s) {
 		c := nftChains[h]
 		fmt.Fprintf(&b, "\tchain %s {\n\t\ttype %s hook %s priority %d; policy accept;\n", c.name, c.typ, hookName(c.hook), *c.priority)
 		for _, r := range rules[h] {
@@ -264,7 +278,7 @@ func nftInstall(ss *session, s Spec) error {
 	c.DelTable(t)
 	c.AddTable(t)
 	rules := nftRulesByHook(s)
-	for _, h := range hooks {
+	for _, h := range hooksOf(s) {
 		d := nftChains[h]
 		ch := c.AddChain(&nftables.Chain{Name: d.name, Table: t, Type: d.typ, Hooknum: d.hook, Priority: d.priority})
 		for _, r := range rules[h] {
@@ -370,7 +384,7 @@ func nftVerify(ss *session, s Spec) error {
 		}
 	}
 	want := nftRulesByHook(s)
-	for _, h := range hooks {
+	for _, h := range hooksOf(s) {
 		d := nftChains[h]
 		ch, ok := live[d.name]
 		if !ok {

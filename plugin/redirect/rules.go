@@ -45,9 +45,22 @@ const (
 	mangleOut             // mangle OUTPUT (route type: a mark change reroutes)
 	natIn                 // nat PREROUTING
 	natOut                // nat OUTPUT
+	filterOut             // filter OUTPUT (IPv6 only: the link-local refusal)
 )
 
-var hooks = []hook{mangleIn, mangleOut, natIn, natOut}
+var hooks = []hook{mangleIn, mangleOut, natIn, natOut, filterOut}
+
+// hooksOf returns the hooks spec's rules use: filterOut only with IPv6,
+// so an IPv4-only pod's rules stay as they were before it existed.
+func hooksOf(s Spec) []hook {
+	if s.IPv6 {
+		return hooks
+	}
+	return hooks[:len(hooks)-1]
+}
+
+// linkLocal6 is IPv6's link-local unicast range.
+var linkLocal6 = netip.MustParsePrefix("fe80::/10")
 
 type condKind int
 
@@ -59,6 +72,7 @@ const (
 	condMark                   // packet mark & mask == value
 	condCtMark                 // conntrack mark & mask == value
 	condOifLo                  // output interface is lo
+	condCtNew                  // conntrack state NEW (a connection's first packet)
 )
 
 type cond struct {
@@ -77,6 +91,7 @@ const (
 	actRedirect               // REDIRECT to port
 	actSetCtMark              // ct mark = (ct mark &^ mask) | value
 	actRestoreMark            // meta mark = ct mark
+	actReject                 // refuse with a TCP reset
 )
 
 type action struct {
@@ -124,8 +139,28 @@ func ruleSet(s Spec) []rule {
 			// Traffic to the pod's own addresses leaves through lo and is
 			// captured (or not) on the inbound side instead.
 			rule{f, natOut, []cond{{kind: condOifLo}, notLoop}, action{kind: actAccept}},
-			rule{f, natOut, []cond{tcp, notLoop, notMark}, action{kind: actRedirect, port: s.OutboundPort}},
 		)
+		if f == 6 {
+			// Another pod's link-local address (pods on one bridge all
+			// have one). A socket connected to a scoped fe80:: address is
+			// bound to its interface, so the REDIRECT to ::1 finds no
+			// route: the SYN was dropped and the app's connect timed out.
+			// Nor could the agent tell whether the peer is meshed. So it
+			// is not redirected but refused below, at once. The filter
+			// rule is installed before this one (iptables-restore
+			// commits table by table: filter first), so plaintext never
+			// leaves in between.
+			rs = append(rs, rule{f, natOut, []cond{tcp, {kind: condDaddr, prefix: linkLocal6}}, action{kind: actAccept}})
+		}
+		rs = append(rs, rule{f, natOut, []cond{tcp, notLoop, notMark}, action{kind: actRedirect, port: s.OutboundPort}})
+		if f == 6 {
+			// New connections only: the replies of connections to the
+			// pod's own link-local address (refused by the agent's
+			// inbound, ip_mismatch) must still leave; and not through
+			// lo: the pod's own link-local address is its inbound's.
+			rs = append(rs, rule{f, filterOut, []cond{tcp, {kind: condDaddr, prefix: linkLocal6}, {kind: condOifLo, neg: true}, {kind: condCtNew}},
+				action{kind: actReject}})
+		}
 	}
 	return rs
 }
