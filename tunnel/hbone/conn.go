@@ -213,9 +213,15 @@ type Conn struct {
 	// lastRecv is when the read loop last read the socket and found
 	// frames (unix nanos; stamped per socket read, not per frame: the
 	// frames of one read arrived together), and probing says a liveness
-	// probe is armed (probeIfSilent).
+	// probe is armed (probeIfSilent, watch).
 	lastRecv atomic.Int64
 	probing  atomic.Bool
+	// lastOpen and openDeadline are when the last stream with a
+	// deadline opened, and that deadline (unix nanos): the streams the
+	// probe watches.
+	lastOpen     atomic.Int64
+	openDeadline atomic.Int64
+	silence      time.Duration // probeSilence when the connection began
 	// probes counts the PINGs this connection's liveness probes sent.
 	probes atomic.Int64
 	// shutdownAck is closed when the peer acknowledges Shutdown's PING.
@@ -272,6 +278,7 @@ func newConn(nc net.Conn, cork *corkConn, client bool, cfg Config) *Conn {
 		done:           make(chan struct{}),
 		shutdownAck:    make(chan struct{}),
 		idleSince:      time.Now(),
+		silence:        probeSilence,
 	}
 	c.nextID.Store(1)
 	c.lastRecv.Store(c.idleSince.UnixNano()) // the handshake has just been read
@@ -957,11 +964,14 @@ func (c *Conn) keepalive() {
 	}
 }
 
-// A liveness probe runs when a stream opens on a connection that has read
-// nothing for probeSilence: a PING goes out with the stream's HEADERS,
-// and unless some frame (its ACK, or anything else) arrives by the
-// opener's deadline (the tunnel's connect timeout), the connection is
-// closed with ErrPeerSilent, failing every stream on it.
+// A liveness probe runs while a stream waits on a connection that has
+// read nothing since it opened: once the connection has been silent for
+// probeSilence, a PING goes out, and unless some frame (its ACK, or
+// anything else) arrives by the opener's deadline (the tunnel's connect
+// timeout), the connection is closed with ErrPeerSilent, failing every
+// stream on it. A stream opening on a connection already silent sends
+// the PING in the same write as its HEADERS; the stream never waits for
+// the ACK.
 //
 // Why: when the peer's node goes dark while a pooled connection is idle,
 // nothing tells us (no RST, no FIN). A stream put on it sent its HEADERS
@@ -976,9 +986,9 @@ func (c *Conn) keepalive() {
 // than any RTT in a cluster (the peer's read loop answers a PING at
 // once), while a connection in use (streams moving data, responses
 // coming) reads frames far more often and never pays a PING. At most
-// one probe is armed per connection, so streams opening together on a
-// silent connection send one PING and share its verdict. A var for
-// tests.
+// one probe is armed per connection (probing), so streams opening
+// together send one PING and share its verdict. A var for tests (read
+// when a connection begins).
 var probeSilence = time.Second
 
 // probeMinWait is the least a probe waits for an answer, whatever is left
@@ -996,46 +1006,85 @@ var ErrPeerSilent = errors.New("hbone: the peer answered nothing, not even a PIN
 var livenessProbes atomic.Int64
 
 // LivenessProbes is how many PINGs liveness probes have sent in this
-// process (a stream opening on a connection silent for a second or
+// process (streams waiting on a connection silent for a second or
 // more): a connection in use sends none.
 func LivenessProbes() int64 { return livenessProbes.Load() }
 
 // LivenessProbes is how many PINGs liveness probes sent on c.
 func (c *Conn) LivenessProbes() int64 { return c.probes.Load() }
 
-// probeIfSilent arms a liveness probe (see probeSilence) when c has read
-// nothing for probeSilence and none is armed. ctx is the opener's: its
-// deadline is the probe's. Without a deadline there is no probe.
+// probeIfSilent notes a stream opening with ctx's deadline and arms the
+// liveness probe unless it is armed already. Without a deadline there is
+// no probe. Called with wmu held, before the HEADERS are written: a PING
+// it queues leaves with them.
 func (c *Conn) probeIfSilent(ctx context.Context) {
 	dl, ok := ctx.Deadline()
 	if !ok {
 		return
 	}
-	now := time.Now()
-	if now.UnixNano()-c.lastRecv.Load() < int64(probeSilence) {
-		return
-	}
+	now := time.Now().UnixNano()
+	// Both stored before probing is looked at: a probe disarming
+	// meanwhile sees this open (watch).
+	c.openDeadline.Store(dl.UnixNano())
+	c.lastOpen.Store(now)
 	if !c.probing.CompareAndSwap(false, true) {
-		return // armed by an earlier opener: its verdict covers this stream
+		return // armed: it watches this stream too
 	}
-	seen := c.frames.Load()
-	// keepalive's PING, outstanding, serves as well: its ACK is a frame.
-	// Ours is keepalive's kind (a timestamp, answered through pingSent),
-	// so keepalive sends none of its own while ours is unanswered.
-	if c.pingSent.CompareAndSwap(0, now.UnixNano()) {
-		var p [8]byte
-		binary.BigEndian.PutUint64(p[:], uint64(now.UnixNano()))
-		c.queueCtl(appendFrame(nil, framePing, 0, 0, p[:]))
-		c.probes.Add(1)
-		livenessProbes.Add(1)
-	}
-	time.AfterFunc(max(dl.Sub(now), probeMinWait), func() {
-		if c.frames.Load() == seen {
-			c.closeWith(ErrPeerSilent, ErrCodeNo)
+	c.watch(now)
+}
+
+// watch runs the armed probe at now: disarmed when every stream opened so
+// far has seen a frame since (the peer was alive after they opened),
+// looked at again when the silence will have lasted probeSilence, or the
+// PING sent and its verdict timed.
+func (c *Conn) watch(now int64) {
+	for {
+		select {
+		case <-c.done:
+			return
+		default:
+		}
+		lr := c.lastRecv.Load()
+		if c.lastOpen.Load() < lr {
+			c.probing.Store(false)
+			// An open between the load and the store saw the probe
+			// armed and left it to us: look again, armed by whoever
+			// wins it back.
+			if c.lastOpen.Load() < c.lastRecv.Load() || !c.probing.CompareAndSwap(false, true) {
+				return
+			}
+			now = time.Now().UnixNano()
+			continue
+		}
+		if quiet := now - lr; quiet < int64(c.silence) {
+			// One timer per connection, at most one a probeSilence
+			// while streams keep opening: a busy connection's frames
+			// disarm it when it fires.
+			time.AfterFunc(time.Duration(int64(c.silence)-quiet), func() { c.watch(time.Now().UnixNano()) })
 			return
 		}
-		c.probing.Store(false)
-	})
+		seen := c.frames.Load()
+		// keepalive's PING, outstanding, serves as well: its ACK is a
+		// frame. Ours is keepalive's kind (a timestamp, answered
+		// through pingSent), so keepalive sends none of its own while
+		// ours is unanswered.
+		if c.pingSent.CompareAndSwap(0, now) {
+			var p [8]byte
+			binary.BigEndian.PutUint64(p[:], uint64(now))
+			c.queueCtl(appendFrame(nil, framePing, 0, 0, p[:]))
+			c.probes.Add(1)
+			livenessProbes.Add(1)
+		}
+		wait := max(time.Duration(c.openDeadline.Load()-now), probeMinWait)
+		time.AfterFunc(wait, func() {
+			if c.frames.Load() == seen {
+				c.closeWith(ErrPeerSilent, ErrCodeNo)
+				return
+			}
+			c.watch(time.Now().UnixNano())
+		})
+		return
+	}
 }
 
 // returnConnWindow gives n bytes of connection window back to the peer

@@ -279,3 +279,36 @@ func TestProbeSharesKeepalivePing(t *testing.T) {
 		t.Errorf("%d probe PINGs with keepalive's outstanding, want 0", n)
 	}
 }
+
+// TestProbeCatchesStreamOpenedRightAfterAFrame: a stream opens moments
+// after the connection's last frame, and the peer is dark by then: the
+// connection was not silent at the open, so no PING goes with the
+// HEADERS, but once it has been silent for probeSilence with the stream
+// still unanswered, the probe sends one, and the stream fails with
+// ErrPeerSilent. (Probed only at the open, it waited for its response:
+// here the test's 20 s.)
+func TestProbeCatchesStreamOpenedRightAfterAFrame(t *testing.T) {
+	setProbeSilence(t, 300*time.Millisecond)
+	c, d := serveDark(t, Config{PingInterval: -1}, echoHandler)
+	echoOnce(t, c, context.Background())
+	d.goDark()
+	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+	start := time.Now()
+	s, _, err := c.OpenStreamDataContext(ctx, "10.0.0.1:80", nil, []byte("x"))
+	cancel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := c.LivenessProbes(); n != 0 {
+		t.Errorf("%d probe PINGs at the open, right after a frame; want 0", n)
+	}
+	rctx, rcancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer rcancel()
+	if st, _, err := s.Response(rctx); !errors.Is(err, ErrPeerSilent) {
+		t.Fatalf("a stream on the dead connection: %d %v after %v; want ErrPeerSilent", st, err, time.Since(start))
+	}
+	t.Logf("failed after %v", time.Since(start).Round(time.Millisecond))
+	if n := c.LivenessProbes(); n != 1 {
+		t.Errorf("%d probe PINGs, want 1", n)
+	}
+}
