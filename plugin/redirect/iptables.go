@@ -443,7 +443,8 @@ func iptablesVerify(ss *session, b Backend, s Spec) error {
 
 // iptablesPresent reports whether variant b holds any chain of ours in
 // netns, as cheaply as possible: the nft variant is read over netlink,
-// the legacy one only when the kernel has legacy nat/mangle tables there.
+// the legacy one only when the kernel has legacy nat, mangle or filter
+// tables there.
 func iptablesPresent(s *session, b Backend) (bool, error) {
 	netns := s.netns
 	if b == IptablesNft {
@@ -490,7 +491,13 @@ func iptablesPresent(s *session, b Backend) (bool, error) {
 }
 
 // legacyTablesHere reports whether the calling thread's netns has a
-// legacy nat or mangle table, where chains of ours could be.
+// legacy nat, mangle or filter table, where chains of ours could be. The
+// filter table counts too: an IPv6 restore commits it first (the
+// link-local refusal) and takes the xtables lock again for mangle, so a
+// cut there leaves our filter chain in a netns with no legacy nat or
+// mangle table; looked for only there, it was never found, and neither
+// a rollback nor a DEL nor an unenroll removed it
+// (TestLegacyFilterOnlyStateIsFound).
 // The files are read with bare system calls: an *os.File costs a fcntl,
 // an fstat and a finalizer each, half of this function's time, and the
 // periodic check of every pod calls it.
@@ -511,7 +518,7 @@ func legacyTablesHere() bool {
 		}
 		unix.Close(fd)
 		for _, t := range strings.Fields(string(names)) {
-			if t == "nat" || t == "mangle" {
+			if t == "nat" || t == "mangle" || t == "filter" {
 				return true
 			}
 		}

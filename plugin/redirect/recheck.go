@@ -91,8 +91,8 @@ func Recheck(ctx context.Context, netns ns.NetNS, spec Spec, c *Checked) error {
 		}
 		return nil
 	}
-	// A legacy nat or mangle table may hold chains of ours: the full
-	// check looks.
+	// A legacy nat, mangle or filter table may hold chains of ours: the
+	// full check looks.
 	s := newSession(ctx, netns)
 	defer s.close()
 	backend, err := verify(s, spec)
