@@ -356,6 +356,11 @@ func (a *Agent) enrollLive(ctx context.Context, cp cluster.Pod, p *pod, scan *la
 		return &failure{"redirect", err}
 	}
 	p.rec.Enrolled, p.rec.Backend = true, backend
+	// Rules installed afresh: a repair that fails from now on is a new
+	// failure, said and counted again. The pod struct outlives an
+	// unenrollment, and its flag from before kept the next failure
+	// silent (TestRepairFailureReportedAfterReenrollment).
+	p.repairFailing = false
 	a.rewriteRecord(p.rec, fresh)
 	a.register(p)
 	a.m.latency.WithLabelValues("live").Observe(time.Since(start).Seconds())
