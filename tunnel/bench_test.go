@@ -300,6 +300,33 @@ func BenchmarkDataPathAB(b *testing.B) {
 	}
 }
 
+// BenchmarkRTTTailAB: AMBIT_BENCH_RTTS (default 20,000) warm 1 KB round
+// trips per setup of abSetups, AMBIT_BENCH_ROUNDS rounds (default 3)
+// with the order rotating; prints each round's p99.9 and maximum. For
+// stalls too rare for the p99: a one-P agent whose only P is held by a
+// blocking system call (AMBIT_BENCH_EXEC_EVERY in an agent's _ENV runs
+// a child that often, as rule checks do).
+func BenchmarkRTTTailAB(b *testing.B) {
+	testenv.RequireRoot(b)
+	setups := abSetups(b)
+	rounds, n := 3, 20000
+	fmt.Sscan(os.Getenv("AMBIT_BENCH_ROUNDS"), &rounds)
+	fmt.Sscan(os.Getenv("AMBIT_BENCH_RTTS"), &n)
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		for r := 0; r < rounds; r++ {
+			for k := range setups {
+				s := setups[(k+r)%len(setups)]
+				p999, max, err := benchkit.LatencyTail(s, n)
+				if err != nil {
+					b.Fatal(err)
+				}
+				fmt.Printf("round %d %-16s p99.9 %v max %v (%d round trips)\n", r, s.Name, p999.Round(time.Microsecond), max.Round(time.Microsecond), n)
+			}
+		}
+	}
+}
+
 func medianOf(v []float64) float64 {
 	v = append([]float64(nil), v...)
 	sort.Float64s(v)

@@ -187,16 +187,36 @@ func ext(s Setup) float64 {
 
 // Latency does n 1 KB round trips on one warm connection.
 func Latency(s Setup, n int) (p50, p99 time.Duration, err error) {
-	c, err := s.Dial(PortRR)
+	d, err := latencies(s, n)
 	if err != nil {
 		return 0, 0, err
+	}
+	return d[n/2], d[n*99/100], nil
+}
+
+// LatencyTail is Latency's p99.9 and maximum: a stall of the proxy
+// that catches one round trip in a thousand (a blocking system call
+// holding a one-P agent's only P) shows there and not in the p99.
+func LatencyTail(s Setup, n int) (p999, max time.Duration, err error) {
+	d, err := latencies(s, n)
+	if err != nil {
+		return 0, 0, err
+	}
+	return d[n*999/1000], d[n-1], nil
+}
+
+// latencies is n warm 1 KB round trips, sorted.
+func latencies(s Setup, n int) ([]time.Duration, error) {
+	c, err := s.Dial(PortRR)
+	if err != nil {
+		return nil, err
 	}
 	defer c.Close()
 	buf := make([]byte, 1024)
 	for i := 0; i < 50; i++ { // warm up
 		c.Write(buf)
 		if _, err := io.ReadFull(c, buf); err != nil {
-			return 0, 0, err
+			return nil, err
 		}
 	}
 	d := make([]time.Duration, n)
@@ -204,12 +224,12 @@ func Latency(s Setup, n int) (p50, p99 time.Duration, err error) {
 		t0 := time.Now()
 		c.Write(buf)
 		if _, err := io.ReadFull(c, buf); err != nil {
-			return 0, 0, err
+			return nil, err
 		}
 		d[i] = time.Since(t0)
 	}
 	sort.Slice(d, func(i, j int) bool { return d[i] < d[j] })
-	return d[n/2], d[n*99/100], nil
+	return d, nil
 }
 
 // ConnRate opens connections (connect, one 1-byte round trip, close) from

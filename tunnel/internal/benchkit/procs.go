@@ -174,6 +174,18 @@ func helperAgent() {
 			die(err)
 		}
 	}
+	// AMBIT_BENCH_EXEC_EVERY (a duration) runs true(1) that often, as
+	// the node agent runs iptables or nft for its rule checks: a child's
+	// wait is a blocking system call, during which a one-P agent serves
+	// nothing until the runtime's sysmon hands the P to another thread
+	// (docs/tunnel.md, session 17: how soon depends on sysmon's state).
+	if d, err := time.ParseDuration(os.Getenv("AMBIT_BENCH_EXEC_EVERY")); err == nil && d > 0 {
+		go func() {
+			for range time.Tick(d) {
+				_ = exec.Command("true").Run()
+			}
+		}()
+	}
 	if p := os.Getenv("AMBIT_BENCH_CPUPROFILE"); p != "" {
 		f, err := os.Create(fmt.Sprintf("%s.%s", p, specs[0].Self.Namespace))
 		if err == nil {
@@ -302,6 +314,11 @@ func AmbitOneAgentBin(tb testing.TB, name, bin string, env ...string) Setup {
 }
 
 func ambitProcs(tb testing.TB, name, bin string, oneAgent bool, env ...string) Setup {
+	// AMBIT_BENCH_AGENT_ENV (space-separated) goes to every Ambit agent
+	// of the run and to nothing else (not the relays, not the apps): to
+	// measure a process setting of the agent, such as a GODEBUG, in the
+	// full table (docs/tunnel.md, session 17).
+	env = append(strings.Fields(os.Getenv("AMBIT_BENCH_AGENT_ENV")), env...)
 	a, b := podtest.Pair(tb)
 	for _, p := range []*podtest.Pod{a, b} {
 		podtest.Redirect(tb, p)
