@@ -49,22 +49,29 @@ func TestRepairFailureReportedAfterReenrollment(t *testing.T) {
 		o.Logger = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelInfo}))
 		o.Registerer = reg
 	})
-	pod, _ := newPair(t, "10.64.7.2", "10.64.7.1")
-	if resp, err := h.call(cniproto.OpAdd, "apps", "web", "cid-flag", pod, "10.64.7.2/24"); err != nil || resp.Decision != cniproto.Enroll {
+	pn, _ := newPair(t, "10.64.7.2", "10.64.7.1")
+	if resp, err := h.call(cniproto.OpAdd, "apps", "web", "cid-flag", pn, "10.64.7.2/24"); err != nil || resp.Decision != cniproto.Enroll {
 		t.Fatalf("ADD: %+v %v", resp, err)
+	}
+	// The pod's fields under its lock, as the agent reads them.
+	enrolled := func() (*pod, bool) {
+		unlock := h.a.lock("apps", "web")
+		defer unlock()
+		p := h.a.podByName("apps/web")
+		return p, p != nil && p.enrolled()
 	}
 	failures := func() float64 {
 		return testenv.Metric(t, reg, "ambit_agent_enrollment_failures_total", map[string]string{"reason": "redirect"})
 	}
 	breakAndCheck := func() {
 		t.Helper()
-		if err := (Rules{}).Uninstall(context.Background(), openFile(t, pod.path)); err != nil {
+		if err := (Rules{}).Uninstall(context.Background(), openFile(t, pn.path)); err != nil {
 			t.Fatal(err)
 		}
 		rules.fail.Store(true)
-		p := h.a.podByName("apps/web")
-		if p == nil || !p.enrolled() {
-			t.Fatalf("apps/web not enrolled: %+v", p)
+		p, ok := enrolled()
+		if !ok {
+			t.Fatal("apps/web not enrolled")
 		}
 		h.a.verifyPod(p)
 		rules.fail.Store(false)
@@ -78,15 +85,17 @@ func TestRepairFailureReportedAfterReenrollment(t *testing.T) {
 	if err := h.inv.Reload(); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "unenrolled", func() bool { p := h.a.podByName("apps/web"); return p != nil && !p.enrolled() })
+	eventually(t, "unenrolled", func() bool { p, ok := enrolled(); return p != nil && !ok })
 	h.writeInventory(invAmbient)
 	if err := h.inv.Reload(); err != nil {
 		t.Fatal(err)
 	}
+	unlock := h.a.lock("apps", "web")
 	spec := *h.a.podByName("apps/web").specCopy()
+	unlock()
 	eventually(t, "enrolled again, rules in", func() bool {
-		p := h.a.podByName("apps/web")
-		return p != nil && p.enrolled() && (Rules{}).Verify(context.Background(), openFile(t, pod.path), spec) == nil
+		_, ok := enrolled()
+		return ok && (Rules{}).Verify(context.Background(), openFile(t, pn.path), spec) == nil
 	})
 
 	breakAndCheck()
