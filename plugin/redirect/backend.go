@@ -197,18 +197,33 @@ func resolve(s *session, b Backend) (Backend, error) {
 		return b, nil
 	case Iptables:
 		v, why := DetectIptables()
-		slog.Info("iptables variant chosen", "backend", v, "why", why)
+		logChoice("iptables variant chosen", v, why)
 		return v, nil
 	case Auto, "":
 		if err := nftAvailable(s); err == nil {
 			return Nftables, nil
 		} else {
 			// nf_tables absent: iptables-nft cannot work either.
-			slog.Info("nftables unavailable, using iptables-legacy", "why", err.Error())
+			logChoice("nftables unavailable, using iptables-legacy", IptablesLegacy, err.Error())
 			return IptablesLegacy, nil
 		}
 	}
 	return "", fmt.Errorf("unknown rule backend %q", b)
+}
+
+// choicesLogged holds the engine choices already logged at info. The
+// choice is made at every install, and an agent installs at every ADD
+// and every repair: on a node without nf_tables the same line at every
+// pod and every retried repair was noise. Once per process and choice
+// tells the operator why; later ones go to debug.
+var choicesLogged sync.Map
+
+func logChoice(msg string, b Backend, why string) {
+	if _, seen := choicesLogged.LoadOrStore(msg+"\x00"+string(b)+"\x00"+why, true); seen {
+		slog.Debug(msg, "backend", b, "why", why)
+		return
+	}
+	slog.Info(msg, "backend", b, "why", why)
 }
 
 func uninstallBackend(s *session, b Backend) error {
