@@ -169,6 +169,14 @@ func (r *responder) last() cniproto.Request {
 	return r.reqs[len(r.reqs)-1]
 }
 
+// fdCount is how many requests came with a network namespace's fd; read
+// under the lock, as the agent's handler may still be counting.
+func (r *responder) fdCount() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.fds
+}
+
 func randHex(n int) string {
 	b := make([]byte, n)
 	rand.Read(b)

@@ -37,9 +37,9 @@ func TestEnrolledPodIsRedirected(t *testing.T) {
 				}
 				// The agent got the pod, its IPs from prevResult and the fd.
 				req := agent.last()
-				if req.Op != cniproto.OpAdd || req.Pod.Namespace != "mesh" || agent.fds != 1 ||
+				if req.Op != cniproto.OpAdd || req.Pod.Namespace != "mesh" || agent.fdCount() != 1 ||
 					!slices.ContainsFunc(req.Pod.IPs, func(p2 netip.Prefix) bool { return p2.Addr() == p.ip4 }) {
-					t.Fatalf("agent request: %+v (fds %d)", req, agent.fds)
+					t.Fatalf("agent request: %+v (fds %d)", req, agent.fdCount())
 				}
 				found, err := redirect.Installed(context.Background(), p.ns)
 				if err != nil || len(found) != 1 || found[0] != b {
