@@ -151,3 +151,60 @@ func TestBusyPooledConnSendsNoProbe(t *testing.T) {
 		t.Errorf("%d probe PINGs on a busy pooled connection, want 0", n)
 	}
 }
+
+// TestPeerOutageShorterThanKeepaliveSparesOpenConnections: B is cut off
+// (every packet dropped) for 4 s while an app connection from A to B is
+// open (answered long ago), and a new app connection comes meanwhile:
+// the new one is reset in the connect timeout (connect_timeout), the
+// open one goes on once B is back (TCP retransmits what was dropped), as
+// it did before the liveness probe: a peer's pause, its agent starved or
+// stopped, a short partition, is no reason to cut what is open; keepalive
+// still is. Before, the probe's verdict on the new connection's stream
+// closed the pooled connection and reset the open one with it.
+func TestPeerOutageShorterThanKeepaliveSparesOpenConnections(t *testing.T) {
+	testenv.RequireRoot(t)
+	m := livenessMesh(t)
+	go copyEcho(m.B.Listen(t, "[::]:8080"))
+	dst := netip.AddrPortFrom(m.B.Pod.IP4, 8080)
+	open, err := m.A.Dial(dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer open.Close()
+	if err := echoes(open); err != nil {
+		t.Fatal(err)
+	}
+	revive := killNode(t, m.B.Pod)
+	defer revive()
+	time.Sleep(1500 * time.Millisecond) // past the probe's 1 s of silence
+	c, err := m.A.Dial(dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(60 * time.Second))
+	if _, err = c.Write([]byte("x")); err == nil {
+		_, err = c.Read(make([]byte, 1))
+	}
+	if !errors.Is(err, syscall.ECONNRESET) {
+		t.Errorf("new connection during the outage: %v, want a reset", err)
+	}
+	waitMetric(t, m.A, "ambit_tunnel_connections_failed_total", map[string]string{"direction": "outbound", "reason": "connect_timeout"}, 1)
+	time.Sleep(500 * time.Millisecond) // the outage: 4 s in all
+	revive()
+	open.SetDeadline(time.Now().Add(30 * time.Second))
+	if _, err := open.Write([]byte("ping")); err != nil {
+		t.Fatalf("the open connection after the outage: %v", err)
+	}
+	if _, err := io.ReadFull(open, make([]byte, 4)); err != nil {
+		t.Fatalf("the open connection after the outage: %v", err)
+	}
+	c2, err := m.A.Dial(dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Close()
+	if err := echoes(c2); err != nil {
+		t.Fatalf("first connection after B is back: %v", err)
+	}
+}

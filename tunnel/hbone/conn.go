@@ -1078,13 +1078,57 @@ func (c *Conn) watch(now int64) {
 		wait := max(time.Duration(c.openDeadline.Load()-now), probeMinWait)
 		time.AfterFunc(wait, func() {
 			if c.frames.Load() == seen {
-				c.closeWith(ErrPeerSilent, ErrCodeNo)
+				c.peerSilent()
 				return
 			}
 			c.watch(time.Now().UnixNano())
 		})
 		return
 	}
+}
+
+// peerSilent is the probe's verdict, no frame by the deadline: the
+// streams still waiting for their response fail with ErrPeerSilent (the
+// tunnel counts them connect_timeout, as a dial to a dead node) and the
+// connection takes no new ones. Streams already answered are left to
+// keepalive (the probe's PING is its outstanding one, so it closes the
+// connection PingTimeout after it, ztunnel's bound): a peer whose agent
+// only paused (CPU-starved, stopped, its node swapping) for longer than
+// a connect timeout comes back to find its downloads still open, where
+// closing the connection here cut every one of them
+// (TestProbeSparesAnsweredStreamsOfAPausedPeer). With none answered,
+// nothing is lost by closing at once.
+func (c *Conn) peerSilent() {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return
+	}
+	var pending []*Stream
+	answered := false
+	for _, s := range c.streams {
+		if s.awaitsResponse() {
+			pending = append(pending, s)
+		} else {
+			answered = true
+		}
+	}
+	if !answered {
+		c.mu.Unlock()
+		c.closeWith(ErrPeerSilent, ErrCodeNo)
+		return
+	}
+	// Before the streams fail: their openers' next try must not pick
+	// this connection again.
+	c.goingAway = true
+	c.cond.Broadcast()
+	c.mu.Unlock()
+	for _, s := range pending {
+		c.queueCtl(appendRST(nil, s.id, ErrCodeCancel))
+		s.doReset(ErrPeerSilent, false)
+	}
+	// Closes it once the answered streams end (or keepalive does).
+	go c.Shutdown(context.Background())
 }
 
 // returnConnWindow gives n bytes of connection window back to the peer

@@ -312,3 +312,158 @@ func TestProbeCatchesStreamOpenedRightAfterAFrame(t *testing.T) {
 		t.Errorf("%d probe PINGs, want 1", n)
 	}
 }
+
+// pausedConn is the server's socket of a peer whose agent can be paused
+// (SIGSTOPped, CPU-starved): while paused it neither reads (what it is
+// sent waits in the kernel's buffer) nor writes; resumed, it goes on
+// where it stopped, nothing lost.
+type pausedConn struct {
+	net.Conn
+	mu   sync.Mutex
+	gate chan struct{} // closed while running
+}
+
+func newPausedConn(c net.Conn) *pausedConn {
+	g := make(chan struct{})
+	close(g)
+	return &pausedConn{Conn: c, gate: g}
+}
+
+func (p *pausedConn) wait() {
+	p.mu.Lock()
+	g := p.gate
+	p.mu.Unlock()
+	<-g
+}
+
+func (p *pausedConn) pause() {
+	p.mu.Lock()
+	p.gate = make(chan struct{})
+	p.mu.Unlock()
+}
+
+func (p *pausedConn) resume() {
+	p.mu.Lock()
+	close(p.gate)
+	p.mu.Unlock()
+}
+
+func (p *pausedConn) Read(b []byte) (int, error) {
+	p.wait()
+	n, err := p.Conn.Read(b)
+	p.wait() // a read under way when the pause began returns after it
+	return n, err
+}
+
+func (p *pausedConn) Write(b []byte) (int, error) {
+	p.wait()
+	return p.Conn.Write(b)
+}
+
+// TestProbeSparesAnsweredStreamsOfAPausedPeer: the peer's agent pauses
+// (CPU-starved, stopped) for longer than a new stream's deadline while a
+// long-lived stream on the connection is open (a download, answered long
+// ago). The new stream fails with ErrPeerSilent (a dial to that peer
+// would have failed as well) and the connection takes no more streams,
+// but the answered stream lives on once the peer is back: a pause is
+// not a death, keepalive's PingTimeout (ztunnel's 20 s) is the bound for
+// established streams, as before the probe. Before, the probe's verdict
+// closed the whole connection: the download failed with ErrPeerSilent.
+func TestProbeSparesAnsweredStreamsOfAPausedPeer(t *testing.T) {
+	setProbeSilence(t, 50*time.Millisecond)
+	pc := make(chan *pausedConn, 1)
+	c, _ := serveWrapped(t, Config{PingInterval: time.Hour}, echoHandler, func(a string) string { return a }, func(raw net.Conn, server bool) net.Conn {
+		if !server {
+			return raw
+		}
+		p := newPausedConn(raw)
+		pc <- p
+		return p
+	})
+	p := <-pc
+	long, _, err := c.OpenStreamDataContext(context.Background(), "10.0.0.1:80", nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer long.Close()
+	if st, _, err := long.Response(context.Background()); err != nil || st != 200 {
+		t.Fatalf("response: %d %v", st, err)
+	}
+	roundTrip := func() error {
+		b := []byte("download")
+		if _, err := long.Write(b); err != nil {
+			return err
+		}
+		_, err := io.ReadFull(long, b)
+		return err
+	}
+	if err := roundTrip(); err != nil {
+		t.Fatal(err)
+	}
+	p.pause()
+	time.Sleep(100 * time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	s, _, err := c.OpenStreamDataContext(ctx, "10.0.0.1:80", nil, nil)
+	cancel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rctx, rcancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer rcancel()
+	_, _, err = s.Response(rctx)
+	if !errors.Is(err, ErrPeerSilent) {
+		t.Errorf("the stream opened on the paused peer: %v, want ErrPeerSilent", err)
+	}
+	if c.Usable() {
+		t.Errorf("the connection still takes streams after its probe went unanswered")
+	}
+	time.Sleep(200 * time.Millisecond) // the pause: 1.5 s in all
+	p.resume()
+	if err := roundTrip(); err != nil {
+		t.Fatalf("the download after the peer's pause: %v (connection: %v)", err, c.Err())
+	}
+	long.Close()
+	select {
+	case <-c.Done():
+	case <-time.After(10 * time.Second):
+		t.Errorf("the connection, drained, was not closed")
+	}
+}
+
+// TestProbeLeavesAnsweredStreamsOfADeadPeerToKeepalive: the same as a
+// pause, but the peer never comes back: the answered stream fails when
+// keepalive gives up on the probe's PING (PingTimeout after it), not
+// later, and the connection closes.
+func TestProbeLeavesAnsweredStreamsOfADeadPeerToKeepalive(t *testing.T) {
+	setProbeSilence(t, 50*time.Millisecond)
+	c, d := serveDark(t, Config{PingInterval: 200 * time.Millisecond, PingTimeout: time.Second}, echoHandler)
+	long, _, err := c.OpenStreamDataContext(context.Background(), "10.0.0.1:80", nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer long.Close()
+	if st, _, err := long.Response(context.Background()); err != nil || st != 200 {
+		t.Fatalf("response: %d %v", st, err)
+	}
+	d.goDark()
+	time.Sleep(100 * time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	start := time.Now()
+	s, _, err := c.OpenStreamDataContext(ctx, "10.0.0.1:80", nil, nil)
+	cancel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := s.Response(context.Background()); !errors.Is(err, ErrPeerSilent) {
+		t.Errorf("the stream opened on the dead peer: %v, want ErrPeerSilent", err)
+	}
+	select {
+	case <-c.Done():
+		t.Logf("closed %v after the probe's PING: %v", time.Since(start).Round(time.Millisecond), c.Err())
+	case <-time.After(20 * time.Second):
+		t.Fatalf("the connection to the dead peer is still open")
+	}
+	if _, err := long.Read(make([]byte, 1)); err == nil {
+		t.Errorf("the answered stream on the dead connection read no error")
+	}
+}
