@@ -946,7 +946,14 @@ func (c *Conn) keepalive() {
 		now := c.frames.Load()
 		if now != last {
 			last = now
-			c.pingSent.Store(0)
+			// Frames read before an outstanding PING do not answer
+			// it: the liveness probe sends its PING between ticks,
+			// and forgetting it here (the frames before it were new
+			// to this tick) restarted the timeout from a PING of our
+			// own a tick later (TestKeepaliveCountsFromTheProbesPing).
+			if sent := c.pingSent.Load(); sent == 0 || c.lastRecv.Load() >= sent {
+				c.pingSent.Store(0)
+			}
 			continue
 		}
 		sent := c.pingSent.Load()

@@ -467,3 +467,50 @@ func TestProbeLeavesAnsweredStreamsOfADeadPeerToKeepalive(t *testing.T) {
 		t.Errorf("the answered stream on the dead connection read no error")
 	}
 }
+
+// TestKeepaliveCountsFromTheProbesPing: the probe's PING is keepalive's
+// outstanding one, so a dead peer's connection (kept for its answered
+// streams) closes PingTimeout after that PING, at keepalive's next tick.
+// Before, keepalive's tick that followed the PING saw the frames read
+// before it (the answered stream's), took them for an answer and forgot
+// the PING: it sent its own a tick later, and the connection lived a
+// PingInterval or two longer (40 s with the defaults in
+// BenchmarkNodeDeath, where the PING went 0 s after B died; here the
+// test's bound, PingTimeout + PingInterval after the PING, ran out).
+func TestKeepaliveCountsFromTheProbesPing(t *testing.T) {
+	setProbeSilence(t, 50*time.Millisecond)
+	cfg := Config{PingInterval: time.Second, PingTimeout: 4 * time.Second}
+	c, d := serveDark(t, cfg, echoHandler)
+	long, _, err := c.OpenStreamDataContext(context.Background(), "10.0.0.1:80", nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer long.Close()
+	if st, _, err := long.Response(context.Background()); err != nil || st != 200 {
+		t.Fatalf("response: %d %v", st, err)
+	}
+	d.goDark()
+	time.Sleep(100 * time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	ping := time.Now()
+	s, _, err := c.OpenStreamDataContext(ctx, "10.0.0.1:80", nil, nil)
+	cancel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if n := c.LivenessProbes(); n != 1 {
+		t.Fatalf("%d probe PINGs, want 1", n)
+	}
+	// Keepalive closes at its first tick PingTimeout-PingInterval/2
+	// after the PING: 3.5 to 4.5 s here. Counting from a PING of its own
+	// at its second tick, it closed at its sixth: 5.4 s or more after.
+	bound := cfg.PingTimeout + cfg.PingInterval
+	select {
+	case <-c.Done():
+		t.Logf("closed %v after the probe's PING: %v", time.Since(ping).Round(time.Millisecond), c.Err())
+	case <-time.After(bound):
+		<-c.Done()
+		t.Errorf("closed %v after the probe's PING, want within %v (keepalive counted from a PING of its own)", time.Since(ping).Round(time.Millisecond), bound)
+	}
+}
