@@ -52,6 +52,7 @@ func TestNewConnsOnDeadIdlePooledConnFailInConnectTimeout(t *testing.T) {
 	defer revive()
 	time.Sleep(1500 * time.Millisecond) // past the probe's 1 s of silence
 	probes := hbone.LivenessProbes()
+	silent := m.A.Metric(t, "ambit_tunnel_peers_silent_total", nil)
 	const N = 5
 	var wg sync.WaitGroup
 	for i := 0; i < N; i++ {
@@ -81,6 +82,13 @@ func TestNewConnsOnDeadIdlePooledConnFailInConnectTimeout(t *testing.T) {
 		t.Errorf("%d probe PINGs for %d connections opened together, want 1", n, N)
 	}
 	waitMetric(t, m.A, "ambit_tunnel_connections_failed_total", map[string]string{"direction": "outbound", "reason": "connect_timeout"}, N)
+	// What an operator sees: one probe, one connection found silent.
+	if d := m.A.Metric(t, "ambit_tunnel_liveness_probes_total", nil); d < 1 {
+		t.Errorf("ambit_tunnel_liveness_probes_total = %v after a probe", d)
+	}
+	if d := m.A.Metric(t, "ambit_tunnel_peers_silent_total", nil) - silent; d != 1 {
+		t.Errorf("ambit_tunnel_peers_silent_total rose by %v, want 1 (the dead pooled connection)", d)
+	}
 	revive()
 	c, err = m.A.Dial(dst)
 	if err != nil {

@@ -81,6 +81,14 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		register(reg, prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "ambit_tunnel_buffered_bytes",
 			Help: "Received bytes waiting for slow apps (bounded by flow-control windows)."},
 			func() float64 { return float64(hbone.BufferedBytes()) }))
+		// The probes count in hbone, process-wide, at no cost to a
+		// stream's open; read at scrape time.
+		register(reg, prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "ambit_tunnel_liveness_probes_total",
+			Help: "PINGs sent because a stream opened on a pooled HBONE connection that had received nothing for a second or more."},
+			func() float64 { return float64(hbone.LivenessProbes()) }))
+		register(reg, prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "ambit_tunnel_peers_silent_total",
+			Help: "Pooled HBONE connections a liveness probe found silent (no frame, not even the PING's answer, within the connect timeout): the peer's node down or unreachable. Their waiting streams fail as connect_timeout; the pool dials afresh."},
+			func() float64 { return float64(hbone.PeersSilent()) }))
 		registerClientWatch(reg, &watcher)
 	}
 	return m

@@ -1017,6 +1017,15 @@ var livenessProbes atomic.Int64
 // more): a connection in use sends none.
 func LivenessProbes() int64 { return livenessProbes.Load() }
 
+// peersSilent counts the probes' verdicts, process-wide: connections
+// found silent past a stream's deadline.
+var peersSilent atomic.Int64
+
+// PeersSilent is how many connections liveness probes have found silent
+// in this process (each a peer whose node died or became unreachable
+// while a pooled connection to it sat idle).
+func PeersSilent() int64 { return peersSilent.Load() }
+
 // LivenessProbes is how many PINGs liveness probes sent on c.
 func (c *Conn) LivenessProbes() int64 { return c.probes.Load() }
 
@@ -1111,6 +1120,7 @@ func (c *Conn) peerSilent() {
 		c.mu.Unlock()
 		return
 	}
+	peersSilent.Add(1)
 	var pending []*Stream
 	answered := false
 	for _, s := range c.streams {
