@@ -975,8 +975,9 @@ func (c *Conn) keepalive() {
 // read nothing since it opened: once the connection has been silent for
 // probeSilence, a PING goes out, and unless some frame (its ACK, or
 // anything else) arrives by the opener's deadline (the tunnel's connect
-// timeout), the connection is closed with ErrPeerSilent, failing every
-// stream on it. A stream opening on a connection already silent sends
+// timeout), the streams still waiting for their response fail with
+// ErrPeerSilent and the connection takes no new ones (peerSilent:
+// answered streams are left to keepalive). A stream opening on a connection already silent sends
 // the PING in the same write as its HEADERS; the stream never waits for
 // the ACK.
 //
