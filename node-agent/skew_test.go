@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"runtime"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -442,6 +443,73 @@ func podRules(t *testing.T, p *skewPod) string {
 	return b.String()
 }
 
+// chainInventory names the pod's nftables tables and the iptables-legacy
+// chains of ours, per family and table ("ip6/filter:AMBIT_OUTPUT").
+func chainInventory(p *skewPod) string {
+	var found []string
+	out, _ := exec.Command("ip", "netns", "exec", p.ns, "nft", "list", "tables").CombinedOutput()
+	for _, l := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+		if l != "" {
+			found = append(found, "nft:"+strings.TrimPrefix(l, "table "))
+		}
+	}
+	for fam, save := range map[string]string{"ip": "iptables-legacy-save", "ip6": "ip6tables-legacy-save"} {
+		out, _ := exec.Command("ip", "netns", "exec", p.ns, save).CombinedOutput()
+		table := ""
+		for _, l := range strings.Split(string(out), "\n") {
+			switch {
+			case strings.HasPrefix(l, "*"):
+				table = l[1:]
+			case strings.HasPrefix(l, ":AMBIT"):
+				found = append(found, fam+"/"+table+":"+strings.Fields(l[1:])[0])
+			}
+		}
+	}
+	sort.Strings(found)
+	return strings.Join(found, " ")
+}
+
+// linkLocal6Of is p's IPv6 link-local address on eth0, with its zone as
+// a client on the same link names it.
+func linkLocal6Of(t *testing.T, p *skewPod) string {
+	t.Helper()
+	out := sh(t, "ip", "-n", p.ns, "-6", "-o", "addr", "show", "dev", "eth0", "scope", "link")
+	f := strings.Fields(out)
+	for i, w := range f {
+		if w == "inet6" && i+1 < len(f) {
+			return strings.Split(f[i+1], "/")[0]
+		}
+	}
+	t.Fatalf("no IPv6 link-local address in pod %s: %q", p.name, out)
+	return ""
+}
+
+// linkLocalDial is what an app in a sees connecting to b's link-local
+// address: "refused" (session 17's refusal), "timeout" (earlier agents:
+// the captured SYN goes nowhere), or anything else.
+func linkLocalDial(t *testing.T, a, b *skewPod) string {
+	addr := "[" + linkLocal6Of(t, b) + "%eth0]:8080"
+	var res string
+	inNamedNetnsNoWait(a.ns, func() {
+		start := time.Now()
+		c, err := net.DialTimeout("tcp", addr, 2*time.Second)
+		switch {
+		case err == nil:
+			c.SetReadDeadline(time.Now().Add(2 * time.Second))
+			line, rerr := bufio.NewReader(c).ReadString('\n')
+			c.Close()
+			res = fmt.Sprintf("connected (read %q, %v)", line, rerr)
+		case errors.Is(err, syscall.ECONNREFUSED):
+			res = "refused in " + time.Since(start).Round(time.Millisecond).String()
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			res = "timeout"
+		default:
+			res = err.Error()
+		}
+	})
+	return res
+}
+
 func verifyNewSpec(p *skewPod) error {
 	h, err := ns.GetNS("/var/run/netns/" + p.ns)
 	if err != nil {
@@ -490,17 +558,36 @@ func upgradeAcrossVersions(t *testing.T, oldBin, newBin, engine string) {
 	serveEcho(t, b)
 
 	o1 := startSkewAgent(t, node.ns, dir, base, "old", oldBin, 15021)
-	for _, p := range []*skewPod{a, b} {
+	add := func(p *skewPod, by string) {
+		t.Helper()
 		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
 		f, err := os.Open("/var/run/netns/" + p.ns)
 		if err != nil {
 			t.Fatal(err)
 		}
+		defer f.Close()
 		resp, err := cniproto.Call(ctx, socket, p.request(cniproto.OpAdd), f)
-		f.Close()
-		cancel()
 		if err != nil || resp.Decision != cniproto.Enroll || resp.Error != "" {
-			t.Fatalf("ADD %s by the old agent: %+v %v", p.name, resp, err)
+			t.Fatalf("ADD %s by the %s agent: %+v %v", p.name, by, resp, err)
+		}
+	}
+	add(a, "old")
+	add(b, "old")
+	// Pods created during each surge, enrolled by whichever agent is
+	// newest, served by both: c in the upgrade's, d in the rollback's.
+	c := node.addPod(t, "c", 4)
+	d := node.addPod(t, "d", 5)
+	late := []*skewPod{}
+	lateOK := func(when string) {
+		for _, p := range late {
+			for _, to := range []string{b.v4, b.v6} {
+				var err error
+				inNamedNetnsNoWait(p.ns, func() { err = exchange(net.JoinHostPort(to, "8080")) })
+				if err != nil {
+					t.Errorf("%s: pod %s → b at %s: %v", when, p.name, to, err)
+				}
+			}
 		}
 	}
 	plain0, hbone0, syn0 := node.counter(t, "plain"), node.counter(t, "hbone"), node.counter(t, "hbonesyn")
@@ -522,8 +609,10 @@ func upgradeAcrossVersions(t *testing.T, oldBin, newBin, engine string) {
 		plain0, hbone0 = plain, hbone
 	}
 	rules := func(when string) {
-		for _, p := range []*skewPod{a, b} {
-			t.Logf("%s: pod %s rules (Verify against this tree's spec: %v)", when, p.name, verifyNewSpec(p))
+		t.Logf("%s: a → b's IPv6 link-local address: %s", when, linkLocalDial(t, a, b))
+		lateOK(when)
+		for _, p := range append([]*skewPod{a, b}, late...) {
+			t.Logf("%s: pod %s rules: %s; Verify against this tree's spec: %v", when, p.name, chainInventory(p), verifyNewSpec(p))
 			if os.Getenv("AMBIT_SKEW_DUMP") != "" {
 				t.Logf("%s", podRules(t, p))
 			}
@@ -537,6 +626,8 @@ func upgradeAcrossVersions(t *testing.T, oldBin, newBin, engine string) {
 
 	// Upgrade: the new agent beside the old one, then the old one stops.
 	n1 := startSkewAgent(t, node.ns, dir, base, "new", newBin, 15022)
+	add(c, "new")
+	late = append(late, c)
 	time.Sleep(12 * time.Second) // more than two rule checks of each
 	t.Logf("surge: new agent's repairs %d", n1.metric(t, node.ns, "ambit_agent_redirect_repairs_total"))
 	rules("surge")
@@ -556,7 +647,7 @@ func upgradeAcrossVersions(t *testing.T, oldBin, newBin, engine string) {
 	if repairs != repairsAtStop {
 		t.Errorf("the new agent alone kept repairing: %d → %d", repairsAtStop, repairs)
 	}
-	for _, p := range []*skewPod{a, b} {
+	for _, p := range []*skewPod{a, b, c} {
 		if err := verifyNewSpec(p); err != nil {
 			t.Errorf("new agent alone: pod %s: %v", p.name, err)
 		}
@@ -569,6 +660,8 @@ func upgradeAcrossVersions(t *testing.T, oldBin, newBin, engine string) {
 
 	// Rollback: the old binary, started last, is the newer agent now.
 	o2 := startSkewAgent(t, node.ns, dir, base, "old2", oldBin, 15021)
+	add(d, "old (rollback)")
+	late = append(late, d)
 	time.Sleep(12 * time.Second)
 	rules("rollback surge")
 	n1.cmd.Process.Signal(syscall.SIGTERM)
