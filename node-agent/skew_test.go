@@ -510,8 +510,10 @@ func linkLocalDial(t *testing.T, a, b *skewPod) string {
 	return res
 }
 
-func verifyNewSpec(p *skewPod) error {
-	h, err := ns.GetNS("/var/run/netns/" + p.ns)
+func verifyNewSpec(p *skewPod) error { return verifyNetns(p.ns) }
+
+func verifyNetns(name string) error {
+	h, err := ns.GetNS("/var/run/netns/" + name)
 	if err != nil {
 		return err
 	}
@@ -685,4 +687,40 @@ func upgradeAcrossVersions(t *testing.T, oldBin, newBin, engine string) {
 	}
 	o2.cmd.Process.Signal(syscall.SIGTERM)
 	<-o2.exited
+}
+
+// TestRulesVerifiedWhenTheOtherAgentGoes: during a surge an older agent's
+// checks put its own version's rules back in the pods (one before
+// session 17 takes the link-local refusal out, TestUpgradeAcrossVersions
+// shows it; it also does so at once in a pod the newer agent enrolled,
+// as it adopts the record). Once the older agent has exited nothing else
+// writes the rules, and the remaining agent must verify them then, not
+// at its next periodic check (ruleCheckInterval, 1 m by default: here
+// 1 h, so only the hand-over can be what repairs). The older agent's
+// revert is reproduced with this tree's agents by taking the refusal's
+// chain out by hand while both run.
+func TestRulesVerifiedWhenTheOtherAgentGoes(t *testing.T) {
+	n := newNode(t, "drainTimeout: 1s\nruleCheckInterval: 1h\nredirectBackend: nftables\n")
+	old := n.start("old")
+	pod := newTestPod(t, "a", "10.74.41", false)
+	pod.add(t, n.socket())
+	neu := n.start("new")
+	if err := verifyNetns(pod.ns); err != nil {
+		t.Fatalf("before the revert: %v", err)
+	}
+	sh(t, "ip", "netns", "exec", pod.ns, "nft", "delete", "chain", "inet", "ambit", "filter-output")
+	if verifyNetns(pod.ns) == nil {
+		t.Fatal("the revert by hand changed nothing Verify sees: the test proves nothing")
+	}
+	old.stop(t, 10*time.Second)
+	start := time.Now()
+	for err := verifyNetns(pod.ns); err != nil; err = verifyNetns(pod.ns) {
+		if time.Since(start) > 10*time.Second {
+			t.Fatalf("the older agent exited %s ago and the remaining agent has not repaired the pod's rules (its next periodic check is in 1 h): %v",
+				time.Since(start).Round(time.Second), err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Logf("the pod's rules repaired %s after the older agent's exit", time.Since(start).Round(10*time.Millisecond))
+	neu.stop(t, 10*time.Second)
 }

@@ -258,6 +258,21 @@ func (a *Agent) auditLoop(ctx context.Context) {
 	}
 	tick := time.NewTicker(every)
 	defer tick.Stop()
+	// While another agent runs on the node (a surge, a rollback), its
+	// checks may put its own version's rules back in pods this one has
+	// verified: an agent before session 17 takes the link-local refusal
+	// out, one before session 16 an IPv4-only pod's IPv6 capture. Once it
+	// is gone nothing else writes them, so they are verified at once, not
+	// up to a RuleCheckInterval later (s17d: a pod the newer agent
+	// enrolled during the surge, reverted by the older agent adopting its
+	// record, kept the older rules for up to 1 m after the older exited).
+	var othersTick <-chan time.Time
+	if a.peers != nil {
+		t := time.NewTicker(time.Second)
+		defer t.Stop()
+		othersTick = t.C
+	}
+	hadOthers := a.otherAgents()
 	hb := a.live.rulesBeat()
 	for {
 		// Due within a tick; a pass beats after each pod.
@@ -266,6 +281,14 @@ func (a *Agent) auditLoop(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-tick.C:
+		case <-othersTick:
+			others := a.otherAgents()
+			gone := hadOthers && !others
+			hadOthers = others
+			if !gone {
+				continue
+			}
+			a.log.Info("no other agent runs on the node: verifying every pod's rules now")
 		}
 		beat(hb, 0)
 		a.mu.Lock()
