@@ -641,11 +641,19 @@ func upgradeAcrossVersions(t *testing.T, oldBin, newBin, engine string) {
 		t.Fatal("old agent did not exit within 20 s of SIGTERM")
 	}
 	report("old draining", tr.phase("new alone"))
+	// The new agent verifies every pod once it is alone: what the old
+	// one's checks took out is back within seconds, not at its next
+	// periodic check.
+	exited := time.Now()
+	eventually(t, 5*time.Second, "every pod's rules as this tree's spec says, the old agent gone", func() bool {
+		return verifyNewSpec(a) == nil && verifyNewSpec(b) == nil && verifyNewSpec(c) == nil
+	})
+	t.Logf("new alone: every pod's rules verified %s after the old agent's exit", time.Since(exited).Round(10*time.Millisecond))
 	repairsAtStop := n1.metric(t, node.ns, "ambit_agent_redirect_repairs_total")
 	time.Sleep(12 * time.Second)
 	report("new alone", tr.phase("rollback surge"))
 	repairs := n1.metric(t, node.ns, "ambit_agent_redirect_repairs_total")
-	t.Logf("new alone: new agent's repairs %d at the old one's exit, %d after two more checks", repairsAtStop, repairs)
+	t.Logf("new alone: new agent's repairs %d once its rules were verified alone, %d 12 s later", repairsAtStop, repairs)
 	if repairs != repairsAtStop {
 		t.Errorf("the new agent alone kept repairing: %d → %d", repairsAtStop, repairs)
 	}
