@@ -35,7 +35,7 @@ func rnd() string {
 	return hex.EncodeToString(b[:])
 }
 
-func sh(t *testing.T, argv ...string) string {
+func sh(t testing.TB, argv ...string) string {
 	t.Helper()
 	out, err := exec.Command(argv[0], argv[1:]...).CombinedOutput()
 	if err != nil {
@@ -45,7 +45,7 @@ func sh(t *testing.T, argv ...string) string {
 }
 
 // addNetns creates a named netns with lo up, removed at the end.
-func addNetns(t *testing.T, prefix string) string {
+func addNetns(t testing.TB, prefix string) string {
 	t.Helper()
 	name := prefix + rnd()
 	sh(t, "ip", "netns", "add", name)
@@ -56,7 +56,7 @@ func addNetns(t *testing.T, prefix string) string {
 
 // inNamedNetns runs fn on a locked thread inside the named netns; the
 // thread is never unlocked, so it dies with the goroutine.
-func inNamedNetns(t *testing.T, name string, fn func() error) {
+func inNamedNetns(t testing.TB, name string, fn func() error) {
 	t.Helper()
 	errc := make(chan error, 1)
 	go func() {
@@ -267,7 +267,7 @@ func (n *node) hostRules() string {
 	return string(out)
 }
 
-func eventually(t *testing.T, within time.Duration, what string, ok func() bool) {
+func eventually(t testing.TB, within time.Duration, what string, ok func() bool) {
 	t.Helper()
 	for deadline := time.Now().Add(within); !ok(); time.Sleep(50 * time.Millisecond) {
 		if time.Now().After(deadline) {

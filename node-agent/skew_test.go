@@ -38,9 +38,17 @@ import (
 //
 // It needs an older agent binary: AMBIT_SKEW_OLD_AGENT names it (for
 // session 16's final, `git worktree add /tmp/old 2d1ea35 && cd /tmp/old
-// && go build -o /tmp/ambit-agent-s16 ./node-agent`). Without it the test
-// skips: building an old commit needs the git history, which a source
+// && go build -o /tmp/ambit-agent-s16 ./node-agent`). It is a benchmark
+// run by hand, as the node-death measurements are (make test never runs
+// it): building an old commit needs the git history, which a source
 // tarball lacks, and two minutes per engine is too long for make test.
+//
+//	AMBIT_SKEW_OLD_AGENT=/tmp/ambit-agent-s16 go test ./node-agent \
+//	  -run '^$' -bench UpgradeAcrossVersions -benchtime 1x -v
+//
+// (AMBIT_SKEW_RULE_CHECK sets both agents' ruleCheckInterval.) What this
+// tree's agent must do at the hand-over is held by
+// TestRulesVerifiedWhenTheOtherAgentGoes, which make test runs.
 
 // skewPod is a pod netns on the node's bridge, with an IPv4 and an IPv6
 // address (the ADD's IPs, as a dual-stack cluster gives them).
@@ -64,7 +72,7 @@ type skewNode struct {
 	pods []*skewPod
 }
 
-func newSkewNode(t *testing.T) *skewNode {
+func newSkewNode(t testing.TB) *skewNode {
 	t.Helper()
 	n := &skewNode{ns: addNetns(t, "amb-sk-n")}
 	sh(t, "ip", "-n", n.ns, "link", "add", "br0", "type", "bridge")
@@ -95,7 +103,7 @@ func newSkewNode(t *testing.T) *skewNode {
 	return n
 }
 
-func (n *skewNode) addPod(t *testing.T, name string, host int) *skewPod {
+func (n *skewNode) addPod(t testing.TB, name string, host int) *skewPod {
 	t.Helper()
 	p := &skewPod{name: name, uid: "uid-" + name + "-" + rnd(), ns: addNetns(t, "amb-sk-p"),
 		v4: fmt.Sprintf("10.74.60.%d", host), v6: fmt.Sprintf("fd74:60::%d", host)}
@@ -111,7 +119,7 @@ func (n *skewNode) addPod(t *testing.T, name string, host int) *skewPod {
 }
 
 // counter reads one of the bridge's counters (packets).
-func (n *skewNode) counter(t *testing.T, name string) int {
+func (n *skewNode) counter(t testing.TB, name string) int {
 	t.Helper()
 	out := sh(t, "ip", "netns", "exec", n.ns, "nft", "list", "counter", "bridge", "skew", name)
 	m := regexp.MustCompile(`packets (\d+)`).FindStringSubmatch(out)
@@ -149,7 +157,7 @@ func (l *lockedBuffer) String() string {
 	return l.b.String()
 }
 
-func startSkewAgent(t *testing.T, nodeNS, dir, base, name, bin string, port int) *skewAgent {
+func startSkewAgent(t testing.TB, nodeNS, dir, base, name, bin string, port int) *skewAgent {
 	t.Helper()
 	a := &skewAgent{name: name, bin: bin, file: filepath.Join(dir, name+".instance"),
 		health: "127.0.0.1:" + strconv.Itoa(port), log: &lockedBuffer{}, exited: make(chan struct{})}
@@ -185,7 +193,7 @@ func (a *skewAgent) running() bool {
 }
 
 // metric sums the samples of name on the agent's own /metrics.
-func (a *skewAgent) metric(t *testing.T, nodeNS, name string) int {
+func (a *skewAgent) metric(t testing.TB, nodeNS, name string) int {
 	t.Helper()
 	var body string
 	inNamedNetns(t, nodeNS, func() error {
@@ -213,7 +221,7 @@ func (a *skewAgent) metric(t *testing.T, nodeNS, name string) int {
 
 // logLines are the agent's log lines at level (text format: "level=ERROR");
 // with AMBIT_SKEW_LOGS set, the whole log is also written there.
-func (a *skewAgent) logLines(t *testing.T, level string) []string {
+func (a *skewAgent) logLines(t testing.TB, level string) []string {
 	if d := os.Getenv("AMBIT_SKEW_LOGS"); d != "" {
 		os.WriteFile(filepath.Join(d, t.Name()[strings.LastIndex(t.Name(), "/")+1:]+"-"+a.name+".log"), []byte(a.log.String()), 0o644)
 	}
@@ -299,7 +307,7 @@ type skewTraffic struct {
 	phaseName string
 }
 
-func startSkewTraffic(t *testing.T, a, b *skewPod) *skewTraffic {
+func startSkewTraffic(t testing.TB, a, b *skewPod) *skewTraffic {
 	tr := &skewTraffic{short: &skewTally{}, stop: make(chan struct{})}
 	targets := []string{net.JoinHostPort(b.v4, "8080"), net.JoinHostPort(b.v6, "8080")}
 	tr.wg.Add(2)
@@ -411,7 +419,7 @@ func runtimeLockAndEnter(name string) {
 	}
 }
 
-func serveEcho(t *testing.T, p *skewPod) {
+func serveEcho(t testing.TB, p *skewPod) {
 	t.Helper()
 	var l net.Listener
 	inNamedNetns(t, p.ns, func() (err error) { l, err = net.Listen("tcp", "[::]:8080"); return err })
@@ -433,7 +441,7 @@ func serveEcho(t *testing.T, p *skewPod) {
 
 // podRules is what the pod's rule engines hold, for the report and the
 // leftover check.
-func podRules(t *testing.T, p *skewPod) string {
+func podRules(t testing.TB, p *skewPod) string {
 	t.Helper()
 	var b strings.Builder
 	for _, argv := range [][]string{{"nft", "list", "ruleset"}, {"iptables-legacy-save"}, {"ip6tables-legacy-save"}} {
@@ -471,7 +479,7 @@ func chainInventory(p *skewPod) string {
 
 // linkLocal6Of is p's IPv6 link-local address on eth0, with its zone as
 // a client on the same link names it.
-func linkLocal6Of(t *testing.T, p *skewPod) string {
+func linkLocal6Of(t testing.TB, p *skewPod) string {
 	t.Helper()
 	out := sh(t, "ip", "-n", p.ns, "-6", "-o", "addr", "show", "dev", "eth0", "scope", "link")
 	f := strings.Fields(out)
@@ -487,7 +495,7 @@ func linkLocal6Of(t *testing.T, p *skewPod) string {
 // linkLocalDial is what an app in a sees connecting to b's link-local
 // address: "refused" (session 17's refusal), "timeout" (earlier agents:
 // the captured SYN goes nowhere), or anything else.
-func linkLocalDial(t *testing.T, a, b *skewPod) string {
+func linkLocalDial(t testing.TB, a, b *skewPod) string {
 	addr := "[" + linkLocal6Of(t, b) + "%eth0]:8080"
 	var res string
 	inNamedNetnsNoWait(a.ns, func() {
@@ -523,22 +531,30 @@ func verifyNetns(name string) error {
 	return redirect.Verify(ctx, h, redirect.DefaultSpec())
 }
 
-func TestUpgradeAcrossVersions(t *testing.T) {
-	testenv.RequireRoot(t)
+// BenchmarkUpgradeAcrossVersions: an upgrade from the older agent to this
+// tree's and the rollback, in each rule engine, with connections counted
+// per phase (ok, failed, plaintext on the wire) and the pods' rules
+// checked after each step.
+func BenchmarkUpgradeAcrossVersions(b *testing.B) {
+	testenv.RequireRoot(b)
 	old := os.Getenv("AMBIT_SKEW_OLD_AGENT")
 	if old == "" {
-		t.Skip("AMBIT_SKEW_OLD_AGENT unset: it names an agent built from an older commit (2d1ea35 for session 16's; the header of skew_test.go says how)")
+		b.Skip("AMBIT_SKEW_OLD_AGENT unset: it names an agent built from an older commit (2d1ea35 for session 16's; the header of skew_test.go says how)")
 	}
 	if _, err := os.Stat(old); err != nil {
-		t.Fatalf("AMBIT_SKEW_OLD_AGENT: %v", err)
+		b.Fatalf("AMBIT_SKEW_OLD_AGENT: %v", err)
 	}
-	neu := testenv.Binary(t, "ambit-agent")
+	neu := testenv.Binary(b, "ambit-agent")
 	for _, engine := range []string{"nftables", "iptables-legacy"} {
-		t.Run(engine, func(t *testing.T) { upgradeAcrossVersions(t, old, neu, engine) })
+		b.Run(engine, func(b *testing.B) {
+			// One upgrade and rollback whatever b.N: a measurement of
+			// what the apps see, not of speed (-benchtime 1x).
+			upgradeAcrossVersions(b, old, neu, engine)
+		})
 	}
 }
 
-func upgradeAcrossVersions(t *testing.T, oldBin, newBin, engine string) {
+func upgradeAcrossVersions(t testing.TB, oldBin, newBin, engine string) {
 	node := newSkewNode(t)
 	dir, err := os.MkdirTemp("", "amb-sk-")
 	if err != nil {
@@ -699,7 +715,7 @@ func upgradeAcrossVersions(t *testing.T, oldBin, newBin, engine string) {
 
 // TestRulesVerifiedWhenTheOtherAgentGoes: during a surge an older agent's
 // checks put its own version's rules back in the pods (one before
-// session 17 takes the link-local refusal out, TestUpgradeAcrossVersions
+// session 17 takes the link-local refusal out, BenchmarkUpgradeAcrossVersions
 // shows it; it also does so at once in a pod the newer agent enrolled,
 // as it adopts the record). Once the older agent has exited nothing else
 // writes the rules, and the remaining agent must verify them then, not
