@@ -136,31 +136,14 @@ func (n *skewNode) counter(t testing.TB, name string) int {
 type skewAgent struct {
 	name, bin, cfg, file, health string
 	cmd                          *exec.Cmd
-	log                          *lockedBuffer
+	log                          *testenv.Buffer
 	exited                       chan struct{}
-}
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
 
 func startSkewAgent(t testing.TB, nodeNS, dir, base, name, bin string, port int) *skewAgent {
 	t.Helper()
 	a := &skewAgent{name: name, bin: bin, file: filepath.Join(dir, name+".instance"),
-		health: "127.0.0.1:" + strconv.Itoa(port), log: &lockedBuffer{}, exited: make(chan struct{})}
+		health: "127.0.0.1:" + strconv.Itoa(port), log: &testenv.Buffer{}, exited: make(chan struct{})}
 	a.cfg = filepath.Join(dir, name+".yaml")
 	if err := os.WriteFile(a.cfg, []byte(strings.Replace(base, "healthAddr: X", "healthAddr: "+a.health, 1)), 0o600); err != nil {
 		t.Fatal(err)
