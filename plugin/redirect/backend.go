@@ -24,12 +24,16 @@ var concrete = []Backend{Nftables, IptablesNft, IptablesLegacy}
 // a tool the backend needs missing from the node), which leaves the
 // netns as it was: a pod's rules already there stay.
 //
-// Install returns by ctx's deadline. The work gets all but the last part
-// of the time (cleanupReserve): a run cut at its end (the legacy
-// restores wait for the host's xtables lock) can leave what the runs
-// before it applied (routes, the IPv4 rules, a table of two), and that
-// is removed in the time kept. The error of a cut install wraps ctx's
-// error (context.DeadlineExceeded): the caller can answer "retry". The
+// Install returns by ctx's deadline, unless a cut install's removal
+// needs longer. The work gets all but the last part of the time
+// (cleanupReserve): a run cut at its end (the legacy restores wait for
+// the host's xtables lock) can leave what the runs before it applied
+// (routes, the IPv4 rules, a table of two), and that is removed in the
+// time kept, or, when that is not enough (a loaded node: every save and
+// restore slower), in at most rollbackBound from the cut: a removal cut
+// half-way is the half rule set the rollback is there to prevent. The
+// error of a cut install wraps ctx's error (context.DeadlineExceeded):
+// the caller can answer "retry". The
 // install is not cut short when ctx has no deadline and is not
 // canceled; each iptables run then has its own bound (WithRunTimeout,
 // 10 s), and a run stopped there fails the install with ErrRunTimeout,
@@ -43,7 +47,7 @@ func Install(ctx context.Context, netns ns.NetNS, backend Backend, spec Spec) (B
 		// there (a repeated ADD) stay.
 		return "", fmt.Errorf("installing redirection: not started, %s: %w", endedBy(ctx), err)
 	}
-	work, cleanup, cancel := splitForCleanup(ctx)
+	work, cancel := workContext(ctx)
 	defer cancel()
 	s := newSession(work, netns)
 	defer s.close()
@@ -81,6 +85,8 @@ func Install(ctx context.Context, netns ns.NetNS, backend Backend, spec Spec) (B
 	}
 	if err != nil {
 		// In the time kept for it, even when the work's time is up.
+		cleanup, ccancel := rollbackContext(ctx)
+		defer ccancel()
 		s.ctx = cleanup
 		if work.Err() != nil && holdsExactly(s, spec) {
 			// The cut changed nothing that matters: a repeated ADD of a
@@ -134,18 +140,48 @@ const minInstallTime = 250 * time.Millisecond
 // quarter of the time left when that is less.
 const cleanupReserve = time.Second
 
-// splitForCleanup returns the context for Install's work and the one for
-// its rollback. The rollback's ignores ctx's cancel (a stopping caller
-// must not leave half a rule set) but ends at ctx's deadline.
-func splitForCleanup(ctx context.Context) (work, cleanup context.Context, cancel func()) {
+// rollbackBound is the least time a cut install's check and removal get
+// from the cut, whatever is left of the caller's deadline. The reserve
+// alone (0.5 s of a 2 s request) ran out on a loaded node: with nine
+// busy processes on the two vCPUs of the test machine the check took
+// ~200 ms and the removal of a legacy install ~350 ms, and a removal cut
+// there leaves the rules it had not reached yet (the IPv6 ones without
+// the IPv4 ones, nat without mangle: a restore killed between its
+// tables). Past the caller's deadline by at most this much: the agent's
+// requestTimeout (8 s) is kept below the plugin's own (15 s) with more
+// room than that, and a caller without a deadline is not bounded here
+// at all (each run keeps its own bound).
+const rollbackBound = 3 * time.Second
+
+// workContext returns the context for Install's work: ctx, ending
+// cleanupReserve (or a quarter of the time left) before its deadline.
+func workContext(ctx context.Context) (context.Context, func()) {
 	dl, ok := ctx.Deadline()
 	if !ok {
-		return ctx, context.WithoutCancel(ctx), func() {}
+		return ctx, func() {}
 	}
 	reserve := min(cleanupReserve, time.Until(dl)/4)
-	w, cw := context.WithDeadline(ctx, dl.Add(-reserve))
-	c, cc := context.WithDeadline(context.WithoutCancel(ctx), dl)
-	return w, c, func() { cw(); cc() }
+	return context.WithDeadline(ctx, dl.Add(-reserve))
+}
+
+// rollbackContext returns the context for removing what a failed
+// install applied. It ignores ctx's cancel (a stopping caller must not
+// leave half a rule set) and ends at ctx's deadline or rollbackBound
+// from now, whichever is later.
+func rollbackContext(ctx context.Context) (context.Context, func()) {
+	c := context.WithoutCancel(ctx)
+	dl, ok := ctx.Deadline()
+	if !ok {
+		return c, func() {}
+	}
+	return context.WithDeadline(c, later(dl, time.Now().Add(rollbackBound)))
+}
+
+func later(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
 }
 
 // testHookCaptured, when set (tests), runs the moment the capture rules

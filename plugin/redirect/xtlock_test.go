@@ -380,3 +380,67 @@ func TestUninstallCutKeepsRoutes(t *testing.T) {
 		t.Errorf("routes left (want all 4 missing): %v", p)
 	}
 }
+
+// TestInstallCutRollbackOnALoadedNode: an install is cut between its
+// families (the IPv6 restore waits for the xtables lock past the
+// deadline), the lock is free again for the rollback, but every save
+// and restore of the rollback is slow (here a wrapper sleeps 150 ms
+// before each: a node with its CPUs far oversubscribed, where the test
+// machine measured ~350 ms for the removal with nine busy processes on
+// two vCPUs). The rollback must finish: nothing of ours left, no
+// "partial state" in the error. Before, it ended at the caller's
+// deadline, 0.5 s after the cut, half-way: "removing the partial state
+// failed: ... stopped after ..., at the caller's deadline", the IPv4
+// rules left without the IPv6 ones.
+func TestInstallCutRollbackOnALoadedNode(t *testing.T) {
+	testenv.RequireRoot(t)
+	spec := DefaultSpec()
+	dir := t.TempDir()
+	slow := dir + "/slow"
+	for _, tool := range []string{"iptables-legacy-save", "iptables-legacy-restore", "ip6tables-legacy-save", "ip6tables-legacy-restore"} {
+		real, err := exec.LookPath(tool)
+		if err != nil {
+			t.Fatalf("%s not installed (the iptables package; .ci/run installs it): %v", tool, err)
+		}
+		script := "#!/bin/sh\nif [ -e " + slow + " ]; then sleep 0.15; fi\nexec " + real + " \"$@\"\n"
+		if err := os.WriteFile(dir+"/"+tool, []byte(script), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Setenv("PATH", dir+string(os.PathListSeparator)+os.Getenv("PATH"))
+
+	n := nstest.New(t, "xr")
+	var release func()
+	testHookBetweenRuns = func(f family) {
+		if f == 6 {
+			release = testenv.HoldXtablesLock(t)
+		}
+	}
+	var cut time.Time
+	testHookRollback = func() {
+		cut = time.Now()
+		release()
+		if err := os.WriteFile(slow, nil, 0o644); err != nil {
+			t.Error(err)
+		}
+	}
+	defer func() { testHookBetweenRuns, testHookRollback = nil, nil }()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	_, err := Install(ctx, n, IptablesLegacy, spec)
+	testHookBetweenRuns, testHookRollback = nil, nil
+	t.Logf("Install: %v (rollback took %v)", err, time.Since(cut).Round(time.Millisecond))
+	os.Remove(slow)
+	if !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "ip6tables-legacy-restore") {
+		t.Fatalf("Install cut at the IPv6 restore: %v", err)
+	}
+	if strings.Contains(err.Error(), "partial state") {
+		t.Errorf("the rollback did not finish: %v", err)
+	}
+	if found, err := Installed(context.Background(), n); err != nil || len(found) != 0 {
+		t.Errorf("rules left by the cut install's rollback: %v %v", found, err)
+	}
+	if p := routesVerify(n, spec); len(p) != 2*2 {
+		t.Errorf("routes left (want all 4 missing): %v", p)
+	}
+}
