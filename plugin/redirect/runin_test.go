@@ -70,3 +70,27 @@ func TestRunInCutWithChildHoldingOutput(t *testing.T) {
 		t.Errorf("the run's child (pid %d) outlived the cut run", pid)
 	}
 }
+
+// TestRunInOutputDrainedLate: a run that ends on its own, successfully,
+// whose output reaches us late (here a child of the tool writes its
+// last line 500 ms after the tool exited; on a loaded node the
+// goroutine draining the pipe of a save can be that late). Its output
+// must be read whole and the run succeed. Before, the 200 ms WaitDelay,
+// meant for a cut run, ran from the exit of every run: the pipes were
+// closed under the reader and the save failed, "exec: WaitDelay expired
+// before I/O complete" (an ip6tables-nft-save in TestRecheckSeesChanges
+// under a parallel test load).
+func TestRunInOutputDrainedLate(t *testing.T) {
+	testenv.RequireRoot(t)
+	n := nstest.New(t, "ri")
+	dir := t.TempDir()
+	script := "#!/bin/sh\necho first\n(sleep 0.5; echo second) &\nexit 0\n"
+	if err := os.WriteFile(filepath.Join(dir, "ambit-fake-save"), []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("PATH", dir+string(os.PathListSeparator)+os.Getenv("PATH"))
+	out, err := runIn(context.Background(), n, "", "ambit-fake-save")
+	if err != nil || string(out) != "first\nsecond\n" {
+		t.Errorf("run whose output came 500 ms after its exit: %q, %v; want both lines, no error", out, err)
+	}
+}
