@@ -395,19 +395,7 @@ func TestUninstallCutKeepsRoutes(t *testing.T) {
 func TestInstallCutRollbackOnALoadedNode(t *testing.T) {
 	testenv.RequireRoot(t)
 	spec := DefaultSpec()
-	dir := t.TempDir()
-	slow := dir + "/slow"
-	for _, tool := range []string{"iptables-legacy-save", "iptables-legacy-restore", "ip6tables-legacy-save", "ip6tables-legacy-restore"} {
-		real, err := exec.LookPath(tool)
-		if err != nil {
-			t.Fatalf("%s not installed (the iptables package; .ci/run installs it): %v", tool, err)
-		}
-		script := "#!/bin/sh\nif [ -e " + slow + " ]; then sleep 0.15; fi\nexec " + real + " \"$@\"\n"
-		if err := os.WriteFile(dir+"/"+tool, []byte(script), 0o755); err != nil {
-			t.Fatal(err)
-		}
-	}
-	t.Setenv("PATH", dir+string(os.PathListSeparator)+os.Getenv("PATH"))
+	slowDown := slowLegacyTools(t, 150*time.Millisecond)
 
 	n := nstest.New(t, "xr")
 	var release func()
@@ -420,9 +408,7 @@ func TestInstallCutRollbackOnALoadedNode(t *testing.T) {
 	testHookRollback = func() {
 		cut = time.Now()
 		release()
-		if err := os.WriteFile(slow, nil, 0o644); err != nil {
-			t.Error(err)
-		}
+		slowDown()
 	}
 	defer func() { testHookBetweenRuns, testHookRollback = nil, nil }()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
@@ -430,7 +416,6 @@ func TestInstallCutRollbackOnALoadedNode(t *testing.T) {
 	_, err := Install(ctx, n, IptablesLegacy, spec)
 	testHookBetweenRuns, testHookRollback = nil, nil
 	t.Logf("Install: %v (rollback took %v)", err, time.Since(cut).Round(time.Millisecond))
-	os.Remove(slow)
 	if !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "ip6tables-legacy-restore") {
 		t.Fatalf("Install cut at the IPv6 restore: %v", err)
 	}
@@ -442,5 +427,63 @@ func TestInstallCutRollbackOnALoadedNode(t *testing.T) {
 	}
 	if p := routesVerify(n, spec); len(p) != 2*2 {
 		t.Errorf("routes left (want all 4 missing): %v", p)
+	}
+}
+
+// slowLegacyTools puts wrappers of the legacy saves and restores first
+// in PATH that sleep d before each run once the returned function was
+// called: every run of a loaded node slower, deterministically.
+func slowLegacyTools(t *testing.T, d time.Duration) (slowDown func()) {
+	t.Helper()
+	dir := t.TempDir()
+	slow := dir + "/slow"
+	for _, tool := range []string{"iptables-legacy-save", "iptables-legacy-restore", "ip6tables-legacy-save", "ip6tables-legacy-restore"} {
+		real, err := exec.LookPath(tool)
+		if err != nil {
+			t.Fatalf("%s not installed (the iptables package; .ci/run installs it): %v", tool, err)
+		}
+		script := fmt.Sprintf("#!/bin/sh\nif [ -e %s ]; then sleep %.3f; fi\nexec %s \"$@\"\n", slow, d.Seconds(), real)
+		if err := os.WriteFile(dir+"/"+tool, []byte(script), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Setenv("PATH", dir+string(os.PathListSeparator)+os.Getenv("PATH"))
+	return func() {
+		if err := os.WriteFile(slow, nil, 0o644); err != nil {
+			t.Error(err)
+		}
+	}
+}
+
+// TestInstallCutKeepsCompleteRulesOnALoadedNode: as
+// TestInstallCutKeepsCompleteRules (a repeated ADD of a served pod cut
+// at the held xtables lock), with a 2 s deadline and every save 150 ms
+// slower, as on a loaded node. The check that finds the rules complete
+// must get the time to read them. Before, it got half the 0.5 s
+// reserve, could not finish its four saves, and the install was
+// answered as failed ("retry") for a pod whose rules were all in, its
+// rollback then cut at the lock.
+func TestInstallCutKeepsCompleteRulesOnALoadedNode(t *testing.T) {
+	testenv.RequireRoot(t)
+	n := nstest.New(t, "xk")
+	spec := DefaultSpec()
+	if _, err := Install(context.Background(), n, IptablesLegacy, spec); err != nil {
+		t.Fatal(err)
+	}
+	slowDown := slowLegacyTools(t, 150*time.Millisecond)
+	testenv.HoldXtablesLock(t)
+	// The first save runs at full speed: the slowing is the check's.
+	testHookBetweenRuns = func(family) { slowDown() }
+	defer func() { testHookBetweenRuns = nil }()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	b, err := Install(ctx, n, IptablesLegacy, spec)
+	testHookBetweenRuns = nil
+	t.Logf("second Install while the lock is held, saves slowed: %q, %v", b, err)
+	if err != nil || b != IptablesLegacy {
+		t.Errorf("second Install: %q, %v; want %s, done (the rules were complete)", b, err, IptablesLegacy)
+	}
+	if err := Verify(context.Background(), n, spec); err != nil {
+		t.Errorf("the complete rules did not survive the cut install: %v", err)
 	}
 }
