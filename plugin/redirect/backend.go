@@ -147,10 +147,11 @@ const cleanupReserve = time.Second
 // ~200 ms and the removal of a legacy install ~350 ms, and a removal cut
 // there leaves the rules it had not reached yet (the IPv6 ones without
 // the IPv4 ones, nat without mangle: a restore killed between its
-// tables). Past the caller's deadline by at most this much: the agent's
-// requestTimeout (8 s) is kept below the plugin's own (15 s) with more
-// room than that, and a caller without a deadline is not bounded here
-// at all (each run keeps its own bound).
+// tables). Past the caller's deadline by at most this much: an agent's
+// answer then misses its connection's deadline and the plugin reports
+// no answer instead of "retry", but the ADD fails and is retried
+// either way, while a half rule set would stay. A caller without a
+// deadline is not bounded here at all (each run keeps its own bound).
 const rollbackBound = 3 * time.Second
 
 // workContext returns the context for Install's work: ctx, ending
