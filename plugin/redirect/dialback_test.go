@@ -2,11 +2,9 @@ package redirect
 
 import (
 	"context"
-	"fmt"
 	"io"
 	"net"
 	"net/netip"
-	"os/exec"
 	"syscall"
 	"testing"
 	"time"
@@ -51,25 +49,13 @@ func dialBack(t *testing.T, b Backend, famName string, podIP, client netip.Addr,
 			network, level, opt = "tcp6", unix.SOL_IPV6, unix.IPV6_TRANSPARENT
 		}
 		veth := "ambv" + nstest.Name("")[len(nstest.Prefix)+1:][:6]
-		sh := func(n ns.NetNS, args ...string) {
-			t.Helper()
-			if err := n.Do(func(ns.NetNS) error {
-				out, err := exec.Command(args[0], args[1:]...).CombinedOutput()
-				if err != nil {
-					return fmt.Errorf("%v: %v: %s", args, err, out)
-				}
-				return nil
-			}); err != nil {
-				t.Fatal(err)
-			}
-		}
-		sh(pod, "ip", "link", "add", "eth0", "type", "veth", "peer", "name", veth)
-		sh(pod, "ip", "link", "set", veth, "netns", peer.Path())
-		sh(pod, "ip", "addr", "add", podIP.String()+bits, "dev", "eth0", "nodad")
-		sh(pod, "ip", "link", "set", "eth0", "up")
-		sh(pod, "ip", "link", "set", "lo", "up")
-		sh(peer, "ip", "addr", "add", client.String()+bits, "dev", veth, "nodad")
-		sh(peer, "ip", "link", "set", veth, "up")
+		nstest.Run(t, pod, "ip", "link", "add", "eth0", "type", "veth", "peer", "name", veth)
+		nstest.Run(t, pod, "ip", "link", "set", veth, "netns", peer.Path())
+		nstest.Run(t, pod, "ip", "addr", "add", podIP.String()+bits, "dev", "eth0", "nodad")
+		nstest.Run(t, pod, "ip", "link", "set", "eth0", "up")
+		nstest.Run(t, pod, "ip", "link", "set", "lo", "up")
+		nstest.Run(t, peer, "ip", "addr", "add", client.String()+bits, "dev", veth, "nodad")
+		nstest.Run(t, peer, "ip", "link", "set", veth, "up")
 		if b != "" {
 			if _, err := Install(context.Background(), pod, b, DefaultSpec()); err != nil {
 				t.Fatal(err)

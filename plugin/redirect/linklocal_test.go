@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"os/exec"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -36,28 +35,16 @@ func TestLinkLocalOutboundRefused(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			pod, peer := nstest.New(t, "pod"), nstest.New(t, "peer")
 			veth := "ambl" + nstest.Name("")[len(nstest.Prefix)+1:][:6]
-			sh := func(n ns.NetNS, args ...string) {
-				t.Helper()
-				if err := n.Do(func(ns.NetNS) error {
-					out, err := exec.Command(args[0], args[1:]...).CombinedOutput()
-					if err != nil {
-						return fmt.Errorf("%v: %v: %s", args, err, out)
-					}
-					return nil
-				}); err != nil {
-					t.Fatal(err)
-				}
-			}
-			sh(pod, "ip", "link", "add", "eth0", "type", "veth", "peer", "name", veth)
-			sh(pod, "ip", "link", "set", veth, "netns", peer.Path())
+			nstest.Run(t, pod, "ip", "link", "add", "eth0", "type", "veth", "peer", "name", veth)
+			nstest.Run(t, pod, "ip", "link", "set", veth, "netns", peer.Path())
 			// Link-local addresses of our own, without DAD, so the test
 			// does not wait for the kernel's.
-			sh(pod, "ip", "addr", "add", "fe80::a:1/64", "dev", "eth0", "nodad")
-			sh(pod, "ip", "addr", "add", "10.238.0.2/24", "dev", "eth0")
-			sh(pod, "ip", "link", "set", "eth0", "up")
-			sh(pod, "ip", "link", "set", "lo", "up")
-			sh(peer, "ip", "addr", "add", "fe80::a:2/64", "dev", veth, "nodad")
-			sh(peer, "ip", "link", "set", veth, "up")
+			nstest.Run(t, pod, "ip", "addr", "add", "fe80::a:1/64", "dev", "eth0", "nodad")
+			nstest.Run(t, pod, "ip", "addr", "add", "10.238.0.2/24", "dev", "eth0")
+			nstest.Run(t, pod, "ip", "link", "set", "eth0", "up")
+			nstest.Run(t, pod, "ip", "link", "set", "lo", "up")
+			nstest.Run(t, peer, "ip", "addr", "add", "fe80::a:2/64", "dev", veth, "nodad")
+			nstest.Run(t, peer, "ip", "link", "set", veth, "up")
 			if b != "" {
 				if _, err := Install(context.Background(), pod, b, DefaultSpec()); err != nil {
 					t.Fatal(err)

@@ -63,6 +63,35 @@ func (d *darkConn) Close() error {
 }
 
 // serveDark is serve whose server side can go dark.
+// answeredStream opens a stream on c with no deadline (no probe) and
+// waits for its 200: a download already under way when the peer goes
+// quiet. Closed at the test's end.
+func answeredStream(t *testing.T, c *Conn) *Stream {
+	t.Helper()
+	long, _, err := c.OpenStreamDataContext(context.Background(), "10.0.0.1:80", nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { long.Close() })
+	if st, _, err := long.Response(context.Background()); err != nil || st != 200 {
+		t.Fatalf("response: %d %v", st, err)
+	}
+	return long
+}
+
+// openDueSoon opens a stream on c as the tunnel does, with a deadline
+// (300 ms here: the connect timeout's part), which arms the probe.
+func openDueSoon(t *testing.T, c *Conn) *Stream {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	s, _, err := c.OpenStreamDataContext(ctx, "10.0.0.1:80", nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
 func serveDark(t *testing.T, cfg Config, handler func(*Stream)) (*Conn, *darkConn) {
 	t.Helper()
 	dc := make(chan *darkConn, 1)
@@ -264,12 +293,7 @@ func TestProbeSharesKeepalivePing(t *testing.T) {
 	d.goDark()
 	time.Sleep(100 * time.Millisecond)
 	c.pingSent.Store(time.Now().UnixNano()) // keepalive's, unanswered
-	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
-	s, _, err := c.OpenStreamDataContext(ctx, "10.0.0.1:80", nil, nil)
-	cancel()
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := openDueSoon(t, c)
 	rctx, rcancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer rcancel()
 	if _, _, err := s.Response(rctx); !errors.Is(err, ErrPeerSilent) {
@@ -381,14 +405,7 @@ func TestProbeSparesAnsweredStreamsOfAPausedPeer(t *testing.T) {
 		return p
 	})
 	p := <-pc
-	long, _, err := c.OpenStreamDataContext(context.Background(), "10.0.0.1:80", nil, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer long.Close()
-	if st, _, err := long.Response(context.Background()); err != nil || st != 200 {
-		t.Fatalf("response: %d %v", st, err)
-	}
+	long := answeredStream(t, c)
 	roundTrip := func() error {
 		b := []byte("download")
 		if _, err := long.Write(b); err != nil {
@@ -402,15 +419,10 @@ func TestProbeSparesAnsweredStreamsOfAPausedPeer(t *testing.T) {
 	}
 	p.pause()
 	time.Sleep(100 * time.Millisecond)
-	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
-	s, _, err := c.OpenStreamDataContext(ctx, "10.0.0.1:80", nil, nil)
-	cancel()
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := openDueSoon(t, c)
 	rctx, rcancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer rcancel()
-	_, _, err = s.Response(rctx)
+	_, _, err := s.Response(rctx)
 	if !errors.Is(err, ErrPeerSilent) {
 		t.Errorf("the stream opened on the paused peer: %v, want ErrPeerSilent", err)
 	}
@@ -437,23 +449,11 @@ func TestProbeSparesAnsweredStreamsOfAPausedPeer(t *testing.T) {
 func TestProbeLeavesAnsweredStreamsOfADeadPeerToKeepalive(t *testing.T) {
 	setProbeSilence(t, 50*time.Millisecond)
 	c, d := serveDark(t, Config{PingInterval: 200 * time.Millisecond, PingTimeout: time.Second}, echoHandler)
-	long, _, err := c.OpenStreamDataContext(context.Background(), "10.0.0.1:80", nil, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer long.Close()
-	if st, _, err := long.Response(context.Background()); err != nil || st != 200 {
-		t.Fatalf("response: %d %v", st, err)
-	}
+	long := answeredStream(t, c)
 	d.goDark()
 	time.Sleep(100 * time.Millisecond)
-	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
 	start := time.Now()
-	s, _, err := c.OpenStreamDataContext(ctx, "10.0.0.1:80", nil, nil)
-	cancel()
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := openDueSoon(t, c)
 	if _, _, err := s.Response(context.Background()); !errors.Is(err, ErrPeerSilent) {
 		t.Errorf("the stream opened on the dead peer: %v, want ErrPeerSilent", err)
 	}
@@ -481,23 +481,11 @@ func TestKeepaliveCountsFromTheProbesPing(t *testing.T) {
 	setProbeSilence(t, 50*time.Millisecond)
 	cfg := Config{PingInterval: time.Second, PingTimeout: 4 * time.Second}
 	c, d := serveDark(t, cfg, echoHandler)
-	long, _, err := c.OpenStreamDataContext(context.Background(), "10.0.0.1:80", nil, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer long.Close()
-	if st, _, err := long.Response(context.Background()); err != nil || st != 200 {
-		t.Fatalf("response: %d %v", st, err)
-	}
+	answeredStream(t, c) // kept open: keepalive, not the probe, closes the connection
 	d.goDark()
 	time.Sleep(100 * time.Millisecond)
-	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
 	ping := time.Now()
-	s, _, err := c.OpenStreamDataContext(ctx, "10.0.0.1:80", nil, nil)
-	cancel()
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := openDueSoon(t, c)
 	defer s.Close()
 	if n := c.LivenessProbes(); n != 1 {
 		t.Fatalf("%d probe PINGs, want 1", n)

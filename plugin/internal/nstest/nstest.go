@@ -7,7 +7,9 @@ package nstest
 import (
 	"crypto/rand"
 	"encoding/hex"
+	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
 	"testing"
@@ -37,6 +39,21 @@ func New(t testing.TB, role string) ns.NetNS {
 	}
 	t.Cleanup(func() { Delete(n, name) })
 	return n
+}
+
+// Run runs a command inside n (ip, nft, sysctl: set-up the test needs)
+// and fails the test with its output when it fails.
+func Run(t testing.TB, n ns.NetNS, args ...string) {
+	t.Helper()
+	if err := n.Do(func(ns.NetNS) error {
+		out, err := exec.Command(args[0], args[1:]...).CombinedOutput()
+		if err != nil {
+			return fmt.Errorf("%v: %v: %s", args, err, out)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // Create makes a named netns without touching the caller's namespace.
