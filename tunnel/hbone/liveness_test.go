@@ -448,7 +448,11 @@ func TestProbeSparesAnsweredStreamsOfAPausedPeer(t *testing.T) {
 // later, and the connection closes.
 func TestProbeLeavesAnsweredStreamsOfADeadPeerToKeepalive(t *testing.T) {
 	setProbeSilence(t, 50*time.Millisecond)
-	c, d := serveDark(t, Config{PingInterval: 200 * time.Millisecond, PingTimeout: time.Second}, echoHandler)
+	// PingTimeout past the probe's least wait (probeMinWait, 1 s): with
+	// both at 1 s, keepalive's tick (every 200 ms) could close the
+	// connection before the verdict failed the new stream (a make test
+	// saw keepalive's error on it, at 0.9 s).
+	c, d := serveDark(t, Config{PingInterval: 200 * time.Millisecond, PingTimeout: 2 * time.Second}, echoHandler)
 	long := answeredStream(t, c)
 	d.goDark()
 	time.Sleep(100 * time.Millisecond)
