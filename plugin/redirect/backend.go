@@ -25,19 +25,21 @@ var concrete = []Backend{Nftables, IptablesNft, IptablesLegacy}
 // netns as it was: a pod's rules already there stay.
 //
 // Install returns by ctx's deadline, unless a cut install's removal
-// needs longer. The work gets all but the last part of the time
-// (cleanupReserve): a run cut at its end (the legacy restores wait for
-// the host's xtables lock) can leave what the runs before it applied
-// (routes, the IPv4 rules, a table of two), and that is removed in the
-// time kept, or, when that is not enough (a loaded node: every save and
-// restore slower), in at most rollbackBound from the cut: a removal cut
-// half-way is the half rule set the rollback is there to prevent. The
-// error of a cut install wraps ctx's error (context.DeadlineExceeded):
-// the caller can answer "retry". The
-// install is not cut short when ctx has no deadline and is not
-// canceled; each iptables run then has its own bound (WithRunTimeout,
-// 10 s), and a run stopped there fails the install with ErrRunTimeout,
-// not DeadlineExceeded: the tool failed, the caller's time is not up.
+// needs longer. The work stops early enough to keep the time its own
+// rollback will take (installBudget: sized from this install's runs, at
+// least reserveFloor, at most cleanupReserve or half the time): a run
+// cut at its end (the legacy restores wait for the host's xtables lock)
+// can leave what the runs before it applied (routes, the IPv4 rules, a
+// table of two), and that is removed in the time kept, or, when that
+// is not enough (the runs slower after the cut than before it), in at
+// most rollbackBound from the cut: a removal cut half-way is the half
+// rule set the rollback is there to prevent. The error of a cut
+// install wraps ctx's error (context.DeadlineExceeded): the caller can
+// answer "retry". The install is not cut short when ctx has no
+// deadline and is not canceled; each iptables run then has its own
+// bound (WithRunTimeout, 10 s), and a run stopped there fails the
+// install with ErrRunTimeout, not DeadlineExceeded: the tool failed,
+// the caller's time is not up.
 func Install(ctx context.Context, netns ns.NetNS, backend Backend, spec Spec) (Backend, error) {
 	if err := spec.Validate(); err != nil {
 		return "", err
@@ -47,10 +49,12 @@ func Install(ctx context.Context, netns ns.NetNS, backend Backend, spec Spec) (B
 		// there (a repeated ADD) stay.
 		return "", fmt.Errorf("installing redirection: not started, %s: %w", endedBy(ctx), err)
 	}
-	work, cancel := workContext(ctx)
-	defer cancel()
-	s := newSession(work, netns)
+	s := newSession(ctx, netns)
 	defer s.close()
+	s.budget = newInstallBudget(ctx, spec)
+	// cut tells whether the work ended with the caller's time (its
+	// deadline less the reserve), not with a failure of its own.
+	cut := func() bool { return ctx.Err() != nil || s.budget.cut() }
 	b, err := resolve(s, backend)
 	if err != nil {
 		return "", err
@@ -71,7 +75,7 @@ func Install(ctx context.Context, netns ns.NetNS, backend Backend, spec Spec) (B
 		return "", fmt.Errorf("installing redirection with %s: not started: %w", b, err)
 	}
 	err = installWith(s, b, spec)
-	if err != nil && (backend == Auto || backend == "") && b == Nftables && work.Err() == nil {
+	if err != nil && (backend == Auto || backend == "") && b == Nftables && !cut() {
 		// nf_tables answers but cannot hold our table (a kernel before
 		// 5.2 has no inet nat; a module may be missing): iptables, not a
 		// failed pod.
@@ -87,8 +91,9 @@ func Install(ctx context.Context, netns ns.NetNS, backend Backend, spec Spec) (B
 		// In the time kept for it, even when the work's time is up.
 		cleanup, ccancel := rollbackContext(ctx)
 		defer ccancel()
-		s.ctx = cleanup
-		if work.Err() != nil && holdsExactly(s, spec) {
+		wasCut := cut()
+		s.ctx, s.budget = cleanup, nil
+		if wasCut && holdsExactly(s, spec) {
 			// The cut changed nothing that matters: a repeated ADD of a
 			// served pod whose restore waited on the lock, or a cut
 			// after the last rule went in. Removing a complete rule set
@@ -135,10 +140,97 @@ func holdsExactly(s *session, spec Spec) bool {
 const minInstallTime = 250 * time.Millisecond
 
 // cleanupReserve is the most of a deadline Install keeps for removing
-// what a cut install applied: netlink removals take milliseconds, a
-// legacy restore undoing a table may wait on the xtables lock again. A
-// quarter of the time left when that is less.
+// what a cut install applied, and never more than half the time left
+// when the install starts: the work always gets the other half.
 const cleanupReserve = time.Second
+
+// reserveFloor is the least Install keeps. An idle node's check and
+// removal of a cut legacy install take ~50 ms (8 saves and 2 restores
+// of 4-6 ms each by the estimate); one run measured fast by luck must
+// not leave the rollback less than a few times that.
+const reserveFloor = 150 * time.Millisecond
+
+// rollbackSaves is the most saves a cut iptables install's check and
+// removal run: the check reads both families twice (the look for
+// chains of ours, then the comparison with the spec), the removal
+// twice again (the look, then the save its payload is built from). The
+// removal's restores are one per family of the spec. A removal of an
+// IPv4 cut usually runs 6 saves and 1 restore: the count is an upper
+// bound, and the margin the estimate keeps.
+const rollbackSaves = 8
+
+// installBudget sizes, run by run, the part of the caller's time an
+// install keeps for its own rollback: what a rollback of this install
+// costs, measured on this install's own runs (a loaded node's are
+// slower, and so will the rollback's be). Each run ends at the
+// caller's deadline less that estimate (run).
+//
+// The trade: a larger reserve cuts the work earlier, so an install
+// waiting for a busy xtables lock gives up sooner, and one that would
+// have got the lock in its last half second fails (and kubelet
+// retries); a smaller one lets the rollback run past the deadline, and
+// the agent's answer, which says "retry" and who holds the lock, is
+// written after the plugin stopped reading: the runtime then reports
+// no answer (101). Both fail the ADD and leave the netns clean
+// (rollbackBound keeps the removal whole either way); the estimate
+// keeps the readable answer on a loaded node and, on an idle one, gives
+// the work all but reserveFloor (before session 18 it kept a fixed
+// quarter, at most 1 s, whatever the node's speed).
+type installBudget struct {
+	deadline      time.Time     // the caller's
+	most          time.Duration // cleanupReserve, or half the time at the start
+	restores      int           // the removal's: one per family of the spec
+	save, restore time.Duration // the longest of each that finished (a restore's wait for the lock counts: the removal's wait too)
+	stopped       bool          // a run ended (or did not start) at the reserve
+}
+
+// newInstallBudget returns the budget of an install with ctx and spec;
+// nil when ctx has no deadline: nothing to keep time from.
+func newInstallBudget(ctx context.Context, spec Spec) *installBudget {
+	dl, ok := ctx.Deadline()
+	if !ok {
+		return nil
+	}
+	return &installBudget{deadline: dl, most: min(cleanupReserve, time.Until(dl)/2), restores: len(families(spec))}
+}
+
+// reserve is the time kept for the rollback, as estimated now.
+func (b *installBudget) reserve() time.Duration {
+	est := rollbackSaves*b.save + time.Duration(b.restores)*max(b.restore, b.save)
+	return min(max(est, reserveFloor), b.most)
+}
+
+// run returns the context of one run of the work: ctx, ending the
+// reserve before the caller's deadline.
+func (b *installBudget) run(ctx context.Context) (context.Context, context.CancelFunc) {
+	if b == nil {
+		return ctx, func() {}
+	}
+	return context.WithDeadline(ctx, b.deadline.Add(-b.reserve()))
+}
+
+// ran records a run of the tool name that took took; rctx is the
+// context run gave it, err its error.
+func (b *installBudget) ran(rctx context.Context, name string, took time.Duration, err error) {
+	if b == nil {
+		return
+	}
+	if err != nil && rctx.Err() != nil {
+		b.stopped = true
+		return
+	}
+	if err != nil {
+		return
+	}
+	if strings.HasSuffix(name, "-save") {
+		b.save = max(b.save, took)
+	} else {
+		b.restore = max(b.restore, took)
+	}
+}
+
+// cut tells whether a run of the work ended at the reserve.
+func (b *installBudget) cut() bool { return b != nil && b.stopped }
 
 // rollbackBound is the least time a cut install's check and removal get
 // from the cut, whatever is left of the caller's deadline. The reserve
@@ -153,17 +245,6 @@ const cleanupReserve = time.Second
 // either way, while a half rule set would stay. A caller without a
 // deadline is not bounded here at all (each run keeps its own bound).
 const rollbackBound = 3 * time.Second
-
-// workContext returns the context for Install's work: ctx, ending
-// cleanupReserve (or a quarter of the time left) before its deadline.
-func workContext(ctx context.Context) (context.Context, func()) {
-	dl, ok := ctx.Deadline()
-	if !ok {
-		return ctx, func() {}
-	}
-	reserve := min(cleanupReserve, time.Until(dl)/4)
-	return context.WithDeadline(ctx, dl.Add(-reserve))
-}
 
 // rollbackContext returns the context for removing what a failed
 // install applied. It ignores ctx's cancel (a stopping caller must not

@@ -258,6 +258,18 @@ func runIn(ctx context.Context, netns ns.NetNS, stdin string, name string, args 
 	return out, err
 }
 
+// run is runIn in s's netns, under s's context and, during an install's
+// work, its budget: the run ends the rollback's reserve before the
+// caller's deadline, and its time sizes that reserve.
+func (s *session) run(stdin string, name string, args ...string) ([]byte, error) {
+	ctx, cancel := s.budget.run(s.ctx)
+	defer cancel()
+	start := time.Now()
+	out, err := runIn(ctx, s.netns, stdin, name, args...)
+	s.budget.ran(ctx, name, time.Since(start), err)
+	return out, err
+}
+
 // takesXtablesLock tells the runs that wait for the host's xtables lock
 // (--wait): the legacy variant's restores. iptables-nft and the saves
 // never take it.
@@ -366,7 +378,7 @@ func haveTool(name string) bool {
 
 func iptablesInstall(ss *session, b Backend, s Spec) error {
 	for _, f := range families(s) {
-		out, err := runIn(ss.ctx, ss.netns, "", variantBinary(b, f, "save"))
+		out, err := ss.run("", variantBinary(b, f, "save"))
 		if err != nil {
 			return err
 		}
@@ -374,7 +386,7 @@ func iptablesInstall(ss *session, b Backend, s Spec) error {
 			testHookBetweenRuns(f)
 		}
 		payload := iptablesPayload(s, f, saveLines(out))
-		if _, err := runIn(ss.ctx, ss.netns, payload, variantBinary(b, f, "restore"), "--noflush", "--wait"); err != nil {
+		if _, err := ss.run(payload, variantBinary(b, f, "restore"), "--noflush", "--wait"); err != nil {
 			return err
 		}
 	}
@@ -397,7 +409,7 @@ func iptablesVerify(ss *session, b Backend, s Spec) error {
 			// Install and removal skip a missing tool the same way.
 			continue
 		}
-		out, err := runIn(ss.ctx, ss.netns, "", variantBinary(b, f, "save"))
+		out, err := ss.run("", variantBinary(b, f, "save"))
 		if err != nil {
 			return err
 		}
@@ -478,7 +490,7 @@ func iptablesPresent(s *session, b Backend) (bool, error) {
 		if _, err := exec.LookPath(variantBinary(b, f, "save")); err != nil {
 			continue
 		}
-		out, err := runIn(s.ctx, netns, "", variantBinary(b, f, "save"))
+		out, err := s.run("", variantBinary(b, f, "save"))
 		if err != nil {
 			return false, err
 		}
@@ -537,7 +549,7 @@ func iptablesUninstall(s *session, b Backend) error {
 		if _, err := exec.LookPath(variantBinary(b, f, "restore")); err != nil {
 			continue
 		}
-		out, err := runIn(s.ctx, s.netns, "", variantBinary(b, f, "save"))
+		out, err := s.run("", variantBinary(b, f, "save"))
 		if err != nil {
 			errs = append(errs, err)
 			continue
@@ -546,7 +558,7 @@ func iptablesUninstall(s *session, b Backend) error {
 		if payload == "" {
 			continue
 		}
-		if _, err := runIn(s.ctx, s.netns, payload, variantBinary(b, f, "restore"), "--noflush", "--wait"); err != nil {
+		if _, err := s.run(payload, variantBinary(b, f, "restore"), "--noflush", "--wait"); err != nil {
 			errs = append(errs, err)
 		}
 	}

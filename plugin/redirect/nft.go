@@ -214,6 +214,9 @@ type session struct {
 	ctx   context.Context
 	netns ns.NetNS
 	nft   *nftables.Conn
+	// budget, while an install works, ends each iptables run early
+	// enough for the install's rollback (installBudget); nil otherwise.
+	budget *installBudget
 }
 
 func newSession(ctx context.Context, netns ns.NetNS) *session {
