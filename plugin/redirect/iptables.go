@@ -84,8 +84,19 @@ func ipTables(s Spec, f family) []string {
 	return []string{"mangle", "nat"}
 }
 
-// removalTables is the order of removal: nat first, so the link-local
-// traffic is never let through while the filter rule is gone.
+// removalTables is the order of removal. iptables-legacy commits (and
+// takes the host's xtables lock) table by table, so a removal cut at
+// the lock leaves the tables it had not reached, and the order decides
+// which half state a pod lives in until the next removal. Mangle first
+// leaves nat's capture without mangle's marks: new outbound connections
+// still reach the agent (encrypted), new inbound ones break (the app's
+// replies to the agent's transparent dials, unmarked, are routed out of
+// the pod). Nat first would leave the marks without the capture: new
+// connections in plaintext both ways, past the agent's policy. Breaking
+// beats leaking (TestRemovalCutBetweenTablesKeepsTheCapture). Filter
+// (IPv6's link-local refusal) after nat, so link-local traffic is never
+// let through while the redirect is there to send it to a socket bound
+// to its link.
 var removalTables = []string{"mangle", "nat", "filter"}
 
 // iptablesRule renders r in the exact form iptables-save prints, so Verify
