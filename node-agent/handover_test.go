@@ -103,27 +103,7 @@ func newTestPod(t *testing.T, name, subnet string, withPeer bool) *testPod {
 	sh(t, "ip", "-n", peer, "addr", "add", p.peerIP+"/24", "dev", b)
 	sh(t, "ip", "-n", p.ns, "link", "set", a, "up")
 	sh(t, "ip", "-n", peer, "link", "set", b, "up")
-	var l net.Listener
-	inNamedNetns(t, peer, func() (err error) { l, err = net.Listen("tcp", p.peerIP+":8080"); return err })
-	t.Cleanup(func() { l.Close() })
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				c.Write([]byte("hello\n"))
-				buf := make([]byte, 512)
-				for {
-					if _, err := c.Read(buf); err != nil {
-						return
-					}
-				}
-			}()
-		}
-	}()
+	testenv.ServeInNetns(t, peer, p.peerIP+":8080", "hello", testenv.Drain)
 	return p
 }
 

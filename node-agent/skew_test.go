@@ -402,26 +402,6 @@ func runtimeLockAndEnter(name string) {
 	}
 }
 
-func serveEcho(t testing.TB, p *skewPod) {
-	t.Helper()
-	var l net.Listener
-	inNamedNetns(t, p.ns, func() (err error) { l, err = net.Listen("tcp", "[::]:8080"); return err })
-	t.Cleanup(func() { l.Close() })
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				c.Write([]byte("hello\n"))
-				io.Copy(c, c)
-			}()
-		}
-	}()
-}
-
 // podRules is what the pod's rule engines hold, for the report and the
 // leftover check.
 func podRules(t testing.TB, p *skewPod) string {
@@ -556,7 +536,7 @@ func upgradeAcrossVersions(t testing.TB, oldBin, newBin, engine string) {
 
 	a := node.addPod(t, "a", 2)
 	b := node.addPod(t, "b", 3)
-	serveEcho(t, b)
+	testenv.ServeInNetns(t, b.ns, "[::]:8080", "hello", testenv.Echo)
 
 	o1 := startSkewAgent(t, node.ns, dir, base, "old", oldBin, 15021)
 	add := func(p *skewPod, by string) {

@@ -22,6 +22,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 
+	"github.com/ambit-mesh/ambit/internal/testenv"
 	"github.com/ambit-mesh/ambit/node-agent/config"
 	"github.com/ambit-mesh/ambit/node-agent/hostrules"
 	"github.com/ambit-mesh/ambit/node-agent/inventory"
@@ -83,7 +84,7 @@ func (s *echoServing) accept(l net.Listener) {
 			defer s.wg.Done()
 			defer func() { s.mu.Lock(); delete(s.conns, c); s.mu.Unlock(); c.Close() }()
 			fmt.Fprintf(c, "captured:%s\n", port)
-			echo(c)
+			testenv.Echo(c)
 		}()
 	}
 }
@@ -201,25 +202,7 @@ func newPair(t testing.TB, podIP, peerIP string) (pod, peer *testNetns) {
 // a test tells the app's answer from the capture's ("captured:<port>").
 func serveLines(t testing.TB, n *testNetns, addr, greeting string) {
 	t.Helper()
-	var l net.Listener
-	inNetns(t, n, func() (err error) {
-		l, err = net.Listen("tcp", addr)
-		return err
-	})
-	t.Cleanup(func() { l.Close() })
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				fmt.Fprintf(c, "%s\n", greeting)
-				echo(c)
-			}()
-		}
-	}()
+	testenv.ServeInNetns(t, n.name, addr, greeting, testenv.Echo)
 }
 
 // testHostRules is a host-rule Manager on a netns of its own standing in
@@ -447,23 +430,6 @@ func eventually(t testing.TB, what string, cond func() bool) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	t.Fatalf("timed out waiting for %s", what)
-}
-
-// echo copies c's input back (io.Copy(c, c) would splice a socket into
-// itself).
-func echo(c net.Conn) {
-	buf := make([]byte, 4096)
-	for {
-		n, err := c.Read(buf)
-		if n > 0 {
-			if _, werr := c.Write(buf[:n]); werr != nil {
-				return
-			}
-		}
-		if err != nil {
-			return
-		}
-	}
 }
 
 // quietLogger logs warnings and errors only, so test output stays readable.
