@@ -1,12 +1,15 @@
 package hbone
 
 import (
+	"context"
 	"io"
 	"math/bits"
 	"net"
 	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -70,6 +73,18 @@ type corkConn struct {
 	buf    []byte
 	hint   int // expected size of the burst
 	err    error
+
+	// blockedSince is when the write(2) in progress first found the
+	// socket full (unix nanos; 0 while no write waits on it): read
+	// without the lock by Conn.WriteStalled, the pool's sign of a peer
+	// that does not drain. Only the burst's flush (writeAll) stamps
+	// it; the handshake's and crypto/tls's own writes are not frames.
+	blockedSince atomic.Int64
+	// guard bounds the current burst's write (an open's HEADERS: its
+	// opener's context), nil when nothing does; cut is armed once that
+	// write blocks. Both under mu.
+	guard context.Context
+	cut   *writeCut
 
 	// Read side (one reader at a time: crypto/tls's input lock).
 	// crypto/tls asks for about a record at a time (its buffer grows
@@ -225,6 +240,71 @@ func (c *corkConn) flush() error {
 	return c.flushLocked()
 }
 
+// corkGuarded is cork for a burst whose write must end before ctx does
+// (flushGuarded).
+func (c *corkConn) corkGuarded(hint int, ctx context.Context) {
+	c.mu.Lock()
+	c.corked = true
+	c.hint = hint
+	c.guard = ctx
+	c.mu.Unlock()
+}
+
+// flushGuarded is flush for a corkGuarded burst. When its write still
+// waits on a full socket as the guard's context ends, the TCP socket is
+// closed under it (writeCut) and cut is true: the write may have left
+// part of a frame (a TLS record, even) on the wire, after which nothing
+// else can be sent on the connection, so the caller closes it. No write
+// deadline: the socket is shared, and a deadline left on it, or set
+// while closeWith has set its own, could cut another writer's frame.
+func (c *corkConn) flushGuarded() (cut bool, err error) {
+	c.mu.Lock()
+	c.corked = false
+	err = c.flushLocked()
+	wc := c.cut
+	c.guard, c.cut = nil, nil
+	c.mu.Unlock()
+	if wc == nil {
+		return false, err
+	}
+	wc.stop()
+	return !wc.state.CompareAndSwap(writeCutWriting, writeCutDone), err
+}
+
+// noteBlocked runs when a burst's write first finds the socket full;
+// mu held (flushLocked).
+func (c *corkConn) noteBlocked() {
+	c.blockedSince.Store(time.Now().UnixNano())
+	if c.guard != nil && c.cut == nil {
+		wc := &writeCut{conn: c.Conn}
+		wc.stop = context.AfterFunc(c.guard, wc.fire)
+		c.cut = wc
+	}
+}
+
+// writeCut closes the socket under a guarded write still blocked when
+// its context ends. Allocated only once the write blocks: the open that
+// finds room in the socket pays nothing for its bound. state settles the
+// race between the write ending and the context ending: whichever moves
+// it from writing first wins.
+type writeCut struct {
+	state atomic.Int32
+	conn  net.Conn
+	stop  func() bool
+}
+
+const (
+	writeCutWriting = iota
+	writeCutDone
+	writeCutFired
+)
+
+func (w *writeCut) fire() {
+	if w.state.CompareAndSwap(writeCutWriting, writeCutFired) {
+		w.conn.Close()
+	}
+}
+
 // flushLocked writes the burst with raw write(2) (sys.go) when the
 // socket allows it, else through the net.Conn.
 func (c *corkConn) flushLocked() error {
@@ -234,7 +314,7 @@ func (c *corkConn) flushLocked() error {
 	}
 	var err error
 	if c.raw != nil {
-		if _, err = writeAll(c.raw, c.buf); err != nil {
+		if _, err = c.writeAll(c.buf); err != nil {
 			err = &net.OpError{Op: "write", Net: "tcp", Source: c.LocalAddr(), Addr: c.RemoteAddr(), Err: wrapErrno("write", err)}
 		}
 	} else {

@@ -852,21 +852,73 @@ func (c *Conn) OpenStreamDataContext(ctx context.Context, authority string, extr
 	// the server no stream was coming. The server then refused these
 	// (or closed the connection under them, its RST_STREAM still
 	// queued); TestShutdownAckNeverOvertakesHeaders forces the moment.
-	c.corkOn()
+	//
+	// The write is bounded by ctx too: with the lock free but the
+	// socket full (the peer alive but not draining it), the HEADERS'
+	// write(2) waited without bound. Past ctx, the socket is closed
+	// under the write (corkConn.flushGuarded) and so is the connection,
+	// its other streams with it: acceptable only because the socket
+	// took nothing for the opener's whole deadline (the connect
+	// timeout), far past WriteStalled's threshold, by when the pool had
+	// stopped putting streams on it.
+	guarded := c.cork != nil && ctx.Done() != nil
+	if guarded {
+		c.cork.corkGuarded(0, ctx)
+	} else {
+		c.corkOn()
+	}
 	_, err := c.nc.Write(frames)
 	if err == nil {
 		err = c.writeCtlLocked()
 	}
-	if ferr := c.corkOff(); err == nil {
+	cut := false
+	if guarded {
+		var ferr error
+		cut, ferr = c.cork.flushGuarded()
+		if err == nil {
+			err = ferr
+		}
+	} else if ferr := c.corkOff(); err == nil {
 		err = ferr
 	}
 	held = false
 	c.wmu.Unlock()
+	if cut {
+		err = fmt.Errorf("hbone: the connection's socket took no write within the opener's deadline (closed: the write it cut may have left a frame unfinished): %w", ctx.Err())
+		c.closeWith(fmt.Errorf("%w: %w", err, ErrConnClosed), ErrCodeNo)
+		c.release(s)
+		return nil, 0, err
+	}
 	if err != nil {
 		c.closeWith(fmt.Errorf("hbone: write: %w", err), ErrCodeNo)
 		return nil, 0, ErrConnClosed
 	}
 	return s, sent, nil
+}
+
+// writeStallAfter is how long a write may wait on a full socket before
+// WriteStalled says so. A healthy peer drains a burst (at most a 1 MiB
+// cork, usually an app read of 256 KiB) in milliseconds, even at
+// 100 Mbit/s in 80 ms, so a busy connection is not shunned and no
+// dial is spent on it; and it is a small part of the 10 s connect
+// timeout, so a stream that would wait behind the stalled writer (for
+// the lock, up to that timeout) goes to another connection instead,
+// at the price of one dial. A var for tests.
+var writeStallAfter = 500 * time.Millisecond
+
+// WriteStalled reports whether a write on c has waited on a full socket
+// for writeStallAfter or longer at now: the peer is alive, maybe, but
+// not draining (CPU-starved, or the path congested), and a new stream
+// put here would wait behind that write for the write lock. The pool
+// opens new streams elsewhere; the connection goes on serving its own.
+// An atomic load: free on the open path. Always false without a cork
+// (NewClientConn with a nil one).
+func (c *Conn) WriteStalled(now time.Time) bool {
+	if c.cork == nil {
+		return false
+	}
+	since := c.cork.blockedSince.Load()
+	return since != 0 && now.UnixNano()-since >= int64(writeStallAfter)
 }
 
 // lockWriteContext takes wmu, or gives up when ctx ends. Uncontended

@@ -66,13 +66,21 @@ func writeNonBlocking(rc syscall.RawConn, b []byte) int {
 }
 
 // writeAll writes b, waiting in the poller while the socket is full.
-func writeAll(rc syscall.RawConn, b []byte) (int, error) {
+// The first time the socket is full it stamps blockedSince and arms the
+// burst's guard, if any (noteBlocked): a write the socket takes at once
+// pays neither the clock nor the guard.
+func (c *corkConn) writeAll(b []byte) (int, error) {
 	var n int
 	var werr error
-	err := rc.Write(func(fd uintptr) bool {
+	blocked := false
+	err := c.raw.Write(func(fd uintptr) bool {
 		for n < len(b) {
 			k, err := writeFD(fd, b[n:])
 			if err == unix.EAGAIN {
+				if !blocked {
+					blocked = true
+					c.noteBlocked()
+				}
 				return false
 			}
 			if err != nil {
@@ -83,6 +91,9 @@ func writeAll(rc syscall.RawConn, b []byte) (int, error) {
 		}
 		return true
 	})
+	if blocked {
+		c.blockedSince.Store(0)
+	}
 	if err == nil {
 		err = werr
 	}

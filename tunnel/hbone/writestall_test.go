@@ -1,0 +1,275 @@
+package hbone
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// readGate holds a socket's reads while closed: the peer's agent alive
+// but not draining its socket (CPU-starved, or the path congested).
+type readGate struct {
+	net.Conn
+	mu   sync.Mutex
+	open chan struct{} // closed while reads go on
+}
+
+func newReadGate(c net.Conn) *readGate {
+	g := &readGate{Conn: c, open: make(chan struct{})}
+	close(g.open)
+	return g
+}
+
+// Read waits at the gate before and after the read: a read already
+// under way when the gate closes keeps what it took until it opens.
+func (g *readGate) Read(p []byte) (int, error) {
+	g.wait()
+	n, err := g.Conn.Read(p)
+	g.wait()
+	return n, err
+}
+
+func (g *readGate) wait() {
+	g.mu.Lock()
+	ch := g.open
+	g.mu.Unlock()
+	<-ch
+}
+
+func (g *readGate) stop() {
+	g.mu.Lock()
+	g.open = make(chan struct{})
+	g.mu.Unlock()
+}
+
+func (g *readGate) resume() {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	select {
+	case <-g.open:
+	default:
+		close(g.open)
+	}
+}
+
+// stallPair is a client and server whose socket buffers are small
+// (16 KiB asked, the kernel doubles it) and whose windows are large
+// (64 MiB): the socket fills long before flow control stops a writer.
+// The server's reads pass through the returned gate; raw is the
+// client's TCP socket. A first stream's round trip has been made (the
+// peer's SETTINGS, its windows, are known); the stream stays open.
+func stallPair(t *testing.T, handler func(*Stream)) (c *Conn, gate *readGate, raw *net.TCPConn) {
+	t.Helper()
+	gates := make(chan *readGate, 1)
+	var mu sync.Mutex
+	c, _ = serveWrapped(t, Config{PingInterval: -1, StreamWindow: 64 << 20, ConnWindow: 64 << 20}, handler, func(a string) string { return a },
+		func(r net.Conn, server bool) net.Conn {
+			tc := r.(*net.TCPConn)
+			if !server {
+				if err := tc.SetWriteBuffer(16 << 10); err != nil {
+					t.Error(err)
+				}
+				mu.Lock()
+				raw = tc
+				mu.Unlock()
+				return tc
+			}
+			if err := tc.SetReadBuffer(16 << 10); err != nil {
+				t.Error(err)
+			}
+			g := newReadGate(tc)
+			gates <- g
+			return g
+		})
+	gate = <-gates
+	t.Cleanup(gate.resume)
+	s, _, err := c.OpenStreamData("10.0.0.1:80", nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st, _, err := s.Response(context.Background()); err != nil || st != 200 {
+		t.Fatalf("response %d %v", st, err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	return c, gate, raw
+}
+
+// waitFor polls cond until it holds, failing the test after a minute
+// (a bail for a hung test, not a timing assertion).
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for end := time.Now().Add(time.Minute); !cond(); time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(end) {
+			t.Fatalf("after a minute, still not: %s", what)
+		}
+	}
+}
+
+// TestWriteStalledWhileThePeerDoesNotDrain: a stream's writer blocked on
+// a full socket (the peer stopped reading) makes WriteStalled true once
+// writeStallAfter has passed, and false again once the peer reads and
+// the write goes on; the stream's bytes all arrive. WriteStalled is what
+// the pool checks before it puts a new stream on a connection.
+func TestWriteStalledWhileThePeerDoesNotDrain(t *testing.T) {
+	defer func(d time.Duration) { writeStallAfter = d }(writeStallAfter)
+	writeStallAfter = 100 * time.Millisecond
+	got := make(chan int64, 2)
+	c, gate, _ := stallPair(t, func(s *Stream) {
+		s.Respond(200, nil)
+		n, _ := io.Copy(io.Discard, s)
+		got <- n
+	})
+	s, _, err := c.OpenStreamData("10.0.0.1:80", nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st, _, err := s.Response(context.Background()); err != nil || st != 200 {
+		t.Fatalf("response %d %v", st, err)
+	}
+	if c.WriteStalled(time.Now().Add(time.Hour)) {
+		t.Fatal("an idle connection reports a stalled writer")
+	}
+	gate.stop()
+	const total = 8 << 20
+	wrote := make(chan error, 1)
+	go func() {
+		b := make([]byte, 256<<10)
+		for n := 0; n < total; n += len(b) {
+			if _, err := s.Write(b); err != nil {
+				wrote <- err
+				return
+			}
+		}
+		wrote <- s.CloseWrite()
+	}()
+	t0 := time.Now()
+	waitFor(t, "WriteStalled with the peer not reading", func() bool { return c.WriteStalled(time.Now()) })
+	t.Logf("stalled after %v", time.Since(t0))
+	gate.resume()
+	if err := <-wrote; err != nil {
+		t.Fatalf("the stalled stream's writes: %v", err)
+	}
+	t.Logf("written after %v", time.Since(t0))
+	if n := <-got; n != total {
+		t.Fatalf("the peer received %d bytes, want %d", n, total)
+	}
+	if c.WriteStalled(time.Now().Add(time.Hour)) {
+		t.Fatal("still stalled after the writes ended")
+	}
+	if err := c.Err(); err != nil {
+		t.Fatalf("the slow connection was closed: %v", err)
+	}
+}
+
+// fillSocket writes garbage to raw until the socket takes no more (the
+// peer is not reading): the write lock free, the socket buffer full.
+func fillSocket(t *testing.T, raw *net.TCPConn) {
+	t.Helper()
+	rc, err := raw.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := make([]byte, 64<<10)
+	total := 0
+	_ = rc.Write(func(fd uintptr) bool {
+		for {
+			n, err := unix.Write(int(fd), b)
+			if err != nil || n <= 0 {
+				return true
+			}
+			total += n
+		}
+	})
+	if total == 0 {
+		t.Fatal("could not fill the socket")
+	}
+}
+
+// TestOpenStreamWriteEndsWithItsContext: with the write lock free but
+// the socket full (the peer alive, not reading), an open's HEADERS
+// write gives up when the opener's context ends, with its error, and
+// the connection is closed (the write may have been cut mid-frame).
+// Before, the write had no bound: the open hung as long as the peer did
+// not read (the test's minute bail).
+func TestOpenStreamWriteEndsWithItsContext(t *testing.T) {
+	c, gate, raw := stallPair(t, echoHandler)
+	gate.stop()
+	fillSocket(t, raw)
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	type result struct {
+		s   *Stream
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		// 64 KiB of first bytes with the HEADERS: more than whatever
+		// room the socket gains as its last segments are acknowledged.
+		s, _, err := c.OpenStreamDataContext(ctx, "10.0.0.1:80", nil, make([]byte, 64<<10))
+		done <- result{s, err}
+	}()
+	var r result
+	select {
+	case r = <-done:
+	case <-time.After(time.Minute):
+		t.Fatal("the open's write to a full socket had no bound: still blocked after a minute")
+	}
+	if r.err == nil || !errors.Is(r.err, context.DeadlineExceeded) {
+		t.Fatalf("open on a full socket: %v, %v; want the context's deadline", r.s, r.err)
+	}
+	select {
+	case <-c.Done():
+	case <-time.After(time.Minute):
+		t.Fatal("the connection whose write was cut stayed open")
+	}
+	if !errors.Is(c.Err(), ErrConnClosed) {
+		t.Fatalf("the connection's error: %v", c.Err())
+	}
+}
+
+// TestOpenStreamSlowWriteThatDrainsIsNotCut: an open whose write waits
+// on a full socket and completes before its context ends opens normally,
+// and the context's end afterwards does not touch the connection (the
+// cut is disarmed once the write is done).
+func TestOpenStreamSlowWriteThatDrainsIsNotCut(t *testing.T) {
+	c, gate, _ := stallPair(t, echoHandler)
+	gate.stop()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	type result struct {
+		s    *Stream
+		sent int
+		err  error
+	}
+	done := make(chan result, 1)
+	first := make([]byte, 512<<10) // more than the sockets hold
+	go func() {
+		s, sent, err := c.OpenStreamDataContext(ctx, "10.0.0.1:80", nil, first)
+		done <- result{s, sent, err}
+	}()
+	waitFor(t, "the open's write blocked", func() bool { return c.cork.blockedSince.Load() != 0 })
+	gate.resume()
+	r := <-done
+	if r.err != nil || r.sent != len(first) {
+		t.Fatalf("the open whose write drained: sent %d of %d, %v", r.sent, len(first), r.err)
+	}
+	cancel()
+	if st, _, err := r.s.Response(context.Background()); err != nil || st != 200 {
+		t.Fatalf("response %d %v", st, err)
+	}
+	r.s.CloseWrite()
+	n, err := io.Copy(io.Discard, r.s)
+	if err != nil || n != int64(len(first)) {
+		t.Fatalf("echoed %d bytes (%v), want %d", n, err, len(first))
+	}
+	if err := c.Err(); err != nil {
+		t.Fatalf("the connection closed: %v", err)
+	}
+}
