@@ -69,6 +69,10 @@ func appendRequest(b []byte, r *Request) []byte {
 		b = append(b, `,"ruleBackend":`...)
 		b = appendString(b, string(r.RuleBackend))
 	}
+	if r.Network != "" {
+		b = append(b, `,"network":`...)
+		b = appendString(b, r.Network)
+	}
 	return append(b, '}')
 }
 

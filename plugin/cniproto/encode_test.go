@@ -13,11 +13,11 @@ import (
 // for byte, whatever the field values (escapes, invalid UTF-8, U+2028,
 // empty and invalid prefixes, optional fields and lists).
 func FuzzAppendRequest(f *testing.F) {
-	f.Add(1, "add", "mesh", "web-0", "u1", "ctr-1", "/var/run/netns/x", "eth0", []byte{10, 9, 0, 5, 24}, "keep-1", "eth0", uint8(1), "")
-	f.Add(0, "gc", "", "", "", "", "", "", []byte(nil), "c\u2028<&>\"\\\x01\xff", "", uint8(3), "iptables-nft")
-	f.Add(-7, "x\ty", "ns\n", "n\u2029", "", "\x7f", "", "e", []byte{0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 200}, "", "", uint8(0), "n\u2028<")
-	f.Fuzz(func(t *testing.T, version int, op, ns, name, uid, cid, netns, ifname string, ips []byte, vcid, vif string, nvalid uint8, backend string) {
-		r := &Request{Version: version, Op: Op(op), Pod: Pod{Namespace: ns, Name: name, UID: uid, ContainerID: cid, Netns: netns, IfName: ifname}, RuleBackend: redirectspec.Backend(backend)}
+	f.Add(1, "add", "mesh", "web-0", "u1", "ctr-1", "/var/run/netns/x", "eth0", []byte{10, 9, 0, 5, 24}, "keep-1", "eth0", uint8(1), "", "k8s-pod-network")
+	f.Add(0, "gc", "", "", "", "", "", "", []byte(nil), "c\u2028<&>\"\\\x01\xff", "", uint8(3), "iptables-nft", "")
+	f.Add(-7, "x\ty", "ns\n", "n\u2029", "", "\x7f", "", "e", []byte{0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 200}, "", "", uint8(0), "n\u2028<", "net\x00<b>\xff")
+	f.Fuzz(func(t *testing.T, version int, op, ns, name, uid, cid, netns, ifname string, ips []byte, vcid, vif string, nvalid uint8, backend, network string) {
+		r := &Request{Version: version, Op: Op(op), Pod: Pod{Namespace: ns, Name: name, UID: uid, ContainerID: cid, Netns: netns, IfName: ifname}, RuleBackend: redirectspec.Backend(backend), Network: network}
 		// ips: chunks of 4+1 bytes (IPv4/bits), or 16+1 after a 0xfd
 		// marker; a 0 byte adds the zero Prefix.
 		for len(ips) > 0 && len(r.Pod.IPs) < 20 {

@@ -22,7 +22,15 @@ import (
 // agent only decides and the plugin installs. An agent answers in the
 // request's version, so a version 1 plugin still on disk during an
 // upgrade keeps working.
-const Version = 2
+//
+// Version 3: requests may name the CNI network (Request.Network, the
+// conflist's "name"), so the agent can tell one network's GC from
+// another's; otherwise as version 2. A version 3 request was the only
+// way to add a field: every agent decodes strictly (unknown fields are
+// refused), and an agent older than this refuses version 3 with an
+// answer in its own version, which tells the plugin to ask again in
+// version 2 (AgentOlder).
+const Version = 3
 
 // MinVersion is the oldest request version the agent still serves.
 const MinVersion = 1
@@ -31,6 +39,10 @@ const MinVersion = 1
 // changed since version 1, so an agent of either version serves it (a
 // runtime's GC is not refused during an upgrade or a rollback).
 const GCVersion = 1
+
+// NetworkVersion is the first version whose requests may carry
+// Request.Network.
+const NetworkVersion = 3
 
 // MaxMessageSize bounds every response and every request except gc.
 // An add, del or check request is a few hundred bytes (its fields are
@@ -75,6 +87,10 @@ const (
 	OpCheck Op = "check"
 	// OpGC: CNI GC. Request.Valid lists every attachment the runtime
 	// still knows; the agent may forget pods not listed. No pod, no fd.
+	// With Request.Network (version 3) the list is that network's
+	// attachments only (CNI 1.1: a runtime GCs each network
+	// configuration on its own), and the agent forgets only what it
+	// knows to be of that network. Without, it is the node's whole list.
 	OpGC Op = "gc"
 )
 
@@ -115,6 +131,10 @@ type Request struct {
 	// RuleBackend is the conflist's ruleBackend override (version 2, add
 	// and check; empty = the agent's own choice).
 	RuleBackend redirectspec.Backend `json:"ruleBackend,omitempty"`
+	// Network is the CNI network's name (the conflist's "name"), version
+	// 3, any op; empty = unknown (an older plugin). Last in the struct,
+	// so appendRequest writes it last, as json.Marshal does.
+	Network string `json:"network,omitempty"`
 }
 
 // Decision is the agent's verdict for a pod.
@@ -180,6 +200,14 @@ func (r *Request) Validate() error {
 		}
 		if _, err := redirectspec.ParseBackend(string(r.RuleBackend)); err != nil {
 			return fmt.Errorf("request ruleBackend: %w", err)
+		}
+	}
+	if r.Network != "" {
+		if r.Version < NetworkVersion {
+			return fmt.Errorf("request network needs protocol version %d", NetworkVersion)
+		}
+		if err := CheckNetworkName(r.Network); err != nil {
+			return fmt.Errorf("request network: %w", err)
 		}
 	}
 	switch r.Op {
@@ -263,6 +291,41 @@ func (r *Response) Validate() error {
 		return fmt.Errorf("agent answered unknown decision %q", r.Decision)
 	}
 	return nil
+}
+
+// MaxNetworkName bounds Request.Network. The CNI spec sets no length;
+// conflist names are short ("k8s-pod-network", "cbr0", a
+// NetworkAttachmentDefinition's name), and a bound keeps every add, del
+// and check request within MaxMessageSize.
+const MaxNetworkName = 253
+
+// CheckNetworkName reports whether name is a CNI network name as the
+// spec defines it (and libcni enforces before running a plugin): an
+// ASCII letter or digit, then letters, digits, '_', '.' or '-'.
+func CheckNetworkName(name string) error {
+	if name == "" {
+		return errors.New("network name is empty")
+	}
+	if len(name) > MaxNetworkName {
+		return fmt.Errorf("network name is longer than %d bytes", MaxNetworkName)
+	}
+	for i := 0; i < len(name); i++ {
+		c := name[i]
+		alnum := c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9'
+		if !alnum && (i == 0 || c != '_' && c != '.' && c != '-') {
+			return fmt.Errorf("network name %q is not a CNI network name (a letter or digit, then letters, digits, '_', '.' or '-')", name)
+		}
+	}
+	return nil
+}
+
+// AgentOlder tells whether resp is an agent's refusal of req's version
+// because it speaks only older ones: such an agent answers in its own
+// version (it could not read the request's), so an error in a version
+// below the request's says so. The plugin then asks again in an older
+// version (without what only the newer one carries) or gives up.
+func AgentOlder(req *Request, resp *Response) bool {
+	return resp.Error != "" && resp.Version < req.Version
 }
 
 func checkName(field, v string, max int) error {

@@ -26,6 +26,18 @@ func TestDecodeRequest(t *testing.T) {
 	if _, err := DecodeRequest(b); err != nil {
 		t.Fatalf("gc request: %v", err)
 	}
+	// The network's name (version 3), in any op, comes back as sent.
+	for _, r := range []*Request{
+		{Version: Version, Op: OpGC, Network: "net-b", Valid: []Attachment{{ContainerID: "c1", IfName: "net1"}}},
+		{Version: Version, Op: OpGC, Network: "k8s-pod-network"},
+		func() *Request { r := goodRequest(); r.Network = "Net_2.a-b"; return r }(),
+	} {
+		b, _ := json.Marshal(r)
+		got, err := DecodeRequest(b)
+		if err != nil || got.Network != r.Network {
+			t.Fatalf("%s: %+v %v, want network %q", b, got, err, r.Network)
+		}
+	}
 	// Only gc may pass the 64 KiB bound.
 	b = append(b[:len(b)-1:len(b)-1], []byte(strings.Repeat(" ", MaxMessageSize)+"}")...)
 	if _, err := DecodeRequest(b); err != nil {
@@ -34,8 +46,13 @@ func TestDecodeRequest(t *testing.T) {
 	cases := map[string]string{
 		"":                         "empty message",
 		"{":                        "malformed",
-		`{"version":3,"op":"add"}`: "protocol version 3",
-		`{"version":1}`:            "no op",
+		`{"version":4,"op":"add"}`: "protocol version 4",
+		`{"version":2,"op":"gc","network":"net-b"}`:                                                                                "network needs protocol version 3",
+		`{"version":3,"op":"gc","network":"-net"}`:                                                                                 "not a CNI network name",
+		`{"version":3,"op":"gc","network":"net/b"}`:                                                                                "not a CNI network name",
+		`{"version":3,"op":"gc","network":"` + strings.Repeat("n", 254) + `"}`:                                                     "longer than 253",
+		`{"version":3,"op":"gc","network":3}`:                                                                                      "malformed",
+		`{"version":1}`:                                                                                                            "no op",
 		`{"version":1,"op":"add","ruleBackend":"nftables"}`:                                                                        "needs protocol version 2",
 		`{"version":2,"op":"add","ruleBackend":"pf"}`:                                                                              "unknown rule backend",
 		`{"version":1,"op":"zap"}`:                                                                                                 "unknown op",

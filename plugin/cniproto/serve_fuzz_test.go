@@ -43,6 +43,9 @@ func FuzzServe(f *testing.F) {
 		`{"version":2,"op":"del","pod":{"namespace":"a","name":"b","containerID":"c"}}`,
 		`{"version":1,"op":"del","pod":{"namespace":"a","name":"b","containerID":"c"}}`,
 		`{"version":2,"op":"check","pod":{"namespace":"a","name":"b","containerID":"c","netns":"/x","ifName":"eth0"}}`,
+		`{"version":3,"op":"gc","network":"net-b","valid":[{"containerID":"c","ifName":"net1"}]}`,
+		`{"version":3,"op":"del","network":"k8s-pod-network","pod":{"namespace":"a","name":"b","containerID":"c"}}`,
+		`{"version":2,"op":"gc","network":"net-b"}`,
 		`{"version":9,"op":"add"}`, `{"op":1}`, `not json`, `{}`, ` `} {
 		for n := uint8(0); n < 3; n++ {
 			f.Add([]byte(s), n)

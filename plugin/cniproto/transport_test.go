@@ -139,9 +139,12 @@ func TestVersions(t *testing.T) {
 		version int
 		op      Op
 		wantFD  bool
-	}{{1, OpAdd, true}, {2, OpAdd, true}, {1, OpDel, false}, {2, OpDel, true}, {1, OpCheck, true}} {
+	}{{1, OpAdd, true}, {2, OpAdd, true}, {3, OpAdd, true}, {1, OpDel, false}, {2, OpDel, true}, {3, OpDel, true}, {1, OpCheck, true}} {
 		req := goodRequest()
 		req.Version, req.Op = c.version, c.op
+		if c.version >= NetworkVersion {
+			req.Network = "k8s-pod-network"
+		}
 		resp, err := Call(ctx, path, req, self)
 		if err != nil || resp.Version != c.version {
 			t.Fatalf("v%d %s: %+v %v (want an answer in version %d)", c.version, c.op, resp, err, c.version)
@@ -151,8 +154,9 @@ func TestVersions(t *testing.T) {
 		}
 	}
 
-	// An agent that answers version 1 to a version 2 request: refused,
-	// unless the answer is an error (an older agent's refusal, shown).
+	// An agent that answers version 1 to a version 3 request: refused,
+	// unless the answer is an error (an older agent's refusal, shown,
+	// and recognised by AgentOlder).
 	answer := make(chan string, 1)
 	opath := filepath.Join(t.TempDir(), "o.sock")
 	cniprototest.Serve(t, opath, func(c *net.UnixConn) {
@@ -161,11 +165,17 @@ func TestVersions(t *testing.T) {
 		c.Write([]byte(<-answer))
 	})
 	answer <- `{"version":1,"decision":"skip"}`
-	if _, err := Call(ctx, opath, goodRequest(), self); err == nil || !strings.Contains(err.Error(), "answered a version 2 request in version 1") {
+	if _, err := Call(ctx, opath, goodRequest(), self); err == nil || !strings.Contains(err.Error(), "answered a version 3 request in version 1") {
 		t.Errorf("v1 skip to a v2 request: %v", err)
 	}
-	answer <- `{"version":1,"error":"protocol version 2 not supported (this side speaks 1)"}`
-	if resp, err := Call(ctx, opath, goodRequest(), self); err != nil || !strings.Contains(resp.Error, "protocol version 2 not supported") {
-		t.Errorf("old agent's refusal: %+v %v", resp, err)
+	answer <- `{"version":2,"error":"protocol version 3 not supported (this side speaks 1 to 2)"}`
+	if resp, err := Call(ctx, opath, goodRequest(), self); err != nil || !strings.Contains(resp.Error, "protocol version 3 not supported") || !AgentOlder(goodRequest(), resp) {
+		t.Errorf("old agent's refusal: %+v %v (want one AgentOlder recognises)", resp, err)
+	}
+	// An error in the request's own version is the agent's answer, not
+	// its age.
+	answer <- `{"version":3,"error":"pod not known yet","retryable":true}`
+	if resp, err := Call(ctx, opath, goodRequest(), self); err != nil || AgentOlder(goodRequest(), resp) {
+		t.Errorf("current agent's error: %+v %v, taken for an older agent's", resp, err)
 	}
 }
