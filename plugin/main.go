@@ -98,11 +98,24 @@ func (r *run) request(op cniproto.Op) *cniproto.Request {
 	if r.cfg.RuleBackend != redirectspec.Auto && op != cniproto.OpDel {
 		backend = r.cfg.RuleBackend
 	}
-	return &cniproto.Request{Version: cniproto.Version, Op: op, RuleBackend: backend, Pod: cniproto.Pod{
+	return &cniproto.Request{Version: cniproto.Version, Op: op, RuleBackend: backend, Network: r.network(), Pod: cniproto.Pod{
 		Namespace: r.pod.Namespace, Name: r.pod.Name, UID: r.pod.UID,
 		ContainerID: r.args.ContainerID, Netns: r.args.Netns, IfName: r.args.IfName,
 		IPs: prevIPs(r.cfg.PrevResult),
 	}}
+}
+
+// network is the conflist's name when it is one the CNI spec allows
+// (libcni refuses others before running a plugin for ADD, CHECK and
+// DEL; the dispatcher refuses them too), else "" (a name longer than
+// cniproto.MaxNetworkName): the agent then knows the attachment's
+// network as it knows one of an older plugin's, not at all, and keeps it
+// from any network's GC (cmdGC refuses a GC under a name it cannot send).
+func (r *run) network() string {
+	if cniproto.CheckNetworkName(r.cfg.Name) != nil {
+		return ""
+	}
+	return r.cfg.Name
 }
 
 func prevIPs(res types.Result) []netip.Prefix {
@@ -131,10 +144,21 @@ func prevIPs(res types.Result) []netip.Prefix {
 // call talks to the agent and maps transport failures to CNI errors;
 // unavailable is reported separately because policy decides what it
 // means.
+//
+// An agent older than this plugin (a rollback, or an upgrade before the
+// new agent replaced the binary on disk) refuses version 3; add, del and
+// check are asked again in version 2, without the network's name, which
+// such an agent has no use for. A gc is not (see cmdGC).
 func (r *run) call(req *cniproto.Request, netns *os.File) (resp *cniproto.Response, unavailable error, err error) {
 	ctx, cancel := context.WithTimeout(context.Background(), r.cfg.AgentTimeout)
 	defer cancel()
 	resp, err = cniproto.Call(ctx, r.cfg.AgentSocket, req, netns)
+	if err == nil && req.Op != cniproto.OpGC && req.Version > 2 && cniproto.AgentOlder(req, resp) {
+		r.log.Info("ambit-agent is older than ambit-cni; asking again in protocol version 2", "agentVersion", resp.Version, "refusal", resp.Error)
+		old := *req
+		old.Version, old.Network = 2, ""
+		resp, err = cniproto.Call(ctx, r.cfg.AgentSocket, &old, netns)
+	}
 	switch {
 	case err == nil:
 		return resp, nil, nil
@@ -365,7 +389,19 @@ func cmdGC(args *cmdArgs) (err error) {
 	if n := len(r.cfg.ValidAttachments); n > cniproto.MaxAttachments {
 		return types.NewError(types.ErrInvalidNetworkConfig, fmt.Sprintf("the runtime lists %d valid attachments; ambit-cni's GC handles at most %d per node, so nothing was collected and no pod was affected", n, cniproto.MaxAttachments), "")
 	}
-	req := &cniproto.Request{Version: cniproto.GCVersion, Op: cniproto.OpGC, Valid: make([]cniproto.Attachment, 0, len(r.cfg.ValidAttachments))}
+	// The list is this network's attachments only (CNI 1.1: the runtime
+	// GCs each network configuration on its own; CRI-O and Multus 4.2+
+	// do), so it goes with the network's name and the agent forgets only
+	// what it knows to be of this network. Sent without one, the agent
+	// takes the list for the node's whole and forgets every sandbox of
+	// the other networks. A name the protocol cannot carry is refused
+	// rather than dropped, for that reason (the dispatcher already
+	// refused a missing name or one with characters CNI does not allow;
+	// what is left is the protocol's length bound).
+	if err := cniproto.CheckNetworkName(r.cfg.Name); err != nil {
+		return configError("name", "%v: nothing was collected and no pod was affected", err)
+	}
+	req := &cniproto.Request{Version: cniproto.NetworkVersion, Op: cniproto.OpGC, Network: r.cfg.Name, Valid: make([]cniproto.Attachment, 0, len(r.cfg.ValidAttachments))}
 	for _, a := range r.cfg.ValidAttachments {
 		req.Valid = append(req.Valid, cniproto.Attachment{ContainerID: a.ContainerID, IfName: a.IfName})
 	}
@@ -376,6 +412,15 @@ func cmdGC(args *cmdArgs) (err error) {
 		return nil
 	case err != nil:
 		return err
+	case cniproto.AgentOlder(req, resp):
+		// Not asked again without the name: an older agent would take
+		// this network's list for the node's and forget the pods of
+		// every other network. Nothing is collected until the agent is
+		// upgraded; it still forgets pods deleted from the API when it
+		// reconciles, and DEL works as before.
+		return types.NewError(cniproto.CodeRefused, fmt.Sprintf("ambit-agent refused the GC of network %q: %s. It speaks protocol version %d, older than this ambit-cni's %d, and cannot tell this network's attachments from the node's, "+
+			"so nothing was collected and no pod was affected (agent and plugin versions differ; upgrade ambit-agent). Harmless meanwhile: the runtime retries GC, and ADD, CHECK and DEL are unaffected",
+			req.Network, strings.TrimPrefix(resp.Error, "ambit-agent: "), resp.Version, cniproto.Version), "")
 	case resp.Error != "":
 		return agentError(resp)
 	}

@@ -5,6 +5,9 @@
 package cniprototest
 
 import (
+	"bytes"
+	"encoding/json"
+	"fmt"
 	"net"
 	"testing"
 
@@ -44,4 +47,51 @@ func OldAgent(c *net.UnixConn) {
 		answer = `{"version":1,"error":"request exceeds 65536 bytes or carries too much control data"}`
 	}
 	c.Write([]byte(answer))
+}
+
+// Version2Agent returns a stand-in for an agent of protocol version 2
+// (before requests named the CNI network): it decodes each request as
+// those agents did (strictly, versions 1 to 2), refuses any other in its
+// own version with their error text, and answers the rest "skip" in the
+// request's version. seen, if set, gets each request it accepted.
+func Version2Agent(seen func(version int, op string, raw []byte)) func(c *net.UnixConn) {
+	return func(c *net.UnixConn) {
+		buf := make([]byte, 1<<20+1)
+		oob := make([]byte, unix.CmsgSpace(4*4))
+		n, oobn, _, _, err := c.ReadMsgUnix(buf, oob)
+		if err != nil {
+			return
+		}
+		if msgs, err := unix.ParseSocketControlMessage(oob[:oobn]); err == nil {
+			for _, m := range msgs {
+				fds, _ := unix.ParseUnixRights(&m)
+				for _, fd := range fds {
+					unix.Close(fd)
+				}
+			}
+		}
+		var req struct {
+			Version     int             `json:"version"`
+			Op          string          `json:"op"`
+			Pod         json.RawMessage `json:"pod"`
+			Valid       json.RawMessage `json:"valid,omitempty"`
+			RuleBackend string          `json:"ruleBackend,omitempty"`
+		}
+		d := json.NewDecoder(bytes.NewReader(buf[:n]))
+		d.DisallowUnknownFields()
+		var answer any
+		switch err := d.Decode(&req); {
+		case err != nil:
+			answer = map[string]any{"version": 2, "error": "malformed request: " + err.Error()}
+		case req.Version < 1 || req.Version > 2:
+			answer = map[string]any{"version": 2, "error": fmt.Sprintf("protocol version %d not supported (this side speaks 1 to 2): upgrade ambit-cni and ambit-agent together", req.Version)}
+		default:
+			if seen != nil {
+				seen(req.Version, req.Op, append([]byte(nil), buf[:n]...))
+			}
+			answer = map[string]any{"version": req.Version, "decision": "skip"}
+		}
+		b, _ := json.Marshal(answer)
+		c.Write(b)
+	}
 }
