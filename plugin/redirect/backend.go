@@ -142,7 +142,20 @@ const minInstallTime = 250 * time.Millisecond
 // cleanupReserve is the most of a deadline Install keeps for removing
 // what a cut install applied, and never more than half the time left
 // when the install starts: the work always gets the other half.
-const cleanupReserve = time.Second
+//
+// 2 s, not 1 s: with nine busy processes on 2 vCPUs a save takes 66-185
+// ms and a cut legacy install's check and removal ~7 saves and a
+// restore, 0.7-1.4 s, which the estimate (10 runs at the slowest save)
+// puts at up to 1.9 s. Capped at 1 s, the rollback of the agent's 8 s
+// request ran past the deadline there and the plugin reported no
+// answer (101) instead of "retry, lock held by pid N". The cost: on
+// such a node the work gives up on a held xtables lock up to 1 s
+// earlier (after 5.5 s of the agent's 7.5 s, not 6.5 s); both fail
+// the ADD and kubelet retries, but only the answer tells the operator
+// who held the lock. The reserve reaches the cap only when the saves
+// are that slow (lock waits do not count: ran), so an idle node's work
+// still gets all but reserveFloor.
+const cleanupReserve = 2 * time.Second
 
 // reserveFloor is the least Install keeps. An idle node's check and
 // removal of a cut legacy install take ~50 ms (8 saves and 2 restores

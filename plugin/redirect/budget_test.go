@@ -36,6 +36,13 @@ func TestInstallBudgetSizing(t *testing.T) {
 		// time, which ended the work before the IPv6 save started).
 		{"a legacy restore's wait for the xtables lock does not count", 2 * time.Second,
 			[]run{{"iptables-legacy-save", 12 * time.Millisecond}, {"iptables-legacy-restore", 1200 * time.Millisecond}}, reserveFloor},
+		// Nine busy processes on 2 vCPUs: saves up to ~185 ms, the
+		// rollback 0.7-1.4 s; capped at 1 s (before), an 8 s request's
+		// rollback ran past its deadline and the answer was lost.
+		{"a heavily loaded node keeps up to 2 s of an agent's 8 s request", 7500 * time.Millisecond,
+			[]run{{"iptables-legacy-save", 185 * time.Millisecond}}, 10 * 185 * time.Millisecond},
+		{"the cap: 2 s", 7500 * time.Millisecond,
+			[]run{{"iptables-legacy-save", 300 * time.Millisecond}}, 2 * time.Second},
 		{"the cap: half the time of a short request", 1 * time.Second,
 			[]run{{"iptables-legacy-save", 200 * time.Millisecond}}, 500 * time.Millisecond},
 		{"a failed run sizes nothing", 8 * time.Second,
