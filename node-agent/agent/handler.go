@@ -166,11 +166,22 @@ func (a *Agent) add(ctx context.Context, req *cniproto.Request, f *os.File, chec
 				// written before CHECK re-adoption recorded it).
 				backend = a.rulesBackend(ctx, nf)
 			}
+			dirty := false
 			if backend != "" && backend != existing.rec.Backend {
 				// The install may have switched engines (the
 				// conflist's backend changed): the record says which
 				// holds the rules after a restart too.
-				existing.rec.Backend = backend
+				existing.rec.Backend, dirty = backend, true
+			}
+			if nets := addNetwork(existing.rec.Networks, req.Network, ownAttachment(existing.rec, rp)); !slices.Equal(nets, existing.rec.Networks) {
+				// Another attachment's ADD (net1, through a
+				// NetworkAttachmentDefinition's chain), or the own
+				// one's network learned: that network's GC must now
+				// list the sandbox before the agent forgets it, and
+				// another network's cannot.
+				existing.rec.Networks, dirty = nets, true
+			}
+			if dirty {
 				a.rewrite(existing.rec)
 			}
 			return resp
@@ -189,10 +200,16 @@ func (a *Agent) add(ctx context.Context, req *cniproto.Request, f *os.File, chec
 			ips = existing.rec.IPs
 		}
 	}
+	nets := addNetwork(nil, req.Network, true)
+	if existing != nil {
+		// The same sandbox (container ID): the networks it was known
+		// in stay, or the GC of the one not named here would forget it.
+		nets = addNetwork(existing.rec.Networks, req.Network, ownAttachment(existing.rec, rp))
+	}
 	ino, _ := netnsfind.Inode(f)
 	p := &pod{rec: state.Pod{
 		Namespace: rp.Namespace, Name: rp.Name, UID: cp.UID, ContainerID: rp.ContainerID, IfName: ifName,
-		Netns: rp.Netns, NetnsInode: ino, IPs: ips, Since: time.Now().UTC(),
+		Networks: nets, Netns: rp.Netns, NetnsInode: ino, IPs: ips, Since: time.Now().UTC(),
 	}}
 	if !d.Enroll {
 		// Remember where the pod lives so a later label enrolls it fast.
@@ -599,10 +616,18 @@ func runPath(p string) string {
 // gc forgets sandboxes the runtime no longer knows (CNI GC): a DEL that
 // never reached the agent must not keep a netns, listeners and a record
 // alive forever. Pods the agent found by itself are left to DEL.
+//
+// A GC naming its network (req.Network, protocol version 3) lists that
+// network's attachments only, and forgets a sandbox only once no network
+// it is known in lists it (networks.go). One without (an older plugin)
+// is the runtime's whole list, as before.
 func (a *Agent) gc(req *cniproto.Request) *cniproto.Response {
 	valid := make(map[string]bool, len(req.Valid))
 	for _, at := range req.Valid {
 		valid[at.ContainerID] = true
+	}
+	if req.Network != "" {
+		return a.gcNetwork(req, valid)
 	}
 	a.mu.Lock()
 	var stale []state.Pod
@@ -620,6 +645,65 @@ func (a *Agent) gc(req *cniproto.Request) *cniproto.Response {
 	}
 	if n := a.gcKept(valid); n > 0 {
 		a.log.Info("gc: removed records of sandboxes the runtime no longer has, kept unserved since adoption", "count", n)
+	}
+	return &cniproto.Response{Decision: cniproto.Skip}
+}
+
+// ownAttachment tells whether rp is the attachment rec was made for.
+func ownAttachment(rec state.Pod, rp cniproto.Pod) bool {
+	return rec.IfName != "" && rec.IfName == rp.IfName
+}
+
+// gcNetwork is gc for the attachments of one network (req.Network);
+// valid holds the container IDs it lists.
+func (a *Agent) gcNetwork(req *cniproto.Request, valid map[string]bool) *cniproto.Response {
+	n := req.Network
+	attached := make(map[[2]string]bool, len(req.Valid))
+	for _, at := range req.Valid {
+		attached[[2]string{at.ContainerID, at.IfName}] = true
+	}
+	// apply is the GC's verdict on rec: its networks after, and gone.
+	apply := func(rec state.Pod) ([]string, bool) {
+		return gcNetworks(rec.Networks, n, valid[rec.ContainerID], rec.IfName != "" && attached[[2]string{rec.ContainerID, rec.IfName}])
+	}
+	a.mu.Lock()
+	cands := make([]*pod, 0, len(a.byCID))
+	for cid, p := range a.byCID {
+		if !strings.HasPrefix(cid, foundPrefix) {
+			cands = append(cands, p)
+		}
+	}
+	a.mu.Unlock()
+	forgot, learned := 0, 0
+	for _, p := range cands {
+		unlock := a.lock(p.rec.Namespace, p.rec.Name)
+		a.mu.Lock()
+		current := a.byCID[p.rec.ContainerID] == p
+		a.mu.Unlock()
+		if !current {
+			// Released or replaced meanwhile (a DEL, an ADD): its
+			// fate is no longer this GC's.
+			unlock()
+			continue
+		}
+		nets, gone := apply(p.rec)
+		switch {
+		case gone:
+			r := p.rec
+			a.delLocked(&cniproto.Request{Op: cniproto.OpDel, Pod: cniproto.Pod{Namespace: r.Namespace, Name: r.Name, UID: r.UID, ContainerID: r.ContainerID}})
+			forgot++
+		case !slices.Equal(nets, p.rec.Networks):
+			p.rec.Networks = nets
+			a.rewrite(p.rec)
+			learned++
+		}
+		unlock()
+	}
+	if forgot > 0 || learned > 0 {
+		a.log.Info("gc: network's sandboxes", "network", n, "forgot", forgot, "networksUpdated", learned)
+	}
+	if k := a.gcKeptNetwork(n, apply); k > 0 {
+		a.log.Info("gc: removed records of sandboxes the network no longer has, kept unserved since adoption", "network", n, "count", k)
 	}
 	return &cniproto.Response{Decision: cniproto.Skip}
 }

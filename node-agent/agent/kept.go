@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"os"
+	"slices"
 	"strings"
 	"syscall"
 
@@ -169,4 +170,47 @@ func (a *Agent) gcKept(valid map[string]bool) int {
 		unlock()
 	}
 	return len(gone)
+}
+
+// gcKeptNetwork is gcKept for the GC of network n: apply gives a kept
+// record's networks after it, and whether it is gone (then removed).
+func (a *Agent) gcKeptNetwork(n string, apply func(state.Pod) ([]string, bool)) int {
+	type kept struct{ key, cid string }
+	var all []kept
+	a.mu.Lock()
+	for key, cids := range a.kept {
+		for cid := range cids {
+			if !strings.HasPrefix(cid, foundPrefix) {
+				all = append(all, kept{key, cid})
+			}
+		}
+	}
+	a.mu.Unlock()
+	removed := 0
+	for _, k := range all {
+		ns, name, _ := strings.Cut(k.key, "/")
+		unlock := a.lock(ns, name)
+		rec, err := a.store.Read(state.FileName(k.cid))
+		switch {
+		case errors.Is(err, os.ErrNotExist):
+			a.unkeep(k.key, k.cid)
+		case err != nil:
+			a.log.Warn("reading pod record", "pod", k.key, "err", err)
+		default:
+			nets, gone := apply(rec)
+			if gone {
+				if err := a.store.Delete(k.cid); err != nil {
+					a.log.Warn("removing pod record", "pod", k.key, "err", err)
+				} else {
+					a.unkeep(k.key, k.cid)
+					removed++
+				}
+			} else if !slices.Equal(nets, rec.Networks) {
+				rec.Networks = nets
+				a.rewrite(rec)
+			}
+		}
+		unlock()
+	}
+	return removed
 }

@@ -27,6 +27,14 @@ type Pod struct {
 	// the DEL of another one leaves the sandbox served. Empty in records
 	// of agents before it, and of pods found by live enrollment.
 	IfName string `json:"ifName,omitempty"`
+	// Networks are the CNI networks (conflist names) in which the
+	// sandbox has an attachment through ambit-cni, as ADD, CHECK and GC
+	// told (node-agent/agent/networks.go). A GC of one network forgets
+	// the sandbox only when it was in no other. "" stands for the
+	// network of the record's own attachment (IfName) while it is
+	// unknown: the plugin or the agent that wrote the record predates
+	// network names. Empty means [""].
+	Networks []string `json:"networks,omitempty"`
 	// Netns is the runtime's path of the namespace (a bind mount that
 	// lives as long as the sandbox), NetnsInode its inode when it was
 	// handed to us, so a reused path is detected.
@@ -95,7 +103,7 @@ func encode(p Pod) ([]byte, error) {
 	// it, rather than lost silently at the next restart.
 	for _, f := range []struct{ name, v string }{
 		{"namespace", p.Namespace}, {"name", p.Name}, {"uid", p.UID}, {"containerID", p.ContainerID},
-		{"netns", p.Netns}, {"identity", p.Identity}, {"backend", p.Backend},
+		{"netns", p.Netns}, {"identity", p.Identity}, {"backend", p.Backend}, {"networks", strings.Join(p.Networks, ",")},
 	} {
 		if !utf8.ValidString(f.v) {
 			return nil, fmt.Errorf("state: record of %q: %s %q is not valid UTF-8", p.ContainerID, f.name, f.v)
