@@ -8,7 +8,7 @@
 // Ops: add (enroll or skip; enrolling installs the redirection in the
 // netns), check (same answer, nothing changes; the rules are verified),
 // del (forget the pod, remove the rules), gc (the runtime's still-valid
-// attachments). Since version 2 the agent does all the netns work on the
+// attachments: since version 3 of one named network, Request.Network). Since version 2 the agent does all the netns work on the
 // fd it receives, so ambit-cni links no rule code and starts fast;
 // version 1 plugins (installing the rules themselves) are still served.
 //
