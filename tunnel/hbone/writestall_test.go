@@ -58,9 +58,12 @@ func (g *readGate) resume() {
 	}
 }
 
-// stallPair is a client and server whose socket buffers are small
+// stallPair is a client and server whose client's send buffer is small
 // (16 KiB asked, the kernel doubles it) and whose windows are large
 // (64 MiB): the socket fills long before flow control stops a writer.
+// The server's receive buffer is the kernel's: set to 16 KiB, a
+// transfer sometimes took 50 s or more to resume once the server read
+// again (the loopback's 64 KiB segments do not fit it).
 // The server's reads pass through the returned gate; raw is the
 // client's TCP socket. A first stream's round trip has been made (the
 // peer's SETTINGS, its windows, are known); the stream stays open.
@@ -79,9 +82,6 @@ func stallPair(t *testing.T, handler func(*Stream)) (c *Conn, gate *readGate, ra
 				raw = tc
 				mu.Unlock()
 				return tc
-			}
-			if err := tc.SetReadBuffer(16 << 10); err != nil {
-				t.Error(err)
 			}
 			g := newReadGate(tc)
 			gates <- g
@@ -177,18 +177,30 @@ func fillSocket(t *testing.T, raw *net.TCPConn) {
 		t.Fatal(err)
 	}
 	b := make([]byte, 64<<10)
-	total := 0
-	_ = rc.Write(func(fd uintptr) bool {
-		for {
-			n, err := unix.Write(int(fd), b)
-			if err != nil || n <= 0 {
-				return true
+	fill := func() (total int) {
+		_ = rc.Write(func(fd uintptr) bool {
+			for {
+				n, err := unix.Write(int(fd), b)
+				if err != nil || n <= 0 {
+					return true
+				}
+				total += n
 			}
-			total += n
-		}
-	})
-	if total == 0 {
+		})
+		return total
+	}
+	if fill() == 0 {
 		t.Fatal("could not fill the socket")
+	}
+	// Again until it stays full: acknowledgements of the last
+	// segments, and the kernel's buffer tuning, make some room after.
+	for quiet := 0; quiet < 2; {
+		time.Sleep(20 * time.Millisecond)
+		if fill() == 0 {
+			quiet++
+		} else {
+			quiet = 0
+		}
 	}
 }
 
@@ -200,6 +212,10 @@ func fillSocket(t *testing.T, raw *net.TCPConn) {
 // not read (the test's minute bail).
 func TestOpenStreamWriteEndsWithItsContext(t *testing.T) {
 	c, gate, raw := stallPair(t, echoHandler)
+	// Small here (no transfer resumes after): the socket stays full.
+	if err := gate.Conn.(*net.TCPConn).SetReadBuffer(16 << 10); err != nil {
+		t.Fatal(err)
+	}
 	gate.stop()
 	fillSocket(t, raw)
 	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
@@ -210,9 +226,9 @@ func TestOpenStreamWriteEndsWithItsContext(t *testing.T) {
 	}
 	done := make(chan result, 1)
 	go func() {
-		// 64 KiB of first bytes with the HEADERS: more than whatever
+		// 1 MiB of first bytes with the HEADERS: more than whatever
 		// room the socket gains as its last segments are acknowledged.
-		s, _, err := c.OpenStreamDataContext(ctx, "10.0.0.1:80", nil, make([]byte, 64<<10))
+		s, _, err := c.OpenStreamDataContext(ctx, "10.0.0.1:80", nil, make([]byte, 1<<20))
 		done <- result{s, err}
 	}()
 	var r result
