@@ -58,7 +58,9 @@ type skewPod struct {
 }
 
 func (p *skewPod) request(op cniproto.Op) *cniproto.Request {
-	return &cniproto.Request{Version: cniproto.Version, Op: op,
+	// Version 2: what both agents serve (version 3 only adds the
+	// network's name, which an agent of before session 18 refuses).
+	return &cniproto.Request{Version: 2, Op: op,
 		Pod: cniproto.Pod{Namespace: "apps", Name: p.name, UID: p.uid, ContainerID: "cid-" + p.uid,
 			Netns: "/var/run/netns/" + p.ns, IPs: []netip.Prefix{
 				netip.MustParsePrefix(p.v4 + "/24"), netip.MustParsePrefix(p.v6 + "/64")}}}
