@@ -224,8 +224,15 @@ func (b *installBudget) run(ctx context.Context) (context.Context, context.Cance
 	if b == nil {
 		return ctx, func() {}
 	}
-	return context.WithDeadline(ctx, b.deadline.Add(-b.reserve()))
+	r := b.reserve()
+	return context.WithDeadline(context.WithValue(ctx, reserveKey{}, r), b.deadline.Add(-r))
 }
+
+// reserveKey is the context value of a budgeted run: the reserve its
+// deadline keeps before the caller's, so a run stopped there says that
+// time was kept, not that the caller's deadline passed (with 0.7 s of a
+// 2 s request left, it read as if the caller had run out).
+type reserveKey struct{}
 
 // ran records a run of the tool name that took took; rctx is the
 // context run gave it, err its error.

@@ -291,7 +291,19 @@ func endedBy(ctx context.Context) string {
 	if errors.Is(ctx.Err(), context.Canceled) {
 		return "the caller gave up (canceled)"
 	}
+	if r, ok := ctx.Value(reserveKey{}).(time.Duration); ok {
+		return fmt.Sprintf("the last %s before the caller's deadline is kept for undoing a cut install", r.Round(time.Millisecond))
+	}
 	return "the caller's deadline has passed"
+}
+
+// endedAt says when a run stopped by ctx's deadline stopped, for
+// messages.
+func endedAt(ctx context.Context) string {
+	if r, ok := ctx.Value(reserveKey{}).(time.Duration); ok {
+		return fmt.Sprintf("%s before the caller's deadline, the time kept for undoing a cut install", r.Round(time.Millisecond))
+	}
+	return "at the caller's deadline"
 }
 
 // stoppedRun is the error of a run killed before it finished, at ctx's
@@ -304,7 +316,7 @@ func stoppedRun(ctx context.Context, cmdline string, took, bound time.Duration, 
 	if err := ctx.Err(); err != nil {
 		why, cause = "when "+endedBy(ctx), err
 		if !errors.Is(err, context.Canceled) {
-			why = "at the caller's deadline"
+			why = endedAt(ctx)
 		}
 	}
 	msg := fmt.Sprintf("%s: stopped after %s, %s", cmdline, took.Round(time.Millisecond), why)
