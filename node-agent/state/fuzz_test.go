@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"strings"
 	"testing"
 	"time"
 )
@@ -14,15 +15,20 @@ import (
 // that do not match their file name), and the pod it describes is then
 // never re-adopted, so Put must refuse anything it cannot give back.
 func FuzzPutList(f *testing.F) {
-	f.Add("shop", "web-0", "u-1", "0123abcd", "/var/run/netns/cni-1", uint64(4026532000), []byte{10, 244, 1, 5}, "spiffe://cluster.local/ns/shop/sa/web", "nftables", uint8(0b1111), int64(1767225600e9))
-	f.Add("", "", "", "c/../weird id", "", uint64(0), []byte(nil), "", "", uint8(0), int64(0))
-	f.Add("a", "b", "", "\xff\xfe", "", uint64(0), []byte{0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1}, "", "", uint8(2), int64(-1))
-	f.Add("a\u2028", "b", "", "c\x00d", "\n", uint64(1), []byte{1, 2, 3}, "", "iptables", uint8(5), int64(1))
-	f.Fuzz(func(t *testing.T, ns, name, uid, cid, netns string, inode uint64, ips []byte, identity, backend string, flags uint8, since int64) {
+	f.Add("shop", "web-0", "u-1", "0123abcd", "/var/run/netns/cni-1", uint64(4026532000), []byte{10, 244, 1, 5}, "spiffe://cluster.local/ns/shop/sa/web", "nftables", uint8(0b1111), int64(1767225600e9), "eth0", "k8s-pod-network,net-b")
+	f.Add("", "", "", "c/../weird id", "", uint64(0), []byte(nil), "", "", uint8(0), int64(0), "", "")
+	f.Add("a", "b", "", "\xff\xfe", "", uint64(0), []byte{0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1}, "", "", uint8(2), int64(-1), "net1", ",net-b")
+	f.Add("a\u2028", "b", "", "c\x00d", "\n", uint64(1), []byte{1, 2, 3}, "", "iptables", uint8(5), int64(1), "e\xff", "n\xff,\u2028<&>")
+	f.Fuzz(func(t *testing.T, ns, name, uid, cid, netns string, inode uint64, ips []byte, identity, backend string, flags uint8, since int64, ifName, networks string) {
 		p := Pod{Namespace: ns, Name: name, UID: uid, ContainerID: cid, Netns: netns, NetnsInode: inode,
-			Identity: identity, Backend: backend,
+			Identity: identity, Backend: backend, IfName: ifName,
 			Enrolled: flags&1 != 0, IPv4: flags&2 != 0, IPv6: flags&4 != 0, MigrateReq: flags&8 != 0,
 			Since: time.Unix(0, since).UTC()}
+		// networks: comma-separated, "" kept as the own attachment's
+		// unknown network; none at all is nil, as the agent writes it.
+		if networks != "" {
+			p.Networks = strings.Split(networks, ",")
+		}
 		// ips: 4-byte chunks, or 16 after a 0xfd marker.
 		for len(ips) >= 4 && len(p.IPs) < 8 {
 			if ips[0] == 0xfd && len(ips) >= 17 {

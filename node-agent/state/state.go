@@ -102,7 +102,7 @@ func encode(p Pod) ([]byte, error) {
 	// path that names another file). Refused here, where the caller logs
 	// it, rather than lost silently at the next restart.
 	for _, f := range []struct{ name, v string }{
-		{"namespace", p.Namespace}, {"name", p.Name}, {"uid", p.UID}, {"containerID", p.ContainerID},
+		{"namespace", p.Namespace}, {"name", p.Name}, {"uid", p.UID}, {"containerID", p.ContainerID}, {"ifName", p.IfName},
 		{"netns", p.Netns}, {"identity", p.Identity}, {"backend", p.Backend}, {"networks", strings.Join(p.Networks, ",")},
 	} {
 		if !utf8.ValidString(f.v) {
