@@ -113,6 +113,10 @@ func (pl *pool) closed() bool {
 
 func (pl *pool) conn(ctx context.Context, key poolKey) (*hbone.Conn, error) {
 	limit := int(pl.p.hcfg.MaxStreamsPerConn)
+	// Set once a dial this caller waited for failed: a stalled
+	// connection (below) then serves after all, bounded by ctx, rather
+	// than a dial again and again to a peer that refuses them.
+	dialFailed := false
 	pl.mu.Lock()
 	for {
 		if pl.closed() {
@@ -130,7 +134,7 @@ func (pl *pool) conn(ctx context.Context, key poolKey) (*hbone.Conn, error) {
 			pl.m[key] = e
 		}
 		live := e.conns[:0]
-		var pick *hbone.Conn
+		var pick, stalled *hbone.Conn
 		now := time.Now()
 		for _, c := range e.conns {
 			if !c.Usable() {
@@ -146,9 +150,25 @@ func (pl *pool) conn(ctx context.Context, key poolKey) (*hbone.Conn, error) {
 				continue
 			}
 			live = append(live, c)
-			if pick == nil && c.ActiveStreams() < limit {
-				pick = c.Conn
+			if pick != nil || c.ActiveStreams() >= limit {
+				continue
 			}
+			if c.WriteStalled(now) {
+				// Its writer has waited on a full socket for a
+				// while (the peer alive but not draining): a
+				// stream put here would wait behind it for the
+				// write lock, up to the connect timeout, where a
+				// connection of its own would carry it at once.
+				// Kept: it goes on serving its streams.
+				if stalled == nil {
+					stalled = c.Conn
+				}
+				continue
+			}
+			pick = c.Conn
+		}
+		if pick == nil && dialFailed {
+			pick = stalled
 		}
 		for i := len(live); i < len(e.conns); i++ {
 			e.conns[i] = pooledConn{}
@@ -199,6 +219,7 @@ func (pl *pool) conn(ctx context.Context, key poolKey) (*hbone.Conn, error) {
 			pl.mu.Unlock()
 			return nil, d.err
 		}
+		dialFailed = dialFailed || d.err != nil
 	}
 }
 

@@ -275,7 +275,9 @@ func (c *corkConn) flushGuarded() (cut bool, err error) {
 // mu held (flushLocked).
 func (c *corkConn) noteBlocked() {
 	c.blockedSince.Store(time.Now().UnixNano())
-	if c.guard != nil && c.cut == nil {
+	// Done only now: on a timerCtx it makes the channel, an
+	// allocation the open that never blocks does not pay.
+	if c.guard != nil && c.cut == nil && c.guard.Done() != nil {
 		wc := &writeCut{conn: c.Conn}
 		wc.stop = context.AfterFunc(c.guard, wc.fire)
 		c.cut = wc

@@ -861,7 +861,7 @@ func (c *Conn) OpenStreamDataContext(ctx context.Context, authority string, extr
 	// took nothing for the opener's whole deadline (the connect
 	// timeout), far past WriteStalled's threshold, by when the pool had
 	// stopped putting streams on it.
-	guarded := c.cork != nil && ctx.Done() != nil
+	guarded := c.cork != nil
 	if guarded {
 		c.cork.corkGuarded(0, ctx)
 	} else {

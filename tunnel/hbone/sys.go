@@ -72,13 +72,11 @@ func writeNonBlocking(rc syscall.RawConn, b []byte) int {
 func (c *corkConn) writeAll(b []byte) (int, error) {
 	var n int
 	var werr error
-	blocked := false
 	err := c.raw.Write(func(fd uintptr) bool {
 		for n < len(b) {
 			k, err := writeFD(fd, b[n:])
 			if err == unix.EAGAIN {
-				if !blocked {
-					blocked = true
+				if c.blockedSince.Load() == 0 {
 					c.noteBlocked()
 				}
 				return false
@@ -91,7 +89,9 @@ func (c *corkConn) writeAll(b []byte) (int, error) {
 		}
 		return true
 	})
-	if blocked {
+	// Only this writer stores it (under the cork's lock): the load
+	// spares the fast path a store to a line WriteStalled reads.
+	if c.blockedSince.Load() != 0 {
 		c.blockedSince.Store(0)
 	}
 	if err == nil {
