@@ -258,12 +258,20 @@ func (c *corkConn) corkGuarded(hint int, ctx context.Context) {
 // deadline: the socket is shared, and a deadline left on it, or set
 // while closeWith has set its own, could cut another writer's frame.
 func (c *corkConn) flushGuarded() (cut bool, err error) {
-	c.mu.Lock()
-	c.corked = false
-	err = c.flushLocked()
-	wc := c.cut
-	c.guard, c.cut = nil, nil
-	c.mu.Unlock()
+	var wc *writeCut
+	func() {
+		c.mu.Lock()
+		// Deferred: a write that panics (the caller's unwedge closes
+		// the connection) must not leave the lock held, or the close's
+		// own writes wait on it for ever (TestWritePanicLeavesConnClosed).
+		defer func() {
+			wc = c.cut
+			c.guard, c.cut = nil, nil
+			c.mu.Unlock()
+		}()
+		c.corked = false
+		err = c.flushLocked()
+	}()
 	if wc == nil {
 		return false, err
 	}
