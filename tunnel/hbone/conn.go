@@ -897,13 +897,13 @@ func (c *Conn) OpenStreamDataContext(ctx context.Context, authority string, extr
 }
 
 // writeStallAfter is how long a write may wait on a full socket before
-// WriteStalled says so. A healthy peer drains a burst (at most a 1 MiB
-// cork, usually an app read of 256 KiB) in milliseconds, even at
-// 100 Mbit/s in 80 ms, so a busy connection is not shunned and no
-// dial is spent on it; and it is a small part of the 10 s connect
-// timeout, so a stream that would wait behind the stalled writer (for
-// the lock, up to that timeout) goes to another connection instead,
-// at the price of one dial. A var for tests.
+// WriteStalled says so. Well above what a healthy peer takes to drain a
+// burst (at most a 1 MiB cork, usually an app read of 256 KiB: 1 MiB is
+// 8 ms at 1 Gbit/s, 84 ms at 100 Mbit/s), so a busy connection is not
+// shunned and no dial is spent on it; and a twentieth of the 10 s
+// connect timeout, so a stream that would wait behind the stalled
+// writer (for the lock, up to that timeout) goes to another connection
+// instead, at the price of one dial. A var for tests.
 var writeStallAfter = 500 * time.Millisecond
 
 // WriteStalled reports whether a write on c has waited on a full socket
