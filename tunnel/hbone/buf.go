@@ -85,6 +85,11 @@ type corkConn struct {
 	// write blocks. Both under mu.
 	guard context.Context
 	cut   *writeCut
+	// writeAll's state, under mu, and its step (c.step, made once).
+	wb        []byte
+	wn        int
+	werr      error
+	writeStep func(fd uintptr) bool
 
 	// Read side (one reader at a time: crypto/tls's input lock).
 	// crypto/tls asks for about a record at a time (its buffer grows
@@ -108,6 +113,7 @@ func newCorkConn(nc net.Conn, readSize int) *corkConn {
 	if sc, ok := nc.(syscall.Conn); ok {
 		if rc, err := sc.SyscallConn(); err == nil {
 			c.raw, c.readSize = rc, readSize
+			c.writeStep = c.step
 		}
 	}
 	return c

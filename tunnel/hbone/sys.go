@@ -68,27 +68,15 @@ func writeNonBlocking(rc syscall.RawConn, b []byte) int {
 // writeAll writes b, waiting in the poller while the socket is full.
 // The first time the socket is full it stamps blockedSince and arms the
 // burst's guard, if any (noteBlocked): a write the socket takes at once
-// pays neither the clock nor the guard.
+// pays neither the clock nor the guard. mu held (flushLocked): the
+// write's state lives in the cork and its step function was made once
+// (newCorkConn), so a write allocates nothing; a closure over n, werr
+// and b cost three allocations a write.
 func (c *corkConn) writeAll(b []byte) (int, error) {
-	var n int
-	var werr error
-	err := c.raw.Write(func(fd uintptr) bool {
-		for n < len(b) {
-			k, err := writeFD(fd, b[n:])
-			if err == unix.EAGAIN {
-				if c.blockedSince.Load() == 0 {
-					c.noteBlocked()
-				}
-				return false
-			}
-			if err != nil {
-				werr = err
-				return true
-			}
-			n += k
-		}
-		return true
-	})
+	c.wb, c.wn, c.werr = b, 0, nil
+	err := c.raw.Write(c.writeStep)
+	n, werr := c.wn, c.werr
+	c.wb, c.werr = nil, nil
 	// Only this writer stores it (under the cork's lock): the load
 	// spares the fast path a store to a line WriteStalled reads.
 	if c.blockedSince.Load() != 0 {
@@ -98,4 +86,24 @@ func (c *corkConn) writeAll(b []byte) (int, error) {
 		err = werr
 	}
 	return n, err
+}
+
+// step is writeAll's call on the ready socket: false to wait in the
+// poller.
+func (c *corkConn) step(fd uintptr) bool {
+	for c.wn < len(c.wb) {
+		k, err := writeFD(fd, c.wb[c.wn:])
+		if err == unix.EAGAIN {
+			if c.blockedSince.Load() == 0 {
+				c.noteBlocked()
+			}
+			return false
+		}
+		if err != nil {
+			c.werr = err
+			return true
+		}
+		c.wn += k
+	}
+	return true
 }
