@@ -805,6 +805,9 @@ func (c *Conn) OpenStreamDataContext(ctx context.Context, authority string, extr
 	defer c.unwedge(&held)
 	if err := c.lockWriteContext(ctx); err != nil {
 		c.release(s)
+		if errors.Is(err, ErrNoCapacity) {
+			return nil, 0, err
+		}
 		return nil, 0, fmt.Errorf("hbone: the connection's writes are stalled: %w", err)
 	}
 	held = true
@@ -932,21 +935,55 @@ func (c *Conn) lockWriteContext(ctx context.Context) error {
 		c.wmu.Lock()
 		return nil
 	}
-	got := make(chan struct{})
+	got, gone := make(chan struct{}), make(chan struct{})
 	go func() {
 		c.wmu.Lock()
 		select {
 		case got <- struct{}{}:
 		case <-ctx.Done():
 			c.wmu.Unlock()
+		case <-gone:
+			c.wmu.Unlock()
 		}
 	}()
-	select {
-	case <-got:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
+	// The holder may be a writer stalled on a full socket: once
+	// WriteStalled says so, give up (ErrNoCapacity: the pool opens the
+	// stream elsewhere) rather than wait for the lock up to ctx's end,
+	// the connect timeout. An opener that picked the connection just
+	// before the stall was seen waited that long.
+	t := time.NewTimer(c.untilStalled(time.Now()))
+	defer t.Stop()
+	for {
+		select {
+		case <-got:
+			return nil
+		case <-ctx.Done():
+			return ctx.Err()
+		case now := <-t.C:
+			if c.WriteStalled(now) {
+				close(gone)
+				return errWriteStalled
+			}
+			t.Reset(c.untilStalled(now))
+		}
 	}
+}
+
+// errWriteStalled: an open gave up waiting for the write lock held by a
+// writer stalled on a full socket (WriteStalled).
+var errWriteStalled = fmt.Errorf("hbone: the connection's writer has waited on a full socket too long: %w", ErrNoCapacity)
+
+// untilStalled is how long from now until WriteStalled could turn true:
+// writeStallAfter when no write waits now.
+func (c *Conn) untilStalled(now time.Time) time.Duration {
+	if c.cork == nil {
+		return time.Hour // never: no stamp without a cork
+	}
+	d := writeStallAfter
+	if since := c.cork.blockedSince.Load(); since != 0 {
+		d = time.Duration(since + int64(writeStallAfter) - now.UnixNano())
+	}
+	return max(d, time.Millisecond)
 }
 
 // testHookOpenStreamChecked, when set (tests only), runs in

@@ -71,7 +71,7 @@ func stallPair(t *testing.T, handler func(*Stream)) (c *Conn, gate *readGate, ra
 	t.Helper()
 	gates := make(chan *readGate, 1)
 	var mu sync.Mutex
-	c, _ = serveWrapped(t, Config{PingInterval: -1, StreamWindow: 64 << 20, ConnWindow: 64 << 20}, handler, func(a string) string { return a },
+	c, _ = serveWrapped(t, Config{PingInterval: -1, StreamWindow: 64 << 20, ConnWindow: 64 << 20, SendFrameSize: 1 << 20}, handler, func(a string) string { return a },
 		func(r net.Conn, server bool) net.Conn {
 			tc := r.(*net.TCPConn)
 			if !server {
@@ -287,5 +287,51 @@ func TestOpenStreamSlowWriteThatDrainsIsNotCut(t *testing.T) {
 	}
 	if err := c.Err(); err != nil {
 		t.Fatalf("the connection closed: %v", err)
+	}
+}
+
+// TestOpenStreamLeavesALockHeldByAStalledWriter: an open that finds the
+// write lock held by a writer that has only just blocked on a full
+// socket (not yet WriteStalled, so a pool would have picked the
+// connection) gives up with ErrNoCapacity once the writer has waited
+// writeStallAfter, instead of waiting for the lock until its context
+// ends (a minute here; the connect timeout in the tunnel): the pool
+// then opens the stream elsewhere. Before, it waited the whole minute.
+func TestOpenStreamLeavesALockHeldByAStalledWriter(t *testing.T) {
+	defer func(d time.Duration) { writeStallAfter = d }(writeStallAfter)
+	writeStallAfter = 300 * time.Millisecond
+	c, gate, _ := stallPair(t, func(s *Stream) {
+		s.Respond(200, nil)
+		io.Copy(io.Discard, s)
+	})
+	s, _, err := c.OpenStreamData("10.0.0.1:80", nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	gate.stop()
+	// Bursts of a frame each (the peer's 1 MiB frame size), far more
+	// than the sockets hold, each written under the lock.
+	go s.Write(make([]byte, 4<<20))
+	waitFor(t, "the writer blocked holding the lock", func() bool {
+		if c.cork.blockedSince.Load() == 0 {
+			return false
+		}
+		if c.wmu.TryLock() {
+			c.wmu.Unlock()
+			return false
+		}
+		return true
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	_, _, err = c.OpenStreamDataContext(ctx, "10.0.0.1:80", nil, nil)
+	if !errors.Is(err, ErrNoCapacity) {
+		t.Fatalf("open behind a stalled writer: %v, want ErrNoCapacity", err)
+	}
+	if ctx.Err() != nil {
+		t.Fatal("the open waited until its context ended")
+	}
+	if cerr := c.Err(); cerr != nil {
+		t.Fatalf("the connection was closed: %v", cerr)
 	}
 }
