@@ -4,6 +4,8 @@ go 1.26.8
 
 require github.com/ambit-mesh/ambit v0.0.0
 
+require github.com/vishvananda/netns v0.0.5 // indirect
+
 require (
 	github.com/beorn7/perks v1.0.1 // indirect
 	github.com/cbeuw/connutil v1.0.1 // indirect
