@@ -256,33 +256,33 @@ func (c *corkConn) corkGuarded(hint int, ctx context.Context) {
 	c.mu.Unlock()
 }
 
-// flushGuarded is flush for a corkGuarded burst. When its write still
-// waits on a full socket as the guard's context ends, the TCP socket is
-// closed under it (writeCut) and cut is true: the write may have left
-// part of a frame (a TLS record, even) on the wire, after which nothing
-// else can be sent on the connection, so the caller closes it. No write
-// deadline: the socket is shared, and a deadline left on it, or set
-// while closeWith has set its own, could cut another writer's frame.
+// flushGuarded is flush for a corkGuarded burst. When its write has
+// waited on a full socket for writeStallAfter (WriteStalled) and the
+// guard's context has ended, the TCP socket is closed under it
+// (writeCut) and cut is true: the write may have left part of a frame
+// (a TLS record, even) on the wire, after which nothing else can be
+// sent on the connection, so the caller closes it. No write deadline:
+// the socket is shared, and a deadline left on it, or set while
+// closeWith has set its own, could cut another writer's frame.
 func (c *corkConn) flushGuarded() (cut bool, err error) {
-	var wc *writeCut
-	func() {
-		c.mu.Lock()
-		// Deferred: a write that panics (the caller's unwedge closes
-		// the connection) must not leave the lock held, or the close's
-		// own writes wait on it for ever (TestWritePanicLeavesConnClosed).
-		defer func() {
-			wc = c.cut
-			c.guard, c.cut = nil, nil
-			c.mu.Unlock()
-		}()
-		c.corked = false
-		err = c.flushLocked()
+	c.mu.Lock()
+	// Deferred: a write that panics (the caller's unwedge closes the
+	// connection) must not leave the lock held, or the close's own
+	// writes wait on it for ever (TestWritePanicLeavesConnClosed).
+	// The cut is settled here, under mu, before any other burst can
+	// write: settled after the unlock, a context ending in between
+	// closed the socket of a write that had completed, or under the
+	// next writer's frame.
+	defer func() {
+		if wc := c.cut; wc != nil {
+			cut = !wc.state.CompareAndSwap(writeCutWriting, writeCutDone)
+			wc.disarm()
+		}
+		c.guard, c.cut = nil, nil
+		c.mu.Unlock()
 	}()
-	if wc == nil {
-		return false, err
-	}
-	wc.stop()
-	return !wc.state.CompareAndSwap(writeCutWriting, writeCutDone), err
+	c.corked = false
+	return false, c.flushLocked()
 }
 
 // noteBlocked runs when a burst's write first finds the socket full;
@@ -292,21 +292,37 @@ func (c *corkConn) noteBlocked() {
 	// Done only now: on a timerCtx it makes the channel, an
 	// allocation the open that never blocks does not pay.
 	if c.guard != nil && c.cut == nil && c.guard.Done() != nil {
-		wc := &writeCut{conn: c.Conn}
+		wc := &writeCut{c: c}
 		wc.stop = context.AfterFunc(c.guard, wc.fire)
 		c.cut = wc
 	}
 }
 
+// untilStalled is how long from now until the write in progress has
+// waited writeStallAfter on a full socket (<= 0: it has); the whole of
+// writeStallAfter when no write waits now.
+func (c *corkConn) untilStalled(now time.Time) time.Duration {
+	if since := c.blockedSince.Load(); since != 0 {
+		return time.Duration(since + int64(writeStallAfter) - now.UnixNano())
+	}
+	return writeStallAfter
+}
+
 // writeCut closes the socket under a guarded write still blocked when
-// its context ends. Allocated only once the write blocks: the open that
-// finds room in the socket pays nothing for its bound. state settles the
-// race between the write ending and the context ending: whichever moves
-// it from writing first wins.
+// its context ends, once that write has waited writeStallAfter: the
+// peer does not drain it. A write that waits only because the
+// connection is busy (its bulk streams keep the socket full) is left to
+// finish though its context ended (the tunnel's opener: its app's
+// client went away): closing the socket closed the shared connection
+// and every stream on it. Allocated only once the write blocks: the
+// open that finds room in the socket pays nothing for its bound. state
+// settles the race between the write ending and the cut: whichever
+// moves it from writing first wins.
 type writeCut struct {
 	state atomic.Int32
-	conn  net.Conn
-	stop  func() bool
+	c     *corkConn
+	stop  func() bool                // the context's AfterFunc
+	timer atomic.Pointer[time.Timer] // the wait for the stall, once the context ended
 }
 
 const (
@@ -315,9 +331,29 @@ const (
 	writeCutFired
 )
 
+// fire runs when the context ends, and again when a write still
+// waiting then would count as stalled.
 func (w *writeCut) fire() {
+	if w.state.Load() != writeCutWriting {
+		return
+	}
+	if d := w.c.untilStalled(time.Now()); d > 0 {
+		w.timer.Store(time.AfterFunc(d, w.fire))
+		if w.state.Load() != writeCutWriting {
+			w.disarm() // settled meanwhile: flushGuarded may have missed the timer
+		}
+		return
+	}
 	if w.state.CompareAndSwap(writeCutWriting, writeCutFired) {
-		w.conn.Close()
+		w.c.Conn.Close()
+	}
+}
+
+// disarm stops the context's AfterFunc and a pending wait for the stall.
+func (w *writeCut) disarm() {
+	w.stop()
+	if t := w.timer.Load(); t != nil {
+		t.Stop()
 	}
 }
 

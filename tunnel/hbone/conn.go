@@ -858,12 +858,13 @@ func (c *Conn) OpenStreamDataContext(ctx context.Context, authority string, extr
 	//
 	// The write is bounded by ctx too: with the lock free but the
 	// socket full (the peer alive but not draining it), the HEADERS'
-	// write(2) waited without bound. Past ctx, the socket is closed
-	// under the write (corkConn.flushGuarded) and so is the connection,
-	// its other streams with it: acceptable only because the socket
-	// took nothing for the opener's whole deadline (the connect
-	// timeout), far past WriteStalled's threshold, by when the pool had
-	// stopped putting streams on it.
+	// write(2) waited without bound. Past ctx, once the write has also
+	// waited writeStallAfter, the socket is closed under it
+	// (corkConn.flushGuarded) and so is the connection, its other
+	// streams with it: acceptable only for a peer that does not drain
+	// (the pool has stopped putting streams on it). ctx may end early
+	// (the tunnel cancels it when the app's client goes away): a write
+	// that waits only because the connection is busy is left to end.
 	guarded := c.cork != nil
 	if guarded {
 		c.cork.corkGuarded(0, ctx)
@@ -979,11 +980,7 @@ func (c *Conn) untilStalled(now time.Time) time.Duration {
 	if c.cork == nil {
 		return time.Hour // never: no stamp without a cork
 	}
-	d := writeStallAfter
-	if since := c.cork.blockedSince.Load(); since != 0 {
-		d = time.Duration(since + int64(writeStallAfter) - now.UnixNano())
-	}
-	return max(d, time.Millisecond)
+	return max(c.cork.untilStalled(now), time.Millisecond)
 }
 
 // testHookOpenStreamChecked, when set (tests only), runs in

@@ -335,3 +335,63 @@ func TestOpenStreamLeavesALockHeldByAStalledWriter(t *testing.T) {
 		t.Fatalf("the connection was closed: %v", cerr)
 	}
 }
+
+// TestOpenStreamBrieflyBlockedOutlivesItsContext: an open whose HEADERS
+// write waits on a full socket only briefly (a busy connection: its bulk
+// streams keep the socket full, so the next burst waits for room) when
+// its context ends (in the tunnel: the app's client went away, which
+// cancels the open 20 ms in) does not close the shared connection: the
+// write is left to finish, and the connection's other streams go on.
+// Only a write that has waited writeStallAfter (WriteStalled, a peer not
+// draining) is cut. Before, the cancel closed the TCP socket at once
+// under the open's write, the connection with every stream on it.
+func TestOpenStreamBrieflyBlockedOutlivesItsContext(t *testing.T) {
+	defer func(d time.Duration) { writeStallAfter = d }(writeStallAfter)
+	// Far past the test: the write here is never stalled, only busy.
+	writeStallAfter = time.Hour
+	c, gate, _ := stallPair(t, echoHandler)
+	other, _, err := c.OpenStreamData("10.0.0.1:80", nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st, _, err := other.Response(context.Background()); err != nil || st != 200 {
+		t.Fatalf("response %d %v", st, err)
+	}
+	gate.stop()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	type result struct {
+		s    *Stream
+		sent int
+		err  error
+	}
+	done := make(chan result, 1)
+	first := make([]byte, 512<<10) // more than the sockets hold
+	go func() {
+		s, sent, err := c.OpenStreamDataContext(ctx, "10.0.0.1:80", nil, first)
+		done <- result{s, sent, err}
+	}()
+	waitFor(t, "the open's write blocked", func() bool { return c.cork.blockedSince.Load() != 0 })
+	cancel()
+	// Room for a close the cancel would make (on its own goroutine)
+	// before the peer reads again: not a bound on anything.
+	time.Sleep(100 * time.Millisecond)
+	gate.resume()
+	r := <-done
+	if cerr := c.Err(); cerr != nil {
+		t.Fatalf("the busy connection was closed as an opener's context ended: %v (open: %v)", cerr, r.err)
+	}
+	if r.err != nil || r.sent != len(first) {
+		t.Fatalf("the open whose write drained: sent %d of %d, %v", r.sent, len(first), r.err)
+	}
+	// The connection's other stream still makes its round trip.
+	msg := []byte("still here")
+	if _, err := other.Write(msg); err != nil {
+		t.Fatalf("the other stream's write: %v", err)
+	}
+	other.CloseWrite()
+	got, err := io.ReadAll(other)
+	if err != nil || string(got) != string(msg) {
+		t.Fatalf("the other stream's echo: %q, %v", got, err)
+	}
+}
