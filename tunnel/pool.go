@@ -77,12 +77,25 @@ func newPool(p *Proxy, n PodNetwork) *pool {
 // open opens a CONNECT stream to authority on a pooled connection for
 // key, dialing (once for all concurrent callers) when none has room.
 func (pl *pool) open(ctx context.Context, key poolKey, authority string, hdr []hpack.HeaderField, first []byte) (*hbone.Stream, int, error) {
+	// Kept across attempts: once a dial this open waited for failed,
+	// a stalled connection serves it, waiting for its write lock up to
+	// ctx, the connect timeout. Reset on each attempt, the open gave
+	// up on the stalled lock (ErrNoCapacity) a millisecond later and
+	// dialed again: up to 8 dials to a peer refusing them, and a wrong
+	// reason ("no pooled connection would take a stream").
+	dialFailed := false
 	for attempt := 0; attempt < 8; attempt++ {
-		c, err := pl.conn(ctx, key)
+		c, behindStall, err := pl.pick(ctx, key, &dialFailed)
 		if err != nil {
 			return nil, 0, err
 		}
-		s, sent, err := c.OpenStreamDataContext(ctx, authority, hdr, first)
+		var s *hbone.Stream
+		var sent int
+		if behindStall {
+			s, sent, err = c.OpenStreamDataBehindStall(ctx, authority, hdr, first)
+		} else {
+			s, sent, err = c.OpenStreamDataContext(ctx, authority, hdr, first)
+		}
 		if err == nil {
 			return s, sent, nil
 		}
@@ -111,17 +124,37 @@ func (pl *pool) closed() bool {
 	}
 }
 
+// maxStallConns bounds the connections to one key that a stall makes
+// the pool dial. Below ~10 Mbit/s per connection a bulk write blocks for
+// writeStallAfter in the normal course (docs/tunnel.md), so on a slow
+// link every concurrently writing stream could otherwise end up with a
+// connection of its own: each costs a TLS handshake, its buffers and a
+// keepalive, where HTTP/2 normally holds one per peer. Four leave room
+// for a few bulk streams beside the interactive ones; past that, more
+// connections over the same slow link would only split it further.
+// Connections full of streams do not count: a full connection still
+// dials, as it always did. A var for tests.
+var maxStallConns = 4
+
+// conn is pick for a caller of its own, with no dial failed yet.
 func (pl *pool) conn(ctx context.Context, key poolKey) (*hbone.Conn, error) {
-	limit := int(pl.p.hcfg.MaxStreamsPerConn)
-	// Set once a dial this caller waited for failed: a stalled
-	// connection (below) then serves after all, bounded by ctx, rather
-	// than a dial again and again to a peer that refuses them.
 	dialFailed := false
+	c, _, err := pl.pick(ctx, key, &dialFailed)
+	return c, err
+}
+
+// pick picks a connection for a new stream to key, dialing when none
+// will do; *dialFailed is set once a dial it waited for failed.
+// behindStall: the pick may be WriteStalled and the caller has nowhere
+// better to go (*dialFailed, or maxStallConns reached), so the open
+// waits for its write lock up to ctx rather than give up.
+func (pl *pool) pick(ctx context.Context, key poolKey, dialFailed *bool) (c *hbone.Conn, behindStall bool, err error) {
+	limit := int(pl.p.hcfg.MaxStreamsPerConn)
 	pl.mu.Lock()
 	for {
 		if pl.closed() {
 			pl.mu.Unlock()
-			return nil, errPoolClosed
+			return nil, false, errPoolClosed
 		}
 		// Looked up on every turn: while this caller waited for a
 		// dial, the connection it pooled may have died and the
@@ -135,6 +168,7 @@ func (pl *pool) conn(ctx context.Context, key poolKey) (*hbone.Conn, error) {
 		}
 		live := e.conns[:0]
 		var pick, stalled *hbone.Conn
+		roomy := 0 // live connections with room for a stream
 		now := time.Now()
 		for _, c := range e.conns {
 			if !c.Usable() {
@@ -150,7 +184,12 @@ func (pl *pool) conn(ctx context.Context, key poolKey) (*hbone.Conn, error) {
 				continue
 			}
 			live = append(live, c)
-			if pick != nil || c.ActiveStreams() >= limit {
+			n := c.ActiveStreams()
+			if n >= limit {
+				continue
+			}
+			roomy++
+			if pick != nil {
 				continue
 			}
 			if c.WriteStalled(now) {
@@ -160,15 +199,18 @@ func (pl *pool) conn(ctx context.Context, key poolKey) (*hbone.Conn, error) {
 				// write lock, up to the connect timeout, where a
 				// connection of its own would carry it at once.
 				// Kept: it goes on serving its streams.
-				if stalled == nil {
+				// The least loaded, should it serve after all.
+				if stalled == nil || n < stalled.ActiveStreams() {
 					stalled = c.Conn
 				}
 				continue
 			}
 			pick = c.Conn
 		}
-		if pick == nil && dialFailed {
-			pick = stalled
+		// A dial in flight is joined even at the bound: it costs
+		// nothing more, and it was started below the bound.
+		if pick == nil && stalled != nil && (*dialFailed || (e.dialing == nil && roomy >= maxStallConns)) {
+			pick, behindStall = stalled, true
 		}
 		for i := len(live); i < len(e.conns); i++ {
 			e.conns[i] = pooledConn{}
@@ -176,7 +218,7 @@ func (pl *pool) conn(ctx context.Context, key poolKey) (*hbone.Conn, error) {
 		e.conns = live
 		if pick != nil {
 			pl.mu.Unlock()
-			return pick, nil
+			return pick, behindStall, nil
 		}
 		d := e.dialing
 		if d == nil {
@@ -208,18 +250,18 @@ func (pl *pool) conn(ctx context.Context, key poolKey) (*hbone.Conn, error) {
 			if errors.Is(ctx.Err(), context.DeadlineExceeded) {
 				// The dial's own deadline is a little later:
 				// say where it was, as its error would have.
-				return nil, d.timeoutError(key, ctx.Err())
+				return nil, false, d.timeoutError(key, ctx.Err())
 			}
-			return nil, ctx.Err()
+			return nil, false, ctx.Err()
 		}
 		pl.mu.Lock()
 		d.waiters--
 		if d.err != nil && len(e.conns) == 0 {
 			// Share the failure with everyone who waited for that dial.
 			pl.mu.Unlock()
-			return nil, d.err
+			return nil, false, d.err
 		}
-		dialFailed = dialFailed || d.err != nil
+		*dialFailed = *dialFailed || d.err != nil
 	}
 }
 

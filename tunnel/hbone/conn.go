@@ -782,6 +782,20 @@ func (c *Conn) OpenStreamData(authority string, extra []hpack.HeaderField, first
 // past its connect timeout (TestOpenStreamWaitsForStalledWritesNoLongerThanItsContext).
 // On ctx's end the stream is not sent and the error wraps ctx.Err().
 func (c *Conn) OpenStreamDataContext(ctx context.Context, authority string, extra []hpack.HeaderField, first []byte) (*Stream, int, error) {
+	return c.openStream(ctx, authority, extra, first, false)
+}
+
+// OpenStreamDataBehindStall is OpenStreamDataContext that goes on waiting
+// for the write lock when its holder's write turns WriteStalled, until
+// ctx ends. For a caller that has no better connection to go to (its
+// dial failed, or it already holds as many connections to the peer as it
+// will): giving up there only made it dial again, or fail at once where
+// the stalled writer might still drain within ctx.
+func (c *Conn) OpenStreamDataBehindStall(ctx context.Context, authority string, extra []hpack.HeaderField, first []byte) (*Stream, int, error) {
+	return c.openStream(ctx, authority, extra, first, true)
+}
+
+func (c *Conn) openStream(ctx context.Context, authority string, extra []hpack.HeaderField, first []byte, behindStall bool) (*Stream, int, error) {
 	if !c.client {
 		return nil, 0, errors.New("hbone: OpenStream on a server connection")
 	}
@@ -803,7 +817,7 @@ func (c *Conn) OpenStreamDataContext(ctx context.Context, authority string, extr
 
 	held := false
 	defer c.unwedge(&held)
-	if err := c.lockWriteContext(ctx); err != nil {
+	if err := c.lockWriteContext(ctx, behindStall); err != nil {
 		c.release(s)
 		if errors.Is(err, ErrNoCapacity) {
 			return nil, 0, err
@@ -928,7 +942,8 @@ func (c *Conn) WriteStalled(now time.Time) bool {
 // lockWriteContext takes wmu, or gives up when ctx ends. Uncontended
 // (the common case) it is a TryLock; contended, a goroutine waits on the
 // lock and hands it over, or unlocks it if the caller left meanwhile.
-func (c *Conn) lockWriteContext(ctx context.Context) error {
+// Unless behindStall, it also gives up once the holder is WriteStalled.
+func (c *Conn) lockWriteContext(ctx context.Context, behindStall bool) error {
 	if c.wmu.TryLock() {
 		return nil
 	}
@@ -952,15 +967,22 @@ func (c *Conn) lockWriteContext(ctx context.Context) error {
 	// stream elsewhere) rather than wait for the lock up to ctx's end,
 	// the connect timeout. An opener that picked the connection just
 	// before the stall was seen waited that long.
-	t := time.NewTimer(c.untilStalled(time.Now()))
-	defer t.Stop()
+	// behindStall: the caller has nowhere better to go, and waits for
+	// the lock up to ctx's end (a nil channel never fires).
+	var t *time.Timer
+	var stalled <-chan time.Time
+	if !behindStall {
+		t = time.NewTimer(c.untilStalled(time.Now()))
+		defer t.Stop()
+		stalled = t.C
+	}
 	for {
 		select {
 		case <-got:
 			return nil
 		case <-ctx.Done():
 			return ctx.Err()
-		case now := <-t.C:
+		case now := <-stalled:
 			if c.WriteStalled(now) {
 				close(gone)
 				return errWriteStalled
