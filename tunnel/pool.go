@@ -150,6 +150,13 @@ func (pl *pool) conn(ctx context.Context, key poolKey) (*hbone.Conn, error) {
 // waits for its write lock up to ctx rather than give up.
 func (pl *pool) pick(ctx context.Context, key poolKey, dialFailed *bool) (c *hbone.Conn, behindStall bool, err error) {
 	limit := int(pl.p.hcfg.MaxStreamsPerConn)
+	// The error of a dial this pick waited for: once one failed, a
+	// connection with room (or a stalled one) serves, or a dial someone
+	// else started is joined, but this pick dials no more. Looping to
+	// dial again, with connections pooled but all full, it dialed a
+	// refusing peer thousands of times a second until ctx ended, and
+	// then reported connect_timeout.
+	var failed error
 	pl.mu.Lock()
 	for {
 		if pl.closed() {
@@ -221,6 +228,10 @@ func (pl *pool) pick(ctx context.Context, key poolKey, dialFailed *bool) (c *hbo
 			return pick, behindStall, nil
 		}
 		d := e.dialing
+		if d == nil && failed != nil {
+			pl.mu.Unlock()
+			return nil, false, failed
+		}
 		if d == nil {
 			dctx, cancel := context.WithCancel(context.Background())
 			d = &poolDial{done: make(chan struct{}), cancel: cancel}
@@ -261,7 +272,10 @@ func (pl *pool) pick(ctx context.Context, key poolKey, dialFailed *bool) (c *hbo
 			pl.mu.Unlock()
 			return nil, false, d.err
 		}
-		*dialFailed = *dialFailed || d.err != nil
+		if d.err != nil {
+			*dialFailed = true
+			failed = d.err
+		}
 	}
 }
 
