@@ -175,7 +175,8 @@ func (pl *pool) pick(ctx context.Context, key poolKey, dialFailed *bool) (c *hbo
 		}
 		live := e.conns[:0]
 		var pick, stalled *hbone.Conn
-		roomy := 0 // live connections with room for a stream
+		stalledN := 0 // stalled's ActiveStreams
+		roomy := 0    // live connections with room for a stream, while pick is nil
 		now := time.Now()
 		for _, c := range e.conns {
 			if !c.Usable() {
@@ -191,14 +192,17 @@ func (pl *pool) pick(ctx context.Context, key poolKey, dialFailed *bool) (c *hbo
 				continue
 			}
 			live = append(live, c)
+			// Once a pick is found, roomy no longer matters: no
+			// ActiveStreams (c.mu) for the connections after it, as
+			// before the bound.
+			if pick != nil {
+				continue
+			}
 			n := c.ActiveStreams()
 			if n >= limit {
 				continue
 			}
 			roomy++
-			if pick != nil {
-				continue
-			}
 			if c.WriteStalled(now) {
 				// Its writer has waited on a full socket for a
 				// while (the peer alive but not draining): a
@@ -207,8 +211,8 @@ func (pl *pool) pick(ctx context.Context, key poolKey, dialFailed *bool) (c *hbo
 				// connection of its own would carry it at once.
 				// Kept: it goes on serving its streams.
 				// The least loaded, should it serve after all.
-				if stalled == nil || n < stalled.ActiveStreams() {
-					stalled = c.Conn
+				if stalled == nil || n < stalledN {
+					stalled, stalledN = c.Conn, n
 				}
 				continue
 			}
