@@ -182,7 +182,7 @@ func (pl *pool) pick(ctx context.Context, key poolKey, dialFailed *bool) (c *hbo
 			if !c.Usable() {
 				continue
 			}
-			if err := pl.p.recheck(c.ps, now); err != nil {
+			if err := pl.recheck(key, c.ps, now); err != nil {
 				// No new streams; those open finish. (Also
 				// routine: ahead of its certificates' expiry,
 				// peerState.retireLead.)
@@ -281,6 +281,22 @@ func (pl *pool) pick(ctx context.Context, key poolKey, dialFailed *bool) (c *hbo
 			failed = d.err
 		}
 	}
+}
+
+// recheck is Proxy.recheck, with a panic made the recheck's failure (the
+// connection retired). It runs under pl.mu, and calls the identity
+// manager's Roots: a panic there reached the connection handler's
+// recover with the lock held, and the pod's every later open, the
+// janitor and close hung for good (TestPoolRecheckPanic).
+func (pl *pool) recheck(key poolKey, ps *peerState, now time.Time) (err error) {
+	defer func() {
+		if v := recover(); v != nil {
+			pl.p.log.Error("rechecking a pooled HBONE connection's certificates panicked", "dst", key.addr.String(),
+				"dst_identity", key.dst, "src_identity", key.src, "panic", fmt.Sprint(v), "stack", string(debug.Stack()))
+			err = fmt.Errorf("rechecking its certificates panicked: %v", v)
+		}
+	}()
+	return pl.p.recheck(ps, now)
 }
 
 // testDialWoken, when set (by a test, before the pool is used), runs in
