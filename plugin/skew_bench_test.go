@@ -13,7 +13,6 @@ import (
 	"github.com/ambit-mesh/ambit/internal/testenv"
 	"github.com/ambit-mesh/ambit/plugin/cniproto/cniprototest"
 	"github.com/ambit-mesh/ambit/plugin/internal/nstest"
-	"golang.org/x/sys/unix"
 )
 
 // BenchmarkAddToOlderAgent measures what an ADD costs while the plugin on
@@ -76,24 +75,14 @@ func BenchmarkAddToOlderAgent(b *testing.B) {
 // skipAgent is Version2Agent's shape for a current agent: one decode of
 // the request, answered "skip" in its version.
 func skipAgent(c *net.UnixConn) {
-	buf := make([]byte, 1<<20+1)
-	oob := make([]byte, unix.CmsgSpace(4*4))
-	n, oobn, _, _, err := c.ReadMsgUnix(buf, oob)
+	msg, err := cniprototest.ReadRequest(c)
 	if err != nil {
 		return
-	}
-	if msgs, err := unix.ParseSocketControlMessage(oob[:oobn]); err == nil {
-		for _, m := range msgs {
-			fds, _ := unix.ParseUnixRights(&m)
-			for _, fd := range fds {
-				unix.Close(fd)
-			}
-		}
 	}
 	var req struct {
 		Version int `json:"version"`
 	}
-	if err := json.NewDecoder(bytes.NewReader(buf[:n])).Decode(&req); err != nil {
+	if err := json.NewDecoder(bytes.NewReader(msg)).Decode(&req); err != nil {
 		return
 	}
 	out, _ := json.Marshal(map[string]any{"version": req.Version, "decision": "skip"})

@@ -111,16 +111,7 @@ func TestPoolOpensBesideAStalledConnection(t *testing.T) {
 	close(gate.open)
 	t.Cleanup(gate.release)
 	uploaded := make(chan int64, 1)
-	handler := func(s *hbone.Stream) {
-		s.Respond(200, nil)
-		if s.Request.Authority == "upload" {
-			n, _ := io.Copy(io.Discard, s)
-			uploaded <- n
-			return
-		}
-		io.Copy(s, s)
-		s.CloseWrite()
-	}
+	handler := uploadOrEcho(uploaded)
 	var accepted atomic.Int32
 	go func() {
 		for {
@@ -133,16 +124,7 @@ func TestPoolOpensBesideAStalledConnection(t *testing.T) {
 				gate.Conn = raw
 				nc = gate
 			}
-			go func() {
-				ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-				defer cancel()
-				hc, err := hbone.Server(ctx, nc, p.serverTLS(idServer, &peerState{}), p.hcfg, nil, handler)
-				if err != nil {
-					t.Errorf("B's handshake: %v", err)
-					return
-				}
-				t.Cleanup(func() { hc.Close() })
-			}()
+			serveB(t, p, nc, handler)
 		}
 	}()
 	key := poolKey{src: idClient, dst: idServer, addr: netip.MustParseAddrPort(ln.Addr().String())}
@@ -243,4 +225,37 @@ func TestPoolOpensBesideAStalledConnection(t *testing.T) {
 	if err := first.Err(); err != nil {
 		t.Fatalf("the slow connection was closed: %v", err)
 	}
+}
+
+// uploadOrEcho is B's handler in the stall tests: an "upload" stream is
+// read to its end (its length sent on uploaded, if not nil), any other
+// echoed.
+func uploadOrEcho(uploaded chan<- int64) func(*hbone.Stream) {
+	return func(s *hbone.Stream) {
+		s.Respond(200, nil)
+		if s.Request.Authority == "upload" {
+			n, _ := io.Copy(io.Discard, s)
+			if uploaded != nil {
+				uploaded <- n
+			}
+			return
+		}
+		io.Copy(s, s)
+		s.CloseWrite()
+	}
+}
+
+// serveB runs p's HBONE server, as B, on nc (a connection B accepted,
+// possibly behind a read gate), closed when the test ends.
+func serveB(t *testing.T, p *Proxy, nc net.Conn, handler func(*hbone.Stream)) {
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		hc, err := hbone.Server(ctx, nc, p.serverTLS(idServer, &peerState{}), p.hcfg, nil, handler)
+		if err != nil {
+			t.Errorf("B's handshake: %v", err)
+			return
+		}
+		t.Cleanup(func() { hc.Close() })
+	}()
 }

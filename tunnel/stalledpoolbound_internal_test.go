@@ -68,15 +68,7 @@ func newStallRig(t *testing.T, maxStreams uint32) *stallRig {
 	}
 	r := &stallRig{t: t, p: p, net: &smallSendNet{}, closed: netip.MustParseAddrPort(gone.Addr().String())}
 	gone.Close()
-	handler := func(s *hbone.Stream) {
-		s.Respond(200, nil)
-		if s.Request.Authority == "upload" {
-			io.Copy(io.Discard, s)
-			return
-		}
-		io.Copy(s, s)
-		s.CloseWrite()
-	}
+	handler := uploadOrEcho(nil)
 	go func() {
 		for {
 			raw, err := ln.Accept()
@@ -89,16 +81,7 @@ func newStallRig(t *testing.T, maxStreams uint32) *stallRig {
 			r.gates = append(r.gates, g)
 			r.mu.Unlock()
 			t.Cleanup(g.release)
-			go func() {
-				ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-				defer cancel()
-				hc, err := hbone.Server(ctx, g, p.serverTLS(idServer, &peerState{}), p.hcfg, nil, handler)
-				if err != nil {
-					t.Errorf("B's handshake: %v", err)
-					return
-				}
-				t.Cleanup(func() { hc.Close() })
-			}()
+			serveB(t, p, g, handler)
 		}
 	}()
 	r.key = poolKey{src: idClient, dst: idServer, addr: netip.MustParseAddrPort(ln.Addr().String())}

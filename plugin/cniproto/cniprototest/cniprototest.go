@@ -56,19 +56,9 @@ func OldAgent(c *net.UnixConn) {
 // request's version. seen, if set, gets each request it accepted.
 func Version2Agent(seen func(version int, op string, raw []byte)) func(c *net.UnixConn) {
 	return func(c *net.UnixConn) {
-		buf := make([]byte, 1<<20+1)
-		oob := make([]byte, unix.CmsgSpace(4*4))
-		n, oobn, _, _, err := c.ReadMsgUnix(buf, oob)
+		msg, err := ReadRequest(c)
 		if err != nil {
 			return
-		}
-		if msgs, err := unix.ParseSocketControlMessage(oob[:oobn]); err == nil {
-			for _, m := range msgs {
-				fds, _ := unix.ParseUnixRights(&m)
-				for _, fd := range fds {
-					unix.Close(fd)
-				}
-			}
 		}
 		var req struct {
 			Version     int             `json:"version"`
@@ -77,7 +67,7 @@ func Version2Agent(seen func(version int, op string, raw []byte)) func(c *net.Un
 			Valid       json.RawMessage `json:"valid,omitempty"`
 			RuleBackend string          `json:"ruleBackend,omitempty"`
 		}
-		d := json.NewDecoder(bytes.NewReader(buf[:n]))
+		d := json.NewDecoder(bytes.NewReader(msg))
 		d.DisallowUnknownFields()
 		var answer any
 		switch err := d.Decode(&req); {
@@ -87,11 +77,32 @@ func Version2Agent(seen func(version int, op string, raw []byte)) func(c *net.Un
 			answer = map[string]any{"version": 2, "error": fmt.Sprintf("protocol version %d not supported (this side speaks 1 to 2): upgrade ambit-cni and ambit-agent together", req.Version)}
 		default:
 			if seen != nil {
-				seen(req.Version, req.Op, append([]byte(nil), buf[:n]...))
+				seen(req.Version, req.Op, msg)
 			}
 			answer = map[string]any{"version": req.Version, "decision": "skip"}
 		}
 		b, _ := json.Marshal(answer)
 		c.Write(b)
 	}
+}
+
+// ReadRequest reads one request datagram from c, as an agent does (up to
+// 1 MiB, the gc bound), and closes the descriptors it carried (the pod's
+// netns): a stand-in keeps none.
+func ReadRequest(c *net.UnixConn) ([]byte, error) {
+	buf := make([]byte, 1<<20+1)
+	oob := make([]byte, unix.CmsgSpace(4*4))
+	n, oobn, _, _, err := c.ReadMsgUnix(buf, oob)
+	if err != nil {
+		return nil, err
+	}
+	if msgs, err := unix.ParseSocketControlMessage(oob[:oobn]); err == nil {
+		for _, m := range msgs {
+			fds, _ := unix.ParseUnixRights(&m)
+			for _, fd := range fds {
+				unix.Close(fd)
+			}
+		}
+	}
+	return buf[:n], nil
 }
