@@ -259,18 +259,7 @@ func TestOpenStreamSlowWriteThatDrainsIsNotCut(t *testing.T) {
 	gate.stop()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	type result struct {
-		s    *Stream
-		sent int
-		err  error
-	}
-	done := make(chan result, 1)
-	first := make([]byte, 512<<10) // more than the sockets hold
-	go func() {
-		s, sent, err := c.OpenStreamDataContext(ctx, "10.0.0.1:80", nil, first)
-		done <- result{s, sent, err}
-	}()
-	waitFor(t, "the open's write blocked", func() bool { return c.cork.blockedSince.Load() != 0 })
+	done, first := openBlocked(t, ctx, c)
 	gate.resume()
 	r := <-done
 	if r.err != nil || r.sent != len(first) {
@@ -360,18 +349,7 @@ func TestOpenStreamBrieflyBlockedOutlivesItsContext(t *testing.T) {
 	gate.stop()
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	type result struct {
-		s    *Stream
-		sent int
-		err  error
-	}
-	done := make(chan result, 1)
-	first := make([]byte, 512<<10) // more than the sockets hold
-	go func() {
-		s, sent, err := c.OpenStreamDataContext(ctx, "10.0.0.1:80", nil, first)
-		done <- result{s, sent, err}
-	}()
-	waitFor(t, "the open's write blocked", func() bool { return c.cork.blockedSince.Load() != 0 })
+	done, first := openBlocked(t, ctx, c)
 	cancel()
 	// Room for a close the cancel would make (on its own goroutine)
 	// before the peer reads again: not a bound on anything.
@@ -394,4 +372,27 @@ func TestOpenStreamBrieflyBlockedOutlivesItsContext(t *testing.T) {
 	if err != nil || string(got) != string(msg) {
 		t.Fatalf("the other stream's echo: %q, %v", got, err)
 	}
+}
+
+// openResult is what an open started by openBlocked returned.
+type openResult struct {
+	s    *Stream
+	sent int
+	err  error
+}
+
+// openBlocked opens a stream on c under ctx with a first write larger
+// than the sockets hold (the peer's reads stopped), and returns once
+// that write is blocked; the open's result comes on the channel, first
+// is what it writes.
+func openBlocked(t *testing.T, ctx context.Context, c *Conn) (<-chan openResult, []byte) {
+	t.Helper()
+	done := make(chan openResult, 1)
+	first := make([]byte, 512<<10) // more than the sockets hold
+	go func() {
+		s, sent, err := c.OpenStreamDataContext(ctx, "10.0.0.1:80", nil, first)
+		done <- openResult{s, sent, err}
+	}()
+	waitFor(t, "the open's write blocked", func() bool { return c.cork.blockedSince.Load() != 0 })
+	return done, first
 }
