@@ -135,15 +135,7 @@ func TestPoolOpensBesideAStalledConnection(t *testing.T) {
 	open := func(authority string) (*hbone.Stream, error) {
 		ctx, cancel := context.WithTimeout(context.Background(), p.connectTimeout)
 		defer cancel()
-		s, _, err := pl.open(ctx, key, authority, nil, nil)
-		if err != nil {
-			return nil, err
-		}
-		if st, _, err := s.Response(context.Background()); err != nil || st != 200 {
-			s.Close()
-			return nil, fmt.Errorf("response %d: %v", st, err)
-		}
-		return s, nil
+		return openAnswered(ctx, pl, key, authority)
 	}
 
 	up, err := open("upload")
@@ -258,4 +250,18 @@ func serveB(t *testing.T, p *Proxy, nc net.Conn, handler func(*hbone.Stream)) {
 		}
 		t.Cleanup(func() { hc.Close() })
 	}()
+}
+
+// openAnswered opens a stream to authority through pl and waits for its
+// 200.
+func openAnswered(ctx context.Context, pl *pool, key poolKey, authority string) (*hbone.Stream, error) {
+	s, _, err := pl.open(ctx, key, authority, nil, nil)
+	if err != nil {
+		return nil, err
+	}
+	if st, _, err := s.Response(context.Background()); err != nil || st != 200 {
+		s.Close()
+		return nil, fmt.Errorf("response %d: %v", st, err)
+	}
+	return s, nil
 }

@@ -92,15 +92,7 @@ func newStallRig(t *testing.T, maxStreams uint32) *stallRig {
 
 // open opens a stream through the pool and waits for its response.
 func (r *stallRig) open(ctx context.Context, authority string) (*hbone.Stream, error) {
-	s, _, err := r.pl.open(ctx, r.key, authority, nil, nil)
-	if err != nil {
-		return nil, err
-	}
-	if st, _, err := s.Response(context.Background()); err != nil || st != 200 {
-		s.Close()
-		return nil, fmt.Errorf("response %d: %v", st, err)
-	}
-	return s, nil
+	return openAnswered(ctx, r.pl, r.key, authority)
 }
 
 // echo opens a stream and makes a round trip on it.

@@ -36,20 +36,7 @@ func TestInstallCutOnALoadedNodeAnswersRetry(t *testing.T) {
 	slowLegacyTools(t, 80*time.Millisecond)()
 
 	n := nstest.New(t, "xa")
-	var release func()
-	testHookBetweenRuns = func(f family) {
-		if f == 6 {
-			release = testenv.HoldXtablesLock(t)
-		}
-	}
-	var cut time.Time
-	testHookRollback = func() {
-		cut = time.Now()
-		if release != nil {
-			release()
-		}
-	}
-	defer func() { testHookBetweenRuns, testHookRollback = nil, nil }()
+	cut := cutAtIPv6Restore(t, nil)
 	// 6 s, not 2 s: the work ends at most 2 s before the deadline
 	// (cleanupReserve), and with make test's load the IPv4 runs and
 	// the IPv6 save (80 ms each and more; 2 s for the three seen at
@@ -63,8 +50,8 @@ func TestInstallCutOnALoadedNodeAnswersRetry(t *testing.T) {
 	testHookBetweenRuns, testHookRollback = nil, nil
 	t.Logf("Install: %v", err)
 	t.Logf("cut %v before the deadline, returned %v before it (rollback %v)",
-		dl.Sub(cut).Round(time.Millisecond), dl.Sub(returned).Round(time.Millisecond), returned.Sub(cut).Round(time.Millisecond))
-	if release == nil {
+		dl.Sub(cut.at).Round(time.Millisecond), dl.Sub(returned).Round(time.Millisecond), returned.Sub(cut.at).Round(time.Millisecond))
+	if !cut.locked {
 		t.Fatalf("Install cut before the IPv6 restore: %v", err)
 	}
 	if !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "ip6tables-legacy-restore") {

@@ -401,24 +401,12 @@ func TestInstallCutRollbackOnALoadedNode(t *testing.T) {
 	slowDown := slowLegacyTools(t, 150*time.Millisecond)
 
 	n := nstest.New(t, "xr")
-	var release func()
-	testHookBetweenRuns = func(f family) {
-		if f == 6 {
-			release = testenv.HoldXtablesLock(t)
-		}
-	}
-	var cut time.Time
-	testHookRollback = func() {
-		cut = time.Now()
-		release()
-		slowDown()
-	}
-	defer func() { testHookBetweenRuns, testHookRollback = nil, nil }()
+	cut := cutAtIPv6Restore(t, slowDown)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
 	_, err := Install(ctx, n, IptablesLegacy, spec)
 	testHookBetweenRuns, testHookRollback = nil, nil
-	t.Logf("Install: %v (rollback took %v)", err, time.Since(cut).Round(time.Millisecond))
+	t.Logf("Install: %v (rollback took %v)", err, time.Since(cut.at).Round(time.Millisecond))
 	if !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "ip6tables-legacy-restore") {
 		t.Fatalf("Install cut at the IPv6 restore: %v", err)
 	}
@@ -489,4 +477,37 @@ func TestInstallCutKeepsCompleteRulesOnALoadedNode(t *testing.T) {
 	if err := Verify(context.Background(), n, spec); err != nil {
 		t.Errorf("the complete rules did not survive the cut install: %v", err)
 	}
+}
+
+// cutAtIPv6Restore sets the hooks for an Install cut at its IPv6
+// restore: the xtables lock is taken between the families, released as
+// the rollback starts, and then then runs (if not nil). The hooks are
+// cleared when the test ends.
+func cutAtIPv6Restore(t *testing.T, then func()) *ipv6Cut {
+	var release func()
+	c := &ipv6Cut{}
+	testHookBetweenRuns = func(f family) {
+		if f == 6 {
+			release = testenv.HoldXtablesLock(t)
+			c.locked = true
+		}
+	}
+	testHookRollback = func() {
+		c.at = time.Now()
+		if release != nil {
+			release()
+		}
+		if then != nil {
+			then()
+		}
+	}
+	t.Cleanup(func() { testHookBetweenRuns, testHookRollback = nil, nil })
+	return c
+}
+
+// ipv6Cut is what cutAtIPv6Restore saw: whether the lock was taken
+// before the IPv6 runs, and when the rollback started.
+type ipv6Cut struct {
+	locked bool
+	at     time.Time
 }
