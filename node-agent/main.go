@@ -352,7 +352,7 @@ func run(ctx context.Context, args []string) error {
 		canEnroll = installed
 		// The conflist entry appears only once the socket answers, so no
 		// pod passes ambit-cni before the agent can serve it.
-		icfg := install.Config{CNIBinDir: cfg.CNIBinDir, CNIConfDir: cfg.CNIConfDir, Ready: a.Ready(), Logger: log,
+		icfg := install.Config{CNIBinDir: cfg.CNIBinDir, CNIConfDir: cfg.CNIConfDir, Ready: a.Ready(), Serving: a.Serving(), Logger: log,
 			Yield:       func() bool { _, newer := self.Successor(); return newer },
 			OnInstalled: func(string) { once.Do(func() { close(installed) }) },
 			Entry:       install.Entry{AgentSocket: cfg.Socket, SnapshotFile: cfg.SnapshotFile, ExcludedNamespaces: cfg.ExcludedNamespaces}}

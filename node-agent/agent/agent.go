@@ -151,6 +151,8 @@ type Agent struct {
 	// what setStatus last asked for; nil without a status writer.
 	statusSync *statussync.Syncer
 	ready      chan struct{}
+	serving    chan struct{} // closed once this agent serves a plugin socket
+	servingNow sync.Once
 	// live: the loops' heartbeats and the plugin requests in progress,
 	// for /healthz (liveness.go).
 	live *liveness
@@ -226,7 +228,7 @@ func New(o Options) (*Agent, error) {
 		store:  st, m: newMetrics(o.Registerer), health: o.Health, peers: o.Peers, newestFn: o.Newest, predecessor: o.Predecessor, beside: o.Beside, log: o.Logger,
 		byCID: map[string]*pod{}, byName: map[string]*pod{},
 		liveFailed: map[string]struct{}{}, liveRetryEvery: o.LiveRetryEvery,
-		queue: newQueue(), ready: make(chan struct{}),
+		queue: newQueue(), ready: make(chan struct{}), serving: make(chan struct{}),
 		live: newLiveness(o.Config.RuleCheckInterval.Duration),
 	}
 	a.ownNetnsIno = o.ownNetnsIno
@@ -293,6 +295,15 @@ func (a *Agent) InventoryReloaded(err error) {
 
 // Ready is closed once the agent adopted its pods and serves the plugin.
 func (a *Agent) Ready() <-chan struct{} { return a.ready }
+
+// Serving is closed once this agent serves a plugin socket: at once
+// when no older agent serves the node, else once this one is ready or
+// the older one stops. The installer copies the plugin binary only
+// then, so the plugin on disk is never newer than the agent answering
+// it (docs/upgrade.md, "Version skew").
+func (a *Agent) Serving() <-chan struct{} { return a.serving }
+
+func (a *Agent) nowServing() { a.servingNow.Do(func() { close(a.serving) }) }
 
 // Run starts everything and blocks until ctx ends; then it stops serving
 // the plugin, closes every pod's listeners and drains established
@@ -386,6 +397,7 @@ func (a *Agent) run(ctx context.Context, l *net.UnixListener, sock *cniproto.Soc
 		a.live.serving(s.Listener, s)
 		serve(s.Listener)
 		keep(s)
+		a.nowServing()
 		a.log.Info("plugin socket taken", "socket", s.Path)
 		return nil
 	}
@@ -404,6 +416,7 @@ func (a *Agent) run(ctx context.Context, l *net.UnixListener, sock *cniproto.Soc
 	if l != nil {
 		a.live.serving(l, sock)
 		serve(l)
+		a.nowServing()
 		if sock != nil {
 			sockMu.Lock()
 			keep(sock)

@@ -78,10 +78,18 @@ type Config struct {
 	Entry Entry
 
 	// Ready, when not nil, is closed by the caller once the agent serves
-	// the plugin socket. The binary is copied right away; the conflist
-	// entry is written only after Ready, so no pod passes through the
-	// plugin before the agent can answer.
+	// the plugin socket. The conflist entry is written only after Ready,
+	// so no pod passes through the plugin before the agent can answer.
 	Ready <-chan struct{}
+	// Serving, when not nil, is closed by the caller once this agent
+	// serves the plugin socket (it may before Ready: when the older
+	// agent of a surge stops first). The binary is copied only then;
+	// without Serving, right away. During a surge upgrade the older
+	// agent keeps the socket until this one is ready: a plugin copied
+	// at start would be newer than the agent answering it, and every
+	// ADD, CHECK and DEL would be refused once in the newer protocol
+	// and asked again (a warning in the older agent's log for each).
+	Serving <-chan struct{}
 	// OnState, when set, is called after every reconciliation with
 	// whether our entry is in place in the primary config (and its
 	// path). The agent uses it for /readyz: a node whose runtime would

@@ -19,7 +19,7 @@ import (
 )
 
 // Run installs ambit-cni on this node and keeps it installed until ctx
-// ends: it copies the binary, waits for cfg.Ready, chains our entry last
+// ends: it copies the binary (once cfg.Serving), waits for cfg.Ready, chains our entry last
 // into the primary CNI config, and re-asserts both whenever a file event
 // (or the periodic resync) shows them gone or changed.
 //
@@ -53,6 +53,18 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 
 	in := &installer{cfg: c, entry: e, m: newMetrics(c.Registerer), log: c.Logger, watcher: w, watched: map[string]bool{c.CNIConfDir: true}}
+	if c.Serving != nil {
+		select {
+		case <-c.Serving:
+		default:
+			in.log.Info("an older agent serves the plugin socket; installing the plugin binary once this agent does")
+			select {
+			case <-c.Serving:
+			case <-ctx.Done():
+				return nil
+			}
+		}
+	}
 	if !in.yielding() {
 		if changed, err := installBinary(c.PluginSource, c.CNIBinDir); err != nil {
 			return err

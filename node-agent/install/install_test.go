@@ -99,8 +99,9 @@ func fixture(t *testing.T, name string) []byte {
 	return b
 }
 
-// The binary is in place at once, the entry only after the agent is
-// ready: no pod may pass through the plugin before the agent can answer.
+// Without Serving the binary is in place at once, the entry only after
+// the agent is ready: no pod may pass through the plugin before the
+// agent can answer.
 func TestRunWaitsForReady(t *testing.T) {
 	n := newNode(t)
 	orig := fixture(t, "10-calico.conflist")
@@ -148,6 +149,51 @@ func TestRunWaitsForReady(t *testing.T) {
 	if fi.Mode().Perm() != 0o755 {
 		t.Fatalf("binary mode %v", fi.Mode())
 	}
+}
+
+// During a surge upgrade the older agent keeps the plugin socket until
+// this one is ready: the binary is copied only once this agent serves
+// the socket (Serving), so the plugin on disk is never newer than the
+// agent answering it. Before, it was copied as the agent started, and
+// every ADD, CHECK and DEL of the surge reached the older agent in a
+// protocol it refuses (a warning in its log, the request asked again).
+func TestRunCopiesBinaryOnceServing(t *testing.T) {
+	n := newNode(t)
+	orig := fixture(t, "10-calico.conflist")
+	primary := filepath.Join(n.conf, "10-calico.conflist")
+	if err := os.WriteFile(primary, orig, 0o640); err != nil {
+		t.Fatal(err)
+	}
+	// The older agent's plugin, on disk before the upgrade.
+	installed := filepath.Join(n.bin, PluginType)
+	if err := os.WriteFile(installed, []byte("#!/bin/sh\necho plugin v0\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	serving, ready := make(chan struct{}), make(chan struct{})
+	cfg := n.config()
+	cfg.Serving, cfg.Ready = serving, ready
+	run(t, cfg)
+
+	// Events in both directories must not make it copy early either.
+	for _, d := range []string{n.conf, n.bin} {
+		if err := os.WriteFile(filepath.Join(d, "99-other.txt"), []byte("x"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	time.Sleep(100 * time.Millisecond) // > Debounce: a premature copy would have happened
+	if b, _ := os.ReadFile(installed); !bytes.Contains(b, []byte("plugin v0")) {
+		t.Fatalf("plugin binary replaced before this agent served the socket: %q", b)
+	}
+	close(serving)
+	eventually(t, "plugin binary once serving", func() bool {
+		b, err := os.ReadFile(installed)
+		return err == nil && bytes.Contains(b, []byte("plugin v1"))
+	})
+	if b, _ := os.ReadFile(primary); !bytes.Equal(b, orig) {
+		t.Fatal("conflist written before the agent was ready")
+	}
+	close(ready)
+	eventually(t, "entry after ready", func() bool { return hasEntry(primary) })
 }
 
 // The primary CNI rewrites its file (as Calico and Cilium do on restart):
