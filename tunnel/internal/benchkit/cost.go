@@ -69,6 +69,7 @@ type Cost struct {
 	Target   float64 // requests/s asked for
 	Rate     float64 // requests/s answered over the window
 	VCPU     float64 // the proxies' CPU seconds per second
+	SelfVCPU float64 // this process's: the clients and the apps
 	HostVCPU float64 // the whole machine's busy CPUs (is it saturated?)
 	IdleRSS  int64   // the proxies' VmRSS summed, bytes, before any load
 	LoadRSS  int64   // its peak during the window
@@ -218,14 +219,14 @@ func MeasureCost(s Setup, m CostMode, o CostOptions) (Cost, error) {
 	}
 
 	// The window's books: CPU at its edges, RSS sampled through it.
-	var cpu0, cpu1, host0, host1 float64
+	var cpu0, cpu1, self0, self1, host0, host1 float64
 	var t0, t1 time.Time
 	var peak atomic.Int64
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
 		time.Sleep(time.Until(from))
-		t0, cpu0, host0 = time.Now(), ext(s), hostBusy()
+		t0, cpu0, self0, host0 = time.Now(), ext(s), cpuSeconds(), hostBusy()
 		tick := time.NewTicker(200 * time.Millisecond)
 		defer tick.Stop()
 		for {
@@ -238,7 +239,7 @@ func MeasureCost(s Setup, m CostMode, o CostOptions) (Cost, error) {
 			<-tick.C
 		}
 		time.Sleep(time.Until(p.end))
-		t1, cpu1, host1 = time.Now(), ext(s), hostBusy()
+		t1, cpu1, self1, host1 = time.Now(), ext(s), cpuSeconds(), hostBusy()
 	}()
 
 	var fatal atomic.Value
@@ -278,6 +279,7 @@ func MeasureCost(s Setup, m CostMode, o CostOptions) (Cost, error) {
 	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
 	c.Rate = float64(n) / el
 	c.VCPU = (cpu1 - cpu0) / el
+	c.SelfVCPU = (self1 - self0) / el
 	c.HostVCPU = (host1 - host0) / el
 	c.LoadRSS = peak.Load()
 	c.P50, c.P99 = lat[len(lat)/2], lat[len(lat)*99/100]
@@ -331,6 +333,7 @@ func costMedian(cs []Cost) Cost {
 	r := cs[0]
 	r.Rate = med(func(c Cost) float64 { return c.Rate })
 	r.VCPU = med(func(c Cost) float64 { return c.VCPU })
+	r.SelfVCPU = med(func(c Cost) float64 { return c.SelfVCPU })
 	r.HostVCPU = med(func(c Cost) float64 { return c.HostVCPU })
 	r.LoadRSS = int64(med(func(c Cost) float64 { return float64(c.LoadRSS) }))
 	r.P50 = time.Duration(med(func(c Cost) float64 { return float64(c.P50) }))
@@ -364,8 +367,8 @@ func ratio(a, b float64) string {
 func CostTable(cs []Cost, base, other string) string {
 	var sb strings.Builder
 	short := func(s string) string { return "×" + strings.Fields(s)[0] }
-	fmt.Fprintf(&sb, "%-15s %-13s %9s %7s %10s %7s %7s %15s %8s %8s %6s\n",
-		"config", "load", "achieved", "vCPU", "vCPU/krps", short(base), short(other), "RSS idle→load", "p50", "p99", "host")
+	fmt.Fprintf(&sb, "%-15s %-13s %9s %7s %10s %7s %7s %15s %8s %8s %5s %5s\n",
+		"config", "load", "achieved", "vCPU", "vCPU/krps", short(base), short(other), "RSS idle→load", "p50", "p99", "self", "host")
 	for _, c := range cs {
 		mark := ""
 		if c.Short() {
@@ -374,13 +377,14 @@ func CostTable(cs []Cost, base, other string) string {
 		if c.Errors > 0 {
 			mark += fmt.Sprintf(" (%d err)", c.Errors)
 		}
-		fmt.Fprintf(&sb, "%-15s %-13s %8.0f%1s %7.3f %10.3f %7s %7s %15s %8s %8s %6.2f\n",
+		fmt.Fprintf(&sb, "%-15s %-13s %8.0f%1s %7.3f %10.3f %7s %7s %15s %8s %8s %5.2f %5.2f\n",
 			c.Name, c.Mode, c.Rate, mark, c.VCPU, c.PerK(),
 			ratio(c.PerK(), perKOf(cs, base, c.Mode)), ratio(c.PerK(), perKOf(cs, other, c.Mode)),
 			fmt.Sprintf("%.1f→%.1f MB", mb(c.IdleRSS), mb(c.LoadRSS)),
-			c.P50.Round(time.Microsecond), c.P99.Round(time.Microsecond), c.HostVCPU)
+			c.P50.Round(time.Microsecond), c.P99.Round(time.Microsecond), c.SelfVCPU, c.HostVCPU)
 	}
-	sb.WriteString("(! = achieved rate more than 3 % under the target; host = the machine's busy vCPUs of 2, others' work included)\n")
+	sb.WriteString("(vCPU: the proxies' processes; ! = achieved rate more than 3 % under the target; self = vCPUs of the clients and apps\n" +
+		" (this process); host = the machine's busy vCPUs, others' work included: near the CPU count, the load saturates it)\n")
 	return sb.String()
 }
 
