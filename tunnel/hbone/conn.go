@@ -1623,6 +1623,15 @@ func (c *Conn) applySettings(ss []setting) error {
 
 func (c *Conn) goAway(last uint32, code ErrCode) {
 	c.mu.Lock()
+	// A client closes the connection once the streams the GOAWAY
+	// spares end (or at once, with none): no new stream can use it.
+	// Left open, it waited for the server's own close, which at a pod's
+	// deletion comes after the pod's interface is gone and never
+	// arrives: keepalive closed it 30 s later, and the server's end
+	// stayed for its idle timeout when keepalive was off
+	// (TestChurnLeavesNoResidue). First GOAWAY only; already going away
+	// (Shutdown, peerSilent), a Shutdown is under way.
+	closeIdle := c.client && !c.goingAway && !c.closed
 	c.goingAway = true
 	var refused []*Stream
 	if c.client {
@@ -1636,6 +1645,9 @@ func (c *Conn) goAway(last uint32, code ErrCode) {
 	c.mu.Unlock()
 	for _, s := range refused {
 		s.remoteReset(ErrCodeRefusedStream)
+	}
+	if closeIdle {
+		go c.Shutdown(context.Background())
 	}
 }
 
