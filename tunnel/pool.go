@@ -333,12 +333,41 @@ func (pl *pool) runDial(ctx context.Context, key poolKey, e *poolEntry, d *poolD
 		// Pooled even when its waiters left: the next caller uses it.
 		e.conns = append(e.conns, pooledConn{c, ps})
 		pl.p.m.poolConns.Inc()
-		go func() { <-c.Done(); pl.p.m.poolConns.Dec() }()
+		go func() { <-c.Done(); pl.p.m.poolConns.Dec(); pl.forget(key, c) }()
 	}
 	close(d.done)
 	pl.mu.Unlock()
 	if discard != nil {
 		discard.Close()
+	}
+}
+
+// forget drops c, closed, from key's entry, and the entry once it holds
+// nothing. Left to the next pick of the key or the janitor's sweep
+// (every PoolIdleTimeout/4, 75 s by default), a closed connection kept
+// its buffers (~90 KiB) and its peer's key in the pool that long: to a
+// deleted pod there is no next pick, and a resident pod's pool held one
+// of each for every peer pod deleted in the last 75 s
+// (TestChurnLeavesNoResidue).
+func (pl *pool) forget(key poolKey, c *hbone.Conn) {
+	pl.mu.Lock()
+	defer pl.mu.Unlock()
+	e := pl.m[key]
+	if e == nil {
+		return
+	}
+	kept := e.conns[:0]
+	for _, pc := range e.conns {
+		if pc.Conn != c {
+			kept = append(kept, pc)
+		}
+	}
+	for i := len(kept); i < len(e.conns); i++ {
+		e.conns[i] = pooledConn{}
+	}
+	e.conns = kept
+	if len(kept) == 0 && e.dialing == nil {
+		delete(pl.m, key)
 	}
 }
 
