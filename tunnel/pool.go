@@ -484,6 +484,37 @@ func (pl *pool) sweep(now time.Time, idle time.Duration) {
 	}
 }
 
+// shutdownIdle takes the connections that carry no stream out of the
+// pool and shuts them down (GOAWAY, close_notify, FIN), each waiting
+// until ctx at most for a stream a caller opened on it meanwhile; the
+// pool stays open, and an open after it dials afresh. See
+// Serving.CloseIdleOutbound.
+func (pl *pool) shutdownIdle(ctx context.Context) {
+	var idle []*hbone.Conn
+	pl.mu.Lock()
+	for k, e := range pl.m {
+		kept := e.conns[:0]
+		for _, c := range e.conns {
+			if !c.IdleSince().IsZero() {
+				idle = append(idle, c.Conn)
+				continue
+			}
+			kept = append(kept, c)
+		}
+		e.conns = kept
+		if len(kept) == 0 && e.dialing == nil {
+			delete(pl.m, k)
+		}
+	}
+	pl.mu.Unlock()
+	var wg sync.WaitGroup
+	for _, c := range idle {
+		wg.Add(1)
+		go func() { defer wg.Done(); c.Shutdown(ctx) }()
+	}
+	wg.Wait()
+}
+
 // size is the number of pooled connections.
 func (pl *pool) size() int {
 	pl.mu.Lock()

@@ -474,6 +474,19 @@ func (sv *Serving) untrack(c *tracked) {
 	sv.mu.Unlock()
 }
 
+// CloseIdleOutbound shuts down the pod's pooled outbound HBONE
+// connections that carry no stream now, waiting up to ctx for a stream
+// opened on one of them meanwhile. For a pod whose network is about to
+// go (a CNI DEL: the primary plugin removes its interface right after
+// ours answers): Close closes the pool only once the pod is drained, and
+// a pod still draining an inbound connection then had no interface left
+// for its idle connections' close_notify and FIN. Their peers never
+// learned: a server does not ping, so each kept its end (goroutines, a
+// socket, ~90 KiB) until its HBONEIdleTimeout, 15 min
+// (TestChurnLeavesNoResidue). Connections with streams are left to
+// Close.
+func (s *Serving) CloseIdleOutbound(ctx context.Context) { s.pool.shutdownIdle(ctx) }
+
 // Close stops accepting (closes the pod's listeners, sends GOAWAY on
 // inbound HBONE connections), lets established connections finish until
 // ctx ends, then cuts what remains. It returns ctx's error if it had to

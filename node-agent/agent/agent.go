@@ -842,11 +842,27 @@ func (a *Agent) release(ctx context.Context, p *pod) {
 	}
 }
 
+// idleCloseWait bounds releaseAsync's wait for streams opened on idle
+// pooled connections as it shuts them down.
+const idleCloseWait = 500 * time.Millisecond
+
 // releaseAsync drains in the background (DEL, unenroll): the caller need
 // not wait for long-lived connections.
 func (a *Agent) releaseAsync(p *pod) {
 	if !p.enrolled() {
 		return
+	}
+	if ic, ok := p.serve.(IdleCloser); ok {
+		// Before answering: a CNI DEL runs the chain backwards, ours
+		// first, and the primary plugin removes the pod's interface
+		// as soon as we answer; a connection closed after that never
+		// tells its peer, which then holds its end until its idle
+		// timeout (tunnel's CloseIdleOutbound). Idle connections
+		// close at once; the bound is for a stream opened on one
+		// just now.
+		ctx, cancel := context.WithTimeout(context.Background(), idleCloseWait)
+		ic.CloseIdleOutbound(ctx)
+		cancel()
 	}
 	// Detach now so a new sandbox or a re-enroll does not see it.
 	cp := &pod{rec: p.rec, netns: p.netns, net: p.net, serve: p.serve, afterDrain: p.afterDrain}

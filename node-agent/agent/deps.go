@@ -33,6 +33,13 @@ type Relabeler interface {
 	SetLabels(labels map[string]string)
 }
 
+// IdleCloser is implemented by a Serving whose pod holds pooled
+// outbound connections (*tunnel.Serving): those idle are shut down while
+// the pod's network can still carry the goodbye (releaseAsync).
+type IdleCloser interface {
+	CloseIdleOutbound(ctx context.Context)
+}
+
 // ProxyTunnel adapts *tunnel.Proxy to Tunnel.
 type ProxyTunnel struct{ Proxy *tunnel.Proxy }
 
