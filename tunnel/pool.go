@@ -485,9 +485,10 @@ func (pl *pool) sweep(now time.Time, idle time.Duration) {
 }
 
 // shutdownIdle takes the connections that carry no stream out of the
-// pool and shuts them down (GOAWAY, close_notify, FIN), each waiting
-// until ctx at most for a stream a caller opened on it meanwhile; the
-// pool stays open, and an open after it dials afresh. See
+// pool and shuts them down (GOAWAY, close_notify, FIN), waiting until
+// ctx at most for them to close; one on which a caller opened a stream
+// meanwhile closes once that stream ends, after shutdownIdle returns.
+// The pool stays open, and an open after it dials afresh. See
 // Serving.CloseIdleOutbound.
 func (pl *pool) shutdownIdle(ctx context.Context) {
 	var idle []*hbone.Conn
@@ -507,13 +508,32 @@ func (pl *pool) shutdownIdle(ctx context.Context) {
 		}
 	}
 	pl.mu.Unlock()
-	var wg sync.WaitGroup
-	for _, c := range idle {
-		wg.Add(1)
-		go func() { defer wg.Done(); c.Shutdown(ctx) }()
+	if testIdleSelected != nil {
+		testIdleSelected(idle)
 	}
-	wg.Wait()
+	// Shutdown unbounded, each waited for up to ctx only: a stream
+	// opened on one since the selection (its caller picked it just
+	// before) is spared by the GOAWAY and ends when its app is done,
+	// the connection closing after it. Shutdown(ctx) closed it at the
+	// bound, cutting that stream 500 ms after it opened, on a pod
+	// that may stay (unenrollment)
+	// (TestShutdownIdleSparesAStreamOpenedMeanwhile).
+	for _, c := range idle {
+		go c.Shutdown(context.Background())
+	}
+	for _, c := range idle {
+		select {
+		case <-c.Done():
+		case <-ctx.Done():
+			return
+		}
+	}
 }
+
+// testIdleSelected, when set (by a test), runs in shutdownIdle between
+// its selection of the idle connections and their shutdown: the window
+// in which a caller that picked one may open a stream on it.
+var testIdleSelected func([]*hbone.Conn)
 
 // size is the number of pooled connections.
 func (pl *pool) size() int {

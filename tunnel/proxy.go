@@ -475,8 +475,8 @@ func (sv *Serving) untrack(c *tracked) {
 }
 
 // CloseIdleOutbound shuts down the pod's pooled outbound HBONE
-// connections that carry no stream now, waiting up to ctx for a stream
-// opened on one of them meanwhile. For a pod whose network is about to
+// connections that carry no stream now, waiting up to ctx for them to
+// close; one on which a stream opened meanwhile closes when it ends. For a pod whose network is about to
 // go (a CNI DEL: the primary plugin removes its interface right after
 // ours answers): Close closes the pool only once the pod is drained, and
 // a pod still draining an inbound connection then had no interface left

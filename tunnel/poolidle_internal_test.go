@@ -1,0 +1,80 @@
+package tunnel
+
+import (
+	"context"
+	"io"
+	"testing"
+	"time"
+
+	"github.com/ambit-mesh/ambit/tunnel/hbone"
+)
+
+// TestShutdownIdleSparesAStreamOpenedMeanwhile: at a pod's DEL (or its
+// unenrollment, when the pod and its network stay) shutdownIdle takes
+// the pooled connections that carry no stream and shuts them down,
+// bounded by its context (the agent's 500 ms). A caller whose pick
+// returned one of them just before may open a stream on it after the
+// selection and before the GOAWAY: that stream is spared by the GOAWAY
+// and must run to its end. Shutdown(ctx) closed the connection at the
+// bound, and the stream (an app's new connection, on a pod that stays
+// when it is only unenrolled) was cut 500 ms after it opened.
+// testIdleSelected holds the window open; real sockets and TLS on
+// loopback, our HBONE on both sides.
+func TestShutdownIdleSparesAStreamOpenedMeanwhile(t *testing.T) {
+	p, _, _ := newTestProxy(t, Config{Directory: noDirectory{}, Certificates: testPeerCerts(t),
+		PoolIdleTimeout: time.Hour, ConnectTimeout: 10 * time.Second})
+	key := loopPeer(t, p, uploadOrEcho(nil), nil)
+	pl := newPool(p, &loopNet{})
+	defer pl.close()
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := pl.conn(ctx, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	var s *hbone.Stream
+	testIdleSelected = func(idle []*hbone.Conn) {
+		if len(idle) != 1 || idle[0] != c {
+			t.Errorf("shutdownIdle selected %d connections, want the idle pooled one", len(idle))
+			return
+		}
+		var err error
+		if s, err = c.OpenStream("echo", nil); err != nil {
+			t.Errorf("a stream on the connection just picked: %v", err)
+		}
+	}
+	t.Cleanup(func() { testIdleSelected = nil })
+
+	bound, stop := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	pl.shutdownIdle(bound)
+	<-bound.Done() // past the bound, whenever shutdownIdle returned
+	stop()
+	if s == nil {
+		t.Fatal("no stream opened in the window: the test did not set up its case")
+	}
+	if st, _, err := s.Response(ctx); err != nil || st != 200 {
+		t.Fatalf("response %d, %v", st, err)
+	}
+	if _, err := s.Write([]byte("after the bound")); err != nil {
+		t.Fatalf("write on the spared stream after shutdownIdle's bound: %v (the connection was cut)", err)
+	}
+	if err := s.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	got, err := io.ReadAll(s)
+	if err != nil || string(got) != "after the bound" {
+		t.Fatalf("echo %q, %v; want %q (the connection was cut)", got, err, "after the bound")
+	}
+	// Once its stream is done, the connection closes (the GOAWAY went
+	// out): nothing stays for the peer to time out.
+	select {
+	case <-c.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("the connection did not close after its last stream ended")
+	}
+	if pl.size() != 0 {
+		t.Errorf("pool holds %d connections, want 0", pl.size())
+	}
+}
