@@ -479,8 +479,16 @@ func (pl *pool) sweep(now time.Time, idle time.Duration) {
 		}
 	}
 	pl.mu.Unlock()
+	if testEvictSelected != nil {
+		testEvictSelected(evict)
+	}
+	// Not waited for: a stream opened on one since the selection (its
+	// caller picked it just before) is spared by the GOAWAY, and
+	// waiting for it held the janitor, so every later round for the
+	// pod, for as long as that stream lived
+	// (TestSweepGoesOnPastAStreamOpenedMeanwhile).
 	for _, c := range evict {
-		c.Shutdown(context.Background())
+		go c.Shutdown(context.Background())
 	}
 }
 
@@ -508,8 +516,8 @@ func (pl *pool) shutdownIdle(ctx context.Context) {
 		}
 	}
 	pl.mu.Unlock()
-	if testIdleSelected != nil {
-		testIdleSelected(idle)
+	if testEvictSelected != nil {
+		testEvictSelected(idle)
 	}
 	// Shutdown unbounded, each waited for up to ctx only: a stream
 	// opened on one since the selection (its caller picked it just
@@ -530,10 +538,10 @@ func (pl *pool) shutdownIdle(ctx context.Context) {
 	}
 }
 
-// testIdleSelected, when set (by a test), runs in shutdownIdle between
-// its selection of the idle connections and their shutdown: the window
-// in which a caller that picked one may open a stream on it.
-var testIdleSelected func([]*hbone.Conn)
+// testEvictSelected, when set (by a test), runs in shutdownIdle and
+// sweep between their selection of idle connections and their shutdown:
+// the window in which a caller that picked one may open a stream on it.
+var testEvictSelected func([]*hbone.Conn)
 
 // size is the number of pooled connections.
 func (pl *pool) size() int {

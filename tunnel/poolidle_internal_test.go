@@ -18,7 +18,7 @@ import (
 // and must run to its end. Shutdown(ctx) closed the connection at the
 // bound, and the stream (an app's new connection, on a pod that stays
 // when it is only unenrolled) was cut 500 ms after it opened.
-// testIdleSelected holds the window open; real sockets and TLS on
+// testEvictSelected holds the window open; real sockets and TLS on
 // loopback, our HBONE on both sides.
 func TestShutdownIdleSparesAStreamOpenedMeanwhile(t *testing.T) {
 	p, _, _ := newTestProxy(t, Config{Directory: noDirectory{}, Certificates: testPeerCerts(t),
@@ -35,7 +35,7 @@ func TestShutdownIdleSparesAStreamOpenedMeanwhile(t *testing.T) {
 	}
 
 	var s *hbone.Stream
-	testIdleSelected = func(idle []*hbone.Conn) {
+	testEvictSelected = func(idle []*hbone.Conn) {
 		if len(idle) != 1 || idle[0] != c {
 			t.Errorf("shutdownIdle selected %d connections, want the idle pooled one", len(idle))
 			return
@@ -45,7 +45,7 @@ func TestShutdownIdleSparesAStreamOpenedMeanwhile(t *testing.T) {
 			t.Errorf("a stream on the connection just picked: %v", err)
 		}
 	}
-	t.Cleanup(func() { testIdleSelected = nil })
+	t.Cleanup(func() { testEvictSelected = nil })
 
 	bound, stop := context.WithTimeout(context.Background(), 100*time.Millisecond)
 	pl.shutdownIdle(bound)
@@ -76,5 +76,65 @@ func TestShutdownIdleSparesAStreamOpenedMeanwhile(t *testing.T) {
 	}
 	if pl.size() != 0 {
 		t.Errorf("pool holds %d connections, want 0", pl.size())
+	}
+}
+
+// TestSweepGoesOnPastAStreamOpenedMeanwhile: the janitor's sweep shuts
+// down connections idle past PoolIdleTimeout; a caller whose pick
+// returned one just before may open a stream on it in between. The
+// GOAWAY spares that stream, and the sweep must not wait for it: it shut
+// the connections down one after the other, in the janitor, so one
+// long-lived stream (a database session) stopped every later round for
+// the pod while it lived, and its other idle connections stayed.
+func TestSweepGoesOnPastAStreamOpenedMeanwhile(t *testing.T) {
+	p, _, _ := newTestProxy(t, Config{Directory: noDirectory{}, Certificates: testPeerCerts(t),
+		PoolIdleTimeout: time.Hour, ConnectTimeout: 10 * time.Second})
+	key := loopPeer(t, p, uploadOrEcho(nil), nil)
+	pl := newPool(p, &loopNet{})
+	defer pl.close()
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := pl.conn(ctx, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var s *hbone.Stream
+	testEvictSelected = func(idle []*hbone.Conn) {
+		if len(idle) != 1 || idle[0] != c {
+			t.Errorf("sweep selected %d connections, want the idle pooled one", len(idle))
+			return
+		}
+		var err error
+		if s, err = c.OpenStream("echo", nil); err != nil {
+			t.Errorf("a stream on the connection just picked: %v", err)
+		}
+	}
+	t.Cleanup(func() { testEvictSelected = nil })
+
+	swept := make(chan struct{})
+	go func() { pl.sweep(time.Now().Add(2*time.Hour), p.poolIdle); close(swept) }()
+	select {
+	case <-swept:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the sweep waits for a stream opened on a connection it evicts: the janitor is held while the stream lives")
+	}
+	if s == nil {
+		t.Fatal("no stream opened in the window: the test did not set up its case")
+	}
+	if st, _, err := s.Response(ctx); err != nil || st != 200 {
+		t.Fatalf("response %d, %v", st, err)
+	}
+	if _, err := s.Write([]byte("spared")); err != nil {
+		t.Fatal(err)
+	}
+	s.CloseWrite()
+	if got, err := io.ReadAll(s); err != nil || string(got) != "spared" {
+		t.Fatalf("echo %q, %v; want %q", got, err, "spared")
+	}
+	select {
+	case <-c.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("the connection did not close after its last stream ended")
 	}
 }
