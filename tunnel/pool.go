@@ -362,9 +362,7 @@ func (pl *pool) forget(key poolKey, c *hbone.Conn) {
 			kept = append(kept, pc)
 		}
 	}
-	for i := len(kept); i < len(e.conns); i++ {
-		e.conns[i] = pooledConn{}
-	}
+	clear(e.conns[len(kept):])
 	e.conns = kept
 	if len(kept) == 0 && e.dialing == nil {
 		delete(pl.m, key)
@@ -473,6 +471,7 @@ func (pl *pool) sweep(now time.Time, idle time.Duration) {
 				kept = append(kept, c)
 			}
 		}
+		clear(e.conns[len(kept):]) // the dropped ones' buffers go with them
 		e.conns = kept
 		if len(kept) == 0 && e.dialing == nil {
 			delete(pl.m, k)
@@ -510,6 +509,7 @@ func (pl *pool) shutdownIdle(ctx context.Context) {
 			}
 			kept = append(kept, c)
 		}
+		clear(e.conns[len(kept):])
 		e.conns = kept
 		if len(kept) == 0 && e.dialing == nil {
 			delete(pl.m, k)
