@@ -458,35 +458,12 @@ func (pl *pool) janitor() {
 // now-idle are shut down, dead ones forgotten, and entries left with
 // neither connection nor dial dropped.
 func (pl *pool) sweep(now time.Time, idle time.Duration) {
-	var evict []*hbone.Conn
-	pl.mu.Lock()
-	for k, e := range pl.m {
-		kept := e.conns[:0]
-		for _, c := range e.conns {
-			if s := c.IdleSince(); !s.IsZero() && now.Sub(s) >= idle {
-				evict = append(evict, c.Conn)
-				continue
-			}
-			if c.Usable() {
-				kept = append(kept, c)
-			}
-		}
-		clear(e.conns[len(kept):]) // the dropped ones' buffers go with them
-		e.conns = kept
-		if len(kept) == 0 && e.dialing == nil {
-			delete(pl.m, k)
-		}
-	}
-	pl.mu.Unlock()
-	if testEvictSelected != nil {
-		testEvictSelected(evict)
-	}
 	// Not waited for: a stream opened on one since the selection (its
 	// caller picked it just before) is spared by the GOAWAY, and
 	// waiting for it held the janitor, so every later round for the
 	// pod, for as long as that stream lived
 	// (TestSweepGoesOnPastAStreamOpenedMeanwhile).
-	for _, c := range evict {
+	for _, c := range pl.takeIdle(now, idle) {
 		go c.Shutdown(context.Background())
 	}
 }
@@ -498,27 +475,7 @@ func (pl *pool) sweep(now time.Time, idle time.Duration) {
 // The pool stays open, and an open after it dials afresh. See
 // Serving.CloseIdleOutbound.
 func (pl *pool) shutdownIdle(ctx context.Context) {
-	var idle []*hbone.Conn
-	pl.mu.Lock()
-	for k, e := range pl.m {
-		kept := e.conns[:0]
-		for _, c := range e.conns {
-			if !c.IdleSince().IsZero() {
-				idle = append(idle, c.Conn)
-				continue
-			}
-			kept = append(kept, c)
-		}
-		clear(e.conns[len(kept):])
-		e.conns = kept
-		if len(kept) == 0 && e.dialing == nil {
-			delete(pl.m, k)
-		}
-	}
-	pl.mu.Unlock()
-	if testEvictSelected != nil {
-		testEvictSelected(idle)
-	}
+	idle := pl.takeIdle(time.Now(), 0)
 	// Shutdown unbounded, each waited for up to ctx only: a stream
 	// opened on one since the selection (its caller picked it just
 	// before) is spared by the GOAWAY and ends when its app is done,
@@ -538,9 +495,42 @@ func (pl *pool) shutdownIdle(ctx context.Context) {
 	}
 }
 
-// testEvictSelected, when set (by a test), runs in shutdownIdle and
-// sweep between their selection of idle connections and their shutdown:
-// the window in which a caller that picked one may open a stream on it.
+// takeIdle takes out of the pool, and returns, the connections that
+// carry no stream and have not since before now-idle; dead ones are
+// forgotten, and entries left with neither connection nor dial
+// dropped. A caller whose pick returned one just before may still open
+// a stream on it.
+func (pl *pool) takeIdle(now time.Time, idle time.Duration) []*hbone.Conn {
+	var taken []*hbone.Conn
+	pl.mu.Lock()
+	for k, e := range pl.m {
+		kept := e.conns[:0]
+		for _, c := range e.conns {
+			if s := c.IdleSince(); !s.IsZero() && now.Sub(s) >= idle {
+				taken = append(taken, c.Conn)
+				continue
+			}
+			if c.Usable() {
+				kept = append(kept, c)
+			}
+		}
+		clear(e.conns[len(kept):]) // the dropped ones' buffers go with them
+		e.conns = kept
+		if len(kept) == 0 && e.dialing == nil {
+			delete(pl.m, k)
+		}
+	}
+	pl.mu.Unlock()
+	if testEvictSelected != nil {
+		testEvictSelected(taken)
+	}
+	return taken
+}
+
+// testEvictSelected, when set (by a test), runs in takeIdle between its
+// selection of idle connections and their shutdown (sweep,
+// shutdownIdle): the window in which a caller that picked one may open
+// a stream on it.
 var testEvictSelected func([]*hbone.Conn)
 
 // size is the number of pooled connections.

@@ -3,6 +3,7 @@ package tunnel
 import (
 	"context"
 	"io"
+	"sync"
 	"testing"
 	"time"
 
@@ -21,36 +22,15 @@ import (
 // testEvictSelected holds the window open; real sockets and TLS on
 // loopback, our HBONE on both sides.
 func TestShutdownIdleSparesAStreamOpenedMeanwhile(t *testing.T) {
-	p, _, _ := newTestProxy(t, Config{Directory: noDirectory{}, Certificates: testPeerCerts(t),
-		PoolIdleTimeout: time.Hour, ConnectTimeout: 10 * time.Second})
-	key := loopPeer(t, p, uploadOrEcho(nil), nil)
-	pl := newPool(p, &loopNet{})
-	defer pl.close()
-
+	_, pl, c, opened := pickedThenOpened(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	c, err := pl.conn(ctx, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-
-	var s *hbone.Stream
-	testEvictSelected = func(idle []*hbone.Conn) {
-		if len(idle) != 1 || idle[0] != c {
-			t.Errorf("shutdownIdle selected %d connections, want the idle pooled one", len(idle))
-			return
-		}
-		var err error
-		if s, err = c.OpenStream("echo", nil); err != nil {
-			t.Errorf("a stream on the connection just picked: %v", err)
-		}
-	}
-	t.Cleanup(func() { testEvictSelected = nil })
 
 	bound, stop := context.WithTimeout(context.Background(), 100*time.Millisecond)
 	pl.shutdownIdle(bound)
 	<-bound.Done() // past the bound, whenever shutdownIdle returned
 	stop()
+	s := opened()
 	if s == nil {
 		t.Fatal("no stream opened in the window: the test did not set up its case")
 	}
@@ -87,30 +67,9 @@ func TestShutdownIdleSparesAStreamOpenedMeanwhile(t *testing.T) {
 // long-lived stream (a database session) stopped every later round for
 // the pod while it lived, and its other idle connections stayed.
 func TestSweepGoesOnPastAStreamOpenedMeanwhile(t *testing.T) {
-	p, _, _ := newTestProxy(t, Config{Directory: noDirectory{}, Certificates: testPeerCerts(t),
-		PoolIdleTimeout: time.Hour, ConnectTimeout: 10 * time.Second})
-	key := loopPeer(t, p, uploadOrEcho(nil), nil)
-	pl := newPool(p, &loopNet{})
-	defer pl.close()
-
+	p, pl, c, opened := pickedThenOpened(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	c, err := pl.conn(ctx, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var s *hbone.Stream
-	testEvictSelected = func(idle []*hbone.Conn) {
-		if len(idle) != 1 || idle[0] != c {
-			t.Errorf("sweep selected %d connections, want the idle pooled one", len(idle))
-			return
-		}
-		var err error
-		if s, err = c.OpenStream("echo", nil); err != nil {
-			t.Errorf("a stream on the connection just picked: %v", err)
-		}
-	}
-	t.Cleanup(func() { testEvictSelected = nil })
 
 	swept := make(chan struct{})
 	go func() { pl.sweep(time.Now().Add(2*time.Hour), p.poolIdle); close(swept) }()
@@ -119,6 +78,7 @@ func TestSweepGoesOnPastAStreamOpenedMeanwhile(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("the sweep waits for a stream opened on a connection it evicts: the janitor is held while the stream lives")
 	}
+	s := opened()
 	if s == nil {
 		t.Fatal("no stream opened in the window: the test did not set up its case")
 	}
@@ -137,4 +97,42 @@ func TestSweepGoesOnPastAStreamOpenedMeanwhile(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("the connection did not close after its last stream ended")
 	}
+}
+
+// pickedThenOpened is both tests' case: a pool holding one idle
+// connection c to an echoing peer, and testEvictSelected opening a
+// stream on c in the window between takeIdle's selection and the
+// shutdown; opened returns that stream once the hook has run (nil if it
+// has not).
+func pickedThenOpened(t *testing.T) (p *Proxy, pl *pool, c *hbone.Conn, opened func() *hbone.Stream) {
+	p, _, _ = newTestProxy(t, Config{Directory: noDirectory{}, Certificates: testPeerCerts(t),
+		PoolIdleTimeout: time.Hour, ConnectTimeout: 10 * time.Second})
+	key := loopPeer(t, p, uploadOrEcho(nil), nil)
+	pl = newPool(p, &loopNet{})
+	t.Cleanup(pl.close)
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := pl.conn(ctx, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var s *hbone.Stream
+	testEvictSelected = func(idle []*hbone.Conn) {
+		if len(idle) != 1 || idle[0] != c {
+			t.Errorf("%d connections selected, want the idle pooled one", len(idle))
+			return
+		}
+		st, err := c.OpenStream("echo", nil)
+		if err != nil {
+			t.Errorf("a stream on the connection just picked: %v", err)
+			return
+		}
+		mu.Lock()
+		s = st
+		mu.Unlock()
+	}
+	t.Cleanup(func() { testEvictSelected = nil })
+	return p, pl, c, func() *hbone.Stream { mu.Lock(); defer mu.Unlock(); return s }
 }
