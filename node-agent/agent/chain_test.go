@@ -76,19 +76,23 @@ func TestEnrollThroughRealChain(t *testing.T) {
 
 // labNode is a lab node whose CNI chain (the plugin set's bridge,
 // host-local and portmap, then the ambit-cni binary cni) asks h's agent;
-// removed when t ends.
-func labNode(t *testing.T, h *harness, set testenv.PluginSet, cni string, cidr netip.Prefix) *lab.Node {
+// removed when t ends. opts adjust its options before it is made.
+func labNode(t *testing.T, h *harness, set testenv.PluginSet, cni string, cidr netip.Prefix, opts ...func(*lab.NodeOptions)) *lab.Node {
 	t.Helper()
 	dir, _ := os.MkdirTemp("", "amb-agt-lab-")
 	t.Cleanup(func() { os.RemoveAll(dir) })
-	node, err := lab.NewNode(lab.NodeOptions{
+	o := lab.NodeOptions{
 		Name:       "amb-agt-" + lab.RandSuffix(),
 		PodCIDR:    cidr,
 		PluginDirs: []string{set.Dir, filepath.Dir(cni)},
 		CNIVersion: set.MaxCNIVersion,
 		Ambit:      map[string]any{"agentSocket": h.sock, "snapshotFile": filepath.Join(h.dir, "enrollment-snapshot.json")},
 		Dir:        dir,
-	})
+	}
+	for _, fn := range opts {
+		fn(&o)
+	}
+	node, err := lab.NewNode(o)
 	if err != nil {
 		t.Fatal(err)
 	}

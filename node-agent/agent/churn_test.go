@@ -68,12 +68,7 @@ func TestChurnLeavesNoResidue(t *testing.T) {
 	h := startAgent(t, "", invAmbient, func(o *Options) {
 		o.Host = hr
 		o.Registerer = reg
-		p, err := tunnel.New(tunnel.Config{Directory: o.View, Certificates: newTestCA(t), Logger: quietLogger(), Registerer: reg})
-		if err != nil {
-			t.Fatal(err)
-		}
-		proxy = p
-		o.Tunnel = ProxyTunnel{Proxy: p}
+		proxy = serveByRealTunnel(t, o, reg)
 	})
 	pol := h.a.Policy()
 	h.inv.SetMeshed(func(p cluster.Pod, ns *cluster.Namespace) bool { return pol.Decide(p, ns).Enroll })
@@ -130,21 +125,10 @@ type churn struct {
 }
 
 func newChurn(t *testing.T, h *harness, set testenv.PluginSet, cniBin string, cidr netip.Prefix) *churn {
-	dir, _ := os.MkdirTemp("", "amb-agt-churn-")
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	node, err := lab.NewNode(lab.NodeOptions{
-		Name:         "amb-churn-" + lab.RandSuffix(),
-		PodCIDR:      cidr,
-		PluginDirs:   []string{set.Dir, filepath.Dir(cniBin)},
-		CNIVersion:   set.MaxCNIVersion,
-		Ambit:        map[string]any{"agentSocket": h.sock, "snapshotFile": filepath.Join(h.dir, "enrollment-snapshot.json")},
-		Dir:          dir,
-		PluginStderr: io.Discard, // ambit-cni logs every ADD at info
+	node := labNode(t, h, set, cniBin, cidr, func(o *lab.NodeOptions) {
+		o.PluginStderr = io.Discard // ambit-cni logs every ADD at info
 	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { node.Close() })
+	dir := node.Opts.Dir
 	var st syscall.Stat_t
 	if err := syscall.Stat("/proc/thread-self/ns/net", &st); err != nil {
 		t.Fatal(err)

@@ -228,13 +228,14 @@ func testHostRules(t *testing.T, cfg hostrules.Config) (*hostrules.Manager, *tes
 // (mTLS by a test CA), its directory o.View as startAgent made it and its
 // metrics in reg. Call it before replacing o.View: the tunnel looks pods
 // up in the inventory, not in the test's view.
-func serveByRealTunnel(t *testing.T, o *Options, reg prometheus.Registerer) {
+func serveByRealTunnel(t *testing.T, o *Options, reg prometheus.Registerer) *tunnel.Proxy {
 	t.Helper()
 	p, err := tunnel.New(tunnel.Config{Directory: o.View, Certificates: newTestCA(t), Logger: quietLogger(), Registerer: reg})
 	if err != nil {
 		t.Fatal(err)
 	}
 	o.Tunnel = ProxyTunnel{Proxy: p}
+	return p
 }
 
 // inNetns runs fn on a locked thread inside n (sockets made there stay

@@ -32,14 +32,7 @@ func TestMeshThroughRealTunnel(t *testing.T) {
 	testenv.RequireRoot(t)
 	var proxy *tunnel.Proxy
 	reg := prometheus.NewRegistry()
-	h := startAgent(t, "", invAmbient, func(o *Options) {
-		p, err := tunnel.New(tunnel.Config{Directory: o.View, Certificates: newTestCA(t), Logger: quietLogger(), Registerer: reg})
-		if err != nil {
-			t.Fatal(err)
-		}
-		proxy = p
-		o.Tunnel = ProxyTunnel{Proxy: p}
-	})
+	h := startAgent(t, "", invAmbient, func(o *Options) { proxy = serveByRealTunnel(t, o, reg) })
 	pol := h.a.Policy()
 	h.inv.SetMeshed(func(p cluster.Pod, ns *cluster.Namespace) bool { return pol.Decide(p, ns).Enroll })
 	client, server := newPair(t, "10.90.0.2", "10.90.0.3")
