@@ -81,6 +81,11 @@ var (
 	recordWatchRetryMax = time.Minute
 )
 
+// newRecordWatcher makes the records directory's watcher (tests: one
+// that fails as an exhausted inotify instance limit does; lowering the
+// real, machine-wide limit broke the watches of tests running beside).
+var newRecordWatcher = fsnotify.NewWatcher
+
 // releaseChecked, if set, runs in releaseDeleted once the record was
 // found gone (tests: the other agent writing it again there).
 var releaseChecked func()
@@ -156,7 +161,7 @@ func (a *Agent) followRecords(ctx context.Context, prev map[string]bool, ready c
 // a directory replaced there) and reports whether it is in place.
 func (f *follower) watch() bool {
 	if f.w == nil {
-		w, err := fsnotify.NewWatcher()
+		w, err := newRecordWatcher()
 		if err != nil {
 			f.watchFailed(err)
 			return false

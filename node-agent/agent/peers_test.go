@@ -3,17 +3,19 @@ package agent
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
+	"github.com/fsnotify/fsnotify"
 	"github.com/vishvananda/netns"
 
 	"github.com/ambit-mesh/ambit/internal/testenv"
@@ -391,32 +393,31 @@ func TestWatcherVerifiesOnlyWhatItAdopted(t *testing.T) {
 }
 
 // TestFollowingRecordsWithoutInotify: the watch cannot be created (the
-// inotify instance limit reached, for real: fs.inotify.max_user_instances
-// lowered to 0 for a moment). Records are then looked at every
-// recordPoll, and the watch is tried again until it is in place; it was
-// tried once, and another agent's records were never adopted.
+// inotify instance limit reached: newRecordWatcher fails with the error
+// inotify_init1 gives then, until the agent has tried once). Records
+// are then looked at every recordPoll, and the watch is tried again
+// until it is in place; it was tried once, and another agent's records
+// were never adopted.
 func TestFollowingRecordsWithoutInotify(t *testing.T) {
 	testenv.RequireRoot(t)
-	defer func(p, r time.Duration) { recordPoll, recordWatchRetry = p, r }(recordPoll, recordWatchRetry)
+	defer func(p, r time.Duration, nw func() (*fsnotify.Watcher, error)) {
+		recordPoll, recordWatchRetry, newRecordWatcher = p, r, nw
+	}(recordPoll, recordWatchRetry, newRecordWatcher)
 	recordPoll, recordWatchRetry = 100*time.Millisecond, 200*time.Millisecond
-	const knob = "/proc/sys/fs/inotify/max_user_instances"
-	orig, err := os.ReadFile(knob)
-	if err != nil {
-		t.Fatal(err)
-	}
-	restore := sync.OnceFunc(func() {
-		if err := os.WriteFile(knob, orig, 0o644); err != nil {
-			t.Errorf("restoring %s to %s: %v", knob, strings.TrimSpace(string(orig)), err)
+	var refuse atomic.Bool
+	refuse.Store(true)
+	newRecordWatcher = func() (*fsnotify.Watcher, error) {
+		if refuse.Load() {
+			return nil, fmt.Errorf("couldn't initialize inotify: %w", syscall.EMFILE)
 		}
-	})
-	t.Cleanup(restore)
-	if err := os.WriteFile(knob, []byte("0"), 0o644); err != nil {
-		t.Fatal(err)
+		return fsnotify.NewWatcher()
 	}
-	// The limit is machine-wide: restored as soon as the agent has
-	// failed to watch (it is ready only after trying), whatever happens.
+	// The agent is ready only after trying to watch.
 	h := startAgent(t, "", invAmbient, func(o *Options) { o.Peers = func() bool { return true } })
-	restore()
+	if h.a.watching.Load() {
+		t.Fatal("watching though the watch could not be made")
+	}
+	refuse.Store(false)
 	store, err := state.Open(h.dir)
 	if err != nil {
 		t.Fatal(err)

@@ -41,18 +41,13 @@ func Run(ctx context.Context, cfg Config) error {
 	if err := os.MkdirAll(c.CNIBinDir, 0o755); err != nil {
 		return fmt.Errorf("CNI bin directory: %w", err)
 	}
-	w, err := fsnotify.NewWatcher()
-	if err != nil {
-		return fmt.Errorf("watching CNI directories: %w", err)
-	}
-	defer w.Close()
-	for _, d := range []string{c.CNIConfDir, c.CNIBinDir} {
-		if err := w.Add(d); err != nil {
-			return fmt.Errorf("watching %s: %w", d, err)
+	in := &installer{cfg: c, entry: e, m: newMetrics(c.Registerer), log: c.Logger}
+	in.watch()
+	defer func() {
+		if in.watcher != nil {
+			in.watcher.Close()
 		}
-	}
-
-	in := &installer{cfg: c, entry: e, m: newMetrics(c.Registerer), log: c.Logger, watcher: w, watched: map[string]bool{c.CNIConfDir: true}}
+	}()
 	if c.Serving != nil {
 		select {
 		case <-c.Serving:
@@ -89,11 +84,26 @@ func Run(ctx context.Context, cfg Config) error {
 	defer timer.Stop()
 	resync := time.NewTicker(c.Resync)
 	defer resync.Stop()
+	poll := time.NewTicker(unwatchedPoll)
+	defer poll.Stop()
 	for {
+		var events <-chan fsnotify.Event
+		var errs <-chan error
+		w := in.watcher
+		if w != nil {
+			events, errs = w.Events, w.Errors
+		}
 		select {
 		case <-ctx.Done():
 			return nil
-		case ev, ok := <-w.Events:
+		case <-poll.C:
+			// Without a watch no event tells of a change: look at
+			// the files now, and try the watch again.
+			if in.watcher == nil {
+				in.watch()
+				resetTimer(timer, 0)
+			}
+		case ev, ok := <-events:
 			if !ok {
 				return errors.New("CNI directory watcher closed")
 			}
@@ -108,7 +118,7 @@ func Run(ctx context.Context, cfg Config) error {
 				delete(in.watched, ev.Name)
 			}
 			resetTimer(timer, c.Debounce)
-		case err, ok := <-w.Errors:
+		case err, ok := <-errs:
 			if !ok {
 				return errors.New("CNI directory watcher closed")
 			}
@@ -187,6 +197,9 @@ type installer struct {
 	// so a primary CNI's rewrite of a linked file is seen at once.
 	watcher *fsnotify.Watcher
 	watched map[string]bool
+	// unwatched: the CNI directories could not be watched (logged once
+	// per episode); the installer polls them.
+	unwatched bool
 	// rescan: watchDir added a watch during this reconcile (Run
 	// reconciles again at once).
 	rescan bool
@@ -211,6 +224,53 @@ func target(path string) (string, error) {
 		return "", fmt.Errorf("%s is a link that cannot be followed: %w", path, err)
 	}
 	return t, nil
+}
+
+// newWatcher makes the watcher of the CNI directories (tests: one that
+// fails the way an exhausted inotify limit does).
+var newWatcher = fsnotify.NewWatcher
+
+// unwatchedPoll is how often the CNI directories are looked at, and
+// their watch tried again, while they cannot be watched.
+var unwatchedPoll = time.Second
+
+// watch sets up the watch of the CNI config and bin directories,
+// reporting whether it is in place. It may not be: inotify instances
+// and watches are limited per user on the node
+// (fs.inotify.max_user_instances, default 128, and max_user_watches),
+// and other daemons exhaust them. Stopping the installer then would
+// leave a new node without our entry, never ready, and a primary CNI's
+// rewrite of its config unanswered; so the installer polls instead,
+// every unwatchedPoll, until a watch can be made.
+func (in *installer) watch() bool {
+	c := in.cfg
+	w, err := newWatcher()
+	if err == nil {
+		for _, d := range []string{c.CNIConfDir, c.CNIBinDir} {
+			if err = w.Add(d); err != nil {
+				err = fmt.Errorf("%s: %w", d, err)
+				w.Close()
+				break
+			}
+		}
+	}
+	if err != nil {
+		if !in.unwatched {
+			in.unwatched = true
+			in.m.watching.Set(0)
+			in.log.Warn("cannot watch the CNI directories (raise fs.inotify.max_user_instances or max_user_watches); checking them every "+unwatchedPoll.String()+" instead", "err", err)
+		}
+		return false
+	}
+	if in.unwatched {
+		in.log.Info("watching the CNI directories again")
+	}
+	in.unwatched = false
+	in.m.watching.Set(1)
+	// Link targets' and drop-in directories are watched anew by the
+	// next reconcile, which the caller runs.
+	in.watcher, in.watched = w, map[string]bool{c.CNIConfDir: true}
+	return true
 }
 
 // beforeWatch, when set (tests), runs in watchDir before a directory is

@@ -11,10 +11,12 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/containernetworking/cni/libcni"
+	"github.com/fsnotify/fsnotify"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
@@ -695,4 +697,54 @@ func TestUpgradeMarksOlderConversion(t *testing.T) {
 	if got, _ := os.ReadFile(list); !bytes.Equal(got, edited) {
 		t.Errorf("a list that is not exactly a conversion was rewritten:\n%s", got)
 	}
+}
+
+// TestRunWithoutInotify: the CNI directories cannot be watched (the
+// node's inotify instances are exhausted by other daemons; newWatcher
+// fails with the error inotify_init1 then gives). The installer used to
+// stop: the node never got our entry and never became ready. It now
+// installs anyway, answers a primary CNI's rewrite by polling, and
+// watches again once an instance is free.
+func TestRunWithoutInotify(t *testing.T) {
+	var refuse atomic.Bool
+	refuse.Store(true)
+	var tries atomic.Int32
+	defer func(f func() (*fsnotify.Watcher, error), p time.Duration) { newWatcher, unwatchedPoll = f, p }(newWatcher, unwatchedPoll)
+	newWatcher = func() (*fsnotify.Watcher, error) {
+		tries.Add(1)
+		if refuse.Load() {
+			return nil, fmt.Errorf("couldn't initialize inotify: %w", syscall.EMFILE)
+		}
+		return fsnotify.NewWatcher()
+	}
+	unwatchedPoll = 20 * time.Millisecond
+
+	n := newNode(t)
+	primary := filepath.Join(n.conf, "10-flannel.conflist")
+	orig := fixture(t, "10-flannel.conflist")
+	if err := os.WriteFile(primary, orig, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cfg := n.config() // Resync an hour: only the poll can see a change
+	run(t, cfg)
+	eventually(t, "install without a watch", func() bool { return hasEntry(primary) })
+	if got := testutil.ToFloat64(n.m.watching); got != 0 {
+		t.Fatalf("ambit_installer_watching = %v without a watch", got)
+	}
+	if err := atomicfile.Write(primary, orig, atomicfile.Options{Mode: 0o644, UID: -1, GID: -1}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "re-assertion by polling", func() bool { return hasEntry(primary) && testutil.ToFloat64(n.m.reasserts) == 1 })
+	if tries.Load() < 2 {
+		t.Fatalf("the watch was tried %d times while polling", tries.Load())
+	}
+
+	refuse.Store(false)
+	eventually(t, "watching again", func() bool { return testutil.ToFloat64(n.m.watching) == 1 })
+	// Watching, the poll looks at nothing (and Resync is an hour): only
+	// the watch's event can answer this rewrite.
+	if err := atomicfile.Write(primary, orig, atomicfile.Options{Mode: 0o644, UID: -1, GID: -1}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "re-assertion once watching", func() bool { return hasEntry(primary) && testutil.ToFloat64(n.m.reasserts) == 2 })
 }

@@ -12,6 +12,7 @@ type metrics struct {
 	fights    prometheus.Counter
 	errors    prometheus.Counter
 	after     prometheus.Gauge
+	watching  prometheus.Gauge
 }
 
 func newMetrics(r prometheus.Registerer) *metrics {
@@ -36,6 +37,10 @@ func newMetrics(r prometheus.Registerer) *metrics {
 			Name: "ambit_installer_plugins_after",
 			Help: "Plugin configs in the primary network's libcni drop-in directory, which a runtime built with containernetworking/cni v1.3.0 or later runs after ambit-cni (0 when ambit-cni runs last, and while it is not chained: see ambit_installer_installed).",
 		}),
+		watching: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "ambit_installer_watching",
+			Help: "1 while the installer watches the CNI directories, 0 while it cannot (inotify limits reached) and polls them every second instead.",
+		}),
 	}
 	if r == nil {
 		return m
@@ -45,6 +50,7 @@ func newMetrics(r prometheus.Registerer) *metrics {
 	m.fights = register(r, m.fights)
 	m.errors = register(r, m.errors)
 	m.after = register(r, m.after)
+	m.watching = register(r, m.watching)
 	return m
 }
 
