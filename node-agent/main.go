@@ -211,7 +211,11 @@ func run(ctx context.Context, args []string) error {
 	if cfg.PolicyDir != "" {
 		fsrc := filesource.New(cfg.PolicyDir, engine, log)
 		fsrc.Load()
-		go fsrc.Run(ctx)
+		go func() {
+			if err := fsrc.Run(ctx); err != nil && ctx.Err() == nil {
+				log.Error("policy files no longer followed: edits are not applied until a restart", "dir", cfg.PolicyDir, "err", err)
+			}
+		}()
 	}
 	if restCfg != nil {
 		dyn, err := dynamic.NewForConfig(restCfg)
@@ -338,7 +342,11 @@ func run(ctx context.Context, args []string) error {
 	}
 	if inv, ok := view.(*inventory.Source); ok {
 		inv.SetReloadHook(a.InventoryReloaded)
-		go inv.Watch(ctx)
+		go func() {
+			if err := inv.Watch(ctx); err != nil && ctx.Err() == nil {
+				log.Error("inventory file no longer followed: edits are not applied until a restart", "err", err)
+			}
+		}()
 	}
 	// The node can take pods once the agent enrolls them at ADD: its
 	// socket serves and, when it installs the CNI entry, the entry is in

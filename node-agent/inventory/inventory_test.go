@@ -1,14 +1,21 @@
 package inventory
 
 import (
+	"bytes"
 	"context"
+	"fmt"
+	"log/slog"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
+
+	"github.com/fsnotify/fsnotify"
 
 	"github.com/ambit-mesh/ambit/node-agent/cluster"
 )
@@ -333,4 +340,155 @@ func startWatch(t *testing.T, s *Source) {
 	done := make(chan struct{})
 	go func() { s.Watch(ctx); close(done) }()
 	t.Cleanup(func() { cancel(); <-done })
+}
+
+// TestWatchWithoutInotify: the file's directory cannot be watched (the
+// node's inotify instances, or watches, are exhausted by other daemons).
+// Watch used to return at once, an error the agent dropped: no edit was
+// applied again until a restart. It now reads the file by polling,
+// reloads only when it changed, and watches again once it can.
+func TestWatchWithoutInotify(t *testing.T) {
+	for _, c := range []struct {
+		name   string
+		refuse func() (*fsnotify.Watcher, error)
+	}{
+		{"no instance", func() (*fsnotify.Watcher, error) {
+			return nil, fmt.Errorf("couldn't initialize inotify: %w", syscall.EMFILE)
+		}},
+		{"no watch", func() (*fsnotify.Watcher, error) {
+			// A closed watcher fails every Add, as one does when
+			// max_user_watches is reached.
+			w, err := fsnotify.NewWatcher()
+			if err != nil {
+				return nil, err
+			}
+			w.Close()
+			return w, nil
+		}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			var refuse atomic.Bool
+			refuse.Store(true)
+			var tries atomic.Int32
+			// Restored after Watch has stopped (cleanups run last first).
+			t.Cleanup(func(f func() (*fsnotify.Watcher, error), p time.Duration) func() {
+				return func() { newWatcher, unwatchedPoll = f, p }
+			}(newWatcher, unwatchedPoll))
+			newWatcher = func() (*fsnotify.Watcher, error) {
+				tries.Add(1)
+				if refuse.Load() {
+					return c.refuse()
+				}
+				return fsnotify.NewWatcher()
+			}
+			unwatchedPoll = 20 * time.Millisecond
+
+			path := filepath.Join(t.TempDir(), "inventory.yaml")
+			if err := os.WriteFile(path, []byte(sample), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			logs := &logBuf{}
+			s, err := Load(Options{Path: path, NodeName: "node-a", Logger: slog.New(slog.NewTextHandler(logs, nil))})
+			if err != nil {
+				t.Fatal(err)
+			}
+			reloads := make(chan error, 100)
+			s.SetReloadHook(func(err error) { reloads <- err })
+			startWatch(t, s)
+			waitReload := func(what string) {
+				t.Helper()
+				select {
+				case err := <-reloads:
+					if err != nil {
+						t.Fatalf("%s: %v", what, err)
+					}
+				case <-time.After(10 * time.Second):
+					t.Fatalf("%s: no reload within 10s", what)
+				}
+			}
+			labelled := func() bool {
+				ns, _ := s.Namespace("apps")
+				return ns.Labels["ambit.dev/dataplane-mode"] == "ambient"
+			}
+			unlabelled := strings.Replace(sample, "labels: {ambit.dev/dataplane-mode: ambient}", "labels: {}", 1)
+
+			const warned, again = "cannot watch the inventory file", "watching the inventory file again"
+			eventually(t, "the watch to be given up", func() bool { return logs.count(warned) == 1 })
+			replace(t, path, unlabelled)
+			waitReload("edit by polling")
+			if labelled() {
+				t.Fatal("edit not applied")
+			}
+			// Five more looks (each tries the watch again) change
+			// nothing: no reload of an unchanged file, one warning for
+			// the episode.
+			n := tries.Load()
+			eventually(t, "five more looks", func() bool { return tries.Load() >= n+5 })
+			if len(reloads) != 0 {
+				t.Errorf("%d reloads of an unchanged file:\n%s", len(reloads), logs)
+			}
+			if got := logs.count(warned); got != 1 {
+				t.Errorf("%d warnings in one episode", got)
+			}
+
+			refuse.Store(false)
+			eventually(t, "watching again", func() bool { return logs.count(again) == 1 })
+			n = tries.Load()
+			replace(t, path, sample)
+			waitReload("edit once watching")
+			if !labelled() {
+				t.Fatal("edit not applied once watching")
+			}
+			if got := tries.Load(); got != n {
+				t.Errorf("the watch was tried %d more times while in place", got-n)
+			}
+		})
+	}
+}
+
+// replace writes the file by rename, as editors do.
+func replace(t *testing.T, path, body string) {
+	t.Helper()
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, []byte(body), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// logBuf collects a logger's output.
+type logBuf struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *logBuf) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *logBuf) count(msg string) int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return strings.Count(l.b.String(), msg)
+}
+
+func (l *logBuf) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }

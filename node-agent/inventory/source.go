@@ -132,23 +132,60 @@ func (s *Source) SetMeshed(fn func(cluster.Pod, *cluster.Namespace) bool) {
 // part of the mesh (as opposed to "not yet in the cache").
 func (s *Source) Static() bool { return true }
 
+// newWatcher makes the file's directory's watcher (tests: one that fails
+// as an exhausted inotify instance limit does; lowering the real,
+// machine-wide limit breaks the watches of tests running beside).
+var newWatcher = fsnotify.NewWatcher
+
+// unwatchedPoll is how often the file is looked at, and its watch tried
+// again, while it cannot be watched.
+var unwatchedPoll = time.Second
+
 // Watch reloads the file on change until ctx ends. It watches the
 // directory, so editors' rename-into-place and ConfigMap symlink swaps are
 // seen.
+//
+// The watch may be impossible: inotify instances and watches are limited
+// per user on the node (fs.inotify.max_user_instances, default 128, and
+// max_user_watches) and other daemons exhaust them. Giving up then left
+// every later edit unseen until a restart; instead the file is read every
+// unwatchedPoll, reloaded only when its content changed (a reload logs and
+// tells every subscriber), and the watch is tried again at each look.
 func (s *Source) Watch(ctx context.Context) error {
-	w, err := fsnotify.NewWatcher()
-	if err != nil {
-		return fmt.Errorf("inventory: watching %s: %w", s.opts.Path, err)
-	}
-	defer w.Close()
 	dir := filepath.Dir(s.opts.Path)
-	if err := w.Add(dir); err != nil {
-		return fmt.Errorf("inventory: watching %s: %w", dir, err)
+	var w *fsnotify.Watcher // nil while the directory cannot be watched
+	unwatched := false      // in an episode without a watch (logged once)
+	watch := func() {
+		nw, err := newWatcher()
+		if err == nil {
+			if err = nw.Add(dir); err != nil {
+				err = fmt.Errorf("%s: %w", dir, err)
+				nw.Close()
+			}
+		}
+		if err != nil {
+			if !unwatched {
+				unwatched = true
+				s.log.Warn("cannot watch the inventory file (raise fs.inotify.max_user_instances or max_user_watches); reading it every "+unwatchedPoll.String()+" instead", "path", s.opts.Path, "err", err)
+			}
+			return
+		}
+		if unwatched {
+			s.log.Info("watching the inventory file again", "path", s.opts.Path)
+		}
+		w, unwatched = nw, false
 	}
+	defer func() {
+		if w != nil {
+			w.Close()
+		}
+	}()
 	var timer *time.Timer
 	fire := make(chan struct{}, 1)
+	pending := false // a reload is due (kicked, not yet fired)
 	// Debounce: editors write in several steps.
 	kick := func() {
+		pending = true
 		if timer == nil {
 			timer = time.AfterFunc(100*time.Millisecond, func() {
 				select {
@@ -160,20 +197,38 @@ func (s *Source) Watch(ctx context.Context) error {
 			timer.Reset(100 * time.Millisecond)
 		}
 	}
+	watch()
 	// A change made between the last read (Load, for the agent a moment
 	// ago) and the watch being in place has no event of its own and was
 	// lost until the next edit: look once, now that later ones are seen.
-	if b, err := os.ReadFile(s.opts.Path); err != nil || !bytes.Equal(b, s.lastRaw()) {
+	if s.changedSinceRead() {
 		kick()
 	}
+	poll := time.NewTicker(unwatchedPoll)
+	defer poll.Stop()
 	for {
+		var events <-chan fsnotify.Event
+		var errs <-chan error
+		if w != nil {
+			events, errs = w.Events, w.Errors
+		}
 		select {
 		case <-ctx.Done():
 			if timer != nil {
 				timer.Stop()
 			}
 			return nil
-		case ev, ok := <-w.Events:
+		case <-poll.C:
+			if w != nil {
+				continue
+			}
+			// Watch first: a change after this look is an event. A
+			// reload already due is not pushed back by each look.
+			watch()
+			if !pending && s.changedSinceRead() {
+				kick()
+			}
+		case ev, ok := <-events:
 			if !ok {
 				return nil
 			}
@@ -182,15 +237,28 @@ func (s *Source) Watch(ctx context.Context) error {
 				continue
 			}
 			kick()
-		case err, ok := <-w.Errors:
+		case err, ok := <-errs:
 			if !ok {
 				return nil
 			}
 			s.log.Warn("inventory watch error", "err", err)
 		case <-fire:
+			pending = false
 			s.Reload()
 		}
 	}
+}
+
+// changedSinceRead tells whether the file differs from its last read:
+// its content, or whether it can be read at all (raw is nil only after
+// a failed read).
+func (s *Source) changedSinceRead() bool {
+	b, err := os.ReadFile(s.opts.Path)
+	raw := s.lastRaw()
+	if err != nil {
+		return raw != nil
+	}
+	return raw == nil || !bytes.Equal(b, raw)
 }
 
 // Reload reads the file again and, if valid, applies it and emits events

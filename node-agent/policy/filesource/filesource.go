@@ -3,6 +3,7 @@ package filesource
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -245,40 +246,75 @@ func isPolicyFile(n string) bool {
 	return false
 }
 
+// newWatcher makes the directory's watcher (tests: one that fails as an
+// exhausted inotify instance limit does; lowering the real, machine-wide
+// limit breaks the watches of tests running beside).
+var newWatcher = fsnotify.NewWatcher
+
+// unwatchedPoll is how often the directory is looked at, and its watch
+// tried again, while it cannot be watched.
+var unwatchedPoll = time.Second
+
 // Run loads the directory, then reloads it on every change until ctx
 // ends. Changes are coalesced (debounce) so an editor's save is one
 // reload. The directory may not exist yet: its parent is watched.
+//
+// The watch may be impossible: inotify instances and watches are limited
+// per user on the node (fs.inotify.max_user_instances, default 128, and
+// max_user_watches) and other daemons exhaust them. Giving up then left
+// every later edit unseen until a restart; instead the directory is
+// looked at every unwatchedPoll, reloaded only when what Load would read
+// changed (a reload recomputes every policy and logs), and the watch is
+// tried again at each look.
 func (s *Source) Run(ctx context.Context) error {
-	w, err := fsnotify.NewWatcher()
-	if err != nil {
-		return fmt.Errorf("policy files: %w", err)
-	}
-	defer w.Close()
-	parent := filepath.Dir(filepath.Clean(s.dir))
-	if err := w.Add(parent); err != nil {
-		return fmt.Errorf("policy files: watching %s: %w", parent, err)
-	}
-	watching := w.Add(s.dir) == nil
-	s.Load()
+	r := &runner{s: s, dir: filepath.Clean(s.dir)}
+	r.parent = filepath.Dir(r.dir)
+	defer func() {
+		if r.w != nil {
+			r.w.Close()
+		}
+	}()
+	r.watch()
+	r.load()
 	const debounce = 100 * time.Millisecond
 	timer := time.NewTimer(time.Hour)
 	timer.Stop()
+	defer timer.Stop()
+	poll := time.NewTicker(unwatchedPoll)
+	defer poll.Stop()
 	for {
+		var events <-chan fsnotify.Event
+		var errs <-chan error
+		if r.w != nil {
+			events, errs = r.w.Events, r.w.Errors
+		}
 		select {
 		case <-ctx.Done():
 			return nil
-		case ev, ok := <-w.Events:
+		case <-poll.C:
+			if r.w != nil {
+				continue
+			}
+			// Watch first: a change after this look is an event.
+			r.watch()
+			if now := s.look(); now != r.seen {
+				// Noted now so that the next looks, before the
+				// debounced load, do not push it back.
+				r.seen = now
+				timer.Reset(debounce)
+			}
+		case ev, ok := <-events:
 			if !ok {
 				return nil
 			}
-			if filepath.Dir(ev.Name) == parent && ev.Name != filepath.Clean(s.dir) {
+			if filepath.Dir(ev.Name) == r.parent && ev.Name != r.dir {
 				continue // a sibling of the directory
 			}
-			if !watching {
-				watching = w.Add(s.dir) == nil
+			if !r.dirWatched {
+				r.addDir()
 			}
 			timer.Reset(debounce)
-		case err, ok := <-w.Errors:
+		case err, ok := <-errs:
 			if !ok {
 				return nil
 			}
@@ -286,11 +322,99 @@ func (s *Source) Run(ctx context.Context) error {
 			timer.Reset(debounce)
 		case <-timer.C:
 			if _, err := os.Stat(s.dir); err != nil {
-				watching = false
-			} else if !watching {
-				watching = w.Add(s.dir) == nil
+				r.dirWatched = false
+			} else if r.w != nil && !r.dirWatched {
+				r.addDir()
 			}
-			s.Load()
+			r.load()
 		}
 	}
+}
+
+// runner is the state of one Run.
+type runner struct {
+	s           *Source
+	dir, parent string
+	w           *fsnotify.Watcher // nil while the directory cannot be watched
+	dirWatched  bool              // the directory itself (not only its parent) is watched
+	unwatched   bool              // in an episode without a watch (logged once)
+	seen        [sha256.Size]byte // what the last look (or the look before a load) saw, while unwatched
+}
+
+// watch makes the watch of the parent and, if it exists, the directory,
+// reporting whether it is in place.
+func (r *runner) watch() bool {
+	w, err := newWatcher()
+	if err == nil {
+		if err = w.Add(r.parent); err != nil {
+			err = fmt.Errorf("%s: %w", r.parent, err)
+			w.Close()
+		}
+	}
+	if err != nil {
+		r.fail(err)
+		return false
+	}
+	r.w, r.dirWatched = w, false
+	if !r.addDir() {
+		return false
+	}
+	if r.unwatched {
+		r.s.log.Info("watching the policy directory again")
+	}
+	r.unwatched = false
+	return true
+}
+
+// addDir watches the directory itself, reporting whether the watch is
+// in place. A directory that does not exist needs none: its parent's
+// watch tells when it is made. One that exists but cannot be watched
+// (max_user_watches) is polled.
+func (r *runner) addDir() bool {
+	err := r.w.Add(r.dir)
+	if err == nil {
+		r.dirWatched = true
+		return true
+	}
+	if _, serr := os.Stat(r.dir); errors.Is(serr, fs.ErrNotExist) {
+		return true
+	}
+	r.w.Close()
+	r.w, r.dirWatched = nil, false
+	r.fail(fmt.Errorf("%s: %w", r.dir, err))
+	return false
+}
+
+func (r *runner) fail(err error) {
+	if !r.unwatched {
+		r.unwatched = true
+		r.s.log.Warn("cannot watch the policy directory (raise fs.inotify.max_user_instances or max_user_watches); looking at it every "+unwatchedPoll.String()+" instead", "err", err)
+	}
+}
+
+// load runs Load, first noting what it will read when there is no
+// watch: a change made while it reads is then seen at the next look.
+func (r *runner) load() {
+	if r.w == nil {
+		r.seen = r.s.look()
+	}
+	r.s.Load()
+}
+
+// look hashes what Load reads: the list of policy files and their
+// content (or why they could not be read).
+func (s *Source) look() [sha256.Size]byte {
+	h := sha256.New()
+	names, err := s.list()
+	if err != nil {
+		fmt.Fprintf(h, "list: %v\n", err)
+	}
+	for _, n := range names {
+		b, err := os.ReadFile(filepath.Join(s.dir, n))
+		fmt.Fprintf(h, "%q %d %v\n", n, len(b), err)
+		h.Write(b)
+	}
+	var sum [sha256.Size]byte
+	h.Sum(sum[:0])
+	return sum
 }

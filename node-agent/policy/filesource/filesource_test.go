@@ -1,16 +1,22 @@
 package filesource
 
 import (
+	"bytes"
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
+
+	"github.com/fsnotify/fsnotify"
 
 	"github.com/ambit-mesh/ambit/node-agent/policy"
 	"github.com/ambit-mesh/ambit/tunnel"
@@ -442,4 +448,116 @@ func TestNeverParsedFailsClosed(t *testing.T) {
 	if all := problemText(problems); !strings.Contains(all, "keeping the file's last good version") {
 		t.Errorf("problems = %s", all)
 	}
+}
+
+// TestRunWithoutInotify: the directory cannot be watched (the node's
+// inotify instances, or watches, are exhausted by other daemons). Run
+// used to return at once, an error the agent dropped: no edit was seen
+// again until a restart. It now looks at the directory by polling,
+// reloads only when something changed, and watches again once it can.
+func TestRunWithoutInotify(t *testing.T) {
+	for _, c := range []struct {
+		name   string
+		refuse func() (*fsnotify.Watcher, error)
+	}{
+		{"no instance", func() (*fsnotify.Watcher, error) {
+			return nil, fmt.Errorf("couldn't initialize inotify: %w", syscall.EMFILE)
+		}},
+		{"no watch", func() (*fsnotify.Watcher, error) {
+			// A closed watcher fails every Add, as one does when
+			// max_user_watches is reached.
+			w, err := fsnotify.NewWatcher()
+			if err != nil {
+				return nil, err
+			}
+			w.Close()
+			return w, nil
+		}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			var refuse atomic.Bool
+			refuse.Store(true)
+			var tries atomic.Int32
+			// Restored after Run has stopped (cleanups run last first).
+			t.Cleanup(func(f func() (*fsnotify.Watcher, error), p time.Duration) func() {
+				return func() { newWatcher, unwatchedPoll = f, p }
+			}(newWatcher, unwatchedPoll))
+			newWatcher = func() (*fsnotify.Watcher, error) {
+				tries.Add(1)
+				if refuse.Load() {
+					return c.refuse()
+				}
+				return fsnotify.NewWatcher()
+			}
+			unwatchedPoll = 20 * time.Millisecond
+
+			parent := t.TempDir()
+			dir := filepath.Join(parent, "policies") // made later
+			e := policy.New(policy.Options{Logger: quiet()})
+			logs := &logBuf{}
+			ctx, cancel := context.WithCancel(context.Background())
+			done := make(chan error, 1)
+			go func() { done <- New(dir, e, slog.New(slog.NewTextHandler(logs, nil))).Run(ctx) }()
+			t.Cleanup(func() {
+				cancel()
+				if err := <-done; err != nil {
+					t.Error(err)
+				}
+			})
+
+			const warned, again = "cannot watch the policy directory", "watching the policy directory again"
+			waitFor(t, "the watch to be given up", func() bool { return logs.count(warned) == 1 })
+			if err := os.Mkdir(dir, 0o755); err != nil {
+				t.Fatal(err)
+			}
+			write(t, dir, "p.yaml", allowUI)
+			waitFor(t, "the new file to deny batch by polling", func() bool { return !allowed(e, batch) && allowed(e, ui) })
+			write(t, dir, "p.yaml", strings.ReplaceAll(allowUI, "front/sa/ui", "jobs/sa/batch"))
+			waitFor(t, "the edit to flip by polling", func() bool { return allowed(e, batch) && !allowed(e, ui) })
+			// Five more looks (each tries the watch again) change
+			// nothing: no reload for an unchanged directory, one warning
+			// for the episode.
+			n := tries.Load()
+			waitFor(t, "five more looks", func() bool { return tries.Load() >= n+5 })
+			if got := logs.count("policies loaded"); got != 3 {
+				t.Errorf("%d loads, want 3 (start, new file, edit):\n%s", got, logs)
+			}
+			if got := logs.count(warned); got != 1 {
+				t.Errorf("%d warnings in one episode", got)
+			}
+
+			refuse.Store(false)
+			waitFor(t, "watching again", func() bool { return logs.count(again) == 1 })
+			n = tries.Load()
+			write(t, dir, "p.yaml", allowUI)
+			waitFor(t, "the edit to flip back once watching", func() bool { return !allowed(e, batch) && allowed(e, ui) })
+			if got := tries.Load(); got != n {
+				t.Errorf("the watch was tried %d more times while in place", got-n)
+			}
+		})
+	}
+}
+
+// logBuf collects a logger's output.
+type logBuf struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *logBuf) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *logBuf) count(msg string) int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return strings.Count(l.b.String(), msg)
+}
+
+func (l *logBuf) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
