@@ -98,10 +98,15 @@ func Run(ctx context.Context, cfg Config) error {
 			return nil
 		case <-poll.C:
 			// Without a watch no event tells of a change: look at
-			// the files now, and try the watch again.
+			// the files now, and try the watch again. Not while a
+			// failed reconcile waits for its retry: a refusal that
+			// lasts was logged, and counted, at every look, its
+			// backoff undone. Once watched, look at once: a change
+			// made since the last look sent no event.
 			if in.watcher == nil {
-				in.watch()
-				resetTimer(timer, 0)
+				if in.watch() || backoff == 0 {
+					resetTimer(timer, 0)
+				}
 			}
 		case ev, ok := <-events:
 			if !ok {

@@ -709,7 +709,7 @@ func TestRunWithoutInotify(t *testing.T) {
 	var refuse atomic.Bool
 	refuse.Store(true)
 	var tries atomic.Int32
-	defer func(f func() (*fsnotify.Watcher, error), p time.Duration) { newWatcher, unwatchedPoll = f, p }(newWatcher, unwatchedPoll)
+	restoreWatcher(t)
 	newWatcher = func() (*fsnotify.Watcher, error) {
 		tries.Add(1)
 		if refuse.Load() {
@@ -747,4 +747,55 @@ func TestRunWithoutInotify(t *testing.T) {
 		t.Fatal(err)
 	}
 	eventually(t, "re-assertion once watching", func() bool { return hasEntry(primary) && testutil.ToFloat64(n.m.reasserts) == 2 })
+}
+
+// restoreWatcher puts newWatcher and unwatchedPoll back once the test's
+// Run has returned: registered before run's cleanup, it runs after it
+// (a deferred restore ran while Run could still read them).
+func restoreWatcher(t *testing.T) {
+	f, p := newWatcher, unwatchedPoll
+	t.Cleanup(func() { newWatcher, unwatchedPoll = f, p })
+}
+
+// TestUnwatchedPollKeepsBackoff: while the CNI directories cannot be
+// watched, each look (every unwatchedPoll) reconciled at once, even with
+// a failed reconcile's retry pending: a config that stays refused (here a
+// primary whose plugins all come from its drop-in directory, until an
+// operator moves them) was retried, with an Error logged and
+// ambit_installer_errors counted, at every look instead of with the
+// backoff (200ms doubling up to 30s).
+func TestUnwatchedPollKeepsBackoff(t *testing.T) {
+	restoreWatcher(t)
+	var looks atomic.Int32
+	newWatcher = func() (*fsnotify.Watcher, error) {
+		looks.Add(1)
+		return nil, fmt.Errorf("couldn't initialize inotify: %w", syscall.EMFILE)
+	}
+	unwatchedPoll = 10 * time.Millisecond
+
+	n := newNode(t)
+	primary := filepath.Join(n.conf, "10-flannel.conflist")
+	writeFile(t, primary, `{"cniVersion":"1.0.0","name":"cbr0"}`)
+	old := time.Now().Add(-time.Hour) // not a file being written
+	if err := os.Chtimes(primary, old, old); err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, filepath.Join(n.conf, "cbr0", "50-tuning.conf"), `{"cniVersion":"0.3.1","name":"cbr0","type":"tuning"}`)
+	start := time.Now()
+	run(t, n.config())
+	eventually(t, "the refusal", func() bool { return testutil.ToFloat64(n.m.errors) >= 1 })
+	from := looks.Load()
+	eventually(t, "30 more looks", func() bool { return looks.Load() >= from+30 })
+	failed := int(testutil.ToFloat64(n.m.errors))
+	elapsed := time.Since(start)
+	// The k-th failure comes at least 200ms·(2^(k-1)-1) after the
+	// first: a bound that only a retry sooner than the backoff breaks,
+	// however slow the machine.
+	most := 1
+	for wait, sum := 200*time.Millisecond, 200*time.Millisecond; sum <= elapsed; wait, sum = 2*wait, sum+2*wait {
+		most++
+	}
+	if failed > most {
+		t.Fatalf("%d failed reconciles in %v (%d looks), at most %d with the backoff", failed, elapsed.Round(time.Millisecond), looks.Load(), most)
+	}
 }
