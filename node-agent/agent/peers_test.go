@@ -394,19 +394,23 @@ func TestWatcherVerifiesOnlyWhatItAdopted(t *testing.T) {
 
 // TestFollowingRecordsWithoutInotify: the watch cannot be created (the
 // inotify instance limit reached: newRecordWatcher fails with the error
-// inotify_init1 gives then, until the agent has tried once). Records
-// are then looked at every recordPoll, and the watch is tried again
-// until it is in place; it was tried once, and another agent's records
-// were never adopted.
+// inotify_init1 gives then, until the record written meanwhile was
+// adopted). Records are then looked at every recordPoll, and the watch
+// is tried again until it is in place; it was tried once, and another
+// agent's records were never adopted.
 func TestFollowingRecordsWithoutInotify(t *testing.T) {
 	testenv.RequireRoot(t)
-	defer func(p, r time.Duration, nw func() (*fsnotify.Watcher, error)) {
-		recordPoll, recordWatchRetry, newRecordWatcher = p, r, nw
-	}(recordPoll, recordWatchRetry, newRecordWatcher)
-	recordPoll, recordWatchRetry = 100*time.Millisecond, 200*time.Millisecond
+	// Restored once the agent has stopped: registered before
+	// startAgent's cleanup, this one runs after it.
+	t.Cleanup(func(p, r, m time.Duration, nw func() (*fsnotify.Watcher, error)) func() {
+		return func() { recordPoll, recordWatchRetry, recordWatchRetryMax, newRecordWatcher = p, r, m, nw }
+	}(recordPoll, recordWatchRetry, recordWatchRetryMax, newRecordWatcher))
+	recordPoll, recordWatchRetry, recordWatchRetryMax = 100*time.Millisecond, 200*time.Millisecond, 400*time.Millisecond
 	var refuse atomic.Bool
 	refuse.Store(true)
+	var tries atomic.Int32
 	newRecordWatcher = func() (*fsnotify.Watcher, error) {
+		tries.Add(1)
 		if refuse.Load() {
 			return nil, fmt.Errorf("couldn't initialize inotify: %w", syscall.EMFILE)
 		}
@@ -417,7 +421,6 @@ func TestFollowingRecordsWithoutInotify(t *testing.T) {
 	if h.a.watching.Load() {
 		t.Fatal("watching though the watch could not be made")
 	}
-	refuse.Store(false)
 	store, err := state.Open(h.dir)
 	if err != nil {
 		t.Fatal(err)
@@ -426,7 +429,11 @@ func TestFollowingRecordsWithoutInotify(t *testing.T) {
 	if err := store.Put(otherAgentsRecord(t, "a", a, "10.77.0.2")); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "the record adopted though the watch could not be created at start", func() bool { return h.known("cid-a") && h.tun.Live() == 1 })
+	// Still refused: only the poll can see it (a watch made at a retry
+	// looks at the directory too).
+	eventually(t, "the record adopted though the watch cannot be created", func() bool { return h.known("cid-a") && h.tun.Live() == 1 })
+	eventually(t, "the watch tried again", func() bool { return tries.Load() >= 2 })
+	refuse.Store(false)
 	eventually(t, "the watch in place", func() bool { return h.a.watching.Load() })
 	b := newNetns(t, "10.77.3.2/24")
 	if err := store.Put(otherAgentsRecord(t, "b", b, "10.77.3.2")); err != nil {
