@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"runtime/debug"
@@ -51,10 +52,13 @@ func (d *poolDial) timeoutError(key poolKey, err error) error {
 }
 
 // pooledConn is a pooled connection and what its handshake verified,
-// checked again before the connection takes a new stream.
+// checked again before the connection takes a new stream; raw is its
+// TCP socket (nil from a PodNetwork of other connections), which only a
+// reset needs (resetConn): hbone keeps it behind its own layers.
 type pooledConn struct {
 	*hbone.Conn
-	ps *peerState
+	ps  *peerState
+	raw *net.TCPConn
 }
 
 // pool holds one pod's outbound HBONE connections (in-pod mode: a pool
@@ -66,6 +70,9 @@ type pool struct {
 	m    map[poolKey]*poolEntry
 	stop chan struct{}
 	once sync.Once
+	// resetting: closed by reset (Serving.Abort), so a connection dialled
+	// meanwhile is reset too, not closed.
+	resetting atomic.Bool
 }
 
 func newPool(p *Proxy, n PodNetwork) *pool {
@@ -307,7 +314,7 @@ var testDialWoken func()
 
 // runDial runs d for e, pools its connection and wakes its waiters.
 func (pl *pool) runDial(ctx context.Context, key poolKey, e *poolEntry, d *poolDial) {
-	c, ps, err := pl.dialRecovered(ctx, key, d)
+	c, ps, raw, err := pl.dialRecovered(ctx, key, d)
 	d.cancel()
 	var discard *hbone.Conn
 	pl.mu.Lock()
@@ -331,14 +338,18 @@ func (pl *pool) runDial(ctx context.Context, key poolKey, e *poolEntry, d *poolD
 	d.err = err
 	if err == nil {
 		// Pooled even when its waiters left: the next caller uses it.
-		e.conns = append(e.conns, pooledConn{c, ps})
+		e.conns = append(e.conns, pooledConn{c, ps, raw})
 		pl.p.m.poolConns.Inc()
 		go func() { <-c.Done(); pl.p.m.poolConns.Dec(); pl.forget(key, c) }()
 	}
 	close(d.done)
 	pl.mu.Unlock()
 	if discard != nil {
-		discard.Close()
+		if pl.resetting.Load() {
+			resetConn(discard, raw)
+		} else {
+			discard.Close()
+		}
 	}
 }
 
@@ -386,40 +397,55 @@ func (e *dialError) Unwrap() error { return e.err }
 // every waiter, each of which counts its connection as internal_error,
 // and runDial clears the entry's dial so the next caller dials afresh.
 // The stack is logged here, once for all waiters.
-func (pl *pool) dialRecovered(ctx context.Context, key poolKey, d *poolDial) (c *hbone.Conn, ps *peerState, err error) {
+func (pl *pool) dialRecovered(ctx context.Context, key poolKey, d *poolDial) (c *hbone.Conn, ps *peerState, raw *net.TCPConn, err error) {
 	defer func() {
 		if v := recover(); v != nil {
 			pl.p.log.Error("outbound HBONE dial panicked", "dst", key.addr.String(), "dst_identity", key.dst,
 				"src_identity", key.src, "panic", fmt.Sprint(v), "stack", string(debug.Stack()))
-			c, ps = nil, nil
+			c, ps, raw = nil, nil, nil
 			err = &dialError{"internal_error", fmt.Errorf("HBONE dial to %v (%s) panicked: %v", key.addr, key.dst, v)}
 		}
 	}()
 	return pl.dial(ctx, key, d)
 }
 
-func (pl *pool) dial(ctx context.Context, key poolKey, d *poolDial) (*hbone.Conn, *peerState, error) {
+func (pl *pool) dial(ctx context.Context, key poolKey, d *poolDial) (*hbone.Conn, *peerState, *net.TCPConn, error) {
 	ctx, cancel := context.WithTimeout(ctx, pl.p.connectTimeout)
 	defer cancel()
 	// Closing the pool (Close's cut, past its deadline) ends a dial in
 	// flight too: towards a peer that drops SYNs, it would run to the
-	// connect timeout while Close waits for its connection.
+	// connect timeout while Close waits for its connection. Reset by
+	// Abort, a connection in its handshake is reset as the pooled ones
+	// are (resetConn): the handshake's failure closes it, which would
+	// send a FIN.
+	var rawTCP atomic.Pointer[net.TCPConn]
 	go func() {
 		select {
 		case <-pl.stop:
+			if tc := rawTCP.Load(); tc != nil && pl.resetting.Load() {
+				_ = tc.SetLinger(0)
+			}
 			cancel()
 		case <-ctx.Done():
 		}
 	}()
 	raw, err := pl.net.Dial(ctx, netip.Addr{}, key.addr)
+	tc, _ := raw.(*net.TCPConn)
+	if tc != nil && err == nil {
+		rawTCP.Store(tc)
+		if pl.closed() && pl.resetting.Load() {
+			// Reset before the watch above could see it.
+			_ = tc.SetLinger(0)
+		}
+	}
 	if err != nil {
 		// podnet reports the deadline as the socket's "i/o timeout" or
 		// as the context's, whichever fired first: towards a dead node
 		// the reason flipped between connect and connect_timeout.
 		if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(ctx.Err(), context.DeadlineExceeded) {
-			return nil, nil, d.timeoutError(key, err)
+			return nil, nil, nil, d.timeoutError(key, err)
 		}
-		return nil, nil, &dialError{"connect", fmt.Errorf("HBONE connect to %v: %w", key.addr, err)}
+		return nil, nil, nil, &dialError{"connect", fmt.Errorf("HBONE connect to %v: %w", key.addr, err)}
 	}
 	d.tcpUp.Store(true)
 	// hbone.Client closes raw when the handshake fails, not when one of
@@ -433,10 +459,10 @@ func (pl *pool) dial(ctx context.Context, key poolKey, d *poolDial) (*hbone.Conn
 	ps := &peerState{}
 	c, err := hbone.Client(ctx, raw, pl.p.clientTLS(context.WithoutCancel(ctx), key.src, key.dst, ps), pl.p.hcfg)
 	if err != nil {
-		return nil, nil, &dialError{tlsReason(err), fmt.Errorf("HBONE handshake with %v (%s): %w", key.addr, key.dst, err)}
+		return nil, nil, nil, &dialError{tlsReason(err), fmt.Errorf("HBONE handshake with %v (%s): %w", key.addr, key.dst, err)}
 	}
 	handshaken = true
-	return c, ps, nil
+	return c, ps, tc, nil
 }
 
 // janitor closes connections idle for longer than the pool timeout.
@@ -546,26 +572,44 @@ func (pl *pool) size() int {
 
 // close closes the pool and its connections, each with TLS's
 // close_notify.
-func (pl *pool) close() { pl.closeWith((*hbone.Conn).Close) }
+func (pl *pool) close() { pl.closeWith(func(c pooledConn) { c.Close() }) }
 
 // abort closes the pool and its connections without waiting on any peer
 // (Close's cut, past its deadline; see abortConn).
-func (pl *pool) abort() { pl.closeWith(func(c *hbone.Conn) error { abortConn(c); return nil }) }
+func (pl *pool) abort() { pl.closeWith(func(c pooledConn) { abortConn(c.Conn) }) }
 
-func (pl *pool) closeWith(closeConn func(*hbone.Conn) error) {
+func (pl *pool) closeWith(closeConn func(pooledConn)) {
 	pl.once.Do(func() { close(pl.stop) })
 	pl.mu.Lock()
-	var all []*hbone.Conn
+	var all []pooledConn
 	for _, e := range pl.m {
-		for _, c := range e.conns {
-			all = append(all, c.Conn)
-		}
+		all = append(all, e.conns...)
 	}
 	pl.m = map[poolKey]*poolEntry{}
 	pl.mu.Unlock()
 	for _, c := range all {
 		closeConn(c)
 	}
+}
+
+// reset closes the pool to new dials and resets its connections, with
+// streams or not (Serving.Abort: the pod's network is going); a dial in
+// flight is cut, its connection reset.
+func (pl *pool) reset() {
+	pl.resetting.Store(true)
+	pl.closeWith(func(c pooledConn) { resetConn(c.Conn, c.raw) })
+}
+
+// resetConn closes c, whose TCP socket is raw (nil: closed as abortConn
+// does), with a TCP reset (SO_LINGER 0), no close_notify and no GOAWAY:
+// for a pod whose network is going (Serving.Abort says why a reset).
+// The peer's reads fail at once; the socket is gone, nothing left to
+// retransmit.
+func resetConn(c *hbone.Conn, raw *net.TCPConn) {
+	if raw != nil {
+		_ = raw.SetLinger(0)
+	}
+	abortConn(c)
 }
 
 // abortConn closes c without a word to its peer. crypto/tls's Close

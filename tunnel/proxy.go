@@ -263,6 +263,10 @@ type Serving struct {
 
 	mu      sync.Mutex
 	closing bool
+	// aborted: Abort ran, so everything was cut and nothing waits on a
+	// peer; a Close after it waits for the handlers to end, as Close's
+	// own cut does.
+	aborted bool
 	// closeCtx is Close's context: an HBONE connection whose handshake
 	// ends after Close began goes away within the same deadline.
 	closeCtx context.Context
@@ -272,8 +276,12 @@ type Serving struct {
 	// cutting: Close's deadline passed and it cut what was live; a
 	// connection that starts relaying later (it was still dialling) is
 	// cut as it registers, or Close would wait for it with no deadline.
-	cutting  bool
-	hconns   map[*hbone.Conn]struct{}
+	cutting bool
+	hconns  map[*hbone.Conn]struct{}
+	// raws are the TCP sockets of the inbound HBONE connections being
+	// served (handshake included), for Abort's reset: hbone keeps them
+	// behind its own layers.
+	raws     map[*net.TCPConn]struct{}
 	loops    sync.WaitGroup
 	stopOnce sync.Once
 	// stop is closed when Close begins: accept loops waiting (back-off,
@@ -341,6 +349,7 @@ func (p *Proxy) Serve(pod Pod) (*Serving, error) {
 		ownIPs:  map[netip.Addr]bool{},
 		closers: map[*tracked]struct{}{},
 		hconns:  map[*hbone.Conn]struct{}{},
+		raws:    map[*net.TCPConn]struct{}{},
 		quiet:   make(chan struct{}, 1),
 		stop:    make(chan struct{}),
 		log:     p.log.With("pod", w.Namespace+"/"+w.Name),
@@ -367,7 +376,17 @@ func (p *Proxy) Serve(pod Pod) (*Serving, error) {
 		{pod.Inbound, lnInbound, make(chan struct{}, p.maxPending), sv.inboundPlain},
 		// 15008 bounds its handshakes otherwise (handshakes): past the
 		// handshake a connection is a mesh peer's.
-		{pod.HBONE, lnHBONE, nil, func(c *net.TCPConn, _ chan struct{}) { sv.inboundHBONE(c) }},
+		{pod.HBONE, lnHBONE, nil, func(c *net.TCPConn, _ chan struct{}) {
+			sv.mu.Lock()
+			sv.raws[c] = struct{}{}
+			sv.mu.Unlock()
+			defer func() {
+				sv.mu.Lock()
+				delete(sv.raws, c)
+				sv.mu.Unlock()
+			}()
+			sv.inboundHBONE(c)
+		}},
 	} {
 		if l.ln == nil {
 			continue
@@ -441,6 +460,13 @@ func (sv *Serving) waitQuiet(ctx context.Context) bool {
 		done := sv.active == 0 && len(sv.hconns) == 0
 		sv.mu.Unlock()
 		if done {
+			// Passed on: a kick wakes one waiter, and Close and Abort
+			// may both wait (a drain cut by the pod's DEL). A token
+			// left for no one only makes a later wait look again.
+			select {
+			case sv.quiet <- struct{}{}:
+			default:
+			}
 			return true
 		}
 		select {
@@ -476,25 +502,33 @@ func (sv *Serving) untrack(c *tracked) {
 
 // CloseIdleOutbound shuts down the pod's pooled outbound HBONE
 // connections that carry no stream now, waiting up to ctx for them to
-// close; one on which a stream opened meanwhile closes when it ends. For a pod whose network is about to
-// go (a CNI DEL: the primary plugin removes its interface right after
-// ours answers): Close closes the pool only once the pod is drained, and
-// a pod still draining an inbound connection then had no interface left
-// for its idle connections' close_notify and FIN. Their peers never
-// learned: a server does not ping, so each kept its end (goroutines, a
-// socket, ~90 KiB) until its HBONEIdleTimeout, 15 min
-// (TestChurnLeavesNoResidue). Connections with streams are left to
-// Close.
+// close; one on which a stream opened meanwhile closes when it ends.
+// Close closes the pool only once the pod is drained, and a pod still
+// draining an inbound connection when its network went (a CNI DEL, until
+// session 20) then had no interface left for its idle connections'
+// close_notify and FIN. Their peers never learned: a server does not
+// ping, so each kept its end (goroutines, a socket, ~90 KiB) until its
+// HBONEIdleTimeout, 15 min (TestChurnLeavesNoResidue). A DEL now calls
+// Abort, which ends every connection; the agent calls this before the
+// drains it keeps (an unenrollment), whose network stays. Connections
+// with streams are left to Close.
 func (s *Serving) CloseIdleOutbound(ctx context.Context) { s.pool.shutdownIdle(ctx) }
 
 // Close stops accepting (closes the pod's listeners, sends GOAWAY on
 // inbound HBONE connections), lets established connections finish until
 // ctx ends, then cuts what remains. It returns ctx's error if it had to
-// cut.
+// cut. After Abort it only waits for what Abort cut to be done.
 func (s *Serving) Close(ctx context.Context) error {
 	s.mu.Lock()
 	if s.closing {
+		aborted := s.aborted
 		s.mu.Unlock()
+		if aborted {
+			// Abort's own wait is bounded (the agent answers a DEL
+			// after it): the caller closes the pod's network once
+			// Close returns, which no handler may still be using.
+			s.waitQuiet(context.Background())
+		}
 		return nil
 	}
 	s.closing = true
@@ -561,6 +595,105 @@ func (s *Serving) Close(ctx context.Context) error {
 	}
 	s.pool.close()
 	return err
+}
+
+// Abort ends the pod's serving at once, for a pod whose network is
+// going now: a CNI DEL runs the chain backwards, ours first, and the
+// primary plugin removes the pod's interface as soon as the agent
+// answers. A drain is pointless then: under a kubelet the pod's
+// containers have stopped, and for a runtime that deletes the network
+// of a live container no connection survives it either. Worse, what
+// closed after the answer closed into the void: the peers of the pod's
+// connections never learned (a remote client's app hung until its
+// agent's keepalive, ~30 s; a server end stayed until its idle timeout),
+// and each orphaned socket retransmitted its FIN, keeping the pod's
+// namespace and veth ~100 s.
+//
+// So Abort stops accepting, closes the pod's pool to new dials (a
+// connection dialled meanwhile is reset, not pooled after the answer),
+// and resets the pod's connections: pooled outbound HBONE connections,
+// with streams or not, inbound HBONE connections and pending
+// handshakes, whose streams reset their app sockets as they fail
+// (hbone's Splice); the rest is cut as by Close past its deadline (the
+// app's side of a plaintext relay reset, its far side closed).
+//
+// A reset rather than GOAWAY and close_notify: a reset is sent at once
+// whatever is queued unsent (a FIN waits behind it, for a peer's window
+// that may never open again), the socket is gone when close returns (a
+// FIN leaves it in FIN_WAIT, waiting for an answer the removed
+// interface will not take), and the peer's agent fails every stream of
+// the connection at once and resets its app's connection, which tells
+// the app the truth: its transfer was cut, not complete. A GOAWAY in
+// front would be discarded with the rest of the unsent data.
+//
+// Abort waits until ctx for the pod's handlers to end (what it cut ends
+// without waiting on any peer); a later Close waits for the rest.
+// Abort after Close began (an unenrolled pod draining when its DEL
+// comes) cuts what Close is draining. It returns ctx's error if
+// something was still being handled when ctx ended.
+func (s *Serving) Abort(ctx context.Context) error {
+	s.mu.Lock()
+	first := !s.closing
+	if first {
+		s.closing = true
+		s.closeCtx = ctx
+		close(s.stop)
+	}
+	s.aborted = true
+	// What registers from now on is cut as it does (track).
+	s.cutting = true
+	s.mu.Unlock()
+	if first {
+		s.p.mu.Lock()
+		delete(s.p.servings, s)
+		s.p.draining[s] = struct{}{}
+		s.p.mu.Unlock()
+		defer func() {
+			s.p.mu.Lock()
+			delete(s.p.draining, s)
+			s.p.mu.Unlock()
+		}()
+	}
+	for _, ln := range []net.Listener{s.pod.Outbound, s.pod.Inbound, s.pod.HBONE} {
+		if ln != nil {
+			ln.Close()
+		}
+	}
+	// Every connection an accept loop took is counted (enter) and,
+	// once it registers, cut.
+	s.loops.Wait()
+	// Every inbound HBONE socket, whatever its phase, closes with a
+	// reset from now on: by the eviction of a pending handshake, by the
+	// close below, by the cut of one that registers only now.
+	s.mu.Lock()
+	for c := range s.raws {
+		_ = c.SetLinger(0)
+	}
+	s.mu.Unlock()
+	s.p.hs.evictPod(s)
+	// The pool and the inbound HBONE connections first: their streams
+	// reset their spliced app sockets (hbone's Splice) as they fail.
+	s.pool.reset()
+	s.mu.Lock()
+	hconns := make([]*hbone.Conn, 0, len(s.hconns))
+	for c := range s.hconns {
+		hconns = append(hconns, c)
+	}
+	cut := make([]*tracked, 0, len(s.closers))
+	for c := range s.closers {
+		cut = append(cut, c)
+	}
+	s.mu.Unlock()
+	for _, c := range hconns {
+		abortConn(c)
+	}
+	for _, c := range cut {
+		c.cut()
+	}
+	if !s.waitQuiet(ctx) {
+		return ctx.Err()
+	}
+	return nil
 }
 
 // Reauthorize checks every live inbound connection again with the

@@ -186,6 +186,18 @@ type pod struct {
 	afterDrain func(*os.File)
 	// claim: p is served in its namespace (claimNetns), until release.
 	claim *netnsClaim
+	// drains are the servings of p's earlier releases that drain its
+	// connections (an unenrollment, its deletion from the API), kept
+	// (under the pod's lock) so that its DEL cuts them: their network
+	// goes with it (releaseGone).
+	drains []*drain
+}
+
+// drain is a released serving draining in the background; done is
+// closed once it has closed.
+type drain struct {
+	s    Serving
+	done chan struct{}
 }
 
 func (p *pod) enrolled() bool { return p.serve != nil }
@@ -842,28 +854,104 @@ func (a *Agent) release(ctx context.Context, p *pod) {
 	}
 }
 
-// idleCloseWait bounds releaseAsync's wait for streams opened on idle
-// pooled connections as it shuts them down.
-const idleCloseWait = 500 * time.Millisecond
+// beforeAnswerWait bounds what a release waits for before the caller
+// answers (a DEL, the plugin waiting): at a DEL (releaseGone) for the
+// pod's connection handlers to end once every connection is reset (they
+// wait on no peer: milliseconds, docs/agent.md "Plugin server"), otherwise
+// (releaseAsync) for a stream opened on an idle pooled connection as it
+// is shut down. 500 ms, as for the idle connections before: well within
+// the plugin's own deadline for an answer, and a DEL that goes over it
+// is answered anyway, its handlers left to end in the background with
+// the rest of the release.
+const beforeAnswerWait = 500 * time.Millisecond
 
-// releaseAsync drains in the background (DEL, unenroll): the caller need
-// not wait for long-lived connections.
-func (a *Agent) releaseAsync(p *pod) {
+// releaseAsync drains in the background (unenroll, and the releases
+// whose pod's network may stay): the caller need not wait for
+// long-lived connections.
+func (a *Agent) releaseAsync(p *pod) { a.releaseAs(p, false) }
+
+// releaseGone releases p, whose network is going now: a CNI DEL (or a
+// GC of its sandbox, or another agent's DEL of it) runs the chain
+// backwards, ours first, and the primary plugin removes the pod's
+// interface as soon as the agent answers. Nothing drains then: every
+// connection of the pod is reset before the answer (abortConns), so each
+// peer learns at once. A connection closed after the answer closed into
+// the void: its peer never learned, and its orphaned socket kept the
+// pod's namespace ~100 s.
+func (a *Agent) releaseGone(p *pod) {
+	if a.abortConns(p) {
+		a.detachRelease(p, nil)
+		return
+	}
+	a.releaseAs(p, true)
+}
+
+// abortConns resets every connection of p (Aborter), those of its
+// earlier releases still draining too (an unenrollment shortly before
+// its DEL), waiting up to beforeAnswerWait for their handlers to end.
+// It reports whether p's serving could (false: none, or one that cannot
+// abort, left to releaseAs). Under the pod's lock; a second call finds
+// nothing left to reset.
+func (a *Agent) abortConns(p *pod) bool {
+	ctx, cancel := context.WithTimeout(context.Background(), beforeAnswerWait)
+	defer cancel()
+	for _, d := range p.drains {
+		select {
+		case <-d.done:
+			continue
+		default:
+		}
+		if ab, ok := d.s.(Aborter); ok {
+			ab.Abort(ctx)
+		}
+	}
+	p.drains = nil
+	ab, ok := p.serve.(Aborter)
+	if !ok {
+		return false
+	}
+	if err := ab.Abort(ctx); err != nil {
+		a.log.Info("pod's network going: its connections were reset, some handlers not done by the bound; they end in the background",
+			"pod", p.rec.Namespace+"/"+p.rec.Name, "wait", beforeAnswerWait)
+	}
+	return true
+}
+
+// releaseAs is releaseAsync; gone: the pod's network is going and its
+// serving cannot abort (releaseGone), its idle connections closed as
+// before.
+func (a *Agent) releaseAs(p *pod, gone bool) {
 	if !p.enrolled() {
 		return
 	}
 	if ic, ok := p.serve.(IdleCloser); ok {
-		// Before answering: a CNI DEL runs the chain backwards, ours
-		// first, and the primary plugin removes the pod's interface
-		// as soon as we answer; a connection closed after that never
-		// tells its peer, which then holds its end until its idle
-		// timeout (tunnel's CloseIdleOutbound). Idle connections
-		// close at once; the bound is for a stream opened on one
-		// just now.
-		ctx, cancel := context.WithTimeout(context.Background(), idleCloseWait)
+		// Before answering: should the pod's network go right after
+		// (a DEL), a connection closed then never tells its peer,
+		// which holds its end until its idle timeout (tunnel's
+		// CloseIdleOutbound). Idle connections close at once; the
+		// bound is for a stream opened on one just now.
+		ctx, cancel := context.WithTimeout(context.Background(), beforeAnswerWait)
 		ic.CloseIdleOutbound(ctx)
 		cancel()
 	}
+	var d *drain
+	if !gone {
+		d = &drain{s: p.serve, done: make(chan struct{})}
+		p.drains = append(slices.DeleteFunc(p.drains, func(old *drain) bool {
+			select {
+			case <-old.done:
+				return true
+			default:
+				return false
+			}
+		}), d)
+	}
+	a.detachRelease(p, d)
+}
+
+// detachRelease detaches p's serving and releases it in the background,
+// drained up to drainTimeout; d, if set, is closed once it is done.
+func (a *Agent) detachRelease(p *pod, d *drain) {
 	// Detach now so a new sandbox or a re-enroll does not see it.
 	cp := &pod{rec: p.rec, netns: p.netns, net: p.net, serve: p.serve, afterDrain: p.afterDrain}
 	p.serve, p.net, p.netns, p.afterDrain, p.lns = nil, nil, nil, nil, nil
@@ -873,6 +961,9 @@ func (a *Agent) releaseAsync(p *pod) {
 	a.closing.Add(1)
 	go func() {
 		defer a.closing.Done()
+		if d != nil {
+			defer close(d.done)
+		}
 		ctx, cancel := context.WithTimeout(context.Background(), a.cfg.DrainTimeout.Duration)
 		defer cancel()
 		a.release(ctx, cp)

@@ -263,19 +263,21 @@ func (c *churn) cycle(i int) {
 	}
 	io.WriteString(conn, "no newline")
 	reset(conn)
-	// Open from the resident pod across the deletions: drained (srv's
-	// DEL finds its pooled connection to the resident pod idle, and its
-	// drain waits for this one); the test's end closes them. A client's
-	// in a deleted pod ends before its DEL, as the kubelet stops a pod's
-	// containers before its sandbox.
-	held := []*net.TCPConn{c.dial(c.anchor, gone.IP, 8080), c.dial(c.anchor, srv.IP, 8080)}
-	cliHeld := c.dial(cli, gone.IP, 8080)
-	for _, h := range append(held, cliHeld) {
+	// Open across the deletions, the cycle's end closes them: from the
+	// resident pod (srv's DEL resets the one to srv, the GC the one to
+	// gone, whose unmounted namespace lives while the agent holds it),
+	// and from cli, whose
+	// app still runs at its DEL, as with a runtime that deletes a live
+	// container's network (under a kubelet its containers have stopped):
+	// the DEL resets it before the primary plugin removes cli's
+	// interface. Closed after that, it left an orphaned socket in cli's
+	// namespace, which kept the namespace and its veth ~100 s.
+	held := []*net.TCPConn{c.dial(c.anchor, gone.IP, 8080), c.dial(c.anchor, srv.IP, 8080), c.dial(cli, gone.IP, 8080)}
+	for _, h := range held {
 		if _, err := lab.AskOn(h, "held"); err != nil {
 			t.Fatal(err)
 		}
 	}
-	cliHeld.Close()
 	srvApp.Close()
 	goneApp.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)

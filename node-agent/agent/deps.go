@@ -40,6 +40,14 @@ type IdleCloser interface {
 	CloseIdleOutbound(ctx context.Context)
 }
 
+// Aborter is implemented by a Serving that can end every connection of
+// its pod at once (*tunnel.Serving): for a pod whose network is going
+// now, a DEL (releaseGone). Abort waits up to ctx for the pod's handlers
+// to end; a Close after it waits for the rest.
+type Aborter interface {
+	Abort(ctx context.Context) error
+}
+
 // ProxyTunnel adapts *tunnel.Proxy to Tunnel.
 type ProxyTunnel struct{ Proxy *tunnel.Proxy }
 

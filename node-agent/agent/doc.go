@@ -13,7 +13,8 @@
 //	   (the plugin then installs the rules; the app starts already captured)
 //	label removed ──► redirect.Uninstall (new connections go straight to the
 //	   app) ──► Serving.Close drains established ones up to drainTimeout
-//	DEL ──► Serving.Close (drain) ──► forget
+//	DEL ──► Serving.Abort (every connection reset before the answer: the
+//	   pod's interface goes right after it) ──► forget
 //	agent restart ──► records ──► netns by path, verified by inode and pod IP
 //	   (else /proc scan) ──► listeners again ──► redirect.Verify, repair
 //	   ──► ready

@@ -442,6 +442,21 @@ func (a *Agent) delWithRules(req *cniproto.Request, f *os.File) *cniproto.Respon
 	var ino uint64
 	if f != nil {
 		ino, _ = netnsfind.Inode(f)
+		// The pod's connections are reset first (releaseGone says
+		// why), while its rules still translate them: without the NAT
+		// binding, the reset of an app's captured connection leaves
+		// from the agent's port (127.0.0.1:15001), which the app's
+		// socket does not know, and the app never learns. New
+		// connections meanwhile are refused, not sent in plaintext:
+		// the pod's network is going.
+		unlock := a.lock(req.Pod.Namespace, req.Pod.Name)
+		a.mu.Lock()
+		p := a.byCID[req.Pod.ContainerID]
+		a.mu.Unlock()
+		if p != nil {
+			a.abortConns(p)
+		}
+		unlock()
 		// Not the request's deadline: a DEL goes on past it
 		// (detachable), and a removal cut half-way would leave rules
 		// sending the pod's traffic to listeners released below.
@@ -449,7 +464,7 @@ func (a *Agent) delWithRules(req *cniproto.Request, f *os.File) *cniproto.Respon
 		f.Close()
 	}
 	unlock := a.lock(req.Pod.Namespace, req.Pod.Name)
-	resp := a.forgetNetnsLocked(req, ino, true)
+	resp := a.forgetNetnsLocked(req, ino, true, true)
 	unlock()
 	if uerr != nil && resp.Error == "" {
 		return codeResp(cniproto.CodeIO, "ambit-agent: removing the redirection of pod %s/%s: %v", req.Pod.Namespace, req.Pod.Name, uerr)
@@ -489,29 +504,35 @@ func (a *Agent) register(p *pod) {
 	a.mu.Unlock()
 }
 
-// del forgets a sandbox: listeners closed and drained in the background,
-// record removed. Unknown sandboxes are fine (DEL is idempotent).
+// del forgets a sandbox: its connections reset (releaseGone), its
+// listeners closed, record removed. Unknown sandboxes are fine (DEL is
+// idempotent).
 func (a *Agent) del(req *cniproto.Request) *cniproto.Response {
 	unlock := a.lock(req.Pod.Namespace, req.Pod.Name)
 	defer unlock()
 	return a.delLocked(req)
 }
 
-// delLocked is del under the pod's lock.
+// delLocked is del under the pod's lock. The sandbox's network is going
+// (a DEL) or gone (a GC): its connections are reset (releaseGone).
 func (a *Agent) delLocked(req *cniproto.Request) *cniproto.Response {
-	return a.forgetLocked(req, true)
+	return a.forgetNetnsLocked(req, 0, true, true)
 }
 
-// forgetLocked is delLocked; with records false it leaves the pod's
-// records in place (a release on another agent's DEL: that agent owns
-// them).
+// forgetLocked forgets a sandbox as a DEL does, for a sandbox whose
+// network may stay (found twice, superseded, gone from the API before
+// its DEL): its connections drain. With records false it leaves the
+// pod's records in place.
 func (a *Agent) forgetLocked(req *cniproto.Request, records bool) *cniproto.Response {
-	return a.forgetNetnsLocked(req, 0, records)
+	return a.forgetNetnsLocked(req, 0, records, false)
 }
 
 // forgetNetnsLocked is forgetLocked for a DEL that brought its netns:
-// ino is that namespace's inode (0: none came).
-func (a *Agent) forgetNetnsLocked(req *cniproto.Request, ino uint64, records bool) *cniproto.Response {
+// ino is that namespace's inode (0: none came). gone: the sandbox's
+// network is going (a DEL, a GC, another agent's DEL), so its
+// connections are reset before the answer rather than drained
+// (releaseGone).
+func (a *Agent) forgetNetnsLocked(req *cniproto.Request, ino uint64, records, gone bool) *cniproto.Response {
 	rp := req.Pod
 	key := rp.Namespace + "/" + rp.Name
 	a.mu.Lock()
@@ -567,7 +588,11 @@ func (a *Agent) forgetNetnsLocked(req *cniproto.Request, ino uint64, records boo
 				return slices.Contains(heir.rec.IPs, ip)
 			})
 		}
-		a.releaseAsync(p)
+		if gone {
+			a.releaseGone(p)
+		} else {
+			a.releaseAsync(p)
+		}
 		a.log.Info("pod deleted", "pod", key, "wasEnrolled", p.rec.Enrolled)
 	}
 	if kept != nil {

@@ -455,5 +455,7 @@ func (a *Agent) releaseDeleted(name string, p *pod) {
 		releaseChecked()
 	}
 	a.log.Info("pod deleted through another agent of the node; releasing it", "pod", p.rec.Namespace+"/"+p.rec.Name)
-	a.forgetLocked(&cniproto.Request{Op: cniproto.OpDel, Pod: cniproto.Pod{Namespace: p.rec.Namespace, Name: p.rec.Name, UID: p.rec.UID, ContainerID: p.rec.ContainerID}}, false)
+	// Its network goes with that DEL: the connections are reset
+	// (releaseGone), and the records are that agent's.
+	a.forgetNetnsLocked(&cniproto.Request{Op: cniproto.OpDel, Pod: cniproto.Pod{Namespace: p.rec.Namespace, Name: p.rec.Name, UID: p.rec.UID, ContainerID: p.rec.ContainerID}}, 0, false, true)
 }
