@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/netip"
 	"strings"
@@ -306,5 +307,114 @@ func BenchmarkAbort(b *testing.B) {
 				b.ReportMetric(float64(took.Microseconds())/1000/float64(b.N), "abort-ms/op")
 			})
 		}
+	}
+}
+
+// stalledPassthrough makes B a destination outside the mesh for A's
+// agent and opens, from A's app, a connection to an app of B's that
+// takes it and never reads: A's agent relays it in plaintext from A's
+// network (passthrough), B's agent delivers it to its app (15006). A's
+// app writes until its writes block: every buffer on the way is full,
+// and the relays' writes wait on a peer that does not read.
+func stalledPassthrough(t *testing.T, m *meshtest.Mesh) net.Conn {
+	t.Helper()
+	w := m.B.Workload
+	w.Meshed = false
+	m.Dir.AddWorkload(w)
+	ln := m.B.Listen(t, "[::]:8081")
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			t.Cleanup(func() { c.Close() })
+		}
+	}()
+	c, err := m.A.Dial(netip.AddrPortFrom(m.B.Pod.IP4, 8081))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	buf := make([]byte, 64<<10)
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		c.SetWriteDeadline(time.Now().Add(200 * time.Millisecond))
+		if _, err := c.Write(buf); err != nil {
+			if !isTimeout(err) {
+				t.Fatal(err)
+			}
+			break // full all the way
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("A's app could write for 10 s: B's app reads after all?")
+		}
+	}
+	c.SetWriteDeadline(time.Time{})
+	return c
+}
+
+// TestAbortResetsAPassthroughsFarSide: A's app sends to a destination
+// outside the mesh (A's agent relays it in plaintext from A's network)
+// that stopped reading when A's network goes. Abort must reset both
+// sides of the relay: the far side too, not close it with a FIN, which
+// waits behind the unsent data for a window that never opens and kept
+// A's socket in FIN_WAIT1, its peer learning nothing.
+func TestAbortResetsAPassthroughsFarSide(t *testing.T) {
+	m := newMesh(t)
+	c := stalledPassthrough(t, m)
+
+	deafen(t, m.A.Pod)
+	abort(t, m.A.Serving)
+	unplug(t, m.A.Pod)
+	ended(t, c, "A's app connection")
+	noSockets(t, m.A.Pod, "the passthrough's far side left")
+}
+
+// TestAbortResetsAPlaintextDelivery: B's agent delivers a plaintext
+// connection (15006) to B's app, which stopped reading, when B's network
+// goes. Its socket to the app is reset like the rest, not closed with a
+// FIN queued behind what the app has not read, which kept it in B's
+// namespace in FIN_WAIT1.
+func TestAbortResetsAPlaintextDelivery(t *testing.T) {
+	m := newMesh(t)
+	c := stalledPassthrough(t, m)
+
+	deafen(t, m.B.Pod)
+	abort(t, m.B.Serving)
+	unplug(t, m.B.Pod)
+	ended(t, c, "A's app connection to B's app")
+	noSockets(t, m.B.Pod, "B's delivery to its app left")
+}
+
+// TestAbortSaysWhyItCutADial: A's agent is dialling a destination outside
+// the mesh for its app (the SYNs dropped) when A's network goes. The
+// dial's failure says Abort cut it, the pod's network going: it said
+// the pod's drain deadline had passed, of a pod that never drained.
+func TestAbortSaysWhyItCutADial(t *testing.T) {
+	testenv.RequireRoot(t)
+	var logs testenv.Buffer
+	log := slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	m := meshtest.New(t, meshtest.Options{Config: tunnel.Config{ConnectTimeout: 30 * time.Second, Logger: log}})
+	_, cIP := outsideServer(t, m.A.Pod)
+	blackHole(t, m.A.Pod, "ip daddr "+cIP.String())
+	c, err := m.A.Dial(netip.AddrPortFrom(cIP, 8080))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	waitFor(t, "A's agent dialling the destination", 5*time.Second,
+		func() bool { return synSent(t, m.A.Pod, "dst", cIP.String()) == 1 }, func() string { return "" })
+
+	abort(t, m.A.Serving)
+	ended(t, c, "A's app connection waiting for the dial")
+	waitMetric(t, m.A, "ambit_tunnel_connections_failed_total", map[string]string{"direction": "outbound", "reason": "upstream_unreachable"}, 1)
+	var line string
+	for l := range strings.SplitSeq(logs.String(), "\n") {
+		if strings.Contains(l, "connection failed") && strings.Contains(l, "upstream_unreachable") {
+			line = l
+		}
+	}
+	if !strings.Contains(line, "network going") || strings.Contains(line, "drain deadline") {
+		t.Errorf("the cut dial's line does not say the pod's network going cut it:\n%s", line)
 	}
 }

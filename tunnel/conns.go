@@ -548,28 +548,40 @@ func (sv *Serving) dialDuring(c *net.TCPConn, cancel context.CancelFunc, dial fu
 	return watchDuring(c, cancel, dial)
 }
 
-// cutDial says so when a dial's err is Close's doing: the dial was
-// tracked (track, its cancel as the cut) from its start, so past Close's
-// deadline a dial still pending (a destination that drops SYNs, an app
-// whose backlog is full) ends with the pod's other connections, rather
-// than holding the pod's removal for up to the connect timeout. (15001's
-// HBONE dials end with the pod's pool, which the cut closes.)
+// cutDial says so when a dial's err is Close's or Abort's doing: the
+// dial was tracked (track, its cancel as the cut) from its start, so
+// past Close's deadline a dial still pending (a destination that drops
+// SYNs, an app whose backlog is full) ends with the pod's other
+// connections, rather than holding the pod's removal for up to the
+// connect timeout. (15001's HBONE dials end with the pod's pool, which
+// the cut closes.) Abort cuts them at once, with no drain to pass: the
+// line says which did.
 func (sv *Serving) cutDial(r *record, err error) error {
 	sv.mu.Lock()
-	cut := sv.cutting
+	cut, aborted := sv.cutting, sv.aborted
 	sv.mu.Unlock()
-	if !cut {
-		return err
+	switch {
+	case aborted:
+		return fmt.Errorf("the pod's network going (its DEL) cut the dial after %v: %w",
+			time.Since(r.start).Round(time.Millisecond), err)
+	case cut:
+		return fmt.Errorf("the pod's removal cut the dial after %v (its drain deadline had passed): %w",
+			time.Since(r.start).Round(time.Millisecond), err)
 	}
-	return fmt.Errorf("the pod's removal cut the dial after %v (its drain deadline had passed): %w",
-		time.Since(r.start).Round(time.Millisecond), err)
+	return err
 }
 
 // relay copies both ways between two TCP connections (splice(2) under
 // the hood), carrying half-closes, until both directions end. r keeps
 // the closer for recoverConn.
 func (sv *Serving) relay(r *record, app *net.TCPConn, other net.Conn) (fromApp, toApp int64, err error) {
-	closer := sv.track(func() { reset(app); other.Close() })
+	closer := sv.track(func() {
+		// Before app's reset: it wakes the copies, whose own closes of
+		// other must send the reset too.
+		sv.resetIfAborted(other)
+		reset(app)
+		other.Close()
+	})
 	r.closer = closer
 	defer sv.untrack(closer)
 	var wg sync.WaitGroup
@@ -603,6 +615,23 @@ func (sv *Serving) relay(r *record, app *net.TCPConn, other net.Conn) (fromApp, 
 		return fromApp, toApp, errFrom
 	}
 	return fromApp, toApp, errTo
+}
+
+// resetIfAborted makes c close with a reset (SO_LINGER 0) once Abort
+// ran: the pod's network is going, and a FIN from the far side of a
+// plaintext relay (a delivery to the app, a passthrough's destination)
+// waited behind whatever its peer had not taken, for a window that may
+// never open again or an answer the removed interface no longer takes;
+// its socket stayed in the pod's namespace in FIN_WAIT, its peer not
+// told (TestAbortResetsAPassthroughsFarSide). Close's cut closes it as
+// before: the pod's network stays to carry the FIN.
+func (sv *Serving) resetIfAborted(c net.Conn) {
+	sv.mu.Lock()
+	aborted := sv.aborted
+	sv.mu.Unlock()
+	if tc, ok := c.(*net.TCPConn); ok && aborted {
+		_ = tc.SetLinger(0)
+	}
 }
 
 // inboundPlain handles plaintext arriving for the pod's app on 15006.
