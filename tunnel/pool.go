@@ -73,10 +73,18 @@ type pool struct {
 	// resetting: closed by reset (Serving.Abort), so a connection dialled
 	// meanwhile is reset too, not closed.
 	resetting atomic.Bool
+	// retiring are the connections taken out of m that have not closed
+	// yet (a recheck retired them, takeIdle took them: each shutting
+	// down, spared until its last stream ends), with their TCP socket:
+	// closeWith ends them too. Out of m, a reset did not reach them, and
+	// one carrying a stream closed only once that stream ended, with
+	// close_notify and a FIN (TestResetReachesARetiringConnection).
+	retiring map[*hbone.Conn]*net.TCPConn
 }
 
 func newPool(p *Proxy, n PodNetwork) *pool {
-	pl := &pool{p: p, net: n, m: make(map[poolKey]*poolEntry), stop: make(chan struct{})}
+	pl := &pool{p: p, net: n, m: make(map[poolKey]*poolEntry), stop: make(chan struct{}),
+		retiring: make(map[*hbone.Conn]*net.TCPConn)}
 	go pl.janitor()
 	return pl
 }
@@ -195,6 +203,7 @@ func (pl *pool) pick(ctx context.Context, key poolKey, dialFailed *bool) (c *hbo
 				// peerState.retireLead.)
 				pl.p.log.Info("pooled HBONE connection retired: a certificate it was verified with expires or no longer verifies",
 					"dst", key.addr, "dst_identity", key.dst, "error", err)
+				pl.retiring[c.Conn] = c.raw
 				go c.Shutdown(context.Background())
 				continue
 			}
@@ -363,6 +372,7 @@ func (pl *pool) runDial(ctx context.Context, key poolKey, e *poolEntry, d *poolD
 func (pl *pool) forget(key poolKey, c *hbone.Conn) {
 	pl.mu.Lock()
 	defer pl.mu.Unlock()
+	delete(pl.retiring, c)
 	e := pl.m[key]
 	if e == nil {
 		return
@@ -534,6 +544,7 @@ func (pl *pool) takeIdle(now time.Time, idle time.Duration) []*hbone.Conn {
 		for _, c := range e.conns {
 			if s := c.IdleSince(); !s.IsZero() && now.Sub(s) >= idle {
 				taken = append(taken, c.Conn)
+				pl.retiring[c.Conn] = c.raw
 				continue
 			}
 			if c.Usable() {
@@ -585,7 +596,11 @@ func (pl *pool) closeWith(closeConn func(pooledConn)) {
 	for _, e := range pl.m {
 		all = append(all, e.conns...)
 	}
+	for c, raw := range pl.retiring {
+		all = append(all, pooledConn{Conn: c, raw: raw})
+	}
 	pl.m = map[poolKey]*poolEntry{}
+	clear(pl.retiring)
 	pl.mu.Unlock()
 	for _, c := range all {
 		closeConn(c)
