@@ -794,6 +794,19 @@ func (sv *Serving) inboundHBONE(raw *net.TCPConn) {
 	// HTTP/2 preface after it is hbone's to bound) and in number (p.hs,
 	// until verify below).
 	pending := sv.p.hs.add(sv, raw)
+	// Cut already (Close past its deadline, Abort): the cut's eviction
+	// of the pod's pending handshakes may have looked before this one
+	// was added (accepted as the listener closed), which then waited for
+	// its peer up to the handshake timeout, holding the pod's release,
+	// and closed with a FIN (TestAbortResetsAHandshakeAcceptedAsItBegan).
+	// Looked at once added: either the eviction sees it or this sees the
+	// cut, and the eviction resets it (a socket Abort's resets missed).
+	sv.mu.Lock()
+	cut := sv.cutting
+	sv.mu.Unlock()
+	if cut {
+		sv.p.hs.evictPod(sv)
+	}
 	// Deferred too, for a panic in the TLS callbacks (GetCertificate,
 	// VerifyPeerCertificate): the accept loop's recover alone left the
 	// entry pending and counted (TestHandshakePanicEndsPending). done

@@ -377,6 +377,9 @@ func (p *Proxy) Serve(pod Pod) (*Serving, error) {
 		// 15008 bounds its handshakes otherwise (handshakes): past the
 		// handshake a connection is a mesh peer's.
 		{pod.HBONE, lnHBONE, nil, func(c *net.TCPConn, _ chan struct{}) {
+			if testHBONEAccepted != nil {
+				testHBONEAccepted()
+			}
 			sv.mu.Lock()
 			sv.raws[c] = struct{}{}
 			sv.mu.Unlock()
@@ -396,6 +399,11 @@ func (p *Proxy) Serve(pod Pod) (*Serving, error) {
 	}
 	return sv, nil
 }
+
+// testHBONEAccepted, when set (by a test), runs first in the handler of
+// a connection the pod's 15008 accepted: the window in which Abort may
+// run before the handler registers it.
+var testHBONEAccepted func()
 
 // recoverConn keeps one connection's bug from taking the agent (and
 // every other pod's traffic) down: it is logged, counted
