@@ -191,6 +191,10 @@ type pod struct {
 	// (under the pod's lock) so that its DEL cuts them: their network
 	// goes with it (releaseGone).
 	drains []*drain
+	// aborted: abortConns reset the connections of p's serving (a DEL
+	// does before the rules' removal): the release after it has none
+	// left to reset nor to wait for. Cleared with the serving.
+	aborted bool
 }
 
 // drain is a released serving draining in the background; done is
@@ -823,6 +827,7 @@ func (a *Agent) release(ctx context.Context, p *pod) {
 	}
 	s, n, f, after := p.serve, p.net, p.netns, p.afterDrain
 	p.serve, p.net, p.netns, p.afterDrain, p.lns = nil, nil, nil, nil, nil
+	p.aborted = false
 	a.m.enrolled.Dec()
 	// The namespace is held (f) until the end below: no new namespace
 	// can have its inode meanwhile.
@@ -891,7 +896,9 @@ func (a *Agent) releaseGone(p *pod) {
 // its DEL), waiting up to beforeAnswerWait for their handlers to end.
 // It reports whether p's serving could (false: none, or one that cannot
 // abort, left to releaseAs). Under the pod's lock; a second call finds
-// nothing left to reset.
+// nothing left to reset, and returns at once: a DEL calls it before the
+// rules' removal and again in its release (releaseGone), and waited out
+// the bound twice when a handler outlasted it (TestDelAbortsOnce).
 func (a *Agent) abortConns(p *pod) bool {
 	ctx, cancel := context.WithTimeout(context.Background(), beforeAnswerWait)
 	defer cancel()
@@ -910,6 +917,10 @@ func (a *Agent) abortConns(p *pod) bool {
 	if !ok {
 		return false
 	}
+	if p.aborted {
+		return true
+	}
+	p.aborted = true
 	if err := ab.Abort(ctx); err != nil {
 		a.log.Info("pod's network going: its connections were reset, some handlers not done by the bound; they end in the background",
 			"pod", p.rec.Namespace+"/"+p.rec.Name, "wait", beforeAnswerWait)
@@ -955,6 +966,7 @@ func (a *Agent) detachRelease(p *pod, d *drain) {
 	// Detach now so a new sandbox or a re-enroll does not see it.
 	cp := &pod{rec: p.rec, netns: p.netns, net: p.net, serve: p.serve, afterDrain: p.afterDrain}
 	p.serve, p.net, p.netns, p.afterDrain, p.lns = nil, nil, nil, nil, nil
+	p.aborted = false
 	a.mu.Lock()
 	cp.claim, p.claim = p.claim, nil
 	a.mu.Unlock()

@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -19,6 +20,7 @@ import (
 	"github.com/ambit-mesh/ambit/e2e/lab"
 	"github.com/ambit-mesh/ambit/internal/testenv"
 	"github.com/ambit-mesh/ambit/node-agent/cluster"
+	"github.com/ambit-mesh/ambit/tunnel"
 )
 
 // delBound is how soon after a DEL's answer a peer must have learned
@@ -40,7 +42,7 @@ type delNode struct {
 	cni  *libcni.CNIConfig
 }
 
-func newDelNode(t *testing.T, cidr string) *delNode {
+func newDelNode(t *testing.T, cidr string, opts ...func(*Options)) *delNode {
 	t.Helper()
 	testenv.RequireRoot(t)
 	bin := testenv.Binary(t, "ambit-cni")
@@ -49,6 +51,9 @@ func newDelNode(t *testing.T, cidr string) *delNode {
 	h := startAgent(t, "", invAmbient, func(o *Options) {
 		o.Config.DrainTimeout.Duration = 30 * time.Second
 		serveByRealTunnel(t, o, reg)
+		for _, fn := range opts {
+			fn(o)
+		}
 	})
 	pol := h.a.Policy()
 	h.inv.SetMeshed(func(p cluster.Pod, ns *cluster.Namespace) bool { return pol.Decide(p, ns).Enroll })
@@ -237,4 +242,48 @@ func TestUnenrollDrainsThenDelResets(t *testing.T) {
 	noSocketsSoon(t, anchor, web.IP, "the resident pod still holds its end of web's drained connection")
 	noSocketsSoon(t, web, netip.Addr{}, "web's drained connections outlived its DEL")
 	endsSoon(t, c, "web's app connection drained by the agent")
+}
+
+// TestDelAbortsOnce: a DEL with its netns resets the pod's connections
+// before the rules' removal, and the release after it finds nothing left
+// to reset: Abort runs once. It ran again in the release, so a DEL whose
+// pod's handlers outlasted Abort's bound (500 ms) waited for it twice
+// before it answered, and said so twice.
+func TestDelAbortsOnce(t *testing.T) {
+	var aborts atomic.Int32
+	d := newDelNode(t, "10.98.3.0/24", func(o *Options) { o.Tunnel = abortCounter{o.Tunnel, &aborts} })
+	cli, _ := d.add(t, "client")
+	srv, _ := d.add(t, "srv")
+	c := held(t, cli, srv.IP)
+
+	d.del(t, srv)
+	endsSoon(t, c, "the client's app connection to srv's app")
+	if n := aborts.Load(); n != 1 {
+		t.Errorf("srv's DEL aborted its serving %d times, want 1", n)
+	}
+}
+
+// abortCounter is a Tunnel whose servings (the real tunnel's) count the
+// calls of their Abort.
+type abortCounter struct {
+	Tunnel
+	n *atomic.Int32
+}
+
+func (c abortCounter) Serve(pod tunnel.Pod) (Serving, error) {
+	s, err := c.Tunnel.Serve(pod)
+	if err != nil {
+		return nil, err
+	}
+	return countedAborts{s.(*tunnel.Serving), c.n}, nil
+}
+
+type countedAborts struct {
+	*tunnel.Serving
+	n *atomic.Int32
+}
+
+func (s countedAborts) Abort(ctx context.Context) error {
+	s.n.Add(1)
+	return s.Serving.Abort(ctx)
 }
