@@ -370,14 +370,15 @@ func (a *Agent) enrollLive(ctx context.Context, cp cluster.Pod, p *pod, scan *la
 }
 
 // unenrollLive removes the rules first (new connections go straight to the
-// app), then closes the listeners and drains established connections.
+// app), then closes the listeners and drains established connections,
+// which the drain guard (drainguard.go) keeps working meanwhile.
 func (a *Agent) unenrollLive(p *pod, cp cluster.Pod) {
-	if err := addDrainGuard(p.netns); err != nil {
-		a.log.Warn("cannot hold NAT for draining; established connections will be reset", "pod", p.rec.Namespace+"/"+p.rec.Name, "err", err)
+	if err := holdDrainGuard(p.netns, p.spec); err != nil {
+		a.log.Warn("cannot hold NAT and the reply routing for draining; established connections will be cut", "pod", p.rec.Namespace+"/"+p.rec.Name, "err", err)
 	} else {
 		name := p.rec.Namespace + "/" + p.rec.Name
 		p.afterDrain = func(f *os.File) {
-			if err := delDrainGuard(f); err != nil {
+			if err := releaseDrainGuard(f); err != nil {
 				a.log.Warn("removing drain guard", "pod", name, "err", err)
 			}
 		}
