@@ -214,9 +214,9 @@ func TestDelResetsPooledStreams(t *testing.T) {
 // the pod's DEL comes during that drain, the drain is cut at once: its
 // network goes. Before, the DEL found the pod no longer served and left
 // the drain to run out (drainTimeout) past the pod's interface. (The
-// connection is the unenrolled pod's outbound one: its app's replies to
-// an inbound one stop reaching the agent once the pod's routing rules
-// are gone, docs/plugin.md.)
+// connection is the unenrolled pod's outbound one; inbound ones drain
+// too, through the drain guard's reply path, and a DEL cuts them the
+// same way: TestUnenrollDrainsInboundStreams.)
 func TestUnenrollDrainsThenDelResets(t *testing.T) {
 	d := newDelNode(t, "10.98.2.0/24")
 	anchor, _ := d.add(t, "anchor")
