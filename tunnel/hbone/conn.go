@@ -45,9 +45,12 @@ type Config struct {
 	MaxStreamsPerConn uint32
 	// MaxHeaderListSize bounds a decoded header block (default 64 KiB).
 	MaxHeaderListSize uint32
-	// PingInterval: a client pings a connection that received nothing
-	// for this long (default 10 s; negative disables); PingTimeout later
-	// without any frame it is closed (default 20 s).
+	// PingInterval: either side pings a connection that received
+	// nothing for this long (default 10 s; negative disables);
+	// PingTimeout later without any frame it is closed (default 20 s).
+	// ztunnel's values. The server pings as the client does: its
+	// client's node may die (no FIN, no RST) as well as the other way,
+	// and only the PING tells (see keepalive).
 	PingInterval time.Duration
 	PingTimeout  time.Duration
 	// ResponseTimeout bounds a spliced client stream's wait for its
@@ -222,8 +225,10 @@ type Conn struct {
 	lastOpen     atomic.Int64
 	openDeadline atomic.Int64
 	silence      time.Duration // probeSilence when the connection began
-	// probes counts the PINGs this connection's liveness probes sent.
-	probes atomic.Int64
+	// probes counts the PINGs this connection's liveness probes sent,
+	// keepalivePings keepalive's.
+	probes         atomic.Int64
+	keepalivePings atomic.Int64
 	// shutdownAck is closed when the peer acknowledges Shutdown's PING.
 	shutdownAck     chan struct{}
 	shutdownAckOnce sync.Once
@@ -409,6 +414,9 @@ func NewServerConn(nc net.Conn, cork *corkConn, cfg Config, handler func(*Stream
 	}
 	go c.ctlLoop()
 	go c.readLoop()
+	if c.cfg.PingInterval > 0 {
+		go c.keepalive()
+	}
 	return c, nil
 }
 
@@ -1040,6 +1048,37 @@ func (c *Conn) release(s *Stream) {
 	}
 }
 
+// keepalive pings the peer once a tick (PingInterval) has passed without
+// a frame read, and closes the connection at the first tick
+// PingTimeout-PingInterval/2 after an unanswered PING: between
+// PingInterval+PingTimeout and 2*PingInterval+PingTimeout after the last
+// frame (30 to 40 s with the defaults).
+//
+// Both sides run it. On a server it is what ends a connection whose
+// client's node died (power off, panic, partition): nothing else comes
+// to the socket then, no FIN, no RST. Before, only TCP keepalive bounded
+// an idle one (Go's default on the listener: 15 s idle + 9 probes 15 s
+// apart, ~150 s), and one with bytes in flight only the kernel's
+// retransmissions (tcp_retries2, ~15 min): meanwhile the server pod's app
+// kept its side of every stream open, a streaming answer writing into
+// the void. A server whose writer is blocked on the full socket toward
+// the dead client (holding wmu, so the PING itself never leaves) is
+// closed all the same: the timeout counts from when the PING was queued,
+// and closeWith's write deadline for its GOAWAY also ends the blocked
+// write (TestServerKeepaliveClosesStalledWriter). Its streams fail with
+// the keepalive error; a spliced one resets its app's socket (SO_LINGER
+// 0, as for a RST_STREAM: Stream.connClosed, dropBuffers' abort), so the
+// server's app sees ECONNRESET, not a FIN: the client never ended its
+// side, and a clean EOF would pass a cut-off upload or request for a
+// complete one. (A stream whose client had already ended its side,
+// END_STREAM read, gave its app that FIN then; the app's next write is
+// reset, as the pump's send fails.)
+//
+// Shutdown's PING carries its own payload (shutdownPing) and does not
+// touch pingSent, so a keepalive PING outstanding during a drain is
+// answered and timed on its own; an unanswered drain ends at keepalive's
+// close, not only at Shutdown's PingTimeout wait. The liveness probe
+// stays client-only: it is about streams waiting for their response.
 func (c *Conn) keepalive() {
 	defer c.recoverOwn("keepalive")
 	t := time.NewTicker(c.cfg.PingInterval)
@@ -1070,6 +1109,7 @@ func (c *Conn) keepalive() {
 			var p [8]byte
 			binary.BigEndian.PutUint64(p[:], uint64(time.Now().UnixNano()))
 			c.queueCtl(appendFrame(nil, framePing, 0, 0, p[:]))
+			c.keepalivePings.Add(1)
 			continue
 		}
 		if time.Since(time.Unix(0, sent)) >= c.cfg.PingTimeout-c.cfg.PingInterval/2 {
@@ -1137,6 +1177,10 @@ func PeersSilent() int64 { return peersSilent.Load() }
 
 // LivenessProbes is how many PINGs liveness probes sent on c.
 func (c *Conn) LivenessProbes() int64 { return c.probes.Load() }
+
+// KeepalivePings is how many PINGs keepalive sent on c (one per
+// PingInterval of silence at most; none while frames keep coming).
+func (c *Conn) KeepalivePings() int64 { return c.keepalivePings.Load() }
 
 // probeIfSilent notes a stream opening with ctx's deadline and arms the
 // liveness probe unless it is armed already. Without a deadline there is

@@ -11,11 +11,14 @@ import (
 	"time"
 )
 
-// darkConn is the server's socket of a peer whose node can go dark: once
-// dark, what it reads is dropped and it never reads again (its read
-// blocks until the socket closes), and its writes are dropped. The
-// client's socket stays open and accepts writes (into the kernel's
-// buffer): no RST, no FIN, as when the peer's node powers off.
+// darkConn is the socket of a peer whose node can go dark: once dark,
+// what it reads is dropped and it never reads again (its read blocks
+// until the socket closes), and its writes are dropped. The other side's
+// socket stays open and accepts writes (into the kernel's buffer): no
+// RST, no FIN, as when the peer's node powers off. Closing it once dark
+// sends nothing either (a dead node's keepalive does not run, and a
+// FIN from it would tell the other side what nothing tells it in life);
+// the socket itself is closed at the test's end (serveDark).
 type darkConn struct {
 	net.Conn
 	dark   chan struct{}
@@ -59,6 +62,9 @@ func (d *darkConn) Write(p []byte) (int, error) {
 
 func (d *darkConn) Close() error {
 	d.cOnce.Do(func() { close(d.closed) })
+	if d.isDark() {
+		return nil
+	}
 	return d.Conn.Close()
 }
 
@@ -104,7 +110,7 @@ func serveDark(t *testing.T, cfg Config, handler func(*Stream)) (*Conn, *darkCon
 		return d
 	})
 	d := <-dc
-	t.Cleanup(func() { d.Close() })
+	t.Cleanup(func() { d.Close(); d.Conn.Close() })
 	return c, d
 }
 
