@@ -41,13 +41,15 @@ import (
 // So before the rules go, the agent adds a guard holding exactly that:
 // tables "ambit-drain" (ip and ip6) with a NAT base chain whose one rule
 // only loads the conntrack state (it matches, captures and changes
-// nothing), and a route chain that copies ConnMark from the connection to
-// its packets; plus, per family, "fwmark ConnMark/MarkMask lookup
-// drainTable" and a local default route in that table, tagged with a
-// protocol of their own. Nothing in it captures a new connection: no
-// packet is redirected, and only connections the agent dialed before the
-// unenrollment carry ConnMark (the rule that set it went with the
-// redirection). It is removed after the drain (afterDrain).
+// nothing), a prerouting chain giving ConnMark to the connections the
+// agent's marked sockets dial (a drain still dials: what the listeners
+// accepted before they closed, streams sent before the last GOAWAY), and
+// a route chain that copies ConnMark from the connection to its packets;
+// plus, per family, "fwmark ConnMark/MarkMask lookup drainTable" and a
+// local default route in that table, tagged with a protocol of their
+// own. Nothing in it captures a new connection: no packet is redirected,
+// and only connections the agent dials carry ConnMark. It is removed
+// after the drain (afterDrain).
 //
 // The guard is nf_tables over netlink whatever backend wrote the pod's
 // rules: conntrack marks and packet marks are the kernel's, read and
@@ -144,6 +146,23 @@ func addDrainGuard(f *os.File, s redirect.Spec) error {
 		// A conntrack expression keeps connection tracking itself
 		// registered in the namespace; it only loads a register.
 		c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: []expr.Any{&expr.Ct{Register: 1, Key: expr.CtKeySTATE}}})
+		// The redirection's own marking of the agent's dials to the app.
+		// The drain still dials: a draining pod serves what its
+		// listeners accepted before they closed and the streams an
+		// HBONE client sent before it saw the last GOAWAY (tunnel's
+		// Serving.enter). Without the mark the app's replies to such a
+		// dial left for the real client and the dial timed out
+		// (TestDrainGuardMarksDialsDuringTheDrain). Only the agent's
+		// sockets carry Mark, so no one else's connection is taken.
+		in := c.AddChain(&nftables.Chain{Name: "mark-agent", Table: t, Type: nftables.ChainTypeFilter, Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityMangle})
+		c.AddRule(&nftables.Rule{Table: t, Chain: in, Exprs: []expr.Any{
+			&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
+			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: binaryutil.NativeEndian.PutUint32(s.MarkMask), Xor: binaryutil.NativeEndian.PutUint32(0)},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(s.Mark)},
+			&expr.Ct{Key: expr.CtKeyMARK, Register: 1},
+			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: binaryutil.NativeEndian.PutUint32(^s.MarkMask), Xor: binaryutil.NativeEndian.PutUint32(s.ConnMark)},
+			&expr.Ct{Key: expr.CtKeyMARK, Register: 1, SourceRegister: true},
+		}})
 		// The redirection's own reply rule: a route chain, so the
 		// changed mark sends the packet through policy routing again.
 		rt := c.AddChain(&nftables.Chain{Name: "replies", Table: t, Type: nftables.ChainTypeRoute, Hooknum: nftables.ChainHookOutput, Priority: nftables.ChainPriorityMangle})

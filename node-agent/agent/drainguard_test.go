@@ -1,0 +1,157 @@
+package agent
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/ambit-mesh/ambit/internal/testenv"
+	"github.com/ambit-mesh/ambit/plugin/redirect"
+	"github.com/ambit-mesh/ambit/tunnel/podnet"
+)
+
+// TestDrainGuardMarksDialsDuringTheDrain: a draining pod still dials its
+// app (what its listeners accepted before they closed, a stream an HBONE
+// client sent before it saw the last GOAWAY: tunnel's Serving.enter), as
+// the agent always does: marked, from the client's address. The
+// unenrollment's removal of the rules took the marking of such a
+// connection with them, so the guard held the replies of the
+// connections dialed before only: the app's answer to a dial during the
+// drain left for the real client and the dial timed out. Now the dial is
+// answered; a connection the app accepts from a real client meanwhile
+// is the app's alone (answered through the pod's interface, not taken
+// by the agent's routing); and nothing of the guard is left after the
+// drain. Both rule backends, whose rules the guard outlives.
+func TestDrainGuardMarksDialsDuringTheDrain(t *testing.T) {
+	testenv.RequireRoot(t)
+	for i, backend := range []redirect.Backend{redirect.Nftables, redirect.IptablesLegacy} {
+		t.Run(string(backend), func(t *testing.T) {
+			podIP, client := fmt.Sprintf("10.98.%d.2", i+1), fmt.Sprintf("10.98.%d.1", i+1)
+			app := podIP + ":8080"
+			pod, peer := newPair(t, podIP, client)
+			serveLines(t, pod, app, "app")
+			spec := redirect.DefaultSpec()
+			if _, err := (Rules{}).Install(context.Background(), pod.file, backend, spec); err != nil {
+				t.Fatal(err)
+			}
+			n, err := podnet.Open(pod.file)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer n.Close()
+			before, r := agentDial(t, n, client, app)
+			if r != nil {
+				t.Fatalf("the agent's dial to the app while enrolled: %v", r)
+			}
+			defer before.Close()
+
+			// unenrollLive's order.
+			if err := holdDrainGuard(pod.file, spec); err != nil {
+				t.Fatal(err)
+			}
+			released := false
+			defer func() {
+				if !released {
+					releaseDrainGuard(pod.file)
+				}
+			}()
+			if err := (Rules{}).Uninstall(context.Background(), pod.file); err != nil {
+				t.Fatal(err)
+			}
+			if got, err := echo(before, "before"); err != nil || got != "before" {
+				t.Fatalf("the connection dialed before the unenrollment, during the drain: %q %v", got, err)
+			}
+			during, err := agentDial(t, n, client, app)
+			if err != nil {
+				t.Fatalf("the agent's dial to the app during the drain: %v (the app's replies did not come back)", err)
+			}
+			defer during.Close()
+			if got, err := echo(during, "during"); err != nil || got != "during" {
+				t.Fatalf("the connection dialed during the drain: %q %v", got, err)
+			}
+			if got, err := dialIn(peer, app); err != nil || got != "app" {
+				t.Fatalf("the client's own connection to the app during the drain: %q %v", got, err)
+			}
+
+			if guardLeft(t, pod) == "" {
+				t.Fatal("no guard seen during the drain (the check after it would prove nothing)")
+			}
+			released = true
+			if err := releaseDrainGuard(pod.file); err != nil {
+				t.Fatal(err)
+			}
+			if left := guardLeft(t, pod); left != "" {
+				t.Fatalf("after the drain the pod still holds:\n%s", left)
+			}
+		})
+	}
+}
+
+// agentDial dials the app at dst in pod n as the agent delivers an
+// inbound stream (podnet's DialLocal: marked, transparent, from the
+// client's address src) and reads the app's greeting, which arrives only
+// if the app's replies reach the agent's socket.
+func agentDial(t *testing.T, n *podnet.Net, src, dst string) (net.Conn, error) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	c, err := n.DialLocal(ctx, netip.MustParseAddr(src), netip.MustParseAddrPort(dst))
+	if err != nil {
+		return nil, err
+	}
+	c.SetDeadline(time.Now().Add(3 * time.Second))
+	line, err := bufio.NewReader(c).ReadString('\n')
+	if err == nil && line != "app\n" {
+		err = fmt.Errorf("greeting %q, want the app's", line)
+	}
+	if err != nil {
+		c.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
+// echo sends line on c and reads what the app echoes.
+func echo(c net.Conn, line string) (string, error) {
+	c.SetDeadline(time.Now().Add(3 * time.Second))
+	if _, err := c.Write([]byte(line + "\n")); err != nil {
+		return "", err
+	}
+	got := make([]byte, len(line)+1)
+	if _, err := io.ReadFull(c, got); err != nil {
+		return "", err
+	}
+	return strings.TrimSpace(string(got)), nil
+}
+
+// guardLeft describes what of a drain guard n holds: its tables, rules
+// and routes, by name and protocol ("" when none).
+func guardLeft(t *testing.T, n *testNetns) string {
+	t.Helper()
+	var left []string
+	for _, argv := range [][]string{
+		{"nft", "list", "tables"},
+		{"ip", "-4", "rule", "show"},
+		{"ip", "-6", "rule", "show"},
+		{"ip", "-4", "route", "show", "table", "all"},
+		{"ip", "-6", "route", "show", "table", "all"},
+	} {
+		out, err := exec.Command("ip", append([]string{"netns", "exec", n.name}, argv...)...).CombinedOutput()
+		if err != nil {
+			t.Fatalf("%v: %v\n%s", argv, err, out)
+		}
+		for _, l := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+			if strings.Contains(l, drainTable) || strings.Contains(l, "proto 168") {
+				left = append(left, l)
+			}
+		}
+	}
+	return strings.Join(left, "\n")
+}
