@@ -155,3 +155,45 @@ func guardLeft(t *testing.T, n *testNetns) string {
 	}
 	return strings.Join(left, "\n")
 }
+
+// TestDrainGuardWithIPv6OffInThePod: a pod whose IPv6 is off (lo without
+// ::1, where no IPv6 local route can be added) still gets the guard, its
+// IPv4 part doing its work, rather than none because the IPv6 part
+// failed, which would cut every connection of the unenrollment.
+func TestDrainGuardWithIPv6OffInThePod(t *testing.T) {
+	testenv.RequireRoot(t)
+	pod, _ := newPair(t, "10.98.5.2", "10.98.5.1")
+	for _, dev := range []string{"all", "default", "lo"} {
+		run(t, "ip", "netns", "exec", pod.name, "sysctl", "-qw", "net.ipv6.conf."+dev+".disable_ipv6=1")
+	}
+	serveLines(t, pod, "10.98.5.2:8080", "app")
+	spec := redirect.DefaultSpec() // both families, as for a dual-stack pod
+	if _, err := (Rules{}).Install(context.Background(), pod.file, redirect.Nftables, spec); err != nil {
+		t.Fatal(err)
+	}
+	n, err := podnet.Open(pod.file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.Close()
+	if err := holdDrainGuard(pod.file, spec); err != nil {
+		t.Fatalf("the guard of a pod with IPv6 off: %v", err)
+	}
+	if err := (Rules{}).Uninstall(context.Background(), pod.file); err != nil {
+		releaseDrainGuard(pod.file)
+		t.Fatal(err)
+	}
+	c, err := agentDial(t, n, "10.98.5.1", "10.98.5.2:8080")
+	if err == nil {
+		c.Close()
+	}
+	if rerr := releaseDrainGuard(pod.file); rerr != nil {
+		t.Fatal(rerr)
+	}
+	if err != nil {
+		t.Fatalf("the agent's dial to the app during the drain: %v", err)
+	}
+	if left := guardLeft(t, pod); left != "" {
+		t.Fatalf("after the drain the pod still holds:\n%s", left)
+	}
+}
