@@ -216,6 +216,7 @@ func (a *Agent) add(ctx context.Context, req *cniproto.Request, f *os.File, chec
 		if err := a.store.Put(p.rec); err != nil {
 			a.log.Warn("persisting pod record", "pod", rp.Namespace+"/"+rp.Name, "err", err)
 		}
+		takeDrains(p, existing)
 		a.register(p)
 		a.supersedeFound(p)
 		a.dropKeptLocked(rp.Namespace, rp.Name, cp, true)
@@ -283,6 +284,7 @@ func (a *Agent) add(ctx context.Context, req *cniproto.Request, f *os.File, chec
 		// Served anyway; after a restart the full reconcile finds it.
 		a.log.Warn("persisting pod record", "pod", rp.Namespace+"/"+rp.Name, "err", err)
 	}
+	takeDrains(p, existing)
 	a.register(p)
 	a.supersedeFound(p)
 	a.dropKeptLocked(rp.Namespace, rp.Name, cp, true)
@@ -449,9 +451,11 @@ func (a *Agent) delWithRules(req *cniproto.Request, f *os.File) *cniproto.Respon
 		// socket does not know, and the app never learns. New
 		// connections meanwhile are refused, not sent in plaintext:
 		// the pod's network is going.
+		// The sandbox is looked up as the release below does, so one
+		// found by live enrollment is reset before its rules go too.
 		unlock := a.lock(req.Pod.Namespace, req.Pod.Name)
 		a.mu.Lock()
-		p := a.byCID[req.Pod.ContainerID]
+		p, _ := a.sandboxOfDelLocked(req.Pod, ino)
 		a.mu.Unlock()
 		if p != nil {
 			a.abortConns(p)
@@ -487,6 +491,18 @@ func (a *Agent) otherAttachment(rp cniproto.Pod) string {
 		return ""
 	}
 	return p.rec.IfName
+}
+
+// takeDrains gives p, registered in place of old (the same container
+// ID, nil if none), old's servings still draining: those of old's release
+// by this ADD, or of an unenrollment before it. The sandbox's DEL finds
+// p only, and must cut them (abortConns): its network is going. Left on
+// old, they drained on for drainTimeout past the pod's interface.
+func takeDrains(p, old *pod) {
+	if old == nil || old == p {
+		return
+	}
+	p.drains, old.drains = append(p.drains, old.drains...), nil
 }
 
 func sameNetns(p *pod, f *os.File) bool {
@@ -536,22 +552,7 @@ func (a *Agent) forgetNetnsLocked(req *cniproto.Request, ino uint64, records, go
 	rp := req.Pod
 	key := rp.Namespace + "/" + rp.Name
 	a.mu.Lock()
-	p := a.byCID[rp.ContainerID]
-	var kept *pod
-	if p == nil {
-		if q := a.byName[key]; q != nil && strings.HasPrefix(q.rec.ContainerID, foundPrefix) {
-			// A sandbox found by live enrollment has no container ID
-			// to match; the pod name alone is not enough, since a DEL
-			// of an older sandbox already gone may come after the
-			// newer one was found: released, the newer one would keep
-			// its rules and lose its listeners (traffic refused).
-			if isSandbox(q, rp, ino) {
-				p = q
-			} else {
-				kept = q
-			}
-		}
-	}
+	p, kept := a.sandboxOfDelLocked(rp, ino)
 	last := true
 	var heir *pod
 	if p == nil && a.byName[key] != nil {
@@ -608,6 +609,28 @@ func (a *Agent) forgetNetnsLocked(req *cniproto.Request, ino uint64, records, go
 		a.forgetStatus(rp.Namespace, rp.Name, p.rec.UID)
 	}
 	return &cniproto.Response{Decision: cniproto.Skip}
+}
+
+// sandboxOfDelLocked is the sandbox a DEL of rp (its netns inode ino, 0:
+// none came) is about, nil if none; kept is the pod's sandbox found by
+// live enrollment that the DEL does not show it is about. Under a.mu.
+func (a *Agent) sandboxOfDelLocked(rp cniproto.Pod, ino uint64) (p, kept *pod) {
+	if p = a.byCID[rp.ContainerID]; p != nil {
+		return p, nil
+	}
+	q := a.byName[rp.Namespace+"/"+rp.Name]
+	if q == nil || !strings.HasPrefix(q.rec.ContainerID, foundPrefix) {
+		return nil, nil
+	}
+	// A sandbox found by live enrollment has no container ID to match;
+	// the pod name alone is not enough, since a DEL of an older sandbox
+	// already gone may come after the newer one was found: released,
+	// the newer one would keep its rules and lose its listeners
+	// (traffic refused).
+	if isSandbox(q, rp, ino) {
+		return q, nil
+	}
+	return nil, q
 }
 
 // isSandbox tells whether a DEL (pod rp, netns inode ino, 0 if it brought
