@@ -108,6 +108,9 @@ func (a *Agent) adoptLocked(ctx context.Context, rec state.Pod, scan *lazyScan) 
 		a.log.Warn("recorded pod's netns not found; keeping the record for the next pass", "pod", podName, "err", err)
 		return nil
 	}
+	// A guard an agent that died mid-drain left there (drainguard.go),
+	// whatever the pod is now.
+	a.sweepDrainGuard(f, rec.Netns, podName)
 	if l, ok := a.view.(Learner); ok && len(rec.IPs) > 0 {
 		l.Learn(rec.Namespace, rec.Name, rec.UID, rec.IPs)
 	}
@@ -253,11 +256,16 @@ func (a *Agent) verifyPods(ctx context.Context, pods []*pod, hb *health.Heartbea
 // a short burst a minute, not a stall.
 func (a *Agent) auditLoop(ctx context.Context) {
 	every := a.cfg.RuleCheckInterval.Duration
-	if every <= 0 {
+	var tickC <-chan time.Time
+	if every > 0 {
+		tick := time.NewTicker(every)
+		defer tick.Stop()
+		tickC = tick.C
+	} else if a.peers == nil {
 		return
 	}
-	tick := time.NewTicker(every)
-	defer tick.Stop()
+	// (With checks off, the loop still sweeps the drain guards met while
+	// another agent ran, once none runs: drainguard.go.)
 	// While another agent runs on the node (a surge, a rollback), its
 	// checks may put its own version's rules back in pods this one has
 	// verified: an agent before session 17 takes the link-local refusal
@@ -280,12 +288,17 @@ func (a *Agent) auditLoop(ctx context.Context) {
 		select {
 		case <-ctx.Done():
 			return
-		case <-tick.C:
+		case <-tickC:
 		case <-othersTick:
 			others := a.otherAgents()
 			gone := hadOthers && !others
 			hadOthers = others
-			if !gone {
+			if !others && leftDrainGuards() {
+				// Not only when seen going: it may have gone
+				// before this loop started.
+				a.sweepLeftDrainGuards()
+			}
+			if !gone || every <= 0 {
 				continue
 			}
 			a.log.Info("no other agent runs on the node: verifying every pod's rules now")

@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 	"sync"
+	"sync/atomic"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
@@ -93,12 +94,29 @@ func drainRouteTableFor(s redirect.Spec) int {
 var drainGuards = struct {
 	sync.Mutex
 	n map[uint64]int
-}{n: map[uint64]int{}}
+	// left are the namespaces (by inode) met while another agent ran,
+	// swept once none runs (sweepLeftDrainGuards).
+	left map[uint64]leftGuard
+}{n: map[uint64]int{}, left: map[uint64]leftGuard{}}
+
+// leftGuard is where to open a namespace of drainGuards.left again.
+type leftGuard struct{ path, pod string }
+
+// drainGuardFailures counts the holds that failed: unenrollments whose
+// established connections were cut. Counted here, where every caller's
+// failure passes, and process-wide as the guards are (drainGuards); each
+// agent's registry reports it (ambit_agent_drain_guard_failures_total).
+var drainGuardFailures atomic.Uint64
 
 // holdDrainGuard adds the guard for a pod whose rules were built from s,
 // unless a drain of its namespace holds it already, and counts this
 // drain. Each hold that succeeded is released once (releaseDrainGuard).
-func holdDrainGuard(f *os.File, s redirect.Spec) error {
+func holdDrainGuard(f *os.File, s redirect.Spec) (err error) {
+	defer func() {
+		if err != nil {
+			drainGuardFailures.Add(1)
+		}
+	}()
 	ino, err := netnsfind.Inode(f)
 	if err != nil {
 		return err
@@ -279,4 +297,151 @@ func delDrainRoutes(f *os.File) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// Guards left by an agent that died mid-drain.
+//
+// A guard is removed by the process whose drain it serves. One killed or
+// crashed mid-drain (or stopped with its pod deleted at an upgrade past
+// its grace) leaves it: conntrack and the NAT hooks registered in a pod
+// out of the mesh, packets with ConnMark routed to the local table, until
+// the pod's next unenrollment or deletion. The drain it served is over:
+// its connections were that process's sockets, closed with it. But a
+// guard says nothing of whose it is, and during a surge upgrade the other
+// agent may be draining the pod right now (it unenrolled the pod, this
+// one adopted it), through a guard identical to a dead agent's; removing
+// that one cuts the drain.
+//
+// So a guard met in a pod's namespace (adoption at start, and of records
+// another agent wrote: adoptLocked) is an orphan, and removed, only when
+//
+//   - no drain of this process holds a guard there (drainGuards), and
+//   - no other agent runs on the node (Options.Peers): then no live
+//     process can be draining there.
+//
+// Met while another agent runs, the namespace is remembered, guard or
+// not (that agent may still unenroll the pod and die mid-drain), and
+// swept once none runs (the audit loop asks each second). An agent
+// without Options.Peers takes itself for alone, as its record following
+// does.
+
+// sweepDrainGuard removes the guard left in the namespace f (opened at
+// path, the pod's) if it is an orphan, or remembers the namespace while
+// another agent runs.
+func (a *Agent) sweepDrainGuard(f *os.File, path, pod string) {
+	ino, err := netnsfind.Inode(f)
+	if err != nil {
+		return
+	}
+	if a.otherAgents() {
+		drainGuards.Lock()
+		if drainGuards.n[ino] == 0 {
+			drainGuards.left[ino] = leftGuard{path, pod}
+		}
+		drainGuards.Unlock()
+		return
+	}
+	// Looked for outside the lock, which adoption's pods would queue on;
+	// only a removal must not race a drain of this process adding its
+	// guard.
+	found, err := hasDrainGuard(f)
+	if err != nil {
+		a.log.Debug("looking for a drain guard left by an agent", "pod", pod, "err", err)
+	}
+	drainGuards.Lock()
+	defer drainGuards.Unlock()
+	delete(drainGuards.left, ino)
+	if !found || drainGuards.n[ino] > 0 {
+		// A drain of this process removes its guard when it ends,
+		// shared with another agent's or not.
+		return
+	}
+	if err := delDrainGuard(f); err != nil {
+		a.log.Warn("removing a drain guard left by an agent that stopped mid-drain", "pod", pod, "err", err)
+		return
+	}
+	a.m.orphanGuards.Inc()
+	a.log.Info("removed a drain guard left by an agent that stopped mid-drain", "pod", pod)
+}
+
+// sweepLeftDrainGuards sweeps the namespaces met while another agent ran,
+// unless one still runs. A namespace gone (or another at its path) took
+// its guard with it.
+func (a *Agent) sweepLeftDrainGuards() {
+	if a.otherAgents() {
+		return
+	}
+	drainGuards.Lock()
+	left := make(map[uint64]leftGuard, len(drainGuards.left))
+	for ino, l := range drainGuards.left {
+		left[ino] = l
+	}
+	drainGuards.Unlock()
+	for ino, l := range left {
+		f, err := os.Open(l.path)
+		if err == nil {
+			if got, err := netnsfind.Inode(f); err == nil && got == ino {
+				a.sweepDrainGuard(f, l.path, l.pod)
+				f.Close()
+				continue
+			}
+			f.Close()
+		}
+		drainGuards.Lock()
+		delete(drainGuards.left, ino)
+		drainGuards.Unlock()
+	}
+}
+
+// leftDrainGuards says whether namespaces wait for sweepLeftDrainGuards.
+func leftDrainGuards() bool {
+	drainGuards.Lock()
+	defer drainGuards.Unlock()
+	return len(drainGuards.left) > 0
+}
+
+// hasDrainGuard says whether the namespace f holds any part of a guard:
+// its tables, or a rule or route of its protocol. Where nf_tables cannot
+// be read, no table could have been added there: its routes still count.
+func hasDrainGuard(f *os.File) (bool, error) {
+	var errs []error
+	if c, err := nftables.New(nftables.WithNetNSFd(int(f.Fd()))); err != nil {
+		errs = append(errs, err)
+	} else if ts, err := c.ListTables(); err != nil {
+		errs = append(errs, fmt.Errorf("listing tables: %w", err))
+	} else {
+		for _, t := range ts {
+			if t.Name == drainTable && (t.Family == nftables.TableFamilyIPv4 || t.Family == nftables.TableFamilyIPv6) {
+				return true, nil
+			}
+		}
+	}
+	h, err := netlink.NewHandleAt(netns.NsHandle(int(f.Fd())), unix.NETLINK_ROUTE)
+	if err != nil {
+		return false, errors.Join(append(errs, fmt.Errorf("opening rtnetlink in the pod: %w", err))...)
+	}
+	defer h.Close()
+	for _, family := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
+		rules, err := h.RuleList(family)
+		if err != nil {
+			if !errors.Is(err, unix.EAFNOSUPPORT) {
+				errs = append(errs, fmt.Errorf("listing rules: %w", err))
+			}
+			continue
+		}
+		for _, r := range rules {
+			if r.Protocol == drainRouteProtocol {
+				return true, nil
+			}
+		}
+		routes, err := h.RouteListFiltered(family, &netlink.Route{Table: unix.RT_TABLE_UNSPEC, Protocol: drainRouteProtocol}, netlink.RT_FILTER_TABLE|netlink.RT_FILTER_PROTOCOL)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("listing routes: %w", err))
+			continue
+		}
+		if len(routes) > 0 {
+			return true, nil
+		}
+	}
+	return false, errors.Join(errs...)
 }

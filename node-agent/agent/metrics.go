@@ -16,6 +16,10 @@ type metrics struct {
 	sysctlErrors prometheus.Counter
 	// socketTakeovers: the plugin socket's path taken back (socket.go).
 	socketTakeovers *prometheus.CounterVec
+	// drainGuardFailures reads the process's count (drainguard.go);
+	// orphanGuards: guards of a dead agent's drain removed.
+	drainGuardFailures prometheus.CounterFunc
+	orphanGuards       prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -60,9 +64,15 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		socketTakeovers: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "ambit_agent_plugin_socket_takeovers_total", Help: "Times this agent took the plugin socket's path back from a newer agent that stopped or died (a rollback during a surge), by result (ok, error).",
 		}, []string{"result"}),
+		drainGuardFailures: prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "ambit_agent_drain_guard_failures_total", Help: "Live unenrollments whose drain guard could not be added: the pod's established connections were cut, not drained.",
+		}, func() float64 { return float64(drainGuardFailures.Load()) }),
+		orphanGuards: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "ambit_agent_drain_guard_orphans_removed_total", Help: "Drain guards left in pods by an agent that stopped or died mid-drain, removed by this one once no other agent ran on the node.",
+		}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.enrolled, m.latency, m.failures, m.requests, m.repairs, m.ruleCheck, m.adopted, m.adoptSeconds, m.reloadErrors, m.keeperErrors, m.sysctlErrors, m.socketTakeovers)
+		reg.MustRegister(m.enrolled, m.latency, m.failures, m.requests, m.repairs, m.ruleCheck, m.adopted, m.adoptSeconds, m.reloadErrors, m.keeperErrors, m.sysctlErrors, m.socketTakeovers, m.drainGuardFailures, m.orphanGuards)
 	}
 	return m
 }
