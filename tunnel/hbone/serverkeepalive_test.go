@@ -223,8 +223,11 @@ func serveSplitCfg(t *testing.T, ccfg, scfg Config, handler func(*Stream)) (*Con
 // itself (keepalive off) keeps an idle connection across several of the
 // server's PINGs: it answers them, and the server closes nothing. Before,
 // the server sent no PING at all (the test's wait for them fails).
+// PingTimeout is long: the count proves the answers (keepalive sends a
+// PING only once the last one was answered), and a 200 ms one closed a
+// live connection whenever the client was starved that long.
 func TestServerKeepaliveKeepsLiveClient(t *testing.T) {
-	scfg := Config{PingInterval: 50 * time.Millisecond, PingTimeout: 200 * time.Millisecond}
+	scfg := Config{PingInterval: 50 * time.Millisecond, PingTimeout: 10 * time.Second}
 	c, sc := serveSplitCfg(t, Config{PingInterval: -1}, scfg, echoHandler)
 	echoOnce(t, c, context.Background())
 	// Idle: an open stream with nothing moving, and none besides.
@@ -236,19 +239,9 @@ func TestServerKeepaliveKeepsLiveClient(t *testing.T) {
 	if st, _, err := s.Response(context.Background()); err != nil || st != 200 {
 		t.Fatalf("response: %d %v", st, err)
 	}
-	// Each unanswered PING would close the connection before the next
-	// one: five sent means four answered in time.
+	// Five sent means four answered.
 	const pings = 5
-	for end := time.Now().Add(20 * time.Second); sc.KeepalivePings() < pings; {
-		select {
-		case <-sc.Done():
-			t.Fatalf("the server closed a live client's connection after %d PINGs: %v", sc.KeepalivePings(), sc.Err())
-		case <-time.After(5 * time.Millisecond):
-		}
-		if time.Now().After(end) {
-			t.Fatalf("the server sent %d PINGs in 20 s on an idle connection, want %d", sc.KeepalivePings(), pings)
-		}
-	}
+	waitKeepalivePings(t, sc, pings, "idle", func() bool { return true })
 	if !sc.Usable() || !c.Usable() {
 		t.Fatalf("after %d server PINGs: server usable %v (%v), client usable %v (%v)", sc.KeepalivePings(), sc.Usable(), sc.Err(), c.Usable(), c.Err())
 	}
@@ -258,5 +251,85 @@ func TestServerKeepaliveKeepsLiveClient(t *testing.T) {
 	}
 	if _, err := io.ReadFull(s, b); err != nil || string(b) != "still here" {
 		t.Fatalf("the idle stream after the PINGs: %q %v", b, err)
+	}
+}
+
+// waitKeepalivePings waits until sc has sent n keepalive PINGs while
+// busy() holds, failing if sc closes first. keepalive sends a PING only
+// once the previous one was answered (or frames came after it), so n
+// sent means n-1 answered; PingTimeout is long in the tests that use it,
+// so a starved scheduler cannot close a live connection, while a PING
+// left unanswered still stops the count.
+func waitKeepalivePings(t *testing.T, sc *Conn, n int64, what string, busy func() bool) {
+	t.Helper()
+	for end := time.Now().Add(20 * time.Second); sc.KeepalivePings() < n; {
+		select {
+		case <-sc.Done():
+			t.Fatalf("%s: the server closed a live client's connection after %d PINGs: %v", what, sc.KeepalivePings(), sc.Err())
+		case <-time.After(5 * time.Millisecond):
+		}
+		if !busy() {
+			t.Fatalf("%s: the answer ended before the server sent %d PINGs (%d)", what, n, sc.KeepalivePings())
+		}
+		if time.Now().After(end) {
+			t.Fatalf("%s: the server sent %d PINGs in 20 s, want %d", what, sc.KeepalivePings(), n)
+		}
+	}
+}
+
+// TestServerKeepaliveKeepsSlowReader: a live client whose app stops
+// reading, then reads slowly, while the server streams a large answer.
+// The client sends nothing meanwhile (no WINDOW_UPDATE until its app
+// took a quarter of the window), so the server pings; its writer waits
+// for window, not on the socket, and the PINGs leave on the control path
+// ahead of the DATA still to come and are answered: the connection
+// stays, and the whole answer arrives.
+func TestServerKeepaliveKeepsSlowReader(t *testing.T) {
+	const body = 12 << 20 // three stream windows (4 MiB)
+	scfg := Config{PingInterval: 20 * time.Millisecond, PingTimeout: 10 * time.Second}
+	wrote := make(chan error, 1)
+	handler := func(s *Stream) {
+		s.Respond(200, nil)
+		_, err := s.Write(make([]byte, body))
+		if err == nil {
+			err = s.CloseWrite()
+		}
+		wrote <- err
+	}
+	c, sc := serveSplitCfg(t, Config{PingInterval: -1}, scfg, handler)
+	s, _, err := c.OpenStreamData("10.0.0.1:80", nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if st, _, err := s.Response(context.Background()); err != nil || st != 200 {
+		t.Fatalf("response: %d %v", st, err)
+	}
+	writing := func() bool { return len(wrote) == 0 }
+	// Stopped: the window is spent, the writer waits.
+	waitKeepalivePings(t, sc, 5, "the app not reading", writing)
+	// Slow: a window's quarter returned once every 256 reads.
+	got := 0
+	b := make([]byte, 4<<10)
+	for at := sc.KeepalivePings(); sc.KeepalivePings() < at+5; {
+		if !writing() {
+			t.Fatalf("the answer ended before the server sent 5 PINGs to the slow reader (%d)", sc.KeepalivePings()-at)
+		}
+		n, err := s.Read(b)
+		if err != nil {
+			t.Fatalf("slow read after %d bytes: %v (server: %v)", got, err, sc.Err())
+		}
+		got += n
+		time.Sleep(time.Millisecond) // pacing the reader, not an assertion
+	}
+	n, err := io.Copy(io.Discard, s)
+	if err != nil || got+int(n) != body {
+		t.Fatalf("the answer: %d bytes, %v; want %d", got+int(n), err, body)
+	}
+	if err := <-wrote; err != nil {
+		t.Fatalf("the server's write: %v", err)
+	}
+	if !sc.Usable() {
+		t.Fatalf("after %d PINGs to a slow reader the server's connection is not usable: %v", sc.KeepalivePings(), sc.Err())
 	}
 }

@@ -43,7 +43,7 @@ func TestIstioDialerAnswersAmbitServerPings(t *testing.T) {
 		}
 		scfg := &tls.Config{MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{*cert}, NextProtos: []string{"h2"}}
 		hc, err := hbone.Server(context.Background(), raw, scfg,
-			hbone.Config{PingInterval: 50 * time.Millisecond, PingTimeout: 200 * time.Millisecond}, nil,
+			hbone.Config{PingInterval: 50 * time.Millisecond, PingTimeout: 10 * time.Second}, nil,
 			func(s *hbone.Stream) {
 				s.Respond(200, nil)
 				io.Copy(s, s)
@@ -81,8 +81,9 @@ func TestIstioDialerAnswersAmbitServerPings(t *testing.T) {
 		t.FailNow()
 	}
 	defer hc.Close()
-	// Each unanswered PING would close the connection before the next
-	// one: five sent means four answered in time.
+	// The server sends a PING only once its last one was answered: five
+	// sent means four answered. PingTimeout is long so that a starved
+	// scheduler cannot close the live connection (200 ms could).
 	const pings = 5
 	for end := time.Now().Add(20 * time.Second); hc.KeepalivePings() < pings; {
 		select {
