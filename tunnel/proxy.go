@@ -508,6 +508,31 @@ func (sv *Serving) untrack(c *tracked) {
 	sv.mu.Unlock()
 }
 
+// toDraining moves the Serving from the proxy's servings to its
+// draining ones, where what it still holds counts against the pod in
+// the water level; the func it returns takes it out (when Close or
+// Abort returns).
+func (s *Serving) toDraining() (done func()) {
+	s.p.mu.Lock()
+	delete(s.p.servings, s)
+	s.p.draining[s] = struct{}{}
+	s.p.mu.Unlock()
+	return func() {
+		s.p.mu.Lock()
+		delete(s.p.draining, s)
+		s.p.mu.Unlock()
+	}
+}
+
+// closeListeners stops the pod's accepts.
+func (s *Serving) closeListeners() {
+	for _, ln := range []net.Listener{s.pod.Outbound, s.pod.Inbound, s.pod.HBONE} {
+		if ln != nil {
+			ln.Close()
+		}
+	}
+}
+
 // CloseIdleOutbound shuts down the pod's pooled outbound HBONE
 // connections that carry no stream now, waiting up to ctx for them to
 // close; one on which a stream opened meanwhile closes when it ends.
@@ -550,20 +575,8 @@ func (s *Serving) Close(ctx context.Context) error {
 	// The pod stops taking new connections; what it still holds counts
 	// against it in the water level until Close returns (a re-enrolled
 	// pod's new Serving is counted with it).
-	s.p.mu.Lock()
-	delete(s.p.servings, s)
-	s.p.draining[s] = struct{}{}
-	s.p.mu.Unlock()
-	defer func() {
-		s.p.mu.Lock()
-		delete(s.p.draining, s)
-		s.p.mu.Unlock()
-	}()
-	for _, ln := range []net.Listener{s.pod.Outbound, s.pod.Inbound, s.pod.HBONE} {
-		if ln != nil {
-			ln.Close()
-		}
-	}
+	defer s.toDraining()()
+	s.closeListeners()
 	// A connection an accept loop took just before its listener closed
 	// is served (see enter): wait for the loops, so every such
 	// connection is counted before waitQuiet looks.
@@ -652,21 +665,9 @@ func (s *Serving) Abort(ctx context.Context) error {
 	s.cutting = true
 	s.mu.Unlock()
 	if first {
-		s.p.mu.Lock()
-		delete(s.p.servings, s)
-		s.p.draining[s] = struct{}{}
-		s.p.mu.Unlock()
-		defer func() {
-			s.p.mu.Lock()
-			delete(s.p.draining, s)
-			s.p.mu.Unlock()
-		}()
+		defer s.toDraining()()
 	}
-	for _, ln := range []net.Listener{s.pod.Outbound, s.pod.Inbound, s.pod.HBONE} {
-		if ln != nil {
-			ln.Close()
-		}
-	}
+	s.closeListeners()
 	// Every connection an accept loop took is counted (enter) and,
 	// once it registers, cut.
 	s.loops.Wait()

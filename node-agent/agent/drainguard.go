@@ -263,40 +263,54 @@ func delDrainGuard(f *os.File) error {
 // delDrainRoutes removes every ip rule and route of the guard's protocol,
 // in any table: whatever spec the guard was added with.
 func delDrainRoutes(f *os.File) error {
-	h, err := netlink.NewHandleAt(netns.NsHandle(int(f.Fd())), unix.NETLINK_ROUTE)
-	if err != nil {
-		return fmt.Errorf("opening rtnetlink in the pod: %w", err)
+	h, rules, routes, errs := drainRouting(f)
+	if h == nil {
+		return errors.Join(errs...)
 	}
 	defer h.Close()
-	var errs []error
+	for _, r := range rules {
+		if err := h.RuleDel(&r); err != nil && !errors.Is(err, unix.ENOENT) {
+			errs = append(errs, fmt.Errorf("removing %s: %w", r, err))
+		}
+	}
+	for _, rt := range routes {
+		if err := h.RouteDel(&rt); err != nil && !errors.Is(err, unix.ESRCH) && !errors.Is(err, unix.ENOENT) {
+			errs = append(errs, fmt.Errorf("removing route %s: %w", rt, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// drainRouting lists the guard's ip rules and routes (its protocol, any
+// table, both families) in the namespace f, with the rtnetlink handle
+// it used (nil if none could be opened; the caller closes it). A family
+// the kernel lacks (EAFNOSUPPORT) has none.
+func drainRouting(f *os.File) (h *netlink.Handle, rules []netlink.Rule, routes []netlink.Route, errs []error) {
+	h, err := netlink.NewHandleAt(netns.NsHandle(int(f.Fd())), unix.NETLINK_ROUTE)
+	if err != nil {
+		return nil, nil, nil, []error{fmt.Errorf("opening rtnetlink in the pod: %w", err)}
+	}
 	for _, family := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
-		rules, err := h.RuleList(family)
+		rs, err := h.RuleList(family)
 		if err != nil {
 			if !errors.Is(err, unix.EAFNOSUPPORT) {
 				errs = append(errs, fmt.Errorf("listing rules: %w", err))
 			}
 			continue
 		}
-		for _, r := range rules {
-			if r.Protocol != drainRouteProtocol {
-				continue
-			}
-			if err := h.RuleDel(&r); err != nil && !errors.Is(err, unix.ENOENT) {
-				errs = append(errs, fmt.Errorf("removing %s: %w", r, err))
+		for _, r := range rs {
+			if r.Protocol == drainRouteProtocol {
+				rules = append(rules, r)
 			}
 		}
-		routes, err := h.RouteListFiltered(family, &netlink.Route{Table: unix.RT_TABLE_UNSPEC, Protocol: drainRouteProtocol}, netlink.RT_FILTER_TABLE|netlink.RT_FILTER_PROTOCOL)
+		rts, err := h.RouteListFiltered(family, &netlink.Route{Table: unix.RT_TABLE_UNSPEC, Protocol: drainRouteProtocol}, netlink.RT_FILTER_TABLE|netlink.RT_FILTER_PROTOCOL)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("listing routes: %w", err))
 			continue
 		}
-		for _, rt := range routes {
-			if err := h.RouteDel(&rt); err != nil && !errors.Is(err, unix.ESRCH) && !errors.Is(err, unix.ENOENT) {
-				errs = append(errs, fmt.Errorf("removing route %s: %w", rt, err))
-			}
-		}
+		routes = append(routes, rts...)
 	}
-	return errors.Join(errs...)
+	return h, rules, routes, errs
 }
 
 // Guards left by an agent that died mid-drain.
@@ -416,32 +430,12 @@ func hasDrainGuard(f *os.File) (bool, error) {
 			}
 		}
 	}
-	h, err := netlink.NewHandleAt(netns.NsHandle(int(f.Fd())), unix.NETLINK_ROUTE)
-	if err != nil {
-		return false, errors.Join(append(errs, fmt.Errorf("opening rtnetlink in the pod: %w", err))...)
+	h, rules, routes, rerrs := drainRouting(f)
+	if h != nil {
+		h.Close()
 	}
-	defer h.Close()
-	for _, family := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
-		rules, err := h.RuleList(family)
-		if err != nil {
-			if !errors.Is(err, unix.EAFNOSUPPORT) {
-				errs = append(errs, fmt.Errorf("listing rules: %w", err))
-			}
-			continue
-		}
-		for _, r := range rules {
-			if r.Protocol == drainRouteProtocol {
-				return true, nil
-			}
-		}
-		routes, err := h.RouteListFiltered(family, &netlink.Route{Table: unix.RT_TABLE_UNSPEC, Protocol: drainRouteProtocol}, netlink.RT_FILTER_TABLE|netlink.RT_FILTER_PROTOCOL)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("listing routes: %w", err))
-			continue
-		}
-		if len(routes) > 0 {
-			return true, nil
-		}
+	if len(rules) > 0 || len(routes) > 0 {
+		return true, nil
 	}
-	return false, errors.Join(errs...)
+	return false, errors.Join(append(errs, rerrs...)...)
 }
