@@ -155,6 +155,28 @@ func TestAbortEndsPooledStreamsAtOnce(t *testing.T) {
 	}
 }
 
+// dialHeldByB makes B's pod drop, at its input hook's priority, what
+// of A's HBONE dial to its 15008 match matches, opens an app connection
+// from A's pod to B's app through it and waits until A's pod shows the
+// dial held (a socket to :15008 in ss's filter state): Abort then finds
+// the dial in flight. The connection is closed when t ends.
+func dialHeldByB(t *testing.T, m *meshtest.Mesh, priority, match, held string, state ...string) net.Conn {
+	t.Helper()
+	m.B.Pod.Run(t, "nft", fmt.Sprintf("add table inet amb_abort_test; "+
+		"add chain inet amb_abort_test in { type filter hook input %s; policy accept; }; "+
+		"add rule inet amb_abort_test in %s", priority, match))
+	t.Cleanup(func() { m.B.Pod.Run(t, "nft", "delete table inet amb_abort_test") })
+	c, err := m.A.Dial(netip.AddrPortFrom(m.B.Pod.IP4, 8080))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	fmt.Fprintf(c, "echo\n")
+	ss := func() string { return m.A.Pod.Run(t, append([]string{"ss", "-tanH"}, state...)...) }
+	waitFor(t, held, 5*time.Second, func() bool { return strings.Contains(ss(), ":15008") }, ss)
+	return c
+}
+
 // TestAbortCutsADialInFlight: A's agent is still dialling B's 15008 for
 // its app (B drops the SYNs) when A's network goes. The pool is closed to
 // dials: the dial ends with it (its socket gone from A's pod), and the
@@ -162,23 +184,8 @@ func TestAbortEndsPooledStreamsAtOnce(t *testing.T) {
 // connection being pooled after the DEL's answer.
 func TestAbortCutsADialInFlight(t *testing.T) {
 	m := newMesh(t)
-	m.B.Pod.Run(t, "nft", "add table inet amb_abort_test; add chain inet amb_abort_test in { type filter hook input priority 0; policy accept; }; add rule inet amb_abort_test in tcp dport 15008 drop")
-	t.Cleanup(func() { m.B.Pod.Run(t, "nft", "delete table inet amb_abort_test") })
-	c, err := m.A.Dial(netip.AddrPortFrom(m.B.Pod.IP4, 8080))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	fmt.Fprintf(c, "echo\n")
-	for deadline := time.Now().Add(5 * time.Second); ; {
-		if strings.Contains(m.A.Pod.Run(t, "ss", "-tanH", "state", "syn-sent"), ":15008") {
-			break // A's agent is dialling B's 15008
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("A's agent never dialled B's 15008")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	c := dialHeldByB(t, m, "priority 0", "tcp dport 15008 drop",
+		"A's agent dialling B's 15008", "state", "syn-sent")
 
 	abort(t, m.A.Serving)
 	ended(t, c, "A's app connection waiting for the dial")
@@ -196,23 +203,9 @@ func TestAbortCutsADialInFlight(t *testing.T) {
 // and leave it in FIN_WAIT in A's namespace.
 func TestAbortResetsADialInItsHandshake(t *testing.T) {
 	m := newMesh(t)
-	m.B.Pod.Run(t, "nft", "add table inet amb_abort_test; add chain inet amb_abort_test in { type filter hook input priority -300; policy accept; }; add rule inet amb_abort_test in tcp dport 15008 tcp flags & (fin | syn | rst) == 0 drop")
-	t.Cleanup(func() { m.B.Pod.Run(t, "nft", "delete table inet amb_abort_test") })
-	c, err := m.A.Dial(netip.AddrPortFrom(m.B.Pod.IP4, 8080))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	fmt.Fprintf(c, "echo\n")
-	for deadline := time.Now().Add(5 * time.Second); ; {
-		if strings.Contains(m.A.Pod.Run(t, "ss", "-tanH", "state", "established", "( dport = :15008 )"), ":15008") {
-			break // connected; the ClientHello goes unanswered
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("A's agent never connected to B's 15008")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	// Connected; the ClientHello goes unanswered.
+	c := dialHeldByB(t, m, "priority -300", "tcp dport 15008 tcp flags & (fin | syn | rst) == 0 drop",
+		"A's agent connected to B's 15008", "state", "established", "( dport = :15008 )")
 
 	deafen(t, m.A.Pod)
 	abort(t, m.A.Serving)
