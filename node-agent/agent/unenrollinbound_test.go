@@ -133,15 +133,33 @@ func newDrainNode(t *testing.T, cidr, backend string, drain time.Duration) *delN
 // its label and waits for the agent to have unenrolled it.
 func (d *delNode) unenroll(t *testing.T, name string) {
 	t.Helper()
-	d.h.writeInventory(invAmbient + "    labels: {ambit.dev/dataplane-mode: none}\n")
+	d.setInventory(t, invAmbient+"    labels: {ambit.dev/dataplane-mode: none}\n", name, false)
+}
+
+// reenroll puts the inventory's workload apps/name back in the mesh
+// (its label gone) and waits for the agent to have enrolled it again.
+func (d *delNode) reenroll(t *testing.T, name string) {
+	t.Helper()
+	d.setInventory(t, invAmbient, name, true)
+}
+
+// setInventory makes inv the agent's inventory and waits until it has
+// apps/name enrolled or not, as want says.
+func (d *delNode) setInventory(t *testing.T, inv, name string, want bool) {
+	t.Helper()
+	what := name + " unenrolled"
+	if want {
+		what = name + " enrolled again"
+	}
+	d.h.writeInventory(inv)
 	if err := d.h.inv.Reload(); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, name+" unenrolled", func() bool {
+	eventually(t, what, func() bool {
 		unlock := d.h.a.lock("apps", name)
 		defer unlock()
 		p := d.h.a.podByName("apps/" + name)
-		return p != nil && !p.enrolled()
+		return p != nil && p.enrolled() == want
 	})
 }
 
@@ -190,16 +208,7 @@ func TestReenrollDuringDrain(t *testing.T) {
 	c := held(t, cli, web.IP)
 	d.unenroll(t, "web")
 
-	d.h.writeInventory(invAmbient)
-	if err := d.h.inv.Reload(); err != nil {
-		t.Fatal(err)
-	}
-	eventually(t, "web enrolled again", func() bool {
-		unlock := d.h.a.lock("apps", "web")
-		defer unlock()
-		p := d.h.a.podByName("apps/web")
-		return p != nil && p.enrolled()
-	})
+	d.reenroll(t, "web")
 	c.SetDeadline(time.Now().Add(5 * time.Second))
 	if r, err := lab.AskOn(c, "both"); err != nil || r.App != "web" {
 		t.Fatalf("the draining stream once web is enrolled again: %+v %v", r, err)
@@ -240,16 +249,7 @@ func TestUnenrolledAgainDuringDrain(t *testing.T) {
 	web, _ := d.add(t, "web")
 	first := held(t, cli, web.IP)
 	d.unenroll(t, "web")
-	d.h.writeInventory(invAmbient)
-	if err := d.h.inv.Reload(); err != nil {
-		t.Fatal(err)
-	}
-	eventually(t, "web enrolled again", func() bool {
-		unlock := d.h.a.lock("apps", "web")
-		defer unlock()
-		p := d.h.a.podByName("apps/web")
-		return p != nil && p.enrolled()
-	})
+	d.reenroll(t, "web")
 	second := held(t, cli, web.IP)
 	d.unenroll(t, "web")
 	draining := func() int {
