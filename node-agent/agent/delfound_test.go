@@ -58,9 +58,7 @@ func TestDelResetsFoundSandboxFirst(t *testing.T) {
 // drainTimeout past the removal of the pod's interface.
 func TestReAddDrainCutByDel(t *testing.T) {
 	d := newDelNode(t, "10.98.5.0/24")
-	anchor, _ := d.add(t, "anchor")
-	web, _ := d.add(t, "web")
-	c := held(t, web, anchor.IP)
+	anchor, web, c := d.anchored(t, "web")
 
 	again := newNetns(t, "10.98.5.200/32")
 	req := &cniproto.Request{Version: cniproto.Version, Op: cniproto.OpAdd, Pod: cniproto.Pod{

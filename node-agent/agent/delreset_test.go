@@ -118,6 +118,16 @@ func held(t *testing.T, p *lab.Pod, dst netip.Addr) net.Conn {
 	return c
 }
 
+// anchored adds two pods, anchor and name (in that order), and holds a
+// connection from name's app to anchor's: the stream a DEL or an
+// unenrollment of name finds in use.
+func (d *delNode) anchored(t *testing.T, name string) (anchor, p *lab.Pod, c net.Conn) {
+	t.Helper()
+	anchor, _ = d.add(t, "anchor")
+	p, _ = d.add(t, name)
+	return anchor, p, held(t, p, anchor.IP)
+}
+
 // endsSoon fails t unless c reads an end (a reset or EOF) within
 // delBound.
 func endsSoon(t *testing.T, c net.Conn, who string) {
@@ -193,9 +203,7 @@ func TestDelResetsInboundStreams(t *testing.T) {
 // after the drain, into a removed interface, and its server end stayed.
 func TestDelResetsPooledStreams(t *testing.T) {
 	d := newDelNode(t, "10.98.1.0/24")
-	anchor, _ := d.add(t, "anchor")
-	cli, _ := d.add(t, "client")
-	c := held(t, cli, anchor.IP)
+	anchor, cli, c := d.anchored(t, "client")
 	if n := testenv.Metric(t, d.reg, "ambit_tunnel_hbone_pool_connections", nil); n != 1 {
 		t.Fatalf("%v pooled HBONE connections, want the client's 1", n)
 	}
@@ -219,20 +227,9 @@ func TestDelResetsPooledStreams(t *testing.T) {
 // same way: TestUnenrollDrainsInboundStreams.)
 func TestUnenrollDrainsThenDelResets(t *testing.T) {
 	d := newDelNode(t, "10.98.2.0/24")
-	anchor, _ := d.add(t, "anchor")
-	web, _ := d.add(t, "web") // the inventory's workload: its labels are the test's
-	c := held(t, web, anchor.IP)
+	anchor, web, c := d.anchored(t, "web") // the inventory's workload: its labels are the test's
 
-	d.h.writeInventory(invAmbient + "    labels: {ambit.dev/dataplane-mode: none}\n")
-	if err := d.h.inv.Reload(); err != nil {
-		t.Fatal(err)
-	}
-	eventually(t, "web unenrolled", func() bool {
-		unlock := d.h.a.lock("apps", "web")
-		defer unlock()
-		p := d.h.a.podByName("apps/web")
-		return p != nil && !p.enrolled()
-	})
+	d.unenroll(t, "web")
 	c.SetDeadline(time.Now().Add(5 * time.Second))
 	if r, err := lab.AskOn(c, "drained"); err != nil || r.App != "anchor" {
 		t.Fatalf("web's connection after its unenrollment: %+v %v (cut, not drained)", r, err)
