@@ -44,6 +44,13 @@ type delNode struct {
 
 func newDelNode(t *testing.T, cidr string, opts ...func(*Options)) *delNode {
 	t.Helper()
+	return newDelNodeOn(t, cidr, "", opts...)
+}
+
+// newDelNodeOn is newDelNode whose pods' rules are backend's (the
+// conflist's ruleBackend; "" leaves the plugin's default).
+func newDelNodeOn(t *testing.T, cidr, backend string, opts ...func(*Options)) *delNode {
+	t.Helper()
 	testenv.RequireRoot(t)
 	bin := testenv.Binary(t, "ambit-cni")
 	set := testenv.PluginSets(t)[1]
@@ -57,7 +64,12 @@ func newDelNode(t *testing.T, cidr string, opts ...func(*Options)) *delNode {
 	})
 	pol := h.a.Policy()
 	h.inv.SetMeshed(func(p cluster.Pod, ns *cluster.Namespace) bool { return pol.Decide(p, ns).Enroll })
-	node := labNode(t, h, set, bin, netip.MustParsePrefix(cidr), func(o *lab.NodeOptions) { o.PluginStderr = io.Discard })
+	node := labNode(t, h, set, bin, netip.MustParsePrefix(cidr), func(o *lab.NodeOptions) {
+		o.PluginStderr = io.Discard
+		if backend != "" {
+			o.Ambit["ruleBackend"] = backend
+		}
+	})
 	exe := &invoke.DefaultExec{RawExec: &invoke.RawExec{Stderr: io.Discard}}
 	return &delNode{h: h, node: node, reg: reg,
 		cni: libcni.NewCNIConfigWithCacheDir(node.Opts.PluginDirs, filepath.Join(node.Opts.Dir, "cache"), exe)}

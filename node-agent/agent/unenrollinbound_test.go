@@ -3,21 +3,15 @@ package agent
 import (
 	"context"
 	"fmt"
-	"io"
+	"net"
 	"net/netip"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/containernetworking/cni/libcni"
-	"github.com/containernetworking/cni/pkg/invoke"
-	"github.com/prometheus/client_golang/prometheus"
-
 	"github.com/ambit-mesh/ambit/e2e/lab"
 	"github.com/ambit-mesh/ambit/internal/testenv"
-	"github.com/ambit-mesh/ambit/node-agent/cluster"
 )
 
 // TestUnenrollDrainsInboundStreams: a client pod of the node holds a
@@ -110,23 +104,7 @@ func TestUnenrollDrainsInboundStreams(t *testing.T) {
 // conflist's ruleBackend) and the agent's drainTimeout the test's.
 func newDrainNode(t *testing.T, cidr, backend string, drain time.Duration) *delNode {
 	t.Helper()
-	testenv.RequireRoot(t)
-	bin := testenv.Binary(t, "ambit-cni")
-	set := testenv.PluginSets(t)[1]
-	reg := prometheus.NewRegistry()
-	h := startAgent(t, "", invAmbient, func(o *Options) {
-		o.Config.DrainTimeout.Duration = drain
-		serveByRealTunnel(t, o, reg)
-	})
-	pol := h.a.Policy()
-	h.inv.SetMeshed(func(p cluster.Pod, ns *cluster.Namespace) bool { return pol.Decide(p, ns).Enroll })
-	node := labNode(t, h, set, bin, netip.MustParsePrefix(cidr), func(o *lab.NodeOptions) {
-		o.PluginStderr = io.Discard
-		o.Ambit["ruleBackend"] = backend
-	})
-	exe := &invoke.DefaultExec{RawExec: &invoke.RawExec{Stderr: io.Discard}}
-	return &delNode{h: h, node: node, reg: reg,
-		cni: libcni.NewCNIConfigWithCacheDir(node.Opts.PluginDirs, filepath.Join(node.Opts.Dir, "cache"), exe)}
+	return newDelNodeOn(t, cidr, backend, func(o *Options) { o.Config.DrainTimeout.Duration = drain })
 }
 
 // unenroll takes the inventory's workload apps/name out of the mesh by
@@ -141,6 +119,19 @@ func (d *delNode) unenroll(t *testing.T, name string) {
 func (d *delNode) reenroll(t *testing.T, name string) {
 	t.Helper()
 	d.setInventory(t, invAmbient, name, true)
+}
+
+// reenrolledDuringDrain adds a client pod and web (the inventory's
+// workload), holds a stream from the client's app to web's, unenrolls
+// web (the stream drains) and enrolls it again while it does.
+func (d *delNode) reenrolledDuringDrain(t *testing.T) (cli, web *lab.Pod, c net.Conn) {
+	t.Helper()
+	cli, _ = d.add(t, "client")
+	web, _ = d.add(t, "web")
+	c = held(t, cli, web.IP)
+	d.unenroll(t, "web")
+	d.reenroll(t, "web")
+	return cli, web, c
 }
 
 // setInventory makes inv the agent's inventory and waits until it has
@@ -203,12 +194,7 @@ func drainLeft(t *testing.T, p *lab.Pod) string {
 // a new connection to it goes through its agent again.
 func TestReenrollDuringDrain(t *testing.T) {
 	d := newDrainNode(t, "10.97.9.0/24", "nftables", 30*time.Second)
-	cli, _ := d.add(t, "client")
-	web, _ := d.add(t, "web")
-	c := held(t, cli, web.IP)
-	d.unenroll(t, "web")
-
-	d.reenroll(t, "web")
+	cli, web, c := d.reenrolledDuringDrain(t)
 	c.SetDeadline(time.Now().Add(5 * time.Second))
 	if r, err := lab.AskOn(c, "both"); err != nil || r.App != "web" {
 		t.Fatalf("the draining stream once web is enrolled again: %+v %v", r, err)
@@ -245,11 +231,7 @@ func TestReenrollDuringDrain(t *testing.T) {
 // what both held, and the second stream hung from then on.
 func TestUnenrolledAgainDuringDrain(t *testing.T) {
 	d := newDrainNode(t, "10.97.10.0/24", "nftables", 30*time.Second)
-	cli, _ := d.add(t, "client")
-	web, _ := d.add(t, "web")
-	first := held(t, cli, web.IP)
-	d.unenroll(t, "web")
-	d.reenroll(t, "web")
+	cli, web, first := d.reenrolledDuringDrain(t)
 	second := held(t, cli, web.IP)
 	d.unenroll(t, "web")
 	draining := func() int {
