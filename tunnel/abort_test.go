@@ -108,6 +108,20 @@ func noSockets(t *testing.T, pod *podtest.Pod, why string) {
 	}
 }
 
+// abortUnplugged takes n's network away as a DEL does (its pod deaf,
+// Abort, its link unplugged), then fails t unless c (who) reads its end
+// and n's pod then holds no socket (why, if it does), each within
+// abortBound. It returns how c ended.
+func abortUnplugged(t *testing.T, n *meshtest.Node, c net.Conn, who, why string) error {
+	t.Helper()
+	deafen(t, n.Pod)
+	abort(t, n.Serving)
+	unplug(t, n.Pod)
+	err := ended(t, c, who)
+	noSockets(t, n.Pod, why)
+	return err
+}
+
 // TestAbortEndsInboundStreamsAtOnce: B's app holds a stream from A's app
 // (A's pooled HBONE connection to B's 15008, B's agent's connection to
 // its app) when B's network goes (a CNI DEL: Abort, then B's interface
@@ -122,12 +136,8 @@ func TestAbortEndsInboundStreamsAtOnce(t *testing.T) {
 	m := newMesh(t)
 	c := echoStream(t, m.A, netip.AddrPortFrom(m.B.Pod.IP4, 8080))
 
-	deafen(t, m.B.Pod)
-	abort(t, m.B.Serving)
-	unplug(t, m.B.Pod)
-	err := ended(t, c, "A's app connection to B's app")
+	err := abortUnplugged(t, m.B, c, "A's app connection to B's app", "B's inbound HBONE connection or its app socket left")
 	t.Logf("A's app read %v", err)
-	noSockets(t, m.B.Pod, "B's inbound HBONE connection or its app socket left")
 }
 
 // TestAbortEndsPooledStreamsAtOnce: A's app holds a stream to B's app
@@ -207,11 +217,7 @@ func TestAbortResetsADialInItsHandshake(t *testing.T) {
 	c := dialHeldByB(t, m, "priority -300", "tcp dport 15008 tcp flags & (fin | syn | rst) == 0 drop",
 		"A's agent connected to B's 15008", "state", "established", "( dport = :15008 )")
 
-	deafen(t, m.A.Pod)
-	abort(t, m.A.Serving)
-	unplug(t, m.A.Pod)
-	ended(t, c, "A's app connection waiting for the handshake")
-	noSockets(t, m.A.Pod, "the HBONE dial's socket left")
+	abortUnplugged(t, m.A, c, "A's app connection waiting for the handshake", "the HBONE dial's socket left")
 }
 
 // TestAbortDuringCloseCutsTheDrain: B is draining (Close: an
@@ -356,11 +362,7 @@ func TestAbortResetsAPassthroughsFarSide(t *testing.T) {
 	m := newMesh(t)
 	c := stalledPassthrough(t, m)
 
-	deafen(t, m.A.Pod)
-	abort(t, m.A.Serving)
-	unplug(t, m.A.Pod)
-	ended(t, c, "A's app connection")
-	noSockets(t, m.A.Pod, "the passthrough's far side left")
+	abortUnplugged(t, m.A, c, "A's app connection", "the passthrough's far side left")
 }
 
 // TestAbortResetsAPlaintextDelivery: B's agent delivers a plaintext
@@ -372,11 +374,7 @@ func TestAbortResetsAPlaintextDelivery(t *testing.T) {
 	m := newMesh(t)
 	c := stalledPassthrough(t, m)
 
-	deafen(t, m.B.Pod)
-	abort(t, m.B.Serving)
-	unplug(t, m.B.Pod)
-	ended(t, c, "A's app connection to B's app")
-	noSockets(t, m.B.Pod, "B's delivery to its app left")
+	abortUnplugged(t, m.B, c, "A's app connection to B's app", "B's delivery to its app left")
 }
 
 // TestAbortSaysWhyItCutADial: A's agent is dialling a destination outside
