@@ -1,7 +1,6 @@
 package inventory
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"log/slog"
@@ -17,6 +16,7 @@ import (
 
 	"github.com/fsnotify/fsnotify"
 
+	"github.com/ambit-mesh/ambit/internal/testenv"
 	"github.com/ambit-mesh/ambit/node-agent/cluster"
 )
 
@@ -387,7 +387,7 @@ func TestWatchWithoutInotify(t *testing.T) {
 			if err := os.WriteFile(path, []byte(sample), 0o600); err != nil {
 				t.Fatal(err)
 			}
-			logs := &logBuf{}
+			logs := &testenv.Buffer{}
 			s, err := Load(Options{Path: path, NodeName: "node-a", Logger: slog.New(slog.NewTextHandler(logs, nil))})
 			if err != nil {
 				t.Fatal(err)
@@ -413,7 +413,7 @@ func TestWatchWithoutInotify(t *testing.T) {
 			unlabelled := strings.Replace(sample, "labels: {ambit.dev/dataplane-mode: ambient}", "labels: {}", 1)
 
 			const warned, again = "cannot watch the inventory file", "watching the inventory file again"
-			eventually(t, "the watch to be given up", func() bool { return logs.count(warned) == 1 })
+			testenv.Eventually(t, "the watch to be given up", func() bool { return strings.Count(logs.String(), warned) == 1 })
 			replace(t, path, unlabelled)
 			waitReload("edit by polling")
 			if labelled() {
@@ -423,16 +423,16 @@ func TestWatchWithoutInotify(t *testing.T) {
 			// nothing: no reload of an unchanged file, one warning for
 			// the episode.
 			n := tries.Load()
-			eventually(t, "five more looks", func() bool { return tries.Load() >= n+5 })
+			testenv.Eventually(t, "five more looks", func() bool { return tries.Load() >= n+5 })
 			if len(reloads) != 0 {
 				t.Errorf("%d reloads of an unchanged file:\n%s", len(reloads), logs)
 			}
-			if got := logs.count(warned); got != 1 {
+			if got := strings.Count(logs.String(), warned); got != 1 {
 				t.Errorf("%d warnings in one episode", got)
 			}
 
 			refuse.Store(false)
-			eventually(t, "watching again", func() bool { return logs.count(again) == 1 })
+			testenv.Eventually(t, "watching again", func() bool { return strings.Count(logs.String(), again) == 1 })
 			n = tries.Load()
 			replace(t, path, sample)
 			waitReload("edit once watching")
@@ -456,39 +456,4 @@ func replace(t *testing.T, path, body string) {
 	if err := os.Rename(tmp, path); err != nil {
 		t.Fatal(err)
 	}
-}
-
-func eventually(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
-// logBuf collects a logger's output.
-type logBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *logBuf) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *logBuf) count(msg string) int {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return strings.Count(l.b.String(), msg)
-}
-
-func (l *logBuf) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
