@@ -1,7 +1,6 @@
 package filesource
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -10,7 +9,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -18,6 +16,7 @@ import (
 
 	"github.com/fsnotify/fsnotify"
 
+	"github.com/ambit-mesh/ambit/internal/testenv"
 	"github.com/ambit-mesh/ambit/node-agent/policy"
 	"github.com/ambit-mesh/ambit/tunnel"
 )
@@ -165,31 +164,20 @@ func TestRunReloadsOnChange(t *testing.T) {
 		}
 	})
 
-	waitFor(t, "the watch to start", func() bool { return allowed(e, batch) })
+	testenv.Eventually(t, "the watch to start", func() bool { return allowed(e, batch) })
 	if err := os.Mkdir(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
 	write(t, dir, "p.yaml", allowUI)
-	waitFor(t, "the new file to deny batch", func() bool { return !allowed(e, batch) && allowed(e, ui) })
+	testenv.Eventually(t, "the new file to deny batch", func() bool { return !allowed(e, batch) && allowed(e, ui) })
 	before := changes.Load()
 	if before == 0 {
 		t.Error("OnChange not called")
 	}
 	write(t, dir, "p.yaml", strings.ReplaceAll(allowUI, "front/sa/ui", "jobs/sa/batch"))
-	waitFor(t, "the edit to flip", func() bool { return allowed(e, batch) && !allowed(e, ui) })
+	testenv.Eventually(t, "the edit to flip", func() bool { return allowed(e, batch) && !allowed(e, ui) })
 	if changes.Load() <= before {
 		t.Error("OnChange not called for the edit")
-	}
-}
-
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(20 * time.Millisecond)
 	}
 }
 
@@ -494,7 +482,7 @@ func TestRunWithoutInotify(t *testing.T) {
 			parent := t.TempDir()
 			dir := filepath.Join(parent, "policies") // made later
 			e := policy.New(policy.Options{Logger: quiet()})
-			logs := &logBuf{}
+			logs := &testenv.Buffer{}
 			ctx, cancel := context.WithCancel(context.Background())
 			done := make(chan error, 1)
 			go func() { done <- New(dir, e, slog.New(slog.NewTextHandler(logs, nil))).Run(ctx) }()
@@ -506,58 +494,34 @@ func TestRunWithoutInotify(t *testing.T) {
 			})
 
 			const warned, again = "cannot watch the policy directory", "watching the policy directory again"
-			waitFor(t, "the watch to be given up", func() bool { return logs.count(warned) == 1 })
+			testenv.Eventually(t, "the watch to be given up", func() bool { return strings.Count(logs.String(), warned) == 1 })
 			if err := os.Mkdir(dir, 0o755); err != nil {
 				t.Fatal(err)
 			}
 			write(t, dir, "p.yaml", allowUI)
-			waitFor(t, "the new file to deny batch by polling", func() bool { return !allowed(e, batch) && allowed(e, ui) })
+			testenv.Eventually(t, "the new file to deny batch by polling", func() bool { return !allowed(e, batch) && allowed(e, ui) })
 			write(t, dir, "p.yaml", strings.ReplaceAll(allowUI, "front/sa/ui", "jobs/sa/batch"))
-			waitFor(t, "the edit to flip by polling", func() bool { return allowed(e, batch) && !allowed(e, ui) })
+			testenv.Eventually(t, "the edit to flip by polling", func() bool { return allowed(e, batch) && !allowed(e, ui) })
 			// Five more looks (each tries the watch again) change
 			// nothing: no reload for an unchanged directory, one warning
 			// for the episode.
 			n := tries.Load()
-			waitFor(t, "five more looks", func() bool { return tries.Load() >= n+5 })
-			if got := logs.count("policies loaded"); got != 3 {
+			testenv.Eventually(t, "five more looks", func() bool { return tries.Load() >= n+5 })
+			if got := strings.Count(logs.String(), "policies loaded"); got != 3 {
 				t.Errorf("%d loads, want 3 (start, new file, edit):\n%s", got, logs)
 			}
-			if got := logs.count(warned); got != 1 {
+			if got := strings.Count(logs.String(), warned); got != 1 {
 				t.Errorf("%d warnings in one episode", got)
 			}
 
 			refuse.Store(false)
-			waitFor(t, "watching again", func() bool { return logs.count(again) == 1 })
+			testenv.Eventually(t, "watching again", func() bool { return strings.Count(logs.String(), again) == 1 })
 			n = tries.Load()
 			write(t, dir, "p.yaml", allowUI)
-			waitFor(t, "the edit to flip back once watching", func() bool { return !allowed(e, batch) && allowed(e, ui) })
+			testenv.Eventually(t, "the edit to flip back once watching", func() bool { return !allowed(e, batch) && allowed(e, ui) })
 			if got := tries.Load(); got != n {
 				t.Errorf("the watch was tried %d more times while in place", got-n)
 			}
 		})
 	}
-}
-
-// logBuf collects a logger's output.
-type logBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *logBuf) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *logBuf) count(msg string) int {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return strings.Count(l.b.String(), msg)
-}
-
-func (l *logBuf) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
