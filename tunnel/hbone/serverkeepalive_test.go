@@ -133,14 +133,8 @@ func TestServerKeepaliveClosesStalledWriter(t *testing.T) {
 			t.Error(err)
 		}
 	})
-	s, _, err := c.OpenStreamData("10.0.0.1:80", nil, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := openAnswered(t, c, "10.0.0.1:80")
 	defer s.Close()
-	if st, _, err := s.Response(context.Background()); err != nil || st != 200 {
-		t.Fatalf("response: %d %v", st, err)
-	}
 	if _, err := io.ReadFull(s, make([]byte, 1<<20)); err != nil {
 		t.Fatalf("the answer's first MiB: %v", err)
 	}
@@ -176,14 +170,8 @@ func TestServerKeepaliveClosesStalledWriter(t *testing.T) {
 // the stream to end: for ever.
 func TestServerKeepaliveEndsShutdownOfDarkClient(t *testing.T) {
 	c, d, server := serveDarkClient(t, serverKeepaliveCfg, echoHandler, nil)
-	s, _, err := c.OpenStreamData("10.0.0.1:80", nil, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := openAnswered(t, c, "10.0.0.1:80")
 	defer s.Close()
-	if st, _, err := s.Response(context.Background()); err != nil || st != 200 {
-		t.Fatalf("response: %d %v", st, err)
-	}
 	sc := server()
 	d.goDark()
 	dark := time.Now()
@@ -231,14 +219,8 @@ func TestServerKeepaliveKeepsLiveClient(t *testing.T) {
 	c, sc := serveSplitCfg(t, Config{PingInterval: -1}, scfg, echoHandler)
 	echoOnce(t, c, context.Background())
 	// Idle: an open stream with nothing moving, and none besides.
-	s, _, err := c.OpenStreamData("10.0.0.1:80", nil, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := openAnswered(t, c, "10.0.0.1:80")
 	defer s.Close()
-	if st, _, err := s.Response(context.Background()); err != nil || st != 200 {
-		t.Fatalf("response: %d %v", st, err)
-	}
 	// Five sent means four answered.
 	const pings = 5
 	waitKeepalivePings(t, sc, pings, "idle", func() bool { return true })
@@ -297,14 +279,8 @@ func TestServerKeepaliveKeepsSlowReader(t *testing.T) {
 		wrote <- err
 	}
 	c, sc := serveSplitCfg(t, Config{PingInterval: -1}, scfg, handler)
-	s, _, err := c.OpenStreamData("10.0.0.1:80", nil, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := openAnswered(t, c, "10.0.0.1:80")
 	defer s.Close()
-	if st, _, err := s.Response(context.Background()); err != nil || st != 200 {
-		t.Fatalf("response: %d %v", st, err)
-	}
 	writing := func() bool { return len(wrote) == 0 }
 	// Stopped: the window is spent, the writer waits.
 	waitKeepalivePings(t, sc, 5, "the app not reading", writing)
