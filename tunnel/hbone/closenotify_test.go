@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"io"
 	"net"
+	"os"
 	"sync"
 	"testing"
 	"time"
@@ -137,5 +138,152 @@ func TestGracefulCloseSendsCloseNotify(t *testing.T) {
 				t.Fatalf("last record before the FIN: type %d, %d bytes; want the encrypted close_notify (type 23, %d bytes)", typ, n, closeNotifyLen)
 			}
 		})
+	}
+}
+
+// gateConn holds the first write after arm, as a socket too full to
+// take it would, and tells held. The write goes on once a write
+// deadline is set (closeWith bounding its wait for the writer: a peer
+// that drains) or the socket closes; with dead, only when that deadline
+// passes, and then it fails, as toward a peer that stopped reading.
+type gateConn struct {
+	net.Conn
+	dead bool
+	mu   sync.Mutex
+	// armed: the next write waits; waiting: one does, until open.
+	armed, waiting bool
+	held, open     chan struct{}
+	timedOut       bool
+}
+
+func (g *gateConn) arm() {
+	g.mu.Lock()
+	g.armed = true
+	g.held, g.open = make(chan struct{}), make(chan struct{})
+	g.mu.Unlock()
+}
+
+func (g *gateConn) Write(b []byte) (int, error) {
+	g.mu.Lock()
+	if !g.armed {
+		g.mu.Unlock()
+		return g.Conn.Write(b)
+	}
+	g.armed, g.waiting = false, true
+	close(g.held)
+	g.mu.Unlock()
+	<-g.open
+	g.mu.Lock()
+	timedOut := g.timedOut
+	g.mu.Unlock()
+	if timedOut {
+		return 0, os.ErrDeadlineExceeded
+	}
+	return g.Conn.Write(b)
+}
+
+// let lets a waiting write go on; mu held.
+func (g *gateConn) let(timedOut bool) {
+	if g.waiting {
+		g.waiting, g.timedOut = false, timedOut
+		close(g.open)
+	}
+}
+
+func (g *gateConn) SetWriteDeadline(t time.Time) error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.waiting && !t.IsZero() {
+		if !g.dead {
+			g.let(false)
+		} else {
+			time.AfterFunc(time.Until(t), func() {
+				g.mu.Lock()
+				g.let(true)
+				g.mu.Unlock()
+			})
+		}
+	}
+	return g.Conn.SetWriteDeadline(t)
+}
+
+func (g *gateConn) Close() error {
+	g.mu.Lock()
+	g.let(true)
+	g.mu.Unlock()
+	return g.Conn.Close()
+}
+
+// closeDuringWrite runs a connection through the tap with its client's
+// socket behind a gateConn, holds a frame's tls.Write at the gate (with
+// wmu, as a writer does), calls Close meanwhile, and returns the records
+// the client sent, the last before the FIN last.
+func closeDuringWrite(t *testing.T, dead bool) []int {
+	var tp *tap
+	var g *gateConn
+	c, srv := serveWrapped(t, Config{PingInterval: -1}, echoHandler, func(addr string) string {
+		tp = newTap(t, addr)
+		return tp.ln.Addr().String()
+	}, func(raw net.Conn, server bool) net.Conn {
+		if server {
+			return raw
+		}
+		g = &gateConn{Conn: raw, dead: dead}
+		return g
+	})
+	srv()
+	wrote := make(chan error, 1)
+	g.arm()
+	go func() {
+		c.wmu.Lock()
+		// Uncorked: straight through tls.Write to the socket.
+		_, err := c.nc.Write(appendFrame(nil, framePing, 0, 0, make([]byte, 8)))
+		c.wmu.Unlock()
+		wrote <- err
+	}()
+	<-g.held
+	closed := make(chan struct{})
+	go func() { c.Close(); close(closed) }()
+	for _, ch := range []chan struct{}{closed, tp.done} {
+		select {
+		case <-ch:
+		case <-time.After(10 * time.Second):
+			t.Fatal("the connection did not end after the close")
+		}
+	}
+	<-wrote
+	tp.mu.Lock()
+	defer tp.mu.Unlock()
+	var sizes []int
+	for b := tp.sent[0]; len(b) >= 5; b = b[5+int(binary.BigEndian.Uint16(b[3:5])):] {
+		sizes = append(sizes, int(binary.BigEndian.Uint16(b[3:5])))
+	}
+	lastRecord(t, tp.sent[0]) // whole records only
+	return sizes
+}
+
+// TestCloseWaitsForWriteInFlight: Close while a frame's write is in
+// flight waits for it (bounded, TestCloseAbortsAfterStuckWrite), then
+// ends with close_notify. crypto/tls's Close sends none while a Write is
+// in flight, so a writer (ctlLoop's SETTINGS ACK) still in tls.Write as
+// Close ran cost the peer its close_notify: TestGracefulCloseSendsCloseNotify
+// failed about 1 run in 300 on a busy host.
+func TestCloseWaitsForWriteInFlight(t *testing.T) {
+	const pingRecord, closeNotifyLen = 9 + 8 + 1 + 16, 2 + 1 + 16
+	sizes := closeDuringWrite(t, false)
+	if n := len(sizes); n < 2 || sizes[n-2] != pingRecord || sizes[n-1] != closeNotifyLen {
+		t.Fatalf("client records %v; want the PING in flight (%d bytes), then close_notify (%d), last", sizes, pingRecord, closeNotifyLen)
+	}
+}
+
+// TestCloseAbortsAfterStuckWrite: Close's wait for a writer stuck
+// toward a peer that stopped reading ends with its write deadline; the
+// write was cut, maybe mid-record, so nothing is written after it, not
+// even close_notify (which could wait 5 s more on the full socket).
+func TestCloseAbortsAfterStuckWrite(t *testing.T) {
+	const closeNotifyLen = 2 + 1 + 16
+	sizes := closeDuringWrite(t, true)
+	if n := len(sizes); n > 0 && sizes[n-1] == closeNotifyLen {
+		t.Fatalf("client records %v: close_notify written after a cut write", sizes)
 	}
 }

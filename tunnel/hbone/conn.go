@@ -555,24 +555,50 @@ func (c *Conn) closeWith(err error, code ErrCode) {
 	c.handlerQueue = nil
 	c.cond.Broadcast()
 	c.mu.Unlock()
-	// Deferred, with the unlock below, for a panic in the GOAWAY's
-	// write: closed was already set, so without them the connection
-	// stayed open with its write lock held, Done never closed, and its
-	// streams never told (TestWritePanicLeavesConnClosed).
-	defer c.finishClose(streams, err)
-	if code != ErrCodeNo || !errors.Is(err, ErrConnClosed) {
-		// Best effort GOAWAY with the reason, never blocking for long.
-		_ = c.nc.SetWriteDeadline(time.Now().Add(time.Second))
-		c.wmu.Lock()
-		defer c.wmu.Unlock()
-		_, _ = c.nc.Write(appendGoAway(nil, last, code, ""))
+	// Deferred, for a panic in the GOAWAY's write: closed was already
+	// set, so without it the connection stayed open with its write lock
+	// held, Done never closed, and its streams never told
+	// (TestWritePanicLeavesConnClosed).
+	held, clean := false, false
+	defer func() { c.finishClose(streams, err, held, clean) }()
+	// The socket closes with wmu held, every close, not only one that
+	// sends a GOAWAY: crypto/tls's Close sends no close_notify while a
+	// Write is in flight (it takes the Close for one that breaks the
+	// write), and a writer (ctlLoop's SETTINGS ACK, a stream's frame)
+	// still in tls.Write as Close ran cost the peer its close_notify
+	// (TestCloseWaitsForWriteInFlight). The deadline bounds the wait
+	// for a writer stuck toward a peer that stopped reading: its write
+	// fails by then, and the lock taken only past it means a write was
+	// cut, maybe mid-record, so nothing more is written (clean).
+	deadline := time.Now().Add(time.Second)
+	_ = c.nc.SetWriteDeadline(deadline)
+	c.wmu.Lock()
+	held = true
+	clean = time.Now().Before(deadline)
+	if clean && (code != ErrCodeNo || !errors.Is(err, ErrConnClosed)) {
+		// Best effort GOAWAY with the reason. Not clean until it is
+		// written whole: a panic in its write may leave it unfinished.
+		clean = false
+		_, werr := c.nc.Write(appendGoAway(nil, last, code, ""))
+		clean = werr == nil
 	}
 }
 
 // finishClose is closeWith's second half, once the GOAWAY is written or
-// not: the socket closes, the streams fail with err, Done closes.
-func (c *Conn) finishClose(streams []*Stream, err error) {
+// not: the socket closes (with close_notify unless the writes did not end
+// cleanly: then the TCP socket under TLS closes first, as abortConn's,
+// and the TLS close writes nothing, where its close_notify could wait 5 s
+// on a full socket), wmu is freed if held, the streams fail with err,
+// Done closes. The streams' endings run without wmu: they call the
+// pool's idle hook, which may open streams or close the connection.
+func (c *Conn) finishClose(streams []*Stream, err error, held, clean bool) {
+	if tc, ok := c.nc.(*tls.Conn); ok && !clean {
+		tc.NetConn().Close()
+	}
 	c.nc.Close()
+	if held {
+		c.wmu.Unlock()
+	}
 	for _, s := range streams {
 		s.connClosed(err)
 	}
