@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -18,7 +19,9 @@ import (
 )
 
 // linkLocal6 waits for n's IPv6 link-local address on its veth to be
-// usable (DAD done) and returns it with its zone.
+// usable (DAD done) and returns it with its zone, the link's index in n:
+// a name would be resolved through Go's process-wide zone cache, filled
+// from whichever namespace last listed its interfaces.
 func linkLocal6(t *testing.T, n *testNetns) string {
 	t.Helper()
 	var addr string
@@ -36,7 +39,7 @@ func linkLocal6(t *testing.T, n *testNetns) string {
 				for _, a := range as {
 					ip := a.(*net.IPNet).IP
 					if ip.To4() == nil && ip.IsLinkLocalUnicast() {
-						addr = ip.String() + "%" + ifc.Name
+						addr = ip.String() + "%" + strconv.Itoa(ifc.Index)
 					}
 				}
 			}
@@ -88,7 +91,12 @@ func TestLinkLocalIPv6IsCaptured(t *testing.T) {
 	// The app on the wildcard, both families.
 	serveLines(t, server, "[::]:8081", "app")
 	enrollLikePlugin(t, h, "server", server, "10.91.0.3/24")
-	ll := linkLocal6(t, server)
+	// The server's link-local address as the client dials it: through
+	// the client's own link (zone). That address is the dial's source:
+	// tentative (DAD) it gives EADDRNOTAVAIL, "cannot assign requested
+	// address" (seen under load), so it is waited for too.
+	srv, cli := linkLocal6(t, server), linkLocal6(t, client)
+	ll := srv[:strings.Index(srv, "%")] + cli[strings.Index(cli, "%"):]
 
 	// A client outside the mesh: the strict server's inbound capture
 	// alone must refuse it, on IPv4 as on IPv6 link-local.
