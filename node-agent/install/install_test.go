@@ -20,6 +20,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
+	"github.com/ambit-mesh/ambit/internal/testenv"
 	"github.com/ambit-mesh/ambit/node-agent/install/atomicfile"
 	"github.com/ambit-mesh/ambit/node-agent/install/conflist"
 )
@@ -72,16 +73,8 @@ func run(t *testing.T, cfg Config) (stop func()) {
 	return stop
 }
 
-func eventually(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
+// eventually is testenv.Eventually (10 s, 5 ms polls).
+var eventually = testenv.Eventually
 
 func hasEntry(path string) bool {
 	b, err := os.ReadFile(path)
