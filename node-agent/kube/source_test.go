@@ -19,6 +19,7 @@ import (
 	k8stesting "k8s.io/client-go/testing"
 	"k8s.io/client-go/tools/record"
 
+	"github.com/ambit-mesh/ambit/internal/testenv"
 	"github.com/ambit-mesh/ambit/node-agent/cluster"
 )
 
@@ -60,16 +61,8 @@ func (e *events) list() []cluster.Event {
 	return append([]cluster.Event(nil), e.got...)
 }
 
-func eventually(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
+// eventually is testenv.Eventually (10 s, 5 ms polls).
+var eventually = testenv.Eventually
 
 func startSource(t *testing.T, client *fake.Clientset, cfg Config) (*Source, *events) {
 	t.Helper()
