@@ -16,9 +16,19 @@
 // (plain splice(2) relays, few hand-offs) gained little from the same
 // setting.
 //
-// So the default is half the CPUs available, at least one — the same
-// spirit as ztunnel's fixed two worker threads, but growing with the
-// node. A configured value (the agent's maxProcs) overrides it, and a
-// GOMAXPROCS environment variable overrides both, as it does for any Go
-// program.
+// So the default is half the CPUs available — the same spirit as
+// ztunnel's fixed two worker threads, but growing with the node — and
+// at least two where there are two or three. Session 21 measured why on
+// a faster host (docs/tunnel.md, "Session 21: two threads for a node's
+// agent"): with one P, an agent serving both ends of a connection (two
+// pods on one node) runs its sending pump and its receiving read loop
+// on the same thread, and their system calls (the data path's are raw,
+// so they keep the P) take turns; two Ps let the stages overlap. One
+// agent for both pods, 2 Ps against 1: single-stream throughput 0.54 →
+// 0.67× the relay pair, RTT p50 1.42 → 1.19× (paired), new connections
+// per second equal, CPU per round trip 79 → 72 µs. A second P also
+// keeps the data path moving while a system call blocks the other (an
+// iptables child's wait). A configured value (the agent's maxProcs)
+// overrides the default, and a GOMAXPROCS environment variable
+// overrides both, as it does for any Go program.
 package maxprocs

@@ -6,9 +6,10 @@ import (
 	"strconv"
 )
 
-// Default is the agent's P count for a process with available CPUs.
+// Default is the agent's P count for a process with available CPUs:
+// half of them, but two where there are two or three (doc.go says why).
 func Default(available int) int {
-	return max(1, available/2)
+	return min(max(1, available), max(2, available/2))
 }
 
 // Choose returns the P count and where it comes from ("GOMAXPROCS",
@@ -22,7 +23,10 @@ func Choose(env string, configured, available int) (int, string) {
 	if configured > 0 {
 		return configured, "config"
 	}
-	return Default(available), "default: half of " + strconv.Itoa(available) + " CPUs"
+	if available < 2 {
+		return Default(available), "default: the one CPU available"
+	}
+	return Default(available), "default: half of " + strconv.Itoa(available) + " CPUs, at least two"
 }
 
 // Apply sets GOMAXPROCS as Choose says and returns the same.

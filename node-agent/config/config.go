@@ -117,8 +117,9 @@ type Config struct {
 	IPv6 string `json:"ipv6,omitempty"`
 
 	// MaxProcs is how many threads run the agent's Go code at once
-	// (GOMAXPROCS). 0: half the CPUs the process may use, at least one
-	// (internal/maxprocs says why); a GOMAXPROCS environment variable
+	// (GOMAXPROCS). 0: half the CPUs the process may use, at least two
+	// where it may use two or more (internal/maxprocs says why); a
+	// GOMAXPROCS environment variable
 	// overrides it.
 	MaxProcs int `json:"maxProcs,omitempty"`
 	// ExclusiveListeners makes the agent own its listeners in the pods
@@ -314,7 +315,7 @@ func (c *Config) Validate() error {
 		}
 	}
 	if c.MaxProcs < 0 {
-		return fmt.Errorf("maxProcs: %d is negative (0 picks half the CPUs)", c.MaxProcs)
+		return fmt.Errorf("maxProcs: %d is negative (0 picks half the CPUs, at least two)", c.MaxProcs)
 	}
 	if c.MaxConnections < -1 {
 		return fmt.Errorf("maxConnections: %d must be 0 (derived from the memory limit and RLIMIT_NOFILE), -1 (no budget) or a budget of connections", c.MaxConnections)

@@ -14,6 +14,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"runtime/pprof"
 	"strings"
 	"testing"
@@ -43,8 +44,15 @@ func MaybeHelper() {
 	case "relay":
 		helperRelay()
 	case "agent":
-		// Sized as the node agent sizes itself.
-		maxprocs.Apply(0)
+		// Sized as the node agent sizes itself: on a node of its own
+		// (AGENT_SPECS, one agent for both pods) the whole machine; an
+		// agent per pod models two nodes sharing this machine, each
+		// with half its CPUs.
+		procs := 0
+		if os.Getenv("AGENT_SPECS") == "" {
+			procs = maxprocs.Default(max(1, runtime.GOMAXPROCS(0)/2))
+		}
+		maxprocs.Apply(procs)
 		helperAgent()
 	default:
 		fmt.Fprintln(os.Stderr, "unknown role", os.Getenv(roleEnv))
