@@ -30,7 +30,9 @@ type Config struct {
 	// capped by the peer's MAX_FRAME_SIZE).
 	SendFrameSize int
 	// AppReadSize is the most a stream reads from its app socket at once
-	// (default 256 KiB); one read leaves as one burst of DATA frames.
+	// (default 1 MiB, only while the app streams; at most maxBigReads
+	// streams of a connection at once); one read leaves as one burst of
+	// DATA frames.
 	AppReadSize int
 	// SocketReadSize is the most one read(2) takes from the connection's
 	// socket (default 256 KiB; negative: as much as crypto/tls asks for,
@@ -118,7 +120,10 @@ func (c Config) withDefaults() Config {
 		c.SendFrameSize = 64 << 10
 	}
 	if c.AppReadSize <= 0 {
-		c.AppReadSize = 256 << 10
+		// 1 MiB rather than 256 KiB: a quarter of the bursts, so a
+		// quarter of the far side's wake-ups; bulk CPU per GB -6 to
+		// -8 % and throughput +4 to +9 % (docs/tunnel.md, session 21).
+		c.AppReadSize = 1 << 20
 	}
 	if c.SocketReadSize == 0 {
 		c.SocketReadSize = 256 << 10
