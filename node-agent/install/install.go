@@ -41,7 +41,7 @@ func Run(ctx context.Context, cfg Config) error {
 	if err := os.MkdirAll(c.CNIBinDir, 0o755); err != nil {
 		return fmt.Errorf("CNI bin directory: %w", err)
 	}
-	in := &installer{cfg: c, entry: e, m: newMetrics(c.Registerer), log: c.Logger}
+	in := &installer{cfg: c, entry: e, m: newMetrics(c.Registerer), log: c.Logger, sums: sums{}}
 	in.watch()
 	defer func() {
 		if in.watcher != nil {
@@ -61,7 +61,7 @@ func Run(ctx context.Context, cfg Config) error {
 		}
 	}
 	if !in.yielding() {
-		if changed, err := installBinary(c.PluginSource, c.CNIBinDir); err != nil {
+		if changed, err := installBinary(c.PluginSource, c.CNIBinDir, in.sums); err != nil {
 			return err
 		} else if changed {
 			in.log.Info("installed plugin binary", "path", filepath.Join(c.CNIBinDir, PluginType))
@@ -188,6 +188,9 @@ type installer struct {
 	// written remembers the hash of what we last wrote to each file, to
 	// tell our own events from another writer's rewrite.
 	written map[string][32]byte
+	// sums: the plugin binary's and its source's, so a look at them
+	// unchanged reads neither.
+	sums sums
 	// rewrites are the times another writer removed our entry, within
 	// the fight window.
 	rewrites []time.Time
@@ -317,7 +320,7 @@ func (in *installer) yielding() bool {
 // reconcile makes the node's state what it should be, once.
 func (in *installer) reconcile() error {
 	c := in.cfg
-	if changed, err := installBinary(c.PluginSource, c.CNIBinDir); err != nil {
+	if changed, err := installBinary(c.PluginSource, c.CNIBinDir, in.sums); err != nil {
 		return err
 	} else if changed {
 		in.log.Warn("plugin binary was missing or changed; reinstalled", "path", filepath.Join(c.CNIBinDir, PluginType))
