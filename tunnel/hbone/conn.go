@@ -52,7 +52,10 @@ type Config struct {
 	// PingTimeout later without any frame it is closed (default 20 s).
 	// ztunnel's values. The server pings as the client does: its
 	// client's node may die (no FIN, no RST) as well as the other way,
-	// and only the PING tells (see keepalive).
+	// and only the PING tells (see keepalive). PingTimeout also bounds
+	// a server's Shutdown's wait for its PING's answer; with keepalive
+	// off that is all it does, and it defaults to 5 s
+	// (noKeepaliveAckWait).
 	PingInterval time.Duration
 	PingTimeout  time.Duration
 	// ResponseTimeout bounds a spliced client stream's wait for its
@@ -142,6 +145,9 @@ func (c Config) withDefaults() Config {
 	}
 	if c.PingTimeout == 0 {
 		c.PingTimeout = 20 * time.Second
+		if c.PingInterval < 0 {
+			c.PingTimeout = noKeepaliveAckWait
+		}
 	}
 	if c.ResponseTimeout <= 0 {
 		c.ResponseTimeout = 30 * time.Second
@@ -149,8 +155,33 @@ func (c Config) withDefaults() Config {
 	return c
 }
 
-// ErrConnClosed is returned for operations on a closed connection.
+// ErrConnClosed is returned for operations on a closed connection,
+// wrapped with the reason it closed (closedError).
 var ErrConnClosed = errors.New("hbone: connection closed")
+
+// closedError is what a stream or an open gets once the connection has
+// closed for reason: ErrConnClosed, which callers test for (the pool
+// opens elsewhere), naming the reason, which the user needs (the
+// agent's access log). A write that failed under keepalive's close got
+// "connection closed" alone, and a read keepalive's reason without
+// ErrConnClosed (TestBlockedWriteErrorNamesKeepalive,
+// TestStreamErrorsNameKeepalive).
+func closedError(reason error) error {
+	if reason == nil {
+		return ErrConnClosed
+	}
+	if errors.Is(reason, ErrConnClosed) {
+		return reason
+	}
+	return fmt.Errorf("%w (%w)", ErrConnClosed, reason)
+}
+
+// closedErr is closedError of the connection's close reason.
+func (c *Conn) closedErr() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return closedError(c.closeErr)
+}
 
 // ErrNoCapacity means the connection takes no new stream now (at the
 // stream limit, or going away): open one elsewhere.
@@ -480,6 +511,19 @@ func (c *Conn) Close() error {
 // keepalive PINGs (which carry a timestamp) by its first byte.
 var shutdownPing = [8]byte{0xff, 'g', 'o', 'a', 'w', 'a', 'y', 0}
 
+// noKeepaliveAckWait is PingTimeout's default with keepalive off, where
+// it bounds only Shutdown's wait for its PING's answer. With keepalive
+// on, that wait borrows keepalive's patience with any PING (20 s). With
+// it off there is none to borrow, and keepalive's default held a drain
+// without a deadline (the agent's idle and stale-peer closes) of a dead
+// peer 20 s for a PING whose only job is to order the GOAWAYs
+// (TestShutdownWithoutKeepaliveBoundsItsAckWait). 5 s still covers a
+// live peer's reader held up on a busy node (TestShutdownWaitsForALateAck
+// stalls it 3 s, with keepalive on and off). Not 0 (no PING): the
+// streams a client sent before it read the first GOAWAY would be
+// refused, keepalive or not.
+const noKeepaliveAckWait = 5 * time.Second
+
 // Shutdown sends GOAWAY (no new streams), waits until the open streams
 // end or ctx does, then closes.
 //
@@ -492,7 +536,10 @@ var shutdownPing = [8]byte{0xff, 'g', 'o', 'a', 'w', 'a', 'y', 0}
 // race. The ACK is waited for as long as keepalive waits for any PING's
 // answer (PingTimeout), then the peer is taken for gone: a fixed 2 s
 // before refused a slow peer's streams (TestShutdownWaitsForALateAck),
-// on a busy node, when agents restart. ctx bounds it too.
+// on a busy node, when agents restart. With keepalive off the PING is
+// sent all the same (the race does not depend on keepalive) and waited
+// for PingTimeout, 5 s unless set (noKeepaliveAckWait). ctx bounds it
+// too.
 func (c *Conn) Shutdown(ctx context.Context) error {
 	c.mu.Lock()
 	final := c.finalSent
@@ -604,8 +651,9 @@ func (c *Conn) finishClose(streams []*Stream, err error, held, clean bool) {
 	if held {
 		c.wmu.Unlock()
 	}
+	serr := closedError(err)
 	for _, s := range streams {
-		s.connClosed(err)
+		s.connClosed(serr)
 	}
 	close(c.done)
 }
@@ -841,8 +889,9 @@ func (c *Conn) openStream(ctx context.Context, authority string, extra []hpack.H
 	c.mu.Lock()
 	switch {
 	case c.closed:
+		err := closedError(c.closeErr)
 		c.mu.Unlock()
-		return nil, 0, ErrConnClosed
+		return nil, 0, err
 	case c.goingAway || uint32(c.reserved) >= min(c.peerMaxStreams, c.cfg.MaxStreamsPerConn) || c.nextID.Load() >= 1<<31-1:
 		c.mu.Unlock()
 		return nil, 0, ErrNoCapacity
@@ -872,13 +921,13 @@ func (c *Conn) openStream(ctx context.Context, authority string, extra []hpack.H
 		// Checked again under wmu: a GOAWAY read since the check above
 		// may already have its PING ACK written, and HEADERS after the
 		// ACK are refused. Not sent: the caller picks another connection.
-		closed := c.closed
+		closed, reason := c.closed, c.closeErr
 		c.mu.Unlock()
 		held = false
 		c.wmu.Unlock()
 		c.release(s)
 		if closed {
-			return nil, 0, ErrConnClosed
+			return nil, 0, closedError(reason)
 		}
 		return nil, 0, ErrNoCapacity
 	}
@@ -942,13 +991,18 @@ func (c *Conn) openStream(ctx context.Context, authority string, extra []hpack.H
 	c.wmu.Unlock()
 	if cut {
 		err = fmt.Errorf("hbone: the connection's socket took no write within the opener's deadline (closed: the write it cut may have left a frame unfinished): %w", ctx.Err())
-		c.closeWith(fmt.Errorf("%w: %w", err, ErrConnClosed), ErrCodeNo)
+		// The connection's reason names ctx's error but does not wrap
+		// it: it is what the connection's other openers get
+		// (closedError), and the pool takes an open failing with
+		// context.DeadlineExceeded for its own connect timeout, where
+		// ErrConnClosed sends it to another connection.
+		c.closeWith(fmt.Errorf("hbone: the connection's socket took no write within an opener's deadline (%v), and the write was cut: %w", ctx.Err(), ErrConnClosed), ErrCodeNo)
 		c.release(s)
 		return nil, 0, err
 	}
 	if err != nil {
 		c.closeWith(fmt.Errorf("hbone: write: %w", err), ErrCodeNo)
-		return nil, 0, ErrConnClosed
+		return nil, 0, c.closedErr()
 	}
 	return s, sent, nil
 }
@@ -1143,11 +1197,23 @@ func (c *Conn) keepalive() {
 			c.keepalivePings.Add(1)
 			continue
 		}
-		if time.Since(time.Unix(0, sent)) >= c.cfg.PingTimeout-c.cfg.PingInterval/2 {
-			c.closeWith(errors.New("hbone: keepalive timeout: peer answered no PING"), ErrCodeNo)
+		if waited := time.Since(time.Unix(0, sent)); waited >= c.cfg.PingTimeout-c.cfg.PingInterval/2 {
+			// The wait is in the reason, which every stream's error
+			// carries (closedError): a user reading "connection
+			// closed" in the access log learns why.
+			c.closeWith(fmt.Errorf("hbone: keepalive timeout: no PING answer within %v", roundWait(waited)), ErrCodeNo)
 			return
 		}
 	}
+}
+
+// roundWait rounds a wait for a message: to 100 ms from a second up
+// (keepalive's ticks land a few ms late), to the ms below.
+func roundWait(d time.Duration) time.Duration {
+	if d >= time.Second {
+		return d.Round(100 * time.Millisecond)
+	}
+	return d.Round(time.Millisecond)
 }
 
 // A liveness probe runs while a stream waits on a connection that has

@@ -221,10 +221,23 @@ func (c *stallConn) Read(b []byte) (int, error) {
 // open, closed the connection: a stream the client opened 2.5 s into a
 // 3 s stall failed with "connection closed", as
 // TestShutdownRefusesNoOpenedStream's streams did when a loaded -race
-// run held the client's reader past 2 s.
+// run held the client's reader past 2 s. With keepalive off too: the
+// PING is still sent and waited for (noKeepaliveAckWait, 5 s).
 func TestShutdownWaitsForALateAck(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		cfg  Config
+	}{
+		{"keepalive on", Config{}},
+		{"keepalive off", Config{PingInterval: -1}},
+	} {
+		t.Run(tc.name, func(t *testing.T) { shutdownWithLateAck(t, tc.cfg) })
+	}
+}
+
+func shutdownWithLateAck(t *testing.T, cfg Config) {
 	sc := &stallConn{stalled: make(chan struct{})}
-	c, srv := serveWrapped(t, Config{}, echoHandler, func(addr string) string { return addr }, func(raw net.Conn, server bool) net.Conn {
+	c, srv := serveWrapped(t, cfg, echoHandler, func(addr string) string { return addr }, func(raw net.Conn, server bool) net.Conn {
 		if server {
 			return raw
 		}

@@ -813,8 +813,8 @@ func (s *Stream) Respond(status int, extra []hpack.HeaderField) error {
 	held = false
 	c.wmu.Unlock()
 	if err != nil {
-		c.closeWith(err, ErrCodeNo)
-		return ErrConnClosed
+		c.closeWith(fmt.Errorf("hbone: write: %w", err), ErrCodeNo)
+		return c.closedErr()
 	}
 	if end {
 		c.mu.Lock()
@@ -843,7 +843,7 @@ func (s *Stream) reserve(want int) (int, error) {
 		case s.reset:
 			return 0, s.sendErrLocked()
 		case c.closed:
-			return 0, c.closeErr
+			return 0, closedError(c.closeErr)
 		case s.sentEnd:
 			return 0, errors.New("hbone: write after CloseWrite")
 		}
@@ -920,8 +920,12 @@ func (s *Stream) sendFrom(buf []byte, n int, end bool) error {
 		held = false
 		c.wmu.Unlock()
 		if err != nil {
+			// Failed most often because the connection was closed
+			// under the write (keepalive's deadline for its GOAWAY
+			// ends a blocked one): its reason, not ours, if it came
+			// first.
 			c.closeWith(fmt.Errorf("hbone: write: %w", err), ErrCodeNo)
-			return ErrConnClosed
+			return c.closedErr()
 		}
 		off += k
 	}
@@ -996,7 +1000,7 @@ func (s *Stream) CloseWrite() error {
 	c.wmu.Unlock()
 	if err != nil {
 		c.closeWith(fmt.Errorf("hbone: write: %w", err), ErrCodeNo)
-		return ErrConnClosed
+		return c.closedErr()
 	}
 	s.sentEndStream()
 	return nil

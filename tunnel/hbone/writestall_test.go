@@ -248,6 +248,13 @@ func TestOpenStreamWriteEndsWithItsContext(t *testing.T) {
 	if !errors.Is(c.Err(), ErrConnClosed) {
 		t.Fatalf("the connection's error: %v", c.Err())
 	}
+	// Another opener of the cut connection is sent to another one
+	// (ErrConnClosed), not failed as if its own connect timeout had
+	// passed: the tunnel's pool tests DeadlineExceeded first.
+	_, _, err := c.OpenStreamDataContext(context.Background(), "10.0.0.1:80", nil, nil)
+	if !errors.Is(err, ErrConnClosed) || errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("an open on the cut connection: %v; want ErrConnClosed, not the cut opener's deadline", err)
+	}
 }
 
 // TestOpenStreamSlowWriteThatDrainsIsNotCut: an open whose write waits
