@@ -85,6 +85,11 @@ type corkConn struct {
 	// write blocks. Both under mu.
 	guard context.Context
 	cut   *writeCut
+	// cutBy is the error of the context whose end cut the socket,
+	// stored before the cut closes it: the read loop or another writer
+	// may find the socket closed, and close the connection, before the
+	// opener whose write was cut does (Conn.closeWith names the cut).
+	cutBy atomic.Pointer[error]
 	// writeAll's state, under mu, and its step (c.step, made once).
 	wb        []byte
 	wn        int
@@ -292,7 +297,7 @@ func (c *corkConn) noteBlocked() {
 	// Done only now: on a timerCtx it makes the channel, an
 	// allocation the open that never blocks does not pay.
 	if c.guard != nil && c.cut == nil && c.guard.Done() != nil {
-		wc := &writeCut{c: c}
+		wc := &writeCut{c: c, ctx: c.guard}
 		wc.stop = context.AfterFunc(c.guard, wc.fire)
 		c.cut = wc
 	}
@@ -321,6 +326,7 @@ func (c *corkConn) untilStalled(now time.Time) time.Duration {
 type writeCut struct {
 	state atomic.Int32
 	c     *corkConn
+	ctx   context.Context            // the guard: its error is the cut's (cutBy)
 	stop  func() bool                // the context's AfterFunc
 	timer atomic.Pointer[time.Timer] // the wait for the stall, once the context ended
 }
@@ -345,8 +351,19 @@ func (w *writeCut) fire() {
 		return
 	}
 	if w.state.CompareAndSwap(writeCutWriting, writeCutFired) {
+		err := w.ctx.Err()
+		w.c.cutBy.Store(&err)
 		w.c.Conn.Close()
 	}
+}
+
+// cutErr is the error of the context whose end cut the socket (nil if
+// none did).
+func (c *corkConn) cutErr() error {
+	if p := c.cutBy.Load(); p != nil {
+		return *p
+	}
+	return nil
 }
 
 // disarm stops the context's AfterFunc and a pending wait for the stall.

@@ -168,3 +168,55 @@ func TestShutdownWithoutKeepaliveBoundsItsAckWait(t *testing.T) {
 		t.Error("Shutdown returned with the connection open")
 	}
 }
+
+// TestCutConnectionNamesTheCut: an open's write cut at its deadline
+// closes the socket under it, and whoever finds the socket closed first
+// closes the connection. The read loop usually does, before the opener
+// (the hook holds the opener back until then: 3 runs of 20 went so
+// without it); the connection's reason, and the error of a stream on
+// it, still name the cut. Before, they were "hbone: connection closed"
+// alone then.
+func TestCutConnectionNamesTheCut(t *testing.T) {
+	c, gate, raw := stallPair(t, echoHandler)
+	if err := gate.Conn.(*net.TCPConn).SetReadBuffer(16 << 10); err != nil {
+		t.Fatal(err)
+	}
+	s := answeredStream(t, c)
+	testHookOpenStreamCut = func(hc *Conn) {
+		if hc != c {
+			return
+		}
+		select {
+		case <-hc.Done():
+		case <-time.After(10 * time.Second):
+			t.Error("nothing closed the connection within 10 s of its socket's cut")
+		}
+	}
+	t.Cleanup(func() { testHookOpenStreamCut = nil })
+	gate.stop()
+	fillSocket(t, raw)
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() {
+		_, _, err := c.OpenStreamDataContext(ctx, "10.0.0.1:80", nil, make([]byte, 1<<20))
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("open on a full socket: %v; want the context's deadline", err)
+		}
+	case <-time.After(time.Minute):
+		t.Fatal("the open's write to a full socket had no bound: still blocked after a minute")
+	}
+	<-c.Done()
+	const cutWords = "took no write within an opener's deadline (context deadline exceeded), and the write was cut"
+	if err := c.Err(); !errors.Is(err, ErrConnClosed) || !strings.Contains(err.Error(), cutWords) {
+		t.Errorf("the cut connection's reason: %v; want ErrConnClosed naming the cut", err)
+	}
+	_, err := s.Read(make([]byte, 8))
+	if !errors.Is(err, ErrConnClosed) || !strings.Contains(err.Error(), cutWords) {
+		t.Errorf("a read on the cut connection's stream: %v; want ErrConnClosed naming the cut", err)
+	}
+}

@@ -592,6 +592,16 @@ func (c *Conn) closeWith(err error, code ErrCode) {
 		return
 	}
 	c.closed = true
+	if c.cork != nil {
+		if cerr := c.cork.cutErr(); cerr != nil {
+			// An opener's cut closed the socket: whoever found it
+			// closed first (the read loop, most often, before the
+			// opener) knew only "connection closed", and every
+			// stream's error would have said no more
+			// (TestCutConnectionNamesTheCut).
+			err = cutReason(cerr)
+		}
+	}
 	c.closeErr = err
 	streams := make([]*Stream, 0, len(c.streams))
 	for _, s := range c.streams {
@@ -990,13 +1000,11 @@ func (c *Conn) openStream(ctx context.Context, authority string, extra []hpack.H
 	held = false
 	c.wmu.Unlock()
 	if cut {
+		if testHookOpenStreamCut != nil {
+			testHookOpenStreamCut(c)
+		}
 		err = fmt.Errorf("hbone: the connection's socket took no write within the opener's deadline (closed: the write it cut may have left a frame unfinished): %w", ctx.Err())
-		// The connection's reason names ctx's error but does not wrap
-		// it: it is what the connection's other openers get
-		// (closedError), and the pool takes an open failing with
-		// context.DeadlineExceeded for its own connect timeout, where
-		// ErrConnClosed sends it to another connection.
-		c.closeWith(fmt.Errorf("hbone: the connection's socket took no write within an opener's deadline (%v), and the write was cut: %w", ctx.Err(), ErrConnClosed), ErrCodeNo)
+		c.closeWith(cutReason(ctx.Err()), ErrCodeNo)
 		c.release(s)
 		return nil, 0, err
 	}
@@ -1098,10 +1106,25 @@ func (c *Conn) untilStalled(now time.Time) time.Duration {
 	return max(c.cork.untilStalled(now), time.Millisecond)
 }
 
+// cutReason is why a connection closes whose socket an opener's cut
+// closed, ctxErr the error of the opener's context. It names ctxErr but
+// does not wrap it: it is what the connection's other openers get
+// (closedError), and the pool takes an open failing with
+// context.DeadlineExceeded for its own connect timeout, where
+// ErrConnClosed sends it to another connection.
+func cutReason(ctxErr error) error {
+	return fmt.Errorf("hbone: the connection's socket took no write within an opener's deadline (%v), and the write was cut: %w", ctxErr, ErrConnClosed)
+}
+
 // testHookOpenStreamChecked, when set (tests only), runs in
 // OpenStreamData after the last going-away check, with wmu held, before
 // the HEADERS are written.
 var testHookOpenStreamChecked func(*Conn)
+
+// testHookOpenStreamCut, when set (tests only), runs in an open whose
+// write was cut (the socket closed under it), after it freed wmu and
+// before it closes the connection.
+var testHookOpenStreamCut func(*Conn)
 
 // release forgets a finished stream.
 func (c *Conn) release(s *Stream) {
