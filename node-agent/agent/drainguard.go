@@ -1,10 +1,13 @@
 package agent
 
 import (
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net"
 	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 
@@ -65,7 +68,8 @@ import (
 // protocol) so that neither removes, repairs or reports the other: a pod
 // enrolled again while an earlier unenrollment still drains has both, and
 // the end of that drain must leave the new redirection alone; unenrolled
-// again, it has two drains sharing one guard (holdDrainGuard).
+// again, it has two drains sharing one guard (holdDrainGuard), of one
+// agent or, during a surge upgrade, of two.
 
 const drainTable = "ambit-drain"
 
@@ -87,17 +91,40 @@ func drainRouteTableFor(s redirect.Spec) int {
 }
 
 // drainGuards counts, per namespace (by inode: each drain holds its
-// namespace open, so the inode names no other meanwhile), the drains its
-// guard serves. A pod unenrolled again while an earlier unenrollment
-// still drains shares that guard, and the first drain to end must not
-// take it from the other's connections.
-var drainGuards = struct {
+// namespace open, so the inode names no other meanwhile), the drains of
+// this process its guard serves. A pod unenrolled again while an earlier
+// unenrollment still drains shares that guard, and the first drain to end
+// must not take it from the other's connections.
+//
+// The count is the process's, but the guard is the namespace's: during a
+// surge upgrade two agents share the node, and the old one may still be
+// draining a pod the new one unenrolls again. Each process therefore
+// records itself in the guard (holderChain: an empty chain named after
+// its id, in the ip table), and the last holder of any process removes
+// it. Adding or removing an entry and looking at the others happen under
+// an flock of the namespace itself (lockNetns), which every process of
+// the node opens, whatever path it came by, as the same inode.
+var drainGuards = newDrainHolders()
+
+// drainHolders is one process's holds (a test makes more, as other
+// processes would).
+type drainHolders struct {
 	sync.Mutex
-	n map[uint64]int
+	// id names this process in the guards it holds: random, as no
+	// process of another agent can tell from it whether this one is
+	// alive (that is the sweep's part: sweepDrainGuard).
+	id string
+	n  map[uint64]int
 	// left are the namespaces (by inode) met while another agent ran,
 	// swept once none runs (sweepLeftDrainGuards).
 	left map[uint64]leftGuard
-}{n: map[uint64]int{}, left: map[uint64]leftGuard{}}
+}
+
+func newDrainHolders() *drainHolders {
+	var b [8]byte
+	rand.Read(b[:])
+	return &drainHolders{id: hex.EncodeToString(b[:]), n: map[uint64]int{}, left: map[uint64]leftGuard{}}
+}
 
 // leftGuard is where to open a namespace of drainGuards.left again.
 type leftGuard struct{ path, pod string }
@@ -109,7 +136,7 @@ type leftGuard struct{ path, pod string }
 var drainGuardFailures atomic.Uint64
 
 // holdDrainGuard adds the guard for a pod whose rules were built from s,
-// unless a drain of its namespace holds it already, and counts this
+// unless a drain (of any process) holds it already, and counts this
 // drain. Each hold that succeeded is released once (releaseDrainGuard).
 func holdDrainGuard(f *os.File, s redirect.Spec) (err error) {
 	defer func() {
@@ -117,35 +144,156 @@ func holdDrainGuard(f *os.File, s redirect.Spec) (err error) {
 			drainGuardFailures.Add(1)
 		}
 	}()
+	return drainGuards.hold(f, s)
+}
+
+// releaseDrainGuard ends a drain's hold; the last one of the last
+// process holding the guard removes it.
+func releaseDrainGuard(f *os.File) error { return drainGuards.release(f) }
+
+func (d *drainHolders) hold(f *os.File, s redirect.Spec) error {
 	ino, err := netnsfind.Inode(f)
 	if err != nil {
 		return err
 	}
-	drainGuards.Lock()
-	defer drainGuards.Unlock()
-	if drainGuards.n[ino] == 0 {
-		if err := addDrainGuard(f, s); err != nil {
+	d.Lock()
+	defer d.Unlock()
+	if d.n[ino] == 0 {
+		unlock, err := lockNetns(f)
+		if err != nil {
+			return err
+		}
+		defer unlock()
+		holders, err := drainHolderIDs(f)
+		if err != nil {
+			return err
+		}
+		// Another process's guard is in use: added anew on top of it,
+		// its rules would only be doubled, and a failure would take it
+		// away (addDrainGuard cleans up after itself). One without
+		// holders is an agent's that died or predates them, added on
+		// top as before.
+		added := len(holders) == 0
+		if added {
+			if err := addDrainGuard(f, s); err != nil {
+				return err
+			}
+		}
+		if err := addHolder(f, d.id); err != nil {
+			if added {
+				err = errors.Join(err, delDrainGuard(f))
+			}
 			return err
 		}
 	}
-	drainGuards.n[ino]++
+	d.n[ino]++
 	return nil
 }
 
-// releaseDrainGuard ends a drain's hold; the last one removes the guard.
-func releaseDrainGuard(f *os.File) error {
+func (d *drainHolders) release(f *os.File) error {
 	ino, err := netnsfind.Inode(f)
 	if err != nil {
 		return err
 	}
-	drainGuards.Lock()
-	defer drainGuards.Unlock()
-	if drainGuards.n[ino] > 1 {
-		drainGuards.n[ino]--
+	d.Lock()
+	defer d.Unlock()
+	if d.n[ino] > 1 {
+		d.n[ino]--
 		return nil
 	}
-	delete(drainGuards.n, ino)
+	delete(d.n, ino)
+	unlock, err := lockNetns(f)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	rest, err := delHolder(f, d.id)
+	if err != nil {
+		// Whether another process still drains through it is
+		// unknown: kept, for the sweep once no other agent runs.
+		return err
+	}
+	if len(rest) > 0 {
+		return nil
+	}
 	return delDrainGuard(f)
+}
+
+// holderPrefix names the chains recording the guard's holders.
+const holderPrefix = "holder-"
+
+// addHolder records the process id in the guard of the namespace f: an
+// empty chain of no hook, which no packet passes.
+func addHolder(f *os.File, id string) error {
+	c, err := nftables.New(nftables.WithNetNSFd(int(f.Fd())))
+	if err != nil {
+		return err
+	}
+	t := c.AddTable(&nftables.Table{Family: nftables.TableFamilyIPv4, Name: drainTable})
+	c.AddChain(&nftables.Chain{Name: holderPrefix + id, Table: t})
+	if err := c.Flush(); err != nil {
+		return fmt.Errorf("recording this agent as a holder of the drain guard: %w", err)
+	}
+	return nil
+}
+
+// delHolder removes the process id from the guard of the namespace f
+// and says which holders remain.
+func delHolder(f *os.File, id string) ([]string, error) {
+	c, err := nftables.New(nftables.WithNetNSFd(int(f.Fd())))
+	if err != nil {
+		return nil, err
+	}
+	c.DelChain(&nftables.Chain{Name: holderPrefix + id, Table: &nftables.Table{Family: nftables.TableFamilyIPv4, Name: drainTable}})
+	if err := c.Flush(); err != nil && !errors.Is(err, unix.ENOENT) {
+		return nil, fmt.Errorf("removing this agent as a holder of the drain guard: %w", err)
+	}
+	return drainHolderIDs(f)
+}
+
+// drainHolderIDs lists the processes recorded as holding the guard of
+// the namespace f (none without the guard).
+func drainHolderIDs(f *os.File) ([]string, error) {
+	c, err := nftables.New(nftables.WithNetNSFd(int(f.Fd())))
+	if err != nil {
+		return nil, err
+	}
+	chains, err := c.ListChainsOfTableFamily(nftables.TableFamilyIPv4)
+	if err != nil {
+		return nil, fmt.Errorf("listing the drain guard's holders: %w", err)
+	}
+	var ids []string
+	for _, ch := range chains {
+		if ch.Table != nil && ch.Table.Name == drainTable && strings.HasPrefix(ch.Name, holderPrefix) {
+			ids = append(ids, strings.TrimPrefix(ch.Name, holderPrefix))
+		}
+	}
+	return ids, nil
+}
+
+// lockNetns takes an exclusive flock of the namespace f for the node:
+// the lock is the inode's, and every process opening the namespace, by
+// /proc or a bind mount, in whatever mount namespace, opens that inode.
+// A fresh open file description is locked, so that the caller's f, which
+// others of this process may share, carries no lock; the process's own
+// callers are serialized by drainHolders' mutex. The kernel drops the
+// lock of a process that dies.
+func lockNetns(f *os.File) (unlock func(), err error) {
+	l, err := os.Open(fmt.Sprintf("/proc/self/fd/%d", f.Fd()))
+	if err != nil {
+		return nil, fmt.Errorf("opening the pod's namespace to lock it: %w", err)
+	}
+	for {
+		err = unix.Flock(int(l.Fd()), unix.LOCK_EX)
+		if err != unix.EINTR {
+			break
+		}
+	}
+	if err != nil {
+		l.Close()
+		return nil, fmt.Errorf("locking the pod's namespace: %w", err)
+	}
+	return func() { l.Close() }, nil
 }
 
 // addDrainGuard adds the guard for a pod whose rules were built from s;
@@ -315,48 +463,61 @@ func drainRouting(f *os.File) (h *netlink.Handle, rules []netlink.Rule, routes [
 
 // Guards left by an agent that died mid-drain.
 //
-// A guard is removed by the process whose drain it serves. One killed or
-// crashed mid-drain (or stopped with its pod deleted at an upgrade past
-// its grace) leaves it: conntrack and the NAT hooks registered in a pod
-// out of the mesh, packets with ConnMark routed to the local table, until
-// the pod's next unenrollment or deletion. The drain it served is over:
-// its connections were that process's sockets, closed with it. But a
-// guard says nothing of whose it is, and during a surge upgrade the other
-// agent may be draining the pod right now (it unenrolled the pod, this
-// one adopted it), through a guard identical to a dead agent's; removing
-// that one cuts the drain.
+// A guard is removed by the last process whose drain it serves. One
+// killed or crashed mid-drain (or stopped with its pod deleted at an
+// upgrade past its grace) leaves it, or leaves its entry in it
+// (holderChain), which keeps another process's release from removing it:
+// conntrack and the NAT hooks registered in a pod out of the mesh,
+// packets with ConnMark routed to the local table, until the pod's next
+// unenrollment or deletion. The drain it served is over: its connections
+// were that process's sockets, closed with it. But a holder's entry says
+// nothing of whether it is alive (its id is random: the agents of a node
+// share no pid namespace), and during a surge upgrade the other agent may
+// be draining the pod right now (it unenrolled the pod, this one adopted
+// it); removing that guard cuts the drain.
 //
 // So a guard met in a pod's namespace (adoption at start, and of records
 // another agent wrote: adoptLocked) is an orphan, and removed, only when
 //
 //   - no drain of this process holds a guard there (drainGuards), and
 //   - no other agent runs on the node (Options.Peers): then no live
-//     process can be draining there.
+//     process can be draining there, whatever holders the guard names.
+//     Asked again under the namespace's lock (lockNetns): an agent
+//     registers before it can hold a guard, so one that starts meanwhile
+//     waits for the lock and adds the guard afresh.
 //
-// Met while another agent runs, the namespace is remembered, guard or
-// not (that agent may still unenroll the pod and die mid-drain), and
-// swept once none runs (the audit loop asks each second). An agent
-// without Options.Peers takes itself for alone, as its record following
-// does.
+// Met while another agent runs, or while a drain of this process holds
+// it, the namespace is remembered, guard or not (that agent may still
+// unenroll the pod and die mid-drain; this drain's end leaves the guard
+// to that agent's entry), and swept once none runs and no drain of this
+// process holds it (the audit loop asks each second). An agent without
+// Options.Peers takes itself for alone, as its record following does.
 
 // sweepDrainGuard removes the guard left in the namespace f (opened at
 // path, the pod's) if it is an orphan, or remembers the namespace while
-// another agent runs.
+// another agent runs or a drain of this process holds it.
 func (a *Agent) sweepDrainGuard(f *os.File, path, pod string) {
 	ino, err := netnsfind.Inode(f)
 	if err != nil {
 		return
 	}
+	drainGuards.Lock()
+	held := drainGuards.n[ino] > 0
+	if held {
+		drainGuards.left[ino] = leftGuard{path, pod}
+	}
+	drainGuards.Unlock()
+	if held {
+		return
+	}
 	if a.otherAgents() {
 		drainGuards.Lock()
-		if drainGuards.n[ino] == 0 {
-			drainGuards.left[ino] = leftGuard{path, pod}
-		}
+		drainGuards.left[ino] = leftGuard{path, pod}
 		drainGuards.Unlock()
 		return
 	}
 	// Looked for outside the lock, which adoption's pods would queue on;
-	// only a removal must not race a drain of this process adding its
+	// only a removal must not race a drain (of any process) adding its
 	// guard.
 	found, err := hasDrainGuard(f)
 	if err != nil {
@@ -364,10 +525,23 @@ func (a *Agent) sweepDrainGuard(f *os.File, path, pod string) {
 	}
 	drainGuards.Lock()
 	defer drainGuards.Unlock()
+	if drainGuards.n[ino] > 0 {
+		// A drain of this process began meanwhile.
+		drainGuards.left[ino] = leftGuard{path, pod}
+		return
+	}
 	delete(drainGuards.left, ino)
-	if !found || drainGuards.n[ino] > 0 {
-		// A drain of this process removes its guard when it ends,
-		// shared with another agent's or not.
+	if !found {
+		return
+	}
+	unlock, err := lockNetns(f)
+	if err != nil {
+		a.log.Warn("removing a drain guard left by an agent that stopped mid-drain", "pod", pod, "err", err)
+		return
+	}
+	defer unlock()
+	if a.otherAgents() {
+		drainGuards.left[ino] = leftGuard{path, pod}
 		return
 	}
 	if err := delDrainGuard(f); err != nil {

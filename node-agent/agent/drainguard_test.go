@@ -197,3 +197,63 @@ func TestDrainGuardWithIPv6OffInThePod(t *testing.T) {
 		t.Fatalf("after the drain the pod still holds:\n%s", left)
 	}
 }
+
+// TestDrainGuardSharedByTwoAgents: during a surge upgrade the old agent
+// may still be draining a pod the new one unenrolls again. Each counted
+// its own holds, so both held one guard, and whichever drain ended first
+// removed it from under the other's connections. Now the guard names its
+// holders: the first to release leaves it whole (tables, rules, routes)
+// and the other's dial still answered; the second removes all of it.
+// Two holders stand for the two processes.
+func TestDrainGuardSharedByTwoAgents(t *testing.T) {
+	testenv.RequireRoot(t)
+	pod, _ := newPair(t, "10.98.7.2", "10.98.7.1")
+	serveLines(t, pod, "10.98.7.2:8080", "app")
+	spec := redirect.DefaultSpec()
+	if _, err := (Rules{}).Install(context.Background(), pod.file, redirect.Nftables, spec); err != nil {
+		t.Fatal(err)
+	}
+	n, err := podnet.Open(pod.file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.Close()
+	old, neu := newDrainHolders(), newDrainHolders()
+	if err := old.hold(pod.file, spec); err != nil {
+		t.Fatal(err)
+	}
+	defer old.release(pod.file)
+	if err := (Rules{}).Uninstall(context.Background(), pod.file); err != nil {
+		t.Fatal(err)
+	}
+	if err := neu.hold(pod.file, spec); err != nil {
+		t.Fatal(err)
+	}
+	defer neu.release(pod.file)
+	held := guardLeft(t, pod)
+	if held == "" {
+		t.Fatal("no guard seen while both hold it (the checks after would prove nothing)")
+	}
+	if ids, err := drainHolderIDs(pod.file); err != nil || len(ids) != 2 {
+		t.Fatalf("holders recorded: %v %v, want both", ids, err)
+	}
+
+	if err := neu.release(pod.file); err != nil {
+		t.Fatal(err)
+	}
+	if left := guardLeft(t, pod); left != held {
+		t.Fatalf("after one agent's drain ended, the other's guard is\n%s\nwas\n%s", left, held)
+	}
+	c, err := agentDial(t, n, "10.98.7.1", "10.98.7.2:8080")
+	if err != nil {
+		t.Fatalf("the draining agent's dial to the app after the other's drain ended: %v", err)
+	}
+	c.Close()
+
+	if err := old.release(pod.file); err != nil {
+		t.Fatal(err)
+	}
+	if left := guardLeft(t, pod); left != "" {
+		t.Fatalf("after both drains the pod still holds:\n%s", left)
+	}
+}

@@ -224,3 +224,65 @@ func TestDrainGuardFailureCounted(t *testing.T) {
 		t.Fatalf("%s = %v after a failed guard, want %v", name, n, base+1)
 	}
 }
+
+// TestDrainGuardLeftToADeadAgentSwept: the new agent adopted a pod while
+// the old one ran, and unenrolled it again while the old one drained it;
+// the old agent died mid-drain, its entry left in the guard, so the new
+// agent's drain ends without removing the guard (the entry may be a live
+// agent's, as far as the guard tells). The namespace stays remembered
+// while the new agent's drain holds it, and once no other agent runs and
+// the drain ended the guard is removed. Before, the sweep that came
+// while the drain held the guard forgot the namespace, and the guard
+// stayed.
+func TestDrainGuardLeftToADeadAgentSwept(t *testing.T) {
+	testenv.RequireRoot(t)
+	dir := agentDir(t)
+	pod := newNetns(t, "10.95.40.2/24")
+	ino, err := netnsfind.Inode(pod.file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	store, err := state.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := store.Put(state.Pod{Namespace: "apps", Name: "web", UID: "uid-web", ContainerID: "cid-web", Netns: pod.path, NetnsInode: ino,
+		IPs: []netip.Addr{netip.MustParseAddr("10.95.40.2")}, IPv4: true, Since: time.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	var peer atomic.Bool
+	var asked atomic.Int64
+	peer.Store(true)
+	reg := prometheus.NewRegistry()
+	startAgent(t, dir, invAmbient+"    labels: {ambit.dev/dataplane-mode: none}\n", func(o *Options) {
+		o.Registerer = reg
+		o.Peers = func() bool { asked.Add(1); return peer.Load() }
+	})
+	t.Cleanup(func() { delDrainGuard(pod.file) })
+	if err := newDrainHolders().hold(pod.file, redirect.DefaultSpec()); err != nil { // the old agent's, never released
+		t.Fatal(err)
+	}
+	if err := holdDrainGuard(pod.file, redirect.DefaultSpec()); err != nil {
+		t.Fatal(err)
+	}
+	released := false
+	defer func() {
+		if !released {
+			releaseDrainGuard(pod.file)
+		}
+	}()
+	peer.Store(false) // the old agent died
+	n := asked.Load()
+	eventually(t, "the agent asking again whether another agent runs", func() bool { return asked.Load() >= n+4 })
+	if guardLeft(t, pod) == "" {
+		t.Fatal("the guard a drain of this process holds was removed")
+	}
+	released = true
+	if err := releaseDrainGuard(pod.file); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the guard left to the dead agent's entry removed", func() bool { return guardLeft(t, pod) == "" })
+	if n := testenv.Metric(t, reg, orphansRemoved, nil); n != 1 {
+		t.Fatalf("%s = %v, want 1", orphansRemoved, n)
+	}
+}
