@@ -204,6 +204,7 @@ func (d *drainHolders) release(f *os.File) error {
 	delete(d.n, ino)
 	unlock, err := lockNetns(f)
 	if err != nil {
+		d.leave(ino, f)
 		return err
 	}
 	defer unlock()
@@ -211,12 +212,32 @@ func (d *drainHolders) release(f *os.File) error {
 	if err != nil {
 		// Whether another process still drains through it is
 		// unknown: kept, for the sweep once no other agent runs.
+		d.leave(ino, f)
 		return err
 	}
 	if len(rest) > 0 {
+		// The entries left may be an agent's that died mid-drain,
+		// which no release will remove: only the sweep can, once no
+		// other agent runs, and it looks only at the namespaces it
+		// remembers (a pod this agent enrolled itself was never met
+		// by adoption).
+		d.leave(ino, f)
 		return nil
 	}
-	return delDrainGuard(f)
+	if err := delDrainGuard(f); err != nil {
+		d.leave(ino, f)
+		return err
+	}
+	return nil
+}
+
+// leave remembers the namespace f, whose guard a release left, for the
+// sweep (sweepLeftDrainGuards); one remembered already keeps the path
+// and pod it was met with. The caller holds d.
+func (d *drainHolders) leave(ino uint64, f *os.File) {
+	if _, ok := d.left[ino]; !ok {
+		d.left[ino] = leftGuard{path: f.Name(), pod: "netns " + f.Name()}
+	}
 }
 
 // holderPrefix names the chains recording the guard's holders.

@@ -286,3 +286,43 @@ func TestDrainGuardLeftToADeadAgentSwept(t *testing.T) {
 		t.Fatalf("%s = %v, want 1", orphansRemoved, n)
 	}
 }
+
+// TestDrainGuardLeftToADeadAgentSweptUnadopted: as
+// TestDrainGuardLeftToADeadAgentSwept, for a pod this agent never met by
+// adoption (it served the pod's ADD itself, or enrolled it live), so no
+// sweep remembered its namespace. The old agent's entry outlived it, and
+// this agent's drain ended without removing the guard; nothing
+// remembered the namespace, so the guard stayed for as long as the pod,
+// and each later drain of this agent shared it with the dead entry and
+// left it again. Now a release that leaves the guard to other entries
+// remembers the namespace for the sweep.
+func TestDrainGuardLeftToADeadAgentSweptUnadopted(t *testing.T) {
+	testenv.RequireRoot(t)
+	dir := agentDir(t)
+	pod := newNetns(t, "10.95.41.2/24")
+	var peer atomic.Bool
+	peer.Store(true)
+	reg := prometheus.NewRegistry()
+	startAgent(t, dir, invAmbient, func(o *Options) {
+		o.Registerer = reg
+		o.Peers = peer.Load
+	})
+	t.Cleanup(func() { delDrainGuard(pod.file) })
+	if err := newDrainHolders().hold(pod.file, redirect.DefaultSpec()); err != nil { // the old agent's, never released
+		t.Fatal(err)
+	}
+	if err := holdDrainGuard(pod.file, redirect.DefaultSpec()); err != nil {
+		t.Fatal(err)
+	}
+	if err := releaseDrainGuard(pod.file); err != nil {
+		t.Fatal(err)
+	}
+	if guardLeft(t, pod) == "" {
+		t.Fatal("the guard was removed while the other agent's entry named it (the check below would prove nothing)")
+	}
+	peer.Store(false) // the old agent died
+	eventually(t, "the guard left to the dead agent's entry removed", func() bool { return guardLeft(t, pod) == "" })
+	if n := testenv.Metric(t, reg, orphansRemoved, nil); n != 1 {
+		t.Fatalf("%s = %v, want 1", orphansRemoved, n)
+	}
+}
