@@ -20,11 +20,9 @@ import (
 
 const orphansRemoved = "ambit_agent_drain_guard_orphans_removed_total"
 
-// guardedPod is a pod namespace (ip on lo) recorded in dir's records,
-// enrolled or not, holding a drain guard added by the package's own
-// function as an agent that died mid-drain left it: no drain of this
-// process counts it.
-func guardedPod(t *testing.T, dir, name, ip string, enrolled bool) *testNetns {
+// recordedPod is a pod namespace (ip on lo) recorded in dir's records,
+// enrolled (its rules installed) or not.
+func recordedPod(t *testing.T, dir, name, ip string, enrolled bool) *testNetns {
 	t.Helper()
 	n := newNetns(t, ip+"/24")
 	ino, err := netnsfind.Inode(n.file)
@@ -46,6 +44,15 @@ func guardedPod(t *testing.T, dir, name, ip string, enrolled bool) *testNetns {
 	if err := store.Put(rec); err != nil {
 		t.Fatal(err)
 	}
+	return n
+}
+
+// guardedPod is recordedPod holding a drain guard added by the package's
+// own function as an agent that died mid-drain left it: no drain of this
+// process counts it.
+func guardedPod(t *testing.T, dir, name, ip string, enrolled bool) *testNetns {
+	t.Helper()
+	n := recordedPod(t, dir, name, ip, enrolled)
 	addGuard(t, n)
 	return n
 }
@@ -61,6 +68,47 @@ func addGuard(t *testing.T, n *testNetns) {
 	if guardLeft(t, n) == "" {
 		t.Fatal("no guard seen after adding it (the checks after would prove nothing)")
 	}
+}
+
+// heldWithADeadAgent holds n's drain guard as this process's drain,
+// shared with an entry another agent added and, dead, never released.
+func heldWithADeadAgent(t *testing.T, n *testNetns) {
+	t.Helper()
+	t.Cleanup(func() { delDrainGuard(n.file) })
+	if err := newDrainHolders().hold(n.file, redirect.DefaultSpec()); err != nil { // the old agent's, never released
+		t.Fatal(err)
+	}
+	if err := holdDrainGuard(n.file, redirect.DefaultSpec()); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// peeredAgent is an agent told another agent runs on the node for as
+// long as peer holds (true at start); asked counts how often it asked.
+type peeredAgent struct {
+	reg   *prometheus.Registry
+	peer  atomic.Bool
+	asked atomic.Int64
+}
+
+func startPeeredAgent(t *testing.T, dir, inv string) *peeredAgent {
+	t.Helper()
+	p := &peeredAgent{reg: prometheus.NewRegistry()}
+	p.peer.Store(true)
+	startAgent(t, dir, inv, func(o *Options) {
+		o.Registerer = p.reg
+		o.Peers = func() bool { p.asked.Add(1); return p.peer.Load() }
+	})
+	return p
+}
+
+// askedAgain waits until the agent's loops asked a few more times
+// whether another agent runs (the audit loop and the record follower,
+// each second): what they would remove by then they have.
+func (p *peeredAgent) askedAgain(t *testing.T) {
+	t.Helper()
+	n := p.asked.Load()
+	eventually(t, "the agent asking again whether another agent runs", func() bool { return p.asked.Load() >= n+4 })
 }
 
 // TestOrphanedDrainGuardRemovedAtAdoption: an agent killed mid-drain
@@ -147,47 +195,24 @@ func TestDrainGuardLeftWhileAnotherAgentRuns(t *testing.T) {
 	testenv.RequireRoot(t)
 	dir := agentDir(t)
 	before := guardedPod(t, dir, "web", "10.95.20.2", false)
-	later := newNetns(t, "10.95.21.2/24")
-	ino, err := netnsfind.Inode(later.file)
-	if err != nil {
-		t.Fatal(err)
-	}
-	store, err := state.Open(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := store.Put(state.Pod{Namespace: "apps", Name: "api", UID: "uid-api", ContainerID: "cid-api", Netns: later.path, NetnsInode: ino,
-		IPs: []netip.Addr{netip.MustParseAddr("10.95.21.2")}, IPv4: true, Since: time.Now()}); err != nil {
-		t.Fatal(err)
-	}
-	var peer atomic.Bool
-	var asked atomic.Int64
-	peer.Store(true)
-	reg := prometheus.NewRegistry()
-	startAgent(t, dir, invAmbient+"    labels: {ambit.dev/dataplane-mode: none}\n", func(o *Options) {
-		o.Registerer = reg
-		o.Peers = func() bool { asked.Add(1); return peer.Load() }
-	})
+	later := recordedPod(t, dir, "api", "10.95.21.2", false)
+	ag := startPeeredAgent(t, dir, invAmbient+"    labels: {ambit.dev/dataplane-mode: none}\n")
 	if guardLeft(t, before) == "" {
 		t.Fatal("the guard of a pod another agent of the node may be draining was removed at adoption")
 	}
 	addGuard(t, later) // the other agent unenrolls api, then dies
-	// Still there after the agent's loops asked a few more times
-	// whether another agent runs (the audit loop and the record
-	// follower, each second).
-	n := asked.Load()
-	eventually(t, "the agent asking again whether another agent runs", func() bool { return asked.Load() >= n+4 })
+	ag.askedAgain(t)
 	if guardLeft(t, before) == "" || guardLeft(t, later) == "" {
 		t.Fatal("a guard removed while another agent runs")
 	}
-	if n := testenv.Metric(t, reg, orphansRemoved, nil); n != 0 {
+	if n := testenv.Metric(t, ag.reg, orphansRemoved, nil); n != 0 {
 		t.Fatalf("%s = %v while another agent runs, want 0", orphansRemoved, n)
 	}
-	peer.Store(false)
+	ag.peer.Store(false)
 	eventually(t, "both guards removed once no other agent runs", func() bool {
 		return guardLeft(t, before) == "" && guardLeft(t, later) == ""
 	})
-	if n := testenv.Metric(t, reg, orphansRemoved, nil); n != 2 {
+	if n := testenv.Metric(t, ag.reg, orphansRemoved, nil); n != 2 {
 		t.Fatalf("%s = %v, want 2", orphansRemoved, n)
 	}
 }
@@ -237,43 +262,17 @@ func TestDrainGuardFailureCounted(t *testing.T) {
 func TestDrainGuardLeftToADeadAgentSwept(t *testing.T) {
 	testenv.RequireRoot(t)
 	dir := agentDir(t)
-	pod := newNetns(t, "10.95.40.2/24")
-	ino, err := netnsfind.Inode(pod.file)
-	if err != nil {
-		t.Fatal(err)
-	}
-	store, err := state.Open(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := store.Put(state.Pod{Namespace: "apps", Name: "web", UID: "uid-web", ContainerID: "cid-web", Netns: pod.path, NetnsInode: ino,
-		IPs: []netip.Addr{netip.MustParseAddr("10.95.40.2")}, IPv4: true, Since: time.Now()}); err != nil {
-		t.Fatal(err)
-	}
-	var peer atomic.Bool
-	var asked atomic.Int64
-	peer.Store(true)
-	reg := prometheus.NewRegistry()
-	startAgent(t, dir, invAmbient+"    labels: {ambit.dev/dataplane-mode: none}\n", func(o *Options) {
-		o.Registerer = reg
-		o.Peers = func() bool { asked.Add(1); return peer.Load() }
-	})
-	t.Cleanup(func() { delDrainGuard(pod.file) })
-	if err := newDrainHolders().hold(pod.file, redirect.DefaultSpec()); err != nil { // the old agent's, never released
-		t.Fatal(err)
-	}
-	if err := holdDrainGuard(pod.file, redirect.DefaultSpec()); err != nil {
-		t.Fatal(err)
-	}
+	pod := recordedPod(t, dir, "web", "10.95.40.2", false)
+	ag := startPeeredAgent(t, dir, invAmbient+"    labels: {ambit.dev/dataplane-mode: none}\n")
+	heldWithADeadAgent(t, pod)
 	released := false
 	defer func() {
 		if !released {
 			releaseDrainGuard(pod.file)
 		}
 	}()
-	peer.Store(false) // the old agent died
-	n := asked.Load()
-	eventually(t, "the agent asking again whether another agent runs", func() bool { return asked.Load() >= n+4 })
+	ag.peer.Store(false) // the old agent died
+	ag.askedAgain(t)
 	if guardLeft(t, pod) == "" {
 		t.Fatal("the guard a drain of this process holds was removed")
 	}
@@ -282,7 +281,7 @@ func TestDrainGuardLeftToADeadAgentSwept(t *testing.T) {
 		t.Fatal(err)
 	}
 	eventually(t, "the guard left to the dead agent's entry removed", func() bool { return guardLeft(t, pod) == "" })
-	if n := testenv.Metric(t, reg, orphansRemoved, nil); n != 1 {
+	if n := testenv.Metric(t, ag.reg, orphansRemoved, nil); n != 1 {
 		t.Fatalf("%s = %v, want 1", orphansRemoved, n)
 	}
 }
@@ -300,29 +299,17 @@ func TestDrainGuardLeftToADeadAgentSweptUnadopted(t *testing.T) {
 	testenv.RequireRoot(t)
 	dir := agentDir(t)
 	pod := newNetns(t, "10.95.41.2/24")
-	var peer atomic.Bool
-	peer.Store(true)
-	reg := prometheus.NewRegistry()
-	startAgent(t, dir, invAmbient, func(o *Options) {
-		o.Registerer = reg
-		o.Peers = peer.Load
-	})
-	t.Cleanup(func() { delDrainGuard(pod.file) })
-	if err := newDrainHolders().hold(pod.file, redirect.DefaultSpec()); err != nil { // the old agent's, never released
-		t.Fatal(err)
-	}
-	if err := holdDrainGuard(pod.file, redirect.DefaultSpec()); err != nil {
-		t.Fatal(err)
-	}
+	ag := startPeeredAgent(t, dir, invAmbient)
+	heldWithADeadAgent(t, pod)
 	if err := releaseDrainGuard(pod.file); err != nil {
 		t.Fatal(err)
 	}
 	if guardLeft(t, pod) == "" {
 		t.Fatal("the guard was removed while the other agent's entry named it (the check below would prove nothing)")
 	}
-	peer.Store(false) // the old agent died
+	ag.peer.Store(false) // the old agent died
 	eventually(t, "the guard left to the dead agent's entry removed", func() bool { return guardLeft(t, pod) == "" })
-	if n := testenv.Metric(t, reg, orphansRemoved, nil); n != 1 {
+	if n := testenv.Metric(t, ag.reg, orphansRemoved, nil); n != 1 {
 		t.Fatalf("%s = %v, want 1", orphansRemoved, n)
 	}
 }

@@ -3,7 +3,6 @@ package hbone
 import (
 	"context"
 	"errors"
-	"io"
 	"net"
 	"strings"
 	"testing"
@@ -110,18 +109,7 @@ func TestSpliceErrorNamesKeepalive(t *testing.T) {
 		s.Respond(200, nil)
 		spliced <- s.Splice(app)
 	}
-	c, d, server := serveDarkClient(t, cfg, handler, func(raw *net.TCPConn) {
-		if err := raw.SetWriteBuffer(16 << 10); err != nil {
-			t.Error(err)
-		}
-	})
-	s := openAnswered(t, c, "10.0.0.1:80")
-	defer s.Close()
-	if _, err := io.ReadFull(s, make([]byte, 1<<20)); err != nil {
-		t.Fatalf("the answer's first MiB: %v", err)
-	}
-	sc := server()
-	d.goDark()
+	sc := darkMidAnswer(t, cfg, handler)
 	waitClosed(t, sc, time.Now(), keepaliveBound(cfg))
 	select {
 	case res := <-spliced:

@@ -107,6 +107,28 @@ func TestServerKeepaliveClosesDarkClient(t *testing.T) {
 	}
 }
 
+// darkMidAnswer serves handler (which answers with more than a MiB) to
+// a client of cfg on a server socket with a 16 KiB send buffer, reads
+// the answer's first MiB and turns the client dark: with windows far
+// larger than the socket buffers, the server's writes fill the socket
+// and block in write(2). It returns the server's Conn.
+func darkMidAnswer(t *testing.T, cfg Config, handler func(*Stream)) *Conn {
+	t.Helper()
+	c, d, server := serveDarkClient(t, cfg, handler, func(raw *net.TCPConn) {
+		if err := raw.SetWriteBuffer(16 << 10); err != nil {
+			t.Error(err)
+		}
+	})
+	s := openAnswered(t, c, "10.0.0.1:80")
+	t.Cleanup(func() { s.Close() })
+	if _, err := io.ReadFull(s, make([]byte, 1<<20)); err != nil {
+		t.Fatalf("the answer's first MiB: %v", err)
+	}
+	sc := server()
+	d.goDark()
+	return sc
+}
+
 // TestServerKeepaliveClosesStalledWriter: the same, the server midway
 // through a large answer when the client goes dark: its writes fill the
 // socket and block in write(2) holding the connection's write lock (the
@@ -128,18 +150,7 @@ func TestServerKeepaliveClosesStalledWriter(t *testing.T) {
 			}
 		}
 	}
-	c, d, server := serveDarkClient(t, cfg, handler, func(raw *net.TCPConn) {
-		if err := raw.SetWriteBuffer(16 << 10); err != nil {
-			t.Error(err)
-		}
-	})
-	s := openAnswered(t, c, "10.0.0.1:80")
-	defer s.Close()
-	if _, err := io.ReadFull(s, make([]byte, 1<<20)); err != nil {
-		t.Fatalf("the answer's first MiB: %v", err)
-	}
-	sc := server()
-	d.goDark()
+	sc := darkMidAnswer(t, cfg, handler)
 	dark := time.Now()
 	// The writer blocked on the full socket (the test's premise).
 	blocked := false
