@@ -133,8 +133,16 @@ func run(ctx context.Context, args []string) error {
 	}
 	log := newLogger(cfg)
 	slog.SetDefault(log)
-	procs, procsFrom := maxprocs.Apply(cfg.MaxProcs)
-	log.Info("GOMAXPROCS", "value", procs, "from", procsFrom)
+	// Adapts for the process's life, past ctx's end: a drain's work
+	// follows the signal.
+	procs, procsFrom, adaptive := maxprocs.Start(context.Background(), cfg.MaxProcs, func(from, to int, busy float64) {
+		log.Debug("GOMAXPROCS changed", "was", from, "now", to, "busyCPUs", fmt.Sprintf("%.2f", busy))
+	})
+	if adaptive {
+		log.Info("GOMAXPROCS", "max", procs, "from", procsFrom, "adaptive", "1 to max with the agent's load")
+	} else {
+		log.Info("GOMAXPROCS", "value", procs, "from", procsFrom)
+	}
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))

@@ -28,7 +28,19 @@
 // 0.67× the relay pair, RTT p50 1.42 → 1.19× (paired), new connections
 // per second equal, CPU per round trip 79 → 72 µs. A second P also
 // keeps the data path moving while a system call blocks the other (an
-// iptables child's wait). A configured value (the agent's maxProcs)
-// overrides the default, and a GOMAXPROCS environment variable
-// overrides both, as it does for any Go program.
+// iptables child's wait).
+//
+// The second P has a price at moderate loads: Go's scheduler wakes an
+// idle P's thread to look for work and parks it again, 6–29 % more agent
+// CPU at 1,000 and 3,000 requests/s and 500 new connections/s. So the
+// default count is a ceiling: the agent runs on one P while its load is
+// light and takes more as soon as its Ps are busy (Adaptive, adapt.go).
+// Measured, one agent for both pods: CPU at those fixed loads that of
+// one P (0.067 / 0.140 / 0.187 vCPU against one P's 0.067 / 0.150 /
+// 0.193 and two Ps' 0.070 / 0.163 / 0.237), and at saturation 0.58–0.61×
+// the relay pair's throughput (two fixed Ps 0.60–0.63: the first tenth
+// of a second of a burst runs on one), RTT p50 0.84–0.91×, 1.01× its new
+// connections per second. A configured value (the agent's maxProcs)
+// overrides the default and stays fixed, and a GOMAXPROCS environment
+// variable overrides both, as it does for any Go program.
 package maxprocs

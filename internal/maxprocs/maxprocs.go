@@ -1,6 +1,7 @@
 package maxprocs
 
 import (
+	"context"
 	"os"
 	"runtime"
 	"strconv"
@@ -34,4 +35,27 @@ func Apply(configured int) (int, string) {
 	n, from := Choose(os.Getenv("GOMAXPROCS"), configured, runtime.GOMAXPROCS(0))
 	runtime.GOMAXPROCS(n)
 	return n, from
+}
+
+// Start applies the P count as Apply does. When that is the default and
+// more than one, it then adapts the count between one and that ceiling
+// with the process's load until ctx ends (Adaptive, which says why);
+// a configured or GOMAXPROCS count stays fixed. It returns the count (the
+// ceiling when adapting), where it comes from, and whether it adapts.
+func Start(ctx context.Context, configured int, onChange func(from, to int, busy float64)) (int, string, bool) {
+	n, from := Apply(configured)
+	if !adapts(os.Getenv("GOMAXPROCS"), configured, n) {
+		return n, from, false
+	}
+	a := &Adaptive{Floor: 1, Ceiling: n, OnChange: onChange}
+	go a.Run(ctx)
+	return n, from, true
+}
+
+// adapts: only the default count adapts, and only above one.
+func adapts(env string, configured, n int) bool {
+	if v, err := strconv.Atoi(env); err == nil && v > 0 {
+		return false
+	}
+	return configured <= 0 && n > 1
 }

@@ -117,9 +117,10 @@ type Config struct {
 	IPv6 string `json:"ipv6,omitempty"`
 
 	// MaxProcs is how many threads run the agent's Go code at once
-	// (GOMAXPROCS). 0: half the CPUs the process may use, at least two
-	// where it may use two or more (internal/maxprocs says why); a
-	// GOMAXPROCS environment variable
+	// (GOMAXPROCS). 0: from one up to half the CPUs the process may use
+	// (at least two where it may use two or more) with the agent's load
+	// (internal/maxprocs says why); a value, or a GOMAXPROCS environment
+	// variable, is fixed; the variable
 	// overrides it.
 	MaxProcs int `json:"maxProcs,omitempty"`
 	// ExclusiveListeners makes the agent own its listeners in the pods

@@ -52,7 +52,7 @@ func MaybeHelper() {
 		if os.Getenv("AGENT_SPECS") == "" {
 			procs = maxprocs.Default(max(1, runtime.GOMAXPROCS(0)/2))
 		}
-		maxprocs.Apply(procs)
+		maxprocs.Start(context.Background(), procs, nil)
 		helperAgent()
 	default:
 		fmt.Fprintln(os.Stderr, "unknown role", os.Getenv(roleEnv))
