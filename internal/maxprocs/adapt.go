@@ -29,7 +29,7 @@ type Adaptive struct {
 	OnChange func(from, to int, busy float64)
 
 	// Injected by tests.
-	cpu func() time.Duration
+	cpu func() (time.Duration, error)
 	set func(int)
 }
 
@@ -82,47 +82,78 @@ func (a *Adaptive) Run(ctx context.Context) {
 	if set == nil {
 		set = func(n int) { runtime.GOMAXPROCS(n) }
 	}
-	floor, ceiling := max(1, a.Floor), max(1, a.Floor, a.Ceiling)
-	p := floor
-	set(p)
+	floor := max(1, a.Floor)
+	l := &loop{p: floor, floor: floor, ceiling: max(floor, a.Ceiling), hold: hold}
+	set(l.p)
 	t := time.NewTicker(every)
 	defer t.Stop()
-	lastCPU, lastAt := cpu(), time.Now()
-	var lowSince time.Time
+	// A failed read leaves the baseline where it was: the next good one
+	// then measures the longer period whole, where a zero taken as the
+	// process's CPU would have made it look as busy as its whole life.
+	if c, err := cpu(); err == nil {
+		l.lastCPU, l.lastAt = c, time.Now()
+	}
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
 		}
-		c, at := cpu(), time.Now()
-		busy := float64(c-lastCPU) / float64(at.Sub(lastAt))
-		lastCPU, lastAt = c, at
-		var low time.Duration
-		if lowEnough(p, busy) {
-			if lowSince.IsZero() {
-				lowSince = at
-			}
-			// The period that found it low counts too.
-			low = at.Sub(lowSince) + every
-		} else {
-			lowSince = time.Time{}
+		c, err := cpu()
+		switch {
+		case err != nil:
+			continue
+		case l.lastAt.IsZero():
+			l.lastCPU, l.lastAt = c, time.Now()
+			continue
 		}
-		if n := next(p, busy, low, hold, floor, ceiling); n != p {
+		from := l.p
+		if busy, n := l.sample(c, time.Now()); n != from {
 			set(n)
 			if a.OnChange != nil {
-				a.OnChange(p, n, busy)
+				a.OnChange(from, n, busy)
 			}
-			p, lowSince = n, time.Time{}
 		}
 	}
 }
 
+// loop is Run's state between samples.
+type loop struct {
+	p, floor, ceiling int
+	hold              time.Duration
+	lastCPU           time.Duration
+	lastAt, lowSince  time.Time
+}
+
+// sample takes the process's CPU time c at time at and returns the busy
+// CPUs since the last sample and the P count to run with from now on.
+func (l *loop) sample(c time.Duration, at time.Time) (float64, int) {
+	busy := float64(c-l.lastCPU) / float64(at.Sub(l.lastAt))
+	l.lastCPU, l.lastAt = c, at
+	var low time.Duration
+	if lowEnough(l.p, busy) {
+		// From the end of the first period found low, not its start:
+		// that period may have begun while the load was still high (its
+		// average low all the same) or been cut short by a late tick, and
+		// Hold is the least quiet time before a P goes.
+		if l.lowSince.IsZero() {
+			l.lowSince = at
+		}
+		low = at.Sub(l.lowSince)
+	} else {
+		l.lowSince = time.Time{}
+	}
+	if n := next(l.p, busy, low, l.hold, l.floor, l.ceiling); n != l.p {
+		l.p, l.lowSince = n, time.Time{}
+	}
+	return busy, l.p
+}
+
 // processCPU is the process's user and system CPU time so far.
-func processCPU() time.Duration {
+func processCPU() (time.Duration, error) {
 	var ru syscall.Rusage
 	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
-		return 0
+		return 0, err
 	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano()), nil
 }

@@ -5,6 +5,7 @@ import (
 	"runtime"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -56,7 +57,7 @@ type fakeLoad struct {
 	total time.Duration
 }
 
-func (f *fakeLoad) cpu() time.Duration {
+func (f *fakeLoad) cpu() (time.Duration, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	now := time.Now()
@@ -64,7 +65,7 @@ func (f *fakeLoad) cpu() time.Duration {
 		f.total += time.Duration(f.busy * float64(now.Sub(f.at)))
 	}
 	f.at = now
-	return f.total
+	return f.total, nil
 }
 
 func (f *fakeLoad) setBusy(b float64) {
@@ -103,32 +104,100 @@ func TestAdaptiveFollowsTheLoad(t *testing.T) {
 	}
 }
 
+// quiet feeds l samples every period for d at busy CPUs and returns
+// whether a P was given back during them.
+func quiet(l *loop, at *time.Time, every, d time.Duration, busy float64) (down bool) {
+	for end := at.Add(d); at.Before(end); {
+		*at = at.Add(every)
+		p := l.p
+		if _, n := l.sample(l.lastCPU+time.Duration(busy*float64(every)), *at); n < p {
+			down = true
+		}
+	}
+	return down
+}
+
 // TestAdaptiveHoldsThroughABurstyLoad: a load that dips below the
-// threshold for less than Hold between bursts keeps its P.
+// threshold for less than Hold between bursts keeps its P, and one that
+// stays low for Hold gives it back. Samples at made-up times, so a
+// loaded machine's late wake-ups cannot stretch a dip past Hold.
 func TestAdaptiveHoldsThroughABurstyLoad(t *testing.T) {
-	load := &fakeLoad{}
-	var procs, downs atomic.Int64
-	a := &Adaptive{Floor: 1, Ceiling: 2, Every: 5 * time.Millisecond, Hold: 400 * time.Millisecond,
-		OnChange: func(from, to int, busy float64) {
-			if to < from {
-				downs.Add(1)
+	every, hold := 5*time.Millisecond, 400*time.Millisecond
+	at := time.Unix(1000, 0)
+	l := &loop{p: 2, floor: 1, ceiling: 2, hold: hold, lastAt: at}
+	for i := 0; i < 6; i++ {
+		if quiet(l, &at, every, 100*time.Millisecond, 0.05) {
+			t.Fatalf("the P was given back in dip %d of 100 ms between bursts (Hold 400 ms)", i)
+		}
+		if quiet(l, &at, every, 50*time.Millisecond, 1.5) {
+			t.Fatalf("the P was given back in burst %d", i)
+		}
+	}
+	if !quiet(l, &at, every, hold+2*every, 0.05) || l.p != 1 {
+		t.Errorf("a load low for Hold kept its P (%d)", l.p)
+	}
+}
+
+// TestAdaptiveHoldCountsOnlyQuietTime: the P goes no sooner than Hold
+// after the load fell, whether the first period found low began while
+// the load was still high (its average low all the same) or was cut
+// short by a tick that came early after a late one.
+func TestAdaptiveHoldCountsOnlyQuietTime(t *testing.T) {
+	every, hold := 100*time.Millisecond, 300*time.Millisecond
+	for _, c := range []struct {
+		name string
+		// The first low period: how long, and how much of it, at its
+		// start, still ran at one CPU.
+		first, high time.Duration
+	}{
+		{"the period of the fall averaged low", every, 20 * time.Millisecond},
+		{"a short period after a late tick", time.Millisecond, 0},
+	} {
+		fell := time.Unix(1000, 0)
+		start := fell.Add(-c.high)
+		l := &loop{p: 2, floor: 1, ceiling: 2, hold: hold, lastAt: start}
+		at := start.Add(c.first)
+		if _, n := l.sample(c.high, at); n != 2 {
+			t.Fatalf("%s: the P went with the first low period", c.name)
+		}
+		for i := 0; l.p == 2; i++ {
+			if i == 10 {
+				t.Fatalf("%s: the P stayed through 10 quiet periods after Hold", c.name)
 			}
-		},
-		cpu: load.cpu, set: func(n int) { procs.Store(int64(n)) }}
+			at = at.Add(every)
+			if _, n := l.sample(l.lastCPU, at); n == 1 && at.Sub(fell) < hold {
+				t.Errorf("%s: the P went %v after the load fell, before Hold (%v)", c.name, at.Sub(fell), hold)
+			}
+		}
+	}
+}
+
+// TestAdaptiveSkipsAFailedRead: a failed read of the process's CPU is
+// no sample, neither an idle one nor, against the read after it, a
+// burst of the process's whole life that sends the count to the ceiling.
+func TestAdaptiveSkipsAFailedRead(t *testing.T) {
+	load := &fakeLoad{busy: 1, total: time.Hour}
+	var calls, top atomic.Int64
+	cpu := func() (time.Duration, error) {
+		if calls.Add(1) == 20 {
+			return 0, syscall.EIO
+		}
+		return load.cpu()
+	}
+	set := func(n int) {
+		if int64(n) > top.Load() {
+			top.Store(int64(n))
+		}
+	}
+	a := &Adaptive{Floor: 1, Ceiling: 8, Every: 5 * time.Millisecond, cpu: cpu, set: set}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { a.Run(ctx); close(done) }()
 	defer func() { cancel(); <-done }()
-	load.setBusy(1)
-	testenv.Eventually(t, "a second P for a busy one", func() bool { return procs.Load() == 2 })
-	for i := 0; i < 6; i++ {
-		load.setBusy(0.05)
-		time.Sleep(100 * time.Millisecond)
-		load.setBusy(1.5)
-		time.Sleep(50 * time.Millisecond)
-	}
-	if n := downs.Load(); n != 0 {
-		t.Errorf("the P was given back %d times during bursts 100 ms apart (Hold 400 ms)", n)
+	testenv.Eventually(t, "reads past the failed one", func() bool { return calls.Load() >= 30 })
+	// One busy CPU takes two Ps and keeps them (a third only past 1.2).
+	if n := top.Load(); n != 2 {
+		t.Errorf("one busy CPU with a failed read went up to %d Ps, want 2", n)
 	}
 }
 
