@@ -316,7 +316,7 @@ func (c *Config) Validate() error {
 		}
 	}
 	if c.MaxProcs < 0 {
-		return fmt.Errorf("maxProcs: %d is negative (0 picks half the CPUs, at least two)", c.MaxProcs)
+		return fmt.Errorf("maxProcs: %d is negative (0 adapts the count to the load, up to half the CPUs, at least two)", c.MaxProcs)
 	}
 	if c.MaxConnections < -1 {
 		return fmt.Errorf("maxConnections: %d must be 0 (derived from the memory limit and RLIMIT_NOFILE), -1 (no budget) or a budget of connections", c.MaxConnections)
