@@ -38,14 +38,7 @@ func TestDrainGuardMarksDialsDuringTheDrain(t *testing.T) {
 			pod, peer := newPair(t, podIP, client)
 			serveLines(t, pod, app, "app")
 			spec := redirect.DefaultSpec()
-			if _, err := (Rules{}).Install(context.Background(), pod.file, backend, spec); err != nil {
-				t.Fatal(err)
-			}
-			n, err := podnet.Open(pod.file)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer n.Close()
+			n := enrolledNet(t, pod, backend, spec)
 			before, r := agentDial(t, n, client, app)
 			if r != nil {
 				t.Fatalf("the agent's dial to the app while enrolled: %v", r)
@@ -168,14 +161,7 @@ func TestDrainGuardWithIPv6OffInThePod(t *testing.T) {
 	}
 	serveLines(t, pod, "10.98.5.2:8080", "app")
 	spec := redirect.DefaultSpec() // both families, as for a dual-stack pod
-	if _, err := (Rules{}).Install(context.Background(), pod.file, redirect.Nftables, spec); err != nil {
-		t.Fatal(err)
-	}
-	n, err := podnet.Open(pod.file)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer n.Close()
+	n := enrolledNet(t, pod, redirect.Nftables, spec)
 	if err := holdDrainGuard(pod.file, spec); err != nil {
 		t.Fatalf("the guard of a pod with IPv6 off: %v", err)
 	}
@@ -210,14 +196,7 @@ func TestDrainGuardSharedByTwoAgents(t *testing.T) {
 	pod, _ := newPair(t, "10.98.7.2", "10.98.7.1")
 	serveLines(t, pod, "10.98.7.2:8080", "app")
 	spec := redirect.DefaultSpec()
-	if _, err := (Rules{}).Install(context.Background(), pod.file, redirect.Nftables, spec); err != nil {
-		t.Fatal(err)
-	}
-	n, err := podnet.Open(pod.file)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer n.Close()
+	n := enrolledNet(t, pod, redirect.Nftables, spec)
 	old, neu := newDrainHolders(), newDrainHolders()
 	if err := old.hold(pod.file, spec); err != nil {
 		t.Fatal(err)
@@ -256,4 +235,20 @@ func TestDrainGuardSharedByTwoAgents(t *testing.T) {
 	if left := guardLeft(t, pod); left != "" {
 		t.Fatalf("after both drains the pod still holds:\n%s", left)
 	}
+}
+
+// enrolledNet installs spec's rules in pod with backend, as an ADD does,
+// and opens the pod's network for the agent's dials (closed when the
+// test ends).
+func enrolledNet(t *testing.T, pod *testNetns, backend redirect.Backend, spec redirect.Spec) *podnet.Net {
+	t.Helper()
+	if _, err := (Rules{}).Install(context.Background(), pod.file, backend, spec); err != nil {
+		t.Fatal(err)
+	}
+	n, err := podnet.Open(pod.file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { n.Close() })
+	return n
 }
