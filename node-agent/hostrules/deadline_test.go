@@ -42,7 +42,7 @@ func TestAddContextEndsByItsDeadline(t *testing.T) {
 	// the xtables lock with its own bound.
 	added := make(chan error, 1)
 	go func() { added <- m.Add("uid-2", []netip.Addr{netip.MustParseAddr("10.77.1.3")}) }()
-	eventually(t, "the Add holding the Manager's lock", func() bool {
+	testenv.Eventually(t, "the Add holding the Manager's lock", func() bool {
 		if m.mu.lockContext(canceled()) == nil {
 			m.mu.Unlock()
 			return false

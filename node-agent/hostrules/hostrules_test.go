@@ -178,17 +178,6 @@ var (
 	probe6 = "fd16:9254:7127:1337:ffff:ffff:ffff:ffff"
 )
 
-func eventually(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
 func backends() []struct{ name, backend, flush string } {
 	return []struct{ name, backend, flush string }{
 		{"nftables", BackendNFTables, "nft flush ruleset"},
@@ -255,7 +244,7 @@ func TestFlushedRulesAreRepaired(t *testing.T) {
 			t.Cleanup(func() { cancel(); <-done })
 
 			run(t, append([]string{"ip", "netns", "exec", tp.host}, strings.Fields(bc.flush)...)...)
-			eventually(t, "a repair", func() bool { return m.Repairs() >= 1 })
+			testenv.Eventually(t, "a repair", func() bool { return m.Repairs() >= 1 })
 			if got := sourceSeen(t, tp.hostNS, "10.77.1.2:8080"); got != probe4 {
 				t.Fatalf("after repair: source %s", got)
 			}
@@ -266,7 +255,7 @@ func TestFlushedRulesAreRepaired(t *testing.T) {
 			} else {
 				run(t, "ip", "netns", "exec", tp.host, "ipset", "flush", "ambit-probes-v4")
 			}
-			eventually(t, "a second repair", func() bool { return m.Repairs() > n })
+			testenv.Eventually(t, "a second repair", func() bool { return m.Repairs() > n })
 			if got := sourceSeen(t, tp.hostNS, "10.77.1.2:8080"); got != probe4 {
 				t.Fatalf("after set repair: source %s", got)
 			}
@@ -425,7 +414,7 @@ func TestNFTablesDeletionRepairedByNotification(t *testing.T) {
 		// repeat it until a repair shows (a second delete of a deleted
 		// table fails, which is fine).
 		n := m.Repairs()
-		eventually(t, fmt.Sprintf("repair after %v", cmd), func() bool {
+		testenv.Eventually(t, fmt.Sprintf("repair after %v", cmd), func() bool {
 			exec.Command("ip", append([]string{"netns", "exec", tp.host}, cmd...)...).Run()
 			deadline := time.Now().Add(time.Second)
 			for time.Now().Before(deadline) {
