@@ -247,3 +247,192 @@ func TestAdapts(t *testing.T) {
 		}
 	}
 }
+
+// stepper runs an Adaptive on made-up time: each wait Run asks for is
+// handed to the test, which moves the clock and the process's CPU on by
+// it and lets Run take its sample. The hand-offs order every access to
+// the fields, and a sample's result is in procs once step returns.
+type stepper struct {
+	t       *testing.T
+	now     time.Time
+	total   time.Duration // the process's CPU time
+	calls   int           // cpu() reads
+	procs   int
+	pending time.Duration // the wait Run asked for last
+	waits   chan time.Duration
+	fire    chan time.Time
+	cancel  context.CancelFunc
+	done    chan struct{}
+}
+
+func startStepper(t *testing.T, a *Adaptive) *stepper {
+	s := &stepper{t: t, now: time.Unix(1000, 0), waits: make(chan time.Duration, 1), fire: make(chan time.Time), done: make(chan struct{})}
+	a.cpu = func() (time.Duration, error) { s.calls++; return s.total, nil }
+	a.set = func(n int) { s.procs = n }
+	a.now = func() time.Time { return s.now }
+	a.after = func(d time.Duration) <-chan time.Time { s.waits <- d; return s.fire }
+	ctx, cancel := context.WithCancel(context.Background())
+	s.cancel = cancel
+	go func() { a.Run(ctx); close(s.done) }()
+	t.Cleanup(func() { s.cancel(); <-s.done })
+	s.pending = s.wait()
+	return s
+}
+
+func (s *stepper) wait() time.Duration {
+	select {
+	case d := <-s.waits:
+		return d
+	case <-time.After(10 * time.Second):
+		s.t.Fatal("Run asked for no wait in 10 s")
+		return 0
+	}
+}
+
+// step lets Run's pending wait pass, the process busy at before for its
+// first split and at after for the rest, and returns the wait.
+func (s *stepper) step(before float64, split time.Duration, after float64) time.Duration {
+	d := s.pending
+	split = min(split, d)
+	s.total += time.Duration(before*float64(split) + after*float64(d-split))
+	s.now = s.now.Add(d)
+	s.fire <- s.now
+	s.pending = s.wait()
+	return d
+}
+
+// run steps at a steady busy.
+func (s *stepper) run(busy float64) time.Duration { return s.step(busy, 0, busy) }
+
+// untilTwo steps at busy until Run takes the second P and returns how
+// long that took; at most n steps.
+func (s *stepper) untilTwo(busy float64, n int) time.Duration {
+	var took time.Duration
+	for i := 0; s.procs < 2; i++ {
+		if i == n {
+			s.t.Fatalf("still %d P after %v at %.2f busy", s.procs, took, busy)
+		}
+		took += s.run(busy)
+	}
+	return took
+}
+
+const (
+	testEvery = 100 * time.Millisecond
+	testFast  = 20 * time.Millisecond
+)
+
+func newStepped(t *testing.T) *stepper {
+	return startStepper(t, &Adaptive{Floor: 1, Ceiling: 2, Every: testEvery, FastEvery: testFast, Hold: 3 * time.Second})
+}
+
+// TestAdaptiveRampsFastFromRealLoad: a burst that finds the load real
+// gets its second P within three fast periods (60 ms), where sampling
+// only every Every took the rest of a slow period (82–100 ms here).
+func TestAdaptiveRampsFastFromRealLoad(t *testing.T) {
+	for _, c := range []struct {
+		name string
+		// How far into a fast period the burst starts.
+		offset time.Duration
+	}{
+		{"at a sample", 0},
+		{"just after one", 2 * time.Millisecond},
+		{"mid-period", 10 * time.Millisecond},
+		{"just before one", 18 * time.Millisecond},
+	} {
+		s := newStepped(t)
+		for i := 0; i < 6; i++ {
+			s.run(0.4) // real load, below upBusy
+		}
+		if s.procs != 1 {
+			t.Fatalf("%s: %d Ps at 0.4 busy, want 1", c.name, s.procs)
+		}
+		took := s.step(0.4, c.offset, 1) - c.offset
+		if s.procs < 2 {
+			took += s.untilTwo(1, 5)
+		}
+		if took > 3*testFast {
+			t.Errorf("%s: the second P came %v after the burst began, want at most three fast periods (%v)", c.name, took, 3*testFast)
+		}
+	}
+}
+
+// TestAdaptiveRampsFastFromIdle: a burst from idle whose first (slow)
+// sample shows it at 30–60 % gets its second P two fast periods later,
+// not a slow period later.
+func TestAdaptiveRampsFastFromIdle(t *testing.T) {
+	s := newStepped(t)
+	for i := 0; i < 3; i++ {
+		s.run(0)
+	}
+	// The burst began 40 ms before this sample.
+	s.step(0, testEvery-40*time.Millisecond, 1)
+	if s.procs != 1 {
+		t.Fatalf("a slow sample 40 %% busy took a second P")
+	}
+	if took := s.untilTwo(1, 5); took > 2*testFast {
+		t.Errorf("the second P came %v after the first sample that showed the burst, want %v", took, 2*testFast)
+	}
+}
+
+// TestAdaptiveIgnoresAFastBlip: one fast sample at 0.9 busy between
+// moderate ones (a GC cycle filling the P) takes no P, though its
+// average with either neighbour is past upBusy.
+func TestAdaptiveIgnoresAFastBlip(t *testing.T) {
+	for _, base := range []float64{0.3, 0.5} {
+		s := newStepped(t)
+		for i := 0; i < 4; i++ {
+			s.run(base)
+		}
+		if s.pending != testFast {
+			t.Fatalf("%.1f busy: a wait of %v, want the fast %v", base, s.pending, testFast)
+		}
+		s.run(0.9)
+		for i := 0; i < 10; i++ {
+			s.run(base)
+		}
+		if s.procs != 1 {
+			t.Errorf("a fast sample at 0.9 busy between ones at %.1f took a second P", base)
+		}
+	}
+}
+
+// TestAdaptiveIdleSamplesSlowly: an idle process, and one whose load is
+// light, keep to Every: ten reads of the CPU a second, not fifty.
+func TestAdaptiveIdleSamplesSlowly(t *testing.T) {
+	for _, busy := range []float64{0, 0.01, 0.2} {
+		s := newStepped(t)
+		start := s.calls
+		var span time.Duration
+		for span < 10*time.Second {
+			span += s.run(busy)
+		}
+		if n := s.calls - start; n != 100 {
+			t.Errorf("%.2f busy: %d reads of the CPU in %v, want 100 (every %v)", busy, n, span, testEvery)
+		}
+	}
+}
+
+// TestAdaptiveSlowsDownAtTheCeiling: at the ceiling there is no P to
+// take, so even a busy process samples at the slow period, and the down
+// path (Hold of wall time) is the one it had.
+func TestAdaptiveSlowsDownAtTheCeiling(t *testing.T) {
+	s := newStepped(t)
+	s.run(1)
+	s.untilTwo(1, 5)
+	for i := 0; i < 3; i++ {
+		if d := s.run(1.5); d != testEvery {
+			t.Fatalf("a wait of %v at the ceiling, want the slow %v", d, testEvery)
+		}
+	}
+	var low time.Duration
+	for s.procs == 2 {
+		if low > 4*time.Second {
+			t.Fatalf("still 2 Ps after %v of low load", low)
+		}
+		low += s.run(0.1)
+	}
+	if low < 3*time.Second {
+		t.Errorf("the P went after %v of low load, before Hold (3s)", low)
+	}
+}
