@@ -9,6 +9,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/ambit-mesh/ambit/internal/testenv"
 )
 
 // tap relays one TCP connection to dst and keeps what each side sent.
@@ -232,15 +234,39 @@ func closeDuringWrite(t *testing.T, dead bool) []int {
 		return g
 	})
 	srv()
+	// One stream end to end first, and the control frames it leaves
+	// queued written: the server's SETTINGS reaches the client whenever
+	// it does, and its ACK (ctlLoop, under wmu) could otherwise be the
+	// write the gate holds, or slip in between the PING and Close's
+	// close_notify (both seen under -race: 3 runs in 16).
+	s, err := c.OpenStream("10.0.0.1:80", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Write([]byte("hello"))
+	s.CloseWrite()
+	if got, err := io.ReadAll(s); err != nil || string(got) != "hello" {
+		t.Fatalf("echo: %q %v", got, err)
+	}
+	s.Close()
+	testenv.Eventually(t, "the client's control frames written", func() bool {
+		c.wmu.Lock()
+		defer c.wmu.Unlock()
+		return c.ctlQueued.Load() == 0
+	})
 	wrote := make(chan error, 1)
-	g.arm()
+	armed := make(chan struct{})
 	go func() {
 		c.wmu.Lock()
+		// Armed under wmu: no other writer can reach the socket first.
+		g.arm()
+		close(armed)
 		// Uncorked: straight through tls.Write to the socket.
 		_, err := c.nc.Write(appendFrame(nil, framePing, 0, 0, make([]byte, 8)))
 		c.wmu.Unlock()
 		wrote <- err
 	}()
+	<-armed
 	<-g.held
 	closed := make(chan struct{})
 	go func() { c.Close(); close(closed) }()
