@@ -283,6 +283,9 @@ type Conn struct {
 
 	handler func(*Stream)
 	done    chan struct{}
+	// readDone closes when the read loop has returned: a clean close
+	// keeps the socket until then (lingerClose).
+	readDone chan struct{}
 
 	// read-loop only
 	hdec       *hpack.Decoder
@@ -317,6 +320,7 @@ func newConn(nc net.Conn, cork *corkConn, client bool, cfg Config) *Conn {
 		peerMaxFrame:   defaultMaxFrame,
 		peerMaxStreams: 100,
 		done:           make(chan struct{}),
+		readDone:       make(chan struct{}),
 		shutdownAck:    make(chan struct{}),
 		idleSince:      time.Now(),
 		silence:        probeSilence,
@@ -654,10 +658,15 @@ func (c *Conn) closeWith(err error, code ErrCode) {
 // Done closes. The streams' endings run without wmu: they call the
 // pool's idle hook, which may open streams or close the connection.
 func (c *Conn) finishClose(streams []*Stream, err error, held, clean bool) {
-	if tc, ok := c.nc.(*tls.Conn); ok && !clean {
+	tc, ok := c.nc.(*tls.Conn)
+	switch {
+	case ok && !clean:
 		tc.NetConn().Close()
+		c.nc.Close()
+	case ok && c.lingerClose(tc):
+	default:
+		c.nc.Close()
 	}
-	c.nc.Close()
 	if held {
 		c.wmu.Unlock()
 	}
@@ -666,6 +675,57 @@ func (c *Conn) finishClose(streams []*Stream, err error, held, clean bool) {
 		s.connClosed(serr)
 	}
 	close(c.done)
+}
+
+// lingerWait bounds how long a cleanly closed connection goes on
+// reading what its peer still sends (lingerClose).
+const lingerWait = time.Second
+
+// lingerClose ends a clean close without a reset: close_notify and the
+// FIN go out, and the socket stays open, its read loop reading and
+// dropping what the peer still sends, until the peer's own end or
+// lingerWait. Closing at once a socket with unread bytes in it (the
+// peer's GOAWAY, a WINDOW_UPDATE, its close_notify: frames it sent
+// before it saw ours) makes the kernel send a RST instead of the FIN
+// and throw away what our socket had not sent yet: the last DATA and
+// END_STREAM of a stream the final GOAWAY promised to serve, at an
+// agent's upgrade (TestShutdownRefusesNoOpenedStream under -race;
+// TestCloseNeverResetsThePeer). It says false when it did not close
+// (no read loop left to drain, no half-close under TLS, close_notify
+// failed): the caller closes the socket.
+func (c *Conn) lingerClose(tc *tls.Conn) bool {
+	if c.readDone == nil {
+		return false
+	}
+	select {
+	case <-c.readDone:
+		return false
+	default:
+	}
+	raw := tc.NetConn()
+	if k, ok := raw.(*corkConn); ok {
+		raw = k.Conn
+	}
+	hc, ok := raw.(interface{ CloseWrite() error })
+	if !ok {
+		return false
+	}
+	if tc.CloseWrite() != nil || hc.CloseWrite() != nil {
+		return false
+	}
+	_ = tc.SetReadDeadline(time.Now().Add(lingerWait))
+	go func() {
+		// The deadline ends the loop's socket read; the timer covers a
+		// loop held elsewhere.
+		t := time.NewTimer(lingerWait + 100*time.Millisecond)
+		select {
+		case <-c.readDone:
+		case <-t.C:
+		}
+		t.Stop()
+		c.nc.Close()
+	}()
+	return true
 }
 
 // errWritePanicked closes a connection whose writer panicked while it
@@ -1121,6 +1181,11 @@ func cutReason(ctxErr error) error {
 // the HEADERS are written.
 var testHookOpenStreamChecked func(*Conn)
 
+// testHookServerHeadersTaken, when set (tests only), runs in the
+// server's read loop once a new stream's HEADERS are taken (neither
+// refused nor a protocol error), before its handler starts.
+var testHookServerHeadersTaken func(*Conn)
+
 // testHookOpenStreamCut, when set (tests only), runs in an open whose
 // write was cut (the socket closed under it), after it freed wmu and
 // before it closes the connection.
@@ -1440,6 +1505,7 @@ func (c *Conn) returnConnWindow(n int64) {
 
 // readLoop reads and dispatches frames until the connection fails.
 func (c *Conn) readLoop() {
+	defer close(c.readDone)
 	defer c.recoverOwn("the read loop's close")
 	err := c.readFramesRecovered()
 	code := ErrCodeNo
@@ -1884,36 +1950,45 @@ func (c *Conn) serverHeaders(id uint32, end bool) error {
 		c.mu.Unlock()
 		return connError{ErrCodeStreamClosed, "HEADERS on a closed stream"}
 	}
+	c.mu.Unlock()
+	// Parsed before the id counts as seen. The id and the stream's place
+	// among the open ones are taken under one lock: Shutdown's final
+	// GOAWAY names the last id seen and then waits for the open streams,
+	// so an id seen but not yet open let it find none, close the
+	// connection, and fail the stream its GOAWAY promised to serve
+	// (TestShutdownServesAStreamItsGoAwayCounted). Only the read loop
+	// takes ids, so the check above still holds.
+	code := ErrCodeNo
+	var req *Request
+	if c.hbad {
+		code = ErrCodeProtocol
+	} else if r, err := parseRequest(c.hfields); err != nil {
+		code = ErrCodeProtocol
+	} else {
+		req = r
+	}
+	c.mu.Lock()
 	c.lastPeerStream = id
 	c.peerOpened++
-	if c.goingAway || c.closed {
+	switch {
+	case c.goingAway || c.closed, uint32(c.reserved) >= c.cfg.MaxConcurrentStreams:
+		code = ErrCodeRefusedStream
+	}
+	if code != ErrCodeNo {
 		c.mu.Unlock()
-		c.queueCtl(appendRST(nil, id, ErrCodeRefusedStream))
-		return nil
-	}
-	if uint32(c.reserved) >= c.cfg.MaxConcurrentStreams {
-		c.mu.Unlock()
-		c.queueCtl(appendRST(nil, id, ErrCodeRefusedStream))
-		return nil
-	}
-	c.mu.Unlock()
-	if c.hbad {
-		c.queueCtl(appendRST(nil, id, ErrCodeProtocol))
-		return nil
-	}
-	req, err := parseRequest(c.hfields)
-	if err != nil {
-		c.queueCtl(appendRST(nil, id, ErrCodeProtocol))
+		c.queueCtl(appendRST(nil, id, code))
 		return nil
 	}
 	s := newStream(c)
 	s.id = id
 	s.Request = req
-	c.mu.Lock()
 	c.reserved++
 	s.sendWin = c.peerInitWin
 	c.streams[id] = s
 	c.mu.Unlock()
+	if testHookServerHeadersTaken != nil {
+		testHookServerHeadersTaken(c)
+	}
 	if end {
 		s.gotHeaders(nil, true)
 	}

@@ -295,3 +295,71 @@ func shutdownWithLateAck(t *testing.T, cfg Config) {
 		t.Errorf("shutdown: %v", err)
 	}
 }
+
+// TestShutdownServesAStreamItsGoAwayCounted: a Shutdown that runs while
+// the read loop is taking a new stream's HEADERS either refuses the
+// stream (its id above the final GOAWAY's last stream) or serves it. The
+// id used to count as seen (the final GOAWAY's last stream) before the
+// stream counted as open, so a Shutdown in between found no stream open,
+// closed the connection, and the stream its GOAWAY promised to serve
+// failed with the connection: a reset for the app behind it, at an
+// agent's upgrade (TestShutdownRefusesNoOpenedStream under -race, 4 runs
+// in 120).
+func TestShutdownServesAStreamItsGoAwayCounted(t *testing.T) {
+	// The read loop is held in the hook, so the shutdown PING's ACK is
+	// not read: Shutdown goes on after PingTimeout.
+	// Set before the connection exists: its read loop reads it.
+	shut := make(chan error, 1)
+	var once sync.Once
+	testHookServerHeadersTaken = func(hc *Conn) {
+		once.Do(func() {
+			go func() {
+				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				defer cancel()
+				shut <- hc.Shutdown(ctx)
+			}()
+			// Until the final GOAWAY is decided, with this stream in it.
+			deadline := time.Now().Add(5 * time.Second)
+			for time.Now().Before(deadline) {
+				hc.mu.Lock()
+				final := hc.finalSent
+				hc.mu.Unlock()
+				if final {
+					break
+				}
+				time.Sleep(time.Millisecond)
+			}
+			// Give a Shutdown that found no stream open the time to close.
+			time.Sleep(50 * time.Millisecond)
+		})
+	}
+	t.Cleanup(func() { testHookServerHeadersTaken = nil })
+	c, srv := serve(t, Config{PingTimeout: 100 * time.Millisecond}, echoHandler)
+	s0 := srv()
+	s, err := c.OpenStream("10.0.0.1:80", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	msg := []byte("a stream the final GOAWAY counted")
+	s.Write(msg)
+	s.CloseWrite()
+	st, _, err := s.Response(context.Background())
+	if err != nil || st != 200 {
+		s0.mu.Lock()
+		last := s0.finalLast
+		s0.mu.Unlock()
+		t.Fatalf("stream %d, counted in the final GOAWAY (last %d): response %d, %v", s.ID(), last, st, err)
+	}
+	if got, err := io.ReadAll(s); err != nil || !bytes.Equal(got, msg) {
+		t.Fatalf("echo: %q, %v", got, err)
+	}
+	s.Close()
+	select {
+	case err := <-shut:
+		if err != nil {
+			t.Errorf("shutdown: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Shutdown did not end after its last stream")
+	}
+}
