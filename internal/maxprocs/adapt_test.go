@@ -222,6 +222,10 @@ func TestAdaptiveRealLoad(t *testing.T) {
 		for !stop.Load() {
 		}
 	}()
+	// Stopped on a failure too: left spinning, it would load every later
+	// test in the process (-count), and its scheduling delays between a
+	// fake load's read and Run's clock read made one of them see 8 Ps.
+	defer stop.Store(true)
 	testenv.Eventually(t, "a second P while a goroutine spins", func() bool { return runtime.GOMAXPROCS(0) == 2 })
 	stop.Store(true)
 	<-spun
