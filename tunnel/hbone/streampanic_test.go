@@ -150,11 +150,23 @@ func wantPanicError(t *testing.T, err error, where string) {
 func TestOnResponsePanicResetsStream(t *testing.T) {
 	panics := make(chan any, 2)
 	cfg := Config{PingInterval: -1, OnPanic: func(_ *Conn, v any, _ []byte) { panics <- v }}
-	answer := make(chan struct{}, 1)
 	served := make(chan error, 2)
 	c, _ := serve(t, cfg, func(s *Stream) {
-		<-answer // the client splices first: it hears the answer on its read loop
+		// The response goes once the app's first byte is here. Splice's
+		// pump sent it (optimistic send), and the pump starts only after
+		// Splice looked for a response and found none: the response is
+		// then handled on the client's read loop. Released as soon as
+		// Splice was started, or once Splice had set its app, the
+		// response could still beat Splice's own look (a Splice
+		// goroutine descheduled in between, on a loaded host), and
+		// OnResponse ran on Splice's goroutine: 1 run in ~100 under -race.
+		first := make([]byte, 1)
+		if _, err := io.ReadFull(s, first); err != nil {
+			served <- err
+			return
+		}
 		s.Respond(200, nil)
+		s.Write(first)
 		_, err := io.Copy(s, s)
 		s.CloseWrite()
 		served <- err
@@ -169,7 +181,9 @@ func TestOnResponsePanicResetsStream(t *testing.T) {
 		app, peer := appPair(t)
 		spliced := make(chan SpliceResult, 1)
 		go func() { spliced <- s.Splice(app) }()
-		answer <- struct{}{}
+		if _, err := io.WriteString(peer, "n"); err != nil {
+			t.Fatal(err)
+		}
 		return spliced, peer
 	}
 	spliced, peer := open(func(int) { panic(errTestStreamPanic) })
@@ -197,7 +211,7 @@ func TestOnResponsePanicResetsStream(t *testing.T) {
 	}
 	// It goes on: the next stream reaches its app.
 	_, peer = open(func(int) {})
-	io.WriteString(peer, "next")
+	io.WriteString(peer, "ext")
 	got := make([]byte, 4)
 	peer.SetReadDeadline(time.Now().Add(10 * time.Second))
 	if _, err := io.ReadFull(peer, got); err != nil || string(got) != "next" {
