@@ -50,7 +50,7 @@ func TestGCLargeNode(t *testing.T) {
 	}
 
 	for _, name := range []string{"web-0", "web-1"} {
-		if p := h.a.podByName("apps/" + name); p == nil || !p.enrolled() {
+		if p := h.podNow("apps/" + name); p == nil || !p.enrolled() {
 			t.Fatalf("GC forgot %s, which the runtime still lists", name)
 		}
 	}

@@ -7,7 +7,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strings"
 	"testing"
 	"time"
 
@@ -92,10 +91,7 @@ func capturedIn(t *testing.T, h *harness, key string, p *chainPod, want bool) {
 		eventually(t, key+" no longer served", func() bool { return h.a.podByName(key) == nil })
 		return
 	}
-	ns, name, _ := strings.Cut(key, "/")
-	unlock := h.a.lock(ns, name)
 	servedWithRules(t, h, key, p)
-	unlock()
 	c, line, err := dialFrom(t, p.ns, "127.0.0.1:15001")
 	if err != nil || line != "captured:15001" {
 		t.Fatalf("%s: outbound %q %v, want captured by the agent's listener", key, line, err)

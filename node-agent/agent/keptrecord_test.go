@@ -91,7 +91,7 @@ func TestRecordOfDeletedPodIsRemoved(t *testing.T) {
 			if !hasRecord(t, h, "cid-other") {
 				t.Error("the record of apps/other was removed")
 			}
-			if p := h.a.podByName("apps/other"); p == nil || !p.enrolled() || p.rec.NetnsInode != inodeOfNetns(t, on) {
+			if p := h.podNow("apps/other"); p == nil || !p.enrolled() || p.rec.NetnsInode != inodeOfNetns(t, on) {
 				t.Errorf("apps/other: %+v, want served in its namespace", p)
 			}
 			if n := h.tun.Live(); n != 1 {
@@ -233,7 +233,7 @@ func TestGCKeepsAKeptRecordTheRuntimeLists(t *testing.T) {
 	if !hasRecord(t, h, "cid-other") {
 		t.Error("the record of apps/other was removed")
 	}
-	if p := h.a.podByName("apps/other"); p == nil || !p.enrolled() || p.rec.NetnsInode != inodeOfNetns(t, on) {
+	if p := h.podNow("apps/other"); p == nil || !p.enrolled() || p.rec.NetnsInode != inodeOfNetns(t, on) {
 		t.Errorf("apps/other: %+v, want served in its namespace", p)
 	}
 }

@@ -92,14 +92,12 @@ func inodeOfNetns(t *testing.T, n *testNetns) uint64 {
 // notServed fails t if apps/name is served, saying in which namespace.
 func notServed(t *testing.T, h *harness, name string, others map[uint64]string) {
 	t.Helper()
-	h.a.mu.Lock()
-	p := h.a.byName["apps/"+name]
+	p := h.podNow("apps/" + name)
 	var ino uint64
 	enrolled := p != nil && p.enrolled()
 	if p != nil {
 		ino = p.rec.NetnsInode
 	}
-	h.a.mu.Unlock()
 	if enrolled {
 		t.Errorf("apps/%s is served, in netns inode %d (%s)", name, ino, others[ino])
 	}
@@ -157,7 +155,7 @@ func TestLiveEnrollNeverTakesAnotherPodsNetns(t *testing.T) {
 		st = adminPodOf(t, h, "web")
 		return st.State == admin.StateEnrolled
 	})
-	if p := h.a.podByName("apps/web"); p == nil || p.rec.NetnsInode != inodeOfNetns(t, wn) {
+	if p := h.podNow("apps/web"); p == nil || p.rec.NetnsInode != inodeOfNetns(t, wn) {
 		t.Errorf("apps/web served in %+v, want its own namespace", p)
 	}
 	if got, want := hr.Entries(), map[netip.Addr]string{stale: "uid-other", own: "uid-web"}; !sameOwners(got, want) {
@@ -188,7 +186,7 @@ func TestReadoptionNeverTakesAnotherPodsNetns(t *testing.T) {
 
 	h := startAgent(t, dir, invAmbient)
 	notServed(t, h, "web", map[uint64]string{inodeOfNetns(t, on): "apps/other's"})
-	if p := h.a.podByName("apps/other"); p == nil || !p.enrolled() || p.rec.NetnsInode != inodeOfNetns(t, on) {
+	if p := h.podNow("apps/other"); p == nil || !p.enrolled() || p.rec.NetnsInode != inodeOfNetns(t, on) {
 		t.Errorf("apps/other after the re-adoption: %+v, want served in its namespace", p)
 	}
 	if n := h.tun.Live(); n != 1 {
@@ -349,10 +347,10 @@ func TestAddTakesItsNetnsBackFromAPodFoundThere(t *testing.T) {
 		t.Fatalf("ADD apps/other: %+v %v", resp, err)
 	}
 	eventually(t, "apps/web let go", func() bool {
-		p := h.a.podByName("apps/web")
+		p := h.podNow("apps/web")
 		return (p == nil || !p.enrolled()) && h.tun.Live() == 1
 	})
-	if p := h.a.podByName("apps/other"); p == nil || !p.enrolled() || p.rec.NetnsInode != inodeOfNetns(t, on) {
+	if p := h.podNow("apps/other"); p == nil || !p.enrolled() || p.rec.NetnsInode != inodeOfNetns(t, on) {
 		t.Errorf("apps/other: %+v, want served in its namespace", p)
 	}
 	st := adminPodOf(t, h, "web")

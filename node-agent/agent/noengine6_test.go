@@ -44,7 +44,7 @@ func TestNoEngineForIPv6LogsOnce(t *testing.T) {
 		o.Registerer = reg
 		o.Rules = noNftables{}
 	})
-	p := h.a.podByName("apps/leg")
+	p := h.podNow("apps/leg")
 	if p == nil || !p.enrolled() {
 		t.Fatalf("apps/leg not re-adopted: %+v", p)
 	}

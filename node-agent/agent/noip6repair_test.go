@@ -51,7 +51,7 @@ func TestWideningWithoutIp6tablesKeepsCapture(t *testing.T) {
 			}
 		}}
 	})
-	p := h.a.podByName("apps/leg")
+	p := h.podNow("apps/leg")
 	if p == nil || !p.enrolled() {
 		t.Fatalf("apps/leg not re-adopted: %+v", p)
 	}

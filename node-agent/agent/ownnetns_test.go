@@ -37,7 +37,7 @@ func TestAddRefusesTheAgentsOwnNetns(t *testing.T) {
 	if got := installed(t, web); len(got) != 0 {
 		t.Errorf("rules installed in the agent's own netns: %v", got)
 	}
-	if p := h.a.podByName("apps/web"); p != nil && p.enrolled() {
+	if p := h.podNow("apps/web"); p != nil && p.enrolled() {
 		t.Errorf("apps/web served in the agent's own netns")
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -110,11 +111,32 @@ func (n *chainNode) check(p *chainPod) error {
 	return n.do(func(ctx context.Context) error { return n.cni.CheckNetworkList(ctx, n.list, p.rt) })
 }
 
+// podNow is a copy of the agent's pod key (namespace/name) taken under
+// the pod's lock and a.mu, in the agent's order; nil if the agent has
+// none. The agent changes most of a pod's fields under the pod's lock
+// alone: a DEL clears its serving (detachRelease) outside a.mu. Read
+// from the test goroutine after podByName (a.mu only), they race with
+// the plugin request the test sends next: the race detector caught
+// servedWithRules reading p.serve, then the DEL of eth0 clearing it.
+func (h *harness) podNow(key string) *pod {
+	namespace, name, _ := strings.Cut(key, "/")
+	unlock := h.a.lock(namespace, name)
+	defer unlock()
+	h.a.mu.Lock()
+	defer h.a.mu.Unlock()
+	p := h.a.byName[key]
+	if p == nil {
+		return nil
+	}
+	cp := *p
+	return &cp
+}
+
 // servedWithRules fails t unless the agent serves key with every rule
 // of its spec in p's netns.
 func servedWithRules(t *testing.T, h *harness, key string, p *chainPod) {
 	t.Helper()
-	q := h.a.podByName(key)
+	q := h.podNow(key)
 	if q == nil || !q.enrolled() {
 		t.Fatalf("%s is not served (%+v)", key, q)
 	}

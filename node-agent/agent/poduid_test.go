@@ -111,7 +111,7 @@ func TestAddWaitsForTheSandboxsPod(t *testing.T) {
 	if view.stale.Load() == 0 {
 		t.Fatal("the view never gave the previous pod: the test tests nothing")
 	}
-	p := h.a.podByName("apps/web")
+	p := h.podNow("apps/web")
 	if p == nil || !p.enrolled() {
 		t.Fatalf("apps/web not served: %+v", p)
 	}
@@ -173,7 +173,7 @@ func TestAddAnswersRetryWhenTheViewStaysBehind(t *testing.T) {
 	if n := h.tun.Live(); n != 0 {
 		t.Errorf("%d servings, want none", n)
 	}
-	if p := h.a.podByName("apps/web"); p != nil {
+	if p := h.podNow("apps/web"); p != nil {
 		t.Errorf("apps/web known: %+v", p.rec)
 	}
 	if recs, _ := h.a.store.List(); len(recs) != 0 {
@@ -211,7 +211,7 @@ func TestEvictingThePreviousPodKeepsTheNewPodsStatus(t *testing.T) {
 	if s := settled(t, h, "web"); s.State != admin.StateEnrolled {
 		t.Fatalf("previous apps/web not found by live enrollment: %+v", s)
 	}
-	if p := h.a.podByName("apps/web"); p == nil || p.rec.UID != "uid-old" {
+	if p := h.podNow("apps/web"); p == nil || p.rec.UID != "uid-old" {
 		t.Fatalf("found pod: %+v", p)
 	}
 	view.mu.Lock()
@@ -237,7 +237,7 @@ func TestEvictingThePreviousPodKeepsTheNewPodsStatus(t *testing.T) {
 	if s := adminPodOf(t, h, "web"); s.State != admin.StateEnrolled {
 		t.Errorf("status of apps/web: %s %s %q, want enrolled", s.State, s.Reason, s.Message)
 	}
-	if p := h.a.podByName("apps/web"); p == nil || p.rec.UID != "uid-web" || !p.enrolled() {
+	if p := h.podNow("apps/web"); p == nil || p.rec.UID != "uid-web" || !p.enrolled() {
 		t.Errorf("apps/web after the ADD: %+v", p)
 	}
 }
@@ -270,7 +270,7 @@ func TestAddReadsTheSandboxsPodLive(t *testing.T) {
 	if err != nil || resp.Decision != cniproto.Enroll {
 		t.Fatalf("ADD: %+v %v", resp, err)
 	}
-	if p := h.a.podByName("apps/web"); p == nil || p.rec.UID != "uid-web" {
+	if p := h.podNow("apps/web"); p == nil || p.rec.UID != "uid-web" {
 		t.Errorf("apps/web: %+v, want served as uid-web", p)
 	}
 	if s, l := view.stale.Load(), view.live.Load(); s != 1 || l != 1 {

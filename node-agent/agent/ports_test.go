@@ -172,7 +172,7 @@ func TestLiveEnrollmentBesideAnAppOnAReservedPort(t *testing.T) {
 			t.Errorf("event %q does not say %q (events %q)", e, want, sl.events)
 		}
 	}
-	if p := h.a.podByName("apps/web"); p != nil && p.enrolled() {
+	if p := h.podNow("apps/web"); p != nil && p.enrolled() {
 		t.Fatal("the pod is served beside its app's listener")
 	}
 	out, _ := exec.Command("ip", "netns", "exec", pod.name, "ss", "-Htln", "sport = :15008").CombinedOutput()

@@ -36,7 +36,7 @@ func TestReadoptionServesTheRecordsIPs(t *testing.T) {
 		serveByRealTunnel(t, o, reg)
 		o.View = staleView{Source: o.View.(*inventory.Source), name: "apps/web", ips: stale}
 	})
-	if p := h.a.podByName("apps/web"); p == nil || !p.enrolled() {
+	if p := h.podNow("apps/web"); p == nil || !p.enrolled() {
 		t.Fatalf("apps/web not re-adopted: %+v", p)
 	}
 	c, line, err := dialFrom(t, client, "10.89.9.2:8080")

@@ -32,7 +32,7 @@ func TestReadoptionWidensToBothFamilies(t *testing.T) {
 	if resp, err := h1.callBackend(redirect.IptablesLegacy, cniproto.OpAdd, "apps", "leg", "cid-leg", leg, "10.89.11.2/24"); err != nil || resp.Decision != cniproto.Enroll {
 		t.Fatalf("ADD with ruleBackend iptables-legacy: %+v %v", resp, err)
 	}
-	if s := h1.a.podByName("apps/web").specCopy(); !s.IPv4 || s.IPv6 {
+	if s := h1.podNow("apps/web").specCopy(); !s.IPv4 || s.IPv6 {
 		t.Fatalf("the first agent's spec: %+v, want IPv4 only", s)
 	}
 	h1.stop()
@@ -43,7 +43,7 @@ func TestReadoptionWidensToBothFamilies(t *testing.T) {
 		n       *testNetns
 		backend redirect.Backend
 	}{{"web", web, redirect.Nftables}, {"leg", leg, redirect.IptablesLegacy}} {
-		p := h.a.podByName("apps/" + c.name)
+		p := h.podNow("apps/" + c.name)
 		if p == nil || !p.enrolled() {
 			t.Fatalf("apps/%s not re-adopted: %+v", c.name, p)
 		}
@@ -98,7 +98,7 @@ func TestRepairKeepsTheLiveEngineOfAnUnrecordedPod(t *testing.T) {
 	h1.stop()
 
 	h := startAgent(t, dir, invAmbient)
-	p := h.a.podByName("apps/leg")
+	p := h.podNow("apps/leg")
 	if p == nil || !p.enrolled() {
 		t.Fatalf("apps/leg not re-adopted: %+v", p)
 	}
