@@ -200,8 +200,19 @@ func (a *Agent) evictFromNetns(claims []*netnsClaim, by podKey) {
 			a.mu.Lock()
 			q := a.byCID[c.sandbox]
 			ours := q != nil && q.claim == c
-			heir := a.byName[byName]
-			taken := heir != nil && heir != q && heir.enrolled() && heir.rec.NetnsInode == c.ino
+			// heir (the ADD's pod) is read only for a claim of that pod
+			// itself (own): then the lock held here, c's, is heir's, which
+			// guards its serving and record. For another pod's claim the
+			// read raced with heir's unenrollment, which clears heir's
+			// serving under heir's lock alone (found by go test -race);
+			// heir's lock cannot be taken here, as no pod's lock is taken
+			// while another's is held.
+			var heir *pod
+			taken := false
+			if own {
+				heir = a.byName[byName]
+				taken = heir != nil && heir != q && heir.enrolled() && heir.rec.NetnsInode == c.ino
+			}
 			a.mu.Unlock()
 			if !ours || (own && !taken) {
 				return // released meanwhile, or the ADD did not take over
