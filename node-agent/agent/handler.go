@@ -145,6 +145,8 @@ func (a *Agent) add(ctx context.Context, req *cniproto.Request, f *os.File, chec
 	}
 
 	a.mu.Lock()
+	// A container ID is one sandbox of one pod: existing is rp's, its
+	// serving and record guarded by the lock held.
 	existing := a.byCID[rp.ContainerID]
 	a.mu.Unlock()
 	if existing != nil && existing.enrolled() {

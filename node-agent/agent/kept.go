@@ -90,6 +90,8 @@ func (a *Agent) dropKeptLocked(namespace, name string, cp cluster.Pod, found boo
 	for cid := range a.kept[key] {
 		cids = append(cids, cid)
 	}
+	// The pod's own sandbox, read past a.mu below (outlived): the
+	// pod's lock, held by the caller, guards its serving and record.
 	served := a.byName[key]
 	a.mu.Unlock()
 	servedHere := false

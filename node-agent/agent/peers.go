@@ -422,6 +422,8 @@ func (a *Agent) adoptRecord(ctx context.Context, name string, scan *lazyScan) *p
 	}
 	a.mu.Lock()
 	_, known := a.byCID[rec.ContainerID]
+	// same is of rec's pod name: the lock held guards its serving and
+	// record, read below past a.mu.
 	same := a.byName[rec.Namespace+"/"+rec.Name]
 	a.mu.Unlock()
 	if known {
