@@ -149,7 +149,7 @@ func TestLiveLabelFlip(t *testing.T) {
 		t.Fatal(err)
 	}
 	eventually(t, "traffic captured after labelling", func() bool { return say() == "captured:15001" })
-	if err := (Rules{}).Verify(context.Background(), openFile(t, pod.path), *h.a.podByName("apps/web").specCopy()); err != nil {
+	if err := (Rules{}).Verify(context.Background(), openFile(t, pod.path), *h.podNow("apps/web").specCopy()); err != nil {
 		t.Fatalf("rules after live enrollment: %v", err)
 	}
 	inflight, line, err := dialFrom(t, pod, "10.64.0.1:8080")
@@ -417,7 +417,7 @@ func TestRestartReadoptsEveryPod(t *testing.T) {
 		c.Close()
 	}
 	eventually(t, "the flushed pod repaired", func() bool { return testutil.ToFloat64(h2.a.m.repairs) == 1 })
-	spec := *h2.a.podByName("apps/web-7").specCopy()
+	spec := *h2.podNow("apps/web-7").specCopy()
 	if err := (Rules{}).Verify(context.Background(), pods[7].file, spec); err != nil {
 		t.Fatalf("flushed rules not repaired: %v", err)
 	}
@@ -544,7 +544,7 @@ func TestFlushedRulesRepairedWhileRunning(t *testing.T) {
 		t.Fatal("still captured right after the flush: the test flushed nothing")
 	}
 	eventually(t, "the periodic check to repair the flushed pod", func() bool { return testutil.ToFloat64(h.a.m.repairs) == 1 })
-	spec := *h.a.podByName("apps/web").specCopy()
+	spec := *h.podNow("apps/web").specCopy()
 	if err := (Rules{}).Verify(context.Background(), pod.file, spec); err != nil {
 		t.Fatalf("rules after the repair: %v", err)
 	}
@@ -561,7 +561,7 @@ func TestFlushedRulesRepairedWhileRunning(t *testing.T) {
 	// By now the checks skip the unchanged nftables rules (their
 	// generation was seen twice, redirect.Recheck): a flushed chain, with
 	// the routes intact, is still seen.
-	if p := h.a.podByName("apps/web"); !recheckSkips(t, h.a, p) {
+	if p := h.podNow("apps/web"); p == nil || !p.checked.Trusted() {
 		t.Fatal("the periodic check does not skip intact rules after three passes")
 	}
 	inNetns(t, pod, func() error {
@@ -576,13 +576,4 @@ func TestFlushedRulesRepairedWhileRunning(t *testing.T) {
 		t.Fatalf("outbound not captured after the second repair: %q %v", line, err)
 	}
 	c.Close()
-}
-
-// recheckSkips reports whether p's next periodic check skips its
-// nftables rules if their generation is unchanged.
-func recheckSkips(t *testing.T, a *Agent, p *pod) bool {
-	t.Helper()
-	unlock := a.lock(p.rec.Namespace, p.rec.Name)
-	defer unlock()
-	return p.checked.Trusted()
 }

@@ -36,7 +36,7 @@ func TestEnrollThroughRealChain(t *testing.T) {
 			if h.tun.Live() != 1 {
 				t.Fatalf("agent serves %d pods after ADD, want 1", h.tun.Live())
 			}
-			p := h.a.podByName("apps/web")
+			p := h.podNow("apps/web")
 			if p == nil || p.rec.ContainerID != web.ContainerID || len(p.rec.IPs) != 1 || p.rec.IPs[0] != web.IP {
 				t.Fatalf("agent's record %+v, pod %+v", p, web)
 			}
