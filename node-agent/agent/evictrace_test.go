@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"runtime"
 	"sync"
 	"testing"
 	"time"
@@ -41,20 +42,23 @@ func (g *gatedUninstall) Uninstall(ctx context.Context, f *os.File) error {
 
 // TestEvictionOfAnotherPodLeavesTheADDsPodAlone: apps/web is found by
 // live enrollment in the namespace apps/other's ADD then brings; the ADD
-// evicts web in the background, under web's lock, while other's own
-// lock guards other's serving. The eviction read other's serving
-// (enrolled()) holding a.mu only, which the unenrollment of other clears
-// holding other's lock only: a data race (go test -race), the read's
-// result unused for another pod than the ADD's. The unenrollment is held
-// in its rule removal while the eviction runs, then let go: nothing
-// orders the two but the race detector's eye. The eviction is seen done
-// by its record removal (a stat, no synchronisation with the agent).
+// evicts web in the background, under web's lock. The eviction read
+// other's serving (enrolled()) holding a.mu alone, which other's
+// unenrollment clears holding other's lock alone: a data race that
+// go test -race reports, for a result unused when the claim evicted is
+// another pod's. Only real time orders the two here: the unenrollment
+// is held in its rule removal until the eviction has removed web's
+// record, seen by a stat, which the race detector counts as no
+// synchronisation with the agent.
 func TestEvictionOfAnotherPodLeavesTheADDsPodAlone(t *testing.T) {
 	testenv.RequireRoot(t)
 	hr, _ := testHostRules(t, hostrules.Config{})
-	stale := netip.MustParseAddr("10.89.8.3")
-	on := newNetns(t, "10.89.8.3/24")
+	stale := netip.MustParseAddr("10.89.20.3")
+	on := newNetns(t, "10.89.20.3/24")
 	gate := &gatedUninstall{ino: inodeOfNetns(t, on), entered: make(chan struct{}), release: make(chan struct{})}
+	var released sync.Once
+	release := func() { released.Do(func() { close(gate.release) }) }
+	defer release() // before the agent stops (t.Cleanup)
 	var view *staleLocalView
 	h := startAgent(t, "", invAmbient, func(o *Options) {
 		o.Host = hr
@@ -79,7 +83,7 @@ func TestEvictionOfAnotherPodLeavesTheADDsPodAlone(t *testing.T) {
 			unlockWeb()
 		}
 	}()
-	if resp, err := h.call(cniproto.OpAdd, "apps", "other", "cid-other", on, "10.89.8.3/24"); err != nil || resp.Decision != cniproto.Enroll {
+	if resp, err := h.call(cniproto.OpAdd, "apps", "other", "cid-other", on, "10.89.20.3/24"); err != nil || resp.Decision != cniproto.Enroll {
 		t.Fatalf("ADD apps/other: %+v %v", resp, err)
 	}
 	h.writeInventory(invAmbient + "  - namespace: apps\n    name: other\n    labels: {ambit.dev/dataplane-mode: none}\n")
@@ -94,17 +98,19 @@ func TestEvictionOfAnotherPodLeavesTheADDsPodAlone(t *testing.T) {
 	}
 	unlockWeb()
 	locked = false
+	// Polled without a pause: the race detector reports a race only
+	// while the eviction's read is still in its goroutine's access
+	// history, which the rest of the eviction (logs, status) fills.
 	webRecord := filepath.Join(h.a.store.Dir(), state.FileName(foundPrefix+"apps/web"))
-	for end := time.Now().Add(15 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+	for end := time.Now().Add(15 * time.Second); ; runtime.Gosched() {
 		if _, err := os.Stat(webRecord); os.IsNotExist(err) {
 			break
 		}
 		if time.Now().After(end) {
-			close(gate.release)
 			t.Fatal("apps/web not evicted (its found: record is still there)")
 		}
 	}
-	close(gate.release)
+	release()
 	eventually(t, "apps/other unenrolled", func() bool {
 		p := h.podNow("apps/other")
 		return p != nil && !p.enrolled()
