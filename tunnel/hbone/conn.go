@@ -49,7 +49,10 @@ type Config struct {
 	MaxHeaderListSize uint32
 	// PingInterval: either side pings a connection that received
 	// nothing for this long (default 10 s; negative disables);
-	// PingTimeout later without any frame it is closed (default 20 s).
+	// PingTimeout later without any frame it is closed (default 20 s;
+	// on a slow link, while the peer's TCP still acknowledges or sends
+	// new bytes, PingTimeout after the last such tick, 10 × PingTimeout
+	// after the PING at most: see keepalive).
 	// ztunnel's values. The server pings as the client does: its
 	// client's node may die (no FIN, no RST) as well as the other way,
 	// and only the PING tells (see keepalive). PingTimeout also bounds
@@ -1247,6 +1250,12 @@ func (c *Conn) release(s *Stream) {
 // END_STREAM read, gave its app that FIN then; the app's next write is
 // reset, as the pump's send fails.)
 //
+// A PING unanswered only because the link is slow is waited for longer:
+// while the peer's TCP keeps acknowledging our bytes or sending new ones
+// the timeout runs from the last tick that saw it do so, not from the
+// PING, up to 10 × PingTimeout after the PING (linkWatch,
+// maxPingWaitFactor). The reason names the whole wait.
+//
 // Shutdown's PING carries its own payload (shutdownPing) and does not
 // touch pingSent, so a keepalive PING outstanding during a drain is
 // answered and timed on its own; an unanswered drain ends at keepalive's
@@ -1257,6 +1266,7 @@ func (c *Conn) keepalive() {
 	t := time.NewTicker(c.cfg.PingInterval)
 	defer t.Stop()
 	last := c.frames.Load()
+	var link linkWatch
 	for {
 		select {
 		case <-c.done:
@@ -1278,14 +1288,19 @@ func (c *Conn) keepalive() {
 		}
 		sent := c.pingSent.Load()
 		if sent == 0 {
-			c.pingSent.Store(time.Now().UnixNano())
+			sent = time.Now().UnixNano()
+			c.pingSent.Store(sent)
 			var p [8]byte
-			binary.BigEndian.PutUint64(p[:], uint64(time.Now().UnixNano()))
+			binary.BigEndian.PutUint64(p[:], uint64(sent))
 			c.queueCtl(appendFrame(nil, framePing, 0, 0, p[:]))
 			c.keepalivePings.Add(1)
+			link.from(c, sent, sent)
 			continue
 		}
-		if waited := time.Since(time.Unix(0, sent)); waited >= c.cfg.PingTimeout-c.cfg.PingInterval/2 {
+		at := time.Now()
+		waited := at.Sub(time.Unix(0, sent))
+		quiet := at.Sub(time.Unix(0, link.from(c, sent, at.UnixNano())))
+		if quiet >= c.cfg.PingTimeout-c.cfg.PingInterval/2 || waited >= maxPingWaitFactor*c.cfg.PingTimeout {
 			// The wait is in the reason, which every stream's error
 			// carries (closedError): a user reading "connection
 			// closed" in the access log learns why.
@@ -1293,6 +1308,92 @@ func (c *Conn) keepalive() {
 			return
 		}
 	}
+}
+
+// maxPingWaitFactor bounds how long the link's progress keeps a PING
+// waiting (linkWatch): 10 × PingTimeout after it, 200 s with the
+// defaults. A live peer answers once what was queued ahead of the PING
+// has drained: up to ~5 MiB (the rest of a 1 MiB burst, the socket's
+// send buffer autotuned up to tcp_wmem's 4 MiB), 42 s at 1 Mbit/s and
+// 200 s at ~210 kbit/s; so the bound spares a link that still gives a
+// connection ~200 kbit/s, slower than anything a cluster's pods can be
+// expected to work over. Past it the peer is taken for broken, not
+// slow: an agent that reads our bytes but never answers PINGs, or one
+// stuck while its kernel still takes our bytes into a receive buffer
+// that a slow link fills for minutes (autotuned up to tcp_rmem's 6
+// MiB). Those were closed 20 s after the PING before; 200 s is still far
+// below what bounded a stuck peer before keepalive did (tcp_retries2,
+// ~15 min), and no bound at all would keep a PING-deaf peer's
+// connection for as long as its kernel takes bytes.
+const maxPingWaitFactor = 10
+
+// linkWatch is keepalive's evidence that an unanswered PING is only
+// slow: the peer's TCP acknowledging new bytes of ours, or sending us
+// new bytes, since the PING went out (tcpi_bytes_acked or
+// tcpi_bytes_received advancing).
+//
+// On a slow or congested link (a 1 Gbit/s link shared by a few
+// thousand bulk connections gives each a few hundred kbit/s) a sender
+// in bulk can read no frame for a tick (its receiver returns window
+// once per MiB its app consumes: 34 s apart at 250 kbit/s) and ping,
+// and its PING waits behind what is queued ahead of it, the rest of the
+// burst whose writer holds the write lock (up to AppReadSize, 1 MiB)
+// and the socket's send buffer: tens of seconds at that rate, and
+// keepalive closed a live connection with every stream on it. Its
+// receiver too, when a DATA frame takes longer than a tick to arrive
+// (ours are 64 KiB, 10 s below ~50 kbit/s; a peer may send up to our
+// MaxFrameSize, 1 MiB): it reads no frame header, pings, and the answer
+// waits behind the same queue on its way back.
+//
+// Counters, not ACKs: the kernel of a peer whose agent is stuck answers
+// our zero-window probes with pure ACKs for ever, neither count moving,
+// and that connection must close as before (once what was in flight is
+// delivered, it does). And our bytes acknowledged count only while the
+// socket holds a queue (bytes of ours unacknowledged or unsent at this
+// tick or the one before), where the PING may be behind them: a small
+// write after the PING to a stuck agent's live kernel (a RST_STREAM, a
+// WINDOW_UPDATE) is acknowledged at once, the socket empty at both
+// ticks, and it kept a connection to that agent open a PingTimeout
+// longer (TestKeepaliveCountsFromTheProbesPing, whose dark server's
+// kernel lives, caught it once in eight runs). A dead node sends
+// nothing, so its connection closes when it did. No TCP socket under
+// the connection (cork nil, a wrapped or piped conn, a Unix socket): no
+// evidence, the timeout as before. Used by keepalive's goroutine alone:
+// one getsockopt a tick, only while a PING is outstanding.
+type linkWatch struct {
+	ping     int64  // the PING (pingSent) the fields below belong to
+	acked    uint64 // bytes_acked when last seen
+	received uint64 // bytes_received when last seen
+	queued   bool   // bytes of ours were in the socket when last seen
+	progress int64  // the tick that last saw the link progress, else ping
+}
+
+// from is when the wait for the PING sent at ping (unix nanos) counts
+// from at now: the PING, or the tick that last saw the link progress,
+// whichever is later. The tick, not the moment of the progress, which
+// lies between it and the tick before: a tick longer at most, and only
+// for a peer that was sending or acknowledging.
+func (w *linkWatch) from(c *Conn, ping, now int64) int64 {
+	if c.cork == nil || c.cork.raw == nil {
+		return ping
+	}
+	acked, received, queued, ok := tcpProgress(c.cork.raw)
+	switch {
+	case !ok:
+	case w.ping != ping:
+		// A new PING (ours, sent now, or the liveness probe's, sent
+		// between ticks): what the counts did before is not evidence.
+		w.ping, w.acked, w.received, w.queued, w.progress = ping, acked, received, queued, ping
+	default:
+		if received > w.received || acked > w.acked && (w.queued || queued) {
+			w.progress = now
+		}
+		w.acked, w.received, w.queued = acked, received, queued
+	}
+	if w.ping != ping {
+		return ping
+	}
+	return w.progress
 }
 
 // roundWait rounds a wait for a message: to 100 ms from a second up

@@ -107,3 +107,23 @@ func (c *corkConn) step(fd uintptr) bool {
 	}
 	return true
 }
+
+// tcpProgress is the kernel's count of our bytes the peer's TCP has
+// acknowledged and of new bytes it has sent us (TCP_INFO's
+// tcpi_bytes_acked and tcpi_bytes_received, Linux 4.1+): neither moves
+// for a pure ACK, a zero-window probe or a TCP keepalive probe. queued
+// says bytes of ours wait in the socket, sent and unacknowledged or not
+// yet sent (tcpi_unacked, tcpi_notsent_bytes). ok is false when rc is
+// not a TCP socket (a Unix socket, say) or is closed: the caller then
+// has no evidence either way. A kernel whose TCP_INFO predates the
+// counters leaves them 0, which never advance.
+func tcpProgress(rc syscall.RawConn) (acked, received uint64, queued, ok bool) {
+	var info *unix.TCPInfo
+	var err error
+	if cerr := rc.Control(func(fd uintptr) {
+		info, err = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO)
+	}); cerr != nil || err != nil {
+		return 0, 0, false, false
+	}
+	return info.Bytes_acked, info.Bytes_received, info.Unacked > 0 || info.Notsent_bytes > 0, true
+}
