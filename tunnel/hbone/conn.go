@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"runtime/debug"
 	"sync"
@@ -1267,6 +1268,7 @@ func (c *Conn) keepalive() {
 	defer t.Stop()
 	last := c.frames.Load()
 	var link linkWatch
+	maxWait := maxPingWait(c.cfg.PingTimeout)
 	for {
 		select {
 		case <-c.done:
@@ -1300,7 +1302,7 @@ func (c *Conn) keepalive() {
 		at := time.Now()
 		waited := at.Sub(time.Unix(0, sent))
 		quiet := at.Sub(time.Unix(0, link.from(c, sent, at.UnixNano())))
-		if quiet >= c.cfg.PingTimeout-c.cfg.PingInterval/2 || waited >= maxPingWaitFactor*c.cfg.PingTimeout {
+		if quiet >= c.cfg.PingTimeout-c.cfg.PingInterval/2 || waited >= maxWait {
 			// The wait is in the reason, which every stream's error
 			// carries (closedError): a user reading "connection
 			// closed" in the access log learns why.
@@ -1326,6 +1328,22 @@ func (c *Conn) keepalive() {
 // ~15 min), and no bound at all would keep a PING-deaf peer's
 // connection for as long as its kernel takes bytes.
 const maxPingWaitFactor = 10
+
+// maxPingWait is maxPingWaitFactor × timeout, the longest Duration when
+// that is past what one holds (a PingTimeout over ~29 years, meant as
+// "never"): the product overflowed to a negative wait, and keepalive
+// closed the connection at its first tick after the PING
+// (TestKeepaliveHugeTimeoutWaitsForTheAnswer). A negative timeout is
+// no patience at all, as in keepalive's other bound.
+func maxPingWait(timeout time.Duration) time.Duration {
+	switch {
+	case timeout > math.MaxInt64/maxPingWaitFactor:
+		return math.MaxInt64
+	case timeout < 0:
+		return timeout
+	}
+	return maxPingWaitFactor * timeout
+}
 
 // linkWatch is keepalive's evidence that an unanswered PING is only
 // slow: the peer's TCP acknowledging new bytes of ours, or sending us
