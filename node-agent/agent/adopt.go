@@ -143,7 +143,7 @@ func (a *Agent) adoptLocked(ctx context.Context, rec state.Pod, scan *lazyScan) 
 			}
 			p.netns = nil
 			f.Close()
-			p.rec.Enrolled, p.rec.Backend = false, ""
+			a.setRec(p, func(r *state.Pod) { r.Enrolled, r.Backend = false, "" })
 			a.rewrite(p.rec)
 			a.setStatus(cp, "", "", "")
 			a.log.Info("pod unenrolled while the agent was away", "pod", podName, "reason", d.Reason)
@@ -164,7 +164,7 @@ func (a *Agent) adoptLocked(ctx context.Context, rec state.Pod, scan *lazyScan) 
 	// TestReadoptionWidensToBothFamilies).
 	spec := a.specFor(rec.IPs, f)
 	p.spec = spec
-	p.rec.IPv4, p.rec.IPv6 = spec.IPv4, spec.IPv6
+	a.setRec(p, func(r *state.Pod) { r.IPv4, r.IPv6 = spec.IPv4, spec.IPv6 })
 	wl := a.workload(cp)
 	if len(rec.IPs) > 0 {
 		// The record's IPs, as at ADD: the ones its namespace was found
@@ -176,7 +176,7 @@ func (a *Agent) adoptLocked(ctx context.Context, rec state.Pod, scan *lazyScan) 
 	if wl.Identity != rec.Identity && rec.Identity != "" && cp.ServiceAccount == "" {
 		wl.Identity = rec.Identity
 	}
-	p.rec.Identity = wl.Identity
+	a.setRec(p, func(r *state.Pod) { r.Identity = wl.Identity })
 	if err := a.serve(p, f, wl, false); err != nil {
 		f.Close()
 		a.m.failures.WithLabelValues(reasonOf(err)).Inc()
@@ -185,7 +185,7 @@ func (a *Agent) adoptLocked(ctx context.Context, rec state.Pod, scan *lazyScan) 
 			// Another pod is served there: the record keeps naming
 			// the namespace it named.
 			why = eventNetnsOwner
-			p.rec.Netns, p.rec.NetnsInode = orig.Netns, orig.NetnsInode
+			a.setRec(p, func(r *state.Pod) { r.Netns, r.NetnsInode = orig.Netns, orig.NetnsInode })
 		}
 		a.setStatus(cp, "failed", why, err.Error())
 		a.log.Error("re-adopting pod failed; its connections are refused until it is fixed", "pod", podName, "err", err)
@@ -336,7 +336,7 @@ func (a *Agent) resyncKeeper(pods []*pod) {
 	}
 	put := 0
 	for _, p := range pods {
-		unlock := a.lock(p.rec.Namespace, p.rec.Name)
+		unlock := a.lockOf(p)
 		if p.enrolled() && len(p.lns) > 0 {
 			if err := a.keeper.Put(p.rec.ContainerID, p.lns...); err != nil {
 				a.m.keeperErrors.WithLabelValues("put").Inc()
@@ -352,7 +352,7 @@ func (a *Agent) resyncKeeper(pods []*pod) {
 }
 
 func (a *Agent) verifyPod(p *pod) {
-	unlock := a.lock(p.rec.Namespace, p.rec.Name)
+	unlock := a.lockOf(p)
 	defer unlock()
 	if !p.enrolled() || p.netns == nil {
 		return // deleted or unenrolled meanwhile
@@ -401,7 +401,7 @@ func (a *Agent) verifyPod(p *pod) {
 		a.log.Info("redirection repaired after failed attempts", "pod", name, "backend", backend)
 	}
 	a.m.repairs.Inc()
-	p.rec.Backend = backend
+	a.setRec(p, func(r *state.Pod) { r.Backend = backend })
 	a.rewrite(p.rec)
 }
 

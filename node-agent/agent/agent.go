@@ -164,6 +164,17 @@ type Agent struct {
 }
 
 // pod is one sandbox the agent knows about.
+//
+// rec and serve are read across pods: holding a.mu alone, a pass over
+// every pod (netnsTaken, gc, syncHostRules, the rule checks' list) reads
+// other pods' records and servings, as no pod's lock is taken while
+// another's is held. So a registered pod's rec and serve are written
+// holding both its lock and a.mu (setRec, and a.mu around serve's
+// assignments), and read holding either: the pod's lock for its own,
+// a.mu for any. A struct copy racing with an assignment can tear a
+// string's or slice's header. A pod not registered yet (an ADD's before
+// register) is written freely: nothing else reaches it. The other fields
+// are under the pod's lock alone, claim under a.mu alone.
 type pod struct {
 	rec   state.Pod
 	spec  redirect.Spec
@@ -205,6 +216,31 @@ type drain struct {
 }
 
 func (p *pod) enrolled() bool { return p.serve != nil }
+
+// setRec changes p's record, holding a.mu (the caller holds p's lock):
+// change must be quick and take no lock.
+func (a *Agent) setRec(p *pod, change func(*state.Pod)) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	change(&p.rec)
+}
+
+// servingOf is p's serving, read holding a.mu: p's lock is not held.
+func (a *Agent) servingOf(p *pod) Serving {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return p.serve
+}
+
+// lockOf takes p's lock, its name read holding a.mu: p was found in the
+// maps, and a live enrollment rewrites its whole record (the same name)
+// under that lock.
+func (a *Agent) lockOf(p *pod) func() {
+	a.mu.Lock()
+	namespace, name := p.rec.Namespace, p.rec.Name
+	a.mu.Unlock()
+	return a.lock(namespace, name)
+}
 
 // New checks the options and opens the state directory.
 func New(o Options) (*Agent, error) {
@@ -613,8 +649,7 @@ func (a *Agent) setMigrateReq(f *os.File, wl tunnel.Workload) bool {
 // while this one serves on ends it: the keeper lets the copies go, as it
 // would have at once, and the listeners close.
 func (a *Agent) shutdown(beside bool) {
-	// Status stops reading what the releases below change without the
-	// pods' locks.
+	// Status says the pods drain from now on.
 	a.admin.stop()
 	a.mu.Lock()
 	pods := make([]*pod, 0, len(a.byCID))
@@ -629,11 +664,20 @@ func (a *Agent) shutdown(beside bool) {
 	}
 	var wg sync.WaitGroup
 	for _, p := range pods {
-		if !p.enrolled() {
+		// Detached under the pod's lock: a forget still at work in the
+		// background (an eviction, a superseded sandbox) releases it
+		// under that lock too, and one of them alone gets the serving.
+		unlock := a.lockOf(p)
+		var cp *pod
+		if p.enrolled() {
+			cp = a.detach(p)
+		}
+		unlock()
+		if cp == nil {
 			continue
 		}
 		wg.Add(1)
-		go func() { defer wg.Done(); a.release(ctx, p) }()
+		go func() { defer wg.Done(); a.release(ctx, cp) }()
 	}
 	wg.Wait()
 	a.closing.Wait()
@@ -761,7 +805,8 @@ func (a *Agent) serve(p *pod, f *os.File, wl tunnel.Workload, atAdd bool) (err e
 	// node-agent/podsysctl, which could not write it from their
 	// container (it costs ~0.25 ms per pod, 40 % of a re-adoption).
 	if !p.rec.MigrateReq {
-		p.rec.MigrateReq = a.setMigrateReq(f, wl)
+		set := a.setMigrateReq(f, wl)
+		a.setRec(p, func(r *state.Pod) { r.MigrateReq = set })
 	}
 	var lns []net.Listener
 	closeAll := func() {
@@ -794,12 +839,14 @@ func (a *Agent) serve(p *pod, f *os.File, wl tunnel.Workload, atAdd bool) (err e
 		closeAll()
 		return &failure{"tunnel", err}
 	}
+	a.mu.Lock()
 	p.netns, p.net, p.serve, p.lns = f, n, s, lns
+	p.rec.Identity = wl.Identity
+	a.mu.Unlock()
 	// What earlier rule checks trusted belongs to whatever netns the
 	// record had before (a live enrollment may reuse a record and get
 	// its netns from the /proc scan): this one is checked in full first.
 	p.checked = redirect.Checked{}
-	p.rec.Identity = wl.Identity
 	if a.keeper != nil {
 		// Replaces what an agent before this one kept for the pod:
 		// those sockets close, and their queue moves to lns.
@@ -820,13 +867,18 @@ func (a *Agent) serve(p *pod, f *os.File, wl tunnel.Workload, atAdd bool) (err e
 }
 
 // release stops serving p: listeners closed, established connections
-// drained until ctx ends. Rules are not touched.
+// drained until ctx ends. Rules are not touched. p is a copy detach made,
+// or a registered pod whose lock the caller holds.
 func (a *Agent) release(ctx context.Context, p *pod) {
-	if !p.enrolled() {
+	a.mu.Lock()
+	s, n, f, after := p.serve, p.net, p.netns, p.afterDrain
+	if s != nil {
+		p.serve, p.net, p.netns, p.afterDrain, p.lns = nil, nil, nil, nil, nil
+	}
+	a.mu.Unlock()
+	if s == nil {
 		return
 	}
-	s, n, f, after := p.serve, p.net, p.netns, p.afterDrain
-	p.serve, p.net, p.netns, p.afterDrain, p.lns = nil, nil, nil, nil, nil
 	p.aborted = false
 	a.m.enrolled.Dec()
 	// The namespace is held (f) until the end below: no new namespace
@@ -964,12 +1016,7 @@ func (a *Agent) releaseAs(p *pod, gone bool) {
 // drained up to drainTimeout; d, if set, is closed once it is done.
 func (a *Agent) detachRelease(p *pod, d *drain) {
 	// Detach now so a new sandbox or a re-enroll does not see it.
-	cp := &pod{rec: p.rec, netns: p.netns, net: p.net, serve: p.serve, afterDrain: p.afterDrain}
-	p.serve, p.net, p.netns, p.afterDrain, p.lns = nil, nil, nil, nil, nil
-	p.aborted = false
-	a.mu.Lock()
-	cp.claim, p.claim = p.claim, nil
-	a.mu.Unlock()
+	cp := a.detach(p)
 	a.closing.Add(1)
 	go func() {
 		defer a.closing.Done()
@@ -980,6 +1027,18 @@ func (a *Agent) detachRelease(p *pod, d *drain) {
 		defer cancel()
 		a.release(ctx, cp)
 	}()
+}
+
+// detach moves p's serving (under p's lock) to a copy of p that release
+// then lets go of.
+func (a *Agent) detach(p *pod) *pod {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	cp := &pod{rec: p.rec, netns: p.netns, net: p.net, serve: p.serve, afterDrain: p.afterDrain}
+	p.serve, p.net, p.netns, p.afterDrain, p.lns = nil, nil, nil, nil, nil
+	p.aborted = false
+	cp.claim, p.claim = p.claim, nil
+	return cp
 }
 
 func (a *Agent) workload(cp cluster.Pod) tunnel.Workload {

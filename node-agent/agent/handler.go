@@ -168,23 +168,25 @@ func (a *Agent) add(ctx context.Context, req *cniproto.Request, f *os.File, chec
 				// written before CHECK re-adoption recorded it).
 				backend = a.rulesBackend(ctx, nf)
 			}
+			rec := existing.rec
 			dirty := false
-			if backend != "" && backend != existing.rec.Backend {
+			if backend != "" && backend != rec.Backend {
 				// The install may have switched engines (the
 				// conflist's backend changed): the record says which
 				// holds the rules after a restart too.
-				existing.rec.Backend, dirty = backend, true
+				rec.Backend, dirty = backend, true
 			}
-			if nets := addNetwork(existing.rec.Networks, req.Network, ownAttachment(existing.rec, rp)); !slices.Equal(nets, existing.rec.Networks) {
+			if nets := addNetwork(rec.Networks, req.Network, ownAttachment(rec, rp)); !slices.Equal(nets, rec.Networks) {
 				// Another attachment's ADD (net1, through a
 				// NetworkAttachmentDefinition's chain), or the own
 				// one's network learned: that network's GC must now
 				// list the sandbox before the agent forgets it, and
 				// another network's cannot.
-				existing.rec.Networks, dirty = nets, true
+				rec.Networks, dirty = nets, true
 			}
 			if dirty {
-				a.rewrite(existing.rec)
+				a.setRec(existing, func(r *state.Pod) { *r = rec })
+				a.rewrite(rec)
 			}
 			return resp
 		}
@@ -587,9 +589,10 @@ func (a *Agent) forgetNetnsLocked(req *cniproto.Request, ino uint64, records, go
 			// pod's UID, and may have been given the old one's IP
 			// back: the release removes only what the newer one does
 			// not hold. (heir is under the same pod lock as p.)
-			p.rec.IPs = slices.DeleteFunc(slices.Clone(p.rec.IPs), func(ip netip.Addr) bool {
+			ips := slices.DeleteFunc(slices.Clone(p.rec.IPs), func(ip netip.Addr) bool {
 				return slices.Contains(heir.rec.IPs, ip)
 			})
+			a.setRec(p, func(r *state.Pod) { r.IPs = ips })
 		}
 		if gone {
 			a.releaseGone(p)
@@ -726,7 +729,7 @@ func (a *Agent) gcNetwork(req *cniproto.Request, valid map[string]bool) *cniprot
 	a.mu.Unlock()
 	forgot, learned := 0, 0
 	for _, p := range cands {
-		unlock := a.lock(p.rec.Namespace, p.rec.Name)
+		unlock := a.lockOf(p)
 		a.mu.Lock()
 		current := a.byCID[p.rec.ContainerID] == p
 		a.mu.Unlock()
@@ -743,7 +746,7 @@ func (a *Agent) gcNetwork(req *cniproto.Request, valid map[string]bool) *cniprot
 			a.delLocked(&cniproto.Request{Op: cniproto.OpDel, Pod: cniproto.Pod{Namespace: r.Namespace, Name: r.Name, UID: r.UID, ContainerID: r.ContainerID}})
 			forgot++
 		case !slices.Equal(nets, p.rec.Networks):
-			p.rec.Networks = nets
+			a.setRec(p, func(r *state.Pod) { r.Networks = nets })
 			a.rewrite(p.rec)
 			learned++
 		}

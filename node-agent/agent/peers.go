@@ -442,7 +442,7 @@ func (a *Agent) adoptRecord(ctx context.Context, name string, scan *lazyScan) *p
 // written it again since the look below (the pod is then adopted again
 // by the next pass).
 func (a *Agent) releaseDeleted(name string, p *pod) {
-	unlock := a.lock(p.rec.Namespace, p.rec.Name)
+	unlock := a.lockOf(p)
 	defer unlock()
 	a.mu.Lock()
 	cur := a.byCID[p.rec.ContainerID]

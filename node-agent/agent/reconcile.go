@@ -340,11 +340,12 @@ func (a *Agent) enrollLive(ctx context.Context, cp cluster.Pod, p *pod, scan *la
 	wl := a.workload(cp)
 	rec.Identity, rec.IPv4, rec.IPv6 = wl.Identity, spec.IPv4, spec.IPv6
 	prev := p.rec
-	p.rec, p.spec = rec, spec
+	a.setRec(p, func(r *state.Pod) { *r = rec })
+	p.spec = spec
 	if err := a.serve(p, f, wl, false); err != nil {
 		// The record keeps the namespace it named: the one refused
 		// may be another pod's.
-		p.rec = prev
+		a.setRec(p, func(r *state.Pod) { *r = prev })
 		f.Close()
 		return err
 	}
@@ -355,7 +356,7 @@ func (a *Agent) enrollLive(ctx context.Context, cp cluster.Pod, p *pod, scan *la
 		cancel()
 		return &failure{"redirect", err}
 	}
-	p.rec.Enrolled, p.rec.Backend = true, backend
+	a.setRec(p, func(r *state.Pod) { r.Enrolled, r.Backend = true, backend })
 	// Rules installed afresh: a repair that fails from now on is a new
 	// failure, said and counted again. The pod struct outlives an
 	// unenrollment, and its flag from before kept the next failure
@@ -388,7 +389,7 @@ func (a *Agent) unenrollLive(p *pod, cp cluster.Pod) {
 		a.log.Error("removing redirection; closing listeners anyway (connections are refused, not leaked)", "pod", p.rec.Namespace+"/"+p.rec.Name, "err", err)
 	}
 	a.releaseAsync(p)
-	p.rec.Enrolled, p.rec.Backend = false, ""
+	a.setRec(p, func(r *state.Pod) { r.Enrolled, r.Backend = false, "" })
 	a.rewriteRecord(p.rec, false)
 	if cp.Name != "" {
 		cp.UID = p.rec.UID

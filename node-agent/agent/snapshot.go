@@ -153,7 +153,7 @@ var testHookAdminPod atomic.Pointer[func(*pod)]
 
 // adminPod is p as status shows it (under p's lock). Once the agent
 // shuts down (serving false) only the record is read: the shutdown lets
-// every pod go without its lock.
+// every pod go, and each is said to drain.
 func (a *Agent) adminPod(p *pod, counts map[*tunnel.Serving]tunnel.ConnCounts, serving bool) admin.Pod {
 	if h := testHookAdminPod.Load(); h != nil {
 		(*h)(p)
@@ -315,9 +315,9 @@ func (w *watchedRules) Uninstall(ctx context.Context, f *os.File) error {
 // adminState is what status keeps beside the pods.
 type adminState struct {
 	notes failNotes
-	// stopped: the agent shuts down, releasing its pods without their
-	// locks (shutdown); status then reads their records only. mu: held
-	// (read) while a pod is read, (write) to set stopped.
+	// stopped: the agent shuts down, releasing every pod (shutdown);
+	// status then reads their records only, each said to drain. mu:
+	// held (read) while a pod is read, (write) to set stopped.
 	mu      sync.RWMutex
 	stopped bool
 }

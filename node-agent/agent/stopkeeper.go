@@ -79,10 +79,8 @@ func drainTail(drain time.Duration) time.Duration { return min(5*time.Second, dr
 func (a *Agent) serveOn(pods []*pod, limit time.Duration) (beside bool) {
 	var counted []connCounter
 	for _, p := range pods {
-		if !p.enrolled() {
-			continue
-		}
-		if c, ok := p.serve.(connCounter); ok {
+		// Not p's lock: it serves on, and is only read.
+		if c, ok := a.servingOf(p).(connCounter); ok {
 			counted = append(counted, c)
 		}
 	}

@@ -23,7 +23,10 @@ import (
 // than to listeners about to close. The work is done in the background,
 // under the pod's lock, which the ADD holds until it answers.
 func (a *Agent) supersedeFound(p *pod) {
-	key := p.rec.Namespace + "/" + p.rec.Name
+	// Read now, under p's lock: a live enrollment may rewrite p's
+	// record before the work below takes the lock again.
+	namespace, name := p.rec.Namespace, p.rec.Name
+	key := namespace + "/" + name
 	a.mu.Lock()
 	q := a.byCID[foundPrefix+key]
 	a.mu.Unlock()
@@ -33,7 +36,7 @@ func (a *Agent) supersedeFound(p *pod) {
 	a.closing.Add(1)
 	go func() {
 		defer a.closing.Done()
-		unlock := a.lock(p.rec.Namespace, p.rec.Name)
+		unlock := a.lock(namespace, name)
 		defer unlock()
 		a.mu.Lock()
 		cur := a.byCID[q.rec.ContainerID]
