@@ -150,7 +150,12 @@ func TestBadInput(t *testing.T) {
 
 func TestSlowAndGarbageAgent(t *testing.T) {
 	agent := newResponder(t, "mesh")
+	// Under its lock, as the errMsg changes above: the handler reads it
+	// on the server's goroutine, and the socket between is no
+	// happens-before for the race detector (go test -race reported it).
+	agent.mu.Lock()
 	agent.delay = 3 * time.Second
+	agent.mu.Unlock()
 	d := newDirect(t, "mesh", agent.socket)
 	_, e := d.run("ADD", func(m map[string]any) { m["agentTimeout"] = "300ms" })
 	wantCode(t, "slow agent", e, types.ErrTryAgainLater, "did not answer within 300ms")
