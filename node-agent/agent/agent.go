@@ -667,17 +667,23 @@ func (a *Agent) shutdown(beside bool) {
 		// Detached under the pod's lock: a forget still at work in the
 		// background (an eviction, a superseded sandbox) releases it
 		// under that lock too, and one of them alone gets the serving.
-		unlock := a.lockOf(p)
-		var cp *pod
-		if p.enrolled() {
-			cp = a.detach(p)
-		}
-		unlock()
-		if cp == nil {
-			continue
-		}
+		// Each pod on its own: that forget may hold the lock a while
+		// (its rule removal waiting on the xtables lock), and taken in
+		// turn it held up every pod after it, listeners open and drain
+		// cut (TestShutdownNotHeldUpByAnotherPodsLock).
 		wg.Add(1)
-		go func() { defer wg.Done(); a.release(ctx, cp) }()
+		go func() {
+			defer wg.Done()
+			unlock := a.lockOf(p)
+			var cp *pod
+			if p.enrolled() {
+				cp = a.detach(p)
+			}
+			unlock()
+			if cp != nil {
+				a.release(ctx, cp)
+			}
+		}()
 	}
 	wg.Wait()
 	a.closing.Wait()
