@@ -14,11 +14,12 @@ import (
 // (an eviction, a superseded sandbox, its rule removal waiting on the
 // xtables lock) may hold a while. Pods one after another, the first
 // pod found locked held up every pod after it in the map's order: their
-// listeners stayed open (taking new connections from an agent serving
-// beside) and their drain got what was left of drainTimeout, if any.
+// listeners stayed open (taking a share of the new connections an
+// agent serving beside should get) and their drain got what was left
+// of drainTimeout, if any.
 // Half of the pods' locks are held here; every other pod must be let
-// go meanwhile. (The order is the map's: one run in 1/C(12,6) would
-// pass without the fix, with every held pod last.) shutdown is called
+// go meanwhile. (The order is the map's: without the fix a run passes
+// only with every held pod after every other one.) shutdown is called
 // itself, not through Run's end: Run first waits for its loops, which a
 // record pass or reconcile waiting on a held lock would hold up.
 func TestShutdownNotHeldUpByAnotherPodsLock(t *testing.T) {
