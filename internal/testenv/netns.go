@@ -67,7 +67,7 @@ func Drain(c net.Conn) { io.Copy(io.Discard, c) }
 // listenInNetns opens the listener from inside the netns: a socket stays
 // in the netns it was made in, so once open it serves from any goroutine.
 func listenInNetns(name, addr string) (l net.Listener, err error) {
-	err = inNetns(name, func() error {
+	err = InNetns(name, func() error {
 		l, err = net.Listen("tcp", addr)
 		if err != nil {
 			return fmt.Errorf("testenv: listening on %s in netns %q: %w", addr, name, err)
@@ -77,12 +77,23 @@ func listenInNetns(name, addr string) (l net.Listener, err error) {
 	return l, err
 }
 
-// inNetns runs fn on a thread of its own moved into the named netns and
-// back. The thread is unlocked only once home: one that cannot return
-// dies with its goroutine, and one that ends on the main thread would
-// otherwise leave it parked in the netns, so /proc/self/ns/net would
-// name that netns for the rest of the run.
-func inNetns(name string, fn func() error) error {
+// InNetns runs fn inside the named netns (RunInNetns).
+func InNetns(name string, fn func() error) error {
+	h, err := netns.GetFromName(name)
+	if err != nil {
+		return fmt.Errorf("testenv: netns %q: %w", name, err)
+	}
+	defer h.Close()
+	return RunInNetns(h, fn)
+}
+
+// RunInNetns runs fn on a thread of its own moved into h and back, and
+// returns fn's error (or why the thread could not get there); sockets fn
+// opens stay in h. The thread is unlocked only once home: one that
+// cannot return dies with its goroutine, and one that ends on the main
+// thread would otherwise leave it parked in the netns, so
+// /proc/self/ns/net would name that netns for the rest of the run.
+func RunInNetns(h netns.NsHandle, fn func() error) error {
 	done := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
@@ -92,14 +103,8 @@ func inNetns(name string, fn func() error) error {
 			return
 		}
 		defer orig.Close()
-		h, err := netns.GetFromName(name)
-		if err != nil {
-			done <- fmt.Errorf("testenv: netns %q: %w", name, err)
-			return
-		}
-		defer h.Close()
 		if err := netns.Set(h); err != nil {
-			done <- fmt.Errorf("testenv: entering netns %q: %w", name, err)
+			done <- fmt.Errorf("testenv: entering netns %v: %w", h, err)
 			return
 		}
 		err = fn()

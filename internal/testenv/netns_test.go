@@ -73,7 +73,7 @@ func TestServeInNetnsMissing(t *testing.T) {
 func dialInNetns(t *testing.T, name, addr string) net.Conn {
 	t.Helper()
 	var c net.Conn
-	if err := inNetns(name, func() (err error) {
+	if err := InNetns(name, func() (err error) {
 		c, err = net.DialTimeout("tcp", addr, 5*time.Second)
 		return err
 	}); err != nil {

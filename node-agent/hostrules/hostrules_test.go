@@ -9,7 +9,6 @@ import (
 	"net"
 	"net/netip"
 	"os/exec"
-	"runtime"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -90,26 +89,9 @@ func newTopo(t *testing.T) *topo {
 // inNS runs fn on a thread inside ns; sockets created there stay there.
 func inNS(t *testing.T, ns netns.NsHandle, fn func()) {
 	t.Helper()
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			t.Error(err)
-			return
-		}
-		defer orig.Close()
-		if err := netns.Set(ns); err != nil {
-			t.Error(err)
-			return
-		}
-		fn()
-		if err := netns.Set(orig); err == nil {
-			runtime.UnlockOSThread()
-		}
-	}()
-	<-done
+	if err := testenv.RunInNetns(ns, func() error { fn(); return nil }); err != nil {
+		t.Error(err)
+	}
 }
 
 // server listens in the pod on every address and reports each client's

@@ -3,7 +3,6 @@ package hbone
 import (
 	"context"
 	"encoding/binary"
-	"io"
 	"net"
 	"os"
 	"sync"
@@ -114,16 +113,7 @@ func TestGracefulCloseSendsCloseNotify(t *testing.T) {
 				return tp.ln.Addr().String()
 			})
 			// One stream end to end, so both sides have written records.
-			s, err := c.OpenStream("10.0.0.1:80", nil)
-			if err != nil {
-				t.Fatal(err)
-			}
-			s.Write([]byte("hello"))
-			s.CloseWrite()
-			if got, err := io.ReadAll(s); err != nil || string(got) != "hello" {
-				t.Fatalf("echo: %q %v", got, err)
-			}
-			s.Close()
+			echoOnce(t, c, context.Background())
 			srv()
 			dir := tc.close(c, srv)
 			// The other side sees the end and closes too.
@@ -239,16 +229,7 @@ func closeDuringWrite(t *testing.T, dead bool) []int {
 	// it does, and its ACK (ctlLoop, under wmu) could otherwise be the
 	// write the gate holds, or slip in between the PING and Close's
 	// close_notify (both seen under -race: 3 runs in 16).
-	s, err := c.OpenStream("10.0.0.1:80", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	s.Write([]byte("hello"))
-	s.CloseWrite()
-	if got, err := io.ReadAll(s); err != nil || string(got) != "hello" {
-		t.Fatalf("echo: %q %v", got, err)
-	}
-	s.Close()
+	echoOnce(t, c, context.Background())
 	testenv.Eventually(t, "the client's control frames written", func() bool {
 		c.wmu.Lock()
 		defer c.wmu.Unlock()

@@ -11,14 +11,12 @@ import (
 	"net"
 	"os"
 	"os/exec"
-	"runtime"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/ambit-mesh/ambit/internal/testenv"
-	"github.com/vishvananda/netns"
 )
 
 // slowRate is the slow link's rate: a congested path's share (a 1 Gbit/s
@@ -71,33 +69,10 @@ func slowLink(t *testing.T) (inClient, inServer func(fn func()), serverIP string
 	run("ip", "netns", "exec", cn, "tc", "qdisc", "add", "dev", "slow0", "root", "tbf",
 		"rate", slowRate, "burst", "3000", "latency", "60s")
 	in := func(name string) func(fn func()) {
-		h, err := netns.GetFromName(name)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { h.Close() })
 		return func(fn func()) {
-			done := make(chan struct{})
-			go func() {
-				defer close(done)
-				runtime.LockOSThread()
-				orig, err := netns.Get()
-				if err != nil {
-					t.Error(err)
-					return
-				}
-				defer orig.Close()
-				if err := netns.Set(h); err != nil {
-					t.Error(err)
-					return
-				}
-				fn()
-				// A thread that cannot go home dies with its goroutine.
-				if netns.Set(orig) == nil {
-					runtime.UnlockOSThread()
-				}
-			}()
-			<-done
+			if err := testenv.InNetns(name, func() error { fn(); return nil }); err != nil {
+				t.Error(err)
+			}
 		}
 	}
 	return in(cn), in(sn), "10.99.0.2"
