@@ -16,6 +16,12 @@ import (
 // out of frames.
 func rawServer(t *testing.T) (*Conn, net.Conn, <-chan rawFrame) {
 	t.Helper()
+	return rawServerCfg(t, Config{PingInterval: -1})
+}
+
+// rawServerCfg is rawServer with the client's cfg.
+func rawServerCfg(t *testing.T, cfg Config) (*Conn, net.Conn, <-chan rawFrame) {
+	t.Helper()
 	cli, srv := net.Pipe()
 	t.Cleanup(func() { cli.Close(); srv.Close() })
 	frames := make(chan rawFrame, 4096)
@@ -40,7 +46,7 @@ func rawServer(t *testing.T) (*Conn, net.Conn, <-chan rawFrame) {
 	}()
 	settings := make(chan struct{})
 	go func() { srv.Write(appendSettings(nil)); close(settings) }()
-	c, err := NewClientConn(cli, nil, Config{PingInterval: -1})
+	c, err := NewClientConn(cli, nil, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
