@@ -81,7 +81,11 @@ func TestTransparentDialSameTuple(t *testing.T) {
 				break
 			}
 			if time.Now().After(deadline) {
-				t.Fatalf("%v: no TIME_WAIT on port 20202 after closing", src)
+				// What the port's sockets are in instead says which end
+				// did not close (FIN_WAIT2: the app's; none: a reset, or
+				// another run's namespace under the same name).
+				all, _ := exec.Command("ip", "netns", "exec", name, "ss", "-tanH", "sport", "= :20202").CombinedOutput()
+				t.Fatalf("%v: no TIME_WAIT on port 20202 after closing; its sockets: %q", src, all)
 			}
 			time.Sleep(10 * time.Millisecond)
 		}
