@@ -600,8 +600,10 @@ func (c *Conn) closeWith(err error, code ErrCode) {
 		return
 	}
 	c.closed = true
+	cut := false
 	if c.cork != nil {
 		if cerr := c.cork.cutErr(); cerr != nil {
+			cut = true
 			// An opener's cut closed the socket: whoever found it
 			// closed first (the read loop, most often, before the
 			// opener) knew only "connection closed", and every
@@ -645,11 +647,31 @@ func (c *Conn) closeWith(err error, code ErrCode) {
 	c.wmu.Lock()
 	held = true
 	clean = time.Now().Before(deadline)
-	if clean && (code != ErrCodeNo || !errors.Is(err, ErrConnClosed)) {
-		// Best effort GOAWAY with the reason. Not clean until it is
-		// written whole: a panic in its write may leave it unfinished.
+	// After a writer's panic (errWritePanicked: unwedge, ctlLoopRecover,
+	// panicked) or an opener's cut, frames may be half on the wire or in
+	// the cork's buffer, the HPACK encoder a block ahead of the peer's
+	// decoder: a frame written after them is read as garbage, so nothing
+	// is, as before.
+	if clean && !cut && !errors.Is(err, errWritePanicked) {
+		// The control frames still queued go first, in one burst with
+		// the GOAWAY if any, as ctlLoop writes them: Shutdown queues its
+		// final GOAWAY and, with no stream left to wait for, closes at
+		// once, and ctlLoop, woken but not yet holding wmu, lost the
+		// frame when we took the lock first: the peer read close_notify
+		// without the GOAWAY naming the last stream served
+		// (TestShutdownFlushesQueuedGoAway). A SETTINGS or PING ACK, a
+		// WINDOW_UPDATE went the same way. Not clean until all is
+		// written whole: a panic in the write may leave it unfinished.
 		clean = false
-		_, werr := c.nc.Write(appendGoAway(nil, last, code, ""))
+		c.corkOn()
+		werr := c.writeCtlLocked()
+		if werr == nil && (code != ErrCodeNo || !errors.Is(err, ErrConnClosed)) {
+			// Best effort GOAWAY with the reason.
+			_, werr = c.nc.Write(appendGoAway(nil, last, code, ""))
+		}
+		if ferr := c.corkOff(); werr == nil {
+			werr = ferr
+		}
 		clean = werr == nil
 	}
 }
@@ -789,6 +811,9 @@ func (c *Conn) ctlLoop() {
 		case <-c.done:
 			return
 		case <-c.ctlSig:
+		}
+		if testHookCtlWoken != nil {
+			testHookCtlWoken(c)
 		}
 		c.wmu.Lock()
 		held = true
@@ -1194,6 +1219,10 @@ var testHookServerHeadersTaken func(*Conn)
 // write was cut (the socket closed under it), after it freed wmu and
 // before it closes the connection.
 var testHookOpenStreamCut func(*Conn)
+
+// testHookCtlWoken, when set (tests only), runs in ctlLoop each time it
+// wakes for queued control frames, before it takes wmu.
+var testHookCtlWoken func(*Conn)
 
 // release forgets a finished stream.
 func (c *Conn) release(s *Stream) {
