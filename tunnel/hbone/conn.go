@@ -57,9 +57,9 @@ type Config struct {
 	// ztunnel's values. The server pings as the client does: its
 	// client's node may die (no FIN, no RST) as well as the other way,
 	// and only the PING tells (see keepalive). PingTimeout also bounds
-	// a server's Shutdown's wait for its PING's answer; with keepalive
-	// off that is all it does, and it defaults to 5 s
-	// (noKeepaliveAckWait).
+	// a server's Shutdown's wait for its PING's answer (on a slow link
+	// as keepalive's); with keepalive off that is all it does, and it
+	// defaults to 5 s (noKeepaliveAckWait).
 	PingInterval time.Duration
 	PingTimeout  time.Duration
 	// ResponseTimeout bounds a spliced client stream's wait for its
@@ -542,12 +542,14 @@ const noKeepaliveAckWait = 5 * time.Second
 // and are served. One GOAWAY alone refused them (or closed under them),
 // and the app behind such a stream saw a reset: the agent upgrade's
 // race. The ACK is waited for as long as keepalive waits for any PING's
-// answer (PingTimeout), then the peer is taken for gone: a fixed 2 s
-// before refused a slow peer's streams (TestShutdownWaitsForALateAck),
-// on a busy node, when agents restart. With keepalive off the PING is
-// sent all the same (the race does not depend on keepalive) and waited
-// for PingTimeout, 5 s unless set (noKeepaliveAckWait). ctx bounds it
-// too.
+// answer (PingTimeout; on a slow link, while the peer's TCP still
+// acknowledges or sends new bytes, PingTimeout after the last look that
+// saw it, 10 × PingTimeout at most: awaitShutdownAck), then the peer is
+// taken for gone: a fixed 2 s before refused a slow peer's streams
+// (TestShutdownWaitsForALateAck), on a busy node, when agents restart.
+// With keepalive off the PING is sent all the same (the race does not
+// depend on keepalive) and waited for PingTimeout, 5 s unless set
+// (noKeepaliveAckWait). ctx bounds it too.
 func (c *Conn) Shutdown(ctx context.Context) error {
 	c.mu.Lock()
 	final := c.finalSent
@@ -558,14 +560,7 @@ func (c *Conn) Shutdown(ctx context.Context) error {
 		c.firstStep.Do(func() {
 			c.queueCtl(append(appendGoAway(nil, 1<<31-1, ErrCodeNo, ""), appendFrame(nil, framePing, 0, 0, shutdownPing[:])...))
 		})
-		t := time.NewTimer(c.cfg.PingTimeout)
-		select {
-		case <-c.shutdownAck:
-		case <-c.done:
-		case <-ctx.Done():
-		case <-t.C:
-		}
-		t.Stop()
+		c.awaitShutdownAck(ctx)
 	}
 	c.mu.Lock()
 	last := c.lastPeerStream
@@ -591,6 +586,48 @@ func (c *Conn) Shutdown(ctx context.Context) error {
 	c.mu.Unlock()
 	c.Close()
 	return ctx.Err()
+}
+
+// shutdownAckLooks is how many times per PingTimeout Shutdown's wait
+// for its PING's answer looks at the link's progress (linkWatch): a
+// look that sees none ends the wait at most a quarter PingTimeout late
+// past the progress, at one getsockopt per look, during a Shutdown only.
+const shutdownAckLooks = 4
+
+// awaitShutdownAck waits for the answer to Shutdown's PING, sent or
+// queued now, as keepalive waits for any PING's (linkWatch.overdue):
+// PingTimeout after the PING, or after the last look that saw the peer's
+// TCP acknowledge new bytes of ours or send new ones, and
+// maxPingWaitFactor × PingTimeout after the PING at most; or until ctx
+// or the connection ends. On a slow link, with seconds of our bytes
+// queued ahead of the PING, a fixed PingTimeout sent the final GOAWAY
+// before the live peer's ACK could come, and refused the streams it sent
+// meanwhile (TestShutdownSlowLinkWaitsForTheAck). A dead or stalled peer
+// moves neither count: its wait ends at PingTimeout, as before.
+func (c *Conn) awaitShutdownAck(ctx context.Context) {
+	var link linkWatch
+	ping := time.Now().UnixNano()
+	link.from(c, ping, ping)
+	look := c.cfg.PingTimeout / shutdownAckLooks
+	for {
+		_, left := link.overdue(c, ping, time.Now().UnixNano(), c.cfg.PingTimeout, 0)
+		if left <= 0 {
+			return
+		}
+		if look > 0 {
+			left = min(left, look)
+		}
+		t := time.NewTimer(left)
+		select {
+		case <-c.shutdownAck:
+		case <-c.done:
+		case <-ctx.Done():
+		case <-t.C:
+			continue
+		}
+		t.Stop()
+		return
+	}
 }
 
 func (c *Conn) closeWith(err error, code ErrCode) {
@@ -1297,7 +1334,6 @@ func (c *Conn) keepalive() {
 	defer t.Stop()
 	last := c.frames.Load()
 	var link linkWatch
-	maxWait := maxPingWait(c.cfg.PingTimeout)
 	for {
 		select {
 		case <-c.done:
@@ -1328,10 +1364,8 @@ func (c *Conn) keepalive() {
 			link.from(c, sent, sent)
 			continue
 		}
-		at := time.Now()
-		waited := at.Sub(time.Unix(0, sent))
-		quiet := at.Sub(time.Unix(0, link.from(c, sent, at.UnixNano())))
-		if quiet >= c.cfg.PingTimeout-c.cfg.PingInterval/2 || waited >= maxWait {
+		waited, left := link.overdue(c, sent, time.Now().UnixNano(), c.cfg.PingTimeout, c.cfg.PingInterval/2)
+		if left <= 0 {
 			// The wait is in the reason, which every stream's error
 			// carries (closedError): a user reading "connection
 			// closed" in the access log learns why.
@@ -1405,8 +1439,9 @@ func maxPingWait(timeout time.Duration) time.Duration {
 // kernel lives, caught it once in eight runs). A dead node sends
 // nothing, so its connection closes when it did. No TCP socket under
 // the connection (cork nil, a wrapped or piped conn, a Unix socket): no
-// evidence, the timeout as before. Used by keepalive's goroutine alone:
-// one getsockopt a tick, only while a PING is outstanding.
+// evidence, the timeout as before. Each watch has one user, keepalive's
+// goroutine (one getsockopt a tick, only while a PING is outstanding) or
+// a server's Shutdown waiting for its PING's answer (awaitShutdownAck).
 type linkWatch struct {
 	ping     int64  // the PING (pingSent) the fields below belong to
 	acked    uint64 // bytes_acked when last seen
@@ -1441,6 +1476,19 @@ func (w *linkWatch) from(c *Conn, ping, now int64) int64 {
 		return ping
 	}
 	return w.progress
+}
+
+// overdue is what is left at now of the patience with the PING sent at
+// ping (unix nanos), by keepalive's rule: timeout, less slack, after
+// from (the PING, or the last look that saw the link progress), and
+// maxPingWait(timeout) after the PING at most. At 0 or below the peer is
+// taken for gone; waited is the time since the PING. Keepalive and
+// Shutdown's wait for its PING's answer both ask it, each with a
+// linkWatch of its own.
+func (w *linkWatch) overdue(c *Conn, ping, now int64, timeout, slack time.Duration) (waited, left time.Duration) {
+	waited = time.Duration(now - ping)
+	quiet := time.Duration(now - w.from(c, ping, now))
+	return waited, min(timeout-slack-quiet, maxPingWait(timeout)-waited)
 }
 
 // roundWait rounds a wait for a message: to 100 ms from a second up

@@ -3,13 +3,17 @@ package hbone
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/ambit-mesh/ambit/internal/testenv"
 )
 
 // ctlHeld is the connection whose control-frame writer holdCtlLoop holds
@@ -150,5 +154,158 @@ func TestShutdownFlushesQueuedGoAway(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("Shutdown has not returned 10 s after the connection ended")
+	}
+}
+
+// TestShutdownSlowLinkWaitsForTheAck: a server shuts down while it sends
+// a 200 KiB download over a link of 400 kbit/s (slowLink: our server on
+// the shaped side), ~4 s of its bytes queued ahead of its GOAWAY and
+// PING; PingTimeout is 1 s. The client reads the first GOAWAY only once
+// the download is through, and opens a stream 2 s into the shutdown, as
+// a client does until it has read the GOAWAY. The server must still be
+// waiting for the ACK then (the peer's TCP acknowledges the download's
+// bytes all along: awaitShutdownAck), and serve that stream. Before, its
+// wait ended at PingTimeout: the final GOAWAY went out 1 s in, and the
+// stream was refused.
+func TestShutdownSlowLinkWaitsForTheAck(t *testing.T) {
+	testenv.RequireRoot(t)
+	const body = 200 << 10
+	cfg := Config{
+		PingInterval: -1, // Shutdown's own wait alone
+		PingTimeout:  time.Second,
+		StreamWindow: 16 << 20, // no WINDOW_UPDATE during the test
+		ConnWindow:   16 << 20,
+	}
+	download := make([]byte, body)
+	rand.Read(download)
+	written := make(chan struct{})
+	var first atomic.Bool
+	handler := func(s *Stream) {
+		if !first.CompareAndSwap(false, true) {
+			echoHandler(s)
+			return
+		}
+		s.Respond(200, nil)
+		s.Write(download)
+		s.CloseWrite()
+		// In the socket (1 MiB of room), not yet on the link: the
+		// shutdown's PING goes behind it.
+		close(written)
+		io.Copy(io.Discard, s)
+	}
+	inShaped, inOther, _ := slowLink(t)
+	ccfg, scfg := testTLS(t)
+	var ln net.Listener
+	var err error
+	inShaped(func() { ln, err = net.Listen("tcp", "10.99.0.1:0") })
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	srv := make(chan *Conn, 1)
+	go func() {
+		raw, err := ln.Accept()
+		if err != nil {
+			close(srv)
+			return
+		}
+		// Room for the whole download in the socket, as autotuning
+		// gives a bulk sender (tcp_wmem, up to 4 MiB): the PING is
+		// queued behind all of it. With the initial 16 KiB, the
+		// writer waits for room between frames, and ctlLoop's PING
+		// went out after the first frame, ~1.4 s in.
+		if err := raw.(*net.TCPConn).SetWriteBuffer(1 << 20); err != nil {
+			t.Error(err)
+		}
+		s, err := Server(context.Background(), raw, scfg, cfg, nil, handler)
+		if err != nil {
+			t.Error(err)
+			close(srv)
+			return
+		}
+		t.Cleanup(func() { s.Close() })
+		srv <- s
+	}()
+	var raw net.Conn
+	inOther(func() { raw, err = net.Dial("tcp", ln.Addr().String()) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := Client(ctx, raw, ccfg, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	sc := <-srv
+	if sc == nil {
+		t.FailNow()
+	}
+
+	s1, err := c.OpenStream("10.0.0.1:80", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s1.Close()
+	s1.CloseWrite()
+	got := make(chan error, 1)
+	go func() {
+		if st, _, err := s1.Response(context.Background()); err != nil || st != 200 {
+			got <- fmt.Errorf("response %d, %v", st, err)
+			return
+		}
+		b, err := io.ReadAll(s1)
+		if err == nil && !bytes.Equal(b, download) {
+			err = fmt.Errorf("%d bytes, not the %d sent", len(b), body)
+		}
+		got <- err
+	}()
+	select {
+	case <-written:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the download was not written within 10 s")
+	}
+	start := time.Now()
+	shut := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		shut <- sc.Shutdown(ctx)
+	}()
+	time.Sleep(2 * cfg.PingTimeout) // into the shutdown, past PingTimeout: a wait, not an assertion
+	select {
+	case <-sc.shutdownAck:
+		t.Fatalf("the shutdown PING was answered within %v: the link did not hold it up behind the download", time.Since(start).Round(time.Millisecond))
+	default:
+	}
+	msg := []byte("opened before the client read the first GOAWAY")
+	s3, err := c.OpenStream("10.0.0.1:80", nil)
+	if err != nil {
+		t.Fatalf("open %v into the shutdown (the client has not read the GOAWAY behind the download): %v", time.Since(start).Round(time.Millisecond), err)
+	}
+	defer s3.Close()
+	s3.Write(msg)
+	s3.CloseWrite()
+	if st, _, err := s3.Response(context.Background()); err != nil || st != 200 {
+		sc.mu.Lock()
+		final, last := sc.finalSent, sc.finalLast
+		sc.mu.Unlock()
+		t.Fatalf("stream %d, opened %v into the shutdown: response %d, %v (final GOAWAY decided: %v, last stream %d)", s3.ID(), 2*cfg.PingTimeout, st, err, final, last)
+	}
+	if b, err := io.ReadAll(s3); err != nil || !bytes.Equal(b, msg) {
+		t.Fatalf("stream %d's echo: %q, %v", s3.ID(), b, err)
+	}
+	if err := <-got; err != nil {
+		t.Fatalf("the download: %v", err)
+	}
+	select {
+	case err := <-shut:
+		if err != nil {
+			t.Errorf("Shutdown: %v", err)
+		}
+		t.Logf("Shutdown returned %v after it began", time.Since(start).Round(time.Millisecond))
+	case <-time.After(20 * time.Second):
+		t.Fatal("Shutdown has not returned 20 s after its last stream ended")
 	}
 }
