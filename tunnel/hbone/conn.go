@@ -741,19 +741,35 @@ func (c *Conn) finishClose(streams []*Stream, err error, held, clean bool) {
 }
 
 // lingerWait bounds how long a cleanly closed connection goes on
-// reading what its peer still sends (lingerClose).
+// reading what its peer still sends (lingerClose) once the link is
+// quiet: counted from the close, or from the last look (lingerLooks per
+// lingerWait) that saw the peer's TCP acknowledge bytes of ours still
+// queued or send us new ones (linkWatch, as keepalive's PING wait).
 const lingerWait = time.Second
+
+// lingerLooks is how many times per lingerWait a lingering close looks
+// at the link's progress: one getsockopt each, only while it lingers.
+const lingerLooks = 4
 
 // lingerClose ends a clean close without a reset: close_notify and the
 // FIN go out, and the socket stays open, its read loop reading and
 // dropping what the peer still sends, until the peer's own end or
-// lingerWait. Closing at once a socket with unread bytes in it (the
-// peer's GOAWAY, a WINDOW_UPDATE, its close_notify: frames it sent
-// before it saw ours) makes the kernel send a RST instead of the FIN
-// and throw away what our socket had not sent yet: the last DATA and
-// END_STREAM of a stream the final GOAWAY promised to serve, at an
-// agent's upgrade (TestShutdownRefusesNoOpenedStream under -race;
-// TestCloseNeverResetsThePeer). It says false when it did not close
+// lingerWait of a quiet link. Closing at once a socket with unread
+// bytes in it (the peer's GOAWAY, a WINDOW_UPDATE, its close_notify:
+// frames it sent before it saw ours) makes the kernel send a RST
+// instead of the FIN and throw away what our socket had not sent yet:
+// the last DATA and END_STREAM of a stream the final GOAWAY promised to
+// serve, at an agent's upgrade (TestShutdownRefusesNoOpenedStream under
+// -race; TestCloseNeverResetsThePeer). So does a closed socket that
+// bytes reach afterwards. On a slow link the peer reads our close_notify
+// only once the seconds of DATA queued ahead of it are through, and
+// sends WINDOW_UPDATEs meanwhile as it reads them: a fixed lingerWait
+// from the close ended the read before, and the next WINDOW_UPDATE got
+// a RST that cut the download short (TestShutdownLingersWhileTheLinkDrains).
+// So the wait runs from the last look that saw the link progress, up to
+// keepalive's patience with a PING (maxPingWait(PingTimeout), lingerWait
+// at least): a queue that drains ends, and so, past that bound, does a
+// peer that keeps sending. It says false when it did not close
 // (no read loop left to drain, no half-close under TLS, close_notify
 // failed): the caller closes the socket.
 func (c *Conn) lingerClose(tc *tls.Conn) bool {
@@ -777,18 +793,48 @@ func (c *Conn) lingerClose(tc *tls.Conn) bool {
 		return false
 	}
 	_ = tc.SetReadDeadline(time.Now().Add(lingerWait))
-	go func() {
-		// The deadline ends the loop's socket read; the timer covers a
-		// loop held elsewhere.
-		t := time.NewTimer(lingerWait + 100*time.Millisecond)
+	go c.linger(tc)
+	return true
+}
+
+// linger closes the socket of a lingering close once the read loop has
+// ended (the peer's close_notify or FIN, or the read deadline), moving
+// that deadline on while the link progresses (lingerClose).
+func (c *Conn) linger(tc *tls.Conn) {
+	var link linkWatch
+	// Times on the monotonic clock (since base): a step of the wall
+	// clock neither ends the linger early nor holds it for the step.
+	base := time.Now()
+	start := base.UnixNano()
+	link.from(c, start, start)
+	most := max(lingerWait, maxPingWait(c.cfg.PingTimeout))
+	for {
+		elapsed := time.Since(base)
+		now := start + int64(elapsed)
+		quiet := time.Duration(now - link.from(c, start, now))
+		left := min(lingerWait-quiet, most-elapsed)
+		if left <= 0 {
+			break
+		}
+		_ = tc.SetReadDeadline(base.Add(elapsed + left))
+		t := time.NewTimer(min(left, lingerWait/lingerLooks))
 		select {
 		case <-c.readDone:
+			t.Stop()
+			c.nc.Close()
+			return
 		case <-t.C:
 		}
-		t.Stop()
-		c.nc.Close()
-	}()
-	return true
+	}
+	// The deadline ends the loop's socket read; the timer covers a loop
+	// held elsewhere.
+	t := time.NewTimer(100 * time.Millisecond)
+	select {
+	case <-c.readDone:
+	case <-t.C:
+	}
+	t.Stop()
+	c.nc.Close()
 }
 
 // errWritePanicked closes a connection whose writer panicked while it
@@ -1440,8 +1486,9 @@ func maxPingWait(timeout time.Duration) time.Duration {
 // nothing, so its connection closes when it did. No TCP socket under
 // the connection (cork nil, a wrapped or piped conn, a Unix socket): no
 // evidence, the timeout as before. Each watch has one user, keepalive's
-// goroutine (one getsockopt a tick, only while a PING is outstanding) or
-// a server's Shutdown waiting for its PING's answer (awaitShutdownAck).
+// goroutine (one getsockopt a tick, only while a PING is outstanding), a
+// server's Shutdown waiting for its PING's answer (awaitShutdownAck) or
+// a clean close lingering while the link drains (linger).
 type linkWatch struct {
 	ping     int64  // the PING (pingSent) the fields below belong to
 	acked    uint64 // bytes_acked when last seen

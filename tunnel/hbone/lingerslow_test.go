@@ -1,0 +1,208 @@
+package hbone
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/ambit-mesh/ambit/internal/testenv"
+)
+
+// TestShutdownLingersWhileTheLinkDrains: a server's Shutdown ends once
+// its last stream does, and that stream's last DATA (a download's last
+// quarter MiB) may still be in the socket then, seconds of it on a link
+// of 400 kbit/s (slowLink: our server on the shaped side). The client
+// reading it returns window as it goes (a WINDOW_UPDATE per 64 KiB:
+// windows of 256 KiB), so it sends to a server whose close is over.
+// lingerClose read and dropped what came for lingerWait (1 s) from the
+// close and then closed the socket: the client's next WINDOW_UPDATE met
+// a closed socket, whose kernel answered it with a RST and threw away
+// the download's bytes still queued; the client read "connection reset
+// by peer" after a stream the server had served whole. The download
+// must arrive whole, then close_notify.
+func TestShutdownLingersWhileTheLinkDrains(t *testing.T) {
+	testenv.RequireRoot(t)
+	const body = 320 << 10
+	scfg := Config{PingInterval: -1, PingTimeout: time.Second}
+	ccfg := Config{PingInterval: -1, PingTimeout: time.Second, StreamWindow: 256 << 10, ConnWindow: 256 << 10}
+	download := make([]byte, body)
+	rand.Read(download)
+	holding := make(chan struct{})
+	release := make(chan struct{})
+	handler := func(s *Stream) {
+		close(holding)
+		<-release
+		s.Respond(200, nil)
+		s.Write(download)
+		s.CloseWrite()
+	}
+	inShaped, inOther, _ := slowLink(t)
+	ctls, stls := testTLS(t)
+	var ln net.Listener
+	var err error
+	inShaped(func() { ln, err = net.Listen("tcp", "10.99.0.1:0") })
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	srv := make(chan *Conn, 1)
+	go func() {
+		raw, err := ln.Accept()
+		if err != nil {
+			close(srv)
+			return
+		}
+		// Room in the socket for what the client's window lets out,
+		// as autotuning gives a bulk sender: the stream ends with its
+		// last quarter MiB queued, not waiting for room.
+		if err := raw.(*net.TCPConn).SetWriteBuffer(1 << 20); err != nil {
+			t.Error(err)
+		}
+		s, err := Server(context.Background(), raw, stls, scfg, nil, handler)
+		if err != nil {
+			t.Error(err)
+			close(srv)
+			return
+		}
+		t.Cleanup(func() { s.Close() })
+		srv <- s
+	}()
+	var raw net.Conn
+	inOther(func() { raw, err = net.Dial("tcp", ln.Addr().String()) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := Client(ctx, raw, ctls, ccfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	sc := <-srv
+	if sc == nil {
+		t.FailNow()
+	}
+
+	s1, err := c.OpenStream("10.0.0.1:80", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s1.Close()
+	s1.CloseWrite()
+	select {
+	case <-holding:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the handler did not start within 10 s")
+	}
+	// The shutdown's first step and its ACK before the download, so
+	// that the close follows the stream's end at once.
+	shut := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+		defer cancel()
+		shut <- sc.Shutdown(ctx)
+	}()
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
+		sc.mu.Lock()
+		final := sc.finalSent
+		sc.mu.Unlock()
+		if final {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("Shutdown sent no final GOAWAY within 10 s")
+		}
+	}
+	close(release)
+
+	var closed atomic.Int64 // when Shutdown returned (unix nanos)
+	got := make(chan error, 1)
+	go func() {
+		if st, _, err := s1.Response(context.Background()); err != nil || st != 200 {
+			got <- fmt.Errorf("response %d, %v", st, err)
+			return
+		}
+		b, err := io.ReadAll(s1)
+		if err == nil && !bytes.Equal(b, download) {
+			err = fmt.Errorf("%d bytes, not the %d sent", len(b), body)
+		}
+		if err != nil {
+			err = fmt.Errorf("%v (%d of %d bytes read, %v after the server's close)", err, len(b), body, time.Since(time.Unix(0, closed.Load())).Round(time.Millisecond))
+		}
+		got <- err
+	}()
+	select {
+	case err := <-shut:
+		closed.Store(time.Now().UnixNano())
+		if err != nil {
+			t.Errorf("Shutdown: %v", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("Shutdown has not returned within 30 s of the download's start")
+	}
+	select {
+	case err := <-got:
+		if err != nil {
+			t.Fatalf("the download: %v", err)
+		}
+		t.Logf("the download was read whole %v after the server's close", time.Since(time.Unix(0, closed.Load())).Round(time.Millisecond))
+	case <-time.After(30 * time.Second):
+		t.Fatal("the download has not ended 30 s after the server's close")
+	}
+	select {
+	case <-c.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("the client's connection has not ended 10 s after the download")
+	}
+	if err := c.Err(); err != nil && !errors.Is(err, ErrConnClosed) {
+		t.Errorf("the client's connection ended with %v, want the server's close_notify", err)
+	}
+	// The client's end (its FIN) ends the server's linger, not the
+	// bound on it (maxPingWait(PingTimeout), 10 s).
+	select {
+	case <-sc.readDone:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the server went on reading 5 s after the client's end")
+	}
+}
+
+// TestLingerBoundedForAPeerThatKeepsSending: the linger follows the
+// link's progress, and bytes the peer sends are progress; a peer that
+// never ends its side but goes on sending (a PING every 50 ms here)
+// must still be closed on, at the bound (maxPingWait(PingTimeout): 3 s
+// with a PingTimeout of 300 ms), not kept for as long as it sends.
+func TestLingerBoundedForAPeerThatKeepsSending(t *testing.T) {
+	a := newAttacker(t, Config{PingTimeout: 300 * time.Millisecond}, attackOpts{}, echoHandler)
+	srv := a.server()
+	stop := make(chan struct{})
+	sent := make(chan struct{})
+	go func() {
+		defer close(sent)
+		ping := appendFrame(nil, framePing, 0, 0, make([]byte, 8))
+		for end := time.Now().Add(20 * time.Second); time.Now().Before(end); {
+			select {
+			case <-stop:
+				return
+			case <-time.After(50 * time.Millisecond):
+			}
+			if a.write(ping) != nil {
+				return
+			}
+		}
+	}()
+	t.Cleanup(func() { close(stop); <-sent })
+	srv.Close()
+	select {
+	case <-srv.readDone:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the server went on reading a peer that keeps sending 10 s after its close")
+	}
+}
