@@ -58,8 +58,10 @@ type Config struct {
 	// client's node may die (no FIN, no RST) as well as the other way,
 	// and only the PING tells (see keepalive). PingTimeout also bounds
 	// a server's Shutdown's wait for its PING's answer (on a slow link
-	// as keepalive's); with keepalive off that is all it does, and it
-	// defaults to 5 s (noKeepaliveAckWait).
+	// as keepalive's), and, at 10 × PingTimeout, how long a clean close
+	// goes on reading while the link still drains (lingerClose); with
+	// keepalive off that is all it does, and it defaults to 5 s
+	// (noKeepaliveAckWait).
 	PingInterval time.Duration
 	PingTimeout  time.Duration
 	// ResponseTimeout bounds a spliced client stream's wait for its
