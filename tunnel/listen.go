@@ -278,7 +278,7 @@ type pendingHS struct {
 	// readUnknown before the first, readBusy from the start of each
 	// read (bytes it finds are ours to work on, however long that
 	// takes), readWaiting once one found nothing (the peer's turn).
-	// owedSince (UnixNano of handshakes.now) is when the peer's turn
+	// owedSince (monoNanos of handshakes.now) is when the peer's turn
 	// began: accept, then our first wait after each step crypto/tls
 	// reports (reached); 0 while we have not waited since.
 	reading   atomic.Int32
@@ -302,7 +302,7 @@ func (hs *handshakes) add(sv *Serving, c *net.TCPConn) *pendingHS {
 	// stops at the first one too young).
 	now := hs.now()
 	h.start = now
-	h.owedSince.Store(now.UnixNano())
+	h.owedSince.Store(monoNanos(now))
 	h.all = hs.all.PushBack(h)
 	h.pod = sv.handshakes.PushBack(h)
 	hs.byConn.Store(c, h)
@@ -490,7 +490,7 @@ func (h *pendingHS) owed(now time.Time) (owes bool, since time.Time) {
 	}
 	switch at := h.owedSince.Load(); {
 	case at != 0:
-		return true, time.Unix(0, at)
+		return true, monoTime(at)
 	case reading == readUnknown:
 		return true, h.start
 	default:
@@ -532,7 +532,7 @@ func (hs *handshakes) reads(raw net.Conn, waiting bool) {
 	}
 	if h.owedSince.Load() == 0 {
 		// Before reading is set: whoever sees readWaiting sees it.
-		h.owedSince.Store(hs.now().UnixNano())
+		h.owedSince.Store(monoNanos(hs.now()))
 	}
 	h.reading.Store(readWaiting)
 }

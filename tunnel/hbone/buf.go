@@ -75,7 +75,7 @@ type corkConn struct {
 	err    error
 
 	// blockedSince is when the write(2) in progress first found the
-	// socket full (unix nanos; 0 while no write waits on it): read
+	// socket full (nanotime; 0 while no write waits on it): read
 	// without the lock by Conn.WriteStalled, the pool's sign of a peer
 	// that does not drain. Only the burst's flush (writeAll) stamps
 	// it; the handshake's and crypto/tls's own writes are not frames.
@@ -293,7 +293,7 @@ func (c *corkConn) flushGuarded() (cut bool, err error) {
 // noteBlocked runs when a burst's write first finds the socket full;
 // mu held (flushLocked).
 func (c *corkConn) noteBlocked() {
-	c.blockedSince.Store(time.Now().UnixNano())
+	c.blockedSince.Store(nanotime())
 	// Done only now: on a timerCtx it makes the channel, an
 	// allocation the open that never blocks does not pay.
 	if c.guard != nil && c.cut == nil && c.guard.Done() != nil {
@@ -308,7 +308,7 @@ func (c *corkConn) noteBlocked() {
 // writeStallAfter when no write waits now.
 func (c *corkConn) untilStalled(now time.Time) time.Duration {
 	if since := c.blockedSince.Load(); since != 0 {
-		return time.Duration(since + int64(writeStallAfter) - now.UnixNano())
+		return time.Duration(since + int64(writeStallAfter) - monoNanos(now))
 	}
 	return writeStallAfter
 }

@@ -254,15 +254,15 @@ type Conn struct {
 	connUnacked   atomic.Int64 // consumed but not yet returned
 
 	frames   atomic.Uint64 // frames read, for keepalive
-	pingSent atomic.Int64  // unix nanos of an unanswered ping, 0 if none
+	pingSent atomic.Int64  // nanotime of an unanswered ping, 0 if none
 	// lastRecv is when the read loop last read the socket and found
-	// frames (unix nanos; stamped per socket read, not per frame: the
+	// frames (nanotime; stamped per socket read, not per frame: the
 	// frames of one read arrived together), and probing says a liveness
 	// probe is armed (probeIfSilent, watch).
 	lastRecv atomic.Int64
 	probing  atomic.Bool
 	// lastOpen and openDeadline are when the last stream with a
-	// deadline opened, and that deadline (unix nanos): the streams the
+	// deadline opened, and that deadline (nanotime): the streams the
 	// probe watches.
 	lastOpen     atomic.Int64
 	openDeadline atomic.Int64
@@ -332,7 +332,7 @@ func newConn(nc net.Conn, cork *corkConn, client bool, cfg Config) *Conn {
 		silence:        probeSilence,
 	}
 	c.nextID.Store(1)
-	c.lastRecv.Store(c.idleSince.UnixNano()) // the handshake has just been read
+	c.lastRecv.Store(monoNanos(c.idleSince)) // the handshake has just been read
 	c.cond = sync.NewCond(&c.mu)
 	c.henc = hpack.NewEncoder(&c.hbuf)
 	c.hdec = hpack.NewDecoder(4096, func(f hpack.HeaderField) {
@@ -608,11 +608,11 @@ const shutdownAckLooks = 4
 // moves neither count: its wait ends at PingTimeout, as before.
 func (c *Conn) awaitShutdownAck(ctx context.Context) {
 	var link linkWatch
-	ping := time.Now().UnixNano()
+	ping := nanotime()
 	link.from(c, ping, ping)
 	look := c.cfg.PingTimeout / shutdownAckLooks
 	for {
-		_, left := link.overdue(c, ping, time.Now().UnixNano(), c.cfg.PingTimeout, 0)
+		_, left := link.overdue(c, ping, nanotime(), c.cfg.PingTimeout, 0)
 		if left <= 0 {
 			return
 		}
@@ -807,7 +807,7 @@ func (c *Conn) linger(tc *tls.Conn) {
 	// Times on the monotonic clock (since base): a step of the wall
 	// clock neither ends the linger early nor holds it for the step.
 	base := time.Now()
-	start := base.UnixNano()
+	start := monoNanos(base)
 	link.from(c, start, start)
 	most := max(lingerWait, maxPingWait(c.cfg.PingTimeout))
 	for {
@@ -1211,7 +1211,7 @@ func (c *Conn) WriteStalled(now time.Time) bool {
 		return false
 	}
 	since := c.cork.blockedSince.Load()
-	return since != 0 && now.UnixNano()-since >= int64(writeStallAfter)
+	return since != 0 && monoNanos(now)-since >= int64(writeStallAfter)
 }
 
 // lockWriteContext takes wmu, or gives up when ctx ends. Uncontended
@@ -1403,7 +1403,7 @@ func (c *Conn) keepalive() {
 		}
 		sent := c.pingSent.Load()
 		if sent == 0 {
-			sent = time.Now().UnixNano()
+			sent = nanotime()
 			c.pingSent.Store(sent)
 			var p [8]byte
 			binary.BigEndian.PutUint64(p[:], uint64(sent))
@@ -1412,7 +1412,7 @@ func (c *Conn) keepalive() {
 			link.from(c, sent, sent)
 			continue
 		}
-		waited, left := link.overdue(c, sent, time.Now().UnixNano(), c.cfg.PingTimeout, c.cfg.PingInterval/2)
+		waited, left := link.overdue(c, sent, nanotime(), c.cfg.PingTimeout, c.cfg.PingInterval/2)
 		if left <= 0 {
 			// The wait is in the reason, which every stream's error
 			// carries (closedError): a user reading "connection
@@ -1499,7 +1499,7 @@ type linkWatch struct {
 	progress int64  // the tick that last saw the link progress, else ping
 }
 
-// from is when the wait for the PING sent at ping (unix nanos) counts
+// from is when the wait for the PING sent at ping (nanotime) counts
 // from at now: the PING, or the tick that last saw the link progress,
 // whichever is later. The tick, not the moment of the progress, which
 // lies between it and the tick before: a tick longer at most, and only
@@ -1528,7 +1528,7 @@ func (w *linkWatch) from(c *Conn, ping, now int64) int64 {
 }
 
 // overdue is what is left at now of the patience with the PING sent at
-// ping (unix nanos), by keepalive's rule: timeout, less slack, after
+// ping (nanotime), by keepalive's rule: timeout, less slack, after
 // from (the PING, or the last look that saw the link progress), and
 // maxPingWait(timeout) after the PING at most. At 0 or below the peer is
 // taken for gone; waited is the time since the PING. Keepalive and
@@ -1621,10 +1621,10 @@ func (c *Conn) probeIfSilent(ctx context.Context) {
 	if !ok {
 		return
 	}
-	now := time.Now().UnixNano()
+	now := nanotime()
 	// Both stored before probing is looked at: a probe disarming
 	// meanwhile sees this open (watch).
-	c.openDeadline.Store(dl.UnixNano())
+	c.openDeadline.Store(monoNanos(dl))
 	c.lastOpen.Store(now)
 	if !c.probing.CompareAndSwap(false, true) {
 		return // armed: it watches this stream too
@@ -1652,14 +1652,14 @@ func (c *Conn) watch(now int64) {
 			if c.lastOpen.Load() < c.lastRecv.Load() || !c.probing.CompareAndSwap(false, true) {
 				return
 			}
-			now = time.Now().UnixNano()
+			now = nanotime()
 			continue
 		}
 		if quiet := now - lr; quiet < int64(c.silence) {
 			// One timer per connection, at most one a probeSilence
 			// while streams keep opening: a busy connection's frames
 			// disarm it when it fires.
-			time.AfterFunc(time.Duration(int64(c.silence)-quiet), func() { c.watch(time.Now().UnixNano()) })
+			time.AfterFunc(time.Duration(int64(c.silence)-quiet), func() { c.watch(nanotime()) })
 			return
 		}
 		seen := c.frames.Load()
@@ -1680,7 +1680,7 @@ func (c *Conn) watch(now int64) {
 				c.peerSilent()
 				return
 			}
-			c.watch(time.Now().UnixNano())
+			c.watch(nanotime())
 		})
 		return
 	}
@@ -1798,7 +1798,7 @@ func (c *Conn) readFrames() error {
 			return err
 		}
 		if refill {
-			c.lastRecv.Store(time.Now().UnixNano())
+			c.lastRecv.Store(nanotime())
 		}
 		h := parseFrameHeader(hb[:])
 		c.frames.Add(1)

@@ -155,7 +155,9 @@ func TestKeepaliveClosesZeroWindowPeer(t *testing.T) {
 	if ping == 0 {
 		t.Fatal("no PING outstanding at the close")
 	}
-	checkZeroWindowPremise(t, cfg, <-samples, time.Unix(0, ping), time.Unix(0, ping).Add(waited))
+	// The PING's time, with the monotonic reading the samples' have.
+	at := clockBase.Add(time.Duration(ping))
+	checkZeroWindowPremise(t, cfg, <-samples, at, at.Add(waited))
 	t.Logf("closed: %v", c.Err())
 }
 

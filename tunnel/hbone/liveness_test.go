@@ -298,7 +298,7 @@ func TestProbeSharesKeepalivePing(t *testing.T) {
 	echoOnce(t, c, context.Background())
 	d.goDark()
 	time.Sleep(100 * time.Millisecond)
-	c.pingSent.Store(time.Now().UnixNano()) // keepalive's, unanswered
+	c.pingSent.Store(nanotime()) // keepalive's, unanswered
 	s := openDueSoon(t, c)
 	rctx, rcancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer rcancel()

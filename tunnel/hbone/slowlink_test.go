@@ -273,7 +273,7 @@ func slowUpload(t *testing.T, ccfg, scfg Config, clientPings bool) {
 			case <-time.After(10 * time.Millisecond):
 			}
 			if sent := pinger.pingSent.Load(); sent != 0 {
-				if w := time.Now().UnixNano() - sent; w > longest.Load() {
+				if w := nanotime() - sent; w > longest.Load() {
 					longest.Store(w)
 				}
 			}
