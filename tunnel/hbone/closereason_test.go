@@ -110,7 +110,7 @@ func TestSpliceErrorNamesKeepalive(t *testing.T) {
 		spliced <- s.Splice(app)
 	}
 	sc := darkMidAnswer(t, cfg, handler)
-	waitClosed(t, sc, time.Now(), keepaliveBound(cfg))
+	waitClosed(t, sc, time.Now(), fillingKeepaliveBound(cfg))
 	select {
 	case res := <-spliced:
 		t.Logf("splice: %v (%d bytes to the client)", res.Err, res.FromApp)

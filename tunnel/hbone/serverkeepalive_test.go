@@ -28,6 +28,17 @@ func keepaliveBound(cfg Config) time.Duration {
 	return cfg.PingTimeout + 2*cfg.PingInterval + time.Second + 3*time.Second
 }
 
+// fillingKeepaliveBound is keepaliveBound for a dark peer whose kernel
+// still takes our bytes (darkMidAnswer: its app stopped reading, its
+// receive buffer fills): each new byte its TCP acknowledges is the
+// link's progress and restarts the PING's wait (Keepalive on a slow
+// link), up to maxPingWait. Measured with PingTimeout 400 ms: closed
+// 0.6-2.9 s after the PING, past keepaliveBound's slack once in 20 runs
+// (TestSpliceErrorNamesKeepalive).
+func fillingKeepaliveBound(cfg Config) time.Duration {
+	return maxPingWait(cfg.PingTimeout) + 2*cfg.PingInterval + time.Second + 3*time.Second
+}
+
 // serveDarkClient is serve whose client side can go dark (darkConn);
 // server returns the server's Conn.
 func serveDarkClient(t *testing.T, cfg Config, handler func(*Stream), serverConn func(*net.TCPConn)) (c *Conn, d *darkConn, server func() *Conn) {
@@ -162,7 +173,7 @@ func TestServerKeepaliveClosesStalledWriter(t *testing.T) {
 		}
 		blocked = sc.cork.blockedSince.Load() != 0
 	}
-	took := waitClosed(t, sc, dark, keepaliveBound(cfg))
+	took := waitClosed(t, sc, dark, fillingKeepaliveBound(cfg))
 	t.Logf("closed %v after the client went dark: %v", took.Round(time.Millisecond), sc.Err())
 	select {
 	case err := <-writeErr:
