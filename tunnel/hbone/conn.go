@@ -58,10 +58,11 @@ type Config struct {
 	// client's node may die (no FIN, no RST) as well as the other way,
 	// and only the PING tells (see keepalive). PingTimeout also bounds
 	// a server's Shutdown's wait for its PING's answer (on a slow link
-	// as keepalive's), and, at 10 × PingTimeout, how long a clean close
-	// goes on reading while the link still drains (lingerClose); with
-	// keepalive off that is all it does, and it defaults to 5 s
-	// (noKeepaliveAckWait).
+	// as keepalive's), how long a clean close waits for a live peer
+	// whose reader stalls with our bytes queued, and, at 10 ×
+	// PingTimeout, how long it goes on reading while the link still
+	// drains (lingerClose); with keepalive off that is all it does, and
+	// it defaults to 5 s (noKeepaliveAckWait).
 	PingInterval time.Duration
 	PingTimeout  time.Duration
 	// ResponseTimeout bounds a spliced client stream's wait for its
@@ -747,6 +748,8 @@ func (c *Conn) finishClose(streams []*Stream, err error, held, clean bool) {
 // quiet: counted from the close, or from the last look (lingerLooks per
 // lingerWait) that saw the peer's TCP acknowledge bytes of ours still
 // queued or send us new ones (linkWatch, as keepalive's PING wait).
+// PingTimeout instead while bytes of ours are queued and the peer's TCP
+// still ACKs: its reader is stalled, not gone (linger).
 const lingerWait = time.Second
 
 // lingerLooks is how many times per lingerWait a lingering close looks
@@ -771,7 +774,22 @@ const lingerLooks = 4
 // So the wait runs from the last look that saw the link progress, up to
 // keepalive's patience with a PING (maxPingWait(PingTimeout), lingerWait
 // at least): a queue that drains ends, and so, past that bound, does a
-// peer that keeps sending. It says false when it did not close
+// peer that keeps sending. A live peer whose reader stalls a second or
+// more with our bytes queued acknowledges none (its window zero) and
+// sent a WINDOW_UPDATE to a closed socket when it read again: the same
+// reset (TestShutdownLingersThroughAReaderStall). So while bytes are
+// queued and the peer's TCP has sent an ACK of any kind (its kernel
+// answers our zero-window probes) within PingTimeout, the quiet link
+// waits PingTimeout, not lingerWait. Not for queued bytes alone: a dead
+// node leaves bytes queued too (keepalive's PING at the least) and
+// sends no ACK; keepalive closes at a tick PingTimeout-PingInterval/2
+// or more after the last that saw a count move (20 s with the
+// defaults: the second tick), so once the linger's lingerWait is up its
+// last ACK is past PingTimeout (a PingInterval over 2 s that does not
+// divide PingTimeout can leave up to PingInterval/2-lingerWait more).
+// Queued bytes alone kept the socket, read loop and buffer of every
+// connection keepalive closes PingTimeout after the close
+// (TestLingerEndsForADeadPeerWithBytesQueued). It says false when it did not close
 // (no read loop left to drain, no half-close under TLS, close_notify
 // failed): the caller closes the socket.
 func (c *Conn) lingerClose(tc *tls.Conn) bool {
@@ -810,11 +828,16 @@ func (c *Conn) linger(tc *tls.Conn) {
 	start := monoNanos(base)
 	link.from(c, start, start)
 	most := max(lingerWait, maxPingWait(c.cfg.PingTimeout))
+	stalled := max(lingerWait, c.cfg.PingTimeout)
 	for {
 		elapsed := time.Since(base)
 		now := start + int64(elapsed)
 		quiet := time.Duration(now - link.from(c, start, now))
-		left := min(lingerWait-quiet, most-elapsed)
+		wait := lingerWait
+		if link.stalledAlive(now, c.cfg.PingTimeout) {
+			wait = stalled
+		}
+		left := min(wait-quiet, most-elapsed)
 		if left <= 0 {
 			break
 		}
@@ -1497,6 +1520,7 @@ type linkWatch struct {
 	received uint64 // bytes_received when last seen
 	queued   bool   // bytes of ours were in the socket when last seen
 	progress int64  // the tick that last saw the link progress, else ping
+	ackAt    int64  // the peer's last ACK of any kind, as last seen; 0 unknown
 }
 
 // from is when the wait for the PING sent at ping (nanotime) counts
@@ -1508,18 +1532,20 @@ func (w *linkWatch) from(c *Conn, ping, now int64) int64 {
 	if c.cork == nil || c.cork.raw == nil {
 		return ping
 	}
-	acked, received, queued, ok := tcpProgress(c.cork.raw)
+	acked, received, sinceAck, queued, ok := tcpProgress(c.cork.raw)
 	switch {
 	case !ok:
 	case w.ping != ping:
 		// A new PING (ours, sent now, or the liveness probe's, sent
 		// between ticks): what the counts did before is not evidence.
 		w.ping, w.acked, w.received, w.queued, w.progress = ping, acked, received, queued, ping
+		w.ackAt = now - int64(sinceAck)
 	default:
 		if received > w.received || acked > w.acked && (w.queued || queued) {
 			w.progress = now
 		}
 		w.acked, w.received, w.queued = acked, received, queued
+		w.ackAt = now - int64(sinceAck)
 	}
 	if w.ping != ping {
 		return ping
@@ -1538,6 +1564,16 @@ func (w *linkWatch) overdue(c *Conn, ping, now int64, timeout, slack time.Durati
 	waited = time.Duration(now - ping)
 	quiet := time.Duration(now - w.from(c, ping, now))
 	return waited, min(timeout-slack-quiet, maxPingWait(timeout)-waited)
+}
+
+// stalledAlive says the last look found bytes of ours queued and the
+// peer's TCP alive by an ACK of any kind within window of now: a reader
+// stalled on a live host, its window zero, acknowledges no byte, but
+// its kernel answers our zero-window probes (linger). A dead node sends
+// none. Keepalive does not ask it: a stuck agent's kernel answers those
+// probes for ever (TestKeepaliveClosesZeroWindowPeer).
+func (w *linkWatch) stalledAlive(now int64, window time.Duration) bool {
+	return w.queued && w.ackAt != 0 && time.Duration(now-w.ackAt) < window
 }
 
 // roundWait rounds a wait for a message: to 100 ms from a second up

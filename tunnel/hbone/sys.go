@@ -2,6 +2,7 @@ package hbone
 
 import (
 	"syscall"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -113,17 +114,21 @@ func (c *corkConn) step(fd uintptr) bool {
 // tcpi_bytes_acked and tcpi_bytes_received, Linux 4.1+): neither moves
 // for a pure ACK, a zero-window probe or a TCP keepalive probe. queued
 // says bytes of ours wait in the socket, sent and unacknowledged or not
-// yet sent (tcpi_unacked, tcpi_notsent_bytes). ok is false when rc is
-// not a TCP socket (a Unix socket, say) or is closed: the caller then
-// has no evidence either way. A kernel whose TCP_INFO predates the
-// counters leaves them 0, which never advance.
-func tcpProgress(rc syscall.RawConn) (acked, received uint64, queued, ok bool) {
+// yet sent (tcpi_unacked, tcpi_notsent_bytes). sinceAck is how long ago
+// the peer's TCP last sent an ACK of any kind (tcpi_last_ack_recv, ms):
+// a pure ACK answering a zero-window probe counts, so a live host
+// renews it while its reader stalls and a dead one never does. ok is
+// false when rc is not a TCP socket (a Unix socket, say) or is closed:
+// the caller then has no evidence either way. A kernel whose TCP_INFO
+// predates the counters leaves them 0, which never advance.
+func tcpProgress(rc syscall.RawConn) (acked, received uint64, sinceAck time.Duration, queued, ok bool) {
 	var info *unix.TCPInfo
 	var err error
 	if cerr := rc.Control(func(fd uintptr) {
 		info, err = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO)
 	}); cerr != nil || err != nil {
-		return 0, 0, false, false
+		return 0, 0, 0, false, false
 	}
-	return info.Bytes_acked, info.Bytes_received, info.Unacked > 0 || info.Notsent_bytes > 0, true
+	sinceAck = time.Duration(info.Last_ack_recv) * time.Millisecond
+	return info.Bytes_acked, info.Bytes_received, sinceAck, info.Unacked > 0 || info.Notsent_bytes > 0, true
 }
