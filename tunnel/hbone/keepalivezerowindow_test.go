@@ -122,13 +122,7 @@ func TestKeepaliveClosesZeroWindowPeer(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	c, err := Client(ctx, raw, ccfg, cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
+	c := clientOn(t, raw, ccfg, cfg)
 
 	samples := make(chan []tcpSample, 1)
 	go func() { samples <- sampleTCPInfo(c, rc) }()

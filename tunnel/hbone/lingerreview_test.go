@@ -25,23 +25,7 @@ func TestLingerStartsNoStream(t *testing.T) {
 	}
 	a := newAttacker(t, Config{PingTimeout: 400 * time.Millisecond}, attackOpts{}, handler)
 	srv := a.server()
-	stop := make(chan struct{})
-	sent := make(chan struct{})
-	go func() {
-		defer close(sent)
-		ping := appendFrame(nil, framePing, 0, 0, make([]byte, 8))
-		for {
-			select {
-			case <-stop:
-				return
-			case <-time.After(50 * time.Millisecond):
-			}
-			if a.write(ping) != nil {
-				return
-			}
-		}
-	}()
-	t.Cleanup(func() { close(stop); <-sent })
+	keepPinging(t, a)
 	srv.Close()
 	closed := time.Now()
 	time.Sleep(lingerWait + lingerWait/2)

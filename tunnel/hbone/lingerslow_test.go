@@ -1,14 +1,9 @@
 package hbone
 
 import (
-	"bytes"
 	"context"
 	"crypto/rand"
 	"errors"
-	"fmt"
-	"io"
-	"net"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -34,62 +29,11 @@ func TestShutdownLingersWhileTheLinkDrains(t *testing.T) {
 	ccfg := Config{PingInterval: -1, PingTimeout: time.Second, StreamWindow: 256 << 10, ConnWindow: 256 << 10}
 	download := make([]byte, body)
 	rand.Read(download)
-	holding := make(chan struct{})
-	release := make(chan struct{})
-	handler := func(s *Stream) {
-		close(holding)
-		<-release
-		s.Respond(200, nil)
-		s.Write(download)
-		s.CloseWrite()
-	}
-	inShaped, inOther, _ := slowLink(t)
-	ctls, stls := testTLS(t)
-	var ln net.Listener
-	var err error
-	inShaped(func() { ln, err = net.Listen("tcp", "10.99.0.1:0") })
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	srv := make(chan *Conn, 1)
-	go func() {
-		raw, err := ln.Accept()
-		if err != nil {
-			close(srv)
-			return
-		}
-		// Room in the socket for what the client's window lets out,
-		// as autotuning gives a bulk sender: the stream ends with its
-		// last quarter MiB queued, not waiting for room.
-		if err := raw.(*net.TCPConn).SetWriteBuffer(1 << 20); err != nil {
-			t.Error(err)
-		}
-		s, err := Server(context.Background(), raw, stls, scfg, nil, handler)
-		if err != nil {
-			t.Error(err)
-			close(srv)
-			return
-		}
-		t.Cleanup(func() { s.Close() })
-		srv <- s
-	}()
-	var raw net.Conn
-	inOther(func() { raw, err = net.Dial("tcp", ln.Addr().String()) })
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	c, err := Client(ctx, raw, ctls, ccfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	sc := <-srv
-	if sc == nil {
-		t.FailNow()
-	}
+	handler, holding, release := heldDownload(download)
+	// The room in the server's socket is for what the client's window
+	// lets out: the stream ends with its last quarter MiB queued, not
+	// waiting for room.
+	c, sc, _ := slowServerPair(t, scfg, ccfg, handler, nil)
 
 	s1, err := c.OpenStream("10.0.0.1:80", nil)
 	if err != nil {
@@ -110,38 +54,14 @@ func TestShutdownLingersWhileTheLinkDrains(t *testing.T) {
 		defer cancel()
 		shut <- sc.Shutdown(ctx)
 	}()
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
-		sc.mu.Lock()
-		final := sc.finalSent
-		sc.mu.Unlock()
-		if final {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("Shutdown sent no final GOAWAY within 10 s")
-		}
-	}
+	awaitFinalGoAway(t, sc)
 	close(release)
 
-	var closed atomic.Int64 // when Shutdown returned (unix nanos)
-	got := make(chan error, 1)
-	go func() {
-		if st, _, err := s1.Response(context.Background()); err != nil || st != 200 {
-			got <- fmt.Errorf("response %d, %v", st, err)
-			return
-		}
-		b, err := io.ReadAll(s1)
-		if err == nil && !bytes.Equal(b, download) {
-			err = fmt.Errorf("%d bytes, not the %d sent", len(b), body)
-		}
-		if err != nil {
-			err = fmt.Errorf("%v (%d of %d bytes read, %v after the server's close)", err, len(b), body, time.Since(time.Unix(0, closed.Load())).Round(time.Millisecond))
-		}
-		got <- err
-	}()
+	var closed time.Time // when Shutdown returned
+	got := readDownload(s1, download)
 	select {
 	case err := <-shut:
-		closed.Store(time.Now().UnixNano())
+		closed = time.Now()
 		if err != nil {
 			t.Errorf("Shutdown: %v", err)
 		}
@@ -151,9 +71,9 @@ func TestShutdownLingersWhileTheLinkDrains(t *testing.T) {
 	select {
 	case err := <-got:
 		if err != nil {
-			t.Fatalf("the download: %v", err)
+			t.Fatalf("the download: %v, %v after the server's close", err, time.Since(closed).Round(time.Millisecond))
 		}
-		t.Logf("the download was read whole %v after the server's close", time.Since(time.Unix(0, closed.Load())).Round(time.Millisecond))
+		t.Logf("the download was read whole %v after the server's close", time.Since(closed).Round(time.Millisecond))
 	case <-time.After(30 * time.Second):
 		t.Fatal("the download has not ended 30 s after the server's close")
 	}
@@ -186,23 +106,7 @@ func TestShutdownLingersWhileTheLinkDrains(t *testing.T) {
 func TestLingerBoundedForAPeerThatKeepsSending(t *testing.T) {
 	a := newAttacker(t, Config{PingTimeout: 300 * time.Millisecond}, attackOpts{}, echoHandler)
 	srv := a.server()
-	stop := make(chan struct{})
-	sent := make(chan struct{})
-	go func() {
-		defer close(sent)
-		ping := appendFrame(nil, framePing, 0, 0, make([]byte, 8))
-		for end := time.Now().Add(20 * time.Second); time.Now().Before(end); {
-			select {
-			case <-stop:
-				return
-			case <-time.After(50 * time.Millisecond):
-			}
-			if a.write(ping) != nil {
-				return
-			}
-		}
-	}()
-	t.Cleanup(func() { close(stop); <-sent })
+	keepPinging(t, a)
 	srv.Close()
 	select {
 	case <-srv.readDone:

@@ -1,10 +1,8 @@
 package hbone
 
 import (
-	"bytes"
 	"context"
 	"crypto/rand"
-	"fmt"
 	"io"
 	"net"
 	"strings"
@@ -63,62 +61,16 @@ func TestShutdownLingersThroughAReaderStall(t *testing.T) {
 	ccfg := Config{PingInterval: -1, PingTimeout: 10 * time.Second, StreamWindow: 256 << 10, ConnWindow: 256 << 10}
 	download := make([]byte, body)
 	rand.Read(download)
-	holding := make(chan struct{})
-	release := make(chan struct{})
-	handler := func(s *Stream) {
-		close(holding)
-		<-release
-		s.Respond(200, nil)
-		s.Write(download)
-		s.CloseWrite()
-	}
-	ctls, stls := testTLS(t)
-	inShaped, inOther, _ := slowLink(t)
-	var ln net.Listener
-	var err error
-	inShaped(func() { ln, err = net.Listen("tcp", "10.99.0.1:0") })
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	srv := make(chan *Conn, 1)
-	go func() {
-		raw, err := ln.Accept()
-		if err != nil {
-			close(srv)
-			return
-		}
-		_ = raw.(*net.TCPConn).SetWriteBuffer(1 << 20)
-		s, err := Server(context.Background(), raw, stls, scfg, nil, handler)
-		if err != nil {
-			t.Error(err)
-			close(srv)
-			return
-		}
-		t.Cleanup(func() { s.Close() })
-		srv <- s
-	}()
-	var tcp net.Conn
-	inOther(func() { tcp, err = net.Dial("tcp", ln.Addr().String()) })
-	if err != nil {
-		t.Fatal(err)
-	}
-	// A small receive buffer: the download's tail stays in the
-	// server's socket while the client's reader is held.
-	_ = tcp.(*net.TCPConn).SetReadBuffer(32 << 10)
-	g := &gatedConn{Conn: tcp, open: make(chan struct{})}
-	close(g.open)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	c, err := Client(ctx, g, ctls, ccfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	sc := <-srv
-	if sc == nil {
-		t.FailNow()
-	}
+	handler, holding, release := heldDownload(download)
+	var g *gatedConn
+	c, sc, _ := slowServerPair(t, scfg, ccfg, handler, func(tcp net.Conn) net.Conn {
+		// A small receive buffer: the download's tail stays in the
+		// server's socket while the client's reader is held.
+		_ = tcp.(*net.TCPConn).SetReadBuffer(32 << 10)
+		g = &gatedConn{Conn: tcp, open: make(chan struct{})}
+		close(g.open)
+		return g
+	})
 	s1, err := c.OpenStream("10.0.0.1:80", nil)
 	if err != nil {
 		t.Fatal(err)
@@ -128,17 +80,7 @@ func TestShutdownLingersThroughAReaderStall(t *testing.T) {
 	<-holding
 	shut := make(chan error, 1)
 	go func() { shut <- sc.Shutdown(context.Background()) }()
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
-		sc.mu.Lock()
-		final := sc.finalSent
-		sc.mu.Unlock()
-		if final {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("Shutdown sent no final GOAWAY within 10 s")
-		}
-	}
+	awaitFinalGoAway(t, sc)
 	g.shut()
 	close(release)
 	if err := <-shut; err != nil {
@@ -147,21 +89,7 @@ func TestShutdownLingersThroughAReaderStall(t *testing.T) {
 	closed := time.Now()
 	time.Sleep(stall)
 	g.reopen()
-	got := make(chan error, 1)
-	go func() {
-		if st, _, err := s1.Response(context.Background()); err != nil || st != 200 {
-			got <- fmt.Errorf("response %d, %v", st, err)
-			return
-		}
-		b, err := io.ReadAll(s1)
-		if err == nil && !bytes.Equal(b, download) {
-			err = fmt.Errorf("%d bytes, not the %d sent", len(b), body)
-		}
-		if err != nil {
-			err = fmt.Errorf("%v (%d of %d bytes read)", err, len(b), body)
-		}
-		got <- err
-	}()
+	got := readDownload(s1, download)
 	select {
 	case err := <-got:
 		if err != nil {
@@ -194,51 +122,12 @@ func TestLingerEndsForADeadPeerWithBytesQueued(t *testing.T) {
 		s.Write(download)
 		s.CloseWrite()
 	}
-	ctls, stls := testTLS(t)
-	inShaped, inOther, _ := slowLink(t)
-	var ln net.Listener
-	var err error
-	inShaped(func() { ln, err = net.Listen("tcp", "10.99.0.1:0") })
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	srv := make(chan *Conn, 1)
-	go func() {
-		raw, err := ln.Accept()
-		if err != nil {
-			close(srv)
-			return
-		}
-		// The whole download fits in the socket: the handler is done,
-		// and keepalive's GOAWAY and close_notify find room (a clean
-		// close, which lingers).
-		_ = raw.(*net.TCPConn).SetWriteBuffer(1 << 20)
-		s, err := Server(context.Background(), raw, stls, scfg, nil, handler)
-		if err != nil {
-			t.Error(err)
-			close(srv)
-			return
-		}
-		t.Cleanup(func() { s.Close() })
-		srv <- s
-	}()
-	var tcp net.Conn
-	inOther(func() { tcp, err = net.Dial("tcp", ln.Addr().String()) })
-	if err != nil {
-		t.Fatal(err)
-	}
+	// The whole download fits in the server's socket: the handler is
+	// done, and keepalive's GOAWAY and close_notify find room (a clean
+	// close, which lingers).
+	c, sc, inOther := slowServerPair(t, scfg, ccfg, handler, nil)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	c, err := Client(ctx, tcp, ctls, ccfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	sc := <-srv
-	if sc == nil {
-		t.FailNow()
-	}
 	s1, err := c.OpenStream("10.0.0.1:80", nil)
 	if err != nil {
 		t.Fatal(err)

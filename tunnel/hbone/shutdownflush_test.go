@@ -8,7 +8,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -193,55 +192,11 @@ func TestShutdownSlowLinkWaitsForTheAck(t *testing.T) {
 		close(written)
 		io.Copy(io.Discard, s)
 	}
-	inShaped, inOther, _ := slowLink(t)
-	ccfg, scfg := testTLS(t)
-	var ln net.Listener
-	var err error
-	inShaped(func() { ln, err = net.Listen("tcp", "10.99.0.1:0") })
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	srv := make(chan *Conn, 1)
-	go func() {
-		raw, err := ln.Accept()
-		if err != nil {
-			close(srv)
-			return
-		}
-		// Room for the whole download in the socket, as autotuning
-		// gives a bulk sender (tcp_wmem, up to 4 MiB): the PING is
-		// queued behind all of it. With the initial 16 KiB, the
-		// writer waits for room between frames, and ctlLoop's PING
-		// went out after the first frame, ~1.4 s in.
-		if err := raw.(*net.TCPConn).SetWriteBuffer(1 << 20); err != nil {
-			t.Error(err)
-		}
-		s, err := Server(context.Background(), raw, scfg, cfg, nil, handler)
-		if err != nil {
-			t.Error(err)
-			close(srv)
-			return
-		}
-		t.Cleanup(func() { s.Close() })
-		srv <- s
-	}()
-	var raw net.Conn
-	inOther(func() { raw, err = net.Dial("tcp", ln.Addr().String()) })
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	c, err := Client(ctx, raw, ccfg, cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	sc := <-srv
-	if sc == nil {
-		t.FailNow()
-	}
+	// Room for the whole download in the server's socket: the PING is
+	// queued behind all of it. With the initial 16 KiB, the writer waits
+	// for room between frames, and ctlLoop's PING went out after the
+	// first frame, ~1.4 s in.
+	c, sc, _ := slowServerPair(t, cfg, cfg, handler, nil)
 
 	s1, err := c.OpenStream("10.0.0.1:80", nil)
 	if err != nil {
@@ -249,18 +204,7 @@ func TestShutdownSlowLinkWaitsForTheAck(t *testing.T) {
 	}
 	defer s1.Close()
 	s1.CloseWrite()
-	got := make(chan error, 1)
-	go func() {
-		if st, _, err := s1.Response(context.Background()); err != nil || st != 200 {
-			got <- fmt.Errorf("response %d, %v", st, err)
-			return
-		}
-		b, err := io.ReadAll(s1)
-		if err == nil && !bytes.Equal(b, download) {
-			err = fmt.Errorf("%d bytes, not the %d sent", len(b), body)
-		}
-		got <- err
-	}()
+	got := readDownload(s1, download)
 	select {
 	case <-written:
 	case <-time.After(10 * time.Second):

@@ -83,11 +83,38 @@ func slowLink(t *testing.T) (inClient, inServer func(fn func()), serverIP string
 func slowPair(t *testing.T, cfg Config, serve func(raw *net.TCPConn, scfg *tls.Config)) *Conn {
 	t.Helper()
 	inClient, inServer, ip := slowLink(t)
+	return slowDial(t, inServer, inClient, ip, cfg, nil, serve)
+}
+
+// slowServerPair is slowLink the other way round: our server (scfg,
+// handler) on the shaped side, its answers sent at slowRate, with 1 MiB
+// of room in its socket, as autotuning gives a bulk sender (tcp_wmem,
+// up to 4 MiB), and our client (ccfg) dialled from the other side, its
+// socket passed through wrap (nil: as it is). inOther runs fn in the
+// client's namespace.
+func slowServerPair(t *testing.T, scfg, ccfg Config, handler func(*Stream), wrap func(net.Conn) net.Conn) (c, sc *Conn, inOther func(fn func())) {
+	t.Helper()
+	inShaped, inOther, _ := slowLink(t)
+	serve, srv := serveHBONE(t, scfg, handler)
+	c = slowDial(t, inShaped, inOther, "10.99.0.1", ccfg, wrap, func(raw *net.TCPConn, tcfg *tls.Config) {
+		if err := raw.SetWriteBuffer(1 << 20); err != nil {
+			t.Error(err)
+		}
+		serve(raw, tcfg)
+	})
+	return c, gotServer(t, srv), inOther
+}
+
+// slowDial is our client (cfg) on a TCP connection dialled in inDial's
+// namespace to a listener on ip in inListen's; serve gets the accepted
+// socket and the server's TLS config, wrap (nil: none) the dialled one.
+func slowDial(t *testing.T, inListen, inDial func(fn func()), ip string, cfg Config, wrap func(net.Conn) net.Conn, serve func(raw *net.TCPConn, scfg *tls.Config)) *Conn {
+	t.Helper()
 	ccfg, scfg := testTLS(t)
 	var ln net.Listener
 	var raw net.Conn
 	var err error
-	inServer(func() { ln, err = net.Listen("tcp", net.JoinHostPort(ip, "0")) })
+	inListen(func() { ln, err = net.Listen("tcp", net.JoinHostPort(ip, "0")) })
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -99,18 +126,55 @@ func slowPair(t *testing.T, cfg Config, serve func(raw *net.TCPConn, scfg *tls.C
 		}
 		serve(raw.(*net.TCPConn), scfg)
 	}()
-	inClient(func() { raw, err = net.Dial("tcp", ln.Addr().String()) })
+	inDial(func() { raw, err = net.Dial("tcp", ln.Addr().String()) })
 	if err != nil {
 		t.Fatal(err)
 	}
+	if wrap != nil {
+		raw = wrap(raw)
+	}
+	return clientOn(t, raw, ccfg, cfg)
+}
+
+// clientOn is our client (cfg; closed with the test) on raw, its TLS
+// handshake (tcfg) done within 10 s.
+func clientOn(t *testing.T, raw net.Conn, tcfg *tls.Config, cfg Config) *Conn {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	c, err := Client(ctx, raw, ccfg, cfg)
+	c, err := Client(ctx, raw, tcfg, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { c.Close() })
 	return c
+}
+
+// serveHBONE is a serve for slowDial running our server (cfg, handler;
+// closed with the test), which it sends on srv; srv is closed instead if
+// the server's handshake fails (the test failed with its error).
+func serveHBONE(t *testing.T, cfg Config, handler func(*Stream)) (serve func(raw *net.TCPConn, tcfg *tls.Config), srv <-chan *Conn) {
+	ch := make(chan *Conn, 1)
+	return func(raw *net.TCPConn, tcfg *tls.Config) {
+		s, err := Server(context.Background(), raw, tcfg, cfg, nil, handler)
+		if err != nil {
+			t.Error(err)
+			close(ch)
+			return
+		}
+		t.Cleanup(func() { s.Close() })
+		ch <- s
+	}, ch
+}
+
+// gotServer is serveHBONE's server; a failed handshake ends the test.
+func gotServer(t *testing.T, srv <-chan *Conn) *Conn {
+	t.Helper()
+	sc := <-srv
+	if sc == nil {
+		t.FailNow()
+	}
+	return sc
 }
 
 // handRolledServer plays an HTTP/2 server by hand on raw after the TLS
@@ -227,21 +291,9 @@ func slowUpload(t *testing.T, ccfg, scfg Config, clientPings bool) {
 		s.Write(r.sum[:])
 		s.CloseWrite()
 	}
-	srv := make(chan *Conn, 1)
-	c := slowPair(t, ccfg, func(raw *net.TCPConn, tcfg *tls.Config) {
-		s, err := Server(context.Background(), raw, tcfg, scfg, nil, handler)
-		if err != nil {
-			t.Error(err)
-			close(srv)
-			return
-		}
-		t.Cleanup(func() { s.Close() })
-		srv <- s
-	})
-	sc := <-srv
-	if sc == nil {
-		t.FailNow()
-	}
+	serve, srv := serveHBONE(t, scfg, handler)
+	c := slowPair(t, ccfg, serve)
+	sc := gotServer(t, srv)
 	pinger := sc
 	if clientPings {
 		pinger = c
