@@ -293,6 +293,9 @@ type Conn struct {
 	// readDone closes when the read loop has returned: a clean close
 	// keeps the socket until then (lingerClose).
 	readDone chan struct{}
+	// gone closes once the socket itself is closed: with done, or after
+	// a clean close's linger (Gone).
+	gone chan struct{}
 
 	// read-loop only
 	hdec       *hpack.Decoder
@@ -328,6 +331,7 @@ func newConn(nc net.Conn, cork *corkConn, client bool, cfg Config) *Conn {
 		peerMaxStreams: 100,
 		done:           make(chan struct{}),
 		readDone:       make(chan struct{}),
+		gone:           make(chan struct{}),
 		shutdownAck:    make(chan struct{}),
 		idleSince:      time.Now(),
 		silence:        probeSilence,
@@ -472,6 +476,17 @@ func (c *Conn) NetConn() net.Conn { return c.nc }
 
 // Done is closed when the connection has ended.
 func (c *Conn) Done() <-chan struct{} { return c.done }
+
+// Gone is closed once the connection's socket is closed. That is when
+// Done closes, except after a clean close, whose socket lingers while
+// the peer may still send (lingerClose): a second at most on a quiet
+// link, longer while a slow link drains. A process that exits before
+// Gone has its kernel close what lingers, and the peer's next frame
+// gets a reset instead of our FIN, as if the socket had not lingered;
+// so whoever ends the process (an agent's drain at an upgrade) waits
+// for Gone, and whoever must be rid of the socket now (a pod's network
+// going) closes the NetConn's own socket, which ends the linger.
+func (c *Conn) Gone() <-chan struct{} { return c.gone }
 
 // Err is why the connection ended (nil while it is alive).
 func (c *Conn) Err() error {
@@ -729,9 +744,11 @@ func (c *Conn) finishClose(streams []*Stream, err error, held, clean bool) {
 	case ok && !clean:
 		tc.NetConn().Close()
 		c.nc.Close()
+		close(c.gone)
 	case ok && c.lingerClose(tc):
 	default:
 		c.nc.Close()
+		close(c.gone)
 	}
 	if held {
 		c.wmu.Unlock()
@@ -847,6 +864,7 @@ func (c *Conn) linger(tc *tls.Conn) {
 		case <-c.readDone:
 			t.Stop()
 			c.nc.Close()
+			close(c.gone)
 			return
 		case <-t.C:
 		}
@@ -860,6 +878,7 @@ func (c *Conn) linger(tc *tls.Conn) {
 	}
 	t.Stop()
 	c.nc.Close()
+	close(c.gone)
 }
 
 // errWritePanicked closes a connection whose writer panicked while it
