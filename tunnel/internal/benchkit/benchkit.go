@@ -85,12 +85,16 @@ type Setup struct {
 	CPU  func() float64
 	// Pids are the proxies' processes, if any (for perf/strace).
 	Pids []int
+	// Iperf is where an iperf3 client measures the path (nil: not
+	// measured).
+	Iperf *IperfTarget
 }
 
 // Result is one configuration's figures.
 type Result struct {
 	Name      string
 	Gbps      float64
+	IperfGbps float64 // iperf3's figure, 0 if not measured
 	P50, P99  time.Duration
 	ConnsPerS float64
 	CPUPerGB  float64
@@ -103,6 +107,9 @@ type Options struct {
 	ConnFor  time.Duration // per connection-rate run (default 1.5 s)
 	ConnConc int           // concurrent connecting clients (default 4)
 	Rounds   int           // interleaved rounds (default 3)
+	// IperfSecs is each iperf3 run's length (0: no iperf3 runs; they
+	// need iperf3 and a setup with an Iperf target).
+	IperfSecs int
 }
 
 func (o Options) withDefaults() Options {
@@ -301,6 +308,11 @@ func Run(tb testing.TB, setups []Setup, o Options) []Result {
 			if res.Gbps, res.CPUPerGB, err = Throughput(s, o.Bytes); err != nil {
 				tb.Fatalf("%s throughput: %v", s.Name, err)
 			}
+			if o.IperfSecs > 0 && s.Iperf != nil {
+				if res.IperfGbps, err = Iperf(s, o.IperfSecs); err != nil {
+					tb.Fatalf("%s iperf3: %v", s.Name, err)
+				}
+			}
 			if res.P50, res.P99, err = Latency(s, o.RTTs); err != nil {
 				tb.Fatalf("%s latency: %v", s.Name, err)
 			}
@@ -324,6 +336,7 @@ func Medians(all [][]Result) []Result {
 		out = append(out, Result{
 			Name:      rs[0].Name,
 			Gbps:      median(rs, func(r Result) float64 { return r.Gbps }),
+			IperfGbps: median(rs, func(r Result) float64 { return r.IperfGbps }),
 			P50:       time.Duration(median(rs, func(r Result) float64 { return float64(r.P50) })),
 			P99:       time.Duration(median(rs, func(r Result) float64 { return float64(r.P99) })),
 			ConnsPerS: median(rs, func(r Result) float64 { return r.ConnsPerS }),
@@ -352,18 +365,34 @@ func find(rs []Result, name string) *Result {
 	return nil
 }
 
-// Table formats results with ratios against the setup named base.
+// Table formats results with ratios against the setup named base; the
+// iperf3 columns only when some result has an iperf3 figure.
 func Table(rs []Result, base string) string {
 	b := find(rs, base)
-	var sb strings.Builder
-	fmt.Fprintf(&sb, "%-18s %10s %8s %10s %10s %9s %10s %10s %9s\n", "config", "Gb/s", "×"+base, "RTT p50", "RTT p99", "×"+base, "conns/s", "×"+base, "CPU s/GB")
+	withIperf := false
 	for _, r := range rs {
-		rt, rp, rc := 0.0, 0.0, 0.0
+		withIperf = withIperf || r.IperfGbps > 0
+	}
+	var sb strings.Builder
+	fmt.Fprintf(&sb, "%-18s %10s %8s %10s %10s %9s %10s %10s %9s", "config", "Gb/s", "×"+base, "RTT p50", "RTT p99", "×"+base, "conns/s", "×"+base, "CPU s/GB")
+	if withIperf {
+		fmt.Fprintf(&sb, " %12s %8s", "iperf3 Gb/s", "×"+base)
+	}
+	sb.WriteString("\n")
+	for _, r := range rs {
+		rt, rp, rc, ri := 0.0, 0.0, 0.0, 0.0
 		if b != nil {
 			rt, rp, rc = r.Gbps/b.Gbps, float64(r.P50)/float64(b.P50), r.ConnsPerS/b.ConnsPerS
+			if b.IperfGbps > 0 {
+				ri = r.IperfGbps / b.IperfGbps
+			}
 		}
-		fmt.Fprintf(&sb, "%-18s %10.2f %8.2f %10s %10s %9.2f %10.0f %10.2f %9.2f\n", r.Name, r.Gbps, rt,
+		fmt.Fprintf(&sb, "%-18s %10.2f %8.2f %10s %10s %9.2f %10.0f %10.2f %9.2f", r.Name, r.Gbps, rt,
 			r.P50.Round(time.Microsecond), r.P99.Round(time.Microsecond), rp, r.ConnsPerS, rc, r.CPUPerGB)
+		if withIperf {
+			fmt.Fprintf(&sb, " %12.2f %8.2f", r.IperfGbps, ri)
+		}
+		sb.WriteString("\n")
 	}
 	return sb.String()
 }
@@ -383,8 +412,13 @@ func Goals(rs []Result, base, name string) string {
 		return "NOT MET"
 	}
 	tp, rtt, cps := r.Gbps/b.Gbps, float64(r.P50)/float64(b.P50), r.ConnsPerS/b.ConnsPerS
-	return fmt.Sprintf("%s goals ×%s: throughput %.2f ≥ 0.6 %s, RTT p50 %.2f ≤ 1.2 %s, conns/s %.2f ≥ 1.0 %s",
+	line := fmt.Sprintf("%s goals ×%s: throughput %.2f ≥ 0.6 %s, RTT p50 %.2f ≤ 1.2 %s, conns/s %.2f ≥ 1.0 %s",
 		name, base, tp, verdict(tp >= 0.6), rtt, verdict(rtt <= 1.2), cps, verdict(cps >= 1.0))
+	if b.IperfGbps > 0 && r.IperfGbps > 0 {
+		ip := r.IperfGbps / b.IperfGbps
+		line += fmt.Sprintf(", iperf3 throughput %.2f ≥ 0.6 %s", ip, verdict(ip >= 0.6))
+	}
+	return line
 }
 
 // Report sets Go benchmark metrics for every result.
@@ -392,6 +426,9 @@ func Report(b *testing.B, rs []Result) {
 	for _, r := range rs {
 		n := strings.ReplaceAll(r.Name, " ", "_")
 		b.ReportMetric(r.Gbps, n+"-Gb/s")
+		if r.IperfGbps > 0 {
+			b.ReportMetric(r.IperfGbps, n+"-iperf3-Gb/s")
+		}
 		b.ReportMetric(float64(r.P50.Microseconds()), n+"-p50-µs")
 		b.ReportMetric(float64(r.P99.Microseconds()), n+"-p99-µs")
 		b.ReportMetric(r.ConnsPerS, n+"-conns/s")
@@ -412,11 +449,15 @@ func Versus(rs []Result, a, b string) string {
 		}
 		return "WORSE"
 	}
-	return fmt.Sprintf("%s vs %s: throughput %.2fx (%s), RTT p50 %.2fx (%s), RTT p99 %.2fx (%s), conns/s %.2fx (%s), CPU/GB %.2fx (%s)",
+	line := fmt.Sprintf("%s vs %s: throughput %.2fx (%s), RTT p50 %.2fx (%s), RTT p99 %.2fx (%s), conns/s %.2fx (%s), CPU/GB %.2fx (%s)",
 		a, b,
 		ra.Gbps/rb.Gbps, mark(ra.Gbps > rb.Gbps),
 		float64(ra.P50)/float64(rb.P50), mark(ra.P50 < rb.P50),
 		float64(ra.P99)/float64(rb.P99), mark(ra.P99 < rb.P99),
 		ra.ConnsPerS/rb.ConnsPerS, mark(ra.ConnsPerS > rb.ConnsPerS),
 		ra.CPUPerGB/rb.CPUPerGB, mark(ra.CPUPerGB < rb.CPUPerGB))
+	if ra.IperfGbps > 0 && rb.IperfGbps > 0 {
+		line += fmt.Sprintf(", iperf3 %.2fx (%s)", ra.IperfGbps/rb.IperfGbps, mark(ra.IperfGbps > rb.IperfGbps))
+	}
+	return line
 }

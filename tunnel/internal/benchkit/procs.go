@@ -283,12 +283,12 @@ func relayPair(tb testing.TB, name string, prepare func(*Plain)) Setup {
 	if prepare != nil {
 		prepare(p)
 	}
-	ports := fmt.Sprintf("%d %d %d", PortSink, PortRR, PortPing)
+	ports := fmt.Sprintf("%d %d %d %d", PortSink, PortRR, PortPing, PortIperf)
 	pb := Start(tb, p.B.Name, roleEnv+"=relay", "PORTS="+ports, "LISTEN_BASE=27000", "TARGET_IP=127.0.0.1", "TARGET_BASE=0")
 	pa := Start(tb, p.A.Name, roleEnv+"=relay", "PORTS="+ports, "LISTEN_BASE=17000", "TARGET_IP="+p.B.IP4.String(), "TARGET_BASE=27000")
 	return Setup{Name: name, Dial: func(port uint16) (net.Conn, error) {
 		return p.NA.Dial(context.Background(), netip.Addr{}, netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), 17000+port))
-	}, CPU: func() float64 { return ProcCPU(pa) + ProcCPU(pb) }, Pids: []int{pa, pb}}
+	}, CPU: func() float64 { return ProcCPU(pa) + ProcCPU(pb) }, Pids: []int{pa, pb}, Iperf: LocalIperf(p.A.Name)}
 }
 
 // AmbitProcs is Ambit with one agent process per pod (host netns,
@@ -373,6 +373,7 @@ func ambitProcs(tb testing.TB, name, bin string, oneAgent bool, env ...string) S
 	}
 	nb := open(tb, b)
 	ServeApps(func(port uint16) net.Listener { return listen(tb, nb, port) })
+	ServeIperf(tb, b.Name)
 	client := open(tb, a)
 	return Setup{Name: name, Dial: func(port uint16) (net.Conn, error) {
 		return client.Dial(context.Background(), netip.Addr{}, netip.AddrPortFrom(b.IP4, port))
@@ -382,7 +383,7 @@ func ambitProcs(tb testing.TB, name, bin string, oneAgent bool, env ...string) S
 			t += ProcCPU(p)
 		}
 		return t
-	}, Pids: pids}
+	}, Pids: pids, Iperf: &IperfTarget{Netns: a.Name, Addr: netip.AddrPortFrom(b.IP4, PortIperf)}}
 }
 
 var _ = filepath.Join

@@ -24,6 +24,7 @@ func NewPlain(tb testing.TB) *Plain {
 	a, b := podtest.Pair(tb)
 	p := &Plain{A: a, B: b, NA: open(tb, a), NB: open(tb, b)}
 	ServeApps(func(port uint16) net.Listener { return listen(tb, p.NB, port) })
+	ServeIperf(tb, p.B.Name)
 	return p
 }
 
@@ -50,7 +51,7 @@ func Direct(tb testing.TB) Setup {
 	p := NewPlain(tb)
 	return Setup{Name: "direct", Dial: func(port uint16) (net.Conn, error) {
 		return p.NA.Dial(context.Background(), netip.Addr{}, netip.AddrPortFrom(p.B.IP4, port))
-	}}
+	}, Iperf: &IperfTarget{Netns: p.A.Name, Addr: netip.AddrPortFrom(p.B.IP4, PortIperf)}}
 }
 
 // RelayPair: one plain TCP relay in each pod, no crypto; the client in A
@@ -58,7 +59,7 @@ func Direct(tb testing.TB) Setup {
 // connects to the app: the floor for any two userspace hops here.
 func RelayPair(tb testing.TB) Setup {
 	p := NewPlain(tb)
-	for _, port := range []uint16{PortSink, PortRR, PortPing} {
+	for _, port := range []uint16{PortSink, PortRR, PortPing, PortIperf} {
 		relay(listen(tb, p.NB, 27000+port), func() (net.Conn, error) {
 			return p.NB.Dial(context.Background(), netip.Addr{}, netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), port))
 		})
@@ -68,7 +69,7 @@ func RelayPair(tb testing.TB) Setup {
 	}
 	return Setup{Name: "relay pair", Dial: func(port uint16) (net.Conn, error) {
 		return p.NA.Dial(context.Background(), netip.Addr{}, netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), 17000+port))
-	}}
+	}, Iperf: LocalIperf(p.A.Name)}
 }
 
 // relay forwards every connection of ln to a new upstream connection.
@@ -111,10 +112,11 @@ func Ambit(tb testing.TB, o meshtest.Options) (Setup, *meshtest.Mesh) {
 		tb.Cleanup(func() { ln.Close() })
 		return ln
 	})
+	ServeIperf(tb, m.B.Pod.Name)
 	client := open(tb, m.A.Pod)
 	return Setup{Name: "ambit", Dial: func(port uint16) (net.Conn, error) {
 		return client.Dial(context.Background(), netip.Addr{}, netip.AddrPortFrom(m.B.Pod.IP4, port))
-	}}, m
+	}, Iperf: &IperfTarget{Netns: m.A.Pod.Name, Addr: netip.AddrPortFrom(m.B.Pod.IP4, PortIperf)}}, m
 }
 
 func itoa(p uint16) string {

@@ -25,7 +25,7 @@ func istioPair(tb testing.TB) benchkit.Setup {
 		tb.Fatal(err)
 	}
 	srv, _ := helper(tb, p.B, true, append(writePEM(tb, ca, ca.ID("b", "server")), "AMBIT_ISTIO_ROLE=server")...)
-	ports := fmt.Sprintf("%d %d %d", benchkit.PortSink, benchkit.PortRR, benchkit.PortPing)
+	ports := fmt.Sprintf("%d %d %d %d", benchkit.PortSink, benchkit.PortRR, benchkit.PortPing, benchkit.PortIperf)
 	rel, _ := helper(tb, p.A, true, append(writePEM(tb, ca, ca.ID("a", "client")), "AMBIT_ISTIO_ROLE=relay",
 		"PROXY="+netip.AddrPortFrom(p.B.IP4, 15008).String(), "TARGET_IP="+p.B.IP4.String(), "PORTS="+ports)...)
 	return benchkit.Setup{
@@ -33,8 +33,9 @@ func istioPair(tb testing.TB) benchkit.Setup {
 		Dial: func(port uint16) (net.Conn, error) {
 			return p.NA.Dial(context.Background(), netip.Addr{}, netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), 17000+port))
 		},
-		CPU:  func() float64 { return benchkit.ProcCPU(srv.Process.Pid) + benchkit.ProcCPU(rel.Process.Pid) },
-		Pids: []int{srv.Process.Pid, rel.Process.Pid},
+		CPU:   func() float64 { return benchkit.ProcCPU(srv.Process.Pid) + benchkit.ProcCPU(rel.Process.Pid) },
+		Pids:  []int{srv.Process.Pid, rel.Process.Pid},
+		Iperf: benchkit.LocalIperf(p.A.Name),
 	}
 }
 
@@ -42,14 +43,26 @@ func istioPair(tb testing.TB) benchkit.Setup {
 // direct, relay pair, Istio's Go HBONE pair, Ambit with an agent per
 // pod (as if on two nodes) and Ambit with one agent for both (one node);
 // medians of interleaved rounds, ratios against the relay pair, Ambit
-// against Istio and against the goals of issue #4.
+// against Istio and against the goals of issue #4. Throughput is
+// measured twice: by benchkit's own sink (512 MiB, with the proxies'
+// CPU per GB) and by iperf3, the tool issue #4 names and users run
+// (AMBIT_BENCH_IPERF_SECS a run, default 3; 0 leaves it out).
 func BenchmarkDataPath(b *testing.B) {
 	testenv.RequireRoot(b)
+	o := benchkit.Options{Rounds: 5, IperfSecs: 3}
+	if v, ok := os.LookupEnv("AMBIT_BENCH_IPERF_SECS"); ok {
+		if _, err := fmt.Sscan(v, &o.IperfSecs); err != nil {
+			b.Fatalf("AMBIT_BENCH_IPERF_SECS=%q: want whole seconds", v)
+		}
+	}
+	if o.IperfSecs > 0 && !benchkit.HaveIperf() {
+		b.Fatal("iperf3 is not installed (hack/deps.sh installs it); AMBIT_BENCH_IPERF_SECS=0 runs without it")
+	}
 	setups := []benchkit.Setup{benchkit.Direct(b), benchkit.RelayPairProcs(b), istioPair(b), benchkit.AmbitProcs(b), benchkit.AmbitOneAgent(b)}
 	b.ResetTimer()
 	var rs []benchkit.Result
 	for i := 0; i < b.N; i++ {
-		rs = benchkit.Run(b, setups, benchkit.Options{Rounds: 5})
+		rs = benchkit.Run(b, setups, o)
 	}
 	b.StopTimer()
 	fmt.Fprintf(os.Stdout, "\n%s\n", benchkit.Table(rs, "relay pair"))
