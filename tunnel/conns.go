@@ -873,6 +873,11 @@ func (sv *Serving) inboundHBONE(raw *net.TCPConn) {
 	closing, closeCtx := sv.closing, sv.closeCtx
 	sv.hconns[hc] = struct{}{}
 	sv.mu.Unlock()
+	// Held past its end while its socket lingers (sockets): Close
+	// waits for it, Abort resets it. Deferred, so a panic below does
+	// not hold it for ever.
+	sv.pool.socks.add(hc, raw)
+	defer sv.pool.socks.ended(hc)
 	// Cut only past Close's deadline: without waiting on the peer
 	// (abortConn), which a Shutdown already under way may be doing.
 	tr := sv.track(func() { abortConn(hc) })

@@ -17,6 +17,7 @@ type metrics struct {
 	sent, received *prometheus.CounterVec // direction, mode, src_identity, dst_identity
 	active         *prometheus.GaugeVec   // direction
 	poolConns      prometheus.Gauge
+	lingering      prometheus.Gauge // HBONE sockets after a clean close (lingering.go)
 
 	// The listeners under load (listen.go).
 	acceptErrors      *prometheus.CounterVec // listener
@@ -47,6 +48,8 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Help: "Connections open now."}, []string{"direction"}),
 		poolConns: prometheus.NewGauge(prometheus.GaugeOpts{Name: "ambit_tunnel_hbone_pool_connections",
 			Help: "Pooled outbound HBONE (mTLS HTTP/2) connections."}),
+		lingering: prometheus.NewGauge(prometheus.GaugeOpts{Name: "ambit_tunnel_lingering_connections",
+			Help: "HBONE connections closed cleanly whose socket still lingers, reading and dropping what the peer still sends until its own end (1 s of a quiet link; up to 10 x PingTimeout while the peer keeps sending or a slow link drains), all pods. A pod's Close waits for its own within the drain timeout, its Abort cuts them."}),
 		acceptErrors: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "ambit_tunnel_accept_errors_total",
 			Help: "Failed accepts (mostly the agent out of descriptors: EMFILE, ENFILE), each followed by a back-off of 5 ms doubling to 1 s."},
 			[]string{"listener"}),
@@ -72,6 +75,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		m.received = register(reg, m.received)
 		m.active = register(reg, m.active)
 		m.poolConns = register(reg, m.poolConns)
+		m.lingering = register(reg, m.lingering)
 		m.acceptErrors = register(reg, m.acceptErrors)
 		m.acceptPaused = register(reg, m.acceptPaused)
 		m.pendingHandshakes = register(reg, m.pendingHandshakes)

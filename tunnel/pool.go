@@ -80,11 +80,15 @@ type pool struct {
 	// one carrying a stream closed only once that stream ended, with
 	// close_notify and a FIN (TestResetReachesARetiringConnection).
 	retiring map[*hbone.Conn]*net.TCPConn
+	// socks holds every connection dialled until its socket is closed,
+	// past the pool's forgetting it at Done (its owner's, the Serving's:
+	// an idle eviction's linger outlives the connection's place here).
+	socks *sockets
 }
 
 func newPool(p *Proxy, n PodNetwork) *pool {
 	pl := &pool{p: p, net: n, m: make(map[poolKey]*poolEntry), stop: make(chan struct{}),
-		retiring: make(map[*hbone.Conn]*net.TCPConn)}
+		retiring: make(map[*hbone.Conn]*net.TCPConn), socks: newSockets(p.m)}
 	go pl.janitor()
 	return pl
 }
@@ -345,11 +349,15 @@ func (pl *pool) runDial(ctx context.Context, key poolKey, e *poolEntry, d *poolD
 		e.dialing = nil
 	}
 	d.err = err
+	if c != nil {
+		// Under pl.mu: a close of the pool after this sees it held.
+		pl.socks.add(c, raw)
+	}
 	if err == nil {
 		// Pooled even when its waiters left: the next caller uses it.
 		e.conns = append(e.conns, pooledConn{c, ps, raw})
 		pl.p.m.poolConns.Inc()
-		go func() { <-c.Done(); pl.p.m.poolConns.Dec(); pl.forget(key, c) }()
+		go func() { <-c.Done(); pl.p.m.poolConns.Dec(); pl.forget(key, c); pl.socks.ended(c) }()
 	}
 	close(d.done)
 	pl.mu.Unlock()
@@ -359,6 +367,7 @@ func (pl *pool) runDial(ctx context.Context, key poolKey, e *poolEntry, d *poolD
 		} else {
 			discard.Close()
 		}
+		pl.socks.ended(discard)
 	}
 }
 

@@ -549,8 +549,11 @@ func (s *Serving) CloseIdleOutbound(ctx context.Context) { s.pool.shutdownIdle(c
 
 // Close stops accepting (closes the pod's listeners, sends GOAWAY on
 // inbound HBONE connections), lets established connections finish until
-// ctx ends, then cuts what remains. It returns ctx's error if it had to
-// cut. After Abort it only waits for what Abort cut to be done.
+// ctx ends, then cuts what remains. The sockets of the pod's HBONE
+// connections closed cleanly, now or before, linger a while reading what
+// their peers still send (hbone's Gone): Close waits for them too
+// within ctx, and cuts those left past it. It returns ctx's error if it
+// had to cut. After Abort it only waits for what Abort cut to be done.
 func (s *Serving) Close(ctx context.Context) error {
 	s.mu.Lock()
 	if s.closing {
@@ -559,8 +562,10 @@ func (s *Serving) Close(ctx context.Context) error {
 		if aborted {
 			// Abort's own wait is bounded (the agent answers a DEL
 			// after it): the caller closes the pod's network once
-			// Close returns, which no handler may still be using.
+			// Close returns, which no handler may still be using,
+			// nor socket (what Abort reset closes at once).
 			s.waitQuiet(context.Background())
+			s.pool.socks.wait(context.Background())
 		}
 		return nil
 	}
@@ -615,6 +620,18 @@ func (s *Serving) Close(ctx context.Context) error {
 		c.Close()
 	}
 	s.pool.close()
+	// The pod's cleanly closed HBONE connections linger (sockets): the
+	// ones just closed, and those closed before (the pool's idle
+	// eviction, a retired connection). The agent exits, and closes the
+	// pod's network, once Close returns: a socket closed then has the
+	// peer's next frame reset. Waited for within ctx, cut past it.
+	if err == nil && !s.pool.socks.wait(ctx) {
+		err = ctx.Err()
+	}
+	if err != nil {
+		s.pool.socks.cut(false)
+		s.pool.socks.wait(context.Background())
+	}
 	return err
 }
 
@@ -647,8 +664,13 @@ func (s *Serving) Close(ctx context.Context) error {
 // the app the truth: its transfer was cut, not complete. A GOAWAY in
 // front would be discarded with the rest of the unsent data.
 //
-// Abort waits until ctx for the pod's handlers to end (what it cut ends
-// without waiting on any peer); a later Close waits for the rest.
+// The sockets still lingering after the pod's earlier clean closes (an
+// idle pooled connection evicted, an inbound one closed idle, a drain)
+// are reset too.
+//
+// Abort waits until ctx for the pod's handlers to end and its sockets
+// to close (what it cut ends without waiting on any peer); a later
+// Close waits for the rest.
 // Abort after Close began (an unenrolled pod draining when its DEL
 // comes) cuts what Close is draining. It returns ctx's error if
 // something was still being handled when ctx ended.
@@ -699,7 +721,11 @@ func (s *Serving) Abort(ctx context.Context) error {
 	for _, c := range cut {
 		c.cut()
 	}
-	if !s.waitQuiet(ctx) {
+	// What lingers after a clean close (sockets: the pool's idle
+	// eviction, an earlier drain, an inbound connection's idle close)
+	// is reset too, and waited for: it must not outlive the answer.
+	s.pool.socks.cut(true)
+	if !s.waitQuiet(ctx) || !s.pool.socks.wait(ctx) {
 		return ctx.Err()
 	}
 	return nil

@@ -647,7 +647,11 @@ func (a *Agent) setMigrateReq(f *os.File, wl tunnel.Workload) bool {
 // holds connections (serveOn), then the listeners close and the rest of
 // drainTimeout drains what is left. An agent that comes to serve beside
 // while this one serves on ends it: the keeper lets the copies go, as it
-// would have at once, and the listeners close.
+// would have at once, and the listeners close. Each release's Close
+// returns only once the pod's HBONE sockets are closed, a clean close's
+// linger included, within the drain's deadline: every HBONE connection
+// is a Serving's (its pool's or its 15008's), so the process exits with
+// none left for the kernel to reset.
 func (a *Agent) shutdown(beside bool) {
 	// Status says the pods drain from now on.
 	a.admin.stop()
