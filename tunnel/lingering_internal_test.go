@@ -177,46 +177,54 @@ func lingerServer(t *testing.T, cfg Config) (p *Proxy, sv *Serving, b *podtest.P
 	}
 }
 
-// closeInBackground runs sv.Close(ctx); its result says whether it
-// returned before stopped was closed (early).
-func closeInBackground(sv *Serving, ctx context.Context, stopped <-chan struct{}) <-chan closeResult {
-	res := make(chan closeResult, 1)
-	go func() {
-		err := sv.Close(ctx)
-		r := closeResult{err: err, early: true}
-		select {
-		case <-stopped:
-			r.early = false
-		default:
-		}
-		res <- r
-	}()
+// closeInBackground runs sv.Close(ctx) and sends its result.
+func closeInBackground(sv *Serving, ctx context.Context) <-chan error {
+	res := make(chan error, 1)
+	go func() { res <- sv.Close(ctx) }()
 	return res
 }
 
-type closeResult struct {
-	err   error
-	early bool
-}
+// holdWindow is how long a Close that must wait for a lingering socket
+// is watched for returning anyway. A Close that does not wait returns
+// within microseconds of closing the pool; a correct one cannot return
+// at all while the peer sends (the linger runs to 10 x PingTimeout, the
+// tests' deadline is 20 s), so the window decides nothing by its
+// length.
+const holdWindow = 500 * time.Millisecond
 
-// closeWaitsForThePeer: Close has begun and our side of pg's connection
-// lingers (the gauge says 1): Close must return only after the peer's
-// own end (stop), with nil, the gauge back to 0.
-func closeWaitsForThePeer(t *testing.T, p *Proxy, pg *pinger, res <-chan closeResult, stopped chan struct{}) {
+// closeWaitsForThePeer: Close (res) has begun and our side of pg's
+// connection lingers (the gauge says 1), pg sending all along. Close
+// must not return while it does: watched from when Close has closed the
+// pod's pool, when all that is left to it is the wait for lingering
+// sockets, for holdWindow. Only then does the peer end (stop), and Close
+// must return, with nil, the gauge back to 0. (Stopped as soon as the
+// gauge said 1, the peer often ended the linger before a Close that did
+// not wait had got that far: it passed 8 runs in 40 so.)
+func closeWaitsForThePeer(t *testing.T, p *Proxy, sv *Serving, pg *pinger, res <-chan error) {
 	t.Helper()
 	lingering := func() float64 { return testutil.ToFloat64(p.m.lingering) }
 	if got := pollUntil(1, lingering); got != 1 {
 		t.Fatalf("ambit_tunnel_lingering_connections = %v after the clean close, want 1", got)
 	}
-	close(stopped)
+	if !pollUntil(true, sv.pool.closed) {
+		t.Fatal("Close did not close the pod's pool within 10 s")
+	}
+	select {
+	case err := <-res:
+		if got := lingering(); got != 1 {
+			t.Fatalf("the socket stopped lingering (gauge %v) while its peer still sent, and Close returned (%v): the premise does not hold", got, err)
+		}
+		t.Fatalf("Close returned (%v) while the socket lingered, its peer still sending: an agent exiting then has the kernel reset it", err)
+	case <-time.After(holdWindow):
+	}
+	if got := lingering(); got != 1 {
+		t.Fatalf("ambit_tunnel_lingering_connections = %v after %v of Close's wait, want 1: the socket closed while its peer still sent, the premise does not hold", got, holdWindow)
+	}
 	pg.stop()
 	select {
-	case r := <-res:
-		if r.early {
-			t.Fatalf("Close returned (%v) while the socket lingered, its peer still sending: an agent exiting then has the kernel reset it", r.err)
-		}
-		if r.err != nil {
-			t.Errorf("Close = %v, want nil: the peer ended well within the deadline", r.err)
+	case err := <-res:
+		if err != nil {
+			t.Errorf("Close = %v, want nil: the peer ended well within the deadline", err)
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("Close did not return 10 s after the peer's end")
@@ -238,10 +246,9 @@ func TestCloseWaitsForALingeringInboundSocket(t *testing.T) {
 	pg := dial()
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	stopped := make(chan struct{})
-	res := closeInBackground(sv, ctx, stopped)
+	res := closeInBackground(sv, ctx)
 	recv(t, pg.notified, "B's close_notify")
-	closeWaitsForThePeer(t, p, pg, res, stopped)
+	closeWaitsForThePeer(t, p, sv, pg, res)
 }
 
 // TestCloseCutsALingeringSocketAtItsDeadline: the peer never ends, so
@@ -350,9 +357,7 @@ func TestCloseWaitsForAPooledSocketEvictedBefore(t *testing.T) {
 	p, sv, c, pg := lingerPooled(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	stopped := make(chan struct{})
-	res := closeInBackground(sv, ctx, stopped)
-	closeWaitsForThePeer(t, p, pg, res, stopped)
+	closeWaitsForThePeer(t, p, sv, pg, closeInBackground(sv, ctx))
 	select {
 	case <-c.Gone():
 	default:
