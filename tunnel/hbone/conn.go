@@ -682,26 +682,27 @@ func (c *Conn) closeWith(err error, code ErrCode) {
 	c.handlerQueue = nil
 	c.cond.Broadcast()
 	c.mu.Unlock()
-	// Deferred, for a panic in the GOAWAY's write: closed was already
-	// set, so without it the connection stayed open with its write lock
-	// held, Done never closed, and its streams never told
-	// (TestWritePanicLeavesConnClosed).
 	held, clean := false, false
-	defer func() { c.finishClose(streams, err, held, clean) }()
 	// The socket closes with wmu held, every close, not only one that
 	// sends a GOAWAY: crypto/tls's Close sends no close_notify while a
 	// Write is in flight (it takes the Close for one that breaks the
 	// write), and a writer (ctlLoop's SETTINGS ACK, a stream's frame)
 	// still in tls.Write as Close ran cost the peer its close_notify
-	// (TestCloseWaitsForWriteInFlight). The deadline bounds the wait
-	// for a writer stuck toward a peer that stopped reading: its write
-	// fails by then, and the lock taken only past it means a write was
-	// cut, maybe mid-record, so nothing more is written (clean).
-	deadline := time.Now().Add(time.Second)
-	_ = c.nc.SetWriteDeadline(deadline)
+	// (TestCloseWaitsForWriteInFlight). The write deadline bounds the
+	// wait for a writer stuck toward a peer that stopped reading: its
+	// write fails by then, and the lock taken only past it means a
+	// write was cut, maybe mid-record, so nothing more is written
+	// (clean). It follows the link (closeWatch): a writer on a slow
+	// link is not stuck.
+	w := watchClose(c)
+	// Deferred, for a panic in the GOAWAY's write: closed was already
+	// set, so without it the connection stayed open with its write lock
+	// held, Done never closed, and its streams never told
+	// (TestWritePanicLeavesConnClosed).
+	defer func() { c.finishClose(streams, err, held, clean, w) }()
 	c.wmu.Lock()
 	held = true
-	clean = time.Now().Before(deadline)
+	clean = w.inTime()
 	// After a writer's panic (errWritePanicked: unwedge, ctlLoopRecover,
 	// panicked) or an opener's cut, frames may be half on the wire or in
 	// the cork's buffer, the HPACK encoder a block ahead of the peer's
@@ -738,7 +739,10 @@ func (c *Conn) closeWith(err error, code ErrCode) {
 // on a full socket), wmu is freed if held, the streams fail with err,
 // Done closes. The streams' endings run without wmu: they call the
 // pool's idle hook, which may open streams or close the connection.
-func (c *Conn) finishClose(streams []*Stream, err error, held, clean bool) {
+func (c *Conn) finishClose(streams []*Stream, err error, held, clean bool, w *closeWatch) {
+	// First: crypto/tls sets close_notify's write deadline itself (5 s
+	// from its write), and one the watch set after it would cut that.
+	w.end()
 	tc, ok := c.nc.(*tls.Conn)
 	switch {
 	case ok && !clean:
@@ -758,6 +762,119 @@ func (c *Conn) finishClose(streams []*Stream, err error, held, clean bool) {
 		s.connClosed(serr)
 	}
 	close(c.done)
+}
+
+// closeWriteWait is how long a close lets its writes, and the writers
+// it waits for, go without the link progressing (closeWatch): a writer
+// stuck toward a peer that stopped reading fails then, and the close is
+// abortive.
+const closeWriteWait = time.Second
+
+// closeWatch is a close's write deadline. It was a fixed
+// closeWriteWait: on a slow link with seconds of our DATA queued, a
+// writer blocked on the full socket (a stream's last DATA, ctlLoop's
+// frames, the close's own GOAWAY) is woken only once a third of the
+// socket's buffer has drained, later than that, so the deadline cut its
+// write mid-record and the close turned abortive: the peer got a
+// truncated record, or a RST once it sent anything, and never the tail
+// of a download that was being served whole, on a link taking our
+// bytes all along (TestCloseWaitsForTheLinkToTakeTheLastWrite). Now,
+// as the linger's wait, it runs closeWriteWait from the last look
+// (lingerLooks per lingerWait) that saw the peer's TCP acknowledge
+// bytes of ours still queued or send new ones (linkWatch), up to the
+// linger's cap, max(lingerWait, maxPingWait(PingTimeout)) after the
+// close. A dead peer moves no count: its close still ends
+// closeWriteWait after it began (TestCloseToADeadPeerEndsAtTheWriteWait).
+// Not stalledAlive's longer wait: a stuck agent's live kernel would
+// hold every close of its connections, and wmu, PingTimeout.
+// SetWriteDeadline applies to a Write already blocked, so one goroutine
+// moves it, only while the close runs and only over TCP (elsewhere no
+// evidence: the fixed deadline). It stops before close_notify, which
+// crypto/tls writes under a deadline of its own (5 s).
+//
+// A deadline moved only once the one in force has passed would let the
+// writers it cut be followed by the close's frames, garbage after a
+// record cut mid-way: so the watch moves it only while it has not
+// passed, and one that passed before the move took hold counts as cut
+// (lapsed). inTime is then what clean was: the lock taken before the
+// deadline in force, never past it.
+type closeWatch struct {
+	c    *Conn
+	base time.Time // the close's start, with its monotonic reading
+	stop chan struct{}
+	done chan struct{} // nil: no goroutine (no TCP socket)
+
+	mu     sync.Mutex
+	until  time.Duration // the deadline in force, since base
+	lapsed bool          // a deadline passed before the next took hold
+}
+
+// watchClose sets the close's write deadline, closeWriteWait from now,
+// and starts moving it on with the link (closeWatch); end stops it.
+func watchClose(c *Conn) *closeWatch {
+	w := &closeWatch{c: c, base: time.Now(), until: closeWriteWait}
+	_ = c.nc.SetWriteDeadline(w.base.Add(closeWriteWait))
+	if c.cork != nil && c.cork.raw != nil {
+		w.stop, w.done = make(chan struct{}), make(chan struct{})
+		go w.run()
+	}
+	return w
+}
+
+func (w *closeWatch) run() {
+	defer close(w.done)
+	c := w.c
+	// On the monotonic clock (since base), as the linger.
+	start := monoNanos(w.base)
+	var link linkWatch
+	link.from(c, start, start)
+	most := max(closeWriteWait, maxPingWait(c.cfg.PingTimeout))
+	t := time.NewTicker(lingerWait / lingerLooks)
+	defer t.Stop()
+	for {
+		select {
+		case <-w.stop:
+			return
+		case <-t.C:
+		}
+		now := start + int64(time.Since(w.base))
+		progress := time.Duration(link.from(c, start, now) - start)
+		w.move(min(progress+closeWriteWait, most))
+	}
+}
+
+// move sets the write deadline to until (since base) if that is later
+// than the one in force and that one has not passed.
+func (w *closeWatch) move(until time.Duration) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	old := w.until
+	if until <= old || time.Since(w.base) >= old {
+		return
+	}
+	_ = w.c.nc.SetWriteDeadline(w.base.Add(until))
+	if time.Since(w.base) >= old {
+		// It may have fired before the new one replaced it.
+		w.lapsed = true
+	}
+	w.until = until
+}
+
+// inTime says no write was cut by the close's deadline so far: it has
+// not passed, nor did one before it.
+func (w *closeWatch) inTime() bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return !w.lapsed && time.Since(w.base) < w.until
+}
+
+// end stops the watch's goroutine and waits for it: no deadline of its
+// lands after the close.
+func (w *closeWatch) end() {
+	if w.done != nil {
+		close(w.stop)
+		<-w.done
+	}
 }
 
 // lingerWait bounds how long a cleanly closed connection goes on
