@@ -29,7 +29,17 @@ type sockets struct {
 	// conns: each connection's TCP socket, for Abort's reset (nil from a
 	// PodNetwork of other connections).
 	conns map[*hbone.Conn]*net.TCPConn
-	left  chan struct{} // kicked (never blocks) when one goes
+	// dials: the pool's dials running (runDial), waited for as the
+	// sockets are, for each may yet add one. Closing the pool cuts them
+	// short, but a handshake just done is discarded only once runDial
+	// takes the pool's lock, and a wait that passed before then left
+	// that socket to linger past Close.
+	dials int
+	// cutDone, cutReset: cut ran, and how; a connection added since
+	// (a dial's) is closed the same way by its owner, not cleanly: it
+	// would linger while Close waits for it past its deadline.
+	cutDone, cutReset bool
+	left              chan struct{} // kicked (never blocks) when one goes
 }
 
 func newSockets(m *metrics) *sockets {
@@ -70,10 +80,45 @@ func (ss *sockets) remove(c *hbone.Conn) {
 	ss.mu.Lock()
 	delete(ss.conns, c)
 	ss.mu.Unlock()
+	ss.kick()
+}
+
+func (ss *sockets) kick() {
 	select {
 	case ss.left <- struct{}{}:
 	default:
 	}
+}
+
+// dialing counts a dial of the pool about to run (under the pool's
+// lock, the pool open), until dialled.
+func (ss *sockets) dialing() {
+	ss.mu.Lock()
+	ss.dials++
+	ss.mu.Unlock()
+}
+
+// dialled is a dial's end, its connection, if any, added before.
+func (ss *sockets) dialled() {
+	ss.mu.Lock()
+	ss.dials--
+	ss.mu.Unlock()
+	ss.kick()
+}
+
+// wasCut says whether cut ran, and whether with a reset.
+func (ss *sockets) wasCut() (cut, reset bool) {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	return ss.cutDone, ss.cutReset
+}
+
+// pending is what wait still waits for: sockets held (live, lingering,
+// or cut and not yet closed) and dials running.
+func (ss *sockets) pending() (socks, dials int) {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	return len(ss.conns), ss.dials
 }
 
 // cut closes every socket held, lingering or live, without a word to
@@ -82,6 +127,8 @@ func (ss *sockets) remove(c *hbone.Conn) {
 // FIN_WAIT, retransmitting into the removed interface).
 func (ss *sockets) cut(reset bool) {
 	ss.mu.Lock()
+	ss.cutDone = true
+	ss.cutReset = ss.cutReset || reset
 	all := maps.Clone(ss.conns)
 	ss.mu.Unlock()
 	for c, raw := range all {
@@ -93,18 +140,13 @@ func (ss *sockets) cut(reset bool) {
 	}
 }
 
-// wait waits until no socket is held, or ctx ends (false).
+// wait waits until no socket is held and no dial runs, or ctx ends
+// (false).
 func (ss *sockets) wait(ctx context.Context) bool {
 	for {
-		ss.mu.Lock()
-		n := len(ss.conns)
-		ss.mu.Unlock()
-		if n == 0 {
+		if socks, dials := ss.pending(); socks+dials == 0 {
 			// Passed on, as waitQuiet's: Close and Abort may both wait.
-			select {
-			case ss.left <- struct{}{}:
-			default:
-			}
+			ss.kick()
 			return true
 		}
 		select {

@@ -302,11 +302,11 @@ func TestAbortResetsALingeringInboundSocket(t *testing.T) {
 	writeFails(t, pg, "B's lingering socket after Abort")
 }
 
-// lingerPooled is a pod served with one pooled connection to a pinger
-// on loopback, which the pool's idle eviction (the janitor's sweep)
-// has shut down, long before any Close: its socket lingers, the gauge
-// says 1.
-func lingerPooled(t *testing.T) (p *Proxy, sv *Serving, c *hbone.Conn, pg *pinger) {
+// pingerPool is a pod served with its pool on loopback: key leads to a
+// listener whose first connection, once its TLS handshake is done, peer
+// runs a pinger on.
+func pingerPool(t *testing.T) (p *Proxy, sv *Serving, key poolKey, peer func() *pinger) {
+	t.Helper()
 	p, _, _ = newTestProxy(t, Config{Directory: noDirectory{}, Certificates: testPeerCerts(t),
 		PoolIdleTimeout: time.Hour, ConnectTimeout: 10 * time.Second})
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -329,18 +329,32 @@ func lingerPooled(t *testing.T) (p *Proxy, sv *Serving, c *hbone.Conn, pg *pinge
 	}()
 	w := Workload{Namespace: "a", Name: "client-pod", IPs: []netip.Addr{netip.MustParseAddr("10.0.0.1")}, Identity: idClient, Meshed: true}
 	sv = ServeForTest(t, p, Pod{Workload: w, Net: &loopNet{}})
+	key = poolKey{src: idClient, dst: idServer, addr: netip.MustParseAddrPort(ln.Addr().String())}
+	return p, sv, key, func() *pinger {
+		t.Helper()
+		select {
+		case tc := <-peers:
+			return startPinger(t, tc, true)
+		case <-time.After(10 * time.Second):
+			t.Fatal("the peer's handshake did not end")
+		}
+		return nil
+	}
+}
+
+// lingerPooled is a pod served with one pooled connection to a pinger
+// on loopback, which the pool's idle eviction (the janitor's sweep)
+// has shut down, long before any Close: its socket lingers, the gauge
+// says 1.
+func lingerPooled(t *testing.T) (p *Proxy, sv *Serving, c *hbone.Conn, pg *pinger) {
+	p, sv, key, peer := pingerPool(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	c, err = sv.pool.conn(ctx, poolKey{src: idClient, dst: idServer, addr: netip.MustParseAddrPort(ln.Addr().String())})
+	c, err := sv.pool.conn(ctx, key)
 	if err != nil {
 		t.Fatal(err)
 	}
-	select {
-	case tc := <-peers:
-		pg = startPinger(t, tc, true)
-	case <-time.After(10 * time.Second):
-		t.Fatal("the peer's handshake did not end")
-	}
+	pg = peer()
 	sv.pool.sweep(time.Now().Add(2*time.Hour), p.poolIdle)
 	recv(t, c.Done(), "the evicted connection's end")
 	recv(t, pg.notified, "the evicted connection's close_notify")

@@ -260,6 +260,7 @@ func (pl *pool) pick(ctx context.Context, key poolKey, dialFailed *bool) (c *hbo
 			dctx, cancel := context.WithCancel(context.Background())
 			d = &poolDial{done: make(chan struct{}), cancel: cancel}
 			e.dialing = d
+			pl.socks.dialing()
 			go pl.runDial(dctx, key, e, d)
 		}
 		d.waiters++
@@ -325,10 +326,20 @@ func (pl *pool) recheck(key poolKey, ps *peerState, now time.Time) (err error) {
 // entry.
 var testDialWoken func()
 
+// testDialDone, when set (by a test), runs in runDial between the
+// dial's end and its taking the pool's lock: the window in which Close
+// may close the pool and wait for the pod's sockets.
+var testDialDone func()
+
 // runDial runs d for e, pools its connection and wakes its waiters.
 func (pl *pool) runDial(ctx context.Context, key poolKey, e *poolEntry, d *poolDial) {
+	// Its connection, pooled or discarded, is among the sockets first.
+	defer pl.socks.dialled()
 	c, ps, raw, err := pl.dialRecovered(ctx, key, d)
 	d.cancel()
+	if testDialDone != nil {
+		testDialDone()
+	}
 	var discard *hbone.Conn
 	pl.mu.Lock()
 	switch {
@@ -362,9 +373,14 @@ func (pl *pool) runDial(ctx context.Context, key poolKey, e *poolEntry, d *poolD
 	close(d.done)
 	pl.mu.Unlock()
 	if discard != nil {
-		if pl.resetting.Load() {
+		// Past Close's deadline (the sockets cut), a clean close
+		// would linger while Close waits for it, unbounded.
+		switch cut, reset := pl.socks.wasCut(); {
+		case pl.resetting.Load() || reset:
 			resetConn(discard, raw)
-		} else {
+		case cut:
+			abortConn(discard)
+		default:
 			discard.Close()
 		}
 		pl.socks.ended(discard)

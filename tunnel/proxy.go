@@ -624,7 +624,9 @@ func (s *Serving) Close(ctx context.Context) error {
 	// ones just closed, and those closed before (the pool's idle
 	// eviction, a retired connection). The agent exits, and closes the
 	// pod's network, once Close returns: a socket closed then has the
-	// peer's next frame reset. Waited for within ctx, cut past it.
+	// peer's next frame reset. Waited for within ctx, cut past it; a
+	// pool dial still ending too (sockets.dials), whose connection,
+	// discarded after the wait, would have been missed.
 	if err == nil && !s.pool.socks.wait(ctx) {
 		err = ctx.Err()
 	}
@@ -672,8 +674,9 @@ func (s *Serving) Close(ctx context.Context) error {
 // to close (what it cut ends without waiting on any peer); a later
 // Close waits for the rest.
 // Abort after Close began (an unenrolled pod draining when its DEL
-// comes) cuts what Close is draining. It returns ctx's error if
-// something was still being handled when ctx ended.
+// comes) cuts what Close is draining. If something was still being
+// handled, or a socket not yet closed, when ctx ended, it returns an
+// error that wraps ctx's and says which.
 func (s *Serving) Abort(ctx context.Context) error {
 	s.mu.Lock()
 	first := !s.closing
@@ -725,8 +728,15 @@ func (s *Serving) Abort(ctx context.Context) error {
 	// eviction, an earlier drain, an inbound connection's idle close)
 	// is reset too, and waited for: it must not outlive the answer.
 	s.pool.socks.cut(true)
-	if !s.waitQuiet(ctx) || !s.pool.socks.wait(ctx) {
-		return ctx.Err()
+	if !s.waitQuiet(ctx) {
+		s.mu.Lock()
+		active, hconns := s.active, len(s.hconns)
+		s.mu.Unlock()
+		return fmt.Errorf("tunnel: the pod's handlers not all done when Abort's wait ended (%d connections or streams, %d inbound HBONE connections): %w", active, hconns, ctx.Err())
+	}
+	if !s.pool.socks.wait(ctx) {
+		socks, dials := s.pool.socks.pending()
+		return fmt.Errorf("tunnel: the pod's handlers done, but not its sockets when Abort's wait ended (%d HBONE sockets reset and not yet closed, %d pool dials still ending): %w", socks, dials, ctx.Err())
 	}
 	return nil
 }

@@ -984,8 +984,8 @@ func (a *Agent) abortConns(p *pod) bool {
 	}
 	p.aborted = true
 	if err := ab.Abort(ctx); err != nil {
-		a.log.Info("pod's network going: its connections were reset, some handlers not done by the bound; they end in the background",
-			"pod", p.rec.Namespace+"/"+p.rec.Name, "wait", beforeAnswerWait)
+		a.log.Info("pod's network going: its connections were reset, not all done by the bound (err: handlers, or sockets not yet closed); the rest ends in the background",
+			"pod", p.rec.Namespace+"/"+p.rec.Name, "wait", beforeAnswerWait, "err", err)
 	}
 	return true
 }

@@ -43,7 +43,8 @@ type IdleCloser interface {
 // Aborter is implemented by a Serving that can end every connection of
 // its pod at once (*tunnel.Serving): for a pod whose network is going
 // now, a DEL (releaseGone). Abort waits up to ctx for the pod's handlers
-// to end; a Close after it waits for the rest.
+// to end and its sockets to close, its error saying which were left; a
+// Close after it waits for the rest.
 type Aborter interface {
 	Abort(ctx context.Context) error
 }
