@@ -781,10 +781,14 @@ const closeWriteWait = time.Second
 // bytes all along (TestCloseWaitsForTheLinkToTakeTheLastWrite). Now,
 // as the linger's wait, it runs closeWriteWait from the last look
 // (lingerLooks per lingerWait) that saw the peer's TCP acknowledge
-// bytes of ours still queued or send new ones (linkWatch), up to the
-// linger's cap, max(lingerWait, maxPingWait(PingTimeout)) after the
-// close. A dead peer moves no count: its close still ends
-// closeWriteWait after it began (TestCloseToADeadPeerEndsAtTheWriteWait).
+// bytes of ours still queued (linkWatch's taken), up to the linger's
+// cap, max(lingerWait, maxPingWait(PingTimeout)) after the close. Not
+// the peer's bytes coming in, which the linger and keepalive count:
+// they make no room for our writer, and a peer that sends and never
+// reads held the close, and wmu, to the cap
+// (TestCloseToAPeerThatSendsButNeverReads). A dead peer moves no
+// count: its close still ends closeWriteWait after it began
+// (TestCloseToADeadPeerEndsAtTheWriteWait).
 // Not stalledAlive's longer wait: a stuck agent's live kernel would
 // hold every close of its connections, and wmu, PingTimeout.
 // SetWriteDeadline applies to a Write already blocked, so one goroutine
@@ -838,8 +842,16 @@ func (w *closeWatch) run() {
 		case <-t.C:
 		}
 		now := start + int64(time.Since(w.base))
-		progress := time.Duration(link.from(c, start, now) - start)
-		w.move(min(progress+closeWriteWait, most))
+		link.from(c, start, now)
+		// Our bytes taken, not the peer's sent: a peer that sends
+		// and never reads (its window zero) frees no room for the
+		// writer, and held the close, and wmu, to the cap
+		// (TestCloseToAPeerThatSendsButNeverReads).
+		taken := time.Duration(link.taken - start)
+		if link.ping != start {
+			taken = 0
+		}
+		w.move(min(taken+closeWriteWait, most))
 	}
 }
 
@@ -1656,7 +1668,11 @@ type linkWatch struct {
 	received uint64 // bytes_received when last seen
 	queued   bool   // bytes of ours were in the socket when last seen
 	progress int64  // the tick that last saw the link progress, else ping
-	ackAt    int64  // the peer's last ACK of any kind, as last seen; 0 unknown
+	// taken: the tick that last saw bytes of ours acknowledged, the
+	// socket holding a queue, else ping: progress without the peer's
+	// bytes, which say nothing of room in our socket (closeWatch).
+	taken int64
+	ackAt int64 // the peer's last ACK of any kind, as last seen; 0 unknown
 }
 
 // from is when the wait for the PING sent at ping (nanotime) counts
@@ -1674,10 +1690,13 @@ func (w *linkWatch) from(c *Conn, ping, now int64) int64 {
 	case w.ping != ping:
 		// A new PING (ours, sent now, or the liveness probe's, sent
 		// between ticks): what the counts did before is not evidence.
-		w.ping, w.acked, w.received, w.queued, w.progress = ping, acked, received, queued, ping
+		w.ping, w.acked, w.received, w.queued, w.progress, w.taken = ping, acked, received, queued, ping, ping
 		w.ackAt = now - int64(sinceAck)
 	default:
-		if received > w.received || acked > w.acked && (w.queued || queued) {
+		if acked > w.acked && (w.queued || queued) {
+			w.progress, w.taken = now, now
+		}
+		if received > w.received {
 			w.progress = now
 		}
 		w.acked, w.received, w.queued = acked, received, queued
