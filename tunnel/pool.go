@@ -607,14 +607,28 @@ func (pl *pool) size() int {
 }
 
 // close closes the pool and its connections, each with TLS's
-// close_notify.
-func (pl *pool) close() { pl.closeWith(func(c pooledConn) { c.Close() }) }
+// close_notify (closeConns: all at once).
+func (pl *pool) close() { pl.closeWithin(context.Background()) }
+
+// closeWithin is close within ctx: past it, the closes still waiting on
+// their peers are cut (closeConns). It says whether all ended in time.
+func (pl *pool) closeWithin(ctx context.Context) bool {
+	return closeConns(ctx, conns(pl.take()))
+}
 
 // abort closes the pool and its connections without waiting on any peer
 // (Close's cut, past its deadline; see abortConn).
 func (pl *pool) abort() { pl.closeWith(func(c pooledConn) { abortConn(c.Conn) }) }
 
 func (pl *pool) closeWith(closeConn func(pooledConn)) {
+	for _, c := range pl.take() {
+		closeConn(c)
+	}
+}
+
+// take closes the pool to new dials and takes every connection out of
+// it, retiring ones included, for the caller to close.
+func (pl *pool) take() []pooledConn {
 	pl.once.Do(func() { close(pl.stop) })
 	pl.mu.Lock()
 	var all []pooledConn
@@ -627,9 +641,16 @@ func (pl *pool) closeWith(closeConn func(pooledConn)) {
 	pl.m = map[poolKey]*poolEntry{}
 	clear(pl.retiring)
 	pl.mu.Unlock()
-	for _, c := range all {
-		closeConn(c)
+	return all
+}
+
+// conns is pcs's HBONE connections.
+func conns(pcs []pooledConn) []*hbone.Conn {
+	out := make([]*hbone.Conn, len(pcs))
+	for i, c := range pcs {
+		out[i] = c.Conn
 	}
+	return out
 }
 
 // reset closes the pool to new dials and resets its connections, with

@@ -616,10 +616,14 @@ func (s *Serving) Close(ctx context.Context) error {
 		s.pool.abort()
 		s.waitQuiet(context.Background())
 	}
-	for _, c := range hconns {
-		c.Close()
+	// All at once and within ctx (closeConns): a clean close may wait
+	// on its peer, a second for a dead one, longer while a slow link
+	// drains, and one after another they held an agent's drain past its
+	// deadline.
+	closing := append(hconns, conns(s.pool.take())...)
+	if !closeConns(ctx, closing) && err == nil {
+		err = ctx.Err()
 	}
-	s.pool.close()
 	// The pod's cleanly closed HBONE connections linger (sockets): the
 	// ones just closed, and those closed before (the pool's idle
 	// eviction, a retired connection). The agent exits, and closes the

@@ -1,0 +1,98 @@
+package tunnel
+
+import (
+	"context"
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/ambit-mesh/ambit/tunnel/hbone"
+)
+
+// A pool's clean close keeps its deadline however many of its
+// connections wait on their peers. Three pooled connections each carry
+// an upload whose writer is blocked on a full socket, their peer alive
+// but not reading: each clean close waits a second for that write
+// (hbone's close write wait, no link progress). One after another, and
+// with no deadline, the pool's close took three seconds and more, which
+// at an agent's drain ran past DrainTimeout; now they close at once and
+// what is still closing at the deadline is cut.
+func TestPoolCloseKeepsItsDeadline(t *testing.T) {
+	p, _, _ := newTestProxy(t, Config{Directory: noDirectory{}, Certificates: testPeerCerts(t),
+		PoolIdleTimeout: time.Hour, ConnectTimeout: 30 * time.Second,
+		// Windows far larger than the sockets: the socket fills before
+		// flow control stops the writer. No keepalive: the held peer
+		// answers no PING.
+		HBONE: hbone.Config{StreamWindow: 64 << 20, ConnWindow: 64 << 20, PingInterval: -1}})
+	pl := newPool(p, &smallSendNet{})
+	defer pl.close()
+	const n = 3
+	var stalled []*hbone.Conn
+	for i := 0; i < n; i++ {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { ln.Close() })
+		gate := &heldReads{open: make(chan struct{})}
+		close(gate.open)
+		t.Cleanup(gate.release)
+		go func() {
+			raw, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			gate.Conn = raw
+			serveB(t, p, gate, uploadOrEcho(nil))
+		}()
+		key := poolKey{src: idClient, dst: idServer, addr: netip.MustParseAddrPort(ln.Addr().String())}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		up, err := openAnswered(ctx, pl, key, "upload")
+		cancel()
+		if err != nil {
+			t.Fatal(err)
+		}
+		pl.mu.Lock()
+		c := pl.m[key].conns[0].Conn
+		pl.mu.Unlock()
+		gate.hold()
+		go func() {
+			b := make([]byte, 256<<10)
+			for {
+				if _, err := up.Write(b); err != nil {
+					return
+				}
+			}
+		}()
+		for end := time.Now().Add(time.Minute); !c.WriteStalled(time.Now()); time.Sleep(10 * time.Millisecond) {
+			if time.Now().After(end) {
+				t.Fatal("an upload's writer never stalled: the test did not set up its case")
+			}
+		}
+		stalled = append(stalled, c)
+	}
+
+	const deadline = 300 * time.Millisecond
+	ctx, cancel := context.WithTimeout(context.Background(), deadline)
+	defer cancel()
+	start := time.Now()
+	inTime := pl.closeWithin(ctx)
+	took := time.Since(start)
+	t.Logf("the pool's close took %v with a %v deadline", took.Round(time.Millisecond), deadline)
+	if inTime {
+		t.Error("closeWithin said every close ended in time, though each waited on a stalled write past the deadline")
+	}
+	for i, c := range stalled {
+		select {
+		case <-c.Done():
+		default:
+			t.Errorf("connection %d still open when the pool's close returned", i)
+		}
+	}
+	// Well under one close's own second of waiting: a bound on the cut
+	// running late, not a measure of speed.
+	if took > deadline+500*time.Millisecond {
+		t.Errorf("the pool's close took %v with a %v deadline and %d connections each waiting on a stalled write: not held to its deadline", took.Round(time.Millisecond), deadline, n)
+	}
+}
