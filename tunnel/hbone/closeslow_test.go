@@ -27,10 +27,6 @@ const closeSlowBody = 512 << 10
 // to sent. inOther runs fn in the client's namespace.
 func fullSocketPair(t *testing.T, download []byte) (c, sc *Conn, sent <-chan error, inOther func(fn func())) {
 	t.Helper()
-	scfg := Config{PingInterval: -1, PingTimeout: 2 * time.Second}
-	// Windows that never hold the server back: the whole burst goes
-	// to its socket.
-	ccfg := Config{PingInterval: -1, PingTimeout: 2 * time.Second, StreamWindow: 16 << 20, ConnWindow: 16 << 20}
 	res := make(chan error, 1)
 	handler := func(s *Stream) {
 		if err := s.Respond(200, nil); err != nil {
@@ -41,6 +37,17 @@ func fullSocketPair(t *testing.T, download []byte) (c, sc *Conn, sent <-chan err
 		copy(buf[frameHeaderLen:], download)
 		res <- s.sendFrom(buf, len(download), true)
 	}
+	c, sc, inOther = fullSocketServer(t, Config{PingInterval: -1, PingTimeout: 2 * time.Second}, handler)
+	return c, sc, res, inOther
+}
+
+// fullSocketServer is fullSocketPair's link and sockets: our server
+// (scfg, handler) on the 400 kbit/s side with a 384 KiB send buffer,
+// our client with windows that never hold the server back (the whole
+// of a burst goes to its socket) and keepalive off.
+func fullSocketServer(t *testing.T, scfg Config, handler func(*Stream)) (c, sc *Conn, inOther func(fn func())) {
+	t.Helper()
+	ccfg := Config{PingInterval: -1, PingTimeout: 2 * time.Second, StreamWindow: 16 << 20, ConnWindow: 16 << 20}
 	inShaped, inOther, _ := slowLink(t)
 	serve, srv := serveHBONE(t, scfg, handler)
 	c = slowDial(t, inShaped, inOther, "10.99.0.1", ccfg, nil, func(raw *net.TCPConn, tcfg *tls.Config) {
@@ -49,7 +56,7 @@ func fullSocketPair(t *testing.T, download []byte) (c, sc *Conn, sent <-chan err
 		}
 		serve(raw, tcfg)
 	})
-	return c, gotServer(t, srv), res, inOther
+	return c, gotServer(t, srv), inOther
 }
 
 // awaitBlockedWrite waits until a write on sc waits for room in its

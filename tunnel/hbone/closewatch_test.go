@@ -142,3 +142,55 @@ func TestCloseWatchCountsALapseAsACut(t *testing.T) {
 		t.Error("not inTime with the deadline an hour ahead")
 	}
 }
+
+// TestCloseWatchRunsOnlyWhereTheLinkAnswers: the watch's goroutine
+// looks at TCP_INFO, so it runs for a patient close over an open TCP
+// socket only: over a Unix socket, or a TCP one already closed under
+// the connection (the tunnel's abortConn), every look failed, and a
+// close for a failure keeps the fixed deadline.
+func TestCloseWatchRunsOnlyWhereTheLinkAnswers(t *testing.T) {
+	conn := func(nc net.Conn) *Conn {
+		k := newCorkConn(nc, 0)
+		return &Conn{nc: k, cork: k}
+	}
+	pair := func(network, addr string) (net.Conn, net.Conn) {
+		t.Helper()
+		ln, err := net.Listen(network, addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		a, err := net.Dial(network, ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, err := ln.Accept()
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { a.Close(); b.Close() })
+		return a, b
+	}
+	tcp, _ := pair("tcp", "127.0.0.1:0")
+	unix, _ := pair("unix", t.TempDir()+"/s")
+	closed, _ := pair("tcp", "127.0.0.1:0")
+	c := conn(closed)
+	closed.Close()
+	for _, tc := range []struct {
+		name    string
+		c       *Conn
+		patient bool
+		runs    bool
+	}{
+		{"a patient close over TCP", conn(tcp), true, true},
+		{"a close for a failure over TCP", conn(tcp), false, false},
+		{"a patient close over a Unix socket", conn(unix), true, false},
+		{"a patient close over a closed TCP socket", c, true, false},
+	} {
+		w := watchClose(tc.c, tc.patient)
+		if runs := w.done != nil; runs != tc.runs {
+			t.Errorf("%s: the watch runs: %v, want %v", tc.name, runs, tc.runs)
+		}
+		w.end()
+	}
+}

@@ -207,6 +207,10 @@ type Conn struct {
 	henc   *hpack.Encoder
 	hbuf   bytes.Buffer
 	nextID atomic.Uint32 // client: next stream id (assigned under wmu)
+	// closing is closed (below), set with it, read without mu by
+	// writers holding wmu (sendFrom, Respond): one that takes wmu once
+	// a close began writes no new stream data (closeAs).
+	closing atomic.Bool
 
 	// Control frames queued by goroutines that must not block on the
 	// socket (the read loop above all), written by ctlLoop or by the next
@@ -529,7 +533,7 @@ func (c *Conn) SetOnIdle(fn func(*Conn)) {
 
 // Close closes the connection at once; open streams fail.
 func (c *Conn) Close() error {
-	c.closeWith(ErrConnClosed, ErrCodeNo)
+	c.closeAs(ErrConnClosed, ErrCodeNo, true)
 	return nil
 }
 
@@ -648,13 +652,31 @@ func (c *Conn) awaitShutdownAck(ctx context.Context) {
 	}
 }
 
-func (c *Conn) closeWith(err error, code ErrCode) {
+// closeWith closes the connection for err, a failure (a keepalive
+// timeout, a protocol or read error, a failed or cut write, a panic):
+// its writes get closeWriteWait, fixed (closeAs).
+func (c *Conn) closeWith(err error, code ErrCode) { c.closeAs(err, code, false) }
+
+// closeAs closes the connection for err, sending a GOAWAY with code
+// unless err is ErrConnClosed with ErrCodeNo. patient: the close is
+// Close's (Shutdown's final close, the client's end on the peer's
+// GOAWAY, the pool's and the tunnel's closes), a connection nothing
+// judged broken, whose write deadline then follows the link
+// (closeWatch). Any other close has found the peer broken or the
+// connection unusable, keepalive's after its PING wait already
+// followed the link up to maxPingWait, or the peer closed (the read
+// loop's EOF, where nothing we still write is read): its writes keep
+// the fixed closeWriteWait, as a close's own wait on the link would
+// only add to what the peer was already given
+// (TestKeepaliveCloseKeepsTheWriteWait).
+func (c *Conn) closeAs(err error, code ErrCode, patient bool) {
 	c.mu.Lock()
 	if c.closed {
 		c.mu.Unlock()
 		return
 	}
 	c.closed = true
+	c.closing.Store(true)
 	cut := false
 	if c.cork != nil {
 		if cerr := c.cork.cutErr(); cerr != nil {
@@ -692,9 +714,15 @@ func (c *Conn) closeWith(err error, code ErrCode) {
 	// wait for a writer stuck toward a peer that stopped reading: its
 	// write fails by then, and the lock taken only past it means a
 	// write was cut, maybe mid-record, so nothing more is written
-	// (clean). It follows the link (closeWatch): a writer on a slow
-	// link is not stuck.
-	w := watchClose(c)
+	// (clean). A patient close's follows the link (closeWatch): a
+	// writer on a slow link is not stuck. The writers queued on wmu
+	// behind the one in flight write no new stream data (closing), so
+	// the wait is for that one's burst only: each of theirs, up to a
+	// MiB, held the close (and the deadline moving with it) a burst
+	// longer, ~100 busy streams on a 400 kbit/s link up to the cap,
+	// and their streams fail with the close all the same
+	// (TestCloseSkipsTheBurstsQueuedBehindIt).
+	w := watchClose(c, patient)
 	// Deferred, for a panic in the GOAWAY's write: closed was already
 	// set, so without it the connection stayed open with its write lock
 	// held, Done never closed, and its streams never told
@@ -790,11 +818,14 @@ const closeWriteWait = time.Second
 // count: its close still ends closeWriteWait after it began
 // (TestCloseToADeadPeerEndsAtTheWriteWait).
 // Not stalledAlive's longer wait: a stuck agent's live kernel would
-// hold every close of its connections, and wmu, PingTimeout.
-// SetWriteDeadline applies to a Write already blocked, so one goroutine
-// moves it, only while the close runs and only over TCP (elsewhere no
-// evidence: the fixed deadline). It stops before close_notify, which
-// crypto/tls writes under a deadline of its own (5 s).
+// hold every close of its connections, and wmu, PingTimeout. Only a
+// patient close's (Close's, closeAs): one for a failure keeps the fixed
+// closeWriteWait. SetWriteDeadline applies to a Write already blocked,
+// so one goroutine moves it, only while the close runs and only where
+// the socket answers TCP_INFO (elsewhere, a Unix socket, one already
+// closed under us as abortConn does, no evidence: the fixed deadline).
+// It stops before close_notify, which crypto/tls writes under a
+// deadline of its own (5 s).
 //
 // A deadline moved only once the one in force has passed would let the
 // writers it cut be followed by the close's frames, garbage after a
@@ -814,11 +845,15 @@ type closeWatch struct {
 }
 
 // watchClose sets the close's write deadline, closeWriteWait from now,
-// and starts moving it on with the link (closeWatch); end stops it.
-func watchClose(c *Conn) *closeWatch {
+// and if patient starts moving it on with the link (closeWatch); end
+// stops it.
+func watchClose(c *Conn, patient bool) *closeWatch {
 	w := &closeWatch{c: c, base: time.Now(), until: closeWriteWait}
 	_ = c.nc.SetWriteDeadline(w.base.Add(closeWriteWait))
-	if c.cork != nil && c.cork.raw != nil {
+	if !patient || c.cork == nil || c.cork.raw == nil {
+		return w
+	}
+	if _, _, _, _, ok := tcpProgress(c.cork.raw); ok {
 		w.stop, w.done = make(chan struct{}), make(chan struct{})
 		go w.run()
 	}

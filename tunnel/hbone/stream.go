@@ -796,6 +796,16 @@ func (s *Stream) Respond(status int, extra []hpack.HeaderField) error {
 	defer c.unwedge(&held)
 	c.wmu.Lock()
 	held = true
+	if !end && c.closing.Load() {
+		// The lock taken after a close began: a 2xx opens a tunnel
+		// the close fails at once, and unanswered, the peer's CONNECT
+		// says truly that it never opened, not that it opened and was
+		// cut. A refusal goes out: it carries no data, and ends the
+		// peer's stream with its answer.
+		held = false
+		c.wmu.Unlock()
+		return c.closedErr()
+	}
 	// Queued control frames first and the block encoded after them: a
 	// SETTINGS ACK queued meanwhile then follows this block, which was
 	// encoded under the limit that ACK acknowledges, or an older one.
@@ -892,6 +902,16 @@ func (s *Stream) sendFrom(buf []byte, n int, end bool) error {
 			c.wmu.Unlock()
 			s.unreserve(k)
 			return errors.New("hbone: write after CloseWrite")
+		}
+		if c.closing.Load() {
+			// The lock taken after a close began (queued behind the
+			// writer it waits for): the stream fails with the close,
+			// and this burst, up to a MiB on a full socket, only held
+			// the close longer (TestCloseSkipsTheBurstsQueuedBehindIt).
+			held = false
+			c.wmu.Unlock()
+			s.unreserve(k)
+			return c.closedErr()
 		}
 		// The records of k bytes: 22 bytes of TLS overhead per 16 KiB,
 		// 9 of framing per frame, and room for queued control frames.
