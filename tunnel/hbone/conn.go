@@ -704,6 +704,9 @@ func (c *Conn) closeAs(err error, code ErrCode, patient bool) {
 	c.handlerQueue = nil
 	c.cond.Broadcast()
 	c.mu.Unlock()
+	if h := testHookCloseBegun.Load(); h != nil {
+		(*h)(c)
+	}
 	held, clean := false, false
 	// The socket closes with wmu held, every close, not only one that
 	// sends a GOAWAY: crypto/tls's Close sends no close_notify while a
@@ -1495,6 +1498,13 @@ func (c *Conn) untilStalled(now time.Time) time.Duration {
 func cutReason(ctxErr error) error {
 	return fmt.Errorf("hbone: the connection's socket took no write within an opener's deadline (%v), and the write was cut: %w", ctxErr, ErrConnClosed)
 }
+
+// testHookCloseBegun, when set (tests only), runs in closeAs once the
+// close has begun (closed, closing) and before it takes wmu: the moment
+// a writer that reserved its window before may take the lock first.
+// Atomic: read by every close, the read loop's included, while a test
+// sets it.
+var testHookCloseBegun atomic.Pointer[func(*Conn)]
 
 // testHookOpenStreamChecked, when set (tests only), runs in
 // OpenStreamData after the last going-away check, with wmu held, before

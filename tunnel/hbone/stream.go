@@ -79,8 +79,14 @@ type Stream struct {
 	sentEnd   bool
 	remoteEnd bool
 	reset     bool
-	released  bool
-	waiting   bool // queued for a handler (server, startHandler)
+	// sendCut: bytes given to a send were not sent because the
+	// connection was closing (reserve saw it closed, or the write lock
+	// came after the close began: closing). A later CloseWrite sends no
+	// END_STREAM then: the peer would read a clean end of a stream cut
+	// short (TestCloseWriteAfterADroppedWriteSendsNoEndStream).
+	sendCut  bool
+	released bool
+	waiting  bool // queued for a handler (server, startHandler)
 }
 
 func newStream(c *Conn) *Stream {
@@ -853,6 +859,7 @@ func (s *Stream) reserve(want int) (int, error) {
 		case s.reset:
 			return 0, s.sendErrLocked()
 		case c.closed:
+			s.sendCut = true
 			return 0, closedError(c.closeErr)
 		case s.sentEnd:
 			return 0, errors.New("hbone: write after CloseWrite")
@@ -910,6 +917,9 @@ func (s *Stream) sendFrom(buf []byte, n int, end bool) error {
 			// the close longer (TestCloseSkipsTheBurstsQueuedBehindIt).
 			held = false
 			c.wmu.Unlock()
+			c.mu.Lock()
+			s.sendCut = true
+			c.mu.Unlock()
 			s.unreserve(k)
 			return c.closedErr()
 		}
@@ -997,6 +1007,13 @@ func (s *Stream) CloseWrite() error {
 	if s.sentEnd || s.reset {
 		c.mu.Unlock()
 		return nil
+	}
+	if s.sendCut {
+		// Its last bytes were dropped by the close: END_STREAM would
+		// tell the peer they were all sent. The close ends the stream.
+		err := closedError(c.closeErr)
+		c.mu.Unlock()
+		return err
 	}
 	c.mu.Unlock()
 	var b [frameHeaderLen]byte
