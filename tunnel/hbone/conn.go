@@ -531,7 +531,13 @@ func (c *Conn) SetOnIdle(fn func(*Conn)) {
 	c.mu.Unlock()
 }
 
-// Close closes the connection at once; open streams fail.
+// Close closes the connection; open streams fail. It does not wait for
+// streams to end (Shutdown does), but a writer already in the middle of
+// a burst as it is called gets that burst onto the link, with the
+// close's own frames after it, for as long as the link takes our bytes
+// (up to 10 × PingTimeout on a slow link; a second for a peer that
+// takes none): a caller with a deadline cuts the socket under it past
+// that deadline (the tunnel's abortConn), which ends the wait at once.
 func (c *Conn) Close() error {
 	c.closeAs(ErrConnClosed, ErrCodeNo, true)
 	return nil
