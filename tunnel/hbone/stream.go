@@ -79,11 +79,14 @@ type Stream struct {
 	sentEnd   bool
 	remoteEnd bool
 	reset     bool
-	// sendCut: bytes given to a send were not sent because the
-	// connection was closing (reserve saw it closed, or the write lock
-	// came after the close began: closing). A later CloseWrite sends no
-	// END_STREAM then: the peer would read a clean end of a stream cut
-	// short (TestCloseWriteAfterADroppedWriteSendsNoEndStream).
+	// sendCut: bytes given to a send, or a 2xx Respond, were not sent
+	// because the connection was closing (reserve saw it closed, or the
+	// write lock came after the close began: closing). A later
+	// CloseWrite sends no END_STREAM then: the peer would read a clean
+	// end of a stream cut short
+	// (TestCloseWriteAfterADroppedWriteSendsNoEndStream), or DATA on a
+	// stream never answered
+	// (TestCloseWriteAfterADroppedRespondSendsNothing).
 	sendCut  bool
 	released bool
 	waiting  bool // queued for a handler (server, startHandler)
@@ -807,9 +810,15 @@ func (s *Stream) Respond(status int, extra []hpack.HeaderField) error {
 		// the close fails at once, and unanswered, the peer's CONNECT
 		// says truly that it never opened, not that it opened and was
 		// cut. A refusal goes out: it carries no data, and ends the
-		// peer's stream with its answer.
+		// peer's stream with its answer. The handler's CloseWrite
+		// then sends nothing (sendCut): END_STREAM with no response
+		// HEADERS is malformed at the peer, DATA before the final
+		// response (TestCloseWriteAfterADroppedRespondSendsNothing).
 		held = false
 		c.wmu.Unlock()
+		c.mu.Lock()
+		s.sendCut = true
+		c.mu.Unlock()
 		return c.closedErr()
 	}
 	// Queued control frames first and the block encoded after them: a
