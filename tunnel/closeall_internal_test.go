@@ -2,8 +2,6 @@ package tunnel
 
 import (
 	"context"
-	"net"
-	"net/netip"
 	"testing"
 	"time"
 
@@ -30,47 +28,7 @@ func TestPoolCloseKeepsItsDeadline(t *testing.T) {
 	const n = 3
 	var stalled []*hbone.Conn
 	for i := 0; i < n; i++ {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { ln.Close() })
-		gate := &heldReads{open: make(chan struct{})}
-		close(gate.open)
-		t.Cleanup(gate.release)
-		go func() {
-			raw, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			gate.Conn = raw
-			serveB(t, p, gate, uploadOrEcho(nil))
-		}()
-		key := poolKey{src: idClient, dst: idServer, addr: netip.MustParseAddrPort(ln.Addr().String())}
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		up, err := openAnswered(ctx, pl, key, "upload")
-		cancel()
-		if err != nil {
-			t.Fatal(err)
-		}
-		pl.mu.Lock()
-		c := pl.m[key].conns[0].Conn
-		pl.mu.Unlock()
-		gate.hold()
-		go func() {
-			b := make([]byte, 256<<10)
-			for {
-				if _, err := up.Write(b); err != nil {
-					return
-				}
-			}
-		}()
-		for end := time.Now().Add(time.Minute); !c.WriteStalled(time.Now()); time.Sleep(10 * time.Millisecond) {
-			if time.Now().After(end) {
-				t.Fatal("an upload's writer never stalled: the test did not set up its case")
-			}
-		}
-		stalled = append(stalled, c)
+		stalled = append(stalled, stallPooledUpload(t, p, pl))
 	}
 
 	const deadline = 300 * time.Millisecond
