@@ -17,12 +17,7 @@ import (
 // at an agent's drain ran past DrainTimeout; now they close at once and
 // what is still closing at the deadline is cut.
 func TestPoolCloseKeepsItsDeadline(t *testing.T) {
-	p, _, _ := newTestProxy(t, Config{Directory: noDirectory{}, Certificates: testPeerCerts(t),
-		PoolIdleTimeout: time.Hour, ConnectTimeout: 30 * time.Second,
-		// Windows far larger than the sockets: the socket fills before
-		// flow control stops the writer. No keepalive: the held peer
-		// answers no PING.
-		HBONE: hbone.Config{StreamWindow: 64 << 20, ConnWindow: 64 << 20, PingInterval: -1}})
+	p := stallProxy(t)
 	pl := newPool(p, &smallSendNet{})
 	defer pl.close()
 	const n = 3

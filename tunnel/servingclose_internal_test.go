@@ -24,12 +24,7 @@ import (
 // TestPoolCloseKeepsItsDeadline checks on the pool alone): now Close
 // returns the deadline's error at it, every connection cut.
 func TestServingCloseKeepsItsDeadline(t *testing.T) {
-	p, _, _ := newTestProxy(t, Config{Directory: noDirectory{}, Certificates: testPeerCerts(t),
-		PoolIdleTimeout: time.Hour, ConnectTimeout: 30 * time.Second,
-		// Windows far larger than the sockets: the socket fills before
-		// flow control stops the writer. No keepalive: the held peer
-		// answers no PING.
-		HBONE: hbone.Config{StreamWindow: 64 << 20, ConnWindow: 64 << 20, PingInterval: -1}})
+	p := stallProxy(t)
 	w := Workload{Namespace: "a", Name: "client-pod", IPs: []netip.Addr{netip.MustParseAddr("10.0.0.1")}, Identity: idClient, Meshed: true}
 	sv := ServeForTest(t, p, Pod{Workload: w, Net: &smallSendNet{}})
 	const n = 3
@@ -60,6 +55,16 @@ func TestServingCloseKeepsItsDeadline(t *testing.T) {
 	if took > deadline+500*time.Millisecond {
 		t.Errorf("the pod's Close took %v with a %v deadline and %d connections each waiting on a stalled write: not held to its deadline", took.Round(time.Millisecond), deadline, n)
 	}
+}
+
+// stallProxy is a proxy for stallPooledUpload's connections: windows
+// far larger than the sockets, so the socket fills before flow control
+// stops the writer; no keepalive, as the held peer answers no PING.
+func stallProxy(t *testing.T) *Proxy {
+	p, _, _ := newTestProxy(t, Config{Directory: noDirectory{}, Certificates: testPeerCerts(t),
+		PoolIdleTimeout: time.Hour, ConnectTimeout: 30 * time.Second,
+		HBONE: hbone.Config{StreamWindow: 64 << 20, ConnWindow: 64 << 20, PingInterval: -1}})
+	return p
 }
 
 // stallPooledUpload opens, through pl, a connection of its own to a new

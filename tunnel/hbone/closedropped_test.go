@@ -61,15 +61,7 @@ func TestCloseWriteAfterADroppedWriteSendsNoEndStream(t *testing.T) {
 					}
 				}
 			}
-			begun, release := make(chan struct{}), make(chan struct{})
-			hook := func(hc *Conn) {
-				if hc == sc {
-					close(begun)
-					<-release
-				}
-			}
-			testHookCloseBegun.Store(&hook)
-			t.Cleanup(func() { testHookCloseBegun.Store(nil) })
+			begun, release := holdCloseAtItsStart(t, sc)
 			closed := make(chan struct{})
 			go func() { sc.Close(); close(closed) }()
 			<-begun
@@ -99,4 +91,20 @@ func TestCloseWriteAfterADroppedWriteSendsNoEndStream(t *testing.T) {
 			}
 		})
 	}
+}
+
+// holdCloseAtItsStart holds sc's next close between its start (closing
+// set) and its wait for the write lock: begun closes when it gets
+// there, closing release lets it go on.
+func holdCloseAtItsStart(t *testing.T, sc *Conn) (begun, release chan struct{}) {
+	begun, release = make(chan struct{}), make(chan struct{})
+	hook := func(hc *Conn) {
+		if hc == sc {
+			close(begun)
+			<-release
+		}
+	}
+	testHookCloseBegun.Store(&hook)
+	t.Cleanup(func() { testHookCloseBegun.Store(nil) })
+	return begun, release
 }

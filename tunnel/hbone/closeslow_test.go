@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"net"
 	"runtime"
 	"testing"
@@ -174,15 +175,7 @@ func TestCloseToADeadPeerEndsAtTheWriteWait(t *testing.T) {
 	if sc.cork.blockedSince.Load() == 0 {
 		t.Fatal("the server's burst no longer waits for room: its socket is not full")
 	}
-	closing := time.Now()
-	closed := make(chan struct{})
-	go func() { sc.Close(); close(closed) }()
-	select {
-	case <-closed:
-		t.Logf("Close returned %v after it began", time.Since(closing).Round(time.Millisecond))
-	case <-time.After(2 * closeWriteWait):
-		t.Fatalf("Close toward a dead peer has not returned %v after it began (PingTimeout %v)", 2*closeWriteWait, sc.cfg.PingTimeout)
-	}
+	closeReturnsWithin(t, sc, 2*closeWriteWait, fmt.Sprintf("a dead peer (PingTimeout %v)", sc.cfg.PingTimeout))
 	if err := <-sent; err == nil {
 		t.Error("the burst toward a dead peer was written whole")
 	}
@@ -190,5 +183,20 @@ func TestCloseToADeadPeerEndsAtTheWriteWait(t *testing.T) {
 	case <-sc.readDone:
 	default:
 		t.Error("the close toward a dead peer lingers: not abortive")
+	}
+}
+
+// closeReturnsWithin runs sc's Close and fails the test unless it
+// returns within bound; toward names the peer for the message.
+func closeReturnsWithin(t *testing.T, sc *Conn, bound time.Duration, toward string) {
+	t.Helper()
+	closing := time.Now()
+	closed := make(chan struct{})
+	go func() { sc.Close(); close(closed) }()
+	select {
+	case <-closed:
+		t.Logf("Close returned %v after it began", time.Since(closing).Round(time.Millisecond))
+	case <-time.After(bound):
+		t.Fatalf("Close toward %s has not returned %v after it began", toward, bound)
 	}
 }

@@ -1,6 +1,7 @@
 package hbone
 
 import (
+	"fmt"
 	"net"
 	"sync"
 	"testing"
@@ -64,15 +65,7 @@ func TestCloseToAPeerThatSendsButNeverReads(t *testing.T) {
 			t.Fatal("the server read none of the peer's PINGs within 5 s")
 		}
 	}
-	closing := time.Now()
-	closed := make(chan struct{})
-	go func() { sc.Close(); close(closed) }()
-	select {
-	case <-closed:
-		t.Logf("Close returned %v after it began", time.Since(closing).Round(time.Millisecond))
-	case <-time.After(2 * closeWriteWait):
-		t.Fatalf("Close toward a peer that sends but reads nothing has not returned %v after it began (cap %v)", 2*closeWriteWait, maxPingWait(sc.cfg.PingTimeout))
-	}
+	closeReturnsWithin(t, sc, 2*closeWriteWait, fmt.Sprintf("a peer that sends but reads nothing (cap %v)", maxPingWait(sc.cfg.PingTimeout)))
 	if err := <-sent; err == nil {
 		t.Error("the burst toward a peer that reads nothing was written whole")
 	}

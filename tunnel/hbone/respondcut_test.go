@@ -39,15 +39,7 @@ func TestCloseWriteAfterADroppedRespondSendsNothing(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("the stream's handler did not start within 10 s")
 	}
-	begun, release := make(chan struct{}), make(chan struct{})
-	hook := func(hc *Conn) {
-		if hc == sc {
-			close(begun)
-			<-release
-		}
-	}
-	testHookCloseBegun.Store(&hook)
-	t.Cleanup(func() { testHookCloseBegun.Store(nil) })
+	begun, release := holdCloseAtItsStart(t, sc)
 	closed := make(chan struct{})
 	go func() { sc.Close(); close(closed) }()
 	<-begun
