@@ -398,3 +398,32 @@ func TestAbortResetsAPooledSocketEvictedBefore(t *testing.T) {
 	}
 	writeFails(t, pg, "the evicted connection's socket after Abort")
 }
+
+// TestEvictedSocketLeavesTheSetAtItsEnd: a pod that goes on serving
+// keeps no entry for a pooled connection whose linger ended. The set
+// holds each socket until Gone; an entry left behind would not show in
+// the churn tests (no goroutine, no descriptor), only at the pod's
+// Close, held to the drain's deadline for a socket long gone.
+func TestEvictedSocketLeavesTheSetAtItsEnd(t *testing.T) {
+	p, sv, c, pg := lingerPooled(t)
+	if socks, _ := sv.pool.socks.pending(); socks != 1 {
+		t.Fatalf("%d sockets held while the evicted one lingers, want 1", socks)
+	}
+	pg.stop()
+	recv(t, c.Gone(), "the evicted connection's socket closing once its peer ended")
+	type held struct{ socks, dials int }
+	if got := pollUntil(held{}, func() held { s, d := sv.pool.socks.pending(); return held{s, d} }); got != (held{}) {
+		// Forgotten here, or the test's own Close would wait for it
+		// without a deadline.
+		sv.pool.socks.remove(c)
+		t.Errorf("the pod still holds %d sockets and %d dials after the evicted connection's socket closed, want none", got.socks, got.dials)
+	}
+	if got := pollUntil(0, func() float64 { return testutil.ToFloat64(p.m.lingering) }); got != 0 {
+		t.Errorf("ambit_tunnel_lingering_connections = %v after the linger ended, want 0", got)
+	}
+	select {
+	case <-sv.stop:
+		t.Fatal("the pod's serving stopped: the test is about a pod that goes on serving")
+	default:
+	}
+}
