@@ -33,27 +33,37 @@ func TestServingCloseKeepsItsDeadline(t *testing.T) {
 		stalled = append(stalled, stallPooledUpload(t, p, sv.pool))
 	}
 
+	closesByItsDeadline(t, "the pod's Close", stalled, sv.Close)
+}
+
+// closesByItsDeadline runs close (named who) with a 300 ms deadline on
+// connections each waiting on a stalled write, and checks it returns
+// the deadline's error, by the deadline and a margin, with each of
+// them ended: closed at once and cut at the deadline, not one after
+// another.
+func closesByItsDeadline(t *testing.T, who string, stalled []*hbone.Conn, close func(context.Context) error) {
+	t.Helper()
 	const deadline = 300 * time.Millisecond
 	ctx, cancel := context.WithTimeout(context.Background(), deadline)
 	defer cancel()
 	start := time.Now()
-	err := sv.Close(ctx)
+	err := close(ctx)
 	took := time.Since(start)
-	t.Logf("the pod's Close took %v with a %v deadline: %v", took.Round(time.Millisecond), deadline, err)
+	t.Logf("%s took %v with a %v deadline: %v", who, took.Round(time.Millisecond), deadline, err)
 	if !errors.Is(err, context.DeadlineExceeded) {
-		t.Errorf("Close = %v, want the deadline's error: each connection's close waited on a stalled write past it", err)
+		t.Errorf("%s = %v, want the deadline's error: each connection's close waited on a stalled write past it", who, err)
 	}
 	for i, c := range stalled {
 		select {
 		case <-c.Done():
 		default:
-			t.Errorf("pooled connection %d still open when Close returned", i)
+			t.Errorf("connection %d still open when %s returned", i, who)
 		}
 	}
 	// Well under one close's own second of waiting: a bound on the cut
 	// running late, not a measure of speed.
 	if took > deadline+500*time.Millisecond {
-		t.Errorf("the pod's Close took %v with a %v deadline and %d connections each waiting on a stalled write: not held to its deadline", took.Round(time.Millisecond), deadline, n)
+		t.Errorf("%s took %v with a %v deadline and %d connections each waiting on a stalled write: not held to its deadline", who, took.Round(time.Millisecond), deadline, len(stalled))
 	}
 }
 
