@@ -3,7 +3,6 @@ package tunnel
 import (
 	"context"
 	"errors"
-	"net"
 	"net/netip"
 	"testing"
 	"time"
@@ -83,14 +82,7 @@ func stallProxy(t *testing.T) *Proxy {
 // connection; the peer is released, and closed, with the test.
 func stallPooledUpload(t *testing.T, p *Proxy, pl *pool) *hbone.Conn {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	gate := &heldReads{open: make(chan struct{})}
-	close(gate.open)
-	t.Cleanup(gate.release)
+	ln, gate := gatedListener(t)
 	go func() {
 		raw, err := ln.Accept()
 		if err != nil {

@@ -57,6 +57,22 @@ func (h *heldReads) Read(p []byte) (int, error) {
 	return n, err
 }
 
+// gatedListener is a loopback listener, closed with the test, and an
+// open read gate for the connection it will accept, released with the
+// test.
+func gatedListener(t *testing.T) (net.Listener, *heldReads) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	gate := &heldReads{open: make(chan struct{})}
+	close(gate.open)
+	t.Cleanup(gate.release)
+	return ln, gate
+}
+
 func (h *heldReads) hold() {
 	h.mu.Lock()
 	h.open = make(chan struct{})
@@ -102,14 +118,7 @@ func TestPoolOpensBesideAStalledConnection(t *testing.T) {
 	// buffer is left to the kernel: with SO_RCVBUF at 16 KiB, the
 	// upload sometimes took 100 s to resume once B read again, the
 	// loopback's 64 KiB segments not fitting the buffer.)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	gate := &heldReads{open: make(chan struct{})}
-	close(gate.open)
-	t.Cleanup(gate.release)
+	ln, gate := gatedListener(t)
 	uploaded := make(chan int64, 1)
 	handler := uploadOrEcho(uploaded)
 	var accepted atomic.Int32

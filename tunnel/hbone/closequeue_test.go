@@ -49,13 +49,7 @@ func TestKeepaliveCloseKeepsTheWriteWait(t *testing.T) {
 	}
 	scfg := Config{PingInterval: 200 * time.Millisecond, PingTimeout: 500 * time.Millisecond}
 	c, sc, _ := fullSocketServer(t, scfg, handler)
-	s1, err := c.OpenStream("10.0.0.1:80", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s1.Close()
-	s1.CloseWrite()
-	awaitBlockedWrite(t, sc)
+	openToABlockedWrite(t, c, sc)
 	blocked := time.Now()
 	closing := awaitClosing(t, sc, 2*maxPingWait(scfg.PingTimeout))
 	// The premise: keepalive's wait followed the link (a dead one ends

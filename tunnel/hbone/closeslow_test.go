@@ -141,13 +141,7 @@ func TestCloseToADeadPeerEndsAtTheWriteWait(t *testing.T) {
 	download := make([]byte, closeSlowBody)
 	rand.Read(download)
 	c, sc, sent, inOther := fullSocketPair(t, download)
-	s1, err := c.OpenStream("10.0.0.1:80", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s1.Close()
-	s1.CloseWrite()
-	awaitBlockedWrite(t, sc)
+	openToABlockedWrite(t, c, sc)
 	inOther(func() {
 		l, err := netlink.LinkByName("slow1")
 		if err == nil {
@@ -199,4 +193,18 @@ func closeReturnsWithin(t *testing.T, sc *Conn, bound time.Duration, toward stri
 	case <-time.After(bound):
 		t.Fatalf("Close toward %s has not returned %v after it began", toward, bound)
 	}
+}
+
+// openToABlockedWrite opens the download's stream on c and ends its
+// request, then waits until sc's answer is blocked on the full socket.
+func openToABlockedWrite(t *testing.T, c, sc *Conn) *Stream {
+	t.Helper()
+	s, err := c.OpenStream("10.0.0.1:80", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	s.CloseWrite()
+	awaitBlockedWrite(t, sc)
+	return s
 }
