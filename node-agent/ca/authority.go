@@ -68,22 +68,28 @@ func ParseMaterial(certPEM, keyPEM, rootsPEM []byte) (*Material, error) {
 	// A self-signed signing cert that is also listed in Intermediates or a
 	// chain that ends in a root: drop roots from the intermediates.
 	m.Intermediates = dropRoots(m.Intermediates, m.Roots)
-	if err := m.check(); err != nil {
+	if _, err := m.check(); err != nil {
 		return nil, err
 	}
 	return m, nil
 }
 
-func (m *Material) check() error {
+// check validates the material and returns until when its chain is
+// valid: the earliest expiry among the signing certificate, the
+// intermediates and the root of the chain (the longest-lived chain when
+// several roots verify it). A leaf outliving it is refused by every
+// peer once that part of its chain has expired, while the agent, going
+// by the leaf's own NotAfter, keeps serving it until half-life.
+func (m *Material) check() (time.Time, error) {
 	if !m.Cert.IsCA || m.Cert.KeyUsage&x509.KeyUsageCertSign == 0 {
-		return errors.New("ca certificate: not a CA certificate with the certSign key usage")
+		return time.Time{}, errors.New("ca certificate: not a CA certificate with the certSign key usage")
 	}
 	if !publicKeysEqual(m.Cert.PublicKey, m.Key.Public()) {
-		return errors.New("ca key does not match the ca certificate")
+		return time.Time{}, errors.New("ca key does not match the ca certificate")
 	}
 	now := time.Now()
 	if now.After(m.Cert.NotAfter) {
-		return fmt.Errorf("ca certificate expired at %s", m.Cert.NotAfter.UTC().Format(time.RFC3339))
+		return time.Time{}, fmt.Errorf("ca certificate expired at %s", m.Cert.NotAfter.UTC().Format(time.RFC3339))
 	}
 	roots := x509.NewCertPool()
 	for _, r := range m.Roots {
@@ -93,10 +99,23 @@ func (m *Material) check() error {
 	for _, c := range m.Intermediates {
 		inter.AddCert(c)
 	}
-	if _, err := m.Cert.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
-		return fmt.Errorf("ca certificate does not chain to the root bundle: %v", err)
+	chains, err := m.Cert.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}})
+	if err != nil {
+		return time.Time{}, fmt.Errorf("ca certificate does not chain to the root bundle: %v", err)
 	}
-	return nil
+	var until time.Time
+	for _, chain := range chains {
+		end := chain[0].NotAfter
+		for _, c := range chain[1:] {
+			if c.NotAfter.Before(end) {
+				end = c.NotAfter
+			}
+		}
+		if end.After(until) {
+			until = end
+		}
+	}
+	return until, nil
 }
 
 // PEM renders the material as (cert+intermediates, key, roots).
@@ -149,6 +168,7 @@ type Authority struct {
 	mu          sync.RWMutex
 	m           *Material
 	rootsPEM    []byte
+	until       time.Time // m's chain is valid until then (Material.check)
 }
 
 // NewAuthority returns an Authority signing with m.
@@ -171,11 +191,12 @@ func (a *Authority) Update(m *Material) error {
 	if m == nil || m.Cert == nil || m.Key == nil {
 		return errors.New("ca: incomplete material")
 	}
-	if err := m.check(); err != nil {
+	until, err := m.check()
+	if err != nil {
 		return err
 	}
 	a.mu.Lock()
-	a.m = m
+	a.m, a.until = m, until
 	a.rootsPEM = EncodeCerts(m.Roots)
 	a.mu.Unlock()
 	return nil
@@ -203,7 +224,9 @@ const clockSkew = time.Minute
 // Sign issues a workload certificate for id (already authorized) with the
 // public key of csr. The result is the chain leaf first, then
 // intermediates; roots are not included. The lifetime is cut at the
-// signing certificate's own expiry.
+// expiry of the signing chain (signing certificate, intermediates, root),
+// and nothing is signed once that has passed: material checked at load
+// can expire while the CA runs, and a leaf under it is dead on arrival.
 func (a *Authority) Sign(csr *x509.CertificateRequest, id ID, ttl time.Duration) ([]*x509.Certificate, []byte, error) {
 	if id.TrustDomain != a.trustDomain {
 		return nil, nil, fmt.Errorf("ca: identity %s not in trust domain %s", id, a.trustDomain)
@@ -216,12 +239,15 @@ func (a *Authority) Sign(csr *x509.CertificateRequest, id ID, ttl time.Duration)
 		return nil, nil, err
 	}
 	a.mu.RLock()
-	m, rootsPEM := a.m, a.rootsPEM
+	m, rootsPEM, until := a.m, a.rootsPEM, a.until
 	a.mu.RUnlock()
 	now := time.Now()
+	if !now.Before(until) {
+		return nil, nil, fmt.Errorf("ca: signing chain expired at %s; renew the CA certificate", until.UTC().Format(time.RFC3339))
+	}
 	notAfter := now.Add(ttl)
-	if notAfter.After(m.Cert.NotAfter) {
-		notAfter = m.Cert.NotAfter
+	if notAfter.After(until) {
+		notAfter = until
 	}
 	tmpl := &x509.Certificate{
 		SerialNumber:          serial,
@@ -265,12 +291,15 @@ func (a *Authority) ServingCertificate(dnsNames []string, ips []net.IP, ttl time
 		return nil, err
 	}
 	a.mu.RLock()
-	m := a.m
+	m, until := a.m, a.until
 	a.mu.RUnlock()
 	now := time.Now()
+	if !now.Before(until) {
+		return nil, fmt.Errorf("ca: signing chain expired at %s; renew the CA certificate", until.UTC().Format(time.RFC3339))
+	}
 	notAfter := now.Add(ttl)
-	if notAfter.After(m.Cert.NotAfter) {
-		notAfter = m.Cert.NotAfter
+	if notAfter.After(until) {
+		notAfter = until
 	}
 	cn := "ambit-ca"
 	if len(dnsNames) > 0 {
