@@ -117,6 +117,11 @@ type InboundMode struct {
 	Status Status          `json:"status,omitempty"`
 
 	problems field.ErrorList
+	// inherit: an Istio PeerAuthentication that sets no mode (UNSET). It
+	// sets nothing but still takes its level, as in Istio, where the
+	// oldest PeerAuthentication of a level is picked before its mode is
+	// read: a newer one of the same level is then ignored.
+	inherit bool
 }
 
 // InboundModeSpec: the most specific InboundMode wins (workload selector,

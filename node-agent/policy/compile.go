@@ -38,6 +38,13 @@ type compiledMode struct {
 	// the workload level, ahead of any other (fail closed: it may have
 	// selected any of them).
 	everyWorkload bool
+	// inherit: an Istio PeerAuthentication with a selector and no mode
+	// (UNSET). It sets nothing, but the newer Istio ones selecting the
+	// same workload are ignored, as in Istio (the oldest is picked
+	// before its mode is read). Ambit's own InboundModes are not: a
+	// stale UNSET object must not switch off one of ours.
+	inherit bool
+	istio   bool // from a PeerAuthentication
 }
 
 func (m *compiledMode) resolve(port uint16) (Mode, bool) {
@@ -229,11 +236,17 @@ func (s *snapshot) resolve(n *nsPolicies, w *tunnel.Workload) *wlState {
 	}
 	picked = n.sel.collect(w.Labels, picked)
 	st := &wlState{view: n.base.view, modes: n.base.modes}
+	shadowed := false // by an older UNSET PeerAuthentication
 	for _, m := range n.modeSel {
-		if selects(m.selector, w.Labels) {
-			st.modes[0] = m
-			break
+		if !selects(m.selector, w.Labels) || shadowed && m.istio {
+			continue
 		}
+		if m.inherit {
+			shadowed = true
+			continue
+		}
+		st.modes[0] = m
+		break
 	}
 	if n == s.rootNS && w.Namespace != s.root {
 		// A namespace without policies of its own: root-namespace

@@ -271,12 +271,6 @@ func (e *Engine) compileAll() ([]*compiledPolicy, []*compiledMode, []string, map
 			if len(issues) > 0 {
 				r.Reason, r.Message = ReasonUnsupported, issues.ToAggregate().Error()
 			}
-			if conv == nil {
-				r.Accepted, r.Reason = true, ReasonAccepted
-				r.Message = "sets no mode (UNSET): no effect"
-				results[src] = append(results[src], r)
-				continue
-			}
 			results[src] = append(results[src], r)
 			ns := pa.Namespace
 			if ns == e.iroot {
@@ -333,6 +327,8 @@ func (e *Engine) compileAll() ([]*compiledPolicy, []*compiledMode, []string, map
 	var modes []*compiledMode
 	var modeNS []string
 	wide := map[string]string{}
+	unsetWide := map[string]string{} // namespace-wide UNSET PeerAuthentications
+	const unsetMsg = "sets no mode (UNSET): inherits; newer PeerAuthentications of its level are ignored, as in Istio"
 	for _, in := range mins {
 		res := &results[in.src][in.ri]
 		m := in.m
@@ -359,21 +355,37 @@ func (e *Engine) compileAll() ([]*compiledPolicy, []*compiledMode, []string, map
 		// A selector we could not read is no namespace-wide mode: it
 		// does not conflict with one (and so is not ignored).
 		if len(sel) == 0 && !every {
-			if first, dup := wide[in.ns]; dup {
+			first, dup := wide[in.ns]
+			if !dup && in.pre != "" {
+				first, dup = unsetWide[in.ns]
+			}
+			if dup {
 				res.Accepted, res.Reason = false, ReasonConflict
 				res.Message = fmt.Sprintf("namespace %s already has the namespace-wide inbound mode %s (older); this one is ignored", in.ns, first)
+				continue
+			}
+			if m.inherit {
+				// Takes the level from newer PeerAuthentications only
+				// (Istio's rule among its own objects); it sets
+				// nothing, so it is not compiled.
+				unsetWide[in.ns] = key
+				res.Accepted, res.Reason, res.Message = true, ReasonAccepted, unsetMsg
+				_ = enc.Encode([]any{key, in.ns, "unset"})
 				continue
 			}
 			wide[in.ns] = key
 		}
 		switch {
 		case len(errs) > 0:
+		case m.inherit:
+			res.Accepted, res.Reason, res.Message = true, ReasonAccepted, unsetMsg
 		case note:
 			res.Accepted, res.Reason, res.Message = false, ReasonUnsupported, noteMsg+"; the rest is enforced"
 		default:
 			res.Accepted, res.Reason = true, ReasonAccepted
 		}
-		cm := &compiledMode{key: key, selector: maps.Clone(sel), mode: mode, everyWorkload: every}
+		cm := &compiledMode{key: key, selector: maps.Clone(sel), mode: mode, everyWorkload: every,
+			inherit: m.inherit && len(errs) == 0, istio: in.pre != ""}
 		for _, pm := range ports {
 			if cm.ports == nil {
 				cm.ports = map[uint16]Mode{}
@@ -382,7 +394,7 @@ func (e *Engine) compileAll() ([]*compiledPolicy, []*compiledMode, []string, map
 		}
 		modes = append(modes, cm)
 		modeNS = append(modeNS, in.ns)
-		_ = enc.Encode([]any{key, in.ns, sel, mode, ports, every})
+		_ = enc.Encode([]any{key, in.ns, sel, mode, ports, every, m.inherit})
 	}
 	var digest [32]byte
 	h.Sum(digest[:0])

@@ -36,8 +36,10 @@ type IstioMTLS struct {
 	Mode string `json:"mode,omitempty"`
 }
 
-// Convert translates p into an InboundMode; nil when p sets nothing
-// (UNSET everywhere), which in Istio has no effect either.
+// Convert translates p into an InboundMode. One that sets nothing (UNSET
+// everywhere) inherits, but is kept: in Istio it still is the
+// PeerAuthentication of its level when it is the oldest there, and a newer
+// one of that level (PERMISSIVE, say) has no effect.
 func (p *IstioPeerAuthentication) Convert() (*InboundMode, field.ErrorList) {
 	var issues field.ErrorList
 	spec := field.NewPath("spec")
@@ -86,8 +88,6 @@ func (p *IstioPeerAuthentication) Convert() (*InboundMode, field.ErrorList) {
 		}
 		out.Spec.Ports = append(out.Spec.Ports, PortMode{Port: int32(n), Mode: m})
 	}
-	if out.Spec.Mode == "" && len(out.Spec.Ports) == 0 && len(out.problems) == 0 {
-		return nil, issues
-	}
+	out.inherit = out.Spec.Mode == "" && len(out.Spec.Ports) == 0 && len(out.problems) == 0
 	return out, issues
 }

@@ -47,7 +47,7 @@ func ValidateInboundMode(m *InboundMode) field.ErrorList {
 	if err := validateMode(m.Spec.Mode, spec.Child("mode"), true); err != nil {
 		errs = append(errs, err)
 	}
-	if m.Spec.Mode == "" && len(m.Spec.Ports) == 0 {
+	if m.Spec.Mode == "" && len(m.Spec.Ports) == 0 && !m.inherit {
 		errs = append(errs, field.Required(spec.Child("mode"), "set mode, ports, or both"))
 	}
 	if len(m.Spec.Ports) > MaxModePorts {
