@@ -159,6 +159,15 @@ func convertRule(ir *IstioRule, rp *field.Path) ([]Rule, field.ErrorList, field.
 			invalid = append(invalid, bad...)
 			notSAs, bad := serviceAccounts(s.NotServiceAccounts, fp.Child("notServiceAccounts"))
 			invalid = append(invalid, bad...)
+			if len(s.Principals)+len(s.NotPrincipals)+len(s.Namespaces)+len(s.NotNamespaces) > 0 &&
+				len(s.ServiceAccounts)+len(s.NotServiceAccounts) > 0 {
+				// Istio refuses this too. Service accounts are folded
+				// into the principals below, which would make them an
+				// alternative to the principals (OR) where the source
+				// says both (AND).
+				invalid = append(invalid, field.Forbidden(fp.Child("serviceAccounts"),
+					"cannot be set with principals or namespaces"))
+			}
 			froms = append(froms, &Source{
 				Principals:    append(slicesClone(s.Principals), sas...),
 				NotPrincipals: append(slicesClone(s.NotPrincipals), notSAs...),

@@ -51,6 +51,20 @@ func TestReviewIstioSemantics(t *testing.T) {
 				aged(older, "shop", "a-unset", "selector: {matchLabels: {app: web}}\nmtls: {mode: UNSET}") +
 				aged(newer, "shop", "b-open", "selector: {matchLabels: {tier: back}}\nmtls: {mode: PERMISSIVE}"),
 			conn("", "10.1.0.5", db, 80), true, ""},
+		// In one Istio source every field must match (AND); folding
+		// serviceAccounts into principals made them alternatives (OR),
+		// so the batch account got in without being ui. Istio refuses
+		// the combination; so do we (fail closed).
+		{"istio serviceAccounts with principals is refused, not OR-ed",
+			istio("shop", "i", `
+rules:
+- from: [{source: {principals: ["cluster.local/ns/front/sa/ui"], serviceAccounts: ["jobs/batch"]}}]`),
+			conn(batch, "10.1.0.5", web, 80), false, "istio:shop/i"},
+		{"istio serviceAccounts alone still allows",
+			istio("shop", "i", `
+rules:
+- from: [{source: {serviceAccounts: ["jobs/batch"]}}]`),
+			conn(batch, "10.1.0.5", web, 80), true, "istio:shop/i"},
 		// The UNSET one shadows Istio's objects only: a stale UNSET
 		// PeerAuthentication must not switch off Ambit's own STRICT.
 		{"istio UNSET namespace PeerAuthentication leaves a newer InboundMode in force",
