@@ -65,6 +65,9 @@ type Manager struct {
 	roots atomic.Pointer[rootSet]
 
 	fetches *prometheus.CounterVec
+
+	// now is time.Now; a test replaces it to model a suspended machine.
+	now func() time.Time
 }
 
 type entry struct {
@@ -167,6 +170,7 @@ func NewManager(cfg Config) (*Manager, error) {
 		sem: make(chan struct{}, cfg.Concurrency), wakeCh: make(chan struct{}, 1), entries: map[string]*entry{},
 		fetches: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "ambit_identity_certificate_fetches_total", Help: "Workload certificate requests to the CA, by result."}, []string{"result"}),
+		now: time.Now,
 	}
 	// Seed the bundle with what is known without asking: an empty pool,
 	// never nil (nil would mean the system roots to crypto/tls).
@@ -414,7 +418,7 @@ func (m *Manager) fetch(e *entry, done chan struct{}) {
 	cert, roots, err := m.issue(ctx, e.id)
 	cancel()
 	<-m.sem
-	now := time.Now()
+	now := m.now()
 	if err == nil {
 		m.setRoots(roots)
 		m.fetches.WithLabelValues("ok").Inc()
@@ -543,7 +547,13 @@ func (m *Manager) Run(ctx context.Context) error {
 	defer timer.Stop()
 	nextRoots := time.Now().Add(m.cfg.RootsRefresh)
 	for {
-		now := time.Now()
+		// Wall clock only (Round(0) drops the monotonic reading, and a
+		// comparison with a time that has none uses the wall clock):
+		// Go's monotonic clock stops while the machine is suspended, so
+		// after a night in suspend a certificate past half-life, even
+		// past its end, looked hours from due. Certificates expire by
+		// the wall clock.
+		now := m.now().Round(0)
 		next := nextRoots
 		m.mu.Lock()
 		for id, e := range m.entries {
