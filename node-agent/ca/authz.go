@@ -3,6 +3,8 @@ package ca
 import (
 	"context"
 	"crypto/sha256"
+	"encoding/base64"
+	"encoding/json"
 	"fmt"
 	"net/http"
 	"slices"
@@ -232,10 +234,41 @@ func (k *KubeAuthorizer) Authenticate(ctx context.Context, token string) (Caller
 		if len(k.tokens) > 4096 {
 			clear(k.tokens)
 		}
-		k.tokens[key] = tokenEntry{caller: caller, expires: now.Add(k.cfg.TokenCacheTTL)}
+		expires := now.Add(k.cfg.TokenCacheTTL)
+		if exp, ok := tokenExpiry(token); ok && exp.Before(expires) {
+			expires = exp
+		}
+		k.tokens[key] = tokenEntry{caller: caller, expires: expires}
 		k.mu.Unlock()
 	}
 	return caller, nil
+}
+
+// tokenExpiry reads the exp claim of a JWT without checking anything
+// else: the API server has just authenticated the token, and the claim
+// only ever shortens how long that answer is cached, so a token that
+// expires within the cache TTL is not accepted past its expiry. ok is
+// false for a token that is not a JWT with an exp.
+func tokenExpiry(token string) (time.Time, bool) {
+	parts := strings.Split(token, ".")
+	if len(parts) != 3 {
+		return time.Time{}, false
+	}
+	payload, err := base64.RawURLEncoding.DecodeString(strings.TrimRight(parts[1], "="))
+	if err != nil {
+		return time.Time{}, false
+	}
+	var claims struct {
+		Exp *json.Number `json:"exp"`
+	}
+	if json.Unmarshal(payload, &claims) != nil || claims.Exp == nil {
+		return time.Time{}, false
+	}
+	exp, err := claims.Exp.Float64()
+	if err != nil {
+		return time.Time{}, false
+	}
+	return time.Unix(int64(exp), 0), true
 }
 
 // Authorize allows id when a live pod of that service account runs on the
