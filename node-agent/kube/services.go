@@ -33,6 +33,9 @@ type serviceIndex struct {
 	// is usually empty.
 	sticky map[netip.AddrPort]*tunnel.Affinity
 	owned  map[string][]netip.AddrPort // service key → its VIP:port keys
+	// vipClaims: every Service declaring a VIP:port (two may list one
+	// externalIP); byVIP holds one, another takes over when it goes.
+	vipClaims map[netip.AddrPort]map[string]tunnel.Service
 
 	// NodePorts: <any node's address>:<nodePort> resolves like the
 	// Service's external addresses. Not expanded into byVIP (1,000 nodes
@@ -67,6 +70,7 @@ func (x *serviceIndex) init() {
 	x.byVIP = map[netip.AddrPort][]netip.AddrPort{}
 	x.sticky = map[netip.AddrPort]*tunnel.Affinity{}
 	x.owned = map[string][]netip.AddrPort{}
+	x.vipClaims = map[netip.AddrPort]map[string]tunnel.Service{}
 	x.nodeAddrs = map[netip.Addr]int{}
 	x.nodeOwned = map[string][]netip.Addr{}
 	x.byNodePort = map[uint16]nodePortEntry{}
@@ -235,8 +239,23 @@ func (s *Source) rebuildService(key string) {
 	s.svc.mu.Lock()
 	defer s.svc.mu.Unlock()
 	for _, k := range s.svc.owned[key] {
+		claims := s.svc.vipClaims[k]
+		delete(claims, key)
 		delete(s.svc.byVIP, k)
 		delete(s.svc.sticky, k)
+		if len(claims) == 0 {
+			delete(s.svc.vipClaims, k)
+			continue
+		}
+		// Another Service declares the address and port too (an
+		// externalIP both list): it keeps it.
+		for _, v := range claims {
+			s.svc.byVIP[k] = v.Endpoints
+			if v.Affinity != nil {
+				s.svc.sticky[k] = v.Affinity
+			}
+			break
+		}
 	}
 	delete(s.svc.owned, key)
 	s.svc.setNodePortsLocked(key, nodePorts)
@@ -246,9 +265,14 @@ func (s *Source) rebuildService(key string) {
 	keys := make([]netip.AddrPort, 0, len(entries))
 	for k, v := range entries {
 		s.svc.byVIP[k] = v.Endpoints
+		delete(s.svc.sticky, k)
 		if v.Affinity != nil {
 			s.svc.sticky[k] = v.Affinity
 		}
+		if s.svc.vipClaims[k] == nil {
+			s.svc.vipClaims[k] = map[string]tunnel.Service{}
+		}
+		s.svc.vipClaims[k][key] = v
 		keys = append(keys, k)
 	}
 	s.svc.owned[key] = keys
@@ -515,7 +539,15 @@ func endpointsFor(v4 bool, portName string, local bool, loc Locality, sl []*disc
 			if !isReady && !isServingTerminating {
 				continue
 			}
-			for _, a := range e.Addresses {
+			// One endpoint, one address: the API calls them fungible
+			// and kube-proxy uses only the first, so a second would
+			// weigh the endpoint twice (or reach an address kube-proxy
+			// never sends to).
+			addrs := e.Addresses
+			if len(addrs) > 1 {
+				addrs = addrs[:1]
+			}
+			for _, a := range addrs {
 				ip, err := netip.ParseAddr(a)
 				if err != nil || ip.Unmap().Is4() != v4 {
 					continue

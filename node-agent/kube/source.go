@@ -214,7 +214,18 @@ func New(cfg Config) (*Source, error) {
 	if _, err := s.services.AddEventHandler(svcHandler); err != nil {
 		return nil, err
 	}
-	if _, err := s.slices.AddEventHandler(svcHandler); err != nil {
+	sliceHandler := svcHandler
+	// A slice moved to another Service (or unlabeled) leaves its old
+	// one too: rebuild both.
+	sliceHandler.UpdateFunc = func(oldObj, obj any) {
+		o, ok1 := oldObj.(*discoveryv1.EndpointSlice)
+		n, ok2 := obj.(*discoveryv1.EndpointSlice)
+		if ok1 && ok2 && o.Labels[discoveryv1.LabelServiceName] != n.Labels[discoveryv1.LabelServiceName] {
+			s.serviceTouched(oldObj)
+		}
+		s.serviceTouched(obj)
+	}
+	if _, err := s.slices.AddEventHandler(sliceHandler); err != nil {
 		return nil, err
 	}
 	if err := s.node.SetWatchErrorHandlerWithContext(func(ctx context.Context, r *cache.Reflector, err error) {
