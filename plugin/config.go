@@ -77,6 +77,10 @@ var knownKeys = map[string]bool{
 	"cniVersion": true, "cniVersions": true, "name": true, "type": true, "capabilities": true, "ipam": true,
 	"dns": true, "prevResult": true, "runtimeConfig": true, "args": true, "cni.dev/valid-attachments": true,
 	"disableCheck": true, "disableGC": true,
+	// libcni (v1.2+) sends a GC's valid attachments under this key too,
+	// the spec's earlier wording (its #1101); the list is read from
+	// cni.dev/valid-attachments, which it always sends alongside.
+	"cni.dev/attachments": true,
 	// Ours.
 	"agentSocket": true, "excludedNamespaces": true, "agentTimeout": true, "logLevel": true, "logFile": true,
 	"ruleBackend": true, "agentDownPolicy": true, "snapshotFile": true, "defaultNamespace": true,

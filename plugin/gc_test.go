@@ -1,7 +1,11 @@
 package main
 
 import (
+	"bytes"
+	"context"
+	"encoding/json"
 	"fmt"
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -11,6 +15,7 @@ import (
 	"github.com/ambit-mesh/ambit/plugin/cniproto/cniprototest"
 
 	"github.com/ambit-mesh/ambit/plugin/cniproto"
+	"github.com/containernetworking/cni/libcni"
 	"github.com/containernetworking/cni/pkg/types"
 )
 
@@ -167,5 +172,34 @@ func TestRequestsNameTheNetwork(t *testing.T) {
 		if req := agent.last(); req.Network != "ambit-test" || req.Version != cniproto.Version {
 			t.Fatalf("%s reached the agent as version %d, network %q; want version %d, network %q", cmd, req.Version, req.Network, cniproto.Version, "ambit-test")
 		}
+	}
+}
+
+// TestGCThroughLibcniWarnsOfNoTypo: libcni (v1.2+) hands a GC the valid
+// attachments under two keys, "cni.dev/valid-attachments" and, for the
+// spec's earlier wording, "cni.dev/attachments" (its #1101). Neither is
+// the operator's: a GC run by the runtime must not log "unknown config
+// keys (typo?)". It did on every GC, for the second key.
+func TestGCThroughLibcniWarnsOfNoTypo(t *testing.T) {
+	agent := newResponder(t)
+	d := newDirect(t, "mesh", agent.socket)
+	logFile := d.conf["logFile"].(string)
+	entry := map[string]any{"type": "ambit-cni", "agentSocket": agent.socket, "logFile": logFile, "logLevel": "warn"}
+	conf, _ := json.Marshal(map[string]any{"cniVersion": "1.1.0", "name": "ambit-test", "plugins": []any{entry}})
+	list, err := libcni.ConfListFromBytes(conf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cni := libcni.NewCNIConfigWithCacheDir([]string{filepath.Dir(d.bin)}, filepath.Join(d.dir, "cache"), nil)
+	args := &libcni.GCArgs{ValidAttachments: []types.GCAttachment{{ContainerID: "keep-1", IfName: "eth0"}}}
+	if err := cni.GCNetworkList(context.Background(), list, args); err != nil {
+		t.Fatalf("GC through libcni: %v", err)
+	}
+	if req := agent.last(); req.Op != cniproto.OpGC || len(req.Valid) != 1 || req.Valid[0].ContainerID != "keep-1" {
+		t.Fatalf("agent got %+v, want a gc listing keep-1", req)
+	}
+	b, _ := os.ReadFile(logFile)
+	if bytes.Contains(b, []byte("unknown config keys")) {
+		t.Fatalf("a GC run by libcni logged its own keys as the operator's typo:\n%s", b)
 	}
 }
