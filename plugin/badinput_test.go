@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -18,6 +19,7 @@ import (
 	"github.com/ambit-mesh/ambit/plugin/redirect"
 	"github.com/containernetworking/cni/pkg/types"
 	"github.com/containernetworking/plugins/pkg/ns"
+	"golang.org/x/sys/unix"
 )
 
 // direct is a pod netns and a conflist entry for running ambit-cni alone
@@ -264,4 +266,45 @@ func TestPrevResultEveryVersion(t *testing.T) {
 			t.Errorf("%s: prevResult not returned as %s: %s", v, v, out)
 		}
 	}
+}
+
+// A CNI_NETNS path that is a FIFO (or anything else whose open waits for
+// a peer) fails ADD and CHECK with code 8 and is "gone" for DEL, at
+// once: openNetns's open blocked until a writer came, so the plugin
+// hung, and a hung DEL wedges the sandbox's teardown. The dispatcher's
+// own-netns check already avoided opening such a path for that reason.
+// The bound below only tells a hang from an answer; the plugin answers
+// in milliseconds.
+func TestNetnsPathThatBlocksOnOpen(t *testing.T) {
+	agent := newResponder(t, "mesh")
+	d := newDirect(t, "mesh", agent.socket)
+	fifo := filepath.Join(d.dir, "fifo")
+	if err := unix.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, cmd := range []string{"ADD", "CHECK", "DEL"} {
+		b, _ := json.Marshal(d.conf)
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		c := exec.CommandContext(ctx, d.bin)
+		c.Env = append([]string{"CNI_COMMAND=" + cmd, "CNI_IFNAME=eth0", "CNI_PATH=/nonexistent", "PATH=" + os.Getenv("PATH")}, d.env...)
+		c.Env = append(c.Env, "CNI_NETNS="+fifo)
+		c.Stdin = strings.NewReader(string(b))
+		out, err := c.Output()
+		hung := ctx.Err() != nil
+		cancel()
+		if hung {
+			t.Fatalf("%s with CNI_NETNS a FIFO: no answer in 20 s (the open waits for a writer)", cmd)
+		}
+		if cmd == "DEL" {
+			if err != nil {
+				t.Errorf("DEL with CNI_NETNS a FIFO: %v: %s", err, out)
+			}
+			continue
+		}
+		var e types.Error
+		if json.Unmarshal(out, &e) != nil || e.Code != types.ErrInvalidNetNS {
+			t.Errorf("%s with CNI_NETNS a FIFO: %v, %s; want code 8", cmd, err, out)
+		}
+	}
+	d.noRules()
 }

@@ -221,10 +221,18 @@ func openNetns(path string) (*os.File, error) {
 	if path == "" {
 		return nil, types.NewError(types.ErrInvalidNetNS, "CNI_NETNS is empty", "")
 	}
-	f, err := os.Open(path)
+	// O_NONBLOCK: opening a FIFO (or a device) waits for its peer, and
+	// the plugin hung there, DEL too; a namespace file opens at once
+	// either way. The flag is cleared before the fd goes anywhere.
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return nil, types.NewError(types.ErrInvalidNetNS, fmt.Sprintf("cannot open the pod netns %s: %v", path, err), "")
+		return nil, types.NewError(types.ErrInvalidNetNS, fmt.Sprintf("cannot open the pod netns %s: %v", path, &os.PathError{Op: "open", Path: path, Err: err}), "")
 	}
+	if err := unix.SetNonblock(fd, false); err != nil {
+		unix.Close(fd)
+		return nil, types.NewError(types.ErrInvalidNetNS, fmt.Sprintf("pod netns %s: %v", path, err), "")
+	}
+	f := os.NewFile(uintptr(fd), path)
 	var st unix.Statfs_t
 	if err := unix.Fstatfs(int(f.Fd()), &st); err != nil {
 		f.Close()
