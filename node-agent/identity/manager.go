@@ -591,10 +591,15 @@ func (m *Manager) Run(ctx context.Context) error {
 				next = nextRoots
 			}
 		}
+		// The sleep is measured on the clock the due times were judged
+		// by: time.Until(next) would use next's monotonic reading, and
+		// after the wall clock stepped back the timer would fire with
+		// nothing due by the wall clock, and again at once, in a loop.
+		sleep := next.Sub(now)
 		if m.cfg.OnTurn != nil {
-			m.cfg.OnTurn(next)
+			m.cfg.OnTurn(time.Now().Add(sleep))
 		}
-		timer.Reset(time.Until(next))
+		timer.Reset(sleep)
 		select {
 		case <-ctx.Done():
 			return nil
