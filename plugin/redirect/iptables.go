@@ -124,9 +124,9 @@ func iptablesRule(r rule) string {
 		case condDport:
 			ext = append(ext, fmt.Sprintf("-m tcp %s--dport %d", not(c.neg), c.port))
 		case condMark:
-			ext = append(ext, fmt.Sprintf("-m mark %s--mark %#x/%#x", not(c.neg), c.value, c.mask))
+			ext = append(ext, fmt.Sprintf("-m mark %s--mark %s", not(c.neg), markMatch(c.value, c.mask)))
 		case condCtMark:
-			ext = append(ext, fmt.Sprintf("-m connmark %s--mark %#x/%#x", not(c.neg), c.value, c.mask))
+			ext = append(ext, fmt.Sprintf("-m connmark %s--mark %s", not(c.neg), markMatch(c.value, c.mask)))
 		case condCtNew:
 			ext = append(ext, "-m conntrack "+not(c.neg)+"--ctstate NEW")
 		}
@@ -153,6 +153,16 @@ func iptablesRule(r rule) string {
 	parts = append(parts, ext...)
 	parts = append(parts, target)
 	return strings.Join(parts, " ")
+}
+
+// markMatch is a mark match's value as iptables-save prints it: the mask
+// is left out when it is all 32 bits (xt_mark and xt_connmark print
+// it so), and Verify compares this text with the save's.
+func markMatch(value, mask uint32) string {
+	if mask == 0xffffffff {
+		return fmt.Sprintf("%#x", value)
+	}
+	return fmt.Sprintf("%#x/%#x", value, mask)
 }
 
 func jumpRule(c ipChain) string { return "-A " + c.parent + " -j " + c.chain }
