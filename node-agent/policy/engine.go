@@ -271,6 +271,16 @@ func (e *Engine) compileAll() ([]*compiledPolicy, []*compiledMode, []string, map
 			if len(issues) > 0 {
 				r.Reason, r.Message = ReasonUnsupported, issues.ToAggregate().Error()
 			}
+			if pa.Namespace == e.iroot && len(pa.Spec.Selector.labels()) > 0 {
+				// Istio skips these for every workload (no mesh-wide
+				// selector PeerAuthentication). Read into our root
+				// namespace they would pick its workloads, and a
+				// PERMISSIVE one would let plaintext in there.
+				r.Reason = ReasonUnsupported
+				r.Message = "a selector in Istio's root namespace " + e.iroot + " selects no workload in Istio; not enforced"
+				results[src] = append(results[src], r)
+				continue
+			}
 			results[src] = append(results[src], r)
 			ns := pa.Namespace
 			if ns == e.iroot {
@@ -364,7 +374,7 @@ func (e *Engine) compileAll() ([]*compiledPolicy, []*compiledMode, []string, map
 				res.Message = fmt.Sprintf("namespace %s already has the namespace-wide inbound mode %s (older); this one is ignored", in.ns, first)
 				continue
 			}
-			if m.inherit {
+			if m.inherit && len(errs) == 0 {
 				// Takes the level from newer PeerAuthentications only
 				// (Istio's rule among its own objects); it sets
 				// nothing, so it is not compiled.
