@@ -226,7 +226,11 @@ func Run(ctx context.Context, cfg Config) error {
 				log.Error("CA secret changed to something unusable; keeping the current key", "err", err)
 				continue
 			}
-			if !nm.Cert.Equal(auth.Material().Cert) || string(EncodeCerts(nm.Roots)) != string(auth.RootsPEM()) {
+			// The intermediates count too: one renewed above an unchanged
+			// signing certificate moves the chain's end, which cuts leaves.
+			cur := auth.Material()
+			if !nm.Cert.Equal(cur.Cert) || string(EncodeCerts(nm.Intermediates)) != string(EncodeCerts(cur.Intermediates)) ||
+				string(EncodeCerts(nm.Roots)) != string(auth.RootsPEM()) {
 				if err := auth.Update(nm); err != nil {
 					log.Error("CA secret material refused", "err", err)
 					continue
