@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"log/slog"
+	"reflect"
 	"slices"
 	"sort"
 	"strings"
@@ -65,6 +66,12 @@ type Config struct {
 	// Unknown lists top-level keys neither CNI nor we define; they are
 	// logged, not fatal, so a runtime adding a key never breaks pods.
 	Unknown []string
+	// OtherCase lists keys that differ from ours only in case
+	// ("AgentTimeout"): encoding/json matches keys case-insensitively,
+	// so they are applied, and were logged as ignored. They are logged
+	// as applied, under the name they were taken for; with both
+	// spellings present the later one wins.
+	OtherCase []string
 	// prevJSON is prevResult exactly as the runtime sent it, when it is
 	// in the configuration's cniVersion: ADD prints it back unchanged.
 	prevJSON []byte
@@ -84,6 +91,38 @@ var knownKeys = map[string]bool{
 	// Ours.
 	"agentSocket": true, "excludedNamespaces": true, "agentTimeout": true, "logLevel": true, "logFile": true,
 	"ruleBackend": true, "agentDownPolicy": true, "snapshotFile": true, "defaultNamespace": true,
+}
+
+// decodedKeys are the keys rawConfig decodes (its JSON tags, PluginConf's
+// included), which encoding/json also matches in another case.
+var decodedKeys = func() []string {
+	var out []string
+	var walk func(t reflect.Type)
+	walk = func(t reflect.Type) {
+		for i := 0; i < t.NumField(); i++ {
+			f := t.Field(i)
+			if f.Anonymous && f.Type.Kind() == reflect.Struct {
+				walk(f.Type)
+				continue
+			}
+			name, _, _ := strings.Cut(f.Tag.Get("json"), ",")
+			if name != "" && name != "-" {
+				out = append(out, name)
+			}
+		}
+	}
+	walk(reflect.TypeOf(rawConfig{}))
+	return out
+}()
+
+// decodedAs is the decoded key k is taken for in another case, or "".
+func decodedAs(k string) string {
+	for _, d := range decodedKeys {
+		if strings.EqualFold(k, d) {
+			return d
+		}
+	}
+	return ""
 }
 
 func configError(field, format string, a ...any) error {
@@ -108,11 +147,17 @@ func parseConfigOpts(stdin []byte, ignoreBadPrev bool) (*Config, error) {
 	_ = json.Unmarshal(stdin, &keys)
 	c := &Config{PluginConf: raw.PluginConf}
 	for k := range keys {
-		if !knownKeys[k] {
-			c.Unknown = append(c.Unknown, k)
+		if knownKeys[k] {
+			continue
 		}
+		if f := decodedAs(k); f != "" {
+			c.OtherCase = append(c.OtherCase, k+" (as "+f+")")
+			continue
+		}
+		c.Unknown = append(c.Unknown, k)
 	}
 	sort.Strings(c.Unknown)
+	sort.Strings(c.OtherCase)
 
 	if c.CNIVersion == "" {
 		return nil, configError("cniVersion", "missing")

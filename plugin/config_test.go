@@ -43,6 +43,26 @@ func TestParseConfigFields(t *testing.T) {
 	}
 }
 
+// encoding/json applies a key in another case ("AgentTimeout"): it must
+// not be reported as ignored, but as applied under the name it was
+// taken for. A key in no case of ours stays unknown.
+func TestParseConfigKeyInAnotherCase(t *testing.T) {
+	c, err := parseConfig([]byte(`{"cniVersion":"1.0.0","name":"n","type":"ambit-cni","AgentTimeout":"3s","LOGLEVEL":"debug","agentTimeOut2":"x"}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.AgentTimeout != 3*time.Second || c.LogLevel != slog.LevelDebug {
+		t.Fatalf("keys in another case not applied: timeout %v level %v", c.AgentTimeout, c.LogLevel)
+	}
+	if len(c.Unknown) != 1 || c.Unknown[0] != "agentTimeOut2" {
+		t.Errorf("unknown keys %v, want only agentTimeOut2 (the others were applied)", c.Unknown)
+	}
+	want := []string{"AgentTimeout (as agentTimeout)", "LOGLEVEL (as logLevel)"}
+	if strings.Join(c.OtherCase, "|") != strings.Join(want, "|") {
+		t.Errorf("other-case keys %q, want %q", c.OtherCase, want)
+	}
+}
+
 func TestParseConfigRejects(t *testing.T) {
 	cases := []struct {
 		name, in, field string

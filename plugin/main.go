@@ -55,6 +55,9 @@ func begin(cmd string, args *cmdArgs) (*run, func(*error), error) {
 	if len(cfg.Unknown) > 0 {
 		log.Warn("ignoring unknown config keys (typo?)", "keys", cfg.Unknown)
 	}
+	if len(cfg.OtherCase) > 0 {
+		log.Warn("config keys in another case are applied; write them as documented", "keys", cfg.OtherCase)
+	}
 	if cfg.PrevResultErr != nil {
 		log.Warn("ignoring a prevResult that cannot be read; DEL does not need it", "err", cfg.PrevResultErr)
 	}
