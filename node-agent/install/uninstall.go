@@ -94,12 +94,21 @@ func removeFrom(confDir, path string) (bool, error) {
 // restoreConverted puts back the .conf/.json that path was converted
 // from, if there is a backup and the list without our entry is exactly the
 // conversion of it (nobody added to it since).
+//
+// When a file of the original's name is there again, the primary CNI wrote
+// it after the conversion (with no installer running to convert it, or a
+// crash between writing the list and removing the original): it is the
+// primary's current config, so it stays and only our list and the backup go.
 func restoreConverted(confDir, path string, withoutUs []byte) (bool, error) {
 	orig, backup, bb, bfi, ok := convertedFrom(confDir, path, withoutUs)
 	if !ok {
 		return false, nil
 	}
-	if err := atomicfile.Write(filepath.Join(confDir, orig), bb, atomicfile.Attrs(bfi)); err != nil {
+	if _, err := os.Lstat(filepath.Join(confDir, orig)); errors.Is(err, os.ErrNotExist) {
+		if err := atomicfile.Write(filepath.Join(confDir, orig), bb, atomicfile.Attrs(bfi)); err != nil {
+			return false, err
+		}
+	} else if err != nil {
 		return false, err
 	}
 	if err := atomicfile.Remove(path); err != nil {
