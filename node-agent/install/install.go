@@ -346,6 +346,9 @@ func (in *installer) reconcile() error {
 		return err
 	}
 	in.waiting = false
+	if q := in.rewrittenOriginal(p); q != nil {
+		p = q
+	}
 	if dir, ok := in.dropInDir(p); ok {
 		// Its files' appearance or removal must be seen at once, not
 		// at the next resync.
@@ -524,6 +527,36 @@ func (in *installer) upgradeConversion(p *conflist.Primary) ([]byte, bool) {
 		return p.Data, false
 	}
 	return cur, true
+}
+
+// rewrittenOriginal: when p is a list we converted and the file it was
+// converted from is there again, valid (the primary CNI wrote it anew), it
+// returns that file as the primary, to be converted again. A .conf sorts
+// before its .conflist and is picked anyway; a .json sorts after it, so
+// the runtime would go on reading our list of the old config and the
+// primary's change would never reach it.
+func (in *installer) rewrittenOriginal(p *conflist.Primary) *conflist.Primary {
+	if !p.IsList {
+		return nil
+	}
+	withoutUs := p.Data
+	if conflist.Has(p.Data, PluginType) {
+		out, _, err := conflist.Remove(p.Data, PluginType)
+		if err != nil {
+			return nil
+		}
+		withoutUs = out
+	}
+	orig, _, _, _, ok := convertedFrom(in.cfg.CNIConfDir, p.Path, withoutUs)
+	if !ok {
+		return nil
+	}
+	path := filepath.Join(filepath.Dir(p.Path), orig)
+	b, fi, err := conflist.ReadFile(path)
+	if err != nil || conflist.Loads(path, b) != nil {
+		return nil
+	}
+	return &conflist.Primary{Path: path, Data: b, Info: fi}
 }
 
 // convert turns the primary .conf/.json into a .conflist with our entry,

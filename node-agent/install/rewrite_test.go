@@ -43,3 +43,37 @@ func TestUninstallKeepsRewrittenConf(t *testing.T) {
 		}
 	}
 }
+
+// A single-plugin .json sorts after the .conflist it is converted to
+// (a .conf sorts before it, so its rewrite is the runtime's pick and is
+// converted again). When the primary CNI writes its .json again, the
+// runtime still reads our list: the primary's new config must reach it,
+// converted, or the node keeps the old one for as long as Ambit stays.
+func TestRewrittenJSONIsConvertedAgain(t *testing.T) {
+	n := newNode(t)
+	orig := fixture(t, "10-bridge.conf")
+	js := filepath.Join(n.conf, "10-bridge.json")
+	if err := os.WriteFile(js, orig, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	run(t, n.config())
+	list := filepath.Join(n.conf, "10-bridge.conflist")
+	eventually(t, "converted list", func() bool { return hasEntry(list) })
+	eventually(t, "the .json removed", func() bool {
+		_, err := os.Stat(js)
+		return os.IsNotExist(err)
+	})
+
+	newer := bytes.Replace(orig, []byte("10.22.0.0/16"), []byte("10.99.0.0/16"), 1)
+	if err := os.WriteFile(js, newer, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the new .json converted into the list the runtime reads", func() bool {
+		b, err := os.ReadFile(list)
+		_, serr := os.Stat(js)
+		return err == nil && bytes.Contains(b, []byte("10.99.0.0/16")) && hasEntry(list) && os.IsNotExist(serr)
+	})
+	if b, _ := os.ReadFile(filepath.Join(n.conf, BackupDir, "10-bridge.json")); !bytes.Equal(b, newer) {
+		t.Fatalf("the backup is not the new .json:\n%s", b)
+	}
+}
