@@ -368,3 +368,54 @@ func runAsNobody(t *testing.T, path string) (string, error) {
 	out, err := cmd.CombinedOutput()
 	return string(out), err
 }
+
+// TestRenderExpiredCertificate: the certs view's STATE says "expired" for
+// a certificate past its end, not "ok" (nor only its failed fetches):
+// an expired certificate fails every handshake of its pods.
+func TestRenderExpiredCertificate(t *testing.T) {
+	now := time.Date(2025, 1, 2, 3, 4, 5, 0, time.UTC)
+	st := &Status{Version: Version, Agent: Agent{Now: now, Ready: true}, Certificates: []Certificate{
+		{Identity: "spiffe://td/ns/a/sa/quiet", Serial: "1", NotAfter: now.Add(-time.Minute), Pods: 1},
+		{Identity: "spiffe://td/ns/a/sa/failing", Serial: "2", NotAfter: now.Add(-time.Minute), Pods: 1, Failures: 3},
+		{Identity: "spiffe://td/ns/a/sa/fine", Serial: "3", NotAfter: now.Add(time.Hour), Pods: 1},
+	}}
+	var b strings.Builder
+	if err := Render(&b, st, ViewCerts); err != nil {
+		t.Fatal(err)
+	}
+	states := map[string]string{}
+	for _, line := range strings.Split(b.String(), "\n") {
+		if f := strings.Fields(line); len(f) > 0 && strings.HasPrefix(f[0], "spiffe://") {
+			states[f[0]] = strings.Join(f[7:], " ")
+		}
+	}
+	for id, want := range map[string]string{"spiffe://td/ns/a/sa/quiet": "expired",
+		"spiffe://td/ns/a/sa/failing": "expired, 3 failed fetches", "spiffe://td/ns/a/sa/fine": "ok"} {
+		if states[id] != want {
+			t.Errorf("%s: state %q, want %q\n%s", id, states[id], want, b.String())
+		}
+	}
+}
+
+// TestRenderCellsStayInTheirColumns: a tab or newline in a cell (a trust
+// bundle root's subject is whatever its maker wrote) neither shifts the
+// table's columns nor adds a line that reads as the agent's own.
+func TestRenderCellsStayInTheirColumns(t *testing.T) {
+	now := time.Date(2025, 1, 2, 3, 4, 5, 0, time.UTC)
+	forged := "CN=root\n# forged\tx"
+	st := &Status{Version: Version, Agent: Agent{Now: now, Ready: true},
+		Pods:         []Pod{{Namespace: "a", Name: "p", State: StatePending, Reason: "No\nSandbox"}},
+		Certificates: []Certificate{{Identity: "spiffe://td/ns/a/sa/s", Serial: "1", NotAfter: now.Add(time.Hour), Issuer: forged}},
+		TrustBundle:  []CertRef{{Subject: forged, SHA256: "ab", NotAfter: now.Add(time.Hour)}}}
+	for _, view := range []string{ViewPods, ViewCerts} {
+		var b strings.Builder
+		if err := Render(&b, st, view); err != nil {
+			t.Fatal(err)
+		}
+		for _, line := range strings.Split(b.String(), "\n") {
+			if strings.HasPrefix(line, "# forged") || strings.HasPrefix(line, "Sandbox") {
+				t.Errorf("%s view: a cell's newline made a line of its own:\n%s", view, b.String())
+			}
+		}
+	}
+}

@@ -54,7 +54,7 @@ func header(w io.Writer, st *Status) {
 		state = "starting"
 	}
 	fmt.Fprintf(w, "# agent %s, pid %d, node %s, %s source, %s, up %s\n",
-		orDash(a.Instance), a.PID, orDash(a.Node), orDash(a.Source), state, age(a.Now, a.Started))
+		oneLine(orDash(a.Instance)), a.PID, oneLine(orDash(a.Node)), oneLine(orDash(a.Source)), state, age(a.Now, a.Started))
 }
 
 func renderPods(w io.Writer, st *Status) {
@@ -81,16 +81,16 @@ func renderPods(w io.Writer, st *Status) {
 		if c := p.Connections; c != nil {
 			conns = fmt.Sprintf("%d/%d", c.In(), c.Out())
 		}
-		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.Namespace, p.Name, ips(p.IPs), state,
-			orDash(p.Backend), ports(p.Listeners), rules(now, p.Rules), shortID(p.Identity), left(now, p.CertNotAfter), conns)
+		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", oneLine(p.Namespace), oneLine(p.Name), ips(p.IPs), oneLine(state),
+			oneLine(orDash(p.Backend)), ports(p.Listeners), oneLine(rules(now, p.Rules)), oneLine(shortID(p.Identity)), left(now, p.CertNotAfter), conns)
 	}
 	// What went wrong, in full, below the table it would stretch.
 	for _, p := range st.Pods {
 		if p.Message != "" {
-			fmt.Fprintf(w, "# %s %s/%s: %s\n", p.State, p.Namespace, p.Name, oneLine(p.Message))
+			fmt.Fprintf(w, "# %s %s/%s: %s\n", oneLine(p.State), oneLine(p.Namespace), oneLine(p.Name), oneLine(p.Message))
 		}
 		if r := p.Rules; r != nil && r.Problem != "" {
-			fmt.Fprintf(w, "# rules %s %s/%s %s ago: %s\n", r.Result, p.Namespace, p.Name, age(now, r.At), oneLine(r.Problem))
+			fmt.Fprintf(w, "# rules %s %s/%s %s ago: %s\n", oneLine(r.Result), oneLine(p.Namespace), oneLine(p.Name), age(now, r.At), oneLine(r.Problem))
 		}
 	}
 }
@@ -109,6 +109,15 @@ func renderCerts(w io.Writer, st *Status) {
 		case c.NotAfter.IsZero():
 			state = "none yet"
 		}
+		// An expired certificate fails every handshake: the first word a
+		// person scanning the column must see, whatever else holds.
+		if !c.NotAfter.IsZero() && !c.NotAfter.After(now) {
+			if state == "ok" {
+				state = "expired"
+			} else {
+				state = "expired, " + state
+			}
+		}
 		notAfter := "-"
 		if !c.NotAfter.IsZero() {
 			notAfter = c.NotAfter.UTC().Format(time.RFC3339)
@@ -120,25 +129,25 @@ func renderCerts(w io.Writer, st *Status) {
 				next = "due"
 			}
 		}
-		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\n", c.Identity, orDash(c.Serial), notAfter, left(now, c.NotAfter),
-			orDash(c.Issuer), c.Pods, next, state)
+		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\n", oneLine(c.Identity), oneLine(orDash(c.Serial)), notAfter, left(now, c.NotAfter),
+			oneLine(orDash(c.Issuer)), c.Pods, next, state)
 	}
 	for _, c := range st.Certificates {
 		if c.LastError != "" {
-			fmt.Fprintf(w, "# %s: last fetch failed %s ago: %s\n", c.Identity, age(now, c.LastFailure), oneLine(c.LastError))
+			fmt.Fprintf(w, "# %s: last fetch failed %s ago: %s\n", oneLine(c.Identity), age(now, c.LastFailure), oneLine(c.LastError))
 		}
 	}
 	fmt.Fprintf(w, "# trust bundle: %d roots\n", len(st.TrustBundle))
 	fmt.Fprintln(w, "SUBJECT\tSHA256\tNOT AFTER\tLEFT")
 	for _, r := range st.TrustBundle {
-		fmt.Fprintf(w, "%s\t%s\t%s\t%s\n", r.Subject, r.SHA256, r.NotAfter.UTC().Format(time.RFC3339), left(now, r.NotAfter))
+		fmt.Fprintf(w, "%s\t%s\t%s\t%s\n", oneLine(r.Subject), oneLine(r.SHA256), r.NotAfter.UTC().Format(time.RFC3339), left(now, r.NotAfter))
 	}
 }
 
 func renderConns(w io.Writer, st *Status) {
 	fmt.Fprintln(w, "NAMESPACE\tPOD\tIN HBONE\tIN PLAINTEXT\tOUT HBONE\tOUT PASSTHROUGH\tHELD\tMTLS CONNS IN/OUT")
 	row := func(ns, name string, c PodConnections) {
-		fmt.Fprintf(w, "%s\t%s\t%d\t%d\t%d\t%d\t%d\t%d/%d\n", ns, name, c.InboundHBONE, c.InboundPlaintext,
+		fmt.Fprintf(w, "%s\t%s\t%d\t%d\t%d\t%d\t%d\t%d/%d\n", oneLine(ns), oneLine(name), c.InboundHBONE, c.InboundPlaintext,
 			c.OutboundHBONE, c.OutboundPassthrough, c.Held, c.HBONEConnectionsIn, c.HBONEConnectionsOut)
 	}
 	for _, p := range st.Pods {
@@ -237,8 +246,9 @@ func orDash(s string) string {
 	return s
 }
 
-// oneLine keeps a message on its line (an error may carry newlines, and
-// a pod name or message control characters).
+// oneLine keeps a message, and every table cell, on its line: an error
+// may carry newlines, and a cell a tab or newline (a root's subject comes
+// from whoever made the CA) that would shift the columns or forge a row.
 func oneLine(s string) string {
 	return strings.Map(func(r rune) rune {
 		if r < 0x20 || r == 0x7f {
