@@ -205,3 +205,8 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	return c, nil
 }
+
+// pluginVersions are the cniVersions ambit-cni accepts (plugin/dispatch.go
+// supportedVersions, which a test holds this to). It refuses any other,
+// ADD and DEL alike.
+var pluginVersions = []string{"0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"}

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -354,6 +355,10 @@ func (in *installer) reconcile() error {
 		// at the next resync.
 		in.watchDir(dir)
 	}
+	if !slices.Contains(pluginVersions, p.CNIVersion) {
+		in.state(false, "")
+		return in.refuseVersion(p)
+	}
 	if len(p.DropIns) > 0 && !hasOtherThan(p.Inline, PluginType) {
 		in.state(false, "")
 		return in.refuseDropIns(p)
@@ -447,23 +452,54 @@ func hasOtherThan(types []string, t string) bool {
 // there. Pods then start unenrolled and the agent enrolls ambient ones
 // live; the error, repeated with backoff, tells the operator the fix.
 func (in *installer) refuseDropIns(p *conflist.Primary) error {
-	if conflist.Has(p.Data, PluginType) {
-		out, _, err := conflist.Remove(p.Data, PluginType)
-		if err != nil {
-			return fmt.Errorf("%s: %w", p.Path, err)
-		}
-		dst, err := target(p.Path)
-		if err != nil {
-			return err
-		}
-		if err := atomicfile.Replace(dst, p.Data, out, atomicfile.Attrs(p.Info)); err != nil {
-			return err
-		}
-		delete(in.written, p.Path)
-		in.log.Warn("took ambit-cni out of the primary CNI config: its plugins all come from the network's directory, so ambit-cni would run first", "path", p.Path, "file", dst)
+	if err := in.takeOut(p, "its plugins all come from the network's directory, so ambit-cni would run first"); err != nil {
+		return err
 	}
 	return fmt.Errorf("%w: %s (the primary CNI config) has no plugins of its own; runtimes built with containernetworking/cni v1.3.0 or later take them all from %s, after any in the list, so ambit-cni cannot be chained after them there. Not chaining ambit-cni (pods start unenrolled and the agent enrolls ambient pods live): move them into the list's \"plugins\"",
 		errNotLast, p.Path, strings.Join(p.DropIns, ", "))
+}
+
+// takeOut removes our entry from the primary list p, if it is there,
+// because of why.
+func (in *installer) takeOut(p *conflist.Primary, why string) error {
+	if !p.IsList || !conflist.Has(p.Data, PluginType) {
+		return nil
+	}
+	out, _, err := conflist.Remove(p.Data, PluginType)
+	if err != nil {
+		return fmt.Errorf("%s: %w", p.Path, err)
+	}
+	dst, err := target(p.Path)
+	if err != nil {
+		return err
+	}
+	if err := atomicfile.Replace(dst, p.Data, out, atomicfile.Attrs(p.Info)); err != nil {
+		return err
+	}
+	delete(in.written, p.Path)
+	in.log.Warn("took ambit-cni out of the primary CNI config: "+why, "path", p.Path, "file", dst)
+	return nil
+}
+
+// errVersion: the runtime would give ambit-cni a cniVersion it refuses.
+var errVersion = errors.New("ambit-cni does not support the network's cniVersion")
+
+// refuseVersion declines a primary whose cniVersion ambit-cni refuses:
+// our entry takes the network's version, and the plugin fails ADD and DEL
+// under any other, so chained it would keep every pod of the node from
+// starting, and from being deleted, on containerd, meshed or not (CRI-O
+// drops the whole network instead). Pods then start unenrolled and the
+// agent enrolls ambient ones live; the error names the fix.
+func (in *installer) refuseVersion(p *conflist.Primary) error {
+	if err := in.takeOut(p, "its cniVersion is not one ambit-cni supports"); err != nil {
+		return err
+	}
+	v := p.CNIVersion
+	if v == "" {
+		v = "none"
+	}
+	return fmt.Errorf("%w: %s (the primary CNI config) has cniVersion %s, ambit-cni supports %s; not chaining ambit-cni (pods start unenrolled and the agent enrolls ambient pods live): set the network's \"cniVersion\" to one of those",
+		errVersion, p.Path, v, strings.Join(pluginVersions, ", "))
 }
 
 // errUnsettled: a config file that sorts first is broken but fresh; look
@@ -556,7 +592,11 @@ func (in *installer) rewrittenOriginal(p *conflist.Primary) *conflist.Primary {
 	if err != nil || conflist.Loads(path, b) != nil {
 		return nil
 	}
-	return &conflist.Primary{Path: path, Data: b, Info: fi}
+	c, err := conflist.ParseConf(b)
+	if err != nil {
+		return nil
+	}
+	return &conflist.Primary{Path: path, Data: b, Info: fi, Name: c.Name, CNIVersion: c.CNIVersion}
 }
 
 // convert turns the primary .conf/.json into a .conflist with our entry,

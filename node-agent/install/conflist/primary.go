@@ -36,6 +36,10 @@ type Primary struct {
 	Inline []string
 	// Name is the network's name (as libcni reads it).
 	Name string
+	// CNIVersion is the version the runtime gives every plugin of the
+	// network: libcni's reading of "cniVersion" and, for a list,
+	// "cniVersions" (v1.3.0+); "" when the file names none.
+	CNIVersion string
 }
 
 // Skipped is a candidate that sorted before the primary but is not valid,
@@ -115,7 +119,7 @@ func FindPrimary(dir string) (*Primary, []Skipped, error) {
 			continue
 		}
 		p := &Primary{Path: f, IsList: isList, Data: b, Info: fi}
-		if p.Name, p.DropIns, p.Inline, err = dropInsOf(f, b); err != nil {
+		if p.Name, p.CNIVersion, p.DropIns, p.Inline, err = dropInsOf(f, b); err != nil {
 			skipped = append(skipped, Skipped{f, err})
 			continue
 		}
@@ -144,28 +148,28 @@ func DropIns(dir, name string) ([]string, error) {
 // dropInsOf is DropIns for the config at path with content b (valid, per
 // Loads), for a list that does not keep to its inlined plugins, and the
 // types of a list's own plugins. A single-plugin file names its network
-// and has neither.
-func dropInsOf(path string, b []byte) (name string, dropIns, inline []string, err error) {
+// and has neither. Also the network's name and cniVersion.
+func dropInsOf(path string, b []byte) (name, version string, dropIns, inline []string, err error) {
 	if !strings.HasSuffix(path, ".conflist") {
 		c, err := libcni.NetworkPluginConfFromBytes(b)
 		if err != nil {
-			return "", nil, nil, err
+			return "", "", nil, nil, err
 		}
-		return c.Network.Name, nil, nil, nil
+		return c.Network.Name, c.Network.CNIVersion, nil, nil, nil
 	}
 	l, err := libcni.NetworkConfFromBytes(b)
 	if err != nil {
-		return "", nil, nil, err
+		return "", "", nil, nil, err
 	}
 	for _, pl := range l.Plugins {
 		inline = append(inline, pl.Network.Type)
 	}
 	if l.LoadOnlyInlinedPlugins || l.Name == "" {
 		// An unnamed network is refused as such elsewhere.
-		return l.Name, nil, inline, nil
+		return l.Name, l.CNIVersion, nil, inline, nil
 	}
 	dropIns, err = DropIns(filepath.Dir(path), l.Name)
-	return l.Name, dropIns, inline, err
+	return l.Name, l.CNIVersion, dropIns, inline, err
 }
 
 // Loads reports whether a runtime loads b, the content of the file at
