@@ -202,11 +202,7 @@ func run(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	go func() {
-		if err := ids.Run(ctx); err != nil && ctx.Err() == nil {
-			log.Error("certificate rotation stopped", "err", err)
-		}
-	}()
+	go runRotation(ctx, ids.Run, certTurns, log)
 
 	// Policies, and the tunnel that enforces them.
 	engine := policy.New(policy.Options{Logger: log, Registerer: reg})
@@ -816,4 +812,21 @@ func dialKeeper(ctx context.Context, path string, log *slog.Logger) *keeper.Clie
 // the two rewriting each other's sets.
 func yieldHostRules(self *instance.Self) func() bool {
 	return func() bool { _, ok := self.ReadySuccessor(); return ok }
+}
+
+// runRotation runs certificate rotation (run) until ctx ends, with the
+// stop signal, while the agent may still drain for up to drainTimeout
+// (1 h at most). Its heartbeat then rests: a turn due after the signal
+// never comes, and /healthz failed a draining agent within 7 minutes,
+// so the kubelet's liveness probe killed it in the middle of a long
+// drain.
+func runRotation(ctx context.Context, run func(context.Context) error, hb *health.Heartbeat, log *slog.Logger) {
+	err := run(ctx)
+	if ctx.Err() != nil {
+		hb.Rest()
+		return
+	}
+	if err != nil {
+		log.Error("certificate rotation stopped", "err", err)
+	}
 }

@@ -1,9 +1,11 @@
 package main
 
 import (
+	"context"
 	"crypto/rand"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"os"
@@ -15,6 +17,7 @@ import (
 	"time"
 
 	"github.com/ambit-mesh/ambit/internal/testenv"
+	"github.com/ambit-mesh/ambit/node-agent/health"
 	"github.com/ambit-mesh/ambit/node-agent/instance"
 )
 
@@ -314,5 +317,28 @@ func TestHostRulesYieldWithThreeAgents(t *testing.T) {
 	mid.Close()
 	if yOldest() {
 		t.Fatal("no newer agent left, the oldest still yields")
+	}
+}
+
+// Rotation ends with the stop signal while the agent drains: its turn,
+// due after the signal, never comes, and must not fail /healthz (a long
+// drainTimeout outlived the next turn plus its grace, and the kubelet
+// killed the draining agent).
+func TestRotationStoppedBySignalIsNoStall(t *testing.T) {
+	hb := health.NewHeartbeat("certificates", 0)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		runRotation(ctx, func(ctx context.Context) error {
+			hb.Beat(-time.Second) // its next turn already due, as it will be during the drain
+			<-ctx.Done()
+			return nil
+		}, hb, slog.New(slog.DiscardHandler))
+	}()
+	cancel()
+	<-done
+	if err := hb.Check(); err != nil {
+		t.Fatalf("rotation stopped by the stop signal counts as stalled: %v", err)
 	}
 }
