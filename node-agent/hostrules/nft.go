@@ -10,6 +10,7 @@ import (
 	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
 	"github.com/google/nftables/userdata"
+	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 )
 
@@ -52,7 +53,7 @@ func (b *nftBackend) conn() (*nftables.Conn, error) {
 	if b.c != nil {
 		return b.c, nil
 	}
-	opts := []nftables.ConnOption{nftables.AsLasting()}
+	opts := []nftables.ConnOption{nftables.AsLasting(), nftables.WithSockOptions(bigSendBuffer)}
 	if b.cfg.NetNS > 0 {
 		opts = append(opts, nftables.WithNetNSFd(int(b.cfg.NetNS)))
 	}
@@ -62,6 +63,27 @@ func (b *nftBackend) conn() (*nftables.Conn, error) {
 	}
 	b.c = c
 	return c, nil
+}
+
+// nftSendBuffer is the send buffer of the writing connection. A
+// transaction goes out in one sendmsg, which the kernel refuses beyond the
+// socket's send buffer (default ~208 KiB: EMSGSIZE at about 3000 dual-stack
+// entries); 4 MiB holds some 50000 entries, as nft(8) forces its own.
+const nftSendBuffer = 4 << 20
+
+// bigSendBuffer raises c's send buffer past net.core.wmem_max
+// (SO_SNDBUFFORCE, CAP_NET_ADMIN, which the agent has for nftables
+// anyway). Failing, the connection keeps its default: enough for all but
+// the largest nodes, where the write's error will say so.
+func bigSendBuffer(c *netlink.Conn) error {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	rc.Control(func(fd uintptr) {
+		_ = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, nftSendBuffer)
+	})
+	return nil
 }
 
 // done passes err through, dropping the connection when it failed.
@@ -233,11 +255,11 @@ func (b *nftBackend) write(_ context.Context, want map[netip.Addr]string) error 
 	c.AddTable(b.table)
 	v4set, v6set := b.sets()
 	e4, e6 := split(want)
-	if err := c.AddSet(v4set, e4); err != nil {
+	if err := addSet(c, v4set, e4); err != nil {
 		return b.done(err)
 	}
 	if !b.cfg.IPv4Only {
-		if err := c.AddSet(v6set, e6); err != nil {
+		if err := addSet(c, v6set, e6); err != nil {
 			return b.done(err)
 		}
 	}
@@ -247,6 +269,31 @@ func (b *nftBackend) write(_ context.Context, want map[netip.Addr]string) error 
 		c.AddRule(b.rule(v6set, true))
 	}
 	return b.done(c.Flush())
+}
+
+// nftElemsPerMsg bounds the elements of one netlink message. The library
+// nests a message's whole element list in one attribute, whose length is
+// 16 bits: past ~1090 IPv4 entries (65535 bytes) it wrapped, and the
+// kernel took a truncated list (or refused the batch, ENOBUFS), so a node
+// with that many pod IPs lost the probe SNAT of the rest and "repaired"
+// it every interval. 200 elements stay under the bound even with
+// 255-byte comments.
+const nftElemsPerMsg = 200
+
+// addSet adds s with elems to c's batch, the elements in as many messages
+// as nftElemsPerMsg needs; they all commit in the same transaction.
+func addSet(c *nftables.Conn, s *nftables.Set, elems []nftables.SetElement) error {
+	if err := c.AddSet(s, nil); err != nil {
+		return err
+	}
+	for len(elems) > 0 {
+		n := min(len(elems), nftElemsPerMsg)
+		if err := c.SetAddElements(s, elems[:n]); err != nil {
+			return err
+		}
+		elems = elems[n:]
+	}
+	return nil
 }
 
 func (b *nftBackend) upsert(add map[netip.Addr]string, replaced map[netip.Addr]bool) error {
