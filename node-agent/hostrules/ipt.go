@@ -319,17 +319,21 @@ func (b *iptBackend) uninstall() error {
 			if exists, err := f.ipt.chainExists(ctx, "nat", b.chain); err != nil {
 				errs = append(errs, err)
 			} else if exists {
-				if err := f.ipt.deleteIfExists(ctx, "nat", "POSTROUTING", b.jump()...); err != nil {
+				if err := f.ipt.deleteAll(ctx, "nat", "POSTROUTING", b.jump()...); err != nil {
 					errs = append(errs, err)
 				}
 				if err := f.ipt.clearAndDeleteChain(ctx, "nat", b.chain); err != nil {
 					errs = append(errs, err)
 				}
 			}
-			// The set can only go once no rule references it.
-			if _, err := netlink.IpsetList(f.set); err == nil {
-				if err := netlink.IpsetDestroy(f.set); err != nil {
-					errs = append(errs, fmt.Errorf("ipset destroy %s: %w", f.set, err))
+			// The set can only go once no rule references it. The
+			// temporary one is there when a write stopped between
+			// filling and destroying it (an error, a crash).
+			for _, set := range []string{f.set, f.set + "-tmp"} {
+				if _, err := netlink.IpsetList(set); err == nil {
+					if err := netlink.IpsetDestroy(set); err != nil {
+						errs = append(errs, fmt.Errorf("ipset destroy %s: %w", set, err))
+					}
 				}
 			}
 		}

@@ -158,13 +158,20 @@ func (t *iptTool) insert(ctx context.Context, table, chain string, pos int, rule
 	return err
 }
 
-func (t *iptTool) deleteIfExists(ctx context.Context, table, chain string, rule ...string) error {
-	ok, err := t.exists(ctx, table, chain, rule...)
-	if err != nil || !ok {
-		return err
+// deleteAll deletes every copy of rule from table/chain. Two writers
+// checking for a missing rule at once (agents side by side during a
+// surge, or a restored save) each add it; -D removes one copy, and the
+// one left kept the chain it jumps to from being deleted.
+func (t *iptTool) deleteAll(ctx context.Context, table, chain string, rule ...string) error {
+	for {
+		ok, err := t.exists(ctx, table, chain, rule...)
+		if err != nil || !ok {
+			return err
+		}
+		if _, err := t.run(ctx, append([]string{"-t", table, "-D", chain}, rule...)...); err != nil {
+			return err
+		}
 	}
-	_, err = t.run(ctx, append([]string{"-t", table, "-D", chain}, rule...)...)
-	return err
 }
 
 // clearAndDeleteChain removes chain, if there, with its rules.

@@ -42,3 +42,44 @@ func TestUninstallTwiceIPTables(t *testing.T) {
 		})
 	}
 }
+
+// TestUninstallLeftoversIPTables: what other runs leave behind goes too.
+// A write stopped between filling its temporary ipset and destroying it
+// (an error, a crash) left "<set>-tmp", which Uninstall did not know; two
+// writers that both found the jump missing (agents side by side, a
+// restored save) each inserted it, and Uninstall's one -D left a jump
+// that kept the chain from being deleted ("Too many links", "CHAIN_DEL
+// failed"), so the uninstall failed.
+func TestUninstallLeftoversIPTables(t *testing.T) {
+	for _, b := range backends() {
+		if b.backend == BackendNFTables {
+			continue
+		}
+		t.Run(b.name, func(t *testing.T) {
+			tp := newTopo(t)
+			m, _ := newManager(t, tp, b.backend)
+			if err := m.Add("a", []netip.Addr{podV4, podV6}); err != nil {
+				t.Fatal(err)
+			}
+			tool := strings.Fields(b.flush)[0]
+			tool6 := strings.Replace(tool, "iptables", "ip6tables", 1)
+			for _, c := range [][]string{
+				{"ipset", "create", iptDefaultSet + "-v4-tmp", "hash:ip", "comment"},
+				{"ipset", "create", iptDefaultSet + "-v6-tmp", "hash:ip", "family", "inet6", "comment"},
+				{tool, "-t", "nat", "-I", "POSTROUTING", "1", "-j", iptDefaultChain},
+				{tool6, "-t", "nat", "-I", "POSTROUTING", "1", "-j", iptDefaultChain},
+			} {
+				run(t, append([]string{"ip", "netns", "exec", tp.host}, c...)...)
+			}
+			if err := m.Uninstall(); err != nil {
+				t.Errorf("Uninstall: %v", err)
+			}
+			for _, c := range [][]string{{"ipset", "list", "-n"}, {tool, "-t", "nat", "-S"}, {tool6, "-t", "nat", "-S"}} {
+				out, err := exec.Command("ip", append([]string{"netns", "exec", tp.host}, c...)...).CombinedOutput()
+				if err != nil || strings.Contains(string(out), iptDefaultChain) || strings.Contains(string(out), iptDefaultSet) {
+					t.Errorf("after Uninstall, %s: %v\n%s", strings.Join(c, " "), err, out)
+				}
+			}
+		})
+	}
+}
