@@ -14,7 +14,8 @@ const (
 	KindInboundMode         = "InboundMode"
 	KindPeerAuthentication  = "PeerAuthentication" // Istio's, read as InboundMode
 
-	// DefaultRootNamespace holds mesh-wide policies.
+	// DefaultRootNamespace holds mesh-wide policies of Ambit's kinds
+	// (Istio's there apply to that namespace only, as in Istio).
 	DefaultRootNamespace = "ambit-system"
 )
 

@@ -23,6 +23,7 @@ type compiledPolicy struct {
 	rules     []*rule
 	idx       int  // position in the snapshot, for combination keys
 	invalid   bool // a deny-all stand-in for a policy that failed validation
+	mesh      bool // applies in every namespace (see Engine.meshWide)
 	denials   prometheus.Counter
 }
 
@@ -45,6 +46,7 @@ type compiledMode struct {
 	// stale UNSET object must not switch off one of ours.
 	inherit bool
 	istio   bool // from a PeerAuthentication
+	mesh    bool // the mesh default (namespace-wide modes only)
 }
 
 func (m *compiledMode) resolve(port uint16) (Mode, bool) {
@@ -83,9 +85,9 @@ func buildView(pols []*compiledPolicy) *view {
 // workloads picked by the same policies), so a big namespace-wide set is
 // never copied per workload.
 type wlState struct {
-	view  *view            // namespace-wide (root + own namespace)
+	view  *view            // namespace-wide (mesh + own namespace)
 	sel   *view            // selector policies picking the workload; nil if none
-	modes [3]*compiledMode // workload, namespace, mesh (root namespace)
+	modes [3]*compiledMode // workload, namespace, mesh
 }
 
 func (s *wlState) empty() bool {
@@ -162,15 +164,15 @@ func selects(sel, labels map[string]string) bool {
 	return true
 }
 
-// nsPolicies is what one namespace holds.
+// nsPolicies is what one namespace holds, or the mesh level.
 type nsPolicies struct {
 	wide     []*compiledPolicy
 	sel      selIndex
 	modeWide *compiledMode
 	modeSel  []*compiledMode // oldest first
 	base     *wlState        // for workloads no selector picks
-	// selective: some selector (here or in the root namespace) may pick a
-	// workload, so the per-workload cache is consulted.
+	// selective: some selector (here or mesh-wide) may pick a workload,
+	// so the per-workload cache is consulted.
 	selective bool
 }
 
@@ -186,11 +188,14 @@ const maxCache = 1 << 16
 // snapshot is an immutable compiled policy set plus its lazily filled
 // per-workload cache.
 type snapshot struct {
-	root   string
-	rootNS *nsPolicies // also the state of namespaces without policies
-	byNS   map[string]*nsPolicies
-	all    []*compiledPolicy
-	rules  int
+	// mesh holds what applies in every namespace. It is also the state
+	// of namespaces without policies of their own: it holds no selector
+	// modes, which are never mesh-wide (as with Istio); the root
+	// namespace's own objects are in byNS like any namespace's.
+	mesh  *nsPolicies
+	byNS  map[string]*nsPolicies
+	all   []*compiledPolicy
+	rules int
 
 	mu     sync.RWMutex
 	cache  map[wlKey]*cacheEntry
@@ -201,7 +206,7 @@ func (s *snapshot) ns(name string) *nsPolicies {
 	if n, ok := s.byNS[name]; ok {
 		return n
 	}
-	return s.rootNS
+	return s.mesh
 }
 
 // state finds the compiled state for a destination workload. The common
@@ -231,8 +236,8 @@ func (s *snapshot) state(w *tunnel.Workload) *wlState {
 
 func (s *snapshot) resolve(n *nsPolicies, w *tunnel.Workload) *wlState {
 	var picked []*compiledPolicy
-	if n != s.rootNS {
-		picked = s.rootNS.sel.collect(w.Labels, picked)
+	if n != s.mesh {
+		picked = s.mesh.sel.collect(w.Labels, picked)
 	}
 	picked = n.sel.collect(w.Labels, picked)
 	st := &wlState{view: n.base.view, modes: n.base.modes}
@@ -247,11 +252,6 @@ func (s *snapshot) resolve(n *nsPolicies, w *tunnel.Workload) *wlState {
 		}
 		st.modes[0] = m
 		break
-	}
-	if n == s.rootNS && w.Namespace != s.root {
-		// A namespace without policies of its own: root-namespace
-		// selector modes are not mesh-wide (as with Istio).
-		st.modes[0] = nil
 	}
 	if len(picked) == 0 {
 		return st
@@ -281,18 +281,17 @@ func (s *snapshot) resolve(n *nsPolicies, w *tunnel.Workload) *wlState {
 
 // compile builds a snapshot from validated objects. Policies are ordered
 // oldest first (then by name) so ties resolve the same way everywhere.
-func compile(root string, pols []*compiledPolicy, modes []*compiledMode, modeNS []string) *snapshot {
+func compile(pols []*compiledPolicy, modes []*compiledMode, modeNS []string) *snapshot {
 	s := &snapshot{
-		root:   root,
 		byNS:   map[string]*nsPolicies{},
 		cache:  map[wlKey]*cacheEntry{},
 		combos: map[string]*view{},
 		all:    pols,
 	}
-	s.rootNS = &nsPolicies{sel: selIndex{}}
-	get := func(ns string) *nsPolicies {
-		if ns == root {
-			return s.rootNS
+	s.mesh = &nsPolicies{sel: selIndex{}}
+	get := func(ns string, mesh bool) *nsPolicies {
+		if mesh {
+			return s.mesh
 		}
 		n := s.byNS[ns]
 		if n == nil {
@@ -304,7 +303,7 @@ func compile(root string, pols []*compiledPolicy, modes []*compiledMode, modeNS 
 	for i, p := range pols {
 		p.idx = i
 		s.rules += len(p.rules)
-		n := get(p.namespace)
+		n := get(p.namespace, p.mesh)
 		if len(p.selector) == 0 {
 			n.wide = append(n.wide, p)
 		} else {
@@ -312,7 +311,7 @@ func compile(root string, pols []*compiledPolicy, modes []*compiledMode, modeNS 
 		}
 	}
 	for i, m := range modes {
-		n := get(modeNS[i])
+		n := get(modeNS[i], m.mesh)
 		if m.everyWorkload {
 			n.modeSel = append([]*compiledMode{m}, n.modeSel...)
 			continue
@@ -325,15 +324,15 @@ func compile(root string, pols []*compiledPolicy, modes []*compiledMode, modeNS 
 			n.modeSel = append(n.modeSel, m)
 		}
 	}
-	rootSel := len(s.rootNS.sel) > 0
-	s.rootNS.base = &wlState{view: buildView(s.rootNS.wide), modes: [3]*compiledMode{nil, nil, s.rootNS.modeWide}}
-	s.rootNS.selective = rootSel || len(s.rootNS.modeSel) > 0
+	meshSel := len(s.mesh.sel) > 0
+	s.mesh.base = &wlState{view: buildView(s.mesh.wide), modes: [3]*compiledMode{nil, nil, s.mesh.modeWide}}
+	s.mesh.selective = meshSel
 	for _, n := range s.byNS {
 		n.base = &wlState{
-			view:  buildView(append(slices.Clone(s.rootNS.wide), n.wide...)),
-			modes: [3]*compiledMode{nil, n.modeWide, s.rootNS.modeWide},
+			view:  buildView(append(slices.Clone(s.mesh.wide), n.wide...)),
+			modes: [3]*compiledMode{nil, n.modeWide, s.mesh.modeWide},
 		}
-		n.selective = rootSel || len(n.sel) > 0 || len(n.modeSel) > 0
+		n.selective = meshSel || len(n.sel) > 0 || len(n.modeSel) > 0
 	}
 	return s
 }

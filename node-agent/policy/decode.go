@@ -205,7 +205,8 @@ var istioNotL4 = map[string]string{
 // it would drop whatever it denies at the next reload. It is kept as an
 // invalid AuthorizationPolicy whose spec was not read, so the Engine
 // enforces it as a DENY of every workload of its namespace (mesh-wide in
-// the root namespace) and reports it with the field. Namespace-wide and
+// the root namespace, whichever group it was read as: it may have been
+// ours) and reports it with the field. Namespace-wide and
 // not by its selector: the spec of a type we do not know is not ours to
 // read, and a deny-all of the namespace covers whatever the object could
 // have denied or made STRICT there.
@@ -255,8 +256,8 @@ func unknownType(apiVersion, kind, namespace, name string, set *Set) error {
 	tm := metav1.TypeMeta{APIVersion: apiVersion, Kind: kind}
 	if istio || !hasGroup && kind != KindInboundMode {
 		// Read as Istio's: its root namespace (istio-system) is
-		// mesh-wide as well as ours, so a typo there fails closed
-		// mesh-wide.
+		// mesh-wide, so a typo there fails closed mesh-wide; the
+		// Engine keeps one in ours mesh-wide too.
 		set.IstioPolicies = append(set.IstioPolicies, IstioAuthorizationPolicy{TypeMeta: tm, ObjectMeta: meta, problems: errs, unread: true})
 		return nil
 	}

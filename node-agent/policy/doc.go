@@ -6,7 +6,10 @@
 // Semantics are those Istio users know: for the destination workload, any
 // matching DENY rule denies; if no ALLOW policy selects the workload the
 // connection is allowed; otherwise some ALLOW rule must match. Policies in
-// the root namespace (default "ambit-system") apply mesh-wide. InboundMode
+// the root namespace (default "ambit-system") apply mesh-wide; Istio's
+// objects, read for migrating users, are mesh-wide in Istio's root
+// namespace ("istio-system") only, and in ours are that namespace's own,
+// as Istio reads them. InboundMode
 // decides whether plaintext (port 15006) is accepted at all: PERMISSIVE
 // (the default) or STRICT.
 //

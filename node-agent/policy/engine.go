@@ -27,11 +27,13 @@ const (
 
 // Options configure an Engine.
 type Options struct {
-	// RootNamespace holds mesh-wide policies; default "ambit-system".
+	// RootNamespace holds mesh-wide policies of Ambit's kinds; default
+	// "ambit-system".
 	RootNamespace string
 	// IstioRootNamespace is where Istio's mesh-wide policies live
 	// (meshConfig.rootNamespace); default "istio-system". Istio objects
-	// there are mesh-wide here too.
+	// there are mesh-wide here too, and only there: in RootNamespace
+	// they are that namespace's own, as Istio reads them.
 	IstioRootNamespace string
 	Logger             *slog.Logger
 	// Registerer receives the metrics; nil means none.
@@ -133,11 +135,12 @@ func New(opts Options) *Engine {
 			}
 		}
 	}
-	e.snap.Store(compile(e.root, nil, nil, nil))
+	e.snap.Store(compile(nil, nil, nil))
 	return e
 }
 
-// RootNamespace is the namespace whose policies apply mesh-wide.
+// RootNamespace is the namespace whose policies of Ambit's kinds apply
+// mesh-wide.
 func (e *Engine) RootNamespace() string { return e.root }
 
 // OnChange registers fn, called (synchronously, after the new policies are
@@ -193,7 +196,7 @@ func (e *Engine) install(pols []*compiledPolicy, modes []*compiledMode, modeNS [
 		m.denials = e.denials.WithLabelValues(m.key, "strict_plaintext")
 		series[[2]string{m.key, "strict_plaintext"}] = true
 	}
-	s := compile(e.root, pols, modes, modeNS)
+	s := compile(pols, modes, modeNS)
 	e.snap.Store(s)
 	// Forget the series of policies that are gone.
 	for k := range e.series {
@@ -226,7 +229,7 @@ func (e *Engine) compileAll() ([]*compiledPolicy, []*compiledMode, []string, map
 		ri  int
 		m   *InboundMode
 		pre string // "istio:" for converted PeerAuthentication
-		ns  string // namespace it is scoped to (root for Istio's root)
+		ns  string
 	}
 	results := map[string][]Result{}
 	var pins []polIn
@@ -282,11 +285,7 @@ func (e *Engine) compileAll() ([]*compiledPolicy, []*compiledMode, []string, map
 				continue
 			}
 			results[src] = append(results[src], r)
-			ns := pa.Namespace
-			if ns == e.iroot {
-				ns = e.root
-			}
-			mins = append(mins, modeIn{src, len(results[src]) - 1, conv, "istio:", ns})
+			mins = append(mins, modeIn{src, len(results[src]) - 1, conv, "istio:", pa.Namespace})
 		}
 	}
 	byAge(pins, func(p polIn) (int64, string, string) { return p.ts, p.ap.Namespace, p.pre + p.ap.Name })
@@ -300,8 +299,11 @@ func (e *Engine) compileAll() ([]*compiledPolicy, []*compiledMode, []string, map
 	for _, in := range pins {
 		res := &results[in.src][in.ri]
 		cp, errMsg, selOK := compilePolicy(in.pre, in.ap)
-		if cp != nil && in.pre != "" && cp.namespace == e.iroot {
-			cp.namespace = e.root // Istio's root namespace is mesh-wide
+		if cp != nil {
+			// A document whose type we could not read may have been
+			// ours: in our root namespace it fails closed mesh-wide,
+			// whichever group it was read as.
+			cp.mesh = e.meshWide(in.pre != "", cp.namespace) || in.ap.unread && cp.namespace == e.root
 		}
 		switch {
 		case errMsg != "":
@@ -315,7 +317,7 @@ func (e *Engine) compileAll() ([]*compiledPolicy, []*compiledMode, []string, map
 				// file has no default namespace). Saying "enforced"
 				// here was untrue.
 				scope = ""
-			case !selOK && cp.namespace == e.root:
+			case !selOK && cp.mesh:
 				scope = "every workload in the mesh (root namespace)"
 			case !selOK:
 				scope = "every workload of its namespace"
@@ -332,12 +334,18 @@ func (e *Engine) compileAll() ([]*compiledPolicy, []*compiledMode, []string, map
 			continue
 		}
 		pols = append(pols, cp)
-		_ = enc.Encode([]any{cp.key, in.ap.Namespace, in.ap.Spec, errMsg, selOK})
+		_ = enc.Encode([]any{cp.key, in.ap.Namespace, in.ap.Spec, errMsg, selOK, cp.mesh})
 	}
 	var modes []*compiledMode
 	var modeNS []string
-	wide := map[string]string{}
-	unsetWide := map[string]string{} // namespace-wide UNSET PeerAuthentications
+	// Namespace-wide modes by level: a namespace, or the mesh (ours in
+	// our root namespace and Istio's in Istio's share that level).
+	type level struct {
+		ns   string
+		mesh bool
+	}
+	wide := map[level]string{}
+	unsetWide := map[level]string{} // namespace-wide UNSET PeerAuthentications
 	const unsetMsg = "sets no mode (UNSET): inherits; newer PeerAuthentications of its level are ignored, as in Istio"
 	for _, in := range mins {
 		res := &results[in.src][in.ri]
@@ -363,27 +371,39 @@ func (e *Engine) compileAll() ([]*compiledPolicy, []*compiledMode, []string, map
 			res.Reason, res.Message = ReasonInvalid, errs.ToAggregate().Error()+"; enforced as STRICT for "+scope+" until fixed"
 		}
 		// A selector we could not read is no namespace-wide mode: it
-		// does not conflict with one (and so is not ignored).
+		// does not conflict with one (and so is not ignored). Selector
+		// modes are never mesh-wide: those of our root namespace pick
+		// its own workloads (Istio's root namespace ones were dropped
+		// above).
+		mesh := false
 		if len(sel) == 0 && !every {
-			first, dup := wide[in.ns]
+			mesh = e.meshWide(in.pre != "", in.ns)
+			lv := level{in.ns, mesh}
+			if mesh {
+				lv.ns = ""
+			}
+			first, dup := wide[lv]
 			if !dup && in.pre != "" {
-				first, dup = unsetWide[in.ns]
+				first, dup = unsetWide[lv]
 			}
 			if dup {
 				res.Accepted, res.Reason = false, ReasonConflict
 				res.Message = fmt.Sprintf("namespace %s already has the namespace-wide inbound mode %s (older); this one is ignored", in.ns, first)
+				if mesh {
+					res.Message = fmt.Sprintf("the mesh already has the mesh-wide inbound mode %s (older); this one is ignored", first)
+				}
 				continue
 			}
 			if m.inherit && len(errs) == 0 {
 				// Takes the level from newer PeerAuthentications only
 				// (Istio's rule among its own objects); it sets
 				// nothing, so it is not compiled.
-				unsetWide[in.ns] = key
+				unsetWide[lv] = key
 				res.Accepted, res.Reason, res.Message = true, ReasonAccepted, unsetMsg
-				_ = enc.Encode([]any{key, in.ns, "unset"})
+				_ = enc.Encode([]any{key, in.ns, mesh, "unset"})
 				continue
 			}
-			wide[in.ns] = key
+			wide[lv] = key
 		}
 		switch {
 		case len(errs) > 0:
@@ -395,7 +415,7 @@ func (e *Engine) compileAll() ([]*compiledPolicy, []*compiledMode, []string, map
 			res.Accepted, res.Reason = true, ReasonAccepted
 		}
 		cm := &compiledMode{key: key, selector: maps.Clone(sel), mode: mode, everyWorkload: every,
-			inherit: m.inherit && len(errs) == 0, istio: in.pre != ""}
+			inherit: m.inherit && len(errs) == 0, istio: in.pre != "", mesh: mesh}
 		for _, pm := range ports {
 			if cm.ports == nil {
 				cm.ports = map[uint16]Mode{}
@@ -404,11 +424,24 @@ func (e *Engine) compileAll() ([]*compiledPolicy, []*compiledMode, []string, map
 		}
 		modes = append(modes, cm)
 		modeNS = append(modeNS, in.ns)
-		_ = enc.Encode([]any{key, in.ns, sel, mode, ports, every, m.inherit})
+		_ = enc.Encode([]any{key, in.ns, mesh, sel, mode, ports, every, m.inherit})
 	}
 	var digest [32]byte
 	h.Sum(digest[:0])
 	return pols, modes, modeNS, results, digest
+}
+
+// meshWide says whether a namespace-wide object of namespace ns applies to
+// the whole mesh: Ambit's kinds in our root namespace, Istio's in Istio's.
+// Istio's in ours are that namespace's only, as Istio reads them: read
+// mesh-wide, an old PERMISSIVE PeerAuthentication there outranked
+// istio-system's STRICT one, and an ALLOW policy there locked down every
+// workload of the mesh.
+func (e *Engine) meshWide(istio bool, ns string) bool {
+	if istio {
+		return ns == e.iroot
+	}
+	return ns == e.root
 }
 
 func (s *Selector) labels() map[string]string {

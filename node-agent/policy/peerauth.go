@@ -14,7 +14,8 @@ import (
 // STRICT and PERMISSIVE map one to one, UNSET inherits, DISABLE is read as
 // PERMISSIVE (enrolled pods always accept mTLS; reported as unsupported);
 // portLevelMtls becomes ports. Those in Istio's root namespace are the
-// mesh default, as in Istio.
+// mesh default, as in Istio; those in Ambit's are that namespace's default
+// only, as in Istio.
 type IstioPeerAuthentication struct {
 	metav1.TypeMeta   `json:",inline"`
 	metav1.ObjectMeta `json:"metadata,omitempty"`
