@@ -481,6 +481,39 @@ func (in *installer) takeOut(p *conflist.Primary, why string) error {
 	return nil
 }
 
+// unconvert undoes our conversion of the network p refused (p our list,
+// or the .conf/.json the primary CNI wrote again beside it), as uninstall
+// does: the original goes back unless the primary wrote it again, our list
+// and the backup go. Only taking our entry out would leave the node on our
+// list: the operator without the file to fix, uninstall without a list to
+// restore from, and a .json the primary rewrote (it sorts after the list)
+// never read by the runtime.
+func (in *installer) unconvert(p *conflist.Primary) (bool, error) {
+	list := p.Path
+	if !p.IsList {
+		list = conflist.ListName(p.Path)
+	}
+	b, _, err := conflist.ReadFile(list)
+	if errors.Is(err, os.ErrNotExist) {
+		return false, nil
+	} else if err != nil {
+		return false, err
+	}
+	withoutUs := b
+	if conflist.Has(b, PluginType) {
+		if withoutUs, _, err = conflist.Remove(b, PluginType); err != nil {
+			return false, fmt.Errorf("%s: %w", list, err)
+		}
+	}
+	restored, err := restoreConverted(in.cfg.CNIConfDir, list, withoutUs)
+	if err != nil || !restored {
+		return false, err
+	}
+	delete(in.written, list)
+	in.log.Warn("undid the conversion of the primary CNI config: its cniVersion is not one ambit-cni supports", "list", list, "config", p.Path)
+	return true, nil
+}
+
 // errVersion: the runtime would give ambit-cni a cniVersion it refuses.
 var errVersion = errors.New("ambit-cni does not support the network's cniVersion")
 
@@ -491,8 +524,14 @@ var errVersion = errors.New("ambit-cni does not support the network's cniVersion
 // drops the whole network instead). Pods then start unenrolled and the
 // agent enrolls ambient ones live; the error names the fix.
 func (in *installer) refuseVersion(p *conflist.Primary) error {
-	if err := in.takeOut(p, "its cniVersion is not one ambit-cni supports"); err != nil {
+	restored, err := in.unconvert(p)
+	if err != nil {
 		return err
+	}
+	if !restored {
+		if err := in.takeOut(p, "its cniVersion is not one ambit-cni supports"); err != nil {
+			return err
+		}
 	}
 	v := p.CNIVersion
 	if v == "" {
@@ -599,6 +638,10 @@ func (in *installer) rewrittenOriginal(p *conflist.Primary) *conflist.Primary {
 	return &conflist.Primary{Path: path, Data: b, Info: fi, Name: c.Name, CNIVersion: c.CNIVersion}
 }
 
+// convertWrite writes convert's files (tests: one that stops between
+// them).
+var convertWrite = atomicfile.Write
+
 // convert turns the primary .conf/.json into a .conflist with our entry,
 // keeps the original bytes under BackupDir for uninstall, and removes the
 // original so the runtime picks the list.
@@ -606,12 +649,14 @@ func (in *installer) convert(p *conflist.Primary) (string, error) {
 	listPath := conflist.ListName(p.Path)
 	backupDir := filepath.Join(in.cfg.CNIConfDir, BackupDir)
 	backup := filepath.Join(backupDir, filepath.Base(p.Path))
+	reconverting := false
 	if _, err := os.Stat(listPath); err == nil {
 		// A list of that name that we did not make is someone
 		// else's; we will not overwrite it.
 		if _, err := os.Stat(backup); err != nil {
 			return "", fmt.Errorf("cannot convert %s: %s exists and was not written by ambit", p.Path, listPath)
 		}
+		reconverting = true
 	}
 	lst, err := conflist.Convert(p.Data)
 	if err != nil {
@@ -625,11 +670,26 @@ func (in *installer) convert(p *conflist.Primary) (string, error) {
 		return "", err
 	}
 	attrs := atomicfile.Attrs(p.Info)
-	if err := atomicfile.Write(backup, p.Data, attrs); err != nil {
-		return "", fmt.Errorf("keeping the original %s: %w", p.Path, err)
+	writeBackup := func() error {
+		if err := convertWrite(backup, p.Data, attrs); err != nil {
+			return fmt.Errorf("keeping the original %s: %w", p.Path, err)
+		}
+		return nil
 	}
-	if err := atomicfile.Write(listPath, out, attrs); err != nil {
-		return "", err
+	writeList := func() error { return convertWrite(listPath, out, attrs) }
+	steps := []func() error{writeBackup, writeList}
+	if reconverting {
+		// Stopped in between, the list must be the conversion of the
+		// backup or of the file there now (convertedFrom), or it is
+		// not known as ours. A first conversion has no backup to
+		// match, so the backup goes first; a list of the old config
+		// with a backup of the new one matched neither.
+		steps = []func() error{writeList, writeBackup}
+	}
+	for _, step := range steps {
+		if err := step(); err != nil {
+			return "", err
+		}
 	}
 	// Remove the .conf only if it is still what we converted; if the
 	// primary CNI rewrote it meanwhile, the next pass converts that.

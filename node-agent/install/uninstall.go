@@ -120,17 +120,26 @@ func restoreConverted(confDir, path string, withoutUs []byte) (bool, error) {
 // convertedFrom finds the .conf/.json in the backup directory that the
 // list at path (withoutUs: its bytes without our entry) is the
 // conversion of, by this agent or an older one (conflist.IsConversion),
-// and returns its file name, backup path, bytes and info.
+// and returns its file name, backup path, bytes and info. With a backup
+// there, the file of that name beside the list counts too (its bytes and
+// info are returned then).
 func convertedFrom(confDir, path string, withoutUs []byte) (orig, backup string, b []byte, fi os.FileInfo, ok bool) {
 	base := filepath.Base(path)
 	for _, ext := range []string{".conf", ".json"} {
 		orig = base[:len(base)-len(filepath.Ext(base))] + ext
 		backup = filepath.Join(confDir, BackupDir, orig)
 		bb, bfi, err := conflist.ReadFile(backup)
-		if err != nil || !conflist.IsConversion(withoutUs, bb) {
+		if err != nil {
 			continue
 		}
-		return orig, backup, bb, bfi, true
+		if conflist.IsConversion(withoutUs, bb) {
+			return orig, backup, bb, bfi, true
+		}
+		// A conversion again of the file the primary CNI wrote anew,
+		// stopped between writing the list and its backup (convert).
+		if cb, cfi, err := conflist.ReadFile(filepath.Join(confDir, orig)); err == nil && conflist.IsConversion(withoutUs, cb) {
+			return orig, backup, cb, cfi, true
+		}
 	}
 	return "", "", nil, nil, false
 }
