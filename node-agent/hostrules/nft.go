@@ -68,13 +68,23 @@ func (b *nftBackend) conn() (*nftables.Conn, error) {
 // nftSendBuffer is the send buffer of the writing connection. A
 // transaction goes out in one sendmsg, which the kernel refuses beyond the
 // socket's send buffer (default ~208 KiB: EMSGSIZE at about 3000 dual-stack
-// entries); 4 MiB holds some 50000 entries, as nft(8) forces its own.
+// entries); 4 MiB (doubled by the kernel) holds some 120000 entries, as
+// nft(8) forces its own.
 const nftSendBuffer = 4 << 20
 
-// bigSendBuffer raises c's send buffer past net.core.wmem_max
-// (SO_SNDBUFFORCE, CAP_NET_ADMIN, which the agent has for nftables
-// anyway). Failing, the connection keeps its default: enough for all but
-// the largest nodes, where the write's error will say so.
+// nftRecvBuffer is the receive buffer of the writing connection. The
+// kernel queues one acknowledgement per message of a transaction, all at
+// once after the commit, and drops the rest when they overflow the
+// buffer: the default (~208 KiB, ~260 acks, ~50000 entries at
+// nftElemsPerMsg) failed a committed write with ENOBUFS. 4 MiB holds the
+// acks of the largest transaction nftSendBuffer lets through.
+const nftRecvBuffer = 4 << 20
+
+// bigSendBuffer raises c's send and receive buffers past
+// net.core.wmem_max/rmem_max (SO_SNDBUFFORCE, SO_RCVBUFFORCE,
+// CAP_NET_ADMIN, which the agent has for nftables anyway). Failing, the
+// connection keeps its defaults: enough for all but the largest nodes,
+// where the write's error will say so.
 func bigSendBuffer(c *netlink.Conn) error {
 	rc, err := c.SyscallConn()
 	if err != nil {
@@ -82,6 +92,7 @@ func bigSendBuffer(c *netlink.Conn) error {
 	}
 	rc.Control(func(fd uintptr) {
 		_ = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, nftSendBuffer)
+		_ = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, nftRecvBuffer)
 	})
 	return nil
 }
