@@ -205,8 +205,8 @@ var istioNotL4 = map[string]string{
 // it would drop whatever it denies at the next reload. It is kept as an
 // invalid AuthorizationPolicy whose spec was not read, so the Engine
 // enforces it as a DENY of every workload of its namespace (mesh-wide in
-// the root namespace, whichever group it was read as: it may have been
-// ours) and reports it with the field. Namespace-wide and
+// either root namespace, whichever group it was read as: it may have
+// been ours or Istio's) and reports it with the field. Namespace-wide and
 // not by its selector: the spec of a type we do not know is not ours to
 // read, and a deny-all of the namespace covers whatever the object could
 // have denied or made STRICT there.
@@ -257,7 +257,8 @@ func unknownType(apiVersion, kind, namespace, name string, set *Set) error {
 	if istio || !hasGroup && kind != KindInboundMode {
 		// Read as Istio's: its root namespace (istio-system) is
 		// mesh-wide, so a typo there fails closed mesh-wide; the
-		// Engine keeps one in ours mesh-wide too.
+		// Engine keeps one in ours mesh-wide too (and one of our
+		// group in Istio's).
 		set.IstioPolicies = append(set.IstioPolicies, IstioAuthorizationPolicy{TypeMeta: tm, ObjectMeta: meta, problems: errs, unread: true})
 		return nil
 	}

@@ -301,9 +301,10 @@ func (e *Engine) compileAll() ([]*compiledPolicy, []*compiledMode, []string, map
 		cp, errMsg, selOK := compilePolicy(in.pre, in.ap)
 		if cp != nil {
 			// A document whose type we could not read may have been
-			// ours: in our root namespace it fails closed mesh-wide,
-			// whichever group it was read as.
-			cp.mesh = e.meshWide(in.pre != "", cp.namespace) || in.ap.unread && cp.namespace == e.root
+			// ours or Istio's: in either root namespace it fails closed
+			// mesh-wide, whichever group it was read as.
+			cp.mesh = e.meshWide(in.pre != "", cp.namespace) ||
+				in.ap.unread && (cp.namespace == e.root || cp.namespace == e.iroot)
 		}
 		switch {
 		case errMsg != "":

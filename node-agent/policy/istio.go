@@ -98,7 +98,9 @@ type IstioCondition struct {
 func (p *IstioAuthorizationPolicy) Convert() (*AuthorizationPolicy, field.ErrorList) {
 	var issues field.ErrorList
 	spec := field.NewPath("spec")
-	if len(p.Spec.TargetRef) > 0 || len(p.Spec.TargetRefs) > 0 {
+	// A null targetRef is no targetRef (unset, as Istio reads it); taken
+	// as set, a DENY policy was dropped.
+	if len(p.Spec.TargetRef) > 0 && string(p.Spec.TargetRef) != "null" || len(p.Spec.TargetRefs) > 0 {
 		return nil, field.ErrorList{field.Forbidden(spec.Child("targetRef"), "policies attached to a waypoint or gateway are not enforced at L4")}
 	}
 	out := &AuthorizationPolicy{ObjectMeta: p.ObjectMeta, Spec: AuthorizationPolicySpec{Selector: p.Spec.Selector}}
