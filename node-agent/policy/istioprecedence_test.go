@@ -7,10 +7,9 @@ import (
 	"github.com/ambit-mesh/ambit/tunnel"
 )
 
-// Cases found in the Istio-semantics review (session 25). Each failed
-// before its fix.
-
-func TestReviewIstioSemantics(t *testing.T) {
+// Istio precedence rules we did not follow (UNSET keeps its level;
+// serviceAccounts with principals is invalid). Each failed before its fix.
+func TestIstioPrecedence(t *testing.T) {
 	aged := func(ts, ns, name, spec string) string {
 		return "---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {namespace: " + ns +
 			", name: " + name + ", creationTimestamp: \"" + ts + "\"}\nspec:\n" + indent(spec) + "\n"
@@ -91,7 +90,7 @@ rules:
 }
 
 // The PeerAuthentication an older UNSET one shadows is reported ignored.
-func TestReviewIstioUnsetPeerAuthenticationResults(t *testing.T) {
+func TestIstioUnsetPeerAuthenticationResults(t *testing.T) {
 	docs := "---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {namespace: shop, name: a, creationTimestamp: \"2024-01-01T00:00:00Z\"}\nspec: {mtls: {mode: UNSET}}\n" +
 		"---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {namespace: shop, name: b, creationTimestamp: \"2024-06-01T00:00:00Z\"}\nspec: {mtls: {mode: PERMISSIVE}}\n"
 	set, errs := Decode(strings.NewReader(docs))

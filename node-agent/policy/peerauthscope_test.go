@@ -7,10 +7,9 @@ import (
 	"github.com/ambit-mesh/ambit/tunnel"
 )
 
-// Cases from the adversarial review of the UNSET PeerAuthentication change
-// (s25r5). Each failed before its fix.
-
-func TestReviewPeerAuthenticationScope(t *testing.T) {
+// Which PeerAuthentications take a level: a selector one in Istio's root
+// namespace none; an invalid UNSET one is STRICT. Each failed before its fix.
+func TestPeerAuthenticationScope(t *testing.T) {
 	cases := []struct {
 		name  string
 		docs  string
@@ -47,7 +46,7 @@ func TestReviewPeerAuthenticationScope(t *testing.T) {
 
 // Their verdicts say what happened: the root selector one is not
 // enforced, the invalid one is Invalid (not "Accepted: inherits").
-func TestReviewPeerAuthenticationScopeResults(t *testing.T) {
+func TestPeerAuthenticationScopeResults(t *testing.T) {
 	docs := peer("istio-system", "gw-open", "selector: {matchLabels: {app: gw}}\nmtls: {mode: PERMISSIVE}") +
 		peer("shop", "Bad_Name", `mtls: {mode: UNSET}`)
 	set, errs := Decode(strings.NewReader(docs))

@@ -4,10 +4,9 @@ import (
 	"testing"
 )
 
-// Cases from the adversarial review of the root-namespace split (s25r10).
-// Each failed before its fix.
-
-func TestReviewRootScopeFailClosed(t *testing.T) {
+// Both root namespaces fail closed mesh-wide for a document of unreadable
+// type; a null targetRef is unset. Each failed before its fix.
+func TestRootNamespacesFailClosed(t *testing.T) {
 	cases := []struct {
 		name   string
 		docs   string
