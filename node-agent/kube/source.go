@@ -184,8 +184,19 @@ func New(cfg Config) (*Source, error) {
 		return nil, err
 	}
 	if _, err := s.allPods.AddEventHandler(cache.ResourceEventHandlerFuncs{
-		AddFunc:    func(obj any) { s.dir.upsert(obj); s.podArrived(obj) },
-		UpdateFunc: func(_, obj any) { s.dir.upsert(obj); s.podArrived(obj) }, // an IP, or a new UID under the name
+		AddFunc: func(obj any) { s.dir.upsert(obj); s.podArrived(obj) },
+		UpdateFunc: func(oldObj, obj any) {
+			// A relist after a watch gap reports a pod deleted and made
+			// again under its name (a StatefulSet's) as an update: the
+			// old UID's entry must go, or its IP stays claimed.
+			if o, ok := oldObj.(*corev1.Pod); ok {
+				if p, ok := obj.(*corev1.Pod); ok && o.UID != p.UID {
+					s.dir.remove(o)
+				}
+			}
+			s.dir.upsert(obj)
+			s.podArrived(obj) // an IP, or a new UID under the name
+		},
 		DeleteFunc: func(obj any) { s.dir.remove(obj) },
 	}); err != nil {
 		return nil, err
