@@ -30,22 +30,28 @@ const DefaultReadyTaint = "ambit.dev/agent-not-ready"
 // Duration is a time.Duration written as "10s", "1m30s" in the file.
 type Duration struct {
 	time.Duration
-	// bad keeps an unparsable value so Validate can name the field.
+	// bad keeps an unparsable value (its JSON text) so Validate can name
+	// the field: an error returned from here reaches the operator
+	// without the key it is about.
 	bad string
 }
 
 // MarshalJSON writes the Go duration syntax.
 func (d Duration) MarshalJSON() ([]byte, error) { return json.Marshal(d.String()) }
 
-// UnmarshalJSON accepts "10s" style strings.
+// UnmarshalJSON accepts "10s" style strings, and a bare 0 (as
+// time.ParseDuration does); null leaves the value as it was.
 func (d *Duration) UnmarshalJSON(b []byte) error {
+	if string(b) == "null" {
+		return nil
+	}
 	var s string
 	if err := json.Unmarshal(b, &s); err != nil {
-		return fmt.Errorf("want a duration string such as \"10s\": %w", err)
+		s = string(b) // a number: "0" parses, "25" lacks its unit
 	}
 	v, err := time.ParseDuration(s)
 	if err != nil {
-		d.bad = s
+		d.bad = string(b)
 		return nil
 	}
 	d.Duration, d.bad = v, ""
@@ -270,6 +276,17 @@ func Parse(b []byte, c *Config) error {
 	if err := yaml.UnmarshalStrict(b, c); err != nil {
 		return err
 	}
+	// YAML 1.1 reads on, off, yes and no as booleans, which reach these
+	// string keys as "true" and "false": `ipv6: off`, written as the docs
+	// write it, would otherwise be refused as "false".
+	for _, v := range []*string{&c.IPv6, &c.HostRules, &c.InstallCNI} {
+		switch *v {
+		case "true":
+			*v = "on"
+		case "false":
+			*v = "off"
+		}
+	}
 	return nil
 }
 
@@ -328,8 +345,15 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("socket: %q is longer than a unix socket path may be (107 bytes)", c.Socket)
 	}
 	if c.HealthAddr != "" {
-		if _, _, err := net.SplitHostPort(c.HealthAddr); err != nil {
+		_, port, err := net.SplitHostPort(c.HealthAddr)
+		if err != nil {
 			return fmt.Errorf("healthAddr: %q: %v", c.HealthAddr, err)
+		}
+		// Checked now: the agent binds it only once ready while another
+		// agent runs on the node, and a port no bind can take then left
+		// it running without /readyz, its pod never ready.
+		if _, err := net.LookupPort("tcp", port); err != nil {
+			return fmt.Errorf("healthAddr: %q: port %q is not a port number (0-65535) or service name", c.HealthAddr, port)
 		}
 	}
 	if errs := validation.IsQualifiedName(c.EnrollLabel); len(errs) > 0 {
@@ -393,7 +417,7 @@ func (c *Config) Validate() error {
 	}
 	for name, d := range map[string]Duration{"requestTimeout": c.RequestTimeout, "drainTimeout": c.DrainTimeout, "ruleCheckInterval": c.RuleCheckInterval} {
 		if d.bad != "" {
-			return fmt.Errorf("%s: %q is not a duration such as \"10s\"", name, d.bad)
+			return fmt.Errorf("%s: %s is not a duration such as \"10s\" or \"1m30s\" (a number needs its unit)", name, d.bad)
 		}
 	}
 	if c.RequestTimeout.Duration < 100*time.Millisecond || c.RequestTimeout.Duration > 5*time.Minute {

@@ -77,7 +77,7 @@ func TestErrorsNameTheField(t *testing.T) {
 		"nodeName: n\nmaxConnections: -2\n":                  "maxConnections",
 		"nodeName: n\nhealthAddr: nope\n":                    "healthAddr",
 		"nodeName: n\nlogLevel: loud\n":                      "logLevel",
-		"nodeName: n\nhostRules: yes\n":                      "hostRules",
+		"nodeName: n\nhostRules: always\n":                   "hostRules",
 		"nodeName: n\ncaAddress: http://ca\n":                "caAddress",
 		"nodeName: n\ntrustDomain: 'a/b'\n":                  "trustDomain",
 		"nodeName: n\nkubeAPIQPS: 0\n":                       "kubeAPIQPS",
@@ -154,4 +154,97 @@ func FuzzParse(f *testing.F) {
 			t.Fatalf("written back and read again, the config differs:\n%+v\n%+v\n%s", c, c2, out)
 		}
 	})
+}
+
+// The auto/on/off keys take their documented values unquoted. YAML 1.1
+// reads on, off, yes and no as booleans, and the YAML-to-JSON step made
+// them "true" and "false", so `ipv6: off` as docs/host-rules.md says to
+// write it was refused as `ipv6: "false" is not auto, on or off`, and
+// the agent crash-looped on a config that looks right.
+func TestSwitchesUnquoted(t *testing.T) {
+	for body, want := range map[string][3]string{
+		"nodeName: n\nipv6: off\nhostRules: off\ninstallCNI: off\n":  {"off", "off", "off"},
+		"nodeName: n\nipv6: on\nhostRules: on\ninstallCNI: on\n":     {"on", "on", "on"},
+		"nodeName: n\nipv6: no\nhostRules: yes\ninstallCNI: false\n": {"off", "on", "off"},
+		"nodeName: n\nipv6: \"off\"\nhostRules: auto\n":              {"off", "auto", "auto"},
+		`{"nodeName":"n","ipv6":false,"hostRules":true}`:             {"off", "on", "auto"},
+	} {
+		c, err := Load(write(t, body))
+		if err != nil {
+			t.Errorf("%q: %v", body, err)
+			continue
+		}
+		if got := [3]string{c.IPv6, c.HostRules, c.InstallCNI}; got != want {
+			t.Errorf("%q: ipv6, hostRules, installCNI = %q, want %q", body, got, want)
+		}
+	}
+}
+
+// A duration written without its unit, or empty, is refused naming the
+// key: the decoder's own error ("want a duration string such as \"10s\":
+// json: cannot unmarshal number into Go value of type string") named
+// none, and "" silently kept the default. A bare 0 is zero, as
+// time.ParseDuration reads it (ruleCheckInterval: 0 turns the check off).
+func TestDurationErrorsNameTheKey(t *testing.T) {
+	for body, key := range map[string]string{
+		"nodeName: n\ndrainTimeout: 25\n":          "drainTimeout",
+		"nodeName: n\nrequestTimeout: 2.5\n":       "requestTimeout",
+		"nodeName: n\nruleCheckInterval: \"\"\n":   "ruleCheckInterval",
+		"nodeName: n\ndrainTimeout: [1s]\n":        "drainTimeout",
+		"nodeName: n\nruleCheckInterval: {a: 1}\n": "ruleCheckInterval",
+	} {
+		_, err := Load(write(t, body))
+		if err == nil || !strings.Contains(err.Error(), ": "+key+": ") {
+			t.Errorf("%q: error %v does not name %s", body, err, key)
+		}
+	}
+	c, err := Load(write(t, "nodeName: n\nruleCheckInterval: 0\ndrainTimeout:\n"))
+	if err != nil || c.RuleCheckInterval.Duration != 0 || c.DrainTimeout.Duration != Default().DrainTimeout.Duration {
+		t.Fatalf("ruleCheckInterval: 0, drainTimeout: null gave %v, %v (%v)", c.RuleCheckInterval, c.DrainTimeout, err)
+	}
+}
+
+// A health port no listener can take is refused at load: the agent
+// binds healthAddr only once ready (while another agent runs), and a
+// failed bind was logged and the agent ran on without /readyz, so its
+// pod never became ready and the rollout stalled with no error at start.
+func TestHealthAddrPort(t *testing.T) {
+	for _, addr := range []string{":99999", ":-1", "127.0.0.1:nope-no-such-service"} {
+		if _, err := Load(write(t, "nodeName: n\nhealthAddr: \""+addr+"\"\n")); err == nil || !strings.Contains(err.Error(), "healthAddr") {
+			t.Errorf("healthAddr %q: error %v", addr, err)
+		}
+	}
+	for _, addr := range []string{":15021", "127.0.0.1:0", "[::1]:15021", ""} {
+		if _, err := Load(write(t, "nodeName: n\nhealthAddr: \""+addr+"\"\n")); err != nil {
+			t.Errorf("healthAddr %q: %v", addr, err)
+		}
+	}
+}
+
+// The DaemonSet's ConfigMap holds a config this version accepts, with
+// the values its comments promise (a key renamed here, or a validation
+// tightened, must not leave the shipped manifests crash-looping).
+func TestShippedConfigMap(t *testing.T) {
+	b, err := os.ReadFile("../../manifests/base/agent/configmap.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cm struct {
+		Data map[string]string `json:"data"`
+	}
+	if err := yaml.Unmarshal(b, &cm); err != nil {
+		t.Fatal(err)
+	}
+	body, ok := cm.Data["config.yaml"]
+	if !ok {
+		t.Fatal("no config.yaml in the ConfigMap")
+	}
+	t.Setenv("NODE_NAME", "node-a")
+	c, err := Load(write(t, body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.DrainTimeout.Duration != 25*time.Second || c.ProcRoot != "/host/proc" || c.SnapshotFile != "/var/run/ambit/enrollment-snapshot.json" || c.IPv6 != "auto" || c.LogFormat != "json" {
+		t.Fatalf("shipped config read as %+v", c)
+	}
 }
