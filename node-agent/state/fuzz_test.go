@@ -1,6 +1,7 @@
 package state
 
 import (
+	"encoding/json"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -66,7 +67,9 @@ func FuzzPutList(f *testing.F) {
 
 // FuzzListRecord: whatever a record file holds (a torn write, a hand
 // edit, a record of another agent version), List returns it as a record
-// that belongs to its file name, or reports and removes it; never a panic.
+// that belongs to its file name, or reports it; never a panic. A JSON
+// object it reports is left in place (maybe another version's), anything
+// else it reports is removed.
 func FuzzListRecord(f *testing.F) {
 	f.Add([]byte(`{"namespace":"a","name":"p","containerID":"c1","ips":["10.0.0.1"],"enrolled":true,"since":"2026-01-01T00:00:00Z"}`), "c1", false)
 	f.Add([]byte(`{"containerID":"c1","ips":["10.0.0.1%eth0"]}`), "c1", false)
@@ -94,7 +97,13 @@ func FuzzListRecord(f *testing.F) {
 				t.Fatalf("listed %+v from %s", got[0], name)
 			}
 		case len(got) == 0 && len(errs) == 1:
-			if _, err := os.Stat(path); !os.IsNotExist(err) {
+			var obj map[string]json.RawMessage
+			isObject := json.Unmarshal(b, &obj) == nil && obj != nil
+			_, err := os.Stat(path)
+			if isObject && err != nil {
+				t.Fatalf("a JSON object %s removed (%v): %v", name, errs[0], err)
+			}
+			if !isObject && !os.IsNotExist(err) {
 				t.Fatalf("bad record %s kept: %v", name, errs[0])
 			}
 		default:

@@ -186,10 +186,15 @@ func (s *Store) Delete(containerID string) error {
 // milliseconds (seconds on a congested disk, for the fsync).
 const staleTemp = time.Minute
 
-// List reads every record. Unreadable records (a torn write from before
-// atomic renames, a hand edit) are returned as errors alongside the good
-// ones and removed, so one bad file never blocks re-adoption of the rest.
-// Temp files of interrupted writes older than staleTemp are removed.
+// List reads every record. Unreadable records are returned as errors
+// alongside the good ones, so one bad file never blocks re-adoption of
+// the rest. One that is not a JSON object (a torn write from before
+// atomic renames, a truncated hand edit) is removed. A JSON object this
+// version cannot use (a field of another type, another file name) is
+// left: it may be another agent version's, beside this one in a surge or
+// a rollback, and that agent takes a record removed by another agent of
+// the node for the pod's DEL and releases a running pod. Temp files of
+// interrupted writes older than staleTemp are removed.
 func (s *Store) List() ([]Pod, []error) {
 	ents, err := os.ReadDir(s.dir)
 	if err != nil {
@@ -217,13 +222,21 @@ func (s *Store) List() ([]Pod, []error) {
 			errs = append(errs, fmt.Errorf("state: %w", err))
 			continue
 		}
+		var obj map[string]json.RawMessage
+		if err := json.Unmarshal(b, &obj); err != nil || obj == nil {
+			if err == nil {
+				err = errors.New("not a JSON object")
+			}
+			errs = append(errs, fmt.Errorf("state: %s: %v (removed)", path, err))
+			os.Remove(path)
+			continue
+		}
 		var p Pod
 		if err := json.Unmarshal(b, &p); err != nil || p.ContainerID == "" || Key(p.ContainerID)+".json" != name {
 			if err == nil {
 				err = errors.New("record does not match its file name")
 			}
-			errs = append(errs, fmt.Errorf("state: %s: %v (removed)", path, err))
-			os.Remove(path)
+			errs = append(errs, fmt.Errorf("state: %s: %v (left in place: another agent version's record?)", path, err))
 			continue
 		}
 		out = append(out, p)

@@ -267,3 +267,56 @@ func TestListSkipsARecordRemovedMeanwhile(t *testing.T) {
 		t.Fatalf("list: %+v, errors %v; want c2 alone and no error", got, errs)
 	}
 }
+
+// TestListKeepsAnotherVersionsRecord: a record that is a whole JSON
+// object this version cannot use (a field of another type, a file name
+// from another naming) may be another agent version's, written during a
+// surge or before a rollback. Removing it was taken by that agent, still
+// running beside this one, for this agent's DEL of the pod: it released
+// the pod (its connections reset) while its sandbox ran on, and this
+// agent never served it either. Reported, left in place. A file that is
+// not JSON at all (torn, truncated, empty) is no agent's: removed.
+func TestListKeepsAnotherVersionsRecord(t *testing.T) {
+	s, err := Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Put(Pod{Namespace: "a", Name: "good", ContainerID: "c0", Enrolled: true}); err != nil {
+		t.Fatal(err)
+	}
+	keep := map[string]string{
+		FileName("c1"): `{"namespace":"a","name":"p","containerID":"c1","enrolled":true,"ips":[{"addr":"10.0.0.1","prefixLen":24}]}`,
+		FileName("c2"): `{"namespace":"a","name":"q","containerID":"c2","enrolled":"yes"}`,
+		"v3-c3.json":   `{"version":3,"namespace":"a","name":"r","containerID":"c3","enrolled":true}`,
+	}
+	drop := map[string]string{
+		FileName("c4"): `{"namespace":"a","name":"s","contai`,
+		FileName("c5"): ``,
+		FileName("c6"): `null`,
+	}
+	for _, m := range []map[string]string{keep, drop} {
+		for n, b := range m {
+			if err := os.WriteFile(filepath.Join(s.Dir(), n), []byte(b), 0o600); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	got, errs := s.List()
+	if len(got) != 1 || got[0].ContainerID != "c0" || len(errs) != len(keep)+len(drop) {
+		t.Fatalf("list: %+v %v", got, errs)
+	}
+	for n := range keep {
+		if _, err := os.Stat(filepath.Join(s.Dir(), n)); err != nil {
+			t.Errorf("%s (%s) removed: %v", n, keep[n], err)
+		}
+	}
+	for n := range drop {
+		if _, err := os.Stat(filepath.Join(s.Dir(), n)); !os.IsNotExist(err) {
+			t.Errorf("%s (%q) kept: %v", n, drop[n], err)
+		}
+	}
+	// Still there, so reported again: the agent logs them at start.
+	if _, errs := s.List(); len(errs) != len(keep) {
+		t.Fatalf("second list: %v", errs)
+	}
+}
