@@ -84,6 +84,12 @@ type Source struct {
 	// passed through as before; readiness does not wait for it.
 	nodesSynced    cache.ResourceEventHandlerRegistration
 	nodesForbidden atomic.Bool
+	// handlersSynced: the handlers that build the workload directory
+	// and the Service index (all pods, Services, EndpointSlices) have
+	// run over the initial lists. An informer's own HasSynced says only
+	// that its store is filled; its handlers run after, on their own
+	// goroutines.
+	handlersSynced []cache.ResourceEventHandlerRegistration
 
 	dir  directory
 	svc  serviceIndex
@@ -183,7 +189,7 @@ func New(cfg Config) (*Source, error) {
 	}); err != nil {
 		return nil, err
 	}
-	if _, err := s.allPods.AddEventHandler(cache.ResourceEventHandlerFuncs{
+	reg, err := s.allPods.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc: func(obj any) { s.dir.upsert(obj); s.podArrived(obj) },
 		UpdateFunc: func(oldObj, obj any) {
 			// A relist after a watch gap reports a pod deleted and made
@@ -198,9 +204,11 @@ func New(cfg Config) (*Source, error) {
 			s.podArrived(obj) // an IP, or a new UID under the name
 		},
 		DeleteFunc: func(obj any) { s.dir.remove(obj) },
-	}); err != nil {
+	})
+	if err != nil {
 		return nil, err
 	}
+	s.handlersSynced = append(s.handlersSynced, reg)
 	if _, err := s.namespaces.AddEventHandler(cache.ResourceEventHandlerDetailedFuncs{
 		AddFunc: func(obj any, initial bool) {
 			if n, ok := obj.(*corev1.Namespace); ok && !initial {
@@ -222,9 +230,11 @@ func New(cfg Config) (*Source, error) {
 		UpdateFunc: func(_, obj any) { s.serviceTouched(obj) },
 		DeleteFunc: func(obj any) { s.serviceTouched(obj) },
 	}
-	if _, err := s.services.AddEventHandler(svcHandler); err != nil {
+	reg, err = s.services.AddEventHandler(svcHandler)
+	if err != nil {
 		return nil, err
 	}
+	s.handlersSynced = append(s.handlersSynced, reg)
 	sliceHandler := svcHandler
 	// A slice moved to another Service (or unlabeled) leaves its old
 	// one too: rebuild both.
@@ -236,9 +246,11 @@ func New(cfg Config) (*Source, error) {
 		}
 		s.serviceTouched(obj)
 	}
-	if _, err := s.slices.AddEventHandler(sliceHandler); err != nil {
+	reg, err = s.slices.AddEventHandler(sliceHandler)
+	if err != nil {
 		return nil, err
 	}
+	s.handlersSynced = append(s.handlersSynced, reg)
 	if err := s.node.SetWatchErrorHandlerWithContext(func(ctx context.Context, r *cache.Reflector, err error) {
 		if apierrors.IsForbidden(err) {
 			if !s.nodeForbidden.Swap(true) {
@@ -250,7 +262,7 @@ func New(cfg Config) (*Source, error) {
 	}); err != nil {
 		return nil, err
 	}
-	reg, err := s.node.AddEventHandler(cache.ResourceEventHandlerFuncs{
+	reg, err = s.node.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc:    s.nodeSeen,
 		UpdateFunc: func(_, obj any) { s.nodeSeen(obj) },
 		// A deleted Node keeps its last zone: the agent goes with it.
@@ -315,12 +327,19 @@ func (s *Source) Close() {
 	})
 }
 
-// WaitSynced blocks until every informer has its first full list.
+// WaitSynced blocks until every informer has its first full list and
+// the workload directory and Service index are built from them: a
+// connection resolved before would take a meshed pod, or a Service
+// address, not handled yet for one outside the mesh (plaintext).
 func (s *Source) WaitSynced(ctx context.Context) error {
-	if !cache.WaitForCacheSync(ctx.Done(), s.localPods.HasSynced, s.allPods.HasSynced,
+	syncs := []cache.InformerSynced{s.localPods.HasSynced, s.allPods.HasSynced,
 		s.namespaces.HasSynced, s.services.HasSynced, s.slices.HasSynced,
 		func() bool { return s.nodeForbidden.Load() || s.nodeSynced.HasSynced() },
-		func() bool { return s.nodesForbidden.Load() || s.nodesSynced.HasSynced() }) {
+		func() bool { return s.nodesForbidden.Load() || s.nodesSynced.HasSynced() }}
+	for _, r := range s.handlersSynced {
+		syncs = append(syncs, r.HasSynced)
+	}
+	if !cache.WaitForCacheSync(ctx.Done(), syncs...) {
 		if err := ctx.Err(); err != nil {
 			return fmt.Errorf("kube: waiting for informers: %w", err)
 		}
