@@ -7,7 +7,7 @@
 //   - pods on this node (field selector spec.nodeName=<node>): the pods the
 //     agent enrolls; their changes become cluster.Events;
 //   - all pods, trimmed by a transform to the fields the mesh uses (name,
-//     namespace, uid, labels, ambit.dev/* annotations, service account,
+//     namespace, uid, labels, the ambit.dev/redirection annotation, service account,
 //     node, pod IPs, phase, hostNetwork), so a 10,000-pod cluster costs a
 //     few MB: the pod IP → workload directory the tunnel consults per
 //     connection, and the opt-in namespaces of the enrollment snapshot;
