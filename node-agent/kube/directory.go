@@ -62,6 +62,24 @@ func (d *directory) upsert(obj any) {
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	d.upsertLocked(p)
+}
+
+// replace is upsert of p, after removing the entry of old when it is
+// another UID (a pod made again under its name, reported by a relist as
+// an update): in one critical section, so an IP both hold (a CNI that
+// keeps a StatefulSet pod's IP) never resolves to nothing meanwhile.
+func (d *directory) replace(old, p *corev1.Pod) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if old.UID != p.UID {
+		d.removeLocked(old.UID)
+	}
+	d.upsertLocked(p)
+}
+
+// upsertLocked: d.mu is held.
+func (d *directory) upsertLocked(p *corev1.Pod) {
 	// The claims this pod already holds keep their order.
 	since := map[netip.Addr]uint64{}
 	if prev, ok := d.byUID[p.UID]; ok {

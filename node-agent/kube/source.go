@@ -190,19 +190,8 @@ func New(cfg Config) (*Source, error) {
 		return nil, err
 	}
 	reg, err := s.allPods.AddEventHandler(cache.ResourceEventHandlerFuncs{
-		AddFunc: func(obj any) { s.dir.upsert(obj); s.podArrived(obj) },
-		UpdateFunc: func(oldObj, obj any) {
-			// A relist after a watch gap reports a pod deleted and made
-			// again under its name (a StatefulSet's) as an update: the
-			// old UID's entry must go, or its IP stays claimed.
-			if o, ok := oldObj.(*corev1.Pod); ok {
-				if p, ok := obj.(*corev1.Pod); ok && o.UID != p.UID {
-					s.dir.remove(o)
-				}
-			}
-			s.dir.upsert(obj)
-			s.podArrived(obj) // an IP, or a new UID under the name
-		},
+		AddFunc:    func(obj any) { s.dir.upsert(obj); s.podArrived(obj) },
+		UpdateFunc: s.podUpdated,
 		DeleteFunc: func(obj any) { s.dir.remove(obj) },
 	})
 	if err != nil {
@@ -346,6 +335,22 @@ func (s *Source) WaitSynced(ctx context.Context) error {
 		return errors.New("kube: informers did not sync")
 	}
 	return nil
+}
+
+// podUpdated is the cluster-wide pod informer's update: an IP, or a new
+// UID under the name.
+func (s *Source) podUpdated(oldObj, obj any) {
+	// A relist after a watch gap reports a pod deleted and made again
+	// under its name (a StatefulSet's) as an update: the old UID's entry
+	// must go, or its IP stays claimed.
+	o, ok1 := oldObj.(*corev1.Pod)
+	p, ok2 := obj.(*corev1.Pod)
+	if ok1 && ok2 {
+		s.dir.replace(o, p)
+	} else {
+		s.dir.upsert(obj)
+	}
+	s.podArrived(obj)
 }
 
 // nodeSeen takes the zone of this node's Node object (the field selector
