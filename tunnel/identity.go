@@ -1,7 +1,6 @@
 package tunnel
 
 import (
-	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
@@ -342,7 +341,7 @@ func (p *Proxy) serverTLS(identity string, ps *peerState) *tls.Config {
 
 // clientTLS is the config to reach dstID as srcID. No SNI is sent; the
 // server's URI SAN must equal dstID. ps records what was verified.
-func (p *Proxy) clientTLS(ctx context.Context, srcID, dstID string, ps *peerState) *tls.Config {
+func (p *Proxy) clientTLS(srcID, dstID string, ps *peerState) *tls.Config {
 	ps.want, ps.usage, ps.client = dstID, x509.ExtKeyUsageServerAuth, true
 	return &tls.Config{
 		MinVersion: tls.VersionTLS13,
@@ -350,8 +349,12 @@ func (p *Proxy) clientTLS(ctx context.Context, srcID, dstID string, ps *peerStat
 		// Hostname verification does not apply (SPIFFE identities);
 		// VerifyPeerCertificate does the full chain and SAN check.
 		InsecureSkipVerify: true,
-		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
-			c, err := p.cfg.Certificates.Certificate(ctx, srcID)
+		// The handshake's context (the dial's: connect timeout, the
+		// pool's close), as serverTLS's: with one detached from it, a
+		// certificate being fetched from an unreachable CA held the
+		// dial past both (TestClientCertificateWaitEndsWithTheDial).
+		GetClientCertificate: func(cri *tls.CertificateRequestInfo) (*tls.Certificate, error) {
+			c, err := p.cfg.Certificates.Certificate(cri.Context(), srcID)
 			if err == nil {
 				ps.ownCert(c)
 			}

@@ -166,7 +166,7 @@ func lingerServer(t *testing.T, cfg Config) (p *Proxy, sv *Serving, b *podtest.P
 		})
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
-		tc := tls.Client(raw, p.clientTLS(ctx, idClient, idServer, &peerState{}))
+		tc := tls.Client(raw, p.clientTLS(idClient, idServer, &peerState{}))
 		if err := tc.HandshakeContext(ctx); err != nil {
 			raw.Close()
 			t.Fatal(err)

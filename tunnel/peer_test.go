@@ -324,7 +324,7 @@ func TestPeerCertificateChecks(t *testing.T) {
 				}
 			}
 			if ps := tc.asServer; ps != nil {
-				cerr, _, _ := handshake(t, p.clientTLS(context.Background(), idClient, idServer, &peerState{}), plain(ps.cert))
+				cerr, _, _ := handshake(t, p.clientTLS(idClient, idServer, &peerState{}), plain(ps.cert))
 				if got := peerReason(cerr); got != ps.want || (ps.want == "" && cerr != nil) {
 					t.Errorf("our client: err %v (reason %q), want reason %q", cerr, got, ps.want)
 				}
@@ -385,7 +385,7 @@ func TestNoSessionResumption(t *testing.T) {
 	})
 	t.Run("our client", func(t *testing.T) {
 		// ServerName would key a session cache; ours has none to use.
-		if twice(t, func() *tls.Config { return p.clientTLS(context.Background(), idClient, idServer, &peerState{}) }, plainServer) {
+		if twice(t, func() *tls.Config { return p.clientTLS(idClient, idServer, &peerState{}) }, plainServer) {
 			t.Error("our client resumed a session")
 		}
 	})

@@ -492,7 +492,7 @@ func (pl *pool) dial(ctx context.Context, key poolKey, d *poolDial) (*hbone.Conn
 		}
 	}()
 	ps := &peerState{}
-	c, err := hbone.Client(ctx, raw, pl.p.clientTLS(context.WithoutCancel(ctx), key.src, key.dst, ps), pl.p.hcfg)
+	c, err := hbone.Client(ctx, raw, pl.p.clientTLS(key.src, key.dst, ps), pl.p.hcfg)
 	if err != nil {
 		return nil, nil, nil, &dialError{tlsReason(err), fmt.Errorf("HBONE handshake with %v (%s): %w", key.addr, key.dst, err)}
 	}
