@@ -6,7 +6,9 @@
 //  1. hostNetwork pods: never (they share the node's namespace);
 //  2. terminal pods (Succeeded/Failed): never;
 //  3. excluded namespaces (default kube-system): never;
-//  4. the pod label: "none" opts out, "ambient" opts in;
+//  4. the pod label: "none" opts out, "ambient" opts in; the project's own
+//     key (ambit.dev/dataplane-mode, which Ambit's own pods carry as
+//     "none") opts out too when another key is configured;
 //  5. the namespace label: "ambient" opts in;
 //  6. otherwise: not enrolled.
 package enrollment

@@ -10,6 +10,16 @@ const (
 	None    = "none"
 )
 
+// OwnLabelKey is the project's own enrollment label (the default of
+// config.DefaultEnrollLabel). Ambit's own pods (the CA; the agent) carry
+// OwnLabelKey=none in every manifest, so its "none" on a pod opts out
+// whatever LabelKey is configured. With Istio's key, the CA pod of a
+// namespace labelled ambient was enrolled, its inbound captured: the
+// agents' CSRs (from the host network, outside the mesh: they have no
+// certificate yet) then meet the mesh's inbound mode, refused where it
+// is strict.
+const OwnLabelKey = "ambit.dev/dataplane-mode"
+
 // Reasons a decision gives; stable strings, used in logs and metrics.
 const (
 	ReasonHostNetwork      = "host-network"
@@ -54,6 +64,8 @@ func (p Policy) Decide(pod cluster.Pod, ns *cluster.Namespace) Decision {
 		return Decision{false, ReasonTerminal}
 	case p.excluded[pod.Namespace]:
 		return Decision{false, ReasonExcluded}
+	case pod.Labels[OwnLabelKey] == None:
+		return Decision{false, ReasonPodOptOut}
 	}
 	switch pod.Labels[p.LabelKey] {
 	case None:

@@ -4,6 +4,7 @@ import (
 	"testing"
 
 	"github.com/ambit-mesh/ambit/node-agent/cluster"
+	"github.com/ambit-mesh/ambit/node-agent/config"
 )
 
 func TestDecide(t *testing.T) {
@@ -58,5 +59,35 @@ func TestConfigurableKey(t *testing.T) {
 	}
 	if p.Excluded("kube-system") {
 		t.Fatal("no exclusions configured, kube-system excluded")
+	}
+}
+
+// TestOwnOptOutWithAnotherKey: a platform moving from Istio configures
+// enrollLabel istio.io/dataplane-mode (docs/install.md). Ambit's own CA
+// pod carries ambit.dev/dataplane-mode=none (manifests/base/ca), which
+// that key does not read: in a namespace labelled ambient under Istio's
+// key the CA pod was enrolled, and the agents' CSRs to it captured.
+func TestOwnOptOutWithAnotherKey(t *testing.T) {
+	p := NewPolicy("istio.io/dataplane-mode", nil)
+	ns := &cluster.Namespace{Name: "ambit-system", Labels: map[string]string{"istio.io/dataplane-mode": "ambient"}}
+	ca := cluster.Pod{Namespace: "ambit-system", Name: "ambit-ca-x", Labels: map[string]string{OwnLabelKey: "none"}}
+	if d := p.Decide(ca, ns); d.Enroll || d.Reason != ReasonPodOptOut {
+		t.Errorf("CA pod labelled %s=none under key istio.io/dataplane-mode: %+v, want not enrolled (%s)", OwnLabelKey, d, ReasonPodOptOut)
+	}
+	ca.Labels["istio.io/dataplane-mode"] = "ambient"
+	if d := p.Decide(ca, ns); d.Enroll {
+		t.Errorf("our own opt-out lost to the configured key's ambient: %+v", d)
+	}
+	// Only "none" of our key counts: its "ambient" does not enroll under
+	// another key (TestConfigurableKey).
+	other := cluster.Pod{Namespace: "apps", Labels: map[string]string{OwnLabelKey: "ambient"}}
+	if d := p.Decide(other, &cluster.Namespace{Name: "apps"}); d.Enroll {
+		t.Errorf("our key's ambient enrolled under another key: %+v", d)
+	}
+}
+
+func TestOwnLabelKeyIsTheDefault(t *testing.T) {
+	if OwnLabelKey != config.DefaultEnrollLabel {
+		t.Fatalf("OwnLabelKey %q, config.DefaultEnrollLabel %q: the manifests' opt-outs use the default", OwnLabelKey, config.DefaultEnrollLabel)
 	}
 }
