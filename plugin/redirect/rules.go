@@ -137,7 +137,10 @@ func ruleSet(s Spec) []rule {
 			// Replies on connections the agent opened to the app.
 			rule{f, natOut, []cond{tcp, {kind: condMark, value: s.ConnMark, mask: s.MarkMask}}, action{kind: actAccept}},
 			// Traffic to the pod's own addresses leaves through lo and is
-			// captured (or not) on the inbound side instead.
+			// not captured at all: its connection is tracked (and NATed)
+			// here, so nat prerouting never sees it on lo either. A
+			// self-call reaches the app directly, as in Istio; it never
+			// leaves the pod (TestCaptureMatrix).
 			rule{f, natOut, []cond{{kind: condOifLo}, notLoop}, action{kind: actAccept}},
 		)
 		if f == 6 {
