@@ -115,6 +115,12 @@ func (p *Proxy) verifyPeer(raw [][]byte, want string, usage x509.ExtKeyUsage, ro
 	if now.After(leaf.NotAfter) || now.Before(leaf.NotBefore) {
 		return "", time.Time{}, &PeerError{"expired", fmt.Errorf("valid %s to %s", leaf.NotBefore.Format(time.RFC3339), leaf.NotAfter.Format(time.RFC3339))}
 	}
+	if roots == nil {
+		// A nil pool is the system's roots to crypto/x509: any CA the
+		// node trusts would vouch for a mesh identity
+		// (TestNilRootsTrustNothing).
+		return "", time.Time{}, &PeerError{"untrusted", errors.New("no trust bundle")}
+	}
 	inter := x509.NewCertPool()
 	for _, c := range certs[1:] {
 		inter.AddCert(c)
@@ -294,6 +300,9 @@ func (p *Proxy) recheck(ps *peerState, now time.Time) error {
 func chainsTo(raw [][]byte, roots *x509.CertPool, usage x509.ExtKeyUsage) error {
 	if len(raw) == 0 {
 		return errors.New("no certificate")
+	}
+	if roots == nil {
+		return errors.New("no trust bundle") // not the system's roots (verifyPeer)
 	}
 	leaf, err := x509.ParseCertificate(raw[0])
 	if err != nil {
