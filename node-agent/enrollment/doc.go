@@ -6,9 +6,12 @@
 //  1. hostNetwork pods: never (they share the node's namespace);
 //  2. terminal pods (Succeeded/Failed): never;
 //  3. excluded namespaces (default kube-system): never;
-//  4. the pod label: "none" opts out, "ambient" opts in; the project's own
+//  4. pods Istio already serves: never, whatever their labels: an Istio
+//     sidecar pod (annotation sidecar.istio.io/status) or one istio-cni
+//     redirected (ambient.istio.io/redirection enabled or pending);
+//  5. the pod label: "none" opts out, "ambient" opts in; the project's own
 //     key (ambit.dev/dataplane-mode, which Ambit's own pods carry as
 //     "none") opts out too when another key is configured;
-//  5. the namespace label: "ambient" opts in;
-//  6. otherwise: not enrolled.
+//  6. the namespace label: "ambient" opts in;
+//  7. otherwise: not enrolled.
 package enrollment

@@ -30,7 +30,49 @@ const (
 	ReasonNamespaceOptIn   = "namespace-label-ambient"
 	ReasonNotLabelled      = "not-labelled"
 	ReasonUnknownNamespace = "unknown-namespace"
+	ReasonIstioSidecar     = "istio-sidecar"
+	ReasonIstioAmbient     = "istio-ambient"
 )
+
+// Pods Istio already serves, by the annotations Istio itself writes. The
+// webhook's is on the pod from its creation, so before any ADD. istio-cni
+// writes its own once its rules are in: the pods it has been serving (a
+// namespace being moved to Ambit, an enrollLabel shared with Istio) carry
+// it already; a new pod that both plugins take in one chain can reach our
+// decision before it, and is declined when it arrives (live enrollment).
+const (
+	// IstioSidecarAnnotation is set by Istio's injection webhook on
+	// every pod it gave an istio-proxy; istio-cni skips such pods for
+	// ambient on its presence alone, whatever the value. Enrolled, the
+	// pod's Envoy cannot bind 15001/15006 (our listeners hold them): it
+	// never becomes ready, and its traffic would be captured twice.
+	IstioSidecarAnnotation = "sidecar.istio.io/status"
+	// IstioRedirectionAnnotation is istio-cni's status: "enabled" once
+	// its in-pod rules are installed and ztunnel serves the pod,
+	// "pending" when the rules are installed and ztunnel has not taken
+	// the pod yet (istio-cni retries). Both mean Istio's capture is in
+	// the netns; enrolling too would add a second one. Istio removes it
+	// when it unenrolls the pod, and leaves it, with its rules, on an
+	// uninstall (istio#49067). Older Istio read "disabled" as a pod's
+	// opt-out of its ambient mesh: no capture, so no bar to ours.
+	IstioRedirectionAnnotation = "ambient.istio.io/redirection"
+)
+
+// Annotations are the pod annotations Decide reads: a source that trims
+// pods (node-agent/kube) must keep them.
+var Annotations = []string{IstioSidecarAnnotation, IstioRedirectionAnnotation}
+
+// istioServed reports why Istio already serves pod, or "".
+func istioServed(pod cluster.Pod) string {
+	if _, ok := pod.Annotations[IstioSidecarAnnotation]; ok {
+		return ReasonIstioSidecar
+	}
+	switch pod.Annotations[IstioRedirectionAnnotation] {
+	case "enabled", "pending":
+		return ReasonIstioAmbient
+	}
+	return ""
+}
 
 // Policy holds the knobs of the decision.
 type Policy struct {
@@ -64,6 +106,11 @@ func (p Policy) Decide(pod cluster.Pod, ns *cluster.Namespace) Decision {
 		return Decision{false, ReasonTerminal}
 	case p.excluded[pod.Namespace]:
 		return Decision{false, ReasonExcluded}
+	}
+	if r := istioServed(pod); r != "" {
+		return Decision{false, r}
+	}
+	switch {
 	case pod.Labels[OwnLabelKey] == None:
 		return Decision{false, ReasonPodOptOut}
 	}

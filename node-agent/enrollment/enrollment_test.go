@@ -91,3 +91,45 @@ func TestOwnLabelKeyIsTheDefault(t *testing.T) {
 		t.Fatalf("OwnLabelKey %q, config.DefaultEnrollLabel %q: the manifests' opt-outs use the default", OwnLabelKey, config.DefaultEnrollLabel)
 	}
 }
+
+// TestIstioServedPodsAreNotEnrolled: moving namespace by namespace from
+// Istio, a namespace labelled ambient for Ambit still holds pods Istio
+// serves. A sidecar pod enrolled could not start (its Envoy binds
+// 15001/15006, which our listeners hold); a pod istio-cni redirected would
+// be captured twice. The reason is Istio's whatever the pod's labels, and
+// the earlier rules keep their precedence.
+func TestIstioServedPodsAreNotEnrolled(t *testing.T) {
+	for _, key := range []string{OwnLabelKey, "istio.io/dataplane-mode"} {
+		p := NewPolicy(key, []string{"kube-system"})
+		amb := &cluster.Namespace{Name: "apps", Labels: map[string]string{key: "ambient"}}
+		sidecar := map[string]string{IstioSidecarAnnotation: `{"initContainers":["istio-init"],"containers":["istio-proxy"]}`}
+		redirected := func(v string) map[string]string { return map[string]string{IstioRedirectionAnnotation: v} }
+		pod := func(ns string, labels, ann map[string]string) cluster.Pod {
+			return cluster.Pod{Namespace: ns, Name: "p", Labels: labels, Annotations: ann}
+		}
+		cases := []struct {
+			name   string
+			pod    cluster.Pod
+			ns     *cluster.Namespace
+			enroll bool
+			reason string
+		}{
+			{"sidecar in ambient namespace", pod("apps", nil, sidecar), amb, false, ReasonIstioSidecar},
+			{"sidecar opting in by label", pod("apps", map[string]string{key: "ambient"}, sidecar), nil, false, ReasonIstioSidecar},
+			{"sidecar status of any value", pod("apps", nil, map[string]string{IstioSidecarAnnotation: ""}), amb, false, ReasonIstioSidecar},
+			{"istio-cni enabled", pod("apps", nil, redirected("enabled")), amb, false, ReasonIstioAmbient},
+			{"istio-cni pending (its rules are in)", pod("apps", map[string]string{key: "ambient"}, redirected("pending")), amb, false, ReasonIstioAmbient},
+			{"istio's old opt-out captures nothing", pod("apps", nil, redirected("disabled")), amb, true, ReasonNamespaceOptIn},
+			{"istio's value bounded away by the trim", pod("apps", nil, redirected("")), amb, true, ReasonNamespaceOptIn},
+			{"other istio annotation", pod("apps", nil, map[string]string{"sidecar.istio.io/inject": "false"}), amb, true, ReasonNamespaceOptIn},
+			{"hostNetwork first", cluster.Pod{Namespace: "apps", HostNetwork: true, Annotations: sidecar}, amb, false, ReasonHostNetwork},
+			{"terminal first", cluster.Pod{Namespace: "apps", Terminal: true, Annotations: redirected("enabled")}, amb, false, ReasonTerminal},
+			{"excluded namespace first", pod("kube-system", nil, sidecar), &cluster.Namespace{Name: "kube-system", Labels: map[string]string{key: "ambient"}}, false, ReasonExcluded},
+		}
+		for _, c := range cases {
+			if d := p.Decide(c.pod, c.ns); d.Enroll != c.enroll || d.Reason != c.reason {
+				t.Errorf("key %s, %s: got %+v, want enroll=%v reason=%s", key, c.name, d, c.enroll, c.reason)
+			}
+		}
+	}
+}

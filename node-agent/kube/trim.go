@@ -9,21 +9,28 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/ambit-mesh/ambit/node-agent/cluster"
+	"github.com/ambit-mesh/ambit/node-agent/enrollment"
 	"github.com/ambit-mesh/ambit/plugin/redirectspec"
 )
 
-// RedirectionAnnotation is the status contract on the pod, and the only
-// annotation the trim keeps: every agent caches every pod of the cluster,
-// and anyone who may edit a pod may give it any number of annotations of
-// up to 256 KiB (last-applied-configuration alone can be kilobytes), ours
-// included.
+// RedirectionAnnotation is the status contract on the pod. The trim keeps
+// it and the annotations the enrollment decision reads
+// (enrollment.Annotations: Istio's, which mark the pods Istio serves), and
+// no other: every agent caches every pod of the cluster, and anyone who
+// may edit a pod may give it any number of annotations of up to 256 KiB
+// (last-applied-configuration alone can be kilobytes), ours included.
 const RedirectionAnnotation = "ambit.dev/redirection"
 
-// maxRedirectionValue bounds the kept value: ours are "enabled",
-// "pending" and "failed"; a longer one is kept as "" (present, so an
-// uninstall still removes it, and no status we write, so the agent
-// rewrites it).
+// maxRedirectionValue bounds a kept value: ours are "enabled", "pending"
+// and "failed", istio-cni's "enabled" and "pending"; a longer one is kept
+// as "" (present, so an uninstall still removes ours, and no status we
+// write, so the agent rewrites it; of istio-cni's, no status it writes,
+// so no capture of Istio's). Istio's sidecar status, a JSON document of
+// hundreds of bytes whose presence alone counts, is thus kept as "".
 const maxRedirectionValue = 64
+
+// keptAnnotations are the annotations TrimPod keeps, each bounded.
+var keptAnnotations = append([]string{RedirectionAnnotation}, enrollment.Annotations...)
 
 // TrimPod is the informer transform for pods: it returns a new, small Pod
 // holding only what the mesh uses, so the cluster-wide cache does not keep
@@ -58,11 +65,18 @@ func TrimPod(obj any) (any, error) {
 	if len(t.Status.PodIPs) == 0 && p.Status.PodIP != "" {
 		t.Status.PodIPs = []corev1.PodIP{{IP: p.Status.PodIP}}
 	}
-	if v, ok := p.Annotations[RedirectionAnnotation]; ok {
+	for _, k := range keptAnnotations {
+		v, ok := p.Annotations[k]
+		if !ok {
+			continue
+		}
 		if len(v) > maxRedirectionValue {
 			v = ""
 		}
-		t.Annotations = map[string]string{RedirectionAnnotation: v}
+		if t.Annotations == nil {
+			t.Annotations = make(map[string]string, 1)
+		}
+		t.Annotations[k] = v
 	}
 	return t, nil
 }

@@ -4,12 +4,15 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/netip"
+	"reflect"
 	"strings"
 	"testing"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/tools/cache"
+
+	"github.com/ambit-mesh/ambit/node-agent/enrollment"
 )
 
 func fullPod() *corev1.Pod {
@@ -142,6 +145,33 @@ func TestTrimPodBoundsWhatAPodOwnerCanMakeEveryAgentHold(t *testing.T) {
 	}
 	b, _ := json.Marshal(tp)
 	if len(b) > 4096 {
+		t.Fatalf("trimmed pod is %d bytes", len(b))
+	}
+}
+
+// The enrollment decision reads Istio's annotations (enrollment.Annotations):
+// the trim keeps them, as bounded as ours, so a pod owner still cannot make
+// every agent hold more than a few bytes per pod.
+func TestTrimPodKeepsWhatTheEnrollmentDecisionReads(t *testing.T) {
+	full := fullPod()
+	full.Annotations[enrollment.IstioSidecarAnnotation] = `{"initContainers":["istio-init"],"containers":["istio-proxy"],"volumes":["istio-envoy"],"revision":"default"}`
+	full.Annotations[enrollment.IstioRedirectionAnnotation] = "pending"
+	full.Annotations["sidecar.istio.io/inject"] = "true"
+	tp, _ := TrimPod(full)
+	want := map[string]string{RedirectionAnnotation: "enabled", enrollment.IstioSidecarAnnotation: "", enrollment.IstioRedirectionAnnotation: "pending"}
+	if got := tp.(*corev1.Pod).Annotations; !reflect.DeepEqual(got, want) {
+		t.Fatalf("trimmed annotations %v, want %v", got, want)
+	}
+	for _, k := range enrollment.Annotations {
+		full.Annotations[k] = strings.Repeat("i", 200<<10)
+	}
+	tp, _ = TrimPod(full)
+	for _, k := range enrollment.Annotations {
+		if v, ok := tp.(*corev1.Pod).Annotations[k]; !ok || v != "" {
+			t.Fatalf("%s: present=%v with %d bytes; want present and empty", k, ok, len(v))
+		}
+	}
+	if b, _ := json.Marshal(tp); len(b) > 4096 {
 		t.Fatalf("trimmed pod is %d bytes", len(b))
 	}
 }
