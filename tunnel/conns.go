@@ -113,9 +113,8 @@ func (sv *Serving) finished(r *record, toApp, fromApp int64, err error) {
 // access-log line; cs nil: looked up. reason is set only for an end that
 // is not the connection's own ("internal_error": its handler panicked).
 func (sv *Serving) countClose(r *record, cs *connSeries, toApp, fromApp int64, reason string, err error) {
-	if cs == nil {
-		cs = sv.p.m.series(r.dir, r.mode, r.srcID, r.dstID)
-	}
+	// The series its start took, unless a sweep dropped it meanwhile.
+	cs = sv.p.m.ending(cs, r.dir, r.mode, r.srcID, r.dstID)
 	cs.closed.Inc()
 	cs.active.Dec()
 	cs.sent.Add(float64(fromApp))

@@ -2,7 +2,10 @@ package tunnel
 
 import (
 	"errors"
+	"strings"
 	"sync"
+	"sync/atomic"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -13,7 +16,7 @@ import (
 // accounts, a bounded set), never IPs or ports.
 type metrics struct {
 	opened, closed *prometheus.CounterVec // direction, mode, src_identity, dst_identity
-	failed         *prometheus.CounterVec // direction, reason, src_identity, dst_identity
+	failed         trackedVec             // direction, reason, src_identity, dst_identity
 	sent, received *prometheus.CounterVec // direction, mode, src_identity, dst_identity
 	active         *prometheus.GaugeVec   // direction
 	poolConns      prometheus.Gauge
@@ -25,9 +28,11 @@ type metrics struct {
 	pendingHandshakes prometheus.Gauge
 	evicted           *prometheus.CounterVec // limit: pod|agent
 	idleClosed        prometheus.Counter     // inbound HBONE, no stream for HBONEIdleTimeout
-	plainFromMesh     *prometheus.CounterVec // src_identity, dst_identity
+	plainFromMesh     trackedVec             // src_identity, dst_identity
 
-	cache sync.Map // seriesKey → *connSeries
+	// cache holds the identity-labelled series in use, and drops those
+	// idle for seriesIdle (shared by the metrics of one registry).
+	cache *seriesCache
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -37,9 +42,9 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Help: "Connections established through the tunnel."}, l),
 		closed: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "ambit_tunnel_connections_closed_total",
 			Help: "Tunnel connections that ended after being established."}, l),
-		failed: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "ambit_tunnel_connections_failed_total",
+		failed: trackedVec{CounterVec: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "ambit_tunnel_connections_failed_total",
 			Help: "Connections refused or failed before being established, by reason."},
-			[]string{"direction", "reason", "src_identity", "dst_identity"}),
+			[]string{"direction", "reason", "src_identity", "dst_identity"})},
 		sent: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "ambit_tunnel_sent_bytes_total",
 			Help: "Payload bytes from the local app into the tunnel."}, l),
 		received: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "ambit_tunnel_received_bytes_total",
@@ -63,14 +68,14 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			[]string{"limit"}),
 		idleClosed: prometheus.NewCounter(prometheus.CounterOpts{Name: "ambit_tunnel_hbone_idle_closed_total",
 			Help: "Inbound HBONE connections closed (gracefully) by the agent after HBONEIdleTimeout with no stream open."}),
-		plainFromMesh: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "ambit_tunnel_plaintext_from_meshed_total",
+		plainFromMesh: trackedVec{CounterVec: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "ambit_tunnel_plaintext_from_meshed_total",
 			Help: "Plaintext connections on 15006 from the IP of a pod the directory knows as meshed, whatever the verdict: the source's capture was skipped (an app setting SO_MARK, which CAP_NET_RAW allows since Linux 5.17) or its agent did not take the destination for meshed."},
-			[]string{"src_identity", "dst_identity"}),
+			[]string{"src_identity", "dst_identity"})},
 	}
 	if reg != nil {
 		m.opened = register(reg, m.opened)
 		m.closed = register(reg, m.closed)
-		m.failed = register(reg, m.failed)
+		m.failed.CounterVec = register(reg, m.failed.CounterVec)
 		m.sent = register(reg, m.sent)
 		m.received = register(reg, m.received)
 		m.active = register(reg, m.active)
@@ -81,7 +86,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		m.pendingHandshakes = register(reg, m.pendingHandshakes)
 		m.evicted = register(reg, m.evicted)
 		m.idleClosed = register(reg, m.idleClosed)
-		m.plainFromMesh = register(reg, m.plainFromMesh)
+		m.plainFromMesh.CounterVec = register(reg, m.plainFromMesh.CounterVec)
 		register(reg, prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "ambit_tunnel_buffered_bytes",
 			Help: "Received bytes waiting for slow apps (bounded by flow-control windows)."},
 			func() float64 { return float64(hbone.BufferedBytes()) }))
@@ -95,6 +100,8 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			func() float64 { return float64(hbone.PeersSilent()) }))
 		registerClientWatch(reg, &watcher)
 	}
+	m.cache = cacheFor(m, reg != nil)
+	m.failed.cache, m.plainFromMesh.cache = m.cache, m.cache
 	return m
 }
 
@@ -122,17 +129,98 @@ func registerClientWatch(reg prometheus.Registerer, cw *clientWatcher) {
 type connSeries struct {
 	opened, closed, sent, received prometheus.Counter
 	active                         prometheus.Gauge
+	last                           atomic.Int64 // monoNanos of its last use
+	evicted                        bool         // dropped by a sweep (under the cache's mu)
 }
 
 type seriesKey struct{ dir, mode, src, dst string }
 
-// series returns the counters for a connection's labels. The cache holds
-// one entry per label set, which the metrics themselves hold anyway.
-func (m *metrics) series(dir, mode, src, dst string) *connSeries {
-	k := seriesKey{dir, mode, orUnknown(src), orUnknown(dst)}
-	if v, ok := m.cache.Load(k); ok {
-		return v.(*connSeries)
+// Series labelled by identity (source and destination service
+// accounts) would otherwise live as long as the agent: every pair of
+// identities that ever talked through it, deleted namespaces and service
+// accounts included, so a cluster that keeps creating namespaces (CI,
+// preview environments) grew the agent's memory and every scrape for
+// good. A label set none of whose counters moved for seriesIdle is
+// dropped. Prometheus reads a dropped counter that comes back, from 0,
+// as a counter reset, so rate() and increase() stay right; the scrapes
+// in between see the series stale, which is what it is.
+var seriesIdle = time.Hour
+
+// sweepEvery bounds how often a new label set makes the cache look for
+// idle ones: only a new label set sweeps, so a fixed set of pairs costs
+// nothing, and the set can only grow while new ones come.
+const sweepEvery = 5 * time.Minute
+
+// seriesCache holds the identity-labelled series in use: the connection
+// counters (series) and the others (trackedVec: failures, plaintext from
+// meshed pods) with when each was last used. Using one takes mu for
+// reading and stamps it; a sweep takes mu for writing, so it never drops
+// a series between its stamp and its use. Metrics on one registry share
+// their vectors (register), so they share this too: one Proxy's sweep
+// would otherwise leave another's cached counters detached.
+type seriesCache struct {
+	mu        sync.RWMutex
+	conns     map[seriesKey]*connSeries
+	other     map[otherKey]*atomic.Int64
+	lastSweep int64
+	m         *metrics
+	now       func() int64 // monoNanos of now; a test's clock
+}
+
+type otherKey struct {
+	vec    *prometheus.CounterVec
+	labels string // the label values, NUL-separated
+}
+
+var (
+	cachesMu sync.Mutex
+	caches   = map[*prometheus.CounterVec]*seriesCache{} // by m.opened
+)
+
+// cacheFor returns the cache of m's vectors: shared with the metrics
+// registered before on the same registry, m's own without one.
+func cacheFor(m *metrics, shared bool) *seriesCache {
+	newCache := func() *seriesCache {
+		c := &seriesCache{conns: map[seriesKey]*connSeries{}, other: map[otherKey]*atomic.Int64{}, m: m,
+			now: func() int64 { return monoNanos(time.Now()) }}
+		c.lastSweep = c.now()
+		return c
 	}
+	if !shared {
+		return newCache()
+	}
+	cachesMu.Lock()
+	defer cachesMu.Unlock()
+	if c := caches[m.opened]; c != nil {
+		return c
+	}
+	c := newCache()
+	caches[m.opened] = c
+	return c
+}
+
+// series returns the counters for a connection's labels, stamped used.
+func (m *metrics) series(dir, mode, src, dst string) *connSeries {
+	return m.cache.series(seriesKey{dir, mode, orUnknown(src), orUnknown(dst)})
+}
+
+func (c *seriesCache) series(k seriesKey) *connSeries {
+	now := c.now()
+	c.mu.RLock()
+	if cs := c.conns[k]; cs != nil {
+		cs.last.Store(now)
+		c.mu.RUnlock()
+		return cs
+	}
+	c.mu.RUnlock()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if cs := c.conns[k]; cs != nil {
+		cs.last.Store(now)
+		return cs
+	}
+	c.sweepLocked(now)
+	m := c.m
 	cs := &connSeries{
 		opened:   m.opened.WithLabelValues(k.dir, k.mode, k.src, k.dst),
 		closed:   m.closed.WithLabelValues(k.dir, k.mode, k.src, k.dst),
@@ -140,8 +228,87 @@ func (m *metrics) series(dir, mode, src, dst string) *connSeries {
 		received: m.received.WithLabelValues(k.dir, k.mode, k.src, k.dst),
 		active:   m.active.WithLabelValues(k.dir),
 	}
-	v, _ := m.cache.LoadOrStore(k, cs)
-	return v.(*connSeries)
+	cs.last.Store(now)
+	c.conns[k] = cs
+	return cs
+}
+
+// ending returns the counters a connection's end goes to: cs, the
+// series its start took, stamped used, or, if a sweep dropped it while
+// the connection lived (open longer than seriesIdle with no other
+// connection of its labels), the series again.
+func (m *metrics) ending(cs *connSeries, dir, mode, src, dst string) *connSeries {
+	c := m.cache
+	if cs != nil {
+		c.mu.RLock()
+		if !cs.evicted {
+			cs.last.Store(c.now())
+			c.mu.RUnlock()
+			return cs
+		}
+		c.mu.RUnlock()
+	}
+	return m.series(dir, mode, src, dst)
+}
+
+// trackedVec is a counter vector whose label sets the cache drops when
+// idle, as the connection series.
+type trackedVec struct {
+	*prometheus.CounterVec
+	cache *seriesCache
+}
+
+// WithLabelValues stamps the label set used and returns its counter.
+func (v trackedVec) WithLabelValues(lvs ...string) prometheus.Counter {
+	c := v.cache
+	k := otherKey{v.CounterVec, strings.Join(lvs, "\x00")}
+	now := c.now()
+	c.mu.RLock()
+	if last := c.other[k]; last != nil {
+		last.Store(now)
+		ctr := v.CounterVec.WithLabelValues(lvs...)
+		c.mu.RUnlock()
+		return ctr
+	}
+	c.mu.RUnlock()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if last := c.other[k]; last != nil {
+		last.Store(now)
+	} else {
+		c.sweepLocked(now)
+		last = new(atomic.Int64)
+		last.Store(now)
+		c.other[k] = last
+	}
+	return v.CounterVec.WithLabelValues(lvs...)
+}
+
+// sweepLocked drops the label sets idle for seriesIdle, at most once
+// per sweepEvery. c.mu is held for writing.
+func (c *seriesCache) sweepLocked(now int64) {
+	if now-c.lastSweep < int64(sweepEvery) {
+		return
+	}
+	c.lastSweep = now
+	idle := int64(seriesIdle)
+	m := c.m
+	for k, cs := range c.conns {
+		if now-cs.last.Load() <= idle {
+			continue
+		}
+		cs.evicted = true
+		delete(c.conns, k)
+		for _, v := range []*prometheus.CounterVec{m.opened, m.closed, m.sent, m.received} {
+			v.DeleteLabelValues(k.dir, k.mode, k.src, k.dst)
+		}
+	}
+	for k, last := range c.other {
+		if now-last.Load() > idle {
+			delete(c.other, k)
+			k.vec.DeleteLabelValues(strings.Split(k.labels, "\x00")...)
+		}
+	}
 }
 
 func orUnknown(s string) string {
