@@ -403,7 +403,7 @@ func (s *Source) LivePod(ctx context.Context, namespace, name string) (cluster.P
 	if err != nil {
 		return cluster.Pod{}, false, fmt.Errorf("kube: get pod %s: %w", key, err)
 	}
-	// The same view as from the cache (of annotations, only ambit.dev/redirection).
+	// The same view as from the cache (of annotations, only those TrimPod keeps).
 	t, _ := TrimPod(p)
 	return toPod(t.(*corev1.Pod)), true, nil
 }
