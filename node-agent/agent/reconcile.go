@@ -260,6 +260,19 @@ func (a *Agent) reconcilePod(ctx context.Context, namespace, name string, scan *
 	if cp.NodeName != "" && cp.NodeName != a.cfg.NodeName {
 		return
 	}
+	if p != nil && !a.static && p.rec.UID != "" && cp.UID != "" && p.rec.UID != cp.UID {
+		// The sandbox known under the name is another pod's: an older
+		// one deleted and made again under its name (a relist after a
+		// watch gap reports that as an update, no deletion), or a newer
+		// one the cache has not caught up with. Decided on cp, the old
+		// sandbox was enrolled live as the new pod (its identity, its
+		// "enabled" annotation while nothing of it ran). Each sandbox
+		// is the runtime's to settle: the old one's DEL releases it,
+		// the new one's ADD enrolls it (supersedeFound lets go of an
+		// old found: one), and a cache behind gets its own event.
+		a.log.Info("reconcile: the sandbox known under the pod's name is another pod's (UID); left to its DEL and the new pod's ADD", "pod", namespace+"/"+name, "sandboxUID", p.rec.UID, "podUID", cp.UID)
+		return
+	}
 	var nsp *cluster.Namespace
 	if n, ok := a.view.Namespace(namespace); ok {
 		nsp = &n
