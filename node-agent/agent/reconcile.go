@@ -260,7 +260,7 @@ func (a *Agent) reconcilePod(ctx context.Context, namespace, name string, scan *
 	if cp.NodeName != "" && cp.NodeName != a.cfg.NodeName {
 		return
 	}
-	if p != nil && !a.static && p.rec.UID != "" && cp.UID != "" && p.rec.UID != cp.UID {
+	if p != nil && !a.static && p.rec.UID != "" && cp.UID != "" && p.rec.UID != cp.UID && !holdsPodIP(p, cp) {
 		// The sandbox known under the name is another pod's: an older
 		// one deleted and made again under its name (a relist after a
 		// watch gap reports that as an update, no deletion), or a newer
@@ -318,6 +318,33 @@ func (a *Agent) reconcilePod(ctx context.Context, namespace, name string, scan *
 		// it), or an "enabled" left by a sandbox the pod no longer has.
 		a.setStatus(cp, "", "", "")
 	}
+}
+
+// holdsPodIP tells whether p's sandbox holds one of cp's IPs, so is cp's
+// own whatever UID its record names: a live sandbox's IP is given to no
+// other pod, and a pod's IPs are its sandbox's. Agents before session 25
+// recorded the UID their view held at the ADD, for a pod made again under
+// its name the previous pod's; such a record, adopted, is the pod's
+// running sandbox, and taken for another pod's its label changes were
+// ignored (TestRecordWithAPreviousPodsUIDStillFollowsLabels). A pod made
+// again has no IP before its own sandbox, which is not the old one.
+func holdsPodIP(p *pod, cp cluster.Pod) bool {
+	if len(cp.IPs) == 0 {
+		return false
+	}
+	f := p.netns
+	if f == nil {
+		var err error
+		if f, err = os.Open(p.rec.Netns); err != nil {
+			return false
+		}
+		defer f.Close()
+		if ino, err := netnsfind.Inode(f); err != nil || (p.rec.NetnsInode != 0 && ino != p.rec.NetnsInode) {
+			return false
+		}
+	}
+	ok, err := netnsfind.HoldsAny(f, cp.IPs)
+	return err == nil && ok
 }
 
 var errNotRunning = errors.New("no running sandbox found")
