@@ -110,7 +110,7 @@ func (a *Agent) add(ctx context.Context, req *cniproto.Request, f *os.File, chec
 		a.m.failures.WithLabelValues("unknown-pod").Inc()
 		return errResp(true, "ambit-agent: pod %s/%s is not known yet (cache warming or pod just created); retry", rp.Namespace, rp.Name)
 	}
-	if rp.UID != "" && cp.UID != "" && cp.UID != rp.UID {
+	if rp.UID != "" && cp.UID != "" && !cp.SandboxUID(rp.UID) {
 		// The view is behind the runtime: decided on the pod it
 		// holds, everything below would carry the previous pod's UID.
 		var resp *cniproto.Response

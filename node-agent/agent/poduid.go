@@ -45,7 +45,7 @@ func (a *Agent) podOfSandbox(ctx context.Context, rp cniproto.Pod, cp cluster.Po
 		return cp, nil
 	}
 	ours := func(p cluster.Pod, found bool, err error) bool {
-		return err == nil && found && (p.UID == rp.UID || p.UID == "")
+		return err == nil && found && (p.SandboxUID(rp.UID) || p.UID == "")
 	}
 	ctx, cancel := a.beforeAnswerDue(ctx)
 	defer cancel()

@@ -7,6 +7,18 @@ import (
 	"github.com/ambit-mesh/ambit/tunnel"
 )
 
+// MirrorAnnotation marks a static pod's mirror in the API: its value is
+// the kubelet's UID of the static pod (the hash of its manifest), which
+// the runtime passes to CNI as K8S_POD_UID, while the mirror object has
+// a UID of its own from the API server.
+const MirrorAnnotation = "kubernetes.io/config.mirror"
+
+// SandboxUID tells whether uid, a sandbox's pod UID as the runtime gives
+// it, names p: its UID, or, for a static pod's mirror, the kubelet's.
+func (p Pod) SandboxUID(uid string) bool {
+	return p.UID == uid || (uid != "" && p.Annotations[MirrorAnnotation] == uid)
+}
+
 // Pod is the trimmed pod the agent works with, whatever the source.
 type Pod struct {
 	Namespace      string

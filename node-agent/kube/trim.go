@@ -29,8 +29,10 @@ const RedirectionAnnotation = "ambit.dev/redirection"
 // hundreds of bytes whose presence alone counts, is thus kept as "".
 const maxRedirectionValue = 64
 
-// keptAnnotations are the annotations TrimPod keeps, each bounded.
-var keptAnnotations = append([]string{RedirectionAnnotation}, enrollment.Annotations...)
+// keptAnnotations are the annotations TrimPod keeps, each bounded; the
+// mirror annotation too (a static pod's: its value, 32 hex digits, is
+// the UID the runtime gives that pod's sandbox, cluster.Pod.SandboxUID).
+var keptAnnotations = append([]string{RedirectionAnnotation, cluster.MirrorAnnotation}, enrollment.Annotations...)
 
 // TrimPod is the informer transform for pods: it returns a new, small Pod
 // holding only what the mesh uses, so the cluster-wide cache does not keep
