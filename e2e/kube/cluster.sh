@@ -296,7 +296,7 @@ node_files() { # node_files N: containerd, kubelet, kube-proxy config, CNI
   if [ "$n" = 2 ] && [ -x "$CNI_NEW/bridge" ] && [ -x "$CNI_NEW/host-local" ] && [ -x "$CNI_NEW/portmap" ] && [ -x "$CNI_NEW/loopback" ]; then
     plugins=$CNI_NEW cniver=1.1.0
   fi
-  mkdir -p "$nd/fs/opt/cni/bin" "$nd/fs/etc/cni/net.d"
+  mkdir -p "$nd/fs/opt/cni/bin" "$nd/fs/etc/cni/net.d" "$nd/manifests"
   cp "$plugins"/{bridge,host-local,portmap,loopback} "$nd/fs/opt/cni/bin/"
   echo "$plugins" >"$nd/cni-plugins"
   cat >"$nd/fs/etc/cni/net.d/10-amb-k8s.conflist" <<EOF
@@ -367,6 +367,9 @@ imageGCLowThresholdPercent: 99
 evictionHard: {memory.available: "100Mi", nodefs.available: "1%", imagefs.available: "1%", nodefs.inodesFree: "1%"}
 evictionPressureTransitionPeriod: 10s
 nodeStatusReportFrequency: 10s
+# Static pods (TestStaticPod): the kubelet runs what a file here says and
+# mirrors it in the API under a UID of the API server's own.
+staticPodPath: $nd/manifests
 EOF
   cat >"$nd/kube-proxy.yaml" <<EOF
 apiVersion: kubeproxy.config.k8s.io/v1alpha1
