@@ -21,11 +21,13 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+	"k8s.io/client-go/kubernetes"
 
 	"github.com/ambit-mesh/ambit/internal/testenv"
 	"github.com/ambit-mesh/ambit/node-agent/config"
 	"github.com/ambit-mesh/ambit/node-agent/hostrules"
 	"github.com/ambit-mesh/ambit/node-agent/inventory"
+	"github.com/ambit-mesh/ambit/node-agent/kube"
 	"github.com/ambit-mesh/ambit/plugin/cniproto"
 	"github.com/ambit-mesh/ambit/plugin/redirect"
 	"github.com/ambit-mesh/ambit/tunnel"
@@ -436,6 +438,25 @@ func eventually(t testing.TB, what string, cond func() bool) {
 // quietLogger logs warnings and errors only, so test output stays readable.
 func quietLogger() *slog.Logger {
 	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+}
+
+// syncedSource is a kube.Source of node-a over client, started and
+// synced before it returns, so that the agent's first pass already sees
+// the client's objects. The returned ctx is the source's; both end with
+// the test.
+func syncedSource(t testing.TB, client kubernetes.Interface) (*kube.Source, context.Context) {
+	t.Helper()
+	src, err := kube.New(kube.Config{Client: client, NodeName: "node-a", Logger: quietLogger()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(func() { cancel(); src.Close() })
+	src.Start(ctx)
+	if err := src.WaitSynced(ctx); err != nil {
+		t.Fatal(err)
+	}
+	return src, ctx
 }
 
 func (a *Agent) podByName(key string) *pod {

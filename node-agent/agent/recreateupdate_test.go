@@ -64,16 +64,7 @@ func TestRecreatedPodSeenAsUpdateDoesNotTakeTheOldSandbox(t *testing.T) {
 		}
 		return false, nil, nil
 	})
-	src, err := kube.New(kube.Config{Client: client, NodeName: "node-a", Logger: quietLogger()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(func() { cancel(); src.Close() })
-	src.Start(ctx)
-	if err := src.WaitSynced(ctx); err != nil {
-		t.Fatal(err)
-	}
+	src, ctx := syncedSource(t, client)
 	h := startAgent(t, "", invPlain, func(o *Options) { o.View, o.Status = src, src })
 	addOf := func(uid, cid string, n *testNetns, ip string) *cniproto.Response {
 		t.Helper()

@@ -1,7 +1,6 @@
 package agent
 
 import (
-	"context"
 	"net/netip"
 	"testing"
 	"time"
@@ -11,7 +10,6 @@ import (
 	"k8s.io/client-go/kubernetes/fake"
 
 	"github.com/ambit-mesh/ambit/internal/testenv"
-	"github.com/ambit-mesh/ambit/node-agent/kube"
 	"github.com/ambit-mesh/ambit/node-agent/netnsfind"
 	"github.com/ambit-mesh/ambit/node-agent/state"
 )
@@ -47,16 +45,7 @@ func TestRecordWithAPreviousPodsUIDStillFollowsLabels(t *testing.T) {
 			Status: corev1.PodStatus{Phase: corev1.PodRunning, PodIP: "10.74.1.2",
 				PodIPs: []corev1.PodIP{{IP: "10.74.1.2"}}},
 		})
-	src, err := kube.New(kube.Config{Client: client, NodeName: "node-a", Logger: quietLogger()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(func() { cancel(); src.Close() })
-	src.Start(ctx)
-	if err := src.WaitSynced(ctx); err != nil {
-		t.Fatal(err)
-	}
+	src, ctx := syncedSource(t, client)
 	h := startAgent(t, dir, invPlain, func(o *Options) { o.View, o.Status = src, src })
 	if p := h.a.podByName("apps/web"); p == nil || p.rec.UID != "uid-web-previous" || p.enrolled() {
 		t.Fatalf("adopted apps/web: %+v, want its record, not enrolled", p)

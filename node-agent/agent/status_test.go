@@ -52,17 +52,7 @@ func newStatusAPI(t *testing.T, names ...string) *statusAPI {
 		}
 		return false, nil, nil
 	})
-	src, err := kube.New(kube.Config{Client: s.client, NodeName: "node-a", Logger: quietLogger()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(func() { cancel(); src.Close() })
-	src.Start(ctx)
-	if err := src.WaitSynced(ctx); err != nil {
-		t.Fatal(err)
-	}
-	s.src = src
+	s.src, _ = syncedSource(t, s.client)
 	return s
 }
 

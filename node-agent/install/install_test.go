@@ -94,6 +94,42 @@ func fixture(t *testing.T, name string) []byte {
 	return b
 }
 
+// convertedConf is a node whose primary CNI config, 10-bridge.conf
+// (orig), was converted into list by a Run that has stopped since: what
+// an uninstall starts from.
+func convertedConf(t *testing.T) (n *node, orig []byte, conf, list string) {
+	t.Helper()
+	n = newNode(t)
+	orig = fixture(t, "10-bridge.conf")
+	conf = filepath.Join(n.conf, "10-bridge.conf")
+	if err := os.WriteFile(conf, orig, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	stop := run(t, n.config())
+	list = filepath.Join(n.conf, "10-bridge.conflist")
+	eventually(t, "converted list", func() bool { return hasEntry(list) })
+	stop()
+	return n, orig, conf, list
+}
+
+// wantUninstalled runs Uninstall and wants conf to hold want byte for
+// byte (failing with what otherwise), and our list and backup gone.
+func wantUninstalled(t *testing.T, n *node, list, conf string, want []byte, what string) {
+	t.Helper()
+	if err := Uninstall(context.Background(), n.config()); err != nil {
+		t.Fatal(err)
+	}
+	got, err := os.ReadFile(conf)
+	if err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("%s: %v\n%s", what, err, got)
+	}
+	for _, gone := range []string{list, filepath.Join(n.conf, BackupDir)} {
+		if _, err := os.Stat(gone); !os.IsNotExist(err) {
+			t.Errorf("%s still exists after uninstall", gone)
+		}
+	}
+}
+
 // Without Serving the binary is in place at once, the entry only after
 // the agent is ready: no pod may pass through the plugin before the
 // agent can answer.
@@ -572,16 +608,7 @@ func TestYieldsToNewerAgent(t *testing.T) {
 // a newer agent: an upgrade then an uninstall must not leave the node on
 // a .conflist with the original stranded in the backup directory.
 func TestUninstallRestoresOlderConversion(t *testing.T) {
-	n := newNode(t)
-	orig := fixture(t, "10-bridge.conf")
-	conf := filepath.Join(n.conf, "10-bridge.conf")
-	if err := os.WriteFile(conf, orig, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	stop := run(t, n.config())
-	list := filepath.Join(n.conf, "10-bridge.conflist")
-	eventually(t, "converted list", func() bool { return hasEntry(list) })
-	stop()
+	n, orig, conf, list := convertedConf(t)
 	// What the older agent wrote: the same list without the key.
 	b, err := os.ReadFile(list)
 	if err != nil {
@@ -594,18 +621,7 @@ func TestUninstallRestoresOlderConversion(t *testing.T) {
 	if err := os.WriteFile(list, old, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if err := Uninstall(context.Background(), n.config()); err != nil {
-		t.Fatal(err)
-	}
-	got, err := os.ReadFile(conf)
-	if err != nil || !bytes.Equal(got, orig) {
-		t.Fatalf("original .conf not restored byte-identical: %v\n%s", err, got)
-	}
-	for _, gone := range []string{list, filepath.Join(n.conf, BackupDir)} {
-		if _, err := os.Stat(gone); !os.IsNotExist(err) {
-			t.Errorf("%s still exists after uninstall", gone)
-		}
-	}
+	wantUninstalled(t, n, list, conf, orig, "original .conf not restored byte-identical")
 }
 
 // A .conf converted by an agent from before "loadOnlyInlinedPlugins":

@@ -26,6 +26,22 @@ func (n *node) reconciler(t *testing.T) *installer {
 	return &installer{cfg: c, entry: e, m: n.m, log: n.log, sums: sums{}}
 }
 
+// convertedJSON is a node whose primary CNI config, 10-bridge.json
+// (orig), was converted into list by in's first reconcile.
+func convertedJSON(t *testing.T) (n *node, in *installer, orig []byte, js, list string) {
+	t.Helper()
+	n = newNode(t)
+	orig = fixture(t, "10-bridge.conf")
+	js = filepath.Join(n.conf, "10-bridge.json")
+	list = filepath.Join(n.conf, "10-bridge.conflist")
+	writeFile(t, js, string(orig))
+	in = n.reconciler(t)
+	if err := in.reconcile(); err != nil {
+		t.Fatal(err)
+	}
+	return n, in, orig, js, list
+}
+
 func gone(t *testing.T, paths ...string) {
 	t.Helper()
 	for _, p := range paths {
@@ -81,15 +97,7 @@ func TestRefusedVersionPutsConvertedOriginalBack(t *testing.T) {
 // config never reached the runtime. Our list and backup go; the runtime
 // reads the primary's .json, as without Ambit.
 func TestRefusedRewrittenJSONIsNotShadowed(t *testing.T) {
-	n := newNode(t)
-	orig := fixture(t, "10-bridge.conf")
-	js := filepath.Join(n.conf, "10-bridge.json")
-	list := filepath.Join(n.conf, "10-bridge.conflist")
-	writeFile(t, js, string(orig))
-	in := n.reconciler(t)
-	if err := in.reconcile(); err != nil {
-		t.Fatal(err)
-	}
+	n, in, orig, js, list := convertedJSON(t)
 	if !hasEntry(list) {
 		t.Fatal("not converted")
 	}
@@ -117,15 +125,7 @@ func TestRefusedRewrittenJSONIsNotShadowed(t *testing.T) {
 // it was not recognised as ours, and the runtime read the old config for
 // as long as Ambit stayed.
 func TestReconversionStoppedHalfwayIsFinished(t *testing.T) {
-	n := newNode(t)
-	orig := fixture(t, "10-bridge.conf")
-	js := filepath.Join(n.conf, "10-bridge.json")
-	list := filepath.Join(n.conf, "10-bridge.conflist")
-	writeFile(t, js, string(orig))
-	in := n.reconciler(t)
-	if err := in.reconcile(); err != nil {
-		t.Fatal(err)
-	}
+	n, in, orig, js, list := convertedJSON(t)
 
 	newer := bytes.Replace(orig, []byte("10.22.0.0/16"), []byte("10.99.0.0/16"), 1)
 	writeFile(t, js, string(newer))
