@@ -4,11 +4,9 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/x509"
-	"net"
 	"testing"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
@@ -52,31 +50,11 @@ func TestReloadTakesRenewedIntermediate(t *testing.T) {
 	cl := catest.NewCluster()
 	cl.AddAgent(t, "node-1")
 	cl.AddPod(t, "shop", "web-1", "web", "node-1")
-	ctx, cancel := context.WithCancel(context.Background())
 	sec := &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: "ambit-system", Name: "ambit-ca"}, Data: secret(inter.Cert)}
-	if _, err := cl.Client.CoreV1().Secrets("ambit-system").Create(ctx, sec, metav1.CreateOptions{}); err != nil {
+	if _, err := cl.Client.CoreV1().Secrets("ambit-system").Create(context.Background(), sec, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	addr := make(chan net.Addr, 1)
-	done := make(chan error, 1)
-	go func() {
-		done <- ca.Run(ctx, ca.Config{Client: cl.Client, Listen: "127.0.0.1:0", MetricsListen: "-", ReloadInterval: 20 * time.Millisecond,
-			Registerer: prometheus.NewRegistry(), Started: func(a net.Addr) { addr <- a }})
-	}()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Run: %v", err)
-		}
-	})
-	var a net.Addr
-	select {
-	case a = <-addr:
-	case err := <-done:
-		t.Fatalf("Run ended: %v", err)
-	case <-time.After(30 * time.Second):
-		t.Fatal("CA did not start")
-	}
+	ctx, a := runCA(t, ca.Config{Client: cl.Client, ReloadInterval: 20 * time.Millisecond})
 	tok := cl.Token(t, "node-1", catest.TokenOptions{})
 	leafEnd := func() time.Time {
 		t.Helper()

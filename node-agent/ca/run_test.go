@@ -22,27 +22,7 @@ func TestRunServesAgents(t *testing.T) {
 	cl.AddAgent(t, "node-1")
 	cl.AddPod(t, "shop", "web-1", "web", "node-1")
 	cl.AddPod(t, "shop", "db-1", "db", "node-2")
-	ctx, cancel := context.WithCancel(context.Background())
-	addr := make(chan net.Addr, 1)
-	done := make(chan error, 1)
-	go func() {
-		done <- ca.Run(ctx, ca.Config{Client: cl.Client, Listen: "127.0.0.1:0", MetricsListen: "-",
-			Registerer: prometheus.NewRegistry(), Started: func(a net.Addr) { addr <- a }})
-	}()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Run: %v", err)
-		}
-	})
-	var a net.Addr
-	select {
-	case a = <-addr:
-	case err := <-done:
-		t.Fatalf("Run ended: %v", err)
-	case <-time.After(30 * time.Second):
-		t.Fatal("CA did not start")
-	}
+	ctx, a := runCA(t, ca.Config{Client: cl.Client})
 	cm, err := cl.Client.CoreV1().ConfigMaps("ambit-system").Get(ctx, "ambit-ca-root", metav1.GetOptions{})
 	if err != nil {
 		t.Fatalf("trust bundle not published: %v", err)
@@ -68,4 +48,33 @@ func TestRunServesAgents(t *testing.T) {
 	if _, err := m.Certificate(ctx, "spiffe://cluster.local/ns/shop/sa/db"); err == nil {
 		t.Fatal("node-1 obtained db, which runs on node-2")
 	}
+}
+
+// runCA runs the CA service (ca.Run) with cfg, on a loopback port and
+// without a metrics listener, until the test ends (its context
+// cancelled, then Run's error checked), and returns that context and
+// the CA's address once it serves.
+func runCA(t *testing.T, cfg ca.Config) (context.Context, net.Addr) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	cfg.Listen, cfg.MetricsListen, cfg.Registerer = "127.0.0.1:0", "-", prometheus.NewRegistry()
+	addr := make(chan net.Addr, 1)
+	cfg.Started = func(a net.Addr) { addr <- a }
+	done := make(chan error, 1)
+	go func() { done <- ca.Run(ctx, cfg) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	})
+	select {
+	case a := <-addr:
+		return ctx, a
+	case err := <-done:
+		t.Fatalf("Run ended: %v", err)
+	case <-time.After(30 * time.Second):
+		t.Fatal("CA did not start")
+	}
+	return ctx, nil
 }
